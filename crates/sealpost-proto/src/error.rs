@@ -1,0 +1,107 @@
+//! The ways opening a sealed message or a file blob can fail.
+//!
+//! Each variant is one failure class with its own exit code in the CLI, so a
+//! script can tell "this was not for me" from "someone tampered with it".
+
+use std::fmt;
+use std::io;
+
+use crate::codec::DecodeError;
+use crate::identity::Fingerprint;
+use crate::message::MessageId;
+
+/// Where tampering was detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TamperedAt {
+    /// The age header (its MAC or a stanza) was altered.
+    Header,
+    /// The AEAD chunk with this index (counted from 0) failed to authenticate.
+    Chunk(u64),
+}
+
+impl fmt::Display for TamperedAt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Header => f.write_str("the encryption header"),
+            Self::Chunk(i) => write!(f, "chunk {i}"),
+        }
+    }
+}
+
+/// Why a message is not for this identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotForMeReason {
+    /// None of the age stanzas opens with this identity's key.
+    NoMatchingKey,
+    /// It decrypts, but the sender's signed recipient list does not name this
+    /// identity: someone re-encrypted a message that was sent to others.
+    NotInSignedRecipients,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    #[error("{}", match .0 {
+        NotForMeReason::NoMatchingKey => "this message is not encrypted to your key",
+        NotForMeReason::NotInSignedRecipients =>
+            "this message was sealed for other recipients and re-encrypted to you (surreptitious forwarding)",
+    })]
+    NotForMe(NotForMeReason),
+    #[error("malformed: {0}")]
+    Malformed(DecodeError),
+    #[error("{what} version {version} is not supported by this version of sealpost; upgrade sealpost")]
+    UnsupportedVersion { what: &'static str, version: u8 },
+    #[error("the sender's signature does not verify: the message was forged or altered by its sender's software")]
+    BadSignature,
+    #[error("the sender (fingerprint {fingerprint}) is not one of your contacts; add their card after comparing fingerprints")]
+    UnknownSender { fingerprint: Fingerprint },
+    #[error("tampered: {at} failed authentication; the data was changed after sealing")]
+    Tampered { at: TamperedAt },
+    #[error("truncated: the data ends early ({detail})")]
+    Truncated { detail: String },
+    #[error("expired at {expires_at} (unix seconds); it is now {now}")]
+    Expired { expires_at: u64, now: u64 },
+    #[error("created at {created_at}, which is more than {max_skew} s in the future (now {now}); check the clocks")]
+    FromFuture {
+        created_at: u64,
+        now: u64,
+        max_skew: u64,
+    },
+    #[error("replayed: message {id} was already opened here")]
+    Replayed { id: MessageId },
+    #[error("larger than the limit of {max} bytes")]
+    TooLarge { max: u64 },
+    #[error("I/O error while {context}: {source}")]
+    Io {
+        context: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl OpenError {
+    pub(crate) fn io(context: &'static str) -> impl FnOnce(io::Error) -> Self {
+        move |source| Self::Io { context, source }
+    }
+}
+
+impl From<DecodeError> for OpenError {
+    fn from(e: DecodeError) -> Self {
+        match e {
+            DecodeError::UnsupportedVersion { what, version } => {
+                Self::UnsupportedVersion { what, version }
+            }
+            other => Self::Malformed(other),
+        }
+    }
+}
+
+/// Why sealing failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealError {
+    #[error("cannot seal: {0}")]
+    InvalidRequest(&'static str),
+    #[error("I/O error while sealing: {0}")]
+    Io(#[from] io::Error),
+}

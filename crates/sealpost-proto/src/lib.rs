@@ -1,0 +1,23 @@
+//! sealpost's sans-IO core.
+//!
+//! Formats, identities, sealing and opening, and freshness decisions. No
+//! sockets, no file system, no clock: time is passed in as unix seconds and
+//! randomness as a `CryptoRngCore` (one exception: age draws its ephemeral
+//! X25519 key and file key from the OS itself). Everything here is tested
+//! without I/O.
+#![forbid(unsafe_code)]
+
+pub mod blob;
+pub mod card;
+pub mod codec;
+pub mod error;
+pub mod freshness;
+pub mod identity;
+pub mod manifest;
+pub mod message;
+
+pub use card::{CardError, CardFields, ContactCard, RelayPin};
+pub use error::{NotForMeReason, OpenError, SealError, TamperedAt};
+pub use freshness::{FreshnessPolicy, ReplayCache};
+pub use identity::{Fingerprint, Identity, PublicIdentity};
+pub use message::{Kind, MessageHeader, MessageId, OpenedMessage, SealRequest, SealSummary};

@@ -1,0 +1,154 @@
+//! File manifests: what the recipient needs to fetch, decrypt and verify a
+//! file blob. A manifest travels as the content of a sealed message of kind
+//! [`Kind::FileManifest`](crate::message::Kind), so it is encrypted, signed
+//! and bound to its recipients like any message.
+//!
+//! ```text
+//! manifest = "SPMF" 0x01 blob_id:[16] blob_key:[32] chunk_size:u32 size:u64
+//!            plaintext_blake3:[32] blob_blake3:[32] name_len:u16 name
+//! ```
+
+use std::fmt;
+
+use rand_core::CryptoRngCore;
+
+use crate::blob::{BlobKey, BlobLayout, BlobSummary};
+use crate::codec::{self, DecodeError, Reader};
+
+const MAGIC: &[u8; 4] = b"SPMF";
+const VERSION: u8 = 1;
+/// File names are a single path component of at most 255 bytes, the limit
+/// of common file systems.
+pub const MAX_NAME_BYTES: usize = 255;
+pub const MAX_MANIFEST_BYTES: usize = 5 + 16 + 32 + 4 + 8 + 32 + 32 + 2 + MAX_NAME_BYTES;
+
+/// Identifies a blob at a relay; random, so it reveals nothing about the file.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlobId(pub [u8; 16]);
+
+impl BlobId {
+    pub fn random(rng: &mut impl CryptoRngCore) -> Self {
+        let mut b = [0u8; 16];
+        rng.fill_bytes(&mut b);
+        Self(b)
+    }
+}
+
+impl fmt::Display for BlobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&data_encoding::HEXLOWER.encode(&self.0))
+    }
+}
+
+impl fmt::Debug for BlobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BlobId({self})")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileManifest {
+    pub blob_id: BlobId,
+    pub key: BlobKey,
+    pub layout: BlobLayout,
+    /// BLAKE3 of the file's bytes: what the recipient checks after writing
+    /// and reading back, and what its receipt will carry.
+    pub plaintext_hash: blake3::Hash,
+    /// BLAKE3 of the encrypted blob, so a relay or recipient can check the
+    /// blob at rest without the key.
+    pub blob_hash: blake3::Hash,
+    pub name: String,
+}
+
+/// A file name must be one safe path component: a sender must not be able
+/// to make the recipient write outside its download directory.
+pub fn validate_file_name(name: &str) -> Result<(), DecodeError> {
+    let bad = |why| DecodeError::Invalid {
+        what: "file name",
+        why,
+    };
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(bad("must be 1 to 255 bytes"));
+    }
+    if name == "." || name == ".." {
+        return Err(bad("must not be . or .."));
+    }
+    if name.contains(['/', '\\', '\0']) {
+        return Err(bad("must not contain path separators"));
+    }
+    codec::check_printable(name, "file name")
+}
+
+impl FileManifest {
+    pub fn new(blob_id: BlobId, key: BlobKey, summary: &BlobSummary, name: String) -> Result<Self, DecodeError> {
+        validate_file_name(&name)?;
+        Ok(Self {
+            blob_id,
+            key,
+            layout: summary.layout,
+            plaintext_hash: summary.plaintext_hash,
+            blob_hash: summary.blob_hash,
+            name,
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(MAX_MANIFEST_BYTES);
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&self.blob_id.0);
+        out.extend_from_slice(&self.key.0);
+        out.extend_from_slice(&self.layout.chunk_size.to_be_bytes());
+        out.extend_from_slice(&self.layout.plaintext_len.to_be_bytes());
+        out.extend_from_slice(self.plaintext_hash.as_bytes());
+        out.extend_from_slice(self.blob_hash.as_bytes());
+        out.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(self.name.as_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(DecodeError::TooLarge {
+                what: "file manifest",
+                max: MAX_MANIFEST_BYTES,
+            });
+        }
+        let mut r = Reader::new(bytes);
+        r.magic_and_version(MAGIC, "file manifest", VERSION)?;
+        let blob_id = BlobId(r.array("blob id")?);
+        let key = BlobKey(r.array("blob key")?);
+        let chunk_size = r.u32("chunk size")?;
+        let size = r.u64("file size")?;
+        let layout = BlobLayout::new(size, chunk_size)?;
+        let plaintext_hash = blake3::Hash::from_bytes(r.array("file hash")?);
+        let blob_hash = blake3::Hash::from_bytes(r.array("blob hash")?);
+        let name_len = r.u16("name length")? as usize;
+        let name = codec::read_text_of_len(&mut r, name_len, "file name", MAX_NAME_BYTES)?;
+        validate_file_name(&name)?;
+        r.finish()?;
+        Ok(Self {
+            blob_id,
+            key,
+            layout,
+            plaintext_hash,
+            blob_hash,
+            name,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_escape_are_refused() {
+        for bad in ["", ".", "..", "a/b", "../x", "a\\b", "a\0b", "a\nb"] {
+            assert!(validate_file_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["report.pdf", "..hidden", "über ñ.txt", "a b"] {
+            assert!(validate_file_name(good).is_ok(), "{good:?}");
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! The sealed layer's specification, as tests: round trips, and every
+//! single-bit flip, truncation, chunk swap or duplication, wrong recipient,
+//! forwarding, replay or expiry rejected with the right error.
+
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use sealpost_proto::blob::{self, BlobKey, BlobLayout};
+use sealpost_proto::codec::DecodeError;
+use sealpost_proto::manifest::{BlobId, FileManifest};
+use sealpost_proto::message::{self, testing, OpenLimits, AGE_CHUNK_SIZE};
+use sealpost_proto::*;
+
+mod vectors;
+
+const NOW: u64 = 1_750_000_000;
+
+fn ident(n: u8) -> Identity {
+    Identity::from_secret_bytes(&[n; 32], &[n.wrapping_add(100); 32])
+}
+
+fn req(recipients: &[PublicIdentity], id: u8) -> SealRequest<'_> {
+    SealRequest {
+        kind: Kind::Message,
+        id: MessageId([id; 16]),
+        created_at: NOW,
+        expires_at: NOW + 3600,
+        in_reply_to: None,
+        recipients,
+    }
+}
+
+fn seal(from: &Identity, to: &[PublicIdentity], content: &[u8]) -> Vec<u8> {
+    message::seal_to_vec(from, &req(to, 1), content).expect("seal")
+}
+
+fn open(me: &Identity, sealed: &[u8]) -> Result<(OpenedMessage, Vec<u8>), OpenError> {
+    message::open_slice(me, sealed, 64 << 20)
+}
+
+fn content_of(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+#[test]
+fn round_trips_at_the_interesting_sizes() {
+    let (a, b) = (ident(1), ident(2));
+    let header_len = 5 + 1 + 16 + 8 + 8 + 1 + 64 + 1 + 64;
+    let c = AGE_CHUNK_SIZE as usize;
+    let sizes = [
+        0,
+        1,
+        c - 1,
+        c,
+        c + 1,
+        c - header_len - 104,
+        c - header_len - 104 + 1,
+        2 * c - header_len - 104,
+        3 * 1024 * 1024 + 17,
+    ];
+    for size in sizes {
+        let content = content_of(size);
+        let sealed = seal(&a, &[*b.public()], &content);
+        let (m, got) = open(&b, &sealed).unwrap_or_else(|e| panic!("size {size}: {e}"));
+        assert_eq!(got, content, "size {size}");
+        assert_eq!(m.content_len, size as u64);
+        assert_eq!(m.content_hash, blake3::hash(&content));
+        assert_eq!(m.header.sender, *a.public());
+        assert_eq!(m.header.id, MessageId([1; 16]));
+        assert_eq!(m.sealed_len, sealed.len() as u64);
+    }
+}
+
+#[test]
+fn every_recipient_can_open_and_others_cannot() {
+    let (a, b, c, d) = (ident(1), ident(2), ident(3), ident(4));
+    let sealed = seal(&a, &[*b.public(), *c.public()], b"to both");
+    assert_eq!(open(&b, &sealed).expect("b").1, b"to both");
+    assert_eq!(open(&c, &sealed).expect("c").1, b"to both");
+    assert!(matches!(
+        open(&d, &sealed),
+        Err(OpenError::NotForMe(NotForMeReason::NoMatchingKey))
+    ));
+}
+
+#[test]
+fn a_message_re_encrypted_to_someone_else_is_refused() {
+    let (a, b, c) = (ident(1), ident(2), ident(3));
+    let sealed = seal(&a, &[*b.public()], b"for bob only");
+    let plain = testing::decrypt_plaintext(&b, &sealed).expect("bob decrypts");
+    let forwarded = testing::seal_plaintext(&[*c.public()], &plain);
+    assert!(matches!(
+        open(&c, &forwarded),
+        Err(OpenError::NotForMe(NotForMeReason::NotInSignedRecipients))
+    ));
+}
+
+#[test]
+fn a_changed_header_or_trailer_breaks_the_signature() {
+    let (a, b) = (ident(1), ident(2));
+    let sealed = seal(&a, &[*b.public()], b"pay 10");
+    let plain = testing::decrypt_plaintext(&b, &sealed).expect("decrypts");
+    // Every byte of the signed header, the content and the trailer's length
+    // and hash: re-encrypted so that only the signature can catch it.
+    let sig_start = plain.len() - 64;
+    for i in 0..sig_start {
+        let mut p = plain.clone();
+        p[i] ^= 0x01;
+        let forged = testing::seal_plaintext(&[*b.public()], &p);
+        match open(&b, &forged) {
+            Err(OpenError::BadSignature) | Err(OpenError::Malformed(_)) => {}
+            // Flipping the version byte is reported as such.
+            Err(OpenError::UnsupportedVersion { .. }) if i == 4 => {}
+            other => panic!("byte {i}: {other:?}"),
+        }
+    }
+    // The content alone (header and trailer intact): only the hash check
+    // can catch it, and it must.
+    let content_at = plain.len() - 104 - 6;
+    let mut p = plain.clone();
+    p[content_at] ^= 0x20;
+    let forged = testing::seal_plaintext(&[*b.public()], &p);
+    assert!(matches!(open(&b, &forged), Err(OpenError::Malformed(_))));
+}
+
+#[test]
+fn every_bit_flip_of_a_small_message_is_rejected() {
+    let (a, b) = (ident(1), ident(2));
+    let sealed = seal(&a, &[*b.public()], b"a short message");
+    let payload = testing::age_payload_start(&sealed).expect("age layout");
+    for bit in 0..sealed.len() * 8 {
+        let mut s = sealed.clone();
+        s[bit / 8] ^= 1 << (bit % 8);
+        let byte = bit / 8;
+        let r = open(&b, &s);
+        let ok = match (&r, byte) {
+            (Err(OpenError::Malformed(DecodeError::BadMagic { .. })), 0..=3) => true,
+            (Err(OpenError::UnsupportedVersion { .. }), 4) => true,
+            // The length field: longer than the data is a cut-short file;
+            // shorter leaves trailing bytes or cuts the age stream.
+            (
+                Err(OpenError::Truncated { .. })
+                | Err(OpenError::Malformed(_))
+                | Err(OpenError::Tampered { .. })
+                | Err(OpenError::TooLarge { .. }),
+                5..=12,
+            ) => true,
+            (
+                Err(OpenError::NotForMe(NotForMeReason::NoMatchingKey))
+                | Err(OpenError::Tampered {
+                    at: TamperedAt::Header,
+                })
+                | Err(OpenError::Malformed(_))
+                | Err(OpenError::UnsupportedVersion { .. }),
+                b,
+            ) if (13..payload - 16).contains(&b) => true,
+            // age's 16-byte nonce feeds the payload key: chunk 0 fails.
+            (Err(OpenError::Tampered { at }), b) if b >= payload - 16 => {
+                *at == TamperedAt::Chunk(((b.max(payload) - payload) / (65536 + 16)) as u64)
+            }
+            _ => false,
+        };
+        assert!(ok, "flip of bit {bit} (byte {byte}) gave {r:?}");
+    }
+}
+
+#[test]
+fn every_truncation_is_reported_as_truncated() {
+    let (a, b) = (ident(1), ident(2));
+    let sealed = seal(&a, &[*b.public()], &content_of(70_000));
+    for n in (0..sealed.len()).step_by(7).chain([sealed.len() - 1]) {
+        let r = open(&b, &sealed[..n]);
+        match r {
+            Err(OpenError::Malformed(DecodeError::BadMagic { .. })) if n < 4 => {}
+            Err(OpenError::Truncated { .. }) if n >= 4 => {}
+            other => panic!("cut at {n} of {}: {other:?}", sealed.len()),
+        }
+    }
+}
+
+#[test]
+fn extra_bytes_after_the_message_are_refused() {
+    let (a, b) = (ident(1), ident(2));
+    let mut sealed = seal(&a, &[*b.public()], b"x");
+    sealed.push(0);
+    assert!(matches!(open(&b, &sealed), Err(OpenError::Malformed(_))));
+}
+
+fn age_chunk_range(sealed: &[u8], i: usize) -> std::ops::Range<usize> {
+    let start = testing::age_payload_start(sealed).expect("layout") + i * (65536 + 16);
+    start..(start + 65536 + 16).min(sealed.len())
+}
+
+#[test]
+fn swapped_and_duplicated_chunks_are_named() {
+    let (a, b) = (ident(1), ident(2));
+    let sealed = seal(&a, &[*b.public()], &content_of(5 * 65536));
+    let (c1, c2) = (age_chunk_range(&sealed, 1), age_chunk_range(&sealed, 2));
+    let mut swapped = sealed.clone();
+    let chunk1 = sealed[c1.clone()].to_vec();
+    swapped[c1.clone()].copy_from_slice(&sealed[c2.clone()]);
+    swapped[c2.clone()].copy_from_slice(&chunk1);
+    assert!(matches!(
+        open(&b, &swapped),
+        Err(OpenError::Tampered {
+            at: TamperedAt::Chunk(1)
+        })
+    ));
+    // Chunk 1 again in place of chunk 2, with the container length fixed up.
+    let mut dup = sealed[..c2.start].to_vec();
+    dup.extend_from_slice(&chunk1);
+    dup.extend_from_slice(&sealed[c2.start..]);
+    let fixed = testing::wrap_container(&dup[13..]);
+    assert!(matches!(
+        open(&b, &fixed),
+        Err(OpenError::Tampered {
+            at: TamperedAt::Chunk(2)
+        })
+    ));
+}
+
+#[test]
+fn freshness_and_replay_decisions() {
+    let (a, b) = (ident(1), ident(2));
+    let sealed = seal(&a, &[*b.public()], b"hi");
+    let (m, _) = open(&b, &sealed).expect("opens");
+    let policy = FreshnessPolicy::default();
+    assert!(policy.check(&m.header, NOW).is_ok());
+    assert!(policy.check(&m.header, NOW + 3599).is_ok());
+    assert!(matches!(
+        policy.check(&m.header, NOW + 3600),
+        Err(OpenError::Expired { .. })
+    ));
+    assert!(policy.check(&m.header, NOW - 300).is_ok());
+    assert!(matches!(
+        policy.check(&m.header, NOW - 301),
+        Err(OpenError::FromFuture { .. })
+    ));
+    let mut cache = ReplayCache::new();
+    let until = policy.remember_until(m.header.expires_at);
+    cache.check_and_insert(m.header.id, until).expect("first time");
+    assert!(matches!(
+        cache.check_and_insert(m.header.id, until),
+        Err(OpenError::Replayed { .. })
+    ));
+    assert_eq!(cache.prune(until - 1), 0);
+    assert_eq!(cache.prune(until), 1);
+    assert!(cache.is_empty());
+}
+
+#[test]
+fn sealing_refuses_bad_requests() {
+    let (a, b) = (ident(1), ident(2));
+    let to = [*b.public()];
+    let mut r = req(&to, 1);
+    r.expires_at = r.created_at;
+    assert!(message::seal_to_vec(&a, &r, b"").is_err());
+    let mut r = req(&to, 1);
+    r.expires_at = r.created_at + message::MAX_LIFETIME_SECS + 1;
+    assert!(message::seal_to_vec(&a, &r, b"").is_err());
+    let twice = [*b.public(), *b.public()];
+    assert!(message::seal_to_vec(&a, &req(&twice, 1), b"").is_err());
+    assert!(message::seal_to_vec(&a, &req(&[], 1), b"").is_err());
+}
+
+#[test]
+fn the_in_memory_bound_is_enforced() {
+    let (a, b) = (ident(1), ident(2));
+    let sealed = seal(&a, &[*b.public()], &content_of(10_000));
+    assert!(matches!(
+        message::open_slice(&b, &sealed, 9_999),
+        Err(OpenError::TooLarge { .. })
+    ));
+    let limits = OpenLimits {
+        max_sealed_len: 100,
+    };
+    assert!(matches!(
+        message::open_stream(&b, &sealed[..], std::io::sink(), limits),
+        Err(OpenError::TooLarge { .. })
+    ));
+}
+
+// ---- file blobs ----
+
+fn blob_of(content: &[u8], cs: u32) -> (BlobKey, Vec<u8>, blob::BlobSummary) {
+    let key = BlobKey([42; 32]);
+    let mut out = Vec::new();
+    let s = blob::seal_blob(&key, cs, content, &mut out).expect("seal blob");
+    (key, out, s)
+}
+
+fn open_blob(key: &BlobKey, s: &blob::BlobSummary, data: &[u8]) -> Result<Vec<u8>, OpenError> {
+    let mut out = Vec::new();
+    blob::open_blob(key, &s.layout, &s.plaintext_hash, data, &mut out).map(|_| out)
+}
+
+#[test]
+fn blob_round_trips_at_the_interesting_sizes() {
+    let cs = 4096u32;
+    for size in [0usize, 1, 4095, 4096, 4097, 3 * 4096, 5 * 1024 * 1024 + 3] {
+        let content = content_of(size);
+        let (key, data, s) = blob_of(&content, cs);
+        assert_eq!(data.len() as u64, s.layout.blob_len());
+        assert_eq!(s.blob_hash, blake3::hash(&data));
+        assert_eq!(open_blob(&key, &s, &data).expect("opens"), content, "size {size}");
+    }
+}
+
+#[test]
+fn every_bit_flip_of_a_blob_names_its_chunk() {
+    let (key, data, s) = blob_of(&content_of(9000), 4096);
+    // One bit in every byte (the bit position rotating); the property test
+    // below covers random bits.
+    for bit in (0..data.len()).map(|i| i * 8 + i % 8) {
+        let mut d = data.clone();
+        d[bit / 8] ^= 1 << (bit % 8);
+        let chunk = (bit / 8 / (4096 + 16)) as u64;
+        match open_blob(&key, &s, &d) {
+            Err(OpenError::Tampered {
+                at: TamperedAt::Chunk(c),
+            }) if c == chunk => {}
+            other => panic!("bit {bit}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn blob_truncation_swap_duplication_and_extension_are_caught() {
+    let (key, data, s) = blob_of(&content_of(4 * 4096 + 100), 4096);
+    let boundaries = (1..5).flat_map(|i| i * 4112 - 2..i * 4112 + 2);
+    for n in (0..data.len()).step_by(13).chain(boundaries) {
+        assert!(
+            matches!(open_blob(&key, &s, &data[..n]), Err(OpenError::Truncated { .. })),
+            "cut at {n}"
+        );
+    }
+    let c = 4096 + 16;
+    let mut swapped = data.clone();
+    swapped[c..2 * c].copy_from_slice(&data[2 * c..3 * c]);
+    swapped[2 * c..3 * c].copy_from_slice(&data[c..2 * c]);
+    assert!(matches!(
+        open_blob(&key, &s, &swapped),
+        Err(OpenError::Tampered {
+            at: TamperedAt::Chunk(1)
+        })
+    ));
+    let mut dup = data[..2 * c].to_vec();
+    dup.extend_from_slice(&data[c..]);
+    assert!(matches!(
+        open_blob(&key, &s, &dup),
+        Err(OpenError::Tampered {
+            at: TamperedAt::Chunk(2)
+        })
+    ));
+    let mut longer = data.clone();
+    longer.extend_from_slice(&data[..c]);
+    assert!(matches!(
+        open_blob(&key, &s, &longer),
+        Err(OpenError::Malformed(_))
+    ));
+    // A whole final chunk dropped: the previous chunk is not flagged last.
+    let l = BlobLayout::new(4 * 4096, 4096).expect("layout");
+    let (k2, d2, s2) = blob_of(&content_of(5 * 4096), 4096);
+    let mut out = Vec::new();
+    assert!(blob::open_blob(&k2, &l, &s2.plaintext_hash, &d2[..4 * c], &mut out).is_err());
+}
+
+#[test]
+fn manifest_round_trip_inside_a_sealed_message() {
+    let (a, b) = (ident(1), ident(2));
+    let mut rng = StdRng::seed_from_u64(7);
+    let content = content_of(100_000);
+    let key = BlobKey::random(&mut rng);
+    let mut blob_bytes = Vec::new();
+    let s = blob::seal_blob(&key, blob::DEFAULT_CHUNK_SIZE, &content[..], &mut blob_bytes).expect("blob");
+    let m = FileManifest::new(BlobId::random(&mut rng), key.clone(), &s, "data.bin".into()).expect("manifest");
+    let to = [*b.public()];
+    let mut r = req(&to, 9);
+    r.kind = Kind::FileManifest;
+    let sealed = message::seal_to_vec(&a, &r, &m.encode()).expect("seal");
+    let (opened, bytes) = open(&b, &sealed).expect("opens");
+    assert_eq!(opened.header.kind, Kind::FileManifest);
+    let back = FileManifest::decode(&bytes).expect("decodes");
+    assert_eq!(back, m);
+    let mut out = Vec::new();
+    blob::open_blob(&back.key, &back.layout, &back.plaintext_hash, &blob_bytes[..], &mut out).expect("blob opens");
+    assert_eq!(out, content);
+    let enc = m.encode();
+    for n in 0..enc.len() {
+        assert!(FileManifest::decode(&enc[..n]).is_err());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn prop_round_trip(content in proptest::collection::vec(any::<u8>(), 0..200_000)) {
+        let (a, b) = (ident(1), ident(2));
+        let sealed = seal(&a, &[*b.public()], &content);
+        let (_, got) = open(&b, &sealed).expect("opens");
+        prop_assert_eq!(got, content);
+    }
+
+    #[test]
+    fn prop_any_flip_is_rejected(len in 0usize..150_000, pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+        let (a, b) = (ident(1), ident(2));
+        let mut sealed = seal(&a, &[*b.public()], &content_of(len));
+        let i = pos.index(sealed.len());
+        sealed[i] ^= 1 << bit;
+        prop_assert!(open(&b, &sealed).is_err());
+    }
+
+    #[test]
+    fn prop_any_truncation_is_truncated(len in 0usize..150_000, cut in any::<prop::sample::Index>()) {
+        let (a, b) = (ident(1), ident(2));
+        let sealed = seal(&a, &[*b.public()], &content_of(len));
+        let n = 4 + cut.index(sealed.len() - 4);
+        let truncated = matches!(open(&b, &sealed[..n]), Err(OpenError::Truncated { .. }));
+        prop_assert!(truncated);
+    }
+
+    #[test]
+    fn prop_blob_flip_names_chunk(len in 0usize..40_000, pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+        let (key, mut data, s) = blob_of(&content_of(len), 4096);
+        let i = pos.index(data.len());
+        data[i] ^= 1 << bit;
+        let r = open_blob(&key, &s, &data);
+        let named = matches!(r, Err(OpenError::Tampered { at: TamperedAt::Chunk(c) }) if c == (i / 4112) as u64);
+        prop_assert!(named);
+    }
+
+    #[test]
+    fn prop_parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let _ = ContactCard::decode(&bytes);
+        let _ = ContactCard::from_text(&String::from_utf8_lossy(&bytes));
+        let _ = FileManifest::decode(&bytes);
+        let _ = Identity::from_secret_file(&bytes);
+        let _ = message::open_slice(&ident(2), &bytes, 1 << 20);
+    }
+}

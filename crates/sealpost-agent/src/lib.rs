@@ -1,1 +1,355 @@
+//! sealpost's agent: the home directory that holds an identity's secret
+//! keys, its card, its pinned contacts and its replay cache, and the checks
+//! a received message must pass before it is handed to the user.
+//!
+//! Layout of a home directory (mode 0700):
+//!
+//! ```text
+//! identity.key   secret keys, mode 0600, never overwritten
+//! card           this identity's contact card (text form)
+//! agent.db       SQLite (WAL, synchronous=FULL): contacts, replay cache
+//! ```
 #![forbid(unsafe_code)]
+
+pub mod contacts;
+pub mod fsutil;
+
+use std::fs;
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use rand_core::CryptoRngCore;
+use sealpost_proto::codec::DecodeError;
+use sealpost_proto::message::{self, OpenLimits};
+use sealpost_proto::{
+    CardError, CardFields, ContactCard, Fingerprint, FreshnessPolicy, Identity, Kind,
+    MessageId, OpenError, OpenedMessage, PublicIdentity, SealRequest, SealSummary,
+};
+
+pub use contacts::{AddOutcome, Contact, Db};
+
+/// Everything that can go wrong in the agent outside of opening a message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    #[error("no identity in {0}; create one with `sealpost init`")]
+    NoIdentity(PathBuf),
+    #[error("an identity already exists in {0}; it is never overwritten (use another --home)")]
+    IdentityExists(PathBuf),
+    #[error("the secret key file {path} can be read by others (mode {mode:o}); run `chmod 600 {path}` and check who may have copied it")]
+    InsecureKeyFile { path: PathBuf, mode: u32 },
+    #[error("the secret key file {path} is damaged: {source}")]
+    BadKeyFile {
+        path: PathBuf,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("{0}")]
+    Card(#[from] CardError),
+    #[error("invalid value: {0}")]
+    Invalid(#[from] DecodeError),
+    #[error("no contact named {0:?}; `sealpost contact list` shows your contacts")]
+    UnknownContact(String),
+    #[error("{name:?} is pinned with fingerprint {pinned}, but this card has fingerprint {offered}. The key changed, or someone is impersonating {name:?}. Compare the new fingerprint with {name} through another channel, then run `sealpost contact add --replace`.")]
+    KeyChanged {
+        name: String,
+        pinned: Fingerprint,
+        offered: Fingerprint,
+    },
+    #[error("this key (fingerprint {fingerprint}) is already pinned as {existing:?}; remove that contact first to rename it")]
+    KeyPinnedUnderOtherName {
+        existing: String,
+        fingerprint: Fingerprint,
+    },
+    #[error("agent database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> AgentError + 'a {
+    move |source| AgentError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A home directory, before its identity is loaded.
+#[derive(Debug, Clone)]
+pub struct Home {
+    dir: PathBuf,
+}
+
+impl Home {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join("identity.key")
+    }
+
+    pub fn card_path(&self) -> PathBuf {
+        self.dir.join("card")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("agent.db")
+    }
+
+    /// Creates a new identity here. Refuses if one exists.
+    pub fn init(
+        &self,
+        name: &str,
+        rng: &mut impl CryptoRngCore,
+        now: u64,
+    ) -> Result<Agent, AgentError> {
+        fsutil::ensure_private_dir(&self.dir).map_err(io_err("creating", &self.dir))?;
+        let key_path = self.key_path();
+        if key_path.exists() {
+            return Err(AgentError::IdentityExists(self.dir.clone()));
+        }
+        let identity = Identity::generate(rng);
+        let card = ContactCard::create(
+            &identity,
+            CardFields {
+                name: name.to_owned(),
+                created_at: now,
+                relay: None,
+            },
+        )?;
+        // The card first: if we crash before the key is written, `init`
+        // simply runs again; a key without its card would be stuck.
+        fsutil::replace_durable(&self.card_path(), (card.to_text() + "\n").as_bytes(), 0o644)
+            .map_err(io_err("writing", &self.card_path()))?;
+        match fsutil::create_new_durable(&key_path, identity.to_secret_file().as_bytes(), 0o600) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(AgentError::IdentityExists(self.dir.clone()))
+            }
+            Err(e) => return Err(io_err("writing", &key_path)(e)),
+        }
+        self.load()
+    }
+
+    /// Loads the identity, refusing a key file that others can read.
+    pub fn load(&self) -> Result<Agent, AgentError> {
+        let key_path = self.key_path();
+        let meta = match fs::metadata(&key_path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(AgentError::NoIdentity(self.dir.clone()))
+            }
+            Err(e) => return Err(io_err("reading", &key_path)(e)),
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(AgentError::InsecureKeyFile {
+                path: key_path,
+                mode,
+            });
+        }
+        let mut text = zeroize::Zeroizing::new(Vec::new());
+        fs::File::open(&key_path)
+            .and_then(|f| {
+                f.take(sealpost_proto::identity::MAX_SECRET_FILE_BYTES as u64 + 1)
+                    .read_to_end(&mut text)
+            })
+            .map_err(io_err("reading", &key_path))?;
+        let identity =
+            Identity::from_secret_file(&text).map_err(|source| AgentError::BadKeyFile {
+                path: key_path.clone(),
+                source,
+            })?;
+        let card_path = self.card_path();
+        let card_text = fs::read_to_string(&card_path).map_err(io_err("reading", &card_path))?;
+        let card = ContactCard::from_text(&card_text)?;
+        if card.public() != identity.public() {
+            return Err(AgentError::BadKeyFile {
+                path: card_path,
+                source: DecodeError::Invalid {
+                    what: "card",
+                    why: "does not belong to the secret key in identity.key",
+                },
+            });
+        }
+        let db = Db::open(&self.db_path())?;
+        Ok(Agent {
+            home: self.clone(),
+            identity,
+            card,
+            db,
+            policy: FreshnessPolicy::default(),
+        })
+    }
+}
+
+/// A loaded identity with its contacts and replay cache.
+#[derive(Debug)]
+pub struct Agent {
+    home: Home,
+    identity: Identity,
+    card: ContactCard,
+    db: Db,
+    policy: FreshnessPolicy,
+}
+
+/// Why a received message was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("{0}")]
+    Open(#[from] OpenError),
+    #[error("{0}")]
+    Agent(#[from] AgentError),
+}
+
+/// A message that passed every check, its content in a durable temporary
+/// file next to where it will be delivered.
+#[derive(Debug)]
+pub struct Received {
+    pub opened: OpenedMessage,
+    pub sender: Contact,
+    pub content: tempfile::NamedTempFile,
+}
+
+/// How long a message lives by default: a week, like a mail queue's bounce
+/// time.
+pub const DEFAULT_LIFETIME_SECS: u64 = 7 * 24 * 3600;
+
+impl Agent {
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    pub fn card(&self) -> &ContactCard {
+        &self.card
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn db_mut(&mut self) -> &mut Db {
+        &mut self.db
+    }
+
+    pub fn policy(&self) -> &FreshnessPolicy {
+        &self.policy
+    }
+
+    /// Looks up the recipients' pinned keys by contact name.
+    pub fn recipients(&self, names: &[String]) -> Result<Vec<PublicIdentity>, AgentError> {
+        names
+            .iter()
+            .map(|n| self.db.contact(n).map(|c| *c.card.public()))
+            .collect()
+    }
+
+    /// Seals `content` to `recipients` into `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn seal<R: Read, W: Write + Seek>(
+        &self,
+        recipients: &[PublicIdentity],
+        kind: Kind,
+        lifetime_secs: u64,
+        now: u64,
+        rng: &mut impl CryptoRngCore,
+        content: R,
+        out: W,
+    ) -> Result<SealSummary, sealpost_proto::SealError> {
+        let req = SealRequest {
+            kind,
+            id: MessageId::random(rng),
+            created_at: now,
+            expires_at: now.saturating_add(lifetime_secs),
+            in_reply_to: None,
+            recipients,
+        };
+        message::seal_stream(&self.identity, &req, content, out)
+    }
+
+    /// Opens a sealed message into a temporary file in `spool_dir` and runs
+    /// every check: decryption, format, signature, recipient binding, known
+    /// sender, freshness and replay. The content is fsync'd before this
+    /// returns. Call [`Agent::mark_delivered`] once the user has it.
+    pub fn receive<R: Read>(
+        &self,
+        input: R,
+        spool_dir: &Path,
+        now: u64,
+    ) -> Result<Received, ReceiveError> {
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".sealpost-open-")
+            .tempfile_in(spool_dir)
+            .map_err(io_err("creating a temporary file in", spool_dir))?;
+        let opened = {
+            let mut w = io::BufWriter::with_capacity(256 * 1024, tmp.as_file_mut());
+            let opened = message::open_stream(&self.identity, input, &mut w, OpenLimits::default())?;
+            w.flush().map_err(io_err("writing", spool_dir))?;
+            opened
+        };
+        let sender = self
+            .db
+            .contact_by_key(opened.header.sender.signing_bytes())?
+            .filter(|c| c.card.public() == &opened.header.sender)
+            .ok_or(OpenError::UnknownSender {
+                fingerprint: opened.header.sender.fingerprint(),
+            })?;
+        self.policy.check(&opened.header, now)?;
+        if self.db.replay_seen(&opened.header.id)? {
+            return Err(OpenError::Replayed {
+                id: opened.header.id,
+            }
+            .into());
+        }
+        tmp.as_file()
+            .sync_all()
+            .map_err(io_err("syncing", spool_dir))?;
+        Ok(Received {
+            opened,
+            sender,
+            content: tmp,
+        })
+    }
+
+    /// Records a delivered message in the replay cache, so a copy of it is
+    /// refused as replayed from now on. Returns false if another process
+    /// recorded it first.
+    pub fn mark_delivered(&mut self, opened: &OpenedMessage, now: u64) -> Result<bool, AgentError> {
+        let forget_at = self.policy.remember_until(opened.header.expires_at);
+        self.db.replay_insert(&opened.header.id, forget_at, now)
+    }
+}
+
+/// Moves a received file to `dest` durably: fsync'd already, renamed into
+/// place, then the directory fsync'd.
+pub fn deliver_to(received: tempfile::NamedTempFile, dest: &Path) -> Result<(), AgentError> {
+    let mode = 0o644 & !0o022;
+    received
+        .as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_err("setting permissions on", dest))?;
+    received
+        .persist(dest)
+        .map_err(|e| io_err("writing", dest)(e.error))?;
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fsutil::sync_dir(dir).map_err(io_err("syncing", dir))
+}

@@ -1,0 +1,231 @@
+//! Pinned contacts and the persistent replay cache, in the agent's SQLite
+//! database.
+//!
+//! SQLite runs in WAL mode with `synchronous=FULL`: with NORMAL a power loss
+//! can undo the last commits, and a replay-cache entry that vanished would
+//! let a replayed message through.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use sealpost_proto::{ContactCard, Fingerprint, MessageId};
+
+use crate::AgentError;
+
+/// What `add` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddOutcome {
+    /// A new contact was pinned.
+    Added,
+    /// The same key was already pinned under this name; the card was
+    /// refreshed if the new one is newer.
+    AlreadyPinned { refreshed: bool },
+    /// The user confirmed a key change with `--replace`.
+    Replaced { old: Fingerprint },
+}
+
+#[derive(Debug, Clone)]
+pub struct Contact {
+    pub name: String,
+    pub card: ContactCard,
+    pub added_at: u64,
+}
+
+#[derive(Debug)]
+pub struct Db {
+    conn: Connection,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS contacts (
+    name TEXT PRIMARY KEY,
+    signing_key BLOB NOT NULL UNIQUE,
+    card BLOB NOT NULL,
+    added_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS replay (
+    id BLOB PRIMARY KEY,
+    forget_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS replay_forget ON replay(forget_at);
+";
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Self, AgentError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn })
+    }
+
+    /// Pins `card` under `name`. A different key for a pinned name, or a
+    /// pinned key under a second name, is refused unless `replace` is set.
+    pub fn add_contact(
+        &mut self,
+        name: &str,
+        card: &ContactCard,
+        replace: bool,
+        now: u64,
+    ) -> Result<AddOutcome, AgentError> {
+        let tx = self.conn.transaction()?;
+        let key = card.public().signing_bytes().to_vec();
+        let by_key: Option<String> = tx
+            .query_row(
+                "SELECT name FROM contacts WHERE signing_key = ?1",
+                params![key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(other) = &by_key {
+            if other != name {
+                return Err(AgentError::KeyPinnedUnderOtherName {
+                    existing: other.clone(),
+                    fingerprint: card.public().fingerprint(),
+                });
+            }
+        }
+        let existing: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT card FROM contacts WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let outcome = match existing {
+            None => {
+                tx.execute(
+                    "INSERT INTO contacts (name, signing_key, card, added_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![name, key, card.as_bytes(), to_i64(now)],
+                )?;
+                AddOutcome::Added
+            }
+            Some(old_bytes) => {
+                let old = ContactCard::decode(&old_bytes)?;
+                if old.public().signing_bytes() == card.public().signing_bytes() {
+                    let newer = card.fields().created_at > old.fields().created_at;
+                    if newer {
+                        tx.execute(
+                            "UPDATE contacts SET card = ?2 WHERE name = ?1",
+                            params![name, card.as_bytes()],
+                        )?;
+                    }
+                    AddOutcome::AlreadyPinned { refreshed: newer }
+                } else if replace {
+                    tx.execute(
+                        "UPDATE contacts SET signing_key = ?2, card = ?3, added_at = ?4 WHERE name = ?1",
+                        params![name, key, card.as_bytes(), to_i64(now)],
+                    )?;
+                    AddOutcome::Replaced {
+                        old: old.public().fingerprint(),
+                    }
+                } else {
+                    return Err(AgentError::KeyChanged {
+                        name: name.to_owned(),
+                        pinned: old.public().fingerprint(),
+                        offered: card.public().fingerprint(),
+                    });
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    fn row_to_contact(name: String, card: Vec<u8>, added_at: i64) -> Result<Contact, AgentError> {
+        Ok(Contact {
+            name,
+            card: ContactCard::decode(&card)?,
+            added_at: u64::try_from(added_at).unwrap_or(0),
+        })
+    }
+
+    pub fn contacts(&self) -> Result<Vec<Contact>, AgentError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, card, added_at FROM contacts ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (n, c, a) = row?;
+            out.push(Self::row_to_contact(n, c, a)?);
+        }
+        Ok(out)
+    }
+
+    pub fn contact(&self, name: &str) -> Result<Contact, AgentError> {
+        let row: Option<(String, Vec<u8>, i64)> = self
+            .conn
+            .query_row(
+                "SELECT name, card, added_at FROM contacts WHERE name = ?1",
+                params![name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        match row {
+            Some((n, c, a)) => Self::row_to_contact(n, c, a),
+            None => Err(AgentError::UnknownContact(name.to_owned())),
+        }
+    }
+
+    /// The contact holding this signing key, if pinned.
+    pub fn contact_by_key(&self, signing_key: &[u8; 32]) -> Result<Option<Contact>, AgentError> {
+        let row: Option<(String, Vec<u8>, i64)> = self
+            .conn
+            .query_row(
+                "SELECT name, card, added_at FROM contacts WHERE signing_key = ?1",
+                params![signing_key.to_vec()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        row.map(|(n, c, a)| Self::row_to_contact(n, c, a)).transpose()
+    }
+
+    pub fn remove_contact(&mut self, name: &str) -> Result<(), AgentError> {
+        let n = self
+            .conn
+            .execute("DELETE FROM contacts WHERE name = ?1", params![name])?;
+        if n == 0 {
+            return Err(AgentError::UnknownContact(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    pub fn replay_seen(&self, id: &MessageId) -> Result<bool, AgentError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM replay WHERE id = ?1",
+                params![id.0.to_vec()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// Records that `id` was delivered; returns false if it already was.
+    /// Expired entries are pruned in the same transaction, which keeps the
+    /// table bounded without a separate sweeper.
+    pub fn replay_insert(&mut self, id: &MessageId, forget_at: u64, now: u64) -> Result<bool, AgentError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM replay WHERE forget_at <= ?1", params![to_i64(now)])?;
+        let n = tx.execute(
+            "INSERT OR IGNORE INTO replay (id, forget_at) VALUES (?1, ?2)",
+            params![id.0.to_vec(), to_i64(forget_at)],
+        )?;
+        tx.commit()?;
+        Ok(n == 1)
+    }
+
+    pub fn replay_len(&self) -> Result<u64, AgentError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM replay", [], |r| r.get(0))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}

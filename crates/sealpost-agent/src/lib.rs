@@ -20,7 +20,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rand_core::CryptoRngCore;
+use sealpost_proto::blob::{self, BlobKey};
 use sealpost_proto::codec::DecodeError;
+use sealpost_proto::manifest::{BlobId, FileManifest};
 use sealpost_proto::message::{self, OpenLimits};
 use sealpost_proto::{
     CardError, CardFields, ContactCard, Fingerprint, FreshnessPolicy, Identity, Kind,
@@ -352,4 +354,106 @@ pub fn deliver_to(received: tempfile::NamedTempFile, dest: &Path) -> Result<(), 
         _ => Path::new("."),
     };
     fsutil::sync_dir(dir).map_err(io_err("syncing", dir))
+}
+
+/// The largest manifest message content read into memory.
+const MAX_MANIFEST_CONTENT: u64 = sealpost_proto::manifest::MAX_MANIFEST_BYTES as u64;
+
+impl Agent {
+    /// Encrypts a file as a blob into `blob_out` and seals its manifest (a
+    /// message of kind file-manifest) into `manifest_out`. One pass over the
+    /// file, constant memory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn seal_file<R: Read, B: Write, M: Write + Seek>(
+        &self,
+        recipients: &[PublicIdentity],
+        name: &str,
+        content: R,
+        blob_out: B,
+        manifest_out: M,
+        lifetime_secs: u64,
+        now: u64,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<(FileManifest, SealSummary), AgentError> {
+        sealpost_proto::manifest::validate_file_name(name)?;
+        let key = BlobKey::random(rng);
+        let summary = blob::seal_blob(&key, blob::DEFAULT_CHUNK_SIZE, content, blob_out).map_err(
+            |source| AgentError::Io {
+                what: "encrypting",
+                path: PathBuf::from(name),
+                source,
+            },
+        )?;
+        let manifest = FileManifest::new(BlobId::random(rng), key, &summary, name.to_owned())?;
+        let sealed = self
+            .seal(
+                recipients,
+                Kind::FileManifest,
+                lifetime_secs,
+                now,
+                rng,
+                &manifest.encode()[..],
+                manifest_out,
+            )
+            .map_err(|e| AgentError::Io {
+                what: "sealing the manifest of",
+                path: PathBuf::from(name),
+                source: io::Error::other(e.to_string()),
+            })?;
+        Ok((manifest, sealed))
+    }
+
+    /// Given a received manifest message, decrypts and verifies its blob
+    /// into `dest_dir` under the manifest's file name. Never overwrites an
+    /// existing file and never shows a partial file under the final name:
+    /// the file is written to a temporary name, fsync'd, then linked into
+    /// place, and the directory fsync'd.
+    pub fn receive_file<R: Read>(
+        &self,
+        manifest_msg: &Received,
+        blob_in: R,
+        dest_dir: &Path,
+    ) -> Result<(FileManifest, PathBuf), ReceiveError> {
+        if manifest_msg.opened.header.kind != Kind::FileManifest {
+            return Err(OpenError::Malformed(DecodeError::Invalid {
+                what: "message kind",
+                why: "expected a file manifest",
+            })
+            .into());
+        }
+        let mut bytes = Vec::new();
+        fs::File::open(manifest_msg.content.path())
+            .and_then(|f| f.take(MAX_MANIFEST_CONTENT + 1).read_to_end(&mut bytes))
+            .map_err(io_err("reading", manifest_msg.content.path()))?;
+        let manifest = FileManifest::decode(&bytes).map_err(OpenError::from)?;
+        let dest = dest_dir.join(&manifest.name);
+        if dest.exists() {
+            return Err(AgentError::Io {
+                what: "refusing to overwrite",
+                path: dest,
+                source: io::ErrorKind::AlreadyExists.into(),
+            }
+            .into());
+        }
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".sealpost-file-")
+            .tempfile_in(dest_dir)
+            .map_err(io_err("creating a temporary file in", dest_dir))?;
+        {
+            let mut w = io::BufWriter::with_capacity(256 * 1024, tmp.as_file_mut());
+            blob::open_blob(
+                &manifest.key,
+                &manifest.layout,
+                &manifest.plaintext_hash,
+                io::BufReader::with_capacity(256 * 1024, blob_in),
+                &mut w,
+            )?;
+            w.flush().map_err(io_err("writing", dest_dir))?;
+        }
+        tmp.as_file().sync_all().map_err(io_err("syncing", dest_dir))?;
+        tmp.persist_noclobber(&dest)
+            .map_err(|e| io_err("writing", &dest)(e.error))?;
+        fsutil::sync_dir(dest_dir).map_err(io_err("syncing", dest_dir))?;
+        Ok((manifest, dest))
+    }
 }

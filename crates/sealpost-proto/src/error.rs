@@ -59,9 +59,9 @@ pub enum OpenError {
     Tampered { at: TamperedAt },
     #[error("truncated: the data ends early ({detail})")]
     Truncated { detail: String },
-    #[error("expired at {expires_at} (unix seconds); it is now {now}")]
+    #[error("expired at {} (it is now {}); ask the sender to send it again", rfc3339(*.expires_at), rfc3339(*.now))]
     Expired { expires_at: u64, now: u64 },
-    #[error("created at {created_at}, which is more than {max_skew} s in the future (now {now}); check the clocks")]
+    #[error("created at {}, more than {max_skew} s after now ({}); check the sender's and your clock", rfc3339(*.created_at), rfc3339(*.now))]
     FromFuture {
         created_at: u64,
         now: u64,
@@ -104,4 +104,10 @@ pub enum SealError {
     InvalidRequest(&'static str),
     #[error("I/O error while sealing: {0}")]
     Io(#[from] io::Error),
+}
+
+/// Unix seconds as an RFC 3339 UTC time, for messages people read.
+pub fn rfc3339(secs: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.min(253_402_300_799));
+    humantime::format_rfc3339_seconds(t).to_string()
 }

@@ -1,1 +1,469 @@
-fn main() {}
+//! The `sealpost` command: a thin layer over the agent and the sealed core.
+#![forbid(unsafe_code)]
+
+mod demo;
+mod exit;
+mod output;
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context};
+use clap::{Args, Parser, Subcommand};
+use rand_core::OsRng;
+use sealpost_agent::{deliver_to, AddOutcome, Agent, Home};
+use sealpost_proto::card::MAX_CARD_TEXT_BYTES;
+use sealpost_proto::{ContactCard, Kind};
+use serde_json::json;
+
+use crate::exit::Failure;
+use crate::output::Out;
+
+const ABOUT: &str = "Seal, sign and deliver messages and files end to end.
+
+sealpost encrypts content to its recipients and signs it inside the
+encryption, so only they can read it and they know who sent it, whatever
+stores or carries it on the way. Identities are key pairs; you exchange
+contact cards and compare fingerprints once, then sealpost pins the keys.";
+
+const EXIT_CODES: &str = "EXIT CODES:
+    0   success
+    1   an error not listed below (I/O, database)
+    2   the command line is wrong
+    3   identity or contact problem (none yet, key file readable by others,
+        unknown contact, a card that is refused)
+   10   not for you (not encrypted to your key, or forwarded to you)
+   11   malformed input
+   12   unsupported format version
+   13   bad signature
+   14   unknown sender (not one of your contacts)
+   15   tampered (a chunk or the header failed authentication)
+   16   truncated
+   17   expired
+   18   created in the future (beyond the allowed clock skew)
+   19   replayed (already opened here)
+   20   larger than a limit";
+
+#[derive(Parser, Debug)]
+#[command(name = "sealpost", version, about = ABOUT, after_help = EXIT_CODES)]
+struct Cli {
+    /// Home directory with your identity, contacts and replay cache
+    /// [default: $XDG_DATA_HOME/sealpost]
+    #[arg(long, global = true, env = "SEALPOST_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+
+    /// Print machine-readable JSON (on stdout, or on stderr when stdout
+    /// carries content); errors become {"error", "class", "exit_code"}
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create your identity (signing and encryption keys) in the home directory
+    Init {
+        /// Your display name, shown to people who import your card
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show your contact card (one line to give to others) and fingerprint
+    Id,
+    /// Manage the contacts whose keys you have pinned
+    #[command(subcommand)]
+    Contact(ContactCmd),
+    /// Encrypt and sign content for contacts (offline; like gpg --sign --encrypt)
+    Seal(SealArgs),
+    /// Decrypt and verify a sealed message; prints who sent it and when
+    Open(OpenArgs),
+    /// Show every guarantee at work: identities, a message, a 64 MiB file,
+    /// and tampered, misaddressed, forwarded, replayed and stale copies refused
+    Demo {
+        /// Size of the demo file in MiB
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=4096))]
+        size_mib: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ContactCmd {
+    /// Pin a contact from a card: the one-line text, a file holding it, or - for stdin
+    Add {
+        /// `sealpost-card-v1:…`, a path to a card file, or -
+        card: String,
+        /// Name to file the contact under [default: the card's name]
+        #[arg(long)]
+        name: Option<String>,
+        /// Accept a different key for an already pinned name (only after
+        /// comparing the new fingerprint with its owner)
+        #[arg(long)]
+        replace: bool,
+    },
+    /// List pinned contacts with their fingerprints
+    List,
+    /// Show one contact's card and fingerprint
+    Show { name: String },
+    /// Forget a contact
+    Remove { name: String },
+}
+
+#[derive(Args, Debug)]
+struct SealArgs {
+    /// Contact to seal for (repeat for several recipients)
+    #[arg(long = "to", value_name = "NAME", required = true)]
+    to: Vec<String>,
+    /// Write the sealed message here [default: stdout]
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// How long the message stays valid, e.g. 30m, 12h, 7d
+    #[arg(long, default_value = "7d", value_parser = parse_lifetime)]
+    expires: Duration,
+    /// Content to seal, or - for stdin
+    #[arg(default_value = "-")]
+    input: String,
+}
+
+#[derive(Args, Debug)]
+struct OpenArgs {
+    /// Write the content here, only once every check passed [default: stdout]
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Sealed message to open, or - for stdin
+    #[arg(default_value = "-")]
+    input: String,
+}
+
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30m, 12h, 7d)"))?;
+    if d.as_secs() == 0 {
+        return Err("must be at least one second".into());
+    }
+    if d.as_secs() > sealpost_proto::message::MAX_LIFETIME_SECS {
+        return Err("must be at most 400 days".into());
+    }
+    Ok(d)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn default_home() -> anyhow::Result<PathBuf> {
+    directories::ProjectDirs::from("", "", "sealpost")
+        .map(|d| d.data_dir().to_path_buf())
+        .ok_or_else(|| anyhow!("cannot find a home directory; pass --home DIR"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let out = Out::new(cli.json);
+    match run(cli, &out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => f.report(&out),
+    }
+}
+
+fn run(cli: Cli, out: &Out) -> Result<(), Failure> {
+    let home = match cli.home {
+        Some(h) => h,
+        None => default_home()?,
+    };
+    let home = Home::new(home);
+    match cli.command {
+        Command::Init { name } => init(&home, name, out),
+        Command::Id => id(&home.load()?, out),
+        Command::Contact(cmd) => contact(&mut home.load()?, cmd, out),
+        Command::Seal(args) => seal(&home.load()?, args, out),
+        Command::Open(args) => open(&mut home.load()?, args, out),
+        Command::Demo { size_mib } => demo::run(size_mib, out),
+    }
+}
+
+fn init(home: &Home, name: Option<String>, out: &Out) -> Result<(), Failure> {
+    let name = name
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "me".into());
+    let agent = home.init(&name, &mut OsRng, now())?;
+    let fp = agent.identity().fingerprint();
+    out.report(
+        json!({
+            "home": home.dir(),
+            "name": name,
+            "fingerprint": fp.to_string(),
+            "card": agent.card().to_text(),
+        }),
+        || {
+            format!(
+                "Created identity {name:?} in {}\nFingerprint: {fp}\n\nYour contact card (give it to people who will write to you):\n{}\n",
+                home.dir().display(),
+                agent.card().to_text()
+            )
+        },
+    )
+}
+
+fn id(agent: &Agent, out: &Out) -> Result<(), Failure> {
+    let card = agent.card();
+    out.report(
+        json!({
+            "name": card.name(),
+            "fingerprint": card.public().fingerprint().to_string(),
+            "card": card.to_text(),
+            "age_recipient": card.public().age_recipient_string(),
+        }),
+        || {
+            format!(
+                "{}\nName:        {}\nFingerprint: {}\n",
+                card.to_text(),
+                card.name(),
+                card.public().fingerprint()
+            )
+        },
+    )
+}
+
+/// Reads a card given as text, as a file (text or binary form), or on stdin.
+fn read_card(arg: &str) -> Result<ContactCard, Failure> {
+    if arg.trim_start().starts_with(sealpost_proto::card::TEXT_PREFIX) {
+        return Ok(ContactCard::from_text(arg).map_err(sealpost_agent::AgentError::from)?);
+    }
+    let mut bytes = Vec::new();
+    let limit = MAX_CARD_TEXT_BYTES as u64 + 1;
+    if arg == "-" {
+        io::stdin().take(limit).read_to_end(&mut bytes)
+    } else {
+        File::open(arg).and_then(|f| f.take(limit).read_to_end(&mut bytes))
+    }
+    .with_context(|| format!("cannot read the card from {arg}"))?;
+    let card = match std::str::from_utf8(&bytes) {
+        Ok(text) if text.trim_start().starts_with(sealpost_proto::card::TEXT_PREFIX) => {
+            ContactCard::from_text(text)
+        }
+        _ => ContactCard::decode(&bytes),
+    };
+    Ok(card.map_err(sealpost_agent::AgentError::from)?)
+}
+
+fn contact(agent: &mut Agent, cmd: ContactCmd, out: &Out) -> Result<(), Failure> {
+    match cmd {
+        ContactCmd::Add {
+            card,
+            name,
+            replace,
+        } => {
+            let card = read_card(&card)?;
+            if card.public() == agent.identity().public() {
+                return Err(Failure::contact(anyhow!(
+                    "this is your own card; give it to others instead"
+                )));
+            }
+            let name = name.unwrap_or_else(|| card.name().to_owned());
+            sealpost_proto::codec::check_printable(&name, "contact name")
+                .map_err(sealpost_agent::AgentError::from)?;
+            let outcome = agent.db_mut().add_contact(&name, &card, replace, now())?;
+            let fp = card.public().fingerprint();
+            let (tag, text) = match &outcome {
+                AddOutcome::Added => (
+                    "added",
+                    format!("Pinned {name:?} with fingerprint\n  {fp}\nCompare it with {name} in person or by phone before trusting it.\n"),
+                ),
+                AddOutcome::AlreadyPinned { refreshed: true } => {
+                    ("refreshed", format!("{name:?} was already pinned with this key; updated to the newer card.\n"))
+                }
+                AddOutcome::AlreadyPinned { refreshed: false } => {
+                    ("unchanged", format!("{name:?} is already pinned with this key.\n"))
+                }
+                AddOutcome::Replaced { old } => (
+                    "replaced",
+                    format!("Replaced the key of {name:?}:\n  old {old}\n  new {fp}\n"),
+                ),
+            };
+            out.report(
+                json!({"name": name, "fingerprint": fp.to_string(), "outcome": tag}),
+                || text,
+            )
+        }
+        ContactCmd::List => {
+            let contacts = agent.db().contacts()?;
+            let rows: Vec<_> = contacts
+                .iter()
+                .map(|c| {
+                    json!({
+                        "name": c.name,
+                        "card_name": c.card.name(),
+                        "fingerprint": c.card.public().fingerprint().to_string(),
+                        "added_at": c.added_at,
+                    })
+                })
+                .collect();
+            out.report(json!(rows), || {
+                if contacts.is_empty() {
+                    return "No contacts yet. Add one with `sealpost contact add CARD`.\n".into();
+                }
+                let mut s = String::new();
+                for c in &contacts {
+                    s += &format!("{:<20} {}\n", c.name, c.card.public().fingerprint());
+                }
+                s
+            })
+        }
+        ContactCmd::Show { name } => {
+            let c = agent.db().contact(&name)?;
+            let f = c.card.fields();
+            out.report(
+                json!({
+                    "name": c.name,
+                    "card_name": c.card.name(),
+                    "fingerprint": c.card.public().fingerprint().to_string(),
+                    "card": c.card.to_text(),
+                    "card_created_at": f.created_at,
+                    "added_at": c.added_at,
+                    "relay": f.relay.as_ref().map(|r| r.address.clone()),
+                }),
+                || {
+                    format!(
+                        "Name:        {}\nCard name:   {}\nFingerprint: {}\nCard made:   {}\nRelay:       {}\nCard:        {}\n",
+                        c.name,
+                        c.card.name(),
+                        c.card.public().fingerprint(),
+                        output::time(f.created_at),
+                        f.relay.as_ref().map(|r| r.address.as_str()).unwrap_or("(none)"),
+                        c.card.to_text()
+                    )
+                },
+            )
+        }
+        ContactCmd::Remove { name } => {
+            agent.db_mut().remove_contact(&name)?;
+            out.report(json!({"removed": name}), || format!("Removed {name:?}.\n"))
+        }
+    }
+}
+
+fn open_input(input: &str) -> Result<Box<dyn Read>, Failure> {
+    if input == "-" {
+        Ok(Box::new(io::stdin().lock()))
+    } else {
+        let f = File::open(input).with_context(|| format!("cannot open {input}"))?;
+        Ok(Box::new(f))
+    }
+}
+
+/// The directory a temporary file for `output` goes in: next to it, so the
+/// final rename stays on one file system.
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn seal(agent: &Agent, args: SealArgs, out: &Out) -> Result<(), Failure> {
+    let recipients = agent.recipients(&args.to)?;
+    if args.output.is_none() && io::stdout().is_terminal() {
+        return Err(Failure::usage(anyhow!(
+            "refusing to write a sealed (binary) message to the terminal; use -o FILE or a pipe"
+        )));
+    }
+    let input = BufReader::with_capacity(256 * 1024, open_input(&args.input)?);
+    let spool_dir = match &args.output {
+        Some(p) => dir_of(p).to_path_buf(),
+        None => std::env::temp_dir(),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".sealpost-seal-")
+        .tempfile_in(&spool_dir)
+        .with_context(|| format!("cannot create a temporary file in {}", spool_dir.display()))?;
+    let when = now();
+    let summary = {
+        let w = BufWriter::with_capacity(256 * 1024, tmp.as_file_mut());
+        agent
+            .seal(&recipients, Kind::Message, args.expires.as_secs(), when, &mut OsRng, input, w)
+            .context("sealing failed")?
+    };
+    match &args.output {
+        Some(path) => {
+            tmp.as_file().sync_all().context("cannot sync the sealed file")?;
+            tmp.persist(path)
+                .map_err(|e| anyhow!("cannot write {}: {}", path.display(), e.error))?;
+            sealpost_agent::fsutil::sync_dir(dir_of(path)).context("cannot sync the directory")?;
+        }
+        None => {
+            let mut f = File::open(tmp.path()).context("cannot reread the sealed message")?;
+            let mut stdout = io::stdout().lock();
+            io::copy(&mut f, &mut stdout).and_then(|_| stdout.flush()).map_err(output::stdout_error)?;
+        }
+    }
+    let report = json!({
+        "id": summary.id.to_string(),
+        "to": args.to,
+        "content_len": summary.content_len,
+        "content_blake3": summary.content_hash.to_hex().to_string(),
+        "sealed_len": summary.sealed_len,
+        "created_at": when,
+        "expires_at": when + args.expires.as_secs(),
+        "output": args.output,
+    });
+    out.side_report(args.output.is_none(), report, || {
+        format!(
+            "Sealed {} bytes for {} as message {} (expires {})\n",
+            summary.content_len,
+            args.to.join(", "),
+            summary.id,
+            output::time(when + args.expires.as_secs())
+        )
+    })
+}
+
+fn open(agent: &mut Agent, args: OpenArgs, out: &Out) -> Result<(), Failure> {
+    let input = BufReader::with_capacity(256 * 1024, open_input(&args.input)?);
+    let spool_dir = match &args.output {
+        Some(p) => dir_of(p).to_path_buf(),
+        None => agent.home().dir().to_path_buf(),
+    };
+    let when = now();
+    let received = agent.receive(input, &spool_dir, when)?;
+    match &args.output {
+        Some(path) => {
+            let content = received.content;
+            deliver_to(content, path)?;
+        }
+        None => {
+            let mut f = File::open(received.content.path()).context("cannot reread the content")?;
+            let mut stdout = io::stdout().lock();
+            io::copy(&mut f, &mut stdout).and_then(|_| stdout.flush()).map_err(output::stdout_error)?;
+        }
+    }
+    agent.mark_delivered(&received.opened, when)?;
+    let h = &received.opened.header;
+    let report = json!({
+        "from": received.sender.name,
+        "fingerprint": h.sender.fingerprint().to_string(),
+        "id": h.id.to_string(),
+        "kind": h.kind.name(),
+        "created_at": h.created_at,
+        "expires_at": h.expires_at,
+        "in_reply_to": h.in_reply_to.map(|i| i.to_string()),
+        "recipients": h.recipients.len(),
+        "content_len": received.opened.content_len,
+        "content_blake3": received.opened.content_hash.to_hex().to_string(),
+        "output": args.output,
+    });
+    out.side_report(args.output.is_none(), report, || {
+        format!(
+            "From {} ({}), sent {}; signature and content hash verified; message {}\n",
+            received.sender.name,
+            h.sender.fingerprint(),
+            output::time(h.created_at),
+            h.id
+        )
+    })
+}

@@ -1,0 +1,69 @@
+//! How results reach the user: human text or `--json`.
+
+use std::io::{self, Write};
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use crate::exit::Failure;
+
+#[derive(Debug)]
+pub struct Out {
+    json: bool,
+}
+
+impl Out {
+    pub fn new(json: bool) -> Self {
+        Self { json }
+    }
+
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    /// Prints a result on stdout: JSON, or the human text.
+    pub fn report(&self, json: Value, human: impl FnOnce() -> String) -> Result<(), Failure> {
+        let text = if self.json {
+            format!("{json}\n")
+        } else {
+            human()
+        };
+        let mut stdout = io::stdout().lock();
+        stdout
+            .write_all(text.as_bytes())
+            .and_then(|_| stdout.flush())
+            .map_err(stdout_error)
+    }
+
+    /// Like `report`, but when stdout carries content the report goes to
+    /// stderr so it never mixes with the data.
+    pub fn side_report(
+        &self,
+        stdout_has_data: bool,
+        json: Value,
+        human: impl FnOnce() -> String,
+    ) -> Result<(), Failure> {
+        if !stdout_has_data {
+            return self.report(json, human);
+        }
+        if self.json {
+            eprintln!("{json}");
+        } else {
+            eprint!("{}", human());
+        }
+        Ok(())
+    }
+}
+
+pub fn stdout_error(e: io::Error) -> Failure {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        Failure::closed_pipe()
+    } else {
+        anyhow::Error::new(e).context("cannot write to stdout").into()
+    }
+}
+
+/// Unix seconds as an RFC 3339 UTC time.
+pub fn time(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}

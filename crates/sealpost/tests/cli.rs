@@ -1,0 +1,256 @@
+//! The real `sealpost` binary, run in temporary directories.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use assert_cmd::cargo::cargo_bin;
+use serde_json::Value;
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("tmp"),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn cmd(&self, home: &str) -> Command {
+        let mut c = Command::new(cargo_bin("sealpost"));
+        c.arg("--home").arg(self.path(home)).current_dir(self.dir.path());
+        c.env_remove("SEALPOST_HOME");
+        c
+    }
+
+    /// Runs and returns (exit code, stdout, stderr).
+    fn run(&self, home: &str, args: &[&str], stdin: &[u8]) -> (i32, Vec<u8>, String) {
+        let mut child = self
+            .cmd(home)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        {
+            use std::io::Write;
+            let mut i = child.stdin.take().expect("stdin");
+            let _ = i.write_all(stdin);
+        }
+        let o = child.wait_with_output().expect("wait");
+        (
+            o.status.code().unwrap_or(-1),
+            o.stdout,
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, home: &str, args: &[&str]) -> Vec<u8> {
+        let (code, out, err) = self.run(home, args, b"");
+        assert_eq!(code, 0, "sealpost {args:?} failed: {err}");
+        out
+    }
+
+    fn json(&self, home: &str, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_slice(&self.ok(home, &a)).expect("json output")
+    }
+
+    /// Two identities that know each other.
+    fn pair() -> Self {
+        let env = Self::new();
+        env.ok("alice", &["init", "--name", "Alice"]);
+        env.ok("bob", &["init", "--name", "Bob"]);
+        let bob_card = env.json("bob", &["id"])["card"].as_str().expect("card").to_owned();
+        let alice_card = env.json("alice", &["id"])["card"].as_str().expect("card").to_owned();
+        env.ok("alice", &["contact", "add", &bob_card, "--name", "bob"]);
+        std::fs::write(env.path("alice.card"), alice_card + "\n").expect("write");
+        env.ok("bob", &["contact", "add", "alice.card", "--name", "alice"]);
+        env
+    }
+}
+
+#[test]
+fn seal_and_open_through_files_and_pipes() {
+    let env = Env::pair();
+    let (code, sealed, err) = env.run("alice", &["seal", "--to", "bob"], b"hello from alice\n");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("Sealed 17 bytes for bob"), "{err}");
+    let (code, out, err) = env.run("bob", &["open"], &sealed);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, b"hello from alice\n");
+    assert!(err.contains("From alice"), "{err}");
+
+    std::fs::write(env.path("note.txt"), b"a note").expect("write");
+    let j = env.json("alice", &["seal", "--to", "bob", "-o", "note.sp", "note.txt"]);
+    assert_eq!(j["content_len"], 6);
+    let j = env.json("bob", &["open", "-o", "note.out", "note.sp"]);
+    assert_eq!(j["from"], "alice");
+    assert_eq!(j["id"].as_str().map(str::len), Some(32));
+    assert_eq!(std::fs::read(env.path("note.out")).expect("out"), b"a note");
+}
+
+#[test]
+fn each_failure_class_has_its_exit_code_and_writes_nothing() {
+    let env = Env::pair();
+    env.ok("carol", &["init", "--name", "Carol"]);
+    std::fs::write(env.path("m.txt"), vec![b'x'; 200_000]).expect("write");
+    env.ok("alice", &["seal", "--to", "bob", "-o", "m.sp", "m.txt"]);
+    let sealed = std::fs::read(env.path("m.sp")).expect("sealed");
+
+    let try_open = |name: &str, bytes: &[u8], home: &str| -> (i32, String) {
+        std::fs::write(env.path(name), bytes).expect("write");
+        let (code, _, err) = env.run(home, &["--json", "open", "-o", "out.bin", name], b"");
+        assert!(!env.path("out.bin").exists(), "{name}: output written despite failure");
+        let v: Value = serde_json::from_str(err.trim()).unwrap_or_else(|_| panic!("{name}: {err}"));
+        assert_eq!(v["exit_code"], code);
+        (code, v["class"].as_str().unwrap_or("").to_owned())
+    };
+
+    let mut flipped = sealed.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 1;
+    assert_eq!(try_open("flipped.sp", &flipped, "bob"), (15, "tampered".into()));
+    assert_eq!(
+        try_open("cut.sp", &sealed[..sealed.len() - 1000], "bob"),
+        (16, "truncated".into())
+    );
+    assert_eq!(try_open("garbage.sp", b"not a sealed message", "bob"), (11, "malformed".into()));
+    let mut v2 = sealed.clone();
+    v2[4] = 2;
+    assert_eq!(try_open("v2.sp", &v2, "bob"), (12, "unsupported-version".into()));
+    assert_eq!(try_open("carol.sp", &sealed, "carol"), (10, "not-for-me".into()));
+    // Bob does not know Carol.
+    env.ok("carol", &["contact", "add", "alice.card"]);
+    let bob_card = env.json("bob", &["id"])["card"].as_str().expect("c").to_owned();
+    env.ok("carol", &["contact", "add", &bob_card]);
+    env.ok("carol", &["seal", "--to", "Bob", "-o", "from-carol.sp", "m.txt"]);
+    let from_carol = std::fs::read(env.path("from-carol.sp")).expect("read");
+    assert_eq!(try_open("from-carol.sp", &from_carol, "bob"), (14, "unknown-sender".into()));
+
+    // The intact message opens once, then is a replay.
+    env.ok("bob", &["open", "-o", "first.bin", "m.sp"]);
+    assert_eq!(try_open("again.sp", &sealed, "bob"), (19, "replayed".into()));
+}
+
+#[test]
+fn an_expired_message_is_refused() {
+    let env = Env::pair();
+    let (code, sealed, err) = env.run("alice", &["seal", "--to", "bob", "--expires", "1s"], b"soon stale");
+    assert_eq!(code, 0, "{err}");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let (code, out, err) = env.run("bob", &["open"], &sealed);
+    assert_eq!(code, 17, "{err}");
+    assert!(out.is_empty());
+    assert!(err.contains("expired"), "{err}");
+}
+
+#[test]
+fn contacts_are_pinned_and_key_changes_refused() {
+    let env = Env::pair();
+    env.ok("mallory", &["init", "--name", "Bob"]);
+    let mallory_card = env.json("mallory", &["id"])["card"].as_str().expect("c").to_owned();
+    let (code, _, err) = env.run("alice", &["contact", "add", &mallory_card, "--name", "bob"], b"");
+    assert_eq!(code, 3);
+    assert!(err.contains("--replace") && err.contains("impersonating"), "{err}");
+    // A corrupted card is refused as such.
+    let mut bad = mallory_card.clone();
+    bad.replace_range(40..41, if &bad[40..41] == "A" { "B" } else { "A" });
+    let (code, _, err) = env.run("alice", &["contact", "add", &bad], b"");
+    assert_eq!(code, 3, "{err}");
+    let list = env.json("alice", &["contact", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    let bob_fp = list[0]["fingerprint"].as_str().expect("fp").to_owned();
+    assert_eq!(env.json("bob", &["id"])["fingerprint"], bob_fp.as_str());
+    let j = env.json("alice", &["contact", "add", &mallory_card, "--name", "bob", "--replace"]);
+    assert_eq!(j["outcome"], "replaced");
+    let j = env.json("alice", &["contact", "show", "bob"]);
+    assert_ne!(j["fingerprint"], bob_fp.as_str());
+    env.ok("alice", &["contact", "remove", "bob"]);
+    let (code, _, _) = env.run("alice", &["contact", "show", "bob"], b"");
+    assert_eq!(code, 3);
+    let (code, _, err) = env.run("alice", &["seal", "--to", "nobody"], b"x");
+    assert_eq!(code, 3, "{err}");
+}
+
+#[test]
+fn identity_files_are_private_and_never_overwritten() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    env.ok("h", &["init"]);
+    let key = env.path("h/identity.key");
+    assert_eq!(std::fs::metadata(&key).expect("key").permissions().mode() & 0o777, 0o600);
+    let before = std::fs::read(&key).expect("read");
+    let (code, _, err) = env.run("h", &["init"], b"");
+    assert_eq!(code, 3, "{err}");
+    assert_eq!(std::fs::read(&key).expect("read"), before);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let (code, _, err) = env.run("h", &["id"], b"");
+    assert_eq!(code, 3);
+    assert!(err.contains("chmod 600"), "{err}");
+    let (code, _, err) = env.run("nowhere", &["id"], b"");
+    assert_eq!(code, 3);
+    assert!(err.contains("sealpost init"), "{err}");
+}
+
+#[test]
+fn a_closed_pipe_is_a_clean_exit() {
+    let env = Env::pair();
+    std::fs::write(env.path("big"), vec![7u8; 4 << 20]).expect("write");
+    env.ok("alice", &["seal", "--to", "bob", "-o", "big.sp", "big"]);
+    let sh = format!(
+        "{} --home {} open big.sp | head -c 10 > /dev/null; echo ${{PIPESTATUS[0]}}",
+        cargo_bin("sealpost").display(),
+        env.path("bob").display()
+    );
+    let o = Command::new("bash").arg("-c").arg(sh).current_dir(env.dir.path()).output().expect("bash");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "0", "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+}
+
+#[test]
+fn the_demo_passes_every_check() {
+    let env = Env::new();
+    let v = env.json("unused", &["demo", "--size-mib", "3"]);
+    assert_eq!(v["failed"], 0, "{v:#}");
+    assert!(v["passed"].as_u64().expect("n") >= 10, "{v:#}");
+}
+
+fn age_cli() -> Option<PathBuf> {
+    let p = Path::new("/usr/bin/age");
+    p.exists().then(|| p.to_path_buf())
+}
+
+/// The encrypted layer is plain age: Debian's Go `age` decrypts it with the
+/// recipient's X25519 identity from the key file.
+#[test]
+fn the_age_cli_decrypts_the_encrypted_layer() {
+    let Some(age) = age_cli() else {
+        assert!(std::env::var_os("CI").is_none(), "the age CLI must be installed in CI (.ci/run does)");
+        eprintln!("skipping: /usr/bin/age not installed (apt-get install age)");
+        return;
+    };
+    let env = Env::pair();
+    env.ok("alice", &["seal", "--to", "bob", "-o", "m.sp", "-"]);
+    let sealed = std::fs::read(env.path("m.sp")).expect("read");
+    std::fs::write(env.path("payload.age"), &sealed[13..]).expect("write");
+    let key = std::fs::read_to_string(env.path("bob/identity.key")).expect("key");
+    let age_line = key.lines().find(|l| l.starts_with("AGE-SECRET-KEY-1")).expect("age line");
+    std::fs::write(env.path("bob.agekey"), format!("{age_line}\n")).expect("write");
+    let o = Command::new(age)
+        .args(["-d", "-i", "bob.agekey", "payload.age"])
+        .current_dir(env.dir.path())
+        .output()
+        .expect("age");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(&o.stdout[..5], b"SPMS\x01", "the plaintext starts with the sealpost header");
+    // Header, empty content (stdin was empty) and 104-byte trailer.
+    assert_eq!(o.stdout.len(), 5 + 1 + 16 + 8 + 8 + 1 + 64 + 1 + 64 + 104);
+}

@@ -183,7 +183,8 @@ impl Db {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        row.map(|(n, c, a)| Self::row_to_contact(n, c, a)).transpose()
+        row.map(|(n, c, a)| Self::row_to_contact(n, c, a))
+            .transpose()
     }
 
     pub fn remove_contact(&mut self, name: &str) -> Result<(), AgentError> {
@@ -211,9 +212,17 @@ impl Db {
     /// Records that `id` was delivered; returns false if it already was.
     /// Expired entries are pruned in the same transaction, which keeps the
     /// table bounded without a separate sweeper.
-    pub fn replay_insert(&mut self, id: &MessageId, forget_at: u64, now: u64) -> Result<bool, AgentError> {
+    pub fn replay_insert(
+        &mut self,
+        id: &MessageId,
+        forget_at: u64,
+        now: u64,
+    ) -> Result<bool, AgentError> {
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM replay WHERE forget_at <= ?1", params![to_i64(now)])?;
+        tx.execute(
+            "DELETE FROM replay WHERE forget_at <= ?1",
+            params![to_i64(now)],
+        )?;
         let n = tx.execute(
             "INSERT OR IGNORE INTO replay (id, forget_at) VALUES (?1, ?2)",
             params![id.0.to_vec(), to_i64(forget_at)],

@@ -52,7 +52,10 @@ pub fn replace_durable(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 /// Creates a directory (and parents) with mode 0700 if missing.
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     if !dir.exists() {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
         sync_dir(parent_of(dir))?;
     }
     Ok(())

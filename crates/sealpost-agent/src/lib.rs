@@ -25,8 +25,8 @@ use sealpost_proto::codec::DecodeError;
 use sealpost_proto::manifest::{BlobId, FileManifest};
 use sealpost_proto::message::{self, OpenLimits};
 use sealpost_proto::{
-    CardError, CardFields, ContactCard, Fingerprint, FreshnessPolicy, Identity, Kind,
-    MessageId, OpenError, OpenedMessage, PublicIdentity, SealRequest, SealSummary,
+    CardError, CardFields, ContactCard, Fingerprint, FreshnessPolicy, Identity, Kind, MessageId,
+    OpenError, OpenedMessage, PublicIdentity, SealRequest, SealSummary,
 };
 
 pub use contacts::{AddOutcome, Contact, Db};
@@ -301,7 +301,8 @@ impl Agent {
             .map_err(io_err("creating a temporary file in", spool_dir))?;
         let opened = {
             let mut w = io::BufWriter::with_capacity(256 * 1024, tmp.as_file_mut());
-            let opened = message::open_stream(&self.identity, input, &mut w, OpenLimits::default())?;
+            let opened =
+                message::open_stream(&self.identity, input, &mut w, OpenLimits::default())?;
             w.flush().map_err(io_err("writing", spool_dir))?;
             opened
         };
@@ -450,7 +451,9 @@ impl Agent {
             )?;
             w.flush().map_err(io_err("writing", dest_dir))?;
         }
-        tmp.as_file().sync_all().map_err(io_err("syncing", dest_dir))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(io_err("syncing", dest_dir))?;
         tmp.persist_noclobber(&dest)
             .map_err(|e| io_err("writing", &dest)(e.error))?;
         fsutil::sync_dir(dest_dir).map_err(io_err("syncing", dest_dir))?;

@@ -16,9 +16,17 @@ fn init_creates_a_private_key_file_and_never_overwrites() {
     let dir = tempfile::tempdir().expect("tmp");
     let home = Home::new(dir.path().join("h"));
     let agent = home.init("Alice", &mut rng(1), NOW).expect("init");
-    let mode = std::fs::metadata(home.key_path()).expect("key").permissions().mode() & 0o777;
+    let mode = std::fs::metadata(home.key_path())
+        .expect("key")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
-    let dmode = std::fs::metadata(home.dir()).expect("dir").permissions().mode() & 0o777;
+    let dmode = std::fs::metadata(home.dir())
+        .expect("dir")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(dmode, 0o700);
     let fp = agent.identity().fingerprint();
     assert!(matches!(
@@ -33,8 +41,12 @@ fn a_readable_key_file_is_refused() {
     let dir = tempfile::tempdir().expect("tmp");
     let home = Home::new(dir.path());
     home.init("Alice", &mut rng(1), NOW).expect("init");
-    std::fs::set_permissions(home.key_path(), std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    assert!(matches!(home.load(), Err(AgentError::InsecureKeyFile { .. })));
+    std::fs::set_permissions(home.key_path(), std::fs::Permissions::from_mode(0o644))
+        .expect("chmod");
+    assert!(matches!(
+        home.load(),
+        Err(AgentError::InsecureKeyFile { .. })
+    ));
 }
 
 #[test]
@@ -60,20 +72,28 @@ fn card(seed: u8, name: &str, created_at: u64) -> ContactCard {
 #[test]
 fn contacts_are_pinned() {
     let dir = tempfile::tempdir().expect("tmp");
-    let mut agent = Home::new(dir.path()).init("Me", &mut rng(1), NOW).expect("init");
+    let mut agent = Home::new(dir.path())
+        .init("Me", &mut rng(1), NOW)
+        .expect("init");
     let bob = card(2, "Bob", NOW);
     let db = agent.db_mut();
-    assert_eq!(db.add_contact("bob", &bob, false, NOW).expect("add"), AddOutcome::Added);
+    assert_eq!(
+        db.add_contact("bob", &bob, false, NOW).expect("add"),
+        AddOutcome::Added
+    );
     assert_eq!(
         db.add_contact("bob", &bob, false, NOW).expect("again"),
         AddOutcome::AlreadyPinned { refreshed: false }
     );
     assert_eq!(
-        db.add_contact("bob", &card(2, "Bob", NOW + 10), false, NOW).expect("newer"),
+        db.add_contact("bob", &card(2, "Bob", NOW + 10), false, NOW)
+            .expect("newer"),
         AddOutcome::AlreadyPinned { refreshed: true }
     );
     let mallory = card(3, "Bob", NOW);
-    let err = db.add_contact("bob", &mallory, false, NOW).expect_err("key change");
+    let err = db
+        .add_contact("bob", &mallory, false, NOW)
+        .expect_err("key change");
     assert!(matches!(err, AgentError::KeyChanged { .. }));
     assert!(err.to_string().contains("--replace"));
     assert!(matches!(
@@ -87,21 +107,37 @@ fn contacts_are_pinned() {
     assert_eq!(db.contact("bob").expect("get").card, mallory);
     assert_eq!(db.contacts().expect("list").len(), 1);
     db.remove_contact("bob").expect("remove");
-    assert!(matches!(db.contact("bob"), Err(AgentError::UnknownContact(_))));
+    assert!(matches!(
+        db.contact("bob"),
+        Err(AgentError::UnknownContact(_))
+    ));
     assert!(db.remove_contact("bob").is_err());
 }
 
 #[test]
 fn receive_checks_sender_freshness_and_replay_persistently() {
     let dir = tempfile::tempdir().expect("tmp");
-    let mut alice = Home::new(dir.path().join("a")).init("Alice", &mut rng(1), NOW).expect("a");
+    let mut alice = Home::new(dir.path().join("a"))
+        .init("Alice", &mut rng(1), NOW)
+        .expect("a");
     let bob_home = Home::new(dir.path().join("b"));
     let mut bob = bob_home.init("Bob", &mut rng(2), NOW).expect("b");
-    alice.db_mut().add_contact("bob", bob.card(), false, NOW).expect("add");
+    alice
+        .db_mut()
+        .add_contact("bob", bob.card(), false, NOW)
+        .expect("add");
     let to = alice.recipients(&["bob".into()]).expect("recipients");
     let mut sealed = std::io::Cursor::new(Vec::new());
     alice
-        .seal(&to, Kind::Message, 3600, NOW, &mut rng(3), &b"hello"[..], &mut sealed)
+        .seal(
+            &to,
+            Kind::Message,
+            3600,
+            NOW,
+            &mut rng(3),
+            &b"hello"[..],
+            &mut sealed,
+        )
         .expect("seal");
     let sealed = sealed.into_inner();
     let spool = dir.path();
@@ -113,7 +149,9 @@ fn receive_checks_sender_freshness_and_replay_persistently() {
         }
         other => panic!("{other:?}"),
     }
-    bob.db_mut().add_contact("alice", alice.card(), false, NOW).expect("pin");
+    bob.db_mut()
+        .add_contact("alice", alice.card(), false, NOW)
+        .expect("pin");
     let r = bob.receive(&sealed[..], spool, NOW + 1).expect("receives");
     assert_eq!(std::fs::read(r.content.path()).expect("content"), b"hello");
     assert_eq!(r.sender.name, "alice");
@@ -135,13 +173,20 @@ fn receive_checks_sender_freshness_and_replay_persistently() {
     let mut bob = bob;
     let far = NOW + 10 * 3600;
     let other = sealpost_proto::MessageId([9; 16]);
-    assert!(bob.db_mut().replay_insert(&other, far + 100, far).expect("insert"));
+    assert!(bob
+        .db_mut()
+        .replay_insert(&other, far + 100, far)
+        .expect("insert"));
     assert_eq!(bob.db().replay_len().expect("len"), 1);
     // No temporary files are left behind by refused messages.
     let leftovers: Vec<_> = std::fs::read_dir(spool)
         .expect("ls")
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".sealpost-open-"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".sealpost-open-")
+        })
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }

@@ -246,14 +246,10 @@ pub fn open_blob<R: Read, W: Write>(
     let mut buf = Vec::with_capacity(layout.chunk_size as usize + TAG_LEN as usize);
     for i in 0..layout.chunk_count() {
         let want = layout.sealed_len(i);
-        fill(&mut input, &mut buf, want as usize)
-            .map_err(OpenError::io("reading the blob"))?;
+        fill(&mut input, &mut buf, want as usize).map_err(OpenError::io("reading the blob"))?;
         if (buf.len() as u64) < want {
             return Err(OpenError::Truncated {
-                detail: format!(
-                    "the blob ends inside chunk {i} of {}",
-                    layout.chunk_count()
-                ),
+                detail: format!("the blob ends inside chunk {i} of {}", layout.chunk_count()),
             });
         }
         open_chunk(key, layout, i, &mut buf)?;
@@ -266,7 +262,9 @@ pub fn open_blob<R: Read, W: Write>(
         match input.read(&mut extra) {
             Ok(0) => break,
             Ok(_) => {
-                return Err(OpenError::Malformed(DecodeError::TrailingBytes { count: 1 }))
+                return Err(OpenError::Malformed(DecodeError::TrailingBytes {
+                    count: 1,
+                }))
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(OpenError::io("reading the blob")(e)),
@@ -314,7 +312,9 @@ mod tests {
         let mut c = blob[off..off + s.layout.sealed_len(1) as usize].to_vec();
         assert!(matches!(
             open_chunk(&key, &s.layout, 0, &mut c),
-            Err(OpenError::Tampered { at: TamperedAt::Chunk(0) })
+            Err(OpenError::Tampered {
+                at: TamperedAt::Chunk(0)
+            })
         ));
     }
 }

@@ -141,7 +141,8 @@ impl ContactCard {
         let name = codec::read_short_text(&mut r, "name", MAX_NAME_BYTES)?;
         let relay = if r.flag("relay flag")? {
             let len = r.u8("relay address")? as usize;
-            let address = codec::read_text_of_len(&mut r, len, "relay address", MAX_RELAY_ADDR_BYTES)?;
+            let address =
+                codec::read_text_of_len(&mut r, len, "relay address", MAX_RELAY_ADDR_BYTES)?;
             validate_relay_address(&address)?;
             let key_hash = r.array::<32>("relay key hash")?;
             Some(RelayPin { address, key_hash })
@@ -152,6 +153,7 @@ impl ContactCard {
         let signature = r.array::<64>("signature")?;
         r.finish()?;
         let public = PublicIdentity::from_bytes(&signing, &agreement)?;
+        public.check_agreement_key()?;
         if !public.verify(context::CARD, &bytes[..signed_len], &signature) {
             return Err(CardError::BadSignature);
         }
@@ -275,7 +277,10 @@ mod tests {
                 created_at: 0,
                 relay: None,
             };
-            assert!(ContactCard::create(&id, fields).is_err(), "{bad:?} accepted");
+            assert!(
+                ContactCard::create(&id, fields).is_err(),
+                "{bad:?} accepted"
+            );
         }
     }
 }

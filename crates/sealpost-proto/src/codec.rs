@@ -20,7 +20,10 @@ pub enum DecodeError {
     /// The structure is of a version this implementation does not know.
     UnsupportedVersion { what: &'static str, version: u8 },
     /// A field has a value the format does not allow.
-    Invalid { what: &'static str, why: &'static str },
+    Invalid {
+        what: &'static str,
+        why: &'static str,
+    },
     /// The input is larger than the format's bound.
     TooLarge { what: &'static str, max: usize },
 }
@@ -32,7 +35,10 @@ impl fmt::Display for DecodeError {
             Self::TrailingBytes { count } => write!(f, "{count} unexpected bytes after the end"),
             Self::BadMagic { expected } => write!(f, "not a {expected} (wrong magic bytes)"),
             Self::UnsupportedVersion { what, version } => {
-                write!(f, "{what} version {version} is not supported by this sealpost")
+                write!(
+                    f,
+                    "{what} version {version} is not supported by this sealpost"
+                )
             }
             Self::Invalid { what, why } => write!(f, "invalid {what}: {why}"),
             Self::TooLarge { what, max } => write!(f, "{what} is larger than {max} bytes"),

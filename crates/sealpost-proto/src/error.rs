@@ -49,7 +49,9 @@ pub enum OpenError {
     NotForMe(NotForMeReason),
     #[error("malformed: {0}")]
     Malformed(DecodeError),
-    #[error("{what} version {version} is not supported by this version of sealpost; upgrade sealpost")]
+    #[error(
+        "{what} version {version} is not supported by this version of sealpost; upgrade sealpost"
+    )]
     UnsupportedVersion { what: &'static str, version: u8 },
     #[error("the sender's signature does not verify: the message was forged or altered by its sender's software")]
     BadSignature,

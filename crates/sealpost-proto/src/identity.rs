@@ -73,8 +73,9 @@ impl fmt::Debug for PublicIdentity {
 }
 
 impl PublicIdentity {
-    /// Checks both keys: the signing key must be a valid, non-weak Ed25519
-    /// point and the agreement key must not be a low-order X25519 point.
+    /// Checks the signing key: a valid, non-weak Ed25519 point. Cheap
+    /// enough for every message header; [`PublicIdentity::check_agreement_key`]
+    /// is the costlier check made once, when a card is imported.
     pub fn from_bytes(signing: &[u8; 32], agreement: &[u8; 32]) -> Result<Self, DecodeError> {
         let signing = VerifyingKey::from_bytes(signing).map_err(|_| DecodeError::Invalid {
             what: "signing key",
@@ -86,16 +87,23 @@ impl PublicIdentity {
                 why: "a weak (small-order) Ed25519 key",
             });
         }
-        if is_low_order_x25519(agreement) {
+        Ok(Self {
+            signing,
+            agreement: *agreement,
+        })
+    }
+
+    /// Refuses a low-order X25519 agreement key, with which no secret
+    /// could be agreed. age refuses such keys when encrypting too; checking
+    /// at card import finds the problem before anyone writes.
+    pub fn check_agreement_key(&self) -> Result<(), DecodeError> {
+        if is_low_order_x25519(&self.agreement) {
             return Err(DecodeError::Invalid {
                 what: "agreement key",
                 why: "a low-order X25519 point",
             });
         }
-        Ok(Self {
-            signing,
-            agreement: *agreement,
-        })
+        Ok(())
     }
 
     pub fn signing_key(&self) -> &VerifyingKey {
@@ -174,12 +182,17 @@ pub struct Identity {
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Identity({}, secret keys hidden)", self.public.fingerprint())
+        write!(
+            f,
+            "Identity({}, secret keys hidden)",
+            self.public.fingerprint()
+        )
     }
 }
 
 /// The first line of a secret key file.
-pub const SECRET_FILE_HEADER: &str = "# sealpost identity v1: SECRET keys. Never share or copy this file.";
+pub const SECRET_FILE_HEADER: &str =
+    "# sealpost identity v1: SECRET keys. Never share or copy this file.";
 const SIGNING_LINE_PREFIX: &str = "sealpost-signing-key-v1 ";
 /// Secret key files are tiny; anything larger is not one.
 pub const MAX_SECRET_FILE_BYTES: usize = 1024;
@@ -271,12 +284,13 @@ impl Identity {
                 continue;
             }
             if let Some(b64) = line.strip_prefix(SIGNING_LINE_PREFIX) {
-                let bytes = Zeroizing::new(data_encoding::BASE64.decode(b64.as_bytes()).map_err(
-                    |_| DecodeError::Invalid {
-                        what: "signing key line",
-                        why: "not base64",
-                    },
-                )?);
+                let bytes =
+                    Zeroizing::new(data_encoding::BASE64.decode(b64.as_bytes()).map_err(|_| {
+                        DecodeError::Invalid {
+                            what: "signing key line",
+                            why: "not base64",
+                        }
+                    })?);
                 let arr: [u8; 32] =
                     bytes
                         .as_slice()
@@ -366,10 +380,11 @@ mod tests {
         let mut one = [0u8; 32];
         one[0] = 1;
         assert!(PublicIdentity::from_bytes(id.public().signing_bytes(), &one).is_err());
-        assert!(
-            PublicIdentity::from_bytes(id.public().signing_bytes(), id.public().agreement_bytes())
-                .is_ok()
-        );
+        assert!(PublicIdentity::from_bytes(
+            id.public().signing_bytes(),
+            id.public().agreement_bytes()
+        )
+        .is_ok());
     }
 
     #[test]

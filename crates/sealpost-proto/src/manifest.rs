@@ -80,7 +80,12 @@ pub fn validate_file_name(name: &str) -> Result<(), DecodeError> {
 }
 
 impl FileManifest {
-    pub fn new(blob_id: BlobId, key: BlobKey, summary: &BlobSummary, name: String) -> Result<Self, DecodeError> {
+    pub fn new(
+        blob_id: BlobId,
+        key: BlobKey,
+        summary: &BlobSummary,
+        name: String,
+    ) -> Result<Self, DecodeError> {
         validate_file_name(&name)?;
         Ok(Self {
             blob_id,

@@ -14,10 +14,10 @@
 //! header bytes, the content length and its BLAKE3. The container's length
 //! lets a reader tell a cut-short copy from a tampered one.
 
+use std::cell::Cell;
 use std::fmt;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::rc::Rc;
-use std::cell::Cell;
 
 use rand_core::CryptoRngCore;
 
@@ -58,7 +58,9 @@ impl MessageId {
 
     /// Parses the 32-character lowercase hex form.
     pub fn parse_hex(s: &str) -> Option<Self> {
-        let v = data_encoding::HEXLOWER_PERMISSIVE.decode(s.as_bytes()).ok()?;
+        let v = data_encoding::HEXLOWER_PERMISSIVE
+            .decode(s.as_bytes())
+            .ok()?;
         Some(Self(v.try_into().ok()?))
     }
 }
@@ -349,7 +351,9 @@ pub fn seal_stream<R: Read, W: Write + Seek>(
 
     out.seek(SeekFrom::Start(start + 5))?;
     out.write_all(&payload_len.to_be_bytes())?;
-    out.seek(SeekFrom::Start(start + CONTAINER_HEADER_LEN as u64 + payload_len))?;
+    out.seek(SeekFrom::Start(
+        start + CONTAINER_HEADER_LEN as u64 + payload_len,
+    ))?;
     out.flush()?;
     Ok(SealSummary {
         id: req.id,
@@ -410,7 +414,9 @@ impl<R: Read> Read for ExactReader<R> {
         if self.remaining == 0 || buf.is_empty() {
             return Ok(0);
         }
-        let want = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
+        let want = buf
+            .len()
+            .min(self.remaining.min(usize::MAX as u64) as usize);
         let n = self.inner.read(&mut buf[..want])?;
         if n == 0 {
             self.cut_short.set(true);
@@ -560,13 +566,51 @@ pub fn open_stream<R: Read, W: Write>(
         pos: 0,
     };
 
-    let (header, header_bytes) = match MessageHeader::read_from(&mut plain) {
+    let classify = |e: io::Error, pos: u64| classify_stream_error(e, cut_short.get(), pos);
+    let (header, content_len, hash) = verify_plaintext(me, &mut plain, &mut out, classify)?;
+
+    // age stopped at its final chunk; anything after it in the container is
+    // not part of the message.
+    drop(plain);
+    let mut extra = [0u8; 1];
+    match exact.inner.read(&mut extra) {
+        Ok(0) => {}
+        Ok(_) => {
+            return Err(OpenError::Malformed(DecodeError::TrailingBytes {
+                count: 1,
+            }))
+        }
+        Err(e) => return Err(OpenError::io("reading the sealed message")(e)),
+    }
+    if exact.remaining != 0 {
+        return Err(OpenError::Malformed(DecodeError::TrailingBytes {
+            count: exact.remaining.min(usize::MAX as u64) as usize,
+        }));
+    }
+    Ok(OpenedMessage {
+        header,
+        content_len,
+        content_hash: hash,
+        sealed_len,
+    })
+}
+
+/// Reads and verifies a decrypted plaintext (header, content, trailer),
+/// streaming the content to `out`. `classify` turns a read error at a
+/// plaintext position into the failure it means.
+fn verify_plaintext<R: Read, W: Write>(
+    me: &Identity,
+    plain: &mut Plain<R>,
+    out: &mut W,
+    classify: impl Fn(io::Error, u64) -> OpenError,
+) -> Result<(MessageHeader, u64, blake3::Hash), OpenError> {
+    let (header, header_bytes) = match MessageHeader::read_from(plain) {
         Ok(h) => h,
         Err(ReadFailure::Decode(e)) => return Err(e.into()),
         Err(ReadFailure::Eof(what)) => {
             return Err(OpenError::Malformed(DecodeError::Truncated { what }))
         }
-        Err(ReadFailure::Io(e)) => return Err(classify_stream_error(e, cut_short.get(), plain.pos)),
+        Err(ReadFailure::Io(e)) => return Err(classify(e, plain.pos)),
     };
 
     // Stream the content, holding back the last TRAILER_LEN bytes: the end
@@ -580,7 +624,7 @@ pub fn open_stream<R: Read, W: Write>(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(classify_stream_error(e, cut_short.get(), plain.pos)),
+            Err(e) => return Err(classify(e, plain.pos)),
         };
         filled += n;
         if filled == buf.len() {
@@ -606,20 +650,6 @@ pub fn open_stream<R: Read, W: Write>(
         .map_err(OpenError::io("writing the opened content"))?;
     content_len += emit as u64;
 
-    // age stopped at its final chunk; anything after it in the container is
-    // not part of the message.
-    let mut extra = [0u8; 1];
-    match exact.inner.read(&mut extra) {
-        Ok(0) => {}
-        Ok(_) => return Err(OpenError::Malformed(DecodeError::TrailingBytes { count: 1 })),
-        Err(e) => return Err(OpenError::io("reading the sealed message")(e)),
-    }
-    if exact.remaining != 0 {
-        return Err(OpenError::Malformed(DecodeError::TrailingBytes {
-            count: exact.remaining.min(usize::MAX as u64) as usize,
-        }));
-    }
-
     let mut tr = Reader::new(&buf[emit..filled]);
     let stated_len = tr.u64("content length")?;
     let stated_hash: [u8; 32] = tr.array("content hash")?;
@@ -642,12 +672,7 @@ pub fn open_stream<R: Read, W: Write>(
     if !header.recipients.contains(me.public()) {
         return Err(OpenError::NotForMe(NotForMeReason::NotInSignedRecipients));
     }
-    Ok(OpenedMessage {
-        header,
-        content_len,
-        content_hash: hash,
-        sealed_len,
-    })
+    Ok((header, content_len, hash))
 }
 
 fn classify_age_error(e: age::DecryptError, cut_short: bool) -> OpenError {
@@ -750,10 +775,29 @@ pub mod testing {
         out
     }
 
+    /// Runs the plaintext checks (format, signature, recipient binding) on
+    /// a decrypted plaintext held in memory: the fuzz target for everything
+    /// behind the age layer, which random input could never reach.
+    pub fn open_plaintext(
+        me: &Identity,
+        plaintext: &[u8],
+    ) -> Result<(MessageHeader, Vec<u8>), OpenError> {
+        let mut plain = Plain {
+            inner: plaintext,
+            pos: 0,
+        };
+        let mut out = Vec::new();
+        let (header, _, _) = verify_plaintext(me, &mut plain, &mut out, |e, _| {
+            OpenError::io("reading the plaintext")(e)
+        })?;
+        Ok((header, out))
+    }
+
     /// Encrypts any plaintext to the recipients with age and wraps it in a
     /// container.
     pub fn seal_plaintext(recipients: &[PublicIdentity], plaintext: &[u8]) -> Vec<u8> {
-        let rs: Vec<age::x25519::Recipient> = recipients.iter().map(|r| r.age_recipient()).collect();
+        let rs: Vec<age::x25519::Recipient> =
+            recipients.iter().map(|r| r.age_recipient()).collect();
         let enc = age::Encryptor::with_recipients(rs.iter().map(|r| r as &dyn age::Recipient))
             .unwrap_or_else(|e| unreachable!("x25519 recipients: {e}"));
         let mut payload = Vec::new();

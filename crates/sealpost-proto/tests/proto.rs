@@ -238,7 +238,9 @@ fn freshness_and_replay_decisions() {
     ));
     let mut cache = ReplayCache::new();
     let until = policy.remember_until(m.header.expires_at);
-    cache.check_and_insert(m.header.id, until).expect("first time");
+    cache
+        .check_and_insert(m.header.id, until)
+        .expect("first time");
     assert!(matches!(
         cache.check_and_insert(m.header.id, until),
         Err(OpenError::Replayed { .. })
@@ -302,7 +304,11 @@ fn blob_round_trips_at_the_interesting_sizes() {
         let (key, data, s) = blob_of(&content, cs);
         assert_eq!(data.len() as u64, s.layout.blob_len());
         assert_eq!(s.blob_hash, blake3::hash(&data));
-        assert_eq!(open_blob(&key, &s, &data).expect("opens"), content, "size {size}");
+        assert_eq!(
+            open_blob(&key, &s, &data).expect("opens"),
+            content,
+            "size {size}"
+        );
     }
 }
 
@@ -330,7 +336,10 @@ fn blob_truncation_swap_duplication_and_extension_are_caught() {
     let boundaries = (1..5).flat_map(|i| i * 4112 - 2..i * 4112 + 2);
     for n in (0..data.len()).step_by(13).chain(boundaries) {
         assert!(
-            matches!(open_blob(&key, &s, &data[..n]), Err(OpenError::Truncated { .. })),
+            matches!(
+                open_blob(&key, &s, &data[..n]),
+                Err(OpenError::Truncated { .. })
+            ),
             "cut at {n}"
         );
     }
@@ -372,8 +381,15 @@ fn manifest_round_trip_inside_a_sealed_message() {
     let content = content_of(100_000);
     let key = BlobKey::random(&mut rng);
     let mut blob_bytes = Vec::new();
-    let s = blob::seal_blob(&key, blob::DEFAULT_CHUNK_SIZE, &content[..], &mut blob_bytes).expect("blob");
-    let m = FileManifest::new(BlobId::random(&mut rng), key.clone(), &s, "data.bin".into()).expect("manifest");
+    let s = blob::seal_blob(
+        &key,
+        blob::DEFAULT_CHUNK_SIZE,
+        &content[..],
+        &mut blob_bytes,
+    )
+    .expect("blob");
+    let m = FileManifest::new(BlobId::random(&mut rng), key.clone(), &s, "data.bin".into())
+        .expect("manifest");
     let to = [*b.public()];
     let mut r = req(&to, 9);
     r.kind = Kind::FileManifest;
@@ -383,7 +399,14 @@ fn manifest_round_trip_inside_a_sealed_message() {
     let back = FileManifest::decode(&bytes).expect("decodes");
     assert_eq!(back, m);
     let mut out = Vec::new();
-    blob::open_blob(&back.key, &back.layout, &back.plaintext_hash, &blob_bytes[..], &mut out).expect("blob opens");
+    blob::open_blob(
+        &back.key,
+        &back.layout,
+        &back.plaintext_hash,
+        &blob_bytes[..],
+        &mut out,
+    )
+    .expect("blob opens");
     assert_eq!(out, content);
     let enc = m.encode();
     for n in 0..enc.len() {

@@ -64,7 +64,11 @@ fn refused(e: ReceiveError) -> String {
     }
 }
 
-fn receive(agent: &Agent, sealed: &Path, spool: &Path) -> Result<sealpost_agent::Received, ReceiveError> {
+fn receive(
+    agent: &Agent,
+    sealed: &Path,
+    spool: &Path,
+) -> Result<sealpost_agent::Received, ReceiveError> {
     let f = File::open(sealed).map_err(|e| {
         ReceiveError::Open(OpenError::Io {
             context: "reading the demo file",
@@ -76,7 +80,15 @@ fn receive(agent: &Agent, sealed: &Path, spool: &Path) -> Result<sealpost_agent:
 
 fn seal_text(from: &Agent, to: &[PublicIdentity], text: &[u8], path: &Path) -> anyhow::Result<()> {
     let f = File::create(path)?;
-    from.seal(to, Kind::Message, 3600, now(), &mut OsRng, text, BufWriter::new(f))?;
+    from.seal(
+        to,
+        Kind::Message,
+        3600,
+        now(),
+        &mut OsRng,
+        text,
+        BufWriter::new(f),
+    )?;
     Ok(())
 }
 
@@ -104,14 +116,26 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     let mallory = Home::new(d.join("mallory")).init("Mallory", &mut OsRng, now())?;
     demo.say("1. Identities: each is an Ed25519 signing key and an X25519 (age) encryption key.");
     for a in [&alice, &bob, &carol, &mallory] {
-        demo.say(&format!("     {:<8} {}", a.card().name(), a.identity().fingerprint()));
+        demo.say(&format!(
+            "     {:<8} {}",
+            a.card().name(),
+            a.identity().fingerprint()
+        ));
     }
-    let (alice_card, bob_card, mallory_card) =
-        (alice.card().clone(), bob.card().clone(), mallory.card().clone());
+    let (alice_card, bob_card, mallory_card) = (
+        alice.card().clone(),
+        bob.card().clone(),
+        mallory.card().clone(),
+    );
     alice.db_mut().add_contact("bob", &bob_card, false, now())?;
-    alice.db_mut().add_contact("carol", &carol.card().clone(), false, now())?;
-    bob.db_mut().add_contact("alice", &alice_card, false, now())?;
-    carol.db_mut().add_contact("alice", &alice_card, false, now())?;
+    alice
+        .db_mut()
+        .add_contact("carol", &carol.card().clone(), false, now())?;
+    bob.db_mut()
+        .add_contact("alice", &alice_card, false, now())?;
+    carol
+        .db_mut()
+        .add_contact("alice", &alice_card, false, now())?;
     carol.db_mut().add_contact("bob", &bob_card, false, now())?;
     demo.say("2. Contacts: Alice and Bob exchange cards and pin each other's keys.");
     let impostor = mallory_card.clone();
@@ -208,9 +232,11 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     let bad_blob = d.join("archive.tampered.blob");
     fs::copy(&blob_path, &bad_blob).context("copy")?;
     let chunk = manifest.layout.chunk_count() / 2;
-    flip_bit(&bad_blob, manifest.layout.offset(chunk) + manifest.layout.sealed_len(chunk) / 2)?;
-    let got = File::open(&bad_blob)
-        .context("open")?;
+    flip_bit(
+        &bad_blob,
+        manifest.layout.offset(chunk) + manifest.layout.sealed_len(chunk) / 2,
+    )?;
+    let got = File::open(&bad_blob).context("open")?;
     let got = bob
         .receive_file(&manifest_msg, got, &downloads)
         .map(|_| "accepted".to_string())
@@ -224,7 +250,13 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     // Then the intact blob.
     let t = Instant::now();
     let result = File::open(&blob_path)
-        .map_err(|e| OpenError::Io { context: "reading the blob", source: e }.into())
+        .map_err(|e| {
+            OpenError::Io {
+                context: "reading the blob",
+                source: e,
+            }
+            .into()
+        })
         .and_then(|f| bob.receive_file(&manifest_msg, f, &downloads));
     let open_s = t.elapsed().as_secs_f64();
     match result {
@@ -258,7 +290,9 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     demo.check(
         "one bit flipped in the sealed message",
         "tampered",
-        receive(&bob, &bad_msg, &inbox).map(|_| "accepted".into()).map_err(refused),
+        receive(&bob, &bad_msg, &inbox)
+            .map(|_| "accepted".into())
+            .map_err(refused),
     );
     // Cut short.
     let cut = d.join("message.cut.sealed");
@@ -267,29 +301,41 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     demo.check(
         "the sealed message cut short by 40 bytes",
         "truncated",
-        receive(&bob, &cut, &inbox).map(|_| "accepted".into()).map_err(refused),
+        receive(&bob, &cut, &inbox)
+            .map(|_| "accepted".into())
+            .map_err(refused),
     );
     // Someone else.
     demo.check(
         "Carol tries to open Bob's message",
         "not-for-me",
-        receive(&carol, &msg, &inbox).map(|_| "accepted".into()).map_err(refused),
+        receive(&carol, &msg, &inbox)
+            .map(|_| "accepted".into())
+            .map_err(refused),
     );
     // Surreptitious forwarding: Bob re-encrypts Alice's signed plaintext to Carol.
     let plain = testing::decrypt_plaintext(bob.identity(), &bytes)
         .ok_or_else(|| anyhow!("bob cannot decrypt the demo message"))?;
     let fwd = d.join("message.forwarded.sealed");
-    fs::write(&fwd, testing::seal_plaintext(&[*carol.card().public()], &plain)).context("write")?;
+    fs::write(
+        &fwd,
+        testing::seal_plaintext(&[*carol.card().public()], &plain),
+    )
+    .context("write")?;
     demo.check(
         "Bob re-encrypts Alice's signed message to Carol, to make it look as if Alice wrote to her",
         "forwarded",
-        receive(&carol, &fwd, &inbox).map(|_| "accepted".into()).map_err(refused),
+        receive(&carol, &fwd, &inbox)
+            .map(|_| "accepted".into())
+            .map_err(refused),
     );
     // Replay.
     demo.check(
         "the same message delivered to Bob a second time",
         "replayed",
-        receive(&bob, &msg, &inbox).map(|_| "accepted".into()).map_err(refused),
+        receive(&bob, &msg, &inbox)
+            .map(|_| "accepted".into())
+            .map_err(refused),
     );
     // Stale.
     let stale = d.join("message.stale.sealed");
@@ -303,13 +349,16 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
             in_reply_to: None,
             recipients: &to_bob,
         };
-        let v = message::seal_to_vec(alice.identity(), &req, b"old news").map_err(|e| anyhow!("{e}"))?;
+        let v = message::seal_to_vec(alice.identity(), &req, b"old news")
+            .map_err(|e| anyhow!("{e}"))?;
         fs::write(&stale, v).context("write")?;
     }
     demo.check(
         "a message that expired an hour ago",
         "expired",
-        receive(&bob, &stale, &inbox).map(|_| "accepted".into()).map_err(refused),
+        receive(&bob, &stale, &inbox)
+            .map(|_| "accepted".into())
+            .map_err(refused),
     );
     // Unknown sender.
     let from_mallory = d.join("message.mallory.sealed");
@@ -317,7 +366,9 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     demo.check(
         "Mallory (not a contact) writes to Bob",
         "unknown-sender",
-        receive(&bob, &from_mallory, &inbox).map(|_| "accepted".into()).map_err(refused),
+        receive(&bob, &from_mallory, &inbox)
+            .map(|_| "accepted".into())
+            .map_err(refused),
     );
 
     finish(demo, out)

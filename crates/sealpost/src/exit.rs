@@ -46,7 +46,8 @@ impl Failure {
     pub fn report(self, out: &Out) -> ExitCode {
         if let Some(e) = &self.error {
             if out.json() {
-                let v = json!({"error": format!("{e:#}"), "class": self.class, "exit_code": self.code});
+                let v =
+                    json!({"error": format!("{e:#}"), "class": self.class, "exit_code": self.code});
                 eprintln!("{v}");
             } else {
                 eprintln!("sealpost: {e:#}");

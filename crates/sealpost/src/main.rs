@@ -232,7 +232,10 @@ fn id(agent: &Agent, out: &Out) -> Result<(), Failure> {
 
 /// Reads a card given as text, as a file (text or binary form), or on stdin.
 fn read_card(arg: &str) -> Result<ContactCard, Failure> {
-    if arg.trim_start().starts_with(sealpost_proto::card::TEXT_PREFIX) {
+    if arg
+        .trim_start()
+        .starts_with(sealpost_proto::card::TEXT_PREFIX)
+    {
         return Ok(ContactCard::from_text(arg).map_err(sealpost_agent::AgentError::from)?);
     }
     let mut bytes = Vec::new();
@@ -244,7 +247,11 @@ fn read_card(arg: &str) -> Result<ContactCard, Failure> {
     }
     .with_context(|| format!("cannot read the card from {arg}"))?;
     let card = match std::str::from_utf8(&bytes) {
-        Ok(text) if text.trim_start().starts_with(sealpost_proto::card::TEXT_PREFIX) => {
+        Ok(text)
+            if text
+                .trim_start()
+                .starts_with(sealpost_proto::card::TEXT_PREFIX) =>
+        {
             ContactCard::from_text(text)
         }
         _ => ContactCard::decode(&bytes),
@@ -386,12 +393,22 @@ fn seal(agent: &Agent, args: SealArgs, out: &Out) -> Result<(), Failure> {
     let summary = {
         let w = BufWriter::with_capacity(256 * 1024, tmp.as_file_mut());
         agent
-            .seal(&recipients, Kind::Message, args.expires.as_secs(), when, &mut OsRng, input, w)
+            .seal(
+                &recipients,
+                Kind::Message,
+                args.expires.as_secs(),
+                when,
+                &mut OsRng,
+                input,
+                w,
+            )
             .context("sealing failed")?
     };
     match &args.output {
         Some(path) => {
-            tmp.as_file().sync_all().context("cannot sync the sealed file")?;
+            tmp.as_file()
+                .sync_all()
+                .context("cannot sync the sealed file")?;
             tmp.persist(path)
                 .map_err(|e| anyhow!("cannot write {}: {}", path.display(), e.error))?;
             sealpost_agent::fsutil::sync_dir(dir_of(path)).context("cannot sync the directory")?;
@@ -399,7 +416,9 @@ fn seal(agent: &Agent, args: SealArgs, out: &Out) -> Result<(), Failure> {
         None => {
             let mut f = File::open(tmp.path()).context("cannot reread the sealed message")?;
             let mut stdout = io::stdout().lock();
-            io::copy(&mut f, &mut stdout).and_then(|_| stdout.flush()).map_err(output::stdout_error)?;
+            io::copy(&mut f, &mut stdout)
+                .and_then(|_| stdout.flush())
+                .map_err(output::stdout_error)?;
         }
     }
     let report = json!({
@@ -439,7 +458,9 @@ fn open(agent: &mut Agent, args: OpenArgs, out: &Out) -> Result<(), Failure> {
         None => {
             let mut f = File::open(received.content.path()).context("cannot reread the content")?;
             let mut stdout = io::stdout().lock();
-            io::copy(&mut f, &mut stdout).and_then(|_| stdout.flush()).map_err(output::stdout_error)?;
+            io::copy(&mut f, &mut stdout)
+                .and_then(|_| stdout.flush())
+                .map_err(output::stdout_error)?;
         }
     }
     agent.mark_delivered(&received.opened, when)?;

@@ -59,7 +59,9 @@ pub fn stdout_error(e: io::Error) -> Failure {
     if e.kind() == io::ErrorKind::BrokenPipe {
         Failure::closed_pipe()
     } else {
-        anyhow::Error::new(e).context("cannot write to stdout").into()
+        anyhow::Error::new(e)
+            .context("cannot write to stdout")
+            .into()
     }
 }
 

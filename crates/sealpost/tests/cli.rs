@@ -23,7 +23,9 @@ impl Env {
 
     fn cmd(&self, home: &str) -> Command {
         let mut c = Command::new(cargo_bin("sealpost"));
-        c.arg("--home").arg(self.path(home)).current_dir(self.dir.path());
+        c.arg("--home")
+            .arg(self.path(home))
+            .current_dir(self.dir.path());
         c.env_remove("SEALPOST_HOME");
         c
     }
@@ -68,8 +70,14 @@ impl Env {
         let env = Self::new();
         env.ok("alice", &["init", "--name", "Alice"]);
         env.ok("bob", &["init", "--name", "Bob"]);
-        let bob_card = env.json("bob", &["id"])["card"].as_str().expect("card").to_owned();
-        let alice_card = env.json("alice", &["id"])["card"].as_str().expect("card").to_owned();
+        let bob_card = env.json("bob", &["id"])["card"]
+            .as_str()
+            .expect("card")
+            .to_owned();
+        let alice_card = env.json("alice", &["id"])["card"]
+            .as_str()
+            .expect("card")
+            .to_owned();
         env.ok("alice", &["contact", "add", &bob_card, "--name", "bob"]);
         std::fs::write(env.path("alice.card"), alice_card + "\n").expect("write");
         env.ok("bob", &["contact", "add", "alice.card", "--name", "alice"]);
@@ -89,7 +97,10 @@ fn seal_and_open_through_files_and_pipes() {
     assert!(err.contains("From alice"), "{err}");
 
     std::fs::write(env.path("note.txt"), b"a note").expect("write");
-    let j = env.json("alice", &["seal", "--to", "bob", "-o", "note.sp", "note.txt"]);
+    let j = env.json(
+        "alice",
+        &["seal", "--to", "bob", "-o", "note.sp", "note.txt"],
+    );
     assert_eq!(j["content_len"], 6);
     let j = env.json("bob", &["open", "-o", "note.out", "note.sp"]);
     assert_eq!(j["from"], "alice");
@@ -108,7 +119,10 @@ fn each_failure_class_has_its_exit_code_and_writes_nothing() {
     let try_open = |name: &str, bytes: &[u8], home: &str| -> (i32, String) {
         std::fs::write(env.path(name), bytes).expect("write");
         let (code, _, err) = env.run(home, &["--json", "open", "-o", "out.bin", name], b"");
-        assert!(!env.path("out.bin").exists(), "{name}: output written despite failure");
+        assert!(
+            !env.path("out.bin").exists(),
+            "{name}: output written despite failure"
+        );
         let v: Value = serde_json::from_str(err.trim()).unwrap_or_else(|_| panic!("{name}: {err}"));
         assert_eq!(v["exit_code"], code);
         (code, v["class"].as_str().unwrap_or("").to_owned())
@@ -117,33 +131,61 @@ fn each_failure_class_has_its_exit_code_and_writes_nothing() {
     let mut flipped = sealed.clone();
     let mid = flipped.len() / 2;
     flipped[mid] ^= 1;
-    assert_eq!(try_open("flipped.sp", &flipped, "bob"), (15, "tampered".into()));
+    assert_eq!(
+        try_open("flipped.sp", &flipped, "bob"),
+        (15, "tampered".into())
+    );
     assert_eq!(
         try_open("cut.sp", &sealed[..sealed.len() - 1000], "bob"),
         (16, "truncated".into())
     );
-    assert_eq!(try_open("garbage.sp", b"not a sealed message", "bob"), (11, "malformed".into()));
+    assert_eq!(
+        try_open("garbage.sp", b"not a sealed message", "bob"),
+        (11, "malformed".into())
+    );
     let mut v2 = sealed.clone();
     v2[4] = 2;
-    assert_eq!(try_open("v2.sp", &v2, "bob"), (12, "unsupported-version".into()));
-    assert_eq!(try_open("carol.sp", &sealed, "carol"), (10, "not-for-me".into()));
+    assert_eq!(
+        try_open("v2.sp", &v2, "bob"),
+        (12, "unsupported-version".into())
+    );
+    assert_eq!(
+        try_open("carol.sp", &sealed, "carol"),
+        (10, "not-for-me".into())
+    );
     // Bob does not know Carol.
     env.ok("carol", &["contact", "add", "alice.card"]);
-    let bob_card = env.json("bob", &["id"])["card"].as_str().expect("c").to_owned();
+    let bob_card = env.json("bob", &["id"])["card"]
+        .as_str()
+        .expect("c")
+        .to_owned();
     env.ok("carol", &["contact", "add", &bob_card]);
-    env.ok("carol", &["seal", "--to", "Bob", "-o", "from-carol.sp", "m.txt"]);
+    env.ok(
+        "carol",
+        &["seal", "--to", "Bob", "-o", "from-carol.sp", "m.txt"],
+    );
     let from_carol = std::fs::read(env.path("from-carol.sp")).expect("read");
-    assert_eq!(try_open("from-carol.sp", &from_carol, "bob"), (14, "unknown-sender".into()));
+    assert_eq!(
+        try_open("from-carol.sp", &from_carol, "bob"),
+        (14, "unknown-sender".into())
+    );
 
     // The intact message opens once, then is a replay.
     env.ok("bob", &["open", "-o", "first.bin", "m.sp"]);
-    assert_eq!(try_open("again.sp", &sealed, "bob"), (19, "replayed".into()));
+    assert_eq!(
+        try_open("again.sp", &sealed, "bob"),
+        (19, "replayed".into())
+    );
 }
 
 #[test]
 fn an_expired_message_is_refused() {
     let env = Env::pair();
-    let (code, sealed, err) = env.run("alice", &["seal", "--to", "bob", "--expires", "1s"], b"soon stale");
+    let (code, sealed, err) = env.run(
+        "alice",
+        &["seal", "--to", "bob", "--expires", "1s"],
+        b"soon stale",
+    );
     assert_eq!(code, 0, "{err}");
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let (code, out, err) = env.run("bob", &["open"], &sealed);
@@ -156,10 +198,20 @@ fn an_expired_message_is_refused() {
 fn contacts_are_pinned_and_key_changes_refused() {
     let env = Env::pair();
     env.ok("mallory", &["init", "--name", "Bob"]);
-    let mallory_card = env.json("mallory", &["id"])["card"].as_str().expect("c").to_owned();
-    let (code, _, err) = env.run("alice", &["contact", "add", &mallory_card, "--name", "bob"], b"");
+    let mallory_card = env.json("mallory", &["id"])["card"]
+        .as_str()
+        .expect("c")
+        .to_owned();
+    let (code, _, err) = env.run(
+        "alice",
+        &["contact", "add", &mallory_card, "--name", "bob"],
+        b"",
+    );
     assert_eq!(code, 3);
-    assert!(err.contains("--replace") && err.contains("impersonating"), "{err}");
+    assert!(
+        err.contains("--replace") && err.contains("impersonating"),
+        "{err}"
+    );
     // A corrupted card is refused as such.
     let mut bad = mallory_card.clone();
     bad.replace_range(40..41, if &bad[40..41] == "A" { "B" } else { "A" });
@@ -169,7 +221,17 @@ fn contacts_are_pinned_and_key_changes_refused() {
     assert_eq!(list.as_array().map(Vec::len), Some(1));
     let bob_fp = list[0]["fingerprint"].as_str().expect("fp").to_owned();
     assert_eq!(env.json("bob", &["id"])["fingerprint"], bob_fp.as_str());
-    let j = env.json("alice", &["contact", "add", &mallory_card, "--name", "bob", "--replace"]);
+    let j = env.json(
+        "alice",
+        &[
+            "contact",
+            "add",
+            &mallory_card,
+            "--name",
+            "bob",
+            "--replace",
+        ],
+    );
     assert_eq!(j["outcome"], "replaced");
     let j = env.json("alice", &["contact", "show", "bob"]);
     assert_ne!(j["fingerprint"], bob_fp.as_str());
@@ -186,7 +248,10 @@ fn identity_files_are_private_and_never_overwritten() {
     let env = Env::new();
     env.ok("h", &["init"]);
     let key = env.path("h/identity.key");
-    assert_eq!(std::fs::metadata(&key).expect("key").permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).expect("key").permissions().mode() & 0o777,
+        0o600
+    );
     let before = std::fs::read(&key).expect("read");
     let (code, _, err) = env.run("h", &["init"], b"");
     assert_eq!(code, 3, "{err}");
@@ -210,8 +275,18 @@ fn a_closed_pipe_is_a_clean_exit() {
         cargo_bin("sealpost").display(),
         env.path("bob").display()
     );
-    let o = Command::new("bash").arg("-c").arg(sh).current_dir(env.dir.path()).output().expect("bash");
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "0", "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg(sh)
+        .current_dir(env.dir.path())
+        .output()
+        .expect("bash");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "0",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
 }
 
@@ -233,7 +308,10 @@ fn age_cli() -> Option<PathBuf> {
 #[test]
 fn the_age_cli_decrypts_the_encrypted_layer() {
     let Some(age) = age_cli() else {
-        assert!(std::env::var_os("CI").is_none(), "the age CLI must be installed in CI (.ci/run does)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the age CLI must be installed in CI (.ci/run does)"
+        );
         eprintln!("skipping: /usr/bin/age not installed (apt-get install age)");
         return;
     };
@@ -242,7 +320,10 @@ fn the_age_cli_decrypts_the_encrypted_layer() {
     let sealed = std::fs::read(env.path("m.sp")).expect("read");
     std::fs::write(env.path("payload.age"), &sealed[13..]).expect("write");
     let key = std::fs::read_to_string(env.path("bob/identity.key")).expect("key");
-    let age_line = key.lines().find(|l| l.starts_with("AGE-SECRET-KEY-1")).expect("age line");
+    let age_line = key
+        .lines()
+        .find(|l| l.starts_with("AGE-SECRET-KEY-1"))
+        .expect("age line");
     std::fs::write(env.path("bob.agekey"), format!("{age_line}\n")).expect("write");
     let o = Command::new(age)
         .args(["-d", "-i", "bob.agekey", "payload.age"])
@@ -250,7 +331,11 @@ fn the_age_cli_decrypts_the_encrypted_layer() {
         .output()
         .expect("age");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(&o.stdout[..5], b"SPMS\x01", "the plaintext starts with the sealpost header");
+    assert_eq!(
+        &o.stdout[..5],
+        b"SPMS\x01",
+        "the plaintext starts with the sealpost header"
+    );
     // Header, empty content (stdin was empty) and 104-byte trailer.
     assert_eq!(o.stdout.len(), 5 + 1 + 16 + 8 + 8 + 1 + 64 + 1 + 64 + 104);
 }

@@ -88,8 +88,8 @@ fn deterministic() -> Value {
     let file: Vec<u8> = (0..10_000u32).map(|i| (i % 256) as u8).collect();
     let mut blob_bytes = Vec::new();
     let s = blob::seal_blob(&key, 4096, &file[..], &mut blob_bytes).expect("blob");
-    let manifest = FileManifest::new(BlobId([0x88; 16]), key, &s, "numbers.bin".into())
-        .expect("manifest");
+    let manifest =
+        FileManifest::new(BlobId([0x88; 16]), key, &s, "numbers.bin".into()).expect("manifest");
     json!({
         "identities": [identity_json("alice", &a, 0x11, 0x22), identity_json("bob", &b, 0x33, 0x44), identity_json("carol", &c, 0x55, 0x66)],
         "cards": [
@@ -153,7 +153,9 @@ fn classify(r: &Result<(OpenedMessage, Vec<u8>), OpenError>) -> String {
         Ok(_) => "ok".into(),
         Err(OpenError::NotForMe(NotForMeReason::NoMatchingKey)) => "not-for-me".into(),
         Err(OpenError::NotForMe(NotForMeReason::NotInSignedRecipients)) => "forwarded".into(),
-        Err(OpenError::Tampered { at: TamperedAt::Chunk(i) }) => format!("tampered-chunk-{i}"),
+        Err(OpenError::Tampered {
+            at: TamperedAt::Chunk(i),
+        }) => format!("tampered-chunk-{i}"),
         Err(OpenError::Truncated { .. }) => "truncated".into(),
         Err(OpenError::BadSignature) => "bad-signature".into(),
         Err(e) => format!("other: {e}"),
@@ -170,10 +172,15 @@ fn test_vectors_match() {
         std::fs::write(&det_path, pretty(&deterministic())).expect("write");
         std::fs::write(&sealed_path, pretty(&sealed_cases())).expect("write");
     }
-    let committed: Value =
-        serde_json::from_str(&std::fs::read_to_string(&det_path).expect("testvectors/vectors.json"))
-            .expect("json");
-    assert_eq!(committed, deterministic(), "the code no longer produces testvectors/vectors.json");
+    let committed: Value = serde_json::from_str(
+        &std::fs::read_to_string(&det_path).expect("testvectors/vectors.json"),
+    )
+    .expect("json");
+    assert_eq!(
+        committed,
+        deterministic(),
+        "the code no longer produces testvectors/vectors.json"
+    );
 
     // Cards parse from their text and bytes and carry the stated fields.
     for c in committed["cards"].as_array().expect("cards") {
@@ -183,31 +190,54 @@ fn test_vectors_match() {
     }
     // Identities: secret files parse to the stated public keys.
     for i in committed["identities"].as_array().expect("ids") {
-        let id = Identity::from_secret_file(i["secret_file"].as_str().expect("s").as_bytes()).expect("parses");
-        assert_eq!(id.public().signing_bytes().to_vec(), unh(&i["signing_public"]));
-        assert_eq!(id.fingerprint().to_string(), i["fingerprint"].as_str().expect("fp"));
+        let id = Identity::from_secret_file(i["secret_file"].as_str().expect("s").as_bytes())
+            .expect("parses");
+        assert_eq!(
+            id.public().signing_bytes().to_vec(),
+            unh(&i["signing_public"])
+        );
+        assert_eq!(
+            id.fingerprint().to_string(),
+            i["fingerprint"].as_str().expect("fp")
+        );
     }
     // The blob opens with the stated key to the stated plaintext.
     let b = &committed["blob"];
     let m = FileManifest::decode(&unh(&b["manifest"])).expect("manifest");
     let mut out = Vec::new();
-    blob::open_blob(&m.key, &m.layout, &m.plaintext_hash, &unh(&b["blob"])[..], &mut out).expect("blob");
+    blob::open_blob(
+        &m.key,
+        &m.layout,
+        &m.plaintext_hash,
+        &unh(&b["blob"])[..],
+        &mut out,
+    )
+    .expect("blob");
     assert_eq!(out, unh(&b["plaintext"]));
 
     // Sealed cases open (or fail) as stated.
-    let cases: Value =
-        serde_json::from_str(&std::fs::read_to_string(&sealed_path).expect("testvectors/sealed.json"))
-            .expect("json");
+    let cases: Value = serde_json::from_str(
+        &std::fs::read_to_string(&sealed_path).expect("testvectors/sealed.json"),
+    )
+    .expect("json");
     let expected_plain = unh(&committed["message_plaintext"]["plaintext"]);
     for case in cases.as_array().expect("cases") {
         let me = who(case["recipient"].as_str().expect("recipient"));
         let sealed = unh(&case["sealed"]);
         let r = message::open_slice(&me, &sealed, 1 << 20);
-        assert_eq!(classify(&r), case["expect"].as_str().expect("expect"), "{}", case["description"]);
+        assert_eq!(
+            classify(&r),
+            case["expect"].as_str().expect("expect"),
+            "{}",
+            case["description"]
+        );
         if let Ok((m, content)) = r {
             assert_eq!(content, CONTENT);
             assert_eq!(m.header, vector_header());
-            assert_eq!(testing::decrypt_plaintext(&me, &sealed).expect("age"), expected_plain);
+            assert_eq!(
+                testing::decrypt_plaintext(&me, &sealed).expect("age"),
+                expected_plain
+            );
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod card;
 pub mod codec;
 pub mod error;
 pub mod freshness;
+mod hashing;
 pub mod identity;
 pub mod manifest;
 pub mod message;

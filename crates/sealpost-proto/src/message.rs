@@ -23,6 +23,7 @@ use rand_core::CryptoRngCore;
 
 use crate::codec::{DecodeError, Reader};
 use crate::error::{NotForMeReason, OpenError, SealError, TamperedAt};
+use crate::hashing::StreamHasher;
 use crate::identity::{context, Identity, PublicIdentity};
 
 const CONTAINER_MAGIC: &[u8; 4] = b"SPSL";
@@ -42,6 +43,8 @@ pub const TRAILER_LEN: usize = 104;
 /// age encrypts its payload in 64 KiB chunks; the chunk index reported for
 /// tampering counts these.
 pub const AGE_CHUNK_SIZE: u64 = 64 * 1024;
+/// First read size; short messages never touch more memory than this.
+const SMALL_BUF: usize = 16 * 1024;
 /// The longest possible header: fixed fields plus 32 recipients.
 pub const MAX_HEADER_LEN: usize = 5 + 1 + 16 + 8 + 8 + 1 + 16 + 64 + 1 + 64 * MAX_RECIPIENTS;
 
@@ -116,6 +119,31 @@ impl Kind {
     }
 }
 
+/// A recipient as the signed header names it: both public keys, as bytes.
+/// They are only compared with the opener's own keys, never used to verify
+/// anything, so they are not decoded (that would cost a field inversion
+/// per recipient per message).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RecipientKeys {
+    pub signing: [u8; 32],
+    pub agreement: [u8; 32],
+}
+
+impl RecipientKeys {
+    pub fn is(&self, who: &PublicIdentity) -> bool {
+        self.signing == *who.signing_bytes() && self.agreement == *who.agreement_bytes()
+    }
+}
+
+impl From<&PublicIdentity> for RecipientKeys {
+    fn from(p: &PublicIdentity) -> Self {
+        Self {
+            signing: *p.signing_bytes(),
+            agreement: *p.agreement_bytes(),
+        }
+    }
+}
+
 /// The signed header, as the recipient sees it after verification.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MessageHeader {
@@ -127,7 +155,7 @@ pub struct MessageHeader {
     pub expires_at: u64,
     pub in_reply_to: Option<MessageId>,
     pub sender: PublicIdentity,
-    pub recipients: Vec<PublicIdentity>,
+    pub recipients: Vec<RecipientKeys>,
 }
 
 impl MessageHeader {
@@ -171,8 +199,8 @@ impl MessageHeader {
         out.extend_from_slice(self.sender.agreement_bytes());
         out.push(self.recipients.len() as u8);
         for r in &self.recipients {
-            out.extend_from_slice(r.signing_bytes());
-            out.extend_from_slice(r.agreement_bytes());
+            out.extend_from_slice(&r.signing);
+            out.extend_from_slice(&r.agreement);
         }
         out
     }
@@ -215,7 +243,10 @@ impl MessageHeader {
         let mut rd = Reader::new(&raw[fixed..]);
         let mut recipients = Vec::with_capacity(n);
         for _ in 0..n {
-            recipients.push(read_public(&mut rd)?);
+            recipients.push(RecipientKeys {
+                signing: rd.array("recipient signing key")?,
+                agreement: rd.array("recipient agreement key")?,
+            });
         }
         let header = Self {
             kind,
@@ -302,7 +333,7 @@ pub fn seal_stream<R: Read, W: Write + Seek>(
         expires_at: req.expires_at,
         in_reply_to: req.in_reply_to,
         sender: *sender.public(),
-        recipients: req.recipients.to_vec(),
+        recipients: req.recipients.iter().map(RecipientKeys::from).collect(),
     };
     header.validate().map_err(SealError::InvalidRequest)?;
     let header_bytes = header.encode();
@@ -324,9 +355,9 @@ pub fn seal_stream<R: Read, W: Write + Seek>(
     let mut w = encryptor.wrap_output(counting)?;
     w.write_all(&header_bytes)?;
 
-    let mut hasher = blake3::Hasher::new();
+    let mut hasher = StreamHasher::new();
     let mut content_len = 0u64;
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; SMALL_BUF];
     loop {
         let n = match content.read(&mut buf) {
             Ok(0) => break,
@@ -334,9 +365,9 @@ pub fn seal_stream<R: Read, W: Write + Seek>(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         };
-        hasher.update(&buf[..n]);
         w.write_all(&buf[..n])?;
         content_len += n as u64;
+        buf = hasher.update(buf, n);
     }
     let hash = hasher.finalize();
     let signature = sender.sign(
@@ -551,13 +582,12 @@ pub fn open_stream<R: Read, W: Write>(
         remaining: payload_len,
         cut_short: cut_short.clone(),
     };
-    let decryptor = match age::Decryptor::new_buffered(BufReader::with_capacity(
-        AGE_CHUNK_SIZE as usize + 16,
-        &mut exact,
-    )) {
-        Ok(d) => d,
-        Err(e) => return Err(classify_age_error(e, cut_short.get())),
-    };
+    let read_buf = payload_len.clamp(64, AGE_CHUNK_SIZE + 16) as usize;
+    let decryptor =
+        match age::Decryptor::new_buffered(BufReader::with_capacity(read_buf, &mut exact)) {
+            Ok(d) => d,
+            Err(e) => return Err(classify_age_error(e, cut_short.get())),
+        };
     let stream = decryptor
         .decrypt(std::iter::once(me.age_identity() as &dyn age::Identity))
         .map_err(|e| classify_age_error(e, cut_short.get()))?;
@@ -615,9 +645,9 @@ fn verify_plaintext<R: Read, W: Write>(
 
     // Stream the content, holding back the last TRAILER_LEN bytes: the end
     // of the plaintext is only known when age reports it.
-    let mut hasher = blake3::Hasher::new();
+    let mut hasher = StreamHasher::new();
     let mut content_len = 0u64;
-    let mut buf = vec![0u8; AGE_CHUNK_SIZE as usize + TRAILER_LEN];
+    let mut buf = vec![0u8; SMALL_BUF + TRAILER_LEN];
     let mut filled = 0usize;
     loop {
         let n = match plain.read(&mut buf[filled..]) {
@@ -629,11 +659,13 @@ fn verify_plaintext<R: Read, W: Write>(
         filled += n;
         if filled == buf.len() {
             let emit = filled - TRAILER_LEN;
-            hasher.update(&buf[..emit]);
             out.write_all(&buf[..emit])
                 .map_err(OpenError::io("writing the opened content"))?;
             content_len += emit as u64;
-            buf.copy_within(emit..filled, 0);
+            let mut tail = [0u8; TRAILER_LEN];
+            tail.copy_from_slice(&buf[emit..filled]);
+            buf = hasher.update(buf, emit);
+            buf[..TRAILER_LEN].copy_from_slice(&tail);
             filled = TRAILER_LEN;
         }
     }
@@ -643,18 +675,21 @@ fn verify_plaintext<R: Read, W: Write>(
         }));
     }
     let emit = filled - TRAILER_LEN;
-    hasher.update(&buf[..emit]);
     out.write_all(&buf[..emit])
         .map_err(OpenError::io("writing the opened content"))?;
     out.flush()
         .map_err(OpenError::io("writing the opened content"))?;
     content_len += emit as u64;
+    let mut trailer = [0u8; TRAILER_LEN];
+    trailer.copy_from_slice(&buf[emit..filled]);
+    let buf = hasher.update(buf, emit);
+    drop(buf);
+    let hash = hasher.finalize();
 
-    let mut tr = Reader::new(&buf[emit..filled]);
+    let mut tr = Reader::new(&trailer);
     let stated_len = tr.u64("content length")?;
     let stated_hash: [u8; 32] = tr.array("content hash")?;
     let signature: [u8; 64] = tr.array("signature")?;
-    let hash = hasher.finalize();
     if !header.sender.verify(
         context::MESSAGE,
         &signed_bytes(&header_bytes, stated_len, &stated_hash),
@@ -669,7 +704,7 @@ fn verify_plaintext<R: Read, W: Write>(
             why: "does not match the signed length and hash",
         }));
     }
-    if !header.recipients.contains(me.public()) {
+    if !header.recipients.iter().any(|r| r.is(me.public())) {
         return Err(OpenError::NotForMe(NotForMeReason::NotInSignedRecipients));
     }
     Ok((header, content_len, hash))

@@ -57,6 +57,8 @@ fn round_trips_at_the_interesting_sizes() {
         c - header_len - 104 + 1,
         2 * c - header_len - 104,
         3 * 1024 * 1024 + 17,
+        // Past the point where hashing moves to its own thread.
+        9 * 1024 * 1024 + 5,
     ];
     for size in sizes {
         let content = content_of(size);
@@ -215,6 +217,21 @@ fn swapped_and_duplicated_chunks_are_named() {
         open(&b, &fixed),
         Err(OpenError::Tampered {
             at: TamperedAt::Chunk(2)
+        })
+    ));
+}
+
+#[test]
+fn tampering_deep_in_a_long_message_is_named() {
+    let (a, b) = (ident(1), ident(2));
+    let mut sealed = seal(&a, &[*b.public()], &content_of(12 << 20));
+    let chunk = 150; // about 9.4 MiB in: hashing runs on its own thread there
+    let r = age_chunk_range(&sealed, chunk);
+    sealed[r.start + 7] ^= 0x10;
+    assert!(matches!(
+        open(&b, &sealed),
+        Err(OpenError::Tampered {
+            at: TamperedAt::Chunk(150)
         })
     ));
 }

@@ -51,7 +51,7 @@ fn vector_header() -> MessageHeader {
         expires_at: 1_750_604_800,
         in_reply_to: Some(MessageId([0xee; 16])),
         sender: *alice().public(),
-        recipients: vec![*bob().public()],
+        recipients: vec![bob().public().into()],
     }
 }
 

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 /// Hash inline until this many bytes have gone by.
 const THREAD_AFTER: u64 = 4 << 20;
 /// Buffer size once threaded: large enough to make channel hand-offs rare.
-pub(crate) const BIG_BUF: usize = 256 << 10;
+pub(crate) const BIG_BUF: usize = 1 << 20;
 /// Buffers in flight between the caller and the hashing thread.
 const BUFFERS: usize = 4;
 

@@ -10,7 +10,15 @@ fuzz_target!(|data: &[u8]| {
     }
     let size = u64::from_be_bytes(data[..8].try_into().unwrap_or([0; 8])) % (1 << 20);
     let chunk = 1u32 << (12 + data[8] % 4);
-    let Ok(layout) = BlobLayout::new(size, chunk) else { return };
+    let Ok(layout) = BlobLayout::new(size, chunk) else {
+        return;
+    };
     let key = BlobKey([0x77; 32]);
-    let _ = blob::open_blob(&key, &layout, &blake3::Hash::from_bytes([0; 32]), &data[9..], std::io::sink());
+    let _ = blob::open_blob(
+        &key,
+        &layout,
+        &blake3::Hash::from_bytes([0; 32]),
+        &data[9..],
+        std::io::sink(),
+    );
 });

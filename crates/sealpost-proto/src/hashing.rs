@@ -25,7 +25,8 @@ pub(crate) struct StreamHasher {
 #[derive(Debug)]
 enum State {
     Inline {
-        hasher: blake3::Hasher,
+        // Boxed: a BLAKE3 hasher is about 2 KB, the threaded state tiny.
+        hasher: Box<blake3::Hasher>,
         seen: u64,
     },
     Threaded {
@@ -40,7 +41,7 @@ impl StreamHasher {
     pub(crate) fn new() -> Self {
         Self {
             state: State::Inline {
-                hasher: blake3::Hasher::new(),
+                hasher: Box::default(),
                 seen: 0,
             },
         }
@@ -54,7 +55,7 @@ impl StreamHasher {
                 hasher.update(&buf[..len]);
                 *seen += len as u64;
                 if *seen >= THREAD_AFTER {
-                    let hasher = std::mem::take(hasher);
+                    let hasher = std::mem::take(&mut **hasher);
                     return self.start_thread(hasher, buf);
                 }
                 buf
@@ -112,7 +113,7 @@ impl StreamHasher {
             // and try again after another THREAD_AFTER bytes.
             Err(_) => {
                 self.state = State::Inline {
-                    hasher: backup,
+                    hasher: Box::new(backup),
                     seen: 0,
                 };
                 buf

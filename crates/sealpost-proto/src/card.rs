@@ -54,9 +54,9 @@ pub struct ContactCard {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CardError {
-    #[error("malformed contact card: {0}")]
+    #[error("not a valid contact card ({0}); it may have been cut or mangled when copied: ask its owner to send the card again (`sealpost id` prints it)")]
     Malformed(#[from] DecodeError),
-    #[error("the contact card's signature does not match its key: it was altered or forged")]
+    #[error("the contact card's signature does not match its key: it was altered after its owner made it, or forged; ask its owner for the card again through another channel")]
     BadSignature,
 }
 

@@ -78,6 +78,14 @@ fn receive(
     agent.receive(BufReader::new(f), spool, now())
 }
 
+/// A delivery attempt whose outcome is a check: "accepted", or the class
+/// and message of the refusal.
+fn attempt(agent: &Agent, sealed: &Path, spool: &Path) -> Result<String, String> {
+    receive(agent, sealed, spool)
+        .map(|_| "accepted".into())
+        .map_err(refused)
+}
+
 fn seal_text(from: &Agent, to: &[PublicIdentity], text: &[u8], path: &Path) -> anyhow::Result<()> {
     let f = File::create(path)?;
     from.seal(
@@ -290,9 +298,7 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     demo.check(
         "one bit flipped in the sealed message",
         "tampered",
-        receive(&bob, &bad_msg, &inbox)
-            .map(|_| "accepted".into())
-            .map_err(refused),
+        attempt(&bob, &bad_msg, &inbox),
     );
     // Cut short.
     let cut = d.join("message.cut.sealed");
@@ -301,17 +307,13 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     demo.check(
         "the sealed message cut short by 40 bytes",
         "truncated",
-        receive(&bob, &cut, &inbox)
-            .map(|_| "accepted".into())
-            .map_err(refused),
+        attempt(&bob, &cut, &inbox),
     );
     // Someone else.
     demo.check(
         "Carol tries to open Bob's message",
         "not-for-me",
-        receive(&carol, &msg, &inbox)
-            .map(|_| "accepted".into())
-            .map_err(refused),
+        attempt(&carol, &msg, &inbox),
     );
     // Surreptitious forwarding: Bob re-encrypts Alice's signed plaintext to Carol.
     let plain = testing::decrypt_plaintext(bob.identity(), &bytes)
@@ -325,17 +327,13 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     demo.check(
         "Bob re-encrypts Alice's signed message to Carol, to make it look as if Alice wrote to her",
         "forwarded",
-        receive(&carol, &fwd, &inbox)
-            .map(|_| "accepted".into())
-            .map_err(refused),
+        attempt(&carol, &fwd, &inbox),
     );
     // Replay.
     demo.check(
         "the same message delivered to Bob a second time",
         "replayed",
-        receive(&bob, &msg, &inbox)
-            .map(|_| "accepted".into())
-            .map_err(refused),
+        attempt(&bob, &msg, &inbox),
     );
     // Stale.
     let stale = d.join("message.stale.sealed");
@@ -356,9 +354,7 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     demo.check(
         "a message that expired an hour ago",
         "expired",
-        receive(&bob, &stale, &inbox)
-            .map(|_| "accepted".into())
-            .map_err(refused),
+        attempt(&bob, &stale, &inbox),
     );
     // Unknown sender.
     let from_mallory = d.join("message.mallory.sealed");
@@ -366,9 +362,7 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     demo.check(
         "Mallory (not a contact) writes to Bob",
         "unknown-sender",
-        receive(&bob, &from_mallory, &inbox)
-            .map(|_| "accepted".into())
-            .map_err(refused),
+        attempt(&bob, &from_mallory, &inbox),
     );
 
     finish(demo, out)

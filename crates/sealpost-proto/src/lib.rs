@@ -16,6 +16,7 @@ mod hashing;
 pub mod identity;
 pub mod manifest;
 pub mod message;
+pub mod relay;
 
 pub use card::{CardError, CardFields, ContactCard, RelayPin};
 pub use error::{NotForMeReason, OpenError, SealError, TamperedAt};

@@ -1,0 +1,969 @@
+//! The relay protocol: frames exchanged over TLS 1.3 between an agent and a
+//! relay. Pure encode/decode; the relay and the agent do the I/O.
+//!
+//! ```text
+//! frame = len:u32 type:u8 request_id:u32 body      (len counts type..body)
+//! ```
+//!
+//! Requests carry an id the response repeats, so a client can pipeline
+//! many requests on one connection. Pushes from the relay (a new item in a
+//! subscribed mailbox) use request id 0. See `docs/PROTOCOL.md` §7.
+
+use crate::codec::{DecodeError, Reader};
+
+/// Protocol version spoken in `Hello`.
+pub const VERSION: u8 = 1;
+/// The ALPN protocol id on the TLS connection.
+pub const ALPN: &[u8] = b"sealpost/1";
+/// Largest frame body (type + id + body): a 1 MiB payload plus headers.
+pub const MAX_FRAME: usize = (1 << 20) + 1024;
+/// Largest sealed message a relay takes in one `Submit`. Larger content
+/// travels as a file: a small sealed manifest plus a blob uploaded in pieces.
+pub const MAX_MESSAGE: usize = 1 << 20;
+/// Largest piece of a blob in one `BlobPut` or `BlobData`.
+pub const MAX_BLOB_PIECE: usize = 1 << 20;
+/// Most items returned by one `Fetch` and most ids in one `Ack`.
+pub const MAX_BATCH: usize = 4096;
+/// Longest error or refusal text.
+pub const MAX_TEXT: usize = 1024;
+
+/// A mailbox is named by the hash of its owner's Ed25519 key, so the
+/// relay's database never needs the key to route and a sender can compute
+/// it from a contact card.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MailboxId(pub [u8; 32]);
+
+impl MailboxId {
+    pub fn of(signing_key: &[u8; 32]) -> Self {
+        Self(blake3::derive_key("sealpost v1 mailbox", signing_key))
+    }
+}
+
+impl std::fmt::Display for MailboxId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&data_encoding::HEXLOWER.encode(&self.0[..8]))
+    }
+}
+
+/// Context strings for what an agent or a relay signs on the wire.
+pub mod context {
+    pub const REGISTER: &[u8] = b"sealpost v1 relay register\0";
+    pub const AUTH: &[u8] = b"sealpost v1 relay auth\0";
+    pub const REFUSAL: &[u8] = b"sealpost v1 relay refusal\0";
+}
+
+/// TLS exporter label for the session binding of `Register` and `Auth`
+/// (RFC 8446 §7.5); the exporter context is empty and the length 32.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-sealpost-v1-auth";
+
+/// What an agent signs to prove it holds a mailbox key on this TLS session:
+/// the exporter value is unique to the session, the challenge to the
+/// connection, so a captured signature is useless anywhere else.
+pub fn auth_transcript(exporter: &[u8; 32], challenge: &[u8; 32]) -> [u8; 64] {
+    let mut t = [0u8; 64];
+    t[..32].copy_from_slice(exporter);
+    t[32..].copy_from_slice(challenge);
+    t
+}
+
+/// Why the relay refused a submission. Signed, so a sender can show it and
+/// a forged one (from anyone but the relay) is recognised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefusalCode {
+    UnknownMailbox,
+    OverQuota,
+    TooLarge,
+    Expired,
+    HashMismatch,
+}
+
+impl RefusalCode {
+    pub fn code(self) -> u8 {
+        match self {
+            Self::UnknownMailbox => 1,
+            Self::OverQuota => 2,
+            Self::TooLarge => 3,
+            Self::Expired => 4,
+            Self::HashMismatch => 5,
+        }
+    }
+
+    fn from_code(c: u8) -> Result<Self, DecodeError> {
+        Ok(match c {
+            1 => Self::UnknownMailbox,
+            2 => Self::OverQuota,
+            3 => Self::TooLarge,
+            4 => Self::Expired,
+            5 => Self::HashMismatch,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    what: "refusal code",
+                    why: "unknown code",
+                })
+            }
+        })
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::UnknownMailbox => "no such mailbox on this relay",
+            Self::OverQuota => "the mailbox is over its quota",
+            Self::TooLarge => "larger than this relay accepts",
+            Self::Expired => "already expired",
+            Self::HashMismatch => "the payload does not match its stated BLAKE3",
+        }
+    }
+}
+
+/// A relay's signed refusal of one submission.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub at: u64,
+    pub mailbox: MailboxId,
+    pub payload_hash: [u8; 32],
+    pub signature: [u8; 64],
+}
+
+impl Refusal {
+    /// The bytes the relay signs (after the REFUSAL context).
+    pub fn signed_bytes(
+        code: RefusalCode,
+        at: u64,
+        mailbox: &MailboxId,
+        hash: &[u8; 32],
+    ) -> Vec<u8> {
+        let mut v = Vec::with_capacity(73);
+        v.push(code.code());
+        v.extend_from_slice(&at.to_be_bytes());
+        v.extend_from_slice(&mailbox.0);
+        v.extend_from_slice(hash);
+        v
+    }
+
+    /// Checks the signature against the relay's key.
+    pub fn verify(&self, relay_key: &ed25519_dalek::VerifyingKey) -> bool {
+        let mut m = context::REFUSAL.to_vec();
+        m.extend_from_slice(&Self::signed_bytes(
+            self.code,
+            self.at,
+            &self.mailbox,
+            &self.payload_hash,
+        ));
+        relay_key
+            .verify_strict(&m, &ed25519_dalek::Signature::from_bytes(&self.signature))
+            .is_ok()
+    }
+}
+
+/// One stored item as a fetch returns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    /// Position in the mailbox, strictly increasing; the fetch cursor.
+    pub seq: u64,
+    pub received_at: u64,
+    pub expires_at: u64,
+    pub payload_hash: [u8; 32],
+    pub payload: Vec<u8>,
+}
+
+/// Error codes in `Error` responses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The frame could not be parsed.
+    BadRequest,
+    /// The request needs an authenticated mailbox.
+    NotAuthenticated,
+    /// A signature did not verify.
+    BadSignature,
+    /// The mailbox exists already (Register) or does not (Auth).
+    MailboxState,
+    /// A blob piece does not continue the stored blob; the text says the
+    /// stored offset, which the client resumes from.
+    WrongOffset,
+    NotFound,
+    RateLimited,
+    /// The relay failed internally (storage); retry later.
+    Internal,
+    /// The protocol version is not spoken here.
+    UnsupportedVersion,
+}
+
+impl ErrorCode {
+    pub fn code(self) -> u16 {
+        match self {
+            Self::BadRequest => 1,
+            Self::NotAuthenticated => 2,
+            Self::BadSignature => 3,
+            Self::MailboxState => 4,
+            Self::WrongOffset => 5,
+            Self::NotFound => 6,
+            Self::RateLimited => 7,
+            Self::Internal => 8,
+            Self::UnsupportedVersion => 9,
+        }
+    }
+
+    fn from_code(c: u16) -> Result<Self, DecodeError> {
+        Ok(match c {
+            1 => Self::BadRequest,
+            2 => Self::NotAuthenticated,
+            3 => Self::BadSignature,
+            4 => Self::MailboxState,
+            5 => Self::WrongOffset,
+            6 => Self::NotFound,
+            7 => Self::RateLimited,
+            8 => Self::Internal,
+            9 => Self::UnsupportedVersion,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    what: "error code",
+                    why: "unknown code",
+                })
+            }
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Request {
+    Hello {
+        version: u8,
+    },
+    Register {
+        key: [u8; 32],
+        signature: [u8; 64],
+    },
+    Auth {
+        key: [u8; 32],
+        signature: [u8; 64],
+    },
+    Submit {
+        mailbox: MailboxId,
+        expires_at: u64,
+        payload_hash: [u8; 32],
+        payload: Vec<u8>,
+    },
+    Fetch {
+        after: u64,
+        max: u32,
+    },
+    Subscribe,
+    Ack {
+        seqs: Vec<u64>,
+    },
+    BlobPut {
+        blob_id: [u8; 16],
+        mailbox: MailboxId,
+        total_len: u64,
+        expires_at: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    BlobStatus {
+        blob_id: [u8; 16],
+    },
+    BlobGet {
+        blob_id: [u8; 16],
+        offset: u64,
+        len: u32,
+    },
+    BlobDelete {
+        blob_id: [u8; 16],
+    },
+    Status,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Response {
+    Ok,
+    HelloOk {
+        version: u8,
+        relay_key: [u8; 32],
+        challenge: [u8; 32],
+    },
+    Accepted {
+        item_id: [u8; 16],
+    },
+    Refused(Refusal),
+    Items {
+        items: Vec<Item>,
+        more: bool,
+    },
+    Notify {
+        seq: u64,
+    },
+    Acked {
+        count: u32,
+    },
+    BlobStored {
+        stored: u64,
+        complete: bool,
+    },
+    BlobData {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Status {
+        items: u64,
+        bytes: u64,
+        quota: u64,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// A decoded frame: its request id and content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame<T> {
+    pub id: u32,
+    pub body: T,
+}
+
+fn put_text(out: &mut Vec<u8>, s: &str) {
+    let b = &s.as_bytes()[..s.len().min(MAX_TEXT)];
+    // Cut on a character boundary.
+    let b = match std::str::from_utf8(b) {
+        Ok(_) => b,
+        Err(e) => &b[..e.valid_up_to()],
+    };
+    out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+fn read_text(r: &mut Reader<'_>) -> Result<String, DecodeError> {
+    let len = r.u16("text length")? as usize;
+    if len > MAX_TEXT {
+        return Err(DecodeError::TooLarge {
+            what: "text",
+            max: MAX_TEXT,
+        });
+    }
+    let b = r.take(len, "text")?;
+    let s = std::str::from_utf8(b).map_err(|_| DecodeError::Invalid {
+        what: "text",
+        why: "not UTF-8",
+    })?;
+    // Shown to people: no terminal control characters.
+    Ok(s.chars().filter(|c| !c.is_control()).collect())
+}
+
+fn header(out: &mut Vec<u8>, ty: u8, id: u32) {
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.push(ty);
+    out.extend_from_slice(&id.to_be_bytes());
+}
+
+fn finish_frame(mut out: Vec<u8>) -> Vec<u8> {
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// Reads the length prefix: how many more bytes the frame has. Fails on a
+/// frame longer than `MAX_FRAME`, before any of it is read.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(DecodeError::TooLarge {
+            what: "frame",
+            max: MAX_FRAME,
+        });
+    }
+    if len < 5 {
+        return Err(DecodeError::Truncated {
+            what: "frame header",
+        });
+    }
+    Ok(len)
+}
+
+fn blob_id(r: &mut Reader<'_>) -> Result<[u8; 16], DecodeError> {
+    r.array("blob id")
+}
+
+impl Request {
+    /// Encodes a whole frame, length prefix included.
+    pub fn encode(&self, id: u32) -> Vec<u8> {
+        let mut o = Vec::with_capacity(64);
+        match self {
+            Self::Hello { version } => {
+                header(&mut o, 0x01, id);
+                o.push(*version);
+            }
+            Self::Register { key, signature } => {
+                header(&mut o, 0x02, id);
+                o.extend_from_slice(key);
+                o.extend_from_slice(signature);
+            }
+            Self::Auth { key, signature } => {
+                header(&mut o, 0x03, id);
+                o.extend_from_slice(key);
+                o.extend_from_slice(signature);
+            }
+            Self::Submit {
+                mailbox,
+                expires_at,
+                payload_hash,
+                payload,
+            } => {
+                o.reserve(payload.len() + 80);
+                header(&mut o, 0x04, id);
+                o.extend_from_slice(&mailbox.0);
+                o.extend_from_slice(&expires_at.to_be_bytes());
+                o.extend_from_slice(payload_hash);
+                o.extend_from_slice(payload);
+            }
+            Self::Fetch { after, max } => {
+                header(&mut o, 0x05, id);
+                o.extend_from_slice(&after.to_be_bytes());
+                o.extend_from_slice(&max.to_be_bytes());
+            }
+            Self::Subscribe => header(&mut o, 0x06, id),
+            Self::Ack { seqs } => {
+                header(&mut o, 0x07, id);
+                o.extend_from_slice(&(seqs.len() as u16).to_be_bytes());
+                for s in seqs {
+                    o.extend_from_slice(&s.to_be_bytes());
+                }
+            }
+            Self::BlobPut {
+                blob_id,
+                mailbox,
+                total_len,
+                expires_at,
+                offset,
+                data,
+            } => {
+                o.reserve(data.len() + 90);
+                header(&mut o, 0x08, id);
+                o.extend_from_slice(blob_id);
+                o.extend_from_slice(&mailbox.0);
+                o.extend_from_slice(&total_len.to_be_bytes());
+                o.extend_from_slice(&expires_at.to_be_bytes());
+                o.extend_from_slice(&offset.to_be_bytes());
+                o.extend_from_slice(data);
+            }
+            Self::BlobStatus { blob_id } => {
+                header(&mut o, 0x09, id);
+                o.extend_from_slice(blob_id);
+            }
+            Self::BlobGet {
+                blob_id,
+                offset,
+                len,
+            } => {
+                header(&mut o, 0x0a, id);
+                o.extend_from_slice(blob_id);
+                o.extend_from_slice(&offset.to_be_bytes());
+                o.extend_from_slice(&len.to_be_bytes());
+            }
+            Self::BlobDelete { blob_id } => {
+                header(&mut o, 0x0b, id);
+                o.extend_from_slice(blob_id);
+            }
+            Self::Status => header(&mut o, 0x0c, id),
+        }
+        finish_frame(o)
+    }
+
+    /// Decodes a frame body (after the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Frame<Self>, DecodeError> {
+        if body.len() > MAX_FRAME {
+            return Err(DecodeError::TooLarge {
+                what: "frame",
+                max: MAX_FRAME,
+            });
+        }
+        let mut r = Reader::new(body);
+        let ty = r.u8("frame type")?;
+        let id = r.u32("request id")?;
+        let req = match ty {
+            0x01 => Self::Hello {
+                version: r.u8("version")?,
+            },
+            0x02 => Self::Register {
+                key: r.array("key")?,
+                signature: r.array("signature")?,
+            },
+            0x03 => Self::Auth {
+                key: r.array("key")?,
+                signature: r.array("signature")?,
+            },
+            0x04 => {
+                let mailbox = MailboxId(r.array("mailbox")?);
+                let expires_at = r.u64("expiry")?;
+                let payload_hash = r.array("payload hash")?;
+                let n = r.remaining();
+                if n > MAX_MESSAGE {
+                    return Err(DecodeError::TooLarge {
+                        what: "message",
+                        max: MAX_MESSAGE,
+                    });
+                }
+                Self::Submit {
+                    mailbox,
+                    expires_at,
+                    payload_hash,
+                    payload: r.take(n, "payload")?.to_vec(),
+                }
+            }
+            0x05 => Self::Fetch {
+                after: r.u64("cursor")?,
+                max: r.u32("max")?,
+            },
+            0x06 => Self::Subscribe,
+            0x07 => {
+                let n = r.u16("count")? as usize;
+                if n > MAX_BATCH {
+                    return Err(DecodeError::TooLarge {
+                        what: "ack list",
+                        max: MAX_BATCH,
+                    });
+                }
+                let mut seqs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    seqs.push(r.u64("seq")?);
+                }
+                Self::Ack { seqs }
+            }
+            0x08 => {
+                let blob_id = blob_id(&mut r)?;
+                let mailbox = MailboxId(r.array("mailbox")?);
+                let total_len = r.u64("blob length")?;
+                let expires_at = r.u64("expiry")?;
+                let offset = r.u64("offset")?;
+                let n = r.remaining();
+                if n > MAX_BLOB_PIECE {
+                    return Err(DecodeError::TooLarge {
+                        what: "blob piece",
+                        max: MAX_BLOB_PIECE,
+                    });
+                }
+                Self::BlobPut {
+                    blob_id,
+                    mailbox,
+                    total_len,
+                    expires_at,
+                    offset,
+                    data: r.take(n, "blob piece")?.to_vec(),
+                }
+            }
+            0x09 => Self::BlobStatus {
+                blob_id: blob_id(&mut r)?,
+            },
+            0x0a => Self::BlobGet {
+                blob_id: blob_id(&mut r)?,
+                offset: r.u64("offset")?,
+                len: r.u32("length")?,
+            },
+            0x0b => Self::BlobDelete {
+                blob_id: blob_id(&mut r)?,
+            },
+            0x0c => Self::Status,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    what: "request type",
+                    why: "unknown type",
+                })
+            }
+        };
+        r.finish()?;
+        Ok(Frame { id, body: req })
+    }
+}
+
+impl Response {
+    pub fn encode(&self, id: u32) -> Vec<u8> {
+        let mut o = Vec::with_capacity(64);
+        match self {
+            Self::Ok => header(&mut o, 0x80, id),
+            Self::HelloOk {
+                version,
+                relay_key,
+                challenge,
+            } => {
+                header(&mut o, 0x81, id);
+                o.push(*version);
+                o.extend_from_slice(relay_key);
+                o.extend_from_slice(challenge);
+            }
+            Self::Accepted { item_id } => {
+                header(&mut o, 0x82, id);
+                o.extend_from_slice(item_id);
+            }
+            Self::Refused(f) => {
+                header(&mut o, 0x83, id);
+                o.push(f.code.code());
+                o.extend_from_slice(&f.at.to_be_bytes());
+                o.extend_from_slice(&f.mailbox.0);
+                o.extend_from_slice(&f.payload_hash);
+                o.extend_from_slice(&f.signature);
+            }
+            Self::Items { items, more } => {
+                o.reserve(items.iter().map(|i| i.payload.len() + 60).sum());
+                header(&mut o, 0x84, id);
+                o.push(*more as u8);
+                o.extend_from_slice(&(items.len() as u16).to_be_bytes());
+                for i in items {
+                    o.extend_from_slice(&i.seq.to_be_bytes());
+                    o.extend_from_slice(&i.received_at.to_be_bytes());
+                    o.extend_from_slice(&i.expires_at.to_be_bytes());
+                    o.extend_from_slice(&i.payload_hash);
+                    o.extend_from_slice(&(i.payload.len() as u32).to_be_bytes());
+                    o.extend_from_slice(&i.payload);
+                }
+            }
+            Self::Notify { seq } => {
+                header(&mut o, 0x85, id);
+                o.extend_from_slice(&seq.to_be_bytes());
+            }
+            Self::Acked { count } => {
+                header(&mut o, 0x86, id);
+                o.extend_from_slice(&count.to_be_bytes());
+            }
+            Self::BlobStored { stored, complete } => {
+                header(&mut o, 0x87, id);
+                o.extend_from_slice(&stored.to_be_bytes());
+                o.push(*complete as u8);
+            }
+            Self::BlobData { offset, data } => {
+                o.reserve(data.len() + 20);
+                header(&mut o, 0x88, id);
+                o.extend_from_slice(&offset.to_be_bytes());
+                o.extend_from_slice(data);
+            }
+            Self::Status {
+                items,
+                bytes,
+                quota,
+            } => {
+                header(&mut o, 0x89, id);
+                o.extend_from_slice(&items.to_be_bytes());
+                o.extend_from_slice(&bytes.to_be_bytes());
+                o.extend_from_slice(&quota.to_be_bytes());
+            }
+            Self::Error { code, message } => {
+                header(&mut o, 0x8f, id);
+                o.extend_from_slice(&code.code().to_be_bytes());
+                put_text(&mut o, message);
+            }
+        }
+        finish_frame(o)
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Frame<Self>, DecodeError> {
+        if body.len() > MAX_FRAME {
+            return Err(DecodeError::TooLarge {
+                what: "frame",
+                max: MAX_FRAME,
+            });
+        }
+        let mut r = Reader::new(body);
+        let ty = r.u8("frame type")?;
+        let id = r.u32("request id")?;
+        let resp = match ty {
+            0x80 => Self::Ok,
+            0x81 => Self::HelloOk {
+                version: r.u8("version")?,
+                relay_key: r.array("relay key")?,
+                challenge: r.array("challenge")?,
+            },
+            0x82 => Self::Accepted {
+                item_id: r.array("item id")?,
+            },
+            0x83 => Self::Refused(Refusal {
+                code: RefusalCode::from_code(r.u8("refusal code")?)?,
+                at: r.u64("time")?,
+                mailbox: MailboxId(r.array("mailbox")?),
+                payload_hash: r.array("payload hash")?,
+                signature: r.array("signature")?,
+            }),
+            0x84 => {
+                let more = r.flag("more flag")?;
+                let n = r.u16("count")? as usize;
+                if n > MAX_BATCH {
+                    return Err(DecodeError::TooLarge {
+                        what: "item list",
+                        max: MAX_BATCH,
+                    });
+                }
+                let mut items = Vec::with_capacity(n.min(64));
+                for _ in 0..n {
+                    let seq = r.u64("seq")?;
+                    let received_at = r.u64("time")?;
+                    let expires_at = r.u64("expiry")?;
+                    let payload_hash = r.array("payload hash")?;
+                    let len = r.u32("payload length")? as usize;
+                    if len > MAX_MESSAGE {
+                        return Err(DecodeError::TooLarge {
+                            what: "message",
+                            max: MAX_MESSAGE,
+                        });
+                    }
+                    items.push(Item {
+                        seq,
+                        received_at,
+                        expires_at,
+                        payload_hash,
+                        payload: r.take(len, "payload")?.to_vec(),
+                    });
+                }
+                Self::Items { items, more }
+            }
+            0x85 => Self::Notify { seq: r.u64("seq")? },
+            0x86 => Self::Acked {
+                count: r.u32("count")?,
+            },
+            0x87 => Self::BlobStored {
+                stored: r.u64("stored")?,
+                complete: r.flag("complete flag")?,
+            },
+            0x88 => {
+                let offset = r.u64("offset")?;
+                let n = r.remaining();
+                if n > MAX_BLOB_PIECE {
+                    return Err(DecodeError::TooLarge {
+                        what: "blob piece",
+                        max: MAX_BLOB_PIECE,
+                    });
+                }
+                Self::BlobData {
+                    offset,
+                    data: r.take(n, "blob data")?.to_vec(),
+                }
+            }
+            0x89 => Self::Status {
+                items: r.u64("items")?,
+                bytes: r.u64("bytes")?,
+                quota: r.u64("quota")?,
+            },
+            0x8f => Self::Error {
+                code: ErrorCode::from_code(r.u16("error code")?)?,
+                message: read_text(&mut r)?,
+            },
+            _ => {
+                return Err(DecodeError::Invalid {
+                    what: "response type",
+                    why: "unknown type",
+                })
+            }
+        };
+        r.finish()?;
+        Ok(Frame { id, body: resp })
+    }
+}
+
+/// Splits complete frames off the front of a byte buffer: the sans-IO half
+/// of a connection's reader. Feed it what the socket gave; take frames out.
+#[derive(Debug, Default)]
+pub struct FrameBuffer {
+    buf: Vec<u8>,
+}
+
+impl FrameBuffer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame body, if one has fully arrived. An oversized
+    /// length prefix is an error at once, before its body is buffered.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, DecodeError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = frame_len([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])?;
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let body = self.buf[4..4 + len].to_vec();
+        self.buf.drain(..4 + len);
+        Ok(Some(body))
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn requests() -> Vec<Request> {
+        vec![
+            Request::Hello { version: 1 },
+            Request::Register {
+                key: [1; 32],
+                signature: [2; 64],
+            },
+            Request::Auth {
+                key: [3; 32],
+                signature: [4; 64],
+            },
+            Request::Submit {
+                mailbox: MailboxId([5; 32]),
+                expires_at: 99,
+                payload_hash: [6; 32],
+                payload: vec![7; 300],
+            },
+            Request::Fetch { after: 5, max: 10 },
+            Request::Subscribe,
+            Request::Ack {
+                seqs: vec![1, 2, 3],
+            },
+            Request::BlobPut {
+                blob_id: [8; 16],
+                mailbox: MailboxId([9; 32]),
+                total_len: 1000,
+                expires_at: 77,
+                offset: 10,
+                data: vec![1; 20],
+            },
+            Request::BlobStatus { blob_id: [1; 16] },
+            Request::BlobGet {
+                blob_id: [1; 16],
+                offset: 3,
+                len: 4,
+            },
+            Request::BlobDelete { blob_id: [2; 16] },
+            Request::Status,
+        ]
+    }
+
+    fn responses() -> Vec<Response> {
+        vec![
+            Response::Ok,
+            Response::HelloOk {
+                version: 1,
+                relay_key: [1; 32],
+                challenge: [2; 32],
+            },
+            Response::Accepted { item_id: [3; 16] },
+            Response::Refused(Refusal {
+                code: RefusalCode::OverQuota,
+                at: 5,
+                mailbox: MailboxId([4; 32]),
+                payload_hash: [5; 32],
+                signature: [6; 64],
+            }),
+            Response::Items {
+                items: vec![Item {
+                    seq: 1,
+                    received_at: 2,
+                    expires_at: 3,
+                    payload_hash: [4; 32],
+                    payload: vec![5; 10],
+                }],
+                more: true,
+            },
+            Response::Notify { seq: 9 },
+            Response::Acked { count: 2 },
+            Response::BlobStored {
+                stored: 10,
+                complete: false,
+            },
+            Response::BlobData {
+                offset: 1,
+                data: vec![2; 5],
+            },
+            Response::Status {
+                items: 1,
+                bytes: 2,
+                quota: 3,
+            },
+            Response::Error {
+                code: ErrorCode::WrongOffset,
+                message: "stored 10".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn frames_round_trip_and_every_truncation_fails() {
+        for (i, req) in requests().into_iter().enumerate() {
+            let f = req.encode(i as u32);
+            let len = frame_len(f[..4].try_into().expect("4")).expect("len");
+            assert_eq!(len, f.len() - 4);
+            let back = Request::decode(&f[4..]).expect("decodes");
+            assert_eq!(
+                back,
+                Frame {
+                    id: i as u32,
+                    body: req
+                }
+            );
+            // A cut frame never decodes to the original: fixed fields fail
+            // to parse, and a payload that runs to the end of the frame
+            // comes out shorter (the frame length is what delimits it).
+            for n in 0..f.len() - 4 {
+                let cut = Request::decode(&f[4..4 + n]);
+                assert!(cut.as_ref().map(|c| c.body != back.body).unwrap_or(true));
+            }
+        }
+        for (i, resp) in responses().into_iter().enumerate() {
+            let f = resp.encode(i as u32);
+            let back = Response::decode(&f[4..]).expect("decodes");
+            assert_eq!(
+                back,
+                Frame {
+                    id: i as u32,
+                    body: resp
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn frame_buffer_splits_and_bounds() {
+        let mut fb = FrameBuffer::new();
+        let a = Request::Status.encode(1);
+        let b = Request::Fetch { after: 1, max: 2 }.encode(2);
+        let mut all = a.clone();
+        all.extend_from_slice(&b);
+        for byte in &all[..all.len() - 1] {
+            fb.extend(std::slice::from_ref(byte));
+        }
+        assert_eq!(fb.next_frame().expect("ok").as_deref(), Some(&a[4..]));
+        assert_eq!(fb.next_frame().expect("ok"), None);
+        fb.extend(&all[all.len() - 1..]);
+        assert_eq!(fb.next_frame().expect("ok").as_deref(), Some(&b[4..]));
+        let mut fb = FrameBuffer::new();
+        fb.extend(&(MAX_FRAME as u32 + 1).to_be_bytes());
+        assert!(fb.next_frame().is_err());
+    }
+
+    #[test]
+    fn refusals_verify_only_with_the_relay_key() {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let mb = MailboxId::of(&[1; 32]);
+        let bytes = Refusal::signed_bytes(RefusalCode::TooLarge, 10, &mb, &[2; 32]);
+        let mut m = context::REFUSAL.to_vec();
+        m.extend_from_slice(&bytes);
+        use ed25519_dalek::Signer;
+        let sig = sk.sign(&m).to_bytes();
+        let r = Refusal {
+            code: RefusalCode::TooLarge,
+            at: 10,
+            mailbox: mb,
+            payload_hash: [2; 32],
+            signature: sig,
+        };
+        assert!(r.verify(&sk.verifying_key()));
+        let other = ed25519_dalek::SigningKey::from_bytes(&[8; 32]);
+        assert!(!r.verify(&other.verifying_key()));
+        let mut forged = r.clone();
+        forged.code = RefusalCode::UnknownMailbox;
+        assert!(!forged.verify(&sk.verifying_key()));
+    }
+}

@@ -259,6 +259,9 @@ pub enum Request {
         blob_id: [u8; 16],
         mailbox: MailboxId,
         total_len: u64,
+        /// BLAKE3 of the whole blob: the relay checks it when the last
+        /// piece arrives and when scrubbing.
+        blob_hash: [u8; 32],
         expires_at: u64,
         offset: u64,
         data: Vec<u8>,
@@ -437,15 +440,17 @@ impl Request {
                 blob_id,
                 mailbox,
                 total_len,
+                blob_hash,
                 expires_at,
                 offset,
                 data,
             } => {
-                o.reserve(data.len() + 90);
+                o.reserve(data.len() + 122);
                 header(&mut o, 0x08, id);
                 o.extend_from_slice(blob_id);
                 o.extend_from_slice(&mailbox.0);
                 o.extend_from_slice(&total_len.to_be_bytes());
+                o.extend_from_slice(blob_hash);
                 o.extend_from_slice(&expires_at.to_be_bytes());
                 o.extend_from_slice(&offset.to_be_bytes());
                 o.extend_from_slice(data);
@@ -537,6 +542,7 @@ impl Request {
                 let blob_id = blob_id(&mut r)?;
                 let mailbox = MailboxId(r.array("mailbox")?);
                 let total_len = r.u64("blob length")?;
+                let blob_hash = r.array("blob hash")?;
                 let expires_at = r.u64("expiry")?;
                 let offset = r.u64("offset")?;
                 let n = r.remaining();
@@ -550,6 +556,7 @@ impl Request {
                     blob_id,
                     mailbox,
                     total_len,
+                    blob_hash,
                     expires_at,
                     offset,
                     data: r.take(n, "blob piece")?.to_vec(),
@@ -826,6 +833,7 @@ mod tests {
                 blob_id: [8; 16],
                 mailbox: MailboxId([9; 32]),
                 total_len: 1000,
+                blob_hash: [3; 32],
                 expires_at: 77,
                 offset: 10,
                 data: vec![1; 20],

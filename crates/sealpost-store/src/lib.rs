@@ -1,0 +1,910 @@
+//! The relay's store: mailboxes, items (sealed messages) and blobs.
+//!
+//! Metadata and items live in SQLite (WAL, `synchronous=FULL`); blobs are
+//! files. **Nothing is acknowledged before it is durable**: every write goes
+//! through one writer thread that gathers all requests waiting at that
+//! moment into one transaction and one commit (group commit), and only
+//! answers them once the commit (and its fsync) returned. Blob pieces are
+//! written and fsync'd (file, and directory when the file is new) before
+//! their metadata is committed.
+#![forbid(unsafe_code)]
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rand_core::{OsRng, RngCore};
+use rusqlite::{params, Connection, OptionalExtension};
+use sealpost_proto::relay::{Item, MailboxId, RefusalCode};
+use tokio::sync::oneshot;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the store did not commit this write (shutting down, or a storage error); nothing was acknowledged")]
+    Closed,
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Limits the store enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Bytes of items and blobs one mailbox may hold.
+    pub mailbox_quota: u64,
+    /// The largest blob.
+    pub max_blob: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            mailbox_quota: 4 << 30,
+            max_blob: 2 << 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitOutcome {
+    Stored { seq: u64, item_id: [u8; 16] },
+    Refused(RefusalCode),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobPutOutcome {
+    Stored {
+        stored: u64,
+        complete: bool,
+    },
+    /// The piece does not start at the stored length; resume from `stored`.
+    WrongOffset {
+        stored: u64,
+    },
+    Refused(RefusalCode),
+    /// The completed blob's BLAKE3 differs from the one stated; the blob
+    /// was discarded and must be uploaded again.
+    HashMismatch,
+}
+
+/// Statistics of the last commits, for metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CommitStats {
+    pub commits: u64,
+    pub writes: u64,
+    pub last_commit_micros: u64,
+}
+
+enum Op {
+    Register {
+        mailbox: MailboxId,
+        key: [u8; 32],
+        now: u64,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
+    Submit {
+        mailbox: MailboxId,
+        expires_at: u64,
+        hash: [u8; 32],
+        payload: Vec<u8>,
+        now: u64,
+        reply: oneshot::Sender<Result<SubmitOutcome, StoreError>>,
+    },
+    Ack {
+        mailbox: MailboxId,
+        seqs: Vec<u64>,
+        reply: oneshot::Sender<Result<u32, StoreError>>,
+    },
+    BlobMeta {
+        blob_id: [u8; 16],
+        mailbox: MailboxId,
+        total_len: u64,
+        hash: [u8; 32],
+        expires_at: u64,
+        stored: u64,
+        complete: bool,
+        added: u64,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    BlobDelete {
+        blob_id: [u8; 16],
+        mailbox: MailboxId,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
+    Sweep {
+        now: u64,
+        reply: oneshot::Sender<Result<(u64, Vec<[u8; 16]>), StoreError>>,
+    },
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS mailboxes (
+    id BLOB PRIMARY KEY,
+    key BLOB NOT NULL,
+    quota INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS items (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    mailbox BLOB NOT NULL,
+    item_id BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_mailbox ON items(mailbox, seq);
+CREATE INDEX IF NOT EXISTS items_expiry ON items(expires_at);
+CREATE TABLE IF NOT EXISTS blobs (
+    id BLOB PRIMARY KEY,
+    mailbox BLOB NOT NULL,
+    total_len INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    expires_at INTEGER NOT NULL,
+    stored INTEGER NOT NULL,
+    complete INTEGER NOT NULL
+);
+";
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn open_conn(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    // FULL: with NORMAL, WAL mode may lose the last commits on power loss,
+    // and those were acknowledged.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    Ok(conn)
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: Mutex<Option<mpsc::Sender<Op>>>,
+    reader: Mutex<Connection>,
+    blob_dir: PathBuf,
+    limits: Limits,
+    stats: Arc<Mutex<CommitStats>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.inner.blob_dir.display())
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path, limits: Limits) -> Result<Self, StoreError> {
+        fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+        let blob_dir = dir.join("blobs");
+        fs::create_dir_all(&blob_dir).map_err(io_err("creating", &blob_dir))?;
+        let db = dir.join("relay.db");
+        let writer_conn = open_conn(&db)?;
+        writer_conn.execute_batch(SCHEMA)?;
+        let reader = open_conn(&db)?;
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(Mutex::new(CommitStats::default()));
+        let w_stats = stats.clone();
+        let handle = std::thread::Builder::new()
+            .name("sealpost-store-writer".into())
+            .spawn(move || writer_loop(writer_conn, rx, limits, w_stats))
+            .map_err(io_err("starting the writer for", dir))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                tx: Mutex::new(Some(tx)),
+                reader: Mutex::new(reader),
+                blob_dir,
+                limits,
+                stats,
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    /// Stops taking writes and waits until every accepted write committed.
+    pub fn close(&self) {
+        if let Ok(mut tx) = self.inner.tx.lock() {
+            tx.take();
+        }
+        if let Ok(mut w) = self.inner.writer.lock() {
+            if let Some(h) = w.take() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    pub fn commit_stats(&self) -> CommitStats {
+        self.inner.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    fn send(&self, op: Op) -> Result<(), StoreError> {
+        let guard = self.inner.tx.lock().map_err(|_| StoreError::Closed)?;
+        guard
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(op)
+            .map_err(|_| StoreError::Closed)
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(make(reply))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Creates a mailbox for `key`. False if it existed already.
+    pub async fn register(
+        &self,
+        mailbox: MailboxId,
+        key: [u8; 32],
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        self.call(|reply| Op::Register {
+            mailbox,
+            key,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    /// Stores an item durably, or refuses it with a reason. The caller has
+    /// checked the payload against its hash.
+    pub async fn submit(
+        &self,
+        mailbox: MailboxId,
+        expires_at: u64,
+        hash: [u8; 32],
+        payload: Vec<u8>,
+        now: u64,
+    ) -> Result<SubmitOutcome, StoreError> {
+        self.call(|reply| Op::Submit {
+            mailbox,
+            expires_at,
+            hash,
+            payload,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes the listed items of `mailbox` (others' items are untouched).
+    pub async fn ack(&self, mailbox: MailboxId, seqs: Vec<u64>) -> Result<u32, StoreError> {
+        self.call(|reply| Op::Ack {
+            mailbox,
+            seqs,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes expired items and blobs; returns how many.
+    pub async fn sweep(&self, now: u64) -> Result<u64, StoreError> {
+        let (n, blobs) = self.call(|reply| Op::Sweep { now, reply }).await?;
+        for id in blobs {
+            let _ = fs::remove_file(self.blob_path(&id));
+        }
+        Ok(n)
+    }
+
+    pub fn mailbox_key(&self, mailbox: &MailboxId) -> Result<Option<[u8; 32]>, StoreError> {
+        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
+        let key: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT key FROM mailboxes WHERE id = ?1",
+                params![mailbox.0.to_vec()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(key.and_then(|k| k.try_into().ok()))
+    }
+
+    /// Items of `mailbox` after `after`, at most `max` and at most
+    /// `max_bytes` of payload (at least one item if any). Each payload is
+    /// checked against its hash on the way out; a damaged one is returned
+    /// as it is (the recipient detects it) and reported in `damaged`.
+    pub fn fetch(
+        &self,
+        mailbox: &MailboxId,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Item>, bool, u64), StoreError> {
+        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, received_at, expires_at, hash, payload FROM items
+             WHERE mailbox = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let mut rows = stmt.query(params![mailbox.0.to_vec(), i64_of(after), (max + 1) as i64])?;
+        let mut items = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        let mut damaged = 0u64;
+        while let Some(row) = rows.next()? {
+            let payload: Vec<u8> = row.get(4)?;
+            if items.len() == max || (!items.is_empty() && bytes + payload.len() > max_bytes) {
+                more = true;
+                break;
+            }
+            let hash: Vec<u8> = row.get(3)?;
+            let hash: [u8; 32] = hash.try_into().unwrap_or([0; 32]);
+            if blake3::hash(&payload).as_bytes() != &hash {
+                damaged += 1;
+            }
+            bytes += payload.len();
+            items.push(Item {
+                seq: u64_of(row.get(0)?),
+                received_at: u64_of(row.get(1)?),
+                expires_at: u64_of(row.get(2)?),
+                payload_hash: hash,
+                payload,
+            });
+        }
+        Ok((items, more, damaged))
+    }
+
+    /// (items, bytes used, quota) of a mailbox.
+    pub fn status(&self, mailbox: &MailboxId) -> Result<(u64, u64, u64), StoreError> {
+        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
+        let (used, quota): (i64, i64) = conn
+            .query_row(
+                "SELECT used, quota FROM mailboxes WHERE id = ?1",
+                params![mailbox.0.to_vec()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .unwrap_or((0, 0));
+        let n: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM items WHERE mailbox = ?1",
+            params![mailbox.0.to_vec()],
+            |r| r.get(0),
+        )?;
+        Ok((u64_of(n), u64_of(used), u64_of(quota)))
+    }
+
+    /// Totals over the whole relay: (mailboxes, items, item bytes, blobs).
+    pub fn totals(&self) -> Result<(u64, u64, u64, u64), StoreError> {
+        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
+        let m: i64 = conn.query_row("SELECT COUNT(*) FROM mailboxes", [], |r| r.get(0))?;
+        let (i, b): (i64, i64) = conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM items",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let bl: i64 = conn.query_row("SELECT COUNT(*) FROM blobs", [], |r| r.get(0))?;
+        Ok((u64_of(m), u64_of(i), u64_of(b), u64_of(bl)))
+    }
+
+    fn blob_path(&self, id: &[u8; 16]) -> PathBuf {
+        blob_path(&self.inner.blob_dir, id)
+    }
+
+    fn blob_row(&self, id: &[u8; 16]) -> Result<Option<BlobRow>, StoreError> {
+        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
+        Ok(conn
+            .query_row(
+                "SELECT mailbox, total_len, hash, stored, complete FROM blobs WHERE id = ?1",
+                params![id.to_vec()],
+                |r| {
+                    let mb: Vec<u8> = r.get(0)?;
+                    let h: Vec<u8> = r.get(2)?;
+                    Ok(BlobRow {
+                        mailbox: MailboxId(mb.try_into().unwrap_or([0; 32])),
+                        total_len: u64_of(r.get(1)?),
+                        hash: h.try_into().unwrap_or([0; 32]),
+                        stored: u64_of(r.get(3)?),
+                        complete: r.get::<_, i64>(4)? != 0,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// How much of a blob is stored: (stored, complete), or None.
+    pub fn blob_status(&self, id: &[u8; 16]) -> Result<Option<(u64, bool, MailboxId)>, StoreError> {
+        Ok(self
+            .blob_row(id)?
+            .map(|b| (b.stored, b.complete, b.mailbox)))
+    }
+
+    /// Appends a piece to a blob. The piece must start where the stored
+    /// part ends; the data is on disk (fsync'd) before the new length is
+    /// committed, and the length is committed before this returns.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn blob_put(
+        &self,
+        blob_id: [u8; 16],
+        mailbox: MailboxId,
+        total_len: u64,
+        hash: [u8; 32],
+        expires_at: u64,
+        offset: u64,
+        data: &[u8],
+        now: u64,
+    ) -> Result<BlobPutOutcome, StoreError> {
+        if expires_at <= now {
+            return Ok(BlobPutOutcome::Refused(RefusalCode::Expired));
+        }
+        if total_len > self.inner.limits.max_blob {
+            return Ok(BlobPutOutcome::Refused(RefusalCode::TooLarge));
+        }
+        if self.mailbox_key(&mailbox)?.is_none() {
+            return Ok(BlobPutOutcome::Refused(RefusalCode::UnknownMailbox));
+        }
+        let existing = self.blob_row(&blob_id)?;
+        let (stored, is_new) = match &existing {
+            Some(b) if b.mailbox != mailbox || b.total_len != total_len || b.hash != hash => {
+                // Same id, different blob: only the first one counts.
+                return Ok(BlobPutOutcome::WrongOffset { stored: b.stored });
+            }
+            Some(b) if b.complete => {
+                return Ok(BlobPutOutcome::Stored {
+                    stored: b.stored,
+                    complete: true,
+                })
+            }
+            Some(b) => (b.stored, false),
+            None => (0, true),
+        };
+        if offset != stored {
+            return Ok(BlobPutOutcome::WrongOffset { stored });
+        }
+        if offset + data.len() as u64 > total_len {
+            return Ok(BlobPutOutcome::Refused(RefusalCode::TooLarge));
+        }
+        let (_, used, quota) = self.status(&mailbox)?;
+        if is_new && used + total_len > quota {
+            return Ok(BlobPutOutcome::Refused(RefusalCode::OverQuota));
+        }
+        let path = self.blob_path(&blob_id);
+        let stored_now = offset + data.len() as u64;
+        let complete = stored_now == total_len;
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)?;
+            // A crash may have left bytes past the committed length: they
+            // were never acknowledged, so they are cut off and rewritten.
+            f.set_len(offset)?;
+            f.seek(SeekFrom::Start(offset))?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            if is_new {
+                File::open(&self.inner.blob_dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(io_err("writing blob", &path))?;
+        if complete {
+            let mut hasher = blake3::Hasher::new();
+            File::open(&path)
+                .and_then(|f| hasher.update_reader(f).map(|_| ()))
+                .map_err(io_err("reading back blob", &path))?;
+            if hasher.finalize().as_bytes() != &hash {
+                let _ = fs::remove_file(&path);
+                self.call(|reply| Op::BlobDelete {
+                    blob_id,
+                    mailbox,
+                    reply,
+                })
+                .await?;
+                return Ok(BlobPutOutcome::HashMismatch);
+            }
+        }
+        let added = if is_new { total_len } else { 0 };
+        self.call(|reply| Op::BlobMeta {
+            blob_id,
+            mailbox,
+            total_len,
+            hash,
+            expires_at,
+            stored: stored_now,
+            complete,
+            added,
+            reply,
+        })
+        .await?;
+        Ok(BlobPutOutcome::Stored {
+            stored: stored_now,
+            complete,
+        })
+    }
+
+    /// Reads `len` bytes of a blob from `offset` (fewer at its end). Only
+    /// the stored part can be read.
+    pub fn blob_read(
+        &self,
+        id: &[u8; 16],
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(row) = self.blob_row(id)? else {
+            return Ok(None);
+        };
+        if offset >= row.stored {
+            return Ok(Some(Vec::new()));
+        }
+        let n = (row.stored - offset).min(len as u64) as usize;
+        let path = self.blob_path(id);
+        let mut buf = vec![0u8; n];
+        File::open(&path)
+            .and_then(|mut f| {
+                f.seek(SeekFrom::Start(offset))?;
+                f.read_exact(&mut buf)
+            })
+            .map_err(io_err("reading blob", &path))?;
+        Ok(Some(buf))
+    }
+
+    pub async fn blob_delete(
+        &self,
+        blob_id: [u8; 16],
+        mailbox: MailboxId,
+    ) -> Result<bool, StoreError> {
+        let deleted = self
+            .call(|reply| Op::BlobDelete {
+                blob_id,
+                mailbox,
+                reply,
+            })
+            .await?;
+        if deleted {
+            let _ = fs::remove_file(self.blob_path(&blob_id));
+        }
+        Ok(deleted)
+    }
+
+    /// Re-reads everything at rest and checks it against its BLAKE3:
+    /// (items checked, items damaged, blobs checked, blobs damaged).
+    pub fn scrub(&self) -> Result<ScrubReport, StoreError> {
+        let mut report = ScrubReport::default();
+        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
+        let mut stmt = conn.prepare("SELECT seq, hash, payload FROM items ORDER BY seq")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let hash: Vec<u8> = r.get(1)?;
+            let payload: Vec<u8> = r.get(2)?;
+            report.items += 1;
+            if blake3::hash(&payload).as_bytes()[..] != hash[..] {
+                report.damaged_items.push(u64_of(r.get(0)?));
+            }
+        }
+        let mut stmt = conn.prepare("SELECT id, hash FROM blobs WHERE complete = 1")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let id: Vec<u8> = r.get(0)?;
+            let hash: Vec<u8> = r.get(1)?;
+            let id: [u8; 16] = id.try_into().unwrap_or([0; 16]);
+            report.blobs += 1;
+            let mut h = blake3::Hasher::new();
+            let ok = File::open(blob_path(&self.inner.blob_dir, &id))
+                .and_then(|f| h.update_reader(f).map(|_| ()))
+                .is_ok()
+                && h.finalize().as_bytes()[..] == hash[..];
+            if !ok {
+                report.damaged_blobs.push(id);
+            }
+        }
+        Ok(report)
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ScrubReport {
+    pub items: u64,
+    pub damaged_items: Vec<u64>,
+    pub blobs: u64,
+    pub damaged_blobs: Vec<[u8; 16]>,
+}
+
+struct BlobRow {
+    mailbox: MailboxId,
+    total_len: u64,
+    hash: [u8; 32],
+    stored: u64,
+    complete: bool,
+}
+
+fn blob_path(dir: &Path, id: &[u8; 16]) -> PathBuf {
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    dir.join(hex)
+}
+
+/// At most this many writes share one transaction; bounds a commit's
+/// latency under a flood.
+const MAX_GROUP: usize = 4096;
+
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Op>,
+    limits: Limits,
+    stats: Arc<Mutex<CommitStats>>,
+) {
+    // Each op's reply is held until the transaction holding it committed.
+    let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
+    while let Ok(first) = rx.recv() {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(op) => group.push(op),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let n = group.len() as u64;
+        let result = (|| -> Result<Vec<Reply>, rusqlite::Error> {
+            let tx = conn.transaction()?;
+            let mut replies = Vec::with_capacity(group.len());
+            for op in group.drain(..) {
+                replies.push(apply(&tx, op, &limits)?);
+            }
+            tx.commit()?;
+            Ok(replies)
+        })();
+        // On an error the transaction rolled back and every op in it was
+        // dropped with its reply channel: each caller gets an error, and
+        // nothing was acknowledged.
+        if let Ok(replies) = result {
+            for r in replies {
+                r.send();
+            }
+        }
+        group.clear();
+        if let Ok(mut s) = stats.lock() {
+            s.commits += 1;
+            s.writes += n;
+            s.last_commit_micros = started.elapsed().as_micros() as u64;
+        }
+    }
+}
+
+enum Reply {
+    Bool(oneshot::Sender<Result<bool, StoreError>>, bool),
+    Submit(
+        oneshot::Sender<Result<SubmitOutcome, StoreError>>,
+        SubmitOutcome,
+    ),
+    Count(oneshot::Sender<Result<u32, StoreError>>, u32),
+    Unit(oneshot::Sender<Result<(), StoreError>>),
+    Sweep(
+        oneshot::Sender<Result<(u64, Vec<[u8; 16]>), StoreError>>,
+        u64,
+        Vec<[u8; 16]>,
+    ),
+}
+
+impl Reply {
+    fn send(self) {
+        // A caller that went away (its connection dropped) is fine: the
+        // write is durable either way.
+        match self {
+            Self::Bool(s, v) => drop(s.send(Ok(v))),
+            Self::Submit(s, v) => drop(s.send(Ok(v))),
+            Self::Count(s, v) => drop(s.send(Ok(v))),
+            Self::Unit(s) => drop(s.send(Ok(()))),
+            Self::Sweep(s, n, b) => drop(s.send(Ok((n, b)))),
+        }
+    }
+}
+
+fn apply(
+    tx: &rusqlite::Transaction<'_>,
+    op: Op,
+    limits: &Limits,
+) -> Result<Reply, rusqlite::Error> {
+    Ok(match op {
+        Op::Register {
+            mailbox,
+            key,
+            now,
+            reply,
+        } => {
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO mailboxes (id, key, quota, used, created_at) VALUES (?1, ?2, ?3, 0, ?4)",
+                params![mailbox.0.to_vec(), key.to_vec(), i64_of(limits.mailbox_quota), i64_of(now)],
+            )?;
+            Reply::Bool(reply, n == 1)
+        }
+        Op::Submit {
+            mailbox,
+            expires_at,
+            hash,
+            payload,
+            now,
+            reply,
+        } => {
+            let quota: Option<(i64, i64)> = tx
+                .query_row(
+                    "SELECT used, quota FROM mailboxes WHERE id = ?1",
+                    params![mailbox.0.to_vec()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let outcome = match quota {
+                None => SubmitOutcome::Refused(RefusalCode::UnknownMailbox),
+                Some(_) if expires_at <= now => SubmitOutcome::Refused(RefusalCode::Expired),
+                Some((used, q)) if u64_of(used) + payload.len() as u64 > u64_of(q) => {
+                    SubmitOutcome::Refused(RefusalCode::OverQuota)
+                }
+                Some(_) => {
+                    let mut item_id = [0u8; 16];
+                    OsRng.fill_bytes(&mut item_id);
+                    tx.prepare_cached(
+                        "INSERT INTO items (mailbox, item_id, received_at, expires_at, hash, payload)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )?
+                    .execute(params![
+                        mailbox.0.to_vec(),
+                        item_id.to_vec(),
+                        i64_of(now),
+                        i64_of(expires_at),
+                        hash.to_vec(),
+                        payload
+                    ])?;
+                    let seq = u64_of(tx.last_insert_rowid());
+                    tx.prepare_cached("UPDATE mailboxes SET used = used + ?2 WHERE id = ?1")?
+                        .execute(params![mailbox.0.to_vec(), payload.len() as i64])?;
+                    SubmitOutcome::Stored { seq, item_id }
+                }
+            };
+            Reply::Submit(reply, outcome)
+        }
+        Op::Ack {
+            mailbox,
+            seqs,
+            reply,
+        } => {
+            let mut count = 0u32;
+            let mut freed = 0i64;
+            for seq in seqs {
+                let len: Option<i64> = tx
+                    .query_row(
+                        "DELETE FROM items WHERE seq = ?1 AND mailbox = ?2 RETURNING LENGTH(payload)",
+                        params![i64_of(seq), mailbox.0.to_vec()],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if let Some(l) = len {
+                    count += 1;
+                    freed += l;
+                }
+            }
+            tx.execute(
+                "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
+                params![mailbox.0.to_vec(), freed],
+            )?;
+            Reply::Count(reply, count)
+        }
+        Op::BlobMeta {
+            blob_id,
+            mailbox,
+            total_len,
+            hash,
+            expires_at,
+            stored,
+            complete,
+            added,
+            reply,
+        } => {
+            tx.execute(
+                "INSERT INTO blobs (id, mailbox, total_len, hash, expires_at, stored, complete)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT(id) DO UPDATE SET stored = excluded.stored, complete = excluded.complete",
+                params![
+                    blob_id.to_vec(),
+                    mailbox.0.to_vec(),
+                    i64_of(total_len),
+                    hash.to_vec(),
+                    i64_of(expires_at),
+                    i64_of(stored),
+                    complete as i64
+                ],
+            )?;
+            if added > 0 {
+                tx.execute(
+                    "UPDATE mailboxes SET used = used + ?2 WHERE id = ?1",
+                    params![mailbox.0.to_vec(), i64_of(added)],
+                )?;
+            }
+            Reply::Unit(reply)
+        }
+        Op::BlobDelete {
+            blob_id,
+            mailbox,
+            reply,
+        } => {
+            let len: Option<i64> = tx
+                .query_row(
+                    "DELETE FROM blobs WHERE id = ?1 AND mailbox = ?2 RETURNING total_len",
+                    params![blob_id.to_vec(), mailbox.0.to_vec()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(l) = len {
+                tx.execute(
+                    "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
+                    params![mailbox.0.to_vec(), l],
+                )?;
+            }
+            Reply::Bool(reply, len.is_some())
+        }
+        Op::Sweep { now, reply } => {
+            let mut n = 0u64;
+            {
+                let mut stmt = tx.prepare(
+                    "DELETE FROM items WHERE expires_at <= ?1 RETURNING mailbox, LENGTH(payload)",
+                )?;
+                let freed: Vec<(Vec<u8>, i64)> = stmt
+                    .query_map(params![i64_of(now)], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                for (mb, len) in freed {
+                    n += 1;
+                    tx.execute(
+                        "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
+                        params![mb, len],
+                    )?;
+                }
+            }
+            let mut stmt = tx.prepare(
+                "DELETE FROM blobs WHERE expires_at <= ?1 RETURNING id, mailbox, total_len",
+            )?;
+            let gone: Vec<(Vec<u8>, Vec<u8>, i64)> = stmt
+                .query_map(params![i64_of(now)], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut ids = Vec::new();
+            for (id, mb, len) in gone {
+                n += 1;
+                tx.execute(
+                    "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
+                    params![mb, len],
+                )?;
+                ids.push(id.try_into().unwrap_or([0; 16]));
+            }
+            Reply::Sweep(reply, n, ids)
+        }
+    })
+}

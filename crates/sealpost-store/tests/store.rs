@@ -1,0 +1,180 @@
+use sealpost_proto::relay::{MailboxId, RefusalCode};
+use sealpost_store::{BlobPutOutcome, Limits, Store, SubmitOutcome};
+
+const NOW: u64 = 1_750_000_000;
+
+fn limits() -> Limits {
+    Limits {
+        mailbox_quota: 10_000,
+        max_blob: 8_000,
+    }
+}
+
+fn h(b: &[u8]) -> [u8; 32] {
+    *blake3::hash(b).as_bytes()
+}
+
+#[tokio::test]
+async fn submit_fetch_ack_and_refusals() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path(), limits()).expect("open");
+    let mb = MailboxId::of(&[1; 32]);
+    let other = MailboxId::of(&[2; 32]);
+    assert!(store.register(mb, [1; 32], NOW).await.expect("reg"));
+    assert!(!store.register(mb, [1; 32], NOW).await.expect("again"));
+    assert_eq!(
+        store
+            .submit(other, NOW + 10, h(b"x"), b"x".to_vec(), NOW)
+            .await
+            .expect("s"),
+        SubmitOutcome::Refused(RefusalCode::UnknownMailbox)
+    );
+    assert_eq!(
+        store
+            .submit(mb, NOW, h(b"x"), b"x".to_vec(), NOW)
+            .await
+            .expect("s"),
+        SubmitOutcome::Refused(RefusalCode::Expired)
+    );
+    assert_eq!(
+        store
+            .submit(mb, NOW + 10, h(&[0; 10_001]), vec![0; 10_001], NOW)
+            .await
+            .expect("s"),
+        SubmitOutcome::Refused(RefusalCode::OverQuota)
+    );
+    let mut seqs = Vec::new();
+    for i in 0..5u8 {
+        match store
+            .submit(mb, NOW + 10, h(&[i; 100]), vec![i; 100], NOW)
+            .await
+            .expect("s")
+        {
+            SubmitOutcome::Stored { seq, .. } => seqs.push(seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    let (items, more, damaged) = store.fetch(&mb, 0, 3, 1 << 20).expect("fetch");
+    assert_eq!((items.len(), more, damaged), (3, true, 0));
+    let (rest, more, _) = store.fetch(&mb, items[2].seq, 10, 1 << 20).expect("fetch");
+    assert_eq!((rest.len(), more), (2, false));
+    assert_eq!(rest[1].payload, vec![4; 100]);
+    // Acking another mailbox's seqs deletes nothing.
+    assert_eq!(store.ack(other, seqs.clone()).await.expect("ack"), 0);
+    assert_eq!(store.ack(mb, seqs[..2].to_vec()).await.expect("ack"), 2);
+    assert_eq!(store.status(&mb).expect("status"), (3, 300, 10_000));
+    // Expiry sweeping.
+    assert_eq!(store.sweep(NOW + 10).await.expect("sweep"), 3);
+    assert_eq!(store.status(&mb).expect("status"), (0, 0, 10_000));
+}
+
+#[tokio::test]
+async fn writes_survive_a_reopen_and_share_commits() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mb = MailboxId::of(&[1; 32]);
+    {
+        let store = Store::open(dir.path(), Limits::default()).expect("open");
+        store.register(mb, [1; 32], NOW).await.expect("reg");
+        let mut tasks = Vec::new();
+        for i in 0..200u32 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let p = i.to_be_bytes().to_vec();
+                s.submit(mb, NOW + 10, h(&p), p, NOW).await
+            }));
+        }
+        for t in tasks {
+            assert!(matches!(
+                t.await.expect("join").expect("submit"),
+                SubmitOutcome::Stored { .. }
+            ));
+        }
+        let stats = store.commit_stats();
+        assert_eq!(stats.writes, 201);
+        assert!(stats.commits <= stats.writes);
+        store.close();
+    }
+    let store = Store::open(dir.path(), Limits::default()).expect("reopen");
+    let (items, _, _) = store.fetch(&mb, 0, 1000, 1 << 20).expect("fetch");
+    assert_eq!(items.len(), 200);
+}
+
+#[tokio::test]
+async fn blobs_resume_and_check_their_hash() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path(), limits()).expect("open");
+    let mb = MailboxId::of(&[1; 32]);
+    store.register(mb, [1; 32], NOW).await.expect("reg");
+    let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+    let id = [9u8; 16];
+    let put = |off: usize, end: usize, hash: [u8; 32]| {
+        let s = store.clone();
+        let d = data[off..end].to_vec();
+        async move {
+            s.blob_put(id, mb, 5000, hash, NOW + 10, off as u64, &d, NOW)
+                .await
+                .expect("put")
+        }
+    };
+    assert_eq!(
+        put(0, 2000, h(&data)).await,
+        BlobPutOutcome::Stored {
+            stored: 2000,
+            complete: false
+        }
+    );
+    // A retransmitted or skipping piece is told where to resume.
+    assert_eq!(
+        put(0, 2000, h(&data)).await,
+        BlobPutOutcome::WrongOffset { stored: 2000 }
+    );
+    assert_eq!(
+        put(3000, 4000, h(&data)).await,
+        BlobPutOutcome::WrongOffset { stored: 2000 }
+    );
+    assert_eq!(store.blob_status(&id).expect("st"), Some((2000, false, mb)));
+    assert_eq!(
+        put(2000, 5000, h(&data)).await,
+        BlobPutOutcome::Stored {
+            stored: 5000,
+            complete: true
+        }
+    );
+    assert_eq!(
+        store.blob_read(&id, 4990, 100).expect("read"),
+        Some(data[4990..].to_vec())
+    );
+    let report = store.scrub().expect("scrub");
+    assert_eq!((report.blobs, report.damaged_blobs.len()), (1, 0));
+
+    // A blob whose bytes do not hash to the stated value is discarded.
+    let id2 = [8u8; 16];
+    let r = store
+        .blob_put(id2, mb, 10, [0; 32], NOW + 10, 0, &[1; 10], NOW)
+        .await
+        .expect("put");
+    assert_eq!(r, BlobPutOutcome::HashMismatch);
+    assert_eq!(store.blob_status(&id2).expect("st"), None);
+    // Too large, and over quota.
+    let r = store
+        .blob_put([7; 16], mb, 9000, [0; 32], NOW + 10, 0, &[1; 10], NOW)
+        .await
+        .expect("put");
+    assert_eq!(r, BlobPutOutcome::Refused(RefusalCode::TooLarge));
+    let r = store
+        .blob_put([6; 16], mb, 6000, [0; 32], NOW + 10, 0, &[1; 10], NOW)
+        .await
+        .expect("put");
+    assert_eq!(r, BlobPutOutcome::Refused(RefusalCode::OverQuota));
+
+    // Damage at rest is found by the scrub.
+    let path = dir.path().join("blobs").join("09".repeat(16));
+    let mut bytes = std::fs::read(&path).expect("blob file");
+    bytes[100] ^= 1;
+    std::fs::write(&path, bytes).expect("write");
+    let report = store.scrub().expect("scrub");
+    assert_eq!(report.damaged_blobs, vec![id]);
+    assert!(store.blob_delete(id, mb).await.expect("delete"));
+    assert_eq!(store.status(&mb).expect("status").1, 0);
+}

@@ -93,6 +93,10 @@ pub struct CommitStats {
     pub last_commit_micros: u64,
 }
 
+/// Items and blobs removed by a sweep; the blob files are deleted after
+/// the commit.
+type SweepReply = oneshot::Sender<Result<(u64, Vec<[u8; 16]>), StoreError>>;
+
 enum Op {
     Register {
         mailbox: MailboxId,
@@ -131,7 +135,7 @@ enum Op {
     },
     Sweep {
         now: u64,
-        reply: oneshot::Sender<Result<(u64, Vec<[u8; 16]>), StoreError>>,
+        reply: SweepReply,
     },
 }
 
@@ -708,11 +712,7 @@ enum Reply {
     ),
     Count(oneshot::Sender<Result<u32, StoreError>>, u32),
     Unit(oneshot::Sender<Result<(), StoreError>>),
-    Sweep(
-        oneshot::Sender<Result<(u64, Vec<[u8; 16]>), StoreError>>,
-        u64,
-        Vec<[u8; 16]>,
-    ),
+    Sweep(SweepReply, u64, Vec<[u8; 16]>),
 }
 
 impl Reply {

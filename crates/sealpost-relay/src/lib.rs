@@ -1,1 +1,11 @@
+//! sealpost's relay: durable store-and-forward of sealed messages and blobs
+//! over TLS 1.3. Trusted for availability only: it never sees content,
+//! only mailboxes, sizes, expiry times and hashes.
 #![forbid(unsafe_code)]
+
+pub mod client;
+pub mod server;
+pub mod tls;
+
+pub use server::{Config, Metrics, Relay};
+pub use tls::{Pin, RelayAddress};

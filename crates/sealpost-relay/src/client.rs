@@ -1,0 +1,398 @@
+//! The agent's side of the relay protocol: one pinned TLS connection with
+//! pipelined requests (responses are matched by request id) and pushed
+//! notifications.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ed25519_dalek::VerifyingKey;
+use rustls::pki_types::ServerName;
+use sealpost_proto::relay::{
+    self, auth_transcript, context, ErrorCode, Item, MailboxId, Refusal, Request, Response,
+};
+use sealpost_proto::Identity;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::tls::{self, RelayAddress};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("cannot reach the relay at {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the connection to the relay failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("the relay answered with something unexpected: {0}")]
+    Protocol(String),
+    #[error("the relay refused: {message} ({code:?})")]
+    Server { code: ErrorCode, message: String },
+    #[error("the relay's refusal is not signed by the relay's key; treated as forged")]
+    ForgedRefusal,
+    #[error("the connection to the relay was closed")]
+    Closed,
+}
+
+/// What happened to a submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    Accepted {
+        item_id: [u8; 16],
+    },
+    /// Refused, with the relay's verified signature.
+    Refused(Refusal),
+}
+
+type Waiters = Arc<Mutex<HashMap<u32, oneshot::Sender<Response>>>>;
+
+/// A connection to one relay.
+pub struct RelayClient {
+    writer: tokio::sync::Mutex<WriteHalf<TlsStream<TcpStream>>>,
+    waiters: Waiters,
+    next_id: AtomicU32,
+    relay_key: VerifyingKey,
+    challenge: [u8; 32],
+    exporter: [u8; 32],
+    notify: Mutex<Option<mpsc::UnboundedReceiver<u64>>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for RelayClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RelayClient")
+    }
+}
+
+impl Drop for RelayClient {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// How long a single request may wait for its answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl RelayClient {
+    /// Connects, checks the relay's key against the pin, and says Hello.
+    pub async fn connect(addr: &RelayAddress) -> Result<Self, ClientError> {
+        let connect_err = |source| ClientError::Connect {
+            addr: addr.host_port.clone(),
+            source,
+        };
+        let tcp = timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr.host_port))
+            .await
+            .map_err(|_| connect_err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")))?
+            .map_err(connect_err)?;
+        tcp.set_nodelay(true).map_err(connect_err)?;
+        let cfg = tls::client_config(addr.pin).map_err(connect_err)?;
+        let name = ServerName::try_from(addr.host().to_owned()).unwrap_or_else(|_| {
+            ServerName::try_from("relay.invalid").unwrap_or_else(|_| unreachable!())
+        });
+        let stream = timeout(
+            CONNECT_TIMEOUT,
+            TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| {
+            connect_err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake timeout",
+            ))
+        })?
+        .map_err(connect_err)?;
+        let exporter = stream
+            .get_ref()
+            .1
+            .export_keying_material([0u8; 32], relay::EXPORTER_LABEL, None)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let (mut rd, wr) = tokio::io::split(stream);
+        let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
+        let (ntx, nrx) = mpsc::unbounded_channel();
+        let w2 = waiters.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                let mut prefix = [0u8; 4];
+                if rd.read_exact(&mut prefix).await.is_err() {
+                    break;
+                }
+                let Ok(len) = relay::frame_len(prefix) else {
+                    break;
+                };
+                let mut body = vec![0u8; len];
+                if rd.read_exact(&mut body).await.is_err() {
+                    break;
+                }
+                let Ok(frame) = Response::decode(&body) else {
+                    break;
+                };
+                if frame.id == 0 {
+                    if let Response::Notify { seq } = frame.body {
+                        let _ = ntx.send(seq);
+                        continue;
+                    }
+                }
+                let waiter = w2.lock().ok().and_then(|mut w| w.remove(&frame.id));
+                match waiter {
+                    Some(tx) => {
+                        let _ = tx.send(frame.body);
+                    }
+                    // An error for request 0 is the relay closing on us.
+                    None => break,
+                }
+            }
+            // Wake every waiter: their requests will not be answered.
+            if let Ok(mut w) = w2.lock() {
+                w.clear();
+            }
+        });
+        let mut client = Self {
+            writer: tokio::sync::Mutex::new(wr),
+            waiters,
+            next_id: AtomicU32::new(1),
+            relay_key: VerifyingKey::from_bytes(&[0u8; 32]).map_err(|_| ClientError::Closed)?,
+            challenge: [0; 32],
+            exporter,
+            notify: Mutex::new(Some(nrx)),
+            reader,
+        };
+        match client
+            .request(Request::Hello {
+                version: relay::VERSION,
+            })
+            .await?
+        {
+            Response::HelloOk {
+                relay_key,
+                challenge,
+                ..
+            } => {
+                client.relay_key = VerifyingKey::from_bytes(&relay_key)
+                    .map_err(|_| ClientError::Protocol("invalid relay key".into()))?;
+                client.challenge = challenge;
+                Ok(client)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The relay's Ed25519 key, which signs its refusals.
+    pub fn relay_key(&self) -> &VerifyingKey {
+        &self.relay_key
+    }
+
+    /// Sends a request and waits for its response.
+    pub async fn request(&self, req: Request) -> Result<Response, ClientError> {
+        let rx = self.send(req).await?;
+        match timeout(REQUEST_TIMEOUT, rx).await {
+            Err(_) => Err(ClientError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the relay did not answer in time",
+            ))),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Ok(Ok(Response::Error { code, message })) => Err(ClientError::Server { code, message }),
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+
+    /// Sends a request without waiting: pipelining. Await the receiver for
+    /// the response.
+    pub async fn send(&self, req: Request) -> Result<oneshot::Receiver<Response>, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .map_err(|_| ClientError::Closed)?
+            .insert(id, tx);
+        let frame = req.encode(id);
+        let mut w = self.writer.lock().await;
+        w.write_all(&frame).await?;
+        w.flush().await?;
+        Ok(rx)
+    }
+
+    /// The Register or Auth request proving `identity` on this connection
+    /// (signed over this session's exporter value and challenge).
+    pub fn proof(&self, identity: &Identity, register: bool) -> Request {
+        let ctx = if register {
+            context::REGISTER
+        } else {
+            context::AUTH
+        };
+        let signature = identity.sign(ctx, &auth_transcript(&self.exporter, &self.challenge));
+        let key = *identity.public().signing_bytes();
+        if register {
+            Request::Register { key, signature }
+        } else {
+            Request::Auth { key, signature }
+        }
+    }
+
+    async fn prove(&self, identity: &Identity, register: bool) -> Result<(), ClientError> {
+        match self.request(self.proof(identity, register)).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Creates this identity's mailbox (idempotent) and authenticates to it.
+    pub async fn register(&self, identity: &Identity) -> Result<MailboxId, ClientError> {
+        self.prove(identity, true).await?;
+        Ok(MailboxId::of(identity.public().signing_bytes()))
+    }
+
+    /// Authenticates to this identity's existing mailbox.
+    pub async fn auth(&self, identity: &Identity) -> Result<MailboxId, ClientError> {
+        self.prove(identity, false).await?;
+        Ok(MailboxId::of(identity.public().signing_bytes()))
+    }
+
+    fn check_refusal(&self, r: Refusal) -> Result<Submitted, ClientError> {
+        if r.verify(&self.relay_key) {
+            Ok(Submitted::Refused(r))
+        } else {
+            Err(ClientError::ForgedRefusal)
+        }
+    }
+
+    pub async fn submit(
+        &self,
+        mailbox: MailboxId,
+        expires_at: u64,
+        payload: Vec<u8>,
+    ) -> Result<Submitted, ClientError> {
+        let payload_hash = *blake3::hash(&payload).as_bytes();
+        match self
+            .request(Request::Submit {
+                mailbox,
+                expires_at,
+                payload_hash,
+                payload,
+            })
+            .await?
+        {
+            Response::Accepted { item_id } => Ok(Submitted::Accepted { item_id }),
+            Response::Refused(r) => self.check_refusal(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn fetch(&self, after: u64, max: u32) -> Result<(Vec<Item>, bool), ClientError> {
+        match self.request(Request::Fetch { after, max }).await? {
+            Response::Items { items, more } => Ok((items, more)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks for pushes of new items; returns the receiver of their seqs (a
+    /// seq of 0 means "some were missed, fetch from your cursor").
+    pub async fn subscribe(&self) -> Result<mpsc::UnboundedReceiver<u64>, ClientError> {
+        match self.request(Request::Subscribe).await? {
+            Response::Ok => {}
+            other => return Err(unexpected(other)),
+        }
+        self.notify
+            .lock()
+            .map_err(|_| ClientError::Closed)?
+            .take()
+            .ok_or_else(|| ClientError::Protocol("already subscribed".into()))
+    }
+
+    pub async fn ack(&self, seqs: Vec<u64>) -> Result<u32, ClientError> {
+        match self.request(Request::Ack { seqs }).await? {
+            Response::Acked { count } => Ok(count),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Uploads one piece of a blob; returns (stored length, complete). A
+    /// stored length other than `offset + data.len()` means: resume there.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn blob_put(
+        &self,
+        blob_id: [u8; 16],
+        mailbox: MailboxId,
+        total_len: u64,
+        blob_hash: [u8; 32],
+        expires_at: u64,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<Result<(u64, bool), Submitted>, ClientError> {
+        match self
+            .request(Request::BlobPut {
+                blob_id,
+                mailbox,
+                total_len,
+                blob_hash,
+                expires_at,
+                offset,
+                data,
+            })
+            .await?
+        {
+            Response::BlobStored { stored, complete } => Ok(Ok((stored, complete))),
+            Response::Refused(r) => Ok(Err(self.check_refusal(r)?)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn blob_status(&self, blob_id: [u8; 16]) -> Result<(u64, bool), ClientError> {
+        match self.request(Request::BlobStatus { blob_id }).await? {
+            Response::BlobStored { stored, complete } => Ok((stored, complete)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn blob_get(
+        &self,
+        blob_id: [u8; 16],
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, ClientError> {
+        match self
+            .request(Request::BlobGet {
+                blob_id,
+                offset,
+                len,
+            })
+            .await?
+        {
+            Response::BlobData { offset: o, data } if o == offset => Ok(data),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn blob_delete(&self, blob_id: [u8; 16]) -> Result<(), ClientError> {
+        match self.request(Request::BlobDelete { blob_id }).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// (items, bytes used, quota) of the authenticated mailbox.
+    pub async fn status(&self) -> Result<(u64, u64, u64), ClientError> {
+        match self.request(Request::Status).await? {
+            Response::Status {
+                items,
+                bytes,
+                quota,
+            } => Ok((items, bytes, quota)),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(r: Response) -> ClientError {
+    ClientError::Protocol(format!("unexpected response {r:?}"))
+}

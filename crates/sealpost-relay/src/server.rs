@@ -1,0 +1,740 @@
+//! The relay server: a TLS listener whose connections speak the relay
+//! protocol (`sealpost_proto::relay`) against the durable store.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use rand_core::{OsRng, RngCore};
+use sealpost_proto::relay::{
+    self, auth_transcript, context, ErrorCode, MailboxId, Refusal, RefusalCode, Request, Response,
+};
+use sealpost_store::{BlobPutOutcome, Limits, Store, SubmitOutcome};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
+use zeroize::Zeroizing;
+
+use crate::tls::{self, Pin, RelayAddress};
+
+/// Everything a relay is configured with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data: PathBuf,
+    pub limits: Limits,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Time allowed to receive the rest of a frame once it started: a
+    /// client trickling bytes (slow loris) is cut off after this.
+    pub frame_timeout: Duration,
+    pub sweep_interval: Duration,
+    /// A configured certificate and key (PEM) instead of the self-signed one.
+    pub cert_files: Option<(PathBuf, PathBuf)>,
+    /// Names for the self-signed certificate.
+    pub cert_names: Vec<String>,
+    /// Submissions one connection may have waiting for their commit.
+    pub max_in_flight: usize,
+}
+
+impl Config {
+    pub fn new(listen: SocketAddr, data: PathBuf) -> Self {
+        Self {
+            listen,
+            data,
+            limits: Limits::default(),
+            max_connections: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            frame_timeout: Duration::from_secs(30),
+            sweep_interval: Duration::from_secs(60),
+            cert_files: None,
+            cert_names: Vec::new(),
+            max_in_flight: 1024,
+        }
+    }
+}
+
+/// Counters for `relay status` and metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub accepted: AtomicU64,
+    pub accepted_bytes: AtomicU64,
+    pub refused: AtomicU64,
+    pub fetched: AtomicU64,
+    pub acked: AtomicU64,
+    pub blob_bytes: AtomicU64,
+    pub bad_frames: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub timeouts: AtomicU64,
+}
+
+struct Shared {
+    store: Store,
+    key: SigningKey,
+    tls: TlsAcceptor,
+    notify: broadcast::Sender<(MailboxId, u64)>,
+    metrics: Arc<Metrics>,
+    config: Config,
+    conns: Arc<Semaphore>,
+}
+
+/// A bound relay, ready to serve.
+pub struct Relay {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    address: RelayAddress,
+    created_cert: bool,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Relay({})", self.address)
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The relay's signing key (for refusals), created on first start.
+fn load_or_create_key(path: &Path) -> io::Result<SigningKey> {
+    if let Ok(bytes) = std::fs::read(path) {
+        let seed: Zeroizing<[u8; 32]> =
+            Zeroizing::new(bytes.as_slice().try_into().map_err(|_| {
+                io::Error::other(format!("{} is not a 32-byte key", path.display()))
+            })?);
+        return Ok(SigningKey::from_bytes(&seed));
+    }
+    let mut seed = Zeroizing::new([0u8; 32]);
+    OsRng.fill_bytes(seed.as_mut());
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        f.write_all(seed.as_ref())?;
+        f.sync_all()?;
+    }
+    if let Some(d) = path.parent() {
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+impl Relay {
+    /// Opens the store, loads or creates the certificate and keys, and
+    /// binds the listener.
+    pub async fn bind(config: Config) -> io::Result<Self> {
+        std::fs::create_dir_all(&config.data)?;
+        let (cert, created_cert) = match &config.cert_files {
+            Some((c, k)) => (tls::load(c, k)?, false),
+            None => tls::load_or_create(&config.data, &config.cert_names)?,
+        };
+        let key = load_or_create_key(&config.data.join("relay-signing.key"))?;
+        let store =
+            Store::open(&config.data.join("store"), config.limits).map_err(io::Error::other)?;
+        let listener = TcpListener::bind(config.listen).await?;
+        let local = listener.local_addr()?;
+        let tls = TlsAcceptor::from(Arc::new(tls::server_config(&cert)?));
+        let (notify, _) = broadcast::channel(4096);
+        let address = RelayAddress {
+            host_port: local.to_string(),
+            pin: cert.pin,
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                store,
+                key,
+                tls,
+                notify,
+                metrics: Arc::new(Metrics::default()),
+                conns: Arc::new(Semaphore::new(config.max_connections)),
+                config,
+            }),
+            listener,
+            address,
+            created_cert,
+        })
+    }
+
+    pub fn address(&self) -> &RelayAddress {
+        &self.address
+    }
+
+    pub fn pin(&self) -> Pin {
+        self.address.pin
+    }
+
+    pub fn created_cert(&self) -> bool {
+        self.created_cert
+    }
+
+    pub fn relay_key(&self) -> VerifyingKey {
+        self.shared.key.verifying_key()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    pub fn store(&self) -> Store {
+        self.shared.store.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting and waits
+    /// for every write already accepted by the store to commit.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        let shared = self.shared.clone();
+        let sweeper = tokio::spawn(sweep_loop(shared.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = self.listener.accept() => {
+                    let (tcp, peer) = match accepted {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!("accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let permit = match shared.conns.clone().try_acquire_owned() {
+                        Ok(p) => p,
+                        Err(_) => {
+                            shared.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                            drop(tcp);
+                            continue;
+                        }
+                    };
+                    let s = shared.clone();
+                    tokio::spawn(async move {
+                        s.metrics.connections.fetch_add(1, Ordering::Relaxed);
+                        s.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+                        if let Err(e) = connection(s.clone(), tcp).await {
+                            tracing::debug!(%peer, "connection ended: {e}");
+                        }
+                        s.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                        drop(permit);
+                    });
+                }
+            }
+        }
+        sweeper.abort();
+        let store = shared.store.clone();
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .map_err(io::Error::other)?;
+        Ok(())
+    }
+}
+
+async fn sweep_loop(s: Arc<Shared>) {
+    let mut tick = tokio::time::interval(s.config.sweep_interval);
+    loop {
+        tick.tick().await;
+        match s.store.sweep(now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("expired {n} items and blobs"),
+            Err(e) => tracing::warn!("expiry sweep failed: {e}"),
+        }
+    }
+}
+
+type Out = mpsc::Sender<Vec<u8>>;
+
+async fn send(out: &Out, id: u32, r: Response) -> io::Result<()> {
+    out.send(r.encode(id))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "connection closed"))
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Reads one frame body; `None` on a clean end of stream between frames.
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    idle: Duration,
+    frame: Duration,
+) -> io::Result<Option<Vec<u8>>> {
+    let mut prefix = [0u8; 4];
+    let first = timeout(idle, rd.read(&mut prefix[..1]))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "idle timeout"))??;
+    if first == 0 {
+        return Ok(None);
+    }
+    let body = timeout(frame, async {
+        rd.read_exact(&mut prefix[1..]).await?;
+        let len = relay::frame_len(prefix)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let mut body = vec![0u8; len];
+        rd.read_exact(&mut body).await?;
+        Ok::<_, io::Error>(body)
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "frame timeout (too slow)"))??;
+    Ok(Some(body))
+}
+
+async fn writer<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) -> io::Result<()> {
+    while let Some(first) = rx.recv().await {
+        // Gather what is ready into one write: whole frames, few syscalls.
+        let mut buf = first;
+        while buf.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        wr.write_all(&buf).await?;
+        wr.flush().await?;
+    }
+    wr.shutdown().await
+}
+
+struct Session {
+    challenge: [u8; 32],
+    exporter: [u8; 32],
+    mailbox: Option<MailboxId>,
+    subscribed: bool,
+}
+
+async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
+    // Whole frames are written at once; without NODELAY small responses
+    // wait on Nagle and delayed ACKs.
+    tcp.set_nodelay(true)?;
+    let stream = timeout(s.config.handshake_timeout, s.tls.accept(tcp))
+        .await
+        .map_err(|_| {
+            s.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
+            io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timeout")
+        })??;
+    let exporter = stream
+        .get_ref()
+        .1
+        .export_keying_material([0u8; 32], relay::EXPORTER_LABEL, None)
+        .map_err(io::Error::other)?;
+    let (mut rd, wr) = tokio::io::split(stream);
+    let (out, rx) = mpsc::channel::<Vec<u8>>(1024);
+    let writer_task = tokio::spawn(writer(wr, rx));
+    let mut challenge = [0u8; 32];
+    OsRng.fill_bytes(&mut challenge);
+    let mut session = Session {
+        challenge,
+        exporter,
+        mailbox: None,
+        subscribed: false,
+    };
+    let in_flight = Arc::new(Semaphore::new(s.config.max_in_flight));
+    let mut hello = false;
+    let result: io::Result<()> = async {
+        loop {
+            let body = match read_frame(&mut rd, s.config.idle_timeout, s.config.frame_timeout).await {
+                Ok(Some(b)) => b,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    if e.kind() == io::ErrorKind::TimedOut {
+                        s.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if e.kind() == io::ErrorKind::InvalidData {
+                        s.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+                        let _ = send(&out, 0, err(ErrorCode::BadRequest, e.to_string())).await;
+                    }
+                    return Err(e);
+                }
+            };
+            let frame = match Request::decode(&body) {
+                Ok(f) => f,
+                Err(e) => {
+                    s.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    send(&out, 0, err(ErrorCode::BadRequest, format!("malformed request: {e}"))).await?;
+                    return Ok(());
+                }
+            };
+            if !hello {
+                match frame.body {
+                    Request::Hello { version } if version == relay::VERSION => {
+                        hello = true;
+                        send(
+                            &out,
+                            frame.id,
+                            Response::HelloOk {
+                                version: relay::VERSION,
+                                relay_key: s.key.verifying_key().to_bytes(),
+                                challenge: session.challenge,
+                            },
+                        )
+                        .await?;
+                        continue;
+                    }
+                    Request::Hello { version } => {
+                        send(
+                            &out,
+                            frame.id,
+                            err(
+                                ErrorCode::UnsupportedVersion,
+                                format!("protocol version {version} is not spoken here; this relay speaks {}", relay::VERSION),
+                            ),
+                        )
+                        .await?;
+                        return Ok(());
+                    }
+                    _ => {
+                        send(&out, frame.id, err(ErrorCode::BadRequest, "the first request must be Hello")).await?;
+                        return Ok(());
+                    }
+                }
+            }
+            handle(&s, &mut session, &out, &in_flight, frame.id, frame.body).await?;
+        }
+    }
+    .await;
+    drop(out);
+    let _ = writer_task.await;
+    result
+}
+
+async fn handle(
+    s: &Arc<Shared>,
+    session: &mut Session,
+    out: &Out,
+    in_flight: &Arc<Semaphore>,
+    id: u32,
+    req: Request,
+) -> io::Result<()> {
+    let authed = session.mailbox;
+    let need_auth = || {
+        err(
+            ErrorCode::NotAuthenticated,
+            "authenticate to a mailbox first",
+        )
+    };
+    match req {
+        Request::Hello { .. } => {
+            send(
+                out,
+                id,
+                err(ErrorCode::BadRequest, "Hello was already sent"),
+            )
+            .await
+        }
+        Request::Register { key, signature } | Request::Auth { key, signature } => {
+            let registering = matches!(req, Request::Register { .. });
+            let ctx = if registering {
+                context::REGISTER
+            } else {
+                context::AUTH
+            };
+            let mut msg = ctx.to_vec();
+            msg.extend_from_slice(&auth_transcript(&session.exporter, &session.challenge));
+            let ok = VerifyingKey::from_bytes(&key)
+                .map(|vk| {
+                    vk.verify_strict(&msg, &ed25519_dalek::Signature::from_bytes(&signature))
+                        .is_ok()
+                })
+                .unwrap_or(false);
+            if !ok {
+                s.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+                return send(
+                    out,
+                    id,
+                    err(
+                        ErrorCode::BadSignature,
+                        "the signature does not prove possession of this key on this connection",
+                    ),
+                )
+                .await;
+            }
+            let mailbox = MailboxId::of(&key);
+            if registering {
+                if let Err(e) = s.store.register(mailbox, key, now()).await {
+                    return send(out, id, err(ErrorCode::Internal, e.to_string())).await;
+                }
+            } else {
+                match s.store.mailbox_key(&mailbox) {
+                    Ok(Some(k)) if k == key => {}
+                    Ok(_) => {
+                        s.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+                        return send(
+                            out,
+                            id,
+                            err(
+                                ErrorCode::MailboxState,
+                                "no mailbox for this key here; register first",
+                            ),
+                        )
+                        .await;
+                    }
+                    Err(e) => return send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+                }
+            }
+            session.mailbox = Some(mailbox);
+            send(out, id, Response::Ok).await
+        }
+        Request::Submit {
+            mailbox,
+            expires_at,
+            payload_hash,
+            payload,
+        } => {
+            // Submissions run concurrently so that their commits can share
+            // one fsync (group commit); the in-flight bound keeps a client
+            // from queueing without limit.
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(io::Error::other)?;
+            let s = s.clone();
+            let out = out.clone();
+            tokio::spawn(async move {
+                let r = submit(&s, mailbox, expires_at, payload_hash, payload).await;
+                let _ = send(&out, id, r).await;
+                drop(permit);
+            });
+            Ok(())
+        }
+        Request::Fetch { after, max } => {
+            let Some(mb) = authed else {
+                return send(out, id, need_auth()).await;
+            };
+            let max = (max as usize).clamp(1, relay::MAX_BATCH);
+            let budget = relay::MAX_FRAME - 64 * 1024;
+            match s.store.fetch(&mb, after, max, budget) {
+                Ok((items, more, damaged)) => {
+                    if damaged > 0 {
+                        tracing::error!(mailbox = %mb, "{damaged} stored items failed their BLAKE3 check; run `sealpost relay scrub`");
+                    }
+                    s.metrics
+                        .fetched
+                        .fetch_add(items.len() as u64, Ordering::Relaxed);
+                    send(out, id, Response::Items { items, more }).await
+                }
+                Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+            }
+        }
+        Request::Subscribe => {
+            let Some(mb) = authed else {
+                return send(out, id, need_auth()).await;
+            };
+            if !session.subscribed {
+                session.subscribed = true;
+                let mut rx = s.notify.subscribe();
+                let out2 = out.clone();
+                tokio::spawn(async move {
+                    loop {
+                        match rx.recv().await {
+                            Ok((m, seq)) if m == mb => {
+                                if send(&out2, 0, Response::Notify { seq }).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(_) => {}
+                            // Missed some: a notify with seq 0 tells the
+                            // client to fetch from its cursor anyway.
+                            Err(broadcast::error::RecvError::Lagged(_)) => {
+                                if send(&out2, 0, Response::Notify { seq: 0 }).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(broadcast::error::RecvError::Closed) => break,
+                        }
+                    }
+                });
+            }
+            send(out, id, Response::Ok).await
+        }
+        Request::Ack { seqs } => {
+            let Some(mb) = authed else {
+                return send(out, id, need_auth()).await;
+            };
+            match s.store.ack(mb, seqs).await {
+                Ok(count) => {
+                    s.metrics.acked.fetch_add(count as u64, Ordering::Relaxed);
+                    send(out, id, Response::Acked { count }).await
+                }
+                Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+            }
+        }
+        Request::BlobPut {
+            blob_id,
+            mailbox,
+            total_len,
+            blob_hash,
+            expires_at,
+            offset,
+            data,
+        } => {
+            let n = data.len() as u64;
+            let r = s
+                .store
+                .blob_put(
+                    blob_id,
+                    mailbox,
+                    total_len,
+                    blob_hash,
+                    expires_at,
+                    offset,
+                    &data,
+                    now(),
+                )
+                .await;
+            let resp = match r {
+                Ok(BlobPutOutcome::Stored { stored, complete }) => {
+                    s.metrics.blob_bytes.fetch_add(n, Ordering::Relaxed);
+                    Response::BlobStored { stored, complete }
+                }
+                Ok(BlobPutOutcome::WrongOffset { stored }) => Response::BlobStored {
+                    stored,
+                    complete: false,
+                },
+                Ok(BlobPutOutcome::Refused(code)) => refusal(s, code, mailbox, blob_hash),
+                Ok(BlobPutOutcome::HashMismatch) => err(
+                    ErrorCode::BadRequest,
+                    "the blob does not match its stated BLAKE3; it was discarded, upload it again",
+                ),
+                Err(e) => err(ErrorCode::Internal, e.to_string()),
+            };
+            send(out, id, resp).await
+        }
+        Request::BlobStatus { blob_id } => match s.store.blob_status(&blob_id) {
+            Ok(Some((stored, complete, _))) => {
+                send(out, id, Response::BlobStored { stored, complete }).await
+            }
+            Ok(None) => {
+                send(
+                    out,
+                    id,
+                    Response::BlobStored {
+                        stored: 0,
+                        complete: false,
+                    },
+                )
+                .await
+            }
+            Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+        },
+        Request::BlobGet {
+            blob_id,
+            offset,
+            len,
+        } => {
+            let Some(mb) = authed else {
+                return send(out, id, need_auth()).await;
+            };
+            let len = (len as usize).min(relay::MAX_BLOB_PIECE);
+            // Only the owner of the blob's mailbox may read it; anyone
+            // else is told it does not exist.
+            match s.store.blob_status(&blob_id) {
+                Ok(Some((_, _, owner))) if owner == mb => {
+                    match s.store.blob_read(&blob_id, offset, len) {
+                        Ok(Some(data)) => send(out, id, Response::BlobData { offset, data }).await,
+                        Ok(None) => send(out, id, err(ErrorCode::NotFound, "no such blob")).await,
+                        Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+                    }
+                }
+                Ok(_) => send(out, id, err(ErrorCode::NotFound, "no such blob")).await,
+                Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+            }
+        }
+        Request::BlobDelete { blob_id } => {
+            let Some(mb) = authed else {
+                return send(out, id, need_auth()).await;
+            };
+            match s.store.blob_delete(blob_id, mb).await {
+                Ok(true) => send(out, id, Response::Ok).await,
+                Ok(false) => send(out, id, err(ErrorCode::NotFound, "no such blob")).await,
+                Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+            }
+        }
+        Request::Status => {
+            let Some(mb) = authed else {
+                return send(out, id, need_auth()).await;
+            };
+            match s.store.status(&mb) {
+                Ok((items, bytes, quota)) => {
+                    send(
+                        out,
+                        id,
+                        Response::Status {
+                            items,
+                            bytes,
+                            quota,
+                        },
+                    )
+                    .await
+                }
+                Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+            }
+        }
+        _ => send(out, id, err(ErrorCode::BadRequest, "unsupported request")).await,
+    }
+}
+
+fn refusal(s: &Shared, code: RefusalCode, mailbox: MailboxId, hash: [u8; 32]) -> Response {
+    s.metrics.refused.fetch_add(1, Ordering::Relaxed);
+    let at = now();
+    let mut msg = context::REFUSAL.to_vec();
+    msg.extend_from_slice(&Refusal::signed_bytes(code, at, &mailbox, &hash));
+    Response::Refused(Refusal {
+        code,
+        at,
+        mailbox,
+        payload_hash: hash,
+        signature: s.key.sign(&msg).to_bytes(),
+    })
+}
+
+async fn submit(
+    s: &Shared,
+    mailbox: MailboxId,
+    expires_at: u64,
+    hash: [u8; 32],
+    payload: Vec<u8>,
+) -> Response {
+    if blake3::hash(&payload).as_bytes() != &hash {
+        return refusal(s, RefusalCode::HashMismatch, mailbox, hash);
+    }
+    let len = payload.len() as u64;
+    match s
+        .store
+        .submit(mailbox, expires_at, hash, payload, now())
+        .await
+    {
+        Ok(SubmitOutcome::Stored { seq, item_id }) => {
+            s.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+            s.metrics.accepted_bytes.fetch_add(len, Ordering::Relaxed);
+            let _ = s.notify.send((mailbox, seq));
+            Response::Accepted { item_id }
+        }
+        Ok(SubmitOutcome::Refused(code)) => refusal(s, code, mailbox, hash),
+        Err(e) => err(ErrorCode::Internal, e.to_string()),
+    }
+}

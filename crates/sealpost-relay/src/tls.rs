@@ -1,0 +1,242 @@
+//! TLS 1.3 for relays: a self-signed certificate made on first start,
+//! pinned by clients through the BLAKE3 of its public key.
+//!
+//! The pin is over the SubjectPublicKeyInfo, not the whole certificate, so
+//! a relay can renew its certificate with the same key without breaking
+//! every card that names it.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{ring as provider, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+/// The 32-byte pin a client checks: BLAKE3 of the certificate's SPKI.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Pin(pub [u8; 32]);
+
+impl Pin {
+    pub fn of_cert(cert: &CertificateDer<'_>) -> Option<Self> {
+        let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+        let spki = ee.subject_public_key_info();
+        Some(Self(*blake3::hash(spki.as_ref()).as_bytes()))
+    }
+
+    /// Base32 without padding (52 characters).
+    pub fn to_text(&self) -> String {
+        data_encoding::BASE32_NOPAD.encode(&self.0)
+    }
+
+    pub fn from_text(s: &str) -> Option<Self> {
+        let v = data_encoding::BASE32_NOPAD
+            .decode(s.trim().to_ascii_uppercase().as_bytes())
+            .ok()?;
+        Some(Self(v.try_into().ok()?))
+    }
+}
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pin({})", self.to_text())
+    }
+}
+
+/// A relay's address as users copy it: `host:port/PIN`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayAddress {
+    pub host_port: String,
+    pub pin: Pin,
+}
+
+impl RelayAddress {
+    pub fn parse(s: &str) -> Option<Self> {
+        let (hp, pin) = s.trim().rsplit_once('/')?;
+        if hp.is_empty() || hp.len() > 253 || !hp.contains(':') {
+            return None;
+        }
+        Some(Self {
+            host_port: hp.to_owned(),
+            pin: Pin::from_text(pin)?,
+        })
+    }
+
+    /// The host part, for TLS server name (SNI is not relied on: the pin is).
+    pub fn host(&self) -> &str {
+        match self.host_port.rsplit_once(':') {
+            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+            None => &self.host_port,
+        }
+    }
+}
+
+impl fmt::Display for RelayAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.host_port, self.pin.to_text())
+    }
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(provider::default_provider())
+}
+
+/// The relay's certificate and key, loaded or created in `dir`.
+pub struct RelayCert {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub pin: Pin,
+}
+
+impl fmt::Debug for RelayCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RelayCert({:?})", self.pin)
+    }
+}
+
+fn io_other(e: impl fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// Loads `cert.pem` and `key.pem` from `dir`, creating a self-signed pair
+/// on first start. Returns the cert and whether it was created now.
+pub fn load_or_create(dir: &Path, names: &[String]) -> io::Result<(RelayCert, bool)> {
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    let created = if !cert_path.exists() {
+        let mut names = names.to_vec();
+        if names.is_empty() {
+            names = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+        }
+        let ck = rcgen::generate_simple_self_signed(names).map_err(io_other)?;
+        write_private(&key_path, ck.signing_key.serialize_pem().as_bytes())?;
+        write_private(&cert_path, ck.cert.pem().as_bytes())?;
+        true
+    } else {
+        false
+    };
+    Ok((load(&cert_path, &key_path)?, created))
+}
+
+/// Loads a configured certificate chain and key (PEM).
+pub fn load(cert_path: &Path, key_path: &Path) -> io::Result<RelayCert> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
+        .map_err(io_other)?
+        .collect::<Result<_, _>>()
+        .map_err(io_other)?;
+    let first = chain
+        .first()
+        .ok_or_else(|| io_other(format!("no certificate in {}", cert_path.display())))?;
+    let pin = Pin::of_cert(first).ok_or_else(|| {
+        io_other(format!(
+            "cannot parse the certificate in {}",
+            cert_path.display()
+        ))
+    })?;
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(io_other)?;
+    Ok(RelayCert { chain, key, pin })
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    if let Some(d) = path.parent() {
+        fs::File::open(d)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// TLS 1.3 only, ALPN `sealpost/1`.
+pub fn server_config(cert: &RelayCert) -> io::Result<rustls::ServerConfig> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(io_other)?
+        .with_no_client_auth()
+        .with_single_cert(cert.chain.clone(), cert.key.clone_key())
+        .map_err(io_other)?;
+    cfg.alpn_protocols = vec![sealpost_proto::relay::ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// Accepts exactly the server whose certificate key hashes to the pin.
+#[derive(Debug)]
+pub struct PinnedVerifier {
+    pin: Pin,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match Pin::of_cert(end_entity) {
+            Some(p) if p == self.pin => Ok(ServerCertVerified::assertion()),
+            Some(_) => Err(rustls::Error::General(
+                "the relay's key does not match the pinned fingerprint".into(),
+            )),
+            None => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::BadEncoding,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client config that trusts exactly the pinned relay key.
+pub fn client_config(pin: Pin) -> io::Result<rustls::ClientConfig> {
+    let provider = provider();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(io_other)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedVerifier { pin, provider }))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![sealpost_proto::relay::ALPN.to_vec()];
+    Ok(cfg)
+}

@@ -1,0 +1,382 @@
+//! The real relay on 127.0.0.1 (port 0), driven by the real client.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sealpost_proto::relay::{ErrorCode, MailboxId, RefusalCode, Request, Response};
+use sealpost_proto::Identity;
+use sealpost_relay::client::{ClientError, RelayClient, Submitted};
+use sealpost_relay::{Config, Metrics, Relay, RelayAddress};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+struct Running {
+    addr: RelayAddress,
+    metrics: std::sync::Arc<Metrics>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("join").expect("serve");
+        }
+    }
+}
+
+async fn start(tweak: impl FnOnce(&mut Config)) -> Running {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut cfg = Config::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        dir.path().join("data"),
+    );
+    tweak(&mut cfg);
+    let relay = Relay::bind(cfg).await.expect("bind");
+    let addr = relay.address().clone();
+    let metrics = relay.metrics();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(relay.serve(async move {
+        let _ = rx.await;
+    }));
+    Running {
+        addr,
+        metrics,
+        stop: Some(tx),
+        task: Some(task),
+        _dir: dir,
+    }
+}
+
+fn id(n: u8) -> Identity {
+    Identity::from_secret_bytes(&[n; 32], &[n ^ 0x55; 32])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_subscribe_fetch_ack() {
+    let relay = start(|_| {}).await;
+    let bob = id(2);
+    let rx_client = RelayClient::connect(&relay.addr).await.expect("connect");
+    let mb = rx_client.register(&bob).await.expect("register");
+    assert_eq!(mb, MailboxId::of(bob.public().signing_bytes()));
+    let mut notes = rx_client.subscribe().await.expect("subscribe");
+
+    // A sender needs no account.
+    let tx_client = RelayClient::connect(&relay.addr).await.expect("connect");
+    let mut accepted = 0;
+    for i in 0..20u8 {
+        match tx_client
+            .submit(mb, now() + 3600, vec![i; 1000])
+            .await
+            .expect("submit")
+        {
+            Submitted::Accepted { .. } => accepted += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(accepted, 20);
+    // Pushed at once, no polling.
+    let first = tokio::time::timeout(Duration::from_secs(5), notes.recv())
+        .await
+        .expect("notified");
+    assert!(first.is_some());
+
+    let (items, more) = rx_client.fetch(0, 15).await.expect("fetch");
+    assert_eq!((items.len(), more), (15, true));
+    assert_eq!(items[3].payload, vec![3; 1000]);
+    assert_eq!(
+        items[3].payload_hash,
+        *blake3::hash(&items[3].payload).as_bytes()
+    );
+    let (rest, more) = rx_client.fetch(items[14].seq, 100).await.expect("fetch");
+    assert_eq!((rest.len(), more), (5, false));
+    let seqs: Vec<u64> = items.iter().chain(&rest).map(|i| i.seq).collect();
+    assert_eq!(rx_client.ack(seqs).await.expect("ack"), 20);
+    assert_eq!(rx_client.status().await.expect("status").0, 0);
+    assert_eq!(relay.metrics.accepted.load(Ordering::Relaxed), 20);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_signed_by_the_relay() {
+    let relay = start(|c| c.limits.mailbox_quota = 5000).await;
+    let client = RelayClient::connect(&relay.addr).await.expect("connect");
+    let bob = id(2);
+    let mb = client.register(&bob).await.expect("register");
+    let unknown = MailboxId::of(&[9; 32]);
+    let cases = [
+        (unknown, now() + 60, 10usize, RefusalCode::UnknownMailbox),
+        (mb, now().saturating_sub(1), 10, RefusalCode::Expired),
+        (mb, now() + 60, 6000, RefusalCode::OverQuota),
+    ];
+    for (mailbox, exp, len, code) in cases {
+        match client
+            .submit(mailbox, exp, vec![1; len])
+            .await
+            .expect("answer")
+        {
+            Submitted::Refused(r) => {
+                assert_eq!(r.code, code);
+                assert!(r.verify(client.relay_key()));
+            }
+            other => panic!("{code:?}: {other:?}"),
+        }
+    }
+    // A payload that does not match its stated hash.
+    let r = client
+        .request(Request::Submit {
+            mailbox: mb,
+            expires_at: now() + 60,
+            payload_hash: [0; 32],
+            payload: vec![1; 10],
+        })
+        .await
+        .expect("answer");
+    assert!(matches!(r, Response::Refused(ref f) if f.code == RefusalCode::HashMismatch));
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_key_holder_reads_or_deletes_a_mailbox() {
+    let relay = start(|_| {}).await;
+    let (alice, bob, mallory) = (id(1), id(2), id(3));
+    let bob_conn = RelayClient::connect(&relay.addr).await.expect("connect");
+    let bob_mb = bob_conn.register(&bob).await.expect("register");
+    let alice_conn = RelayClient::connect(&relay.addr).await.expect("connect");
+    alice_conn.register(&alice).await.expect("register");
+    for _ in 0..3 {
+        alice_conn
+            .submit(bob_mb, now() + 60, b"for bob".to_vec())
+            .await
+            .expect("submit");
+    }
+    let (bob_items, _) = bob_conn.fetch(0, 10).await.expect("fetch");
+    assert_eq!(bob_items.len(), 3);
+
+    // Alice, authenticated to her own mailbox, sees nothing of Bob's and
+    // cannot delete his items by guessing their seqs.
+    let (alice_items, _) = alice_conn.fetch(0, 10).await.expect("fetch");
+    assert!(alice_items.is_empty());
+    let guessed: Vec<u64> = (0..100).collect();
+    assert_eq!(alice_conn.ack(guessed).await.expect("ack"), 0);
+    assert_eq!(bob_conn.status().await.expect("status").0, 3);
+
+    // Unauthenticated: nothing.
+    let anon = RelayClient::connect(&relay.addr).await.expect("connect");
+    assert!(matches!(
+        anon.fetch(0, 10).await,
+        Err(ClientError::Server {
+            code: ErrorCode::NotAuthenticated,
+            ..
+        })
+    ));
+    // Mallory claims Bob's key but cannot sign for it.
+    let mut req_sig = [0u8; 64];
+    req_sig[0] = 1;
+    let r = anon
+        .request(Request::Auth {
+            key: *bob.public().signing_bytes(),
+            signature: req_sig,
+        })
+        .await;
+    assert!(matches!(
+        r,
+        Err(ClientError::Server {
+            code: ErrorCode::BadSignature,
+            ..
+        })
+    ));
+    // Auth with a key that has no mailbox.
+    assert!(matches!(
+        anon.auth(&mallory).await,
+        Err(ClientError::Server {
+            code: ErrorCode::MailboxState,
+            ..
+        })
+    ));
+
+    // A proof captured on one TLS session is useless on another: it signs
+    // that session's exporter value and challenge.
+    let victim = RelayClient::connect(&relay.addr).await.expect("connect");
+    let captured = victim.proof(&bob, false);
+    let other = RelayClient::connect(&relay.addr).await.expect("connect");
+    let r = other.request(captured.clone()).await;
+    assert!(matches!(
+        r,
+        Err(ClientError::Server {
+            code: ErrorCode::BadSignature,
+            ..
+        })
+    ));
+    // On its own session it works, which shows the test is not vacuous.
+    assert!(matches!(victim.request(captured).await, Ok(Response::Ok)));
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_upload_in_pieces_resume_and_download() {
+    let relay = start(|_| {}).await;
+    let bob = id(2);
+    let bob_conn = RelayClient::connect(&relay.addr).await.expect("connect");
+    let mb = bob_conn.register(&bob).await.expect("register");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7) as u8).collect();
+    let hash = *blake3::hash(&data).as_bytes();
+    let blob_id = [5u8; 16];
+    let sender = RelayClient::connect(&relay.addr).await.expect("connect");
+    let piece = 1 << 20;
+    // First piece, then the connection "drops".
+    let r = sender
+        .blob_put(
+            blob_id,
+            mb,
+            data.len() as u64,
+            hash,
+            now() + 60,
+            0,
+            data[..piece].to_vec(),
+        )
+        .await
+        .expect("put");
+    assert_eq!(r, Ok((piece as u64, false)));
+    drop(sender);
+    // A new connection asks where to resume and continues.
+    let sender = RelayClient::connect(&relay.addr).await.expect("connect");
+    let (mut off, _) = sender.blob_status(blob_id).await.expect("status");
+    assert_eq!(off, piece as u64);
+    while off < data.len() as u64 {
+        let end = (off as usize + piece).min(data.len());
+        let (stored, complete) = sender
+            .blob_put(
+                blob_id,
+                mb,
+                data.len() as u64,
+                hash,
+                now() + 60,
+                off,
+                data[off as usize..end].to_vec(),
+            )
+            .await
+            .expect("put")
+            .expect("stored");
+        off = stored;
+        assert_eq!(complete, off == data.len() as u64);
+    }
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        let part = bob_conn
+            .blob_get(blob_id, got.len() as u64, 1 << 20)
+            .await
+            .expect("get");
+        assert!(!part.is_empty());
+        got.extend_from_slice(&part);
+    }
+    assert_eq!(got, data);
+    // Someone else's mailbox cannot read it.
+    let alice_conn = RelayClient::connect(&relay.addr).await.expect("connect");
+    alice_conn.register(&id(1)).await.expect("register");
+    assert!(matches!(
+        alice_conn.blob_get(blob_id, 0, 10).await,
+        Err(ClientError::Server {
+            code: ErrorCode::NotFound,
+            ..
+        })
+    ));
+    bob_conn.blob_delete(blob_id).await.expect("delete");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_others_are_still_served() {
+    let relay = start(|c| {
+        c.frame_timeout = Duration::from_millis(500);
+        c.handshake_timeout = Duration::from_secs(2);
+    })
+    .await;
+    // Garbage instead of a TLS handshake.
+    let mut raw = TcpStream::connect(&relay.addr.host_port)
+        .await
+        .expect("tcp");
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(n.map(|n| n < 64).unwrap_or(true));
+
+    // Idle connections that never finish a handshake are cut off by the
+    // handshake timeout; meanwhile a real client is served.
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(
+            TcpStream::connect(&relay.addr.host_port)
+                .await
+                .expect("tcp"),
+        );
+    }
+    let bob = id(2);
+    let c = RelayClient::connect(&relay.addr)
+        .await
+        .expect("connect while 200 idle");
+    let mb = c.register(&bob).await.expect("register");
+    assert!(matches!(
+        c.submit(mb, now() + 60, b"hi".to_vec()).await,
+        Ok(Submitted::Accepted { .. })
+    ));
+    drop(idle);
+
+    // An oversized frame and a malformed one each end their connection
+    // with an error, and the relay keeps serving.
+    let c2 = RelayClient::connect(&relay.addr).await.expect("connect");
+    let r = c2
+        .request(Request::Submit {
+            mailbox: mb,
+            expires_at: now() + 60,
+            payload_hash: [0; 32],
+            payload: vec![0; 2 << 20],
+        })
+        .await;
+    assert!(r.is_err());
+    assert!(matches!(
+        c.submit(mb, now() + 60, b"still".to_vec()).await,
+        Ok(Submitted::Accepted { .. })
+    ));
+    assert!(relay.metrics.bad_frames.load(Ordering::Relaxed) >= 1);
+
+    // Slow loris: a frame started and never finished is cut off after the
+    // frame timeout (500 ms here).
+    let cfg = sealpost_relay::tls::client_config(relay.addr.pin).expect("cfg");
+    let tcp = TcpStream::connect(&relay.addr.host_port)
+        .await
+        .expect("tcp");
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("tls");
+    tls.write_all(&Request::Hello { version: 1 }.encode(1))
+        .await
+        .expect("hello");
+    tls.write_all(&[0, 0]).await.expect("half a prefix");
+    tls.flush().await.expect("flush");
+    let started = std::time::Instant::now();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut sink))
+        .await
+        .expect("closed by the relay");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(relay.metrics.timeouts.load(Ordering::Relaxed) >= 1);
+    relay.stop().await;
+}

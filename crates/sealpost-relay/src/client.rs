@@ -54,7 +54,9 @@ pub enum Submitted {
     Refused(Refusal),
 }
 
-type Waiters = Arc<Mutex<HashMap<u32, oneshot::Sender<Response>>>>;
+/// Requests waiting for their response; `None` once the connection is
+/// gone, so a request sent after that fails at once instead of waiting.
+type Waiters = Arc<Mutex<Option<HashMap<u32, oneshot::Sender<Response>>>>>;
 
 /// A connection to one relay.
 pub struct RelayClient {
@@ -118,7 +120,7 @@ impl RelayClient {
             .export_keying_material([0u8; 32], relay::EXPORTER_LABEL, None)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let (mut rd, wr) = tokio::io::split(stream);
-        let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
+        let waiters: Waiters = Arc::new(Mutex::new(Some(HashMap::new())));
         let (ntx, nrx) = mpsc::unbounded_channel();
         let w2 = waiters.clone();
         let reader = tokio::spawn(async move {
@@ -143,7 +145,10 @@ impl RelayClient {
                         continue;
                     }
                 }
-                let waiter = w2.lock().ok().and_then(|mut w| w.remove(&frame.id));
+                let waiter = w2
+                    .lock()
+                    .ok()
+                    .and_then(|mut w| w.as_mut().and_then(|m| m.remove(&frame.id)));
                 match waiter {
                     Some(tx) => {
                         let _ = tx.send(frame.body);
@@ -154,7 +159,7 @@ impl RelayClient {
             }
             // Wake every waiter: their requests will not be answered.
             if let Ok(mut w) = w2.lock() {
-                w.clear();
+                w.take();
             }
         });
         let mut client = Self {
@@ -214,6 +219,8 @@ impl RelayClient {
         self.waiters
             .lock()
             .map_err(|_| ClientError::Closed)?
+            .as_mut()
+            .ok_or(ClientError::Closed)?
             .insert(id, tx);
         let frame = req.encode(id);
         let mut w = self.writer.lock().await;

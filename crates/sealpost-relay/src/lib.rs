@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod limits;
+pub mod metrics;
 pub mod server;
 pub mod tls;
 

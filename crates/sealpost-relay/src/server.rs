@@ -22,6 +22,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
 
+use crate::limits::{PerAddress, TokenBucket};
 use crate::tls::{self, Pin, RelayAddress};
 
 /// Everything a relay is configured with.
@@ -43,6 +44,12 @@ pub struct Config {
     pub cert_names: Vec<String>,
     /// Submissions one connection may have waiting for their commit.
     pub max_in_flight: usize,
+    /// Requests per second one connection may make (and its burst).
+    pub rate_per_connection: (f64, f64),
+    /// New connections per second from one address (and its burst).
+    pub rate_per_address: (f64, f64),
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -59,6 +66,9 @@ impl Config {
             cert_files: None,
             cert_names: Vec::new(),
             max_in_flight: 1024,
+            rate_per_connection: (50_000.0, 10_000.0),
+            rate_per_address: (500.0, 2_000.0),
+            metrics: None,
         }
     }
 }
@@ -78,6 +88,7 @@ pub struct Metrics {
     pub bad_frames: AtomicU64,
     pub auth_failures: AtomicU64,
     pub timeouts: AtomicU64,
+    pub rate_limited: AtomicU64,
 }
 
 struct Shared {
@@ -88,6 +99,7 @@ struct Shared {
     metrics: Arc<Metrics>,
     config: Config,
     conns: Arc<Semaphore>,
+    per_address: std::sync::Mutex<PerAddress>,
 }
 
 /// A bound relay, ready to serve.
@@ -167,6 +179,11 @@ impl Relay {
                 notify,
                 metrics: Arc::new(Metrics::default()),
                 conns: Arc::new(Semaphore::new(config.max_connections)),
+                per_address: std::sync::Mutex::new(PerAddress::new(
+                    config.rate_per_address.0,
+                    config.rate_per_address.1,
+                    std::time::Instant::now(),
+                )),
                 config,
             }),
             listener,
@@ -204,6 +221,17 @@ impl Relay {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let shared = self.shared.clone();
         let sweeper = tokio::spawn(sweep_loop(shared.clone()));
+        let metrics_task = match shared.config.metrics {
+            Some(addr) => {
+                let l = TcpListener::bind(addr).await?;
+                Some(tokio::spawn(crate::metrics::serve(
+                    l,
+                    shared.metrics.clone(),
+                    shared.store.clone(),
+                )))
+            }
+            None => None,
+        };
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -217,6 +245,17 @@ impl Relay {
                             continue;
                         }
                     };
+                    let allowed = shared
+                        .per_address
+                        .lock()
+                        .map(|mut p| p.try_take(peer.ip(), std::time::Instant::now()))
+                        .unwrap_or(true);
+                    if !allowed {
+                        shared.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                        shared.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        drop(tcp);
+                        continue;
+                    }
                     let permit = match shared.conns.clone().try_acquire_owned() {
                         Ok(p) => p,
                         Err(_) => {
@@ -239,6 +278,9 @@ impl Relay {
             }
         }
         sweeper.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
         let store = shared.store.clone();
         tokio::task::spawn_blocking(move || store.close())
             .await
@@ -353,6 +395,8 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
         subscribed: false,
     };
     let in_flight = Arc::new(Semaphore::new(s.config.max_in_flight));
+    let (rate, burst) = s.config.rate_per_connection;
+    let mut bucket = TokenBucket::new(rate, burst, std::time::Instant::now());
     let mut hello = false;
     let result: io::Result<()> = async {
         loop {
@@ -411,6 +455,11 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
                         return Ok(());
                     }
                 }
+            }
+            if !bucket.try_take(std::time::Instant::now()) {
+                s.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                send(&out, frame.id, err(ErrorCode::RateLimited, "too many requests; slow down and retry")).await?;
+                continue;
             }
             handle(&s, &mut session, &out, &in_flight, frame.id, frame.body).await?;
         }

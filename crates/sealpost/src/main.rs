@@ -3,7 +3,9 @@
 
 mod demo;
 mod exit;
+mod load;
 mod output;
+mod relay_cmd;
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, IsTerminal, Read, Write};
@@ -81,6 +83,9 @@ enum Command {
     Seal(SealArgs),
     /// Decrypt and verify a sealed message; prints who sent it and when
     Open(OpenArgs),
+    /// Run or inspect a relay (store-and-forward server)
+    #[command(subcommand)]
+    Relay(relay_cmd::RelayCmd),
     /// Show every guarantee at work: identities, a message, a 64 MiB file,
     /// and tampered, misaddressed, forwarded, replayed and stale copies refused
     Demo {
@@ -149,7 +154,7 @@ fn parse_lifetime(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -164,6 +169,15 @@ fn default_home() -> anyhow::Result<PathBuf> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Logs go to stderr; SEALPOST_LOG (or RUST_LOG) sets the level.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SEALPOST_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .try_init();
     let out = Out::new(cli.json);
     match run(cli, &out) {
         Ok(()) => ExitCode::SUCCESS,
@@ -172,6 +186,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli, out: &Out) -> Result<(), Failure> {
+    if let Command::Relay(cmd) = cli.command {
+        return relay_cmd::run(cmd, out);
+    }
     let home = match cli.home {
         Some(h) => h,
         None => default_home()?,
@@ -184,6 +201,7 @@ fn run(cli: Cli, out: &Out) -> Result<(), Failure> {
         Command::Seal(args) => seal(&home.load()?, args, out),
         Command::Open(args) => open(&mut home.load()?, args, out),
         Command::Demo { size_mib } => demo::run(size_mib, out),
+        Command::Relay(cmd) => relay_cmd::run(cmd, out),
     }
 }
 

@@ -339,3 +339,5 @@ fn the_age_cli_decrypts_the_encrypted_layer() {
     // Header, empty content (stdin was empty) and 104-byte trailer.
     assert_eq!(o.stdout.len(), 5 + 1 + 16 + 8 + 8 + 1 + 64 + 1 + 64 + 104);
 }
+
+mod relay;

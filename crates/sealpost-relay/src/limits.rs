@@ -1,0 +1,105 @@
+//! Rate limits: token buckets with the clock passed in, so their behaviour
+//! is tested without sleeping.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Instant;
+
+/// `rate` tokens per second, at most `burst` saved up.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// New connections per source address. Buckets of addresses that have been
+/// quiet long enough to be full again are dropped, so the map stays small.
+#[derive(Debug)]
+pub struct PerAddress {
+    rate: f64,
+    burst: f64,
+    buckets: HashMap<IpAddr, TokenBucket>,
+    last_prune: Instant,
+}
+
+impl PerAddress {
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        Self {
+            rate,
+            burst,
+            buckets: HashMap::new(),
+            last_prune: now,
+        }
+    }
+
+    pub fn try_take(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if now.saturating_duration_since(self.last_prune).as_secs_f64() > 60.0 {
+            let full_after = self.burst / self.rate.max(1e-9);
+            self.buckets
+                .retain(|_, b| now.saturating_duration_since(b.last).as_secs_f64() < full_after);
+            self.last_prune = now;
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::new(rate, burst, now))
+            .try_take(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn buckets_refill_at_their_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10.0, 3.0, t0);
+        assert!(b.try_take(t0) && b.try_take(t0) && b.try_take(t0));
+        assert!(!b.try_take(t0));
+        assert!(!b.try_take(t0 + Duration::from_millis(50)));
+        assert!(b.try_take(t0 + Duration::from_millis(150)));
+        // Never more than the burst, however long the pause.
+        let later = t0 + Duration::from_secs(100);
+        assert!((0..3).all(|_| b.try_take(later)));
+        assert!(!b.try_take(later));
+    }
+
+    #[test]
+    fn addresses_are_limited_separately() {
+        let t0 = Instant::now();
+        let mut p = PerAddress::new(1.0, 2.0, t0);
+        let a: IpAddr = "127.0.0.1".parse().expect("ip");
+        let b: IpAddr = "::1".parse().expect("ip");
+        assert!(p.try_take(a, t0) && p.try_take(a, t0));
+        assert!(!p.try_take(a, t0));
+        assert!(p.try_take(b, t0));
+    }
+}

@@ -1,0 +1,147 @@
+//! Prometheus metrics over HTTP on a (by default loopback) address.
+//!
+//! The exposition format is a few lines of text and the only request is
+//! `GET`, so this is served by hand rather than with an HTTP stack: a
+//! bounded read of the request head, one response, close.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sealpost_store::Store;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::server::Metrics;
+
+pub fn render(m: &Metrics, store: &Store) -> String {
+    let mut s = String::new();
+    let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
+        s += &format!("# HELP sealpost_relay_{name} {help}\n# TYPE sealpost_relay_{name} {kind}\nsealpost_relay_{name} {v}\n");
+    };
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    counter(
+        "connections_total",
+        "Connections accepted.",
+        "counter",
+        g(&m.connections),
+    );
+    counter(
+        "connections_open",
+        "Connections open now.",
+        "gauge",
+        g(&m.connections_open),
+    );
+    counter(
+        "connections_refused_total",
+        "Connections refused by the cap or the per-address rate.",
+        "counter",
+        g(&m.connections_refused),
+    );
+    counter(
+        "accepted_total",
+        "Messages durably stored and acknowledged.",
+        "counter",
+        g(&m.accepted),
+    );
+    counter(
+        "accepted_bytes_total",
+        "Bytes of messages stored.",
+        "counter",
+        g(&m.accepted_bytes),
+    );
+    counter(
+        "refused_total",
+        "Submissions refused with a signed answer.",
+        "counter",
+        g(&m.refused),
+    );
+    counter(
+        "delivered_total",
+        "Items returned by fetches.",
+        "counter",
+        g(&m.fetched),
+    );
+    counter(
+        "acked_total",
+        "Items deleted by their owner.",
+        "counter",
+        g(&m.acked),
+    );
+    counter(
+        "blob_bytes_total",
+        "Blob bytes stored.",
+        "counter",
+        g(&m.blob_bytes),
+    );
+    counter(
+        "bad_frames_total",
+        "Malformed or oversized frames.",
+        "counter",
+        g(&m.bad_frames),
+    );
+    counter(
+        "auth_failures_total",
+        "Failed mailbox authentications.",
+        "counter",
+        g(&m.auth_failures),
+    );
+    counter(
+        "timeouts_total",
+        "Connections cut by a handshake, idle or frame timeout.",
+        "counter",
+        g(&m.timeouts),
+    );
+    counter(
+        "rate_limited_total",
+        "Requests refused by a rate limit.",
+        "counter",
+        g(&m.rate_limited),
+    );
+    let c = store.commit_stats();
+    counter(
+        "commits_total",
+        "Store transactions committed (each one fsync).",
+        "counter",
+        c.commits,
+    );
+    counter(
+        "commit_writes_total",
+        "Writes committed; writes/commits is the group-commit batch size.",
+        "counter",
+        c.writes,
+    );
+    counter(
+        "last_commit_microseconds",
+        "Duration of the last commit, fsync included.",
+        "gauge",
+        c.last_commit_micros,
+    );
+    if let Ok((mailboxes, items, bytes, blobs)) = store.totals() {
+        counter("mailboxes", "Mailboxes.", "gauge", mailboxes);
+        counter("queue_items", "Items waiting in mailboxes.", "gauge", items);
+        counter("queue_bytes", "Bytes of items waiting.", "gauge", bytes);
+        counter("blobs", "Blobs stored.", "gauge", blobs);
+    }
+    s
+}
+
+/// Serves metrics until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, store: Store) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let body = render(&metrics, &store);
+        tokio::spawn(async move {
+            let mut head = [0u8; 8192];
+            let _ = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut head)).await;
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,231 @@
+//! The relay as a real process: kill -9 campaigns and bad input.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use assert_cmd::cargo::cargo_bin;
+use sealpost_proto::relay::MailboxId;
+use sealpost_proto::Identity;
+use sealpost_relay::client::{RelayClient, Submitted};
+use sealpost_relay::RelayAddress;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Starts `sealpost relay serve` and waits until it accepts connections.
+/// The caller owns the child and reaps it; a panic here fails the test.
+#[allow(clippy::zombie_processes)]
+fn start_relay(data: &Path, port: u16) -> (Child, RelayAddress) {
+    let mut child = Command::new(cargo_bin("sealpost"))
+        .args(["relay", "serve", "--data"])
+        .arg(data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("SEALPOST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn relay");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(o) = Command::new(cargo_bin("sealpost"))
+            .args(["relay", "address", "--data"])
+            .arg(data)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .output()
+        {
+            if o.status.success() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                let a = RelayAddress::parse(String::from_utf8_lossy(&o.stdout).trim())
+                    .expect("address");
+                return (child, a);
+            }
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("relay did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A small deterministic generator for the kill schedule (xorshift64*).
+struct Seeded(u64);
+impl Seeded {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+#[test]
+fn killed_relay_loses_nothing_it_acknowledged() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("relay");
+    let port = free_port();
+    let (mut child, addr) = start_relay(&data, port);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let owner = Identity::from_secret_bytes(&[4; 32], &[5; 32]);
+    let mailbox: MailboxId = rt.block_on(async {
+        let c = RelayClient::connect(&addr).await.expect("connect");
+        c.register(&owner).await.expect("register")
+    });
+
+    // Submitters: each payload is unique; it is recorded only once the
+    // relay acknowledged it.
+    let acked: Arc<Mutex<HashMap<[u8; 32], Vec<u8>>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut submitters = Vec::new();
+    for w in 0..8u32 {
+        let (addr, acked, stop) = (addr.clone(), acked.clone(), stop.clone());
+        submitters.push(rt.spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(c) = RelayClient::connect(&addr).await else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                loop {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    n += 1;
+                    let mut payload = format!("worker {w} message {n} ").into_bytes();
+                    payload.resize(200 + (n as usize * 37) % 3000, b'x');
+                    match c.submit(mailbox, now() + 3600, payload.clone()).await {
+                        Ok(Submitted::Accepted { .. }) => {
+                            acked
+                                .lock()
+                                .expect("lock")
+                                .insert(*blake3::hash(&payload).as_bytes(), payload);
+                        }
+                        Ok(other) => panic!("refused: {other:?}"),
+                        Err(_) => break, // the relay died: reconnect
+                    }
+                }
+            }
+        }));
+    }
+
+    let mut rng = Seeded(0x5ea1_0057);
+    let kills = 20;
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(100 + rng.next() % 250));
+        child.kill().expect("kill -9"); // SIGKILL
+        child.wait().expect("reap");
+        let (c, _) = start_relay(&data, port);
+        child = c;
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    rt.block_on(async {
+        for s in submitters {
+            let _ = s.await;
+        }
+    });
+
+    // Everything acknowledged must be there, intact.
+    let stored: HashMap<[u8; 32], Vec<u8>> = rt.block_on(async {
+        let c = RelayClient::connect(&addr).await.expect("connect");
+        c.auth(&owner).await.expect("auth");
+        let mut all = HashMap::new();
+        let mut after = 0;
+        loop {
+            let (items, more) = c.fetch(after, 4096).await.expect("fetch");
+            for i in &items {
+                assert_eq!(
+                    blake3::hash(&i.payload).as_bytes(),
+                    &i.payload_hash,
+                    "item {} damaged",
+                    i.seq
+                );
+                all.insert(i.payload_hash, i.payload.clone());
+            }
+            match items.last() {
+                Some(last) if more => after = last.seq,
+                _ => break,
+            }
+        }
+        all
+    });
+    let acked = acked.lock().expect("lock");
+    let lost = acked.keys().filter(|h| !stored.contains_key(*h)).count();
+    eprintln!(
+        "kills {kills}, acked {}, stored {}, lost {lost}",
+        acked.len(),
+        stored.len()
+    );
+    println!("acked {}, lost {lost}", acked.len());
+    assert!(acked.len() > 100, "too few submissions to mean anything");
+    assert_eq!(lost, 0);
+    child.kill().expect("kill");
+    let _ = child.wait();
+}
+
+#[test]
+fn a_thousand_idle_connections_do_not_stop_service() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let (mut child, addr) = start_relay(&dir.path().join("relay"), port);
+    let pid = child.id();
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            })
+            .unwrap_or(0)
+    };
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(std::net::TcpStream::connect(("127.0.0.1", port)).expect("idle connection"));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let c = RelayClient::connect(&addr)
+            .await
+            .expect("served while 1000 are idle");
+        let mb = c
+            .register(&Identity::from_secret_bytes(&[1; 32], &[2; 32]))
+            .await
+            .expect("register");
+        for _ in 0..100 {
+            assert!(matches!(
+                c.submit(mb, now() + 60, vec![1; 1000])
+                    .await
+                    .expect("submit"),
+                Submitted::Accepted { .. }
+            ));
+        }
+    });
+    let peak = rss(pid);
+    eprintln!("relay peak RSS with 1000 idle connections: {peak} KiB");
+    assert!(peak < 256 * 1024, "peak RSS {peak} KiB");
+    drop(idle);
+    child.kill().expect("kill");
+    let _ = child.wait();
+}

@@ -13,6 +13,7 @@
 
 pub mod contacts;
 pub mod fsutil;
+pub mod link;
 
 use std::fs;
 use std::io::{self, Read, Seek, Write};

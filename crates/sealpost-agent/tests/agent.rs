@@ -190,3 +190,87 @@ fn receive_checks_sender_freshness_and_replay_persistently() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+mod link {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use sealpost_agent::link::RelayLink;
+    use sealpost_proto::Identity;
+    use sealpost_relay::client::{ClientError, Submitted};
+    use sealpost_relay::{Config, Relay};
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    async fn serve(
+        cfg: Config,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+        sealpost_relay::RelayAddress,
+    ) {
+        let relay = Relay::bind(cfg).await.expect("bind");
+        let addr = relay.address().clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(relay.serve(async move {
+            let _ = rx.await;
+        }));
+        (tx, task, addr)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_link_reconnects_after_the_relay_restarts() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let cfg = Config::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            dir.path().to_path_buf(),
+        );
+        let (stop, task, addr) = serve(cfg.clone()).await;
+        let me = Identity::from_secret_bytes(&[1; 32], &[2; 32]);
+        let mut link = RelayLink::new(addr.clone()).with_backoff(RelayLink::fast_backoff());
+        let mb = link
+            .call(&me, async |c| c.status().await)
+            .await
+            .expect("status");
+        assert_eq!(mb.0, 0);
+        let mailbox = link.mailbox().expect("mailbox");
+        let submit = async |c: &sealpost_relay::client::RelayClient| {
+            c.submit(mailbox, now() + 60, b"hi".to_vec()).await
+        };
+        assert!(matches!(
+            link.call(&me, submit).await,
+            Ok(Submitted::Accepted { .. })
+        ));
+
+        // The relay goes away: the link gives up after its attempts.
+        stop.send(()).expect("stop");
+        task.await.expect("join").expect("serve");
+        link.max_attempts = 3;
+        assert!(matches!(
+            link.call(&me, submit).await,
+            Err(ClientError::Connect { .. })
+        ));
+
+        // It comes back on the same port with the same data: the link
+        // reconnects, re-authenticates and the earlier item is still there.
+        let mut cfg2 = cfg;
+        cfg2.listen = addr.host_port.parse().expect("addr");
+        let (stop, task, _) = serve(cfg2).await;
+        link.max_attempts = 8;
+        assert!(matches!(
+            link.call(&me, submit).await,
+            Ok(Submitted::Accepted { .. })
+        ));
+        let (items, _) = link
+            .call(&me, async |c| c.fetch(0, 10).await)
+            .await
+            .expect("fetch");
+        assert_eq!(items.len(), 2);
+        stop.send(()).expect("stop");
+        task.await.expect("join").expect("serve");
+    }
+}

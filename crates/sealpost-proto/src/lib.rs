@@ -17,6 +17,7 @@ pub mod identity;
 pub mod manifest;
 pub mod message;
 pub mod relay;
+pub mod retry;
 
 pub use card::{CardError, CardFields, ContactCard, RelayPin};
 pub use error::{NotForMeReason, OpenError, SealError, TamperedAt};

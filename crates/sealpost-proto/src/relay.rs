@@ -7,7 +7,7 @@
 //!
 //! Requests carry an id the response repeats, so a client can pipeline
 //! many requests on one connection. Pushes from the relay (a new item in a
-//! subscribed mailbox) use request id 0. See `docs/PROTOCOL.md` §7.
+//! subscribed mailbox) use request id 0. See `docs/PROTOCOL.md` §6.
 
 use crate::codec::{DecodeError, Reader};
 

@@ -9,10 +9,13 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context};
 use rand_core::{OsRng, RngCore, SeedableRng};
+use sealpost_agent::link::RelayLink;
 use sealpost_agent::{Agent, Home, ReceiveError};
 use sealpost_proto::blob::DEFAULT_CHUNK_SIZE;
 use sealpost_proto::message::{self, testing};
+use sealpost_proto::relay::MailboxId;
 use sealpost_proto::{Kind, OpenError, PublicIdentity};
+use sealpost_relay::client::Submitted;
 use serde_json::json;
 
 use crate::exit::{open_class, Failure};
@@ -156,19 +159,82 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
         },
     );
 
-    // 2. A message.
-    demo.say("3. A message from Alice to Bob, sealed and opened:");
+    // The relay: on 127.0.0.1, with its own data directory.
+    let net = Net::start(&d.join("relay"))?;
+    demo.say(&format!(
+        "3. A relay on {} (TLS 1.3, key pinned as {}…); it stores and forwards, and sees no content.",
+        net.addr.host_port,
+        &net.addr.pin.to_text()[..16]
+    ));
+    let mut alice_link = RelayLink::new(net.addr.clone()).with_backoff(RelayLink::fast_backoff());
+    let mut bob_link = RelayLink::new(net.addr.clone()).with_backoff(RelayLink::fast_backoff());
+    net.rt
+        .block_on(bob_link.call(bob.identity(), async |c| c.status().await))
+        .context("Bob cannot reach the relay")?;
+    let bob_mailbox = MailboxId::of(bob_card.public().signing_bytes());
+    let mallory_mailbox = MailboxId::of(mallory_card.public().signing_bytes());
+    let refused_by_relay = net
+        .rt
+        .block_on(alice_link.call(alice.identity(), async |c| {
+            c.submit(mallory_mailbox, now() + 60, b"x".to_vec()).await
+        }));
+    demo.check(
+        "a submission for a mailbox the relay does not have: refused with the relay's signature",
+        "refused",
+        match refused_by_relay {
+            Ok(Submitted::Refused(r)) => Err(format!(
+                "refused: {} (signature verified against the relay's key)",
+                r.code.describe()
+            )),
+            Ok(Submitted::Accepted { .. }) => Ok("accepted".into()),
+            Err(e) => Err(format!("error: {e}")),
+        },
+    );
+
+    // A message.
+    demo.say("4. A message from Alice to Bob through the relay:");
     let to_bob = [*bob_card.public()];
     let msg = d.join("message.sealed");
     let text = b"Bob, the keys to the archive are in the usual place. -- Alice\n";
     seal_text(&alice, &to_bob, text, &msg)?;
     let inbox = d.join("bob-inbox");
     fs::create_dir(&inbox).context("mkdir")?;
-    match receive(&bob, &msg, &inbox) {
+    let sealed_bytes = fs::read(&msg).context("read")?;
+    let t = Instant::now();
+    match net
+        .rt
+        .block_on(alice_link.call(alice.identity(), async |c| {
+            c.submit(bob_mailbox, now() + 3600, sealed_bytes.clone())
+                .await
+        })) {
+        Ok(Submitted::Accepted { .. }) => {}
+        other => return Err(anyhow!("the relay did not take the message: {other:?}").into()),
+    }
+    let (items, _) = net
+        .rt
+        .block_on(bob_link.call(bob.identity(), async |c| c.fetch(0, 100).await))
+        .context("Bob cannot fetch")?;
+    let item = items
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("the message is not at the relay"))?;
+    let fetched = inbox.join("fetched.sealed");
+    fs::write(&fetched, &item.payload).context("write")?;
+    demo.say(&format!(
+        "     accepted by the relay only after it was on disk; Bob fetched it ({} bytes) in {:.1} ms",
+        item.payload.len(),
+        t.elapsed().as_secs_f64() * 1000.0
+    ));
+    match receive(&bob, &fetched, &inbox) {
         Ok(r) => {
             let content = fs::read(r.content.path()).context("read")?;
             let ok = content == text;
             bob.mark_delivered(&r.opened, now())?;
+            // Only now, with the message safe on Bob's side, may the relay
+            // forget it.
+            net.rt
+                .block_on(bob_link.call(bob.identity(), async |c| c.ack(vec![item.seq]).await))
+                .context("ack")?;
             let detail = format!(
                 "from {} ({}), id {}, {} bytes, content hash {}",
                 r.sender.name,
@@ -186,10 +252,10 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
         Err(e) => demo.check("Bob opens it", "accepted", Err(refused(e))),
     }
 
-    // 3. A file, as manifest + chunked blob.
+    // A file, as manifest + chunked blob.
     let size = size_mib * 1024 * 1024;
     demo.say(&format!(
-        "4. A {size_mib} MiB file from Alice to Bob: a sealed manifest plus a blob of {} KiB AEAD chunks:",
+        "5. A {size_mib} MiB file from Alice to Bob: a sealed manifest plus a blob of {} KiB AEAD chunks:",
         DEFAULT_CHUNK_SIZE / 1024
     ));
     let src = d.join("archive.bin");
@@ -226,13 +292,102 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
         manifest.layout.chunk_count(),
         manifest.layout.blob_len()
     ));
+    // Upload: the blob in 1 MiB pieces, then the manifest as a message.
+    let t = Instant::now();
+    let blob_hash = *manifest.blob_hash.as_bytes();
+    let blob_len = manifest.layout.blob_len();
+    let blob_id = manifest.blob_id.0;
+    {
+        let mut f = File::open(&blob_path).context("open")?;
+        let mut off = 0u64;
+        let mut piece = vec![0u8; 1 << 20];
+        while off < blob_len {
+            let n = (blob_len - off).min(piece.len() as u64) as usize;
+            f.seek(SeekFrom::Start(off))
+                .and_then(|_| f.read_exact(&mut piece[..n]))
+                .context("read blob")?;
+            let data = piece[..n].to_vec();
+            let r = net
+                .rt
+                .block_on(alice_link.call(alice.identity(), async |c| {
+                    c.blob_put(
+                        blob_id,
+                        bob_mailbox,
+                        blob_len,
+                        blob_hash,
+                        now() + 3600,
+                        off,
+                        data.clone(),
+                    )
+                    .await
+                }));
+            match r {
+                Ok(Ok((stored, _))) => off = stored,
+                other => return Err(anyhow!("the relay did not take the blob: {other:?}").into()),
+            }
+        }
+        let m = fs::read(&manifest_path).context("read")?;
+        match net
+            .rt
+            .block_on(alice_link.call(alice.identity(), async |c| {
+                c.submit(bob_mailbox, now() + 3600, m.clone()).await
+            })) {
+            Ok(Submitted::Accepted { .. }) => {}
+            other => return Err(anyhow!("the relay did not take the manifest: {other:?}").into()),
+        }
+    }
+    let up_s = t.elapsed().as_secs_f64();
+    // Download: the manifest message, then the blob by ranges.
+    let t = Instant::now();
+    let (items, _) = net
+        .rt
+        .block_on(bob_link.call(bob.identity(), async |c| c.fetch(0, 100).await))
+        .context("fetch")?;
+    let manifest_item = items
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("the manifest is not at the relay"))?;
+    let fetched_manifest = inbox.join("manifest.sealed");
+    fs::write(&fetched_manifest, &manifest_item.payload).context("write")?;
+    let spool = d.join("bob-spool");
+    fs::create_dir(&spool).context("mkdir")?;
+    let downloaded = spool.join("archive.blob");
+    {
+        let mut f = BufWriter::with_capacity(1 << 20, File::create(&downloaded).context("create")?);
+        let mut off = 0u64;
+        while off < blob_len {
+            let part = net
+                .rt
+                .block_on(bob_link.call(bob.identity(), async |c| {
+                    c.blob_get(blob_id, off, 1 << 20).await
+                }))
+                .context("download")?;
+            if part.is_empty() {
+                return Err(anyhow!("the relay's blob ends early").into());
+            }
+            f.write_all(&part).context("write")?;
+            off += part.len() as u64;
+        }
+        f.into_inner()
+            .map_err(|e| anyhow!("{e}"))?
+            .sync_all()
+            .context("fsync")?;
+    }
+    let down_s = t.elapsed().as_secs_f64();
+    demo.say(&format!(
+        "     uploaded through the relay in {up_s:.2} s ({:.0} MiB/s), downloaded by Bob in {down_s:.2} s ({:.0} MiB/s), every piece fsync'd at the relay",
+        mib_per_s(blob_len, up_s),
+        mib_per_s(blob_len, down_s)
+    ));
+    let blob_path = downloaded;
     let downloads = d.join("bob-downloads");
     fs::create_dir(&downloads).context("mkdir")?;
-    let manifest_msg = receive(&bob, &manifest_path, &inbox);
+    let manifest_msg = receive(&bob, &fetched_manifest, &inbox);
     let manifest_msg = match manifest_msg {
         Ok(m) => m,
         Err(e) => {
             demo.check("Bob opens the file's manifest", "accepted", Err(refused(e)));
+            net.stop();
             return finish(demo, out);
         }
     };
@@ -270,6 +425,12 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     match result {
         Ok((m, path)) => {
             bob.mark_delivered(&manifest_msg.opened, now())?;
+            net.rt
+                .block_on(bob_link.call(bob.identity(), async |c| {
+                    c.ack(vec![manifest_item.seq]).await?;
+                    c.blob_delete(blob_id).await
+                }))
+                .context("ack")?;
             let stored = blake3::Hasher::new()
                 .update_reader(File::open(&path).context("reopen")?)
                 .context("hash")?
@@ -289,7 +450,7 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     }
     drop(manifest_msg);
 
-    demo.say("5. What an attacker or a broken relay might do, and how each is caught:");
+    demo.say("6. What an attacker or a broken relay might do, and how each is caught:");
     // A flipped bit in the sealed message.
     let bad_msg = d.join("message.tampered.sealed");
     fs::copy(&msg, &bad_msg).context("copy")?;
@@ -365,7 +526,49 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
         attempt(&bob, &from_mallory, &inbox),
     );
 
+    net.stop();
     finish(demo, out)
+}
+
+/// A relay running in this process, on 127.0.0.1 and a free port.
+struct Net {
+    rt: tokio::runtime::Runtime,
+    addr: sealpost_relay::RelayAddress,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Net {
+    fn start(data: &Path) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("runtime")?;
+        let config = sealpost_relay::Config::new(([127, 0, 0, 1], 0).into(), data.to_path_buf());
+        let relay = rt
+            .block_on(sealpost_relay::Relay::bind(config))
+            .context("cannot start the demo relay")?;
+        let addr = relay.address().clone();
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = rt.spawn(relay.serve(async move {
+            let _ = rx.await;
+        }));
+        Ok(Self {
+            rt,
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = self.rt.block_on(t);
+        }
+    }
 }
 
 fn finish(demo: Demo<'_>, out: &Out) -> Result<(), Failure> {

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Durable submissions per second to a sealpost relay on 127.0.0.1, side by
+# side with Postfix's durable accepts (../shared/bench/anchors/postfix.sh) in
+# the same session.
+#
+#   bench/relay-submit.sh
+#   COUNT_1K=100000 COUNT_64K=10000 CLIENTS=16 bench/relay-submit.sh
+#
+# Every submission counts only once the relay answered Accepted, which it
+# does after the SQLite commit (synchronous=FULL, so after fsync) that holds
+# it. Output lines: "<system> <figure> <value> <unit>", then "ratio" lines.
+# Bounded: COUNT_* submissions and MAX_SECONDS per run; loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+COUNT_1K=${COUNT_1K:-50000}
+COUNT_64K=${COUNT_64K:-5000}
+CLIENTS=${CLIENTS:-16}
+WINDOW=${WINDOW:-32}
+LONE=${LONE:-1000}
+MAX_SECONDS=${MAX_SECONDS:-300}
+PORT=${PORT:-17443}
+ANCHOR=${ANCHOR:-../shared/bench/anchors/postfix.sh}
+
+cargo build --release --locked -q -p sealpost
+SP=$PWD/target/release/sealpost
+T=$(mktemp -d /var/tmp/sealpost-relay-bench.XXXXXX)
+RELAY_PID=
+cleanup() {
+    [[ -n $RELAY_PID ]] && kill "$RELAY_PID" 2>/dev/null && wait "$RELAY_PID" 2>/dev/null
+    rm -rf "$T"
+}
+trap cleanup EXIT
+
+"$SP" relay serve --data "$T/relay" --listen "127.0.0.1:$PORT" >/dev/null 2>"$T/relay.log" &
+RELAY_PID=$!
+for _ in $(seq 100); do
+    ADDR=$("$SP" relay address --data "$T/relay" --listen "127.0.0.1:$PORT" 2>/dev/null) && break
+    sleep 0.1
+done
+sleep 0.3
+echo "# relay at $ADDR, loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+
+field() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
+run() { # name count size clients window
+    local out
+    out=$("$SP" --json relay load --address "$ADDR" --count "$2" --size "$3" --clients "$4" --window "$5" --max-seconds "$MAX_SECONDS")
+    echo "sealpost $1_msgs_per_sec $(echo "$out" | field msgs_per_sec) msg/s"
+    echo "sealpost $1_mb_per_sec $(echo "$out" | field mb_per_sec) MB/s"
+    echo "sealpost $1_p50 $(echo "$out" | field p50_ms) ms"
+    echo "sealpost $1_p99 $(echo "$out" | field p99_ms) ms"
+}
+run "submit_1k_${CLIENTS}clients" "$COUNT_1K" 1024 "$CLIENTS" "$WINDOW" | tee "$T/sp.out"
+run "submit_64k_${CLIENTS}clients" "$COUNT_64K" 65536 "$CLIENTS" 4 | tee -a "$T/sp.out"
+run "submit_1k_lone" "$LONE" 1024 1 1 | tee -a "$T/sp.out"
+RSS=$(awk '/VmHWM/ { print $2 }' "/proc/$RELAY_PID/status")
+echo "sealpost relay_peak_rss $((RSS / 1024)) MiB"
+kill "$RELAY_PID"; wait "$RELAY_PID" 2>/dev/null || true; RELAY_PID=
+
+echo "# running $ANCHOR (MODES=maildir N=2000)" >&2
+MODES=maildir bash "$ANCHOR" | tee "$T/pf.out"
+
+sp() { awk -v k="$1" '$1 == "sealpost" && $2 == k { print $3 }' "$T/sp.out"; }
+pf() { awk -v k="$1" '$1 == "postfix" && $2 == k { print $3 }' "$T/pf.out"; }
+r() { LC_ALL=C awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f", a / b; else print "n/a" }'; }
+echo "ratio submit_1k/postfix_accept_1k $(r "$(sp "submit_1k_${CLIENTS}clients_msgs_per_sec")" "$(pf maildir_1KiB_smtp_accept_rate)") x"
+echo "ratio submit_64k/postfix_accept_64k $(r "$(sp "submit_64k_${CLIENTS}clients_msgs_per_sec")" "$(pf maildir_64KiB_smtp_accept_rate)") x"

@@ -373,10 +373,48 @@ async fn bad_input_is_refused_and_others_are_still_served() {
     tls.flush().await.expect("flush");
     let started = std::time::Instant::now();
     let mut sink = Vec::new();
+    // (The frame stays unfinished; the relay must cut it off by itself.)
     let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut sink))
         .await
         .expect("closed by the relay");
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(relay.metrics.timeouts.load(Ordering::Relaxed) >= 1);
+
+    // A well-framed request of an unknown type: an error answer, then close.
+    let cfg = sealpost_relay::tls::client_config(relay.addr.pin).expect("cfg");
+    let tcp = TcpStream::connect(&relay.addr.host_port)
+        .await
+        .expect("tcp");
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("tls");
+    tls.write_all(&Request::Hello { version: 1 }.encode(1))
+        .await
+        .expect("hello");
+    tls.write_all(&[0, 0, 0, 5, 0x7f, 0, 0, 0, 2])
+        .await
+        .expect("bad frame");
+    tls.flush().await.expect("flush");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer))
+        .await
+        .expect("closed");
+    let mut fb = sealpost_proto::relay::FrameBuffer::new();
+    fb.extend(&answer);
+    let hello = fb.next_frame().expect("frame").expect("HelloOk");
+    assert!(matches!(
+        Response::decode(&hello).expect("decodes").body,
+        Response::HelloOk { .. }
+    ));
+    let e = fb.next_frame().expect("frame").expect("an error frame");
+    assert!(matches!(
+        Response::decode(&e).expect("decodes").body,
+        Response::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        }
+    ));
     relay.stop().await;
 }

@@ -419,6 +419,25 @@ impl Store {
         Ok((u64_of(m), u64_of(i), u64_of(b), u64_of(bl)))
     }
 
+    /// Every mailbox with its queued items and bytes used.
+    pub fn mailboxes(&self) -> Result<Vec<MailboxRow>, StoreError> {
+        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
+        let mut stmt = conn.prepare(
+            "SELECT m.id, m.used, m.quota, (SELECT COUNT(*) FROM items i WHERE i.mailbox = m.id)
+             FROM mailboxes m ORDER BY m.used DESC",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let id: Vec<u8> = r.get(0)?;
+            Ok(MailboxRow {
+                id: MailboxId(id.try_into().unwrap_or([0; 32])),
+                used: u64_of(r.get(1)?),
+                quota: u64_of(r.get(2)?),
+                items: u64_of(r.get(3)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn blob_path(&self, id: &[u8; 16]) -> PathBuf {
         blob_path(&self.inner.blob_dir, id)
     }
@@ -633,6 +652,14 @@ impl Store {
         }
         Ok(report)
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxRow {
+    pub id: MailboxId,
+    pub items: u64,
+    pub used: u64,
+    pub quota: u64,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

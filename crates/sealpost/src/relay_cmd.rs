@@ -76,6 +76,21 @@ pub struct ServeArgs {
     /// Seconds a connection may stay silent
     #[arg(long, value_name = "SECS")]
     idle_timeout: Option<u64>,
+    /// Seconds a client has to finish the TLS handshake
+    #[arg(long, value_name = "SECS")]
+    handshake_timeout: Option<u64>,
+    /// Seconds a client has to finish a frame it started (slow clients are cut off)
+    #[arg(long, value_name = "SECS")]
+    frame_timeout: Option<u64>,
+    /// Seconds between sweeps of expired items and blobs
+    #[arg(long, value_name = "SECS")]
+    sweep_interval: Option<u64>,
+    /// Requests per second one connection may make
+    #[arg(long, value_name = "N")]
+    rate_per_connection: Option<f64>,
+    /// New connections per second one address may open
+    #[arg(long, value_name = "N")]
+    rate_per_address: Option<f64>,
 }
 
 /// The configuration file: every option of `relay serve`.
@@ -177,20 +192,20 @@ fn build_config(a: ServeArgs) -> anyhow::Result<Config> {
     if let Some(s) = a.idle_timeout.or(file.idle_timeout) {
         c.idle_timeout = Duration::from_secs(s.max(1));
     }
-    if let Some(s) = file.handshake_timeout {
+    if let Some(s) = a.handshake_timeout.or(file.handshake_timeout) {
         c.handshake_timeout = Duration::from_secs(s.max(1));
     }
-    if let Some(s) = file.frame_timeout {
+    if let Some(s) = a.frame_timeout.or(file.frame_timeout) {
         c.frame_timeout = Duration::from_secs(s.max(1));
     }
-    if let Some(s) = file.sweep_interval {
+    if let Some(s) = a.sweep_interval.or(file.sweep_interval) {
         c.sweep_interval = Duration::from_secs(s.max(1));
     }
-    if let Some(r) = file.rate_per_connection {
-        c.rate_per_connection = (r, r.max(1.0));
+    if let Some(r) = a.rate_per_connection.or(file.rate_per_connection) {
+        c.rate_per_connection = (r.max(1.0), r.max(1.0));
     }
-    if let Some(r) = file.rate_per_address {
-        c.rate_per_address = (r, (r * 4.0).max(1.0));
+    if let Some(r) = a.rate_per_address.or(file.rate_per_address) {
+        c.rate_per_address = (r.max(1.0), (r * 4.0).max(1.0));
     }
     Ok(c)
 }

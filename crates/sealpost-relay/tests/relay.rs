@@ -59,6 +59,21 @@ async fn start(tweak: impl FnOnce(&mut Config)) -> Running {
     }
 }
 
+/// A pinned TLS session that has sent Hello, for writing raw bytes.
+async fn raw_session(addr: &RelayAddress) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let cfg = sealpost_relay::tls::client_config(addr.pin).expect("cfg");
+    let tcp = TcpStream::connect(&addr.host_port).await.expect("tcp");
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("tls");
+    tls.write_all(&Request::Hello { version: 1 }.encode(1))
+        .await
+        .expect("hello");
+    tls
+}
+
 fn id(n: u8) -> Identity {
     Identity::from_secret_bytes(&[n; 32], &[n ^ 0x55; 32])
 }
@@ -357,18 +372,7 @@ async fn bad_input_is_refused_and_others_are_still_served() {
 
     // Slow loris: a frame started and never finished is cut off after the
     // frame timeout (500 ms here).
-    let cfg = sealpost_relay::tls::client_config(relay.addr.pin).expect("cfg");
-    let tcp = TcpStream::connect(&relay.addr.host_port)
-        .await
-        .expect("tcp");
-    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .expect("tls");
-    tls.write_all(&Request::Hello { version: 1 }.encode(1))
-        .await
-        .expect("hello");
+    let mut tls = raw_session(&relay.addr).await;
     tls.write_all(&[0, 0]).await.expect("half a prefix");
     tls.flush().await.expect("flush");
     let started = std::time::Instant::now();
@@ -381,18 +385,7 @@ async fn bad_input_is_refused_and_others_are_still_served() {
     assert!(relay.metrics.timeouts.load(Ordering::Relaxed) >= 1);
 
     // A well-framed request of an unknown type: an error answer, then close.
-    let cfg = sealpost_relay::tls::client_config(relay.addr.pin).expect("cfg");
-    let tcp = TcpStream::connect(&relay.addr.host_port)
-        .await
-        .expect("tcp");
-    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .expect("tls");
-    tls.write_all(&Request::Hello { version: 1 }.encode(1))
-        .await
-        .expect("hello");
+    let mut tls = raw_session(&relay.addr).await;
     tls.write_all(&[0, 0, 0, 5, 0x7f, 0, 0, 0, 2])
         .await
         .expect("bad frame");

@@ -229,3 +229,109 @@ fn a_thousand_idle_connections_do_not_stop_service() {
     child.kill().expect("kill");
     let _ = child.wait();
 }
+
+#[test]
+fn config_file_metrics_status_and_scrub() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("relay");
+    let (port, mport) = (free_port(), free_port());
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata = \"{}\"\nmetrics = \"127.0.0.1:{mport}\"\nmailbox_quota = 1000000\nidle_timeout = 60\n",
+            data.display()
+        ),
+    )
+    .expect("config");
+    // An unknown option is refused with the file named.
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "listen = \"127.0.0.1:1\"\nbogus = 1\n",
+    )
+    .expect("write");
+    let o = Command::new(cargo_bin("sealpost"))
+        .args(["relay", "serve", "--config"])
+        .arg(dir.path().join("bad.toml"))
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bad.toml"));
+
+    let mut child = Command::new(cargo_bin("sealpost"))
+        .args(["relay", "serve", "--config"])
+        .arg(&cfg)
+        .env("SEALPOST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("relay did not start from its config file");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = Command::new(cargo_bin("sealpost"))
+        .args(["relay", "address", "--data"])
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .output()
+        .expect("address");
+    let addr = RelayAddress::parse(String::from_utf8_lossy(&out.stdout).trim()).expect("address");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let c = RelayClient::connect(&addr).await.expect("connect");
+        let mb = c
+            .register(&Identity::from_secret_bytes(&[1; 32], &[2; 32]))
+            .await
+            .expect("register");
+        assert!(matches!(
+            c.submit(mb, now() + 600, vec![3; 500]).await,
+            Ok(Submitted::Accepted { .. })
+        ));
+        // The quota from the file applies.
+        assert!(matches!(
+            c.submit(mb, now() + 600, vec![3; 999_999]).await,
+            Ok(Submitted::Refused(_))
+        ));
+    });
+    let mut m = std::net::TcpStream::connect(("127.0.0.1", mport)).expect("metrics");
+    m.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("get");
+    let mut body = String::new();
+    m.read_to_string(&mut body).expect("read");
+    assert!(body.contains("sealpost_relay_accepted_total 1\n"), "{body}");
+    assert!(body.contains("sealpost_relay_refused_total 1\n"), "{body}");
+
+    // SIGTERM: a clean stop.
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+    let o = Command::new(cargo_bin("sealpost"))
+        .args(["--json", "relay", "status", "--data"])
+        .arg(&data)
+        .output()
+        .expect("status");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(
+        (v["mailboxes"].as_u64(), v["items"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let o = Command::new(cargo_bin("sealpost"))
+        .args(["relay", "scrub", "--data"])
+        .arg(&data)
+        .output()
+        .expect("scrub");
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("0 damaged"));
+}

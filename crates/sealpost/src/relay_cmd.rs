@@ -18,7 +18,7 @@ use crate::output::Out;
 pub enum RelayCmd {
     /// Run a relay: a TLS 1.3 listener that stores sealed messages and
     /// blobs durably until their recipients fetch them
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the address agents pin (host:port/KEY-FINGERPRINT)
     Address(DataArgs),
     /// Show mailboxes, queued items and blobs
@@ -136,7 +136,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 pub fn run(cmd: RelayCmd, out: &Out) -> Result<(), Failure> {
     match cmd {
-        RelayCmd::Serve(a) => serve(a, out),
+        RelayCmd::Serve(a) => serve(*a, out),
         RelayCmd::Address(a) => address(&a, out),
         RelayCmd::Status(a) => status(&a, out),
         RelayCmd::Scrub(a) => scrub(&a, out),

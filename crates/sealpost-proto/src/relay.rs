@@ -17,8 +17,10 @@ pub const VERSION: u8 = 1;
 pub const ALPN: &[u8] = b"sealpost/1";
 /// Largest frame body (type + id + body): a 1 MiB payload plus headers.
 pub const MAX_FRAME: usize = (1 << 20) + 1024;
-/// Largest sealed message a relay takes in one `Submit`. Larger content
-/// travels as a file: a small sealed manifest plus a blob uploaded in pieces.
+/// Largest sealed message a relay takes in one `Submit` by default (a relay
+/// may be configured lower, never higher: it must fit a frame). Larger
+/// content travels as a file: a small sealed manifest plus a blob uploaded
+/// in pieces.
 pub const MAX_MESSAGE: usize = 1 << 20;
 /// Largest piece of a blob in one `BlobPut` or `BlobData`.
 pub const MAX_BLOB_PIECE: usize = 1 << 20;
@@ -103,6 +105,17 @@ impl RefusalCode {
                 })
             }
         })
+    }
+
+    /// A short machine name: `unknown_mailbox`, `over_quota`, …
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::UnknownMailbox => "unknown_mailbox",
+            Self::OverQuota => "over_quota",
+            Self::TooLarge => "too_large",
+            Self::Expired => "expired",
+            Self::HashMismatch => "hash_mismatch",
+        }
     }
 
     pub fn describe(self) -> &'static str {
@@ -505,13 +518,9 @@ impl Request {
                 let mailbox = MailboxId(r.array("mailbox")?);
                 let expires_at = r.u64("expiry")?;
                 let payload_hash = r.array("payload hash")?;
+                // Bounded by the frame; a relay refuses a payload above its
+                // own message limit with a signed TooLarge, not a parse error.
                 let n = r.remaining();
-                if n > MAX_MESSAGE {
-                    return Err(DecodeError::TooLarge {
-                        what: "message",
-                        max: MAX_MESSAGE,
-                    });
-                }
                 Self::Submit {
                     mailbox,
                     expires_at,

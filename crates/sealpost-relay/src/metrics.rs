@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sealpost_proto::relay::RefusalCode;
 use sealpost_store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -16,6 +17,24 @@ use crate::server::Metrics;
 
 pub fn render(m: &Metrics, store: &Store) -> String {
     let mut s = String::new();
+    let mut by_reason = String::from("# HELP sealpost_relay_refusals_total Signed refusals by reason.\n# TYPE sealpost_relay_refusals_total counter\n");
+    for code in [
+        RefusalCode::UnknownMailbox,
+        RefusalCode::OverQuota,
+        RefusalCode::TooLarge,
+        RefusalCode::Expired,
+        RefusalCode::HashMismatch,
+    ] {
+        let n = m
+            .refused_by_code
+            .get(code.code() as usize)
+            .map(|a| a.load(Ordering::Relaxed))
+            .unwrap_or(0);
+        by_reason += &format!(
+            "sealpost_relay_refusals_total{{reason=\"{}\"}} {n}\n",
+            code.name()
+        );
+    }
     let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
         s += &format!("# HELP sealpost_relay_{name} {help}\n# TYPE sealpost_relay_{name} {kind}\nsealpost_relay_{name} {v}\n");
     };
@@ -123,7 +142,7 @@ pub fn render(m: &Metrics, store: &Store) -> String {
         counter("queue_bytes", "Bytes of items waiting.", "gauge", bytes);
         counter("blobs", "Blobs stored.", "gauge", blobs);
     }
-    s
+    s + &by_reason
 }
 
 /// Serves metrics until the task is dropped.

@@ -50,6 +50,9 @@ pub struct Config {
     pub rate_per_address: (f64, f64),
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Largest message (sealed container) taken by `Submit`; at most
+    /// `relay::MAX_MESSAGE`.
+    pub max_message: usize,
 }
 
 impl Config {
@@ -69,6 +72,7 @@ impl Config {
             rate_per_connection: (50_000.0, 10_000.0),
             rate_per_address: (500.0, 2_000.0),
             metrics: None,
+            max_message: relay::MAX_MESSAGE,
         }
     }
 }
@@ -89,6 +93,8 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     pub timeouts: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Refusals by `RefusalCode::code()` (index 0 unused).
+    pub refused_by_code: [AtomicU64; 6],
 }
 
 struct Shared {
@@ -749,6 +755,9 @@ async fn handle(
 
 fn refusal(s: &Shared, code: RefusalCode, mailbox: MailboxId, hash: [u8; 32]) -> Response {
     s.metrics.refused.fetch_add(1, Ordering::Relaxed);
+    if let Some(c) = s.metrics.refused_by_code.get(code.code() as usize) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
     let at = now();
     let mut msg = context::REFUSAL.to_vec();
     msg.extend_from_slice(&Refusal::signed_bytes(code, at, &mailbox, &hash));
@@ -768,6 +777,9 @@ async fn submit(
     hash: [u8; 32],
     payload: Vec<u8>,
 ) -> Response {
+    if payload.len() > s.config.max_message.min(relay::MAX_MESSAGE) {
+        return refusal(s, RefusalCode::TooLarge, mailbox, hash);
+    }
     if blake3::hash(&payload).as_bytes() != &hash {
         return refusal(s, RefusalCode::HashMismatch, mailbox, hash);
     }

@@ -125,7 +125,11 @@ async fn submit_subscribe_fetch_ack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_signed_by_the_relay() {
-    let relay = start(|c| c.limits.mailbox_quota = 5000).await;
+    let relay = start(|c| {
+        c.limits.mailbox_quota = 5000;
+        c.max_message = 8000;
+    })
+    .await;
     let client = RelayClient::connect(&relay.addr).await.expect("connect");
     let bob = id(2);
     let mb = client.register(&bob).await.expect("register");
@@ -134,6 +138,7 @@ async fn refusals_are_signed_by_the_relay() {
         (unknown, now() + 60, 10usize, RefusalCode::UnknownMailbox),
         (mb, now().saturating_sub(1), 10, RefusalCode::Expired),
         (mb, now() + 60, 6000, RefusalCode::OverQuota),
+        (mb, now() + 60, 8001, RefusalCode::TooLarge),
     ];
     for (mailbox, exp, len, code) in cases {
         match client

@@ -73,6 +73,9 @@ pub struct ServeArgs {
     /// Largest blob in bytes
     #[arg(long, value_name = "BYTES")]
     max_blob: Option<u64>,
+    /// Largest message in bytes (at most 1 MiB; larger content goes as a file)
+    #[arg(long, value_name = "BYTES")]
+    max_message: Option<usize>,
     /// Seconds a connection may stay silent
     #[arg(long, value_name = "SECS")]
     idle_timeout: Option<u64>,
@@ -106,6 +109,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     mailbox_quota: Option<u64>,
     max_blob: Option<u64>,
+    max_message: Option<usize>,
     idle_timeout: Option<u64>,
     handshake_timeout: Option<u64>,
     frame_timeout: Option<u64>,
@@ -189,6 +193,9 @@ fn build_config(a: ServeArgs) -> anyhow::Result<Config> {
         limits.max_blob = m;
     }
     c.limits = limits;
+    if let Some(m) = a.max_message.or(file.max_message) {
+        c.max_message = m.clamp(1, sealpost_proto::relay::MAX_MESSAGE);
+    }
     if let Some(s) = a.idle_timeout.or(file.idle_timeout) {
         c.idle_timeout = Duration::from_secs(s.max(1));
     }

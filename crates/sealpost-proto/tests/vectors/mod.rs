@@ -162,6 +162,212 @@ fn classify(r: &Result<(OpenedMessage, Vec<u8>), OpenError>) -> String {
     }
 }
 
+/// Relay protocol frames (PROTOCOL.md §6), all deterministic.
+fn relay_vectors() -> Value {
+    use sealpost_proto::relay::{
+        auth_transcript, context, ErrorCode, Item, MailboxId, Refusal, RefusalCode, Request,
+        Response,
+    };
+    let a = alice();
+    let relay_key = Identity::from_secret_bytes(&[0x99; 32], &[0x98; 32]);
+    let bob_mb = MailboxId::of(bob().public().signing_bytes());
+    let exporter = [0x0e; 32];
+    let challenge = [0xc4; 32];
+    let auth_sig = a.sign(context::AUTH, &auth_transcript(&exporter, &challenge));
+    let refusal_at = 1_750_000_100u64;
+    let hash = *blake3::hash(b"payload").as_bytes();
+    let mut signed = context::REFUSAL.to_vec();
+    signed.extend_from_slice(&Refusal::signed_bytes(
+        RefusalCode::OverQuota,
+        refusal_at,
+        &bob_mb,
+        &hash,
+    ));
+    let refusal = Refusal {
+        code: RefusalCode::OverQuota,
+        at: refusal_at,
+        mailbox: bob_mb,
+        payload_hash: hash,
+        signature: relay_key.sign(b"", &signed),
+    };
+    let requests = vec![
+        ("Hello", Request::Hello { version: 1 }),
+        (
+            "Auth",
+            Request::Auth {
+                key: *a.public().signing_bytes(),
+                signature: auth_sig,
+            },
+        ),
+        (
+            "Submit",
+            Request::Submit {
+                mailbox: bob_mb,
+                expires_at: 1_750_003_600,
+                payload_hash: hash,
+                payload: b"payload".to_vec(),
+            },
+        ),
+        (
+            "Fetch",
+            Request::Fetch {
+                after: 41,
+                max: 100,
+            },
+        ),
+        ("Subscribe", Request::Subscribe),
+        ("Ack", Request::Ack { seqs: vec![42, 43] }),
+        (
+            "BlobPut",
+            Request::BlobPut {
+                blob_id: [0x88; 16],
+                mailbox: bob_mb,
+                total_len: 10_160,
+                blob_hash: [0x11; 32],
+                expires_at: 1_750_003_600,
+                offset: 0,
+                data: vec![0xab; 8],
+            },
+        ),
+        (
+            "BlobStatus",
+            Request::BlobStatus {
+                blob_id: [0x88; 16],
+            },
+        ),
+        (
+            "BlobGet",
+            Request::BlobGet {
+                blob_id: [0x88; 16],
+                offset: 4112,
+                len: 4112,
+            },
+        ),
+        (
+            "BlobDelete",
+            Request::BlobDelete {
+                blob_id: [0x88; 16],
+            },
+        ),
+        ("Status", Request::Status),
+    ];
+    let responses = vec![
+        ("Ok", Response::Ok),
+        (
+            "HelloOk",
+            Response::HelloOk {
+                version: 1,
+                relay_key: *relay_key.public().signing_bytes(),
+                challenge,
+            },
+        ),
+        (
+            "Accepted",
+            Response::Accepted {
+                item_id: [0x1d; 16],
+            },
+        ),
+        ("Refused", Response::Refused(refusal)),
+        (
+            "Items",
+            Response::Items {
+                items: vec![Item {
+                    seq: 42,
+                    received_at: 1_750_000_001,
+                    expires_at: 1_750_003_600,
+                    payload_hash: hash,
+                    payload: b"payload".to_vec(),
+                }],
+                more: false,
+            },
+        ),
+        ("Notify", Response::Notify { seq: 42 }),
+        ("Acked", Response::Acked { count: 2 }),
+        (
+            "BlobStored",
+            Response::BlobStored {
+                stored: 8,
+                complete: false,
+            },
+        ),
+        (
+            "BlobData",
+            Response::BlobData {
+                offset: 0,
+                data: vec![0xab; 8],
+            },
+        ),
+        (
+            "Status",
+            Response::Status {
+                items: 1,
+                bytes: 7,
+                quota: 4_294_967_296,
+            },
+        ),
+        (
+            "Error",
+            Response::Error {
+                code: ErrorCode::WrongOffset,
+                message: "stored 8".into(),
+            },
+        ),
+    ];
+    json!({
+        "description": "Relay protocol frames, length prefix included; request id 7 (Notify: 0)",
+        "relay_signing_seed": h(&[0x99; 32]),
+        "relay_key": h(relay_key.public().signing_bytes()),
+        "bob_mailbox": h(&bob_mb.0),
+        "auth_example": {"signer": "alice", "exporter": h(&exporter), "challenge": h(&challenge), "signature": h(&auth_sig)},
+        "requests": requests.iter().map(|(n, r)| json!({"name": n, "frame": h(&r.encode(7))})).collect::<Vec<_>>(),
+        "responses": responses.iter().map(|(n, r)| {
+            let id = if *n == "Notify" { 0 } else { 7 };
+            json!({"name": n, "frame": h(&r.encode(id))})
+        }).collect::<Vec<_>>(),
+    })
+}
+
+#[test]
+fn relay_vectors_match() {
+    use sealpost_proto::relay::{MailboxId, Request, Response};
+    let path = dir().join("relay.json");
+    if std::env::var_os("SEALPOST_WRITE_VECTORS").is_some() {
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&relay_vectors()).expect("json") + "\n",
+        )
+        .expect("write");
+    }
+    let committed: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("testvectors/relay.json"))
+            .expect("json");
+    assert_eq!(
+        committed,
+        relay_vectors(),
+        "the code no longer produces testvectors/relay.json"
+    );
+    // And they parse back: requests as a relay reads them, responses as an agent does.
+    for r in committed["requests"].as_array().expect("requests") {
+        let f = unh(&r["frame"]);
+        assert!(Request::decode(&f[4..]).is_ok(), "{}", r["name"]);
+    }
+    let relay_key = ed25519_dalek::VerifyingKey::from_bytes(
+        &unh(&committed["relay_key"]).try_into().expect("32"),
+    )
+    .expect("key");
+    for r in committed["responses"].as_array().expect("responses") {
+        let f = unh(&r["frame"]);
+        let frame = Response::decode(&f[4..]).unwrap_or_else(|e| panic!("{}: {e}", r["name"]));
+        if let Response::Refused(refusal) = frame.body {
+            assert!(refusal.verify(&relay_key));
+        }
+    }
+    assert_eq!(
+        MailboxId::of(bob().public().signing_bytes()).0.to_vec(),
+        unh(&committed["bob_mailbox"])
+    );
+}
+
 #[test]
 fn test_vectors_match() {
     let det_path = dir().join("vectors.json");

@@ -310,6 +310,10 @@ fn config_file_metrics_status_and_scrub() {
     m.read_to_string(&mut body).expect("read");
     assert!(body.contains("sealpost_relay_accepted_total 1\n"), "{body}");
     assert!(body.contains("sealpost_relay_refused_total 1\n"), "{body}");
+    assert!(
+        body.contains("sealpost_relay_refusals_total{reason=\"over_quota\"} 1\n"),
+        "{body}"
+    );
 
     // SIGTERM: a clean stop.
     let _ = Command::new("kill")

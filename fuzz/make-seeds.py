@@ -4,6 +4,7 @@ fuzzer starts from valid inputs. Run from the repository root."""
 import json, os, struct
 
 v = json.load(open("testvectors/vectors.json"))
+relay = json.load(open("testvectors/relay.json"))
 sealed = json.load(open("testvectors/sealed.json"))
 seeds = {
     "card": [bytes.fromhex(c["bytes"]) for c in v["cards"]] + [c["text"].encode() for c in v["cards"]],
@@ -12,6 +13,8 @@ seeds = {
     "manifest": [bytes.fromhex(v["blob"]["manifest"])],
     "blob": [struct.pack(">Q", len(bytes.fromhex(v["blob"]["plaintext"]))) + bytes([0]) + bytes.fromhex(v["blob"]["blob"])],
     "secret_key_file": [i["secret_file"].encode() for i in v["identities"]],
+    "relay_frame": [bytes.fromhex(f["frame"]) for f in relay["requests"] + relay["responses"]]
+    + [b"".join(bytes.fromhex(f["frame"]) for f in relay["requests"])],
 }
 for target, items in seeds.items():
     d = os.path.join("fuzz", "seeds", target)

@@ -44,6 +44,12 @@ pub struct Config {
     pub cert_names: Vec<String>,
     /// Submissions one connection may have waiting for their commit.
     pub max_in_flight: usize,
+    /// Payload bytes one connection may have waiting for their commit.
+    pub max_in_flight_bytes: usize,
+    /// Payload bytes all connections together may have waiting: with the
+    /// per-connection bound and the response queue bound this caps the
+    /// memory a flood of large submissions can take.
+    pub max_total_in_flight_bytes: usize,
     /// Requests per second one connection may make (and its burst).
     pub rate_per_connection: (f64, f64),
     /// New connections per second from one address (and its burst).
@@ -69,6 +75,8 @@ impl Config {
             cert_files: None,
             cert_names: Vec::new(),
             max_in_flight: 1024,
+            max_in_flight_bytes: 16 << 20,
+            max_total_in_flight_bytes: 512 << 20,
             rate_per_connection: (50_000.0, 10_000.0),
             rate_per_address: (500.0, 2_000.0),
             metrics: None,
@@ -105,6 +113,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     config: Config,
     conns: Arc<Semaphore>,
+    /// Payload bytes waiting for commits, over all connections.
+    total_bytes: Arc<Semaphore>,
     per_address: std::sync::Mutex<PerAddress>,
 }
 
@@ -185,6 +195,9 @@ impl Relay {
                 notify,
                 metrics: Arc::new(Metrics::default()),
                 conns: Arc::new(Semaphore::new(config.max_connections)),
+                total_bytes: Arc::new(Semaphore::new(
+                    config.max_total_in_flight_bytes.max(relay::MAX_FRAME),
+                )),
                 per_address: std::sync::Mutex::new(PerAddress::new(
                     config.rate_per_address.0,
                     config.rate_per_address.1,
@@ -367,6 +380,13 @@ async fn writer<W: AsyncWrite + Unpin>(
     wr.shutdown().await
 }
 
+/// The bounds on one connection's submissions waiting for their commit.
+#[derive(Clone, Copy)]
+struct InFlight<'a> {
+    count: &'a Arc<Semaphore>,
+    bytes: &'a Arc<Semaphore>,
+}
+
 struct Session {
     challenge: [u8; 32],
     exporter: [u8; 32],
@@ -390,7 +410,10 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
         .export_keying_material([0u8; 32], relay::EXPORTER_LABEL, None)
         .map_err(io::Error::other)?;
     let (mut rd, wr) = tokio::io::split(stream);
-    let (out, rx) = mpsc::channel::<Vec<u8>>(1024);
+    // Responses wait here for the socket. A client that sends requests but
+    // does not read the answers stalls on this bound (the reader below
+    // waits for room), so its queue holds at most 64 frames.
+    let (out, rx) = mpsc::channel::<Vec<u8>>(64);
     let writer_task = tokio::spawn(writer(wr, rx));
     let mut challenge = [0u8; 32];
     OsRng.fill_bytes(&mut challenge);
@@ -401,6 +424,9 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
         subscribed: false,
     };
     let in_flight = Arc::new(Semaphore::new(s.config.max_in_flight));
+    let in_flight_bytes = Arc::new(Semaphore::new(
+        s.config.max_in_flight_bytes.max(relay::MAX_FRAME),
+    ));
     let (rate, burst) = s.config.rate_per_connection;
     let mut bucket = TokenBucket::new(rate, burst, std::time::Instant::now());
     let mut hello = false;
@@ -467,7 +493,11 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
                 send(&out, frame.id, err(ErrorCode::RateLimited, "too many requests; slow down and retry")).await?;
                 continue;
             }
-            handle(&s, &mut session, &out, &in_flight, frame.id, frame.body).await?;
+            let bounds = InFlight {
+                count: &in_flight,
+                bytes: &in_flight_bytes,
+            };
+            handle(&s, &mut session, &out, bounds, frame.id, frame.body).await?;
         }
     }
     .await;
@@ -480,7 +510,7 @@ async fn handle(
     s: &Arc<Shared>,
     session: &mut Session,
     out: &Out,
-    in_flight: &Arc<Semaphore>,
+    in_flight: InFlight<'_>,
     id: u32,
     req: Request,
 ) -> io::Result<()> {
@@ -562,17 +592,22 @@ async fn handle(
             // Submissions run concurrently so that their commits can share
             // one fsync (group commit); the in-flight bound keeps a client
             // from queueing without limit.
-            let permit = in_flight
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(io::Error::other)?;
+            let weight = u32::try_from(payload.len().max(1)).unwrap_or(u32::MAX);
+            let permits = (
+                in_flight.count.clone().acquire_owned().await,
+                in_flight.bytes.clone().acquire_many_owned(weight).await,
+                s.total_bytes.clone().acquire_many_owned(weight).await,
+            );
+            let (Ok(p1), Ok(p2), Ok(p3)) = permits else {
+                return Err(io::Error::other("relay shutting down"));
+            };
             let s = s.clone();
             let out = out.clone();
             tokio::spawn(async move {
                 let r = submit(&s, mailbox, expires_at, payload_hash, payload).await;
+                drop((p2, p3));
                 let _ = send(&out, id, r).await;
-                drop(permit);
+                drop(p1);
             });
             Ok(())
         }

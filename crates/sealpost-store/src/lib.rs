@@ -200,6 +200,9 @@ struct Inner {
     limits: Limits,
     stats: Arc<Mutex<CommitStats>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Blob pieces are written one at a time: two uploads racing on the
+    /// same blob must not interleave their file writes and length commits.
+    blob_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -233,6 +236,7 @@ impl Store {
                 limits,
                 stats,
                 writer: Mutex::new(Some(handle)),
+                blob_lock: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -488,6 +492,7 @@ impl Store {
         if expires_at <= now {
             return Ok(BlobPutOutcome::Refused(RefusalCode::Expired));
         }
+        let _one_writer = self.inner.blob_lock.lock().await;
         if total_len > self.inner.limits.max_blob {
             return Ok(BlobPutOutcome::Refused(RefusalCode::TooLarge));
         }

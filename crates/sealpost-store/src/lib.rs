@@ -722,17 +722,19 @@ fn writer_loop(
         // On an error the transaction rolled back and every op in it was
         // dropped with its reply channel: each caller gets an error, and
         // nothing was acknowledged.
+        // Counted before anyone is answered, so a caller that reads the
+        // statistics after its answer sees its own commit.
+        if let Ok(mut s) = stats.lock() {
+            s.commits += 1;
+            s.writes += n;
+            s.last_commit_micros = started.elapsed().as_micros() as u64;
+        }
         if let Ok(replies) = result {
             for r in replies {
                 r.send();
             }
         }
         group.clear();
-        if let Ok(mut s) = stats.lock() {
-            s.commits += 1;
-            s.writes += n;
-            s.last_commit_micros = started.elapsed().as_micros() as u64;
-        }
     }
 }
 

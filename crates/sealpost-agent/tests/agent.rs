@@ -206,20 +206,8 @@ mod link {
             .unwrap_or(0)
     }
 
-    async fn serve(
-        cfg: Config,
-    ) -> (
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<std::io::Result<()>>,
-        sealpost_relay::RelayAddress,
-    ) {
-        let relay = Relay::bind(cfg).await.expect("bind");
-        let addr = relay.address().clone();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(relay.serve(async move {
-            let _ = rx.await;
-        }));
-        (tx, task, addr)
+    async fn serve(cfg: Config) -> sealpost_relay::RunningRelay {
+        Relay::bind(cfg).await.expect("bind").spawn()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,7 +217,8 @@ mod link {
             "127.0.0.1:0".parse().expect("addr"),
             dir.path().to_path_buf(),
         );
-        let (stop, task, addr) = serve(cfg.clone()).await;
+        let relay = serve(cfg.clone()).await;
+        let addr = relay.address().clone();
         let me = Identity::from_secret_bytes(&[1; 32], &[2; 32]);
         let mut link = RelayLink::new(addr.clone()).with_backoff(RelayLink::fast_backoff());
         let mb = link
@@ -247,8 +236,7 @@ mod link {
         ));
 
         // The relay goes away: the link gives up after its attempts.
-        stop.send(()).expect("stop");
-        task.await.expect("join").expect("serve");
+        relay.stop().await.expect("serve");
         link.max_attempts = 3;
         assert!(matches!(
             link.call(&me, submit).await,
@@ -259,7 +247,7 @@ mod link {
         // reconnects, re-authenticates and the earlier item is still there.
         let mut cfg2 = cfg;
         cfg2.listen = addr.host_port.parse().expect("addr");
-        let (stop, task, _) = serve(cfg2).await;
+        let relay = serve(cfg2).await;
         link.max_attempts = 8;
         assert!(matches!(
             link.call(&me, submit).await,
@@ -270,7 +258,6 @@ mod link {
             .await
             .expect("fetch");
         assert_eq!(items.len(), 2);
-        stop.send(()).expect("stop");
-        task.await.expect("join").expect("serve");
+        relay.stop().await.expect("serve");
     }
 }

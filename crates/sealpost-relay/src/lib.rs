@@ -9,5 +9,5 @@ pub mod metrics;
 pub mod server;
 pub mod tls;
 
-pub use server::{Config, Metrics, Relay};
+pub use server::{Config, Metrics, Relay, RunningRelay};
 pub use tls::{Pin, RelayAddress};

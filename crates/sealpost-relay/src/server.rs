@@ -834,3 +834,48 @@ async fn submit(
         Err(e) => err(ErrorCode::Internal, e.to_string()),
     }
 }
+
+/// A relay serving on a background task of the current runtime.
+#[derive(Debug)]
+pub struct RunningRelay {
+    address: RelayAddress,
+    metrics: Arc<Metrics>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<io::Result<()>>,
+}
+
+impl RunningRelay {
+    pub fn address(&self) -> &RelayAddress {
+        &self.address
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stops accepting, waits for accepted writes to commit, and returns
+    /// how serving ended.
+    pub async fn stop(self) -> io::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.map_err(io::Error::other)?
+    }
+}
+
+impl Relay {
+    /// Serves on a spawned task until [`RunningRelay::stop`]. Must be
+    /// called within a Tokio runtime.
+    pub fn spawn(self) -> RunningRelay {
+        let address = self.address.clone();
+        let metrics = self.metrics();
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(self.serve(async move {
+            let _ = rx.await;
+        }));
+        RunningRelay {
+            address,
+            metrics,
+            stop,
+            task,
+        }
+    }
+}

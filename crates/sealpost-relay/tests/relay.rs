@@ -20,19 +20,13 @@ fn now() -> u64 {
 struct Running {
     addr: RelayAddress,
     metrics: std::sync::Arc<Metrics>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    relay: sealpost_relay::RunningRelay,
     _dir: tempfile::TempDir,
 }
 
 impl Running {
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.await.expect("join").expect("serve");
-        }
+    async fn stop(self) {
+        self.relay.stop().await.expect("serve");
     }
 }
 
@@ -43,18 +37,11 @@ async fn start(tweak: impl FnOnce(&mut Config)) -> Running {
         dir.path().join("data"),
     );
     tweak(&mut cfg);
-    let relay = Relay::bind(cfg).await.expect("bind");
-    let addr = relay.address().clone();
-    let metrics = relay.metrics();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(relay.serve(async move {
-        let _ = rx.await;
-    }));
+    let relay = Relay::bind(cfg).await.expect("bind").spawn();
     Running {
-        addr,
-        metrics,
-        stop: Some(tx),
-        task: Some(task),
+        addr: relay.address().clone(),
+        metrics: relay.metrics().clone(),
+        relay,
         _dir: dir,
     }
 }

@@ -534,8 +534,7 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
 struct Net {
     rt: tokio::runtime::Runtime,
     addr: sealpost_relay::RelayAddress,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    relay: sealpost_relay::RunningRelay,
 }
 
 impl Net {
@@ -546,28 +545,17 @@ impl Net {
             .context("runtime")?;
         let config = sealpost_relay::Config::new(([127, 0, 0, 1], 0).into(), data.to_path_buf());
         let relay = rt
-            .block_on(sealpost_relay::Relay::bind(config))
+            .block_on(async { sealpost_relay::Relay::bind(config).await.map(|r| r.spawn()) })
             .context("cannot start the demo relay")?;
-        let addr = relay.address().clone();
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = rt.spawn(relay.serve(async move {
-            let _ = rx.await;
-        }));
         Ok(Self {
             rt,
-            addr,
-            stop: Some(stop),
-            task: Some(task),
+            addr: relay.address().clone(),
+            relay,
         })
     }
 
-    fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = self.rt.block_on(t);
-        }
+    fn stop(self) {
+        let _ = self.rt.block_on(self.relay.stop());
     }
 }
 

@@ -281,6 +281,7 @@ impl Agent {
             created_at: now,
             expires_at: now.saturating_add(lifetime_secs),
             in_reply_to: None,
+            reply_relay: None,
             recipients,
         };
         message::seal_stream(&self.identity, &req, content, out)

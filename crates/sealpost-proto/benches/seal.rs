@@ -62,6 +62,7 @@ fn req(to: &[sealpost_proto::PublicIdentity]) -> SealRequest<'_> {
         created_at: 1_750_000_000,
         expires_at: 1_750_086_400,
         in_reply_to: None,
+        reply_relay: None,
         recipients: to,
     }
 }

@@ -32,6 +32,38 @@ pub struct RelayPin {
     pub key_hash: [u8; 32],
 }
 
+impl RelayPin {
+    /// Appends `flag:u8 [len:u8 address key_hash:[32]]` for an optional pin,
+    /// the encoding shared by cards and message headers.
+    pub fn encode_optional(pin: Option<&Self>, out: &mut Vec<u8>) {
+        match pin {
+            None => out.push(0),
+            Some(relay) => {
+                out.push(1);
+                put_short(out, relay.address.as_bytes());
+                out.extend_from_slice(&relay.key_hash);
+            }
+        }
+    }
+
+    /// Reads what [`RelayPin::encode_optional`] wrote.
+    pub fn read_optional(r: &mut Reader<'_>) -> Result<Option<Self>, DecodeError> {
+        if !r.flag("relay flag")? {
+            return Ok(None);
+        }
+        let len = r.u8("relay address")? as usize;
+        let address = codec::read_text_of_len(r, len, "relay address", MAX_RELAY_ADDR_BYTES)?;
+        validate_relay_address(&address)?;
+        let key_hash = r.array::<32>("relay key hash")?;
+        Ok(Some(RelayPin { address, key_hash }))
+    }
+
+    /// Checks an address before it is signed into a card or header.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        validate_relay_address(&self.address)
+    }
+}
+
 /// The fields of a card, before signing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CardFields {
@@ -107,14 +139,7 @@ impl ContactCard {
         bytes.extend_from_slice(public.signing_bytes());
         bytes.extend_from_slice(public.agreement_bytes());
         put_short(&mut bytes, fields.name.as_bytes());
-        match &fields.relay {
-            None => bytes.push(0),
-            Some(relay) => {
-                bytes.push(1);
-                put_short(&mut bytes, relay.address.as_bytes());
-                bytes.extend_from_slice(&relay.key_hash);
-            }
-        }
+        RelayPin::encode_optional(fields.relay.as_ref(), &mut bytes);
         let sig = identity.sign(context::CARD, &bytes);
         bytes.extend_from_slice(&sig);
         Ok(Self {
@@ -139,16 +164,7 @@ impl ContactCard {
         let signing = r.array::<32>("signing key")?;
         let agreement = r.array::<32>("agreement key")?;
         let name = codec::read_short_text(&mut r, "name", MAX_NAME_BYTES)?;
-        let relay = if r.flag("relay flag")? {
-            let len = r.u8("relay address")? as usize;
-            let address =
-                codec::read_text_of_len(&mut r, len, "relay address", MAX_RELAY_ADDR_BYTES)?;
-            validate_relay_address(&address)?;
-            let key_hash = r.array::<32>("relay key hash")?;
-            Some(RelayPin { address, key_hash })
-        } else {
-            None
-        };
+        let relay = RelayPin::read_optional(&mut r)?;
         let signed_len = r.position();
         let signature = r.array::<64>("signature")?;
         r.finish()?;

@@ -10,6 +10,7 @@
 pub mod blob;
 pub mod card;
 pub mod codec;
+pub mod delivery;
 pub mod error;
 pub mod freshness;
 mod hashing;
@@ -17,10 +18,12 @@ pub mod identity;
 pub mod manifest;
 pub mod message;
 pub mod relay;
+pub mod report;
 pub mod retry;
 
 pub use card::{CardError, CardFields, ContactCard, RelayPin};
 pub use error::{NotForMeReason, OpenError, SealError, TamperedAt};
 pub use freshness::{FreshnessPolicy, ReplayCache};
 pub use identity::{Fingerprint, Identity, PublicIdentity};
+pub use report::{Entries, ReceiptEntry, RejectReason, RejectionEntry, Report, ReportError};
 pub use message::{Kind, MessageHeader, MessageId, OpenedMessage, SealRequest, SealSummary};

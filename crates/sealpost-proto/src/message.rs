@@ -6,6 +6,7 @@
 //! plaintext = header content trailer
 //! header    = "SPMS" 0x01 kind:u8 id:[16] created_at:u64 expires_at:u64
 //!             reply_flag:u8 [in_reply_to:[16]] sender:[64] n:u8 recipients:[64]*n
+//!             relay_flag:u8 [len:u8 reply_relay:[len] relay_key_hash:[32]]
 //! trailer   = content_len:u64 content_blake3:[32] signature:[64]
 //! ```
 //!
@@ -21,6 +22,7 @@ use std::rc::Rc;
 
 use rand_core::CryptoRngCore;
 
+use crate::card::RelayPin;
 use crate::codec::{DecodeError, Reader};
 use crate::error::{NotForMeReason, OpenError, SealError, TamperedAt};
 use crate::hashing::StreamHasher;
@@ -46,7 +48,8 @@ pub const AGE_CHUNK_SIZE: u64 = 64 * 1024;
 /// First read size; short messages never touch more memory than this.
 const SMALL_BUF: usize = 16 * 1024;
 /// The longest possible header: fixed fields plus 32 recipients.
-pub const MAX_HEADER_LEN: usize = 5 + 1 + 16 + 8 + 8 + 1 + 16 + 64 + 1 + 64 * MAX_RECIPIENTS;
+pub const MAX_HEADER_LEN: usize =
+    5 + 1 + 16 + 8 + 8 + 1 + 16 + 64 + 1 + 64 * MAX_RECIPIENTS + 1 + 1 + 253 + 32;
 
 /// A random 128-bit message id.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -90,6 +93,12 @@ pub enum Kind {
     /// A file manifest (see [`crate::manifest`]); the content is the
     /// manifest's encoding and the file travels as a separate blob.
     FileManifest,
+    /// A signed receipt (see [`crate::report`]): the recipient stored these
+    /// messages and read back these hashes.
+    Receipt,
+    /// A signed rejection (see [`crate::report`]): the recipient refused
+    /// these messages, with a reason.
+    Rejection,
 }
 
 impl Kind {
@@ -97,6 +106,8 @@ impl Kind {
         match self {
             Self::Message => 1,
             Self::FileManifest => 2,
+            Self::Receipt => 3,
+            Self::Rejection => 4,
         }
     }
 
@@ -104,6 +115,8 @@ impl Kind {
         match c {
             1 => Ok(Self::Message),
             2 => Ok(Self::FileManifest),
+            3 => Ok(Self::Receipt),
+            4 => Ok(Self::Rejection),
             _ => Err(DecodeError::Invalid {
                 what: "message kind",
                 why: "unknown kind",
@@ -115,6 +128,8 @@ impl Kind {
         match self {
             Self::Message => "message",
             Self::FileManifest => "file-manifest",
+            Self::Receipt => "receipt",
+            Self::Rejection => "rejection",
         }
     }
 }
@@ -156,6 +171,9 @@ pub struct MessageHeader {
     pub in_reply_to: Option<MessageId>,
     pub sender: PublicIdentity,
     pub recipients: Vec<RecipientKeys>,
+    /// Where the sender fetches its mail: receipts and rejections for this
+    /// message go there. Signed, so a relay cannot redirect them.
+    pub reply_relay: Option<RelayPin>,
 }
 
 impl MessageHeader {
@@ -176,6 +194,11 @@ impl MessageHeader {
         }
         if self.expires_at - self.created_at > MAX_LIFETIME_SECS {
             return Err("the lifetime is longer than 400 days");
+        }
+        if let Some(relay) = &self.reply_relay {
+            if relay.validate().is_err() {
+                return Err("the reply relay address is not 1 to 253 printable ASCII bytes");
+            }
         }
         Ok(())
     }
@@ -202,6 +225,7 @@ impl MessageHeader {
             out.extend_from_slice(&r.signing);
             out.extend_from_slice(&r.agreement);
         }
+        RelayPin::encode_optional(self.reply_relay.as_ref(), &mut out);
         out
     }
 
@@ -248,6 +272,16 @@ impl MessageHeader {
                 agreement: rd.array("recipient agreement key")?,
             });
         }
+        // The reply relay: a flag, then a length, then the address and key.
+        let at = raw.len();
+        read_more(r, &mut raw, 1)?;
+        if raw[at] == 1 {
+            read_more(r, &mut raw, 1)?;
+            let len = raw[at + 1] as usize;
+            read_more(r, &mut raw, len + 32)?;
+        }
+        let mut rd = Reader::new(&raw[at..]);
+        let reply_relay = RelayPin::read_optional(&mut rd)?;
         let header = Self {
             kind,
             id,
@@ -256,6 +290,7 @@ impl MessageHeader {
             in_reply_to,
             sender,
             recipients,
+            reply_relay,
         };
         header.validate().map_err(|why| DecodeError::Invalid {
             what: "sealed message header",
@@ -280,6 +315,8 @@ pub struct SealRequest<'a> {
     pub expires_at: u64,
     pub in_reply_to: Option<MessageId>,
     pub recipients: &'a [PublicIdentity],
+    /// Where receipts and rejections should be sent (the sender's relay).
+    pub reply_relay: Option<&'a RelayPin>,
 }
 
 /// What sealing produced.
@@ -334,6 +371,7 @@ pub fn seal_stream<R: Read, W: Write + Seek>(
         in_reply_to: req.in_reply_to,
         sender: *sender.public(),
         recipients: req.recipients.iter().map(RecipientKeys::from).collect(),
+        reply_relay: req.reply_relay.cloned(),
     };
     header.validate().map_err(SealError::InvalidRequest)?;
     let header_bytes = header.encode();

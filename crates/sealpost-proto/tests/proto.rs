@@ -26,6 +26,7 @@ fn req(recipients: &[PublicIdentity], id: u8) -> SealRequest<'_> {
         created_at: NOW,
         expires_at: NOW + 3600,
         in_reply_to: None,
+        reply_relay: None,
         recipients,
     }
 }

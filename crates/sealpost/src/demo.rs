@@ -506,6 +506,7 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
             created_at: created,
             expires_at: created + 3600,
             in_reply_to: None,
+            reply_relay: None,
             recipients: &to_bob,
         };
         let v = message::seal_to_vec(alice.identity(), &req, b"old news")

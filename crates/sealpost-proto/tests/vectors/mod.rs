@@ -52,6 +52,10 @@ fn vector_header() -> MessageHeader {
         in_reply_to: Some(MessageId([0xee; 16])),
         sender: *alice().public(),
         recipients: vec![bob().public().into()],
+        reply_relay: Some(RelayPin {
+            address: "127.0.0.1:7443".into(),
+            key_hash: [0xab; 32],
+        }),
     }
 }
 
@@ -90,7 +94,35 @@ fn deterministic() -> Value {
     let s = blob::seal_blob(&key, 4096, &file[..], &mut blob_bytes).expect("blob");
     let manifest =
         FileManifest::new(BlobId([0x88; 16]), key, &s, "numbers.bin".into()).expect("manifest");
+    let receipt = Report::sign(
+        &b,
+        a.public(),
+        1_750_000_100,
+        Entries::Receipt(vec![ReceiptEntry {
+            id: header.id,
+            content_hash: *blake3::hash(CONTENT).as_bytes(),
+            content_len: CONTENT.len() as u64,
+            stored_at: 1_750_000_050,
+        }]),
+    )
+    .expect("receipt");
+    let rejection = Report::sign(
+        &b,
+        a.public(),
+        1_750_000_200,
+        Entries::Rejection(vec![RejectionEntry {
+            id: MessageId([0x42; 16]),
+            reason: RejectReason::Expired,
+        }]),
+    )
+    .expect("rejection");
     json!({
+        "reports": [
+            {"description": "bob's receipt for alice's vector message", "kind": "receipt", "signer": "bob", "subject": "alice",
+             "bytes": h(receipt.as_bytes()), "text": receipt.to_text()},
+            {"description": "bob's rejection of message 0x42*16 from alice: expired (reason 3)", "kind": "rejection", "signer": "bob", "subject": "alice",
+             "bytes": h(rejection.as_bytes()), "text": rejection.to_text()},
+        ],
         "identities": [identity_json("alice", &a, 0x11, 0x22), identity_json("bob", &b, 0x33, 0x44), identity_json("carol", &c, 0x55, 0x66)],
         "cards": [
             {"description": "Alice, with a home relay", "text": card.to_text(), "bytes": h(card.as_bytes()),
@@ -407,6 +439,17 @@ fn test_vectors_match() {
             i["fingerprint"].as_str().expect("fp")
         );
     }
+    // Reports verify, name their signer and subject, and fail with any
+    // other signer.
+    for r in committed["reports"].as_array().expect("reports") {
+        let rep = Report::from_text(r["text"].as_str().expect("text")).expect("report verifies");
+        assert_eq!(rep.as_bytes(), unh(&r["bytes"]));
+        assert_eq!(rep.kind_name(), r["kind"].as_str().expect("kind"));
+        assert!(rep.signed_by(who(r["signer"].as_str().expect("s")).public()));
+        assert!(rep.is_about(who(r["subject"].as_str().expect("s")).public()));
+        assert!(!rep.signed_by(alice().public()));
+    }
+
     // The blob opens with the stated key to the stated plaintext.
     let b = &committed["blob"];
     let m = FileManifest::decode(&unh(&b["manifest"])).expect("manifest");

@@ -33,7 +33,7 @@ pub struct Contact {
 
 #[derive(Debug)]
 pub struct Db {
-    conn: Connection,
+    pub(crate) conn: Connection,
 }
 
 const SCHEMA: &str = "
@@ -50,8 +50,12 @@ CREATE TABLE IF NOT EXISTS replay (
 CREATE INDEX IF NOT EXISTS replay_forget ON replay(forget_at);
 ";
 
-fn to_i64(v: u64) -> i64 {
+pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
 }
 
 impl Db {
@@ -61,6 +65,7 @@ impl Db {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(crate::outbox::SCHEMA)?;
         Ok(Self { conn })
     }
 

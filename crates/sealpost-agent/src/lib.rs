@@ -14,6 +14,9 @@
 pub mod contacts;
 pub mod fsutil;
 pub mod link;
+pub mod outbox;
+pub mod spool;
+pub mod engine;
 
 use std::fs;
 use std::io::{self, Read, Seek, Write};

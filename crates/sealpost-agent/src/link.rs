@@ -10,6 +10,17 @@ use sealpost_proto::Identity;
 use sealpost_relay::client::{ClientError, RelayClient};
 use sealpost_relay::RelayAddress;
 
+/// What a link does after the TLS handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkAuth {
+    /// Register the mailbox (idempotent) and authenticate: the home relay.
+    Register,
+    /// Authenticate to an existing mailbox.
+    Auth,
+    /// Nothing: submitting to someone else's mailbox needs no account.
+    Anonymous,
+}
+
 /// A connection to one relay, authenticated to the identity's mailbox.
 #[derive(Debug)]
 pub struct RelayLink {
@@ -18,8 +29,8 @@ pub struct RelayLink {
     backoff: Backoff,
     /// Attempts before an operation gives up and reports the failure.
     pub max_attempts: u32,
-    /// Register the mailbox if the relay does not know it yet.
-    pub register: bool,
+    /// How the link proves who it is after connecting.
+    pub auth: LinkAuth,
     mailbox: Option<MailboxId>,
 }
 
@@ -45,9 +56,26 @@ impl RelayLink {
             client: None,
             backoff: Backoff::default(),
             max_attempts: 8,
-            register: true,
+            auth: LinkAuth::Register,
             mailbox: None,
         }
+    }
+
+    /// A link for submitting only (no authentication).
+    pub fn anonymous(addr: RelayAddress) -> Self {
+        let mut l = Self::new(addr);
+        l.auth = LinkAuth::Anonymous;
+        l
+    }
+
+    /// Drops the connection (the next call reconnects).
+    pub fn disconnect(&mut self) {
+        self.client = None;
+    }
+
+    /// True while a connection is up (it may still fail on the next call).
+    pub fn is_connected(&self) -> bool {
+        self.client.is_some()
     }
 
     pub fn with_backoff(mut self, backoff: Backoff) -> Self {
@@ -66,12 +94,11 @@ impl RelayLink {
 
     async fn connect(&mut self, me: &Identity) -> Result<(), ClientError> {
         let c = RelayClient::connect(&self.addr).await?;
-        let mb = if self.register {
-            c.register(me).await?
-        } else {
-            c.auth(me).await?
+        self.mailbox = match self.auth {
+            LinkAuth::Register => Some(c.register(me).await?),
+            LinkAuth::Auth => Some(c.auth(me).await?),
+            LinkAuth::Anonymous => None,
         };
-        self.mailbox = Some(mb);
         self.client = Some(c);
         Ok(())
     }

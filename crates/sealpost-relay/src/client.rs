@@ -295,6 +295,56 @@ impl RelayClient {
         }
     }
 
+    /// Submits many messages pipelined: every request is written before
+    /// the first answer is awaited. Answers come back in the input order.
+    /// A refusal must be signed by the relay and name this submission's
+    /// mailbox and payload hash, or it is reported as forged.
+    pub async fn submit_many(
+        &self,
+        items: Vec<(MailboxId, u64, Vec<u8>)>,
+    ) -> Vec<Result<Submitted, ClientError>> {
+        let mut pending = Vec::with_capacity(items.len());
+        for (mailbox, expires_at, payload) in items {
+            let payload_hash = *blake3::hash(&payload).as_bytes();
+            let sent = self
+                .send(Request::Submit {
+                    mailbox,
+                    expires_at,
+                    payload_hash,
+                    payload,
+                })
+                .await;
+            pending.push((mailbox, payload_hash, sent));
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for (mailbox, payload_hash, sent) in pending {
+            let answer = match sent {
+                Err(e) => Err(e),
+                Ok(rx) => match timeout(REQUEST_TIMEOUT, rx).await {
+                    Err(_) => Err(ClientError::Io(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the relay did not answer in time",
+                    ))),
+                    Ok(Err(_)) => Err(ClientError::Closed),
+                    Ok(Ok(Response::Accepted { item_id })) => Ok(Submitted::Accepted { item_id }),
+                    Ok(Ok(Response::Refused(r))) => {
+                        if r.mailbox == mailbox && r.payload_hash == payload_hash {
+                            self.check_refusal(r)
+                        } else {
+                            Err(ClientError::ForgedRefusal)
+                        }
+                    }
+                    Ok(Ok(Response::Error { code, message })) => {
+                        Err(ClientError::Server { code, message })
+                    }
+                    Ok(Ok(other)) => Err(unexpected(other)),
+                },
+            };
+            out.push(answer);
+        }
+        out
+    }
+
     pub async fn fetch(&self, after: u64, max: u32) -> Result<(Vec<Item>, bool), ClientError> {
         match self.request(Request::Fetch { after, max }).await? {
             Response::Items { items, more } => Ok((items, more)),

@@ -1,0 +1,979 @@
+//! The delivery engine: what `sealpost sync` does once and `sealpost agent`
+//! does continuously.
+//!
+//! One pass:
+//! 1. **fetch** the home mailbox; open every item (all checks of the sealed
+//!    layer); store new messages durably and verify them by reading back
+//!    ([`crate::spool`]); commit the inbox index with the receipts they are
+//!    owed; only then acknowledge the items at the relay. Duplicates get
+//!    their receipt again; stale messages and messages from non-contacts
+//!    get a signed rejection; receipts and rejections for our own messages
+//!    are verified and applied to the outbox; anything else that fails a
+//!    check is logged and discarded (the sender will retransmit).
+//! 2. **report**: sign one receipt (or rejection) per sender listing every
+//!    entry owed, seal it to the sender and submit it to the sender's relay.
+//! 3. **submit** every due outbox delivery to its recipient's relay,
+//!    pipelined; record acceptance (and the retransmission time), signed
+//!    refusals, and transient failures (with backoff).
+//! 4. **expire** deliveries whose message expired without a receipt.
+//!
+//! Only one engine runs per home: it holds an exclusive lock on
+//! `sync.lock` while it exists.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand_core::{OsRng, RngCore};
+use sealpost_proto::delivery::{Outcome, State, Timing};
+use sealpost_proto::message::{self, MAX_RECIPIENTS};
+use sealpost_proto::relay::{MailboxId, MAX_MESSAGE};
+use sealpost_proto::report::{Entries, Report};
+use sealpost_proto::{
+    Kind, MessageId, OpenError, OpenedMessage, PublicIdentity, RejectReason, RelayPin, SealRequest,
+};
+use sealpost_relay::client::{ClientError, Submitted};
+use sealpost_relay::tls::Pin;
+use sealpost_relay::RelayAddress;
+
+use crate::link::{LinkAuth, RelayLink};
+use crate::outbox::{InboxEntry, PendingReport, QueuedMessage, QueuedRecipient};
+use crate::spool::{Location, Spool, SpoolError};
+use crate::{Agent, AgentError, DEFAULT_LIFETIME_SECS};
+
+/// The settings key of the home relay address.
+pub const HOME_RELAY: &str = "home_relay";
+/// Largest message content `send` accepts: the sealed container must fit
+/// the relay's message limit with room for the header and age's stanzas.
+pub const MAX_CONTENT: usize = MAX_MESSAGE - 16 * 1024;
+/// How long receipts and rejections live at the sender's relay.
+const REPORT_LIFETIME_SECS: u64 = 7 * 24 * 3600;
+/// Deliveries submitted in one pipelined round.
+const SUBMIT_BATCH: usize = 1024;
+/// Payload bytes submitted in one pipelined round.
+const SUBMIT_BATCH_BYTES: usize = 32 << 20;
+/// Items asked for in one fetch (the relay also bounds a fetch by bytes).
+const FETCH_BATCH: u32 = 4096;
+/// Report entries signed per pass.
+const REPORT_BATCH: usize = 16 * sealpost_proto::report::MAX_ENTRIES;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("another sealpost agent or sync is running for {0}; it already does this work (stop it, or wait for it to finish)")]
+    Busy(PathBuf),
+    #[error("no home relay is set; run `sealpost relay use ADDRESS` (or `sealpost init --relay ADDRESS`)")]
+    NoHomeRelay,
+    #[error("the stored home relay address {0:?} is not valid; set it again with `sealpost relay use`")]
+    BadHomeRelay(String),
+    #[error("{0}")]
+    Agent(#[from] AgentError),
+    #[error("{0}")]
+    Spool(#[from] SpoolError),
+    #[error("home relay: {0}")]
+    Relay(#[from] ClientError),
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassStats {
+    /// Items fetched from the home relay.
+    pub fetched: u64,
+    /// New messages stored in the inbox.
+    pub delivered: u64,
+    /// Copies of messages already in the inbox (their receipt is re-sent).
+    pub duplicates: u64,
+    /// Messages refused with a signed rejection.
+    pub rejected: u64,
+    /// Items that failed a check and were discarded.
+    pub discarded: u64,
+    /// Our deliveries that a receipt completed in this pass.
+    pub confirmed: u64,
+    /// Our deliveries that a signed rejection failed in this pass.
+    pub bounced: u64,
+    /// Receipts or rejections that did not verify (forged) or matched
+    /// nothing of ours.
+    pub forged_reports: u64,
+    /// Reports (receipts and rejections) sent.
+    pub reports_sent: u64,
+    /// Submissions the relays accepted.
+    pub submitted: u64,
+    /// Submissions refused by a relay with a signed refusal.
+    pub refused: u64,
+    /// Submissions that failed for now (retried after a backoff).
+    pub submit_errors: u64,
+    /// Deliveries that expired without a receipt.
+    pub expired: u64,
+}
+
+impl PassStats {
+    fn add(&mut self, o: &PassStats) {
+        self.fetched += o.fetched;
+        self.delivered += o.delivered;
+        self.duplicates += o.duplicates;
+        self.rejected += o.rejected;
+        self.discarded += o.discarded;
+        self.confirmed += o.confirmed;
+        self.bounced += o.bounced;
+        self.forged_reports += o.forged_reports;
+        self.reports_sent += o.reports_sent;
+        self.submitted += o.submitted;
+        self.refused += o.refused;
+        self.submit_errors += o.submit_errors;
+        self.expired += o.expired;
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn unit_random() -> f64 {
+    (OsRng.next_u32() as f64) / (u32::MAX as f64 + 1.0)
+}
+
+/// The relay address a pin in a card or header names.
+pub fn address_of(pin: &RelayPin) -> RelayAddress {
+    RelayAddress {
+        host_port: pin.address.clone(),
+        pin: Pin(pin.key_hash),
+    }
+}
+
+/// The pin a relay address carries, for cards and headers.
+pub fn pin_of(addr: &RelayAddress) -> RelayPin {
+    RelayPin {
+        address: addr.host_port.clone(),
+        key_hash: addr.pin.0,
+    }
+}
+
+/// The link to `relay`: the home link if it is the home relay (submitting
+/// needs no account, and one connection is cheaper than two), else an
+/// anonymous one, made on first use.
+fn link_for<'a>(
+    home: &'a mut RelayLink,
+    links: &'a mut HashMap<String, RelayLink>,
+    home_addr: &RelayAddress,
+    relay: &str,
+) -> Option<&'a mut RelayLink> {
+    if relay == home_addr.to_string() {
+        return Some(home);
+    }
+    if !links.contains_key(relay) {
+        let addr = RelayAddress::parse(relay)?;
+        let mut l = RelayLink::anonymous(addr);
+        l.max_attempts = 2;
+        links.insert(relay.to_owned(), l);
+    }
+    links.get_mut(relay)
+}
+
+/// What became of one fetched item.
+enum Verdict {
+    /// Store it (new content).
+    Store(OpenedMessage, Vec<u8>),
+    /// Nothing to store; acknowledge it.
+    Done,
+}
+
+/// The sync engine of one home.
+pub struct Engine {
+    agent: Agent,
+    spool: Spool,
+    home_addr: RelayAddress,
+    home: RelayLink,
+    links: HashMap<String, RelayLink>,
+    pub timing: Timing,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("home_relay", &self.home_addr.to_string())
+            .finish()
+    }
+}
+
+impl Agent {
+    /// The home relay, if set.
+    pub fn home_relay(&self) -> Result<Option<RelayAddress>, EngineError> {
+        match self.db.setting(HOME_RELAY)? {
+            None => Ok(None),
+            Some(s) => RelayAddress::parse(&s)
+                .map(Some)
+                .ok_or(EngineError::BadHomeRelay(s)),
+        }
+    }
+
+    /// Seals `content` to the named contacts and queues it in the outbox,
+    /// durably; returns its id. Every recipient needs a home relay in its
+    /// card, and this identity needs one (receipts come back there).
+    pub fn send(
+        &mut self,
+        names: &[String],
+        content: &[u8],
+        lifetime_secs: u64,
+        summary: &str,
+    ) -> Result<MessageId, SendError> {
+        let home = self.home_relay()?.ok_or(EngineError::NoHomeRelay)?;
+        if content.len() > MAX_CONTENT {
+            return Err(SendError::TooLarge {
+                len: content.len() as u64,
+                max: MAX_CONTENT as u64,
+            });
+        }
+        if names.is_empty() || names.len() > MAX_RECIPIENTS {
+            return Err(SendError::Recipients);
+        }
+        let mut keys = Vec::with_capacity(names.len());
+        let mut recipients = Vec::with_capacity(names.len());
+        for n in names {
+            let c = self.db.contact(n)?;
+            let relay = c
+                .card
+                .fields()
+                .relay
+                .as_ref()
+                .ok_or_else(|| SendError::NoRelay(n.clone()))?;
+            if recipients.iter().any(|r: &QueuedRecipient| &r.name == n) {
+                continue;
+            }
+            keys.push(*c.card.public());
+            recipients.push(QueuedRecipient {
+                name: n.clone(),
+                signing: *c.card.public().signing_bytes(),
+                relay: address_of(relay).to_string(),
+            });
+        }
+        let now = now_ms();
+        let now_s = now / 1000;
+        let lifetime = lifetime_secs.clamp(1, message::MAX_LIFETIME_SECS);
+        let id = MessageId::random(&mut OsRng);
+        let pin = pin_of(&home);
+        let req = SealRequest {
+            kind: Kind::Message,
+            id,
+            created_at: now_s,
+            expires_at: now_s + lifetime,
+            in_reply_to: None,
+            recipients: &keys,
+            reply_relay: Some(&pin),
+        };
+        let mut sealed = std::io::Cursor::new(Vec::with_capacity(content.len() + 1024));
+        let summary_seal = message::seal_stream(&self.identity, &req, content, &mut sealed)
+            .map_err(|e| SendError::Seal(e.to_string()))?;
+        let sealed = sealed.into_inner();
+        if sealed.len() > MAX_MESSAGE {
+            return Err(SendError::TooLarge {
+                len: content.len() as u64,
+                max: MAX_CONTENT as u64,
+            });
+        }
+        self.db.queue(
+            &QueuedMessage {
+                id,
+                kind: Kind::Message.name(),
+                created_ms: now_s * 1000,
+                expires_ms: (now_s + lifetime) * 1000,
+                sent: sealpost_proto::delivery::Sent {
+                    content_hash: *summary_seal.content_hash.as_bytes(),
+                    content_len: summary_seal.content_len,
+                },
+                summary,
+                sealed: &sealed,
+            },
+            &recipients,
+        )?;
+        Ok(id)
+    }
+}
+
+/// Why `send` could not queue a message.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+    #[error("{0}")]
+    Agent(#[from] AgentError),
+    #[error("the content is {len} bytes; a message carries at most {max} bytes")]
+    TooLarge { len: u64, max: u64 },
+    #[error("a message needs 1 to 32 recipients")]
+    Recipients,
+    #[error("{0:?}'s card names no home relay, so there is nowhere to deliver; ask them for a card made after `sealpost relay use`, then `sealpost contact add` it again")]
+    NoRelay(String),
+    #[error("sealing failed: {0}")]
+    Seal(String),
+}
+
+impl Engine {
+    /// Takes the home's sync lock and prepares links. Fails with
+    /// [`EngineError::Busy`] if another engine holds the lock.
+    pub fn new(agent: Agent) -> Result<Self, EngineError> {
+        let lock_path = agent.home().dir().join("sync.lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| AgentError::Io {
+                what: "opening",
+                path: lock_path.clone(),
+                source,
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(EngineError::Busy(agent.home().dir().to_owned()))
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(AgentError::Io {
+                    what: "locking",
+                    path: lock_path,
+                    source,
+                }
+                .into())
+            }
+        }
+        let home_addr = agent.home_relay()?.ok_or(EngineError::NoHomeRelay)?;
+        let spool = Spool::open(agent.home().dir())?;
+        let mut home = RelayLink::new(home_addr.clone());
+        home.auth = LinkAuth::Register;
+        home.max_attempts = 3;
+        Ok(Self {
+            agent,
+            spool,
+            home_addr,
+            home,
+            links: HashMap::new(),
+            timing: Timing::default(),
+            _lock: lock,
+        })
+    }
+
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    pub fn agent_mut(&mut self) -> &mut Agent {
+        &mut self.agent
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    /// Uses a short reconnect backoff (tests, demos on loopback).
+    pub fn with_link_backoff(mut self, b: sealpost_proto::retry::Backoff) -> Self {
+        self.home = RelayLink::new(self.home_addr.clone()).with_backoff(b);
+        self.home.max_attempts = 3;
+        self
+    }
+
+    /// One full pass: fetch and process, send reports, submit, expire.
+    /// A relay that cannot be reached is logged and retried next pass;
+    /// only local failures (database, disk) are returned as errors.
+    pub async fn pass(&mut self) -> Result<PassStats, EngineError> {
+        let mut stats = PassStats::default();
+        match self.fetch_all(&mut stats).await {
+            Ok(()) => {}
+            Err(EngineError::Relay(e)) => {
+                tracing::warn!("fetching from {}: {e}", self.home_addr);
+                self.home.disconnect();
+            }
+            Err(e) => return Err(e),
+        }
+        self.send_reports(&mut stats).await?;
+        self.submit_due(&mut stats).await?;
+        let expired = self.agent.db.expire(now_ms())?;
+        for row in &expired {
+            tracing::warn!(
+                "message {} to {}: failed, expired before a receipt arrived",
+                row.msg,
+                row.name
+            );
+        }
+        stats.expired += expired.len() as u64;
+        Ok(stats)
+    }
+
+    async fn fetch_all(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
+        let mut after = 0u64;
+        loop {
+            let (items, more) = self
+                .home
+                .call(&self.agent.identity, async |c| {
+                    c.fetch(after, FETCH_BATCH).await
+                })
+                .await?;
+            let Some(last) = items.last() else {
+                return Ok(());
+            };
+            after = last.seq;
+            stats.fetched += items.len() as u64;
+            let seqs: Vec<u64> = items.iter().map(|i| i.seq).collect();
+            let payloads: Vec<Vec<u8>> = items.into_iter().map(|i| i.payload).collect();
+            let mut batch = PassStats::default();
+            self.process_batch(payloads, &mut batch)?;
+            stats.add(&batch);
+            // Everything above is durable: now the relay may forget it.
+            self.home
+                .call(&self.agent.identity, async |c| c.ack(seqs.clone()).await)
+                .await?;
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Opens, classifies and stores one fetched batch. Returns when every
+    /// outcome is durable.
+    fn process_batch(
+        &mut self,
+        payloads: Vec<Vec<u8>>,
+        stats: &mut PassStats,
+    ) -> Result<(), EngineError> {
+        let opened = open_all(&self.agent.identity, &payloads);
+        drop(payloads);
+        let now_s = now_ms() / 1000;
+        let mut to_store: Vec<(OpenedMessage, Vec<u8>)> = Vec::new();
+        let mut reports: Vec<PendingReport> = Vec::new();
+        for r in opened {
+            let verdict = match r {
+                Err(e) => {
+                    tracing::warn!("discarded a fetched item: {e}");
+                    stats.discarded += 1;
+                    Verdict::Done
+                }
+                Ok((m, content)) => self.classify(m, content, now_s, &to_store, &mut reports, stats)?,
+            };
+            if let Verdict::Store(m, c) = verdict {
+                to_store.push((m, c));
+            }
+        }
+        let contents: Vec<(&[u8], [u8; 32])> = to_store
+            .iter()
+            .map(|(m, c)| (&c[..], *m.content_hash.as_bytes()))
+            .collect();
+        let locations: Vec<Location> = self.spool.append_verified(&contents)?;
+        let received_ms = now_ms();
+        let stored_at = received_ms / 1000;
+        let mut entries = Vec::with_capacity(to_store.len());
+        for ((m, _), loc) in to_store.iter().zip(&locations) {
+            let h = &m.header;
+            entries.push((
+                InboxEntry {
+                    id: h.id,
+                    sender: *h.sender.signing_bytes(),
+                    kind: h.kind.name().to_owned(),
+                    created_at: h.created_at,
+                    expires_at: h.expires_at,
+                    received_ms,
+                    content_hash: *m.content_hash.as_bytes(),
+                    content_len: m.content_len,
+                    segment: loc.segment,
+                    offset: loc.offset,
+                    read_ms: None,
+                },
+                self.agent.policy.remember_until(h.expires_at),
+            ));
+            if let Some(relay) = self.reply_relay(&h.sender, h.reply_relay.as_ref())? {
+                reports.push(PendingReport {
+                    subject: *h.sender.signing_bytes(),
+                    agreement: *h.sender.agreement_bytes(),
+                    id: h.id,
+                    relay,
+                    reason: None,
+                    content_hash: *m.content_hash.as_bytes(),
+                    content_len: m.content_len,
+                    stored_at,
+                });
+            }
+        }
+        let new = self
+            .agent
+            .db
+            .record_inbox(&entries, &reports, now_s)?;
+        stats.delivered += new.len() as u64;
+        stats.duplicates += (entries.len() - new.len()) as u64;
+        for (m, _) in &to_store {
+            if new.contains(&m.header.id) {
+                tracing::info!(
+                    "delivered message {} ({} bytes) from {}",
+                    m.header.id,
+                    m.content_len,
+                    m.header.sender.fingerprint()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Where reports about a message from `sender` go: the relay it named
+    /// in its signed header, or else the one in its pinned card.
+    fn reply_relay(
+        &self,
+        sender: &PublicIdentity,
+        named: Option<&RelayPin>,
+    ) -> Result<Option<String>, EngineError> {
+        if let Some(pin) = named {
+            return Ok(Some(address_of(pin).to_string()));
+        }
+        let contact = self.agent.db.contact_by_key(sender.signing_bytes())?;
+        Ok(contact
+            .and_then(|c| c.card.fields().relay.clone())
+            .map(|p| address_of(&p).to_string()))
+    }
+
+    fn classify(
+        &mut self,
+        m: OpenedMessage,
+        content: Vec<u8>,
+        now_s: u64,
+        batch: &[(OpenedMessage, Vec<u8>)],
+        reports: &mut Vec<PendingReport>,
+        stats: &mut PassStats,
+    ) -> Result<Verdict, EngineError> {
+        let h = &m.header;
+        let contact = self
+            .agent
+            .db
+            .contact_by_key(h.sender.signing_bytes())?
+            .filter(|c| c.card.public() == &h.sender);
+        match h.kind {
+            Kind::Receipt | Kind::Rejection => {
+                if contact.is_none() {
+                    tracing::warn!(
+                        "discarded a {} from {}, who is not a contact",
+                        h.kind.name(),
+                        h.sender.fingerprint()
+                    );
+                    stats.discarded += 1;
+                    return Ok(Verdict::Done);
+                }
+                self.apply_report(&m, &content, stats)?;
+                return Ok(Verdict::Done);
+            }
+            _ => {}
+        }
+        let reject = |reason: RejectReason, this: &Self, reports: &mut Vec<PendingReport>| {
+            this.reply_relay(&h.sender, h.reply_relay.as_ref())
+                .map(|relay| {
+                    if let Some(relay) = relay {
+                        reports.push(PendingReport {
+                            subject: *h.sender.signing_bytes(),
+                            agreement: *h.sender.agreement_bytes(),
+                            id: h.id,
+                            relay,
+                            reason: Some(reason),
+                            content_hash: [0; 32],
+                            content_len: 0,
+                            stored_at: 0,
+                        });
+                    }
+                })
+        };
+        // A copy of something already stored: its receipt again, once.
+        if let Some(prev) = self.agent.db.inbox_entry(&h.id)? {
+            if prev.sender == *h.sender.signing_bytes() {
+                stats.duplicates += 1;
+                if let Some(relay) = self.reply_relay(&h.sender, h.reply_relay.as_ref())? {
+                    reports.push(PendingReport {
+                        subject: prev.sender,
+                        agreement: *h.sender.agreement_bytes(),
+                        id: prev.id,
+                        relay,
+                        reason: None,
+                        content_hash: prev.content_hash,
+                        content_len: prev.content_len,
+                        stored_at: prev.received_ms / 1000,
+                    });
+                }
+            } else {
+                tracing::warn!(
+                    "discarded message {}: its id is already in the inbox from another sender",
+                    h.id
+                );
+                stats.discarded += 1;
+            }
+            return Ok(Verdict::Done);
+        }
+        if batch.iter().any(|(b, _)| b.header.id == h.id) {
+            stats.duplicates += 1;
+            return Ok(Verdict::Done);
+        }
+        if contact.is_none() {
+            tracing::warn!(
+                "rejected message {} from {}: not a contact",
+                h.id,
+                h.sender.fingerprint()
+            );
+            stats.rejected += 1;
+            reject(RejectReason::NotAContact, self, reports)?;
+            return Ok(Verdict::Done);
+        }
+        match self.agent.policy.check(h, now_s) {
+            Ok(()) => {}
+            Err(e) => {
+                let reason = match e {
+                    OpenError::FromFuture { .. } => RejectReason::FromTheFuture,
+                    _ => RejectReason::Expired,
+                };
+                tracing::warn!("rejected message {}: {e}", h.id);
+                stats.rejected += 1;
+                reject(reason, self, reports)?;
+                return Ok(Verdict::Done);
+            }
+        }
+        if self.agent.db.replay_seen(&h.id)? {
+            tracing::warn!("discarded message {}: already opened (replayed)", h.id);
+            stats.duplicates += 1;
+            return Ok(Verdict::Done);
+        }
+        Ok(Verdict::Store(m, content))
+    }
+
+    /// Verifies a receipt or rejection and applies it to the outbox.
+    fn apply_report(
+        &mut self,
+        m: &OpenedMessage,
+        content: &[u8],
+        stats: &mut PassStats,
+    ) -> Result<(), EngineError> {
+        let report = match Report::decode(content) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(
+                    "forged or damaged {} from {}: {e}",
+                    m.header.kind.name(),
+                    m.header.sender.fingerprint()
+                );
+                stats.forged_reports += 1;
+                return Ok(());
+            }
+        };
+        let kind_matches = matches!(
+            (m.header.kind, report.entries()),
+            (Kind::Receipt, Entries::Receipt(_)) | (Kind::Rejection, Entries::Rejection(_))
+        );
+        if !kind_matches
+            || !report.signed_by(&m.header.sender)
+            || !report.is_about(self.agent.identity.public())
+        {
+            tracing::warn!(
+                "forged {}: not signed by its sender {} about our messages",
+                m.header.kind.name(),
+                m.header.sender.fingerprint()
+            );
+            stats.forged_reports += 1;
+            return Ok(());
+        }
+        let applied = self
+            .agent
+            .db
+            .apply_report(m.header.sender.signing_bytes(), &report, now_ms())?;
+        for a in applied {
+            match a.outcome {
+                Some(Outcome::Changed) => match report.entries() {
+                    Entries::Receipt(_) => stats.confirmed += 1,
+                    Entries::Rejection(_) => {
+                        stats.bounced += 1;
+                        tracing::warn!("message {} was rejected by its recipient", a.id);
+                    }
+                },
+                Some(Outcome::Ignored) => {}
+                Some(Outcome::Mismatch) => tracing::error!(
+                    "receipt for message {} names a different hash or length than was sent; not counted as delivered",
+                    a.id
+                ),
+                None => {
+                    tracing::warn!("{} names message {}, which we never sent to its signer", report.kind_name(), a.id);
+                    stats.forged_reports += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+
+    async fn send_reports(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
+        let pending = self.agent.db.pending_reports(REPORT_BATCH)?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let pin = pin_of(&self.home_addr);
+        let now_s = now_ms() / 1000;
+        for (group, entries) in PendingReport::group(pending) {
+            let done: Vec<([u8; 32], MessageId)> =
+                group.ids.iter().map(|id| (group.subject, *id)).collect();
+            let Ok(subject) = PublicIdentity::from_bytes(&group.subject, &group.agreement) else {
+                self.agent.db.remove_pending_reports(&done)?;
+                continue;
+            };
+            let kind = match entries {
+                Entries::Receipt(_) => Kind::Receipt,
+                Entries::Rejection(_) => Kind::Rejection,
+            };
+            let report = Report::sign(&self.agent.identity, &subject, now_s, entries).map_err(AgentError::from)?;
+            let recipients = [subject];
+            let req = SealRequest {
+                kind,
+                id: MessageId::random(&mut OsRng),
+                created_at: now_s,
+                expires_at: now_s + REPORT_LIFETIME_SECS,
+                in_reply_to: None,
+                recipients: &recipients,
+                reply_relay: Some(&pin),
+            };
+            let mut sealed = std::io::Cursor::new(Vec::new());
+            message::seal_stream(&self.agent.identity, &req, report.as_bytes(), &mut sealed).map_err(|e| {
+                AgentError::Io {
+                    what: "sealing a report",
+                    path: PathBuf::new(),
+                    source: std::io::Error::other(e.to_string()),
+                }
+            })?;
+            let payload = sealed.into_inner();
+            let mailbox = MailboxId::of(subject.signing_bytes());
+            let Some(link) = link_for(&mut self.home, &mut self.links, &self.home_addr, &group.relay) else {
+                tracing::warn!("cannot send a report to {:?}: not a relay address", group.relay);
+                self.agent.db.remove_pending_reports(&done)?;
+                continue;
+            };
+            let expires = now_s + REPORT_LIFETIME_SECS;
+            let result = link
+                .call(&self.agent.identity, async |c| {
+                    c.submit_many(vec![(mailbox, expires, payload.clone())])
+                        .await
+                        .pop()
+                        .unwrap_or(Err(ClientError::Closed))
+                })
+                .await;
+            match result {
+                Ok(Submitted::Accepted { .. }) => {
+                    stats.reports_sent += 1;
+                    self.agent.db.remove_pending_reports(&done)?;
+                }
+                Ok(Submitted::Refused(r)) => {
+                    tracing::warn!(
+                        "relay {} refused a {} for {} messages: {}",
+                        group.relay,
+                        kind.name(),
+                        done.len(),
+                        r.code.describe()
+                    );
+                    self.agent.db.remove_pending_reports(&done)?;
+                }
+                Err(e) => {
+                    tracing::warn!("sending a {} to {}: {e}; will retry", kind.name(), group.relay);
+                    link.disconnect();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn submit_due(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
+        // Bounded: a pass submits at most this many rounds.
+        for _ in 0..64 {
+            let now = now_ms();
+            let due = self.agent.db.due(now, SUBMIT_BATCH)?;
+            if due.is_empty() {
+                return Ok(());
+            }
+            let mut sealed: HashMap<MessageId, Vec<u8>> = HashMap::new();
+            let mut by_relay: HashMap<String, Vec<usize>> = HashMap::new();
+            let mut bytes = 0usize;
+            let mut take = 0usize;
+            for (i, d) in due.iter().enumerate() {
+                if !sealed.contains_key(&d.msg) {
+                    let s = self.agent.db.sealed(&d.msg)?.unwrap_or_default();
+                    bytes += s.len();
+                    sealed.insert(d.msg, s);
+                }
+                by_relay.entry(d.relay.clone()).or_default().push(i);
+                take = i + 1;
+                if bytes >= SUBMIT_BATCH_BYTES {
+                    break;
+                }
+            }
+            let mut updates = Vec::with_capacity(take);
+            for (relay, idxs) in by_relay {
+                let items: Vec<(MailboxId, u64, Vec<u8>)> = idxs
+                    .iter()
+                    .map(|&i| {
+                        let d = &due[i];
+                        (
+                            MailboxId::of(&d.recipient),
+                            d.delivery.expires_at / 1000,
+                            sealed.get(&d.msg).cloned().unwrap_or_default(),
+                        )
+                    })
+                    .collect();
+                let answers = match link_for(&mut self.home, &mut self.links, &self.home_addr, &relay) {
+                    None => Vec::new(),
+                    Some(link) => {
+                        let r = link
+                            .call(&self.agent.identity, async |c| {
+                                Ok(c.submit_many(items.clone()).await)
+                            })
+                            .await;
+                        match r {
+                            Ok(a) => {
+                                if a.iter().any(|x| {
+                                    matches!(x, Err(ClientError::Closed | ClientError::Io(_)))
+                                }) {
+                                    link.disconnect();
+                                }
+                                a
+                            }
+                            Err(e) => {
+                                link.disconnect();
+                                let msg = e.to_string();
+                                idxs.iter()
+                                    .map(|_| Err(ClientError::Protocol(msg.clone())))
+                                    .collect()
+                            }
+                        }
+                    }
+                };
+                let now = now_ms();
+                for (k, &i) in idxs.iter().enumerate() {
+                    let row = &due[i];
+                    let mut d = row.delivery.clone();
+                    let mut last_error = None;
+                    match answers.get(k) {
+                        Some(Ok(Submitted::Accepted { .. })) => {
+                            d.accepted(now, &self.timing, unit_random());
+                            stats.submitted += 1;
+                        }
+                        Some(Ok(Submitted::Refused(r))) => {
+                            d.refused(now, r.code.name(), r.code.describe());
+                            stats.refused += 1;
+                            tracing::warn!(
+                                "message {} to {}: refused by relay {}: {}",
+                                row.msg,
+                                row.name,
+                                relay,
+                                r.code.describe()
+                            );
+                        }
+                        Some(Err(e)) => {
+                            if matches!(e, ClientError::ForgedRefusal) {
+                                tracing::warn!("relay {relay} sent a refusal that is not signed by its key: forged, ignored");
+                            }
+                            d.transient_failure(now, &self.timing, unit_random());
+                            last_error = Some(e.to_string());
+                            stats.submit_errors += 1;
+                        }
+                        None => {
+                            d.transient_failure(now, &self.timing, unit_random());
+                            last_error = Some(format!("cannot reach relay {relay}"));
+                            stats.submit_errors += 1;
+                        }
+                    }
+                    updates.push((row.msg, row.recipient, d, last_error));
+                }
+            }
+            self.agent.db.save_deliveries(&updates)?;
+            if take < due.len() || due.len() == SUBMIT_BATCH {
+                continue;
+            }
+            return Ok(());
+        }
+        Ok(())
+    }
+
+    /// Subscribes to the home mailbox's pushes (a fresh subscription after
+    /// every reconnect).
+    pub async fn subscribe(
+        &mut self,
+    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<u64>, EngineError> {
+        Ok(self
+            .home
+            .call(&self.agent.identity, async |c| c.subscribe().await)
+            .await?)
+    }
+
+    /// The time until the outbox next needs attention, if ever.
+    pub fn next_due_in(&self) -> Result<Option<Duration>, EngineError> {
+        Ok(self
+            .agent
+            .db
+            .next_due_ms()?
+            .map(|t| Duration::from_millis(t.saturating_sub(now_ms()))))
+    }
+
+    /// True once every delivery of `id` is final.
+    pub fn is_final(&self, id: &MessageId) -> Result<bool, EngineError> {
+        let e = self.agent.db.outbox(Some(id), 1)?;
+        Ok(e.first()
+            .is_none_or(|m| m.deliveries.iter().all(|d| d.delivery.state.is_final())))
+    }
+}
+
+/// Opens every payload, on all cores: opening is the expensive step (one
+/// X25519 agreement and one signature verification each).
+fn open_all(
+    me: &sealpost_proto::Identity,
+    payloads: &[Vec<u8>],
+) -> Vec<Result<(OpenedMessage, Vec<u8>), OpenError>> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    if payloads.len() < 4 || threads < 2 {
+        return payloads
+            .iter()
+            .map(|p| message::open_slice(me, p, MAX_MESSAGE))
+            .collect();
+    }
+    let per = payloads.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = payloads
+            .chunks(per)
+            .map(|chunk| {
+                let n = chunk.len();
+                let h = s.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|p| message::open_slice(me, p, MAX_MESSAGE))
+                        .collect::<Vec<_>>()
+                });
+                (n, h)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|(n, h)| {
+                h.join().unwrap_or_else(|_| {
+                    (0..n)
+                        .map(|_| {
+                            Err(OpenError::Malformed(
+                                sealpost_proto::codec::DecodeError::Invalid {
+                                    what: "message",
+                                    why: "opening it crashed a worker thread",
+                                },
+                            ))
+                        })
+                        .collect()
+                })
+            })
+            .collect()
+    })
+}
+
+/// Keeps the state names in one place for the CLI.
+pub fn state_name(s: State) -> &'static str {
+    s.name()
+}
+
+pub use sealpost_proto::delivery::Timing as DeliveryTiming;
+
+/// How long a message lives unless the sender says otherwise.
+pub const DEFAULT_SEND_LIFETIME_SECS: u64 = DEFAULT_LIFETIME_SECS;

@@ -1,0 +1,730 @@
+//! The agent's delivery state in its SQLite database: the outbox (sealed
+//! messages and one delivery per recipient), the inbox index, the reports
+//! (receipts and rejections) waiting to be sent, and settings.
+//!
+//! Every change is one transaction, durable (`synchronous=FULL`) before the
+//! caller acts on it: a message is queued before its id is printed, an
+//! inbox entry is committed before the relay copy is acknowledged and
+//! before its receipt is queued, and a receipt is stored before the
+//! delivery is shown as delivered.
+
+use rusqlite::{params, OptionalExtension, Transaction};
+use sealpost_proto::delivery::{Delivery, Failure, Outcome, Sent, State};
+use sealpost_proto::report::{Entries, ReceiptEntry, RejectReason, RejectionEntry, Report};
+use sealpost_proto::MessageId;
+
+use crate::contacts::{to_i64, to_u64};
+use crate::{AgentError, Db};
+
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id BLOB PRIMARY KEY,
+    kind TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    content_hash BLOB NOT NULL,
+    content_len INTEGER NOT NULL,
+    summary TEXT NOT NULL,
+    sealed BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    msg BLOB NOT NULL REFERENCES outbox(id),
+    recipient BLOB NOT NULL,
+    name TEXT NOT NULL,
+    relay TEXT NOT NULL,
+    state TEXT NOT NULL,
+    submissions INTEGER NOT NULL,
+    failed_attempts INTEGER NOT NULL,
+    next_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    changed_ms INTEGER NOT NULL,
+    failure TEXT,
+    detail TEXT,
+    last_error TEXT,
+    receipt BLOB,
+    PRIMARY KEY (msg, recipient)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_ms);
+CREATE TABLE IF NOT EXISTS inbox (
+    id BLOB PRIMARY KEY,
+    sender BLOB NOT NULL,
+    kind TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    content_hash BLOB NOT NULL,
+    content_len INTEGER NOT NULL,
+    segment INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    read_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS inbox_received ON inbox(received_ms);
+CREATE TABLE IF NOT EXISTS pending_reports (
+    subject BLOB NOT NULL,
+    agreement BLOB NOT NULL,
+    id BLOB NOT NULL,
+    relay TEXT NOT NULL,
+    reason INTEGER NOT NULL,
+    content_hash BLOB NOT NULL,
+    content_len INTEGER NOT NULL,
+    stored_at INTEGER NOT NULL,
+    PRIMARY KEY (subject, id)
+);
+";
+
+/// One recipient of a queued message.
+#[derive(Debug, Clone)]
+pub struct QueuedRecipient {
+    pub name: String,
+    pub signing: [u8; 32],
+    pub relay: String,
+}
+
+/// A message as queued by `send`.
+#[derive(Debug, Clone)]
+pub struct QueuedMessage<'a> {
+    pub id: MessageId,
+    pub kind: &'a str,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub sent: Sent,
+    pub summary: &'a str,
+    pub sealed: &'a [u8],
+}
+
+/// A delivery as stored.
+#[derive(Debug, Clone)]
+pub struct DeliveryRow {
+    pub msg: MessageId,
+    pub recipient: [u8; 32],
+    pub name: String,
+    pub relay: String,
+    pub delivery: Delivery,
+    pub last_error: Option<String>,
+    pub receipt: Option<Vec<u8>>,
+}
+
+/// A message in the outbox with its deliveries, for `status`.
+#[derive(Debug, Clone)]
+pub struct OutboxEntry {
+    pub id: MessageId,
+    pub kind: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub sent: Sent,
+    pub summary: String,
+    pub deliveries: Vec<DeliveryRow>,
+}
+
+/// A message in the inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxEntry {
+    pub id: MessageId,
+    pub sender: [u8; 32],
+    pub kind: String,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub received_ms: u64,
+    pub content_hash: [u8; 32],
+    pub content_len: u64,
+    pub segment: u64,
+    pub offset: u64,
+    pub read_ms: Option<u64>,
+}
+
+/// A report entry waiting to be signed and sent back to a sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingReport {
+    pub subject: [u8; 32],
+    pub agreement: [u8; 32],
+    pub id: MessageId,
+    pub relay: String,
+    /// None: a receipt entry; Some: a rejection with this reason.
+    pub reason: Option<RejectReason>,
+    pub content_hash: [u8; 32],
+    pub content_len: u64,
+    pub stored_at: u64,
+}
+
+fn failure_from_row(code: Option<String>, detail: Option<String>) -> Option<Failure> {
+    let code = code?;
+    if code == "expired" {
+        return Some(Failure::Expired);
+    }
+    if let Some(r) = code.strip_prefix("rejected:") {
+        return RejectReason::ALL
+            .into_iter()
+            .find(|x| x.name() == r)
+            .map(Failure::Rejected);
+    }
+    let refused = code.strip_prefix("refused:").unwrap_or(&code);
+    Some(Failure::Refused {
+        code: refused.to_owned(),
+        detail: detail.unwrap_or_default(),
+    })
+}
+
+fn failure_detail(f: &Option<Failure>) -> Option<String> {
+    f.as_ref().map(|f| f.describe())
+}
+
+const DELIVERY_COLS: &str = "msg, recipient, name, relay, state, submissions, failed_attempts, \
+     next_ms, expires_ms, changed_ms, failure, detail, last_error, receipt";
+
+fn delivery_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
+    let msg: Vec<u8> = r.get(0)?;
+    let recipient: Vec<u8> = r.get(1)?;
+    let state: String = r.get(4)?;
+    let bad = |what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Blob,
+            format!("damaged deliveries row: {what}").into(),
+        )
+    };
+    Ok(DeliveryRow {
+        msg: MessageId(msg.try_into().map_err(|_| bad("message id"))?),
+        recipient: recipient.try_into().map_err(|_| bad("recipient"))?,
+        name: r.get(2)?,
+        relay: r.get(3)?,
+        delivery: Delivery {
+            state: State::from_name(&state).ok_or_else(|| bad("state"))?,
+            submissions: r.get(5)?,
+            failed_attempts: r.get(6)?,
+            next_at: to_u64(r.get(7)?),
+            expires_at: to_u64(r.get(8)?),
+            changed_at: to_u64(r.get(9)?),
+            failure: failure_from_row(r.get(10)?, r.get(11)?),
+        },
+        last_error: r.get(12)?,
+        receipt: r.get(13)?,
+    })
+}
+
+fn save_delivery(
+    tx: &Transaction<'_>,
+    msg: &MessageId,
+    recipient: &[u8; 32],
+    d: &Delivery,
+    last_error: Option<&str>,
+) -> rusqlite::Result<()> {
+    let (code, detail) = match &d.failure {
+        None => (None, None),
+        Some(Failure::Refused { code, detail }) => {
+            (Some(format!("refused:{code}")), Some(detail.clone()))
+        }
+        Some(f) => (Some(f.code()), failure_detail(&d.failure)),
+    };
+    tx.execute(
+        "UPDATE deliveries SET state = ?3, submissions = ?4, failed_attempts = ?5, next_ms = ?6, \
+         changed_ms = ?7, failure = ?8, detail = ?9, last_error = ?10 WHERE msg = ?1 AND recipient = ?2",
+        params![
+            msg.0.to_vec(),
+            recipient.to_vec(),
+            d.state.name(),
+            d.submissions,
+            d.failed_attempts,
+            to_i64(d.next_at),
+            to_i64(d.changed_at),
+            code,
+            detail,
+            last_error,
+        ],
+    )?;
+    Ok(())
+}
+
+fn hash32(v: Vec<u8>) -> [u8; 32] {
+    v.try_into().unwrap_or([0; 32])
+}
+
+fn inbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InboxEntry> {
+    let id: Vec<u8> = r.get(0)?;
+    Ok(InboxEntry {
+        id: MessageId(id.try_into().unwrap_or([0; 16])),
+        sender: hash32(r.get(1)?),
+        kind: r.get(2)?,
+        created_at: to_u64(r.get(3)?),
+        expires_at: to_u64(r.get(4)?),
+        received_ms: to_u64(r.get(5)?),
+        content_hash: hash32(r.get(6)?),
+        content_len: to_u64(r.get(7)?),
+        segment: to_u64(r.get(8)?),
+        offset: to_u64(r.get(9)?),
+        read_ms: r.get::<_, Option<i64>>(10)?.map(to_u64),
+    })
+}
+
+const INBOX_COLS: &str = "id, sender, kind, created_at, expires_at, received_ms, content_hash, \
+     content_len, segment, offset, read_ms";
+
+/// What applying one report changed, per entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub id: MessageId,
+    /// None: no delivery of ours to the report's signer has this id.
+    pub outcome: Option<Outcome>,
+}
+
+impl Db {
+    pub fn setting(&self, key: &str) -> Result<Option<String>, AgentError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT value FROM settings WHERE key = ?1",
+                params![key],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    pub fn set_setting(&mut self, key: &str, value: &str) -> Result<(), AgentError> {
+        self.conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2) \
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Queues a sealed message and one delivery per recipient, durably.
+    pub fn queue(
+        &mut self,
+        m: &QueuedMessage<'_>,
+        recipients: &[QueuedRecipient],
+    ) -> Result<(), AgentError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO outbox (id, kind, created_ms, expires_ms, content_hash, content_len, summary, sealed) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                m.id.0.to_vec(),
+                m.kind,
+                to_i64(m.created_ms),
+                to_i64(m.expires_ms),
+                m.sent.content_hash.to_vec(),
+                to_i64(m.sent.content_len),
+                m.summary,
+                m.sealed,
+            ],
+        )?;
+        let d = Delivery::new(m.created_ms, m.expires_ms);
+        for r in recipients {
+            tx.execute(
+                "INSERT INTO deliveries (msg, recipient, name, relay, state, submissions, failed_attempts, \
+                 next_ms, expires_ms, changed_ms) VALUES (?1, ?2, ?3, ?4, ?5, 0, 0, ?6, ?7, ?6)",
+                params![
+                    m.id.0.to_vec(),
+                    r.signing.to_vec(),
+                    r.name,
+                    r.relay,
+                    d.state.name(),
+                    to_i64(d.next_at),
+                    to_i64(d.expires_at),
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Deliveries due for a submission at `now_ms`, oldest first.
+    pub fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<DeliveryRow>, AgentError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {DELIVERY_COLS} FROM deliveries \
+             WHERE state IN ('queued', 'submitted') AND next_ms <= ?1 AND expires_ms > ?1 \
+             ORDER BY next_ms LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(
+            params![to_i64(now_ms), to_i64(limit as u64)],
+            delivery_from_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The earliest time anything in the outbox needs attention: a
+    /// submission or an expiry.
+    pub fn next_due_ms(&self) -> Result<Option<u64>, AgentError> {
+        let v: Option<i64> = self.conn.query_row(
+            "SELECT MIN(MIN(next_ms, expires_ms)) FROM deliveries WHERE state IN ('queued', 'submitted')",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(v.map(to_u64))
+    }
+
+    /// The sealed bytes of an outbox message.
+    pub fn sealed(&self, id: &MessageId) -> Result<Option<Vec<u8>>, AgentError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT sealed FROM outbox WHERE id = ?1",
+                params![id.0.to_vec()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Stores new delivery states, all in one transaction.
+    pub fn save_deliveries(
+        &mut self,
+        rows: &[(MessageId, [u8; 32], Delivery, Option<String>)],
+    ) -> Result<(), AgentError> {
+        let tx = self.conn.transaction()?;
+        for (msg, recipient, d, err) in rows {
+            save_delivery(&tx, msg, recipient, d, err.as_deref())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Fails every unfinished delivery whose message has expired; returns
+    /// the ones it failed.
+    pub fn expire(&mut self, now_ms: u64) -> Result<Vec<DeliveryRow>, AgentError> {
+        let tx = self.conn.transaction()?;
+        let rows: Vec<DeliveryRow> = {
+            let mut stmt = tx.prepare(&format!(
+                "SELECT {DELIVERY_COLS} FROM deliveries \
+                 WHERE state IN ('queued', 'submitted') AND expires_ms <= ?1"
+            ))?;
+            let rows = stmt.query_map(params![to_i64(now_ms)], delivery_from_row)?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut failed = Vec::with_capacity(rows.len());
+        for mut row in rows {
+            if row.delivery.tick(now_ms) == Outcome::Changed {
+                save_delivery(&tx, &row.msg, &row.recipient, &row.delivery, None)?;
+                failed.push(row);
+            }
+        }
+        tx.commit()?;
+        Ok(failed)
+    }
+
+    /// Applies a verified report signed by `signer` (already checked to be
+    /// about our own messages) to our deliveries to `signer`, and stores
+    /// the report with every delivery it completes, in one transaction.
+    pub fn apply_report(
+        &mut self,
+        signer: &[u8; 32],
+        report: &Report,
+        now_ms: u64,
+    ) -> Result<Vec<Applied>, AgentError> {
+        let tx = self.conn.transaction()?;
+        let mut out = Vec::with_capacity(report.entries().len());
+        let ids: Vec<MessageId> = match report.entries() {
+            Entries::Receipt(l) => l.iter().map(|e| e.id).collect(),
+            Entries::Rejection(l) => l.iter().map(|e| e.id).collect(),
+        };
+        for (i, id) in ids.iter().enumerate() {
+            let row = {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "SELECT {DELIVERY_COLS} FROM deliveries WHERE msg = ?1 AND recipient = ?2"
+                ))?;
+                stmt.query_row(params![id.0.to_vec(), signer.to_vec()], delivery_from_row)
+                    .optional()?
+            };
+            let Some(mut row) = row else {
+                out.push(Applied {
+                    id: *id,
+                    outcome: None,
+                });
+                continue;
+            };
+            let outcome = match report.entries() {
+                Entries::Receipt(l) => {
+                    let sent: Option<(Vec<u8>, i64)> = tx
+                        .query_row(
+                            "SELECT content_hash, content_len FROM outbox WHERE id = ?1",
+                            params![id.0.to_vec()],
+                            |r| Ok((r.get(0)?, r.get(1)?)),
+                        )
+                        .optional()?;
+                    let Some((h, n)) = sent else {
+                        out.push(Applied {
+                            id: *id,
+                            outcome: None,
+                        });
+                        continue;
+                    };
+                    let sent = Sent {
+                        content_hash: hash32(h),
+                        content_len: to_u64(n),
+                    };
+                    let o = row.delivery.receipt(now_ms, &sent, &l[i]);
+                    if o == Outcome::Changed {
+                        tx.execute(
+                            "UPDATE deliveries SET receipt = ?3 WHERE msg = ?1 AND recipient = ?2",
+                            params![id.0.to_vec(), signer.to_vec(), report.as_bytes()],
+                        )?;
+                    }
+                    o
+                }
+                Entries::Rejection(l) => row.delivery.rejected(now_ms, l[i].reason),
+            };
+            if outcome == Outcome::Changed {
+                save_delivery(&tx, id, signer, &row.delivery, None)?;
+            }
+            out.push(Applied {
+                id: *id,
+                outcome: Some(outcome),
+            });
+        }
+        // A message whose every delivery is final no longer needs its
+        // sealed bytes for retransmission.
+        tx.execute(
+            "UPDATE outbox SET sealed = x'' WHERE length(sealed) > 0 AND id IN \
+             (SELECT msg FROM deliveries GROUP BY msg HAVING SUM(state IN ('queued','submitted')) = 0)",
+            [],
+        )?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Outbox messages with their deliveries, newest first.
+    pub fn outbox(
+        &self,
+        id: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, AgentError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, kind, created_ms, expires_ms, content_hash, content_len, summary FROM outbox \
+             WHERE ?1 IS NULL OR id = ?1 ORDER BY created_ms DESC, id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(
+            params![id.map(|i| i.0.to_vec()), to_i64(limit as u64)],
+            |r| {
+                let id: Vec<u8> = r.get(0)?;
+                Ok(OutboxEntry {
+                    id: MessageId(id.try_into().unwrap_or([0; 16])),
+                    kind: r.get(1)?,
+                    created_ms: to_u64(r.get(2)?),
+                    expires_ms: to_u64(r.get(3)?),
+                    sent: Sent {
+                        content_hash: hash32(r.get(4)?),
+                        content_len: to_u64(r.get(5)?),
+                    },
+                    summary: r.get(6)?,
+                    deliveries: Vec::new(),
+                })
+            },
+        )?;
+        let mut out: Vec<OutboxEntry> = rows.collect::<Result<_, _>>()?;
+        let mut dstmt = self.conn.prepare_cached(&format!(
+            "SELECT {DELIVERY_COLS} FROM deliveries WHERE msg = ?1 ORDER BY name"
+        ))?;
+        for e in &mut out {
+            let rows = dstmt.query_map(params![e.id.0.to_vec()], delivery_from_row)?;
+            e.deliveries = rows.collect::<Result<_, _>>()?;
+        }
+        Ok(out)
+    }
+
+    /// Counts of deliveries per state.
+    pub fn delivery_counts(&self) -> Result<Vec<(String, u64)>, AgentError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT state, COUNT(*) FROM deliveries GROUP BY state ORDER BY state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, to_u64(r.get(1)?))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The inbox entry with this id, if delivered.
+    pub fn inbox_entry(&self, id: &MessageId) -> Result<Option<InboxEntry>, AgentError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT {INBOX_COLS} FROM inbox WHERE id = ?1"),
+                params![id.0.to_vec()],
+                inbox_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Inbox entries, newest first.
+    pub fn inbox(&self, unread_only: bool, limit: usize) -> Result<Vec<InboxEntry>, AgentError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {INBOX_COLS} FROM inbox WHERE NOT ?1 OR read_ms IS NULL \
+             ORDER BY received_ms DESC, id LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(
+            params![unread_only, to_i64(limit as u64)],
+            inbox_from_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn mark_read(&mut self, id: &MessageId, now_ms: u64) -> Result<(), AgentError> {
+        self.conn.execute(
+            "UPDATE inbox SET read_ms = ?2 WHERE id = ?1 AND read_ms IS NULL",
+            params![id.0.to_vec(), to_i64(now_ms)],
+        )?;
+        Ok(())
+    }
+
+    /// Records delivered messages (their stored copies already durable and
+    /// verified), their replay-cache entries and the receipts they are
+    /// owed, plus other reports (rejections, receipts again for
+    /// duplicates), in one transaction. Returns the ids that were new: a
+    /// message already in the inbox is not delivered twice.
+    pub fn record_inbox(
+        &mut self,
+        entries: &[(InboxEntry, u64)],
+        reports: &[PendingReport],
+        now: u64,
+    ) -> Result<Vec<MessageId>, AgentError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "DELETE FROM replay WHERE forget_at <= ?1",
+            params![to_i64(now)],
+        )?;
+        let mut new = Vec::with_capacity(entries.len());
+        for (e, forget_at) in entries {
+            let n = tx.execute(
+                &format!(
+                    "INSERT OR IGNORE INTO inbox ({INBOX_COLS}) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL)"
+                ),
+                params![
+                    e.id.0.to_vec(),
+                    e.sender.to_vec(),
+                    e.kind,
+                    to_i64(e.created_at),
+                    to_i64(e.expires_at),
+                    to_i64(e.received_ms),
+                    e.content_hash.to_vec(),
+                    to_i64(e.content_len),
+                    to_i64(e.segment),
+                    to_i64(e.offset),
+                ],
+            )?;
+            tx.execute(
+                "INSERT OR IGNORE INTO replay (id, forget_at) VALUES (?1, ?2)",
+                params![e.id.0.to_vec(), to_i64(*forget_at)],
+            )?;
+            if n == 1 {
+                new.push(e.id);
+            }
+        }
+        for p in reports {
+            tx.execute(
+                "INSERT OR REPLACE INTO pending_reports \
+                 (subject, agreement, id, relay, reason, content_hash, content_len, stored_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    p.subject.to_vec(),
+                    p.agreement.to_vec(),
+                    p.id.0.to_vec(),
+                    p.relay,
+                    p.reason.map_or(0, |r| r.code()),
+                    p.content_hash.to_vec(),
+                    to_i64(p.content_len),
+                    to_i64(p.stored_at),
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(new)
+    }
+
+    /// Reports waiting to be sent, at most `limit`.
+    pub fn pending_reports(&self, limit: usize) -> Result<Vec<PendingReport>, AgentError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT subject, agreement, id, relay, reason, content_hash, content_len, stored_at \
+             FROM pending_reports ORDER BY subject, relay, reason LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![to_i64(limit as u64)], |r| {
+            let id: Vec<u8> = r.get(2)?;
+            let reason: u8 = r.get(4)?;
+            Ok(PendingReport {
+                subject: hash32(r.get(0)?),
+                agreement: hash32(r.get(1)?),
+                id: MessageId(id.try_into().unwrap_or([0; 16])),
+                relay: r.get(3)?,
+                reason: RejectReason::from_code(reason),
+                content_hash: hash32(r.get(5)?),
+                content_len: to_u64(r.get(6)?),
+                stored_at: to_u64(r.get(7)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets reports that were sent (or can never be).
+    pub fn remove_pending_reports(
+        &mut self,
+        done: &[([u8; 32], MessageId)],
+    ) -> Result<(), AgentError> {
+        let tx = self.conn.transaction()?;
+        for (subject, id) in done {
+            tx.execute(
+                "DELETE FROM pending_reports WHERE subject = ?1 AND id = ?2",
+                params![subject.to_vec(), id.0.to_vec()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+impl PendingReport {
+    /// Groups pending entries into reports: one per (subject, relay, kind),
+    /// at most [`sealpost_proto::report::MAX_ENTRIES`] entries each.
+    pub fn group(pending: Vec<PendingReport>) -> Vec<(PendingGroup, Entries)> {
+        let mut out: Vec<(PendingGroup, Entries)> = Vec::new();
+        for p in pending {
+            let key = PendingGroup {
+                subject: p.subject,
+                agreement: p.agreement,
+                relay: p.relay.clone(),
+                ids: Vec::new(),
+            };
+            let fits = |g: &(PendingGroup, Entries)| {
+                g.0.subject == key.subject
+                    && g.0.relay == key.relay
+                    && g.1.len() < sealpost_proto::report::MAX_ENTRIES
+                    && matches!(
+                        (&g.1, p.reason),
+                        (Entries::Receipt(_), None) | (Entries::Rejection(_), Some(_))
+                    )
+            };
+            let idx = match out.iter().position(fits) {
+                Some(i) => i,
+                None => {
+                    let entries = match p.reason {
+                        None => Entries::Receipt(Vec::new()),
+                        Some(_) => Entries::Rejection(Vec::new()),
+                    };
+                    out.push((key, entries));
+                    out.len() - 1
+                }
+            };
+            let g = &mut out[idx];
+            g.0.ids.push(p.id);
+            match (&mut g.1, p.reason) {
+                (Entries::Receipt(l), None) => l.push(ReceiptEntry {
+                    id: p.id,
+                    content_hash: p.content_hash,
+                    content_len: p.content_len,
+                    stored_at: p.stored_at,
+                }),
+                (Entries::Rejection(l), Some(reason)) => l.push(RejectionEntry { id: p.id, reason }),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// Where one grouped report goes.
+#[derive(Debug, Clone)]
+pub struct PendingGroup {
+    pub subject: [u8; 32],
+    pub agreement: [u8; 32],
+    pub relay: String,
+    pub ids: Vec<MessageId>,
+}

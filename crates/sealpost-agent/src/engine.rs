@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand_core::{OsRng, RngCore};
-use sealpost_proto::delivery::{Outcome, State, Timing};
+use sealpost_proto::delivery::{Outcome, Timing};
 use sealpost_proto::message::{self, MAX_RECIPIENTS};
 use sealpost_proto::relay::{MailboxId, MAX_MESSAGE};
 use sealpost_proto::report::{Entries, Report};
@@ -36,6 +36,8 @@ use sealpost_proto::{
 use sealpost_relay::client::{ClientError, Submitted};
 use sealpost_relay::tls::Pin;
 use sealpost_relay::RelayAddress;
+use tokio::net::UnixListener;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::link::{LinkAuth, RelayLink};
 use crate::outbox::{InboxEntry, PendingReport, QueuedMessage, QueuedRecipient};
@@ -64,7 +66,9 @@ pub enum EngineError {
     Busy(PathBuf),
     #[error("no home relay is set; run `sealpost relay use ADDRESS` (or `sealpost init --relay ADDRESS`)")]
     NoHomeRelay,
-    #[error("the stored home relay address {0:?} is not valid; set it again with `sealpost relay use`")]
+    #[error(
+        "the stored home relay address {0:?} is not valid; set it again with `sealpost relay use`"
+    )]
     BadHomeRelay(String),
     #[error("{0}")]
     Agent(#[from] AgentError),
@@ -104,10 +108,12 @@ pub struct PassStats {
     pub submit_errors: u64,
     /// Deliveries that expired without a receipt.
     pub expired: u64,
+    /// Times the home relay could not be reached (fetching).
+    pub home_errors: u64,
 }
 
 impl PassStats {
-    fn add(&mut self, o: &PassStats) {
+    pub fn add(&mut self, o: &PassStats) {
         self.fetched += o.fetched;
         self.delivered += o.delivered;
         self.duplicates += o.duplicates;
@@ -121,6 +127,12 @@ impl PassStats {
         self.refused += o.refused;
         self.submit_errors += o.submit_errors;
         self.expired += o.expired;
+        self.home_errors += o.home_errors;
+    }
+
+    /// True if nothing happened.
+    pub fn is_idle(&self) -> bool {
+        *self == Self::default()
     }
 }
 
@@ -176,7 +188,7 @@ fn link_for<'a>(
 /// What became of one fetched item.
 enum Verdict {
     /// Store it (new content).
-    Store(OpenedMessage, Vec<u8>),
+    Store(Box<(OpenedMessage, Vec<u8>)>),
     /// Nothing to store; acknowledge it.
     Done,
 }
@@ -384,6 +396,7 @@ impl Engine {
             Ok(()) => {}
             Err(EngineError::Relay(e)) => {
                 tracing::warn!("fetching from {}: {e}", self.home_addr);
+                stats.home_errors += 1;
                 self.home.disconnect();
             }
             Err(e) => return Err(e),
@@ -450,10 +463,12 @@ impl Engine {
                     stats.discarded += 1;
                     Verdict::Done
                 }
-                Ok((m, content)) => self.classify(m, content, now_s, &to_store, &mut reports, stats)?,
+                Ok((m, content)) => {
+                    self.classify(m, content, now_s, &to_store, &mut reports, stats)?
+                }
             };
-            if let Verdict::Store(m, c) = verdict {
-                to_store.push((m, c));
+            if let Verdict::Store(stored) = verdict {
+                to_store.push(*stored);
             }
         }
         let contents: Vec<(&[u8], [u8; 32])> = to_store
@@ -495,10 +510,7 @@ impl Engine {
                 });
             }
         }
-        let new = self
-            .agent
-            .db
-            .record_inbox(&entries, &reports, now_s)?;
+        let new = self.agent.db.record_inbox(&entries, &reports, now_s)?;
         stats.delivered += new.len() as u64;
         stats.duplicates += (entries.len() - new.len()) as u64;
         for (m, _) in &to_store {
@@ -635,7 +647,7 @@ impl Engine {
             stats.duplicates += 1;
             return Ok(Verdict::Done);
         }
-        Ok(Verdict::Store(m, content))
+        Ok(Verdict::Store(Box::new((m, content))))
     }
 
     /// Verifies a receipt or rejection and applies it to the outbox.
@@ -673,10 +685,10 @@ impl Engine {
             stats.forged_reports += 1;
             return Ok(());
         }
-        let applied = self
-            .agent
-            .db
-            .apply_report(m.header.sender.signing_bytes(), &report, now_ms())?;
+        let applied =
+            self.agent
+                .db
+                .apply_report(m.header.sender.signing_bytes(), &report, now_ms())?;
         for a in applied {
             match a.outcome {
                 Some(Outcome::Changed) => match report.entries() {
@@ -700,7 +712,6 @@ impl Engine {
         Ok(())
     }
 
-
     async fn send_reports(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
         let pending = self.agent.db.pending_reports(REPORT_BATCH)?;
         if pending.is_empty() {
@@ -719,7 +730,8 @@ impl Engine {
                 Entries::Receipt(_) => Kind::Receipt,
                 Entries::Rejection(_) => Kind::Rejection,
             };
-            let report = Report::sign(&self.agent.identity, &subject, now_s, entries).map_err(AgentError::from)?;
+            let report = Report::sign(&self.agent.identity, &subject, now_s, entries)
+                .map_err(AgentError::from)?;
             let recipients = [subject];
             let req = SealRequest {
                 kind,
@@ -731,17 +743,24 @@ impl Engine {
                 reply_relay: Some(&pin),
             };
             let mut sealed = std::io::Cursor::new(Vec::new());
-            message::seal_stream(&self.agent.identity, &req, report.as_bytes(), &mut sealed).map_err(|e| {
-                AgentError::Io {
+            message::seal_stream(&self.agent.identity, &req, report.as_bytes(), &mut sealed)
+                .map_err(|e| AgentError::Io {
                     what: "sealing a report",
                     path: PathBuf::new(),
                     source: std::io::Error::other(e.to_string()),
-                }
-            })?;
+                })?;
             let payload = sealed.into_inner();
             let mailbox = MailboxId::of(subject.signing_bytes());
-            let Some(link) = link_for(&mut self.home, &mut self.links, &self.home_addr, &group.relay) else {
-                tracing::warn!("cannot send a report to {:?}: not a relay address", group.relay);
+            let Some(link) = link_for(
+                &mut self.home,
+                &mut self.links,
+                &self.home_addr,
+                &group.relay,
+            ) else {
+                tracing::warn!(
+                    "cannot send a report to {:?}: not a relay address",
+                    group.relay
+                );
                 self.agent.db.remove_pending_reports(&done)?;
                 continue;
             };
@@ -770,7 +789,11 @@ impl Engine {
                     self.agent.db.remove_pending_reports(&done)?;
                 }
                 Err(e) => {
-                    tracing::warn!("sending a {} to {}: {e}; will retry", kind.name(), group.relay);
+                    tracing::warn!(
+                        "sending a {} to {}: {e}; will retry",
+                        kind.name(),
+                        group.relay
+                    );
                     link.disconnect();
                 }
             }
@@ -791,10 +814,10 @@ impl Engine {
             let mut bytes = 0usize;
             let mut take = 0usize;
             for (i, d) in due.iter().enumerate() {
-                if !sealed.contains_key(&d.msg) {
+                if let std::collections::hash_map::Entry::Vacant(v) = sealed.entry(d.msg) {
                     let s = self.agent.db.sealed(&d.msg)?.unwrap_or_default();
                     bytes += s.len();
-                    sealed.insert(d.msg, s);
+                    v.insert(s);
                 }
                 by_relay.entry(d.relay.clone()).or_default().push(i);
                 take = i + 1;
@@ -815,33 +838,34 @@ impl Engine {
                         )
                     })
                     .collect();
-                let answers = match link_for(&mut self.home, &mut self.links, &self.home_addr, &relay) {
-                    None => Vec::new(),
-                    Some(link) => {
-                        let r = link
-                            .call(&self.agent.identity, async |c| {
-                                Ok(c.submit_many(items.clone()).await)
-                            })
-                            .await;
-                        match r {
-                            Ok(a) => {
-                                if a.iter().any(|x| {
-                                    matches!(x, Err(ClientError::Closed | ClientError::Io(_)))
-                                }) {
-                                    link.disconnect();
+                let answers =
+                    match link_for(&mut self.home, &mut self.links, &self.home_addr, &relay) {
+                        None => Vec::new(),
+                        Some(link) => {
+                            let r = link
+                                .call(&self.agent.identity, async |c| {
+                                    Ok(c.submit_many(items.clone()).await)
+                                })
+                                .await;
+                            match r {
+                                Ok(a) => {
+                                    if a.iter().any(|x| {
+                                        matches!(x, Err(ClientError::Closed | ClientError::Io(_)))
+                                    }) {
+                                        link.disconnect();
+                                    }
+                                    a
                                 }
-                                a
-                            }
-                            Err(e) => {
-                                link.disconnect();
-                                let msg = e.to_string();
-                                idxs.iter()
-                                    .map(|_| Err(ClientError::Protocol(msg.clone())))
-                                    .collect()
+                                Err(e) => {
+                                    link.disconnect();
+                                    let msg = e.to_string();
+                                    idxs.iter()
+                                        .map(|_| Err(ClientError::Protocol(msg.clone())))
+                                        .collect()
+                                }
                             }
                         }
-                    }
-                };
+                    };
                 let now = now_ms();
                 for (k, &i) in idxs.iter().enumerate() {
                     let row = &due[i];
@@ -968,12 +992,126 @@ fn open_all(
     })
 }
 
-/// Keeps the state names in one place for the CLI.
-pub fn state_name(s: State) -> &'static str {
-    s.name()
-}
-
-pub use sealpost_proto::delivery::Timing as DeliveryTiming;
-
 /// How long a message lives unless the sender says otherwise.
 pub const DEFAULT_SEND_LIFETIME_SECS: u64 = DEFAULT_LIFETIME_SECS;
+
+/// Longest idle wait of the agent loop when subscribed.
+const IDLE: Duration = Duration::from_secs(30);
+/// Wait between passes while the home relay cannot be reached.
+const RETRY: Duration = Duration::from_secs(1);
+
+async fn next_push(sub: &mut Option<UnboundedReceiver<u64>>) -> Option<u64> {
+    match sub {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_wake(wake: Option<&UnixListener>) {
+    match wake {
+        Some(l) => {
+            if let Ok((mut s, _)) = l.accept().await {
+                // The byte itself carries nothing; reading it lets the
+                // sender see its wake-up was taken.
+                let mut b = [0u8; 1];
+                let _ = tokio::io::AsyncReadExt::read(&mut s, &mut b).await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+impl Engine {
+    /// Runs passes until `stop` completes or `done` says so: after each
+    /// pass it waits for a push from the home relay, a wake-up on `wake`
+    /// (`sealpost send` queued something), or the next retransmission or
+    /// expiry, whichever comes first. Returns the summed statistics.
+    pub async fn run<F>(
+        &mut self,
+        wake: Option<&UnixListener>,
+        stop: impl std::future::Future<Output = ()>,
+        mut done: F,
+    ) -> Result<PassStats, EngineError>
+    where
+        F: FnMut(&Self) -> Result<bool, EngineError>,
+    {
+        let mut total = PassStats::default();
+        let mut sub: Option<UnboundedReceiver<u64>> = None;
+        tokio::pin!(stop);
+        loop {
+            let s = self.pass().await?;
+            if !s.is_idle() {
+                tracing::debug!("pass: {s:?}");
+            }
+            total.add(&s);
+            if done(self)? {
+                return Ok(total);
+            }
+            if sub.is_none() {
+                match self.subscribe().await {
+                    Ok(rx) => sub = Some(rx),
+                    Err(e) => {
+                        tracing::warn!("subscribing at {}: {e}", self.home_addr);
+                        self.home.disconnect();
+                    }
+                }
+            }
+            let cap = if sub.is_some() && s.home_errors == 0 {
+                IDLE
+            } else {
+                RETRY
+            };
+            let wait = self.next_due_in()?.unwrap_or(cap).min(cap);
+            tokio::select! {
+                () = &mut stop => return Ok(total),
+                pushed = next_push(&mut sub) => {
+                    match pushed {
+                        None => sub = None,
+                        Some(_) => {
+                            if let Some(rx) = sub.as_mut() {
+                                while rx.try_recv().is_ok() {}
+                            }
+                        }
+                    }
+                }
+                () = next_wake(wake) => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Submits what is due, without fetching (what `send` does when no
+    /// agent is running).
+    pub async fn submit_only(&mut self) -> Result<PassStats, EngineError> {
+        let mut stats = PassStats::default();
+        self.submit_due(&mut stats).await?;
+        Ok(stats)
+    }
+}
+
+/// The path of the agent's wake-up socket in a home.
+pub fn wake_socket(home: &std::path::Path) -> PathBuf {
+    home.join("agent.sock")
+}
+
+/// Tells a running agent that the outbox changed. Returns false if no
+/// agent is listening.
+pub fn wake_agent(home: &std::path::Path) -> bool {
+    use std::io::Write;
+    match std::os::unix::net::UnixStream::connect(wake_socket(home)) {
+        Ok(mut s) => s.write_all(&[1]).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Binds the wake-up socket (an old one left by a killed agent is
+/// replaced: the caller holds the sync lock, so no live agent owns it).
+pub fn bind_wake_socket(home: &std::path::Path) -> std::io::Result<UnixListener> {
+    let path = wake_socket(home);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(&path)
+}

@@ -12,11 +12,11 @@
 #![forbid(unsafe_code)]
 
 pub mod contacts;
+pub mod engine;
 pub mod fsutil;
 pub mod link;
 pub mod outbox;
 pub mod spool;
-pub mod engine;
 
 use std::fs;
 use std::io::{self, Read, Seek, Write};
@@ -256,6 +256,33 @@ impl Agent {
 
     pub fn policy(&self) -> &FreshnessPolicy {
         &self.policy
+    }
+
+    /// Makes `pin` this identity's home relay: stored in the settings and
+    /// signed into a new card (newer than the old one, so contacts who
+    /// import it replace the old one). The caller registers the mailbox
+    /// there first.
+    pub fn set_home_relay(
+        &mut self,
+        addr_text: &str,
+        pin: sealpost_proto::RelayPin,
+        now: u64,
+    ) -> Result<(), AgentError> {
+        let created_at = now.max(self.card.fields().created_at.saturating_add(1));
+        let card = ContactCard::create(
+            &self.identity,
+            CardFields {
+                name: self.card.name().to_owned(),
+                created_at,
+                relay: Some(pin),
+            },
+        )?;
+        self.db.set_setting(engine::HOME_RELAY, addr_text)?;
+        let path = self.home.card_path();
+        fsutil::replace_durable(&path, (card.to_text() + "\n").as_bytes(), 0o644)
+            .map_err(io_err("writing", &path))?;
+        self.card = card;
+        Ok(())
     }
 
     /// Looks up the recipients' pinned keys by contact name.

@@ -551,10 +551,7 @@ impl Db {
             "SELECT {INBOX_COLS} FROM inbox WHERE NOT ?1 OR read_ms IS NULL \
              ORDER BY received_ms DESC, id LIMIT ?2"
         ))?;
-        let rows = stmt.query_map(
-            params![unread_only, to_i64(limit as u64)],
-            inbox_from_row,
-        )?;
+        let rows = stmt.query_map(params![unread_only, to_i64(limit as u64)], inbox_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -712,7 +709,9 @@ impl PendingReport {
                     content_len: p.content_len,
                     stored_at: p.stored_at,
                 }),
-                (Entries::Rejection(l), Some(reason)) => l.push(RejectionEntry { id: p.id, reason }),
+                (Entries::Rejection(l), Some(reason)) => {
+                    l.push(RejectionEntry { id: p.id, reason })
+                }
                 _ => {}
             }
         }

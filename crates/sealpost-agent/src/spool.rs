@@ -150,7 +150,12 @@ impl Spool {
     }
 
     /// Reads a stored message and checks its hash.
-    pub fn read(&self, loc: Location, len: u64, expected: &[u8; 32]) -> Result<Vec<u8>, SpoolError> {
+    pub fn read(
+        &self,
+        loc: Location,
+        len: u64,
+        expected: &[u8; 32],
+    ) -> Result<Vec<u8>, SpoolError> {
         let path = self.segment_path(loc.segment);
         let file = File::open(&path).map_err(io_err("opening", &path))?;
         let data = read_range(&file, loc.offset, len).map_err(io_err("reading", &path))?;
@@ -177,18 +182,18 @@ mod tests {
 
     #[test]
     fn appends_read_back_and_detect_damage() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Spool::open(dir.path()).unwrap();
+        let dir = tempfile::tempdir().expect("test");
+        let s = Spool::open(dir.path()).expect("test");
         let a = b"hello".to_vec();
         let b = vec![7u8; 100_000];
         let h = |x: &[u8]| *blake3::hash(x).as_bytes();
         let locs = s
             .append_verified(&[(&a[..], h(&a)), (&b[..], h(&b))])
-            .unwrap();
+            .expect("test");
         assert_eq!(locs[1].offset, 5);
-        let more = s.append_verified(&[(&a[..], h(&a))]).unwrap();
+        let more = s.append_verified(&[(&a[..], h(&a))]).expect("test");
         assert_eq!(more[0].offset, 100_005);
-        assert_eq!(s.read(locs[1], b.len() as u64, &h(&b)).unwrap(), b);
+        assert_eq!(s.read(locs[1], b.len() as u64, &h(&b)).expect("test"), b);
         // A wrong expectation is a read-back failure, not a silent success.
         assert!(matches!(
             s.append_verified(&[(&a[..], h(&b))]),
@@ -198,8 +203,8 @@ mod tests {
         let f = OpenOptions::new()
             .write(true)
             .open(s.segment_path(1))
-            .unwrap();
-        f.write_all_at(b"X", 10).unwrap();
+            .expect("test");
+        f.write_all_at(b"X", 10).expect("test");
         assert!(s.read(locs[1], b.len() as u64, &h(&b)).is_err());
     }
 }

@@ -297,7 +297,10 @@ mod tests {
 
         let mut d = Delivery::new(0, 5000);
         d.refused(1, "over-quota", "mailbox full");
-        assert_eq!(d.failure.as_ref().unwrap().code(), "refused:over-quota");
+        assert_eq!(
+            d.failure.as_ref().expect("test").code(),
+            "refused:over-quota"
+        );
         assert_eq!(d.accepted(2, &t, 0.0), Outcome::Ignored);
         assert_eq!(d.state, State::Failed);
     }

@@ -25,5 +25,5 @@ pub use card::{CardError, CardFields, ContactCard, RelayPin};
 pub use error::{NotForMeReason, OpenError, SealError, TamperedAt};
 pub use freshness::{FreshnessPolicy, ReplayCache};
 pub use identity::{Fingerprint, Identity, PublicIdentity};
-pub use report::{Entries, ReceiptEntry, RejectReason, RejectionEntry, Report, ReportError};
 pub use message::{Kind, MessageHeader, MessageId, OpenedMessage, SealRequest, SealSummary};
+pub use report::{Entries, ReceiptEntry, RejectReason, RejectionEntry, Report, ReportError};

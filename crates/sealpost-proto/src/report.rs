@@ -106,10 +106,14 @@ impl RejectReason {
     /// What it means, for people.
     pub fn describe(self) -> &'static str {
         match self {
-            Self::NotAContact => "the recipient accepts messages from its contacts only; send them your card first",
+            Self::NotAContact => {
+                "the recipient accepts messages from its contacts only; send them your card first"
+            }
             Self::TooLarge => "the message is larger than the recipient accepts",
             Self::Expired => "the message reached the recipient after its expiry time",
-            Self::FromTheFuture => "the message's creation time is ahead of the recipient's clock; check your clock",
+            Self::FromTheFuture => {
+                "the message's creation time is ahead of the recipient's clock; check your clock"
+            }
         }
     }
 }
@@ -409,15 +413,18 @@ mod tests {
 
     #[test]
     fn round_trip_and_bounds() {
-        let (a, b) = (Identity::generate(&mut OsRng), Identity::generate(&mut OsRng));
-        let r = Report::sign(&b, a.public(), 5, entries(3)).unwrap();
-        let back = Report::decode(r.as_bytes()).unwrap();
+        let (a, b) = (
+            Identity::generate(&mut OsRng),
+            Identity::generate(&mut OsRng),
+        );
+        let r = Report::sign(&b, a.public(), 5, entries(3)).expect("test");
+        let back = Report::decode(r.as_bytes()).expect("test");
         assert_eq!(back, r);
         assert!(back.signed_by(b.public()) && back.is_about(a.public()));
         assert!(!back.signed_by(a.public()));
-        assert_eq!(Report::from_text(&r.to_text()).unwrap(), r);
+        assert_eq!(Report::from_text(&r.to_text()).expect("test"), r);
         assert!(Report::sign(&b, a.public(), 5, entries(0)).is_err());
-        let big = Report::sign(&b, a.public(), 5, entries(MAX_ENTRIES)).unwrap();
+        let big = Report::sign(&b, a.public(), 5, entries(MAX_ENTRIES)).expect("test");
         assert!(big.as_bytes().len() <= MAX_REPORT_BYTES);
         assert!(big.to_text().len() <= MAX_REPORT_TEXT_BYTES);
         assert!(Report::sign(&b, a.public(), 5, entries(MAX_ENTRIES + 1)).is_err());
@@ -425,14 +432,17 @@ mod tests {
 
     #[test]
     fn every_bit_flip_is_refused() {
-        let (a, b) = (Identity::generate(&mut OsRng), Identity::generate(&mut OsRng));
+        let (a, b) = (
+            Identity::generate(&mut OsRng),
+            Identity::generate(&mut OsRng),
+        );
         let rej = Entries::Rejection(vec![RejectionEntry {
             id: MessageId([1; 16]),
             reason: RejectReason::Expired,
         }]);
         for r in [
-            Report::sign(&b, a.public(), 5, entries(2)).unwrap(),
-            Report::sign(&b, a.public(), 5, rej).unwrap(),
+            Report::sign(&b, a.public(), 5, entries(2)).expect("test"),
+            Report::sign(&b, a.public(), 5, rej).expect("test"),
         ] {
             let bytes = r.as_bytes();
             for i in 0..bytes.len() * 8 {

@@ -1,6 +1,7 @@
 //! The `sealpost` command: a thin layer over the agent and the sealed core.
 #![forbid(unsafe_code)]
 
+mod deliver;
 mod demo;
 mod exit;
 mod load;
@@ -47,7 +48,14 @@ const EXIT_CODES: &str = "EXIT CODES:
    17   expired
    18   created in the future (beyond the allowed clock skew)
    19   replayed (already opened here)
-   20   larger than a limit";
+   20   larger than a limit
+    4   busy: another `sealpost agent` or `sync` is running for this home
+    5   the relay could not be reached
+    6   no such message
+   21   not delivered: refused by a relay, rejected by the recipient, or
+        expired without a receipt (send --wait)
+   22   no receipt yet when --wait's time ran out (still retransmitted)
+   23   the receipt does not verify against the card";
 
 #[derive(Parser, Debug)]
 #[command(name = "sealpost", version, about = ABOUT, after_help = EXIT_CODES)]
@@ -73,6 +81,10 @@ enum Command {
         /// Your display name, shown to people who import your card
         #[arg(long)]
         name: Option<String>,
+        /// Your home relay (host:port/KEY, from `sealpost relay address`):
+        /// registers your mailbox there and puts it in your card
+        #[arg(long, value_name = "ADDRESS")]
+        relay: Option<String>,
     },
     /// Show your contact card (one line to give to others) and fingerprint
     Id,
@@ -83,7 +95,28 @@ enum Command {
     Seal(SealArgs),
     /// Decrypt and verify a sealed message; prints who sent it and when
     Open(OpenArgs),
-    /// Run or inspect a relay (store-and-forward server)
+    /// Seal a message to a contact and queue it for delivery; prints its id.
+    /// A running `sealpost agent` delivers it at once; otherwise it is
+    /// handed to the relay now and `sealpost sync` finishes the job
+    Send(deliver::SendArgs),
+    /// One delivery pass: fetch and store new messages (sending their
+    /// receipts), process receipts and rejections, submit and retransmit
+    /// the outbox, expire what is too old
+    Sync(deliver::SyncArgs),
+    /// Run the delivery loop until stopped (Ctrl-C or SIGTERM): like `sync`,
+    /// continuously, woken by the relay's pushes and by `send`
+    Agent(deliver::SyncArgs),
+    /// List received messages (* = unread)
+    Inbox(deliver::InboxArgs),
+    /// Print a received message, verified again from storage
+    Read(deliver::ReadArgs),
+    /// Where sent messages stand: queued, submitted, delivered (receipt
+    /// verified) or failed (with the reason), per recipient
+    Status(deliver::StatusArgs),
+    /// Export or verify receipts: signed proof that a recipient stored a message
+    #[command(subcommand)]
+    Receipt(deliver::ReceiptCmd),
+    /// Run or inspect a relay (store-and-forward server), or choose your home relay
     #[command(subcommand)]
     Relay(relay_cmd::RelayCmd),
     /// Show every guarantee at work: identities, a message, a 64 MiB file,
@@ -143,6 +176,10 @@ struct OpenArgs {
     input: String,
 }
 
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 2m, 1h)"))
+}
+
 fn parse_lifetime(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30m, 12h, 7d)"))?;
     if d.as_secs() == 0 {
@@ -186,16 +223,30 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli, out: &Out) -> Result<(), Failure> {
-    if let Command::Relay(cmd) = cli.command {
-        return relay_cmd::run(cmd, out);
-    }
-    let home = match cli.home {
-        Some(h) => h,
-        None => default_home()?,
+    let home_dir = cli.home;
+    let home = || -> Result<Home, Failure> {
+        Ok(Home::new(match &home_dir {
+            Some(h) => h.clone(),
+            None => default_home()?,
+        }))
     };
-    let home = Home::new(home);
-    match cli.command {
-        Command::Init { name } => init(&home, name, out),
+    let command = match cli.command {
+        Command::Relay(relay_cmd::RelayCmd::Use { address }) => {
+            return deliver::use_relay(&mut home()?.load()?, &address, out)
+        }
+        Command::Relay(cmd) => return relay_cmd::run(cmd, out),
+        other => other,
+    };
+    let home = home()?;
+    match command {
+        Command::Init { name, relay } => init(&home, name, relay, out),
+        Command::Send(args) => deliver::send(&home, args, out),
+        Command::Sync(args) => deliver::sync(&home, args, out),
+        Command::Agent(args) => deliver::agent(&home, args, out),
+        Command::Inbox(args) => deliver::inbox(&home, args, out),
+        Command::Read(args) => deliver::read(&home, args, out),
+        Command::Status(args) => deliver::status(&home, args, out),
+        Command::Receipt(cmd) => deliver::receipt(&home, cmd, out),
         Command::Id => id(&home.load()?, out),
         Command::Contact(cmd) => contact(&mut home.load()?, cmd, out),
         Command::Seal(args) => seal(&home.load()?, args, out),
@@ -205,11 +256,26 @@ fn run(cli: Cli, out: &Out) -> Result<(), Failure> {
     }
 }
 
-fn init(home: &Home, name: Option<String>, out: &Out) -> Result<(), Failure> {
+fn init(
+    home: &Home,
+    name: Option<String>,
+    relay: Option<String>,
+    out: &Out,
+) -> Result<(), Failure> {
     let name = name
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| "me".into());
-    let agent = home.init(&name, &mut OsRng, now())?;
+    if let Some(r) = &relay {
+        if sealpost_relay::RelayAddress::parse(r).is_none() {
+            return Err(Failure::usage(anyhow!(
+                "{r:?} is not a relay address; it looks like 127.0.0.1:7443/KEYFINGERPRINT (`sealpost relay address` prints it)"
+            )));
+        }
+    }
+    let mut agent = home.init(&name, &mut OsRng, now())?;
+    if let Some(r) = &relay {
+        deliver::use_relay(&mut agent, r, &Out::new(true).quiet())?;
+    }
     let fp = agent.identity().fingerprint();
     out.report(
         json!({
@@ -217,6 +283,7 @@ fn init(home: &Home, name: Option<String>, out: &Out) -> Result<(), Failure> {
             "name": name,
             "fingerprint": fp.to_string(),
             "card": agent.card().to_text(),
+            "relay": relay,
         }),
         || {
             format!(
@@ -249,7 +316,7 @@ fn id(agent: &Agent, out: &Out) -> Result<(), Failure> {
 }
 
 /// Reads a card given as text, as a file (text or binary form), or on stdin.
-fn read_card(arg: &str) -> Result<ContactCard, Failure> {
+pub(crate) fn read_card(arg: &str) -> Result<ContactCard, Failure> {
     if arg
         .trim_start()
         .starts_with(sealpost_proto::card::TEXT_PREFIX)

@@ -10,11 +10,18 @@ use crate::exit::Failure;
 #[derive(Debug)]
 pub struct Out {
     json: bool,
+    quiet: bool,
 }
 
 impl Out {
     pub fn new(json: bool) -> Self {
-        Self { json }
+        Self { json, quiet: false }
+    }
+
+    /// An output that prints nothing (a step inside another command).
+    pub fn quiet(mut self) -> Self {
+        self.quiet = true;
+        self
     }
 
     pub fn json(&self) -> bool {
@@ -23,6 +30,9 @@ impl Out {
 
     /// Prints a result on stdout: JSON, or the human text.
     pub fn report(&self, json: Value, human: impl FnOnce() -> String) -> Result<(), Failure> {
+        if self.quiet {
+            return Ok(());
+        }
         let text = if self.json {
             format!("{json}\n")
         } else {

@@ -26,6 +26,12 @@ pub enum RelayCmd {
     /// Re-read everything stored and check it against its BLAKE3; exit 1
     /// if anything is damaged
     Scrub(DataArgs),
+    /// Make ADDRESS your home relay: register your mailbox there and put it
+    /// in your contact card (re-share the card afterwards)
+    Use {
+        /// host:port/KEY, as `sealpost relay address` prints it
+        address: String,
+    },
     /// Load generator for benchmarks: durable submissions to a relay
     #[command(hide = true)]
     Load(crate::load::LoadArgs),
@@ -145,6 +151,9 @@ pub fn run(cmd: RelayCmd, out: &Out) -> Result<(), Failure> {
         RelayCmd::Status(a) => status(&a, out),
         RelayCmd::Scrub(a) => scrub(&a, out),
         RelayCmd::Load(a) => crate::load::run(a, out),
+        RelayCmd::Use { .. } => Err(Failure::usage(anyhow::anyhow!(
+            "`relay use` needs a home directory"
+        ))),
     }
 }
 

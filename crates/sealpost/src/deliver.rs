@@ -1,0 +1,907 @@
+//! Delivery commands: `send`, `sync`, `agent`, `inbox`, `read`, `status`,
+//! `receipt`, and `relay use`.
+
+use std::fs::File;
+use std::io::{self, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use clap::{Args, Subcommand};
+use sealpost_agent::engine::{self, Engine, EngineError, PassStats, SendError};
+use sealpost_agent::outbox::{DeliveryRow, InboxEntry, OutboxEntry};
+use sealpost_agent::spool::{Location, Spool};
+use sealpost_agent::{Agent, Home};
+use sealpost_proto::delivery::{State, Timing};
+use sealpost_proto::report::{Entries, Report, MAX_REPORT_TEXT_BYTES};
+use sealpost_proto::retry::Backoff;
+use sealpost_proto::MessageId;
+use sealpost_relay::client::RelayClient;
+use sealpost_relay::RelayAddress;
+use serde_json::{json, Value};
+
+use crate::exit::Failure;
+use crate::output::{self, Out};
+
+/// Options every command that talks to relays shares.
+#[derive(Args, Debug, Clone)]
+pub struct TimingArgs {
+    /// Wait this long for a receipt before submitting a message again; it
+    /// doubles (with jitter) after each retransmission, up to 4 h
+    #[arg(long, value_name = "DURATION", default_value = "2m", env = "SEALPOST_RETRANSMIT_AFTER", value_parser = crate::parse_duration)]
+    pub retransmit_after: Duration,
+}
+
+impl TimingArgs {
+    pub fn timing(&self) -> Timing {
+        let base = self.retransmit_after;
+        let d = Timing::default();
+        Timing {
+            retransmit: Backoff {
+                base,
+                max: base.max(Duration::from_secs(4 * 3600)),
+            },
+            submit: Backoff {
+                base: d.submit.base.min(base),
+                max: d.submit.max,
+            },
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    /// The contact to send to
+    #[arg(value_name = "NAME")]
+    to: String,
+    /// The message text; - reads it from stdin [default: stdin]
+    #[arg(value_name = "TEXT", conflicts_with = "file")]
+    text: Option<String>,
+    /// Send this file's content as the message (up to 1 MiB less 16 KiB)
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// More recipients (repeat); each is tracked separately
+    #[arg(long = "also", value_name = "NAME")]
+    also: Vec<String>,
+    /// How long the message stays valid, e.g. 30m, 12h, 7d; without a
+    /// receipt by then it ends as failed
+    #[arg(long, default_value = "7d", value_parser = crate::parse_lifetime)]
+    expires: Duration,
+    /// Wait until every recipient's receipt arrived (exit 0), or the
+    /// message failed (exit 21), or --timeout passed (exit 22)
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = crate::parse_duration, requires = "wait")]
+    timeout: Duration,
+    #[command(flatten)]
+    timing: TimingArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    timing: TimingArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct InboxArgs {
+    /// Only messages not read yet
+    #[arg(long)]
+    unread: bool,
+    /// At most this many, newest first
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ReadArgs {
+    /// Message id (as `inbox` shows it; a unique prefix is enough)
+    id: String,
+    /// Write the content to this file instead of stdout (never overwrites)
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// One message (a unique prefix of its id is enough) [default: the latest]
+    id: Option<String>,
+    /// At most this many messages, newest first
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ReceiptCmd {
+    /// Write the receipt(s) of a delivered message: proof, signed by the
+    /// recipient, that they stored exactly this content
+    Export {
+        /// Message id (a unique prefix is enough)
+        id: String,
+        /// Only the receipt of this recipient
+        #[arg(long, value_name = "NAME")]
+        to: Option<String>,
+        /// Write here instead of stdout
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Check a receipt offline against the recipient's card; exit 0 if it
+    /// verifies, 23 if not
+    Verify {
+        /// The receipt (`sealpost-report-v1:…` text or binary), or - for stdin
+        file: String,
+        /// The card of whoever should have signed it (text, file, or - )
+        #[arg(long, value_name = "CARD")]
+        card: String,
+        /// Also require that it names this message id
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+    },
+}
+
+fn engine_failure(e: EngineError) -> Failure {
+    match e {
+        EngineError::Busy(_) => Failure {
+            code: 4,
+            class: "busy",
+            error: Some(e.into()),
+        },
+        EngineError::NoHomeRelay | EngineError::BadHomeRelay(_) => Failure::contact(e.into()),
+        EngineError::Agent(a) => a.into(),
+        EngineError::Relay(_) => Failure {
+            code: 5,
+            class: "relay-unreachable",
+            error: Some(e.into()),
+        },
+        EngineError::Spool(_) => anyhow::Error::new(e).into(),
+    }
+}
+
+impl From<EngineError> for Failure {
+    fn from(e: EngineError) -> Self {
+        engine_failure(e)
+    }
+}
+
+impl From<SendError> for Failure {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Engine(e) => e.into(),
+            SendError::Agent(a) => a.into(),
+            SendError::TooLarge { .. } => Failure {
+                code: 20,
+                class: "too-large",
+                error: Some(e.into()),
+            },
+            SendError::Recipients | SendError::NoRelay(_) => Failure::contact(e.into()),
+            SendError::Seal(_) => anyhow::Error::new(e).into(),
+        }
+    }
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .map_err(Failure::from)
+}
+
+/// Registers this identity's mailbox at `address` and makes it the home
+/// relay (in the settings and in a newly signed card).
+pub fn use_relay(agent: &mut Agent, address: &str, out: &Out) -> Result<(), Failure> {
+    let addr = RelayAddress::parse(address).ok_or_else(|| {
+        Failure::usage(anyhow!(
+            "{address:?} is not a relay address; it looks like 127.0.0.1:7443/KEYFINGERPRINT (`sealpost relay address` prints it)"
+        ))
+    })?;
+    runtime()?.block_on(async {
+        let c = RelayClient::connect(&addr)
+            .await
+            .map_err(|e| engine_failure(EngineError::Relay(e)))?;
+        c.register(agent.identity())
+            .await
+            .map_err(|e| engine_failure(EngineError::Relay(e)))?;
+        Ok::<(), Failure>(())
+    })?;
+    agent.set_home_relay(&addr.to_string(), engine::pin_of(&addr), crate::now())?;
+    out.report(
+        json!({"relay": addr.to_string(), "card": agent.card().to_text()}),
+        || {
+            format!(
+                "Home relay set to {addr}; your mailbox is registered there.\nYour new contact card (give it to people who will write to you):\n{}\n",
+                agent.card().to_text()
+            )
+        },
+    )
+}
+
+fn read_content(args: &SendArgs) -> Result<(Vec<u8>, String), Failure> {
+    let limit = engine::MAX_CONTENT as u64 + 1;
+    let mut content = Vec::new();
+    let summary;
+    match (&args.file, args.text.as_deref()) {
+        (Some(path), _) => {
+            File::open(path)
+                .and_then(|f| f.take(limit).read_to_end(&mut content))
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            summary = format!(
+                "file {}",
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            );
+        }
+        (None, Some(text)) if text != "-" => {
+            content = text.as_bytes().to_vec();
+            summary = text.lines().next().unwrap_or("").to_owned();
+        }
+        _ => {
+            if io::stdin().is_terminal() && args.text.is_none() {
+                return Err(Failure::usage(anyhow!(
+                    "no content: give the text as an argument, --file PATH, or pipe it in with -"
+                )));
+            }
+            io::stdin()
+                .take(limit)
+                .read_to_end(&mut content)
+                .context("cannot read stdin")?;
+            summary = String::from_utf8_lossy(&content[..content.len().min(200)])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned();
+        }
+    }
+    let summary: String = summary
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(60)
+        .collect();
+    Ok((content, summary))
+}
+
+pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
+    let mut agent = home.load()?;
+    let (content, summary) = read_content(&args)?;
+    let mut names = vec![args.to.clone()];
+    names.extend(args.also.iter().cloned());
+    let id = agent.send(&names, &content, args.expires.as_secs(), &summary)?;
+    let queued_at = Instant::now();
+    let woke = engine::wake_agent(home.dir());
+    let mut engine_used = false;
+    let mut agent_opt = Some(agent);
+    if !woke {
+        // No agent running: hand the message to the relay now.
+        let agent = agent_opt.take().ok_or_else(|| anyhow!("agent moved"))?;
+        match Engine::new(agent) {
+            Ok(mut eng) => {
+                eng.timing = args.timing.timing();
+                let rt = runtime()?;
+                if args.wait {
+                    let deadline = args.timeout;
+                    let stopped = rt.block_on(async {
+                        let r = tokio::time::timeout(
+                            deadline,
+                            eng.run(None, std::future::pending(), |e| e.is_final(&id)),
+                        )
+                        .await;
+                        match r {
+                            Ok(r) => r.map(|_| ()),
+                            Err(_) => Ok(()),
+                        }
+                    });
+                    stopped?;
+                } else {
+                    rt.block_on(eng.submit_only())?;
+                }
+                engine_used = true;
+                agent_opt = Some(home.load()?);
+            }
+            Err(EngineError::Busy(_)) => agent_opt = Some(home.load()?),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let agent = agent_opt.ok_or_else(|| anyhow!("agent moved"))?;
+    if args.wait && !engine_used {
+        // A running agent does the work; watch the outbox.
+        let deadline = Instant::now() + args.timeout;
+        loop {
+            let e = agent.db().outbox(Some(&id), 1)?;
+            let done = e
+                .first()
+                .is_none_or(|m| m.deliveries.iter().all(|d| d.delivery.state.is_final()));
+            if done || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let elapsed = queued_at.elapsed();
+    let entry = agent
+        .db()
+        .outbox(Some(&id), 1)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("message {id} vanished from the outbox"))?;
+    let mut v = entry_json(&entry);
+    if args.wait {
+        v["waited_ms"] = json!(elapsed.as_secs_f64() * 1000.0);
+    }
+    out.report(v, || {
+        let mut s = format!("{id}\n");
+        if args.wait || out.json() {
+            s.push_str(&entry_text(&entry));
+        }
+        s
+    })?;
+    if args.wait {
+        let states: Vec<State> = entry.deliveries.iter().map(|d| d.delivery.state).collect();
+        if states.contains(&State::Failed) {
+            return Err(Failure {
+                code: 21,
+                class: "delivery-failed",
+                error: Some(anyhow!(
+                    "message {id} was not delivered to every recipient (see above)"
+                )),
+            });
+        }
+        if !states.iter().all(|s| *s == State::Delivered) {
+            return Err(Failure {
+                code: 22,
+                class: "still-pending",
+                error: Some(anyhow!(
+                    "no receipt for message {id} within {}; it stays queued and is retransmitted until it expires (`sealpost status {id}`)",
+                    humantime::format_duration(args.timeout)
+                )),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn stats_json(s: &PassStats) -> Value {
+    json!({
+        "fetched": s.fetched,
+        "delivered": s.delivered,
+        "duplicates": s.duplicates,
+        "rejected": s.rejected,
+        "discarded": s.discarded,
+        "confirmed": s.confirmed,
+        "bounced": s.bounced,
+        "forged_reports": s.forged_reports,
+        "reports_sent": s.reports_sent,
+        "submitted": s.submitted,
+        "refused": s.refused,
+        "submit_errors": s.submit_errors,
+        "expired": s.expired,
+        "home_relay_errors": s.home_errors,
+    })
+}
+
+pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
+    let mut eng = Engine::new(home.load()?)?;
+    eng.timing = args.timing.timing();
+    let stats = runtime()?.block_on(eng.pass())?;
+    let counts = eng.agent().db().delivery_counts()?;
+    let mut v = stats_json(&stats);
+    v["outbox"] = json!(counts
+        .iter()
+        .cloned()
+        .collect::<std::collections::BTreeMap<_, _>>());
+    out.report(v, || {
+        let mut s = format!(
+            "fetched {}: {} new in the inbox, {} duplicates, {} rejected, {} discarded\n\
+             receipts: {} of our messages confirmed, {} bounced; {} reports sent\n\
+             submitted {} ({} refused, {} to retry), {} expired\n",
+            stats.fetched,
+            stats.delivered,
+            stats.duplicates,
+            stats.rejected,
+            stats.discarded,
+            stats.confirmed,
+            stats.bounced,
+            stats.reports_sent,
+            stats.submitted,
+            stats.refused,
+            stats.submit_errors,
+            stats.expired
+        );
+        if !counts.is_empty() {
+            let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            s.push_str(&format!("outbox: {}\n", parts.join(", ")));
+        }
+        s
+    })?;
+    if stats.home_errors > 0 {
+        return Err(Failure {
+            code: 5,
+            class: "relay-unreachable",
+            error: Some(anyhow!(
+                "the home relay could not be reached; nothing was fetched (the outbox is kept and retried)"
+            )),
+        });
+    }
+    Ok(())
+}
+
+pub fn agent(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
+    let mut eng = Engine::new(home.load()?)?;
+    eng.timing = args.timing.timing();
+    let rt = runtime()?;
+    let total = rt.block_on(async {
+        let wake = match engine::bind_wake_socket(home.dir()) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot listen on {}: {e}; `send` will be picked up within a second",
+                    engine::wake_socket(home.dir()).display()
+                );
+                None
+            }
+        };
+        tracing::info!(
+            "agent running for {} (home relay {}); stop with Ctrl-C",
+            home.dir().display(),
+            eng.agent()
+                .home_relay()
+                .ok()
+                .flatten()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        let stop = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        let r = eng.run(wake.as_ref(), stop, |_| Ok(false)).await;
+        let _ = std::fs::remove_file(engine::wake_socket(home.dir()));
+        r
+    })?;
+    out.report(stats_json(&total), || {
+        format!(
+            "agent stopped: {} delivered to the inbox, {} of our messages confirmed\n",
+            total.delivered, total.confirmed
+        )
+    })
+}
+
+/// Finds a message id from a full id or a unique prefix.
+fn resolve_id<T>(
+    prefix: &str,
+    candidates: impl Iterator<Item = T>,
+    id_of: impl Fn(&T) -> MessageId,
+) -> Result<T, Failure> {
+    let p = prefix.trim().to_ascii_lowercase();
+    if p.is_empty() || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Failure::usage(anyhow!(
+            "{prefix:?} is not a message id (hex, as `sealpost status` or `sealpost inbox` show it)"
+        )));
+    }
+    let mut found: Vec<T> = candidates
+        .filter(|c| id_of(c).to_string().starts_with(&p))
+        .collect();
+    match found.len() {
+        0 => Err(Failure {
+            code: 6,
+            class: "not-found",
+            error: Some(anyhow!("no message with id {prefix}")),
+        }),
+        1 => Ok(found.remove(0)),
+        n => Err(Failure::usage(anyhow!(
+            "{n} messages have ids starting with {prefix}; give more digits"
+        ))),
+    }
+}
+
+fn ms_time(ms: u64) -> String {
+    output::time(ms / 1000)
+}
+
+fn delivery_json(d: &DeliveryRow) -> Value {
+    json!({
+        "to": d.name,
+        "relay": d.relay,
+        "state": d.delivery.state.name(),
+        "since": ms_time(d.delivery.changed_at),
+        "submissions": d.delivery.submissions,
+        "next_attempt": (!d.delivery.state.is_final()).then(|| ms_time(d.delivery.next_at)),
+        "failure": d.delivery.failure.as_ref().map(|f| f.code()),
+        "reason": d.delivery.failure.as_ref().map(|f| f.describe()),
+        "last_error": d.last_error,
+        "receipt": d.receipt.is_some(),
+    })
+}
+
+fn entry_json(e: &OutboxEntry) -> Value {
+    json!({
+        "id": e.id.to_string(),
+        "kind": e.kind,
+        "summary": e.summary,
+        "created": ms_time(e.created_ms),
+        "expires": ms_time(e.expires_ms),
+        "content_len": e.sent.content_len,
+        "content_blake3": hex_lower(&e.sent.content_hash),
+        "deliveries": e.deliveries.iter().map(delivery_json).collect::<Vec<_>>(),
+    })
+}
+
+fn entry_text(e: &OutboxEntry) -> String {
+    let mut s = String::new();
+    for d in &e.deliveries {
+        let st = d.delivery.state;
+        let detail = match st {
+            State::Delivered => "receipt verified".to_owned(),
+            State::Failed => d
+                .delivery
+                .failure
+                .as_ref()
+                .map(|f| f.describe())
+                .unwrap_or_default(),
+            State::Submitted => format!(
+                "at the relay, no receipt yet; next retransmission {}",
+                ms_time(d.delivery.next_at)
+            ),
+            State::Queued => match &d.last_error {
+                Some(err) => format!("retry {}: {err}", ms_time(d.delivery.next_at)),
+                None => "waiting to be submitted".to_owned(),
+            },
+        };
+        s.push_str(&format!(
+            "  to {:<16} {:<10} since {}  {}\n",
+            d.name,
+            st.name(),
+            ms_time(d.delivery.changed_at),
+            detail
+        ));
+    }
+    s
+}
+
+fn hex_lower(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn status(home: &Home, args: StatusArgs, out: &Out) -> Result<(), Failure> {
+    let agent = home.load()?;
+    let entries = match &args.id {
+        Some(p) => {
+            let all = agent.db().outbox(None, usize::MAX >> 1)?;
+            vec![resolve_id(p, all.into_iter(), |e| e.id)?]
+        }
+        None => agent.db().outbox(None, args.limit)?,
+    };
+    out.report(
+        json!({"messages": entries.iter().map(entry_json).collect::<Vec<_>>()}),
+        || {
+            if entries.is_empty() {
+                return "The outbox is empty.\n".to_owned();
+            }
+            let mut s = String::new();
+            for e in &entries {
+                s.push_str(&format!(
+                    "{}  {}  {:?}  ({} bytes, expires {})\n",
+                    e.id,
+                    ms_time(e.created_ms),
+                    e.summary,
+                    e.sent.content_len,
+                    ms_time(e.expires_ms)
+                ));
+                s.push_str(&entry_text(e));
+            }
+            s
+        },
+    )
+}
+
+fn sender_name(agent: &Agent, key: &[u8; 32]) -> String {
+    match agent.db().contact_by_key(key) {
+        Ok(Some(c)) => c.name,
+        _ => "(not a contact)".to_owned(),
+    }
+}
+
+fn inbox_json(agent: &Agent, e: &InboxEntry) -> Value {
+    json!({
+        "id": e.id.to_string(),
+        "from": sender_name(agent, &e.sender),
+        "kind": e.kind,
+        "created": output::time(e.created_at),
+        "received": ms_time(e.received_ms),
+        "expires": output::time(e.expires_at),
+        "content_len": e.content_len,
+        "content_blake3": hex_lower(&e.content_hash),
+        "read": e.read_ms.is_some(),
+    })
+}
+
+pub fn inbox(home: &Home, args: InboxArgs, out: &Out) -> Result<(), Failure> {
+    let agent = home.load()?;
+    let list = agent.db().inbox(args.unread, args.limit)?;
+    let spool = Spool::open(home.dir()).map_err(anyhow::Error::new)?;
+    out.report(
+        json!({"messages": list.iter().map(|e| inbox_json(&agent, e)).collect::<Vec<_>>()}),
+        || {
+            if list.is_empty() {
+                return "No messages.\n".to_owned();
+            }
+            let mut s = String::new();
+            for e in &list {
+                let preview = match spool.read(
+                    Location {
+                        segment: e.segment,
+                        offset: e.offset,
+                    },
+                    e.content_len,
+                    &e.content_hash,
+                ) {
+                    Ok(c) => String::from_utf8_lossy(&c[..c.len().min(200)])
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .chars()
+                        .filter(|c| !c.is_control())
+                        .take(40)
+                        .collect::<String>(),
+                    Err(_) => "(stored copy damaged)".to_owned(),
+                };
+                s.push_str(&format!(
+                    "{} {}  {}  from {:<16} {:>8} bytes  {preview}\n",
+                    if e.read_ms.is_some() { " " } else { "*" },
+                    e.id,
+                    ms_time(e.received_ms),
+                    sender_name(&agent, &e.sender),
+                    e.content_len
+                ));
+            }
+            s
+        },
+    )
+}
+
+pub fn read(home: &Home, args: ReadArgs, out: &Out) -> Result<(), Failure> {
+    let mut agent = home.load()?;
+    let all = agent.db().inbox(false, usize::MAX >> 1)?;
+    let e = resolve_id(&args.id, all.into_iter(), |e| e.id)?;
+    let spool = Spool::open(home.dir()).map_err(anyhow::Error::new)?;
+    let content = spool
+        .read(
+            Location {
+                segment: e.segment,
+                offset: e.offset,
+            },
+            e.content_len,
+            &e.content_hash,
+        )
+        .map_err(|err| Failure {
+            code: 15,
+            class: "tampered",
+            error: Some(anyhow::Error::new(err).context(format!(
+                "the stored copy of message {} is damaged; it was verified when it arrived, so the disk changed it",
+                e.id
+            ))),
+        })?;
+    match &args.output {
+        Some(path) => write_new_file(path, &content)?,
+        None => {
+            let mut stdout = io::stdout().lock();
+            stdout
+                .write_all(&content)
+                .and_then(|_| stdout.flush())
+                .map_err(output::stdout_error)?;
+        }
+    }
+    agent.db_mut().mark_read(&e.id, engine::now_ms())?;
+    let v = inbox_json(&agent, &e);
+    out.side_report(args.output.is_none(), v, || {
+        format!(
+            "From {} ({}), sent {}; received {}; content hash verified from storage; message {}\n",
+            sender_name(&agent, &e.sender),
+            agent
+                .db()
+                .contact_by_key(&e.sender)
+                .ok()
+                .flatten()
+                .map(|c| c.card.public().fingerprint().to_string())
+                .unwrap_or_default(),
+            output::time(e.created_at),
+            ms_time(e.received_ms),
+            e.id
+        )
+    })
+}
+
+fn write_new_file(path: &Path, content: &[u8]) -> Result<(), Failure> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".sealpost-read-")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    tmp.write_all(content)
+        .and_then(|_| tmp.as_file().sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist_noclobber(path)
+        .map_err(|e| anyhow::Error::new(e.error))
+        .with_context(|| format!("cannot write {} (it is never overwritten)", path.display()))?;
+    sealpost_agent::fsutil::sync_dir(dir).context("cannot sync the directory")?;
+    Ok(())
+}
+
+pub fn receipt(home: &Home, cmd: ReceiptCmd, out: &Out) -> Result<(), Failure> {
+    match cmd {
+        ReceiptCmd::Export { id, to, output } => {
+            let agent = home.load()?;
+            let all = agent.db().outbox(None, usize::MAX >> 1)?;
+            let e = resolve_id(&id, all.into_iter(), |e| e.id)?;
+            let receipts: Vec<(&DeliveryRow, Report)> = e
+                .deliveries
+                .iter()
+                .filter(|d| to.as_deref().is_none_or(|n| n == d.name))
+                .filter_map(|d| {
+                    d.receipt
+                        .as_ref()
+                        .and_then(|r| Report::decode(r).ok())
+                        .map(|r| (d, r))
+                })
+                .collect();
+            if receipts.is_empty() {
+                return Err(Failure {
+                    code: 6,
+                    class: "not-found",
+                    error: Some(anyhow!(
+                        "no receipt for message {} yet{} (`sealpost status {}` shows where it stands)",
+                        e.id,
+                        to.map(|n| format!(" from {n}")).unwrap_or_default(),
+                        e.id
+                    )),
+                });
+            }
+            let text: String = receipts.iter().map(|(_, r)| r.to_text() + "\n").collect();
+            match &output {
+                Some(p) => write_new_file(p, text.as_bytes())?,
+                None => {
+                    let mut stdout = io::stdout().lock();
+                    stdout
+                        .write_all(text.as_bytes())
+                        .and_then(|_| stdout.flush())
+                        .map_err(output::stdout_error)?;
+                }
+            }
+            let v = json!({
+                "id": e.id.to_string(),
+                "receipts": receipts.iter().map(|(d, r)| json!({"to": d.name, "issued": output::time(r.issued_at()), "entries": r.entries().len()})).collect::<Vec<_>>(),
+                "output": output,
+            });
+            out.side_report(output.is_none(), v, || {
+                format!(
+                    "{} receipt(s) for message {}; check with `sealpost receipt verify FILE --card CARD`\n",
+                    receipts.len(),
+                    e.id
+                )
+            })
+        }
+        ReceiptCmd::Verify { file, card, id } => {
+            let card = crate::read_card(&card)?;
+            let mut bytes = Vec::new();
+            let limit = MAX_REPORT_TEXT_BYTES as u64 + 1;
+            if file == "-" {
+                io::stdin().take(limit).read_to_end(&mut bytes)
+            } else {
+                File::open(&file).and_then(|f| f.take(limit).read_to_end(&mut bytes))
+            }
+            .with_context(|| format!("cannot read {file}"))?;
+            let bad = |e: anyhow::Error| Failure {
+                code: 23,
+                class: "receipt-invalid",
+                error: Some(e),
+            };
+            let text = std::str::from_utf8(&bytes).ok();
+            let reports: Vec<Result<Report, _>> = match text {
+                Some(t)
+                    if t.trim_start()
+                        .starts_with(sealpost_proto::report::TEXT_PREFIX) =>
+                {
+                    t.lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .map(Report::from_text)
+                        .collect()
+                }
+                _ => vec![Report::decode(&bytes)],
+            };
+            let mut verified = Vec::new();
+            for r in reports {
+                let r = r.map_err(|e| bad(anyhow::Error::new(e)))?;
+                if !r.signed_by(card.public()) {
+                    continue;
+                }
+                verified.push(r);
+            }
+            if verified.is_empty() {
+                return Err(bad(anyhow!(
+                    "no receipt here is signed by {} ({})",
+                    card.name(),
+                    card.public().fingerprint()
+                )));
+            }
+            let want = match &id {
+                Some(s) => Some(MessageId::parse_hex(s).ok_or_else(|| {
+                    Failure::usage(anyhow!("{s:?} is not a full message id (32 hex digits)"))
+                })?),
+                None => None,
+            };
+            let mut entries = Vec::new();
+            for r in &verified {
+                match r.entries() {
+                    Entries::Receipt(list) => {
+                        for e in list {
+                            entries.push(json!({
+                                "kind": "receipt",
+                                "id": e.id.to_string(),
+                                "content_blake3": hex_lower(&e.content_hash),
+                                "content_len": e.content_len,
+                                "stored": output::time(e.stored_at),
+                                "subject": hex_lower(r.subject_bytes()),
+                            }));
+                        }
+                    }
+                    Entries::Rejection(list) => {
+                        for e in list {
+                            entries.push(json!({
+                                "kind": "rejection",
+                                "id": e.id.to_string(),
+                                "reason": e.reason.name(),
+                                "subject": hex_lower(r.subject_bytes()),
+                            }));
+                        }
+                    }
+                }
+            }
+            if let Some(w) = want {
+                if !verified.iter().any(|r| r.receipt_for(&w).is_some()) {
+                    return Err(bad(anyhow!(
+                        "the receipt is genuine but does not name message {w}"
+                    )));
+                }
+            }
+            out.report(
+                json!({"valid": true, "signer": card.name(), "fingerprint": card.public().fingerprint().to_string(), "entries": entries}),
+                || {
+                    let mut s = format!(
+                        "Valid: signed by {} ({}).\n",
+                        card.name(),
+                        card.public().fingerprint()
+                    );
+                    for e in &entries {
+                        if e["kind"] == "receipt" {
+                            s.push_str(&format!(
+                                "  stored {}  message {}  {} bytes  BLAKE3 {}\n",
+                                e["stored"].as_str().unwrap_or(""),
+                                e["id"].as_str().unwrap_or(""),
+                                e["content_len"],
+                                e["content_blake3"].as_str().unwrap_or("")
+                            ));
+                        } else {
+                            s.push_str(&format!(
+                                "  rejected message {}: {}\n",
+                                e["id"].as_str().unwrap_or(""),
+                                e["reason"].as_str().unwrap_or("")
+                            ));
+                        }
+                    }
+                    s
+                },
+            )
+        }
+    }
+}

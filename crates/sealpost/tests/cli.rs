@@ -340,4 +340,5 @@ fn the_age_cli_decrypts_the_encrypted_layer() {
     assert_eq!(o.stdout.len(), 5 + 1 + 16 + 8 + 8 + 1 + 64 + 1 + 64 + 104);
 }
 
+mod delivery;
 mod relay;

@@ -20,7 +20,7 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -30,7 +30,7 @@ fn free_port() -> u16 {
 /// Starts `sealpost relay serve` and waits until it accepts connections.
 /// The caller owns the child and reaps it; a panic here fails the test.
 #[allow(clippy::zombie_processes)]
-fn start_relay(data: &Path, port: u16) -> (Child, RelayAddress) {
+pub(crate) fn start_relay(data: &Path, port: u16) -> (Child, RelayAddress) {
     let mut child = Command::new(cargo_bin("sealpost"))
         .args(["relay", "serve", "--data"])
         .arg(data)

@@ -1,0 +1,393 @@
+//! Delivery end to end with real processes: a relay, agents, `send`,
+//! `sync`, receipts, retransmission, expiry, rejections, restarts.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::cargo::cargo_bin;
+use serde_json::Value;
+
+use super::Env;
+use crate::relay::{free_port, start_relay};
+
+/// A relay process and homes that use it.
+struct Net {
+    env: Env,
+    relay: Option<Child>,
+    port: u16,
+    addr: String,
+    agents: Vec<Child>,
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for c in self.agents.iter_mut().chain(self.relay.as_mut()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Net {
+    fn new() -> Self {
+        let env = Env::new();
+        let port = free_port();
+        let (child, addr) = start_relay(&env.path("relay"), port);
+        Self {
+            env,
+            relay: Some(child),
+            port,
+            addr: addr.to_string(),
+            agents: Vec::new(),
+        }
+    }
+
+    /// SIGKILLs the relay and starts it again on the same data and port.
+    fn restart_relay(&mut self) {
+        if let Some(mut c) = self.relay.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let (child, addr) = start_relay(&self.env.path("relay"), self.port);
+        assert_eq!(addr.to_string(), self.addr, "the relay keeps its key");
+        self.relay = Some(child);
+    }
+
+    fn init(&self, home: &str) -> String {
+        let v = self
+            .env
+            .json(home, &["init", "--name", home, "--relay", &self.addr]);
+        v["card"].as_str().expect("card").to_owned()
+    }
+
+    /// `home` pins `card` as `name`.
+    fn pin(&self, home: &str, name: &str, card: &str) {
+        self.env.ok(home, &["contact", "add", card, "--name", name]);
+    }
+
+    /// alice and bob, each other's contacts, both on the relay.
+    fn pair() -> Self {
+        let net = Self::new();
+        let a = net.init("alice");
+        let b = net.init("bob");
+        net.pin("alice", "bob", &b);
+        net.pin("bob", "alice", &a);
+        net
+    }
+
+    fn run(&self, home: &str, args: &[&str]) -> (i32, Vec<u8>, String) {
+        self.env.run(home, args, b"")
+    }
+
+    fn json(&self, home: &str, args: &[&str]) -> Value {
+        self.env.json(home, args)
+    }
+
+    fn send(&self, home: &str, to: &str, text: &str, extra: &[&str]) -> String {
+        let mut a = vec!["send", to, text];
+        a.extend_from_slice(extra);
+        self.json(home, &a)["id"].as_str().expect("id").to_owned()
+    }
+
+    fn sync(&self, home: &str) -> Value {
+        self.json(home, &["sync"])
+    }
+
+    fn delivery(&self, home: &str, id: &str) -> Value {
+        self.json(home, &["status", id])["messages"][0]["deliveries"][0].clone()
+    }
+
+    fn state(&self, home: &str, id: &str) -> String {
+        self.delivery(home, id)["state"]
+            .as_str()
+            .expect("state")
+            .to_owned()
+    }
+
+    fn inbox_len(&self, home: &str) -> usize {
+        self.json(home, &["inbox", "--limit", "1000"])["messages"]
+            .as_array()
+            .expect("list")
+            .len()
+    }
+
+    /// Starts `sealpost agent` for `home`; killed when the net drops.
+    fn start_agent(&mut self, home: &str, retransmit: &str) -> usize {
+        let child = Command::new(cargo_bin("sealpost"))
+            .arg("--home")
+            .arg(self.env.path(home))
+            .arg("agent")
+            .env("SEALPOST_LOG", "warn")
+            .env("SEALPOST_RETRANSMIT_AFTER", retransmit)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn agent");
+        // Ready once it holds the home's lock and listens for wake-ups.
+        let sock = self.env.path(home).join("agent.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "agent did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.agents.push(child);
+        self.agents.len() - 1
+    }
+
+    fn kill_agent(&mut self, i: usize) {
+        let _ = self.agents[i].kill();
+        let _ = self.agents[i].wait();
+    }
+
+    fn wait_for_state(&self, home: &str, id: &str, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.state(home, id);
+            if s == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "message {id} stayed {s}, expected {want}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn a_message_is_delivered_with_a_receipt_anyone_can_verify() {
+    let net = Net::pair();
+    let id = net.send("alice", "bob", "hello bob", &[]);
+    assert_eq!(id.len(), 32);
+    assert_eq!(net.state("alice", &id), "submitted");
+    let s = net.sync("bob");
+    assert_eq!(
+        (s["delivered"].as_u64(), s["reports_sent"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let (code, content, _) = net.run("bob", &["read", &id[..8]]);
+    assert_eq!((code, &content[..]), (0, &b"hello bob"[..]));
+    assert_eq!(
+        net.state("alice", &id),
+        "submitted",
+        "no receipt processed yet"
+    );
+    let s = net.sync("alice");
+    assert_eq!(s["confirmed"].as_u64(), Some(1));
+    let d = net.delivery("alice", &id);
+    assert_eq!(
+        (d["state"].as_str(), d["receipt"].as_bool()),
+        (Some("delivered"), Some(true))
+    );
+
+    // The receipt, exported, verifies offline with bob's card only.
+    net.env
+        .ok("alice", &["receipt", "export", &id, "-o", "receipt.txt"]);
+    let bob_card = net.json("bob", &["id"])["card"]
+        .as_str()
+        .expect("card")
+        .to_owned();
+    let alice_card = net.json("alice", &["id"])["card"]
+        .as_str()
+        .expect("card")
+        .to_owned();
+    let v = net.json(
+        "alice",
+        &[
+            "receipt",
+            "verify",
+            "receipt.txt",
+            "--card",
+            &bob_card,
+            "--id",
+            &id,
+        ],
+    );
+    let e = &v["entries"][0];
+    assert_eq!(e["id"].as_str(), Some(id.as_str()));
+    assert_eq!(e["content_len"].as_u64(), Some(9));
+    assert_eq!(
+        e["content_blake3"].as_str(),
+        Some(blake3::hash(b"hello bob").to_hex().as_str())
+    );
+    let (code, _, err) = net.run(
+        "alice",
+        &["receipt", "verify", "receipt.txt", "--card", &alice_card],
+    );
+    assert_eq!(code, 23, "{err}");
+    let (code, _, _) = net.run(
+        "alice",
+        &[
+            "receipt",
+            "verify",
+            "receipt.txt",
+            "--card",
+            &bob_card,
+            "--id",
+            "00000000000000000000000000000000",
+        ],
+    );
+    assert_eq!(code, 23);
+    // A receipt altered anywhere does not verify.
+    let text = std::fs::read_to_string(net.env.path("receipt.txt")).expect("read");
+    let prefix = "sealpost-report-v1:".len();
+    for pos in [prefix + 3, prefix + 40, text.trim_end().len() - 5] {
+        let mut b = text.clone().into_bytes();
+        b[pos] = if b[pos] == b'A' { b'B' } else { b'A' };
+        std::fs::write(net.env.path("bad.txt"), &b).expect("write");
+        let (code, _, _) = net.run(
+            "alice",
+            &["receipt", "verify", "bad.txt", "--card", &bob_card],
+        );
+        assert_eq!(code, 23, "altered at {pos}");
+    }
+    // A second sync changes nothing: exactly once.
+    let s = net.sync("bob");
+    assert_eq!(s["fetched"].as_u64(), Some(0));
+    assert_eq!(net.inbox_len("bob"), 1);
+}
+
+#[test]
+fn offline_recipient_relay_restart_and_sender_restart_lose_nothing() {
+    let mut net = Net::pair();
+    // bob is offline; the relay holds the message through a SIGKILL.
+    let first = net.send("alice", "bob", "sent while bob was away", &[]);
+    net.restart_relay();
+    let s = net.sync("bob");
+    assert_eq!(s["delivered"].as_u64(), Some(1));
+    net.sync("alice");
+    assert_eq!(net.state("alice", &first), "delivered");
+
+    // alice's agent is killed right after it submitted; the receipt waits
+    // at the relay and the restarted agent takes it.
+    let a = net.start_agent("alice", "2m");
+    let second = net.send("alice", "bob", "second", &[]);
+    net.wait_for_state("alice", &second, "submitted");
+    net.kill_agent(a);
+    net.sync("bob");
+    net.restart_relay();
+    assert_eq!(net.state("alice", &second), "submitted");
+    net.start_agent("alice", "2m");
+    net.wait_for_state("alice", &second, "delivered");
+    assert_eq!(net.inbox_len("bob"), 2);
+
+    // Both agents running: send --wait returns with the receipt.
+    net.start_agent("bob", "2m");
+    let v = net.json(
+        "alice",
+        &["send", "bob", "third", "--wait", "--timeout", "30s"],
+    );
+    assert_eq!(v["deliveries"][0]["state"].as_str(), Some("delivered"));
+    assert_eq!(net.inbox_len("bob"), 3);
+}
+
+#[test]
+fn a_retransmitted_copy_is_stored_once_and_receipted_again() {
+    let net = Net::pair();
+    // With a 100 ms retransmission time the next sync submits it again.
+    let fast = |args: &[&str]| {
+        let mut c = net.env.cmd("alice");
+        c.arg("--json")
+            .args(args)
+            .env("SEALPOST_RETRANSMIT_AFTER", "100ms");
+        let o = c.output().expect("run");
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    };
+    let v: Value = serde_json::from_slice(&fast(&["send", "bob", "say it twice"])).expect("json");
+    let id = v["id"].as_str().expect("id").to_owned();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = fast(&["sync"]);
+    let s: Value = serde_json::from_slice(&out).expect("json");
+    assert_eq!(s["submitted"].as_u64(), Some(1));
+    assert_eq!(net.delivery("alice", &id)["submissions"].as_u64(), Some(2));
+    let s = net.sync("bob");
+    assert_eq!(
+        (
+            s["fetched"].as_u64(),
+            s["delivered"].as_u64(),
+            s["duplicates"].as_u64()
+        ),
+        (Some(2), Some(1), Some(1))
+    );
+    assert_eq!(net.inbox_len("bob"), 1);
+    net.sync("alice");
+    assert_eq!(net.state("alice", &id), "delivered");
+}
+
+#[test]
+fn expiry_without_a_receipt_ends_as_failed() {
+    let net = Net::pair();
+    let id = net.send("alice", "bob", "too late", &["--expires", "1s"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = net.sync("alice");
+    assert_eq!(s["expired"].as_u64(), Some(1));
+    let d = net.delivery("alice", &id);
+    assert_eq!(
+        (d["state"].as_str(), d["failure"].as_str()),
+        (Some("failed"), Some("expired"))
+    );
+    // bob gets the stale copy from the relay? The relay dropped it at
+    // expiry, or bob refuses it: either way it never reaches his inbox.
+    net.sync("bob");
+    assert_eq!(net.inbox_len("bob"), 0);
+    // --wait reports the failure with its exit code.
+    let (code, out, _) = net.run(
+        "alice",
+        &[
+            "--json",
+            "send",
+            "bob",
+            "again",
+            "--expires",
+            "1s",
+            "--wait",
+            "--timeout",
+            "20s",
+        ],
+    );
+    assert_eq!(code, 21, "{}", String::from_utf8_lossy(&out));
+}
+
+#[test]
+fn a_stranger_gets_a_signed_rejection() {
+    let net = Net::pair();
+    let carol = net.init("carol");
+    let bob = net.json("bob", &["id"])["card"]
+        .as_str()
+        .expect("card")
+        .to_owned();
+    net.pin("carol", "bob", &bob);
+    let id = net.send("carol", "bob", "hi, we have not met", &[]);
+    let s = net.sync("bob");
+    assert_eq!(s["rejected"].as_u64(), Some(1));
+    assert_eq!(net.inbox_len("bob"), 0);
+    let s = net.sync("carol");
+    assert_eq!(s["bounced"].as_u64(), Some(1));
+    let d = net.delivery("carol", &id);
+    assert_eq!(
+        (d["state"].as_str(), d["failure"].as_str()),
+        (Some("failed"), Some("rejected:not-a-contact"))
+    );
+    // Once bob pins carol, her next message goes through.
+    net.pin("bob", "carol", &carol);
+    let id = net.send("carol", "bob", "now we have", &[]);
+    net.sync("bob");
+    net.sync("carol");
+    assert_eq!(net.state("carol", &id), "delivered");
+}
+
+#[test]
+fn a_second_engine_on_the_same_home_is_refused() {
+    let mut net = Net::pair();
+    net.start_agent("bob", "2m");
+    let (code, _, err) = net.run("bob", &["sync"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("already"), "{err}");
+}

@@ -1,0 +1,245 @@
+//! The delivery engine against a relay that misbehaves: tampered items,
+//! garbage, replays before and after acknowledgement, forged and
+//! misdirected rejections, and a stale message from a sender whose clock
+//! is behind. Each must end detected, with nothing delivered twice and
+//! nothing false accepted.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rand_core::OsRng;
+use sealpost_agent::engine::{self, Engine, PassStats};
+use sealpost_agent::outbox::{QueuedMessage, QueuedRecipient};
+use sealpost_agent::Home;
+use sealpost_proto::delivery::{Sent, State};
+use sealpost_proto::message::{self, testing};
+use sealpost_proto::relay::MailboxId;
+use sealpost_proto::report::{Entries, RejectReason, RejectionEntry, Report};
+use sealpost_proto::{Identity, Kind, MessageHeader, MessageId, SealRequest};
+use sealpost_relay::client::{RelayClient, Submitted};
+use sealpost_relay::{Config, Relay, RelayAddress, RunningRelay};
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn relay(dir: &std::path::Path) -> RunningRelay {
+    let cfg = Config::new("127.0.0.1:0".parse().expect("addr"), dir.join("relay"));
+    Relay::bind(cfg).await.expect("bind").spawn()
+}
+
+/// An identity with its home on `addr`, its engine, and an empty pass
+/// done (which registers the mailbox).
+async fn engine(dir: &std::path::Path, name: &str, addr: &RelayAddress) -> Engine {
+    let home = Home::new(dir.join(name));
+    let mut agent = home.init(name, &mut OsRng, now()).expect("init");
+    agent
+        .set_home_relay(&addr.to_string(), engine::pin_of(addr), now())
+        .expect("relay");
+    let mut e = Engine::new(agent).expect("engine");
+    e.pass().await.expect("first pass");
+    e
+}
+
+fn pin(a: &mut Engine, name: &str, b: &Engine) {
+    let card = b.agent().card().clone();
+    a.agent_mut()
+        .db_mut()
+        .add_contact(name, &card, false, now())
+        .expect("pin");
+}
+
+async fn submit(addr: &RelayAddress, to: &Engine, payload: Vec<u8>) {
+    let c = RelayClient::connect(addr).await.expect("connect");
+    let mb = MailboxId::of(to.agent().identity().public().signing_bytes());
+    let r = c.submit(mb, now() + 3600, payload).await.expect("submit");
+    assert!(matches!(r, Submitted::Accepted { .. }));
+}
+
+fn state(e: &Engine, id: &MessageId) -> (State, Option<String>) {
+    let m = e.agent().db().outbox(Some(id), 1).expect("outbox");
+    let d = &m[0].deliveries[0].delivery;
+    (d.state, d.failure.as_ref().map(|f| f.code()))
+}
+
+fn inbox_len(e: &Engine) -> usize {
+    e.agent().db().inbox(false, 1000).expect("inbox").len()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_hostile_relay_is_caught_at_the_endpoints() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let r = relay(dir.path()).await;
+    let addr = r.address().clone();
+    let mut alice = engine(dir.path(), "alice", &addr).await;
+    let mut bob = engine(dir.path(), "bob", &addr).await;
+    let mallory = Identity::generate(&mut OsRng);
+    pin(&mut alice, "bob", &bob);
+    pin(&mut bob, "alice", &alice);
+
+    // m1, plus what the relay makes of it: a bit-flipped copy, garbage,
+    // and a duplicate.
+    let m1 = alice
+        .agent_mut()
+        .send(&["bob".into()], b"the real thing", 3600, "m1")
+        .expect("send");
+    alice.pass().await.expect("pass");
+    let sealed = alice.agent().db().sealed(&m1).expect("db").expect("sealed");
+    let mut flipped = sealed.clone();
+    let n = flipped.len();
+    flipped[n - 40] ^= 1;
+    submit(&addr, &bob, flipped).await;
+    submit(&addr, &bob, vec![0x42; 500]).await;
+    submit(&addr, &bob, sealed.clone()).await;
+    let s = bob.pass().await.expect("pass");
+    assert_eq!(
+        (s.fetched, s.delivered, s.duplicates, s.discarded),
+        (4, 1, 1, 2),
+        "{s:?}"
+    );
+    assert_eq!(s.reports_sent, 1, "one receipt covers the message");
+    let s = alice.pass().await.expect("pass");
+    assert_eq!(s.confirmed, 1);
+    assert_eq!(state(&alice, &m1).0, State::Delivered);
+
+    // The relay replays m1 after bob acknowledged it: not delivered again,
+    // its receipt is sent again, and alice's state does not move.
+    submit(&addr, &bob, sealed).await;
+    let s = bob.pass().await.expect("pass");
+    assert_eq!((s.delivered, s.duplicates, s.reports_sent), (0, 1, 1));
+    assert_eq!(inbox_len(&bob), 1);
+    let s = alice.pass().await.expect("pass");
+    assert_eq!((s.confirmed, s.forged_reports), (0, 0));
+
+    // m2 is in flight when forged rejections arrive.
+    let m2 = alice
+        .agent_mut()
+        .send(&["bob".into()], b"second", 3600, "m2")
+        .expect("send");
+    alice.pass().await.expect("pass");
+    let rejection = |signer: &Identity, id: MessageId| {
+        Report::sign(
+            signer,
+            alice.agent().identity().public(),
+            now(),
+            Entries::Rejection(vec![RejectionEntry {
+                id,
+                reason: RejectReason::NotAContact,
+            }]),
+        )
+        .expect("report")
+    };
+    let header = |sender: &Identity, kind: Kind| MessageHeader {
+        kind,
+        id: MessageId::random(&mut OsRng),
+        created_at: now(),
+        expires_at: now() + 3600,
+        in_reply_to: None,
+        sender: *sender.public(),
+        recipients: vec![alice.agent().identity().public().into()],
+        reply_relay: None,
+    };
+    let to_alice = [*alice.agent().identity().public()];
+    // (a) Mallory claims to be bob: the header names bob, mallory signs.
+    let claim = header(bob.agent().identity(), Kind::Rejection);
+    let forged = testing::seal_plaintext(
+        &to_alice,
+        &testing::signed_plaintext(&mallory, &claim, rejection(&mallory, m2).as_bytes()),
+    );
+    // (b) Mallory signs as himself: not a contact of alice.
+    let own = header(&mallory, Kind::Rejection);
+    let stranger = testing::seal_plaintext(
+        &to_alice,
+        &testing::signed_plaintext(&mallory, &own, rejection(&mallory, m2).as_bytes()),
+    );
+    // (c) Bob's genuine envelope around a report mallory signed.
+    let wrapped = header(bob.agent().identity(), Kind::Rejection);
+    let inner = testing::seal_plaintext(
+        &to_alice,
+        &testing::signed_plaintext(
+            bob.agent().identity(),
+            &wrapped,
+            rejection(&mallory, m2).as_bytes(),
+        ),
+    );
+    // (d) A genuine rejection by bob of a message alice never sent him.
+    let other = header(bob.agent().identity(), Kind::Rejection);
+    let unrelated = testing::seal_plaintext(
+        &to_alice,
+        &testing::signed_plaintext(
+            bob.agent().identity(),
+            &other,
+            rejection(bob.agent().identity(), MessageId([9; 16])).as_bytes(),
+        ),
+    );
+    for p in [forged, stranger, inner, unrelated] {
+        submit(&addr, &alice, p).await;
+    }
+    let s = alice.pass().await.expect("pass");
+    assert_eq!(s.bounced, 0, "{s:?}");
+    assert_eq!(s.discarded + s.forged_reports, 4, "{s:?}");
+    assert_eq!(state(&alice, &m2).0, State::Submitted);
+    bob.pass().await.expect("pass");
+    alice.pass().await.expect("pass");
+    assert_eq!(state(&alice, &m2).0, State::Delivered);
+
+    // A sender whose clock is two days behind: bob refuses the stale
+    // message with a signed rejection, and alice's outbox says why.
+    let old = now() - 2 * 86_400;
+    let id = MessageId::random(&mut OsRng);
+    let bob_pub = [*bob.agent().identity().public()];
+    let home_pin = engine::pin_of(&addr);
+    let mut stale = std::io::Cursor::new(Vec::new());
+    let summary = message::seal_stream(
+        alice.agent().identity(),
+        &SealRequest {
+            kind: Kind::Message,
+            id,
+            created_at: old,
+            expires_at: old + 3600,
+            in_reply_to: None,
+            recipients: &bob_pub,
+            reply_relay: Some(&home_pin),
+        },
+        &b"from the past"[..],
+        &mut stale,
+    )
+    .expect("seal");
+    let queued_at = now() * 1000;
+    alice
+        .agent_mut()
+        .db_mut()
+        .queue(
+            &QueuedMessage {
+                id,
+                kind: "message",
+                created_ms: queued_at,
+                expires_ms: queued_at + 3_600_000,
+                sent: Sent {
+                    content_hash: *summary.content_hash.as_bytes(),
+                    content_len: summary.content_len,
+                },
+                summary: "stale",
+                sealed: stale.get_ref(),
+            },
+            &[QueuedRecipient {
+                name: "bob".into(),
+                signing: *bob.agent().identity().public().signing_bytes(),
+                relay: addr.to_string(),
+            }],
+        )
+        .expect("queue");
+    alice.pass().await.expect("pass");
+    let s = bob.pass().await.expect("pass");
+    assert_eq!(s.rejected, 1, "{s:?}");
+    let s: PassStats = alice.pass().await.expect("pass");
+    assert_eq!(s.bounced, 1, "{s:?}");
+    assert_eq!(
+        state(&alice, &id),
+        (State::Failed, Some("rejected:expired".into()))
+    );
+    assert_eq!(inbox_len(&bob), 2);
+    r.stop().await.expect("stop");
+}

@@ -60,7 +60,12 @@ pub(crate) fn to_u64(v: i64) -> u64 {
 
 impl Db {
     pub fn open(path: &Path) -> Result<Self, AgentError> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
+        // Several processes share this database (`send` while an agent
+        // runs). A deferred transaction that read and then wants to write
+        // fails at once with SQLITE_BUSY when another process wrote in
+        // between; taking the write lock up front makes it wait instead.
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;

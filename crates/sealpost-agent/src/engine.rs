@@ -233,19 +233,24 @@ impl Agent {
         lifetime_secs: u64,
         summary: &str,
     ) -> Result<MessageId, SendError> {
+        let to = self.resolve(names)?;
+        let m = to.seal(&self.identity, content, lifetime_secs, summary)?;
+        self.queue_prepared(std::slice::from_ref(&m))?;
+        Ok(m.id)
+    }
+
+    /// Looks up recipients for sealing (see [`Recipients::seal`]).
+    pub fn resolve(&self, names: &[String]) -> Result<Recipients, SendError> {
         let home = self.home_relay()?.ok_or(EngineError::NoHomeRelay)?;
-        if content.len() > MAX_CONTENT {
-            return Err(SendError::TooLarge {
-                len: content.len() as u64,
-                max: MAX_CONTENT as u64,
-            });
-        }
         if names.is_empty() || names.len() > MAX_RECIPIENTS {
             return Err(SendError::Recipients);
         }
         let mut keys = Vec::with_capacity(names.len());
-        let mut recipients = Vec::with_capacity(names.len());
+        let mut queued: Vec<QueuedRecipient> = Vec::with_capacity(names.len());
         for n in names {
+            if queued.iter().any(|r| &r.name == n) {
+                continue;
+            }
             let c = self.db.contact(n)?;
             let relay = c
                 .card
@@ -253,32 +258,94 @@ impl Agent {
                 .relay
                 .as_ref()
                 .ok_or_else(|| SendError::NoRelay(n.clone()))?;
-            if recipients.iter().any(|r: &QueuedRecipient| &r.name == n) {
-                continue;
-            }
             keys.push(*c.card.public());
-            recipients.push(QueuedRecipient {
+            queued.push(QueuedRecipient {
                 name: n.clone(),
                 signing: *c.card.public().signing_bytes(),
                 relay: address_of(relay).to_string(),
             });
         }
-        let now = now_ms();
-        let now_s = now / 1000;
+        Ok(Recipients {
+            keys,
+            queued,
+            reply: pin_of(&home),
+        })
+    }
+
+    /// Queues sealed messages in one transaction.
+    pub fn queue_prepared(&mut self, batch: &[Prepared]) -> Result<(), SendError> {
+        let rows: Vec<_> = batch
+            .iter()
+            .map(|m| {
+                (
+                    QueuedMessage {
+                        id: m.id,
+                        kind: Kind::Message.name(),
+                        created_ms: m.created_at * 1000,
+                        expires_ms: m.expires_at * 1000,
+                        sent: m.sent,
+                        summary: &m.summary,
+                        sealed: &m.sealed,
+                    },
+                    &m.recipients[..],
+                )
+            })
+            .collect();
+        self.db.queue_many(&rows)?;
+        Ok(())
+    }
+}
+
+/// Resolved recipients, ready for sealing on any thread.
+#[derive(Debug, Clone)]
+pub struct Recipients {
+    keys: Vec<PublicIdentity>,
+    queued: Vec<QueuedRecipient>,
+    reply: RelayPin,
+}
+
+/// A sealed message not yet queued.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub id: MessageId,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub sent: sealpost_proto::delivery::Sent,
+    pub summary: String,
+    pub sealed: Vec<u8>,
+    pub recipients: Vec<QueuedRecipient>,
+}
+
+impl Recipients {
+    /// Seals `content` to these recipients, naming the home relay as the
+    /// place for receipts.
+    pub fn seal(
+        &self,
+        me: &sealpost_proto::Identity,
+        content: &[u8],
+        lifetime_secs: u64,
+        summary: &str,
+    ) -> Result<Prepared, SendError> {
+        if content.len() > MAX_CONTENT {
+            return Err(SendError::TooLarge {
+                len: content.len() as u64,
+                max: MAX_CONTENT as u64,
+            });
+        }
+        let now_s = now_ms() / 1000;
         let lifetime = lifetime_secs.clamp(1, message::MAX_LIFETIME_SECS);
         let id = MessageId::random(&mut OsRng);
-        let pin = pin_of(&home);
         let req = SealRequest {
             kind: Kind::Message,
             id,
             created_at: now_s,
             expires_at: now_s + lifetime,
             in_reply_to: None,
-            recipients: &keys,
-            reply_relay: Some(&pin),
+            recipients: &self.keys,
+            reply_relay: Some(&self.reply),
         };
         let mut sealed = std::io::Cursor::new(Vec::with_capacity(content.len() + 1024));
-        let summary_seal = message::seal_stream(&self.identity, &req, content, &mut sealed)
+        let s = message::seal_stream(me, &req, content, &mut sealed)
             .map_err(|e| SendError::Seal(e.to_string()))?;
         let sealed = sealed.into_inner();
         if sealed.len() > MAX_MESSAGE {
@@ -287,22 +354,18 @@ impl Agent {
                 max: MAX_CONTENT as u64,
             });
         }
-        self.db.queue(
-            &QueuedMessage {
-                id,
-                kind: Kind::Message.name(),
-                created_ms: now_s * 1000,
-                expires_ms: (now_s + lifetime) * 1000,
-                sent: sealpost_proto::delivery::Sent {
-                    content_hash: *summary_seal.content_hash.as_bytes(),
-                    content_len: summary_seal.content_len,
-                },
-                summary,
-                sealed: &sealed,
+        Ok(Prepared {
+            id,
+            created_at: now_s,
+            expires_at: now_s + lifetime,
+            sent: sealpost_proto::delivery::Sent {
+                content_hash: *s.content_hash.as_bytes(),
+                content_len: s.content_len,
             },
-            &recipients,
-        )?;
-        Ok(id)
+            summary: summary.to_owned(),
+            sealed,
+            recipients: self.queued.clone(),
+        })
     }
 }
 
@@ -392,7 +455,11 @@ impl Engine {
     /// only local failures (database, disk) are returned as errors.
     pub async fn pass(&mut self) -> Result<PassStats, EngineError> {
         let mut stats = PassStats::default();
-        match self.fetch_all(&mut stats).await {
+        // Submitting first: a pass started by `send` hands the message to
+        // the relay before spending a round trip on fetching.
+        self.submit_due(&mut stats).await?;
+        let mut acks = Vec::new();
+        match self.fetch_all(&mut stats, &mut acks).await {
             Ok(()) => {}
             Err(EngineError::Relay(e)) => {
                 tracing::warn!("fetching from {}: {e}", self.home_addr);
@@ -401,8 +468,21 @@ impl Engine {
             }
             Err(e) => return Err(e),
         }
+        // Receipts go out before waiting for the relay to confirm the
+        // acknowledgements: the sender learns sooner, and an ack that got
+        // lost only means a duplicate next time (which gets its receipt
+        // again and is not delivered twice).
         self.send_reports(&mut stats).await?;
-        self.submit_due(&mut stats).await?;
+        for rx in acks {
+            match tokio::time::timeout(Duration::from_secs(30), rx).await {
+                Ok(Ok(sealpost_proto::relay::Response::Acked { .. })) => {}
+                other => {
+                    tracing::warn!("the relay did not confirm an acknowledgement ({other:?}); those items will be fetched again");
+                    self.home.disconnect();
+                    break;
+                }
+            }
+        }
         let expired = self.agent.db.expire(now_ms())?;
         for row in &expired {
             tracing::warn!(
@@ -415,7 +495,11 @@ impl Engine {
         Ok(stats)
     }
 
-    async fn fetch_all(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
+    async fn fetch_all(
+        &mut self,
+        stats: &mut PassStats,
+        acks: &mut Vec<tokio::sync::oneshot::Receiver<sealpost_proto::relay::Response>>,
+    ) -> Result<(), EngineError> {
         let mut after = 0u64;
         loop {
             let (items, more) = self
@@ -435,9 +519,14 @@ impl Engine {
             self.process_batch(payloads, &mut batch)?;
             stats.add(&batch);
             // Everything above is durable: now the relay may forget it.
-            self.home
-                .call(&self.agent.identity, async |c| c.ack(seqs.clone()).await)
+            let rx = self
+                .home
+                .call(&self.agent.identity, async |c| {
+                    c.send(sealpost_proto::relay::Request::Ack { seqs: seqs.clone() })
+                        .await
+                })
                 .await?;
+            acks.push(rx);
             if !more {
                 return Ok(());
             }
@@ -1039,7 +1128,20 @@ impl Engine {
         let mut sub: Option<UnboundedReceiver<u64>> = None;
         tokio::pin!(stop);
         loop {
-            let s = self.pass().await?;
+            let s = match self.pass().await {
+                Ok(s) => s,
+                Err(e) => {
+                    // A daemon keeps going: the database may be busy or the
+                    // disk full for a while. Nothing was acknowledged that
+                    // is not durable, so the next pass redoes the work.
+                    tracing::error!("delivery pass failed: {e}; retrying in {RETRY:?}");
+                    tokio::select! {
+                        () = &mut stop => return Ok(total),
+                        () = tokio::time::sleep(RETRY) => {}
+                    }
+                    continue;
+                }
+            };
             if !s.is_idle() {
                 tracing::debug!("pass: {s:?}");
             }

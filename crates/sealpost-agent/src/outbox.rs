@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     summary TEXT NOT NULL,
     sealed BLOB NOT NULL
 );
+CREATE INDEX IF NOT EXISTS outbox_created ON outbox(created_ms);
 CREATE TABLE IF NOT EXISTS deliveries (
     msg BLOB NOT NULL REFERENCES outbox(id),
     recipient BLOB NOT NULL,
@@ -45,10 +46,15 @@ CREATE TABLE IF NOT EXISTS deliveries (
     failure TEXT,
     detail TEXT,
     last_error TEXT,
-    receipt BLOB,
+    receipt BLOB REFERENCES reports(hash),
     PRIMARY KEY (msg, recipient)
 );
+CREATE TABLE IF NOT EXISTS reports (
+    hash BLOB PRIMARY KEY,
+    bytes BLOB NOT NULL
+);
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_ms);
+CREATE INDEX IF NOT EXISTS deliveries_expiry ON deliveries(state, expires_ms);
 CREATE TABLE IF NOT EXISTS inbox (
     id BLOB PRIMARY KEY,
     sender BLOB NOT NULL,
@@ -172,8 +178,11 @@ fn failure_detail(f: &Option<Failure>) -> Option<String> {
     f.as_ref().map(|f| f.describe())
 }
 
+/// A batched receipt is stored once in `reports` and named by its BLAKE3
+/// from every delivery it completes.
 const DELIVERY_COLS: &str = "msg, recipient, name, relay, state, submissions, failed_attempts, \
-     next_ms, expires_ms, changed_ms, failure, detail, last_error, receipt";
+     next_ms, expires_ms, changed_ms, failure, detail, last_error, \
+     (SELECT bytes FROM reports WHERE reports.hash = deliveries.receipt)";
 
 fn delivery_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
     let msg: Vec<u8> = r.get(0)?;
@@ -219,10 +228,11 @@ fn save_delivery(
         }
         Some(f) => (Some(f.code()), failure_detail(&d.failure)),
     };
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE deliveries SET state = ?3, submissions = ?4, failed_attempts = ?5, next_ms = ?6, \
          changed_ms = ?7, failure = ?8, detail = ?9, last_error = ?10 WHERE msg = ?1 AND recipient = ?2",
-        params![
+    )?
+    .execute(params![
             msg.0.to_vec(),
             recipient.to_vec(),
             d.state.name(),
@@ -235,6 +245,18 @@ fn save_delivery(
             last_error,
         ],
     )?;
+    Ok(())
+}
+
+/// A message whose every delivery is final no longer needs its sealed
+/// bytes for retransmission: they are dropped (the row, its hash and any
+/// receipt stay).
+fn release_sealed(tx: &Transaction<'_>, id: &MessageId) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE outbox SET sealed = x'' WHERE id = ?1 AND NOT EXISTS \
+         (SELECT 1 FROM deliveries WHERE msg = ?1 AND state IN ('queued', 'submitted'))",
+    )?
+    .execute(params![id.0.to_vec()])?;
     Ok(())
 }
 
@@ -297,7 +319,29 @@ impl Db {
         m: &QueuedMessage<'_>,
         recipients: &[QueuedRecipient],
     ) -> Result<(), AgentError> {
+        self.queue_many(&[(m.clone(), recipients)])
+    }
+
+    /// Queues several messages in one transaction (one fsync).
+    pub fn queue_many(
+        &mut self,
+        batch: &[(QueuedMessage<'_>, &[QueuedRecipient])],
+    ) -> Result<(), AgentError> {
         let tx = self.conn.transaction()?;
+        for (m, recipients) in batch {
+            queue_in(&tx, m, recipients)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+fn queue_in(
+    tx: &Transaction<'_>,
+    m: &QueuedMessage<'_>,
+    recipients: &[QueuedRecipient],
+) -> Result<(), AgentError> {
+    {
         tx.execute(
             "INSERT INTO outbox (id, kind, created_ms, expires_ms, content_hash, content_len, summary, sealed) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -328,10 +372,11 @@ impl Db {
                 ],
             )?;
         }
-        tx.commit()?;
-        Ok(())
     }
+    Ok(())
+}
 
+impl Db {
     /// Deliveries due for a submission at `now_ms`, oldest first.
     pub fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<DeliveryRow>, AgentError> {
         let mut stmt = self.conn.prepare_cached(&format!(
@@ -349,12 +394,21 @@ impl Db {
     /// The earliest time anything in the outbox needs attention: a
     /// submission or an expiry.
     pub fn next_due_ms(&self) -> Result<Option<u64>, AgentError> {
-        let v: Option<i64> = self.conn.query_row(
-            "SELECT MIN(MIN(next_ms, expires_ms)) FROM deliveries WHERE state IN ('queued', 'submitted')",
-            [],
-            |r| r.get(0),
-        )?;
-        Ok(v.map(to_u64))
+        // One indexed MIN per (state, column): no scan of the outbox.
+        let mut best: Option<i64> = None;
+        for sql in [
+            "SELECT MIN(next_ms) FROM deliveries WHERE state = 'queued'",
+            "SELECT MIN(next_ms) FROM deliveries WHERE state = 'submitted'",
+            "SELECT MIN(expires_ms) FROM deliveries WHERE state = 'queued'",
+            "SELECT MIN(expires_ms) FROM deliveries WHERE state = 'submitted'",
+        ] {
+            let v: Option<i64> = self.conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?;
+            best = match (best, v) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(best.map(to_u64))
     }
 
     /// The sealed bytes of an outbox message.
@@ -377,6 +431,9 @@ impl Db {
         let tx = self.conn.transaction()?;
         for (msg, recipient, d, err) in rows {
             save_delivery(&tx, msg, recipient, d, err.as_deref())?;
+            if d.state.is_final() {
+                release_sealed(&tx, msg)?;
+            }
         }
         tx.commit()?;
         Ok(())
@@ -386,18 +443,21 @@ impl Db {
     /// the ones it failed.
     pub fn expire(&mut self, now_ms: u64) -> Result<Vec<DeliveryRow>, AgentError> {
         let tx = self.conn.transaction()?;
-        let rows: Vec<DeliveryRow> = {
-            let mut stmt = tx.prepare(&format!(
-                "SELECT {DELIVERY_COLS} FROM deliveries \
-                 WHERE state IN ('queued', 'submitted') AND expires_ms <= ?1"
+        let mut rows: Vec<DeliveryRow> = Vec::new();
+        for state in ["queued", "submitted"] {
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLS} FROM deliveries WHERE state = ?1 AND expires_ms <= ?2"
             ))?;
-            let rows = stmt.query_map(params![to_i64(now_ms)], delivery_from_row)?;
-            rows.collect::<Result<_, _>>()?
-        };
+            let found = stmt.query_map(params![state, to_i64(now_ms)], delivery_from_row)?;
+            for r in found {
+                rows.push(r?);
+            }
+        }
         let mut failed = Vec::with_capacity(rows.len());
         for mut row in rows {
             if row.delivery.tick(now_ms) == Outcome::Changed {
                 save_delivery(&tx, &row.msg, &row.recipient, &row.delivery, None)?;
+                release_sealed(&tx, &row.msg)?;
                 failed.push(row);
             }
         }
@@ -415,6 +475,8 @@ impl Db {
         now_ms: u64,
     ) -> Result<Vec<Applied>, AgentError> {
         let tx = self.conn.transaction()?;
+        let report_hash = blake3::hash(report.as_bytes()).as_bytes().to_vec();
+        let mut stored = false;
         let mut out = Vec::with_capacity(report.entries().len());
         let ids: Vec<MessageId> = match report.entries() {
             Entries::Receipt(l) => l.iter().map(|e| e.id).collect(),
@@ -435,52 +497,53 @@ impl Db {
                 });
                 continue;
             };
-            let outcome = match report.entries() {
-                Entries::Receipt(l) => {
-                    let sent: Option<(Vec<u8>, i64)> = tx
-                        .query_row(
-                            "SELECT content_hash, content_len FROM outbox WHERE id = ?1",
-                            params![id.0.to_vec()],
-                            |r| Ok((r.get(0)?, r.get(1)?)),
-                        )
-                        .optional()?;
-                    let Some((h, n)) = sent else {
-                        out.push(Applied {
-                            id: *id,
-                            outcome: None,
-                        });
-                        continue;
-                    };
-                    let sent = Sent {
-                        content_hash: hash32(h),
-                        content_len: to_u64(n),
-                    };
-                    let o = row.delivery.receipt(now_ms, &sent, &l[i]);
-                    if o == Outcome::Changed {
-                        tx.execute(
+            let outcome =
+                match report.entries() {
+                    Entries::Receipt(l) => {
+                        let sent: Option<(Vec<u8>, i64)> = tx
+                            .prepare_cached(
+                                "SELECT content_hash, content_len FROM outbox WHERE id = ?1",
+                            )?
+                            .query_row(params![id.0.to_vec()], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .optional()?;
+                        let Some((h, n)) = sent else {
+                            out.push(Applied {
+                                id: *id,
+                                outcome: None,
+                            });
+                            continue;
+                        };
+                        let sent = Sent {
+                            content_hash: hash32(h),
+                            content_len: to_u64(n),
+                        };
+                        let o = row.delivery.receipt(now_ms, &sent, &l[i]);
+                        if o == Outcome::Changed {
+                            if !stored {
+                                tx.execute(
+                                    "INSERT OR IGNORE INTO reports (hash, bytes) VALUES (?1, ?2)",
+                                    params![report_hash, report.as_bytes()],
+                                )?;
+                                stored = true;
+                            }
+                            tx.prepare_cached(
                             "UPDATE deliveries SET receipt = ?3 WHERE msg = ?1 AND recipient = ?2",
-                            params![id.0.to_vec(), signer.to_vec(), report.as_bytes()],
-                        )?;
+                        )?
+                        .execute(params![id.0.to_vec(), signer.to_vec(), report_hash])?;
+                        }
+                        o
                     }
-                    o
-                }
-                Entries::Rejection(l) => row.delivery.rejected(now_ms, l[i].reason),
-            };
+                    Entries::Rejection(l) => row.delivery.rejected(now_ms, l[i].reason),
+                };
             if outcome == Outcome::Changed {
                 save_delivery(&tx, id, signer, &row.delivery, None)?;
+                release_sealed(&tx, id)?;
             }
             out.push(Applied {
                 id: *id,
                 outcome: Some(outcome),
             });
         }
-        // A message whose every delivery is final no longer needs its
-        // sealed bytes for retransmission.
-        tx.execute(
-            "UPDATE outbox SET sealed = x'' WHERE length(sealed) > 0 AND id IN \
-             (SELECT msg FROM deliveries GROUP BY msg HAVING SUM(state IN ('queued','submitted')) = 0)",
-            [],
-        )?;
         tx.commit()?;
         Ok(out)
     }
@@ -491,10 +554,14 @@ impl Db {
         id: Option<&MessageId>,
         limit: usize,
     ) -> Result<Vec<OutboxEntry>, AgentError> {
-        let mut stmt = self.conn.prepare(
+        let sql = if id.is_some() {
             "SELECT id, kind, created_ms, expires_ms, content_hash, content_len, summary FROM outbox \
-             WHERE ?1 IS NULL OR id = ?1 ORDER BY created_ms DESC, id LIMIT ?2",
-        )?;
+             WHERE id = ?1 LIMIT ?2"
+        } else {
+            "SELECT id, kind, created_ms, expires_ms, content_hash, content_len, summary FROM outbox \
+             WHERE ?1 IS NULL ORDER BY created_ms DESC, id LIMIT ?2"
+        };
+        let mut stmt = self.conn.prepare_cached(sql)?;
         let rows = stmt.query_map(
             params![id.map(|i| i.0.to_vec()), to_i64(limit as u64)],
             |r| {

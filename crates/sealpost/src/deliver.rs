@@ -76,6 +76,10 @@ pub struct SendArgs {
     timeout: Duration,
     #[command(flatten)]
     timing: TimingArgs,
+    /// Benchmarks: queue this many messages with this content (distinct
+    /// ids), waking a running agent every 1,000; prints the last id
+    #[arg(long, hide = true, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    repeat: u64,
 }
 
 #[derive(Args, Debug)]
@@ -267,7 +271,11 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
     let (content, summary) = read_content(&args)?;
     let mut names = vec![args.to.clone()];
     names.extend(args.also.iter().cloned());
-    let id = agent.send(&names, &content, args.expires.as_secs(), &summary)?;
+    let id = if args.repeat == 1 {
+        agent.send(&names, &content, args.expires.as_secs(), &summary)?
+    } else {
+        queue_repeated(&mut agent, home, &names, &content, &args, &summary)?
+    };
     let queued_at = Instant::now();
     let woke = engine::wake_agent(home.dir());
     let mut engine_used = false;
@@ -359,6 +367,53 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// The benchmark path of `send --repeat`: seals on every core, queues 1,000
+/// per transaction and wakes a running agent after each batch.
+fn queue_repeated(
+    agent: &mut Agent,
+    home: &Home,
+    names: &[String],
+    content: &[u8],
+    args: &SendArgs,
+    summary: &str,
+) -> Result<MessageId, Failure> {
+    let to = agent.resolve(names)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut left = args.repeat;
+    let mut last = None;
+    while left > 0 {
+        let n = left.min(1000) as usize;
+        left -= n as u64;
+        let per = n.div_ceil(threads);
+        let me = agent.identity();
+        let sealed: Vec<Result<engine::Prepared, SendError>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..n)
+                .step_by(per)
+                .map(|start| {
+                    let k = per.min(n - start);
+                    let to = &to;
+                    s.spawn(move || {
+                        (0..k)
+                            .map(|_| to.seal(me, content, args.expires.as_secs(), summary))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        let batch = sealed.into_iter().collect::<Result<Vec<_>, _>>()?;
+        if batch.len() != n {
+            return Err(anyhow!("a sealing thread failed").into());
+        }
+        agent.queue_prepared(&batch)?;
+        last = batch.last().map(|m| m.id);
+        engine::wake_agent(home.dir());
+    }
+    last.ok_or_else(|| anyhow!("nothing queued").into())
 }
 
 fn stats_json(s: &PassStats) -> Value {
@@ -579,13 +634,21 @@ pub fn status(home: &Home, args: StatusArgs, out: &Out) -> Result<(), Failure> {
         }
         None => agent.db().outbox(None, args.limit)?,
     };
+    let totals = agent.db().delivery_counts()?;
     out.report(
-        json!({"messages": entries.iter().map(entry_json).collect::<Vec<_>>()}),
+        json!({
+            "messages": entries.iter().map(entry_json).collect::<Vec<_>>(),
+            "totals": totals.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+        }),
         || {
             if entries.is_empty() {
                 return "The outbox is empty.\n".to_owned();
             }
             let mut s = String::new();
+            if args.id.is_none() {
+                let parts: Vec<String> = totals.iter().map(|(k, n)| format!("{n} {k}")).collect();
+                s.push_str(&format!("Deliveries: {}\n", parts.join(", ")));
+            }
             for e in &entries {
                 s.push_str(&format!(
                     "{}  {}  {:?}  ({} bytes, expires {})\n",

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Delivery with verified receipts, end to end, on the release binaries:
+# a relay and two agents (alice, bob) on 127.0.0.1.
+#
+#   bench/delivery.sh                   # then run the Postfix anchor yourself
+#   ANCHOR=1 bench/delivery.sh          # also runs ../shared/bench/anchors/postfix.sh
+#                                       # (MODES=maildir, N=2000) in the same session
+#
+# 1. Throughput: alice queues COUNT messages of SIZE bytes to bob (`send
+#    --repeat`, which seals and commits each one and wakes her agent every
+#    1,000). Her agent submits them; bob's agent fetches, verifies, stores
+#    (fsync + fadvise(DONTNEED) + read-back hash) and sends batched signed
+#    receipts; alice's agent verifies them. Timed from the first `send` to
+#    the moment `status` counts COUNT delivered.
+# 2. Latency: LONE messages, one at a time, `send --wait` with both agents
+#    running; `waited_ms` is measured inside `send` from the committed queue
+#    entry to the verified receipt in alice's database. The wall time of the
+#    whole command (process start, key loading, sealing) is printed too.
+#
+# Output lines: "<system> <figure> <value> <unit>", then "ratio" lines.
+# Bounded: COUNT messages, LONE round trips, MAX_SECONDS; loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+COUNT=${COUNT:-10000}
+SIZE=${SIZE:-1024}
+LONE=${LONE:-200}
+MAX_SECONDS=${MAX_SECONDS:-300}
+PORT=${PORT:-17543}
+ANCHOR=${ANCHOR:-0}
+ANCHOR_SCRIPT=${ANCHOR_SCRIPT:-../shared/bench/anchors/postfix.sh}
+
+cargo build --release --locked -q -p sealpost
+SP=$PWD/target/release/sealpost
+T=$(mktemp -d /var/tmp/sealpost-delivery-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+    [[ ${KEEP:-0} == 1 ]] || rm -rf "$T"
+}
+trap cleanup EXIT
+export SEALPOST_LOG=warn
+
+"$SP" relay serve --data "$T/relay" --listen "127.0.0.1:$PORT" >/dev/null 2>"$T/relay.log" &
+PIDS+=($!)
+for _ in $(seq 100); do
+    ADDR=$("$SP" relay address --data "$T/relay" --listen "127.0.0.1:$PORT" 2>/dev/null) &&
+        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+    sleep 0.1
+done
+echo "# relay at $ADDR, loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+
+A=(--home "$T/alice")
+B=(--home "$T/bob")
+"$SP" "${A[@]}" init --name alice --relay "$ADDR" >/dev/null
+"$SP" "${B[@]}" init --name bob --relay "$ADDR" >/dev/null
+"$SP" "${A[@]}" contact add "$("$SP" "${B[@]}" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])')" --name bob >/dev/null
+"$SP" "${B[@]}" contact add "$("$SP" "${A[@]}" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])')" --name alice >/dev/null
+
+start_agent() { # home-args...
+    "$SP" "$@" agent >/dev/null 2>>"$T/agents.log" &
+    PIDS+=($!)
+    local home=${2}
+    for _ in $(seq 200); do [[ -S $home/agent.sock ]] && return; sleep 0.05; done
+    echo "agent for $home did not start" >&2
+    exit 1
+}
+start_agent "${B[@]}"
+start_agent "${A[@]}"
+
+delivered() {
+    "$SP" "${A[@]}" --json status --limit 0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["totals"].get("delivered", 0))'
+}
+rss_kib() { awk '/VmHWM/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{ print int(($14 + $15) * 1000 / hz) }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+# ---- throughput ----
+head -c "$SIZE" /dev/urandom | base64 -w0 | head -c "$SIZE" >"$T/content"
+base=$(delivered)
+t0=$(date +%s.%N)
+"$SP" "${A[@]}" send bob --file "$T/content" --repeat "$COUNT" >/dev/null
+t_queued=$(date +%s.%N)
+deadline=$(( $(date +%s) + MAX_SECONDS ))
+while :; do
+    d=$(( $(delivered) - base ))
+    [[ $d -ge $COUNT ]] && break
+    if [[ $(date +%s) -ge $deadline ]]; then
+        echo "sealpost delivery: only $d of $COUNT delivered within ${MAX_SECONDS}s" >&2
+        exit 1
+    fi
+    sleep 0.05
+done
+t1=$(date +%s.%N)
+awk -v n="$COUNT" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.0f\n", n / (t1 - t0) }' >"$T/sp.rate"
+awk -v n="$COUNT" -v t0="$t0" -v tq="$t_queued" -v t1="$t1" 'BEGIN {
+    printf "sealpost delivered_with_receipts_%s_msgs_per_sec %.0f msg/s\n", n, n / (t1 - t0)
+    printf "sealpost delivered_with_receipts_%s_seconds %.2f s\n", n, t1 - t0
+    printf "sealpost queue_%s_seconds %.2f s\n", n, tq - t0
+    printf "sealpost drain_after_queue_seconds %.2f s\n", t1 - tq
+}'
+i=0
+for p in "${PIDS[@]}"; do
+    name=(relay bob-agent alice-agent)
+    echo "sealpost peak_rss_${name[$i]} $(( $(rss_kib "$p") / 1024 )) MiB"
+    echo "sealpost cpu_us_per_msg_${name[$i]} $(( $(cpu_ms "$p") * 1000 / COUNT )) us"
+    i=$((i + 1))
+done
+inbox=$("$SP" "${B[@]}" --json inbox --limit 1000000 | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["messages"]))')
+echo "sealpost bob_inbox_count $inbox messages"
+[[ $inbox -eq $COUNT ]] || { echo "bob's inbox holds $inbox, expected $COUNT" >&2; exit 1; }
+
+# ---- lone-message latency ----
+: >"$T/lat"
+: >"$T/wall"
+for _ in $(seq "$LONE"); do
+    s=$(date +%s%N)
+    "$SP" "${A[@]}" --json send bob "lone message" --wait --timeout 30s >>"$T/lone.json"
+    e=$(date +%s%N)
+    echo "$(( (e - s) / 1000 ))" >>"$T/wall"
+done
+python3 -c 'import json,sys; [print(json.loads(l)["waited_ms"]) for l in open(sys.argv[1])]' "$T/lone.json" >"$T/lat"
+pct() { sort -g "$1" | awk -v p="$2" '{ a[NR] = $1 } END { i = int(NR * p / 100 + 0.999); if (i < 1) i = 1; print a[i] }'; }
+echo "sealpost lone_send_to_receipt_p50 $(pct "$T/lat" 50) ms"
+echo "sealpost lone_send_to_receipt_p99 $(pct "$T/lat" 99) ms"
+echo "sealpost lone_command_wall_p50 $(awk '{ print $1 / 1000 }' "$T/wall" | sort -g | awk '{ a[NR] = $1 } END { print a[int(NR / 2 + 0.5)] }') ms"
+echo "sealpost lone_command_wall_p99 $(awk '{ print $1 / 1000 }' "$T/wall" >"$T/wallms"; pct "$T/wallms" 99) ms"
+
+if [[ $ANCHOR == 1 ]]; then
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+    PIDS=()
+    echo "# running $ANCHOR_SCRIPT (MODES=maildir SIZES=1024 N=${ANCHOR_N:-2000})" >&2
+    MODES=maildir SIZES=1024 N=${ANCHOR_N:-2000} bash "$ANCHOR_SCRIPT" | tee "$T/pf.out"
+    pf=$(awk '$1 == "postfix" && $2 == "maildir_1KiB_e2e_rate" { print $3 }' "$T/pf.out")
+    sp=$(cat "$T/sp.rate")
+    LC_ALL=C awk -v a="$sp" -v b="$pf" 'BEGIN { if (b > 0) printf "ratio delivered_with_receipts/postfix_maildir_e2e %.1f x\n", a / b; else print "ratio n/a" }'
+fi

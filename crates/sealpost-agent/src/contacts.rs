@@ -66,6 +66,9 @@ impl Db {
         // fails at once with SQLITE_BUSY when another process wrote in
         // between; taking the write lock up front makes it wait instead.
         conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
+        // The engine runs a few dozen distinct statements per pass; keep
+        // them all prepared (the default cache holds 16).
+        conn.set_prepared_statement_cache_capacity(128);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -171,11 +174,8 @@ impl Db {
     pub fn contact(&self, name: &str) -> Result<Contact, AgentError> {
         let row: Option<(String, Vec<u8>, i64)> = self
             .conn
-            .query_row(
-                "SELECT name, card, added_at FROM contacts WHERE name = ?1",
-                params![name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
+            .prepare_cached("SELECT name, card, added_at FROM contacts WHERE name = ?1")?
+            .query_row(params![name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
         match row {
             Some((n, c, a)) => Self::row_to_contact(n, c, a),
@@ -187,11 +187,10 @@ impl Db {
     pub fn contact_by_key(&self, signing_key: &[u8; 32]) -> Result<Option<Contact>, AgentError> {
         let row: Option<(String, Vec<u8>, i64)> = self
             .conn
-            .query_row(
-                "SELECT name, card, added_at FROM contacts WHERE signing_key = ?1",
-                params![signing_key.to_vec()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
+            .prepare_cached("SELECT name, card, added_at FROM contacts WHERE signing_key = ?1")?
+            .query_row(params![signing_key.to_vec()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .optional()?;
         row.map(|(n, c, a)| Self::row_to_contact(n, c, a))
             .transpose()
@@ -210,11 +209,8 @@ impl Db {
     pub fn replay_seen(&self, id: &MessageId) -> Result<bool, AgentError> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT 1 FROM replay WHERE id = ?1",
-                params![id.0.to_vec()],
-                |_| Ok(()),
-            )
+            .prepare_cached("SELECT 1 FROM replay WHERE id = ?1")?
+            .query_row(params![id.0.to_vec()], |_| Ok(()))
             .optional()?
             .is_some())
     }
@@ -244,7 +240,8 @@ impl Db {
     pub fn replay_len(&self) -> Result<u64, AgentError> {
         let n: i64 = self
             .conn
-            .query_row("SELECT COUNT(*) FROM replay", [], |r| r.get(0))?;
+            .prepare_cached("SELECT COUNT(*) FROM replay")?
+            .query_row([], |r| r.get(0))?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 }

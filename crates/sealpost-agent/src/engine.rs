@@ -455,6 +455,7 @@ impl Engine {
     /// only local failures (database, disk) are returned as errors.
     pub async fn pass(&mut self) -> Result<PassStats, EngineError> {
         let mut stats = PassStats::default();
+        tracing::trace!("pass: start");
         // Submitting first: a pass started by `send` hands the message to
         // the relay before spending a round trip on fetching.
         self.submit_due(&mut stats).await?;
@@ -472,7 +473,9 @@ impl Engine {
         // acknowledgements: the sender learns sooner, and an ack that got
         // lost only means a duplicate next time (which gets its receipt
         // again and is not delivered twice).
+        tracing::trace!("pass: fetched {}", stats.fetched);
         self.send_reports(&mut stats).await?;
+        tracing::trace!("pass: reports sent {}", stats.reports_sent);
         for rx in acks {
             match tokio::time::timeout(Duration::from_secs(30), rx).await {
                 Ok(Ok(sealpost_proto::relay::Response::Acked { .. })) => {}
@@ -492,6 +495,7 @@ impl Engine {
             );
         }
         stats.expired += expired.len() as u64;
+        tracing::trace!("pass: done");
         Ok(stats)
     }
 
@@ -564,7 +568,9 @@ impl Engine {
             .iter()
             .map(|(m, c)| (&c[..], *m.content_hash.as_bytes()))
             .collect();
+        tracing::trace!("batch: opened {}", contents.len());
         let locations: Vec<Location> = self.spool.append_verified(&contents)?;
+        tracing::trace!("batch: stored and read back");
         let received_ms = now_ms();
         let stored_at = received_ms / 1000;
         let mut entries = Vec::with_capacity(to_store.len());
@@ -993,7 +999,9 @@ impl Engine {
                     updates.push((row.msg, row.recipient, d, last_error));
                 }
             }
+            tracing::trace!("submit: {} answered", updates.len());
             self.agent.db.save_deliveries(&updates)?;
+            tracing::trace!("submit: saved");
             if take < due.len() || due.len() == SUBMIT_BATCH {
                 continue;
             }
@@ -1036,11 +1044,21 @@ fn open_all(
     me: &sealpost_proto::Identity,
     payloads: &[Vec<u8>],
 ) -> Vec<Result<(OpenedMessage, Vec<u8>), OpenError>> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8);
-    if payloads.len() < 4 || threads < 2 {
+    if payloads.len() < 4 {
+        return payloads
+            .iter()
+            .map(|p| message::open_slice(me, p, MAX_MESSAGE))
+            .collect();
+    }
+    // Asked once: the answer reads cgroup files (half a millisecond).
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads = *THREADS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(8)
+    });
+    if threads < 2 {
         return payloads
             .iter()
             .map(|p| message::open_slice(me, p, MAX_MESSAGE))

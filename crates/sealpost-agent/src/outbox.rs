@@ -296,11 +296,8 @@ impl Db {
     pub fn setting(&self, key: &str) -> Result<Option<String>, AgentError> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT value FROM settings WHERE key = ?1",
-                params![key],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT value FROM settings WHERE key = ?1")?
+            .query_row(params![key], |r| r.get(0))
             .optional()?)
     }
 
@@ -415,11 +412,8 @@ impl Db {
     pub fn sealed(&self, id: &MessageId) -> Result<Option<Vec<u8>>, AgentError> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT sealed FROM outbox WHERE id = ?1",
-                params![id.0.to_vec()],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT sealed FROM outbox WHERE id = ?1")?
+            .query_row(params![id.0.to_vec()], |r| r.get(0))
             .optional()?)
     }
 
@@ -604,11 +598,8 @@ impl Db {
     pub fn inbox_entry(&self, id: &MessageId) -> Result<Option<InboxEntry>, AgentError> {
         Ok(self
             .conn
-            .query_row(
-                &format!("SELECT {INBOX_COLS} FROM inbox WHERE id = ?1"),
-                params![id.0.to_vec()],
-                inbox_from_row,
-            )
+            .prepare_cached(&format!("SELECT {INBOX_COLS} FROM inbox WHERE id = ?1"))?
+            .query_row(params![id.0.to_vec()], inbox_from_row)
             .optional()?)
     }
 

@@ -323,7 +323,7 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
             if done || Instant::now() >= deadline {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_micros(500));
         }
     }
     let elapsed = queued_at.elapsed();

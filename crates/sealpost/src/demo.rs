@@ -527,8 +527,204 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
         attempt(&bob, &from_mallory, &inbox),
     );
 
+    delivery(&mut demo, &net, d)?;
     net.stop();
     finish(demo, out)
+}
+
+/// Section 6: the agents' delivery engines, end to end with receipts, and
+/// a relay that corrupts, replays and forges.
+fn delivery(demo: &mut Demo<'_>, net: &Net, d: &Path) -> Result<(), Failure> {
+    use sealpost_agent::engine::{self, Engine};
+    use sealpost_proto::delivery::State;
+    use sealpost_proto::report::{Entries, RejectReason, RejectionEntry, Report};
+
+    demo.say("6. Delivery with proof: Alice's and Bob's agents, receipts, and a hostile relay:");
+    let pin = engine::pin_of(&net.addr);
+    let addr = net.addr.to_string();
+    let mut agents = Vec::new();
+    for name in ["alice", "bob"] {
+        let mut a = Home::new(d.join(name)).load()?;
+        a.set_home_relay(&addr, pin.clone(), now())?;
+        agents.push(a);
+    }
+    let (alice_card, bob_card) = (agents[0].card().clone(), agents[1].card().clone());
+    agents[0]
+        .db_mut()
+        .add_contact("bob", &bob_card, false, now())?;
+    agents[1]
+        .db_mut()
+        .add_contact("alice", &alice_card, false, now())?;
+    let mut bob = Engine::new(agents.pop().ok_or_else(|| anyhow!("bob"))?)?
+        .with_link_backoff(RelayLink::fast_backoff());
+    let mut alice = Engine::new(agents.pop().ok_or_else(|| anyhow!("alice"))?)?
+        .with_link_backoff(RelayLink::fast_backoff());
+    let rt = &net.rt;
+    rt.block_on(bob.pass())?;
+    rt.block_on(alice.pass())?;
+
+    let state = |e: &Engine, id: &sealpost_proto::MessageId| -> Result<State, Failure> {
+        let m = e.agent().db().outbox(Some(id), 1)?;
+        m.first()
+            .and_then(|m| m.deliveries.first())
+            .map(|d| d.delivery.state)
+            .ok_or_else(|| anyhow!("message {id} is not in the outbox").into())
+    };
+    let text = b"Bob, please confirm you have the minutes of the meeting. -- Alice\n";
+    let t = Instant::now();
+    let id = alice
+        .agent_mut()
+        .send(&["bob".into()], text, 3600, "minutes")?;
+    // What the relay will be given, kept for its tricks below.
+    let original = alice.agent().db().sealed(&id)?.unwrap_or_default();
+    rt.block_on(alice.pass())?;
+    let s_bob = rt.block_on(bob.pass())?;
+    rt.block_on(alice.pass())?;
+    let elapsed = t.elapsed();
+    let delivered = state(&alice, &id)?;
+    demo.check(
+        "Alice's agent sends; Bob's stores it, reads it back from disk and signs a receipt; Alice's verifies it",
+        "accepted",
+        if delivered == State::Delivered && s_bob.delivered == 1 {
+            Ok(format!(
+                "message {id}: delivered, receipt verified against Alice's own hash, {:.1} ms from send to receipt",
+                elapsed.as_secs_f64() * 1000.0
+            ))
+        } else {
+            Err(format!("state {}", delivered.name()))
+        },
+    );
+    let receipt = alice
+        .agent()
+        .db()
+        .outbox(Some(&id), 1)?
+        .first()
+        .and_then(|m| m.deliveries.first())
+        .and_then(|d| d.receipt.clone())
+        .ok_or_else(|| anyhow!("no receipt stored"))?;
+    let text_form = Report::decode(&receipt)
+        .map_err(|e| anyhow!("stored receipt: {e}"))?
+        .to_text();
+    let offline = Report::from_text(&text_form);
+    demo.check(
+        "the exported receipt, checked offline with nothing but Bob's card",
+        "accepted",
+        match offline {
+            Ok(r) if r.signed_by(bob_card.public()) => match r.receipt_for(&id) {
+                Some(e) if e.content_hash == *blake3::hash(text).as_bytes() => Ok(format!(
+                    "signed by Bob ({}): message {id}, {} bytes, BLAKE3 {}…, stored {}",
+                    bob_card.public().fingerprint(),
+                    e.content_len,
+                    &blake3::Hash::from_bytes(e.content_hash).to_hex()[..16],
+                    crate::output::time(e.stored_at)
+                )),
+                _ => Err("wrong entry".into()),
+            },
+            Ok(_) => Err("not signed by Bob".into()),
+            Err(e) => Err(format!("invalid: {e}")),
+        },
+    );
+
+    // The relay tampers with a stored copy and replays the original.
+    let bob_mailbox = MailboxId::of(bob_card.public().signing_bytes());
+    let mut flipped = original.clone();
+    let n = flipped.len();
+    flipped[n / 2] ^= 0x10;
+    let anyone = sealpost_proto::Identity::generate(&mut OsRng);
+    let hostile = |payload: Vec<u8>, mailbox: MailboxId| -> Result<(), Failure> {
+        let mut link = RelayLink::anonymous(net.addr.clone());
+        match rt.block_on(link.call(&anyone, async |c| {
+            c.submit(mailbox, now() + 3600, payload.clone()).await
+        })) {
+            Ok(Submitted::Accepted { .. }) => Ok(()),
+            other => Err(anyhow!("the relay did not take the test item: {other:?}").into()),
+        }
+    };
+    hostile(flipped, bob_mailbox)?;
+    let s = rt.block_on(bob.pass())?;
+    demo.check(
+        "the relay flips one bit of a stored copy",
+        "tampered",
+        if s.discarded == 1 && s.delivered == 0 {
+            Err("tampered: Bob's agent discards it unread (a sender would retransmit, lacking a receipt)".into())
+        } else {
+            Ok(format!("{s:?}"))
+        },
+    );
+    hostile(original, bob_mailbox)?;
+    let s = rt.block_on(bob.pass())?;
+    let once = bob.agent().db().inbox(false, 100)?.len() == 1;
+    demo.check(
+        "the relay replays a message Bob already stored",
+        "replayed",
+        if s.duplicates == 1 && s.delivered == 0 && s.reports_sent == 1 && once {
+            Err("replayed: not delivered again (Bob's inbox holds it once); its receipt is sent again".into())
+        } else {
+            Ok(format!("{s:?}"))
+        },
+    );
+
+    // A forged bounce: a rejection that claims to come from Bob.
+    let id3 = alice
+        .agent_mut()
+        .send(&["bob".into()], b"third", 3600, "third")?;
+    rt.block_on(alice.pass())?;
+    let mallory = Home::new(d.join("mallory")).load()?;
+    let report = Report::sign(
+        mallory.identity(),
+        alice.agent().identity().public(),
+        now(),
+        Entries::Rejection(vec![RejectionEntry {
+            id: id3,
+            reason: RejectReason::NotAContact,
+        }]),
+    )
+    .map_err(|e| anyhow!("{e}"))?;
+    let header = sealpost_proto::MessageHeader {
+        kind: Kind::Rejection,
+        id: sealpost_proto::MessageId::random(&mut OsRng),
+        created_at: now(),
+        expires_at: now() + 3600,
+        in_reply_to: None,
+        sender: *bob_card.public(),
+        recipients: vec![alice.agent().identity().public().into()],
+        reply_relay: None,
+    };
+    let forged = testing::seal_plaintext(
+        &[*alice.agent().identity().public()],
+        &testing::signed_plaintext(mallory.identity(), &header, report.as_bytes()),
+    );
+    hostile(
+        forged,
+        MailboxId::of(alice.agent().identity().public().signing_bytes()),
+    )?;
+    let s = rt.block_on(alice.pass())?;
+    let still = state(&alice, &id3)?;
+    demo.check(
+        "a bounce for Alice's next message, signed by Mallory in Bob's name",
+        "forged",
+        if s.bounced == 0 && s.discarded == 1 && still == State::Submitted {
+            Err(format!(
+                "forged: the signature is not Bob's; discarded, and the message stays {}",
+                still.name()
+            ))
+        } else {
+            Ok(format!("{s:?}, state {}", still.name()))
+        },
+    );
+    rt.block_on(bob.pass())?;
+    rt.block_on(alice.pass())?;
+    let done = state(&alice, &id3)?;
+    demo.check(
+        "and the real delivery of that message",
+        "accepted",
+        if done == State::Delivered {
+            Ok("delivered, with Bob's receipt".into())
+        } else {
+            Err(format!("state {}", done.name()))
+        },
+    );
+    Ok(())
 }
 
 /// A relay running in this process, on 127.0.0.1 and a free port.

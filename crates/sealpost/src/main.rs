@@ -207,9 +207,15 @@ fn default_home() -> anyhow::Result<PathBuf> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Logs go to stderr; SEALPOST_LOG (or RUST_LOG) sets the level.
+    // The demo provokes failures on purpose and reports them itself.
+    let default_level = if matches!(cli.command, Command::Demo { .. }) {
+        "error"
+    } else {
+        "info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SEALPOST_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)

@@ -336,8 +336,12 @@ fn the_age_cli_decrypts_the_encrypted_layer() {
         b"SPMS\x01",
         "the plaintext starts with the sealpost header"
     );
-    // Header, empty content (stdin was empty) and 104-byte trailer.
-    assert_eq!(o.stdout.len(), 5 + 1 + 16 + 8 + 8 + 1 + 64 + 1 + 64 + 104);
+    // Header (no reply relay: flag 0), empty content (stdin was empty)
+    // and 104-byte trailer.
+    assert_eq!(
+        o.stdout.len(),
+        5 + 1 + 16 + 8 + 8 + 1 + 64 + 1 + 64 + 1 + 104
+    );
 }
 
 mod delivery;

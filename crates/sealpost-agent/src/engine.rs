@@ -46,6 +46,8 @@ use crate::{Agent, AgentError, DEFAULT_LIFETIME_SECS};
 
 /// The settings key of the home relay address.
 pub const HOME_RELAY: &str = "home_relay";
+/// The settings key of the download directory.
+pub const DOWNLOAD_DIR: &str = "download_dir";
 /// Largest message content `send` accepts: the sealed container must fit
 /// the relay's message limit with room for the header and age's stanzas.
 pub const MAX_CONTENT: usize = MAX_MESSAGE - 16 * 1024;
@@ -110,6 +112,8 @@ pub struct PassStats {
     pub expired: u64,
     /// Times the home relay could not be reached (fetching).
     pub home_errors: u64,
+    /// Files received whole and verified from disk.
+    pub files_received: u64,
 }
 
 impl PassStats {
@@ -128,6 +132,7 @@ impl PassStats {
         self.submit_errors += o.submit_errors;
         self.expired += o.expired;
         self.home_errors += o.home_errors;
+        self.files_received += o.files_received;
     }
 
     /// True if nothing happened.
@@ -185,6 +190,15 @@ fn link_for<'a>(
     links.get_mut(relay)
 }
 
+/// How an upload attempt ended.
+#[derive(Debug)]
+enum Upload {
+    Complete,
+    Retry(String),
+    Refused(String, String),
+    Failed(String, String),
+}
+
 /// What became of one fetched item.
 enum Verdict {
     /// Store it (new content).
@@ -201,6 +215,8 @@ pub struct Engine {
     home: RelayLink,
     links: HashMap<String, RelayLink>,
     pub timing: Timing,
+    /// Where transfer progress is reported (bars in the CLI).
+    pub progress: std::sync::Arc<dyn crate::transfer::Progress>,
     _lock: File,
 }
 
@@ -237,6 +253,83 @@ impl Agent {
         let m = to.seal(&self.identity, content, lifetime_secs, summary)?;
         self.queue_prepared(std::slice::from_ref(&m))?;
         Ok(m.id)
+    }
+
+    /// Queues a file: its blob is uploaded to each recipient's relay
+    /// (resumably) before the sealed manifest naming it is submitted. The
+    /// file is read once now to compute its hashes and again while
+    /// uploading; it must not change in between (a change is detected).
+    /// The receipt for it carries the BLAKE3 and size of the file itself.
+    pub fn send_file(
+        &mut self,
+        names: &[String],
+        path: &std::path::Path,
+        lifetime_secs: u64,
+    ) -> Result<(MessageId, u64), SendError> {
+        let to = self.resolve(names)?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                SendError::BadFile(format!("{} has no usable file name", path.display()))
+            })?
+            .to_owned();
+        sealpost_proto::manifest::validate_file_name(&name)
+            .map_err(|e| SendError::BadFile(format!("{}: {e}", path.display())))?;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| SendError::BadFile(format!("cannot read {}: {e}", path.display())))?;
+        if !meta.is_file() {
+            return Err(SendError::BadFile(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
+        let abs = std::fs::canonicalize(path)
+            .map_err(|e| SendError::BadFile(format!("{}: {e}", path.display())))?;
+        let key = sealpost_proto::blob::BlobKey::random(&mut OsRng);
+        let summary =
+            crate::transfer::summarize(&abs, &key, sealpost_proto::blob::DEFAULT_CHUNK_SIZE)
+                .map_err(|e| SendError::BadFile(format!("cannot read {}: {e}", path.display())))?;
+        let blob_id = sealpost_proto::manifest::BlobId::random(&mut OsRng);
+        let manifest = sealpost_proto::manifest::FileManifest::new(
+            blob_id,
+            key.clone(),
+            &summary,
+            name.clone(),
+        )
+        .map_err(|e| SendError::BadFile(e.to_string()))?;
+        let mut m = to.seal_kind(
+            &self.identity,
+            Kind::FileManifest,
+            &manifest.encode(),
+            lifetime_secs,
+            &format!("file {name}"),
+        )?;
+        // What the receipt must name: the file as stored, not the manifest.
+        m.sent = sealpost_proto::delivery::Sent {
+            content_hash: *summary.plaintext_hash.as_bytes(),
+            content_len: summary.layout.plaintext_len,
+        };
+        self.queue_prepared(std::slice::from_ref(&m))?;
+        self.db.add_file_out(&crate::outbox::FileOut {
+            msg: m.id,
+            path: abs.to_string_lossy().into_owned(),
+            blob_id: blob_id.0,
+            key,
+            size: summary.layout.plaintext_len,
+            chunk_size: summary.layout.chunk_size,
+            blob_hash: *summary.blob_hash.as_bytes(),
+        })?;
+        Ok((m.id, summary.layout.plaintext_len))
+    }
+
+    /// Where received files go: the `download_dir` setting, else
+    /// `downloads/` in the home.
+    pub fn download_dir(&self) -> Result<PathBuf, AgentError> {
+        Ok(match self.db.setting(DOWNLOAD_DIR)? {
+            Some(d) => PathBuf::from(d),
+            None => self.home.dir().join("downloads"),
+        })
     }
 
     /// Looks up recipients for sealing (see [`Recipients::seal`]).
@@ -280,7 +373,7 @@ impl Agent {
                 (
                     QueuedMessage {
                         id: m.id,
-                        kind: Kind::Message.name(),
+                        kind: m.kind.name(),
                         created_ms: m.created_at * 1000,
                         expires_ms: m.expires_at * 1000,
                         sent: m.sent,
@@ -308,6 +401,7 @@ pub struct Recipients {
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub id: MessageId,
+    pub kind: Kind,
     pub created_at: u64,
     pub expires_at: u64,
     pub sent: sealpost_proto::delivery::Sent,
@@ -326,6 +420,18 @@ impl Recipients {
         lifetime_secs: u64,
         summary: &str,
     ) -> Result<Prepared, SendError> {
+        self.seal_kind(me, Kind::Message, content, lifetime_secs, summary)
+    }
+
+    /// Like [`Recipients::seal`], for any kind.
+    pub fn seal_kind(
+        &self,
+        me: &sealpost_proto::Identity,
+        kind: Kind,
+        content: &[u8],
+        lifetime_secs: u64,
+        summary: &str,
+    ) -> Result<Prepared, SendError> {
         if content.len() > MAX_CONTENT {
             return Err(SendError::TooLarge {
                 len: content.len() as u64,
@@ -336,7 +442,7 @@ impl Recipients {
         let lifetime = lifetime_secs.clamp(1, message::MAX_LIFETIME_SECS);
         let id = MessageId::random(&mut OsRng);
         let req = SealRequest {
-            kind: Kind::Message,
+            kind,
             id,
             created_at: now_s,
             expires_at: now_s + lifetime,
@@ -356,6 +462,7 @@ impl Recipients {
         }
         Ok(Prepared {
             id,
+            kind,
             created_at: now_s,
             expires_at: now_s + lifetime,
             sent: sealpost_proto::delivery::Sent {
@@ -384,6 +491,8 @@ pub enum SendError {
     NoRelay(String),
     #[error("sealing failed: {0}")]
     Seal(String),
+    #[error("{0}")]
+    BadFile(String),
 }
 
 impl Engine {
@@ -427,6 +536,7 @@ impl Engine {
             home,
             links: HashMap::new(),
             timing: Timing::default(),
+            progress: std::sync::Arc::new(crate::transfer::Quiet),
             _lock: lock,
         })
     }
@@ -474,6 +584,7 @@ impl Engine {
         // lost only means a duplicate next time (which gets its receipt
         // again and is not delivered twice).
         tracing::trace!("pass: fetched {}", stats.fetched);
+        self.run_downloads(&mut stats).await?;
         self.send_reports(&mut stats).await?;
         tracing::trace!("pass: reports sent {}", stats.reports_sent);
         for rx in acks {
@@ -574,7 +685,9 @@ impl Engine {
         let received_ms = now_ms();
         let stored_at = received_ms / 1000;
         let mut entries = Vec::with_capacity(to_store.len());
-        for ((m, _), loc) in to_store.iter().zip(&locations) {
+        let mut downloads = Vec::new();
+        let download_dir = self.agent.download_dir()?;
+        for ((m, content), loc) in to_store.iter().zip(&locations) {
             let h = &m.header;
             entries.push((
                 InboxEntry {
@@ -592,7 +705,35 @@ impl Engine {
                 },
                 self.agent.policy.remember_until(h.expires_at),
             ));
-            if let Some(relay) = self.reply_relay(&h.sender, h.reply_relay.as_ref())? {
+            let relay = self.reply_relay(&h.sender, h.reply_relay.as_ref())?;
+            if h.kind == Kind::FileManifest {
+                // Its receipt waits until the file itself is stored and
+                // verified (see `run_downloads`).
+                if let Ok(f) = sealpost_proto::manifest::FileManifest::decode(content) {
+                    downloads.push(crate::outbox::Download {
+                        msg: h.id,
+                        sender: *h.sender.signing_bytes(),
+                        agreement: *h.sender.agreement_bytes(),
+                        relay,
+                        blob_id: f.blob_id.0,
+                        key: f.key.clone(),
+                        size: f.layout.plaintext_len,
+                        chunk_size: f.layout.chunk_size,
+                        plaintext_hash: *f.plaintext_hash.as_bytes(),
+                        name: f.name.clone(),
+                        dir: download_dir.to_string_lossy().into_owned(),
+                        next_chunk: 0,
+                        bad: Vec::new(),
+                        attempts: 0,
+                        state: "downloading".into(),
+                        final_path: None,
+                        error: None,
+                        changed_ms: received_ms,
+                    });
+                }
+                continue;
+            }
+            if let Some(relay) = relay {
                 reports.push(PendingReport {
                     subject: *h.sender.signing_bytes(),
                     agreement: *h.sender.agreement_bytes(),
@@ -605,7 +746,10 @@ impl Engine {
                 });
             }
         }
-        let new = self.agent.db.record_inbox(&entries, &reports, now_s)?;
+        let new = self
+            .agent
+            .db
+            .record_inbox(&entries, &reports, &downloads, now_s)?;
         stats.delivered += new.len() as u64;
         stats.duplicates += (entries.len() - new.len()) as u64;
         for (m, _) in &to_store {
@@ -687,7 +831,27 @@ impl Engine {
         };
         // A copy of something already stored: its receipt again, once.
         if let Some(prev) = self.agent.db.inbox_entry(&h.id)? {
-            if prev.sender == *h.sender.signing_bytes() {
+            if prev.sender == *h.sender.signing_bytes() && h.kind == Kind::FileManifest {
+                // A file's receipt names the file: again if it is done,
+                // later (when it is) otherwise.
+                stats.duplicates += 1;
+                if let Some(d) = self.agent.db.download(&h.id)? {
+                    if d.state == "done" {
+                        if let Some(relay) = self.reply_relay(&h.sender, h.reply_relay.as_ref())? {
+                            reports.push(PendingReport {
+                                subject: d.sender,
+                                agreement: d.agreement,
+                                id: d.msg,
+                                relay,
+                                reason: None,
+                                content_hash: d.plaintext_hash,
+                                content_len: d.size,
+                                stored_at: d.changed_ms / 1000,
+                            });
+                        }
+                    }
+                }
+            } else if prev.sender == *h.sender.signing_bytes() {
                 stats.duplicates += 1;
                 if let Some(relay) = self.reply_relay(&h.sender, h.reply_relay.as_ref())? {
                     reports.push(PendingReport {
@@ -908,7 +1072,40 @@ impl Engine {
             let mut by_relay: HashMap<String, Vec<usize>> = HashMap::new();
             let mut bytes = 0usize;
             let mut take = 0usize;
+            let mut updates = Vec::with_capacity(due.len());
             for (i, d) in due.iter().enumerate() {
+                // A file's manifest goes out only once its blob is whole at
+                // the recipient's relay.
+                if let Some(f) = self.agent.db.file_out(&d.msg)? {
+                    let now = now_ms();
+                    let mut del = d.delivery.clone();
+                    match self.upload(d, &f).await? {
+                        Upload::Complete => {}
+                        Upload::Retry(e) => {
+                            tracing::warn!("uploading {} to {}: {e}; will retry", f.path, d.name);
+                            del.transient_failure(now, &self.timing, unit_random());
+                            stats.submit_errors += 1;
+                            updates.push((d.msg, d.recipient, del, Some(e)));
+                            take = i + 1;
+                            continue;
+                        }
+                        Upload::Refused(code, detail) => {
+                            tracing::warn!("uploading {} to {}: refused: {detail}", f.path, d.name);
+                            del.refused(now, &code, &detail);
+                            stats.refused += 1;
+                            updates.push((d.msg, d.recipient, del, None));
+                            take = i + 1;
+                            continue;
+                        }
+                        Upload::Failed(code, detail) => {
+                            tracing::warn!("sending {} to {}: {detail}", f.path, d.name);
+                            del.local_failure(now, &code, &detail);
+                            updates.push((d.msg, d.recipient, del, None));
+                            take = i + 1;
+                            continue;
+                        }
+                    }
+                }
                 if let std::collections::hash_map::Entry::Vacant(v) = sealed.entry(d.msg) {
                     let s = self.agent.db.sealed(&d.msg)?.unwrap_or_default();
                     bytes += s.len();
@@ -920,7 +1117,6 @@ impl Engine {
                     break;
                 }
             }
-            let mut updates = Vec::with_capacity(take);
             for (relay, idxs) in by_relay {
                 let items: Vec<(MailboxId, u64, Vec<u8>)> = idxs
                     .iter()
@@ -1007,6 +1203,336 @@ impl Engine {
             }
             return Ok(());
         }
+        Ok(())
+    }
+
+    /// Uploads a file's blob to the recipient's relay, from what the relay
+    /// already holds, until it holds it whole.
+    async fn upload(
+        &mut self,
+        row: &crate::outbox::DeliveryRow,
+        f: &crate::outbox::FileOut,
+    ) -> Result<Upload, EngineError> {
+        use sealpost_proto::blob::BlobLayout;
+        let layout = match BlobLayout::new(f.size, f.chunk_size) {
+            Ok(l) => l,
+            Err(e) => return Ok(Upload::Failed("bad-file".into(), e.to_string())),
+        };
+        let total = layout.blob_len();
+        let src = match File::open(&f.path) {
+            Ok(s) => s,
+            Err(e) => {
+                return Ok(Upload::Failed(
+                    "source-unreadable".into(),
+                    format!("cannot read {}: {e}", f.path),
+                ))
+            }
+        };
+        if src.metadata().map(|m| m.len()).ok() != Some(f.size) {
+            return Ok(Upload::Failed(
+                "source-changed".into(),
+                format!("{} changed size after it was queued; send it again", f.path),
+            ));
+        }
+        let mailbox = MailboxId::of(&row.recipient);
+        let expires = row.delivery.expires_at / 1000;
+        let progress = self.progress.clone();
+        let Some(link) = link_for(&mut self.home, &mut self.links, &self.home_addr, &row.relay)
+        else {
+            return Ok(Upload::Failed(
+                "bad-relay".into(),
+                format!("{:?} is not a relay address", row.relay),
+            ));
+        };
+        let me = &self.agent.identity;
+        let blob_id = f.blob_id;
+        let (mut stored, mut complete) =
+            match link.call(me, async |c| c.blob_status(blob_id).await).await {
+                Ok(v) => v,
+                Err(e) => return Ok(Upload::Retry(e.to_string())),
+            };
+        if complete {
+            return Ok(Upload::Complete);
+        }
+        let name = std::path::Path::new(&f.path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        progress.start(&format!("upload {name} → {}", row.name), total, stored);
+        let mut stalls = 0;
+        let mut noted = stored;
+        let result = loop {
+            if complete {
+                break Upload::Complete;
+            }
+            let n = crate::transfer::piece_len(&layout, stored);
+            let data = match crate::transfer::encrypt_range(&src, &f.key, &layout, stored, n) {
+                Ok(d) => d,
+                Err(e) => {
+                    break Upload::Failed("source-changed".into(), format!("{}: {e}", f.path))
+                }
+            };
+            let at = stored;
+            let r = link
+                .call(me, async |c| {
+                    c.blob_put(
+                        blob_id,
+                        mailbox,
+                        total,
+                        f.blob_hash,
+                        expires,
+                        at,
+                        data.clone(),
+                    )
+                    .await
+                })
+                .await;
+            match r {
+                Ok(Ok((now_stored, done))) => {
+                    if now_stored <= stored && !done {
+                        stalls += 1;
+                        if stalls > 3 {
+                            break Upload::Retry(
+                                "the relay does not take the blob's pieces".into(),
+                            );
+                        }
+                    } else {
+                        stalls = 0;
+                    }
+                    if now_stored > stored {
+                        progress.advance(now_stored - stored);
+                    }
+                    stored = now_stored;
+                    complete = done;
+                    if stored - noted >= 64 << 20 {
+                        self.agent
+                            .db
+                            .set_uploaded(&row.msg, &row.recipient, stored)?;
+                        noted = stored;
+                    }
+                }
+                Ok(Err(Submitted::Refused(r))) => {
+                    break Upload::Refused(r.code.name().to_owned(), r.code.describe().to_owned())
+                }
+                Ok(Err(Submitted::Accepted { .. })) => {
+                    break Upload::Retry("unexpected answer".into())
+                }
+                Err(ClientError::Server { message, .. }) if message.contains("BLAKE3") => {
+                    break Upload::Failed(
+                        "source-changed".into(),
+                        format!("{} changed while it was being sent; send it again", f.path),
+                    )
+                }
+                Err(e) => break Upload::Retry(e.to_string()),
+            }
+        };
+        progress.finish();
+        let link_stored = if matches!(result, Upload::Complete) {
+            total
+        } else {
+            stored
+        };
+        self.agent
+            .db
+            .set_uploaded(&row.msg, &row.recipient, link_stored)?;
+        Ok(result)
+    }
+
+    /// Continues every unfinished download.
+    async fn run_downloads(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
+        for d in self.agent.db.downloads(Some("downloading"), 64)? {
+            self.download(d, stats).await?;
+        }
+        Ok(())
+    }
+
+    async fn download(
+        &mut self,
+        d: crate::outbox::Download,
+        stats: &mut PassStats,
+    ) -> Result<(), EngineError> {
+        use crate::transfer;
+        use sealpost_proto::blob::BlobLayout;
+        let fail = |this: &mut Self, why: String| -> Result<(), EngineError> {
+            tracing::warn!("receiving {}: {why}", d.name);
+            this.agent
+                .db
+                .download_end(&d.msg, "failed", None, Some(&why), None, now_ms())?;
+            Ok(())
+        };
+        let layout = match BlobLayout::new(d.size, d.chunk_size) {
+            Ok(l) => l,
+            Err(e) => return fail(self, e.to_string()),
+        };
+        let dir = PathBuf::from(&d.dir);
+        if let Err(e) = crate::fsutil::ensure_private_dir(&dir) {
+            return fail(self, format!("cannot create {}: {e}", dir.display()));
+        }
+        let blob_hex: String = d.blob_id.iter().map(|b| format!("{b:02x}")).collect();
+        let part_path = transfer::part_path(&dir, &blob_hex);
+        let keep = (d.next_chunk * d.chunk_size as u64).min(d.size);
+        let part = transfer::open_part(&part_path, keep).map_err(|source| AgentError::Io {
+            what: "opening",
+            path: part_path.clone(),
+            source,
+        })?;
+        let io_err = |what: &'static str, source: std::io::Error| AgentError::Io {
+            what,
+            path: part_path.clone(),
+            source,
+        };
+        let count = layout.chunk_count();
+        let mut i = d.next_chunk;
+        let mut bad = d.bad.clone();
+        let progress = self.progress.clone();
+        progress.start(
+            &format!("download {}", d.name),
+            layout.blob_len(),
+            layout.offset(i.min(count)),
+        );
+        let mut since_commit = 0u64;
+        let blob_id = d.blob_id;
+        while i < count {
+            let off = layout.offset(i);
+            let n = transfer::piece_len(&layout, off);
+            let data = match self
+                .home
+                .call(&self.agent.identity, async |c| {
+                    c.blob_get(blob_id, off, n as u32).await
+                })
+                .await
+            {
+                Ok(v) => v,
+                Err(ClientError::Server {
+                    code: sealpost_proto::relay::ErrorCode::NotFound,
+                    ..
+                }) => {
+                    progress.finish();
+                    return fail(
+                        self,
+                        "its data is no longer at the relay (expired or deleted); ask the sender to send it again".into(),
+                    );
+                }
+                Err(e) => {
+                    progress.finish();
+                    tracing::warn!("downloading {}: {e}; continuing next pass", d.name);
+                    self.home.disconnect();
+                    break;
+                }
+            };
+            if data.len() != n {
+                progress.finish();
+                tracing::warn!(
+                    "downloading {}: the relay returned {} of {n} bytes; continuing next pass",
+                    d.name,
+                    data.len()
+                );
+                break;
+            }
+            bad.extend(
+                transfer::write_chunks(&part, &d.key, &layout, i, &data)
+                    .map_err(|e| io_err("writing", e))?,
+            );
+            let mut consumed = 0u64;
+            while consumed < n as u64 && i < count {
+                consumed += layout.sealed_len(i);
+                i += 1;
+            }
+            progress.advance(n as u64);
+            since_commit += n as u64;
+            if since_commit >= 64 << 20 {
+                part.sync_data().map_err(|e| io_err("syncing", e))?;
+                self.agent.db.download_progress(&d.msg, i, &bad, now_ms())?;
+                since_commit = 0;
+            }
+        }
+        progress.finish();
+        part.sync_data().map_err(|e| io_err("syncing", e))?;
+        self.agent.db.download_progress(&d.msg, i, &bad, now_ms())?;
+        if i < count {
+            return Ok(());
+        }
+        if !bad.is_empty() {
+            let list: Vec<String> = bad.iter().take(20).map(|b| b.to_string()).collect();
+            return fail(
+                self,
+                format!(
+                    "{} chunk(s) failed authentication at the relay (damaged there): {}",
+                    bad.len(),
+                    list.join(", ")
+                ),
+            );
+        }
+        progress.start(&format!("verify {}", d.name), d.size, 0);
+        let h = transfer::read_back(&part, d.size, progress.as_ref())
+            .map_err(|e| io_err("reading back", e))?;
+        progress.finish();
+        if h.as_bytes() != &d.plaintext_hash {
+            if d.attempts >= 2 {
+                return fail(
+                    self,
+                    "the stored copy does not read back as written, three times; check the disk"
+                        .into(),
+                );
+            }
+            tracing::error!(
+                "receiving {}: the stored copy does not read back as written; downloading it again",
+                d.name
+            );
+            self.agent.db.download_end(
+                &d.msg,
+                "restart",
+                None,
+                Some("read-back mismatch"),
+                None,
+                now_ms(),
+            )?;
+            return Ok(());
+        }
+        let final_path = loop {
+            let Some(p) = transfer::free_name(&dir, &d.name) else {
+                return fail(
+                    self,
+                    format!("no free name for {} in {}", d.name, dir.display()),
+                );
+            };
+            match std::fs::hard_link(&part_path, &p) {
+                Ok(()) => break p,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err("linking", e).into()),
+            }
+        };
+        std::fs::remove_file(&part_path).map_err(|e| io_err("removing", e))?;
+        crate::fsutil::sync_dir(&dir).map_err(|e| io_err("syncing", e))?;
+        let receipt = d.relay.clone().map(|relay| PendingReport {
+            subject: d.sender,
+            agreement: d.agreement,
+            id: d.msg,
+            relay,
+            reason: None,
+            content_hash: d.plaintext_hash,
+            content_len: d.size,
+            stored_at: now_ms() / 1000,
+        });
+        self.agent.db.download_end(
+            &d.msg,
+            "done",
+            Some(&final_path.to_string_lossy()),
+            None,
+            receipt.as_ref(),
+            now_ms(),
+        )?;
+        stats.files_received += 1;
+        tracing::info!(
+            "received file {} ({} bytes), verified from disk",
+            final_path.display(),
+            d.size
+        );
+        // The relay may forget the blob now (best effort; it expires anyway).
+        let _ = self
+            .home
+            .call(&self.agent.identity, async |c| c.blob_delete(blob_id).await)
+            .await;
         Ok(())
     }
 

@@ -17,6 +17,7 @@ pub mod fsutil;
 pub mod link;
 pub mod outbox;
 pub mod spool;
+pub mod transfer;
 
 use std::fs;
 use std::io::{self, Read, Seek, Write};

@@ -47,8 +47,40 @@ CREATE TABLE IF NOT EXISTS deliveries (
     detail TEXT,
     last_error TEXT,
     receipt BLOB REFERENCES reports(hash),
+    uploaded INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (msg, recipient)
 );
+CREATE TABLE IF NOT EXISTS files_out (
+    msg BLOB PRIMARY KEY REFERENCES outbox(id),
+    path TEXT NOT NULL,
+    blob_id BLOB NOT NULL,
+    blob_key BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    blob_hash BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_out_blob ON files_out(blob_id);
+CREATE TABLE IF NOT EXISTS downloads (
+    msg BLOB PRIMARY KEY,
+    sender BLOB NOT NULL,
+    agreement BLOB NOT NULL,
+    relay TEXT,
+    blob_id BLOB NOT NULL,
+    blob_key BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    plaintext_hash BLOB NOT NULL,
+    name TEXT NOT NULL,
+    dir TEXT NOT NULL,
+    next_chunk INTEGER NOT NULL,
+    bad TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    final_path TEXT,
+    error TEXT,
+    changed_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS downloads_state ON downloads(state);
 CREATE TABLE IF NOT EXISTS reports (
     hash BLOB PRIMARY KEY,
     bytes BLOB NOT NULL
@@ -167,6 +199,12 @@ fn failure_from_row(code: Option<String>, detail: Option<String>) -> Option<Fail
             .find(|x| x.name() == r)
             .map(Failure::Rejected);
     }
+    if let Some(c) = code.strip_prefix("local:") {
+        return Some(Failure::Local {
+            code: c.to_owned(),
+            detail: detail.unwrap_or_default(),
+        });
+    }
     let refused = code.strip_prefix("refused:").unwrap_or(&code);
     Some(Failure::Refused {
         code: refused.to_owned(),
@@ -225,6 +263,9 @@ fn save_delivery(
         None => (None, None),
         Some(Failure::Refused { code, detail }) => {
             (Some(format!("refused:{code}")), Some(detail.clone()))
+        }
+        Some(Failure::Local { code, detail }) => {
+            (Some(format!("local:{code}")), Some(detail.clone()))
         }
         Some(f) => (Some(f.code()), failure_detail(&d.failure)),
     };
@@ -630,6 +671,7 @@ impl Db {
         &mut self,
         entries: &[(InboxEntry, u64)],
         reports: &[PendingReport],
+        downloads: &[Download],
         now: u64,
     ) -> Result<Vec<MessageId>, AgentError> {
         let tx = self.conn.transaction()?;
@@ -666,21 +708,12 @@ impl Db {
             }
         }
         for p in reports {
-            tx.execute(
-                "INSERT OR REPLACE INTO pending_reports \
-                 (subject, agreement, id, relay, reason, content_hash, content_len, stored_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    p.subject.to_vec(),
-                    p.agreement.to_vec(),
-                    p.id.0.to_vec(),
-                    p.relay,
-                    p.reason.map_or(0, |r| r.code()),
-                    p.content_hash.to_vec(),
-                    to_i64(p.content_len),
-                    to_i64(p.stored_at),
-                ],
-            )?;
+            insert_pending(&tx, p)?;
+        }
+        for d in downloads {
+            if new.contains(&d.msg) {
+                insert_download(&tx, d)?;
+            }
         }
         tx.commit()?;
         Ok(new)
@@ -784,4 +817,271 @@ pub struct PendingGroup {
     pub agreement: [u8; 32],
     pub relay: String,
     pub ids: Vec<MessageId>,
+}
+
+/// A file being sent: where its bytes come from and how they are encrypted.
+#[derive(Debug, Clone)]
+pub struct FileOut {
+    pub msg: MessageId,
+    pub path: String,
+    pub blob_id: [u8; 16],
+    pub key: sealpost_proto::blob::BlobKey,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub blob_hash: [u8; 32],
+}
+
+/// A file being received.
+#[derive(Debug, Clone)]
+pub struct Download {
+    pub msg: MessageId,
+    pub sender: [u8; 32],
+    pub agreement: [u8; 32],
+    /// Where the receipt goes.
+    pub relay: Option<String>,
+    pub blob_id: [u8; 16],
+    pub key: sealpost_proto::blob::BlobKey,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub plaintext_hash: [u8; 32],
+    pub name: String,
+    pub dir: String,
+    /// Chunks before this one are written and durable (except `bad`).
+    pub next_chunk: u64,
+    /// Chunks that did not authenticate.
+    pub bad: Vec<u64>,
+    pub attempts: u32,
+    pub state: String,
+    pub final_path: Option<String>,
+    pub error: Option<String>,
+    pub changed_ms: u64,
+}
+
+const DOWNLOAD_COLS: &str = "msg, sender, agreement, relay, blob_id, blob_key, size, chunk_size, \
+     plaintext_hash, name, dir, next_chunk, bad, attempts, state, final_path, error, changed_ms";
+
+fn id16(v: Vec<u8>) -> [u8; 16] {
+    v.try_into().unwrap_or([0; 16])
+}
+
+fn download_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Download> {
+    let bad: String = r.get(12)?;
+    Ok(Download {
+        msg: MessageId(id16(r.get(0)?)),
+        sender: hash32(r.get(1)?),
+        agreement: hash32(r.get(2)?),
+        relay: r.get(3)?,
+        blob_id: id16(r.get(4)?),
+        key: sealpost_proto::blob::BlobKey(hash32(r.get(5)?)),
+        size: to_u64(r.get(6)?),
+        chunk_size: r.get(7)?,
+        plaintext_hash: hash32(r.get(8)?),
+        name: r.get(9)?,
+        dir: r.get(10)?,
+        next_chunk: to_u64(r.get(11)?),
+        bad: bad.split(',').filter_map(|x| x.parse().ok()).collect(),
+        attempts: r.get(13)?,
+        state: r.get(14)?,
+        final_path: r.get(15)?,
+        error: r.get(16)?,
+        changed_ms: to_u64(r.get(17)?),
+    })
+}
+
+fn bad_text(bad: &[u64]) -> String {
+    bad.iter()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Db {
+    /// Records the file behind a queued file-manifest message.
+    pub fn add_file_out(&mut self, f: &FileOut) -> Result<(), AgentError> {
+        self.conn.execute(
+            "INSERT INTO files_out (msg, path, blob_id, blob_key, size, chunk_size, blob_hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                f.msg.0.to_vec(),
+                f.path,
+                f.blob_id.to_vec(),
+                f.key.0.to_vec(),
+                to_i64(f.size),
+                f.chunk_size,
+                f.blob_hash.to_vec(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn file_out(&self, msg: &MessageId) -> Result<Option<FileOut>, AgentError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT msg, path, blob_id, blob_key, size, chunk_size, blob_hash \
+                 FROM files_out WHERE msg = ?1",
+            )?
+            .query_row(params![msg.0.to_vec()], |r| {
+                Ok(FileOut {
+                    msg: MessageId(id16(r.get(0)?)),
+                    path: r.get(1)?,
+                    blob_id: id16(r.get(2)?),
+                    key: sealpost_proto::blob::BlobKey(hash32(r.get(3)?)),
+                    size: to_u64(r.get(4)?),
+                    chunk_size: r.get(5)?,
+                    blob_hash: hash32(r.get(6)?),
+                })
+            })
+            .optional()?)
+    }
+
+    /// Notes how much of a file the recipient's relay holds (for status).
+    pub fn set_uploaded(
+        &mut self,
+        msg: &MessageId,
+        recipient: &[u8; 32],
+        bytes: u64,
+    ) -> Result<(), AgentError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE deliveries SET uploaded = ?3 WHERE msg = ?1 AND recipient = ?2",
+            )?
+            .execute(params![msg.0.to_vec(), recipient.to_vec(), to_i64(bytes)])?;
+        Ok(())
+    }
+
+    /// Bytes of the file the recipient's relay holds, per delivery.
+    pub fn uploaded(&self, msg: &MessageId, recipient: &[u8; 32]) -> Result<u64, AgentError> {
+        let v: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT uploaded FROM deliveries WHERE msg = ?1 AND recipient = ?2")?
+            .query_row(params![msg.0.to_vec(), recipient.to_vec()], |r| r.get(0))
+            .optional()?;
+        Ok(v.map(to_u64).unwrap_or(0))
+    }
+
+    pub fn download(&self, msg: &MessageId) -> Result<Option<Download>, AgentError> {
+        Ok(self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {DOWNLOAD_COLS} FROM downloads WHERE msg = ?1"
+            ))?
+            .query_row(params![msg.0.to_vec()], download_from_row)
+            .optional()?)
+    }
+
+    /// Downloads in a state, oldest first.
+    pub fn downloads(
+        &self,
+        state: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Download>, AgentError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {DOWNLOAD_COLS} FROM downloads WHERE ?1 IS NULL OR state = ?1 \
+             ORDER BY changed_ms LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![state, to_i64(limit as u64)], download_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Stores a download's progress (after its partial file was fsync'd).
+    pub fn download_progress(
+        &mut self,
+        msg: &MessageId,
+        next_chunk: u64,
+        bad: &[u64],
+        now_ms: u64,
+    ) -> Result<(), AgentError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE downloads SET next_chunk = ?2, bad = ?3, changed_ms = ?4 WHERE msg = ?1",
+            )?
+            .execute(params![
+                msg.0.to_vec(),
+                to_i64(next_chunk),
+                bad_text(bad),
+                to_i64(now_ms)
+            ])?;
+        Ok(())
+    }
+
+    /// Ends a download: `done` with its final path and the receipt it
+    /// earns, or `failed` with an error; or back to the start (`restart`)
+    /// after a read-back mismatch.
+    pub fn download_end(
+        &mut self,
+        msg: &MessageId,
+        state: &str,
+        final_path: Option<&str>,
+        error: Option<&str>,
+        receipt: Option<&PendingReport>,
+        now_ms: u64,
+    ) -> Result<(), AgentError> {
+        let tx = self.conn.transaction()?;
+        if state == "restart" {
+            tx.execute(
+                "UPDATE downloads SET next_chunk = 0, bad = '', attempts = attempts + 1, \
+                 error = ?2, changed_ms = ?3 WHERE msg = ?1",
+                params![msg.0.to_vec(), error, to_i64(now_ms)],
+            )?;
+        } else {
+            tx.execute(
+                "UPDATE downloads SET state = ?2, final_path = ?3, error = ?4, changed_ms = ?5 \
+                 WHERE msg = ?1",
+                params![msg.0.to_vec(), state, final_path, error, to_i64(now_ms)],
+            )?;
+        }
+        if let Some(p) = receipt {
+            insert_pending(&tx, p)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+fn insert_pending(tx: &Transaction<'_>, p: &PendingReport) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO pending_reports \
+         (subject, agreement, id, relay, reason, content_hash, content_len, stored_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        p.subject.to_vec(),
+        p.agreement.to_vec(),
+        p.id.0.to_vec(),
+        p.relay,
+        p.reason.map_or(0, |r| r.code()),
+        p.content_hash.to_vec(),
+        to_i64(p.content_len),
+        to_i64(p.stored_at),
+    ])?;
+    Ok(())
+}
+
+fn insert_download(tx: &Transaction<'_>, d: &Download) -> rusqlite::Result<()> {
+    tx.prepare_cached(&format!(
+        "INSERT OR IGNORE INTO downloads ({DOWNLOAD_COLS}) VALUES \
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+    ))?
+    .execute(params![
+        d.msg.0.to_vec(),
+        d.sender.to_vec(),
+        d.agreement.to_vec(),
+        d.relay,
+        d.blob_id.to_vec(),
+        d.key.0.to_vec(),
+        to_i64(d.size),
+        d.chunk_size,
+        d.plaintext_hash.to_vec(),
+        d.name,
+        d.dir,
+        to_i64(d.next_chunk),
+        bad_text(&d.bad),
+        d.attempts,
+        d.state,
+        d.final_path,
+        d.error,
+        to_i64(d.changed_ms),
+    ])?;
+    Ok(())
 }

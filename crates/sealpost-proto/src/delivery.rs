@@ -59,6 +59,9 @@ pub enum Failure {
     Rejected(RejectReason),
     /// It expired before a receipt arrived.
     Expired,
+    /// The sender could not carry it out (a file that vanished or changed
+    /// while it was being sent).
+    Local { code: String, detail: String },
 }
 
 impl Failure {
@@ -68,6 +71,7 @@ impl Failure {
             Self::Refused { code, .. } => format!("refused:{code}"),
             Self::Rejected(r) => format!("rejected:{}", r.name()),
             Self::Expired => "expired".to_owned(),
+            Self::Local { code, .. } => format!("local:{code}"),
         }
     }
 
@@ -76,6 +80,7 @@ impl Failure {
             Self::Refused { detail, .. } => format!("the relay refused it: {detail}"),
             Self::Rejected(r) => format!("the recipient rejected it: {}", r.describe()),
             Self::Expired => "it expired before the recipient's receipt arrived".to_owned(),
+            Self::Local { detail, .. } => detail.clone(),
         }
     }
 }
@@ -194,6 +199,17 @@ impl Delivery {
         self.fail(
             now_ms,
             Failure::Refused {
+                code: code.to_owned(),
+                detail: detail.to_owned(),
+            },
+        )
+    }
+
+    /// The sender itself cannot go on (the source file changed or vanished).
+    pub fn local_failure(&mut self, now_ms: u64, code: &str, detail: &str) -> Outcome {
+        self.fail(
+            now_ms,
+            Failure::Local {
                 code: code.to_owned(),
                 detail: detail.to_owned(),
             },

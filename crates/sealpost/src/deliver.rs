@@ -23,6 +23,55 @@ use serde_json::{json, Value};
 use crate::exit::Failure;
 use crate::output::{self, Out};
 
+/// Progress bars on stderr for uploads, downloads and read-back checks;
+/// only when stderr is a terminal and `--json` is off.
+struct Bars {
+    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+}
+
+impl sealpost_agent::transfer::Progress for Bars {
+    fn start(&self, what: &str, total: u64, done: u64) {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:32!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(what.to_owned());
+        bar.set_position(done);
+        if let Ok(mut b) = self.bar.lock() {
+            *b = Some(bar);
+        }
+    }
+    fn advance(&self, bytes: u64) {
+        if let Ok(b) = self.bar.lock() {
+            if let Some(b) = b.as_ref() {
+                b.inc(bytes);
+            }
+        }
+    }
+    fn finish(&self) {
+        if let Ok(mut b) = self.bar.lock() {
+            if let Some(b) = b.take() {
+                b.finish();
+            }
+        }
+    }
+}
+
+/// The progress display for this run: bars, or nothing.
+fn progress(out: &Out) -> std::sync::Arc<dyn sealpost_agent::transfer::Progress> {
+    if out.json() || !io::stderr().is_terminal() {
+        std::sync::Arc::new(sealpost_agent::transfer::Quiet)
+    } else {
+        std::sync::Arc::new(Bars {
+            bar: std::sync::Mutex::new(None),
+        })
+    }
+}
+
 /// Options every command that talks to relays shares.
 #[derive(Args, Debug, Clone)]
 pub struct TimingArgs {
@@ -57,7 +106,9 @@ pub struct SendArgs {
     /// The message text; - reads it from stdin [default: stdin]
     #[arg(value_name = "TEXT", conflicts_with = "file")]
     text: Option<String>,
-    /// Send this file's content as the message (up to 1 MiB less 16 KiB)
+    /// Send a file, any size: it is uploaded to the recipient's relay in
+    /// encrypted chunks (resuming where it stopped), and the receipt names
+    /// the file's hash as read back from the recipient's disk
     #[arg(long, value_name = "PATH")]
     file: Option<PathBuf>,
     /// More recipients (repeat); each is tracked separately
@@ -86,6 +137,21 @@ pub struct SendArgs {
 pub struct SyncArgs {
     #[command(flatten)]
     timing: TimingArgs,
+    /// Put received files here (remembered) [default: downloads/ in the home]
+    #[arg(long, value_name = "DIR", env = "SEALPOST_DOWNLOADS")]
+    downloads: Option<PathBuf>,
+}
+
+fn set_downloads(agent: &mut Agent, dir: &Option<PathBuf>) -> Result<(), Failure> {
+    if let Some(d) = dir {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        let abs =
+            std::fs::canonicalize(d).with_context(|| format!("cannot use {}", d.display()))?;
+        agent
+            .db_mut()
+            .set_setting(engine::DOWNLOAD_DIR, &abs.to_string_lossy())?;
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -180,6 +246,7 @@ impl From<SendError> for Failure {
             },
             SendError::Recipients | SendError::NoRelay(_) => Failure::contact(e.into()),
             SendError::Seal(_) => anyhow::Error::new(e).into(),
+            SendError::BadFile(_) => anyhow::Error::new(e).into(),
         }
     }
 }
@@ -225,19 +292,8 @@ fn read_content(args: &SendArgs) -> Result<(Vec<u8>, String), Failure> {
     let limit = engine::MAX_CONTENT as u64 + 1;
     let mut content = Vec::new();
     let summary;
-    match (&args.file, args.text.as_deref()) {
-        (Some(path), _) => {
-            File::open(path)
-                .and_then(|f| f.take(limit).read_to_end(&mut content))
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            summary = format!(
-                "file {}",
-                path.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            );
-        }
-        (None, Some(text)) if text != "-" => {
+    match args.text.as_deref() {
+        Some(text) if text != "-" => {
             content = text.as_bytes().to_vec();
             summary = text.lines().next().unwrap_or("").to_owned();
         }
@@ -268,13 +324,17 @@ fn read_content(args: &SendArgs) -> Result<(Vec<u8>, String), Failure> {
 
 pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
-    let (content, summary) = read_content(&args)?;
     let mut names = vec![args.to.clone()];
     names.extend(args.also.iter().cloned());
-    let id = if args.repeat == 1 {
-        agent.send(&names, &content, args.expires.as_secs(), &summary)?
+    let id = if let Some(path) = &args.file {
+        agent.send_file(&names, path, args.expires.as_secs())?.0
     } else {
-        queue_repeated(&mut agent, home, &names, &content, &args, &summary)?
+        let (content, summary) = read_content(&args)?;
+        if args.repeat == 1 {
+            agent.send(&names, &content, args.expires.as_secs(), &summary)?
+        } else {
+            queue_repeated(&mut agent, home, &names, &content, &args, &summary)?
+        }
     };
     let queued_at = Instant::now();
     let woke = engine::wake_agent(home.dir());
@@ -286,6 +346,7 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
         match Engine::new(agent) {
             Ok(mut eng) => {
                 eng.timing = args.timing.timing();
+                eng.progress = progress(out);
                 let rt = runtime()?;
                 if args.wait {
                     let deadline = args.timeout;
@@ -432,12 +493,16 @@ fn stats_json(s: &PassStats) -> Value {
         "submit_errors": s.submit_errors,
         "expired": s.expired,
         "home_relay_errors": s.home_errors,
+        "files_received": s.files_received,
     })
 }
 
 pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
-    let mut eng = Engine::new(home.load()?)?;
+    let mut agent = home.load()?;
+    set_downloads(&mut agent, &args.downloads)?;
+    let mut eng = Engine::new(agent)?;
     eng.timing = args.timing.timing();
+    eng.progress = progress(out);
     let stats = runtime()?.block_on(eng.pass())?;
     let counts = eng.agent().db().delivery_counts()?;
     let mut v = stats_json(&stats);
@@ -482,7 +547,9 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
 }
 
 pub fn agent(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
-    let mut eng = Engine::new(home.load()?)?;
+    let mut agent = home.load()?;
+    set_downloads(&mut agent, &args.downloads)?;
+    let mut eng = Engine::new(agent)?;
     eng.timing = args.timing.timing();
     let rt = runtime()?;
     let total = rt.block_on(async {

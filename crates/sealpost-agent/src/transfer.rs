@@ -1,0 +1,278 @@
+//! File transfers: a file travels as an encrypted blob (64 KiB AEAD chunks,
+//! PROTOCOL.md §5) uploaded to the recipient's relay, then a sealed
+//! manifest naming it. Everything here runs at constant memory (one piece
+//! of at most 1 MiB at a time) and resumes where it stopped:
+//!
+//! - **upload** asks the relay how much of the blob it has stored and
+//!   continues from there, re-encrypting from the source file (a chunk's
+//!   ciphertext depends only on the key, its index and its bytes);
+//! - **download** writes the decrypted chunks into a partial file in the
+//!   download directory, commits its progress every few MiB (after an
+//!   fsync), and continues from the last committed chunk;
+//! - **completion**: the partial file is fsync'd, its pages dropped, read
+//!   back and hashed; only a match with the signed manifest hash moves it
+//!   under its final name (never over an existing file) and earns the
+//!   sender a receipt carrying that hash.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use sealpost_proto::blob::{self, BlobKey, BlobLayout, BlobSummary};
+use sealpost_proto::relay::MAX_BLOB_PIECE;
+
+/// Progress reports for long transfers (the CLI draws bars with them).
+pub trait Progress: Send + Sync {
+    /// A stage starts: `what` names it, `total` is its size in bytes and
+    /// `done` what was already done before (a resumed transfer).
+    fn start(&self, what: &str, total: u64, done: u64);
+    fn advance(&self, bytes: u64);
+    fn finish(&self);
+}
+
+/// No progress display.
+#[derive(Debug, Default)]
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn start(&self, _: &str, _: u64, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
+}
+
+/// Whole chunks per piece: as many as fit in a relay piece.
+pub fn chunks_per_piece(layout: &BlobLayout) -> u64 {
+    (MAX_BLOB_PIECE as u64 / (layout.chunk_size as u64 + blob::TAG_LEN)).max(1)
+}
+
+/// Encrypts a file only to learn its blob's length and hashes (the relay
+/// needs the blob hash with the first piece). One read of the file,
+/// constant memory; nothing is written.
+pub fn summarize(path: &Path, key: &BlobKey, chunk_size: u32) -> io::Result<BlobSummary> {
+    let f = File::open(path)?;
+    blob::seal_blob(
+        key,
+        chunk_size,
+        BufReader::with_capacity(1 << 20, f),
+        io::sink(),
+    )
+}
+
+/// Builds the blob bytes from `offset` for at most `max` bytes, by reading
+/// and encrypting the chunks that cover them from the source file. Fails
+/// if the file is shorter than the layout says (it changed since it was
+/// summarized).
+pub fn encrypt_range(
+    src: &File,
+    key: &BlobKey,
+    layout: &BlobLayout,
+    offset: u64,
+    max: usize,
+) -> io::Result<Vec<u8>> {
+    let enc = layout.chunk_size as u64 + blob::TAG_LEN;
+    let first = offset / enc;
+    let skip = (offset - first * enc) as usize;
+    let mut out = Vec::with_capacity(max + enc as usize);
+    let mut i = first;
+    while i < layout.chunk_count() && out.len() < max + skip {
+        let n = layout.plain_len(i) as usize;
+        let mut buf = vec![0u8; n];
+        src.read_exact_at(&mut buf, i * layout.chunk_size as u64)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("the file changed or shrank since it was queued: {e}"),
+                )
+            })?;
+        blob::seal_chunk(key, i, i + 1 == layout.chunk_count(), &mut buf);
+        out.extend_from_slice(&buf);
+        i += 1;
+    }
+    let end = (skip + max).min(out.len());
+    Ok(out[skip.min(out.len())..end].to_vec())
+}
+
+/// The largest whole number of chunks from `offset` that fits a piece:
+/// pieces end on chunk boundaries so a resumed upload re-encrypts at most
+/// one chunk it had already sent.
+pub fn piece_len(layout: &BlobLayout, offset: u64) -> usize {
+    let enc = layout.chunk_size as u64 + blob::TAG_LEN;
+    let total = layout.blob_len();
+    let first = offset / enc;
+    let chunk_end = ((first + chunks_per_piece(layout)) * enc).min(total);
+    (chunk_end.saturating_sub(offset) as usize).min(MAX_BLOB_PIECE)
+}
+
+/// The partial file of a download, beside where the file will land.
+pub fn part_path(dir: &Path, blob_id_hex: &str) -> PathBuf {
+    dir.join(format!(".sealpost-part-{blob_id_hex}"))
+}
+
+/// Opens (or creates) a partial file and cuts it to `keep` bytes: bytes
+/// past the last committed chunk were not verified durable, so they are
+/// written again.
+pub fn open_part(path: &Path, keep: u64) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)?;
+    f.set_len(keep)?;
+    Ok(f)
+}
+
+/// Decrypts the chunks `first..` held in `data` (whole sealed chunks) and
+/// writes their plaintext at their place in `part`. Returns the indexes of
+/// chunks that did not authenticate (damaged at the relay or on the way);
+/// their place is left as it was.
+pub fn write_chunks(
+    part: &File,
+    key: &BlobKey,
+    layout: &BlobLayout,
+    first: u64,
+    data: &[u8],
+) -> io::Result<Vec<u64>> {
+    let mut bad = Vec::new();
+    let mut at = 0usize;
+    let mut i = first;
+    while at < data.len() && i < layout.chunk_count() {
+        let n = layout.sealed_len(i) as usize;
+        let end = (at + n).min(data.len());
+        let mut buf = data[at..end].to_vec();
+        match blob::open_chunk(key, layout, i, &mut buf) {
+            Ok(()) => part.write_all_at(&buf, i * layout.chunk_size as u64)?,
+            Err(_) => bad.push(i),
+        }
+        at = end;
+        i += 1;
+    }
+    Ok(bad)
+}
+
+/// Makes the partial file durable, drops its cached pages and reads it
+/// back from storage, hashing it. Calls `progress` per MiB read.
+pub fn read_back(part: &File, len: u64, progress: &dyn Progress) -> io::Result<blake3::Hash> {
+    part.sync_all()?;
+    let _ = rustix::fs::fadvise(
+        part,
+        0,
+        std::num::NonZeroU64::new(len),
+        rustix::fs::Advice::DontNeed,
+    );
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    let mut reader = part.try_clone()?;
+    use std::io::Seek;
+    reader.seek(io::SeekFrom::Start(0))?;
+    let mut reader = reader.take(len);
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        off += n as u64;
+        progress.advance(n as u64);
+    }
+    if off != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the partial file is shorter than the file",
+        ));
+    }
+    Ok(hasher.finalize())
+}
+
+/// A name in `dir` that does not exist yet: `name`, else `name (1)`, …
+/// (before the extension), so a received file never replaces one.
+pub fn free_name(dir: &Path, name: &str) -> Option<PathBuf> {
+    let p = dir.join(name);
+    if !p.exists() {
+        return Some(p);
+    }
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        _ => (name, ""),
+    };
+    (1..1000)
+        .map(|k| dir.join(format!("{stem} ({k}){ext}")))
+        .find(|p| !p.exists())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::OsRng;
+
+    #[test]
+    fn ranges_rebuild_the_blob_exactly() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let src = dir.path().join("f");
+        for size in [0usize, 1, 4096, 4097, 3 * 4096 + 5] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 7) as u8).collect();
+            std::fs::write(&src, &data).expect("write");
+            let key = BlobKey::random(&mut OsRng);
+            let mut whole = Vec::new();
+            let s = blob::seal_blob(&key, 4096, &data[..], &mut whole).expect("seal");
+            assert_eq!(summarize(&src, &key, 4096).expect("sum"), s);
+            let f = File::open(&src).expect("open");
+            // Any offset, any length: the same bytes as the whole blob.
+            for off in [0u64, 1, 4111, 4112, 4113, whole.len() as u64] {
+                for max in [1usize, 5000, 1 << 20] {
+                    let got = encrypt_range(&f, &key, &s.layout, off, max).expect("range");
+                    let lo = (off as usize).min(whole.len());
+                    let hi = (lo + max).min(whole.len());
+                    assert_eq!(got, whole[lo..hi], "size {size} off {off} max {max}");
+                }
+            }
+            // Pieces cover the blob on chunk boundaries.
+            let mut off = 0u64;
+            let mut pieces = 0;
+            while off < s.layout.blob_len() {
+                let n = piece_len(&s.layout, off);
+                assert!(n > 0 && n <= MAX_BLOB_PIECE);
+                off += n as u64;
+                pieces += 1;
+            }
+            assert!(pieces >= 1);
+            // Writing the chunks back gives the file; a flipped byte is
+            // reported by chunk index.
+            let part = open_part(&dir.path().join("p"), 0).expect("part");
+            let mut bad_blob = whole.clone();
+            if size > 4096 {
+                bad_blob[4112 + 3] ^= 1;
+            }
+            let bad = write_chunks(&part, &key, &s.layout, 0, &bad_blob).expect("write");
+            if size > 4096 {
+                assert_eq!(bad, vec![1]);
+            } else {
+                assert!(bad.is_empty());
+                part.set_len(size as u64).expect("len");
+                let h = read_back(&part, size as u64, &Quiet).expect("read back");
+                assert_eq!(h, blake3::hash(&data));
+            }
+        }
+    }
+
+    #[test]
+    fn free_names_never_clobber() {
+        let dir = tempfile::tempdir().expect("tmp");
+        assert_eq!(
+            free_name(dir.path(), "a.txt"),
+            Some(dir.path().join("a.txt"))
+        );
+        std::fs::write(dir.path().join("a.txt"), b"x").expect("w");
+        assert_eq!(
+            free_name(dir.path(), "a.txt"),
+            Some(dir.path().join("a (1).txt"))
+        );
+        std::fs::write(dir.path().join("noext"), b"x").expect("w");
+        assert_eq!(
+            free_name(dir.path(), "noext"),
+            Some(dir.path().join("noext (1)"))
+        );
+    }
+}

@@ -59,6 +59,8 @@ const SUBMIT_BATCH: usize = 1024;
 const SUBMIT_BATCH_BYTES: usize = 32 << 20;
 /// Items asked for in one fetch (the relay also bounds a fetch by bytes).
 const FETCH_BATCH: u32 = 4096;
+/// Blob pieces (1 MiB each) in flight on one connection.
+const PIECE_WINDOW: usize = 8;
 /// Report entries signed per pass.
 const REPORT_BATCH: usize = 16 * sealpost_proto::report::MAX_ENTRIES;
 
@@ -1265,65 +1267,97 @@ impl Engine {
             if complete {
                 break Upload::Complete;
             }
-            let n = crate::transfer::piece_len(&layout, stored);
-            let data = match crate::transfer::encrypt_range(&src, &f.key, &layout, stored, n) {
-                Ok(d) => d,
-                Err(e) => {
-                    break Upload::Failed("source-changed".into(), format!("{}: {e}", f.path))
+            // A window of consecutive pieces, pipelined: the relay takes
+            // them in order while the next ones are encrypted and sent.
+            let mut pieces = Vec::with_capacity(PIECE_WINDOW);
+            let mut at = stored;
+            let mut bad_source = None;
+            while pieces.len() < PIECE_WINDOW && at < total {
+                let n = crate::transfer::piece_len(&layout, at);
+                if n == 0 {
+                    break;
                 }
-            };
-            let at = stored;
-            let r = link
+                match crate::transfer::encrypt_range(&src, &f.key, &layout, at, n) {
+                    Ok(d) => pieces.push((at, d)),
+                    Err(e) => {
+                        bad_source = Some(format!("{}: {e}", f.path));
+                        break;
+                    }
+                }
+                at += n as u64;
+            }
+            if let Some(e) = bad_source {
+                break Upload::Failed("source-changed".into(), e);
+            }
+            let before = stored;
+            let answers = link
                 .call(me, async |c| {
-                    c.blob_put(
+                    Ok(c.blob_put_many(
                         blob_id,
                         mailbox,
                         total,
                         f.blob_hash,
                         expires,
-                        at,
-                        data.clone(),
+                        pieces.clone(),
                     )
-                    .await
+                    .await)
                 })
                 .await;
-            match r {
-                Ok(Ok((now_stored, done))) => {
-                    if now_stored <= stored && !done {
-                        stalls += 1;
-                        if stalls > 3 {
-                            break Upload::Retry(
-                                "the relay does not take the blob's pieces".into(),
-                            );
-                        }
-                    } else {
-                        stalls = 0;
-                    }
-                    if now_stored > stored {
-                        progress.advance(now_stored - stored);
-                    }
-                    stored = now_stored;
-                    complete = done;
-                    if stored - noted >= 64 << 20 {
-                        self.agent
-                            .db
-                            .set_uploaded(&row.msg, &row.recipient, stored)?;
-                        noted = stored;
-                    }
-                }
-                Ok(Err(Submitted::Refused(r))) => {
-                    break Upload::Refused(r.code.name().to_owned(), r.code.describe().to_owned())
-                }
-                Ok(Err(Submitted::Accepted { .. })) => {
-                    break Upload::Retry("unexpected answer".into())
-                }
-                Err(ClientError::Server { message, .. }) if message.contains("BLAKE3") => {
-                    break Upload::Failed(
-                        "source-changed".into(),
-                        format!("{} changed while it was being sent; send it again", f.path),
-                    )
-                }
+            let answers = match answers {
+                Ok(a) => a,
                 Err(e) => break Upload::Retry(e.to_string()),
+            };
+            let mut outcome = None;
+            for a in answers {
+                match a {
+                    Ok(Ok((now_stored, done))) => {
+                        if now_stored > stored {
+                            progress.advance(now_stored - stored);
+                        }
+                        stored = now_stored;
+                        complete = done;
+                    }
+                    Ok(Err(Submitted::Refused(r))) => {
+                        outcome = Some(Upload::Refused(
+                            r.code.name().to_owned(),
+                            r.code.describe().to_owned(),
+                        ));
+                        break;
+                    }
+                    Ok(Err(Submitted::Accepted { .. })) => {
+                        outcome = Some(Upload::Retry("unexpected answer".into()));
+                        break;
+                    }
+                    Err(ClientError::Server { message, .. }) if message.contains("BLAKE3") => {
+                        outcome = Some(Upload::Failed(
+                            "source-changed".into(),
+                            format!("{} changed while it was being sent; send it again", f.path),
+                        ));
+                        break;
+                    }
+                    Err(e) => {
+                        link.disconnect();
+                        outcome = Some(Upload::Retry(e.to_string()));
+                        break;
+                    }
+                }
+            }
+            if let Some(o) = outcome {
+                break o;
+            }
+            if stored <= before && !complete {
+                stalls += 1;
+                if stalls > 3 {
+                    break Upload::Retry("the relay does not take the blob's pieces".into());
+                }
+            } else {
+                stalls = 0;
+            }
+            if stored - noted >= 64 << 20 {
+                self.agent
+                    .db
+                    .set_uploaded(&row.msg, &row.recipient, stored)?;
+                noted = stored;
             }
         };
         progress.finish();
@@ -1392,54 +1426,74 @@ impl Engine {
         );
         let mut since_commit = 0u64;
         let blob_id = d.blob_id;
-        while i < count {
-            let off = layout.offset(i);
-            let n = transfer::piece_len(&layout, off);
-            let data = match self
+        'pieces: while i < count {
+            // A window of ranges, pipelined.
+            let mut ranges = Vec::with_capacity(PIECE_WINDOW);
+            let mut j = i;
+            while ranges.len() < PIECE_WINDOW && j < count {
+                let off = layout.offset(j);
+                let n = transfer::piece_len(&layout, off);
+                ranges.push((off, n as u32));
+                let mut consumed = 0u64;
+                while consumed < n as u64 && j < count {
+                    consumed += layout.sealed_len(j);
+                    j += 1;
+                }
+            }
+            let answers = match self
                 .home
                 .call(&self.agent.identity, async |c| {
-                    c.blob_get(blob_id, off, n as u32).await
+                    Ok(c.blob_get_many(blob_id, &ranges).await)
                 })
                 .await
             {
-                Ok(v) => v,
-                Err(ClientError::Server {
-                    code: sealpost_proto::relay::ErrorCode::NotFound,
-                    ..
-                }) => {
-                    progress.finish();
-                    return fail(
-                        self,
-                        "its data is no longer at the relay (expired or deleted); ask the sender to send it again".into(),
-                    );
-                }
+                Ok(a) => a,
                 Err(e) => {
-                    progress.finish();
                     tracing::warn!("downloading {}: {e}; continuing next pass", d.name);
                     self.home.disconnect();
                     break;
                 }
             };
-            if data.len() != n {
-                progress.finish();
-                tracing::warn!(
-                    "downloading {}: the relay returned {} of {n} bytes; continuing next pass",
-                    d.name,
-                    data.len()
+            for (answer, &(_, n)) in answers.into_iter().zip(&ranges) {
+                let n = n as usize;
+                let data = match answer {
+                    Ok(v) => v,
+                    Err(ClientError::Server {
+                        code: sealpost_proto::relay::ErrorCode::NotFound,
+                        ..
+                    }) => {
+                        progress.finish();
+                        return fail(
+                            self,
+                            "its data is no longer at the relay (expired or deleted); ask the sender to send it again".into(),
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!("downloading {}: {e}; continuing next pass", d.name);
+                        self.home.disconnect();
+                        break 'pieces;
+                    }
+                };
+                if data.len() != n {
+                    tracing::warn!(
+                        "downloading {}: the relay returned {} of {n} bytes; continuing next pass",
+                        d.name,
+                        data.len()
+                    );
+                    break 'pieces;
+                }
+                bad.extend(
+                    transfer::write_chunks(&part, &d.key, &layout, i, &data)
+                        .map_err(|e| io_err("writing", e))?,
                 );
-                break;
+                let mut consumed = 0u64;
+                while consumed < n as u64 && i < count {
+                    consumed += layout.sealed_len(i);
+                    i += 1;
+                }
+                progress.advance(n as u64);
+                since_commit += n as u64;
             }
-            bad.extend(
-                transfer::write_chunks(&part, &d.key, &layout, i, &data)
-                    .map_err(|e| io_err("writing", e))?,
-            );
-            let mut consumed = 0u64;
-            while consumed < n as u64 && i < count {
-                consumed += layout.sealed_len(i);
-                i += 1;
-            }
-            progress.advance(n as u64);
-            since_commit += n as u64;
             if since_commit >= 64 << 20 {
                 part.sync_data().map_err(|e| io_err("syncing", e))?;
                 self.agent.db.download_progress(&d.msg, i, &bad, now_ms())?;

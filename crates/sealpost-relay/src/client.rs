@@ -411,6 +411,96 @@ impl RelayClient {
         }
     }
 
+    /// Waits for a pipelined answer, mapping errors as `request` does.
+    async fn answer(
+        &self,
+        sent: Result<oneshot::Receiver<Response>, ClientError>,
+    ) -> Result<Response, ClientError> {
+        match timeout(REQUEST_TIMEOUT, sent?).await {
+            Err(_) => Err(ClientError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the relay did not answer in time",
+            ))),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Ok(Ok(Response::Error { code, message })) => Err(ClientError::Server { code, message }),
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+
+    /// Uploads consecutive pieces of a blob pipelined (the relay takes
+    /// them in order); the answers come back in order, each as
+    /// `blob_put`'s.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn blob_put_many(
+        &self,
+        blob_id: [u8; 16],
+        mailbox: MailboxId,
+        total_len: u64,
+        blob_hash: [u8; 32],
+        expires_at: u64,
+        pieces: Vec<(u64, Vec<u8>)>,
+    ) -> Vec<Result<Result<(u64, bool), Submitted>, ClientError>> {
+        let mut sent = Vec::with_capacity(pieces.len());
+        for (offset, data) in pieces {
+            sent.push(
+                self.send(Request::BlobPut {
+                    blob_id,
+                    mailbox,
+                    total_len,
+                    blob_hash,
+                    expires_at,
+                    offset,
+                    data,
+                })
+                .await,
+            );
+        }
+        let mut out = Vec::with_capacity(sent.len());
+        for s in sent {
+            out.push(match self.answer(s).await {
+                Ok(Response::BlobStored { stored, complete }) => Ok(Ok((stored, complete))),
+                Ok(Response::Refused(r)) => {
+                    if r.mailbox == mailbox && r.payload_hash == blob_hash {
+                        self.check_refusal(r).map(Err)
+                    } else {
+                        Err(ClientError::ForgedRefusal)
+                    }
+                }
+                Ok(other) => Err(unexpected(other)),
+                Err(e) => Err(e),
+            });
+        }
+        out
+    }
+
+    /// Reads several ranges of a blob pipelined; answers in order.
+    pub async fn blob_get_many(
+        &self,
+        blob_id: [u8; 16],
+        ranges: &[(u64, u32)],
+    ) -> Vec<Result<Vec<u8>, ClientError>> {
+        let mut sent = Vec::with_capacity(ranges.len());
+        for &(offset, len) in ranges {
+            sent.push(
+                self.send(Request::BlobGet {
+                    blob_id,
+                    offset,
+                    len,
+                })
+                .await,
+            );
+        }
+        let mut out = Vec::with_capacity(sent.len());
+        for (s, &(offset, _)) in sent.into_iter().zip(ranges) {
+            out.push(match self.answer(s).await {
+                Ok(Response::BlobData { offset: o, data }) if o == offset => Ok(data),
+                Ok(other) => Err(unexpected(other)),
+                Err(e) => Err(e),
+            });
+        }
+        out
+    }
+
     pub async fn blob_get(
         &self,
         blob_id: [u8; 16],

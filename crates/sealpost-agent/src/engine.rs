@@ -59,6 +59,8 @@ const SUBMIT_BATCH: usize = 1024;
 const SUBMIT_BATCH_BYTES: usize = 32 << 20;
 /// Items asked for in one fetch (the relay also bounds a fetch by bytes).
 const FETCH_BATCH: u32 = 4096;
+/// A download's progress is made durable (fsync + commit) this often.
+const DOWNLOAD_COMMIT_BYTES: u64 = 16 << 20;
 /// Blob pieces (1 MiB each) in flight on one connection.
 const PIECE_WINDOW: usize = 8;
 /// Report entries signed per pass.
@@ -116,6 +118,10 @@ pub struct PassStats {
     pub home_errors: u64,
     /// Files received whole and verified from disk.
     pub files_received: u64,
+    /// Blob bytes sent to relays (file uploads).
+    pub upload_bytes: u64,
+    /// Blob bytes fetched from the home relay (file downloads).
+    pub download_bytes: u64,
 }
 
 impl PassStats {
@@ -135,6 +141,8 @@ impl PassStats {
         self.expired += o.expired;
         self.home_errors += o.home_errors;
         self.files_received += o.files_received;
+        self.upload_bytes += o.upload_bytes;
+        self.download_bytes += o.download_bytes;
     }
 
     /// True if nothing happened.
@@ -838,6 +846,13 @@ impl Engine {
                 // later (when it is) otherwise.
                 stats.duplicates += 1;
                 if let Some(d) = self.agent.db.download(&h.id)? {
+                    if d.state == "repairing" || d.state == "failed" {
+                        // The sender sent it again: its blob may be back at
+                        // the relay. Try again, keeping every good chunk.
+                        self.agent
+                            .db
+                            .download_state(&d.msg, "downloading", None, now_ms())?;
+                    }
                     if d.state == "done" {
                         if let Some(relay) = self.reply_relay(&h.sender, h.reply_relay.as_ref())? {
                             reports.push(PendingReport {
@@ -1081,7 +1096,7 @@ impl Engine {
                 if let Some(f) = self.agent.db.file_out(&d.msg)? {
                     let now = now_ms();
                     let mut del = d.delivery.clone();
-                    match self.upload(d, &f).await? {
+                    match self.upload(d, &f, stats).await? {
                         Upload::Complete => {}
                         Upload::Retry(e) => {
                             tracing::warn!("uploading {} to {}: {e}; will retry", f.path, d.name);
@@ -1214,6 +1229,7 @@ impl Engine {
         &mut self,
         row: &crate::outbox::DeliveryRow,
         f: &crate::outbox::FileOut,
+        stats: &mut PassStats,
     ) -> Result<Upload, EngineError> {
         use sealpost_proto::blob::BlobLayout;
         let layout = match BlobLayout::new(f.size, f.chunk_size) {
@@ -1289,6 +1305,7 @@ impl Engine {
             if let Some(e) = bad_source {
                 break Upload::Failed("source-changed".into(), e);
             }
+            stats.upload_bytes += pieces.iter().map(|(_, p)| p.len() as u64).sum::<u64>();
             let before = stored;
             let answers = link
                 .call(me, async |c| {
@@ -1426,6 +1443,42 @@ impl Engine {
         );
         let mut since_commit = 0u64;
         let blob_id = d.blob_id;
+        if i >= count && !bad.is_empty() {
+            // Repair: fetch only the chunks that were damaged.
+            let ranges: Vec<(u64, u32)> = bad
+                .iter()
+                .map(|&j| (layout.offset(j), layout.sealed_len(j) as u32))
+                .collect();
+            let answers = self
+                .home
+                .call(&self.agent.identity, async |c| {
+                    Ok(c.blob_get_many(blob_id, &ranges).await)
+                })
+                .await;
+            let mut still = Vec::new();
+            match answers {
+                Ok(list) => {
+                    for (a, &j) in list.into_iter().zip(&bad) {
+                        match a {
+                            Ok(data) => still.extend({
+                                stats.download_bytes += data.len() as u64;
+                                transfer::write_chunks(&part, &d.key, &layout, j, &data)
+                                    .map_err(|e| io_err("writing", e))?
+                            }),
+                            Err(_) => still.push(j),
+                        }
+                    }
+                }
+                Err(_) => still = bad.clone(),
+            }
+            tracing::info!(
+                "receiving {}: {} of {} damaged chunks repaired",
+                d.name,
+                bad.len() - still.len(),
+                bad.len()
+            );
+            bad = still;
+        }
         'pieces: while i < count {
             // A window of ranges, pipelined.
             let mut ranges = Vec::with_capacity(PIECE_WINDOW);
@@ -1492,9 +1545,10 @@ impl Engine {
                     i += 1;
                 }
                 progress.advance(n as u64);
+                stats.download_bytes += n as u64;
                 since_commit += n as u64;
             }
-            if since_commit >= 64 << 20 {
+            if since_commit >= DOWNLOAD_COMMIT_BYTES {
                 part.sync_data().map_err(|e| io_err("syncing", e))?;
                 self.agent.db.download_progress(&d.msg, i, &bad, now_ms())?;
                 since_commit = 0;
@@ -1507,15 +1561,24 @@ impl Engine {
             return Ok(());
         }
         if !bad.is_empty() {
+            // Damaged at the relay. Delete the damaged blob there, so the
+            // sender's next retransmission uploads it again; then only the
+            // damaged chunks are fetched (the good ones stay on disk).
             let list: Vec<String> = bad.iter().take(20).map(|b| b.to_string()).collect();
-            return fail(
-                self,
-                format!(
-                    "{} chunk(s) failed authentication at the relay (damaged there): {}",
-                    bad.len(),
-                    list.join(", ")
-                ),
+            let why = format!(
+                "{} chunk(s) failed authentication at the relay (damaged there): {}; waiting for the sender to send it again",
+                bad.len(),
+                list.join(", ")
             );
+            tracing::warn!("receiving {}: {why}", d.name);
+            let _ = self
+                .home
+                .call(&self.agent.identity, async |c| c.blob_delete(blob_id).await)
+                .await;
+            self.agent
+                .db
+                .download_state(&d.msg, "repairing", Some(&why), now_ms())?;
+            return Ok(());
         }
         progress.start(&format!("verify {}", d.name), d.size, 0);
         let h = transfer::read_back(&part, d.size, progress.as_ref())

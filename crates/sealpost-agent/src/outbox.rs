@@ -144,6 +144,8 @@ pub struct DeliveryRow {
     pub delivery: Delivery,
     pub last_error: Option<String>,
     pub receipt: Option<Vec<u8>>,
+    /// For a file: bytes of its blob the recipient's relay holds.
+    pub uploaded: u64,
 }
 
 /// A message in the outbox with its deliveries, for `status`.
@@ -220,7 +222,7 @@ fn failure_detail(f: &Option<Failure>) -> Option<String> {
 /// from every delivery it completes.
 const DELIVERY_COLS: &str = "msg, recipient, name, relay, state, submissions, failed_attempts, \
      next_ms, expires_ms, changed_ms, failure, detail, last_error, \
-     (SELECT bytes FROM reports WHERE reports.hash = deliveries.receipt)";
+     (SELECT bytes FROM reports WHERE reports.hash = deliveries.receipt), uploaded";
 
 fn delivery_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
     let msg: Vec<u8> = r.get(0)?;
@@ -249,6 +251,7 @@ fn delivery_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
         },
         last_error: r.get(12)?,
         receipt: r.get(13)?,
+        uploaded: to_u64(r.get(14)?),
     })
 }
 
@@ -982,6 +985,22 @@ impl Db {
         ))?;
         let rows = stmt.query_map(params![state, to_i64(limit as u64)], download_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Sets a download's state (and error text).
+    pub fn download_state(
+        &mut self,
+        msg: &MessageId,
+        state: &str,
+        error: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(), AgentError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE downloads SET state = ?2, error = ?3, changed_ms = ?4 WHERE msg = ?1",
+            )?
+            .execute(params![msg.0.to_vec(), state, error, to_i64(now_ms)])?;
+        Ok(())
     }
 
     /// Stores a download's progress (after its partial file was fsync'd).

@@ -494,6 +494,8 @@ fn stats_json(s: &PassStats) -> Value {
         "expired": s.expired,
         "home_relay_errors": s.home_errors,
         "files_received": s.files_received,
+        "upload_bytes": s.upload_bytes,
+        "download_bytes": s.download_bytes,
     })
 }
 
@@ -630,6 +632,7 @@ fn ms_time(ms: u64) -> String {
 
 fn delivery_json(d: &DeliveryRow) -> Value {
     json!({
+        "uploaded": d.uploaded,
         "to": d.name,
         "relay": d.relay,
         "state": d.delivery.state.name(),
@@ -671,6 +674,14 @@ fn entry_text(e: &OutboxEntry) -> String {
             State::Submitted => format!(
                 "at the relay, no receipt yet; next retransmission {}",
                 ms_time(d.delivery.next_at)
+            ),
+            State::Queued if d.uploaded > 0 => format!(
+                "uploading: {} bytes at the relay{}",
+                d.uploaded,
+                d.last_error
+                    .as_ref()
+                    .map(|e| format!("; retry {}: {e}", ms_time(d.delivery.next_at)))
+                    .unwrap_or_default()
             ),
             State::Queued => match &d.last_error {
                 Some(err) => format!("retry {}: {err}", ms_time(d.delivery.next_at)),
@@ -739,8 +750,25 @@ fn sender_name(agent: &Agent, key: &[u8; 32]) -> String {
     }
 }
 
+fn file_json(agent: &Agent, e: &InboxEntry) -> Option<Value> {
+    let d = agent.db().download(&e.id).ok().flatten()?;
+    let chunks = d.size.div_ceil(d.chunk_size.max(1) as u64).max(1);
+    Some(json!({
+        "name": d.name,
+        "size": d.size,
+        "blake3": hex_lower(&d.plaintext_hash),
+        "state": d.state,
+        "path": d.final_path,
+        "chunks_done": d.next_chunk.min(chunks),
+        "chunks": chunks,
+        "damaged_chunks": d.bad.len(),
+        "error": d.error,
+    }))
+}
+
 fn inbox_json(agent: &Agent, e: &InboxEntry) -> Value {
     json!({
+        "file": file_json(agent, e),
         "id": e.id.to_string(),
         "from": sender_name(agent, &e.sender),
         "kind": e.kind,
@@ -765,6 +793,31 @@ pub fn inbox(home: &Home, args: InboxArgs, out: &Out) -> Result<(), Failure> {
             }
             let mut s = String::new();
             for e in &list {
+                if let Some(f) = file_json(&agent, e) {
+                    let state = f["state"].as_str().unwrap_or("");
+                    let where_ = match (state, f["path"].as_str()) {
+                        ("done", Some(p)) => format!("saved as {p}"),
+                        _ => format!(
+                            "{state}, {} of {} chunks{}",
+                            f["chunks_done"],
+                            f["chunks"],
+                            f["error"]
+                                .as_str()
+                                .map(|x| format!(" ({x})"))
+                                .unwrap_or_default()
+                        ),
+                    };
+                    s.push_str(&format!(
+                        "{} {}  {}  from {:<16} file {} ({} bytes): {where_}\n",
+                        if e.read_ms.is_some() { " " } else { "*" },
+                        e.id,
+                        ms_time(e.received_ms),
+                        sender_name(&agent, &e.sender),
+                        f["name"].as_str().unwrap_or(""),
+                        f["size"]
+                    ));
+                    continue;
+                }
                 let preview = match spool.read(
                     Location {
                         segment: e.segment,
@@ -801,6 +854,26 @@ pub fn read(home: &Home, args: ReadArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     let all = agent.db().inbox(false, usize::MAX >> 1)?;
     let e = resolve_id(&args.id, all.into_iter(), |e| e.id)?;
+    if let Some(f) = file_json(&agent, &e) {
+        agent.db_mut().mark_read(&e.id, engine::now_ms())?;
+        return out.report(json!({"id": e.id.to_string(), "file": f}), || {
+            match (f["state"].as_str(), f["path"].as_str()) {
+                (Some("done"), Some(p)) => format!(
+                    "File {} ({} bytes), verified from disk, saved as {p}\n",
+                    f["name"].as_str().unwrap_or(""),
+                    f["size"]
+                ),
+                _ => format!(
+                    "File {} ({} bytes) is {}: {} of {} chunks\n",
+                    f["name"].as_str().unwrap_or(""),
+                    f["size"],
+                    f["state"].as_str().unwrap_or(""),
+                    f["chunks_done"],
+                    f["chunks"]
+                ),
+            }
+        });
+    }
     let spool = Spool::open(home.dir()).map_err(anyhow::Error::new)?;
     let content = spool
         .read(

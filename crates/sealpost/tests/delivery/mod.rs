@@ -89,6 +89,13 @@ impl Net {
         self.json(home, &a)["id"].as_str().expect("id").to_owned()
     }
 
+    fn send_file(&self, home: &str, to: &str, file: &str) -> String {
+        self.json(home, &["send", to, "--file", file])["id"]
+            .as_str()
+            .expect("id")
+            .to_owned()
+    }
+
     fn sync(&self, home: &str) -> Value {
         self.json(home, &["sync"])
     }
@@ -390,4 +397,234 @@ fn a_second_engine_on_the_same_home_is_refused() {
     let (code, _, err) = net.run("bob", &["sync"]);
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("already"), "{err}");
+}
+
+// ---- files ----
+
+fn write_file(net: &Net, name: &str, size: usize, seed: u8) -> Vec<u8> {
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
+        .collect();
+    std::fs::write(net.env.path(name), &data).expect("write");
+    data
+}
+
+/// The relay's stored blob files.
+fn relay_blobs(net: &Net) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(net.env.path("relay/store/blobs"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
+}
+
+fn sync_with(net: &Net, home: &str, extra: &[(&str, &str)]) -> Value {
+    let mut c = net.env.cmd(home);
+    c.args(["--json", "sync", "--downloads"])
+        .arg(net.env.path(&format!("{home}-downloads")));
+    for (k, v) in extra {
+        c.env(k, v);
+    }
+    let o = c.output().expect("sync");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("json")
+}
+
+#[test]
+fn files_of_edge_sizes_arrive_verified_and_never_overwrite() {
+    let net = Net::pair();
+    // 0, 1, a chunk ±1, a relay piece (15 chunks) ±1, several pieces.
+    let sizes = [0usize, 1, 65_535, 65_536, 65_537, 983_039, 983_041, 5 << 20];
+    let mut sent = Vec::new();
+    for (k, size) in sizes.iter().enumerate() {
+        let name = format!("f{k}.bin");
+        let data = write_file(&net, &name, *size, k as u8);
+        let id = net.send_file("alice", "bob", &name);
+        sent.push((id, name, data));
+    }
+    // The same name twice: the second lands beside the first.
+    let again = write_file(&net, "f1.bin", 3, 9);
+    let id_again = net.send_file("alice", "bob", "f1.bin");
+    let s = sync_with(&net, "bob", &[]);
+    assert_eq!(
+        s["files_received"].as_u64(),
+        Some(sizes.len() as u64 + 1),
+        "{s}"
+    );
+    let dl = net.env.path("bob-downloads");
+    for (_, name, data) in &sent {
+        if name == "f1.bin" {
+            continue;
+        }
+        assert_eq!(&std::fs::read(dl.join(name)).expect("file"), data, "{name}");
+    }
+    let mut ones: Vec<Vec<u8>> = ["f1.bin", "f1 (1).bin"]
+        .iter()
+        .map(|n| std::fs::read(dl.join(n)).expect("both copies"))
+        .collect();
+    ones.sort();
+    let mut want = vec![sent[1].2.clone(), again];
+    want.sort();
+    assert_eq!(ones, want);
+    // No partial file is left, and the relay forgot the blobs.
+    assert!(std::fs::read_dir(&dl).expect("dir").all(|e| !e
+        .expect("e")
+        .file_name()
+        .to_string_lossy()
+        .starts_with(".sealpost-part")));
+    assert!(relay_blobs(&net).is_empty());
+    // Every receipt names the file's own hash.
+    net.sync("alice");
+    assert_eq!(net.state("alice", &id_again), "delivered");
+    for (id, _, data) in &sent {
+        assert_eq!(net.state("alice", id), "delivered");
+        let v = net.json("bob", &["read", id]);
+        assert_eq!(
+            v["file"]["blake3"].as_str(),
+            Some(blake3::hash(data).to_hex().as_str())
+        );
+        assert_eq!(v["file"]["state"].as_str(), Some("done"));
+    }
+}
+
+#[test]
+fn killed_sender_and_recipient_resume_without_starting_over() {
+    let net = Net::pair();
+    let size = 48usize << 20;
+    let data = write_file(&net, "big.bin", size, 1);
+    // The sender is killed while uploading.
+    let mut child = net
+        .env
+        .cmd("alice")
+        .args(["send", "bob", "--file", "big.bin"])
+        .env("SEALPOST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("send");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stored_at_kill = loop {
+        let stored: u64 = relay_blobs(&net)
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        if stored > 8 << 20 {
+            let _ = child.kill();
+            let _ = child.wait();
+            break stored;
+        }
+        assert!(Instant::now() < deadline, "upload did not start");
+        if let Ok(Some(_)) = child.try_wait() {
+            panic!("the upload finished before it could be interrupted");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let blob_len = size as u64 + (size as u64).div_ceil(65_536) * 16;
+    // It resumes from what the relay holds: nothing below it is sent again
+    // (the relay may hold a little more than was seen at the kill).
+    let s = sync_with(&net, "alice", &[]);
+    let resent = s["upload_bytes"].as_u64().expect("n");
+    assert!(
+        resent <= blob_len - stored_at_kill,
+        "{resent} > {}",
+        blob_len - stored_at_kill
+    );
+    assert!(resent > 0);
+
+    // The recipient is killed while downloading.
+    let part_dir = net.env.path("bob-downloads");
+    let mut child = net
+        .env
+        .cmd("bob")
+        .args(["sync", "--downloads"])
+        .arg(&part_dir)
+        .env("SEALPOST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sync");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let part: u64 = std::fs::read_dir(&part_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with(".sealpost-part")
+                    })
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        if part > 36 << 20 {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        assert!(Instant::now() < deadline, "download did not start");
+        if let Ok(Some(_)) = child.try_wait() {
+            panic!("the download finished before it could be interrupted");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let s = sync_with(&net, "bob", &[]);
+    assert_eq!(s["files_received"].as_u64(), Some(1), "{s}");
+    let fetched = s["download_bytes"].as_u64().expect("n");
+    assert!(
+        fetched < blob_len - (16 << 20),
+        "started over: {fetched} of {blob_len}"
+    );
+    assert_eq!(std::fs::read(part_dir.join("big.bin")).expect("file"), data);
+    let s = net.sync("alice");
+    assert_eq!(s["confirmed"].as_u64(), Some(1));
+}
+
+#[test]
+fn chunks_damaged_at_the_relay_are_fetched_again_alone() {
+    let net = Net::pair();
+    let size = 3usize << 20;
+    let data = write_file(&net, "doc.bin", size, 7);
+    // Retransmission after 100 ms, so the test need not wait minutes.
+    let o = net
+        .env
+        .cmd("alice")
+        .args(["--json", "send", "bob", "--file", "doc.bin"])
+        .env("SEALPOST_RETRANSMIT_AFTER", "100ms")
+        .output()
+        .expect("send");
+    assert_eq!(o.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    let id = v["id"].as_str().expect("id").to_owned();
+    // The relay's disk flips bits in two chunks (5 and 40).
+    let blobs = relay_blobs(&net);
+    assert_eq!(blobs.len(), 1);
+    let mut b = std::fs::read(&blobs[0]).expect("blob");
+    for chunk in [5usize, 40] {
+        b[chunk * 65_552 + 100] ^= 0x20;
+    }
+    std::fs::write(&blobs[0], &b).expect("damage");
+    let s = sync_with(&net, "bob", &[]);
+    assert_eq!(s["files_received"].as_u64(), Some(0), "{s}");
+    let v = net.json("bob", &["read", &id]);
+    assert_eq!(v["file"]["state"].as_str(), Some("repairing"), "{v}");
+    assert_eq!(v["file"]["damaged_chunks"].as_u64(), Some(2));
+    // No receipt: alice retransmits, uploading the blob again (bob deleted
+    // the damaged one); bob then fetches only the two chunks.
+    std::thread::sleep(Duration::from_millis(300));
+    sync_with(&net, "alice", &[("SEALPOST_RETRANSMIT_AFTER", "100ms")]);
+    let s = sync_with(&net, "bob", &[]);
+    assert_eq!(s["files_received"].as_u64(), Some(1), "{s}");
+    assert_eq!(s["download_bytes"].as_u64(), Some(2 * 65_552), "{s}");
+    assert_eq!(
+        std::fs::read(net.env.path("bob-downloads/doc.bin")).expect("file"),
+        data
+    );
+    net.sync("alice");
+    assert_eq!(net.state("alice", &id), "delivered");
 }

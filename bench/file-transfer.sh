@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# A file from `sealpost send --file` to a verified receipt, on the release
+# binaries, everything on 127.0.0.1: a relay, Bob's `sealpost agent`, and
+# Alice's `send --file --wait` (which runs her delivery engine until Bob's
+# receipt is verified).
+#
+#   bench/file-transfer.sh                     # SIZE_MB=1024
+#   ANCHORS=1 bench/file-transfer.sh           # also ../shared/bench/anchors/nncp.sh
+#                                              # (same SIZE_MB) and limits.sh
+#
+# Stages, timed by watching the files: queue (Alice hashes the file as a
+# blob), upload (until the relay's blob file is whole; each 1 MiB piece is
+# fsync'd there before it is acknowledged), download + read-back (until the
+# file appears under its final name in Bob's download directory: it was
+# fsync'd, dropped from the page cache, read back and its BLAKE3 checked),
+# receipt (until `send --wait` returns with Bob's verified receipt).
+# Peak RSS of each process from /proc (VmHWM) or time(1).
+# Output: "<system> <figure> <value> <unit>" lines, then "ratio" lines.
+# Bounded by MAX_SECONDS; loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE_MB=${SIZE_MB:-1024}
+MAX_SECONDS=${MAX_SECONDS:-600}
+PORT=${PORT:-17643}
+ANCHORS=${ANCHORS:-0}
+
+cargo build --release --locked -q -p sealpost
+SP=$PWD/target/release/sealpost
+T=$(mktemp -d /var/tmp/sealpost-file-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+    [[ ${KEEP:-0} == 1 ]] || rm -rf "$T"
+}
+trap cleanup EXIT
+export SEALPOST_LOG=warn
+now() { date +%s.%N; }
+
+"$SP" relay serve --data "$T/relay" --listen "127.0.0.1:$PORT" >/dev/null 2>"$T/relay.log" &
+RELAY=$!
+PIDS+=("$RELAY")
+for _ in $(seq 100); do
+    ADDR=$("$SP" relay address --data "$T/relay" --listen "127.0.0.1:$PORT" 2>/dev/null) &&
+        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+    sleep 0.1
+done
+A=(--home "$T/alice")
+B=(--home "$T/bob")
+"$SP" "${A[@]}" init --name alice --relay "$ADDR" >/dev/null
+"$SP" "${B[@]}" init --name bob --relay "$ADDR" >/dev/null
+card() { "$SP" "$@" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])'; }
+"$SP" "${A[@]}" contact add "$(card "${B[@]}")" --name bob >/dev/null
+"$SP" "${B[@]}" contact add "$(card "${A[@]}")" --name alice >/dev/null
+mkdir -p "$T/incoming"
+"$SP" "${B[@]}" agent --downloads "$T/incoming" >/dev/null 2>"$T/bob.log" &
+BOB=$!
+PIDS+=("$BOB")
+for _ in $(seq 200); do [[ -S $T/bob/agent.sock ]] && break; sleep 0.05; done
+
+echo "# writing a ${SIZE_MB} MiB file of random bytes" >&2
+head -c "$((SIZE_MB << 20))" /dev/urandom >"$T/file.bin"
+sync
+SIZE=$((SIZE_MB << 20))
+CHUNKS=$(( (SIZE + 65535) / 65536 )); [[ $CHUNKS -eq 0 ]] && CHUNKS=1
+BLOB_LEN=$((SIZE + CHUNKS * 16))
+
+t0=$(now)
+/usr/bin/time -f "%M" -o "$T/alice.rss" "$SP" "${A[@]}" --json send bob --file "$T/file.bin" --wait --timeout "${MAX_SECONDS}s" >"$T/send.json" &
+SEND=$!
+t_queued= t_uploaded= t_stored=
+while kill -0 "$SEND" 2>/dev/null; do
+    if [[ -z $t_queued ]] && ls "$T/relay/store/blobs/"* >/dev/null 2>&1; then t_queued=$(now); fi
+    if [[ -z $t_uploaded ]]; then
+        s=$(stat -c %s "$T/relay/store/blobs/"* 2>/dev/null | head -1 || true)
+        if [[ -n $s && $s -ge $BLOB_LEN ]]; then t_uploaded=$(now); fi
+    fi
+    if [[ -z $t_stored && -e $T/incoming/file.bin ]]; then t_stored=$(now); fi
+    sleep 0.01
+done
+wait "$SEND"
+t1=$(now)
+cmp -s "$T/file.bin" "$T/incoming/file.bin" || { echo "the received file differs" >&2; exit 1; }
+state=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["deliveries"][0]["state"])' "$T/send.json")
+[[ $state == delivered ]] || { echo "not delivered: $state" >&2; exit 1; }
+: "${t_queued:=$t0}" "${t_uploaded:=$t_queued}" "${t_stored:=$t1}"
+awk -v mb="$SIZE_MB" -v t0="$t0" -v tq="$t_queued" -v tu="$t_uploaded" -v ts="$t_stored" -v t1="$t1" 'BEGIN {
+    printf "sealpost file_%dMiB_send_to_verified_receipt_seconds %.2f s\n", mb, t1 - t0
+    printf "sealpost file_%dMiB_end_to_end_rate %.1f MiB/s\n", mb, mb / (t1 - t0)
+    printf "sealpost stage_queue_hash_seconds %.2f s\n", tq - t0
+    printf "sealpost stage_upload_seconds %.2f s\n", tu - tq
+    printf "sealpost stage_download_write_readback_seconds %.2f s\n", ts - tu
+    printf "sealpost stage_receipt_seconds %.2f s\n", t1 - ts
+}' | tee "$T/sp.out"
+echo "sealpost peak_rss_sender $(( $(cat "$T/alice.rss") / 1024 )) MiB"
+echo "sealpost peak_rss_relay $(( $(awk '/VmHWM/ { print $2 }' "/proc/$RELAY/status") / 1024 )) MiB"
+echo "sealpost peak_rss_recipient_agent $(( $(awk '/VmHWM/ { print $2 }' "/proc/$BOB/status") / 1024 )) MiB"
+
+if [[ $ANCHORS == 1 ]]; then
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+    PIDS=()
+    rm -rf "$T/file.bin" "$T/incoming"
+    echo "# running nncp.sh SIZE_MB=$SIZE_MB N=10" >&2
+    SIZE_MB=$SIZE_MB N=10 TMPDIR=/var/tmp bash ../shared/bench/anchors/nncp.sh 2>"$T/nncp.log" | tee "$T/nncp.out"
+    echo "# running limits.sh" >&2
+    bash ../shared/bench/anchors/limits.sh 2>/dev/null | tee "$T/limits.out" | grep -E 'seq-write-1GiB-conv=fsync |seq-read-cold ' || true
+    w=$(awk '$2 ~ /^disk-tmp-seq-write-1GiB-conv=fsync$/ { print $3 }' "$T/limits.out")
+    r=$(awk '$2 ~ /^disk-tmp-seq-read-cold$/ { print $3 }' "$T/limits.out")
+    rate=$(awk '$2 ~ /end_to_end_rate/ { print $3 }' "$T/sp.out")
+    LC_ALL=C awk -v w="$w" -v r="$r" -v s="$rate" 'BEGIN {
+        if (w > 0 && r > 0) {
+            b = 1 / (2 / w + 1 / r)
+            printf "limit disk_bound_write_twice_read_once %.0f MiB/s\n", b
+            printf "ratio sealpost/disk_bound %.0f %%\n", 100 * s / b
+        }
+    }'
+    n=$(awk '$1 == "nncp" && $2 ~ /e2e|end_to_end|total/ && $4 ~ /MiB\/s|MB\/s/ { print $2, $3, $4 }' "$T/nncp.out" | head -3)
+    echo "# nncp figures used: $n" >&2
+fi

@@ -59,6 +59,9 @@ const SUBMIT_BATCH: usize = 1024;
 const SUBMIT_BATCH_BYTES: usize = 32 << 20;
 /// Items asked for in one fetch (the relay also bounds a fetch by bytes).
 const FETCH_BATCH: u32 = 4096;
+/// How long a download waits within one pass for a blob that is still
+/// being uploaded, without any new byte, before leaving it to a later pass.
+const STREAM_WAIT: Duration = Duration::from_secs(15);
 /// A download's progress is made durable (fsync + commit) this often.
 const DOWNLOAD_COMMIT_BYTES: u64 = 16 << 20;
 /// Blob pieces (1 MiB each) in flight on one connection.
@@ -204,6 +207,8 @@ fn link_for<'a>(
 #[derive(Debug)]
 enum Upload {
     Complete,
+    /// The relay holds at least what was asked for, not all yet.
+    Enough,
     Retry(String),
     Refused(String, String),
     Failed(String, String),
@@ -1090,14 +1095,20 @@ impl Engine {
             let mut bytes = 0usize;
             let mut take = 0usize;
             let mut updates = Vec::with_capacity(due.len());
+            let mut streaming: Vec<usize> = Vec::new();
             for (i, d) in due.iter().enumerate() {
                 // A file's manifest goes out only once its blob is whole at
                 // the recipient's relay.
                 if let Some(f) = self.agent.db.file_out(&d.msg)? {
                     let now = now_ms();
                     let mut del = d.delivery.clone();
-                    match self.upload(d, &f, stats).await? {
+                    // The manifest goes out once the first window is at the
+                    // relay, so the recipient downloads while the rest
+                    // streams in (finished after the batch, below).
+                    let head = (PIECE_WINDOW * sealpost_proto::relay::MAX_BLOB_PIECE) as u64;
+                    match self.upload(d, &f, stats, head).await? {
                         Upload::Complete => {}
+                        Upload::Enough => streaming.push(i),
                         Upload::Retry(e) => {
                             tracing::warn!("uploading {} to {}: {e}; will retry", f.path, d.name);
                             del.transient_failure(now, &self.timing, unit_random());
@@ -1213,8 +1224,58 @@ impl Engine {
                 }
             }
             tracing::trace!("submit: {} answered", updates.len());
+            // Files whose manifest went out with their blob still
+            // streaming: if this process dies now, resume within seconds,
+            // not at the retransmission time.
+            let mut finish = Vec::new();
+            for u in updates.iter_mut() {
+                if let Some(&i) = streaming.iter().find(|&&i| due[i].msg == u.0 && due[i].recipient == u.1) {
+                    if u.2.state == sealpost_proto::delivery::State::Submitted {
+                        finish.push((i, u.2.next_at));
+                        u.2.next_at = now_ms() + 10_000;
+                    }
+                }
+            }
             self.agent.db.save_deliveries(&updates)?;
             tracing::trace!("submit: saved");
+            for (i, next_at) in finish {
+                let d = &due[i];
+                let Some(f) = self.agent.db.file_out(&d.msg)? else {
+                    continue;
+                };
+                let mut del = self
+                    .agent
+                    .db
+                    .outbox(Some(&d.msg), 1)?
+                    .into_iter()
+                    .next()
+                    .and_then(|m| m.deliveries.into_iter().find(|x| x.recipient == d.recipient))
+                    .map(|x| x.delivery)
+                    .unwrap_or_else(|| d.delivery.clone());
+                let now = now_ms();
+                let err = match self.upload(d, &f, stats, u64::MAX).await? {
+                    Upload::Complete | Upload::Enough => {
+                        del.next_at = next_at;
+                        None
+                    }
+                    Upload::Retry(e) => {
+                        tracing::warn!("uploading {} to {}: {e}; will retry", f.path, d.name);
+                        del.transient_failure(now, &self.timing, unit_random());
+                        Some(e)
+                    }
+                    Upload::Refused(code, detail) => {
+                        del.refused(now, &code, &detail);
+                        None
+                    }
+                    Upload::Failed(code, detail) => {
+                        del.local_failure(now, &code, &detail);
+                        None
+                    }
+                };
+                self.agent
+                    .db
+                    .save_deliveries(&[(d.msg, d.recipient, del, err)])?;
+            }
             if take < due.len() || due.len() == SUBMIT_BATCH {
                 continue;
             }
@@ -1230,6 +1291,7 @@ impl Engine {
         row: &crate::outbox::DeliveryRow,
         f: &crate::outbox::FileOut,
         stats: &mut PassStats,
+        until: u64,
     ) -> Result<Upload, EngineError> {
         use sealpost_proto::blob::BlobLayout;
         let layout = match BlobLayout::new(f.size, f.chunk_size) {
@@ -1282,6 +1344,9 @@ impl Engine {
         let result = loop {
             if complete {
                 break Upload::Complete;
+            }
+            if stored >= until {
+                break Upload::Enough;
             }
             // A window of consecutive pieces, pipelined: the relay takes
             // them in order while the next ones are encrypted and sent.
@@ -1443,6 +1508,8 @@ impl Engine {
         );
         let mut since_commit = 0u64;
         let blob_id = d.blob_id;
+        let expires_at = self.agent.db.inbox_entry(&d.msg)?.map(|e| e.expires_at);
+        let mut idle_since: Option<std::time::Instant> = None;
         if i >= count && !bad.is_empty() {
             // Repair: fetch only the chunks that were damaged.
             let ranges: Vec<(u64, u32)> = bad
@@ -1507,19 +1574,20 @@ impl Engine {
                     break;
                 }
             };
+            let mut short = false;
             for (answer, &(_, n)) in answers.into_iter().zip(&ranges) {
                 let n = n as usize;
                 let data = match answer {
-                    Ok(v) => v,
-                    Err(ClientError::Server {
+                    Ok(v) if v.len() == n => v,
+                    // Not there yet: the sender streams the blob while we
+                    // read it (or has not started to upload it again).
+                    Ok(_)
+                    | Err(ClientError::Server {
                         code: sealpost_proto::relay::ErrorCode::NotFound,
                         ..
                     }) => {
-                        progress.finish();
-                        return fail(
-                            self,
-                            "its data is no longer at the relay (expired or deleted); ask the sender to send it again".into(),
-                        );
+                        short = true;
+                        break;
                     }
                     Err(e) => {
                         tracing::warn!("downloading {}: {e}; continuing next pass", d.name);
@@ -1527,14 +1595,7 @@ impl Engine {
                         break 'pieces;
                     }
                 };
-                if data.len() != n {
-                    tracing::warn!(
-                        "downloading {}: the relay returned {} of {n} bytes; continuing next pass",
-                        d.name,
-                        data.len()
-                    );
-                    break 'pieces;
-                }
+                idle_since = None;
                 bad.extend(
                     transfer::write_chunks(&part, &d.key, &layout, i, &data)
                         .map_err(|e| io_err("writing", e))?,
@@ -1547,6 +1608,25 @@ impl Engine {
                 progress.advance(n as u64);
                 stats.download_bytes += n as u64;
                 since_commit += n as u64;
+            }
+            if short {
+                if expires_at.is_some_and(|e| now_ms() / 1000 >= e) {
+                    progress.finish();
+                    return fail(
+                        self,
+                        "its data did not arrive at the relay before the message expired; ask the sender to send it again".into(),
+                    );
+                }
+                let since = *idle_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > STREAM_WAIT {
+                    tracing::info!(
+                        "receiving {}: waiting for the sender to upload the rest ({} of {count} chunks here)",
+                        d.name,
+                        i
+                    );
+                    break 'pieces;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             if since_commit >= DOWNLOAD_COMMIT_BYTES {
                 part.sync_data().map_err(|e| io_err("syncing", e))?;

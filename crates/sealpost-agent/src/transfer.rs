@@ -74,10 +74,13 @@ pub fn encrypt_range(
     let first = offset / enc;
     let skip = (offset - first * enc) as usize;
     let mut out = Vec::with_capacity(max + enc as usize);
+    // One chunk buffer for the whole range: no allocation per chunk.
+    let mut buf = Vec::with_capacity(enc as usize);
     let mut i = first;
     while i < layout.chunk_count() && out.len() < max + skip {
         let n = layout.plain_len(i) as usize;
-        let mut buf = vec![0u8; n];
+        buf.clear();
+        buf.resize(n, 0);
         src.read_exact_at(&mut buf, i * layout.chunk_size as u64)
             .map_err(|e| {
                 io::Error::new(
@@ -90,7 +93,9 @@ pub fn encrypt_range(
         i += 1;
     }
     let end = (skip + max).min(out.len());
-    Ok(out[skip.min(out.len())..end].to_vec())
+    out.truncate(end);
+    out.drain(..skip.min(end));
+    Ok(out)
 }
 
 /// The largest whole number of chunks from `offset` that fits a piece:
@@ -137,10 +142,12 @@ pub fn write_chunks(
     let mut bad = Vec::new();
     let mut at = 0usize;
     let mut i = first;
+    let mut buf = Vec::with_capacity(layout.chunk_size as usize + blob::TAG_LEN as usize);
     while at < data.len() && i < layout.chunk_count() {
         let n = layout.sealed_len(i) as usize;
         let end = (at + n).min(data.len());
-        let mut buf = data[at..end].to_vec();
+        buf.clear();
+        buf.extend_from_slice(&data[at..end]);
         match blob::open_chunk(key, layout, i, &mut buf) {
             Ok(()) => part.write_all_at(&buf, i * layout.chunk_size as u64)?,
             Err(_) => bad.push(i),

@@ -1229,7 +1229,10 @@ impl Engine {
             // not at the retransmission time.
             let mut finish = Vec::new();
             for u in updates.iter_mut() {
-                if let Some(&i) = streaming.iter().find(|&&i| due[i].msg == u.0 && due[i].recipient == u.1) {
+                if let Some(&i) = streaming
+                    .iter()
+                    .find(|&&i| due[i].msg == u.0 && due[i].recipient == u.1)
+                {
                     if u.2.state == sealpost_proto::delivery::State::Submitted {
                         finish.push((i, u.2.next_at));
                         u.2.next_at = now_ms() + 10_000;
@@ -1249,7 +1252,11 @@ impl Engine {
                     .outbox(Some(&d.msg), 1)?
                     .into_iter()
                     .next()
-                    .and_then(|m| m.deliveries.into_iter().find(|x| x.recipient == d.recipient))
+                    .and_then(|m| {
+                        m.deliveries
+                            .into_iter()
+                            .find(|x| x.recipient == d.recipient)
+                    })
                     .map(|x| x.delivery)
                     .unwrap_or_else(|| d.delivery.clone());
                 let now = now_ms();

@@ -14,6 +14,7 @@ seeds = {
     "blob": [struct.pack(">Q", len(bytes.fromhex(v["blob"]["plaintext"]))) + bytes([0]) + bytes.fromhex(v["blob"]["blob"])],
     "secret_key_file": [i["secret_file"].encode() for i in v["identities"]],
     "report": [bytes.fromhex(r["bytes"]) for r in v["reports"]] + [r["text"].encode() for r in v["reports"]],
+    "repair": [bytes.fromhex(v["repair"]["request"]), bytes.fromhex(v["repair"]["offer"])],
     "relay_frame": [bytes.fromhex(f["frame"]) for f in relay["requests"] + relay["responses"]]
     + [b"".join(bytes.fromhex(f["frame"]) for f in relay["requests"])],
 }

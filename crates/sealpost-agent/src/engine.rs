@@ -59,6 +59,8 @@ const SUBMIT_BATCH: usize = 1024;
 const SUBMIT_BATCH_BYTES: usize = 32 << 20;
 /// Items asked for in one fetch (the relay also bounds a fetch by bytes).
 const FETCH_BATCH: u32 = 4096;
+/// A repair request without an answer is sent again after this long.
+const REPAIR_RETRY_MS: u64 = 60_000;
 /// How long a download waits within one pass for a blob that is still
 /// being uploaded, without any new byte, before leaving it to a later pass.
 const STREAM_WAIT: Duration = Duration::from_secs(15);
@@ -600,6 +602,7 @@ impl Engine {
         // again and is not delivered twice).
         tracing::trace!("pass: fetched {}", stats.fetched);
         self.run_downloads(&mut stats).await?;
+        self.run_repairs(&mut stats).await?;
         self.send_reports(&mut stats).await?;
         tracing::trace!("pass: reports sent {}", stats.reports_sent);
         for rx in acks {
@@ -823,6 +826,14 @@ impl Engine {
                     return Ok(Verdict::Done);
                 }
                 self.apply_report(&m, &content, stats)?;
+                return Ok(Verdict::Done);
+            }
+            Kind::RepairRequest | Kind::Repair => {
+                if contact.is_none() {
+                    stats.discarded += 1;
+                    return Ok(Verdict::Done);
+                }
+                self.apply_repair(&m, &content)?;
                 return Ok(Verdict::Done);
             }
             _ => {}
@@ -1461,10 +1472,280 @@ impl Engine {
         Ok(result)
     }
 
-    /// Continues every unfinished download.
+    /// Continues every unfinished download, and asks again for repairs
+    /// that did not come.
     async fn run_downloads(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
         for d in self.agent.db.downloads(Some("downloading"), 64)? {
             self.download(d, stats).await?;
+        }
+        let now = now_ms();
+        for d in self.agent.db.downloads(Some("repairing"), 64)? {
+            if now.saturating_sub(d.changed_ms) >= REPAIR_RETRY_MS {
+                let bad = d.bad.clone();
+                self.request_repair(&d, &bad).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals `content` as a message of `kind` to `to` and submits it to
+    /// `relay`; true if the relay took it. For control messages that are
+    /// not tracked as deliveries (they are asked for again when missing).
+    async fn send_control(
+        &mut self,
+        to: &PublicIdentity,
+        relay: &str,
+        kind: Kind,
+        content: &[u8],
+    ) -> Result<bool, EngineError> {
+        let now_s = now_ms() / 1000;
+        let pin = pin_of(&self.home_addr);
+        let recipients = [*to];
+        let req = SealRequest {
+            kind,
+            id: MessageId::random(&mut OsRng),
+            created_at: now_s,
+            expires_at: now_s + REPORT_LIFETIME_SECS,
+            in_reply_to: None,
+            recipients: &recipients,
+            reply_relay: Some(&pin),
+        };
+        let mut sealed = std::io::Cursor::new(Vec::new());
+        message::seal_stream(&self.agent.identity, &req, content, &mut sealed).map_err(|e| {
+            AgentError::Io {
+                what: "sealing a control message",
+                path: PathBuf::new(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+        let payload = sealed.into_inner();
+        let mailbox = MailboxId::of(to.signing_bytes());
+        let expires = now_s + REPORT_LIFETIME_SECS;
+        let Some(link) = link_for(&mut self.home, &mut self.links, &self.home_addr, relay) else {
+            return Ok(false);
+        };
+        let r = link
+            .call(&self.agent.identity, async |c| {
+                c.submit_many(vec![(mailbox, expires, payload.clone())])
+                    .await
+                    .pop()
+                    .unwrap_or(Err(ClientError::Closed))
+            })
+            .await;
+        match r {
+            Ok(Submitted::Accepted { .. }) => Ok(true),
+            Ok(Submitted::Refused(rf)) => {
+                tracing::warn!(
+                    "relay {relay} refused a {}: {}",
+                    kind.name(),
+                    rf.code.describe()
+                );
+                Ok(false)
+            }
+            Err(e) => {
+                tracing::warn!("sending a {} to {relay}: {e}", kind.name());
+                link.disconnect();
+                Ok(false)
+            }
+        }
+    }
+
+    /// Asks the sender of a download for its damaged chunks.
+    async fn request_repair(
+        &mut self,
+        d: &crate::outbox::Download,
+        bad: &[u64],
+    ) -> Result<(), EngineError> {
+        let mut chunks: Vec<u64> = bad.to_vec();
+        chunks.sort_unstable();
+        chunks.dedup();
+        chunks.truncate(sealpost_proto::repair::MAX_CHUNKS);
+        let list: Vec<String> = chunks.iter().take(20).map(|b| b.to_string()).collect();
+        let why = format!(
+            "{} chunk(s) failed authentication at the relay (damaged there): {}; asked the sender for them again",
+            bad.len(),
+            list.join(", ")
+        );
+        tracing::warn!("receiving {}: {why}", d.name);
+        self.agent
+            .db
+            .download_state(&d.msg, "repairing", Some(&why), now_ms())?;
+        let (Ok(req), Ok(sender), Some(relay)) = (
+            sealpost_proto::repair::RepairRequest::new(d.blob_id, chunks),
+            PublicIdentity::from_bytes(&d.sender, &d.agreement),
+            d.relay.clone(),
+        ) else {
+            return Ok(());
+        };
+        self.send_control(&sender, &relay, Kind::RepairRequest, &req.encode())
+            .await?;
+        Ok(())
+    }
+
+    /// A repair request (we sent the file) or offer (we receive it).
+    fn apply_repair(&mut self, m: &OpenedMessage, content: &[u8]) -> Result<(), EngineError> {
+        let signer = *m.header.sender.signing_bytes();
+        match m.header.kind {
+            Kind::RepairRequest => {
+                let Ok(req) = sealpost_proto::repair::RepairRequest::decode(content) else {
+                    tracing::warn!("discarded a malformed repair request");
+                    return Ok(());
+                };
+                let Some((f, _)) = self.agent.db.file_out_by_blob(&req.blob_id, &signer)? else {
+                    tracing::warn!(
+                        "discarded a repair request for a file we did not send to its signer"
+                    );
+                    return Ok(());
+                };
+                let chunks = f.size.div_ceil(f.chunk_size.max(1) as u64).max(1);
+                if req.chunks.iter().any(|&c| c >= chunks) {
+                    tracing::warn!(
+                        "discarded a repair request naming chunks the file does not have"
+                    );
+                    return Ok(());
+                }
+                tracing::info!(
+                    "{} asks for {} chunk(s) of {} again",
+                    m.header.sender.fingerprint(),
+                    req.chunks.len(),
+                    f.path
+                );
+                self.agent.db.add_repair(&crate::outbox::RepairJob {
+                    msg: f.msg,
+                    recipient: signer,
+                    request: content.to_vec(),
+                })?;
+            }
+            Kind::Repair => {
+                let Ok(offer) = sealpost_proto::repair::RepairOffer::decode(content) else {
+                    tracing::warn!("discarded a malformed repair offer");
+                    return Ok(());
+                };
+                let Some(d) = self.agent.db.download_by_blob(&offer.blob_id, &signer)? else {
+                    tracing::warn!("discarded a repair offer for no download of ours");
+                    return Ok(());
+                };
+                if d.state != "done" {
+                    self.agent.db.set_repair_offer(&d.msg, content, now_ms())?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Uploads the chunks recipients asked for again, as repair blobs, and
+    /// tells them where they are.
+    async fn run_repairs(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
+        use sealpost_proto::blob::BlobLayout;
+        for job in self.agent.db.repairs()? {
+            let Ok(req) = sealpost_proto::repair::RepairRequest::decode(&job.request) else {
+                self.agent.db.remove_repair(&job.msg, &job.recipient)?;
+                continue;
+            };
+            let (Some(f), Some(contact)) = (
+                self.agent.db.file_out(&job.msg)?,
+                self.agent.db.contact_by_key(&job.recipient)?,
+            ) else {
+                self.agent.db.remove_repair(&job.msg, &job.recipient)?;
+                continue;
+            };
+            let relay = self
+                .agent
+                .db
+                .outbox(Some(&job.msg), 1)?
+                .into_iter()
+                .next()
+                .and_then(|m| {
+                    m.deliveries
+                        .into_iter()
+                        .find(|x| x.recipient == job.recipient)
+                })
+                .map(|x| x.relay);
+            let (Some(relay), Ok(layout), Ok(src)) = (
+                relay,
+                BlobLayout::new(f.size, f.chunk_size),
+                File::open(&f.path),
+            ) else {
+                self.agent.db.remove_repair(&job.msg, &job.recipient)?;
+                continue;
+            };
+            let Ok((len, hash)) =
+                crate::transfer::repair_summary(&src, &f.key, &layout, &req.chunks)
+            else {
+                self.agent.db.remove_repair(&job.msg, &job.recipient)?;
+                continue;
+            };
+            let repair_id = sealpost_proto::manifest::BlobId::random(&mut OsRng).0;
+            let mailbox = MailboxId::of(&job.recipient);
+            let expires = now_ms() / 1000 + REPORT_LIFETIME_SECS;
+            let Some(link) = link_for(&mut self.home, &mut self.links, &self.home_addr, &relay)
+            else {
+                self.agent.db.remove_repair(&job.msg, &job.recipient)?;
+                continue;
+            };
+            let mut off = 0u64;
+            let mut ok = true;
+            while off < len {
+                let piece = match crate::transfer::repair_range(
+                    &src,
+                    &f.key,
+                    &layout,
+                    &req.chunks,
+                    off,
+                    sealpost_proto::relay::MAX_BLOB_PIECE,
+                ) {
+                    Ok(p) if !p.is_empty() => p,
+                    _ => {
+                        ok = false;
+                        break;
+                    }
+                };
+                let n = piece.len() as u64;
+                let at = off;
+                let r = link
+                    .call(&self.agent.identity, async |c| {
+                        c.blob_put(
+                            repair_id,
+                            mailbox,
+                            len,
+                            *hash.as_bytes(),
+                            expires,
+                            at,
+                            piece.clone(),
+                        )
+                        .await
+                    })
+                    .await;
+                match r {
+                    Ok(Ok((stored, _))) if stored == at + n => {
+                        stats.upload_bytes += n;
+                        off = stored;
+                    }
+                    _ => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if !ok {
+                tracing::warn!("uploading a repair of {}: failed; will retry", f.path);
+                continue;
+            }
+            let offer = sealpost_proto::repair::RepairOffer {
+                blob_id: f.blob_id,
+                repair_blob_id: repair_id,
+                repair_len: len,
+                repair_hash: *hash.as_bytes(),
+                chunks: req.chunks.clone(),
+            };
+            if self
+                .send_control(contact.card.public(), &relay, Kind::Repair, &offer.encode())
+                .await?
+            {
+                tracing::info!("re-sent {} chunk(s) of {}", req.chunks.len(), f.path);
+                self.agent.db.remove_repair(&job.msg, &job.recipient)?;
+            }
         }
         Ok(())
     }
@@ -1518,39 +1799,83 @@ impl Engine {
         let expires_at = self.agent.db.inbox_entry(&d.msg)?.map(|e| e.expires_at);
         let mut idle_since: Option<std::time::Instant> = None;
         if i >= count && !bad.is_empty() {
-            // Repair: fetch only the chunks that were damaged.
-            let ranges: Vec<(u64, u32)> = bad
+            // Repair: only the damaged chunks, from the repair blob the
+            // sender uploaded for them.
+            let Some(offer) = self
+                .agent
+                .db
+                .repair_offer(&d.msg)?
+                .and_then(|o| sealpost_proto::repair::RepairOffer::decode(&o).ok())
+                .filter(|o| o.blob_id == d.blob_id)
+            else {
+                progress.finish();
+                return self.request_repair(&d, &bad).await;
+            };
+            let valid_len: Option<u64> = offer
+                .chunks
                 .iter()
-                .map(|&j| (layout.offset(j), layout.sealed_len(j) as u32))
+                .map(|&c| (c < count).then(|| layout.sealed_len(c)))
+                .sum();
+            if valid_len != Some(offer.repair_len) {
+                tracing::warn!(
+                    "receiving {}: a repair offer that does not fit the file; asking again",
+                    d.name
+                );
+                progress.finish();
+                return self.request_repair(&d, &bad).await;
+            }
+            let mut ranges = Vec::with_capacity(offer.chunks.len());
+            let mut pos = 0u64;
+            for &c in &offer.chunks {
+                ranges.push((pos, layout.sealed_len(c) as u32));
+                pos += layout.sealed_len(c);
+            }
+            let repair_id = offer.repair_blob_id;
+            let mut still: Vec<u64> = bad
+                .iter()
+                .copied()
+                .filter(|b| !offer.chunks.contains(b))
                 .collect();
-            let answers = self
-                .home
-                .call(&self.agent.identity, async |c| {
-                    Ok(c.blob_get_many(blob_id, &ranges).await)
-                })
-                .await;
-            let mut still = Vec::new();
-            match answers {
-                Ok(list) => {
-                    for (a, &j) in list.into_iter().zip(&bad) {
-                        match a {
-                            Ok(data) => still.extend({
-                                stats.download_bytes += data.len() as u64;
-                                transfer::write_chunks(&part, &d.key, &layout, j, &data)
-                                    .map_err(|e| io_err("writing", e))?
-                            }),
-                            Err(_) => still.push(j),
+            for (window, idx) in ranges.chunks(64).zip(offer.chunks.chunks(64)) {
+                let answers = self
+                    .home
+                    .call(&self.agent.identity, async |c| {
+                        Ok(c.blob_get_many(repair_id, window).await)
+                    })
+                    .await;
+                match answers {
+                    Ok(list) => {
+                        for (a, &j) in list.into_iter().zip(idx) {
+                            match a {
+                                Ok(data) if bad.contains(&j) => {
+                                    stats.download_bytes += data.len() as u64;
+                                    still.extend(
+                                        transfer::write_chunks(&part, &d.key, &layout, j, &data)
+                                            .map_err(|e| io_err("writing", e))?,
+                                    );
+                                }
+                                Ok(_) => {}
+                                Err(_) => still.push(j),
+                            }
                         }
                     }
+                    Err(_) => still.extend(idx.iter().filter(|j| bad.contains(j))),
                 }
-                Err(_) => still = bad.clone(),
             }
+            still.sort_unstable();
+            still.dedup();
             tracing::info!(
                 "receiving {}: {} of {} damaged chunks repaired",
                 d.name,
                 bad.len() - still.len(),
                 bad.len()
             );
+            let _ = self
+                .home
+                .call(&self.agent.identity, async |c| {
+                    c.blob_delete(repair_id).await
+                })
+                .await;
             bad = still;
         }
         'pieces: while i < count {
@@ -1648,24 +1973,9 @@ impl Engine {
             return Ok(());
         }
         if !bad.is_empty() {
-            // Damaged at the relay. Delete the damaged blob there, so the
-            // sender's next retransmission uploads it again; then only the
-            // damaged chunks are fetched (the good ones stay on disk).
-            let list: Vec<String> = bad.iter().take(20).map(|b| b.to_string()).collect();
-            let why = format!(
-                "{} chunk(s) failed authentication at the relay (damaged there): {}; waiting for the sender to send it again",
-                bad.len(),
-                list.join(", ")
-            );
-            tracing::warn!("receiving {}: {why}", d.name);
-            let _ = self
-                .home
-                .call(&self.agent.identity, async |c| c.blob_delete(blob_id).await)
-                .await;
-            self.agent
-                .db
-                .download_state(&d.msg, "repairing", Some(&why), now_ms())?;
-            return Ok(());
+            // Damaged at the relay: ask the sender for exactly those
+            // chunks (the good ones are on our disk).
+            return self.request_repair(&d, &bad).await;
         }
         progress.start(&format!("verify {}", d.name), d.size, 0);
         let h = transfer::read_back(&part, d.size, progress.as_ref())

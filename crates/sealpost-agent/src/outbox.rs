@@ -78,9 +78,16 @@ CREATE TABLE IF NOT EXISTS downloads (
     state TEXT NOT NULL,
     final_path TEXT,
     error TEXT,
-    changed_ms INTEGER NOT NULL
+    changed_ms INTEGER NOT NULL,
+    repair BLOB
 );
 CREATE INDEX IF NOT EXISTS downloads_state ON downloads(state);
+CREATE TABLE IF NOT EXISTS repairs (
+    msg BLOB NOT NULL,
+    recipient BLOB NOT NULL,
+    chunks BLOB NOT NULL,
+    PRIMARY KEY (msg, recipient)
+);
 CREATE TABLE IF NOT EXISTS reports (
     hash BLOB PRIMARY KEY,
     bytes BLOB NOT NULL
@@ -1103,4 +1110,119 @@ fn insert_download(tx: &Transaction<'_>, d: &Download) -> rusqlite::Result<()> {
         to_i64(d.changed_ms),
     ])?;
     Ok(())
+}
+
+/// A repair a recipient asked for: chunks of a file we sent, to upload again.
+#[derive(Debug, Clone)]
+pub struct RepairJob {
+    pub msg: MessageId,
+    pub recipient: [u8; 32],
+    pub request: Vec<u8>,
+}
+
+impl Db {
+    /// The file we sent with this blob id to `recipient`, if any.
+    pub fn file_out_by_blob(
+        &self,
+        blob_id: &[u8; 16],
+        recipient: &[u8; 32],
+    ) -> Result<Option<(FileOut, DeliveryRow)>, AgentError> {
+        let msg: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT msg FROM files_out WHERE blob_id = ?1")?
+            .query_row(params![blob_id.to_vec()], |r| r.get(0))
+            .optional()?;
+        let Some(msg) = msg else { return Ok(None) };
+        let msg = MessageId(id16(msg));
+        let Some(f) = self.file_out(&msg)? else {
+            return Ok(None);
+        };
+        let d = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {DELIVERY_COLS} FROM deliveries WHERE msg = ?1 AND recipient = ?2"
+            ))?
+            .query_row(
+                params![msg.0.to_vec(), recipient.to_vec()],
+                delivery_from_row,
+            )
+            .optional()?;
+        Ok(d.map(|d| (f, d)))
+    }
+
+    pub fn add_repair(&mut self, job: &RepairJob) -> Result<(), AgentError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO repairs (msg, recipient, chunks) VALUES (?1, ?2, ?3)",
+            params![job.msg.0.to_vec(), job.recipient.to_vec(), job.request],
+        )?;
+        Ok(())
+    }
+
+    pub fn repairs(&self) -> Result<Vec<RepairJob>, AgentError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT msg, recipient, chunks FROM repairs LIMIT 64")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(RepairJob {
+                msg: MessageId(id16(r.get(0)?)),
+                recipient: hash32(r.get(1)?),
+                request: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn remove_repair(
+        &mut self,
+        msg: &MessageId,
+        recipient: &[u8; 32],
+    ) -> Result<(), AgentError> {
+        self.conn.execute(
+            "DELETE FROM repairs WHERE msg = ?1 AND recipient = ?2",
+            params![msg.0.to_vec(), recipient.to_vec()],
+        )?;
+        Ok(())
+    }
+
+    /// The download of a file with this blob id from `sender`.
+    pub fn download_by_blob(
+        &self,
+        blob_id: &[u8; 16],
+        sender: &[u8; 32],
+    ) -> Result<Option<Download>, AgentError> {
+        Ok(self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {DOWNLOAD_COLS} FROM downloads WHERE blob_id = ?1 AND sender = ?2"
+            ))?
+            .query_row(
+                params![blob_id.to_vec(), sender.to_vec()],
+                download_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Stores a repair offer for a download and makes it run again.
+    pub fn set_repair_offer(
+        &mut self,
+        msg: &MessageId,
+        offer: &[u8],
+        now_ms: u64,
+    ) -> Result<(), AgentError> {
+        self.conn.execute(
+            "UPDATE downloads SET repair = ?2, state = 'downloading', changed_ms = ?3 WHERE msg = ?1",
+            params![msg.0.to_vec(), offer, to_i64(now_ms)],
+        )?;
+        Ok(())
+    }
+
+    /// The repair offer stored for a download.
+    pub fn repair_offer(&self, msg: &MessageId) -> Result<Option<Vec<u8>>, AgentError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT repair FROM downloads WHERE msg = ?1")?
+            .query_row(params![msg.0.to_vec()], |r| r.get(0))
+            .optional()?
+            .flatten())
+    }
 }

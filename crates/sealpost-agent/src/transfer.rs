@@ -98,6 +98,58 @@ pub fn encrypt_range(
     Ok(out)
 }
 
+/// The bytes `[offset, offset + max)` of a repair blob: the sealed chunks
+/// `chunks` (in that order) of the file's blob, re-encrypted from `src`.
+pub fn repair_range(
+    src: &File,
+    key: &BlobKey,
+    layout: &BlobLayout,
+    chunks: &[u64],
+    offset: u64,
+    max: usize,
+) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(max.min(MAX_BLOB_PIECE));
+    let mut pos = 0u64;
+    let mut buf = Vec::with_capacity(layout.chunk_size as usize + blob::TAG_LEN as usize);
+    for &i in chunks {
+        let len = layout.sealed_len(i);
+        if pos + len <= offset {
+            pos += len;
+            continue;
+        }
+        if out.len() >= max {
+            break;
+        }
+        let n = layout.plain_len(i) as usize;
+        buf.clear();
+        buf.resize(n, 0);
+        src.read_exact_at(&mut buf, i * layout.chunk_size as u64)?;
+        blob::seal_chunk(key, i, i + 1 == layout.chunk_count(), &mut buf);
+        let skip = offset.saturating_sub(pos) as usize;
+        let take = (buf.len() - skip).min(max - out.len());
+        out.extend_from_slice(&buf[skip..skip + take]);
+        pos += len;
+    }
+    Ok(out)
+}
+
+/// Length and BLAKE3 of a repair blob, computed one chunk at a time.
+pub fn repair_summary(
+    src: &File,
+    key: &BlobKey,
+    layout: &BlobLayout,
+    chunks: &[u64],
+) -> io::Result<(u64, blake3::Hash)> {
+    let mut h = blake3::Hasher::new();
+    let mut len = 0u64;
+    for (k, _) in chunks.iter().enumerate() {
+        let piece = repair_range(src, key, layout, &chunks[k..=k], 0, usize::MAX >> 1)?;
+        len += piece.len() as u64;
+        h.update(&piece);
+    }
+    Ok((len, h.finalize()))
+}
+
 /// The largest whole number of chunks from `offset` that fits a piece:
 /// pieces end on chunk boundaries so a resumed upload re-encrypts at most
 /// one chunk it had already sent.
@@ -260,6 +312,34 @@ mod tests {
                 part.set_len(size as u64).expect("len");
                 let h = read_back(&part, size as u64, &Quiet).expect("read back");
                 assert_eq!(h, blake3::hash(&data));
+            }
+        }
+    }
+
+    #[test]
+    fn repair_blobs_are_the_named_chunks_in_order() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let src = dir.path().join("f");
+        let data: Vec<u8> = (0..5 * 4096 + 9).map(|i| (i * 13) as u8).collect();
+        std::fs::write(&src, &data).expect("write");
+        let key = BlobKey::random(&mut OsRng);
+        let mut whole = Vec::new();
+        let s = blob::seal_blob(&key, 4096, &data[..], &mut whole).expect("seal");
+        let f = File::open(&src).expect("open");
+        let chunks = [1u64, 3, 5];
+        let mut want = Vec::new();
+        for &c in &chunks {
+            let o = s.layout.offset(c) as usize;
+            want.extend_from_slice(&whole[o..o + s.layout.sealed_len(c) as usize]);
+        }
+        let (len, h) = repair_summary(&f, &key, &s.layout, &chunks).expect("sum");
+        assert_eq!((len, h), (want.len() as u64, blake3::hash(&want)));
+        for off in [0u64, 1, 4112, 4113, want.len() as u64 - 1] {
+            for max in [1usize, 4000, 1 << 20] {
+                let got = repair_range(&f, &key, &s.layout, &chunks, off, max).expect("range");
+                let lo = off as usize;
+                let hi = (lo + max).min(want.len());
+                assert_eq!(got, want[lo..hi], "off {off} max {max}");
             }
         }
     }

@@ -18,6 +18,7 @@ pub mod identity;
 pub mod manifest;
 pub mod message;
 pub mod relay;
+pub mod repair;
 pub mod report;
 pub mod retry;
 

@@ -99,6 +99,11 @@ pub enum Kind {
     /// A signed rejection (see [`crate::report`]): the recipient refused
     /// these messages, with a reason.
     Rejection,
+    /// A recipient asks for damaged chunks of a file again
+    /// (see [`crate::repair`]).
+    RepairRequest,
+    /// A sender names the repair blob holding those chunks.
+    Repair,
 }
 
 impl Kind {
@@ -108,6 +113,8 @@ impl Kind {
             Self::FileManifest => 2,
             Self::Receipt => 3,
             Self::Rejection => 4,
+            Self::RepairRequest => 5,
+            Self::Repair => 6,
         }
     }
 
@@ -117,6 +124,8 @@ impl Kind {
             2 => Ok(Self::FileManifest),
             3 => Ok(Self::Receipt),
             4 => Ok(Self::Rejection),
+            5 => Ok(Self::RepairRequest),
+            6 => Ok(Self::Repair),
             _ => Err(DecodeError::Invalid {
                 what: "message kind",
                 why: "unknown kind",
@@ -130,6 +139,8 @@ impl Kind {
             Self::FileManifest => "file-manifest",
             Self::Receipt => "receipt",
             Self::Rejection => "rejection",
+            Self::RepairRequest => "repair-request",
+            Self::Repair => "repair",
         }
     }
 }

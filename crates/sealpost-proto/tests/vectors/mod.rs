@@ -116,7 +116,21 @@ fn deterministic() -> Value {
         }]),
     )
     .expect("rejection");
+    let repair_request =
+        sealpost_proto::repair::RepairRequest::new([0x88; 16], vec![1, 2]).expect("request");
+    let repair_offer = sealpost_proto::repair::RepairOffer {
+        blob_id: [0x88; 16],
+        repair_blob_id: [0x99; 16],
+        repair_len: 2 * (4096 + 16),
+        repair_hash: [0x5a; 32],
+        chunks: vec![1, 2],
+    };
     json!({
+        "repair": {
+            "description": "bob asks again for chunks 1 and 2 of blob 0x88*16 (kind 5); alice's offer of them in repair blob 0x99*16 (kind 6)",
+            "request": h(&repair_request.encode()),
+            "offer": h(&repair_offer.encode()),
+        },
         "reports": [
             {"description": "bob's receipt for alice's vector message", "kind": "receipt", "signer": "bob", "subject": "alice",
              "bytes": h(receipt.as_bytes()), "text": receipt.to_text()},
@@ -449,6 +463,13 @@ fn test_vectors_match() {
         assert!(rep.is_about(who(r["subject"].as_str().expect("s")).public()));
         assert!(!rep.signed_by(alice().public()));
     }
+
+    // Repair messages decode to what they say.
+    let r = &committed["repair"];
+    let q = sealpost_proto::repair::RepairRequest::decode(&unh(&r["request"])).expect("request");
+    assert_eq!((q.blob_id, q.chunks.clone()), ([0x88; 16], vec![1, 2]));
+    let o = sealpost_proto::repair::RepairOffer::decode(&unh(&r["offer"])).expect("offer");
+    assert_eq!((o.repair_blob_id, o.repair_len), ([0x99; 16], 8224));
 
     // The blob opens with the stated key to the stated plaintext.
     let b = &committed["blob"];

@@ -586,21 +586,11 @@ fn killed_sender_and_recipient_resume_without_starting_over() {
 }
 
 #[test]
-fn chunks_damaged_at_the_relay_are_fetched_again_alone() {
+fn chunks_damaged_at_the_relay_are_sent_again_alone() {
     let net = Net::pair();
     let size = 3usize << 20;
     let data = write_file(&net, "doc.bin", size, 7);
-    // Retransmission after 100 ms, so the test need not wait minutes.
-    let o = net
-        .env
-        .cmd("alice")
-        .args(["--json", "send", "bob", "--file", "doc.bin"])
-        .env("SEALPOST_RETRANSMIT_AFTER", "100ms")
-        .output()
-        .expect("send");
-    assert_eq!(o.status.code(), Some(0));
-    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
-    let id = v["id"].as_str().expect("id").to_owned();
+    let id = net.send_file("alice", "bob", "doc.bin");
     // The relay's disk flips bits in two chunks (5 and 40).
     let blobs = relay_blobs(&net);
     assert_eq!(blobs.len(), 1);
@@ -614,10 +604,10 @@ fn chunks_damaged_at_the_relay_are_fetched_again_alone() {
     let v = net.json("bob", &["read", &id]);
     assert_eq!(v["file"]["state"].as_str(), Some("repairing"), "{v}");
     assert_eq!(v["file"]["damaged_chunks"].as_u64(), Some(2));
-    // No receipt: alice retransmits, uploading the blob again (bob deleted
-    // the damaged one); bob then fetches only the two chunks.
-    std::thread::sleep(Duration::from_millis(300));
-    sync_with(&net, "alice", &[("SEALPOST_RETRANSMIT_AFTER", "100ms")]);
+    // Bob asked Alice, with a signed message, for exactly those chunks:
+    // she uploads those two and nothing else.
+    let s = sync_with(&net, "alice", &[]);
+    assert_eq!(s["upload_bytes"].as_u64(), Some(2 * 65_552), "{s}");
     let s = sync_with(&net, "bob", &[]);
     assert_eq!(s["files_received"].as_u64(), Some(1), "{s}");
     assert_eq!(s["download_bytes"].as_u64(), Some(2 * 65_552), "{s}");
@@ -625,6 +615,12 @@ fn chunks_damaged_at_the_relay_are_fetched_again_alone() {
         std::fs::read(net.env.path("bob-downloads/doc.bin")).expect("file"),
         data
     );
-    net.sync("alice");
+    let s = net.sync("alice");
+    assert_eq!(s["confirmed"].as_u64(), Some(1));
     assert_eq!(net.state("alice", &id), "delivered");
+    let v = net.json("bob", &["read", &id]);
+    assert_eq!(
+        v["file"]["blake3"].as_str(),
+        Some(blake3::hash(&data).to_hex().as_str())
+    );
 }

@@ -283,7 +283,6 @@ impl Agent {
         path: &std::path::Path,
         lifetime_secs: u64,
     ) -> Result<(MessageId, u64), SendError> {
-        let to = self.resolve(names)?;
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -291,7 +290,86 @@ impl Agent {
                 SendError::BadFile(format!("{} has no usable file name", path.display()))
             })?
             .to_owned();
-        sealpost_proto::manifest::validate_file_name(&name)
+        self.send_file_as(names, path, &name, lifetime_secs)
+    }
+
+    /// Sends every regular file under `dir` (symbolic links and special
+    /// files are skipped), each as its own file transfer whose name is its
+    /// path relative to `dir`'s parent (`dir/sub/file`), so the recipient
+    /// rebuilds the tree inside its download directory. At most 10,000
+    /// files, 32 levels deep. Returns (id, path, size) per file.
+    pub fn send_tree(
+        &mut self,
+        names: &[String],
+        dir: &std::path::Path,
+        lifetime_secs: u64,
+    ) -> Result<Vec<(MessageId, String, u64)>, SendError> {
+        let top = dir
+            .canonicalize()
+            .map_err(|e| SendError::BadFile(format!("{}: {e}", dir.display())))?;
+        let base = top
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| SendError::BadFile(format!("{} has no usable name", dir.display())))?
+            .to_owned();
+        let mut files = Vec::new();
+        let mut stack = vec![(top.clone(), base, 1usize)];
+        while let Some((d, rel, depth)) = stack.pop() {
+            let mut entries: Vec<_> = std::fs::read_dir(&d)
+                .map_err(|e| SendError::BadFile(format!("{}: {e}", d.display())))?
+                .filter_map(|e| e.ok())
+                .collect();
+            entries.sort_by_key(|e| e.file_name());
+            for e in entries {
+                let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                    return Err(SendError::BadFile(format!(
+                        "{}: a name that is not UTF-8",
+                        e.path().display()
+                    )));
+                };
+                let ft = e
+                    .file_type()
+                    .map_err(|err| SendError::BadFile(format!("{}: {err}", e.path().display())))?;
+                let child = format!("{rel}/{name}");
+                if ft.is_dir() {
+                    if depth + 1 >= sealpost_proto::manifest::MAX_PATH_DEPTH {
+                        return Err(SendError::BadFile(format!(
+                            "{} is nested too deep (32 levels at most)",
+                            e.path().display()
+                        )));
+                    }
+                    stack.push((e.path(), child, depth + 1));
+                } else if ft.is_file() {
+                    files.push((e.path(), child));
+                    if files.len() > 10_000 {
+                        return Err(SendError::BadFile(format!(
+                            "{} holds more than 10,000 files",
+                            dir.display()
+                        )));
+                    }
+                }
+            }
+        }
+        files.sort_by(|a, b| a.1.cmp(&b.1));
+        let mut out = Vec::with_capacity(files.len());
+        for (path, rel) in files {
+            let (id, size) = self.send_file_as(names, &path, &rel, lifetime_secs)?;
+            out.push((id, rel, size));
+        }
+        Ok(out)
+    }
+
+    /// Sends a file under the name (or relative path) `name`.
+    pub fn send_file_as(
+        &mut self,
+        names: &[String],
+        path: &std::path::Path,
+        name: &str,
+        lifetime_secs: u64,
+    ) -> Result<(MessageId, u64), SendError> {
+        let to = self.resolve(names)?;
+        let name = name.to_owned();
+        sealpost_proto::manifest::validate_file_path(&name)
             .map_err(|e| SendError::BadFile(format!("{}: {e}", path.display())))?;
         let meta = std::fs::metadata(path)
             .map_err(|e| SendError::BadFile(format!("cannot read {}: {e}", path.display())))?;
@@ -2003,11 +2081,42 @@ impl Engine {
             )?;
             return Ok(());
         }
+        // A file from a directory keeps its place in the tree, created
+        // inside the download directory; no existing component may be a
+        // symbolic link (which could lead outside it).
+        let (target_dir, leaf) = match d.name.rsplit_once('/') {
+            Some((parent, leaf)) => {
+                if sealpost_proto::manifest::validate_file_path(&d.name).is_err() {
+                    return fail(self, "its path is not a safe relative path".into());
+                }
+                let mut at = dir.clone();
+                for part in parent.split('/') {
+                    at.push(part);
+                    match std::fs::symlink_metadata(&at) {
+                        Ok(m) if m.file_type().is_symlink() || !m.is_dir() => {
+                            return fail(
+                                self,
+                                format!("{} exists and is not a plain directory", at.display()),
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            std::fs::create_dir(&at).map_err(|e| io_err("creating", e))?;
+                            if let Some(p) = at.parent() {
+                                crate::fsutil::sync_dir(p).map_err(|e| io_err("syncing", e))?;
+                            }
+                        }
+                    }
+                }
+                (at, leaf.to_owned())
+            }
+            None => (dir.clone(), d.name.clone()),
+        };
         let final_path = loop {
-            let Some(p) = transfer::free_name(&dir, &d.name) else {
+            let Some(p) = transfer::free_name(&target_dir, &leaf) else {
                 return fail(
                     self,
-                    format!("no free name for {} in {}", d.name, dir.display()),
+                    format!("no free name for {} in {}", leaf, target_dir.display()),
                 );
             };
             match std::fs::hard_link(&part_path, &p) {
@@ -2017,6 +2126,7 @@ impl Engine {
             }
         };
         std::fs::remove_file(&part_path).map_err(|e| io_err("removing", e))?;
+        crate::fsutil::sync_dir(&target_dir).map_err(|e| io_err("syncing", e))?;
         crate::fsutil::sync_dir(&dir).map_err(|e| io_err("syncing", e))?;
         let receipt = d.relay.clone().map(|relay| PendingReport {
             subject: d.sender,

@@ -17,10 +17,15 @@ use crate::codec::{self, DecodeError, Reader};
 
 const MAGIC: &[u8; 4] = b"SPMF";
 const VERSION: u8 = 1;
-/// File names are a single path component of at most 255 bytes, the limit
-/// of common file systems.
+/// A path component is at most 255 bytes, the limit of common file
+/// systems.
 pub const MAX_NAME_BYTES: usize = 255;
-pub const MAX_MANIFEST_BYTES: usize = 5 + 16 + 32 + 4 + 8 + 32 + 32 + 2 + MAX_NAME_BYTES;
+/// A file's name is a relative path of at most this many bytes…
+pub const MAX_PATH_BYTES: usize = 1024;
+/// …and this many components (a file sent as part of a directory keeps its
+/// place in the tree).
+pub const MAX_PATH_DEPTH: usize = 32;
+pub const MAX_MANIFEST_BYTES: usize = 5 + 16 + 32 + 4 + 8 + 32 + 32 + 2 + MAX_PATH_BYTES;
 
 /// Identifies a blob at a relay; random, so it reveals nothing about the file.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,6 +84,27 @@ pub fn validate_file_name(name: &str) -> Result<(), DecodeError> {
     codec::check_printable(name, "file name")
 }
 
+/// A file's name in a manifest: one component, or a relative path of
+/// components joined by `/` (a file from a directory). Every component must
+/// pass [`validate_file_name`], so the path can never leave the directory
+/// it is placed in: no empty, `.` or `..` component, no leading `/`.
+pub fn validate_file_path(path: &str) -> Result<(), DecodeError> {
+    if path.is_empty() || path.len() > MAX_PATH_BYTES {
+        return Err(DecodeError::Invalid {
+            what: "file path",
+            why: "must be 1 to 1024 bytes",
+        });
+    }
+    let parts: Vec<&str> = path.split('/').collect();
+    if parts.len() > MAX_PATH_DEPTH {
+        return Err(DecodeError::Invalid {
+            what: "file path",
+            why: "must have at most 32 components",
+        });
+    }
+    parts.into_iter().try_for_each(validate_file_name)
+}
+
 impl FileManifest {
     pub fn new(
         blob_id: BlobId,
@@ -86,7 +112,7 @@ impl FileManifest {
         summary: &BlobSummary,
         name: String,
     ) -> Result<Self, DecodeError> {
-        validate_file_name(&name)?;
+        validate_file_path(&name)?;
         Ok(Self {
             blob_id,
             key,
@@ -129,8 +155,8 @@ impl FileManifest {
         let plaintext_hash = blake3::Hash::from_bytes(r.array("file hash")?);
         let blob_hash = blake3::Hash::from_bytes(r.array("blob hash")?);
         let name_len = r.u16("name length")? as usize;
-        let name = codec::read_text_of_len(&mut r, name_len, "file name", MAX_NAME_BYTES)?;
-        validate_file_name(&name)?;
+        let name = codec::read_text_of_len(&mut r, name_len, "file name", MAX_PATH_BYTES)?;
+        validate_file_path(&name)?;
         r.finish()?;
         Ok(Self {
             blob_id,
@@ -154,6 +180,22 @@ mod tests {
         }
         for good in ["report.pdf", "..hidden", "über ñ.txt", "a b"] {
             assert!(validate_file_name(good).is_ok(), "{good:?}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a//b",
+            "a/../b",
+            "../a",
+            "a/.",
+            "a/",
+            "a\\b/c",
+        ] {
+            assert!(validate_file_path(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_file_path(&["d"; 33].join("/")).is_err());
+        for good in ["photos/2026/a.jpg", "a", "..x/y"] {
+            assert!(validate_file_path(good).is_ok(), "{good:?}");
         }
     }
 }

@@ -106,9 +106,10 @@ pub struct SendArgs {
     /// The message text; - reads it from stdin [default: stdin]
     #[arg(value_name = "TEXT", conflicts_with = "file")]
     text: Option<String>,
-    /// Send a file, any size: it is uploaded to the recipient's relay in
-    /// encrypted chunks (resuming where it stopped), and the receipt names
-    /// the file's hash as read back from the recipient's disk
+    /// Send a file, any size, or a directory (each file under it, keeping
+    /// its relative path): uploaded to the recipient's relay in encrypted
+    /// chunks (resuming where it stopped); each file's receipt names its
+    /// hash as read back from the recipient's disk
     #[arg(long, value_name = "PATH")]
     file: Option<PathBuf>,
     /// More recipients (repeat); each is tracked separately
@@ -326,7 +327,13 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     let mut names = vec![args.to.clone()];
     names.extend(args.also.iter().cloned());
-    let id = if let Some(path) = &args.file {
+    let mut tree = Vec::new();
+    let id = if let Some(path) = args.file.as_ref().filter(|p| p.is_dir()) {
+        tree = agent.send_tree(&names, path, args.expires.as_secs())?;
+        tree.last()
+            .map(|t| t.0)
+            .ok_or_else(|| anyhow!("{} holds no files", path.display()))?
+    } else if let Some(path) = &args.file {
         agent.send_file(&names, path, args.expires.as_secs())?.0
     } else {
         let (content, summary) = read_content(&args)?;
@@ -398,8 +405,20 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
     if args.wait {
         v["waited_ms"] = json!(elapsed.as_secs_f64() * 1000.0);
     }
+    if !tree.is_empty() {
+        v["files"] = json!(tree
+            .iter()
+            .map(|(i, p, n)| json!({"id": i.to_string(), "path": p, "size": n}))
+            .collect::<Vec<_>>());
+    }
     out.report(v, || {
-        let mut s = format!("{id}\n");
+        let mut s = String::new();
+        for (i, p, n) in &tree {
+            s.push_str(&format!("{i}  {p} ({n} bytes)\n"));
+        }
+        if tree.is_empty() {
+            s.push_str(&format!("{id}\n"));
+        }
         if args.wait || out.json() {
             s.push_str(&entry_text(&entry));
         }

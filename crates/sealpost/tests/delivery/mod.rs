@@ -624,3 +624,37 @@ fn chunks_damaged_at_the_relay_are_sent_again_alone() {
         Some(blake3::hash(&data).to_hex().as_str())
     );
 }
+
+#[test]
+fn a_directory_tree_arrives_in_place() {
+    let net = Net::pair();
+    let root = net.env.path("tree");
+    std::fs::create_dir_all(root.join("sub/deeper")).expect("mkdir");
+    std::fs::write(root.join("a.txt"), b"top level\n").expect("w");
+    std::fs::write(root.join("sub/b.bin"), vec![7u8; 200_000]).expect("w");
+    std::fs::write(root.join("sub/deeper/empty"), b"").expect("w");
+    std::os::unix::fs::symlink("/etc/hostname", root.join("link")).expect("symlink");
+    let v = net.json("alice", &["send", "bob", "--file", "tree"]);
+    let files: Vec<String> = v["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .map(|f| f["path"].as_str().expect("path").to_owned())
+        .collect();
+    assert_eq!(
+        files,
+        ["tree/a.txt", "tree/sub/b.bin", "tree/sub/deeper/empty"]
+    );
+    let s = sync_with(&net, "bob", &[]);
+    assert_eq!(s["files_received"].as_u64(), Some(3), "{s}");
+    let dl = net.env.path("bob-downloads/tree");
+    assert_eq!(std::fs::read(dl.join("a.txt")).expect("a"), b"top level\n");
+    assert_eq!(
+        std::fs::read(dl.join("sub/b.bin")).expect("b"),
+        vec![7u8; 200_000]
+    );
+    assert_eq!(std::fs::read(dl.join("sub/deeper/empty")).expect("c"), b"");
+    assert!(!dl.join("link").exists(), "symbolic links are not sent");
+    let s = net.sync("alice");
+    assert_eq!(s["confirmed"].as_u64(), Some(3));
+}

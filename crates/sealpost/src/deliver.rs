@@ -419,11 +419,36 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
         if tree.is_empty() {
             s.push_str(&format!("{id}\n"));
         }
-        if args.wait || out.json() {
+        let failed_now = entry
+            .deliveries
+            .iter()
+            .any(|d| d.delivery.state == State::Failed);
+        if args.wait || out.json() || failed_now {
             s.push_str(&entry_text(&entry));
         }
         s
     })?;
+    // Refused at once (a file larger than the relay takes, an unknown
+    // mailbox): say so now, not only in `status`.
+    if let Some(d) = entry
+        .deliveries
+        .iter()
+        .find(|d| d.delivery.state == State::Failed)
+    {
+        return Err(Failure {
+            code: 21,
+            class: "delivery-failed",
+            error: Some(anyhow!(
+                "message {id} to {}: {}",
+                d.name,
+                d.delivery
+                    .failure
+                    .as_ref()
+                    .map(|f| f.describe())
+                    .unwrap_or_default()
+            )),
+        });
+    }
     if args.wait {
         let states: Vec<State> = entry.deliveries.iter().map(|d| d.delivery.state).collect();
         if states.contains(&State::Failed) {

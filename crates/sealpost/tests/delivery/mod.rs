@@ -8,7 +8,7 @@ use assert_cmd::cargo::cargo_bin;
 use serde_json::Value;
 
 use super::Env;
-use crate::relay::{free_port, start_relay};
+use crate::relay::{free_port, start_relay, start_relay_with};
 
 /// A relay process and homes that use it.
 struct Net {
@@ -30,9 +30,13 @@ impl Drop for Net {
 
 impl Net {
     fn new() -> Self {
+        Self::with_relay_flags(&[])
+    }
+
+    fn with_relay_flags(flags: &[&str]) -> Self {
         let env = Env::new();
         let port = free_port();
-        let (child, addr) = start_relay(&env.path("relay"), port);
+        let (child, addr) = start_relay_with(&env.path("relay"), port, flags);
         Self {
             env,
             relay: Some(child),
@@ -67,7 +71,11 @@ impl Net {
 
     /// alice and bob, each other's contacts, both on the relay.
     fn pair() -> Self {
-        let net = Self::new();
+        Self::pair_with(&[])
+    }
+
+    fn pair_with(flags: &[&str]) -> Self {
+        let net = Self::with_relay_flags(flags);
         let a = net.init("alice");
         let b = net.init("bob");
         net.pin("alice", "bob", &b);
@@ -657,4 +665,64 @@ fn a_directory_tree_arrives_in_place() {
     assert!(!dl.join("link").exists(), "symbolic links are not sent");
     let s = net.sync("alice");
     assert_eq!(s["confirmed"].as_u64(), Some(3));
+}
+
+#[test]
+fn a_file_larger_than_the_relay_takes_is_refused_at_once() {
+    let net = Net::pair_with(&["--max-blob", "1000000"]);
+    write_file(&net, "big.bin", 2_000_000, 3);
+    let (code, _, err) = net.run("alice", &["send", "bob", "--file", "big.bin"]);
+    assert_eq!(code, 21, "{err}");
+    assert!(err.contains("too large") || err.contains("larger"), "{err}");
+    let v = net.json("alice", &["status"]);
+    let d = &v["messages"][0]["deliveries"][0];
+    assert_eq!(d["failure"].as_str(), Some("refused:too_large"), "{v}");
+    assert!(
+        d["uploaded"].as_u64().unwrap_or(0) == 0,
+        "nothing was stored: {v}"
+    );
+}
+
+#[test]
+fn a_relay_killed_mid_upload_resumes_from_its_durable_length() {
+    let mut net = Net::pair();
+    let size = 48usize << 20;
+    let data = write_file(&net, "big.bin", size, 5);
+    let mut child = net
+        .env
+        .cmd("alice")
+        .args(["send", "bob", "--file", "big.bin"])
+        .env("SEALPOST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("send");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stored: u64 = relay_blobs(&net)
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        if stored > 24 << 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "upload did not start");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    net.restart_relay();
+    let _ = child.wait();
+    let blob_len = size as u64 + (size as u64).div_ceil(65_536) * 16;
+    let s = sync_with(&net, "alice", &[]);
+    let resent = s["upload_bytes"].as_u64().expect("n");
+    assert!(
+        resent < blob_len - (8 << 20),
+        "started over: {resent} of {blob_len}"
+    );
+    let s = sync_with(&net, "bob", &[]);
+    assert_eq!(s["files_received"].as_u64(), Some(1), "{s}");
+    assert_eq!(
+        std::fs::read(net.env.path("bob-downloads/big.bin")).expect("file"),
+        data
+    );
 }

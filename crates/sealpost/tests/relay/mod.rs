@@ -31,10 +31,17 @@ pub(crate) fn free_port() -> u16 {
 /// The caller owns the child and reaps it; a panic here fails the test.
 #[allow(clippy::zombie_processes)]
 pub(crate) fn start_relay(data: &Path, port: u16) -> (Child, RelayAddress) {
+    start_relay_with(data, port, &[])
+}
+
+/// `start_relay` with more `relay serve` flags.
+#[allow(clippy::zombie_processes)]
+pub(crate) fn start_relay_with(data: &Path, port: u16, extra: &[&str]) -> (Child, RelayAddress) {
     let mut child = Command::new(cargo_bin("sealpost"))
         .args(["relay", "serve", "--data"])
         .arg(data)
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .env("SEALPOST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -60,7 +60,7 @@ type Waiters = Arc<Mutex<Option<HashMap<u32, oneshot::Sender<Response>>>>>;
 
 /// A connection to one relay.
 pub struct RelayClient {
-    writer: tokio::sync::Mutex<WriteHalf<TlsStream<TcpStream>>>,
+    writer: tokio::sync::Mutex<WriteHalf<TlsStream<tokio::io::BufReader<TcpStream>>>>,
     waiters: Waiters,
     next_id: AtomicU32,
     relay_key: VerifyingKey,
@@ -98,6 +98,9 @@ impl RelayClient {
             .map_err(|_| connect_err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")))?
             .map_err(connect_err)?;
         tcp.set_nodelay(true).map_err(connect_err)?;
+        // rustls reads 4 KiB at a time; buffer under it (fewer syscalls
+        // for blob pieces and large fetches).
+        let tcp = tokio::io::BufReader::with_capacity(256 * 1024, tcp);
         let cfg = tls::client_config(addr.pin).map_err(connect_err)?;
         let name = ServerName::try_from(addr.host().to_owned()).unwrap_or_else(|_| {
             ServerName::try_from("relay.invalid").unwrap_or_else(|_| unreachable!())

@@ -29,10 +29,6 @@ impl Drop for Net {
 }
 
 impl Net {
-    fn new() -> Self {
-        Self::with_relay_flags(&[])
-    }
-
     fn with_relay_flags(flags: &[&str]) -> Self {
         let env = Env::new();
         let port = free_port();

@@ -1956,13 +1956,40 @@ impl Engine {
                 .await;
             bad = still;
         }
+        // How much of the blob the relay holds, while the sender is still
+        // uploading: only whole stored ranges are asked for.
+        let mut stored_known = 0u64;
+        let mut complete_known = false;
         'pieces: while i < count {
+            if !complete_known
+                && stored_known
+                    < layout.offset(i) + transfer::piece_len(&layout, layout.offset(i)) as u64
+            {
+                match self
+                    .home
+                    .call(&self.agent.identity, async |c| c.blob_status(blob_id).await)
+                    .await
+                {
+                    Ok((stored, complete)) => {
+                        stored_known = stored;
+                        complete_known = complete;
+                    }
+                    Err(e) => {
+                        tracing::warn!("downloading {}: {e}; continuing next pass", d.name);
+                        self.home.disconnect();
+                        break;
+                    }
+                }
+            }
             // A window of ranges, pipelined.
             let mut ranges = Vec::with_capacity(PIECE_WINDOW);
             let mut j = i;
             while ranges.len() < PIECE_WINDOW && j < count {
                 let off = layout.offset(j);
                 let n = transfer::piece_len(&layout, off);
+                if !complete_known && off + n as u64 > stored_known && !ranges.is_empty() {
+                    break;
+                }
                 ranges.push((off, n as u32));
                 let mut consumed = 0u64;
                 while consumed < n as u64 && j < count {

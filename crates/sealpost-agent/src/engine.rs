@@ -2083,7 +2083,7 @@ impl Engine {
             return self.request_repair(&d, &bad).await;
         }
         progress.start(&format!("verify {}", d.name), d.size, 0);
-        let h = transfer::read_back(&part, d.size, progress.as_ref())
+        let h = transfer::read_back(&part, &part_path, d.size, progress.as_ref())
             .map_err(|e| io_err("reading back", e))?;
         progress.finish();
         if h.as_bytes() != &d.plaintext_hash {

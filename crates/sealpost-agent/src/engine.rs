@@ -234,6 +234,10 @@ pub struct Engine {
     pub timing: Timing,
     /// Where transfer progress is reported (bars in the CLI).
     pub progress: std::sync::Arc<dyn crate::transfer::Progress>,
+    /// At most this many bytes of one download per pass (then the pass
+    /// goes on to other mail and the next pass continues the download);
+    /// `None`: download to the end (what `sync` does).
+    pub download_slice: Option<u64>,
     _lock: File,
 }
 
@@ -632,6 +636,7 @@ impl Engine {
             links: HashMap::new(),
             timing: Timing::default(),
             progress: std::sync::Arc::new(crate::transfer::Quiet),
+            download_slice: None,
             _lock: lock,
         })
     }
@@ -1960,6 +1965,7 @@ impl Engine {
         // uploading: only whole stored ranges are asked for.
         let mut stored_known = 0u64;
         let mut complete_known = false;
+        let mut this_pass = 0u64;
         'pieces: while i < count {
             if !complete_known
                 && stored_known
@@ -2045,6 +2051,12 @@ impl Engine {
                 progress.advance(n as u64);
                 stats.download_bytes += n as u64;
                 since_commit += n as u64;
+                this_pass += n as u64;
+            }
+            if self.download_slice.is_some_and(|max| this_pass >= max) && i < count {
+                // Enough for this pass: other mail goes first, the next
+                // pass (right away) continues from here.
+                break 'pieces;
             }
             if short {
                 if expires_at.is_some_and(|e| now_ms() / 1000 >= e) {
@@ -2358,7 +2370,12 @@ impl Engine {
             } else {
                 RETRY
             };
-            let wait = self.next_due_in()?.unwrap_or(cap).min(cap);
+            let mut wait = self.next_due_in()?.unwrap_or(cap).min(cap);
+            if s.download_bytes > 0 && !self.agent.db.downloads(Some("downloading"), 1)?.is_empty()
+            {
+                // A download was cut into slices: continue at once.
+                wait = Duration::ZERO;
+            }
             tokio::select! {
                 () = &mut stop => return Ok(total),
                 pushed = next_push(&mut sub) => {

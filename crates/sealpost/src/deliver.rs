@@ -597,6 +597,8 @@ pub fn agent(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     set_downloads(&mut agent, &args.downloads)?;
     let mut eng = Engine::new(agent)?;
     eng.timing = args.timing.timing();
+    // A long download must not hold up other mail: 256 MiB per pass.
+    eng.download_slice = Some(256 << 20);
     let rt = runtime()?;
     let total = rt.block_on(async {
         let wake = match engine::bind_wake_socket(home.dir()) {

@@ -205,6 +205,16 @@ fn link_for<'a>(
     links.get_mut(relay)
 }
 
+/// What became of a control message (report, repair request or offer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    Accepted,
+    /// Refused for good (signed refusal, or not a relay address).
+    Refused,
+    /// Not delivered this time (connection); try again later.
+    Failed,
+}
+
 /// How an upload attempt ended.
 #[derive(Debug)]
 enum Upload {
@@ -1092,7 +1102,6 @@ impl Engine {
         if pending.is_empty() {
             return Ok(());
         }
-        let pin = pin_of(&self.home_addr);
         let now_s = now_ms() / 1000;
         for (group, entries) in PendingReport::group(pending) {
             let done: Vec<([u8; 32], MessageId)> =
@@ -1107,70 +1116,18 @@ impl Engine {
             };
             let report = Report::sign(&self.agent.identity, &subject, now_s, entries)
                 .map_err(AgentError::from)?;
-            let recipients = [subject];
-            let req = SealRequest {
-                kind,
-                id: MessageId::random(&mut OsRng),
-                created_at: now_s,
-                expires_at: now_s + REPORT_LIFETIME_SECS,
-                in_reply_to: None,
-                recipients: &recipients,
-                reply_relay: Some(&pin),
-            };
-            let mut sealed = std::io::Cursor::new(Vec::new());
-            message::seal_stream(&self.agent.identity, &req, report.as_bytes(), &mut sealed)
-                .map_err(|e| AgentError::Io {
-                    what: "sealing a report",
-                    path: PathBuf::new(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-            let payload = sealed.into_inner();
-            let mailbox = MailboxId::of(subject.signing_bytes());
-            let Some(link) = link_for(
-                &mut self.home,
-                &mut self.links,
-                &self.home_addr,
-                &group.relay,
-            ) else {
-                tracing::warn!(
-                    "cannot send a report to {:?}: not a relay address",
-                    group.relay
-                );
-                self.agent.db.remove_pending_reports(&done)?;
-                continue;
-            };
-            let expires = now_s + REPORT_LIFETIME_SECS;
-            let result = link
-                .call(&self.agent.identity, async |c| {
-                    c.submit_many(vec![(mailbox, expires, payload.clone())])
-                        .await
-                        .pop()
-                        .unwrap_or(Err(ClientError::Closed))
-                })
-                .await;
-            match result {
-                Ok(Submitted::Accepted { .. }) => {
+            match self
+                .send_control(&subject, &group.relay, kind, report.as_bytes())
+                .await?
+            {
+                Control::Accepted => {
                     stats.reports_sent += 1;
                     self.agent.db.remove_pending_reports(&done)?;
                 }
-                Ok(Submitted::Refused(r)) => {
-                    tracing::warn!(
-                        "relay {} refused a {} for {} messages: {}",
-                        group.relay,
-                        kind.name(),
-                        done.len(),
-                        r.code.describe()
-                    );
-                    self.agent.db.remove_pending_reports(&done)?;
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "sending a {} to {}: {e}; will retry",
-                        kind.name(),
-                        group.relay
-                    );
-                    link.disconnect();
-                }
+                // A report the relay will never take (unknown mailbox, not
+                // a relay address): forget it, the sender retransmits.
+                Control::Refused => self.agent.db.remove_pending_reports(&done)?,
+                Control::Failed => {}
             }
         }
         Ok(())
@@ -1572,15 +1529,15 @@ impl Engine {
     }
 
     /// Seals `content` as a message of `kind` to `to` and submits it to
-    /// `relay`; true if the relay took it. For control messages that are
-    /// not tracked as deliveries (they are asked for again when missing).
+    /// `relay`. For messages that are not tracked as deliveries (reports,
+    /// repairs): a lost one is asked for, or answered, again.
     async fn send_control(
         &mut self,
         to: &PublicIdentity,
         relay: &str,
         kind: Kind,
         content: &[u8],
-    ) -> Result<bool, EngineError> {
+    ) -> Result<Control, EngineError> {
         let now_s = now_ms() / 1000;
         let pin = pin_of(&self.home_addr);
         let recipients = [*to];
@@ -1605,7 +1562,11 @@ impl Engine {
         let mailbox = MailboxId::of(to.signing_bytes());
         let expires = now_s + REPORT_LIFETIME_SECS;
         let Some(link) = link_for(&mut self.home, &mut self.links, &self.home_addr, relay) else {
-            return Ok(false);
+            tracing::warn!(
+                "cannot send a {} to {relay:?}: not a relay address",
+                kind.name()
+            );
+            return Ok(Control::Refused);
         };
         let r = link
             .call(&self.agent.identity, async |c| {
@@ -1616,19 +1577,19 @@ impl Engine {
             })
             .await;
         match r {
-            Ok(Submitted::Accepted { .. }) => Ok(true),
+            Ok(Submitted::Accepted { .. }) => Ok(Control::Accepted),
             Ok(Submitted::Refused(rf)) => {
                 tracing::warn!(
                     "relay {relay} refused a {}: {}",
                     kind.name(),
                     rf.code.describe()
                 );
-                Ok(false)
+                Ok(Control::Refused)
             }
             Err(e) => {
-                tracing::warn!("sending a {} to {relay}: {e}", kind.name());
+                tracing::warn!("sending a {} to {relay}: {e}; will retry", kind.name());
                 link.disconnect();
-                Ok(false)
+                Ok(Control::Failed)
             }
         }
     }
@@ -1825,6 +1786,7 @@ impl Engine {
             if self
                 .send_control(contact.card.public(), &relay, Kind::Repair, &offer.encode())
                 .await?
+                == Control::Accepted
             {
                 tracing::info!("re-sent {} chunk(s) of {}", req.chunks.len(), f.path);
                 self.agent.db.remove_repair(&job.msg, &job.recipient)?;

@@ -964,16 +964,7 @@ impl Engine {
                     }
                     if d.state == "done" {
                         if let Some(relay) = self.reply_relay(&h.sender, h.reply_relay.as_ref())? {
-                            reports.push(PendingReport {
-                                subject: d.sender,
-                                agreement: d.agreement,
-                                id: d.msg,
-                                relay,
-                                reason: None,
-                                content_hash: d.plaintext_hash,
-                                content_len: d.size,
-                                stored_at: d.changed_ms / 1000,
-                            });
+                            reports.push(d.receipt(relay, d.changed_ms / 1000));
                         }
                     }
                 }
@@ -2129,16 +2120,10 @@ impl Engine {
         std::fs::remove_file(&part_path).map_err(|e| io_err("removing", e))?;
         crate::fsutil::sync_dir(&target_dir).map_err(|e| io_err("syncing", e))?;
         crate::fsutil::sync_dir(&dir).map_err(|e| io_err("syncing", e))?;
-        let receipt = d.relay.clone().map(|relay| PendingReport {
-            subject: d.sender,
-            agreement: d.agreement,
-            id: d.msg,
-            relay,
-            reason: None,
-            content_hash: d.plaintext_hash,
-            content_len: d.size,
-            stored_at: now_ms() / 1000,
-        });
+        let receipt = d
+            .relay
+            .clone()
+            .map(|relay| d.receipt(relay, now_ms() / 1000));
         self.agent.db.download_end(
             &d.msg,
             "done",

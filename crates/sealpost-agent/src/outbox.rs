@@ -867,6 +867,23 @@ pub struct Download {
     pub changed_ms: u64,
 }
 
+impl Download {
+    /// The receipt entry a finished download earns: the file's hash and
+    /// size, as read back from disk.
+    pub fn receipt(&self, relay: String, stored_at: u64) -> PendingReport {
+        PendingReport {
+            subject: self.sender,
+            agreement: self.agreement,
+            id: self.msg,
+            relay,
+            reason: None,
+            content_hash: self.plaintext_hash,
+            content_len: self.size,
+            stored_at,
+        }
+    }
+}
+
 const DOWNLOAD_COLS: &str = "msg, sender, agreement, relay, blob_id, blob_key, size, chunk_size, \
      plaintext_hash, name, dir, next_chunk, bad, attempts, state, final_path, error, changed_ms";
 

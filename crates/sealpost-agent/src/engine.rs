@@ -127,6 +127,9 @@ pub struct PassStats {
     pub upload_bytes: u64,
     /// Blob bytes fetched from the home relay (file downloads).
     pub download_bytes: u64,
+    /// Misbehaviour of a relay caught by the checks (recorded; see
+    /// `Database::detections`).
+    pub detections: u64,
 }
 
 impl PassStats {
@@ -148,6 +151,7 @@ impl PassStats {
         self.files_received += o.files_received;
         self.upload_bytes += o.upload_bytes;
         self.download_bytes += o.download_bytes;
+        self.detections += o.detections;
     }
 
     /// True if nothing happened.
@@ -248,6 +252,8 @@ pub struct Engine {
     /// goes on to other mail and the next pass continues the download);
     /// `None`: download to the end (what `sync` does).
     pub download_slice: Option<u64>,
+    /// What the checks caught in this pass, recorded at its end.
+    found: Vec<(&'static str, String)>,
     _lock: File,
 }
 
@@ -647,6 +653,7 @@ impl Engine {
             timing: Timing::default(),
             progress: std::sync::Arc::new(crate::transfer::Quiet),
             download_slice: None,
+            found: Vec::new(),
             _lock: lock,
         })
     }
@@ -717,8 +724,19 @@ impl Engine {
             );
         }
         stats.expired += expired.len() as u64;
+        self.flush_found(&mut stats)?;
         tracing::trace!("pass: done");
         Ok(stats)
+    }
+
+    /// Records what the checks caught so far in this pass.
+    fn flush_found(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
+        if !self.found.is_empty() {
+            self.agent.db.record_detections(&self.found, now_ms())?;
+            stats.detections += self.found.len() as u64;
+            self.found.clear();
+        }
+        Ok(())
     }
 
     async fn fetch_all(
@@ -767,21 +785,41 @@ impl Engine {
         stats: &mut PassStats,
     ) -> Result<(), EngineError> {
         let opened = open_all(&self.agent.identity, &payloads);
+        let hashes: Vec<String> = payloads
+            .iter()
+            .map(|p| blake3::hash(p).to_hex().to_string())
+            .collect();
         drop(payloads);
         let now_s = now_ms() / 1000;
         let mut to_store: Vec<(OpenedMessage, Vec<u8>)> = Vec::new();
         let mut reports: Vec<PendingReport> = Vec::new();
-        for r in opened {
+        for (r, item) in opened.into_iter().zip(hashes) {
+            let before = (stats.discarded, stats.duplicates, stats.forged_reports);
             let verdict = match r {
                 Err(e) => {
                     tracing::warn!("discarded a fetched item: {e}");
                     stats.discarded += 1;
+                    self.found.push((open_error_class(&e), item.clone()));
                     Verdict::Done
                 }
                 Ok((m, content)) => {
                     self.classify(m, content, now_s, &to_store, &mut reports, stats)?
                 }
             };
+            if matches!(verdict, Verdict::Done) {
+                let class = if stats.duplicates > before.1 {
+                    Some("duplicate")
+                } else if stats.forged_reports > before.2 {
+                    Some("forged-report")
+                } else if stats.discarded > before.0 {
+                    Some("discarded")
+                } else {
+                    None
+                };
+                if let (Some(c), true) = (class, self.found.last().map(|f| &f.1) != Some(&item)) {
+                    self.found.push((c, item));
+                }
+            }
             if let Verdict::Store(stored) = verdict {
                 to_store.push(*stored);
             }
@@ -863,6 +901,7 @@ impl Engine {
             .record_inbox(&entries, &reports, &downloads, now_s)?;
         stats.delivered += new.len() as u64;
         stats.duplicates += (entries.len() - new.len()) as u64;
+        self.flush_found(stats)?;
         for (m, _) in &to_store {
             if new.contains(&m.header.id) {
                 tracing::info!(
@@ -907,6 +946,28 @@ impl Engine {
             .db
             .contact_by_key(h.sender.signing_bytes())?
             .filter(|c| c.card.public() == &h.sender);
+        if matches!(
+            h.kind,
+            Kind::Receipt | Kind::Rejection | Kind::RepairRequest | Kind::Repair
+        ) && contact.is_some()
+        {
+            // Control messages are acted on once: a relay replaying an old
+            // receipt or repair request changes nothing (and cannot make
+            // us upload the same chunks again and again).
+            if self.agent.db.replay_seen(&h.id)? {
+                stats.duplicates += 1;
+                return Ok(Verdict::Done);
+            }
+            if let Err(e) = self.agent.policy.check(h, now_s) {
+                tracing::warn!(
+                    "discarded a {} from {}: {e}",
+                    h.kind.name(),
+                    h.sender.fingerprint()
+                );
+                stats.discarded += 1;
+                return Ok(Verdict::Done);
+            }
+        }
         match h.kind {
             Kind::Receipt | Kind::Rejection => {
                 if contact.is_none() {
@@ -919,6 +980,7 @@ impl Engine {
                     return Ok(Verdict::Done);
                 }
                 self.apply_report(&m, &content, stats)?;
+                self.remember_control(h, now_s)?;
                 return Ok(Verdict::Done);
             }
             Kind::RepairRequest | Kind::Repair => {
@@ -927,6 +989,7 @@ impl Engine {
                     return Ok(Verdict::Done);
                 }
                 self.apply_repair(&m, &content)?;
+                self.remember_control(h, now_s)?;
                 return Ok(Verdict::Done);
             }
             _ => {}
@@ -1024,6 +1087,18 @@ impl Engine {
             return Ok(Verdict::Done);
         }
         Ok(Verdict::Store(Box::new((m, content))))
+    }
+
+    /// Records a control message as acted on, after its effect committed
+    /// (a crash in between applies it again, which changes nothing).
+    fn remember_control(
+        &mut self,
+        h: &sealpost_proto::MessageHeader,
+        now_s: u64,
+    ) -> Result<(), EngineError> {
+        let until = self.agent.policy.remember_until(h.expires_at);
+        self.agent.db.replay_insert(&h.id, until, now_s)?;
+        Ok(())
     }
 
     /// Verifies a receipt or rejection and applies it to the outbox.
@@ -1251,6 +1326,12 @@ impl Engine {
                         Some(Err(e)) => {
                             if matches!(e, ClientError::ForgedRefusal) {
                                 tracing::warn!("relay {relay} sent a refusal that is not signed by its key: forged, ignored");
+                                if let Some((_, _, p)) = items.get(k) {
+                                    self.found.push((
+                                        "forged-refusal",
+                                        blake3::hash(p).to_hex().to_string(),
+                                    ));
+                                }
                             }
                             d.transient_failure(now, &self.timing, unit_random());
                             last_error = Some(e.to_string());
@@ -1460,10 +1541,37 @@ impl Engine {
                         break;
                     }
                     Err(ClientError::Server { message, .. }) if message.contains("BLAKE3") => {
-                        outcome = Some(Upload::Failed(
-                            "source-changed".into(),
-                            format!("{} changed while it was being sent; send it again", f.path),
-                        ));
+                        // The relay says the blob does not match its hash.
+                        // That is our word against the relay's: summarize
+                        // the source again before believing it changed.
+                        // (Rare: done in place.)
+                        let again = crate::transfer::summarize(
+                            std::path::Path::new(&f.path),
+                            &f.key,
+                            f.chunk_size,
+                        );
+                        outcome = Some(match again {
+                            Ok(sum) if *sum.blob_hash.as_bytes() == f.blob_hash => {
+                                self.found.push((
+                                    "false-hash-mismatch",
+                                    format!("blob:{}", hex(&blob_id)),
+                                ));
+                                Upload::Retry(format!("the relay claims the blob does not match its hash, but the source is unchanged: {message}"))
+                            }
+                            _ => Upload::Failed(
+                                "source-changed".into(),
+                                format!(
+                                    "{} changed while it was being sent; send it again",
+                                    f.path
+                                ),
+                            ),
+                        });
+                        break;
+                    }
+                    Err(ClientError::ForgedRefusal) => {
+                        self.found
+                            .push(("forged-refusal", format!("blob:{}", hex(&blob_id))));
+                        outcome = Some(Upload::Retry(ClientError::ForgedRefusal.to_string()));
                         break;
                     }
                     Err(e) => {
@@ -1971,10 +2079,22 @@ impl Engine {
                 }
             };
             let mut short = false;
-            for (answer, &(_, n)) in answers.into_iter().zip(&ranges) {
+            for (answer, &(off, n)) in answers.into_iter().zip(&ranges) {
                 let n = n as usize;
                 let data = match answer {
                     Ok(v) if v.len() == n => v,
+                    Ok(v) if complete_known => {
+                        // The relay said the blob is whole, then sent less.
+                        self.found
+                            .push(("short-blob-data", format!("blob:{}@{off}", hex(&blob_id))));
+                        tracing::warn!(
+                            "receiving {}: the relay sent {} of {n} bytes at {off} of a whole blob",
+                            d.name,
+                            v.len()
+                        );
+                        short = true;
+                        break;
+                    }
                     // Not there yet: the sender streams the blob while we
                     // read it (or has not started to upload it again).
                     Ok(_)
@@ -1992,10 +2112,13 @@ impl Engine {
                     }
                 };
                 idle_since = None;
-                bad.extend(
-                    transfer::write_chunks(&part, &d.key, &layout, i, &data)
-                        .map_err(|e| io_err("writing", e))?,
-                );
+                let damaged = transfer::write_chunks(&part, &d.key, &layout, i, &data)
+                    .map_err(|e| io_err("writing", e))?;
+                if !damaged.is_empty() {
+                    self.found
+                        .push(("damaged-chunk", format!("blob:{}@{off}", hex(&blob_id))));
+                }
+                bad.extend(damaged);
                 let mut consumed = 0u64;
                 while consumed < n as u64 && i < count {
                     consumed += layout.sealed_len(i);
@@ -2176,6 +2299,28 @@ impl Engine {
 
 /// Opens every payload, on all cores: opening is the expensive step (one
 /// X25519 agreement and one signature verification each).
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The name under which a failed open is recorded as a detection.
+fn open_error_class(e: &OpenError) -> &'static str {
+    match e {
+        OpenError::NotForMe(_) => "not-for-me",
+        OpenError::Malformed(_) => "malformed",
+        OpenError::UnsupportedVersion { .. } => "unsupported-version",
+        OpenError::BadSignature => "bad-signature",
+        OpenError::UnknownSender { .. } => "unknown-sender",
+        OpenError::Tampered { .. } => "tampered",
+        OpenError::Truncated { .. } => "truncated",
+        OpenError::Expired { .. } => "expired",
+        OpenError::FromFuture { .. } => "from-the-future",
+        OpenError::Replayed { .. } => "replayed",
+        OpenError::TooLarge { .. } => "too-large",
+        _ => "unreadable",
+    }
+}
+
 fn open_all(
     me: &sealpost_proto::Identity,
     payloads: &[Vec<u8>],

@@ -119,7 +119,26 @@ CREATE TABLE IF NOT EXISTS pending_reports (
     stored_at INTEGER NOT NULL,
     PRIMARY KEY (subject, id)
 );
+CREATE TABLE IF NOT EXISTS detections (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    class TEXT NOT NULL,
+    item TEXT NOT NULL
+);
 ";
+
+/// Detections kept; older ones are pruned as new ones arrive.
+const MAX_DETECTIONS: i64 = 200_000;
+
+/// Something a relay (or the network through it) did that the checks
+/// caught: what it was and which item (a fetched item's BLAKE3 in hex,
+/// or `blob:<id>@<offset>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Detection {
+    pub at_ms: u64,
+    pub class: String,
+    pub item: String,
+}
 
 /// One recipient of a queued message.
 #[derive(Debug, Clone)]
@@ -637,6 +656,59 @@ impl Db {
     }
 
     /// Counts of deliveries per state.
+    /// Records what the checks caught (diagnostics: a crash may lose the
+    /// last few, never a delivery decision).
+    pub fn record_detections(
+        &mut self,
+        found: &[(&'static str, String)],
+        now_ms: u64,
+    ) -> Result<(), AgentError> {
+        if found.is_empty() {
+            return Ok(());
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO detections (at_ms, class, item) VALUES (?1, ?2, ?3)",
+            )?;
+            for (class, item) in found {
+                ins.execute(params![to_i64(now_ms), class, item])?;
+            }
+            tx.execute(
+                "DELETE FROM detections WHERE n <= (SELECT MAX(n) FROM detections) - ?1",
+                params![MAX_DETECTIONS],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Detections by class.
+    pub fn detection_counts(&self) -> Result<Vec<(String, u64)>, AgentError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT class, COUNT(*) FROM detections GROUP BY class ORDER BY class")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, to_u64(r.get(1)?))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The latest detections, newest first.
+    pub fn detections(&self, limit: usize) -> Result<Vec<Detection>, AgentError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT at_ms, class, item FROM detections ORDER BY n DESC LIMIT ?1")?;
+        let rows = stmt.query_map(params![to_i64(limit as u64)], |r| {
+            Ok(Detection {
+                at_ms: to_u64(r.get(0)?),
+                class: r.get(1)?,
+                item: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn delivery_counts(&self) -> Result<Vec<(String, u64)>, AgentError> {
         let mut stmt = self
             .conn

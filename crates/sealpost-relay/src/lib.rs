@@ -7,6 +7,7 @@ pub mod client;
 pub mod limits;
 pub mod metrics;
 pub mod server;
+pub mod tamper;
 pub mod tls;
 
 pub use server::{Config, Metrics, Relay, RunningRelay};

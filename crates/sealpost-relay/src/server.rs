@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
 
 use crate::limits::{PerAddress, TokenBucket};
+use crate::tamper::{ForgedRefusal, OnSubmit, Tamper};
 use crate::tls::{self, Pin, RelayAddress};
 
 /// Everything a relay is configured with.
@@ -59,6 +60,9 @@ pub struct Config {
     /// Largest message (sealed container) taken by `Submit`; at most
     /// `relay::MAX_MESSAGE`.
     pub max_message: usize,
+    /// A misbehaving relay for tests and demonstrations (never set in
+    /// normal operation); see [`crate::tamper`].
+    pub tamper: Option<Arc<dyn Tamper>>,
 }
 
 impl Config {
@@ -81,6 +85,7 @@ impl Config {
             rate_per_address: (500.0, 2_000.0),
             metrics: None,
             max_message: relay::MAX_MESSAGE,
+            tamper: None,
         }
     }
 }
@@ -621,7 +626,13 @@ async fn handle(
             let max = (max as usize).clamp(1, relay::MAX_BATCH);
             let budget = relay::MAX_FRAME - 64 * 1024;
             match s.store.fetch(&mb, after, max, budget) {
-                Ok((items, more, damaged)) => {
+                Ok((mut items, more, damaged)) => {
+                    if let Some(t) = &s.config.tamper {
+                        let lost = t.fetch(&mb, &mut items);
+                        if !lost.is_empty() {
+                            let _ = s.store.ack(mb, lost).await;
+                        }
+                    }
                     if damaged > 0 {
                         tracing::error!(mailbox = %mb, "{damaged} stored items failed their BLAKE3 check; run `sealpost relay scrub`");
                     }
@@ -686,6 +697,14 @@ async fn handle(
             data,
         } => {
             let n = data.len() as u64;
+            if let Some(forged) = s
+                .config
+                .tamper
+                .as_ref()
+                .and_then(|t| t.blob_put(&blob_id, &mailbox, &blob_hash, offset))
+            {
+                return send(out, id, forged_refusal(s, forged, mailbox, blob_hash)).await;
+            }
             let r = s
                 .store
                 .blob_put(
@@ -748,7 +767,12 @@ async fn handle(
             match s.store.blob_status(&blob_id) {
                 Ok(Some((_, _, owner))) if owner == mb => {
                     match s.store.blob_read(&blob_id, offset, len) {
-                        Ok(Some(data)) => send(out, id, Response::BlobData { offset, data }).await,
+                        Ok(Some(mut data)) => {
+                            if let Some(t) = &s.config.tamper {
+                                t.blob_data(&mb, &blob_id, offset, &mut data);
+                            }
+                            send(out, id, Response::BlobData { offset, data }).await
+                        }
                         Ok(None) => send(out, id, err(ErrorCode::NotFound, "no such blob")).await,
                         Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
                     }
@@ -796,16 +820,48 @@ fn refusal(s: &Shared, code: RefusalCode, mailbox: MailboxId, hash: [u8; 32]) ->
     if let Some(c) = s.metrics.refused_by_code.get(code.code() as usize) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+    Response::Refused(signed_refusal(&s.key, code, mailbox, hash))
+}
+
+fn signed_refusal(
+    key: &SigningKey,
+    code: RefusalCode,
+    mailbox: MailboxId,
+    hash: [u8; 32],
+) -> Refusal {
     let at = now();
     let mut msg = context::REFUSAL.to_vec();
     msg.extend_from_slice(&Refusal::signed_bytes(code, at, &mailbox, &hash));
-    Response::Refused(Refusal {
+    Refusal {
         code,
         at,
         mailbox,
         payload_hash: hash,
-        signature: s.key.sign(&msg).to_bytes(),
-    })
+        signature: key.sign(&msg).to_bytes(),
+    }
+}
+
+/// A refusal a tampering relay makes up (see [`crate::tamper`]).
+fn forged_refusal(s: &Shared, how: ForgedRefusal, mailbox: MailboxId, hash: [u8; 32]) -> Response {
+    let code = RefusalCode::OverQuota;
+    let r = match how {
+        ForgedRefusal::OtherKey => {
+            let mut k = [0u8; 32];
+            OsRng.fill_bytes(&mut k);
+            signed_refusal(&SigningKey::from_bytes(&k), code, mailbox, hash)
+        }
+        ForgedRefusal::OtherHash => {
+            let mut h = hash;
+            h[0] ^= 0x80;
+            signed_refusal(&s.key, code, mailbox, h)
+        }
+        ForgedRefusal::OtherMailbox => {
+            let mut m = mailbox;
+            m.0[0] ^= 0x80;
+            signed_refusal(&s.key, code, m, hash)
+        }
+    };
+    Response::Refused(r)
 }
 
 async fn submit(
@@ -820,6 +876,19 @@ async fn submit(
     }
     if blake3::hash(&payload).as_bytes() != &hash {
         return refusal(s, RefusalCode::HashMismatch, mailbox, hash);
+    }
+    let mut mailbox = mailbox;
+    if let Some(t) = &s.config.tamper {
+        match t.submit(&mailbox, &hash, &payload) {
+            OnSubmit::Store => {}
+            OnSubmit::Drop => {
+                let mut item_id = [0u8; 16];
+                OsRng.fill_bytes(&mut item_id);
+                return Response::Accepted { item_id };
+            }
+            OnSubmit::Redirect(other) => mailbox = other,
+            OnSubmit::Forge(how) => return forged_refusal(s, how, mailbox, hash),
+        }
     }
     let len = payload.len() as u64;
     match s

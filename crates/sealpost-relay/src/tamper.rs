@@ -1,0 +1,61 @@
+//! Hooks through which a deliberately misbehaving relay is built, for
+//! testing that the endpoints catch everything a relay can do (the
+//! adversary itself lives in `sealpost-testkit`). An honest relay has no
+//! hook installed and never calls into this module.
+//!
+//! Each hook sees what the relay is about to do and may change it the way
+//! a compromised or broken relay could: lose, redirect, duplicate, reorder,
+//! hold back, alter or invent items, and answer submissions with refusals
+//! that are not what they claim to be.
+
+use sealpost_proto::relay::{Item, MailboxId};
+
+/// What the relay does with a submission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnSubmit {
+    /// Store it as asked.
+    Store,
+    /// Answer `Accepted` and keep nothing.
+    Drop,
+    /// Store it in another mailbox and answer `Accepted`.
+    Redirect(MailboxId),
+    /// Answer with a refusal that does not hold up.
+    Forge(ForgedRefusal),
+}
+
+/// The ways a relay can answer with a refusal that the client must not
+/// take for its own: signed by another key, or naming another submission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForgedRefusal {
+    /// Signed with a key that is not the relay's.
+    OtherKey,
+    /// Correctly signed, but over another payload hash (a refusal of some
+    /// other submission, replayed).
+    OtherHash,
+    /// Correctly signed, but naming another mailbox.
+    OtherMailbox,
+}
+
+/// The hooks. Every method is called on the relay's request path, so it
+/// must be quick and must not block on I/O for long.
+pub trait Tamper: Send + Sync + std::fmt::Debug + 'static {
+    /// A well-formed submission whose hash matched, before it is stored.
+    fn submit(&self, mailbox: &MailboxId, payload_hash: &[u8; 32], payload: &[u8]) -> OnSubmit;
+
+    /// Items about to be sent to `mailbox`'s owner; the hook may rewrite
+    /// the list in place. Returns sequence numbers the relay should delete
+    /// without telling anyone (items it "loses").
+    fn fetch(&self, mailbox: &MailboxId, items: &mut Vec<Item>) -> Vec<u64>;
+
+    /// A blob piece arriving, before it is stored.
+    fn blob_put(
+        &self,
+        blob_id: &[u8; 16],
+        mailbox: &MailboxId,
+        blob_hash: &[u8; 32],
+        offset: u64,
+    ) -> Option<ForgedRefusal>;
+
+    /// Blob data about to be sent to its reader; may be altered in place.
+    fn blob_data(&self, mailbox: &MailboxId, blob_id: &[u8; 16], offset: u64, data: &mut Vec<u8>);
+}

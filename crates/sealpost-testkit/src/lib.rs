@@ -1,0 +1,15 @@
+//! Testing tools for sealpost — **not for production use**.
+//!
+//! - [`hostile`]: a relay that misbehaves on purpose (drops, duplicates,
+//!   reorders, delays, flips bits, truncates, replays, moves, substitutes,
+//!   forges refusals and reports), seeded and logged, so tests can show
+//!   that the endpoints catch every fault.
+//! - [`netfault`]: a TCP proxy on loopback that cuts connections mid-frame,
+//!   leaves them half-open or accepts and never answers.
+#![forbid(unsafe_code)]
+
+pub mod hostile;
+pub mod netfault;
+
+pub use hostile::{Fault, Hostile, Spec, SpecError};
+pub use netfault::{FaultyProxy, NetFault};

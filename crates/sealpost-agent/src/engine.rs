@@ -1687,6 +1687,12 @@ impl Engine {
             }
             Err(e) => {
                 tracing::warn!("sending a {} to {relay}: {e}; will retry", kind.name());
+                if matches!(e, ClientError::ForgedRefusal) {
+                    self.found.push((
+                        "forged-refusal",
+                        blake3::hash(&payload).to_hex().to_string(),
+                    ));
+                }
                 link.disconnect();
                 Ok(Control::Failed)
             }

@@ -460,21 +460,20 @@ impl Tamper for Hostile {
             return Vec::new();
         };
         let st = &mut *st;
-        {
-            let h = st.served.entry(*mailbox).or_default();
-            for it in items.iter() {
-                remember(h, &it.payload, HISTORY_ITEMS);
-            }
-        }
         if healed || items.is_empty() {
             return Vec::new();
         }
+        // Originals of what this fetch really serves: replayed later.
+        let mut served: Vec<Vec<u8>> = Vec::new();
         let mut out: Vec<Item> = Vec::with_capacity(items.len() + 2);
         for mut item in items.drain(..) {
             let orig = item_hash(&item.payload);
             if self.roll(st, Fault::Delay) {
                 self.log(st, Fault::Delay, mailbox, &orig, None);
                 continue;
+            }
+            if item.payload.len() <= KEEP_MAX {
+                served.push(item.payload.clone());
             }
             if self.roll(st, Fault::Substitute) {
                 let others: Vec<usize> = (0..st.pool.len())
@@ -548,6 +547,10 @@ impl Tamper for Hostile {
                 self.log(st, Fault::Reorder, mailbox, &what, None);
             }
         }
+        let h = st.served.entry(*mailbox).or_default();
+        for p in served {
+            remember(h, &p, HISTORY_ITEMS);
+        }
         *items = out;
         Vec::new()
     }
@@ -567,7 +570,9 @@ impl Tamper for Hostile {
         if !self.roll(st, Fault::ForgeRefusal) {
             return None;
         }
-        let item = format!("blob:{}@{offset}", hex(blob_id));
+        // The uploader notices per blob, not per piece.
+        let _ = offset;
+        let item = format!("blob:{}", hex(blob_id));
         self.log(st, Fault::ForgeRefusal, mailbox, &item, None);
         Some(
             [

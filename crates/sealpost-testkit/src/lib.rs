@@ -6,10 +6,12 @@
 //!   that the endpoints catch every fault.
 //! - [`netfault`]: a TCP proxy on loopback that cuts connections mid-frame,
 //!   leaves them half-open or accepts and never answers.
+//! - [`soak`]: the adversary soak and crash campaign over real processes.
 #![forbid(unsafe_code)]
 
 pub mod hostile;
 pub mod netfault;
+pub mod soak;
 
 pub use hostile::{Fault, Hostile, Spec, SpecError};
 pub use netfault::{FaultyProxy, NetFault};

@@ -181,6 +181,11 @@ pub struct StatusArgs {
     /// At most this many messages, newest first
     #[arg(long, default_value_t = 20)]
     limit: usize,
+    /// List what the checks caught from relays (tampered, misdirected,
+    /// replayed or forged items, damaged blob data), newest first, instead
+    /// of the outbox
+    #[arg(long, conflicts_with = "id")]
+    detections: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -540,6 +545,7 @@ fn stats_json(s: &PassStats) -> Value {
         "files_received": s.files_received,
         "upload_bytes": s.upload_bytes,
         "download_bytes": s.download_bytes,
+        "detections": s.detections,
     })
 }
 
@@ -749,8 +755,33 @@ fn hex_lower(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+fn detections(agent: &Agent, limit: usize, out: &Out) -> Result<(), Failure> {
+    let list = agent.db().detections(limit)?;
+    let counts = agent.db().detection_counts()?;
+    out.report(
+        json!({
+            "detections": list.iter().map(|d| json!({"at": ms_time(d.at_ms), "class": d.class, "item": d.item})).collect::<Vec<_>>(),
+            "totals": counts.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+        }),
+        || {
+            if list.is_empty() {
+                return "Nothing caught: every item from the relays passed its checks.\n".to_owned();
+            }
+            let mut s = String::new();
+            for d in &list {
+                s.push_str(&format!("{}  {:<20} {}\n", ms_time(d.at_ms), d.class, d.item));
+            }
+            s
+        },
+    )
+}
+
 pub fn status(home: &Home, args: StatusArgs, out: &Out) -> Result<(), Failure> {
     let agent = home.load()?;
+    if args.detections {
+        return detections(&agent, args.limit, out);
+    }
+    let caught = agent.db().detection_counts()?;
     let entries = match &args.id {
         Some(p) => {
             let all = agent.db().outbox(None, usize::MAX >> 1)?;
@@ -763,12 +794,21 @@ pub fn status(home: &Home, args: StatusArgs, out: &Out) -> Result<(), Failure> {
         json!({
             "messages": entries.iter().map(entry_json).collect::<Vec<_>>(),
             "totals": totals.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            "detections": caught.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         }),
         || {
-            if entries.is_empty() {
-                return "The outbox is empty.\n".to_owned();
-            }
             let mut s = String::new();
+            if !caught.is_empty() && args.id.is_none() {
+                let parts: Vec<String> = caught.iter().map(|(k, n)| format!("{n} {k}")).collect();
+                s.push_str(&format!(
+                    "Caught from relays (nothing of it was accepted): {}; see `sealpost status --detections`\n",
+                    parts.join(", ")
+                ));
+            }
+            if entries.is_empty() {
+                s.push_str("The outbox is empty.\n");
+                return s;
+            }
             if args.id.is_none() {
                 let parts: Vec<String> = totals.iter().map(|(k, n)| format!("{n} {k}")).collect();
                 s.push_str(&format!("Deliveries: {}\n", parts.join(", ")));

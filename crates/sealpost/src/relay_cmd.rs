@@ -100,6 +100,30 @@ pub struct ServeArgs {
     /// New connections per second one address may open
     #[arg(long, value_name = "N")]
     rate_per_address: Option<f64>,
+    /// TESTING TOOL: misbehave on purpose, to demonstrate that agents catch
+    /// a malicious relay. SPEC is `seed=N,all=RATE,CLASS=RATE,…,heal-after=SECS`
+    /// with classes drop, duplicate, reorder, delay, flip, truncate, replay,
+    /// move, substitute, forge-refusal, forge-report, blob-flip,
+    /// blob-truncate. Never use on a relay that carries real mail.
+    #[arg(long, value_name = "SPEC", help_heading = "Testing")]
+    hostile: Option<String>,
+    /// Append every fault committed under --hostile to FILE (JSON lines)
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "hostile",
+        help_heading = "Testing"
+    )]
+    hostile_log: Option<PathBuf>,
+    /// Public contact cards (files of `sealpost-card-v1:` lines) the hostile
+    /// relay may forge receipts and rejections to
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "hostile",
+        help_heading = "Testing"
+    )]
+    hostile_cards: Vec<PathBuf>,
 }
 
 /// The configuration file: every option of `relay serve`.
@@ -157,7 +181,26 @@ pub fn run(cmd: RelayCmd, out: &Out) -> Result<(), Failure> {
     }
 }
 
+fn hostile(a: &ServeArgs) -> anyhow::Result<Option<std::sync::Arc<sealpost_testkit::Hostile>>> {
+    let Some(spec) = &a.hostile else {
+        return Ok(None);
+    };
+    let spec = sealpost_testkit::Spec::parse(spec).context("invalid --hostile")?;
+    let mut h = sealpost_testkit::Hostile::new(spec.clone(), a.hostile_log.as_deref())
+        .context("cannot open the --hostile-log file")?;
+    let mut texts = Vec::new();
+    for p in &a.hostile_cards {
+        texts.push(
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        );
+    }
+    let n = h.learn_cards(&texts);
+    tracing::warn!("HOSTILE RELAY (testing tool): {spec}; {n} cards known for forged reports");
+    Ok(Some(std::sync::Arc::new(h)))
+}
+
 fn build_config(a: ServeArgs) -> anyhow::Result<Config> {
+    let tamper = hostile(&a)?;
     let file: FileConfig = match &a.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -223,10 +266,12 @@ fn build_config(a: ServeArgs) -> anyhow::Result<Config> {
     if let Some(r) = a.rate_per_address.or(file.rate_per_address) {
         c.rate_per_address = (r.max(1.0), (r * 4.0).max(1.0));
     }
+    c.tamper = tamper.map(|h| h as std::sync::Arc<dyn sealpost_relay::tamper::Tamper>);
     Ok(c)
 }
 
 fn serve(a: ServeArgs, out: &Out) -> Result<(), Failure> {
+    let config_hostile = a.hostile.clone();
     let config = build_config(a)?;
     let rt = runtime()?;
     rt.block_on(async {
@@ -237,8 +282,10 @@ fn serve(a: ServeArgs, out: &Out) -> Result<(), Failure> {
             .await
             .with_context(|| format!("cannot start the relay on {listen} with data in {}", data.display()))?;
         let addr = relay.address().clone();
+        let hostile = config_hostile;
         out.report(
             json!({
+                "hostile": hostile,
                 "listening": addr.host_port,
                 "address": addr.to_string(),
                 "fingerprint": addr.pin.to_text(),
@@ -248,7 +295,8 @@ fn serve(a: ServeArgs, out: &Out) -> Result<(), Failure> {
             }),
             || {
                 format!(
-                    "sealpost relay listening on {} (TLS 1.3){}\nKey fingerprint: {}\nRelay address for agents: {addr}\n",
+                    "{}sealpost relay listening on {} (TLS 1.3){}\nKey fingerprint: {}\nRelay address for agents: {addr}\n",
+                    if hostile.is_some() { "WARNING: HOSTILE TESTING RELAY — it tampers with what it carries on purpose\n" } else { "" },
                     addr.host_port,
                     if relay.created_cert() { ", new self-signed certificate" } else { "" },
                     addr.pin.to_text(),

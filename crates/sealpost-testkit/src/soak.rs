@@ -1,0 +1,724 @@
+//! The adversary soak: real `sealpost` processes (a relay and one agent per
+//! identity) exchange messages and files through a hostile relay, with
+//! optional SIGKILLs of every process at seeded random moments; then the
+//! relay heals (restarts honest on the same data) and delivery finishes.
+//! Every outcome is read back from the endpoints and checked against the
+//! guarantees: nothing lost, nothing delivered twice, no tampered content
+//! and no forged refusal or rejection accepted, nothing left pending.
+//!
+//! Used by `bench/adversary.sh` (release, full size) and by a shortened
+//! seeded run in `cargo test`. Everything listens on 127.0.0.1 only.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct SoakConfig {
+    /// The `sealpost` binary.
+    pub sealpost: PathBuf,
+    /// Scratch directory (homes, relay data, logs, source files).
+    pub dir: PathBuf,
+    pub seed: u64,
+    pub identities: usize,
+    pub messages: usize,
+    pub files: usize,
+    /// Largest file, bytes (sizes are mixed: edge sizes and random ones).
+    pub max_file: u64,
+    /// Fault rates, `Spec` text without the seed (e.g. `all=0.03`).
+    pub faults: String,
+    /// How long the relay stays hostile.
+    pub hostile_for: Duration,
+    /// SIGKILLs of the relay and the agents while hostile (0: none).
+    pub kills: usize,
+    /// Base retransmission interval given to the agents.
+    pub retransmit_after: Duration,
+    /// How long delivery may take to finish after the relay healed.
+    pub settle_timeout: Duration,
+    /// Messages per `send --repeat` batch.
+    pub batch: usize,
+}
+
+/// What happened, and whether the guarantees held.
+#[derive(Debug, Default, Clone)]
+pub struct SoakReport {
+    pub sent_messages: u64,
+    pub sent_files: u64,
+    pub faults: BTreeMap<String, u64>,
+    /// Faults whose item the endpoints recorded as caught, by class.
+    pub matched: BTreeMap<String, (u64, u64)>,
+    pub detections: BTreeMap<String, u64>,
+    pub kills: u64,
+    pub delivered: u64,
+    pub failed: BTreeMap<String, u64>,
+    pub pending: u64,
+    pub lost: u64,
+    pub delivered_twice: u64,
+    pub tampered_accepted: u64,
+    pub forged_accepted: u64,
+    pub send_errors: u64,
+    pub settle_secs: f64,
+    pub hostile_secs: f64,
+    pub violations: Vec<String>,
+}
+
+impl SoakReport {
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "sent": {"messages": self.sent_messages, "files": self.sent_files},
+            "faults_injected": self.faults,
+            "faults_matched_to_a_detection": self.matched.iter().map(|(k, (m, n))| (k.clone(), serde_json::json!({"matched": m, "of": n}))).collect::<BTreeMap<_, _>>(),
+            "detections": self.detections,
+            "kills": self.kills,
+            "delivered_with_valid_receipt": self.delivered,
+            "failed": self.failed,
+            "pending_after_heal": self.pending,
+            "lost": self.lost,
+            "delivered_twice": self.delivered_twice,
+            "tampered_content_accepted": self.tampered_accepted,
+            "forged_refusal_or_rejection_accepted": self.forged_accepted,
+            "send_errors": self.send_errors,
+            "hostile_secs": self.hostile_secs,
+            "settle_secs": self.settle_secs,
+            "violations": self.violations,
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let total = self.sent_messages + self.sent_files;
+        s.push_str(&format!(
+            "sent                         {} ({} messages, {} files)\n",
+            total, self.sent_messages, self.sent_files
+        ));
+        let injected: u64 = self.faults.values().sum();
+        s.push_str(&format!("faults injected              {injected}\n"));
+        for (k, n) in &self.faults {
+            let m = self
+                .matched
+                .get(k)
+                .map(|(m, of)| format!("  (matched to a detection: {m} of {of})"))
+                .unwrap_or_default();
+            s.push_str(&format!("  {k:<26} {n}{m}\n"));
+        }
+        s.push_str(&format!("kills (SIGKILL)              {}\n", self.kills));
+        s.push_str(&format!(
+            "delivered, valid receipt     {}\n",
+            self.delivered
+        ));
+        let failed: u64 = self.failed.values().sum();
+        s.push_str(&format!("failed with a reason         {failed}\n"));
+        for (k, n) in &self.failed {
+            s.push_str(&format!("  {k:<26} {n}\n"));
+        }
+        s.push_str(&format!(
+            "pending after heal           {} (must be 0)\n",
+            self.pending
+        ));
+        s.push_str(&format!(
+            "lost                         {} (must be 0)\n",
+            self.lost
+        ));
+        s.push_str(&format!(
+            "delivered twice              {} (must be 0)\n",
+            self.delivered_twice
+        ));
+        s.push_str(&format!(
+            "tampered content accepted    {} (must be 0)\n",
+            self.tampered_accepted
+        ));
+        s.push_str(&format!(
+            "forged refusal/rejection ok  {} (must be 0)\n",
+            self.forged_accepted
+        ));
+        s.push_str(&format!(
+            "time hostile / to settle     {:.1} s / {:.1} s\n",
+            self.hostile_secs, self.settle_secs
+        ));
+        if self.violations.is_empty() {
+            s.push_str("RESULT: every guarantee held\n");
+        } else {
+            s.push_str("RESULT: VIOLATIONS\n");
+            for v in &self.violations {
+                s.push_str(&format!("  {v}\n"));
+            }
+        }
+        s
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SoakError {
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn io<T>(what: impl Into<String>, r: std::io::Result<T>) -> Result<T, SoakError> {
+    r.map_err(|e| SoakError::Io(what.into(), e))
+}
+
+struct Soak {
+    cfg: SoakConfig,
+    port: u16,
+    relay: Option<Child>,
+    agents: Vec<Option<Child>>,
+    homes: Vec<PathBuf>,
+    names: Vec<String>,
+    address: String,
+}
+
+fn free_port() -> Result<u16, SoakError> {
+    let l = io("binding a probe port", TcpListener::bind("127.0.0.1:0"))?;
+    Ok(io("reading its port", l.local_addr())?.port())
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+impl Soak {
+    fn log_file(&self, name: &str) -> Result<fs::File, SoakError> {
+        io(
+            format!("opening log {name}"),
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.cfg.dir.join("logs").join(name)),
+        )
+    }
+
+    /// Runs `sealpost ARGS --json` and parses its output.
+    fn cli(&self, home: Option<&Path>, args: &[&str]) -> Result<Value, SoakError> {
+        let mut c = Command::new(&self.cfg.sealpost);
+        c.args(args).arg("--json").env("RUST_LOG", "error");
+        if let Some(h) = home {
+            c.arg("--home").arg(h);
+        }
+        let out = io(format!("running sealpost {args:?}"), c.output())?;
+        if !out.status.success() {
+            return Err(SoakError::Setup(format!(
+                "sealpost {args:?} exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| SoakError::Setup(format!("sealpost {args:?} printed no JSON ({e})")))
+    }
+
+    fn start_relay(&mut self, hostile: bool) -> Result<(), SoakError> {
+        let mut c = Command::new(&self.cfg.sealpost);
+        c.args(["relay", "serve", "--json", "--listen"])
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data")
+            .arg(self.cfg.dir.join("relay"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(self.log_file("relay.log")?);
+        if hostile {
+            c.arg("--hostile")
+                .arg(format!("seed={},{}", self.cfg.seed, self.cfg.faults))
+                .arg("--hostile-log")
+                .arg(self.cfg.dir.join("faults.jsonl"))
+                .arg("--hostile-cards")
+                .arg(self.cfg.dir.join("cards.txt"));
+        }
+        let mut child = io("starting the relay", c.spawn())?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| SoakError::Setup("relay has no stdout".into()))?;
+        let mut line = String::new();
+        io(
+            "reading the relay's address",
+            BufReader::new(stdout).read_line(&mut line),
+        )?;
+        let v: Value = serde_json::from_str(&line)
+            .map_err(|e| SoakError::Setup(format!("the relay did not start: {e}: {line:?}")))?;
+        self.address = v["address"].as_str().unwrap_or_default().to_owned();
+        self.relay = Some(child);
+        Ok(())
+    }
+
+    fn start_agent(&mut self, i: usize) -> Result<(), SoakError> {
+        let child = io(
+            "starting an agent",
+            Command::new(&self.cfg.sealpost)
+                .arg("agent")
+                .arg("--home")
+                .arg(&self.homes[i])
+                .env(
+                    "SEALPOST_RETRANSMIT_AFTER",
+                    format!("{}ms", self.cfg.retransmit_after.as_millis()),
+                )
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(self.log_file(&format!("agent-{}.log", self.names[i]))?)
+                .spawn(),
+        )?;
+        self.agents[i] = Some(child);
+        Ok(())
+    }
+
+    /// A send that failed after queueing leaves its message in the outbox,
+    /// so a send is never retried (it would send a second message).
+    fn send(&self, from: usize, args: &[String]) -> bool {
+        let mut c = Command::new(&self.cfg.sealpost);
+        c.arg("send")
+            .args(args)
+            .arg("--home")
+            .arg(&self.homes[from])
+            .arg("--json")
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c.status().is_ok_and(|s| s.success())
+    }
+}
+
+/// Sizes for the files: the edges first, then random ones.
+fn file_sizes(rng: &mut ChaCha8Rng, n: usize, max: u64) -> Vec<u64> {
+    let edges = [0u64, 1, 65_535, 65_536, 65_537, 983_041, 3 << 20];
+    let mut out: Vec<u64> = edges
+        .iter()
+        .copied()
+        .filter(|&s| s <= max)
+        .take(n)
+        .collect();
+    while out.len() < n {
+        // Mostly small, some large.
+        let s = if rng.gen_bool(0.7) {
+            rng.gen_range(0..=max.min(256 * 1024))
+        } else {
+            rng.gen_range(0..=max)
+        };
+        out.push(s);
+    }
+    out
+}
+
+/// Runs the soak and checks the guarantees.
+pub fn run(cfg: SoakConfig) -> Result<SoakReport, SoakError> {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    for d in ["logs", "src", "homes"] {
+        io(
+            "creating the scratch directory",
+            fs::create_dir_all(cfg.dir.join(d)),
+        )?;
+    }
+    let n = cfg.identities.max(2);
+    let names: Vec<String> = (0..n).map(|i| format!("id{i}")).collect();
+    let homes: Vec<PathBuf> = names
+        .iter()
+        .map(|x| cfg.dir.join("homes").join(x))
+        .collect();
+    let mut s = Soak {
+        port: free_port()?,
+        relay: None,
+        agents: (0..n).map(|_| None).collect(),
+        homes,
+        names,
+        address: String::new(),
+        cfg,
+    };
+    let result = drive(&mut s, &mut rng);
+    kill(&mut s.relay);
+    for a in &mut s.agents {
+        kill(a);
+    }
+    result
+}
+
+fn drive(s: &mut Soak, rng: &mut ChaCha8Rng) -> Result<SoakReport, SoakError> {
+    let n = s.homes.len();
+    let mut report = SoakReport::default();
+    // Set up honestly: identities registered, cards exchanged.
+    s.start_relay(false)?;
+    let mut cards = Vec::new();
+    for i in 0..n {
+        let v = s.cli(
+            Some(&s.homes[i]),
+            &["init", "--name", &s.names[i], "--relay", &s.address],
+        )?;
+        cards.push(v["card"].as_str().unwrap_or_default().to_owned());
+    }
+    io(
+        "writing cards",
+        fs::write(s.cfg.dir.join("cards.txt"), cards.join("\n") + "\n"),
+    )?;
+    for i in 0..n {
+        for (j, card) in cards.iter().enumerate() {
+            if i != j {
+                s.cli(Some(&s.homes[i]), &["contact", "add", card])?;
+            }
+        }
+    }
+    kill(&mut s.relay);
+    s.start_relay(true)?;
+    for i in 0..n {
+        s.start_agent(i)?;
+    }
+
+    // The load, spread over the first half of the hostile period, with
+    // kills at random moments over the whole of it.
+    let started = Instant::now();
+    let mut sends: Vec<(usize, Vec<String>)> = Vec::new();
+    let mut left = s.cfg.messages;
+    let mut b = 0usize;
+    while left > 0 {
+        let k = left.min(s.cfg.batch.max(1));
+        left -= k;
+        let from = b % n;
+        let to = (from + 1 + (b / n) % (n - 1)) % n;
+        sends.push((
+            from,
+            vec![
+                s.names[to].clone(),
+                format!("soak batch {b} from {} to {}", s.names[from], s.names[to]),
+                "--repeat".into(),
+                k.to_string(),
+                "--expires".into(),
+                "1d".into(),
+            ],
+        ));
+        report.sent_messages += k as u64;
+        b += 1;
+    }
+    let mut sources: HashMap<String, PathBuf> = HashMap::new();
+    for (f, size) in file_sizes(rng, s.cfg.files, s.cfg.max_file)
+        .into_iter()
+        .enumerate()
+    {
+        let from = f % n;
+        let to = (from + 1 + f % (n - 1)) % n;
+        let name = format!("f{f}-from-{}.bin", s.names[from]);
+        let path = s.cfg.dir.join("src").join(&name);
+        let mut data = vec![0u8; size as usize];
+        rng.fill(&mut data[..]);
+        io("writing a source file", fs::write(&path, &data))?;
+        sources.insert(name, path.clone());
+        sends.push((
+            from,
+            vec![
+                s.names[to].clone(),
+                "--file".into(),
+                path.to_string_lossy().into_owned(),
+                "--expires".into(),
+                "1d".into(),
+            ],
+        ));
+        report.sent_files += 1;
+    }
+    // Interleave files among the message batches.
+    for i in (1..sends.len()).rev() {
+        let j = rng.gen_range(0..=i);
+        sends.swap(i, j);
+    }
+    let hostile_for = s.cfg.hostile_for;
+    let send_span = hostile_for / 2;
+    let mut kill_times: Vec<Duration> = (0..s.cfg.kills)
+        .map(|_| hostile_for.mul_f64(rng.gen_range(0.0..1.0)))
+        .collect();
+    kill_times.sort();
+    let mut next_kill = 0usize;
+    let per_send = send_span.div_f64(sends.len().max(1) as f64);
+    let mut next_send = 0usize;
+    while started.elapsed() < hostile_for || next_send < sends.len() {
+        let now = started.elapsed();
+        if next_send < sends.len() && now >= per_send.mul_f64(next_send as f64) {
+            let (from, args) = &sends[next_send];
+            if !s.send(*from, args) {
+                report.send_errors += 1;
+                report
+                    .violations
+                    .push(format!("`sealpost send {}` failed", args.join(" ")));
+            }
+            next_send += 1;
+            continue;
+        }
+        if next_kill < kill_times.len() && now >= kill_times[next_kill] {
+            next_kill += 1;
+            let victim = rng.gen_range(0..=n);
+            if victim == n {
+                kill(&mut s.relay);
+                std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
+                s.start_relay(true)?;
+            } else {
+                kill(&mut s.agents[victim]);
+                std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
+                s.start_agent(victim)?;
+            }
+            report.kills += 1;
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    report.hostile_secs = started.elapsed().as_secs_f64();
+
+    // Heal: the same relay data, served honestly.
+    kill(&mut s.relay);
+    s.start_relay(false)?;
+    let healed = Instant::now();
+    loop {
+        let mut busy = false;
+        for h in &s.homes {
+            let v = s.cli(Some(h), &["status", "--limit", "0"])?;
+            let t = &v["totals"];
+            if t["queued"].as_u64().unwrap_or(0) + t["submitted"].as_u64().unwrap_or(0) > 0 {
+                busy = true;
+            }
+            let inbox = s.cli(Some(h), &["inbox", "--limit", "1000000"])?;
+            for m in inbox["messages"].as_array().into_iter().flatten() {
+                let st = m["file"]["state"].as_str();
+                if st.is_some_and(|x| x != "done" && x != "failed") {
+                    busy = true;
+                }
+            }
+        }
+        if !busy || healed.elapsed() > s.cfg.settle_timeout {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    report.settle_secs = healed.elapsed().as_secs_f64();
+    check(s, &sources, &mut report)?;
+    Ok(report)
+}
+
+fn blake3_file(p: &Path) -> Option<String> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(fs::File::open(p).ok()?).ok()?;
+    Some(h.finalize().to_hex().to_string())
+}
+
+/// Reads every endpoint's view and checks the guarantees.
+fn check(
+    s: &Soak,
+    sources: &HashMap<String, PathBuf>,
+    r: &mut SoakReport,
+) -> Result<(), SoakError> {
+    struct Received {
+        from: String,
+        hash: String,
+        file: Option<Value>,
+    }
+    // Inboxes: id -> what each recipient stored (a Vec: more than one is a
+    // double delivery).
+    let mut inboxes: Vec<HashMap<String, Vec<Received>>> = Vec::new();
+    let mut caught: HashSet<String> = HashSet::new();
+    for h in &s.homes {
+        let inbox = s.cli(Some(h), &["inbox", "--limit", "100000000"])?;
+        let mut map: HashMap<String, Vec<Received>> = HashMap::new();
+        for m in inbox["messages"].as_array().into_iter().flatten() {
+            map.entry(m["id"].as_str().unwrap_or_default().to_owned())
+                .or_default()
+                .push(Received {
+                    from: m["from"].as_str().unwrap_or_default().to_owned(),
+                    hash: m["content_blake3"].as_str().unwrap_or_default().to_owned(),
+                    file: m["file"].as_object().map(|o| Value::Object(o.clone())),
+                });
+        }
+        inboxes.push(map);
+        let d = s.cli(Some(h), &["status", "--detections", "--limit", "100000000"])?;
+        for x in d["detections"].as_array().into_iter().flatten() {
+            caught.insert(x["item"].as_str().unwrap_or_default().to_owned());
+            *r.detections
+                .entry(x["class"].as_str().unwrap_or_default().to_owned())
+                .or_default() += 1;
+        }
+    }
+    let index: HashMap<&str, usize> = s
+        .names
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (x.as_str(), i))
+        .collect();
+    let mut files_seen = 0u64;
+    for (i, h) in s.homes.iter().enumerate() {
+        let out = s.cli(Some(h), &["status", "--limit", "100000000"])?;
+        for m in out["messages"].as_array().into_iter().flatten() {
+            let id = m["id"].as_str().unwrap_or_default();
+            let hash = m["content_blake3"].as_str().unwrap_or_default();
+            for d in m["deliveries"].as_array().into_iter().flatten() {
+                let to = d["to"].as_str().unwrap_or_default();
+                let Some(&j) = index.get(to) else {
+                    r.violations.push(format!("{id}: delivery to unknown {to}"));
+                    continue;
+                };
+                let got = inboxes[j].get(id);
+                let state = d["state"].as_str().unwrap_or_default();
+                match state {
+                    "delivered" => {
+                        let Some(copies) = got else {
+                            r.lost += 1;
+                            r.violations.push(format!(
+                                "{id} from {} to {to}: receipt accepted but not in the inbox (forged receipt or lost)",
+                                s.names[i]
+                            ));
+                            continue;
+                        };
+                        r.delivered += 1;
+                        if copies.len() > 1 {
+                            r.delivered_twice += 1;
+                            r.violations
+                                .push(format!("{id}: {} copies in {to}'s inbox", copies.len()));
+                        }
+                        let c = &copies[0];
+                        // (A file's outbox hash is the file's, its inbox
+                        // hash the manifest's: files are compared below.)
+                        if (c.file.is_none() && c.hash != hash) || c.from != s.names[i] {
+                            r.tampered_accepted += 1;
+                            r.violations.push(format!(
+                                "{id}: {to} holds content {} from {}, {} sent {hash}",
+                                c.hash, c.from, s.names[i]
+                            ));
+                        }
+                        if let Some(f) = &c.file {
+                            files_seen += 1;
+                            let path = f["path"].as_str().map(PathBuf::from);
+                            let name = f["name"].as_str().unwrap_or_default();
+                            let want = sources.get(name).and_then(|p| blake3_file(p));
+                            let have = path.as_deref().and_then(blake3_file);
+                            if f["state"].as_str() != Some("done") || want.is_none() || want != have
+                            {
+                                r.tampered_accepted += 1;
+                                r.violations.push(format!(
+                                    "{id}: file {name} at {to} is {:?} ({:?}), the source is {want:?}",
+                                    have, f["state"]
+                                ));
+                            }
+                        }
+                    }
+                    "failed" => {
+                        let code = d["failure"].as_str().unwrap_or("?").to_owned();
+                        if code.starts_with("refused") || code.starts_with("rejected") {
+                            // No refusal or rejection is genuine here: every
+                            // identity is a contact, nothing expires, nothing
+                            // exceeds the relay's limits.
+                            r.forged_accepted += 1;
+                            r.violations.push(format!(
+                                "{id} to {to}: failed with {code}, which nobody genuine issued"
+                            ));
+                        }
+                        if got.is_some() {
+                            r.violations.push(format!(
+                                "{id} to {to}: marked failed ({code}) yet delivered"
+                            ));
+                        }
+                        *r.failed.entry(code).or_default() += 1;
+                    }
+                    _ => {
+                        r.pending += 1;
+                        if got.is_none() {
+                            r.lost += 1;
+                        }
+                        if r.pending <= 20 {
+                            r.violations.push(format!(
+                                "{id} from {} to {to}: still {state} after the relay healed",
+                                s.names[i]
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if r.pending > 20 {
+        r.violations
+            .push(format!("… {} deliveries pending in all", r.pending));
+    }
+    // Each download directory holds each received file once.
+    for (j, h) in s.homes.iter().enumerate() {
+        let dir = h.join("downloads");
+        let mut count = 0u64;
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".sealpost-part-") {
+                    continue;
+                }
+                count += 1;
+                if name.contains(" (") {
+                    r.delivered_twice += 1;
+                    r.violations
+                        .push(format!("{}: a second copy {name} was saved", s.names[j]));
+                }
+            }
+        }
+        let expected = inboxes[j]
+            .values()
+            .filter(|v| {
+                v.iter()
+                    .any(|c| c.file.as_ref().is_some_and(|f| f["state"] == "done"))
+            })
+            .count() as u64;
+        if count != expected {
+            r.violations.push(format!(
+                "{}: {count} files in the download directory, {expected} received",
+                s.names[j]
+            ));
+        }
+    }
+    let _ = files_seen;
+    // Faults, and which of them an endpoint recorded catching.
+    if let Ok(f) = fs::File::open(s.cfg.dir.join("faults.jsonl")) {
+        for line in BufReader::new(f).lines().map_while(Result::ok) {
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            let class = v["class"].as_str().unwrap_or("?").to_owned();
+            *r.faults.entry(class.clone()).or_default() += 1;
+            let item = v["item"].as_str().unwrap_or_default();
+            let matchable = matches!(
+                class.as_str(),
+                "flip"
+                    | "truncate"
+                    | "substitute"
+                    | "move"
+                    | "forge-report"
+                    | "forge-refusal"
+                    | "duplicate"
+                    | "replay"
+                    | "blob-flip"
+                    | "blob-truncate"
+            );
+            if matchable {
+                let e = r.matched.entry(class).or_default();
+                e.1 += 1;
+                if caught.contains(item) {
+                    e.0 += 1;
+                }
+            }
+        }
+    }
+    if r.faults.is_empty() {
+        r.violations
+            .push("the hostile relay committed no fault: nothing was tested".into());
+    }
+    Ok(())
+}
+
+/// Writes the report where a script can pick it up.
+pub fn write_report(r: &SoakReport, path: &Path) -> std::io::Result<()> {
+    let mut f = fs::File::create(path)?;
+    f.write_all(serde_json::to_string_pretty(&r.to_json())?.as_bytes())?;
+    f.write_all(b"\n")
+}

@@ -204,6 +204,7 @@ fn link_for<'a>(
         let addr = RelayAddress::parse(relay)?;
         let mut l = RelayLink::anonymous(addr);
         l.max_attempts = 2;
+        l.timeouts = home.timeouts;
         links.insert(relay.to_owned(), l);
     }
     links.get_mut(relay)
@@ -670,10 +671,21 @@ impl Engine {
         &self.spool
     }
 
+    /// Waits on relays for at most these (tests of broken networks).
+    pub fn with_relay_timeouts(mut self, t: sealpost_relay::client::Timeouts) -> Self {
+        self.home.timeouts = t;
+        for l in self.links.values_mut() {
+            l.timeouts = t;
+        }
+        self
+    }
+
     /// Uses a short reconnect backoff (tests, demos on loopback).
     pub fn with_link_backoff(mut self, b: sealpost_proto::retry::Backoff) -> Self {
+        let t = self.home.timeouts;
         self.home = RelayLink::new(self.home_addr.clone()).with_backoff(b);
         self.home.max_attempts = 3;
+        self.home.timeouts = t;
         self
     }
 
@@ -1296,7 +1308,9 @@ impl Engine {
                                     link.disconnect();
                                     let msg = e.to_string();
                                     idxs.iter()
-                                        .map(|_| Err(ClientError::Protocol(msg.clone())))
+                                        .map(|_| {
+                                            Err(ClientError::Io(std::io::Error::other(msg.clone())))
+                                        })
                                         .collect()
                                 }
                             }

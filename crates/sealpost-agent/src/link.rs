@@ -7,7 +7,7 @@ use rand_core::{OsRng, RngCore};
 use sealpost_proto::relay::{ErrorCode, MailboxId};
 use sealpost_proto::retry::Backoff;
 use sealpost_proto::Identity;
-use sealpost_relay::client::{ClientError, RelayClient};
+use sealpost_relay::client::{ClientError, RelayClient, Timeouts};
 use sealpost_relay::RelayAddress;
 
 /// What a link does after the TLS handshake.
@@ -32,6 +32,8 @@ pub struct RelayLink {
     /// How the link proves who it is after connecting.
     pub auth: LinkAuth,
     mailbox: Option<MailboxId>,
+    /// How long to wait on the relay before giving up on a connection.
+    pub timeouts: Timeouts,
 }
 
 /// Failures worth a reconnect: the connection, not the request, failed.
@@ -58,6 +60,7 @@ impl RelayLink {
             max_attempts: 8,
             auth: LinkAuth::Register,
             mailbox: None,
+            timeouts: Timeouts::default(),
         }
     }
 
@@ -93,7 +96,7 @@ impl RelayLink {
     }
 
     async fn connect(&mut self, me: &Identity) -> Result<(), ClientError> {
-        let c = RelayClient::connect(&self.addr).await?;
+        let c = RelayClient::connect_with(&self.addr, self.timeouts).await?;
         self.mailbox = match self.auth {
             LinkAuth::Register => Some(c.register(me).await?),
             LinkAuth::Auth => Some(c.auth(me).await?),

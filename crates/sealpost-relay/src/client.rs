@@ -68,6 +68,7 @@ pub struct RelayClient {
     exporter: [u8; 32],
     notify: Mutex<Option<mpsc::UnboundedReceiver<u64>>>,
     reader: tokio::task::JoinHandle<()>,
+    request_timeout: Duration,
 }
 
 impl std::fmt::Debug for RelayClient {
@@ -82,18 +83,39 @@ impl Drop for RelayClient {
     }
 }
 
-/// How long a single request may wait for its answer.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client waits on a relay before it gives up on the
+/// connection: a relay that accepts and then goes silent, or a connection
+/// left half-open, fails after these instead of hanging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect, and separately the TLS handshake with Hello.
+    pub connect: Duration,
+    /// One request's answer.
+    pub request: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            request: Duration::from_secs(60),
+        }
+    }
+}
 
 impl RelayClient {
     /// Connects, checks the relay's key against the pin, and says Hello.
     pub async fn connect(addr: &RelayAddress) -> Result<Self, ClientError> {
+        Self::connect_with(addr, Timeouts::default()).await
+    }
+
+    /// [`RelayClient::connect`] with other timeouts.
+    pub async fn connect_with(addr: &RelayAddress, t: Timeouts) -> Result<Self, ClientError> {
         let connect_err = |source| ClientError::Connect {
             addr: addr.host_port.clone(),
             source,
         };
-        let tcp = timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr.host_port))
+        let tcp = timeout(t.connect, TcpStream::connect(&addr.host_port))
             .await
             .map_err(|_| connect_err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")))?
             .map_err(connect_err)?;
@@ -106,7 +128,7 @@ impl RelayClient {
             ServerName::try_from("relay.invalid").unwrap_or_else(|_| unreachable!())
         });
         let stream = timeout(
-            CONNECT_TIMEOUT,
+            t.connect,
             TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
         )
         .await
@@ -174,13 +196,15 @@ impl RelayClient {
             exporter,
             notify: Mutex::new(Some(nrx)),
             reader,
+            request_timeout: t.connect,
         };
-        match client
+        let hello = client
             .request(Request::Hello {
                 version: relay::VERSION,
             })
-            .await?
-        {
+            .await;
+        client.request_timeout = t.request;
+        match hello? {
             Response::HelloOk {
                 relay_key,
                 challenge,
@@ -203,7 +227,7 @@ impl RelayClient {
     /// Sends a request and waits for its response.
     pub async fn request(&self, req: Request) -> Result<Response, ClientError> {
         let rx = self.send(req).await?;
-        match timeout(REQUEST_TIMEOUT, rx).await {
+        match timeout(self.request_timeout, rx).await {
             Err(_) => Err(ClientError::Io(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the relay did not answer in time",
@@ -323,7 +347,7 @@ impl RelayClient {
         for (mailbox, payload_hash, sent) in pending {
             let answer = match sent {
                 Err(e) => Err(e),
-                Ok(rx) => match timeout(REQUEST_TIMEOUT, rx).await {
+                Ok(rx) => match timeout(self.request_timeout, rx).await {
                     Err(_) => Err(ClientError::Io(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "the relay did not answer in time",
@@ -419,7 +443,7 @@ impl RelayClient {
         &self,
         sent: Result<oneshot::Receiver<Response>, ClientError>,
     ) -> Result<Response, ClientError> {
-        match timeout(REQUEST_TIMEOUT, sent?).await {
+        match timeout(self.request_timeout, sent?).await {
             Err(_) => Err(ClientError::Io(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the relay did not answer in time",

@@ -33,6 +33,7 @@ pub struct FaultyProxy {
     addr: SocketAddr,
     mode: Arc<Mutex<NetFault>>,
     accepted: Arc<AtomicU64>,
+    open: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     task: JoinHandle<()>,
 }
 
@@ -49,18 +50,24 @@ impl FaultyProxy {
         let addr = listener.local_addr()?;
         let mode = Arc::new(Mutex::new(mode));
         let accepted = Arc::new(AtomicU64::new(0));
-        let (m, a) = (mode.clone(), accepted.clone());
+        let open: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (m, a, o) = (mode.clone(), accepted.clone(), open.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 a.fetch_add(1, Ordering::Relaxed);
                 let now = m.lock().map(|g| *g).unwrap_or(NetFault::Pass);
-                tokio::spawn(serve(client, target, now));
+                let h = tokio::spawn(serve(client, target, now));
+                if let Ok(mut o) = o.lock() {
+                    o.retain(|h| !h.is_finished());
+                    o.push(h.abort_handle());
+                }
             }
         });
         Ok(FaultyProxy {
             addr,
             mode,
             accepted,
+            open,
             task,
         })
     }
@@ -75,6 +82,15 @@ impl FaultyProxy {
     pub fn set(&self, mode: NetFault) {
         if let Ok(mut g) = self.mode.lock() {
             *g = mode;
+        }
+    }
+
+    /// Closes every open connection at once (both sides see it end).
+    pub fn cut_open(&self) {
+        if let Ok(mut o) = self.open.lock() {
+            for h in o.drain(..) {
+                h.abort();
+            }
         }
     }
 
@@ -108,9 +124,12 @@ async fn serve(client: TcpStream, target: SocketAddr, mode: NetFault) {
     let left = Arc::new(AtomicU64::new(budget.unwrap_or(u64::MAX)));
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
-    let up = tokio::spawn(pipe(cr, sw, left.clone(), mode));
-    let down = tokio::spawn(pipe(sr, cw, left, mode));
-    let _ = tokio::join!(up, down);
+    // Both directions inside this task: aborting it closes the connection.
+    // A cut ends when either direction gives up.
+    tokio::select! {
+        () = pipe(cr, sw, left.clone(), mode) => {}
+        () = pipe(sr, cw, left, mode) => {}
+    }
 }
 
 /// Copies until the shared byte budget runs out; then, for a cut, drops

@@ -344,5 +344,6 @@ fn the_age_cli_decrypts_the_encrypted_layer() {
     );
 }
 
+mod adversary;
 mod delivery;
 mod relay;

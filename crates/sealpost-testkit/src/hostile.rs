@@ -472,9 +472,6 @@ impl Tamper for Hostile {
                 self.log(st, Fault::Delay, mailbox, &orig, None);
                 continue;
             }
-            if item.payload.len() <= KEEP_MAX {
-                served.push(item.payload.clone());
-            }
             if self.roll(st, Fault::Substitute) {
                 let others: Vec<usize> = (0..st.pool.len())
                     .filter(|&i| st.pool[i].0 != *mailbox)
@@ -483,11 +480,17 @@ impl Tamper for Hostile {
                     let p = st.pool[i].1.clone();
                     let h = item_hash(&p);
                     self.log(st, Fault::Substitute, mailbox, &h, Some(&orig));
+                    served.push(p.clone());
                     item.payload_hash = *blake3::hash(&p).as_bytes();
                     item.payload = p;
                     out.push(item);
                     continue;
                 }
+            }
+            if item.payload.len() <= KEEP_MAX {
+                // What the mailbox was really sent (before any damage):
+                // replaying it later is a replay, not a first delivery.
+                served.push(item.payload.clone());
             }
             if !item.payload.is_empty() && self.roll(st, Fault::Flip) {
                 let bit = st.rng.gen_range(0..item.payload.len() * 8);

@@ -58,6 +58,8 @@ pub struct SoakReport {
     pub matched: BTreeMap<String, (u64, u64)>,
     pub detections: BTreeMap<String, u64>,
     pub kills: u64,
+    /// Kills by victim: "relay" or the identity's name.
+    pub killed: BTreeMap<String, u64>,
     pub delivered: u64,
     pub failed: BTreeMap<String, u64>,
     pub pending: u64,
@@ -83,6 +85,7 @@ impl SoakReport {
             "faults_matched_to_a_detection": self.matched.iter().map(|(k, (m, n))| (k.clone(), serde_json::json!({"matched": m, "of": n}))).collect::<BTreeMap<_, _>>(),
             "detections": self.detections,
             "kills": self.kills,
+            "killed": self.killed,
             "delivered_with_valid_receipt": self.delivered,
             "failed": self.failed,
             "pending_after_heal": self.pending,
@@ -114,7 +117,20 @@ impl SoakReport {
                 .unwrap_or_default();
             s.push_str(&format!("  {k:<26} {n}{m}\n"));
         }
-        s.push_str(&format!("kills (SIGKILL)              {}\n", self.kills));
+        let by: Vec<String> = self
+            .killed
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        s.push_str(&format!(
+            "kills (SIGKILL)              {}{}\n",
+            self.kills,
+            if by.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", by.join(", "))
+            }
+        ));
         s.push_str(&format!(
             "delivered, valid receipt     {}\n",
             self.delivered
@@ -457,6 +473,12 @@ fn drive(s: &mut Soak, rng: &mut ChaCha8Rng) -> Result<SoakReport, SoakError> {
         if next_kill < kill_times.len() && now >= kill_times[next_kill] {
             next_kill += 1;
             let victim = rng.gen_range(0..=n);
+            let who = if victim == n {
+                "relay".to_owned()
+            } else {
+                s.names[victim].clone()
+            };
+            *report.killed.entry(who).or_default() += 1;
             if victim == n {
                 kill(&mut s.relay);
                 std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
@@ -678,12 +700,26 @@ fn check(
         }
     }
     let _ = files_seen;
-    // Faults, and which of them an endpoint recorded catching.
-    if let Ok(f) = fs::File::open(s.cfg.dir.join("faults.jsonl")) {
-        for line in BufReader::new(f).lines().map_while(Result::ok) {
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
+    // Faults, and which of them an endpoint recorded catching: an item
+    // the relay went on to alter again (a moved item flipped on its way
+    // out, say) counts as caught if what it became was caught.
+    let faults: Vec<Value> = fs::File::open(s.cfg.dir.join("faults.jsonl"))
+        .map(|f| {
+            BufReader::new(f)
+                .lines()
+                .map_while(Result::ok)
+                .filter_map(|l| serde_json::from_str(&l).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut became: HashMap<String, Vec<String>> = HashMap::new();
+    for v in &faults {
+        if let (Some(o), Some(i)) = (v["orig"].as_str(), v["item"].as_str()) {
+            became.entry(o.to_owned()).or_default().push(i.to_owned());
+        }
+    }
+    {
+        for v in &faults {
             let class = v["class"].as_str().unwrap_or("?").to_owned();
             *r.faults.entry(class.clone()).or_default() += 1;
             let item = v["item"].as_str().unwrap_or_default();
@@ -703,7 +739,8 @@ fn check(
             if matchable {
                 let e = r.matched.entry(class).or_default();
                 e.1 += 1;
-                if caught.contains(item) {
+                let later = became.get(item).into_iter().flatten();
+                if caught.contains(item) || later.into_iter().any(|x| caught.contains(x)) {
                     e.0 += 1;
                 }
             }

@@ -27,7 +27,12 @@ fn config(dir: &std::path::Path, seed: u64, kills: usize) -> SoakConfig {
 
 fn assert_held(r: &soak::SoakReport) {
     assert!(r.ok(), "{}", r.to_text());
-    assert_eq!(r.delivered, r.sent_messages + r.sent_files, "{}", r.to_text());
+    assert_eq!(
+        r.delivered,
+        r.sent_messages + r.sent_files,
+        "{}",
+        r.to_text()
+    );
     // Every class struck at least once (blob faults need a file piece to
     // be read while they roll, so they are not required here).
     for class in [
@@ -57,7 +62,13 @@ fn a_hostile_relay_loses_forges_or_alters_nothing_that_is_accepted() {
     assert_held(&r);
     // Without crashes every altered, misdirected, forged or replayed item
     // was caught by an endpoint.
-    for class in ["flip", "truncate", "substitute", "forge-report", "duplicate"] {
+    for class in [
+        "flip",
+        "truncate",
+        "substitute",
+        "forge-report",
+        "duplicate",
+    ] {
         if let Some((m, n)) = r.matched.get(class) {
             assert_eq!(m, n, "{class}: not every fault was caught\n{}", r.to_text());
         }

@@ -346,3 +346,40 @@ fn config_file_metrics_status_and_scrub() {
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("0 damaged"));
 }
+
+#[test]
+fn a_hostile_relay_is_only_started_with_a_valid_spec_and_says_so() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let bad = Command::new(cargo_bin("sealpost"))
+        .args(["relay", "serve", "--data"])
+        .arg(dir.path())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--hostile", "seed=1,teleport=0.5"])
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("teleport") && err.contains("forge-refusal"),
+        "{err}"
+    );
+
+    let mut child = Command::new(cargo_bin("sealpost"))
+        .args(["relay", "serve", "--data"])
+        .arg(dir.path())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--hostile", "seed=1,all=0.1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("HOSTILE TESTING RELAY"), "{line}");
+}

@@ -1885,7 +1885,11 @@ impl Engine {
                         stats.upload_bytes += n;
                         off = stored;
                     }
-                    _ => {
+                    other => {
+                        if matches!(other, Err(ClientError::ForgedRefusal)) {
+                            self.found
+                                .push(("forged-refusal", format!("blob:{}", hex(&repair_id))));
+                        }
                         ok = false;
                         break;
                     }
@@ -2009,14 +2013,20 @@ impl Engine {
                     .await;
                 match answers {
                     Ok(list) => {
-                        for (a, &j) in list.into_iter().zip(idx) {
+                        for ((a, &j), &(at, _)) in list.into_iter().zip(idx).zip(window) {
                             match a {
                                 Ok(data) if bad.contains(&j) => {
                                     stats.download_bytes += data.len() as u64;
-                                    still.extend(
+                                    let damaged =
                                         transfer::write_chunks(&part, &d.key, &layout, j, &data)
-                                            .map_err(|e| io_err("writing", e))?,
-                                    );
+                                            .map_err(|e| io_err("writing", e))?;
+                                    if !damaged.is_empty() {
+                                        self.found.push((
+                                            "damaged-chunk",
+                                            format!("blob:{}@{at}", hex(&repair_id)),
+                                        ));
+                                    }
+                                    still.extend(damaged);
                                 }
                                 Ok(_) => {}
                                 Err(_) => still.push(j),
@@ -2103,7 +2113,8 @@ impl Engine {
                 let n = n as usize;
                 let data = match answer {
                     Ok(v) if v.len() == n => v,
-                    Ok(v) if complete_known => {
+                    // Short although the relay said the range is stored.
+                    Ok(v) if complete_known || off + n as u64 <= stored_known => {
                         // The relay said the blob is whole, then sent less.
                         self.found
                             .push(("short-blob-data", format!("blob:{}@{off}", hex(&blob_id))));

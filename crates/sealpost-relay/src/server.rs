@@ -397,6 +397,29 @@ struct Session {
     exporter: [u8; 32],
     mailbox: Option<MailboxId>,
     subscribed: bool,
+    /// Blob pieces of this connection, stored in order by one task while
+    /// the connection goes on reading (and decrypting) the next frames.
+    blob_lane: mpsc::Sender<BlobJob>,
+}
+
+/// A blob piece waiting for its turn, with the permits its bytes hold.
+struct BlobJob {
+    id: u32,
+    put: BlobPut,
+    _permits: (
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
+}
+
+struct BlobPut {
+    blob_id: [u8; 16],
+    mailbox: MailboxId,
+    total_len: u64,
+    blob_hash: [u8; 32],
+    expires_at: u64,
+    offset: u64,
+    data: Vec<u8>,
 }
 
 async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
@@ -425,11 +448,25 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
     let writer_task = tokio::spawn(writer(wr, rx));
     let mut challenge = [0u8; 32];
     OsRng.fill_bytes(&mut challenge);
+    let (blob_lane, mut lane_rx) = mpsc::channel::<BlobJob>(2);
+    let lane = {
+        let (s, out) = (s.clone(), out.clone());
+        tokio::spawn(async move {
+            while let Some(job) = lane_rx.recv().await {
+                let r = blob_put(&s, job.put).await;
+                drop(job._permits);
+                if send(&out, job.id, r).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
     let mut session = Session {
         challenge,
         exporter,
         mailbox: None,
         subscribed: false,
+        blob_lane,
     };
     let in_flight = Arc::new(Semaphore::new(s.config.max_in_flight));
     let in_flight_bytes = Arc::new(Semaphore::new(
@@ -509,6 +546,8 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
         }
     }
     .await;
+    drop(session);
+    let _ = lane.await;
     drop(out);
     let _ = writer_task.await;
     result
@@ -696,45 +735,34 @@ async fn handle(
             offset,
             data,
         } => {
-            let n = data.len() as u64;
-            if let Some(forged) = s
-                .config
-                .tamper
-                .as_ref()
-                .and_then(|t| t.blob_put(&blob_id, &mailbox, &blob_hash, offset))
-            {
-                return send(out, id, forged_refusal(s, forged, mailbox, blob_hash)).await;
-            }
-            let r = s
-                .store
-                .blob_put(
+            // Bounded like submissions: the bytes waiting here count against
+            // the connection's and the relay's in-flight limits.
+            let weight = u32::try_from(data.len().max(1)).unwrap_or(u32::MAX);
+            let permits = (
+                in_flight.bytes.clone().acquire_many_owned(weight).await,
+                s.total_bytes.clone().acquire_many_owned(weight).await,
+            );
+            let (Ok(p1), Ok(p2)) = permits else {
+                return Err(io::Error::other("relay shutting down"));
+            };
+            let job = BlobJob {
+                id,
+                put: BlobPut {
                     blob_id,
                     mailbox,
                     total_len,
                     blob_hash,
                     expires_at,
                     offset,
-                    &data,
-                    now(),
-                )
-                .await;
-            let resp = match r {
-                Ok(BlobPutOutcome::Stored { stored, complete }) => {
-                    s.metrics.blob_bytes.fetch_add(n, Ordering::Relaxed);
-                    Response::BlobStored { stored, complete }
-                }
-                Ok(BlobPutOutcome::WrongOffset { stored }) => Response::BlobStored {
-                    stored,
-                    complete: false,
+                    data,
                 },
-                Ok(BlobPutOutcome::Refused(code)) => refusal(s, code, mailbox, blob_hash),
-                Ok(BlobPutOutcome::HashMismatch) => err(
-                    ErrorCode::BadRequest,
-                    "the blob does not match its stated BLAKE3; it was discarded, upload it again",
-                ),
-                Err(e) => err(ErrorCode::Internal, e.to_string()),
+                _permits: (p1, p2),
             };
-            send(out, id, resp).await
+            session
+                .blob_lane
+                .send(job)
+                .await
+                .map_err(|_| io::Error::other("the connection's blob writer stopped"))
         }
         Request::BlobStatus { blob_id } => match s.store.blob_status(&blob_id) {
             Ok(Some((stored, complete, _))) => {
@@ -862,6 +890,57 @@ fn forged_refusal(s: &Shared, how: ForgedRefusal, mailbox: MailboxId, hash: [u8;
         }
     };
     Response::Refused(r)
+}
+
+/// Stores one blob piece (in order, from the connection's lane).
+async fn blob_put(s: &Shared, p: BlobPut) -> Response {
+    let BlobPut {
+        blob_id,
+        mailbox,
+        total_len,
+        blob_hash,
+        expires_at,
+        offset,
+        data,
+    } = p;
+    if let Some(forged) = s
+        .config
+        .tamper
+        .as_ref()
+        .and_then(|t| t.blob_put(&blob_id, &mailbox, &blob_hash, offset))
+    {
+        return forged_refusal(s, forged, mailbox, blob_hash);
+    }
+    let n = data.len() as u64;
+    let r = s
+        .store
+        .blob_put(
+            blob_id,
+            mailbox,
+            total_len,
+            blob_hash,
+            expires_at,
+            offset,
+            data,
+            now(),
+        )
+        .await;
+    match r {
+        Ok(BlobPutOutcome::Stored { stored, complete }) => {
+            s.metrics.blob_bytes.fetch_add(n, Ordering::Relaxed);
+            Response::BlobStored { stored, complete }
+        }
+        Ok(BlobPutOutcome::WrongOffset { stored }) => Response::BlobStored {
+            stored,
+            complete: false,
+        },
+        Ok(BlobPutOutcome::Refused(code)) => refusal(s, code, mailbox, blob_hash),
+        Ok(BlobPutOutcome::HashMismatch) => err(
+            ErrorCode::BadRequest,
+            "the blob does not match its stated BLAKE3; it was discarded, upload it again",
+        ),
+        Err(e) => err(ErrorCode::Internal, e.to_string()),
+    }
 }
 
 async fn submit(

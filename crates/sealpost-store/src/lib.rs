@@ -45,6 +45,32 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
     }
 }
 
+/// Writes one blob piece at `offset` and makes it durable (the directory
+/// too when the file is new).
+fn write_piece(
+    path: &Path,
+    blob_dir: &Path,
+    offset: u64,
+    data: &[u8],
+    is_new: bool,
+) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // A crash may have left bytes past the committed length: they were
+    // never acknowledged, so they are cut off and rewritten.
+    f.set_len(offset)?;
+    f.seek(SeekFrom::Start(offset))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    if is_new {
+        File::open(blob_dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Limits the store enforces.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -486,7 +512,7 @@ impl Store {
         hash: [u8; 32],
         expires_at: u64,
         offset: u64,
-        data: &[u8],
+        data: Vec<u8>,
         now: u64,
     ) -> Result<BlobPutOutcome, StoreError> {
         if expires_at <= now {
@@ -520,37 +546,43 @@ impl Store {
         if offset + data.len() as u64 > total_len {
             return Ok(BlobPutOutcome::Refused(RefusalCode::TooLarge));
         }
-        let (_, used, quota) = self.status(&mailbox)?;
-        if is_new && used + total_len > quota {
-            return Ok(BlobPutOutcome::Refused(RefusalCode::OverQuota));
+        if is_new {
+            let (_, used, quota) = self.status(&mailbox)?;
+            if used + total_len > quota {
+                return Ok(BlobPutOutcome::Refused(RefusalCode::OverQuota));
+            }
         }
         let path = self.blob_path(&blob_id);
         let stored_now = offset + data.len() as u64;
         let complete = stored_now == total_len;
-        let write = || -> io::Result<()> {
-            let mut f = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)?;
-            // A crash may have left bytes past the committed length: they
-            // were never acknowledged, so they are cut off and rewritten.
-            f.set_len(offset)?;
-            f.seek(SeekFrom::Start(offset))?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            if is_new {
-                File::open(&self.inner.blob_dir)?.sync_all()?;
+        let blob_dir = self.inner.blob_dir.clone();
+        let file = path.clone();
+        // The file work (write, fsync, and for the last piece the read-back
+        // hash) runs on the blocking pool: an fsync must not stall the
+        // runtime's workers, which meanwhile decrypt and parse the next
+        // pieces and serve readers.
+        let work = move || -> Result<Option<blake3::Hash>, StoreError> {
+            let path = file;
+            write_piece(&path, &blob_dir, offset, &data, is_new)
+                .map_err(io_err("writing blob", &path))?;
+            if !complete {
+                return Ok(None);
             }
-            Ok(())
-        };
-        write().map_err(io_err("writing blob", &path))?;
-        if complete {
             let mut hasher = blake3::Hasher::new();
             File::open(&path)
                 .and_then(|f| hasher.update_reader(f).map(|_| ()))
                 .map_err(io_err("reading back blob", &path))?;
-            if hasher.finalize().as_bytes() != &hash {
+            Ok(Some(hasher.finalize()))
+        };
+        let read_back = tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| StoreError::Io {
+                what: "writing blob",
+                path: path.clone(),
+                source: io::Error::other(e),
+            })??;
+        if let Some(h) = read_back {
+            if h.as_bytes() != &hash {
                 let _ = fs::remove_file(&path);
                 self.call(|reply| Op::BlobDelete {
                     blob_id,

@@ -112,7 +112,7 @@ async fn blobs_resume_and_check_their_hash() {
         let s = store.clone();
         let d = data[off..end].to_vec();
         async move {
-            s.blob_put(id, mb, 5000, hash, NOW + 10, off as u64, &d, NOW)
+            s.blob_put(id, mb, 5000, hash, NOW + 10, off as u64, d.to_vec(), NOW)
                 .await
                 .expect("put")
         }
@@ -151,19 +151,19 @@ async fn blobs_resume_and_check_their_hash() {
     // A blob whose bytes do not hash to the stated value is discarded.
     let id2 = [8u8; 16];
     let r = store
-        .blob_put(id2, mb, 10, [0; 32], NOW + 10, 0, &[1; 10], NOW)
+        .blob_put(id2, mb, 10, [0; 32], NOW + 10, 0, vec![1; 10], NOW)
         .await
         .expect("put");
     assert_eq!(r, BlobPutOutcome::HashMismatch);
     assert_eq!(store.blob_status(&id2).expect("st"), None);
     // Too large, and over quota.
     let r = store
-        .blob_put([7; 16], mb, 9000, [0; 32], NOW + 10, 0, &[1; 10], NOW)
+        .blob_put([7; 16], mb, 9000, [0; 32], NOW + 10, 0, vec![1; 10], NOW)
         .await
         .expect("put");
     assert_eq!(r, BlobPutOutcome::Refused(RefusalCode::TooLarge));
     let r = store
-        .blob_put([6; 16], mb, 6000, [0; 32], NOW + 10, 0, &[1; 10], NOW)
+        .blob_put([6; 16], mb, 6000, [0; 32], NOW + 10, 0, vec![1; 10], NOW)
         .await
         .expect("put");
     assert_eq!(r, BlobPutOutcome::Refused(RefusalCode::OverQuota));

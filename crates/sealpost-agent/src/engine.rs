@@ -1953,6 +1953,10 @@ impl Engine {
             path: part_path.clone(),
             source,
         };
+        let mut writer = transfer::PartWriter::new(
+            part.try_clone().map_err(|e| io_err("opening", e))?,
+            &part_path,
+        );
         let count = layout.chunk_count();
         let mut i = d.next_chunk;
         let mut bad = d.bad.clone();
@@ -2143,7 +2147,8 @@ impl Engine {
                     }
                 };
                 idle_since = None;
-                let damaged = transfer::write_chunks(&part, &d.key, &layout, i, &data)
+                let damaged = writer
+                    .write_chunks(&d.key, &layout, i, &data)
                     .map_err(|e| io_err("writing", e))?;
                 if !damaged.is_empty() {
                     self.found

@@ -191,23 +191,150 @@ pub fn write_chunks(
     first: u64,
     data: &[u8],
 ) -> io::Result<Vec<u64>> {
-    let mut bad = Vec::new();
-    let mut at = 0usize;
-    let mut i = first;
-    let mut buf = Vec::with_capacity(layout.chunk_size as usize + blob::TAG_LEN as usize);
-    while at < data.len() && i < layout.chunk_count() {
-        let n = layout.sealed_len(i) as usize;
-        let end = (at + n).min(data.len());
-        buf.clear();
-        buf.extend_from_slice(&data[at..end]);
-        match blob::open_chunk(key, layout, i, &mut buf) {
-            Ok(()) => part.write_all_at(&buf, i * layout.chunk_size as u64)?,
-            Err(_) => bad.push(i),
+    PartWriter::buffered(part.try_clone()?).write_chunks(key, layout, first, data)
+}
+
+/// Alignment O_DIRECT needs for offsets, lengths and memory.
+const DIRECT_ALIGN: usize = 4096;
+/// Largest run of plaintext written at once (a relay piece's worth).
+const DIRECT_MAX: usize = 1 << 20;
+
+/// Writes decrypted chunks into a partial file. Where the file system
+/// allows it, a run of good chunks whose place and length are 4 KiB
+/// aligned (every relay piece but a file's last) goes to the device with
+/// one `O_DIRECT` write from an aligned buffer instead of being copied into
+/// the page cache (which, with three processes on two cores, costs the
+/// recipient more CPU than decrypting). Anything else — a damaged chunk in
+/// the run, the unaligned tail, a file system refusing `O_DIRECT` — is
+/// written chunk by chunk as before. Durability is unchanged: the caller
+/// fsyncs before it commits progress.
+#[derive(Debug)]
+pub struct PartWriter {
+    file: File,
+    direct: Option<File>,
+    storage: Vec<u8>,
+    start: usize,
+    scratch: Vec<u8>,
+}
+
+impl PartWriter {
+    /// A writer that never uses `O_DIRECT`.
+    pub fn buffered(file: File) -> Self {
+        Self {
+            file,
+            direct: None,
+            storage: Vec::new(),
+            start: 0,
+            scratch: Vec::new(),
         }
-        at = end;
-        i += 1;
     }
-    Ok(bad)
+
+    /// A writer for the partial file at `path` (already open as `file`).
+    pub fn new(file: File, path: &Path) -> Self {
+        let direct = rustix::fs::open(
+            path,
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ok()
+        .map(File::from);
+        let storage = if direct.is_some() {
+            vec![0u8; DIRECT_MAX + DIRECT_ALIGN]
+        } else {
+            Vec::new()
+        };
+        let start = storage
+            .as_ptr()
+            .align_offset(DIRECT_ALIGN)
+            .min(DIRECT_ALIGN);
+        Self {
+            file,
+            direct,
+            storage,
+            start,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Whether runs of chunks go to the device directly.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// See [`write_chunks`].
+    pub fn write_chunks(
+        &mut self,
+        key: &BlobKey,
+        layout: &BlobLayout,
+        first: u64,
+        data: &[u8],
+    ) -> io::Result<Vec<u64>> {
+        let cs = layout.chunk_size as u64;
+        let base = first * cs;
+        let mut bad = Vec::new();
+        let mut good: Vec<(u64, usize, usize)> = Vec::new();
+        let mut run = 0usize;
+        let mut at = 0usize;
+        let mut i = first;
+        let aligned_run = self.direct.is_some() && base.is_multiple_of(DIRECT_ALIGN as u64);
+        while at < data.len() && i < layout.chunk_count() {
+            let n = layout.sealed_len(i) as usize;
+            let end = (at + n).min(data.len());
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&data[at..end]);
+            match blob::open_chunk(key, layout, i, &mut self.scratch) {
+                Ok(()) => {
+                    let len = self.scratch.len();
+                    if aligned_run && bad.is_empty() && run + len <= DIRECT_MAX {
+                        let dst = self.start + run;
+                        self.storage[dst..dst + len].copy_from_slice(&self.scratch);
+                        good.push((i, run, len));
+                        run += len;
+                    } else {
+                        // Not part of a direct run: flush what was gathered
+                        // chunk by chunk, then this one.
+                        self.spill(&mut good, base)?;
+                        self.file.write_all_at(&self.scratch, i * cs)?;
+                    }
+                }
+                Err(_) => {
+                    self.spill(&mut good, base)?;
+                    bad.push(i);
+                }
+            }
+            at = end;
+            i += 1;
+        }
+        if !good.is_empty() {
+            if run.is_multiple_of(DIRECT_ALIGN) {
+                let buf = &self.storage[self.start..self.start + run];
+                let r = match &self.direct {
+                    Some(d) => d.write_all_at(buf, base),
+                    None => Err(io::Error::from(io::ErrorKind::Unsupported)),
+                };
+                if r.is_err() {
+                    // Refused (EINVAL on some file systems): buffered from
+                    // now on.
+                    self.direct = None;
+                    self.spill(&mut good, base)?;
+                }
+                good.clear();
+            } else {
+                self.spill(&mut good, base)?;
+            }
+        }
+        Ok(bad)
+    }
+
+    /// Writes gathered chunks through the page cache, one by one.
+    fn spill(&mut self, good: &mut Vec<(u64, usize, usize)>, base: u64) -> io::Result<()> {
+        for &(_, off, len) in good.iter() {
+            let src = &self.storage[self.start + off..self.start + off + len];
+            self.file.write_all_at(src, base + off as u64)?;
+        }
+        good.clear();
+        Ok(())
+    }
 }
 
 /// Makes the partial file durable, drops its cached pages and reads it
@@ -296,6 +423,60 @@ pub fn free_name(dir: &Path, name: &str) -> Option<PathBuf> {
 mod tests {
     use super::*;
     use rand_core::OsRng;
+
+    /// Pieces written through `PartWriter` (O_DIRECT where the file system
+    /// takes it, here ext4 or tmpfs) give back the file, and a damaged chunk
+    /// anywhere in a piece is reported and does not stop the others.
+    #[test]
+    fn direct_piece_writes_rebuild_the_file_and_report_damage() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("tmp");
+        let cs = 65_536u32;
+        for size in [0usize, 1, 65_536, 983_040, 983_041, 3 * 983_040 + 70_000] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            let key = BlobKey::random(&mut OsRng);
+            let mut whole = Vec::new();
+            let s = blob::seal_blob(&key, cs, &data[..], &mut whole).expect("seal");
+            for damage in [None, Some(0u64), Some(7), Some(16)] {
+                let path = dir.path().join(format!("p{size}-{damage:?}"));
+                let part = open_part(&path, 0).expect("part");
+                let mut w = PartWriter::new(part.try_clone().expect("clone"), &path);
+                let mut blob_bytes = whole.clone();
+                let damaged = damage.filter(|&c| c < s.layout.chunk_count());
+                if let Some(c) = damaged {
+                    blob_bytes[(c * s.layout.sealed_len(0)) as usize] ^= 1;
+                }
+                let mut off = 0u64;
+                let mut bad = Vec::new();
+                while off < s.layout.blob_len() {
+                    let n = piece_len(&s.layout, off);
+                    let first = off / s.layout.sealed_len(0);
+                    bad.extend(
+                        w.write_chunks(
+                            &key,
+                            &s.layout,
+                            first,
+                            &blob_bytes[off as usize..off as usize + n],
+                        )
+                        .expect("write"),
+                    );
+                    off += n as u64;
+                }
+                part.sync_all().expect("sync");
+                assert_eq!(bad, damaged.into_iter().collect::<Vec<_>>(), "size {size}");
+                let got = std::fs::read(&path).expect("read");
+                for c in 0..s.layout.chunk_count() {
+                    let lo = (c * cs as u64) as usize;
+                    let hi = (lo + cs as usize).min(data.len());
+                    if Some(c) != damaged && hi <= got.len() {
+                        assert_eq!(got[lo..hi], data[lo..hi], "size {size} chunk {c}");
+                    }
+                }
+                if damaged.is_none() {
+                    assert_eq!(got, data, "size {size}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn ranges_rebuild_the_blob_exactly() {

@@ -9,7 +9,8 @@
 # Soak: IDENTITIES agents exchange MESSAGES messages (in `send --repeat`
 # batches) and FILES files of mixed sizes (0 B, 1 B, chunk and piece edges,
 # random up to MAX_FILE) through `sealpost relay serve --hostile` with every
-# fault class at FAULTS for HOSTILE_FOR; then the relay restarts honest on
+# fault class at FAULTS (2 %, the blob classes 5 %: few pieces are read) for
+# HOSTILE_FOR; then the relay restarts honest on
 # the same data (it "heals") and delivery must finish within SETTLE.
 # Crash campaign: the same load while the relay and the agents are SIGKILLed
 # KILLS times at seeded random moments and restarted.
@@ -27,7 +28,7 @@ IDENTITIES=${IDENTITIES:-4}
 MESSAGES=${MESSAGES:-10000}
 FILES=${FILES:-50}
 MAX_FILE=${MAX_FILE:-8388608}
-FAULTS=${FAULTS:-all=0.02}
+FAULTS=${FAULTS:-all=0.02,blob-flip=0.05,blob-truncate=0.05}
 HOSTILE_FOR=${HOSTILE_FOR:-60s}
 CRASH_FOR=${CRASH_FOR:-150s}
 KILLS=${KILLS:-120}

@@ -811,7 +811,7 @@ impl Engine {
                 Err(e) => {
                     tracing::warn!("discarded a fetched item: {e}");
                     stats.discarded += 1;
-                    self.found.push((open_error_class(&e), item.clone()));
+                    self.found.push((e.class(), item.clone()));
                     Verdict::Done
                 }
                 Ok((m, content)) => {
@@ -2337,24 +2337,6 @@ impl Engine {
 /// X25519 agreement and one signature verification each).
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// The name under which a failed open is recorded as a detection.
-fn open_error_class(e: &OpenError) -> &'static str {
-    match e {
-        OpenError::NotForMe(_) => "not-for-me",
-        OpenError::Malformed(_) => "malformed",
-        OpenError::UnsupportedVersion { .. } => "unsupported-version",
-        OpenError::BadSignature => "bad-signature",
-        OpenError::UnknownSender { .. } => "unknown-sender",
-        OpenError::Tampered { .. } => "tampered",
-        OpenError::Truncated { .. } => "truncated",
-        OpenError::Expired { .. } => "expired",
-        OpenError::FromFuture { .. } => "from-the-future",
-        OpenError::Replayed { .. } => "replayed",
-        OpenError::TooLarge { .. } => "too-large",
-        _ => "unreadable",
-    }
 }
 
 fn open_all(

@@ -85,6 +85,26 @@ impl OpenError {
     pub(crate) fn io(context: &'static str) -> impl FnOnce(io::Error) -> Self {
         move |source| Self::Io { context, source }
     }
+
+    /// A short stable name for the class of failure (the CLI's `class`
+    /// in `--json` errors, an agent's detection records).
+    pub fn class(&self) -> &'static str {
+        match self {
+            Self::NotForMe(NotForMeReason::NoMatchingKey) => "not-for-me",
+            Self::NotForMe(NotForMeReason::NotInSignedRecipients) => "forwarded",
+            Self::Malformed(_) => "malformed",
+            Self::UnsupportedVersion { .. } => "unsupported-version",
+            Self::BadSignature => "bad-signature",
+            Self::UnknownSender { .. } => "unknown-sender",
+            Self::Tampered { .. } => "tampered",
+            Self::Truncated { .. } => "truncated",
+            Self::Expired { .. } => "expired",
+            Self::FromFuture { .. } => "from-future",
+            Self::Replayed { .. } => "replayed",
+            Self::TooLarge { .. } => "too-large",
+            _ => "io",
+        }
+    }
 }
 
 impl From<DecodeError> for OpenError {

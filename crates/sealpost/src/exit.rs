@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use sealpost_agent::{AgentError, ReceiveError};
-use sealpost_proto::{NotForMeReason, OpenError};
+use sealpost_proto::OpenError;
 use serde_json::json;
 
 use crate::output::Out;
@@ -59,21 +59,21 @@ impl Failure {
 
 /// Exit code and class for each way opening can fail.
 pub fn open_class(e: &OpenError) -> (u8, &'static str) {
-    match e {
-        OpenError::NotForMe(NotForMeReason::NoMatchingKey) => (10, "not-for-me"),
-        OpenError::NotForMe(NotForMeReason::NotInSignedRecipients) => (10, "forwarded"),
-        OpenError::Malformed(_) => (11, "malformed"),
-        OpenError::UnsupportedVersion { .. } => (12, "unsupported-version"),
-        OpenError::BadSignature => (13, "bad-signature"),
-        OpenError::UnknownSender { .. } => (14, "unknown-sender"),
-        OpenError::Tampered { .. } => (15, "tampered"),
-        OpenError::Truncated { .. } => (16, "truncated"),
-        OpenError::Expired { .. } => (17, "expired"),
-        OpenError::FromFuture { .. } => (18, "from-future"),
-        OpenError::Replayed { .. } => (19, "replayed"),
-        OpenError::TooLarge { .. } => (20, "too-large"),
-        _ => (1, "io"),
-    }
+    let code = match e {
+        OpenError::NotForMe(_) => 10,
+        OpenError::Malformed(_) => 11,
+        OpenError::UnsupportedVersion { .. } => 12,
+        OpenError::BadSignature => 13,
+        OpenError::UnknownSender { .. } => 14,
+        OpenError::Tampered { .. } => 15,
+        OpenError::Truncated { .. } => 16,
+        OpenError::Expired { .. } => 17,
+        OpenError::FromFuture { .. } => 18,
+        OpenError::Replayed { .. } => 19,
+        OpenError::TooLarge { .. } => 20,
+        _ => 1,
+    };
+    (code, e.class())
 }
 
 impl From<AgentError> for Failure {

@@ -797,45 +797,44 @@ impl Engine {
         stats: &mut PassStats,
     ) -> Result<(), EngineError> {
         let opened = open_all(&self.agent.identity, &payloads);
-        let hashes: Vec<String> = payloads
-            .iter()
-            .map(|p| blake3::hash(p).to_hex().to_string())
-            .collect();
-        drop(payloads);
         let now_s = now_ms() / 1000;
         let mut to_store: Vec<(OpenedMessage, Vec<u8>)> = Vec::new();
         let mut reports: Vec<PendingReport> = Vec::new();
-        for (r, item) in opened.into_iter().zip(hashes) {
-            let before = (stats.discarded, stats.duplicates, stats.forged_reports);
-            let verdict = match r {
+        for (r, payload) in opened.into_iter().zip(&payloads) {
+            let (verdict, caught) = match r {
                 Err(e) => {
                     tracing::warn!("discarded a fetched item: {e}");
                     stats.discarded += 1;
-                    self.found.push((e.class(), item.clone()));
-                    Verdict::Done
+                    (Verdict::Done, Some(e.class()))
                 }
                 Ok((m, content)) => {
-                    self.classify(m, content, now_s, &to_store, &mut reports, stats)?
+                    let before = (stats.discarded, stats.duplicates, stats.forged_reports);
+                    let v = self.classify(m, content, now_s, &to_store, &mut reports, stats)?;
+                    let caught = if !matches!(v, Verdict::Done) {
+                        None
+                    } else if stats.duplicates > before.1 {
+                        Some("duplicate")
+                    } else if stats.forged_reports > before.2 {
+                        Some("forged-report")
+                    } else if stats.discarded > before.0 {
+                        Some("discarded")
+                    } else {
+                        None
+                    };
+                    (v, caught)
                 }
             };
-            if matches!(verdict, Verdict::Done) {
-                let class = if stats.duplicates > before.1 {
-                    Some("duplicate")
-                } else if stats.forged_reports > before.2 {
-                    Some("forged-report")
-                } else if stats.discarded > before.0 {
-                    Some("discarded")
-                } else {
-                    None
-                };
-                if let (Some(c), true) = (class, self.found.last().map(|f| &f.1) != Some(&item)) {
-                    self.found.push((c, item));
-                }
+            if let Some(class) = caught {
+                // Named by the BLAKE3 of the bytes as fetched, as a
+                // hostile relay's fault log names them.
+                let item = blake3::hash(payload).to_hex().to_string();
+                self.found.push((class, item));
             }
             if let Verdict::Store(stored) = verdict {
                 to_store.push(*stored);
             }
         }
+        drop(payloads);
         let contents: Vec<(&[u8], [u8; 32])> = to_store
             .iter()
             .map(|(m, c)| (&c[..], *m.content_hash.as_bytes()))

@@ -272,7 +272,7 @@ impl PartWriter {
         let cs = layout.chunk_size as u64;
         let base = first * cs;
         let mut bad = Vec::new();
-        let mut good: Vec<(u64, usize, usize)> = Vec::new();
+        let mut good: Vec<(usize, usize)> = Vec::new();
         let mut run = 0usize;
         let mut at = 0usize;
         let mut i = first;
@@ -288,7 +288,7 @@ impl PartWriter {
                     if aligned_run && bad.is_empty() && run + len <= DIRECT_MAX {
                         let dst = self.start + run;
                         self.storage[dst..dst + len].copy_from_slice(&self.scratch);
-                        good.push((i, run, len));
+                        good.push((run, len));
                         run += len;
                     } else {
                         // Not part of a direct run: flush what was gathered
@@ -327,8 +327,8 @@ impl PartWriter {
     }
 
     /// Writes gathered chunks through the page cache, one by one.
-    fn spill(&mut self, good: &mut Vec<(u64, usize, usize)>, base: u64) -> io::Result<()> {
-        for &(_, off, len) in good.iter() {
+    fn spill(&mut self, good: &mut Vec<(usize, usize)>, base: u64) -> io::Result<()> {
+        for &(off, len) in good.iter() {
             let src = &self.storage[self.start + off..self.start + off + len];
             self.file.write_all_at(src, base + off as u64)?;
         }

@@ -9,7 +9,7 @@
 //! cannot do is sign as a user: forged receipts and rejections are signed
 //! by its own identity ("mallory"), whatever their envelope claims.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::fs::File;
 use std::io::Write;
@@ -226,8 +226,9 @@ pub struct Hostile {
     state: Mutex<State>,
     mallory: Identity,
     /// Public cards, by mailbox: whom forged reports can be addressed to
-    /// and whom they can claim to come from.
-    cards: HashMap<MailboxId, PublicIdentity>,
+    /// and whom they can claim to come from. Ordered, so that which card a
+    /// forgery claims depends on the seed alone.
+    cards: BTreeMap<MailboxId, PublicIdentity>,
 }
 
 impl fmt::Debug for Hostile {
@@ -276,7 +277,7 @@ impl Hostile {
                 n: 0,
             }),
             mallory,
-            cards: HashMap::new(),
+            cards: BTreeMap::new(),
             spec,
         })
     }

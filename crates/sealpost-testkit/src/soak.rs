@@ -573,7 +573,6 @@ fn check(
         .enumerate()
         .map(|(i, x)| (x.as_str(), i))
         .collect();
-    let mut files_seen = 0u64;
     for (i, h) in s.homes.iter().enumerate() {
         let out = s.cli(Some(h), &["status", "--limit", "100000000"])?;
         for m in out["messages"].as_array().into_iter().flatten() {
@@ -614,7 +613,6 @@ fn check(
                             ));
                         }
                         if let Some(f) = &c.file {
-                            files_seen += 1;
                             let path = f["path"].as_str().map(PathBuf::from);
                             let name = f["name"].as_str().unwrap_or_default();
                             let want = sources.get(name).and_then(|p| blake3_file(p));
@@ -699,7 +697,6 @@ fn check(
             ));
         }
     }
-    let _ = files_seen;
     // Faults, and which of them an endpoint recorded catching: an item
     // the relay went on to alter again (a moved item flipped on its way
     // out, say) counts as caught if what it became was caught.
@@ -718,31 +715,29 @@ fn check(
             became.entry(o.to_owned()).or_default().push(i.to_owned());
         }
     }
-    {
-        for v in &faults {
-            let class = v["class"].as_str().unwrap_or("?").to_owned();
-            *r.faults.entry(class.clone()).or_default() += 1;
-            let item = v["item"].as_str().unwrap_or_default();
-            let matchable = matches!(
-                class.as_str(),
-                "flip"
-                    | "truncate"
-                    | "substitute"
-                    | "move"
-                    | "forge-report"
-                    | "forge-refusal"
-                    | "duplicate"
-                    | "replay"
-                    | "blob-flip"
-                    | "blob-truncate"
-            );
-            if matchable {
-                let e = r.matched.entry(class).or_default();
-                e.1 += 1;
-                let later = became.get(item).into_iter().flatten();
-                if caught.contains(item) || later.into_iter().any(|x| caught.contains(x)) {
-                    e.0 += 1;
-                }
+    for v in &faults {
+        let class = v["class"].as_str().unwrap_or("?").to_owned();
+        *r.faults.entry(class.clone()).or_default() += 1;
+        let item = v["item"].as_str().unwrap_or_default();
+        let matchable = matches!(
+            class.as_str(),
+            "flip"
+                | "truncate"
+                | "substitute"
+                | "move"
+                | "forge-report"
+                | "forge-refusal"
+                | "duplicate"
+                | "replay"
+                | "blob-flip"
+                | "blob-truncate"
+        );
+        if matchable {
+            let e = r.matched.entry(class).or_default();
+            e.1 += 1;
+            let later = became.get(item).into_iter().flatten();
+            if caught.contains(item) || later.into_iter().any(|x| caught.contains(x)) {
+                e.0 += 1;
             }
         }
     }

@@ -25,6 +25,17 @@ fn config(dir: &std::path::Path, seed: u64, kills: usize) -> SoakConfig {
     }
 }
 
+/// Runs the soak; on a violation keeps its scratch directory (homes, relay
+/// data, fault log, every process's log) for a look, and says where.
+fn run(seed: u64, kills: usize) -> soak::SoakReport {
+    let dir = tempfile::tempdir().expect("tmp");
+    let r = soak::run(config(dir.path(), seed, kills)).expect("soak ran");
+    if !r.ok() {
+        eprintln!("soak scratch kept at {}", dir.keep().display());
+    }
+    r
+}
+
 fn assert_held(r: &soak::SoakReport) {
     assert!(r.ok(), "{}", r.to_text());
     assert_eq!(
@@ -57,8 +68,7 @@ fn assert_held(r: &soak::SoakReport) {
 
 #[test]
 fn a_hostile_relay_loses_forges_or_alters_nothing_that_is_accepted() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let r = soak::run(config(dir.path(), 11, 0)).expect("soak ran");
+    let r = run(11, 0);
     assert_held(&r);
     // Without crashes every altered, misdirected, forged or replayed item
     // was caught by an endpoint.
@@ -77,8 +87,7 @@ fn a_hostile_relay_loses_forges_or_alters_nothing_that_is_accepted() {
 
 #[test]
 fn a_hostile_relay_and_sigkills_lose_nothing() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let r = soak::run(config(dir.path(), 12, 8)).expect("soak ran");
+    let r = run(12, 8);
     assert_held(&r);
     assert_eq!(r.kills, 8);
 }

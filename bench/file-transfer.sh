@@ -66,7 +66,7 @@ CHUNKS=$(( (SIZE + 65535) / 65536 )); [[ $CHUNKS -eq 0 ]] && CHUNKS=1
 BLOB_LEN=$((SIZE + CHUNKS * 16))
 
 t0=$(now)
-/usr/bin/time -f "%M %U %S" -o "$T/alice.rss" "$SP" "${A[@]}" --json send bob --file "$T/file.bin" --wait --timeout "${MAX_SECONDS}s" >"$T/send.json" &
+/usr/bin/time -f "%M %U %S %R" -o "$T/alice.rss" "$SP" "${A[@]}" --json send bob --file "$T/file.bin" --wait --timeout "${MAX_SECONDS}s" >"$T/send.json" &
 SEND=$!
 t_queued= t_uploaded= t_stored=
 while kill -0 "$SEND" 2>/dev/null; do
@@ -93,13 +93,17 @@ awk -v mb="$SIZE_MB" -v t0="$t0" -v tq="$t_queued" -v tu="$t_uploaded" -v ts="$t
     printf "sealpost stage_receipt_seconds %.2f s\n", t1 - ts
 }' | tee "$T/sp.out"
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
-read -r rss u sy <"$T/alice.rss"
+read -r rss u sy flt <"$T/alice.rss"
 echo "sealpost peak_rss_sender $((rss / 1024)) MiB"
 echo "sealpost peak_rss_relay $(( $(awk '/VmHWM/ { print $2 }' "/proc/$RELAY/status") / 1024 )) MiB"
 echo "sealpost peak_rss_recipient_agent $(( $(awk '/VmHWM/ { print $2 }' "/proc/$BOB/status") / 1024 )) MiB"
 echo "sealpost cpu_sender $(awk -v u="$u" -v s="$sy" 'BEGIN { printf "%.2f", u + s }') s"
 echo "sealpost cpu_relay $(cpu_s "$RELAY") s"
 echo "sealpost cpu_recipient_agent $(cpu_s "$BOB") s"
+# Minor page faults: fresh memory being faulted in (buffer churn).
+echo "sealpost page_faults_sender $flt"
+echo "sealpost page_faults_relay $(awk '{ print $10 }' "/proc/$RELAY/stat")"
+echo "sealpost page_faults_recipient_agent $(awk '{ print $10 }' "/proc/$BOB/stat")"
 
 if [[ $ANCHORS == 1 ]]; then
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done

@@ -11,11 +11,16 @@ fuzz_target!(|data: &[u8]| {
         loop {
             match fb.next_frame() {
                 Ok(Some(body)) => {
-                    if let Ok(f) = Request::decode(&body) {
+                    let req = Request::decode(&body);
+                    if let Ok(f) = &req {
                         // A request that parses re-encodes to the same bytes.
                         assert_eq!(&f.body.encode(f.id)[4..], &body[..]);
                     }
-                    let _ = Response::decode(&body);
+                    // Decoding a body it owns (what relays and agents do)
+                    // agrees with decoding a borrowed one.
+                    assert_eq!(Request::decode_owned(body.clone()), req);
+                    let resp = Response::decode(&body);
+                    assert_eq!(Response::decode_owned(body), resp);
                 }
                 Ok(None) => break,
                 Err(_) => return,

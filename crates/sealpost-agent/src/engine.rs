@@ -1442,6 +1442,7 @@ impl Engine {
             Err(e) => return Ok(Upload::Failed("bad-file".into(), e.to_string())),
         };
         let total = layout.blob_len();
+        let cipher = f.key.cipher();
         let src = match File::open(&f.path) {
             Ok(s) => s,
             Err(e) => {
@@ -1501,7 +1502,7 @@ impl Engine {
                 if n == 0 {
                     break;
                 }
-                match crate::transfer::encrypt_range(&src, &f.key, &layout, at, n) {
+                match crate::transfer::encrypt_range(&src, &cipher, &layout, at, n) {
                     Ok(d) => pieces.push((at, d)),
                     Err(e) => {
                         bad_source = Some(format!("{}: {e}", f.path));
@@ -1833,7 +1834,7 @@ impl Engine {
                 continue;
             };
             let Ok((len, hash)) =
-                crate::transfer::repair_summary(&src, &f.key, &layout, &req.chunks)
+                crate::transfer::repair_summary(&src, &f.key.cipher(), &layout, &req.chunks)
             else {
                 self.agent.db.remove_repair(&job.msg, &job.recipient)?;
                 continue;
@@ -1848,10 +1849,11 @@ impl Engine {
             };
             let mut off = 0u64;
             let mut ok = true;
+            let cipher = f.key.cipher();
             while off < len {
                 let piece = match crate::transfer::repair_range(
                     &src,
-                    &f.key,
+                    &cipher,
                     &layout,
                     &req.chunks,
                     off,
@@ -1940,6 +1942,7 @@ impl Engine {
             return fail(self, format!("cannot create {}: {e}", dir.display()));
         }
         let blob_hex: String = d.blob_id.iter().map(|b| format!("{b:02x}")).collect();
+        let cipher = d.key.cipher();
         let part_path = transfer::part_path(&dir, &blob_hex);
         let keep = (d.next_chunk * d.chunk_size as u64).min(d.size);
         let part = transfer::open_part(&part_path, keep).map_err(|source| AgentError::Io {
@@ -2018,11 +2021,13 @@ impl Engine {
                     Ok(list) => {
                         for ((a, &j), &(at, _)) in list.into_iter().zip(idx).zip(window) {
                             match a {
-                                Ok(data) if bad.contains(&j) => {
+                                Ok(mut data) if bad.contains(&j) => {
                                     stats.download_bytes += data.len() as u64;
-                                    let damaged =
-                                        transfer::write_chunks(&part, &d.key, &layout, j, &data)
-                                            .map_err(|e| io_err("writing", e))?;
+                                    let damaged = transfer::write_chunks(
+                                        &part, &cipher, &layout, j, &mut data,
+                                    )
+                                    .map_err(|e| io_err("writing", e))?;
+                                    sealpost_proto::buffers::give(data);
                                     if !damaged.is_empty() {
                                         self.found.push((
                                             "damaged-chunk",
@@ -2114,7 +2119,7 @@ impl Engine {
             let mut short = false;
             for (answer, &(off, n)) in answers.into_iter().zip(&ranges) {
                 let n = n as usize;
-                let data = match answer {
+                let mut data = match answer {
                     Ok(v) if v.len() == n => v,
                     // Short although the relay said the range is stored.
                     Ok(v) if complete_known || off + n as u64 <= stored_known => {
@@ -2147,8 +2152,9 @@ impl Engine {
                 };
                 idle_since = None;
                 let damaged = writer
-                    .write_chunks(&d.key, &layout, i, &data)
+                    .write_chunks(&cipher, &layout, i, &mut data)
                     .map_err(|e| io_err("writing", e))?;
+                sealpost_proto::buffers::give(data);
                 if !damaged.is_empty() {
                     self.found
                         .push(("damaged-chunk", format!("blob:{}@{off}", hex(&blob_id))));

@@ -19,7 +19,8 @@ use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use sealpost_proto::blob::{self, BlobKey, BlobLayout, BlobSummary};
+use sealpost_proto::blob::{self, BlobKey, BlobLayout, BlobSummary, ChunkCipher};
+use sealpost_proto::buffers;
 use sealpost_proto::relay::MAX_BLOB_PIECE;
 
 /// Progress reports for long transfers (the CLI draws bars with them).
@@ -65,7 +66,7 @@ pub fn summarize(path: &Path, key: &BlobKey, chunk_size: u32) -> io::Result<Blob
 /// summarized).
 pub fn encrypt_range(
     src: &File,
-    key: &BlobKey,
+    cipher: &ChunkCipher,
     layout: &BlobLayout,
     offset: u64,
     max: usize,
@@ -73,28 +74,29 @@ pub fn encrypt_range(
     let enc = layout.chunk_size as u64 + blob::TAG_LEN;
     let first = offset / enc;
     let skip = (offset - first * enc) as usize;
-    let mut out = Vec::with_capacity(max + enc as usize);
-    // One chunk buffer for the whole range: no allocation per chunk.
-    let mut buf = Vec::with_capacity(enc as usize);
+    // Chunks are read and encrypted in place in the piece's own (reused)
+    // buffer: no copy per chunk, no allocation per piece.
+    let mut out = buffers::take(max + enc as usize);
     let mut i = first;
     while i < layout.chunk_count() && out.len() < max + skip {
         let n = layout.plain_len(i) as usize;
-        buf.clear();
-        buf.resize(n, 0);
-        src.read_exact_at(&mut buf, i * layout.chunk_size as u64)
+        let at = out.len();
+        out.resize(at + n + blob::TAG_LEN as usize, 0);
+        src.read_exact_at(&mut out[at..at + n], i * layout.chunk_size as u64)
             .map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("the file changed or shrank since it was queued: {e}"),
                 )
             })?;
-        blob::seal_chunk(key, i, i + 1 == layout.chunk_count(), &mut buf);
-        out.extend_from_slice(&buf);
+        cipher.seal_in_place(i, i + 1 == layout.chunk_count(), &mut out[at..]);
         i += 1;
     }
     let end = (skip + max).min(out.len());
     out.truncate(end);
-    out.drain(..skip.min(end));
+    if skip > 0 {
+        out.drain(..skip.min(end));
+    }
     Ok(out)
 }
 
@@ -102,7 +104,7 @@ pub fn encrypt_range(
 /// `chunks` (in that order) of the file's blob, re-encrypted from `src`.
 pub fn repair_range(
     src: &File,
-    key: &BlobKey,
+    cipher: &ChunkCipher,
     layout: &BlobLayout,
     chunks: &[u64],
     offset: u64,
@@ -124,7 +126,7 @@ pub fn repair_range(
         buf.clear();
         buf.resize(n, 0);
         src.read_exact_at(&mut buf, i * layout.chunk_size as u64)?;
-        blob::seal_chunk(key, i, i + 1 == layout.chunk_count(), &mut buf);
+        blob::seal_chunk(cipher, i, i + 1 == layout.chunk_count(), &mut buf);
         let skip = offset.saturating_sub(pos) as usize;
         let take = (buf.len() - skip).min(max - out.len());
         out.extend_from_slice(&buf[skip..skip + take]);
@@ -136,14 +138,14 @@ pub fn repair_range(
 /// Length and BLAKE3 of a repair blob, computed one chunk at a time.
 pub fn repair_summary(
     src: &File,
-    key: &BlobKey,
+    cipher: &ChunkCipher,
     layout: &BlobLayout,
     chunks: &[u64],
 ) -> io::Result<(u64, blake3::Hash)> {
     let mut h = blake3::Hasher::new();
     let mut len = 0u64;
     for (k, _) in chunks.iter().enumerate() {
-        let piece = repair_range(src, key, layout, &chunks[k..=k], 0, usize::MAX >> 1)?;
+        let piece = repair_range(src, cipher, layout, &chunks[k..=k], 0, usize::MAX >> 1)?;
         len += piece.len() as u64;
         h.update(&piece);
     }
@@ -186,12 +188,12 @@ pub fn open_part(path: &Path, keep: u64) -> io::Result<File> {
 /// their place is left as it was.
 pub fn write_chunks(
     part: &File,
-    key: &BlobKey,
+    cipher: &ChunkCipher,
     layout: &BlobLayout,
     first: u64,
-    data: &[u8],
+    data: &mut [u8],
 ) -> io::Result<Vec<u64>> {
-    PartWriter::buffered(part.try_clone()?).write_chunks(key, layout, first, data)
+    PartWriter::buffered(part.try_clone()?).write_chunks(cipher, layout, first, data)
 }
 
 /// Alignment O_DIRECT needs for offsets, lengths and memory.
@@ -214,7 +216,6 @@ pub struct PartWriter {
     direct: Option<File>,
     storage: Vec<u8>,
     start: usize,
-    scratch: Vec<u8>,
 }
 
 impl PartWriter {
@@ -225,7 +226,6 @@ impl PartWriter {
             direct: None,
             storage: Vec::new(),
             start: 0,
-            scratch: Vec::new(),
         }
     }
 
@@ -239,7 +239,9 @@ impl PartWriter {
         .ok()
         .map(File::from);
         let storage = if direct.is_some() {
-            vec![0u8; DIRECT_MAX + DIRECT_ALIGN]
+            // Room for a whole run plus the last chunk's tag, wherever the
+            // aligned start falls.
+            vec![0u8; DIRECT_MAX + 2 * DIRECT_ALIGN]
         } else {
             Vec::new()
         };
@@ -252,7 +254,6 @@ impl PartWriter {
             direct,
             storage,
             start,
-            scratch: Vec::new(),
         }
     }
 
@@ -261,13 +262,15 @@ impl PartWriter {
         self.direct.is_some()
     }
 
-    /// See [`write_chunks`].
+    /// See [`write_chunks`]. `data` is decrypted in place (or, for a
+    /// direct run, copied once into the aligned buffer and decrypted
+    /// there).
     pub fn write_chunks(
         &mut self,
-        key: &BlobKey,
+        cipher: &ChunkCipher,
         layout: &BlobLayout,
         first: u64,
-        data: &[u8],
+        data: &mut [u8],
     ) -> io::Result<Vec<u64>> {
         let cs = layout.chunk_size as u64;
         let base = first * cs;
@@ -280,26 +283,28 @@ impl PartWriter {
         while at < data.len() && i < layout.chunk_count() {
             let n = layout.sealed_len(i) as usize;
             let end = (at + n).min(data.len());
-            self.scratch.clear();
-            self.scratch.extend_from_slice(&data[at..end]);
-            match blob::open_chunk(key, layout, i, &mut self.scratch) {
-                Ok(()) => {
-                    let len = self.scratch.len();
-                    if aligned_run && bad.is_empty() && run + len <= DIRECT_MAX {
-                        let dst = self.start + run;
-                        self.storage[dst..dst + len].copy_from_slice(&self.scratch);
+            let plain = layout.plain_len(i) as usize;
+            if aligned_run && bad.is_empty() && run + plain <= DIRECT_MAX {
+                let dst = self.start + run;
+                let sealed = &mut self.storage[dst..dst + (end - at)];
+                sealed.copy_from_slice(&data[at..end]);
+                match cipher.open_in_place(layout, i, sealed) {
+                    Ok(len) => {
                         good.push((run, len));
                         run += len;
-                    } else {
-                        // Not part of a direct run: flush what was gathered
-                        // chunk by chunk, then this one.
+                    }
+                    Err(_) => {
                         self.spill(&mut good, base)?;
-                        self.file.write_all_at(&self.scratch, i * cs)?;
+                        bad.push(i);
                     }
                 }
-                Err(_) => {
-                    self.spill(&mut good, base)?;
-                    bad.push(i);
+            } else {
+                // Not part of a direct run: flush what was gathered chunk
+                // by chunk, then this one.
+                self.spill(&mut good, base)?;
+                match cipher.open_in_place(layout, i, &mut data[at..end]) {
+                    Ok(len) => self.file.write_all_at(&data[at..at + len], i * cs)?,
+                    Err(_) => bad.push(i),
                 }
             }
             at = end;
@@ -452,10 +457,10 @@ mod tests {
                     let first = off / s.layout.sealed_len(0);
                     bad.extend(
                         w.write_chunks(
-                            &key,
+                            &key.cipher(),
                             &s.layout,
                             first,
-                            &blob_bytes[off as usize..off as usize + n],
+                            &mut blob_bytes[off as usize..off as usize + n],
                         )
                         .expect("write"),
                     );
@@ -493,7 +498,7 @@ mod tests {
             // Any offset, any length: the same bytes as the whole blob.
             for off in [0u64, 1, 4111, 4112, 4113, whole.len() as u64] {
                 for max in [1usize, 5000, 1 << 20] {
-                    let got = encrypt_range(&f, &key, &s.layout, off, max).expect("range");
+                    let got = encrypt_range(&f, &key.cipher(), &s.layout, off, max).expect("range");
                     let lo = (off as usize).min(whole.len());
                     let hi = (lo + max).min(whole.len());
                     assert_eq!(got, whole[lo..hi], "size {size} off {off} max {max}");
@@ -516,7 +521,8 @@ mod tests {
             if size > 4096 {
                 bad_blob[4112 + 3] ^= 1;
             }
-            let bad = write_chunks(&part, &key, &s.layout, 0, &bad_blob).expect("write");
+            let bad =
+                write_chunks(&part, &key.cipher(), &s.layout, 0, &mut bad_blob).expect("write");
             if size > 4096 {
                 assert_eq!(bad, vec![1]);
             } else {
@@ -545,11 +551,12 @@ mod tests {
             let o = s.layout.offset(c) as usize;
             want.extend_from_slice(&whole[o..o + s.layout.sealed_len(c) as usize]);
         }
-        let (len, h) = repair_summary(&f, &key, &s.layout, &chunks).expect("sum");
+        let cipher = key.cipher();
+        let (len, h) = repair_summary(&f, &cipher, &s.layout, &chunks).expect("sum");
         assert_eq!((len, h), (want.len() as u64, blake3::hash(&want)));
         for off in [0u64, 1, 4112, 4113, want.len() as u64 - 1] {
             for max in [1usize, 4000, 1 << 20] {
-                let got = repair_range(&f, &key, &s.layout, &chunks, off, max).expect("range");
+                let got = repair_range(&f, &cipher, &s.layout, &chunks, off, max).expect("range");
                 let lo = off as usize;
                 let hi = (lo + max).min(want.len());
                 assert_eq!(got, want[lo..hi], "off {off} max {max}");

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod blob;
+pub mod buffers;
 pub mod card;
 pub mod codec;
 pub mod delivery;

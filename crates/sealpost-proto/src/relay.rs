@@ -9,6 +9,7 @@
 //! many requests on one connection. Pushes from the relay (a new item in a
 //! subscribed mailbox) use request id 0. See `docs/PROTOCOL.md` §6.
 
+use crate::buffers;
 use crate::codec::{DecodeError, Reader};
 
 /// Protocol version spoken in `Hello`.
@@ -376,10 +377,12 @@ fn header(out: &mut Vec<u8>, ty: u8, id: u32) {
     out.extend_from_slice(&id.to_be_bytes());
 }
 
-fn finish_frame(mut out: Vec<u8>) -> Vec<u8> {
+/// Sets an encoded frame's length prefix from its length: for a frame whose
+/// last field ("rest": a payload, a piece, blob data) was appended after
+/// it was encoded.
+pub fn finish_frame(out: &mut [u8]) {
     let len = (out.len() - 4) as u32;
     out[..4].copy_from_slice(&len.to_be_bytes());
-    out
 }
 
 /// Reads the length prefix: how many more bytes the frame has. Fails on a
@@ -400,6 +403,13 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
     Ok(len)
 }
 
+/// The bytes of `body` from `at` on, in `body`'s own buffer.
+fn into_rest(mut body: Vec<u8>, at: usize) -> Vec<u8> {
+    body.copy_within(at.., 0);
+    body.truncate(body.len() - at);
+    body
+}
+
 fn blob_id(r: &mut Reader<'_>) -> Result<[u8; 16], DecodeError> {
     r.array("blob id")
 }
@@ -408,18 +418,26 @@ impl Request {
     /// Encodes a whole frame, length prefix included.
     pub fn encode(&self, id: u32) -> Vec<u8> {
         let mut o = Vec::with_capacity(64);
+        self.encode_into(id, &mut o);
+        o
+    }
+
+    /// [`Request::encode`] into `o` (cleared first), so a buffer can be
+    /// reused.
+    pub fn encode_into(&self, id: u32, o: &mut Vec<u8>) {
+        o.clear();
         match self {
             Self::Hello { version } => {
-                header(&mut o, 0x01, id);
+                header(o, 0x01, id);
                 o.push(*version);
             }
             Self::Register { key, signature } => {
-                header(&mut o, 0x02, id);
+                header(o, 0x02, id);
                 o.extend_from_slice(key);
                 o.extend_from_slice(signature);
             }
             Self::Auth { key, signature } => {
-                header(&mut o, 0x03, id);
+                header(o, 0x03, id);
                 o.extend_from_slice(key);
                 o.extend_from_slice(signature);
             }
@@ -430,20 +448,20 @@ impl Request {
                 payload,
             } => {
                 o.reserve(payload.len() + 80);
-                header(&mut o, 0x04, id);
+                header(o, 0x04, id);
                 o.extend_from_slice(&mailbox.0);
                 o.extend_from_slice(&expires_at.to_be_bytes());
                 o.extend_from_slice(payload_hash);
                 o.extend_from_slice(payload);
             }
             Self::Fetch { after, max } => {
-                header(&mut o, 0x05, id);
+                header(o, 0x05, id);
                 o.extend_from_slice(&after.to_be_bytes());
                 o.extend_from_slice(&max.to_be_bytes());
             }
-            Self::Subscribe => header(&mut o, 0x06, id),
+            Self::Subscribe => header(o, 0x06, id),
             Self::Ack { seqs } => {
-                header(&mut o, 0x07, id);
+                header(o, 0x07, id);
                 o.extend_from_slice(&(seqs.len() as u16).to_be_bytes());
                 for s in seqs {
                     o.extend_from_slice(&s.to_be_bytes());
@@ -459,7 +477,7 @@ impl Request {
                 data,
             } => {
                 o.reserve(data.len() + 122);
-                header(&mut o, 0x08, id);
+                header(o, 0x08, id);
                 o.extend_from_slice(blob_id);
                 o.extend_from_slice(&mailbox.0);
                 o.extend_from_slice(&total_len.to_be_bytes());
@@ -469,7 +487,7 @@ impl Request {
                 o.extend_from_slice(data);
             }
             Self::BlobStatus { blob_id } => {
-                header(&mut o, 0x09, id);
+                header(o, 0x09, id);
                 o.extend_from_slice(blob_id);
             }
             Self::BlobGet {
@@ -477,22 +495,60 @@ impl Request {
                 offset,
                 len,
             } => {
-                header(&mut o, 0x0a, id);
+                header(o, 0x0a, id);
                 o.extend_from_slice(blob_id);
                 o.extend_from_slice(&offset.to_be_bytes());
                 o.extend_from_slice(&len.to_be_bytes());
             }
             Self::BlobDelete { blob_id } => {
-                header(&mut o, 0x0b, id);
+                header(o, 0x0b, id);
                 o.extend_from_slice(blob_id);
             }
-            Self::Status => header(&mut o, 0x0c, id),
+            Self::Status => header(o, 0x0c, id),
         }
-        finish_frame(o)
+        finish_frame(o);
     }
 
     /// Decodes a frame body (after the length prefix).
     pub fn decode(body: &[u8]) -> Result<Frame<Self>, DecodeError> {
+        let (mut frame, rest) = Self::parse(body)?;
+        if let Some(at) = rest {
+            frame.body.put_rest(body[at..].to_vec());
+        }
+        Ok(frame)
+    }
+
+    /// [`Request::decode`] of a body it owns: a submission's payload or a
+    /// blob piece keeps the body's buffer (its head moved off) instead of
+    /// being copied out; any other body goes back to [`buffers`].
+    pub fn decode_owned(body: Vec<u8>) -> Result<Frame<Self>, DecodeError> {
+        let parsed = Self::parse(&body);
+        let (mut frame, rest) = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                buffers::give(body);
+                return Err(e);
+            }
+        };
+        match rest {
+            Some(at) => frame.body.put_rest(into_rest(body, at)),
+            None => buffers::give(body),
+        }
+        Ok(frame)
+    }
+
+    fn put_rest(&mut self, rest: Vec<u8>) {
+        match self {
+            Self::Submit { payload, .. } => *payload = rest,
+            Self::BlobPut { data, .. } => *data = rest,
+            _ => {}
+        }
+    }
+
+    /// Parses a frame body; a payload or piece ("rest" of the frame) is
+    /// left empty and its start returned.
+    fn parse(body: &[u8]) -> Result<(Frame<Self>, Option<usize>), DecodeError> {
+        let mut rest = None;
         if body.len() > MAX_FRAME {
             return Err(DecodeError::TooLarge {
                 what: "frame",
@@ -520,12 +576,13 @@ impl Request {
                 let payload_hash = r.array("payload hash")?;
                 // Bounded by the frame; a relay refuses a payload above its
                 // own message limit with a signed TooLarge, not a parse error.
-                let n = r.remaining();
+                rest = Some(r.position());
+                r.take(r.remaining(), "payload")?;
                 Self::Submit {
                     mailbox,
                     expires_at,
                     payload_hash,
-                    payload: r.take(n, "payload")?.to_vec(),
+                    payload: Vec::new(),
                 }
             }
             0x05 => Self::Fetch {
@@ -561,6 +618,8 @@ impl Request {
                         max: MAX_BLOB_PIECE,
                     });
                 }
+                rest = Some(r.position());
+                r.take(n, "blob piece")?;
                 Self::BlobPut {
                     blob_id,
                     mailbox,
@@ -568,7 +627,7 @@ impl Request {
                     blob_hash,
                     expires_at,
                     offset,
-                    data: r.take(n, "blob piece")?.to_vec(),
+                    data: Vec::new(),
                 }
             }
             0x09 => Self::BlobStatus {
@@ -591,31 +650,39 @@ impl Request {
             }
         };
         r.finish()?;
-        Ok(Frame { id, body: req })
+        Ok((Frame { id, body: req }, rest))
     }
 }
 
 impl Response {
     pub fn encode(&self, id: u32) -> Vec<u8> {
         let mut o = Vec::with_capacity(64);
+        self.encode_into(id, &mut o);
+        o
+    }
+
+    /// [`Response::encode`] into `o` (cleared first), so a buffer can be
+    /// reused.
+    pub fn encode_into(&self, id: u32, o: &mut Vec<u8>) {
+        o.clear();
         match self {
-            Self::Ok => header(&mut o, 0x80, id),
+            Self::Ok => header(o, 0x80, id),
             Self::HelloOk {
                 version,
                 relay_key,
                 challenge,
             } => {
-                header(&mut o, 0x81, id);
+                header(o, 0x81, id);
                 o.push(*version);
                 o.extend_from_slice(relay_key);
                 o.extend_from_slice(challenge);
             }
             Self::Accepted { item_id } => {
-                header(&mut o, 0x82, id);
+                header(o, 0x82, id);
                 o.extend_from_slice(item_id);
             }
             Self::Refused(f) => {
-                header(&mut o, 0x83, id);
+                header(o, 0x83, id);
                 o.push(f.code.code());
                 o.extend_from_slice(&f.at.to_be_bytes());
                 o.extend_from_slice(&f.mailbox.0);
@@ -624,7 +691,7 @@ impl Response {
             }
             Self::Items { items, more } => {
                 o.reserve(items.iter().map(|i| i.payload.len() + 60).sum());
-                header(&mut o, 0x84, id);
+                header(o, 0x84, id);
                 o.push(*more as u8);
                 o.extend_from_slice(&(items.len() as u16).to_be_bytes());
                 for i in items {
@@ -637,21 +704,21 @@ impl Response {
                 }
             }
             Self::Notify { seq } => {
-                header(&mut o, 0x85, id);
+                header(o, 0x85, id);
                 o.extend_from_slice(&seq.to_be_bytes());
             }
             Self::Acked { count } => {
-                header(&mut o, 0x86, id);
+                header(o, 0x86, id);
                 o.extend_from_slice(&count.to_be_bytes());
             }
             Self::BlobStored { stored, complete } => {
-                header(&mut o, 0x87, id);
+                header(o, 0x87, id);
                 o.extend_from_slice(&stored.to_be_bytes());
                 o.push(*complete as u8);
             }
             Self::BlobData { offset, data } => {
                 o.reserve(data.len() + 20);
-                header(&mut o, 0x88, id);
+                header(o, 0x88, id);
                 o.extend_from_slice(&offset.to_be_bytes());
                 o.extend_from_slice(data);
             }
@@ -660,21 +727,49 @@ impl Response {
                 bytes,
                 quota,
             } => {
-                header(&mut o, 0x89, id);
+                header(o, 0x89, id);
                 o.extend_from_slice(&items.to_be_bytes());
                 o.extend_from_slice(&bytes.to_be_bytes());
                 o.extend_from_slice(&quota.to_be_bytes());
             }
             Self::Error { code, message } => {
-                header(&mut o, 0x8f, id);
+                header(o, 0x8f, id);
                 o.extend_from_slice(&code.code().to_be_bytes());
-                put_text(&mut o, message);
+                put_text(o, message);
             }
         }
-        finish_frame(o)
+        finish_frame(o);
     }
 
     pub fn decode(body: &[u8]) -> Result<Frame<Self>, DecodeError> {
+        let (mut frame, rest) = Self::parse(body)?;
+        if let (Some(at), Self::BlobData { data, .. }) = (rest, &mut frame.body) {
+            *data = body[at..].to_vec();
+        }
+        Ok(frame)
+    }
+
+    /// [`Response::decode`] of a body it owns: blob data keeps the body's
+    /// buffer (its head moved off) instead of being copied out; any other
+    /// body goes back to [`buffers`].
+    pub fn decode_owned(body: Vec<u8>) -> Result<Frame<Self>, DecodeError> {
+        let (mut frame, rest) = match Self::parse(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                buffers::give(body);
+                return Err(e);
+            }
+        };
+        match (rest, &mut frame.body) {
+            (Some(at), Self::BlobData { data, .. }) => *data = into_rest(body, at),
+            _ => buffers::give(body),
+        }
+        Ok(frame)
+    }
+
+    /// Parses a frame body; blob data is left empty and its start returned.
+    fn parse(body: &[u8]) -> Result<(Frame<Self>, Option<usize>), DecodeError> {
+        let mut rest = None;
         if body.len() > MAX_FRAME {
             return Err(DecodeError::TooLarge {
                 what: "frame",
@@ -750,9 +845,11 @@ impl Response {
                         max: MAX_BLOB_PIECE,
                     });
                 }
+                rest = Some(r.position());
+                r.take(n, "blob data")?;
                 Self::BlobData {
                     offset,
-                    data: r.take(n, "blob data")?.to_vec(),
+                    data: Vec::new(),
                 }
             }
             0x89 => Self::Status {
@@ -772,7 +869,7 @@ impl Response {
             }
         };
         r.finish()?;
-        Ok(Frame { id, body: resp })
+        Ok((Frame { id, body: resp }, rest))
     }
 }
 
@@ -920,6 +1017,12 @@ mod tests {
                     body: req
                 }
             );
+            // Decoding a body it owns gives the same frame, and encoding
+            // into a used buffer the same bytes.
+            assert_eq!(Request::decode_owned(f[4..].to_vec()), Ok(back.clone()));
+            let mut reused = vec![9u8; 3];
+            back.body.encode_into(i as u32, &mut reused);
+            assert_eq!(reused, f);
             // A cut frame never decodes to the original: fixed fields fail
             // to parse, and a payload that runs to the end of the frame
             // comes out shorter (the frame length is what delimits it).
@@ -938,6 +1041,14 @@ mod tests {
                     body: resp
                 }
             );
+            assert_eq!(Response::decode_owned(f[4..].to_vec()), Ok(back.clone()));
+            let mut reused = vec![9u8; 3];
+            back.body.encode_into(i as u32, &mut reused);
+            assert_eq!(reused, f);
+            for n in 0..f.len() - 4 {
+                let cut = Response::decode_owned(f[4..4 + n].to_vec());
+                assert!(cut.as_ref().map(|c| c.body != back.body).unwrap_or(true));
+            }
         }
     }
 

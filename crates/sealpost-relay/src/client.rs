@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
 use rustls::pki_types::ServerName;
+use sealpost_proto::buffers;
 use sealpost_proto::relay::{
     self, auth_transcript, context, ErrorCode, Item, MailboxId, Refusal, Request, Response,
 };
@@ -157,11 +158,15 @@ impl RelayClient {
                 let Ok(len) = relay::frame_len(prefix) else {
                     break;
                 };
-                let mut body = vec![0u8; len];
+                // Blob data arrives in reused buffers (fresh megabyte
+                // buffers cost page faults on every piece); the caller of
+                // `blob_get_many` may hand them back with `buffers::give`.
+                let mut body = buffers::take(len);
+                body.resize(len, 0);
                 if rd.read_exact(&mut body).await.is_err() {
                     break;
                 }
-                let Ok(frame) = Response::decode(&body) else {
+                let Ok(frame) = Response::decode_owned(body) else {
                     break;
                 };
                 if frame.id == 0 {
@@ -249,9 +254,19 @@ impl RelayClient {
             .as_mut()
             .ok_or(ClientError::Closed)?
             .insert(id, tx);
-        let frame = req.encode(id);
+        let mut frame = buffers::take(match &req {
+            Request::BlobPut { data, .. } => data.len() + 128,
+            Request::Submit { payload, .. } => payload.len() + 128,
+            _ => 128,
+        });
+        req.encode_into(id, &mut frame);
+        if let Request::BlobPut { data, .. } = req {
+            buffers::give(data);
+        }
         let mut w = self.writer.lock().await;
-        w.write_all(&frame).await?;
+        let written = w.write_all(&frame).await;
+        buffers::give(frame);
+        written?;
         w.flush().await?;
         Ok(rx)
     }

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use rand_core::{OsRng, RngCore};
+use sealpost_proto::buffers;
 use sealpost_proto::relay::{
     self, auth_transcript, context, ErrorCode, MailboxId, Refusal, RefusalCode, Request, Response,
 };
@@ -328,7 +329,11 @@ async fn sweep_loop(s: Arc<Shared>) {
 type Out = mpsc::Sender<Vec<u8>>;
 
 async fn send(out: &Out, id: u32, r: Response) -> io::Result<()> {
-    out.send(r.encode(id))
+    send_frame(out, r.encode(id)).await
+}
+
+async fn send_frame(out: &Out, frame: Vec<u8>) -> io::Result<()> {
+    out.send(frame)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "connection closed"))
 }
@@ -357,7 +362,10 @@ async fn read_frame<R: AsyncRead + Unpin>(
         rd.read_exact(&mut prefix[1..]).await?;
         let len = relay::frame_len(prefix)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        let mut body = vec![0u8; len];
+        // Piece-sized bodies come from (and go back to) a pool: fresh
+        // megabyte buffers cost page faults on every frame.
+        let mut body = buffers::take(len);
+        body.resize(len, 0);
         rd.read_exact(&mut body).await?;
         Ok::<_, io::Error>(body)
     })
@@ -375,12 +383,16 @@ async fn writer<W: AsyncWrite + Unpin>(
         let mut buf = first;
         while buf.len() < 256 * 1024 {
             match rx.try_recv() {
-                Ok(more) => buf.extend_from_slice(&more),
+                Ok(more) => {
+                    buf.extend_from_slice(&more);
+                    buffers::give(more);
+                }
                 Err(_) => break,
             }
         }
         wr.write_all(&buf).await?;
         wr.flush().await?;
+        buffers::give(buf);
     }
     wr.shutdown().await
 }
@@ -491,7 +503,7 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
                     return Err(e);
                 }
             };
-            let frame = match Request::decode(&body) {
+            let frame = match Request::decode_owned(body) {
                 Ok(f) => f,
                 Err(e) => {
                     s.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -794,14 +806,26 @@ async fn handle(
             // else is told it does not exist.
             match s.store.blob_status(&blob_id) {
                 Ok(Some((_, _, owner))) if owner == mb => {
-                    match s.store.blob_read(&blob_id, offset, len) {
-                        Ok(Some(mut data)) => {
+                    // The data is read straight into the frame that
+                    // carries it (no copy, a reused buffer).
+                    let mut frame = buffers::take(len + 64);
+                    Response::BlobData {
+                        offset,
+                        data: Vec::new(),
+                    }
+                    .encode_into(id, &mut frame);
+                    let head = frame.len();
+                    match s.store.blob_read_into(&blob_id, offset, len, &mut frame) {
+                        Ok(true) => {
                             if let Some(t) = &s.config.tamper {
+                                let mut data = frame.split_off(head);
                                 t.blob_data(&mb, &blob_id, offset, &mut data);
+                                frame.extend_from_slice(&data);
                             }
-                            send(out, id, Response::BlobData { offset, data }).await
+                            relay::finish_frame(&mut frame);
+                            send_frame(out, frame).await
                         }
-                        Ok(None) => send(out, id, err(ErrorCode::NotFound, "no such blob")).await,
+                        Ok(false) => send(out, id, err(ErrorCode::NotFound, "no such blob")).await,
                         Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
                     }
                 }

@@ -9,14 +9,22 @@
 //! their metadata is committed.
 #![forbid(unsafe_code)]
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+mod upload;
+
+use std::collections::HashMap;
+
 use rand_core::{OsRng, RngCore};
+use sealpost_proto::buffers::AlignedBuf;
+use sealpost_proto::relay::MAX_BLOB_PIECE;
+
+use crate::upload::Upload;
 use rusqlite::{params, Connection, OptionalExtension};
 use sealpost_proto::relay::{Item, MailboxId, RefusalCode};
 use tokio::sync::oneshot;
@@ -43,32 +51,6 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
         path: path.to_owned(),
         source,
     }
-}
-
-/// Writes one blob piece at `offset` and makes it durable (the directory
-/// too when the file is new).
-fn write_piece(
-    path: &Path,
-    blob_dir: &Path,
-    offset: u64,
-    data: &[u8],
-    is_new: bool,
-) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)?;
-    // A crash may have left bytes past the committed length: they were
-    // never acknowledged, so they are cut off and rewritten.
-    f.set_len(offset)?;
-    f.seek(SeekFrom::Start(offset))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    if is_new {
-        File::open(blob_dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// Limits the store enforces.
@@ -229,7 +211,17 @@ struct Inner {
     /// Blob pieces are written one at a time: two uploads racing on the
     /// same blob must not interleave their file writes and length commits.
     blob_lock: tokio::sync::Mutex<()>,
+    /// Uploads in progress (open files, running hashes), at most
+    /// [`MAX_OPEN_UPLOADS`]; one evicted or lost in a restart is rebuilt
+    /// from its file.
+    uploads: Mutex<HashMap<[u8; 16], Upload>>,
+    /// The aligned buffer direct writes go through (one: pieces are
+    /// written one at a time).
+    direct_buf: Mutex<Option<AlignedBuf>>,
 }
+
+/// Uploads whose state is kept between pieces.
+const MAX_OPEN_UPLOADS: usize = 64;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -263,6 +255,8 @@ impl Store {
                 stats,
                 writer: Mutex::new(Some(handle)),
                 blob_lock: tokio::sync::Mutex::new(()),
+                uploads: Mutex::new(HashMap::new()),
+                direct_buf: Mutex::new(None),
             }),
         })
     }
@@ -352,10 +346,16 @@ impl Store {
         .await
     }
 
+    /// Takes an upload's kept state (its open files and running hash).
+    fn forget_upload(&self, blob_id: &[u8; 16]) -> Option<Upload> {
+        self.inner.uploads.lock().ok()?.remove(blob_id)
+    }
+
     /// Deletes expired items and blobs; returns how many.
     pub async fn sweep(&self, now: u64) -> Result<u64, StoreError> {
         let (n, blobs) = self.call(|reply| Op::Sweep { now, reply }).await?;
         for id in blobs {
+            self.forget_upload(&id);
             let _ = fs::remove_file(self.blob_path(&id));
         }
         Ok(n)
@@ -557,31 +557,58 @@ impl Store {
         let complete = stored_now == total_len;
         let blob_dir = self.inner.blob_dir.clone();
         let file = path.clone();
-        // The file work (write, fsync, and for the last piece the read-back
-        // hash) runs on the blocking pool: an fsync must not stall the
-        // runtime's workers, which meanwhile decrypt and parse the next
-        // pieces and serve readers.
-        let work = move || -> Result<Option<blake3::Hash>, StoreError> {
-            let path = file;
-            write_piece(&path, &blob_dir, offset, &data, is_new)
-                .map_err(io_err("writing blob", &path))?;
-            if !complete {
-                return Ok(None);
+        let upload = self.forget_upload(&blob_id);
+        let buf = self.inner.direct_buf.lock().ok().and_then(|mut b| b.take());
+        // The file work (write, fdatasync) runs on the blocking pool: an
+        // fsync must not stall the runtime's workers, which meanwhile
+        // decrypt and parse the next pieces and serve readers.
+        let work =
+            move || -> Result<(Option<Upload>, Option<blake3::Hash>, AlignedBuf), StoreError> {
+                let path = file;
+                let mut buf = buf.unwrap_or_else(|| {
+                    AlignedBuf::new(MAX_BLOB_PIECE + 2 * sealpost_proto::buffers::DIRECT_ALIGN)
+                });
+                let appended = match upload {
+                    Some(u) if u.stored() == offset => Ok(u),
+                    _ => Upload::open(&path, offset),
+                }
+                .and_then(|mut up| {
+                    up.append(&data, &mut buf)?;
+                    if is_new {
+                        File::open(&blob_dir)?.sync_all()?;
+                    }
+                    Ok(up)
+                });
+                sealpost_proto::buffers::give(data);
+                let up = appended.map_err(io_err("writing blob", &path))?;
+                if !complete {
+                    return Ok((Some(up), None, buf));
+                }
+                let hash = up.finish().map_err(io_err("writing blob", &path))?;
+                Ok((None, Some(hash), buf))
+            };
+        let (upload, hash_now, buf) =
+            tokio::task::spawn_blocking(work)
+                .await
+                .map_err(|e| StoreError::Io {
+                    what: "writing blob",
+                    path: path.clone(),
+                    source: io::Error::other(e),
+                })??;
+        if let Ok(mut b) = self.inner.direct_buf.lock() {
+            *b = Some(buf);
+        }
+        if let Some(up) = upload {
+            if let Ok(mut map) = self.inner.uploads.lock() {
+                if map.len() >= MAX_OPEN_UPLOADS {
+                    if let Some(k) = map.keys().next().copied() {
+                        map.remove(&k);
+                    }
+                }
+                map.insert(blob_id, up);
             }
-            let mut hasher = blake3::Hasher::new();
-            File::open(&path)
-                .and_then(|f| hasher.update_reader(f).map(|_| ()))
-                .map_err(io_err("reading back blob", &path))?;
-            Ok(Some(hasher.finalize()))
-        };
-        let read_back = tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|e| StoreError::Io {
-                what: "writing blob",
-                path: path.clone(),
-                source: io::Error::other(e),
-            })??;
-        if let Some(h) = read_back {
+        }
+        if let Some(h) = hash_now {
             if h.as_bytes() != &hash {
                 let _ = fs::remove_file(&path);
                 self.call(|reply| Op::BlobDelete {
@@ -620,22 +647,40 @@ impl Store {
         offset: u64,
         len: usize,
     ) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut buf = Vec::new();
+        Ok(self
+            .blob_read_into(id, offset, len, &mut buf)?
+            .then_some(buf))
+    }
+
+    /// [`Store::blob_read`], appending the bytes to `out` (a frame being
+    /// built, say). `false` if there is no such blob.
+    pub fn blob_read_into(
+        &self,
+        id: &[u8; 16],
+        offset: u64,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, StoreError> {
         let Some(row) = self.blob_row(id)? else {
-            return Ok(None);
+            return Ok(false);
         };
         if offset >= row.stored {
-            return Ok(Some(Vec::new()));
+            return Ok(true);
         }
         let n = (row.stored - offset).min(len as u64) as usize;
         let path = self.blob_path(id);
-        let mut buf = vec![0u8; n];
-        File::open(&path)
-            .and_then(|mut f| {
-                f.seek(SeekFrom::Start(offset))?;
-                f.read_exact(&mut buf)
-            })
-            .map_err(io_err("reading blob", &path))?;
-        Ok(Some(buf))
+        let start = out.len();
+        out.resize(start + n, 0);
+        let read = File::open(&path).and_then(|f| {
+            use std::os::unix::fs::FileExt;
+            f.read_exact_at(&mut out[start..], offset)
+        });
+        if let Err(e) = read {
+            out.truncate(start);
+            return Err(io_err("reading blob", &path)(e));
+        }
+        Ok(true)
     }
 
     pub async fn blob_delete(
@@ -651,6 +696,7 @@ impl Store {
             })
             .await?;
         if deleted {
+            self.forget_upload(&blob_id);
             let _ = fs::remove_file(self.blob_path(&blob_id));
         }
         Ok(deleted)

@@ -68,6 +68,9 @@ const STREAM_WAIT: Duration = Duration::from_secs(15);
 const DOWNLOAD_COMMIT_BYTES: u64 = 16 << 20;
 /// Blob pieces (1 MiB each) in flight on one connection.
 const PIECE_WINDOW: usize = 8;
+/// Times an upload reconnects after losing its connection before it is
+/// left to the next pass.
+const MAX_UPLOAD_RECONNECTS: u32 = 3;
 /// Report entries signed per pass.
 const REPORT_BATCH: usize = 16 * sealpost_proto::report::MAX_ENTRIES;
 
@@ -1484,6 +1487,7 @@ impl Engine {
             .unwrap_or_default();
         progress.start(&format!("upload {name} → {}", row.name), total, stored);
         let mut stalls = 0;
+        let mut reconnects = 0;
         let mut noted = stored;
         let result = loop {
             if complete {
@@ -1492,56 +1496,66 @@ impl Engine {
             if stored >= until {
                 break Upload::Enough;
             }
-            // A window of consecutive pieces, pipelined: the relay takes
-            // them in order while the next ones are encrypted and sent.
-            let mut pieces = Vec::with_capacity(PIECE_WINDOW);
-            let mut at = stored;
-            let mut bad_source = None;
-            while pieces.len() < PIECE_WINDOW && at < total {
-                let n = crate::transfer::piece_len(&layout, at);
-                if n == 0 {
-                    break;
+            // A sliding window of consecutive pieces: up to PIECE_WINDOW
+            // are in flight (the relay stores them in order) while the
+            // next one is read and encrypted.
+            let before = stored;
+            let client = match link.client(me).await {
+                Ok(c) => c,
+                Err(e) => {
+                    link.disconnect();
+                    break Upload::Retry(e.to_string());
                 }
-                match crate::transfer::encrypt_range(&src, &cipher, &layout, at, n) {
-                    Ok(d) => pieces.push((at, d)),
-                    Err(e) => {
-                        bad_source = Some(format!("{}: {e}", f.path));
+            };
+            let mut in_flight = std::collections::VecDeque::with_capacity(PIECE_WINDOW);
+            let mut at = stored;
+            let mut outcome = None;
+            let mut lost = None;
+            loop {
+                while in_flight.len() < PIECE_WINDOW && at < total && at < until {
+                    let n = crate::transfer::piece_len(&layout, at);
+                    if n == 0 {
                         break;
                     }
+                    let data = match crate::transfer::encrypt_range(&src, &cipher, &layout, at, n) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            outcome = Some(Upload::Failed(
+                                "source-changed".into(),
+                                format!("{}: {e}", f.path),
+                            ));
+                            break;
+                        }
+                    };
+                    stats.upload_bytes += n as u64;
+                    let p = client
+                        .blob_put_send(blob_id, mailbox, total, f.blob_hash, expires, at, data)
+                        .await;
+                    in_flight.push_back((at + n as u64, p));
+                    at += n as u64;
                 }
-                at += n as u64;
-            }
-            if let Some(e) = bad_source {
-                break Upload::Failed("source-changed".into(), e);
-            }
-            stats.upload_bytes += pieces.iter().map(|(_, p)| p.len() as u64).sum::<u64>();
-            let before = stored;
-            let answers = link
-                .call(me, async |c| {
-                    Ok(c.blob_put_many(
-                        blob_id,
-                        mailbox,
-                        total,
-                        f.blob_hash,
-                        expires,
-                        pieces.clone(),
-                    )
-                    .await)
-                })
-                .await;
-            let answers = match answers {
-                Ok(a) => a,
-                Err(e) => break Upload::Retry(e.to_string()),
-            };
-            let mut outcome = None;
-            for a in answers {
-                match a {
+                if outcome.is_some() {
+                    break;
+                }
+                let Some((end, p)) = in_flight.pop_front() else {
+                    break;
+                };
+                match client.blob_put_answer(p).await {
                     Ok(Ok((now_stored, done))) => {
                         if now_stored > stored {
                             progress.advance(now_stored - stored);
                         }
                         stored = now_stored;
                         complete = done;
+                        if complete {
+                            break;
+                        }
+                        if stored != end {
+                            // The relay holds another length than this
+                            // piece's end (another upload of the same blob,
+                            // or a lost piece): resume from its length.
+                            break;
+                        }
                     }
                     Ok(Err(Submitted::Refused(r))) => {
                         outcome = Some(Upload::Refused(
@@ -1589,14 +1603,40 @@ impl Engine {
                         break;
                     }
                     Err(e) => {
-                        link.disconnect();
-                        outcome = Some(Upload::Retry(e.to_string()));
+                        lost = Some(e.to_string());
                         break;
                     }
+                }
+                if stored - noted >= 64 << 20 {
+                    self.agent
+                        .db
+                        .set_uploaded(&row.msg, &row.recipient, stored)?;
+                    noted = stored;
                 }
             }
             if let Some(o) = outcome {
                 break o;
+            }
+            if let Some(e) = lost {
+                // The connection failed (a relay restart, a network cut):
+                // reconnect (with backoff) and go on from the relay's
+                // durable length, a few times, before leaving it to the
+                // next pass.
+                link.disconnect();
+                reconnects += 1;
+                if reconnects > MAX_UPLOAD_RECONNECTS {
+                    break Upload::Retry(e);
+                }
+                match link.call(me, async |c| c.blob_status(blob_id).await).await {
+                    Ok((s, c)) => {
+                        if s > stored {
+                            progress.advance(s - stored);
+                        }
+                        (stored, complete) = (s, c);
+                        continue;
+                    }
+                    Err(e) => break Upload::Retry(e.to_string()),
+                }
             }
             if stored <= before && !complete {
                 stalls += 1;
@@ -1605,12 +1645,6 @@ impl Engine {
                 }
             } else {
                 stalls = 0;
-            }
-            if stored - noted >= 64 << 20 {
-                self.agent
-                    .db
-                    .set_uploaded(&row.msg, &row.recipient, stored)?;
-                noted = stored;
             }
         };
         progress.finish();

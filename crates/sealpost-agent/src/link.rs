@@ -106,6 +106,16 @@ impl RelayLink {
         Ok(())
     }
 
+    /// The authenticated connection, connecting first if there is none (no
+    /// retries: for a caller that drives several requests itself and
+    /// resumes from the relay's state after a failure).
+    pub async fn client(&mut self, me: &Identity) -> Result<&RelayClient, ClientError> {
+        if self.client.is_none() {
+            self.connect(me).await?;
+        }
+        self.client.as_ref().ok_or(ClientError::Closed)
+    }
+
     /// Runs `op` on an authenticated connection, reconnecting with backoff
     /// when the connection fails, up to `max_attempts` times. Errors about
     /// the request itself are returned at once.

@@ -59,6 +59,14 @@ pub enum Submitted {
 /// gone, so a request sent after that fails at once instead of waiting.
 type Waiters = Arc<Mutex<Option<HashMap<u32, oneshot::Sender<Response>>>>>;
 
+/// A blob piece sent and not answered yet.
+#[derive(Debug)]
+pub struct PendingPiece {
+    sent: Result<oneshot::Receiver<Response>, ClientError>,
+    mailbox: MailboxId,
+    blob_hash: [u8; 32],
+}
+
 /// A connection to one relay.
 pub struct RelayClient {
     writer: tokio::sync::Mutex<WriteHalf<TlsStream<tokio::io::BufReader<TcpStream>>>>,
@@ -428,22 +436,12 @@ impl RelayClient {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<Result<(u64, bool), Submitted>, ClientError> {
-        match self
-            .request(Request::BlobPut {
-                blob_id,
-                mailbox,
-                total_len,
-                blob_hash,
-                expires_at,
-                offset,
-                data,
-            })
-            .await?
-        {
-            Response::BlobStored { stored, complete } => Ok(Ok((stored, complete))),
-            Response::Refused(r) => Ok(Err(self.check_refusal(r)?)),
-            other => Err(unexpected(other)),
-        }
+        let p = self
+            .blob_put_send(
+                blob_id, mailbox, total_len, blob_hash, expires_at, offset, data,
+            )
+            .await;
+        self.blob_put_answer(p).await
     }
 
     pub async fn blob_status(&self, blob_id: [u8; 16]) -> Result<(u64, bool), ClientError> {
@@ -469,50 +467,55 @@ impl RelayClient {
         }
     }
 
-    /// Uploads consecutive pieces of a blob pipelined (the relay takes
-    /// them in order); the answers come back in order, each as
-    /// `blob_put`'s.
+    /// Sends one blob piece without waiting for its answer, so that the
+    /// next pieces can be encrypted and sent meanwhile (the relay stores a
+    /// connection's pieces in order). Await the answer with
+    /// [`RelayClient::blob_put_answer`].
     #[allow(clippy::too_many_arguments)]
-    pub async fn blob_put_many(
+    pub async fn blob_put_send(
         &self,
         blob_id: [u8; 16],
         mailbox: MailboxId,
         total_len: u64,
         blob_hash: [u8; 32],
         expires_at: u64,
-        pieces: Vec<(u64, Vec<u8>)>,
-    ) -> Vec<Result<Result<(u64, bool), Submitted>, ClientError>> {
-        let mut sent = Vec::with_capacity(pieces.len());
-        for (offset, data) in pieces {
-            sent.push(
-                self.send(Request::BlobPut {
-                    blob_id,
-                    mailbox,
-                    total_len,
-                    blob_hash,
-                    expires_at,
-                    offset,
-                    data,
-                })
-                .await,
-            );
+        offset: u64,
+        data: Vec<u8>,
+    ) -> PendingPiece {
+        let sent = self
+            .send(Request::BlobPut {
+                blob_id,
+                mailbox,
+                total_len,
+                blob_hash,
+                expires_at,
+                offset,
+                data,
+            })
+            .await;
+        PendingPiece {
+            sent,
+            mailbox,
+            blob_hash,
         }
-        let mut out = Vec::with_capacity(sent.len());
-        for s in sent {
-            out.push(match self.answer(s).await {
-                Ok(Response::BlobStored { stored, complete }) => Ok(Ok((stored, complete))),
-                Ok(Response::Refused(r)) => {
-                    if r.mailbox == mailbox && r.payload_hash == blob_hash {
-                        self.check_refusal(r).map(Err)
-                    } else {
-                        Err(ClientError::ForgedRefusal)
-                    }
-                }
-                Ok(other) => Err(unexpected(other)),
-                Err(e) => Err(e),
-            });
+    }
+
+    /// The answer to a piece: how much of the blob the relay holds and
+    /// whether it is whole, or its refusal. A refusal must be signed by the
+    /// relay and name this blob's mailbox and hash, or it is reported as
+    /// forged.
+    pub async fn blob_put_answer(
+        &self,
+        p: PendingPiece,
+    ) -> Result<Result<(u64, bool), Submitted>, ClientError> {
+        match self.answer(p.sent).await? {
+            Response::BlobStored { stored, complete } => Ok(Ok((stored, complete))),
+            Response::Refused(r) if r.mailbox == p.mailbox && r.payload_hash == p.blob_hash => {
+                self.check_refusal(r).map(Err)
+            }
+            Response::Refused(_) => Err(ClientError::ForgedRefusal),
+            other => Err(unexpected(other)),
         }
-        out
     }
 
     /// Reads several ranges of a blob pipelined; answers in order.

@@ -2094,6 +2094,14 @@ impl Engine {
                 .await;
             bad = still;
         }
+        // Read back what is durable while the rest downloads (from the
+        // start: a resumed download reads back what earlier passes wrote).
+        // Not after a repair: repaired chunks rewrite bytes already read.
+        let verifier = if d.bad.is_empty() {
+            transfer::ReadBack::start(&part, &part_path).ok()
+        } else {
+            None
+        };
         // How much of the blob the relay holds, while the sender is still
         // uploading: only whole stored ranges are asked for.
         let mut stored_known = 0u64;
@@ -2232,6 +2240,9 @@ impl Engine {
                 part.sync_data().map_err(|e| io_err("syncing", e))?;
                 self.agent.db.download_progress(&d.msg, i, &bad, now_ms())?;
                 since_commit = 0;
+                if let Some(v) = &verifier {
+                    v.durable((i * d.chunk_size as u64).min(d.size));
+                }
             }
         }
         progress.finish();
@@ -2245,9 +2256,16 @@ impl Engine {
             // chunks (the good ones are on our disk).
             return self.request_repair(&d, &bad).await;
         }
-        progress.start(&format!("verify {}", d.name), d.size, 0);
-        let h = transfer::read_back(&part, &part_path, d.size, progress.as_ref())
-            .map_err(|e| io_err("reading back", e))?;
+        let what = format!("verify {}", d.name);
+        let h = match verifier {
+            // Read back while downloading: only the last range is left.
+            Some(v) => v.finish(&what, d.size, progress.as_ref()),
+            None => {
+                progress.start(&what, d.size, 0);
+                transfer::read_back(&part, &part_path, d.size, progress.as_ref())
+            }
+        }
+        .map_err(|e| io_err("reading back", e))?;
         progress.finish();
         if h.as_bytes() != &d.plaintext_hash {
             if d.attempts >= 2 {

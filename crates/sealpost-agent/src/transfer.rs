@@ -15,7 +15,7 @@
 //!   sender a receipt carrying that hash.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -342,6 +342,82 @@ impl PartWriter {
     }
 }
 
+/// Reads a partial file back from storage in order, hashing it: with
+/// `O_DIRECT` where the file system allows it (the bytes come from the
+/// device, not from any cache, and are not copied into the page cache on
+/// the way); elsewhere (tmpfs, some network file systems) each range's
+/// cached pages are dropped (`posix_fadvise(DONTNEED)`) before it is read,
+/// so a buffered read comes from the device as well. Only ranges already
+/// made durable are given to it.
+struct Reader {
+    direct: Option<File>,
+    file: File,
+    hasher: blake3::Hasher,
+    done: u64,
+    buf: buffers::AlignedBuf,
+}
+
+const READ_PIECE: usize = 1 << 20;
+
+impl Reader {
+    fn open(part: &File, path: &Path) -> io::Result<Self> {
+        let direct = rustix::fs::open(
+            path,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ok()
+        .map(File::from);
+        Ok(Self {
+            direct,
+            file: part.try_clone()?,
+            hasher: blake3::Hasher::new(),
+            done: 0,
+            buf: buffers::AlignedBuf::new(READ_PIECE),
+        })
+    }
+
+    /// Reads and hashes `[done, upto)`; `upto` must be a multiple of 4 KiB
+    /// unless it is the file's end.
+    fn read_to(&mut self, upto: u64, progress: &dyn Progress) -> io::Result<()> {
+        if self.direct.is_none() && upto > self.done {
+            let _ = rustix::fs::fadvise(
+                &self.file,
+                self.done,
+                std::num::NonZeroU64::new(upto - self.done),
+                rustix::fs::Advice::DontNeed,
+            );
+        }
+        while self.done < upto {
+            let want = ((upto - self.done) as usize).min(READ_PIECE);
+            let n = match &self.direct {
+                // Direct reads take whole blocks; the file's last one
+                // comes back short.
+                Some(d) => {
+                    let whole = buffers::round_up_aligned(want as u64) as usize;
+                    d.read_at(self.buf.slice_mut(whole), self.done)
+                }
+                None => self.file.read_at(self.buf.slice_mut(want), self.done),
+            };
+            let n = match n {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the partial file is shorter than the file",
+                    ))
+                }
+                Ok(n) => n.min(want),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.hasher.update(&self.buf.slice(n)[..n]);
+            self.done += n as u64;
+            progress.advance(n as u64);
+        }
+        Ok(())
+    }
+}
+
 /// Makes the partial file durable, drops its cached pages and reads it
 /// back from storage, hashing it. Calls `progress` per MiB read.
 pub fn read_back(
@@ -351,61 +427,87 @@ pub fn read_back(
     progress: &dyn Progress,
 ) -> io::Result<blake3::Hash> {
     part.sync_all()?;
-    let _ = rustix::fs::fadvise(
-        part,
-        0,
-        std::num::NonZeroU64::new(len),
-        rustix::fs::Advice::DontNeed,
-    );
-    // Read with O_DIRECT where the file system allows it: the bytes come
-    // from the device, not from any cache, and are not copied into the
-    // page cache on the way (a quarter of the recipient's CPU otherwise).
-    // Where it is refused (tmpfs, some network file systems) the pages
-    // dropped above make a buffered read come from the device as well.
-    let direct = rustix::fs::open(
-        path,
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .ok()
-    .map(File::from);
-    const PIECE: usize = 1 << 20;
-    const ALIGN: usize = 4096;
-    let mut storage = vec![0u8; PIECE + ALIGN];
-    let start = storage.as_ptr().align_offset(ALIGN).min(ALIGN);
-    let mut hasher = blake3::Hasher::new();
-    let mut off = 0u64;
-    let mut reader: Box<dyn Read> = match direct {
-        Some(f) => Box::new(f),
-        None => {
-            let mut r = part.try_clone()?;
-            use std::io::Seek;
-            r.seek(io::SeekFrom::Start(0))?;
-            Box::new(r)
+    let mut r = Reader::open(part, path)?;
+    r.read_to(len, progress)?;
+    Ok(r.hasher.finalize())
+}
+
+/// The read-back of a download, done while it downloads: a thread reads
+/// each range back from storage as soon as it was made durable (the
+/// download fsyncs every 16 MiB), so that when the last chunk is written
+/// only the last range is left to read, instead of the whole file. Every
+/// byte is still read back from the device after its fsync, in order,
+/// into one BLAKE3; the hash is only meaningful if nothing already read
+/// back is written again (no damaged chunk was repaired meanwhile), which
+/// is the caller's to check.
+pub struct ReadBack {
+    tx: Option<std::sync::mpsc::Sender<u64>>,
+    thread: Option<std::thread::JoinHandle<io::Result<Reader>>>,
+}
+
+impl std::fmt::Debug for ReadBack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadBack")
+    }
+}
+
+impl ReadBack {
+    pub fn start(part: &File, path: &Path) -> io::Result<Self> {
+        let mut r = Reader::open(part, path)?;
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let thread = std::thread::Builder::new()
+            .name("sealpost-read-back".into())
+            .spawn(move || {
+                while let Ok(mut upto) = rx.recv() {
+                    // Catch up with the latest durable length at once.
+                    while let Ok(later) = rx.try_recv() {
+                        upto = upto.max(later);
+                    }
+                    let aligned =
+                        upto / buffers::DIRECT_ALIGN as u64 * buffers::DIRECT_ALIGN as u64;
+                    r.read_to(aligned, &Quiet)?;
+                }
+                Ok(r)
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The file's bytes `[0, upto)` were written and fsync'd.
+    pub fn durable(&self, upto: u64) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(upto);
         }
-    };
-    while off < len {
-        let buf = &mut storage[start..start + PIECE];
-        let n = match reader.read(buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+    }
+
+    /// Every byte was written and fsync'd: reads what is left up to `len`
+    /// (showing `progress`) and gives the hash of the whole file as read
+    /// back.
+    pub fn finish(
+        mut self,
+        what: &str,
+        len: u64,
+        progress: &dyn Progress,
+    ) -> io::Result<blake3::Hash> {
+        self.tx.take();
+        let mut r = match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r?,
+            _ => return Err(io::Error::other("the read-back thread failed")),
         };
-        if n == 0 {
-            break;
-        }
-        let n = n.min((len - off) as usize);
-        hasher.update(&buf[..n]);
-        off += n as u64;
-        progress.advance(n as u64);
+        progress.start(what, len, r.done);
+        r.read_to(len, progress)?;
+        Ok(r.hasher.finalize())
     }
-    if off != len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the partial file is shorter than the file",
-        ));
+}
+
+impl Drop for ReadBack {
+    fn drop(&mut self) {
+        // A download left for later: the thread ends after its current
+        // range.
+        self.tx.take();
     }
-    Ok(hasher.finalize())
 }
 
 /// A name in `dir` that does not exist yet: `name`, else `name (1)`, …
@@ -480,6 +582,40 @@ mod tests {
                     assert_eq!(got, data, "size {size}");
                 }
             }
+        }
+    }
+
+    /// Read back while writing: ranges handed over as they become durable
+    /// (at any offset, out of step with the writes, or not at all), then
+    /// the rest at the end, hash to the whole file.
+    #[test]
+    fn reading_back_while_writing_hashes_the_whole_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for size in [0usize, 1, 4095, 4096, 5_000_000] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 11 % 253) as u8).collect();
+            for marks in [vec![], vec![1usize, 4096, 4097, 3_000_001], vec![size]] {
+                let path = dir.path().join(format!("r{size}-{}", marks.len()));
+                let part = open_part(&path, 0).expect("part");
+                let rb = ReadBack::start(&part, &path).expect("start");
+                let mut at = 0usize;
+                for &m in marks.iter().filter(|&&m| m <= size) {
+                    part.write_all_at(&data[at..m.max(at)], at as u64)
+                        .expect("w");
+                    at = m.max(at);
+                    part.sync_data().expect("sync");
+                    rb.durable(at as u64);
+                }
+                part.write_all_at(&data[at..], at as u64).expect("w");
+                part.sync_data().expect("sync");
+                let h = rb.finish("verify", size as u64, &Quiet).expect("finish");
+                assert_eq!(h, blake3::hash(&data), "size {size} marks {marks:?}");
+            }
+            // A file shorter than announced is an error, not a hash.
+            let path = dir.path().join(format!("short{size}"));
+            let part = open_part(&path, 0).expect("part");
+            part.write_all_at(&data, 0).expect("w");
+            let rb = ReadBack::start(&part, &path).expect("start");
+            assert!(rb.finish("verify", size as u64 + 1, &Quiet).is_err());
         }
     }
 

@@ -15,7 +15,7 @@
 //!   sender a receipt carrying that hash.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -48,16 +48,79 @@ pub fn chunks_per_piece(layout: &BlobLayout) -> u64 {
 }
 
 /// Encrypts a file only to learn its blob's length and hashes (the relay
-/// needs the blob hash with the first piece). One read of the file,
-/// constant memory; nothing is written.
+/// needs the blob hash with the first piece). Constant memory; nothing is
+/// written. Exactly the file's length at the start is summarized (the
+/// upload reads that much again and fails if the file got shorter).
 pub fn summarize(path: &Path, key: &BlobKey, chunk_size: u32) -> io::Result<BlobSummary> {
-    let f = File::open(path)?;
-    blob::seal_blob(
-        key,
-        chunk_size,
-        BufReader::with_capacity(1 << 20, f),
-        io::sink(),
-    )
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let layout = BlobLayout::new(size, chunk_size)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let cipher = key.cipher();
+    let per_segment = chunks_per_piece(&layout);
+    let count = layout.chunk_count();
+    // Two threads, since this pass is all the sender does before its
+    // first piece can leave: one reads and encrypts the chunks, a piece at
+    // a time; this one hashes the plaintext (reading it again, from the
+    // page cache) and the encrypted pieces in order.
+    std::thread::scope(|scope| -> io::Result<BlobSummary> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let encrypt = scope.spawn(|| -> io::Result<()> {
+            let tx = tx;
+            let mut i = 0u64;
+            while i < count {
+                let end = (i + per_segment).min(count);
+                let mut seg = buffers::take((layout.offset(end) - layout.offset(i)) as usize);
+                for c in i..end {
+                    let n = layout.plain_len(c) as usize;
+                    let at = seg.len();
+                    seg.resize(at + n + blob::TAG_LEN as usize, 0);
+                    file.read_exact_at(&mut seg[at..at + n], c * chunk_size as u64)?;
+                    cipher.seal_in_place(c, c + 1 == count, &mut seg[at..]);
+                }
+                if tx.send(seg).is_err() {
+                    break;
+                }
+                i = end;
+            }
+            Ok(())
+        });
+        let mut plain = blake3::Hasher::new();
+        let mut sealed = blake3::Hasher::new();
+        let mut buf = buffers::take(1 << 20);
+        buf.resize(1 << 20, 0);
+        let mut read = 0u64;
+        loop {
+            while let Ok(seg) = rx.try_recv() {
+                sealed.update(&seg);
+                buffers::give(seg);
+            }
+            if read < size {
+                let n = ((size - read) as usize).min(buf.len());
+                file.read_exact_at(&mut buf[..n], read)?;
+                plain.update(&buf[..n]);
+                read += n as u64;
+                continue;
+            }
+            match rx.recv() {
+                Ok(seg) => {
+                    sealed.update(&seg);
+                    buffers::give(seg);
+                }
+                Err(_) => break,
+            }
+        }
+        buffers::give(buf);
+        match encrypt.join() {
+            Ok(r) => r?,
+            Err(_) => return Err(io::Error::other("the encrypting thread failed")),
+        }
+        Ok(BlobSummary {
+            layout,
+            plaintext_hash: plain.finalize(),
+            blob_hash: sealed.finalize(),
+        })
+    })
 }
 
 /// Builds the blob bytes from `offset` for at most `max` bytes, by reading

@@ -37,7 +37,7 @@ trap cleanup EXIT
 export SEALPOST_LOG=warn
 now() { date +%s.%N; }
 
-"$SP" relay serve --data "$T/relay" --listen "127.0.0.1:$PORT" >/dev/null 2>"$T/relay.log" &
+"$SP" relay serve --data "$T/relay" --listen "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" >/dev/null 2>"$T/relay.log" &
 RELAY=$!
 PIDS+=("$RELAY")
 for _ in $(seq 100); do
@@ -104,6 +104,17 @@ echo "sealpost cpu_recipient_agent $(cpu_s "$BOB") s"
 echo "sealpost page_faults_sender $flt"
 echo "sealpost page_faults_relay $(awk '{ print $10 }' "/proc/$RELAY/stat")"
 echo "sealpost page_faults_recipient_agent $(awk '{ print $10 }' "/proc/$BOB/stat")"
+# Where the relay served the recipient's reads from: pieces still in memory
+# since they were stored, or the blob file (the device: pieces are written
+# with O_DIRECT).
+python3 - "$((PORT + 1))" <<'PY' || true
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+for line in text.splitlines():
+    for name in ("blob_reads_memory_total", "blob_reads_disk_total"):
+        if line.startswith("sealpost_relay_" + name + " "):
+            print("sealpost relay_" + name, line.split()[1])
+PY
 
 if [[ $ANCHORS == 1 ]]; then
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done

@@ -1989,7 +1989,7 @@ impl Engine {
             path: part_path.clone(),
             source,
         };
-        let mut writer = transfer::PartWriter::new(
+        let writer = transfer::PartWriter::new(
             part.try_clone().map_err(|e| io_err("opening", e))?,
             &part_path,
         );
@@ -2107,10 +2107,36 @@ impl Engine {
         let mut stored_known = 0u64;
         let mut complete_known = false;
         let mut this_pass = 0u64;
+        // Up to PIECE_WINDOW ranges in flight (`next` is the chunk after
+        // the last one asked for); each answer is handed to a thread that
+        // decrypts and writes it (`i` is the chunk after the last one
+        // handed over) while the next answers arrive.
+        let mut sink = transfer::PieceSink::start(writer, d.key.cipher(), layout)
+            .map_err(|e| io_err("starting a writer for", e))?;
+        let mut in_flight = std::collections::VecDeque::with_capacity(PIECE_WINDOW);
+        let mut next = i;
+        let chunks_in = |from: u64, n: u64| {
+            let (mut k, mut consumed) = (from, 0u64);
+            while consumed < n && k < count {
+                consumed += layout.sealed_len(k);
+                k += 1;
+            }
+            k
+        };
+        let record = |this: &mut Self, bad: &mut Vec<u64>, written: Vec<transfer::Written>| {
+            for (off, damaged) in written {
+                if !damaged.is_empty() {
+                    this.found
+                        .push(("damaged-chunk", format!("blob:{}@{off}", hex(&blob_id))));
+                }
+                bad.extend(damaged);
+            }
+        };
         'pieces: while i < count {
             if !complete_known
+                && next < count
                 && stored_known
-                    < layout.offset(i) + transfer::piece_len(&layout, layout.offset(i)) as u64
+                    < layout.offset(next) + transfer::piece_len(&layout, layout.offset(next)) as u64
             {
                 match self
                     .home
@@ -2128,44 +2154,40 @@ impl Engine {
                     }
                 }
             }
-            // A window of ranges, pipelined.
-            let mut ranges = Vec::with_capacity(PIECE_WINDOW);
-            let mut j = i;
-            while ranges.len() < PIECE_WINDOW && j < count {
-                let off = layout.offset(j);
-                let n = transfer::piece_len(&layout, off);
-                if !complete_known && off + n as u64 > stored_known && !ranges.is_empty() {
-                    break;
-                }
-                ranges.push((off, n as u32));
-                let mut consumed = 0u64;
-                while consumed < n as u64 && j < count {
-                    consumed += layout.sealed_len(j);
-                    j += 1;
-                }
-            }
-            let answers = match self
-                .home
-                .call(&self.agent.identity, async |c| {
-                    Ok(c.blob_get_many(blob_id, &ranges).await)
-                })
-                .await
-            {
-                Ok(a) => a,
+            let client = match self.home.client(&self.agent.identity).await {
+                Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("downloading {}: {e}; continuing next pass", d.name);
                     self.home.disconnect();
                     break;
                 }
             };
+            while in_flight.len() < PIECE_WINDOW && next < count {
+                let off = layout.offset(next);
+                let n = transfer::piece_len(&layout, off);
+                if !complete_known && off + n as u64 > stored_known {
+                    break;
+                }
+                let p = client.blob_get_send(blob_id, off, n as u32).await;
+                in_flight.push_back((off, n, p));
+                next = chunks_in(next, n as u64);
+            }
             let mut short = false;
-            for (answer, &(off, n)) in answers.into_iter().zip(&ranges) {
-                let n = n as usize;
-                let mut data = match answer {
-                    Ok(v) if v.len() == n => v,
+            match in_flight.pop_front() {
+                // Nothing stored to ask for yet.
+                None => short = true,
+                Some((off, n, p)) => match client.blob_get_answer(p).await {
+                    Ok(data) if data.len() == n => {
+                        idle_since = None;
+                        sink.put(off, i, data).map_err(|e| io_err("writing", e))?;
+                        i = chunks_in(i, n as u64);
+                        progress.advance(n as u64);
+                        stats.download_bytes += n as u64;
+                        since_commit += n as u64;
+                        this_pass += n as u64;
+                    }
                     // Short although the relay said the range is stored.
                     Ok(v) if complete_known || off + n as u64 <= stored_known => {
-                        // The relay said the blob is whole, then sent less.
                         self.found
                             .push(("short-blob-data", format!("blob:{}@{off}", hex(&blob_id))));
                         tracing::warn!(
@@ -2174,7 +2196,6 @@ impl Engine {
                             v.len()
                         );
                         short = true;
-                        break;
                     }
                     // Not there yet: the sender streams the blob while we
                     // read it (or has not started to upload it again).
@@ -2182,36 +2203,21 @@ impl Engine {
                     | Err(ClientError::Server {
                         code: sealpost_proto::relay::ErrorCode::NotFound,
                         ..
-                    }) => {
-                        short = true;
-                        break;
-                    }
+                    }) => short = true,
                     Err(e) => {
                         tracing::warn!("downloading {}: {e}; continuing next pass", d.name);
                         self.home.disconnect();
                         break 'pieces;
                     }
-                };
-                idle_since = None;
-                let damaged = writer
-                    .write_chunks(&cipher, &layout, i, &mut data)
-                    .map_err(|e| io_err("writing", e))?;
-                sealpost_proto::buffers::give(data);
-                if !damaged.is_empty() {
-                    self.found
-                        .push(("damaged-chunk", format!("blob:{}@{off}", hex(&blob_id))));
-                }
-                bad.extend(damaged);
-                let mut consumed = 0u64;
-                while consumed < n as u64 && i < count {
-                    consumed += layout.sealed_len(i);
-                    i += 1;
-                }
-                progress.advance(n as u64);
-                stats.download_bytes += n as u64;
-                since_commit += n as u64;
-                this_pass += n as u64;
+                },
             }
+            if short {
+                // Ask again from the first piece not received.
+                in_flight.clear();
+                next = i;
+            }
+            let written = sink.written().map_err(|e| io_err("writing", e))?;
+            record(self, &mut bad, written);
             if self.download_slice.is_some_and(|max| this_pass >= max) && i < count {
                 // Enough for this pass: other mail goes first, the next
                 // pass (right away) continues from here.
@@ -2237,6 +2243,8 @@ impl Engine {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             if since_commit >= DOWNLOAD_COMMIT_BYTES {
+                let written = sink.drain().map_err(|e| io_err("writing", e))?;
+                record(self, &mut bad, written);
                 part.sync_data().map_err(|e| io_err("syncing", e))?;
                 self.agent.db.download_progress(&d.msg, i, &bad, now_ms())?;
                 since_commit = 0;
@@ -2245,6 +2253,9 @@ impl Engine {
                 }
             }
         }
+        let written = sink.drain().map_err(|e| io_err("writing", e))?;
+        record(self, &mut bad, written);
+        drop(sink);
         progress.finish();
         part.sync_data().map_err(|e| io_err("syncing", e))?;
         self.agent.db.download_progress(&d.msg, i, &bad, now_ms())?;

@@ -405,6 +405,107 @@ impl PartWriter {
     }
 }
 
+/// A piece written by a [`PieceSink`]: its offset in the blob, the chunks
+/// that did not authenticate.
+pub type Written = (u64, Vec<u64>);
+
+/// Decrypts and writes downloaded pieces on a thread of its own, so that
+/// the engine goes on receiving the next pieces while one is decrypted and
+/// written (an `O_DIRECT` write blocks until the device has the data).
+/// Pieces are written in the order they are put.
+pub struct PieceSink {
+    jobs: Option<std::sync::mpsc::SyncSender<(u64, u64, Vec<u8>)>>,
+    done: std::sync::mpsc::Receiver<io::Result<Written>>,
+    pending: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for PieceSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PieceSink({} pending)", self.pending)
+    }
+}
+
+/// Pieces queued for the sink's thread at most (about 1 MiB each).
+const SINK_QUEUE: usize = 4;
+
+impl PieceSink {
+    pub fn start(
+        mut writer: PartWriter,
+        cipher: ChunkCipher,
+        layout: BlobLayout,
+    ) -> io::Result<Self> {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<(u64, u64, Vec<u8>)>(SINK_QUEUE);
+        let (tx, done) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("sealpost-write".into())
+            .spawn(move || {
+                while let Ok((offset, first, mut data)) = rx.recv() {
+                    let r = writer.write_chunks(&cipher, &layout, first, &mut data);
+                    buffers::give(data);
+                    if tx.send(r.map(|bad| (offset, bad))).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self {
+            jobs: Some(jobs),
+            done,
+            pending: 0,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues the sealed chunks `first..` held in `data`, the piece at
+    /// `offset` of the blob (waits while the queue is full).
+    pub fn put(&mut self, offset: u64, first: u64, data: Vec<u8>) -> io::Result<()> {
+        let sent = self.jobs.as_ref().map(|j| j.send((offset, first, data)));
+        match sent {
+            Some(Ok(())) => {
+                self.pending += 1;
+                Ok(())
+            }
+            _ => Err(io::Error::other("the writing thread stopped")),
+        }
+    }
+
+    /// The pieces written since the last call, without waiting.
+    pub fn written(&mut self) -> io::Result<Vec<Written>> {
+        let mut out = Vec::new();
+        while let Ok(r) = self.done.try_recv() {
+            self.pending -= 1;
+            out.push(r?);
+        }
+        Ok(out)
+    }
+
+    /// Waits until every piece put is written; those not reported yet.
+    pub fn drain(&mut self) -> io::Result<Vec<Written>> {
+        let mut out = Vec::new();
+        while self.pending > 0 {
+            match self.done.recv() {
+                Ok(r) => {
+                    self.pending -= 1;
+                    out.push(r?);
+                }
+                Err(_) => return Err(io::Error::other("the writing thread stopped")),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for PieceSink {
+    fn drop(&mut self) {
+        // Nothing may still be writing once the download is left (a next
+        // pass cuts the partial file back to its committed length).
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Reads a partial file back from storage in order, hashing it: with
 /// `O_DIRECT` where the file system allows it (the bytes come from the
 /// device, not from any cache, and are not copied into the page cache on

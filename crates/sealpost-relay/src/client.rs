@@ -67,6 +67,13 @@ pub struct PendingPiece {
     blob_hash: [u8; 32],
 }
 
+/// A blob range asked for and not answered yet.
+#[derive(Debug)]
+pub struct PendingRange {
+    sent: Result<oneshot::Receiver<Response>, ClientError>,
+    offset: u64,
+}
+
 /// A connection to one relay.
 pub struct RelayClient {
     writer: tokio::sync::Mutex<WriteHalf<TlsStream<tokio::io::BufReader<TcpStream>>>>,
@@ -526,22 +533,11 @@ impl RelayClient {
     ) -> Vec<Result<Vec<u8>, ClientError>> {
         let mut sent = Vec::with_capacity(ranges.len());
         for &(offset, len) in ranges {
-            sent.push(
-                self.send(Request::BlobGet {
-                    blob_id,
-                    offset,
-                    len,
-                })
-                .await,
-            );
+            sent.push(self.blob_get_send(blob_id, offset, len).await);
         }
         let mut out = Vec::with_capacity(sent.len());
-        for (s, &(offset, _)) in sent.into_iter().zip(ranges) {
-            out.push(match self.answer(s).await {
-                Ok(Response::BlobData { offset: o, data }) if o == offset => Ok(data),
-                Ok(other) => Err(unexpected(other)),
-                Err(e) => Err(e),
-            });
+        for p in sent {
+            out.push(self.blob_get_answer(p).await);
         }
         out
     }
@@ -552,15 +548,31 @@ impl RelayClient {
         offset: u64,
         len: u32,
     ) -> Result<Vec<u8>, ClientError> {
-        match self
-            .request(Request::BlobGet {
-                blob_id,
-                offset,
-                len,
-            })
-            .await?
-        {
-            Response::BlobData { offset: o, data } if o == offset => Ok(data),
+        let p = self.blob_get_send(blob_id, offset, len).await;
+        self.blob_get_answer(p).await
+    }
+
+    /// Asks for a range of a blob without waiting for it (see
+    /// [`RelayClient::blob_get_answer`]), so that several are in flight.
+    pub async fn blob_get_send(&self, blob_id: [u8; 16], offset: u64, len: u32) -> PendingRange {
+        PendingRange {
+            sent: self
+                .send(Request::BlobGet {
+                    blob_id,
+                    offset,
+                    len,
+                })
+                .await,
+            offset,
+        }
+    }
+
+    /// The bytes of a range asked for (fewer at the end of what is stored;
+    /// in a reused buffer, which the caller may hand back with
+    /// `buffers::give`).
+    pub async fn blob_get_answer(&self, p: PendingRange) -> Result<Vec<u8>, ClientError> {
+        match self.answer(p.sent).await? {
+            Response::BlobData { offset, data } if offset == p.offset => Ok(data),
             other => Err(unexpected(other)),
         }
     }

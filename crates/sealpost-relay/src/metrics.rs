@@ -136,6 +136,19 @@ pub fn render(m: &Metrics, store: &Store) -> String {
         "gauge",
         c.last_commit_micros,
     );
+    let (memory, disk) = store.blob_read_stats();
+    counter(
+        "blob_reads_memory_total",
+        "Blob reads served from the pieces kept in memory since they were stored.",
+        "counter",
+        memory,
+    );
+    counter(
+        "blob_reads_disk_total",
+        "Blob reads served from the blob files.",
+        "counter",
+        disk,
+    );
     if let Ok((mailboxes, items, bytes, blobs)) = store.totals() {
         counter("mailboxes", "Mailboxes.", "gauge", mailboxes);
         counter("queue_items", "Items waiting in mailboxes.", "gauge", items);

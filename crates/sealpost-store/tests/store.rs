@@ -145,6 +145,31 @@ async fn blobs_resume_and_check_their_hash() {
         store.blob_read(&id, 4990, 100).expect("read"),
         Some(data[4990..].to_vec())
     );
+    // Every range reads the stored bytes, whether the relay still holds the
+    // piece in memory or reads it from the file (a reopened store).
+    let ranges = [
+        (0u64, 2000usize),
+        (2000, 3000),
+        (100, 50),
+        (1990, 20),
+        (4999, 10),
+    ];
+    for &(off, len) in &ranges {
+        let end = (off as usize + len).min(data.len());
+        assert_eq!(
+            store.blob_read(&id, off, len).expect("read"),
+            Some(data[off as usize..end].to_vec())
+        );
+    }
+    let reopened = Store::open(dir.path(), limits()).expect("reopen");
+    for &(off, len) in &ranges {
+        let end = (off as usize + len).min(data.len());
+        assert_eq!(
+            reopened.blob_read(&id, off, len).expect("read"),
+            Some(data[off as usize..end].to_vec())
+        );
+    }
+    reopened.close();
     let report = store.scrub().expect("scrub");
     assert_eq!((report.blobs, report.damaged_blobs.len()), (1, 0));
 

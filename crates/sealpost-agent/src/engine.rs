@@ -67,7 +67,7 @@ const STREAM_WAIT: Duration = Duration::from_secs(15);
 /// A download's progress is made durable (fsync + commit) this often.
 const DOWNLOAD_COMMIT_BYTES: u64 = 16 << 20;
 /// Blob pieces (1 MiB each) in flight on one connection.
-const PIECE_WINDOW: usize = 8;
+const PIECE_WINDOW: usize = 16;
 /// Times an upload reconnects after losing its connection before it is
 /// left to the next pass.
 const MAX_UPLOAD_RECONNECTS: u32 = 3;

@@ -11,8 +11,9 @@
 
 use std::sync::Mutex;
 
-/// Buffers kept at most: a window of pipelined pieces and their frames.
-pub const KEEP: usize = 24;
+/// Buffers kept at most (about 18 MiB): enough for a window of pipelined
+/// pieces to cycle through without new allocations.
+pub const KEEP: usize = 16;
 /// Buffers smaller than this are not worth keeping (the allocator serves
 /// them from its free lists anyway).
 pub const MIN_CAPACITY: usize = 64 * 1024;

@@ -20,6 +20,16 @@ fuzz_target!(|data: &[u8]| {
                     // agrees with decoding a borrowed one.
                     assert_eq!(Request::decode_owned(body.clone()), req);
                     let resp = Response::decode(&body);
+                    // Read in two parts (head, then the data into a buffer
+                    // of its own), as relays and agents read pieces.
+                    if let Some(&ty) = body.first() {
+                        if let Some(h) = Request::head_len(ty).filter(|&h| body.len() > h) {
+                            assert_eq!(Request::decode_split(&body[..h], body[h..].to_vec()), req);
+                        }
+                        if let Some(h) = Response::head_len(ty).filter(|&h| body.len() > h) {
+                            assert_eq!(Response::decode_split(&body[..h], body[h..].to_vec()), resp);
+                        }
+                    }
                     assert_eq!(Response::decode_owned(body), resp);
                 }
                 Ok(None) => break,

@@ -537,6 +537,41 @@ impl Request {
         Ok(frame)
     }
 
+    /// For request types whose last field runs to the end of the frame (a
+    /// submission's payload, a blob piece): the length of the body before
+    /// it. A reader may read that head first and the rest straight into a
+    /// buffer of its own, then [`Request::decode_split`] (no copy).
+    pub fn head_len(frame_type: u8) -> Option<usize> {
+        match frame_type {
+            0x04 => Some(1 + 4 + 32 + 8 + 32),
+            0x08 => Some(1 + 4 + 16 + 32 + 8 + 32 + 8 + 8),
+            _ => None,
+        }
+    }
+
+    /// [`Request::decode`] of a body read in two parts: `head` (exactly
+    /// [`Request::head_len`] bytes) and the `rest` of the frame.
+    pub fn decode_split(head: &[u8], rest: Vec<u8>) -> Result<Frame<Self>, DecodeError> {
+        let ty = head.first().copied().unwrap_or(0);
+        if Self::head_len(ty) != Some(head.len()) || head.len() + rest.len() > MAX_FRAME {
+            buffers::give(rest);
+            return Err(DecodeError::Invalid {
+                what: "frame",
+                why: "not split at the start of its last field",
+            });
+        }
+        if ty == 0x08 && rest.len() > MAX_BLOB_PIECE {
+            buffers::give(rest);
+            return Err(DecodeError::TooLarge {
+                what: "blob piece",
+                max: MAX_BLOB_PIECE,
+            });
+        }
+        let (mut frame, _) = Self::parse(head)?;
+        frame.body.put_rest(rest);
+        Ok(frame)
+    }
+
     fn put_rest(&mut self, rest: Vec<u8>) {
         match self {
             Self::Submit { payload, .. } => *payload = rest,
@@ -763,6 +798,41 @@ impl Response {
         match (rest, &mut frame.body) {
             (Some(at), Self::BlobData { data, .. }) => *data = into_rest(body, at),
             _ => buffers::give(body),
+        }
+        Ok(frame)
+    }
+
+    /// For response types whose last field runs to the end of the frame
+    /// (blob data): the length of the body before it (see
+    /// [`Request::head_len`]).
+    pub fn head_len(frame_type: u8) -> Option<usize> {
+        match frame_type {
+            0x88 => Some(1 + 4 + 8),
+            _ => None,
+        }
+    }
+
+    /// [`Response::decode`] of a body read in two parts: `head` (exactly
+    /// [`Response::head_len`] bytes) and the `rest` of the frame.
+    pub fn decode_split(head: &[u8], rest: Vec<u8>) -> Result<Frame<Self>, DecodeError> {
+        let ty = head.first().copied().unwrap_or(0);
+        if Self::head_len(ty) != Some(head.len()) || head.len() + rest.len() > MAX_FRAME {
+            buffers::give(rest);
+            return Err(DecodeError::Invalid {
+                what: "frame",
+                why: "not split at the start of its last field",
+            });
+        }
+        if rest.len() > MAX_BLOB_PIECE {
+            buffers::give(rest);
+            return Err(DecodeError::TooLarge {
+                what: "blob piece",
+                max: MAX_BLOB_PIECE,
+            });
+        }
+        let (mut frame, _) = Self::parse(head)?;
+        if let Self::BlobData { data, .. } = &mut frame.body {
+            *data = rest;
         }
         Ok(frame)
     }
@@ -1020,6 +1090,11 @@ mod tests {
             // Decoding a body it owns gives the same frame, and encoding
             // into a used buffer the same bytes.
             assert_eq!(Request::decode_owned(f[4..].to_vec()), Ok(back.clone()));
+            if let Some(h) = Request::head_len(f[4]) {
+                let (head, rest) = f[4..].split_at(h);
+                assert_eq!(Request::decode_split(head, rest.to_vec()), Ok(back.clone()));
+                assert!(Request::decode_split(&head[..h - 1], rest.to_vec()).is_err());
+            }
             let mut reused = vec![9u8; 3];
             back.body.encode_into(i as u32, &mut reused);
             assert_eq!(reused, f);
@@ -1042,6 +1117,14 @@ mod tests {
                 }
             );
             assert_eq!(Response::decode_owned(f[4..].to_vec()), Ok(back.clone()));
+            if let Some(h) = Response::head_len(f[4]) {
+                let (head, rest) = f[4..].split_at(h);
+                assert_eq!(
+                    Response::decode_split(head, rest.to_vec()),
+                    Ok(back.clone())
+                );
+                assert!(Response::decode_split(&head[..h - 1], rest.to_vec()).is_err());
+            }
             let mut reused = vec![9u8; 3];
             back.body.encode_into(i as u32, &mut reused);
             assert_eq!(reused, f);

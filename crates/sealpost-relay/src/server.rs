@@ -12,8 +12,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use rand_core::{OsRng, RngCore};
 use sealpost_proto::buffers;
+use sealpost_proto::codec::DecodeError;
 use sealpost_proto::relay::{
-    self, auth_transcript, context, ErrorCode, MailboxId, Refusal, RefusalCode, Request, Response,
+    self, auth_transcript, context, ErrorCode, Frame, MailboxId, Refusal, RefusalCode, Request,
+    Response,
 };
 use sealpost_store::{BlobPutOutcome, Limits, Store, SubmitOutcome};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -345,12 +347,16 @@ fn err(code: ErrorCode, message: impl Into<String>) -> Response {
     }
 }
 
-/// Reads one frame body; `None` on a clean end of stream between frames.
+/// Reads one frame body and decodes it; `None` on a clean end of stream
+/// between frames. A blob piece or a submission is read in two parts: its
+/// head, then its data straight into a buffer of its own (reused: fresh
+/// megabyte buffers cost page faults on every frame), so the data is not
+/// copied out of the frame afterwards.
 async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     idle: Duration,
     frame: Duration,
-) -> io::Result<Option<Vec<u8>>> {
+) -> io::Result<Option<Result<Frame<Request>, DecodeError>>> {
     let mut prefix = [0u8; 4];
     let first = timeout(idle, rd.read(&mut prefix[..1]))
         .await
@@ -358,20 +364,34 @@ async fn read_frame<R: AsyncRead + Unpin>(
     if first == 0 {
         return Ok(None);
     }
-    let body = timeout(frame, async {
+    let decoded = timeout(frame, async {
         rd.read_exact(&mut prefix[1..]).await?;
         let len = relay::frame_len(prefix)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        // Piece-sized bodies come from (and go back to) a pool: fresh
-        // megabyte buffers cost page faults on every frame.
-        let mut body = buffers::take(len);
-        body.resize(len, 0);
-        rd.read_exact(&mut body).await?;
-        Ok::<_, io::Error>(body)
+        let mut ty = [0u8; 1];
+        rd.read_exact(&mut ty).await?;
+        Ok::<_, io::Error>(match Request::head_len(ty[0]) {
+            Some(h) if len > h => {
+                let mut head = [0u8; 128];
+                head[0] = ty[0];
+                rd.read_exact(&mut head[1..h]).await?;
+                let mut rest = buffers::take(len - h);
+                rest.resize(len - h, 0);
+                rd.read_exact(&mut rest).await?;
+                Request::decode_split(&head[..h], rest)
+            }
+            _ => {
+                let mut body = buffers::take(len);
+                body.resize(len, 0);
+                body[0] = ty[0];
+                rd.read_exact(&mut body[1..]).await?;
+                Request::decode_owned(body)
+            }
+        })
     })
     .await
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "frame timeout (too slow)"))??;
-    Ok(Some(body))
+    Ok(Some(decoded))
 }
 
 async fn writer<W: AsyncWrite + Unpin>(
@@ -489,8 +509,8 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
     let mut hello = false;
     let result: io::Result<()> = async {
         loop {
-            let body = match read_frame(&mut rd, s.config.idle_timeout, s.config.frame_timeout).await {
-                Ok(Some(b)) => b,
+            let decoded = match read_frame(&mut rd, s.config.idle_timeout, s.config.frame_timeout).await {
+                Ok(Some(d)) => d,
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     if e.kind() == io::ErrorKind::TimedOut {
@@ -503,7 +523,7 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
                     return Err(e);
                 }
             };
-            let frame = match Request::decode_owned(body) {
+            let frame = match decoded {
                 Ok(f) => f,
                 Err(e) => {
                     s.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);

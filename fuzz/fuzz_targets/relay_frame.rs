@@ -27,7 +27,10 @@ fuzz_target!(|data: &[u8]| {
                             assert_eq!(Request::decode_split(&body[..h], body[h..].to_vec()), req);
                         }
                         if let Some(h) = Response::head_len(ty).filter(|&h| body.len() > h) {
-                            assert_eq!(Response::decode_split(&body[..h], body[h..].to_vec()), resp);
+                            assert_eq!(
+                                Response::decode_split(&body[..h], body[h..].to_vec()),
+                                resp
+                            );
                         }
                     }
                     assert_eq!(Response::decode_owned(body), resp);

@@ -259,8 +259,20 @@ pub fn write_chunks(
     PartWriter::buffered(part.try_clone()?).write_chunks(cipher, layout, first, data)
 }
 
-/// Alignment O_DIRECT needs for offsets, lengths and memory.
-const DIRECT_ALIGN: usize = 4096;
+/// Opens `path` for direct I/O (`O_DIRECT`), `access` being `RDONLY` or
+/// `WRONLY`; file systems that refuse it (tmpfs, some network file
+/// systems) fail here and the callers go through the page cache.
+fn open_direct(path: &Path, access: rustix::fs::OFlags) -> io::Result<File> {
+    let flags = access | rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::CLOEXEC;
+    Ok(File::from(rustix::fs::open(
+        path,
+        flags,
+        rustix::fs::Mode::empty(),
+    )?))
+}
+
+// The alignment O_DIRECT needs for offsets, lengths and memory.
+use sealpost_proto::buffers::DIRECT_ALIGN;
 /// Largest run of plaintext written at once (a relay piece's worth).
 const DIRECT_MAX: usize = 1 << 20;
 
@@ -294,13 +306,7 @@ impl PartWriter {
 
     /// A writer for the partial file at `path` (already open as `file`).
     pub fn new(file: File, path: &Path) -> Self {
-        let direct = rustix::fs::open(
-            path,
-            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .ok()
-        .map(File::from);
+        let direct = open_direct(path, rustix::fs::OFlags::WRONLY).ok();
         let storage = if direct.is_some() {
             // Room for a whole run plus the last chunk's tag, wherever the
             // aligned start falls.
@@ -525,13 +531,7 @@ const READ_PIECE: usize = 1 << 20;
 
 impl Reader {
     fn open(part: &File, path: &Path) -> io::Result<Self> {
-        let direct = rustix::fs::open(
-            path,
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .ok()
-        .map(File::from);
+        let direct = open_direct(path, rustix::fs::OFlags::RDONLY).ok();
         Ok(Self {
             direct,
             file: part.try_clone()?,
@@ -627,9 +627,7 @@ impl ReadBack {
                     while let Ok(later) = rx.try_recv() {
                         upto = upto.max(later);
                     }
-                    let aligned =
-                        upto / buffers::DIRECT_ALIGN as u64 * buffers::DIRECT_ALIGN as u64;
-                    r.read_to(aligned, &Quiet)?;
+                    r.read_to(buffers::round_down_aligned(upto), &Quiet)?;
                 }
                 Ok(r)
             })?;

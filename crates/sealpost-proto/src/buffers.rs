@@ -98,6 +98,11 @@ impl AlignedBuf {
     }
 }
 
+/// `n` rounded down to a multiple of [`DIRECT_ALIGN`].
+pub fn round_down_aligned(n: u64) -> u64 {
+    n / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64
+}
+
 /// `n` rounded up to a multiple of [`DIRECT_ALIGN`].
 pub fn round_up_aligned(n: u64) -> u64 {
     n.div_ceil(DIRECT_ALIGN as u64) * DIRECT_ALIGN as u64
@@ -147,6 +152,14 @@ mod tests {
                 round_up_aligned(4097)
             ),
             (0, 4096, 4096, 8192)
+        );
+        assert_eq!(
+            (
+                round_down_aligned(0),
+                round_down_aligned(4095),
+                round_down_aligned(4097)
+            ),
+            (0, 0, 4096)
         );
     }
 }

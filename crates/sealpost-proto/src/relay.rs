@@ -403,6 +403,33 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
     Ok(len)
 }
 
+/// Checks a body read in two parts (see [`Request::head_len`]): `head` is
+/// exactly the head its type has (`head_len`), the whole fits a frame and
+/// the rest is at most `rest_max` bytes. On an error the rest's buffer goes
+/// back to the pool.
+fn split_parts(
+    head_len: Option<usize>,
+    head: &[u8],
+    rest: Vec<u8>,
+    rest_max: usize,
+) -> Result<Vec<u8>, DecodeError> {
+    let err = if head_len != Some(head.len()) || head.len() + rest.len() > MAX_FRAME {
+        DecodeError::Invalid {
+            what: "frame",
+            why: "not split at the start of its last field",
+        }
+    } else if rest.len() > rest_max {
+        DecodeError::TooLarge {
+            what: "blob piece",
+            max: MAX_BLOB_PIECE,
+        }
+    } else {
+        return Ok(rest);
+    };
+    buffers::give(rest);
+    Err(err)
+}
+
 /// The bytes of `body` from `at` on, in `body`'s own buffer.
 fn into_rest(mut body: Vec<u8>, at: usize) -> Vec<u8> {
     body.copy_within(at.., 0);
@@ -553,20 +580,12 @@ impl Request {
     /// [`Request::head_len`] bytes) and the `rest` of the frame.
     pub fn decode_split(head: &[u8], rest: Vec<u8>) -> Result<Frame<Self>, DecodeError> {
         let ty = head.first().copied().unwrap_or(0);
-        if Self::head_len(ty) != Some(head.len()) || head.len() + rest.len() > MAX_FRAME {
-            buffers::give(rest);
-            return Err(DecodeError::Invalid {
-                what: "frame",
-                why: "not split at the start of its last field",
-            });
-        }
-        if ty == 0x08 && rest.len() > MAX_BLOB_PIECE {
-            buffers::give(rest);
-            return Err(DecodeError::TooLarge {
-                what: "blob piece",
-                max: MAX_BLOB_PIECE,
-            });
-        }
+        let rest_max = if ty == 0x08 {
+            MAX_BLOB_PIECE
+        } else {
+            MAX_FRAME
+        };
+        let rest = split_parts(Self::head_len(ty), head, rest, rest_max)?;
         let (mut frame, _) = Self::parse(head)?;
         frame.body.put_rest(rest);
         Ok(frame)
@@ -816,20 +835,7 @@ impl Response {
     /// [`Response::head_len`] bytes) and the `rest` of the frame.
     pub fn decode_split(head: &[u8], rest: Vec<u8>) -> Result<Frame<Self>, DecodeError> {
         let ty = head.first().copied().unwrap_or(0);
-        if Self::head_len(ty) != Some(head.len()) || head.len() + rest.len() > MAX_FRAME {
-            buffers::give(rest);
-            return Err(DecodeError::Invalid {
-                what: "frame",
-                why: "not split at the start of its last field",
-            });
-        }
-        if rest.len() > MAX_BLOB_PIECE {
-            buffers::give(rest);
-            return Err(DecodeError::TooLarge {
-                what: "blob piece",
-                max: MAX_BLOB_PIECE,
-            });
-        }
+        let rest = split_parts(Self::head_len(ty), head, rest, MAX_BLOB_PIECE)?;
         let (mut frame, _) = Self::parse(head)?;
         if let Self::BlobData { data, .. } = &mut frame.body {
             *data = rest;

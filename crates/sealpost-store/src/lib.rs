@@ -435,14 +435,10 @@ impl Store {
     /// project's machines the copy out of freshly filled cache pages cost
     /// more CPU than anything else the relay did).
     fn read_direct(&self, path: &Path, offset: u64, n: usize, out: &mut Vec<u8>) -> io::Result<()> {
-        use sealpost_proto::buffers::{round_up_aligned, DIRECT_ALIGN};
+        use sealpost_proto::buffers::{round_down_aligned, round_up_aligned, DIRECT_ALIGN};
         use std::os::unix::fs::FileExt;
-        let f = File::from(rustix::fs::open(
-            path,
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )?);
-        let start = offset / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
+        let f = upload::open_direct(path, rustix::fs::OFlags::RDONLY)?;
+        let start = round_down_aligned(offset);
         let skip = (offset - start) as usize;
         let whole = round_up_aligned(offset + n as u64 - start) as usize;
         let mut buf = self

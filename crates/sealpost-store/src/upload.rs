@@ -24,6 +24,18 @@ use std::path::Path;
 
 use sealpost_proto::buffers::{round_up_aligned, AlignedBuf, DIRECT_ALIGN};
 
+/// Opens `path` for direct I/O (`O_DIRECT`), `access` being `RDONLY` or
+/// `WRONLY`; file systems that refuse it (tmpfs, some network file
+/// systems) fail here.
+pub(crate) fn open_direct(path: &Path, access: rustix::fs::OFlags) -> io::Result<File> {
+    let flags = access | rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::CLOEXEC;
+    Ok(File::from(rustix::fs::open(
+        path,
+        flags,
+        rustix::fs::Mode::empty(),
+    )?))
+}
+
 /// One blob upload in progress.
 pub(crate) struct Upload {
     file: File,
@@ -50,13 +62,7 @@ impl Upload {
         if file.metadata()?.len() != stored {
             file.set_len(stored)?;
         }
-        let direct = rustix::fs::open(
-            path,
-            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .ok()
-        .map(File::from);
+        let direct = open_direct(path, rustix::fs::OFlags::WRONLY).ok();
         let mut hasher = blake3::Hasher::new();
         if stored > 0 {
             let mut r = io::BufReader::with_capacity(1 << 20, (&file).take(stored));

@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rand_core::{OsRng, RngCore};
 use sealpost_proto::delivery::{Outcome, Timing};
 use sealpost_proto::message::{self, MAX_RECIPIENTS};
-use sealpost_proto::relay::{MailboxId, MAX_MESSAGE};
+use sealpost_proto::relay::{BlobPiece, MailboxId, MAX_MESSAGE};
 use sealpost_proto::report::{Entries, Report};
 use sealpost_proto::{
     Kind, MessageId, OpenError, OpenedMessage, PublicIdentity, RejectReason, RelayPin, SealRequest,
@@ -1529,7 +1529,15 @@ impl Engine {
                     };
                     stats.upload_bytes += n as u64;
                     let p = client
-                        .blob_put_send(blob_id, mailbox, total, f.blob_hash, expires, at, data)
+                        .blob_put_send(BlobPiece {
+                            blob_id,
+                            mailbox,
+                            total_len: total,
+                            blob_hash: f.blob_hash,
+                            expires_at: expires,
+                            offset: at,
+                            data,
+                        })
                         .await;
                     in_flight.push_back((at + n as u64, p));
                     at += n as u64;
@@ -1903,15 +1911,15 @@ impl Engine {
                 let at = off;
                 let r = link
                     .call(&self.agent.identity, async |c| {
-                        c.blob_put(
-                            repair_id,
+                        c.blob_put(BlobPiece {
+                            blob_id: repair_id,
                             mailbox,
-                            len,
-                            *hash.as_bytes(),
-                            expires,
-                            at,
-                            piece.clone(),
-                        )
+                            total_len: len,
+                            blob_hash: *hash.as_bytes(),
+                            expires_at: expires,
+                            offset: at,
+                            data: piece.clone(),
+                        })
                         .await
                     })
                     .await;

@@ -241,6 +241,20 @@ impl ErrorCode {
     }
 }
 
+/// One piece of a blob being uploaded (`BlobPut`, §6.6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobPiece {
+    pub blob_id: [u8; 16],
+    pub mailbox: MailboxId,
+    pub total_len: u64,
+    /// BLAKE3 of the whole blob: the relay checks it when the last piece
+    /// arrives and when scrubbing.
+    pub blob_hash: [u8; 32],
+    pub expires_at: u64,
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Request {
@@ -269,17 +283,7 @@ pub enum Request {
     Ack {
         seqs: Vec<u64>,
     },
-    BlobPut {
-        blob_id: [u8; 16],
-        mailbox: MailboxId,
-        total_len: u64,
-        /// BLAKE3 of the whole blob: the relay checks it when the last
-        /// piece arrives and when scrubbing.
-        blob_hash: [u8; 32],
-        expires_at: u64,
-        offset: u64,
-        data: Vec<u8>,
-    },
+    BlobPut(BlobPiece),
     BlobStatus {
         blob_id: [u8; 16],
     },
@@ -494,7 +498,7 @@ impl Request {
                     o.extend_from_slice(&s.to_be_bytes());
                 }
             }
-            Self::BlobPut {
+            Self::BlobPut(BlobPiece {
                 blob_id,
                 mailbox,
                 total_len,
@@ -502,7 +506,7 @@ impl Request {
                 expires_at,
                 offset,
                 data,
-            } => {
+            }) => {
                 o.reserve(data.len() + 122);
                 header(o, 0x08, id);
                 o.extend_from_slice(blob_id);
@@ -594,7 +598,7 @@ impl Request {
     fn put_rest(&mut self, rest: Vec<u8>) {
         match self {
             Self::Submit { payload, .. } => *payload = rest,
-            Self::BlobPut { data, .. } => *data = rest,
+            Self::BlobPut(p) => p.data = rest,
             _ => {}
         }
     }
@@ -674,7 +678,7 @@ impl Request {
                 }
                 rest = Some(r.position());
                 r.take(n, "blob piece")?;
-                Self::BlobPut {
+                Self::BlobPut(BlobPiece {
                     blob_id,
                     mailbox,
                     total_len,
@@ -682,7 +686,7 @@ impl Request {
                     expires_at,
                     offset,
                     data: Vec::new(),
-                }
+                })
             }
             0x09 => Self::BlobStatus {
                 blob_id: blob_id(&mut r)?,
@@ -1011,7 +1015,7 @@ mod tests {
             Request::Ack {
                 seqs: vec![1, 2, 3],
             },
-            Request::BlobPut {
+            Request::BlobPut(BlobPiece {
                 blob_id: [8; 16],
                 mailbox: MailboxId([9; 32]),
                 total_len: 1000,
@@ -1019,7 +1023,7 @@ mod tests {
                 expires_at: 77,
                 offset: 10,
                 data: vec![1; 20],
-            },
+            }),
             Request::BlobStatus { blob_id: [1; 16] },
             Request::BlobGet {
                 blob_id: [1; 16],

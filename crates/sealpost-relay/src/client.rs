@@ -12,7 +12,8 @@ use ed25519_dalek::VerifyingKey;
 use rustls::pki_types::ServerName;
 use sealpost_proto::buffers;
 use sealpost_proto::relay::{
-    self, auth_transcript, context, ErrorCode, Item, MailboxId, Refusal, Request, Response,
+    self, auth_transcript, context, BlobPiece, ErrorCode, Item, MailboxId, Refusal, Request,
+    Response,
 };
 use sealpost_proto::Identity;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
@@ -295,13 +296,13 @@ impl RelayClient {
             .ok_or(ClientError::Closed)?
             .insert(id, tx);
         let mut frame = buffers::take(match &req {
-            Request::BlobPut { data, .. } => data.len() + 128,
+            Request::BlobPut(p) => p.data.len() + 128,
             Request::Submit { payload, .. } => payload.len() + 128,
             _ => 128,
         });
         req.encode_into(id, &mut frame);
-        if let Request::BlobPut { data, .. } = req {
-            buffers::give(data);
+        if let Request::BlobPut(p) = req {
+            buffers::give(p.data);
         }
         let mut w = self.writer.lock().await;
         let written = w.write_all(&frame).await;
@@ -457,22 +458,11 @@ impl RelayClient {
 
     /// Uploads one piece of a blob; returns (stored length, complete). A
     /// stored length other than `offset + data.len()` means: resume there.
-    #[allow(clippy::too_many_arguments)]
     pub async fn blob_put(
         &self,
-        blob_id: [u8; 16],
-        mailbox: MailboxId,
-        total_len: u64,
-        blob_hash: [u8; 32],
-        expires_at: u64,
-        offset: u64,
-        data: Vec<u8>,
+        piece: BlobPiece,
     ) -> Result<Result<(u64, bool), Submitted>, ClientError> {
-        let p = self
-            .blob_put_send(
-                blob_id, mailbox, total_len, blob_hash, expires_at, offset, data,
-            )
-            .await;
+        let p = self.blob_put_send(piece).await;
         self.blob_put_answer(p).await
     }
 
@@ -503,30 +493,10 @@ impl RelayClient {
     /// next pieces can be encrypted and sent meanwhile (the relay stores a
     /// connection's pieces in order). Await the answer with
     /// [`RelayClient::blob_put_answer`].
-    #[allow(clippy::too_many_arguments)]
-    pub async fn blob_put_send(
-        &self,
-        blob_id: [u8; 16],
-        mailbox: MailboxId,
-        total_len: u64,
-        blob_hash: [u8; 32],
-        expires_at: u64,
-        offset: u64,
-        data: Vec<u8>,
-    ) -> PendingPiece {
-        let sent = self
-            .send(Request::BlobPut {
-                blob_id,
-                mailbox,
-                total_len,
-                blob_hash,
-                expires_at,
-                offset,
-                data,
-            })
-            .await;
+    pub async fn blob_put_send(&self, piece: BlobPiece) -> PendingPiece {
+        let (mailbox, blob_hash) = (piece.mailbox, piece.blob_hash);
         PendingPiece {
-            sent,
+            sent: self.send(Request::BlobPut(piece)).await,
             mailbox,
             blob_hash,
         }

@@ -14,8 +14,8 @@ use rand_core::{OsRng, RngCore};
 use sealpost_proto::buffers;
 use sealpost_proto::codec::DecodeError;
 use sealpost_proto::relay::{
-    self, auth_transcript, context, ErrorCode, Frame, MailboxId, Refusal, RefusalCode, Request,
-    Response,
+    self, auth_transcript, context, BlobPiece, ErrorCode, Frame, MailboxId, Refusal, RefusalCode,
+    Request, Response,
 };
 use sealpost_store::{BlobPutOutcome, Limits, Store, SubmitOutcome};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -437,21 +437,11 @@ struct Session {
 /// A blob piece waiting for its turn, with the permits its bytes hold.
 struct BlobJob {
     id: u32,
-    put: BlobPut,
+    put: BlobPiece,
     _permits: (
         tokio::sync::OwnedSemaphorePermit,
         tokio::sync::OwnedSemaphorePermit,
     ),
-}
-
-struct BlobPut {
-    blob_id: [u8; 16],
-    mailbox: MailboxId,
-    total_len: u64,
-    blob_hash: [u8; 32],
-    expires_at: u64,
-    offset: u64,
-    data: Vec<u8>,
 }
 
 async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
@@ -758,18 +748,10 @@ async fn handle(
                 Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
             }
         }
-        Request::BlobPut {
-            blob_id,
-            mailbox,
-            total_len,
-            blob_hash,
-            expires_at,
-            offset,
-            data,
-        } => {
+        Request::BlobPut(put) => {
             // Bounded like submissions: the bytes waiting here count against
             // the connection's and the relay's in-flight limits.
-            let weight = u32::try_from(data.len().max(1)).unwrap_or(u32::MAX);
+            let weight = u32::try_from(put.data.len().max(1)).unwrap_or(u32::MAX);
             let permits = (
                 in_flight.bytes.clone().acquire_many_owned(weight).await,
                 s.total_bytes.clone().acquire_many_owned(weight).await,
@@ -779,15 +761,7 @@ async fn handle(
             };
             let job = BlobJob {
                 id,
-                put: BlobPut {
-                    blob_id,
-                    mailbox,
-                    total_len,
-                    blob_hash,
-                    expires_at,
-                    offset,
-                    data,
-                },
+                put,
                 _permits: (p1, p2),
             };
             session
@@ -937,8 +911,8 @@ fn forged_refusal(s: &Shared, how: ForgedRefusal, mailbox: MailboxId, hash: [u8;
 }
 
 /// Stores one blob piece (in order, from the connection's lane).
-async fn blob_put(s: &Shared, p: BlobPut) -> Response {
-    let BlobPut {
+async fn blob_put(s: &Shared, p: BlobPiece) -> Response {
+    let BlobPiece {
         blob_id,
         mailbox,
         total_len,

@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sealpost_proto::relay::{ErrorCode, MailboxId, RefusalCode, Request, Response};
+use sealpost_proto::relay::{BlobPiece, ErrorCode, MailboxId, RefusalCode, Request, Response};
 use sealpost_proto::Identity;
 use sealpost_relay::client::{ClientError, RelayClient, Submitted};
 use sealpost_relay::{Config, Metrics, Relay, RelayAddress};
@@ -244,15 +244,15 @@ async fn blobs_upload_in_pieces_resume_and_download() {
     let piece = 1 << 20;
     // First piece, then the connection "drops".
     let r = sender
-        .blob_put(
+        .blob_put(BlobPiece {
             blob_id,
-            mb,
-            data.len() as u64,
-            hash,
-            now() + 60,
-            0,
-            data[..piece].to_vec(),
-        )
+            mailbox: mb,
+            total_len: data.len() as u64,
+            blob_hash: hash,
+            expires_at: now() + 60,
+            offset: 0,
+            data: data[..piece].to_vec(),
+        })
         .await
         .expect("put");
     assert_eq!(r, Ok((piece as u64, false)));
@@ -264,15 +264,15 @@ async fn blobs_upload_in_pieces_resume_and_download() {
     while off < data.len() as u64 {
         let end = (off as usize + piece).min(data.len());
         let (stored, complete) = sender
-            .blob_put(
+            .blob_put(BlobPiece {
                 blob_id,
-                mb,
-                data.len() as u64,
-                hash,
-                now() + 60,
-                off,
-                data[off as usize..end].to_vec(),
-            )
+                mailbox: mb,
+                total_len: data.len() as u64,
+                blob_hash: hash,
+                expires_at: now() + 60,
+                offset: off,
+                data: data[off as usize..end].to_vec(),
+            })
             .await
             .expect("put")
             .expect("stored");

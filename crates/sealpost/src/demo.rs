@@ -13,7 +13,7 @@ use sealpost_agent::link::RelayLink;
 use sealpost_agent::{Agent, Home, ReceiveError};
 use sealpost_proto::blob::DEFAULT_CHUNK_SIZE;
 use sealpost_proto::message::{self, testing};
-use sealpost_proto::relay::MailboxId;
+use sealpost_proto::relay::{BlobPiece, MailboxId};
 use sealpost_proto::{Kind, OpenError, PublicIdentity};
 use sealpost_relay::client::Submitted;
 use serde_json::json;
@@ -310,15 +310,15 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
             let r = net
                 .rt
                 .block_on(alice_link.call(alice.identity(), async |c| {
-                    c.blob_put(
+                    c.blob_put(BlobPiece {
                         blob_id,
-                        bob_mailbox,
-                        blob_len,
+                        mailbox: bob_mailbox,
+                        total_len: blob_len,
                         blob_hash,
-                        now() + 3600,
-                        off,
-                        data.clone(),
-                    )
+                        expires_at: now() + 3600,
+                        offset: off,
+                        data: data.clone(),
+                    })
                     .await
                 }));
             match r {

@@ -211,8 +211,8 @@ fn classify(r: &Result<(OpenedMessage, Vec<u8>), OpenError>) -> String {
 /// Relay protocol frames (PROTOCOL.md §6), all deterministic.
 fn relay_vectors() -> Value {
     use sealpost_proto::relay::{
-        auth_transcript, context, ErrorCode, Item, MailboxId, Refusal, RefusalCode, Request,
-        Response,
+        auth_transcript, context, BlobPiece, ErrorCode, Item, MailboxId, Refusal, RefusalCode,
+        Request, Response,
     };
     let a = alice();
     let relay_key = Identity::from_secret_bytes(&[0x99; 32], &[0x98; 32]);
@@ -265,7 +265,7 @@ fn relay_vectors() -> Value {
         ("Ack", Request::Ack { seqs: vec![42, 43] }),
         (
             "BlobPut",
-            Request::BlobPut {
+            Request::BlobPut(BlobPiece {
                 blob_id: [0x88; 16],
                 mailbox: bob_mb,
                 total_len: 10_160,
@@ -273,7 +273,7 @@ fn relay_vectors() -> Value {
                 expires_at: 1_750_003_600,
                 offset: 0,
                 data: vec![0xab; 8],
-            },
+            }),
         ),
         (
             "BlobStatus",

@@ -912,37 +912,16 @@ fn forged_refusal(s: &Shared, how: ForgedRefusal, mailbox: MailboxId, hash: [u8;
 
 /// Stores one blob piece (in order, from the connection's lane).
 async fn blob_put(s: &Shared, p: BlobPiece) -> Response {
-    let BlobPiece {
-        blob_id,
-        mailbox,
-        total_len,
-        blob_hash,
-        expires_at,
-        offset,
-        data,
-    } = p;
+    let (mailbox, blob_hash, n) = (p.mailbox, p.blob_hash, p.data.len() as u64);
     if let Some(forged) = s
         .config
         .tamper
         .as_ref()
-        .and_then(|t| t.blob_put(&blob_id, &mailbox, &blob_hash, offset))
+        .and_then(|t| t.blob_put(&p.blob_id, &mailbox, &blob_hash, p.offset))
     {
         return forged_refusal(s, forged, mailbox, blob_hash);
     }
-    let n = data.len() as u64;
-    let r = s
-        .store
-        .blob_put(
-            blob_id,
-            mailbox,
-            total_len,
-            blob_hash,
-            expires_at,
-            offset,
-            data,
-            now(),
-        )
-        .await;
+    let r = s.store.blob_put(p, now()).await;
     match r {
         Ok(BlobPutOutcome::Stored { stored, complete }) => {
             s.metrics.blob_bytes.fetch_add(n, Ordering::Relaxed);

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 
 use rand_core::{OsRng, RngCore};
 use sealpost_proto::buffers::AlignedBuf;
-use sealpost_proto::relay::MAX_BLOB_PIECE;
+use sealpost_proto::relay::{BlobPiece, MAX_BLOB_PIECE};
 
 use crate::upload::Upload;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -640,18 +640,16 @@ impl Store {
     /// Appends a piece to a blob. The piece must start where the stored
     /// part ends; the data is on disk (fsync'd) before the new length is
     /// committed, and the length is committed before this returns.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn blob_put(
-        &self,
-        blob_id: [u8; 16],
-        mailbox: MailboxId,
-        total_len: u64,
-        hash: [u8; 32],
-        expires_at: u64,
-        offset: u64,
-        data: Vec<u8>,
-        now: u64,
-    ) -> Result<BlobPutOutcome, StoreError> {
+    pub async fn blob_put(&self, piece: BlobPiece, now: u64) -> Result<BlobPutOutcome, StoreError> {
+        let BlobPiece {
+            blob_id,
+            mailbox,
+            total_len,
+            blob_hash: hash,
+            expires_at,
+            offset,
+            data,
+        } = piece;
         if expires_at <= now {
             return Ok(BlobPutOutcome::Refused(RefusalCode::Expired));
         }

@@ -1,4 +1,4 @@
-use sealpost_proto::relay::{MailboxId, RefusalCode};
+use sealpost_proto::relay::{BlobPiece, MailboxId, RefusalCode};
 use sealpost_store::{BlobPutOutcome, Limits, Store, SubmitOutcome};
 
 const NOW: u64 = 1_750_000_000;
@@ -100,6 +100,26 @@ async fn writes_survive_a_reopen_and_share_commits() {
     assert_eq!(items.len(), 200);
 }
 
+/// A piece of a blob expiring ten seconds from `NOW`.
+fn piece(
+    blob_id: [u8; 16],
+    mailbox: MailboxId,
+    total_len: u64,
+    blob_hash: [u8; 32],
+    offset: u64,
+    data: Vec<u8>,
+) -> BlobPiece {
+    BlobPiece {
+        blob_id,
+        mailbox,
+        total_len,
+        blob_hash,
+        expires_at: NOW + 10,
+        offset,
+        data,
+    }
+}
+
 #[tokio::test]
 async fn blobs_resume_and_check_their_hash() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -112,7 +132,7 @@ async fn blobs_resume_and_check_their_hash() {
         let s = store.clone();
         let d = data[off..end].to_vec();
         async move {
-            s.blob_put(id, mb, 5000, hash, NOW + 10, off as u64, d.to_vec(), NOW)
+            s.blob_put(piece(id, mb, 5000, hash, off as u64, d.to_vec()), NOW)
                 .await
                 .expect("put")
         }
@@ -176,19 +196,19 @@ async fn blobs_resume_and_check_their_hash() {
     // A blob whose bytes do not hash to the stated value is discarded.
     let id2 = [8u8; 16];
     let r = store
-        .blob_put(id2, mb, 10, [0; 32], NOW + 10, 0, vec![1; 10], NOW)
+        .blob_put(piece(id2, mb, 10, [0; 32], 0, vec![1; 10]), NOW)
         .await
         .expect("put");
     assert_eq!(r, BlobPutOutcome::HashMismatch);
     assert_eq!(store.blob_status(&id2).expect("st"), None);
     // Too large, and over quota.
     let r = store
-        .blob_put([7; 16], mb, 9000, [0; 32], NOW + 10, 0, vec![1; 10], NOW)
+        .blob_put(piece([7; 16], mb, 9000, [0; 32], 0, vec![1; 10]), NOW)
         .await
         .expect("put");
     assert_eq!(r, BlobPutOutcome::Refused(RefusalCode::TooLarge));
     let r = store
-        .blob_put([6; 16], mb, 6000, [0; 32], NOW + 10, 0, vec![1; 10], NOW)
+        .blob_put(piece([6; 16], mb, 6000, [0; 32], 0, vec![1; 10]), NOW)
         .await
         .expect("put");
     assert_eq!(r, BlobPutOutcome::Refused(RefusalCode::OverQuota));

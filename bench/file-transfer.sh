@@ -127,6 +127,10 @@ echo "sealpost cpu_recipient_agent $(cpu_s "$BOB") s"
 echo "sealpost page_faults_sender $flt"
 echo "sealpost page_faults_relay $(awk '{ print $10 }' "/proc/$RELAY/stat")"
 echo "sealpost page_faults_recipient_agent $(awk '{ print $10 }' "/proc/$BOB/stat")"
+# Bytes each long-running process read from the device: the recipient
+# reads the file back once (more would mean a read-back started over).
+echo "sealpost device_reads_relay $(( $(awk '/^read_bytes/ { print $2 }' "/proc/$RELAY/io") >> 20 )) MiB"
+echo "sealpost device_reads_recipient_agent $(( $(awk '/^read_bytes/ { print $2 }' "/proc/$BOB/io") >> 20 )) MiB"
 # Where the relay served the recipient's reads from: pieces still in memory
 # since they were stored, or the blob file (the device: pieces are written
 # with O_DIRECT).

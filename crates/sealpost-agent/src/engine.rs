@@ -68,6 +68,9 @@ const STREAM_WAIT: Duration = Duration::from_secs(15);
 const DOWNLOAD_COMMIT_BYTES: u64 = 16 << 20;
 /// Blob pieces (1 MiB each) in flight on one connection.
 const PIECE_WINDOW: usize = 16;
+/// Read-backs of unfinished downloads kept from one pass to the next
+/// (each a thread, two descriptors and a 1 MiB buffer).
+const KEPT_READ_BACKS: usize = 4;
 /// Times an upload reconnects after losing its connection before it is
 /// left to the next pass.
 const MAX_UPLOAD_RECONNECTS: u32 = 3;
@@ -256,6 +259,11 @@ pub struct Engine {
     /// goes on to other mail and the next pass continues the download);
     /// `None`: download to the end (what `sync` does).
     pub download_slice: Option<u64>,
+    /// The read-backs of downloads left for a later pass (sliced), so the
+    /// next pass goes on reading back where this one stopped instead of
+    /// reading the file back from its start again; at most
+    /// `KEPT_READ_BACKS`.
+    read_backs: Vec<(MessageId, crate::transfer::ReadBack)>,
     /// What the checks caught in this pass, recorded at its end.
     found: Vec<(&'static str, String)>,
     _lock: File,
@@ -657,6 +665,7 @@ impl Engine {
             timing: Timing::default(),
             progress: std::sync::Arc::new(crate::transfer::Quiet),
             download_slice: None,
+            read_backs: Vec::new(),
             found: Vec::new(),
             _lock: lock,
         })
@@ -2105,8 +2114,16 @@ impl Engine {
         // Read back what is durable while the rest downloads (from the
         // start: a resumed download reads back what earlier passes wrote).
         // Not after a repair: repaired chunks rewrite bytes already read.
-        let verifier = if d.bad.is_empty() {
-            transfer::ReadBack::start(&part, &part_path).ok()
+        let kept = self
+            .read_backs
+            .iter()
+            .position(|(m, _)| *m == d.msg)
+            .map(|k| self.read_backs.remove(k).1);
+        let mut verifier = if d.bad.is_empty() {
+            match kept {
+                Some(v) if v.continues(&part, keep) => Some(v),
+                _ => transfer::ReadBack::start(&part, &part_path).ok(),
+            }
         } else {
             None
         };
@@ -2256,7 +2273,7 @@ impl Engine {
                 part.sync_data().map_err(|e| io_err("syncing", e))?;
                 self.agent.db.download_progress(&d.msg, i, &bad, now_ms())?;
                 since_commit = 0;
-                if let Some(v) = &verifier {
+                if let Some(v) = &mut verifier {
                     v.durable((i * d.chunk_size as u64).min(d.size));
                 }
             }
@@ -2268,6 +2285,12 @@ impl Engine {
         part.sync_data().map_err(|e| io_err("syncing", e))?;
         self.agent.db.download_progress(&d.msg, i, &bad, now_ms())?;
         if i < count {
+            if let Some(v) = verifier.filter(|_| bad.is_empty()) {
+                if self.read_backs.len() >= KEPT_READ_BACKS {
+                    self.read_backs.remove(0);
+                }
+                self.read_backs.push((d.msg, v));
+            }
             return Ok(());
         }
         if !bad.is_empty() {

@@ -607,6 +607,17 @@ pub fn read_back(
 pub struct ReadBack {
     tx: Option<std::sync::mpsc::Sender<u64>>,
     thread: Option<std::thread::JoinHandle<io::Result<Reader>>>,
+    /// The partial file read (device, inode).
+    file_id: (u64, u64),
+    /// The largest length given to `durable`.
+    durable: u64,
+}
+
+/// Which file `f` is: its device and inode.
+fn file_id(f: &File) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata()?;
+    Ok((m.dev(), m.ino()))
 }
 
 impl std::fmt::Debug for ReadBack {
@@ -617,6 +628,7 @@ impl std::fmt::Debug for ReadBack {
 
 impl ReadBack {
     pub fn start(part: &File, path: &Path) -> io::Result<Self> {
+        let file_id = file_id(part)?;
         let mut r = Reader::open(part, path)?;
         let (tx, rx) = std::sync::mpsc::channel::<u64>();
         let thread = std::thread::Builder::new()
@@ -634,11 +646,26 @@ impl ReadBack {
         Ok(Self {
             tx: Some(tx),
             thread: Some(thread),
+            file_id,
+            durable: 0,
         })
     }
 
+    /// Whether this read-back can go on for a later pass of the same
+    /// download: `part` is still the file it reads (not one created anew),
+    /// nothing it may have read back was cut off (`committed`, the durable
+    /// length the pass starts from, is not below what it was given) and its
+    /// thread has not stopped on an error. Otherwise the pass starts a new
+    /// read-back from the file's start.
+    pub fn continues(&self, part: &File, committed: u64) -> bool {
+        committed >= self.durable
+            && self.thread.as_ref().is_some_and(|t| !t.is_finished())
+            && file_id(part).is_ok_and(|id| id == self.file_id)
+    }
+
     /// The file's bytes `[0, upto)` were written and fsync'd.
-    pub fn durable(&self, upto: u64) {
+    pub fn durable(&mut self, upto: u64) {
+        self.durable = self.durable.max(upto);
         if let Some(tx) = &self.tx {
             let _ = tx.send(upto);
         }
@@ -758,7 +785,7 @@ mod tests {
             for marks in [vec![], vec![1usize, 4096, 4097, 3_000_001], vec![size]] {
                 let path = dir.path().join(format!("r{size}-{}", marks.len()));
                 let part = open_part(&path, 0).expect("part");
-                let rb = ReadBack::start(&part, &path).expect("start");
+                let mut rb = ReadBack::start(&part, &path).expect("start");
                 let mut at = 0usize;
                 for &m in marks.iter().filter(|&&m| m <= size) {
                     part.write_all_at(&data[at..m.max(at)], at as u64)
@@ -779,6 +806,37 @@ mod tests {
             let rb = ReadBack::start(&part, &path).expect("start");
             assert!(rb.finish("verify", size as u64 + 1, &Quiet).is_err());
         }
+    }
+
+    /// A read-back carried over to the next pass of a download goes on
+    /// only for the same file, with nothing it may have read cut off.
+    #[test]
+    fn a_read_back_continues_only_over_what_it_read() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("p");
+        let data: Vec<u8> = (0..3 * 4096 + 7).map(|i| (i * 5 % 251) as u8).collect();
+        let part = open_part(&path, 0).expect("part");
+        part.write_all_at(&data[..8192], 0).expect("w");
+        part.sync_data().expect("sync");
+        let mut rb = ReadBack::start(&part, &path).expect("start");
+        rb.durable(8192);
+        // The next pass starts from the committed length.
+        let again = open_part(&path, 8192).expect("reopen");
+        assert!(rb.continues(&again, 8192));
+        // A download reset to an earlier length, or a new file under the
+        // same name, starts a new read-back.
+        assert!(!rb.continues(&again, 4096));
+        std::fs::remove_file(&path).expect("rm");
+        let fresh = open_part(&path, 8192).expect("new file");
+        assert!(!rb.continues(&fresh, 8192));
+        // Carried over, it reads the rest and hashes the whole file.
+        again.write_all_at(&data[8192..], 8192).expect("w");
+        again.sync_data().expect("sync");
+        std::fs::remove_file(&path).expect("rm");
+        let h = rb
+            .finish("verify", data.len() as u64, &Quiet)
+            .expect("finish");
+        assert_eq!(h, blake3::hash(&data));
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //!
 //! Groups: `pk_ops` (X25519 ephemeral key, X25519 agreement, Ed25519 sign
 //! and verify), `message_1k` (sealpost seal/open vs age encrypt/decrypt of
-//! 1 KiB), `stream_256m` (256 MiB through seal_stream/open_stream vs age).
+//! 1 KiB), `stream_256m` (256 MiB through seal_stream/open_stream vs age),
+//! `chunk_aead` (a 64 KiB blob chunk sealed in place with the blob cipher,
+//! ring's AES-256-GCM, against ring's ChaCha20-Poly1305, the candidates of
+//! docs/DESIGN.md).
 
 use std::hint::black_box;
 use std::io::{self, Seek, SeekFrom, Write};
@@ -206,5 +209,28 @@ fn stream_256m(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, pk_ops, message_1k, stream_256m);
+fn chunk_aead(c: &mut Criterion) {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
+    let mut chunk = vec![9u8; blob::DEFAULT_CHUNK_SIZE as usize];
+    let mut g = c.benchmark_group("chunk_aead");
+    g.throughput(Throughput::Bytes(chunk.len() as u64));
+    for (name, alg) in [
+        ("aes_256_gcm", &AES_256_GCM),
+        ("chacha20_poly1305", &CHACHA20_POLY1305),
+    ] {
+        let key = LessSafeKey::new(UnboundKey::new(alg, &[5; 32]).expect("key"));
+        g.bench_function(name, |bch| {
+            bch.iter(|| {
+                let nonce = Nonce::assume_unique_for_key([0; 12]);
+                black_box(
+                    key.seal_in_place_separate_tag(nonce, Aad::empty(), &mut chunk)
+                        .expect("seal"),
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, pk_ops, message_1k, stream_256m, chunk_aead);
 criterion_main!(benches);

@@ -2,12 +2,13 @@
 //!
 //! ```text
 //! blob  = chunk_0 .. chunk_{n-1}
-//! chunk = ChaCha20-Poly1305(key, nonce_i, plaintext_i)     (len_i + 16 bytes)
+//! chunk = AES-256-GCM(key, nonce_i, plaintext_i)           (len_i + 16 bytes)
 //! nonce_i = 0x00 * 7 || i:u32 (big-endian) || last:u8 (1 for the final chunk, else 0)
 //! ```
 //!
 //! This is the STREAM construction (Hoang, Reyhanitabar, Rogaway, Vizár)
-//! as implemented by RustCrypto's `aead::stream::StreamBE32`. Putting the
+//! as implemented by RustCrypto's `aead::stream::StreamBE32` (and, with
+//! AES-GCM segments, the shape of Tink's streaming AEAD). Putting the
 //! chunk index in the nonce means a chunk moved, duplicated or swapped fails
 //! to authenticate and is named by its index; the last-chunk flag means a
 //! blob cut at a chunk boundary is caught. Each blob has its own random key
@@ -19,13 +20,13 @@
 use std::io::{self, Read, Write};
 
 use rand_core::CryptoRngCore;
-use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::codec::DecodeError;
 use crate::error::{OpenError, TamperedAt};
 
-/// Poly1305 tag length.
+/// GCM tag length.
 pub const TAG_LEN: u64 = 16;
 /// 64 KiB, as in age: large enough that the 16-byte tag costs 0.02 %, small
 /// enough that one damaged chunk is cheap to fetch again.
@@ -54,18 +55,20 @@ impl BlobKey {
 
     /// The chunk cipher for this blob; build it once per transfer.
     pub fn cipher(&self) -> ChunkCipher {
-        let key = UnboundKey::new(&CHACHA20_POLY1305, &self.0)
-            .unwrap_or_else(|_| unreachable!("a ChaCha20-Poly1305 key is 32 bytes"));
+        let key = UnboundKey::new(&AES_256_GCM, &self.0)
+            .unwrap_or_else(|_| unreachable!("an AES-256-GCM key is 32 bytes"));
         ChunkCipher(LessSafeKey::new(key))
     }
 }
 
-/// ChaCha20-Poly1305 under one blob's key, with the STREAM nonces of §5.2.
+/// AES-256-GCM under one blob's key, with the STREAM nonces of §5.2.
 ///
-/// The AEAD is ring's (BoringSSL's assembly: about 1.7× RustCrypto's
-/// portable SIMD code on this project's machines, and a blob is the one
-/// place where sealpost encrypts gigabytes). The bytes are the same as
-/// RustCrypto's `StreamBE32<ChaCha20Poly1305>`; a test checks that.
+/// The AEAD is ring's (BoringSSL's assembly, constant time in every
+/// backend: AES-NI/VAES and CLMUL on x86-64, the ARMv8 crypto extensions,
+/// a bit-sliced vector fallback elsewhere). A blob is the one place where
+/// sealpost encrypts gigabytes: on this project's machines AES-256-GCM runs
+/// at 3.3× ring's ChaCha20-Poly1305 (docs/DESIGN.md). The bytes are the
+/// same as RustCrypto's `StreamBE32<Aes256Gcm>`; a test checks that.
 pub struct ChunkCipher(LessSafeKey);
 
 impl std::fmt::Debug for ChunkCipher {
@@ -93,7 +96,7 @@ impl ChunkCipher {
         let tag: Tag = self
             .0
             .seal_in_place_separate_tag(chunk_nonce(idx, last), Aad::empty(), plain)
-            .unwrap_or_else(|_| unreachable!("ChaCha20-Poly1305 encrypts any chunk up to 4 MiB"));
+            .unwrap_or_else(|_| unreachable!("AES-256-GCM encrypts any chunk up to 4 MiB"));
         tag_room.copy_from_slice(tag.as_ref());
     }
 
@@ -374,13 +377,12 @@ mod tests {
         ));
     }
 
-    /// The chunks are RustCrypto's `StreamBE32<ChaCha20Poly1305>` byte for
-    /// byte (the construction §5.2 names), whatever the index, flag and
-    /// length; and each opens only at its own position.
+    /// The chunks are RustCrypto's `StreamBE32<Aes256Gcm>` byte for byte
+    /// (the construction §5.2 names), whatever the index, flag and length.
     #[test]
     fn chunks_are_rustcrypto_stream_be32() {
-        use chacha20poly1305::aead::stream::{NewStream, StreamBE32, StreamPrimitive};
-        use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
+        use aes_gcm::aead::stream::{NewStream, StreamBE32, StreamPrimitive};
+        use aes_gcm::{Aes256Gcm, KeyInit};
         use proptest::prelude::*;
         proptest!(ProptestConfig::with_cases(64), |(
             key in any::<[u8; 32]>(),
@@ -394,8 +396,8 @@ mod tests {
                 b
             };
             let theirs = {
-                let aead = ChaCha20Poly1305::new((&key).into());
-                let s: StreamBE32<ChaCha20Poly1305> = StreamBE32::from_aead(aead, &Default::default());
+                let aead = Aes256Gcm::new((&key).into());
+                let s: StreamBE32<Aes256Gcm> = StreamBE32::from_aead(aead, &Default::default());
                 let mut b = plain.clone();
                 s.encrypt_in_place(index, last, b"", &mut b).expect("encrypts");
                 b

@@ -4,7 +4,7 @@
 //! and bound to its recipients like any message.
 //!
 //! ```text
-//! manifest = "SPMF" 0x01 blob_id:[16] blob_key:[32] chunk_size:u32 size:u64
+//! manifest = "SPMF" 0x02 blob_id:[16] blob_key:[32] chunk_size:u32 size:u64
 //!            plaintext_blake3:[32] blob_blake3:[32] name_len:u16 name
 //! ```
 
@@ -16,7 +16,9 @@ use crate::blob::{BlobKey, BlobLayout, BlobSummary};
 use crate::codec::{self, DecodeError, Reader};
 
 const MAGIC: &[u8; 4] = b"SPMF";
-const VERSION: u8 = 1;
+/// 2: the blob's chunks are AES-256-GCM (version 1, ChaCha20-Poly1305, is
+/// refused: its key would not open the chunks).
+const VERSION: u8 = 2;
 /// A path component is at most 255 bytes, the limit of common file
 /// systems.
 pub const MAX_NAME_BYTES: usize = 255;

@@ -74,6 +74,7 @@ impl Db {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(crate::outbox::SCHEMA)?;
+        crate::outbox::migrate(&conn)?;
         Ok(Self { conn })
     }
 

@@ -71,6 +71,10 @@ const PIECE_WINDOW: usize = 16;
 /// Read-backs of unfinished downloads kept from one pass to the next
 /// (each a thread, two descriptors and a 1 MiB buffer).
 const KEPT_READ_BACKS: usize = 4;
+/// Running hashes of unfinished uploads kept from one call to the next
+/// (about 4 KiB each); an upload whose hashes were dropped hashes again
+/// what the relay holds.
+const KEPT_UPLOAD_HASHES: usize = 64;
 /// Times an upload reconnects after losing its connection before it is
 /// left to the next pass.
 const MAX_UPLOAD_RECONNECTS: u32 = 3;
@@ -264,6 +268,10 @@ pub struct Engine {
     /// reading the file back from its start again; at most
     /// `KEPT_READ_BACKS`.
     read_backs: Vec<(MessageId, crate::transfer::ReadBack)>,
+    /// The running hashes of uploads left for a later call (a file's
+    /// manifest goes out after its first pieces, then the upload goes on),
+    /// by message and recipient; at most `KEPT_UPLOAD_HASHES`.
+    upload_hashes: Vec<((MessageId, [u8; 32]), crate::transfer::UploadHashes)>,
     /// What the checks caught in this pass, recorded at its end.
     found: Vec<(&'static str, String)>,
     _lock: File,
@@ -414,14 +422,15 @@ impl Agent {
         let abs = std::fs::canonicalize(path)
             .map_err(|e| SendError::BadFile(format!("{}: {e}", path.display())))?;
         let key = sealpost_proto::blob::BlobKey::random(&mut OsRng);
-        let summary =
-            crate::transfer::summarize(&abs, &key, sealpost_proto::blob::DEFAULT_CHUNK_SIZE)
+        let (layout, plaintext_hash) =
+            crate::transfer::summarize(&abs, sealpost_proto::blob::DEFAULT_CHUNK_SIZE)
                 .map_err(|e| SendError::BadFile(format!("cannot read {}: {e}", path.display())))?;
         let blob_id = sealpost_proto::manifest::BlobId::random(&mut OsRng);
         let manifest = sealpost_proto::manifest::FileManifest::new(
             blob_id,
             key.clone(),
-            &summary,
+            layout,
+            plaintext_hash,
             name.clone(),
         )
         .map_err(|e| SendError::BadFile(e.to_string()))?;
@@ -434,8 +443,8 @@ impl Agent {
         )?;
         // What the receipt must name: the file as stored, not the manifest.
         m.sent = sealpost_proto::delivery::Sent {
-            content_hash: *summary.plaintext_hash.as_bytes(),
-            content_len: summary.layout.plaintext_len,
+            content_hash: *plaintext_hash.as_bytes(),
+            content_len: layout.plaintext_len,
         };
         self.queue_prepared(std::slice::from_ref(&m))?;
         self.db.add_file_out(&crate::outbox::FileOut {
@@ -443,11 +452,11 @@ impl Agent {
             path: abs.to_string_lossy().into_owned(),
             blob_id: blob_id.0,
             key,
-            size: summary.layout.plaintext_len,
-            chunk_size: summary.layout.chunk_size,
-            blob_hash: *summary.blob_hash.as_bytes(),
+            size: layout.plaintext_len,
+            chunk_size: layout.chunk_size,
+            plaintext_hash: *plaintext_hash.as_bytes(),
         })?;
-        Ok((m.id, summary.layout.plaintext_len))
+        Ok((m.id, layout.plaintext_len))
     }
 
     /// Where received files go: the `download_dir` setting, else
@@ -666,6 +675,7 @@ impl Engine {
             progress: std::sync::Arc::new(crate::transfer::Quiet),
             download_slice: None,
             read_backs: Vec::new(),
+            upload_hashes: Vec::new(),
             found: Vec::new(),
             _lock: lock,
         })
@@ -1498,6 +1508,20 @@ impl Engine {
         let mut stalls = 0;
         let mut reconnects = 0;
         let mut noted = stored;
+        // The blob's and the file's hashes over the pieces sealed so far
+        // (kept from the last call for this upload, which ended where the
+        // relay's length now is), and copies of them at the end of each
+        // piece still unanswered, to go on from whichever length the
+        // relay holds after a lost connection.
+        let key = (row.msg, row.recipient);
+        let mut hashes = self
+            .upload_hashes
+            .iter()
+            .position(|(k, _)| *k == key)
+            .map(|i| self.upload_hashes.remove(i).1)
+            .unwrap_or_default();
+        let mut marks: std::collections::VecDeque<crate::transfer::UploadHashes> =
+            std::collections::VecDeque::with_capacity(PIECE_WINDOW + 1);
         let result = loop {
             if complete {
                 break Upload::Complete;
@@ -1505,6 +1529,23 @@ impl Engine {
             if stored >= until {
                 break Upload::Enough;
             }
+            if hashes.at() != stored {
+                match marks.iter().find(|m| m.at() == stored) {
+                    Some(m) => hashes = m.clone(),
+                    // A restarted sender resuming an upload: hash what the
+                    // relay holds (re-encrypting it, sending nothing).
+                    None => {
+                        if let Err(e) = hashes.catch_up(&src, &cipher, &layout, stored) {
+                            break Upload::Failed(
+                                "source-changed".into(),
+                                format!("{}: {e}", f.path),
+                            );
+                        }
+                    }
+                }
+            }
+            marks.clear();
+            marks.push_back(hashes.clone());
             // A sliding window of consecutive pieces: up to PIECE_WINDOW
             // are in flight (the relay stores them in order) while the
             // next one is read and encrypted.
@@ -1526,7 +1567,7 @@ impl Engine {
                     if n == 0 {
                         break;
                     }
-                    let data = match crate::transfer::encrypt_range(&src, &cipher, &layout, at, n) {
+                    let data = match hashes.seal_next(&src, &cipher, &layout, n) {
                         Ok(d) => d,
                         Err(e) => {
                             outcome = Some(Upload::Failed(
@@ -1536,13 +1577,32 @@ impl Engine {
                             break;
                         }
                     };
+                    // The last piece states the blob's hash, once the file
+                    // proved to be the one that was queued.
+                    let mut blob_hash = [0u8; 32];
+                    if at + n as u64 == total {
+                        let (file_hash, blob) = hashes.finish();
+                        if file_hash.as_bytes() != &f.plaintext_hash {
+                            sealpost_proto::buffers::give(data);
+                            outcome = Some(Upload::Failed(
+                                "source-changed".into(),
+                                format!("{} changed since it was queued; send it again", f.path),
+                            ));
+                            break;
+                        }
+                        blob_hash = *blob.as_bytes();
+                    }
+                    if marks.len() > PIECE_WINDOW {
+                        marks.pop_front();
+                    }
+                    marks.push_back(hashes.clone());
                     stats.upload_bytes += n as u64;
                     let p = client
                         .blob_put_send(BlobPiece {
                             blob_id,
                             mailbox,
                             total_len: total,
-                            blob_hash: f.blob_hash,
+                            blob_hash,
                             expires_at: expires,
                             offset: at,
                             data,
@@ -1586,31 +1646,17 @@ impl Engine {
                         break;
                     }
                     Err(ClientError::Server { message, .. }) if message.contains("BLAKE3") => {
-                        // The relay says the blob does not match its hash.
-                        // That is our word against the relay's: summarize
-                        // the source again before believing it changed.
-                        // (Rare: done in place.)
-                        let again = crate::transfer::summarize(
-                            std::path::Path::new(&f.path),
-                            &f.key,
-                            f.chunk_size,
-                        );
-                        outcome = Some(match again {
-                            Ok(sum) if *sum.blob_hash.as_bytes() == f.blob_hash => {
-                                self.found.push((
-                                    "false-hash-mismatch",
-                                    format!("blob:{}", hex(&blob_id)),
-                                ));
-                                Upload::Retry(format!("the relay claims the blob does not match its hash, but the source is unchanged: {message}"))
-                            }
-                            _ => Upload::Failed(
-                                "source-changed".into(),
-                                format!(
-                                    "{} changed while it was being sent; send it again",
-                                    f.path
-                                ),
-                            ),
-                        });
+                        // The relay says the blob does not match the hash
+                        // the last piece stated. That hash was computed
+                        // over exactly the bytes sent, in order, and the
+                        // file's bytes matched the queued hash: the relay
+                        // stored something else (or says so falsely). It
+                        // discarded the blob; the next attempt starts over.
+                        self.found
+                            .push(("false-hash-mismatch", format!("blob:{}", hex(&blob_id))));
+                        outcome = Some(Upload::Retry(format!(
+                            "the relay claims the blob does not match its hash, which was computed over the bytes sent: {message}"
+                        )));
                         break;
                     }
                     Err(ClientError::ForgedRefusal) => {
@@ -1665,6 +1711,14 @@ impl Engine {
             }
         };
         progress.finish();
+        if matches!(result, Upload::Enough | Upload::Retry(_)) {
+            // The rest of the upload (the next call, right after the
+            // manifest went out, or a later attempt) goes on from here.
+            if self.upload_hashes.len() >= KEPT_UPLOAD_HASHES {
+                self.upload_hashes.remove(0);
+            }
+            self.upload_hashes.push((key, hashes));
+        }
         let link_stored = if matches!(result, Upload::Complete) {
             total
         } else {
@@ -1924,7 +1978,12 @@ impl Engine {
                             blob_id: repair_id,
                             mailbox,
                             total_len: len,
-                            blob_hash: *hash.as_bytes(),
+                            // Stated by the last piece (§6.6).
+                            blob_hash: if at + n == len {
+                                *hash.as_bytes()
+                            } else {
+                                [0; 32]
+                            },
                             expires_at: expires,
                             offset: at,
                             data: piece.clone(),

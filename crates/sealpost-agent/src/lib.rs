@@ -418,7 +418,13 @@ impl Agent {
                 source,
             },
         )?;
-        let manifest = FileManifest::new(BlobId::random(rng), key, &summary, name.to_owned())?;
+        let manifest = FileManifest::new(
+            BlobId::random(rng),
+            key,
+            summary.layout,
+            summary.plaintext_hash,
+            name.to_owned(),
+        )?;
         let sealed = self
             .seal(
                 recipients,

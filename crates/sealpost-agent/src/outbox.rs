@@ -56,8 +56,7 @@ CREATE TABLE IF NOT EXISTS files_out (
     blob_id BLOB NOT NULL,
     blob_key BLOB NOT NULL,
     size INTEGER NOT NULL,
-    chunk_size INTEGER NOT NULL,
-    blob_hash BLOB NOT NULL
+    chunk_size INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS files_out_blob ON files_out(blob_id);
 CREATE TABLE IF NOT EXISTS downloads (
@@ -901,6 +900,21 @@ pub struct PendingGroup {
     pub ids: Vec<MessageId>,
 }
 
+/// Brings a database made by an earlier version up to [`SCHEMA`]: files
+/// queued before manifest version 2 recorded their blob's hash, which is
+/// now learnt while uploading.
+pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let old: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('files_out') WHERE name = 'blob_hash'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if old {
+        conn.execute_batch("ALTER TABLE files_out DROP COLUMN blob_hash")?;
+    }
+    Ok(())
+}
+
 /// A file being sent: where its bytes come from and how they are encrypted.
 #[derive(Debug, Clone)]
 pub struct FileOut {
@@ -910,7 +924,9 @@ pub struct FileOut {
     pub key: sealpost_proto::blob::BlobKey,
     pub size: u64,
     pub chunk_size: u32,
-    pub blob_hash: [u8; 32],
+    /// BLAKE3 of the file as queued (its manifest's and its delivery's
+    /// content hash): the upload checks the bytes it sends against it.
+    pub plaintext_hash: [u8; 32],
 }
 
 /// A file being received.
@@ -998,8 +1014,8 @@ impl Db {
     /// Records the file behind a queued file-manifest message.
     pub fn add_file_out(&mut self, f: &FileOut) -> Result<(), AgentError> {
         self.conn.execute(
-            "INSERT INTO files_out (msg, path, blob_id, blob_key, size, chunk_size, blob_hash) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO files_out (msg, path, blob_id, blob_key, size, chunk_size) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 f.msg.0.to_vec(),
                 f.path,
@@ -1007,7 +1023,6 @@ impl Db {
                 f.key.0.to_vec(),
                 to_i64(f.size),
                 f.chunk_size,
-                f.blob_hash.to_vec(),
             ],
         )?;
         Ok(())
@@ -1017,8 +1032,8 @@ impl Db {
         Ok(self
             .conn
             .prepare_cached(
-                "SELECT msg, path, blob_id, blob_key, size, chunk_size, blob_hash \
-                 FROM files_out WHERE msg = ?1",
+                "SELECT f.msg, f.path, f.blob_id, f.blob_key, f.size, f.chunk_size, o.content_hash \
+                 FROM files_out f JOIN outbox o ON o.id = f.msg WHERE f.msg = ?1",
             )?
             .query_row(params![msg.0.to_vec()], |r| {
                 Ok(FileOut {
@@ -1028,7 +1043,7 @@ impl Db {
                     key: sealpost_proto::blob::BlobKey(hash32(r.get(3)?)),
                     size: to_u64(r.get(4)?),
                     chunk_size: r.get(5)?,
-                    blob_hash: hash32(r.get(6)?),
+                    plaintext_hash: hash32(r.get(6)?),
                 })
             })
             .optional()?)

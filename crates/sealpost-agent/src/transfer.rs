@@ -19,7 +19,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use sealpost_proto::blob::{self, BlobKey, BlobLayout, BlobSummary, ChunkCipher};
+use sealpost_proto::blob::{self, BlobLayout, ChunkCipher};
 use sealpost_proto::buffers;
 use sealpost_proto::relay::MAX_BLOB_PIECE;
 
@@ -47,80 +47,87 @@ pub fn chunks_per_piece(layout: &BlobLayout) -> u64 {
     (MAX_BLOB_PIECE as u64 / (layout.chunk_size as u64 + blob::TAG_LEN)).max(1)
 }
 
-/// Encrypts a file only to learn its blob's length and hashes (the relay
-/// needs the blob hash with the first piece). Constant memory; nothing is
-/// written. Exactly the file's length at the start is summarized (the
-/// upload reads that much again and fails if the file got shorter).
-pub fn summarize(path: &Path, key: &BlobKey, chunk_size: u32) -> io::Result<BlobSummary> {
+/// Learns a file's blob layout and the BLAKE3 of its bytes (what its
+/// manifest and its receipt name), reading it once at constant memory.
+/// Exactly the file's length at the start is summarized (the upload reads
+/// that much again, checks the same hash and fails if the file changed).
+/// Nothing is encrypted here: the blob's own hash is computed while it is
+/// uploaded ([`UploadHashes`]).
+pub fn summarize(path: &Path, chunk_size: u32) -> io::Result<(BlobLayout, blake3::Hash)> {
     let file = File::open(path)?;
     let size = file.metadata()?.len();
     let layout = BlobLayout::new(size, chunk_size)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let cipher = key.cipher();
-    let per_segment = chunks_per_piece(&layout);
-    let count = layout.chunk_count();
-    // Two threads, since this pass is all the sender does before its
-    // first piece can leave: one reads and encrypts the chunks, a piece at
-    // a time; this one hashes the plaintext (reading it again, from the
-    // page cache) and the encrypted pieces in order.
-    std::thread::scope(|scope| -> io::Result<BlobSummary> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-        let encrypt = scope.spawn(|| -> io::Result<()> {
-            let tx = tx;
-            let mut i = 0u64;
-            while i < count {
-                let end = (i + per_segment).min(count);
-                let mut seg = buffers::take((layout.offset(end) - layout.offset(i)) as usize);
-                for c in i..end {
-                    let n = layout.plain_len(c) as usize;
-                    let at = seg.len();
-                    seg.resize(at + n + blob::TAG_LEN as usize, 0);
-                    file.read_exact_at(&mut seg[at..at + n], c * chunk_size as u64)?;
-                    cipher.seal_in_place(c, c + 1 == count, &mut seg[at..]);
-                }
-                if tx.send(seg).is_err() {
-                    break;
-                }
-                i = end;
+    Ok((layout, hash_file(&file, size)?))
+}
+
+/// Below this a file is hashed on one thread.
+const PARALLEL_HASH_MIN: u64 = 8 << 20;
+
+/// BLAKE3 of `file`'s first `size` bytes. A large file is hashed on two
+/// threads: BLAKE3 is a tree, and blake3's `hazmat` API hashes subtrees
+/// apart (each at its place in the input) and merges their chaining
+/// values into the same root hash, so each thread reads and hashes its
+/// own part. The root's left subtree `[0, L)` and right subtree `[L, size)`
+/// go to one thread each; when the right one is under half the left (say
+/// a file a little over a power of two), the left is split into its two
+/// halves and the second thread takes its right half and the root's right
+/// subtree. No thread gets more than two thirds of the file.
+pub fn hash_file(file: &File, size: u64) -> io::Result<blake3::Hash> {
+    use blake3::hazmat::{
+        left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt,
+        Mode,
+    };
+    if size < PARALLEL_HASH_MIN {
+        let mut h = blake3::Hasher::new();
+        hash_range(file, 0, size, &mut h)?;
+        return Ok(h.finalize());
+    }
+    // The chaining value of the subtree `[from, to)`.
+    let subtree = |from: u64, to: u64| -> io::Result<ChainingValue> {
+        let mut h = blake3::Hasher::new();
+        h.set_input_offset(from);
+        hash_range(file, from, to, &mut h)?;
+        Ok(h.finalize_non_root())
+    };
+    let left = left_subtree_len(size);
+    let split_left = size - left < left / 2;
+    std::thread::scope(|scope| -> io::Result<blake3::Hash> {
+        let second = scope.spawn(|| -> io::Result<(Option<ChainingValue>, ChainingValue)> {
+            if split_left {
+                Ok((Some(subtree(left / 2, left)?), subtree(left, size)?))
+            } else {
+                Ok((None, subtree(left, size)?))
             }
-            Ok(())
         });
-        let mut plain = blake3::Hasher::new();
-        let mut sealed = blake3::Hasher::new();
-        let mut buf = buffers::take(1 << 20);
-        buf.resize(1 << 20, 0);
-        let mut read = 0u64;
-        loop {
-            while let Ok(seg) = rx.try_recv() {
-                sealed.update(&seg);
-                buffers::give(seg);
-            }
-            if read < size {
-                let n = ((size - read) as usize).min(buf.len());
-                file.read_exact_at(&mut buf[..n], read)?;
-                plain.update(&buf[..n]);
-                read += n as u64;
-                continue;
-            }
-            match rx.recv() {
-                Ok(seg) => {
-                    sealed.update(&seg);
-                    buffers::give(seg);
-                }
-                Err(_) => break,
-            }
-        }
-        buffers::give(buf);
-        match encrypt.join() {
-            Ok(r) => r?,
-            Err(_) => return Err(io::Error::other("the encrypting thread failed")),
-        }
-        Ok(BlobSummary {
-            layout,
-            plaintext_hash: plain.finalize(),
-            blob_hash: sealed.finalize(),
-        })
+        let first = subtree(0, if split_left { left / 2 } else { left })?;
+        let (left_half, right) = second
+            .join()
+            .map_err(|_| io::Error::other("the hashing thread failed"))??;
+        let left_cv = match left_half {
+            Some(half) => merge_subtrees_non_root(&first, &half, Mode::Hash),
+            None => first,
+        };
+        Ok(merge_subtrees_root(&left_cv, &right, Mode::Hash))
     })
+}
+
+/// Feeds `[from, to)` of `file` to `h`, a MiB at a time.
+fn hash_range(file: &File, from: u64, to: u64, h: &mut blake3::Hasher) -> io::Result<()> {
+    let mut buf = buffers::take(1 << 20);
+    buf.resize(1 << 20, 0);
+    let mut at = from;
+    let r = (|| {
+        while at < to {
+            let n = ((to - at) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], at)?;
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(())
+    })();
+    buffers::give(buf);
+    r
 }
 
 /// Builds the blob bytes from `offset` for at most `max` bytes, by reading
@@ -133,6 +140,19 @@ pub fn encrypt_range(
     layout: &BlobLayout,
     offset: u64,
     max: usize,
+) -> io::Result<Vec<u8>> {
+    seal_range(src, cipher, layout, offset, max, None)
+}
+
+/// [`encrypt_range`], also feeding to `plain` the plaintext of every
+/// chunk from `plain.1` on (and moving `plain.1` past them).
+fn seal_range(
+    src: &File,
+    cipher: &ChunkCipher,
+    layout: &BlobLayout,
+    offset: u64,
+    max: usize,
+    mut plain: Option<(&mut blake3::Hasher, &mut u64)>,
 ) -> io::Result<Vec<u8>> {
     let enc = layout.chunk_size as u64 + blob::TAG_LEN;
     let first = offset / enc;
@@ -152,6 +172,12 @@ pub fn encrypt_range(
                     format!("the file changed or shrank since it was queued: {e}"),
                 )
             })?;
+        if let Some((h, next)) = plain.as_mut() {
+            if i == **next {
+                h.update(&out[at..at + n]);
+                **next += 1;
+            }
+        }
         cipher.seal_in_place(i, i + 1 == layout.chunk_count(), &mut out[at..]);
         i += 1;
     }
@@ -161,6 +187,98 @@ pub fn encrypt_range(
         out.drain(..skip.min(end));
     }
     Ok(out)
+}
+
+/// The two hashes an upload needs, computed over the pieces as they are
+/// sealed, in order (the file is encrypted once, while uploading): BLAKE3
+/// of the blob, which the last piece states and the relay checks (§6.6),
+/// and BLAKE3 of the file's bytes, which must still be the hash the file
+/// was queued with (its manifest's) before the last piece may leave — so a
+/// file changed since it was queued is caught by the sender, not by the
+/// recipient after a whole download.
+#[derive(Clone)]
+pub struct UploadHashes {
+    /// The blob's bytes `[0, at)` are hashed…
+    at: u64,
+    /// …and the plaintext of its chunks `[0, next_chunk)`.
+    next_chunk: u64,
+    plain: blake3::Hasher,
+    sealed: blake3::Hasher,
+}
+
+impl Default for UploadHashes {
+    fn default() -> Self {
+        Self {
+            at: 0,
+            next_chunk: 0,
+            plain: blake3::Hasher::new(),
+            sealed: blake3::Hasher::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for UploadHashes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UploadHashes(at {})", self.at)
+    }
+}
+
+impl UploadHashes {
+    /// How much of the blob is hashed: the offset of the next piece.
+    pub fn at(&self) -> u64 {
+        self.at
+    }
+
+    /// Seals the next piece (at most `max` bytes from [`Self::at`]) and
+    /// hashes it.
+    pub fn seal_next(
+        &mut self,
+        src: &File,
+        cipher: &ChunkCipher,
+        layout: &BlobLayout,
+        max: usize,
+    ) -> io::Result<Vec<u8>> {
+        let out = seal_range(
+            src,
+            cipher,
+            layout,
+            self.at,
+            max,
+            Some((&mut self.plain, &mut self.next_chunk)),
+        )?;
+        self.sealed.update(&out);
+        self.at += out.len() as u64;
+        Ok(out)
+    }
+
+    /// Hashes the blob up to `to` without sending it: an upload resumed at
+    /// `to` by a process that did not send what the relay holds (after a
+    /// restart) re-encrypts that part once.
+    pub fn catch_up(
+        &mut self,
+        src: &File,
+        cipher: &ChunkCipher,
+        layout: &BlobLayout,
+        to: u64,
+    ) -> io::Result<()> {
+        if self.at > to {
+            *self = Self::default();
+        }
+        while self.at < to {
+            let n = piece_len(layout, self.at).min((to - self.at) as usize);
+            if n == 0 {
+                break;
+            }
+            let piece = self.seal_next(src, cipher, layout, n)?;
+            buffers::give(piece);
+        }
+        Ok(())
+    }
+
+    /// Once the whole blob is hashed: (BLAKE3 of the file, of the blob).
+    pub fn finish(&self) -> (blake3::Hash, blake3::Hash) {
+        (self.plain.finalize(), self.sealed.finalize())
+    }
 }
 
 /// The bytes `[offset, offset + max)` of a repair blob: the sealed chunks
@@ -719,6 +837,95 @@ pub fn free_name(dir: &Path, name: &str) -> Option<PathBuf> {
 mod tests {
     use super::*;
     use rand_core::OsRng;
+    use sealpost_proto::blob::BlobKey;
+
+    /// Hashing a file on two threads (subtrees merged) gives BLAKE3 of the
+    /// file, at sizes around the split points: one thread below 8 MiB, the
+    /// root's two subtrees, the left one split when the right is small.
+    #[test]
+    fn files_hash_to_blake3_whatever_the_split() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("f");
+        let max = 24 << 20;
+        let data: Vec<u8> = (0..max + 5).map(|i| (i * 31 % 251) as u8).collect();
+        std::fs::write(&path, &data).expect("write");
+        let f = File::open(&path).expect("open");
+        for size in [
+            0usize,
+            1,
+            1024,
+            1025,
+            (8 << 20) - 1,
+            8 << 20,
+            (8 << 20) + 1,
+            (8 << 20) + 1024,
+            (11 << 20) + 7,
+            (12 << 20) + 3,
+            16 << 20,
+            (16 << 20) + 1,
+            (20 << 20) + 4096,
+            max + 5,
+        ] {
+            assert_eq!(
+                hash_file(&f, size as u64).expect("hash"),
+                blake3::hash(&data[..size]),
+                "size {size}"
+            );
+        }
+    }
+
+    /// Pieces sealed in order give the blob's bytes and, at the end, the
+    /// file's and the blob's hashes; catching up to any length (as a
+    /// restarted sender does) and going on gives the same.
+    #[test]
+    fn upload_hashes_match_the_blob_from_any_resume_point() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let src = dir.path().join("f");
+        for size in [0usize, 1, 4096, 70_000, 2_500_000] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 13 % 241) as u8).collect();
+            std::fs::write(&src, &data).expect("write");
+            let key = BlobKey::random(&mut OsRng);
+            let mut whole = Vec::new();
+            let s = blob::seal_blob(&key, 4096, &data[..], &mut whole).expect("seal");
+            let f = File::open(&src).expect("open");
+            let cipher = key.cipher();
+            let total = s.layout.blob_len();
+            // Resume points: the start, piece ends, odd places, the end.
+            let first = piece_len(&s.layout, 0) as u64;
+            for resume in [0, first.min(total), 4113.min(total), total / 2, total] {
+                let mut h = UploadHashes::default();
+                h.catch_up(&f, &cipher, &s.layout, resume)
+                    .expect("catch up");
+                assert_eq!(h.at(), resume);
+                let mut sent = Vec::new();
+                while h.at() < total {
+                    let n = piece_len(&s.layout, h.at());
+                    sent.extend(h.seal_next(&f, &cipher, &s.layout, n).expect("seal"));
+                }
+                assert_eq!(
+                    sent,
+                    whole[resume as usize..],
+                    "size {size} resume {resume}"
+                );
+                assert_eq!(
+                    h.finish(),
+                    (s.plaintext_hash, s.blob_hash),
+                    "size {size} resume {resume}"
+                );
+            }
+            // Hashes ahead of the relay's length start over.
+            let mut h = UploadHashes::default();
+            h.catch_up(&f, &cipher, &s.layout, total)
+                .expect("to the end");
+            h.catch_up(&f, &cipher, &s.layout, total / 3).expect("back");
+            assert_eq!(h.at(), total / 3);
+            while h.at() < total {
+                let n = piece_len(&s.layout, h.at());
+                h.seal_next(&f, &cipher, &s.layout, n).expect("seal");
+            }
+            assert_eq!(h.finish(), (s.plaintext_hash, s.blob_hash));
+        }
+    }
 
     /// Pieces written through `PartWriter` (O_DIRECT where the file system
     /// takes it, here ext4 or tmpfs) give back the file, and a damaged chunk
@@ -849,7 +1056,10 @@ mod tests {
             let key = BlobKey::random(&mut OsRng);
             let mut whole = Vec::new();
             let s = blob::seal_blob(&key, 4096, &data[..], &mut whole).expect("seal");
-            assert_eq!(summarize(&src, &key, 4096).expect("sum"), s);
+            assert_eq!(
+                summarize(&src, 4096).expect("sum"),
+                (s.layout, s.plaintext_hash)
+            );
             let f = File::open(&src).expect("open");
             // Any offset, any length: the same bytes as the whole blob.
             for off in [0u64, 1, 4111, 4112, 4113, whole.len() as u64] {

@@ -5,19 +5,21 @@
 //!
 //! ```text
 //! manifest = "SPMF" 0x02 blob_id:[16] blob_key:[32] chunk_size:u32 size:u64
-//!            plaintext_blake3:[32] blob_blake3:[32] name_len:u16 name
+//!            plaintext_blake3:[32] name_len:u16 name
 //! ```
 
 use std::fmt;
 
 use rand_core::CryptoRngCore;
 
-use crate::blob::{BlobKey, BlobLayout, BlobSummary};
+use crate::blob::{BlobKey, BlobLayout};
 use crate::codec::{self, DecodeError, Reader};
 
 const MAGIC: &[u8; 4] = b"SPMF";
-/// 2: the blob's chunks are AES-256-GCM (version 1, ChaCha20-Poly1305, is
-/// refused: its key would not open the chunks).
+/// 2: the blob's chunks are AES-256-GCM and the blob's hash is not in the
+/// manifest (the sender learns it while uploading and states it with the
+/// last piece). Version 1 (ChaCha20-Poly1305, with the blob's hash) is
+/// refused: its key would not open the chunks.
 const VERSION: u8 = 2;
 /// A path component is at most 255 bytes, the limit of common file
 /// systems.
@@ -27,7 +29,7 @@ pub const MAX_PATH_BYTES: usize = 1024;
 /// …and this many components (a file sent as part of a directory keeps its
 /// place in the tree).
 pub const MAX_PATH_DEPTH: usize = 32;
-pub const MAX_MANIFEST_BYTES: usize = 5 + 16 + 32 + 4 + 8 + 32 + 32 + 2 + MAX_PATH_BYTES;
+pub const MAX_MANIFEST_BYTES: usize = 5 + 16 + 32 + 4 + 8 + 32 + 2 + MAX_PATH_BYTES;
 
 /// Identifies a blob at a relay; random, so it reveals nothing about the file.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,9 +63,6 @@ pub struct FileManifest {
     /// BLAKE3 of the file's bytes: what the recipient checks after writing
     /// and reading back, and what its receipt will carry.
     pub plaintext_hash: blake3::Hash,
-    /// BLAKE3 of the encrypted blob, so a relay or recipient can check the
-    /// blob at rest without the key.
-    pub blob_hash: blake3::Hash,
     pub name: String,
 }
 
@@ -111,16 +110,16 @@ impl FileManifest {
     pub fn new(
         blob_id: BlobId,
         key: BlobKey,
-        summary: &BlobSummary,
+        layout: BlobLayout,
+        plaintext_hash: blake3::Hash,
         name: String,
     ) -> Result<Self, DecodeError> {
         validate_file_path(&name)?;
         Ok(Self {
             blob_id,
             key,
-            layout: summary.layout,
-            plaintext_hash: summary.plaintext_hash,
-            blob_hash: summary.blob_hash,
+            layout,
+            plaintext_hash,
             name,
         })
     }
@@ -134,7 +133,6 @@ impl FileManifest {
         out.extend_from_slice(&self.layout.chunk_size.to_be_bytes());
         out.extend_from_slice(&self.layout.plaintext_len.to_be_bytes());
         out.extend_from_slice(self.plaintext_hash.as_bytes());
-        out.extend_from_slice(self.blob_hash.as_bytes());
         out.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
         out.extend_from_slice(self.name.as_bytes());
         out
@@ -155,7 +153,6 @@ impl FileManifest {
         let size = r.u64("file size")?;
         let layout = BlobLayout::new(size, chunk_size)?;
         let plaintext_hash = blake3::Hash::from_bytes(r.array("file hash")?);
-        let blob_hash = blake3::Hash::from_bytes(r.array("blob hash")?);
         let name_len = r.u16("name length")? as usize;
         let name = codec::read_text_of_len(&mut r, name_len, "file name", MAX_PATH_BYTES)?;
         validate_file_path(&name)?;
@@ -165,7 +162,6 @@ impl FileManifest {
             key,
             layout,
             plaintext_hash,
-            blob_hash,
             name,
         })
     }

@@ -247,12 +247,36 @@ pub struct BlobPiece {
     pub blob_id: [u8; 16],
     pub mailbox: MailboxId,
     pub total_len: u64,
-    /// BLAKE3 of the whole blob: the relay checks it when the last piece
-    /// arrives and when scrubbing.
+    /// On the piece that completes the blob (`offset + data.len() ==
+    /// total_len`), BLAKE3 of the whole blob: the relay checks it then and
+    /// when scrubbing. All zeros on every other piece (the sender learns
+    /// the hash while it uploads; a relay ignores the field there).
     pub blob_hash: [u8; 32],
     pub expires_at: u64,
     pub offset: u64,
     pub data: Vec<u8>,
+}
+
+impl BlobPiece {
+    /// Whether this piece completes its blob (and so states its hash).
+    pub fn is_last(&self) -> bool {
+        self.offset.checked_add(self.data.len() as u64) == Some(self.total_len)
+    }
+
+    /// What a relay's refusal of this piece names as its `payload_hash`
+    /// (§6.5): BLAKE3 of `blob_id || offset:u64`, so a refusal answers
+    /// exactly this piece of this blob.
+    pub fn refusal_hash(&self) -> [u8; 32] {
+        blob_refusal_hash(&self.blob_id, self.offset)
+    }
+}
+
+/// [`BlobPiece::refusal_hash`] from the piece's blob id and offset.
+pub fn blob_refusal_hash(blob_id: &[u8; 16], offset: u64) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(blob_id);
+    h.update(&offset.to_be_bytes());
+    *h.finalize().as_bytes()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -406,8 +406,14 @@ fn manifest_round_trip_inside_a_sealed_message() {
         &mut blob_bytes,
     )
     .expect("blob");
-    let m = FileManifest::new(BlobId::random(&mut rng), key.clone(), &s, "data.bin".into())
-        .expect("manifest");
+    let m = FileManifest::new(
+        BlobId::random(&mut rng),
+        key.clone(),
+        s.layout,
+        s.plaintext_hash,
+        "data.bin".into(),
+    )
+    .expect("manifest");
     let to = [*b.public()];
     let mut r = req(&to, 9);
     r.kind = Kind::FileManifest;

@@ -65,7 +65,8 @@ type Waiters = Arc<Mutex<Option<HashMap<u32, oneshot::Sender<Response>>>>>;
 pub struct PendingPiece {
     sent: Result<oneshot::Receiver<Response>, ClientError>,
     mailbox: MailboxId,
-    blob_hash: [u8; 32],
+    /// What a refusal of it must name (§6.5).
+    refusal_hash: [u8; 32],
 }
 
 /// A blob range asked for and not answered yet.
@@ -494,25 +495,25 @@ impl RelayClient {
     /// connection's pieces in order). Await the answer with
     /// [`RelayClient::blob_put_answer`].
     pub async fn blob_put_send(&self, piece: BlobPiece) -> PendingPiece {
-        let (mailbox, blob_hash) = (piece.mailbox, piece.blob_hash);
+        let (mailbox, refusal_hash) = (piece.mailbox, piece.refusal_hash());
         PendingPiece {
             sent: self.send(Request::BlobPut(piece)).await,
             mailbox,
-            blob_hash,
+            refusal_hash,
         }
     }
 
     /// The answer to a piece: how much of the blob the relay holds and
     /// whether it is whole, or its refusal. A refusal must be signed by the
-    /// relay and name this blob's mailbox and hash, or it is reported as
-    /// forged.
+    /// relay and name this piece's mailbox and refusal hash (its blob id
+    /// and offset, §6.5), or it is reported as forged.
     pub async fn blob_put_answer(
         &self,
         p: PendingPiece,
     ) -> Result<Result<(u64, bool), Submitted>, ClientError> {
         match self.answer(p.sent).await? {
             Response::BlobStored { stored, complete } => Ok(Ok((stored, complete))),
-            Response::Refused(r) if r.mailbox == p.mailbox && r.payload_hash == p.blob_hash => {
+            Response::Refused(r) if r.mailbox == p.mailbox && r.payload_hash == p.refusal_hash => {
                 self.check_refusal(r).map(Err)
             }
             Response::Refused(_) => Err(ClientError::ForgedRefusal),

@@ -470,14 +470,28 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
     let writer_task = tokio::spawn(writer(wr, rx));
     let mut challenge = [0u8; 32];
     OsRng.fill_bytes(&mut challenge);
-    let (blob_lane, mut lane_rx) = mpsc::channel::<BlobJob>(2);
+    // Pieces wait here for the lane (their bytes are bounded by the
+    // in-flight permits they hold); the lane takes all that are waiting
+    // at once, so consecutive pieces share one fdatasync and one commit.
+    let (blob_lane, mut lane_rx) = mpsc::channel::<BlobJob>(LANE_RUN);
     let lane = {
         let (s, out) = (s.clone(), out.clone());
         tokio::spawn(async move {
-            while let Some(job) = lane_rx.recv().await {
-                let r = blob_put(&s, job.put).await;
-                drop(job._permits);
-                if send(&out, job.id, r).await.is_err() {
+            let mut jobs = Vec::with_capacity(LANE_RUN);
+            while lane_rx.recv_many(&mut jobs, LANE_RUN).await > 0 {
+                let ids: Vec<u32> = jobs.iter().map(|j| j.id).collect();
+                let (puts, permits): (Vec<_>, Vec<_>) =
+                    jobs.drain(..).map(|j| (j.put, j._permits)).unzip();
+                let answers = blob_put_many(&s, puts).await;
+                drop(permits);
+                let mut gone = false;
+                for (id, r) in ids.into_iter().zip(answers) {
+                    if send(&out, id, r).await.is_err() {
+                        gone = true;
+                        break;
+                    }
+                }
+                if gone {
                     break;
                 }
             }
@@ -770,7 +784,7 @@ async fn handle(
                 .await
                 .map_err(|_| io::Error::other("the connection's blob writer stopped"))
         }
-        Request::BlobStatus { blob_id } => match s.store.blob_status(&blob_id) {
+        Request::BlobStatus { blob_id } => match s.store.blob_status_settled(&blob_id).await {
             Ok(Some((stored, complete, _))) => {
                 send(out, id, Response::BlobStored { stored, complete }).await
             }
@@ -910,33 +924,63 @@ fn forged_refusal(s: &Shared, how: ForgedRefusal, mailbox: MailboxId, hash: [u8;
     Response::Refused(r)
 }
 
-/// Stores one blob piece (in order, from the connection's lane).
-async fn blob_put(s: &Shared, p: BlobPiece) -> Response {
-    let (mailbox, blob_hash, n) = (p.mailbox, p.blob_hash, p.data.len() as u64);
-    if let Some(forged) = s
-        .config
-        .tamper
-        .as_ref()
-        .and_then(|t| t.blob_put(&p.blob_id, &mailbox, &blob_hash, p.offset))
-    {
-        return forged_refusal(s, forged, mailbox, blob_hash);
-    }
-    let r = s.store.blob_put(p, now()).await;
-    match r {
-        Ok(BlobPutOutcome::Stored { stored, complete }) => {
-            s.metrics.blob_bytes.fetch_add(n, Ordering::Relaxed);
-            Response::BlobStored { stored, complete }
+/// Pieces a connection's lane stores at once, at most.
+const LANE_RUN: usize = 4;
+
+/// Stores blob pieces in order (from the connection's lane): runs of
+/// consecutive pieces with one fdatasync and one commit (the store's
+/// `blob_put_many`); an answer per piece.
+async fn blob_put_many(s: &Shared, pieces: Vec<BlobPiece>) -> Vec<Response> {
+    let mut answers = Vec::with_capacity(pieces.len());
+    let mut run: Vec<BlobPiece> = Vec::with_capacity(pieces.len());
+    for p in pieces {
+        let forged = s
+            .config
+            .tamper
+            .as_ref()
+            .and_then(|t| t.blob_put(&p.blob_id, &p.mailbox, p.offset));
+        match forged {
+            None => run.push(p),
+            Some(forged) => {
+                // What came before is stored first, as it would have been
+                // piece by piece.
+                store_run(s, std::mem::take(&mut run), &mut answers).await;
+                answers.push(forged_refusal(s, forged, p.mailbox, p.refusal_hash()));
+                sealpost_proto::buffers::give(p.data);
+            }
         }
-        Ok(BlobPutOutcome::WrongOffset { stored }) => Response::BlobStored {
-            stored,
-            complete: false,
-        },
-        Ok(BlobPutOutcome::Refused(code)) => refusal(s, code, mailbox, blob_hash),
-        Ok(BlobPutOutcome::HashMismatch) => err(
-            ErrorCode::BadRequest,
-            "the blob does not match its stated BLAKE3; it was discarded, upload it again",
-        ),
-        Err(e) => err(ErrorCode::Internal, e.to_string()),
+    }
+    store_run(s, run, &mut answers).await;
+    answers
+}
+
+async fn store_run(s: &Shared, run: Vec<BlobPiece>, answers: &mut Vec<Response>) {
+    if run.is_empty() {
+        return;
+    }
+    // A refusal names the piece (§6.5).
+    let named: Vec<(MailboxId, [u8; 32], u64)> = run
+        .iter()
+        .map(|p| (p.mailbox, p.refusal_hash(), p.data.len() as u64))
+        .collect();
+    let outcomes = s.store.blob_put_many(run, now()).await;
+    for ((mailbox, refused, n), r) in named.into_iter().zip(outcomes) {
+        answers.push(match r {
+            Ok(BlobPutOutcome::Stored { stored, complete }) => {
+                s.metrics.blob_bytes.fetch_add(n, Ordering::Relaxed);
+                Response::BlobStored { stored, complete }
+            }
+            Ok(BlobPutOutcome::WrongOffset { stored }) => Response::BlobStored {
+                stored,
+                complete: false,
+            },
+            Ok(BlobPutOutcome::Refused(code)) => refusal(s, code, mailbox, refused),
+            Ok(BlobPutOutcome::HashMismatch) => err(
+                ErrorCode::BadRequest,
+                "the blob does not match its stated BLAKE3; it was discarded, upload it again",
+            ),
+            Err(e) => err(ErrorCode::Internal, e.to_string()),
+        });
     }
 }
 

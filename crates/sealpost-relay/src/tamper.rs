@@ -52,7 +52,6 @@ pub trait Tamper: Send + Sync + std::fmt::Debug + 'static {
         &self,
         blob_id: &[u8; 16],
         mailbox: &MailboxId,
-        blob_hash: &[u8; 32],
         offset: u64,
     ) -> Option<ForgedRefusal>;
 

@@ -170,6 +170,8 @@ CREATE TABLE IF NOT EXISTS blobs (
     id BLOB PRIMARY KEY,
     mailbox BLOB NOT NULL,
     total_len INTEGER NOT NULL,
+    -- BLAKE3 of the whole blob once complete (stated by the last piece and
+    -- checked); zeros while it is being uploaded
     hash BLOB NOT NULL,
     expires_at INTEGER NOT NULL,
     stored INTEGER NOT NULL,
@@ -239,7 +241,7 @@ struct Recent {
     bytes: usize,
 }
 
-const RECENT_BYTES: usize = 12 << 20;
+const RECENT_BYTES: usize = 8 << 20;
 
 impl Recent {
     fn push(&mut self, id: [u8; 16], offset: u64, data: Vec<u8>) {
@@ -290,7 +292,16 @@ const MAX_OPEN_UPLOADS: usize = 64;
 /// What writing a piece gives back: the upload's state (unless it is
 /// complete), the blob's hash (if it is), the aligned buffer and the
 /// piece.
-type Written = (Option<Upload>, Option<blake3::Hash>, AlignedBuf, Vec<u8>);
+type Written = (
+    Option<Upload>,
+    Option<blake3::Hash>,
+    AlignedBuf,
+    Vec<BlobPiece>,
+);
+
+/// At most this many pieces (about 1 MiB each) share one `fdatasync` and
+/// one commit.
+const MAX_RUN: usize = 16;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -613,21 +624,32 @@ impl Store {
         let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
         Ok(conn
             .query_row(
-                "SELECT mailbox, total_len, hash, stored, complete FROM blobs WHERE id = ?1",
+                "SELECT mailbox, total_len, stored, complete FROM blobs WHERE id = ?1",
                 params![id.to_vec()],
                 |r| {
                     let mb: Vec<u8> = r.get(0)?;
-                    let h: Vec<u8> = r.get(2)?;
                     Ok(BlobRow {
                         mailbox: MailboxId(mb.try_into().unwrap_or([0; 32])),
                         total_len: u64_of(r.get(1)?),
-                        hash: h.try_into().unwrap_or([0; 32]),
-                        stored: u64_of(r.get(3)?),
-                        complete: r.get::<_, i64>(4)? != 0,
+                        stored: u64_of(r.get(2)?),
+                        complete: r.get::<_, i64>(3)? != 0,
                     })
                 },
             )
             .optional()?)
+    }
+
+    /// [`Store::blob_status`] once no pieces are being stored: a run of
+    /// pieces written but not yet committed is waited for, so that an
+    /// uploader asking where to resume (after a reconnect) is not told a
+    /// length the relay is about to pass, and does not send again pieces
+    /// it already holds.
+    pub async fn blob_status_settled(
+        &self,
+        id: &[u8; 16],
+    ) -> Result<Option<(u64, bool, MailboxId)>, StoreError> {
+        let _no_writer = self.inner.blob_lock.lock().await;
+        self.blob_status(id)
     }
 
     /// How much of a blob is stored: (stored, complete), or None.
@@ -641,33 +663,74 @@ impl Store {
     /// part ends; the data is on disk (fsync'd) before the new length is
     /// committed, and the length is committed before this returns.
     pub async fn blob_put(&self, piece: BlobPiece, now: u64) -> Result<BlobPutOutcome, StoreError> {
-        let BlobPiece {
-            blob_id,
-            mailbox,
-            total_len,
-            blob_hash: hash,
-            expires_at,
-            offset,
-            data,
-        } = piece;
+        let mut out = self.blob_put_many(vec![piece], now).await;
+        out.pop().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Stores pieces in order, with the outcome of each, as
+    /// [`Store::blob_put`] one after the other would; but a run of pieces
+    /// that continue one another (the same blob, each starting where the
+    /// previous one ends) is written, made durable with one `fdatasync`
+    /// and committed with one transaction (group commit: a piece costs the
+    /// device's flush and the database's commit once per run, not once per
+    /// piece). Nothing of a run is committed before all of it is durable.
+    pub async fn blob_put_many(
+        &self,
+        pieces: Vec<BlobPiece>,
+        now: u64,
+    ) -> Vec<Result<BlobPutOutcome, StoreError>> {
+        let mut out = Vec::with_capacity(pieces.len());
+        let mut pieces = pieces.into_iter().peekable();
+        while let Some(first) = pieces.next() {
+            match self.blob_put_run(first, &mut pieces, now).await {
+                Ok(outcomes) => out.extend(outcomes.into_iter().map(Ok)),
+                Err((e, n)) => {
+                    // None of the failed run was committed: its first
+                    // piece gets the error, the others that they were not
+                    // stored.
+                    out.push(Err(e));
+                    out.extend((1..n).map(|_| Err(StoreError::Closed)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks `first` and stores it with the pieces from `more` that
+    /// continue it; the outcome of each (or the error, with how many
+    /// pieces the failed run took).
+    async fn blob_put_run(
+        &self,
+        first: BlobPiece,
+        more: &mut std::iter::Peekable<std::vec::IntoIter<BlobPiece>>,
+        now: u64,
+    ) -> Result<Vec<BlobPutOutcome>, (StoreError, usize)> {
+        let one = |o: BlobPutOutcome| Ok(vec![o]);
+        let (blob_id, mailbox, total_len, expires_at, offset) = (
+            first.blob_id,
+            first.mailbox,
+            first.total_len,
+            first.expires_at,
+            first.offset,
+        );
         if expires_at <= now {
-            return Ok(BlobPutOutcome::Refused(RefusalCode::Expired));
+            return one(BlobPutOutcome::Refused(RefusalCode::Expired));
         }
         let _one_writer = self.inner.blob_lock.lock().await;
         if total_len > self.inner.limits.max_blob {
-            return Ok(BlobPutOutcome::Refused(RefusalCode::TooLarge));
+            return one(BlobPutOutcome::Refused(RefusalCode::TooLarge));
         }
-        if self.mailbox_key(&mailbox)?.is_none() {
-            return Ok(BlobPutOutcome::Refused(RefusalCode::UnknownMailbox));
+        if self.mailbox_key(&mailbox).map_err(|e| (e, 1))?.is_none() {
+            return one(BlobPutOutcome::Refused(RefusalCode::UnknownMailbox));
         }
-        let existing = self.blob_row(&blob_id)?;
+        let existing = self.blob_row(&blob_id).map_err(|e| (e, 1))?;
         let (stored, is_new) = match &existing {
-            Some(b) if b.mailbox != mailbox || b.total_len != total_len || b.hash != hash => {
+            Some(b) if b.mailbox != mailbox || b.total_len != total_len => {
                 // Same id, different blob: only the first one counts.
-                return Ok(BlobPutOutcome::WrongOffset { stored: b.stored });
+                return one(BlobPutOutcome::WrongOffset { stored: b.stored });
             }
             Some(b) if b.complete => {
-                return Ok(BlobPutOutcome::Stored {
+                return one(BlobPutOutcome::Stored {
                     stored: b.stored,
                     complete: true,
                 })
@@ -676,64 +739,97 @@ impl Store {
             None => (0, true),
         };
         if offset != stored {
-            return Ok(BlobPutOutcome::WrongOffset { stored });
+            return one(BlobPutOutcome::WrongOffset { stored });
         }
-        if offset + data.len() as u64 > total_len {
-            return Ok(BlobPutOutcome::Refused(RefusalCode::TooLarge));
+        if offset + first.data.len() as u64 > total_len {
+            return one(BlobPutOutcome::Refused(RefusalCode::TooLarge));
         }
         if is_new {
-            let (_, used, quota) = self.status(&mailbox)?;
+            let (_, used, quota) = self.status(&mailbox).map_err(|e| (e, 1))?;
             if used + total_len > quota {
-                return Ok(BlobPutOutcome::Refused(RefusalCode::OverQuota));
+                return one(BlobPutOutcome::Refused(RefusalCode::OverQuota));
             }
         }
+        // The run: `first`, then the pieces that continue it, up to the
+        // blob's end (the last one states the hash to check).
+        let mut end = offset + first.data.len() as u64;
+        let mut run = vec![first];
+        while let Some(p) = more.peek() {
+            let continues = p.blob_id == blob_id
+                && p.mailbox == mailbox
+                && p.total_len == total_len
+                && p.offset == end
+                && end < total_len
+                && p.expires_at > now
+                && end + p.data.len() as u64 <= total_len;
+            if !continues || run.len() >= MAX_RUN {
+                break;
+            }
+            end += p.data.len() as u64;
+            run.extend(more.next());
+        }
+        let n = run.len();
+        let complete = end == total_len;
+        let hash = if complete {
+            run.last().map(|p| p.blob_hash).unwrap_or([0; 32])
+        } else {
+            [0; 32]
+        };
         let path = self.blob_path(&blob_id);
-        let stored_now = offset + data.len() as u64;
-        let complete = stored_now == total_len;
         let blob_dir = self.inner.blob_dir.clone();
         let file = path.clone();
         let upload = self.take_upload(&blob_id);
         let buf = self.inner.direct_buf.lock().ok().and_then(|mut b| b.take());
-        // The file work (write, fdatasync) runs on the blocking pool: an
-        // fsync must not stall the runtime's workers, which meanwhile
+        // The file work (writes, one fdatasync) runs on the blocking pool:
+        // an fsync must not stall the runtime's workers, which meanwhile
         // decrypt and parse the next pieces and serve readers.
-        let work = move || -> Result<Written, StoreError> {
+        let work = move || -> Result<Written, (StoreError, Vec<BlobPiece>)> {
             let path = file;
             let mut buf = buf.unwrap_or_else(|| {
                 AlignedBuf::new(MAX_BLOB_PIECE + 2 * sealpost_proto::buffers::DIRECT_ALIGN)
             });
-            let appended = match upload {
+            let written = match upload {
                 Some(u) if u.stored() == offset => Ok(u),
                 _ => Upload::open(&path, offset),
             }
             .and_then(|mut up| {
-                up.append(&data, &mut buf)?;
+                for p in &run {
+                    up.write(&p.data, &mut buf)?;
+                }
+                up.sync()?;
                 if is_new {
                     File::open(&blob_dir)?.sync_all()?;
                 }
                 Ok(up)
             });
-            let up = match appended {
+            let up = match written {
                 Ok(up) => up,
-                Err(e) => {
-                    sealpost_proto::buffers::give(data);
-                    return Err(io_err("writing blob", &path)(e));
-                }
+                Err(e) => return Err((io_err("writing blob", &path)(e), run)),
             };
             if !complete {
-                return Ok((Some(up), None, buf, data));
+                return Ok((Some(up), None, buf, run));
             }
-            let hash = up.finish().map_err(io_err("writing blob", &path))?;
-            Ok((None, Some(hash), buf, data))
+            match up.finish() {
+                Ok(h) => Ok((None, Some(h), buf, run)),
+                Err(e) => Err((io_err("writing blob", &path)(e), run)),
+            }
         };
-        let (upload, hash_now, buf, data) =
-            tokio::task::spawn_blocking(work)
-                .await
-                .map_err(|e| StoreError::Io {
-                    what: "writing blob",
-                    path: path.clone(),
-                    source: io::Error::other(e),
-                })??;
+        let written = tokio::task::spawn_blocking(work).await.map_err(|e| {
+            let e = StoreError::Io {
+                what: "writing blob",
+                path: path.clone(),
+                source: io::Error::other(e),
+            };
+            (e, n)
+        })?;
+        let (upload, hash_now, buf, run) = match written {
+            Ok(w) => w,
+            Err((e, run)) => {
+                run.into_iter()
+                    .for_each(|p| sealpost_proto::buffers::give(p.data));
+                return Err((e, n));
+            }
+        };
         if let Ok(mut b) = self.inner.direct_buf.lock() {
             *b = Some(buf);
         }
@@ -749,7 +845,8 @@ impl Store {
         }
         if let Some(h) = hash_now {
             if h.as_bytes() != &hash {
-                sealpost_proto::buffers::give(data);
+                run.into_iter()
+                    .for_each(|p| sealpost_proto::buffers::give(p.data));
                 self.forget_upload(&blob_id);
                 let _ = fs::remove_file(&path);
                 self.call(|reply| Op::BlobDelete {
@@ -757,30 +854,43 @@ impl Store {
                     mailbox,
                     reply,
                 })
-                .await?;
-                return Ok(BlobPutOutcome::HashMismatch);
+                .await
+                .map_err(|e| (e, n))?;
+                // The whole blob is gone: every piece of the run says why.
+                return Ok(vec![BlobPutOutcome::HashMismatch; n]);
             }
         }
         let added = if is_new { total_len } else { 0 };
+        // The hash is known (stated by the last piece, and checked above)
+        // once the blob is whole; zeros until then.
         self.call(|reply| Op::BlobMeta {
             blob_id,
             mailbox,
             total_len,
             hash,
             expires_at,
-            stored: stored_now,
+            stored: end,
             complete,
             added,
             reply,
         })
-        .await?;
-        if let Ok(mut r) = self.inner.recent.lock() {
-            r.push(blob_id, offset, data);
+        .await
+        .map_err(|e| (e, n))?;
+        let mut outcomes = Vec::with_capacity(n);
+        let mut at = offset;
+        let mut recent = self.inner.recent.lock().ok();
+        for p in run {
+            at += p.data.len() as u64;
+            outcomes.push(BlobPutOutcome::Stored {
+                stored: at,
+                complete: complete && at == end,
+            });
+            match recent.as_mut() {
+                Some(r) => r.push(blob_id, p.offset, p.data),
+                None => sealpost_proto::buffers::give(p.data),
+            }
         }
-        Ok(BlobPutOutcome::Stored {
-            stored: stored_now,
-            complete,
-        })
+        Ok(outcomes)
     }
 
     /// Reads `len` bytes of a blob from `offset` (fewer at its end). Only
@@ -918,7 +1028,6 @@ pub struct ScrubReport {
 struct BlobRow {
     mailbox: MailboxId,
     total_len: u64,
-    hash: [u8; 32],
     stored: u64,
     complete: bool,
 }
@@ -1105,7 +1214,8 @@ fn apply(
             tx.execute(
                 "INSERT INTO blobs (id, mailbox, total_len, hash, expires_at, stored, complete)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT(id) DO UPDATE SET stored = excluded.stored, complete = excluded.complete",
+                 ON CONFLICT(id) DO UPDATE SET stored = excluded.stored, complete = excluded.complete,
+                     hash = excluded.hash",
                 params![
                     blob_id.to_vec(),
                     mailbox.0.to_vec(),

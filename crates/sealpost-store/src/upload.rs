@@ -92,7 +92,22 @@ impl Upload {
 
     /// Appends `data` (at most `buf`'s capacity less two blocks) and makes
     /// it durable.
+    #[cfg(test)]
     pub(crate) fn append(&mut self, data: &[u8], buf: &mut AlignedBuf) -> io::Result<()> {
+        self.write(data, buf)?;
+        self.sync()
+    }
+
+    /// Makes everything written so far durable (`fdatasync`).
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Appends `data` (at most `buf`'s capacity less two blocks), not
+    /// durable until [`Upload::sync`]; the caller commits the new length
+    /// only after that. After an error the upload must be dropped (a new
+    /// one opened at the committed length cuts what this one wrote).
+    pub(crate) fn write(&mut self, data: &[u8], buf: &mut AlignedBuf) -> io::Result<()> {
         let head = self.tail.len();
         let n = head + data.len();
         let padded = round_up_aligned(n as u64) as usize;
@@ -130,7 +145,6 @@ impl Upload {
                 self.tail = t;
             }
         }
-        self.file.sync_data()?;
         self.hasher.update(data);
         self.stored += data.len() as u64;
         Ok(())

@@ -223,3 +223,80 @@ async fn blobs_resume_and_check_their_hash() {
     assert!(store.blob_delete(id, mb).await.expect("delete"));
     assert_eq!(store.status(&mb).expect("status").1, 0);
 }
+
+/// Pieces stored together (one fdatasync, one commit) answer as they would
+/// one by one: each its own stored length, the last one complete once its
+/// stated hash matched (earlier pieces state none); a piece that does not
+/// continue the run is told where to resume; a wrong hash on the last
+/// piece discards the blob for every piece of its run; the result reads
+/// back and scrubs clean after a reopen.
+#[tokio::test]
+async fn runs_of_pieces_answer_as_pieces_one_by_one() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path(), limits()).expect("open");
+    let mb = MailboxId::of(&[1; 32]);
+    store.register(mb, [1; 32], NOW).await.expect("reg");
+    let data: Vec<u8> = (0..8_000u32).map(|i| (i * 7) as u8).collect();
+    let id = [5u8; 16];
+    let p = |off: usize, end: usize, hash: [u8; 32]| {
+        piece(id, mb, 8_000, hash, off as u64, data[off..end].to_vec())
+    };
+    let stored = |stored, complete| Ok::<_, ()>(BlobPutOutcome::Stored { stored, complete });
+    let got = store
+        .blob_put_many(
+            vec![
+                p(0, 3000, [0; 32]),
+                p(3000, 4097, [0; 32]),
+                // A gap: not stored, the length to resume from.
+                p(5000, 6000, [0; 32]),
+                p(4097, 6000, [0; 32]),
+            ],
+            NOW,
+        )
+        .await;
+    let got: Vec<_> = got.into_iter().map(|r| r.map_err(|_| ())).collect();
+    assert_eq!(
+        got,
+        vec![
+            stored(3000, false),
+            stored(4097, false),
+            Ok(BlobPutOutcome::WrongOffset { stored: 4097 }),
+            stored(6000, false),
+        ]
+    );
+    let got = store
+        .blob_put_many(vec![p(6000, 7000, [0; 32]), p(7000, 8_000, h(&data))], NOW)
+        .await;
+    let got: Vec<_> = got.into_iter().map(|r| r.map_err(|_| ())).collect();
+    assert_eq!(got, vec![stored(7000, false), stored(8_000, true)]);
+    store.close();
+    let store = Store::open(dir.path(), limits()).expect("reopen");
+    assert_eq!(
+        store.blob_read(&id, 0, 20_000).expect("read"),
+        Some(data.clone())
+    );
+    let report = store.scrub().expect("scrub");
+    assert_eq!((report.blobs, report.damaged_blobs.len()), (1, 0));
+
+    // The last piece states a hash the blob does not have: the whole run
+    // is answered with the mismatch and the blob is gone.
+    let id2 = [6u8; 16];
+    let mb2 = MailboxId::of(&[2; 32]);
+    store.register(mb2, [2; 32], NOW).await.expect("reg");
+    let bad = |off: usize, end: usize, hash: [u8; 32]| {
+        piece(id2, mb2, 8_000, hash, off as u64, data[off..end].to_vec())
+    };
+    let got = store
+        .blob_put_many(
+            vec![
+                bad(0, 4000, [0; 32]),
+                bad(4000, 6000, [0; 32]),
+                bad(6000, 8_000, [9; 32]),
+            ],
+            NOW,
+        )
+        .await;
+    let got: Vec<_> = got.into_iter().map(|r| r.map_err(|_| ())).collect();
+    assert_eq!(got, vec![Ok(BlobPutOutcome::HashMismatch); 3]);
+    assert_eq!(store.blob_status(&id2).expect("status"), None);
+}

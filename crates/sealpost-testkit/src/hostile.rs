@@ -563,7 +563,6 @@ impl Tamper for Hostile {
         &self,
         blob_id: &[u8; 16],
         mailbox: &MailboxId,
-        _blob_hash: &[u8; 32],
         offset: u64,
     ) -> Option<ForgedRefusal> {
         if self.healed() {

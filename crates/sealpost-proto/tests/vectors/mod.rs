@@ -92,8 +92,14 @@ fn deterministic() -> Value {
     let file: Vec<u8> = (0..10_000u32).map(|i| (i % 256) as u8).collect();
     let mut blob_bytes = Vec::new();
     let s = blob::seal_blob(&key, 4096, &file[..], &mut blob_bytes).expect("blob");
-    let manifest =
-        FileManifest::new(BlobId([0x88; 16]), key, &s, "numbers.bin".into()).expect("manifest");
+    let manifest = FileManifest::new(
+        BlobId([0x88; 16]),
+        key,
+        s.layout,
+        s.plaintext_hash,
+        "numbers.bin".into(),
+    )
+    .expect("manifest");
     let receipt = Report::sign(
         &b,
         a.public(),

@@ -728,3 +728,45 @@ fn a_relay_killed_mid_upload_resumes_from_its_durable_length() {
         data
     );
 }
+
+/// A file edited after `send` queued it (same size, one byte) is caught by
+/// the sender before the last piece leaves: the delivery fails as
+/// `source-changed`, the relay never holds the blob whole, and the
+/// recipient gets nothing (the manifest names the file as it was queued).
+#[test]
+fn a_file_changed_after_it_was_queued_fails_at_the_sender() {
+    let mut net = Net::pair();
+    let mut data = write_file(&net, "doc.bin", 3 << 20, 7);
+    // Queued while the relay is down: hashed, nothing uploaded yet.
+    if let Some(mut c) = net.relay.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // (A short backoff, so that the sync below tries again at once.)
+    let fast = [
+        ("SEALPOST_RETRANSMIT_AFTER", "100ms"),
+        ("SEALPOST_LOG", "error"),
+    ];
+    let o = net
+        .env
+        .cmd("alice")
+        .args(["--json", "send", "bob", "--file", "doc.bin"])
+        .envs(fast)
+        .output()
+        .expect("send");
+    let v: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&o.stderr)));
+    let id = v["id"].as_str().expect("id").to_owned();
+    data[2_000_000] ^= 1;
+    std::fs::write(net.env.path("doc.bin"), &data).expect("edit");
+    net.restart_relay();
+    std::thread::sleep(Duration::from_millis(300));
+    sync_with(&net, "alice", &fast);
+    let d = net.delivery("alice", &id);
+    assert_eq!(d["state"].as_str(), Some("failed"), "{d}");
+    assert_eq!(d["failure"].as_str(), Some("local:source-changed"), "{d}");
+    assert!(d.to_string().contains("changed since it was queued"), "{d}");
+    let s = sync_with(&net, "bob", &[]);
+    assert_eq!(s["files_received"].as_u64(), Some(0), "{s}");
+    assert_eq!(net.inbox_len("bob"), 0);
+}

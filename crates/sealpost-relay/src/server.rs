@@ -989,6 +989,7 @@ async fn blob_put_many(s: &Shared, pieces: Vec<BlobPiece>) -> Vec<Response> {
     answers
 }
 
+/// Stores `run` (pieces no hook refused) and appends an answer per piece.
 async fn store_run(s: &Shared, run: Vec<BlobPiece>, answers: &mut Vec<Response>) {
     if run.is_empty() {
         return;

@@ -242,19 +242,27 @@ async fn runs_of_pieces_answer_as_pieces_one_by_one() {
         piece(id, mb, 8_000, hash, off as u64, data[off..end].to_vec())
     };
     let stored = |stored, complete| Ok::<_, ()>(BlobPutOutcome::Stored { stored, complete });
-    let got = store
-        .blob_put_many(
-            vec![
-                p(0, 3000, [0; 32]),
-                p(3000, 4097, [0; 32]),
-                // A gap: not stored, the length to resume from.
-                p(5000, 6000, [0; 32]),
-                p(4097, 6000, [0; 32]),
-            ],
-            NOW,
-        )
-        .await;
-    let got: Vec<_> = got.into_iter().map(|r| r.map_err(|_| ())).collect();
+    // The outcomes of one call (errors as `()`: none is expected).
+    let put_many = |store: &Store, pieces: Vec<BlobPiece>| {
+        let store = store.clone();
+        async move {
+            let got = store.blob_put_many(pieces, NOW).await;
+            got.into_iter()
+                .map(|r| r.map_err(|_| ()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let got = put_many(
+        &store,
+        vec![
+            p(0, 3000, [0; 32]),
+            p(3000, 4097, [0; 32]),
+            // A gap: not stored, the length to resume from.
+            p(5000, 6000, [0; 32]),
+            p(4097, 6000, [0; 32]),
+        ],
+    )
+    .await;
     assert_eq!(
         got,
         vec![
@@ -264,10 +272,11 @@ async fn runs_of_pieces_answer_as_pieces_one_by_one() {
             stored(6000, false),
         ]
     );
-    let got = store
-        .blob_put_many(vec![p(6000, 7000, [0; 32]), p(7000, 8_000, h(&data))], NOW)
-        .await;
-    let got: Vec<_> = got.into_iter().map(|r| r.map_err(|_| ())).collect();
+    let got = put_many(
+        &store,
+        vec![p(6000, 7000, [0; 32]), p(7000, 8_000, h(&data))],
+    )
+    .await;
     assert_eq!(got, vec![stored(7000, false), stored(8_000, true)]);
     store.close();
     let store = Store::open(dir.path(), limits()).expect("reopen");
@@ -286,17 +295,15 @@ async fn runs_of_pieces_answer_as_pieces_one_by_one() {
     let bad = |off: usize, end: usize, hash: [u8; 32]| {
         piece(id2, mb2, 8_000, hash, off as u64, data[off..end].to_vec())
     };
-    let got = store
-        .blob_put_many(
-            vec![
-                bad(0, 4000, [0; 32]),
-                bad(4000, 6000, [0; 32]),
-                bad(6000, 8_000, [9; 32]),
-            ],
-            NOW,
-        )
-        .await;
-    let got: Vec<_> = got.into_iter().map(|r| r.map_err(|_| ())).collect();
+    let got = put_many(
+        &store,
+        vec![
+            bad(0, 4000, [0; 32]),
+            bad(4000, 6000, [0; 32]),
+            bad(6000, 8_000, [9; 32]),
+        ],
+    )
+    .await;
     assert_eq!(got, vec![Ok(BlobPutOutcome::HashMismatch); 3]);
     assert_eq!(store.blob_status(&id2).expect("status"), None);
 }

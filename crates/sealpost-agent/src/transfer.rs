@@ -131,21 +131,10 @@ fn hash_range(file: &File, from: u64, to: u64, h: &mut blake3::Hasher) -> io::Re
 }
 
 /// Builds the blob bytes from `offset` for at most `max` bytes, by reading
-/// and encrypting the chunks that cover them from the source file. Fails
-/// if the file is shorter than the layout says (it changed since it was
-/// summarized).
-pub fn encrypt_range(
-    src: &File,
-    cipher: &ChunkCipher,
-    layout: &BlobLayout,
-    offset: u64,
-    max: usize,
-) -> io::Result<Vec<u8>> {
-    seal_range(src, cipher, layout, offset, max, None)
-}
-
-/// [`encrypt_range`], also feeding to `plain` the plaintext of every
-/// chunk from `plain.1` on (and moving `plain.1` past them).
+/// and encrypting the chunks that cover them from the source file, and
+/// feeds to `plain` (if given) the plaintext of every chunk from `plain.1`
+/// on (moving `plain.1` past them). Fails if the file is shorter than the
+/// layout says (it changed since it was summarized).
 fn seal_range(
     src: &File,
     cipher: &ChunkCipher,
@@ -1064,7 +1053,8 @@ mod tests {
             // Any offset, any length: the same bytes as the whole blob.
             for off in [0u64, 1, 4111, 4112, 4113, whole.len() as u64] {
                 for max in [1usize, 5000, 1 << 20] {
-                    let got = encrypt_range(&f, &key.cipher(), &s.layout, off, max).expect("range");
+                    let got =
+                        seal_range(&f, &key.cipher(), &s.layout, off, max, None).expect("range");
                     let lo = (off as usize).min(whole.len());
                     let hi = (lo + max).min(whole.len());
                     assert_eq!(got, whole[lo..hi], "size {size} off {off} max {max}");

@@ -274,6 +274,10 @@ pub struct Engine {
     upload_hashes: Vec<((MessageId, [u8; 32]), crate::transfer::UploadHashes)>,
     /// What the checks caught in this pass, recorded at its end.
     found: Vec<(&'static str, String)>,
+    /// Blobs of files received whole in this pass, deleted at the relay
+    /// after the receipts went out (a relay may take a while to free a
+    /// large file; the sender should not wait for that).
+    blob_deletes: Vec<[u8; 16]>,
     _lock: File,
 }
 
@@ -676,6 +680,7 @@ impl Engine {
             download_slice: None,
             read_backs: Vec::new(),
             upload_hashes: Vec::new(),
+            blob_deletes: Vec::new(),
             found: Vec::new(),
             _lock: lock,
         })
@@ -739,6 +744,13 @@ impl Engine {
         self.run_repairs(&mut stats).await?;
         self.send_reports(&mut stats).await?;
         tracing::trace!("pass: reports sent {}", stats.reports_sent);
+        // Best effort: a blob left at the relay expires anyway.
+        for blob_id in std::mem::take(&mut self.blob_deletes) {
+            let _ = self
+                .home
+                .call(&self.agent.identity, async |c| c.blob_delete(blob_id).await)
+                .await;
+        }
         for rx in acks {
             match tokio::time::timeout(Duration::from_secs(30), rx).await {
                 Ok(Ok(sealpost_proto::relay::Response::Acked { .. })) => {}
@@ -2455,11 +2467,8 @@ impl Engine {
             final_path.display(),
             d.size
         );
-        // The relay may forget the blob now (best effort; it expires anyway).
-        let _ = self
-            .home
-            .call(&self.agent.identity, async |c| c.blob_delete(blob_id).await)
-            .await;
+        // The relay may forget the blob once the receipt is out.
+        self.blob_deletes.push(blob_id);
         Ok(())
     }
 

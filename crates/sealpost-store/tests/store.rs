@@ -201,6 +201,8 @@ async fn blobs_resume_and_check_their_hash() {
         .expect("put");
     assert_eq!(r, BlobPutOutcome::HashMismatch);
     assert_eq!(store.blob_status(&id2).expect("st"), None);
+    let discarded = dir.path().join("blobs").join("08".repeat(16));
+    assert!(!discarded.exists(), "a blob failing its hash is removed");
     // Too large, and over quota.
     let r = store
         .blob_put(piece([7; 16], mb, 9000, [0; 32], 0, vec![1; 10]), NOW)
@@ -222,6 +224,7 @@ async fn blobs_resume_and_check_their_hash() {
     assert_eq!(report.damaged_blobs, vec![id]);
     assert!(store.blob_delete(id, mb).await.expect("delete"));
     assert_eq!(store.status(&mb).expect("status").1, 0);
+    assert!(!path.exists(), "a deleted blob's file is removed");
 }
 
 /// Pieces stored together (one fdatasync, one commit) answer as they would

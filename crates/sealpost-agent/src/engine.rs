@@ -2219,14 +2219,35 @@ impl Engine {
             }
             k
         };
-        let record = |this: &mut Self, bad: &mut Vec<u64>, written: Vec<transfer::Written>| {
-            for (off, damaged) in written {
-                if !damaged.is_empty() {
-                    this.found
-                        .push(("damaged-chunk", format!("blob:{}@{off}", hex(&blob_id))));
+        // What the writing threads did, in order: damaged chunks found,
+        // and checkpoints reached (the file fsync'd up to a chunk), whose
+        // progress is committed then: everything before the checkpoint is
+        // durable, and every damaged chunk before it is known.
+        let record = |this: &mut Self,
+                      bad: &mut Vec<u64>,
+                      verifier: &mut Option<transfer::ReadBack>,
+                      events: Vec<transfer::SinkEvent>|
+         -> Result<(), EngineError> {
+            for event in events {
+                match event {
+                    transfer::SinkEvent::Written(off, damaged) => {
+                        if !damaged.is_empty() {
+                            this.found
+                                .push(("damaged-chunk", format!("blob:{}@{off}", hex(&blob_id))));
+                        }
+                        bad.extend(damaged);
+                    }
+                    transfer::SinkEvent::Durable(upto) => {
+                        this.agent
+                            .db
+                            .download_progress(&d.msg, upto, bad, now_ms())?;
+                        if let Some(v) = verifier.as_mut() {
+                            v.durable((upto * d.chunk_size as u64).min(d.size));
+                        }
+                    }
                 }
-                bad.extend(damaged);
             }
+            Ok(())
         };
         'pieces: while i < count {
             if !complete_known
@@ -2312,8 +2333,8 @@ impl Engine {
                 in_flight.clear();
                 next = i;
             }
-            let written = sink.written().map_err(|e| io_err("writing", e))?;
-            record(self, &mut bad, written);
+            let events = sink.events().map_err(|e| io_err("writing", e))?;
+            record(self, &mut bad, &mut verifier, events)?;
             if self.download_slice.is_some_and(|max| this_pass >= max) && i < count {
                 // Enough for this pass: other mail goes first, the next
                 // pass (right away) continues from here.
@@ -2339,18 +2360,14 @@ impl Engine {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             if since_commit >= DOWNLOAD_COMMIT_BYTES {
-                let written = sink.drain().map_err(|e| io_err("writing", e))?;
-                record(self, &mut bad, written);
-                part.sync_data().map_err(|e| io_err("syncing", e))?;
-                self.agent.db.download_progress(&d.msg, i, &bad, now_ms())?;
+                // Made durable and committed by `record` once the writing
+                // thread got there; meanwhile the next pieces arrive.
+                sink.checkpoint(i).map_err(|e| io_err("writing", e))?;
                 since_commit = 0;
-                if let Some(v) = &mut verifier {
-                    v.durable((i * d.chunk_size as u64).min(d.size));
-                }
             }
         }
-        let written = sink.drain().map_err(|e| io_err("writing", e))?;
-        record(self, &mut bad, written);
+        let events = sink.drain().map_err(|e| io_err("writing", e))?;
+        record(self, &mut bad, &mut verifier, events)?;
         drop(sink);
         progress.finish();
         part.sync_data().map_err(|e| io_err("syncing", e))?;

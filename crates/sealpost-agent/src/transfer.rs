@@ -378,59 +378,109 @@ fn open_direct(path: &Path, access: rustix::fs::OFlags) -> io::Result<File> {
     )?))
 }
 
+/// Chunks opened (decrypted and authenticated) and ready to be written:
+/// the good chunks from the piece's start gathered in a 4 KiB-aligned
+/// buffer (`run`), the others opened in place in the piece's own bytes
+/// (`loose`), and the chunks that did not authenticate.
+#[derive(Debug, Default)]
+pub struct OpenedPiece {
+    /// (aligned buffer, file offset, length) of the gathered run.
+    run: Option<(buffers::AlignedBuf, u64, usize)>,
+    /// (file offset, range in the piece's bytes) of each other good chunk.
+    loose: Vec<(u64, std::ops::Range<usize>)>,
+    /// Chunks that did not authenticate (damaged at the relay or on the
+    /// way); their place in the file is left as it was.
+    pub bad: Vec<u64>,
+}
+
 // The alignment O_DIRECT needs for offsets, lengths and memory.
 use sealpost_proto::buffers::DIRECT_ALIGN;
 /// Largest run of plaintext written at once (a relay piece's worth).
 const DIRECT_MAX: usize = 1 << 20;
+/// What a run's aligned buffer holds: a run plus the last chunk's tag,
+/// wherever the aligned start falls.
+const RUN_BUFFER: usize = DIRECT_MAX + 2 * DIRECT_ALIGN;
 
-/// Writes decrypted chunks into a partial file. Where the file system
-/// allows it, a run of good chunks whose place and length are 4 KiB
-/// aligned (every relay piece but a file's last) goes to the device with
-/// one `O_DIRECT` write from an aligned buffer instead of being copied into
-/// the page cache (which, with three processes on two cores, costs the
-/// recipient more CPU than decrypting). Anything else — a damaged chunk in
-/// the run, the unaligned tail, a file system refusing `O_DIRECT` — is
-/// written chunk by chunk as before. Durability is unchanged: the caller
-/// fsyncs before it commits progress.
+/// Opens the sealed chunks `first..` of a downloaded piece, held in
+/// `data`. With `gather` (the partial file takes `O_DIRECT` writes, see
+/// [`PartWriter::is_direct`]), a piece whose place in the file is 4 KiB
+/// aligned (every relay piece: 15 chunks = 240 × 4 KiB of plaintext) is
+/// copied once into an aligned buffer (`buf`, or a fresh one) and opened
+/// there, ready for one direct write; a damaged chunk ends that run, and
+/// what follows it is opened in place.
+pub fn open_piece(
+    cipher: &ChunkCipher,
+    layout: &BlobLayout,
+    gather: bool,
+    first: u64,
+    data: &mut [u8],
+    buf: Option<buffers::AlignedBuf>,
+) -> OpenedPiece {
+    let cs = layout.chunk_size as u64;
+    let base = first * cs;
+    let mut out = OpenedPiece::default();
+    let gather = gather && base.is_multiple_of(DIRECT_ALIGN as u64);
+    let mut run_buf = None;
+    let mut run = 0usize;
+    let mut in_run = gather;
+    let mut buf = buf;
+    let (mut at, mut i) = (0usize, first);
+    while at < data.len() && i < layout.chunk_count() {
+        let end = (at + layout.sealed_len(i) as usize).min(data.len());
+        let plain = layout.plain_len(i) as usize;
+        if in_run && run + plain <= DIRECT_MAX {
+            let b: &mut buffers::AlignedBuf = run_buf.get_or_insert_with(|| {
+                buf.take()
+                    .filter(|b: &buffers::AlignedBuf| b.capacity() >= RUN_BUFFER)
+                    .unwrap_or_else(|| buffers::AlignedBuf::new(RUN_BUFFER))
+            });
+            let sealed = &mut b.slice_mut(RUN_BUFFER)[run..run + (end - at)];
+            sealed.copy_from_slice(&data[at..end]);
+            match cipher.open_in_place(layout, i, sealed) {
+                Ok(len) => run += len,
+                Err(_) => {
+                    out.bad.push(i);
+                    in_run = false;
+                }
+            }
+        } else {
+            in_run = false;
+            match cipher.open_in_place(layout, i, &mut data[at..end]) {
+                Ok(len) => out.loose.push((i * cs, at..at + len)),
+                Err(_) => out.bad.push(i),
+            }
+        }
+        at = end;
+        i += 1;
+    }
+    if let Some(b) = run_buf {
+        out.run = Some((b, base, run));
+    }
+    out
+}
+
+/// Writes opened chunks into a partial file: a gathered run whose length
+/// is 4 KiB aligned with one `O_DIRECT` write where the file system allows
+/// it (instead of copying it into the page cache, which with three
+/// processes on two cores costs the recipient more CPU than decrypting),
+/// everything else through the page cache. Durability is unchanged: the
+/// caller fsyncs before it commits progress.
 #[derive(Debug)]
 pub struct PartWriter {
     file: File,
     direct: Option<File>,
-    storage: Vec<u8>,
-    start: usize,
 }
 
 impl PartWriter {
     /// A writer that never uses `O_DIRECT`.
     pub fn buffered(file: File) -> Self {
-        Self {
-            file,
-            direct: None,
-            storage: Vec::new(),
-            start: 0,
-        }
+        Self { file, direct: None }
     }
 
     /// A writer for the partial file at `path` (already open as `file`).
     pub fn new(file: File, path: &Path) -> Self {
         let direct = open_direct(path, rustix::fs::OFlags::WRONLY).ok();
-        let storage = if direct.is_some() {
-            // Room for a whole run plus the last chunk's tag, wherever the
-            // aligned start falls.
-            vec![0u8; DIRECT_MAX + 2 * DIRECT_ALIGN]
-        } else {
-            Vec::new()
-        };
-        let start = storage
-            .as_ptr()
-            .align_offset(DIRECT_ALIGN)
-            .min(DIRECT_ALIGN);
-        Self {
-            file,
-            direct,
-            storage,
-            start,
-        }
+        Self { file, direct }
     }
 
     /// Whether runs of chunks go to the device directly.
@@ -438,9 +488,40 @@ impl PartWriter {
         self.direct.is_some()
     }
 
-    /// See [`write_chunks`]. `data` is decrypted in place (or, for a
-    /// direct run, copied once into the aligned buffer and decrypted
-    /// there).
+    /// Writes `opened`, whose loose chunks are in `data`; gives back the
+    /// run's buffer for the next piece.
+    pub fn write(
+        &mut self,
+        opened: &mut OpenedPiece,
+        data: &[u8],
+    ) -> io::Result<Option<buffers::AlignedBuf>> {
+        let mut back = None;
+        if let Some((buf, base, len)) = opened.run.take() {
+            let bytes = &buf.slice(len)[..len];
+            let direct = match &self.direct {
+                Some(d) if len.is_multiple_of(DIRECT_ALIGN) && len > 0 => {
+                    d.write_all_at(bytes, base).is_ok()
+                }
+                _ => false,
+            };
+            if !direct {
+                if len.is_multiple_of(DIRECT_ALIGN) && len > 0 {
+                    // Refused (EINVAL on some file systems): buffered from
+                    // now on.
+                    self.direct = None;
+                }
+                self.file.write_all_at(bytes, base)?;
+            }
+            back = Some(buf);
+        }
+        for (at, range) in opened.loose.drain(..) {
+            self.file.write_all_at(&data[range], at)?;
+        }
+        Ok(back)
+    }
+
+    /// Opens the sealed chunks `first..` held in `data` and writes their
+    /// plaintext at their place; the chunks that did not authenticate.
     pub fn write_chunks(
         &mut self,
         cipher: &ChunkCipher,
@@ -448,89 +529,42 @@ impl PartWriter {
         first: u64,
         data: &mut [u8],
     ) -> io::Result<Vec<u64>> {
-        let cs = layout.chunk_size as u64;
-        let base = first * cs;
-        let mut bad = Vec::new();
-        let mut good: Vec<(usize, usize)> = Vec::new();
-        let mut run = 0usize;
-        let mut at = 0usize;
-        let mut i = first;
-        let aligned_run = self.direct.is_some() && base.is_multiple_of(DIRECT_ALIGN as u64);
-        while at < data.len() && i < layout.chunk_count() {
-            let n = layout.sealed_len(i) as usize;
-            let end = (at + n).min(data.len());
-            let plain = layout.plain_len(i) as usize;
-            if aligned_run && bad.is_empty() && run + plain <= DIRECT_MAX {
-                let dst = self.start + run;
-                let sealed = &mut self.storage[dst..dst + (end - at)];
-                sealed.copy_from_slice(&data[at..end]);
-                match cipher.open_in_place(layout, i, sealed) {
-                    Ok(len) => {
-                        good.push((run, len));
-                        run += len;
-                    }
-                    Err(_) => {
-                        self.spill(&mut good, base)?;
-                        bad.push(i);
-                    }
-                }
-            } else {
-                // Not part of a direct run: flush what was gathered chunk
-                // by chunk, then this one.
-                self.spill(&mut good, base)?;
-                match cipher.open_in_place(layout, i, &mut data[at..end]) {
-                    Ok(len) => self.file.write_all_at(&data[at..at + len], i * cs)?,
-                    Err(_) => bad.push(i),
-                }
-            }
-            at = end;
-            i += 1;
-        }
-        if !good.is_empty() {
-            if run.is_multiple_of(DIRECT_ALIGN) {
-                let buf = &self.storage[self.start..self.start + run];
-                let r = match &self.direct {
-                    Some(d) => d.write_all_at(buf, base),
-                    None => Err(io::Error::from(io::ErrorKind::Unsupported)),
-                };
-                if r.is_err() {
-                    // Refused (EINVAL on some file systems): buffered from
-                    // now on.
-                    self.direct = None;
-                    self.spill(&mut good, base)?;
-                }
-                good.clear();
-            } else {
-                self.spill(&mut good, base)?;
-            }
-        }
-        Ok(bad)
-    }
-
-    /// Writes gathered chunks through the page cache, one by one.
-    fn spill(&mut self, good: &mut Vec<(usize, usize)>, base: u64) -> io::Result<()> {
-        for &(off, len) in good.iter() {
-            let src = &self.storage[self.start + off..self.start + off + len];
-            self.file.write_all_at(src, base + off as u64)?;
-        }
-        good.clear();
-        Ok(())
+        let mut opened = open_piece(cipher, layout, self.is_direct(), first, data, None);
+        self.write(&mut opened, data)?;
+        Ok(opened.bad)
     }
 }
 
-/// A piece written by a [`PieceSink`]: its offset in the blob, the chunks
-/// that did not authenticate.
-pub type Written = (u64, Vec<u64>);
+/// What a [`PieceSink`] reports, in the order its work was asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SinkEvent {
+    /// The piece at this offset of the blob is written; the chunks that
+    /// did not authenticate.
+    Written(u64, Vec<u64>),
+    /// Everything put before the checkpoint is on stable storage (the
+    /// file was fsync'd); the value given with it.
+    Durable(u64),
+}
 
-/// Decrypts and writes downloaded pieces on a thread of its own, so that
-/// the engine goes on receiving the next pieces while one is decrypted and
-/// written (an `O_DIRECT` write blocks until the device has the data).
-/// Pieces are written in the order they are put.
+enum SinkJob {
+    Piece(u64, u64, Vec<u8>),
+    Checkpoint(u64),
+}
+
+/// Opens and writes downloaded pieces on two threads of their own while
+/// the engine goes on receiving the next pieces: one decrypts a piece
+/// while the other writes the previous one (an `O_DIRECT` write blocks
+/// until the device has the data; doing both on one thread left the
+/// device idle while decrypting and the core idle while writing).
+/// Checkpoints fsync the file after every piece put before them, on the
+/// writing thread, so the engine does not wait for the device to commit
+/// its progress. Pieces are written, and everything reported, in the
+/// order it was put.
 pub struct PieceSink {
-    jobs: Option<std::sync::mpsc::SyncSender<(u64, u64, Vec<u8>)>>,
-    done: std::sync::mpsc::Receiver<io::Result<Written>>,
+    jobs: Option<std::sync::mpsc::SyncSender<SinkJob>>,
+    done: std::sync::mpsc::Receiver<io::Result<SinkEvent>>,
     pending: usize,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for PieceSink {
@@ -539,8 +573,13 @@ impl std::fmt::Debug for PieceSink {
     }
 }
 
-/// Pieces queued for the sink's thread at most (about 1 MiB each).
+/// Pieces queued for the decrypting thread at most (about 1 MiB each).
 const SINK_QUEUE: usize = 4;
+/// Opened pieces waiting for the writing thread at most.
+const OPENED_QUEUE: usize = 2;
+/// Aligned run buffers in use at most: one being filled, those queued,
+/// one being written.
+const RUN_BUFFERS: usize = OPENED_QUEUE + 2;
 
 impl PieceSink {
     pub fn start(
@@ -548,32 +587,79 @@ impl PieceSink {
         cipher: ChunkCipher,
         layout: BlobLayout,
     ) -> io::Result<Self> {
-        let (jobs, rx) = std::sync::mpsc::sync_channel::<(u64, u64, Vec<u8>)>(SINK_QUEUE);
+        type Opened = (u64, OpenedPiece, Vec<u8>);
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<SinkJob>(SINK_QUEUE);
+        let (to_writer, opened) =
+            std::sync::mpsc::sync_channel::<Result<Opened, u64>>(OPENED_QUEUE);
+        let (free, freed) = std::sync::mpsc::channel::<buffers::AlignedBuf>();
         let (tx, done) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("sealpost-write".into())
+        let gather = writer.is_direct();
+        let open = std::thread::Builder::new()
+            .name("sealpost-open".into())
             .spawn(move || {
-                while let Ok((offset, first, mut data)) = rx.recv() {
-                    let r = writer.write_chunks(&cipher, &layout, first, &mut data);
-                    buffers::give(data);
-                    if tx.send(r.map(|bad| (offset, bad))).is_err() {
+                let mut made = 0usize;
+                while let Ok(job) = rx.recv() {
+                    let next = match job {
+                        SinkJob::Piece(offset, first, mut data) => {
+                            let buf = freed.try_recv().ok().or_else(|| {
+                                if made < RUN_BUFFERS {
+                                    made += 1;
+                                    None
+                                } else {
+                                    freed.recv().ok()
+                                }
+                            });
+                            let opened =
+                                open_piece(&cipher, &layout, gather, first, &mut data, buf);
+                            Ok((offset, opened, data))
+                        }
+                        SinkJob::Checkpoint(v) => Err(v),
+                    };
+                    if to_writer.send(next).is_err() {
                         break;
                     }
                 }
             })?;
+        let write = std::thread::Builder::new()
+            .name("sealpost-write".into())
+            .spawn(move || {
+                while let Ok(next) = opened.recv() {
+                    let event = match next {
+                        Ok((offset, mut piece, data)) => {
+                            let r = writer.write(&mut piece, &data);
+                            buffers::give(data);
+                            r.map(|buf| {
+                                if let Some(b) = buf {
+                                    let _ = free.send(b);
+                                }
+                                SinkEvent::Written(offset, piece.bad)
+                            })
+                        }
+                        Err(v) => writer.file.sync_data().map(|()| SinkEvent::Durable(v)),
+                    };
+                    if tx.send(event).is_err() {
+                        break;
+                    }
+                }
+            });
+        let write = match write {
+            Ok(t) => t,
+            Err(e) => {
+                drop(jobs);
+                let _ = open.join();
+                return Err(e);
+            }
+        };
         Ok(Self {
             jobs: Some(jobs),
             done,
             pending: 0,
-            thread: Some(thread),
+            threads: vec![open, write],
         })
     }
 
-    /// Queues the sealed chunks `first..` held in `data`, the piece at
-    /// `offset` of the blob (waits while the queue is full).
-    pub fn put(&mut self, offset: u64, first: u64, data: Vec<u8>) -> io::Result<()> {
-        let sent = self.jobs.as_ref().map(|j| j.send((offset, first, data)));
-        match sent {
+    fn send(&mut self, job: SinkJob) -> io::Result<()> {
+        match self.jobs.as_ref().map(|j| j.send(job)) {
             Some(Ok(())) => {
                 self.pending += 1;
                 Ok(())
@@ -582,8 +668,20 @@ impl PieceSink {
         }
     }
 
-    /// The pieces written since the last call, without waiting.
-    pub fn written(&mut self) -> io::Result<Vec<Written>> {
+    /// Queues the sealed chunks `first..` held in `data`, the piece at
+    /// `offset` of the blob (waits while the queue is full).
+    pub fn put(&mut self, offset: u64, first: u64, data: Vec<u8>) -> io::Result<()> {
+        self.send(SinkJob::Piece(offset, first, data))
+    }
+
+    /// Asks for everything put so far to be made durable; reported as
+    /// [`SinkEvent::Durable`] with `value` once it is.
+    pub fn checkpoint(&mut self, value: u64) -> io::Result<()> {
+        self.send(SinkJob::Checkpoint(value))
+    }
+
+    /// What was done since the last call, without waiting.
+    pub fn events(&mut self) -> io::Result<Vec<SinkEvent>> {
         let mut out = Vec::new();
         while let Ok(r) = self.done.try_recv() {
             self.pending -= 1;
@@ -592,8 +690,9 @@ impl PieceSink {
         Ok(out)
     }
 
-    /// Waits until every piece put is written; those not reported yet.
-    pub fn drain(&mut self) -> io::Result<Vec<Written>> {
+    /// Waits until everything asked for is done; what was not reported
+    /// yet.
+    pub fn drain(&mut self) -> io::Result<Vec<SinkEvent>> {
         let mut out = Vec::new();
         while self.pending > 0 {
             match self.done.recv() {
@@ -613,7 +712,7 @@ impl Drop for PieceSink {
         // Nothing may still be writing once the download is left (a next
         // pass cuts the partial file back to its committed length).
         self.jobs.take();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -966,6 +1065,59 @@ mod tests {
                 if damaged.is_none() {
                     assert_eq!(got, data, "size {size}");
                 }
+            }
+        }
+    }
+
+    /// The sink's two threads write every piece where it belongs and
+    /// report, in the order asked: each piece with its damaged chunks, and
+    /// each checkpoint after the pieces put before it.
+    #[test]
+    fn the_piece_sink_reports_in_order_and_rebuilds_the_file() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("tmp");
+        let cs = 65_536u32;
+        let size = 7 * 983_040 + 12_345;
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 249) as u8).collect();
+        let key = BlobKey::random(&mut OsRng);
+        let mut whole = Vec::new();
+        let s = blob::seal_blob(&key, cs, &data[..], &mut whole).expect("seal");
+        // One damaged chunk, in the middle of the third piece.
+        let damaged = 2 * 15 + 7;
+        whole[(damaged * s.layout.sealed_len(0)) as usize + 100] ^= 1;
+        let path = dir.path().join("part");
+        let part = open_part(&path, 0).expect("part");
+        let w = PartWriter::new(part.try_clone().expect("clone"), &path);
+        let mut sink = PieceSink::start(w, key.cipher(), s.layout).expect("sink");
+        let (mut off, mut expected, mut k) = (0u64, Vec::new(), 0u64);
+        while off < s.layout.blob_len() {
+            let n = piece_len(&s.layout, off);
+            let first = off / s.layout.sealed_len(0);
+            sink.put(off, first, whole[off as usize..off as usize + n].to_vec())
+                .expect("put");
+            let bad = if (first..first + 15).contains(&damaged) {
+                vec![damaged]
+            } else {
+                vec![]
+            };
+            expected.push(SinkEvent::Written(off, bad));
+            off += n as u64;
+            k += 1;
+            if k % 3 == 0 {
+                sink.checkpoint(k).expect("checkpoint");
+                expected.push(SinkEvent::Durable(k));
+            }
+        }
+        let mut got = sink.events().expect("events");
+        got.extend(sink.drain().expect("drain"));
+        assert_eq!(got, expected);
+        drop(sink);
+        let file = std::fs::read(&path).expect("read");
+        assert_eq!(file.len(), size);
+        for c in 0..s.layout.chunk_count() {
+            let lo = (c * cs as u64) as usize;
+            let hi = (lo + cs as usize).min(size);
+            if c != damaged {
+                assert_eq!(file[lo..hi], data[lo..hi], "chunk {c}");
             }
         }
     }

@@ -138,7 +138,7 @@ python3 - "$((PORT + 1))" <<'PY' || true
 import sys, urllib.request
 text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
 for line in text.splitlines():
-    for name in ("blob_reads_memory_total", "blob_reads_disk_total"):
+    for name in ("blob_reads_memory_total", "blob_reads_disk_total", "blob_runs_paced_total", "blob_paced_microseconds_total"):
         if line.startswith("sealpost_relay_" + name + " "):
             print("sealpost relay_" + name, line.split()[1])
 PY

@@ -409,7 +409,13 @@ fn header(out: &mut Vec<u8>, ty: u8, id: u32) {
 /// last field ("rest": a payload, a piece, blob data) was appended after
 /// it was encoded.
 pub fn finish_frame(out: &mut [u8]) {
-    let len = (out.len() - 4) as u32;
+    finish_frame_before(out, 0);
+}
+
+/// [`finish_frame`] for a frame whose last `more` bytes are sent after
+/// `out` without being copied into it (blob data shared from memory).
+pub fn finish_frame_before(out: &mut [u8], more: usize) {
+    let len = (out.len() - 4 + more) as u32;
     out[..4].copy_from_slice(&len.to_be_bytes());
 }
 

@@ -149,6 +149,19 @@ pub fn render(m: &Metrics, store: &Store) -> String {
         "counter",
         disk,
     );
+    let (paced, paced_micros) = store.pacing_stats();
+    counter(
+        "blob_runs_paced_total",
+        "Runs of uploaded pieces held back for a recipient streaming their blob.",
+        "counter",
+        paced,
+    );
+    counter(
+        "blob_paced_microseconds_total",
+        "Time uploads were held back for streaming recipients, in all.",
+        "counter",
+        paced_micros,
+    );
     if let Ok((mailboxes, items, bytes, blobs)) = store.totals() {
         counter("mailboxes", "Mailboxes.", "gauge", mailboxes);
         counter("queue_items", "Items waiting in mailboxes.", "gauge", items);

@@ -227,6 +227,13 @@ struct Inner {
     /// Blob reads served from [`Recent`], and from the files.
     reads_memory: std::sync::atomic::AtomicU64,
     reads_disk: std::sync::atomic::AtomicU64,
+    /// Recipients reading blobs still being uploaded (see [`Followers`]).
+    followers: Mutex<Followers>,
+    /// Woken whenever a follower reads, for uploads held back for one.
+    follower_read: tokio::sync::Notify,
+    /// Runs of pieces held back for a follower, and for how long in all.
+    paced_runs: std::sync::atomic::AtomicU64,
+    paced_micros: std::sync::atomic::AtomicU64,
 }
 
 /// The last blob pieces stored, at most [`RECENT_BYTES`] of them. A
@@ -237,41 +244,35 @@ struct Inner {
 /// are here, and reads never go past the committed length.
 #[derive(Default)]
 struct Recent {
-    pieces: std::collections::VecDeque<([u8; 16], u64, Vec<u8>)>,
+    pieces: std::collections::VecDeque<([u8; 16], u64, Arc<Vec<u8>>)>,
     bytes: usize,
 }
 
-const RECENT_BYTES: usize = 8 << 20;
+const RECENT_BYTES: usize = 24 << 20;
 
 impl Recent {
     fn push(&mut self, id: [u8; 16], offset: u64, data: Vec<u8>) {
         self.bytes += data.len();
-        self.pieces.push_back((id, offset, data));
+        self.pieces.push_back((id, offset, Arc::new(data)));
         while self.bytes > RECENT_BYTES {
             match self.pieces.pop_front() {
                 Some((_, _, old)) => {
                     self.bytes -= old.len();
-                    sealpost_proto::buffers::give(old);
+                    release(old);
                 }
                 None => break,
             }
         }
     }
 
-    /// Appends `n` bytes of blob `id` from `offset` to `out` if one kept
-    /// piece holds them.
-    fn read(&self, id: &[u8; 16], offset: u64, n: usize, out: &mut Vec<u8>) -> bool {
-        let hit = self.pieces.iter().rev().find(|(pid, at, data)| {
+    /// The kept piece holding `n` bytes of blob `id` from `offset`, and
+    /// where in it they are.
+    fn read(&self, id: &[u8; 16], offset: u64, n: usize) -> Option<KeptBytes> {
+        let (_, at, data) = self.pieces.iter().rev().find(|(pid, at, data)| {
             pid == id && *at <= offset && offset + n as u64 <= at + data.len() as u64
-        });
-        match hit {
-            Some((_, at, data)) => {
-                let start = (offset - at) as usize;
-                out.extend_from_slice(&data[start..start + n]);
-                true
-            }
-            None => false,
-        }
+        })?;
+        let start = (offset - at) as usize;
+        Some((data.clone(), start..start + n))
     }
 
     fn forget(&mut self, id: &[u8; 16]) {
@@ -284,6 +285,29 @@ impl Recent {
             keep
         });
     }
+}
+
+/// Bytes of a piece kept in memory, shared with whoever sends them.
+pub type KeptBytes = (Arc<Vec<u8>>, std::ops::Range<usize>);
+
+/// A piece leaves memory: its buffer is reused once no response still
+/// holds it (else it is freed with the last one).
+fn release(piece: Arc<Vec<u8>>) {
+    if let Ok(v) = Arc::try_unwrap(piece) {
+        sealpost_proto::buffers::give(v);
+    }
+}
+
+/// Where the bytes a blob read asks for are ([`Store::blob_locate`]).
+#[derive(Debug)]
+pub enum BlobRead {
+    /// There is no such blob.
+    Missing,
+    /// Among the pieces kept in memory: shared, not copied.
+    Kept(KeptBytes),
+    /// In the blob's file: this many bytes (0 past what is stored), for
+    /// [`Store::blob_read_disk`].
+    OnDisk(usize),
 }
 
 /// Blob files are cut down this much at a time before they are removed.
@@ -305,6 +329,71 @@ fn remove_gradually(path: &Path) {
         }
     }
     let _ = fs::remove_file(path);
+}
+
+/// Recipients reading blobs that are still being uploaded: where each
+/// one's last read ended, and when. A recipient downloading while the
+/// sender uploads ("streaming") reads pieces a little after they were
+/// stored; served from [`Recent`] they cost no disk read. But an upload
+/// is faster than a download (which writes and reads back on the
+/// recipient's side), so unchecked it runs ahead, its pieces leave memory
+/// before the recipient asks for them, and every piece is then read back
+/// from the device: for 1 GiB, 0.85 GiB of extra reads on a disk the two
+/// writes and the recipient's read-back already share (measured: the
+/// disk's bandwidth is shared by all of them, about 1.5 GB/s in all
+/// here). So an upload whose recipient is more than [`PACE_HOLD`] behind
+/// waits for it, a little ([`Store::pace`]): the relay streams from
+/// memory and the disk does only what it must.
+///
+/// Bounded every way, so a recipient can slow an upload only a little:
+/// only a reader of the blob's own mailbox counts, only while it reads
+/// (one not heard from in [`FOLLOW_FRESH`] is no longer followed), only
+/// while it is at most [`FOLLOW_REACH`] behind (further behind, it reads
+/// from the device whatever the upload does), and a run waits at most
+/// [`PACE_MAX_WAIT`] (so an upload goes on at 8 MiB per 50 ms or more).
+/// At most [`MAX_FOLLOWERS`] are tracked.
+#[derive(Default)]
+struct Followers {
+    reads: HashMap<[u8; 16], (u64, Instant)>,
+}
+
+/// A follower this far behind the upload still finds what it reads next
+/// in [`Recent`] (which holds [`RECENT_BYTES`]), with room for a run of
+/// pieces and another upload's pieces meanwhile.
+pub const PACE_HOLD: u64 = 14 << 20;
+/// Further behind than this, a recipient is not streaming.
+const FOLLOW_REACH: u64 = 64 << 20;
+/// A recipient that has not read for this long is not streaming.
+const FOLLOW_FRESH: std::time::Duration = std::time::Duration::from_millis(300);
+/// The longest a run of pieces is held back.
+pub const PACE_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+const MAX_FOLLOWERS: usize = 256;
+
+impl Followers {
+    /// A read of `blob_id` up to `end`, at `now`.
+    fn read(&mut self, blob_id: &[u8; 16], end: u64, now: Instant) {
+        if self.reads.len() >= MAX_FOLLOWERS && !self.reads.contains_key(blob_id) {
+            self.reads
+                .retain(|_, (_, at)| now.duration_since(*at) < FOLLOW_FRESH);
+            if self.reads.len() >= MAX_FOLLOWERS {
+                return;
+            }
+        }
+        let e = self.reads.entry(*blob_id).or_insert((end, now));
+        *e = (end.max(e.0), now);
+    }
+
+    /// How far behind `stored` a recipient streaming `blob_id` is, if one
+    /// is (within [`FOLLOW_FRESH`] and [`FOLLOW_REACH`]).
+    fn behind(&self, blob_id: &[u8; 16], stored: u64, now: Instant) -> Option<u64> {
+        let (end, at) = self.reads.get(blob_id)?;
+        let behind = stored.saturating_sub(*end);
+        (now.duration_since(*at) < FOLLOW_FRESH && behind <= FOLLOW_REACH).then_some(behind)
+    }
+
+    fn forget(&mut self, blob_id: &[u8; 16]) {
+        self.reads.remove(blob_id);
+    }
 }
 
 /// Uploads whose state is kept between pieces.
@@ -362,6 +451,10 @@ impl Store {
                 read_bufs: Mutex::new(Vec::new()),
                 reads_memory: Default::default(),
                 reads_disk: Default::default(),
+                followers: Mutex::new(Followers::default()),
+                follower_read: tokio::sync::Notify::new(),
+                paced_runs: Default::default(),
+                paced_micros: Default::default(),
             }),
         })
     }
@@ -393,6 +486,51 @@ impl Store {
             self.inner.reads_memory.load(Relaxed),
             self.inner.reads_disk.load(Relaxed),
         )
+    }
+
+    /// Runs of pieces held back for a recipient streaming their blob, and
+    /// the time they waited in all (microseconds).
+    pub fn pacing_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.inner.paced_runs.load(Relaxed),
+            self.inner.paced_micros.load(Relaxed),
+        )
+    }
+
+    /// Holds back a run of pieces of `blob_id` starting at `offset` while
+    /// a recipient streaming that blob is more than [`PACE_HOLD`] behind
+    /// (see [`Followers`]): until it has read closer, it stops reading,
+    /// or [`PACE_MAX_WAIT`] passed.
+    async fn pace(&self, blob_id: &[u8; 16], offset: u64) {
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::from_std(start + PACE_MAX_WAIT);
+        let mut held = false;
+        loop {
+            let mut read = std::pin::pin!(self.inner.follower_read.notified());
+            // Registered before the check, so a read in between still
+            // wakes this.
+            read.as_mut().enable();
+            let behind = self
+                .inner
+                .followers
+                .lock()
+                .ok()
+                .and_then(|f| f.behind(blob_id, offset, Instant::now()));
+            if behind.is_none_or(|b| b <= PACE_HOLD) {
+                break;
+            }
+            held = true;
+            if tokio::time::timeout_at(deadline, read).await.is_err() {
+                break;
+            }
+        }
+        if held {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.inner.paced_runs.fetch_add(1, Relaxed);
+            let waited = start.elapsed().as_micros().min(u64::MAX as u128) as u64;
+            self.inner.paced_micros.fetch_add(waited, Relaxed);
+        }
     }
 
     fn send(&self, op: Op) -> Result<(), StoreError> {
@@ -516,6 +654,9 @@ impl Store {
     fn forget_upload(&self, blob_id: &[u8; 16]) {
         if let Ok(mut r) = self.inner.recent.lock() {
             r.forget(blob_id);
+        }
+        if let Ok(mut f) = self.inner.followers.lock() {
+            f.forget(blob_id);
         }
         self.take_upload(blob_id);
     }
@@ -755,6 +896,8 @@ impl Store {
         if expires_at <= now {
             return one(BlobPutOutcome::Refused(RefusalCode::Expired));
         }
+        // Before taking the writer lock: other uploads go on meanwhile.
+        self.pace(&blob_id, offset).await;
         let _one_writer = self.inner.blob_lock.lock().await;
         if total_len > self.inner.limits.max_blob {
             return one(BlobPutOutcome::Refused(RefusalCode::TooLarge));
@@ -956,27 +1099,71 @@ impl Store {
         len: usize,
         out: &mut Vec<u8>,
     ) -> Result<bool, StoreError> {
+        match self.blob_locate(id, offset, len)? {
+            BlobRead::Missing => Ok(false),
+            BlobRead::Kept((piece, range)) => {
+                out.extend_from_slice(&piece[range]);
+                Ok(true)
+            }
+            BlobRead::OnDisk(n) => self.blob_read_disk(id, offset, n, out).map(|()| true),
+        }
+    }
+
+    /// Where `len` bytes of a blob from `offset` (fewer at its end) are: a
+    /// piece kept in memory answers at once, without a copy; anything else
+    /// is read with [`Store::blob_read_disk`] (on a blocking thread: it
+    /// waits for the device). Only the stored part can be read.
+    pub fn blob_locate(
+        &self,
+        id: &[u8; 16],
+        offset: u64,
+        len: usize,
+    ) -> Result<BlobRead, StoreError> {
         let Some(row) = self.blob_row(id)? else {
-            return Ok(false);
+            return Ok(BlobRead::Missing);
         };
         if offset >= row.stored {
-            return Ok(true);
+            return Ok(BlobRead::OnDisk(0));
         }
         let n = (row.stored - offset).min(len as u64) as usize;
-        if self
+        if !row.complete {
+            if let Ok(mut f) = self.inner.followers.lock() {
+                f.read(id, offset + n as u64, Instant::now());
+            }
+            self.inner.follower_read.notify_waiters();
+        }
+        let kept = self
             .inner
             .recent
             .lock()
-            .is_ok_and(|r| r.read(id, offset, n, out))
-        {
-            self.inner
-                .reads_memory
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(true);
+            .ok()
+            .and_then(|r| r.read(id, offset, n));
+        use std::sync::atomic::Ordering::Relaxed;
+        Ok(match kept {
+            Some(k) => {
+                self.inner.reads_memory.fetch_add(1, Relaxed);
+                BlobRead::Kept(k)
+            }
+            None => {
+                self.inner.reads_disk.fetch_add(1, Relaxed);
+                BlobRead::OnDisk(n)
+            }
+        })
+    }
+
+    /// Appends `n` bytes of a blob's file from `offset` to `out` (as
+    /// [`Store::blob_locate`] said), with `O_DIRECT` where the file system
+    /// takes it.
+    pub fn blob_read_disk(
+        &self,
+        id: &[u8; 16],
+        offset: u64,
+        n: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        if n == 0 {
+            return Ok(());
         }
-        self.inner
-            .reads_disk
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self.blob_path(id);
         let read = self.read_direct(&path, offset, n, out).or_else(|_| {
             // The file system refuses direct reads: through the page cache.
@@ -991,8 +1178,7 @@ impl Store {
             }
             r
         });
-        read.map_err(io_err("reading blob", &path))?;
-        Ok(true)
+        read.map_err(io_err("reading blob", &path))
     }
 
     pub async fn blob_delete(
@@ -1331,4 +1517,65 @@ fn apply(
             Reply::Sweep(reply, n, ids)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A follower counts while it reads (fresh) and is within reach; its
+    /// position only moves forward; at most MAX_FOLLOWERS are tracked,
+    /// stale ones making room.
+    #[test]
+    fn followers_are_bounded_in_time_reach_and_number() {
+        let t0 = Instant::now();
+        let mut f = Followers::default();
+        let id = [1u8; 16];
+        assert_eq!(f.behind(&id, 100, t0), None);
+        f.read(&id, 10 << 20, t0);
+        assert_eq!(f.behind(&id, 30 << 20, t0), Some(20 << 20));
+        assert_eq!(f.behind(&id, 5, t0), Some(0));
+        // An earlier range read again does not move it back.
+        f.read(&id, 1 << 20, t0);
+        assert_eq!(f.behind(&id, 30 << 20, t0), Some(20 << 20));
+        // Out of reach, then stale.
+        assert_eq!(f.behind(&id, (10 << 20) + FOLLOW_REACH + 1, t0), None);
+        assert_eq!(f.behind(&id, 30 << 20, t0 + FOLLOW_FRESH), None);
+        // Bounded: a new follower past the bound is not tracked while all
+        // are fresh, and is once the others went stale.
+        for k in 0..MAX_FOLLOWERS {
+            f.read(
+                &[
+                    (k % 256) as u8,
+                    (k / 256) as u8 + 2,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+                1,
+                t0,
+            );
+        }
+        assert!(f.reads.len() <= MAX_FOLLOWERS);
+        let late = [9u8; 16];
+        f.read(&late, 1, t0);
+        assert_eq!(f.behind(&late, 2, t0), None);
+        let later = t0 + FOLLOW_FRESH;
+        f.read(&late, 1, later);
+        assert_eq!(f.behind(&late, 2, later), Some(1));
+        assert_eq!(f.reads.len(), 1);
+        f.forget(&late);
+        assert!(f.reads.is_empty());
+    }
 }

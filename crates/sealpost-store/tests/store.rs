@@ -310,3 +310,85 @@ async fn runs_of_pieces_answer_as_pieces_one_by_one() {
     assert_eq!(got, vec![Ok(BlobPutOutcome::HashMismatch); 3]);
     assert_eq!(store.blob_status(&id2).expect("status"), None);
 }
+
+/// An upload whose recipient reads the same blob while it arrives waits
+/// for it, a little, once the recipient is more than `PACE_HOLD` behind
+/// (so the pieces it reads next are still in memory); not when no one
+/// reads, not when the recipient is close behind, and never longer than
+/// `PACE_MAX_WAIT` for a run.
+#[tokio::test]
+async fn a_streaming_recipient_holds_an_upload_back_a_little() {
+    use sealpost_store::{PACE_HOLD, PACE_MAX_WAIT};
+    let dir = tempfile::tempdir().expect("tmp");
+    let mib = 1usize << 20;
+    let total = 40 * mib;
+    let limits = Limits {
+        mailbox_quota: 64 << 20,
+        max_blob: 64 << 20,
+    };
+    let store = Store::open(dir.path(), limits).expect("open");
+    let mb = MailboxId::of(&[1; 32]);
+    store.register(mb, [1; 32], NOW).await.expect("reg");
+    let id = [4u8; 16];
+    let put = |at: usize| {
+        let store = store.clone();
+        async move {
+            let r = store
+                .blob_put(
+                    piece(
+                        id,
+                        mb,
+                        total as u64,
+                        [0; 32],
+                        at as u64,
+                        vec![at as u8; mib],
+                    ),
+                    NOW,
+                )
+                .await
+                .expect("put");
+            assert_eq!(
+                r,
+                BlobPutOutcome::Stored {
+                    stored: (at + mib) as u64,
+                    complete: false
+                }
+            );
+        }
+    };
+    let ahead = PACE_HOLD as usize + 2 * mib;
+    // No one reads: nothing waits.
+    for at in (0..ahead).step_by(mib) {
+        put(at).await;
+    }
+    assert_eq!(store.pacing_stats(), (0, 0));
+    // The recipient has read the first piece, and is now more than
+    // PACE_HOLD behind: the next run waits (here for the whole bound, as
+    // the recipient reads no further), then is stored.
+    assert_eq!(
+        store.blob_read(&id, 0, mib).expect("read"),
+        Some(vec![0; mib])
+    );
+    let started = std::time::Instant::now();
+    put(ahead).await;
+    let (runs, micros) = store.pacing_stats();
+    assert_eq!(runs, 1);
+    assert!(
+        micros >= PACE_MAX_WAIT.as_micros() as u64 * 9 / 10,
+        "{micros}"
+    );
+    assert!(started.elapsed() >= PACE_MAX_WAIT * 9 / 10);
+    // Close behind: no wait.
+    let stored = ahead + mib;
+    store
+        .blob_read(&id, (stored - mib) as u64, mib)
+        .expect("read");
+    put(stored).await;
+    assert_eq!(store.pacing_stats().0, 1);
+    // A recipient that stops reading is no longer waited for.
+    std::thread::sleep(std::time::Duration::from_millis(350));
+    for at in (stored + mib..=stored + mib + ahead).step_by(mib) {
+        put(at).await;
+    }
+    assert_eq!(store.pacing_stats().0, 1);
+}

@@ -405,7 +405,8 @@ const RUN_BUFFER: usize = DIRECT_MAX + 2 * DIRECT_ALIGN;
 /// `data`. With `gather` (the partial file takes `O_DIRECT` writes, see
 /// [`PartWriter::is_direct`]), a piece whose place in the file is 4 KiB
 /// aligned (every relay piece: 15 chunks = 240 × 4 KiB of plaintext) is
-/// copied once into an aligned buffer (`buf`, or a fresh one) and opened
+/// copied once into an aligned buffer (a reused one, see
+/// [`buffers::take_aligned`]) and opened
 /// there, ready for one direct write; a damaged chunk ends that run, and
 /// what follows it is opened in place.
 pub fn open_piece(
@@ -414,7 +415,6 @@ pub fn open_piece(
     gather: bool,
     first: u64,
     data: &mut [u8],
-    buf: Option<buffers::AlignedBuf>,
 ) -> OpenedPiece {
     let cs = layout.chunk_size as u64;
     let base = first * cs;
@@ -423,17 +423,12 @@ pub fn open_piece(
     let mut run_buf = None;
     let mut run = 0usize;
     let mut in_run = gather;
-    let mut buf = buf;
     let (mut at, mut i) = (0usize, first);
     while at < data.len() && i < layout.chunk_count() {
         let end = (at + layout.sealed_len(i) as usize).min(data.len());
         let plain = layout.plain_len(i) as usize;
         if in_run && run + plain <= DIRECT_MAX {
-            let b: &mut buffers::AlignedBuf = run_buf.get_or_insert_with(|| {
-                buf.take()
-                    .filter(|b: &buffers::AlignedBuf| b.capacity() >= RUN_BUFFER)
-                    .unwrap_or_else(|| buffers::AlignedBuf::new(RUN_BUFFER))
-            });
+            let b = run_buf.get_or_insert_with(|| buffers::take_aligned(RUN_BUFFER));
             let sealed = &mut b.slice_mut(RUN_BUFFER)[run..run + (end - at)];
             sealed.copy_from_slice(&data[at..end]);
             match cipher.open_in_place(layout, i, sealed) {
@@ -529,8 +524,10 @@ impl PartWriter {
         first: u64,
         data: &mut [u8],
     ) -> io::Result<Vec<u64>> {
-        let mut opened = open_piece(cipher, layout, self.is_direct(), first, data, None);
-        self.write(&mut opened, data)?;
+        let mut opened = open_piece(cipher, layout, self.is_direct(), first, data);
+        if let Some(b) = self.write(&mut opened, data)? {
+            buffers::give_aligned(b);
+        }
         Ok(opened.bad)
     }
 }
@@ -577,9 +574,6 @@ impl std::fmt::Debug for PieceSink {
 const SINK_QUEUE: usize = 4;
 /// Opened pieces waiting for the writing thread at most.
 const OPENED_QUEUE: usize = 2;
-/// Aligned run buffers in use at most: one being filled, those queued,
-/// one being written.
-const RUN_BUFFERS: usize = OPENED_QUEUE + 2;
 
 impl PieceSink {
     pub fn start(
@@ -591,26 +585,23 @@ impl PieceSink {
         let (jobs, rx) = std::sync::mpsc::sync_channel::<SinkJob>(SINK_QUEUE);
         let (to_writer, opened) =
             std::sync::mpsc::sync_channel::<Result<Opened, u64>>(OPENED_QUEUE);
-        let (free, freed) = std::sync::mpsc::channel::<buffers::AlignedBuf>();
         let (tx, done) = std::sync::mpsc::channel();
         let gather = writer.is_direct();
         let open = std::thread::Builder::new()
             .name("sealpost-open".into())
             .spawn(move || {
-                let mut made = 0usize;
                 while let Ok(job) = rx.recv() {
                     let next = match job {
                         SinkJob::Piece(offset, first, mut data) => {
-                            let buf = freed.try_recv().ok().or_else(|| {
-                                if made < RUN_BUFFERS {
-                                    made += 1;
-                                    None
-                                } else {
-                                    freed.recv().ok()
-                                }
-                            });
-                            let opened =
-                                open_piece(&cipher, &layout, gather, first, &mut data, buf);
+                            let opened = open_piece(&cipher, &layout, gather, first, &mut data);
+                            // The piece's own bytes are needed only for
+                            // chunks opened in place; else reused now.
+                            let data = if opened.loose.is_empty() {
+                                buffers::give(data);
+                                Vec::new()
+                            } else {
+                                data
+                            };
                             Ok((offset, opened, data))
                         }
                         SinkJob::Checkpoint(v) => Err(v),
@@ -630,7 +621,7 @@ impl PieceSink {
                             buffers::give(data);
                             r.map(|buf| {
                                 if let Some(b) = buf {
-                                    let _ = free.send(b);
+                                    buffers::give_aligned(b);
                                 }
                                 SinkEvent::Written(offset, piece.bad)
                             })

@@ -98,6 +98,35 @@ impl AlignedBuf {
     }
 }
 
+static ALIGNED_POOL: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
+
+/// Aligned buffers kept at most for reuse (about 8 MiB).
+pub const KEEP_ALIGNED: usize = 8;
+
+/// An aligned buffer of at least `capacity` bytes, reused when one is
+/// kept (its bytes are whatever it held), else a fresh zeroed one.
+pub fn take_aligned(capacity: usize) -> AlignedBuf {
+    if let Ok(mut pool) = ALIGNED_POOL.lock() {
+        if let Some(i) = pool.iter().rposition(|b| b.capacity() >= capacity) {
+            return pool.swap_remove(i);
+        }
+    }
+    AlignedBuf::new(capacity)
+}
+
+/// Hands an aligned buffer back for reuse (or frees it, if enough are
+/// kept or it is larger than a frame).
+pub fn give_aligned(buf: AlignedBuf) {
+    if buf.capacity() > MAX_CAPACITY {
+        return;
+    }
+    if let Ok(mut pool) = ALIGNED_POOL.lock() {
+        if pool.len() < KEEP_ALIGNED {
+            pool.push(buf);
+        }
+    }
+}
+
 /// `n` rounded down to a multiple of [`DIRECT_ALIGN`].
 pub fn round_down_aligned(n: u64) -> u64 {
     n / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64

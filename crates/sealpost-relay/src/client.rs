@@ -191,11 +191,9 @@ impl RelayClient {
                         if rd.read_exact(&mut head[1..h]).await.is_err() {
                             break;
                         }
-                        let mut rest = buffers::take(len - h);
-                        rest.resize(len - h, 0);
-                        if rd.read_exact(&mut rest).await.is_err() {
+                        let Ok(rest) = crate::read_pooled(&mut rd, len - h).await else {
                             break;
-                        }
+                        };
                         Response::decode_split(&head[..h], rest)
                     }
                     _ => {

@@ -386,9 +386,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
                 let mut head = [0u8; 128];
                 head[0] = ty[0];
                 rd.read_exact(&mut head[1..h]).await?;
-                let mut rest = buffers::take(len - h);
-                rest.resize(len - h, 0);
-                rd.read_exact(&mut rest).await?;
+                let rest = crate::read_pooled(rd, len - h).await?;
                 Request::decode_split(&head[..h], rest)
             }
             _ => {
@@ -430,7 +428,10 @@ async fn writer<W: AsyncWrite + Unpin>(
             }
         }
         match shared {
-            Some((piece, range)) => write_both(&mut wr, &buf, &piece[range]).await?,
+            Some((piece, range)) => {
+                write_both(&mut wr, &buf, &piece[range]).await?;
+                sealpost_store::release(piece);
+            }
             None => wr.write_all(&buf).await?,
         }
         wr.flush().await?;

@@ -290,9 +290,9 @@ impl Recent {
 /// Bytes of a piece kept in memory, shared with whoever sends them.
 pub type KeptBytes = (Arc<Vec<u8>>, std::ops::Range<usize>);
 
-/// A piece leaves memory: its buffer is reused once no response still
-/// holds it (else it is freed with the last one).
-fn release(piece: Arc<Vec<u8>>) {
+/// A kept piece is let go (it left memory, or a response holding it was
+/// sent): the last holder hands its buffer back for reuse.
+pub fn release(piece: Arc<Vec<u8>>) {
     if let Ok(v) = Arc::try_unwrap(piece) {
         sealpost_proto::buffers::give(v);
     }

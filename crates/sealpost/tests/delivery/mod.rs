@@ -510,12 +510,15 @@ fn killed_sender_and_recipient_resume_without_starting_over() {
         .spawn()
         .expect("send");
     let deadline = Instant::now() + Duration::from_secs(60);
-    let stored_at_kill = loop {
-        let stored: u64 = relay_blobs(&net)
+    let held = || -> u64 {
+        relay_blobs(&net)
             .iter()
             .filter_map(|p| std::fs::metadata(p).ok())
             .map(|m| m.len())
-            .sum();
+            .sum()
+    };
+    let stored_at_kill = loop {
+        let stored = held();
         if stored > 8 << 20 {
             let _ = child.kill();
             let _ = child.wait();
@@ -528,8 +531,21 @@ fn killed_sender_and_recipient_resume_without_starting_over() {
         std::thread::sleep(Duration::from_millis(2));
     };
     let blob_len = size as u64 + (size as u64).div_ceil(65_536) * 16;
+    // The relay goes on storing the pieces it had received whole from the
+    // dead connection (the run in progress, and what waited for it): what
+    // it holds once that settled is where the upload must resume.
+    let mut stored_at_kill = stored_at_kill;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = held();
+        if now == stored_at_kill {
+            break;
+        }
+        stored_at_kill = now;
+        assert!(Instant::now() < deadline, "the relay did not settle");
+    }
     // It resumes from what the relay holds: nothing below it is sent again
-    // (the relay may hold a little more than was seen at the kill; its
+    // (the relay may hold a little more than its file's length showed; the
     // file may also run up to one 4 KiB block past what it holds, the
     // padding of a direct write).
     let s = sync_with(&net, "alice", &[]);

@@ -406,9 +406,9 @@ const RUN_BUFFER: usize = DIRECT_MAX + 2 * DIRECT_ALIGN;
 /// [`PartWriter::is_direct`]), a piece whose place in the file is 4 KiB
 /// aligned (every relay piece: 15 chunks = 240 × 4 KiB of plaintext) is
 /// copied once into an aligned buffer (a reused one, see
-/// [`buffers::take_aligned`]) and opened
-/// there, ready for one direct write; a damaged chunk ends that run, and
-/// what follows it is opened in place.
+/// [`buffers::take_aligned`]) and opened there, ready for one direct
+/// write; a damaged chunk ends that run, and what follows it is opened in
+/// place.
 pub fn open_piece(
     cipher: &ChunkCipher,
     layout: &BlobLayout,

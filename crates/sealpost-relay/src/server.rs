@@ -188,6 +188,11 @@ impl Relay {
         let store =
             Store::open(&config.data.join("store"), config.limits).map_err(io::Error::other)?;
         let listener = TcpListener::bind(config.listen).await?;
+        // Before serving: no upload of ours is in progress.
+        let orphans = store.remove_orphan_blobs().map_err(io::Error::other)?;
+        if orphans > 0 {
+            tracing::info!("removed {orphans} blob files no blob row named");
+        }
         let local = listener.local_addr()?;
         let tls = TlsAcceptor::from(Arc::new(tls::server_config(&cert)?));
         let (notify, _) = broadcast::channel(4096);

@@ -488,6 +488,42 @@ impl Store {
         )
     }
 
+    /// Removes blob files that no row names, last written more than 10
+    /// minutes ago: a relay stopped between creating a blob's file and
+    /// committing its first piece, or between deleting a blob's row and
+    /// its file, leaves one behind (never served: reads go through the
+    /// row, but it holds disk space). Only names a blob file can have (32
+    /// hex digits) are touched. For a relay about to serve (no upload in
+    /// progress); returns how many were removed.
+    pub fn remove_orphan_blobs(&self) -> Result<usize, StoreError> {
+        let dir = &self.inner.blob_dir;
+        let mut orphans = Vec::new();
+        {
+            let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
+            let mut known = conn.prepare("SELECT 1 FROM blobs WHERE id = ?1")?;
+            for entry in fs::read_dir(dir).map_err(io_err("listing", dir))? {
+                let entry = entry.map_err(io_err("listing", dir))?;
+                let name = entry.file_name();
+                let Some(id) = name.to_str().and_then(blob_id_of_name) else {
+                    continue;
+                };
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= ORPHAN_AGE);
+                if old && !known.exists(params![id.to_vec()])? {
+                    orphans.push(entry.path());
+                }
+            }
+        }
+        for p in &orphans {
+            remove_gradually(p);
+        }
+        Ok(orphans.len())
+    }
+
     /// Runs of pieces held back for a recipient streaming their blob, and
     /// the time they waited in all (microseconds).
     pub fn pacing_stats(&self) -> (u64, u64) {
@@ -1258,6 +1294,26 @@ struct BlobRow {
     complete: bool,
 }
 
+/// A blob file no row names is left alone until it is this old (an upload's
+/// file exists a moment before its first piece's row is committed).
+const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The blob id a file name in the blob directory stands for, if it is one.
+fn blob_id_of_name(name: &str) -> Option<[u8; 16]> {
+    if name.len() != 32
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, byte) in id.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&name[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(id)
+}
+
 fn blob_path(dir: &Path, id: &[u8; 16]) -> PathBuf {
     let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
     dir.join(hex)
@@ -1522,6 +1578,25 @@ fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only names a blob file can have map back to a blob id.
+    #[test]
+    fn blob_file_names_map_back_to_ids() {
+        let id = [0xab; 16];
+        let path = blob_path(Path::new("/x"), &id);
+        let name = path.file_name().and_then(|n| n.to_str()).expect("name");
+        assert_eq!(blob_id_of_name(name), Some(id));
+        for bad in [
+            "",
+            "ab",
+            &"AB".repeat(16),
+            &"zz".repeat(16),
+            &"ab".repeat(17),
+            "relay.db",
+        ] {
+            assert_eq!(blob_id_of_name(bad), None, "{bad}");
+        }
+    }
 
     /// A follower counts while it reads (fresh) and is within reach; its
     /// position only moves forward; at most MAX_FOLLOWERS are tracked,

@@ -392,3 +392,54 @@ async fn a_streaming_recipient_holds_an_upload_back_a_little() {
     }
     assert_eq!(store.pacing_stats().0, 1);
 }
+
+/// A blob file no row names (a relay stopped between creating it and
+/// committing its first piece, or between deleting a blob's row and its
+/// file) is removed once it is old; blobs, young files (an upload about to
+/// commit its first piece) and other files stay.
+#[tokio::test]
+async fn old_orphan_blob_files_are_removed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path(), limits()).expect("open");
+    let mb = MailboxId::of(&[1; 32]);
+    store.register(mb, [1; 32], NOW).await.expect("reg");
+    let id = [3u8; 16];
+    let data = vec![7u8; 100];
+    let r = store
+        .blob_put(piece(id, mb, 100, h(&data), 0, data.clone()), NOW)
+        .await
+        .expect("put");
+    assert_eq!(
+        r,
+        BlobPutOutcome::Stored {
+            stored: 100,
+            complete: true
+        }
+    );
+    store.close();
+    let blobs = dir.path().join("blobs");
+    let orphan = blobs.join("0c".repeat(16));
+    let young = blobs.join("0d".repeat(16));
+    let other = blobs.join("notes.txt");
+    let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for (p, bytes) in [
+        (&orphan, &b"left behind"[..]),
+        (&young, b"first piece"),
+        (&other, b"not a blob"),
+    ] {
+        std::fs::write(p, bytes).expect("write");
+    }
+    for p in [&orphan, &other] {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .and_then(|f| f.set_modified(an_hour_ago))
+            .expect("age");
+    }
+    let reopened = Store::open(dir.path(), limits()).expect("reopen");
+    assert_eq!(reopened.remove_orphan_blobs().expect("sweep"), 1);
+    assert!(!orphan.exists(), "the orphan is removed");
+    assert!(young.exists(), "a young file is left alone");
+    assert!(other.exists(), "a file that cannot be a blob is left alone");
+    assert_eq!(reopened.blob_read(&id, 0, 100).expect("read"), Some(data));
+}

@@ -21,6 +21,7 @@
 # Bounded: COUNT messages, LONE round trips, MAX_SECONDS; loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 COUNT=${COUNT:-10000}
 SIZE=${SIZE:-1024}
 LONE=${LONE:-200}
@@ -41,13 +42,7 @@ cleanup() {
 trap cleanup EXIT
 export SEALPOST_LOG=warn
 
-"$SP" relay serve --data "$T/relay" --listen "127.0.0.1:$PORT" >/dev/null 2>"$T/relay.log" &
-PIDS+=($!)
-for _ in $(seq 100); do
-    ADDR=$("$SP" relay address --data "$T/relay" --listen "127.0.0.1:$PORT" 2>/dev/null) &&
-        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-    sleep 0.1
-done
+start_relay
 echo "# relay at $ADDR, loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 A=(--home "$T/alice")

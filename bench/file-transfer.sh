@@ -19,6 +19,7 @@
 # Bounded by MAX_SECONDS; loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 SIZE_MB=${SIZE_MB:-1024}
 MAX_SECONDS=${MAX_SECONDS:-600}
 PORT=${PORT:-17643}
@@ -37,14 +38,7 @@ trap cleanup EXIT
 export SEALPOST_LOG=warn
 now() { date +%s.%N; }
 
-"$SP" relay serve --data "$T/relay" --listen "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" >/dev/null 2>"$T/relay.log" &
-RELAY=$!
-PIDS+=("$RELAY")
-for _ in $(seq 100); do
-    ADDR=$("$SP" relay address --data "$T/relay" --listen "127.0.0.1:$PORT" 2>/dev/null) &&
-        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-    sleep 0.1
-done
+start_relay --metrics "127.0.0.1:$((PORT + 1))"
 A=(--home "$T/alice")
 B=(--home "$T/bob")
 "$SP" "${A[@]}" init --name alice --relay "$ADDR" >/dev/null
@@ -134,14 +128,7 @@ echo "sealpost device_reads_recipient_agent $(( $(awk '/^read_bytes/ { print $2 
 # Where the relay served the recipient's reads from: pieces still in memory
 # since they were stored, or the blob file (the device: pieces are written
 # with O_DIRECT).
-python3 - "$((PORT + 1))" <<'PY' || true
-import sys, urllib.request
-text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
-for line in text.splitlines():
-    for name in ("blob_reads_memory_total", "blob_reads_disk_total", "blob_runs_paced_total", "blob_paced_microseconds_total"):
-        if line.startswith("sealpost_relay_" + name + " "):
-            print("sealpost relay_" + name, line.split()[1])
-PY
+relay_blob_metrics "$((PORT + 1))"
 
 if [[ $ANCHORS == 1 ]]; then
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done

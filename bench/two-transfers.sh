@@ -9,6 +9,7 @@
 # Bounded by MAX_SECONDS; loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 SIZE_MB=${SIZE_MB:-512}
 MAX_SECONDS=${MAX_SECONDS:-300}
 PORT=${PORT:-17990}
@@ -25,14 +26,7 @@ cleanup() {
 trap cleanup EXIT
 export SEALPOST_LOG=warn
 
-"$SP" relay serve --data "$T/relay" --listen "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" >/dev/null 2>"$T/relay.log" &
-RELAY=$!
-PIDS+=("$RELAY")
-for _ in $(seq 100); do
-    ADDR=$("$SP" relay address --data "$T/relay" --listen "127.0.0.1:$PORT" 2>/dev/null) &&
-        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-    sleep 0.1
-done
+start_relay --metrics "127.0.0.1:$((PORT + 1))"
 card() { "$SP" --home "$T/$1" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])'; }
 for u in alice bob carol dave; do "$SP" --home "$T/$u" init --name "$u" --relay "$ADDR" >/dev/null; done
 "$SP" --home "$T/alice" contact add "$(card bob)" --name bob >/dev/null
@@ -70,11 +64,4 @@ awk -v mb="$SIZE_MB" -v t0="$t0" -v t1="$t1" 'BEGIN {
 }'
 echo "sealpost peak_rss_relay $(( $(awk '/VmHWM/ { print $2 }' "/proc/$RELAY/status") / 1024 )) MiB"
 echo "sealpost device_reads_relay $(( $(awk '/^read_bytes/ { print $2 }' "/proc/$RELAY/io") >> 20 )) MiB"
-python3 - "$((PORT + 1))" <<'PY' || true
-import sys, urllib.request
-text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
-for line in text.splitlines():
-    for name in ("blob_reads_memory_total", "blob_reads_disk_total", "blob_runs_paced_total", "blob_paced_microseconds_total"):
-        if line.startswith("sealpost_relay_" + name + " "):
-            print("sealpost relay_" + name, line.split()[1])
-PY
+relay_blob_metrics "$((PORT + 1))"

@@ -73,7 +73,7 @@ cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{ print int(($14 + $15) * 1000 / hz) 
 head -c "$SIZE" /dev/urandom | base64 -w0 | head -c "$SIZE" >"$T/content"
 base=$(delivered)
 t0=$(date +%s.%N)
-"$SP" "${A[@]}" send bob --file "$T/content" --repeat "$COUNT" >/dev/null
+"$SP" "${A[@]}" send bob - --repeat "$COUNT" <"$T/content" >/dev/null
 t_queued=$(date +%s.%N)
 deadline=$(( $(date +%s) + MAX_SECONDS ))
 while :; do

@@ -301,7 +301,7 @@ pub fn release(piece: Arc<Vec<u8>>) {
 /// Where the bytes a blob read asks for are ([`Store::blob_locate`]).
 #[derive(Debug)]
 pub enum BlobRead {
-    /// There is no such blob.
+    /// There is no such blob (for this reader).
     Missing,
     /// Among the pieces kept in memory: shared, not copied.
     Kept(KeptBytes),
@@ -1114,50 +1114,40 @@ impl Store {
         Ok(outcomes)
     }
 
-    /// Reads `len` bytes of a blob from `offset` (fewer at its end). Only
-    /// the stored part can be read.
+    /// Reads `len` bytes of a blob from `offset` (fewer at its end), as
+    /// its mailbox would. Only the stored part can be read.
     pub fn blob_read(
         &self,
         id: &[u8; 16],
         offset: u64,
         len: usize,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut buf = Vec::new();
-        Ok(self
-            .blob_read_into(id, offset, len, &mut buf)?
-            .then_some(buf))
-    }
-
-    /// [`Store::blob_read`], appending the bytes to `out` (a frame being
-    /// built, say). `false` if there is no such blob.
-    pub fn blob_read_into(
-        &self,
-        id: &[u8; 16],
-        offset: u64,
-        len: usize,
-        out: &mut Vec<u8>,
-    ) -> Result<bool, StoreError> {
-        match self.blob_locate(id, offset, len)? {
-            BlobRead::Missing => Ok(false),
-            BlobRead::Kept((piece, range)) => {
-                out.extend_from_slice(&piece[range]);
-                Ok(true)
-            }
-            BlobRead::OnDisk(n) => self.blob_read_disk(id, offset, n, out).map(|()| true),
+        let Some(row) = self.blob_row(id)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        match self.blob_locate(id, &row.mailbox, offset, len)? {
+            BlobRead::Missing => return Ok(None),
+            BlobRead::Kept((piece, range)) => out.extend_from_slice(&piece[range]),
+            BlobRead::OnDisk(n) => self.blob_read_disk(id, offset, n, &mut out)?,
         }
+        Ok(Some(out))
     }
 
-    /// Where `len` bytes of a blob from `offset` (fewer at its end) are: a
-    /// piece kept in memory answers at once, without a copy; anything else
-    /// is read with [`Store::blob_read_disk`] (on a blocking thread: it
-    /// waits for the device). Only the stored part can be read.
+    /// Where `len` bytes of a blob from `offset` (fewer at its end) are,
+    /// for `reader`: a piece kept in memory answers at once, without a
+    /// copy; anything else is read with [`Store::blob_read_disk`] (on a
+    /// blocking thread: it waits for the device). Only the stored part can
+    /// be read, and only by the blob's mailbox: to any other the blob is
+    /// [`BlobRead::Missing`] (and its reads are not followed).
     pub fn blob_locate(
         &self,
         id: &[u8; 16],
+        reader: &MailboxId,
         offset: u64,
         len: usize,
     ) -> Result<BlobRead, StoreError> {
-        let Some(row) = self.blob_row(id)? else {
+        let Some(row) = self.blob_row(id)?.filter(|r| r.mailbox == *reader) else {
             return Ok(BlobRead::Missing);
         };
         if offset >= row.stored {

@@ -130,7 +130,7 @@ pub struct SendArgs {
     timing: TimingArgs,
     /// Benchmarks: queue this many messages with this content (distinct
     /// ids), waking a running agent every 1,000; prints the last id
-    #[arg(long, hide = true, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, hide = true, default_value_t = 1, conflicts_with = "file", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     repeat: u64,
 }
 

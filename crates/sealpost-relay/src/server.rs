@@ -1,9 +1,10 @@
 //! The relay server: a TLS listener whose connections speak the relay
 //! protocol (`sealpost_proto::relay`) against the durable store.
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use sealpost_proto::relay::{
 use sealpost_store::{BlobPutOutcome, BlobRead, Limits, Store, SubmitOutcome};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
@@ -36,8 +37,15 @@ pub struct Config {
     pub data: PathBuf,
     pub limits: Limits,
     pub max_connections: usize,
+    /// Connections one source address may hold open at once: one address
+    /// cannot take every slot.
+    pub max_connections_per_address: usize,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
+    /// How long a connection that has not authenticated to a mailbox may
+    /// stay silent between requests (a sender submits and goes; an owner's
+    /// agent authenticates and may then idle for `idle_timeout`).
+    pub unauthenticated_idle_timeout: Duration,
     /// Time allowed to receive the rest of a frame once it started: a
     /// client trickling bytes (slow loris) is cut off after this.
     pub frame_timeout: Duration,
@@ -75,15 +83,17 @@ impl Config {
             data,
             limits: Limits::default(),
             max_connections: 4096,
+            max_connections_per_address: 256,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            unauthenticated_idle_timeout: Duration::from_secs(30),
             frame_timeout: Duration::from_secs(30),
             sweep_interval: Duration::from_secs(60),
             cert_files: None,
             cert_names: Vec::new(),
             max_in_flight: 1024,
             max_in_flight_bytes: 16 << 20,
-            max_total_in_flight_bytes: 512 << 20,
+            max_total_in_flight_bytes: 128 << 20,
             rate_per_connection: (50_000.0, 10_000.0),
             rate_per_address: (500.0, 2_000.0),
             metrics: None,
@@ -109,6 +119,10 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     pub timeouts: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Connections refused because their address held its share of slots.
+    pub refused_per_address: AtomicU64,
+    /// Unauthenticated idle connections closed to make room for new ones.
+    pub evicted: AtomicU64,
     /// Refusals by `RefusalCode::code()` (index 0 unused).
     pub refused_by_code: [AtomicU64; 6],
 }
@@ -124,6 +138,16 @@ struct Shared {
     /// Payload bytes waiting for commits, over all connections.
     total_bytes: Arc<Semaphore>,
     per_address: std::sync::Mutex<PerAddress>,
+    /// Open connections per source address.
+    open_per_address: std::sync::Mutex<HashMap<IpAddr, usize>>,
+    /// Connections not (yet) authenticated to a mailbox, oldest first: the
+    /// first to be closed when every slot is taken.
+    unauthenticated: std::sync::Mutex<BTreeMap<u64, Arc<Notify>>>,
+    next_connection: AtomicU64,
+    /// New connections waiting for an evicted one's slot (bounded).
+    admissions: Arc<Semaphore>,
+    /// The data directory's lock, held as long as the relay is.
+    _lock: std::fs::File,
 }
 
 /// A bound relay, ready to serve.
@@ -147,32 +171,58 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The relay's signing key (for refusals), created on first start.
+/// The relay's signing key (for refusals), created on first start
+/// (written whole or not at all; an empty file, left by versions that
+/// created it before writing it, never signed anything and is replaced).
 fn load_or_create_key(path: &Path) -> io::Result<SigningKey> {
-    if let Ok(bytes) = std::fs::read(path) {
-        let seed: Zeroizing<[u8; 32]> =
-            Zeroizing::new(bytes.as_slice().try_into().map_err(|_| {
-                io::Error::other(format!("{} is not a 32-byte key", path.display()))
-            })?);
-        return Ok(SigningKey::from_bytes(&seed));
+    match std::fs::read(path) {
+        Ok(bytes) if !bytes.is_empty() => {
+            let bytes = Zeroizing::new(bytes);
+            let seed: Zeroizing<[u8; 32]> =
+                Zeroizing::new(bytes.as_slice().try_into().map_err(|_| {
+                    io::Error::other(format!(
+                        "{} is not a 32-byte key ({} bytes); restore it from a backup",
+                        path.display(),
+                        bytes.len()
+                    ))
+                })?);
+            return Ok(SigningKey::from_bytes(&seed));
+        }
+        Ok(_) => tracing::warn!(
+            "{} is empty (a first start was interrupted); making a new key",
+            path.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
     let mut seed = Zeroizing::new([0u8; 32]);
     OsRng.fill_bytes(seed.as_mut());
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)?;
-        f.write_all(seed.as_ref())?;
-        f.sync_all()?;
-    }
-    if let Some(d) = path.parent() {
-        std::fs::File::open(d)?.sync_all()?;
-    }
+    tls::write_private(path, seed.as_ref())?;
     Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Takes the data directory's lock (`relay.lock`, held while the relay
+/// runs), so a second relay on the same directory is refused instead of
+/// sharing its store and blob files.
+fn lock_data_dir(data: &Path) -> io::Result<std::fs::File> {
+    let path = data.join("relay.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "another relay is running on {} (it holds {}); stop it first or use another --data",
+                data.display(),
+                path.display()
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 impl Relay {
@@ -180,6 +230,7 @@ impl Relay {
     /// binds the listener.
     pub async fn bind(config: Config) -> io::Result<Self> {
         std::fs::create_dir_all(&config.data)?;
+        let lock = lock_data_dir(&config.data)?;
         let (cert, created_cert) = match &config.cert_files {
             Some((c, k)) => (tls::load(c, k)?, false),
             None => tls::load_or_create(&config.data, &config.cert_names)?,
@@ -216,6 +267,11 @@ impl Relay {
                     config.rate_per_address.1,
                     std::time::Instant::now(),
                 )),
+                open_per_address: std::sync::Mutex::new(HashMap::new()),
+                unauthenticated: std::sync::Mutex::new(BTreeMap::new()),
+                next_connection: AtomicU64::new(0),
+                admissions: Arc::new(Semaphore::new(64)),
+                _lock: lock,
                 config,
             }),
             listener,
@@ -288,24 +344,38 @@ impl Relay {
                         drop(tcp);
                         continue;
                     }
-                    let permit = match shared.conns.clone().try_acquire_owned() {
-                        Ok(p) => p,
-                        Err(_) => {
-                            shared.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-                            drop(tcp);
-                            continue;
-                        }
+                    let Some(slot) = AddressSlot::take(&shared, peer.ip()) else {
+                        shared.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                        shared.metrics.refused_per_address.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "refused: the address holds its share of connections");
+                        drop(tcp);
+                        continue;
                     };
-                    let s = shared.clone();
-                    tokio::spawn(async move {
-                        s.metrics.connections.fetch_add(1, Ordering::Relaxed);
-                        s.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-                        if let Err(e) = connection(s.clone(), tcp).await {
-                            tracing::debug!(%peer, "connection ended: {e}");
-                        }
-                        s.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
-                        drop(permit);
-                    });
+                    match shared.conns.clone().try_acquire_owned() {
+                        Ok(permit) => start_connection(shared.clone(), tcp, peer, permit, slot),
+                        // Every slot is taken: close the oldest connection
+                        // that has not authenticated, and give its slot to
+                        // this one (waiting a little, off the accept loop).
+                        Err(_) => match shared.admissions.clone().try_acquire_owned() {
+                            Ok(admission) if shared.evict_oldest_unauthenticated() => {
+                                let s = shared.clone();
+                                tokio::spawn(async move {
+                                    let got = timeout(Duration::from_secs(1), s.conns.clone().acquire_owned()).await;
+                                    drop(admission);
+                                    match got {
+                                        Ok(Ok(permit)) => start_connection(s, tcp, peer, permit, slot),
+                                        _ => {
+                                            s.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                                        }
+                                    }
+                                });
+                            }
+                            _ => {
+                                shared.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                                drop(tcp);
+                            }
+                        },
+                    }
                 }
             }
         }
@@ -319,6 +389,116 @@ impl Relay {
             .map_err(io::Error::other)?;
         Ok(())
     }
+}
+
+/// One open connection counted against its source address; given back
+/// when dropped.
+struct AddressSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl AddressSlot {
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
+        let mut open = shared.open_per_address.lock().ok()?;
+        let n = open.entry(ip).or_insert(0);
+        if *n >= shared.config.max_connections_per_address {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.shared.open_per_address.lock() {
+            if let Some(n) = open.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+/// A connection's place among the unauthenticated ones (left when it
+/// authenticates or closes).
+struct Unauthenticated {
+    shared: Arc<Shared>,
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+impl Unauthenticated {
+    fn register(shared: &Arc<Shared>) -> Self {
+        let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+        let evict = Arc::new(Notify::new());
+        if let Ok(mut m) = shared.unauthenticated.lock() {
+            m.insert(id, evict.clone());
+        }
+        Self {
+            shared: shared.clone(),
+            id,
+            evict,
+        }
+    }
+
+    fn leave(&self) {
+        if let Ok(mut m) = self.shared.unauthenticated.lock() {
+            m.remove(&self.id);
+        }
+    }
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+impl Shared {
+    /// Tells the oldest unauthenticated connection to close (it does at
+    /// once if it is in its TLS handshake or between requests, else once
+    /// its current request is answered). False if there is none.
+    fn evict_oldest_unauthenticated(&self) -> bool {
+        let oldest = self
+            .unauthenticated
+            .lock()
+            .ok()
+            .and_then(|mut m| m.pop_first());
+        match oldest {
+            Some((_, evict)) => {
+                evict.notify_one();
+                self.metrics.evicted.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn start_connection(
+    s: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    slot: AddressSlot,
+) {
+    tokio::spawn(async move {
+        s.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        s.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = connection(s.clone(), tcp).await {
+            tracing::debug!(%peer, "connection ended: {e}");
+        }
+        s.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+        drop(permit);
+        drop(slot);
+    });
 }
 
 async fn sweep_loop(s: Arc<Shared>) {
@@ -363,49 +543,112 @@ fn err(code: ErrorCode, message: impl Into<String>) -> Response {
     }
 }
 
-/// Reads one frame body and decodes it; `None` on a clean end of stream
-/// between frames. A blob piece or a submission is read in two parts: its
-/// head, then its data straight into a buffer of its own (reused: fresh
-/// megabyte buffers cost page faults on every frame), so the data is not
-/// copied out of the frame afterwards.
-async fn read_frame<R: AsyncRead + Unpin>(
-    rd: &mut R,
+/// The largest frame of a request type read whole (not in two parts): an
+/// `Ack` of `MAX_BATCH` seqs. A larger frame of such a type cannot be
+/// valid and is refused before its body is read.
+const MAX_SMALL_REQUEST: usize = 1 + 4 + 2 + relay::MAX_BATCH * 8;
+/// The largest frame taken before `Hello` (which is 6 bytes).
+const MAX_BEFORE_HELLO: usize = 16;
+
+/// Where a connection is: what it may send next, and how long it may wait.
+#[derive(Clone, Copy)]
+struct Stage {
+    hello: bool,
     idle: Duration,
     frame: Duration,
-) -> io::Result<Option<Result<Frame<Request>, DecodeError>>> {
+}
+
+/// A request read off the wire, with the relay's byte budget its body
+/// took (a submission or blob piece), if any.
+struct Read {
+    frame: Result<Frame<Request>, DecodeError>,
+    budget: Option<OwnedSemaphorePermit>,
+}
+
+/// Reads one frame body and decodes it; `None` on a clean end of stream
+/// between frames.
+///
+/// Memory is bounded before the peer has proven anything: before `Hello`
+/// only a Hello-sized frame is read; a request type read whole is refused
+/// above the largest valid one and its buffer grows only as its bytes
+/// arrive; a submission's or blob piece's data (up to 1 MiB) is read only
+/// once the relay-wide budget of bytes in flight has room for it (so a
+/// crowd announcing large frames and sending nothing waits for budget,
+/// instead of each holding a megabyte). That data is read straight into a
+/// buffer of its own (reused: fresh megabyte buffers cost page faults on
+/// every frame), so it is not copied out of the frame afterwards.
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    stage: Stage,
+    budget: &Arc<Semaphore>,
+    evict: &Notify,
+) -> io::Result<Option<Read>> {
     let mut prefix = [0u8; 4];
-    let first = timeout(idle, rd.read(&mut prefix[..1]))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "idle timeout"))??;
+    let first = tokio::select! {
+        r = timeout(stage.idle, rd.read(&mut prefix[..1])) => r
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "idle timeout"))??,
+        _ = evict.notified() => {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed to make room (relay full)"));
+        }
+    };
     if first == 0 {
         return Ok(None);
     }
-    let decoded = timeout(frame, async {
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    timeout(stage.frame, async {
         rd.read_exact(&mut prefix[1..]).await?;
-        let len = relay::frame_len(prefix)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let len = relay::frame_len(prefix).map_err(|e| invalid(e.to_string()))?;
         let mut ty = [0u8; 1];
         rd.read_exact(&mut ty).await?;
+        if !stage.hello && (ty[0] != 0x01 || len > MAX_BEFORE_HELLO) {
+            return Err(invalid("the first request must be Hello".into()));
+        }
         Ok::<_, io::Error>(match Request::head_len(ty[0]) {
             Some(h) if len > h => {
+                let permits = u32::try_from(len).unwrap_or(u32::MAX);
+                let taken = budget
+                    .clone()
+                    .acquire_many_owned(permits)
+                    .await
+                    .map_err(|_| io::Error::other("relay shutting down"))?;
                 let mut head = [0u8; 128];
                 head[0] = ty[0];
                 rd.read_exact(&mut head[1..h]).await?;
                 let rest = crate::read_pooled(rd, len - h).await?;
-                Request::decode_split(&head[..h], rest)
+                Read {
+                    frame: Request::decode_split(&head[..h], rest),
+                    budget: Some(taken),
+                }
             }
-            _ => {
-                let mut body = buffers::take(len);
-                body.resize(len, 0);
-                body[0] = ty[0];
-                rd.read_exact(&mut body[1..]).await?;
-                Request::decode_owned(body)
+            Some(_) => read_whole(rd, ty[0], len).await?,
+            None if len > MAX_SMALL_REQUEST => {
+                return Err(invalid(format!(
+                    "a request of type {:#04x} is at most {MAX_SMALL_REQUEST} bytes; this one says {len}",
+                    ty[0]
+                )));
             }
+            None => read_whole(rd, ty[0], len).await?,
         })
     })
     .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "frame timeout (too slow)"))??;
-    Ok(Some(decoded))
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "frame timeout (too slow)"))?
+    .map(Some)
+}
+
+/// Reads the rest of a small frame whose type byte was `ty`, into a buffer
+/// that grows as the bytes arrive (never sized by the announced length).
+async fn read_whole<R: AsyncRead + Unpin>(rd: &mut R, ty: u8, len: usize) -> io::Result<Read> {
+    let mut body = Vec::with_capacity(len.min(256));
+    body.push(ty);
+    let rest = (len - 1) as u64;
+    let got = rd.take(rest).read_to_end(&mut body).await?;
+    if got as u64 != rest {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(Read {
+        frame: Request::decode_owned(body),
+        budget: None,
+    })
 }
 
 async fn writer<W: AsyncWrite + Unpin>(
@@ -497,12 +740,16 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
     // rustls reads its records 4 KiB at a time; a read buffer under it
     // turns a 1 MiB blob piece into a few syscalls instead of 256.
     let tcp = tokio::io::BufReader::with_capacity(64 * 1024, tcp);
-    let stream = timeout(s.config.handshake_timeout, s.tls.accept(tcp))
-        .await
-        .map_err(|_| {
+    let unauthenticated = Unauthenticated::register(&s);
+    let stream = tokio::select! {
+        r = timeout(s.config.handshake_timeout, s.tls.accept(tcp)) => r.map_err(|_| {
             s.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
             io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timeout")
-        })??;
+        })??,
+        _ = unauthenticated.evict.notified() => {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed to make room (relay full)"));
+        }
+    };
     let exporter = stream
         .get_ref()
         .1
@@ -559,7 +806,16 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
     let mut hello = false;
     let result: io::Result<()> = async {
         loop {
-            let decoded = match read_frame(&mut rd, s.config.idle_timeout, s.config.frame_timeout).await {
+            let stage = Stage {
+                hello,
+                idle: if session.mailbox.is_some() {
+                    s.config.idle_timeout
+                } else {
+                    s.config.unauthenticated_idle_timeout
+                },
+                frame: s.config.frame_timeout,
+            };
+            let read = match read_frame(&mut rd, stage, &s.total_bytes, &unauthenticated.evict).await {
                 Ok(Some(d)) => d,
                 Ok(None) => return Ok(()),
                 Err(e) => {
@@ -573,7 +829,8 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
                     return Err(e);
                 }
             };
-            let frame = match decoded {
+            let budget = read.budget;
+            let frame = match read.frame {
                 Ok(f) => f,
                 Err(e) => {
                     s.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -624,7 +881,11 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
                 count: &in_flight,
                 bytes: &in_flight_bytes,
             };
-            handle(&s, &mut session, &out, bounds, frame.id, frame.body).await?;
+            let was_authenticated = session.mailbox.is_some();
+            handle(&s, &mut session, &out, bounds, budget, frame.id, frame.body).await?;
+            if !was_authenticated && session.mailbox.is_some() {
+                unauthenticated.leave();
+            }
         }
     }
     .await;
@@ -640,6 +901,7 @@ async fn handle(
     session: &mut Session,
     out: &Out,
     in_flight: InFlight<'_>,
+    budget: Option<OwnedSemaphorePermit>,
     id: u32,
     req: Request,
 ) -> io::Result<()> {
@@ -721,11 +983,12 @@ async fn handle(
             // Submissions run concurrently so that their commits can share
             // one fsync (group commit); the in-flight bound keeps a client
             // from queueing without limit.
+            // The relay-wide budget was taken when the frame was read.
             let weight = u32::try_from(payload.len().max(1)).unwrap_or(u32::MAX);
             let permits = (
                 in_flight.count.clone().acquire_owned().await,
                 in_flight.bytes.clone().acquire_many_owned(weight).await,
-                s.total_bytes.clone().acquire_many_owned(weight).await,
+                take_budget(s, budget, weight).await,
             );
             let (Ok(p1), Ok(p2), Ok(p3)) = permits else {
                 return Err(io::Error::other("relay shutting down"));
@@ -814,7 +1077,7 @@ async fn handle(
             let weight = u32::try_from(put.data.len().max(1)).unwrap_or(u32::MAX);
             let permits = (
                 in_flight.bytes.clone().acquire_many_owned(weight).await,
-                s.total_bytes.clone().acquire_many_owned(weight).await,
+                take_budget(s, budget, weight).await,
             );
             let (Ok(p1), Ok(p2)) = permits else {
                 return Err(io::Error::other("relay shutting down"));
@@ -946,6 +1209,19 @@ async fn handle(
             }
         }
         _ => send(out, id, err(ErrorCode::BadRequest, "unsupported request")).await,
+    }
+}
+
+/// The relay-wide byte budget for a request's data: what reading its frame
+/// took, or (a frame read whole, without data) `weight` now.
+async fn take_budget(
+    s: &Shared,
+    taken: Option<OwnedSemaphorePermit>,
+    weight: u32,
+) -> Result<OwnedSemaphorePermit, tokio::sync::AcquireError> {
+    match taken {
+        Some(p) => Ok(p),
+        None => s.total_bytes.clone().acquire_many_owned(weight).await,
     }
 }
 

@@ -104,10 +104,17 @@ fn io_other(e: impl fmt::Display) -> io::Error {
 
 /// Loads `cert.pem` and `key.pem` from `dir`, creating a self-signed pair
 /// on first start. Returns the cert and whether it was created now.
+///
+/// Each file is written to a temporary name, made durable and renamed into
+/// place, the key before the certificate: a relay killed during its first
+/// start leaves either no certificate (and makes a new pair next time: it
+/// never served with the old one) or a whole set. An empty `cert.pem`, left
+/// by versions that created it in place, is treated as absent.
 pub fn load_or_create(dir: &Path, names: &[String]) -> io::Result<(RelayCert, bool)> {
     let cert_path = dir.join("cert.pem");
     let key_path = dir.join("key.pem");
-    let created = if !cert_path.exists() {
+    let present = fs::metadata(&cert_path).is_ok_and(|m| m.len() > 0);
+    let created = if !present {
         let mut names = names.to_vec();
         if names.is_empty() {
             names = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
@@ -141,20 +148,35 @@ pub fn load(cert_path: &Path, key_path: &Path) -> io::Result<RelayCert> {
     Ok(RelayCert { chain, key, pin })
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Writes `bytes` as `path` (mode 0600) through a temporary file in the
+/// same directory that is made durable and renamed into place, then makes
+/// the rename durable: after a crash `path` is absent, old or whole.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io_other(format!("{} is not a file name", path.display())))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)?;
+        .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
-    if let Some(d) = path.parent() {
-        fs::File::open(d)?.sync_all()?;
-    }
-    Ok(())
+    drop(f);
+    fs::rename(&tmp, path)?;
+    fs::File::open(dir)?.sync_all()
 }
 
 /// TLS 1.3 only, ALPN `sealpost/1`.

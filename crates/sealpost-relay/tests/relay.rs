@@ -403,3 +403,253 @@ async fn bad_input_is_refused_and_others_are_still_served() {
     ));
     relay.stop().await;
 }
+
+/// A TLS session from `local` (a loopback address of the test's choice),
+/// Hello sent and its answer read.
+async fn session_from(
+    addr: &RelayAddress,
+    local: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(format!("{local}:0").parse().expect("local addr"))?;
+    let tcp = sock
+        .connect(addr.host_port.parse().expect("relay addr"))
+        .await?;
+    let cfg = sealpost_relay::tls::client_config(addr.pin).expect("cfg");
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await?;
+    tls.write_all(&Request::Hello { version: 1 }.encode(1))
+        .await?;
+    tls.flush().await?;
+    let mut fb = sealpost_proto::relay::FrameBuffer::new();
+    let mut buf = [0u8; 256];
+    loop {
+        if let Some(f) = fb.next_frame().map_err(std::io::Error::other)? {
+            match Response::decode(&f).map_err(std::io::Error::other)?.body {
+                Response::HelloOk { .. } => return Ok(tls),
+                other => return Err(std::io::Error::other(format!("{other:?}"))),
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::other("no HelloOk"))??;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        fb.extend(&buf[..n]);
+    }
+}
+
+/// Reads until the relay closes the connection (or `within` passes: then
+/// panics), returning what it sent.
+async fn closed_within(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    within: Duration,
+) -> Vec<u8> {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(within, tls.read_to_end(&mut got))
+        .await
+        .expect("the relay closed the connection in time");
+    got
+}
+
+/// A stranger's frame heads announcing large frames take no memory before
+/// Hello (refused at once), and after Hello a large body is read only
+/// within the relay-wide byte budget: with room for one such frame, a
+/// crowd of announcers waits for it (cut off by the frame timeout) while
+/// an honest client is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_lengths_take_no_memory_before_their_bytes() {
+    let relay = start(|c| {
+        c.frame_timeout = Duration::from_secs(1);
+        c.max_total_in_flight_bytes = 0; // the floor: one largest frame
+    })
+    .await;
+    // Before Hello: a 1 MiB Submit head is refused before its body.
+    let cfg = sealpost_relay::tls::client_config(relay.addr.pin).expect("cfg");
+    let tcp = TcpStream::connect(&relay.addr.host_port)
+        .await
+        .expect("tcp");
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("tls");
+    let len = (sealpost_proto::relay::MAX_FRAME as u32).to_be_bytes();
+    tls.write_all(&[len[0], len[1], len[2], len[3], 0x04])
+        .await
+        .expect("head");
+    tls.flush().await.expect("flush");
+    let answer = closed_within(&mut tls, Duration::from_millis(500)).await;
+    let mut fb = sealpost_proto::relay::FrameBuffer::new();
+    fb.extend(&answer);
+    let e = fb.next_frame().expect("frame").expect("an error");
+    assert!(matches!(
+        Response::decode(&e).expect("decodes").body,
+        Response::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        }
+    ));
+    // A small request type announcing a megabyte: refused before its body.
+    let mut tls = session_from(&relay.addr, "127.0.0.1")
+        .await
+        .expect("session");
+    tls.write_all(&[len[0], len[1], len[2], len[3], 0x05])
+        .await
+        .expect("head");
+    tls.flush().await.expect("flush");
+    closed_within(&mut tls, Duration::from_millis(500)).await;
+
+    // After Hello: eight announcers of 1 MiB submissions that never send
+    // their bodies.
+    let mut crowd = Vec::new();
+    for _ in 0..8 {
+        let mut t = session_from(&relay.addr, "127.0.0.1")
+            .await
+            .expect("session");
+        t.write_all(&[len[0], len[1], len[2], len[3], 0x04, 0, 0, 0, 9])
+            .await
+            .expect("head");
+        t.flush().await.expect("flush");
+        crowd.push(t);
+    }
+    let bob = id(2);
+    let c = RelayClient::connect(&relay.addr).await.expect("connect");
+    let mb = c.register(&bob).await.expect("register");
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        c.submit(mb, now() + 60, vec![7u8; 4096]).await,
+        Ok(Submitted::Accepted { .. })
+    ));
+    // Served once the budget's holder timed out, not after all eight.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    for mut t in crowd {
+        closed_within(&mut t, Duration::from_secs(12)).await;
+    }
+    assert!(relay.metrics.timeouts.load(Ordering::Relaxed) >= 8);
+    relay.stop().await;
+}
+
+/// One address cannot hold every slot: past its share its connections are
+/// refused while another address is still served; and when every slot is
+/// taken, the oldest connection that has not authenticated makes room,
+/// never an authenticated one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_slot() {
+    let relay = start(|c| {
+        c.max_connections = 6;
+        c.max_connections_per_address = 4;
+    })
+    .await;
+    let mut hog = Vec::new();
+    for _ in 0..4 {
+        hog.push(
+            session_from(&relay.addr, "127.0.0.1")
+                .await
+                .expect("within the share"),
+        );
+    }
+    assert!(session_from(&relay.addr, "127.0.0.1").await.is_err());
+    assert!(relay.metrics.refused_per_address.load(Ordering::Relaxed) >= 1);
+    // Another address fills the last two slots; a third connection from
+    // it evicts the oldest unauthenticated one (the hog's first).
+    let mut other = Vec::new();
+    for _ in 0..2 {
+        other.push(session_from(&relay.addr, "127.0.0.2").await.expect("slot"));
+    }
+    let mut evicted = hog.remove(0);
+    let newcomer = session_from(&relay.addr, "127.0.0.2")
+        .await
+        .expect("made room");
+    closed_within(&mut evicted, Duration::from_secs(2)).await;
+    assert_eq!(relay.metrics.evicted.load(Ordering::Relaxed), 1);
+    drop((hog, other, newcomer));
+
+    // Authenticated connections are never evicted: four owners (the
+    // client's address's share) and two strangers fill the relay; a third
+    // stranger evicts a stranger, and every owner keeps its connection.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut owners = Vec::new();
+    for i in 0..4u8 {
+        let c = RelayClient::connect(&relay.addr).await.expect("connect");
+        c.register(&id(10 + i)).await.expect("register");
+        owners.push(c);
+    }
+    let mut strangers = Vec::new();
+    for _ in 0..2 {
+        strangers.push(session_from(&relay.addr, "127.0.0.2").await.expect("slot"));
+    }
+    let _third = session_from(&relay.addr, "127.0.0.2")
+        .await
+        .expect("made room");
+    closed_within(&mut strangers[0], Duration::from_secs(2)).await;
+    assert_eq!(relay.metrics.evicted.load(Ordering::Relaxed), 2);
+    for c in &owners {
+        assert!(c.status().await.is_ok(), "owners keep their connections");
+    }
+    relay.stop().await;
+}
+
+/// Two relays on one data directory: the second is refused with words
+/// that say why, and the first keeps its store to itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_serves_one_relay_at_a_time() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = || {
+        Config::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            dir.path().join("data"),
+        )
+    };
+    let first = Relay::bind(cfg()).await.expect("bind");
+    let e = Relay::bind(cfg())
+        .await
+        .expect_err("a second relay on the same data");
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+    assert!(e.to_string().contains("another relay is running"), "{e}");
+    drop(first);
+    Relay::bind(cfg())
+        .await
+        .expect("free again once the first is gone");
+}
+
+/// A relay killed during its first start (between its key and its
+/// certificate, or with its signing key created but not written, as
+/// earlier versions could be) starts next time, with a whole new set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_cut_short_is_recovered() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(data.join("key.pem"), b"-----BEGIN PRIVATE KEY-----\nAAAA").expect("half key");
+    std::fs::write(data.join("relay-signing.key"), b"").expect("empty key");
+    std::fs::write(data.join(".cert.pem.tmp"), b"half").expect("left-over temporary file");
+    let relay = Relay::bind(Config::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        data.clone(),
+    ))
+    .await
+    .expect("starts after a cut-short first start");
+    assert!(relay.created_cert());
+    let pin = relay.pin();
+    drop(relay);
+    for f in ["key.pem", "cert.pem", "relay-signing.key"] {
+        use std::os::unix::fs::PermissionsExt;
+        let m = std::fs::metadata(data.join(f)).expect("written");
+        assert!(m.len() > 0, "{f}");
+        assert_eq!(m.permissions().mode() & 0o077, 0, "{f} is private");
+    }
+    // And a whole set is kept as it is.
+    let again = Relay::bind(Config::new("127.0.0.1:0".parse().expect("addr"), data))
+        .await
+        .expect("restart");
+    assert!(!again.created_cert());
+    assert_eq!(again.pin(), pin);
+}

@@ -73,6 +73,9 @@ pub struct ServeArgs {
     /// Most simultaneous connections
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// Most simultaneous connections from one source address [default: 256]
+    #[arg(long, value_name = "N")]
+    max_connections_per_address: Option<usize>,
     /// Bytes one mailbox may hold
     #[arg(long, value_name = "BYTES")]
     mailbox_quota: Option<u64>,
@@ -85,6 +88,10 @@ pub struct ServeArgs {
     /// Seconds a connection may stay silent
     #[arg(long, value_name = "SECS")]
     idle_timeout: Option<u64>,
+    /// Seconds a connection not authenticated to a mailbox (a sender) may
+    /// stay silent [default: 30]
+    #[arg(long, value_name = "SECS")]
+    unauthenticated_idle_timeout: Option<u64>,
     /// Seconds a client has to finish the TLS handshake
     #[arg(long, value_name = "SECS")]
     handshake_timeout: Option<u64>,
@@ -137,10 +144,12 @@ struct FileConfig {
     key: Option<PathBuf>,
     names: Option<Vec<String>>,
     max_connections: Option<usize>,
+    max_connections_per_address: Option<usize>,
     mailbox_quota: Option<u64>,
     max_blob: Option<u64>,
     max_message: Option<usize>,
     idle_timeout: Option<u64>,
+    unauthenticated_idle_timeout: Option<u64>,
     handshake_timeout: Option<u64>,
     frame_timeout: Option<u64>,
     sweep_interval: Option<u64>,
@@ -236,6 +245,18 @@ fn build_config(a: ServeArgs) -> anyhow::Result<Config> {
     };
     if let Some(n) = a.max_connections.or(file.max_connections) {
         c.max_connections = n.max(1);
+    }
+    if let Some(n) = a
+        .max_connections_per_address
+        .or(file.max_connections_per_address)
+    {
+        c.max_connections_per_address = n.max(1);
+    }
+    if let Some(s) = a
+        .unauthenticated_idle_timeout
+        .or(file.unauthenticated_idle_timeout)
+    {
+        c.unauthenticated_idle_timeout = Duration::from_secs(s.max(1));
     }
     let mut limits = Limits::default();
     if let Some(q) = a.mailbox_quota.or(file.mailbox_quota) {

@@ -133,6 +133,11 @@ pub struct PassStats {
     pub home_errors: u64,
     /// Files received whole and verified from disk.
     pub files_received: u64,
+    /// Downloads that failed on this machine in this pass (tried again
+    /// later; see `run_downloads`).
+    pub download_errors: u64,
+    /// Files given up on (their senders are sent a signed rejection).
+    pub files_failed: u64,
     /// Blob bytes sent to relays (file uploads).
     pub upload_bytes: u64,
     /// Blob bytes fetched from the home relay (file downloads).
@@ -159,6 +164,8 @@ impl PassStats {
         self.expired += o.expired;
         self.home_errors += o.home_errors;
         self.files_received += o.files_received;
+        self.download_errors += o.download_errors;
+        self.files_failed += o.files_failed;
         self.upload_bytes += o.upload_bytes;
         self.download_bytes += o.download_bytes;
         self.detections += o.detections;
@@ -923,6 +930,7 @@ impl Engine {
                         final_path: None,
                         error: None,
                         changed_ms: received_ms,
+                        local_errors: 0,
                     });
                 }
                 continue;
@@ -1744,9 +1752,51 @@ impl Engine {
 
     /// Continues every unfinished download, and asks again for repairs
     /// that did not come.
+    ///
+    /// One download's failure on this machine (a name the file system
+    /// refuses, a full disk) is that download's alone: it is logged and
+    /// tried again after a wait that doubles each pass it fails (from 5 s
+    /// up to an hour), and after [`MAX_LOCAL_ERRORS`] in a row it fails and
+    /// its sender gets a signed rejection. The other downloads go on, and
+    /// the pass always goes on to send its receipts.
     async fn run_downloads(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
+        let now = now_ms();
         for d in self.agent.db.downloads(Some("downloading"), 64)? {
-            self.download(d, stats).await?;
+            if d.local_errors > 0 && now < d.changed_ms + local_retry_ms(d.local_errors) {
+                continue;
+            }
+            let (msg, name, relay) = (d.msg, d.name.clone(), d.relay.clone());
+            let rejection = relay.map(|r| d.rejection(r, RejectReason::NotStored));
+            match self.download(d, stats).await {
+                Ok(()) => {}
+                Err(EngineError::Relay(e)) => {
+                    tracing::warn!("receiving {name}: {e}; going on next pass");
+                    self.home.disconnect();
+                }
+                Err(e) => {
+                    self.progress.finish();
+                    stats.download_errors += 1;
+                    let why = e.to_string();
+                    let n = self.agent.db.download_local_error(&msg, &why, now_ms())?;
+                    if n >= MAX_LOCAL_ERRORS {
+                        stats.files_failed += 1;
+                        tracing::error!("receiving {name}: {why}; failed {n} times in a row, giving up and telling the sender");
+                        self.agent.db.download_end(
+                            &msg,
+                            "failed",
+                            None,
+                            Some(&why),
+                            rejection.as_ref(),
+                            now_ms(),
+                        )?;
+                    } else {
+                        tracing::warn!(
+                            "receiving {name}: {why}; trying again in {} s",
+                            local_retry_ms(n) / 1000
+                        );
+                    }
+                }
+            }
         }
         let now = now_ms();
         for d in self.agent.db.downloads(Some("repairing"), 64)? {
@@ -2048,20 +2098,33 @@ impl Engine {
     ) -> Result<(), EngineError> {
         use crate::transfer;
         use sealpost_proto::blob::BlobLayout;
-        let fail = |this: &mut Self, why: String| -> Result<(), EngineError> {
-            tracing::warn!("receiving {}: {why}", d.name);
-            this.agent
-                .db
-                .download_end(&d.msg, "failed", None, Some(&why), None, now_ms())?;
-            Ok(())
-        };
+        // A file that cannot be stored here fails, and its sender is told
+        // so with a signed rejection (instead of retrying until expiry).
+        let fail =
+            |this: &mut Self, stats: &mut PassStats, why: String| -> Result<(), EngineError> {
+                tracing::warn!("receiving {}: {why}", d.name);
+                stats.files_failed += 1;
+                let rejection = d
+                    .relay
+                    .clone()
+                    .map(|r| d.rejection(r, RejectReason::NotStored));
+                this.agent.db.download_end(
+                    &d.msg,
+                    "failed",
+                    None,
+                    Some(&why),
+                    rejection.as_ref(),
+                    now_ms(),
+                )?;
+                Ok(())
+            };
         let layout = match BlobLayout::new(d.size, d.chunk_size) {
             Ok(l) => l,
-            Err(e) => return fail(self, e.to_string()),
+            Err(e) => return fail(self, stats, e.to_string()),
         };
         let dir = PathBuf::from(&d.dir);
         if let Err(e) = crate::fsutil::ensure_private_dir(&dir) {
-            return fail(self, format!("cannot create {}: {e}", dir.display()));
+            return fail(self, stats, format!("cannot create {}: {e}", dir.display()));
         }
         let blob_hex: String = d.blob_id.iter().map(|b| format!("{b:02x}")).collect();
         let cipher = d.key.cipher();
@@ -2343,8 +2406,7 @@ impl Engine {
             if short {
                 if expires_at.is_some_and(|e| now_ms() / 1000 >= e) {
                     progress.finish();
-                    return fail(
-                        self,
+                    return fail(self, stats,
                         "its data did not arrive at the relay before the message expired; ask the sender to send it again".into(),
                     );
                 }
@@ -2401,6 +2463,7 @@ impl Engine {
             if d.attempts >= 2 {
                 return fail(
                     self,
+                    stats,
                     "the stored copy does not read back as written, three times; check the disk"
                         .into(),
                 );
@@ -2425,7 +2488,7 @@ impl Engine {
         let (target_dir, leaf) = match d.name.rsplit_once('/') {
             Some((parent, leaf)) => {
                 if sealpost_proto::manifest::validate_file_path(&d.name).is_err() {
-                    return fail(self, "its path is not a safe relative path".into());
+                    return fail(self, stats, "its path is not a safe relative path".into());
                 }
                 let mut at = dir.clone();
                 for part in parent.split('/') {
@@ -2434,12 +2497,17 @@ impl Engine {
                         Ok(m) if m.file_type().is_symlink() || !m.is_dir() => {
                             return fail(
                                 self,
+                                stats,
                                 format!("{} exists and is not a plain directory", at.display()),
                             );
                         }
                         Ok(_) => {}
                         Err(_) => {
-                            std::fs::create_dir(&at).map_err(|e| io_err("creating", e))?;
+                            std::fs::create_dir(&at).map_err(|source| AgentError::Io {
+                                what: "creating",
+                                path: at.clone(),
+                                source,
+                            })?;
                             if let Some(p) = at.parent() {
                                 crate::fsutil::sync_dir(p).map_err(|e| io_err("syncing", e))?;
                             }
@@ -2450,18 +2518,21 @@ impl Engine {
             }
             None => (dir.clone(), d.name.clone()),
         };
-        let final_path = loop {
-            let Some(p) = transfer::free_name(&target_dir, &leaf) else {
+        let final_path = match transfer::place(&part_path, &target_dir, &leaf) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
                 return fail(
                     self,
-                    format!("no free name for {} in {}", leaf, target_dir.display()),
+                    stats,
+                    format!(
+                        "no free name for {} in {} ({} tried)",
+                        leaf,
+                        target_dir.display(),
+                        transfer::MAX_NAME_TRIES
+                    ),
                 );
-            };
-            match std::fs::hard_link(&part_path, &p) {
-                Ok(()) => break p,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(io_err("linking", e).into()),
             }
+            Err(e) => return Err(io_err("linking", e).into()),
         };
         std::fs::remove_file(&part_path).map_err(|e| io_err("removing", e))?;
         crate::fsutil::sync_dir(&target_dir).map_err(|e| io_err("syncing", e))?;
@@ -2519,6 +2590,17 @@ impl Engine {
 
 /// Opens every payload, on all cores: opening is the expensive step (one
 /// X25519 agreement and one signature verification each).
+/// Local failures in a row after which a download fails (and its sender
+/// is told): with [`local_retry_ms`], about two and a half hours of
+/// trying, long enough for someone to free a full disk.
+pub const MAX_LOCAL_ERRORS: u32 = 12;
+
+/// The wait before trying a download again after its `n`th local failure
+/// in a row: 5 s, 10 s, 20 s, … at most an hour.
+pub fn local_retry_ms(n: u32) -> u64 {
+    (5_000u64 << n.saturating_sub(1).min(20)).min(3_600_000)
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS downloads (
     final_path TEXT,
     error TEXT,
     changed_ms INTEGER NOT NULL,
-    repair BLOB
+    repair BLOB,
+    local_errors INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS downloads_state ON downloads(state);
 CREATE TABLE IF NOT EXISTS repairs (
@@ -912,6 +913,17 @@ pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     if old {
         conn.execute_batch("ALTER TABLE files_out DROP COLUMN blob_hash")?;
     }
+    // Databases made before downloads counted their local failures.
+    let counted: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('downloads') WHERE name = 'local_errors'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !counted {
+        conn.execute_batch(
+            "ALTER TABLE downloads ADD COLUMN local_errors INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
     Ok(())
 }
 
@@ -953,9 +965,26 @@ pub struct Download {
     pub final_path: Option<String>,
     pub error: Option<String>,
     pub changed_ms: u64,
+    /// Passes in a row in which this download failed on this machine (its
+    /// disk or file system): it waits longer after each.
+    pub local_errors: u32,
 }
 
 impl Download {
+    /// The rejection a download that cannot be stored earns.
+    pub fn rejection(&self, relay: String, reason: RejectReason) -> PendingReport {
+        PendingReport {
+            subject: self.sender,
+            agreement: self.agreement,
+            id: self.msg,
+            relay,
+            reason: Some(reason),
+            content_hash: [0; 32],
+            content_len: 0,
+            stored_at: 0,
+        }
+    }
+
     /// The receipt entry a finished download earns: the file's hash and
     /// size, as read back from disk.
     pub fn receipt(&self, relay: String, stored_at: u64) -> PendingReport {
@@ -973,7 +1002,8 @@ impl Download {
 }
 
 const DOWNLOAD_COLS: &str = "msg, sender, agreement, relay, blob_id, blob_key, size, chunk_size, \
-     plaintext_hash, name, dir, next_chunk, bad, attempts, state, final_path, error, changed_ms";
+     plaintext_hash, name, dir, next_chunk, bad, attempts, state, final_path, error, changed_ms, \
+     local_errors";
 
 fn id16(v: Vec<u8>) -> [u8; 16] {
     v.try_into().unwrap_or([0; 16])
@@ -1000,6 +1030,7 @@ fn download_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Download> {
         final_path: r.get(15)?,
         error: r.get(16)?,
         changed_ms: to_u64(r.get(17)?),
+        local_errors: r.get(18)?,
     })
 }
 
@@ -1098,6 +1129,23 @@ impl Db {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Counts a local failure of a download (its disk or file system, not
+    /// the relay) and returns how many in a row it has had.
+    pub fn download_local_error(
+        &mut self,
+        msg: &MessageId,
+        error: &str,
+        now_ms: u64,
+    ) -> Result<u32, AgentError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "UPDATE downloads SET local_errors = local_errors + 1, error = ?2, \
+                 changed_ms = ?3 WHERE msg = ?1 RETURNING local_errors",
+            )?
+            .query_row(params![msg.0.to_vec(), error, to_i64(now_ms)], |r| r.get(0))?)
+    }
+
     /// Sets a download's state (and error text).
     pub fn download_state(
         &mut self,
@@ -1124,7 +1172,8 @@ impl Db {
     ) -> Result<(), AgentError> {
         self.conn
             .prepare_cached(
-                "UPDATE downloads SET next_chunk = ?2, bad = ?3, changed_ms = ?4 WHERE msg = ?1",
+                "UPDATE downloads SET next_chunk = ?2, bad = ?3, changed_ms = ?4, local_errors = 0 \
+                 WHERE msg = ?1",
             )?
             .execute(params![
                 msg.0.to_vec(),
@@ -1191,7 +1240,7 @@ fn insert_pending(tx: &Transaction<'_>, p: &PendingReport) -> rusqlite::Result<(
 fn insert_download(tx: &Transaction<'_>, d: &Download) -> rusqlite::Result<()> {
     tx.prepare_cached(&format!(
         "INSERT OR IGNORE INTO downloads ({DOWNLOAD_COLS}) VALUES \
-         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
     ))?
     .execute(params![
         d.msg.0.to_vec(),
@@ -1212,6 +1261,7 @@ fn insert_download(tx: &Transaction<'_>, d: &Download) -> rusqlite::Result<()> {
         d.final_path,
         d.error,
         to_i64(d.changed_ms),
+        d.local_errors,
     ])?;
     Ok(())
 }

@@ -342,12 +342,22 @@ pub fn part_path(dir: &Path, blob_id_hex: &str) -> PathBuf {
 /// past the last committed chunk were not verified durable, so they are
 /// written again.
 pub fn open_part(path: &Path, keep: u64) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never through a symbolic link, never anything but a regular file.
     let f = OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
     f.set_len(keep)?;
     Ok(f)
 }
@@ -896,20 +906,65 @@ impl Drop for ReadBack {
     }
 }
 
-/// A name in `dir` that does not exist yet: `name`, else `name (1)`, …
-/// (before the extension), so a received file never replaces one.
-pub fn free_name(dir: &Path, name: &str) -> Option<PathBuf> {
-    let p = dir.join(name);
-    if !p.exists() {
-        return Some(p);
+/// The longest file name (bytes) the file systems sealpost writes to take.
+pub const NAME_MAX: usize = 255;
+/// How many names [`place`] tries for one file: `name`, `name (1)`, …
+pub const MAX_NAME_TRIES: usize = 1000;
+/// The prefix of the agent's own files in a download directory (partial
+/// files); a received file's name never starts with it.
+pub const OWN_PREFIX: &str = ".sealpost-";
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
     }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The names to try, in order, for a received file called `name`: `name`,
+/// then `name (1)` … `name (999)` (before the extension), each cut to fit
+/// [`NAME_MAX`] bytes. A name starting with [`OWN_PREFIX`] (which a sender
+/// could use to reach a partial file) gets a leading `_`.
+pub fn candidate_names(name: &str) -> impl Iterator<Item = String> + '_ {
+    let owned = name.starts_with(OWN_PREFIX);
     let (stem, ext) = match name.rfind('.') {
-        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        // An extension is short; a long "extension" is part of the name.
+        Some(i) if i > 0 && name.len() - i <= 32 => (&name[..i], &name[i..]),
         _ => (name, ""),
     };
-    (1..1000)
-        .map(|k| dir.join(format!("{stem} ({k}){ext}")))
-        .find(|p| !p.exists())
+    (0..MAX_NAME_TRIES).map(move |k| {
+        let prefix = if owned { "_" } else { "" };
+        let suffix = if k == 0 {
+            ext.to_owned()
+        } else {
+            format!(" ({k}){ext}")
+        };
+        let room = NAME_MAX - prefix.len() - suffix.len();
+        format!("{prefix}{}{suffix}", cut(stem, room))
+    })
+}
+
+/// Gives the verified file at `part` a name in `dir` that nothing has yet
+/// (see [`candidate_names`]) by hard-linking it there: the link fails if
+/// anything at all holds the name (a file, a directory, a dangling
+/// symbolic link, a file created a moment ago), so a received file never
+/// replaces or follows anything, and every name is tried once. `None` if
+/// all are taken.
+pub fn place(part: &Path, dir: &Path, name: &str) -> io::Result<Option<PathBuf>> {
+    for candidate in candidate_names(name) {
+        let p = dir.join(&candidate);
+        match std::fs::hard_link(part, &p) {
+            Ok(()) => return Ok(Some(p)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -1264,21 +1319,59 @@ mod tests {
     }
 
     #[test]
-    fn free_names_never_clobber() {
+    fn placing_never_clobbers_or_follows() {
         let dir = tempfile::tempdir().expect("tmp");
+        let part = dir.path().join(".sealpost-part-x");
+        std::fs::write(&part, b"new").expect("w");
+        let placed = |name: &str| {
+            place(&part, dir.path(), name)
+                .expect("place")
+                .expect("a free name")
+        };
+        assert_eq!(placed("a.txt"), dir.path().join("a.txt"));
+        assert_eq!(placed("a.txt"), dir.path().join("a (1).txt"));
+        assert_eq!(placed("noext"), dir.path().join("noext"));
+        assert_eq!(placed("noext"), dir.path().join("noext (1)"));
+        // A dangling symbolic link holds its name (and is not followed).
+        let outside = dir.path().join("outside");
+        std::os::unix::fs::symlink(&outside, dir.path().join("link.txt")).expect("symlink");
+        assert_eq!(placed("link.txt"), dir.path().join("link (1).txt"));
+        assert!(!outside.exists());
+        // The agent's own names are out of a sender's reach.
         assert_eq!(
-            free_name(dir.path(), "a.txt"),
-            Some(dir.path().join("a.txt"))
+            placed(".sealpost-part-x"),
+            dir.path().join("_.sealpost-part-x")
         );
-        std::fs::write(dir.path().join("a.txt"), b"x").expect("w");
-        assert_eq!(
-            free_name(dir.path(), "a.txt"),
-            Some(dir.path().join("a (1).txt"))
-        );
-        std::fs::write(dir.path().join("noext"), b"x").expect("w");
-        assert_eq!(
-            free_name(dir.path(), "noext"),
-            Some(dir.path().join("noext (1)"))
-        );
+        assert_eq!(std::fs::read(&part).expect("part"), b"new");
+    }
+
+    /// Every name tried fits 255 bytes, multi-byte characters are cut
+    /// whole, and the same long name received twice gets two names.
+    #[test]
+    fn long_names_fit_the_file_system() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let part = dir.path().join(".sealpost-part-y");
+        std::fs::write(&part, b"x").expect("w");
+        for name in [
+            "n".repeat(251) + ".txt",
+            "é".repeat(127),
+            "n".repeat(255),
+            format!(".{}", "e".repeat(254)),
+            format!("{}.{}", "a".repeat(200), "b".repeat(54)),
+            format!("{}{}", OWN_PREFIX, "p".repeat(245)),
+        ] {
+            assert!(name.len() <= NAME_MAX);
+            for c in candidate_names(&name).take(20) {
+                assert!(c.len() <= NAME_MAX, "{c}");
+            }
+            let a = place(&part, dir.path(), &name)
+                .expect("first")
+                .expect("name");
+            let b = place(&part, dir.path(), &name)
+                .expect("second")
+                .expect("name");
+            assert_ne!(a, b);
+        }
+        assert_eq!(candidate_names("x").count(), MAX_NAME_TRIES);
     }
 }

@@ -70,14 +70,18 @@ pub enum RejectReason {
     /// Its creation time is further ahead of the recipient's clock than the
     /// allowed skew.
     FromTheFuture,
+    /// The recipient took it but could not store it (its file system
+    /// refused the file, again and again, or no name was free for it).
+    NotStored,
 }
 
 impl RejectReason {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::NotAContact,
         Self::TooLarge,
         Self::Expired,
         Self::FromTheFuture,
+        Self::NotStored,
     ];
 
     pub fn code(self) -> u8 {
@@ -86,6 +90,7 @@ impl RejectReason {
             Self::TooLarge => 2,
             Self::Expired => 3,
             Self::FromTheFuture => 4,
+            Self::NotStored => 5,
         }
     }
 
@@ -100,6 +105,7 @@ impl RejectReason {
             Self::TooLarge => "too-large",
             Self::Expired => "expired",
             Self::FromTheFuture => "from-the-future",
+            Self::NotStored => "not-stored",
         }
     }
 
@@ -113,6 +119,9 @@ impl RejectReason {
             Self::Expired => "the message reached the recipient after its expiry time",
             Self::FromTheFuture => {
                 "the message's creation time is ahead of the recipient's clock; check your clock"
+            }
+            Self::NotStored => {
+                "the recipient's device could not store it (its agent logged why); ask them, then send it again"
             }
         }
     }

@@ -552,6 +552,8 @@ fn stats_json(s: &PassStats) -> Value {
         "expired": s.expired,
         "home_relay_errors": s.home_errors,
         "files_received": s.files_received,
+        "download_errors": s.download_errors,
+        "files_failed": s.files_failed,
         "upload_bytes": s.upload_bytes,
         "download_bytes": s.download_bytes,
         "detections": s.detections,
@@ -589,6 +591,12 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
             stats.submit_errors,
             stats.expired
         );
+        if stats.download_errors + stats.files_failed > 0 {
+            s.push_str(&format!(
+                "files: {} received, {} could not be stored here (tried again later), {} given up on (their senders are told)\n",
+                stats.files_received, stats.download_errors, stats.files_failed
+            ));
+        }
         if !counts.is_empty() {
             let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
             s.push_str(&format!("outbox: {}\n", parts.join(", ")));

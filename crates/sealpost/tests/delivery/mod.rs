@@ -786,3 +786,111 @@ fn a_file_changed_after_it_was_queued_fails_at_the_sender() {
     assert_eq!(s["files_received"].as_u64(), Some(0), "{s}");
     assert_eq!(net.inbox_len("bob"), 0);
 }
+
+/// A contact sends what the format allows and a recipient's disk cannot
+/// always take: the longest names, twice; a name a dangling symbolic link
+/// holds; a name of the agent's own partial files; and a tree whose path
+/// is too long for the recipient's (deep) download directory. The last
+/// fails on the recipient's machine, alone: every other file lands under a
+/// name that fits, nothing follows the link, `sync` exits 0 and says what
+/// failed, and the receipts for everything else go out in the same pass.
+#[test]
+fn a_contact_cannot_jam_the_recipients_receipts() {
+    let net = Net::pair();
+    let long = format!("{}.txt", "n".repeat(251));
+    write_file(&net, &long, 1000, 1);
+    let first = net.send_file("alice", "bob", &long);
+    let second = net.send_file("alice", "bob", &long);
+    write_file(&net, "link.txt", 10, 2);
+    let linked = net.send_file("alice", "bob", "link.txt");
+    write_file(&net, ".sealpost-part-00", 10, 3);
+    let own = net.send_file("alice", "bob", ".sealpost-part-00");
+    let deep = ["t", "u", "v", "w"].map(|c| c.repeat(250));
+    let tree = net.env.path("deeptree");
+    std::fs::create_dir_all(tree.join(deep[..3].join("/"))).expect("mkdir");
+    std::fs::write(tree.join(deep.join("/")), b"deep").expect("w");
+    let v = net.json("alice", &["send", "bob", "--file", "deeptree"]);
+    let too_deep = v["files"][0]["id"].as_str().expect("id").to_owned();
+    let hello = net.send("alice", "bob", "still here", &[]);
+
+    // Bob's download directory: about 3,500 bytes deep, so that the tree's
+    // 1,012-byte path passes the system's 4,096-byte limit.
+    let mut dl = net.env.path("bob-downloads");
+    for k in 0..14 {
+        dl.push(format!("{k:02}{}", "d".repeat(240)));
+    }
+    std::fs::create_dir_all(&dl).expect("deep download dir");
+    let outside = net.env.path("outside.txt");
+    std::os::unix::fs::symlink(&outside, dl.join("link.txt")).expect("symlink");
+    let o = net
+        .env
+        .cmd("bob")
+        .args(["--json", "sync", "--downloads"])
+        .arg(&dl)
+        .output()
+        .expect("sync");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let s: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(s["files_received"].as_u64(), Some(4), "{s}");
+    assert_eq!(s["download_errors"].as_u64(), Some(1), "{s}");
+    assert!(s["reports_sent"].as_u64().unwrap_or(0) >= 1, "{s}");
+    assert!(!outside.exists(), "the link was not followed");
+    let names: Vec<String> = std::fs::read_dir(&dl)
+        .expect("dir")
+        .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| n.len() <= 255), "{names:?}");
+    assert!(names.contains(&long), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .any(|n| n.ends_with(" (1).txt") && n.starts_with("nnn")),
+        "{names:?}"
+    );
+    assert!(names.contains(&"link (1).txt".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"_.sealpost-part-00".to_owned()),
+        "{names:?}"
+    );
+    // The sender hears of everything but the tree in the same pass.
+    net.sync("alice");
+    for id in [&first, &second, &linked, &own, &hello] {
+        assert_eq!(net.state("alice", id), "delivered", "{id}");
+    }
+    assert_eq!(net.state("alice", &too_deep), "submitted");
+    // The failing download waits before it is tried again (no busy loop),
+    // and says why.
+    let again = net.json("bob", &["sync", "--downloads", dl.to_str().expect("utf-8")]);
+    assert_eq!(again["download_errors"].as_u64(), Some(0), "{again}");
+    let r = net.json("bob", &["read", &too_deep]);
+    let why = r["file"]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(why.contains("too long") || why.contains("File name"), "{r}");
+}
+
+/// A file the recipient cannot place (its tree's directory is a file
+/// there) fails at once, and its sender is told with a signed rejection
+/// instead of retransmitting until the message expires.
+#[test]
+fn a_file_that_cannot_be_stored_is_rejected_to_its_sender() {
+    let net = Net::pair();
+    let tree = net.env.path("tree");
+    std::fs::create_dir_all(&tree).expect("mkdir");
+    std::fs::write(tree.join("a.txt"), b"a").expect("w");
+    let v = net.json("alice", &["send", "bob", "--file", "tree"]);
+    let id = v["files"][0]["id"].as_str().expect("id").to_owned();
+    let dl = net.env.path("bob-downloads");
+    std::fs::create_dir_all(&dl).expect("mkdir");
+    std::fs::write(
+        dl.join("tree"),
+        b"a file where the tree's directory would be",
+    )
+    .expect("w");
+    let s = sync_with(&net, "bob", &[]);
+    assert_eq!(s["files_failed"].as_u64(), Some(1), "{s}");
+    assert_eq!(s["reports_sent"].as_u64(), Some(1), "{s}");
+    net.sync("alice");
+    let d = net.delivery("alice", &id);
+    assert_eq!(d["state"].as_str(), Some("failed"), "{d}");
+    assert_eq!(d["failure"].as_str(), Some("rejected:not-stored"), "{d}");
+}

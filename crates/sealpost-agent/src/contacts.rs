@@ -58,8 +58,44 @@ pub(crate) fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// The database holds contacts, message summaries and file keys: it is
+/// created 0600 (SQLite gives its WAL and shared-memory files the mode of
+/// the database), and one made by older versions with wider modes is
+/// tightened, with its WAL and shared-memory files.
+fn private_db_files(path: &Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |what: &'static str, p: &Path| {
+        let p = p.to_path_buf();
+        move |source| AgentError::Io {
+            what,
+            path: p,
+            source,
+        }
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io("creating", path))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = std::path::PathBuf::from(p);
+        if let Ok(m) = std::fs::metadata(&p) {
+            if m.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io("setting permissions on", &p))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Db {
     pub fn open(path: &Path) -> Result<Self, AgentError> {
+        private_db_files(path)?;
         let mut conn = Connection::open(path)?;
         // Several processes share this database (`send` while an agent
         // runs). A deferred transaction that read and then wants to write

@@ -56,6 +56,10 @@ pub enum AgentError {
     Card(#[from] CardError),
     #[error("invalid value: {0}")]
     Invalid(#[from] DecodeError),
+    #[error(
+        "{0} exists; it was not replaced (choose another name, or pass --force to replace it)"
+    )]
+    OutputExists(PathBuf),
     #[error("no contact named {0:?}; `sealpost contact list` shows your contacts")]
     UnknownContact(String),
     #[error("{name:?} is pinned with fingerprint {pinned}, but this card has fingerprint {offered}. The key changed, or someone is impersonating {name:?}. Compare the new fingerprint with {name} through another channel, then run `sealpost contact add --replace`.")]
@@ -123,6 +127,10 @@ impl Home {
         now: u64,
     ) -> Result<Agent, AgentError> {
         fsutil::ensure_private_dir(&self.dir).map_err(io_err("creating", &self.dir))?;
+        // A home that existed already (made by hand, or by `mkdir`) holds
+        // keys and mail: nobody else may list or enter it.
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_err("setting permissions on", &self.dir))?;
         let key_path = self.key_path();
         if key_path.exists() {
             return Err(AgentError::IdentityExists(self.dir.clone()));
@@ -373,16 +381,31 @@ impl Agent {
 }
 
 /// Moves a received file to `dest` durably: fsync'd already, renamed into
-/// place, then the directory fsync'd.
-pub fn deliver_to(received: tempfile::NamedTempFile, dest: &Path) -> Result<(), AgentError> {
-    let mode = 0o644 & !0o022;
+/// place, then the directory fsync'd. Decrypted content stays private
+/// (mode 0600). An existing `dest` is replaced only with `replace`;
+/// otherwise the rename fails if anything holds the name (checked by the
+/// rename itself, so nothing created meanwhile is lost either).
+pub fn deliver_to(
+    received: tempfile::NamedTempFile,
+    dest: &Path,
+    replace: bool,
+) -> Result<(), AgentError> {
     received
         .as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))
+        .set_permissions(fs::Permissions::from_mode(0o600))
         .map_err(io_err("setting permissions on", dest))?;
-    received
-        .persist(dest)
-        .map_err(|e| io_err("writing", dest)(e.error))?;
+    let persisted = if replace {
+        received.persist(dest)
+    } else {
+        received.persist_noclobber(dest)
+    };
+    persisted.map_err(|e| {
+        if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+            AgentError::OutputExists(dest.to_path_buf())
+        } else {
+            io_err("writing", dest)(e.error)
+        }
+    })?;
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

@@ -48,9 +48,9 @@ impl Failure {
             if out.json() {
                 let v =
                     json!({"error": format!("{e:#}"), "class": self.class, "exit_code": self.code});
-                eprintln!("{v}");
+                crate::output::to_stderr(&format!("{v}\n"));
             } else {
-                eprintln!("sealpost: {e:#}");
+                crate::output::to_stderr(&format!("sealpost: {e:#}\n"));
             }
         }
         ExitCode::from(self.code)
@@ -80,6 +80,7 @@ impl From<AgentError> for Failure {
     fn from(e: AgentError) -> Self {
         let (code, class) = match &e {
             AgentError::Db(_) | AgentError::Io { .. } => (1, "io"),
+            AgentError::OutputExists(_) => (1, "output-exists"),
             _ => (3, "identity"),
         };
         Self {

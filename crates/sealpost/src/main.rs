@@ -171,6 +171,9 @@ struct OpenArgs {
     /// Write the content here, only once every check passed [default: stdout]
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Replace the --output file if it exists (it is never replaced otherwise)
+    #[arg(long, requires = "output")]
+    force: bool,
     /// Sealed message to open, or - for stdin
     #[arg(default_value = "-")]
     input: String,
@@ -218,7 +221,8 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(io::stderr)
+        .with_writer(|| output::LogWriter)
+        .log_internal_errors(false)
         .with_ansi(io::stderr().is_terminal())
         .try_init();
     let out = Out::new(cli.json);
@@ -534,6 +538,18 @@ fn seal(agent: &Agent, args: SealArgs, out: &Out) -> Result<(), Failure> {
 }
 
 fn open(agent: &mut Agent, args: OpenArgs, out: &Out) -> Result<(), Failure> {
+    if let Some(p) = &args.output {
+        // Said before anything is decrypted; the final rename checks again.
+        if !args.force && std::fs::symlink_metadata(p).is_ok() {
+            return Err(sealpost_agent::AgentError::OutputExists(p.clone()).into());
+        }
+    }
+    if let Some(p) = &args.output {
+        // Said before anything is decrypted; the final rename checks again.
+        if !args.force && std::fs::symlink_metadata(p).is_ok() {
+            return Err(sealpost_agent::AgentError::OutputExists(p.clone()).into());
+        }
+    }
     let input = BufReader::with_capacity(256 * 1024, open_input(&args.input)?);
     let spool_dir = match &args.output {
         Some(p) => dir_of(p).to_path_buf(),
@@ -544,7 +560,7 @@ fn open(agent: &mut Agent, args: OpenArgs, out: &Out) -> Result<(), Failure> {
     match &args.output {
         Some(path) => {
             let content = received.content;
-            deliver_to(content, path)?;
+            deliver_to(content, path, args.force)?;
         }
         None => {
             let mut f = File::open(received.content.path()).context("cannot reread the content")?;

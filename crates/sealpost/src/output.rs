@@ -57,11 +57,40 @@ impl Out {
             return self.report(json, human);
         }
         if self.json {
-            eprintln!("{json}");
+            to_stderr(&format!("{json}\n"));
         } else {
-            eprint!("{}", human());
+            to_stderr(&human());
         }
         Ok(())
+    }
+}
+
+/// Writes `text` to stderr, dropping what cannot be written: a closed
+/// stderr (`sealpost sync 2>&1 | head -1`, a logger that died) must never
+/// stop the work (Rust's `eprintln!` panics then).
+pub fn to_stderr(text: &str) {
+    let mut e = io::stderr().lock();
+    let _ = e.write_all(text.as_bytes()).and_then(|_| e.flush());
+}
+
+/// stderr for logs: a write to a closed stderr counts as done, so logging
+/// neither fails nor panics (see [`to_stderr`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match io::stderr().write(buf) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(buf.len()),
+            other => other,
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match io::stderr().flush() {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+            other => other,
+        }
     }
 }
 

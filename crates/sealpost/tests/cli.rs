@@ -108,6 +108,69 @@ fn seal_and_open_through_files_and_pipes() {
     assert_eq!(std::fs::read(env.path("note.out")).expect("out"), b"a note");
 }
 
+/// A home holds keys and mail: `init` makes an existing home private, the
+/// database is 0600 from its creation, and one left wider by an older
+/// version is tightened (with its WAL) the next time it is opened.
+#[test]
+fn homes_and_databases_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let home = env.path("h");
+    std::fs::create_dir(&home).expect("mkdir");
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    env.ok("h", &["init", "--name", "H"]);
+    let mode = |p: &Path| std::fs::metadata(p).expect("exists").permissions().mode() & 0o777;
+    assert_eq!(mode(&home), 0o700);
+    let db = home.join("agent.db");
+    assert_eq!(mode(&db), 0o600);
+    for f in [&db, &home.join("agent.db-wal")] {
+        if f.exists() {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+    }
+    env.ok("h", &["contact", "list"]);
+    assert_eq!(mode(&db), 0o600);
+    // Everything but the public card.
+    for f in std::fs::read_dir(&home).expect("dir") {
+        let f = f.expect("entry").path();
+        if f.file_name().is_some_and(|n| n != "card") {
+            assert_eq!(mode(&f) & 0o077, 0, "{} is private", f.display());
+        }
+    }
+}
+
+/// `open -o` never replaces a file unless told to, and what it writes is
+/// private whatever the umask.
+#[test]
+fn open_output_is_private_and_never_replaces_without_force() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::pair();
+    std::fs::write(env.path("note.txt"), b"secret").expect("write");
+    env.ok("alice", &["seal", "--to", "bob", "-o", "a.sp", "note.txt"]);
+    env.ok("alice", &["seal", "--to", "bob", "-o", "b.sp", "note.txt"]);
+    std::fs::write(env.path("mine.txt"), b"keep me").expect("write");
+    let (code, _, err) = env.run("bob", &["--json", "open", "-o", "mine.txt", "a.sp"], b"");
+    assert_eq!(code, 1, "{err}");
+    let v: Value = serde_json::from_str(err.trim()).expect("json error");
+    assert_eq!(v["class"], "output-exists", "{err}");
+    assert_eq!(
+        std::fs::read(env.path("mine.txt")).expect("kept"),
+        b"keep me"
+    );
+    // Refused before opening: the message can still be opened.
+    env.ok("bob", &["open", "-o", "new.txt", "a.sp"]);
+    let mode = std::fs::metadata(env.path("new.txt"))
+        .expect("m")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    env.ok("bob", &["open", "--force", "-o", "mine.txt", "b.sp"]);
+    assert_eq!(
+        std::fs::read(env.path("mine.txt")).expect("replaced"),
+        b"secret"
+    );
+}
+
 #[test]
 fn each_failure_class_has_its_exit_code_and_writes_nothing() {
     let env = Env::pair();

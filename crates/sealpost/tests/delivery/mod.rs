@@ -894,3 +894,29 @@ fn a_file_that_cannot_be_stored_is_rejected_to_its_sender() {
     assert_eq!(d["state"].as_str(), Some("failed"), "{d}");
     assert_eq!(d["failure"].as_str(), Some("rejected:not-stored"), "{d}");
 }
+
+/// `sealpost sync 2>&1 | head -1`: stderr closed before the pass logs what
+/// it received. The pass goes on to its receipts and exits 0 (it panicked
+/// with exit 101 after linking the file, before the receipts, on every
+/// pass).
+#[test]
+fn a_closed_stderr_does_not_stop_a_pass() {
+    let net = Net::pair();
+    write_file(&net, "f.bin", 1000, 1);
+    let id = net.send_file("alice", "bob", "f.bin");
+    let mut child = net
+        .env
+        .cmd("bob")
+        .args(["sync", "--downloads"])
+        .arg(net.env.path("bob-downloads"))
+        .env("SEALPOST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stderr.take());
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    net.sync("alice");
+    assert_eq!(net.state("alice", &id), "delivered");
+}

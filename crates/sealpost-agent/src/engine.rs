@@ -1367,6 +1367,16 @@ impl Engine {
                             d.accepted(now, &self.timing, unit_random());
                             stats.submitted += 1;
                         }
+                        Some(Ok(Submitted::Refused(r))) if !r.code.is_lasting() => {
+                            d.transient_failure(now, &self.timing, unit_random());
+                            let why = format!(
+                                "relay {relay}: {} (trying again until the message expires)",
+                                r.code.describe()
+                            );
+                            tracing::warn!("message {} to {}: {why}", row.msg, row.name);
+                            last_error = Some(why);
+                            stats.submit_errors += 1;
+                        }
                         Some(Ok(Submitted::Refused(r))) => {
                             d.refused(now, r.code.name(), r.code.describe());
                             stats.refused += 1;
@@ -1654,6 +1664,13 @@ impl Engine {
                             break;
                         }
                     }
+                    Ok(Err(Submitted::Refused(r))) if !r.code.is_lasting() => {
+                        outcome = Some(Upload::Retry(format!(
+                            "{} (trying again until the message expires)",
+                            r.code.describe()
+                        )));
+                        break;
+                    }
                     Ok(Err(Submitted::Refused(r))) => {
                         outcome = Some(Upload::Refused(
                             r.code.name().to_owned(),
@@ -1864,7 +1881,11 @@ impl Engine {
                     kind.name(),
                     rf.code.describe()
                 );
-                Ok(Control::Refused)
+                if rf.code.is_lasting() {
+                    Ok(Control::Refused)
+                } else {
+                    Ok(Control::Failed)
+                }
             }
             Err(e) => {
                 tracing::warn!("sending a {} to {relay}: {e}; will retry", kind.name());

@@ -119,6 +119,14 @@ impl RefusalCode {
         }
     }
 
+    /// Whether the refusal ends the delivery. A full mailbox is not a
+    /// lasting state (its owner fetches, items expire) and anyone may fill
+    /// a mailbox: a sender tries again, with its backoff, until the
+    /// message expires. Every other refusal is final.
+    pub fn is_lasting(self) -> bool {
+        !matches!(self, Self::OverQuota)
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             Self::UnknownMailbox => "no such mailbox on this relay",

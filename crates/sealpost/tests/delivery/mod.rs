@@ -920,3 +920,43 @@ fn a_closed_stderr_does_not_stop_a_pass() {
     net.sync("alice");
     assert_eq!(net.state("alice", &id), "delivered");
 }
+
+/// A stranger fills a victim's mailbox with junk (submitting needs no
+/// account). A contact's message meanwhile is delayed, never failed: an
+/// over-quota refusal is retried until expiry, and once the owner's agent
+/// has cleared the junk (rejected: not a contact) the message is
+/// delivered. (It failed for good before, exit 21, even after the junk
+/// was gone.)
+#[test]
+fn a_full_mailbox_delays_a_message_and_never_fails_it() {
+    let net = Net::pair_with(&["--mailbox-quota", "12000"]);
+    net.init("carol");
+    let bob = net.json("bob", &["id"])["card"]
+        .as_str()
+        .expect("card")
+        .to_owned();
+    net.pin("carol", "bob", &bob);
+    let junk = "j".repeat(200);
+    for _ in 0..30 {
+        net.send("carol", "bob", &junk, &[]);
+    }
+    let text = "x".repeat(1500);
+    let id = net.send("alice", "bob", &text, &[]);
+    let d = net.delivery("alice", &id);
+    assert_ne!(d["state"].as_str(), Some("failed"), "{d}");
+    let v = net.json("alice", &["status", &id]);
+    assert!(v.to_string().contains("quota"), "the reason is shown: {v}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = net.env.cmd("alice");
+        c.args(["sync"]).env("SEALPOST_RETRANSMIT_AFTER", "100ms");
+        assert!(c.output().expect("sync").status.success());
+        net.sync("bob");
+        net.sync("alice");
+        if net.state("alice", &id) == "delivered" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", net.delivery("alice", &id));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

@@ -204,14 +204,22 @@ fn a_thousand_idle_connections_do_not_stop_service() {
             })
             .unwrap_or(0)
     };
-    let mut idle = Vec::new();
-    for _ in 0..1000 {
-        idle.push(std::net::TcpStream::connect(("127.0.0.1", port)).expect("idle connection"));
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("rt");
+    // From four other addresses, 250 each (one address may hold 256).
+    let relay_at: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let idle = rt.block_on(async {
+        let mut idle = Vec::new();
+        for k in 0..1000u16 {
+            let s = tokio::net::TcpSocket::new_v4().expect("socket");
+            s.bind(([127, 0, 0, 2 + (k % 4) as u8], 0).into())
+                .expect("bind");
+            idle.push(s.connect(relay_at).await.expect("idle connection"));
+        }
+        idle
+    });
     rt.block_on(async {
         let c = RelayClient::connect(&addr)
             .await

@@ -772,9 +772,11 @@ fn classify_age_error(e: age::DecryptError, cut_short: bool) -> OpenError {
         | age::DecryptError::KeyDecryptionFailed => OpenError::Tampered {
             at: TamperedAt::Header,
         },
-        age::DecryptError::UnknownFormat => OpenError::UnsupportedVersion {
-            what: "age",
-            version: 0,
+        // The container's version (checked before) fixes the inner layer
+        // as age v1: an age header that is not v1 was damaged or altered,
+        // and saying "upgrade sealpost" would send the user the wrong way.
+        age::DecryptError::UnknownFormat => OpenError::Tampered {
+            at: TamperedAt::Header,
         },
         // The payload ended inside the age header although the container
         // length was honoured: the length field itself is wrong.

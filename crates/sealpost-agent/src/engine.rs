@@ -2732,6 +2732,20 @@ impl Engine {
         let mut sub: Option<UnboundedReceiver<u64>> = None;
         tokio::pin!(stop);
         loop {
+            // Subscribed before the pass, never after: whatever arrives
+            // once the subscription stands is pushed, and whatever came
+            // before it is fetched by the pass. (Subscribing after the
+            // pass missed a receipt arriving in between until the idle
+            // timer, 30 s.)
+            if sub.is_none() {
+                match self.subscribe().await {
+                    Ok(rx) => sub = Some(rx),
+                    Err(e) => {
+                        tracing::warn!("subscribing at {}: {e}", self.home_addr);
+                        self.home.disconnect();
+                    }
+                }
+            }
             let s = match self.pass().await {
                 Ok(s) => s,
                 Err(e) => {
@@ -2752,15 +2766,6 @@ impl Engine {
             total.add(&s);
             if done(self)? {
                 return Ok(total);
-            }
-            if sub.is_none() {
-                match self.subscribe().await {
-                    Ok(rx) => sub = Some(rx),
-                    Err(e) => {
-                        tracing::warn!("subscribing at {}: {e}", self.home_addr);
-                        self.home.disconnect();
-                    }
-                }
             }
             let cap = if sub.is_some() && s.home_errors == 0 {
                 IDLE

@@ -960,3 +960,33 @@ fn a_full_mailbox_delays_a_message_and_never_fails_it() {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+/// `send --wait` with the recipient's agent running: the receipt comes
+/// back within milliseconds, often between the sender's first pass and
+/// its subscription. Subscribed before every pass, the sender never waits
+/// for its idle timer (30 s): five in a row each end well under it.
+#[test]
+fn send_wait_never_misses_a_quick_receipt() {
+    let mut net = Net::pair();
+    net.start_agent("bob", "2m");
+    for k in 0..5 {
+        let started = Instant::now();
+        let (code, _, err) = net.run(
+            "alice",
+            &[
+                "send",
+                "bob",
+                &format!("quick {k}"),
+                "--wait",
+                "--timeout",
+                "20s",
+            ],
+        );
+        assert_eq!(code, 0, "send {k}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "send {k} took {:?}",
+            started.elapsed()
+        );
+    }
+}

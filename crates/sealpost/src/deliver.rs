@@ -357,12 +357,18 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
             queue_repeated(&mut agent, home, &names, &content, &args, &summary)?
         }
     };
+    // Every message this command queued: one, or one per file of a tree.
+    let ids: Vec<MessageId> = if tree.is_empty() {
+        vec![id]
+    } else {
+        tree.iter().map(|t| t.0).collect()
+    };
     let queued_at = Instant::now();
     let woke = engine::wake_agent(home.dir());
     let mut engine_used = false;
     let mut agent_opt = Some(agent);
     if !woke {
-        // No agent running: hand the message to the relay now.
+        // No agent running: hand the messages to the relay now.
         let agent = agent_opt.take().ok_or_else(|| anyhow!("agent moved"))?;
         match Engine::new(agent) {
             Ok(mut eng) => {
@@ -371,10 +377,18 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
                 let rt = runtime()?;
                 if args.wait {
                     let deadline = args.timeout;
+                    let all_final = |e: &Engine| -> Result<bool, EngineError> {
+                        for i in &ids {
+                            if !e.is_final(i)? {
+                                return Ok(false);
+                            }
+                        }
+                        Ok(true)
+                    };
                     let stopped = rt.block_on(async {
                         let r = tokio::time::timeout(
                             deadline,
-                            eng.run(None, std::future::pending(), |e| e.is_final(&id)),
+                            eng.run(None, std::future::pending(), all_final),
                         )
                         .await;
                         match r {
@@ -394,93 +408,171 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
         }
     }
     let agent = agent_opt.ok_or_else(|| anyhow!("agent moved"))?;
+    let entries = |agent: &Agent| -> Result<Vec<OutboxEntry>, Failure> {
+        let mut v = Vec::with_capacity(ids.len());
+        for i in &ids {
+            v.push(
+                agent
+                    .db()
+                    .outbox(Some(i), 1)?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| anyhow!("message {i} vanished from the outbox"))?,
+            );
+        }
+        Ok(v)
+    };
     if args.wait && !engine_used {
-        // A running agent does the work; watch the outbox.
+        // A running agent does the work; watch the outbox (every 20 ms:
+        // quick enough for a person, a few queries a poll).
         let deadline = Instant::now() + args.timeout;
+        let mut pending = ids.clone();
         loop {
-            let e = agent.db().outbox(Some(&id), 1)?;
-            let done = e
-                .first()
-                .is_none_or(|m| m.deliveries.iter().all(|d| d.delivery.state.is_final()));
-            if done || Instant::now() >= deadline {
+            let mut still = Vec::with_capacity(pending.len());
+            for i in &pending {
+                let e = agent.db().outbox(Some(i), 1)?;
+                let done = e
+                    .first()
+                    .is_none_or(|m| m.deliveries.iter().all(|d| d.delivery.state.is_final()));
+                if !done {
+                    still.push(*i);
+                }
+            }
+            pending = still;
+            if pending.is_empty() || Instant::now() >= deadline {
                 break;
             }
-            std::thread::sleep(Duration::from_micros(500));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
     let elapsed = queued_at.elapsed();
-    let entry = agent
-        .db()
-        .outbox(Some(&id), 1)?
-        .into_iter()
-        .next()
+    let all = entries(&agent)?;
+    let entry = all
+        .iter()
+        .find(|e| e.id == id)
         .ok_or_else(|| anyhow!("message {id} vanished from the outbox"))?;
-    let mut v = entry_json(&entry);
+    let mut v = entry_json(entry);
     if args.wait {
         v["waited_ms"] = json!(elapsed.as_secs_f64() * 1000.0);
     }
     if !tree.is_empty() {
         v["files"] = json!(tree
             .iter()
-            .map(|(i, p, n)| json!({"id": i.to_string(), "path": p, "size": n}))
+            .zip(&all)
+            .map(|((i, p, n), e)| {
+                let mut f = json!({"id": i.to_string(), "path": p, "size": n});
+                f["deliveries"] = entry_json(e)["deliveries"].clone();
+                f
+            })
             .collect::<Vec<_>>());
     }
+    let failed: Vec<(&OutboxEntry, &DeliveryRow)> = all
+        .iter()
+        .flat_map(|e| e.deliveries.iter().map(move |d| (e, d)))
+        .filter(|(_, d)| d.delivery.state == State::Failed)
+        .collect();
+    let path_of = |e: &OutboxEntry| -> String {
+        tree.iter()
+            .find(|t| t.0 == e.id)
+            .map(|t| t.1.clone())
+            .unwrap_or_else(|| e.id.to_string())
+    };
     out.report(v, || {
         let mut s = String::new();
-        for (i, p, n) in &tree {
-            s.push_str(&format!("{i}  {p} ({n} bytes)\n"));
-        }
         if tree.is_empty() {
             s.push_str(&format!("{id}\n"));
         }
-        let failed_now = entry
-            .deliveries
-            .iter()
-            .any(|d| d.delivery.state == State::Failed);
-        if args.wait || out.json() || failed_now {
-            s.push_str(&entry_text(&entry));
+        for (k, e) in all.iter().enumerate() {
+            if let Some((i, p, n)) = tree.get(k) {
+                s.push_str(&format!("{i}  {p} ({n} bytes)\n"));
+            }
+            let failed_now = e
+                .deliveries
+                .iter()
+                .any(|d| d.delivery.state == State::Failed);
+            if args.wait || out.json() || failed_now {
+                s.push_str(&entry_text(e));
+            }
         }
         s
     })?;
     // Refused at once (a file larger than the relay takes, an unknown
-    // mailbox): say so now, not only in `status`.
-    if let Some(d) = entry
-        .deliveries
-        .iter()
-        .find(|d| d.delivery.state == State::Failed)
-    {
+    // mailbox), or failed while waiting: say so now, naming each.
+    if !failed.is_empty() {
+        let names: Vec<String> = failed
+            .iter()
+            .map(|(e, d)| {
+                format!(
+                    "{} to {}: {}",
+                    path_of(e),
+                    d.name,
+                    d.delivery
+                        .failure
+                        .as_ref()
+                        .map(|f| f.describe())
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
         return Err(Failure {
             code: 21,
             class: "delivery-failed",
             error: Some(anyhow!(
-                "message {id} to {}: {}",
-                d.name,
-                d.delivery
-                    .failure
-                    .as_ref()
-                    .map(|f| f.describe())
-                    .unwrap_or_default()
+                "{} of {} not delivered: {}",
+                failed.len(),
+                all.iter().map(|e| e.deliveries.len()).sum::<usize>(),
+                names.join("; ")
             )),
         });
     }
-    if args.wait {
-        let states: Vec<State> = entry.deliveries.iter().map(|d| d.delivery.state).collect();
-        if states.contains(&State::Failed) {
+    let waiting: Vec<String> = all
+        .iter()
+        .filter(|e| {
+            e.deliveries
+                .iter()
+                .any(|d| d.delivery.state != State::Delivered)
+        })
+        .map(path_of)
+        .collect();
+    if args.wait && !waiting.is_empty() {
+        return Err(Failure {
+            code: 22,
+            class: "still-pending",
+            error: Some(anyhow!(
+                "no receipt within {} for {}; {} queued and retransmitted until {} expire (`sealpost status`)",
+                humantime::format_duration(args.timeout),
+                waiting.join(", "),
+                if waiting.len() == 1 { "it stays" } else { "they stay" },
+                if waiting.len() == 1 { "it" } else { "they" },
+            )),
+        });
+    }
+    // No agent runs and this command could not hand everything to the
+    // relays: nothing will move it until one runs. Say so, with the cause.
+    if engine_used && !args.wait {
+        let stuck: Vec<String> = all
+            .iter()
+            .flat_map(|e| e.deliveries.iter().map(move |d| (e, d)))
+            .filter(|(_, d)| d.delivery.state == State::Queued)
+            .map(|(e, d)| {
+                format!(
+                    "{} to {}{}",
+                    path_of(e),
+                    d.name,
+                    d.last_error
+                        .as_ref()
+                        .map(|x| format!(" ({x})"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        if !stuck.is_empty() {
             return Err(Failure {
-                code: 21,
-                class: "delivery-failed",
+                code: 5,
+                class: "queued-not-sent",
                 error: Some(anyhow!(
-                    "message {id} was not delivered to every recipient (see above)"
-                )),
-            });
-        }
-        if !states.iter().all(|s| *s == State::Delivered) {
-            return Err(Failure {
-                code: 22,
-                class: "still-pending",
-                error: Some(anyhow!(
-                    "no receipt for message {id} within {}; it stays queued and is retransmitted until it expires (`sealpost status {id}`)",
-                    humantime::format_duration(args.timeout)
+                    "queued, but not yet handed to the relay: {}. It is kept; no agent is running for this home, so run `sealpost agent` (or `sealpost sync`, e.g. from cron) to send it",
+                    stuck.join("; ")
                 )),
             });
         }
@@ -957,25 +1049,58 @@ pub fn read(home: &Home, args: ReadArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     let all = agent.db().inbox(false, usize::MAX >> 1)?;
     let e = resolve_id(&args.id, all.into_iter(), |e| e.id)?;
-    if let Some(f) = file_json(&agent, &e) {
+    if let Some(mut f) = file_json(&agent, &e) {
         agent.db_mut().mark_read(&e.id, engine::now_ms())?;
-        return out.report(json!({"id": e.id.to_string(), "file": f}), || {
-            match (f["state"].as_str(), f["path"].as_str()) {
-                (Some("done"), Some(p)) => format!(
-                    "File {} ({} bytes), verified from disk, saved as {p}\n",
-                    f["name"].as_str().unwrap_or(""),
-                    f["size"]
-                ),
-                _ => format!(
-                    "File {} ({} bytes) is {}: {} of {} chunks\n",
-                    f["name"].as_str().unwrap_or(""),
-                    f["size"],
-                    f["state"].as_str().unwrap_or(""),
-                    f["chunks_done"],
-                    f["chunks"]
-                ),
+        let d = agent
+            .db()
+            .download(&e.id)?
+            .ok_or_else(|| anyhow!("the download of {} vanished", e.id))?;
+        let verified = ms_time(d.changed_ms);
+        // What was verified on arrival says nothing of the file now: read
+        // it again and compare, so that "verified" is true today.
+        let now = match (d.state.as_str(), &d.final_path) {
+            ("done", Some(p)) => {
+                Some((p.clone(), recheck(Path::new(p), d.size, &d.plaintext_hash)))
             }
-        });
+            _ => None,
+        };
+        if let Some((_, c)) = &now {
+            f["verified_on_receipt"] = json!(verified);
+            f["on_disk_now"] = json!(c.name());
+        }
+        let name = d.name.clone();
+        out.report(json!({"id": e.id.to_string(), "file": f}), || match &now {
+            Some((p, OnDisk::Matches)) => format!(
+                "File {name} ({} bytes), saved as {p}: read again now, it matches the hash verified on receipt ({verified})\n",
+                d.size
+            ),
+            Some((p, OnDisk::Changed)) => format!(
+                "File {name} at {p} has CHANGED since it was received and verified ({verified}): its content no longer matches\n"
+            ),
+            Some((p, OnDisk::Missing)) => format!(
+                "File {name} is no longer at {p} (moved or deleted since it was received and verified, {verified})\n"
+            ),
+            None => format!(
+                "File {name} ({} bytes) is {}: {} of {} chunks\n",
+                d.size, d.state, f["chunks_done"], f["chunks"]
+            ),
+        })?;
+        return match now {
+            Some((p, OnDisk::Changed)) => Err(Failure {
+                code: 15,
+                class: "changed-on-disk",
+                error: Some(anyhow!(
+                    "{p} no longer matches the file received as message {} (verified on receipt, {verified})",
+                    e.id
+                )),
+            }),
+            Some((p, OnDisk::Missing)) => Err(Failure {
+                code: 6,
+                class: "not-found",
+                error: Some(anyhow!("{p} is gone (message {})", e.id)),
+            }),
+            _ => Ok(()),
+        };
     }
     let spool = Spool::open(home.dir()).map_err(anyhow::Error::new)?;
     let content = spool
@@ -1023,6 +1148,40 @@ pub fn read(home: &Home, args: ReadArgs, out: &Out) -> Result<(), Failure> {
             e.id
         )
     })
+}
+
+/// A received file as it is on disk now, against what was verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnDisk {
+    Matches,
+    Changed,
+    Missing,
+}
+
+impl OnDisk {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Matches => "matches",
+            Self::Changed => "changed",
+            Self::Missing => "missing",
+        }
+    }
+}
+
+/// Reads `path` again and compares its length and BLAKE3 with the file's.
+fn recheck(path: &Path, size: u64, hash: &[u8; 32]) -> OnDisk {
+    let Ok(f) = std::fs::File::open(path) else {
+        return OnDisk::Missing;
+    };
+    match f.metadata() {
+        Ok(m) if m.is_file() && m.len() == size => {}
+        Ok(_) => return OnDisk::Changed,
+        Err(_) => return OnDisk::Missing,
+    }
+    match sealpost_agent::transfer::hash_file(&f, size) {
+        Ok(h) if h.as_bytes() == hash => OnDisk::Matches,
+        _ => OnDisk::Changed,
+    }
 }
 
 fn write_new_file(path: &Path, content: &[u8]) -> Result<(), Failure> {

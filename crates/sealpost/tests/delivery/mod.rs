@@ -938,10 +938,19 @@ fn a_full_mailbox_delays_a_message_and_never_fails_it() {
     net.pin("carol", "bob", &bob);
     let junk = "j".repeat(200);
     for _ in 0..30 {
-        net.send("carol", "bob", &junk, &[]);
+        // Once the mailbox is full, carol's own junk is kept queued (5).
+        let (code, _, err) = net.run("carol", &["send", "bob", &junk]);
+        assert!(code == 0 || code == 5, "{err}");
     }
     let text = "x".repeat(1500);
-    let id = net.send("alice", "bob", &text, &[]);
+    let (code, out, err) = net.run("alice", &["--json", "send", "bob", &text]);
+    assert_eq!(code, 5, "queued, not handed over, and no agent runs: {err}");
+    assert!(
+        err.contains("queued-not-sent") && err.contains("quota"),
+        "{err}"
+    );
+    let v: Value = serde_json::from_slice(&out).expect("the report is printed too");
+    let id = v["id"].as_str().expect("id").to_owned();
     let d = net.delivery("alice", &id);
     assert_ne!(d["state"].as_str(), Some("failed"), "{d}");
     let v = net.json("alice", &["status", &id]);
@@ -989,4 +998,110 @@ fn send_wait_never_misses_a_quick_receipt() {
             started.elapsed()
         );
     }
+}
+
+/// `send` with no agent running and the relay down: the message is kept,
+/// and the command says it was not handed over and what will move it
+/// (exit 5), instead of exiting 0 silently.
+#[test]
+fn send_with_the_relay_down_and_no_agent_says_so() {
+    let mut net = Net::pair();
+    if let Some(mut c) = net.relay.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let (code, _, err) = net.run("alice", &["send", "bob", "hello?"]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("not yet handed to the relay"), "{err}");
+    assert!(err.contains("sealpost agent"), "{err}");
+    let v = net.json("alice", &["status"]);
+    assert_eq!(
+        v["messages"][0]["deliveries"][0]["state"].as_str(),
+        Some("queued"),
+        "{v}"
+    );
+    // Once the relay is back, a sync sends it.
+    net.restart_relay();
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut c = net.env.cmd("alice");
+    c.args(["sync"]).env("SEALPOST_RETRANSMIT_AFTER", "100ms");
+    c.output().expect("sync");
+    let id = v["messages"][0]["id"].as_str().expect("id").to_owned();
+    let st = net.state("alice", &id);
+    assert!(st == "submitted" || st == "queued", "{st}");
+}
+
+/// `send --file DIR --wait`: every file is waited for, and a file that
+/// fails makes the command fail naming it (it exited 0 when only the last
+/// file was delivered).
+#[test]
+fn send_wait_on_a_directory_waits_for_every_file() {
+    let mut net = Net::pair_with(&["--max-blob", "100000"]);
+    net.start_agent("bob", "2m");
+    let tree = net.env.path("dir");
+    std::fs::create_dir_all(&tree).expect("mkdir");
+    std::fs::write(tree.join("a-big.bin"), vec![1u8; 300_000]).expect("w");
+    std::fs::write(tree.join("b-small.txt"), b"small").expect("w");
+    let (code, out, err) = net.run(
+        "alice",
+        &[
+            "--json",
+            "send",
+            "bob",
+            "--file",
+            "dir",
+            "--wait",
+            "--timeout",
+            "20s",
+        ],
+    );
+    assert_eq!(code, 21, "{err}");
+    assert!(
+        err.contains("dir/a-big.bin"),
+        "names the failed file: {err}"
+    );
+    assert!(!err.contains("dir/b-small.txt"), "{err}");
+    let v: Value = serde_json::from_slice(&out).expect("json");
+    let files = v["files"].as_array().expect("files");
+    assert_eq!(files.len(), 2, "{v}");
+    assert_eq!(
+        files[1]["deliveries"][0]["state"].as_str(),
+        Some("delivered"),
+        "{v}"
+    );
+    assert_eq!(
+        files[0]["deliveries"][0]["state"].as_str(),
+        Some("failed"),
+        "{v}"
+    );
+}
+
+/// `read ID` of a received file reads it again: it says "matches" only
+/// when it still does, and says plainly when the file changed or is gone
+/// (it printed "verified from disk" for a file changed or deleted since).
+#[test]
+fn read_rechecks_a_received_file_now() {
+    let net = Net::pair();
+    write_file(&net, "r.bin", 70_000, 5);
+    let id = net.send_file("alice", "bob", "r.bin");
+    sync_with(&net, "bob", &[]);
+    let v = net.json("bob", &["read", &id]);
+    assert_eq!(v["file"]["on_disk_now"].as_str(), Some("matches"), "{v}");
+    let path = v["file"]["path"].as_str().expect("path").to_owned();
+    let (code, out, _) = net.run("bob", &["read", &id]);
+    assert_eq!(code, 0);
+    assert!(String::from_utf8_lossy(&out).contains("matches the hash verified on receipt"));
+    // One byte changed, same length.
+    let mut data = std::fs::read(&path).expect("file");
+    data[12_345] ^= 1;
+    std::fs::write(&path, &data).expect("w");
+    let (code, out, err) = net.run("bob", &["--json", "read", &id]);
+    assert_eq!(code, 15, "{err}");
+    let v: Value = serde_json::from_slice(&out).expect("json");
+    assert_eq!(v["file"]["on_disk_now"].as_str(), Some("changed"), "{v}");
+    assert!(err.contains("changed-on-disk"), "{err}");
+    std::fs::remove_file(&path).expect("rm");
+    let (code, out, _) = net.run("bob", &["read", &id]);
+    assert_eq!(code, 6);
+    assert!(String::from_utf8_lossy(&out).contains("no longer at"));
 }

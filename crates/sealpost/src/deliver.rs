@@ -106,7 +106,8 @@ pub struct SendArgs {
     /// The message text; - reads it from stdin [default: stdin]
     #[arg(value_name = "TEXT", conflicts_with = "file")]
     text: Option<String>,
-    /// Send a file, any size, or a directory (each file under it, keeping
+    /// Send a file (up to the recipient relay's largest blob, 2 GiB on a
+    /// default relay), or a directory (each file under it, keeping
     /// its relative path): uploaded to the recipient's relay in encrypted
     /// chunks (resuming where it stopped); each file's receipt names its
     /// hash as read back from the recipient's disk

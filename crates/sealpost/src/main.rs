@@ -282,9 +282,29 @@ fn init(
             )));
         }
     }
-    let mut agent = home.init(&name, &mut OsRng, now())?;
+    let mut agent = match home.init(&name, &mut OsRng, now()) {
+        Err(sealpost_agent::AgentError::IdentityExists(dir)) if relay.is_some() => {
+            return Err(Failure::contact(anyhow!(
+                "an identity already exists in {} (it is never overwritten); to set its home relay, run `sealpost relay use {}`",
+                dir.display(),
+                relay.as_deref().unwrap_or_default()
+            )));
+        }
+        other => other?,
+    };
     if let Some(r) = &relay {
-        deliver::use_relay(&mut agent, r, &Out::new(true).quiet())?;
+        // The identity is made and kept; only the relay step failed. Say
+        // so, and how to finish, rather than leave a home that looks
+        // half-made.
+        if let Err(mut f) = deliver::use_relay(&mut agent, r, &Out::new(true).quiet()) {
+            let cause = f.error.take().map(|e| format!("{e:#}")).unwrap_or_default();
+            f.error = Some(anyhow!(
+                "created identity {name:?} (fingerprint {}) in {}, but could not register at the relay: {cause}. Once it can be reached, run `sealpost relay use {r}`",
+                agent.identity().fingerprint(),
+                home.dir().display()
+            ));
+            return Err(f);
+        }
     }
     let fp = agent.identity().fingerprint();
     out.report(

@@ -1105,3 +1105,26 @@ fn read_rechecks_a_received_file_now() {
     assert_eq!(code, 6);
     assert!(String::from_utf8_lossy(&out).contains("no longer at"));
 }
+
+/// `init --relay` with the relay unreachable keeps the identity and says
+/// how to finish; trying `init` again says the same instead of only that
+/// an identity exists.
+#[test]
+fn init_with_an_unreachable_relay_says_how_to_finish() {
+    let mut net = Net::with_relay_flags(&[]);
+    if let Some(mut c) = net.relay.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let addr = net.addr.clone();
+    let (code, _, err) = net.run("dave", &["init", "--name", "dave", "--relay", &addr]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("created identity"), "{err}");
+    assert!(err.contains(&format!("sealpost relay use {addr}")), "{err}");
+    let (code, _, err) = net.run("dave", &["init", "--name", "dave", "--relay", &addr]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("relay use"), "{err}");
+    net.restart_relay();
+    let (code, _, err) = net.run("dave", &["relay", "use", &addr]);
+    assert_eq!(code, 0, "{err}");
+}

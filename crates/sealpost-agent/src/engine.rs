@@ -2151,11 +2151,23 @@ impl Engine {
         let cipher = d.key.cipher();
         let part_path = transfer::part_path(&dir, &blob_hex);
         let keep = (d.next_chunk * d.chunk_size as u64).min(d.size);
+        let new_part = std::fs::symlink_metadata(&part_path).is_err();
         let part = transfer::open_part(&part_path, keep).map_err(|source| AgentError::Io {
             what: "opening",
             path: part_path.clone(),
             source,
         })?;
+        if new_part {
+            // The partial file's name is durable before any progress in
+            // it is committed (a crash could otherwise lose the name with
+            // the chunks the database says are there; the read-back would
+            // catch it, at the cost of a whole download again).
+            crate::fsutil::sync_dir(&dir).map_err(|source| AgentError::Io {
+                what: "syncing",
+                path: dir.clone(),
+                source,
+            })?;
+        }
         let io_err = |what: &'static str, source: std::io::Error| AgentError::Io {
             what,
             path: part_path.clone(),

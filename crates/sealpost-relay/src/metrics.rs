@@ -1,8 +1,12 @@
 //! Prometheus metrics over HTTP on a (by default loopback) address.
 //!
 //! The exposition format is a few lines of text and the only request is
-//! `GET`, so this is served by hand rather than with an HTTP stack: a
-//! bounded read of the request head, one response, close.
+//! `GET /metrics`, so this is served by hand rather than with an HTTP
+//! stack: a bounded read of the request head, one response, close. Nothing
+//! here costs the store anything per connection: the figures that need a
+//! query (totals) are refreshed by one task every few seconds and served
+//! from memory, at most a few requests are served at once, and a failing
+//! `accept` is retried after a pause instead of in a busy loop.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,7 +19,15 @@ use tokio::net::TcpListener;
 
 use crate::server::Metrics;
 
-pub fn render(m: &Metrics, store: &Store) -> String {
+/// How often the store's totals (full-table counts) are refreshed.
+pub const TOTALS_EVERY: Duration = Duration::from_secs(10);
+/// Requests served at once; more connections are closed at once.
+const AT_ONCE: usize = 16;
+
+/// The store's totals: (mailboxes, items, item bytes, blobs).
+pub type Totals = Option<(u64, u64, u64, u64)>;
+
+pub fn render(m: &Metrics, store: &Store, totals: Totals) -> String {
     let mut s = String::new();
     let mut by_reason = String::from("# HELP sealpost_relay_refusals_total Signed refusals by reason.\n# TYPE sealpost_relay_refusals_total counter\n");
     for code in [
@@ -162,7 +174,25 @@ pub fn render(m: &Metrics, store: &Store) -> String {
         "counter",
         paced_micros,
     );
-    if let Ok((mailboxes, items, bytes, blobs)) = store.totals() {
+    counter(
+        "connections_refused_per_address_total",
+        "Connections refused because their address held its share of slots.",
+        "counter",
+        g(&m.refused_per_address),
+    );
+    counter(
+        "connections_evicted_total",
+        "Unauthenticated connections closed to make room for new ones.",
+        "counter",
+        g(&m.evicted),
+    );
+    counter(
+        "storage_errors_total",
+        "Store writes that failed (disk full, I/O errors); each was refused to its client.",
+        "counter",
+        g(&m.storage_errors),
+    );
+    if let Some((mailboxes, items, bytes, blobs)) = totals {
         counter("mailboxes", "Mailboxes.", "gauge", mailboxes);
         counter("queue_items", "Items waiting in mailboxes.", "gauge", items);
         counter("queue_bytes", "Bytes of items waiting.", "gauge", bytes);
@@ -173,20 +203,82 @@ pub fn render(m: &Metrics, store: &Store) -> String {
 
 /// Serves metrics until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, store: Store) {
+    let totals: Arc<std::sync::Mutex<Totals>> = Arc::default();
+    let refresher = {
+        let (totals, store) = (totals.clone(), store.clone());
+        tokio::spawn(async move {
+            loop {
+                let st = store.clone();
+                let t = tokio::task::spawn_blocking(move || st.totals().ok())
+                    .await
+                    .ok()
+                    .flatten();
+                if let Ok(mut slot) = totals.lock() {
+                    *slot = t;
+                }
+                tokio::time::sleep(TOTALS_EVERY).await;
+            }
+        })
+    };
+    let _stop_refresher = AbortOnDrop(refresher);
+    let slots = Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                tracing::warn!("metrics: accept failed: {e}; pausing");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
             continue;
         };
-        let body = render(&metrics, &store);
+        let (metrics, store, totals) = (metrics.clone(), store.clone(), totals.clone());
         tokio::spawn(async move {
-            let mut head = [0u8; 8192];
-            let _ = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut head)).await;
+            let mut head = [0u8; 2048];
+            let mut got = 0;
+            // The request line is all that matters; read until it ends.
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while got < head.len() && !head[..got].contains(&b'\n') {
+                    match sock.read(&mut head[got..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let line = head[..got].split(|&b| b == b'\n').next().unwrap_or(&[]);
+            let (status, body) = match line.split(|&b| b == b' ').collect::<Vec<_>>()[..] {
+                [b"GET", b"/metrics" | b"/", ..] => {
+                    let t = totals.lock().ok().and_then(|t| *t);
+                    ("200 OK", render(&metrics, &store, t))
+                }
+                [b"GET", ..] => ("404 Not Found", "only /metrics is served here\n".to_owned()),
+                _ => (
+                    "405 Method Not Allowed",
+                    "only GET /metrics is served here\n".to_owned(),
+                ),
+            };
             let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = sock.write_all(resp.as_bytes()).await;
             let _ = sock.shutdown().await;
+            drop(permit);
         });
+    }
+}
+
+/// Aborts a task when dropped (the refresher ends with the server).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -123,6 +123,10 @@ pub struct Metrics {
     pub refused_per_address: AtomicU64,
     /// Unauthenticated idle connections closed to make room for new ones.
     pub evicted: AtomicU64,
+    /// Store writes that failed (disk full, I/O errors).
+    pub storage_errors: AtomicU64,
+    /// When a storage error was last logged (unix seconds).
+    pub storage_error_logged_at: AtomicU64,
     /// Refusals by `RefusalCode::code()` (index 0 unused).
     pub refused_by_code: [AtomicU64; 6],
 }
@@ -951,7 +955,7 @@ async fn handle(
             let mailbox = MailboxId::of(&key);
             if registering {
                 if let Err(e) = s.store.register(mailbox, key, now()).await {
-                    return send(out, id, err(ErrorCode::Internal, e.to_string())).await;
+                    return send(out, id, storage_failed(s, &e)).await;
                 }
             } else {
                 match s.store.mailbox_key(&mailbox) {
@@ -1068,7 +1072,7 @@ async fn handle(
                     s.metrics.acked.fetch_add(count as u64, Ordering::Relaxed);
                     send(out, id, Response::Acked { count }).await
                 }
-                Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+                Err(e) => send(out, id, storage_failed(s, &e)).await,
             }
         }
         Request::BlobPut(put) => {
@@ -1355,7 +1359,7 @@ async fn store_run(s: &Shared, run: Vec<BlobPiece>, answers: &mut Vec<Response>)
                 ErrorCode::BadRequest,
                 "the blob does not match its stated BLAKE3; it was discarded, upload it again",
             ),
-            Err(e) => err(ErrorCode::Internal, e.to_string()),
+            Err(e) => storage_failed(s, &e),
         });
     }
 }
@@ -1399,8 +1403,28 @@ async fn submit(
             Response::Accepted { item_id }
         }
         Ok(SubmitOutcome::Refused(code)) => refusal(s, code, mailbox, hash),
-        Err(e) => err(ErrorCode::Internal, e.to_string()),
+        Err(e) => storage_failed(s, &e),
     }
+}
+
+/// A write the store could not make: counted, logged (at most once every
+/// 10 s, with how many since), and answered in words the client can pass
+/// on ("the relay's disk is full"), as a transient error (8, retry later).
+fn storage_failed(s: &Shared, e: &sealpost_store::StoreError) -> Response {
+    if e.is_storage() {
+        let n = s.metrics.storage_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = now();
+        let last = s.metrics.storage_error_logged_at.load(Ordering::Relaxed);
+        if now >= last + 10
+            && s.metrics
+                .storage_error_logged_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::error!("storage error (nothing acknowledged; {n} so far): {e}");
+        }
+    }
+    err(ErrorCode::Internal, e.to_string())
 }
 
 /// A relay serving on a background task of the current runtime.

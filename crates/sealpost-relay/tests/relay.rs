@@ -21,7 +21,7 @@ struct Running {
     addr: RelayAddress,
     metrics: std::sync::Arc<Metrics>,
     relay: sealpost_relay::RunningRelay,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Running {
@@ -32,17 +32,20 @@ impl Running {
 
 async fn start(tweak: impl FnOnce(&mut Config)) -> Running {
     let dir = tempfile::tempdir().expect("tmp");
-    let mut cfg = Config::new(
-        "127.0.0.1:0".parse().expect("addr"),
-        dir.path().join("data"),
-    );
+    let mut r = start_in(dir.path().join("data"), tweak).await;
+    r._dir = Some(dir);
+    r
+}
+
+async fn start_in(data: std::path::PathBuf, tweak: impl FnOnce(&mut Config)) -> Running {
+    let mut cfg = Config::new("127.0.0.1:0".parse().expect("addr"), data);
     tweak(&mut cfg);
     let relay = Relay::bind(cfg).await.expect("bind").spawn();
     Running {
         addr: relay.address().clone(),
         metrics: relay.metrics().clone(),
         relay,
-        _dir: dir,
+        _dir: None,
     }
 }
 
@@ -652,4 +655,85 @@ async fn a_first_start_cut_short_is_recovered() {
         .expect("restart");
     assert!(!again.created_cert());
     assert_eq!(again.pin(), pin);
+}
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount");
+        assert!(
+            ok.success(),
+            "mounting a tmpfs needs root (run as .ci/run does)"
+        );
+        Self { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// The relay's disk fills up: submissions are refused with words that say
+/// so ("the relay's disk is full"), counted, nothing is acknowledged that
+/// was not stored, and once the owner fetched and deleted items the relay
+/// takes new ones again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root to mount a small tmpfs; run with --ignored, as .ci/run does"]
+async fn a_full_disk_is_said_in_words_and_recovered_from() {
+    let disk = SmallDisk::mount("3m");
+    // 3 MiB of disk, 512 KiB of it kept for deletes.
+    let relay = start_in(disk.dir.path().join("data"), |c| {
+        c.limits.min_free_space = 512 << 10;
+    })
+    .await;
+    let bob = id(2);
+    let c = RelayClient::connect(&relay.addr).await.expect("connect");
+    let mb = c.register(&bob).await.expect("register");
+    let mut accepted = 0u32;
+    let full = loop {
+        match c
+            .submit(mb, now() + 600, vec![accepted as u8; 64 * 1024])
+            .await
+        {
+            Ok(Submitted::Accepted { .. }) => accepted += 1,
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => break e,
+        }
+        assert!(accepted < 100, "3 MiB never filled");
+    };
+    assert!(
+        matches!(&full, ClientError::Server { code: ErrorCode::Internal, message } if message.contains("disk is full")),
+        "{full:?}"
+    );
+    assert!(relay.metrics.storage_errors.load(Ordering::Relaxed) >= 1);
+    // Everything acknowledged is there, and the owner can clear it.
+    let mut seqs = Vec::new();
+    loop {
+        let (items, more) = c
+            .fetch(seqs.last().copied().unwrap_or(0), 1000)
+            .await
+            .expect("fetch");
+        seqs.extend(items.iter().map(|i| i.seq));
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(seqs.len() as u32, accepted);
+    c.ack(seqs).await.expect("ack");
+    let again = c.submit(mb, now() + 600, vec![9; 64 * 1024]).await;
+    assert!(matches!(again, Ok(Submitted::Accepted { .. })), "{again:?}");
+    relay.stop().await;
 }

@@ -14,7 +14,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 mod upload;
 
@@ -43,6 +43,33 @@ pub enum StoreError {
     },
     #[error("the store did not commit this write (shutting down, or a storage error); nothing was acknowledged")]
     Closed,
+    /// A commit failed: nothing in it was stored.
+    #[error("{}", if *.disk_full { "the relay's disk is full; nothing was stored, try again later".to_owned() } else { format!("the relay could not store this ({detail}); nothing was stored, try again later") })]
+    Storage { disk_full: bool, detail: String },
+}
+
+impl StoreError {
+    /// A failure of the storage under the store (a full disk, an I/O
+    /// error), as opposed to a request the store refused or a shutdown.
+    pub fn is_storage(&self) -> bool {
+        !matches!(self, Self::Closed)
+    }
+
+    /// Whether the cause is a full disk (or file system quota).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::Storage { disk_full, .. } => *disk_full,
+            Self::Io { source, .. } => {
+                matches!(source.raw_os_error(), Some(28 | 122)) // ENOSPC, EDQUOT
+            }
+            Self::Db(e) => db_disk_full(e),
+            _ => false,
+        }
+    }
+}
+
+fn db_disk_full(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull))
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -60,6 +87,12 @@ pub struct Limits {
     pub mailbox_quota: u64,
     /// The largest blob.
     pub max_blob: u64,
+    /// Free space on the store's file system below which new items and
+    /// blob pieces are refused ("the relay's disk is full"): what is left
+    /// is for deletes (an owner's acks, expiry), which SQLite's log needs
+    /// room for too, so that a relay whose disk filled up recovers as its
+    /// mail is delivered.
+    pub min_free_space: u64,
 }
 
 impl Default for Limits {
@@ -67,9 +100,14 @@ impl Default for Limits {
         Self {
             mailbox_quota: 4 << 30,
             max_blob: 2 << 30,
+            min_free_space: 64 << 20,
         }
     }
 }
+
+/// How long a reading of the file system's free space is trusted (writes
+/// admitted meanwhile are subtracted from it).
+const FREE_SPACE_FRESH: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitOutcome {
@@ -99,6 +137,9 @@ pub struct CommitStats {
     pub commits: u64,
     pub writes: u64,
     pub last_commit_micros: u64,
+    /// Transactions that failed and were rolled back (each caller in them
+    /// was told; nothing was acknowledged).
+    pub failures: u64,
 }
 
 /// Items and blobs removed by a sweep; the blob files are deleted after
@@ -229,6 +270,9 @@ struct Inner {
     reads_disk: std::sync::atomic::AtomicU64,
     /// Recipients reading blobs still being uploaded (see [`Followers`]).
     followers: Mutex<Followers>,
+    /// The last reading of free space: when, bytes free then, bytes
+    /// admitted since.
+    free_space: Mutex<Option<(Instant, u64, u64)>>,
     /// Woken whenever a follower reads, for uploads held back for one.
     follower_read: tokio::sync::Notify,
     /// Runs of pieces held back for a follower, and for how long in all.
@@ -454,6 +498,7 @@ impl Store {
                 reads_memory: Default::default(),
                 reads_disk: Default::default(),
                 followers: Mutex::new(Followers::default()),
+                free_space: Mutex::new(None),
                 follower_read: tokio::sync::Notify::new(),
                 paced_runs: Default::default(),
                 paced_micros: Default::default(),
@@ -607,6 +652,66 @@ impl Store {
 
     /// Stores an item durably, or refuses it with a reason. The caller has
     /// checked the payload against its hash.
+    /// Admits `bytes` of new data if the file system keeps at least
+    /// [`Limits::min_free_space`] free after it; else the relay's disk is
+    /// full (for new data: deletes go on).
+    pub fn room_for(&self, bytes: u64) -> Result<(), StoreError> {
+        let full = |free: u64| StoreError::Storage {
+            disk_full: true,
+            detail: format!(
+                "{free} bytes free, {} kept for deletes",
+                self.inner.limits.min_free_space
+            ),
+        };
+        let mut slot = self
+            .inner
+            .free_space
+            .lock()
+            .map_err(|_| StoreError::Closed)?;
+        let fresh = slot.filter(|(at, _, _)| at.elapsed() < FREE_SPACE_FRESH);
+        let (at, free, admitted) = match fresh {
+            Some(s) => s,
+            None => {
+                let st = rustix::fs::statvfs(&self.inner.blob_dir).map_err(|e| StoreError::Io {
+                    what: "measuring the free space of",
+                    path: self.inner.blob_dir.clone(),
+                    source: e.into(),
+                })?;
+                // Pages SQLite freed (deleted items) are reused for new
+                // items before its file grows: they count as room.
+                let reusable = self
+                    .inner
+                    .reader
+                    .lock()
+                    .ok()
+                    .and_then(|c| {
+                        c.query_row(
+                            "SELECT freelist_count * page_size FROM pragma_freelist_count, pragma_page_size",
+                            [],
+                            |r| r.get::<_, i64>(0),
+                        )
+                        .ok()
+                    })
+                    .map_or(0, u64_of);
+                (
+                    Instant::now(),
+                    st.f_bavail
+                        .saturating_mul(st.f_frsize)
+                        .saturating_add(reusable),
+                    0,
+                )
+            }
+        };
+        let left = free.saturating_sub(admitted);
+        if left < self.inner.limits.min_free_space.saturating_add(bytes) {
+            // Measured again next time: deletes may free space any moment.
+            *slot = None;
+            return Err(full(left));
+        }
+        *slot = Some((at, free, admitted.saturating_add(bytes)));
+        Ok(())
+    }
+
     pub async fn submit(
         &self,
         mailbox: MailboxId,
@@ -615,6 +720,9 @@ impl Store {
         payload: Vec<u8>,
         now: u64,
     ) -> Result<SubmitOutcome, StoreError> {
+        // An item costs its payload and about as much again in SQLite's
+        // log until a checkpoint.
+        self.room_for(2 * payload.len() as u64 + 4096)?;
         self.call(|reply| Op::Submit {
             mailbox,
             expires_at,
@@ -898,6 +1006,18 @@ impl Store {
         now: u64,
     ) -> Vec<Result<BlobPutOutcome, StoreError>> {
         let mut out = Vec::with_capacity(pieces.len());
+        let bytes: u64 = pieces.iter().map(|p| p.data.len() as u64 + 4096).sum();
+        if let Err(e) = self.room_for(bytes) {
+            let detail = e.to_string();
+            out.push(Err(e));
+            out.extend((1..pieces.len()).map(|_| {
+                Err(StoreError::Storage {
+                    disk_full: true,
+                    detail: detail.clone(),
+                })
+            }));
+            return out;
+        }
         let mut pieces = pieces.into_iter().peekable();
         while let Some(first) = pieces.next() {
             match self.blob_put_run(first, &mut pieces, now).await {
@@ -1333,28 +1453,40 @@ fn writer_loop(
         }
         let started = Instant::now();
         let n = group.len() as u64;
-        let result = (|| -> Result<Vec<Reply>, rusqlite::Error> {
+        let mut replies = Vec::with_capacity(group.len());
+        let result = (|| -> Result<(), rusqlite::Error> {
             let tx = conn.transaction()?;
-            let mut replies = Vec::with_capacity(group.len());
             for op in group.drain(..) {
                 replies.push(apply(&tx, op, &limits)?);
             }
-            tx.commit()?;
-            Ok(replies)
+            tx.commit()
         })();
-        // On an error the transaction rolled back and every op in it was
-        // dropped with its reply channel: each caller gets an error, and
-        // nothing was acknowledged.
         // Counted before anyone is answered, so a caller that reads the
         // statistics after its answer sees its own commit.
         if let Ok(mut s) = stats.lock() {
             s.commits += 1;
             s.writes += n;
             s.last_commit_micros = started.elapsed().as_micros() as u64;
+            if result.is_err() {
+                s.failures += 1;
+            }
         }
-        if let Ok(replies) = result {
-            for r in replies {
-                r.send();
+        match result {
+            Ok(()) => {
+                for r in replies {
+                    r.send();
+                }
+            }
+            // The transaction rolled back: nothing in it was stored. Every
+            // caller whose write was in it is told why (the op that failed
+            // and those not reached yet were dropped: their callers see
+            // the store closed); nothing was acknowledged.
+            Err(e) => {
+                let detail = e.to_string();
+                let disk_full = db_disk_full(&e);
+                for r in replies {
+                    r.fail(disk_full, &detail);
+                }
             }
         }
         group.clear();
@@ -1373,6 +1505,21 @@ enum Reply {
 }
 
 impl Reply {
+    /// Tells the caller its write was not stored, and why.
+    fn fail(self, disk_full: bool, detail: &str) {
+        let e = || StoreError::Storage {
+            disk_full,
+            detail: detail.to_owned(),
+        };
+        match self {
+            Self::Bool(s, _) => drop(s.send(Err(e()))),
+            Self::Submit(s, _) => drop(s.send(Err(e()))),
+            Self::Count(s, _) => drop(s.send(Err(e()))),
+            Self::Unit(s) => drop(s.send(Err(e()))),
+            Self::Sweep(s, _, _) => drop(s.send(Err(e()))),
+        }
+    }
+
     fn send(self) {
         // A caller that went away (its connection dropped) is fine: the
         // write is durable either way.

@@ -7,6 +7,7 @@ fn limits() -> Limits {
     Limits {
         mailbox_quota: 10_000,
         max_blob: 8_000,
+        ..Limits::default()
     }
 }
 
@@ -325,6 +326,7 @@ async fn a_streaming_recipient_holds_an_upload_back_a_little() {
     let limits = Limits {
         mailbox_quota: 64 << 20,
         max_blob: 64 << 20,
+        ..Limits::default()
     };
     let store = Store::open(dir.path(), limits).expect("open");
     let mb = MailboxId::of(&[1; 32]);

@@ -82,6 +82,11 @@ pub struct ServeArgs {
     /// Largest blob in bytes
     #[arg(long, value_name = "BYTES")]
     max_blob: Option<u64>,
+    /// Free bytes kept on the data directory's file system for deletes:
+    /// below it, new items and blobs are refused ("the relay's disk is
+    /// full") [default: 67108864]
+    #[arg(long, value_name = "BYTES")]
+    min_free_space: Option<u64>,
     /// Largest message in bytes (at most 1 MiB; larger content goes as a file)
     #[arg(long, value_name = "BYTES")]
     max_message: Option<usize>,
@@ -147,6 +152,7 @@ struct FileConfig {
     max_connections_per_address: Option<usize>,
     mailbox_quota: Option<u64>,
     max_blob: Option<u64>,
+    min_free_space: Option<u64>,
     max_message: Option<usize>,
     idle_timeout: Option<u64>,
     unauthenticated_idle_timeout: Option<u64>,
@@ -264,6 +270,9 @@ fn build_config(a: ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(m) = a.max_blob.or(file.max_blob) {
         limits.max_blob = m;
+    }
+    if let Some(m) = a.min_free_space.or(file.min_free_space) {
+        limits.min_free_space = m;
     }
     c.limits = limits;
     if let Some(m) = a.max_message.or(file.max_message) {

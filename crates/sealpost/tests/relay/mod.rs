@@ -329,6 +329,20 @@ fn config_file_metrics_status_and_scrub() {
         body.contains("sealpost_relay_refusals_total{reason=\"over_quota\"} 1\n"),
         "{body}"
     );
+    // Only GET /metrics is served.
+    for (req, status) in [
+        (&b"POST /metrics HTTP/1.1\r\n\r\n"[..], "405"),
+        (&b"GET /admin HTTP/1.1\r\n\r\n"[..], "404"),
+    ] {
+        let mut m = std::net::TcpStream::connect(("127.0.0.1", mport)).expect("metrics");
+        m.write_all(req).expect("req");
+        let mut answer = String::new();
+        m.read_to_string(&mut answer).expect("read");
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+    }
 
     // SIGTERM: a clean stop.
     let _ = Command::new("kill")

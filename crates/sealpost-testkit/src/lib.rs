@@ -7,8 +7,12 @@
 //! - [`netfault`]: a TCP proxy on loopback that cuts connections mid-frame,
 //!   leaves them half-open or accepts and never answers.
 //! - [`soak`]: the adversary soak and crash campaign over real processes.
+//! - [`clients`]: hostile clients — strangers flooding a relay at every
+//!   stage of a connection, stuffing quotas, registering en masse, probing
+//!   blobs and storming requests — while honest clients are measured.
 #![forbid(unsafe_code)]
 
+pub mod clients;
 pub mod hostile;
 pub mod netfault;
 pub mod soak;

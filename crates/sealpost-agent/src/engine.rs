@@ -1315,6 +1315,10 @@ impl Engine {
                     break;
                 }
             }
+            // Relays that took something in this round: what waits for
+            // them after a failure is tried again now, not after its
+            // backoff (a relay that came back is used at once).
+            let mut reachable: Vec<String> = Vec::new();
             for (relay, idxs) in by_relay {
                 let items: Vec<(MailboxId, u64, Vec<u8>)> = idxs
                     .iter()
@@ -1366,6 +1370,9 @@ impl Engine {
                         Some(Ok(Submitted::Accepted { .. })) => {
                             d.accepted(now, &self.timing, unit_random());
                             stats.submitted += 1;
+                            if !reachable.contains(&relay) {
+                                reachable.push(relay.clone());
+                            }
                         }
                         Some(Ok(Submitted::Refused(r))) if !r.code.is_lasting() => {
                             d.transient_failure(now, &self.timing, unit_random());
@@ -1428,6 +1435,12 @@ impl Engine {
                 }
             }
             self.agent.db.save_deliveries(&updates)?;
+            for relay in &reachable {
+                let n = self.agent.db.relay_reachable(relay, now_ms())?;
+                if n > 0 {
+                    tracing::info!("relay {relay} takes messages again: {n} waiting for it go now");
+                }
+            }
             tracing::trace!("submit: saved");
             for (i, next_at) in finish {
                 let d = &due[i];
@@ -2742,6 +2755,7 @@ impl Engine {
     {
         let mut total = PassStats::default();
         let mut sub: Option<UnboundedReceiver<u64>> = None;
+        let mut home_was_down = false;
         tokio::pin!(stop);
         loop {
             // Subscribed before the pass, never after: whatever arrives
@@ -2751,10 +2765,28 @@ impl Engine {
             // timer, 30 s.)
             if sub.is_none() {
                 match self.subscribe().await {
-                    Ok(rx) => sub = Some(rx),
+                    Ok(rx) => {
+                        sub = Some(rx);
+                        if home_was_down {
+                            // The home relay is back: what waits for it
+                            // goes now, not after its backoff.
+                            home_was_down = false;
+                            let n = self
+                                .agent
+                                .db
+                                .relay_reachable(&self.home_addr.to_string(), now_ms())?;
+                            if n > 0 {
+                                tracing::info!(
+                                    "{} is back: {n} messages waiting for it go now",
+                                    self.home_addr
+                                );
+                            }
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!("subscribing at {}: {e}", self.home_addr);
                         self.home.disconnect();
+                        home_was_down = true;
                     }
                 }
             }

@@ -460,6 +460,18 @@ impl Db {
 
     /// The earliest time anything in the outbox needs attention: a
     /// submission or an expiry.
+    /// `relay` took a submission: deliveries queued for it after failures
+    /// become due now instead of after their backoff. Returns how many.
+    pub fn relay_reachable(&mut self, relay: &str, now_ms: u64) -> Result<usize, AgentError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "UPDATE deliveries SET next_ms = ?2 \
+                 WHERE relay = ?1 AND state = 'queued' AND failed_attempts > 0 AND next_ms > ?2",
+            )?
+            .execute(params![relay, to_i64(now_ms)])?)
+    }
+
     pub fn next_due_ms(&self) -> Result<Option<u64>, AgentError> {
         // One indexed MIN per (state, column): no scan of the outbox.
         let mut best: Option<i64> = None;

@@ -1128,3 +1128,37 @@ fn init_with_an_unreachable_relay_says_how_to_finish() {
     let (code, _, err) = net.run("dave", &["relay", "use", &addr]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// A relay that comes back is used at once: a message queued while it was
+/// down (its retries backing off, the next one several seconds away) is
+/// submitted as soon as the sender's agent reaches the relay again, not
+/// when its backoff ends.
+#[test]
+fn a_relay_that_comes_back_wakes_what_waits_for_it() {
+    let mut net = Net::pair();
+    net.start_agent("alice", "2m");
+    if let Some(mut c) = net.relay.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let (code, out, err) = net.run("alice", &["--json", "send", "bob", "while you were out"]);
+    assert_eq!(code, 0, "an agent runs: {err}");
+    let id = serde_json::from_slice::<Value>(&out).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // Down long enough for the retries to back off past 8 s.
+    std::thread::sleep(Duration::from_secs(16));
+    let before = net.delivery("alice", &id);
+    assert_eq!(before["state"].as_str(), Some("queued"), "{before}");
+    net.restart_relay();
+    let back = Instant::now();
+    while net.state("alice", &id) != "submitted" {
+        assert!(
+            back.elapsed() < Duration::from_secs(4),
+            "still waiting for its backoff: {}",
+            net.delivery("alice", &id)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -335,14 +335,28 @@ fn id(agent: &Agent, out: &Out) -> Result<(), Failure> {
             "age_recipient": card.public().age_recipient_string(),
         }),
         || {
-            format!(
-                "{}\nName:        {}\nFingerprint: {}\n",
-                card.to_text(),
+            // stdout carries the card alone, so that `sealpost id > me.card`
+            // and `sealpost id | sealpost contact add -` work; the rest is
+            // for the person at the terminal.
+            output::to_stderr(&format!(
+                "Name:        {}\nFingerprint: {}\n",
                 card.name(),
                 card.public().fingerprint()
-            )
+            ));
+            format!("{}\n", card.to_text())
         },
     )
+}
+
+/// The card in what `sealpost id` printed (or a file or message holding
+/// it): the first line that is a card, or the `card` of its `--json`.
+fn card_in_text(text: &str) -> Option<String> {
+    let prefix = sealpost_proto::card::TEXT_PREFIX;
+    if let Some(line) = text.lines().map(str::trim).find(|l| l.starts_with(prefix)) {
+        return Some(line.to_owned());
+    }
+    let v: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
+    v["card"].as_str().map(str::to_owned)
 }
 
 /// Reads a card given as text, as a file (text or binary form), or on stdin.
@@ -354,22 +368,17 @@ pub(crate) fn read_card(arg: &str) -> Result<ContactCard, Failure> {
         return Ok(ContactCard::from_text(arg).map_err(sealpost_agent::AgentError::from)?);
     }
     let mut bytes = Vec::new();
-    let limit = MAX_CARD_TEXT_BYTES as u64 + 1;
+    // Room for what `id --json` prints around a card.
+    let limit = 4 * MAX_CARD_TEXT_BYTES as u64;
     if arg == "-" {
         io::stdin().take(limit).read_to_end(&mut bytes)
     } else {
         File::open(arg).and_then(|f| f.take(limit).read_to_end(&mut bytes))
     }
     .with_context(|| format!("cannot read the card from {arg}"))?;
-    let card = match std::str::from_utf8(&bytes) {
-        Ok(text)
-            if text
-                .trim_start()
-                .starts_with(sealpost_proto::card::TEXT_PREFIX) =>
-        {
-            ContactCard::from_text(text)
-        }
-        _ => ContactCard::decode(&bytes),
+    let card = match std::str::from_utf8(&bytes).ok().and_then(card_in_text) {
+        Some(text) => ContactCard::from_text(&text),
+        None => ContactCard::decode(&bytes),
     };
     Ok(card.map_err(sealpost_agent::AgentError::from)?)
 }

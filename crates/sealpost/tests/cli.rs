@@ -108,6 +108,32 @@ fn seal_and_open_through_files_and_pipes() {
     assert_eq!(std::fs::read(env.path("note.out")).expect("out"), b"a note");
 }
 
+/// Whatever `id` prints can be given to `contact add` as it is: piped,
+/// saved to a file, or its `--json`.
+#[test]
+fn a_card_is_shared_as_id_prints_it() {
+    let env = Env::new();
+    env.ok("alice", &["init", "--name", "Alice"]);
+    for home in ["bob", "carol", "dave"] {
+        env.ok(home, &["init", "--name", home]);
+    }
+    let (code, card, err) = env.run("alice", &["id"], b"");
+    assert_eq!(code, 0, "{err}");
+    let card = String::from_utf8(card).expect("utf-8");
+    assert!(
+        card.starts_with("sealpost-card-v1:") && card.lines().count() == 1,
+        "{card}"
+    );
+    assert!(err.contains("Fingerprint:"), "{err}");
+    let (code, _, err) = env.run("bob", &["contact", "add", "-"], card.as_bytes());
+    assert_eq!(code, 0, "piped: {err}");
+    std::fs::write(env.path("alice.card"), &card).expect("w");
+    env.ok("carol", &["contact", "add", "alice.card"]);
+    let json = env.ok("alice", &["--json", "id"]);
+    let (code, _, err) = env.run("dave", &["contact", "add", "-"], &json);
+    assert_eq!(code, 0, "its --json: {err}");
+}
+
 /// A home holds keys and mail: `init` makes an existing home private, the
 /// database is 0600 from its creation, and one left wider by an older
 /// version is tightened (with its WAL) the next time it is opened.

@@ -208,16 +208,30 @@ impl Db {
         Ok(out)
     }
 
+    /// The contact called `name`: exactly, else the one whose name differs
+    /// only in case. An unknown name is an error that suggests near
+    /// misses (a typo, another case, a prefix).
     pub fn contact(&self, name: &str) -> Result<Contact, AgentError> {
         let row: Option<(String, Vec<u8>, i64)> = self
             .conn
             .prepare_cached("SELECT name, card, added_at FROM contacts WHERE name = ?1")?
             .query_row(params![name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
-        match row {
-            Some((n, c, a)) => Self::row_to_contact(n, c, a),
-            None => Err(AgentError::UnknownContact(name.to_owned())),
+        if let Some((n, c, a)) = row {
+            return Self::row_to_contact(n, c, a);
         }
+        let all = self.contacts()?;
+        let folded: Vec<&Contact> = all
+            .iter()
+            .filter(|c| c.name.to_lowercase() == name.to_lowercase())
+            .collect();
+        if let [one] = folded[..] {
+            return Ok(one.clone());
+        }
+        Err(AgentError::UnknownContact(
+            name.to_owned(),
+            near_misses(name, all.iter().map(|c| c.name.as_str())),
+        ))
     }
 
     /// The contact holding this signing key, if pinned.
@@ -238,7 +252,11 @@ impl Db {
             .conn
             .execute("DELETE FROM contacts WHERE name = ?1", params![name])?;
         if n == 0 {
-            return Err(AgentError::UnknownContact(name.to_owned()));
+            let all = self.contacts()?;
+            return Err(AgentError::UnknownContact(
+                name.to_owned(),
+                near_misses(name, all.iter().map(|c| c.name.as_str())),
+            ));
         }
         Ok(())
     }
@@ -280,5 +298,60 @@ impl Db {
             .prepare_cached("SELECT COUNT(*) FROM replay")?
             .query_row([], |r| r.get(0))?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+/// " (did you mean \"bob\"?)" for the names within two edits of `name`
+/// (ignoring case) or starting with it; empty if none.
+fn near_misses<'a>(name: &str, names: impl Iterator<Item = &'a str>) -> String {
+    let want = name.to_lowercase();
+    let close: Vec<String> = names
+        .filter(|n| {
+            let n = n.to_lowercase();
+            n.starts_with(&want) || edit_distance(&n, &want) <= 2
+        })
+        .take(3)
+        .map(|n| format!("{n:?}"))
+        .collect();
+    if close.is_empty() {
+        String::new()
+    } else {
+        format!(" (did you mean {}?)", close.join(" or "))
+    }
+}
+
+/// Levenshtein distance over characters (names are short: at most 64).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn near_misses_are_suggested() {
+        let names = ["alice", "bob", "Bobby", "carol"];
+        assert_eq!(
+            near_misses("bbo", names.into_iter()),
+            " (did you mean \"bob\"?)"
+        );
+        assert_eq!(
+            near_misses("bo", names.into_iter()),
+            " (did you mean \"bob\" or \"Bobby\"?)"
+        );
+        assert_eq!(near_misses("zed", names.into_iter()), "");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 }

@@ -60,8 +60,8 @@ pub enum AgentError {
         "{0} exists; it was not replaced (choose another name, or pass --force to replace it)"
     )]
     OutputExists(PathBuf),
-    #[error("no contact named {0:?}; `sealpost contact list` shows your contacts")]
-    UnknownContact(String),
+    #[error("no contact named {0:?}{1}; `sealpost contact list` shows your contacts")]
+    UnknownContact(String, String),
     #[error("{name:?} is pinned with fingerprint {pinned}, but this card has fingerprint {offered}. The key changed, or someone is impersonating {name:?}. Compare the new fingerprint with {name} through another channel, then run `sealpost contact add --replace`.")]
     KeyChanged {
         name: String,

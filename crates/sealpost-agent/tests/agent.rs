@@ -109,7 +109,7 @@ fn contacts_are_pinned() {
     db.remove_contact("bob").expect("remove");
     assert!(matches!(
         db.contact("bob"),
-        Err(AgentError::UnknownContact(_))
+        Err(AgentError::UnknownContact(..))
     ));
     assert!(db.remove_contact("bob").is_err());
 }

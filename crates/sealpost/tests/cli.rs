@@ -132,6 +132,18 @@ fn a_card_is_shared_as_id_prints_it() {
     let json = env.ok("alice", &["--json", "id"]);
     let (code, _, err) = env.run("dave", &["contact", "add", "-"], &json);
     assert_eq!(code, 0, "its --json: {err}");
+    // Names: another case is the same contact; a typo gets a suggestion.
+    env.ok(
+        "bob",
+        &["seal", "--to", "ALICE", "-o", "x.sp", "alice.card"],
+    );
+    let (code, _, err) = env.run(
+        "bob",
+        &["seal", "--to", "alcie", "-o", "y.sp", "alice.card"],
+        b"",
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("did you mean \"Alice\""), "{err}");
 }
 
 /// A home holds keys and mail: `init` makes an existing home private, the

@@ -45,15 +45,62 @@ impl Failure {
 
     pub fn report(self, out: &Out) -> ExitCode {
         if let Some(e) = &self.error {
+            let text = once_each(e);
             if out.json() {
-                let v =
-                    json!({"error": format!("{e:#}"), "class": self.class, "exit_code": self.code});
+                let v = json!({"error": text, "class": self.class, "exit_code": self.code});
                 crate::output::to_stderr(&format!("{v}\n"));
             } else {
-                crate::output::to_stderr(&format!("sealpost: {e:#}\n"));
+                crate::output::to_stderr(&format!("sealpost: {text}\n"));
             }
         }
         ExitCode::from(self.code)
+    }
+}
+
+/// An error and its causes, each said once: many errors already include
+/// their cause in their own words (and also return it as their source),
+/// so a cause whose text is already there is not repeated.
+pub fn once_each(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if c.is_empty() || text.contains(&c) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&c);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::other("No space left on device");
+        #[derive(Debug)]
+        struct Writing(std::io::Error);
+        impl std::fmt::Display for Writing {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "writing /x: {}", self.0)
+            }
+        }
+        impl std::error::Error for Writing {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = anyhow::Error::new(Writing(io)).context("cannot save the message");
+        assert_eq!(
+            once_each(&e),
+            "cannot save the message: writing /x: No space left on device"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(once_each(&plain), "outer: inner");
     }
 }
 

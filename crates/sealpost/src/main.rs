@@ -297,7 +297,11 @@ fn init(
         // so, and how to finish, rather than leave a home that looks
         // half-made.
         if let Err(mut f) = deliver::use_relay(&mut agent, r, &Out::new(true).quiet()) {
-            let cause = f.error.take().map(|e| format!("{e:#}")).unwrap_or_default();
+            let cause = f
+                .error
+                .take()
+                .map(|e| exit::once_each(&e))
+                .unwrap_or_default();
             f.error = Some(anyhow!(
                 "created identity {name:?} (fingerprint {}) in {}, but could not register at the relay: {cause}. Once it can be reached, run `sealpost relay use {r}`",
                 agent.identity().fingerprint(),

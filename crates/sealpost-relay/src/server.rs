@@ -575,10 +575,9 @@ struct Read {
 /// Memory is bounded before the peer has proven anything: before `Hello`
 /// only a Hello-sized frame is read; a request type read whole is refused
 /// above the largest valid one and its buffer grows only as its bytes
-/// arrive; a submission's or blob piece's data (up to 1 MiB) is read only
-/// once the relay-wide budget of bytes in flight has room for it (so a
-/// crowd announcing large frames and sending nothing waits for budget,
-/// instead of each holding a megabyte). That data is read straight into a
+/// arrive; a submission's or blob piece's data (up to 1 MiB) is taken from
+/// the relay-wide budget of bytes in flight 64 KiB at a time, before each
+/// step is read (see [`read_budgeted`]). That data is read straight into a
 /// buffer of its own (reused: fresh megabyte buffers cost page faults on
 /// every frame), so it is not copied out of the frame afterwards.
 async fn read_frame<R: AsyncRead + Unpin>(
@@ -609,16 +608,10 @@ async fn read_frame<R: AsyncRead + Unpin>(
         }
         Ok::<_, io::Error>(match Request::head_len(ty[0]) {
             Some(h) if len > h => {
-                let permits = u32::try_from(len).unwrap_or(u32::MAX);
-                let taken = budget
-                    .clone()
-                    .acquire_many_owned(permits)
-                    .await
-                    .map_err(|_| io::Error::other("relay shutting down"))?;
                 let mut head = [0u8; 128];
                 head[0] = ty[0];
                 rd.read_exact(&mut head[1..h]).await?;
-                let rest = crate::read_pooled(rd, len - h).await?;
+                let (rest, taken) = read_budgeted(rd, len - h, budget).await?;
                 Read {
                     frame: Request::decode_split(&head[..h], rest),
                     budget: Some(taken),
@@ -637,6 +630,57 @@ async fn read_frame<R: AsyncRead + Unpin>(
     .await
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "frame timeout (too slow)"))?
     .map(Some)
+}
+
+/// The step in which a request's data is read and budgeted.
+const BUDGET_STEP: usize = 64 * 1024;
+
+/// Reads `n` bytes of a request's data, taking the relay-wide budget for
+/// each step of 64 KiB before reading it: what a client holds is what it
+/// sent, never what it announced, so a crowd announcing megabytes and
+/// sending nothing holds nothing, and honest small requests are not kept
+/// waiting behind it. The bytes land in a reused buffer's spare capacity
+/// (no zeroing; pages are touched only as data arrives).
+async fn read_budgeted<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    n: usize,
+    budget: &Arc<Semaphore>,
+) -> io::Result<(Vec<u8>, OwnedSemaphorePermit)> {
+    let closing = || io::Error::other("relay shutting down");
+    let mut buf = buffers::take(n);
+    let first = n.min(BUDGET_STEP);
+    let mut taken = budget
+        .clone()
+        .acquire_many_owned(first as u32)
+        .await
+        .map_err(|_| closing())?;
+    let mut allowed = first;
+    loop {
+        let want = (allowed - buf.len()) as u64;
+        match rd.take(want).read_to_end(&mut buf).await {
+            Ok(k) if k as u64 == want => {}
+            Ok(_) => {
+                buffers::give(buf);
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            Err(e) => {
+                buffers::give(buf);
+                return Err(e);
+            }
+        }
+        if buf.len() == n {
+            return Ok((buf, taken));
+        }
+        let step = (n - allowed).min(BUDGET_STEP);
+        match budget.clone().acquire_many_owned(step as u32).await {
+            Ok(more) => taken.merge(more),
+            Err(_) => {
+                buffers::give(buf);
+                return Err(closing());
+            }
+        }
+        allowed += step;
+    }
 }
 
 /// Reads the rest of a small frame whose type byte was `ty`, into a buffer

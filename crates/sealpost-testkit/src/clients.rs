@@ -343,71 +343,25 @@ pub async fn run(cfg: AttackConfig) -> AttackReport {
         .collect();
 
     let mut report = AttackReport::default();
-    // Stuffing, registrations, probes and the storm, from 127.0.0.1 over
-    // a few real client connections.
-    let stranger = Identity::from_secret_bytes(&rng.gen::<[u8; 32]>(), &rng.gen::<[u8; 32]>());
-    if let Ok(c) = RelayClient::connect(&cfg.relay).await {
-        if let Some(victim) = cfg.victim {
-            for k in 0..cfg.stuffing {
-                if Instant::now() >= until {
-                    break;
-                }
-                match c.submit(victim, now_s() + 600, vec![k as u8; 1024]).await {
-                    Ok(Submitted::Accepted { .. }) => report.stuffing_accepted += 1,
-                    Ok(Submitted::Refused(_)) => report.stuffing_refused += 1,
-                    Err(_) => break,
-                }
-            }
-        }
-        for _ in 0..cfg.registrations {
-            if Instant::now() >= until {
-                break;
-            }
-            let id = Identity::from_secret_bytes(&rng.gen::<[u8; 32]>(), &rng.gen::<[u8; 32]>());
-            let Ok(rc) = RelayClient::connect(&cfg.relay).await else {
-                break;
-            };
-            if rc.register(&id).await.is_ok() {
-                report.registered += 1;
-            }
-        }
-        if c.register(&stranger).await.is_ok() {
-            for _ in 0..cfg.probes {
-                if Instant::now() >= until {
-                    break;
-                }
-                let blob: [u8; 16] = rng.gen();
-                let status = c.blob_status(blob).await;
-                let get = c.blob_get(blob, 0, 1024).await;
-                match (status, get) {
-                    (Ok((0, false)), Err(ClientError::Server { .. })) => {
-                        report.probes_not_found += 1
-                    }
-                    _ => report.probes_revealing += 1,
-                }
-            }
-        }
-        // The storm: pipelined Status requests, answers gathered after.
-        let mut pending = Vec::with_capacity(1024);
-        for _ in 0..cfg.storm {
-            if Instant::now() >= until {
-                break;
-            }
-            match c.send(Request::Status).await {
-                Ok(rx) => pending.push(rx),
-                Err(_) => break,
-            }
-            if pending.len() >= 1024 {
-                for rx in pending.drain(..) {
-                    count_storm(&mut report, rx.await.ok());
-                }
-            }
-        }
-        for rx in pending.drain(..) {
-            count_storm(&mut report, rx.await.ok());
-        }
+    // Stuffing, registrations, probes and the storm, each on its own
+    // connection(s) from 127.0.0.1, all at once.
+    let stuffing = tokio::spawn(stuff(cfg.clone(), until));
+    let registrations = tokio::spawn(register_many(cfg.clone(), rng.gen(), until));
+    let probes = tokio::spawn(probe(cfg.clone(), rng.gen(), until));
+    let storm = tokio::spawn(storm(cfg.clone(), until));
+    if let Ok((a, r)) = stuffing.await {
+        report.stuffing_accepted = a;
+        report.stuffing_refused = r;
     }
-
+    report.registered = registrations.await.unwrap_or(0);
+    if let Ok((nf, rev)) = probes.await {
+        report.probes_not_found = nf;
+        report.probes_revealing = rev;
+    }
+    if let Ok((ans, rl)) = storm.await {
+        report.storm_answered = ans;
+        report.storm_rate_limited = rl;
+    }
     for t in flood_tasks {
         if let Ok((kind, (opened, closed))) = t.await {
             report.floods.push((kind, opened, closed));
@@ -428,14 +382,99 @@ pub async fn run(cfg: AttackConfig) -> AttackReport {
     report
 }
 
-fn count_storm(report: &mut AttackReport, r: Option<sealpost_proto::relay::Response>) {
-    use sealpost_proto::relay::{ErrorCode, Response};
-    match r {
-        Some(Response::Error {
-            code: ErrorCode::RateLimited,
-            ..
-        }) => report.storm_rate_limited += 1,
-        Some(_) => report.storm_answered += 1,
-        None => {}
+/// Junk submissions to the victim: (accepted, refused).
+async fn stuff(cfg: AttackConfig, until: Instant) -> (u64, u64) {
+    let (mut accepted, mut refused) = (0, 0);
+    let (Some(victim), Ok(c)) = (cfg.victim, RelayClient::connect(&cfg.relay).await) else {
+        return (0, 0);
+    };
+    for k in 0..cfg.stuffing {
+        if Instant::now() >= until {
+            break;
+        }
+        match c.submit(victim, now_s() + 600, vec![k as u8; 1024]).await {
+            Ok(Submitted::Accepted { .. }) => accepted += 1,
+            Ok(Submitted::Refused(_)) => refused += 1,
+            Err(_) => break,
+        }
     }
+    (accepted, refused)
+}
+
+/// Fresh keys registering mailboxes, one connection each.
+async fn register_many(cfg: AttackConfig, seed: u64, until: Instant) -> u64 {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let mut n = 0;
+    for _ in 0..cfg.registrations {
+        if Instant::now() >= until {
+            break;
+        }
+        let id = Identity::from_secret_bytes(&rng.gen::<[u8; 32]>(), &rng.gen::<[u8; 32]>());
+        let Ok(c) = RelayClient::connect(&cfg.relay).await else {
+            continue;
+        };
+        if c.register(&id).await.is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// `BlobStatus` and `BlobGet` of random ids by a registered stranger:
+/// (answered "nothing here", answered anything else).
+async fn probe(cfg: AttackConfig, seed: u64, until: Instant) -> (u64, u64) {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let stranger = Identity::from_secret_bytes(&rng.gen::<[u8; 32]>(), &rng.gen::<[u8; 32]>());
+    let Ok(c) = RelayClient::connect(&cfg.relay).await else {
+        return (0, 0);
+    };
+    if c.register(&stranger).await.is_err() {
+        return (0, 0);
+    }
+    let (mut nothing, mut revealing) = (0, 0);
+    for _ in 0..cfg.probes {
+        if Instant::now() >= until {
+            break;
+        }
+        let blob: [u8; 16] = rng.gen();
+        let status = c.blob_status(blob).await;
+        let get = c.blob_get(blob, 0, 1024).await;
+        match (status, get) {
+            (Ok((0, false)), Err(ClientError::Server { .. })) => nothing += 1,
+            _ => revealing += 1,
+        }
+    }
+    (nothing, revealing)
+}
+
+/// Pipelined requests on one connection: (answered, rate limited).
+async fn storm(cfg: AttackConfig, until: Instant) -> (u64, u64) {
+    use sealpost_proto::relay::{ErrorCode, Response};
+    let Ok(c) = RelayClient::connect(&cfg.relay).await else {
+        return (0, 0);
+    };
+    let (mut answered, mut limited) = (0, 0);
+    let mut pending = Vec::with_capacity(1024);
+    let mut sent = 0;
+    while sent < cfg.storm && Instant::now() < until {
+        match c.send(Request::Status).await {
+            Ok(rx) => pending.push(rx),
+            Err(_) => break,
+        }
+        sent += 1;
+        let last = sent == cfg.storm || Instant::now() >= until;
+        if pending.len() >= 1024 || last {
+            for rx in pending.drain(..) {
+                match rx.await.ok() {
+                    Some(Response::Error {
+                        code: ErrorCode::RateLimited,
+                        ..
+                    }) => limited += 1,
+                    Some(_) => answered += 1,
+                    None => {}
+                }
+            }
+        }
+    }
+    (answered, limited)
 }

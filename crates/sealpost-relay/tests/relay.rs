@@ -459,10 +459,11 @@ async fn closed_within(
 }
 
 /// A stranger's frame heads announcing large frames take no memory before
-/// Hello (refused at once), and after Hello a large body is read only
-/// within the relay-wide byte budget: with room for one such frame, a
-/// crowd of announcers waits for it (cut off by the frame timeout) while
-/// an honest client is still served.
+/// Hello (refused at once), and after Hello the relay-wide byte budget is
+/// taken as bytes arrive, not as announced: with a budget of one largest
+/// frame, eight announcers that send nothing hold none of it, and an
+/// honest client is served at once (a first version took the announced
+/// length up front, and the honest client waited for the frame timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn announced_lengths_take_no_memory_before_their_bytes() {
     let relay = start(|c| {
@@ -527,9 +528,8 @@ async fn announced_lengths_take_no_memory_before_their_bytes() {
         c.submit(mb, now() + 60, vec![7u8; 4096]).await,
         Ok(Submitted::Accepted { .. })
     ));
-    // Served once the budget's holder timed out, not after all eight.
     assert!(
-        started.elapsed() < Duration::from_secs(4),
+        started.elapsed() < Duration::from_millis(900),
         "{:?}",
         started.elapsed()
     );

@@ -75,35 +75,6 @@ pub fn once_each(e: &anyhow::Error) -> String {
     text
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_cause_is_said_once() {
-        let io = std::io::Error::other("No space left on device");
-        #[derive(Debug)]
-        struct Writing(std::io::Error);
-        impl std::fmt::Display for Writing {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                write!(f, "writing /x: {}", self.0)
-            }
-        }
-        impl std::error::Error for Writing {
-            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-                Some(&self.0)
-            }
-        }
-        let e = anyhow::Error::new(Writing(io)).context("cannot save the message");
-        assert_eq!(
-            once_each(&e),
-            "cannot save the message: writing /x: No space left on device"
-        );
-        let plain = anyhow::anyhow!("inner").context("outer");
-        assert_eq!(once_each(&plain), "outer: inner");
-    }
-}
-
 /// Exit code and class for each way opening can fail.
 pub fn open_class(e: &OpenError) -> (u8, &'static str) {
     let code = match e {
@@ -161,5 +132,34 @@ impl From<anyhow::Error> for Failure {
             class: "error",
             error: Some(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::other("No space left on device");
+        #[derive(Debug)]
+        struct Writing(std::io::Error);
+        impl std::fmt::Display for Writing {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "writing /x: {}", self.0)
+            }
+        }
+        impl std::error::Error for Writing {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = anyhow::Error::new(Writing(io)).context("cannot save the message");
+        assert_eq!(
+            once_each(&e),
+            "cannot save the message: writing /x: No space left on device"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(once_each(&plain), "outer: inner");
     }
 }

@@ -630,7 +630,9 @@ pub enum SendError {
     Engine(#[from] EngineError),
     #[error("{0}")]
     Agent(#[from] AgentError),
-    #[error("the content is {len} bytes; a message carries at most {max} bytes")]
+    /// `len` is what was read, which stops just past `max`: the real
+    /// size may be larger, so it is not stated as the size.
+    #[error("the content is larger than a message carries ({max} bytes at most); send it as a file: `sealpost send NAME --file PATH`")]
     TooLarge { len: u64, max: u64 },
     #[error("a message needs 1 to 32 recipients")]
     Recipients,

@@ -208,7 +208,12 @@ fn default_home() -> anyhow::Result<PathBuf> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    // Whether --home was typed (not only set in the environment): the
+    // relay's own commands refuse it rather than ignore it.
+    let home_typed = matches.value_source("home") == Some(clap::parser::ValueSource::CommandLine);
+    let cli =
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Logs go to stderr; SEALPOST_LOG (or RUST_LOG) sets the level.
     // The demo provokes failures on purpose and reports them itself.
     let default_level = if matches!(cli.command, Command::Demo { .. }) {
@@ -226,13 +231,13 @@ fn main() -> ExitCode {
         .with_ansi(io::stderr().is_terminal())
         .try_init();
     let out = Out::new(cli.json);
-    match run(cli, &out) {
+    match run(cli, home_typed, &out) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => f.report(&out),
     }
 }
 
-fn run(cli: Cli, out: &Out) -> Result<(), Failure> {
+fn run(cli: Cli, home_typed: bool, out: &Out) -> Result<(), Failure> {
     let home_dir = cli.home;
     let home = || -> Result<Home, Failure> {
         Ok(Home::new(match &home_dir {
@@ -243,6 +248,11 @@ fn run(cli: Cli, out: &Out) -> Result<(), Failure> {
     let command = match cli.command {
         Command::Relay(relay_cmd::RelayCmd::Use { address }) => {
             return deliver::use_relay(&mut home()?.load()?, &address, out)
+        }
+        Command::Relay(_) if home_typed => {
+            return Err(Failure::usage(anyhow!(
+                "--home is an identity's home; a relay keeps its data in --data DIR (`sealpost relay serve --data DIR`)"
+            )))
         }
         Command::Relay(cmd) => return relay_cmd::run(cmd, out),
         other => other,

@@ -146,6 +146,16 @@ fn a_card_is_shared_as_id_prints_it() {
     assert!(err.contains("did you mean \"Alice\""), "{err}");
 }
 
+/// `--home` given to a relay command is refused (it was silently ignored,
+/// and the relay used its default data directory).
+#[test]
+fn relay_commands_refuse_home() {
+    let env = Env::new();
+    let (code, _, err) = env.run("h", &["relay", "status", "--data", "d"], b"");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--data"), "{err}");
+}
+
 /// A home holds keys and mail: `init` makes an existing home private, the
 /// database is 0600 from its creation, and one left wider by an older
 /// version is tightened (with its WAL) the next time it is opened.

@@ -1797,8 +1797,8 @@ impl Engine {
             if d.local_errors > 0 && now < d.changed_ms + local_retry_ms(d.local_errors) {
                 continue;
             }
-            let (msg, name, relay) = (d.msg, d.name.clone(), d.relay.clone());
-            let rejection = relay.map(|r| d.rejection(r, RejectReason::NotStored));
+            let (msg, name) = (d.msg, d.name.clone());
+            let kept = d.clone();
             match self.download(d, stats).await {
                 Ok(()) => {}
                 Err(EngineError::Relay(e)) => {
@@ -1811,16 +1811,8 @@ impl Engine {
                     let why = e.to_string();
                     let n = self.agent.db.download_local_error(&msg, &why, now_ms())?;
                     if n >= MAX_LOCAL_ERRORS {
-                        stats.files_failed += 1;
                         tracing::error!("receiving {name}: {why}; failed {n} times in a row, giving up and telling the sender");
-                        self.agent.db.download_end(
-                            &msg,
-                            "failed",
-                            None,
-                            Some(&why),
-                            rejection.as_ref(),
-                            now_ms(),
-                        )?;
+                        self.give_up_download(&kept, &why, stats)?;
                     } else {
                         tracing::warn!(
                             "receiving {name}: {why}; trying again in {} s",
@@ -1837,6 +1829,31 @@ impl Engine {
                 self.request_repair(&d, &bad).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Ends a download that cannot be stored here: failed, and its sender
+    /// is sent a signed rejection `not-stored` (instead of retransmitting
+    /// until the message expires).
+    fn give_up_download(
+        &mut self,
+        d: &crate::outbox::Download,
+        why: &str,
+        stats: &mut PassStats,
+    ) -> Result<(), EngineError> {
+        stats.files_failed += 1;
+        let rejection = d
+            .relay
+            .clone()
+            .map(|r| d.rejection(r, RejectReason::NotStored));
+        self.agent.db.download_end(
+            &d.msg,
+            "failed",
+            None,
+            Some(why),
+            rejection.as_ref(),
+            now_ms(),
+        )?;
         Ok(())
     }
 
@@ -2139,20 +2156,7 @@ impl Engine {
         let fail =
             |this: &mut Self, stats: &mut PassStats, why: String| -> Result<(), EngineError> {
                 tracing::warn!("receiving {}: {why}", d.name);
-                stats.files_failed += 1;
-                let rejection = d
-                    .relay
-                    .clone()
-                    .map(|r| d.rejection(r, RejectReason::NotStored));
-                this.agent.db.download_end(
-                    &d.msg,
-                    "failed",
-                    None,
-                    Some(&why),
-                    rejection.as_ref(),
-                    now_ms(),
-                )?;
-                Ok(())
+                this.give_up_download(&d, &why, stats)
             };
         let layout = match BlobLayout::new(d.size, d.chunk_size) {
             Ok(l) => l,

@@ -146,7 +146,7 @@ struct Shared {
     open_per_address: std::sync::Mutex<HashMap<IpAddr, usize>>,
     /// Connections not (yet) authenticated to a mailbox, oldest first: the
     /// first to be closed when every slot is taken.
-    unauthenticated: std::sync::Mutex<BTreeMap<u64, Arc<Notify>>>,
+    unauthenticated: std::sync::Mutex<BTreeMap<u64, Arc<Evictable>>>,
     next_connection: AtomicU64,
     /// New connections waiting for an evicted one's slot (bounded).
     admissions: Arc<Semaphore>,
@@ -430,38 +430,52 @@ impl Drop for AddressSlot {
     }
 }
 
-/// A connection's place among the unauthenticated ones (left when it
-/// authenticates or closes).
-struct Unauthenticated {
+/// A connection that may be closed to make room: one not authenticated to
+/// a mailbox, while it waits idle (in its TLS handshake, or between
+/// requests). A connection busy with a request — a sender in the middle
+/// of an upload — is never chosen.
+struct Evictable {
     shared: Arc<Shared>,
+    /// Connection number: the oldest (smallest) idle one goes first.
     id: u64,
-    evict: Arc<Notify>,
+    evict: Notify,
 }
 
-impl Unauthenticated {
-    fn register(shared: &Arc<Shared>) -> Self {
-        let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
-        let evict = Arc::new(Notify::new());
-        if let Ok(mut m) = shared.unauthenticated.lock() {
-            m.insert(id, evict.clone());
-        }
+impl Evictable {
+    fn new(shared: &Arc<Shared>) -> Self {
         Self {
             shared: shared.clone(),
-            id,
-            evict,
+            id: shared.next_connection.fetch_add(1, Ordering::Relaxed),
+            evict: Notify::new(),
         }
     }
 
-    fn leave(&self) {
+    /// Waits for `fut` while listed as evictable; an eviction ends the
+    /// wait with `ConnectionAborted`.
+    async fn idle<T>(self: &Arc<Self>, fut: impl Future<Output = T>) -> io::Result<T> {
         if let Ok(mut m) = self.shared.unauthenticated.lock() {
-            m.remove(&self.id);
+            m.insert(self.id, self.clone());
+        }
+        // Off the list however the wait ends (even if it is dropped).
+        let _listed = Listed(self);
+        tokio::select! {
+            v = fut => Ok(v),
+            _ = self.evict.notified() => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed to make room (relay full)",
+            )),
         }
     }
 }
 
-impl Drop for Unauthenticated {
+/// Removes a connection from the evictable ones when dropped.
+struct Listed<'a>(&'a Evictable);
+
+impl Drop for Listed<'_> {
     fn drop(&mut self) {
-        self.leave();
+        if let Ok(mut m) = self.0.shared.unauthenticated.lock() {
+            m.remove(&self.0.id);
+        }
     }
 }
 
@@ -476,8 +490,8 @@ impl Shared {
             .ok()
             .and_then(|mut m| m.pop_first());
         match oldest {
-            Some((_, evict)) => {
-                evict.notify_one();
+            Some((_, conn)) => {
+                conn.evict.notify_one();
                 self.metrics.evicted.fetch_add(1, Ordering::Relaxed);
                 true
             }
@@ -584,16 +598,15 @@ async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     stage: Stage,
     budget: &Arc<Semaphore>,
-    evict: &Notify,
+    evictable: Option<&Arc<Evictable>>,
 ) -> io::Result<Option<Read>> {
     let mut prefix = [0u8; 4];
-    let first = tokio::select! {
-        r = timeout(stage.idle, rd.read(&mut prefix[..1])) => r
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "idle timeout"))??,
-        _ = evict.notified() => {
-            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed to make room (relay full)"));
-        }
-    };
+    let wait = timeout(stage.idle, rd.read(&mut prefix[..1]));
+    let first = match evictable {
+        Some(e) => e.idle(wait).await?,
+        None => wait.await,
+    }
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "idle timeout"))??;
     if first == 0 {
         return Ok(None);
     }
@@ -788,16 +801,14 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
     // rustls reads its records 4 KiB at a time; a read buffer under it
     // turns a 1 MiB blob piece into a few syscalls instead of 256.
     let tcp = tokio::io::BufReader::with_capacity(64 * 1024, tcp);
-    let unauthenticated = Unauthenticated::register(&s);
-    let stream = tokio::select! {
-        r = timeout(s.config.handshake_timeout, s.tls.accept(tcp)) => r.map_err(|_| {
+    let evictable = Arc::new(Evictable::new(&s));
+    let stream = evictable
+        .idle(timeout(s.config.handshake_timeout, s.tls.accept(tcp)))
+        .await?
+        .map_err(|_| {
             s.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
             io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timeout")
-        })??,
-        _ = unauthenticated.evict.notified() => {
-            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed to make room (relay full)"));
-        }
-    };
+        })??;
     let exporter = stream
         .get_ref()
         .1
@@ -863,7 +874,9 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
                 },
                 frame: s.config.frame_timeout,
             };
-            let read = match read_frame(&mut rd, stage, &s.total_bytes, &unauthenticated.evict).await {
+            // Owners are never evicted.
+            let evict = session.mailbox.is_none().then_some(&evictable);
+            let read = match read_frame(&mut rd, stage, &s.total_bytes, evict).await {
                 Ok(Some(d)) => d,
                 Ok(None) => return Ok(()),
                 Err(e) => {
@@ -929,11 +942,7 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
                 count: &in_flight,
                 bytes: &in_flight_bytes,
             };
-            let was_authenticated = session.mailbox.is_some();
             handle(&s, &mut session, &out, bounds, budget, frame.id, frame.body).await?;
-            if !was_authenticated && session.mailbox.is_some() {
-                unauthenticated.leave();
-            }
         }
     }
     .await;

@@ -737,3 +737,49 @@ async fn a_full_disk_is_said_in_words_and_recovered_from() {
     assert!(matches!(again, Ok(Submitted::Accepted { .. })), "{again:?}");
     relay.stop().await;
 }
+
+/// Eviction takes the oldest *idle* unauthenticated connection: a sender
+/// in the middle of a request (here, half a submission) is passed over for
+/// a younger idle one, and finishes its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_sender_is_not_evicted() {
+    let relay = start(|c| {
+        c.max_connections = 2;
+        c.frame_timeout = Duration::from_secs(10);
+    })
+    .await;
+    let mut busy = session_from(&relay.addr, "127.0.0.1").await.expect("busy");
+    let frame = Request::Submit {
+        mailbox: MailboxId([9; 32]),
+        expires_at: now() + 60,
+        payload_hash: *blake3::hash(&[1u8; 4000]).as_bytes(),
+        payload: vec![1u8; 4000],
+    }
+    .encode(2);
+    busy.write_all(&frame[..1000]).await.expect("first half");
+    busy.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut idle = session_from(&relay.addr, "127.0.0.2").await.expect("idle");
+    let _newcomer = session_from(&relay.addr, "127.0.0.3")
+        .await
+        .expect("made room");
+    closed_within(&mut idle, Duration::from_secs(2)).await;
+    // The busy one is still there: it finishes and is answered.
+    busy.write_all(&frame[1000..]).await.expect("rest");
+    busy.flush().await.expect("flush");
+    let mut fb = sealpost_proto::relay::FrameBuffer::new();
+    let mut buf = [0u8; 4096];
+    let answer = loop {
+        if let Some(f) = fb.next_frame().expect("frame") {
+            break Response::decode(&f).expect("decodes").body;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), busy.read(&mut buf))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        assert!(n > 0, "the busy sender was closed");
+        fb.extend(&buf[..n]);
+    };
+    assert!(matches!(answer, Response::Refused(_)), "{answer:?}");
+    relay.stop().await;
+}

@@ -234,6 +234,11 @@ impl Relay {
     /// binds the listener.
     pub async fn bind(config: Config) -> io::Result<Self> {
         std::fs::create_dir_all(&config.data)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Keys, certificate and store: the relay's user's alone.
+            std::fs::set_permissions(&config.data, std::fs::Permissions::from_mode(0o700))?;
+        }
         let lock = lock_data_dir(&config.data)?;
         let (cert, created_cert) = match &config.cert_files {
             Some((c, k)) => (tls::load(c, k)?, false),

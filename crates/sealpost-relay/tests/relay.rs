@@ -649,6 +649,12 @@ async fn a_first_start_cut_short_is_recovered() {
         assert!(m.len() > 0, "{f}");
         assert_eq!(m.permissions().mode() & 0o077, 0, "{f} is private");
     }
+    // The data directory, the store and its database too.
+    for p in ["", "store", "store/blobs", "store/relay.db"] {
+        use std::os::unix::fs::PermissionsExt;
+        let m = std::fs::metadata(data.join(p)).expect("exists");
+        assert_eq!(m.permissions().mode() & 0o077, 0, "{p:?} is private");
+    }
     // And a whole set is kept as it is.
     let again = Relay::bind(Config::new("127.0.0.1:0".parse().expect("addr"), data))
         .await

@@ -468,10 +468,36 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path, limits: Limits) -> Result<Self, StoreError> {
-        fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        // Mailbox keys, who receives how much and when, and the stored
+        // items: nobody but the relay's user reads them.
+        let private_dir = |d: &Path| -> Result<(), StoreError> {
+            fs::create_dir_all(d).map_err(io_err("creating", d))?;
+            fs::set_permissions(d, fs::Permissions::from_mode(0o700))
+                .map_err(io_err("setting permissions on", d))
+        };
+        private_dir(dir)?;
         let blob_dir = dir.join("blobs");
-        fs::create_dir_all(&blob_dir).map_err(io_err("creating", &blob_dir))?;
+        private_dir(&blob_dir)?;
         let db = dir.join("relay.db");
+        // Created 0600 (SQLite gives its WAL and shm the same mode); one
+        // made wider by an older version is tightened.
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&db)
+            .map_err(io_err("creating", &db))?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = db.as_os_str().to_owned();
+            p.push(suffix);
+            let p = PathBuf::from(p);
+            if fs::metadata(&p).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o600))
+                    .map_err(io_err("setting permissions on", &p))?;
+            }
+        }
         let writer_conn = open_conn(&db)?;
         writer_conn.execute_batch(SCHEMA)?;
         let reader = open_conn(&db)?;

@@ -485,9 +485,9 @@ impl Drop for Listed<'_> {
 }
 
 impl Shared {
-    /// Tells the oldest unauthenticated connection to close (it does at
-    /// once if it is in its TLS handshake or between requests, else once
-    /// its current request is answered). False if there is none.
+    /// Tells the oldest connection listed as evictable (unauthenticated
+    /// and waiting idle, see [`Evictable`]) to close; it does at once.
+    /// False if there is none.
     fn evict_oldest_unauthenticated(&self) -> bool {
         let oldest = self
             .unauthenticated
@@ -665,39 +665,35 @@ async fn read_budgeted<R: AsyncRead + Unpin>(
     budget: &Arc<Semaphore>,
 ) -> io::Result<(Vec<u8>, OwnedSemaphorePermit)> {
     let closing = || io::Error::other("relay shutting down");
-    let mut buf = buffers::take(n);
-    let first = n.min(BUDGET_STEP);
+    // Starts empty; each step's permits are merged into it.
     let mut taken = budget
         .clone()
-        .acquire_many_owned(first as u32)
+        .acquire_many_owned(0)
         .await
         .map_err(|_| closing())?;
-    let mut allowed = first;
-    loop {
-        let want = (allowed - buf.len()) as u64;
-        match rd.take(want).read_to_end(&mut buf).await {
-            Ok(k) if k as u64 == want => {}
-            Ok(_) => {
-                buffers::give(buf);
+    let mut buf = buffers::take(n);
+    let read = async {
+        while buf.len() < n {
+            let step = (n - buf.len()).min(BUDGET_STEP);
+            let more = budget
+                .clone()
+                .acquire_many_owned(step as u32)
+                .await
+                .map_err(|_| closing())?;
+            taken.merge(more);
+            if rd.take(step as u64).read_to_end(&mut buf).await? < step {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            Err(e) => {
-                buffers::give(buf);
-                return Err(e);
-            }
         }
-        if buf.len() == n {
-            return Ok((buf, taken));
+        Ok(())
+    }
+    .await;
+    match read {
+        Ok(()) => Ok((buf, taken)),
+        Err(e) => {
+            buffers::give(buf);
+            Err(e)
         }
-        let step = (n - allowed).min(BUDGET_STEP);
-        match budget.clone().acquire_many_owned(step as u32).await {
-            Ok(more) => taken.merge(more),
-            Err(_) => {
-                buffers::give(buf);
-                return Err(closing());
-            }
-        }
-        allowed += step;
     }
 }
 

@@ -2634,9 +2634,7 @@ impl Engine {
 
     /// True once every delivery of `id` is final.
     pub fn is_final(&self, id: &MessageId) -> Result<bool, EngineError> {
-        let e = self.agent.db.outbox(Some(id), 1)?;
-        Ok(e.first()
-            .is_none_or(|m| m.deliveries.iter().all(|d| d.delivery.state.is_final())))
+        Ok(self.agent.db.is_final(id)?)
     }
 }
 

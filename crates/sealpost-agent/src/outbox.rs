@@ -625,6 +625,14 @@ impl Db {
     }
 
     /// Outbox messages with their deliveries, newest first.
+    /// True once every delivery of `id` is final (or it is not in the
+    /// outbox).
+    pub fn is_final(&self, id: &MessageId) -> Result<bool, AgentError> {
+        let e = self.outbox(Some(id), 1)?;
+        Ok(e.first()
+            .is_none_or(|m| m.deliveries.iter().all(|d| d.delivery.state.is_final())))
+    }
+
     pub fn outbox(
         &self,
         id: Option<&MessageId>,

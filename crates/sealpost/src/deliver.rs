@@ -431,11 +431,7 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
         loop {
             let mut still = Vec::with_capacity(pending.len());
             for i in &pending {
-                let e = agent.db().outbox(Some(i), 1)?;
-                let done = e
-                    .first()
-                    .is_none_or(|m| m.deliveries.iter().all(|d| d.delivery.state.is_final()));
-                if !done {
+                if !agent.db().is_final(i)? {
                     still.push(*i);
                 }
             }

@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rand_core::{OsRng, RngCore};
 use sealpost_proto::delivery::{Outcome, Timing};
 use sealpost_proto::message::{self, MAX_RECIPIENTS};
-use sealpost_proto::relay::{BlobPiece, MailboxId, MAX_MESSAGE};
+use sealpost_proto::relay::{BlobPiece, MailboxId, RefusalCode, MAX_MESSAGE};
 use sealpost_proto::report::{Entries, Report};
 use sealpost_proto::{
     Kind, MessageId, OpenError, OpenedMessage, PublicIdentity, RejectReason, RelayPin, SealRequest,
@@ -355,57 +355,21 @@ impl Agent {
         dir: &std::path::Path,
         lifetime_secs: u64,
     ) -> Result<Vec<(MessageId, String, u64)>, SendError> {
-        let top = dir
-            .canonicalize()
-            .map_err(|e| SendError::BadFile(format!("{}: {e}", dir.display())))?;
-        let base = top
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| SendError::BadFile(format!("{} has no usable name", dir.display())))?
-            .to_owned();
-        let mut files = Vec::new();
-        let mut stack = vec![(top.clone(), base, 1usize)];
-        while let Some((d, rel, depth)) = stack.pop() {
-            let mut entries: Vec<_> = std::fs::read_dir(&d)
-                .map_err(|e| SendError::BadFile(format!("{}: {e}", d.display())))?
-                .filter_map(|e| e.ok())
-                .collect();
-            entries.sort_by_key(|e| e.file_name());
-            for e in entries {
-                let Some(name) = e.file_name().to_str().map(str::to_owned) else {
-                    return Err(SendError::BadFile(format!(
-                        "{}: a name that is not UTF-8",
-                        e.path().display()
-                    )));
-                };
-                let ft = e
-                    .file_type()
-                    .map_err(|err| SendError::BadFile(format!("{}: {err}", e.path().display())))?;
-                let child = format!("{rel}/{name}");
-                if ft.is_dir() {
-                    if depth + 1 >= sealpost_proto::manifest::MAX_PATH_DEPTH {
-                        return Err(SendError::BadFile(format!(
-                            "{} is nested too deep (32 levels at most)",
-                            e.path().display()
-                        )));
-                    }
-                    stack.push((e.path(), child, depth + 1));
-                } else if ft.is_file() {
-                    files.push((e.path(), child));
-                    if files.len() > 10_000 {
-                        return Err(SendError::BadFile(format!(
-                            "{} holds more than 10,000 files",
-                            dir.display()
-                        )));
-                    }
-                }
-            }
-        }
-        files.sort_by(|a, b| a.1.cmp(&b.1));
+        let files = list_tree(dir)?;
+        self.send_listed(names, &files, lifetime_secs)
+    }
+
+    /// Sends files listed by [`list_tree`], in order.
+    pub fn send_listed(
+        &mut self,
+        names: &[String],
+        files: &[TreeFile],
+        lifetime_secs: u64,
+    ) -> Result<Vec<(MessageId, String, u64)>, SendError> {
         let mut out = Vec::with_capacity(files.len());
-        for (path, rel) in files {
-            let (id, size) = self.send_file_as(names, &path, &rel, lifetime_secs)?;
-            out.push((id, rel, size));
+        for f in files {
+            let (id, size) = self.send_file_as(names, &f.path, &f.name, lifetime_secs)?;
+            out.push((id, f.name.clone(), size));
         }
         Ok(out)
     }
@@ -558,6 +522,11 @@ pub struct Prepared {
 }
 
 impl Recipients {
+    /// (contact name, relay address) of each recipient.
+    pub fn relays(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.queued.iter().map(|q| (q.name.as_str(), q.relay.as_str()))
+    }
+
     /// Seals `content` to these recipients, naming the home relay as the
     /// place for receipts.
     pub fn seal(
@@ -1687,9 +1656,14 @@ impl Engine {
                         break;
                     }
                     Ok(Err(Submitted::Refused(r))) => {
+                        let limits = if r.code == RefusalCode::TooLarge {
+                            client.limits().await.ok().flatten()
+                        } else {
+                            None
+                        };
                         outcome = Some(Upload::Refused(
                             r.code.name().to_owned(),
-                            r.code.describe().to_owned(),
+                            refusal_words(r.code, total, limits.map(|l| l.max_blob)),
                         ));
                         break;
                     }
@@ -2878,4 +2852,92 @@ pub fn bind_wake_socket(home: &std::path::Path) -> std::io::Result<UnixListener>
         Err(e) => return Err(e),
     }
     UnixListener::bind(&path)
+}
+
+/// A regular file found under a directory being sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeFile {
+    pub path: std::path::PathBuf,
+    /// Its path relative to the directory's parent (`dir/sub/file`): the
+    /// name the recipient stores it under.
+    pub name: String,
+    /// Its size when listed.
+    pub size: u64,
+}
+
+/// Lists every regular file under `dir` (symbolic links and special files
+/// are skipped), in name order, named by its path relative to `dir`'s
+/// parent. At most 10,000 files, 32 levels deep.
+pub fn list_tree(dir: &std::path::Path) -> Result<Vec<TreeFile>, SendError> {
+    let top = dir
+        .canonicalize()
+        .map_err(|e| SendError::BadFile(format!("{}: {e}", dir.display())))?;
+    let base = top
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| SendError::BadFile(format!("{} has no usable name", dir.display())))?
+        .to_owned();
+    let mut files = Vec::new();
+    let mut stack = vec![(top.clone(), base, 1usize)];
+    while let Some((d, rel, depth)) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .map_err(|e| SendError::BadFile(format!("{}: {e}", d.display())))?
+            .filter_map(|e| e.ok())
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                return Err(SendError::BadFile(format!(
+                    "{}: a name that is not UTF-8",
+                    e.path().display()
+                )));
+            };
+            let ft = e
+                .file_type()
+                .map_err(|err| SendError::BadFile(format!("{}: {err}", e.path().display())))?;
+            let child = format!("{rel}/{name}");
+            if ft.is_dir() {
+                if depth + 1 >= sealpost_proto::manifest::MAX_PATH_DEPTH {
+                    return Err(SendError::BadFile(format!(
+                        "{} is nested too deep (32 levels at most)",
+                        e.path().display()
+                    )));
+                }
+                stack.push((e.path(), child, depth + 1));
+            } else if ft.is_file() {
+                let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+                files.push(TreeFile {
+                    path: e.path(),
+                    name: child,
+                    size,
+                });
+                if files.len() > 10_000 {
+                    return Err(SendError::BadFile(format!(
+                        "{} holds more than 10,000 files",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
+}
+
+/// What the user reads about a relay's refusal; for a blob or message that
+/// is too large, its size and the limit the relay states (asked after the
+/// refusal), so the words say what would have fitted.
+pub fn refusal_words(code: RefusalCode, size: u64, limit: Option<u64>) -> String {
+    if code != RefusalCode::TooLarge {
+        return code.describe().to_owned();
+    }
+    let size_text = bytesize::ByteSize(size).display().iec();
+    match limit {
+        Some(max) => format!(
+            "{} ({size_text}, {size} bytes sealed; it accepts at most {}, {max} bytes)",
+            code.describe(),
+            bytesize::ByteSize(max).display().iec()
+        ),
+        None => format!("{} ({size_text}, {size} bytes sealed)", code.describe()),
+    }
 }

@@ -328,6 +328,9 @@ pub enum Request {
         blob_id: [u8; 16],
     },
     Status,
+    /// What this relay accepts: asked before a large file is hashed, and
+    /// after a refusal, so the sender can state the limit.
+    Limits,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -365,6 +368,18 @@ pub enum Response {
         items: u64,
         bytes: u64,
         quota: u64,
+    },
+    /// The relay's limits on what one sender may submit. Advisory: the
+    /// signed refusal stays the proof; a relay that states lower limits
+    /// than it enforces only refuses earlier (relays are trusted for
+    /// availability only).
+    Limits {
+        /// Largest `Submit` payload, bytes.
+        max_message: u32,
+        /// Largest blob (`BlobPut`'s `total_len`), bytes.
+        max_blob: u64,
+        /// Bytes one mailbox may hold.
+        mailbox_quota: u64,
     },
     Error {
         code: ErrorCode,
@@ -574,6 +589,7 @@ impl Request {
                 o.extend_from_slice(blob_id);
             }
             Self::Status => header(o, 0x0c, id),
+            Self::Limits => header(o, 0x0d, id),
         }
         finish_frame(o);
     }
@@ -738,6 +754,7 @@ impl Request {
                 blob_id: blob_id(&mut r)?,
             },
             0x0c => Self::Status,
+            0x0d => Self::Limits,
             _ => {
                 return Err(DecodeError::Invalid {
                     what: "request type",
@@ -827,6 +844,16 @@ impl Response {
                 o.extend_from_slice(&items.to_be_bytes());
                 o.extend_from_slice(&bytes.to_be_bytes());
                 o.extend_from_slice(&quota.to_be_bytes());
+            }
+            Self::Limits {
+                max_message,
+                max_blob,
+                mailbox_quota,
+            } => {
+                header(o, 0x8a, id);
+                o.extend_from_slice(&max_message.to_be_bytes());
+                o.extend_from_slice(&max_blob.to_be_bytes());
+                o.extend_from_slice(&mailbox_quota.to_be_bytes());
             }
             Self::Error { code, message } => {
                 header(o, 0x8f, id);
@@ -975,6 +1002,11 @@ impl Response {
                 bytes: r.u64("bytes")?,
                 quota: r.u64("quota")?,
             },
+            0x8a => Self::Limits {
+                max_message: r.u32("largest message")?,
+                max_blob: r.u64("largest blob")?,
+                mailbox_quota: r.u64("mailbox quota")?,
+            },
             0x8f => Self::Error {
                 code: ErrorCode::from_code(r.u16("error code")?)?,
                 message: read_text(&mut r)?,
@@ -1070,6 +1102,7 @@ mod tests {
             },
             Request::BlobDelete { blob_id: [2; 16] },
             Request::Status,
+            Request::Limits,
         ]
     }
 
@@ -1113,6 +1146,11 @@ mod tests {
                 items: 1,
                 bytes: 2,
                 quota: 3,
+            },
+            Response::Limits {
+                max_message: 1 << 20,
+                max_blob: 2 << 30,
+                mailbox_quota: 1 << 34,
             },
             Response::Error {
                 code: ErrorCode::WrongOffset,

@@ -589,6 +589,40 @@ impl RelayClient {
             other => Err(unexpected(other)),
         }
     }
+
+    /// What the relay accepts from a sender (advisory: see
+    /// [`RelayLimits`]). `None` from a relay that predates the request.
+    pub async fn limits(&self) -> Result<Option<RelayLimits>, ClientError> {
+        match self.request(Request::Limits).await {
+            Ok(Response::Limits {
+                max_message,
+                max_blob,
+                mailbox_quota,
+            }) => Ok(Some(RelayLimits {
+                max_message: u64::from(max_message),
+                max_blob,
+                mailbox_quota,
+            })),
+            Err(ClientError::Server {
+                code: ErrorCode::BadRequest,
+                ..
+            }) => Ok(None),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A relay's stated limits on what one sender may submit. Advisory: the
+/// relay's signed refusal stays the proof that something was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Largest sealed message, bytes.
+    pub max_message: u64,
+    /// Largest file blob (sealed file), bytes.
+    pub max_blob: u64,
+    /// Bytes one mailbox may hold.
+    pub mailbox_quota: u64,
 }
 
 fn unexpected(r: Response) -> ClientError {

@@ -1266,6 +1266,16 @@ async fn handle(
                 Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
             }
         }
+        Request::Limits => {
+            let l = s.store.limits();
+            let max_message = s.config.max_message.min(relay::MAX_MESSAGE);
+            let answer = Response::Limits {
+                max_message: u32::try_from(max_message).unwrap_or(u32::MAX),
+                max_blob: l.max_blob,
+                mailbox_quota: l.mailbox_quota,
+            };
+            send(out, id, answer).await
+        }
         _ => send(out, id, err(ErrorCode::BadRequest, "unsupported request")).await,
     }
 }

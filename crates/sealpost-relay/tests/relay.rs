@@ -117,10 +117,17 @@ async fn submit_subscribe_fetch_ack() {
 async fn refusals_are_signed_by_the_relay() {
     let relay = start(|c| {
         c.limits.mailbox_quota = 5000;
+        c.limits.max_blob = 70_000;
         c.max_message = 8000;
     })
     .await;
     let client = RelayClient::connect(&relay.addr).await.expect("connect");
+    // It states the limits it enforces, to anyone (before any Auth).
+    let limits = client.limits().await.expect("limits").expect("stated");
+    assert_eq!(
+        (limits.max_message, limits.max_blob, limits.mailbox_quota),
+        (8000, 70_000, 5000)
+    );
     let bob = id(2);
     let mb = client.register(&bob).await.expect("register");
     let unknown = MailboxId::of(&[9; 32]);

@@ -344,11 +344,17 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
     names.extend(args.also.iter().cloned());
     let mut tree = Vec::new();
     let id = if let Some(path) = args.file.as_ref().filter(|p| p.is_dir()) {
-        tree = agent.send_tree(&names, path, args.expires.as_secs())?;
+        let files = engine::list_tree(path)?;
+        let sizes: Vec<(String, u64)> = files.iter().map(|f| (f.name.clone(), f.size)).collect();
+        check_file_sizes(&agent, &names, &sizes)?;
+        tree = agent.send_listed(&names, &files, args.expires.as_secs())?;
         tree.last()
             .map(|t| t.0)
             .ok_or_else(|| anyhow!("{} holds no files", path.display()))?
     } else if let Some(path) = &args.file {
+        if let Ok(m) = std::fs::metadata(path) {
+            check_file_sizes(&agent, &names, &[(path.display().to_string(), m.len())])?;
+        }
         agent.send_file(&names, path, args.expires.as_secs())?.0
     } else {
         let (content, summary) = read_content(&args)?;
@@ -575,6 +581,78 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Before a file is read to be hashed or anything is queued: asks each
+/// recipient's relay what it accepts and refuses the files that cannot fit
+/// there, naming each with its size and the limit. A relay that does not
+/// answer within a few seconds is not waited for: the upload meets its
+/// refusal later, and that refusal states the limit too. The relay's
+/// answer is advisory (only its signed refusal is proof); a relay that
+/// states a lower limit than it enforces can only refuse earlier, which it
+/// could do anyway.
+fn check_file_sizes(
+    agent: &Agent,
+    names: &[String],
+    files: &[(String, u64)],
+) -> Result<(), Failure> {
+    let to = agent.resolve(names)?;
+    let mut relays: Vec<(String, String)> = Vec::new();
+    for (name, relay) in to.relays() {
+        match relays.iter_mut().find(|(r, _)| r == relay) {
+            Some((_, who)) => {
+                who.push_str(", ");
+                who.push_str(name);
+            }
+            None => relays.push((relay.to_owned(), name.to_owned())),
+        }
+    }
+    let timeouts = sealpost_relay::client::Timeouts {
+        connect: Duration::from_secs(3),
+        request: Duration::from_secs(3),
+    };
+    let rt = runtime()?;
+    let mut over = Vec::new();
+    for (relay, who) in &relays {
+        let Some(addr) = RelayAddress::parse(relay) else {
+            continue;
+        };
+        let limits = rt.block_on(async {
+            let c = RelayClient::connect_with(&addr, timeouts).await.ok()?;
+            c.limits().await.ok().flatten()
+        });
+        let Some(limits) = limits else {
+            tracing::debug!("relay {relay} did not state its limits; not checked before sending");
+            continue;
+        };
+        for (file, size) in files {
+            let sealed = sealpost_proto::blob::BlobLayout::new(
+                *size,
+                sealpost_proto::blob::DEFAULT_CHUNK_SIZE,
+            )
+            .map(|l| l.blob_len())
+            .unwrap_or(u64::MAX);
+            if sealed > limits.max_blob {
+                over.push(format!(
+                    "{file} is {} ({size} bytes; {sealed} sealed) and the relay of {who} ({relay}) accepts files up to {} ({} bytes sealed)",
+                    bytesize::ByteSize(*size).display().iec(),
+                    bytesize::ByteSize(limits.max_blob).display().iec(),
+                    limits.max_blob
+                ));
+            }
+        }
+    }
+    if over.is_empty() {
+        return Ok(());
+    }
+    Err(Failure {
+        code: 20,
+        class: "too-large",
+        error: Some(anyhow!(
+            "too large, nothing was sent or queued: {}. Send a smaller file (split it), or ask that relay's operator to raise its --max-blob",
+            over.join("; ")
+        )),
+    })
 }
 
 /// The benchmark path of `send --repeat`: seals on every core, queues 1,000

@@ -302,6 +302,7 @@ fn relay_vectors() -> Value {
             },
         ),
         ("Status", Request::Status),
+        ("Limits", Request::Limits),
     ];
     let responses = vec![
         ("Ok", Response::Ok),
@@ -355,6 +356,14 @@ fn relay_vectors() -> Value {
                 items: 1,
                 bytes: 7,
                 quota: 4_294_967_296,
+            },
+        ),
+        (
+            "Limits",
+            Response::Limits {
+                max_message: 1_048_576,
+                max_blob: 2_147_483_648,
+                mailbox_quota: 4_294_967_296,
             },
         ),
         (

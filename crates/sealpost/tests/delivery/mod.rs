@@ -44,13 +44,23 @@ impl Net {
 
     /// SIGKILLs the relay and starts it again on the same data and port.
     fn restart_relay(&mut self) {
+        self.restart_relay_with(&[]);
+    }
+
+    /// `restart_relay` with other `relay serve` flags.
+    fn restart_relay_with(&mut self, flags: &[&str]) {
+        self.stop_relay();
+        let (child, addr) = start_relay_with(&self.env.path("relay"), self.port, flags);
+        assert_eq!(addr.to_string(), self.addr, "the relay keeps its key");
+        self.relay = Some(child);
+    }
+
+    /// SIGKILLs the relay.
+    fn stop_relay(&mut self) {
         if let Some(mut c) = self.relay.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let (child, addr) = start_relay(&self.env.path("relay"), self.port);
-        assert_eq!(addr.to_string(), self.addr, "the relay keeps its key");
-        self.relay = Some(child);
     }
 
     fn init(&self, home: &str) -> String {
@@ -685,19 +695,61 @@ fn a_directory_tree_arrives_in_place() {
     assert_eq!(s["confirmed"].as_u64(), Some(3));
 }
 
+/// The relay states its limit before the file is read: `send` refuses at
+/// once, naming the file, its size and the limit, and queues nothing.
 #[test]
-fn a_file_larger_than_the_relay_takes_is_refused_at_once() {
+fn a_file_larger_than_the_relay_takes_is_refused_before_it_is_read() {
     let net = Net::pair_with(&["--max-blob", "1000000"]);
     write_file(&net, "big.bin", 2_000_000, 3);
     let (code, _, err) = net.run("alice", &["send", "bob", "--file", "big.bin"]);
-    assert_eq!(code, 21, "{err}");
-    assert!(err.contains("too large") || err.contains("larger"), "{err}");
+    assert_eq!(code, 20, "{err}");
+    assert!(err.contains("big.bin is 1.9 MiB (2000000 bytes"), "{err}");
+    assert!(err.contains("accepts files up to 976.6 KiB (1000000 bytes"), "{err}");
+    assert!(err.contains("nothing was sent or queued"), "{err}");
     let v = net.json("alice", &["status"]);
-    let d = &v["messages"][0]["deliveries"][0];
-    assert_eq!(d["failure"].as_str(), Some("refused:too_large"), "{v}");
+    assert_eq!(v["messages"].as_array().map(Vec::len), Some(0), "{v}");
+    // A directory with one file too large: none of it is queued.
+    let tree = net.env.path("tree");
+    std::fs::create_dir_all(&tree).expect("mkdir");
+    std::fs::write(tree.join("small.txt"), b"small").expect("w");
+    std::fs::write(tree.join("large.bin"), vec![0u8; 1_500_000]).expect("w");
+    let (code, _, err) = net.run("alice", &["--json", "send", "bob", "--file", "tree"]);
+    assert_eq!(code, 20, "{err}");
+    assert!(err.contains("tree/large.bin is"), "{err}");
+    assert!(!err.contains("small.txt"), "{err}");
+    let v = net.json("alice", &["status"]);
+    assert_eq!(v["messages"].as_array().map(Vec::len), Some(0), "{v}");
+}
+
+/// A relay that could not be asked before the file was queued refuses the
+/// upload; the failure states the limit it gave afterwards.
+#[test]
+fn a_refusal_for_size_states_the_relays_limit() {
+    let mut net = Net::pair();
+    write_file(&net, "big.bin", 2_000_000, 3);
+    net.stop_relay();
+    let (code, out, err) = net.run("alice", &["send", "bob", "--file", "big.bin"]);
+    assert_eq!(code, 5, "queued, not sent: {err}");
+    let id = String::from_utf8_lossy(&out).trim().to_owned();
+    net.restart_relay_with(&["--max-blob", "1000000"]);
+    // The next attempt waits for its backoff (a second at first).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while net.state("alice", &id) == "queued" && Instant::now() < deadline {
+        let (code, _, err) = net.run("alice", &["sync"]);
+        assert_eq!(code, 0, "{err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let d = net.delivery("alice", &id);
+    assert_eq!(d["state"].as_str(), Some("failed"), "{d}");
+    assert_eq!(d["failure"].as_str(), Some("refused:too_large"), "{d}");
+    let text = d.to_string();
+    assert!(
+        text.contains("it accepts at most 976.6 KiB, 1000000 bytes"),
+        "{text}"
+    );
     assert!(
         d["uploaded"].as_u64().unwrap_or(0) == 0,
-        "nothing was stored: {v}"
+        "nothing was stored: {d}"
     );
 }
 
@@ -1036,12 +1088,17 @@ fn send_with_the_relay_down_and_no_agent_says_so() {
 /// file was delivered).
 #[test]
 fn send_wait_on_a_directory_waits_for_every_file() {
-    let mut net = Net::pair_with(&["--max-blob", "100000"]);
+    let mut net = Net::pair();
     net.start_agent("bob", "2m");
     let tree = net.env.path("dir");
-    std::fs::create_dir_all(&tree).expect("mkdir");
-    std::fs::write(tree.join("a-big.bin"), vec![1u8; 300_000]).expect("w");
+    std::fs::create_dir_all(tree.join("a-sub")).expect("mkdir");
+    std::fs::write(tree.join("a-sub/big.bin"), vec![1u8; 300_000]).expect("w");
     std::fs::write(tree.join("b-small.txt"), b"small").expect("w");
+    // Bob cannot store dir/a-sub/big.bin (a file holds the directory's
+    // name): he rejects it, signed, as not stored.
+    let dl = net.env.path("bob").join("downloads");
+    std::fs::create_dir_all(dl.join("dir")).expect("mkdir");
+    std::fs::write(dl.join("dir/a-sub"), b"in the way").expect("w");
     let (code, out, err) = net.run(
         "alice",
         &[
@@ -1057,9 +1114,10 @@ fn send_wait_on_a_directory_waits_for_every_file() {
     );
     assert_eq!(code, 21, "{err}");
     assert!(
-        err.contains("dir/a-big.bin"),
+        err.contains("dir/a-sub/big.bin"),
         "names the failed file: {err}"
     );
+    assert!(err.contains("could not store it"), "{err}");
     assert!(!err.contains("dir/b-small.txt"), "{err}");
     let v: Value = serde_json::from_slice(&out).expect("json");
     let files = v["files"].as_array().expect("files");
@@ -1072,6 +1130,11 @@ fn send_wait_on_a_directory_waits_for_every_file() {
     assert_eq!(
         files[0]["deliveries"][0]["state"].as_str(),
         Some("failed"),
+        "{v}"
+    );
+    assert_eq!(
+        files[0]["deliveries"][0]["failure"].as_str(),
+        Some("rejected:not-stored"),
         "{v}"
     );
 }

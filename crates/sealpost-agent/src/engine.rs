@@ -131,6 +131,11 @@ pub struct PassStats {
     pub expired: u64,
     /// Times the home relay could not be reached (fetching).
     pub home_errors: u64,
+    /// Why, the last time (for the user; not added up).
+    pub home_error: Option<String>,
+    /// The home relay presented another key than its pin (a possible
+    /// interception), the last time it was tried.
+    pub home_key_mismatch: bool,
     /// Files received whole and verified from disk.
     pub files_received: u64,
     /// Downloads that failed on this machine in this pass (tried again
@@ -163,6 +168,10 @@ impl PassStats {
         self.submit_errors += o.submit_errors;
         self.expired += o.expired;
         self.home_errors += o.home_errors;
+        if o.home_error.is_some() {
+            self.home_error.clone_from(&o.home_error);
+            self.home_key_mismatch = o.home_key_mismatch;
+        }
         self.files_received += o.files_received;
         self.download_errors += o.download_errors;
         self.files_failed += o.files_failed;
@@ -709,6 +718,8 @@ impl Engine {
             Err(EngineError::Relay(e)) => {
                 tracing::warn!("fetching from {}: {e}", self.home_addr);
                 stats.home_errors += 1;
+                stats.home_key_mismatch = matches!(e, ClientError::KeyMismatch { .. });
+                stats.home_error = Some(e.to_string());
                 self.home.disconnect();
             }
             Err(e) => return Err(e),

@@ -34,6 +34,17 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
+    /// The server at the address presented another key than the pinned
+    /// one: a typo in the address, a relay whose key was replaced, or
+    /// someone intercepting the connection. Nothing was sent.
+    #[error(
+        "the server at {addr} presented key {found}, not the pinned {pinned}: it may be an interception, or the relay's key was replaced, or the address has a typo. Nothing was sent; check the address with the relay's operator"
+    )]
+    KeyMismatch {
+        addr: String,
+        pinned: String,
+        found: String,
+    },
     #[error("the connection to the relay failed: {0}")]
     Io(#[from] io::Error),
     #[error("the relay answered with something unexpected: {0}")]
@@ -141,7 +152,7 @@ impl RelayClient {
         // rustls reads 4 KiB at a time; buffer under it (fewer syscalls
         // for blob pieces and large fetches).
         let tcp = tokio::io::BufReader::with_capacity(256 * 1024, tcp);
-        let cfg = tls::client_config(addr.pin).map_err(connect_err)?;
+        let (cfg, mismatch) = tls::watched_client_config(addr.pin).map_err(connect_err)?;
         let name = ServerName::try_from(addr.host().to_owned()).unwrap_or_else(|_| {
             ServerName::try_from("relay.invalid").unwrap_or_else(|_| unreachable!())
         });
@@ -156,7 +167,16 @@ impl RelayClient {
                 "TLS handshake timeout",
             ))
         })?
-        .map_err(connect_err)?;
+        .map_err(|e| {
+            match mismatch.lock().ok().and_then(|m| *m) {
+                Some(found) => ClientError::KeyMismatch {
+                    addr: addr.host_port.clone(),
+                    pinned: addr.pin.to_text(),
+                    found: found.to_text(),
+                },
+                None => connect_err(e),
+            }
+        })?;
         let exporter = stream
             .get_ref()
             .1

@@ -196,6 +196,8 @@ pub fn server_config(cert: &RelayCert) -> io::Result<rustls::ServerConfig> {
 pub struct PinnedVerifier {
     pin: Pin,
     provider: Arc<CryptoProvider>,
+    /// The key a server presented instead of the pinned one, if one did.
+    mismatch: Arc<std::sync::Mutex<Option<Pin>>>,
 }
 
 impl ServerCertVerifier for PinnedVerifier {
@@ -209,9 +211,14 @@ impl ServerCertVerifier for PinnedVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         match Pin::of_cert(end_entity) {
             Some(p) if p == self.pin => Ok(ServerCertVerified::assertion()),
-            Some(_) => Err(rustls::Error::General(
-                "the relay's key does not match the pinned fingerprint".into(),
-            )),
+            Some(p) => {
+                if let Ok(mut m) = self.mismatch.lock() {
+                    *m = Some(p);
+                }
+                Err(rustls::Error::General(
+                    "the relay's key does not match the pinned fingerprint".into(),
+                ))
+            }
             None => Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::BadEncoding,
             )),
@@ -252,13 +259,28 @@ impl ServerCertVerifier for PinnedVerifier {
 
 /// A client config that trusts exactly the pinned relay key.
 pub fn client_config(pin: Pin) -> io::Result<rustls::ClientConfig> {
+    Ok(watched_client_config(pin)?.0)
+}
+
+/// [`client_config`], and where the key a server presented instead of the
+/// pinned one is recorded (so a caller can tell a key that does not match
+/// the pin, a possible interception, from a relay that cannot be reached).
+pub fn watched_client_config(
+    pin: Pin,
+) -> io::Result<(rustls::ClientConfig, Arc<std::sync::Mutex<Option<Pin>>>)> {
     let provider = provider();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let mismatch = Arc::new(std::sync::Mutex::new(None));
+    let verifier = PinnedVerifier {
+        pin,
+        provider: provider.clone(),
+        mismatch: mismatch.clone(),
+    };
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(io_other)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedVerifier { pin, provider }))
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
     cfg.alpn_protocols = vec![sealpost_proto::relay::ALPN.to_vec()];
-    Ok(cfg)
+    Ok((cfg, mismatch))
 }

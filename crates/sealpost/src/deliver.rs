@@ -226,6 +226,11 @@ fn engine_failure(e: EngineError) -> Failure {
         },
         EngineError::NoHomeRelay | EngineError::BadHomeRelay(_) => Failure::contact(e.into()),
         EngineError::Agent(a) => a.into(),
+        EngineError::Relay(sealpost_relay::client::ClientError::KeyMismatch { .. }) => Failure {
+            code: 24,
+            class: "relay-key-mismatch",
+            error: Some(e.into()),
+        },
         EngineError::Relay(_) => Failure {
             code: 5,
             class: "relay-unreachable",
@@ -770,6 +775,16 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
         }
         s
     })?;
+    if stats.home_key_mismatch {
+        return Err(Failure {
+            code: 24,
+            class: "relay-key-mismatch",
+            error: Some(anyhow!(
+                "home relay: {}",
+                stats.home_error.clone().unwrap_or_default()
+            )),
+        });
+    }
     if stats.home_errors > 0 {
         return Err(Failure {
             code: 5,

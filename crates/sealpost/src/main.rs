@@ -55,7 +55,9 @@ const EXIT_CODES: &str = "EXIT CODES:
    21   not delivered: refused by a relay, rejected by the recipient, or
         expired without a receipt (send --wait)
    22   no receipt yet when --wait's time ran out (still retransmitted)
-   23   the receipt does not verify against the card";
+   23   the receipt does not verify against the card
+   24   the relay presented another key than the pinned one: perhaps an
+        interception, a replaced relay key or a typo in the address";
 
 #[derive(Parser, Debug)]
 #[command(name = "sealpost", version, about = ABOUT, after_help = EXIT_CODES)]

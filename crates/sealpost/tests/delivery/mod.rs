@@ -8,7 +8,7 @@ use assert_cmd::cargo::cargo_bin;
 use serde_json::Value;
 
 use super::Env;
-use crate::relay::{free_port, start_relay, start_relay_with};
+use crate::relay::{free_port, start_relay_with};
 
 /// A relay process and homes that use it.
 struct Net {
@@ -1224,4 +1224,33 @@ fn a_relay_that_comes_back_wakes_what_waits_for_it() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A server at the relay's address with another key is not "cannot reach
+/// the relay": it may be an interception. Its own exit code and words, for
+/// `relay use` and for a home relay whose key changed.
+#[test]
+fn a_relay_key_that_does_not_match_the_pin_is_told_as_such() {
+    let mut net = Net::pair();
+    let port = net.port;
+    net.stop_relay();
+    // Another relay (another key) answers on the same address.
+    let (mut other, other_addr) = start_relay_with(&net.env.path("other-relay"), port, &[]);
+    assert_ne!(other_addr.to_string(), net.addr);
+    let (code, _, err) = net.run("bob", &["sync"]);
+    assert_eq!(code, 24, "{err}");
+    assert!(err.contains("interception"), "{err}");
+    assert!(err.contains(&other_addr.pin.to_text()), "names the key seen: {err}");
+    assert!(!err.contains("cannot reach"), "{err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.starts_with("sealpost: home relay: the server at"), "{err}");
+    assert_eq!(last.matches("interception").count(), 1, "said once: {err}");
+    let (code, out, err) = net.run("alice", &["--json", "relay", "use", &net.addr]);
+    assert_eq!(code, 24, "{err}");
+    let v: Value = serde_json::from_slice(&out).unwrap_or_else(|_| {
+        serde_json::from_str(err.lines().last().unwrap_or("")).expect("json error")
+    });
+    assert_eq!(v["class"].as_str(), Some("relay-key-mismatch"), "{v}");
+    let _ = other.kill();
+    let _ = other.wait();
 }

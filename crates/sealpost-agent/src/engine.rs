@@ -533,7 +533,9 @@ pub struct Prepared {
 impl Recipients {
     /// (contact name, relay address) of each recipient.
     pub fn relays(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.queued.iter().map(|q| (q.name.as_str(), q.relay.as_str()))
+        self.queued
+            .iter()
+            .map(|q| (q.name.as_str(), q.relay.as_str()))
     }
 
     /// Seals `content` to these recipients, naming the home relay as the
@@ -1108,6 +1110,7 @@ impl Engine {
             Err(e) => {
                 let reason = match e {
                     OpenError::FromFuture { .. } => RejectReason::FromTheFuture,
+                    OpenError::NoExpiry => RejectReason::NoExpiry,
                     _ => RejectReason::Expired,
                 };
                 tracing::warn!("rejected message {}: {e}", h.id);

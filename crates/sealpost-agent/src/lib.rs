@@ -236,6 +236,32 @@ pub struct Received {
     pub opened: OpenedMessage,
     pub sender: Contact,
     pub content: tempfile::NamedTempFile,
+    /// Freshness findings that were reported instead of refused
+    /// ([`Freshness::Report`]); all false under [`Freshness::Enforce`].
+    pub notes: FreshnessNotes,
+}
+
+/// How [`Agent::receive_with`] treats expiry, clock skew and replays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    /// Refuse an expired, never-expiring, future-dated or replayed message:
+    /// what delivery through relays needs (and `open --strict`).
+    Enforce,
+    /// Open it, and say what was found: a file sealed and opened by hand
+    /// (an archive, an attachment) may be opened again and after its
+    /// expiry, like `gpg --decrypt`.
+    Report,
+}
+
+/// What [`Freshness::Report`] found instead of refusing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreshnessNotes {
+    /// Its expiry time has passed.
+    pub expired: bool,
+    /// Its creation time is ahead of this clock beyond the allowed skew.
+    pub from_future: bool,
+    /// It was opened (or delivered) here before.
+    pub opened_before: bool,
 }
 
 /// How long a message lives by default: a week, like a mail queue's bounce
@@ -336,6 +362,19 @@ impl Agent {
         spool_dir: &Path,
         now: u64,
     ) -> Result<Received, ReceiveError> {
+        self.receive_with(input, spool_dir, now, Freshness::Enforce)
+    }
+
+    /// [`Agent::receive`], with freshness and replays enforced or only
+    /// reported. Every other check (decryption, format, signature,
+    /// recipient binding, known sender) is always enforced.
+    pub fn receive_with<R: Read>(
+        &self,
+        input: R,
+        spool_dir: &Path,
+        now: u64,
+        freshness: Freshness,
+    ) -> Result<Received, ReceiveError> {
         let mut tmp = tempfile::Builder::new()
             .prefix(".sealpost-open-")
             .tempfile_in(spool_dir)
@@ -354,12 +393,27 @@ impl Agent {
             .ok_or(OpenError::UnknownSender {
                 fingerprint: opened.header.sender.fingerprint(),
             })?;
-        self.policy.check(&opened.header, now)?;
-        if self.db.replay_seen(&opened.header.id)? {
-            return Err(OpenError::Replayed {
-                id: opened.header.id,
+        let mut notes = FreshnessNotes::default();
+        let fresh = self.policy.check(&opened.header, now);
+        let seen = self.db.replay_seen(&opened.header.id)?;
+        match freshness {
+            Freshness::Enforce => {
+                fresh?;
+                if seen {
+                    return Err(OpenError::Replayed {
+                        id: opened.header.id,
+                    }
+                    .into());
+                }
             }
-            .into());
+            Freshness::Report => {
+                match fresh {
+                    Err(OpenError::Expired { .. }) => notes.expired = true,
+                    Err(OpenError::FromFuture { .. }) => notes.from_future = true,
+                    _ => {}
+                }
+                notes.opened_before = seen;
+            }
         }
         tmp.as_file()
             .sync_all()
@@ -368,6 +422,7 @@ impl Agent {
             opened,
             sender,
             content: tmp,
+            notes,
         })
     }
 
@@ -375,7 +430,14 @@ impl Agent {
     /// refused as replayed from now on. Returns false if another process
     /// recorded it first.
     pub fn mark_delivered(&mut self, opened: &OpenedMessage, now: u64) -> Result<bool, AgentError> {
-        let forget_at = self.policy.remember_until(opened.header.expires_at);
+        // A message that never expires (opened by hand, which only reports
+        // a second opening) is remembered as long as any message could
+        // live, so the cache stays bounded.
+        let forget_at = if opened.header.expires_at == sealpost_proto::message::NO_EXPIRY {
+            now.saturating_add(sealpost_proto::message::MAX_LIFETIME_SECS)
+        } else {
+            self.policy.remember_until(opened.header.expires_at)
+        };
         self.db.replay_insert(&opened.header.id, forget_at, now)
     }
 }

@@ -69,6 +69,8 @@ pub enum OpenError {
         now: u64,
         max_skew: u64,
     },
+    #[error("it never expires, and a message delivered through relays (or opened with --strict) must expire within 400 days so that a replayed copy is always recognised")]
+    NoExpiry,
     #[error("replayed: message {id} was already opened here")]
     Replayed { id: MessageId },
     #[error("larger than the limit of {max} bytes")]
@@ -100,6 +102,7 @@ impl OpenError {
             Self::Truncated { .. } => "truncated",
             Self::Expired { .. } => "expired",
             Self::FromFuture { .. } => "from-future",
+            Self::NoExpiry => "no-expiry",
             Self::Replayed { .. } => "replayed",
             Self::TooLarge { .. } => "too-large",
             _ => "io",

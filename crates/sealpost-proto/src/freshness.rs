@@ -28,8 +28,12 @@ impl Default for FreshnessPolicy {
 }
 
 impl FreshnessPolicy {
-    /// Refuses a message that has expired or claims to be from the future.
+    /// Refuses a message that has expired, never expires (see
+    /// [`crate::message::NO_EXPIRY`]) or claims to be from the future.
     pub fn check(&self, header: &MessageHeader, now: u64) -> Result<(), OpenError> {
+        if header.expires_at == crate::message::NO_EXPIRY {
+            return Err(OpenError::NoExpiry);
+        }
         if now >= header.expires_at {
             return Err(OpenError::Expired {
                 expires_at: header.expires_at,

@@ -40,6 +40,11 @@ pub const MAX_RECIPIENTS: usize = 32;
 /// No message may live longer than this, so a replay cache that keeps ids
 /// until expiry stays bounded.
 pub const MAX_LIFETIME_SECS: u64 = 400 * 24 * 3600;
+/// `expires_at` of a message that never expires: for files sealed and
+/// opened by hand (`seal`/`open`). An agent refuses it from a relay, and
+/// `open --strict` refuses it, because a replay cache could never forget
+/// its id.
+pub const NO_EXPIRY: u64 = u64::MAX;
 /// content_len (8) + BLAKE3 (32) + Ed25519 signature (64).
 pub const TRAILER_LEN: usize = 104;
 /// age encrypts its payload in 64 KiB chunks; the chunk index reported for
@@ -203,7 +208,7 @@ impl MessageHeader {
         if self.expires_at <= self.created_at {
             return Err("the expiry must be after the creation time");
         }
-        if self.expires_at - self.created_at > MAX_LIFETIME_SECS {
+        if self.expires_at != NO_EXPIRY && self.expires_at - self.created_at > MAX_LIFETIME_SECS {
             return Err("the lifetime is longer than 400 days");
         }
         if let Some(relay) = &self.reply_relay {

@@ -73,15 +73,19 @@ pub enum RejectReason {
     /// The recipient took it but could not store it (its file system
     /// refused the file, again and again, or no name was free for it).
     NotStored,
+    /// It never expires (`NO_EXPIRY`): a message that comes through relays
+    /// must expire within 400 days, so its replay record can be forgotten.
+    NoExpiry,
 }
 
 impl RejectReason {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::NotAContact,
         Self::TooLarge,
         Self::Expired,
         Self::FromTheFuture,
         Self::NotStored,
+        Self::NoExpiry,
     ];
 
     pub fn code(self) -> u8 {
@@ -91,6 +95,7 @@ impl RejectReason {
             Self::Expired => 3,
             Self::FromTheFuture => 4,
             Self::NotStored => 5,
+            Self::NoExpiry => 6,
         }
     }
 
@@ -106,6 +111,7 @@ impl RejectReason {
             Self::Expired => "expired",
             Self::FromTheFuture => "from-the-future",
             Self::NotStored => "not-stored",
+            Self::NoExpiry => "no-expiry",
         }
     }
 
@@ -122,6 +128,9 @@ impl RejectReason {
             }
             Self::NotStored => {
                 "the recipient's device could not store it (its agent logged why); ask them, then send it again"
+            }
+            Self::NoExpiry => {
+                "the message never expires; one sent through relays must expire within 400 days"
             }
         }
     }

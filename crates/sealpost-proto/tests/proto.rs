@@ -284,6 +284,28 @@ fn sealing_refuses_bad_requests() {
     assert!(message::seal_to_vec(&a, &req(&[], 1), b"").is_err());
 }
 
+/// A message may never expire (`NO_EXPIRY`, for files opened by hand); it
+/// opens, and the freshness policy of relay delivery refuses it as such.
+#[test]
+fn a_message_without_expiry_opens_and_freshness_refuses_it() {
+    let (a, b) = (ident(1), ident(2));
+    let to = [*b.public()];
+    let mut r = req(&to, 1);
+    r.expires_at = message::NO_EXPIRY;
+    let sealed = message::seal_to_vec(&a, &r, b"kept").expect("seals");
+    let (m, content) = message::open_slice(&b, &sealed, 1 << 20).expect("opens");
+    assert_eq!(content, b"kept");
+    assert_eq!(m.header.expires_at, message::NO_EXPIRY);
+    assert!(matches!(
+        FreshnessPolicy::default().check(&m.header, m.header.created_at),
+        Err(OpenError::NoExpiry)
+    ));
+    // One second short of it is a lifetime, and far too long.
+    let mut r = req(&to, 1);
+    r.expires_at = message::NO_EXPIRY - 1;
+    assert!(message::seal_to_vec(&a, &r, b"").is_err());
+}
+
 #[test]
 fn the_in_memory_bound_is_enforced() {
     let (a, b) = (ident(1), ident(2));

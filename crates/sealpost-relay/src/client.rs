@@ -167,15 +167,13 @@ impl RelayClient {
                 "TLS handshake timeout",
             ))
         })?
-        .map_err(|e| {
-            match mismatch.lock().ok().and_then(|m| *m) {
-                Some(found) => ClientError::KeyMismatch {
-                    addr: addr.host_port.clone(),
-                    pinned: addr.pin.to_text(),
-                    found: found.to_text(),
-                },
-                None => connect_err(e),
-            }
+        .map_err(|e| match mismatch.lock().ok().and_then(|m| *m) {
+            Some(found) => ClientError::KeyMismatch {
+                addr: addr.host_port.clone(),
+                pinned: addr.pin.to_text(),
+                found: found.to_text(),
+            },
+            None => connect_err(e),
         })?;
         let exporter = stream
             .get_ref()

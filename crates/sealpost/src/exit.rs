@@ -85,7 +85,7 @@ pub fn open_class(e: &OpenError) -> (u8, &'static str) {
         OpenError::UnknownSender { .. } => 14,
         OpenError::Tampered { .. } => 15,
         OpenError::Truncated { .. } => 16,
-        OpenError::Expired { .. } => 17,
+        OpenError::Expired { .. } | OpenError::NoExpiry => 17,
         OpenError::FromFuture { .. } => 18,
         OpenError::Replayed { .. } => 19,
         OpenError::TooLarge { .. } => 20,

@@ -160,9 +160,11 @@ struct SealArgs {
     /// Write the sealed message here [default: stdout]
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
-    /// How long the message stays valid, e.g. 30m, 12h, 7d
-    #[arg(long, default_value = "7d", value_parser = parse_lifetime)]
-    expires: Duration,
+    /// How long the sealed message may be opened, e.g. 30m, 12h, 7d (at
+    /// most 400 days), or `never`. A message with an expiry is refused by
+    /// `open` after it only with --strict (plain `open` reports it)
+    #[arg(long, default_value = "never", value_parser = parse_seal_lifetime)]
+    expires: Lifetime,
     /// Content to seal, or - for stdin
     #[arg(default_value = "-")]
     input: String,
@@ -176,9 +178,45 @@ struct OpenArgs {
     /// Replace the --output file if it exists (it is never replaced otherwise)
     #[arg(long, requires = "output")]
     force: bool,
+    /// Refuse, as delivery through relays does, a message that expired, is
+    /// dated in the future, never expires, or was opened here before
+    /// (without it these are reported, and the message is opened)
+    #[arg(long)]
+    strict: bool,
     /// Sealed message to open, or - for stdin
     #[arg(default_value = "-")]
     input: String,
+}
+
+/// How long a sealed message may be opened.
+#[derive(Clone, Copy, Debug)]
+enum Lifetime {
+    Never,
+    For(Duration),
+}
+
+impl Lifetime {
+    /// The `expires_at` of a message created at `now`.
+    fn expires_at(self, now: u64) -> u64 {
+        match self {
+            Self::Never => sealpost_proto::message::NO_EXPIRY,
+            Self::For(d) => now.saturating_add(d.as_secs()),
+        }
+    }
+}
+
+fn parse_seal_lifetime(s: &str) -> Result<Lifetime, String> {
+    if s.eq_ignore_ascii_case("never") {
+        return Ok(Lifetime::Never);
+    }
+    parse_lifetime(s)
+        .map(Lifetime::For)
+        .map_err(|e| format!("{e}, or never"))
+}
+
+/// An expiry time for people and `--json`: None when it never expires.
+fn expiry(expires_at: u64) -> Option<u64> {
+    (expires_at != sealpost_proto::message::NO_EXPIRY).then_some(expires_at)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -530,13 +568,14 @@ fn seal(agent: &Agent, args: SealArgs, out: &Out) -> Result<(), Failure> {
         .tempfile_in(&spool_dir)
         .with_context(|| format!("cannot create a temporary file in {}", spool_dir.display()))?;
     let when = now();
+    let expires_at = args.expires.expires_at(when);
     let summary = {
         let w = BufWriter::with_capacity(256 * 1024, tmp.as_file_mut());
         agent
             .seal(
                 &recipients,
                 Kind::Message,
-                args.expires.as_secs(),
+                expires_at - when,
                 when,
                 &mut OsRng,
                 input,
@@ -568,27 +607,24 @@ fn seal(agent: &Agent, args: SealArgs, out: &Out) -> Result<(), Failure> {
         "content_blake3": summary.content_hash.to_hex().to_string(),
         "sealed_len": summary.sealed_len,
         "created_at": when,
-        "expires_at": when + args.expires.as_secs(),
+        "expires_at": expiry(expires_at),
         "output": args.output,
     });
     out.side_report(args.output.is_none(), report, || {
         format!(
-            "Sealed {} bytes for {} as message {} (expires {})\n",
+            "Sealed {} bytes for {} as message {} ({})\n",
             summary.content_len,
             args.to.join(", "),
             summary.id,
-            output::time(when + args.expires.as_secs())
+            match expiry(expires_at) {
+                Some(t) => format!("expires {}", output::time(t)),
+                None => "no expiry".to_owned(),
+            }
         )
     })
 }
 
 fn open(agent: &mut Agent, args: OpenArgs, out: &Out) -> Result<(), Failure> {
-    if let Some(p) = &args.output {
-        // Said before anything is decrypted; the final rename checks again.
-        if !args.force && std::fs::symlink_metadata(p).is_ok() {
-            return Err(sealpost_agent::AgentError::OutputExists(p.clone()).into());
-        }
-    }
     if let Some(p) = &args.output {
         // Said before anything is decrypted; the final rename checks again.
         if !args.force && std::fs::symlink_metadata(p).is_ok() {
@@ -601,7 +637,12 @@ fn open(agent: &mut Agent, args: OpenArgs, out: &Out) -> Result<(), Failure> {
         None => agent.home().dir().to_path_buf(),
     };
     let when = now();
-    let received = agent.receive(input, &spool_dir, when)?;
+    let freshness = if args.strict {
+        sealpost_agent::Freshness::Enforce
+    } else {
+        sealpost_agent::Freshness::Report
+    };
+    let received = agent.receive_with(input, &spool_dir, when, freshness)?;
     match &args.output {
         Some(path) => {
             let content = received.content;
@@ -616,6 +657,7 @@ fn open(agent: &mut Agent, args: OpenArgs, out: &Out) -> Result<(), Failure> {
         }
     }
     agent.mark_delivered(&received.opened, when)?;
+    let notes = received.notes;
     let h = &received.opened.header;
     let report = json!({
         "from": received.sender.name,
@@ -623,7 +665,10 @@ fn open(agent: &mut Agent, args: OpenArgs, out: &Out) -> Result<(), Failure> {
         "id": h.id.to_string(),
         "kind": h.kind.name(),
         "created_at": h.created_at,
-        "expires_at": h.expires_at,
+        "expires_at": expiry(h.expires_at),
+        "expired": notes.expired,
+        "from_future": notes.from_future,
+        "opened_before": notes.opened_before,
         "in_reply_to": h.in_reply_to.map(|i| i.to_string()),
         "recipients": h.recipients.len(),
         "content_len": received.opened.content_len,
@@ -631,12 +676,25 @@ fn open(agent: &mut Agent, args: OpenArgs, out: &Out) -> Result<(), Failure> {
         "output": args.output,
     });
     out.side_report(args.output.is_none(), report, || {
-        format!(
+        let mut s = format!(
             "From {} ({}), sent {}; signature and content hash verified; message {}\n",
             received.sender.name,
             h.sender.fingerprint(),
             output::time(h.created_at),
             h.id
-        )
+        );
+        if notes.expired {
+            s.push_str(&format!(
+                "note: it expired {}; opened anyway (--strict refuses it)\n",
+                output::time(h.expires_at)
+            ));
+        }
+        if notes.from_future {
+            s.push_str("note: it is dated more than 5 minutes ahead of this clock; opened anyway (--strict refuses it)\n");
+        }
+        if notes.opened_before {
+            s.push_str("note: a copy of this message was opened here before; opened again (--strict refuses it)\n");
+        }
+        s
     })
 }

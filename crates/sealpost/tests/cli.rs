@@ -281,28 +281,76 @@ fn each_failure_class_has_its_exit_code_and_writes_nothing() {
         (14, "unknown-sender".into())
     );
 
-    // The intact message opens once, then is a replay.
+    // The intact message opens; with --strict a second opening is a
+    // replay (without it, see `a_sealed_file_opens_again_and_after_expiry`).
     env.ok("bob", &["open", "-o", "first.bin", "m.sp"]);
-    assert_eq!(
-        try_open("again.sp", &sealed, "bob"),
-        (19, "replayed".into())
+    let (code, dated, err) = env.run("alice", &["seal", "--to", "bob", "--expires", "7d"], b"m");
+    assert_eq!(code, 0, "{err}");
+    env.run("bob", &["open", "--strict"], &dated);
+    std::fs::write(env.path("again.sp"), &dated).expect("write");
+    let (code, _, err) = env.run(
+        "bob",
+        &["--json", "open", "--strict", "-o", "out.bin", "again.sp"],
+        b"",
     );
+    assert!(!env.path("out.bin").exists());
+    let v: Value = serde_json::from_str(err.trim()).unwrap_or_else(|_| panic!("{err}"));
+    assert_eq!((code, v["class"].as_str()), (19, Some("replayed")), "{v}");
 }
 
+/// `seal` and `open` by hand work like `gpg --sign --encrypt` and
+/// `--decrypt`: no expiry unless asked, a second opening and an opening
+/// after the expiry are reported, not refused; `--strict` refuses them as
+/// delivery through relays does.
 #[test]
-fn an_expired_message_is_refused() {
+fn a_sealed_file_opens_again_and_after_expiry() {
     let env = Env::pair();
-    let (code, sealed, err) = env.run(
+    // No expiry by default: opens any number of times, saying so.
+    let (code, sealed, err) = env.run("alice", &["--json", "seal", "--to", "bob"], b"archive");
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(err.trim()).expect("json report");
+    assert!(v["expires_at"].is_null(), "{v}");
+    let (code, out, err) = env.run("bob", &["open"], &sealed);
+    assert_eq!((code, &out[..]), (0, &b"archive"[..]), "{err}");
+    assert!(!err.contains("note:"), "{err}");
+    let (code, out, err) = env.run("bob", &["open"], &sealed);
+    assert_eq!((code, &out[..]), (0, &b"archive"[..]), "{err}");
+    assert!(
+        err.contains("note: a copy of this message was opened here before"),
+        "{err}"
+    );
+    let (code, out, err) = env.run("bob", &["--json", "open"], &sealed);
+    assert_eq!((code, &out[..]), (0, &b"archive"[..]), "{err}");
+    let v: Value = serde_json::from_str(err.trim()).expect("json report");
+    assert_eq!(v["opened_before"].as_bool(), Some(true), "{v}");
+    assert_eq!(v["expired"].as_bool(), Some(false), "{v}");
+    // --strict refuses a message that never expires: its replay record
+    // could never be forgotten.
+    let (code, out, err) = env.run("bob", &["open", "--strict"], &sealed);
+    assert_eq!(code, 17, "{err}");
+    assert!(out.is_empty());
+    assert!(err.contains("never expires"), "{err}");
+
+    // An expiry, asked for: after it, `open` reports it and opens.
+    let (code, stale, err) = env.run(
         "alice",
         &["seal", "--to", "bob", "--expires", "1s"],
         b"soon stale",
     );
     assert_eq!(code, 0, "{err}");
     std::thread::sleep(std::time::Duration::from_millis(2100));
-    let (code, out, err) = env.run("bob", &["open"], &sealed);
+    let (code, out, err) = env.run("bob", &["open"], &stale);
+    assert_eq!((code, &out[..]), (0, &b"soon stale"[..]), "{err}");
+    assert!(err.contains("note: it expired"), "{err}");
+    // and --strict refuses it.
+    let (code, out, err) = env.run("bob", &["open", "--strict"], &stale);
     assert_eq!(code, 17, "{err}");
     assert!(out.is_empty());
     assert!(err.contains("expired"), "{err}");
+    // `--expires` takes `never` or a duration up to 400 days.
+    let (code, _, err) = env.run("alice", &["seal", "--to", "bob", "--expires", "401d"], b"x");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("or never"), "{err}");
 }
 
 #[test]

@@ -704,7 +704,10 @@ fn a_file_larger_than_the_relay_takes_is_refused_before_it_is_read() {
     let (code, _, err) = net.run("alice", &["send", "bob", "--file", "big.bin"]);
     assert_eq!(code, 20, "{err}");
     assert!(err.contains("big.bin is 1.9 MiB (2000000 bytes"), "{err}");
-    assert!(err.contains("accepts files up to 976.6 KiB (1000000 bytes"), "{err}");
+    assert!(
+        err.contains("accepts files up to 976.6 KiB (1000000 bytes"),
+        "{err}"
+    );
     assert!(err.contains("nothing was sent or queued"), "{err}");
     let v = net.json("alice", &["status"]);
     assert_eq!(v["messages"].as_array().map(Vec::len), Some(0), "{v}");
@@ -1240,10 +1243,16 @@ fn a_relay_key_that_does_not_match_the_pin_is_told_as_such() {
     let (code, _, err) = net.run("bob", &["sync"]);
     assert_eq!(code, 24, "{err}");
     assert!(err.contains("interception"), "{err}");
-    assert!(err.contains(&other_addr.pin.to_text()), "names the key seen: {err}");
+    assert!(
+        err.contains(&other_addr.pin.to_text()),
+        "names the key seen: {err}"
+    );
     assert!(!err.contains("cannot reach"), "{err}");
     let last = err.lines().last().unwrap_or("");
-    assert!(last.starts_with("sealpost: home relay: the server at"), "{err}");
+    assert!(
+        last.starts_with("sealpost: home relay: the server at"),
+        "{err}"
+    );
     assert_eq!(last.matches("interception").count(), 1, "said once: {err}");
     let (code, out, err) = net.run("alice", &["--json", "relay", "use", &net.addr]);
     assert_eq!(code, 24, "{err}");

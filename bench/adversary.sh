@@ -36,7 +36,7 @@ SETTLE=${SETTLE:-10m}
 RETRANSMIT=${RETRANSMIT:-10s}
 OUT=${OUT:-$(mktemp -d /tmp/sealpost-adversary.XXXXXX)}
 
-cargo build --release --locked -p sealpost -p sealpost-testkit >&2
+cargo build --release --locked -p sealpost -p sealpost-testkit --features sealpost/test-tools >&2
 echo "# sealpost adversary: seed $SEED, $IDENTITIES identities, $MESSAGES messages + $FILES files (≤ $MAX_FILE B), faults $FAULTS; scratch $OUT"
 status=0
 for phase in $PHASES; do

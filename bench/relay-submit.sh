@@ -21,7 +21,7 @@ MAX_SECONDS=${MAX_SECONDS:-300}
 PORT=${PORT:-17443}
 ANCHOR=${ANCHOR:-../shared/bench/anchors/postfix.sh}
 
-cargo build --release --locked -q -p sealpost
+cargo build --release --locked -q -p sealpost --features test-tools
 SP=$PWD/target/release/sealpost
 T=$(mktemp -d /var/tmp/sealpost-relay-bench.XXXXXX)
 RELAY_PID=

@@ -4,6 +4,7 @@
 mod deliver;
 mod demo;
 mod exit;
+#[cfg(feature = "test-tools")]
 mod load;
 mod output;
 mod relay_cmd;

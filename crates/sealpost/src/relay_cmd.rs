@@ -33,6 +33,8 @@ pub enum RelayCmd {
         address: String,
     },
     /// Load generator for benchmarks: durable submissions to a relay
+    /// (built with the `test-tools` feature only)
+    #[cfg(feature = "test-tools")]
     #[command(hide = true)]
     Load(crate::load::LoadArgs),
 }
@@ -112,6 +114,18 @@ pub struct ServeArgs {
     /// New connections per second one address may open
     #[arg(long, value_name = "N")]
     rate_per_address: Option<f64>,
+    /// Testing tools (built with the `test-tools` feature only)
+    #[cfg(feature = "test-tools")]
+    #[command(flatten)]
+    testing: TestingArgs,
+}
+
+/// `relay serve` flags of the testing tools: compiled in only with the
+/// `test-tools` feature (`cargo build --features test-tools`; the test
+/// suite turns it on), so the binary people install cannot misbehave.
+#[cfg(feature = "test-tools")]
+#[derive(Args, Debug)]
+pub struct TestingArgs {
     /// TESTING TOOL: misbehave on purpose, to demonstrate that agents catch
     /// a malicious relay. SPEC is `seed=N,all=RATE,CLASS=RATE,…,heal-after=SECS`
     /// with classes drop, duplicate, reorder, delay, flip, truncate, replay,
@@ -189,6 +203,7 @@ pub fn run(cmd: RelayCmd, out: &Out) -> Result<(), Failure> {
         RelayCmd::Address(a) => address(&a, out),
         RelayCmd::Status(a) => status(&a, out),
         RelayCmd::Scrub(a) => scrub(&a, out),
+        #[cfg(feature = "test-tools")]
         RelayCmd::Load(a) => crate::load::run(a, out),
         RelayCmd::Use { .. } => Err(Failure::usage(anyhow::anyhow!(
             "`relay use` needs a home directory"
@@ -196,7 +211,19 @@ pub fn run(cmd: RelayCmd, out: &Out) -> Result<(), Failure> {
     }
 }
 
-fn hostile(a: &ServeArgs) -> anyhow::Result<Option<std::sync::Arc<sealpost_testkit::Hostile>>> {
+/// The `--hostile` spec asked for, if any.
+fn hostile_spec(a: &ServeArgs) -> Option<String> {
+    #[cfg(feature = "test-tools")]
+    return a.testing.hostile.clone();
+    #[cfg(not(feature = "test-tools"))]
+    {
+        let _ = a;
+        None
+    }
+}
+
+#[cfg(feature = "test-tools")]
+fn hostile(a: &TestingArgs) -> anyhow::Result<Option<std::sync::Arc<sealpost_testkit::Hostile>>> {
     let Some(spec) = &a.hostile else {
         return Ok(None);
     };
@@ -215,7 +242,8 @@ fn hostile(a: &ServeArgs) -> anyhow::Result<Option<std::sync::Arc<sealpost_testk
 }
 
 fn build_config(a: ServeArgs) -> anyhow::Result<Config> {
-    let tamper = hostile(&a)?;
+    #[cfg(feature = "test-tools")]
+    let tamper = hostile(&a.testing)?;
     let file: FileConfig = match &a.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -296,12 +324,15 @@ fn build_config(a: ServeArgs) -> anyhow::Result<Config> {
     if let Some(r) = a.rate_per_address.or(file.rate_per_address) {
         c.rate_per_address = (r.max(1.0), (r * 4.0).max(1.0));
     }
-    c.tamper = tamper.map(|h| h as std::sync::Arc<dyn sealpost_relay::tamper::Tamper>);
+    #[cfg(feature = "test-tools")]
+    {
+        c.tamper = tamper.map(|h| h as std::sync::Arc<dyn sealpost_relay::tamper::Tamper>);
+    }
     Ok(c)
 }
 
 fn serve(a: ServeArgs, out: &Out) -> Result<(), Failure> {
-    let config_hostile = a.hostile.clone();
+    let config_hostile = hostile_spec(&a);
     let config = build_config(a)?;
     let rt = runtime()?;
     rt.block_on(async {

@@ -9,6 +9,11 @@
 //! their metadata is committed.
 #![forbid(unsafe_code)]
 
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "sealpost supports Linux only: its durability relies on Linux file APIs (fsync of directories, O_DIRECT, O_NOFOLLOW, file modes), and it is tested nowhere else"
+);
+
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,11 @@
 //! The `sealpost` command: a thin layer over the agent and the sealed core.
 #![forbid(unsafe_code)]
 
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "sealpost supports Linux only: its durability relies on Linux file APIs (fsync of directories, O_DIRECT, O_NOFOLLOW, file modes), and it is tested nowhere else"
+);
+
 mod deliver;
 mod demo;
 mod exit;
@@ -61,7 +66,7 @@ const EXIT_CODES: &str = "EXIT CODES:
         interception, a replaced relay key or a typo in the address";
 
 #[derive(Parser, Debug)]
-#[command(name = "sealpost", version, about = ABOUT, after_help = EXIT_CODES)]
+#[command(name = "sealpost", version = env!("SEALPOST_LONG_VERSION"), about = ABOUT, after_help = EXIT_CODES)]
 struct Cli {
     /// Home directory with your identity, contacts and replay cache
     /// [default: $XDG_DATA_HOME/sealpost]
@@ -72,6 +77,16 @@ struct Cli {
     /// carries content); errors become {"error", "class", "exit_code"}
     #[arg(long, global = true)]
     json: bool,
+
+    /// Log less: errors only (SEALPOST_LOG overrides)
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+
+    /// Log more: -v what happens (info), -vv debug, -vvv trace. By default
+    /// warnings only; `agent` and `relay serve` log info. SEALPOST_LOG
+    /// (e.g. `SEALPOST_LOG=sealpost_agent=debug`) overrides both flags
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
 
     #[command(subcommand)]
     command: Command,
@@ -128,6 +143,19 @@ enum Command {
         /// Size of the demo file in MiB
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=4096))]
         size_mib: u64,
+    },
+    /// Print a shell completion script, e.g.
+    /// `sealpost completions bash > ~/.local/share/bash-completion/completions/sealpost`
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `sealpost man | man -l -`; with
+    /// --dir, write sealpost.1 and one page per subcommand there
+    Man {
+        /// Directory to write every page to
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -249,27 +277,43 @@ fn default_home() -> anyhow::Result<PathBuf> {
 }
 
 fn main() -> ExitCode {
-    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let matches = match <Cli as clap::CommandFactory>::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => return usage_error(e),
+    };
     // Whether --home was typed (not only set in the environment): the
     // relay's own commands refuse it rather than ignore it.
     let home_typed = matches.value_source("home") == Some(clap::parser::ValueSource::CommandLine);
     let cli =
         <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    // Logs go to stderr; SEALPOST_LOG (or RUST_LOG) sets the level.
-    // The demo provokes failures on purpose and reports them itself.
-    let default_level = if matches!(cli.command, Command::Demo { .. }) {
-        "error"
-    } else {
-        "info"
+    // Logs go to stderr; SEALPOST_LOG (or RUST_LOG) sets the level, else
+    // -q/-v, else: warnings for commands that finish (a `sync` from cron
+    // says nothing when all is well), info for the long-running ones. The
+    // demo provokes failures on purpose and reports them itself.
+    let daemon = matches!(
+        cli.command,
+        Command::Agent(_) | Command::Relay(relay_cmd::RelayCmd::Serve(_))
+    );
+    let default_level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (_, 1) => "info",
+        (_, 2) => "debug",
+        (_, 3..) => "trace",
+        _ if matches!(cli.command, Command::Demo { .. }) => "error",
+        _ if daemon => "info",
+        _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SEALPOST_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // Module paths help whoever debugs, not a person reading a warning.
+    let targets = cli.verbose >= 2 || std::env::var_os("SEALPOST_LOG").is_some();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| output::LogWriter)
         .log_internal_errors(false)
-        .with_ansi(io::stderr().is_terminal())
+        .with_target(targets)
+        .with_ansi(io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
         .try_init();
     let out = Out::new(cli.json);
     match run(cli, home_typed, &out) {
@@ -278,7 +322,81 @@ fn main() -> ExitCode {
     }
 }
 
+/// A command line clap refused: with --json anywhere in it, the error is
+/// the same JSON object as every other error (help and --version are
+/// printed as usual).
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let json = std::env::args_os().skip(1).any(|a| a == "--json");
+    let shown = matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if !json || shown {
+        e.exit();
+    }
+    let text = e.kind().as_str().map(str::to_owned).unwrap_or_default();
+    let detail = e.render().to_string();
+    // clap's rendering starts with "error: " and ends with a usage hint.
+    let first = detail
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim_start_matches("error: ")
+        .to_owned();
+    let v = serde_json::json!({
+        "error": if first.is_empty() { text } else { first },
+        "class": "usage",
+        "exit_code": 2,
+    });
+    output::to_stderr(&format!("{v}\n"));
+    ExitCode::from(2)
+}
+
+/// `sealpost completions` and `sealpost man`: generated from the same
+/// definitions as the parser, so they cannot drift from it.
+fn generated_docs(command: &Command) -> Option<Result<(), Failure>> {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    match command {
+        Command::Completions { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "sealpost", &mut buf);
+            Some(write_stdout(&buf))
+        }
+        Command::Man { dir: None } => {
+            let mut buf = Vec::new();
+            Some(
+                clap_mangen::Man::new(cmd)
+                    .render(&mut buf)
+                    .map_err(|e| anyhow!("cannot render the manual page: {e}").into())
+                    .and_then(|()| write_stdout(&buf)),
+            )
+        }
+        Command::Man { dir: Some(dir) } => Some(
+            std::fs::create_dir_all(dir)
+                .and_then(|()| clap_mangen::generate_to(cmd, dir))
+                .map_err(|e| anyhow!("cannot write the manual pages to {}: {e}", dir.display()).into()),
+        ),
+        _ => None,
+    }
+}
+
+fn write_stdout(bytes: &[u8]) -> Result<(), Failure> {
+    let mut stdout = io::stdout().lock();
+    stdout
+        .write_all(bytes)
+        .and_then(|()| stdout.flush())
+        .map_err(output::stdout_error)
+}
+
 fn run(cli: Cli, home_typed: bool, out: &Out) -> Result<(), Failure> {
+    if let Some(r) = generated_docs(&cli.command) {
+        return r;
+    }
     let home_dir = cli.home;
     let home = || -> Result<Home, Failure> {
         Ok(Home::new(match &home_dir {
@@ -314,6 +432,9 @@ fn run(cli: Cli, home_typed: bool, out: &Out) -> Result<(), Failure> {
         Command::Open(args) => open(&mut home.load()?, args, out),
         Command::Demo { size_mib } => demo::run(size_mib, out),
         Command::Relay(cmd) => relay_cmd::run(cmd, out),
+        Command::Completions { .. } | Command::Man { .. } => {
+            generated_docs(&command).unwrap_or(Ok(()))
+        }
     }
 }
 

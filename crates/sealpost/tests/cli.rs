@@ -505,3 +505,43 @@ fn the_age_cli_decrypts_the_encrypted_layer() {
 mod adversary;
 mod delivery;
 mod relay;
+
+/// What a packager and a shell user need: the commit in --version,
+/// completions and manual pages generated from the parser itself, and
+/// usage errors in the one JSON shape under --json.
+#[test]
+fn version_completions_man_pages_and_json_usage_errors() {
+    let env = Env::new();
+    let v = String::from_utf8(env.ok("h", &["--version"])).expect("utf8");
+    assert!(v.starts_with("sealpost 0."), "{v}");
+    assert!(v.contains("(commit "), "{v}");
+    let bash = String::from_utf8(env.ok("h", &["completions", "bash"])).expect("utf8");
+    assert!(bash.contains("_sealpost()") && bash.contains("seal"), "{bash}");
+    let zsh = String::from_utf8(env.ok("h", &["completions", "zsh"])).expect("utf8");
+    assert!(zsh.starts_with("#compdef sealpost"), "{zsh}");
+    let man = String::from_utf8(env.ok("h", &["man"])).expect("utf8");
+    assert!(man.contains(".TH sealpost 1"), "{man}");
+    assert!(man.contains("(commit "), "the page names its version: {man}");
+    env.ok("h", &["man", "--dir", "pages"]);
+    for page in ["sealpost.1", "sealpost-send.1", "sealpost-relay-serve.1"] {
+        assert!(env.path("pages").join(page).is_file(), "{page}");
+    }
+    // A usage error under --json: one JSON object, exit 2.
+    for args in [
+        &["--json", "frobnicate"][..],
+        &["--json", "send"][..],
+        &["send", "bob", "hi", "--expires", "soon", "--json"][..],
+    ] {
+        let (code, out, err) = env.run("h", args, b"");
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(out.is_empty());
+        let v: Value = serde_json::from_str(err.trim()).unwrap_or_else(|_| panic!("{err}"));
+        assert_eq!(v["class"].as_str(), Some("usage"), "{v}");
+        assert_eq!(v["exit_code"].as_u64(), Some(2), "{v}");
+        assert!(!v["error"].as_str().unwrap_or("").is_empty(), "{v}");
+    }
+    // Without --json it stays clap's text with the usage line.
+    let (code, _, err) = env.run("h", &["frobnicate"], b"");
+    assert_eq!(code, 2);
+    assert!(err.contains("Usage:"), "{err}");
+}

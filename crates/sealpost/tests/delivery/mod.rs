@@ -1263,3 +1263,28 @@ fn a_relay_key_that_does_not_match_the_pin_is_told_as_such() {
     let _ = other.kill();
     let _ = other.wait();
 }
+
+/// `sync` from cron says nothing when all is well (it wrote INFO lines
+/// with module paths on every run); -v says what happened, -q only the
+/// error itself; SEALPOST_LOG still overrides both.
+#[test]
+fn sync_is_quiet_unless_asked() {
+    let mut net = Net::pair();
+    net.run("alice", &["send", "bob", "hello"]);
+    let (code, _, err) = net.run("bob", &["sync"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.is_empty(), "nothing on stderr: {err}");
+    net.run("alice", &["send", "bob", "again"]);
+    let (code, _, err) = net.run("bob", &["sync", "-v"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("INFO"), "{err}");
+    assert!(!err.contains("sealpost_agent::"), "no module paths: {err}");
+    net.stop_relay();
+    let (code, _, err) = net.run("bob", &["sync"]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("WARN"), "a warning by default: {err}");
+    let (code, _, err) = net.run("bob", &["-q", "sync"]);
+    assert_eq!(code, 5, "{err}");
+    assert_eq!(err.lines().count(), 1, "only the error: {err}");
+    assert!(err.starts_with("sealpost: "), "{err}");
+}

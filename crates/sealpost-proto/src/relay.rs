@@ -211,6 +211,9 @@ pub enum ErrorCode {
     Internal,
     /// The protocol version is not spoken here.
     UnsupportedVersion,
+    /// `Register` of a new mailbox refused by the relay's policy (closed,
+    /// not on its allow-list, or as many mailboxes as it takes).
+    RegistrationRefused,
 }
 
 impl ErrorCode {
@@ -225,6 +228,7 @@ impl ErrorCode {
             Self::RateLimited => 7,
             Self::Internal => 8,
             Self::UnsupportedVersion => 9,
+            Self::RegistrationRefused => 10,
         }
     }
 
@@ -239,6 +243,7 @@ impl ErrorCode {
             7 => Self::RateLimited,
             8 => Self::Internal,
             9 => Self::UnsupportedVersion,
+            10 => Self::RegistrationRefused,
             _ => {
                 return Err(DecodeError::Invalid {
                     what: "error code",

@@ -10,7 +10,7 @@ pub mod server;
 pub mod tamper;
 pub mod tls;
 
-pub use server::{Config, Metrics, Relay, RunningRelay};
+pub use server::{Config, Metrics, Registration, Relay, RunningRelay};
 pub use tls::{Pin, RelayAddress};
 
 /// Reads exactly `n` bytes into a reused buffer (blob data: a frame's

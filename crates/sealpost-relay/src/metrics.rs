@@ -187,6 +187,12 @@ pub fn render(m: &Metrics, store: &Store, totals: Totals) -> String {
         g(&m.evicted),
     );
     counter(
+        "registrations_refused_total",
+        "Registrations of new mailboxes refused by the policy or the cap.",
+        "counter",
+        g(&m.registrations_refused),
+    );
+    counter(
         "storage_errors_total",
         "Store writes that failed (disk full, I/O errors); each was refused to its client.",
         "counter",

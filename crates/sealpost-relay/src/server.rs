@@ -18,7 +18,7 @@ use sealpost_proto::relay::{
     self, auth_transcript, context, BlobPiece, ErrorCode, Frame, MailboxId, Refusal, RefusalCode,
     Request, Response,
 };
-use sealpost_store::{BlobPutOutcome, BlobRead, Limits, Store, SubmitOutcome};
+use sealpost_store::{BlobPutOutcome, BlobRead, Limits, Registered, Store, SubmitOutcome};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, Notify, OwnedSemaphorePermit, Semaphore};
@@ -68,12 +68,40 @@ pub struct Config {
     pub rate_per_address: (f64, f64),
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Who may register a new mailbox (the cap is `limits.max_mailboxes`).
+    pub registration: Registration,
     /// Largest message (sealed container) taken by `Submit`; at most
     /// `relay::MAX_MESSAGE`.
     pub max_message: usize,
     /// A misbehaving relay for tests and demonstrations (never set in
     /// normal operation); see [`crate::tamper`].
     pub tamper: Option<Arc<dyn Tamper>>,
+}
+
+/// Who may register a new mailbox on a relay.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Registration {
+    /// Any key: a relay anyone may get a mailbox on (the default).
+    #[default]
+    Open,
+    /// Only these Ed25519 signing keys (from contact cards).
+    AllowList(std::collections::HashSet<[u8; 32]>),
+    /// No new mailboxes; existing ones go on working.
+    Closed,
+}
+
+impl Registration {
+    /// Why a new mailbox for `key` is refused, if it is.
+    pub fn refuses(&self, key: &[u8; 32]) -> Option<&'static str> {
+        match self {
+            Self::Open => None,
+            Self::AllowList(keys) if keys.contains(key) => None,
+            Self::AllowList(_) => Some(
+                "this relay registers only the keys its operator allowed; send them your card (`sealpost id`)",
+            ),
+            Self::Closed => Some("this relay registers no new mailboxes"),
+        }
+    }
 }
 
 impl Config {
@@ -97,6 +125,7 @@ impl Config {
             rate_per_connection: (50_000.0, 10_000.0),
             rate_per_address: (500.0, 2_000.0),
             metrics: None,
+            registration: Registration::Open,
             max_message: relay::MAX_MESSAGE,
             tamper: None,
         }
@@ -127,6 +156,8 @@ pub struct Metrics {
     pub storage_errors: AtomicU64,
     /// When a storage error was last logged (unix seconds).
     pub storage_error_logged_at: AtomicU64,
+    /// Registrations of new mailboxes the policy or the cap refused.
+    pub registrations_refused: AtomicU64,
     /// Refusals by `RefusalCode::code()` (index 0 unused).
     pub refused_by_code: [AtomicU64; 6],
 }
@@ -1008,8 +1039,34 @@ async fn handle(
             }
             let mailbox = MailboxId::of(&key);
             if registering {
-                if let Err(e) = s.store.register(mailbox, key, now()).await {
-                    return send(out, id, storage_failed(s, &e)).await;
+                let refused = |why: &str| {
+                    s.metrics
+                        .registrations_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    err(ErrorCode::RegistrationRefused, why)
+                };
+                // An existing mailbox's owner may always register again
+                // (it is idempotent); the policy decides about new ones.
+                let existing = match s.store.has_mailbox(&mailbox) {
+                    Ok(e) => e,
+                    Err(e) => return send(out, id, storage_failed(s, &e)).await,
+                };
+                if !existing {
+                    if let Some(why) = s.config.registration.refuses(&key) {
+                        return send(out, id, refused(why)).await;
+                    }
+                }
+                match s.store.register(mailbox, key, now()).await {
+                    Ok(Registered::Full) => {
+                        return send(
+                            out,
+                            id,
+                            refused("this relay holds as many mailboxes as its operator allows; ask the operator"),
+                        )
+                        .await
+                    }
+                    Ok(_) => {}
+                    Err(e) => return send(out, id, storage_failed(s, &e)).await,
                 }
             } else {
                 match s.store.mailbox_key(&mailbox) {

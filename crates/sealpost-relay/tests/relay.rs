@@ -796,3 +796,58 @@ async fn a_busy_sender_is_not_evicted() {
     assert!(matches!(answer, Response::Refused(_)), "{answer:?}");
     relay.stop().await;
 }
+
+/// Registration policies: closed, allow-list and a cap refuse new
+/// mailboxes with their own error, and never an existing owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_policies_and_the_cap() {
+    let refused = |r: Result<MailboxId, sealpost_relay::client::ClientError>| {
+        matches!(
+            r,
+            Err(sealpost_relay::client::ClientError::Server {
+                code: ErrorCode::RegistrationRefused,
+                ..
+            })
+        )
+    };
+    // A cap of two: the third key is refused, the first two may register
+    // again.
+    let dir = tempfile::tempdir().expect("tmp");
+    let relay = start_in(dir.path().to_path_buf(), |c| {
+        c.limits.max_mailboxes = Some(2)
+    })
+    .await;
+    let c = RelayClient::connect(&relay.addr).await.expect("connect");
+    c.register(&id(1)).await.expect("first");
+    c.register(&id(2)).await.expect("second");
+    assert!(refused(c.register(&id(3)).await));
+    c.register(&id(1))
+        .await
+        .expect("an existing owner registers again");
+    assert_eq!(
+        relay.metrics.registrations_refused.load(Ordering::Relaxed),
+        1
+    );
+    drop(c);
+    relay.stop().await;
+    // Closed: no new mailbox; the ones made before go on.
+    let relay = start_in(dir.path().to_path_buf(), |c| {
+        c.registration = sealpost_relay::Registration::Closed
+    })
+    .await;
+    let c = RelayClient::connect(&relay.addr).await.expect("connect");
+    assert!(refused(c.register(&id(4)).await));
+    c.register(&id(2)).await.expect("existing");
+    c.auth(&id(1)).await.expect("existing auth");
+    drop(c);
+    relay.stop().await;
+    // An allow-list: only its keys.
+    let allowed: std::collections::HashSet<[u8; 32]> =
+        [*id(5).public().signing_bytes()].into_iter().collect();
+    let relay =
+        start(move |c| c.registration = sealpost_relay::Registration::AllowList(allowed)).await;
+    let c = RelayClient::connect(&relay.addr).await.expect("connect");
+    c.register(&id(5)).await.expect("allowed");
+    assert!(refused(c.register(&id(6)).await));
+    relay.stop().await;
+}

@@ -85,6 +85,17 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
     }
 }
 
+/// What a registration did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registered {
+    /// A new mailbox.
+    Created,
+    /// The mailbox existed already (registering is idempotent).
+    Existing,
+    /// Refused: the relay holds `Limits::max_mailboxes` mailboxes.
+    Full,
+}
+
 /// Limits the store enforces.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -98,6 +109,9 @@ pub struct Limits {
     /// room for too, so that a relay whose disk filled up recovers as its
     /// mail is delivered.
     pub min_free_space: u64,
+    /// The most mailboxes the relay registers (None: no cap). Existing
+    /// mailboxes are never affected.
+    pub max_mailboxes: Option<u64>,
 }
 
 impl Default for Limits {
@@ -106,6 +120,7 @@ impl Default for Limits {
             mailbox_quota: 4 << 30,
             max_blob: 2 << 30,
             min_free_space: 64 << 20,
+            max_mailboxes: None,
         }
     }
 }
@@ -156,7 +171,7 @@ enum Op {
         mailbox: MailboxId,
         key: [u8; 32],
         now: u64,
-        reply: oneshot::Sender<Result<bool, StoreError>>,
+        reply: oneshot::Sender<Result<Registered, StoreError>>,
     },
     Submit {
         mailbox: MailboxId,
@@ -671,7 +686,7 @@ impl Store {
         mailbox: MailboxId,
         key: [u8; 32],
         now: u64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Registered, StoreError> {
         self.call(|reply| Op::Register {
             mailbox,
             key,
@@ -679,6 +694,11 @@ impl Store {
             reply,
         })
         .await
+    }
+
+    /// Whether a mailbox exists.
+    pub fn has_mailbox(&self, mailbox: &MailboxId) -> Result<bool, StoreError> {
+        Ok(self.mailbox_key(mailbox)?.is_some())
     }
 
     /// Stores an item durably, or refuses it with a reason. The caller has
@@ -1526,6 +1546,7 @@ fn writer_loop(
 
 enum Reply {
     Bool(oneshot::Sender<Result<bool, StoreError>>, bool),
+    Register(oneshot::Sender<Result<Registered, StoreError>>, Registered),
     Submit(
         oneshot::Sender<Result<SubmitOutcome, StoreError>>,
         SubmitOutcome,
@@ -1544,6 +1565,7 @@ impl Reply {
         };
         match self {
             Self::Bool(s, _) => drop(s.send(Err(e()))),
+            Self::Register(s, _) => drop(s.send(Err(e()))),
             Self::Submit(s, _) => drop(s.send(Err(e()))),
             Self::Count(s, _) => drop(s.send(Err(e()))),
             Self::Unit(s) => drop(s.send(Err(e()))),
@@ -1556,6 +1578,7 @@ impl Reply {
         // write is durable either way.
         match self {
             Self::Bool(s, v) => drop(s.send(Ok(v))),
+            Self::Register(s, v) => drop(s.send(Ok(v))),
             Self::Submit(s, v) => drop(s.send(Ok(v))),
             Self::Count(s, v) => drop(s.send(Ok(v))),
             Self::Unit(s) => drop(s.send(Ok(()))),
@@ -1576,11 +1599,37 @@ fn apply(
             now,
             reply,
         } => {
+            // The cap is checked in the same transaction as the insert, so
+            // concurrent registrations cannot pass it together.
             let n = tx.execute(
-                "INSERT OR IGNORE INTO mailboxes (id, key, quota, used, created_at) VALUES (?1, ?2, ?3, 0, ?4)",
-                params![mailbox.0.to_vec(), key.to_vec(), i64_of(limits.mailbox_quota), i64_of(now)],
+                "INSERT OR IGNORE INTO mailboxes (id, key, quota, used, created_at) \
+                 SELECT ?1, ?2, ?3, 0, ?4 WHERE (SELECT COUNT(*) FROM mailboxes) < ?5",
+                params![
+                    mailbox.0.to_vec(),
+                    key.to_vec(),
+                    i64_of(limits.mailbox_quota),
+                    i64_of(now),
+                    i64_of(limits.max_mailboxes.unwrap_or(u64::MAX))
+                ],
             )?;
-            Reply::Bool(reply, n == 1)
+            let outcome = if n == 1 {
+                Registered::Created
+            } else {
+                let exists = tx
+                    .query_row(
+                        "SELECT 1 FROM mailboxes WHERE id = ?1",
+                        params![mailbox.0.to_vec()],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some();
+                if exists {
+                    Registered::Existing
+                } else {
+                    Registered::Full
+                }
+            };
+            Reply::Register(reply, outcome)
         }
         Op::Submit {
             mailbox,

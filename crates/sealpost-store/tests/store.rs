@@ -21,8 +21,14 @@ async fn submit_fetch_ack_and_refusals() {
     let store = Store::open(dir.path(), limits()).expect("open");
     let mb = MailboxId::of(&[1; 32]);
     let other = MailboxId::of(&[2; 32]);
-    assert!(store.register(mb, [1; 32], NOW).await.expect("reg"));
-    assert!(!store.register(mb, [1; 32], NOW).await.expect("again"));
+    assert_eq!(
+        store.register(mb, [1; 32], NOW).await.expect("reg"),
+        sealpost_store::Registered::Created
+    );
+    assert_eq!(
+        store.register(mb, [1; 32], NOW).await.expect("again"),
+        sealpost_store::Registered::Existing
+    );
     assert_eq!(
         store
             .submit(other, NOW + 10, h(b"x"), b"x".to_vec(), NOW)

@@ -231,6 +231,14 @@ fn engine_failure(e: EngineError) -> Failure {
             class: "relay-key-mismatch",
             error: Some(e.into()),
         },
+        EngineError::Relay(sealpost_relay::client::ClientError::Server {
+            code: sealpost_proto::relay::ErrorCode::RegistrationRefused,
+            ..
+        }) => Failure {
+            code: 3,
+            class: "registration-refused",
+            error: Some(e.into()),
+        },
         EngineError::Relay(_) => Failure {
             code: 5,
             class: "relay-unreachable",

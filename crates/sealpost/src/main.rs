@@ -313,7 +313,9 @@ fn main() -> ExitCode {
         .with_writer(|| output::LogWriter)
         .log_internal_errors(false)
         .with_target(targets)
-        .with_ansi(io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
+        .with_ansi(
+            io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .try_init();
     let out = Out::new(cli.json);
     match run(cli, home_typed, &out) {
@@ -379,7 +381,9 @@ fn generated_docs(command: &Command) -> Option<Result<(), Failure>> {
         Command::Man { dir: Some(dir) } => Some(
             std::fs::create_dir_all(dir)
                 .and_then(|()| clap_mangen::generate_to(cmd, dir))
-                .map_err(|e| anyhow!("cannot write the manual pages to {}: {e}", dir.display()).into()),
+                .map_err(|e| {
+                    anyhow!("cannot write the manual pages to {}: {e}", dir.display()).into()
+                }),
         ),
         _ => None,
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
-use sealpost_relay::{Config, Relay};
+use sealpost_relay::{Config, Registration, Relay};
 use sealpost_store::{Limits, Store};
 use serde::Deserialize;
 use serde_json::json;
@@ -19,8 +19,12 @@ pub enum RelayCmd {
     /// Run a relay: a TLS 1.3 listener that stores sealed messages and
     /// blobs durably until their recipients fetch them
     Serve(Box<ServeArgs>),
-    /// Print the address agents pin (host:port/KEY-FINGERPRINT)
+    /// Print the address agents pin (host:port/KEY-FINGERPRINT): the public
+    /// address the relay last started with, unless --listen is given
     Address(DataArgs),
+    /// Print the settings `relay serve` would run with (the same flags and
+    /// --config), every default filled in, as a configuration file
+    Config(Box<ServeArgs>),
     /// Show mailboxes, queued items and blobs
     Status(DataArgs),
     /// Re-read everything stored and check it against its BLAKE3; exit 1
@@ -44,76 +48,20 @@ pub struct DataArgs {
     /// Relay data directory [default: $XDG_DATA_HOME/sealpost-relay]
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
-    /// The address the relay listens on (for `address`)
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7443")]
-    pub listen: SocketAddr,
+    /// The host:port to print in the address (for `address`) [default: the
+    /// public address the relay last started with, else 127.0.0.1:7443]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Address to listen on
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<SocketAddr>,
-    /// Data directory (store, certificate, keys) [default: $XDG_DATA_HOME/sealpost-relay]
-    #[arg(long, value_name = "DIR")]
-    data: Option<PathBuf>,
-    /// TOML configuration file; flags override it
+    /// TOML configuration file: the same settings as the flags, by the
+    /// same names with underscores (`max_blob = "1GiB"`); flags win
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Serve Prometheus metrics on this address (keep it on loopback)
-    #[arg(long, value_name = "ADDR")]
-    metrics: Option<SocketAddr>,
-    /// A real certificate chain (PEM) instead of the self-signed one
-    #[arg(long, value_name = "FILE", requires = "key")]
-    cert: Option<PathBuf>,
-    /// The private key (PEM) of --cert
-    #[arg(long, value_name = "FILE", requires = "cert")]
-    key: Option<PathBuf>,
-    /// Host name(s) for the self-signed certificate made on first start
-    #[arg(long = "name", value_name = "HOST")]
-    names: Vec<String>,
-    /// Most simultaneous connections
-    #[arg(long, value_name = "N")]
-    max_connections: Option<usize>,
-    /// Most simultaneous connections from one source address [default: 256]
-    #[arg(long, value_name = "N")]
-    max_connections_per_address: Option<usize>,
-    /// Bytes one mailbox may hold
-    #[arg(long, value_name = "BYTES")]
-    mailbox_quota: Option<u64>,
-    /// Largest blob in bytes
-    #[arg(long, value_name = "BYTES")]
-    max_blob: Option<u64>,
-    /// Free bytes kept on the data directory's file system for deletes:
-    /// below it, new items and blobs are refused ("the relay's disk is
-    /// full") [default: 67108864]
-    #[arg(long, value_name = "BYTES")]
-    min_free_space: Option<u64>,
-    /// Largest message in bytes (at most 1 MiB; larger content goes as a file)
-    #[arg(long, value_name = "BYTES")]
-    max_message: Option<usize>,
-    /// Seconds a connection may stay silent
-    #[arg(long, value_name = "SECS")]
-    idle_timeout: Option<u64>,
-    /// Seconds a connection not authenticated to a mailbox (a sender) may
-    /// stay silent [default: 30]
-    #[arg(long, value_name = "SECS")]
-    unauthenticated_idle_timeout: Option<u64>,
-    /// Seconds a client has to finish the TLS handshake
-    #[arg(long, value_name = "SECS")]
-    handshake_timeout: Option<u64>,
-    /// Seconds a client has to finish a frame it started (slow clients are cut off)
-    #[arg(long, value_name = "SECS")]
-    frame_timeout: Option<u64>,
-    /// Seconds between sweeps of expired items and blobs
-    #[arg(long, value_name = "SECS")]
-    sweep_interval: Option<u64>,
-    /// Requests per second one connection may make
-    #[arg(long, value_name = "N")]
-    rate_per_connection: Option<f64>,
-    /// New connections per second one address may open
-    #[arg(long, value_name = "N")]
-    rate_per_address: Option<f64>,
+    #[command(flatten)]
+    settings: Settings,
     /// Testing tools (built with the `test-tools` feature only)
     #[cfg(feature = "test-tools")]
     #[command(flatten)]
@@ -152,29 +100,210 @@ pub struct TestingArgs {
     hostile_cards: Vec<PathBuf>,
 }
 
-/// The configuration file: every option of `relay serve`.
-#[derive(Deserialize, Debug, Default)]
+/// Every setting of a relay, declared once: each is a `relay serve` flag
+/// and the same key in the `--config` file (flags win). A setting not
+/// given anywhere takes the default shown (`relay config` prints the
+/// values in effect).
+#[derive(Args, Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
-struct FileConfig {
+pub struct Settings {
+    /// Address to listen on [default: 127.0.0.1:7443]
+    #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Data directory: store, certificate, keys [default:
+    /// $XDG_DATA_HOME/sealpost-relay]
+    #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// The host:port agents reach this relay at, printed in its address and
+    /// kept for `relay address` [default: the first --name with the listen
+    /// port, else the listen address; needed when listening on 0.0.0.0]
+    #[arg(long, value_name = "HOST:PORT")]
+    public_address: Option<String>,
+    /// Serve Prometheus metrics (GET /metrics) on this address; keep it on
+    /// loopback [default: none]
+    #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// A real certificate chain (PEM) instead of the self-signed one
+    #[arg(long, value_name = "FILE", requires = "key")]
     cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert
+    #[arg(long, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
-    names: Option<Vec<String>>,
+    /// Host name for the self-signed certificate made on first start, and
+    /// (the first) for the public address; repeat for several
+    #[arg(long = "name", value_name = "HOST")]
+    #[serde(default, alias = "names")]
+    name: Vec<String>,
+    /// Who may register a new mailbox: open (any key), allow-list (the
+    /// keys of the cards in --allow), closed (no new mailboxes; existing
+    /// ones keep working) [default: open]
+    #[arg(long, value_name = "POLICY")]
+    registration: Option<RegistrationPolicy>,
+    /// File of contact cards (`sealpost id` output, one per line) whose
+    /// keys may register under --registration allow-list; read at start
+    #[arg(long, value_name = "FILE")]
+    allow: Option<PathBuf>,
+    /// The most mailboxes this relay registers [default: no cap]
+    #[arg(long, value_name = "N")]
+    max_mailboxes: Option<u64>,
+    /// Most simultaneous connections [default: 4096]
+    #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// Most simultaneous connections from one source address [default: 256]
+    #[arg(long, value_name = "N")]
     max_connections_per_address: Option<usize>,
-    mailbox_quota: Option<u64>,
-    max_blob: Option<u64>,
-    min_free_space: Option<u64>,
-    max_message: Option<usize>,
-    idle_timeout: Option<u64>,
-    unauthenticated_idle_timeout: Option<u64>,
-    handshake_timeout: Option<u64>,
-    frame_timeout: Option<u64>,
-    sweep_interval: Option<u64>,
+    /// Bytes one mailbox may hold, e.g. 4GiB or 500MB [default: 4GiB]
+    #[arg(long, value_name = "SIZE")]
+    mailbox_quota: Option<Size>,
+    /// Largest blob (a sealed file: its size plus 16 bytes per 1 MiB)
+    /// [default: 2GiB]
+    #[arg(long, value_name = "SIZE")]
+    max_blob: Option<Size>,
+    /// Free space kept on the data directory's file system for deletes:
+    /// below it, new items and blobs are refused ("the relay's disk is
+    /// full") [default: 64MiB]
+    #[arg(long, value_name = "SIZE")]
+    min_free_space: Option<Size>,
+    /// Largest message, at most 1MiB (larger content goes as a file)
+    /// [default: 1MiB]
+    #[arg(long, value_name = "SIZE")]
+    max_message: Option<Size>,
+    /// How long a connection authenticated to a mailbox may stay silent,
+    /// e.g. 300s or 5m [default: 5m]
+    #[arg(long, value_name = "DURATION")]
+    idle_timeout: Option<Secs>,
+    /// How long a connection not authenticated to a mailbox (a sender) may
+    /// stay silent [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    unauthenticated_idle_timeout: Option<Secs>,
+    /// Time a client has to finish the TLS handshake [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    handshake_timeout: Option<Secs>,
+    /// Time a client has to finish a frame it started (slow clients are
+    /// cut off) [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    frame_timeout: Option<Secs>,
+    /// Time between sweeps of expired items and blobs [default: 1m]
+    #[arg(long, value_name = "DURATION")]
+    sweep_interval: Option<Secs>,
+    /// Requests per second one connection may make [default: 50000]
+    #[arg(long, value_name = "N")]
     rate_per_connection: Option<f64>,
+    /// New connections per second one address may open (bursts of four
+    /// times as many) [default: 500]
+    #[arg(long, value_name = "N")]
     rate_per_address: Option<f64>,
+}
+
+impl Settings {
+    /// These settings, with `file`'s where none is given here.
+    fn or(self, file: Settings) -> Settings {
+        Settings {
+            listen: self.listen.or(file.listen),
+            data: self.data.or(file.data),
+            public_address: self.public_address.or(file.public_address),
+            metrics: self.metrics.or(file.metrics),
+            cert: self.cert.or(file.cert),
+            key: self.key.or(file.key),
+            name: if self.name.is_empty() {
+                file.name
+            } else {
+                self.name
+            },
+            registration: self.registration.or(file.registration),
+            allow: self.allow.or(file.allow),
+            max_mailboxes: self.max_mailboxes.or(file.max_mailboxes),
+            max_connections: self.max_connections.or(file.max_connections),
+            max_connections_per_address: self
+                .max_connections_per_address
+                .or(file.max_connections_per_address),
+            mailbox_quota: self.mailbox_quota.or(file.mailbox_quota),
+            max_blob: self.max_blob.or(file.max_blob),
+            min_free_space: self.min_free_space.or(file.min_free_space),
+            max_message: self.max_message.or(file.max_message),
+            idle_timeout: self.idle_timeout.or(file.idle_timeout),
+            unauthenticated_idle_timeout: self
+                .unauthenticated_idle_timeout
+                .or(file.unauthenticated_idle_timeout),
+            handshake_timeout: self.handshake_timeout.or(file.handshake_timeout),
+            frame_timeout: self.frame_timeout.or(file.frame_timeout),
+            sweep_interval: self.sweep_interval.or(file.sweep_interval),
+            rate_per_connection: self.rate_per_connection.or(file.rate_per_connection),
+            rate_per_address: self.rate_per_address.or(file.rate_per_address),
+        }
+    }
+}
+
+/// Who may register (the `--registration` setting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RegistrationPolicy {
+    Open,
+    AllowList,
+    Closed,
+}
+
+/// A size in bytes: a number, or with a unit (`64MiB`, `2GiB`; k, M, G
+/// are powers of 1000, KiB, MiB, GiB of 1024), in a flag or the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size(u64);
+
+impl std::str::FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|b| Size(b.as_u64()))
+            .map_err(|_| format!("{s:?} is not a size (examples: 1048576, 500MB, 64MiB, 2GiB)"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(Size(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration: `30s`, `5m`, `1h`, or a number of seconds, in a flag or the
+/// file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Secs(Duration);
+
+impl std::str::FromStr for Secs {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let d = match s.parse::<u64>() {
+            Ok(n) => Duration::from_secs(n),
+            Err(_) => humantime::parse_duration(s)
+                .map_err(|e| format!("{s:?} is not a duration: {e} (examples: 30s, 5m, 1h)"))?,
+        };
+        Ok(Secs(d.max(Duration::from_secs(1))))
+    }
+}
+
+impl<'de> Deserialize<'de> for Secs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Seconds(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Seconds(n) => Ok(Secs(Duration::from_secs(n.max(1)))),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 fn default_data() -> anyhow::Result<PathBuf> {
@@ -200,6 +329,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn run(cmd: RelayCmd, out: &Out) -> Result<(), Failure> {
     match cmd {
         RelayCmd::Serve(a) => serve(*a, out),
+        RelayCmd::Config(a) => print_config(*a, out),
         RelayCmd::Address(a) => address(&a, out),
         RelayCmd::Status(a) => status(&a, out),
         RelayCmd::Scrub(a) => scrub(&a, out),
@@ -241,29 +371,51 @@ fn hostile(a: &TestingArgs) -> anyhow::Result<Option<std::sync::Arc<sealpost_tes
     Ok(Some(std::sync::Arc::new(h)))
 }
 
-fn build_config(a: ServeArgs) -> anyhow::Result<Config> {
-    #[cfg(feature = "test-tools")]
-    let tamper = hostile(&a.testing)?;
-    let file: FileConfig = match &a.config {
+/// The settings from the flags and the `--config` file (flags win).
+fn settings(a: &mut ServeArgs) -> anyhow::Result<Settings> {
+    let file: Settings = match &a.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read {}", p.display()))?;
             toml::from_str(&text)
                 .with_context(|| format!("invalid configuration in {}", p.display()))?
         }
-        None => FileConfig::default(),
+        None => Settings::default(),
     };
-    let listen = a
+    Ok(std::mem::take(&mut a.settings).or(file))
+}
+
+/// The relay's configuration and the public address agents reach it at
+/// (None: listening on every interface with no name to give).
+fn build_config(mut a: ServeArgs) -> anyhow::Result<(Config, Option<String>)> {
+    #[cfg(feature = "test-tools")]
+    let tamper = hostile(&a.testing)?;
+    let s = settings(&mut a)?;
+    let listen = s
         .listen
-        .or(file.listen)
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7443)));
-    let data = match a.data.or(file.data) {
+    let data = match s.data {
         Some(d) => d,
         None => default_data()?,
     };
+    let public = match (&s.public_address, s.name.first()) {
+        (Some(p), _) => {
+            if sealpost_relay::RelayAddress::parse(&format!("{p}/{}", "A".repeat(52))).is_none()
+                || !p.contains(':')
+            {
+                return Err(anyhow!(
+                    "public_address {p:?} is not host:port (e.g. relay.example.org:7443)"
+                ));
+            }
+            Some(p.clone())
+        }
+        (None, Some(n)) => Some(format!("{n}:{}", listen.port())),
+        (None, None) if listen.ip().is_unspecified() => None,
+        (None, None) => Some(listen.to_string()),
+    };
     let mut c = Config::new(listen, data);
-    c.metrics = a.metrics.or(file.metrics);
-    c.cert_files = match (a.cert.or(file.cert), a.key.or(file.key)) {
+    c.metrics = s.metrics;
+    c.cert_files = match (s.cert, s.key) {
         (Some(c), Some(k)) => Some((c, k)),
         (None, None) => None,
         _ => {
@@ -272,68 +424,199 @@ fn build_config(a: ServeArgs) -> anyhow::Result<Config> {
             ))
         }
     };
-    c.cert_names = if a.names.is_empty() {
-        file.names.unwrap_or_default()
-    } else {
-        a.names
-    };
-    if let Some(n) = a.max_connections.or(file.max_connections) {
+    c.cert_names = s.name;
+    if let Some(n) = s.max_connections {
         c.max_connections = n.max(1);
     }
-    if let Some(n) = a
-        .max_connections_per_address
-        .or(file.max_connections_per_address)
-    {
+    if let Some(n) = s.max_connections_per_address {
         c.max_connections_per_address = n.max(1);
     }
-    if let Some(s) = a
-        .unauthenticated_idle_timeout
-        .or(file.unauthenticated_idle_timeout)
-    {
-        c.unauthenticated_idle_timeout = Duration::from_secs(s.max(1));
-    }
     let mut limits = Limits::default();
-    if let Some(q) = a.mailbox_quota.or(file.mailbox_quota) {
+    if let Some(Size(q)) = s.mailbox_quota {
         limits.mailbox_quota = q;
     }
-    if let Some(m) = a.max_blob.or(file.max_blob) {
+    if let Some(Size(m)) = s.max_blob {
         limits.max_blob = m;
     }
-    if let Some(m) = a.min_free_space.or(file.min_free_space) {
+    if let Some(Size(m)) = s.min_free_space {
         limits.min_free_space = m;
     }
+    limits.max_mailboxes = s.max_mailboxes;
     c.limits = limits;
-    if let Some(m) = a.max_message.or(file.max_message) {
-        c.max_message = m.clamp(1, sealpost_proto::relay::MAX_MESSAGE);
+    c.registration = match (s.registration.unwrap_or(RegistrationPolicy::Open), &s.allow) {
+        (RegistrationPolicy::Open, None) => Registration::Open,
+        (RegistrationPolicy::Closed, None) => Registration::Closed,
+        (RegistrationPolicy::AllowList, Some(p)) => Registration::AllowList(allowed_keys(p)?),
+        (RegistrationPolicy::AllowList, None) => {
+            return Err(anyhow!(
+                "registration = allow-list needs allow = FILE (contact cards of the keys it allows)"
+            ))
+        }
+        (_, Some(_)) => {
+            return Err(anyhow!(
+                "allow = FILE is for registration = allow-list; set that too, or drop allow"
+            ))
+        }
+    };
+    if let Some(Size(m)) = s.max_message {
+        if m > sealpost_proto::relay::MAX_MESSAGE as u64 {
+            return Err(anyhow!(
+                "max_message is at most 1MiB (1048576 bytes); larger content travels as a file"
+            ));
+        }
+        c.max_message = (m as usize).max(1);
     }
-    if let Some(s) = a.idle_timeout.or(file.idle_timeout) {
-        c.idle_timeout = Duration::from_secs(s.max(1));
+    if let Some(Secs(d)) = s.idle_timeout {
+        c.idle_timeout = d;
     }
-    if let Some(s) = a.handshake_timeout.or(file.handshake_timeout) {
-        c.handshake_timeout = Duration::from_secs(s.max(1));
+    if let Some(Secs(d)) = s.unauthenticated_idle_timeout {
+        c.unauthenticated_idle_timeout = d;
     }
-    if let Some(s) = a.frame_timeout.or(file.frame_timeout) {
-        c.frame_timeout = Duration::from_secs(s.max(1));
+    if let Some(Secs(d)) = s.handshake_timeout {
+        c.handshake_timeout = d;
     }
-    if let Some(s) = a.sweep_interval.or(file.sweep_interval) {
-        c.sweep_interval = Duration::from_secs(s.max(1));
+    if let Some(Secs(d)) = s.frame_timeout {
+        c.frame_timeout = d;
     }
-    if let Some(r) = a.rate_per_connection.or(file.rate_per_connection) {
+    if let Some(Secs(d)) = s.sweep_interval {
+        c.sweep_interval = d;
+    }
+    if let Some(r) = s.rate_per_connection {
         c.rate_per_connection = (r.max(1.0), r.max(1.0));
     }
-    if let Some(r) = a.rate_per_address.or(file.rate_per_address) {
+    if let Some(r) = s.rate_per_address {
         c.rate_per_address = (r.max(1.0), (r * 4.0).max(1.0));
     }
     #[cfg(feature = "test-tools")]
     {
         c.tamper = tamper.map(|h| h as std::sync::Arc<dyn sealpost_relay::tamper::Tamper>);
     }
-    Ok(c)
+    Ok((c, public))
+}
+
+/// The signing keys of the contact cards in `path` (one per line; blank
+/// lines and `#` comments skipped).
+fn allowed_keys(path: &Path) -> anyhow::Result<std::collections::HashSet<[u8; 32]>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the allow-list {}", path.display()))?;
+    let mut keys = std::collections::HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let card = sealpost_proto::ContactCard::from_text(line).map_err(|e| {
+            anyhow!(
+                "{} line {}: not a contact card ({e}); put one `sealpost id` card per line",
+                path.display(),
+                n + 1
+            )
+        })?;
+        keys.insert(*card.public().signing_bytes());
+    }
+    Ok(keys)
+}
+
+/// The settings in effect, as a `--config` file would set them.
+fn effective_toml(c: &Config, public: &Option<String>) -> String {
+    let secs = |d: Duration| format!("\"{}\"", humantime::format_duration(d));
+    let size = |n: u64| match size_text(n) {
+        t if t.ends_with('B') => format!("\"{t}\""),
+        t => t,
+    };
+    let opt = |o: Option<String>| o.map(|v| format!("{v:?}"));
+    let mut lines: Vec<(&str, Option<String>)> = vec![
+        ("listen", Some(format!("\"{}\"", c.listen))),
+        ("data", Some(format!("{:?}", c.data.display().to_string()))),
+        ("public_address", opt(public.clone())),
+        ("metrics", opt(c.metrics.map(|m| m.to_string()))),
+        (
+            "cert",
+            opt(c.cert_files.as_ref().map(|f| f.0.display().to_string())),
+        ),
+        (
+            "key",
+            opt(c.cert_files.as_ref().map(|f| f.1.display().to_string())),
+        ),
+        ("name", Some(format!("{:?}", c.cert_names))),
+    ];
+    lines.push((
+        "registration",
+        Some(
+            match &c.registration {
+                Registration::Open => "\"open\"",
+                Registration::AllowList(_) => "\"allow-list\"",
+                Registration::Closed => "\"closed\"",
+            }
+            .to_owned(),
+        ),
+    ));
+    lines.extend([
+        (
+            "max_mailboxes",
+            c.limits.max_mailboxes.map(|n| n.to_string()),
+        ),
+        ("max_connections", Some(c.max_connections.to_string())),
+        (
+            "max_connections_per_address",
+            Some(c.max_connections_per_address.to_string()),
+        ),
+        ("mailbox_quota", Some(size(c.limits.mailbox_quota))),
+        ("max_blob", Some(size(c.limits.max_blob))),
+        ("min_free_space", Some(size(c.limits.min_free_space))),
+        ("max_message", Some(size(c.max_message as u64))),
+        ("idle_timeout", Some(secs(c.idle_timeout))),
+        (
+            "unauthenticated_idle_timeout",
+            Some(secs(c.unauthenticated_idle_timeout)),
+        ),
+        ("handshake_timeout", Some(secs(c.handshake_timeout))),
+        ("frame_timeout", Some(secs(c.frame_timeout))),
+        ("sweep_interval", Some(secs(c.sweep_interval))),
+        (
+            "rate_per_connection",
+            Some(c.rate_per_connection.0.to_string()),
+        ),
+        ("rate_per_address", Some(c.rate_per_address.0.to_string())),
+    ]);
+    let mut out = String::new();
+    for (k, v) in lines {
+        match v {
+            Some(v) => out.push_str(&format!("{k} = {v}\n")),
+            None => out.push_str(&format!("# {k} (not set)\n")),
+        }
+    }
+    out
+}
+
+/// A size as a setting is written: the largest binary unit that divides it
+/// exactly (`64MiB`), else bytes.
+fn size_text(n: u64) -> String {
+    for (unit, name) in [
+        (1u64 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ] {
+        if n >= unit && n.is_multiple_of(unit) {
+            return format!("{}{name}", n / unit);
+        }
+    }
+    n.to_string()
+}
+
+/// `relay config`: the settings a `relay serve` with the same flags would
+/// run with, as a configuration file.
+fn print_config(a: ServeArgs, out: &Out) -> Result<(), Failure> {
+    let (c, public) = build_config(a)?;
+    let text = effective_toml(&c, &public);
+    let table: toml::Table = toml::from_str(&text).context("the effective settings")?;
+    out.report(serde_json::to_value(table).unwrap_or_default(), || text)
 }
 
 fn serve(a: ServeArgs, out: &Out) -> Result<(), Failure> {
     let config_hostile = hostile_spec(&a);
-    let config = build_config(a)?;
+    let (config, public) = build_config(a)?;
     let rt = runtime()?;
     rt.block_on(async {
         let listen = config.listen;
@@ -344,11 +627,29 @@ fn serve(a: ServeArgs, out: &Out) -> Result<(), Failure> {
             .with_context(|| format!("cannot start the relay on {listen} with data in {}", data.display()))?;
         let addr = relay.address().clone();
         let hostile = config_hostile;
+        // What agents pin: the public address with this key, kept in the
+        // data directory so `relay address` needs no flags.
+        let for_agents = public.map(|host_port| sealpost_relay::RelayAddress {
+            host_port,
+            pin: addr.pin,
+        });
+        let kept = data.join("address");
+        match &for_agents {
+            Some(a) => sealpost_agent::fsutil::replace_durable(&kept, format!("{a}\n").as_bytes(), 0o644)
+                .with_context(|| format!("cannot write {}", kept.display()))?,
+            None => {
+                let _ = std::fs::remove_file(&kept);
+                tracing::warn!(
+                    "listening on every interface ({}) with no public address: agents cannot be told where to connect; set --public-address HOST:PORT (or --name HOST)",
+                    addr.host_port
+                );
+            }
+        }
         out.report(
             json!({
                 "hostile": hostile,
                 "listening": addr.host_port,
-                "address": addr.to_string(),
+                "address": for_agents.as_ref().map(|a| a.to_string()),
                 "fingerprint": addr.pin.to_text(),
                 "new_certificate": relay.created_cert(),
                 "data": data,
@@ -356,20 +657,29 @@ fn serve(a: ServeArgs, out: &Out) -> Result<(), Failure> {
             }),
             || {
                 format!(
-                    "{}sealpost relay listening on {} (TLS 1.3){}\nKey fingerprint: {}\nRelay address for agents: {addr}\n",
+                    "{}sealpost relay listening on {} (TLS 1.3){}\nKey fingerprint: {}\nRelay address for agents: {}\n",
                     if hostile.is_some() { "WARNING: HOSTILE TESTING RELAY — it tampers with what it carries on purpose\n" } else { "" },
                     addr.host_port,
                     if relay.created_cert() { ", new self-signed certificate" } else { "" },
                     addr.pin.to_text(),
+                    match &for_agents {
+                        Some(a) => a.to_string(),
+                        None => format!("unknown — set --public-address HOST:PORT (HOST:{}/{})", listen.port(), addr.pin.to_text()),
+                    },
                 )
             },
         )?;
+        // Under systemd (Type=notify): ready now, stopping on the signal.
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            tracing::warn!("cannot tell systemd the relay is ready: {e}");
+        }
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
             }
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
             tracing::info!("shutting down: no new connections; finishing commits");
         };
         relay.serve(shutdown).await.context("the relay failed")?;
@@ -389,8 +699,18 @@ fn address(a: &DataArgs, out: &Out) -> Result<(), Failure> {
     }
     let c = sealpost_relay::tls::load(&cert, &dir.join("key.pem"))
         .context("cannot read the relay certificate")?;
+    // The public address the relay last started with, unless --listen
+    // names another; a relay that never said one is on the default.
+    let kept = std::fs::read_to_string(dir.join("address"))
+        .ok()
+        .and_then(|t| sealpost_relay::RelayAddress::parse(t.trim()));
+    let host_port = match (a.listen, kept) {
+        (Some(l), _) => l.to_string(),
+        (None, Some(k)) => k.host_port,
+        (None, None) => "127.0.0.1:7443".to_owned(),
+    };
     let addr = sealpost_relay::RelayAddress {
-        host_port: a.listen.to_string(),
+        host_port,
         pin: c.pin,
     };
     out.report(

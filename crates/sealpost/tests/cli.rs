@@ -516,12 +516,18 @@ fn version_completions_man_pages_and_json_usage_errors() {
     assert!(v.starts_with("sealpost 0."), "{v}");
     assert!(v.contains("(commit "), "{v}");
     let bash = String::from_utf8(env.ok("h", &["completions", "bash"])).expect("utf8");
-    assert!(bash.contains("_sealpost()") && bash.contains("seal"), "{bash}");
+    assert!(
+        bash.contains("_sealpost()") && bash.contains("seal"),
+        "{bash}"
+    );
     let zsh = String::from_utf8(env.ok("h", &["completions", "zsh"])).expect("utf8");
     assert!(zsh.starts_with("#compdef sealpost"), "{zsh}");
     let man = String::from_utf8(env.ok("h", &["man"])).expect("utf8");
     assert!(man.contains(".TH sealpost 1"), "{man}");
-    assert!(man.contains("(commit "), "the page names its version: {man}");
+    assert!(
+        man.contains("(commit "),
+        "the page names its version: {man}"
+    );
     env.ok("h", &["man", "--dir", "pages"]);
     for page in ["sealpost.1", "sealpost-send.1", "sealpost-relay-serve.1"] {
         assert!(env.path("pages").join(page).is_file(), "{page}");

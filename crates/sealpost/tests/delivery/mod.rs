@@ -1288,3 +1288,40 @@ fn sync_is_quiet_unless_asked() {
     assert_eq!(err.lines().count(), 1, "only the error: {err}");
     assert!(err.starts_with("sealpost: "), "{err}");
 }
+
+/// An operator chooses who gets a mailbox: on an allow-list relay a key
+/// that is not on it is told so in words (exit 3), not "cannot reach the
+/// relay"; a key on it registers.
+#[test]
+fn a_relay_registers_only_whom_its_operator_allows() {
+    let env = Env::new();
+    // Alice's card, made before the relay exists, goes on the allow-list.
+    let card = env.json("alice", &["init", "--name", "alice"])["card"]
+        .as_str()
+        .expect("card")
+        .to_owned();
+    env.json("mallory", &["init", "--name", "mallory"]);
+    let allow = env.path("allowed.cards");
+    std::fs::write(&allow, format!("# who may register\n{card}\n")).expect("write");
+    let port = free_port();
+    let (mut relay, addr) = start_relay_with(
+        &env.path("relay"),
+        port,
+        &[
+            "--registration",
+            "allow-list",
+            "--allow",
+            allow.to_str().expect("utf8"),
+        ],
+    );
+    let addr = addr.to_string();
+    let (code, _, err) = env.run("mallory", &["--json", "relay", "use", &addr], b"");
+    assert_eq!(code, 3, "{err}");
+    let v: Value = serde_json::from_str(err.trim()).expect("json");
+    assert_eq!(v["class"].as_str(), Some("registration-refused"), "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("allowed"), "{v}");
+    let (code, _, err) = env.run("alice", &["relay", "use", &addr], b"");
+    assert_eq!(code, 0, "{err}");
+    let _ = relay.kill();
+    let _ = relay.wait();
+}

@@ -405,3 +405,152 @@ fn a_hostile_relay_is_only_started_with_a_valid_spec_and_says_so() {
     let _ = child.wait();
     assert!(line.contains("HOSTILE TESTING RELAY"), "{line}");
 }
+
+fn sealpost(args: &[&str]) -> std::process::Output {
+    Command::new(cargo_bin("sealpost"))
+        .args(args)
+        .env("SEALPOST_LOG", "warn")
+        .output()
+        .expect("run")
+}
+
+/// Each relay setting is declared once: a flag and the same key in the
+/// file, sizes and durations in human units, and every default the help
+/// states is the one `relay config` shows in effect (they drifted apart
+/// when the file and the flags were declared separately).
+#[test]
+fn relay_settings_are_declared_once_with_true_defaults() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("d");
+    let data = data.to_str().expect("utf8");
+    let o = sealpost(&["--json", "relay", "config", "--data", data]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let eff: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let help = String::from_utf8(sealpost(&["relay", "serve", "--help"]).stdout).expect("utf8");
+    let mut checked = 0;
+    for (key, v) in eff.as_object().expect("object") {
+        let flag = format!("--{} <", key.replace('_', "-"));
+        let Some(at) = help.find(&flag) else {
+            continue;
+        };
+        // The option's text runs to the next line that starts an option
+        // (indented at most 6 columns; its description is indented 10).
+        let block: Vec<&str> = help[at..]
+            .lines()
+            .enumerate()
+            .take_while(|(i, l)| {
+                *i == 0 || !(l.trim_start().starts_with('-') && l.len() - l.trim_start().len() <= 6)
+            })
+            .map(|(_, l)| l)
+            .collect();
+        let text = block
+            .join(" ")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let Some(d) = text.find("[default: ") else {
+            continue;
+        };
+        let stated = text[d + 10..].split(']').next().unwrap_or("");
+        let shown = match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        if key == "data" || key == "public_address" {
+            continue; // described in words, not a value
+        }
+        assert_eq!(
+            stated, shown,
+            "--{key}: help says {stated:?}, in effect {shown:?}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 14, "only {checked} defaults checked:\n{help}");
+
+    // Human units in flags and in the file; the file round-trips.
+    let o = sealpost(&[
+        "relay",
+        "config",
+        "--data",
+        data,
+        "--max-blob",
+        "1GiB",
+        "--idle-timeout",
+        "90s",
+        "--mailbox-quota",
+        "500MB",
+    ]);
+    let text = String::from_utf8(o.stdout).expect("utf8");
+    assert!(text.contains("max_blob = \"1GiB\""), "{text}");
+    assert!(text.contains("idle_timeout = \"1m 30s\""), "{text}");
+    assert!(text.contains("mailbox_quota = 500000000"), "{text}");
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, &text).expect("write");
+    let again = sealpost(&["relay", "config", "--config", file.to_str().expect("utf8")]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout), text, "round trip");
+    // The file's old key `names` and integer seconds still work.
+    std::fs::write(
+        &file,
+        "names = [\"relay.test\"]\nidle_timeout = 60\nmax_blob = \"3MiB\"\n",
+    )
+    .expect("write");
+    let o = sealpost(&[
+        "relay",
+        "config",
+        "--config",
+        file.to_str().expect("utf8"),
+        "--data",
+        data,
+    ]);
+    let text = String::from_utf8(o.stdout).expect("utf8");
+    assert!(
+        text.contains("public_address = \"relay.test:7443\""),
+        "{text}"
+    );
+    assert!(text.contains("idle_timeout = \"1m\""), "{text}");
+    assert!(text.contains("max_blob = \"3MiB\""), "{text}");
+    // Bad values are usage errors that show examples.
+    let o = sealpost(&["relay", "config", "--max-blob", "lots"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("2GiB"), "{o:?}");
+    let o = sealpost(&["relay", "config", "--data", data, "--max-message", "2MiB"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("at most 1MiB"),
+        "{o:?}"
+    );
+}
+
+/// The address agents pin names the public host, and `relay address`
+/// prints it with no flags (it printed the listen address, and forgot
+/// --name).
+#[test]
+fn relay_address_remembers_the_public_address() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("d");
+    let port = free_port();
+    let (mut child, _) = start_relay_with(&data, port, &["--name", "localhost"]);
+    let o = sealpost(&["relay", "address", "--data", data.to_str().expect("utf8")]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let printed = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let a = RelayAddress::parse(&printed).expect("an address");
+    assert_eq!(a.host_port, format!("localhost:{port}"), "{printed}");
+    // An explicit public address wins over the name.
+    let port = free_port();
+    let (mut child, _) = start_relay_with(
+        &data,
+        port,
+        &[
+            "--name",
+            "localhost",
+            "--public-address",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    let o = sealpost(&["relay", "address", "--data", data.to_str().expect("utf8")]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let a = RelayAddress::parse(String::from_utf8_lossy(&o.stdout).trim()).expect("address");
+    assert_eq!(a.host_port, format!("127.0.0.1:{port}"));
+}

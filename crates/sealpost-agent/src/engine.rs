@@ -718,7 +718,9 @@ impl Engine {
         match self.fetch_all(&mut stats, &mut acks).await {
             Ok(()) => {}
             Err(EngineError::Relay(e)) => {
-                tracing::warn!("fetching from {}: {e}", self.home_addr);
+                // Said by the caller: `run` with backoff, `sync` in its
+                // result.
+                tracing::debug!("fetching from {}: {e}", self.home_addr);
                 stats.home_errors += 1;
                 stats.home_key_mismatch = matches!(e, ClientError::KeyMismatch { .. });
                 stats.home_error = Some(e.to_string());
@@ -945,7 +947,7 @@ impl Engine {
                     "delivered message {} ({} bytes) from {}",
                     m.header.id,
                     m.content_len,
-                    m.header.sender.fingerprint()
+                    self.agent.who(&m.header.sender)
                 );
             }
         }
@@ -999,7 +1001,7 @@ impl Engine {
                 tracing::warn!(
                     "discarded a {} from {}: {e}",
                     h.kind.name(),
-                    h.sender.fingerprint()
+                    self.agent.who(&h.sender)
                 );
                 stats.discarded += 1;
                 return Ok(Verdict::Done);
@@ -1011,7 +1013,7 @@ impl Engine {
                     tracing::warn!(
                         "discarded a {} from {}, who is not a contact",
                         h.kind.name(),
-                        h.sender.fingerprint()
+                        self.agent.who(&h.sender)
                     );
                     stats.discarded += 1;
                     return Ok(Verdict::Done);
@@ -1099,7 +1101,7 @@ impl Engine {
             tracing::warn!(
                 "rejected message {} from {}: not a contact",
                 h.id,
-                h.sender.fingerprint()
+                self.agent.who(&h.sender)
             );
             stats.rejected += 1;
             reject(RejectReason::NotAContact, self, reports)?;
@@ -1152,7 +1154,7 @@ impl Engine {
                 tracing::warn!(
                     "forged or damaged {} from {}: {e}",
                     m.header.kind.name(),
-                    m.header.sender.fingerprint()
+                    self.agent.who(&m.header.sender)
                 );
                 stats.forged_reports += 1;
                 return Ok(());
@@ -1169,7 +1171,7 @@ impl Engine {
             tracing::warn!(
                 "forged {}: not signed by its sender {} about our messages",
                 m.header.kind.name(),
-                m.header.sender.fingerprint()
+                self.agent.who(&m.header.sender)
             );
             stats.forged_reports += 1;
             return Ok(());
@@ -1977,7 +1979,7 @@ impl Engine {
                 }
                 tracing::info!(
                     "{} asks for {} chunk(s) of {} again",
-                    m.header.sender.fingerprint(),
+                    self.agent.who(&m.header.sender),
                     req.chunks.len(),
                     f.path
                 );
@@ -2710,6 +2712,15 @@ const IDLE: Duration = Duration::from_secs(30);
 /// Wait between passes while the home relay cannot be reached.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// How long to wait before trying a home relay again after `failures`
+/// failures in a row: 1 s, doubling, at most a minute (a push or a `send`
+/// wakes the agent sooner).
+fn home_retry(failures: u32) -> Duration {
+    RETRY
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(6))
+        .min(Duration::from_secs(60))
+}
+
 async fn next_push(sub: &mut Option<UnboundedReceiver<u64>>) -> Option<u64> {
     match sub {
         Some(rx) => rx.recv().await,
@@ -2748,6 +2759,11 @@ impl Engine {
         let mut total = PassStats::default();
         let mut sub: Option<UnboundedReceiver<u64>> = None;
         let mut home_was_down = false;
+        // Failures to reach the home relay in a row: the retry waits
+        // 1, 2, 4 … 60 s, and the log says so at the 1st, 2nd, 4th, 8th …
+        // failure only (two warnings a second while a relay was down).
+        let mut home_failures: u32 = 0;
+        let mut home_down_since = std::time::Instant::now();
         tokio::pin!(stop);
         loop {
             // Subscribed before the pass, never after: whatever arrives
@@ -2776,7 +2792,7 @@ impl Engine {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!("subscribing at {}: {e}", self.home_addr);
+                        tracing::debug!("subscribing at {}: {e}", self.home_addr);
                         self.home.disconnect();
                         home_was_down = true;
                     }
@@ -2799,14 +2815,38 @@ impl Engine {
             if !s.is_idle() {
                 tracing::debug!("pass: {s:?}");
             }
+            let home_down = sub.is_none() || s.home_errors > 0;
+            if home_down {
+                if home_failures == 0 {
+                    home_down_since = std::time::Instant::now();
+                }
+                home_failures = home_failures.saturating_add(1);
+                if home_failures.is_power_of_two() {
+                    tracing::warn!(
+                        "cannot reach the home relay {} ({}); {} in a row over {}, trying again in {}",
+                        self.home_addr,
+                        s.home_error.as_deref().unwrap_or("cannot subscribe"),
+                        home_failures,
+                        humantime::format_duration(Duration::from_secs(home_down_since.elapsed().as_secs())),
+                        humantime::format_duration(home_retry(home_failures)),
+                    );
+                }
+            } else if home_failures > 0 {
+                tracing::info!(
+                    "the home relay {} is reachable again (after {} failed tries)",
+                    self.home_addr,
+                    home_failures
+                );
+                home_failures = 0;
+            }
             total.add(&s);
             if done(self)? {
                 return Ok(total);
             }
-            let cap = if sub.is_some() && s.home_errors == 0 {
-                IDLE
+            let cap = if home_down {
+                home_retry(home_failures)
             } else {
-                RETRY
+                IDLE
             };
             let mut wait = self.next_due_in()?.unwrap_or(cap).min(cap);
             if s.download_bytes > 0 && !self.agent.db.downloads(Some("downloading"), 1)?.is_empty()

@@ -325,6 +325,15 @@ impl Agent {
         Ok(())
     }
 
+    /// Who a key is, for logs and messages: the contact's name, or
+    /// "a stranger (FINGERPRINT)" for a key that is not pinned.
+    pub fn who(&self, key: &PublicIdentity) -> String {
+        match self.db.contact_by_key(key.signing_bytes()) {
+            Ok(Some(c)) if c.card.public() == key => c.name,
+            _ => format!("a stranger ({})", key.fingerprint()),
+        }
+    }
+
     /// Looks up the recipients' pinned keys by contact name.
     pub fn recipients(&self, names: &[String]) -> Result<Vec<PublicIdentity>, AgentError> {
         names

@@ -798,7 +798,8 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
             code: 5,
             class: "relay-unreachable",
             error: Some(anyhow!(
-                "the home relay could not be reached; nothing was fetched (the outbox is kept and retried)"
+                "the home relay could not be reached ({}); nothing was fetched (the outbox is kept and retried)",
+                stats.home_error.as_deref().unwrap_or("no answer")
             )),
         });
     }

@@ -611,11 +611,12 @@ fn contact(agent: &mut Agent, cmd: ContactCmd, out: &Out) -> Result<(), Failure>
                         "name": c.name,
                         "card_name": c.card.name(),
                         "fingerprint": c.card.public().fingerprint().to_string(),
-                        "added_at": c.added_at,
+                        "relay": c.card.fields().relay.as_ref().map(|r| r.address.clone()),
+                        "added": output::time(c.added_at),
                     })
                 })
                 .collect();
-            out.report(json!(rows), || {
+            out.report(json!({ "contacts": rows }), || {
                 if contacts.is_empty() {
                     return "No contacts yet. Add one with `sealpost contact add CARD`.\n".into();
                 }
@@ -635,8 +636,8 @@ fn contact(agent: &mut Agent, cmd: ContactCmd, out: &Out) -> Result<(), Failure>
                     "card_name": c.card.name(),
                     "fingerprint": c.card.public().fingerprint().to_string(),
                     "card": c.card.to_text(),
-                    "card_created_at": f.created_at,
-                    "added_at": c.added_at,
+                    "card_created": output::time(f.created_at),
+                    "added": output::time(c.added_at),
                     "relay": f.relay.as_ref().map(|r| r.address.clone()),
                 }),
                 || {
@@ -732,8 +733,8 @@ fn seal(agent: &Agent, args: SealArgs, out: &Out) -> Result<(), Failure> {
         "content_len": summary.content_len,
         "content_blake3": summary.content_hash.to_hex().to_string(),
         "sealed_len": summary.sealed_len,
-        "created_at": when,
-        "expires_at": expiry(expires_at),
+        "created": output::time(when),
+        "expires": expiry(expires_at).map(output::time),
         "output": args.output,
     });
     out.side_report(args.output.is_none(), report, || {
@@ -790,8 +791,8 @@ fn open(agent: &mut Agent, args: OpenArgs, out: &Out) -> Result<(), Failure> {
         "fingerprint": h.sender.fingerprint().to_string(),
         "id": h.id.to_string(),
         "kind": h.kind.name(),
-        "created_at": h.created_at,
-        "expires_at": expiry(h.expires_at),
+        "created": output::time(h.created_at),
+        "expires": expiry(h.expires_at).map(output::time),
         "expired": notes.expired,
         "from_future": notes.from_future,
         "opened_before": notes.opened_before,

@@ -1280,13 +1280,39 @@ fn sync_is_quiet_unless_asked() {
     assert!(err.contains("INFO"), "{err}");
     assert!(!err.contains("sealpost_agent::"), "no module paths: {err}");
     net.stop_relay();
+    // The relay down: said once, with its cause, as the error.
     let (code, _, err) = net.run("bob", &["sync"]);
     assert_eq!(code, 5, "{err}");
-    assert!(err.contains("WARN"), "a warning by default: {err}");
+    assert_eq!(err.lines().count(), 1, "said once: {err}");
+    assert!(err.starts_with("sealpost: the home relay could not be reached (cannot reach"), "{err}");
     let (code, _, err) = net.run("bob", &["-q", "sync"]);
     assert_eq!(code, 5, "{err}");
     assert_eq!(err.lines().count(), 1, "only the error: {err}");
-    assert!(err.starts_with("sealpost: "), "{err}");
+}
+
+/// An agent whose home relay is down backs off (1, 2, 4 … 60 s) and says
+/// so at the 1st, 2nd, 4th … failure: it logged two warnings a second.
+#[test]
+fn an_agent_backs_off_a_relay_that_is_down_and_says_so_less_and_less() {
+    let mut net = Net::pair();
+    net.stop_relay();
+    let mut child = net
+        .env
+        .cmd("bob")
+        .arg("agent")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agent");
+    std::thread::sleep(Duration::from_secs(8));
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let warns = err.lines().filter(|l| l.contains("WARN")).count();
+    // Tries at 0, 1, 3, 7 s: failures 1, 2, 3, 4; warnings at 1, 2, 4.
+    assert!((2..=3).contains(&warns), "{warns} warnings in 8 s:\n{err}");
+    assert!(err.contains("cannot reach the home relay"), "{err}");
+    assert!(err.contains("trying again in"), "{err}");
 }
 
 /// An operator chooses who gets a mailbox: on an allow-list relay a key

@@ -40,6 +40,7 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::link::{LinkAuth, RelayLink};
+use crate::transfer::Progress;
 use crate::outbox::{InboxEntry, PendingReport, QueuedMessage, QueuedRecipient};
 use crate::spool::{Location, Spool, SpoolError};
 use crate::{Agent, AgentError, DEFAULT_LIFETIME_SECS};
@@ -1512,7 +1513,7 @@ impl Engine {
         }
         let mailbox = MailboxId::of(&row.recipient);
         let expires = row.delivery.expires_at / 1000;
-        let progress = self.progress.clone();
+        let progress = crate::transfer::FileBytes::new(self.progress.clone(), layout);
         let Some(link) = link_for(&mut self.home, &mut self.links, &self.home_addr, &row.relay)
         else {
             return Ok(Upload::Failed(
@@ -2189,7 +2190,8 @@ impl Engine {
         let count = layout.chunk_count();
         let mut i = d.next_chunk;
         let mut bad = d.bad.clone();
-        let progress = self.progress.clone();
+        let bars = self.progress.clone();
+        let progress = crate::transfer::FileBytes::new(bars.clone(), layout);
         progress.start(
             &format!("download {}", d.name),
             layout.blob_len(),
@@ -2493,14 +2495,14 @@ impl Engine {
         let what = format!("verify {}", d.name);
         let h = match verifier {
             // Read back while downloading: only the last range is left.
-            Some(v) => v.finish(&what, d.size, progress.as_ref()),
+            Some(v) => v.finish(&what, d.size, bars.as_ref()),
             None => {
-                progress.start(&what, d.size, 0);
-                transfer::read_back(&part, &part_path, d.size, progress.as_ref())
+                bars.start(&what, d.size, 0);
+                transfer::read_back(&part, &part_path, d.size, bars.as_ref())
             }
         }
         .map_err(|e| io_err("reading back", e))?;
-        progress.finish();
+        bars.finish();
         if h.as_bytes() != &d.plaintext_hash {
             if d.attempts >= 2 {
                 return fail(

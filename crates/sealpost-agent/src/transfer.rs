@@ -32,6 +32,44 @@ pub trait Progress: Send + Sync {
     fn finish(&self);
 }
 
+/// A progress display fed blob bytes (sealed chunks) that shows file
+/// bytes: a 6-byte file is 6 B, not its 22 sealed bytes.
+pub struct FileBytes {
+    inner: std::sync::Arc<dyn Progress>,
+    layout: BlobLayout,
+    at: std::sync::atomic::AtomicU64,
+}
+
+impl FileBytes {
+    pub fn new(inner: std::sync::Arc<dyn Progress>, layout: BlobLayout) -> Self {
+        Self {
+            inner,
+            layout,
+            at: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl Progress for FileBytes {
+    fn start(&self, what: &str, _total: u64, done: u64) {
+        self.at.store(done, std::sync::atomic::Ordering::Relaxed);
+        self.inner.start(
+            what,
+            self.layout.plaintext_len,
+            self.layout.plain_before(done),
+        );
+    }
+    fn advance(&self, bytes: u64) {
+        let before = self.at.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        let shown =
+            self.layout.plain_before(before + bytes) - self.layout.plain_before(before);
+        self.inner.advance(shown);
+    }
+    fn finish(&self) {
+        self.inner.finish();
+    }
+}
+
 /// No progress display.
 #[derive(Debug, Default)]
 pub struct Quiet;

@@ -191,6 +191,15 @@ impl BlobLayout {
     pub fn blob_len(&self) -> u64 {
         self.plaintext_len + self.chunk_count() * TAG_LEN
     }
+
+    /// How many bytes of the file the first `blob_offset` bytes of the
+    /// blob carry (tags do not count): what a progress display shows.
+    pub fn plain_before(&self, blob_offset: u64) -> u64 {
+        let chunk = self.chunk_size as u64;
+        let unit = chunk + TAG_LEN;
+        let (k, rem) = (blob_offset / unit, blob_offset % unit);
+        (k * chunk + rem.min(chunk)).min(self.plaintext_len)
+    }
 }
 
 /// Encrypts one chunk in place: `buf` holds the plaintext and gets the tag

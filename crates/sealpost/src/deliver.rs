@@ -32,15 +32,20 @@ struct Bars {
 impl sealpost_agent::transfer::Progress for Bars {
     fn start(&self, what: &str, total: u64, done: u64) {
         let bar = indicatif::ProgressBar::new(total);
+        // As wide as the terminal: the name is cut, never the figures.
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{msg:32!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                "{msg:24!} {wide_bar} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {eta}",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
         );
         bar.set_message(what.to_owned());
         bar.set_position(done);
+        // What was done before (a resumed transfer, a read-back that ran
+        // during the download) is not this run's speed.
+        bar.reset_eta();
+        bar.reset_elapsed();
         if let Ok(mut b) = self.bar.lock() {
             *b = Some(bar);
         }
@@ -55,7 +60,13 @@ impl sealpost_agent::transfer::Progress for Bars {
     fn finish(&self) {
         if let Ok(mut b) = self.bar.lock() {
             if let Some(b) = b.take() {
-                b.finish();
+                if b.length().is_some_and(|l| b.position() < l) {
+                    // A pass that stopped part way (the next one goes on):
+                    // left where it is, not drawn as done.
+                    b.abandon();
+                } else {
+                    b.finish();
+                }
             }
         }
     }
@@ -385,6 +396,18 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
     };
     let queued_at = Instant::now();
     let woke = engine::wake_agent(home.dir());
+    if !woke && !out.json() && io::stderr().is_terminal() {
+        // Said before any upload starts, so the id is known even if the
+        // upload is interrupted.
+        output::to_stderr(&format!(
+            "queued {}; handing it to the relay (Ctrl-C stops; `sealpost sync` resumes)\n",
+            if ids.len() == 1 {
+                format!("message {id}")
+            } else {
+                format!("{} messages, one per file", ids.len())
+            }
+        ));
+    }
     let mut engine_used = false;
     let mut agent_opt = Some(agent);
     if !woke {
@@ -405,7 +428,7 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
                         }
                         Ok(true)
                     };
-                    let stopped = rt.block_on(async {
+                    let stopped = rt.block_on(until_interrupted(async {
                         let r = tokio::time::timeout(
                             deadline,
                             eng.run(None, std::future::pending(), all_final),
@@ -415,10 +438,11 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
                             Ok(r) => r.map(|_| ()),
                             Err(_) => Ok(()),
                         }
-                    });
-                    stopped?;
+                    }));
+                    stopped.ok_or_else(|| interrupted(ids.len()))??;
                 } else {
-                    rt.block_on(eng.submit_only())?;
+                    rt.block_on(until_interrupted(eng.submit_only()))
+                        .ok_or_else(|| interrupted(ids.len()))??;
                 }
                 engine_used = true;
                 agent_opt = Some(home.load()?);
@@ -596,6 +620,35 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Runs `work` unless Ctrl-C (or SIGTERM) comes first: then `None`. The
+/// work is dropped at an await point; everything it made durable stays
+/// (the outbox, what a relay acknowledged), so the next pass resumes.
+async fn until_interrupted<T>(work: impl std::future::Future<Output = T>) -> Option<T> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        r = work => Some(r),
+        _ = tokio::signal::ctrl_c() => None,
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => None,
+    }
+}
+
+/// What `send` says when interrupted: nothing is lost.
+fn interrupted(queued: usize) -> Failure {
+    Failure {
+        code: 130,
+        class: "interrupted",
+        error: Some(anyhow!(
+            "interrupted — {} queued and kept; a running `sealpost agent`, or `sealpost sync`, goes on from where this stopped (an upload resumes from what the relay holds)",
+            if queued == 1 { "the message is".to_owned() } else { format!("the {queued} messages are") }
+        )),
+    }
+}
+
 /// Before a file is read to be hashed or anything is queued: asks each
 /// recipient's relay what it accepts and refuses the files that cannot fit
 /// there, naming each with its size and the limit. A relay that does not
@@ -746,7 +799,15 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     let mut eng = Engine::new(agent)?;
     eng.timing = args.timing.timing();
     eng.progress = progress(out);
-    let stats = runtime()?.block_on(eng.pass())?;
+    let stats = runtime()?
+        .block_on(until_interrupted(eng.pass()))
+        .ok_or_else(|| Failure {
+            code: 130,
+            class: "interrupted",
+            error: Some(anyhow!(
+                "interrupted — what this pass stored and acknowledged is kept; run `sealpost sync` again to go on"
+            )),
+        })??;
     let counts = eng.agent().db().delivery_counts()?;
     let mut v = stats_json(&stats);
     v["outbox"] = json!(counts

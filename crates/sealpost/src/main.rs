@@ -63,7 +63,9 @@ const EXIT_CODES: &str = "EXIT CODES:
    22   no receipt yet when --wait's time ran out (still retransmitted)
    23   the receipt does not verify against the card
    24   the relay presented another key than the pinned one: perhaps an
-        interception, a replaced relay key or a typo in the address";
+        interception, a replaced relay key or a typo in the address
+  130   interrupted (Ctrl-C): what was queued or stored is kept; `sealpost
+        sync` goes on";
 
 #[derive(Parser, Debug)]
 #[command(name = "sealpost", version = env!("SEALPOST_LONG_VERSION"), about = ABOUT, after_help = EXIT_CODES)]

@@ -1351,3 +1351,86 @@ fn a_relay_registers_only_whom_its_operator_allows() {
     let _ = relay.kill();
     let _ = relay.wait();
 }
+
+/// Ctrl-C during `send` says what happened and what resumes it, and
+/// nothing is lost: the relay here accepts connections and never answers,
+/// so the send is stuck in its handshake when the signal comes.
+#[test]
+fn ctrl_c_during_send_says_it_is_kept_and_sync_resumes() {
+    let mut net = Net::pair();
+    net.stop_relay();
+    let hole = std::net::TcpListener::bind(("127.0.0.1", net.port)).expect("bind");
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        hole.set_nonblocking(true).expect("nonblocking");
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if let Ok((c, _)) = hole.accept() {
+                conns.push(c);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let child = net
+        .env
+        .cmd("alice")
+        .args(["--json", "send", "bob", "kept"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("send");
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let v: Value = serde_json::from_str(err.trim()).expect("json error");
+    assert_eq!(v["class"].as_str(), Some("interrupted"), "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("sealpost sync"), "{v}");
+    held.join().expect("hole");
+    // Kept: the relay back, a sync delivers it.
+    net.restart_relay();
+    let list = net.json("alice", &["status"]);
+    let id = list["messages"][0]["id"].as_str().expect("queued").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while net.state("alice", &id) == "queued" && Instant::now() < deadline {
+        net.run("alice", &["sync"]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sync_with(&net, "bob", &[]);
+    net.sync("alice");
+    assert_eq!(net.state("alice", &id), "delivered");
+}
+
+/// Progress bars on a terminal (a pty from `script`) tell the truth: a
+/// 6-byte file is 6 B (it showed its 22 sealed bytes), and no rate is
+/// absurd.
+#[test]
+fn progress_bars_on_a_terminal_show_file_bytes() {
+    let net = Net::pair();
+    std::fs::write(net.env.path("six.txt"), b"sixsix").expect("write");
+    let sp = cargo_bin("sealpost");
+    let cmd = format!(
+        "{} --home {} send bob --file {}",
+        sp.display(),
+        net.env.path("alice").display(),
+        net.env.path("six.txt").display()
+    );
+    let out = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .env("COLUMNS", "70")
+        .env("TERM", "xterm")
+        .output()
+        .expect("script (util-linux) runs the command on a pty");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("queued message"), "the id before the upload: {text}");
+    assert!(text.contains("6 B/6 B"), "file bytes: {text}");
+    assert!(!text.contains("22 B"), "not the sealed bytes: {text}");
+    assert!(!text.contains("TiB/s"), "{text}");
+}

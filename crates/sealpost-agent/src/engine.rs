@@ -40,9 +40,9 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::link::{LinkAuth, RelayLink};
-use crate::transfer::Progress;
 use crate::outbox::{InboxEntry, PendingReport, QueuedMessage, QueuedRecipient};
 use crate::spool::{Location, Spool, SpoolError};
+use crate::transfer::Progress;
 use crate::{Agent, AgentError, DEFAULT_LIFETIME_SECS};
 
 /// The settings key of the home relay address.
@@ -449,7 +449,10 @@ impl Agent {
     pub fn download_dir(&self) -> Result<PathBuf, AgentError> {
         Ok(match self.db.setting(DOWNLOAD_DIR)? {
             Some(d) => PathBuf::from(d),
-            None => self.home.dir().join("downloads"),
+            // Absolute, so that paths shown and stored do not depend on
+            // where a command ran (`--home ./h`).
+            None => std::path::absolute(self.home.dir().join("downloads"))
+                .unwrap_or_else(|_| self.home.dir().join("downloads")),
         })
     }
 
@@ -2594,10 +2597,15 @@ impl Engine {
             now_ms(),
         )?;
         stats.files_received += 1;
+        let from = match self.agent.db.contact_by_key(&d.sender) {
+            Ok(Some(c)) => c.name,
+            _ => "a stranger".to_owned(),
+        };
         tracing::info!(
-            "received file {} ({} bytes), verified from disk",
-            final_path.display(),
-            d.size
+            "file {} from {from} ({}), verified from disk: {}",
+            d.name,
+            bytesize::ByteSize(d.size).display().iec(),
+            final_path.display()
         );
         // The relay may forget the blob once the receipt is out.
         self.blob_deletes.push(blob_id);

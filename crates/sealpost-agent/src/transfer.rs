@@ -60,9 +60,10 @@ impl Progress for FileBytes {
         );
     }
     fn advance(&self, bytes: u64) {
-        let before = self.at.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-        let shown =
-            self.layout.plain_before(before + bytes) - self.layout.plain_before(before);
+        let before = self
+            .at
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        let shown = self.layout.plain_before(before + bytes) - self.layout.plain_before(before);
         self.inner.advance(shown);
     }
     fn finish(&self) {

@@ -509,3 +509,29 @@ proptest! {
         let _ = message::open_slice(&ident(2), &bytes, 1 << 20);
     }
 }
+
+/// File bytes carried by a prefix of a blob (what progress shows): 0 at
+/// the start, the whole file at the end, never more than the file, never
+/// decreasing.
+#[test]
+fn plain_before_counts_file_bytes_of_a_blob_prefix() {
+    use sealpost_proto::blob::{BlobLayout, TAG_LEN};
+    for (len, chunk) in [
+        (6u64, 4096u32),
+        (0, 4096),
+        (10_000, 4096),
+        (3 << 20, 1 << 20),
+    ] {
+        let l = BlobLayout::new(len, chunk).expect("layout");
+        assert_eq!(l.plain_before(0), 0);
+        assert_eq!(l.plain_before(l.blob_len()), len, "{len}");
+        let mut last = 0;
+        for off in (0..=l.blob_len()).step_by(997) {
+            let p = l.plain_before(off);
+            assert!(p >= last && p <= len, "{len} at {off}");
+            last = p;
+        }
+    }
+    let l = BlobLayout::new(10_000, 4096).expect("layout");
+    assert_eq!(l.plain_before(4096 + TAG_LEN), 4096);
+}

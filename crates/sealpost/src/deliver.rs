@@ -870,6 +870,11 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
 pub fn agent(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     set_downloads(&mut agent, &args.downloads)?;
+    tracing::info!(
+        "delivering for {}; received files go to {} (--downloads DIR to change)",
+        agent.card().name(),
+        agent.download_dir()?.display()
+    );
     let mut eng = Engine::new(agent)?;
     eng.timing = args.timing.timing();
     // A long download must not hold up other mail: 256 MiB per pass.
@@ -967,6 +972,26 @@ fn delivery_json(d: &DeliveryRow) -> Value {
     })
 }
 
+/// For a file: (bytes of the file at the relay, the file's size).
+fn upload_share(e: &OutboxEntry, d: &DeliveryRow) -> Option<(u64, u64)> {
+    if e.kind != "file-manifest" {
+        return None;
+    }
+    let total = e.sent.content_len;
+    let layout =
+        sealpost_proto::blob::BlobLayout::new(total, sealpost_proto::blob::DEFAULT_CHUNK_SIZE)
+            .ok()?;
+    Some((layout.plain_before(d.uploaded), total))
+}
+
+/// A whole percentage that says 100 only when it is all there.
+fn percent(done: u64, total: u64) -> u64 {
+    if total == 0 || done >= total {
+        return 100;
+    }
+    (done.saturating_mul(100) / total).min(99)
+}
+
 fn entry_json(e: &OutboxEntry) -> Value {
     json!({
         "id": e.id.to_string(),
@@ -976,7 +1001,13 @@ fn entry_json(e: &OutboxEntry) -> Value {
         "expires": ms_time(e.expires_ms),
         "content_len": e.sent.content_len,
         "content_blake3": hex_lower(&e.sent.content_hash),
-        "deliveries": e.deliveries.iter().map(delivery_json).collect::<Vec<_>>(),
+        "deliveries": e.deliveries.iter().map(|d| {
+            let mut v = delivery_json(d);
+            if let Some((done, total)) = upload_share(e, d) {
+                v["uploaded_percent"] = json!(percent(done, total));
+            }
+            v
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -997,8 +1028,15 @@ fn entry_text(e: &OutboxEntry) -> String {
                 ms_time(d.delivery.next_at)
             ),
             State::Queued if d.uploaded > 0 => format!(
-                "uploading: {} bytes at the relay{}",
-                d.uploaded,
+                "uploading: {}{}",
+                upload_share(e, d)
+                    .map(|(done, total)| format!(
+                        "{} % ({} of {}) at the relay",
+                        percent(done, total),
+                        bytesize::ByteSize(done).display().iec(),
+                        bytesize::ByteSize(total).display().iec()
+                    ))
+                    .unwrap_or_else(|| format!("{} bytes at the relay", d.uploaded)),
                 d.last_error
                     .as_ref()
                     .map(|e| format!("; retry {}: {e}", ms_time(d.delivery.next_at)))
@@ -1108,14 +1146,16 @@ fn sender_name(agent: &Agent, key: &[u8; 32]) -> String {
 fn file_json(agent: &Agent, e: &InboxEntry) -> Option<Value> {
     let d = agent.db().download(&e.id).ok().flatten()?;
     let chunks = d.size.div_ceil(d.chunk_size.max(1) as u64).max(1);
+    let done = d.next_chunk.min(chunks);
     Some(json!({
         "name": d.name,
         "size": d.size,
         "blake3": hex_lower(&d.plaintext_hash),
         "state": d.state,
         "path": d.final_path,
-        "chunks_done": d.next_chunk.min(chunks),
+        "chunks_done": done,
         "chunks": chunks,
+        "percent": if d.state == "done" { 100 } else { percent(done, chunks) },
         "damaged_chunks": d.bad.len(),
         "error": d.error,
     }))
@@ -1153,7 +1193,8 @@ pub fn inbox(home: &Home, args: InboxArgs, out: &Out) -> Result<(), Failure> {
                     let where_ = match (state, f["path"].as_str()) {
                         ("done", Some(p)) => format!("saved as {p}"),
                         _ => format!(
-                            "{state}, {} of {} chunks{}",
+                            "{state} {} % ({} of {} chunks){}",
+                            f["percent"],
                             f["chunks_done"],
                             f["chunks"],
                             f["error"]

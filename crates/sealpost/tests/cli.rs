@@ -310,7 +310,10 @@ fn a_sealed_file_opens_again_and_after_expiry() {
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(err.trim()).expect("json report");
     assert!(v["expires"].is_null(), "{v}");
-    assert!(v["created"].as_str().unwrap_or("").ends_with('Z'), "RFC 3339: {v}");
+    assert!(
+        v["created"].as_str().unwrap_or("").ends_with('Z'),
+        "RFC 3339: {v}"
+    );
     let (code, out, err) = env.run("bob", &["open"], &sealed);
     assert_eq!((code, &out[..]), (0, &b"archive"[..]), "{err}");
     assert!(!err.contains("note:"), "{err}");
@@ -379,7 +382,10 @@ fn contacts_are_pinned_and_key_changes_refused() {
     assert_eq!(code, 3, "{err}");
     let list = env.json("alice", &["contact", "list"])["contacts"].clone();
     assert_eq!(list.as_array().map(Vec::len), Some(1));
-    assert!(list[0]["added"].as_str().unwrap_or("").ends_with('Z'), "RFC 3339: {list}");
+    assert!(
+        list[0]["added"].as_str().unwrap_or("").ends_with('Z'),
+        "RFC 3339: {list}"
+    );
     let bob_fp = list[0]["fingerprint"].as_str().expect("fp").to_owned();
     assert_eq!(env.json("bob", &["id"])["fingerprint"], bob_fp.as_str());
     let j = env.json(

@@ -1284,7 +1284,10 @@ fn sync_is_quiet_unless_asked() {
     let (code, _, err) = net.run("bob", &["sync"]);
     assert_eq!(code, 5, "{err}");
     assert_eq!(err.lines().count(), 1, "said once: {err}");
-    assert!(err.starts_with("sealpost: the home relay could not be reached (cannot reach"), "{err}");
+    assert!(
+        err.starts_with("sealpost: the home relay could not be reached (cannot reach"),
+        "{err}"
+    );
     let (code, _, err) = net.run("bob", &["-q", "sync"]);
     assert_eq!(code, 5, "{err}");
     assert_eq!(err.lines().count(), 1, "only the error: {err}");
@@ -1391,12 +1394,18 @@ fn ctrl_c_during_send_says_it_is_kept_and_sync_resumes() {
     assert_eq!(out.status.code(), Some(130), "{err}");
     let v: Value = serde_json::from_str(err.trim()).expect("json error");
     assert_eq!(v["class"].as_str(), Some("interrupted"), "{v}");
-    assert!(v["error"].as_str().unwrap_or("").contains("sealpost sync"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("sealpost sync"),
+        "{v}"
+    );
     held.join().expect("hole");
     // Kept: the relay back, a sync delivers it.
     net.restart_relay();
     let list = net.json("alice", &["status"]);
-    let id = list["messages"][0]["id"].as_str().expect("queued").to_owned();
+    let id = list["messages"][0]["id"]
+        .as_str()
+        .expect("queued")
+        .to_owned();
     let deadline = Instant::now() + Duration::from_secs(20);
     while net.state("alice", &id) == "queued" && Instant::now() < deadline {
         net.run("alice", &["sync"]);
@@ -1429,8 +1438,64 @@ fn progress_bars_on_a_terminal_show_file_bytes() {
         .expect("script (util-linux) runs the command on a pty");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("queued message"), "the id before the upload: {text}");
+    assert!(
+        text.contains("queued message"),
+        "the id before the upload: {text}"
+    );
     assert!(text.contains("6 B/6 B"), "file bytes: {text}");
     assert!(!text.contains("22 B"), "not the sealed bytes: {text}");
     assert!(!text.contains("TiB/s"), "{text}");
+}
+
+/// The agent says where received files go and what arrives, by contact
+/// name; `inbox` shows absolute paths even for a home given relative to
+/// where the command ran (they were relative to where the agent ran).
+#[test]
+fn the_agent_says_what_arrives_and_where_it_goes() {
+    let net = Net::pair();
+    let mut agent = Command::new(cargo_bin("sealpost"))
+        .current_dir(net.env.path(""))
+        .args(["--home", "bob", "agent"])
+        .env_remove("SEALPOST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agent");
+    write_file(&net, "f.bin", 3000, 9);
+    let id = net.send_file("alice", "bob", "f.bin");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while net.state("alice", &id) != "delivered" && Instant::now() < deadline {
+        net.run("alice", &["sync"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = Command::new("kill")
+        .args(["-INT", &agent.id().to_string()])
+        .status();
+    let status = agent.wait().expect("wait");
+    let mut err = String::new();
+    use std::io::Read;
+    agent
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read");
+    assert!(status.success(), "{err}");
+    let dl = std::fs::canonicalize(net.env.path("bob").join("downloads")).expect("dir");
+    assert!(
+        err.contains(&format!("received files go to {}", dl.display())),
+        "{err}"
+    );
+    assert!(err.contains("file f.bin from alice (2.9 KiB)"), "{err}");
+    let v = net.json("bob", &["inbox"]);
+    let path = v["messages"][0]["file"]["path"]
+        .as_str()
+        .expect("path")
+        .to_owned();
+    assert!(path.starts_with('/'), "absolute: {path}");
+    assert_eq!(
+        v["messages"][0]["file"]["percent"].as_u64(),
+        Some(100),
+        "{v}"
+    );
 }

@@ -40,6 +40,15 @@ pub struct FileBytes {
     at: std::sync::atomic::AtomicU64,
 }
 
+impl std::fmt::Debug for FileBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileBytes")
+            .field("layout", &self.layout)
+            .field("at", &self.at)
+            .finish_non_exhaustive()
+    }
+}
+
 impl FileBytes {
     pub fn new(inner: std::sync::Arc<dyn Progress>, layout: BlobLayout) -> Self {
         Self {

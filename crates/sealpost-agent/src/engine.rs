@@ -1108,6 +1108,9 @@ impl Engine {
                 self.agent.who(&h.sender)
             );
             stats.rejected += 1;
+            self.agent
+                .db
+                .note_refused_sender(h.sender.signing_bytes(), now_ms())?;
             reject(RejectReason::NotAContact, self, reports)?;
             return Ok(Verdict::Done);
         }

@@ -119,6 +119,13 @@ CREATE TABLE IF NOT EXISTS pending_reports (
     stored_at INTEGER NOT NULL,
     PRIMARY KEY (subject, id)
 );
+CREATE TABLE IF NOT EXISTS refused_senders (
+    key BLOB PRIMARY KEY,
+    first_ms INTEGER NOT NULL,
+    last_ms INTEGER NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS refused_senders_last ON refused_senders(last_ms);
 CREATE TABLE IF NOT EXISTS detections (
     n INTEGER PRIMARY KEY AUTOINCREMENT,
     at_ms INTEGER NOT NULL,
@@ -126,6 +133,19 @@ CREATE TABLE IF NOT EXISTS detections (
     item TEXT NOT NULL
 );
 ";
+
+/// A stranger whose messages were refused (`inbox --refused`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedSender {
+    /// Their Ed25519 signing key.
+    pub key: [u8; 32],
+    pub first_ms: u64,
+    pub last_ms: u64,
+    pub messages: u64,
+}
+
+/// Strangers whose refusals are remembered for `inbox --refused`.
+pub const MAX_REFUSED_SENDERS: i64 = 1000;
 
 /// Detections kept; older ones are pruned as new ones arrive.
 const MAX_DETECTIONS: i64 = 200_000;
@@ -169,6 +189,8 @@ pub struct DeliveryRow {
     pub relay: String,
     pub delivery: Delivery,
     pub last_error: Option<String>,
+    /// The recipient's signed report: the receipt of a delivered
+    /// message, or the signed rejection of a rejected one.
     pub receipt: Option<Vec<u8>>,
     /// For a file: bytes of its blob the recipient's relay holds.
     pub uploaded: u64,
@@ -298,9 +320,13 @@ fn save_delivery(
         }
         Some(f) => (Some(f.code()), failure_detail(&d.failure)),
     };
+    // A delivery the sender cancelled (`sealpost cancel`, maybe while an
+    // agent was in the middle of it) stays cancelled, unless a receipt
+    // proves it was delivered after all.
     tx.prepare_cached(
         "UPDATE deliveries SET state = ?3, submissions = ?4, failed_attempts = ?5, next_ms = ?6, \
-         changed_ms = ?7, failure = ?8, detail = ?9, last_error = ?10 WHERE msg = ?1 AND recipient = ?2",
+         changed_ms = ?7, failure = ?8, detail = ?9, last_error = ?10 WHERE msg = ?1 AND recipient = ?2 \
+         AND NOT (state = 'failed' AND failure = 'local:cancelled' AND ?3 != 'delivered')",
     )?
     .execute(params![
             msg.0.to_vec(),
@@ -573,44 +599,69 @@ impl Db {
                 });
                 continue;
             };
-            let outcome =
-                match report.entries() {
-                    Entries::Receipt(l) => {
-                        let sent: Option<(Vec<u8>, i64)> = tx
-                            .prepare_cached(
-                                "SELECT content_hash, content_len FROM outbox WHERE id = ?1",
-                            )?
-                            .query_row(params![id.0.to_vec()], |r| Ok((r.get(0)?, r.get(1)?)))
-                            .optional()?;
-                        let Some((h, n)) = sent else {
-                            out.push(Applied {
-                                id: *id,
-                                outcome: None,
-                            });
-                            continue;
-                        };
-                        let sent = Sent {
-                            content_hash: hash32(h),
-                            content_len: to_u64(n),
-                        };
-                        let o = row.delivery.receipt(now_ms, &sent, &l[i]);
-                        if o == Outcome::Changed {
-                            if !stored {
-                                tx.execute(
-                                    "INSERT OR IGNORE INTO reports (hash, bytes) VALUES (?1, ?2)",
-                                    params![report_hash, report.as_bytes()],
-                                )?;
-                                stored = true;
-                            }
-                            tx.prepare_cached(
+            let outcome = match report.entries() {
+                Entries::Receipt(l) => {
+                    let sent: Option<(Vec<u8>, i64)> = tx
+                        .prepare_cached(
+                            "SELECT content_hash, content_len FROM outbox WHERE id = ?1",
+                        )?
+                        .query_row(params![id.0.to_vec()], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()?;
+                    let Some((h, n)) = sent else {
+                        out.push(Applied {
+                            id: *id,
+                            outcome: None,
+                        });
+                        continue;
+                    };
+                    let sent = Sent {
+                        content_hash: hash32(h),
+                        content_len: to_u64(n),
+                    };
+                    let o = row.delivery.receipt(now_ms, &sent, &l[i]);
+                    if o == Outcome::Changed {
+                        if !stored {
+                            tx.execute(
+                                "INSERT OR IGNORE INTO reports (hash, bytes) VALUES (?1, ?2)",
+                                params![report_hash, report.as_bytes()],
+                            )?;
+                            stored = true;
+                        }
+                        tx.prepare_cached(
                             "UPDATE deliveries SET receipt = ?3 WHERE msg = ?1 AND recipient = ?2",
                         )?
-                        .execute(params![id.0.to_vec(), signer.to_vec(), report_hash])?;
-                        }
-                        o
+                        .execute(params![
+                            id.0.to_vec(),
+                            signer.to_vec(),
+                            report_hash
+                        ])?;
                     }
-                    Entries::Rejection(l) => row.delivery.rejected(now_ms, l[i].reason),
-                };
+                    o
+                }
+                Entries::Rejection(l) => {
+                    let o = row.delivery.rejected(now_ms, l[i].reason);
+                    if o == Outcome::Changed {
+                        // Kept like a receipt: the recipient's signed
+                        // word, which `receipt export` hands out.
+                        if !stored {
+                            tx.execute(
+                                "INSERT OR IGNORE INTO reports (hash, bytes) VALUES (?1, ?2)",
+                                params![report_hash, report.as_bytes()],
+                            )?;
+                            stored = true;
+                        }
+                        tx.prepare_cached(
+                            "UPDATE deliveries SET receipt = ?3 WHERE msg = ?1 AND recipient = ?2",
+                        )?
+                        .execute(params![
+                            id.0.to_vec(),
+                            signer.to_vec(),
+                            report_hash
+                        ])?;
+                    }
+                    o
+                }
+            };
             if outcome == Outcome::Changed {
                 save_delivery(&tx, id, signer, &row.delivery, None)?;
                 release_sealed(&tx, id)?;
@@ -622,6 +673,64 @@ impl Db {
         }
         tx.commit()?;
         Ok(out)
+    }
+
+    /// Cancels the deliveries of `id` that are not final (to `name` only,
+    /// if given). Returns (recipient name, state before) of each cancelled.
+    pub fn cancel(
+        &mut self,
+        id: &MessageId,
+        name: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Vec<(String, State)>, AgentError> {
+        let tx = self.conn.transaction()?;
+        let rows: Vec<DeliveryRow> = {
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLS} FROM deliveries WHERE msg = ?1"
+            ))?;
+            let rows = stmt
+                .query_map(params![id.0.to_vec()], delivery_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows
+        };
+        let mut out = Vec::new();
+        for mut row in rows {
+            if name.is_some_and(|n| !n.eq_ignore_ascii_case(&row.name)) {
+                continue;
+            }
+            let before = row.delivery.state;
+            if row.delivery.cancel(now_ms) == Outcome::Changed {
+                save_delivery(&tx, id, &row.recipient, &row.delivery, None)?;
+                out.push((row.name, before));
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Makes every delivery that waits for a backoff due now (`sync
+    /// --now`). Returns how many.
+    pub fn all_due_now(&mut self, now_ms: u64) -> Result<usize, AgentError> {
+        Ok(self.conn.execute(
+            "UPDATE deliveries SET next_ms = ?1 WHERE state IN ('queued', 'submitted') AND next_ms > ?1",
+            params![to_i64(now_ms)],
+        )?)
+    }
+
+    /// Deletes received messages' records (and a received file's record;
+    /// never the file). Returns how many were deleted.
+    pub fn delete_received(&mut self, ids: &[MessageId]) -> Result<usize, AgentError> {
+        let tx = self.conn.transaction()?;
+        let mut n = 0;
+        for id in ids {
+            n += tx.execute("DELETE FROM inbox WHERE id = ?1", params![id.0.to_vec()])?;
+            tx.execute(
+                "DELETE FROM downloads WHERE msg = ?1 AND state IN ('done', 'failed')",
+                params![id.0.to_vec()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(n)
     }
 
     /// Outbox messages with their deliveries, newest first.
@@ -711,6 +820,41 @@ impl Db {
             .conn
             .prepare("SELECT class, COUNT(*) FROM detections GROUP BY class ORDER BY class")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, to_u64(r.get(1)?))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Notes a message refused because its sender is not a contact. At
+    /// most [`MAX_REFUSED_SENDERS`] senders are kept (the least recent go
+    /// first), so strangers cannot grow the database without bound.
+    pub fn note_refused_sender(&mut self, key: &[u8; 32], now_ms: u64) -> Result<(), AgentError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO refused_senders (key, first_ms, last_ms, count) VALUES (?1, ?2, ?2, 1) \
+             ON CONFLICT(key) DO UPDATE SET last_ms = ?2, count = count + 1",
+            params![key.to_vec(), to_i64(now_ms)],
+        )?;
+        tx.execute(
+            "DELETE FROM refused_senders WHERE key IN (SELECT key FROM refused_senders \
+             ORDER BY last_ms DESC LIMIT -1 OFFSET ?1)",
+            params![MAX_REFUSED_SENDERS],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Senders refused as strangers, most recent first.
+    pub fn refused_senders(&self, limit: usize) -> Result<Vec<RefusedSender>, AgentError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT key, first_ms, last_ms, count FROM refused_senders ORDER BY last_ms DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![to_i64(limit as u64)], |r| {
+            Ok(RefusedSender {
+                key: hash32(r.get(0)?),
+                first_ms: to_u64(r.get(1)?),
+                last_ms: to_u64(r.get(2)?),
+                messages: to_u64(r.get(3)?),
+            })
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

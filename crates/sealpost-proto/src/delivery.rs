@@ -50,6 +50,9 @@ impl State {
     }
 }
 
+/// The code of a delivery the sender cancelled (`Failure::Local`).
+pub const CANCELLED: &str = "cancelled";
+
 /// Why a delivery failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Failure {
@@ -241,6 +244,19 @@ impl Delivery {
         self.failure = None;
         self.set(State::Delivered, now_ms);
         Outcome::Changed
+    }
+
+    /// The sender gave up on it: no more submissions or retransmissions.
+    /// A copy already at the relay may still be fetched, and its receipt
+    /// then moves the delivery to delivered (see [`Delivery::receipt`]).
+    pub fn cancel(&mut self, now_ms: u64) -> Outcome {
+        self.fail(
+            now_ms,
+            Failure::Local {
+                code: CANCELLED.to_owned(),
+                detail: "cancelled by the sender".to_owned(),
+            },
+        )
     }
 
     /// Time passed: a delivery still waiting at its expiry has failed.

@@ -25,6 +25,14 @@ pub struct Fingerprint(pub [u8; FINGERPRINT_LEN]);
 impl Fingerprint {
     /// BLAKE3 in key-derivation mode keeps this hash apart from every other
     /// BLAKE3 use in sealpost.
+    /// The fingerprint of a signing key given as its 32 bytes (None if
+    /// they are not a valid Ed25519 public key).
+    pub fn of_bytes(signing_key: &[u8; 32]) -> Option<Self> {
+        VerifyingKey::from_bytes(signing_key)
+            .ok()
+            .map(|k| Self::of(&k))
+    }
+
     pub fn of(signing_key: &VerifyingKey) -> Self {
         let full = blake3::derive_key("sealpost v1 fingerprint", signing_key.as_bytes());
         let mut out = [0u8; FINGERPRINT_LEN];

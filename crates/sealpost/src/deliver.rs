@@ -153,6 +153,27 @@ pub struct SyncArgs {
     /// Put received files here (remembered) [default: downloads/ in the home]
     #[arg(long, value_name = "DIR", env = "SEALPOST_DOWNLOADS")]
     downloads: Option<PathBuf>,
+    /// Try every queued and waiting message now, not after its backoff
+    /// (like `postqueue -f`)
+    #[arg(long)]
+    now: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    /// Message id (as `sealpost status` shows it; a unique prefix is enough)
+    id: String,
+    /// Only the delivery to this contact
+    #[arg(long, value_name = "NAME")]
+    to: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    /// Ids of received messages (as `sealpost inbox` shows them; unique
+    /// prefixes are enough)
+    #[arg(required = true)]
+    ids: Vec<String>,
 }
 
 fn set_downloads(agent: &mut Agent, dir: &Option<PathBuf>) -> Result<(), Failure> {
@@ -175,6 +196,10 @@ pub struct InboxArgs {
     /// At most this many, newest first
     #[arg(long, default_value_t = 50)]
     limit: usize,
+    /// Instead: the strangers (senders not among your contacts) whose
+    /// messages were refused, by fingerprint, with how many and when
+    #[arg(long)]
+    refused: bool,
 }
 
 #[derive(Args, Debug)]
@@ -796,6 +821,9 @@ fn stats_json(s: &PassStats) -> Value {
 pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     set_downloads(&mut agent, &args.downloads)?;
+    if args.now {
+        agent.db_mut().all_due_now(crate::now() * 1000)?;
+    }
     let mut eng = Engine::new(agent)?;
     eng.timing = args.timing.timing();
     eng.progress = progress(out);
@@ -870,6 +898,9 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
 pub fn agent(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     set_downloads(&mut agent, &args.downloads)?;
+    if args.now {
+        agent.db_mut().all_due_now(crate::now() * 1000)?;
+    }
     tracing::info!(
         "delivering for {}; received files go to {} (--downloads DIR to change)",
         agent.card().name(),
@@ -952,6 +983,122 @@ fn resolve_id<T>(
     }
 }
 
+/// `sealpost cancel`: no more submissions or retransmissions of a sent
+/// message (to one recipient, or all).
+pub fn cancel(home: &Home, args: CancelArgs, out: &Out) -> Result<(), Failure> {
+    let mut agent = home.load()?;
+    let all = agent.db().outbox(None, usize::MAX >> 1)?;
+    let e = resolve_id(&args.id, all.into_iter(), |e| e.id)?;
+    let done = agent
+        .db_mut()
+        .cancel(&e.id, args.to.as_deref(), crate::now() * 1000)?;
+    if done.is_empty() {
+        return Err(Failure {
+            code: 6,
+            class: "not-found",
+            error: Some(anyhow!(
+                "nothing to cancel: every delivery of message {}{} is already final (`sealpost status {}`)",
+                e.id,
+                args.to.as_deref().map(|n| format!(" to {n}")).unwrap_or_default(),
+                e.id
+            )),
+        });
+    }
+    // A running agent looks again now.
+    engine::wake_agent(home.dir());
+    out.report(
+        json!({
+            "id": e.id.to_string(),
+            "cancelled": done.iter().map(|(n, st)| json!({"to": n, "was": st.name()})).collect::<Vec<_>>(),
+        }),
+        || {
+            let mut s = String::new();
+            for (n, st) in &done {
+                s.push_str(&match st {
+                    State::Queued => format!(
+                        "cancelled message {} to {n}: it had not reached the relay{}\n",
+                        e.id,
+                        if e.kind == "file-manifest" {
+                            " (pieces of the file already uploaded expire there)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    _ => format!(
+                        "cancelled message {} to {n}: no more retransmissions; the copy at the relay may still be fetched, and its receipt would then be recorded\n",
+                        e.id
+                    ),
+                });
+            }
+            s
+        },
+    )
+}
+
+/// `inbox --refused`: who wrote without being a contact.
+fn refused(agent: &Agent, limit: usize, out: &Out) -> Result<(), Failure> {
+    let list = agent.db().refused_senders(limit)?;
+    let fp = |k: &[u8; 32]| {
+        sealpost_proto::Fingerprint::of_bytes(k)
+            .map(|f| f.to_string())
+            .unwrap_or_else(|| hex_lower(k))
+    };
+    out.report(
+        json!({"refused": list.iter().map(|r| json!({
+            "fingerprint": fp(&r.key),
+            "messages": r.messages,
+            "first": ms_time(r.first_ms),
+            "last": ms_time(r.last_ms),
+        })).collect::<Vec<_>>()}),
+        || {
+            if list.is_empty() {
+                return "No messages from strangers were refused.\n".to_owned();
+            }
+            let mut s = String::from(
+                "Refused because the sender is not a contact (each was told so, signed):\n",
+            );
+            for r in &list {
+                s.push_str(&format!(
+                    "  {}  {} message(s), {} to {}\n",
+                    fp(&r.key),
+                    r.messages,
+                    ms_time(r.first_ms),
+                    ms_time(r.last_ms)
+                ));
+            }
+            s.push_str("To accept someone, get their card and compare its fingerprint: `sealpost contact add CARD`.\n");
+            s
+        },
+    )
+}
+
+/// `sealpost delete`: removes received messages from the inbox (for a
+/// received file, its record; never the file). Their ids stay in the
+/// replay cache, so a replayed copy is still refused.
+pub fn delete(home: &Home, args: DeleteArgs, out: &Out) -> Result<(), Failure> {
+    let mut agent = home.load()?;
+    let all = agent.db().inbox(false, usize::MAX >> 1)?;
+    let mut ids = Vec::with_capacity(args.ids.len());
+    for p in &args.ids {
+        let e = resolve_id(p, all.iter(), |e| e.id)?;
+        if let Some(d) = agent.db().download(&e.id)? {
+            if d.state != "done" && d.state != "failed" {
+                return Err(Failure::usage(anyhow!(
+                    "message {} is a file still being received ({}); delete it once it is done",
+                    e.id,
+                    d.state
+                )));
+            }
+        }
+        ids.push(e.id);
+    }
+    let n = agent.db_mut().delete_received(&ids)?;
+    out.report(
+        json!({"deleted": ids.iter().map(|i| i.to_string()).collect::<Vec<_>>()}),
+        || format!("deleted {n} message(s) from the inbox (received files stay where they were saved)\n"),
+    )
+}
+
 fn ms_time(ms: u64) -> String {
     output::time(ms / 1000)
 }
@@ -968,7 +1115,8 @@ fn delivery_json(d: &DeliveryRow) -> Value {
         "failure": d.delivery.failure.as_ref().map(|f| f.code()),
         "reason": d.delivery.failure.as_ref().map(|f| f.describe()),
         "last_error": d.last_error,
-        "receipt": d.receipt.is_some(),
+        "receipt": d.receipt.is_some() && d.delivery.state == State::Delivered,
+        "signed_rejection": d.receipt.is_some() && d.delivery.state == State::Failed,
     })
 }
 
@@ -1178,6 +1326,9 @@ fn inbox_json(agent: &Agent, e: &InboxEntry) -> Value {
 
 pub fn inbox(home: &Home, args: InboxArgs, out: &Out) -> Result<(), Failure> {
     let agent = home.load()?;
+    if args.refused {
+        return refused(&agent, args.limit, out);
+    }
     let list = agent.db().inbox(args.unread, args.limit)?;
     let spool = Spool::open(home.dir()).map_err(anyhow::Error::new)?;
     out.report(
@@ -1426,7 +1577,7 @@ pub fn receipt(home: &Home, cmd: ReceiptCmd, out: &Out) -> Result<(), Failure> {
                     code: 6,
                     class: "not-found",
                     error: Some(anyhow!(
-                        "no receipt for message {} yet{} (`sealpost status {}` shows where it stands)",
+                        "no receipt or signed rejection for message {} yet{} (`sealpost status {}` shows where it stands)",
                         e.id,
                         to.map(|n| format!(" from {n}")).unwrap_or_default(),
                         e.id
@@ -1446,13 +1597,22 @@ pub fn receipt(home: &Home, cmd: ReceiptCmd, out: &Out) -> Result<(), Failure> {
             }
             let v = json!({
                 "id": e.id.to_string(),
-                "receipts": receipts.iter().map(|(d, r)| json!({"to": d.name, "issued": output::time(r.issued_at()), "entries": r.entries().len()})).collect::<Vec<_>>(),
+                "receipts": receipts.iter().map(|(d, r)| json!({
+                    "to": d.name,
+                    "kind": match r.entries() { Entries::Receipt(_) => "receipt", Entries::Rejection(_) => "rejection" },
+                    "issued": output::time(r.issued_at()),
+                    "entries": r.entries().len(),
+                })).collect::<Vec<_>>(),
                 "output": output,
             });
             out.side_report(output.is_none(), v, || {
+                let rejections = receipts
+                    .iter()
+                    .filter(|(_, r)| matches!(r.entries(), Entries::Rejection(_)))
+                    .count();
                 format!(
-                    "{} receipt(s) for message {}; check with `sealpost receipt verify FILE --card CARD`\n",
-                    receipts.len(),
+                    "{} receipt(s) and {rejections} signed rejection(s) for message {}; check with `sealpost receipt verify FILE --card CARD`\n",
+                    receipts.len() - rejections,
                     e.id
                 )
             })
@@ -1534,7 +1694,11 @@ pub fn receipt(home: &Home, cmd: ReceiptCmd, out: &Out) -> Result<(), Failure> {
                 }
             }
             if let Some(w) = want {
-                if !verified.iter().any(|r| r.receipt_for(&w).is_some()) {
+                let names = |r: &Report| match r.entries() {
+                    Entries::Receipt(l) => l.iter().any(|e| e.id == w),
+                    Entries::Rejection(l) => l.iter().any(|e| e.id == w),
+                };
+                if !verified.iter().any(names) {
                     return Err(bad(anyhow!(
                         "the receipt is genuine but does not name message {w}"
                     )));

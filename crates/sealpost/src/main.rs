@@ -133,6 +133,13 @@ enum Command {
     /// Where sent messages stand: queued, submitted, delivered (receipt
     /// verified) or failed (with the reason), per recipient
     Status(deliver::StatusArgs),
+    /// Stop sending a message: no more submissions or retransmissions (a
+    /// copy already at the relay may still be delivered, and then its
+    /// receipt is recorded)
+    Cancel(deliver::CancelArgs),
+    /// Delete received messages from the inbox (a received file's record
+    /// only; the file stays where it was saved)
+    Delete(deliver::DeleteArgs),
     /// Export or verify receipts: signed proof that a recipient stored a message
     #[command(subcommand)]
     Receipt(deliver::ReceiptCmd),
@@ -432,6 +439,8 @@ fn run(cli: Cli, home_typed: bool, out: &Out) -> Result<(), Failure> {
         Command::Read(args) => deliver::read(&home, args, out),
         Command::Status(args) => deliver::status(&home, args, out),
         Command::Receipt(cmd) => deliver::receipt(&home, cmd, out),
+        Command::Cancel(args) => deliver::cancel(&home, args, out),
+        Command::Delete(args) => deliver::delete(&home, args, out),
         Command::Id => id(&home.load()?, out),
         Command::Contact(cmd) => contact(&mut home.load()?, cmd, out),
         Command::Seal(args) => seal(&home.load()?, args, out),

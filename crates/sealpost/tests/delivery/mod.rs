@@ -389,6 +389,18 @@ fn a_stranger_gets_a_signed_rejection() {
     let s = net.sync("bob");
     assert_eq!(s["rejected"].as_u64(), Some(1));
     assert_eq!(net.inbox_len("bob"), 0);
+    // Bob can see who was refused, by fingerprint.
+    let carol_fp = net.json("carol", &["id"])["fingerprint"]
+        .as_str()
+        .expect("fp")
+        .to_owned();
+    let r = net.json("bob", &["inbox", "--refused"]);
+    assert_eq!(
+        r["refused"][0]["fingerprint"].as_str(),
+        Some(carol_fp.as_str()),
+        "{r}"
+    );
+    assert_eq!(r["refused"][0]["messages"].as_u64(), Some(1), "{r}");
     let s = net.sync("carol");
     assert_eq!(s["bounced"].as_u64(), Some(1));
     let d = net.delivery("carol", &id);
@@ -1496,6 +1508,112 @@ fn the_agent_says_what_arrives_and_where_it_goes() {
     assert_eq!(
         v["messages"][0]["file"]["percent"].as_u64(),
         Some(100),
+        "{v}"
+    );
+}
+
+/// The queue operations people expect from `postsuper -d` and
+/// `postqueue -f`: cancel a message (and a receipt still wins if a copy
+/// was already at the relay), flush now, delete received messages, and
+/// export a signed rejection as proof, like a receipt.
+#[test]
+fn cancel_flush_delete_and_export_a_rejection() {
+    let mut net = Net::pair();
+    // Cancelled before it reached the relay: it never does.
+    net.stop_relay();
+    let (_, out, _) = net.run("alice", &["send", "bob", "never mind"]);
+    let never = String::from_utf8_lossy(&out).trim().to_owned();
+    let v = net.json("alice", &["cancel", &never[..8]]);
+    assert_eq!(v["cancelled"][0]["was"].as_str(), Some("queued"), "{v}");
+    let d = net.delivery("alice", &never);
+    assert_eq!(d["state"].as_str(), Some("failed"), "{d}");
+    assert_eq!(d["failure"].as_str(), Some("local:cancelled"), "{d}");
+    let (code, _, err) = net.run("alice", &["cancel", &never]);
+    assert_eq!(code, 6, "nothing left to cancel: {err}");
+    net.restart_relay();
+    net.sync("alice");
+    let s = sync_with(&net, "bob", &[]);
+    assert_eq!(s["delivered"].as_u64(), Some(0), "{s}");
+
+    // Already at the relay when cancelled: bob's receipt still makes it
+    // delivered, because it was.
+    let at_relay = net.send("alice", "bob", "too late to call back", &[]);
+    assert_eq!(net.state("alice", &at_relay), "submitted");
+    net.json("alice", &["cancel", &at_relay]);
+    assert_eq!(net.state("alice", &at_relay), "failed");
+    let s = sync_with(&net, "bob", &[]);
+    assert_eq!(s["delivered"].as_u64(), Some(1), "{s}");
+    net.sync("alice");
+    assert_eq!(net.state("alice", &at_relay), "delivered");
+
+    // Flush: a submitted message waits 2 min for its receipt before it is
+    // sent again; `sync --now` sends it again at once.
+    let waiting = net.send("alice", "bob", "resend me", &[]);
+    net.sync("alice");
+    assert_eq!(
+        net.delivery("alice", &waiting)["submissions"].as_u64(),
+        Some(1)
+    );
+    net.json("alice", &["sync", "--now"]);
+    assert_eq!(
+        net.delivery("alice", &waiting)["submissions"].as_u64(),
+        Some(2)
+    );
+
+    // Delete received messages: gone from the inbox.
+    let s = sync_with(&net, "bob", &[]);
+    assert!(s["delivered"].as_u64().unwrap_or(0) >= 1, "{s}");
+    let inbox = net.json("bob", &["inbox"]);
+    let n = inbox["messages"].as_array().map(Vec::len).unwrap_or(0);
+    let first = inbox["messages"][0]["id"].as_str().expect("id").to_owned();
+    let v = net.json("bob", &["delete", &first[..10]]);
+    assert_eq!(v["deleted"][0].as_str(), Some(first.as_str()), "{v}");
+    assert_eq!(net.inbox_len("bob"), n - 1);
+
+    // A signed rejection is exported and verified like a receipt.
+    let tree = net.env.path("tree");
+    std::fs::create_dir_all(&tree).expect("mkdir");
+    std::fs::write(tree.join("a.txt"), b"a").expect("w");
+    let v = net.json("alice", &["send", "bob", "--file", "tree"]);
+    let rejected = v["files"][0]["id"].as_str().expect("id").to_owned();
+    let dl = net.env.path("bob-downloads");
+    std::fs::write(dl.join("tree"), b"a file where the directory would be").expect("w");
+    sync_with(&net, "bob", &[]);
+    net.sync("alice");
+    let d = net.delivery("alice", &rejected);
+    assert_eq!(d["failure"].as_str(), Some("rejected:not-stored"), "{d}");
+    assert_eq!(d["signed_rejection"].as_bool(), Some(true), "{d}");
+    assert_eq!(d["receipt"].as_bool(), Some(false), "{d}");
+    let proof = net.env.path("rejection.txt");
+    let v = net.json(
+        "alice",
+        &[
+            "receipt",
+            "export",
+            &rejected,
+            "-o",
+            proof.to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(v["receipts"][0]["kind"].as_str(), Some("rejection"), "{v}");
+    net.env.ok("bob", &["id"]);
+    let card = String::from_utf8(net.env.ok("bob", &["id"])).expect("utf8");
+    let v = net.json(
+        "alice",
+        &[
+            "receipt",
+            "verify",
+            proof.to_str().expect("utf8"),
+            "--card",
+            card.trim(),
+            "--id",
+            &rejected,
+        ],
+    );
+    assert_eq!(v["entries"][0]["kind"].as_str(), Some("rejection"), "{v}");
+    assert_eq!(
+        v["entries"][0]["reason"].as_str(),
+        Some("not-stored"),
         "{v}"
     );
 }

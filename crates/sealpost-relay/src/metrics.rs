@@ -1,17 +1,23 @@
 //! Prometheus metrics over HTTP on a (by default loopback) address.
 //!
-//! The exposition format is a few lines of text and the only request is
-//! `GET /metrics`, so this is served by hand rather than with an HTTP
-//! stack: a bounded read of the request head, one response, close. Nothing
-//! here costs the store anything per connection: the figures that need a
-//! query (totals) are refreshed by one task every few seconds and served
-//! from memory, at most a few requests are served at once, and a failing
-//! `accept` is retried after a pause instead of in a busy loop.
+//! The figures are encoded by `prometheus-client` (OpenMetrics text:
+//! counters, gauges, and histograms of commit and blob-sync latency). The
+//! only request is `GET /metrics`, so the HTTP side is served by hand
+//! rather than with an HTTP stack: a bounded read of the request line, one
+//! response, close. Nothing here costs the store anything per connection:
+//! the figures that need a query (totals) are refreshed by one task every
+//! few seconds and served from memory, at most a few requests are served at
+//! once, and a failing `accept` is retried after a pause instead of in a
+//! busy loop.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use sealpost_proto::relay::RefusalCode;
 use sealpost_store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,184 +33,192 @@ const AT_ONCE: usize = 16;
 /// The store's totals: (mailboxes, items, item bytes, blobs).
 pub type Totals = Option<(u64, u64, u64, u64)>;
 
-pub fn render(m: &Metrics, store: &Store, totals: Totals) -> String {
-    let mut s = String::new();
-    let mut by_reason = String::from("# HELP sealpost_relay_refusals_total Signed refusals by reason.\n# TYPE sealpost_relay_refusals_total counter\n");
-    for code in [
-        RefusalCode::UnknownMailbox,
-        RefusalCode::OverQuota,
-        RefusalCode::TooLarge,
-        RefusalCode::Expired,
-        RefusalCode::HashMismatch,
-    ] {
-        let n = m
-            .refused_by_code
-            .get(code.code() as usize)
-            .map(|a| a.load(Ordering::Relaxed))
-            .unwrap_or(0);
-        by_reason += &format!(
-            "sealpost_relay_refusals_total{{reason=\"{}\"}} {n}\n",
-            code.name()
-        );
+/// The relay's figures at scrape time: counters kept as atomics where
+/// they happen, the store's counters, and the cached totals. Encoded by
+/// `prometheus-client` (names, `_total` suffixes, escaping, `# EOF`).
+#[derive(Debug)]
+struct Figures {
+    metrics: Arc<Metrics>,
+    store: Store,
+    totals: Arc<std::sync::Mutex<Totals>>,
+}
+
+impl Collector for Figures {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = &self.metrics;
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let mut counter = |name: &str, help: &str, v: u64| -> Result<(), std::fmt::Error> {
+            enc.encode_descriptor(name, help, None, MetricType::Counter)?
+                .encode_counter::<NoLabelSet, _, u64>(&v, None)
+        };
+        counter("connections", "Connections accepted.", g(&m.connections))?;
+        counter(
+            "connections_refused",
+            "Connections refused by the cap or the per-address rate.",
+            g(&m.connections_refused),
+        )?;
+        counter(
+            "connections_refused_per_address",
+            "Connections refused because their address held its share of slots.",
+            g(&m.refused_per_address),
+        )?;
+        counter(
+            "connections_evicted",
+            "Unauthenticated connections closed to make room for new ones.",
+            g(&m.evicted),
+        )?;
+        counter(
+            "accepted",
+            "Messages durably stored and acknowledged.",
+            g(&m.accepted),
+        )?;
+        counter(
+            "accepted_bytes",
+            "Bytes of messages stored.",
+            g(&m.accepted_bytes),
+        )?;
+        counter(
+            "refused",
+            "Submissions refused with a signed answer.",
+            g(&m.refused),
+        )?;
+        counter("delivered", "Items returned by fetches.", g(&m.fetched))?;
+        counter("acked", "Items deleted by their owner.", g(&m.acked))?;
+        counter("blob_bytes", "Blob bytes stored.", g(&m.blob_bytes))?;
+        counter(
+            "bad_frames",
+            "Malformed or oversized frames.",
+            g(&m.bad_frames),
+        )?;
+        counter(
+            "auth_failures",
+            "Failed mailbox authentications.",
+            g(&m.auth_failures),
+        )?;
+        counter(
+            "timeouts",
+            "Connections cut by a handshake, idle or frame timeout.",
+            g(&m.timeouts),
+        )?;
+        counter(
+            "rate_limited",
+            "Requests refused by a rate limit.",
+            g(&m.rate_limited),
+        )?;
+        counter(
+            "registrations_refused",
+            "Registrations of new mailboxes refused by the policy or the cap.",
+            g(&m.registrations_refused),
+        )?;
+        counter(
+            "storage_errors",
+            "Store writes that failed (disk full, I/O errors); each was refused to its client.",
+            g(&m.storage_errors),
+        )?;
+        let c = self.store.commit_stats();
+        counter(
+            "commits",
+            "Store transactions committed (each one fsync).",
+            c.commits,
+        )?;
+        counter(
+            "commit_writes",
+            "Writes committed; writes/commits is the group-commit batch size.",
+            c.writes,
+        )?;
+        let (memory, disk) = self.store.blob_read_stats();
+        counter(
+            "blob_reads_memory",
+            "Blob reads served from the pieces kept in memory since they were stored.",
+            memory,
+        )?;
+        counter(
+            "blob_reads_disk",
+            "Blob reads served from the blob files.",
+            disk,
+        )?;
+        let (paced, paced_micros) = self.store.pacing_stats();
+        counter(
+            "blob_runs_paced",
+            "Runs of uploaded pieces held back for a recipient streaming their blob.",
+            paced,
+        )?;
+        counter(
+            "blob_paced_microseconds",
+            "Time uploads were held back for streaming recipients, in all.",
+            paced_micros,
+        )?;
+        {
+            let mut fam = enc.encode_descriptor(
+                "refusals",
+                "Signed refusals by reason.",
+                None,
+                MetricType::Counter,
+            )?;
+            for code in [
+                RefusalCode::UnknownMailbox,
+                RefusalCode::OverQuota,
+                RefusalCode::TooLarge,
+                RefusalCode::Expired,
+                RefusalCode::HashMismatch,
+            ] {
+                let n = m
+                    .refused_by_code
+                    .get(code.code() as usize)
+                    .map(|a| a.load(Ordering::Relaxed))
+                    .unwrap_or(0);
+                fam.encode_family(&[("reason", code.name())])?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
+        let mut gauge = |name: &str, help: &str, v: u64| -> Result<(), std::fmt::Error> {
+            enc.encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&v)
+        };
+        gauge(
+            "connections_open",
+            "Connections open now.",
+            g(&m.connections_open),
+        )?;
+        gauge(
+            "last_commit_microseconds",
+            "Duration of the last commit, fsync included.",
+            c.last_commit_micros,
+        )?;
+        if let Some((mailboxes, items, bytes, blobs)) = self.totals.lock().ok().and_then(|t| *t) {
+            gauge("mailboxes", "Mailboxes.", mailboxes)?;
+            gauge("queue_items", "Items waiting in mailboxes.", items)?;
+            gauge("queue_bytes", "Bytes of items waiting.", bytes)?;
+            gauge("blobs", "Blobs stored.", blobs)?;
+        }
+        Ok(())
     }
-    let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
-        s += &format!("# HELP sealpost_relay_{name} {help}\n# TYPE sealpost_relay_{name} {kind}\nsealpost_relay_{name} {v}\n");
-    };
-    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    counter(
-        "connections_total",
-        "Connections accepted.",
-        "counter",
-        g(&m.connections),
+}
+
+/// Everything `GET /metrics` answers, under the prefix `sealpost_relay`.
+fn registry(
+    metrics: Arc<Metrics>,
+    store: Store,
+    totals: Arc<std::sync::Mutex<Totals>>,
+) -> Registry {
+    let mut r = Registry::with_prefix("sealpost_relay");
+    let l = store.latencies().clone();
+    r.register(
+        "commit_duration_seconds",
+        "Store commits (SQLite transaction with its fsync), from begin to durable.",
+        l.commit,
     );
-    counter(
-        "connections_open",
-        "Connections open now.",
-        "gauge",
-        g(&m.connections_open),
+    r.register(
+        "blob_sync_duration_seconds",
+        "fdatasync of blob pieces before they are acknowledged.",
+        l.blob_sync,
     );
-    counter(
-        "connections_refused_total",
-        "Connections refused by the cap or the per-address rate.",
-        "counter",
-        g(&m.connections_refused),
-    );
-    counter(
-        "accepted_total",
-        "Messages durably stored and acknowledged.",
-        "counter",
-        g(&m.accepted),
-    );
-    counter(
-        "accepted_bytes_total",
-        "Bytes of messages stored.",
-        "counter",
-        g(&m.accepted_bytes),
-    );
-    counter(
-        "refused_total",
-        "Submissions refused with a signed answer.",
-        "counter",
-        g(&m.refused),
-    );
-    counter(
-        "delivered_total",
-        "Items returned by fetches.",
-        "counter",
-        g(&m.fetched),
-    );
-    counter(
-        "acked_total",
-        "Items deleted by their owner.",
-        "counter",
-        g(&m.acked),
-    );
-    counter(
-        "blob_bytes_total",
-        "Blob bytes stored.",
-        "counter",
-        g(&m.blob_bytes),
-    );
-    counter(
-        "bad_frames_total",
-        "Malformed or oversized frames.",
-        "counter",
-        g(&m.bad_frames),
-    );
-    counter(
-        "auth_failures_total",
-        "Failed mailbox authentications.",
-        "counter",
-        g(&m.auth_failures),
-    );
-    counter(
-        "timeouts_total",
-        "Connections cut by a handshake, idle or frame timeout.",
-        "counter",
-        g(&m.timeouts),
-    );
-    counter(
-        "rate_limited_total",
-        "Requests refused by a rate limit.",
-        "counter",
-        g(&m.rate_limited),
-    );
-    let c = store.commit_stats();
-    counter(
-        "commits_total",
-        "Store transactions committed (each one fsync).",
-        "counter",
-        c.commits,
-    );
-    counter(
-        "commit_writes_total",
-        "Writes committed; writes/commits is the group-commit batch size.",
-        "counter",
-        c.writes,
-    );
-    counter(
-        "last_commit_microseconds",
-        "Duration of the last commit, fsync included.",
-        "gauge",
-        c.last_commit_micros,
-    );
-    let (memory, disk) = store.blob_read_stats();
-    counter(
-        "blob_reads_memory_total",
-        "Blob reads served from the pieces kept in memory since they were stored.",
-        "counter",
-        memory,
-    );
-    counter(
-        "blob_reads_disk_total",
-        "Blob reads served from the blob files.",
-        "counter",
-        disk,
-    );
-    let (paced, paced_micros) = store.pacing_stats();
-    counter(
-        "blob_runs_paced_total",
-        "Runs of uploaded pieces held back for a recipient streaming their blob.",
-        "counter",
-        paced,
-    );
-    counter(
-        "blob_paced_microseconds_total",
-        "Time uploads were held back for streaming recipients, in all.",
-        "counter",
-        paced_micros,
-    );
-    counter(
-        "connections_refused_per_address_total",
-        "Connections refused because their address held its share of slots.",
-        "counter",
-        g(&m.refused_per_address),
-    );
-    counter(
-        "connections_evicted_total",
-        "Unauthenticated connections closed to make room for new ones.",
-        "counter",
-        g(&m.evicted),
-    );
-    counter(
-        "registrations_refused_total",
-        "Registrations of new mailboxes refused by the policy or the cap.",
-        "counter",
-        g(&m.registrations_refused),
-    );
-    counter(
-        "storage_errors_total",
-        "Store writes that failed (disk full, I/O errors); each was refused to its client.",
-        "counter",
-        g(&m.storage_errors),
-    );
-    if let Some((mailboxes, items, bytes, blobs)) = totals {
-        counter("mailboxes", "Mailboxes.", "gauge", mailboxes);
-        counter("queue_items", "Items waiting in mailboxes.", "gauge", items);
-        counter("queue_bytes", "Bytes of items waiting.", "gauge", bytes);
-        counter("blobs", "Blobs stored.", "gauge", blobs);
-    }
-    s + &by_reason
+    r.register_collector(Box::new(Figures {
+        metrics,
+        store,
+        totals,
+    }));
+    r
 }
 
 /// Serves metrics until the task is dropped.
@@ -227,6 +241,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, store: Store) {
         })
     };
     let _stop_refresher = AbortOnDrop(refresher);
+    let registry = Arc::new(registry(metrics, store, totals));
     let slots = Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
     loop {
         let mut sock = match listener.accept().await {
@@ -240,7 +255,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, store: Store) {
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             continue;
         };
-        let (metrics, store, totals) = (metrics.clone(), store.clone(), totals.clone());
+        let registry = registry.clone();
         tokio::spawn(async move {
             let mut head = [0u8; 2048];
             let mut got = 0;
@@ -260,8 +275,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, store: Store) {
             let line = head[..got].split(|&b| b == b'\n').next().unwrap_or(&[]);
             let (status, body) = match line.split(|&b| b == b' ').collect::<Vec<_>>()[..] {
                 [b"GET", b"/metrics" | b"/", ..] => {
-                    let t = totals.lock().ok().and_then(|t| *t);
-                    ("200 OK", render(&metrics, &store, t))
+                    let mut body = String::new();
+                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                        Ok(()) => ("200 OK", body),
+                        Err(_) => ("500 Internal Server Error", "cannot encode\n".to_owned()),
+                    }
                 }
                 [b"GET", ..] => ("404 Not Found", "only /metrics is served here\n".to_owned()),
                 _ => (
@@ -270,7 +288,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, store: Store) {
                 ),
             };
             let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = sock.write_all(resp.as_bytes()).await;

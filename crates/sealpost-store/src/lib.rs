@@ -151,6 +151,27 @@ pub enum BlobPutOutcome {
     HashMismatch,
 }
 
+/// How long the store's durable steps take, for metrics: every SQLite
+/// commit (its fsync included) and every `fdatasync` of blob pieces.
+/// Prometheus histograms (shared handles; cloning one shares it).
+#[derive(Debug, Clone)]
+pub struct Latencies {
+    pub commit: prometheus_client::metrics::histogram::Histogram,
+    pub blob_sync: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        // 100 µs to about 6.5 s, doubling: a fast NVMe fsync to a stalled disk.
+        let buckets =
+            || prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 17);
+        Self {
+            commit: prometheus_client::metrics::histogram::Histogram::new(buckets()),
+            blob_sync: prometheus_client::metrics::histogram::Histogram::new(buckets()),
+        }
+    }
+}
+
 /// Statistics of the last commits, for metrics.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CommitStats {
@@ -270,6 +291,7 @@ struct Inner {
     blob_dir: PathBuf,
     limits: Limits,
     stats: Arc<Mutex<CommitStats>>,
+    latencies: Latencies,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Blob pieces are written one at a time: two uploads racing on the
     /// same blob must not interleave their file writes and length commits.
@@ -524,9 +546,11 @@ impl Store {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(CommitStats::default()));
         let w_stats = stats.clone();
+        let latencies = Latencies::default();
+        let w_commit = latencies.commit.clone();
         let handle = std::thread::Builder::new()
             .name("sealpost-store-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx, limits, w_stats))
+            .spawn(move || writer_loop(writer_conn, rx, limits, w_stats, w_commit))
             .map_err(io_err("starting the writer for", dir))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -535,6 +559,7 @@ impl Store {
                 blob_dir,
                 limits,
                 stats,
+                latencies,
                 writer: Mutex::new(Some(handle)),
                 blob_lock: tokio::sync::Mutex::new(()),
                 uploads: Mutex::new(HashMap::new()),
@@ -566,6 +591,11 @@ impl Store {
 
     pub fn limits(&self) -> Limits {
         self.inner.limits
+    }
+
+    /// The latency histograms of commits and blob syncs.
+    pub fn latencies(&self) -> &Latencies {
+        &self.inner.latencies
     }
 
     pub fn commit_stats(&self) -> CommitStats {
@@ -1171,6 +1201,7 @@ impl Store {
         let file = path.clone();
         let upload = self.take_upload(&blob_id);
         let buf = self.inner.direct_buf.lock().ok().and_then(|mut b| b.take());
+        let sync_latency = self.inner.latencies.blob_sync.clone();
         // The file work (writes, one fdatasync) runs on the blocking pool:
         // an fsync must not stall the runtime's workers, which meanwhile
         // decrypt and parse the next pieces and serve readers.
@@ -1187,7 +1218,9 @@ impl Store {
                 for p in &run {
                     up.write(&p.data, &mut buf)?;
                 }
+                let t = Instant::now();
                 up.sync()?;
+                sync_latency.observe(t.elapsed().as_secs_f64());
                 if is_new {
                     File::open(&blob_dir)?.sync_all()?;
                 }
@@ -1491,6 +1524,7 @@ fn writer_loop(
     rx: mpsc::Receiver<Op>,
     limits: Limits,
     stats: Arc<Mutex<CommitStats>>,
+    commit_latency: prometheus_client::metrics::histogram::Histogram,
 ) {
     // Each op's reply is held until the transaction holding it committed.
     let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
@@ -1518,6 +1552,7 @@ fn writer_loop(
             s.commits += 1;
             s.writes += n;
             s.last_commit_micros = started.elapsed().as_micros() as u64;
+            commit_latency.observe(started.elapsed().as_secs_f64());
             if result.is_err() {
                 s.failures += 1;
             }

@@ -329,6 +329,26 @@ fn config_file_metrics_status_and_scrub() {
         body.contains("sealpost_relay_refusals_total{reason=\"over_quota\"} 1\n"),
         "{body}"
     );
+    // Latency histograms: a commit was made (the registration and the
+    // accepted message), each counted in its bucket and the total.
+    assert!(
+        body.contains("# TYPE sealpost_relay_commit_duration_seconds histogram"),
+        "{body}"
+    );
+    let commits: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("sealpost_relay_commit_duration_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("commit count");
+    assert!(commits >= 2, "{body}");
+    assert!(
+        body.contains("sealpost_relay_blob_sync_duration_seconds_bucket{le=\"+Inf\"} 0"),
+        "{body}"
+    );
+    assert!(
+        body.trim_end().ends_with("# EOF"),
+        "OpenMetrics text: {body}"
+    );
     // Only GET /metrics is served.
     for (req, status) in [
         (&b"POST /metrics HTTP/1.1\r\n\r\n"[..], "405"),

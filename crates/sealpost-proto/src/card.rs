@@ -195,11 +195,17 @@ impl ContactCard {
             }
             .into());
         }
-        let body = text
-            .strip_prefix(TEXT_PREFIX)
-            .ok_or(DecodeError::BadMagic {
+        if !text.starts_with(TEXT_PREFIX) {
+            return Err(DecodeError::BadMagic {
                 expected: "contact card (text starting with sealpost-card-v1:)",
-            })?;
+            }
+            .into());
+        }
+        let checked = crate::codec::strip_check(text).map_err(|_| DecodeError::Invalid {
+            what: "contact card text",
+            why: "its check characters (after the last '.') do not match: a character was changed or lost in copying; copy the card again",
+        })?;
+        let body = checked.strip_prefix(TEXT_PREFIX).unwrap_or(checked);
         let bytes = data_encoding::BASE64URL_NOPAD
             .decode(body.as_bytes())
             .map_err(|_| DecodeError::Invalid {
@@ -209,11 +215,13 @@ impl ContactCard {
         Self::decode(&bytes)
     }
 
+    /// `sealpost-card-v1:` + base64url of the card + `.` + five check
+    /// characters ([`crate::codec::text_check`]).
     pub fn to_text(&self) -> String {
-        format!(
+        crate::codec::with_check(&format!(
             "{TEXT_PREFIX}{}",
             data_encoding::BASE64URL_NOPAD.encode(&self.bytes)
-        )
+        ))
     }
 
     /// The exact signed bytes.

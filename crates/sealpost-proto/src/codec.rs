@@ -201,3 +201,40 @@ pub fn put_short(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(bytes.len() as u8);
     out.extend_from_slice(bytes);
 }
+
+/// Check characters for a text form that people copy by hand (a contact
+/// card, a relay address): five base32 characters of
+/// BLAKE3-derive-key("sealpost v1 text check", text), appended after a
+/// `.`. A changed, lost or swapped character fails the check (one chance
+/// in 2^24 that it does not), so a typo is told as a typo, not as a forged
+/// card or an intercepted relay.
+pub fn text_check(text: &str) -> String {
+    let h = blake3::derive_key("sealpost v1 text check", text.as_bytes());
+    data_encoding::BASE32_NOPAD.encode(&h[..3])
+}
+
+/// `text` with its check characters: `text.CHECK`.
+pub fn with_check(text: &str) -> String {
+    format!("{text}.{}", text_check(text))
+}
+
+/// Check characters that do not match their text: a copying mistake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckMismatch;
+
+/// Splits `text.CHECK` and verifies the check; text without one is
+/// returned as it is (the form before checks existed).
+pub fn strip_check(text: &str) -> Result<&str, CheckMismatch> {
+    match text.rsplit_once('.') {
+        Some((body, check))
+            if check.len() == 5 && check.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+        {
+            if text_check(body) == check.to_ascii_uppercase() {
+                Ok(body)
+            } else {
+                Err(CheckMismatch)
+            }
+        }
+        _ => Ok(text),
+    }
+}

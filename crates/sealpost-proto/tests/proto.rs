@@ -535,3 +535,34 @@ fn plain_before_counts_file_bytes_of_a_blob_prefix() {
     let l = BlobLayout::new(10_000, 4096).expect("layout");
     assert_eq!(l.plain_before(4096 + TAG_LEN), 4096);
 }
+
+/// A card's text carries check characters: every single-character change
+/// is told as a copying mistake (it read as a forged card), and a card
+/// text from before checks existed still parses.
+#[test]
+fn a_mistyped_card_is_told_as_a_typo() {
+    use sealpost_proto::card::{CardFields, ContactCard};
+    let id = ident(7);
+    let card = ContactCard::create(
+        &id,
+        CardFields {
+            name: "Grace".into(),
+            created_at: 1_750_000_000,
+            relay: None,
+        },
+    )
+    .expect("card");
+    let text = card.to_text();
+    let (body, check) = text.rsplit_once('.').expect("checked");
+    assert_eq!(check.len(), 5);
+    assert_eq!(ContactCard::from_text(body).expect("legacy form"), card);
+    assert_eq!(ContactCard::from_text(&text).expect("checked form"), card);
+    let prefix = sealpost_proto::card::TEXT_PREFIX.len();
+    for at in (prefix..body.len()).step_by(7) {
+        let mut t = text.clone().into_bytes();
+        t[at] = if t[at] == b'A' { b'B' } else { b'A' };
+        let t = String::from_utf8(t).expect("ascii");
+        let e = ContactCard::from_text(&t).expect_err("a typo");
+        assert!(e.to_string().contains("check characters"), "at {at}: {e}");
+    }
+}

@@ -181,8 +181,11 @@ struct Shared {
     next_connection: AtomicU64,
     /// New connections waiting for an evicted one's slot (bounded).
     admissions: Arc<Semaphore>,
-    /// The data directory's lock, held as long as the relay is.
-    _lock: std::fs::File,
+    /// True once the relay stops: every connection closes.
+    stopping: tokio::sync::watch::Sender<bool>,
+    /// The data directory's lock, held until the relay has stopped (its
+    /// connections closed and its store closed).
+    lock: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 /// A bound relay, ready to serve.
@@ -311,7 +314,8 @@ impl Relay {
                 unauthenticated: std::sync::Mutex::new(BTreeMap::new()),
                 next_connection: AtomicU64::new(0),
                 admissions: Arc::new(Semaphore::new(64)),
-                _lock: lock,
+                stopping: tokio::sync::watch::channel(false).0,
+                lock: std::sync::Mutex::new(Some(lock)),
                 config,
             }),
             listener,
@@ -423,10 +427,24 @@ impl Relay {
         if let Some(t) = metrics_task {
             t.abort();
         }
+        // Close every connection and wait (a bounded time) until all of
+        // them have given their slots back.
+        let _ = shared.stopping.send(true);
+        let all = u32::try_from(shared.config.max_connections).unwrap_or(u32::MAX);
+        if timeout(Duration::from_secs(10), shared.conns.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still closing after 10 s; stopping anyway");
+        }
         let store = shared.store.clone();
         tokio::task::spawn_blocking(move || store.close())
             .await
             .map_err(io::Error::other)?;
+        // Another relay may use the data directory from now on.
+        if let Ok(mut l) = shared.lock.lock() {
+            l.take();
+        }
         Ok(())
     }
 }
@@ -546,8 +564,16 @@ fn start_connection(
     tokio::spawn(async move {
         s.metrics.connections.fetch_add(1, Ordering::Relaxed);
         s.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = connection(s.clone(), tcp).await {
-            tracing::debug!(%peer, "connection ended: {e}");
+        let mut stopping = s.stopping.subscribe();
+        tokio::select! {
+            r = connection(s.clone(), tcp) => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, "connection ended: {e}");
+                }
+            }
+            // The relay stops: the connection closes where it is (an
+            // answer not sent was not an acknowledgement).
+            _ = stopping.wait_for(|stop| *stop) => {}
         }
         s.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
         drop(permit);

@@ -54,16 +54,40 @@ pub struct RelayAddress {
     pub pin: Pin,
 }
 
+/// Why text is not a relay address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddressError {
+    /// Not of the form `host:port/PIN[.CHECK]`.
+    NotAnAddress,
+    /// The form is right but its check characters do not match: a typo.
+    Mistyped,
+}
+
 impl RelayAddress {
+    /// Parses `host:port/PIN` or, as printed for people, `host:port/PIN.CHECK`.
     pub fn parse(s: &str) -> Option<Self> {
-        let (hp, pin) = s.trim().rsplit_once('/')?;
+        Self::parse_checked(s).ok()
+    }
+
+    /// [`RelayAddress::parse`], telling a typo (check characters that do
+    /// not match) from text that is no address at all.
+    pub fn parse_checked(s: &str) -> Result<Self, AddressError> {
+        let s = s.trim();
+        let s = sealpost_proto::codec::strip_check(s).map_err(|_| AddressError::Mistyped)?;
+        let (hp, pin) = s.rsplit_once('/').ok_or(AddressError::NotAnAddress)?;
         if hp.is_empty() || hp.len() > 253 || !hp.contains(':') {
-            return None;
+            return Err(AddressError::NotAnAddress);
         }
-        Some(Self {
+        Ok(Self {
             host_port: hp.to_owned(),
-            pin: Pin::from_text(pin)?,
+            pin: Pin::from_text(pin).ok_or(AddressError::NotAnAddress)?,
         })
+    }
+
+    /// The form to show and hand to people: `host:port/PIN.CHECK`, whose
+    /// check characters catch a typo ([`sealpost_proto::codec::text_check`]).
+    pub fn to_checked_text(&self) -> String {
+        sealpost_proto::codec::with_check(&self.to_string())
     }
 
     /// The host part, for TLS server name (SNI is not relied on: the pin is).

@@ -324,14 +324,23 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(Failure::from)
 }
 
+/// A relay address as a person typed it, with words for each way it can
+/// be wrong (a typo is caught by its check characters).
+pub fn parse_relay_address(address: &str) -> Result<RelayAddress, Failure> {
+    RelayAddress::parse_checked(address).map_err(|e| match e {
+        sealpost_relay::tls::AddressError::Mistyped => Failure::usage(anyhow!(
+            "{address:?} has a typo: its check characters (after the last '.') do not match the rest; copy the address again (`sealpost relay address` on the relay prints it)"
+        )),
+        sealpost_relay::tls::AddressError::NotAnAddress => Failure::usage(anyhow!(
+            "{address:?} is not a relay address; it looks like 127.0.0.1:7443/KEYFINGERPRINT.CHECK (`sealpost relay address` prints it)"
+        )),
+    })
+}
+
 /// Registers this identity's mailbox at `address` and makes it the home
 /// relay (in the settings and in a newly signed card).
 pub fn use_relay(agent: &mut Agent, address: &str, out: &Out) -> Result<(), Failure> {
-    let addr = RelayAddress::parse(address).ok_or_else(|| {
-        Failure::usage(anyhow!(
-            "{address:?} is not a relay address; it looks like 127.0.0.1:7443/KEYFINGERPRINT (`sealpost relay address` prints it)"
-        ))
-    })?;
+    let addr = parse_relay_address(address)?;
     runtime()?.block_on(async {
         let c = RelayClient::connect(&addr)
             .await
@@ -343,10 +352,11 @@ pub fn use_relay(agent: &mut Agent, address: &str, out: &Out) -> Result<(), Fail
     })?;
     agent.set_home_relay(&addr.to_string(), engine::pin_of(&addr), crate::now())?;
     out.report(
-        json!({"relay": addr.to_string(), "card": agent.card().to_text()}),
+        json!({"relay": addr.to_checked_text(), "card": agent.card().to_text()}),
         || {
             format!(
-                "Home relay set to {addr}; your mailbox is registered there.\nYour new contact card (give it to people who will write to you):\n{}\n",
+                "Home relay set to {}; your mailbox is registered there.\nYour new contact card (give it to people who will write to you):\n{}\n",
+                addr.to_checked_text(),
                 agent.card().to_text()
             )
         },

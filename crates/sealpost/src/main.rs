@@ -463,11 +463,7 @@ fn init(
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| "me".into());
     if let Some(r) = &relay {
-        if sealpost_relay::RelayAddress::parse(r).is_none() {
-            return Err(Failure::usage(anyhow!(
-                "{r:?} is not a relay address; it looks like 127.0.0.1:7443/KEYFINGERPRINT (`sealpost relay address` prints it)"
-            )));
-        }
+        deliver::parse_relay_address(r)?;
     }
     let mut agent = match home.init(&name, &mut OsRng, now()) {
         Err(sealpost_agent::AgentError::IdentityExists(dir)) if relay.is_some() => {

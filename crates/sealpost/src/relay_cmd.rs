@@ -635,7 +635,7 @@ fn serve(a: ServeArgs, out: &Out) -> Result<(), Failure> {
         });
         let kept = data.join("address");
         match &for_agents {
-            Some(a) => sealpost_agent::fsutil::replace_durable(&kept, format!("{a}\n").as_bytes(), 0o644)
+            Some(a) => sealpost_agent::fsutil::replace_durable(&kept, format!("{}\n", a.to_checked_text()).as_bytes(), 0o644)
                 .with_context(|| format!("cannot write {}", kept.display()))?,
             None => {
                 let _ = std::fs::remove_file(&kept);
@@ -649,7 +649,7 @@ fn serve(a: ServeArgs, out: &Out) -> Result<(), Failure> {
             json!({
                 "hostile": hostile,
                 "listening": addr.host_port,
-                "address": for_agents.as_ref().map(|a| a.to_string()),
+                "address": for_agents.as_ref().map(|a| a.to_checked_text()),
                 "fingerprint": addr.pin.to_text(),
                 "new_certificate": relay.created_cert(),
                 "data": data,
@@ -663,7 +663,7 @@ fn serve(a: ServeArgs, out: &Out) -> Result<(), Failure> {
                     if relay.created_cert() { ", new self-signed certificate" } else { "" },
                     addr.pin.to_text(),
                     match &for_agents {
-                        Some(a) => a.to_string(),
+                        Some(a) => a.to_checked_text(),
                         None => format!("unknown — set --public-address HOST:PORT (HOST:{}/{})", listen.port(), addr.pin.to_text()),
                     },
                 )
@@ -714,8 +714,8 @@ fn address(a: &DataArgs, out: &Out) -> Result<(), Failure> {
         pin: c.pin,
     };
     out.report(
-        json!({"address": addr.to_string(), "fingerprint": c.pin.to_text()}),
-        || format!("{addr}\n"),
+        json!({"address": addr.to_checked_text(), "fingerprint": c.pin.to_text()}),
+        || format!("{}\n", addr.to_checked_text()),
     )
 }
 

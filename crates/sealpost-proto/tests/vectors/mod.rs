@@ -380,6 +380,11 @@ fn relay_vectors() -> Value {
         "relay_key": h(relay_key.public().signing_bytes()),
         "bob_mailbox": h(&bob_mb.0),
         "auth_example": {"signer": "alice", "exporter": h(&exporter), "challenge": h(&challenge), "signature": h(&auth_sig)},
+        "checked_address": {
+            "description": "a relay address as printed for people: host:port/PIN, '.', and five check characters, base32 of the first 3 bytes of BLAKE3-derive-key(\"sealpost v1 text check\", the text before the '.')",
+            "address": format!("127.0.0.1:7443/{}", data_encoding::BASE32_NOPAD.encode(&[0xab; 32])),
+            "checked": sealpost_proto::codec::with_check(&format!("127.0.0.1:7443/{}", data_encoding::BASE32_NOPAD.encode(&[0xab; 32]))),
+        },
         "blob_piece_refusal_hash": {
             "description": "what a refusal of a BlobPut names as payload_hash (§6.5): BLAKE3(blob_id || offset as u64 big-endian)",
             "blob_id": h(&[0x88; 16]),
@@ -412,6 +417,14 @@ fn relay_vectors_match() {
         committed,
         relay_vectors(),
         "the code no longer produces testvectors/relay.json"
+    );
+    // The check characters of an address, from their definition.
+    let a = &committed["checked_address"];
+    let text = a["address"].as_str().expect("address");
+    let full = blake3::derive_key("sealpost v1 text check", text.as_bytes());
+    assert_eq!(
+        a["checked"].as_str().expect("checked"),
+        format!("{text}.{}", data_encoding::BASE32_NOPAD.encode(&full[..3]))
     );
     // The refusal hash of a blob piece, from its definition.
     let r = &committed["blob_piece_refusal_hash"];

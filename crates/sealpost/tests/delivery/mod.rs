@@ -1617,3 +1617,37 @@ fn cancel_flush_delete_and_export_a_rejection() {
         "{v}"
     );
 }
+
+/// Addresses are printed with check characters: a typo in one is told as
+/// a typo (it ended in "the relay's key does not match", which reads as an
+/// interception), and the checked form is accepted as it is printed.
+#[test]
+fn a_mistyped_relay_address_is_told_as_a_typo() {
+    let net = Net::pair();
+    let printed = String::from_utf8(
+        Command::new(cargo_bin("sealpost"))
+            .args(["relay", "address", "--data"])
+            .arg(net.env.path("relay"))
+            .output()
+            .expect("address")
+            .stdout,
+    )
+    .expect("utf8")
+    .trim()
+    .to_owned();
+    assert_eq!(
+        printed.rsplit_once('.').map(|(_, c)| c.len()),
+        Some(5),
+        "{printed}"
+    );
+    // One character of the pin changed.
+    let at = printed.find('/').expect("pin") + 10;
+    let mut typo = printed.clone().into_bytes();
+    typo[at] = if typo[at] == b'A' { b'B' } else { b'A' };
+    let typo = String::from_utf8(typo).expect("ascii");
+    let (code, _, err) = net.run("alice", &["relay", "use", &typo]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("has a typo"), "{err}");
+    let (code, _, err) = net.run("alice", &["relay", "use", &printed]);
+    assert_eq!(code, 0, "the printed form works: {err}");
+}

@@ -946,9 +946,16 @@ impl Engine {
         stats.duplicates += (entries.len() - new.len()) as u64;
         self.flush_found(stats)?;
         for (m, _) in &to_store {
-            if new.contains(&m.header.id) {
+            if new.contains(&m.header.id) && m.header.kind == Kind::FileManifest {
+                // The file itself is said when it is stored and verified.
+                tracing::debug!(
+                    "file announced in message {} from {}",
+                    m.header.id,
+                    self.agent.who(&m.header.sender)
+                );
+            } else if new.contains(&m.header.id) {
                 tracing::info!(
-                    "delivered message {} ({} bytes) from {}",
+                    "message {} ({} bytes) from {} stored in the inbox",
                     m.header.id,
                     m.content_len,
                     self.agent.who(&m.header.sender)

@@ -912,8 +912,7 @@ pub fn agent(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
         agent.db_mut().all_due_now(crate::now() * 1000)?;
     }
     tracing::info!(
-        "delivering for {}; received files go to {} (--downloads DIR to change)",
-        agent.card().name(),
+        "received files go to {} (--downloads DIR to change)",
         agent.download_dir()?.display()
     );
     let mut eng = Engine::new(agent)?;
@@ -933,7 +932,8 @@ pub fn agent(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
             }
         };
         tracing::info!(
-            "agent running for {} (home relay {}); stop with Ctrl-C",
+            "agent running for {} in {} (home relay {}); stop with Ctrl-C",
+            eng.agent().card().name(),
             home.dir().display(),
             eng.agent()
                 .home_relay()

@@ -280,6 +280,13 @@ pub struct Engine {
     /// goes on to other mail and the next pass continues the download);
     /// `None`: download to the end (what `sync` does).
     pub download_slice: Option<u64>,
+    /// Files larger than this are refused with a signed rejection
+    /// (`too-large`) as soon as their manifest arrives.
+    pub max_file: u64,
+    /// Free space kept on the download directory's file system: a file
+    /// that would leave less waits (a local error, retried with backoff,
+    /// in the end rejected as `not-stored`).
+    pub keep_free: u64,
     /// The read-backs of downloads left for a later pass (sliced), so the
     /// next pass goes on reading back where this one stopped instead of
     /// reading the file back from its start again; at most
@@ -671,6 +678,8 @@ impl Engine {
             timing: Timing::default(),
             progress: std::sync::Arc::new(crate::transfer::Quiet),
             download_slice: None,
+            max_file: DEFAULT_MAX_FILE,
+            keep_free: DEFAULT_KEEP_FREE,
             read_backs: Vec::new(),
             upload_hashes: Vec::new(),
             blob_deletes: Vec::new(),
@@ -1139,6 +1148,33 @@ impl Engine {
             tracing::warn!("discarded message {}: already opened (replayed)", h.id);
             stats.duplicates += 1;
             return Ok(Verdict::Done);
+        }
+        if h.kind == Kind::FileManifest {
+            // A file is judged by its manifest before anything is fetched:
+            // one that cannot be read, or that is larger than this agent
+            // takes, is refused now (the sender is told, signed), instead
+            // of waiting in the inbox without a receipt until it expires.
+            let refusal = match sealpost_proto::manifest::FileManifest::decode(&content) {
+                Err(e) => Some((RejectReason::Malformed, e.to_string())),
+                Ok(f) if f.layout.plaintext_len > self.max_file => Some((
+                    RejectReason::TooLarge,
+                    format!(
+                        "{} is {} bytes, more than the {} this agent takes (--max-file)",
+                        f.name, f.layout.plaintext_len, self.max_file
+                    ),
+                )),
+                Ok(_) => None,
+            };
+            if let Some((reason, why)) = refusal {
+                tracing::warn!(
+                    "rejected file in message {} from {}: {why}",
+                    h.id,
+                    self.agent.who(&h.sender)
+                );
+                stats.rejected += 1;
+                reject(reason, self, reports)?;
+                return Ok(Verdict::Done);
+            }
         }
         Ok(Verdict::Store(Box::new((m, content))))
     }
@@ -2170,6 +2206,30 @@ impl Engine {
         if let Err(e) = crate::fsutil::ensure_private_dir(&dir) {
             return fail(self, stats, format!("cannot create {}: {e}", dir.display()));
         }
+        // Room for the rest of the file, and the reserve kept free: else
+        // this download waits (a local error, retried with its backoff).
+        let still = d
+            .size
+            .saturating_sub((d.next_chunk * d.chunk_size as u64).min(d.size));
+        if still > 0 {
+            if let Ok(st) = rustix::fs::statvfs(&dir) {
+                let free = st.f_bavail.saturating_mul(st.f_frsize);
+                if free < still.saturating_add(self.keep_free) {
+                    return Err(AgentError::Io {
+                        what: "finding room in",
+                        path: dir.clone(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::StorageFull,
+                            format!(
+                                "{free} bytes free; the file needs {still} more and {} are kept free (--keep-free)",
+                                self.keep_free
+                            ),
+                        ),
+                    }
+                    .into());
+                }
+            }
+        }
         let blob_hex: String = d.blob_id.iter().map(|b| format!("{b:02x}")).collect();
         let cipher = d.key.cipher();
         let part_path = transfer::part_path(&dir, &blob_hex);
@@ -2731,6 +2791,12 @@ pub const DEFAULT_SEND_LIFETIME_SECS: u64 = DEFAULT_LIFETIME_SECS;
 const IDLE: Duration = Duration::from_secs(30);
 /// Wait between passes while the home relay cannot be reached.
 const RETRY: Duration = Duration::from_secs(1);
+
+/// The largest file accepted by default (`--max-file`): 16 GiB.
+pub const DEFAULT_MAX_FILE: u64 = 16 << 30;
+/// Free space kept by default on the download directory's file system
+/// (`--keep-free`): 1 GiB.
+pub const DEFAULT_KEEP_FREE: u64 = 1 << 30;
 
 /// How long to wait before trying a home relay again after `failures`
 /// failures in a row: 1 s, then 2 s. A try costs one connection attempt,

@@ -76,16 +76,20 @@ pub enum RejectReason {
     /// It never expires (`NO_EXPIRY`): a message that comes through relays
     /// must expire within 400 days, so its replay record can be forgotten.
     NoExpiry,
+    /// Its content cannot be read as what its kind says (a file manifest
+    /// that does not parse).
+    Malformed,
 }
 
 impl RejectReason {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::NotAContact,
         Self::TooLarge,
         Self::Expired,
         Self::FromTheFuture,
         Self::NotStored,
         Self::NoExpiry,
+        Self::Malformed,
     ];
 
     pub fn code(self) -> u8 {
@@ -96,6 +100,7 @@ impl RejectReason {
             Self::FromTheFuture => 4,
             Self::NotStored => 5,
             Self::NoExpiry => 6,
+            Self::Malformed => 7,
         }
     }
 
@@ -112,6 +117,7 @@ impl RejectReason {
             Self::FromTheFuture => "from-the-future",
             Self::NotStored => "not-stored",
             Self::NoExpiry => "no-expiry",
+            Self::Malformed => "malformed",
         }
     }
 
@@ -131,6 +137,9 @@ impl RejectReason {
             }
             Self::NoExpiry => {
                 "the message never expires; one sent through relays must expire within 400 days"
+            }
+            Self::Malformed => {
+                "the recipient could not read it as what it claims to be (a malformed file description)"
             }
         }
     }

@@ -157,6 +157,21 @@ pub struct SyncArgs {
     /// (like `postqueue -f`)
     #[arg(long)]
     now: bool,
+    /// Refuse files larger than this (the sender gets a signed `too-large`
+    /// rejection as soon as the file is announced), e.g. 4GiB
+    #[arg(long, value_name = "SIZE", default_value = "16GiB", value_parser = parse_size)]
+    max_file: u64,
+    /// Free space to keep on the download directory's file system: a file
+    /// that would leave less waits, and is in the end refused as not stored
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
+    keep_free: u64,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|_| format!("{s:?} is not a size (examples: 500MB, 4GiB)"))
 }
 
 #[derive(Args, Debug)]
@@ -837,6 +852,8 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     let mut eng = Engine::new(agent)?;
     eng.timing = args.timing.timing();
     eng.progress = progress(out);
+    eng.max_file = args.max_file;
+    eng.keep_free = args.keep_free;
     let stats = runtime()?
         .block_on(until_interrupted(eng.pass()))
         .ok_or_else(|| Failure {
@@ -917,6 +934,8 @@ pub fn agent(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     );
     let mut eng = Engine::new(agent)?;
     eng.timing = args.timing.timing();
+    eng.max_file = args.max_file;
+    eng.keep_free = args.keep_free;
     // A long download must not hold up other mail: 256 MiB per pass.
     eng.download_slice = Some(256 << 20);
     let rt = runtime()?;

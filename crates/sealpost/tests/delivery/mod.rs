@@ -1651,3 +1651,50 @@ fn a_mistyped_relay_address_is_told_as_a_typo() {
     let (code, _, err) = net.run("alice", &["relay", "use", &printed]);
     assert_eq!(code, 0, "the printed form works: {err}");
 }
+
+/// A recipient states what it takes: a file larger than `--max-file` is
+/// refused (signed, `too-large`) as soon as it is announced, and one that
+/// would eat into `--keep-free` waits instead of filling the disk.
+#[test]
+fn a_recipient_refuses_files_beyond_its_limits() {
+    let net = Net::pair();
+    write_file(&net, "big.bin", 300_000, 4);
+    let id = net.send_file("alice", "bob", "big.bin");
+    let mut c = net.env.cmd("bob");
+    c.args(["--json", "sync", "--max-file", "200KB", "--downloads"])
+        .arg(net.env.path("bob-downloads"));
+    let o = c.output().expect("sync");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let s: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(s["rejected"].as_u64(), Some(1), "{s}");
+    net.sync("alice");
+    let d = net.delivery("alice", &id);
+    assert_eq!(d["failure"].as_str(), Some("rejected:too-large"), "{d}");
+    assert!(!net.env.path("bob-downloads").join("big.bin").exists());
+
+    // Room: a reserve larger than any disk here makes the file wait.
+    let id = net.send_file("alice", "bob", "big.bin");
+    let mut c = net.env.cmd("bob");
+    c.args(["--json", "sync", "--keep-free", "1000PiB", "--downloads"])
+        .arg(net.env.path("bob-downloads"));
+    let o = c.output().expect("sync");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("kept free (--keep-free)"), "{err}");
+    assert!(!net.env.path("bob-downloads").join("big.bin").exists());
+    net.sync("alice");
+    assert_eq!(net.state("alice", &id), "submitted", "waiting, not failed");
+    // With room, a pass after the download's backoff (5 s) takes it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while net.state("alice", &id) != "delivered" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        sync_with(&net, "bob", &[]);
+        net.sync("alice");
+    }
+    assert_eq!(net.state("alice", &id), "delivered");
+}

@@ -746,6 +746,9 @@ impl Engine {
         // lost only means a duplicate next time (which gets its receipt
         // again and is not delivered twice).
         tracing::trace!("pass: fetched {}", stats.fetched);
+        // Messages' receipts go out now: a download (a large file, or one
+        // whose blob is slow to come) must not hold them up.
+        self.send_reports(&mut stats).await?;
         self.run_downloads(&mut stats).await?;
         self.run_repairs(&mut stats).await?;
         self.send_reports(&mut stats).await?;
@@ -2528,12 +2531,20 @@ impl Engine {
                     );
                 }
                 let since = *idle_since.get_or_insert_with(std::time::Instant::now);
-                if since.elapsed() > STREAM_WAIT {
-                    tracing::info!(
-                        "receiving {}: waiting for the sender to upload the rest ({} of {count} chunks here)",
-                        d.name,
-                        i
-                    );
+                // Waiting is for a blob that is streaming in; one of which
+                // nothing came in this pass is left to a later pass at once
+                // (a sender that never uploads must not cost every pass
+                // the wait).
+                if this_pass == 0 || since.elapsed() > STREAM_WAIT {
+                    if this_pass > 0 {
+                        tracing::info!(
+                            "receiving {}: waiting for the sender to upload the rest ({} of {count} chunks here)",
+                            d.name,
+                            i
+                        );
+                    } else {
+                        tracing::debug!("receiving {}: nothing new at the relay yet", d.name);
+                    }
                     break 'pieces;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;

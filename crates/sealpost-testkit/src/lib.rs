@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod clients;
+pub mod contact;
 pub mod hostile;
 pub mod netfault;
 pub mod soak;

@@ -1285,7 +1285,7 @@ pub fn status(home: &Home, args: StatusArgs, out: &Out) -> Result<(), Failure> {
             if !caught.is_empty() && args.id.is_none() {
                 let parts: Vec<String> = caught.iter().map(|(k, n)| format!("{n} {k}")).collect();
                 s.push_str(&format!(
-                    "Caught from relays (nothing of it was accepted): {}; see `sealpost status --detections`\n",
+                    "Caught and not accepted: {}; see `sealpost status --detections` (a duplicate is a copy delivered again: a relay's doing, or a sender's retransmission or replay)\n",
                     parts.join(", ")
                 ));
             }

@@ -172,7 +172,14 @@ impl HostileContact {
             let (_, sealed) = self.seal(&mut rng, victim, Kind::FileManifest, junk, now);
             submit(&mut report, "malformed-manifest", sealed).await?;
         }
-        for bad in ["../escape.txt", "/etc/passwd-x", "a/../../b", "", "a//b", "."] {
+        for bad in [
+            "../escape.txt",
+            "/etc/passwd-x",
+            "a/../../b",
+            "",
+            "a//b",
+            ".",
+        ] {
             let m = manifest(&mut rng, 10, bad);
             let (_, sealed) = self.seal(&mut rng, victim, Kind::FileManifest, &m.encode(), now);
             submit(&mut report, "invalid-name", sealed).await?;

@@ -42,7 +42,11 @@ fn tree(root: &Path) -> Vec<std::path::PathBuf> {
         for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
             let p = e.path();
             let m = std::fs::symlink_metadata(&p).expect("meta");
-            assert!(!m.file_type().is_symlink(), "a symbolic link: {}", p.display());
+            assert!(
+                !m.file_type().is_symlink(),
+                "a symbolic link: {}",
+                p.display()
+            );
             if m.is_dir() {
                 stack.push(p.clone());
             }
@@ -169,7 +173,9 @@ async fn a_hostile_contact_cannot_jam_escape_or_fill() {
         let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
         assert!(name.len() <= 255, "{}", f.display());
         assert!(
-            !name.starts_with(".sealpost-part-") || name.ends_with(".part") || f.components().count() == 1,
+            !name.starts_with(".sealpost-part-")
+                || name.ends_with(".part")
+                || f.components().count() == 1,
             "a sender's file under the agent's partial name: {}",
             f.display()
         );
@@ -178,7 +184,11 @@ async fn a_hostile_contact_cannot_jam_escape_or_fill() {
     assert!(!dir.path().join("b").exists());
     let received = files
         .iter()
-        .filter(|f| std::fs::symlink_metadata(downloads.join(f)).map(|m| m.is_file()).unwrap_or(false))
+        .filter(|f| {
+            std::fs::symlink_metadata(downloads.join(f))
+                .map(|m| m.is_file())
+                .unwrap_or(false)
+        })
         .filter(|f| !f.to_string_lossy().starts_with(".sealpost-part-"))
         .count();
     assert_eq!(

@@ -50,7 +50,10 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     if !relay.host_port.starts_with("127.") {
-        eprintln!("refusing to attack through {}: loopback only", relay.host_port);
+        eprintln!(
+            "refusing to attack through {}: loopback only",
+            relay.host_port
+        );
         return ExitCode::from(2);
     }
     let now = SystemTime::now()

@@ -618,51 +618,25 @@ impl Db {
                         content_hash: hash32(h),
                         content_len: to_u64(n),
                     };
-                    let o = row.delivery.receipt(now_ms, &sent, &l[i]);
-                    if o == Outcome::Changed {
-                        if !stored {
-                            tx.execute(
-                                "INSERT OR IGNORE INTO reports (hash, bytes) VALUES (?1, ?2)",
-                                params![report_hash, report.as_bytes()],
-                            )?;
-                            stored = true;
-                        }
-                        tx.prepare_cached(
-                            "UPDATE deliveries SET receipt = ?3 WHERE msg = ?1 AND recipient = ?2",
-                        )?
-                        .execute(params![
-                            id.0.to_vec(),
-                            signer.to_vec(),
-                            report_hash
-                        ])?;
-                    }
-                    o
+                    row.delivery.receipt(now_ms, &sent, &l[i])
                 }
-                Entries::Rejection(l) => {
-                    let o = row.delivery.rejected(now_ms, l[i].reason);
-                    if o == Outcome::Changed {
-                        // Kept like a receipt: the recipient's signed
-                        // word, which `receipt export` hands out.
-                        if !stored {
-                            tx.execute(
-                                "INSERT OR IGNORE INTO reports (hash, bytes) VALUES (?1, ?2)",
-                                params![report_hash, report.as_bytes()],
-                            )?;
-                            stored = true;
-                        }
-                        tx.prepare_cached(
-                            "UPDATE deliveries SET receipt = ?3 WHERE msg = ?1 AND recipient = ?2",
-                        )?
-                        .execute(params![
-                            id.0.to_vec(),
-                            signer.to_vec(),
-                            report_hash
-                        ])?;
-                    }
-                    o
-                }
+                Entries::Rejection(l) => row.delivery.rejected(now_ms, l[i].reason),
             };
             if outcome == Outcome::Changed {
+                // The recipient's signed word, receipt or rejection, is kept
+                // with the delivery it settled (`receipt export` hands it
+                // out); one copy of the report for all it settles.
+                if !stored {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO reports (hash, bytes) VALUES (?1, ?2)",
+                        params![report_hash, report.as_bytes()],
+                    )?;
+                    stored = true;
+                }
+                tx.prepare_cached(
+                    "UPDATE deliveries SET receipt = ?3 WHERE msg = ?1 AND recipient = ?2",
+                )?
+                .execute(params![id.0.to_vec(), signer.to_vec(), report_hash])?;
                 save_delivery(&tx, id, signer, &row.delivery, None)?;
                 release_sealed(&tx, id)?;
             }

@@ -56,6 +56,24 @@ fn tree(root: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Alice sends bob one message per number, then hands them to the relay.
+async fn send_honest(
+    alice: &mut Engine,
+    numbers: std::ops::Range<usize>,
+    ids: &mut Vec<sealpost_proto::MessageId>,
+) {
+    for i in numbers {
+        let text = format!("honest {i}");
+        ids.push(
+            alice
+                .agent_mut()
+                .send(&["bob".into()], text.as_bytes(), 3600, "honest")
+                .expect("send"),
+        );
+    }
+    alice.pass().await.expect("alice");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_contact_cannot_jam_escape_or_fill() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -93,16 +111,7 @@ async fn a_hostile_contact_cannot_jam_escape_or_fill() {
 
     // Honest mail before and after the attack.
     let mut honest = Vec::new();
-    for i in 0..3 {
-        let text = format!("honest {i}");
-        honest.push(
-            alice
-                .agent_mut()
-                .send(&["bob".into()], text.as_bytes(), 3600, "honest")
-                .expect("send"),
-        );
-    }
-    alice.pass().await.expect("alice");
+    send_honest(&mut alice, 0..3, &mut honest).await;
     let attack = ContactAttack {
         seed: 21,
         flood: 60,
@@ -114,16 +123,7 @@ async fn a_hostile_contact_cannot_jam_escape_or_fill() {
         .await
         .expect("attack");
     assert_eq!(report.refused, 0, "the relay took everything");
-    for i in 3..6 {
-        let text = format!("honest {i}");
-        honest.push(
-            alice
-                .agent_mut()
-                .send(&["bob".into()], text.as_bytes(), 3600, "honest")
-                .expect("send"),
-        );
-    }
-    alice.pass().await.expect("alice");
+    send_honest(&mut alice, 3..6, &mut honest).await;
 
     // Bob settles within a bounded number of passes, each bounded in time,
     // and quickly: a file whose blob never comes does not cost every pass

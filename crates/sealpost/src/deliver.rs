@@ -517,9 +517,12 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
         Ok(v)
     };
     if args.wait && !engine_used {
-        // A running agent does the work; watch the outbox (every 20 ms:
-        // quick enough for a person, a few queries a poll).
+        // A running agent does the work; watch the outbox: every 20 ms for
+        // the first 2 s (a receipt on a healthy path comes within tens of
+        // milliseconds), then every 250 ms (a wait for an absent recipient
+        // costs a few queries a second, not fifty).
         let deadline = Instant::now() + args.timeout;
+        let quick_until = Instant::now() + Duration::from_secs(2);
         let mut pending = ids.clone();
         loop {
             let mut still = Vec::with_capacity(pending.len());
@@ -529,10 +532,12 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
                 }
             }
             pending = still;
-            if pending.is_empty() || Instant::now() >= deadline {
+            let now = Instant::now();
+            if pending.is_empty() || now >= deadline {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            let step = if now < quick_until { 20 } else { 250 };
+            std::thread::sleep(Duration::from_millis(step).min(deadline - now));
         }
     }
     let elapsed = queued_at.elapsed();
@@ -629,11 +634,11 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
             code: 22,
             class: "still-pending",
             error: Some(anyhow!(
-                "no receipt within {} for {}; {} queued and retransmitted until {} expire (`sealpost status`)",
+                "no receipt within {} for {}; {} queued and retransmitted until {} (`sealpost status`)",
                 humantime::format_duration(args.timeout),
                 waiting.join(", "),
                 if waiting.len() == 1 { "it stays" } else { "they stay" },
-                if waiting.len() == 1 { "it" } else { "they" },
+                if waiting.len() == 1 { "it expires" } else { "they expire" },
             )),
         });
     }

@@ -10,6 +10,9 @@
 //! - [`clients`]: hostile clients — strangers flooding a relay at every
 //!   stage of a connection, stuffing quotas, registering en masse, probing
 //!   blobs and storming requests — while honest clients are measured.
+//! - [`contact`]: a hostile contact — a pinned sender that sends an agent
+//!   everything the format allows and more.
+//! - [`tool`]: what the attack binaries share.
 #![forbid(unsafe_code)]
 
 pub mod clients;
@@ -17,6 +20,7 @@ pub mod contact;
 pub mod hostile;
 pub mod netfault;
 pub mod soak;
+pub mod tool;
 
 pub use hostile::{Fault, Hostile, Spec, SpecError};
 pub use netfault::{FaultyProxy, NetFault};

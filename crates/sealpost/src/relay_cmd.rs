@@ -400,9 +400,12 @@ fn build_config(mut a: ServeArgs) -> anyhow::Result<(Config, Option<String>)> {
     };
     let public = match (&s.public_address, s.name.first()) {
         (Some(p), _) => {
-            if sealpost_relay::RelayAddress::parse(&format!("{p}/{}", "A".repeat(52))).is_none()
-                || !p.contains(':')
-            {
+            // What a card can carry (1 to 253 printable ASCII bytes,
+            // PROTOCOL §3), ending in a port.
+            let fits = (1..=253).contains(&p.len())
+                && p.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b'/');
+            let port = p.rsplit_once(':').map(|(h, port)| (h, port.parse::<u16>()));
+            if !fits || !matches!(port, Some((h, Ok(_))) if !h.is_empty()) {
                 return Err(anyhow!(
                     "public_address {p:?} is not host:port (e.g. relay.example.org:7443)"
                 ));

@@ -10,7 +10,6 @@ use std::time::Duration;
 use clap::Parser;
 use sealpost_proto::Identity;
 use sealpost_relay::client::RelayClient;
-use sealpost_relay::RelayAddress;
 use sealpost_testkit::clients::{self, AttackConfig};
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -52,21 +51,17 @@ struct Args {
 
 fn main() -> ExitCode {
     let a = Args::parse();
-    let Some(relay) = RelayAddress::parse(&a.relay) else {
-        eprintln!("not a relay address: {}", a.relay);
-        return ExitCode::from(2);
+    let relay = match sealpost_testkit::tool::loopback_relay(&a.relay) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
     };
-    if !relay.host_port.starts_with("127.") {
-        eprintln!("refusing to attack {}: loopback only", relay.host_port);
-        return ExitCode::from(2);
-    }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match sealpost_testkit::tool::runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("runtime: {e}");
+            eprintln!("{e}");
             return ExitCode::from(2);
         }
     };

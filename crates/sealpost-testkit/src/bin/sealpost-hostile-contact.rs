@@ -12,7 +12,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use sealpost_proto::card::ContactCard;
-use sealpost_relay::RelayAddress;
 use sealpost_testkit::contact::{ContactAttack, HostileContact};
 
 /// Writes the hostile contact's card (--card-out), or attacks the owner of
@@ -45,17 +44,13 @@ struct Args {
 
 fn main() -> ExitCode {
     let a = Args::parse();
-    let Some(relay) = RelayAddress::parse(&a.relay) else {
-        eprintln!("not a relay address: {}", a.relay);
-        return ExitCode::from(2);
+    let relay = match sealpost_testkit::tool::loopback_relay(&a.relay) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
     };
-    if !relay.host_port.starts_with("127.") {
-        eprintln!(
-            "refusing to attack through {}: loopback only",
-            relay.host_port
-        );
-        return ExitCode::from(2);
-    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -84,13 +79,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match sealpost_testkit::tool::runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("runtime: {e}");
+            eprintln!("{e}");
             return ExitCode::from(2);
         }
     };

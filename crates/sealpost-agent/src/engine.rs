@@ -60,6 +60,10 @@ const SUBMIT_BATCH: usize = 1024;
 const SUBMIT_BATCH_BYTES: usize = 32 << 20;
 /// Items asked for in one fetch (the relay also bounds a fetch by bytes).
 const FETCH_BATCH: u32 = 4096;
+/// Room one fetch may take in the home beyond `keep_free`: its payloads
+/// (about 1 MiB, the relay's bound on an answer), twice over for the spool
+/// and the database's log.
+const FETCH_ROOM: u64 = 4 << 20;
 /// A repair request without an answer is sent again after this long.
 const REPAIR_RETRY_MS: u64 = 60_000;
 /// How long a download waits within one pass for a blob that is still
@@ -801,6 +805,22 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let mut after = 0u64;
         loop {
+            // A fetch stores up to about a megabyte (the relay's answer)
+            // in the spool and the database: with less room than that
+            // above the reserve, what waits stays at the relay (it is not
+            // acknowledged, so nothing is lost) until there is room.
+            let home = self.agent.home().dir().to_path_buf();
+            if let Ok(st) = rustix::fs::statvfs(&home) {
+                let free = st.f_bavail.saturating_mul(st.f_frsize);
+                if free < self.keep_free.saturating_add(FETCH_ROOM) {
+                    tracing::warn!(
+                        "messages wait at the relay: {free} bytes free where {} is, and {} are kept free (--keep-free)",
+                        home.display(),
+                        self.keep_free
+                    );
+                    return Ok(());
+                }
+            }
             let (items, more) = self
                 .home
                 .call(&self.agent.identity, async |c| {

@@ -140,11 +140,43 @@ impl RelayClient {
 
     /// [`RelayClient::connect`] with other timeouts.
     pub async fn connect_with(addr: &RelayAddress, t: Timeouts) -> Result<Self, ClientError> {
+        Self::connect_from(addr, None, t).await
+    }
+
+    /// [`RelayClient::connect_with`] from a chosen local address (a
+    /// multi-homed host, or tests that play several machines on
+    /// 127.0.0.x); `None` lets the system choose.
+    pub async fn connect_from(
+        addr: &RelayAddress,
+        local: Option<std::net::IpAddr>,
+        t: Timeouts,
+    ) -> Result<Self, ClientError> {
         let connect_err = |source| ClientError::Connect {
             addr: addr.host_port.clone(),
             source,
         };
-        let tcp = timeout(t.connect, TcpStream::connect(&addr.host_port))
+        let tcp = async {
+            let Some(local) = local else {
+                return TcpStream::connect(&addr.host_port).await;
+            };
+            let to = tokio::net::lookup_host(&addr.host_port)
+                .await?
+                .find(|a| a.is_ipv4() == local.is_ipv4())
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::AddrNotAvailable,
+                        format!("no address of the relay in the family of {local}"),
+                    )
+                })?;
+            let socket = if local.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.bind(std::net::SocketAddr::new(local, 0))?;
+            socket.connect(to).await
+        };
+        let tcp = timeout(t.connect, tcp)
             .await
             .map_err(|_| connect_err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")))?
             .map_err(connect_err)?;

@@ -18,7 +18,7 @@ use sealpost_proto::relay::{
     self, auth_transcript, context, BlobPiece, ErrorCode, Frame, MailboxId, Refusal, RefusalCode,
     Request, Response,
 };
-use sealpost_store::{BlobPutOutcome, BlobRead, Limits, Registered, Store, SubmitOutcome};
+use sealpost_store::{BlobPutOutcome, BlobRead, Limits, Registered, Source, Store, SubmitOutcome};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, Notify, OwnedSemaphorePermit, Semaphore};
@@ -837,6 +837,8 @@ struct Session {
     exporter: [u8; 32],
     mailbox: Option<MailboxId>,
     subscribed: bool,
+    /// Where the connection comes from (for the per-source share).
+    source: Source,
     /// Blob pieces of this connection, stored in order by one task while
     /// the connection goes on reading (and decrypting) the next frames.
     blob_lane: mpsc::Sender<BlobJob>,
@@ -856,6 +858,9 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
     // Whole frames are written at once; without NODELAY small responses
     // wait on Nagle and delayed ACKs.
     tcp.set_nodelay(true)?;
+    // What this connection stores counts in its address's share of each
+    // mailbox (`Limits::source_share_percent`).
+    let source = Source::of_ip(tcp.peer_addr()?.ip());
     // rustls reads its records 4 KiB at a time; a read buffer under it
     // turns a 1 MiB blob piece into a few syscalls instead of 256.
     let tcp = tokio::io::BufReader::with_capacity(64 * 1024, tcp);
@@ -892,7 +897,7 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
                 let ids: Vec<u32> = jobs.iter().map(|j| j.id).collect();
                 let (puts, permits): (Vec<_>, Vec<_>) =
                     jobs.drain(..).map(|j| (j.put, j._permits)).unzip();
-                let answers = blob_put_many(&s, puts).await;
+                let answers = blob_put_many(&s, puts, source).await;
                 drop(permits);
                 let mut gone = false;
                 for (id, r) in ids.into_iter().zip(answers) {
@@ -912,6 +917,7 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
         exporter,
         mailbox: None,
         subscribed: false,
+        source,
         blob_lane,
     };
     let in_flight = Arc::new(Semaphore::new(s.config.max_in_flight));
@@ -1136,8 +1142,9 @@ async fn handle(
             };
             let s = s.clone();
             let out = out.clone();
+            let source = session.source;
             tokio::spawn(async move {
-                let r = submit(&s, mailbox, expires_at, payload_hash, payload).await;
+                let r = submit(&s, source, mailbox, expires_at, payload_hash, payload).await;
                 drop((p2, p3));
                 let _ = send(&out, id, r).await;
                 drop(p1);
@@ -1456,7 +1463,7 @@ const LANE_RUN: usize = 8;
 /// Stores blob pieces in order (from the connection's lane): runs of
 /// consecutive pieces with one fdatasync and one commit (the store's
 /// `blob_put_many`); an answer per piece.
-async fn blob_put_many(s: &Shared, pieces: Vec<BlobPiece>) -> Vec<Response> {
+async fn blob_put_many(s: &Shared, pieces: Vec<BlobPiece>, source: Source) -> Vec<Response> {
     let mut answers = Vec::with_capacity(pieces.len());
     let mut run: Vec<BlobPiece> = Vec::with_capacity(pieces.len());
     for p in pieces {
@@ -1470,18 +1477,18 @@ async fn blob_put_many(s: &Shared, pieces: Vec<BlobPiece>) -> Vec<Response> {
             Some(forged) => {
                 // What came before is stored first, as it would have been
                 // piece by piece.
-                store_run(s, std::mem::take(&mut run), &mut answers).await;
+                store_run(s, std::mem::take(&mut run), source, &mut answers).await;
                 answers.push(forged_refusal(s, forged, p.mailbox, p.refusal_hash()));
                 sealpost_proto::buffers::give(p.data);
             }
         }
     }
-    store_run(s, run, &mut answers).await;
+    store_run(s, run, source, &mut answers).await;
     answers
 }
 
 /// Stores `run` (pieces no hook refused) and appends an answer per piece.
-async fn store_run(s: &Shared, run: Vec<BlobPiece>, answers: &mut Vec<Response>) {
+async fn store_run(s: &Shared, run: Vec<BlobPiece>, source: Source, answers: &mut Vec<Response>) {
     if run.is_empty() {
         return;
     }
@@ -1490,7 +1497,7 @@ async fn store_run(s: &Shared, run: Vec<BlobPiece>, answers: &mut Vec<Response>)
         .iter()
         .map(|p| (p.mailbox, p.refusal_hash(), p.data.len() as u64))
         .collect();
-    let outcomes = s.store.blob_put_many(run, now()).await;
+    let outcomes = s.store.blob_put_many(run, source, now()).await;
     for ((mailbox, refused, n), r) in named.into_iter().zip(outcomes) {
         answers.push(match r {
             Ok(BlobPutOutcome::Stored { stored, complete }) => {
@@ -1513,6 +1520,7 @@ async fn store_run(s: &Shared, run: Vec<BlobPiece>, answers: &mut Vec<Response>)
 
 async fn submit(
     s: &Shared,
+    source: Source,
     mailbox: MailboxId,
     expires_at: u64,
     hash: [u8; 32],
@@ -1540,7 +1548,7 @@ async fn submit(
     let len = payload.len() as u64;
     match s
         .store
-        .submit(mailbox, expires_at, hash, payload, now())
+        .submit(mailbox, expires_at, hash, payload, source, now())
         .await
     {
         Ok(SubmitOutcome::Stored { seq, item_id }) => {

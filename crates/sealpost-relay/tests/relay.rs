@@ -850,3 +850,96 @@ async fn registration_policies_and_the_cap() {
     assert!(refused(c.register(&id(6)).await));
     relay.stop().await;
 }
+
+/// A stranger flooding a mailbox from one address fills its share of the
+/// quota and no more (items and blobs alike, refused with a signed
+/// over-quota); a sender from another address still gets in; the owner's
+/// acks give the stranger its room back. (Issue 21, finding 4.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_from_one_address_fills_only_its_share_of_a_mailbox() {
+    let relay = start(|c| {
+        c.limits.mailbox_quota = 10_000;
+        c.limits.source_share_percent = 50;
+    })
+    .await;
+    let from = |ip: &str| {
+        let ip = ip.parse().expect("ip");
+        let addr = relay.addr.clone();
+        async move {
+            RelayClient::connect_from(&addr, Some(ip), Default::default())
+                .await
+                .expect("connect")
+        }
+    };
+    let owner = from("127.0.0.1").await;
+    let bob = id(2);
+    let mb = owner.register(&bob).await.expect("register");
+    let stranger = from("127.0.0.2").await;
+    let mut accepted = 0;
+    let refusal = loop {
+        match stranger
+            .submit(mb, now() + 600, vec![7; 1000])
+            .await
+            .expect("answer")
+        {
+            Submitted::Accepted { .. } => accepted += 1,
+            Submitted::Refused(r) => break r,
+        }
+        assert!(accepted <= 10, "the stranger filled the whole mailbox");
+    };
+    assert_eq!(accepted, 5, "half of 10,000 bytes in 1,000-byte items");
+    assert_eq!(refusal.code, RefusalCode::OverQuota);
+    assert!(refusal.verify(stranger.relay_key()));
+    // Another connection from the same address shares the share, for
+    // blobs too.
+    let again = from("127.0.0.2").await;
+    let piece = BlobPiece {
+        blob_id: [3; 16],
+        mailbox: mb,
+        total_len: 100,
+        blob_hash: [0; 32],
+        expires_at: now() + 600,
+        offset: 0,
+        data: vec![1; 50],
+    };
+    match again.blob_put(piece.clone()).await.expect("answer") {
+        Err(Submitted::Refused(r)) => assert_eq!(r.code, RefusalCode::OverQuota),
+        other => panic!("{other:?}"),
+    }
+    // A sender from elsewhere is taken, message and file.
+    let friend = from("127.0.0.3").await;
+    assert!(matches!(
+        friend
+            .submit(mb, now() + 600, vec![1; 1000])
+            .await
+            .expect("answer"),
+        Submitted::Accepted { .. }
+    ));
+    assert!(matches!(
+        friend.blob_put(piece).await.expect("answer"),
+        Ok((50, false))
+    ));
+    // The owner takes two of the stranger's items: room for two more.
+    let (items, _) = owner.fetch(0, 2).await.expect("fetch");
+    owner
+        .ack(items.iter().map(|i| i.seq).collect())
+        .await
+        .expect("ack");
+    for _ in 0..2 {
+        assert!(matches!(
+            stranger
+                .submit(mb, now() + 600, vec![7; 1000])
+                .await
+                .expect("answer"),
+            Submitted::Accepted { .. }
+        ));
+    }
+    assert!(matches!(
+        stranger
+            .submit(mb, now() + 600, vec![7; 1000])
+            .await
+            .expect("answer"),
+        Submitted::Refused(_)
+    ));
+    relay.stop().await;
+}

@@ -112,6 +112,23 @@ pub struct Limits {
     /// The most mailboxes the relay registers (None: no cap). Existing
     /// mailboxes are never affected.
     pub max_mailboxes: Option<u64>,
+    /// The share of a mailbox's quota (in percent, 1..=100) that items and
+    /// blobs from one [`Source`] may hold: a stranger flooding a mailbox
+    /// from one address fills this share and no more, leaving the rest for
+    /// everyone else. 100 turns it off.
+    pub source_share_percent: u8,
+}
+
+impl Limits {
+    /// The bytes of one mailbox that one source may hold.
+    pub fn source_share(&self, quota: u64) -> u64 {
+        let pct = u64::from(self.source_share_percent.clamp(1, 100));
+        if pct == 100 {
+            quota
+        } else {
+            quota / 100 * pct + quota % 100 * pct / 100
+        }
+    }
 }
 
 impl Default for Limits {
@@ -121,7 +138,40 @@ impl Default for Limits {
             max_blob: 2 << 30,
             min_free_space: 64 << 20,
             max_mailboxes: None,
+            source_share_percent: 50,
         }
+    }
+}
+
+/// Where a submission came from, for the per-source share of a mailbox's
+/// quota ([`Limits::source_share_percent`]): an IPv4 address, or an IPv6
+/// address's /64 (one host's usual allocation), so that one machine counts
+/// once. Users behind one NAT share a source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Source([u8; 9]);
+
+impl Source {
+    /// The source of a connection from an IPv4 address.
+    pub const fn of_v4(octets: [u8; 4]) -> Self {
+        Self([4, octets[0], octets[1], octets[2], octets[3], 0, 0, 0, 0])
+    }
+
+    /// The source of a connection from `ip`.
+    pub fn of_ip(ip: std::net::IpAddr) -> Self {
+        let mut b = [6, 0, 0, 0, 0, 0, 0, 0, 0];
+        match ip {
+            std::net::IpAddr::V4(v4) => return Self::of_v4(v4.octets()),
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => return Self::of_ip(std::net::IpAddr::V4(v4)),
+                None => b[1..9].copy_from_slice(&v6.octets()[..8]),
+            },
+        }
+        Self(b)
+    }
+
+    /// The bytes the store keeps.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -199,6 +249,7 @@ enum Op {
         expires_at: u64,
         hash: [u8; 32],
         payload: Vec<u8>,
+        source: Source,
         now: u64,
         reply: oneshot::Sender<Result<SubmitOutcome, StoreError>>,
     },
@@ -216,6 +267,7 @@ enum Op {
         stored: u64,
         complete: bool,
         added: u64,
+        source: Source,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     BlobDelete {
@@ -244,7 +296,10 @@ CREATE TABLE IF NOT EXISTS items (
     received_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL,
     hash BLOB NOT NULL,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    -- the Source it came from (NULL for items stored before sources
+    -- were kept: those count in no share)
+    source BLOB
 );
 CREATE INDEX IF NOT EXISTS items_mailbox ON items(mailbox, seq);
 CREATE INDEX IF NOT EXISTS items_expiry ON items(expires_at);
@@ -257,9 +312,81 @@ CREATE TABLE IF NOT EXISTS blobs (
     hash BLOB NOT NULL,
     expires_at INTEGER NOT NULL,
     stored INTEGER NOT NULL,
-    complete INTEGER NOT NULL
+    complete INTEGER NOT NULL,
+    source BLOB
 );
+-- bytes each source holds in each mailbox (rows at 0 are deleted, so the
+-- table holds only sources with something stored)
+CREATE TABLE IF NOT EXISTS shares (
+    mailbox BLOB NOT NULL,
+    source BLOB NOT NULL,
+    used INTEGER NOT NULL,
+    PRIMARY KEY (mailbox, source)
+) WITHOUT ROWID;
 ";
+
+/// A blob expiry deleted: (id, mailbox, total_len, source).
+type GoneBlob = (Vec<u8>, Vec<u8>, i64, Option<Vec<u8>>);
+
+/// Columns added after a store was first made: (table, column, type).
+const ADDED_COLUMNS: &[(&str, &str, &str)] =
+    &[("items", "source", "BLOB"), ("blobs", "source", "BLOB")];
+
+/// Adds the columns of [`ADDED_COLUMNS`] an older store lacks.
+fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
+    for (table, column, ty) in ADDED_COLUMNS {
+        let has: bool = conn
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .exists(params![column])?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Takes `delta` bytes off `source`'s share of `mailbox` (a row that
+/// reaches 0 goes away).
+fn release_share(
+    tx: &rusqlite::Transaction<'_>,
+    mailbox: &[u8],
+    source: Option<&[u8]>,
+    delta: i64,
+) -> Result<(), rusqlite::Error> {
+    let Some(source) = source else { return Ok(()) };
+    tx.prepare_cached("UPDATE shares SET used = used - ?3 WHERE mailbox = ?1 AND source = ?2")?
+        .execute(params![mailbox, source, delta])?;
+    tx.prepare_cached("DELETE FROM shares WHERE mailbox = ?1 AND source = ?2 AND used <= 0")?
+        .execute(params![mailbox, source])?;
+    Ok(())
+}
+
+/// Adds `delta` bytes to `source`'s share of `mailbox`.
+fn charge_share(
+    tx: &rusqlite::Transaction<'_>,
+    mailbox: &[u8],
+    source: &[u8],
+    delta: i64,
+) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached(
+        "INSERT INTO shares (mailbox, source, used) VALUES (?1, ?2, ?3)
+         ON CONFLICT(mailbox, source) DO UPDATE SET used = used + excluded.used",
+    )?
+    .execute(params![mailbox, source, delta])?;
+    Ok(())
+}
+
+/// The bytes `source` holds in `mailbox`.
+fn share_used(conn: &Connection, mailbox: &[u8], source: &[u8]) -> Result<u64, rusqlite::Error> {
+    Ok(conn
+        .prepare_cached("SELECT used FROM shares WHERE mailbox = ?1 AND source = ?2")?
+        .query_row(params![mailbox, source], |r| r.get::<_, i64>(0))
+        .optional()?
+        .map(u64_of)
+        .unwrap_or(0))
+}
 
 fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -542,6 +669,7 @@ impl Store {
         }
         let writer_conn = open_conn(&db)?;
         writer_conn.execute_batch(SCHEMA)?;
+        migrate(&writer_conn)?;
         let reader = open_conn(&db)?;
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(CommitStats::default()));
@@ -799,6 +927,7 @@ impl Store {
         expires_at: u64,
         hash: [u8; 32],
         payload: Vec<u8>,
+        source: Source,
         now: u64,
     ) -> Result<SubmitOutcome, StoreError> {
         // An item costs its payload and about as much again in SQLite's
@@ -809,6 +938,7 @@ impl Store {
             expires_at,
             hash,
             payload,
+            source,
             now,
             reply,
         })
@@ -972,6 +1102,20 @@ impl Store {
         Ok((items, more, damaged))
     }
 
+    /// The bytes of `mailbox` that items and blobs from `source` hold.
+    pub fn share_used(&self, mailbox: &MailboxId, source: &Source) -> Result<u64, StoreError> {
+        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
+        Ok(share_used(&conn, &mailbox.0, source.as_bytes())?)
+    }
+
+    /// How many (mailbox, source) pairs hold something (the share table's
+    /// rows: it does not grow with history).
+    pub fn share_rows(&self) -> Result<u64, StoreError> {
+        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM shares", [], |r| r.get(0))?;
+        Ok(u64_of(n))
+    }
+
     /// (items, bytes used, quota) of a mailbox.
     pub fn status(&self, mailbox: &MailboxId) -> Result<(u64, u64, u64), StoreError> {
         let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
@@ -1069,8 +1213,13 @@ impl Store {
     /// Appends a piece to a blob. The piece must start where the stored
     /// part ends; the data is on disk (fsync'd) before the new length is
     /// committed, and the length is committed before this returns.
-    pub async fn blob_put(&self, piece: BlobPiece, now: u64) -> Result<BlobPutOutcome, StoreError> {
-        let mut out = self.blob_put_many(vec![piece], now).await;
+    pub async fn blob_put(
+        &self,
+        piece: BlobPiece,
+        source: Source,
+        now: u64,
+    ) -> Result<BlobPutOutcome, StoreError> {
+        let mut out = self.blob_put_many(vec![piece], source, now).await;
         out.pop().unwrap_or(Err(StoreError::Closed))
     }
 
@@ -1084,6 +1233,7 @@ impl Store {
     pub async fn blob_put_many(
         &self,
         pieces: Vec<BlobPiece>,
+        source: Source,
         now: u64,
     ) -> Vec<Result<BlobPutOutcome, StoreError>> {
         let mut out = Vec::with_capacity(pieces.len());
@@ -1101,7 +1251,7 @@ impl Store {
         }
         let mut pieces = pieces.into_iter().peekable();
         while let Some(first) = pieces.next() {
-            match self.blob_put_run(first, &mut pieces, now).await {
+            match self.blob_put_run(first, &mut pieces, source, now).await {
                 Ok(outcomes) => out.extend(outcomes.into_iter().map(Ok)),
                 Err((e, n)) => {
                     // None of the failed run was committed: its first
@@ -1122,6 +1272,7 @@ impl Store {
         &self,
         first: BlobPiece,
         more: &mut std::iter::Peekable<std::vec::IntoIter<BlobPiece>>,
+        source: Source,
         now: u64,
     ) -> Result<Vec<BlobPutOutcome>, (StoreError, usize)> {
         let one = |o: BlobPutOutcome| Ok(vec![o]);
@@ -1168,6 +1319,10 @@ impl Store {
         if is_new {
             let (_, used, quota) = self.status(&mailbox).map_err(|e| (e, 1))?;
             if used + total_len > quota {
+                return one(BlobPutOutcome::Refused(RefusalCode::OverQuota));
+            }
+            let held = self.share_used(&mailbox, &source).map_err(|e| (e, 1))?;
+            if held + total_len > self.inner.limits.source_share(quota) {
                 return one(BlobPutOutcome::Refused(RefusalCode::OverQuota));
             }
         }
@@ -1297,6 +1452,7 @@ impl Store {
             stored: end,
             complete,
             added,
+            source,
             reply,
         })
         .await
@@ -1671,6 +1827,7 @@ fn apply(
             expires_at,
             hash,
             payload,
+            source,
             now,
             reply,
         } => {
@@ -1687,12 +1844,18 @@ fn apply(
                 Some((used, q)) if u64_of(used) + payload.len() as u64 > u64_of(q) => {
                     SubmitOutcome::Refused(RefusalCode::OverQuota)
                 }
+                Some((_, q))
+                    if share_used(tx, &mailbox.0, source.as_bytes())? + payload.len() as u64
+                        > limits.source_share(u64_of(q)) =>
+                {
+                    SubmitOutcome::Refused(RefusalCode::OverQuota)
+                }
                 Some(_) => {
                     let mut item_id = [0u8; 16];
                     OsRng.fill_bytes(&mut item_id);
                     tx.prepare_cached(
-                        "INSERT INTO items (mailbox, item_id, received_at, expires_at, hash, payload)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        "INSERT INTO items (mailbox, item_id, received_at, expires_at, hash, payload, source)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     )?
                     .execute(params![
                         mailbox.0.to_vec(),
@@ -1700,11 +1863,13 @@ fn apply(
                         i64_of(now),
                         i64_of(expires_at),
                         hash.to_vec(),
-                        payload
+                        payload,
+                        source.as_bytes()
                     ])?;
                     let seq = u64_of(tx.last_insert_rowid());
                     tx.prepare_cached("UPDATE mailboxes SET used = used + ?2 WHERE id = ?1")?
                         .execute(params![mailbox.0.to_vec(), payload.len() as i64])?;
+                    charge_share(tx, &mailbox.0, source.as_bytes(), payload.len() as i64)?;
                     SubmitOutcome::Stored { seq, item_id }
                 }
             };
@@ -1718,16 +1883,18 @@ fn apply(
             let mut count = 0u32;
             let mut freed = 0i64;
             for seq in seqs {
-                let len: Option<i64> = tx
-                    .query_row(
-                        "DELETE FROM items WHERE seq = ?1 AND mailbox = ?2 RETURNING LENGTH(payload)",
-                        params![i64_of(seq), mailbox.0.to_vec()],
-                        |r| r.get(0),
-                    )
+                let gone: Option<(i64, Option<Vec<u8>>)> = tx
+                    .prepare_cached(
+                        "DELETE FROM items WHERE seq = ?1 AND mailbox = ?2 RETURNING LENGTH(payload), source",
+                    )?
+                    .query_row(params![i64_of(seq), mailbox.0.to_vec()], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
                     .optional()?;
-                if let Some(l) = len {
+                if let Some((l, source)) = gone {
                     count += 1;
                     freed += l;
+                    release_share(tx, &mailbox.0, source.as_deref(), l)?;
                 }
             }
             tx.execute(
@@ -1745,11 +1912,12 @@ fn apply(
             stored,
             complete,
             added,
+            source,
             reply,
         } => {
             tx.execute(
-                "INSERT INTO blobs (id, mailbox, total_len, hash, expires_at, stored, complete)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                "INSERT INTO blobs (id, mailbox, total_len, hash, expires_at, stored, complete, source)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT(id) DO UPDATE SET stored = excluded.stored, complete = excluded.complete,
                      hash = excluded.hash",
                 params![
@@ -1759,7 +1927,8 @@ fn apply(
                     hash.to_vec(),
                     i64_of(expires_at),
                     i64_of(stored),
-                    complete as i64
+                    complete as i64,
+                    source.as_bytes()
                 ],
             )?;
             if added > 0 {
@@ -1767,6 +1936,7 @@ fn apply(
                     "UPDATE mailboxes SET used = used + ?2 WHERE id = ?1",
                     params![mailbox.0.to_vec(), i64_of(added)],
                 )?;
+                charge_share(tx, &mailbox.0, source.as_bytes(), i64_of(added))?;
             }
             Reply::Unit(reply)
         }
@@ -1775,53 +1945,58 @@ fn apply(
             mailbox,
             reply,
         } => {
-            let len: Option<i64> = tx
+            let gone: Option<(i64, Option<Vec<u8>>)> = tx
                 .query_row(
-                    "DELETE FROM blobs WHERE id = ?1 AND mailbox = ?2 RETURNING total_len",
+                    "DELETE FROM blobs WHERE id = ?1 AND mailbox = ?2 RETURNING total_len, source",
                     params![blob_id.to_vec(), mailbox.0.to_vec()],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            if let Some(l) = len {
+            if let Some((l, source)) = &gone {
                 tx.execute(
                     "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
                     params![mailbox.0.to_vec(), l],
                 )?;
+                release_share(tx, &mailbox.0, source.as_deref(), *l)?;
             }
-            Reply::Bool(reply, len.is_some())
+            Reply::Bool(reply, gone.is_some())
         }
         Op::Sweep { now, reply } => {
             let mut n = 0u64;
             {
                 let mut stmt = tx.prepare(
-                    "DELETE FROM items WHERE expires_at <= ?1 RETURNING mailbox, LENGTH(payload)",
+                    "DELETE FROM items WHERE expires_at <= ?1 RETURNING mailbox, LENGTH(payload), source",
                 )?;
-                let freed: Vec<(Vec<u8>, i64)> = stmt
-                    .query_map(params![i64_of(now)], |r| Ok((r.get(0)?, r.get(1)?)))?
+                let freed: Vec<(Vec<u8>, i64, Option<Vec<u8>>)> = stmt
+                    .query_map(params![i64_of(now)], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?
                     .collect::<Result<_, _>>()?;
-                for (mb, len) in freed {
+                for (mb, len, source) in freed {
                     n += 1;
                     tx.execute(
                         "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
                         params![mb, len],
                     )?;
+                    release_share(tx, &mb, source.as_deref(), len)?;
                 }
             }
             let mut stmt = tx.prepare(
-                "DELETE FROM blobs WHERE expires_at <= ?1 RETURNING id, mailbox, total_len",
+                "DELETE FROM blobs WHERE expires_at <= ?1 RETURNING id, mailbox, total_len, source",
             )?;
-            let gone: Vec<(Vec<u8>, Vec<u8>, i64)> = stmt
+            let gone: Vec<GoneBlob> = stmt
                 .query_map(params![i64_of(now)], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                 })?
                 .collect::<Result<_, _>>()?;
             let mut ids = Vec::new();
-            for (id, mb, len) in gone {
+            for (id, mb, len, source) in gone {
                 n += 1;
                 tx.execute(
                     "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
                     params![mb, len],
                 )?;
+                release_share(tx, &mb, source.as_deref(), len)?;
                 ids.push(id.try_into().unwrap_or([0; 16]));
             }
             Reply::Sweep(reply, n, ids)

@@ -1,12 +1,17 @@
 use sealpost_proto::relay::{BlobPiece, MailboxId, RefusalCode};
-use sealpost_store::{BlobPutOutcome, Limits, Store, SubmitOutcome};
+use sealpost_store::{BlobPutOutcome, Limits, Source, Store, SubmitOutcome};
 
 const NOW: u64 = 1_750_000_000;
+
+/// Where the submissions of these tests come from.
+const SRC: Source = Source::of_v4([127, 0, 0, 1]);
 
 fn limits() -> Limits {
     Limits {
         mailbox_quota: 10_000,
         max_blob: 8_000,
+        // These tests are about the whole quota; shares have their own.
+        source_share_percent: 100,
         ..Limits::default()
     }
 }
@@ -31,21 +36,21 @@ async fn submit_fetch_ack_and_refusals() {
     );
     assert_eq!(
         store
-            .submit(other, NOW + 10, h(b"x"), b"x".to_vec(), NOW)
+            .submit(other, NOW + 10, h(b"x"), b"x".to_vec(), SRC, NOW)
             .await
             .expect("s"),
         SubmitOutcome::Refused(RefusalCode::UnknownMailbox)
     );
     assert_eq!(
         store
-            .submit(mb, NOW, h(b"x"), b"x".to_vec(), NOW)
+            .submit(mb, NOW, h(b"x"), b"x".to_vec(), SRC, NOW)
             .await
             .expect("s"),
         SubmitOutcome::Refused(RefusalCode::Expired)
     );
     assert_eq!(
         store
-            .submit(mb, NOW + 10, h(&[0; 10_001]), vec![0; 10_001], NOW)
+            .submit(mb, NOW + 10, h(&[0; 10_001]), vec![0; 10_001], SRC, NOW)
             .await
             .expect("s"),
         SubmitOutcome::Refused(RefusalCode::OverQuota)
@@ -53,7 +58,7 @@ async fn submit_fetch_ack_and_refusals() {
     let mut seqs = Vec::new();
     for i in 0..5u8 {
         match store
-            .submit(mb, NOW + 10, h(&[i; 100]), vec![i; 100], NOW)
+            .submit(mb, NOW + 10, h(&[i; 100]), vec![i; 100], SRC, NOW)
             .await
             .expect("s")
         {
@@ -88,7 +93,7 @@ async fn writes_survive_a_reopen_and_share_commits() {
             let s = store.clone();
             tasks.push(tokio::spawn(async move {
                 let p = i.to_be_bytes().to_vec();
-                s.submit(mb, NOW + 10, h(&p), p, NOW).await
+                s.submit(mb, NOW + 10, h(&p), p, SRC, NOW).await
             }));
         }
         for t in tasks {
@@ -139,7 +144,7 @@ async fn blobs_resume_and_check_their_hash() {
         let s = store.clone();
         let d = data[off..end].to_vec();
         async move {
-            s.blob_put(piece(id, mb, 5000, hash, off as u64, d.to_vec()), NOW)
+            s.blob_put(piece(id, mb, 5000, hash, off as u64, d.to_vec()), SRC, NOW)
                 .await
                 .expect("put")
         }
@@ -203,7 +208,7 @@ async fn blobs_resume_and_check_their_hash() {
     // A blob whose bytes do not hash to the stated value is discarded.
     let id2 = [8u8; 16];
     let r = store
-        .blob_put(piece(id2, mb, 10, [0; 32], 0, vec![1; 10]), NOW)
+        .blob_put(piece(id2, mb, 10, [0; 32], 0, vec![1; 10]), SRC, NOW)
         .await
         .expect("put");
     assert_eq!(r, BlobPutOutcome::HashMismatch);
@@ -212,12 +217,12 @@ async fn blobs_resume_and_check_their_hash() {
     assert!(!discarded.exists(), "a blob failing its hash is removed");
     // Too large, and over quota.
     let r = store
-        .blob_put(piece([7; 16], mb, 9000, [0; 32], 0, vec![1; 10]), NOW)
+        .blob_put(piece([7; 16], mb, 9000, [0; 32], 0, vec![1; 10]), SRC, NOW)
         .await
         .expect("put");
     assert_eq!(r, BlobPutOutcome::Refused(RefusalCode::TooLarge));
     let r = store
-        .blob_put(piece([6; 16], mb, 6000, [0; 32], 0, vec![1; 10]), NOW)
+        .blob_put(piece([6; 16], mb, 6000, [0; 32], 0, vec![1; 10]), SRC, NOW)
         .await
         .expect("put");
     assert_eq!(r, BlobPutOutcome::Refused(RefusalCode::OverQuota));
@@ -256,7 +261,7 @@ async fn runs_of_pieces_answer_as_pieces_one_by_one() {
     let put_many = |store: &Store, pieces: Vec<BlobPiece>| {
         let store = store.clone();
         async move {
-            let got = store.blob_put_many(pieces, NOW).await;
+            let got = store.blob_put_many(pieces, SRC, NOW).await;
             got.into_iter()
                 .map(|r| r.map_err(|_| ()))
                 .collect::<Vec<_>>()
@@ -332,6 +337,7 @@ async fn a_streaming_recipient_holds_an_upload_back_a_little() {
     let limits = Limits {
         mailbox_quota: 64 << 20,
         max_blob: 64 << 20,
+        source_share_percent: 100,
         ..Limits::default()
     };
     let store = Store::open(dir.path(), limits).expect("open");
@@ -351,6 +357,7 @@ async fn a_streaming_recipient_holds_an_upload_back_a_little() {
                         at as u64,
                         vec![at as u8; mib],
                     ),
+                    SRC,
                     NOW,
                 )
                 .await
@@ -414,7 +421,7 @@ async fn old_orphan_blob_files_are_removed() {
     let id = [3u8; 16];
     let data = vec![7u8; 100];
     let r = store
-        .blob_put(piece(id, mb, 100, h(&data), 0, data.clone()), NOW)
+        .blob_put(piece(id, mb, 100, h(&data), 0, data.clone()), SRC, NOW)
         .await
         .expect("put");
     assert_eq!(
@@ -450,4 +457,136 @@ async fn old_orphan_blob_files_are_removed() {
     assert!(young.exists(), "a young file is left alone");
     assert!(other.exists(), "a file that cannot be a blob is left alone");
     assert_eq!(reopened.blob_read(&id, 0, 100).expect("read"), Some(data));
+}
+
+/// One source holds at most its share of a mailbox (items and blobs
+/// together), others still have room; acks, deletes and expiry give the
+/// share back, and a source's row goes when it holds nothing.
+#[tokio::test]
+async fn one_source_holds_at_most_its_share_of_a_mailbox() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let limits = Limits {
+        source_share_percent: 30,
+        ..limits()
+    };
+    let store = Store::open(dir.path(), limits).expect("open");
+    let mb = MailboxId::of(&[1; 32]);
+    store.register(mb, [1; 32], NOW).await.expect("reg");
+    let stranger = Source::of_ip("127.0.0.9".parse().expect("ip"));
+    let friend = Source::of_ip("::ffff:127.0.0.3".parse().expect("ip"));
+    assert_eq!(friend, Source::of_v4([127, 0, 0, 3]), "mapped IPv4 is IPv4");
+    // 3,000 of 10,000 per source: two items of 1,000 and a blob of 1,000.
+    let mut seqs = Vec::new();
+    for i in 0..2u8 {
+        match store
+            .submit(mb, NOW + 10, h(&[i; 1000]), vec![i; 1000], stranger, NOW)
+            .await
+            .expect("submit")
+        {
+            SubmitOutcome::Stored { seq, .. } => seqs.push(seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    let blob = [9u8; 16];
+    let r = store
+        .blob_put(
+            piece(blob, mb, 1000, [0; 32], 0, vec![1; 10]),
+            stranger,
+            NOW,
+        )
+        .await
+        .expect("put");
+    assert!(matches!(r, BlobPutOutcome::Stored { .. }), "{r:?}");
+    assert_eq!(store.share_used(&mb, &stranger).expect("share"), 3000);
+    let over = store
+        .submit(mb, NOW + 10, h(&[7; 10]), vec![7; 10], stranger, NOW)
+        .await
+        .expect("submit");
+    assert_eq!(over, SubmitOutcome::Refused(RefusalCode::OverQuota));
+    let r = store
+        .blob_put(
+            piece([8; 16], mb, 10, [0; 32], 0, vec![1; 10]),
+            stranger,
+            NOW,
+        )
+        .await
+        .expect("put");
+    assert_eq!(r, BlobPutOutcome::Refused(RefusalCode::OverQuota));
+    // The mailbox itself has room: another source is taken.
+    let ok = store
+        .submit(mb, NOW + 10, h(&[5; 2000]), vec![5; 2000], friend, NOW)
+        .await
+        .expect("submit");
+    assert!(matches!(ok, SubmitOutcome::Stored { .. }), "{ok:?}");
+    // An ack gives the stranger's share back; so does a blob's delete.
+    assert_eq!(store.ack(mb, vec![seqs[0]]).await.expect("ack"), 1);
+    assert_eq!(store.share_used(&mb, &stranger).expect("share"), 2000);
+    assert!(store.blob_delete(blob, mb).await.expect("delete"));
+    assert_eq!(store.share_used(&mb, &stranger).expect("share"), 1000);
+    // Kept across a restart (the store is the truth, not memory) ...
+    store.close();
+    let store = Store::open(dir.path(), limits).expect("reopen");
+    assert_eq!(store.share_used(&mb, &stranger).expect("share"), 1000);
+    assert_eq!(store.share_used(&mb, &friend).expect("share"), 2000);
+    // ... and given back by expiry, the rows with it.
+    store.sweep(NOW + 10).await.expect("sweep");
+    assert_eq!(store.share_used(&mb, &stranger).expect("share"), 0);
+    assert_eq!(store.share_used(&mb, &friend).expect("share"), 0);
+    assert_eq!(store.share_rows().expect("rows"), 0);
+}
+
+/// A store made before sources were kept opens, gains the columns, and
+/// its old items (from no known source) count in no share but still in
+/// the quota.
+#[tokio::test]
+async fn a_store_from_before_shares_opens_and_counts_new_items() {
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("relay.db")).expect("db");
+        conn.execute_batch(
+            "CREATE TABLE mailboxes (id BLOB PRIMARY KEY, key BLOB NOT NULL, quota INTEGER NOT NULL,
+                 used INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);
+             CREATE TABLE items (seq INTEGER PRIMARY KEY AUTOINCREMENT, mailbox BLOB NOT NULL,
+                 item_id BLOB NOT NULL, received_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
+                 hash BLOB NOT NULL, payload BLOB NOT NULL);
+             CREATE TABLE blobs (id BLOB PRIMARY KEY, mailbox BLOB NOT NULL, total_len INTEGER NOT NULL,
+                 hash BLOB NOT NULL, expires_at INTEGER NOT NULL, stored INTEGER NOT NULL,
+                 complete INTEGER NOT NULL);",
+        )
+        .expect("old schema");
+        let mb = MailboxId::of(&[1; 32]);
+        conn.execute(
+            "INSERT INTO mailboxes VALUES (?1, ?2, 10000, 100, 0)",
+            rusqlite::params![mb.0.to_vec(), vec![1u8; 32]],
+        )
+        .expect("mailbox");
+        conn.execute(
+            "INSERT INTO items (mailbox, item_id, received_at, expires_at, hash, payload)
+             VALUES (?1, ?2, 0, ?3, ?4, ?5)",
+            rusqlite::params![
+                mb.0.to_vec(),
+                vec![0u8; 16],
+                (NOW + 10) as i64,
+                h(&[0; 100]).to_vec(),
+                vec![0u8; 100]
+            ],
+        )
+        .expect("item");
+    }
+    let store = Store::open(dir.path(), limits()).expect("open old");
+    let mb = MailboxId::of(&[1; 32]);
+    let r = store
+        .submit(mb, NOW + 10, h(&[1; 10]), vec![1; 10], SRC, NOW)
+        .await
+        .expect("submit");
+    let SubmitOutcome::Stored { seq, .. } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(store.share_used(&mb, &SRC).expect("share"), 10);
+    assert_eq!(store.status(&mb).expect("status").1, 110);
+    let (old, _, _) = store.fetch(&mb, 0, 10, 1 << 20).expect("fetch");
+    assert_eq!(old.len(), 2);
+    assert_eq!(store.ack(mb, vec![old[0].seq, seq]).await.expect("ack"), 2);
+    assert_eq!(store.share_rows().expect("rows"), 0);
+    assert_eq!(store.status(&mb).expect("status").1, 0);
 }

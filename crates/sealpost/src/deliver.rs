@@ -161,8 +161,9 @@ pub struct SyncArgs {
     /// rejection as soon as the file is announced), e.g. 4GiB
     #[arg(long, value_name = "SIZE", default_value = "16GiB", value_parser = parse_size)]
     max_file: u64,
-    /// Free space to keep on the download directory's file system: a file
-    /// that would leave less waits, and is in the end refused as not stored
+    /// Free space to keep: a file that would leave less on the download
+    /// directory's file system waits, and is in the end refused as not
+    /// stored; with less on the home's, messages wait at the relay
     #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
     keep_free: u64,
 }

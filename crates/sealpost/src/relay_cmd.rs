@@ -155,6 +155,12 @@ pub struct Settings {
     /// Bytes one mailbox may hold, e.g. 4GiB or 500MB [default: 4GiB]
     #[arg(long, value_name = "SIZE")]
     mailbox_quota: Option<Size>,
+    /// Share of each mailbox's quota, in percent, that what arrives from
+    /// one source address (an IPv4 address, an IPv6 /64) may hold: a
+    /// stranger flooding a mailbox from one address fills this much and
+    /// leaves the rest to others; 100 turns it off [default: 50]
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    source_share: Option<u8>,
     /// Largest blob (a sealed file: its size plus 16 bytes per 1 MiB)
     /// [default: 2GiB]
     #[arg(long, value_name = "SIZE")]
@@ -218,6 +224,7 @@ impl Settings {
                 .max_connections_per_address
                 .or(file.max_connections_per_address),
             mailbox_quota: self.mailbox_quota.or(file.mailbox_quota),
+            source_share: self.source_share.or(file.source_share),
             max_blob: self.max_blob.or(file.max_blob),
             min_free_space: self.min_free_space.or(file.min_free_space),
             max_message: self.max_message.or(file.max_message),
@@ -441,6 +448,14 @@ fn build_config(mut a: ServeArgs) -> anyhow::Result<(Config, Option<String>)> {
     if let Some(Size(m)) = s.max_blob {
         limits.max_blob = m;
     }
+    if let Some(p) = s.source_share {
+        if !(1..=100).contains(&p) {
+            return Err(anyhow!(
+                "source_share is a percentage from 1 to 100, not {p}"
+            ));
+        }
+        limits.source_share_percent = p;
+    }
     if let Some(Size(m)) = s.min_free_space {
         limits.min_free_space = m;
     }
@@ -565,6 +580,10 @@ fn effective_toml(c: &Config, public: &Option<String>) -> String {
             Some(c.max_connections_per_address.to_string()),
         ),
         ("mailbox_quota", Some(size(c.limits.mailbox_quota))),
+        (
+            "source_share",
+            Some(c.limits.source_share_percent.to_string()),
+        ),
         ("max_blob", Some(size(c.limits.max_blob))),
         ("min_free_space", Some(size(c.limits.min_free_space))),
         ("max_message", Some(size(c.max_message as u64))),

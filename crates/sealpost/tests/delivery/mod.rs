@@ -342,6 +342,29 @@ fn a_retransmitted_copy_is_stored_once_and_receipted_again() {
     assert_eq!(net.state("alice", &id), "delivered");
 }
 
+/// Messages do not fill the recipient's disk either: with less room than
+/// `--keep-free` where its home is, they wait at the relay (not
+/// acknowledged, so not lost, and not receipted), and come in once there
+/// is room.
+#[test]
+fn messages_wait_at_the_relay_while_the_disk_is_low() {
+    let net = Net::pair();
+    let id = net.send("alice", "bob", "hello", &[]);
+    let mut c = net.env.cmd("bob");
+    c.args(["--json", "sync", "--keep-free", "1000PiB"]);
+    let o = c.output().expect("sync");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("messages wait at the relay"), "{err}");
+    let s: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(s["fetched"].as_u64(), Some(0), "{s}");
+    net.sync("alice");
+    assert_eq!(net.state("alice", &id), "submitted");
+    net.sync("bob");
+    net.sync("alice");
+    assert_eq!(net.state("alice", &id), "delivered");
+}
+
 #[test]
 fn expiry_without_a_receipt_ends_as_failed() {
     let net = Net::pair();
@@ -1677,7 +1700,8 @@ fn a_recipient_refuses_files_beyond_its_limits() {
     assert_eq!(d["failure"].as_str(), Some("rejected:too-large"), "{d}");
     assert!(!net.env.path("bob-downloads").join("big.bin").exists());
 
-    // Room: a reserve larger than any disk here makes the file wait.
+    // Room: a reserve larger than any disk here makes the file wait (here
+    // its announcement already, which stays at the relay) ...
     let id = net.send_file("alice", "bob", "big.bin");
     let mut c = net.env.cmd("bob");
     c.args(["--json", "sync", "--keep-free", "1000PiB", "--downloads"])

@@ -272,6 +272,9 @@ enum Verdict {
 
 /// The sync engine of one home.
 pub struct Engine {
+    /// Commands waiting on this agent (`send --wait`): told after every
+    /// pass, at most [`MAX_WATCHERS`].
+    watchers: Vec<tokio::net::UnixStream>,
     agent: Agent,
     spool: Spool,
     home_addr: RelayAddress,
@@ -688,6 +691,7 @@ impl Engine {
             upload_hashes: Vec::new(),
             blob_deletes: Vec::new(),
             found: Vec::new(),
+            watchers: Vec::new(),
             _lock: lock,
         })
     }
@@ -2848,15 +2852,31 @@ async fn next_push(sub: &mut Option<UnboundedReceiver<u64>>) -> Option<u64> {
     }
 }
 
-async fn next_wake(wake: Option<&UnixListener>) {
+/// What a client writes on the wake-up socket: one byte.
+/// [`WAKE`]: the outbox changed, run a pass; the connection ends there.
+pub const WAKE: u8 = 1;
+/// [`WATCH`]: run a pass, and keep this connection: after every pass the
+/// agent writes a byte on it, so that a command waiting for a state (as
+/// `send --wait` does) re-reads the database when something may have
+/// changed, instead of polling it.
+pub const WATCH: u8 = 2;
+/// Watching connections an agent keeps; the oldest is closed for a new one
+/// (its command falls back to polling).
+const MAX_WATCHERS: usize = 64;
+
+/// Waits for a client on the wake-up socket; a watching one is returned.
+async fn next_wake(wake: Option<&UnixListener>) -> Option<tokio::net::UnixStream> {
     match wake {
         Some(l) => {
-            if let Ok((mut s, _)) = l.accept().await {
-                // The byte itself carries nothing; reading it lets the
-                // sender see its wake-up was taken.
-                let mut b = [0u8; 1];
-                let _ = tokio::io::AsyncReadExt::read(&mut s, &mut b).await;
-            }
+            let (mut s, _) = l.accept().await.ok()?;
+            // Reading the byte lets the client see its wake-up was taken.
+            let mut b = [0u8; 1];
+            let read = tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::io::AsyncReadExt::read(&mut s, &mut b),
+            )
+            .await;
+            matches!(read, Ok(Ok(1)) if b[0] == WATCH).then_some(s)
         }
         None => std::future::pending().await,
     }
@@ -2960,6 +2980,7 @@ impl Engine {
                 home_failures = 0;
             }
             total.add(&s);
+            self.tell_watchers();
             if done(self)? {
                 return Ok(total);
             }
@@ -2986,10 +3007,28 @@ impl Engine {
                         }
                     }
                 }
-                () = next_wake(wake) => {}
+                watcher = next_wake(wake) => {
+                    if let Some(w) = watcher {
+                        if self.watchers.len() >= MAX_WATCHERS {
+                            self.watchers.remove(0);
+                        }
+                        self.watchers.push(w);
+                    }
+                }
                 () = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// Tells every watching command that a pass ended (a byte each; one
+    /// that went away, or stopped reading, is dropped).
+    fn tell_watchers(&mut self) {
+        self.watchers.retain(|w| match w.try_write(&[1]) {
+            Ok(_) => true,
+            // Its buffer is full of earlier news: it has something to read.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+            Err(_) => false,
+        });
     }
 
     /// Submits what is due, without fetching (what `send` does when no
@@ -3011,9 +3050,20 @@ pub fn wake_socket(home: &std::path::Path) -> PathBuf {
 pub fn wake_agent(home: &std::path::Path) -> bool {
     use std::io::Write;
     match std::os::unix::net::UnixStream::connect(wake_socket(home)) {
-        Ok(mut s) => s.write_all(&[1]).is_ok(),
+        Ok(mut s) => s.write_all(&[WAKE]).is_ok(),
         Err(_) => false,
     }
+}
+
+/// Asks a running agent to run a pass and to tell this connection after
+/// every pass ([`WATCH`]); `None` if no agent is listening. Read a byte
+/// (with a timeout) to wait for the next pass; end of stream means the
+/// agent stopped.
+pub fn watch_agent(home: &std::path::Path) -> Option<std::os::unix::net::UnixStream> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(wake_socket(home)).ok()?;
+    s.write_all(&[WATCH]).ok()?;
+    Some(s)
 }
 
 /// Binds the wake-up socket (an old one left by a killed agent is

@@ -413,6 +413,10 @@ fn read_content(args: &SendArgs) -> Result<(Vec<u8>, String), Failure> {
     Ok((content, summary))
 }
 
+/// How long `send --wait` trusts a running agent to tell it of a pass
+/// before it reads the outbox anyway.
+const WATCH_FALLBACK: Duration = Duration::from_secs(10);
+
 pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     let mut names = vec![args.to.clone()];
@@ -518,12 +522,12 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
         Ok(v)
     };
     if args.wait && !engine_used {
-        // A running agent does the work; watch the outbox: every 20 ms for
-        // the first 2 s (a receipt on a healthy path comes within tens of
-        // milliseconds), then every 250 ms (a wait for an absent recipient
-        // costs a few queries a second, not fifty).
+        // A running agent does the work. It tells a watching command after
+        // every pass, so the outbox is read again only then (and every
+        // 10 s in any case); an agent that stops (end of stream) leaves
+        // this to read it every 250 ms.
         let deadline = Instant::now() + args.timeout;
-        let quick_until = Instant::now() + Duration::from_secs(2);
+        let mut watch = engine::watch_agent(home.dir());
         let mut pending = ids.clone();
         loop {
             let mut still = Vec::with_capacity(pending.len());
@@ -537,8 +541,26 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
             if pending.is_empty() || now >= deadline {
                 break;
             }
-            let step = if now < quick_until { 20 } else { 250 };
-            std::thread::sleep(Duration::from_millis(step).min(deadline - now));
+            let left = deadline - now;
+            match watch.as_mut() {
+                Some(w) => {
+                    let _ = w.set_read_timeout(Some(left.min(WATCH_FALLBACK)));
+                    let mut news = [0u8; 64];
+                    match io::Read::read(w, &mut news) {
+                        Ok(0) => watch = None,
+                        Ok(_) => {}
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock
+                                    | io::ErrorKind::TimedOut
+                                    | io::ErrorKind::Interrupted
+                            ) => {}
+                        Err(_) => watch = None,
+                    }
+                }
+                None => std::thread::sleep(Duration::from_millis(250).min(left)),
+            }
         }
     }
     let elapsed = queued_at.elapsed();

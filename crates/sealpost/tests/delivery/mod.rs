@@ -1090,6 +1090,41 @@ fn send_wait_never_misses_a_quick_receipt() {
     }
 }
 
+/// `send --wait` with the sender's agent running waits on the agent, not
+/// on a timer: the agent tells it after every pass, so each send returns
+/// as soon as its receipt is in — well under the 10 s after which it would
+/// read the outbox anyway if the agent did not tell it.
+#[test]
+fn send_wait_is_told_by_the_running_agent() {
+    let mut net = Net::pair();
+    net.start_agent("bob", "2m");
+    net.start_agent("alice", "2m");
+    for k in 0..3 {
+        let started = Instant::now();
+        let v = net.json(
+            "alice",
+            &[
+                "send",
+                "bob",
+                &format!("told {k}"),
+                "--wait",
+                "--timeout",
+                "30s",
+            ],
+        );
+        assert_eq!(
+            v["deliveries"][0]["state"].as_str(),
+            Some("delivered"),
+            "{v}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "send {k} took {:?}: the agent did not tell it",
+            started.elapsed()
+        );
+    }
+}
+
 /// `send` with no agent running and the relay down: the message is kept,
 /// and the command says it was not handed over and what will move it
 /// (exit 5), instead of exiting 0 silently.

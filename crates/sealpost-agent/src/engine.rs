@@ -929,6 +929,7 @@ impl Engine {
                     segment: loc.segment,
                     offset: loc.offset,
                     read_ms: None,
+                    archived_ms: None,
                 },
                 self.agent.policy.remember_until(h.expires_at),
             ));

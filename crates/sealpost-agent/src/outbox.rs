@@ -105,7 +105,9 @@ CREATE TABLE IF NOT EXISTS inbox (
     content_len INTEGER NOT NULL,
     segment INTEGER NOT NULL,
     offset INTEGER NOT NULL,
-    read_ms INTEGER
+    read_ms INTEGER,
+    -- when it was archived (out of the inbox's list, still readable)
+    archived_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS inbox_received ON inbox(received_ms);
 CREATE TABLE IF NOT EXISTS pending_reports (
@@ -222,6 +224,19 @@ pub struct InboxEntry {
     pub segment: u64,
     pub offset: u64,
     pub read_ms: Option<u64>,
+    /// When it was archived: out of `inbox`'s list, still readable.
+    pub archived_ms: Option<u64>,
+}
+
+/// Where received messages are listed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shelf {
+    /// The inbox: not archived.
+    Inbox,
+    /// Archived: out of the inbox's list, still readable.
+    Archive,
+    /// Both.
+    Both,
 }
 
 /// A report entry waiting to be signed and sent back to a sender.
@@ -374,11 +389,12 @@ fn inbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InboxEntry> {
         segment: to_u64(r.get(8)?),
         offset: to_u64(r.get(9)?),
         read_ms: r.get::<_, Option<i64>>(10)?.map(to_u64),
+        archived_ms: r.get::<_, Option<i64>>(11)?.map(to_u64),
     })
 }
 
 const INBOX_COLS: &str = "id, sender, kind, created_at, expires_at, received_ms, content_hash, \
-     content_len, segment, offset, read_ms";
+     content_len, segment, offset, read_ms, archived_ms";
 
 /// What applying one report changed, per entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -864,14 +880,54 @@ impl Db {
             .optional()?)
     }
 
-    /// Inbox entries, newest first.
+    /// Inbox entries (not archived), newest first.
     pub fn inbox(&self, unread_only: bool, limit: usize) -> Result<Vec<InboxEntry>, AgentError> {
+        self.received(Shelf::Inbox, unread_only, limit)
+    }
+
+    /// Received messages on `shelf`, newest first.
+    pub fn received(
+        &self,
+        shelf: Shelf,
+        unread_only: bool,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>, AgentError> {
+        let which = match shelf {
+            Shelf::Inbox => "archived_ms IS NULL",
+            Shelf::Archive => "archived_ms IS NOT NULL",
+            Shelf::Both => "1",
+        };
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT {INBOX_COLS} FROM inbox WHERE NOT ?1 OR read_ms IS NULL \
+            "SELECT {INBOX_COLS} FROM inbox WHERE ({which}) AND (NOT ?1 OR read_ms IS NULL) \
              ORDER BY received_ms DESC, id LIMIT ?2"
         ))?;
         let rows = stmt.query_map(params![unread_only, to_i64(limit as u64)], inbox_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Moves received messages to the archive (`now_ms`), or back to the
+    /// inbox (`None`). Returns how many changed shelf.
+    pub fn archive_received(
+        &mut self,
+        ids: &[MessageId],
+        now_ms: Option<u64>,
+    ) -> Result<usize, AgentError> {
+        let tx = self.conn.transaction()?;
+        let mut n = 0;
+        for id in ids {
+            n += match now_ms {
+                Some(t) => tx.execute(
+                    "UPDATE inbox SET archived_ms = ?2 WHERE id = ?1 AND archived_ms IS NULL",
+                    params![id.0.to_vec(), to_i64(t)],
+                )?,
+                None => tx.execute(
+                    "UPDATE inbox SET archived_ms = NULL WHERE id = ?1 AND archived_ms IS NOT NULL",
+                    params![id.0.to_vec()],
+                )?,
+            };
+        }
+        tx.commit()?;
+        Ok(n)
     }
 
     pub fn mark_read(&mut self, id: &MessageId, now_ms: u64) -> Result<(), AgentError> {
@@ -904,7 +960,7 @@ impl Db {
             let n = tx.execute(
                 &format!(
                     "INSERT OR IGNORE INTO inbox ({INBOX_COLS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, NULL)"
                 ),
                 params![
                     e.id.0.to_vec(),
@@ -1061,6 +1117,15 @@ pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
         conn.execute_batch(
             "ALTER TABLE downloads ADD COLUMN local_errors INTEGER NOT NULL DEFAULT 0",
         )?;
+    }
+    // Databases made before the archive.
+    let shelved: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('inbox') WHERE name = 'archived_ms'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !shelved {
+        conn.execute_batch("ALTER TABLE inbox ADD COLUMN archived_ms INTEGER")?;
     }
     Ok(())
 }

@@ -261,3 +261,24 @@ mod link {
         relay.stop().await.expect("serve");
     }
 }
+
+/// A home made before the archive opens: its inbox gains the column, and
+/// what it held is in the inbox, not the archive.
+#[test]
+fn a_home_from_before_the_archive_opens() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let home = Home::new(dir.path().join("h"));
+    drop(home.init("Alice", &mut rng(3), NOW).expect("init"));
+    {
+        let conn = rusqlite::Connection::open(home.db_path()).expect("db");
+        conn.execute_batch("ALTER TABLE inbox DROP COLUMN archived_ms")
+            .expect("old schema");
+    }
+    let agent = home.load().expect("load");
+    assert!(agent.db().inbox(false, 10).expect("inbox").is_empty());
+    assert!(agent
+        .db()
+        .received(sealpost_agent::outbox::Shelf::Archive, false, 10)
+        .expect("archive")
+        .is_empty());
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
 use sealpost_agent::engine::{self, Engine, EngineError, PassStats, SendError};
-use sealpost_agent::outbox::{DeliveryRow, InboxEntry, OutboxEntry};
+use sealpost_agent::outbox::{DeliveryRow, InboxEntry, OutboxEntry, Shelf};
 use sealpost_agent::spool::{Location, Spool};
 use sealpost_agent::{Agent, Home};
 use sealpost_proto::delivery::{State, Timing};
@@ -214,8 +214,11 @@ pub struct InboxArgs {
     limit: usize,
     /// Instead: the strangers (senders not among your contacts) whose
     /// messages were refused, by fingerprint, with how many and when
-    #[arg(long)]
+    #[arg(long, conflicts_with = "archived")]
     refused: bool,
+    /// Instead: the archived messages (`sealpost archive`)
+    #[arg(long)]
+    archived: bool,
 }
 
 #[derive(Args, Debug)]
@@ -1134,7 +1137,7 @@ fn refused(agent: &Agent, limit: usize, out: &Out) -> Result<(), Failure> {
 /// replay cache, so a replayed copy is still refused.
 pub fn delete(home: &Home, args: DeleteArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
-    let all = agent.db().inbox(false, usize::MAX >> 1)?;
+    let all = agent.db().received(Shelf::Both, false, usize::MAX >> 1)?;
     let mut ids = Vec::with_capacity(args.ids.len());
     for p in &args.ids {
         let e = resolve_id(p, all.iter(), |e| e.id)?;
@@ -1153,6 +1156,47 @@ pub fn delete(home: &Home, args: DeleteArgs, out: &Out) -> Result<(), Failure> {
     out.report(
         json!({"deleted": ids.iter().map(|i| i.to_string()).collect::<Vec<_>>()}),
         || format!("deleted {n} message(s) from the inbox (received files stay where they were saved)\n"),
+    )
+}
+
+#[derive(Args, Debug)]
+pub struct ArchiveArgs {
+    /// Ids of received messages (as `sealpost inbox` shows them; unique
+    /// prefixes are enough)
+    #[arg(required = true)]
+    ids: Vec<String>,
+    /// Bring archived messages back to the inbox instead
+    #[arg(long)]
+    undo: bool,
+}
+
+/// Moves received messages out of the inbox's list (kept, readable with
+/// `read`, listed by `inbox --archived`), or back.
+pub fn archive(home: &Home, args: ArchiveArgs, out: &Out) -> Result<(), Failure> {
+    let mut agent = home.load()?;
+    let all = agent.db().received(Shelf::Both, false, usize::MAX >> 1)?;
+    let mut ids = Vec::with_capacity(args.ids.len());
+    for p in &args.ids {
+        ids.push(resolve_id(p, all.iter(), |e| e.id)?.id);
+    }
+    let when = (!args.undo).then(engine::now_ms);
+    let n = agent.db_mut().archive_received(&ids, when)?;
+    let key = if args.undo { "unarchived" } else { "archived" };
+    out.report(
+        json!({key: ids.iter().map(|i| i.to_string()).collect::<Vec<_>>(), "changed": n}),
+        || {
+            if args.undo {
+                format!(
+                    "{n} message(s) back in the inbox ({} already were)\n",
+                    ids.len().saturating_sub(n)
+                )
+            } else {
+                format!(
+                    "archived {n} message(s) ({} already were); `sealpost inbox --archived` lists them, `read` still opens them\n",
+                    ids.len().saturating_sub(n)
+                )
+            }
+        },
     )
 }
 
@@ -1378,6 +1422,7 @@ fn inbox_json(agent: &Agent, e: &InboxEntry) -> Value {
         "content_len": e.content_len,
         "content_blake3": hex_lower(&e.content_hash),
         "read": e.read_ms.is_some(),
+        "archived": e.archived_ms.map(ms_time),
     })
 }
 
@@ -1386,13 +1431,22 @@ pub fn inbox(home: &Home, args: InboxArgs, out: &Out) -> Result<(), Failure> {
     if args.refused {
         return refused(&agent, args.limit, out);
     }
-    let list = agent.db().inbox(args.unread, args.limit)?;
+    let shelf = if args.archived {
+        Shelf::Archive
+    } else {
+        Shelf::Inbox
+    };
+    let list = agent.db().received(shelf, args.unread, args.limit)?;
     let spool = Spool::open(home.dir()).map_err(anyhow::Error::new)?;
     out.report(
         json!({"messages": list.iter().map(|e| inbox_json(&agent, e)).collect::<Vec<_>>()}),
         || {
             if list.is_empty() {
-                return "No messages.\n".to_owned();
+                return if args.archived {
+                    "No archived messages.\n".to_owned()
+                } else {
+                    "No messages.\n".to_owned()
+                };
             }
             let mut s = String::new();
             for e in &list {
@@ -1456,7 +1510,7 @@ pub fn inbox(home: &Home, args: InboxArgs, out: &Out) -> Result<(), Failure> {
 
 pub fn read(home: &Home, args: ReadArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
-    let all = agent.db().inbox(false, usize::MAX >> 1)?;
+    let all = agent.db().received(Shelf::Both, false, usize::MAX >> 1)?;
     let e = resolve_id(&args.id, all.into_iter(), |e| e.id)?;
     if let Some(mut f) = file_json(&agent, &e) {
         agent.db_mut().mark_read(&e.id, engine::now_ms())?;

@@ -140,6 +140,9 @@ enum Command {
     /// Delete received messages from the inbox (a received file's record
     /// only; the file stays where it was saved)
     Delete(deliver::DeleteArgs),
+    /// Archive received messages: out of `inbox`'s list, kept and still
+    /// readable (`inbox --archived` lists them; `--undo` brings them back)
+    Archive(deliver::ArchiveArgs),
     /// Export or verify receipts: signed proof that a recipient stored a message
     #[command(subcommand)]
     Receipt(deliver::ReceiptCmd),
@@ -441,6 +444,7 @@ fn run(cli: Cli, home_typed: bool, out: &Out) -> Result<(), Failure> {
         Command::Receipt(cmd) => deliver::receipt(&home, cmd, out),
         Command::Cancel(args) => deliver::cancel(&home, args, out),
         Command::Delete(args) => deliver::delete(&home, args, out),
+        Command::Archive(args) => deliver::archive(&home, args, out),
         Command::Id => id(&home.load()?, out),
         Command::Contact(cmd) => contact(&mut home.load()?, cmd, out),
         Command::Seal(args) => seal(&home.load()?, args, out),

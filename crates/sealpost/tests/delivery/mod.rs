@@ -1575,7 +1575,7 @@ fn the_agent_says_what_arrives_and_where_it_goes() {
 /// was already at the relay), flush now, delete received messages, and
 /// export a signed rejection as proof, like a receipt.
 #[test]
-fn cancel_flush_delete_and_export_a_rejection() {
+fn cancel_flush_delete_archive_and_export_a_rejection() {
     let mut net = Net::pair();
     // Cancelled before it reached the relay: it never does.
     net.stop_relay();
@@ -1627,6 +1627,34 @@ fn cancel_flush_delete_and_export_a_rejection() {
     let v = net.json("bob", &["delete", &first[..10]]);
     assert_eq!(v["deleted"][0].as_str(), Some(first.as_str()), "{v}");
     assert_eq!(net.inbox_len("bob"), n - 1);
+
+    // Archive: out of the inbox's list, still listed (--archived) and
+    // readable, and back with --undo.
+    let second = net.json("bob", &["inbox"])["messages"][0]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let v = net.json("bob", &["archive", &second[..10]]);
+    assert_eq!(v["archived"][0].as_str(), Some(second.as_str()), "{v}");
+    assert_eq!(v["changed"].as_u64(), Some(1), "{v}");
+    assert_eq!(net.inbox_len("bob"), n - 2);
+    let archived = net.json("bob", &["inbox", "--archived"]);
+    assert_eq!(
+        archived["messages"][0]["id"].as_str(),
+        Some(second.as_str())
+    );
+    assert!(
+        archived["messages"][0]["archived"].is_string(),
+        "{archived}"
+    );
+    let (code, text, err) = net.run("bob", &["read", &second[..10]]);
+    assert_eq!(code, 0, "an archived message is still read: {err}");
+    assert!(!text.is_empty());
+    let v = net.json("bob", &["archive", "--undo", &second]);
+    assert_eq!(v["changed"].as_u64(), Some(1), "{v}");
+    assert_eq!(net.inbox_len("bob"), n - 1);
+    let archived = net.json("bob", &["inbox", "--archived"]);
+    assert_eq!(archived["messages"].as_array().map(Vec::len), Some(0));
 
     // A signed rejection is exported and verified like a receipt.
     let tree = net.env.path("tree");

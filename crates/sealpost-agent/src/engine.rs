@@ -365,7 +365,7 @@ impl Agent {
                 SendError::BadFile(format!("{} has no usable file name", path.display()))
             })?
             .to_owned();
-        self.send_file_as(names, path, &name, lifetime_secs)
+        self.send_file_as(names, path, &name, lifetime_secs, None)
     }
 
     /// Sends every regular file under `dir` (symbolic links and special
@@ -391,8 +391,16 @@ impl Agent {
         lifetime_secs: u64,
     ) -> Result<Vec<(MessageId, String, u64)>, SendError> {
         let mut out = Vec::with_capacity(files.len());
-        for f in files {
-            let (id, size) = self.send_file_as(names, &f.path, &f.name, lifetime_secs)?;
+        // One group for the directory: its id is drawn once, each file's
+        // manifest names its place in it.
+        let mut group_id = [0u8; 16];
+        OsRng.fill_bytes(&mut group_id);
+        let count = u32::try_from(files.len()).unwrap_or(u32::MAX);
+        for (k, f) in files.iter().enumerate() {
+            let group = sealpost_proto::manifest::Group::new(group_id, k as u32, count)
+                .map_err(|e| SendError::BadFile(e.to_string()))?;
+            let (id, size) =
+                self.send_file_as(names, &f.path, &f.name, lifetime_secs, Some(group))?;
             out.push((id, f.name.clone(), size));
         }
         Ok(out)
@@ -405,6 +413,7 @@ impl Agent {
         path: &std::path::Path,
         name: &str,
         lifetime_secs: u64,
+        group: Option<sealpost_proto::manifest::Group>,
     ) -> Result<(MessageId, u64), SendError> {
         let to = self.resolve(names)?;
         let name = name.to_owned();
@@ -433,6 +442,10 @@ impl Agent {
             name.clone(),
         )
         .map_err(|e| SendError::BadFile(e.to_string()))?;
+        let manifest = match group {
+            Some(g) => manifest.in_group(g),
+            None => manifest,
+        };
         let mut m = to.seal_kind(
             &self.identity,
             Kind::FileManifest,
@@ -446,15 +459,18 @@ impl Agent {
             content_len: layout.plaintext_len,
         };
         self.queue_prepared(std::slice::from_ref(&m))?;
-        self.db.add_file_out(&crate::outbox::FileOut {
-            msg: m.id,
-            path: abs.to_string_lossy().into_owned(),
-            blob_id: blob_id.0,
-            key,
-            size: layout.plaintext_len,
-            chunk_size: layout.chunk_size,
-            plaintext_hash: *plaintext_hash.as_bytes(),
-        })?;
+        self.db.add_file_out(
+            &crate::outbox::FileOut {
+                msg: m.id,
+                path: abs.to_string_lossy().into_owned(),
+                blob_id: blob_id.0,
+                key,
+                size: layout.plaintext_len,
+                chunk_size: layout.chunk_size,
+                plaintext_hash: *plaintext_hash.as_bytes(),
+            },
+            group.as_ref(),
+        )?;
         Ok((m.id, layout.plaintext_len))
     }
 
@@ -913,6 +929,7 @@ impl Engine {
         let stored_at = received_ms / 1000;
         let mut entries = Vec::with_capacity(to_store.len());
         let mut downloads = Vec::new();
+        let mut groups = Vec::new();
         let download_dir = self.agent.download_dir()?;
         for ((m, content), loc) in to_store.iter().zip(&locations) {
             let h = &m.header;
@@ -938,6 +955,9 @@ impl Engine {
                 // Its receipt waits until the file itself is stored and
                 // verified (see `run_downloads`).
                 if let Ok(f) = sealpost_proto::manifest::FileManifest::decode(content) {
+                    if let Some(g) = f.group {
+                        groups.push((h.id, g));
+                    }
                     downloads.push(crate::outbox::Download {
                         msg: h.id,
                         sender: *h.sender.signing_bytes(),
@@ -978,7 +998,7 @@ impl Engine {
         let new = self
             .agent
             .db
-            .record_inbox(&entries, &reports, &downloads, now_s)?;
+            .record_inbox(&entries, &reports, &downloads, &groups, now_s)?;
         stats.delivered += new.len() as u64;
         stats.duplicates += (entries.len() - new.len()) as u64;
         self.flush_found(stats)?;

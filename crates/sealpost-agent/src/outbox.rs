@@ -10,6 +10,7 @@
 
 use rusqlite::{params, OptionalExtension, Transaction};
 use sealpost_proto::delivery::{Delivery, Failure, Outcome, Sent, State};
+use sealpost_proto::manifest::Group;
 use sealpost_proto::report::{Entries, ReceiptEntry, RejectReason, RejectionEntry, Report};
 use sealpost_proto::MessageId;
 
@@ -59,6 +60,15 @@ CREATE TABLE IF NOT EXISTS files_out (
     chunk_size INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS files_out_blob ON files_out(blob_id);
+-- files sent or received as part of a directory (the manifest's group,
+-- PROTOCOL 5.1), for either direction: a message id names one message
+CREATE TABLE IF NOT EXISTS file_groups (
+    msg BLOB PRIMARY KEY,
+    group_id BLOB NOT NULL,
+    idx INTEGER NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS file_groups_group ON file_groups(group_id, idx);
 CREATE TABLE IF NOT EXISTS downloads (
     msg BLOB PRIMARY KEY,
     sender BLOB NOT NULL,
@@ -715,6 +725,10 @@ impl Db {
         for id in ids {
             n += tx.execute("DELETE FROM inbox WHERE id = ?1", params![id.0.to_vec()])?;
             tx.execute(
+                "DELETE FROM file_groups WHERE msg = ?1 AND msg NOT IN (SELECT id FROM outbox)",
+                params![id.0.to_vec()],
+            )?;
+            tx.execute(
                 "DELETE FROM downloads WHERE msg = ?1 AND state IN ('done', 'failed')",
                 params![id.0.to_vec()],
             )?;
@@ -948,6 +962,7 @@ impl Db {
         entries: &[(InboxEntry, u64)],
         reports: &[PendingReport],
         downloads: &[Download],
+        groups: &[(MessageId, Group)],
         now: u64,
     ) -> Result<Vec<MessageId>, AgentError> {
         let tx = self.conn.transaction()?;
@@ -989,6 +1004,11 @@ impl Db {
         for d in downloads {
             if new.contains(&d.msg) {
                 insert_download(&tx, d)?;
+            }
+        }
+        for (msg, g) in groups {
+            if new.contains(msg) {
+                insert_group(&tx, msg, g)?;
             }
         }
         tx.commit()?;
@@ -1237,6 +1257,18 @@ fn download_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Download> {
     })
 }
 
+fn insert_group(
+    tx: &rusqlite::Transaction<'_>,
+    msg: &MessageId,
+    g: &Group,
+) -> Result<(), rusqlite::Error> {
+    tx.execute(
+        "INSERT OR IGNORE INTO file_groups (msg, group_id, idx, count) VALUES (?1, ?2, ?3, ?4)",
+        params![msg.0.to_vec(), g.id.to_vec(), g.index, g.count],
+    )?;
+    Ok(())
+}
+
 fn bad_text(bad: &[u64]) -> String {
     bad.iter()
         .map(|b| b.to_string())
@@ -1245,9 +1277,11 @@ fn bad_text(bad: &[u64]) -> String {
 }
 
 impl Db {
-    /// Records the file behind a queued file-manifest message.
-    pub fn add_file_out(&mut self, f: &FileOut) -> Result<(), AgentError> {
-        self.conn.execute(
+    /// Records the file behind a queued file-manifest message (and its
+    /// group, for a file of a directory).
+    pub fn add_file_out(&mut self, f: &FileOut, group: Option<&Group>) -> Result<(), AgentError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
             "INSERT INTO files_out (msg, path, blob_id, blob_key, size, chunk_size) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
@@ -1259,7 +1293,39 @@ impl Db {
                 f.chunk_size,
             ],
         )?;
+        if let Some(g) = group {
+            insert_group(&tx, &f.msg, g)?;
+        }
+        tx.commit()?;
         Ok(())
+    }
+
+    /// The group a file message (sent or received) belongs to, if any.
+    pub fn group_of(&self, msg: &MessageId) -> Result<Option<Group>, AgentError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT group_id, idx, count FROM file_groups WHERE msg = ?1")?
+            .query_row(params![msg.0.to_vec()], |r| {
+                Ok(Group {
+                    id: id16(r.get(0)?),
+                    index: r.get(1)?,
+                    count: r.get(2)?,
+                })
+            })
+            .optional()?)
+    }
+
+    /// The messages of a group, in their order. (Group ids are random, so
+    /// a sender's group and a received one never share an id by chance;
+    /// callers scope received groups to their sender.)
+    pub fn group_members(&self, group_id: &[u8; 16]) -> Result<Vec<MessageId>, AgentError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT msg FROM file_groups WHERE group_id = ?1 ORDER BY idx, msg")?;
+        let rows = stmt.query_map(params![group_id.to_vec()], |r| {
+            Ok(MessageId(id16(r.get(0)?)))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn file_out(&self, msg: &MessageId) -> Result<Option<FileOut>, AgentError> {

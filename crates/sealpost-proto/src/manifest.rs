@@ -6,6 +6,7 @@
 //! ```text
 //! manifest = "SPMF" 0x02 blob_id:[16] blob_key:[32] chunk_size:u32 size:u64
 //!            plaintext_blake3:[32] name_len:u16 name
+//!            [group_id:[16] index:u32 count:u32]   (a file of a directory)
 //! ```
 
 use std::fmt;
@@ -29,7 +30,41 @@ pub const MAX_PATH_BYTES: usize = 1024;
 /// …and this many components (a file sent as part of a directory keeps its
 /// place in the tree).
 pub const MAX_PATH_DEPTH: usize = 32;
-pub const MAX_MANIFEST_BYTES: usize = 5 + 16 + 32 + 4 + 8 + 32 + 2 + MAX_PATH_BYTES;
+/// The group trailer: id, index, count.
+pub const GROUP_BYTES: usize = 16 + 4 + 4;
+/// The most files one group (one directory sent at once) may have.
+pub const MAX_GROUP_FILES: u32 = 100_000;
+pub const MAX_MANIFEST_BYTES: usize = 5 + 16 + 32 + 4 + 8 + 32 + 2 + MAX_PATH_BYTES + GROUP_BYTES;
+
+/// The files of one directory sent at once: each manifest names the group
+/// (random id, drawn once per send), its place in it and how many there
+/// are, so that sender and recipient can show and handle them as one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Group {
+    pub id: [u8; 16],
+    /// 0-based, below `count`.
+    pub index: u32,
+    /// 1..=[`MAX_GROUP_FILES`].
+    pub count: u32,
+}
+
+impl Group {
+    pub fn new(id: [u8; 16], index: u32, count: u32) -> Result<Self, DecodeError> {
+        if count == 0 || count > MAX_GROUP_FILES {
+            return Err(DecodeError::Invalid {
+                what: "file group",
+                why: "must have 1 to 100000 files",
+            });
+        }
+        if index >= count {
+            return Err(DecodeError::Invalid {
+                what: "file group",
+                why: "index must be below the count",
+            });
+        }
+        Ok(Self { id, index, count })
+    }
+}
 
 /// Identifies a blob at a relay; random, so it reveals nothing about the file.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,6 +99,8 @@ pub struct FileManifest {
     /// and reading back, and what its receipt will carry.
     pub plaintext_hash: blake3::Hash,
     pub name: String,
+    /// Set for a file sent as part of a directory.
+    pub group: Option<Group>,
 }
 
 /// A file name must be one safe path component: a sender must not be able
@@ -121,7 +158,14 @@ impl FileManifest {
             layout,
             plaintext_hash,
             name,
+            group: None,
         })
+    }
+
+    /// This manifest as file `group.index` of `group`.
+    pub fn in_group(mut self, group: Group) -> Self {
+        self.group = Some(group);
+        self
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -135,6 +179,11 @@ impl FileManifest {
         out.extend_from_slice(self.plaintext_hash.as_bytes());
         out.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
         out.extend_from_slice(self.name.as_bytes());
+        if let Some(g) = &self.group {
+            out.extend_from_slice(&g.id);
+            out.extend_from_slice(&g.index.to_be_bytes());
+            out.extend_from_slice(&g.count.to_be_bytes());
+        }
         out
     }
 
@@ -156,6 +205,15 @@ impl FileManifest {
         let name_len = r.u16("name length")? as usize;
         let name = codec::read_text_of_len(&mut r, name_len, "file name", MAX_PATH_BYTES)?;
         validate_file_path(&name)?;
+        // Either nothing follows the name, or exactly a group.
+        let group = if r.remaining() == 0 {
+            None
+        } else {
+            let id = r.array("group id")?;
+            let index = r.u32("group index")?;
+            let count = r.u32("group count")?;
+            Some(Group::new(id, index, count)?)
+        };
         r.finish()?;
         Ok(Self {
             blob_id,
@@ -163,6 +221,7 @@ impl FileManifest {
             layout,
             plaintext_hash,
             name,
+            group,
         })
     }
 }
@@ -170,6 +229,46 @@ impl FileManifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A group trailer round-trips; anything but nothing or exactly one
+    /// valid group after the name is refused.
+    #[test]
+    fn a_group_travels_in_the_manifest_and_is_checked() {
+        let m = FileManifest::new(
+            BlobId([1; 16]),
+            BlobKey([2; 32]),
+            BlobLayout::new(10, crate::blob::DEFAULT_CHUNK_SIZE).expect("layout"),
+            blake3::hash(b"x"),
+            "photos/a.jpg".into(),
+        )
+        .expect("manifest");
+        let plain = m.encode();
+        assert_eq!(FileManifest::decode(&plain).expect("plain").group, None);
+        let g = Group::new([7; 16], 2, 3).expect("group");
+        let grouped = m.clone().in_group(g).encode();
+        assert_eq!(grouped.len(), plain.len() + GROUP_BYTES);
+        assert!(grouped.len() <= MAX_MANIFEST_BYTES);
+        assert_eq!(
+            FileManifest::decode(&grouped).expect("grouped").group,
+            Some(g)
+        );
+        for cut in 1..GROUP_BYTES {
+            assert!(
+                FileManifest::decode(&grouped[..grouped.len() - cut]).is_err(),
+                "{cut}"
+            );
+        }
+        let mut longer = grouped.clone();
+        longer.push(0);
+        assert!(FileManifest::decode(&longer).is_err());
+        for (index, count) in [(3, 3), (0, 0), (0, MAX_GROUP_FILES + 1), (u32::MAX, 1)] {
+            let mut bad = plain.clone();
+            bad.extend_from_slice(&[7; 16]);
+            bad.extend_from_slice(&index.to_be_bytes());
+            bad.extend_from_slice(&count.to_be_bytes());
+            assert!(FileManifest::decode(&bad).is_err(), "{index} of {count}");
+        }
+    }
 
     #[test]
     fn names_that_escape_are_refused() {

@@ -501,6 +501,28 @@ proptest! {
     }
 
     #[test]
+    fn prop_manifest_round_trip(
+        size in 0u64..(1 << 40),
+        name in "[a-z]{1,20}(/[a-z0-9_-][a-z0-9 ._-]{0,28}[a-z0-9_-]){0,4}",
+        group in proptest::option::of((any::<[u8; 16]>(), 1u32..=100_000, any::<prop::sample::Index>())),
+    ) {
+        let mut m = FileManifest::new(
+            BlobId([3; 16]),
+            BlobKey([4; 32]),
+            sealpost_proto::blob::BlobLayout::new(size, 65536).expect("layout"),
+            blake3::hash(name.as_bytes()),
+            name,
+        ).expect("manifest");
+        if let Some((id, count, at)) = group {
+            let index = at.index(count as usize) as u32;
+            m = m.in_group(sealpost_proto::manifest::Group::new(id, index, count).expect("group"));
+        }
+        let enc = m.encode();
+        prop_assert!(enc.len() <= sealpost_proto::manifest::MAX_MANIFEST_BYTES);
+        prop_assert_eq!(FileManifest::decode(&enc).expect("decodes"), m);
+    }
+
+    #[test]
     fn prop_parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
         let _ = ContactCard::decode(&bytes);
         let _ = ContactCard::from_text(&String::from_utf8_lossy(&bytes));

@@ -235,6 +235,7 @@ impl HostileContact {
                 layout: summary.layout,
                 plaintext_hash: summary.plaintext_hash,
                 name: name.clone(),
+                group: None,
             };
             let (_, sealed) = self.seal(&mut rng, victim, Kind::FileManifest, &m.encode(), now);
             submit(&mut report, class, sealed).await?;
@@ -266,5 +267,6 @@ fn manifest(rng: &mut ChaCha8Rng, size: u64, name: &str) -> FileManifest {
             .unwrap_or_else(|_| unreachable!("a valid chunk size")),
         plaintext_hash: blake3::Hash::from_bytes(hash),
         name: name.to_owned(),
+        group: None,
     }
 }

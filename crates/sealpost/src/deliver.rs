@@ -13,6 +13,7 @@ use sealpost_agent::outbox::{DeliveryRow, InboxEntry, OutboxEntry, Shelf};
 use sealpost_agent::spool::{Location, Spool};
 use sealpost_agent::{Agent, Home};
 use sealpost_proto::delivery::{State, Timing};
+use sealpost_proto::manifest::Group;
 use sealpost_proto::report::{Entries, Report, MAX_REPORT_TEXT_BYTES};
 use sealpost_proto::retry::Backoff;
 use sealpost_proto::MessageId;
@@ -576,6 +577,11 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
     if args.wait {
         v["waited_ms"] = json!(elapsed.as_secs_f64() * 1000.0);
     }
+    let group = match tree.first() {
+        Some(t) => agent.db().group_of(&t.0)?,
+        None => None,
+    };
+    v["group"] = group_json(group.as_ref());
     if !tree.is_empty() {
         v["files"] = json!(tree
             .iter()
@@ -602,6 +608,16 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
         let mut s = String::new();
         if tree.is_empty() {
             s.push_str(&format!("{id}\n"));
+        }
+        if let Some(g) = &group {
+            let names: Vec<&str> = tree.iter().map(|t| t.1.as_str()).collect();
+            s.push_str(&format!(
+                "{}  {} ({} files, one group: `sealpost status {}`)\n",
+                hex_lower(&g.id),
+                group_dir(&names),
+                g.count,
+                hex_lower(&g.id)
+            ));
         }
         for (k, e) in all.iter().enumerate() {
             if let Some((i, p, n)) = tree.get(k) {
@@ -1016,6 +1032,101 @@ pub fn agent(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
 }
 
 /// Finds a message id from a full id or a unique prefix.
+/// A group of files as a command names it: whose (the sender of received
+/// files, zeros for our own: a group is scoped to its sender) and its id.
+type GroupKey = ([u8; 32], [u8; 16]);
+
+/// Finds what `prefix` names: one message (by a unique prefix of its id),
+/// or every message of one group of files (a directory sent at once, by a
+/// unique prefix of the group's id, which is returned too), in the order
+/// of `candidates`.
+fn resolve_some<T>(
+    prefix: &str,
+    candidates: Vec<T>,
+    id_of: impl Fn(&T) -> MessageId,
+    group_of: impl Fn(&T) -> Option<GroupKey>,
+) -> Result<(Vec<T>, Option<GroupKey>), Failure> {
+    let p = prefix.trim().to_ascii_lowercase();
+    if p.is_empty() || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Failure::usage(anyhow!(
+            "{prefix:?} is not a message id (hex, as `sealpost status` or `sealpost inbox` show it)"
+        )));
+    }
+    let keys: Vec<Option<GroupKey>> = candidates.iter().map(&group_of).collect();
+    let messages = candidates
+        .iter()
+        .filter(|c| id_of(c).to_string().starts_with(&p))
+        .count();
+    let mut groups: Vec<GroupKey> = keys
+        .iter()
+        .flatten()
+        .filter(|k| hex_lower(&k.1).starts_with(&p))
+        .copied()
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    match (messages, groups.len()) {
+        (0, 0) => Err(Failure {
+            code: 6,
+            class: "not-found",
+            error: Some(anyhow!("no message or group of files with id {prefix}")),
+        }),
+        (1, 0) => Ok((
+            candidates
+                .into_iter()
+                .filter(|c| id_of(c).to_string().starts_with(&p))
+                .collect(),
+            None,
+        )),
+        (0, 1) => Ok((
+            candidates
+                .into_iter()
+                .zip(keys)
+                .filter(|(_, k)| *k == Some(groups[0]))
+                .map(|(c, _)| c)
+                .collect(),
+            Some(groups[0]),
+        )),
+        (m, g) => Err(Failure::usage(anyhow!(
+            "{} ids start with {prefix}; give more digits",
+            m + g
+        ))),
+    }
+}
+
+/// The common directory of a group's file names (`photos/a.jpg` → `photos/`).
+fn group_dir(names: &[&str]) -> String {
+    match names.first().and_then(|n| n.split_once('/')) {
+        Some((top, _)) if names.iter().all(|n| n.starts_with(&format!("{top}/"))) => {
+            format!("{top}/")
+        }
+        _ => "(files)".to_owned(),
+    }
+}
+
+fn group_json(g: Option<&Group>) -> Value {
+    match g {
+        Some(g) => json!({"id": hex_lower(&g.id), "index": g.index, "count": g.count}),
+        None => Value::Null,
+    }
+}
+
+/// Counts of states, as "3 delivered, 2 submitted".
+fn tally<'a>(states: impl Iterator<Item = &'a str>) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for st in states {
+        match counts.iter_mut().find(|(k, _)| *k == st) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((st, 1)),
+        }
+    }
+    counts
+        .iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn resolve_id<T>(
     prefix: &str,
     candidates: impl Iterator<Item = T>,
@@ -1048,32 +1159,53 @@ fn resolve_id<T>(
 pub fn cancel(home: &Home, args: CancelArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     let all = agent.db().outbox(None, usize::MAX >> 1)?;
-    let e = resolve_id(&args.id, all.into_iter(), |e| e.id)?;
-    let done = agent
-        .db_mut()
-        .cancel(&e.id, args.to.as_deref(), crate::now() * 1000)?;
+    let group_of = |id: &MessageId| agent.db().group_of(id).ok().flatten();
+    let (chosen, _) = resolve_some(
+        &args.id,
+        all,
+        |e| e.id,
+        |e| group_of(&e.id).map(|g| ([0; 32], g.id)),
+    )?;
+    // One message, or every file of a directory sent at once.
+    let mut done = Vec::new();
+    for e in &chosen {
+        for (n, st) in agent
+            .db_mut()
+            .cancel(&e.id, args.to.as_deref(), crate::now() * 1000)?
+        {
+            done.push((e, n, st));
+        }
+    }
     if done.is_empty() {
         return Err(Failure {
             code: 6,
             class: "not-found",
             error: Some(anyhow!(
-                "nothing to cancel: every delivery of message {}{} is already final (`sealpost status {}`)",
-                e.id,
-                args.to.as_deref().map(|n| format!(" to {n}")).unwrap_or_default(),
-                e.id
+                "nothing to cancel: every delivery of {}{} is already final (`sealpost status {}`)",
+                if chosen.len() == 1 {
+                    format!("message {}", chosen[0].id)
+                } else {
+                    format!("the {} files of {}", chosen.len(), args.id)
+                },
+                args.to
+                    .as_deref()
+                    .map(|n| format!(" to {n}"))
+                    .unwrap_or_default(),
+                args.id
             )),
         });
     }
     // A running agent looks again now.
     engine::wake_agent(home.dir());
+    let first = chosen[0].id;
     out.report(
         json!({
-            "id": e.id.to_string(),
-            "cancelled": done.iter().map(|(n, st)| json!({"to": n, "was": st.name()})).collect::<Vec<_>>(),
+            "id": first.to_string(),
+            "cancelled": done.iter().map(|(e, n, st)| json!({"id": e.id.to_string(), "to": n, "was": st.name()})).collect::<Vec<_>>(),
         }),
         || {
             let mut s = String::new();
-            for (n, st) in &done {
+            for (e, n, st) in &done {
                 s.push_str(&match st {
                     State::Queued => format!(
                         "cancelled message {} to {n}: it had not reached the relay{}\n",
@@ -1140,17 +1272,25 @@ pub fn delete(home: &Home, args: DeleteArgs, out: &Out) -> Result<(), Failure> {
     let all = agent.db().received(Shelf::Both, false, usize::MAX >> 1)?;
     let mut ids = Vec::with_capacity(args.ids.len());
     for p in &args.ids {
-        let e = resolve_id(p, all.iter(), |e| e.id)?;
-        if let Some(d) = agent.db().download(&e.id)? {
-            if d.state != "done" && d.state != "failed" {
-                return Err(Failure::usage(anyhow!(
-                    "message {} is a file still being received ({}); delete it once it is done",
-                    e.id,
-                    d.state
-                )));
+        // A message, or every file of a directory received at once.
+        let (chosen, _) = resolve_some(
+            p,
+            all.iter().collect(),
+            |e| e.id,
+            |e| received_group(&agent, e).map(|(k, _)| k),
+        )?;
+        for e in chosen {
+            if let Some(d) = agent.db().download(&e.id)? {
+                if d.state != "done" && d.state != "failed" {
+                    return Err(Failure::usage(anyhow!(
+                        "message {} is a file still being received ({}); delete it once it is done",
+                        e.id,
+                        d.state
+                    )));
+                }
             }
+            ids.push(e.id);
         }
-        ids.push(e.id);
     }
     let n = agent.db_mut().delete_received(&ids)?;
     out.report(
@@ -1177,7 +1317,13 @@ pub fn archive(home: &Home, args: ArchiveArgs, out: &Out) -> Result<(), Failure>
     let all = agent.db().received(Shelf::Both, false, usize::MAX >> 1)?;
     let mut ids = Vec::with_capacity(args.ids.len());
     for p in &args.ids {
-        ids.push(resolve_id(p, all.iter(), |e| e.id)?.id);
+        let (chosen, _) = resolve_some(
+            p,
+            all.iter().collect(),
+            |e| e.id,
+            |e| received_group(&agent, e).map(|(k, _)| k),
+        )?;
+        ids.extend(chosen.iter().map(|e| e.id));
     }
     let when = (!args.undo).then(engine::now_ms);
     let n = agent.db_mut().archive_received(&ids, when)?;
@@ -1338,17 +1484,29 @@ pub fn status(home: &Home, args: StatusArgs, out: &Out) -> Result<(), Failure> {
         return detections(&agent, args.limit, out);
     }
     let caught = agent.db().detection_counts()?;
+    let group_of = |id: &MessageId| agent.db().group_of(id).ok().flatten();
     let entries = match &args.id {
         Some(p) => {
             let all = agent.db().outbox(None, usize::MAX >> 1)?;
-            vec![resolve_id(p, all.into_iter(), |e| e.id)?]
+            resolve_some(
+                p,
+                all,
+                |e| e.id,
+                |e| group_of(&e.id).map(|g| ([0; 32], g.id)),
+            )?
+            .0
         }
         None => agent.db().outbox(None, args.limit)?,
     };
+    let groups: Vec<Option<Group>> = entries.iter().map(|e| group_of(&e.id)).collect();
     let totals = agent.db().delivery_counts()?;
     out.report(
         json!({
-            "messages": entries.iter().map(entry_json).collect::<Vec<_>>(),
+            "messages": entries.iter().zip(&groups).map(|(e, g)| {
+                let mut v = entry_json(e);
+                v["group"] = group_json(g.as_ref());
+                v
+            }).collect::<Vec<_>>(),
             "totals": totals.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
             "detections": caught.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         }),
@@ -1369,7 +1527,64 @@ pub fn status(home: &Home, args: StatusArgs, out: &Out) -> Result<(), Failure> {
                 let parts: Vec<String> = totals.iter().map(|(k, n)| format!("{n} {k}")).collect();
                 s.push_str(&format!("Deliveries: {}\n", parts.join(", ")));
             }
-            for e in &entries {
+            let mut shown = std::collections::HashSet::new();
+            for (e, g) in entries.iter().zip(&groups) {
+                if let Some(g) = g {
+                    if !shown.insert(g.id) {
+                        continue;
+                    }
+                    // A directory sent at once: one entry, all its files.
+                    let members: Vec<OutboxEntry> = agent
+                        .db()
+                        .group_members(&g.id)
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|m| agent.db().outbox(Some(m), 1).ok()?.into_iter().next())
+                        .collect();
+                    let names: Vec<&str> = members
+                        .iter()
+                        .map(|m| m.summary.strip_prefix("file ").unwrap_or(&m.summary))
+                        .collect();
+                    s.push_str(&format!(
+                        "{}  {}  {} ({} of {} files, {} bytes, expires {})\n",
+                        hex_lower(&g.id),
+                        ms_time(e.created_ms),
+                        group_dir(&names),
+                        members.len(),
+                        g.count,
+                        members.iter().map(|m| m.sent.content_len).sum::<u64>(),
+                        ms_time(e.expires_ms)
+                    ));
+                    let mut to: Vec<&str> = Vec::new();
+                    for d in members.iter().flat_map(|m| &m.deliveries) {
+                        if !to.contains(&d.name.as_str()) {
+                            to.push(&d.name);
+                        }
+                    }
+                    for name in to {
+                        let states = members
+                            .iter()
+                            .flat_map(|m| &m.deliveries)
+                            .filter(|d| d.name == name)
+                            .map(|d| d.delivery.state.name());
+                        s.push_str(&format!("  to {name}: {}\n", tally(states)));
+                    }
+                    if args.id.is_none() {
+                        s.push_str(&format!(
+                            "  (`sealpost status {}` for each file)\n",
+                            hex_lower(&g.id)
+                        ));
+                        continue;
+                    }
+                    for m in &members {
+                        s.push_str(&format!(
+                            "{}  {:?}  ({} bytes)\n",
+                            m.id, m.summary, m.sent.content_len
+                        ));
+                        s.push_str(&entry_text(m));
+                    }
+                    continue;
+                }
                 s.push_str(&format!(
                     "{}  {}  {:?}  ({} bytes, expires {})\n",
                     e.id,
@@ -1423,7 +1638,93 @@ fn inbox_json(agent: &Agent, e: &InboxEntry) -> Value {
         "content_blake3": hex_lower(&e.content_hash),
         "read": e.read_ms.is_some(),
         "archived": e.archived_ms.map(ms_time),
+        "group": group_json(agent.db().group_of(&e.id).ok().flatten().as_ref()),
     })
+}
+
+/// `read` of a group: its files, where each was saved (reading one by its
+/// id checks it against the disk again).
+fn read_group(
+    agent: &Agent,
+    key: &GroupKey,
+    members: &[InboxEntry],
+    out: &Out,
+) -> Result<(), Failure> {
+    let files: Vec<Value> = members
+        .iter()
+        .map(|m| {
+            let mut f = file_json(agent, m).unwrap_or(Value::Null);
+            f["id"] = json!(m.id.to_string());
+            f
+        })
+        .collect();
+    out.report(
+        json!({"group": hex_lower(&key.1), "from": sender_name(agent, &key.0), "files": files}),
+        || {
+            let mut s = String::new();
+            for f in &files {
+                s.push_str(&format!(
+                    "{}  {}: {}\n",
+                    f["id"].as_str().unwrap_or(""),
+                    f["name"].as_str().unwrap_or(""),
+                    match (f["state"].as_str(), f["path"].as_str()) {
+                        (Some("done"), Some(p)) => format!("saved as {p}"),
+                        (Some(st), _) => format!("{st} {} %", f["percent"]),
+                        _ => "?".to_owned(),
+                    }
+                ));
+            }
+            s.push_str("(`sealpost read ID` checks one file against the disk again)\n");
+            s
+        },
+    )
+}
+
+/// The group a received message belongs to, scoped to its sender.
+fn received_group(agent: &Agent, e: &InboxEntry) -> Option<(GroupKey, Group)> {
+    let g = agent.db().group_of(&e.id).ok().flatten()?;
+    Some(((e.sender, g.id), g))
+}
+
+/// The received files of a group (from its sender only), in their order.
+fn received_members(agent: &Agent, key: &GroupKey) -> Vec<InboxEntry> {
+    agent
+        .db()
+        .group_members(&key.1)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|m| agent.db().inbox_entry(m).ok().flatten())
+        .filter(|e| e.sender == key.0)
+        .collect()
+}
+
+/// One line for a directory received at once: how many of its files are
+/// here and what became of them.
+fn group_line(agent: &Agent, key: &GroupKey, g: &Group, first: &InboxEntry) -> String {
+    let members = received_members(agent, key);
+    let files: Vec<Value> = members.iter().filter_map(|m| file_json(agent, m)).collect();
+    let names: Vec<&str> = files.iter().filter_map(|f| f["name"].as_str()).collect();
+    let states = files.iter().map(|f| match f["state"].as_str() {
+        Some("done") => "saved",
+        Some(other) => other,
+        None => "?",
+    });
+    format!(
+        "{} {}  {}  from {:<16} {} {} of {} files ({} bytes): {}\n",
+        if members.iter().all(|m| m.read_ms.is_some()) {
+            " "
+        } else {
+            "*"
+        },
+        hex_lower(&key.1),
+        ms_time(first.received_ms),
+        sender_name(agent, &key.0),
+        group_dir(&names),
+        members.len(),
+        g.count,
+        files.iter().filter_map(|f| f["size"].as_u64()).sum::<u64>(),
+        tally(states)
+    )
 }
 
 pub fn inbox(home: &Home, args: InboxArgs, out: &Out) -> Result<(), Failure> {
@@ -1449,7 +1750,14 @@ pub fn inbox(home: &Home, args: InboxArgs, out: &Out) -> Result<(), Failure> {
                 };
             }
             let mut s = String::new();
+            let mut shown = std::collections::HashSet::new();
             for e in &list {
+                if let Some((key, g)) = received_group(&agent, e) {
+                    if shown.insert(key) {
+                        s.push_str(&group_line(&agent, &key, &g, e));
+                    }
+                    continue;
+                }
                 if let Some(f) = file_json(&agent, e) {
                     let state = f["state"].as_str().unwrap_or("");
                     let where_ = match (state, f["path"].as_str()) {
@@ -1511,7 +1819,16 @@ pub fn inbox(home: &Home, args: InboxArgs, out: &Out) -> Result<(), Failure> {
 pub fn read(home: &Home, args: ReadArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     let all = agent.db().received(Shelf::Both, false, usize::MAX >> 1)?;
-    let e = resolve_id(&args.id, all.into_iter(), |e| e.id)?;
+    let (mut chosen, group) = resolve_some(
+        &args.id,
+        all,
+        |e| e.id,
+        |e| received_group(&agent, e).map(|(k, _)| k),
+    )?;
+    if let Some(key) = group {
+        return read_group(&agent, &key, &chosen, out);
+    }
+    let e = chosen.remove(0);
     if let Some(mut f) = file_json(&agent, &e) {
         agent.db_mut().mark_read(&e.id, engine::now_ms())?;
         let d = agent

@@ -165,6 +165,10 @@ fn deterministic() -> Value {
             "plaintext_blake3": s.plaintext_hash.to_hex().to_string(),
             "blob_blake3": s.blob_hash.to_hex().to_string(),
             "manifest": h(&manifest.encode()),
+            "manifest_in_group": h(&manifest
+                .clone()
+                .in_group(sealpost_proto::manifest::Group::new([0x99; 16], 1, 3).expect("group"))
+                .encode()),
         },
     })
 }
@@ -516,6 +520,13 @@ fn test_vectors_match() {
     // The blob opens with the stated key to the stated plaintext.
     let b = &committed["blob"];
     let m = FileManifest::decode(&unh(&b["manifest"])).expect("manifest");
+    assert_eq!(m.group, None);
+    let g = FileManifest::decode(&unh(&b["manifest_in_group"])).expect("manifest in a group");
+    assert_eq!(
+        g.group,
+        Some(sealpost_proto::manifest::Group::new([0x99; 16], 1, 3).expect("group"))
+    );
+    assert_eq!(FileManifest { group: None, ..g }, m);
     let mut out = Vec::new();
     blob::open_blob(
         &m.key,

@@ -1212,6 +1212,91 @@ fn send_wait_on_a_directory_waits_for_every_file() {
     );
 }
 
+/// A directory sent at once is one group: `send` names it, `status` shows
+/// it as one entry (and each file under its id), the recipient's `inbox`
+/// as one line, `read`, `archive` and `delete` take its id, and `cancel`
+/// stops all its files. Each file still has its own receipt.
+#[test]
+fn a_directory_is_one_group_on_both_sides() {
+    let net = Net::pair();
+    let tree = net.env.path("photos");
+    std::fs::create_dir_all(tree.join("2026")).expect("mkdir");
+    for (name, n) in [("a.jpg", 3000), ("b.jpg", 4000), ("2026/c.jpg", 5000)] {
+        std::fs::write(tree.join(name), vec![7u8; n]).expect("w");
+    }
+    let v = net.json("alice", &["send", "bob", "--file", "photos"]);
+    let gid = v["group"]["id"].as_str().expect("group id").to_owned();
+    assert_eq!(v["group"]["count"].as_u64(), Some(3), "{v}");
+    let files = v["files"].as_array().expect("files");
+    assert_eq!(files.len(), 3);
+    let (code, text, err) = net.run("alice", &["send", "bob", "--file", "photos"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        String::from_utf8_lossy(&text).contains("photos/ (3 files, one group"),
+        "{}",
+        String::from_utf8_lossy(&text)
+    );
+
+    // The sender's status: the group by its id, each file with the group.
+    let st = net.json("alice", &["status", &gid[..12]]);
+    let msgs = st["messages"].as_array().expect("messages");
+    assert_eq!(msgs.len(), 3, "{st}");
+    for (k, m) in msgs.iter().enumerate() {
+        assert_eq!(m["group"]["id"].as_str(), Some(gid.as_str()), "{st}");
+        assert!(m["group"]["index"].as_u64().expect("index") < 3, "{k}");
+    }
+    let (_, text, _) = net.run("alice", &["status"]);
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains(&format!("{gid}  ")), "{text}");
+    assert!(
+        text.contains("photos/ (3 of 3 files, 12000 bytes"),
+        "{text}"
+    );
+    assert!(text.contains("to bob: 3 submitted"), "{text}");
+
+    // The recipient: one line for the directory, its files under its id.
+    sync_with(&net, "bob", &[]);
+    net.sync("alice");
+    let st = net.json("alice", &["status", &gid]);
+    for m in st["messages"].as_array().expect("messages") {
+        assert_eq!(
+            m["deliveries"][0]["state"].as_str(),
+            Some("delivered"),
+            "{st}"
+        );
+    }
+    let (_, text, _) = net.run("bob", &["inbox"]);
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("photos/ 3 of 3 files (12000 bytes): 3 saved"),
+        "{text}"
+    );
+    let r = net.json("bob", &["read", &gid[..12]]);
+    let got = r["files"].as_array().expect("files");
+    assert_eq!(got.len(), 3, "{r}");
+    assert!(
+        got.iter().all(|f| f["state"].as_str() == Some("done")),
+        "{r}"
+    );
+    let v = net.json("bob", &["archive", &gid]);
+    assert_eq!(v["changed"].as_u64(), Some(3), "{v}");
+    assert_eq!(net.inbox_len("bob"), 3, "the second copy of the directory");
+    let v = net.json("bob", &["delete", &gid]);
+    assert_eq!(v["deleted"].as_array().map(Vec::len), Some(3), "{v}");
+    assert!(net
+        .env
+        .path("bob-downloads")
+        .join("photos/2026/c.jpg")
+        .exists());
+
+    // Cancel takes the group too: a third copy's three files.
+    let third = net.json("alice", &["send", "bob", "--file", "photos"]);
+    let second = third["group"]["id"].as_str().expect("group").to_owned();
+    assert_ne!(second, gid);
+    let c = net.json("alice", &["cancel", &second]);
+    assert_eq!(c["cancelled"].as_array().map(Vec::len), Some(3), "{c}");
+}
+
 /// `read ID` of a received file reads it again: it says "matches" only
 /// when it still does, and says plainly when the file changed or is gone
 /// (it printed "verified from disk" for a file changed or deleted since).

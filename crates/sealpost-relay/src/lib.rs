@@ -6,6 +6,7 @@
 pub mod client;
 pub mod limits;
 pub mod metrics;
+pub mod pooled;
 pub mod server;
 pub mod tamper;
 pub mod tls;

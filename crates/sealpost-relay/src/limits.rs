@@ -103,3 +103,55 @@ mod tests {
         assert!(p.try_take(b, t0));
     }
 }
+
+/// File descriptors kept for what is not a connection: the store's
+/// database and log, blob files being written (up to 64) and read, the
+/// listener, metrics.
+pub const FD_RESERVE: u64 = 256;
+/// The default connection cap never goes above this, whatever the
+/// file-descriptor limit allows (memory: an idle connection costs about
+/// 15 KiB).
+pub const MAX_DEFAULT_CONNECTIONS: usize = 65_536;
+
+/// The process's file-descriptor limit: (soft limit before, soft limit
+/// now), after raising the soft limit to the hard one. `None` if it cannot
+/// be read.
+pub fn raise_fd_limit() -> Option<(u64, u64)> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let lim = getrlimit(Resource::Nofile);
+    let before = lim.current?;
+    if let Some(max) = lim.maximum {
+        if max > before {
+            let raised = rustix::process::Rlimit {
+                current: Some(max),
+                maximum: lim.maximum,
+            };
+            if setrlimit(Resource::Nofile, raised).is_ok() {
+                return Some((before, max));
+            }
+        }
+    }
+    Some((before, before))
+}
+
+/// The connections `soft` file descriptors can hold, after
+/// [`FD_RESERVE`]; at least 16.
+pub fn connections_for_fds(soft: u64) -> usize {
+    usize::try_from(soft.saturating_sub(FD_RESERVE))
+        .unwrap_or(usize::MAX)
+        .max(16)
+}
+
+#[cfg(test)]
+mod fd_tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_leaves_the_reserve() {
+        assert_eq!(connections_for_fds(1024), 768);
+        assert_eq!(connections_for_fds(100), 16);
+        assert_eq!(connections_for_fds(1 << 20), (1 << 20) - 256);
+        let (before, now) = raise_fd_limit().expect("readable");
+        assert!(now >= before);
+    }
+}

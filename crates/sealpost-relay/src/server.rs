@@ -21,7 +21,7 @@ use sealpost_proto::relay::{
 use sealpost_store::{BlobPutOutcome, BlobRead, Limits, Registered, Source, Store, SubmitOutcome};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
@@ -166,7 +166,10 @@ struct Shared {
     store: Store,
     key: SigningKey,
     tls: TlsAcceptor,
-    notify: broadcast::Sender<(MailboxId, u64)>,
+    /// Connections subscribed to each mailbox: a new item is pushed to
+    /// those only (a broadcast woke every subscribed connection's task for
+    /// every item).
+    subscribers: std::sync::Mutex<HashMap<MailboxId, Vec<(u64, Out)>>>,
     metrics: Arc<Metrics>,
     config: Config,
     conns: Arc<Semaphore>,
@@ -186,6 +189,63 @@ struct Shared {
     /// The data directory's lock, held until the relay has stopped (its
     /// connections closed and its store closed).
     lock: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+/// A connection's subscription to its mailbox, in
+/// [`Shared::subscribers`] for as long as this lives (dropped with the
+/// connection, however it ends).
+struct Subscription {
+    shared: Arc<Shared>,
+    mailbox: MailboxId,
+    id: u64,
+}
+
+impl Subscription {
+    fn new(s: &Arc<Shared>, mailbox: MailboxId, out: Out) -> Self {
+        let id = s.next_connection.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut subs) = s.subscribers.lock() {
+            subs.entry(mailbox).or_default().push((id, out));
+        }
+        Self {
+            shared: s.clone(),
+            mailbox,
+            id,
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Ok(mut subs) = self.shared.subscribers.lock() {
+            if let Some(list) = subs.get_mut(&self.mailbox) {
+                list.retain(|(id, _)| *id != self.id);
+                if list.is_empty() {
+                    subs.remove(&self.mailbox);
+                }
+            }
+        }
+    }
+}
+
+/// Pushes `Notify { seq }` to the connections subscribed to `mailbox`. A
+/// connection whose queue is full (it does not read its answers) gets it
+/// when there is room, from a task of its own.
+fn push(s: &Shared, mailbox: &MailboxId, seq: u64) {
+    let outs: Vec<Out> = match s.subscribers.lock() {
+        Ok(subs) => match subs.get(mailbox) {
+            Some(list) => list.iter().map(|(_, o)| o.clone()).collect(),
+            None => return,
+        },
+        Err(_) => return,
+    };
+    for out in outs {
+        let frame = Outgoing::Frame(Response::Notify { seq }.encode(0));
+        if let Err(mpsc::error::TrySendError::Full(frame)) = out.try_send(frame) {
+            tokio::spawn(async move {
+                let _ = out.send(frame).await;
+            });
+        }
+    }
 }
 
 /// A bound relay, ready to serve.
@@ -289,7 +349,6 @@ impl Relay {
         }
         let local = listener.local_addr()?;
         let tls = TlsAcceptor::from(Arc::new(tls::server_config(&cert)?));
-        let (notify, _) = broadcast::channel(4096);
         let address = RelayAddress {
             host_port: local.to_string(),
             pin: cert.pin,
@@ -299,7 +358,7 @@ impl Relay {
                 store,
                 key,
                 tls,
-                notify,
+                subscribers: std::sync::Mutex::new(HashMap::new()),
                 metrics: Arc::new(Metrics::default()),
                 conns: Arc::new(Semaphore::new(config.max_connections)),
                 total_bytes: Arc::new(Semaphore::new(
@@ -836,12 +895,14 @@ struct Session {
     challenge: [u8; 32],
     exporter: [u8; 32],
     mailbox: Option<MailboxId>,
-    subscribed: bool,
+    subscription: Option<Subscription>,
     /// Where the connection comes from (for the per-source share).
     source: Source,
     /// Blob pieces of this connection, stored in order by one task while
     /// the connection goes on reading (and decrypting) the next frames.
-    blob_lane: mpsc::Sender<BlobJob>,
+    /// Started with the connection's first piece (an idle connection
+    /// holds no task or queue for it).
+    blob_lane: Option<(mpsc::Sender<BlobJob>, tokio::task::JoinHandle<()>)>,
 }
 
 /// A blob piece waiting for its turn, with the permits its bytes hold.
@@ -862,11 +923,15 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
     // mailbox (`Limits::source_share_percent`).
     let source = Source::of_ip(tcp.peer_addr()?.ip());
     // rustls reads its records 4 KiB at a time; a read buffer under it
-    // turns a 1 MiB blob piece into a few syscalls instead of 256.
-    let tcp = tokio::io::BufReader::with_capacity(64 * 1024, tcp);
+    // turns a 1 MiB blob piece into a few syscalls instead of 256. It is
+    // held only while it has bytes (an idle connection holds none).
+    let tcp = crate::pooled::PooledReader::new(tcp);
     let evictable = Arc::new(Evictable::new(&s));
     let stream = evictable
-        .idle(timeout(s.config.handshake_timeout, s.tls.accept(tcp)))
+        .idle(Box::pin(timeout(
+            s.config.handshake_timeout,
+            s.tls.accept(tcp),
+        )))
         .await?
         .map_err(|_| {
             s.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -885,40 +950,13 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
     let writer_task = tokio::spawn(writer(wr, rx));
     let mut challenge = [0u8; 32];
     OsRng.fill_bytes(&mut challenge);
-    // Pieces wait here for the lane (their bytes are bounded by the
-    // in-flight permits they hold); the lane takes all that are waiting
-    // at once, so consecutive pieces share one fdatasync and one commit.
-    let (blob_lane, mut lane_rx) = mpsc::channel::<BlobJob>(LANE_RUN);
-    let lane = {
-        let (s, out) = (s.clone(), out.clone());
-        tokio::spawn(async move {
-            let mut jobs = Vec::with_capacity(LANE_RUN);
-            while lane_rx.recv_many(&mut jobs, LANE_RUN).await > 0 {
-                let ids: Vec<u32> = jobs.iter().map(|j| j.id).collect();
-                let (puts, permits): (Vec<_>, Vec<_>) =
-                    jobs.drain(..).map(|j| (j.put, j._permits)).unzip();
-                let answers = blob_put_many(&s, puts, source).await;
-                drop(permits);
-                let mut gone = false;
-                for (id, r) in ids.into_iter().zip(answers) {
-                    if send(&out, id, r).await.is_err() {
-                        gone = true;
-                        break;
-                    }
-                }
-                if gone {
-                    break;
-                }
-            }
-        })
-    };
     let mut session = Session {
         challenge,
         exporter,
         mailbox: None,
-        subscribed: false,
+        subscription: None,
         source,
-        blob_lane,
+        blob_lane: None,
     };
     let in_flight = Arc::new(Semaphore::new(s.config.max_in_flight));
     let in_flight_bytes = Arc::new(Semaphore::new(
@@ -1006,12 +1044,17 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
                 count: &in_flight,
                 bytes: &in_flight_bytes,
             };
-            handle(&s, &mut session, &out, bounds, budget, frame.id, frame.body).await?;
+            // Boxed: the state of a request in progress is not part of
+            // what an idle connection's task holds.
+            Box::pin(handle(&s, &mut session, &out, bounds, budget, frame.id, frame.body)).await?;
         }
     }
     .await;
+    let lane = session.blob_lane.take().map(|(_, task)| task);
     drop(session);
-    let _ = lane.await;
+    if let Some(lane) = lane {
+        let _ = lane.await;
+    }
     drop(out);
     let _ = writer_task.await;
     result
@@ -1180,30 +1223,8 @@ async fn handle(
             let Some(mb) = authed else {
                 return send(out, id, need_auth()).await;
             };
-            if !session.subscribed {
-                session.subscribed = true;
-                let mut rx = s.notify.subscribe();
-                let out2 = out.clone();
-                tokio::spawn(async move {
-                    loop {
-                        match rx.recv().await {
-                            Ok((m, seq)) if m == mb => {
-                                if send(&out2, 0, Response::Notify { seq }).await.is_err() {
-                                    break;
-                                }
-                            }
-                            Ok(_) => {}
-                            // Missed some: a notify with seq 0 tells the
-                            // client to fetch from its cursor anyway.
-                            Err(broadcast::error::RecvError::Lagged(_)) => {
-                                if send(&out2, 0, Response::Notify { seq: 0 }).await.is_err() {
-                                    break;
-                                }
-                            }
-                            Err(broadcast::error::RecvError::Closed) => break,
-                        }
-                    }
-                });
+            if session.subscription.is_none() {
+                session.subscription = Some(Subscription::new(s, mb, out.clone()));
             }
             send(out, id, Response::Ok).await
         }
@@ -1235,8 +1256,10 @@ async fn handle(
                 put,
                 _permits: (p1, p2),
             };
-            session
+            let lane = session
                 .blob_lane
+                .get_or_insert_with(|| start_lane(s, out, session.source));
+            lane.0
                 .send(job)
                 .await
                 .map_err(|_| io::Error::other("the connection's blob writer stopped"))
@@ -1457,6 +1480,40 @@ async fn blob_status_answer(
     }
 }
 
+/// Starts a connection's blob lane: pieces wait in its queue (their bytes
+/// are bounded by the in-flight permits they hold); the lane takes all
+/// that are waiting at once, so consecutive pieces share one fdatasync and
+/// one commit, and answers each in order.
+fn start_lane(
+    s: &Arc<Shared>,
+    out: &Out,
+    source: Source,
+) -> (mpsc::Sender<BlobJob>, tokio::task::JoinHandle<()>) {
+    let (blob_lane, mut lane_rx) = mpsc::channel::<BlobJob>(LANE_RUN);
+    let (s, out) = (s.clone(), out.clone());
+    let task = tokio::spawn(async move {
+        let mut jobs = Vec::with_capacity(LANE_RUN);
+        while lane_rx.recv_many(&mut jobs, LANE_RUN).await > 0 {
+            let ids: Vec<u32> = jobs.iter().map(|j| j.id).collect();
+            let (puts, permits): (Vec<_>, Vec<_>) =
+                jobs.drain(..).map(|j| (j.put, j._permits)).unzip();
+            let answers = blob_put_many(&s, puts, source).await;
+            drop(permits);
+            let mut gone = false;
+            for (id, r) in ids.into_iter().zip(answers) {
+                if send(&out, id, r).await.is_err() {
+                    gone = true;
+                    break;
+                }
+            }
+            if gone {
+                break;
+            }
+        }
+    });
+    (blob_lane, task)
+}
+
 /// Pieces a connection's lane stores at once, at most.
 const LANE_RUN: usize = 8;
 
@@ -1554,7 +1611,7 @@ async fn submit(
         Ok(SubmitOutcome::Stored { seq, item_id }) => {
             s.metrics.accepted.fetch_add(1, Ordering::Relaxed);
             s.metrics.accepted_bytes.fetch_add(len, Ordering::Relaxed);
-            let _ = s.notify.send((mailbox, seq));
+            push(s, &mailbox, seq);
             Response::Accepted { item_id }
         }
         Ok(SubmitOutcome::Refused(code)) => refusal(s, code, mailbox, hash),

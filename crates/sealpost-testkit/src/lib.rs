@@ -18,6 +18,7 @@
 pub mod clients;
 pub mod contact;
 pub mod hostile;
+pub mod idle;
 pub mod netfault;
 pub mod soak;
 pub mod tool;

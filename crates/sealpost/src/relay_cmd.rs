@@ -146,7 +146,9 @@ pub struct Settings {
     /// The most mailboxes this relay registers [default: no cap]
     #[arg(long, value_name = "N")]
     max_mailboxes: Option<u64>,
-    /// Most simultaneous connections [default: 4096]
+    /// Most simultaneous connections [default: what the file-descriptor
+    /// limit holds, raised to its hard limit at start, less 256; at most
+    /// 65536]
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
     /// Most simultaneous connections from one source address [default: 256]
@@ -435,8 +437,29 @@ fn build_config(mut a: ServeArgs) -> anyhow::Result<(Config, Option<String>)> {
         }
     };
     c.cert_names = s.name;
-    if let Some(n) = s.max_connections {
-        c.max_connections = n.max(1);
+    // Connections need file descriptors: the soft limit is raised to the
+    // hard one, and the cap follows what that holds.
+    let fds = sealpost_relay::limits::raise_fd_limit();
+    let fit = fds.map(|(_, now)| sealpost_relay::limits::connections_for_fds(now));
+    c.max_connections = match (s.max_connections, fit) {
+        (Some(n), Some(fit)) if n > fit => {
+            tracing::warn!(
+                "max_connections {n} is more than the file-descriptor limit holds; using {fit} (raise LimitNOFILE / ulimit -n)"
+            );
+            fit
+        }
+        (Some(n), _) => n.max(1),
+        (None, Some(fit)) => fit.min(sealpost_relay::limits::MAX_DEFAULT_CONNECTIONS),
+        (None, None) => c.max_connections,
+    };
+    if let Some((before, now)) = fds {
+        tracing::info!(
+            "can hold {} connections: file-descriptor limit {now}{}, {} kept for the store, blob files and metrics{}",
+            c.max_connections,
+            if now > before { format!(" (raised from {before})") } else { String::new() },
+            sealpost_relay::limits::FD_RESERVE,
+            if s.max_connections.is_some() { "; max_connections set" } else { "" }
+        );
     }
     if let Some(n) = s.max_connections_per_address {
         c.max_connections_per_address = n.max(1);

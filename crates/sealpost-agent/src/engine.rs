@@ -26,6 +26,9 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand_core::{OsRng, RngCore};
+use sealpost_client::client::{ClientError, Submitted};
+use sealpost_client::tls::Pin;
+use sealpost_client::RelayAddress;
 use sealpost_proto::delivery::{Outcome, Timing};
 use sealpost_proto::message::{self, MAX_RECIPIENTS};
 use sealpost_proto::relay::{BlobPiece, MailboxId, RefusalCode, MAX_MESSAGE};
@@ -33,9 +36,6 @@ use sealpost_proto::report::{Entries, Report};
 use sealpost_proto::{
     Kind, MessageId, OpenError, OpenedMessage, PublicIdentity, RejectReason, RelayPin, SealRequest,
 };
-use sealpost_relay::client::{ClientError, Submitted};
-use sealpost_relay::tls::Pin;
-use sealpost_relay::RelayAddress;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -725,7 +725,7 @@ impl Engine {
     }
 
     /// Waits on relays for at most these (tests of broken networks).
-    pub fn with_relay_timeouts(mut self, t: sealpost_relay::client::Timeouts) -> Self {
+    pub fn with_relay_timeouts(mut self, t: sealpost_client::client::Timeouts) -> Self {
         self.home.timeouts = t;
         for l in self.links.values_mut() {
             l.timeouts = t;

@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use rand_core::{OsRng, RngCore};
+use sealpost_client::client::{ClientError, RelayClient, Timeouts};
+use sealpost_client::RelayAddress;
 use sealpost_proto::relay::{ErrorCode, MailboxId};
 use sealpost_proto::retry::Backoff;
 use sealpost_proto::Identity;
-use sealpost_relay::client::{ClientError, RelayClient, Timeouts};
-use sealpost_relay::RelayAddress;
 
 /// What a link does after the TLS handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

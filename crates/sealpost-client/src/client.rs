@@ -336,7 +336,13 @@ impl RelayClient {
     /// Sends a request without waiting: pipelining. Await the receiver for
     /// the response.
     pub async fn send(&self, req: Request) -> Result<oneshot::Receiver<Response>, ClientError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
+        // Never 0 (the relay's pushes), also after wrapping.
+        let id = loop {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            if id != 0 {
+                break id;
+            }
+        };
         let (tx, rx) = oneshot::channel();
         self.waiters
             .lock()

@@ -107,18 +107,30 @@ impl<'a> Reader<'a> {
         expected: &'static str,
         version: u8,
     ) -> Result<(), DecodeError> {
+        self.magic_and_versions(magic, expected, &[version])
+            .map(|_| ())
+    }
+
+    /// [`Reader::magic_and_version`] for a structure with several known
+    /// versions; returns the one found.
+    pub fn magic_and_versions(
+        &mut self,
+        magic: &'static [u8; 4],
+        expected: &'static str,
+        versions: &[u8],
+    ) -> Result<u8, DecodeError> {
         let got = self.take(4, expected)?;
         if got != magic {
             return Err(DecodeError::BadMagic { expected });
         }
         let v = self.u8("version")?;
-        if v != version {
+        if !versions.contains(&v) {
             return Err(DecodeError::UnsupportedVersion {
                 what: expected,
                 version: v,
             });
         }
-        Ok(())
+        Ok(v)
     }
 
     /// A flag byte that must be exactly 0 or 1.

@@ -6,7 +6,8 @@
 //! ```text
 //! manifest = "SPMF" 0x02 blob_id:[16] blob_key:[32] chunk_size:u32 size:u64
 //!            plaintext_blake3:[32] name_len:u16 name
-//!            [group_id:[16] index:u32 count:u32]   (a file of a directory)
+//!            group_id:[16] index:u32 count:u32       (version 3 only: a
+//!                                                     file of a directory)
 //! ```
 
 use std::fmt;
@@ -22,6 +23,9 @@ const MAGIC: &[u8; 4] = b"SPMF";
 /// last piece). Version 1 (ChaCha20-Poly1305, with the blob's hash) is
 /// refused: its key would not open the chunks.
 const VERSION: u8 = 2;
+/// 3: version 2's layout followed by a [`Group`] (a file of a directory
+/// sent at once). A manifest without a group is written as version 2.
+const VERSION_GROUPED: u8 = 3;
 /// A path component is at most 255 bytes, the limit of common file
 /// systems.
 pub const MAX_NAME_BYTES: usize = 255;
@@ -171,7 +175,11 @@ impl FileManifest {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(MAX_MANIFEST_BYTES);
         out.extend_from_slice(MAGIC);
-        out.push(VERSION);
+        out.push(if self.group.is_some() {
+            VERSION_GROUPED
+        } else {
+            VERSION
+        });
         out.extend_from_slice(&self.blob_id.0);
         out.extend_from_slice(&self.key.0);
         out.extend_from_slice(&self.layout.chunk_size.to_be_bytes());
@@ -195,7 +203,7 @@ impl FileManifest {
             });
         }
         let mut r = Reader::new(bytes);
-        r.magic_and_version(MAGIC, "file manifest", VERSION)?;
+        let version = r.magic_and_versions(MAGIC, "file manifest", &[VERSION, VERSION_GROUPED])?;
         let blob_id = BlobId(r.array("blob id")?);
         let key = BlobKey(r.array("blob key")?);
         let chunk_size = r.u32("chunk size")?;
@@ -205,8 +213,8 @@ impl FileManifest {
         let name_len = r.u16("name length")? as usize;
         let name = codec::read_text_of_len(&mut r, name_len, "file name", MAX_PATH_BYTES)?;
         validate_file_path(&name)?;
-        // Either nothing follows the name, or exactly a group.
-        let group = if r.remaining() == 0 {
+        // Version 3, and only it, ends with a group.
+        let group = if version == VERSION {
             None
         } else {
             let id = r.array("group id")?;
@@ -252,7 +260,8 @@ mod tests {
             FileManifest::decode(&grouped).expect("grouped").group,
             Some(g)
         );
-        for cut in 1..GROUP_BYTES {
+        assert_eq!((plain[4], grouped[4]), (2, 3), "versions");
+        for cut in 1..=GROUP_BYTES {
             assert!(
                 FileManifest::decode(&grouped[..grouped.len() - cut]).is_err(),
                 "{cut}"
@@ -261,13 +270,27 @@ mod tests {
         let mut longer = grouped.clone();
         longer.push(0);
         assert!(FileManifest::decode(&longer).is_err());
+        let mut plain_longer = plain.clone();
+        plain_longer.extend_from_slice(&grouped[plain.len()..]);
+        assert!(
+            FileManifest::decode(&plain_longer).is_err(),
+            "version 2 has no group"
+        );
         for (index, count) in [(3, 3), (0, 0), (0, MAX_GROUP_FILES + 1), (u32::MAX, 1)] {
             let mut bad = plain.clone();
+            bad[4] = 3;
             bad.extend_from_slice(&[7; 16]);
             bad.extend_from_slice(&index.to_be_bytes());
             bad.extend_from_slice(&count.to_be_bytes());
             assert!(FileManifest::decode(&bad).is_err(), "{index} of {count}");
         }
+        let mut fine = plain.clone();
+        fine[4] = 3;
+        fine.extend_from_slice(&grouped[plain.len()..]);
+        assert_eq!(
+            FileManifest::decode(&fine).expect("version 3").group,
+            Some(g)
+        );
     }
 
     #[test]

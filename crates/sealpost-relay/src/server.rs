@@ -1001,6 +1001,13 @@ async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
                     return Ok(());
                 }
             };
+            if frame.id == 0 {
+                // Id 0 is the relay's pushes: an answer under it could not
+                // be told from a Notify (PROTOCOL 6.2).
+                s.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+                send(&out, 0, err(ErrorCode::BadRequest, "request id 0 is reserved for the relay's pushes; number requests from 1")).await?;
+                return Ok(());
+            }
             if !hello {
                 match frame.body {
                     Request::Hello { version } if version == relay::VERSION => {

@@ -404,13 +404,40 @@ async fn bad_input_is_refused_and_others_are_still_served() {
         Response::HelloOk { .. }
     ));
     let e = fb.next_frame().expect("frame").expect("an error frame");
+    let e = Response::decode(&e).expect("decodes");
+    assert_eq!(e.id, 0, "an error for an unparseable frame carries id 0");
     assert!(matches!(
-        Response::decode(&e).expect("decodes").body,
+        e.body,
         Response::Error {
             code: ErrorCode::BadRequest,
             ..
         }
     ));
+
+    // A valid request under id 0 (the relay's pushes): refused the same
+    // way, not answered as if it were a request (PROTOCOL 6.2).
+    let mut tls = raw_session(&relay.addr).await;
+    tls.write_all(&Request::Limits.encode(0))
+        .await
+        .expect("id 0");
+    tls.flush().await.expect("flush");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer))
+        .await
+        .expect("closed");
+    let mut fb = sealpost_proto::relay::FrameBuffer::new();
+    fb.extend(&answer);
+    let _hello = fb.next_frame().expect("frame").expect("HelloOk");
+    let e = Response::decode(&fb.next_frame().expect("frame").expect("error")).expect("decodes");
+    assert_eq!(e.id, 0);
+    assert!(
+        matches!(&e.body, Response::Error { code: ErrorCode::BadRequest, message } if message.contains("id 0")),
+        "{e:?}"
+    );
+    assert!(
+        fb.next_frame().expect("frame").is_none(),
+        "nothing else, then closed"
+    );
     relay.stop().await;
 }
 

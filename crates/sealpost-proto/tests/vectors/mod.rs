@@ -274,15 +274,30 @@ fn relay_vectors() -> Value {
         ("Subscribe", Request::Subscribe),
         ("Ack", Request::Ack { seqs: vec![42, 43] }),
         (
+            // A piece that does not complete its blob: blob_hash is 32 zero
+            // bytes (PROTOCOL 6.6).
             "BlobPut",
             Request::BlobPut(BlobPiece {
                 blob_id: [0x88; 16],
                 mailbox: bob_mb,
                 total_len: 10_160,
-                blob_hash: [0x11; 32],
+                blob_hash: [0; 32],
                 expires_at: 1_750_003_600,
                 offset: 0,
                 data: vec![0xab; 8],
+            }),
+        ),
+        (
+            // The piece that completes it states the whole blob's BLAKE3.
+            "BlobPut (last piece)",
+            Request::BlobPut(BlobPiece {
+                blob_id: [0x88; 16],
+                mailbox: bob_mb,
+                total_len: 10_160,
+                blob_hash: [0x33; 32],
+                expires_at: 1_750_003_600,
+                offset: 10_152,
+                data: vec![0xcd; 8],
             }),
         ),
         (

@@ -1269,27 +1269,15 @@ fn refused(agent: &Agent, limit: usize, out: &Out) -> Result<(), Failure> {
 /// replay cache, so a replayed copy is still refused.
 pub fn delete(home: &Home, args: DeleteArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
-    let all = agent.db().received(Shelf::Both, false, usize::MAX >> 1)?;
-    let mut ids = Vec::with_capacity(args.ids.len());
-    for p in &args.ids {
-        // A message, or every file of a directory received at once.
-        let (chosen, _) = resolve_some(
-            p,
-            all.iter().collect(),
-            |e| e.id,
-            |e| received_group(&agent, e).map(|(k, _)| k),
-        )?;
-        for e in chosen {
-            if let Some(d) = agent.db().download(&e.id)? {
-                if d.state != "done" && d.state != "failed" {
-                    return Err(Failure::usage(anyhow!(
-                        "message {} is a file still being received ({}); delete it once it is done",
-                        e.id,
-                        d.state
-                    )));
-                }
+    let ids = received_ids(&agent, &args.ids)?;
+    for id in &ids {
+        if let Some(d) = agent.db().download(id)? {
+            if d.state != "done" && d.state != "failed" {
+                return Err(Failure::usage(anyhow!(
+                    "message {id} is a file still being received ({}); delete it once it is done",
+                    d.state
+                )));
             }
-            ids.push(e.id);
         }
     }
     let n = agent.db_mut().delete_received(&ids)?;
@@ -1310,21 +1298,28 @@ pub struct ArchiveArgs {
     undo: bool,
 }
 
-/// Moves received messages out of the inbox's list (kept, readable with
-/// `read`, listed by `inbox --archived`), or back.
-pub fn archive(home: &Home, args: ArchiveArgs, out: &Out) -> Result<(), Failure> {
-    let mut agent = home.load()?;
+/// The received messages `prefixes` name: each a message, or every file
+/// of a directory received at once (archived or not).
+fn received_ids(agent: &Agent, prefixes: &[String]) -> Result<Vec<MessageId>, Failure> {
     let all = agent.db().received(Shelf::Both, false, usize::MAX >> 1)?;
-    let mut ids = Vec::with_capacity(args.ids.len());
-    for p in &args.ids {
+    let mut ids = Vec::with_capacity(prefixes.len());
+    for p in prefixes {
         let (chosen, _) = resolve_some(
             p,
             all.iter().collect(),
             |e| e.id,
-            |e| received_group(&agent, e).map(|(k, _)| k),
+            |e| received_group(agent, e).map(|(k, _)| k),
         )?;
         ids.extend(chosen.iter().map(|e| e.id));
     }
+    Ok(ids)
+}
+
+/// Moves received messages out of the inbox's list (kept, readable with
+/// `read`, listed by `inbox --archived`), or back.
+pub fn archive(home: &Home, args: ArchiveArgs, out: &Out) -> Result<(), Failure> {
+    let mut agent = home.load()?;
+    let ids = received_ids(&agent, &args.ids)?;
     let when = (!args.undo).then(engine::now_ms);
     let n = agent.db_mut().archive_received(&ids, when)?;
     let key = if args.undo { "unarchived" } else { "archived" };

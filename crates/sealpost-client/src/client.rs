@@ -321,16 +321,8 @@ impl RelayClient {
 
     /// Sends a request and waits for its response.
     pub async fn request(&self, req: Request) -> Result<Response, ClientError> {
-        let rx = self.send(req).await?;
-        match timeout(self.request_timeout, rx).await {
-            Err(_) => Err(ClientError::Io(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the relay did not answer in time",
-            ))),
-            Ok(Err(_)) => Err(ClientError::Closed),
-            Ok(Ok(Response::Error { code, message })) => Err(ClientError::Server { code, message }),
-            Ok(Ok(r)) => Ok(r),
-        }
+        let sent = self.send(req).await;
+        self.answer(sent).await
     }
 
     /// Sends a request without waiting: pipelining. Await the receiver for
@@ -528,7 +520,8 @@ impl RelayClient {
         }
     }
 
-    /// Waits for a pipelined answer, mapping errors as `request` does.
+    /// Waits for a pipelined answer: a timeout, a closed connection and an
+    /// `Error` response become errors.
     async fn answer(
         &self,
         sent: Result<oneshot::Receiver<Response>, ClientError>,

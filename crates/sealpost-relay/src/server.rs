@@ -169,7 +169,7 @@ struct Shared {
     /// Connections subscribed to each mailbox: a new item is pushed to
     /// those only (a broadcast woke every subscribed connection's task for
     /// every item).
-    subscribers: std::sync::Mutex<HashMap<MailboxId, Vec<(u64, Out)>>>,
+    subscribers: std::sync::Mutex<HashMap<MailboxId, Vec<Subscriber>>>,
     metrics: Arc<Metrics>,
     config: Config,
     conns: Arc<Semaphore>,
@@ -191,6 +191,10 @@ struct Shared {
     lock: std::sync::Mutex<Option<std::fs::File>>,
 }
 
+/// A subscribed connection: its id, its answer queue, and whether a push
+/// is owed to it (its queue was full when an item came).
+type Subscriber = (u64, Out, Arc<std::sync::atomic::AtomicBool>);
+
 /// A connection's subscription to its mailbox, in
 /// [`Shared::subscribers`] for as long as this lives (dropped with the
 /// connection, however it ends).
@@ -204,7 +208,9 @@ impl Subscription {
     fn new(s: &Arc<Shared>, mailbox: MailboxId, out: Out) -> Self {
         let id = s.next_connection.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut subs) = s.subscribers.lock() {
-            subs.entry(mailbox).or_default().push((id, out));
+            subs.entry(mailbox)
+                .or_default()
+                .push((id, out, Arc::default()));
         }
         Self {
             shared: s.clone(),
@@ -218,7 +224,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         if let Ok(mut subs) = self.shared.subscribers.lock() {
             if let Some(list) = subs.get_mut(&self.mailbox) {
-                list.retain(|(id, _)| *id != self.id);
+                list.retain(|(id, _, _)| *id != self.id);
                 if list.is_empty() {
                     subs.remove(&self.mailbox);
                 }
@@ -228,21 +234,33 @@ impl Drop for Subscription {
 }
 
 /// Pushes `Notify { seq }` to the connections subscribed to `mailbox`. A
-/// connection whose queue is full (it does not read its answers) gets it
-/// when there is room, from a task of its own.
+/// connection whose queue is full (it does not read its answers) is owed
+/// one `Notify { seq: 0 }` ("fetch from your cursor"), sent by one task
+/// when there is room: however many items arrive meanwhile, a connection
+/// has at most one push waiting.
 fn push(s: &Shared, mailbox: &MailboxId, seq: u64) {
-    let outs: Vec<Out> = match s.subscribers.lock() {
+    let subs: Vec<(Out, Arc<std::sync::atomic::AtomicBool>)> = match s.subscribers.lock() {
         Ok(subs) => match subs.get(mailbox) {
-            Some(list) => list.iter().map(|(_, o)| o.clone()).collect(),
+            Some(list) => list
+                .iter()
+                .map(|(_, o, owed)| (o.clone(), owed.clone()))
+                .collect(),
             None => return,
         },
         Err(_) => return,
     };
-    for out in outs {
+    for (out, owed) in subs {
         let frame = Outgoing::Frame(Response::Notify { seq }.encode(0));
-        if let Err(mpsc::error::TrySendError::Full(frame)) = out.try_send(frame) {
+        let full = matches!(out.try_send(frame), Err(mpsc::error::TrySendError::Full(_)));
+        if full && !owed.swap(true, Ordering::AcqRel) {
             tokio::spawn(async move {
-                let _ = out.send(frame).await;
+                if let Ok(room) = out.reserve().await {
+                    // Cleared before the push is queued: an item that
+                    // comes after this is pushed (or owed) anew, one that
+                    // came before is covered by this push.
+                    owed.store(false, Ordering::Release);
+                    room.send(Outgoing::Frame(Response::Notify { seq: 0 }.encode(0)));
+                }
             });
         }
     }
@@ -625,7 +643,7 @@ fn start_connection(
         s.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
         let mut stopping = s.stopping.subscribe();
         tokio::select! {
-            r = connection(s.clone(), tcp) => {
+            r = connection(s.clone(), tcp, peer) => {
                 if let Err(e) = r {
                     tracing::debug!(%peer, "connection ended: {e}");
                 }
@@ -915,13 +933,13 @@ struct BlobJob {
     ),
 }
 
-async fn connection(s: Arc<Shared>, tcp: TcpStream) -> io::Result<()> {
+async fn connection(s: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> io::Result<()> {
     // Whole frames are written at once; without NODELAY small responses
     // wait on Nagle and delayed ACKs.
     tcp.set_nodelay(true)?;
     // What this connection stores counts in its address's share of each
     // mailbox (`Limits::source_share_percent`).
-    let source = Source::of_ip(tcp.peer_addr()?.ip());
+    let source = Source::of_ip(peer.ip());
     // rustls reads its records 4 KiB at a time; a read buffer under it
     // turns a 1 MiB blob piece into a few syscalls instead of 256. It is
     // held only while it has bytes (an idle connection holds none).

@@ -158,15 +158,13 @@ impl Source {
 
     /// The source of a connection from `ip`.
     pub fn of_ip(ip: std::net::IpAddr) -> Self {
-        let mut b = [6, 0, 0, 0, 0, 0, 0, 0, 0];
-        match ip {
-            std::net::IpAddr::V4(v4) => return Self::of_v4(v4.octets()),
-            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => return Self::of_ip(std::net::IpAddr::V4(v4)),
-                None => b[1..9].copy_from_slice(&v6.octets()[..8]),
-            },
+        match ip.to_canonical() {
+            std::net::IpAddr::V4(v4) => Self::of_v4(v4.octets()),
+            std::net::IpAddr::V6(v6) => {
+                let o = v6.octets();
+                Self([6, o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]])
+            }
         }
-        Self(b)
     }
 
     /// The bytes the store keeps.

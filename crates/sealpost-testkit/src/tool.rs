@@ -24,3 +24,9 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .build()
         .map_err(|e| format!("runtime: {e}"))
 }
+
+/// The relay to aim at (on loopback only) and the runtime to do it on, or
+/// the words to print before exiting with 2.
+pub fn setup(relay: &str) -> Result<(RelayAddress, tokio::runtime::Runtime), String> {
+    Ok((loopback_relay(relay)?, runtime()?))
+}

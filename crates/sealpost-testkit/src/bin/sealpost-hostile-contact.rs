@@ -44,8 +44,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let a = Args::parse();
-    let relay = match sealpost_testkit::tool::loopback_relay(&a.relay) {
-        Ok(r) => r,
+    let (relay, rt) = match sealpost_testkit::tool::setup(&a.relay) {
+        Ok(set) => set,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
@@ -76,13 +76,6 @@ fn main() -> ExitCode {
         Some(Ok(c)) => c,
         _ => {
             eprintln!("--victim-card: no valid card");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match sealpost_testkit::tool::runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("{e}");
             return ExitCode::from(2);
         }
     };

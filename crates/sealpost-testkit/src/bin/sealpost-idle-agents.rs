@@ -44,15 +44,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let a = Args::parse();
-    let relay = match sealpost_testkit::tool::loopback_relay(&a.relay) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match sealpost_testkit::tool::runtime() {
-        Ok(rt) => rt,
+    let (relay, rt) = match sealpost_testkit::tool::setup(&a.relay) {
+        Ok(set) => set,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);

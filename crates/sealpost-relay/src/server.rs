@@ -76,6 +76,11 @@ pub struct Config {
     /// A misbehaving relay for tests and demonstrations (never set in
     /// normal operation); see [`crate::tamper`].
     pub tamper: Option<Arc<dyn Tamper>>,
+    /// The `HOST:PORT` agents connect to, if known: kept with the key's pin
+    /// in `DATA/address` (for `relay address`), written before the
+    /// listener is bound so no client can reach a relay whose kept address
+    /// is still a previous run's. `None` removes the file.
+    pub public_address: Option<String>,
 }
 
 /// Who may register a new mailbox on a relay.
@@ -128,6 +133,7 @@ impl Config {
             registration: Registration::Open,
             max_message: relay::MAX_MESSAGE,
             tamper: None,
+            public_address: None,
         }
     }
 }
@@ -359,6 +365,21 @@ impl Relay {
         let key = load_or_create_key(&config.data.join("relay-signing.key"))?;
         let store =
             Store::open(&config.data.join("store"), config.limits).map_err(io::Error::other)?;
+        let kept = config.data.join("address");
+        match &config.public_address {
+            Some(host_port) => {
+                let a = RelayAddress {
+                    host_port: host_port.clone(),
+                    pin: cert.pin,
+                };
+                tls::write_private(&kept, format!("{}\n", a.to_checked_text()).as_bytes())?;
+            }
+            None => match std::fs::remove_file(&kept) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            },
+        }
         let listener = TcpListener::bind(config.listen).await?;
         // Before serving: no upload of ours is in progress.
         let orphans = store.remove_orphan_blobs().map_err(io::Error::other)?;

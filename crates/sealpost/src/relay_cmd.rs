@@ -661,7 +661,8 @@ fn print_config(a: ServeArgs, out: &Out) -> Result<(), Failure> {
 
 fn serve(a: ServeArgs, out: &Out) -> Result<(), Failure> {
     let config_hostile = hostile_spec(&a);
-    let (config, public) = build_config(a)?;
+    let (mut config, public) = build_config(a)?;
+    config.public_address = public.clone();
     let rt = runtime()?;
     rt.block_on(async {
         let listen = config.listen;
@@ -678,17 +679,11 @@ fn serve(a: ServeArgs, out: &Out) -> Result<(), Failure> {
             host_port,
             pin: addr.pin,
         });
-        let kept = data.join("address");
-        match &for_agents {
-            Some(a) => sealpost_agent::fsutil::replace_durable(&kept, format!("{}\n", a.to_checked_text()).as_bytes(), 0o644)
-                .with_context(|| format!("cannot write {}", kept.display()))?,
-            None => {
-                let _ = std::fs::remove_file(&kept);
-                tracing::warn!(
-                    "listening on every interface ({}) with no public address: agents cannot be told where to connect; set --public-address HOST:PORT (or --name HOST)",
-                    addr.host_port
-                );
-            }
+        if for_agents.is_none() {
+            tracing::warn!(
+                "listening on every interface ({}) with no public address: agents cannot be told where to connect; set --public-address HOST:PORT (or --name HOST)",
+                addr.host_port
+            );
         }
         out.report(
             json!({

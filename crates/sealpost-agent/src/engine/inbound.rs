@@ -1,0 +1,555 @@
+//! Fetching the home mailbox: opening every item, deciding what it is, storing new messages durably and applying reports.
+
+use super::*;
+
+/// What became of one fetched item.
+pub(super) enum Verdict {
+    /// Store it (new content).
+    Store(Box<(OpenedMessage, Vec<u8>)>),
+    /// Nothing to store; acknowledge it.
+    Done,
+}
+
+pub(super) fn open_all(
+    me: &sealpost_proto::Identity,
+    payloads: &[Vec<u8>],
+) -> Vec<Result<(OpenedMessage, Vec<u8>), OpenError>> {
+    if payloads.len() < 4 {
+        return payloads
+            .iter()
+            .map(|p| message::open_slice(me, p, MAX_MESSAGE))
+            .collect();
+    }
+    // Asked once: the answer reads cgroup files (half a millisecond).
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads = *THREADS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(8)
+    });
+    if threads < 2 {
+        return payloads
+            .iter()
+            .map(|p| message::open_slice(me, p, MAX_MESSAGE))
+            .collect();
+    }
+    let per = payloads.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = payloads
+            .chunks(per)
+            .map(|chunk| {
+                let n = chunk.len();
+                let h = s.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|p| message::open_slice(me, p, MAX_MESSAGE))
+                        .collect::<Vec<_>>()
+                });
+                (n, h)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|(n, h)| {
+                h.join().unwrap_or_else(|_| {
+                    (0..n)
+                        .map(|_| {
+                            Err(OpenError::Malformed(
+                                sealpost_proto::codec::DecodeError::Invalid {
+                                    what: "message",
+                                    why: "opening it crashed a worker thread",
+                                },
+                            ))
+                        })
+                        .collect()
+                })
+            })
+            .collect()
+    })
+}
+
+impl Engine {
+    pub(super) async fn fetch_all(
+        &mut self,
+        stats: &mut PassStats,
+        acks: &mut Vec<tokio::sync::oneshot::Receiver<sealpost_proto::relay::Response>>,
+    ) -> Result<(), EngineError> {
+        let mut after = 0u64;
+        loop {
+            // A fetch stores up to about a megabyte (the relay's answer)
+            // in the spool and the database: with less room than that
+            // above the reserve, what waits stays at the relay (it is not
+            // acknowledged, so nothing is lost) until there is room.
+            let home = self.agent.home().dir().to_path_buf();
+            if let Ok(st) = rustix::fs::statvfs(&home) {
+                let free = st.f_bavail.saturating_mul(st.f_frsize);
+                if free < self.keep_free.saturating_add(FETCH_ROOM) {
+                    tracing::warn!(
+                        "messages wait at the relay: {free} bytes free where {} is, and {} are kept free (--keep-free)",
+                        home.display(),
+                        self.keep_free
+                    );
+                    return Ok(());
+                }
+            }
+            let (items, more) = self
+                .home
+                .call(&self.agent.identity, async |c| {
+                    c.fetch(after, FETCH_BATCH).await
+                })
+                .await?;
+            let Some(last) = items.last() else {
+                return Ok(());
+            };
+            after = last.seq;
+            stats.fetched += items.len() as u64;
+            let seqs: Vec<u64> = items.iter().map(|i| i.seq).collect();
+            let payloads: Vec<Vec<u8>> = items.into_iter().map(|i| i.payload).collect();
+            let mut batch = PassStats::default();
+            self.process_batch(payloads, &mut batch)?;
+            stats.add(&batch);
+            // Everything above is durable: now the relay may forget it.
+            let rx = self
+                .home
+                .call(&self.agent.identity, async |c| {
+                    c.send(sealpost_proto::relay::Request::Ack { seqs: seqs.clone() })
+                        .await
+                })
+                .await?;
+            acks.push(rx);
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Opens, classifies and stores one fetched batch. Returns when every
+    /// outcome is durable.
+    pub(super) fn process_batch(
+        &mut self,
+        payloads: Vec<Vec<u8>>,
+        stats: &mut PassStats,
+    ) -> Result<(), EngineError> {
+        let opened = open_all(&self.agent.identity, &payloads);
+        let now_s = now_ms() / 1000;
+        let mut to_store: Vec<(OpenedMessage, Vec<u8>)> = Vec::new();
+        let mut reports: Vec<PendingReport> = Vec::new();
+        for (r, payload) in opened.into_iter().zip(&payloads) {
+            let (verdict, caught) = match r {
+                Err(e) => {
+                    tracing::warn!("discarded a fetched item: {e}");
+                    stats.discarded += 1;
+                    (Verdict::Done, Some(e.class()))
+                }
+                Ok((m, content)) => {
+                    let before = (stats.discarded, stats.duplicates, stats.forged_reports);
+                    let v = self.classify(m, content, now_s, &to_store, &mut reports, stats)?;
+                    let caught = if !matches!(v, Verdict::Done) {
+                        None
+                    } else if stats.duplicates > before.1 {
+                        Some("duplicate")
+                    } else if stats.forged_reports > before.2 {
+                        Some("forged-report")
+                    } else if stats.discarded > before.0 {
+                        Some("discarded")
+                    } else {
+                        None
+                    };
+                    (v, caught)
+                }
+            };
+            if let Some(class) = caught {
+                // Named by the BLAKE3 of the bytes as fetched, as a
+                // hostile relay's fault log names them.
+                let item = blake3::hash(payload).to_hex().to_string();
+                self.found.push((class, item));
+            }
+            if let Verdict::Store(stored) = verdict {
+                to_store.push(*stored);
+            }
+        }
+        drop(payloads);
+        let contents: Vec<(&[u8], [u8; 32])> = to_store
+            .iter()
+            .map(|(m, c)| (&c[..], *m.content_hash.as_bytes()))
+            .collect();
+        tracing::trace!("batch: opened {}", contents.len());
+        let locations: Vec<Location> = self.spool.append_verified(&contents)?;
+        tracing::trace!("batch: stored and read back");
+        let received_ms = now_ms();
+        let stored_at = received_ms / 1000;
+        let mut entries = Vec::with_capacity(to_store.len());
+        let mut downloads = Vec::new();
+        let mut groups = Vec::new();
+        let download_dir = self.agent.download_dir()?;
+        for ((m, content), loc) in to_store.iter().zip(&locations) {
+            let h = &m.header;
+            entries.push((
+                InboxEntry {
+                    id: h.id,
+                    sender: *h.sender.signing_bytes(),
+                    kind: h.kind.name().to_owned(),
+                    created_at: h.created_at,
+                    expires_at: h.expires_at,
+                    received_ms,
+                    content_hash: *m.content_hash.as_bytes(),
+                    content_len: m.content_len,
+                    segment: loc.segment,
+                    offset: loc.offset,
+                    read_ms: None,
+                    archived_ms: None,
+                },
+                self.agent.policy.remember_until(h.expires_at),
+            ));
+            let relay = self.reply_relay(&h.sender, h.reply_relay.as_ref())?;
+            if h.kind == Kind::FileManifest {
+                // Its receipt waits until the file itself is stored and
+                // verified (see `run_downloads`).
+                if let Ok(f) = sealpost_proto::manifest::FileManifest::decode(content) {
+                    if let Some(g) = f.group {
+                        groups.push((h.id, g));
+                    }
+                    downloads.push(crate::outbox::Download {
+                        msg: h.id,
+                        sender: *h.sender.signing_bytes(),
+                        agreement: *h.sender.agreement_bytes(),
+                        relay,
+                        blob_id: f.blob_id.0,
+                        key: f.key.clone(),
+                        size: f.layout.plaintext_len,
+                        chunk_size: f.layout.chunk_size,
+                        plaintext_hash: *f.plaintext_hash.as_bytes(),
+                        name: f.name.clone(),
+                        dir: download_dir.to_string_lossy().into_owned(),
+                        next_chunk: 0,
+                        bad: Vec::new(),
+                        attempts: 0,
+                        state: "downloading".into(),
+                        final_path: None,
+                        error: None,
+                        changed_ms: received_ms,
+                        local_errors: 0,
+                    });
+                }
+                continue;
+            }
+            if let Some(relay) = relay {
+                reports.push(PendingReport {
+                    subject: *h.sender.signing_bytes(),
+                    agreement: *h.sender.agreement_bytes(),
+                    id: h.id,
+                    relay,
+                    reason: None,
+                    content_hash: *m.content_hash.as_bytes(),
+                    content_len: m.content_len,
+                    stored_at,
+                });
+            }
+        }
+        let new = self
+            .agent
+            .db
+            .record_inbox(&entries, &reports, &downloads, &groups, now_s)?;
+        stats.delivered += new.len() as u64;
+        stats.duplicates += (entries.len() - new.len()) as u64;
+        self.flush_found(stats)?;
+        for (m, _) in &to_store {
+            if new.contains(&m.header.id) && m.header.kind == Kind::FileManifest {
+                // The file itself is said when it is stored and verified.
+                tracing::debug!(
+                    "file announced in message {} from {}",
+                    m.header.id,
+                    self.agent.who(&m.header.sender)
+                );
+            } else if new.contains(&m.header.id) {
+                tracing::info!(
+                    "message {} ({} bytes) from {} stored in the inbox",
+                    m.header.id,
+                    m.content_len,
+                    self.agent.who(&m.header.sender)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Where reports about a message from `sender` go: the relay it named
+    /// in its signed header, or else the one in its pinned card.
+    pub(super) fn reply_relay(
+        &self,
+        sender: &PublicIdentity,
+        named: Option<&RelayPin>,
+    ) -> Result<Option<String>, EngineError> {
+        if let Some(pin) = named {
+            return Ok(Some(address_of(pin).to_string()));
+        }
+        let contact = self.agent.db.contact_by_key(sender.signing_bytes())?;
+        Ok(contact
+            .and_then(|c| c.card.fields().relay.clone())
+            .map(|p| address_of(&p).to_string()))
+    }
+
+    pub(super) fn classify(
+        &mut self,
+        m: OpenedMessage,
+        content: Vec<u8>,
+        now_s: u64,
+        batch: &[(OpenedMessage, Vec<u8>)],
+        reports: &mut Vec<PendingReport>,
+        stats: &mut PassStats,
+    ) -> Result<Verdict, EngineError> {
+        let h = &m.header;
+        let contact = self
+            .agent
+            .db
+            .contact_by_key(h.sender.signing_bytes())?
+            .filter(|c| c.card.public() == &h.sender);
+        if matches!(
+            h.kind,
+            Kind::Receipt | Kind::Rejection | Kind::RepairRequest | Kind::Repair
+        ) && contact.is_some()
+        {
+            // Control messages are acted on once: a relay replaying an old
+            // receipt or repair request changes nothing (and cannot make
+            // us upload the same chunks again and again).
+            if self.agent.db.replay_seen(&h.id)? {
+                stats.duplicates += 1;
+                return Ok(Verdict::Done);
+            }
+            if let Err(e) = self.agent.policy.check(h, now_s) {
+                tracing::warn!(
+                    "discarded a {} from {}: {e}",
+                    h.kind.name(),
+                    self.agent.who(&h.sender)
+                );
+                stats.discarded += 1;
+                return Ok(Verdict::Done);
+            }
+        }
+        match h.kind {
+            Kind::Receipt | Kind::Rejection => {
+                if contact.is_none() {
+                    tracing::warn!(
+                        "discarded a {} from {}, who is not a contact",
+                        h.kind.name(),
+                        self.agent.who(&h.sender)
+                    );
+                    stats.discarded += 1;
+                    return Ok(Verdict::Done);
+                }
+                self.apply_report(&m, &content, stats)?;
+                self.remember_control(h, now_s)?;
+                return Ok(Verdict::Done);
+            }
+            Kind::RepairRequest | Kind::Repair => {
+                if contact.is_none() {
+                    stats.discarded += 1;
+                    return Ok(Verdict::Done);
+                }
+                self.apply_repair(&m, &content)?;
+                self.remember_control(h, now_s)?;
+                return Ok(Verdict::Done);
+            }
+            _ => {}
+        }
+        let reject = |reason: RejectReason, this: &Self, reports: &mut Vec<PendingReport>| {
+            this.reply_relay(&h.sender, h.reply_relay.as_ref())
+                .map(|relay| {
+                    if let Some(relay) = relay {
+                        reports.push(PendingReport {
+                            subject: *h.sender.signing_bytes(),
+                            agreement: *h.sender.agreement_bytes(),
+                            id: h.id,
+                            relay,
+                            reason: Some(reason),
+                            content_hash: [0; 32],
+                            content_len: 0,
+                            stored_at: 0,
+                        });
+                    }
+                })
+        };
+        // A copy of something already stored: its receipt again, once.
+        if let Some(prev) = self.agent.db.inbox_entry(&h.id)? {
+            if prev.sender == *h.sender.signing_bytes() && h.kind == Kind::FileManifest {
+                // A file's receipt names the file: again if it is done,
+                // later (when it is) otherwise.
+                stats.duplicates += 1;
+                if let Some(d) = self.agent.db.download(&h.id)? {
+                    if d.state == "repairing" || d.state == "failed" {
+                        // The sender sent it again: its blob may be back at
+                        // the relay. Try again, keeping every good chunk.
+                        self.agent
+                            .db
+                            .download_state(&d.msg, "downloading", None, now_ms())?;
+                    }
+                    if d.state == "done" {
+                        if let Some(relay) = self.reply_relay(&h.sender, h.reply_relay.as_ref())? {
+                            reports.push(d.receipt(relay, d.changed_ms / 1000));
+                        }
+                    }
+                }
+            } else if prev.sender == *h.sender.signing_bytes() {
+                stats.duplicates += 1;
+                if let Some(relay) = self.reply_relay(&h.sender, h.reply_relay.as_ref())? {
+                    reports.push(PendingReport {
+                        subject: prev.sender,
+                        agreement: *h.sender.agreement_bytes(),
+                        id: prev.id,
+                        relay,
+                        reason: None,
+                        content_hash: prev.content_hash,
+                        content_len: prev.content_len,
+                        stored_at: prev.received_ms / 1000,
+                    });
+                }
+            } else {
+                tracing::warn!(
+                    "discarded message {}: its id is already in the inbox from another sender",
+                    h.id
+                );
+                stats.discarded += 1;
+            }
+            return Ok(Verdict::Done);
+        }
+        if batch.iter().any(|(b, _)| b.header.id == h.id) {
+            stats.duplicates += 1;
+            return Ok(Verdict::Done);
+        }
+        if contact.is_none() {
+            tracing::warn!(
+                "rejected message {} from {}: not a contact",
+                h.id,
+                self.agent.who(&h.sender)
+            );
+            stats.rejected += 1;
+            self.agent
+                .db
+                .note_refused_sender(h.sender.signing_bytes(), now_ms())?;
+            reject(RejectReason::NotAContact, self, reports)?;
+            return Ok(Verdict::Done);
+        }
+        match self.agent.policy.check(h, now_s) {
+            Ok(()) => {}
+            Err(e) => {
+                let reason = match e {
+                    OpenError::FromFuture { .. } => RejectReason::FromTheFuture,
+                    OpenError::NoExpiry => RejectReason::NoExpiry,
+                    _ => RejectReason::Expired,
+                };
+                tracing::warn!("rejected message {}: {e}", h.id);
+                stats.rejected += 1;
+                reject(reason, self, reports)?;
+                return Ok(Verdict::Done);
+            }
+        }
+        if self.agent.db.replay_seen(&h.id)? {
+            tracing::warn!("discarded message {}: already opened (replayed)", h.id);
+            stats.duplicates += 1;
+            return Ok(Verdict::Done);
+        }
+        if h.kind == Kind::FileManifest {
+            // A file is judged by its manifest before anything is fetched:
+            // one that cannot be read, or that is larger than this agent
+            // takes, is refused now (the sender is told, signed), instead
+            // of waiting in the inbox without a receipt until it expires.
+            let refusal = match sealpost_proto::manifest::FileManifest::decode(&content) {
+                Err(e) => Some((RejectReason::Malformed, e.to_string())),
+                Ok(f) if f.layout.plaintext_len > self.max_file => Some((
+                    RejectReason::TooLarge,
+                    format!(
+                        "{} is {} bytes, more than the {} this agent takes (--max-file)",
+                        f.name, f.layout.plaintext_len, self.max_file
+                    ),
+                )),
+                Ok(_) => None,
+            };
+            if let Some((reason, why)) = refusal {
+                tracing::warn!(
+                    "rejected file in message {} from {}: {why}",
+                    h.id,
+                    self.agent.who(&h.sender)
+                );
+                stats.rejected += 1;
+                reject(reason, self, reports)?;
+                return Ok(Verdict::Done);
+            }
+        }
+        Ok(Verdict::Store(Box::new((m, content))))
+    }
+
+    /// Records a control message as acted on, after its effect committed
+    /// (a crash in between applies it again, which changes nothing).
+    pub(super) fn remember_control(
+        &mut self,
+        h: &sealpost_proto::MessageHeader,
+        now_s: u64,
+    ) -> Result<(), EngineError> {
+        let until = self.agent.policy.remember_until(h.expires_at);
+        self.agent.db.replay_insert(&h.id, until, now_s)?;
+        Ok(())
+    }
+
+    /// Verifies a receipt or rejection and applies it to the outbox.
+    pub(super) fn apply_report(
+        &mut self,
+        m: &OpenedMessage,
+        content: &[u8],
+        stats: &mut PassStats,
+    ) -> Result<(), EngineError> {
+        let report = match Report::decode(content) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(
+                    "forged or damaged {} from {}: {e}",
+                    m.header.kind.name(),
+                    self.agent.who(&m.header.sender)
+                );
+                stats.forged_reports += 1;
+                return Ok(());
+            }
+        };
+        let kind_matches = matches!(
+            (m.header.kind, report.entries()),
+            (Kind::Receipt, Entries::Receipt(_)) | (Kind::Rejection, Entries::Rejection(_))
+        );
+        if !kind_matches
+            || !report.signed_by(&m.header.sender)
+            || !report.is_about(self.agent.identity.public())
+        {
+            tracing::warn!(
+                "forged {}: not signed by its sender {} about our messages",
+                m.header.kind.name(),
+                self.agent.who(&m.header.sender)
+            );
+            stats.forged_reports += 1;
+            return Ok(());
+        }
+        let applied =
+            self.agent
+                .db
+                .apply_report(m.header.sender.signing_bytes(), &report, now_ms())?;
+        for a in applied {
+            match a.outcome {
+                Some(Outcome::Changed) => match report.entries() {
+                    Entries::Receipt(_) => stats.confirmed += 1,
+                    Entries::Rejection(_) => {
+                        stats.bounced += 1;
+                        tracing::warn!("message {} was rejected by its recipient", a.id);
+                    }
+                },
+                Some(Outcome::Ignored) => {}
+                Some(Outcome::Mismatch) => tracing::error!(
+                    "receipt for message {} names a different hash or length than was sent; not counted as delivered",
+                    a.id
+                ),
+                None => {
+                    tracing::warn!("{} names message {}, which we never sent to its signer", report.kind_name(), a.id);
+                    stats.forged_reports += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}

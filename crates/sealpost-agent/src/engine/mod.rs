@@ -1,0 +1,524 @@
+//! The delivery engine: what `sealpost sync` does once and `sealpost agent`
+//! does continuously.
+//!
+//! One pass:
+//! 1. **fetch** the home mailbox; open every item (all checks of the sealed
+//!    layer); store new messages durably and verify them by reading back
+//!    ([`crate::spool`]); commit the inbox index with the receipts they are
+//!    owed; only then acknowledge the items at the relay. Duplicates get
+//!    their receipt again; stale messages and messages from non-contacts
+//!    get a signed rejection; receipts and rejections for our own messages
+//!    are verified and applied to the outbox; anything else that fails a
+//!    check is logged and discarded (the sender will retransmit).
+//! 2. **report**: sign one receipt (or rejection) per sender listing every
+//!    entry owed, seal it to the sender and submit it to the sender's relay.
+//! 3. **submit** every due outbox delivery to its recipient's relay,
+//!    pipelined; record acceptance (and the retransmission time), signed
+//!    refusals, and transient failures (with backoff).
+//! 4. **expire** deliveries whose message expired without a receipt.
+//!
+//! Only one engine runs per home: it holds an exclusive lock on
+//! `sync.lock` while it exists.
+//!
+//! Where things are: [`compose`] prepares what `send` queues; `inbound`
+//! fetches, decides ([`decide`]) and stores; `reports` sends receipts and
+//! rejections; `submit` and `upload` carry the outbox to recipients'
+//! relays; `download` and `repair` receive files; `wake` is the agent's
+//! loop. This module holds the engine itself and one pass over them.
+
+mod compose;
+mod download;
+mod inbound;
+mod repair;
+mod reports;
+mod submit;
+mod upload;
+mod wake;
+
+pub use compose::*;
+use reports::Control;
+use upload::Upload;
+pub use wake::*;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand_core::{OsRng, RngCore};
+use sealpost_client::client::{ClientError, Submitted};
+use sealpost_client::tls::Pin;
+use sealpost_client::RelayAddress;
+use sealpost_proto::delivery::{Outcome, Timing};
+use sealpost_proto::message::{self, MAX_RECIPIENTS};
+use sealpost_proto::relay::{BlobPiece, MailboxId, RefusalCode, MAX_MESSAGE};
+use sealpost_proto::report::{Entries, Report};
+use sealpost_proto::{
+    Kind, MessageId, OpenError, OpenedMessage, PublicIdentity, RejectReason, RelayPin, SealRequest,
+};
+use tokio::net::UnixListener;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::link::{LinkAuth, RelayLink};
+use crate::outbox::{InboxEntry, PendingReport, QueuedMessage, QueuedRecipient};
+use crate::spool::{Location, Spool, SpoolError};
+use crate::transfer::Progress;
+use crate::{Agent, AgentError, DEFAULT_LIFETIME_SECS};
+
+/// The settings key of the home relay address.
+pub const HOME_RELAY: &str = "home_relay";
+/// The settings key of the download directory.
+pub const DOWNLOAD_DIR: &str = "download_dir";
+/// Largest message content `send` accepts: the sealed container must fit
+/// the relay's message limit with room for the header and age's stanzas.
+pub const MAX_CONTENT: usize = MAX_MESSAGE - 16 * 1024;
+/// How long receipts and rejections live at the sender's relay.
+const REPORT_LIFETIME_SECS: u64 = 7 * 24 * 3600;
+/// Deliveries submitted in one pipelined round.
+const SUBMIT_BATCH: usize = 1024;
+/// Payload bytes submitted in one pipelined round.
+const SUBMIT_BATCH_BYTES: usize = 32 << 20;
+/// Items asked for in one fetch (the relay also bounds a fetch by bytes).
+const FETCH_BATCH: u32 = 4096;
+/// Room one fetch may take in the home beyond `keep_free`: its payloads
+/// (about 1 MiB, the relay's bound on an answer), twice over for the spool
+/// and the database's log.
+const FETCH_ROOM: u64 = 4 << 20;
+/// A repair request without an answer is sent again after this long.
+const REPAIR_RETRY_MS: u64 = 60_000;
+/// How long a download waits within one pass for a blob that is still
+/// being uploaded, without any new byte, before leaving it to a later pass.
+const STREAM_WAIT: Duration = Duration::from_secs(15);
+/// A download's progress is made durable (fsync + commit) this often.
+const DOWNLOAD_COMMIT_BYTES: u64 = 16 << 20;
+/// Blob pieces (1 MiB each) in flight on one connection.
+const PIECE_WINDOW: usize = 16;
+/// Read-backs of unfinished downloads kept from one pass to the next
+/// (each a thread, two descriptors and a 1 MiB buffer).
+const KEPT_READ_BACKS: usize = 4;
+/// Running hashes of unfinished uploads kept from one call to the next
+/// (about 4 KiB each); an upload whose hashes were dropped hashes again
+/// what the relay holds.
+const KEPT_UPLOAD_HASHES: usize = 64;
+/// Times an upload reconnects after losing its connection before it is
+/// left to the next pass.
+const MAX_UPLOAD_RECONNECTS: u32 = 3;
+/// Report entries signed per pass.
+const REPORT_BATCH: usize = 16 * sealpost_proto::report::MAX_ENTRIES;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("another sealpost agent or sync is running for {0}; it already does this work (stop it, or wait for it to finish)")]
+    Busy(PathBuf),
+    #[error("no home relay is set; run `sealpost relay use ADDRESS` (or `sealpost init --relay ADDRESS`)")]
+    NoHomeRelay,
+    #[error(
+        "the stored home relay address {0:?} is not valid; set it again with `sealpost relay use`"
+    )]
+    BadHomeRelay(String),
+    #[error("{0}")]
+    Agent(#[from] AgentError),
+    #[error("{0}")]
+    Spool(#[from] SpoolError),
+    #[error("home relay: {0}")]
+    Relay(#[from] ClientError),
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassStats {
+    /// Items fetched from the home relay.
+    pub fetched: u64,
+    /// New messages stored in the inbox.
+    pub delivered: u64,
+    /// Copies of messages already in the inbox (their receipt is re-sent).
+    pub duplicates: u64,
+    /// Messages refused with a signed rejection.
+    pub rejected: u64,
+    /// Items that failed a check and were discarded.
+    pub discarded: u64,
+    /// Our deliveries that a receipt completed in this pass.
+    pub confirmed: u64,
+    /// Our deliveries that a signed rejection failed in this pass.
+    pub bounced: u64,
+    /// Receipts or rejections that did not verify (forged) or matched
+    /// nothing of ours.
+    pub forged_reports: u64,
+    /// Reports (receipts and rejections) sent.
+    pub reports_sent: u64,
+    /// Submissions the relays accepted.
+    pub submitted: u64,
+    /// Submissions refused by a relay with a signed refusal.
+    pub refused: u64,
+    /// Submissions that failed for now (retried after a backoff).
+    pub submit_errors: u64,
+    /// Deliveries that expired without a receipt.
+    pub expired: u64,
+    /// Times the home relay could not be reached (fetching).
+    pub home_errors: u64,
+    /// Why, the last time (for the user; not added up).
+    pub home_error: Option<String>,
+    /// The home relay presented another key than its pin (a possible
+    /// interception), the last time it was tried.
+    pub home_key_mismatch: bool,
+    /// Files received whole and verified from disk.
+    pub files_received: u64,
+    /// Downloads that failed on this machine in this pass (tried again
+    /// later; see `run_downloads`).
+    pub download_errors: u64,
+    /// Files given up on (their senders are sent a signed rejection).
+    pub files_failed: u64,
+    /// Blob bytes sent to relays (file uploads).
+    pub upload_bytes: u64,
+    /// Blob bytes fetched from the home relay (file downloads).
+    pub download_bytes: u64,
+    /// Misbehaviour of a relay caught by the checks (recorded; see
+    /// `Database::detections`).
+    pub detections: u64,
+}
+
+impl PassStats {
+    pub fn add(&mut self, o: &PassStats) {
+        self.fetched += o.fetched;
+        self.delivered += o.delivered;
+        self.duplicates += o.duplicates;
+        self.rejected += o.rejected;
+        self.discarded += o.discarded;
+        self.confirmed += o.confirmed;
+        self.bounced += o.bounced;
+        self.forged_reports += o.forged_reports;
+        self.reports_sent += o.reports_sent;
+        self.submitted += o.submitted;
+        self.refused += o.refused;
+        self.submit_errors += o.submit_errors;
+        self.expired += o.expired;
+        self.home_errors += o.home_errors;
+        if o.home_error.is_some() {
+            self.home_error.clone_from(&o.home_error);
+            self.home_key_mismatch = o.home_key_mismatch;
+        }
+        self.files_received += o.files_received;
+        self.download_errors += o.download_errors;
+        self.files_failed += o.files_failed;
+        self.upload_bytes += o.upload_bytes;
+        self.download_bytes += o.download_bytes;
+        self.detections += o.detections;
+    }
+
+    /// True if nothing happened.
+    pub fn is_idle(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn unit_random() -> f64 {
+    (OsRng.next_u32() as f64) / (u32::MAX as f64 + 1.0)
+}
+
+/// The relay address a pin in a card or header names.
+pub fn address_of(pin: &RelayPin) -> RelayAddress {
+    RelayAddress {
+        host_port: pin.address.clone(),
+        pin: Pin(pin.key_hash),
+    }
+}
+
+/// The pin a relay address carries, for cards and headers.
+pub fn pin_of(addr: &RelayAddress) -> RelayPin {
+    RelayPin {
+        address: addr.host_port.clone(),
+        key_hash: addr.pin.0,
+    }
+}
+
+/// The link to `relay`: the home link if it is the home relay (submitting
+/// needs no account, and one connection is cheaper than two), else an
+/// anonymous one, made on first use.
+fn link_for<'a>(
+    home: &'a mut RelayLink,
+    links: &'a mut HashMap<String, RelayLink>,
+    home_addr: &RelayAddress,
+    relay: &str,
+) -> Option<&'a mut RelayLink> {
+    if relay == home_addr.to_string() {
+        return Some(home);
+    }
+    if !links.contains_key(relay) {
+        let addr = RelayAddress::parse(relay)?;
+        let mut l = RelayLink::anonymous(addr);
+        l.max_attempts = 2;
+        l.timeouts = home.timeouts;
+        links.insert(relay.to_owned(), l);
+    }
+    links.get_mut(relay)
+}
+
+/// The sync engine of one home.
+pub struct Engine {
+    /// Commands waiting on this agent (`send --wait`): told after every
+    /// pass, at most [`MAX_WATCHERS`].
+    watchers: Vec<tokio::net::UnixStream>,
+    agent: Agent,
+    spool: Spool,
+    home_addr: RelayAddress,
+    home: RelayLink,
+    links: HashMap<String, RelayLink>,
+    pub timing: Timing,
+    /// Where transfer progress is reported (bars in the CLI).
+    pub progress: std::sync::Arc<dyn crate::transfer::Progress>,
+    /// At most this many bytes of one download per pass (then the pass
+    /// goes on to other mail and the next pass continues the download);
+    /// `None`: download to the end (what `sync` does).
+    pub download_slice: Option<u64>,
+    /// Files larger than this are refused with a signed rejection
+    /// (`too-large`) as soon as their manifest arrives.
+    pub max_file: u64,
+    /// Free space kept on the download directory's file system: a file
+    /// that would leave less waits (a local error, retried with backoff,
+    /// in the end rejected as `not-stored`).
+    pub keep_free: u64,
+    /// The read-backs of downloads left for a later pass (sliced), so the
+    /// next pass goes on reading back where this one stopped instead of
+    /// reading the file back from its start again; at most
+    /// `KEPT_READ_BACKS`.
+    read_backs: Vec<(MessageId, crate::transfer::ReadBack)>,
+    /// The running hashes of uploads left for a later call (a file's
+    /// manifest goes out after its first pieces, then the upload goes on),
+    /// by message and recipient; at most `KEPT_UPLOAD_HASHES`.
+    upload_hashes: Vec<((MessageId, [u8; 32]), crate::transfer::UploadHashes)>,
+    /// What the checks caught in this pass, recorded at its end.
+    found: Vec<(&'static str, String)>,
+    /// Blobs of files received whole in this pass, deleted at the relay
+    /// after the receipts went out (a relay may take a while to free a
+    /// large file; the sender should not wait for that).
+    blob_deletes: Vec<[u8; 16]>,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("home_relay", &self.home_addr.to_string())
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Takes the home's sync lock and prepares links. Fails with
+    /// [`EngineError::Busy`] if another engine holds the lock.
+    pub fn new(agent: Agent) -> Result<Self, EngineError> {
+        let lock_path = agent.home().dir().join("sync.lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| AgentError::Io {
+                what: "opening",
+                path: lock_path.clone(),
+                source,
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(EngineError::Busy(agent.home().dir().to_owned()))
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(AgentError::Io {
+                    what: "locking",
+                    path: lock_path,
+                    source,
+                }
+                .into())
+            }
+        }
+        let home_addr = agent.home_relay()?.ok_or(EngineError::NoHomeRelay)?;
+        let spool = Spool::open(agent.home().dir())?;
+        let mut home = RelayLink::new(home_addr.clone());
+        home.auth = LinkAuth::Register;
+        home.max_attempts = 3;
+        Ok(Self {
+            agent,
+            spool,
+            home_addr,
+            home,
+            links: HashMap::new(),
+            timing: Timing::default(),
+            progress: std::sync::Arc::new(crate::transfer::Quiet),
+            download_slice: None,
+            max_file: DEFAULT_MAX_FILE,
+            keep_free: DEFAULT_KEEP_FREE,
+            read_backs: Vec::new(),
+            upload_hashes: Vec::new(),
+            blob_deletes: Vec::new(),
+            found: Vec::new(),
+            watchers: Vec::new(),
+            _lock: lock,
+        })
+    }
+
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    pub fn agent_mut(&mut self) -> &mut Agent {
+        &mut self.agent
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    /// Waits on relays for at most these (tests of broken networks).
+    pub fn with_relay_timeouts(mut self, t: sealpost_client::client::Timeouts) -> Self {
+        self.home.timeouts = t;
+        for l in self.links.values_mut() {
+            l.timeouts = t;
+        }
+        self
+    }
+
+    /// Uses a short reconnect backoff (tests, demos on loopback).
+    pub fn with_link_backoff(mut self, b: sealpost_proto::retry::Backoff) -> Self {
+        let t = self.home.timeouts;
+        self.home = RelayLink::new(self.home_addr.clone()).with_backoff(b);
+        self.home.max_attempts = 3;
+        self.home.timeouts = t;
+        self
+    }
+
+    /// One full pass: fetch and process, send reports, submit, expire.
+    /// A relay that cannot be reached is logged and retried next pass;
+    /// only local failures (database, disk) are returned as errors.
+    pub async fn pass(&mut self) -> Result<PassStats, EngineError> {
+        let mut stats = PassStats::default();
+        tracing::trace!("pass: start");
+        // Submitting first: a pass started by `send` hands the message to
+        // the relay before spending a round trip on fetching.
+        self.submit_due(&mut stats).await?;
+        let mut acks = Vec::new();
+        match self.fetch_all(&mut stats, &mut acks).await {
+            Ok(()) => {}
+            Err(EngineError::Relay(e)) => {
+                // Said by the caller: `run` with backoff, `sync` in its
+                // result.
+                tracing::debug!("fetching from {}: {e}", self.home_addr);
+                stats.home_errors += 1;
+                stats.home_key_mismatch = matches!(e, ClientError::KeyMismatch { .. });
+                stats.home_error = Some(e.to_string());
+                self.home.disconnect();
+            }
+            Err(e) => return Err(e),
+        }
+        // Receipts go out before waiting for the relay to confirm the
+        // acknowledgements: the sender learns sooner, and an ack that got
+        // lost only means a duplicate next time (which gets its receipt
+        // again and is not delivered twice).
+        tracing::trace!("pass: fetched {}", stats.fetched);
+        // Messages' receipts go out now: a download (a large file, or one
+        // whose blob is slow to come) must not hold them up.
+        self.send_reports(&mut stats).await?;
+        self.run_downloads(&mut stats).await?;
+        self.run_repairs(&mut stats).await?;
+        self.send_reports(&mut stats).await?;
+        tracing::trace!("pass: reports sent {}", stats.reports_sent);
+        // Best effort: a blob left at the relay expires anyway.
+        for blob_id in std::mem::take(&mut self.blob_deletes) {
+            let _ = self
+                .home
+                .call(&self.agent.identity, async |c| c.blob_delete(blob_id).await)
+                .await;
+        }
+        for rx in acks {
+            match tokio::time::timeout(Duration::from_secs(30), rx).await {
+                Ok(Ok(sealpost_proto::relay::Response::Acked { .. })) => {}
+                other => {
+                    tracing::warn!("the relay did not confirm an acknowledgement ({other:?}); those items will be fetched again");
+                    self.home.disconnect();
+                    break;
+                }
+            }
+        }
+        let expired = self.agent.db.expire(now_ms())?;
+        for row in &expired {
+            tracing::warn!(
+                "message {} to {}: failed, expired before a receipt arrived",
+                row.msg,
+                row.name
+            );
+        }
+        stats.expired += expired.len() as u64;
+        self.flush_found(&mut stats)?;
+        tracing::trace!("pass: done");
+        Ok(stats)
+    }
+
+    /// Records what the checks caught so far in this pass.
+    fn flush_found(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
+        if !self.found.is_empty() {
+            self.agent.db.record_detections(&self.found, now_ms())?;
+            stats.detections += self.found.len() as u64;
+            self.found.clear();
+        }
+        Ok(())
+    }
+
+    /// Subscribes to the home mailbox's pushes (a fresh subscription after
+    /// every reconnect).
+    pub async fn subscribe(
+        &mut self,
+    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<u64>, EngineError> {
+        Ok(self
+            .home
+            .call(&self.agent.identity, async |c| c.subscribe().await)
+            .await?)
+    }
+
+    /// The time until the outbox next needs attention, if ever.
+    pub fn next_due_in(&self) -> Result<Option<Duration>, EngineError> {
+        Ok(self
+            .agent
+            .db
+            .next_due_ms()?
+            .map(|t| Duration::from_millis(t.saturating_sub(now_ms()))))
+    }
+
+    /// True once every delivery of `id` is final.
+    pub fn is_final(&self, id: &MessageId) -> Result<bool, EngineError> {
+        Ok(self.agent.db.is_final(id)?)
+    }
+}
+
+/// Opens every payload, on all cores: opening is the expensive step (one
+/// X25519 agreement and one signature verification each).
+/// Local failures in a row after which a download fails (and its sender
+/// is told): with [`local_retry_ms`], about two and a half hours of
+/// trying, long enough for someone to free a full disk.
+pub const MAX_LOCAL_ERRORS: u32 = 12;
+
+/// The wait before trying a download again after its `n`th local failure
+/// in a row: 5 s, 10 s, 20 s, … at most an hour.
+pub fn local_retry_ms(n: u32) -> u64 {
+    (5_000u64 << n.saturating_sub(1).min(20)).min(3_600_000)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// How long a message lives unless the sender says otherwise.
+pub const DEFAULT_SEND_LIFETIME_SECS: u64 = DEFAULT_LIFETIME_SECS;
+
+/// The largest file accepted by default (`--max-file`): 16 GiB.
+pub const DEFAULT_MAX_FILE: u64 = 16 << 30;
+/// Free space kept by default on the download directory's file system
+/// (`--keep-free`): 1 GiB.
+pub const DEFAULT_KEEP_FREE: u64 = 1 << 30;

@@ -1,0 +1,245 @@
+//! Submitting due outbox deliveries to their recipients' relays, pipelined, and recording what each relay answered.
+
+use super::*;
+
+impl Engine {
+    pub(super) async fn submit_due(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
+        // Bounded: a pass submits at most this many rounds.
+        for _ in 0..64 {
+            let now = now_ms();
+            let due = self.agent.db.due(now, SUBMIT_BATCH)?;
+            if due.is_empty() {
+                return Ok(());
+            }
+            let mut sealed: HashMap<MessageId, Vec<u8>> = HashMap::new();
+            let mut by_relay: HashMap<String, Vec<usize>> = HashMap::new();
+            let mut bytes = 0usize;
+            let mut take = 0usize;
+            let mut updates = Vec::with_capacity(due.len());
+            let mut streaming: Vec<usize> = Vec::new();
+            for (i, d) in due.iter().enumerate() {
+                // A file's manifest goes out only once its blob is whole at
+                // the recipient's relay.
+                if let Some(f) = self.agent.db.file_out(&d.msg)? {
+                    let now = now_ms();
+                    let mut del = d.delivery.clone();
+                    // The manifest goes out once the first window is at the
+                    // relay, so the recipient downloads while the rest
+                    // streams in (finished after the batch, below).
+                    let head = (PIECE_WINDOW * sealpost_proto::relay::MAX_BLOB_PIECE) as u64;
+                    match self.upload(d, &f, stats, head).await? {
+                        Upload::Complete => {}
+                        Upload::Enough => streaming.push(i),
+                        Upload::Retry(e) => {
+                            tracing::warn!("uploading {} to {}: {e}; will retry", f.path, d.name);
+                            del.transient_failure(now, &self.timing, unit_random());
+                            stats.submit_errors += 1;
+                            updates.push((d.msg, d.recipient, del, Some(e)));
+                            take = i + 1;
+                            continue;
+                        }
+                        Upload::Refused(code, detail) => {
+                            tracing::warn!("uploading {} to {}: refused: {detail}", f.path, d.name);
+                            del.refused(now, &code, &detail);
+                            stats.refused += 1;
+                            updates.push((d.msg, d.recipient, del, None));
+                            take = i + 1;
+                            continue;
+                        }
+                        Upload::Failed(code, detail) => {
+                            tracing::warn!("sending {} to {}: {detail}", f.path, d.name);
+                            del.local_failure(now, &code, &detail);
+                            updates.push((d.msg, d.recipient, del, None));
+                            take = i + 1;
+                            continue;
+                        }
+                    }
+                }
+                if let std::collections::hash_map::Entry::Vacant(v) = sealed.entry(d.msg) {
+                    let s = self.agent.db.sealed(&d.msg)?.unwrap_or_default();
+                    bytes += s.len();
+                    v.insert(s);
+                }
+                by_relay.entry(d.relay.clone()).or_default().push(i);
+                take = i + 1;
+                if bytes >= SUBMIT_BATCH_BYTES {
+                    break;
+                }
+            }
+            // Relays that took something in this round: what waits for
+            // them after a failure is tried again now, not after its
+            // backoff (a relay that came back is used at once).
+            let mut reachable: Vec<String> = Vec::new();
+            for (relay, idxs) in by_relay {
+                let items: Vec<(MailboxId, u64, Vec<u8>)> = idxs
+                    .iter()
+                    .map(|&i| {
+                        let d = &due[i];
+                        (
+                            MailboxId::of(&d.recipient),
+                            d.delivery.expires_at / 1000,
+                            sealed.get(&d.msg).cloned().unwrap_or_default(),
+                        )
+                    })
+                    .collect();
+                let answers =
+                    match link_for(&mut self.home, &mut self.links, &self.home_addr, &relay) {
+                        None => Vec::new(),
+                        Some(link) => {
+                            let r = link
+                                .call(&self.agent.identity, async |c| {
+                                    Ok(c.submit_many(items.clone()).await)
+                                })
+                                .await;
+                            match r {
+                                Ok(a) => {
+                                    if a.iter().any(|x| {
+                                        matches!(x, Err(ClientError::Closed | ClientError::Io(_)))
+                                    }) {
+                                        link.disconnect();
+                                    }
+                                    a
+                                }
+                                Err(e) => {
+                                    link.disconnect();
+                                    let msg = e.to_string();
+                                    idxs.iter()
+                                        .map(|_| {
+                                            Err(ClientError::Io(std::io::Error::other(msg.clone())))
+                                        })
+                                        .collect()
+                                }
+                            }
+                        }
+                    };
+                let now = now_ms();
+                for (k, &i) in idxs.iter().enumerate() {
+                    let row = &due[i];
+                    let mut d = row.delivery.clone();
+                    let mut last_error = None;
+                    match answers.get(k) {
+                        Some(Ok(Submitted::Accepted { .. })) => {
+                            d.accepted(now, &self.timing, unit_random());
+                            stats.submitted += 1;
+                            if !reachable.contains(&relay) {
+                                reachable.push(relay.clone());
+                            }
+                        }
+                        Some(Ok(Submitted::Refused(r))) if !r.code.is_lasting() => {
+                            d.transient_failure(now, &self.timing, unit_random());
+                            let why = format!(
+                                "relay {relay}: {} (trying again until the message expires)",
+                                r.code.describe()
+                            );
+                            tracing::warn!("message {} to {}: {why}", row.msg, row.name);
+                            last_error = Some(why);
+                            stats.submit_errors += 1;
+                        }
+                        Some(Ok(Submitted::Refused(r))) => {
+                            d.refused(now, r.code.name(), r.code.describe());
+                            stats.refused += 1;
+                            tracing::warn!(
+                                "message {} to {}: refused by relay {}: {}",
+                                row.msg,
+                                row.name,
+                                relay,
+                                r.code.describe()
+                            );
+                        }
+                        Some(Err(e)) => {
+                            if matches!(e, ClientError::ForgedRefusal) {
+                                tracing::warn!("relay {relay} sent a refusal that is not signed by its key: forged, ignored");
+                                if let Some((_, _, p)) = items.get(k) {
+                                    self.found.push((
+                                        "forged-refusal",
+                                        blake3::hash(p).to_hex().to_string(),
+                                    ));
+                                }
+                            }
+                            d.transient_failure(now, &self.timing, unit_random());
+                            last_error = Some(e.to_string());
+                            stats.submit_errors += 1;
+                        }
+                        None => {
+                            d.transient_failure(now, &self.timing, unit_random());
+                            last_error = Some(format!("cannot reach relay {relay}"));
+                            stats.submit_errors += 1;
+                        }
+                    }
+                    updates.push((row.msg, row.recipient, d, last_error));
+                }
+            }
+            tracing::trace!("submit: {} answered", updates.len());
+            // Files whose manifest went out with their blob still
+            // streaming: if this process dies now, resume within seconds,
+            // not at the retransmission time.
+            let mut finish = Vec::new();
+            for u in updates.iter_mut() {
+                if let Some(&i) = streaming
+                    .iter()
+                    .find(|&&i| due[i].msg == u.0 && due[i].recipient == u.1)
+                {
+                    if u.2.state == sealpost_proto::delivery::State::Submitted {
+                        finish.push((i, u.2.next_at));
+                        u.2.next_at = now_ms() + 10_000;
+                    }
+                }
+            }
+            self.agent.db.save_deliveries(&updates)?;
+            for relay in &reachable {
+                let n = self.agent.db.relay_reachable(relay, now_ms())?;
+                if n > 0 {
+                    tracing::info!("relay {relay} takes messages again: {n} waiting for it go now");
+                }
+            }
+            tracing::trace!("submit: saved");
+            for (i, next_at) in finish {
+                let d = &due[i];
+                let Some(f) = self.agent.db.file_out(&d.msg)? else {
+                    continue;
+                };
+                let mut del = self
+                    .agent
+                    .db
+                    .outbox(Some(&d.msg), 1)?
+                    .into_iter()
+                    .next()
+                    .and_then(|m| {
+                        m.deliveries
+                            .into_iter()
+                            .find(|x| x.recipient == d.recipient)
+                    })
+                    .map(|x| x.delivery)
+                    .unwrap_or_else(|| d.delivery.clone());
+                let now = now_ms();
+                let err = match self.upload(d, &f, stats, u64::MAX).await? {
+                    Upload::Complete | Upload::Enough => {
+                        del.next_at = next_at;
+                        None
+                    }
+                    Upload::Retry(e) => {
+                        tracing::warn!("uploading {} to {}: {e}; will retry", f.path, d.name);
+                        del.transient_failure(now, &self.timing, unit_random());
+                        Some(e)
+                    }
+                    Upload::Refused(code, detail) => {
+                        del.refused(now, &code, &detail);
+                        None
+                    }
+                    Upload::Failed(code, detail) => {
+                        del.local_failure(now, &code, &detail);
+                        None
+                    }
+                };
+                self.agent
+                    .db
+                    .save_deliveries(&[(d.msg, d.recipient, del, err)])?;
+            }
+            if take < due.len() || due.len() == SUBMIT_BATCH {
+                continue;
+            }
+            return Ok(());
+        }
+        Ok(())
+    }
+}

@@ -1184,13 +1184,83 @@ pub struct Download {
     /// Chunks that did not authenticate.
     pub bad: Vec<u64>,
     pub attempts: u32,
-    pub state: String,
+    pub state: DownloadState,
     pub final_path: Option<String>,
     pub error: Option<String>,
     pub changed_ms: u64,
     /// Passes in a row in which this download failed on this machine (its
     /// disk or file system): it waits longer after each.
     pub local_errors: u32,
+}
+
+/// Where a received file's download stands (the `state` column of
+/// `downloads`, by these names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DownloadState {
+    /// Fetching and verifying chunks from the relay (or waiting to).
+    Downloading,
+    /// Chunks were damaged or the blob is gone: a repair is asked of the
+    /// sender, and the download goes on when the repair arrives.
+    Repairing,
+    /// Given up; the sender was sent a signed rejection.
+    Failed,
+    /// Stored, read back and verified; its receipt is owed or sent.
+    Done,
+}
+
+impl DownloadState {
+    pub const ALL: [Self; 4] = [Self::Downloading, Self::Repairing, Self::Failed, Self::Done];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Downloading => "downloading",
+            Self::Repairing => "repairing",
+            Self::Failed => "failed",
+            Self::Done => "done",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.name() == s)
+    }
+
+    /// Nothing more will happen to it.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Failed | Self::Done)
+    }
+}
+
+impl std::fmt::Display for DownloadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl rusqlite::types::ToSql for DownloadState {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.name().into())
+    }
+}
+
+impl rusqlite::types::FromSql for DownloadState {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let s = v.as_str()?;
+        Self::parse(s).ok_or_else(|| {
+            rusqlite::types::FromSqlError::Other(format!("unknown download state {s:?}").into())
+        })
+    }
+}
+
+/// How a download ends (see [`crate::outbox::Db::download_end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownloadEnd {
+    /// Stored and verified at its final path.
+    Done,
+    /// Given up.
+    Failed,
+    /// Back to the first chunk (a read-back did not match); the download
+    /// stays `downloading`.
+    Restart,
 }
 
 impl Download {
@@ -1387,7 +1457,7 @@ impl Db {
     /// Downloads in a state, oldest first.
     pub fn downloads(
         &self,
-        state: Option<&str>,
+        state: Option<DownloadState>,
         limit: usize,
     ) -> Result<Vec<Download>, AgentError> {
         let mut stmt = self.conn.prepare_cached(&format!(
@@ -1419,7 +1489,7 @@ impl Db {
     pub fn download_state(
         &mut self,
         msg: &MessageId,
-        state: &str,
+        state: DownloadState,
         error: Option<&str>,
         now_ms: u64,
     ) -> Result<(), AgentError> {
@@ -1459,14 +1529,19 @@ impl Db {
     pub fn download_end(
         &mut self,
         msg: &MessageId,
-        state: &str,
+        end: DownloadEnd,
         final_path: Option<&str>,
         error: Option<&str>,
         receipt: Option<&PendingReport>,
         now_ms: u64,
     ) -> Result<(), AgentError> {
         let tx = self.conn.transaction()?;
-        if state == "restart" {
+        let state = match end {
+            DownloadEnd::Done => DownloadState::Done,
+            DownloadEnd::Failed => DownloadState::Failed,
+            DownloadEnd::Restart => DownloadState::Downloading,
+        };
+        if end == DownloadEnd::Restart {
             tx.execute(
                 "UPDATE downloads SET next_chunk = 0, bad = '', attempts = attempts + 1, \
                  error = ?2, changed_ms = ?3 WHERE msg = ?1",

@@ -89,9 +89,11 @@ impl fmt::Debug for MessageId {
 }
 
 /// What a sealed message carries. Receipts and rejections join in the
-/// delivery layer; an unknown kind is refused, never guessed at.
+/// delivery layer; an unknown kind is refused, never guessed at. Not
+/// `non_exhaustive`: a new kind must be decided wherever kinds are matched
+/// (the agent's `engine::decide`), so adding one does not compile until it
+/// is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Kind {
     /// Application content: text or bytes for the user.
     Message,

@@ -1272,7 +1272,7 @@ pub fn delete(home: &Home, args: DeleteArgs, out: &Out) -> Result<(), Failure> {
     let ids = received_ids(&agent, &args.ids)?;
     for id in &ids {
         if let Some(d) = agent.db().download(id)? {
-            if d.state != "done" && d.state != "failed" {
+            if !d.state.is_final() {
                 return Err(Failure::usage(anyhow!(
                     "message {id} is a file still being received ({}); delete it once it is done",
                     d.state
@@ -1610,11 +1610,11 @@ fn file_json(agent: &Agent, e: &InboxEntry) -> Option<Value> {
         "name": d.name,
         "size": d.size,
         "blake3": hex_lower(&d.plaintext_hash),
-        "state": d.state,
+        "state": d.state.name(),
         "path": d.final_path,
         "chunks_done": done,
         "chunks": chunks,
-        "percent": if d.state == "done" { 100 } else { percent(done, chunks) },
+        "percent": if d.state == sealpost_agent::outbox::DownloadState::Done { 100 } else { percent(done, chunks) },
         "damaged_chunks": d.bad.len(),
         "error": d.error,
     }))
@@ -1833,7 +1833,7 @@ pub fn read(home: &Home, args: ReadArgs, out: &Out) -> Result<(), Failure> {
         let verified = ms_time(d.changed_ms);
         // What was verified on arrival says nothing of the file now: read
         // it again and compare, so that "verified" is true today.
-        let now = match (d.state.as_str(), &d.final_path) {
+        let now = match (d.state.name(), &d.final_path) {
             ("done", Some(p)) => {
                 Some((p.clone(), recheck(Path::new(p), d.size, &d.plaintext_hash)))
             }

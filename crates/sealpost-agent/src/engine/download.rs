@@ -13,8 +13,12 @@ impl Engine {
     /// its sender gets a signed rejection. The other downloads go on, and
     /// the pass always goes on to send its receipts.
     pub(super) async fn run_downloads(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
-        let now = now_ms();
-        for d in self.agent.db.downloads(Some("downloading"), 64)? {
+        let now = self.clock.now_ms();
+        for d in self
+            .agent
+            .db
+            .downloads(Some(DownloadState::Downloading), 64)?
+        {
             if d.local_errors > 0 && now < d.changed_ms + local_retry_ms(d.local_errors) {
                 continue;
             }
@@ -30,7 +34,10 @@ impl Engine {
                     self.progress.finish();
                     stats.download_errors += 1;
                     let why = e.to_string();
-                    let n = self.agent.db.download_local_error(&msg, &why, now_ms())?;
+                    let n = self
+                        .agent
+                        .db
+                        .download_local_error(&msg, &why, self.clock.now_ms())?;
                     if n >= MAX_LOCAL_ERRORS {
                         tracing::error!("receiving {name}: {why}; failed {n} times in a row, giving up and telling the sender");
                         self.give_up_download(&kept, &why, stats)?;
@@ -43,8 +50,12 @@ impl Engine {
                 }
             }
         }
-        let now = now_ms();
-        for d in self.agent.db.downloads(Some("repairing"), 64)? {
+        let now = self.clock.now_ms();
+        for d in self
+            .agent
+            .db
+            .downloads(Some(DownloadState::Repairing), 64)?
+        {
             if now.saturating_sub(d.changed_ms) >= REPAIR_RETRY_MS {
                 let bad = d.bad.clone();
                 self.request_repair(&d, &bad).await?;
@@ -69,11 +80,11 @@ impl Engine {
             .map(|r| d.rejection(r, RejectReason::NotStored));
         self.agent.db.download_end(
             &d.msg,
-            "failed",
+            DownloadEnd::Failed,
             None,
             Some(why),
             rejection.as_ref(),
-            now_ms(),
+            self.clock.now_ms(),
         )?;
         Ok(())
     }
@@ -226,7 +237,7 @@ impl Engine {
                                     sealpost_proto::buffers::give(data);
                                     if !damaged.is_empty() {
                                         self.found.push((
-                                            "damaged-chunk",
+                                            Caught::DamagedChunk,
                                             format!("blob:{}@{at}", hex(&repair_id)),
                                         ));
                                     }
@@ -306,15 +317,17 @@ impl Engine {
                 match event {
                     transfer::SinkEvent::Written(off, damaged) => {
                         if !damaged.is_empty() {
-                            this.found
-                                .push(("damaged-chunk", format!("blob:{}@{off}", hex(&blob_id))));
+                            this.found.push((
+                                Caught::DamagedChunk,
+                                format!("blob:{}@{off}", hex(&blob_id)),
+                            ));
                         }
                         bad.extend(damaged);
                     }
                     transfer::SinkEvent::Durable(upto) => {
                         this.agent
                             .db
-                            .download_progress(&d.msg, upto, bad, now_ms())?;
+                            .download_progress(&d.msg, upto, bad, this.clock.now_ms())?;
                         if let Some(v) = verifier.as_mut() {
                             v.durable((upto * d.chunk_size as u64).min(d.size));
                         }
@@ -379,8 +392,10 @@ impl Engine {
                     }
                     // Short although the relay said the range is stored.
                     Ok(v) if complete_known || off + n as u64 <= stored_known => {
-                        self.found
-                            .push(("short-blob-data", format!("blob:{}@{off}", hex(&blob_id))));
+                        self.found.push((
+                            Caught::ShortBlobData,
+                            format!("blob:{}@{off}", hex(&blob_id)),
+                        ));
                         tracing::warn!(
                             "receiving {}: the relay sent {} of {n} bytes at {off} of a whole blob",
                             d.name,
@@ -415,7 +430,7 @@ impl Engine {
                 break 'pieces;
             }
             if short {
-                if expires_at.is_some_and(|e| now_ms() / 1000 >= e) {
+                if expires_at.is_some_and(|e| self.clock.now_ms() / 1000 >= e) {
                     progress.finish();
                     return fail(self, stats,
                         "its data did not arrive at the relay before the message expired; ask the sender to send it again".into(),
@@ -452,7 +467,9 @@ impl Engine {
         drop(sink);
         progress.finish();
         part.sync_data().map_err(|e| io_err("syncing", e))?;
-        self.agent.db.download_progress(&d.msg, i, &bad, now_ms())?;
+        self.agent
+            .db
+            .download_progress(&d.msg, i, &bad, self.clock.now_ms())?;
         if i < count {
             if let Some(v) = verifier.filter(|_| bad.is_empty()) {
                 if self.read_backs.len() >= KEPT_READ_BACKS {
@@ -493,11 +510,11 @@ impl Engine {
             );
             self.agent.db.download_end(
                 &d.msg,
-                "restart",
+                DownloadEnd::Restart,
                 None,
                 Some("read-back mismatch"),
                 None,
-                now_ms(),
+                self.clock.now_ms(),
             )?;
             return Ok(());
         }
@@ -559,14 +576,14 @@ impl Engine {
         let receipt = d
             .relay
             .clone()
-            .map(|relay| d.receipt(relay, now_ms() / 1000));
+            .map(|relay| d.receipt(relay, self.clock.now_ms() / 1000));
         self.agent.db.download_end(
             &d.msg,
-            "done",
+            DownloadEnd::Done,
             Some(&final_path.to_string_lossy()),
             None,
             receipt.as_ref(),
-            now_ms(),
+            self.clock.now_ms(),
         )?;
         stats.files_received += 1;
         let from = match self.agent.db.contact_by_key(&d.sender) {

@@ -132,7 +132,7 @@ impl Engine {
         stats: &mut PassStats,
     ) -> Result<(), EngineError> {
         let opened = open_all(&self.agent.identity, &payloads);
-        let now_s = now_ms() / 1000;
+        let now_s = self.clock.now_ms() / 1000;
         let mut to_store: Vec<(OpenedMessage, Vec<u8>)> = Vec::new();
         let mut reports: Vec<PendingReport> = Vec::new();
         for (r, payload) in opened.into_iter().zip(&payloads) {
@@ -140,23 +140,10 @@ impl Engine {
                 Err(e) => {
                     tracing::warn!("discarded a fetched item: {e}");
                     stats.discarded += 1;
-                    (Verdict::Done, Some(e.class()))
+                    (Verdict::Done, Some(Caught::Sealed(e.class())))
                 }
                 Ok((m, content)) => {
-                    let before = (stats.discarded, stats.duplicates, stats.forged_reports);
-                    let v = self.classify(m, content, now_s, &to_store, &mut reports, stats)?;
-                    let caught = if !matches!(v, Verdict::Done) {
-                        None
-                    } else if stats.duplicates > before.1 {
-                        Some("duplicate")
-                    } else if stats.forged_reports > before.2 {
-                        Some("forged-report")
-                    } else if stats.discarded > before.0 {
-                        Some("discarded")
-                    } else {
-                        None
-                    };
-                    (v, caught)
+                    self.classify(m, content, now_s, &to_store, &mut reports, stats)?
                 }
             };
             if let Some(class) = caught {
@@ -177,7 +164,7 @@ impl Engine {
         tracing::trace!("batch: opened {}", contents.len());
         let locations: Vec<Location> = self.spool.append_verified(&contents)?;
         tracing::trace!("batch: stored and read back");
-        let received_ms = now_ms();
+        let received_ms = self.clock.now_ms();
         let stored_at = received_ms / 1000;
         let mut entries = Vec::with_capacity(to_store.len());
         let mut downloads = Vec::new();
@@ -225,7 +212,7 @@ impl Engine {
                         next_chunk: 0,
                         bad: Vec::new(),
                         attempts: 0,
-                        state: "downloading".into(),
+                        state: DownloadState::Downloading,
                         final_path: None,
                         error: None,
                         changed_ms: received_ms,
@@ -290,6 +277,9 @@ impl Engine {
             .map(|p| address_of(&p).to_string()))
     }
 
+    /// Reads what the agent knows about one opened message, decides
+    /// ([`decide`]) and carries the decision out. Returns what to store and
+    /// what the checks caught.
     pub(super) fn classify(
         &mut self,
         m: OpenedMessage,
@@ -298,101 +288,82 @@ impl Engine {
         batch: &[(OpenedMessage, Vec<u8>)],
         reports: &mut Vec<PendingReport>,
         stats: &mut PassStats,
-    ) -> Result<Verdict, EngineError> {
+    ) -> Result<(Verdict, Option<Caught>), EngineError> {
         let h = &m.header;
         let contact = self
             .agent
             .db
             .contact_by_key(h.sender.signing_bytes())?
-            .filter(|c| c.card.public() == &h.sender);
-        if matches!(
-            h.kind,
-            Kind::Receipt | Kind::Rejection | Kind::RepairRequest | Kind::Repair
-        ) && contact.is_some()
-        {
-            // Control messages are acted on once: a relay replaying an old
-            // receipt or repair request changes nothing (and cannot make
-            // us upload the same chunks again and again).
-            if self.agent.db.replay_seen(&h.id)? {
-                stats.duplicates += 1;
-                return Ok(Verdict::Done);
-            }
-            if let Err(e) = self.agent.policy.check(h, now_s) {
-                tracing::warn!(
-                    "discarded a {} from {}: {e}",
-                    h.kind.name(),
-                    self.agent.who(&h.sender)
-                );
-                stats.discarded += 1;
-                return Ok(Verdict::Done);
-            }
-        }
-        match h.kind {
-            Kind::Receipt | Kind::Rejection => {
-                if contact.is_none() {
-                    tracing::warn!(
-                        "discarded a {} from {}, who is not a contact",
-                        h.kind.name(),
-                        self.agent.who(&h.sender)
-                    );
-                    stats.discarded += 1;
-                    return Ok(Verdict::Done);
+            .is_some_and(|c| c.card.public() == &h.sender);
+        let stale = self.agent.policy.check(h, now_s).err();
+        let content_kind = matches!(h.kind, Kind::Message | Kind::FileManifest);
+        let (prev, download) = if content_kind {
+            let prev = self.agent.db.inbox_entry(&h.id)?;
+            let download = match &prev {
+                Some(p)
+                    if p.sender == *h.sender.signing_bytes() && h.kind == Kind::FileManifest =>
+                {
+                    self.agent.db.download(&h.id)?
                 }
-                self.apply_report(&m, &content, stats)?;
-                self.remember_control(h, now_s)?;
-                return Ok(Verdict::Done);
-            }
-            Kind::RepairRequest | Kind::Repair => {
-                if contact.is_none() {
-                    stats.discarded += 1;
-                    return Ok(Verdict::Done);
-                }
-                self.apply_repair(&m, &content)?;
-                self.remember_control(h, now_s)?;
-                return Ok(Verdict::Done);
-            }
-            _ => {}
-        }
-        let reject = |reason: RejectReason, this: &Self, reports: &mut Vec<PendingReport>| {
-            this.reply_relay(&h.sender, h.reply_relay.as_ref())
-                .map(|relay| {
-                    if let Some(relay) = relay {
-                        reports.push(PendingReport {
-                            subject: *h.sender.signing_bytes(),
-                            agreement: *h.sender.agreement_bytes(),
-                            id: h.id,
-                            relay,
-                            reason: Some(reason),
-                            content_hash: [0; 32],
-                            content_len: 0,
-                            stored_at: 0,
-                        });
-                    }
-                })
+                _ => None,
+            };
+            (prev, download)
+        } else {
+            (None, None)
         };
-        // A copy of something already stored: its receipt again, once.
-        if let Some(prev) = self.agent.db.inbox_entry(&h.id)? {
-            if prev.sender == *h.sender.signing_bytes() && h.kind == Kind::FileManifest {
-                // A file's receipt names the file: again if it is done,
-                // later (when it is) otherwise.
-                stats.duplicates += 1;
-                if let Some(d) = self.agent.db.download(&h.id)? {
-                    if d.state == "repairing" || d.state == "failed" {
-                        // The sender sent it again: its blob may be back at
-                        // the relay. Try again, keeping every good chunk.
-                        self.agent
-                            .db
-                            .download_state(&d.msg, "downloading", None, now_ms())?;
-                    }
-                    if d.state == "done" {
-                        if let Some(relay) = self.reply_relay(&h.sender, h.reply_relay.as_ref())? {
-                            reports.push(d.receipt(relay, d.changed_ms / 1000));
-                        }
-                    }
+        let manifest = (h.kind == Kind::FileManifest).then(|| {
+            match sealpost_proto::manifest::FileManifest::decode(&content) {
+                Err(e) => (FileCheck::Malformed, e.to_string()),
+                Ok(f) if f.layout.plaintext_len > self.max_file => (
+                    FileCheck::TooLarge,
+                    format!(
+                        "{} is {} bytes, more than the {} this agent takes (--max-file)",
+                        f.name, f.layout.plaintext_len, self.max_file
+                    ),
+                ),
+                Ok(_) => (FileCheck::Fits, String::new()),
+            }
+        });
+        let facts = Facts {
+            kind: h.kind,
+            contact,
+            fresh: match &stale {
+                None => Ok(()),
+                Some(OpenError::FromFuture { .. }) => Err(Stale::FromTheFuture),
+                Some(OpenError::NoExpiry) => Err(Stale::NoExpiry),
+                Some(_) => Err(Stale::Expired),
+            },
+            seen: self.agent.db.replay_seen(&h.id)?,
+            stored: prev.as_ref().map(|p| {
+                if p.sender != *h.sender.signing_bytes() {
+                    Stored::OtherSender
+                } else if h.kind == Kind::FileManifest {
+                    Stored::File(download.as_ref().map(|d| d.state))
+                } else {
+                    Stored::Message
                 }
-            } else if prev.sender == *h.sender.signing_bytes() {
+            }),
+            in_batch: content_kind && batch.iter().any(|(b, _)| b.header.id == h.id),
+            file: manifest.as_ref().map(|(c, _)| *c),
+        };
+        let decision = decide(&facts);
+        let who = self.agent.who(&h.sender);
+        match decision {
+            Decision::Store => return Ok((Verdict::Store(Box::new((m, content))), None)),
+            Decision::ApplyReport => {
+                let caught = self.apply_report(&m, &content, stats)?;
+                self.remember_control(&m.header, now_s)?;
+                return Ok((Verdict::Done, caught));
+            }
+            Decision::ApplyRepair => {
+                self.apply_repair(&m, &content)?;
+                self.remember_control(&m.header, now_s)?;
+            }
+            Decision::ReceiptAgain => {
                 stats.duplicates += 1;
-                if let Some(relay) = self.reply_relay(&h.sender, h.reply_relay.as_ref())? {
+                if let (Some(prev), Some(relay)) =
+                    (prev, self.reply_relay(&h.sender, h.reply_relay.as_ref())?)
+                {
                     reports.push(PendingReport {
                         subject: prev.sender,
                         agreement: *h.sender.agreement_bytes(),
@@ -404,79 +375,82 @@ impl Engine {
                         stored_at: prev.received_ms / 1000,
                     });
                 }
-            } else {
-                tracing::warn!(
-                    "discarded message {}: its id is already in the inbox from another sender",
-                    h.id
-                );
-                stats.discarded += 1;
             }
-            return Ok(Verdict::Done);
-        }
-        if batch.iter().any(|(b, _)| b.header.id == h.id) {
-            stats.duplicates += 1;
-            return Ok(Verdict::Done);
-        }
-        if contact.is_none() {
-            tracing::warn!(
-                "rejected message {} from {}: not a contact",
-                h.id,
-                self.agent.who(&h.sender)
-            );
-            stats.rejected += 1;
-            self.agent
-                .db
-                .note_refused_sender(h.sender.signing_bytes(), now_ms())?;
-            reject(RejectReason::NotAContact, self, reports)?;
-            return Ok(Verdict::Done);
-        }
-        match self.agent.policy.check(h, now_s) {
-            Ok(()) => {}
-            Err(e) => {
-                let reason = match e {
-                    OpenError::FromFuture { .. } => RejectReason::FromTheFuture,
-                    OpenError::NoExpiry => RejectReason::NoExpiry,
-                    _ => RejectReason::Expired,
-                };
-                tracing::warn!("rejected message {}: {e}", h.id);
+            Decision::FileAgain { retry, receipt } => {
+                // A file's receipt names the file: again if it is done,
+                // later (when it is) otherwise.
+                stats.duplicates += 1;
+                if let Some(d) = download {
+                    if retry {
+                        self.agent.db.download_state(
+                            &d.msg,
+                            DownloadState::Downloading,
+                            None,
+                            self.clock.now_ms(),
+                        )?;
+                    }
+                    if receipt {
+                        if let Some(relay) = self.reply_relay(&h.sender, h.reply_relay.as_ref())? {
+                            reports.push(d.receipt(relay, d.changed_ms / 1000));
+                        }
+                    }
+                }
+            }
+            Decision::Reject(reason) => {
                 stats.rejected += 1;
-                reject(reason, self, reports)?;
-                return Ok(Verdict::Done);
+                match (reason, &stale, &manifest) {
+                    (RejectReason::NotAContact, _, _) => {
+                        tracing::warn!("rejected message {} from {who}: not a contact", h.id);
+                        self.agent
+                            .db
+                            .note_refused_sender(h.sender.signing_bytes(), self.clock.now_ms())?;
+                    }
+                    (RejectReason::Malformed | RejectReason::TooLarge, _, Some((_, why))) => {
+                        tracing::warn!("rejected file in message {} from {who}: {why}", h.id)
+                    }
+                    (_, Some(e), _) => tracing::warn!("rejected message {}: {e}", h.id),
+                    _ => tracing::warn!("rejected message {}: {}", h.id, reason.name()),
+                }
+                if let Some(relay) = self.reply_relay(&h.sender, h.reply_relay.as_ref())? {
+                    reports.push(PendingReport {
+                        subject: *h.sender.signing_bytes(),
+                        agreement: *h.sender.agreement_bytes(),
+                        id: h.id,
+                        relay,
+                        reason: Some(reason),
+                        content_hash: [0; 32],
+                        content_len: 0,
+                        stored_at: 0,
+                    });
+                }
             }
-        }
-        if self.agent.db.replay_seen(&h.id)? {
-            tracing::warn!("discarded message {}: already opened (replayed)", h.id);
-            stats.duplicates += 1;
-            return Ok(Verdict::Done);
-        }
-        if h.kind == Kind::FileManifest {
-            // A file is judged by its manifest before anything is fetched:
-            // one that cannot be read, or that is larger than this agent
-            // takes, is refused now (the sender is told, signed), instead
-            // of waiting in the inbox without a receipt until it expires.
-            let refusal = match sealpost_proto::manifest::FileManifest::decode(&content) {
-                Err(e) => Some((RejectReason::Malformed, e.to_string())),
-                Ok(f) if f.layout.plaintext_len > self.max_file => Some((
-                    RejectReason::TooLarge,
-                    format!(
-                        "{} is {} bytes, more than the {} this agent takes (--max-file)",
-                        f.name, f.layout.plaintext_len, self.max_file
+            Decision::Drop(d) => {
+                match d {
+                    Dropped::ControlReplayed | Dropped::RepeatedInBatch => {}
+                    Dropped::ControlStale(_) => tracing::warn!(
+                        "discarded a {} from {who}: {}",
+                        h.kind.name(),
+                        stale.as_ref().map_or_else(String::new, |e| e.to_string())
                     ),
-                )),
-                Ok(_) => None,
-            };
-            if let Some((reason, why)) = refusal {
-                tracing::warn!(
-                    "rejected file in message {} from {}: {why}",
-                    h.id,
-                    self.agent.who(&h.sender)
-                );
-                stats.rejected += 1;
-                reject(reason, self, reports)?;
-                return Ok(Verdict::Done);
+                    Dropped::ControlFromStranger => tracing::warn!(
+                        "discarded a {} from {who}, who is not a contact",
+                        h.kind.name()
+                    ),
+                    Dropped::IdTaken => tracing::warn!(
+                        "discarded message {}: its id is already in the inbox from another sender",
+                        h.id
+                    ),
+                    Dropped::Replayed => {
+                        tracing::warn!("discarded message {}: already opened (replayed)", h.id)
+                    }
+                }
+                match d.caught() {
+                    Caught::Duplicate => stats.duplicates += 1,
+                    _ => stats.discarded += 1,
+                }
             }
         }
-        Ok(Verdict::Store(Box::new((m, content))))
+        Ok((Verdict::Done, decision.caught()))
     }
 
     /// Records a control message as acted on, after its effect committed
@@ -497,7 +471,7 @@ impl Engine {
         m: &OpenedMessage,
         content: &[u8],
         stats: &mut PassStats,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Option<Caught>, EngineError> {
         let report = match Report::decode(content) {
             Ok(r) => r,
             Err(e) => {
@@ -507,7 +481,7 @@ impl Engine {
                     self.agent.who(&m.header.sender)
                 );
                 stats.forged_reports += 1;
-                return Ok(());
+                return Ok(Some(Caught::ForgedReport));
             }
         };
         let kind_matches = matches!(
@@ -524,12 +498,14 @@ impl Engine {
                 self.agent.who(&m.header.sender)
             );
             stats.forged_reports += 1;
-            return Ok(());
+            return Ok(Some(Caught::ForgedReport));
         }
-        let applied =
-            self.agent
-                .db
-                .apply_report(m.header.sender.signing_bytes(), &report, now_ms())?;
+        let applied = self.agent.db.apply_report(
+            m.header.sender.signing_bytes(),
+            &report,
+            self.clock.now_ms(),
+        )?;
+        let mut caught = None;
         for a in applied {
             match a.outcome {
                 Some(Outcome::Changed) => match report.entries() {
@@ -547,9 +523,10 @@ impl Engine {
                 None => {
                     tracing::warn!("{} names message {}, which we never sent to its signer", report.kind_name(), a.id);
                     stats.forged_reports += 1;
+                    caught = Some(Caught::ForgedReport);
                 }
             }
         }
-        Ok(())
+        Ok(caught)
     }
 }

@@ -27,6 +27,7 @@
 //! loop. This module holds the engine itself and one pass over them.
 
 mod compose;
+mod decide;
 mod download;
 mod inbound;
 mod repair;
@@ -36,6 +37,7 @@ mod upload;
 mod wake;
 
 pub use compose::*;
+pub use decide::{decide, Caught, Decision, Dropped, Facts, FileCheck, Stale, Stored};
 use reports::Control;
 use upload::Upload;
 pub use wake::*;
@@ -60,7 +62,9 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::link::{LinkAuth, RelayLink};
-use crate::outbox::{InboxEntry, PendingReport, QueuedMessage, QueuedRecipient};
+use crate::outbox::{
+    DownloadEnd, DownloadState, InboxEntry, PendingReport, QueuedMessage, QueuedRecipient,
+};
 use crate::spool::{Location, Spool, SpoolError};
 use crate::transfer::Progress;
 use crate::{Agent, AgentError, DEFAULT_LIFETIME_SECS};
@@ -219,8 +223,59 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn unit_random() -> f64 {
-    (OsRng.next_u32() as f64) / (u32::MAX as f64 + 1.0)
+/// The engine's time and its retry jitter: the system's in use, a
+/// [`FakeClock`] in tests, so that every decision that depends on time
+/// (retransmission, backoff, expiry, freshness) can be driven without
+/// sleeping.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+    /// A number in [0, 1) that spreads retries apart.
+    fn unit_random(&self) -> f64;
+}
+
+/// The system's clock and the OS's random numbers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+
+    fn unit_random(&self) -> f64 {
+        (OsRng.next_u32() as f64) / (u32::MAX as f64 + 1.0)
+    }
+}
+
+/// A clock that moves only when told, with fixed jitter (the middle of
+/// the range): for deterministic tests.
+#[derive(Debug)]
+pub struct FakeClock {
+    now: std::sync::atomic::AtomicU64,
+}
+
+impl FakeClock {
+    pub fn new(now_ms: u64) -> Self {
+        Self {
+            now: std::sync::atomic::AtomicU64::new(now_ms),
+        }
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.now
+            .fetch_add(by.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for FakeClock {
+    fn now_ms(&self) -> u64 {
+        self.now.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn unit_random(&self) -> f64 {
+        0.5
+    }
 }
 
 /// The relay address a pin in a card or header names.
@@ -295,7 +350,9 @@ pub struct Engine {
     /// by message and recipient; at most `KEPT_UPLOAD_HASHES`.
     upload_hashes: Vec<((MessageId, [u8; 32]), crate::transfer::UploadHashes)>,
     /// What the checks caught in this pass, recorded at its end.
-    found: Vec<(&'static str, String)>,
+    found: Vec<(Caught, String)>,
+    /// Time and jitter ([`SystemClock`] unless a test says otherwise).
+    clock: std::sync::Arc<dyn Clock>,
     /// Blobs of files received whole in this pass, deleted at the relay
     /// after the receipts went out (a relay may take a while to free a
     /// large file; the sender should not wait for that).
@@ -360,6 +417,7 @@ impl Engine {
             upload_hashes: Vec::new(),
             blob_deletes: Vec::new(),
             found: Vec::new(),
+            clock: std::sync::Arc::new(SystemClock),
             watchers: Vec::new(),
             _lock: lock,
         })
@@ -392,6 +450,12 @@ impl Engine {
         self.home = RelayLink::new(self.home_addr.clone()).with_backoff(b);
         self.home.max_attempts = 3;
         self.home.timeouts = t;
+        self
+    }
+
+    /// Runs on this clock instead of the system's (tests).
+    pub fn with_clock(mut self, clock: std::sync::Arc<dyn Clock>) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -447,7 +511,7 @@ impl Engine {
                 }
             }
         }
-        let expired = self.agent.db.expire(now_ms())?;
+        let expired = self.agent.db.expire(self.clock.now_ms())?;
         for row in &expired {
             tracing::warn!(
                 "message {} to {}: failed, expired before a receipt arrived",
@@ -464,9 +528,15 @@ impl Engine {
     /// Records what the checks caught so far in this pass.
     fn flush_found(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
         if !self.found.is_empty() {
-            self.agent.db.record_detections(&self.found, now_ms())?;
-            stats.detections += self.found.len() as u64;
-            self.found.clear();
+            let found: Vec<(&'static str, String)> = self
+                .found
+                .drain(..)
+                .map(|(c, item)| (c.name(), item))
+                .collect();
+            self.agent
+                .db
+                .record_detections(&found, self.clock.now_ms())?;
+            stats.detections += found.len() as u64;
         }
         Ok(())
     }
@@ -488,7 +558,7 @@ impl Engine {
             .agent
             .db
             .next_due_ms()?
-            .map(|t| Duration::from_millis(t.saturating_sub(now_ms()))))
+            .map(|t| Duration::from_millis(t.saturating_sub(self.clock.now_ms()))))
     }
 
     /// True once every delivery of `id` is final.

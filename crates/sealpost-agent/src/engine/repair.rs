@@ -20,9 +20,12 @@ impl Engine {
             list.join(", ")
         );
         tracing::warn!("receiving {}: {why}", d.name);
-        self.agent
-            .db
-            .download_state(&d.msg, "repairing", Some(&why), now_ms())?;
+        self.agent.db.download_state(
+            &d.msg,
+            DownloadState::Repairing,
+            Some(&why),
+            self.clock.now_ms(),
+        )?;
         let (Ok(req), Ok(sender), Some(relay)) = (
             sealpost_proto::repair::RepairRequest::new(d.blob_id, chunks),
             PublicIdentity::from_bytes(&d.sender, &d.agreement),
@@ -82,8 +85,10 @@ impl Engine {
                     tracing::warn!("discarded a repair offer for no download of ours");
                     return Ok(());
                 };
-                if d.state != "done" {
-                    self.agent.db.set_repair_offer(&d.msg, content, now_ms())?;
+                if d.state != DownloadState::Done {
+                    self.agent
+                        .db
+                        .set_repair_offer(&d.msg, content, self.clock.now_ms())?;
                 }
             }
             _ => {}
@@ -135,7 +140,7 @@ impl Engine {
             };
             let repair_id = sealpost_proto::manifest::BlobId::random(&mut OsRng).0;
             let mailbox = MailboxId::of(&job.recipient);
-            let expires = now_ms() / 1000 + REPORT_LIFETIME_SECS;
+            let expires = self.clock.now_ms() / 1000 + REPORT_LIFETIME_SECS;
             let Some(link) = link_for(&mut self.home, &mut self.links, &self.home_addr, &relay)
             else {
                 self.agent.db.remove_repair(&job.msg, &job.recipient)?;
@@ -188,7 +193,7 @@ impl Engine {
                     other => {
                         if matches!(other, Err(ClientError::ForgedRefusal)) {
                             self.found
-                                .push(("forged-refusal", format!("blob:{}", hex(&repair_id))));
+                                .push((Caught::ForgedRefusal, format!("blob:{}", hex(&repair_id))));
                         }
                         ok = false;
                         break;

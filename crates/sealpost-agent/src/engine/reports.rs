@@ -18,7 +18,7 @@ impl Engine {
         if pending.is_empty() {
             return Ok(());
         }
-        let now_s = now_ms() / 1000;
+        let now_s = self.clock.now_ms() / 1000;
         for (group, entries) in PendingReport::group(pending) {
             let done: Vec<([u8; 32], MessageId)> =
                 group.ids.iter().map(|id| (group.subject, *id)).collect();
@@ -59,7 +59,7 @@ impl Engine {
         kind: Kind,
         content: &[u8],
     ) -> Result<Control, EngineError> {
-        let now_s = now_ms() / 1000;
+        let now_s = self.clock.now_ms() / 1000;
         let pin = pin_of(&self.home_addr);
         let recipients = [*to];
         let req = SealRequest {
@@ -115,7 +115,7 @@ impl Engine {
                 tracing::warn!("sending a {} to {relay}: {e}; will retry", kind.name());
                 if matches!(e, ClientError::ForgedRefusal) {
                     self.found.push((
-                        "forged-refusal",
+                        Caught::ForgedRefusal,
                         blake3::hash(&payload).to_hex().to_string(),
                     ));
                 }

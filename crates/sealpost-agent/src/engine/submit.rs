@@ -6,7 +6,7 @@ impl Engine {
     pub(super) async fn submit_due(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
         // Bounded: a pass submits at most this many rounds.
         for _ in 0..64 {
-            let now = now_ms();
+            let now = self.clock.now_ms();
             let due = self.agent.db.due(now, SUBMIT_BATCH)?;
             if due.is_empty() {
                 return Ok(());
@@ -21,7 +21,7 @@ impl Engine {
                 // A file's manifest goes out only once its blob is whole at
                 // the recipient's relay.
                 if let Some(f) = self.agent.db.file_out(&d.msg)? {
-                    let now = now_ms();
+                    let now = self.clock.now_ms();
                     let mut del = d.delivery.clone();
                     // The manifest goes out once the first window is at the
                     // relay, so the recipient downloads while the rest
@@ -32,7 +32,7 @@ impl Engine {
                         Upload::Enough => streaming.push(i),
                         Upload::Retry(e) => {
                             tracing::warn!("uploading {} to {}: {e}; will retry", f.path, d.name);
-                            del.transient_failure(now, &self.timing, unit_random());
+                            del.transient_failure(now, &self.timing, self.clock.unit_random());
                             stats.submit_errors += 1;
                             updates.push((d.msg, d.recipient, del, Some(e)));
                             take = i + 1;
@@ -112,21 +112,21 @@ impl Engine {
                             }
                         }
                     };
-                let now = now_ms();
+                let now = self.clock.now_ms();
                 for (k, &i) in idxs.iter().enumerate() {
                     let row = &due[i];
                     let mut d = row.delivery.clone();
                     let mut last_error = None;
                     match answers.get(k) {
                         Some(Ok(Submitted::Accepted { .. })) => {
-                            d.accepted(now, &self.timing, unit_random());
+                            d.accepted(now, &self.timing, self.clock.unit_random());
                             stats.submitted += 1;
                             if !reachable.contains(&relay) {
                                 reachable.push(relay.clone());
                             }
                         }
                         Some(Ok(Submitted::Refused(r))) if !r.code.is_lasting() => {
-                            d.transient_failure(now, &self.timing, unit_random());
+                            d.transient_failure(now, &self.timing, self.clock.unit_random());
                             let why = format!(
                                 "relay {relay}: {} (trying again until the message expires)",
                                 r.code.describe()
@@ -151,17 +151,17 @@ impl Engine {
                                 tracing::warn!("relay {relay} sent a refusal that is not signed by its key: forged, ignored");
                                 if let Some((_, _, p)) = items.get(k) {
                                     self.found.push((
-                                        "forged-refusal",
+                                        Caught::ForgedRefusal,
                                         blake3::hash(p).to_hex().to_string(),
                                     ));
                                 }
                             }
-                            d.transient_failure(now, &self.timing, unit_random());
+                            d.transient_failure(now, &self.timing, self.clock.unit_random());
                             last_error = Some(e.to_string());
                             stats.submit_errors += 1;
                         }
                         None => {
-                            d.transient_failure(now, &self.timing, unit_random());
+                            d.transient_failure(now, &self.timing, self.clock.unit_random());
                             last_error = Some(format!("cannot reach relay {relay}"));
                             stats.submit_errors += 1;
                         }
@@ -181,13 +181,13 @@ impl Engine {
                 {
                     if u.2.state == sealpost_proto::delivery::State::Submitted {
                         finish.push((i, u.2.next_at));
-                        u.2.next_at = now_ms() + 10_000;
+                        u.2.next_at = self.clock.now_ms() + 10_000;
                     }
                 }
             }
             self.agent.db.save_deliveries(&updates)?;
             for relay in &reachable {
-                let n = self.agent.db.relay_reachable(relay, now_ms())?;
+                let n = self.agent.db.relay_reachable(relay, self.clock.now_ms())?;
                 if n > 0 {
                     tracing::info!("relay {relay} takes messages again: {n} waiting for it go now");
                 }
@@ -211,7 +211,7 @@ impl Engine {
                     })
                     .map(|x| x.delivery)
                     .unwrap_or_else(|| d.delivery.clone());
-                let now = now_ms();
+                let now = self.clock.now_ms();
                 let err = match self.upload(d, &f, stats, u64::MAX).await? {
                     Upload::Complete | Upload::Enough => {
                         del.next_at = next_at;
@@ -219,7 +219,7 @@ impl Engine {
                     }
                     Upload::Retry(e) => {
                         tracing::warn!("uploading {} to {}: {e}; will retry", f.path, d.name);
-                        del.transient_failure(now, &self.timing, unit_random());
+                        del.transient_failure(now, &self.timing, self.clock.unit_random());
                         Some(e)
                     }
                     Upload::Refused(code, detail) => {

@@ -230,7 +230,7 @@ impl Engine {
                         // stored something else (or says so falsely). It
                         // discarded the blob; the next attempt starts over.
                         self.found
-                            .push(("false-hash-mismatch", format!("blob:{}", hex(&blob_id))));
+                            .push((Caught::FalseHashMismatch, format!("blob:{}", hex(&blob_id))));
                         outcome = Some(Upload::Retry(format!(
                             "the relay claims the blob does not match its hash, which was computed over the bytes sent: {message}"
                         )));
@@ -238,7 +238,7 @@ impl Engine {
                     }
                     Err(ClientError::ForgedRefusal) => {
                         self.found
-                            .push(("forged-refusal", format!("blob:{}", hex(&blob_id))));
+                            .push((Caught::ForgedRefusal, format!("blob:{}", hex(&blob_id))));
                         outcome = Some(Upload::Retry(ClientError::ForgedRefusal.to_string()));
                         break;
                     }

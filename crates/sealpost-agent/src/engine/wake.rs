@@ -134,10 +134,10 @@ impl Engine {
                             // The home relay is back: what waits for it
                             // goes now, not after its backoff.
                             home_was_down = false;
-                            let n = self
-                                .agent
-                                .db
-                                .relay_reachable(&self.home_addr.to_string(), now_ms())?;
+                            let n = self.agent.db.relay_reachable(
+                                &self.home_addr.to_string(),
+                                self.clock.now_ms(),
+                            )?;
                             if n > 0 {
                                 tracing::info!(
                                     "{} is back: {n} messages waiting for it go now",
@@ -205,7 +205,12 @@ impl Engine {
                 IDLE
             };
             let mut wait = self.next_due_in()?.unwrap_or(cap).min(cap);
-            if s.download_bytes > 0 && !self.agent.db.downloads(Some("downloading"), 1)?.is_empty()
+            if s.download_bytes > 0
+                && !self
+                    .agent
+                    .db
+                    .downloads(Some(DownloadState::Downloading), 1)?
+                    .is_empty()
             {
                 // A download was cut into slices: continue at once.
                 wait = Duration::ZERO;

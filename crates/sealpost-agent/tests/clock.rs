@@ -1,0 +1,214 @@
+//! The engine on a fake clock: retransmission, backoff, expiry and the
+//! recipient's freshness checks, driven by moving time instead of
+//! sleeping. A relay runs in-process on loopback; the clocks that move are
+//! the endpoints' (the relay's is the system's, and every message here is
+//! within its lifetime there).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand_core::OsRng;
+use sealpost_agent::engine::{self, Engine, FakeClock};
+use sealpost_agent::Home;
+use sealpost_proto::delivery::{Delivery, State};
+use sealpost_proto::MessageId;
+use sealpost_relay::{Config, Relay, RelayAddress, RunningRelay};
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn relay(dir: &std::path::Path) -> RunningRelay {
+    let cfg = Config::new("127.0.0.1:0".parse().expect("addr"), dir.join("relay"));
+    Relay::bind(cfg).await.expect("bind").spawn()
+}
+
+/// An identity with its home on `addr`, on `clock`, after an empty pass
+/// (which registers its mailbox).
+async fn engine(
+    dir: &std::path::Path,
+    name: &str,
+    addr: &RelayAddress,
+    clock: &Arc<FakeClock>,
+) -> Engine {
+    let now_s = clock_s(clock);
+    let home = Home::new(dir.join(name));
+    let mut agent = home.init(name, &mut OsRng, now_s).expect("init");
+    agent
+        .set_home_relay(&addr.to_string(), engine::pin_of(addr), now_s)
+        .expect("relay");
+    let mut e = Engine::new(agent)
+        .expect("engine")
+        .with_clock(clock.clone());
+    e.pass().await.expect("first pass");
+    e
+}
+
+fn clock_s(c: &FakeClock) -> u64 {
+    use sealpost_agent::engine::Clock;
+    c.now_ms() / 1000
+}
+
+fn pin(a: &mut Engine, name: &str, b: &Engine) {
+    let card = b.agent().card().clone();
+    let now_s = now_ms() / 1000;
+    a.agent_mut()
+        .db_mut()
+        .add_contact(name, &card, false, now_s)
+        .expect("pin");
+}
+
+fn delivery(e: &Engine, id: &MessageId) -> Delivery {
+    let m = e.agent().db().outbox(Some(id), 1).expect("outbox");
+    m[0].deliveries[0].delivery.clone()
+}
+
+/// Moves `clock` to `at` (unix ms).
+fn set(clock: &FakeClock, at: u64) {
+    use sealpost_agent::engine::Clock;
+    let now = clock.now_ms();
+    assert!(at >= now, "time only moves forward");
+    clock.advance(Duration::from_millis(at - now));
+}
+
+/// With no receipt, the sender submits again when the retransmission
+/// timer runs out — not a millisecond before — each wait twice the last,
+/// and gives up when the message expires, saying so.
+#[tokio::test(flavor = "current_thread")]
+async fn retransmission_backs_off_and_ends_at_expiry() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let r = relay(dir.path()).await;
+    let addr = r.address().clone();
+    let alice_clock = Arc::new(FakeClock::new(now_ms()));
+    let bob_clock = Arc::new(FakeClock::new(now_ms()));
+    let mut alice = engine(dir.path(), "alice", &addr, &alice_clock).await;
+    let bob = engine(dir.path(), "bob", &addr, &bob_clock).await;
+    pin(&mut alice, "bob", &bob);
+    let id = alice
+        .agent_mut()
+        .send(&["bob".into()], b"are you there?", 3600, "question")
+        .expect("send");
+    let timing = alice.timing;
+    // The fake clock's jitter is the middle of the range.
+    let wait = |n: u32| timing.retransmit.delay(n, 0.5).as_millis() as u64;
+
+    alice.pass().await.expect("pass");
+    let mut d = delivery(&alice, &id);
+    assert_eq!((d.state, d.submissions), (State::Submitted, 1));
+    assert_eq!(d.next_at, d.changed_at + wait(0));
+    let expires = d.expires_at;
+    let mut expected_submissions = 1;
+    while d.next_at < expires {
+        let due = d.next_at;
+        set(&alice_clock, due - 1);
+        alice.pass().await.expect("pass");
+        assert_eq!(
+            delivery(&alice, &id).submissions,
+            expected_submissions,
+            "submitted before it was due"
+        );
+        set(&alice_clock, due);
+        alice.pass().await.expect("pass");
+        d = delivery(&alice, &id);
+        expected_submissions += 1;
+        assert_eq!(d.submissions, expected_submissions);
+        assert_eq!(d.next_at, due + wait(expected_submissions - 1), "backoff");
+    }
+    // 1 h with a first wait of 1.5 min doubling: 0, 1.5, 4.5, 10.5, 22.5
+    // and 46.5 min; the next (94.5 min) is past the expiry.
+    assert_eq!(expected_submissions, 6);
+    set(&alice_clock, expires);
+    let s = alice.pass().await.expect("pass");
+    assert_eq!(s.expired, 1, "{s:?}");
+    let d = delivery(&alice, &id);
+    assert_eq!(d.state, State::Failed);
+    assert_eq!(d.failure.map(|f| f.code()).as_deref(), Some("expired"));
+    r.stop().await.expect("stop");
+}
+
+/// A receipt ends retransmission: once delivered, nothing goes out again
+/// however long the sender waits.
+#[tokio::test(flavor = "current_thread")]
+async fn a_receipt_stops_retransmission() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let r = relay(dir.path()).await;
+    let addr = r.address().clone();
+    let alice_clock = Arc::new(FakeClock::new(now_ms()));
+    let bob_clock = Arc::new(FakeClock::new(now_ms()));
+    let mut alice = engine(dir.path(), "alice", &addr, &alice_clock).await;
+    let mut bob = engine(dir.path(), "bob", &addr, &bob_clock).await;
+    pin(&mut alice, "bob", &bob);
+    pin(&mut bob, "alice", &alice);
+    let id = alice
+        .agent_mut()
+        .send(&["bob".into()], b"hello", 3600, "hello")
+        .expect("send");
+    alice.pass().await.expect("pass");
+    let s = bob.pass().await.expect("pass");
+    assert_eq!(s.delivered, 1, "{s:?}");
+    let s = alice.pass().await.expect("pass");
+    assert_eq!(s.confirmed, 1, "{s:?}");
+    let d = delivery(&alice, &id);
+    assert_eq!((d.state, d.submissions), (State::Delivered, 1));
+    alice_clock.advance(Duration::from_secs(2 * 3600));
+    alice.pass().await.expect("pass");
+    let d = delivery(&alice, &id);
+    assert_eq!((d.state, d.submissions), (State::Delivered, 1));
+    r.stop().await.expect("stop");
+}
+
+/// The recipient judges freshness by its own clock: a message that has
+/// expired by it, or that was made well after its now, is refused with a
+/// signed rejection saying which, and the sender's outbox says so.
+#[tokio::test(flavor = "current_thread")]
+async fn the_recipients_clock_decides_freshness() {
+    for (ahead, reason) in [
+        (true, "rejected:expired"),
+        (false, "rejected:from-the-future"),
+    ] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let r = relay(dir.path()).await;
+        let addr = r.address().clone();
+        let alice_clock = Arc::new(FakeClock::new(now_ms()));
+        // Bob registers on the true time, then his clock is two days off.
+        let bob_clock = Arc::new(FakeClock::new(now_ms()));
+        let mut alice = engine(dir.path(), "alice", &addr, &alice_clock).await;
+        let mut bob = engine(dir.path(), "bob", &addr, &bob_clock).await;
+        pin(&mut alice, "bob", &bob);
+        pin(&mut bob, "alice", &alice);
+        let id = alice
+            .agent_mut()
+            .send(&["bob".into()], b"hello", 3600, "hello")
+            .expect("send");
+        alice.pass().await.expect("pass");
+        if ahead {
+            bob_clock.advance(Duration::from_secs(2 * 86_400));
+        } else {
+            let behind = FakeClock::new(now_ms() - 2 * 86_400 * 1000);
+            bob = bob.with_clock(Arc::new(behind));
+        }
+        let s = bob.pass().await.expect("pass");
+        assert_eq!((s.rejected, s.delivered), (1, 0), "{reason}: {s:?}");
+        if ahead {
+            // Bob signs his rejection by his clock: a sender whose clock
+            // is two days behind it would discard it as from the future,
+            // so alice's clock moves on too (the rejection is taken
+            // before her pass expires anything).
+            alice_clock.advance(Duration::from_secs(2 * 86_400));
+        }
+        let s = alice.pass().await.expect("pass");
+        assert_eq!(s.bounced, 1, "{reason}: {s:?}");
+        let d = delivery(&alice, &id);
+        assert_eq!(d.state, State::Failed);
+        assert_eq!(d.failure.map(|f| f.code()).as_deref(), Some(reason));
+        assert_eq!(
+            bob.agent().db().inbox(false, 10).expect("inbox").len(),
+            0,
+            "nothing stale reaches the inbox"
+        );
+        r.stop().await.expect("stop");
+    }
+}

@@ -214,6 +214,11 @@ pub enum ErrorCode {
     /// `Register` of a new mailbox refused by the relay's policy (closed,
     /// not on its allow-list, or as many mailboxes as it takes).
     RegistrationRefused,
+    /// The completed blob does not match the BLAKE3 its last piece stated;
+    /// the relay discarded it (`BlobPut`, §6.6). The uploader computed the
+    /// hash over the bytes it sent, so this is the relay's fault or a
+    /// false claim; it uploads again from offset 0.
+    BlobHashMismatch,
 }
 
 impl ErrorCode {
@@ -229,6 +234,7 @@ impl ErrorCode {
             Self::Internal => 8,
             Self::UnsupportedVersion => 9,
             Self::RegistrationRefused => 10,
+            Self::BlobHashMismatch => 11,
         }
     }
 
@@ -244,6 +250,7 @@ impl ErrorCode {
             8 => Self::Internal,
             9 => Self::UnsupportedVersion,
             10 => Self::RegistrationRefused,
+            11 => Self::BlobHashMismatch,
             _ => {
                 return Err(DecodeError::Invalid {
                     what: "error code",
@@ -1160,6 +1167,10 @@ mod tests {
             Response::Error {
                 code: ErrorCode::WrongOffset,
                 message: "stored 10".into(),
+            },
+            Response::Error {
+                code: ErrorCode::BlobHashMismatch,
+                message: "discarded".into(),
             },
         ]
     }

@@ -1613,7 +1613,7 @@ async fn store_run(s: &Shared, run: Vec<BlobPiece>, source: Source, answers: &mu
             },
             Ok(BlobPutOutcome::Refused(code)) => refusal(s, code, mailbox, refused),
             Ok(BlobPutOutcome::HashMismatch) => err(
-                ErrorCode::BadRequest,
+                ErrorCode::BlobHashMismatch,
                 "the blob does not match its stated BLAKE3; it was discarded, upload it again",
             ),
             Err(e) => storage_failed(s, &e),

@@ -332,6 +332,46 @@ async fn blobs_upload_in_pieces_resume_and_download() {
     relay.stop().await;
 }
 
+/// A blob whose last piece states a BLAKE3 the bytes do not have is
+/// discarded with the typed error 11 (a client matches the code, not the
+/// text), and can be uploaded again from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_that_does_not_match_its_hash_is_discarded_with_code_11() {
+    let relay = start(|_| {}).await;
+    let bob_conn = RelayClient::connect(&relay.addr).await.expect("connect");
+    let mb = bob_conn.register(&id(2)).await.expect("register");
+    let data = vec![7u8; 4096];
+    let piece = |hash: [u8; 32]| BlobPiece {
+        blob_id: [9u8; 16],
+        mailbox: mb,
+        total_len: data.len() as u64,
+        blob_hash: hash,
+        expires_at: now() + 60,
+        offset: 0,
+        data: data.clone(),
+    };
+    let sender = RelayClient::connect(&relay.addr).await.expect("connect");
+    let r = sender.blob_put(piece([1u8; 32])).await;
+    assert!(
+        matches!(
+            r,
+            Err(ClientError::Server {
+                code: ErrorCode::BlobHashMismatch,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let (off, _) = sender.blob_status([9u8; 16]).await.expect("status");
+    assert_eq!(off, 0, "discarded");
+    let r = sender
+        .blob_put(piece(*blake3::hash(&data).as_bytes()))
+        .await
+        .expect("put");
+    assert_eq!(r, Ok((data.len() as u64, true)));
+    relay.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_others_are_still_served() {
     let relay = start(|c| {

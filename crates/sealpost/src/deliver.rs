@@ -276,14 +276,14 @@ pub enum ReceiptCmd {
 fn engine_failure(e: EngineError) -> Failure {
     match e {
         EngineError::Busy(_) => Failure {
-            code: 4,
+            code: crate::exit::Exit::Busy,
             class: "busy",
             error: Some(e.into()),
         },
         EngineError::NoHomeRelay | EngineError::BadHomeRelay(_) => Failure::contact(e.into()),
         EngineError::Agent(a) => a.into(),
         EngineError::Relay(sealpost_relay::client::ClientError::KeyMismatch { .. }) => Failure {
-            code: 24,
+            code: crate::exit::Exit::KeyMismatch,
             class: "relay-key-mismatch",
             error: Some(e.into()),
         },
@@ -291,12 +291,12 @@ fn engine_failure(e: EngineError) -> Failure {
             code: sealpost_proto::relay::ErrorCode::RegistrationRefused,
             ..
         }) => Failure {
-            code: 3,
+            code: crate::exit::Exit::Identity,
             class: "registration-refused",
             error: Some(e.into()),
         },
         EngineError::Relay(_) => Failure {
-            code: 5,
+            code: crate::exit::Exit::Unreachable,
             class: "relay-unreachable",
             error: Some(e.into()),
         },
@@ -316,7 +316,7 @@ impl From<SendError> for Failure {
             SendError::Engine(e) => e.into(),
             SendError::Agent(a) => a.into(),
             SendError::TooLarge { .. } => Failure {
-                code: 20,
+                code: crate::exit::Exit::TooLarge,
                 class: "too-large",
                 error: Some(e.into()),
             },
@@ -652,7 +652,7 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
             })
             .collect();
         return Err(Failure {
-            code: 21,
+            code: crate::exit::Exit::NotDelivered,
             class: "delivery-failed",
             error: Some(anyhow!(
                 "{} of {} not delivered: {}",
@@ -673,7 +673,7 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
         .collect();
     if args.wait && !waiting.is_empty() {
         return Err(Failure {
-            code: 22,
+            code: crate::exit::Exit::StillPending,
             class: "still-pending",
             error: Some(anyhow!(
                 "no receipt within {} for {}; {} queued and retransmitted until {} (`sealpost status`)",
@@ -705,7 +705,7 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
             .collect();
         if !stuck.is_empty() {
             return Err(Failure {
-                code: 5,
+                code: crate::exit::Exit::Unreachable,
                 class: "queued-not-sent",
                 error: Some(anyhow!(
                     "queued, but not yet handed to the relay: {}. It is kept; no agent is running for this home, so run `sealpost agent` (or `sealpost sync`, e.g. from cron) to send it",
@@ -737,7 +737,7 @@ async fn until_interrupted<T>(work: impl std::future::Future<Output = T>) -> Opt
 /// What `send` says when interrupted: nothing is lost.
 fn interrupted(queued: usize) -> Failure {
     Failure {
-        code: 130,
+        code: crate::exit::Exit::Interrupted,
         class: "interrupted",
         error: Some(anyhow!(
             "interrupted — {} queued and kept; a running `sealpost agent`, or `sealpost sync`, goes on from where this stopped (an upload resumes from what the relay holds)",
@@ -809,7 +809,7 @@ fn check_file_sizes(
         return Ok(());
     }
     Err(Failure {
-        code: 20,
+        code: crate::exit::Exit::TooLarge,
         class: "too-large",
         error: Some(anyhow!(
             "too large, nothing was sent or queued: {}. Send a smaller file (split it), or ask that relay's operator to raise its --max-blob",
@@ -904,7 +904,7 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     let stats = runtime()?
         .block_on(until_interrupted(eng.pass()))
         .ok_or_else(|| Failure {
-            code: 130,
+            code: crate::exit::Exit::Interrupted,
             class: "interrupted",
             error: Some(anyhow!(
                 "interrupted — what this pass stored and acknowledged is kept; run `sealpost sync` again to go on"
@@ -948,7 +948,7 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     })?;
     if stats.home_key_mismatch {
         return Err(Failure {
-            code: 24,
+            code: crate::exit::Exit::KeyMismatch,
             class: "relay-key-mismatch",
             error: Some(anyhow!(
                 "home relay: {}",
@@ -958,7 +958,7 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     }
     if stats.home_errors > 0 {
         return Err(Failure {
-            code: 5,
+            code: crate::exit::Exit::Unreachable,
             class: "relay-unreachable",
             error: Some(anyhow!(
                 "the home relay could not be reached ({}); nothing was fetched (the outbox is kept and retried)",
@@ -1067,7 +1067,7 @@ fn resolve_some<T>(
     groups.dedup();
     match (messages, groups.len()) {
         (0, 0) => Err(Failure {
-            code: 6,
+            code: crate::exit::Exit::NotFound,
             class: "not-found",
             error: Some(anyhow!("no message or group of files with id {prefix}")),
         }),
@@ -1143,7 +1143,7 @@ fn resolve_id<T>(
         .collect();
     match found.len() {
         0 => Err(Failure {
-            code: 6,
+            code: crate::exit::Exit::NotFound,
             class: "not-found",
             error: Some(anyhow!("no message with id {prefix}")),
         }),
@@ -1178,7 +1178,7 @@ pub fn cancel(home: &Home, args: CancelArgs, out: &Out) -> Result<(), Failure> {
     }
     if done.is_empty() {
         return Err(Failure {
-            code: 6,
+            code: crate::exit::Exit::NotFound,
             class: "not-found",
             error: Some(anyhow!(
                 "nothing to cancel: every delivery of {}{} is already final (`sealpost status {}`)",
@@ -1862,7 +1862,7 @@ pub fn read(home: &Home, args: ReadArgs, out: &Out) -> Result<(), Failure> {
         })?;
         return match now {
             Some((p, OnDisk::Changed)) => Err(Failure {
-                code: 15,
+                code: crate::exit::Exit::Tampered,
                 class: "changed-on-disk",
                 error: Some(anyhow!(
                     "{p} no longer matches the file received as message {} (verified on receipt, {verified})",
@@ -1870,7 +1870,7 @@ pub fn read(home: &Home, args: ReadArgs, out: &Out) -> Result<(), Failure> {
                 )),
             }),
             Some((p, OnDisk::Missing)) => Err(Failure {
-                code: 6,
+                code: crate::exit::Exit::NotFound,
                 class: "not-found",
                 error: Some(anyhow!("{p} is gone (message {})", e.id)),
             }),
@@ -1888,7 +1888,7 @@ pub fn read(home: &Home, args: ReadArgs, out: &Out) -> Result<(), Failure> {
             &e.content_hash,
         )
         .map_err(|err| Failure {
-            code: 15,
+            code: crate::exit::Exit::Tampered,
             class: "tampered",
             error: Some(anyhow::Error::new(err).context(format!(
                 "the stored copy of message {} is damaged; it was verified when it arrived, so the disk changed it",
@@ -1997,7 +1997,7 @@ pub fn receipt(home: &Home, cmd: ReceiptCmd, out: &Out) -> Result<(), Failure> {
                 .collect();
             if receipts.is_empty() {
                 return Err(Failure {
-                    code: 6,
+                    code: crate::exit::Exit::NotFound,
                     class: "not-found",
                     error: Some(anyhow!(
                         "no receipt or signed rejection for message {} yet{} (`sealpost status {}` shows where it stands)",
@@ -2051,7 +2051,7 @@ pub fn receipt(home: &Home, cmd: ReceiptCmd, out: &Out) -> Result<(), Failure> {
             }
             .with_context(|| format!("cannot read {file}"))?;
             let bad = |e: anyhow::Error| Failure {
-                code: 23,
+                code: crate::exit::Exit::ReceiptInvalid,
                 class: "receipt-invalid",
                 error: Some(e),
             };

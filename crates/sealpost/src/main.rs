@@ -38,37 +38,8 @@ encryption, so only they can read it and they know who sent it, whatever
 stores or carries it on the way. Identities are key pairs; you exchange
 contact cards and compare fingerprints once, then sealpost pins the keys.";
 
-const EXIT_CODES: &str = "EXIT CODES:
-    0   success
-    1   an error not listed below (I/O, database)
-    2   the command line is wrong
-    3   identity or contact problem (none yet, key file readable by others,
-        unknown contact, a card that is refused)
-   10   not for you (not encrypted to your key, or forwarded to you)
-   11   malformed input
-   12   unsupported format version
-   13   bad signature
-   14   unknown sender (not one of your contacts)
-   15   tampered (a chunk or the header failed authentication)
-   16   truncated
-   17   expired
-   18   created in the future (beyond the allowed clock skew)
-   19   replayed (already opened here)
-   20   larger than a limit
-    4   busy: another `sealpost agent` or `sync` is running for this home
-    5   the relay could not be reached
-    6   no such message
-   21   not delivered: refused by a relay, rejected by the recipient, or
-        expired without a receipt (send --wait)
-   22   no receipt yet when --wait's time ran out (still retransmitted)
-   23   the receipt does not verify against the card
-   24   the relay presented another key than the pinned one: perhaps an
-        interception, a replaced relay key or a typo in the address
-  130   interrupted (Ctrl-C): what was queued or stored is kept; `sealpost
-        sync` goes on";
-
 #[derive(Parser, Debug)]
-#[command(name = "sealpost", version = env!("SEALPOST_LONG_VERSION"), about = ABOUT, after_help = EXIT_CODES)]
+#[command(name = "sealpost", version = env!("SEALPOST_LONG_VERSION"), about = ABOUT, after_help = exit::help_text())]
 struct Cli {
     /// Home directory with your identity, contacts and replay cache
     /// [default: $XDG_DATA_HOME/sealpost]

@@ -811,7 +811,7 @@ fn scrub(a: &DataArgs, out: &Out) -> Result<(), Failure> {
     )?;
     if damaged > 0 {
         return Err(Failure {
-            code: 1,
+            code: crate::exit::Exit::Error,
             class: "damaged",
             error: Some(anyhow!("{damaged} stored objects are damaged; their senders will retransmit if their recipients have not fetched them")),
         });

@@ -53,7 +53,7 @@ use sealpost_client::tls::Pin;
 use sealpost_client::RelayAddress;
 use sealpost_proto::delivery::{Outcome, Timing};
 use sealpost_proto::message::{self, MAX_RECIPIENTS};
-use sealpost_proto::relay::{BlobPiece, MailboxId, RefusalCode, MAX_MESSAGE};
+use sealpost_proto::relay::{BlobPiece, ErrorCode, MailboxId, RefusalCode, MAX_MESSAGE};
 use sealpost_proto::report::{Entries, Report};
 use sealpost_proto::{
     Kind, MessageId, OpenError, OpenedMessage, PublicIdentity, RejectReason, RelayPin, SealRequest,

@@ -222,7 +222,10 @@ impl Engine {
                         outcome = Some(Upload::Retry("unexpected answer".into()));
                         break;
                     }
-                    Err(ClientError::Server { message, .. }) if message.contains("BLAKE3") => {
+                    Err(ClientError::Server {
+                        code: ErrorCode::BlobHashMismatch,
+                        message,
+                    }) => {
                         // The relay says the blob does not match the hash
                         // the last piece stated. That hash was computed
                         // over exactly the bytes sent, in order, and the

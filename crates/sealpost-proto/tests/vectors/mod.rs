@@ -392,6 +392,13 @@ fn relay_vectors() -> Value {
                 message: "stored 8".into(),
             },
         ),
+        (
+            "Error (blob hash mismatch)",
+            Response::Error {
+                code: ErrorCode::BlobHashMismatch,
+                message: "discarded".into(),
+            },
+        ),
     ];
     json!({
         "description": "Relay protocol frames, length prefix included; request id 7 (Notify: 0)",

@@ -105,13 +105,64 @@ impl Db {
         // The engine runs a few dozen distinct statements per pass; keep
         // them all prepared (the default cache holds 16).
         conn.set_prepared_statement_cache_capacity(128);
+        // A new database gives free pages back in steps (see
+        // `give_back_space`); this must precede its first table.
+        if conn.pragma_query_value(None, "page_count", |r| r.get::<_, i64>(0))? == 0 {
+            conn.pragma_update(None, "auto_vacuum", 2i64)?;
+        }
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "journal_size_limit", 16i64 << 20)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(crate::outbox::SCHEMA)?;
         crate::outbox::migrate(&conn)?;
         Ok(Self { conn })
+    }
+
+    /// Makes a database from before free space was given back do so: it
+    /// is rewritten once (`VACUUM`). Called by the engine, which runs
+    /// alone on its home; a `send` at the same moment waits for it.
+    pub fn incremental_vacuum_on(&mut self) -> Result<bool, AgentError> {
+        let mode: i64 = self
+            .conn
+            .pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
+        if mode == 2 {
+            return Ok(false);
+        }
+        self.conn.pragma_update(None, "auto_vacuum", 2i64)?;
+        self.conn.execute_batch("VACUUM")?;
+        Ok(true)
+    }
+
+    /// Gives free pages beyond `keep_pages` back to the file system, at
+    /// most `step_pages` of them; returns how many.
+    pub fn give_back_space(&mut self, keep_pages: i64, step_pages: i64) -> Result<i64, AgentError> {
+        let free: i64 = self
+            .conn
+            .pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+        let n = (free - keep_pages).min(step_pages);
+        if n <= 0 {
+            return Ok(0);
+        }
+        // Each step of the statement gives back one page: run it to its end.
+        let mut stmt = self
+            .conn
+            .prepare(&format!("PRAGMA incremental_vacuum({n})"))?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
+        Ok(n)
+    }
+
+    /// The database's size and its free pages, in bytes.
+    pub fn space(&self) -> Result<(u64, u64), AgentError> {
+        let (size, free): (i64, i64) = self.conn.query_row(
+            "SELECT page_count * page_size, freelist_count * page_size \
+             FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((size.max(0) as u64, free.max(0) as u64))
     }
 
     /// Pins `card` under `name`. A different key for a pinned name, or a

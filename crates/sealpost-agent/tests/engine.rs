@@ -243,3 +243,40 @@ async fn a_hostile_relay_is_caught_at_the_endpoints() {
     assert_eq!(inbox_len(&bob), 2);
     r.stop().await.expect("stop");
 }
+
+/// Once messages are delivered, the sender no longer needs their sealed
+/// copies, and the space they took in its database goes back to the file
+/// system (a step per pass), not just to SQLite's free list.
+#[tokio::test(flavor = "current_thread")]
+async fn the_space_of_delivered_messages_is_given_back() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let r = relay(dir.path()).await;
+    let addr = r.address().clone();
+    let mut alice = engine(dir.path(), "alice", &addr).await;
+    let mut bob = engine(dir.path(), "bob", &addr).await;
+    pin(&mut alice, "bob", &bob);
+    pin(&mut bob, "alice", &alice);
+    let text: Vec<u8> = (0..32_768u32).map(|i| (i % 251) as u8).collect();
+    for _ in 0..256 {
+        alice
+            .agent_mut()
+            .send(&["bob".into()], &text, 3600, "bulk")
+            .expect("send");
+    }
+    let (queued, _) = alice.agent().db().space().expect("space");
+    assert!(queued > 8 << 20, "{queued}");
+    alice.pass().await.expect("pass");
+    let s = bob.pass().await.expect("pass");
+    assert_eq!(s.delivered, 256, "{s:?}");
+    let mut confirmed = 0;
+    for _ in 0..8 {
+        confirmed += alice.pass().await.expect("pass").confirmed;
+    }
+    assert_eq!(confirmed, 256);
+    let (size, free) = alice.agent().db().space().expect("space");
+    assert!(
+        size < 3 << 20,
+        "{size} bytes ({free} free) after delivery, {queued} queued"
+    );
+    r.stop().await.expect("stop");
+}

@@ -126,6 +126,11 @@ impl Collector for Figures {
             "Writes committed; writes/commits is the group-commit batch size.",
             c.writes,
         )?;
+        counter(
+            "db_pages_given_back",
+            "Free database pages given back to the file system (in steps while the writer is idle).",
+            c.pages_given_back,
+        )?;
         let (memory, disk) = self.store.blob_read_stats();
         counter(
             "blob_reads_memory",

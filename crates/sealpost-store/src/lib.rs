@@ -229,7 +229,22 @@ pub struct CommitStats {
     /// Transactions that failed and were rolled back (each caller in them
     /// was told; nothing was acknowledged).
     pub failures: u64,
+    /// Steps that gave free database pages back to the file system, and
+    /// the pages given back (see [`VACUUM_STEP_PAGES`]).
+    pub vacuum_steps: u64,
+    pub pages_given_back: u64,
 }
+
+/// Free pages the database keeps for new items instead of giving them
+/// back (4 MiB at 4 KiB pages): a relay that empties and fills again does
+/// not shrink and regrow its file for every burst.
+pub const VACUUM_KEEP_PAGES: i64 = 1024;
+/// Pages given back in one step (2 MiB): one step is one short write
+/// transaction, taken only when the writer has been idle for
+/// [`VACUUM_IDLE`], so it never holds a commit back for longer.
+pub const VACUUM_STEP_PAGES: i64 = 512;
+/// How long the writer waits for work before it takes a step.
+pub const VACUUM_IDLE: Duration = Duration::from_millis(20);
 
 /// Items and blobs removed by a sweep; the blob files are deleted after
 /// the commit.
@@ -400,8 +415,69 @@ fn open_conn(path: &Path) -> Result<Connection, StoreError> {
     // and those were acknowledged.
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // The log is cut back to this after each checkpoint (by default it
+    // keeps the largest size it ever reached).
+    conn.pragma_update(None, "journal_size_limit", 16i64 << 20)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
     Ok(conn)
+}
+
+/// Makes the database give free pages back in steps (`auto_vacuum =
+/// INCREMENTAL`). A new database is made so before its first table; one
+/// made by an older version is rewritten once (`VACUUM`), at this open.
+fn incremental_vacuum_on(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let mode: i64 = conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
+    if mode == 2 {
+        return Ok(());
+    }
+    conn.pragma_update(None, "auto_vacuum", 2i64)?;
+    let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
+    if pages > 0 {
+        tracing::info!(
+            "rewriting {} once so that it gives free space back ({} pages)",
+            path.display(),
+            pages
+        );
+        conn.execute_batch("VACUUM")?;
+    }
+    Ok(())
+}
+
+/// One step of giving free pages back, if more than
+/// [`VACUUM_KEEP_PAGES`] are free. Returns whether more may remain.
+fn vacuum_step(conn: &Connection, stats: &Mutex<CommitStats>) -> bool {
+    let step = || -> rusqlite::Result<(i64, bool)> {
+        let free: i64 = conn.pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+        let n = (free - VACUUM_KEEP_PAGES).min(VACUUM_STEP_PAGES);
+        if n <= 0 {
+            return Ok((0, false));
+        }
+        // Each step of the statement gives back one page: run it to its end.
+        let mut stmt = conn.prepare(&format!("PRAGMA incremental_vacuum({n})"))?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
+        let more = free - n > VACUUM_KEEP_PAGES;
+        if !more {
+            // In WAL mode the file shrinks when the log is copied back.
+            conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")?;
+        }
+        Ok((n, more))
+    };
+    match step() {
+        Ok((n, more)) => {
+            if n > 0 {
+                if let Ok(mut s) = stats.lock() {
+                    s.vacuum_steps += 1;
+                    s.pages_given_back += n as u64;
+                }
+            }
+            more
+        }
+        Err(e) => {
+            tracing::warn!("could not give free database pages back: {e}");
+            false
+        }
+    }
 }
 
 /// A handle to the store; cheap to clone.
@@ -666,6 +742,7 @@ impl Store {
             }
         }
         let writer_conn = open_conn(&db)?;
+        incremental_vacuum_on(&writer_conn, &db)?;
         writer_conn.execute_batch(SCHEMA)?;
         migrate(&writer_conn)?;
         let reader = open_conn(&db)?;
@@ -1134,6 +1211,20 @@ impl Store {
     }
 
     /// Totals over the whole relay: (mailboxes, items, item bytes, blobs).
+    /// The database file's size in pages' bytes, and how much of it is
+    /// free pages (given back in steps while the writer is idle, down to
+    /// [`VACUUM_KEEP_PAGES`]).
+    pub fn db_space(&self) -> Result<(u64, u64), StoreError> {
+        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
+        let (size, free): (i64, i64) = conn.query_row(
+            "SELECT page_count * page_size, freelist_count * page_size \
+             FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((u64_of(size), u64_of(free)))
+    }
+
     pub fn totals(&self) -> Result<(u64, u64, u64, u64), StoreError> {
         let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
         let m: i64 = conn.query_row("SELECT COUNT(*) FROM mailboxes", [], |r| r.get(0))?;
@@ -1682,7 +1773,26 @@ fn writer_loop(
 ) {
     // Each op's reply is held until the transaction holding it committed.
     let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
-    while let Ok(first) = rx.recv() {
+    // Whether pages may have been freed since the last look: after any
+    // commit, the writer gives free pages back in steps while idle.
+    let mut maybe_free = true;
+    loop {
+        let first = if maybe_free {
+            match rx.recv_timeout(VACUUM_IDLE) {
+                Ok(op) => op,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    maybe_free = vacuum_step(&conn, &stats);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(op) => op,
+                Err(_) => break,
+            }
+        };
+        maybe_free = true;
         group.push(first);
         while group.len() < MAX_GROUP {
             match rx.try_recv() {

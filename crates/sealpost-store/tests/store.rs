@@ -590,3 +590,88 @@ async fn a_store_from_before_shares_opens_and_counts_new_items() {
     assert_eq!(store.share_rows().expect("rows"), 0);
     assert_eq!(store.status(&mb).expect("status").1, 0);
 }
+
+/// A relay that held a burst gives the space back once the burst is
+/// delivered: free database pages are returned in steps while the writer
+/// is idle, down to the few it keeps for reuse.
+#[tokio::test]
+async fn space_is_given_back_after_a_burst_is_delivered() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let lim = Limits {
+        mailbox_quota: 1 << 30,
+        ..limits()
+    };
+    let store = Store::open(dir.path(), lim).expect("open");
+    let mb = MailboxId::of(&[1; 32]);
+    store.register(mb, [1; 32], NOW).await.expect("reg");
+    // 24 MiB of items.
+    let mut seqs = Vec::new();
+    for i in 0..384u32 {
+        let p: Vec<u8> = (0..65_536u32).map(|j| (i ^ j) as u8).collect();
+        match store
+            .submit(mb, NOW + 3600, h(&p), p, SRC, NOW)
+            .await
+            .expect("submit")
+        {
+            SubmitOutcome::Stored { seq, .. } => seqs.push(seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    let (full, _) = store.db_space().expect("space");
+    assert!(full > 20 << 20, "{full}");
+    for chunk in seqs.chunks(64) {
+        store.ack(mb, chunk.to_vec()).await.expect("ack");
+    }
+    let kept = sealpost_store::VACUUM_KEEP_PAGES as u64 * 4096;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (size, free) = store.db_space().expect("space");
+        let on_disk = std::fs::metadata(dir.path().join("relay.db"))
+            .expect("db")
+            .len();
+        if size <= kept + (1 << 20) && on_disk <= kept + (1 << 20) {
+            assert!(free <= kept, "{free}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {size} bytes in the database ({free} free), {on_disk} on disk"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(store.commit_stats().vacuum_steps >= 8);
+    // New items still go in, reusing the kept pages.
+    let p = vec![1u8; 1000];
+    assert!(matches!(
+        store.submit(mb, NOW + 3600, h(&p), p, SRC, NOW).await,
+        Ok(SubmitOutcome::Stored { .. })
+    ));
+    store.close();
+}
+
+/// A store made before free space was given back (auto_vacuum off) is
+/// rewritten once when opened, and gives space back from then on.
+#[tokio::test]
+async fn a_store_from_before_gives_space_back_after_its_first_open() {
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let c = rusqlite::Connection::open(dir.path().join("relay.db")).expect("db");
+        c.execute_batch("CREATE TABLE old (x BLOB); INSERT INTO old VALUES (zeroblob(100000));")
+            .expect("old");
+        let mode: i64 = c
+            .pragma_query_value(None, "auto_vacuum", |r| r.get(0))
+            .expect("mode");
+        assert_eq!(mode, 0);
+    }
+    let store = Store::open(dir.path(), limits()).expect("open");
+    store.close();
+    let c = rusqlite::Connection::open(dir.path().join("relay.db")).expect("db");
+    let mode: i64 = c
+        .pragma_query_value(None, "auto_vacuum", |r| r.get(0))
+        .expect("mode");
+    assert_eq!(mode, 2, "incremental");
+    let n: i64 = c
+        .query_row("SELECT COUNT(*) FROM old", [], |r| r.get(0))
+        .expect("kept");
+    assert_eq!(n, 1);
+}

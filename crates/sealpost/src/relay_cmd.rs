@@ -770,12 +770,16 @@ fn open_store(dir: &Path) -> anyhow::Result<Store> {
 fn status(a: &DataArgs, out: &Out) -> Result<(), Failure> {
     let store = open_store(&data_dir(&a.data)?)?;
     let (mailboxes, items, bytes, blobs) = store.totals().context("cannot read the store")?;
+    let (db_bytes, db_free) = store.db_space().context("cannot read the store")?;
     store.close();
     out.report(
-        json!({"mailboxes": mailboxes, "items": items, "item_bytes": bytes, "blobs": blobs}),
+        json!({"mailboxes": mailboxes, "items": items, "item_bytes": bytes, "blobs": blobs,
+               "db_bytes": db_bytes, "db_free_bytes": db_free}),
         || {
             format!(
-                "Mailboxes: {mailboxes}\nQueued items: {items} ({bytes} bytes)\nBlobs: {blobs}\n"
+                "Mailboxes: {mailboxes}\nQueued items: {items} ({bytes} bytes)\nBlobs: {blobs}\n\
+                 Database: {db_bytes} bytes, {db_free} of them free (beyond {} bytes kept for new items, given back while the relay is idle)\n",
+                sealpost_store::VACUUM_KEEP_PAGES * 4096
             )
         },
     )

@@ -76,6 +76,10 @@ pub const DOWNLOAD_DIR: &str = "download_dir";
 /// Largest message content `send` accepts: the sealed container must fit
 /// the relay's message limit with room for the header and age's stanzas.
 pub const MAX_CONTENT: usize = MAX_MESSAGE - 16 * 1024;
+/// Free pages the home's database keeps for reuse (1 MiB), and the most
+/// given back after one pass (4 MiB).
+const AGENT_KEEP_PAGES: i64 = 256;
+const AGENT_VACUUM_STEP_PAGES: i64 = 1024;
 /// How long receipts and rejections live at the sender's relay.
 const REPORT_LIFETIME_SECS: u64 = 7 * 24 * 3600;
 /// Deliveries submitted in one pipelined round.
@@ -398,6 +402,10 @@ impl Engine {
             }
         }
         let home_addr = agent.home_relay()?.ok_or(EngineError::NoHomeRelay)?;
+        let mut agent = agent;
+        if agent.db_mut().incremental_vacuum_on()? {
+            tracing::info!("rewrote the home's database once so that it gives free space back");
+        }
         let spool = Spool::open(agent.home().dir())?;
         let mut home = RelayLink::new(home_addr.clone());
         home.auth = LinkAuth::Register;
@@ -520,6 +528,16 @@ impl Engine {
             );
         }
         stats.expired += expired.len() as u64;
+        // Space freed by what was delivered or expired (sealed copies,
+        // reports sent) goes back to the file system, a step per pass.
+        match self
+            .agent
+            .db
+            .give_back_space(AGENT_KEEP_PAGES, AGENT_VACUUM_STEP_PAGES)
+        {
+            Ok(_) => {}
+            Err(e) => tracing::warn!("could not give free database pages back: {e}"),
+        }
         self.flush_found(&mut stats)?;
         tracing::trace!("pass: done");
         Ok(stats)

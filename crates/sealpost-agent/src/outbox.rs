@@ -120,6 +120,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     archived_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS inbox_received ON inbox(received_ms);
+CREATE INDEX IF NOT EXISTS inbox_segment ON inbox(segment);
 CREATE TABLE IF NOT EXISTS pending_reports (
     subject BLOB NOT NULL,
     agreement BLOB NOT NULL,
@@ -719,6 +720,35 @@ impl Db {
 
     /// Deletes received messages' records (and a received file's record;
     /// never the file). Returns how many were deleted.
+    /// Whether any stored message is in inbox segment `segment`.
+    pub fn segment_in_use(&self, segment: u64) -> Result<bool, AgentError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM inbox WHERE segment = ?1)")?
+            .query_row(params![to_i64(segment)], |r| r.get(0))?)
+    }
+
+    /// Deletes at most `max` received messages that arrived before
+    /// `before_ms`, oldest first, as `delete` does (a file still being
+    /// received is kept). Returns how many.
+    pub fn prune_received(&mut self, before_ms: u64, max: usize) -> Result<usize, AgentError> {
+        let ids: Vec<MessageId> = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id FROM inbox WHERE received_ms < ?1 AND id NOT IN \
+                 (SELECT msg FROM downloads WHERE state NOT IN ('done', 'failed')) \
+                 ORDER BY received_ms LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![to_i64(before_ms), to_i64(max as u64)], |r| {
+                Ok(MessageId(id16(r.get(0)?)))
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.delete_received(&ids)
+    }
+
     pub fn delete_received(&mut self, ids: &[MessageId]) -> Result<usize, AgentError> {
         let tx = self.conn.transaction()?;
         let mut n = 0;

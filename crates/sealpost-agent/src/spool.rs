@@ -53,13 +53,24 @@ pub struct Location {
 #[derive(Debug, Clone)]
 pub struct Spool {
     dir: PathBuf,
+    /// A segment is closed once it holds this much ([`SEGMENT_BYTES`]).
+    segment_bytes: u64,
 }
 
 impl Spool {
     pub fn open(home: &Path) -> Result<Self, SpoolError> {
         let dir = home.join("inbox");
         fsutil::ensure_private_dir(&dir).map_err(io_err("creating", &dir))?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            segment_bytes: SEGMENT_BYTES,
+        })
+    }
+
+    /// Closes segments at `n` bytes instead (tests of what happens across
+    /// segments, without writing 64 MiB).
+    pub fn set_segment_bytes(&mut self, n: u64) {
+        self.segment_bytes = n.max(1);
     }
 
     pub fn segment_path(&self, segment: u64) -> PathBuf {
@@ -85,7 +96,7 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
             Err(e) => return Err(io_err("reading", &self.segment_path(seg))(e)),
         };
-        if len >= SEGMENT_BYTES {
+        if len >= self.segment_bytes {
             Ok((seg + 1, 0))
         } else {
             Ok((seg, len))
@@ -147,6 +158,40 @@ impl Spool {
             }
         }
         Ok(locations)
+    }
+
+    /// The segment files there are, in order.
+    pub fn segments(&self) -> Result<Vec<u64>, SpoolError> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io_err("listing", &self.dir))? {
+            let entry = entry.map_err(io_err("listing", &self.dir))?;
+            if let Some(n) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("seg-"))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                out.push(n);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Deletes a segment no stored message is in any more (durably: the
+    /// directory is synced); returns its size. The caller checks that
+    /// nothing refers to it and that it is not the last one (the one
+    /// batches are appended to).
+    pub fn remove_segment(&self, segment: u64) -> Result<u64, SpoolError> {
+        let path = self.segment_path(segment);
+        let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err("deleting", &path)(e)),
+        }
+        fsutil::sync_dir(&self.dir).map_err(io_err("syncing", &self.dir))?;
+        Ok(len)
     }
 
     /// Reads a stored message and checks its hash.

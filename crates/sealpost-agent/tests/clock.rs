@@ -212,3 +212,68 @@ async fn the_recipients_clock_decides_freshness() {
         r.stop().await.expect("stop");
     }
 }
+
+/// With a retention setting, received messages older than it are deleted
+/// (oldest first), and the inbox segments no message is in any more go
+/// back to the file system; what is newer stays readable.
+#[tokio::test(flavor = "current_thread")]
+async fn received_messages_past_retention_are_deleted_and_their_space_freed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let r = relay(dir.path()).await;
+    let addr = r.address().clone();
+    let alice_clock = Arc::new(FakeClock::new(now_ms()));
+    let bob_clock = Arc::new(FakeClock::new(now_ms()));
+    let mut alice = engine(dir.path(), "alice", &addr, &alice_clock).await;
+    let mut bob = engine(dir.path(), "bob", &addr, &bob_clock).await;
+    pin(&mut alice, "bob", &bob);
+    pin(&mut bob, "alice", &alice);
+    // Segments of 4 KiB: each fetched batch below closes one.
+    bob.spool_mut().set_segment_bytes(4096);
+    let text = vec![b'x'; 3000];
+    for _ in 0..2 {
+        for _ in 0..5 {
+            alice
+                .agent_mut()
+                .send(&["bob".into()], &text, 3600, "old")
+                .expect("send");
+        }
+        alice.pass().await.expect("pass");
+        let s = bob.pass().await.expect("pass");
+        assert_eq!(s.delivered, 5, "{s:?}");
+    }
+    assert_eq!(bob.spool().segments().expect("segments"), vec![1, 2]);
+    // Twenty minutes later, with a ten-minute retention.
+    bob_clock.advance(Duration::from_secs(20 * 60));
+    bob.keep_received = Some(Duration::from_secs(10 * 60));
+    let new = alice
+        .agent_mut()
+        .send(&["bob".into()], b"new", 3600, "new")
+        .expect("send");
+    alice.pass().await.expect("pass");
+    let s = bob.pass().await.expect("pass");
+    assert_eq!((s.delivered, s.pruned), (1, 10), "{s:?}");
+    assert!(s.segments_freed_bytes >= 30_000, "{s:?}");
+    assert_eq!(bob.spool().segments().expect("segments"), vec![3]);
+    let inbox = bob.agent().db().inbox(false, 100).expect("inbox");
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(inbox[0].id, new);
+    let e = &inbox[0];
+    let content = bob
+        .spool()
+        .read(
+            sealpost_agent::spool::Location {
+                segment: e.segment,
+                offset: e.offset,
+            },
+            e.content_len,
+            &e.content_hash,
+        )
+        .expect("still readable");
+    assert_eq!(content, b"new");
+    // The new message's receipt is signed by bob's clock, twenty minutes
+    // on: alice's moves on too.
+    alice_clock.advance(Duration::from_secs(20 * 60));
+    let s = alice.pass().await.expect("pass");
+    assert_eq!(s.confirmed, 1, "{s:?}");
+    r.stop().await.expect("stop");
+}

@@ -167,6 +167,43 @@ pub struct SyncArgs {
     /// stored; with less on the home's, messages wait at the relay
     #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
     keep_free: u64,
+    /// Delete received messages (content and records; received files stay
+    /// where they were saved) once they are this old, e.g. 90d, or
+    /// `forever` to keep them (remembered; kept for ever until set). The
+    /// space of their inbox segments goes back to the file system
+    #[arg(long, value_name = "DURATION|forever", value_parser = parse_keep)]
+    keep_received: Option<Keep>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Keep {
+    Forever,
+    For(Duration),
+}
+
+fn parse_keep(s: &str) -> Result<Keep, String> {
+    if s.trim() == "forever" {
+        return Ok(Keep::Forever);
+    }
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{e} (examples: 30d, 1y, forever)"))?;
+    if d < Duration::from_secs(3600) {
+        return Err(
+            "at least 1h: a shorter time would delete messages before they are read".into(),
+        );
+    }
+    Ok(Keep::For(d))
+}
+
+fn set_keep_received(agent: &mut Agent, keep: Option<Keep>) -> Result<(), Failure> {
+    match keep {
+        None => {}
+        Some(Keep::Forever) => agent.db_mut().set_setting(engine::KEEP_RECEIVED, "")?,
+        Some(Keep::For(d)) => agent
+            .db_mut()
+            .set_setting(engine::KEEP_RECEIVED, &d.as_secs().to_string())?,
+    }
+    Ok(())
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -887,12 +924,15 @@ fn stats_json(s: &PassStats) -> Value {
         "upload_bytes": s.upload_bytes,
         "download_bytes": s.download_bytes,
         "detections": s.detections,
+        "pruned": s.pruned,
+        "inbox_bytes_freed": s.segments_freed_bytes,
     })
 }
 
 pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     set_downloads(&mut agent, &args.downloads)?;
+    set_keep_received(&mut agent, args.keep_received)?;
     if args.now {
         agent.db_mut().all_due_now(crate::now() * 1000)?;
     }
@@ -972,6 +1012,7 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
 pub fn agent(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     set_downloads(&mut agent, &args.downloads)?;
+    set_keep_received(&mut agent, args.keep_received)?;
     if args.now {
         agent.db_mut().all_due_now(crate::now() * 1000)?;
     }
@@ -1283,7 +1324,7 @@ pub fn delete(home: &Home, args: DeleteArgs, out: &Out) -> Result<(), Failure> {
     let n = agent.db_mut().delete_received(&ids)?;
     out.report(
         json!({"deleted": ids.iter().map(|i| i.to_string()).collect::<Vec<_>>()}),
-        || format!("deleted {n} message(s) from the inbox (received files stay where they were saved)\n"),
+        || format!("deleted {n} message(s) from the inbox (received files stay where they were saved; the space of their content goes back at the next `sync` or agent pass, once no message stored beside it remains)\n"),
     )
 }
 
@@ -2156,5 +2197,24 @@ pub fn receipt(home: &Home, cmd: ReceiptCmd, out: &Out) -> Result<(), Failure> {
                 },
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_is_a_duration_of_an_hour_or_more_or_forever() {
+        assert!(matches!(parse_keep("forever"), Ok(Keep::Forever)));
+        assert!(
+            matches!(parse_keep("90d"), Ok(Keep::For(d)) if d == Duration::from_secs(90 * 86_400))
+        );
+        assert!(parse_keep("10m")
+            .expect_err("short")
+            .contains("at least 1h"));
+        assert!(parse_keep("soon")
+            .expect_err("not a duration")
+            .contains("examples"));
     }
 }

@@ -71,6 +71,11 @@ use crate::{Agent, AgentError, DEFAULT_LIFETIME_SECS};
 
 /// The settings key of the home relay address.
 pub const HOME_RELAY: &str = "home_relay";
+/// The settings key of how long received messages are kept (a duration
+/// in seconds; none: for ever).
+pub const KEEP_RECEIVED: &str = "keep_received_secs";
+/// Received messages deleted by the retention setting in one pass, at most.
+const PRUNE_BATCH: usize = 10_000;
 /// The settings key of the download directory.
 pub const DOWNLOAD_DIR: &str = "download_dir";
 /// Largest message content `send` accepts: the sealed container must fit
@@ -183,6 +188,11 @@ pub struct PassStats {
     /// Misbehaviour of a relay caught by the checks (recorded; see
     /// `Database::detections`).
     pub detections: u64,
+    /// Received messages deleted by the retention setting.
+    pub pruned: u64,
+    /// Bytes of inbox segments deleted because no message is in them any
+    /// more.
+    pub segments_freed_bytes: u64,
 }
 
 impl PassStats {
@@ -211,6 +221,8 @@ impl PassStats {
         self.upload_bytes += o.upload_bytes;
         self.download_bytes += o.download_bytes;
         self.detections += o.detections;
+        self.pruned += o.pruned;
+        self.segments_freed_bytes += o.segments_freed_bytes;
     }
 
     /// True if nothing happened.
@@ -355,6 +367,10 @@ pub struct Engine {
     upload_hashes: Vec<((MessageId, [u8; 32]), crate::transfer::UploadHashes)>,
     /// What the checks caught in this pass, recorded at its end.
     found: Vec<(Caught, String)>,
+    /// Received messages older than this are deleted (their content and
+    /// records; a received file stays where it was saved); `None`: kept
+    /// for ever. From the home's setting [`KEEP_RECEIVED`].
+    pub keep_received: Option<Duration>,
     /// Time and jitter ([`SystemClock`] unless a test says otherwise).
     clock: std::sync::Arc<dyn Clock>,
     /// Blobs of files received whole in this pass, deleted at the relay
@@ -406,6 +422,11 @@ impl Engine {
         if agent.db_mut().incremental_vacuum_on()? {
             tracing::info!("rewrote the home's database once so that it gives free space back");
         }
+        let keep_received = agent
+            .db
+            .setting(KEEP_RECEIVED)?
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(Duration::from_secs);
         let spool = Spool::open(agent.home().dir())?;
         let mut home = RelayLink::new(home_addr.clone());
         home.auth = LinkAuth::Register;
@@ -426,6 +447,7 @@ impl Engine {
             blob_deletes: Vec::new(),
             found: Vec::new(),
             clock: std::sync::Arc::new(SystemClock),
+            keep_received,
             watchers: Vec::new(),
             _lock: lock,
         })
@@ -441,6 +463,10 @@ impl Engine {
 
     pub fn spool(&self) -> &Spool {
         &self.spool
+    }
+
+    pub fn spool_mut(&mut self) -> &mut Spool {
+        &mut self.spool
     }
 
     /// Waits on relays for at most these (tests of broken networks).
@@ -528,6 +554,15 @@ impl Engine {
             );
         }
         stats.expired += expired.len() as u64;
+        if let Some(keep) = self.keep_received {
+            let before = self.clock.now_ms().saturating_sub(keep.as_millis() as u64);
+            let n = self.agent.db.prune_received(before, PRUNE_BATCH)?;
+            if n > 0 {
+                tracing::info!("deleted {n} received messages older than the retention setting");
+            }
+            stats.pruned += n as u64;
+        }
+        stats.segments_freed_bytes += self.free_segments()?;
         // Space freed by what was delivered or expired (sealed copies,
         // reports sent) goes back to the file system, a step per pass.
         match self
@@ -541,6 +576,24 @@ impl Engine {
         self.flush_found(&mut stats)?;
         tracing::trace!("pass: done");
         Ok(stats)
+    }
+
+    /// Deletes the inbox segments (but the last, which batches go to) that
+    /// no stored message is in any more; returns the bytes freed. A
+    /// segment is freed whole, so deleted messages give their space back
+    /// once every message stored beside them is deleted too (retention
+    /// deletes oldest first, which frees segments in order).
+    fn free_segments(&mut self) -> Result<u64, EngineError> {
+        let segments = self.spool.segments()?;
+        let mut freed = 0;
+        if let Some((_, older)) = segments.split_last() {
+            for &seg in older {
+                if !self.agent.db.segment_in_use(seg)? {
+                    freed += self.spool.remove_segment(seg)?;
+                }
+            }
+        }
+        Ok(freed)
     }
 
     /// Records what the checks caught so far in this pass.

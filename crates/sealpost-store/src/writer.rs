@@ -1,0 +1,474 @@
+//! The group-commit writer: one thread owns the write connection, applies every write op of a group in one transaction, answers after the commit, and gives free pages back while idle.
+
+use super::*;
+
+/// Items and blobs removed by a sweep; the blob files are deleted after
+/// the commit.
+pub(crate) type SweepReply = oneshot::Sender<Result<(u64, Vec<[u8; 16]>), StoreError>>;
+
+pub(crate) enum Op {
+    Register {
+        mailbox: MailboxId,
+        key: [u8; 32],
+        now: u64,
+        reply: oneshot::Sender<Result<Registered, StoreError>>,
+    },
+    Submit {
+        mailbox: MailboxId,
+        expires_at: u64,
+        hash: [u8; 32],
+        payload: Vec<u8>,
+        source: Source,
+        now: u64,
+        reply: oneshot::Sender<Result<SubmitOutcome, StoreError>>,
+    },
+    Ack {
+        mailbox: MailboxId,
+        seqs: Vec<u64>,
+        reply: oneshot::Sender<Result<u32, StoreError>>,
+    },
+    BlobMeta {
+        blob_id: [u8; 16],
+        mailbox: MailboxId,
+        total_len: u64,
+        hash: [u8; 32],
+        expires_at: u64,
+        stored: u64,
+        complete: bool,
+        added: u64,
+        source: Source,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    BlobDelete {
+        blob_id: [u8; 16],
+        mailbox: MailboxId,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
+    Sweep {
+        now: u64,
+        reply: SweepReply,
+    },
+}
+
+pub(crate) fn open_conn(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    // FULL: with NORMAL, WAL mode may lose the last commits on power loss,
+    // and those were acknowledged.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    // The log is cut back to this after each checkpoint (by default it
+    // keeps the largest size it ever reached).
+    conn.pragma_update(None, "journal_size_limit", 16i64 << 20)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    Ok(conn)
+}
+
+/// Makes the database give free pages back in steps (`auto_vacuum =
+/// INCREMENTAL`). A new database is made so before its first table; one
+/// made by an older version is rewritten once (`VACUUM`), at this open.
+pub(crate) fn incremental_vacuum_on(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let mode: i64 = conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
+    if mode == 2 {
+        return Ok(());
+    }
+    conn.pragma_update(None, "auto_vacuum", 2i64)?;
+    let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
+    if pages > 0 {
+        tracing::info!(
+            "rewriting {} once so that it gives free space back ({} pages)",
+            path.display(),
+            pages
+        );
+        conn.execute_batch("VACUUM")?;
+    }
+    Ok(())
+}
+
+/// One step of giving free pages back, if more than
+/// [`VACUUM_KEEP_PAGES`] are free. Returns whether more may remain.
+pub(crate) fn vacuum_step(conn: &Connection, stats: &Mutex<CommitStats>) -> bool {
+    let step = || -> rusqlite::Result<(i64, bool)> {
+        let free: i64 = conn.pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+        let n = (free - VACUUM_KEEP_PAGES).min(VACUUM_STEP_PAGES);
+        if n <= 0 {
+            return Ok((0, false));
+        }
+        // Each step of the statement gives back one page: run it to its end.
+        let mut stmt = conn.prepare(&format!("PRAGMA incremental_vacuum({n})"))?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
+        let more = free - n > VACUUM_KEEP_PAGES;
+        if !more {
+            // In WAL mode the file shrinks when the log is copied back.
+            conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")?;
+        }
+        Ok((n, more))
+    };
+    match step() {
+        Ok((n, more)) => {
+            if n > 0 {
+                if let Ok(mut s) = stats.lock() {
+                    s.vacuum_steps += 1;
+                    s.pages_given_back += n as u64;
+                }
+            }
+            more
+        }
+        Err(e) => {
+            tracing::warn!("could not give free database pages back: {e}");
+            false
+        }
+    }
+}
+
+/// At most this many writes share one transaction; bounds a commit's
+/// latency under a flood.
+pub(crate) const MAX_GROUP: usize = 4096;
+
+pub(crate) fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Op>,
+    limits: Limits,
+    stats: Arc<Mutex<CommitStats>>,
+    commit_latency: prometheus_client::metrics::histogram::Histogram,
+) {
+    // Each op's reply is held until the transaction holding it committed.
+    let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
+    // Whether pages may have been freed since the last look: after any
+    // commit, the writer gives free pages back in steps while idle.
+    let mut maybe_free = true;
+    loop {
+        let first = if maybe_free {
+            match rx.recv_timeout(VACUUM_IDLE) {
+                Ok(op) => op,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    maybe_free = vacuum_step(&conn, &stats);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(op) => op,
+                Err(_) => break,
+            }
+        };
+        maybe_free = true;
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(op) => group.push(op),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let n = group.len() as u64;
+        let mut replies = Vec::with_capacity(group.len());
+        let result = (|| -> Result<(), rusqlite::Error> {
+            let tx = conn.transaction()?;
+            for op in group.drain(..) {
+                replies.push(apply(&tx, op, &limits)?);
+            }
+            tx.commit()
+        })();
+        // Counted before anyone is answered, so a caller that reads the
+        // statistics after its answer sees its own commit.
+        if let Ok(mut s) = stats.lock() {
+            s.commits += 1;
+            s.writes += n;
+            s.last_commit_micros = started.elapsed().as_micros() as u64;
+            commit_latency.observe(started.elapsed().as_secs_f64());
+            if result.is_err() {
+                s.failures += 1;
+            }
+        }
+        match result {
+            Ok(()) => {
+                for r in replies {
+                    r.send();
+                }
+            }
+            // The transaction rolled back: nothing in it was stored. Every
+            // caller whose write was in it is told why (the op that failed
+            // and those not reached yet were dropped: their callers see
+            // the store closed); nothing was acknowledged.
+            Err(e) => {
+                let detail = e.to_string();
+                let disk_full = db_disk_full(&e);
+                for r in replies {
+                    r.fail(disk_full, &detail);
+                }
+            }
+        }
+        group.clear();
+    }
+}
+
+pub(crate) enum Reply {
+    Bool(oneshot::Sender<Result<bool, StoreError>>, bool),
+    Register(oneshot::Sender<Result<Registered, StoreError>>, Registered),
+    Submit(
+        oneshot::Sender<Result<SubmitOutcome, StoreError>>,
+        SubmitOutcome,
+    ),
+    Count(oneshot::Sender<Result<u32, StoreError>>, u32),
+    Unit(oneshot::Sender<Result<(), StoreError>>),
+    Sweep(SweepReply, u64, Vec<[u8; 16]>),
+}
+
+impl Reply {
+    /// Tells the caller its write was not stored, and why.
+    fn fail(self, disk_full: bool, detail: &str) {
+        let e = || StoreError::Storage {
+            disk_full,
+            detail: detail.to_owned(),
+        };
+        match self {
+            Self::Bool(s, _) => drop(s.send(Err(e()))),
+            Self::Register(s, _) => drop(s.send(Err(e()))),
+            Self::Submit(s, _) => drop(s.send(Err(e()))),
+            Self::Count(s, _) => drop(s.send(Err(e()))),
+            Self::Unit(s) => drop(s.send(Err(e()))),
+            Self::Sweep(s, _, _) => drop(s.send(Err(e()))),
+        }
+    }
+
+    fn send(self) {
+        // A caller that went away (its connection dropped) is fine: the
+        // write is durable either way.
+        match self {
+            Self::Bool(s, v) => drop(s.send(Ok(v))),
+            Self::Register(s, v) => drop(s.send(Ok(v))),
+            Self::Submit(s, v) => drop(s.send(Ok(v))),
+            Self::Count(s, v) => drop(s.send(Ok(v))),
+            Self::Unit(s) => drop(s.send(Ok(()))),
+            Self::Sweep(s, n, b) => drop(s.send(Ok((n, b)))),
+        }
+    }
+}
+
+pub(crate) fn apply(
+    tx: &rusqlite::Transaction<'_>,
+    op: Op,
+    limits: &Limits,
+) -> Result<Reply, rusqlite::Error> {
+    Ok(match op {
+        Op::Register {
+            mailbox,
+            key,
+            now,
+            reply,
+        } => {
+            // The cap is checked in the same transaction as the insert, so
+            // concurrent registrations cannot pass it together.
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO mailboxes (id, key, quota, used, created_at) \
+                 SELECT ?1, ?2, ?3, 0, ?4 WHERE (SELECT COUNT(*) FROM mailboxes) < ?5",
+                params![
+                    mailbox.0.to_vec(),
+                    key.to_vec(),
+                    i64_of(limits.mailbox_quota),
+                    i64_of(now),
+                    i64_of(limits.max_mailboxes.unwrap_or(u64::MAX))
+                ],
+            )?;
+            let outcome = if n == 1 {
+                Registered::Created
+            } else {
+                let exists = tx
+                    .query_row(
+                        "SELECT 1 FROM mailboxes WHERE id = ?1",
+                        params![mailbox.0.to_vec()],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some();
+                if exists {
+                    Registered::Existing
+                } else {
+                    Registered::Full
+                }
+            };
+            Reply::Register(reply, outcome)
+        }
+        Op::Submit {
+            mailbox,
+            expires_at,
+            hash,
+            payload,
+            source,
+            now,
+            reply,
+        } => {
+            let quota: Option<(i64, i64)> = tx
+                .query_row(
+                    "SELECT used, quota FROM mailboxes WHERE id = ?1",
+                    params![mailbox.0.to_vec()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let outcome = match quota {
+                None => SubmitOutcome::Refused(RefusalCode::UnknownMailbox),
+                Some(_) if expires_at <= now => SubmitOutcome::Refused(RefusalCode::Expired),
+                Some((used, q)) if u64_of(used) + payload.len() as u64 > u64_of(q) => {
+                    SubmitOutcome::Refused(RefusalCode::OverQuota)
+                }
+                Some((_, q))
+                    if share_used(tx, &mailbox.0, source.as_bytes())? + payload.len() as u64
+                        > limits.source_share(u64_of(q)) =>
+                {
+                    SubmitOutcome::Refused(RefusalCode::OverQuota)
+                }
+                Some(_) => {
+                    let mut item_id = [0u8; 16];
+                    OsRng.fill_bytes(&mut item_id);
+                    tx.prepare_cached(
+                        "INSERT INTO items (mailbox, item_id, received_at, expires_at, hash, payload, source)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )?
+                    .execute(params![
+                        mailbox.0.to_vec(),
+                        item_id.to_vec(),
+                        i64_of(now),
+                        i64_of(expires_at),
+                        hash.to_vec(),
+                        payload,
+                        source.as_bytes()
+                    ])?;
+                    let seq = u64_of(tx.last_insert_rowid());
+                    tx.prepare_cached("UPDATE mailboxes SET used = used + ?2 WHERE id = ?1")?
+                        .execute(params![mailbox.0.to_vec(), payload.len() as i64])?;
+                    charge_share(tx, &mailbox.0, source.as_bytes(), payload.len() as i64)?;
+                    SubmitOutcome::Stored { seq, item_id }
+                }
+            };
+            Reply::Submit(reply, outcome)
+        }
+        Op::Ack {
+            mailbox,
+            seqs,
+            reply,
+        } => {
+            let mut count = 0u32;
+            let mut freed = 0i64;
+            for seq in seqs {
+                let gone: Option<(i64, Option<Vec<u8>>)> = tx
+                    .prepare_cached(
+                        "DELETE FROM items WHERE seq = ?1 AND mailbox = ?2 RETURNING LENGTH(payload), source",
+                    )?
+                    .query_row(params![i64_of(seq), mailbox.0.to_vec()], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .optional()?;
+                if let Some((l, source)) = gone {
+                    count += 1;
+                    freed += l;
+                    release_share(tx, &mailbox.0, source.as_deref(), l)?;
+                }
+            }
+            tx.execute(
+                "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
+                params![mailbox.0.to_vec(), freed],
+            )?;
+            Reply::Count(reply, count)
+        }
+        Op::BlobMeta {
+            blob_id,
+            mailbox,
+            total_len,
+            hash,
+            expires_at,
+            stored,
+            complete,
+            added,
+            source,
+            reply,
+        } => {
+            tx.execute(
+                "INSERT INTO blobs (id, mailbox, total_len, hash, expires_at, stored, complete, source)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(id) DO UPDATE SET stored = excluded.stored, complete = excluded.complete,
+                     hash = excluded.hash",
+                params![
+                    blob_id.to_vec(),
+                    mailbox.0.to_vec(),
+                    i64_of(total_len),
+                    hash.to_vec(),
+                    i64_of(expires_at),
+                    i64_of(stored),
+                    complete as i64,
+                    source.as_bytes()
+                ],
+            )?;
+            if added > 0 {
+                tx.execute(
+                    "UPDATE mailboxes SET used = used + ?2 WHERE id = ?1",
+                    params![mailbox.0.to_vec(), i64_of(added)],
+                )?;
+                charge_share(tx, &mailbox.0, source.as_bytes(), i64_of(added))?;
+            }
+            Reply::Unit(reply)
+        }
+        Op::BlobDelete {
+            blob_id,
+            mailbox,
+            reply,
+        } => {
+            let gone: Option<(i64, Option<Vec<u8>>)> = tx
+                .query_row(
+                    "DELETE FROM blobs WHERE id = ?1 AND mailbox = ?2 RETURNING total_len, source",
+                    params![blob_id.to_vec(), mailbox.0.to_vec()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((l, source)) = &gone {
+                tx.execute(
+                    "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
+                    params![mailbox.0.to_vec(), l],
+                )?;
+                release_share(tx, &mailbox.0, source.as_deref(), *l)?;
+            }
+            Reply::Bool(reply, gone.is_some())
+        }
+        Op::Sweep { now, reply } => {
+            let mut n = 0u64;
+            {
+                let mut stmt = tx.prepare(
+                    "DELETE FROM items WHERE expires_at <= ?1 RETURNING mailbox, LENGTH(payload), source",
+                )?;
+                let freed: Vec<(Vec<u8>, i64, Option<Vec<u8>>)> = stmt
+                    .query_map(params![i64_of(now)], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                for (mb, len, source) in freed {
+                    n += 1;
+                    tx.execute(
+                        "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
+                        params![mb, len],
+                    )?;
+                    release_share(tx, &mb, source.as_deref(), len)?;
+                }
+            }
+            let mut stmt = tx.prepare(
+                "DELETE FROM blobs WHERE expires_at <= ?1 RETURNING id, mailbox, total_len, source",
+            )?;
+            let gone: Vec<GoneBlob> = stmt
+                .query_map(params![i64_of(now)], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut ids = Vec::new();
+            for (id, mb, len, source) in gone {
+                n += 1;
+                tx.execute(
+                    "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
+                    params![mb, len],
+                )?;
+                release_share(tx, &mb, source.as_deref(), len)?;
+                ids.push(id.try_into().unwrap_or([0; 16]));
+            }
+            Reply::Sweep(reply, n, ids)
+        }
+    })
+}

@@ -66,6 +66,17 @@ fn delivery(e: &Engine, id: &MessageId) -> Delivery {
     m[0].deliveries[0].delivery.clone()
 }
 
+/// Moves `clock` up to the system's time if it is behind: `send` queues
+/// by the system's clock (composing is outside the engine), and a message
+/// queued after the fake clock was set would not be due yet by it.
+fn catch_up(clock: &FakeClock) {
+    use sealpost_agent::engine::Clock;
+    let real = now_ms();
+    if real > clock.now_ms() {
+        set(clock, real);
+    }
+}
+
 /// Moves `clock` to `at` (unix ms).
 fn set(clock: &FakeClock, at: u64) {
     use sealpost_agent::engine::Clock;
@@ -91,6 +102,7 @@ async fn retransmission_backs_off_and_ends_at_expiry() {
         .agent_mut()
         .send(&["bob".into()], b"are you there?", 3600, "question")
         .expect("send");
+    catch_up(&alice_clock);
     let timing = alice.timing;
     // The fake clock's jitter is the middle of the range.
     let wait = |n: u32| timing.retransmit.delay(n, 0.5).as_millis() as u64;
@@ -146,6 +158,7 @@ async fn a_receipt_stops_retransmission() {
         .agent_mut()
         .send(&["bob".into()], b"hello", 3600, "hello")
         .expect("send");
+    catch_up(&alice_clock);
     alice.pass().await.expect("pass");
     let s = bob.pass().await.expect("pass");
     assert_eq!(s.delivered, 1, "{s:?}");
@@ -183,6 +196,7 @@ async fn the_recipients_clock_decides_freshness() {
             .agent_mut()
             .send(&["bob".into()], b"hello", 3600, "hello")
             .expect("send");
+        catch_up(&alice_clock);
         alice.pass().await.expect("pass");
         if ahead {
             bob_clock.advance(Duration::from_secs(2 * 86_400));
@@ -236,6 +250,7 @@ async fn received_messages_past_retention_are_deleted_and_their_space_freed() {
                 .agent_mut()
                 .send(&["bob".into()], &text, 3600, "old")
                 .expect("send");
+            catch_up(&alice_clock);
         }
         alice.pass().await.expect("pass");
         let s = bob.pass().await.expect("pass");
@@ -249,6 +264,7 @@ async fn received_messages_past_retention_are_deleted_and_their_space_freed() {
         .agent_mut()
         .send(&["bob".into()], b"new", 3600, "new")
         .expect("send");
+    catch_up(&alice_clock);
     alice.pass().await.expect("pass");
     let s = bob.pass().await.expect("pass");
     assert_eq!((s.delivered, s.pruned), (1, 10), "{s:?}");

@@ -87,7 +87,7 @@ pub fn release(piece: Arc<Vec<u8>>) {
 /// At most [`MAX_FOLLOWERS`] are tracked.
 #[derive(Default)]
 pub(crate) struct Followers {
-    reads: HashMap<[u8; 16], (u64, Instant)>,
+    pub(crate) reads: HashMap<[u8; 16], (u64, Instant)>,
 }
 
 /// A follower this far behind the upload still finds what it reads next

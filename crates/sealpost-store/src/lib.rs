@@ -35,8 +35,8 @@ mod upload;
 mod writer;
 
 pub use blobs::BlobRead;
-pub use cache::release;
 use cache::*;
+pub use cache::{release, KeptBytes, PACE_HOLD, PACE_MAX_WAIT};
 use schema::*;
 use writer::*;
 
@@ -719,6 +719,7 @@ pub struct ScrubReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blobs::{blob_id_of_name, blob_path};
 
     /// Only names a blob file can have map back to a blob id.
     #[test]

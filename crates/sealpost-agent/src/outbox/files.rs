@@ -1,0 +1,554 @@
+//! Files both ways: files sent (their blob uploads and groups), downloads of files received, and repairs of damaged chunks.
+
+use super::*;
+
+/// A file being sent: where its bytes come from and how they are encrypted.
+#[derive(Debug, Clone)]
+pub struct FileOut {
+    pub msg: MessageId,
+    pub path: String,
+    pub blob_id: [u8; 16],
+    pub key: sealpost_proto::blob::BlobKey,
+    pub size: u64,
+    pub chunk_size: u32,
+    /// BLAKE3 of the file as queued (its manifest's and its delivery's
+    /// content hash): the upload checks the bytes it sends against it.
+    pub plaintext_hash: [u8; 32],
+}
+
+/// A file being received.
+#[derive(Debug, Clone)]
+pub struct Download {
+    pub msg: MessageId,
+    pub sender: [u8; 32],
+    pub agreement: [u8; 32],
+    /// Where the receipt goes.
+    pub relay: Option<String>,
+    pub blob_id: [u8; 16],
+    pub key: sealpost_proto::blob::BlobKey,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub plaintext_hash: [u8; 32],
+    pub name: String,
+    pub dir: String,
+    /// Chunks before this one are written and durable (except `bad`).
+    pub next_chunk: u64,
+    /// Chunks that did not authenticate.
+    pub bad: Vec<u64>,
+    pub attempts: u32,
+    pub state: DownloadState,
+    pub final_path: Option<String>,
+    pub error: Option<String>,
+    pub changed_ms: u64,
+    /// Passes in a row in which this download failed on this machine (its
+    /// disk or file system): it waits longer after each.
+    pub local_errors: u32,
+}
+
+/// Where a received file's download stands (the `state` column of
+/// `downloads`, by these names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DownloadState {
+    /// Fetching and verifying chunks from the relay (or waiting to).
+    Downloading,
+    /// Chunks were damaged or the blob is gone: a repair is asked of the
+    /// sender, and the download goes on when the repair arrives.
+    Repairing,
+    /// Given up; the sender was sent a signed rejection.
+    Failed,
+    /// Stored, read back and verified; its receipt is owed or sent.
+    Done,
+}
+
+impl DownloadState {
+    pub const ALL: [Self; 4] = [Self::Downloading, Self::Repairing, Self::Failed, Self::Done];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Downloading => "downloading",
+            Self::Repairing => "repairing",
+            Self::Failed => "failed",
+            Self::Done => "done",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.name() == s)
+    }
+
+    /// Nothing more will happen to it.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Failed | Self::Done)
+    }
+}
+
+impl std::fmt::Display for DownloadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl rusqlite::types::ToSql for DownloadState {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.name().into())
+    }
+}
+
+impl rusqlite::types::FromSql for DownloadState {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let s = v.as_str()?;
+        Self::parse(s).ok_or_else(|| {
+            rusqlite::types::FromSqlError::Other(format!("unknown download state {s:?}").into())
+        })
+    }
+}
+
+/// How a download ends (see [`crate::outbox::Db::download_end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownloadEnd {
+    /// Stored and verified at its final path.
+    Done,
+    /// Given up.
+    Failed,
+    /// Back to the first chunk (a read-back did not match); the download
+    /// stays `downloading`.
+    Restart,
+}
+
+impl Download {
+    /// The rejection a download that cannot be stored earns.
+    pub fn rejection(&self, relay: String, reason: RejectReason) -> PendingReport {
+        PendingReport {
+            subject: self.sender,
+            agreement: self.agreement,
+            id: self.msg,
+            relay,
+            reason: Some(reason),
+            content_hash: [0; 32],
+            content_len: 0,
+            stored_at: 0,
+        }
+    }
+
+    /// The receipt entry a finished download earns: the file's hash and
+    /// size, as read back from disk.
+    pub fn receipt(&self, relay: String, stored_at: u64) -> PendingReport {
+        PendingReport {
+            subject: self.sender,
+            agreement: self.agreement,
+            id: self.msg,
+            relay,
+            reason: None,
+            content_hash: self.plaintext_hash,
+            content_len: self.size,
+            stored_at,
+        }
+    }
+}
+
+pub(crate) const DOWNLOAD_COLS: &str =
+    "msg, sender, agreement, relay, blob_id, blob_key, size, chunk_size, \
+     plaintext_hash, name, dir, next_chunk, bad, attempts, state, final_path, error, changed_ms, \
+     local_errors";
+
+pub(crate) fn download_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Download> {
+    let bad: String = r.get(12)?;
+    Ok(Download {
+        msg: MessageId(id16(r.get(0)?)),
+        sender: hash32(r.get(1)?),
+        agreement: hash32(r.get(2)?),
+        relay: r.get(3)?,
+        blob_id: id16(r.get(4)?),
+        key: sealpost_proto::blob::BlobKey(hash32(r.get(5)?)),
+        size: to_u64(r.get(6)?),
+        chunk_size: r.get(7)?,
+        plaintext_hash: hash32(r.get(8)?),
+        name: r.get(9)?,
+        dir: r.get(10)?,
+        next_chunk: to_u64(r.get(11)?),
+        bad: bad.split(',').filter_map(|x| x.parse().ok()).collect(),
+        attempts: r.get(13)?,
+        state: r.get(14)?,
+        final_path: r.get(15)?,
+        error: r.get(16)?,
+        changed_ms: to_u64(r.get(17)?),
+        local_errors: r.get(18)?,
+    })
+}
+
+pub(crate) fn insert_group(
+    tx: &rusqlite::Transaction<'_>,
+    msg: &MessageId,
+    g: &Group,
+) -> Result<(), rusqlite::Error> {
+    tx.execute(
+        "INSERT OR IGNORE INTO file_groups (msg, group_id, idx, count) VALUES (?1, ?2, ?3, ?4)",
+        params![msg.0.to_vec(), g.id.to_vec(), g.index, g.count],
+    )?;
+    Ok(())
+}
+
+pub(crate) fn bad_text(bad: &[u64]) -> String {
+    bad.iter()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub(crate) fn insert_download(tx: &Transaction<'_>, d: &Download) -> rusqlite::Result<()> {
+    tx.prepare_cached(&format!(
+        "INSERT OR IGNORE INTO downloads ({DOWNLOAD_COLS}) VALUES \
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+    ))?
+    .execute(params![
+        d.msg.0.to_vec(),
+        d.sender.to_vec(),
+        d.agreement.to_vec(),
+        d.relay,
+        d.blob_id.to_vec(),
+        d.key.0.to_vec(),
+        to_i64(d.size),
+        d.chunk_size,
+        d.plaintext_hash.to_vec(),
+        d.name,
+        d.dir,
+        to_i64(d.next_chunk),
+        bad_text(&d.bad),
+        d.attempts,
+        d.state,
+        d.final_path,
+        d.error,
+        to_i64(d.changed_ms),
+        d.local_errors,
+    ])?;
+    Ok(())
+}
+
+/// A repair a recipient asked for: chunks of a file we sent, to upload again.
+#[derive(Debug, Clone)]
+pub struct RepairJob {
+    pub msg: MessageId,
+    pub recipient: [u8; 32],
+    pub request: Vec<u8>,
+}
+
+impl Db {
+    /// Records the file behind a queued file-manifest message (and its
+    /// group, for a file of a directory).
+    pub fn add_file_out(&mut self, f: &FileOut, group: Option<&Group>) -> Result<(), AgentError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO files_out (msg, path, blob_id, blob_key, size, chunk_size) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                f.msg.0.to_vec(),
+                f.path,
+                f.blob_id.to_vec(),
+                f.key.0.to_vec(),
+                to_i64(f.size),
+                f.chunk_size,
+            ],
+        )?;
+        if let Some(g) = group {
+            insert_group(&tx, &f.msg, g)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The group a file message (sent or received) belongs to, if any.
+    pub fn group_of(&self, msg: &MessageId) -> Result<Option<Group>, AgentError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT group_id, idx, count FROM file_groups WHERE msg = ?1")?
+            .query_row(params![msg.0.to_vec()], |r| {
+                Ok(Group {
+                    id: id16(r.get(0)?),
+                    index: r.get(1)?,
+                    count: r.get(2)?,
+                })
+            })
+            .optional()?)
+    }
+
+    /// The messages of a group, in their order. (Group ids are random, so
+    /// a sender's group and a received one never share an id by chance;
+    /// callers scope received groups to their sender.)
+    pub fn group_members(&self, group_id: &[u8; 16]) -> Result<Vec<MessageId>, AgentError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT msg FROM file_groups WHERE group_id = ?1 ORDER BY idx, msg")?;
+        let rows = stmt.query_map(params![group_id.to_vec()], |r| {
+            Ok(MessageId(id16(r.get(0)?)))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn file_out(&self, msg: &MessageId) -> Result<Option<FileOut>, AgentError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT f.msg, f.path, f.blob_id, f.blob_key, f.size, f.chunk_size, o.content_hash \
+                 FROM files_out f JOIN outbox o ON o.id = f.msg WHERE f.msg = ?1",
+            )?
+            .query_row(params![msg.0.to_vec()], |r| {
+                Ok(FileOut {
+                    msg: MessageId(id16(r.get(0)?)),
+                    path: r.get(1)?,
+                    blob_id: id16(r.get(2)?),
+                    key: sealpost_proto::blob::BlobKey(hash32(r.get(3)?)),
+                    size: to_u64(r.get(4)?),
+                    chunk_size: r.get(5)?,
+                    plaintext_hash: hash32(r.get(6)?),
+                })
+            })
+            .optional()?)
+    }
+
+    /// Notes how much of a file the recipient's relay holds (for status).
+    pub fn set_uploaded(
+        &mut self,
+        msg: &MessageId,
+        recipient: &[u8; 32],
+        bytes: u64,
+    ) -> Result<(), AgentError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE deliveries SET uploaded = ?3 WHERE msg = ?1 AND recipient = ?2",
+            )?
+            .execute(params![msg.0.to_vec(), recipient.to_vec(), to_i64(bytes)])?;
+        Ok(())
+    }
+
+    /// Bytes of the file the recipient's relay holds, per delivery.
+    pub fn uploaded(&self, msg: &MessageId, recipient: &[u8; 32]) -> Result<u64, AgentError> {
+        let v: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT uploaded FROM deliveries WHERE msg = ?1 AND recipient = ?2")?
+            .query_row(params![msg.0.to_vec(), recipient.to_vec()], |r| r.get(0))
+            .optional()?;
+        Ok(v.map(to_u64).unwrap_or(0))
+    }
+
+    pub fn download(&self, msg: &MessageId) -> Result<Option<Download>, AgentError> {
+        Ok(self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {DOWNLOAD_COLS} FROM downloads WHERE msg = ?1"
+            ))?
+            .query_row(params![msg.0.to_vec()], download_from_row)
+            .optional()?)
+    }
+
+    /// Downloads in a state, oldest first.
+    pub fn downloads(
+        &self,
+        state: Option<DownloadState>,
+        limit: usize,
+    ) -> Result<Vec<Download>, AgentError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {DOWNLOAD_COLS} FROM downloads WHERE ?1 IS NULL OR state = ?1 \
+             ORDER BY changed_ms LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![state, to_i64(limit as u64)], download_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Counts a local failure of a download (its disk or file system, not
+    /// the relay) and returns how many in a row it has had.
+    pub fn download_local_error(
+        &mut self,
+        msg: &MessageId,
+        error: &str,
+        now_ms: u64,
+    ) -> Result<u32, AgentError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "UPDATE downloads SET local_errors = local_errors + 1, error = ?2, \
+                 changed_ms = ?3 WHERE msg = ?1 RETURNING local_errors",
+            )?
+            .query_row(params![msg.0.to_vec(), error, to_i64(now_ms)], |r| r.get(0))?)
+    }
+
+    /// Sets a download's state (and error text).
+    pub fn download_state(
+        &mut self,
+        msg: &MessageId,
+        state: DownloadState,
+        error: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(), AgentError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE downloads SET state = ?2, error = ?3, changed_ms = ?4 WHERE msg = ?1",
+            )?
+            .execute(params![msg.0.to_vec(), state, error, to_i64(now_ms)])?;
+        Ok(())
+    }
+
+    /// Stores a download's progress (after its partial file was fsync'd).
+    pub fn download_progress(
+        &mut self,
+        msg: &MessageId,
+        next_chunk: u64,
+        bad: &[u64],
+        now_ms: u64,
+    ) -> Result<(), AgentError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE downloads SET next_chunk = ?2, bad = ?3, changed_ms = ?4, local_errors = 0 \
+                 WHERE msg = ?1",
+            )?
+            .execute(params![
+                msg.0.to_vec(),
+                to_i64(next_chunk),
+                bad_text(bad),
+                to_i64(now_ms)
+            ])?;
+        Ok(())
+    }
+
+    /// Ends a download: `done` with its final path and the receipt it
+    /// earns, or `failed` with an error; or back to the start (`restart`)
+    /// after a read-back mismatch.
+    pub fn download_end(
+        &mut self,
+        msg: &MessageId,
+        end: DownloadEnd,
+        final_path: Option<&str>,
+        error: Option<&str>,
+        receipt: Option<&PendingReport>,
+        now_ms: u64,
+    ) -> Result<(), AgentError> {
+        let tx = self.conn.transaction()?;
+        let state = match end {
+            DownloadEnd::Done => DownloadState::Done,
+            DownloadEnd::Failed => DownloadState::Failed,
+            DownloadEnd::Restart => DownloadState::Downloading,
+        };
+        if end == DownloadEnd::Restart {
+            tx.execute(
+                "UPDATE downloads SET next_chunk = 0, bad = '', attempts = attempts + 1, \
+                 error = ?2, changed_ms = ?3 WHERE msg = ?1",
+                params![msg.0.to_vec(), error, to_i64(now_ms)],
+            )?;
+        } else {
+            tx.execute(
+                "UPDATE downloads SET state = ?2, final_path = ?3, error = ?4, changed_ms = ?5 \
+                 WHERE msg = ?1",
+                params![msg.0.to_vec(), state, final_path, error, to_i64(now_ms)],
+            )?;
+        }
+        if let Some(p) = receipt {
+            insert_pending(&tx, p)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The file we sent with this blob id to `recipient`, if any.
+    pub fn file_out_by_blob(
+        &self,
+        blob_id: &[u8; 16],
+        recipient: &[u8; 32],
+    ) -> Result<Option<(FileOut, DeliveryRow)>, AgentError> {
+        let msg: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT msg FROM files_out WHERE blob_id = ?1")?
+            .query_row(params![blob_id.to_vec()], |r| r.get(0))
+            .optional()?;
+        let Some(msg) = msg else { return Ok(None) };
+        let msg = MessageId(id16(msg));
+        let Some(f) = self.file_out(&msg)? else {
+            return Ok(None);
+        };
+        let d = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {DELIVERY_COLS} FROM deliveries WHERE msg = ?1 AND recipient = ?2"
+            ))?
+            .query_row(
+                params![msg.0.to_vec(), recipient.to_vec()],
+                delivery_from_row,
+            )
+            .optional()?;
+        Ok(d.map(|d| (f, d)))
+    }
+
+    pub fn add_repair(&mut self, job: &RepairJob) -> Result<(), AgentError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO repairs (msg, recipient, chunks) VALUES (?1, ?2, ?3)",
+            params![job.msg.0.to_vec(), job.recipient.to_vec(), job.request],
+        )?;
+        Ok(())
+    }
+
+    pub fn repairs(&self) -> Result<Vec<RepairJob>, AgentError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT msg, recipient, chunks FROM repairs LIMIT 64")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(RepairJob {
+                msg: MessageId(id16(r.get(0)?)),
+                recipient: hash32(r.get(1)?),
+                request: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn remove_repair(
+        &mut self,
+        msg: &MessageId,
+        recipient: &[u8; 32],
+    ) -> Result<(), AgentError> {
+        self.conn.execute(
+            "DELETE FROM repairs WHERE msg = ?1 AND recipient = ?2",
+            params![msg.0.to_vec(), recipient.to_vec()],
+        )?;
+        Ok(())
+    }
+
+    /// The download of a file with this blob id from `sender`.
+    pub fn download_by_blob(
+        &self,
+        blob_id: &[u8; 16],
+        sender: &[u8; 32],
+    ) -> Result<Option<Download>, AgentError> {
+        Ok(self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {DOWNLOAD_COLS} FROM downloads WHERE blob_id = ?1 AND sender = ?2"
+            ))?
+            .query_row(
+                params![blob_id.to_vec(), sender.to_vec()],
+                download_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Stores a repair offer for a download and makes it run again.
+    pub fn set_repair_offer(
+        &mut self,
+        msg: &MessageId,
+        offer: &[u8],
+        now_ms: u64,
+    ) -> Result<(), AgentError> {
+        self.conn.execute(
+            "UPDATE downloads SET repair = ?2, state = 'downloading', changed_ms = ?3 WHERE msg = ?1",
+            params![msg.0.to_vec(), offer, to_i64(now_ms)],
+        )?;
+        Ok(())
+    }
+
+    /// The repair offer stored for a download.
+    pub fn repair_offer(&self, msg: &MessageId) -> Result<Option<Vec<u8>>, AgentError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT repair FROM downloads WHERE msg = ?1")?
+            .query_row(params![msg.0.to_vec()], |r| r.get(0))
+            .optional()?
+            .flatten())
+    }
+}

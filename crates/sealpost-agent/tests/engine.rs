@@ -13,7 +13,7 @@ use sealpost_agent::Home;
 use sealpost_proto::delivery::{Sent, State};
 use sealpost_proto::message::{self, testing};
 use sealpost_proto::relay::MailboxId;
-use sealpost_proto::report::{Entries, RejectReason, RejectionEntry, Report};
+use sealpost_proto::report::{Entries, ReceiptEntry, RejectReason, RejectionEntry, Report};
 use sealpost_proto::{Identity, Kind, MessageHeader, MessageId, SealRequest};
 use sealpost_relay::client::{RelayClient, Submitted};
 use sealpost_relay::{Config, Relay, RelayAddress, RunningRelay};
@@ -174,6 +174,25 @@ async fn a_hostile_relay_is_caught_at_the_endpoints() {
             rejection(bob.agent().identity(), MessageId([9; 16])).as_bytes(),
         ),
     );
+    // (e) A receipt bob really signed for m2, naming other content than
+    // alice sent: not delivered, and recorded as caught.
+    let wrong = header(bob.agent().identity(), Kind::Receipt);
+    let receipt = Report::sign(
+        bob.agent().identity(),
+        alice.agent().identity().public(),
+        now(),
+        Entries::Receipt(vec![ReceiptEntry {
+            id: m2,
+            content_hash: [7; 32],
+            content_len: 6,
+            stored_at: now(),
+        }]),
+    )
+    .expect("report");
+    let mismatched = testing::seal_plaintext(
+        &to_alice,
+        &testing::signed_plaintext(bob.agent().identity(), &wrong, receipt.as_bytes()),
+    );
     for p in [forged, stranger, inner, unrelated] {
         submit(&addr, &alice, p).await;
     }
@@ -181,6 +200,15 @@ async fn a_hostile_relay_is_caught_at_the_endpoints() {
     assert_eq!(s.bounced, 0, "{s:?}");
     assert_eq!(s.discarded + s.forged_reports, 4, "{s:?}");
     assert_eq!(state(&alice, &m2).0, State::Submitted);
+    submit(&addr, &alice, mismatched).await;
+    let s = alice.pass().await.expect("pass");
+    assert_eq!((s.confirmed, s.detections), (0, 1), "{s:?}");
+    assert_eq!(state(&alice, &m2).0, State::Submitted);
+    let caught = alice.agent().db().detections(10).expect("detections");
+    assert!(
+        caught.iter().any(|d| d.class == "receipt-mismatch"),
+        "{caught:?}"
+    );
     bob.pass().await.expect("pass");
     alice.pass().await.expect("pass");
     assert_eq!(state(&alice, &m2).0, State::Delivered);

@@ -51,10 +51,24 @@ pub enum ClientError {
     Protocol(String),
     #[error("the relay refused: {message} ({code:?})")]
     Server { code: ErrorCode, message: String },
-    #[error("the relay's refusal is not signed by the relay's key; treated as forged")]
-    ForgedRefusal,
+    #[error("{0}; treated as forged")]
+    ForgedRefusal(Forged),
     #[error("the connection to the relay was closed")]
     Closed,
+}
+
+/// Why a refusal was not taken as the relay's word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Forged {
+    /// Its signature does not verify with the relay's pinned key.
+    #[error("the relay's refusal is not signed by the relay's key")]
+    NotSigned,
+    /// It names another mailbox or payload than the submission it
+    /// answers (a refusal replayed from elsewhere), whoever signed it.
+    #[error(
+        "the relay's refusal names another submission (mailbox or payload) than the one it answers"
+    )]
+    OtherSubmission,
 }
 
 /// What happened to a submission.
@@ -399,7 +413,7 @@ impl RelayClient {
         if r.verify(&self.relay_key) {
             Ok(Submitted::Refused(r))
         } else {
-            Err(ClientError::ForgedRefusal)
+            Err(ClientError::ForgedRefusal(Forged::NotSigned))
         }
     }
 
@@ -420,7 +434,12 @@ impl RelayClient {
             .await?
         {
             Response::Accepted { item_id } => Ok(Submitted::Accepted { item_id }),
-            Response::Refused(r) => self.check_refusal(r),
+            // A refusal of another submission, replayed, is not an answer
+            // to this one, whoever signed it.
+            Response::Refused(r) if r.mailbox == mailbox && r.payload_hash == payload_hash => {
+                self.check_refusal(r)
+            }
+            Response::Refused(_) => Err(ClientError::ForgedRefusal(Forged::OtherSubmission)),
             other => Err(unexpected(other)),
         }
     }
@@ -461,7 +480,7 @@ impl RelayClient {
                         if r.mailbox == mailbox && r.payload_hash == payload_hash {
                             self.check_refusal(r)
                         } else {
-                            Err(ClientError::ForgedRefusal)
+                            Err(ClientError::ForgedRefusal(Forged::OtherSubmission))
                         }
                     }
                     Ok(Ok(Response::Error { code, message })) => {
@@ -563,7 +582,7 @@ impl RelayClient {
             Response::Refused(r) if r.mailbox == p.mailbox && r.payload_hash == p.refusal_hash => {
                 self.check_refusal(r).map(Err)
             }
-            Response::Refused(_) => Err(ClientError::ForgedRefusal),
+            Response::Refused(_) => Err(ClientError::ForgedRefusal(Forged::OtherSubmission)),
             other => Err(unexpected(other)),
         }
     }

@@ -1009,3 +1009,57 @@ async fn a_stranger_from_one_address_fills_only_its_share_of_a_mailbox() {
     ));
     relay.stop().await;
 }
+
+/// A relay that forges one kind of refusal for every submission.
+#[derive(Debug)]
+struct Forger(sealpost_relay::tamper::ForgedRefusal);
+
+impl sealpost_relay::tamper::Tamper for Forger {
+    fn submit(&self, _: &MailboxId, _: &[u8; 32], _: &[u8]) -> sealpost_relay::tamper::OnSubmit {
+        sealpost_relay::tamper::OnSubmit::Forge(self.0)
+    }
+    fn fetch(&self, _: &MailboxId, _: &mut Vec<sealpost_proto::relay::Item>) -> Vec<u64> {
+        Vec::new()
+    }
+    fn blob_put(
+        &self,
+        _: &[u8; 16],
+        _: &MailboxId,
+        _: u64,
+    ) -> Option<sealpost_relay::tamper::ForgedRefusal> {
+        None
+    }
+    fn blob_data(&self, _: &MailboxId, _: &[u8; 16], _: u64, _: &mut Vec<u8>) {}
+}
+
+/// A refusal is the relay's word only if its key signed it over this very
+/// submission; the client says which of the two a forged one fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_refusals_are_told_apart() {
+    use sealpost_relay::client::Forged;
+    use sealpost_relay::tamper::ForgedRefusal;
+    for (how, why) in [
+        (ForgedRefusal::OtherKey, Forged::NotSigned),
+        (ForgedRefusal::OtherHash, Forged::OtherSubmission),
+        (ForgedRefusal::OtherMailbox, Forged::OtherSubmission),
+    ] {
+        let relay = start(|c| c.tamper = Some(std::sync::Arc::new(Forger(how)))).await;
+        let owner = RelayClient::connect(&relay.addr).await.expect("connect");
+        let mb = owner.register(&id(2)).await.expect("register");
+        let sender = RelayClient::connect(&relay.addr).await.expect("connect");
+        let r = sender.submit(mb, now() + 60, b"hello".to_vec()).await;
+        match r {
+            Err(ClientError::ForgedRefusal(w)) => {
+                assert_eq!(w, why, "{how:?}");
+                let text = ClientError::ForgedRefusal(w).to_string();
+                let expected = match why {
+                    Forged::NotSigned => "not signed by the relay's key",
+                    Forged::OtherSubmission => "names another submission",
+                };
+                assert!(text.contains(expected), "{text}");
+            }
+            other => panic!("{how:?}: {other:?}"),
+        }
+        relay.stop().await;
+    }
+}

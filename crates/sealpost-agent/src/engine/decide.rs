@@ -26,8 +26,12 @@ pub enum Caught {
     /// A receipt or rejection that its signer did not sign, or that names
     /// messages we never sent them.
     ForgedReport,
-    /// A relay refusal not signed by the relay's key.
+    /// A relay refusal not signed by the relay's key, or naming another
+    /// submission than the one it answers.
     ForgedRefusal,
+    /// A receipt signed by its recipient about our message, naming
+    /// another hash or length than was sent.
+    ReceiptMismatch,
     /// A chunk of a file that did not authenticate.
     DamagedChunk,
     /// A relay sent fewer bytes of a whole blob than asked for.
@@ -46,6 +50,7 @@ impl Caught {
             Self::Discarded => "discarded",
             Self::ForgedReport => "forged-report",
             Self::ForgedRefusal => "forged-refusal",
+            Self::ReceiptMismatch => "receipt-mismatch",
             Self::DamagedChunk => "damaged-chunk",
             Self::ShortBlobData => "short-blob-data",
             Self::FalseHashMismatch => "false-hash-mismatch",

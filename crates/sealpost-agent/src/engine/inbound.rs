@@ -516,12 +516,22 @@ impl Engine {
                     }
                 },
                 Some(Outcome::Ignored) => {}
-                Some(Outcome::Mismatch) => tracing::error!(
-                    "receipt for message {} names a different hash or length than was sent; not counted as delivered",
-                    a.id
-                ),
+                Some(Outcome::Mismatch) => {
+                    // Signed by the recipient, about our message, but not
+                    // about what we sent: it stored something else (or
+                    // claims to). Not delivered; recorded as caught.
+                    tracing::error!(
+                        "receipt for message {} names a different hash or length than was sent; not counted as delivered",
+                        a.id
+                    );
+                    caught = Some(Caught::ReceiptMismatch);
+                }
                 None => {
-                    tracing::warn!("{} names message {}, which we never sent to its signer", report.kind_name(), a.id);
+                    tracing::warn!(
+                        "{} names message {}, which we never sent to its signer",
+                        report.kind_name(),
+                        a.id
+                    );
                     stats.forged_reports += 1;
                     caught = Some(Caught::ForgedReport);
                 }

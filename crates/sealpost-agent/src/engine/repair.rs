@@ -191,7 +191,7 @@ impl Engine {
                         off = stored;
                     }
                     other => {
-                        if matches!(other, Err(ClientError::ForgedRefusal)) {
+                        if matches!(other, Err(ClientError::ForgedRefusal(_))) {
                             self.found
                                 .push((Caught::ForgedRefusal, format!("blob:{}", hex(&repair_id))));
                         }

@@ -113,7 +113,7 @@ impl Engine {
             }
             Err(e) => {
                 tracing::warn!("sending a {} to {relay}: {e}; will retry", kind.name());
-                if matches!(e, ClientError::ForgedRefusal) {
+                if matches!(e, ClientError::ForgedRefusal(_)) {
                     self.found.push((
                         Caught::ForgedRefusal,
                         blake3::hash(&payload).to_hex().to_string(),

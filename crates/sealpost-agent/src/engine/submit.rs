@@ -147,8 +147,8 @@ impl Engine {
                             );
                         }
                         Some(Err(e)) => {
-                            if matches!(e, ClientError::ForgedRefusal) {
-                                tracing::warn!("relay {relay} sent a refusal that is not signed by its key: forged, ignored");
+                            if let ClientError::ForgedRefusal(why) = &e {
+                                tracing::warn!("relay {relay}: {why}: forged, ignored");
                                 if let Some((_, _, p)) = items.get(k) {
                                     self.found.push((
                                         Caught::ForgedRefusal,

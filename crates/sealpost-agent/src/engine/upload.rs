@@ -239,10 +239,10 @@ impl Engine {
                         )));
                         break;
                     }
-                    Err(ClientError::ForgedRefusal) => {
+                    Err(e @ ClientError::ForgedRefusal(_)) => {
                         self.found
                             .push((Caught::ForgedRefusal, format!("blob:{}", hex(&blob_id))));
-                        outcome = Some(Upload::Retry(ClientError::ForgedRefusal.to_string()));
+                        outcome = Some(Upload::Retry(e.to_string()));
                         break;
                     }
                     Err(e) => {

@@ -28,6 +28,10 @@ LONE=${LONE:-200}
 MAX_SECONDS=${MAX_SECONDS:-300}
 PORT=${PORT:-17543}
 ANCHOR=${ANCHOR:-0}
+# PAD=0 sends unpadded messages (`send --no-pad`), for the padding's cost.
+PAD=${PAD:-1}
+NOPAD=()
+[[ $PAD == 1 ]] || NOPAD=(--no-pad)
 ANCHOR_SCRIPT=${ANCHOR_SCRIPT:-../shared/bench/anchors/postfix.sh}
 
 cargo build --release --locked -q -p sealpost
@@ -73,7 +77,7 @@ cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{ print int(($14 + $15) * 1000 / hz) 
 head -c "$SIZE" /dev/urandom | base64 -w0 | head -c "$SIZE" >"$T/content"
 base=$(delivered)
 t0=$(date +%s.%N)
-"$SP" "${A[@]}" send bob - --repeat "$COUNT" <"$T/content" >/dev/null
+"$SP" "${A[@]}" send bob - --repeat "$COUNT" "${NOPAD[@]}" <"$T/content" >/dev/null
 t_queued=$(date +%s.%N)
 deadline=$(( $(date +%s) + MAX_SECONDS ))
 while :; do
@@ -119,6 +123,17 @@ echo "sealpost lone_send_to_receipt_p50 $(pct "$T/lat" 50) ms"
 echo "sealpost lone_send_to_receipt_p99 $(pct "$T/lat" 99) ms"
 echo "sealpost lone_command_wall_p50 $(awk '{ print $1 / 1000 }' "$T/wall" | sort -g | awk '{ a[NR] = $1 } END { print a[int(NR / 2 + 0.5)] }') ms"
 echo "sealpost lone_command_wall_p99 $(awk '{ print $1 / 1000 }' "$T/wall" >"$T/wallms"; pct "$T/wallms" 99) ms"
+
+# ---- space after delivery (issue 22) ----
+# Everything is delivered and receipted; after two idle seconds the relay's
+# writer has given free pages back, and each agent after its passes.
+sleep 2
+sz() { local t=0 f; for f in "$@"; do [[ -e $f ]] && t=$(( t + $(stat -c %s "$f") )); done; echo $(( t / 1024 )); }
+echo "sealpost space_relay_db $(sz "$T/relay/store/relay.db" "$T/relay/store/relay.db-wal") KiB"
+echo "sealpost space_alice_db $(sz "$T/alice/agent.db" "$T/alice/agent.db-wal") KiB"
+echo "sealpost space_bob_db $(sz "$T/bob/agent.db" "$T/bob/agent.db-wal") KiB"
+echo "sealpost space_bob_inbox $(du -sk "$T/bob/inbox" | cut -f1) KiB"
+echo "sealpost space_alice_home_bytes_per_delivered $(( $(du -sb "$T/alice" | cut -f1) / (COUNT + LONE) )) B"
 
 if [[ $ANCHOR == 1 ]]; then
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done

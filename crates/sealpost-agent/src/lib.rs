@@ -211,6 +211,7 @@ impl Home {
             card,
             db,
             policy: FreshnessPolicy::default(),
+            pad: true,
         })
     }
 }
@@ -223,6 +224,9 @@ pub struct Agent {
     card: ContactCard,
     db: Db,
     policy: FreshnessPolicy,
+    /// Messages sent are padded to a Padmé length (PROTOCOL.md §4.3);
+    /// true unless turned off.
+    pad: bool,
 }
 
 /// Why a received message was not accepted.
@@ -342,7 +346,15 @@ impl Agent {
             .collect()
     }
 
-    /// Seals `content` to `recipients` into `out`.
+    /// Whether messages sealed from now on are padded (PROTOCOL.md §4.3):
+    /// on by default; off, a relay learns each message's length to within
+    /// a few bytes.
+    pub fn set_padding(&mut self, pad: bool) {
+        self.pad = pad;
+    }
+
+    /// Seals `content` to `recipients` into `out`; padded when its length
+    /// is known in advance (`content_len`) and padding is on.
     #[allow(clippy::too_many_arguments)]
     pub fn seal<R: Read, W: Write + Seek>(
         &self,
@@ -352,6 +364,7 @@ impl Agent {
         now: u64,
         rng: &mut impl CryptoRngCore,
         content: R,
+        content_len: Option<u64>,
         out: W,
     ) -> Result<SealSummary, sealpost_proto::SealError> {
         let req = SealRequest {
@@ -362,6 +375,7 @@ impl Agent {
             in_reply_to: None,
             reply_relay: None,
             recipients,
+            pad_for_len: content_len.filter(|_| self.pad),
         };
         message::seal_stream(&self.identity, &req, content, out)
     }
@@ -524,6 +538,7 @@ impl Agent {
             summary.plaintext_hash,
             name.to_owned(),
         )?;
+        let encoded = manifest.encode();
         let sealed = self
             .seal(
                 recipients,
@@ -531,7 +546,8 @@ impl Agent {
                 lifetime_secs,
                 now,
                 rng,
-                &manifest.encode()[..],
+                &encoded[..],
+                Some(encoded.len() as u64),
                 manifest_out,
             )
             .map_err(|e| AgentError::Io {

@@ -35,9 +35,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     content_hash BLOB NOT NULL,
     content_len INTEGER NOT NULL,
     summary TEXT NOT NULL,
+    -- empty: the sealed bytes are in sealed_copies (older databases kept
+    -- them here; `migrate` moves them)
     sealed BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_created ON outbox(created_ms);
+-- The sealed bytes of messages that may still be sent again, apart from
+-- the outbox rows so that deleting them empties whole pages (which the
+-- database then gives back) instead of leaving every outbox page with a
+-- hole in it.
+CREATE TABLE IF NOT EXISTS sealed_copies (
+    id BLOB PRIMARY KEY,
+    bytes BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS deliveries (
     msg BLOB NOT NULL REFERENCES outbox(id),
     recipient BLOB NOT NULL,
@@ -311,7 +321,7 @@ fn save_delivery(
 /// receipt stay).
 fn release_sealed(tx: &Transaction<'_>, id: &MessageId) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "UPDATE outbox SET sealed = x'' WHERE id = ?1 AND NOT EXISTS \
+        "DELETE FROM sealed_copies WHERE id = ?1 AND NOT EXISTS \
          (SELECT 1 FROM deliveries WHERE msg = ?1 AND state IN ('queued', 'submitted'))",
     )?
     .execute(params![id.0.to_vec()])?;
@@ -388,8 +398,12 @@ fn queue_in(
                 m.sent.content_hash.to_vec(),
                 to_i64(m.sent.content_len),
                 m.summary,
-                m.sealed,
+                &[] as &[u8],
             ],
+        )?;
+        tx.execute(
+            "INSERT INTO sealed_copies (id, bytes) VALUES (?1, ?2)",
+            params![m.id.0.to_vec(), m.sealed],
         )?;
         let d = Delivery::new(m.created_ms, m.expires_ms);
         for r in recipients {
@@ -462,7 +476,10 @@ impl Db {
     pub fn sealed(&self, id: &MessageId) -> Result<Option<Vec<u8>>, AgentError> {
         Ok(self
             .conn
-            .prepare_cached("SELECT sealed FROM outbox WHERE id = ?1")?
+            .prepare_cached(
+                "SELECT COALESCE((SELECT bytes FROM sealed_copies WHERE id = ?1), x'') \
+                 FROM outbox WHERE id = ?1",
+            )?
             .query_row(params![id.0.to_vec()], |r| r.get(0))
             .optional()?)
     }
@@ -724,6 +741,19 @@ pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     )?;
     if !shelved {
         conn.execute_batch("ALTER TABLE inbox ADD COLUMN archived_ms INTEGER")?;
+    }
+    // Databases made before sealed copies had their own table (user
+    // version 0): the copies still needed move there, once.
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version < 1 {
+        conn.execute_batch(
+            "BEGIN IMMEDIATE;
+             INSERT OR IGNORE INTO sealed_copies (id, bytes)
+                 SELECT id, sealed FROM outbox WHERE length(sealed) > 0;
+             UPDATE outbox SET sealed = x'' WHERE length(sealed) > 0;
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )?;
     }
     Ok(())
 }

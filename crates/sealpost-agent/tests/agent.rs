@@ -136,6 +136,7 @@ fn receive_checks_sender_freshness_and_replay_persistently() {
             NOW,
             &mut rng(3),
             &b"hello"[..],
+            Some(5),
             &mut sealed,
         )
         .expect("seal");

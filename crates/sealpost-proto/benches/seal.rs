@@ -67,6 +67,7 @@ fn req(to: &[sealpost_proto::PublicIdentity]) -> SealRequest<'_> {
         in_reply_to: None,
         reply_relay: None,
         recipients: to,
+        pad_for_len: None,
     }
 }
 

@@ -33,7 +33,10 @@ const CONTAINER_VERSION: u8 = 1;
 /// Bytes before the age payload: magic, version, payload length.
 pub const CONTAINER_HEADER_LEN: usize = 13;
 const HEADER_MAGIC: &[u8; 4] = b"SPMS";
+/// Version 1: no padding. Version 2: the header ends with `pad_len`, and
+/// that many zero bytes follow it before the content (§4.3).
 const HEADER_VERSION: u8 = 1;
+const HEADER_VERSION_PADDED: u8 = 2;
 /// A message may name at most this many recipients; it bounds the header
 /// (and the age header) to a few KiB.
 pub const MAX_RECIPIENTS: usize = 32;
@@ -54,7 +57,32 @@ pub const AGE_CHUNK_SIZE: u64 = 64 * 1024;
 const SMALL_BUF: usize = 16 * 1024;
 /// The longest possible header: fixed fields plus 32 recipients.
 pub const MAX_HEADER_LEN: usize =
-    5 + 1 + 16 + 8 + 8 + 1 + 16 + 64 + 1 + 64 * MAX_RECIPIENTS + 1 + 1 + 253 + 32;
+    5 + 1 + 16 + 8 + 8 + 1 + 16 + 64 + 1 + 64 * MAX_RECIPIENTS + 1 + 1 + 253 + 32 + 4;
+
+/// The Padmé length for `len` bytes (Nikitin et al., "Reducing Metadata
+/// Leakage from Encrypted Files and Communication with PURBs", PETS 2019):
+/// `len` rounded up so that only its top ⌊log2 ⌊log2 len⌋⌋ + 1 bits may be
+/// non-zero. At most 12 % larger; it leaks O(log log len) bits of `len`.
+pub fn padme(len: u64) -> u64 {
+    if len < 2 {
+        return len;
+    }
+    let e = 63 - u64::from(len.leading_zeros()); // ⌊log2 len⌋
+    let s = 64 - u64::from(e.leading_zeros()); // ⌊log2 e⌋ + 1
+    let last_bits = e - s;
+    let mask = (1u64 << last_bits) - 1;
+    len.saturating_add(mask) & !mask
+}
+
+/// The padding a plaintext of `header_len` (a padded header, with its
+/// `pad_len` field) and `content_len` bytes takes, so that the whole
+/// plaintext is a Padmé length.
+pub fn padding_for(header_len: usize, content_len: u64) -> u32 {
+    let len = (header_len as u64)
+        .saturating_add(content_len)
+        .saturating_add(TRAILER_LEN as u64);
+    u32::try_from(padme(len) - len).unwrap_or(u32::MAX)
+}
 
 /// A random 128-bit message id.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -221,10 +249,21 @@ impl MessageHeader {
         Ok(())
     }
 
+    /// The header's bytes, version 1 (no padding).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_padded(None)
+    }
+
+    /// The header's bytes: version 2 ending in `pad_len` if `pad` is set,
+    /// else version 1.
+    pub fn encode_padded(&self, pad: Option<u32>) -> Vec<u8> {
         let mut out = Vec::with_capacity(MAX_HEADER_LEN);
         out.extend_from_slice(HEADER_MAGIC);
-        out.push(HEADER_VERSION);
+        out.push(if pad.is_some() {
+            HEADER_VERSION_PADDED
+        } else {
+            HEADER_VERSION
+        });
         out.push(self.kind.code());
         out.extend_from_slice(&self.id.0);
         out.extend_from_slice(&self.created_at.to_be_bytes());
@@ -244,18 +283,26 @@ impl MessageHeader {
             out.extend_from_slice(&r.agreement);
         }
         RelayPin::encode_optional(self.reply_relay.as_ref(), &mut out);
+        if let Some(p) = pad {
+            out.extend_from_slice(&p.to_be_bytes());
+        }
         out
     }
 
-    /// Reads a header from the start of a plaintext stream, returning it and
-    /// its exact bytes (which the signature covers).
-    fn read_from(r: &mut impl Read) -> Result<(Self, Vec<u8>), ReadFailure> {
+    /// Reads a header from the start of a plaintext stream, returning it,
+    /// its exact bytes (which the signature covers) and the padding that
+    /// follows it (0 for version 1).
+    fn read_from(r: &mut impl Read) -> Result<(Self, Vec<u8>, u32), ReadFailure> {
         // The header is parsed in pieces because its length depends on two
         // fields inside it.
         let mut raw = Vec::with_capacity(128);
         read_more(r, &mut raw, 5 + 1 + 16 + 8 + 8 + 1)?;
         let mut rd = Reader::new(&raw);
-        rd.magic_and_version(HEADER_MAGIC, "sealed message header", HEADER_VERSION)?;
+        let version = rd.magic_and_versions(
+            HEADER_MAGIC,
+            "sealed message header",
+            &[HEADER_VERSION, HEADER_VERSION_PADDED],
+        )?;
         let kind = Kind::from_code(rd.u8("kind")?)?;
         let id = MessageId(rd.array("message id")?);
         let created_at = rd.u64("creation time")?;
@@ -300,6 +347,13 @@ impl MessageHeader {
         }
         let mut rd = Reader::new(&raw[at..]);
         let reply_relay = RelayPin::read_optional(&mut rd)?;
+        let pad = if version == HEADER_VERSION_PADDED {
+            let at = raw.len();
+            read_more(r, &mut raw, 4)?;
+            Reader::new(&raw[at..]).u32("padding length")?
+        } else {
+            0
+        };
         let header = Self {
             kind,
             id,
@@ -314,7 +368,7 @@ impl MessageHeader {
             what: "sealed message header",
             why,
         })?;
-        Ok((header, raw))
+        Ok((header, raw, pad))
     }
 }
 
@@ -335,6 +389,12 @@ pub struct SealRequest<'a> {
     pub recipients: &'a [PublicIdentity],
     /// Where receipts and rejections should be sent (the sender's relay).
     pub reply_relay: Option<&'a RelayPin>,
+    /// Pad the plaintext to a Padmé length (§4.3) so its size tells a
+    /// relay only a coarse bucket. Needs the content's length in advance:
+    /// `Some(n)` pads, and sealing fails unless the content is exactly `n`
+    /// bytes; `None` writes an unpadded (version 1) header, as for content
+    /// of unknown length (a pipe).
+    pub pad_for_len: Option<u64>,
 }
 
 /// What sealing produced.
@@ -392,7 +452,10 @@ pub fn seal_stream<R: Read, W: Write + Seek>(
         reply_relay: req.reply_relay.cloned(),
     };
     header.validate().map_err(SealError::InvalidRequest)?;
-    let header_bytes = header.encode();
+    let pad = req
+        .pad_for_len
+        .map(|n| padding_for(header.encode_padded(Some(0)).len(), n));
+    let header_bytes = header.encode_padded(pad);
 
     let start = out.stream_position()?;
     out.write_all(CONTAINER_MAGIC)?;
@@ -410,6 +473,15 @@ pub fn seal_stream<R: Read, W: Write + Seek>(
     };
     let mut w = encryptor.wrap_output(counting)?;
     w.write_all(&header_bytes)?;
+    if let Some(p) = pad {
+        let zeros = [0u8; 4096];
+        let mut left = p as usize;
+        while left > 0 {
+            let n = left.min(zeros.len());
+            w.write_all(&zeros[..n])?;
+            left -= n;
+        }
+    }
 
     let mut hasher = StreamHasher::new();
     let mut content_len = 0u64;
@@ -426,6 +498,11 @@ pub fn seal_stream<R: Read, W: Write + Seek>(
         buf = hasher.update(buf, n);
     }
     let hash = hasher.finalize();
+    if req.pad_for_len.is_some_and(|n| n != content_len) {
+        return Err(SealError::InvalidRequest(
+            "the content is not the length stated for padding",
+        ));
+    }
     let signature = sender.sign(
         context::MESSAGE,
         &signed_bytes(&header_bytes, content_len, hash.as_bytes()),
@@ -690,7 +767,7 @@ fn verify_plaintext<R: Read, W: Write>(
     out: &mut W,
     classify: impl Fn(io::Error, u64) -> OpenError,
 ) -> Result<(MessageHeader, u64, blake3::Hash), OpenError> {
-    let (header, header_bytes) = match MessageHeader::read_from(plain) {
+    let (header, header_bytes, pad) = match MessageHeader::read_from(plain) {
         Ok(h) => h,
         Err(ReadFailure::Decode(e)) => return Err(e.into()),
         Err(ReadFailure::Eof(what)) => {
@@ -698,6 +775,31 @@ fn verify_plaintext<R: Read, W: Write>(
         }
         Err(ReadFailure::Io(e)) => return Err(classify(e, plain.pos)),
     };
+    // The padding: exactly `pad` zero bytes, read at constant memory. Its
+    // length is signed (in the header); its bytes are authenticated by
+    // age; zeros are required so that nothing can ride in it.
+    let mut left = pad as usize;
+    let mut zeros = [0u8; 4096];
+    while left > 0 {
+        let want = left.min(zeros.len());
+        let n = match plain.read(&mut zeros[..want]) {
+            Ok(0) => {
+                return Err(OpenError::Malformed(DecodeError::Truncated {
+                    what: "padding",
+                }))
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(classify(e, plain.pos)),
+        };
+        if zeros[..n].iter().any(|&b| b != 0) {
+            return Err(OpenError::Malformed(DecodeError::Invalid {
+                what: "padding",
+                why: "is not all zero bytes",
+            }));
+        }
+        left -= n;
+    }
 
     // Stream the content, holding back the last TRAILER_LEN bytes: the end
     // of the plaintext is only known when age reports it.
@@ -861,6 +963,30 @@ pub mod testing {
             &signed_bytes(&hb, content.len() as u64, hash.as_bytes()),
         );
         let mut out = hb;
+        out.extend_from_slice(content);
+        out.extend_from_slice(&(content.len() as u64).to_be_bytes());
+        out.extend_from_slice(hash.as_bytes());
+        out.extend_from_slice(&sig);
+        out
+    }
+
+    /// A padded (version 2) plaintext with `pad` padding bytes, each
+    /// `fill` (an honest sender writes zeros).
+    pub fn signed_plaintext_padded(
+        sender: &Identity,
+        header: &MessageHeader,
+        content: &[u8],
+        pad: u32,
+        fill: u8,
+    ) -> Vec<u8> {
+        let hb = header.encode_padded(Some(pad));
+        let hash = blake3::hash(content);
+        let sig = sender.sign(
+            context::MESSAGE,
+            &signed_bytes(&hb, content.len() as u64, hash.as_bytes()),
+        );
+        let mut out = hb;
+        out.resize(out.len() + pad as usize, fill);
         out.extend_from_slice(content);
         out.extend_from_slice(&(content.len() as u64).to_be_bytes());
         out.extend_from_slice(hash.as_bytes());

@@ -28,6 +28,7 @@ fn req(recipients: &[PublicIdentity], id: u8) -> SealRequest<'_> {
         in_reply_to: None,
         reply_relay: None,
         recipients,
+        pad_for_len: None,
     }
 }
 
@@ -587,4 +588,150 @@ fn a_mistyped_card_is_told_as_a_typo() {
         let e = ContactCard::from_text(&t).expect_err("a typo");
         assert!(e.to_string().contains("check characters"), "at {at}: {e}");
     }
+}
+
+fn padded_req(recipients: &[PublicIdentity], len: usize) -> SealRequest<'_> {
+    SealRequest {
+        pad_for_len: Some(len as u64),
+        ..req(recipients, 9)
+    }
+}
+
+/// Padmé as the paper defines it: never shorter, at most 12 % longer
+/// (beyond the smallest lengths), a fixed point once applied, and
+/// monotonic; checked at every bucket edge up to 2^20 and beyond.
+#[test]
+fn padme_rounds_up_within_its_bound_at_every_bucket_edge() {
+    let mut prev = 0;
+    for len in 0..(1u64 << 20) + 5 {
+        let p = message::padme(len);
+        assert!(p >= len, "{len}");
+        assert!(p >= prev, "monotonic at {len}");
+        assert_eq!(message::padme(p), p, "fixed point at {len}");
+        if len >= 256 {
+            assert!((p - len) * 100 <= len * 12, "{len} -> {p}");
+        }
+        prev = p;
+    }
+    for e in 20..63u32 {
+        let len = (1u64 << e) + 1;
+        let p = message::padme(len);
+        assert!(
+            p >= len && u128::from(p - len) * 100 <= u128::from(len) * 12,
+            "{len}"
+        );
+        assert_eq!(message::padme(p), p);
+    }
+    assert_eq!(message::padme(1025), 1088, "a multiple of 64 near 1 KiB");
+    assert_eq!(
+        message::padme(65_537),
+        67_584,
+        "a multiple of 2 KiB near 64 KiB"
+    );
+}
+
+/// A padded message opens to exactly its content, and its plaintext is a
+/// Padmé length, for content lengths around many bucket edges.
+#[test]
+fn padded_messages_round_trip_at_bucket_edges() {
+    let (a, b) = (ident(1), ident(2));
+    let to = [*b.public()];
+    let mut lens: Vec<usize> = (0..200).collect();
+    for edge in [1024usize, 4096, 65_536, 200_000] {
+        lens.extend(edge.saturating_sub(300)..edge + 300);
+    }
+    for len in lens.into_iter().step_by(7) {
+        let content: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        let sealed = message::seal_to_vec(&a, &padded_req(&to, len), &content).expect("seal");
+        let (_, opened) = message::open_slice(&b, &sealed, 1 << 22).expect("opens");
+        assert_eq!(opened, content, "{len}");
+        let plain = testing::decrypt_plaintext(&b, &sealed).expect("age");
+        assert_eq!(
+            message::padme(plain.len() as u64),
+            plain.len() as u64,
+            "{len}: the plaintext is a Padmé length"
+        );
+    }
+}
+
+/// Lengths in one bucket seal to one plaintext size: what the relay sees
+/// differs only by age's own random stanza (see PROTOCOL.md §4.5).
+#[test]
+fn lengths_in_one_bucket_seal_to_one_size() {
+    let (a, b) = (ident(1), ident(2));
+    let to = [*b.public()];
+    let plain = |r: &SealRequest<'_>, len: usize| {
+        let s = message::seal_to_vec(&a, r, &vec![7u8; len]).expect("seal");
+        testing::decrypt_plaintext(&b, &s).expect("age").len()
+    };
+    let s = plain(&padded_req(&to, 1000), 1000);
+    for len in 960..1000 {
+        assert_eq!(plain(&padded_req(&to, len), len), s, "{len}");
+    }
+    assert_ne!(
+        plain(&req(&to, 1), 990),
+        plain(&req(&to, 1), 1000),
+        "without padding they differ"
+    );
+}
+
+/// Every bit of the padding is checked: a sender cannot carry anything in
+/// it (a relay cannot change it at all: age authenticates it).
+#[test]
+fn every_bit_flip_of_the_padding_is_refused() {
+    let (a, b) = (ident(1), ident(2));
+    let to = [*b.public()];
+    let header = {
+        let s = message::seal_to_vec(&a, &padded_req(&to, 5), b"hello").expect("seal");
+        let (m, _) = message::open_slice(&b, &s, 1 << 20).expect("opens");
+        m.header
+    };
+    let pad = 13u32;
+    let good = testing::signed_plaintext_padded(&a, &header, b"hello", pad, 0);
+    let (_, content) = testing::open_plaintext(&b, &good).expect("zero padding opens");
+    assert_eq!(content, b"hello");
+    let start = header.encode_padded(Some(pad)).len();
+    for byte in start..start + pad as usize {
+        for bit in 0..8 {
+            let mut bad = good.clone();
+            bad[byte] ^= 1 << bit;
+            let e = testing::open_plaintext(&b, &bad).expect_err("refused");
+            assert!(
+                matches!(e, OpenError::Malformed(_)),
+                "byte {byte} bit {bit}: {e}"
+            );
+        }
+    }
+    // Through the whole path too, re-encrypted so that age accepts it.
+    let mut bad = good.clone();
+    bad[start] = 1;
+    let sealed = testing::seal_plaintext(&to, &bad);
+    assert!(matches!(
+        message::open_slice(&b, &sealed, 1 << 20),
+        Err(OpenError::Malformed(_))
+    ));
+    // And a relay's flip of the encrypted padding is tampering.
+    let sealed = testing::seal_plaintext(&to, &good);
+    let at = testing::age_payload_start(&sealed).expect("layout") + 16 + start;
+    let mut flipped = sealed.clone();
+    flipped[at] ^= 0x80;
+    assert!(matches!(
+        message::open_slice(&b, &flipped, 1 << 20),
+        Err(OpenError::Tampered { .. })
+    ));
+}
+
+/// A padded header that states more padding than follows is refused; so
+/// is content that is not the length stated for padding when sealing.
+#[test]
+fn padding_lengths_must_hold() {
+    let (a, b) = (ident(1), ident(2));
+    let to = [*b.public()];
+    let s = message::seal_to_vec(&a, &padded_req(&to, 5), b"hello").expect("seal");
+    let (m, _) = message::open_slice(&b, &s, 1 << 20).expect("opens");
+    let mut short = testing::signed_plaintext_padded(&a, &m.header, b"", 200, 0);
+    short.truncate(m.header.encode_padded(Some(200)).len() + 50);
+    assert!(testing::open_plaintext(&b, &short).is_err());
+    let e = message::seal_to_vec(&a, &padded_req(&to, 6), b"hello").expect_err("length");
+    assert!(e.to_string().contains("length stated for padding"), "{e}");
 }

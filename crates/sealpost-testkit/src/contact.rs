@@ -136,6 +136,7 @@ impl HostileContact {
             in_reply_to: None,
             recipients: std::slice::from_ref(to),
             reply_relay: Some(&pin),
+            pad_for_len: Some(content.len() as u64),
         };
         let sealed = message::seal_to_vec(&self.identity, &req, content)
             .unwrap_or_else(|_| unreachable!("one valid recipient"));

@@ -141,6 +141,11 @@ pub struct SendArgs {
     timeout: Duration,
     #[command(flatten)]
     timing: TimingArgs,
+    /// Do not pad the sealed message: by default its length is rounded up
+    /// (Padmé, at most 12 %) so that a relay learns only a coarse size; with
+    /// this, it learns the content's length to within a few bytes
+    #[arg(long)]
+    no_pad: bool,
     /// Benchmarks: queue this many messages with this content (distinct
     /// ids), waking a running agent every 1,000; prints the last id
     #[arg(long, hide = true, default_value_t = 1, conflicts_with = "file", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -460,6 +465,7 @@ const WATCH_FALLBACK: Duration = Duration::from_secs(10);
 
 pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
+    agent.set_padding(!args.no_pad);
     let mut names = vec![args.to.clone()];
     names.extend(args.also.iter().cloned());
     let mut tree = Vec::new();

@@ -98,6 +98,7 @@ fn seal_text(from: &Agent, to: &[PublicIdentity], text: &[u8], path: &Path) -> a
         now(),
         &mut OsRng,
         text,
+        Some(text.len() as u64),
         BufWriter::new(f),
     )?;
     Ok(())
@@ -515,6 +516,7 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
             in_reply_to: None,
             reply_relay: None,
             recipients: &to_bob,
+            pad_for_len: Some(8),
         };
         let v = message::seal_to_vec(alice.identity(), &req, b"old news")
             .map_err(|e| anyhow!("{e}"))?;

@@ -668,6 +668,13 @@ fn seal(agent: &Agent, args: SealArgs, out: &Out) -> Result<(), Failure> {
         )));
     }
     let input = BufReader::with_capacity(256 * 1024, open_input(&args.input)?);
+    // A regular file's length is known before it is read, so it is padded;
+    // a pipe's is not (PROTOCOL.md §4.3).
+    let content_len = (args.input != "-")
+        .then(|| std::fs::metadata(&args.input).ok())
+        .flatten()
+        .filter(|m| m.is_file())
+        .map(|m| m.len());
     let spool_dir = match &args.output {
         Some(p) => dir_of(p).to_path_buf(),
         None => std::env::temp_dir(),
@@ -688,6 +695,7 @@ fn seal(agent: &Agent, args: SealArgs, out: &Out) -> Result<(), Failure> {
                 when,
                 &mut OsRng,
                 input,
+                content_len,
                 w,
             )
             .context("sealing failed")?

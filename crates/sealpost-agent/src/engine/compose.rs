@@ -198,6 +198,7 @@ impl Agent {
             keys,
             queued,
             reply: pin_of(&home),
+            pad: self.pad,
         })
     }
 
@@ -231,6 +232,9 @@ pub struct Recipients {
     keys: Vec<PublicIdentity>,
     queued: Vec<QueuedRecipient>,
     reply: RelayPin,
+    /// Pad sealed messages to a Padmé length (the default; see
+    /// [`Agent::set_padding`]).
+    pad: bool,
 }
 
 /// A sealed message not yet queued.
@@ -292,6 +296,7 @@ impl Recipients {
             in_reply_to: None,
             recipients: &self.keys,
             reply_relay: Some(&self.reply),
+            pad_for_len: self.pad.then_some(content.len() as u64),
         };
         let mut sealed = std::io::Cursor::new(Vec::with_capacity(content.len() + 1024));
         let s = message::seal_stream(me, &req, content, &mut sealed)

@@ -79,8 +79,10 @@ const PRUNE_BATCH: usize = 10_000;
 /// The settings key of the download directory.
 pub const DOWNLOAD_DIR: &str = "download_dir";
 /// Largest message content `send` accepts: the sealed container must fit
-/// the relay's message limit with room for the header and age's stanzas.
-pub const MAX_CONTENT: usize = MAX_MESSAGE - 16 * 1024;
+/// the relay's message limit with room for the header and age's stanzas
+/// (16 KiB) and for the padding (a Padmé length near 1 MiB is a multiple
+/// of 32 KiB, so at most 32 KiB - 1 is added).
+pub const MAX_CONTENT: usize = MAX_MESSAGE - 48 * 1024;
 /// Free pages the home's database keeps for reuse (1 MiB), and the most
 /// given back after one pass (4 MiB).
 const AGENT_KEEP_PAGES: i64 = 256;

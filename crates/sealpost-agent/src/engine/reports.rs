@@ -70,6 +70,7 @@ impl Engine {
             in_reply_to: None,
             recipients: &recipients,
             reply_relay: Some(&pin),
+            pad_for_len: Some(content.len() as u64),
         };
         let mut sealed = std::io::Cursor::new(Vec::new());
         message::seal_stream(&self.agent.identity, &req, content, &mut sealed).map_err(|e| {

@@ -87,6 +87,30 @@ fn deterministic() -> Value {
     .expect("card");
     let header = vector_header();
     let plaintext = testing::signed_plaintext(&a, &header, CONTENT);
+    let pad = message::padding_for(header.encode_padded(Some(0)).len(), CONTENT.len() as u64);
+    let padded = testing::signed_plaintext_padded(&a, &header, CONTENT, pad, 0);
+    let padme_pairs: Vec<Value> = [
+        0u64,
+        1,
+        2,
+        7,
+        8,
+        9,
+        63,
+        64,
+        65,
+        1000,
+        1024,
+        1025,
+        65_535,
+        65_536,
+        65_537,
+        1_048_576,
+        1_000_000_000,
+    ]
+    .iter()
+    .map(|&n| json!([n, message::padme(n)]))
+    .collect();
 
     let key = BlobKey([0x77; 32]);
     let file: Vec<u8> = (0..10_000u32).map(|i| (i % 256) as u8).collect();
@@ -159,6 +183,14 @@ fn deterministic() -> Value {
             "content_blake3": blake3::hash(CONTENT).to_hex().to_string(),
             "plaintext": h(&plaintext),
         },
+        "message_plaintext_padded": {
+            "description": "The same message padded (header version 2): header ending in pad_len || pad_len zero bytes || content || trailer; the whole plaintext is a Padmé length",
+            "header": h(&header.encode_padded(Some(pad))),
+            "pad_len": pad,
+            "plaintext_len": padded.len(),
+            "plaintext": h(&padded),
+        },
+        "padme": padme_pairs,
         "blob": {
             "description": "numbers.bin: bytes i mod 256 for i in 0..10000, chunk size 4096, blob key 0x77*32",
             "key": h(&[0x77; 32]), "chunk_size": 4096, "plaintext": h(&file), "blob": h(&blob_bytes),
@@ -171,6 +203,21 @@ fn deterministic() -> Value {
                 .encode()),
         },
     })
+}
+
+/// Padded sealed containers (random age layer, written once).
+fn sealed_padded_cases() -> Value {
+    let (a, b) = (alice(), bob());
+    let header = vector_header();
+    let pad = message::padding_for(header.encode_padded(Some(0)).len(), CONTENT.len() as u64);
+    let plaintext = testing::signed_plaintext_padded(&a, &header, CONTENT, pad, 0);
+    let good = testing::seal_plaintext(&[*b.public()], &plaintext);
+    let mut flipped = plaintext.clone();
+    flipped[header.encode_padded(Some(pad)).len()] ^= 0x01;
+    json!([
+        {"description": "valid and padded: alice to bob", "recipient": "bob", "sealed": h(&good), "expect": "ok"},
+        {"description": "a padding bit set by the sender (re-encrypted, so age accepts it)", "recipient": "bob", "sealed": h(&testing::seal_plaintext(&[*b.public()], &flipped)), "expect": "other: malformed: invalid padding: is not all zero bytes"},
+    ])
 }
 
 /// Sealed containers (random age layer, so written once and then only read).
@@ -491,6 +538,10 @@ fn test_vectors_match() {
         let pretty = |v: &Value| serde_json::to_string_pretty(v).expect("json") + "\n";
         std::fs::write(&det_path, pretty(&deterministic())).expect("write");
         std::fs::write(&sealed_path, pretty(&sealed_cases())).expect("write");
+        let padded_path = dir().join("sealed-padded.json");
+        if !padded_path.exists() {
+            std::fs::write(&padded_path, pretty(&sealed_padded_cases())).expect("write");
+        }
     }
     let committed: Value = serde_json::from_str(
         &std::fs::read_to_string(&det_path).expect("testvectors/vectors.json"),
@@ -584,5 +635,41 @@ fn test_vectors_match() {
                 expected_plain
             );
         }
+    }
+
+    // Padded cases, and the Padmé lengths.
+    let padded: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir().join("sealed-padded.json"))
+            .expect("testvectors/sealed-padded.json"),
+    )
+    .expect("json");
+    let expected_padded = unh(&committed["message_plaintext_padded"]["plaintext"]);
+    assert_eq!(
+        message::padme(expected_padded.len() as u64),
+        expected_padded.len() as u64,
+        "a padded plaintext is a Padmé length"
+    );
+    for case in padded.as_array().expect("cases") {
+        let me = who(case["recipient"].as_str().expect("recipient"));
+        let sealed = unh(&case["sealed"]);
+        let r = message::open_slice(&me, &sealed, 1 << 20);
+        assert_eq!(
+            classify(&r),
+            case["expect"].as_str().expect("expect"),
+            "{}",
+            case["description"]
+        );
+        if let Ok((m, content)) = r {
+            assert_eq!(content, CONTENT);
+            assert_eq!(m.header, vector_header());
+            assert_eq!(
+                testing::decrypt_plaintext(&me, &sealed).expect("age"),
+                expected_padded
+            );
+        }
+    }
+    for pair in committed["padme"].as_array().expect("padme") {
+        let n = pair[0].as_u64().expect("n");
+        assert_eq!(message::padme(n), pair[1].as_u64().expect("padme"), "{n}");
     }
 }

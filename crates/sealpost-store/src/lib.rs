@@ -260,8 +260,11 @@ pub const VACUUM_KEEP_PAGES: i64 = 1024;
 /// transaction, taken only when the writer has been idle for
 /// [`VACUUM_IDLE`], so it never holds a commit back for longer.
 pub const VACUUM_STEP_PAGES: i64 = 512;
-/// How long the writer waits for work before it takes a step.
-pub const VACUUM_IDLE: Duration = Duration::from_millis(20);
+/// How long the writer waits for work before it takes a step: long enough
+/// that the pauses within a burst (between a recipient's fetch and its
+/// acknowledgement, say) do not count as idle, since pages given back then
+/// are pages the burst soon needs again.
+pub const VACUUM_IDLE: Duration = Duration::from_millis(250);
 
 fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)

@@ -177,7 +177,9 @@ struct SealArgs {
     /// `open` after it only with --strict (plain `open` reports it)
     #[arg(long, default_value = "never", value_parser = parse_seal_lifetime)]
     expires: Lifetime,
-    /// Content to seal, or - for stdin
+    /// Content to seal, or - for stdin. A file is padded so its sealed size
+    /// tells only a coarse bucket; stdin, whose length is not known in
+    /// advance, is not
     #[arg(default_value = "-")]
     input: String,
 }

@@ -10,6 +10,10 @@ pub(super) enum Verdict {
     Done,
 }
 
+/// Opens every fetched payload with all the checks of the sealed layer:
+/// on up to 8 threads for batches of 4 or more (opening is most of a
+/// recipient's CPU), in order; a worker that panics fails its share as
+/// malformed instead of taking the engine down.
 pub(super) fn open_all(
     me: &sealpost_proto::Identity,
     payloads: &[Vec<u8>],
@@ -76,6 +80,7 @@ impl Engine {
         acks: &mut Vec<tokio::sync::oneshot::Receiver<sealpost_proto::relay::Response>>,
     ) -> Result<(), EngineError> {
         let mut after = 0u64;
+        let mut reported = std::time::Instant::now();
         loop {
             // A fetch stores up to about a megabyte (the relay's answer)
             // in the spool and the database: with less room than that
@@ -120,6 +125,14 @@ impl Engine {
             acks.push(rx);
             if !more {
                 return Ok(());
+            }
+            // A long backlog must not hold receipts back until it is all
+            // fetched: a sender whose receipts are late retransmits, the
+            // copies lengthen the backlog, and receipts never go out (a
+            // 100,000-message backlog on a slow day collapsed this way).
+            if reported.elapsed() >= REPORT_EVERY {
+                self.send_reports(stats).await?;
+                reported = std::time::Instant::now();
             }
         }
     }

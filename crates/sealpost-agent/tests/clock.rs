@@ -66,6 +66,37 @@ fn delivery(e: &Engine, id: &MessageId) -> Delivery {
     m[0].deliveries[0].delivery.clone()
 }
 
+/// Two people on one in-process relay, each on a fake clock set to now,
+/// who have pinned each other.
+struct Pair {
+    _dir: tempfile::TempDir,
+    relay: RunningRelay,
+    alice_clock: Arc<FakeClock>,
+    bob_clock: Arc<FakeClock>,
+    alice: Engine,
+    bob: Engine,
+}
+
+async fn pair() -> Pair {
+    let dir = tempfile::tempdir().expect("tmp");
+    let relay = relay(dir.path()).await;
+    let addr = relay.address().clone();
+    let alice_clock = Arc::new(FakeClock::new(now_ms()));
+    let bob_clock = Arc::new(FakeClock::new(now_ms()));
+    let mut alice = engine(dir.path(), "alice", &addr, &alice_clock).await;
+    let mut bob = engine(dir.path(), "bob", &addr, &bob_clock).await;
+    pin(&mut alice, "bob", &bob);
+    pin(&mut bob, "alice", &alice);
+    Pair {
+        _dir: dir,
+        relay,
+        alice_clock,
+        bob_clock,
+        alice,
+        bob,
+    }
+}
+
 /// Moves `clock` up to the system's time if it is behind: `send` queues
 /// by the system's clock (composing is outside the engine), and a message
 /// queued after the fake clock was set would not be due yet by it.
@@ -90,14 +121,13 @@ fn set(clock: &FakeClock, at: u64) {
 /// and gives up when the message expires, saying so.
 #[tokio::test(flavor = "current_thread")]
 async fn retransmission_backs_off_and_ends_at_expiry() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let r = relay(dir.path()).await;
-    let addr = r.address().clone();
-    let alice_clock = Arc::new(FakeClock::new(now_ms()));
-    let bob_clock = Arc::new(FakeClock::new(now_ms()));
-    let mut alice = engine(dir.path(), "alice", &addr, &alice_clock).await;
-    let bob = engine(dir.path(), "bob", &addr, &bob_clock).await;
-    pin(&mut alice, "bob", &bob);
+    let Pair {
+        _dir,
+        relay: r,
+        alice_clock,
+        mut alice,
+        ..
+    } = pair().await;
     let id = alice
         .agent_mut()
         .send(&["bob".into()], b"are you there?", 3600, "question")
@@ -145,15 +175,14 @@ async fn retransmission_backs_off_and_ends_at_expiry() {
 /// however long the sender waits.
 #[tokio::test(flavor = "current_thread")]
 async fn a_receipt_stops_retransmission() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let r = relay(dir.path()).await;
-    let addr = r.address().clone();
-    let alice_clock = Arc::new(FakeClock::new(now_ms()));
-    let bob_clock = Arc::new(FakeClock::new(now_ms()));
-    let mut alice = engine(dir.path(), "alice", &addr, &alice_clock).await;
-    let mut bob = engine(dir.path(), "bob", &addr, &bob_clock).await;
-    pin(&mut alice, "bob", &bob);
-    pin(&mut bob, "alice", &alice);
+    let Pair {
+        _dir,
+        relay: r,
+        alice_clock,
+        mut alice,
+        mut bob,
+        ..
+    } = pair().await;
     let id = alice
         .agent_mut()
         .send(&["bob".into()], b"hello", 3600, "hello")
@@ -182,16 +211,15 @@ async fn the_recipients_clock_decides_freshness() {
         (true, "rejected:expired"),
         (false, "rejected:from-the-future"),
     ] {
-        let dir = tempfile::tempdir().expect("tmp");
-        let r = relay(dir.path()).await;
-        let addr = r.address().clone();
-        let alice_clock = Arc::new(FakeClock::new(now_ms()));
         // Bob registers on the true time, then his clock is two days off.
-        let bob_clock = Arc::new(FakeClock::new(now_ms()));
-        let mut alice = engine(dir.path(), "alice", &addr, &alice_clock).await;
-        let mut bob = engine(dir.path(), "bob", &addr, &bob_clock).await;
-        pin(&mut alice, "bob", &bob);
-        pin(&mut bob, "alice", &alice);
+        let Pair {
+            _dir,
+            relay: r,
+            alice_clock,
+            bob_clock,
+            mut alice,
+            mut bob,
+        } = pair().await;
         let id = alice
             .agent_mut()
             .send(&["bob".into()], b"hello", 3600, "hello")
@@ -232,15 +260,14 @@ async fn the_recipients_clock_decides_freshness() {
 /// back to the file system; what is newer stays readable.
 #[tokio::test(flavor = "current_thread")]
 async fn received_messages_past_retention_are_deleted_and_their_space_freed() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let r = relay(dir.path()).await;
-    let addr = r.address().clone();
-    let alice_clock = Arc::new(FakeClock::new(now_ms()));
-    let bob_clock = Arc::new(FakeClock::new(now_ms()));
-    let mut alice = engine(dir.path(), "alice", &addr, &alice_clock).await;
-    let mut bob = engine(dir.path(), "bob", &addr, &bob_clock).await;
-    pin(&mut alice, "bob", &bob);
-    pin(&mut bob, "alice", &alice);
+    let Pair {
+        _dir,
+        relay: r,
+        alice_clock,
+        bob_clock,
+        mut alice,
+        mut bob,
+    } = pair().await;
     // Segments of 4 KiB: each fetched batch below closes one.
     bob.spool_mut().set_segment_bytes(4096);
     let text = vec![b'x'; 3000];

@@ -265,6 +265,35 @@ fn classify(r: &Result<(OpenedMessage, Vec<u8>), OpenError>) -> String {
     }
 }
 
+/// Opens every case of a sealed-cases file: each must open or fail as its
+/// `expect` says, and one that opens must be the vector message whose
+/// decrypted plaintext is `expected_plain`.
+fn check_sealed_cases(path: &std::path::Path, expected_plain: &[u8]) {
+    let cases: Value = serde_json::from_str(
+        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .expect("json");
+    for case in cases.as_array().expect("cases") {
+        let me = who(case["recipient"].as_str().expect("recipient"));
+        let sealed = unh(&case["sealed"]);
+        let r = message::open_slice(&me, &sealed, 1 << 20);
+        assert_eq!(
+            classify(&r),
+            case["expect"].as_str().expect("expect"),
+            "{}",
+            case["description"]
+        );
+        if let Ok((m, content)) = r {
+            assert_eq!(content, CONTENT);
+            assert_eq!(m.header, vector_header());
+            assert_eq!(
+                testing::decrypt_plaintext(&me, &sealed).expect("age"),
+                expected_plain
+            );
+        }
+    }
+}
+
 /// Relay protocol frames (PROTOCOL.md §6), all deterministic.
 fn relay_vectors() -> Value {
     use sealpost_proto::relay::{
@@ -611,63 +640,18 @@ fn test_vectors_match() {
     .expect("blob");
     assert_eq!(out, unh(&b["plaintext"]));
 
-    // Sealed cases open (or fail) as stated.
-    let cases: Value = serde_json::from_str(
-        &std::fs::read_to_string(&sealed_path).expect("testvectors/sealed.json"),
-    )
-    .expect("json");
-    let expected_plain = unh(&committed["message_plaintext"]["plaintext"]);
-    for case in cases.as_array().expect("cases") {
-        let me = who(case["recipient"].as_str().expect("recipient"));
-        let sealed = unh(&case["sealed"]);
-        let r = message::open_slice(&me, &sealed, 1 << 20);
-        assert_eq!(
-            classify(&r),
-            case["expect"].as_str().expect("expect"),
-            "{}",
-            case["description"]
-        );
-        if let Ok((m, content)) = r {
-            assert_eq!(content, CONTENT);
-            assert_eq!(m.header, vector_header());
-            assert_eq!(
-                testing::decrypt_plaintext(&me, &sealed).expect("age"),
-                expected_plain
-            );
-        }
-    }
-
-    // Padded cases, and the Padmé lengths.
-    let padded: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir().join("sealed-padded.json"))
-            .expect("testvectors/sealed-padded.json"),
-    )
-    .expect("json");
+    // Sealed cases, unpadded and padded, open (or fail) as stated.
+    check_sealed_cases(
+        &sealed_path,
+        &unh(&committed["message_plaintext"]["plaintext"]),
+    );
     let expected_padded = unh(&committed["message_plaintext_padded"]["plaintext"]);
     assert_eq!(
         message::padme(expected_padded.len() as u64),
         expected_padded.len() as u64,
         "a padded plaintext is a Padmé length"
     );
-    for case in padded.as_array().expect("cases") {
-        let me = who(case["recipient"].as_str().expect("recipient"));
-        let sealed = unh(&case["sealed"]);
-        let r = message::open_slice(&me, &sealed, 1 << 20);
-        assert_eq!(
-            classify(&r),
-            case["expect"].as_str().expect("expect"),
-            "{}",
-            case["description"]
-        );
-        if let Ok((m, content)) = r {
-            assert_eq!(content, CONTENT);
-            assert_eq!(m.header, vector_header());
-            assert_eq!(
-                testing::decrypt_plaintext(&me, &sealed).expect("age"),
-                expected_padded
-            );
-        }
-    }
+    check_sealed_cases(&dir().join("sealed-padded.json"), &expected_padded);
     for pair in committed["padme"].as_array().expect("padme") {
         let n = pair[0].as_u64().expect("n");
         assert_eq!(message::padme(n), pair[1].as_u64().expect("padme"), "{n}");

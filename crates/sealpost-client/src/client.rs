@@ -409,8 +409,17 @@ impl RelayClient {
         Ok(MailboxId::of(identity.public().signing_bytes()))
     }
 
-    fn check_refusal(&self, r: Refusal) -> Result<Submitted, ClientError> {
-        if r.verify(&self.relay_key) {
+    /// A refusal is the relay's answer to a submission only if it names
+    /// that submission (`mailbox`, `hash`) and the relay's key signed it.
+    fn check_refusal(
+        &self,
+        r: Refusal,
+        mailbox: MailboxId,
+        hash: [u8; 32],
+    ) -> Result<Submitted, ClientError> {
+        if r.mailbox != mailbox || r.payload_hash != hash {
+            Err(ClientError::ForgedRefusal(Forged::OtherSubmission))
+        } else if r.verify(&self.relay_key) {
             Ok(Submitted::Refused(r))
         } else {
             Err(ClientError::ForgedRefusal(Forged::NotSigned))
@@ -434,12 +443,7 @@ impl RelayClient {
             .await?
         {
             Response::Accepted { item_id } => Ok(Submitted::Accepted { item_id }),
-            // A refusal of another submission, replayed, is not an answer
-            // to this one, whoever signed it.
-            Response::Refused(r) if r.mailbox == mailbox && r.payload_hash == payload_hash => {
-                self.check_refusal(r)
-            }
-            Response::Refused(_) => Err(ClientError::ForgedRefusal(Forged::OtherSubmission)),
+            Response::Refused(r) => self.check_refusal(r, mailbox, payload_hash),
             other => Err(unexpected(other)),
         }
     }
@@ -476,13 +480,7 @@ impl RelayClient {
                     ))),
                     Ok(Err(_)) => Err(ClientError::Closed),
                     Ok(Ok(Response::Accepted { item_id })) => Ok(Submitted::Accepted { item_id }),
-                    Ok(Ok(Response::Refused(r))) => {
-                        if r.mailbox == mailbox && r.payload_hash == payload_hash {
-                            self.check_refusal(r)
-                        } else {
-                            Err(ClientError::ForgedRefusal(Forged::OtherSubmission))
-                        }
-                    }
+                    Ok(Ok(Response::Refused(r))) => self.check_refusal(r, mailbox, payload_hash),
                     Ok(Ok(Response::Error { code, message })) => {
                         Err(ClientError::Server { code, message })
                     }
@@ -579,10 +577,7 @@ impl RelayClient {
     ) -> Result<Result<(u64, bool), Submitted>, ClientError> {
         match self.answer(p.sent).await? {
             Response::BlobStored { stored, complete } => Ok(Ok((stored, complete))),
-            Response::Refused(r) if r.mailbox == p.mailbox && r.payload_hash == p.refusal_hash => {
-                self.check_refusal(r).map(Err)
-            }
-            Response::Refused(_) => Err(ClientError::ForgedRefusal(Forged::OtherSubmission)),
+            Response::Refused(r) => self.check_refusal(r, p.mailbox, p.refusal_hash).map(Err),
             other => Err(unexpected(other)),
         }
     }

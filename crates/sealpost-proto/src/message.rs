@@ -452,10 +452,15 @@ pub fn seal_stream<R: Read, W: Write + Seek>(
         reply_relay: req.reply_relay.cloned(),
     };
     header.validate().map_err(SealError::InvalidRequest)?;
-    let pad = req
-        .pad_for_len
-        .map(|n| padding_for(header.encode_padded(Some(0)).len(), n));
-    let header_bytes = header.encode_padded(pad);
+    // A padded header ends in pad_len, which depends on the header's own
+    // length: encode it once with 0 there, then fill it in.
+    let mut header_bytes = header.encode_padded(req.pad_for_len.map(|_| 0));
+    let pad = req.pad_for_len.map(|n| {
+        let p = padding_for(header_bytes.len(), n);
+        let at = header_bytes.len() - 4;
+        header_bytes[at..].copy_from_slice(&p.to_be_bytes());
+        p
+    });
 
     let start = out.stream_position()?;
     out.write_all(CONTAINER_MAGIC)?;

@@ -8,12 +8,17 @@
 //! written and fsync'd (file, and directory when the file is new) before
 //! their metadata is committed.
 //!
-//! Where things are: this file holds the store's types and its mailbox
-//! and item operations; `schema` the SQLite tables and shares; `writer`
-//! the group-commit thread and every write it applies; `blobs` the blob
-//! files; `upload` an upload's running hash; `cache` the node-local layers
-//! (pieces kept in memory, pacing for streaming recipients) that nothing
-//! correct depends on.
+//! Where things are: `ledger` the seams (the [`Ledger`], [`BlobStore`]
+//! and [`Notifier`] traits, what each promises); this file the [`Store`]
+//! the relay holds, which puts the three together with its mailbox and
+//! item operations; `blobs` its blob operations (runs of pieces, reads,
+//! deletes, orphans, scrub); `cache` the node-local layers (pieces kept
+//! in memory, pacing for streaming recipients) that nothing correct
+//! depends on. The embedded implementations: `sqlite` (with `schema` and
+//! `writer`, the group-commit thread and every write it applies) and
+//! `files` (with `upload`, an upload's running hash); `memory` the
+//! in-memory ones; `conformance` the behaviour every implementation must
+//! show.
 #![forbid(unsafe_code)]
 
 #[cfg(not(target_os = "linux"))]
@@ -30,11 +35,23 @@ use std::time::{Duration, Instant};
 
 mod blobs;
 mod cache;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod files;
+mod ledger;
+pub mod memory;
 mod schema;
+mod sqlite;
 mod upload;
 mod writer;
 
 pub use blobs::BlobRead;
+pub use files::FileBlobs;
+pub use ledger::{
+    Advanced, BlobAdvance, BlobState, BlobStore, Fetched, Fut, Ledger, LedgerSpace, LocalNotifier,
+    MailboxUse, NewItem, Notifier, Totals,
+};
+pub use sqlite::SqliteLedger;
 use cache::*;
 pub use cache::{release, KeptBytes, PACE_HOLD, PACE_MAX_WAIT};
 use schema::*;
@@ -274,35 +291,30 @@ fn u64_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-/// A handle to the store; cheap to clone.
+/// The relay's storage as the relay sees it: a [`Ledger`], a
+/// [`BlobStore`] and a [`Notifier`], with the node-local layers that make
+/// one node faster and that nothing correct depends on (the last pieces
+/// kept in memory, pacing for streaming recipients, a node's own order of
+/// blob writes). Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    tx: Mutex<Option<mpsc::Sender<Op>>>,
-    reader: Mutex<Connection>,
-    blob_dir: PathBuf,
+    ledger: Arc<dyn Ledger>,
+    blobs: Arc<dyn BlobStore>,
+    notifier: Arc<dyn Notifier>,
     limits: Limits,
-    stats: Arc<Mutex<CommitStats>>,
-    latencies: Latencies,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Blob pieces are written one at a time: two uploads racing on the
-    /// same blob must not interleave their file writes and length commits.
+    name: String,
+    /// This node stores one run of pieces at a time, so that its blob
+    /// writes do not interleave and an uploader asking where to resume is
+    /// told a settled length ([`Store::blob_status_settled`]). Between
+    /// nodes, the ledger's compare-and-set decides.
     blob_lock: tokio::sync::Mutex<()>,
-    /// Uploads in progress (open files, running hashes), at most
-    /// [`MAX_OPEN_UPLOADS`]; one evicted or lost in a restart is rebuilt
-    /// from its file.
-    uploads: Mutex<HashMap<[u8; 16], Upload>>,
-    /// The aligned buffer direct writes go through (one: pieces are
-    /// written one at a time).
-    direct_buf: Mutex<Option<AlignedBuf>>,
     /// The last pieces stored, kept in memory (see [`Recent`]).
     recent: Mutex<Recent>,
-    /// Aligned buffers for direct reads, reused (at most 4 kept).
-    read_bufs: Mutex<Vec<AlignedBuf>>,
-    /// Blob reads served from [`Recent`], and from the files.
+    /// Blob reads served from [`Recent`], and from the blob store.
     reads_memory: std::sync::atomic::AtomicU64,
     reads_disk: std::sync::atomic::AtomicU64,
     /// Recipients reading blobs still being uploaded (see [`Followers`]).
@@ -319,71 +331,46 @@ struct Inner {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Store({})", self.inner.blob_dir.display())
+        write!(f, "Store({})", self.inner.name)
     }
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `dir`.
+    /// Opens (creating if needed) the embedded store in `dir`: the ledger
+    /// in `relay.db`, blob files in `blobs/`, pushes within this process.
     pub fn open(dir: &Path, limits: Limits) -> Result<Self, StoreError> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         // Mailbox keys, who receives how much and when, and the stored
         // items: nobody but the relay's user reads them.
-        let private_dir = |d: &Path| -> Result<(), StoreError> {
-            fs::create_dir_all(d).map_err(io_err("creating", d))?;
-            fs::set_permissions(d, fs::Permissions::from_mode(0o700))
-                .map_err(io_err("setting permissions on", d))
-        };
-        private_dir(dir)?;
-        let blob_dir = dir.join("blobs");
-        private_dir(&blob_dir)?;
-        let db = dir.join("relay.db");
-        // Created 0600 (SQLite gives its WAL and shm the same mode); one
-        // made wider by an older version is tightened.
-        fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&db)
-            .map_err(io_err("creating", &db))?;
-        for suffix in ["", "-wal", "-shm"] {
-            let mut p = db.as_os_str().to_owned();
-            p.push(suffix);
-            let p = PathBuf::from(p);
-            if fs::metadata(&p).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
-                fs::set_permissions(&p, fs::Permissions::from_mode(0o600))
-                    .map_err(io_err("setting permissions on", &p))?;
-            }
-        }
-        let writer_conn = open_conn(&db)?;
-        incremental_vacuum_on(&writer_conn, &db)?;
-        writer_conn.execute_batch(SCHEMA)?;
-        migrate(&writer_conn)?;
-        let reader = open_conn(&db)?;
-        let (tx, rx) = mpsc::channel();
-        let stats = Arc::new(Mutex::new(CommitStats::default()));
-        let w_stats = stats.clone();
-        let latencies = Latencies::default();
-        let w_commit = latencies.commit.clone();
-        let handle = std::thread::Builder::new()
-            .name("sealpost-store-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx, limits, w_stats, w_commit))
-            .map_err(io_err("starting the writer for", dir))?;
-        Ok(Self {
+        files::private_dir(dir)?;
+        let ledger = SqliteLedger::open(dir, limits)?;
+        let blobs = FileBlobs::open(&dir.join("blobs"), ledger.latencies().blob_sync.clone())?;
+        Ok(Self::new(
+            Arc::new(ledger),
+            Arc::new(blobs),
+            Arc::new(LocalNotifier::default()),
+            limits,
+            dir.display().to_string(),
+        ))
+    }
+
+    /// A store on the given ledger, blob store and notifier; `limits`
+    /// must be those the ledger enforces.
+    pub fn new(
+        ledger: Arc<dyn Ledger>,
+        blobs: Arc<dyn BlobStore>,
+        notifier: Arc<dyn Notifier>,
+        limits: Limits,
+        name: String,
+    ) -> Self {
+        Self {
             inner: Arc::new(Inner {
-                tx: Mutex::new(Some(tx)),
-                reader: Mutex::new(reader),
-                blob_dir,
+                ledger,
+                blobs,
+                notifier,
                 limits,
-                stats,
-                latencies,
-                writer: Mutex::new(Some(handle)),
+                name,
                 blob_lock: tokio::sync::Mutex::new(()),
-                uploads: Mutex::new(HashMap::new()),
-                direct_buf: Mutex::new(None),
                 recent: Mutex::new(Recent::default()),
-                read_bufs: Mutex::new(Vec::new()),
                 reads_memory: Default::default(),
                 reads_disk: Default::default(),
                 followers: Mutex::new(Followers::default()),
@@ -392,19 +379,29 @@ impl Store {
                 paced_runs: Default::default(),
                 paced_micros: Default::default(),
             }),
-        })
+        }
     }
 
-    /// Stops taking writes and waits until every accepted write committed.
+    /// The ledger under this store.
+    pub fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.inner.ledger
+    }
+
+    /// The blob store under this store.
+    pub fn blobs(&self) -> &Arc<dyn BlobStore> {
+        &self.inner.blobs
+    }
+
+    /// Calls `sink` for every item committed from now on (on any node
+    /// sharing the ledger, as far as the notifier reaches).
+    pub fn listen(&self, sink: Arc<dyn Fn(&MailboxId, u64) + Send + Sync>) {
+        self.inner.notifier.listen(sink);
+    }
+
+    /// Stops taking writes and waits until every accepted write is
+    /// durable (blocking).
     pub fn close(&self) {
-        if let Ok(mut tx) = self.inner.tx.lock() {
-            tx.take();
-        }
-        if let Ok(mut w) = self.inner.writer.lock() {
-            if let Some(h) = w.take() {
-                let _ = h.join();
-            }
-        }
+        self.inner.ledger.close();
     }
 
     pub fn limits(&self) -> Limits {
@@ -413,54 +410,32 @@ impl Store {
 
     /// The latency histograms of commits and blob syncs.
     pub fn latencies(&self) -> &Latencies {
-        &self.inner.latencies
+        self.inner.ledger.latencies()
     }
 
     pub fn commit_stats(&self) -> CommitStats {
-        self.inner.stats.lock().map(|s| *s).unwrap_or_default()
+        self.inner.ledger.commit_stats()
     }
 
-    fn send(&self, op: Op) -> Result<(), StoreError> {
-        let guard = self.inner.tx.lock().map_err(|_| StoreError::Closed)?;
-        guard
-            .as_ref()
-            .ok_or(StoreError::Closed)?
-            .send(op)
-            .map_err(|_| StoreError::Closed)
-    }
-
-    async fn call<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
-    ) -> Result<T, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(make(reply))?;
-        rx.await.map_err(|_| StoreError::Closed)?
-    }
-
-    /// Creates a mailbox for `key`. False if it existed already.
+    /// Creates a mailbox for `key` (idempotent).
     pub async fn register(
         &self,
         mailbox: MailboxId,
         key: [u8; 32],
         now: u64,
     ) -> Result<Registered, StoreError> {
-        self.call(|reply| Op::Register {
-            mailbox,
-            key,
-            now,
-            reply,
-        })
-        .await
+        self.inner.ledger.register(mailbox, key, now).await
     }
 
     /// Whether a mailbox exists.
-    pub fn has_mailbox(&self, mailbox: &MailboxId) -> Result<bool, StoreError> {
-        Ok(self.mailbox_key(mailbox)?.is_some())
+    pub async fn has_mailbox(&self, mailbox: &MailboxId) -> Result<bool, StoreError> {
+        Ok(self.mailbox_key(mailbox).await?.is_some())
     }
 
-    /// Stores an item durably, or refuses it with a reason. The caller has
-    /// checked the payload against its hash.
+    pub async fn mailbox_key(&self, mailbox: &MailboxId) -> Result<Option<[u8; 32]>, StoreError> {
+        self.inner.ledger.mailbox_key(*mailbox).await
+    }
+
     /// Admits `bytes` of new data if the file system keeps at least
     /// [`Limits::min_free_space`] free after it; else the relay's disk is
     /// full (for new data: deletes go on).
@@ -481,32 +456,19 @@ impl Store {
         let (at, free, admitted) = match fresh {
             Some(s) => s,
             None => {
-                let st = rustix::fs::statvfs(&self.inner.blob_dir).map_err(|e| StoreError::Io {
+                let Some(free) = self.inner.blobs.free_bytes().map_err(|e| StoreError::Io {
                     what: "measuring the free space of",
-                    path: self.inner.blob_dir.clone(),
-                    source: e.into(),
-                })?;
-                // Pages SQLite freed (deleted items) are reused for new
-                // items before its file grows: they count as room.
-                let reusable = self
-                    .inner
-                    .reader
-                    .lock()
-                    .ok()
-                    .and_then(|c| {
-                        c.query_row(
-                            "SELECT freelist_count * page_size FROM pragma_freelist_count, pragma_page_size",
-                            [],
-                            |r| r.get::<_, i64>(0),
-                        )
-                        .ok()
-                    })
-                    .map_or(0, u64_of);
+                    path: PathBuf::from(&self.inner.name),
+                    source: e,
+                })?
+                else {
+                    return Ok(());
+                };
+                // Space the ledger freed (deleted items) is reused for new
+                // items before its storage grows: it counts as room.
                 (
                     Instant::now(),
-                    st.f_bavail
-                        .saturating_mul(st.f_frsize)
-                        .saturating_add(reusable),
+                    free.saturating_add(self.inner.ledger.reusable()),
                     0,
                 )
             }
@@ -521,6 +483,8 @@ impl Store {
         Ok(())
     }
 
+    /// Stores an item durably, or refuses it with a reason, and tells the
+    /// notifier. The caller has checked the payload against its hash.
     pub async fn submit(
         &self,
         mailbox: MailboxId,
@@ -533,182 +497,82 @@ impl Store {
         // An item costs its payload and about as much again in SQLite's
         // log until a checkpoint.
         self.room_for(2 * payload.len() as u64 + 4096)?;
-        self.call(|reply| Op::Submit {
-            mailbox,
-            expires_at,
-            hash,
-            payload,
-            source,
-            now,
-            reply,
-        })
-        .await
+        let outcome = self
+            .inner
+            .ledger
+            .submit(NewItem {
+                mailbox,
+                expires_at,
+                hash,
+                payload,
+                source,
+                now,
+            })
+            .await?;
+        if let SubmitOutcome::Stored { seq, .. } = outcome {
+            self.inner.notifier.published(&mailbox, seq);
+        }
+        Ok(outcome)
     }
 
     /// Deletes the listed items of `mailbox` (others' items are untouched).
     pub async fn ack(&self, mailbox: MailboxId, seqs: Vec<u64>) -> Result<u32, StoreError> {
-        self.call(|reply| Op::Ack {
-            mailbox,
-            seqs,
-            reply,
-        })
-        .await
+        self.inner.ledger.ack(mailbox, seqs).await
     }
 
     /// Deletes expired items and blobs; returns how many.
     pub async fn sweep(&self, now: u64) -> Result<u64, StoreError> {
-        let (n, blobs) = self.call(|reply| Op::Sweep { now, reply }).await?;
-        let mut paths = Vec::with_capacity(blobs.len());
-        for id in blobs {
-            self.forget_upload(&id);
-            paths.push(self.blob_path(&id));
-        }
-        self.remove_blob_files(paths).await;
+        let (n, blobs) = self.inner.ledger.sweep(now).await?;
+        self.remove_blobs(blobs).await;
         Ok(n)
-    }
-
-    pub fn mailbox_key(&self, mailbox: &MailboxId) -> Result<Option<[u8; 32]>, StoreError> {
-        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
-        let key: Option<Vec<u8>> = conn
-            .query_row(
-                "SELECT key FROM mailboxes WHERE id = ?1",
-                params![mailbox.0.to_vec()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(key.and_then(|k| k.try_into().ok()))
     }
 
     /// Items of `mailbox` after `after`, at most `max` and at most
     /// `max_bytes` of payload (at least one item if any). Each payload is
     /// checked against its hash on the way out; a damaged one is returned
-    /// as it is (the recipient detects it) and reported in `damaged`.
-    pub fn fetch(
+    /// as it is (the recipient detects it) and counted in `damaged`.
+    pub async fn fetch(
         &self,
         mailbox: &MailboxId,
         after: u64,
         max: usize,
         max_bytes: usize,
-    ) -> Result<(Vec<Item>, bool, u64), StoreError> {
-        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
-        let mut stmt = conn.prepare_cached(
-            "SELECT seq, received_at, expires_at, hash, payload FROM items
-             WHERE mailbox = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )?;
-        let mut rows = stmt.query(params![mailbox.0.to_vec(), i64_of(after), (max + 1) as i64])?;
-        let mut items = Vec::new();
-        let mut bytes = 0usize;
-        let mut more = false;
-        let mut damaged = 0u64;
-        while let Some(row) = rows.next()? {
-            let payload: Vec<u8> = row.get(4)?;
-            if items.len() == max || (!items.is_empty() && bytes + payload.len() > max_bytes) {
-                more = true;
-                break;
-            }
-            let hash: Vec<u8> = row.get(3)?;
-            let hash: [u8; 32] = hash.try_into().unwrap_or([0; 32]);
-            if blake3::hash(&payload).as_bytes() != &hash {
-                damaged += 1;
-            }
-            bytes += payload.len();
-            items.push(Item {
-                seq: u64_of(row.get(0)?),
-                received_at: u64_of(row.get(1)?),
-                expires_at: u64_of(row.get(2)?),
-                payload_hash: hash,
-                payload,
-            });
-        }
-        Ok((items, more, damaged))
+    ) -> Result<Fetched, StoreError> {
+        self.inner.ledger.fetch(*mailbox, after, max, max_bytes).await
     }
 
     /// The bytes of `mailbox` that items and blobs from `source` hold.
-    pub fn share_used(&self, mailbox: &MailboxId, source: &Source) -> Result<u64, StoreError> {
-        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
-        Ok(share_used(&conn, &mailbox.0, source.as_bytes())?)
+    pub async fn share_used(&self, mailbox: &MailboxId, source: &Source) -> Result<u64, StoreError> {
+        self.inner.ledger.share_used(*mailbox, *source).await
     }
 
     /// How many (mailbox, source) pairs hold something (the share table's
     /// rows: it does not grow with history).
-    pub fn share_rows(&self) -> Result<u64, StoreError> {
-        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
-        let n: i64 = conn.query_row("SELECT COUNT(*) FROM shares", [], |r| r.get(0))?;
-        Ok(u64_of(n))
+    pub async fn share_rows(&self) -> Result<u64, StoreError> {
+        self.inner.ledger.share_rows().await
     }
 
-    /// (items, bytes used, quota) of a mailbox.
-    pub fn status(&self, mailbox: &MailboxId) -> Result<(u64, u64, u64), StoreError> {
-        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
-        let (used, quota): (i64, i64) = conn
-            .query_row(
-                "SELECT used, quota FROM mailboxes WHERE id = ?1",
-                params![mailbox.0.to_vec()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?
-            .unwrap_or((0, 0));
-        let n: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM items WHERE mailbox = ?1",
-            params![mailbox.0.to_vec()],
-            |r| r.get(0),
-        )?;
-        Ok((u64_of(n), u64_of(used), u64_of(quota)))
+    /// Items, bytes used and quota of a mailbox.
+    pub async fn status(&self, mailbox: &MailboxId) -> Result<MailboxUse, StoreError> {
+        self.inner.ledger.status(*mailbox).await
     }
 
-    /// Totals over the whole relay: (mailboxes, items, item bytes, blobs).
-    /// The database file's size in pages' bytes, and how much of it is
-    /// free pages (given back in steps while the writer is idle, down to
-    /// [`VACUUM_KEEP_PAGES`]).
-    pub fn db_space(&self) -> Result<(u64, u64), StoreError> {
-        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
-        let (size, free): (i64, i64) = conn.query_row(
-            "SELECT page_count * page_size, freelist_count * page_size \
-             FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        Ok((u64_of(size), u64_of(free)))
+    /// The ledger's own size, and how much of it is free (given back in
+    /// steps while the writer is idle, down to [`VACUUM_KEEP_PAGES`]).
+    pub async fn db_space(&self) -> Result<LedgerSpace, StoreError> {
+        self.inner.ledger.space().await
     }
 
-    pub fn totals(&self) -> Result<(u64, u64, u64, u64), StoreError> {
-        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
-        let m: i64 = conn.query_row("SELECT COUNT(*) FROM mailboxes", [], |r| r.get(0))?;
-        let (i, b): (i64, i64) = conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM items",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        let bl: i64 = conn.query_row("SELECT COUNT(*) FROM blobs", [], |r| r.get(0))?;
-        Ok((u64_of(m), u64_of(i), u64_of(b), u64_of(bl)))
+    /// Totals over the whole relay.
+    pub async fn totals(&self) -> Result<Totals, StoreError> {
+        self.inner.ledger.totals().await
     }
 
-    /// Every mailbox with its queued items and bytes used.
-    pub fn mailboxes(&self) -> Result<Vec<MailboxRow>, StoreError> {
-        let conn = self.inner.reader.lock().map_err(|_| StoreError::Closed)?;
-        let mut stmt = conn.prepare(
-            "SELECT m.id, m.used, m.quota, (SELECT COUNT(*) FROM items i WHERE i.mailbox = m.id)
-             FROM mailboxes m ORDER BY m.used DESC",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            let id: Vec<u8> = r.get(0)?;
-            Ok(MailboxRow {
-                id: MailboxId(id.try_into().unwrap_or([0; 32])),
-                used: u64_of(r.get(1)?),
-                quota: u64_of(r.get(2)?),
-                items: u64_of(r.get(3)?),
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    /// Every mailbox with its queued items and bytes used, the fullest
+    /// first.
+    pub async fn mailboxes(&self) -> Result<Vec<(MailboxId, MailboxUse)>, StoreError> {
+        self.inner.ledger.mailboxes().await
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MailboxRow {
-    pub id: MailboxId,
-    pub items: u64,
-    pub used: u64,
-    pub quota: u64,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -722,7 +586,7 @@ pub struct ScrubReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blobs::{blob_id_of_name, blob_path};
+    use crate::files::{blob_id_of_name, blob_path};
 
     /// Only names a blob file can have map back to a blob id.
     #[test]

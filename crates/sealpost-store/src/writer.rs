@@ -1,6 +1,8 @@
 //! The group-commit writer: one thread owns the write connection, applies every write op of a group in one transaction, answers after the commit, and gives free pages back while idle.
 
 use super::*;
+use crate::ledger::{Advanced, BlobAdvance, NewItem};
+use crate::sqlite::blob_row;
 
 /// Items and blobs removed by a sweep; the blob files are deleted after
 /// the commit.
@@ -14,12 +16,7 @@ pub(crate) enum Op {
         reply: oneshot::Sender<Result<Registered, StoreError>>,
     },
     Submit {
-        mailbox: MailboxId,
-        expires_at: u64,
-        hash: [u8; 32],
-        payload: Vec<u8>,
-        source: Source,
-        now: u64,
+        item: NewItem,
         reply: oneshot::Sender<Result<SubmitOutcome, StoreError>>,
     },
     Ack {
@@ -27,17 +24,9 @@ pub(crate) enum Op {
         seqs: Vec<u64>,
         reply: oneshot::Sender<Result<u32, StoreError>>,
     },
-    BlobMeta {
-        blob_id: [u8; 16],
-        mailbox: MailboxId,
-        total_len: u64,
-        hash: [u8; 32],
-        expires_at: u64,
-        stored: u64,
-        complete: bool,
-        added: u64,
-        source: Source,
-        reply: oneshot::Sender<Result<(), StoreError>>,
+    BlobAdvance {
+        advance: BlobAdvance,
+        reply: oneshot::Sender<Result<Advanced, StoreError>>,
     },
     BlobDelete {
         blob_id: [u8; 16],
@@ -212,7 +201,7 @@ pub(crate) enum Reply {
         SubmitOutcome,
     ),
     Count(oneshot::Sender<Result<u32, StoreError>>, u32),
-    Unit(oneshot::Sender<Result<(), StoreError>>),
+    Advanced(oneshot::Sender<Result<Advanced, StoreError>>, Advanced),
     Sweep(SweepReply, u64, Vec<[u8; 16]>),
 }
 
@@ -228,7 +217,7 @@ impl Reply {
             Self::Register(s, _) => drop(s.send(Err(e()))),
             Self::Submit(s, _) => drop(s.send(Err(e()))),
             Self::Count(s, _) => drop(s.send(Err(e()))),
-            Self::Unit(s) => drop(s.send(Err(e()))),
+            Self::Advanced(s, _) => drop(s.send(Err(e()))),
             Self::Sweep(s, _, _) => drop(s.send(Err(e()))),
         }
     }
@@ -241,7 +230,7 @@ impl Reply {
             Self::Register(s, v) => drop(s.send(Ok(v))),
             Self::Submit(s, v) => drop(s.send(Ok(v))),
             Self::Count(s, v) => drop(s.send(Ok(v))),
-            Self::Unit(s) => drop(s.send(Ok(()))),
+            Self::Advanced(s, v) => drop(s.send(Ok(v))),
             Self::Sweep(s, n, b) => drop(s.send(Ok((n, b)))),
         }
     }
@@ -291,15 +280,15 @@ pub(crate) fn apply(
             };
             Reply::Register(reply, outcome)
         }
-        Op::Submit {
-            mailbox,
-            expires_at,
-            hash,
-            payload,
-            source,
-            now,
-            reply,
-        } => {
+        Op::Submit { item, reply } => {
+            let NewItem {
+                mailbox,
+                expires_at,
+                hash,
+                payload,
+                source,
+                now,
+            } = item;
             let quota: Option<(i64, i64)> = tx
                 .query_row(
                     "SELECT used, quota FROM mailboxes WHERE id = ?1",
@@ -372,42 +361,89 @@ pub(crate) fn apply(
             )?;
             Reply::Count(reply, count)
         }
-        Op::BlobMeta {
-            blob_id,
-            mailbox,
-            total_len,
-            hash,
-            expires_at,
-            stored,
-            complete,
-            added,
-            source,
-            reply,
-        } => {
-            tx.execute(
-                "INSERT INTO blobs (id, mailbox, total_len, hash, expires_at, stored, complete, source)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT(id) DO UPDATE SET stored = excluded.stored, complete = excluded.complete,
-                     hash = excluded.hash",
-                params![
-                    blob_id.to_vec(),
-                    mailbox.0.to_vec(),
-                    i64_of(total_len),
-                    hash.to_vec(),
-                    i64_of(expires_at),
-                    i64_of(stored),
-                    complete as i64,
-                    source.as_bytes()
-                ],
-            )?;
-            if added > 0 {
-                tx.execute(
-                    "UPDATE mailboxes SET used = used + ?2 WHERE id = ?1",
-                    params![mailbox.0.to_vec(), i64_of(added)],
-                )?;
-                charge_share(tx, &mailbox.0, source.as_bytes(), i64_of(added))?;
-            }
-            Reply::Unit(reply)
+        Op::BlobAdvance { advance: a, reply } => {
+            let outcome = match (a.from, blob_row(tx, &a.blob_id)?) {
+                (None, Some(b)) => Advanced::Conflict {
+                    stored: Some(b.stored),
+                },
+                (Some(_), None) => Advanced::Conflict { stored: None },
+                (Some(from), Some(b))
+                    if b.stored != from
+                        || b.complete
+                        || b.mailbox != a.mailbox
+                        || b.total_len != a.total_len =>
+                {
+                    Advanced::Conflict {
+                        stored: Some(b.stored),
+                    }
+                }
+                (Some(_), Some(_)) => {
+                    tx.prepare_cached(
+                        "UPDATE blobs SET stored = ?2, complete = ?3, hash = ?4 WHERE id = ?1",
+                    )?
+                    .execute(params![
+                        a.blob_id.to_vec(),
+                        i64_of(a.to),
+                        a.complete as i64,
+                        a.hash.to_vec()
+                    ])?;
+                    Advanced::Committed
+                }
+                (None, None) => {
+                    // A new blob: its whole length is charged to the
+                    // mailbox and the source now, inside this transaction,
+                    // so that writers racing (on any node) cannot pass the
+                    // quota together.
+                    let quota: Option<(i64, i64)> = tx
+                        .query_row(
+                            "SELECT used, quota FROM mailboxes WHERE id = ?1",
+                            params![a.mailbox.0.to_vec()],
+                            |r| Ok((r.get(0)?, r.get(1)?)),
+                        )
+                        .optional()?;
+                    match quota {
+                        None => Advanced::Refused(RefusalCode::UnknownMailbox),
+                        Some((used, q)) if u64_of(used) + a.total_len > u64_of(q) => {
+                            Advanced::Refused(RefusalCode::OverQuota)
+                        }
+                        Some((_, q))
+                            if share_used(tx, &a.mailbox.0, a.source.as_bytes())?
+                                + a.total_len
+                                > limits.source_share(u64_of(q)) =>
+                        {
+                            Advanced::Refused(RefusalCode::OverQuota)
+                        }
+                        Some(_) => {
+                            tx.execute(
+                                "INSERT INTO blobs (id, mailbox, total_len, hash, expires_at, stored, complete, source)
+                                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                                params![
+                                    a.blob_id.to_vec(),
+                                    a.mailbox.0.to_vec(),
+                                    i64_of(a.total_len),
+                                    a.hash.to_vec(),
+                                    i64_of(a.expires_at),
+                                    i64_of(a.to),
+                                    a.complete as i64,
+                                    a.source.as_bytes()
+                                ],
+                            )?;
+                            tx.execute(
+                                "UPDATE mailboxes SET used = used + ?2 WHERE id = ?1",
+                                params![a.mailbox.0.to_vec(), i64_of(a.total_len)],
+                            )?;
+                            charge_share(
+                                tx,
+                                &a.mailbox.0,
+                                a.source.as_bytes(),
+                                i64_of(a.total_len),
+                            )?;
+                            Advanced::Committed
+                        }
+                    }
+                }
+            };
+            Reply::Advanced(reply, outcome)
         }
         Op::BlobDelete {
             blob_id,

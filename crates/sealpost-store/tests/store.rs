@@ -1,4 +1,8 @@
-use sealpost_proto::relay::{BlobPiece, MailboxId, RefusalCode};
+use sealpost_proto::relay::{BlobPiece, MailboxId};
+use std::sync::Arc;
+
+use sealpost_store::conformance;
+use sealpost_store::memory::{MemBlobs, MemLedger};
 use sealpost_store::{BlobPutOutcome, Limits, Source, Store, SubmitOutcome};
 
 const NOW: u64 = 1_750_000_000;
@@ -16,100 +20,103 @@ fn limits() -> Limits {
     }
 }
 
+/// The embedded store (SQLite + files) in a temporary directory.
+struct Embedded(tempfile::TempDir);
+
+impl conformance::Backend for Embedded {
+    fn open(&self, limits: Limits) -> Store {
+        Store::open(self.0.path(), limits).expect("open")
+    }
+    fn durable(&self) -> bool {
+        true
+    }
+    fn damage(&self, id: &[u8; 16], at: u64) {
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let path = self.0.path().join("blobs").join(hex);
+        let mut bytes = std::fs::read(&path).expect("blob file");
+        bytes[at as usize] ^= 1;
+        std::fs::write(&path, bytes).expect("write");
+    }
+}
+
+/// The in-memory ledger and blob store (not durable: a store opened again
+/// starts empty).
+#[derive(Default)]
+struct InMemory(std::sync::Mutex<Option<Arc<MemBlobs>>>);
+
+impl conformance::Backend for InMemory {
+    fn open(&self, limits: Limits) -> Store {
+        let blobs = Arc::new(MemBlobs::default());
+        *self.0.lock().expect("lock") = Some(blobs.clone());
+        Store::new(
+            Arc::new(MemLedger::new(limits)),
+            blobs,
+            Arc::new(sealpost_store::LocalNotifier::default()),
+            limits,
+            "memory".into(),
+        )
+    }
+    fn durable(&self) -> bool {
+        false
+    }
+    fn damage(&self, id: &[u8; 16], at: u64) {
+        if let Some(b) = self.0.lock().expect("lock").as_ref() {
+            b.flip(id, at as usize);
+        }
+    }
+}
+
+impl InMemory {
+    fn age_all(&self) {
+        if let Some(b) = self.0.lock().expect("lock").as_ref() {
+            b.age_all(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+/// Every conformance test, against both backends.
+macro_rules! conformance_tests {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let b = Embedded(tempfile::tempdir().expect("tmp"));
+                    conformance::$name(&b).await;
+                }
+            )*
+        }
+        mod in_memory {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    conformance::$name(&InMemory::default()).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance_tests!(
+    submit_fetch_ack_and_refusals,
+    the_mailbox_cap_holds_under_concurrency,
+    writes_survive_a_reopen,
+    blobs_resume_and_check_their_hash,
+    runs_of_pieces_answer_as_pieces_one_by_one,
+    one_source_holds_at_most_its_share_of_a_mailbox,
+    blob_lengths_move_by_compare_and_set,
+);
+
+#[tokio::test]
+async fn orphan_blobs_are_removed_in_memory() {
+    let b = InMemory::default();
+    conformance::orphan_blobs_are_removed(&b, &|| b.age_all()).await;
+}
+
 fn h(b: &[u8]) -> [u8; 32] {
     *blake3::hash(b).as_bytes()
-}
-
-#[tokio::test]
-async fn submit_fetch_ack_and_refusals() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let store = Store::open(dir.path(), limits()).expect("open");
-    let mb = MailboxId::of(&[1; 32]);
-    let other = MailboxId::of(&[2; 32]);
-    assert_eq!(
-        store.register(mb, [1; 32], NOW).await.expect("reg"),
-        sealpost_store::Registered::Created
-    );
-    assert_eq!(
-        store.register(mb, [1; 32], NOW).await.expect("again"),
-        sealpost_store::Registered::Existing
-    );
-    assert_eq!(
-        store
-            .submit(other, NOW + 10, h(b"x"), b"x".to_vec(), SRC, NOW)
-            .await
-            .expect("s"),
-        SubmitOutcome::Refused(RefusalCode::UnknownMailbox)
-    );
-    assert_eq!(
-        store
-            .submit(mb, NOW, h(b"x"), b"x".to_vec(), SRC, NOW)
-            .await
-            .expect("s"),
-        SubmitOutcome::Refused(RefusalCode::Expired)
-    );
-    assert_eq!(
-        store
-            .submit(mb, NOW + 10, h(&[0; 10_001]), vec![0; 10_001], SRC, NOW)
-            .await
-            .expect("s"),
-        SubmitOutcome::Refused(RefusalCode::OverQuota)
-    );
-    let mut seqs = Vec::new();
-    for i in 0..5u8 {
-        match store
-            .submit(mb, NOW + 10, h(&[i; 100]), vec![i; 100], SRC, NOW)
-            .await
-            .expect("s")
-        {
-            SubmitOutcome::Stored { seq, .. } => seqs.push(seq),
-            other => panic!("{other:?}"),
-        }
-    }
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
-    let (items, more, damaged) = store.fetch(&mb, 0, 3, 1 << 20).expect("fetch");
-    assert_eq!((items.len(), more, damaged), (3, true, 0));
-    let (rest, more, _) = store.fetch(&mb, items[2].seq, 10, 1 << 20).expect("fetch");
-    assert_eq!((rest.len(), more), (2, false));
-    assert_eq!(rest[1].payload, vec![4; 100]);
-    // Acking another mailbox's seqs deletes nothing.
-    assert_eq!(store.ack(other, seqs.clone()).await.expect("ack"), 0);
-    assert_eq!(store.ack(mb, seqs[..2].to_vec()).await.expect("ack"), 2);
-    assert_eq!(store.status(&mb).expect("status"), (3, 300, 10_000));
-    // Expiry sweeping.
-    assert_eq!(store.sweep(NOW + 10).await.expect("sweep"), 3);
-    assert_eq!(store.status(&mb).expect("status"), (0, 0, 10_000));
-}
-
-#[tokio::test]
-async fn writes_survive_a_reopen_and_share_commits() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let mb = MailboxId::of(&[1; 32]);
-    {
-        let store = Store::open(dir.path(), Limits::default()).expect("open");
-        store.register(mb, [1; 32], NOW).await.expect("reg");
-        let mut tasks = Vec::new();
-        for i in 0..200u32 {
-            let s = store.clone();
-            tasks.push(tokio::spawn(async move {
-                let p = i.to_be_bytes().to_vec();
-                s.submit(mb, NOW + 10, h(&p), p, SRC, NOW).await
-            }));
-        }
-        for t in tasks {
-            assert!(matches!(
-                t.await.expect("join").expect("submit"),
-                SubmitOutcome::Stored { .. }
-            ));
-        }
-        let stats = store.commit_stats();
-        assert_eq!(stats.writes, 201);
-        assert!(stats.commits <= stats.writes);
-        store.close();
-    }
-    let store = Store::open(dir.path(), Limits::default()).expect("reopen");
-    let (items, _, _) = store.fetch(&mb, 0, 1000, 1 << 20).expect("fetch");
-    assert_eq!(items.len(), 200);
 }
 
 /// A piece of a blob expiring ten seconds from `NOW`.
@@ -130,197 +137,6 @@ fn piece(
         offset,
         data,
     }
-}
-
-#[tokio::test]
-async fn blobs_resume_and_check_their_hash() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let store = Store::open(dir.path(), limits()).expect("open");
-    let mb = MailboxId::of(&[1; 32]);
-    store.register(mb, [1; 32], NOW).await.expect("reg");
-    let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
-    let id = [9u8; 16];
-    let put = |off: usize, end: usize, hash: [u8; 32]| {
-        let s = store.clone();
-        let d = data[off..end].to_vec();
-        async move {
-            s.blob_put(piece(id, mb, 5000, hash, off as u64, d.to_vec()), SRC, NOW)
-                .await
-                .expect("put")
-        }
-    };
-    assert_eq!(
-        put(0, 2000, h(&data)).await,
-        BlobPutOutcome::Stored {
-            stored: 2000,
-            complete: false
-        }
-    );
-    // A retransmitted or skipping piece is told where to resume.
-    assert_eq!(
-        put(0, 2000, h(&data)).await,
-        BlobPutOutcome::WrongOffset { stored: 2000 }
-    );
-    assert_eq!(
-        put(3000, 4000, h(&data)).await,
-        BlobPutOutcome::WrongOffset { stored: 2000 }
-    );
-    assert_eq!(store.blob_status(&id).expect("st"), Some((2000, false, mb)));
-    assert_eq!(
-        put(2000, 5000, h(&data)).await,
-        BlobPutOutcome::Stored {
-            stored: 5000,
-            complete: true
-        }
-    );
-    assert_eq!(
-        store.blob_read(&id, 4990, 100).expect("read"),
-        Some(data[4990..].to_vec())
-    );
-    // Every range reads the stored bytes, whether the relay still holds the
-    // piece in memory or reads it from the file (a reopened store).
-    let ranges = [
-        (0u64, 2000usize),
-        (2000, 3000),
-        (100, 50),
-        (1990, 20),
-        (4999, 10),
-    ];
-    for &(off, len) in &ranges {
-        let end = (off as usize + len).min(data.len());
-        assert_eq!(
-            store.blob_read(&id, off, len).expect("read"),
-            Some(data[off as usize..end].to_vec())
-        );
-    }
-    let reopened = Store::open(dir.path(), limits()).expect("reopen");
-    for &(off, len) in &ranges {
-        let end = (off as usize + len).min(data.len());
-        assert_eq!(
-            reopened.blob_read(&id, off, len).expect("read"),
-            Some(data[off as usize..end].to_vec())
-        );
-    }
-    reopened.close();
-    let report = store.scrub().expect("scrub");
-    assert_eq!((report.blobs, report.damaged_blobs.len()), (1, 0));
-
-    // A blob whose bytes do not hash to the stated value is discarded.
-    let id2 = [8u8; 16];
-    let r = store
-        .blob_put(piece(id2, mb, 10, [0; 32], 0, vec![1; 10]), SRC, NOW)
-        .await
-        .expect("put");
-    assert_eq!(r, BlobPutOutcome::HashMismatch);
-    assert_eq!(store.blob_status(&id2).expect("st"), None);
-    let discarded = dir.path().join("blobs").join("08".repeat(16));
-    assert!(!discarded.exists(), "a blob failing its hash is removed");
-    // Too large, and over quota.
-    let r = store
-        .blob_put(piece([7; 16], mb, 9000, [0; 32], 0, vec![1; 10]), SRC, NOW)
-        .await
-        .expect("put");
-    assert_eq!(r, BlobPutOutcome::Refused(RefusalCode::TooLarge));
-    let r = store
-        .blob_put(piece([6; 16], mb, 6000, [0; 32], 0, vec![1; 10]), SRC, NOW)
-        .await
-        .expect("put");
-    assert_eq!(r, BlobPutOutcome::Refused(RefusalCode::OverQuota));
-
-    // Damage at rest is found by the scrub.
-    let path = dir.path().join("blobs").join("09".repeat(16));
-    let mut bytes = std::fs::read(&path).expect("blob file");
-    bytes[100] ^= 1;
-    std::fs::write(&path, bytes).expect("write");
-    let report = store.scrub().expect("scrub");
-    assert_eq!(report.damaged_blobs, vec![id]);
-    assert!(store.blob_delete(id, mb).await.expect("delete"));
-    assert_eq!(store.status(&mb).expect("status").1, 0);
-    assert!(!path.exists(), "a deleted blob's file is removed");
-}
-
-/// Pieces stored together (one fdatasync, one commit) answer as they would
-/// one by one: each its own stored length, the last one complete once its
-/// stated hash matched (earlier pieces state none); a piece that does not
-/// continue the run is told where to resume; a wrong hash on the last
-/// piece discards the blob for every piece of its run; the result reads
-/// back and scrubs clean after a reopen.
-#[tokio::test]
-async fn runs_of_pieces_answer_as_pieces_one_by_one() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let store = Store::open(dir.path(), limits()).expect("open");
-    let mb = MailboxId::of(&[1; 32]);
-    store.register(mb, [1; 32], NOW).await.expect("reg");
-    let data: Vec<u8> = (0..8_000u32).map(|i| (i * 7) as u8).collect();
-    let id = [5u8; 16];
-    let p = |off: usize, end: usize, hash: [u8; 32]| {
-        piece(id, mb, 8_000, hash, off as u64, data[off..end].to_vec())
-    };
-    let stored = |stored, complete| Ok::<_, ()>(BlobPutOutcome::Stored { stored, complete });
-    // The outcomes of one call (errors as `()`: none is expected).
-    let put_many = |store: &Store, pieces: Vec<BlobPiece>| {
-        let store = store.clone();
-        async move {
-            let got = store.blob_put_many(pieces, SRC, NOW).await;
-            got.into_iter()
-                .map(|r| r.map_err(|_| ()))
-                .collect::<Vec<_>>()
-        }
-    };
-    let got = put_many(
-        &store,
-        vec![
-            p(0, 3000, [0; 32]),
-            p(3000, 4097, [0; 32]),
-            // A gap: not stored, the length to resume from.
-            p(5000, 6000, [0; 32]),
-            p(4097, 6000, [0; 32]),
-        ],
-    )
-    .await;
-    assert_eq!(
-        got,
-        vec![
-            stored(3000, false),
-            stored(4097, false),
-            Ok(BlobPutOutcome::WrongOffset { stored: 4097 }),
-            stored(6000, false),
-        ]
-    );
-    let got = put_many(
-        &store,
-        vec![p(6000, 7000, [0; 32]), p(7000, 8_000, h(&data))],
-    )
-    .await;
-    assert_eq!(got, vec![stored(7000, false), stored(8_000, true)]);
-    store.close();
-    let store = Store::open(dir.path(), limits()).expect("reopen");
-    assert_eq!(
-        store.blob_read(&id, 0, 20_000).expect("read"),
-        Some(data.clone())
-    );
-    let report = store.scrub().expect("scrub");
-    assert_eq!((report.blobs, report.damaged_blobs.len()), (1, 0));
-
-    // The last piece states a hash the blob does not have: the whole run
-    // is answered with the mismatch and the blob is gone.
-    let id2 = [6u8; 16];
-    let mb2 = MailboxId::of(&[2; 32]);
-    store.register(mb2, [2; 32], NOW).await.expect("reg");
-    let bad = |off: usize, end: usize, hash: [u8; 32]| {
-        piece(id2, mb2, 8_000, hash, off as u64, data[off..end].to_vec())
-    };
-    let got = put_many(
-        &store,
-        vec![
-            bad(0, 4000, [0; 32]),
-            bad(4000, 6000, [0; 32]),
-            bad(6000, 8_000, [9; 32]),
-        ],
-    )
-    .await;
-    assert_eq!(got, vec![Ok(BlobPutOutcome::HashMismatch); 3]);
-    assert_eq!(store.blob_status(&id2).expect("status"), None);
 }
 
 /// An upload whose recipient reads the same blob while it arrives waits
@@ -381,7 +197,7 @@ async fn a_streaming_recipient_holds_an_upload_back_a_little() {
     // PACE_HOLD behind: the next run waits (here for the whole bound, as
     // the recipient reads no further), then is stored.
     assert_eq!(
-        store.blob_read(&id, 0, mib).expect("read"),
+        store.blob_read(&id, 0, mib).await.expect("read"),
         Some(vec![0; mib])
     );
     let started = std::time::Instant::now();
@@ -397,6 +213,7 @@ async fn a_streaming_recipient_holds_an_upload_back_a_little() {
     let stored = ahead + mib;
     store
         .blob_read(&id, (stored - mib) as u64, mib)
+        .await
         .expect("read");
     put(stored).await;
     assert_eq!(store.pacing_stats().0, 1);
@@ -452,87 +269,11 @@ async fn old_orphan_blob_files_are_removed() {
             .expect("age");
     }
     let reopened = Store::open(dir.path(), limits()).expect("reopen");
-    assert_eq!(reopened.remove_orphan_blobs().expect("sweep"), 1);
+    assert_eq!(reopened.remove_orphan_blobs().await.expect("sweep"), 1);
     assert!(!orphan.exists(), "the orphan is removed");
     assert!(young.exists(), "a young file is left alone");
     assert!(other.exists(), "a file that cannot be a blob is left alone");
-    assert_eq!(reopened.blob_read(&id, 0, 100).expect("read"), Some(data));
-}
-
-/// One source holds at most its share of a mailbox (items and blobs
-/// together), others still have room; acks, deletes and expiry give the
-/// share back, and a source's row goes when it holds nothing.
-#[tokio::test]
-async fn one_source_holds_at_most_its_share_of_a_mailbox() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let limits = Limits {
-        source_share_percent: 30,
-        ..limits()
-    };
-    let store = Store::open(dir.path(), limits).expect("open");
-    let mb = MailboxId::of(&[1; 32]);
-    store.register(mb, [1; 32], NOW).await.expect("reg");
-    let stranger = Source::of_ip("127.0.0.9".parse().expect("ip"));
-    let friend = Source::of_ip("::ffff:127.0.0.3".parse().expect("ip"));
-    assert_eq!(friend, Source::of_v4([127, 0, 0, 3]), "mapped IPv4 is IPv4");
-    // 3,000 of 10,000 per source: two items of 1,000 and a blob of 1,000.
-    let mut seqs = Vec::new();
-    for i in 0..2u8 {
-        match store
-            .submit(mb, NOW + 10, h(&[i; 1000]), vec![i; 1000], stranger, NOW)
-            .await
-            .expect("submit")
-        {
-            SubmitOutcome::Stored { seq, .. } => seqs.push(seq),
-            other => panic!("{other:?}"),
-        }
-    }
-    let blob = [9u8; 16];
-    let r = store
-        .blob_put(
-            piece(blob, mb, 1000, [0; 32], 0, vec![1; 10]),
-            stranger,
-            NOW,
-        )
-        .await
-        .expect("put");
-    assert!(matches!(r, BlobPutOutcome::Stored { .. }), "{r:?}");
-    assert_eq!(store.share_used(&mb, &stranger).expect("share"), 3000);
-    let over = store
-        .submit(mb, NOW + 10, h(&[7; 10]), vec![7; 10], stranger, NOW)
-        .await
-        .expect("submit");
-    assert_eq!(over, SubmitOutcome::Refused(RefusalCode::OverQuota));
-    let r = store
-        .blob_put(
-            piece([8; 16], mb, 10, [0; 32], 0, vec![1; 10]),
-            stranger,
-            NOW,
-        )
-        .await
-        .expect("put");
-    assert_eq!(r, BlobPutOutcome::Refused(RefusalCode::OverQuota));
-    // The mailbox itself has room: another source is taken.
-    let ok = store
-        .submit(mb, NOW + 10, h(&[5; 2000]), vec![5; 2000], friend, NOW)
-        .await
-        .expect("submit");
-    assert!(matches!(ok, SubmitOutcome::Stored { .. }), "{ok:?}");
-    // An ack gives the stranger's share back; so does a blob's delete.
-    assert_eq!(store.ack(mb, vec![seqs[0]]).await.expect("ack"), 1);
-    assert_eq!(store.share_used(&mb, &stranger).expect("share"), 2000);
-    assert!(store.blob_delete(blob, mb).await.expect("delete"));
-    assert_eq!(store.share_used(&mb, &stranger).expect("share"), 1000);
-    // Kept across a restart (the store is the truth, not memory) ...
-    store.close();
-    let store = Store::open(dir.path(), limits).expect("reopen");
-    assert_eq!(store.share_used(&mb, &stranger).expect("share"), 1000);
-    assert_eq!(store.share_used(&mb, &friend).expect("share"), 2000);
-    // ... and given back by expiry, the rows with it.
-    store.sweep(NOW + 10).await.expect("sweep");
-    assert_eq!(store.share_used(&mb, &stranger).expect("share"), 0);
-    assert_eq!(store.share_used(&mb, &friend).expect("share"), 0);
-    assert_eq!(store.share_rows().expect("rows"), 0);
+    assert_eq!(reopened.blob_read(&id, 0, 100).await.expect("read"), Some(data));
 }
 
 /// A store made before sources were kept opens, gains the columns, and
@@ -582,13 +323,13 @@ async fn a_store_from_before_shares_opens_and_counts_new_items() {
     let SubmitOutcome::Stored { seq, .. } = r else {
         panic!("{r:?}")
     };
-    assert_eq!(store.share_used(&mb, &SRC).expect("share"), 10);
-    assert_eq!(store.status(&mb).expect("status").1, 110);
-    let (old, _, _) = store.fetch(&mb, 0, 10, 1 << 20).expect("fetch");
+    assert_eq!(store.share_used(&mb, &SRC).await.expect("share"), 10);
+    assert_eq!(store.status(&mb).await.expect("status").used, 110);
+    let old = store.fetch(&mb, 0, 10, 1 << 20).await.expect("fetch").items;
     assert_eq!(old.len(), 2);
     assert_eq!(store.ack(mb, vec![old[0].seq, seq]).await.expect("ack"), 2);
-    assert_eq!(store.share_rows().expect("rows"), 0);
-    assert_eq!(store.status(&mb).expect("status").1, 0);
+    assert_eq!(store.share_rows().await.expect("rows"), 0);
+    assert_eq!(store.status(&mb).await.expect("status").used, 0);
 }
 
 /// A relay that held a burst gives the space back once the burst is
@@ -617,7 +358,7 @@ async fn space_is_given_back_after_a_burst_is_delivered() {
             other => panic!("{other:?}"),
         }
     }
-    let (full, _) = store.db_space().expect("space");
+    let full = store.db_space().await.expect("space").size;
     assert!(full > 20 << 20, "{full}");
     for chunk in seqs.chunks(64) {
         store.ack(mb, chunk.to_vec()).await.expect("ack");
@@ -625,7 +366,7 @@ async fn space_is_given_back_after_a_burst_is_delivered() {
     let kept = sealpost_store::VACUUM_KEEP_PAGES as u64 * 4096;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let (size, free) = store.db_space().expect("space");
+        let sealpost_store::LedgerSpace { size, free } = store.db_space().await.expect("space");
         let on_disk = std::fs::metadata(dir.path().join("relay.db"))
             .expect("db")
             .len();

@@ -1,0 +1,253 @@
+//! The seams between a relay and its storage: the [`Ledger`] (the truth
+//! about mailboxes, items and blobs' lengths), the [`BlobStore`] (blob
+//! bytes) and the [`Notifier`] (news of new items). The embedded default
+//! is [`SqliteLedger`](crate::SqliteLedger) with group commit,
+//! [`FileBlobs`](crate::FileBlobs) with `O_DIRECT` files and
+//! [`LocalNotifier`]; [`crate::memory`] holds a second, in-memory set (not
+//! durable: for tests and in-memory relays). Every implementation passes
+//! [`crate::conformance`].
+//!
+//! **What an implementation promises.** A write's future resolves `Ok`
+//! only once the write is durable (the relay acknowledges on it). Nothing
+//! correct may rest on one process's memory: two relay nodes on one
+//! ledger decide who may append to a blob by [`Ledger::blob_advance`]'s
+//! compare-and-set on the stored length, and quotas and shares are checked
+//! inside the write that spends them.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use sealpost_proto::relay::{BlobPiece, Item, MailboxId, RefusalCode};
+
+use crate::{CommitStats, Latencies, Registered, Source, StoreError, SubmitOutcome};
+
+/// A ledger's answer, later.
+pub type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// What the ledger knows of a blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobState {
+    pub mailbox: MailboxId,
+    pub total_len: u64,
+    /// Bytes stored (durable in the blob store and committed here).
+    pub stored: u64,
+    pub complete: bool,
+    /// BLAKE3 of the whole blob once complete; zeros before.
+    pub hash: [u8; 32],
+    pub expires_at: u64,
+}
+
+/// A blob's stored length moved from `from` to `to` (its bytes up to `to`
+/// already durable in the blob store).
+#[derive(Clone, Copy, Debug)]
+pub struct BlobAdvance {
+    pub blob_id: [u8; 16],
+    pub mailbox: MailboxId,
+    pub total_len: u64,
+    pub expires_at: u64,
+    /// The length the writer saw; `None`: the blob is new (no row).
+    pub from: Option<u64>,
+    pub to: u64,
+    /// `to == total_len` and the bytes hash to `hash`.
+    pub complete: bool,
+    pub hash: [u8; 32],
+    pub source: Source,
+}
+
+/// What [`Ledger::blob_advance`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advanced {
+    /// Committed: the blob's stored length is now `to`.
+    Committed,
+    /// Someone else moved the blob first (or it is gone, or complete):
+    /// nothing was changed; its length now, if it exists.
+    Conflict { stored: Option<u64> },
+    /// A new blob the mailbox has no room for (quota or the source's
+    /// share), or a mailbox that does not exist.
+    Refused(RefusalCode),
+}
+
+/// Items fetched for a mailbox.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    pub items: Vec<Item>,
+    /// More items follow the last one returned.
+    pub more: bool,
+    /// Items whose payload did not match its hash (returned as they are:
+    /// the recipient detects them).
+    pub damaged: u64,
+}
+
+/// A mailbox's use of the relay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MailboxUse {
+    pub items: u64,
+    pub used: u64,
+    pub quota: u64,
+}
+
+/// Totals over the whole relay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub mailboxes: u64,
+    pub items: u64,
+    pub item_bytes: u64,
+    pub blobs: u64,
+}
+
+/// The space a ledger's own storage takes: its size, and how much of it
+/// is free and being given back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LedgerSpace {
+    pub size: u64,
+    pub free: u64,
+}
+
+/// An item to store.
+#[derive(Debug)]
+pub struct NewItem {
+    pub mailbox: MailboxId,
+    pub expires_at: u64,
+    pub hash: [u8; 32],
+    pub payload: Vec<u8>,
+    pub source: Source,
+    pub now: u64,
+}
+
+/// The truth about mailboxes, items and blobs. Writes resolve once
+/// durable; reads see every write that resolved before they began.
+/// Quotas and per-source shares are checked inside the write that spends
+/// them (see [`crate::Limits`]).
+pub trait Ledger: Send + Sync + 'static {
+    /// Creates a mailbox for `key` (idempotent), within the limits'
+    /// mailbox cap.
+    fn register(&self, mailbox: MailboxId, key: [u8; 32], now: u64) -> Fut<'_, Registered>;
+    fn mailbox_key(&self, mailbox: MailboxId) -> Fut<'_, Option<[u8; 32]>>;
+    /// Stores an item, or refuses it (unknown mailbox, expired, quota,
+    /// share).
+    fn submit(&self, item: NewItem) -> Fut<'_, SubmitOutcome>;
+    /// Deletes the listed items of `mailbox` (others' are untouched); how
+    /// many were deleted.
+    fn ack(&self, mailbox: MailboxId, seqs: Vec<u64>) -> Fut<'_, u32>;
+    /// Items of `mailbox` after `after`, at most `max` and at most
+    /// `max_bytes` of payload (at least one if any).
+    fn fetch(&self, mailbox: MailboxId, after: u64, max: usize, max_bytes: usize) -> Fut<'_, Fetched>;
+    /// Deletes expired items and blobs: how many, and the blobs whose
+    /// bytes are to be removed.
+    fn sweep(&self, now: u64) -> Fut<'_, (u64, Vec<[u8; 16]>)>;
+    fn status(&self, mailbox: MailboxId) -> Fut<'_, MailboxUse>;
+    /// The bytes of `mailbox` that items and blobs from `source` hold.
+    fn share_used(&self, mailbox: MailboxId, source: Source) -> Fut<'_, u64>;
+    fn blob(&self, blob_id: [u8; 16]) -> Fut<'_, Option<BlobState>>;
+    /// Moves a blob's stored length, if it is still what the writer saw
+    /// (compare-and-set); creates the row of a new blob within the
+    /// mailbox's quota and the source's share.
+    fn blob_advance(&self, advance: BlobAdvance) -> Fut<'_, Advanced>;
+    /// Deletes a blob of `mailbox` (true if there was one); its bytes are
+    /// the caller's to remove after.
+    fn blob_delete(&self, blob_id: [u8; 16], mailbox: MailboxId) -> Fut<'_, bool>;
+    /// Which of `ids` have a row (for orphan sweeping).
+    fn blobs_known(&self, ids: Vec<[u8; 16]>) -> Fut<'_, Vec<bool>>;
+    /// Complete blobs with their hashes, for scrubbing.
+    fn complete_blobs(&self) -> Fut<'_, Vec<([u8; 16], [u8; 32])>>;
+    /// Re-reads every item and returns the seqs of those whose payload
+    /// does not match its hash, with how many were read.
+    fn scrub_items(&self) -> Fut<'_, (u64, Vec<u64>)>;
+    fn totals(&self) -> Fut<'_, Totals>;
+    /// Every mailbox with its use, the fullest first.
+    fn mailboxes(&self) -> Fut<'_, Vec<(MailboxId, MailboxUse)>>;
+    /// (mailbox, source) pairs holding something.
+    fn share_rows(&self) -> Fut<'_, u64>;
+    fn space(&self) -> Fut<'_, LedgerSpace>;
+    /// Bytes of the ledger's own storage that new writes reuse before it
+    /// grows (they count as free room).
+    fn reusable(&self) -> u64 {
+        0
+    }
+    fn commit_stats(&self) -> CommitStats;
+    fn latencies(&self) -> &Latencies;
+    /// Stops taking writes and waits until every accepted one is durable
+    /// (blocking).
+    fn close(&self);
+}
+
+/// Blob bytes. Called on blocking threads (a write waits for the device).
+/// A blob's bytes are only ever read up to the length the [`Ledger`]
+/// committed: whatever lies past it (a crash mid-write) is not data.
+pub trait BlobStore: Send + Sync + 'static {
+    /// Writes `run` (pieces continuing one another from `offset`) to blob
+    /// `id`, and makes it durable (and, for a new blob, its name) before
+    /// returning. When the run completes the blob, returns the BLAKE3 of
+    /// all of it.
+    fn write_run(
+        &self,
+        id: &[u8; 16],
+        offset: u64,
+        new: bool,
+        run: &[BlobPiece],
+        complete: bool,
+    ) -> std::io::Result<Option<[u8; 32]>>;
+    /// Appends `n` bytes of blob `id` from `offset` to `out`.
+    fn read(&self, id: &[u8; 16], offset: u64, n: usize, out: &mut Vec<u8>) -> std::io::Result<()>;
+    /// Removes a blob's bytes and anything kept about it (best effort:
+    /// bytes without a ledger row are never served).
+    fn remove(&self, id: &[u8; 16]);
+    /// Blobs last written at least `age` ago (candidates for orphans).
+    fn older_than(&self, age: std::time::Duration) -> std::io::Result<Vec<[u8; 16]>>;
+    /// Bytes free for new blobs, if the store can tell.
+    fn free_bytes(&self) -> std::io::Result<Option<u64>>;
+    /// BLAKE3 of a blob's first `len` bytes, reading them back.
+    fn hash(&self, id: &[u8; 16], len: u64) -> std::io::Result<[u8; 32]> {
+        let mut h = blake3::Hasher::new();
+        let mut at = 0u64;
+        let mut buf = Vec::with_capacity(1 << 20);
+        while at < len {
+            buf.clear();
+            let n = (len - at).min(1 << 20) as usize;
+            self.read(id, at, n, &mut buf)?;
+            h.update(&buf);
+            at += n as u64;
+        }
+        Ok(*h.finalize().as_bytes())
+    }
+}
+
+/// News of new items, for the connections subscribed to a mailbox —
+/// those on this node and, for a shared ledger, on every node.
+pub trait Notifier: Send + Sync + 'static {
+    /// An item `seq` was committed to `mailbox`.
+    fn published(&self, mailbox: &MailboxId, seq: u64);
+    /// Calls `sink` for every item published from now on (by any node).
+    fn listen(&self, sink: Arc<dyn Fn(&MailboxId, u64) + Send + Sync>);
+}
+
+/// The one-process notifier: what is published is heard at once by the
+/// listeners of this process.
+#[derive(Default)]
+pub struct LocalNotifier {
+    sinks: std::sync::RwLock<Vec<Arc<dyn Fn(&MailboxId, u64) + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for LocalNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.sinks.read().map_or(0, |s| s.len());
+        write!(f, "LocalNotifier({n} listeners)")
+    }
+}
+
+impl Notifier for LocalNotifier {
+    fn published(&self, mailbox: &MailboxId, seq: u64) {
+        if let Ok(sinks) = self.sinks.read() {
+            for s in sinks.iter() {
+                s(mailbox, seq);
+            }
+        }
+    }
+
+    fn listen(&self, sink: Arc<dyn Fn(&MailboxId, u64) + Send + Sync>) {
+        if let Ok(mut sinks) = self.sinks.write() {
+            sinks.push(sink);
+        }
+    }
+}

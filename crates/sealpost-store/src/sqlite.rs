@@ -1,0 +1,376 @@
+//! The embedded ledger: SQLite (WAL, `synchronous=FULL`) written by one
+//! group-commit thread (`writer`), read through one connection.
+
+use super::*;
+use crate::ledger::*;
+
+/// The ledger in `relay.db`: every write goes through one writer thread
+/// that gathers all requests waiting at that moment into one transaction
+/// and one commit (group commit), and answers them once the commit (and
+/// its fsync) returned.
+pub struct SqliteLedger {
+    tx: Mutex<Option<mpsc::Sender<Op>>>,
+    reader: Mutex<Connection>,
+    stats: Arc<Mutex<CommitStats>>,
+    latencies: Latencies,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SqliteLedger({})", self.path.display())
+    }
+}
+
+impl SqliteLedger {
+    /// Opens (creating if needed) `relay.db` in `dir` (a private directory).
+    pub fn open(dir: &Path, limits: Limits) -> Result<Self, StoreError> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let db = dir.join("relay.db");
+        // Created 0600 (SQLite gives its WAL and shm the same mode); one
+        // made wider by an older version is tightened.
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&db)
+            .map_err(io_err("creating", &db))?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = db.as_os_str().to_owned();
+            p.push(suffix);
+            let p = PathBuf::from(p);
+            if fs::metadata(&p).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o600))
+                    .map_err(io_err("setting permissions on", &p))?;
+            }
+        }
+        let writer_conn = open_conn(&db)?;
+        incremental_vacuum_on(&writer_conn, &db)?;
+        writer_conn.execute_batch(SCHEMA)?;
+        migrate(&writer_conn)?;
+        let reader = open_conn(&db)?;
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(Mutex::new(CommitStats::default()));
+        let w_stats = stats.clone();
+        let latencies = Latencies::default();
+        let w_commit = latencies.commit.clone();
+        let handle = std::thread::Builder::new()
+            .name("sealpost-store-writer".into())
+            .spawn(move || writer_loop(writer_conn, rx, limits, w_stats, w_commit))
+            .map_err(io_err("starting the writer for", dir))?;
+        Ok(Self {
+            tx: Mutex::new(Some(tx)),
+            reader: Mutex::new(reader),
+            stats,
+            latencies,
+            writer: Mutex::new(Some(handle)),
+            path: db,
+        })
+    }
+
+    fn send(&self, op: Op) -> Result<(), StoreError> {
+        let guard = self.tx.lock().map_err(|_| StoreError::Closed)?;
+        guard
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(op)
+            .map_err(|_| StoreError::Closed)
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(make(reply))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on the reading connection.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let conn = self.reader.lock().map_err(|_| StoreError::Closed)?;
+        Ok(f(&conn)?)
+    }
+}
+
+/// A ready answer, as a ledger future.
+fn ready<'a, T: Send + 'a>(v: Result<T, StoreError>) -> Fut<'a, T> {
+    Box::pin(std::future::ready(v))
+}
+
+impl Ledger for SqliteLedger {
+    fn register(&self, mailbox: MailboxId, key: [u8; 32], now: u64) -> Fut<'_, Registered> {
+        Box::pin(self.call(move |reply| Op::Register {
+            mailbox,
+            key,
+            now,
+            reply,
+        }))
+    }
+
+    fn mailbox_key(&self, mailbox: MailboxId) -> Fut<'_, Option<[u8; 32]>> {
+        ready(self.read(|c| {
+            let key: Option<Vec<u8>> = c
+                .prepare_cached("SELECT key FROM mailboxes WHERE id = ?1")?
+                .query_row(params![mailbox.0.to_vec()], |r| r.get(0))
+                .optional()?;
+            Ok(key.and_then(|k| k.try_into().ok()))
+        }))
+    }
+
+    fn submit(&self, item: NewItem) -> Fut<'_, SubmitOutcome> {
+        Box::pin(self.call(move |reply| Op::Submit { item, reply }))
+    }
+
+    fn ack(&self, mailbox: MailboxId, seqs: Vec<u64>) -> Fut<'_, u32> {
+        Box::pin(self.call(move |reply| Op::Ack {
+            mailbox,
+            seqs,
+            reply,
+        }))
+    }
+
+    fn fetch(
+        &self,
+        mailbox: MailboxId,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Fut<'_, Fetched> {
+        ready(self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, received_at, expires_at, hash, payload FROM items
+                 WHERE mailbox = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let mut rows =
+                stmt.query(params![mailbox.0.to_vec(), i64_of(after), (max + 1) as i64])?;
+            let mut out = Fetched::default();
+            let mut bytes = 0usize;
+            while let Some(row) = rows.next()? {
+                let payload: Vec<u8> = row.get(4)?;
+                if out.items.len() == max
+                    || (!out.items.is_empty() && bytes + payload.len() > max_bytes)
+                {
+                    out.more = true;
+                    break;
+                }
+                let hash: Vec<u8> = row.get(3)?;
+                let hash: [u8; 32] = hash.try_into().unwrap_or([0; 32]);
+                if blake3::hash(&payload).as_bytes() != &hash {
+                    out.damaged += 1;
+                }
+                bytes += payload.len();
+                out.items.push(Item {
+                    seq: u64_of(row.get(0)?),
+                    received_at: u64_of(row.get(1)?),
+                    expires_at: u64_of(row.get(2)?),
+                    payload_hash: hash,
+                    payload,
+                });
+            }
+            Ok(out)
+        }))
+    }
+
+    fn sweep(&self, now: u64) -> Fut<'_, (u64, Vec<[u8; 16]>)> {
+        Box::pin(self.call(move |reply| Op::Sweep { now, reply }))
+    }
+
+    fn status(&self, mailbox: MailboxId) -> Fut<'_, MailboxUse> {
+        ready(self.read(|conn| {
+            let (used, quota): (i64, i64) = conn
+                .query_row(
+                    "SELECT used, quota FROM mailboxes WHERE id = ?1",
+                    params![mailbox.0.to_vec()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?
+                .unwrap_or((0, 0));
+            let n: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM items WHERE mailbox = ?1",
+                params![mailbox.0.to_vec()],
+                |r| r.get(0),
+            )?;
+            Ok(MailboxUse {
+                items: u64_of(n),
+                used: u64_of(used),
+                quota: u64_of(quota),
+            })
+        }))
+    }
+
+    fn share_used(&self, mailbox: MailboxId, source: Source) -> Fut<'_, u64> {
+        ready(self.read(|c| share_used(c, &mailbox.0, source.as_bytes())))
+    }
+
+    fn blob(&self, blob_id: [u8; 16]) -> Fut<'_, Option<BlobState>> {
+        ready(self.read(|c| blob_row(c, &blob_id)))
+    }
+
+    fn blob_advance(&self, advance: BlobAdvance) -> Fut<'_, Advanced> {
+        Box::pin(self.call(move |reply| Op::BlobAdvance { advance, reply }))
+    }
+
+    fn blob_delete(&self, blob_id: [u8; 16], mailbox: MailboxId) -> Fut<'_, bool> {
+        Box::pin(self.call(move |reply| Op::BlobDelete {
+            blob_id,
+            mailbox,
+            reply,
+        }))
+    }
+
+    fn blobs_known(&self, ids: Vec<[u8; 16]>) -> Fut<'_, Vec<bool>> {
+        ready(self.read(|c| {
+            let mut known = c.prepare_cached("SELECT 1 FROM blobs WHERE id = ?1")?;
+            ids.iter()
+                .map(|id| known.exists(params![id.to_vec()]))
+                .collect()
+        }))
+    }
+
+    fn complete_blobs(&self) -> Fut<'_, Vec<([u8; 16], [u8; 32])>> {
+        ready(self.read(|c| {
+            let mut stmt = c.prepare("SELECT id, hash FROM blobs WHERE complete = 1")?;
+            let rows = stmt.query_map([], |r| {
+                let id: Vec<u8> = r.get(0)?;
+                let hash: Vec<u8> = r.get(1)?;
+                Ok((
+                    id.try_into().unwrap_or([0; 16]),
+                    hash.try_into().unwrap_or([0; 32]),
+                ))
+            })?;
+            rows.collect()
+        }))
+    }
+
+    fn scrub_items(&self) -> Fut<'_, (u64, Vec<u64>)> {
+        ready(self.read(|c| {
+            let mut stmt = c.prepare("SELECT seq, hash, payload FROM items ORDER BY seq")?;
+            let mut rows = stmt.query([])?;
+            let (mut n, mut damaged) = (0u64, Vec::new());
+            while let Some(r) = rows.next()? {
+                let hash: Vec<u8> = r.get(1)?;
+                let payload: Vec<u8> = r.get(2)?;
+                n += 1;
+                if blake3::hash(&payload).as_bytes()[..] != hash[..] {
+                    damaged.push(u64_of(r.get(0)?));
+                }
+            }
+            Ok((n, damaged))
+        }))
+    }
+
+    fn totals(&self) -> Fut<'_, Totals> {
+        ready(self.read(|conn| {
+            let m: i64 = conn.query_row("SELECT COUNT(*) FROM mailboxes", [], |r| r.get(0))?;
+            let (i, b): (i64, i64) = conn.query_row(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM items",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let bl: i64 = conn.query_row("SELECT COUNT(*) FROM blobs", [], |r| r.get(0))?;
+            Ok(Totals {
+                mailboxes: u64_of(m),
+                items: u64_of(i),
+                item_bytes: u64_of(b),
+                blobs: u64_of(bl),
+            })
+        }))
+    }
+
+    fn mailboxes(&self) -> Fut<'_, Vec<(MailboxId, MailboxUse)>> {
+        ready(self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT m.id, m.used, m.quota, (SELECT COUNT(*) FROM items i WHERE i.mailbox = m.id)
+                 FROM mailboxes m ORDER BY m.used DESC",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let id: Vec<u8> = r.get(0)?;
+                Ok((
+                    MailboxId(id.try_into().unwrap_or([0; 32])),
+                    MailboxUse {
+                        used: u64_of(r.get(1)?),
+                        quota: u64_of(r.get(2)?),
+                        items: u64_of(r.get(3)?),
+                    },
+                ))
+            })?;
+            rows.collect()
+        }))
+    }
+
+    fn share_rows(&self) -> Fut<'_, u64> {
+        ready(self.read(|c| {
+            c.query_row("SELECT COUNT(*) FROM shares", [], |r| r.get::<_, i64>(0))
+                .map(u64_of)
+        }))
+    }
+
+    fn space(&self) -> Fut<'_, LedgerSpace> {
+        ready(self.read(|conn| {
+            let (size, free): (i64, i64) = conn.query_row(
+                "SELECT page_count * page_size, freelist_count * page_size \
+                 FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            Ok(LedgerSpace {
+                size: u64_of(size),
+                free: u64_of(free),
+            })
+        }))
+    }
+
+    /// Pages SQLite freed (deleted items) are reused for new items before
+    /// its file grows.
+    fn reusable(&self) -> u64 {
+        self.read(|c| {
+            c.query_row(
+                "SELECT freelist_count * page_size FROM pragma_freelist_count, pragma_page_size",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .map_or(0, u64_of)
+    }
+
+    fn commit_stats(&self) -> CommitStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    fn latencies(&self) -> &Latencies {
+        &self.latencies
+    }
+
+    fn close(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Ok(mut w) = self.writer.lock() {
+            if let Some(h) = w.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+pub(crate) fn blob_row(c: &Connection, id: &[u8; 16]) -> rusqlite::Result<Option<BlobState>> {
+    c.prepare_cached(
+        "SELECT mailbox, total_len, stored, complete, hash, expires_at FROM blobs WHERE id = ?1",
+    )?
+    .query_row(params![id.to_vec()], |r| {
+        let mb: Vec<u8> = r.get(0)?;
+        let hash: Vec<u8> = r.get(4)?;
+        Ok(BlobState {
+            mailbox: MailboxId(mb.try_into().unwrap_or([0; 32])),
+            total_len: u64_of(r.get(1)?),
+            stored: u64_of(r.get(2)?),
+            complete: r.get::<_, i64>(3)? != 0,
+            hash: hash.try_into().unwrap_or([0; 32]),
+            expires_at: u64_of(r.get(5)?),
+        })
+    })
+    .optional()
+}

@@ -30,8 +30,8 @@ pub const TOTALS_EVERY: Duration = Duration::from_secs(10);
 /// Requests served at once; more connections are closed at once.
 const AT_ONCE: usize = 16;
 
-/// The store's totals: (mailboxes, items, item bytes, blobs).
-pub type Totals = Option<(u64, u64, u64, u64)>;
+/// The store's totals, once read.
+pub type Totals = Option<sealpost_store::Totals>;
 
 /// The relay's figures at scrape time: counters kept as atomics where
 /// they happen, the store's counters, and the cached totals. Encoded by
@@ -190,7 +190,13 @@ impl Collector for Figures {
             "Duration of the last commit, fsync included.",
             c.last_commit_micros,
         )?;
-        if let Some((mailboxes, items, bytes, blobs)) = self.totals.lock().ok().and_then(|t| *t) {
+        if let Some(sealpost_store::Totals {
+            mailboxes,
+            items,
+            item_bytes: bytes,
+            blobs,
+        }) = self.totals.lock().ok().and_then(|t| *t)
+        {
             gauge("mailboxes", "Mailboxes.", mailboxes)?;
             gauge("queue_items", "Items waiting in mailboxes.", items)?;
             gauge("queue_bytes", "Bytes of items waiting.", bytes)?;
@@ -234,7 +240,9 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, store: Store) {
         tokio::spawn(async move {
             loop {
                 let st = store.clone();
-                let t = tokio::task::spawn_blocking(move || st.totals().ok())
+                // Full-table counts: off the runtime's workers.
+                let rt = tokio::runtime::Handle::current();
+                let t = tokio::task::spawn_blocking(move || rt.block_on(st.totals()).ok())
                     .await
                     .ok()
                     .flatten();

@@ -130,6 +130,25 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// A signing key the operator made (`relay key --new FILE`) and names in
+/// the configuration, for several relay nodes to share.
+fn load_key(path: &Path) -> io::Result<SigningKey> {
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot read the signing key {}: {e}", path.display()),
+        )
+    })?);
+    let seed: Zeroizing<[u8; 32]> = Zeroizing::new(bytes.as_slice().try_into().map_err(|_| {
+        io::Error::other(format!(
+            "{} is not a 32-byte key ({} bytes)",
+            path.display(),
+            bytes.len()
+        ))
+    })?);
+    Ok(SigningKey::from_bytes(&seed))
+}
+
 /// The relay's signing key (for refusals), created on first start
 /// (written whole or not at all; an empty file, left by versions that
 /// created it before writing it, never signed anything and is replaced).
@@ -185,9 +204,21 @@ fn lock_data_dir(data: &Path) -> io::Result<std::fs::File> {
 }
 
 impl Relay {
-    /// Opens the store, loads or creates the certificate and keys, and
+    /// Opens the embedded store (SQLite and blob files in
+    /// `DATA/store`), loads or creates the certificate and keys, and
     /// binds the listener.
     pub async fn bind(config: Config) -> io::Result<Self> {
+        std::fs::create_dir_all(&config.data)?;
+        let store =
+            Store::open(&config.data.join("store"), config.limits).map_err(io::Error::other)?;
+        Self::bind_with(config, store).await
+    }
+
+    /// As [`Relay::bind`], on `store` (any ledger, blob store and
+    /// notifier; its limits should be `config.limits`). The data
+    /// directory still holds the relay's lock, certificate and keys
+    /// unless the configuration names them.
+    pub async fn bind_with(config: Config, store: Store) -> io::Result<Self> {
         std::fs::create_dir_all(&config.data)?;
         {
             use std::os::unix::fs::PermissionsExt;
@@ -199,9 +230,11 @@ impl Relay {
             Some((c, k)) => (tls::load(c, k)?, false),
             None => tls::load_or_create(&config.data, &config.cert_names)?,
         };
-        let key = load_or_create_key(&config.data.join("relay-signing.key"))?;
-        let store =
-            Store::open(&config.data.join("store"), config.limits).map_err(io::Error::other)?;
+        let key = match &config.signing_key_file {
+            // Shared by several nodes: made once by the operator, never here.
+            Some(path) => load_key(path)?,
+            None => load_or_create_key(&config.data.join("relay-signing.key"))?,
+        };
         let kept = config.data.join("address");
         match &config.public_address {
             Some(host_port) => {
@@ -219,7 +252,10 @@ impl Relay {
         }
         let listener = TcpListener::bind(config.listen).await?;
         // Before serving: no upload of ours is in progress.
-        let orphans = store.remove_orphan_blobs().map_err(io::Error::other)?;
+        let orphans = store
+            .remove_orphan_blobs()
+            .await
+            .map_err(io::Error::other)?;
         if orphans > 0 {
             tracing::info!("removed {orphans} blob files no blob row named");
         }
@@ -229,30 +265,40 @@ impl Relay {
             host_port: local.to_string(),
             pin: cert.pin,
         };
+        let shared = Arc::new(Shared {
+            store,
+            key,
+            tls,
+            subscribers: std::sync::Mutex::new(HashMap::new()),
+            metrics: Arc::new(Metrics::default()),
+            conns: Arc::new(Semaphore::new(config.max_connections)),
+            total_bytes: Arc::new(Semaphore::new(
+                config.max_total_in_flight_bytes.max(relay::MAX_FRAME),
+            )),
+            per_address: std::sync::Mutex::new(PerAddress::new(
+                config.rate_per_address.0,
+                config.rate_per_address.1,
+                std::time::Instant::now(),
+            )),
+            open_per_address: std::sync::Mutex::new(HashMap::new()),
+            unauthenticated: std::sync::Mutex::new(BTreeMap::new()),
+            next_connection: AtomicU64::new(0),
+            admissions: Arc::new(Semaphore::new(64)),
+            stopping: tokio::sync::watch::channel(false).0,
+            lock: std::sync::Mutex::new(Some(lock)),
+            config,
+        });
+        // New items reach subscribed connections through the store's
+        // notifier (items committed by this node, or by any node sharing
+        // the ledger when its notifier reaches them).
+        let weak = Arc::downgrade(&shared);
+        shared.store.listen(Arc::new(move |mailbox, seq| {
+            if let Some(s) = weak.upgrade() {
+                push(&s, mailbox, seq);
+            }
+        }));
         Ok(Self {
-            shared: Arc::new(Shared {
-                store,
-                key,
-                tls,
-                subscribers: std::sync::Mutex::new(HashMap::new()),
-                metrics: Arc::new(Metrics::default()),
-                conns: Arc::new(Semaphore::new(config.max_connections)),
-                total_bytes: Arc::new(Semaphore::new(
-                    config.max_total_in_flight_bytes.max(relay::MAX_FRAME),
-                )),
-                per_address: std::sync::Mutex::new(PerAddress::new(
-                    config.rate_per_address.0,
-                    config.rate_per_address.1,
-                    std::time::Instant::now(),
-                )),
-                open_per_address: std::sync::Mutex::new(HashMap::new()),
-                unauthenticated: std::sync::Mutex::new(BTreeMap::new()),
-                next_connection: AtomicU64::new(0),
-                admissions: Arc::new(Semaphore::new(64)),
-                stopping: tokio::sync::watch::channel(false).0,
-                lock: std::sync::Mutex::new(Some(lock)),
-                config,
-            }),
+            shared,
             listener,
             address,
             created_cert,

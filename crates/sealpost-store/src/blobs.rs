@@ -41,11 +41,15 @@ impl Store {
     /// its bytes, leaves one behind (never served: reads go through the
     /// row, but it holds space). Returns how many were removed.
     pub async fn remove_orphan_blobs(&self) -> Result<usize, StoreError> {
-        let old = self.inner.blobs.older_than(ORPHAN_AGE).map_err(|e| StoreError::Io {
-            what: "listing the blobs of",
-            path: PathBuf::from(&self.inner.name),
-            source: e,
-        })?;
+        let old = self
+            .inner
+            .blobs
+            .older_than(ORPHAN_AGE)
+            .map_err(|e| StoreError::Io {
+                what: "listing the blobs of",
+                path: PathBuf::from(&self.inner.name),
+                source: e,
+            })?;
         let known = self.inner.ledger.blobs_known(old.clone()).await?;
         let orphans: Vec<[u8; 16]> = old
             .into_iter()
@@ -164,7 +168,12 @@ impl Store {
         if total_len > self.inner.limits.max_blob {
             return one(BlobPutOutcome::Refused(RefusalCode::TooLarge));
         }
-        if self.mailbox_key(&mailbox).await.map_err(|e| (e, 1))?.is_none() {
+        if self
+            .mailbox_key(&mailbox)
+            .await
+            .map_err(|e| (e, 1))?
+            .is_none()
+        {
             return one(BlobPutOutcome::Refused(RefusalCode::UnknownMailbox));
         }
         let existing = self.blob_row(&blob_id).await.map_err(|e| (e, 1))?;
@@ -191,12 +200,14 @@ impl Store {
         if is_new {
             // Checked before the bytes are written (and again, where it
             // counts, inside the ledger's write that creates the blob).
-            let MailboxUse { used, quota, .. } =
-                self.status(&mailbox).await.map_err(|e| (e, 1))?;
+            let MailboxUse { used, quota, .. } = self.status(&mailbox).await.map_err(|e| (e, 1))?;
             if used + total_len > quota {
                 return one(BlobPutOutcome::Refused(RefusalCode::OverQuota));
             }
-            let held = self.share_used(&mailbox, &source).await.map_err(|e| (e, 1))?;
+            let held = self
+                .share_used(&mailbox, &source)
+                .await
+                .map_err(|e| (e, 1))?;
             if held + total_len > self.inner.limits.source_share(quota) {
                 return one(BlobPutOutcome::Refused(RefusalCode::OverQuota));
             }

@@ -244,7 +244,10 @@ pub async fn blobs_resume_and_check_their_hash(b: &dyn Backend) {
     );
     let stranger = MailboxId::of(&[3; 32]);
     assert!(matches!(
-        store.blob_locate(&id, &stranger, 0, 10).await.expect("locate"),
+        store
+            .blob_locate(&id, &stranger, 0, 10)
+            .await
+            .expect("locate"),
         crate::BlobRead::Missing
     ));
     assert_eq!(put(2000, 5000, h(&data)).await, stored(5000, true));
@@ -509,39 +512,63 @@ pub async fn blob_lengths_move_by_compare_and_set(b: &dyn Backend) {
     };
     let id = [1u8; 16];
     assert_eq!(
-        ledger.blob_advance(adv(id, 100, None, 10, false)).await.expect("new"),
+        ledger
+            .blob_advance(adv(id, 100, None, 10, false))
+            .await
+            .expect("new"),
         Advanced::Committed
     );
     // A second creator of the same blob.
     assert_eq!(
-        ledger.blob_advance(adv(id, 100, None, 20, false)).await.expect("again"),
+        ledger
+            .blob_advance(adv(id, 100, None, 20, false))
+            .await
+            .expect("again"),
         Advanced::Conflict { stored: Some(10) }
     );
     // Two writers saw 10: the first wins, the second is told 30.
     assert_eq!(
-        ledger.blob_advance(adv(id, 100, Some(10), 30, false)).await.expect("a"),
+        ledger
+            .blob_advance(adv(id, 100, Some(10), 30, false))
+            .await
+            .expect("a"),
         Advanced::Committed
     );
     assert_eq!(
-        ledger.blob_advance(adv(id, 100, Some(10), 40, false)).await.expect("b"),
+        ledger
+            .blob_advance(adv(id, 100, Some(10), 40, false))
+            .await
+            .expect("b"),
         Advanced::Conflict { stored: Some(30) }
     );
     // Another total length is another blob: refused as a conflict.
     assert_eq!(
-        ledger.blob_advance(adv(id, 99, Some(30), 40, false)).await.expect("c"),
+        ledger
+            .blob_advance(adv(id, 99, Some(30), 40, false))
+            .await
+            .expect("c"),
         Advanced::Conflict { stored: Some(30) }
     );
     assert_eq!(
-        ledger.blob_advance(adv(id, 100, Some(30), 100, true)).await.expect("d"),
+        ledger
+            .blob_advance(adv(id, 100, Some(30), 100, true))
+            .await
+            .expect("d"),
         Advanced::Committed
     );
     assert_eq!(
-        ledger.blob_advance(adv(id, 100, Some(100), 100, true)).await.expect("e"),
+        ledger
+            .blob_advance(adv(id, 100, Some(100), 100, true))
+            .await
+            .expect("e"),
         Advanced::Conflict { stored: Some(100) },
         "a complete blob does not move"
     );
     assert_eq!(
-        ledger.blob_advance(adv([2; 16], 10, Some(0), 10, true)).await.expect("f"),
+        ledger
+            .blob_advance(adv([2; 16], 10, Some(0), 10, true))
+            .await
+            .expect("f"),
         Advanced::Conflict { stored: None },
         "no blob to advance"
     );
@@ -601,7 +628,13 @@ pub async fn orphan_blobs_are_removed(b: &dyn Backend, age_all: &dyn Fn()) {
     let orphan = [12u8; 16];
     store
         .blobs()
-        .write_run(&orphan, 0, true, &[piece(orphan, mb, 5, [0; 32], 0, vec![1; 5])], false)
+        .write_run(
+            &orphan,
+            0,
+            true,
+            &[piece(orphan, mb, 5, [0; 32], 0, vec![1; 5])],
+            false,
+        )
         .expect("write");
     assert_eq!(
         store.remove_orphan_blobs().await.expect("sweep"),

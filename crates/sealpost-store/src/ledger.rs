@@ -132,7 +132,13 @@ pub trait Ledger: Send + Sync + 'static {
     fn ack(&self, mailbox: MailboxId, seqs: Vec<u64>) -> Fut<'_, u32>;
     /// Items of `mailbox` after `after`, at most `max` and at most
     /// `max_bytes` of payload (at least one if any).
-    fn fetch(&self, mailbox: MailboxId, after: u64, max: usize, max_bytes: usize) -> Fut<'_, Fetched>;
+    fn fetch(
+        &self,
+        mailbox: MailboxId,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Fut<'_, Fetched>;
     /// Deletes expired items and blobs: how many, and the blobs whose
     /// bytes are to be removed.
     fn sweep(&self, now: u64) -> Fut<'_, (u64, Vec<[u8; 16]>)>;
@@ -213,20 +219,23 @@ pub trait BlobStore: Send + Sync + 'static {
     }
 }
 
+/// Told of each item committed: its mailbox and seq.
+pub type Sink = Arc<dyn Fn(&MailboxId, u64) + Send + Sync>;
+
 /// News of new items, for the connections subscribed to a mailbox —
 /// those on this node and, for a shared ledger, on every node.
 pub trait Notifier: Send + Sync + 'static {
     /// An item `seq` was committed to `mailbox`.
     fn published(&self, mailbox: &MailboxId, seq: u64);
     /// Calls `sink` for every item published from now on (by any node).
-    fn listen(&self, sink: Arc<dyn Fn(&MailboxId, u64) + Send + Sync>);
+    fn listen(&self, sink: Sink);
 }
 
 /// The one-process notifier: what is published is heard at once by the
 /// listeners of this process.
 #[derive(Default)]
 pub struct LocalNotifier {
-    sinks: std::sync::RwLock<Vec<Arc<dyn Fn(&MailboxId, u64) + Send + Sync>>>,
+    sinks: std::sync::RwLock<Vec<Sink>>,
 }
 
 impl std::fmt::Debug for LocalNotifier {
@@ -245,7 +254,7 @@ impl Notifier for LocalNotifier {
         }
     }
 
-    fn listen(&self, sink: Arc<dyn Fn(&MailboxId, u64) + Send + Sync>) {
+    fn listen(&self, sink: Sink) {
         if let Ok(mut sinks) = self.sinks.write() {
             sinks.push(sink);
         }

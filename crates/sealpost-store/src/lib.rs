@@ -46,15 +46,15 @@ mod upload;
 mod writer;
 
 pub use blobs::BlobRead;
+use cache::*;
+pub use cache::{release, KeptBytes, PACE_HOLD, PACE_MAX_WAIT};
 pub use files::FileBlobs;
 pub use ledger::{
     Advanced, BlobAdvance, BlobState, BlobStore, Fetched, Fut, Ledger, LedgerSpace, LocalNotifier,
-    MailboxUse, NewItem, Notifier, Totals,
+    MailboxUse, NewItem, Notifier, Sink, Totals,
 };
-pub use sqlite::SqliteLedger;
-use cache::*;
-pub use cache::{release, KeptBytes, PACE_HOLD, PACE_MAX_WAIT};
 use schema::*;
+pub use sqlite::SqliteLedger;
 use writer::*;
 
 use std::collections::HashMap;
@@ -394,7 +394,7 @@ impl Store {
 
     /// Calls `sink` for every item committed from now on (on any node
     /// sharing the ledger, as far as the notifier reaches).
-    pub fn listen(&self, sink: Arc<dyn Fn(&MailboxId, u64) + Send + Sync>) {
+    pub fn listen(&self, sink: Sink) {
         self.inner.notifier.listen(sink);
     }
 
@@ -538,11 +538,18 @@ impl Store {
         max: usize,
         max_bytes: usize,
     ) -> Result<Fetched, StoreError> {
-        self.inner.ledger.fetch(*mailbox, after, max, max_bytes).await
+        self.inner
+            .ledger
+            .fetch(*mailbox, after, max, max_bytes)
+            .await
     }
 
     /// The bytes of `mailbox` that items and blobs from `source` hold.
-    pub async fn share_used(&self, mailbox: &MailboxId, source: &Source) -> Result<u64, StoreError> {
+    pub async fn share_used(
+        &self,
+        mailbox: &MailboxId,
+        source: &Source,
+    ) -> Result<u64, StoreError> {
         self.inner.ledger.share_used(*mailbox, *source).await
     }
 

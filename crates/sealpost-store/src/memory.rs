@@ -320,7 +320,10 @@ impl Ledger for MemLedger {
 
     fn blob_delete(&self, blob_id: [u8; 16], mailbox: MailboxId) -> Fut<'_, bool> {
         self.write(move |s| {
-            if s.blobs.get(&blob_id).is_some_and(|b| b.state.mailbox == mailbox) {
+            if s.blobs
+                .get(&blob_id)
+                .is_some_and(|b| b.state.mailbox == mailbox)
+            {
                 if let Some(b) = s.blobs.remove(&blob_id) {
                     s.release(mailbox, b.source, b.state.total_len);
                     return true;
@@ -375,7 +378,7 @@ impl Ledger for MemLedger {
                     (id, MailboxUse { items, used, quota })
                 })
                 .collect();
-            v.sort_by(|a, b| b.1.used.cmp(&a.1.used));
+            v.sort_by_key(|m| std::cmp::Reverse(m.1.used));
             v
         })
     }
@@ -406,11 +409,13 @@ impl Ledger for MemLedger {
     }
 }
 
+/// A blob's bytes, and when they were last written.
+type MemBlob = (Vec<u8>, Instant);
+
 /// Blob bytes in memory.
 #[derive(Default)]
 pub struct MemBlobs {
-    /// Bytes, and when they were last written.
-    blobs: Mutex<HashMap<[u8; 16], (Vec<u8>, Instant)>>,
+    blobs: Mutex<HashMap<[u8; 16], MemBlob>>,
 }
 
 impl std::fmt::Debug for MemBlobs {
@@ -448,7 +453,10 @@ impl BlobStore for MemBlobs {
         run: &[BlobPiece],
         complete: bool,
     ) -> io::Result<Option<[u8; 32]>> {
-        let mut m = self.blobs.lock().map_err(|_| io::Error::other("poisoned"))?;
+        let mut m = self
+            .blobs
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?;
         let (bytes, at) = m.entry(*id).or_insert_with(|| (Vec::new(), Instant::now()));
         // What lies past the committed length was never acknowledged.
         bytes.truncate(offset as usize);
@@ -466,7 +474,10 @@ impl BlobStore for MemBlobs {
     }
 
     fn read(&self, id: &[u8; 16], offset: u64, n: usize, out: &mut Vec<u8>) -> io::Result<()> {
-        let m = self.blobs.lock().map_err(|_| io::Error::other("poisoned"))?;
+        let m = self
+            .blobs
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?;
         let (bytes, _) = m.get(id).ok_or(io::ErrorKind::NotFound)?;
         let start = usize::try_from(offset).map_err(io::Error::other)?;
         let part = bytes
@@ -483,7 +494,10 @@ impl BlobStore for MemBlobs {
     }
 
     fn older_than(&self, age: Duration) -> io::Result<Vec<[u8; 16]>> {
-        let m = self.blobs.lock().map_err(|_| io::Error::other("poisoned"))?;
+        let m = self
+            .blobs
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?;
         Ok(m.iter()
             .filter(|(_, (_, t))| t.elapsed() >= age)
             .map(|(&id, _)| id)

@@ -407,8 +407,7 @@ pub(crate) fn apply(
                             Advanced::Refused(RefusalCode::OverQuota)
                         }
                         Some((_, q))
-                            if share_used(tx, &a.mailbox.0, a.source.as_bytes())?
-                                + a.total_len
+                            if share_used(tx, &a.mailbox.0, a.source.as_bytes())? + a.total_len
                                 > limits.source_share(u64_of(q)) =>
                         {
                             Advanced::Refused(RefusalCode::OverQuota)

@@ -273,7 +273,10 @@ async fn old_orphan_blob_files_are_removed() {
     assert!(!orphan.exists(), "the orphan is removed");
     assert!(young.exists(), "a young file is left alone");
     assert!(other.exists(), "a file that cannot be a blob is left alone");
-    assert_eq!(reopened.blob_read(&id, 0, 100).await.expect("read"), Some(data));
+    assert_eq!(
+        reopened.blob_read(&id, 0, 100).await.expect("read"),
+        Some(data)
+    );
 }
 
 /// A store made before sources were kept opens, gains the columns, and

@@ -769,9 +769,18 @@ fn open_store(dir: &Path) -> anyhow::Result<Store> {
 
 fn status(a: &DataArgs, out: &Out) -> Result<(), Failure> {
     let store = open_store(&data_dir(&a.data)?)?;
-    let (mailboxes, items, bytes, blobs) = store.totals().context("cannot read the store")?;
-    let (db_bytes, db_free) = store.db_space().context("cannot read the store")?;
+    let (t, space) = runtime()?.block_on(async { (store.totals().await, store.db_space().await) });
     store.close();
+    let sealpost_store::Totals {
+        mailboxes,
+        items,
+        item_bytes: bytes,
+        blobs,
+    } = t.context("cannot read the store")?;
+    let sealpost_store::LedgerSpace {
+        size: db_bytes,
+        free: db_free,
+    } = space.context("cannot read the store")?;
     out.report(
         json!({"mailboxes": mailboxes, "items": items, "item_bytes": bytes, "blobs": blobs,
                "db_bytes": db_bytes, "db_free_bytes": db_free}),
@@ -787,10 +796,9 @@ fn status(a: &DataArgs, out: &Out) -> Result<(), Failure> {
 
 fn scrub(a: &DataArgs, out: &Out) -> Result<(), Failure> {
     let store = open_store(&data_dir(&a.data)?)?;
-    let r = store
-        .scrub()
-        .context("the scrub could not read the store")?;
+    let r = runtime()?.block_on(store.scrub());
     store.close();
+    let r = r.context("the scrub could not read the store")?;
     let damaged = r.damaged_items.len() + r.damaged_blobs.len();
     out.report(
         json!({

@@ -26,6 +26,10 @@ pub struct Config {
     pub cert_files: Option<(PathBuf, PathBuf)>,
     /// Names for the self-signed certificate.
     pub cert_names: Vec<String>,
+    /// The relay's signing key (32 bytes, for signed refusals) from a
+    /// file the operator made and several nodes share, instead of
+    /// `DATA/relay-signing.key` (created on first start). Must exist.
+    pub signing_key_file: Option<PathBuf>,
     /// Submissions one connection may have waiting for their commit.
     pub max_in_flight: usize,
     /// Payload bytes one connection may have waiting for their commit.
@@ -96,6 +100,7 @@ impl Config {
             sweep_interval: Duration::from_secs(60),
             cert_files: None,
             cert_names: Vec::new(),
+            signing_key_file: None,
             max_in_flight: 1024,
             max_in_flight_bytes: 16 << 20,
             max_total_in_flight_bytes: 128 << 20,

@@ -247,7 +247,7 @@ pub(crate) async fn handle(
                 };
                 // An existing mailbox's owner may always register again
                 // (it is idempotent); the policy decides about new ones.
-                let existing = match s.store.has_mailbox(&mailbox) {
+                let existing = match s.store.has_mailbox(&mailbox).await {
                     Ok(e) => e,
                     Err(e) => return send(out, id, storage_failed(s, &e)).await,
                 };
@@ -269,7 +269,7 @@ pub(crate) async fn handle(
                     Err(e) => return send(out, id, storage_failed(s, &e)).await,
                 }
             } else {
-                match s.store.mailbox_key(&mailbox) {
+                match s.store.mailbox_key(&mailbox).await {
                     Ok(Some(k)) if k == key => {}
                     Ok(_) => {
                         s.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
@@ -325,8 +325,12 @@ pub(crate) async fn handle(
             };
             let max = (max as usize).clamp(1, relay::MAX_BATCH);
             let budget = relay::MAX_FRAME - 64 * 1024;
-            match s.store.fetch(&mb, after, max, budget) {
-                Ok((mut items, more, damaged)) => {
+            match s.store.fetch(&mb, after, max, budget).await {
+                Ok(sealpost_store::Fetched {
+                    mut items,
+                    more,
+                    damaged,
+                }) => {
                     if let Some(t) = &s.config.tamper {
                         let lost = t.fetch(&mb, &mut items);
                         if !lost.is_empty() {
@@ -394,7 +398,7 @@ pub(crate) async fn handle(
             // answered at once; anyone else (an uploader about to resume)
             // after any run of pieces being stored, so that it is not told
             // a length the relay is about to pass.
-            let now = s.store.blob_status(&blob_id);
+            let now = s.store.blob_status(&blob_id).await;
             let owner_asks = matches!(&now, Ok(Some((_, _, owner))) if Some(*owner) == authed);
             let status = if owner_asks {
                 now
@@ -423,7 +427,7 @@ pub(crate) async fn handle(
             };
             // Only the owner of the blob's mailbox may read it; anyone
             // else is told it does not exist.
-            let located = match s.store.blob_locate(&blob_id, &mb, offset, len) {
+            let located = match s.store.blob_locate(&blob_id, &mb, offset, len).await {
                 Ok(l) => l,
                 Err(e) => return send(out, id, err(ErrorCode::Internal, e.to_string())).await,
             };
@@ -488,15 +492,15 @@ pub(crate) async fn handle(
             let Some(mb) = authed else {
                 return send(out, id, need_auth()).await;
             };
-            match s.store.status(&mb) {
-                Ok((items, bytes, quota)) => {
+            match s.store.status(&mb).await {
+                Ok(u) => {
                     send(
                         out,
                         id,
                         Response::Status {
-                            items,
-                            bytes,
-                            quota,
+                            items: u.items,
+                            bytes: u.used,
+                            quota: u.quota,
                         },
                     )
                     .await

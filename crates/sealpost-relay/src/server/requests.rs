@@ -223,10 +223,10 @@ pub(crate) async fn submit(
         .submit(mailbox, expires_at, hash, payload, source, now())
         .await
     {
-        Ok(SubmitOutcome::Stored { seq, item_id }) => {
+        // Subscribers are told by the store's notifier.
+        Ok(SubmitOutcome::Stored { item_id, .. }) => {
             s.metrics.accepted.fetch_add(1, Ordering::Relaxed);
             s.metrics.accepted_bytes.fetch_add(len, Ordering::Relaxed);
-            push(s, &mailbox, seq);
             Response::Accepted { item_id }
         }
         Ok(SubmitOutcome::Refused(code)) => refusal(s, code, mailbox, hash),

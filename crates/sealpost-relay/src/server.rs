@@ -130,8 +130,8 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// A signing key the operator made (`relay key --new FILE`) and names in
-/// the configuration, for several relay nodes to share.
+/// A signing key the operator names in the configuration, for several
+/// relay nodes to share (a copy of one node's `relay-signing.key`).
 fn load_key(path: &Path) -> io::Result<SigningKey> {
     let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
         io::Error::new(

@@ -1063,3 +1063,81 @@ async fn forged_refusals_are_told_apart() {
         relay.stop().await;
     }
 }
+
+/// The relay serves from any store it is handed (here the in-memory
+/// ledger and blob store): a submission is pushed to the subscribed owner
+/// through the store's notifier, fetched and acknowledged, a blob stored
+/// and read back. Nodes given the same signing key file sign with one
+/// key; a named key file that is missing stops the start, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_runs_on_any_store_and_shares_its_signing_key() {
+    use sealpost_store::memory::{MemBlobs, MemLedger};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().expect("tmp");
+    let key_file = dir.path().join("shared-signing.key");
+    std::fs::write(&key_file, [7u8; 32]).expect("key");
+    let cfg = |name: &str| {
+        let mut c = Config::new("127.0.0.1:0".parse().expect("addr"), dir.path().join(name));
+        c.signing_key_file = Some(key_file.clone());
+        c
+    };
+    let c = cfg("memory-node");
+    let store = sealpost_store::Store::new(
+        Arc::new(MemLedger::new(c.limits)),
+        Arc::new(MemBlobs::default()),
+        Arc::new(sealpost_store::LocalNotifier::default()),
+        c.limits,
+        "memory".into(),
+    );
+    let on_memory = Relay::bind_with(c, store).await.expect("bind");
+    let embedded = Relay::bind(cfg("disk-node")).await.expect("bind");
+    let expected = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]).verifying_key();
+    assert_eq!(on_memory.relay_key(), expected);
+    assert_eq!(embedded.relay_key(), expected);
+    drop(embedded);
+
+    let relay = on_memory.spawn();
+    let addr = relay.address().clone();
+    let bob = id(2);
+    let rx = RelayClient::connect(&addr).await.expect("connect");
+    let mb = rx.register(&bob).await.expect("register");
+    let mut notes = rx.subscribe().await.expect("subscribe");
+    let tx = RelayClient::connect(&addr).await.expect("connect");
+    for i in 0..3u8 {
+        let r = tx
+            .submit(mb, now() + 3600, vec![i; 100])
+            .await
+            .expect("submit");
+        assert!(matches!(r, Submitted::Accepted { .. }), "{r:?}");
+    }
+    let pushed = tokio::time::timeout(Duration::from_secs(5), notes.recv())
+        .await
+        .expect("pushed through the store's notifier");
+    assert!(pushed.is_some());
+    let (items, more) = rx.fetch(0, 10).await.expect("fetch");
+    assert_eq!((items.len(), more), (3, false));
+    assert_eq!(items[2].payload, vec![2; 100]);
+    let data: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+    let piece = BlobPiece {
+        blob_id: [4; 16],
+        mailbox: mb,
+        total_len: 3000,
+        blob_hash: *blake3::hash(&data).as_bytes(),
+        expires_at: now() + 3600,
+        offset: 0,
+        data: data.clone(),
+    };
+    assert_eq!(
+        tx.blob_put(piece).await.expect("put").expect("stored"),
+        (3000, true)
+    );
+    assert_eq!(rx.blob_get([4; 16], 0, 5000).await.expect("get"), data);
+    let seqs = items.iter().map(|i| i.seq).collect();
+    assert_eq!(rx.ack(seqs).await.expect("ack"), 3);
+    relay.stop().await.expect("stop");
+
+    let mut missing = cfg("third-node");
+    missing.signing_key_file = Some(dir.path().join("no-such.key"));
+    let e = Relay::bind(missing).await.expect_err("a missing key file");
+    assert!(e.to_string().contains("no-such.key"), "{e}");
+}

@@ -129,6 +129,12 @@ pub struct Settings {
     /// The private key (PEM) of --cert
     #[arg(long, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
+    /// The relay's signing key (for signed refusals) from this file instead
+    /// of DATA/relay-signing.key, for several relay nodes to share: copy
+    /// one node's DATA/relay-signing.key (32 bytes, mode 0600) [default:
+    /// DATA/relay-signing.key, made on first start]
+    #[arg(long, value_name = "FILE")]
+    signing_key: Option<PathBuf>,
     /// Host name for the self-signed certificate made on first start, and
     /// (the first) for the public address; repeat for several
     #[arg(long = "name", value_name = "HOST")]
@@ -213,6 +219,7 @@ impl Settings {
             metrics: self.metrics.or(file.metrics),
             cert: self.cert.or(file.cert),
             key: self.key.or(file.key),
+            signing_key: self.signing_key.or(file.signing_key),
             name: if self.name.is_empty() {
                 file.name
             } else {
@@ -437,6 +444,7 @@ fn build_config(mut a: ServeArgs) -> anyhow::Result<(Config, Option<String>)> {
         }
     };
     c.cert_names = s.name;
+    c.signing_key_file = s.signing_key;
     // Connections need file descriptors: the soft limit is raised to the
     // hard one, and the cap follows what that holds.
     let fds = sealpost_relay::limits::raise_fd_limit();
@@ -578,6 +586,10 @@ fn effective_toml(c: &Config, public: &Option<String>) -> String {
         (
             "key",
             opt(c.cert_files.as_ref().map(|f| f.1.display().to_string())),
+        ),
+        (
+            "signing_key",
+            opt(c.signing_key_file.as_ref().map(|f| f.display().to_string())),
         ),
         ("name", Some(format!("{:?}", c.cert_names))),
     ];

@@ -5,6 +5,7 @@
 #
 #   bench/relay-submit.sh
 #   COUNT_1K=100000 COUNT_64K=10000 CLIENTS=16 bench/relay-submit.sh
+#   SP=../other/target/release/sealpost ANCHOR= bench/relay-submit.sh
 #
 # Every submission counts only once the relay answered Accepted, which it
 # does after the SQLite commit (synchronous=FULL, so after fsync) that holds
@@ -19,10 +20,14 @@ WINDOW=${WINDOW:-32}
 LONE=${LONE:-1000}
 MAX_SECONDS=${MAX_SECONDS:-300}
 PORT=${PORT:-17443}
-ANCHOR=${ANCHOR:-../shared/bench/anchors/postfix.sh}
+# ANCHOR= (empty) skips Postfix (before/after pairs of sealpost alone).
+ANCHOR=${ANCHOR-../shared/bench/anchors/postfix.sh}
 
-cargo build --release --locked -q -p sealpost --features test-tools
-SP=$PWD/target/release/sealpost
+# SP=/path/to/sealpost measures that binary instead (before/after pairs).
+if [[ -z ${SP:-} ]]; then
+    cargo build --release --locked -q -p sealpost --features test-tools
+    SP=$PWD/target/release/sealpost
+fi
 T=$(mktemp -d /var/tmp/sealpost-relay-bench.XXXXXX)
 RELAY_PID=
 cleanup() {
@@ -56,6 +61,7 @@ RSS=$(awk '/VmHWM/ { print $2 }' "/proc/$RELAY_PID/status")
 echo "sealpost relay_peak_rss $((RSS / 1024)) MiB"
 kill "$RELAY_PID"; wait "$RELAY_PID" 2>/dev/null || true; RELAY_PID=
 
+[[ -z $ANCHOR ]] && exit 0
 echo "# running $ANCHOR (MODES=maildir N=2000)" >&2
 MODES=maildir bash "$ANCHOR" | tee "$T/pf.out"
 

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use rand_core::{OsRng, RngCore};
 use sealpost_client::client::{ClientError, RelayClient, Timeouts};
-use sealpost_client::RelayAddress;
+use sealpost_client::{RelayAddress, Tcp, Transport};
 use sealpost_proto::relay::{ErrorCode, MailboxId};
 use sealpost_proto::retry::Backoff;
 use sealpost_proto::Identity;
+use std::sync::Arc;
 
 /// What a link does after the TLS handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +35,8 @@ pub struct RelayLink {
     mailbox: Option<MailboxId>,
     /// How long to wait on the relay before giving up on a connection.
     pub timeouts: Timeouts,
+    /// How connections are made (TCP unless a test says otherwise).
+    pub transport: Arc<dyn Transport>,
 }
 
 /// Failures worth a reconnect: the connection, not the request, failed.
@@ -61,6 +64,7 @@ impl RelayLink {
             auth: LinkAuth::Register,
             mailbox: None,
             timeouts: Timeouts::default(),
+            transport: Arc::new(Tcp),
         }
     }
 
@@ -96,7 +100,7 @@ impl RelayLink {
     }
 
     async fn connect(&mut self, me: &Identity) -> Result<(), ClientError> {
-        let c = RelayClient::connect_with(&self.addr, self.timeouts).await?;
+        let c = RelayClient::connect_via(&*self.transport, &self.addr, None, self.timeouts).await?;
         self.mailbox = match self.auth {
             LinkAuth::Register => Some(c.register(me).await?),
             LinkAuth::Auth => Some(c.auth(me).await?),

@@ -1,8 +1,9 @@
 //! The engine on a fake clock: retransmission, backoff, expiry and the
 //! recipient's freshness checks, driven by moving time instead of
-//! sleeping. A relay runs in-process on loopback; the clocks that move are
-//! the endpoints' (the relay's is the system's, and every message here is
-//! within its lifetime there).
+//! sleeping. A relay runs in-process on the in-memory store, reached over
+//! a memory net (no socket); the clocks that move are the endpoints' (the
+//! relay's is the system's, and every message here is within its lifetime
+//! there).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,7 +13,9 @@ use sealpost_agent::engine::{self, Engine, FakeClock};
 use sealpost_agent::Home;
 use sealpost_proto::delivery::{Delivery, State};
 use sealpost_proto::MessageId;
+use sealpost_relay::memory::MemoryNet;
 use sealpost_relay::{Config, Relay, RelayAddress, RunningRelay};
+use sealpost_store::memory::{MemBlobs, MemLedger};
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -21,9 +24,20 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-async fn relay(dir: &std::path::Path) -> RunningRelay {
+/// A relay on the in-memory store, reached over a memory net.
+async fn relay(dir: &std::path::Path) -> (RunningRelay, Arc<MemoryNet>) {
     let cfg = Config::new("127.0.0.1:0".parse().expect("addr"), dir.join("relay"));
-    Relay::bind(cfg).await.expect("bind").spawn()
+    let store = sealpost_store::Store::new(
+        Arc::new(MemLedger::new(cfg.limits)),
+        Arc::new(MemBlobs::default()),
+        Arc::new(sealpost_store::LocalNotifier::default()),
+        cfg.limits,
+        "memory".into(),
+    );
+    let relay = Relay::bind_with(cfg, store).await.expect("bind").spawn();
+    let net = MemoryNet::new();
+    net.add(relay.door());
+    (relay, net)
 }
 
 /// An identity with its home on `addr`, on `clock`, after an empty pass
@@ -32,6 +46,7 @@ async fn engine(
     dir: &std::path::Path,
     name: &str,
     addr: &RelayAddress,
+    net: &Arc<MemoryNet>,
     clock: &Arc<FakeClock>,
 ) -> Engine {
     let now_s = clock_s(clock);
@@ -42,7 +57,8 @@ async fn engine(
         .expect("relay");
     let mut e = Engine::new(agent)
         .expect("engine")
-        .with_clock(clock.clone());
+        .with_clock(clock.clone())
+        .with_transport(net.clone());
     e.pass().await.expect("first pass");
     e
 }
@@ -79,12 +95,12 @@ struct Pair {
 
 async fn pair() -> Pair {
     let dir = tempfile::tempdir().expect("tmp");
-    let relay = relay(dir.path()).await;
+    let (relay, net) = relay(dir.path()).await;
     let addr = relay.address().clone();
     let alice_clock = Arc::new(FakeClock::new(now_ms()));
     let bob_clock = Arc::new(FakeClock::new(now_ms()));
-    let mut alice = engine(dir.path(), "alice", &addr, &alice_clock).await;
-    let mut bob = engine(dir.path(), "bob", &addr, &bob_clock).await;
+    let mut alice = engine(dir.path(), "alice", &addr, &net, &alice_clock).await;
+    let mut bob = engine(dir.path(), "bob", &addr, &net, &bob_clock).await;
     pin(&mut alice, "bob", &bob);
     pin(&mut bob, "alice", &alice);
     Pair {

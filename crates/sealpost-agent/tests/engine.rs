@@ -2,7 +2,8 @@
 //! garbage, replays before and after acknowledgement, forged and
 //! misdirected rejections, and a stale message from a sender whose clock
 //! is behind. Each must end detected, with nothing delivered twice and
-//! nothing false accepted.
+//! nothing false accepted. The relay runs on the in-memory store and is
+//! reached over a memory net: no socket, no relay disk.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,7 +17,10 @@ use sealpost_proto::relay::MailboxId;
 use sealpost_proto::report::{Entries, ReceiptEntry, RejectReason, RejectionEntry, Report};
 use sealpost_proto::{Identity, Kind, MessageHeader, MessageId, SealRequest};
 use sealpost_relay::client::{RelayClient, Submitted};
+use sealpost_relay::memory::MemoryNet;
 use sealpost_relay::{Config, Relay, RelayAddress, RunningRelay};
+use sealpost_store::memory::{MemBlobs, MemLedger};
+use std::sync::Arc;
 
 fn now() -> u64 {
     SystemTime::now()
@@ -25,20 +29,39 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-async fn relay(dir: &std::path::Path) -> RunningRelay {
+/// A relay on the in-memory store, reached over a memory net (no socket,
+/// no relay disk).
+async fn relay(dir: &std::path::Path) -> (RunningRelay, Arc<MemoryNet>) {
     let cfg = Config::new("127.0.0.1:0".parse().expect("addr"), dir.join("relay"));
-    Relay::bind(cfg).await.expect("bind").spawn()
+    let store = sealpost_store::Store::new(
+        Arc::new(MemLedger::new(cfg.limits)),
+        Arc::new(MemBlobs::default()),
+        Arc::new(sealpost_store::LocalNotifier::default()),
+        cfg.limits,
+        "memory".into(),
+    );
+    let relay = Relay::bind_with(cfg, store).await.expect("bind").spawn();
+    let net = MemoryNet::new();
+    net.add(relay.door());
+    (relay, net)
 }
 
-/// An identity with its home on `addr`, its engine, and an empty pass
-/// done (which registers the mailbox).
-async fn engine(dir: &std::path::Path, name: &str, addr: &RelayAddress) -> Engine {
+/// An identity with its home on `addr` over `net`, its engine, and an
+/// empty pass done (which registers the mailbox).
+async fn engine(
+    dir: &std::path::Path,
+    name: &str,
+    addr: &RelayAddress,
+    net: &Arc<MemoryNet>,
+) -> Engine {
     let home = Home::new(dir.join(name));
     let mut agent = home.init(name, &mut OsRng, now()).expect("init");
     agent
         .set_home_relay(&addr.to_string(), engine::pin_of(addr), now())
         .expect("relay");
-    let mut e = Engine::new(agent).expect("engine");
+    let mut e = Engine::new(agent)
+        .expect("engine")
+        .with_transport(net.clone());
     e.pass().await.expect("first pass");
     e
 }
@@ -51,8 +74,10 @@ fn pin(a: &mut Engine, name: &str, b: &Engine) {
         .expect("pin");
 }
 
-async fn submit(addr: &RelayAddress, to: &Engine, payload: Vec<u8>) {
-    let c = RelayClient::connect(addr).await.expect("connect");
+async fn submit(net: &MemoryNet, addr: &RelayAddress, to: &Engine, payload: Vec<u8>) {
+    let c = RelayClient::connect_via(net, addr, None, Default::default())
+        .await
+        .expect("connect");
     let mb = MailboxId::of(to.agent().identity().public().signing_bytes());
     let r = c.submit(mb, now() + 3600, payload).await.expect("submit");
     assert!(matches!(r, Submitted::Accepted { .. }));
@@ -71,10 +96,10 @@ fn inbox_len(e: &Engine) -> usize {
 #[tokio::test(flavor = "current_thread")]
 async fn a_hostile_relay_is_caught_at_the_endpoints() {
     let dir = tempfile::tempdir().expect("tmp");
-    let r = relay(dir.path()).await;
+    let (r, net) = relay(dir.path()).await;
     let addr = r.address().clone();
-    let mut alice = engine(dir.path(), "alice", &addr).await;
-    let mut bob = engine(dir.path(), "bob", &addr).await;
+    let mut alice = engine(dir.path(), "alice", &addr, &net).await;
+    let mut bob = engine(dir.path(), "bob", &addr, &net).await;
     let mallory = Identity::generate(&mut OsRng);
     pin(&mut alice, "bob", &bob);
     pin(&mut bob, "alice", &alice);
@@ -90,9 +115,9 @@ async fn a_hostile_relay_is_caught_at_the_endpoints() {
     let mut flipped = sealed.clone();
     let n = flipped.len();
     flipped[n - 40] ^= 1;
-    submit(&addr, &bob, flipped).await;
-    submit(&addr, &bob, vec![0x42; 500]).await;
-    submit(&addr, &bob, sealed.clone()).await;
+    submit(&net, &addr, &bob, flipped).await;
+    submit(&net, &addr, &bob, vec![0x42; 500]).await;
+    submit(&net, &addr, &bob, sealed.clone()).await;
     let s = bob.pass().await.expect("pass");
     assert_eq!(
         (s.fetched, s.delivered, s.duplicates, s.discarded),
@@ -106,7 +131,7 @@ async fn a_hostile_relay_is_caught_at_the_endpoints() {
 
     // The relay replays m1 after bob acknowledged it: not delivered again,
     // its receipt is sent again, and alice's state does not move.
-    submit(&addr, &bob, sealed).await;
+    submit(&net, &addr, &bob, sealed).await;
     let s = bob.pass().await.expect("pass");
     assert_eq!((s.delivered, s.duplicates, s.reports_sent), (0, 1, 1));
     assert_eq!(inbox_len(&bob), 1);
@@ -194,13 +219,13 @@ async fn a_hostile_relay_is_caught_at_the_endpoints() {
         &testing::signed_plaintext(bob.agent().identity(), &wrong, receipt.as_bytes()),
     );
     for p in [forged, stranger, inner, unrelated] {
-        submit(&addr, &alice, p).await;
+        submit(&net, &addr, &alice, p).await;
     }
     let s = alice.pass().await.expect("pass");
     assert_eq!(s.bounced, 0, "{s:?}");
     assert_eq!(s.discarded + s.forged_reports, 4, "{s:?}");
     assert_eq!(state(&alice, &m2).0, State::Submitted);
-    submit(&addr, &alice, mismatched).await;
+    submit(&net, &addr, &alice, mismatched).await;
     let s = alice.pass().await.expect("pass");
     assert_eq!((s.confirmed, s.detections), (0, 1), "{s:?}");
     assert_eq!(state(&alice, &m2).0, State::Submitted);
@@ -280,10 +305,10 @@ async fn a_hostile_relay_is_caught_at_the_endpoints() {
 #[tokio::test(flavor = "current_thread")]
 async fn the_space_of_delivered_messages_is_given_back() {
     let dir = tempfile::tempdir().expect("tmp");
-    let r = relay(dir.path()).await;
+    let (r, net) = relay(dir.path()).await;
     let addr = r.address().clone();
-    let mut alice = engine(dir.path(), "alice", &addr).await;
-    let mut bob = engine(dir.path(), "bob", &addr).await;
+    let mut alice = engine(dir.path(), "alice", &addr, &net).await;
+    let mut bob = engine(dir.path(), "bob", &addr, &net).await;
     pin(&mut alice, "bob", &bob);
     pin(&mut bob, "alice", &alice);
     let text: Vec<u8> = (0..1500u32).map(|i| (i % 251) as u8).collect();

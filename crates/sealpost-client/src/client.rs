@@ -17,13 +17,13 @@ use sealpost_proto::relay::{
 };
 use sealpost_proto::Identity;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::tls::{self, RelayAddress};
+use crate::transport::{Stream, Tcp, Transport};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -103,7 +103,7 @@ pub struct PendingRange {
 
 /// A connection to one relay.
 pub struct RelayClient {
-    writer: tokio::sync::Mutex<WriteHalf<TlsStream<tokio::io::BufReader<TcpStream>>>>,
+    writer: tokio::sync::Mutex<WriteHalf<TlsStream<Box<dyn Stream>>>>,
     waiters: Waiters,
     next_id: AtomicU32,
     relay_key: VerifyingKey,
@@ -165,39 +165,25 @@ impl RelayClient {
         local: Option<std::net::IpAddr>,
         t: Timeouts,
     ) -> Result<Self, ClientError> {
+        Self::connect_via(&Tcp, addr, local, t).await
+    }
+
+    /// Connects over `transport` (TCP, or a stream in memory for tests),
+    /// checks the relay's key against the pin, and says Hello.
+    pub async fn connect_via(
+        transport: &dyn Transport,
+        addr: &RelayAddress,
+        local: Option<std::net::IpAddr>,
+        t: Timeouts,
+    ) -> Result<Self, ClientError> {
         let connect_err = |source| ClientError::Connect {
             addr: addr.host_port.clone(),
             source,
         };
-        let tcp = async {
-            let Some(local) = local else {
-                return TcpStream::connect(&addr.host_port).await;
-            };
-            let to = tokio::net::lookup_host(&addr.host_port)
-                .await?
-                .find(|a| a.is_ipv4() == local.is_ipv4())
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::AddrNotAvailable,
-                        format!("no address of the relay in the family of {local}"),
-                    )
-                })?;
-            let socket = if local.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
-            socket.bind(std::net::SocketAddr::new(local, 0))?;
-            socket.connect(to).await
-        };
-        let tcp = timeout(t.connect, tcp)
+        let tcp = timeout(t.connect, transport.connect(addr, local))
             .await
             .map_err(|_| connect_err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")))?
             .map_err(connect_err)?;
-        tcp.set_nodelay(true).map_err(connect_err)?;
-        // rustls reads 4 KiB at a time; buffer under it (fewer syscalls
-        // for blob pieces and large fetches).
-        let tcp = tokio::io::BufReader::with_capacity(256 * 1024, tcp);
         let (cfg, mismatch) = tls::watched_client_config(addr.pin).map_err(connect_err)?;
         let name = ServerName::try_from(addr.host().to_owned()).unwrap_or_else(|_| {
             ServerName::try_from("relay.invalid").unwrap_or_else(|_| unreachable!())

@@ -6,9 +6,11 @@
 
 pub mod client;
 pub mod tls;
+pub mod transport;
 
 pub use client::{ClientError, RelayClient, Submitted, Timeouts};
 pub use tls::{Pin, RelayAddress};
+pub use transport::{Tcp, Transport};
 
 /// Reads exactly `n` bytes into a reused buffer (blob data: a frame's
 /// last field), without zeroing it first: the bytes land in the buffer's

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod pooled;
 pub mod server;
@@ -12,5 +13,5 @@ pub mod tls;
 
 /// The client (in `sealpost-client`), under the path it had here.
 pub use sealpost_client::client;
-pub use server::{Config, Metrics, Registration, Relay, RunningRelay};
+pub use server::{Config, Door, Metrics, Registration, Relay, RunningRelay};
 pub use tls::{Pin, RelayAddress};

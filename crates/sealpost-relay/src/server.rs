@@ -40,7 +40,7 @@ use sealpost_proto::relay::{
 };
 use sealpost_store::{BlobPutOutcome, BlobRead, Limits, Registered, Source, Store, SubmitOutcome};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
@@ -351,7 +351,10 @@ impl Relay {
                 _ = &mut shutdown => break,
                 accepted = self.listener.accept() => {
                     let (tcp, peer) = match accepted {
-                        Ok(x) => x,
+                        // Whole frames are written at once; without NODELAY
+                        // small responses wait on Nagle and delayed ACKs.
+                        Ok(x) if x.0.set_nodelay(true).is_ok() => x,
+                        Ok(_) => continue,
                         Err(e) => {
                             tracing::warn!("accept failed: {e}");
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -443,12 +446,18 @@ async fn sweep_loop(s: Arc<Shared>) {
 }
 
 /// A relay serving on a background task of the current runtime.
-#[derive(Debug)]
 pub struct RunningRelay {
     address: RelayAddress,
     metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<io::Result<()>>,
+}
+
+impl std::fmt::Debug for RunningRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RunningRelay({})", self.address)
+    }
 }
 
 impl RunningRelay {
@@ -458,6 +467,14 @@ impl RunningRelay {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// A way into this relay without a socket (see [`Door`]).
+    pub fn door(&self) -> Door {
+        Door {
+            shared: self.shared.clone(),
+            address: self.address.clone(),
+        }
     }
 
     /// Stops accepting, waits for accepted writes to commit, and returns
@@ -474,6 +491,7 @@ impl Relay {
     pub fn spawn(self) -> RunningRelay {
         let address = self.address.clone();
         let metrics = self.metrics();
+        let shared = self.shared.clone();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(self.serve(async move {
             let _ = rx.await;
@@ -481,8 +499,71 @@ impl Relay {
         RunningRelay {
             address,
             metrics,
+            shared,
             stop,
             task,
         }
+    }
+}
+
+/// Connections to a running relay without a socket (tests, and relays in
+/// one process): each is a stream in memory served by the same code as a
+/// TCP connection — TLS, framing, admission per source address, limits —
+/// from the source address the caller names. Refused once the relay stops.
+#[derive(Clone)]
+pub struct Door {
+    shared: Arc<Shared>,
+    address: RelayAddress,
+}
+
+impl std::fmt::Debug for Door {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Door({})", self.address)
+    }
+}
+
+impl Door {
+    /// The relay's address (its pin is the one the client checks).
+    pub fn address(&self) -> &RelayAddress {
+        &self.address
+    }
+
+    /// A connection from `peer`: the client's end of a stream in memory.
+    pub fn connect(&self, peer: SocketAddr) -> io::Result<tokio::io::DuplexStream> {
+        let s = &self.shared;
+        let refused = |why: &str| io::Error::new(io::ErrorKind::ConnectionRefused, why.to_owned());
+        if *s.stopping.borrow() {
+            return Err(refused("the relay is stopping"));
+        }
+        let allowed = s
+            .per_address
+            .lock()
+            .map(|mut p| p.try_take(peer.ip(), std::time::Instant::now()))
+            .unwrap_or(true);
+        if !allowed {
+            s.metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            s.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            return Err(refused("too many new connections from this address"));
+        }
+        let Some(slot) = AddressSlot::take(s, peer.ip()) else {
+            s.metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            s.metrics
+                .refused_per_address
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(refused("the address holds its share of connections"));
+        };
+        let Ok(permit) = s.conns.clone().try_acquire_owned() else {
+            s.metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(refused("every connection slot is taken"));
+        };
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        start_connection(s.clone(), server, peer, permit, slot);
+        Ok(client)
     }
 }

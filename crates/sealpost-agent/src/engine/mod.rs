@@ -332,6 +332,7 @@ fn link_for<'a>(
         let mut l = RelayLink::anonymous(addr);
         l.max_attempts = 2;
         l.timeouts = home.timeouts;
+        l.transport = home.transport.clone();
         links.insert(relay.to_owned(), l);
     }
     links.get_mut(relay)
@@ -486,9 +487,24 @@ impl Engine {
     /// Uses a short reconnect backoff (tests, demos on loopback).
     pub fn with_link_backoff(mut self, b: sealpost_proto::retry::Backoff) -> Self {
         let t = self.home.timeouts;
+        let transport = self.home.transport.clone();
         self.home = RelayLink::new(self.home_addr.clone()).with_backoff(b);
         self.home.max_attempts = 3;
         self.home.timeouts = t;
+        self.home.transport = transport;
+        self
+    }
+
+    /// Reaches relays over `transport` instead of TCP (tests: relays in
+    /// memory, faults on demand).
+    pub fn with_transport(
+        mut self,
+        transport: std::sync::Arc<dyn sealpost_client::Transport>,
+    ) -> Self {
+        self.home.transport = transport.clone();
+        for l in self.links.values_mut() {
+            l.transport = transport.clone();
+        }
         self
     }
 

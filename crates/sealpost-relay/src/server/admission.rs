@@ -107,13 +107,15 @@ impl Shared {
     }
 }
 
-pub(crate) fn start_connection(
+pub(crate) fn start_connection<S>(
     s: Arc<Shared>,
-    tcp: TcpStream,
+    tcp: S,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
     slot: AddressSlot,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
         s.metrics.connections.fetch_add(1, Ordering::Relaxed);
         s.metrics.connections_open.fetch_add(1, Ordering::Relaxed);

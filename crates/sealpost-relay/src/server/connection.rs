@@ -33,10 +33,12 @@ pub(crate) struct BlobJob {
     ),
 }
 
-pub(crate) async fn connection(s: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> io::Result<()> {
-    // Whole frames are written at once; without NODELAY small responses
-    // wait on Nagle and delayed ACKs.
-    tcp.set_nodelay(true)?;
+/// Serves one connection on `tcp` (a TCP stream, or one in memory) from
+/// `peer`.
+pub(crate) async fn connection<S>(s: Arc<Shared>, tcp: S, peer: SocketAddr) -> io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     // What this connection stores counts in its address's share of each
     // mailbox (`Limits::source_share_percent`).
     let source = Source::of_ip(peer.ip());

@@ -23,6 +23,7 @@ pub mod link;
 pub mod outbox;
 pub mod spool;
 pub mod transfer;
+pub mod views;
 
 use std::fs;
 use std::io::{self, Read, Seek, Write};

@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use sealpost_agent::engine::{self, Engine, EngineError, PassStats, SendError};
 use sealpost_agent::outbox::{DeliveryRow, InboxEntry, OutboxEntry, Shelf};
 use sealpost_agent::spool::{Location, Spool};
-use sealpost_agent::{Agent, Home};
+use sealpost_agent::{views, Agent, Home};
 use sealpost_proto::delivery::{State, Timing};
 use sealpost_proto::manifest::Group;
 use sealpost_proto::report::{Entries, Report, MAX_REPORT_TEXT_BYTES};
@@ -1152,10 +1152,7 @@ fn group_dir(names: &[&str]) -> String {
 }
 
 fn group_json(g: Option<&Group>) -> Value {
-    match g {
-        Some(g) => json!({"id": hex_lower(&g.id), "index": g.index, "count": g.count}),
-        None => Value::Null,
-    }
+    serde_json::to_value(views::GroupView::of(g)).unwrap_or(Value::Null)
 }
 
 /// Counts of states, as "3 delivered, 2 submitted".
@@ -1389,114 +1386,55 @@ pub fn archive(home: &Home, args: ArchiveArgs, out: &Out) -> Result<(), Failure>
 }
 
 fn ms_time(ms: u64) -> String {
-    output::time(ms / 1000)
+    views::time_ms(ms)
 }
 
-fn delivery_json(d: &DeliveryRow) -> Value {
-    json!({
-        "uploaded": d.uploaded,
-        "to": d.name,
-        "relay": d.relay,
-        "state": d.delivery.state.name(),
-        "since": ms_time(d.delivery.changed_at),
-        "submissions": d.delivery.submissions,
-        "next_attempt": (!d.delivery.state.is_final()).then(|| ms_time(d.delivery.next_at)),
-        "failure": d.delivery.failure.as_ref().map(|f| f.code()),
-        "reason": d.delivery.failure.as_ref().map(|f| f.describe()),
-        "last_error": d.last_error,
-        "receipt": d.receipt.is_some() && d.delivery.state == State::Delivered,
-        "signed_rejection": d.receipt.is_some() && d.delivery.state == State::Failed,
-    })
-}
-
-/// For a file: (bytes of the file at the relay, the file's size).
-fn upload_share(e: &OutboxEntry, d: &DeliveryRow) -> Option<(u64, u64)> {
-    if e.kind != "file-manifest" {
-        return None;
-    }
-    let total = e.sent.content_len;
-    let layout =
-        sealpost_proto::blob::BlobLayout::new(total, sealpost_proto::blob::DEFAULT_CHUNK_SIZE)
-            .ok()?;
-    Some((layout.plain_before(d.uploaded), total))
-}
-
-/// A whole percentage that says 100 only when it is all there.
-fn percent(done: u64, total: u64) -> u64 {
-    if total == 0 || done >= total {
-        return 100;
-    }
-    (done.saturating_mul(100) / total).min(99)
-}
-
+/// A sent message as `--json` shows it (its group, if any, set by the
+/// caller).
 fn entry_json(e: &OutboxEntry) -> Value {
-    json!({
-        "id": e.id.to_string(),
-        "kind": e.kind,
-        "summary": e.summary,
-        "created": ms_time(e.created_ms),
-        "expires": ms_time(e.expires_ms),
-        "content_len": e.sent.content_len,
-        "content_blake3": hex_lower(&e.sent.content_hash),
-        "deliveries": e.deliveries.iter().map(|d| {
-            let mut v = delivery_json(d);
-            if let Some((done, total)) = upload_share(e, d) {
-                v["uploaded_percent"] = json!(percent(done, total));
-            }
-            v
-        }).collect::<Vec<_>>(),
-    })
+    serde_json::to_value(views::OutboxView::of(e, None)).unwrap_or(Value::Null)
 }
 
 fn entry_text(e: &OutboxEntry) -> String {
     let mut s = String::new();
-    for d in &e.deliveries {
-        let st = d.delivery.state;
-        let detail = match st {
+    for d in e.deliveries.iter().map(|d| views::DeliveryView::of(e, d)) {
+        let detail = match d.state_kind {
             State::Delivered => "receipt verified".to_owned(),
-            State::Failed => d
-                .delivery
-                .failure
-                .as_ref()
-                .map(|f| f.describe())
-                .unwrap_or_default(),
+            State::Failed => d.reason.clone().unwrap_or_default(),
             State::Submitted => format!(
                 "at the relay, no receipt yet; next retransmission {}",
-                ms_time(d.delivery.next_at)
+                ms_time(d.next_at_ms)
             ),
             State::Queued if d.uploaded > 0 => format!(
                 "uploading: {}{}",
-                upload_share(e, d)
+                d.upload
                     .map(|(done, total)| format!(
                         "{} % ({} of {}) at the relay",
-                        percent(done, total),
+                        views::percent(done, total),
                         bytesize::ByteSize(done).display().iec(),
                         bytesize::ByteSize(total).display().iec()
                     ))
                     .unwrap_or_else(|| format!("{} bytes at the relay", d.uploaded)),
                 d.last_error
                     .as_ref()
-                    .map(|e| format!("; retry {}: {e}", ms_time(d.delivery.next_at)))
+                    .map(|e| format!("; retry {}: {e}", ms_time(d.next_at_ms)))
                     .unwrap_or_default()
             ),
             State::Queued => match &d.last_error {
-                Some(err) => format!("retry {}: {err}", ms_time(d.delivery.next_at)),
+                Some(err) => format!("retry {}: {err}", ms_time(d.next_at_ms)),
                 None => "waiting to be submitted".to_owned(),
             },
         };
         s.push_str(&format!(
             "  to {:<16} {:<10} since {}  {}\n",
-            d.name,
-            st.name(),
-            ms_time(d.delivery.changed_at),
-            detail
+            d.to, d.state, d.since, detail
         ));
     }
     s
 }
 
 fn hex_lower(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    views::hex(b)
 }
 
 fn detections(agent: &Agent, limit: usize, out: &Out) -> Result<(), Failure> {
@@ -1504,16 +1442,22 @@ fn detections(agent: &Agent, limit: usize, out: &Out) -> Result<(), Failure> {
     let counts = agent.db().detection_counts()?;
     out.report(
         json!({
-            "detections": list.iter().map(|d| json!({"at": ms_time(d.at_ms), "class": d.class, "item": d.item})).collect::<Vec<_>>(),
+            "detections": list.iter().map(views::DetectionView::of).collect::<Vec<_>>(),
             "totals": counts.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         }),
         || {
             if list.is_empty() {
-                return "Nothing caught: every item from the relays passed its checks.\n".to_owned();
+                return "Nothing caught: every item from the relays passed its checks.\n"
+                    .to_owned();
             }
             let mut s = String::new();
             for d in &list {
-                s.push_str(&format!("{}  {:<20} {}\n", ms_time(d.at_ms), d.class, d.item));
+                s.push_str(&format!(
+                    "{}  {:<20} {}\n",
+                    ms_time(d.at_ms),
+                    d.class,
+                    d.item
+                ));
             }
             s
         },
@@ -1642,46 +1586,13 @@ pub fn status(home: &Home, args: StatusArgs, out: &Out) -> Result<(), Failure> {
     )
 }
 
-fn sender_name(agent: &Agent, key: &[u8; 32]) -> String {
-    match agent.db().contact_by_key(key) {
-        Ok(Some(c)) => c.name,
-        _ => "(not a contact)".to_owned(),
-    }
-}
-
 fn file_json(agent: &Agent, e: &InboxEntry) -> Option<Value> {
     let d = agent.db().download(&e.id).ok().flatten()?;
-    let chunks = d.size.div_ceil(d.chunk_size.max(1) as u64).max(1);
-    let done = d.next_chunk.min(chunks);
-    Some(json!({
-        "name": d.name,
-        "size": d.size,
-        "blake3": hex_lower(&d.plaintext_hash),
-        "state": d.state.name(),
-        "path": d.final_path,
-        "chunks_done": done,
-        "chunks": chunks,
-        "percent": if d.state == sealpost_agent::outbox::DownloadState::Done { 100 } else { percent(done, chunks) },
-        "damaged_chunks": d.bad.len(),
-        "error": d.error,
-    }))
+    serde_json::to_value(views::FileView::of(&d)).ok()
 }
 
 fn inbox_json(agent: &Agent, e: &InboxEntry) -> Value {
-    json!({
-        "file": file_json(agent, e),
-        "id": e.id.to_string(),
-        "from": sender_name(agent, &e.sender),
-        "kind": e.kind,
-        "created": output::time(e.created_at),
-        "received": ms_time(e.received_ms),
-        "expires": output::time(e.expires_at),
-        "content_len": e.content_len,
-        "content_blake3": hex_lower(&e.content_hash),
-        "read": e.read_ms.is_some(),
-        "archived": e.archived_ms.map(ms_time),
-        "group": group_json(agent.db().group_of(&e.id).ok().flatten().as_ref()),
-    })
+    serde_json::to_value(views::InboxView::of(agent, e)).unwrap_or(Value::Null)
 }
 
 /// `read` of a group: its files, where each was saved (reading one by its
@@ -1701,7 +1612,7 @@ fn read_group(
         })
         .collect();
     out.report(
-        json!({"group": hex_lower(&key.1), "from": sender_name(agent, &key.0), "files": files}),
+        json!({"group": hex_lower(&key.1), "from": views::sender_name(agent, &key.0), "files": files}),
         || {
             let mut s = String::new();
             for f in &files {
@@ -1760,7 +1671,7 @@ fn group_line(agent: &Agent, key: &GroupKey, g: &Group, first: &InboxEntry) -> S
         },
         hex_lower(&key.1),
         ms_time(first.received_ms),
-        sender_name(agent, &key.0),
+        views::sender_name(agent, &key.0),
         group_dir(&names),
         members.len(),
         g.count,
@@ -1820,7 +1731,7 @@ pub fn inbox(home: &Home, args: InboxArgs, out: &Out) -> Result<(), Failure> {
                         if e.read_ms.is_some() { " " } else { "*" },
                         e.id,
                         ms_time(e.received_ms),
-                        sender_name(&agent, &e.sender),
+                        views::sender_name(&agent, &e.sender),
                         f["name"].as_str().unwrap_or(""),
                         f["size"]
                     ));
@@ -1849,7 +1760,7 @@ pub fn inbox(home: &Home, args: InboxArgs, out: &Out) -> Result<(), Failure> {
                     if e.read_ms.is_some() { " " } else { "*" },
                     e.id,
                     ms_time(e.received_ms),
-                    sender_name(&agent, &e.sender),
+                    views::sender_name(&agent, &e.sender),
                     e.content_len
                 ));
             }
@@ -1957,7 +1868,7 @@ pub fn read(home: &Home, args: ReadArgs, out: &Out) -> Result<(), Failure> {
     out.side_report(args.output.is_none(), v, || {
         format!(
             "From {} ({}), sent {}; received {}; content hash verified from storage; message {}\n",
-            sender_name(&agent, &e.sender),
+            views::sender_name(&agent, &e.sender),
             agent
                 .db()
                 .contact_by_key(&e.sender)
@@ -2102,78 +2013,14 @@ pub fn receipt(home: &Home, cmd: ReceiptCmd, out: &Out) -> Result<(), Failure> {
                 class: "receipt-invalid",
                 error: Some(e),
             };
-            let text = std::str::from_utf8(&bytes).ok();
-            let reports: Vec<Result<Report, _>> = match text {
-                Some(t)
-                    if t.trim_start()
-                        .starts_with(sealpost_proto::report::TEXT_PREFIX) =>
-                {
-                    t.lines()
-                        .filter(|l| !l.trim().is_empty())
-                        .map(Report::from_text)
-                        .collect()
-                }
-                _ => vec![Report::decode(&bytes)],
-            };
-            let mut verified = Vec::new();
-            for r in reports {
-                let r = r.map_err(|e| bad(anyhow::Error::new(e)))?;
-                if !r.signed_by(card.public()) {
-                    continue;
-                }
-                verified.push(r);
-            }
-            if verified.is_empty() {
-                return Err(bad(anyhow!(
-                    "no receipt here is signed by {} ({})",
-                    card.name(),
-                    card.public().fingerprint()
-                )));
-            }
             let want = match &id {
                 Some(s) => Some(MessageId::parse_hex(s).ok_or_else(|| {
                     Failure::usage(anyhow!("{s:?} is not a full message id (32 hex digits)"))
                 })?),
                 None => None,
             };
-            let mut entries = Vec::new();
-            for r in &verified {
-                match r.entries() {
-                    Entries::Receipt(list) => {
-                        for e in list {
-                            entries.push(json!({
-                                "kind": "receipt",
-                                "id": e.id.to_string(),
-                                "content_blake3": hex_lower(&e.content_hash),
-                                "content_len": e.content_len,
-                                "stored": output::time(e.stored_at),
-                                "subject": hex_lower(r.subject_bytes()),
-                            }));
-                        }
-                    }
-                    Entries::Rejection(list) => {
-                        for e in list {
-                            entries.push(json!({
-                                "kind": "rejection",
-                                "id": e.id.to_string(),
-                                "reason": e.reason.name(),
-                                "subject": hex_lower(r.subject_bytes()),
-                            }));
-                        }
-                    }
-                }
-            }
-            if let Some(w) = want {
-                let names = |r: &Report| match r.entries() {
-                    Entries::Receipt(l) => l.iter().any(|e| e.id == w),
-                    Entries::Rejection(l) => l.iter().any(|e| e.id == w),
-                };
-                if !verified.iter().any(names) {
-                    return Err(bad(anyhow!(
-                        "the receipt is genuine but does not name message {w}"
-                    )));
-                }
-            }
+            let entries = views::verify_receipts(&bytes, card.public(), card.name(), want)
+                .map_err(|e| bad(anyhow::Error::new(e)))?;
             out.report(
                 json!({"valid": true, "signer": card.name(), "fingerprint": card.public().fingerprint().to_string(), "entries": entries}),
                 || {
@@ -2183,20 +2030,19 @@ pub fn receipt(home: &Home, cmd: ReceiptCmd, out: &Out) -> Result<(), Failure> {
                         card.public().fingerprint()
                     );
                     for e in &entries {
-                        if e["kind"] == "receipt" {
-                            s.push_str(&format!(
-                                "  stored {}  message {}  {} bytes  BLAKE3 {}\n",
-                                e["stored"].as_str().unwrap_or(""),
-                                e["id"].as_str().unwrap_or(""),
-                                e["content_len"],
-                                e["content_blake3"].as_str().unwrap_or("")
-                            ));
-                        } else {
-                            s.push_str(&format!(
-                                "  rejected message {}: {}\n",
-                                e["id"].as_str().unwrap_or(""),
-                                e["reason"].as_str().unwrap_or("")
-                            ));
+                        match e {
+                            views::VerifiedEntry::Receipt {
+                                id,
+                                content_blake3,
+                                content_len,
+                                stored,
+                                ..
+                            } => s.push_str(&format!(
+                                "  stored {stored}  message {id}  {content_len} bytes  BLAKE3 {content_blake3}\n"
+                            )),
+                            views::VerifiedEntry::Rejection { id, reason, .. } => {
+                                s.push_str(&format!("  rejected message {id}: {reason}\n"))
+                            }
                         }
                     }
                     s

@@ -15,7 +15,7 @@ use sealpost_agent::engine::{self, Clock, Engine, FakeClock, PassStats};
 use sealpost_agent::outbox::DownloadState;
 use sealpost_agent::Home;
 use sealpost_proto::delivery::State;
-use sealpost_proto::relay::{Item, MailboxId};
+use sealpost_proto::relay::{BlobId, Item, MailboxId};
 use sealpost_proto::MessageId;
 use sealpost_relay::memory::MemoryNet;
 use sealpost_relay::tamper::{ForgedRefusal, OnSubmit, Tamper};
@@ -286,11 +286,11 @@ impl Tamper for DamageChunks {
         Vec::new()
     }
 
-    fn blob_put(&self, _: &[u8; 16], _: &MailboxId, _: u64) -> Option<ForgedRefusal> {
+    fn blob_put(&self, _: &BlobId, _: &MailboxId, _: u64) -> Option<ForgedRefusal> {
         None
     }
 
-    fn blob_data(&self, _: &MailboxId, _: &[u8; 16], offset: u64, data: &mut Vec<u8>) {
+    fn blob_data(&self, _: &MailboxId, _: &BlobId, offset: u64, data: &mut Vec<u8>) {
         for (chunk, done) in self.chunks.iter().zip(&self.done) {
             let at = chunk * 65_552 + 100;
             if at >= offset && at < offset + data.len() as u64 && !done.swap(true, Ordering::SeqCst)

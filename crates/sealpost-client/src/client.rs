@@ -12,8 +12,8 @@ use ed25519_dalek::VerifyingKey;
 use rustls::pki_types::ServerName;
 use sealpost_proto::buffers;
 use sealpost_proto::relay::{
-    self, auth_transcript, context, BlobPiece, ErrorCode, Item, MailboxId, Refusal, Request,
-    Response,
+    self, auth_transcript, context, BlobId, BlobPiece, ErrorCode, Item, MailboxId, Refusal,
+    Request, Response,
 };
 use sealpost_proto::Identity;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
@@ -516,7 +516,7 @@ impl RelayClient {
         self.blob_put_answer(p).await
     }
 
-    pub async fn blob_status(&self, blob_id: [u8; 16]) -> Result<(u64, bool), ClientError> {
+    pub async fn blob_status(&self, blob_id: BlobId) -> Result<(u64, bool), ClientError> {
         match self.request(Request::BlobStatus { blob_id }).await? {
             Response::BlobStored { stored, complete } => Ok((stored, complete)),
             other => Err(unexpected(other)),
@@ -571,7 +571,7 @@ impl RelayClient {
     /// Reads several ranges of a blob pipelined; answers in order.
     pub async fn blob_get_many(
         &self,
-        blob_id: [u8; 16],
+        blob_id: BlobId,
         ranges: &[(u64, u32)],
     ) -> Vec<Result<Vec<u8>, ClientError>> {
         let mut sent = Vec::with_capacity(ranges.len());
@@ -587,7 +587,7 @@ impl RelayClient {
 
     pub async fn blob_get(
         &self,
-        blob_id: [u8; 16],
+        blob_id: BlobId,
         offset: u64,
         len: u32,
     ) -> Result<Vec<u8>, ClientError> {
@@ -597,7 +597,7 @@ impl RelayClient {
 
     /// Asks for a range of a blob without waiting for it (see
     /// [`RelayClient::blob_get_answer`]), so that several are in flight.
-    pub async fn blob_get_send(&self, blob_id: [u8; 16], offset: u64, len: u32) -> PendingRange {
+    pub async fn blob_get_send(&self, blob_id: BlobId, offset: u64, len: u32) -> PendingRange {
         PendingRange {
             sent: self
                 .send(Request::BlobGet {
@@ -620,7 +620,7 @@ impl RelayClient {
         }
     }
 
-    pub async fn blob_delete(&self, blob_id: [u8; 16]) -> Result<(), ClientError> {
+    pub async fn blob_delete(&self, blob_id: BlobId) -> Result<(), ClientError> {
         match self.request(Request::BlobDelete { blob_id }).await? {
             Response::Ok => Ok(()),
             other => Err(unexpected(other)),

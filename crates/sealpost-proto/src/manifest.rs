@@ -71,7 +71,7 @@ impl Group {
 }
 
 /// Identifies a blob at a relay; random, so it reveals nothing about the file.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct BlobId(pub [u8; 16]);
 
 impl BlobId {

@@ -11,6 +11,7 @@
 
 use crate::buffers;
 use crate::codec::{DecodeError, Reader};
+pub use crate::manifest::BlobId;
 
 /// Protocol version spoken in `Hello`.
 pub const VERSION: u8 = 1;
@@ -264,7 +265,7 @@ impl ErrorCode {
 /// One piece of a blob being uploaded (`BlobPut`, §6.6).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlobPiece {
-    pub blob_id: [u8; 16],
+    pub blob_id: BlobId,
     pub mailbox: MailboxId,
     pub total_len: u64,
     /// On the piece that completes the blob (`offset + data.len() ==
@@ -292,9 +293,9 @@ impl BlobPiece {
 }
 
 /// [`BlobPiece::refusal_hash`] from the piece's blob id and offset.
-pub fn blob_refusal_hash(blob_id: &[u8; 16], offset: u64) -> [u8; 32] {
+pub fn blob_refusal_hash(blob_id: &BlobId, offset: u64) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
-    h.update(blob_id);
+    h.update(&blob_id.0);
     h.update(&offset.to_be_bytes());
     *h.finalize().as_bytes()
 }
@@ -329,15 +330,15 @@ pub enum Request {
     },
     BlobPut(BlobPiece),
     BlobStatus {
-        blob_id: [u8; 16],
+        blob_id: BlobId,
     },
     BlobGet {
-        blob_id: [u8; 16],
+        blob_id: BlobId,
         offset: u64,
         len: u32,
     },
     BlobDelete {
-        blob_id: [u8; 16],
+        blob_id: BlobId,
     },
     Status,
     /// What this relay accepts: asked before a large file is hashed, and
@@ -506,8 +507,8 @@ fn into_rest(mut body: Vec<u8>, at: usize) -> Vec<u8> {
     body
 }
 
-fn blob_id(r: &mut Reader<'_>) -> Result<[u8; 16], DecodeError> {
-    r.array("blob id")
+fn blob_id(r: &mut Reader<'_>) -> Result<BlobId, DecodeError> {
+    r.array("blob id").map(BlobId)
 }
 
 impl Request {
@@ -574,7 +575,7 @@ impl Request {
             }) => {
                 o.reserve(data.len() + 122);
                 header(o, 0x08, id);
-                o.extend_from_slice(blob_id);
+                o.extend_from_slice(&blob_id.0);
                 o.extend_from_slice(&mailbox.0);
                 o.extend_from_slice(&total_len.to_be_bytes());
                 o.extend_from_slice(blob_hash);
@@ -584,7 +585,7 @@ impl Request {
             }
             Self::BlobStatus { blob_id } => {
                 header(o, 0x09, id);
-                o.extend_from_slice(blob_id);
+                o.extend_from_slice(&blob_id.0);
             }
             Self::BlobGet {
                 blob_id,
@@ -592,13 +593,13 @@ impl Request {
                 len,
             } => {
                 header(o, 0x0a, id);
-                o.extend_from_slice(blob_id);
+                o.extend_from_slice(&blob_id.0);
                 o.extend_from_slice(&offset.to_be_bytes());
                 o.extend_from_slice(&len.to_be_bytes());
             }
             Self::BlobDelete { blob_id } => {
                 header(o, 0x0b, id);
-                o.extend_from_slice(blob_id);
+                o.extend_from_slice(&blob_id.0);
             }
             Self::Status => header(o, 0x0c, id),
             Self::Limits => header(o, 0x0d, id),
@@ -1098,7 +1099,7 @@ mod tests {
                 seqs: vec![1, 2, 3],
             },
             Request::BlobPut(BlobPiece {
-                blob_id: [8; 16],
+                blob_id: BlobId([8; 16]),
                 mailbox: MailboxId([9; 32]),
                 total_len: 1000,
                 blob_hash: [3; 32],
@@ -1106,13 +1107,17 @@ mod tests {
                 offset: 10,
                 data: vec![1; 20],
             }),
-            Request::BlobStatus { blob_id: [1; 16] },
+            Request::BlobStatus {
+                blob_id: BlobId([1; 16]),
+            },
             Request::BlobGet {
-                blob_id: [1; 16],
+                blob_id: BlobId([1; 16]),
                 offset: 3,
                 len: 4,
             },
-            Request::BlobDelete { blob_id: [2; 16] },
+            Request::BlobDelete {
+                blob_id: BlobId([2; 16]),
+            },
             Request::Status,
             Request::Limits,
         ]

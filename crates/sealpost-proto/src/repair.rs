@@ -15,6 +15,7 @@
 //! blob) concatenated in that order.
 
 use crate::codec::{DecodeError, Reader};
+use crate::manifest::BlobId;
 
 const REQUEST_MAGIC: &[u8; 4] = b"SPRQ";
 const OFFER_MAGIC: &[u8; 4] = b"SPRF";
@@ -27,15 +28,15 @@ pub const MAX_BYTES: usize = 4 + 1 + 16 + 16 + 8 + 32 + 2 + 8 * MAX_CHUNKS;
 /// "Send me these chunks of that blob again."
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RepairRequest {
-    pub blob_id: [u8; 16],
+    pub blob_id: BlobId,
     pub chunks: Vec<u64>,
 }
 
 /// "They are in this repair blob, in this order."
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RepairOffer {
-    pub blob_id: [u8; 16],
-    pub repair_blob_id: [u8; 16],
+    pub blob_id: BlobId,
+    pub repair_blob_id: BlobId,
     pub repair_len: u64,
     pub repair_hash: [u8; 32],
     pub chunks: Vec<u64>,
@@ -75,7 +76,7 @@ fn read_chunks(r: &mut Reader<'_>) -> Result<Vec<u64>, DecodeError> {
 }
 
 impl RepairRequest {
-    pub fn new(blob_id: [u8; 16], chunks: Vec<u64>) -> Result<Self, DecodeError> {
+    pub fn new(blob_id: BlobId, chunks: Vec<u64>) -> Result<Self, DecodeError> {
         check_chunks(&chunks)?;
         Ok(Self { blob_id, chunks })
     }
@@ -84,7 +85,7 @@ impl RepairRequest {
         let mut out = Vec::with_capacity(23 + 8 * self.chunks.len());
         out.extend_from_slice(REQUEST_MAGIC);
         out.push(VERSION);
-        out.extend_from_slice(&self.blob_id);
+        out.extend_from_slice(&self.blob_id.0);
         put_chunks(&mut out, &self.chunks);
         out
     }
@@ -98,7 +99,7 @@ impl RepairRequest {
         }
         let mut r = Reader::new(bytes);
         r.magic_and_version(REQUEST_MAGIC, "repair request", VERSION)?;
-        let blob_id = r.array("blob id")?;
+        let blob_id = BlobId(r.array("blob id")?);
         let chunks = read_chunks(&mut r)?;
         r.finish()?;
         Ok(Self { blob_id, chunks })
@@ -110,8 +111,8 @@ impl RepairOffer {
         let mut out = Vec::with_capacity(79 + 8 * self.chunks.len());
         out.extend_from_slice(OFFER_MAGIC);
         out.push(VERSION);
-        out.extend_from_slice(&self.blob_id);
-        out.extend_from_slice(&self.repair_blob_id);
+        out.extend_from_slice(&self.blob_id.0);
+        out.extend_from_slice(&self.repair_blob_id.0);
         out.extend_from_slice(&self.repair_len.to_be_bytes());
         out.extend_from_slice(&self.repair_hash);
         put_chunks(&mut out, &self.chunks);
@@ -127,8 +128,8 @@ impl RepairOffer {
         }
         let mut r = Reader::new(bytes);
         r.magic_and_version(OFFER_MAGIC, "repair offer", VERSION)?;
-        let blob_id = r.array("blob id")?;
-        let repair_blob_id = r.array("repair blob id")?;
+        let blob_id = BlobId(r.array("blob id")?);
+        let repair_blob_id = BlobId(r.array("repair blob id")?);
         let repair_len = r.u64("repair blob length")?;
         let repair_hash = r.array("repair blob hash")?;
         let chunks = read_chunks(&mut r)?;
@@ -150,11 +151,11 @@ mod tests {
 
     #[test]
     fn bounds_and_order() {
-        assert!(RepairRequest::new([1; 16], vec![]).is_err());
-        assert!(RepairRequest::new([1; 16], vec![3, 3]).is_err());
-        assert!(RepairRequest::new([1; 16], vec![4, 3]).is_err());
-        assert!(RepairRequest::new([1; 16], (0..4097).collect()).is_err());
-        let big = RepairRequest::new([1; 16], (0..4096).collect()).expect("max");
+        assert!(RepairRequest::new(BlobId([1; 16]), vec![]).is_err());
+        assert!(RepairRequest::new(BlobId([1; 16]), vec![3, 3]).is_err());
+        assert!(RepairRequest::new(BlobId([1; 16]), vec![4, 3]).is_err());
+        assert!(RepairRequest::new(BlobId([1; 16]), (0..4097).collect()).is_err());
+        let big = RepairRequest::new(BlobId([1; 16]), (0..4096).collect()).expect("max");
         assert!(big.encode().len() <= MAX_BYTES);
     }
 
@@ -165,10 +166,10 @@ mod tests {
             id in any::<[u8; 16]>(), rid in any::<[u8; 16]>(), len in any::<u64>(), h in any::<[u8; 32]>(),
         ) {
             let chunks: Vec<u64> = set.into_iter().collect();
-            let q = RepairRequest::new(id, chunks.clone()).expect("valid");
+            let q = RepairRequest::new(BlobId(id), chunks.clone()).expect("valid");
             let qb = q.encode();
             prop_assert_eq!(RepairRequest::decode(&qb).expect("decodes"), q);
-            let o = RepairOffer { blob_id: id, repair_blob_id: rid, repair_len: len, repair_hash: h, chunks };
+            let o = RepairOffer { blob_id: BlobId(id), repair_blob_id: BlobId(rid), repair_len: len, repair_hash: h, chunks };
             let ob = o.encode();
             prop_assert_eq!(RepairOffer::decode(&ob).expect("decodes"), o);
             for cut in 0..qb.len() { prop_assert!(RepairRequest::decode(&qb[..cut]).is_err()); }

@@ -8,7 +8,7 @@
 //! hold back, alter or invent items, and answer submissions with refusals
 //! that are not what they claim to be.
 
-use sealpost_proto::relay::{Item, MailboxId};
+use sealpost_proto::relay::{BlobId, Item, MailboxId};
 
 /// What the relay does with a submission.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,13 +48,9 @@ pub trait Tamper: Send + Sync + std::fmt::Debug + 'static {
     fn fetch(&self, mailbox: &MailboxId, items: &mut Vec<Item>) -> Vec<u64>;
 
     /// A blob piece arriving, before it is stored.
-    fn blob_put(
-        &self,
-        blob_id: &[u8; 16],
-        mailbox: &MailboxId,
-        offset: u64,
-    ) -> Option<ForgedRefusal>;
+    fn blob_put(&self, blob_id: &BlobId, mailbox: &MailboxId, offset: u64)
+        -> Option<ForgedRefusal>;
 
     /// Blob data about to be sent to its reader; may be altered in place.
-    fn blob_data(&self, mailbox: &MailboxId, blob_id: &[u8; 16], offset: u64, data: &mut Vec<u8>);
+    fn blob_data(&self, mailbox: &MailboxId, blob_id: &BlobId, offset: u64, data: &mut Vec<u8>);
 }

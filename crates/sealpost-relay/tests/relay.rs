@@ -3,7 +3,9 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sealpost_proto::relay::{BlobPiece, ErrorCode, MailboxId, RefusalCode, Request, Response};
+use sealpost_proto::relay::{
+    BlobId, BlobPiece, ErrorCode, MailboxId, RefusalCode, Request, Response,
+};
 use sealpost_proto::Identity;
 use sealpost_relay::client::{ClientError, RelayClient, Submitted};
 use sealpost_relay::{Config, Metrics, Relay, RelayAddress};
@@ -268,7 +270,7 @@ async fn blobs_upload_in_pieces_resume_and_download() {
     let mb = bob_conn.register(&bob).await.expect("register");
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7) as u8).collect();
     let hash = *blake3::hash(&data).as_bytes();
-    let blob_id = [5u8; 16];
+    let blob_id = BlobId([5u8; 16]);
     let sender = RelayClient::connect(&relay.addr).await.expect("connect");
     let piece = 1 << 20;
     // First piece, then the connection "drops".
@@ -342,7 +344,7 @@ async fn a_blob_that_does_not_match_its_hash_is_discarded_with_code_11() {
     let mb = bob_conn.register(&id(2)).await.expect("register");
     let data = vec![7u8; 4096];
     let piece = |hash: [u8; 32]| BlobPiece {
-        blob_id: [9u8; 16],
+        blob_id: BlobId([9u8; 16]),
         mailbox: mb,
         total_len: data.len() as u64,
         blob_hash: hash,
@@ -362,7 +364,7 @@ async fn a_blob_that_does_not_match_its_hash_is_discarded_with_code_11() {
         ),
         "{r:?}"
     );
-    let (off, _) = sender.blob_status([9u8; 16]).await.expect("status");
+    let (off, _) = sender.blob_status(BlobId([9u8; 16])).await.expect("status");
     assert_eq!(off, 0, "discarded");
     let r = sender
         .blob_put(piece(*blake3::hash(&data).as_bytes()))
@@ -960,7 +962,7 @@ async fn a_stranger_from_one_address_fills_only_its_share_of_a_mailbox() {
     // blobs too.
     let again = from("127.0.0.2").await;
     let piece = BlobPiece {
-        blob_id: [3; 16],
+        blob_id: BlobId([3; 16]),
         mailbox: mb,
         total_len: 100,
         blob_hash: [0; 32],
@@ -1023,13 +1025,13 @@ impl sealpost_relay::tamper::Tamper for Forger {
     }
     fn blob_put(
         &self,
-        _: &[u8; 16],
+        _: &BlobId,
         _: &MailboxId,
         _: u64,
     ) -> Option<sealpost_relay::tamper::ForgedRefusal> {
         None
     }
-    fn blob_data(&self, _: &MailboxId, _: &[u8; 16], _: u64, _: &mut Vec<u8>) {}
+    fn blob_data(&self, _: &MailboxId, _: &BlobId, _: u64, _: &mut Vec<u8>) {}
 }
 
 /// A refusal is the relay's word only if its key signed it over this very
@@ -1119,7 +1121,7 @@ async fn a_relay_runs_on_any_store_and_shares_its_signing_key() {
     assert_eq!(items[2].payload, vec![2; 100]);
     let data: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
     let piece = BlobPiece {
-        blob_id: [4; 16],
+        blob_id: BlobId([4; 16]),
         mailbox: mb,
         total_len: 3000,
         blob_hash: *blake3::hash(&data).as_bytes(),
@@ -1131,7 +1133,10 @@ async fn a_relay_runs_on_any_store_and_shares_its_signing_key() {
         tx.blob_put(piece).await.expect("put").expect("stored"),
         (3000, true)
     );
-    assert_eq!(rx.blob_get([4; 16], 0, 5000).await.expect("get"), data);
+    assert_eq!(
+        rx.blob_get(BlobId([4; 16]), 0, 5000).await.expect("get"),
+        data
+    );
     let seqs = items.iter().map(|i| i.seq).collect();
     assert_eq!(rx.ack(seqs).await.expect("ack"), 3);
     relay.stop().await.expect("stop");

@@ -51,7 +51,7 @@ impl Store {
                 source: e,
             })?;
         let known = self.inner.ledger.blobs_known(old.clone()).await?;
-        let orphans: Vec<[u8; 16]> = old
+        let orphans: Vec<BlobId> = old
             .into_iter()
             .zip(known)
             .filter(|(_, k)| !k)
@@ -69,7 +69,7 @@ impl Store {
     /// it already holds.
     pub async fn blob_status_settled(
         &self,
-        id: &[u8; 16],
+        id: &BlobId,
     ) -> Result<Option<(u64, bool, MailboxId)>, StoreError> {
         let _no_writer = self.inner.blob_lock.lock().await;
         self.blob_status(id).await
@@ -78,7 +78,7 @@ impl Store {
     /// How much of a blob is stored: (stored, complete), or None.
     pub async fn blob_status(
         &self,
-        id: &[u8; 16],
+        id: &BlobId,
     ) -> Result<Option<(u64, bool, MailboxId)>, StoreError> {
         Ok(self
             .blob_row(id)
@@ -252,7 +252,7 @@ impl Store {
         };
         let blob_err = |e: io::Error| StoreError::Io {
             what: "writing blob",
-            path: PathBuf::from(format!("{}/{}", self.inner.name, hex(&blob_id))),
+            path: PathBuf::from(format!("{}/{}", self.inner.name, hex(&blob_id.0))),
             source: e,
         };
         let (written, run) = tokio::task::spawn_blocking(work)
@@ -339,7 +339,7 @@ impl Store {
     /// its mailbox would. Only the stored part can be read.
     pub async fn blob_read(
         &self,
-        id: &[u8; 16],
+        id: &BlobId,
         offset: u64,
         len: usize,
     ) -> Result<Option<Vec<u8>>, StoreError> {
@@ -363,7 +363,7 @@ impl Store {
     /// [`BlobRead::Missing`] (and its reads are not followed).
     pub async fn blob_locate(
         &self,
-        id: &[u8; 16],
+        id: &BlobId,
         reader: &MailboxId,
         offset: u64,
         len: usize,
@@ -404,7 +404,7 @@ impl Store {
     /// [`Store::blob_locate`] said), from the blob store (blocking).
     pub fn blob_read_disk(
         &self,
-        id: &[u8; 16],
+        id: &BlobId,
         offset: u64,
         n: usize,
         out: &mut Vec<u8>,
@@ -414,14 +414,14 @@ impl Store {
             .read(id, offset, n, out)
             .map_err(|e| StoreError::Io {
                 what: "reading blob",
-                path: PathBuf::from(format!("{}/{}", self.inner.name, hex(id))),
+                path: PathBuf::from(format!("{}/{}", self.inner.name, hex(&id.0))),
                 source: e,
             })
     }
 
     pub async fn blob_delete(
         &self,
-        blob_id: [u8; 16],
+        blob_id: BlobId,
         mailbox: MailboxId,
     ) -> Result<bool, StoreError> {
         let deleted = self.inner.ledger.blob_delete(blob_id, mailbox).await?;
@@ -459,7 +459,7 @@ impl Store {
     /// effort: bytes no row names are never served). On the blocking
     /// pool: freeing a large file's blocks takes a while (about 150 ms for
     /// 1 GiB on ext4 here), which a runtime worker must not spend.
-    pub(crate) async fn remove_blobs(&self, ids: Vec<[u8; 16]>) {
+    pub(crate) async fn remove_blobs(&self, ids: Vec<BlobId>) {
         if ids.is_empty() {
             return;
         }
@@ -480,7 +480,7 @@ impl Store {
         .await;
     }
 
-    pub(crate) async fn blob_row(&self, id: &[u8; 16]) -> Result<Option<BlobState>, StoreError> {
+    pub(crate) async fn blob_row(&self, id: &BlobId) -> Result<Option<BlobState>, StoreError> {
         self.inner.ledger.blob(*id).await
     }
 }

@@ -10,14 +10,14 @@ use super::*;
 /// are here, and reads never go past the committed length.
 #[derive(Default)]
 pub(crate) struct Recent {
-    pieces: std::collections::VecDeque<([u8; 16], u64, Arc<Vec<u8>>)>,
+    pieces: std::collections::VecDeque<(BlobId, u64, Arc<Vec<u8>>)>,
     bytes: usize,
 }
 
 pub(crate) const RECENT_BYTES: usize = 16 << 20;
 
 impl Recent {
-    pub(crate) fn push(&mut self, id: [u8; 16], offset: u64, data: Vec<u8>) {
+    pub(crate) fn push(&mut self, id: BlobId, offset: u64, data: Vec<u8>) {
         self.bytes += data.len();
         self.pieces.push_back((id, offset, Arc::new(data)));
         while self.bytes > RECENT_BYTES {
@@ -33,7 +33,7 @@ impl Recent {
 
     /// The kept piece holding `n` bytes of blob `id` from `offset`, and
     /// where in it they are.
-    pub(crate) fn read(&self, id: &[u8; 16], offset: u64, n: usize) -> Option<KeptBytes> {
+    pub(crate) fn read(&self, id: &BlobId, offset: u64, n: usize) -> Option<KeptBytes> {
         let (_, at, data) = self.pieces.iter().rev().find(|(pid, at, data)| {
             pid == id && *at <= offset && offset + n as u64 <= at + data.len() as u64
         })?;
@@ -41,7 +41,7 @@ impl Recent {
         Some((data.clone(), start..start + n))
     }
 
-    pub(crate) fn forget(&mut self, id: &[u8; 16]) {
+    pub(crate) fn forget(&mut self, id: &BlobId) {
         let bytes = &mut self.bytes;
         self.pieces.retain(|(pid, _, data)| {
             let keep = pid != id;
@@ -87,7 +87,7 @@ pub fn release(piece: Arc<Vec<u8>>) {
 /// At most [`MAX_FOLLOWERS`] are tracked.
 #[derive(Default)]
 pub(crate) struct Followers {
-    pub(crate) reads: HashMap<[u8; 16], (u64, Instant)>,
+    pub(crate) reads: HashMap<BlobId, (u64, Instant)>,
 }
 
 /// A follower this far behind the upload still finds what it reads next
@@ -110,7 +110,7 @@ pub(crate) const MAX_FOLLOWERS: usize = 256;
 
 impl Followers {
     /// A read of `blob_id` up to `end`, at `now`.
-    pub(crate) fn read(&mut self, blob_id: &[u8; 16], end: u64, now: Instant) {
+    pub(crate) fn read(&mut self, blob_id: &BlobId, end: u64, now: Instant) {
         if self.reads.len() >= MAX_FOLLOWERS && !self.reads.contains_key(blob_id) {
             self.reads
                 .retain(|_, (_, at)| now.duration_since(*at) < FOLLOW_FRESH);
@@ -124,13 +124,13 @@ impl Followers {
 
     /// How far behind `stored` a recipient streaming `blob_id` is, if one
     /// is (within [`FOLLOW_FRESH`] and [`FOLLOW_REACH`]).
-    pub(crate) fn behind(&self, blob_id: &[u8; 16], stored: u64, now: Instant) -> Option<u64> {
+    pub(crate) fn behind(&self, blob_id: &BlobId, stored: u64, now: Instant) -> Option<u64> {
         let (end, at) = self.reads.get(blob_id)?;
         let behind = stored.saturating_sub(*end);
         (now.duration_since(*at) < FOLLOW_FRESH && behind <= FOLLOW_REACH).then_some(behind)
     }
 
-    pub(crate) fn forget(&mut self, blob_id: &[u8; 16]) {
+    pub(crate) fn forget(&mut self, blob_id: &BlobId) {
         self.reads.remove(blob_id);
     }
 }
@@ -150,7 +150,7 @@ impl Store {
     /// a recipient streaming that blob is more than [`PACE_HOLD`] behind
     /// (see [`Followers`]): until it has read closer, it stops reading,
     /// or [`PACE_MAX_WAIT`] passed.
-    pub(crate) async fn pace(&self, blob_id: &[u8; 16], offset: u64) {
+    pub(crate) async fn pace(&self, blob_id: &BlobId, offset: u64) {
         let start = Instant::now();
         let deadline = tokio::time::Instant::from_std(start + PACE_MAX_WAIT);
         let mut held = false;

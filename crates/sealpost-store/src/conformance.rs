@@ -8,7 +8,7 @@
 //! (again on the same storage after a restart, if it is durable) and a way
 //! to damage a blob at rest.
 
-use sealpost_proto::relay::{BlobPiece, MailboxId, RefusalCode};
+use sealpost_proto::relay::{BlobId, BlobPiece, MailboxId, RefusalCode};
 
 use crate::{
     Advanced, BlobAdvance, BlobPutOutcome, Limits, MailboxUse, Registered, Source, Store,
@@ -25,7 +25,7 @@ pub trait Backend {
     /// Whether a store opened again holds what was committed before.
     fn durable(&self) -> bool;
     /// Flips a bit of byte `at` of blob `id` at rest.
-    fn damage(&self, id: &[u8; 16], at: u64);
+    fn damage(&self, id: &BlobId, at: u64);
 }
 
 pub const NOW: u64 = 1_750_000_000;
@@ -49,7 +49,7 @@ fn h(b: &[u8]) -> [u8; 32] {
 
 /// A piece of a blob expiring ten seconds from `NOW`.
 pub fn piece(
-    blob_id: [u8; 16],
+    blob_id: BlobId,
     mailbox: MailboxId,
     total_len: u64,
     blob_hash: [u8; 32],
@@ -208,7 +208,7 @@ pub async fn blobs_resume_and_check_their_hash(b: &dyn Backend) {
     let mb = MailboxId::of(&[1; 32]);
     store.register(mb, [1; 32], NOW).await.expect("reg");
     let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
-    let id = [9u8; 16];
+    let id = BlobId([9u8; 16]);
     let put = |off: usize, end: usize, hash: [u8; 32]| {
         let s = store.clone();
         let d = data[off..end].to_vec();
@@ -293,7 +293,7 @@ pub async fn blobs_resume_and_check_their_hash(b: &dyn Backend) {
 
     // A blob whose bytes do not hash to the stated value is discarded,
     // bytes and all.
-    let id2 = [8u8; 16];
+    let id2 = BlobId([8u8; 16]);
     let r = store
         .blob_put(piece(id2, mb, 10, [0; 32], 0, vec![1; 10]), SRC, NOW)
         .await
@@ -307,12 +307,20 @@ pub async fn blobs_resume_and_check_their_hash(b: &dyn Backend) {
     );
     // Too large, and over quota.
     let r = store
-        .blob_put(piece([7; 16], mb, 9000, [0; 32], 0, vec![1; 10]), SRC, NOW)
+        .blob_put(
+            piece(BlobId([7; 16]), mb, 9000, [0; 32], 0, vec![1; 10]),
+            SRC,
+            NOW,
+        )
         .await
         .expect("put");
     assert_eq!(r, BlobPutOutcome::Refused(RefusalCode::TooLarge));
     let r = store
-        .blob_put(piece([6; 16], mb, 6000, [0; 32], 0, vec![1; 10]), SRC, NOW)
+        .blob_put(
+            piece(BlobId([6; 16]), mb, 6000, [0; 32], 0, vec![1; 10]),
+            SRC,
+            NOW,
+        )
         .await
         .expect("put");
     assert_eq!(r, BlobPutOutcome::Refused(RefusalCode::OverQuota));
@@ -340,7 +348,7 @@ pub async fn runs_of_pieces_answer_as_pieces_one_by_one(b: &dyn Backend) {
     let mb = MailboxId::of(&[1; 32]);
     store.register(mb, [1; 32], NOW).await.expect("reg");
     let data: Vec<u8> = (0..8_000u32).map(|i| (i * 7) as u8).collect();
-    let id = [5u8; 16];
+    let id = BlobId([5u8; 16]);
     let p = |off: usize, end: usize, hash: [u8; 32]| {
         piece(id, mb, 8_000, hash, off as u64, data[off..end].to_vec())
     };
@@ -389,7 +397,7 @@ pub async fn runs_of_pieces_answer_as_pieces_one_by_one(b: &dyn Backend) {
 
     // The last piece states a hash the blob does not have: the whole run
     // is answered with the mismatch and the blob is gone.
-    let id2 = [6u8; 16];
+    let id2 = BlobId([6u8; 16]);
     let mb2 = MailboxId::of(&[2; 32]);
     store.register(mb2, [2; 32], NOW).await.expect("reg");
     let bad = |off: usize, end: usize, hash: [u8; 32]| {
@@ -436,7 +444,7 @@ pub async fn one_source_holds_at_most_its_share_of_a_mailbox(b: &dyn Backend) {
             other => panic!("{other:?}"),
         }
     }
-    let blob = [9u8; 16];
+    let blob = BlobId([9u8; 16]);
     let r = store
         .blob_put(
             piece(blob, mb, 1000, [0; 32], 0, vec![1; 10]),
@@ -454,7 +462,7 @@ pub async fn one_source_holds_at_most_its_share_of_a_mailbox(b: &dyn Backend) {
     assert_eq!(over, SubmitOutcome::Refused(RefusalCode::OverQuota));
     let r = store
         .blob_put(
-            piece([8; 16], mb, 10, [0; 32], 0, vec![1; 10]),
+            piece(BlobId([8; 16]), mb, 10, [0; 32], 0, vec![1; 10]),
             stranger,
             NOW,
         )
@@ -499,7 +507,7 @@ pub async fn blob_lengths_move_by_compare_and_set(b: &dyn Backend) {
     let ledger = store.ledger().clone();
     let mb = MailboxId::of(&[1; 32]);
     store.register(mb, [1; 32], NOW).await.expect("reg");
-    let adv = |id: [u8; 16], total_len, from, to, complete| BlobAdvance {
+    let adv = |id: BlobId, total_len, from, to, complete| BlobAdvance {
         blob_id: id,
         mailbox: mb,
         total_len,
@@ -510,7 +518,7 @@ pub async fn blob_lengths_move_by_compare_and_set(b: &dyn Backend) {
         hash: [0; 32],
         source: SRC,
     };
-    let id = [1u8; 16];
+    let id = BlobId([1u8; 16]);
     assert_eq!(
         ledger
             .blob_advance(adv(id, 100, None, 10, false))
@@ -566,7 +574,7 @@ pub async fn blob_lengths_move_by_compare_and_set(b: &dyn Backend) {
     );
     assert_eq!(
         ledger
-            .blob_advance(adv([2; 16], 10, Some(0), 10, true))
+            .blob_advance(adv(BlobId([2; 16]), 10, Some(0), 10, true))
             .await
             .expect("f"),
         Advanced::Conflict { stored: None },
@@ -578,7 +586,7 @@ pub async fn blob_lengths_move_by_compare_and_set(b: &dyn Backend) {
     let mut tasks = Vec::new();
     for i in 0..10u8 {
         let l = ledger.clone();
-        let a = adv([10 + i; 16], 2000, None, 1, false);
+        let a = adv(BlobId([10 + i; 16]), 2000, None, 1, false);
         tasks.push(tokio::spawn(async move { l.blob_advance(a).await }));
     }
     let mut committed = 0;
@@ -595,7 +603,7 @@ pub async fn blob_lengths_move_by_compare_and_set(b: &dyn Backend) {
         ledger
             .blob_advance(BlobAdvance {
                 mailbox: MailboxId::of(&[7; 32]),
-                ..adv([30; 16], 10, None, 10, false)
+                ..adv(BlobId([30; 16]), 10, None, 10, false)
             })
             .await
             .expect("unknown"),
@@ -611,7 +619,7 @@ pub async fn orphan_blobs_are_removed(b: &dyn Backend, age_all: &dyn Fn()) {
     let mb = MailboxId::of(&[1; 32]);
     store.register(mb, [1; 32], NOW).await.expect("reg");
     let data = vec![7u8; 100];
-    let kept = [3u8; 16];
+    let kept = BlobId([3u8; 16]);
     let r = store
         .blob_put(piece(kept, mb, 100, h(&data), 0, data.clone()), SRC, NOW)
         .await
@@ -625,7 +633,7 @@ pub async fn orphan_blobs_are_removed(b: &dyn Backend, age_all: &dyn Fn()) {
     );
     // Bytes written, and their row gone (a stop between the two steps of
     // a delete leaves this).
-    let orphan = [12u8; 16];
+    let orphan = BlobId([12u8; 16]);
     store
         .blobs()
         .write_run(

@@ -30,7 +30,7 @@ pub(crate) fn remove_gradually(path: &Path) {
 pub(crate) const MAX_OPEN_UPLOADS: usize = 64;
 
 /// The blob id a file name in the blob directory stands for, if it is one.
-pub(crate) fn blob_id_of_name(name: &str) -> Option<[u8; 16]> {
+pub(crate) fn blob_id_of_name(name: &str) -> Option<BlobId> {
     if name.len() != 32
         || !name
             .bytes()
@@ -42,11 +42,11 @@ pub(crate) fn blob_id_of_name(name: &str) -> Option<[u8; 16]> {
     for (i, byte) in id.iter_mut().enumerate() {
         *byte = u8::from_str_radix(&name[2 * i..2 * i + 2], 16).ok()?;
     }
-    Some(id)
+    Some(BlobId(id))
 }
 
-pub(crate) fn blob_path(dir: &Path, id: &[u8; 16]) -> PathBuf {
-    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+pub(crate) fn blob_path(dir: &Path, id: &BlobId) -> PathBuf {
+    let hex: String = id.0.iter().map(|b| format!("{b:02x}")).collect();
     dir.join(hex)
 }
 
@@ -57,7 +57,7 @@ pub(crate) fn blob_path(dir: &Path, id: &[u8; 16]) -> PathBuf {
 pub struct FileBlobs {
     dir: PathBuf,
     /// Uploads in progress, at most [`MAX_OPEN_UPLOADS`].
-    uploads: Mutex<HashMap<[u8; 16], Upload>>,
+    uploads: Mutex<HashMap<BlobId, Upload>>,
     /// Aligned buffers for direct writes and reads, reused (at most 4).
     bufs: Mutex<Vec<AlignedBuf>>,
     sync_latency: prometheus_client::metrics::histogram::Histogram,
@@ -85,7 +85,7 @@ impl FileBlobs {
         })
     }
 
-    pub fn path(&self, id: &[u8; 16]) -> PathBuf {
+    pub fn path(&self, id: &BlobId) -> PathBuf {
         blob_path(&self.dir, id)
     }
 
@@ -157,7 +157,7 @@ pub(crate) fn private_dir(d: &Path) -> Result<(), StoreError> {
 impl BlobStore for FileBlobs {
     fn write_run(
         &self,
-        id: &[u8; 16],
+        id: &BlobId,
         offset: u64,
         new: bool,
         run: &[BlobPiece],
@@ -199,7 +199,7 @@ impl BlobStore for FileBlobs {
     }
 
     /// With `O_DIRECT` where the file system takes it.
-    fn read(&self, id: &[u8; 16], offset: u64, n: usize, out: &mut Vec<u8>) -> io::Result<()> {
+    fn read(&self, id: &BlobId, offset: u64, n: usize, out: &mut Vec<u8>) -> io::Result<()> {
         if n == 0 {
             return Ok(());
         }
@@ -219,7 +219,7 @@ impl BlobStore for FileBlobs {
         })
     }
 
-    fn remove(&self, id: &[u8; 16]) {
+    fn remove(&self, id: &BlobId) {
         if let Ok(mut m) = self.uploads.lock() {
             m.remove(id);
         }
@@ -227,7 +227,7 @@ impl BlobStore for FileBlobs {
     }
 
     /// Only names a blob file can have (32 hex digits) are listed.
-    fn older_than(&self, age: Duration) -> io::Result<Vec<[u8; 16]>> {
+    fn older_than(&self, age: Duration) -> io::Result<Vec<BlobId>> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let entry = entry?;

@@ -18,7 +18,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use sealpost_proto::relay::{BlobPiece, Item, MailboxId, RefusalCode};
+use sealpost_proto::relay::{BlobId, BlobPiece, Item, MailboxId, RefusalCode};
 
 use crate::{CommitStats, Latencies, Registered, Source, StoreError, SubmitOutcome};
 
@@ -42,7 +42,7 @@ pub struct BlobState {
 /// already durable in the blob store).
 #[derive(Clone, Copy, Debug)]
 pub struct BlobAdvance {
-    pub blob_id: [u8; 16],
+    pub blob_id: BlobId,
     pub mailbox: MailboxId,
     pub total_len: u64,
     pub expires_at: u64,
@@ -141,22 +141,22 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Fut<'_, Fetched>;
     /// Deletes expired items and blobs: how many, and the blobs whose
     /// bytes are to be removed.
-    fn sweep(&self, now: u64) -> Fut<'_, (u64, Vec<[u8; 16]>)>;
+    fn sweep(&self, now: u64) -> Fut<'_, (u64, Vec<BlobId>)>;
     fn status(&self, mailbox: MailboxId) -> Fut<'_, MailboxUse>;
     /// The bytes of `mailbox` that items and blobs from `source` hold.
     fn share_used(&self, mailbox: MailboxId, source: Source) -> Fut<'_, u64>;
-    fn blob(&self, blob_id: [u8; 16]) -> Fut<'_, Option<BlobState>>;
+    fn blob(&self, blob_id: BlobId) -> Fut<'_, Option<BlobState>>;
     /// Moves a blob's stored length, if it is still what the writer saw
     /// (compare-and-set); creates the row of a new blob within the
     /// mailbox's quota and the source's share.
     fn blob_advance(&self, advance: BlobAdvance) -> Fut<'_, Advanced>;
     /// Deletes a blob of `mailbox` (true if there was one); its bytes are
     /// the caller's to remove after.
-    fn blob_delete(&self, blob_id: [u8; 16], mailbox: MailboxId) -> Fut<'_, bool>;
+    fn blob_delete(&self, blob_id: BlobId, mailbox: MailboxId) -> Fut<'_, bool>;
     /// Which of `ids` have a row (for orphan sweeping).
-    fn blobs_known(&self, ids: Vec<[u8; 16]>) -> Fut<'_, Vec<bool>>;
+    fn blobs_known(&self, ids: Vec<BlobId>) -> Fut<'_, Vec<bool>>;
     /// Complete blobs with their hashes, for scrubbing.
-    fn complete_blobs(&self) -> Fut<'_, Vec<([u8; 16], [u8; 32])>>;
+    fn complete_blobs(&self) -> Fut<'_, Vec<(BlobId, [u8; 32])>>;
     /// Re-reads every item and returns the seqs of those whose payload
     /// does not match its hash, with how many were read.
     fn scrub_items(&self) -> Fut<'_, (u64, Vec<u64>)>;
@@ -188,23 +188,23 @@ pub trait BlobStore: Send + Sync + 'static {
     /// all of it.
     fn write_run(
         &self,
-        id: &[u8; 16],
+        id: &BlobId,
         offset: u64,
         new: bool,
         run: &[BlobPiece],
         complete: bool,
     ) -> std::io::Result<Option<[u8; 32]>>;
     /// Appends `n` bytes of blob `id` from `offset` to `out`.
-    fn read(&self, id: &[u8; 16], offset: u64, n: usize, out: &mut Vec<u8>) -> std::io::Result<()>;
+    fn read(&self, id: &BlobId, offset: u64, n: usize, out: &mut Vec<u8>) -> std::io::Result<()>;
     /// Removes a blob's bytes and anything kept about it (best effort:
     /// bytes without a ledger row are never served).
-    fn remove(&self, id: &[u8; 16]);
+    fn remove(&self, id: &BlobId);
     /// Blobs last written at least `age` ago (candidates for orphans).
-    fn older_than(&self, age: std::time::Duration) -> std::io::Result<Vec<[u8; 16]>>;
+    fn older_than(&self, age: std::time::Duration) -> std::io::Result<Vec<BlobId>>;
     /// Bytes free for new blobs, if the store can tell.
     fn free_bytes(&self) -> std::io::Result<Option<u64>>;
     /// BLAKE3 of a blob's first `len` bytes, reading them back.
-    fn hash(&self, id: &[u8; 16], len: u64) -> std::io::Result<[u8; 32]> {
+    fn hash(&self, id: &BlobId, len: u64) -> std::io::Result<[u8; 32]> {
         let mut h = blake3::Hasher::new();
         let mut at = 0u64;
         let mut buf = Vec::with_capacity(1 << 20);

@@ -65,7 +65,7 @@ use sealpost_proto::relay::{BlobPiece, MAX_BLOB_PIECE};
 
 use crate::upload::Upload;
 use rusqlite::{params, Connection, OptionalExtension};
-use sealpost_proto::relay::{Item, MailboxId, RefusalCode};
+use sealpost_proto::relay::{BlobId, Item, MailboxId, RefusalCode};
 use tokio::sync::oneshot;
 
 #[derive(Debug, thiserror::Error)]
@@ -587,7 +587,7 @@ pub struct ScrubReport {
     pub items: u64,
     pub damaged_items: Vec<u64>,
     pub blobs: u64,
-    pub damaged_blobs: Vec<[u8; 16]>,
+    pub damaged_blobs: Vec<BlobId>,
 }
 
 #[cfg(test)]
@@ -598,7 +598,7 @@ mod tests {
     /// Only names a blob file can have map back to a blob id.
     #[test]
     fn blob_file_names_map_back_to_ids() {
-        let id = [0xab; 16];
+        let id = BlobId([0xab; 16]);
         let path = blob_path(Path::new("/x"), &id);
         let name = path.file_name().and_then(|n| n.to_str()).expect("name");
         assert_eq!(blob_id_of_name(name), Some(id));
@@ -621,7 +621,7 @@ mod tests {
     fn followers_are_bounded_in_time_reach_and_number() {
         let t0 = Instant::now();
         let mut f = Followers::default();
-        let id = [1u8; 16];
+        let id = BlobId([1u8; 16]);
         assert_eq!(f.behind(&id, 100, t0), None);
         f.read(&id, 10 << 20, t0);
         assert_eq!(f.behind(&id, 30 << 20, t0), Some(20 << 20));
@@ -635,31 +635,13 @@ mod tests {
         // Bounded: a new follower past the bound is not tracked while all
         // are fresh, and is once the others went stale.
         for k in 0..MAX_FOLLOWERS {
-            f.read(
-                &[
-                    (k % 256) as u8,
-                    (k / 256) as u8 + 2,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                ],
-                1,
-                t0,
-            );
+            let mut id = [0u8; 16];
+            id[0] = (k % 256) as u8;
+            id[1] = (k / 256) as u8 + 2;
+            f.read(&BlobId(id), 1, t0);
         }
         assert!(f.reads.len() <= MAX_FOLLOWERS);
-        let late = [9u8; 16];
+        let late = BlobId([9u8; 16]);
         f.read(&late, 1, t0);
         assert_eq!(f.behind(&late, 2, t0), None);
         let later = t0 + FOLLOW_FRESH;

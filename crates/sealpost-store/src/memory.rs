@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rand_core::{OsRng, RngCore};
-use sealpost_proto::relay::{BlobPiece, Item, MailboxId, RefusalCode};
+use sealpost_proto::relay::{BlobId, BlobPiece, Item, MailboxId, RefusalCode};
 
 use crate::ledger::*;
 use crate::{CommitStats, Latencies, Limits, Registered, Source, StoreError, SubmitOutcome};
@@ -35,7 +35,7 @@ struct State {
     mailboxes: HashMap<MailboxId, ([u8; 32], u64, u64)>,
     items: BTreeMap<u64, ItemRow>,
     next_seq: u64,
-    blobs: HashMap<[u8; 16], BlobRow>,
+    blobs: HashMap<BlobId, BlobRow>,
     shares: HashMap<(MailboxId, Source), u64>,
     stats: CommitStats,
     closed: bool,
@@ -217,7 +217,7 @@ impl Ledger for MemLedger {
         })
     }
 
-    fn sweep(&self, now: u64) -> Fut<'_, (u64, Vec<[u8; 16]>)> {
+    fn sweep(&self, now: u64) -> Fut<'_, (u64, Vec<BlobId>)> {
         self.write(move |s| {
             let gone: Vec<u64> = s
                 .items
@@ -232,7 +232,7 @@ impl Ledger for MemLedger {
                     n += 1;
                 }
             }
-            let blobs: Vec<[u8; 16]> = s
+            let blobs: Vec<BlobId> = s
                 .blobs
                 .iter()
                 .filter(|(_, b)| b.state.expires_at <= now)
@@ -263,7 +263,7 @@ impl Ledger for MemLedger {
         self.with(move |s| s.share(mailbox, source))
     }
 
-    fn blob(&self, blob_id: [u8; 16]) -> Fut<'_, Option<BlobState>> {
+    fn blob(&self, blob_id: BlobId) -> Fut<'_, Option<BlobState>> {
         self.with(move |s| s.blobs.get(&blob_id).map(|b| b.state))
     }
 
@@ -318,7 +318,7 @@ impl Ledger for MemLedger {
         })
     }
 
-    fn blob_delete(&self, blob_id: [u8; 16], mailbox: MailboxId) -> Fut<'_, bool> {
+    fn blob_delete(&self, blob_id: BlobId, mailbox: MailboxId) -> Fut<'_, bool> {
         self.write(move |s| {
             if s.blobs
                 .get(&blob_id)
@@ -333,11 +333,11 @@ impl Ledger for MemLedger {
         })
     }
 
-    fn blobs_known(&self, ids: Vec<[u8; 16]>) -> Fut<'_, Vec<bool>> {
+    fn blobs_known(&self, ids: Vec<BlobId>) -> Fut<'_, Vec<bool>> {
         self.with(move |s| ids.iter().map(|id| s.blobs.contains_key(id)).collect())
     }
 
-    fn complete_blobs(&self) -> Fut<'_, Vec<([u8; 16], [u8; 32])>> {
+    fn complete_blobs(&self) -> Fut<'_, Vec<(BlobId, [u8; 32])>> {
         self.with(|s| {
             s.blobs
                 .iter()
@@ -415,7 +415,7 @@ type MemBlob = (Vec<u8>, Instant);
 /// Blob bytes in memory.
 #[derive(Default)]
 pub struct MemBlobs {
-    blobs: Mutex<HashMap<[u8; 16], MemBlob>>,
+    blobs: Mutex<HashMap<BlobId, MemBlob>>,
 }
 
 impl std::fmt::Debug for MemBlobs {
@@ -426,7 +426,7 @@ impl std::fmt::Debug for MemBlobs {
 
 impl MemBlobs {
     /// Damages a blob's byte at `at` (for tests of scrubbing and repair).
-    pub fn flip(&self, id: &[u8; 16], at: usize) {
+    pub fn flip(&self, id: &BlobId, at: usize) {
         if let Ok(mut m) = self.blobs.lock() {
             if let Some(b) = m.get_mut(id).and_then(|(v, _)| v.get_mut(at)) {
                 *b ^= 1;
@@ -447,7 +447,7 @@ impl MemBlobs {
 impl BlobStore for MemBlobs {
     fn write_run(
         &self,
-        id: &[u8; 16],
+        id: &BlobId,
         offset: u64,
         _new: bool,
         run: &[BlobPiece],
@@ -473,7 +473,7 @@ impl BlobStore for MemBlobs {
         Ok(complete.then(|| *blake3::hash(bytes).as_bytes()))
     }
 
-    fn read(&self, id: &[u8; 16], offset: u64, n: usize, out: &mut Vec<u8>) -> io::Result<()> {
+    fn read(&self, id: &BlobId, offset: u64, n: usize, out: &mut Vec<u8>) -> io::Result<()> {
         let m = self
             .blobs
             .lock()
@@ -487,13 +487,13 @@ impl BlobStore for MemBlobs {
         Ok(())
     }
 
-    fn remove(&self, id: &[u8; 16]) {
+    fn remove(&self, id: &BlobId) {
         if let Ok(mut m) = self.blobs.lock() {
             m.remove(id);
         }
     }
 
-    fn older_than(&self, age: Duration) -> io::Result<Vec<[u8; 16]>> {
+    fn older_than(&self, age: Duration) -> io::Result<Vec<BlobId>> {
         let m = self
             .blobs
             .lock()

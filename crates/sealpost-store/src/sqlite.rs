@@ -174,7 +174,7 @@ impl Ledger for SqliteLedger {
         }))
     }
 
-    fn sweep(&self, now: u64) -> Fut<'_, (u64, Vec<[u8; 16]>)> {
+    fn sweep(&self, now: u64) -> Fut<'_, (u64, Vec<BlobId>)> {
         Box::pin(self.call(move |reply| Op::Sweep { now, reply }))
     }
 
@@ -205,7 +205,7 @@ impl Ledger for SqliteLedger {
         ready(self.read(|c| share_used(c, &mailbox.0, source.as_bytes())))
     }
 
-    fn blob(&self, blob_id: [u8; 16]) -> Fut<'_, Option<BlobState>> {
+    fn blob(&self, blob_id: BlobId) -> Fut<'_, Option<BlobState>> {
         ready(self.read(|c| blob_row(c, &blob_id)))
     }
 
@@ -213,7 +213,7 @@ impl Ledger for SqliteLedger {
         Box::pin(self.call(move |reply| Op::BlobAdvance { advance, reply }))
     }
 
-    fn blob_delete(&self, blob_id: [u8; 16], mailbox: MailboxId) -> Fut<'_, bool> {
+    fn blob_delete(&self, blob_id: BlobId, mailbox: MailboxId) -> Fut<'_, bool> {
         Box::pin(self.call(move |reply| Op::BlobDelete {
             blob_id,
             mailbox,
@@ -221,23 +221,23 @@ impl Ledger for SqliteLedger {
         }))
     }
 
-    fn blobs_known(&self, ids: Vec<[u8; 16]>) -> Fut<'_, Vec<bool>> {
+    fn blobs_known(&self, ids: Vec<BlobId>) -> Fut<'_, Vec<bool>> {
         ready(self.read(|c| {
             let mut known = c.prepare_cached("SELECT 1 FROM blobs WHERE id = ?1")?;
             ids.iter()
-                .map(|id| known.exists(params![id.to_vec()]))
+                .map(|id| known.exists(params![id.0.to_vec()]))
                 .collect()
         }))
     }
 
-    fn complete_blobs(&self) -> Fut<'_, Vec<([u8; 16], [u8; 32])>> {
+    fn complete_blobs(&self) -> Fut<'_, Vec<(BlobId, [u8; 32])>> {
         ready(self.read(|c| {
             let mut stmt = c.prepare("SELECT id, hash FROM blobs WHERE complete = 1")?;
             let rows = stmt.query_map([], |r| {
                 let id: Vec<u8> = r.get(0)?;
                 let hash: Vec<u8> = r.get(1)?;
                 Ok((
-                    id.try_into().unwrap_or([0; 16]),
+                    BlobId(id.try_into().unwrap_or([0; 16])),
                     hash.try_into().unwrap_or([0; 32]),
                 ))
             })?;
@@ -356,11 +356,11 @@ impl Ledger for SqliteLedger {
     }
 }
 
-pub(crate) fn blob_row(c: &Connection, id: &[u8; 16]) -> rusqlite::Result<Option<BlobState>> {
+pub(crate) fn blob_row(c: &Connection, id: &BlobId) -> rusqlite::Result<Option<BlobState>> {
     c.prepare_cached(
         "SELECT mailbox, total_len, stored, complete, hash, expires_at FROM blobs WHERE id = ?1",
     )?
-    .query_row(params![id.to_vec()], |r| {
+    .query_row(params![id.0.to_vec()], |r| {
         let mb: Vec<u8> = r.get(0)?;
         let hash: Vec<u8> = r.get(4)?;
         Ok(BlobState {

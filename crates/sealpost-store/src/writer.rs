@@ -6,7 +6,7 @@ use crate::sqlite::blob_row;
 
 /// Items and blobs removed by a sweep; the blob files are deleted after
 /// the commit.
-pub(crate) type SweepReply = oneshot::Sender<Result<(u64, Vec<[u8; 16]>), StoreError>>;
+pub(crate) type SweepReply = oneshot::Sender<Result<(u64, Vec<BlobId>), StoreError>>;
 
 pub(crate) enum Op {
     Register {
@@ -29,7 +29,7 @@ pub(crate) enum Op {
         reply: oneshot::Sender<Result<Advanced, StoreError>>,
     },
     BlobDelete {
-        blob_id: [u8; 16],
+        blob_id: BlobId,
         mailbox: MailboxId,
         reply: oneshot::Sender<Result<bool, StoreError>>,
     },
@@ -202,7 +202,7 @@ pub(crate) enum Reply {
     ),
     Count(oneshot::Sender<Result<u32, StoreError>>, u32),
     Advanced(oneshot::Sender<Result<Advanced, StoreError>>, Advanced),
-    Sweep(SweepReply, u64, Vec<[u8; 16]>),
+    Sweep(SweepReply, u64, Vec<BlobId>),
 }
 
 impl Reply {
@@ -382,7 +382,7 @@ pub(crate) fn apply(
                         "UPDATE blobs SET stored = ?2, complete = ?3, hash = ?4 WHERE id = ?1",
                     )?
                     .execute(params![
-                        a.blob_id.to_vec(),
+                        a.blob_id.0.to_vec(),
                         i64_of(a.to),
                         a.complete as i64,
                         a.hash.to_vec()
@@ -417,7 +417,7 @@ pub(crate) fn apply(
                                 "INSERT INTO blobs (id, mailbox, total_len, hash, expires_at, stored, complete, source)
                                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                                 params![
-                                    a.blob_id.to_vec(),
+                                    a.blob_id.0.to_vec(),
                                     a.mailbox.0.to_vec(),
                                     i64_of(a.total_len),
                                     a.hash.to_vec(),
@@ -452,7 +452,7 @@ pub(crate) fn apply(
             let gone: Option<(i64, Option<Vec<u8>>)> = tx
                 .query_row(
                     "DELETE FROM blobs WHERE id = ?1 AND mailbox = ?2 RETURNING total_len, source",
-                    params![blob_id.to_vec(), mailbox.0.to_vec()],
+                    params![blob_id.0.to_vec(), mailbox.0.to_vec()],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
@@ -501,7 +501,7 @@ pub(crate) fn apply(
                     params![mb, len],
                 )?;
                 release_share(tx, &mb, source.as_deref(), len)?;
-                ids.push(id.try_into().unwrap_or([0; 16]));
+                ids.push(BlobId(id.try_into().unwrap_or([0; 16])));
             }
             Reply::Sweep(reply, n, ids)
         }

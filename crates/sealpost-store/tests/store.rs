@@ -1,4 +1,4 @@
-use sealpost_proto::relay::{BlobPiece, MailboxId};
+use sealpost_proto::relay::{BlobId, BlobPiece, MailboxId};
 use std::sync::Arc;
 
 use sealpost_store::conformance;
@@ -30,8 +30,8 @@ impl conformance::Backend for Embedded {
     fn durable(&self) -> bool {
         true
     }
-    fn damage(&self, id: &[u8; 16], at: u64) {
-        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    fn damage(&self, id: &BlobId, at: u64) {
+        let hex: String = id.0.iter().map(|b| format!("{b:02x}")).collect();
         let path = self.0.path().join("blobs").join(hex);
         let mut bytes = std::fs::read(&path).expect("blob file");
         bytes[at as usize] ^= 1;
@@ -59,7 +59,7 @@ impl conformance::Backend for InMemory {
     fn durable(&self) -> bool {
         false
     }
-    fn damage(&self, id: &[u8; 16], at: u64) {
+    fn damage(&self, id: &BlobId, at: u64) {
         if let Some(b) = self.0.lock().expect("lock").as_ref() {
             b.flip(id, at as usize);
         }
@@ -121,7 +121,7 @@ fn h(b: &[u8]) -> [u8; 32] {
 
 /// A piece of a blob expiring ten seconds from `NOW`.
 fn piece(
-    blob_id: [u8; 16],
+    blob_id: BlobId,
     mailbox: MailboxId,
     total_len: u64,
     blob_hash: [u8; 32],
@@ -159,7 +159,7 @@ async fn a_streaming_recipient_holds_an_upload_back_a_little() {
     let store = Store::open(dir.path(), limits).expect("open");
     let mb = MailboxId::of(&[1; 32]);
     store.register(mb, [1; 32], NOW).await.expect("reg");
-    let id = [4u8; 16];
+    let id = BlobId([4u8; 16]);
     let put = |at: usize| {
         let store = store.clone();
         async move {
@@ -235,7 +235,7 @@ async fn old_orphan_blob_files_are_removed() {
     let store = Store::open(dir.path(), limits()).expect("open");
     let mb = MailboxId::of(&[1; 32]);
     store.register(mb, [1; 32], NOW).await.expect("reg");
-    let id = [3u8; 16];
+    let id = BlobId([3u8; 16]);
     let data = vec![7u8; 100];
     let r = store
         .blob_put(piece(id, mb, 100, h(&data), 0, data.clone()), SRC, NOW)

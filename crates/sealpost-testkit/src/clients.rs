@@ -436,7 +436,7 @@ async fn probe(cfg: AttackConfig, seed: u64, until: Instant) -> (u64, u64) {
         if Instant::now() >= until {
             break;
         }
-        let blob: [u8; 16] = rng.gen();
+        let blob = sealpost_proto::relay::BlobId(rng.gen());
         let status = c.blob_status(blob).await;
         let get = c.blob_get(blob, 0, 1024).await;
         match (status, get) {

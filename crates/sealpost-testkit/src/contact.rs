@@ -218,7 +218,7 @@ impl HostileContact {
                 .map_err(ClientError::Io)?;
             let blob_id = BlobId::random(&mut rng);
             let piece = BlobPiece {
-                blob_id: blob_id.0,
+                blob_id,
                 mailbox,
                 total_len: sealed_blob.len() as u64,
                 blob_hash: *summary.blob_hash.as_bytes(),

@@ -561,7 +561,7 @@ impl Tamper for Hostile {
 
     fn blob_put(
         &self,
-        blob_id: &[u8; 16],
+        blob_id: &sealpost_proto::relay::BlobId,
         mailbox: &MailboxId,
         offset: u64,
     ) -> Option<ForgedRefusal> {
@@ -575,7 +575,7 @@ impl Tamper for Hostile {
         }
         // The uploader notices per blob, not per piece.
         let _ = offset;
-        let item = format!("blob:{}", hex(blob_id));
+        let item = format!("blob:{}", hex(&blob_id.0));
         self.log(st, Fault::ForgeRefusal, mailbox, &item, None);
         Some(
             [
@@ -586,7 +586,13 @@ impl Tamper for Hostile {
         )
     }
 
-    fn blob_data(&self, mailbox: &MailboxId, blob_id: &[u8; 16], offset: u64, data: &mut Vec<u8>) {
+    fn blob_data(
+        &self,
+        mailbox: &MailboxId,
+        blob_id: &sealpost_proto::relay::BlobId,
+        offset: u64,
+        data: &mut Vec<u8>,
+    ) {
         if self.healed() || data.is_empty() {
             return;
         }
@@ -594,7 +600,7 @@ impl Tamper for Hostile {
             return;
         };
         let st = &mut *st;
-        let item = format!("blob:{}@{offset}", hex(blob_id));
+        let item = format!("blob:{}@{offset}", hex(&blob_id.0));
         if self.roll(st, Fault::BlobFlip) {
             let bit = st.rng.gen_range(0..data.len() * 8);
             data[bit / 8] ^= 1 << (bit % 8);

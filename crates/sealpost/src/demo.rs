@@ -298,7 +298,7 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     // The blob's hash, stated by the last piece, is learnt on the way.
     let mut blob_hash = blake3::Hasher::new();
     let blob_len = manifest.layout.blob_len();
-    let blob_id = manifest.blob_id.0;
+    let blob_id = manifest.blob_id;
     {
         let mut f = File::open(&blob_path).context("open")?;
         let mut off = 0u64;

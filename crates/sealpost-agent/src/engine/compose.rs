@@ -145,7 +145,7 @@ impl Agent {
             &crate::outbox::FileOut {
                 msg: m.id,
                 path: abs.to_string_lossy().into_owned(),
-                blob_id: blob_id.0,
+                blob_id,
                 key,
                 size: layout.plaintext_len,
                 chunk_size: layout.chunk_size,

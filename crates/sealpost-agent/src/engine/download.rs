@@ -135,7 +135,7 @@ impl Engine {
                 }
             }
         }
-        let blob_hex: String = d.blob_id.iter().map(|b| format!("{b:02x}")).collect();
+        let blob_hex: String = d.blob_id.0.iter().map(|b| format!("{b:02x}")).collect();
         let cipher = d.key.cipher();
         let part_path = transfer::part_path(&dir, &blob_hex);
         let keep = (d.next_chunk * d.chunk_size as u64).min(d.size);
@@ -238,7 +238,7 @@ impl Engine {
                                     if !damaged.is_empty() {
                                         self.found.push((
                                             Caught::DamagedChunk,
-                                            format!("blob:{}@{at}", hex(&repair_id)),
+                                            format!("blob:{}@{at}", hex(&repair_id.0)),
                                         ));
                                     }
                                     still.extend(damaged);
@@ -319,7 +319,7 @@ impl Engine {
                         if !damaged.is_empty() {
                             this.found.push((
                                 Caught::DamagedChunk,
-                                format!("blob:{}@{off}", hex(&blob_id)),
+                                format!("blob:{}@{off}", hex(&blob_id.0)),
                             ));
                         }
                         bad.extend(damaged);
@@ -394,7 +394,7 @@ impl Engine {
                     Ok(v) if complete_known || off + n as u64 <= stored_known => {
                         self.found.push((
                             Caught::ShortBlobData,
-                            format!("blob:{}@{off}", hex(&blob_id)),
+                            format!("blob:{}@{off}", hex(&blob_id.0)),
                         ));
                         tracing::warn!(
                             "receiving {}: the relay sent {} of {n} bytes at {off} of a whole blob",

@@ -215,7 +215,7 @@ impl Engine {
                         sender: *h.sender.signing_bytes(),
                         agreement: *h.sender.agreement_bytes(),
                         relay,
-                        blob_id: f.blob_id.0,
+                        blob_id: f.blob_id,
                         key: f.key.clone(),
                         size: f.layout.plaintext_len,
                         chunk_size: f.layout.chunk_size,

@@ -382,7 +382,7 @@ pub struct Engine {
     /// Blobs of files received whole in this pass, deleted at the relay
     /// after the receipts went out (a relay may take a while to free a
     /// large file; the sender should not wait for that).
-    blob_deletes: Vec<[u8; 16]>,
+    blob_deletes: Vec<sealpost_proto::manifest::BlobId>,
     _lock: File,
 }
 

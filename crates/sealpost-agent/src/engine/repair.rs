@@ -138,7 +138,7 @@ impl Engine {
                 self.agent.db.remove_repair(&job.msg, &job.recipient)?;
                 continue;
             };
-            let repair_id = sealpost_proto::manifest::BlobId::random(&mut OsRng).0;
+            let repair_id = sealpost_proto::manifest::BlobId::random(&mut OsRng);
             let mailbox = MailboxId::of(&job.recipient);
             let expires = self.clock.now_ms() / 1000 + REPORT_LIFETIME_SECS;
             let Some(link) = link_for(&mut self.home, &mut self.links, &self.home_addr, &relay)
@@ -192,8 +192,10 @@ impl Engine {
                     }
                     other => {
                         if matches!(other, Err(ClientError::ForgedRefusal(_))) {
-                            self.found
-                                .push((Caught::ForgedRefusal, format!("blob:{}", hex(&repair_id))));
+                            self.found.push((
+                                Caught::ForgedRefusal,
+                                format!("blob:{}", hex(&repair_id.0)),
+                            ));
                         }
                         ok = false;
                         break;

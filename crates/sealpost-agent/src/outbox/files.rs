@@ -1,13 +1,14 @@
 //! Files both ways: files sent (their blob uploads and groups), downloads of files received, and repairs of damaged chunks.
 
 use super::*;
+use sealpost_proto::manifest::BlobId;
 
 /// A file being sent: where its bytes come from and how they are encrypted.
 #[derive(Debug, Clone)]
 pub struct FileOut {
     pub msg: MessageId,
     pub path: String,
-    pub blob_id: [u8; 16],
+    pub blob_id: BlobId,
     pub key: sealpost_proto::blob::BlobKey,
     pub size: u64,
     pub chunk_size: u32,
@@ -24,7 +25,7 @@ pub struct Download {
     pub agreement: [u8; 32],
     /// Where the receipt goes.
     pub relay: Option<String>,
-    pub blob_id: [u8; 16],
+    pub blob_id: BlobId,
     pub key: sealpost_proto::blob::BlobKey,
     pub size: u64,
     pub chunk_size: u32,
@@ -158,7 +159,7 @@ pub(crate) fn download_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Downl
         sender: hash32(r.get(1)?),
         agreement: hash32(r.get(2)?),
         relay: r.get(3)?,
-        blob_id: id16(r.get(4)?),
+        blob_id: BlobId(id16(r.get(4)?)),
         key: sealpost_proto::blob::BlobKey(hash32(r.get(5)?)),
         size: to_u64(r.get(6)?),
         chunk_size: r.get(7)?,
@@ -205,7 +206,7 @@ pub(crate) fn insert_download(tx: &Transaction<'_>, d: &Download) -> rusqlite::R
         d.sender.to_vec(),
         d.agreement.to_vec(),
         d.relay,
-        d.blob_id.to_vec(),
+        d.blob_id.0.to_vec(),
         d.key.0.to_vec(),
         to_i64(d.size),
         d.chunk_size,
@@ -243,7 +244,7 @@ impl Db {
             params![
                 f.msg.0.to_vec(),
                 f.path,
-                f.blob_id.to_vec(),
+                f.blob_id.0.to_vec(),
                 f.key.0.to_vec(),
                 to_i64(f.size),
                 f.chunk_size,
@@ -295,7 +296,7 @@ impl Db {
                 Ok(FileOut {
                     msg: MessageId(id16(r.get(0)?)),
                     path: r.get(1)?,
-                    blob_id: id16(r.get(2)?),
+                    blob_id: BlobId(id16(r.get(2)?)),
                     key: sealpost_proto::blob::BlobKey(hash32(r.get(3)?)),
                     size: to_u64(r.get(4)?),
                     chunk_size: r.get(5)?,
@@ -450,13 +451,13 @@ impl Db {
     /// The file we sent with this blob id to `recipient`, if any.
     pub fn file_out_by_blob(
         &self,
-        blob_id: &[u8; 16],
+        blob_id: &BlobId,
         recipient: &[u8; 32],
     ) -> Result<Option<(FileOut, DeliveryRow)>, AgentError> {
         let msg: Option<Vec<u8>> = self
             .conn
             .prepare_cached("SELECT msg FROM files_out WHERE blob_id = ?1")?
-            .query_row(params![blob_id.to_vec()], |r| r.get(0))
+            .query_row(params![blob_id.0.to_vec()], |r| r.get(0))
             .optional()?;
         let Some(msg) = msg else { return Ok(None) };
         let msg = MessageId(id16(msg));
@@ -513,7 +514,7 @@ impl Db {
     /// The download of a file with this blob id from `sender`.
     pub fn download_by_blob(
         &self,
-        blob_id: &[u8; 16],
+        blob_id: &BlobId,
         sender: &[u8; 32],
     ) -> Result<Option<Download>, AgentError> {
         Ok(self
@@ -522,7 +523,7 @@ impl Db {
                 "SELECT {DOWNLOAD_COLS} FROM downloads WHERE blob_id = ?1 AND sender = ?2"
             ))?
             .query_row(
-                params![blob_id.to_vec(), sender.to_vec()],
+                params![blob_id.0.to_vec(), sender.to_vec()],
                 download_from_row,
             )
             .optional()?)

@@ -146,11 +146,14 @@ fn deterministic() -> Value {
         }]),
     )
     .expect("rejection");
-    let repair_request =
-        sealpost_proto::repair::RepairRequest::new([0x88; 16], vec![1, 2]).expect("request");
+    let repair_request = sealpost_proto::repair::RepairRequest::new(
+        sealpost_proto::manifest::BlobId([0x88; 16]),
+        vec![1, 2],
+    )
+    .expect("request");
     let repair_offer = sealpost_proto::repair::RepairOffer {
-        blob_id: [0x88; 16],
-        repair_blob_id: [0x99; 16],
+        blob_id: sealpost_proto::manifest::BlobId([0x88; 16]),
+        repair_blob_id: sealpost_proto::manifest::BlobId([0x99; 16]),
         repair_len: 2 * (4096 + 16),
         repair_hash: [0x5a; 32],
         chunks: vec![1, 2],
@@ -354,7 +357,7 @@ fn relay_vectors() -> Value {
             // bytes (PROTOCOL 6.6).
             "BlobPut",
             Request::BlobPut(BlobPiece {
-                blob_id: [0x88; 16],
+                blob_id: sealpost_proto::manifest::BlobId([0x88; 16]),
                 mailbox: bob_mb,
                 total_len: 10_160,
                 blob_hash: [0; 32],
@@ -367,7 +370,7 @@ fn relay_vectors() -> Value {
             // The piece that completes it states the whole blob's BLAKE3.
             "BlobPut (last piece)",
             Request::BlobPut(BlobPiece {
-                blob_id: [0x88; 16],
+                blob_id: sealpost_proto::manifest::BlobId([0x88; 16]),
                 mailbox: bob_mb,
                 total_len: 10_160,
                 blob_hash: [0x33; 32],
@@ -379,13 +382,13 @@ fn relay_vectors() -> Value {
         (
             "BlobStatus",
             Request::BlobStatus {
-                blob_id: [0x88; 16],
+                blob_id: sealpost_proto::manifest::BlobId([0x88; 16]),
             },
         ),
         (
             "BlobGet",
             Request::BlobGet {
-                blob_id: [0x88; 16],
+                blob_id: sealpost_proto::manifest::BlobId([0x88; 16]),
                 offset: 4112,
                 len: 4112,
             },
@@ -393,7 +396,7 @@ fn relay_vectors() -> Value {
         (
             "BlobDelete",
             Request::BlobDelete {
-                blob_id: [0x88; 16],
+                blob_id: sealpost_proto::manifest::BlobId([0x88; 16]),
             },
         ),
         ("Status", Request::Status),
@@ -491,7 +494,7 @@ fn relay_vectors() -> Value {
             "description": "what a refusal of a BlobPut names as payload_hash (§6.5): BLAKE3(blob_id || offset as u64 big-endian)",
             "blob_id": h(&[0x88; 16]),
             "offset": 983_280u64,
-            "payload_hash": h(&sealpost_proto::relay::blob_refusal_hash(&[0x88; 16], 983_280)),
+            "payload_hash": h(&sealpost_proto::relay::blob_refusal_hash(&sealpost_proto::manifest::BlobId([0x88; 16]), 983_280)),
         },
         "requests": requests.iter().map(|(n, r)| json!({"name": n, "frame": h(&r.encode(7))})).collect::<Vec<_>>(),
         "responses": responses.iter().map(|(n, r)| {
@@ -615,9 +618,15 @@ fn test_vectors_match() {
     // Repair messages decode to what they say.
     let r = &committed["repair"];
     let q = sealpost_proto::repair::RepairRequest::decode(&unh(&r["request"])).expect("request");
-    assert_eq!((q.blob_id, q.chunks.clone()), ([0x88; 16], vec![1, 2]));
+    assert_eq!(
+        (q.blob_id, q.chunks.clone()),
+        (sealpost_proto::manifest::BlobId([0x88; 16]), vec![1, 2])
+    );
     let o = sealpost_proto::repair::RepairOffer::decode(&unh(&r["offer"])).expect("offer");
-    assert_eq!((o.repair_blob_id, o.repair_len), ([0x99; 16], 8224));
+    assert_eq!(
+        (o.repair_blob_id, o.repair_len),
+        (sealpost_proto::manifest::BlobId([0x99; 16]), 8224)
+    );
 
     // The blob opens with the stated key to the stated plaintext.
     let b = &committed["blob"];

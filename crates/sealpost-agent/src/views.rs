@@ -25,10 +25,7 @@ pub fn time_ms(ms: u64) -> String {
     time(ms / 1000)
 }
 
-/// Bytes as lower-case hex.
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+pub use sealpost_proto::hex;
 
 /// A whole percentage that says 100 only when it is all there.
 pub fn percent(done: u64, total: u64) -> u64 {

@@ -24,6 +24,12 @@ pub mod report;
 pub mod retry;
 
 pub use card::{CardError, CardFields, ContactCard, RelayPin};
+
+/// Bytes as lower-case hex, the form ids, hashes and keys take in
+/// messages, logs and `--json`.
+pub fn hex(bytes: &[u8]) -> String {
+    data_encoding::HEXLOWER.encode(bytes)
+}
 pub use error::{NotForMeReason, OpenError, SealError, TamperedAt};
 pub use freshness::{FreshnessPolicy, ReplayCache};
 pub use identity::{Fingerprint, Identity, PublicIdentity};

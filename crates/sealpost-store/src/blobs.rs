@@ -252,7 +252,7 @@ impl Store {
         };
         let blob_err = |e: io::Error| StoreError::Io {
             what: "writing blob",
-            path: PathBuf::from(format!("{}/{}", self.inner.name, hex(&blob_id.0))),
+            path: PathBuf::from(format!("{}/{}", self.inner.name, blob_id)),
             source: e,
         };
         let (written, run) = tokio::task::spawn_blocking(work)
@@ -414,7 +414,7 @@ impl Store {
             .read(id, offset, n, out)
             .map_err(|e| StoreError::Io {
                 what: "reading blob",
-                path: PathBuf::from(format!("{}/{}", self.inner.name, hex(&id.0))),
+                path: PathBuf::from(format!("{}/{}", self.inner.name, id)),
                 source: e,
             })
     }
@@ -483,8 +483,4 @@ impl Store {
     pub(crate) async fn blob_row(&self, id: &BlobId) -> Result<Option<BlobState>, StoreError> {
         self.inner.ledger.blob(*id).await
     }
-}
-
-pub(crate) fn hex(id: &[u8]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -239,10 +239,6 @@ impl fmt::Debug for Hostile {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -330,7 +326,7 @@ impl Hostile {
             let mut v = serde_json::json!({
                 "n": st.n,
                 "class": f.name(),
-                "mailbox": hex(&mailbox.0[..8]),
+                "mailbox": sealpost_proto::hex(&mailbox.0[..8]),
                 "item": item,
             });
             if let Some(o) = orig {
@@ -426,7 +422,7 @@ impl Tamper for Hostile {
             }
             st.pool.push_back((*mailbox, payload.to_vec()));
         }
-        let item = hex(payload_hash);
+        let item = sealpost_proto::hex(payload_hash);
         if self.roll(st, Fault::Drop) {
             self.log(st, Fault::Drop, mailbox, &item, None);
             return OnSubmit::Drop;
@@ -575,7 +571,7 @@ impl Tamper for Hostile {
         }
         // The uploader notices per blob, not per piece.
         let _ = offset;
-        let item = format!("blob:{}", hex(&blob_id.0));
+        let item = format!("blob:{}", blob_id);
         self.log(st, Fault::ForgeRefusal, mailbox, &item, None);
         Some(
             [
@@ -600,7 +596,7 @@ impl Tamper for Hostile {
             return;
         };
         let st = &mut *st;
-        let item = format!("blob:{}@{offset}", hex(&blob_id.0));
+        let item = format!("blob:{}@{offset}", blob_id);
         if self.roll(st, Fault::BlobFlip) {
             let bit = st.rng.gen_range(0..data.len() * 8);
             data[bit / 8] ^= 1 << (bit % 8);

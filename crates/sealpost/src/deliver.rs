@@ -656,10 +656,10 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
             let names: Vec<&str> = tree.iter().map(|t| t.1.as_str()).collect();
             s.push_str(&format!(
                 "{}  {} ({} files, one group: `sealpost status {}`)\n",
-                hex_lower(&g.id),
+                sealpost_proto::hex(&g.id),
                 group_dir(&names),
                 g.count,
-                hex_lower(&g.id)
+                sealpost_proto::hex(&g.id)
             ));
         }
         for (k, e) in all.iter().enumerate() {
@@ -1107,7 +1107,7 @@ fn resolve_some<T>(
     let mut groups: Vec<GroupKey> = keys
         .iter()
         .flatten()
-        .filter(|k| hex_lower(&k.1).starts_with(&p))
+        .filter(|k| sealpost_proto::hex(&k.1).starts_with(&p))
         .copied()
         .collect();
     groups.sort_unstable();
@@ -1277,7 +1277,7 @@ fn refused(agent: &Agent, limit: usize, out: &Out) -> Result<(), Failure> {
     let fp = |k: &[u8; 32]| {
         sealpost_proto::Fingerprint::of_bytes(k)
             .map(|f| f.to_string())
-            .unwrap_or_else(|| hex_lower(k))
+            .unwrap_or_else(|| sealpost_proto::hex(k))
     };
     out.report(
         json!({"refused": list.iter().map(|r| json!({
@@ -1433,10 +1433,6 @@ fn entry_text(e: &OutboxEntry) -> String {
     s
 }
 
-fn hex_lower(b: &[u8]) -> String {
-    views::hex(b)
-}
-
 fn detections(agent: &Agent, limit: usize, out: &Out) -> Result<(), Failure> {
     let list = agent.db().detections(limit)?;
     let counts = agent.db().detection_counts()?;
@@ -1533,7 +1529,7 @@ pub fn status(home: &Home, args: StatusArgs, out: &Out) -> Result<(), Failure> {
                         .collect();
                     s.push_str(&format!(
                         "{}  {}  {} ({} of {} files, {} bytes, expires {})\n",
-                        hex_lower(&g.id),
+                        sealpost_proto::hex(&g.id),
                         ms_time(e.created_ms),
                         group_dir(&names),
                         members.len(),
@@ -1558,7 +1554,7 @@ pub fn status(home: &Home, args: StatusArgs, out: &Out) -> Result<(), Failure> {
                     if args.id.is_none() {
                         s.push_str(&format!(
                             "  (`sealpost status {}` for each file)\n",
-                            hex_lower(&g.id)
+                            sealpost_proto::hex(&g.id)
                         ));
                         continue;
                     }
@@ -1612,7 +1608,7 @@ fn read_group(
         })
         .collect();
     out.report(
-        json!({"group": hex_lower(&key.1), "from": views::sender_name(agent, &key.0), "files": files}),
+        json!({"group": sealpost_proto::hex(&key.1), "from": views::sender_name(agent, &key.0), "files": files}),
         || {
             let mut s = String::new();
             for f in &files {
@@ -1669,7 +1665,7 @@ fn group_line(agent: &Agent, key: &GroupKey, g: &Group, first: &InboxEntry) -> S
         } else {
             "*"
         },
-        hex_lower(&key.1),
+        sealpost_proto::hex(&key.1),
         ms_time(first.received_ms),
         views::sender_name(agent, &key.0),
         group_dir(&names),

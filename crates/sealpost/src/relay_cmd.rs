@@ -817,7 +817,7 @@ fn scrub(a: &DataArgs, out: &Out) -> Result<(), Failure> {
             "items": r.items,
             "damaged_items": r.damaged_items,
             "blobs": r.blobs,
-            "damaged_blobs": r.damaged_blobs.iter().map(|b| data_encoding::HEXLOWER.encode(&b.0)).collect::<Vec<_>>(),
+            "damaged_blobs": r.damaged_blobs.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
         }),
         || {
             let mut s = format!(
@@ -828,7 +828,7 @@ fn scrub(a: &DataArgs, out: &Out) -> Result<(), Failure> {
                 s += &format!("  item {seq}: payload does not match its BLAKE3\n");
             }
             for b in &r.damaged_blobs {
-                s += &format!("  blob {}: content does not match its BLAKE3\n", data_encoding::HEXLOWER.encode(&b.0));
+                s += &format!("  blob {}: content does not match its BLAKE3\n", b);
             }
             s
         },

@@ -238,7 +238,7 @@ impl Engine {
                                     if !damaged.is_empty() {
                                         self.found.push((
                                             Caught::DamagedChunk,
-                                            format!("blob:{}@{at}", hex(&repair_id.0)),
+                                            format!("blob:{}@{at}", repair_id),
                                         ));
                                     }
                                     still.extend(damaged);
@@ -317,10 +317,8 @@ impl Engine {
                 match event {
                     transfer::SinkEvent::Written(off, damaged) => {
                         if !damaged.is_empty() {
-                            this.found.push((
-                                Caught::DamagedChunk,
-                                format!("blob:{}@{off}", hex(&blob_id.0)),
-                            ));
+                            this.found
+                                .push((Caught::DamagedChunk, format!("blob:{}@{off}", blob_id)));
                         }
                         bad.extend(damaged);
                     }
@@ -392,10 +390,8 @@ impl Engine {
                     }
                     // Short although the relay said the range is stored.
                     Ok(v) if complete_known || off + n as u64 <= stored_known => {
-                        self.found.push((
-                            Caught::ShortBlobData,
-                            format!("blob:{}@{off}", hex(&blob_id.0)),
-                        ));
+                        self.found
+                            .push((Caught::ShortBlobData, format!("blob:{}@{off}", blob_id)));
                         tracing::warn!(
                             "receiving {}: the relay sent {} of {n} bytes at {off} of a whole blob",
                             d.name,

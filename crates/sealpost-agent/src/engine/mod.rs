@@ -681,10 +681,6 @@ pub fn local_retry_ms(n: u32) -> u64 {
     (5_000u64 << n.saturating_sub(1).min(20)).min(3_600_000)
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// How long a message lives unless the sender says otherwise.
 pub const DEFAULT_SEND_LIFETIME_SECS: u64 = DEFAULT_LIFETIME_SECS;
 

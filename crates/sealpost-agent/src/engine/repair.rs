@@ -192,10 +192,8 @@ impl Engine {
                     }
                     other => {
                         if matches!(other, Err(ClientError::ForgedRefusal(_))) {
-                            self.found.push((
-                                Caught::ForgedRefusal,
-                                format!("blob:{}", hex(&repair_id.0)),
-                            ));
+                            self.found
+                                .push((Caught::ForgedRefusal, format!("blob:{}", repair_id)));
                         }
                         ok = false;
                         break;

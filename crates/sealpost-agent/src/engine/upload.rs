@@ -232,10 +232,8 @@ impl Engine {
                         // file's bytes matched the queued hash: the relay
                         // stored something else (or says so falsely). It
                         // discarded the blob; the next attempt starts over.
-                        self.found.push((
-                            Caught::FalseHashMismatch,
-                            format!("blob:{}", hex(&blob_id.0)),
-                        ));
+                        self.found
+                            .push((Caught::FalseHashMismatch, format!("blob:{}", blob_id)));
                         outcome = Some(Upload::Retry(format!(
                             "the relay claims the blob does not match its hash, which was computed over the bytes sent: {message}"
                         )));
@@ -243,7 +241,7 @@ impl Engine {
                     }
                     Err(e @ ClientError::ForgedRefusal(_)) => {
                         self.found
-                            .push((Caught::ForgedRefusal, format!("blob:{}", hex(&blob_id.0))));
+                            .push((Caught::ForgedRefusal, format!("blob:{}", blob_id)));
                         outcome = Some(Upload::Retry(e.to_string()));
                         break;
                     }

@@ -36,7 +36,14 @@ SETTLE=${SETTLE:-10m}
 RETRANSMIT=${RETRANSMIT:-10s}
 OUT=${OUT:-$(mktemp -d /tmp/sealpost-adversary.XXXXXX)}
 
-cargo build --release --locked -p sealpost -p sealpost-testkit --features sealpost/test-tools >&2
+# Two builds: with both packages in one, `--features sealpost/test-tools`
+# does not reach the `sealpost` binary, which then has no `--hostile`.
+cargo build --release --locked -p sealpost --features test-tools >&2
+cargo build --release --locked -p sealpost-testkit >&2
+target/release/sealpost relay serve --help | grep -q -- --hostile || {
+    echo "target/release/sealpost was built without the test-tools feature" >&2
+    exit 2
+}
 echo "# sealpost adversary: seed $SEED, $IDENTITIES identities, $MESSAGES messages + $FILES files (≤ $MAX_FILE B), faults $FAULTS; scratch $OUT"
 status=0
 for phase in $PHASES; do

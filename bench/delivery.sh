@@ -34,8 +34,11 @@ NOPAD=()
 [[ $PAD == 1 ]] || NOPAD=(--no-pad)
 ANCHOR_SCRIPT=${ANCHOR_SCRIPT:-../shared/bench/anchors/postfix.sh}
 
-cargo build --release --locked -q -p sealpost
-SP=$PWD/target/release/sealpost
+# SP=/path/to/sealpost measures that binary instead (before/after pairs).
+if [[ -z ${SP:-} ]]; then
+    cargo build --release --locked -q -p sealpost
+    SP=$PWD/target/release/sealpost
+fi
 T=$(mktemp -d /var/tmp/sealpost-delivery-bench.XXXXXX)
 PIDS=()
 cleanup() {

@@ -25,8 +25,11 @@ MAX_SECONDS=${MAX_SECONDS:-600}
 PORT=${PORT:-17643}
 ANCHORS=${ANCHORS:-0}
 
-cargo build --release --locked -q -p sealpost
-SP=$PWD/target/release/sealpost
+# SP=/path/to/sealpost measures that binary instead (before/after pairs).
+if [[ -z ${SP:-} ]]; then
+    cargo build --release --locked -q -p sealpost
+    SP=$PWD/target/release/sealpost
+fi
 T=$(mktemp -d /var/tmp/sealpost-file-bench.XXXXXX)
 PIDS=()
 cleanup() {

@@ -336,3 +336,54 @@ async fn received_messages_past_retention_are_deleted_and_their_space_freed() {
     assert_eq!(s.confirmed, 1, "{s:?}");
     r.stop().await.expect("stop");
 }
+
+/// With a retention size, received content beyond it is deleted, oldest
+/// message first, as messages arrive; what is newest stays readable.
+#[tokio::test(flavor = "current_thread")]
+async fn received_content_beyond_the_size_limit_is_deleted_oldest_first() {
+    let Pair {
+        _dir,
+        relay: r,
+        alice_clock,
+        bob_clock,
+        mut alice,
+        mut bob,
+    } = pair().await;
+    bob.keep_received_bytes = Some(7_000);
+    let mut ids = Vec::new();
+    let mut pruned = 0;
+    for k in 0..5u8 {
+        let id = alice
+            .agent_mut()
+            .send(&["bob".into()], &[k; 3000], 3600, "sized")
+            .expect("send");
+        ids.push(id);
+        catch_up(&alice_clock);
+        alice.pass().await.expect("pass");
+        bob_clock.advance(Duration::from_secs(1));
+        let s = bob.pass().await.expect("pass");
+        assert_eq!(s.delivered, 1, "{s:?}");
+        pruned += s.pruned;
+        let kept: u64 = bob
+            .agent()
+            .db()
+            .inbox(false, 100)
+            .expect("inbox")
+            .iter()
+            .map(|e| e.content_len)
+            .sum();
+        assert!(kept <= 7_000, "{kept} bytes kept after message {k}");
+    }
+    assert_eq!(pruned, 3);
+    let mut left: Vec<MessageId> = bob
+        .agent()
+        .db()
+        .inbox(false, 100)
+        .expect("inbox")
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    left.sort_by_key(|id| ids.iter().position(|i| i == id));
+    assert_eq!(left, ids[3..].to_vec(), "the newest two stay");
+    r.stop().await.expect("stop");
+}

@@ -173,40 +173,61 @@ pub struct SyncArgs {
     #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
     keep_free: u64,
     /// Delete received messages (content and records; received files stay
-    /// where they were saved) once they are this old, e.g. 90d, or
-    /// `forever` to keep them (remembered; kept for ever until set). The
-    /// space of their inbox segments goes back to the file system
-    #[arg(long, value_name = "DURATION|forever", value_parser = parse_keep)]
-    keep_received: Option<Keep>,
+    /// where they were saved) once they are this old, e.g. 90d, or once
+    /// the messages kept hold more than this much content, e.g. 10GiB
+    /// (oldest first); `forever` keeps them. Given twice, one age and one
+    /// size, both hold. Remembered (kept for ever until set); the space of
+    /// their inbox segments goes back to the file system
+    #[arg(long, value_name = "DURATION|SIZE|forever", value_parser = parse_keep)]
+    keep_received: Vec<Keep>,
 }
 
 #[derive(Clone, Copy, Debug)]
 pub enum Keep {
     Forever,
     For(Duration),
+    Size(u64),
 }
 
 fn parse_keep(s: &str) -> Result<Keep, String> {
-    if s.trim() == "forever" {
+    let s = s.trim();
+    if s == "forever" {
         return Ok(Keep::Forever);
     }
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{e} (examples: 30d, 1y, forever)"))?;
-    if d < Duration::from_secs(3600) {
-        return Err(
-            "at least 1h: a shorter time would delete messages before they are read".into(),
-        );
+    if let Ok(d) = humantime::parse_duration(s) {
+        if d < Duration::from_secs(3600) {
+            return Err(
+                "at least 1h: a shorter time would delete messages before they are read".into(),
+            );
+        }
+        return Ok(Keep::For(d));
     }
-    Ok(Keep::For(d))
+    match s.parse::<bytesize::ByteSize>() {
+        Ok(b) if b.as_u64() < 1 << 20 => {
+            Err("at least 1MiB: less would delete messages before they are read".into())
+        }
+        Ok(b) => Ok(Keep::Size(b.as_u64())),
+        Err(_) => Err(format!(
+            "{s:?} is neither a duration nor a size (examples: 30d, 1y, 10GiB, forever)"
+        )),
+    }
 }
 
-fn set_keep_received(agent: &mut Agent, keep: Option<Keep>) -> Result<(), Failure> {
-    match keep {
-        None => {}
-        Some(Keep::Forever) => agent.db_mut().set_setting(engine::KEEP_RECEIVED, "")?,
-        Some(Keep::For(d)) => agent
-            .db_mut()
-            .set_setting(engine::KEEP_RECEIVED, &d.as_secs().to_string())?,
+fn set_keep_received(agent: &mut Agent, keep: &[Keep]) -> Result<(), Failure> {
+    if keep.is_empty() {
+        return Ok(());
+    }
+    let db = agent.db_mut();
+    // What is given replaces what was set: an age alone lifts a size
+    // limit set before, and the other way round.
+    db.set_setting(engine::KEEP_RECEIVED, "")?;
+    db.set_setting(engine::KEEP_RECEIVED_BYTES, "")?;
+    for k in keep {
+        match k {
+            Keep::Forever => {}
+            Keep::For(d) => db.set_setting(engine::KEEP_RECEIVED, &d.as_secs().to_string())?,
+            Keep::Size(n) => db.set_setting(engine::KEEP_RECEIVED_BYTES, &n.to_string())?,
+        }
     }
     Ok(())
 }
@@ -938,7 +959,7 @@ fn stats_json(s: &PassStats) -> Value {
 pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     set_downloads(&mut agent, &args.downloads)?;
-    set_keep_received(&mut agent, args.keep_received)?;
+    set_keep_received(&mut agent, &args.keep_received)?;
     if args.now {
         agent.db_mut().all_due_now(crate::now() * 1000)?;
     }
@@ -1018,7 +1039,7 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
 pub fn agent(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     set_downloads(&mut agent, &args.downloads)?;
-    set_keep_received(&mut agent, args.keep_received)?;
+    set_keep_received(&mut agent, &args.keep_received)?;
     if args.now {
         agent.db_mut().all_due_now(crate::now() * 1000)?;
     }
@@ -2053,7 +2074,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retention_is_a_duration_of_an_hour_or_more_or_forever() {
+    fn retention_is_an_hour_or_more_a_mebibyte_or_more_or_forever() {
         assert!(matches!(parse_keep("forever"), Ok(Keep::Forever)));
         assert!(
             matches!(parse_keep("90d"), Ok(Keep::For(d)) if d == Duration::from_secs(90 * 86_400))
@@ -2064,5 +2085,9 @@ mod tests {
         assert!(parse_keep("soon")
             .expect_err("not a duration")
             .contains("examples"));
+        assert!(matches!(parse_keep("10GiB"), Ok(Keep::Size(n)) if n == 10 << 30));
+        assert!(parse_keep("10KiB")
+            .expect_err("small")
+            .contains("at least 1MiB"));
     }
 }

@@ -74,6 +74,9 @@ pub const HOME_RELAY: &str = "home_relay";
 /// The settings key of how long received messages are kept (a duration
 /// in seconds; none: for ever).
 pub const KEEP_RECEIVED: &str = "keep_received_secs";
+/// The settings key of how much received content is kept (bytes of
+/// message content in the inbox; none: no limit).
+pub const KEEP_RECEIVED_BYTES: &str = "keep_received_bytes";
 /// Received messages deleted by the retention setting in one pass, at most.
 const PRUNE_BATCH: usize = 10_000;
 /// The settings key of the download directory.
@@ -377,6 +380,14 @@ pub struct Engine {
     /// records; a received file stays where it was saved); `None`: kept
     /// for ever. From the home's setting [`KEEP_RECEIVED`].
     pub keep_received: Option<Duration>,
+    /// Received content beyond this many bytes is deleted, oldest message
+    /// first; `None`: no limit. From the home's setting
+    /// [`KEEP_RECEIVED_BYTES`].
+    pub keep_received_bytes: Option<u64>,
+    /// Whether the inbox was held to [`Engine::keep_received_bytes`]
+    /// since this engine started (after that, only passes that delivered
+    /// something look again).
+    sizes_checked: bool,
     /// Time and jitter ([`SystemClock`] unless a test says otherwise).
     clock: std::sync::Arc<dyn Clock>,
     /// Blobs of files received whole in this pass, deleted at the relay
@@ -433,6 +444,10 @@ impl Engine {
             .setting(KEEP_RECEIVED)?
             .and_then(|s| s.parse::<u64>().ok())
             .map(Duration::from_secs);
+        let keep_received_bytes = agent
+            .db
+            .setting(KEEP_RECEIVED_BYTES)?
+            .and_then(|s| s.parse::<u64>().ok());
         let spool = Spool::open(agent.home().dir())?;
         let mut home = RelayLink::new(home_addr.clone());
         home.auth = LinkAuth::Register;
@@ -454,6 +469,8 @@ impl Engine {
             found: Vec::new(),
             clock: std::sync::Arc::new(SystemClock),
             keep_received,
+            keep_received_bytes,
+            sizes_checked: false,
             watchers: Vec::new(),
             _lock: lock,
         })
@@ -582,6 +599,18 @@ impl Engine {
                 tracing::info!("deleted {n} received messages older than the retention setting");
             }
             stats.pruned += n as u64;
+        }
+        if let Some(limit) = self.keep_received_bytes {
+            if stats.delivered > 0 || !self.sizes_checked {
+                let n = self.agent.db.prune_received_over(limit, PRUNE_BATCH)?;
+                if n > 0 {
+                    tracing::info!(
+                        "deleted {n} received messages beyond the retention size ({limit} bytes)"
+                    );
+                }
+                stats.pruned += n as u64;
+                self.sizes_checked = true;
+            }
         }
         stats.segments_freed_bytes += self.free_segments()?;
         // Space freed by what was delivered or expired (sealed copies,

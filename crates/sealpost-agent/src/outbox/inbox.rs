@@ -204,6 +204,32 @@ impl Db {
         self.delete_received(&ids)
     }
 
+    /// Deletes received messages, oldest first, until the content of
+    /// those left is at most `max_bytes` (at most `max` in one call; a
+    /// file still being received is neither deleted nor counted). Returns
+    /// how many.
+    pub fn prune_received_over(&mut self, max_bytes: u64, max: usize) -> Result<usize, AgentError> {
+        let ids: Vec<MessageId> = {
+            // Newest first, the bytes kept so far: every message past the
+            // limit goes.
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id FROM (SELECT id, received_ms, \
+                     SUM(content_len) OVER (ORDER BY received_ms DESC, id DESC) AS kept \
+                     FROM inbox WHERE id NOT IN \
+                     (SELECT msg FROM downloads WHERE state NOT IN ('done', 'failed'))) \
+                 WHERE kept > ?1 ORDER BY received_ms, id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![to_i64(max_bytes), to_i64(max as u64)], |r| {
+                Ok(MessageId(id16(r.get(0)?)))
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.delete_received(&ids)
+    }
+
     pub fn delete_received(&mut self, ids: &[MessageId]) -> Result<usize, AgentError> {
         let tx = self.conn.transaction()?;
         let mut n = 0;

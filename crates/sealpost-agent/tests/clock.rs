@@ -5,82 +5,16 @@
 //! relay's is the system's, and every message here is within its lifetime
 //! there).
 
+mod common;
+
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use rand_core::OsRng;
-use sealpost_agent::engine::{self, Engine, FakeClock};
-use sealpost_agent::Home;
-use sealpost_proto::delivery::{Delivery, State};
+use common::{catch_up, delivery, now_ms, pin};
+use sealpost_agent::engine::{Engine, FakeClock};
+use sealpost_proto::delivery::State;
 use sealpost_proto::MessageId;
-use sealpost_relay::memory::MemoryNet;
-use sealpost_relay::{Config, Relay, RelayAddress, RunningRelay};
-use sealpost_store::memory::{MemBlobs, MemLedger};
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// A relay on the in-memory store, reached over a memory net.
-async fn relay(dir: &std::path::Path) -> (RunningRelay, Arc<MemoryNet>) {
-    let cfg = Config::new("127.0.0.1:0".parse().expect("addr"), dir.join("relay"));
-    let store = sealpost_store::Store::new(
-        Arc::new(MemLedger::new(cfg.limits)),
-        Arc::new(MemBlobs::default()),
-        Arc::new(sealpost_store::LocalNotifier::default()),
-        cfg.limits,
-        "memory".into(),
-    );
-    let relay = Relay::bind_with(cfg, store).await.expect("bind").spawn();
-    let net = MemoryNet::new();
-    net.add(relay.door());
-    (relay, net)
-}
-
-/// An identity with its home on `addr`, on `clock`, after an empty pass
-/// (which registers its mailbox).
-async fn engine(
-    dir: &std::path::Path,
-    name: &str,
-    addr: &RelayAddress,
-    net: &Arc<MemoryNet>,
-    clock: &Arc<FakeClock>,
-) -> Engine {
-    let now_s = clock_s(clock);
-    let home = Home::new(dir.join(name));
-    let mut agent = home.init(name, &mut OsRng, now_s).expect("init");
-    agent
-        .set_home_relay(&addr.to_string(), engine::pin_of(addr), now_s)
-        .expect("relay");
-    let mut e = Engine::new(agent)
-        .expect("engine")
-        .with_clock(clock.clone())
-        .with_transport(net.clone());
-    e.pass().await.expect("first pass");
-    e
-}
-
-fn clock_s(c: &FakeClock) -> u64 {
-    use sealpost_agent::engine::Clock;
-    c.now_ms() / 1000
-}
-
-fn pin(a: &mut Engine, name: &str, b: &Engine) {
-    let card = b.agent().card().clone();
-    let now_s = now_ms() / 1000;
-    a.agent_mut()
-        .db_mut()
-        .add_contact(name, &card, false, now_s)
-        .expect("pin");
-}
-
-fn delivery(e: &Engine, id: &MessageId) -> Delivery {
-    let m = e.agent().db().outbox(Some(id), 1).expect("outbox");
-    m[0].deliveries[0].delivery.clone()
-}
+use sealpost_relay::RunningRelay;
 
 /// Two people on one in-process relay, each on a fake clock set to now,
 /// who have pinned each other.
@@ -95,12 +29,12 @@ struct Pair {
 
 async fn pair() -> Pair {
     let dir = tempfile::tempdir().expect("tmp");
-    let (relay, net) = relay(dir.path()).await;
+    let (relay, net) = common::relay(dir.path(), None).await;
     let addr = relay.address().clone();
     let alice_clock = Arc::new(FakeClock::new(now_ms()));
     let bob_clock = Arc::new(FakeClock::new(now_ms()));
-    let mut alice = engine(dir.path(), "alice", &addr, &net, &alice_clock).await;
-    let mut bob = engine(dir.path(), "bob", &addr, &net, &bob_clock).await;
+    let mut alice = common::engine(dir.path(), "alice", &addr, &net, Some(&alice_clock)).await;
+    let mut bob = common::engine(dir.path(), "bob", &addr, &net, Some(&bob_clock)).await;
     pin(&mut alice, "bob", &bob);
     pin(&mut bob, "alice", &alice);
     Pair {
@@ -110,17 +44,6 @@ async fn pair() -> Pair {
         bob_clock,
         alice,
         bob,
-    }
-}
-
-/// Moves `clock` up to the system's time if it is behind: `send` queues
-/// by the system's clock (composing is outside the engine), and a message
-/// queued after the fake clock was set would not be due yet by it.
-fn catch_up(clock: &FakeClock) {
-    use sealpost_agent::engine::Clock;
-    let real = now_ms();
-    if real > clock.now_ms() {
-        set(clock, real);
     }
 }
 

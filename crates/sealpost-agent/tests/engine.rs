@@ -5,12 +5,12 @@
 //! nothing false accepted. The relay runs on the in-memory store and is
 //! reached over a memory net: no socket, no relay disk.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+mod common;
 
+use common::{now, pin, state};
 use rand_core::OsRng;
 use sealpost_agent::engine::{self, Engine, PassStats};
 use sealpost_agent::outbox::{QueuedMessage, QueuedRecipient};
-use sealpost_agent::Home;
 use sealpost_proto::delivery::{Sent, State};
 use sealpost_proto::message::{self, testing};
 use sealpost_proto::relay::MailboxId;
@@ -18,61 +18,7 @@ use sealpost_proto::report::{Entries, ReceiptEntry, RejectReason, RejectionEntry
 use sealpost_proto::{Identity, Kind, MessageHeader, MessageId, SealRequest};
 use sealpost_relay::client::{RelayClient, Submitted};
 use sealpost_relay::memory::MemoryNet;
-use sealpost_relay::{Config, Relay, RelayAddress, RunningRelay};
-use sealpost_store::memory::{MemBlobs, MemLedger};
-use std::sync::Arc;
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// A relay on the in-memory store, reached over a memory net (no socket,
-/// no relay disk).
-async fn relay(dir: &std::path::Path) -> (RunningRelay, Arc<MemoryNet>) {
-    let cfg = Config::new("127.0.0.1:0".parse().expect("addr"), dir.join("relay"));
-    let store = sealpost_store::Store::new(
-        Arc::new(MemLedger::new(cfg.limits)),
-        Arc::new(MemBlobs::default()),
-        Arc::new(sealpost_store::LocalNotifier::default()),
-        cfg.limits,
-        "memory".into(),
-    );
-    let relay = Relay::bind_with(cfg, store).await.expect("bind").spawn();
-    let net = MemoryNet::new();
-    net.add(relay.door());
-    (relay, net)
-}
-
-/// An identity with its home on `addr` over `net`, its engine, and an
-/// empty pass done (which registers the mailbox).
-async fn engine(
-    dir: &std::path::Path,
-    name: &str,
-    addr: &RelayAddress,
-    net: &Arc<MemoryNet>,
-) -> Engine {
-    let home = Home::new(dir.join(name));
-    let mut agent = home.init(name, &mut OsRng, now()).expect("init");
-    agent
-        .set_home_relay(&addr.to_string(), engine::pin_of(addr), now())
-        .expect("relay");
-    let mut e = Engine::new(agent)
-        .expect("engine")
-        .with_transport(net.clone());
-    e.pass().await.expect("first pass");
-    e
-}
-
-fn pin(a: &mut Engine, name: &str, b: &Engine) {
-    let card = b.agent().card().clone();
-    a.agent_mut()
-        .db_mut()
-        .add_contact(name, &card, false, now())
-        .expect("pin");
-}
+use sealpost_relay::RelayAddress;
 
 async fn submit(net: &MemoryNet, addr: &RelayAddress, to: &Engine, payload: Vec<u8>) {
     let c = RelayClient::connect_via(net, addr, None, Default::default())
@@ -83,12 +29,6 @@ async fn submit(net: &MemoryNet, addr: &RelayAddress, to: &Engine, payload: Vec<
     assert!(matches!(r, Submitted::Accepted { .. }));
 }
 
-fn state(e: &Engine, id: &MessageId) -> (State, Option<String>) {
-    let m = e.agent().db().outbox(Some(id), 1).expect("outbox");
-    let d = &m[0].deliveries[0].delivery;
-    (d.state, d.failure.as_ref().map(|f| f.code()))
-}
-
 fn inbox_len(e: &Engine) -> usize {
     e.agent().db().inbox(false, 1000).expect("inbox").len()
 }
@@ -96,10 +36,10 @@ fn inbox_len(e: &Engine) -> usize {
 #[tokio::test(flavor = "current_thread")]
 async fn a_hostile_relay_is_caught_at_the_endpoints() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (r, net) = relay(dir.path()).await;
+    let (r, net) = common::relay(dir.path(), None).await;
     let addr = r.address().clone();
-    let mut alice = engine(dir.path(), "alice", &addr, &net).await;
-    let mut bob = engine(dir.path(), "bob", &addr, &net).await;
+    let mut alice = common::engine(dir.path(), "alice", &addr, &net, None).await;
+    let mut bob = common::engine(dir.path(), "bob", &addr, &net, None).await;
     let mallory = Identity::generate(&mut OsRng);
     pin(&mut alice, "bob", &bob);
     pin(&mut bob, "alice", &alice);
@@ -305,10 +245,10 @@ async fn a_hostile_relay_is_caught_at_the_endpoints() {
 #[tokio::test(flavor = "current_thread")]
 async fn the_space_of_delivered_messages_is_given_back() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (r, net) = relay(dir.path()).await;
+    let (r, net) = common::relay(dir.path(), None).await;
     let addr = r.address().clone();
-    let mut alice = engine(dir.path(), "alice", &addr, &net).await;
-    let mut bob = engine(dir.path(), "bob", &addr, &net).await;
+    let mut alice = common::engine(dir.path(), "alice", &addr, &net, None).await;
+    let mut bob = common::engine(dir.path(), "bob", &addr, &net, None).await;
     pin(&mut alice, "bob", &bob);
     pin(&mut bob, "alice", &alice);
     let text: Vec<u8> = (0..1500u32).map(|i| (i % 251) as u8).collect();

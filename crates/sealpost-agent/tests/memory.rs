@@ -6,86 +6,20 @@
 //! come from the net (cuts after so many bytes) and from the relay's
 //! tamper hooks.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use rand_core::OsRng;
-use sealpost_agent::engine::{self, Clock, Engine, FakeClock, PassStats};
+use common::{catch_up, now_ms, pin, state};
+use sealpost_agent::engine::{Engine, FakeClock, PassStats};
 use sealpost_agent::outbox::DownloadState;
-use sealpost_agent::Home;
 use sealpost_proto::delivery::State;
 use sealpost_proto::relay::{BlobId, Item, MailboxId};
-use sealpost_proto::MessageId;
 use sealpost_relay::memory::MemoryNet;
 use sealpost_relay::tamper::{ForgedRefusal, OnSubmit, Tamper};
-use sealpost_relay::{Config, Relay, RelayAddress, RunningRelay};
-use sealpost_store::memory::{MemBlobs, MemLedger};
-use sealpost_store::{LocalNotifier, Store};
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// A relay on the in-memory store, on `net`.
-async fn relay(
-    dir: &std::path::Path,
-    net: &MemoryNet,
-    tamper: Option<Arc<dyn Tamper>>,
-) -> RunningRelay {
-    let mut cfg = Config::new("127.0.0.1:0".parse().expect("addr"), dir.join("relay"));
-    cfg.tamper = tamper;
-    let store = Store::new(
-        Arc::new(MemLedger::new(cfg.limits)),
-        Arc::new(MemBlobs::default()),
-        Arc::new(LocalNotifier::default()),
-        cfg.limits,
-        "memory".into(),
-    );
-    let relay = Relay::bind_with(cfg, store).await.expect("bind").spawn();
-    net.add(relay.door());
-    relay
-}
-
-/// An identity with its home on `addr`, reached over `net`, on `clock`,
-/// after an empty pass (which registers its mailbox).
-async fn engine(
-    dir: &std::path::Path,
-    name: &str,
-    addr: &RelayAddress,
-    net: &Arc<MemoryNet>,
-    clock: &Arc<FakeClock>,
-) -> Engine {
-    let now_s = clock.now_ms() / 1000;
-    let home = Home::new(dir.join(name));
-    let mut agent = home.init(name, &mut OsRng, now_s).expect("init");
-    agent
-        .set_home_relay(&addr.to_string(), engine::pin_of(addr), now_s)
-        .expect("relay");
-    let mut e = Engine::new(agent)
-        .expect("engine")
-        .with_clock(clock.clone())
-        .with_transport(net.clone());
-    e.pass().await.expect("first pass");
-    e
-}
-
-fn pin(a: &mut Engine, name: &str, b: &Engine) {
-    let card = b.agent().card().clone();
-    a.agent_mut()
-        .db_mut()
-        .add_contact(name, &card, false, now_ms() / 1000)
-        .expect("pin");
-}
-
-fn state(e: &Engine, id: &MessageId) -> (State, Option<String>) {
-    let m = e.agent().db().outbox(Some(id), 1).expect("outbox");
-    let d = &m[0].deliveries[0].delivery;
-    (d.state, d.failure.as_ref().map(|f| f.code()))
-}
+use sealpost_relay::RunningRelay;
 
 struct World {
     dir: tempfile::TempDir,
@@ -101,13 +35,12 @@ struct World {
 /// bytes, if given.
 async fn world(tamper: Option<Arc<dyn Tamper>>, cut: Option<u64>) -> World {
     let dir = tempfile::tempdir().expect("tmp");
-    let net = MemoryNet::new();
+    let (relay, net) = common::relay(dir.path(), tamper).await;
     net.cut_after(cut);
-    let relay = relay(dir.path(), &net, tamper).await;
     let addr = relay.address().clone();
     let clock = Arc::new(FakeClock::new(now_ms()));
-    let mut alice = engine(dir.path(), "alice", &addr, &net, &clock).await;
-    let mut bob = engine(dir.path(), "bob", &addr, &net, &clock).await;
+    let mut alice = common::engine(dir.path(), "alice", &addr, &net, Some(&clock)).await;
+    let mut bob = common::engine(dir.path(), "bob", &addr, &net, Some(&clock)).await;
     pin(&mut alice, "bob", &bob);
     pin(&mut bob, "alice", &alice);
     World {
@@ -117,16 +50,6 @@ async fn world(tamper: Option<Arc<dyn Tamper>>, cut: Option<u64>) -> World {
         clock,
         alice,
         bob,
-    }
-}
-
-/// Moves `clock` up to the system's time if it is behind (`send` queues
-/// by the system's clock).
-fn catch_up(clock: &FakeClock) {
-    let real = now_ms();
-    let now = clock.now_ms();
-    if real > now {
-        clock.advance(Duration::from_millis(real - now));
     }
 }
 
@@ -315,7 +238,7 @@ async fn a_stranger_gets_a_signed_rejection() {
         ..
     } = world(None, None).await;
     let addr = relay.address().clone();
-    let mut carol = engine(dir.path(), "carol", &addr, &net, &clock).await;
+    let mut carol = common::engine(dir.path(), "carol", &addr, &net, Some(&clock)).await;
     pin(&mut carol, "bob", &bob);
     let id = carol
         .agent_mut()

@@ -1,24 +1,14 @@
-use sealpost_proto::relay::{BlobId, BlobPiece, MailboxId};
+//! The store: every behaviour of the conformance suite against the
+//! embedded backend (SQLite + files) and the in-memory one, then what only
+//! the embedded store does (pacing, orphan files by name and age, old
+//! databases migrated, space given back).
+
+use sealpost_proto::relay::{BlobId, MailboxId};
 use std::sync::Arc;
 
-use sealpost_store::conformance;
+use sealpost_store::conformance::{self, limits, piece, NOW, SRC};
 use sealpost_store::memory::{MemBlobs, MemLedger};
-use sealpost_store::{BlobPutOutcome, Limits, Source, Store, SubmitOutcome};
-
-const NOW: u64 = 1_750_000_000;
-
-/// Where the submissions of these tests come from.
-const SRC: Source = Source::of_v4([127, 0, 0, 1]);
-
-fn limits() -> Limits {
-    Limits {
-        mailbox_quota: 10_000,
-        max_blob: 8_000,
-        // These tests are about the whole quota; shares have their own.
-        source_share_percent: 100,
-        ..Limits::default()
-    }
-}
+use sealpost_store::{BlobPutOutcome, Limits, Store, SubmitOutcome};
 
 /// The embedded store (SQLite + files) in a temporary directory.
 struct Embedded(tempfile::TempDir);
@@ -117,26 +107,6 @@ async fn orphan_blobs_are_removed_in_memory() {
 
 fn h(b: &[u8]) -> [u8; 32] {
     *blake3::hash(b).as_bytes()
-}
-
-/// A piece of a blob expiring ten seconds from `NOW`.
-fn piece(
-    blob_id: BlobId,
-    mailbox: MailboxId,
-    total_len: u64,
-    blob_hash: [u8; 32],
-    offset: u64,
-    data: Vec<u8>,
-) -> BlobPiece {
-    BlobPiece {
-        blob_id,
-        mailbox,
-        total_len,
-        blob_hash,
-        expires_at: NOW + 10,
-        offset,
-        data,
-    }
 }
 
 /// An upload whose recipient reads the same blob while it arrives waits

@@ -24,9 +24,11 @@ impl std::fmt::Debug for SqliteLedger {
 }
 
 impl SqliteLedger {
-    /// Opens (creating if needed) `relay.db` in `dir` (a private directory).
+    /// Opens (creating if needed) `relay.db` in `dir` (created, and made
+    /// private: mailbox keys and who receives what are in it).
     pub fn open(dir: &Path, limits: Limits) -> Result<Self, StoreError> {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        crate::files::private_dir(dir)?;
         let db = dir.join("relay.db");
         // Created 0600 (SQLite gives its WAL and shm the same mode); one
         // made wider by an older version is tightened.

@@ -387,10 +387,12 @@ fn queue_in(
     recipients: &[QueuedRecipient],
 ) -> Result<(), AgentError> {
     {
-        tx.execute(
+        // Cached statements: a burst queues thousands (`send --repeat`).
+        tx.prepare_cached(
             "INSERT INTO outbox (id, kind, created_ms, expires_ms, content_hash, content_len, summary, sealed) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
+        )?
+        .execute(params![
                 m.id.0.to_vec(),
                 m.kind,
                 to_i64(m.created_ms),
@@ -399,18 +401,16 @@ fn queue_in(
                 to_i64(m.sent.content_len),
                 m.summary,
                 &[] as &[u8],
-            ],
-        )?;
-        tx.execute(
-            "INSERT INTO sealed_copies (id, bytes) VALUES (?1, ?2)",
-            params![m.id.0.to_vec(), m.sealed],
-        )?;
+            ])?;
+        tx.prepare_cached("INSERT INTO sealed_copies (id, bytes) VALUES (?1, ?2)")?
+            .execute(params![m.id.0.to_vec(), m.sealed])?;
         let d = Delivery::new(m.created_ms, m.expires_ms);
         for r in recipients {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO deliveries (msg, recipient, name, relay, state, submissions, failed_attempts, \
                  next_ms, expires_ms, changed_ms) VALUES (?1, ?2, ?3, ?4, ?5, 0, 0, ?6, ?7, ?6)",
-                params![
+            )?
+            .execute(params![
                     m.id.0.to_vec(),
                     r.signing.to_vec(),
                     r.name,
@@ -418,8 +418,7 @@ fn queue_in(
                     d.state.name(),
                     to_i64(d.next_at),
                     to_i64(d.expires_at),
-                ],
-            )?;
+                ])?;
         }
     }
     Ok(())

@@ -361,21 +361,7 @@ impl Relay {
                             continue;
                         }
                     };
-                    let allowed = shared
-                        .per_address
-                        .lock()
-                        .map(|mut p| p.try_take(peer.ip(), std::time::Instant::now()))
-                        .unwrap_or(true);
-                    if !allowed {
-                        shared.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-                        shared.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
-                        drop(tcp);
-                        continue;
-                    }
-                    let Some(slot) = AddressSlot::take(&shared, peer.ip()) else {
-                        shared.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-                        shared.metrics.refused_per_address.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(%peer, "refused: the address holds its share of connections");
+                    let Ok(slot) = admit(&shared, peer) else {
                         drop(tcp);
                         continue;
                     };
@@ -535,27 +521,7 @@ impl Door {
         if *s.stopping.borrow() {
             return Err(refused("the relay is stopping"));
         }
-        let allowed = s
-            .per_address
-            .lock()
-            .map(|mut p| p.try_take(peer.ip(), std::time::Instant::now()))
-            .unwrap_or(true);
-        if !allowed {
-            s.metrics
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            s.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
-            return Err(refused("too many new connections from this address"));
-        }
-        let Some(slot) = AddressSlot::take(s, peer.ip()) else {
-            s.metrics
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            s.metrics
-                .refused_per_address
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(refused("the address holds its share of connections"));
-        };
+        let slot = admit(s, peer).map_err(refused)?;
         let Ok(permit) = s.conns.clone().try_acquire_owned() else {
             s.metrics
                 .connections_refused

@@ -439,9 +439,8 @@ impl Store {
             damaged_items,
             ..ScrubReport::default()
         };
-        for (id, hash) in self.inner.ledger.complete_blobs().await? {
+        for (id, hash, len) in self.inner.ledger.complete_blobs().await? {
             report.blobs += 1;
-            let len = self.blob_row(&id).await?.map_or(0, |b| b.stored);
             let blobs = self.inner.blobs.clone();
             let ok = tokio::task::spawn_blocking(move || blobs.hash(&id, len))
                 .await

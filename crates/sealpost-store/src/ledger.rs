@@ -155,8 +155,8 @@ pub trait Ledger: Send + Sync + 'static {
     fn blob_delete(&self, blob_id: BlobId, mailbox: MailboxId) -> Fut<'_, bool>;
     /// Which of `ids` have a row (for orphan sweeping).
     fn blobs_known(&self, ids: Vec<BlobId>) -> Fut<'_, Vec<bool>>;
-    /// Complete blobs with their hashes, for scrubbing.
-    fn complete_blobs(&self) -> Fut<'_, Vec<(BlobId, [u8; 32])>>;
+    /// Complete blobs with their hashes and lengths, for scrubbing.
+    fn complete_blobs(&self) -> Fut<'_, Vec<(BlobId, [u8; 32], u64)>>;
     /// Re-reads every item and returns the seqs of those whose payload
     /// does not match its hash, with how many were read.
     fn scrub_items(&self) -> Fut<'_, (u64, Vec<u64>)>;

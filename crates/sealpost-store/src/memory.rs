@@ -337,12 +337,12 @@ impl Ledger for MemLedger {
         self.with(move |s| ids.iter().map(|id| s.blobs.contains_key(id)).collect())
     }
 
-    fn complete_blobs(&self) -> Fut<'_, Vec<(BlobId, [u8; 32])>> {
+    fn complete_blobs(&self) -> Fut<'_, Vec<(BlobId, [u8; 32], u64)>> {
         self.with(|s| {
             s.blobs
                 .iter()
                 .filter(|(_, b)| b.state.complete)
-                .map(|(&id, b)| (id, b.state.hash))
+                .map(|(&id, b)| (id, b.state.hash, b.state.stored))
                 .collect()
         })
     }

@@ -232,15 +232,16 @@ impl Ledger for SqliteLedger {
         }))
     }
 
-    fn complete_blobs(&self) -> Fut<'_, Vec<(BlobId, [u8; 32])>> {
+    fn complete_blobs(&self) -> Fut<'_, Vec<(BlobId, [u8; 32], u64)>> {
         ready(self.read(|c| {
-            let mut stmt = c.prepare("SELECT id, hash FROM blobs WHERE complete = 1")?;
+            let mut stmt = c.prepare("SELECT id, hash, stored FROM blobs WHERE complete = 1")?;
             let rows = stmt.query_map([], |r| {
                 let id: Vec<u8> = r.get(0)?;
                 let hash: Vec<u8> = r.get(1)?;
                 Ok((
                     BlobId(id.try_into().unwrap_or([0; 16])),
                     hash.try_into().unwrap_or([0; 32]),
+                    u64_of(r.get(2)?),
                 ))
             })?;
             rows.collect()

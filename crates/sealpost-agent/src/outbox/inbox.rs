@@ -187,21 +187,13 @@ impl Db {
     /// `before_ms`, oldest first, as `delete` does (a file still being
     /// received is kept). Returns how many.
     pub fn prune_received(&mut self, before_ms: u64, max: usize) -> Result<usize, AgentError> {
-        let ids: Vec<MessageId> = {
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT id FROM inbox WHERE received_ms < ?1 AND id NOT IN \
-                 (SELECT msg FROM downloads WHERE state NOT IN ('done', 'failed')) \
-                 ORDER BY received_ms LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![to_i64(before_ms), to_i64(max as u64)], |r| {
-                Ok(MessageId(id16(r.get(0)?)))
-            })?;
-            rows.collect::<Result<_, _>>()?
-        };
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        self.delete_received(&ids)
+        self.delete_selected(
+            "SELECT id FROM inbox WHERE received_ms < ?1 AND id NOT IN \
+             (SELECT msg FROM downloads WHERE state NOT IN ('done', 'failed')) \
+             ORDER BY received_ms LIMIT ?2",
+            before_ms,
+            max,
+        )
     }
 
     /// Deletes received messages, oldest first, until the content of
@@ -209,17 +201,30 @@ impl Db {
     /// file still being received is neither deleted nor counted). Returns
     /// how many.
     pub fn prune_received_over(&mut self, max_bytes: u64, max: usize) -> Result<usize, AgentError> {
+        // Newest first, the bytes kept so far: every message past the
+        // limit goes.
+        self.delete_selected(
+            "SELECT id FROM (SELECT id, received_ms, \
+                 SUM(content_len) OVER (ORDER BY received_ms DESC, id DESC) AS kept \
+                 FROM inbox WHERE id NOT IN \
+                 (SELECT msg FROM downloads WHERE state NOT IN ('done', 'failed'))) \
+             WHERE kept > ?1 ORDER BY received_ms, id LIMIT ?2",
+            max_bytes,
+            max,
+        )
+    }
+
+    /// Deletes the received messages `select` names (its parameters: a
+    /// bound and at most how many), as `delete` does. Returns how many.
+    fn delete_selected(
+        &mut self,
+        select: &str,
+        bound: u64,
+        max: usize,
+    ) -> Result<usize, AgentError> {
         let ids: Vec<MessageId> = {
-            // Newest first, the bytes kept so far: every message past the
-            // limit goes.
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT id FROM (SELECT id, received_ms, \
-                     SUM(content_len) OVER (ORDER BY received_ms DESC, id DESC) AS kept \
-                     FROM inbox WHERE id NOT IN \
-                     (SELECT msg FROM downloads WHERE state NOT IN ('done', 'failed'))) \
-                 WHERE kept > ?1 ORDER BY received_ms, id LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![to_i64(max_bytes), to_i64(max as u64)], |r| {
+            let mut stmt = self.conn.prepare_cached(select)?;
+            let rows = stmt.query_map(params![to_i64(bound), to_i64(max as u64)], |r| {
                 Ok(MessageId(id16(r.get(0)?)))
             })?;
             rows.collect::<Result<_, _>>()?

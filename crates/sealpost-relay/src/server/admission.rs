@@ -9,6 +9,38 @@ pub(crate) struct AddressSlot {
     pub(crate) ip: IpAddr,
 }
 
+/// Admits a new connection from `peer` by its address's rate and its
+/// share of connections (counted and logged when refused): the slot it
+/// holds while open, or why it was refused. The accept loop and
+/// [`crate::Door`] both go through here.
+pub(crate) fn admit(shared: &Arc<Shared>, peer: SocketAddr) -> Result<AddressSlot, &'static str> {
+    let allowed = shared
+        .per_address
+        .lock()
+        .map(|mut p| p.try_take(peer.ip(), std::time::Instant::now()))
+        .unwrap_or(true);
+    if !allowed {
+        shared
+            .metrics
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        shared.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+        return Err("too many new connections from this address");
+    }
+    AddressSlot::take(shared, peer.ip()).ok_or_else(|| {
+        shared
+            .metrics
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        shared
+            .metrics
+            .refused_per_address
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%peer, "refused: the address holds its share of connections");
+        "the address holds its share of connections"
+    })
+}
+
 impl AddressSlot {
     pub(crate) fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
         let mut open = shared.open_per_address.lock().ok()?;

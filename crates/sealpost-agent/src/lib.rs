@@ -213,6 +213,7 @@ impl Home {
             db,
             policy: FreshnessPolicy::default(),
             pad: true,
+            pad_files: false,
         })
     }
 }
@@ -228,6 +229,10 @@ pub struct Agent {
     /// Messages sent are padded to a Padmé length (PROTOCOL.md §4.3);
     /// true unless turned off.
     pad: bool,
+    /// Files sent are padded to a Padmé length (PROTOCOL.md §5.2): off
+    /// unless asked for (`send --pad`), since at gigabytes its up to 12 %
+    /// more to upload and download is the user's choice.
+    pad_files: bool,
 }
 
 /// Why a received message was not accepted.
@@ -352,6 +357,18 @@ impl Agent {
     /// a few bytes.
     pub fn set_padding(&mut self, pad: bool) {
         self.pad = pad;
+    }
+
+    /// Whether files queued from now on are padded (PROTOCOL.md §5.2):
+    /// off by default; on, a relay learns only a Padmé bucket of each
+    /// file's size, for up to 12 % more bytes to move and store.
+    pub fn set_file_padding(&mut self, pad: bool) {
+        self.pad_files = pad;
+    }
+
+    /// Whether files queued now are padded.
+    pub fn file_padding(&self) -> bool {
+        self.pad_files
     }
 
     /// Seals `content` to `recipients` into `out`; padded when its length

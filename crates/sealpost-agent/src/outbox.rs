@@ -72,7 +72,9 @@ CREATE TABLE IF NOT EXISTS files_out (
     blob_id BLOB NOT NULL,
     blob_key BLOB NOT NULL,
     size INTEGER NOT NULL,
-    chunk_size INTEGER NOT NULL
+    chunk_size INTEGER NOT NULL,
+    -- the blob's plaintext length of a padded file (send --pad); NULL: size
+    padded INTEGER
 );
 CREATE INDEX IF NOT EXISTS files_out_blob ON files_out(blob_id);
 -- files sent or received as part of a directory (the manifest's group,
@@ -104,7 +106,9 @@ CREATE TABLE IF NOT EXISTS downloads (
     error TEXT,
     changed_ms INTEGER NOT NULL,
     repair BLOB,
-    local_errors INTEGER NOT NULL DEFAULT 0
+    local_errors INTEGER NOT NULL DEFAULT 0,
+    -- the blob's plaintext length of a padded file; NULL: size
+    padded INTEGER
 );
 CREATE INDEX IF NOT EXISTS downloads_state ON downloads(state);
 CREATE TABLE IF NOT EXISTS repairs (
@@ -740,6 +744,17 @@ pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     )?;
     if !shelved {
         conn.execute_batch("ALTER TABLE inbox ADD COLUMN archived_ms INTEGER")?;
+    }
+    // Databases made before files could be padded.
+    for table in ["files_out", "downloads"] {
+        let has: bool = conn.query_row(
+            &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = 'padded'"),
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN padded INTEGER"))?;
+        }
     }
     // Databases made before sealed copies had their own table (user
     // version 0): the copies still needed move there, once.

@@ -71,7 +71,7 @@ impl Progress for FileBytes {
         self.at.store(done, std::sync::atomic::Ordering::Relaxed);
         self.inner.start(
             what,
-            self.layout.plaintext_len,
+            self.layout.data_len,
             self.layout.plain_before(done),
         );
     }

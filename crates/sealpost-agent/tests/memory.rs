@@ -154,6 +154,7 @@ async fn a_file_crosses_a_net_that_cuts_every_connection() {
 async fn damaged_chunks_are_repaired_end_to_end() {
     let damage = Arc::new(DamageChunks {
         chunks: [5, 40],
+        within: 100,
         done: [AtomicBool::new(false), AtomicBool::new(false)],
     });
     let World {
@@ -192,11 +193,71 @@ async fn damaged_chunks_are_repaired_end_to_end() {
     relay.stop().await.expect("stop");
 }
 
+/// A file sent with padding (`send --pad`): the relay holds a blob of the
+/// Padmé bucket's length, not the file's; a chunk damaged in its padding
+/// and one in its data are repaired like any; the file placed is exactly
+/// the file (no padding), and the receipt names it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_padded_file_shows_only_its_bucket_and_arrives_exact() {
+    let damage = Arc::new(DamageChunks {
+        chunks: [10, 48],
+        within: 5_000,
+        done: [AtomicBool::new(false), AtomicBool::new(false)],
+    });
+    let World {
+        dir,
+        relay,
+        clock,
+        mut alice,
+        mut bob,
+        ..
+    } = world(Some(damage.clone()), None).await;
+    // 3 MiB + 1000 bytes: Padmé keeps the top 5 bits of its 22, so it
+    // rounds up to 49 × 64 KiB; chunk 48 holds the last 1000 bytes of the
+    // file and 64,536 of padding.
+    let size = (3 << 20) + 1000;
+    let padded = 49 * 65_536u64;
+    assert_eq!(sealpost_proto::message::padme(size as u64), padded);
+    let (path, data) = file(dir.path(), "doc.bin", size, 9);
+    alice.agent_mut().set_file_padding(true);
+    let (id, _) = alice
+        .agent_mut()
+        .send_file(&["bob".into()], &path, 86_400)
+        .expect("send");
+    catch_up(&clock);
+    let s = alice.pass().await.expect("pass");
+    let blob_len = padded + 49 * 16;
+    assert_eq!(s.upload_bytes, blob_len, "{s:?}");
+    assert_eq!(state(&alice, &id).0, State::Submitted);
+    let s = bob.pass().await.expect("pass");
+    assert_eq!(s.download_bytes, blob_len, "{s:?}");
+    assert_eq!(s.files_received, 0, "{s:?}");
+    let downloads = bob.agent().db().downloads(None, 10).expect("downloads");
+    assert_eq!(downloads[0].bad, vec![10, 48]);
+    assert_eq!(
+        (downloads[0].size, downloads[0].padded_size),
+        (size as u64, padded)
+    );
+    let s = alice.pass().await.expect("pass");
+    assert_eq!(s.upload_bytes, 2 * 65_552, "{s:?}");
+    let s = bob.pass().await.expect("pass");
+    assert_eq!(s.files_received, 1, "{s:?}");
+    let got = std::fs::read(dir.path().join("bob/downloads/doc.bin")).expect("received");
+    assert_eq!(got.len(), size, "the padding is not written");
+    assert!(got == data, "the file arrived whole");
+    let s = alice.pass().await.expect("pass");
+    assert_eq!(s.confirmed, 1, "{s:?}");
+    assert_eq!(state(&alice, &id).0, State::Delivered);
+    relay.stop().await.expect("stop");
+}
+
 /// Flips a byte in each listed chunk of every blob, the first time that
 /// chunk is read.
 #[derive(Debug)]
 struct DamageChunks {
     chunks: [u64; 2],
+    /// The byte of each chunk flipped.
+    within: u64,
     done: [AtomicBool; 2],
 }
 
@@ -215,7 +276,7 @@ impl Tamper for DamageChunks {
 
     fn blob_data(&self, _: &MailboxId, _: &BlobId, offset: u64, data: &mut Vec<u8>) {
         for (chunk, done) in self.chunks.iter().zip(&self.done) {
-            let at = chunk * 65_552 + 100;
+            let at = chunk * 65_552 + self.within;
             if at >= offset && at < offset + data.len() as u64 && !done.swap(true, Ordering::SeqCst)
             {
                 data[(at - offset) as usize] ^= 0x20;

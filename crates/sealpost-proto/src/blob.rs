@@ -130,14 +130,30 @@ impl ChunkCipher {
 }
 
 /// The shape of a blob: how long its plaintext is and how it is chunked.
+///
+/// The plaintext is the file's `data_len` bytes followed by
+/// `plaintext_len - data_len` zero bytes of padding (PROTOCOL 5.2; none
+/// for a file sent without `--pad`). Chunks are cut from the whole
+/// plaintext, padding included, so the padding is encrypted and
+/// authenticated like the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlobLayout {
+    /// The blob's plaintext: the file and its padding.
     pub plaintext_len: u64,
     pub chunk_size: u32,
+    /// The file's own bytes, at the start of the plaintext.
+    pub data_len: u64,
 }
 
 impl BlobLayout {
+    /// The layout of an unpadded file of `plaintext_len` bytes.
     pub fn new(plaintext_len: u64, chunk_size: u32) -> Result<Self, DecodeError> {
+        Self::padded(plaintext_len, plaintext_len, chunk_size)
+    }
+
+    /// The layout of a file of `data_len` bytes padded with zeros to
+    /// `plaintext_len` (at least `data_len`).
+    pub fn padded(data_len: u64, plaintext_len: u64, chunk_size: u32) -> Result<Self, DecodeError> {
         if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) || !chunk_size.is_power_of_two()
         {
             return Err(DecodeError::Invalid {
@@ -145,9 +161,16 @@ impl BlobLayout {
                 why: "must be a power of two from 4 KiB to 4 MiB",
             });
         }
+        if data_len > plaintext_len {
+            return Err(DecodeError::Invalid {
+                what: "padded length",
+                why: "is shorter than the file",
+            });
+        }
         let layout = Self {
             plaintext_len,
             chunk_size,
+            data_len,
         };
         if layout.chunk_count_unchecked() > MAX_CHUNKS {
             return Err(DecodeError::Invalid {
@@ -156,6 +179,24 @@ impl BlobLayout {
             });
         }
         Ok(layout)
+    }
+
+    /// The layout of a file of `data_len` bytes padded to a Padmé length
+    /// (PROTOCOL 5.2): what `send --pad` writes.
+    pub fn padme(data_len: u64, chunk_size: u32) -> Result<Self, DecodeError> {
+        Self::padded(data_len, crate::message::padme(data_len), chunk_size)
+    }
+
+    /// Padding bytes after the file.
+    pub fn pad_len(&self) -> u64 {
+        self.plaintext_len - self.data_len
+    }
+
+    /// How many of chunk `i`'s plaintext bytes are the file's (the rest
+    /// are padding).
+    pub fn data_in(&self, i: u64) -> u64 {
+        let start = i.saturating_mul(self.chunk_size as u64);
+        self.data_len.saturating_sub(start).min(self.plain_len(i))
     }
 
     fn chunk_count_unchecked(&self) -> u64 {
@@ -193,12 +234,13 @@ impl BlobLayout {
     }
 
     /// How many bytes of the file the first `blob_offset` bytes of the
-    /// blob carry (tags do not count): what a progress display shows.
+    /// blob carry (tags and padding do not count): what a progress
+    /// display shows.
     pub fn plain_before(&self, blob_offset: u64) -> u64 {
         let chunk = self.chunk_size as u64;
         let unit = chunk + TAG_LEN;
         let (k, rem) = (blob_offset / unit, blob_offset % unit);
-        (k * chunk + rem.min(chunk)).min(self.plaintext_len)
+        (k * chunk + rem.min(chunk)).min(self.data_len)
     }
 }
 
@@ -220,6 +262,21 @@ pub fn open_chunk(
     let n = cipher.open_in_place(layout, index, buf)?;
     buf.truncate(n);
     Ok(())
+}
+
+/// The file's bytes in chunk `i`'s opened plaintext `plain`: how many
+/// there are, after checking that every byte after them (padding) is
+/// zero. Padding that is not zero is *malformed* (PROTOCOL 5.2): it
+/// authenticated, so the sender wrote it, and nothing may ride in it.
+pub fn check_padding(layout: &BlobLayout, i: u64, plain: &[u8]) -> Result<usize, OpenError> {
+    let data = (layout.data_in(i) as usize).min(plain.len());
+    if plain[data..].iter().any(|&b| b != 0) {
+        return Err(OpenError::Malformed(DecodeError::Invalid {
+            what: "file padding",
+            why: "is not all zero bytes",
+        }));
+    }
+    Ok(data)
 }
 
 /// What encrypting a blob produced: everything the manifest needs.
@@ -284,6 +341,49 @@ pub fn seal_blob<R: Read, W: Write>(
     })
 }
 
+/// Encrypts a file of exactly `layout.data_len` bytes from `input` as the
+/// blob of `layout`, its padding (zeros up to `layout.plaintext_len`)
+/// included, at constant memory (one chunk). Fails if `input` ends early
+/// or has more.
+pub fn seal_padded_blob<R: Read, W: Write>(
+    key: &BlobKey,
+    layout: &BlobLayout,
+    mut input: R,
+    mut out: W,
+) -> Result<BlobSummary, io::Error> {
+    let cipher = key.cipher();
+    let mut plain_hash = blake3::Hasher::new();
+    let mut blob_hash = blake3::Hasher::new();
+    let mut buf = Vec::with_capacity(layout.chunk_size as usize + TAG_LEN as usize);
+    for i in 0..layout.chunk_count() {
+        let data = layout.data_in(i) as usize;
+        fill(&mut input, &mut buf, data)?;
+        if buf.len() < data {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the input is shorter than the layout's file",
+            ));
+        }
+        plain_hash.update(&buf);
+        buf.resize(layout.plain_len(i) as usize, 0);
+        seal_chunk(&cipher, i, i + 1 == layout.chunk_count(), &mut buf);
+        blob_hash.update(&buf);
+        out.write_all(&buf)?;
+    }
+    if input.read(&mut [0u8; 1])? > 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the input is longer than the layout's file",
+        ));
+    }
+    out.flush()?;
+    Ok(BlobSummary {
+        layout: *layout,
+        plaintext_hash: plain_hash.finalize(),
+        blob_hash: blob_hash.finalize(),
+    })
+}
+
 /// Reads up to `n` bytes into `buf` (cleared first), stopping early only at
 /// end of input.
 fn fill(r: &mut impl Read, buf: &mut Vec<u8>, n: usize) -> io::Result<()> {
@@ -321,8 +421,9 @@ pub fn open_blob<R: Read, W: Write>(
             });
         }
         open_chunk(&cipher, layout, i, &mut buf)?;
-        hasher.update(&buf);
-        out.write_all(&buf)
+        let data = check_padding(layout, i, &buf)?;
+        hasher.update(&buf[..data]);
+        out.write_all(&buf[..data])
             .map_err(OpenError::io("writing the file"))?;
     }
     let mut extra = [0u8; 1];
@@ -362,6 +463,12 @@ mod tests {
         assert_eq!((l.chunk_count(), l.blob_len()), (1, 4112));
         let l = BlobLayout::new(4097, 4096).expect("ok");
         assert_eq!((l.chunk_count(), l.plain_len(1), l.offset(1)), (2, 1, 4112));
+        // Padded: 5000 file bytes in 9000 of plaintext.
+        let l = BlobLayout::padded(5000, 9000, 4096).expect("ok");
+        assert_eq!((l.chunk_count(), l.blob_len(), l.pad_len()), (3, 9048, 4000));
+        assert_eq!((l.data_in(0), l.data_in(1), l.data_in(2)), (4096, 904, 0));
+        assert_eq!(l.plain_before(l.blob_len()), 5000);
+        assert!(BlobLayout::padded(5001, 5000, 4096).is_err());
         assert!(BlobLayout::new(1, 1000).is_err());
         assert!(BlobLayout::new(u64::MAX, 4096).is_err());
     }

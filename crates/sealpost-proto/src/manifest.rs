@@ -8,6 +8,10 @@
 //!            plaintext_blake3:[32] name_len:u16 name
 //!            group_id:[16] index:u32 count:u32       (version 3 only: a
 //!                                                     file of a directory)
+//! manifest = "SPMF" 0x04 blob_id:[16] blob_key:[32] chunk_size:u32 size:u64
+//!            padded_len:u64 plaintext_blake3:[32] name_len:u16 name
+//!            group_flag:u8 [group_id:[16] index:u32 count:u32 if 1]
+//!                                                    (a padded file)
 //! ```
 
 use std::fmt;
@@ -26,6 +30,11 @@ const VERSION: u8 = 2;
 /// 3: version 2's layout followed by a [`Group`] (a file of a directory
 /// sent at once). A manifest without a group is written as version 2.
 const VERSION_GROUPED: u8 = 3;
+/// 4: a padded file (`send --pad`): version 2's fields with the padded
+/// length after the size, then a group flag and the group if there is
+/// one. An unpadded file is written as version 2 or 3, byte for byte as
+/// before.
+const VERSION_PADDED: u8 = 4;
 /// A path component is at most 255 bytes, the limit of common file
 /// systems.
 pub const MAX_NAME_BYTES: usize = 255;
@@ -38,7 +47,8 @@ pub const MAX_PATH_DEPTH: usize = 32;
 pub const GROUP_BYTES: usize = 16 + 4 + 4;
 /// The most files one group (one directory sent at once) may have.
 pub const MAX_GROUP_FILES: u32 = 100_000;
-pub const MAX_MANIFEST_BYTES: usize = 5 + 16 + 32 + 4 + 8 + 32 + 2 + MAX_PATH_BYTES + GROUP_BYTES;
+pub const MAX_MANIFEST_BYTES: usize =
+    5 + 16 + 32 + 4 + 8 + 8 + 32 + 2 + MAX_PATH_BYTES + 1 + GROUP_BYTES;
 
 /// The files of one directory sent at once: each manifest names the group
 /// (random id, drawn once per send), its place in it and how many there
@@ -173,20 +183,27 @@ impl FileManifest {
     }
 
     pub fn encode(&self) -> Vec<u8> {
+        let padded = self.layout.pad_len() > 0;
         let mut out = Vec::with_capacity(MAX_MANIFEST_BYTES);
         out.extend_from_slice(MAGIC);
-        out.push(if self.group.is_some() {
-            VERSION_GROUPED
-        } else {
-            VERSION
+        out.push(match (padded, self.group.is_some()) {
+            (true, _) => VERSION_PADDED,
+            (false, true) => VERSION_GROUPED,
+            (false, false) => VERSION,
         });
         out.extend_from_slice(&self.blob_id.0);
         out.extend_from_slice(&self.key.0);
         out.extend_from_slice(&self.layout.chunk_size.to_be_bytes());
-        out.extend_from_slice(&self.layout.plaintext_len.to_be_bytes());
+        out.extend_from_slice(&self.layout.data_len.to_be_bytes());
+        if padded {
+            out.extend_from_slice(&self.layout.plaintext_len.to_be_bytes());
+        }
         out.extend_from_slice(self.plaintext_hash.as_bytes());
         out.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
         out.extend_from_slice(self.name.as_bytes());
+        if padded {
+            out.push(self.group.is_some() as u8);
+        }
         if let Some(g) = &self.group {
             out.extend_from_slice(&g.id);
             out.extend_from_slice(&g.index.to_be_bytes());
@@ -203,24 +220,55 @@ impl FileManifest {
             });
         }
         let mut r = Reader::new(bytes);
-        let version = r.magic_and_versions(MAGIC, "file manifest", &[VERSION, VERSION_GROUPED])?;
+        let version = r.magic_and_versions(
+            MAGIC,
+            "file manifest",
+            &[VERSION, VERSION_GROUPED, VERSION_PADDED],
+        )?;
         let blob_id = BlobId(r.array("blob id")?);
         let key = BlobKey(r.array("blob key")?);
         let chunk_size = r.u32("chunk size")?;
         let size = r.u64("file size")?;
-        let layout = BlobLayout::new(size, chunk_size)?;
+        let layout = if version == VERSION_PADDED {
+            let padded_len = r.u64("padded length")?;
+            if padded_len == size {
+                // Version 4 is for padded files only, so that one file
+                // has one encoding.
+                return Err(DecodeError::Invalid {
+                    what: "padded length",
+                    why: "equals the size (an unpadded file is version 2 or 3)",
+                });
+            }
+            BlobLayout::padded(size, padded_len, chunk_size)?
+        } else {
+            BlobLayout::new(size, chunk_size)?
+        };
         let plaintext_hash = blake3::Hash::from_bytes(r.array("file hash")?);
         let name_len = r.u16("name length")? as usize;
         let name = codec::read_text_of_len(&mut r, name_len, "file name", MAX_PATH_BYTES)?;
         validate_file_path(&name)?;
-        // Version 3, and only it, ends with a group.
-        let group = if version == VERSION {
-            None
-        } else {
+        // Version 3 ends with a group; version 4 says whether one follows.
+        let grouped = match version {
+            VERSION => false,
+            VERSION_GROUPED => true,
+            _ => match r.u8("group flag")? {
+                0 => false,
+                1 => true,
+                _ => {
+                    return Err(DecodeError::Invalid {
+                        what: "group flag",
+                        why: "must be 0 or 1",
+                    })
+                }
+            },
+        };
+        let group = if grouped {
             let id = r.array("group id")?;
             let index = r.u32("group index")?;
             let count = r.u32("group count")?;
             Some(Group::new(id, index, count)?)
+        } else {
+            None
         };
         r.finish()?;
         Ok(Self {
@@ -291,6 +339,57 @@ mod tests {
             FileManifest::decode(&fine).expect("version 3").group,
             Some(g)
         );
+    }
+
+    /// A padded file's manifest is version 4, with or without a group;
+    /// an unpadded one stays version 2 or 3; a version 4 that does not pad,
+    /// pads to less than the file, or has a bad group flag is refused.
+    #[test]
+    fn a_padded_file_is_version_4() {
+        let cs = crate::blob::DEFAULT_CHUNK_SIZE;
+        let m = FileManifest::new(
+            BlobId([1; 16]),
+            BlobKey([2; 32]),
+            BlobLayout::padme(1000, cs).expect("layout"),
+            blake3::hash(b"x"),
+            "a.bin".into(),
+        )
+        .expect("manifest");
+        assert_eq!((m.layout.data_len, m.layout.plaintext_len), (1000, 1024));
+        let g = Group::new([7; 16], 0, 2).expect("group");
+        for m in [m.clone(), m.clone().in_group(g)] {
+            let bytes = m.encode();
+            assert_eq!(bytes[4], 4);
+            assert!(bytes.len() <= MAX_MANIFEST_BYTES);
+            assert_eq!(FileManifest::decode(&bytes).expect("decodes"), m);
+            for cut in 1..bytes.len() {
+                assert!(FileManifest::decode(&bytes[..cut]).is_err(), "{cut}");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(FileManifest::decode(&longer).is_err());
+        }
+        let bytes = m.encode();
+        let flag = bytes.len() - 1;
+        let mut bad = bytes.clone();
+        bad[flag] = 2;
+        assert!(FileManifest::decode(&bad).is_err(), "group flag 2");
+        // padded_len (bytes 65..73): equal to the size, or below it.
+        for padded in [1000u64, 999, 0] {
+            let mut bad = bytes.clone();
+            bad[65..73].copy_from_slice(&padded.to_be_bytes());
+            assert!(FileManifest::decode(&bad).is_err(), "padded to {padded}");
+        }
+        // Padmé leaves small sizes as they are: such a file is version 2.
+        let small = FileManifest::new(
+            BlobId([1; 16]),
+            BlobKey([2; 32]),
+            BlobLayout::padme(7, cs).expect("layout"),
+            blake3::hash(b"x"),
+            "a.bin".into(),
+        )
+        .expect("manifest");
+        assert_eq!(small.encode()[4], 2);
     }
 
     #[test]

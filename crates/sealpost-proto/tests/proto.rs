@@ -735,3 +735,109 @@ fn padding_lengths_must_hold() {
     let e = message::seal_to_vec(&a, &padded_req(&to, 6), b"hello").expect_err("length");
     assert!(e.to_string().contains("length stated for padding"), "{e}");
 }
+
+// ---- padded file blobs (PROTOCOL 5.2) ----
+
+fn padded_blob_of(content: &[u8], cs: u32) -> (BlobKey, Vec<u8>, blob::BlobSummary) {
+    let key = BlobKey([43; 32]);
+    let layout = BlobLayout::padme(content.len() as u64, cs).expect("layout");
+    let mut out = Vec::new();
+    let s = blob::seal_padded_blob(&key, &layout, content, &mut out).expect("seal");
+    (key, out, s)
+}
+
+/// A padded file round-trips at every Padmé bucket edge near chunk
+/// boundaries; its blob has the length of its bucket, so files in one
+/// bucket make blobs of one length; the file written is only the file.
+#[test]
+fn padded_blobs_round_trip_at_bucket_edges() {
+    let cs = 4096u32;
+    let mut sizes = vec![0u64, 1, 2, 4095, 4096, 4097, 9000];
+    for bucket_end in [4096u64 + 256, 65_536 + 4096, 1 << 20, (1 << 20) + 65_536] {
+        let p = message::padme(bucket_end);
+        sizes.extend([p - 1, p, p + 1]);
+    }
+    for size in sizes {
+        let content = content_of(size as usize);
+        let (key, data, s) = padded_blob_of(&content, cs);
+        let want = BlobLayout::new(message::padme(size), cs).expect("layout");
+        assert_eq!(data.len() as u64, want.blob_len(), "size {size}");
+        assert_eq!(s.layout.data_len, size);
+        assert_eq!(s.plaintext_hash, blake3::hash(&content));
+        assert_eq!(open_blob(&key, &s, &data).expect("opens"), content, "size {size}");
+        // Another length in the same bucket seals to a blob of one length.
+        let lower = message::padme(size).saturating_sub(1).max(size);
+        if message::padme(lower) == message::padme(size) {
+            let (_, other, _) = padded_blob_of(&content_of(lower as usize), cs);
+            assert_eq!(other.len(), data.len(), "{size} and {lower}");
+        }
+    }
+}
+
+/// Every bit flip in the encrypted padding fails its chunk's tag; padding
+/// the sender encrypted with a byte that is not zero authenticates and is
+/// refused as malformed, wherever it is; a blob sealed with the file's
+/// length as the padded one (no padding) opens as the unpadded blob.
+#[test]
+fn every_bit_flip_of_a_blobs_padding_is_refused() {
+    let cs = 4096u32;
+    let content = content_of(5000);
+    let (key, data, s) = padded_blob_of(&content, cs);
+    let l = s.layout;
+    assert_eq!((l.plaintext_len, l.chunk_count()), (5120, 2));
+    // The padding is the last 120 bytes of chunk 1's plaintext: bytes
+    // 904..1024 of its ciphertext.
+    let start = (l.offset(1) + l.data_in(1)) as usize;
+    for byte in start..start + l.pad_len() as usize {
+        for bit in 0..8 {
+            let mut bad = data.clone();
+            bad[byte] ^= 1 << bit;
+            assert!(
+                matches!(
+                    open_blob(&key, &s, &bad),
+                    Err(OpenError::Tampered {
+                        at: TamperedAt::Chunk(1)
+                    })
+                ),
+                "byte {byte} bit {bit}"
+            );
+        }
+    }
+    // Re-encrypted with one padding byte not zero: every position.
+    let cipher = key.cipher();
+    for at in 0..l.pad_len() as usize {
+        let mut plain = content[4096..].to_vec();
+        plain.resize(l.plain_len(1) as usize, 0);
+        plain[l.data_in(1) as usize + at] = 1;
+        blob::seal_chunk(&cipher, 1, true, &mut plain);
+        let mut bad = data[..l.offset(1) as usize].to_vec();
+        bad.extend_from_slice(&plain);
+        assert!(
+            matches!(open_blob(&key, &s, &bad), Err(OpenError::Malformed(_))),
+            "padding byte {at}"
+        );
+        let mut chunk = plain.clone();
+        assert!(matches!(
+            blob::open_chunk(&cipher, &l, 1, &mut chunk)
+                .map_err(|e| e.to_string())
+                .and_then(|_| blob::check_padding(&l, 1, &chunk).map_err(|e| e.to_string())),
+            Err(_)
+        ));
+    }
+    // The same key and chunks read with the unpadded layout: the padding
+    // would be file bytes, so the manifest's hash refuses it.
+    let unpadded = blob::BlobSummary {
+        layout: BlobLayout::new(l.plaintext_len, cs).expect("layout"),
+        ..s.clone()
+    };
+    assert!(matches!(
+        open_blob(&key, &unpadded, &data),
+        Err(OpenError::Malformed(_))
+    ));
+    // Sealing checks the input's length against the layout.
+    let mut sink = Vec::new();
+    assert!(blob::seal_padded_blob(&key, &l, &content[..4999], &mut sink).is_err());
+    let mut longer = content.clone();
+    longer.push(0);
+    assert!(blob::seal_padded_blob(&key, &l, &longer[..], &mut sink).is_err());
+}

@@ -146,6 +146,11 @@ pub struct SendArgs {
     /// this, it learns the content's length to within a few bytes
     #[arg(long)]
     no_pad: bool,
+    /// Pad each file sent (with --file): its encrypted length is rounded up
+    /// (Padmé, at most 12 % more to upload, store and download) so that a
+    /// relay learns only a coarse size; without it, a file's length shows
+    #[arg(long)]
+    pad: bool,
     /// Benchmarks: queue this many messages with this content (distinct
     /// ids), waking a running agent every 1,000; prints the last id
     #[arg(long, hide = true, default_value_t = 1, conflicts_with = "file", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -485,8 +490,16 @@ fn read_content(args: &SendArgs) -> Result<(Vec<u8>, String), Failure> {
 const WATCH_FALLBACK: Duration = Duration::from_secs(10);
 
 pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
+    // Checked here: clap's `requires = "file"` on `--pad` let
+    // `send bob --pad hi` through (tried with clap 4.6).
+    if args.pad && args.file.is_none() {
+        return Err(Failure::usage(anyhow!(
+            "--pad pads files: use it with --file (messages are padded unless --no-pad)"
+        )));
+    }
     let mut agent = home.load()?;
     agent.set_padding(!args.no_pad);
+    agent.set_file_padding(args.pad);
     let mut names = vec![args.to.clone()];
     names.extend(args.also.iter().cloned());
     let mut tree = Vec::new();
@@ -853,12 +866,13 @@ fn check_file_sizes(
             continue;
         };
         for (file, size) in files {
-            let sealed = sealpost_proto::blob::BlobLayout::new(
-                *size,
-                sealpost_proto::blob::DEFAULT_CHUNK_SIZE,
-            )
-            .map(|l| l.blob_len())
-            .unwrap_or(u64::MAX);
+            let cs = sealpost_proto::blob::DEFAULT_CHUNK_SIZE;
+            let layout = if agent.file_padding() {
+                sealpost_proto::blob::BlobLayout::padme(*size, cs)
+            } else {
+                sealpost_proto::blob::BlobLayout::new(*size, cs)
+            };
+            let sealed = layout.map(|l| l.blob_len()).unwrap_or(u64::MAX);
             if sealed > limits.max_blob {
                 over.push(format!(
                     "{file} is {} ({size} bytes; {sealed} sealed) and the relay of {who} ({relay}) accepts files up to {} ({} bytes sealed)",

@@ -115,6 +115,12 @@ impl Agent {
         let (layout, plaintext_hash) =
             crate::transfer::summarize(&abs, sealpost_proto::blob::DEFAULT_CHUNK_SIZE)
                 .map_err(|e| SendError::BadFile(format!("cannot read {}: {e}", path.display())))?;
+        let layout = if self.pad_files {
+            sealpost_proto::blob::BlobLayout::padme(layout.data_len, layout.chunk_size)
+                .map_err(|e| SendError::BadFile(format!("{}: {e}", path.display())))?
+        } else {
+            layout
+        };
         let blob_id = sealpost_proto::manifest::BlobId::random(&mut OsRng);
         let manifest = sealpost_proto::manifest::FileManifest::new(
             blob_id,
@@ -138,7 +144,7 @@ impl Agent {
         // What the receipt must name: the file as stored, not the manifest.
         m.sent = sealpost_proto::delivery::Sent {
             content_hash: *plaintext_hash.as_bytes(),
-            content_len: layout.plaintext_len,
+            content_len: layout.data_len,
         };
         self.queue_prepared(std::slice::from_ref(&m))?;
         self.db.add_file_out(
@@ -147,13 +153,14 @@ impl Agent {
                 path: abs.to_string_lossy().into_owned(),
                 blob_id,
                 key,
-                size: layout.plaintext_len,
+                size: layout.data_len,
                 chunk_size: layout.chunk_size,
+                padded_size: layout.plaintext_len,
                 plaintext_hash: *plaintext_hash.as_bytes(),
             },
             group.as_ref(),
         )?;
-        Ok((m.id, layout.plaintext_len))
+        Ok((m.id, layout.data_len))
     }
 
     /// Where received files go: the `download_dir` setting, else

@@ -95,7 +95,6 @@ impl Engine {
         stats: &mut PassStats,
     ) -> Result<(), EngineError> {
         use crate::transfer;
-        use sealpost_proto::blob::BlobLayout;
         // A file that cannot be stored here fails, and its sender is told
         // so with a signed rejection (instead of retrying until expiry).
         let fail =
@@ -103,7 +102,7 @@ impl Engine {
                 tracing::warn!("receiving {}: {why}", d.name);
                 this.give_up_download(&d, &why, stats)
             };
-        let layout = match BlobLayout::new(d.size, d.chunk_size) {
+        let layout = match d.layout() {
             Ok(l) => l,
             Err(e) => return fail(self, stats, e.to_string()),
         };

@@ -217,8 +217,9 @@ impl Engine {
                         relay,
                         blob_id: f.blob_id,
                         key: f.key.clone(),
-                        size: f.layout.plaintext_len,
+                        size: f.layout.data_len,
                         chunk_size: f.layout.chunk_size,
+                        padded_size: f.layout.plaintext_len,
                         plaintext_hash: *f.plaintext_hash.as_bytes(),
                         name: f.name.clone(),
                         dir: download_dir.to_string_lossy().into_owned(),
@@ -327,11 +328,19 @@ impl Engine {
         let manifest = (h.kind == Kind::FileManifest).then(|| {
             match sealpost_proto::manifest::FileManifest::decode(&content) {
                 Err(e) => (FileCheck::Malformed, e.to_string()),
+                // Padding counts: it is downloaded like the file.
                 Ok(f) if f.layout.plaintext_len > self.max_file => (
                     FileCheck::TooLarge,
                     format!(
-                        "{} is {} bytes, more than the {} this agent takes (--max-file)",
-                        f.name, f.layout.plaintext_len, self.max_file
+                        "{} is {} bytes{}, more than the {} this agent takes (--max-file)",
+                        f.name,
+                        f.layout.data_len,
+                        if f.layout.pad_len() > 0 {
+                            format!(" (padded to {})", f.layout.plaintext_len)
+                        } else {
+                            String::new()
+                        },
+                        self.max_file
                     ),
                 ),
                 Ok(_) => (FileCheck::Fits, String::new()),

@@ -99,7 +99,6 @@ impl Engine {
     /// Uploads the chunks recipients asked for again, as repair blobs, and
     /// tells them where they are.
     pub(super) async fn run_repairs(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
-        use sealpost_proto::blob::BlobLayout;
         for job in self.agent.db.repairs()? {
             let Ok(req) = sealpost_proto::repair::RepairRequest::decode(&job.request) else {
                 self.agent.db.remove_repair(&job.msg, &job.recipient)?;
@@ -126,7 +125,7 @@ impl Engine {
                 .map(|x| x.relay);
             let (Some(relay), Ok(layout), Ok(src)) = (
                 relay,
-                BlobLayout::new(f.size, f.chunk_size),
+                f.layout(),
                 File::open(&f.path),
             ) else {
                 self.agent.db.remove_repair(&job.msg, &job.recipient)?;

@@ -23,8 +23,7 @@ impl Engine {
         stats: &mut PassStats,
         until: u64,
     ) -> Result<Upload, EngineError> {
-        use sealpost_proto::blob::BlobLayout;
-        let layout = match BlobLayout::new(f.size, f.chunk_size) {
+        let layout = match f.layout() {
             Ok(l) => l,
             Err(e) => return Ok(Upload::Failed("bad-file".into(), e.to_string())),
         };

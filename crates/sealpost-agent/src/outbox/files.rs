@@ -1,6 +1,7 @@
 //! Files both ways: files sent (their blob uploads and groups), downloads of files received, and repairs of damaged chunks.
 
 use super::*;
+use sealpost_proto::blob::BlobLayout;
 use sealpost_proto::manifest::BlobId;
 
 /// A file being sent: where its bytes come from and how they are encrypted.
@@ -12,6 +13,9 @@ pub struct FileOut {
     pub key: sealpost_proto::blob::BlobKey,
     pub size: u64,
     pub chunk_size: u32,
+    /// The blob's plaintext length: `size`, or more for a padded file
+    /// (`send --pad`, PROTOCOL 5.2).
+    pub padded_size: u64,
     /// BLAKE3 of the file as queued (its manifest's and its delivery's
     /// content hash): the upload checks the bytes it sends against it.
     pub plaintext_hash: [u8; 32],
@@ -29,6 +33,8 @@ pub struct Download {
     pub key: sealpost_proto::blob::BlobKey,
     pub size: u64,
     pub chunk_size: u32,
+    /// The blob's plaintext length: `size`, or more for a padded file.
+    pub padded_size: u64,
     pub plaintext_hash: [u8; 32],
     pub name: String,
     pub dir: String,
@@ -150,7 +156,7 @@ impl Download {
 pub(crate) const DOWNLOAD_COLS: &str =
     "msg, sender, agreement, relay, blob_id, blob_key, size, chunk_size, \
      plaintext_hash, name, dir, next_chunk, bad, attempts, state, final_path, error, changed_ms, \
-     local_errors";
+     local_errors, padded";
 
 pub(crate) fn download_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Download> {
     let bad: String = r.get(12)?;
@@ -174,6 +180,10 @@ pub(crate) fn download_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Downl
         error: r.get(16)?,
         changed_ms: to_u64(r.get(17)?),
         local_errors: r.get(18)?,
+        padded_size: match r.get::<_, Option<i64>>(19)? {
+            Some(p) => to_u64(p),
+            None => to_u64(r.get(6)?),
+        },
     })
 }
 
@@ -199,7 +209,7 @@ pub(crate) fn bad_text(bad: &[u64]) -> String {
 pub(crate) fn insert_download(tx: &Transaction<'_>, d: &Download) -> rusqlite::Result<()> {
     tx.prepare_cached(&format!(
         "INSERT OR IGNORE INTO downloads ({DOWNLOAD_COLS}) VALUES \
-         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
     ))?
     .execute(params![
         d.msg.0.to_vec(),
@@ -221,6 +231,7 @@ pub(crate) fn insert_download(tx: &Transaction<'_>, d: &Download) -> rusqlite::R
         d.error,
         to_i64(d.changed_ms),
         d.local_errors,
+        (d.padded_size != d.size).then(|| to_i64(d.padded_size)),
     ])?;
     Ok(())
 }
@@ -233,14 +244,28 @@ pub struct RepairJob {
     pub request: Vec<u8>,
 }
 
+impl FileOut {
+    /// The blob's layout.
+    pub fn layout(&self) -> Result<BlobLayout, sealpost_proto::codec::DecodeError> {
+        BlobLayout::padded(self.size, self.padded_size, self.chunk_size)
+    }
+}
+
+impl Download {
+    /// The blob's layout.
+    pub fn layout(&self) -> Result<BlobLayout, sealpost_proto::codec::DecodeError> {
+        BlobLayout::padded(self.size, self.padded_size, self.chunk_size)
+    }
+}
+
 impl Db {
     /// Records the file behind a queued file-manifest message (and its
     /// group, for a file of a directory).
     pub fn add_file_out(&mut self, f: &FileOut, group: Option<&Group>) -> Result<(), AgentError> {
         let tx = self.conn.transaction()?;
         tx.execute(
-            "INSERT INTO files_out (msg, path, blob_id, blob_key, size, chunk_size) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO files_out (msg, path, blob_id, blob_key, size, chunk_size, padded) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 f.msg.0.to_vec(),
                 f.path,
@@ -248,6 +273,7 @@ impl Db {
                 f.key.0.to_vec(),
                 to_i64(f.size),
                 f.chunk_size,
+                (f.padded_size != f.size).then(|| to_i64(f.padded_size)),
             ],
         )?;
         if let Some(g) = group {
@@ -289,7 +315,8 @@ impl Db {
         Ok(self
             .conn
             .prepare_cached(
-                "SELECT f.msg, f.path, f.blob_id, f.blob_key, f.size, f.chunk_size, o.content_hash \
+                "SELECT f.msg, f.path, f.blob_id, f.blob_key, f.size, f.chunk_size, o.content_hash, \
+                 f.padded \
                  FROM files_out f JOIN outbox o ON o.id = f.msg WHERE f.msg = ?1",
             )?
             .query_row(params![msg.0.to_vec()], |r| {
@@ -301,6 +328,10 @@ impl Db {
                     size: to_u64(r.get(4)?),
                     chunk_size: r.get(5)?,
                     plaintext_hash: hash32(r.get(6)?),
+                    padded_size: match r.get::<_, Option<i64>>(7)? {
+                        Some(p) => to_u64(p),
+                        None => to_u64(r.get(4)?),
+                    },
                 })
             })
             .optional()?)

@@ -109,7 +109,10 @@ pub fn open_piece(
             let b = run_buf.get_or_insert_with(|| buffers::take_aligned(RUN_BUFFER));
             let sealed = &mut b.slice_mut(RUN_BUFFER)[run..run + (end - at)];
             sealed.copy_from_slice(&data[at..end]);
-            match cipher.open_in_place(layout, i, sealed) {
+            let opened = cipher
+                .open_in_place(layout, i, sealed)
+                .and_then(|len| blob::check_padding(layout, i, &sealed[..len]));
+            match opened {
                 Ok(len) => run += len,
                 Err(_) => {
                     out.bad.push(i);
@@ -118,7 +121,10 @@ pub fn open_piece(
             }
         } else {
             in_run = false;
-            match cipher.open_in_place(layout, i, &mut data[at..end]) {
+            let opened = cipher
+                .open_in_place(layout, i, &mut data[at..end])
+                .and_then(|len| blob::check_padding(layout, i, &data[at..at + len]));
+            match opened {
                 Ok(len) => out.loose.push((i * cs, at..at + len)),
                 Err(_) => out.bad.push(i),
             }

@@ -117,9 +117,12 @@ pub(crate) fn seal_range(
     let mut i = first;
     while i < layout.chunk_count() && out.len() < max + skip {
         let n = layout.plain_len(i) as usize;
+        // The file's bytes; padding after them (PROTOCOL 5.2) stays the
+        // zeros `resize` wrote.
+        let data = layout.data_in(i) as usize;
         let at = out.len();
         out.resize(at + n + blob::TAG_LEN as usize, 0);
-        src.read_exact_at(&mut out[at..at + n], i * layout.chunk_size as u64)
+        src.read_exact_at(&mut out[at..at + data], i * layout.chunk_size as u64)
             .map_err(|e| {
                 io::Error::new(
                     e.kind(),
@@ -128,7 +131,7 @@ pub(crate) fn seal_range(
             })?;
         if let Some((h, next)) = plain.as_mut() {
             if i == **next {
-                h.update(&out[at..at + n]);
+                h.update(&out[at..at + data]);
                 **next += 1;
             }
         }
@@ -260,7 +263,8 @@ pub fn repair_range(
         let n = layout.plain_len(i) as usize;
         buf.clear();
         buf.resize(n, 0);
-        src.read_exact_at(&mut buf, i * layout.chunk_size as u64)?;
+        let data = layout.data_in(i) as usize;
+        src.read_exact_at(&mut buf[..data], i * layout.chunk_size as u64)?;
         blob::seal_chunk(cipher, i, i + 1 == layout.chunk_count(), &mut buf);
         let skip = offset.saturating_sub(pos) as usize;
         let take = (buf.len() - skip).min(max - out.len());

@@ -124,6 +124,19 @@ fn deterministic() -> Value {
         "numbers.bin".into(),
     )
     .expect("manifest");
+    // The same file padded (send --pad): 10000 bytes in a Padmé plaintext.
+    let padded_layout = BlobLayout::padme(file.len() as u64, 4096).expect("padded layout");
+    let mut padded_blob = Vec::new();
+    let ps = blob::seal_padded_blob(&BlobKey([0x77; 32]), &padded_layout, &file[..], &mut padded_blob)
+        .expect("padded blob");
+    let padded_manifest = FileManifest::new(
+        BlobId([0x88; 16]),
+        BlobKey([0x77; 32]),
+        padded_layout,
+        ps.plaintext_hash,
+        "numbers.bin".into(),
+    )
+    .expect("padded manifest");
     let receipt = Report::sign(
         &b,
         a.public(),
@@ -201,6 +214,17 @@ fn deterministic() -> Value {
             "blob_blake3": s.blob_hash.to_hex().to_string(),
             "manifest": h(&manifest.encode()),
             "manifest_in_group": h(&manifest
+                .clone()
+                .in_group(sealpost_proto::manifest::Group::new([0x99; 16], 1, 3).expect("group"))
+                .encode()),
+        },
+        "blob_padded": {
+            "description": "numbers.bin sent with --pad: the same 10000 bytes and key, padded with zeros to padme(10000) = 10240 bytes of plaintext (3 chunks); the manifest is version 4",
+            "padded_len": padded_layout.plaintext_len,
+            "blob": h(&padded_blob),
+            "blob_blake3": ps.blob_hash.to_hex().to_string(),
+            "manifest": h(&padded_manifest.encode()),
+            "manifest_in_group": h(&padded_manifest
                 .clone()
                 .in_group(sealpost_proto::manifest::Group::new([0x99; 16], 1, 3).expect("group"))
                 .encode()),
@@ -647,6 +671,35 @@ fn test_vectors_match() {
         &mut out,
     )
     .expect("blob");
+    assert_eq!(out, unh(&b["plaintext"]));
+
+    // The padded blob opens with the same key to the same file; its
+    // manifests are version 4 and differ from the unpadded ones only in
+    // the padded length.
+    let p = &committed["blob_padded"];
+    let pm = FileManifest::decode(&unh(&p["manifest"])).expect("padded manifest");
+    assert_eq!(unh(&p["manifest"])[4], 4);
+    assert_eq!(
+        (pm.layout.data_len, pm.layout.plaintext_len),
+        (10_000, p["padded_len"].as_u64().expect("padded_len"))
+    );
+    assert_eq!(message::padme(10_000), pm.layout.plaintext_len);
+    let pg = FileManifest::decode(&unh(&p["manifest_in_group"])).expect("padded, grouped");
+    assert_eq!(pg.group, g.group);
+    assert_eq!(FileManifest { group: None, ..pg }, pm);
+    assert_eq!(
+        FileManifest {
+            layout: m.layout,
+            ..pm.clone()
+        },
+        m
+    );
+    let pb = unh(&p["blob"]);
+    assert_eq!(blake3::hash(&pb).to_hex().to_string(), p["blob_blake3"].as_str().expect("hash"));
+    assert_eq!(pb.len() as u64, pm.layout.blob_len());
+    let mut out = Vec::new();
+    blob::open_blob(&pm.key, &pm.layout, &pm.plaintext_hash, &pb[..], &mut out)
+        .expect("padded blob");
     assert_eq!(out, unh(&b["plaintext"]));
 
     // Sealed cases, unpadded and padded, open (or fail) as stated.

@@ -7,6 +7,8 @@
 #   bench/file-transfer.sh                     # SIZE_MB=1024
 #   ANCHORS=1 bench/file-transfer.sh           # also ../shared/bench/anchors/nncp.sh
 #                                              # (same SIZE_MB) and limits.sh
+#   PAD=1 EXTRA_BYTES=1 bench/file-transfer.sh # send --pad; the file is
+#                                              # SIZE_MB MiB + EXTRA_BYTES
 #
 # Stages, timed by watching the files: queue (Alice hashes the file as a
 # blob), upload (until the relay's blob file is whole; each 1 MiB piece is
@@ -24,6 +26,8 @@ SIZE_MB=${SIZE_MB:-1024}
 MAX_SECONDS=${MAX_SECONDS:-600}
 PORT=${PORT:-17643}
 ANCHORS=${ANCHORS:-0}
+PAD=${PAD:-0}
+EXTRA_BYTES=${EXTRA_BYTES:-0}
 
 # SP=/path/to/sealpost measures that binary instead (before/after pairs).
 if [[ -z ${SP:-} ]]; then
@@ -56,14 +60,28 @@ PIDS+=("$BOB")
 for _ in $(seq 200); do [[ -S $T/bob/agent.sock ]] && break; sleep 0.05; done
 
 echo "# writing a ${SIZE_MB} MiB file of random bytes" >&2
-head -c "$((SIZE_MB << 20))" /dev/urandom >"$T/file.bin"
+SIZE=$(( (SIZE_MB << 20) + EXTRA_BYTES ))
+head -c "$SIZE" /dev/urandom >"$T/file.bin"
 sync
-SIZE=$((SIZE_MB << 20))
-CHUNKS=$(( (SIZE + 65535) / 65536 )); [[ $CHUNKS -eq 0 ]] && CHUNKS=1
-BLOB_LEN=$((SIZE + CHUNKS * 16))
+PAD_ARG=()
+PLAIN=$SIZE
+if [[ $PAD == 1 ]]; then
+    PAD_ARG=(--pad)
+    # PROTOCOL 5.2: the blob's plaintext is padme(size).
+    PLAIN=$(python3 -c 'import sys
+L = int(sys.argv[1])
+if L < 2: print(L)
+else:
+    e = L.bit_length() - 1; s = e.bit_length(); m = (1 << (e - s)) - 1
+    print((L + m) & ~m)' "$SIZE")
+    echo "# --pad: $SIZE bytes padded to $PLAIN" >&2
+fi
+CHUNKS=$(( (PLAIN + 65535) / 65536 )); [[ $CHUNKS -eq 0 ]] && CHUNKS=1
+BLOB_LEN=$((PLAIN + CHUNKS * 16))
+echo "sealpost blob_bytes $BLOB_LEN bytes"
 
 t0=$(now)
-/usr/bin/time -f "%M %U %S %R" -o "$T/alice.rss" "$SP" "${A[@]}" --json send bob --file "$T/file.bin" --wait --timeout "${MAX_SECONDS}s" >"$T/send.json" &
+/usr/bin/time -f "%M %U %S %R" -o "$T/alice.rss" "$SP" "${A[@]}" --json send bob --file "$T/file.bin" "${PAD_ARG[@]}" --wait --timeout "${MAX_SECONDS}s" >"$T/send.json" &
 SEND=$!
 # Stage times, watched by one small process (a shell loop forking `stat`
 # every 10 ms took 40 % of a core, which this two-core machine needs).

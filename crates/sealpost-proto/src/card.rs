@@ -108,7 +108,7 @@ fn validate_name(name: &str) -> Result<(), DecodeError> {
     codec::check_printable(name, "name")
 }
 
-fn validate_relay_address(addr: &str) -> Result<(), DecodeError> {
+pub(crate) fn validate_relay_address(addr: &str) -> Result<(), DecodeError> {
     if addr.is_empty() || addr.len() > MAX_RELAY_ADDR_BYTES {
         return Err(DecodeError::Invalid {
             what: "relay address",

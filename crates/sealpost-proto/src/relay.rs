@@ -54,7 +54,18 @@ pub mod context {
     pub const REGISTER: &[u8] = b"sealpost v1 relay register\0";
     pub const AUTH: &[u8] = b"sealpost v1 relay auth\0";
     pub const REFUSAL: &[u8] = b"sealpost v1 relay refusal\0";
+    /// A relay proving its own key to the next relay (§6.8).
+    pub const PEER: &[u8] = b"sealpost v1 relay peer\0";
 }
+
+/// A `Forward` frame's body before its payload: type, request id, hops,
+/// pin, mailbox, expiry, payload hash, address length.
+pub const FORWARD_HEAD: usize = 1 + 4 + 1 + 32 + 32 + 8 + 32 + 1;
+
+/// The most relays an item may pass through before the one that holds
+/// its mailbox (§6.8): a `Forward` whose `hops` is this or more is refused
+/// as [`RefusalCode::NotForwarded`].
+pub const MAX_HOPS: u8 = 8;
 
 /// TLS exporter label for the session binding of `Register` and `Auth`
 /// (RFC 8446 §7.5); the exporter context is empty and the length 32.
@@ -80,6 +91,10 @@ pub enum RefusalCode {
     TooLarge,
     Expired,
     HashMismatch,
+    /// This relay does not pass the item on: its hop count reached
+    /// [`MAX_HOPS`], or whoever sent it may not forward through this relay
+    /// (§6.8).
+    NotForwarded,
 }
 
 impl RefusalCode {
@@ -90,6 +105,7 @@ impl RefusalCode {
             Self::TooLarge => 3,
             Self::Expired => 4,
             Self::HashMismatch => 5,
+            Self::NotForwarded => 6,
         }
     }
 
@@ -100,6 +116,7 @@ impl RefusalCode {
             3 => Self::TooLarge,
             4 => Self::Expired,
             5 => Self::HashMismatch,
+            6 => Self::NotForwarded,
             _ => {
                 return Err(DecodeError::Invalid {
                     what: "refusal code",
@@ -117,6 +134,7 @@ impl RefusalCode {
             Self::TooLarge => "too_large",
             Self::Expired => "expired",
             Self::HashMismatch => "hash_mismatch",
+            Self::NotForwarded => "not_forwarded",
         }
     }
 
@@ -135,6 +153,9 @@ impl RefusalCode {
             Self::TooLarge => "larger than this relay accepts",
             Self::Expired => "already expired",
             Self::HashMismatch => "the payload does not match its stated BLAKE3",
+            Self::NotForwarded => {
+                "this relay does not forward it (not one of its mailbox owners, or too many hops)"
+            }
         }
     }
 }
@@ -292,6 +313,28 @@ impl BlobPiece {
     }
 }
 
+/// The relay a forwarded item goes to next: its address and the BLAKE3 of
+/// its certificate's key (§6.1), as a contact card names a home relay.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NextHop {
+    /// `host:port`, 1 to 253 printable ASCII bytes.
+    pub addr: String,
+    pub pin: [u8; 32],
+}
+
+/// A `Forward` request's item: what a `Submit` carries, with where it
+/// goes and how many relays it passed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forward {
+    /// Relays the item passed before this request (0 from the sender).
+    pub hops: u8,
+    pub next: NextHop,
+    pub mailbox: MailboxId,
+    pub expires_at: u64,
+    pub payload_hash: [u8; 32],
+    pub payload: Vec<u8>,
+}
+
 /// [`BlobPiece::refusal_hash`] from the piece's blob id and offset.
 pub fn blob_refusal_hash(blob_id: &BlobId, offset: u64) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
@@ -341,6 +384,15 @@ pub enum Request {
         blob_id: BlobId,
     },
     Status,
+    /// Authenticates the connection as relay `key` (§6.8): a relay
+    /// forwarding to the next one proves its identity on this TLS session.
+    PeerAuth {
+        key: [u8; 32],
+        signature: [u8; 64],
+    },
+    /// A sealed message to pass on toward the relay that holds its
+    /// mailbox (§6.8).
+    Forward(Forward),
     /// What this relay accepts: asked before a large file is hashed, and
     /// after a refusal, so the sender can state the limit.
     Limits,
@@ -603,6 +655,25 @@ impl Request {
             }
             Self::Status => header(o, 0x0c, id),
             Self::Limits => header(o, 0x0d, id),
+            Self::PeerAuth { key, signature } => {
+                header(o, 0x0e, id);
+                o.extend_from_slice(key);
+                o.extend_from_slice(signature);
+            }
+            Self::Forward(f) => {
+                o.reserve(f.payload.len() + f.next.addr.len() + 112);
+                header(o, 0x0f, id);
+                o.push(f.hops);
+                o.extend_from_slice(&f.next.pin);
+                o.extend_from_slice(&f.mailbox.0);
+                o.extend_from_slice(&f.expires_at.to_be_bytes());
+                o.extend_from_slice(&f.payload_hash);
+                o.push(f.next.addr.len() as u8);
+                // The address after the payload: the head before the
+                // payload keeps a fixed length (`head_len`).
+                o.extend_from_slice(&f.payload);
+                o.extend_from_slice(f.next.addr.as_bytes());
+            }
         }
         finish_frame(o);
     }
@@ -643,6 +714,7 @@ impl Request {
         match frame_type {
             0x04 => Some(1 + 4 + 32 + 8 + 32),
             0x08 => Some(1 + 4 + 16 + 32 + 8 + 32 + 8 + 8),
+            0x0f => Some(FORWARD_HEAD),
             _ => None,
         }
     }
@@ -657,15 +729,38 @@ impl Request {
             MAX_FRAME
         };
         let rest = split_parts(Self::head_len(ty), head, rest, rest_max)?;
-        let (mut frame, _) = Self::parse(head)?;
+        let parsed = if ty == 0x0f {
+            // The address ends the rest: parsed with the head, so that the
+            // payload stays in the rest's own buffer.
+            let addr_len = head.last().copied().unwrap_or(0) as usize;
+            let mut h = head.to_vec();
+            h.extend_from_slice(&rest[rest.len().saturating_sub(addr_len)..]);
+            Self::parse(&h)
+        } else {
+            Self::parse(head)
+        };
+        let (mut frame, _) = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                buffers::give(rest);
+                return Err(e);
+            }
+        };
         frame.body.put_rest(rest);
         Ok(frame)
     }
 
-    fn put_rest(&mut self, rest: Vec<u8>) {
+    /// Puts the frame's rest in place. For a `Forward` the rest is the
+    /// payload followed by the address; its address was checked and taken
+    /// while parsing, so the rest is cut to the payload here.
+    fn put_rest(&mut self, mut rest: Vec<u8>) {
         match self {
             Self::Submit { payload, .. } => *payload = rest,
             Self::BlobPut(p) => p.data = rest,
+            Self::Forward(f) => {
+                rest.truncate(rest.len().saturating_sub(f.next.addr.len()));
+                f.payload = rest;
+            }
             _ => {}
         }
     }
@@ -768,6 +863,43 @@ impl Request {
             },
             0x0c => Self::Status,
             0x0d => Self::Limits,
+            0x0e => Self::PeerAuth {
+                key: r.array("key")?,
+                signature: r.array("signature")?,
+            },
+            0x0f => {
+                let hops = r.u8("hop count")?;
+                let pin = r.array("next relay's pin")?;
+                let mailbox = MailboxId(r.array("mailbox")?);
+                let expires_at = r.u64("expiry")?;
+                let payload_hash = r.array("payload hash")?;
+                let addr_len = r.u8("address length")? as usize;
+                let n = r.remaining();
+                if addr_len == 0 || addr_len > n {
+                    return Err(DecodeError::Invalid {
+                        what: "next relay's address",
+                        why: "must be 1 to 253 bytes, after the payload",
+                    });
+                }
+                rest = Some(r.position());
+                r.take(n - addr_len, "payload")?;
+                let addr = r.take(addr_len, "next relay's address")?;
+                let addr = std::str::from_utf8(addr)
+                    .map_err(|_| DecodeError::Invalid {
+                        what: "next relay's address",
+                        why: "must be printable ASCII without spaces",
+                    })?
+                    .to_owned();
+                crate::card::validate_relay_address(&addr)?;
+                Self::Forward(Forward {
+                    hops,
+                    next: NextHop { addr, pin },
+                    mailbox,
+                    expires_at,
+                    payload_hash,
+                    payload: Vec::new(),
+                })
+            }
             _ => {
                 return Err(DecodeError::Invalid {
                     what: "request type",
@@ -1120,7 +1252,75 @@ mod tests {
             },
             Request::Status,
             Request::Limits,
+            Request::PeerAuth {
+                key: [5; 32],
+                signature: [6; 64],
+            },
+            Request::Forward(Forward {
+                hops: 1,
+                next: NextHop {
+                    addr: "relay.example:7443".into(),
+                    pin: [7; 32],
+                },
+                mailbox: MailboxId([8; 32]),
+                expires_at: 1234,
+                payload_hash: [9; 32],
+                payload: vec![10; 300],
+            }),
+            Request::Forward(Forward {
+                hops: 0,
+                next: NextHop {
+                    addr: "h:1".into(),
+                    pin: [7; 32],
+                },
+                mailbox: MailboxId([8; 32]),
+                expires_at: 1,
+                payload_hash: [9; 32],
+                payload: Vec::new(),
+            }),
         ]
+    }
+
+    /// A `Forward` whose address is empty, longer than what follows the
+    /// head, longer than 253 bytes or not printable is refused.
+    #[test]
+    fn a_forwards_address_is_checked() {
+        let good = Request::Forward(Forward {
+            hops: 0,
+            next: NextHop {
+                addr: "relay.example:7443".into(),
+                pin: [7; 32],
+            },
+            mailbox: MailboxId([8; 32]),
+            expires_at: 1234,
+            payload_hash: [9; 32],
+            payload: vec![10; 5],
+        })
+        .encode(1);
+        assert!(Request::decode(&good[4..]).is_ok());
+        let len_at = 4 + FORWARD_HEAD - 1;
+        for bad_len in [0u8, 24, 255] {
+            let mut f = good.clone();
+            f[len_at] = bad_len;
+            assert!(Request::decode(&f[4..]).is_err(), "{bad_len}");
+        }
+        let mut f = good.clone();
+        let last = f.len() - 1;
+        f[last] = b' ';
+        assert!(Request::decode(&f[4..]).is_err(), "a space");
+        let long = Request::Forward(Forward {
+            hops: 0,
+            next: NextHop {
+                addr: "a".repeat(254),
+                pin: [7; 32],
+            },
+            mailbox: MailboxId([8; 32]),
+            expires_at: 1234,
+            payload_hash: [9; 32],
+            payload: vec![10; 5],
+        })
+        .encode(1);
+        assert!(Request::decode(&long[4..]).is_err(), "254 bytes");
     }
 
     fn responses() -> Vec<Response> {

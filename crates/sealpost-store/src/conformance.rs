@@ -8,11 +8,11 @@
 //! (again on the same storage after a restart, if it is durable) and a way
 //! to damage a blob at rest.
 
-use sealpost_proto::relay::{BlobId, BlobPiece, MailboxId, RefusalCode};
+use sealpost_proto::relay::{BlobId, BlobPiece, Forward, MailboxId, NextHop, RefusalCode};
 
 use crate::{
-    Advanced, BlobAdvance, BlobPutOutcome, Limits, MailboxUse, Registered, Source, Store,
-    SubmitOutcome,
+    Advanced, BlobAdvance, BlobPutOutcome, Ended, Enqueued, Limits, MailboxUse, NewItem,
+    Registered, Source, Store, SubmitOutcome,
 };
 
 /// A storage backend under test.
@@ -658,4 +658,147 @@ pub async fn orphan_blobs_are_removed(b: &dyn Backend, age_all: &dyn Fn()) {
         Some(data)
     );
     store.close();
+}
+
+fn forward(mailbox: MailboxId, next: &str, payload: &[u8], expires_at: u64) -> Forward {
+    Forward {
+        hops: 0,
+        next: NextHop {
+            addr: next.into(),
+            pin: [next.len() as u8; 32],
+        },
+        mailbox,
+        expires_at,
+        payload_hash: h(payload),
+        payload: payload.to_vec(),
+    }
+}
+
+/// The forward queue (PROTOCOL 6.8): an item counts in its sender's quota
+/// until it is ended; due items come back in order, put off ones only when
+/// due again (or expired); `forward_end` stores the notice for the sender
+/// in the same write and releases the bytes, once; the queue per next relay
+/// adds up; all of it survives a reopen on a durable backend.
+pub async fn the_forward_queue_holds_and_ends_items(b: &dyn Backend) {
+    let store = b.open(limits());
+    let alice = MailboxId::of(&[1; 32]);
+    let dest = MailboxId::of(&[9; 32]);
+    store.register(alice, [1; 32], NOW).await.expect("reg");
+    let refused = |e: Enqueued| match e {
+        Enqueued::Refused(c) => c,
+        Enqueued::Queued { .. } => panic!("queued"),
+    };
+    let queued = |e: Enqueued| match e {
+        Enqueued::Queued { id } => id,
+        Enqueued::Refused(c) => panic!("refused {c:?}"),
+    };
+    // Refused: an origin with no mailbox, an expired item, over quota.
+    let nobody = MailboxId::of(&[3; 32]);
+    let r = store
+        .forward_enqueue(nobody, forward(dest, "b:1", b"x", NOW + 10), NOW)
+        .await
+        .expect("enqueue");
+    assert_eq!(refused(r), RefusalCode::UnknownMailbox);
+    let r = store
+        .forward_enqueue(alice, forward(dest, "b:1", b"x", NOW), NOW)
+        .await
+        .expect("enqueue");
+    assert_eq!(refused(r), RefusalCode::Expired);
+    let r = store
+        .forward_enqueue(alice, forward(dest, "b:1", &[0; 10_001], NOW + 10), NOW)
+        .await
+        .expect("enqueue");
+    assert_eq!(refused(r), RefusalCode::OverQuota);
+    // Three queued (two for one relay, one for another): 6,000 bytes of
+    // Alice's 10,000, so her own mailbox takes no more than 4,000 now.
+    let a = queued(
+        store
+            .forward_enqueue(alice, forward(dest, "b:1", &[1; 2000], NOW + 100), NOW)
+            .await
+            .expect("a"),
+    );
+    let b2 = queued(
+        store
+            .forward_enqueue(alice, forward(dest, "b:1", &[2; 2000], NOW + 100), NOW + 1)
+            .await
+            .expect("b"),
+    );
+    let c = queued(
+        store
+            .forward_enqueue(alice, forward(dest, "cc:2", &[3; 2000], NOW + 5), NOW + 2)
+            .await
+            .expect("c"),
+    );
+    assert!(a < b2 && b2 < c, "ids grow: {a} {b2} {c}");
+    assert_eq!(store.status(&alice).await.expect("status").used, 6000);
+    let r = store
+        .submit(alice, NOW + 10, h(&[4; 4001]), vec![4; 4001], SRC, NOW)
+        .await
+        .expect("submit");
+    assert_eq!(r, SubmitOutcome::Refused(RefusalCode::OverQuota));
+    // Due at NOW + 2: all three, in order, as queued.
+    let due = store.forward_due(NOW + 2, 10).await.expect("due");
+    assert_eq!(due.iter().map(|q| q.id).collect::<Vec<_>>(), vec![a, b2, c]);
+    assert_eq!(due[0].item, forward(dest, "b:1", &[1; 2000], NOW + 100));
+    assert_eq!((due[0].origin, due[0].received_at, due[0].attempts), (alice, NOW, 0));
+    assert_eq!(store.forward_due(NOW + 2, 2).await.expect("due").len(), 2);
+    // Put off: not due before next_at, except once expired.
+    store
+        .forward_later(vec![a, c], NOW + 60, "connection refused".into())
+        .await
+        .expect("later");
+    let due = store.forward_due(NOW + 3, 10).await.expect("due");
+    assert_eq!(due.iter().map(|q| q.id).collect::<Vec<_>>(), vec![b2]);
+    let due = store.forward_due(NOW + 5, 10).await.expect("due");
+    assert_eq!(due.iter().map(|q| q.id).collect::<Vec<_>>(), vec![b2, c], "c expired");
+    let due = store.forward_due(NOW + 60, 10).await.expect("due");
+    assert_eq!(due.len(), 3);
+    assert_eq!(
+        (due[0].attempts, due[0].next_at, due[0].last_error.as_deref()),
+        (1, NOW + 60, Some("connection refused"))
+    );
+    let q = store.forward_queue().await.expect("queue");
+    assert_eq!(q.len(), 2);
+    assert_eq!(
+        (q[0].next.addr.as_str(), q[0].items, q[0].bytes, q[0].oldest, q[0].attempts),
+        ("b:1", 2, 4000, NOW, 1)
+    );
+    assert_eq!(q[0].last_error.as_deref(), Some("connection refused"));
+    assert_eq!((q[1].next.addr.as_str(), q[1].items, q[1].bytes), ("cc:2", 1, 2000));
+    // Ended: handed on (no notice), refused (a notice for Alice).
+    assert_eq!(
+        store.forward_end(b2, None).await.expect("end"),
+        Ended::Ended { notice_seq: None }
+    );
+    assert_eq!(store.forward_end(b2, None).await.expect("again"), Ended::Gone);
+    assert_eq!(store.status(&alice).await.expect("status").used, 4000);
+    let notice = NewItem {
+        mailbox: alice,
+        expires_at: NOW + 100,
+        hash: h(b"notice"),
+        payload: b"notice".to_vec(),
+        source: SRC,
+        now: NOW,
+    };
+    let ended = store.forward_end(c, Some(notice)).await.expect("end");
+    let Ended::Ended {
+        notice_seq: Some(seq),
+    } = ended
+    else {
+        panic!("no notice: {ended:?}");
+    };
+    let got = store.fetch(&alice, 0, 10, 1 << 20).await.expect("fetch");
+    assert_eq!(got.items.len(), 1);
+    assert_eq!((got.items[0].seq, &got.items[0].payload[..]), (seq, &b"notice"[..]));
+    assert_eq!(store.status(&alice).await.expect("status").used, 2000 + 6);
+    if b.durable() {
+        store.close();
+        let store = b.open(limits());
+        let due = store.forward_due(NOW + 60, 10).await.expect("due");
+        assert_eq!(due.iter().map(|q| q.id).collect::<Vec<_>>(), vec![a]);
+        assert_eq!(due[0].item.payload, vec![1; 2000]);
+        assert_eq!(due[0].attempts, 1);
+        assert_eq!(store.status(&alice).await.expect("status").used, 2006);
+        store.close();
+    }
 }

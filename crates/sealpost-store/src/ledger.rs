@@ -18,7 +18,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use sealpost_proto::relay::{BlobId, BlobPiece, Item, MailboxId, RefusalCode};
+use sealpost_proto::relay::{BlobId, BlobPiece, Forward, Item, MailboxId, NextHop, RefusalCode};
 
 use crate::{CommitStats, Latencies, Registered, Source, StoreError, SubmitOutcome};
 
@@ -115,6 +115,63 @@ pub struct NewItem {
     pub now: u64,
 }
 
+/// An item to pass on to another relay (PROTOCOL 6.8), sent by the owner
+/// of `origin`, whose quota it counts in until it is handed on.
+#[derive(Debug)]
+pub struct NewForward {
+    pub origin: MailboxId,
+    /// As received (its `hops` not yet counted up).
+    pub item: Forward,
+    pub now: u64,
+}
+
+/// What [`Ledger::forward_enqueue`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    Queued { id: u64 },
+    Refused(RefusalCode),
+}
+
+/// An item waiting in the forward queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queued {
+    pub id: u64,
+    pub origin: MailboxId,
+    pub item: Forward,
+    pub received_at: u64,
+    /// Attempts that failed so far.
+    pub attempts: u32,
+    /// Not tried again before this (unix seconds).
+    pub next_at: u64,
+    pub last_error: Option<String>,
+}
+
+/// What [`Ledger::forward_end`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Another worker (or an earlier try) ended it already.
+    Gone,
+    /// Ended; the seq of the notice stored, if one was given and its
+    /// mailbox exists.
+    Ended { notice_seq: Option<u64> },
+}
+
+/// The forward queue toward one next relay, for `relay status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HopQueue {
+    pub next: NextHop,
+    pub items: u64,
+    pub bytes: u64,
+    /// When the oldest item waiting arrived.
+    pub oldest: u64,
+    /// The earliest next attempt.
+    pub next_at: u64,
+    /// The most attempts any of its items has had.
+    pub attempts: u32,
+    /// The error of the item tried last, if the last try failed.
+    pub last_error: Option<String>,
+}
+
 /// The truth about mailboxes, items and blobs. Writes resolve once
 /// durable; reads see every write that resolved before they began.
 /// Quotas and per-source shares are checked inside the write that spends
@@ -171,6 +228,22 @@ pub trait Ledger: Send + Sync + 'static {
     fn reusable(&self) -> u64 {
         0
     }
+    /// Queues an item to forward, or refuses it (the origin mailbox does
+    /// not exist, is over its quota, or the item expired). Its payload
+    /// counts in the origin's quota until [`Ledger::forward_end`].
+    fn forward_enqueue(&self, f: NewForward) -> Fut<'_, Enqueued>;
+    /// Items whose next attempt is due at `now` (the expired ones too:
+    /// they are to be ended), the longest waiting first, at most `max`.
+    fn forward_due(&self, now: u64, max: usize) -> Fut<'_, Vec<Queued>>;
+    /// Ends a queued item (handed on, refused, or given up), releasing
+    /// its bytes; with a `notice`, stores that item for the origin in the
+    /// same write. Nothing happens if it was gone already.
+    fn forward_end(&self, id: u64, notice: Option<NewItem>) -> Fut<'_, Ended>;
+    /// Counts a failed attempt of each of `ids` and puts it off until
+    /// `next_at`.
+    fn forward_later(&self, ids: Vec<u64>, next_at: u64, error: String) -> Fut<'_, ()>;
+    /// The queue per next relay.
+    fn forward_queue(&self) -> Fut<'_, Vec<HopQueue>>;
     fn commit_stats(&self) -> CommitStats;
     fn latencies(&self) -> &Latencies;
     /// Stops taking writes and waits until every accepted one is durable

@@ -50,8 +50,8 @@ use cache::*;
 pub use cache::{release, KeptBytes, PACE_HOLD, PACE_MAX_WAIT};
 pub use files::FileBlobs;
 pub use ledger::{
-    Advanced, BlobAdvance, BlobState, BlobStore, Fetched, Fut, Ledger, LedgerSpace, LocalNotifier,
-    MailboxUse, NewItem, Notifier, Sink, Totals,
+    Advanced, BlobAdvance, BlobState, BlobStore, Ended, Enqueued, Fetched, Fut, HopQueue, Ledger,
+    LedgerSpace, LocalNotifier, MailboxUse, NewForward, NewItem, Notifier, Queued, Sink, Totals,
 };
 use schema::*;
 pub use sqlite::SqliteLedger;
@@ -513,6 +513,52 @@ impl Store {
             self.inner.notifier.published(&mailbox, seq);
         }
         Ok(outcome)
+    }
+
+    /// Queues an item to forward for the owner of `origin` (PROTOCOL
+    /// 6.8), durably, or refuses it (quota, expiry).
+    pub async fn forward_enqueue(
+        &self,
+        origin: MailboxId,
+        item: sealpost_proto::relay::Forward,
+        now: u64,
+    ) -> Result<Enqueued, StoreError> {
+        self.room_for(2 * item.payload.len() as u64 + 4096)?;
+        self.inner
+            .ledger
+            .forward_enqueue(NewForward { origin, item, now })
+            .await
+    }
+
+    /// Queued items due at `now` (and the expired ones), at most `max`.
+    pub async fn forward_due(&self, now: u64, max: usize) -> Result<Vec<Queued>, StoreError> {
+        self.inner.ledger.forward_due(now, max).await
+    }
+
+    /// Ends a queued item, storing `notice` for its origin in the same
+    /// write (and telling the notifier of it).
+    pub async fn forward_end(&self, id: u64, notice: Option<NewItem>) -> Result<Ended, StoreError> {
+        let origin = notice.as_ref().map(|n| n.mailbox);
+        let ended = self.inner.ledger.forward_end(id, notice).await?;
+        if let (Ended::Ended { notice_seq: Some(seq) }, Some(mb)) = (ended, origin) {
+            self.inner.notifier.published(&mb, seq);
+        }
+        Ok(ended)
+    }
+
+    /// Puts queued items off until `next_at` after a failed attempt.
+    pub async fn forward_later(
+        &self,
+        ids: Vec<u64>,
+        next_at: u64,
+        error: String,
+    ) -> Result<(), StoreError> {
+        self.inner.ledger.forward_later(ids, next_at, error).await
+    }
+
+    /// The forward queue per next relay.
+    pub async fn forward_queue(&self) -> Result<Vec<HopQueue>, StoreError> {
+        self.inner.ledger.forward_queue().await
     }
 
     /// Deletes the listed items of `mailbox` (others' items are untouched).

@@ -37,6 +37,8 @@ struct State {
     next_seq: u64,
     blobs: HashMap<BlobId, BlobRow>,
     shares: HashMap<(MailboxId, Source), u64>,
+    forwards: BTreeMap<u64, Queued>,
+    next_forward: u64,
     stats: CommitStats,
     closed: bool,
 }
@@ -84,6 +86,7 @@ impl MemLedger {
         Self {
             state: Mutex::new(State {
                 next_seq: 1,
+                next_forward: 1,
                 ..State::default()
             }),
             limits,
@@ -391,6 +394,138 @@ impl Ledger for MemLedger {
         self.with(|s| LedgerSpace {
             size: s.items.values().map(|i| i.payload.len() as u64).sum(),
             free: 0,
+        })
+    }
+
+    fn forward_enqueue(&self, f: NewForward) -> Fut<'_, Enqueued> {
+        self.write(move |s| {
+            let len = f.item.payload.len() as u64;
+            let Some(&(_, used, quota)) = s.mailboxes.get(&f.origin) else {
+                return Enqueued::Refused(RefusalCode::UnknownMailbox);
+            };
+            if f.item.expires_at <= f.now {
+                return Enqueued::Refused(RefusalCode::Expired);
+            }
+            if used + len > quota {
+                return Enqueued::Refused(RefusalCode::OverQuota);
+            }
+            if let Some(m) = s.mailboxes.get_mut(&f.origin) {
+                m.1 += len;
+            }
+            let id = s.next_forward;
+            s.next_forward += 1;
+            s.forwards.insert(
+                id,
+                Queued {
+                    id,
+                    origin: f.origin,
+                    item: f.item,
+                    received_at: f.now,
+                    attempts: 0,
+                    next_at: f.now,
+                    last_error: None,
+                },
+            );
+            Enqueued::Queued { id }
+        })
+    }
+
+    fn forward_due(&self, now: u64, max: usize) -> Fut<'_, Vec<Queued>> {
+        self.with(move |s| {
+            s.forwards
+                .values()
+                .filter(|q| q.next_at <= now || q.item.expires_at <= now)
+                .take(max)
+                .cloned()
+                .collect()
+        })
+    }
+
+    fn forward_end(&self, id: u64, notice: Option<NewItem>) -> Fut<'_, Ended> {
+        self.write(move |s| {
+            let Some(q) = s.forwards.remove(&id) else {
+                return Ended::Gone;
+            };
+            if let Some(m) = s.mailboxes.get_mut(&q.origin) {
+                m.1 = m.1.saturating_sub(q.item.payload.len() as u64);
+            }
+            let notice_seq = match notice {
+                Some(n) if n.mailbox == q.origin => {
+                    let seq = s.next_seq;
+                    s.next_seq += 1;
+                    if let Some(m) = s.mailboxes.get_mut(&q.origin) {
+                        m.1 += n.payload.len() as u64;
+                    }
+                    s.items.insert(
+                        seq,
+                        ItemRow {
+                            mailbox: n.mailbox,
+                            received_at: n.now,
+                            expires_at: n.expires_at,
+                            hash: n.hash,
+                            payload: n.payload,
+                            source: n.source,
+                        },
+                    );
+                    Some(seq)
+                }
+                _ => None,
+            };
+            Ended::Ended { notice_seq }
+        })
+    }
+
+    fn forward_later(&self, ids: Vec<u64>, next_at: u64, error: String) -> Fut<'_, ()> {
+        self.write(move |s| {
+            for id in ids {
+                if let Some(q) = s.forwards.get_mut(&id) {
+                    q.attempts += 1;
+                    q.next_at = next_at;
+                    q.last_error = Some(error.clone());
+                }
+            }
+        })
+    }
+
+    fn forward_queue(&self) -> Fut<'_, Vec<HopQueue>> {
+        self.with(|s| {
+            let mut out: Vec<HopQueue> = Vec::new();
+            // The error shown is that of the item tried most (the first
+            // such, by id), as the embedded ledger shows it.
+            let mut worst: Vec<(u32, Option<String>)> = Vec::new();
+            for q in s.forwards.values() {
+                let len = q.item.payload.len() as u64;
+                match out.iter().position(|h| h.next == q.item.next) {
+                    Some(i) => {
+                        let h = &mut out[i];
+                        h.items += 1;
+                        h.bytes += len;
+                        h.oldest = h.oldest.min(q.received_at);
+                        h.next_at = h.next_at.min(q.next_at);
+                        h.attempts = h.attempts.max(q.attempts);
+                        if q.attempts > worst[i].0 {
+                            worst[i] = (q.attempts, q.last_error.clone());
+                        }
+                    }
+                    None => {
+                        out.push(HopQueue {
+                            next: q.item.next.clone(),
+                            items: 1,
+                            bytes: len,
+                            oldest: q.received_at,
+                            next_at: q.next_at,
+                            attempts: q.attempts,
+                            last_error: None,
+                        });
+                        worst.push((q.attempts, q.last_error.clone()));
+                    }
+                }
+            }
+            for (h, (_, e)) in out.iter_mut().zip(worst) {
+                h.last_error = e;
+            }
+            out.sort_by_key(|h| h.oldest);
+            out
         })
     }
 

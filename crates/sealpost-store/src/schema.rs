@@ -44,6 +44,24 @@ CREATE TABLE IF NOT EXISTS shares (
     used INTEGER NOT NULL,
     PRIMARY KEY (mailbox, source)
 ) WITHOUT ROWID;
+-- items to pass on to another relay (PROTOCOL 6.8), sent by the owner of
+-- origin, whose quota they count in until they are handed on
+CREATE TABLE IF NOT EXISTS forwards (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    origin BLOB NOT NULL,
+    next_addr TEXT NOT NULL,
+    next_pin BLOB NOT NULL,
+    hops INTEGER NOT NULL,
+    mailbox BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at INTEGER NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS forwards_due ON forwards(next_at);
 ";
 
 /// A blob expiry deleted: (id, mailbox, total_len, source).

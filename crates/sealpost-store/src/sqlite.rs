@@ -339,6 +339,85 @@ impl Ledger for SqliteLedger {
         .map_or(0, u64_of)
     }
 
+    fn forward_enqueue(&self, forward: NewForward) -> Fut<'_, Enqueued> {
+        Box::pin(self.call(move |reply| Op::ForwardEnqueue { forward, reply }))
+    }
+
+    fn forward_due(&self, now: u64, max: usize) -> Fut<'_, Vec<Queued>> {
+        ready(self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, origin, next_addr, next_pin, hops, mailbox, received_at, expires_at, \
+                 hash, payload, attempts, next_at, last_error FROM forwards \
+                 WHERE next_at <= ?1 OR expires_at <= ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(
+                params![i64_of(now), i64::try_from(max).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok(Queued {
+                        id: u64_of(r.get(0)?),
+                        origin: MailboxId(arr(r.get(1)?)),
+                        item: sealpost_proto::relay::Forward {
+                            hops: r.get(4)?,
+                            next: sealpost_proto::relay::NextHop {
+                                addr: r.get(2)?,
+                                pin: arr(r.get(3)?),
+                            },
+                            mailbox: MailboxId(arr(r.get(5)?)),
+                            expires_at: u64_of(r.get(7)?),
+                            payload_hash: arr(r.get(8)?),
+                            payload: r.get(9)?,
+                        },
+                        received_at: u64_of(r.get(6)?),
+                        attempts: r.get(10)?,
+                        next_at: u64_of(r.get(11)?),
+                        last_error: r.get(12)?,
+                    })
+                },
+            )?;
+            rows.collect()
+        }))
+    }
+
+    fn forward_end(&self, id: u64, notice: Option<NewItem>) -> Fut<'_, Ended> {
+        Box::pin(self.call(move |reply| Op::ForwardEnd { id, notice, reply }))
+    }
+
+    fn forward_later(&self, ids: Vec<u64>, next_at: u64, error: String) -> Fut<'_, ()> {
+        Box::pin(self.call(move |reply| Op::ForwardLater {
+            ids,
+            next_at,
+            error,
+            reply,
+        }))
+    }
+
+    fn forward_queue(&self) -> Fut<'_, Vec<HopQueue>> {
+        ready(self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT next_addr, next_pin, COUNT(*), SUM(LENGTH(payload)), MIN(received_at), \
+                 MIN(next_at), MAX(attempts), \
+                 (SELECT last_error FROM forwards g WHERE g.next_addr = f.next_addr \
+                  AND g.next_pin = f.next_pin ORDER BY attempts DESC, id LIMIT 1) \
+                 FROM forwards f GROUP BY next_addr, next_pin ORDER BY MIN(received_at)",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(HopQueue {
+                    next: sealpost_proto::relay::NextHop {
+                        addr: r.get(0)?,
+                        pin: arr(r.get(1)?),
+                    },
+                    items: u64_of(r.get(2)?),
+                    bytes: u64_of(r.get(3)?),
+                    oldest: u64_of(r.get(4)?),
+                    next_at: u64_of(r.get(5)?),
+                    attempts: r.get(6)?,
+                    last_error: r.get(7)?,
+                })
+            })?;
+            rows.collect()
+        }))
+    }
+
     fn commit_stats(&self) -> CommitStats {
         self.stats.lock().map(|s| *s).unwrap_or_default()
     }
@@ -357,6 +436,12 @@ impl Ledger for SqliteLedger {
             }
         }
     }
+}
+
+/// A fixed-size column (ids, keys, hashes); zeros if it has another size,
+/// which the store never writes.
+fn arr<const N: usize>(v: Vec<u8>) -> [u8; N] {
+    v.try_into().unwrap_or([0; N])
 }
 
 pub(crate) fn blob_row(c: &Connection, id: &BlobId) -> rusqlite::Result<Option<BlobState>> {

@@ -1,7 +1,7 @@
 //! The group-commit writer: one thread owns the write connection, applies every write op of a group in one transaction, answers after the commit, and gives free pages back while idle.
 
 use super::*;
-use crate::ledger::{Advanced, BlobAdvance, NewItem};
+use crate::ledger::{Advanced, BlobAdvance, Ended, Enqueued, NewForward, NewItem};
 use crate::sqlite::blob_row;
 
 /// Items and blobs removed by a sweep; the blob files are deleted after
@@ -36,6 +36,21 @@ pub(crate) enum Op {
     Sweep {
         now: u64,
         reply: SweepReply,
+    },
+    ForwardEnqueue {
+        forward: NewForward,
+        reply: oneshot::Sender<Result<Enqueued, StoreError>>,
+    },
+    ForwardEnd {
+        id: u64,
+        notice: Option<NewItem>,
+        reply: oneshot::Sender<Result<Ended, StoreError>>,
+    },
+    ForwardLater {
+        ids: Vec<u64>,
+        next_at: u64,
+        error: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
 
@@ -203,6 +218,9 @@ pub(crate) enum Reply {
     Count(oneshot::Sender<Result<u32, StoreError>>, u32),
     Advanced(oneshot::Sender<Result<Advanced, StoreError>>, Advanced),
     Sweep(SweepReply, u64, Vec<BlobId>),
+    Enqueued(oneshot::Sender<Result<Enqueued, StoreError>>, Enqueued),
+    Ended(oneshot::Sender<Result<Ended, StoreError>>, Ended),
+    Unit(oneshot::Sender<Result<(), StoreError>>),
 }
 
 impl Reply {
@@ -219,6 +237,9 @@ impl Reply {
             Self::Count(s, _) => drop(s.send(Err(e()))),
             Self::Advanced(s, _) => drop(s.send(Err(e()))),
             Self::Sweep(s, _, _) => drop(s.send(Err(e()))),
+            Self::Enqueued(s, _) => drop(s.send(Err(e()))),
+            Self::Ended(s, _) => drop(s.send(Err(e()))),
+            Self::Unit(s) => drop(s.send(Err(e()))),
         }
     }
 
@@ -232,6 +253,9 @@ impl Reply {
             Self::Count(s, v) => drop(s.send(Ok(v))),
             Self::Advanced(s, v) => drop(s.send(Ok(v))),
             Self::Sweep(s, n, b) => drop(s.send(Ok((n, b)))),
+            Self::Enqueued(s, v) => drop(s.send(Ok(v))),
+            Self::Ended(s, v) => drop(s.send(Ok(v))),
+            Self::Unit(s) => drop(s.send(Ok(()))),
         }
     }
 }
@@ -504,6 +528,109 @@ pub(crate) fn apply(
                 ids.push(BlobId(id.try_into().unwrap_or([0; 16])));
             }
             Reply::Sweep(reply, n, ids)
+        }
+        Op::ForwardEnqueue { forward, reply } => {
+            let NewForward { origin, item, now } = forward;
+            let quota: Option<(i64, i64)> = tx
+                .query_row(
+                    "SELECT used, quota FROM mailboxes WHERE id = ?1",
+                    params![origin.0.to_vec()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let len = item.payload.len() as u64;
+            let outcome = match quota {
+                None => Enqueued::Refused(RefusalCode::UnknownMailbox),
+                Some(_) if item.expires_at <= now => Enqueued::Refused(RefusalCode::Expired),
+                Some((used, q)) if u64_of(used) + len > u64_of(q) => {
+                    Enqueued::Refused(RefusalCode::OverQuota)
+                }
+                Some(_) => {
+                    tx.prepare_cached(
+                        "INSERT INTO forwards (origin, next_addr, next_pin, hops, mailbox, \
+                         received_at, expires_at, hash, payload, next_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?6)",
+                    )?
+                    .execute(params![
+                        origin.0.to_vec(),
+                        item.next.addr,
+                        item.next.pin.to_vec(),
+                        item.hops,
+                        item.mailbox.0.to_vec(),
+                        i64_of(now),
+                        i64_of(item.expires_at),
+                        item.payload_hash.to_vec(),
+                        item.payload,
+                    ])?;
+                    let id = u64_of(tx.last_insert_rowid());
+                    tx.prepare_cached("UPDATE mailboxes SET used = used + ?2 WHERE id = ?1")?
+                        .execute(params![origin.0.to_vec(), i64_of(len)])?;
+                    Enqueued::Queued { id }
+                }
+            };
+            Reply::Enqueued(reply, outcome)
+        }
+        Op::ForwardEnd { id, notice, reply } => {
+            let gone: Option<(Vec<u8>, i64)> = tx
+                .prepare_cached(
+                    "DELETE FROM forwards WHERE id = ?1 RETURNING origin, LENGTH(payload)",
+                )?
+                .query_row(params![i64_of(id)], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let outcome = match gone {
+                None => Ended::Gone,
+                Some((origin, len)) => {
+                    tx.prepare_cached(
+                        "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
+                    )?
+                    .execute(params![origin, len])?;
+                    // The notice is stored whatever the quota: it replaces
+                    // an item of the origin's that the quota already held.
+                    let notice_seq = match notice {
+                        Some(n) if n.mailbox.0.as_slice() == origin.as_slice() => {
+                            let notice_len = n.payload.len() as i64;
+                            let mut item_id = [0u8; 16];
+                            OsRng.fill_bytes(&mut item_id);
+                            tx.prepare_cached(
+                                "INSERT INTO items (mailbox, item_id, received_at, expires_at, hash, payload, source)
+                                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
+                            )?
+                            .execute(params![
+                                n.mailbox.0.to_vec(),
+                                item_id.to_vec(),
+                                i64_of(n.now),
+                                i64_of(n.expires_at),
+                                n.hash.to_vec(),
+                                n.payload,
+                            ])?;
+                            let seq = u64_of(tx.last_insert_rowid());
+                            tx.prepare_cached(
+                                "UPDATE mailboxes SET used = used + ?2 WHERE id = ?1",
+                            )?
+                            .execute(params![origin, notice_len])?;
+                            Some(seq)
+                        }
+                        _ => None,
+                    };
+                    Ended::Ended { notice_seq }
+                }
+            };
+            Reply::Ended(reply, outcome)
+        }
+        Op::ForwardLater {
+            ids,
+            next_at,
+            error,
+            reply,
+        } => {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE forwards SET attempts = attempts + 1, next_at = ?2, last_error = ?3 \
+                 WHERE id = ?1",
+            )?;
+            for id in ids {
+                stmt.execute(params![i64_of(id), i64_of(next_at), error])?;
+            }
+            Reply::Unit(reply)
         }
     })
 }

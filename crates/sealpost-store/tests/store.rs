@@ -97,6 +97,7 @@ conformance_tests!(
     runs_of_pieces_answer_as_pieces_one_by_one,
     one_source_holds_at_most_its_share_of_a_mailbox,
     blob_lengths_move_by_compare_and_set,
+    the_forward_queue_holds_and_ends_items,
 );
 
 #[tokio::test]

@@ -18,6 +18,7 @@ mod hashing;
 pub mod identity;
 pub mod manifest;
 pub mod message;
+pub mod notice;
 pub mod relay;
 pub mod repair;
 pub mod report;

@@ -109,7 +109,7 @@ impl RefusalCode {
         }
     }
 
-    fn from_code(c: u8) -> Result<Self, DecodeError> {
+    pub(crate) fn from_code(c: u8) -> Result<Self, DecodeError> {
         Ok(match c {
             1 => Self::UnknownMailbox,
             2 => Self::OverQuota,

@@ -349,6 +349,54 @@ fn relay_vectors() -> Value {
         payload_hash: hash,
         signature: relay_key.sign(b"", &signed),
     };
+    let peer_sig = relay_key.sign(context::PEER, &auth_transcript(&exporter, &challenge));
+    let next_hop = sealpost_proto::relay::NextHop {
+        addr: "bob-relay.example:7443".into(),
+        pin: [0xab; 32],
+    };
+    // What Bob's relay (its key from seed 0x97) refuses, carried back in
+    // a notice signed by the vectors' relay.
+    let next_relay = ed25519_dalek::SigningKey::from_bytes(&[0x97; 32]);
+    let next_refusal = {
+        use ed25519_dalek::Signer;
+        let mut m = context::REFUSAL.to_vec();
+        m.extend_from_slice(&Refusal::signed_bytes(
+            RefusalCode::UnknownMailbox,
+            refusal_at,
+            &bob_mb,
+            &hash,
+        ));
+        Refusal {
+            code: RefusalCode::UnknownMailbox,
+            at: refusal_at,
+            mailbox: bob_mb,
+            payload_hash: hash,
+            signature: next_relay.sign(&m).to_bytes(),
+        }
+    };
+    let home_relay = ed25519_dalek::SigningKey::from_bytes(&[0x99; 32]);
+    let refused_notice = sealpost_proto::notice::Notice::sign(
+        &home_relay,
+        refusal_at + 1,
+        bob_mb,
+        hash,
+        next_hop.clone(),
+        sealpost_proto::notice::Ended::Refused {
+            next_key: next_relay.verifying_key().to_bytes(),
+            refusal: next_refusal,
+        },
+    );
+    let gave_up_notice = sealpost_proto::notice::Notice::sign(
+        &home_relay,
+        1_750_003_600,
+        bob_mb,
+        hash,
+        next_hop.clone(),
+        sealpost_proto::notice::Ended::GaveUp {
+            attempts: 17,
+            error: "cannot reach the relay at bob-relay.example:7443: connection refused".into(),
+        },
+    );
     let requests = vec![
         ("Hello", Request::Hello { version: 1 }),
         (
@@ -425,6 +473,26 @@ fn relay_vectors() -> Value {
         ),
         ("Status", Request::Status),
         ("Limits", Request::Limits),
+        (
+            // The relay of the vectors' key proving itself to the next
+            // relay (§6.8), on the same exporter and challenge.
+            "PeerAuth",
+            Request::PeerAuth {
+                key: *relay_key.public().signing_bytes(),
+                signature: peer_sig,
+            },
+        ),
+        (
+            "Forward",
+            Request::Forward(sealpost_proto::relay::Forward {
+                hops: 0,
+                next: next_hop.clone(),
+                mailbox: bob_mb,
+                expires_at: 1_750_003_600,
+                payload_hash: hash,
+                payload: b"payload".to_vec(),
+            }),
+        ),
     ];
     let responses = vec![
         ("Ok", Response::Ok),
@@ -520,6 +588,12 @@ fn relay_vectors() -> Value {
             "offset": 983_280u64,
             "payload_hash": h(&sealpost_proto::relay::blob_refusal_hash(&sealpost_proto::manifest::BlobId([0x88; 16]), 983_280)),
         },
+        "notices": {
+            "description": "forward notices (§6.9) the vectors' relay (signing seed 99…99) puts in Alice's mailbox for the Forward above: the next relay (signing seed 97…97, key next_key) refused it as unknown_mailbox; or it expired unforwarded",
+            "next_key": h(&next_relay.verifying_key().to_bytes()),
+            "refused": h(&refused_notice.encode()),
+            "gave_up": h(&gave_up_notice.encode()),
+        },
         "requests": requests.iter().map(|(n, r)| json!({"name": n, "frame": h(&r.encode(7))})).collect::<Vec<_>>(),
         "responses": responses.iter().map(|(n, r)| {
             let id = if *n == "Notify" { 0 } else { 7 };
@@ -583,6 +657,21 @@ fn relay_vectors_match() {
         MailboxId::of(bob().public().signing_bytes()).0.to_vec(),
         unh(&committed["bob_mailbox"])
     );
+    // Notices verify with the relay's key, and the refusal one carries
+    // with the next relay's.
+    use sealpost_proto::notice::{Ended, Notice};
+    let n = Notice::decode(&unh(&committed["notices"]["refused"])).expect("refused notice");
+    n.verify(&relay_key).expect("verifies");
+    match &n.ended {
+        Ended::Refused { next_key, refusal } => {
+            assert_eq!(next_key.to_vec(), unh(&committed["notices"]["next_key"]));
+            assert_eq!(refusal.code.name(), "unknown_mailbox");
+        }
+        other => panic!("{other:?}"),
+    }
+    let n = Notice::decode(&unh(&committed["notices"]["gave_up"])).expect("gave-up notice");
+    n.verify(&relay_key).expect("verifies");
+    assert!(matches!(n.ended, Ended::GaveUp { attempts: 17, .. }));
 }
 
 #[test]

@@ -1,0 +1,367 @@
+//! Forward notices (PROTOCOL 6.9): what a relay that forwards for its
+//! mailbox owners puts in the sender's own mailbox when an item it queued
+//! ends without being handed on — the next relay refused it (its signed
+//! refusal is carried whole), or the item expired while the next relay
+//! could not be reached. A notice is an item like any other in the
+//! mailbox; it starts with `SPFN`, which no sealed container does (those
+//! start with age's header line), and is signed by the forwarding relay.
+//!
+//! ```text
+//! notice = "SPFN" 0x01 kind:u8 at:u64 mailbox:[32] payload_hash:[32]
+//!          pin:[32] addr_len:u8 addr:[addr_len]
+//!          kind 1: next_key:[32] code:u8 refused_at:u64 refusal_signature:[64]
+//!          kind 2: attempts:u32 error_len:u16 error:[error_len]
+//!          relay_key:[32] signature:[64]
+//! signature = Ed25519(relay_key, "sealpost v1 relay notice\0" || every byte before it)
+//! ```
+
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+
+use crate::codec::{self, DecodeError, Reader};
+use crate::relay::{MailboxId, NextHop, Refusal, RefusalCode, MAX_TEXT};
+
+pub const MAGIC: &[u8; 4] = b"SPFN";
+const VERSION: u8 = 1;
+/// Signature context.
+pub const CONTEXT: &[u8] = b"sealpost v1 relay notice\0";
+/// The largest notice: a kind 2 with the longest address and error.
+pub const MAX_NOTICE_BYTES: usize =
+    4 + 1 + 1 + 8 + 32 + 32 + 32 + 1 + 253 + 4 + 2 + MAX_TEXT + 32 + 64;
+
+/// Why the forwarding relay ended the item.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The next relay refused it, with this refusal signed by `next_key`
+    /// (the Ed25519 key the next relay sent in `HelloOk` on a connection
+    /// whose certificate matched the pin).
+    Refused { next_key: [u8; 32], refusal: Refusal },
+    /// It expired before the next relay took it: `attempts` failed, the
+    /// last with `error`.
+    GaveUp { attempts: u32, error: String },
+}
+
+/// A forward notice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    /// The forwarding relay's clock when it made the notice.
+    pub at: u64,
+    /// The forwarded item: its mailbox at the next relay, its payload's
+    /// BLAKE3, and the relay it was for.
+    pub mailbox: MailboxId,
+    pub payload_hash: [u8; 32],
+    pub next: NextHop,
+    pub ended: Ended,
+    /// The forwarding relay's Ed25519 key, which signed the notice.
+    pub relay_key: [u8; 32],
+    pub signature: [u8; 64],
+}
+
+/// Whether an item's payload is a notice (and not a sealed message).
+pub fn is_notice(payload: &[u8]) -> bool {
+    payload.starts_with(MAGIC)
+}
+
+impl Notice {
+    /// A notice signed by `key`.
+    pub fn sign(
+        key: &SigningKey,
+        at: u64,
+        mailbox: MailboxId,
+        payload_hash: [u8; 32],
+        next: NextHop,
+        ended: Ended,
+    ) -> Self {
+        let mut n = Self {
+            at,
+            mailbox,
+            payload_hash,
+            next,
+            ended,
+            relay_key: key.verifying_key().to_bytes(),
+            signature: [0; 64],
+        };
+        let mut msg = CONTEXT.to_vec();
+        msg.extend_from_slice(&n.signed_part());
+        n.signature = key.sign(&msg).to_bytes();
+        n
+    }
+
+    fn signed_part(&self) -> Vec<u8> {
+        let mut o = Vec::with_capacity(MAX_NOTICE_BYTES);
+        o.extend_from_slice(MAGIC);
+        o.push(VERSION);
+        o.push(match self.ended {
+            Ended::Refused { .. } => 1,
+            Ended::GaveUp { .. } => 2,
+        });
+        o.extend_from_slice(&self.at.to_be_bytes());
+        o.extend_from_slice(&self.mailbox.0);
+        o.extend_from_slice(&self.payload_hash);
+        o.extend_from_slice(&self.next.pin);
+        o.push(self.next.addr.len() as u8);
+        o.extend_from_slice(self.next.addr.as_bytes());
+        match &self.ended {
+            Ended::Refused { next_key, refusal } => {
+                o.extend_from_slice(next_key);
+                o.push(refusal.code.code());
+                o.extend_from_slice(&refusal.at.to_be_bytes());
+                o.extend_from_slice(&refusal.signature);
+            }
+            Ended::GaveUp { attempts, error } => {
+                o.extend_from_slice(&attempts.to_be_bytes());
+                let e = cut_text(error, MAX_TEXT);
+                o.extend_from_slice(&(e.len() as u16).to_be_bytes());
+                o.extend_from_slice(e.as_bytes());
+            }
+        }
+        o.extend_from_slice(&self.relay_key);
+        o
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut o = self.signed_part();
+        o.extend_from_slice(&self.signature);
+        o
+    }
+
+    /// Parses a notice strictly (no trailing bytes, every field in its
+    /// bounds). The signatures are checked by [`Notice::verify`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() > MAX_NOTICE_BYTES {
+            return Err(DecodeError::TooLarge {
+                what: "forward notice",
+                max: MAX_NOTICE_BYTES,
+            });
+        }
+        let mut r = Reader::new(bytes);
+        r.magic_and_versions(MAGIC, "forward notice", &[VERSION])?;
+        let kind = r.u8("notice kind")?;
+        let at = r.u64("notice time")?;
+        let mailbox = MailboxId(r.array("mailbox")?);
+        let payload_hash = r.array("payload hash")?;
+        let pin = r.array("next relay's pin")?;
+        let addr_len = r.u8("address length")? as usize;
+        let addr = codec::read_text_of_len(&mut r, addr_len, "next relay's address", 253)?;
+        crate::card::validate_relay_address(&addr)?;
+        let ended = match kind {
+            1 => {
+                let next_key = r.array("next relay's key")?;
+                let code = RefusalCode::from_code(r.u8("refusal code")?)?;
+                let refused_at = r.u64("refusal time")?;
+                let signature = r.array("refusal signature")?;
+                Ended::Refused {
+                    next_key,
+                    refusal: Refusal {
+                        code,
+                        at: refused_at,
+                        mailbox,
+                        payload_hash,
+                        signature,
+                    },
+                }
+            }
+            2 => {
+                let attempts = r.u32("attempts")?;
+                let len = r.u16("error length")? as usize;
+                let error = codec::read_text_of_len(&mut r, len, "error", MAX_TEXT)?;
+                Ended::GaveUp { attempts, error }
+            }
+            _ => {
+                return Err(DecodeError::Invalid {
+                    what: "notice kind",
+                    why: "must be 1 (refused) or 2 (given up)",
+                })
+            }
+        };
+        let relay_key = r.array("relay key")?;
+        let signature = r.array("signature")?;
+        r.finish()?;
+        Ok(Self {
+            at,
+            mailbox,
+            payload_hash,
+            next: NextHop { addr, pin },
+            ended,
+            relay_key,
+            signature,
+        })
+    }
+
+    /// Whether the notice is signed by `relay_key` (the sender's own
+    /// relay, as it stated in `HelloOk` on a pinned connection) and, for a
+    /// refusal carried, whether that refusal is signed by the key the
+    /// notice names for the next relay and names this notice's item.
+    pub fn verify(&self, relay_key: &VerifyingKey) -> Result<(), NoticeError> {
+        if self.relay_key != relay_key.to_bytes() {
+            return Err(NoticeError::OtherRelay);
+        }
+        let mut msg = CONTEXT.to_vec();
+        msg.extend_from_slice(&self.signed_part());
+        relay_key
+            .verify_strict(&msg, &ed25519_dalek::Signature::from_bytes(&self.signature))
+            .map_err(|_| NoticeError::NotSigned)?;
+        if let Ended::Refused { next_key, refusal } = &self.ended {
+            let key = VerifyingKey::from_bytes(next_key).map_err(|_| NoticeError::RefusalNotSigned)?;
+            if !refusal.verify(&key) {
+                return Err(NoticeError::RefusalNotSigned);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut_text(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Why a notice is not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoticeError {
+    #[error("the notice names another relay's key than the sender's relay")]
+    OtherRelay,
+    #[error("the notice is not signed by the sender's relay")]
+    NotSigned,
+    #[error("the refusal the notice carries is not signed by the next relay's key")]
+    RefusalNotSigned,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::context;
+
+    fn key(b: u8) -> SigningKey {
+        SigningKey::from_bytes(&[b; 32])
+    }
+
+    fn refusal(k: &SigningKey, code: RefusalCode, mb: MailboxId, h: [u8; 32]) -> Refusal {
+        let mut m = context::REFUSAL.to_vec();
+        m.extend_from_slice(&Refusal::signed_bytes(code, 7, &mb, &h));
+        Refusal {
+            code,
+            at: 7,
+            mailbox: mb,
+            payload_hash: h,
+            signature: k.sign(&m).to_bytes(),
+        }
+    }
+
+    fn notices() -> Vec<Notice> {
+        let (home, next) = (key(1), key(2));
+        let mb = MailboxId([3; 32]);
+        let hop = NextHop {
+            addr: "bob.example:7443".into(),
+            pin: [4; 32],
+        };
+        vec![
+            Notice::sign(
+                &home,
+                100,
+                mb,
+                [5; 32],
+                hop.clone(),
+                Ended::Refused {
+                    next_key: next.verifying_key().to_bytes(),
+                    refusal: refusal(&next, RefusalCode::UnknownMailbox, mb, [5; 32]),
+                },
+            ),
+            Notice::sign(
+                &home,
+                200,
+                mb,
+                [5; 32],
+                hop,
+                Ended::GaveUp {
+                    attempts: 12,
+                    error: "connection refused".into(),
+                },
+            ),
+        ]
+    }
+
+    /// Notices round-trip and verify with the home relay's key; any other
+    /// key, any changed byte, any cut, any extra byte fails.
+    #[test]
+    fn notices_round_trip_and_every_change_fails() {
+        let home = key(1).verifying_key();
+        for n in notices() {
+            let bytes = n.encode();
+            assert!(is_notice(&bytes));
+            assert!(bytes.len() <= MAX_NOTICE_BYTES);
+            let back = Notice::decode(&bytes).expect("decodes");
+            assert_eq!(back, n);
+            back.verify(&home).expect("verifies");
+            assert_eq!(
+                back.verify(&key(9).verifying_key()),
+                Err(NoticeError::OtherRelay)
+            );
+            for i in 0..bytes.len() {
+                let mut b = bytes.clone();
+                b[i] ^= 0x01;
+                if let Ok(m) = Notice::decode(&b) {
+                    assert!(m.verify(&home).is_err(), "byte {i} changed and verified");
+                }
+            }
+            for cut in 0..bytes.len() {
+                assert!(Notice::decode(&bytes[..cut]).is_err(), "{cut}");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(Notice::decode(&longer).is_err());
+        }
+    }
+
+    /// A refusal the home relay signed into a notice but the next relay
+    /// did not sign (a forging home relay) is refused; so is one for
+    /// another item.
+    #[test]
+    fn a_carried_refusal_must_be_the_next_relays() {
+        let (home, next, other) = (key(1), key(2), key(3));
+        let mb = MailboxId([3; 32]);
+        let hop = NextHop {
+            addr: "b:1".into(),
+            pin: [4; 32],
+        };
+        let forged = Notice::sign(
+            &home,
+            1,
+            mb,
+            [5; 32],
+            hop.clone(),
+            Ended::Refused {
+                next_key: next.verifying_key().to_bytes(),
+                refusal: refusal(&other, RefusalCode::OverQuota, mb, [5; 32]),
+            },
+        );
+        assert_eq!(
+            forged.verify(&home.verifying_key()),
+            Err(NoticeError::RefusalNotSigned)
+        );
+        // The refusal is rebuilt from the notice's own item: one signed
+        // for another payload does not verify for this one.
+        let elsewhere = refusal(&next, RefusalCode::OverQuota, mb, [6; 32]);
+        let moved = Notice::sign(
+            &home,
+            1,
+            mb,
+            [5; 32],
+            hop,
+            Ended::Refused {
+                next_key: next.verifying_key().to_bytes(),
+                refusal: Refusal {
+                    payload_hash: [5; 32],
+                    ..elsewhere
+                },
+            },
+        );
+        assert_eq!(
+            moved.verify(&home.verifying_key()),
+            Err(NoticeError::RefusalNotSigned)
+        );
+    }
+}

@@ -69,11 +69,8 @@ impl FileBytes {
 impl Progress for FileBytes {
     fn start(&self, what: &str, _total: u64, done: u64) {
         self.at.store(done, std::sync::atomic::Ordering::Relaxed);
-        self.inner.start(
-            what,
-            self.layout.data_len,
-            self.layout.plain_before(done),
-        );
+        self.inner
+            .start(what, self.layout.data_len, self.layout.plain_before(done));
     }
     fn advance(&self, bytes: u64) {
         let before = self

@@ -345,6 +345,7 @@ impl RelayClient {
         let mut frame = buffers::take(match &req {
             Request::BlobPut(p) => p.data.len() + 128,
             Request::Submit { payload, .. } => payload.len() + 128,
+            Request::Forward(f) => f.payload.len() + f.next.addr.len() + 128,
             _ => 128,
         });
         req.encode_into(id, &mut frame);
@@ -380,6 +381,69 @@ impl RelayClient {
         match self.request(self.proof(identity, register)).await? {
             Response::Ok => Ok(()),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// Proves, on this connection, that it speaks for the relay whose
+    /// signing key is `key` (PROTOCOL 6.8): what a forwarding relay does
+    /// before it passes items on.
+    pub async fn peer_auth(&self, key: &ed25519_dalek::SigningKey) -> Result<(), ClientError> {
+        use ed25519_dalek::Signer;
+        let mut msg = context::PEER.to_vec();
+        msg.extend_from_slice(&auth_transcript(&self.exporter, &self.challenge));
+        let req = Request::PeerAuth {
+            key: key.verifying_key().to_bytes(),
+            signature: key.sign(&msg).to_bytes(),
+        };
+        match self.request(req).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Forwards items pipelined (PROTOCOL 6.8): every request is written
+    /// before the first answer is awaited; answers come back in the input
+    /// order. A refusal must be signed by this relay and name the item,
+    /// or it is reported as forged.
+    pub async fn forward_many(
+        &self,
+        items: Vec<relay::Forward>,
+    ) -> Vec<Result<Submitted, ClientError>> {
+        let mut pending = Vec::with_capacity(items.len());
+        for f in items {
+            let (mailbox, payload_hash) = (f.mailbox, f.payload_hash);
+            let sent = self.send(Request::Forward(f)).await;
+            pending.push((mailbox, payload_hash, sent));
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for (mailbox, payload_hash, sent) in pending {
+            out.push(self.submitted(sent, mailbox, payload_hash).await);
+        }
+        out
+    }
+
+    /// The answer to a `Submit` or a `Forward` sent.
+    async fn submitted(
+        &self,
+        sent: Result<oneshot::Receiver<Response>, ClientError>,
+        mailbox: MailboxId,
+        payload_hash: [u8; 32],
+    ) -> Result<Submitted, ClientError> {
+        match sent {
+            Err(e) => Err(e),
+            Ok(rx) => match timeout(self.request_timeout, rx).await {
+                Err(_) => Err(ClientError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the relay did not answer in time",
+                ))),
+                Ok(Err(_)) => Err(ClientError::Closed),
+                Ok(Ok(Response::Accepted { item_id })) => Ok(Submitted::Accepted { item_id }),
+                Ok(Ok(Response::Refused(r))) => self.check_refusal(r, mailbox, payload_hash),
+                Ok(Ok(Response::Error { code, message })) => {
+                    Err(ClientError::Server { code, message })
+                }
+                Ok(Ok(other)) => Err(unexpected(other)),
+            },
         }
     }
 
@@ -457,23 +521,7 @@ impl RelayClient {
         }
         let mut out = Vec::with_capacity(pending.len());
         for (mailbox, payload_hash, sent) in pending {
-            let answer = match sent {
-                Err(e) => Err(e),
-                Ok(rx) => match timeout(self.request_timeout, rx).await {
-                    Err(_) => Err(ClientError::Io(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the relay did not answer in time",
-                    ))),
-                    Ok(Err(_)) => Err(ClientError::Closed),
-                    Ok(Ok(Response::Accepted { item_id })) => Ok(Submitted::Accepted { item_id }),
-                    Ok(Ok(Response::Refused(r))) => self.check_refusal(r, mailbox, payload_hash),
-                    Ok(Ok(Response::Error { code, message })) => {
-                        Err(ClientError::Server { code, message })
-                    }
-                    Ok(Ok(other)) => Err(unexpected(other)),
-                },
-            };
-            out.push(answer);
+            out.push(self.submitted(sent, mailbox, payload_hash).await);
         }
         out
     }

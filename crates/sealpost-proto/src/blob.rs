@@ -465,7 +465,10 @@ mod tests {
         assert_eq!((l.chunk_count(), l.plain_len(1), l.offset(1)), (2, 1, 4112));
         // Padded: 5000 file bytes in 9000 of plaintext.
         let l = BlobLayout::padded(5000, 9000, 4096).expect("ok");
-        assert_eq!((l.chunk_count(), l.blob_len(), l.pad_len()), (3, 9048, 4000));
+        assert_eq!(
+            (l.chunk_count(), l.blob_len(), l.pad_len()),
+            (3, 9048, 4000)
+        );
         assert_eq!((l.data_in(0), l.data_in(1), l.data_in(2)), (4096, 904, 0));
         assert_eq!(l.plain_before(l.blob_len()), 5000);
         assert!(BlobLayout::padded(5001, 5000, 4096).is_err());

@@ -34,7 +34,10 @@ pub enum Ended {
     /// The next relay refused it, with this refusal signed by `next_key`
     /// (the Ed25519 key the next relay sent in `HelloOk` on a connection
     /// whose certificate matched the pin).
-    Refused { next_key: [u8; 32], refusal: Refusal },
+    Refused {
+        next_key: [u8; 32],
+        refusal: Refusal,
+    },
     /// It expired before the next relay took it: `attempts` failed, the
     /// last with `error`.
     GaveUp { attempts: u32, error: String },
@@ -201,7 +204,8 @@ impl Notice {
             .verify_strict(&msg, &ed25519_dalek::Signature::from_bytes(&self.signature))
             .map_err(|_| NoticeError::NotSigned)?;
         if let Ended::Refused { next_key, refusal } = &self.ended {
-            let key = VerifyingKey::from_bytes(next_key).map_err(|_| NoticeError::RefusalNotSigned)?;
+            let key =
+                VerifyingKey::from_bytes(next_key).map_err(|_| NoticeError::RefusalNotSigned)?;
             if !refusal.verify(&key) {
                 return Err(NoticeError::RefusalNotSigned);
             }

@@ -764,7 +764,11 @@ fn padded_blobs_round_trip_at_bucket_edges() {
         assert_eq!(data.len() as u64, want.blob_len(), "size {size}");
         assert_eq!(s.layout.data_len, size);
         assert_eq!(s.plaintext_hash, blake3::hash(&content));
-        assert_eq!(open_blob(&key, &s, &data).expect("opens"), content, "size {size}");
+        assert_eq!(
+            open_blob(&key, &s, &data).expect("opens"),
+            content,
+            "size {size}"
+        );
         // Another length in the same bucket seals to a blob of one length.
         let lower = message::padme(size).saturating_sub(1).max(size);
         if message::padme(lower) == message::padme(size) {
@@ -817,12 +821,9 @@ fn every_bit_flip_of_a_blobs_padding_is_refused() {
             "padding byte {at}"
         );
         let mut chunk = plain.clone();
-        assert!(matches!(
-            blob::open_chunk(&cipher, &l, 1, &mut chunk)
-                .map_err(|e| e.to_string())
-                .and_then(|_| blob::check_padding(&l, 1, &chunk).map_err(|e| e.to_string())),
-            Err(_)
-        ));
+        assert!(blob::open_chunk(&cipher, &l, 1, &mut chunk)
+            .and_then(|_| blob::check_padding(&l, 1, &chunk))
+            .is_err());
     }
     // The same key and chunks read with the unpadded layout: the padding
     // would be file bytes, so the manifest's hash refuses it.

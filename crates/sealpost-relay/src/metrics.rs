@@ -166,6 +166,7 @@ impl Collector for Figures {
                 RefusalCode::TooLarge,
                 RefusalCode::Expired,
                 RefusalCode::HashMismatch,
+                RefusalCode::NotForwarded,
             ] {
                 let n = m
                     .refused_by_code

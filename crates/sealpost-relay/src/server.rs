@@ -10,6 +10,7 @@
 mod admission;
 mod config;
 mod connection;
+mod forward;
 mod frames;
 mod requests;
 mod subscriptions;
@@ -17,6 +18,8 @@ mod subscriptions;
 use admission::*;
 pub use config::*;
 use connection::*;
+pub use forward::Forwarding;
+use forward::*;
 use frames::*;
 use requests::*;
 use subscriptions::*;
@@ -77,12 +80,27 @@ pub struct Metrics {
     /// Registrations of new mailboxes the policy or the cap refused.
     pub registrations_refused: AtomicU64,
     /// Refusals by `RefusalCode::code()` (index 0 unused).
-    pub refused_by_code: [AtomicU64; 6],
+    pub refused_by_code: [AtomicU64; 7],
+    /// Items taken into the forward queue (PROTOCOL 6.8).
+    pub forward_queued: AtomicU64,
+    /// Items handed on to the next relay.
+    pub forwarded: AtomicU64,
+    /// Items the next relay refused (its refusal sent back in a notice).
+    pub forward_refused: AtomicU64,
+    /// Items that expired before the next relay took them.
+    pub forward_given_up: AtomicU64,
+    /// Attempts to hand items on that failed (and will be tried again).
+    pub forward_failures: AtomicU64,
 }
 
 struct Shared {
     store: Store,
     key: SigningKey,
+    /// BLAKE3 of the certificate's key: a `Forward` naming it is for a
+    /// mailbox here.
+    pin: Pin,
+    /// Told when an item joins the forward queue.
+    forward_wake: Notify,
     tls: TlsAcceptor,
     /// Connections subscribed to each mailbox: a new item is pushed to
     /// those only (a broadcast woke every subscribed connection's task for
@@ -268,6 +286,8 @@ impl Relay {
         let shared = Arc::new(Shared {
             store,
             key,
+            pin: cert.pin,
+            forward_wake: Notify::new(),
             tls,
             subscribers: std::sync::Mutex::new(HashMap::new()),
             metrics: Arc::new(Metrics::default()),
@@ -334,6 +354,7 @@ impl Relay {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let shared = self.shared.clone();
         let sweeper = tokio::spawn(sweep_loop(shared.clone()));
+        let forwarder = tokio::spawn(forward_loop(shared.clone()));
         let metrics_task = match shared.config.metrics {
             Some(addr) => {
                 let l = TcpListener::bind(addr).await?;
@@ -394,6 +415,10 @@ impl Relay {
             }
         }
         sweeper.abort();
+        // Nothing of the forward queue lives in this task: what it was
+        // handing on is tried again by the next start (at worst twice;
+        // the recipient's replay cache keeps delivery exactly-once).
+        forwarder.abort();
         if let Some(t) = metrics_task {
             t.abort();
         }
@@ -453,6 +478,11 @@ impl RunningRelay {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The relay's store (for tests and tools that look at its state).
+    pub fn store(&self) -> Store {
+        self.shared.store.clone()
     }
 
     /// A way into this relay without a socket (see [`Door`]).

@@ -740,7 +740,10 @@ pub async fn the_forward_queue_holds_and_ends_items(b: &dyn Backend) {
     let due = store.forward_due(NOW + 2, 10).await.expect("due");
     assert_eq!(due.iter().map(|q| q.id).collect::<Vec<_>>(), vec![a, b2, c]);
     assert_eq!(due[0].item, forward(dest, "b:1", &[1; 2000], NOW + 100));
-    assert_eq!((due[0].origin, due[0].received_at, due[0].attempts), (alice, NOW, 0));
+    assert_eq!(
+        (due[0].origin, due[0].received_at, due[0].attempts),
+        (alice, NOW, 0)
+    );
     assert_eq!(store.forward_due(NOW + 2, 2).await.expect("due").len(), 2);
     // Put off: not due before next_at, except once expired.
     store
@@ -750,27 +753,47 @@ pub async fn the_forward_queue_holds_and_ends_items(b: &dyn Backend) {
     let due = store.forward_due(NOW + 3, 10).await.expect("due");
     assert_eq!(due.iter().map(|q| q.id).collect::<Vec<_>>(), vec![b2]);
     let due = store.forward_due(NOW + 5, 10).await.expect("due");
-    assert_eq!(due.iter().map(|q| q.id).collect::<Vec<_>>(), vec![b2, c], "c expired");
+    assert_eq!(
+        due.iter().map(|q| q.id).collect::<Vec<_>>(),
+        vec![b2, c],
+        "c expired"
+    );
     let due = store.forward_due(NOW + 60, 10).await.expect("due");
     assert_eq!(due.len(), 3);
     assert_eq!(
-        (due[0].attempts, due[0].next_at, due[0].last_error.as_deref()),
+        (
+            due[0].attempts,
+            due[0].next_at,
+            due[0].last_error.as_deref()
+        ),
         (1, NOW + 60, Some("connection refused"))
     );
     let q = store.forward_queue().await.expect("queue");
     assert_eq!(q.len(), 2);
     assert_eq!(
-        (q[0].next.addr.as_str(), q[0].items, q[0].bytes, q[0].oldest, q[0].attempts),
+        (
+            q[0].next.addr.as_str(),
+            q[0].items,
+            q[0].bytes,
+            q[0].oldest,
+            q[0].attempts
+        ),
         ("b:1", 2, 4000, NOW, 1)
     );
     assert_eq!(q[0].last_error.as_deref(), Some("connection refused"));
-    assert_eq!((q[1].next.addr.as_str(), q[1].items, q[1].bytes), ("cc:2", 1, 2000));
+    assert_eq!(
+        (q[1].next.addr.as_str(), q[1].items, q[1].bytes),
+        ("cc:2", 1, 2000)
+    );
     // Ended: handed on (no notice), refused (a notice for Alice).
     assert_eq!(
         store.forward_end(b2, None).await.expect("end"),
         Ended::Ended { notice_seq: None }
     );
-    assert_eq!(store.forward_end(b2, None).await.expect("again"), Ended::Gone);
+    assert_eq!(
+        store.forward_end(b2, None).await.expect("again"),
+        Ended::Gone
+    );
     assert_eq!(store.status(&alice).await.expect("status").used, 4000);
     let notice = NewItem {
         mailbox: alice,
@@ -789,7 +812,10 @@ pub async fn the_forward_queue_holds_and_ends_items(b: &dyn Backend) {
     };
     let got = store.fetch(&alice, 0, 10, 1 << 20).await.expect("fetch");
     assert_eq!(got.items.len(), 1);
-    assert_eq!((got.items[0].seq, &got.items[0].payload[..]), (seq, &b"notice"[..]));
+    assert_eq!(
+        (got.items[0].seq, &got.items[0].payload[..]),
+        (seq, &b"notice"[..])
+    );
     assert_eq!(store.status(&alice).await.expect("status").used, 2000 + 6);
     if b.durable() {
         store.close();

@@ -540,7 +540,13 @@ impl Store {
     pub async fn forward_end(&self, id: u64, notice: Option<NewItem>) -> Result<Ended, StoreError> {
         let origin = notice.as_ref().map(|n| n.mailbox);
         let ended = self.inner.ledger.forward_end(id, notice).await?;
-        if let (Ended::Ended { notice_seq: Some(seq) }, Some(mb)) = (ended, origin) {
+        if let (
+            Ended::Ended {
+                notice_seq: Some(seq),
+            },
+            Some(mb),
+        ) = (ended, origin)
+        {
             self.inner.notifier.published(&mb, seq);
         }
         Ok(ended)

@@ -123,11 +123,8 @@ impl Engine {
                         .find(|x| x.recipient == job.recipient)
                 })
                 .map(|x| x.relay);
-            let (Some(relay), Ok(layout), Ok(src)) = (
-                relay,
-                f.layout(),
-                File::open(&f.path),
-            ) else {
+            let (Some(relay), Ok(layout), Ok(src)) = (relay, f.layout(), File::open(&f.path))
+            else {
                 self.agent.db.remove_repair(&job.msg, &job.recipient)?;
                 continue;
             };

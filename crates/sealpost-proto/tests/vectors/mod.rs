@@ -127,8 +127,13 @@ fn deterministic() -> Value {
     // The same file padded (send --pad): 10000 bytes in a Padmé plaintext.
     let padded_layout = BlobLayout::padme(file.len() as u64, 4096).expect("padded layout");
     let mut padded_blob = Vec::new();
-    let ps = blob::seal_padded_blob(&BlobKey([0x77; 32]), &padded_layout, &file[..], &mut padded_blob)
-        .expect("padded blob");
+    let ps = blob::seal_padded_blob(
+        &BlobKey([0x77; 32]),
+        &padded_layout,
+        &file[..],
+        &mut padded_blob,
+    )
+    .expect("padded blob");
     let padded_manifest = FileManifest::new(
         BlobId([0x88; 16]),
         BlobKey([0x77; 32]),
@@ -784,7 +789,10 @@ fn test_vectors_match() {
         m
     );
     let pb = unh(&p["blob"]);
-    assert_eq!(blake3::hash(&pb).to_hex().to_string(), p["blob_blake3"].as_str().expect("hash"));
+    assert_eq!(
+        blake3::hash(&pb).to_hex().to_string(),
+        p["blob_blake3"].as_str().expect("hash")
+    );
     assert_eq!(pb.len() as u64, pm.layout.blob_len());
     let mut out = Vec::new();
     blob::open_blob(&pm.key, &pm.layout, &pm.plaintext_hash, &pb[..], &mut out)

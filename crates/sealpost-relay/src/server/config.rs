@@ -57,6 +57,8 @@ pub struct Config {
     /// listener is bound so no client can reach a relay whose kept address
     /// is still a previous run's. `None` removes the file.
     pub public_address: Option<String>,
+    /// How this relay hands items on to other relays (PROTOCOL 6.8).
+    pub forwarding: Forwarding,
 }
 
 /// Who may register a new mailbox on a relay.
@@ -111,6 +113,7 @@ impl Config {
             max_message: relay::MAX_MESSAGE,
             tamper: None,
             public_address: None,
+            forwarding: Forwarding::default(),
         }
     }
 }

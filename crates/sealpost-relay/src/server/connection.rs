@@ -13,6 +13,8 @@ pub(crate) struct Session {
     pub(crate) challenge: [u8; 32],
     pub(crate) exporter: [u8; 32],
     pub(crate) mailbox: Option<MailboxId>,
+    /// The relay this connection proved it speaks for (`PeerAuth`).
+    pub(crate) peer: Option<[u8; 32]>,
     pub(crate) subscription: Option<Subscription>,
     /// Where the connection comes from (for the per-source share).
     pub(crate) source: Source,
@@ -74,6 +76,7 @@ where
         challenge,
         exporter,
         mailbox: None,
+        peer: None,
         subscription: None,
         source,
         blob_lane: None,
@@ -519,6 +522,53 @@ pub(crate) async fn handle(
                 mailbox_quota: l.mailbox_quota,
             };
             send(out, id, answer).await
+        }
+        Request::PeerAuth { key, signature } => {
+            let mut msg = context::PEER.to_vec();
+            msg.extend_from_slice(&auth_transcript(&session.exporter, &session.challenge));
+            let ok = VerifyingKey::from_bytes(&key)
+                .map(|vk| {
+                    vk.verify_strict(&msg, &ed25519_dalek::Signature::from_bytes(&signature))
+                        .is_ok()
+                })
+                .unwrap_or(false);
+            if !ok {
+                s.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+                return send(
+                    out,
+                    id,
+                    err(
+                        ErrorCode::BadSignature,
+                        "the signature does not prove possession of this relay key on this connection",
+                    ),
+                )
+                .await;
+            }
+            session.peer = Some(key);
+            send(out, id, Response::Ok).await
+        }
+        Request::Forward(f) => {
+            // Bounded like a submission: in flight per connection and
+            // relay-wide (the budget was taken when the frame was read).
+            let weight = u32::try_from(f.payload.len().max(1)).unwrap_or(u32::MAX);
+            let permits = (
+                in_flight.count.clone().acquire_owned().await,
+                in_flight.bytes.clone().acquire_many_owned(weight).await,
+                take_budget(s, budget, weight).await,
+            );
+            let (Ok(p1), Ok(p2), Ok(p3)) = permits else {
+                return Err(io::Error::other("relay shutting down"));
+            };
+            let s = s.clone();
+            let out = out.clone();
+            let (source, origin) = (session.source, session.mailbox);
+            tokio::spawn(async move {
+                let r = forward_request(&s, source, origin, f).await;
+                drop((p2, p3));
+                let _ = send(&out, id, r).await;
+                drop(p1);
+            });
+            Ok(())
         }
         _ => send(out, id, err(ErrorCode::BadRequest, "unsupported request")).await,
     }

@@ -751,7 +751,10 @@ fn a_file_larger_than_the_relay_takes_is_refused_before_it_is_read() {
     write_file(&net, "edge.bin", 999_500, 4);
     let (code, _, err) = net.run("alice", &["send", "bob", "--file", "edge.bin", "--pad"]);
     assert_eq!(code, 20, "{err}");
-    assert!(err.contains("edge.bin is 976.1 KiB (999500 bytes; 1016064 sealed)"), "{err}");
+    assert!(
+        err.contains("edge.bin is 976.1 KiB (999500 bytes; 1016064 sealed)"),
+        "{err}"
+    );
     let (code, _, err) = net.run("alice", &["send", "bob", "--pad", "hi"]);
     assert_eq!(code, 2, "--pad is for files: {err}");
     let (code, _, err) = net.run("alice", &["send", "bob", "--file", "edge.bin"]);
@@ -768,7 +771,11 @@ fn a_file_larger_than_the_relay_takes_is_refused_before_it_is_read() {
     assert!(err.contains("tree/large.bin is"), "{err}");
     assert!(!err.contains("small.txt"), "{err}");
     let v = net.json("alice", &["status"]);
-    assert_eq!(v["messages"].as_array().map(Vec::len), Some(1), "only edge.bin: {v}");
+    assert_eq!(
+        v["messages"].as_array().map(Vec::len),
+        Some(1),
+        "only edge.bin: {v}"
+    );
 }
 
 /// A relay that could not be asked before the file was queued refuses the

@@ -1,0 +1,274 @@
+//! Forwarding (PROTOCOL 6.8): `Forward` requests taken into the durable
+//! forward queue for this relay's own mailbox owners (or stored here when
+//! they name this relay), and the worker that hands queued items on to
+//! the next relay, retrying with backoff until it takes them or they
+//! expire, and that tells the sender, in a signed notice in its mailbox,
+//! when an item ended otherwise.
+
+use super::*;
+use sealpost_client::client::{RelayClient, Submitted, Timeouts};
+use sealpost_client::transport::{Tcp, Transport};
+use sealpost_proto::notice::{self, Notice};
+use sealpost_proto::relay::{Forward, NextHop, MAX_HOPS};
+use sealpost_proto::retry::Backoff;
+use sealpost_store::{Ended, Enqueued, NewItem, Queued};
+
+/// How a relay hands items on to other relays.
+#[derive(Clone, Debug)]
+pub struct Forwarding {
+    /// How the next relay is reached (TCP; a net in memory in tests).
+    pub transport: Arc<dyn Transport>,
+    /// Waits between attempts of one item: `base * 2^attempts`, capped,
+    /// with jitter.
+    pub retry: Backoff,
+    /// Connecting to the next relay, and each of its answers.
+    pub timeouts: Timeouts,
+    /// How often the queue is looked at when nothing woke the worker
+    /// (items put off become due; another node may have queued some).
+    pub poll: Duration,
+    /// Items handed on per connection and pass, at most.
+    pub batch: usize,
+    /// How long a notice waits in the sender's mailbox.
+    pub notice_lifetime: Duration,
+}
+
+impl Default for Forwarding {
+    fn default() -> Self {
+        Self {
+            transport: Arc::new(Tcp),
+            retry: Backoff {
+                base: Duration::from_secs(2),
+                max: Duration::from_secs(600),
+            },
+            timeouts: Timeouts {
+                connect: Duration::from_secs(10),
+                request: Duration::from_secs(60),
+            },
+            poll: Duration::from_secs(1),
+            batch: 512,
+            notice_lifetime: Duration::from_secs(30 * 86_400),
+        }
+    }
+}
+
+/// The answer to a `Forward`: stored here if it names this relay (as a
+/// `Submit`), queued for the next relay if this connection is one of this
+/// relay's mailbox owners, refused otherwise (this is not an open relay).
+pub(crate) async fn forward_request(
+    s: &Arc<Shared>,
+    source: Source,
+    origin: Option<MailboxId>,
+    f: Forward,
+) -> Response {
+    if f.next.pin == s.pin.0 {
+        // The last hop: delivered like any submission.
+        return submit(
+            s,
+            source,
+            f.mailbox,
+            f.expires_at,
+            f.payload_hash,
+            f.payload,
+        )
+        .await;
+    }
+    if f.hops >= MAX_HOPS {
+        return refusal(s, RefusalCode::NotForwarded, f.mailbox, f.payload_hash);
+    }
+    let Some(origin) = origin else {
+        return refusal(s, RefusalCode::NotForwarded, f.mailbox, f.payload_hash);
+    };
+    if f.payload.len() > s.config.max_message.min(relay::MAX_MESSAGE) {
+        return refusal(s, RefusalCode::TooLarge, f.mailbox, f.payload_hash);
+    }
+    if blake3::hash(&f.payload).as_bytes() != &f.payload_hash {
+        return refusal(s, RefusalCode::HashMismatch, f.mailbox, f.payload_hash);
+    }
+    let (mailbox, hash) = (f.mailbox, f.payload_hash);
+    match s.store.forward_enqueue(origin, f, now()).await {
+        Ok(Enqueued::Queued { .. }) => {
+            s.metrics.forward_queued.fetch_add(1, Ordering::Relaxed);
+            s.forward_wake.notify_one();
+            let mut item_id = [0u8; 16];
+            OsRng.fill_bytes(&mut item_id);
+            Response::Accepted { item_id }
+        }
+        Ok(Enqueued::Refused(code)) => refusal(s, code, mailbox, hash),
+        Err(e) => storage_failed(s, &e),
+    }
+}
+
+/// Hands queued items on, forever: each pass takes what is due, ends the
+/// expired with a notice, and sends the rest to their next relays, one
+/// connection per next relay. Between passes it waits for a new item or
+/// the poll interval.
+pub(crate) async fn forward_loop(s: Arc<Shared>) {
+    let cfg = s.config.forwarding.clone();
+    loop {
+        let now = now();
+        let due = match s.store.forward_due(now, cfg.batch).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("reading the forward queue failed: {e}");
+                tokio::time::sleep(cfg.poll.max(Duration::from_secs(1))).await;
+                continue;
+            }
+        };
+        if due.is_empty() {
+            tokio::select! {
+                _ = s.forward_wake.notified() => {}
+                _ = tokio::time::sleep(cfg.poll) => {}
+            }
+            continue;
+        }
+        let mut hops: Vec<(NextHop, Vec<Queued>)> = Vec::new();
+        for q in due {
+            if q.item.expires_at <= now {
+                give_up(&s, q, now).await;
+                continue;
+            }
+            match hops.iter_mut().find(|(h, _)| *h == q.item.next) {
+                Some((_, v)) => v.push(q),
+                None => hops.push((q.item.next.clone(), vec![q])),
+            }
+        }
+        // Next relays in parallel: one that does not answer does not hold
+        // up the others.
+        let tasks: Vec<_> = hops
+            .into_iter()
+            .map(|(hop, items)| {
+                let s = s.clone();
+                tokio::spawn(async move { hand_on(&s, hop, items).await })
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Sends `items` to their next relay `hop` on one connection, proving
+/// this relay's key first; ends each one the next relay answered for.
+async fn hand_on(s: &Arc<Shared>, hop: NextHop, items: Vec<Queued>) {
+    let cfg = &s.config.forwarding;
+    let addr = RelayAddress {
+        host_port: hop.addr.clone(),
+        pin: Pin(hop.pin),
+    };
+    let client = match RelayClient::connect_via(&*cfg.transport, &addr, None, cfg.timeouts).await {
+        Ok(c) => c,
+        Err(e) => return later(s, &items, &e.to_string()).await,
+    };
+    if let Err(e) = client.peer_auth(&s.key).await {
+        return later(
+            s,
+            &items,
+            &format!("the next relay refused this relay's key: {e}"),
+        )
+        .await;
+    }
+    let next_key = client.relay_key().to_bytes();
+    let outgoing = items
+        .iter()
+        .map(|q| Forward {
+            hops: q.item.hops.saturating_add(1),
+            ..q.item.clone()
+        })
+        .collect();
+    let answers = client.forward_many(outgoing).await;
+    for (q, answer) in items.iter().zip(answers) {
+        match answer {
+            Ok(Submitted::Accepted { .. }) => {
+                s.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = s.store.forward_end(q.id, None).await {
+                    // Still queued: handed on again later, which the next
+                    // relay and the recipient's replay cache absorb.
+                    tracing::warn!("ending a forwarded item failed: {e}");
+                }
+            }
+            // A full mailbox empties: tried again until the item expires,
+            // as a sender does.
+            Ok(Submitted::Refused(r)) if !r.code.is_lasting() => {
+                later(
+                    s,
+                    std::slice::from_ref(q),
+                    &format!("the next relay refused: {}", r.code.describe()),
+                )
+                .await;
+            }
+            Ok(Submitted::Refused(refusal)) => {
+                s.metrics.forward_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    next = %hop.addr,
+                    "the next relay refused a forwarded item ({}); telling its sender",
+                    refusal.code.name()
+                );
+                let ended = notice::Ended::Refused { next_key, refusal };
+                end_with_notice(s, q, ended, now()).await;
+            }
+            Err(e) => later(s, std::slice::from_ref(q), &e.to_string()).await,
+        }
+    }
+}
+
+/// Counts a failed attempt for each of `items` and puts it off.
+async fn later(s: &Shared, items: &[Queued], error: &str) {
+    let cfg = &s.config.forwarding;
+    s.metrics
+        .forward_failures
+        .fetch_add(items.len() as u64, Ordering::Relaxed);
+    let attempts = items.iter().map(|q| q.attempts).max().unwrap_or(0);
+    let wait = cfg.retry.delay(attempts, unit());
+    let next_at = now() + wait.as_secs().max(1);
+    tracing::debug!(
+        "forwarding {} items failed ({error}); next attempt in {} s",
+        items.len(),
+        wait.as_secs()
+    );
+    let ids = items.iter().map(|q| q.id).collect();
+    if let Err(e) = s.store.forward_later(ids, next_at, error.to_owned()).await {
+        tracing::warn!("putting forwarded items off failed: {e}");
+    }
+}
+
+/// An item that expired in the queue: its sender is told, signed.
+async fn give_up(s: &Shared, q: Queued, now: u64) {
+    s.metrics.forward_given_up.fetch_add(1, Ordering::Relaxed);
+    let ended = notice::Ended::GaveUp {
+        attempts: q.attempts,
+        error: q
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "not tried before it expired".into()),
+    };
+    end_with_notice(s, &q, ended, now).await;
+}
+
+async fn end_with_notice(s: &Shared, q: &Queued, ended: notice::Ended, now: u64) {
+    let n = Notice::sign(
+        &s.key,
+        now,
+        q.item.mailbox,
+        q.item.payload_hash,
+        q.item.next.clone(),
+        ended,
+    );
+    let payload = n.encode();
+    let item = NewItem {
+        mailbox: q.origin,
+        expires_at: now + s.config.forwarding.notice_lifetime.as_secs(),
+        hash: *blake3::hash(&payload).as_bytes(),
+        payload,
+        source: Source::of_v4([0, 0, 0, 0]),
+        now,
+    };
+    match s.store.forward_end(q.id, Some(item)).await {
+        Ok(Ended::Ended { .. } | Ended::Gone) => {}
+        Err(e) => tracing::warn!("storing a forward notice failed (tried again later): {e}"),
+    }
+}
+
+/// A uniform draw in [0, 1) for the backoff's jitter.
+fn unit() -> f64 {
+    (OsRng.next_u32() as f64) / (u32::MAX as f64 + 1.0)
+}

@@ -1,0 +1,273 @@
+//! Relays forwarding to relays (PROTOCOL 6.8 and 6.9): real relays, each
+//! on its own loopback address (127.0.0.2, 127.0.0.3), driven by the real
+//! client. Alice's relay takes items for Bob's relay from Alice (its
+//! mailbox owner) and hands them on, retrying while Bob's relay is down;
+//! Bob's relay's refusals and items that expire come back to Alice as
+//! signed notices; nobody else may forward through Alice's relay.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sealpost_proto::notice::{self, Notice};
+use sealpost_proto::relay::{Forward, MailboxId, NextHop, RefusalCode, MAX_HOPS};
+use sealpost_proto::retry::Backoff;
+use sealpost_proto::Identity;
+use sealpost_relay::client::{RelayClient, Submitted};
+use sealpost_relay::{Config, Relay, RelayAddress, RunningRelay};
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A relay on `ip` (port `port`, 0 for any) over `data`, retrying
+/// forwards quickly.
+async fn relay_on(ip: &str, port: u16, data: &std::path::Path) -> RunningRelay {
+    let mut cfg = Config::new(format!("{ip}:{port}").parse().expect("addr"), data.into());
+    cfg.forwarding.retry = Backoff {
+        base: Duration::from_millis(200),
+        max: Duration::from_millis(400),
+    };
+    cfg.forwarding.poll = Duration::from_millis(100);
+    cfg.forwarding.timeouts.connect = Duration::from_secs(2);
+    Relay::bind(cfg).await.expect("bind").spawn()
+}
+
+fn next_of(addr: &RelayAddress) -> NextHop {
+    NextHop {
+        addr: addr.host_port.clone(),
+        pin: addr.pin.0,
+    }
+}
+
+fn item(next: &NextHop, mailbox: MailboxId, payload: &[u8], expires_at: u64) -> Forward {
+    Forward {
+        hops: 0,
+        next: next.clone(),
+        mailbox,
+        expires_at,
+        payload_hash: *blake3::hash(payload).as_bytes(),
+        payload: payload.to_vec(),
+    }
+}
+
+async fn owner(addr: &RelayAddress, who: &Identity) -> RelayClient {
+    let c = RelayClient::connect(addr).await.expect("connect");
+    c.register(who).await.expect("register");
+    c
+}
+
+/// Fetches `who`'s items at `addr` until there are `n` (10 s at most).
+async fn fetch_n(addr: &RelayAddress, who: &Identity, n: usize) -> Vec<Vec<u8>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = owner(addr, who).await;
+        let (items, _) = c.fetch(0, 100).await.expect("fetch");
+        if items.len() >= n || Instant::now() > deadline {
+            assert_eq!(items.len(), n, "items at {}", addr.host_port);
+            return items.into_iter().map(|i| i.payload).collect();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn accepted(r: &Result<Submitted, sealpost_relay::client::ClientError>) -> bool {
+    matches!(r, Ok(Submitted::Accepted { .. }))
+}
+
+fn refused(r: &Result<Submitted, sealpost_relay::client::ClientError>) -> Option<RefusalCode> {
+    match r {
+        Ok(Submitted::Refused(r)) => Some(r.code),
+        _ => None,
+    }
+}
+
+/// Alice hands items to her relay, which hands them to Bob's: at once
+/// while Bob's relay is up, later when it was down (kept durably meanwhile,
+/// counted in Alice's quota), and Bob fetches each from his relay. A
+/// refusal by Bob's relay (no such mailbox) comes back to Alice as a
+/// notice her relay signed, carrying Bob's relay's own signed refusal.
+#[tokio::test]
+async fn items_go_on_to_the_next_relay_and_refusals_come_back() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let alice = Identity::generate(&mut rand_core::OsRng);
+    let bob = Identity::generate(&mut rand_core::OsRng);
+    let a_relay = relay_on("127.0.0.2", 0, &dir.path().join("a")).await;
+    let b_relay = relay_on("127.0.0.3", 0, &dir.path().join("b")).await;
+    let (a, b) = (a_relay.address().clone(), b_relay.address().clone());
+    let bob_mb = owner(&b, &bob).await.register(&bob).await.expect("bob");
+    let to_b = next_of(&b);
+    let c = owner(&a, &alice).await;
+    let r = c
+        .forward_many(vec![item(&to_b, bob_mb, b"first", now() + 600)])
+        .await;
+    assert!(accepted(&r[0]), "{r:?}");
+    assert_eq!(fetch_n(&b, &bob, 1).await, vec![b"first".to_vec()]);
+
+    // Bob's relay down: Alice's relay keeps the item and tries again.
+    let b_port = b
+        .host_port
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .parse()
+        .expect("port");
+    b_relay.stop().await.expect("stop b");
+    let r = c
+        .forward_many(vec![item(&to_b, bob_mb, b"second", now() + 600)])
+        .await;
+    assert!(accepted(&r[0]), "{r:?}");
+    assert_eq!(c.status().await.expect("status").1, 6, "in Alice's quota");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let q = a_relay_queue(&a_relay).await;
+    assert_eq!(q.len(), 1);
+    assert!(q[0].attempts >= 1, "{q:?}");
+    assert!(q[0].last_error.is_some(), "{q:?}");
+    let b_relay = relay_on("127.0.0.3", b_port, &dir.path().join("b")).await;
+    assert_eq!(
+        b_relay.address(),
+        &b,
+        "same address and key after the restart"
+    );
+    let got = fetch_n(&b, &bob, 2).await;
+    assert_eq!(got[1], b"second");
+    // Handed on: no longer in Alice's quota.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.status().await.expect("status").1 != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.status().await.expect("status").1, 0);
+
+    // A mailbox Bob's relay does not have: refused there, told to Alice.
+    let nobody = MailboxId::of(&[7; 32]);
+    let r = c
+        .forward_many(vec![item(&to_b, nobody, b"lost", now() + 600)])
+        .await;
+    assert!(accepted(&r[0]), "{r:?}");
+    let notices = fetch_n(&a, &alice, 1).await;
+    assert!(notice::is_notice(&notices[0]));
+    let n = Notice::decode(&notices[0]).expect("notice");
+    n.verify(&c_key(&a).await).expect("signed by Alice's relay");
+    assert_eq!(
+        (n.mailbox, n.payload_hash, &n.next),
+        (nobody, *blake3::hash(b"lost").as_bytes(), &to_b)
+    );
+    match &n.ended {
+        notice::Ended::Refused { next_key, refusal } => {
+            assert_eq!(refusal.code, RefusalCode::UnknownMailbox);
+            let b_key = c_key(&b).await;
+            assert_eq!(next_key, &b_key.to_bytes(), "Bob's relay's key");
+            assert!(refusal.verify(&b_key));
+        }
+        other => panic!("{other:?}"),
+    }
+    b_relay.stop().await.expect("stop b");
+    a_relay.stop().await.expect("stop a");
+}
+
+/// The key a relay states in `HelloOk`.
+async fn c_key(addr: &RelayAddress) -> ed25519_dalek::VerifyingKey {
+    *RelayClient::connect(addr)
+        .await
+        .expect("connect")
+        .relay_key()
+}
+
+async fn a_relay_queue(r: &RunningRelay) -> Vec<sealpost_store::HopQueue> {
+    r.store().forward_queue().await.expect("queue")
+}
+
+/// Not an open relay: a connection that is not one of its mailbox owners
+/// (a stranger, or another relay that proved its key) is refused, signed;
+/// so is an item past the hop limit. An item for a mailbox on this relay
+/// is stored whoever forwards it (the last hop).
+#[tokio::test]
+async fn only_owners_forward_and_hops_are_bounded() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let alice = Identity::generate(&mut rand_core::OsRng);
+    let bob = Identity::generate(&mut rand_core::OsRng);
+    let a_relay = relay_on("127.0.0.2", 0, &dir.path().join("a")).await;
+    let b_relay = relay_on("127.0.0.3", 0, &dir.path().join("b")).await;
+    let (a, b) = (a_relay.address().clone(), b_relay.address().clone());
+    let bob_mb = owner(&b, &bob).await.register(&bob).await.expect("bob");
+    let alice_mb = owner(&a, &alice)
+        .await
+        .register(&alice)
+        .await
+        .expect("alice");
+    let to_b = next_of(&b);
+    let stranger = RelayClient::connect(&a).await.expect("connect");
+    let r = stranger
+        .forward_many(vec![item(&to_b, bob_mb, b"spam", now() + 600)])
+        .await;
+    assert_eq!(refused(&r[0]), Some(RefusalCode::NotForwarded), "{r:?}");
+    let peer = RelayClient::connect(&a).await.expect("connect");
+    let other_relay = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    peer.peer_auth(&other_relay).await.expect("peer auth");
+    let r = peer
+        .forward_many(vec![item(&to_b, bob_mb, b"relayed spam", now() + 600)])
+        .await;
+    assert_eq!(refused(&r[0]), Some(RefusalCode::NotForwarded), "{r:?}");
+    let c = owner(&a, &alice).await;
+    let mut far = item(&to_b, bob_mb, b"looping", now() + 600);
+    far.hops = MAX_HOPS;
+    let r = c.forward_many(vec![far]).await;
+    assert_eq!(refused(&r[0]), Some(RefusalCode::NotForwarded), "{r:?}");
+    // A bad hash or an expired item is refused at once, as a Submit is.
+    let mut bad = item(&to_b, bob_mb, b"x", now() + 600);
+    bad.payload_hash = [0; 32];
+    assert_eq!(
+        refused(&c.forward_many(vec![bad]).await[0]),
+        Some(RefusalCode::HashMismatch)
+    );
+    assert_eq!(
+        refused(
+            &c.forward_many(vec![item(&to_b, bob_mb, b"x", now() - 1)])
+                .await[0]
+        ),
+        Some(RefusalCode::Expired)
+    );
+    // For a mailbox here: stored, from anyone, like a Submit.
+    let here = next_of(&a);
+    let r = stranger
+        .forward_many(vec![item(&here, alice_mb, b"local", now() + 600)])
+        .await;
+    assert!(accepted(&r[0]), "{r:?}");
+    assert_eq!(fetch_n(&a, &alice, 1).await, vec![b"local".to_vec()]);
+    assert!(fetch_n(&b, &bob, 0).await.is_empty());
+    b_relay.stop().await.expect("stop b");
+    a_relay.stop().await.expect("stop a");
+}
+
+/// An item whose next relay never answers is given up when it expires:
+/// Alice's relay tells her, signed, how many attempts failed and why.
+#[tokio::test]
+async fn an_item_the_next_relay_never_takes_is_given_up_at_expiry() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let alice = Identity::generate(&mut rand_core::OsRng);
+    let a_relay = relay_on("127.0.0.2", 0, &dir.path().join("a")).await;
+    let a = a_relay.address().clone();
+    // Nothing listens there.
+    let nowhere = NextHop {
+        addr: "127.0.0.4:9".into(),
+        pin: [9; 32],
+    };
+    let c = owner(&a, &alice).await;
+    let r = c
+        .forward_many(vec![item(&nowhere, MailboxId([1; 32]), b"void", now() + 2)])
+        .await;
+    assert!(accepted(&r[0]), "{r:?}");
+    let notices = fetch_n(&a, &alice, 1).await;
+    let n = Notice::decode(&notices[0]).expect("notice");
+    n.verify(&c_key(&a).await).expect("signed");
+    match n.ended {
+        notice::Ended::GaveUp { attempts, error } => {
+            assert!(attempts >= 1, "{attempts}");
+            assert!(error.contains("127.0.0.4:9"), "{error}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(a_relay_queue(&a_relay).await.is_empty());
+    a_relay.stop().await.expect("stop a");
+}

@@ -326,7 +326,7 @@ fn save_delivery(
 fn release_sealed(tx: &Transaction<'_>, id: &MessageId) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "DELETE FROM sealed_copies WHERE id = ?1 AND NOT EXISTS \
-         (SELECT 1 FROM deliveries WHERE msg = ?1 AND state IN ('queued', 'submitted'))",
+         (SELECT 1 FROM deliveries WHERE msg = ?1 AND state IN ('queued', 'submitted', 'forwarding'))",
     )?
     .execute(params![id.0.to_vec()])?;
     Ok(())
@@ -433,7 +433,7 @@ impl Db {
     pub fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<DeliveryRow>, AgentError> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {DELIVERY_COLS} FROM deliveries \
-             WHERE state IN ('queued', 'submitted') AND next_ms <= ?1 AND expires_ms > ?1 \
+             WHERE state IN ('queued', 'submitted', 'forwarding') AND next_ms <= ?1 AND expires_ms > ?1 \
              ORDER BY next_ms LIMIT ?2"
         ))?;
         let rows = stmt.query_map(
@@ -457,14 +457,45 @@ impl Db {
             .execute(params![relay, to_i64(now_ms)])?)
     }
 
+    /// The deliveries still in progress to the owner of `mailbox` whose
+    /// sealed copy hashes to `payload_hash` (what a relay's forward notice
+    /// names, PROTOCOL 6.9). Notices are rare: this reads the unfinished
+    /// deliveries and hashes the copies of those to that mailbox.
+    pub fn deliveries_of_item(
+        &self,
+        mailbox: &sealpost_proto::relay::MailboxId,
+        payload_hash: &[u8; 32],
+    ) -> Result<Vec<DeliveryRow>, AgentError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {DELIVERY_COLS} FROM deliveries \
+             WHERE state IN ('queued', 'submitted', 'forwarding')"
+        ))?;
+        let rows: Vec<DeliveryRow> = stmt
+            .query_map([], delivery_from_row)?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .filter(|r| sealpost_proto::relay::MailboxId::of(&r.recipient) == *mailbox)
+            .collect();
+        let mut out = Vec::new();
+        for r in rows {
+            let sealed = self.sealed(&r.msg)?.unwrap_or_default();
+            if blake3::hash(&sealed).as_bytes() == payload_hash {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn next_due_ms(&self) -> Result<Option<u64>, AgentError> {
         // One indexed MIN per (state, column): no scan of the outbox.
         let mut best: Option<i64> = None;
         for sql in [
             "SELECT MIN(next_ms) FROM deliveries WHERE state = 'queued'",
             "SELECT MIN(next_ms) FROM deliveries WHERE state = 'submitted'",
+            "SELECT MIN(next_ms) FROM deliveries WHERE state = 'forwarding'",
             "SELECT MIN(expires_ms) FROM deliveries WHERE state = 'queued'",
             "SELECT MIN(expires_ms) FROM deliveries WHERE state = 'submitted'",
+            "SELECT MIN(expires_ms) FROM deliveries WHERE state = 'forwarding'",
         ] {
             let v: Option<i64> = self.conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?;
             best = match (best, v) {
@@ -508,7 +539,7 @@ impl Db {
     pub fn expire(&mut self, now_ms: u64) -> Result<Vec<DeliveryRow>, AgentError> {
         let tx = self.conn.transaction()?;
         let mut rows: Vec<DeliveryRow> = Vec::new();
-        for state in ["queued", "submitted"] {
+        for state in ["queued", "submitted", "forwarding"] {
             let mut stmt = tx.prepare_cached(&format!(
                 "SELECT {DELIVERY_COLS} FROM deliveries WHERE state = ?1 AND expires_ms <= ?2"
             ))?;
@@ -648,7 +679,7 @@ impl Db {
     /// --now`). Returns how many.
     pub fn all_due_now(&mut self, now_ms: u64) -> Result<usize, AgentError> {
         Ok(self.conn.execute(
-            "UPDATE deliveries SET next_ms = ?1 WHERE state IN ('queued', 'submitted') AND next_ms > ?1",
+            "UPDATE deliveries SET next_ms = ?1 WHERE state IN ('queued', 'submitted', 'forwarding') AND next_ms > ?1",
             params![to_i64(now_ms)],
         )?)
     }

@@ -25,6 +25,9 @@ use crate::retry::Backoff;
 pub enum State {
     Queued,
     Submitted,
+    /// Handed to the sender's own relay, which forwards it to the
+    /// recipient's (PROTOCOL 6.8): "at your relay".
+    Forwarding,
     Delivered,
     Failed,
 }
@@ -34,15 +37,22 @@ impl State {
         match self {
             Self::Queued => "queued",
             Self::Submitted => "submitted",
+            Self::Forwarding => "forwarding",
             Self::Delivered => "delivered",
             Self::Failed => "failed",
         }
     }
 
     pub fn from_name(s: &str) -> Option<Self> {
-        [Self::Queued, Self::Submitted, Self::Delivered, Self::Failed]
-            .into_iter()
-            .find(|v| v.name() == s)
+        [
+            Self::Queued,
+            Self::Submitted,
+            Self::Forwarding,
+            Self::Delivered,
+            Self::Failed,
+        ]
+        .into_iter()
+        .find(|v| v.name() == s)
     }
 
     pub fn is_final(self) -> bool {
@@ -184,6 +194,17 @@ impl Delivery {
         self.next_at = now_ms.saturating_add(wait.as_millis() as u64);
         self.set(State::Submitted, now_ms);
         Outcome::Changed
+    }
+
+    /// The sender's own relay took it to forward (PROTOCOL 6.8): as
+    /// [`Delivery::accepted`] (retransmitted on the same timer until a
+    /// receipt), in state `Forwarding`.
+    pub fn forwarded(&mut self, now_ms: u64, timing: &Timing, unit: f64) -> Outcome {
+        let o = self.accepted(now_ms, timing, unit);
+        if o == Outcome::Changed {
+            self.set(State::Forwarding, now_ms);
+        }
+        o
     }
 
     /// The relay could not be reached or failed; try again after a backoff.

@@ -504,7 +504,11 @@ fn drive(s: &mut Soak, rng: &mut ChaCha8Rng) -> Result<SoakReport, SoakError> {
         for h in &s.homes {
             let v = s.cli(Some(h), &["status", "--limit", "0"])?;
             let t = &v["totals"];
-            if t["queued"].as_u64().unwrap_or(0) + t["submitted"].as_u64().unwrap_or(0) > 0 {
+            if t["queued"].as_u64().unwrap_or(0)
+                + t["submitted"].as_u64().unwrap_or(0)
+                + t["forwarding"].as_u64().unwrap_or(0)
+                > 0
+            {
                 busy = true;
             }
             let inbox = s.cli(Some(h), &["inbox", "--limit", "1000000"])?;

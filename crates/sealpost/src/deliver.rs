@@ -185,6 +185,13 @@ pub struct SyncArgs {
     /// their inbox segments goes back to the file system
     #[arg(long, value_name = "DURATION|SIZE|forever", value_parser = parse_keep)]
     keep_received: Vec<Keep>,
+    /// on: messages for contacts on other relays go to your relay, which
+    /// forwards them (you may go offline once it has them; `status` says
+    /// "at your relay" until the receipt); off (the default): this agent
+    /// submits to each recipient's relay itself. Files are uploaded to the
+    /// recipient's relay either way. Remembered
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    forward: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -974,6 +981,9 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     set_downloads(&mut agent, &args.downloads)?;
     set_keep_received(&mut agent, &args.keep_received)?;
+    if let Some(f) = &args.forward {
+        agent.db_mut().set_setting(engine::FORWARD, f)?;
+    }
     if args.now {
         agent.db_mut().all_due_now(crate::now() * 1000)?;
     }
@@ -1054,6 +1064,9 @@ pub fn agent(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     set_downloads(&mut agent, &args.downloads)?;
     set_keep_received(&mut agent, &args.keep_received)?;
+    if let Some(f) = &args.forward {
+        agent.db_mut().set_setting(engine::FORWARD, f)?;
+    }
     if args.now {
         agent.db_mut().all_due_now(crate::now() * 1000)?;
     }
@@ -1438,6 +1451,11 @@ fn entry_text(e: &OutboxEntry) -> String {
             State::Failed => d.reason.clone().unwrap_or_default(),
             State::Submitted => format!(
                 "at the relay, no receipt yet; next retransmission {}",
+                ms_time(d.next_at_ms)
+            ),
+            State::Forwarding => format!(
+                "at your relay, which forwards it to {}; no receipt yet; next retransmission {}",
+                d.relay,
                 ms_time(d.next_at_ms)
             ),
             State::Queued if d.uploaded > 0 => format!(

@@ -110,8 +110,16 @@ impl Engine {
             after = last.seq;
             stats.fetched += items.len() as u64;
             let seqs: Vec<u64> = items.iter().map(|i| i.seq).collect();
-            let payloads: Vec<Vec<u8>> = items.into_iter().map(|i| i.payload).collect();
+            // Notices from the home relay about items it forwarded
+            // (PROTOCOL 6.9) are not sealed messages: handled apart.
+            let (notices, payloads): (Vec<Vec<u8>>, Vec<Vec<u8>>) = items
+                .into_iter()
+                .map(|i| i.payload)
+                .partition(|p| sealpost_proto::notice::is_notice(p));
             let mut batch = PassStats::default();
+            if !notices.is_empty() {
+                self.apply_notices(notices, &mut batch).await?;
+            }
             self.process_batch(payloads, &mut batch)?;
             stats.add(&batch);
             // Everything above is durable: now the relay may forget it.
@@ -135,6 +143,84 @@ impl Engine {
                 reported = std::time::Instant::now();
             }
         }
+    }
+
+    /// Applies the home relay's forward notices (PROTOCOL 6.9) to the
+    /// deliveries they name: a refusal by the next relay fails the
+    /// delivery (its reason recorded as your relay reported it, with the
+    /// next relay's signature checked against the key your relay named);
+    /// an item your relay gave up on at expiry records why, and the
+    /// delivery ends as expired. A notice not signed by the home relay's
+    /// key (as it stated on this pinned connection) is recorded as forged
+    /// and changes nothing.
+    pub(super) async fn apply_notices(
+        &mut self,
+        notices: Vec<Vec<u8>>,
+        stats: &mut PassStats,
+    ) -> Result<(), EngineError> {
+        use sealpost_proto::notice::{Ended, Notice};
+        let key = self
+            .home
+            .call(&self.agent.identity, async |c| Ok(*c.relay_key()))
+            .await?;
+        let now = self.clock.now_ms();
+        let mut updates = Vec::new();
+        for bytes in notices {
+            let name = blake3::hash(&bytes).to_hex().to_string();
+            let n = match Notice::decode(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|n| {
+                    n.verify(&key).map_err(|e| e.to_string())?;
+                    Ok(n)
+                }) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!("discarded a forward notice: {e}");
+                    stats.discarded += 1;
+                    self.found.push((Caught::ForgedRefusal, name));
+                    continue;
+                }
+            };
+            for row in self
+                .agent
+                .db
+                .deliveries_of_item(&n.mailbox, &n.payload_hash)?
+            {
+                let mut d = row.delivery.clone();
+                let mut last_error = row.last_error.clone();
+                match &n.ended {
+                    Ended::Refused { refusal, .. } => {
+                        let detail = format!(
+                            "{} refused it, as your relay reports with that relay's signature: {}",
+                            n.next.addr,
+                            refusal.code.describe()
+                        );
+                        if refusal.code.is_lasting() {
+                            d.refused(now, refusal.code.name(), &detail);
+                            stats.refused += 1;
+                        } else {
+                            last_error = Some(detail);
+                        }
+                    }
+                    Ended::GaveUp { attempts, error } => {
+                        last_error = Some(format!(
+                            "your relay could not hand it to {} before it expired ({attempts} attempts; last: {error})",
+                            n.next.addr
+                        ));
+                        d.tick(now.max(d.expires_at));
+                    }
+                }
+                tracing::info!(
+                    "message {} to {}: {}",
+                    row.msg,
+                    row.name,
+                    last_error.as_deref().unwrap_or("refused by the next relay")
+                );
+                updates.push((row.msg, row.recipient, d, last_error));
+            }
+        }
+        self.agent.db.save_deliveries(&updates)?;
+        Ok(())
     }
 
     /// Opens, classifies and stores one fetched batch. Returns when every

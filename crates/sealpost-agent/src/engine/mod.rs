@@ -79,6 +79,9 @@ pub const KEEP_RECEIVED: &str = "keep_received_secs";
 pub const KEEP_RECEIVED_BYTES: &str = "keep_received_bytes";
 /// Received messages deleted by the retention setting in one pass, at most.
 const PRUNE_BATCH: usize = 10_000;
+/// The settings key of forwarding (PROTOCOL 6.8): "on" hands messages for
+/// another relay's mailboxes to the home relay, which forwards them.
+pub const FORWARD: &str = "forward";
 /// The settings key of the download directory.
 pub const DOWNLOAD_DIR: &str = "download_dir";
 /// Largest message content `send` accepts: the sealed container must fit
@@ -384,6 +387,12 @@ pub struct Engine {
     /// first; `None`: no limit. From the home's setting
     /// [`KEEP_RECEIVED_BYTES`].
     pub keep_received_bytes: Option<u64>,
+    /// Messages for mailboxes on other relays go to the home relay, which
+    /// forwards them (PROTOCOL 6.8); otherwise (the default) the agent
+    /// submits to each recipient's relay itself. Files are uploaded to
+    /// the recipient's relay either way. From the home's setting
+    /// [`FORWARD`].
+    pub forward: bool,
     /// Whether the inbox was held to [`Engine::keep_received_bytes`]
     /// since this engine started (after that, only passes that delivered
     /// something look again).
@@ -448,6 +457,7 @@ impl Engine {
             .db
             .setting(KEEP_RECEIVED_BYTES)?
             .and_then(|s| s.parse::<u64>().ok());
+        let forward = agent.db.setting(FORWARD)?.as_deref() == Some("on");
         let spool = Spool::open(agent.home().dir())?;
         let mut home = RelayLink::new(home_addr.clone());
         home.auth = LinkAuth::Register;
@@ -470,6 +480,7 @@ impl Engine {
             clock: std::sync::Arc::new(SystemClock),
             keep_received,
             keep_received_bytes,
+            forward,
             sizes_checked: false,
             watchers: Vec::new(),
             _lock: lock,

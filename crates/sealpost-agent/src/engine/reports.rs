@@ -83,6 +83,54 @@ impl Engine {
         let payload = sealed.into_inner();
         let mailbox = MailboxId::of(to.signing_bytes());
         let expires = now_s + REPORT_LIFETIME_SECS;
+        // Forwarding on, and the relay is another: through the home relay
+        // (PROTOCOL 6.8), as messages go.
+        let forward_to = if self.forward && relay != self.home_addr.to_string() {
+            RelayAddress::parse(relay).map(|a| sealpost_proto::relay::NextHop {
+                addr: a.host_port,
+                pin: a.pin.0,
+            })
+        } else {
+            None
+        };
+        if let Some(next) = forward_to {
+            let item = sealpost_proto::relay::Forward {
+                hops: 0,
+                next,
+                mailbox,
+                expires_at: expires,
+                payload_hash: *blake3::hash(&payload).as_bytes(),
+                payload: payload.clone(),
+            };
+            let r = self
+                .home
+                .call(&self.agent.identity, async |c| {
+                    c.forward_many(vec![item.clone()])
+                        .await
+                        .pop()
+                        .unwrap_or(Err(ClientError::Closed))
+                })
+                .await;
+            return Ok(match r {
+                Ok(Submitted::Accepted { .. }) => Control::Accepted,
+                Ok(Submitted::Refused(rf)) if rf.code.is_lasting() => {
+                    tracing::warn!(
+                        "your relay refused to forward a {}: {}",
+                        kind.name(),
+                        rf.code.describe()
+                    );
+                    Control::Refused
+                }
+                Ok(Submitted::Refused(_)) => Control::Failed,
+                Err(e) => {
+                    tracing::warn!(
+                        "handing a {} to your relay for {relay}: {e}; will retry",
+                        kind.name()
+                    );
+                    Control::Failed
+                }
+            });
+        }
         let Some(link) = link_for(&mut self.home, &mut self.links, &self.home_addr, relay) else {
             tracing::warn!(
                 "cannot send a {} to {relay:?}: not a relay address",

@@ -2,7 +2,125 @@
 
 use super::*;
 
+/// The route of deliveries handed to the home relay to forward (not a
+/// relay address: those never start with `(`).
+const FORWARDED: &str = "(forwarded by the home relay)";
+
 impl Engine {
+    /// Hands deliveries `idxs` of `due` to the home relay as `Forward`s
+    /// (PROTOCOL 6.8), pipelined, and records what it answered: accepted
+    /// (state `forwarding`, retransmitted on the usual timer until a
+    /// receipt), refused (signed by the home relay), or not reached.
+    async fn forward_round(
+        &mut self,
+        due: &[crate::outbox::DeliveryRow],
+        idxs: &[usize],
+        sealed: &HashMap<MessageId, Vec<u8>>,
+        stats: &mut PassStats,
+        updates: &mut Vec<(
+            MessageId,
+            [u8; 32],
+            sealpost_proto::delivery::Delivery,
+            Option<String>,
+        )>,
+    ) {
+        let mut items = Vec::with_capacity(idxs.len());
+        let mut routes = Vec::with_capacity(idxs.len());
+        for &i in idxs {
+            let d = &due[i];
+            let next = RelayAddress::parse(&d.relay).map(|a| sealpost_proto::relay::NextHop {
+                addr: a.host_port,
+                pin: a.pin.0,
+            });
+            let payload = sealed.get(&d.msg).cloned().unwrap_or_default();
+            routes.push(next.is_some());
+            if let Some(next) = next {
+                items.push(sealpost_proto::relay::Forward {
+                    hops: 0,
+                    next,
+                    mailbox: MailboxId::of(&d.recipient),
+                    expires_at: d.delivery.expires_at / 1000,
+                    payload_hash: *blake3::hash(&payload).as_bytes(),
+                    payload,
+                });
+            }
+        }
+        let sent = items.len();
+        let r = self
+            .home
+            .call(&self.agent.identity, async |c| {
+                Ok(c.forward_many(items.clone()).await)
+            })
+            .await;
+        let mut answers = match r {
+            Ok(a) => {
+                if a.iter()
+                    .any(|x| matches!(x, Err(ClientError::Closed | ClientError::Io(_))))
+                {
+                    self.home.disconnect();
+                }
+                a.into_iter()
+            }
+            Err(e) => {
+                self.home.disconnect();
+                let msg = e.to_string();
+                (0..sent)
+                    .map(|_| Err(ClientError::Io(std::io::Error::other(msg.clone()))))
+                    .collect::<Vec<_>>()
+                    .into_iter()
+            }
+        };
+        let now = self.clock.now_ms();
+        for (k, &i) in idxs.iter().enumerate() {
+            let row = &due[i];
+            let mut d = row.delivery.clone();
+            let mut last_error = None;
+            if !routes[k] {
+                d.local_failure(
+                    now,
+                    "bad-relay",
+                    &format!("the recipient's relay address {} does not parse", row.relay),
+                );
+                updates.push((row.msg, row.recipient, d, None));
+                continue;
+            }
+            match answers.next() {
+                Some(Ok(Submitted::Accepted { .. })) => {
+                    d.forwarded(now, &self.timing, self.clock.unit_random());
+                    stats.submitted += 1;
+                }
+                Some(Ok(Submitted::Refused(r))) if !r.code.is_lasting() => {
+                    d.transient_failure(now, &self.timing, self.clock.unit_random());
+                    let why = format!(
+                        "your relay: {} (trying again until the message expires)",
+                        r.code.describe()
+                    );
+                    last_error = Some(why);
+                    stats.submit_errors += 1;
+                }
+                Some(Ok(Submitted::Refused(r))) => {
+                    d.refused(
+                        now,
+                        r.code.name(),
+                        &format!("your relay (forwarding): {}", r.code.describe()),
+                    );
+                    stats.refused += 1;
+                }
+                Some(Err(e)) => {
+                    d.transient_failure(now, &self.timing, self.clock.unit_random());
+                    last_error = Some(format!("your relay: {e}"));
+                    stats.submit_errors += 1;
+                }
+                None => {
+                    d.transient_failure(now, &self.timing, self.clock.unit_random());
+                    last_error = Some("cannot reach your relay".into());
+                    stats.submit_errors += 1;
+                }
+            }
+            updates.push((row.msg, row.recipient, d, last_error));
+        }
+    }
+
     pub(super) async fn submit_due(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
         // Bounded: a pass submits at most this many rounds.
         for _ in 0..64 {
@@ -17,10 +135,13 @@ impl Engine {
             let mut take = 0usize;
             let mut updates = Vec::with_capacity(due.len());
             let mut streaming: Vec<usize> = Vec::new();
+            let home_text = self.home_addr.to_string();
             for (i, d) in due.iter().enumerate() {
                 // A file's manifest goes out only once its blob is whole at
                 // the recipient's relay.
-                if let Some(f) = self.agent.db.file_out(&d.msg)? {
+                let file = self.agent.db.file_out(&d.msg)?;
+                let is_file = file.is_some();
+                if let Some(f) = file {
                     let now = self.clock.now_ms();
                     let mut del = d.delivery.clone();
                     // The manifest goes out once the first window is at the
@@ -60,7 +181,16 @@ impl Engine {
                     bytes += s.len();
                     v.insert(s);
                 }
-                by_relay.entry(d.relay.clone()).or_default().push(i);
+                // Through the home relay, which forwards it, when
+                // forwarding is on and the recipient is elsewhere (files
+                // are not forwarded: their blob went to the recipient's
+                // relay, and so does their manifest).
+                let route = if self.forward && d.relay != home_text && !is_file {
+                    FORWARDED.to_owned()
+                } else {
+                    d.relay.clone()
+                };
+                by_relay.entry(route).or_default().push(i);
                 take = i + 1;
                 if bytes >= SUBMIT_BATCH_BYTES {
                     break;
@@ -71,6 +201,11 @@ impl Engine {
             // backoff (a relay that came back is used at once).
             let mut reachable: Vec<String> = Vec::new();
             for (relay, idxs) in by_relay {
+                if relay == FORWARDED {
+                    self.forward_round(&due, &idxs, &sealed, stats, &mut updates)
+                        .await;
+                    continue;
+                }
                 let items: Vec<(MailboxId, u64, Vec<u8>)> = idxs
                     .iter()
                     .map(|&i| {

@@ -1,0 +1,150 @@
+//! Forwarding through the sender's own relay (PROTOCOL 6.8, 6.9), engine
+//! to engine over memory nets: Alice's home relay and Bob's are two
+//! relays in memory that reach each other over one net (the backbone);
+//! Alice's agent is on a net with only her relay, Bob's on one with only
+//! his, so neither agent can reach the other's relay.
+//! Alice hands a message to her relay and goes quiet; her relay forwards
+//! it; Bob fetches it and his receipt comes back through his relay to
+//! hers; Alice learns of it when she is back. A refusal by Bob's relay
+//! reaches Alice as her relay's signed notice.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{now, pin, state};
+use rand_core::OsRng;
+use sealpost_agent::engine::{self, Engine, PassStats};
+use sealpost_agent::Home;
+use sealpost_proto::delivery::State;
+use sealpost_proto::retry::Backoff;
+use sealpost_relay::memory::MemoryNet;
+use sealpost_relay::{Config, Relay, RunningRelay};
+use sealpost_store::memory::{MemBlobs, MemLedger};
+use sealpost_store::{LocalNotifier, Store};
+
+/// A relay on the in-memory store, on the `backbone` (forwarding over it)
+/// and on `users`, the net of its own users' agents.
+async fn relay(
+    dir: &std::path::Path,
+    name: &str,
+    backbone: &Arc<MemoryNet>,
+    users: &Arc<MemoryNet>,
+) -> RunningRelay {
+    let mut cfg = Config::new("127.0.0.1:0".parse().expect("addr"), dir.join(name));
+    cfg.forwarding.transport = backbone.clone();
+    cfg.forwarding.poll = Duration::from_millis(20);
+    cfg.forwarding.retry = Backoff {
+        base: Duration::from_millis(50),
+        max: Duration::from_millis(100),
+    };
+    let store = Store::new(
+        Arc::new(MemLedger::new(cfg.limits)),
+        Arc::new(MemBlobs::default()),
+        Arc::new(LocalNotifier::default()),
+        cfg.limits,
+        "memory".into(),
+    );
+    let relay = Relay::bind_with(cfg, store).await.expect("bind").spawn();
+    backbone.add(relay.door());
+    users.add(relay.door());
+    relay
+}
+
+/// Passes of `e` (a pause between them, for the relays' forwarding) until
+/// `done` holds, 10 s at most; their stats summed.
+async fn passes_until(e: &mut Engine, done: impl Fn(&Engine) -> bool) -> PassStats {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut all = PassStats::default();
+    loop {
+        let s = e.pass().await.expect("pass");
+        all.add(&s);
+        if done(e) {
+            return all;
+        }
+        assert!(Instant::now() < deadline, "not done: {all:?}");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+/// Alice (on relay A, forwarding on) sends to Bob (on relay B, forwarding
+/// on): her relay takes it ("forwarding": at your relay) and she stops;
+/// Bob gets it from his relay; his receipt travels B → A; Alice's next
+/// pass verifies it. Alice and Bob are never in a pass at the same time,
+/// and neither talks to the other's relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_and_its_receipt_travel_through_both_relays() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (backbone, net_a, net_b) = (MemoryNet::new(), MemoryNet::new(), MemoryNet::new());
+    let a = relay(dir.path(), "relay-a", &backbone, &net_a).await;
+    let b = relay(dir.path(), "relay-b", &backbone, &net_b).await;
+    let mut alice = common::engine(dir.path(), "alice", a.address(), &net_a, None).await;
+    let mut bob = common::engine(dir.path(), "bob", b.address(), &net_b, None).await;
+    pin(&mut alice, "bob", &bob);
+    pin(&mut bob, "alice", &alice);
+    alice.forward = true;
+    bob.forward = true;
+    let id = alice
+        .agent_mut()
+        .send(&["bob".into()], b"through two relays", 3600, "hi")
+        .expect("send");
+    let s = alice.pass().await.expect("pass");
+    assert_eq!(s.submitted, 1, "{s:?}");
+    assert_eq!(state(&alice, &id).0, State::Forwarding, "at her relay");
+    // Bob, later: the message is at his relay.
+    let s = passes_until(&mut bob, |b| {
+        b.agent().db().inbox(false, 10).map_or(0, |v| v.len()) == 1
+    })
+    .await;
+    assert_eq!(s.delivered, 1, "{s:?}");
+    let inbox = bob.agent().db().inbox(false, 10).expect("inbox");
+    assert_eq!(
+        &inbox[0].sender,
+        alice.agent().card().public().signing_bytes()
+    );
+    // Alice, later again: the receipt came back through both relays.
+    passes_until(&mut alice, |a| state(a, &id).0 == State::Delivered).await;
+    assert!(backbone.counts().0 >= 2, "relay to relay, both ways");
+    a.stop().await.expect("stop a");
+    b.stop().await.expect("stop b");
+}
+
+/// Carol's card names relay B, but she never registered there: B refuses
+/// the forwarded message, and A's signed notice carrying B's signed
+/// refusal fails Alice's delivery with that reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_by_the_next_relay_fails_the_delivery_with_its_reason() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (backbone, net_a, net_b) = (MemoryNet::new(), MemoryNet::new(), MemoryNet::new());
+    let a = relay(dir.path(), "relay-a", &backbone, &net_a).await;
+    let b = relay(dir.path(), "relay-b", &backbone, &net_b).await;
+    let mut alice = common::engine(dir.path(), "alice", a.address(), &net_a, None).await;
+    let carol_home = Home::new(dir.path().join("carol"));
+    let mut carol = carol_home.init("carol", &mut OsRng, now()).expect("init");
+    carol
+        .set_home_relay(&b.address().to_string(), engine::pin_of(b.address()), now())
+        .expect("relay");
+    let card = carol.card().clone();
+    alice
+        .agent_mut()
+        .db_mut()
+        .add_contact("carol", &card, false, now())
+        .expect("pin");
+    alice.forward = true;
+    let id = alice
+        .agent_mut()
+        .send(&["carol".into()], b"to nobody", 3600, "x")
+        .expect("send");
+    passes_until(&mut alice, |a| state(a, &id).0 == State::Failed).await;
+    let (st, failure) = state(&alice, &id);
+    assert_eq!(
+        (st, failure.as_deref()),
+        (State::Failed, Some("refused:unknown_mailbox"))
+    );
+    let m = alice.agent().db().outbox(Some(&id), 1).expect("outbox");
+    let text = format!("{:?}", m[0].deliveries[0].delivery.failure);
+    assert!(text.contains("as your relay reports"), "{text}");
+    a.stop().await.expect("stop a");
+    b.stop().await.expect("stop b");
+}

@@ -781,8 +781,15 @@ fn open_store(dir: &Path) -> anyhow::Result<Store> {
 
 fn status(a: &DataArgs, out: &Out) -> Result<(), Failure> {
     let store = open_store(&data_dir(&a.data)?)?;
-    let (t, space) = runtime()?.block_on(async { (store.totals().await, store.db_space().await) });
+    let (t, space, queue) = runtime()?.block_on(async {
+        (
+            store.totals().await,
+            store.db_space().await,
+            store.forward_queue().await,
+        )
+    });
     store.close();
+    let queue = queue.context("cannot read the forward queue")?;
     let sealpost_store::Totals {
         mailboxes,
         items,
@@ -793,15 +800,48 @@ fn status(a: &DataArgs, out: &Out) -> Result<(), Failure> {
         size: db_bytes,
         free: db_free,
     } = space.context("cannot read the store")?;
+    let forward: Vec<serde_json::Value> = queue
+        .iter()
+        .map(|q| {
+            json!({
+                "next_relay": q.next.addr,
+                "next_pin": sealpost_proto::hex(&q.next.pin),
+                "items": q.items,
+                "bytes": q.bytes,
+                "oldest": q.oldest,
+                "next_attempt": q.next_at,
+                "attempts": q.attempts,
+                "last_error": q.last_error,
+            })
+        })
+        .collect();
     out.report(
         json!({"mailboxes": mailboxes, "items": items, "item_bytes": bytes, "blobs": blobs,
-               "db_bytes": db_bytes, "db_free_bytes": db_free}),
+               "db_bytes": db_bytes, "db_free_bytes": db_free, "forward_queue": forward}),
         || {
-            format!(
+            let mut s = format!(
                 "Mailboxes: {mailboxes}\nQueued items: {items} ({bytes} bytes)\nBlobs: {blobs}\n\
                  Database: {db_bytes} bytes, {db_free} of them free (beyond {} bytes kept for new items, given back while the relay is idle)\n",
                 sealpost_store::VACUUM_KEEP_PAGES * 4096
-            )
+            );
+            if queue.is_empty() {
+                s += "Forward queue: empty\n";
+            }
+            for q in &queue {
+                s += &format!(
+                    "Forward queue to {}: {} items ({} bytes), oldest since {}, next attempt {}{}\n",
+                    q.next.addr,
+                    q.items,
+                    q.bytes,
+                    sealpost_agent::views::time_ms(q.oldest * 1000),
+                    sealpost_agent::views::time_ms(q.next_at * 1000),
+                    match &q.last_error {
+                        Some(e) => format!(", {} attempts failed, last: {e}", q.attempts),
+                        None => String::new(),
+                    }
+                );
+            }
+            s
         },
     )
 }

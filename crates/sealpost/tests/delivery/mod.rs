@@ -1889,3 +1889,88 @@ fn a_recipient_refuses_files_beyond_its_limits() {
     }
     assert_eq!(net.state("alice", &id), "delivered");
 }
+
+/// Forwarding with real processes (PROTOCOL 6.8): Alice's home is relay A,
+/// Bob's relay B. With B down, Alice sends with forwarding on; relay A has
+/// it ("forwarding": at her relay) and Alice does nothing more until the
+/// end. B comes back; A hands the message on; Bob's agent fetches it, and
+/// his receipt goes back through B and A (he forwards too); Alice's next
+/// sync finds the receipt. Alice and Bob are never running at once, and
+/// neither contacts the other's relay (`relay status` of each shows the
+/// queue emptied).
+#[test]
+fn a_message_and_its_receipt_cross_two_relays_while_the_far_one_was_down() {
+    let env = Env::new();
+    let (port_a, port_b) = (free_port(), free_port());
+    let (mut relay_a, addr_a) = start_relay_with(&env.path("relay-a"), port_a, &[]);
+    let (relay_b, addr_b) = start_relay_with(&env.path("relay-b"), port_b, &[]);
+    let card = |home: &str, addr: &str| {
+        env.json(home, &["init", "--name", home, "--relay", addr])["card"]
+            .as_str()
+            .expect("card")
+            .to_owned()
+    };
+    let a = card("alice", &addr_a.to_string());
+    let b = card("bob", &addr_b.to_string());
+    env.ok("alice", &["contact", "add", &b, "--name", "bob"]);
+    env.ok("bob", &["contact", "add", &a, "--name", "alice"]);
+    // Bob's relay is down while Alice sends.
+    let mut relay_b = Some(relay_b);
+    if let Some(mut c) = relay_b.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    env.ok("alice", &["sync", "--forward", "on"]);
+    // `send` hands it to relay A in its own pass: exit 0, no agent needed.
+    let v = env.json("alice", &["send", "bob", "while you were away"]);
+    let id = v["id"].as_str().expect("id").to_owned();
+    let d = env.json("alice", &["status", &id])["messages"][0]["deliveries"][0].clone();
+    assert_eq!(d["state"].as_str(), Some("forwarding"), "{d}");
+    let (_, text, _) = env.run("alice", &["status", &id], b"");
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("at your relay"), "{text}");
+    let o = Command::new(cargo_bin("sealpost"))
+        .args(["--json", "relay", "status", "--data"])
+        .arg(env.path("relay-a"))
+        .output()
+        .expect("relay status");
+    let q: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(q["forward_queue"][0]["items"].as_u64(), Some(1), "{q}");
+    assert_eq!(
+        q["forward_queue"][0]["next_relay"].as_str(),
+        Some(format!("127.0.0.1:{port_b}").as_str()),
+        "{q}"
+    );
+    // Bob's relay is back; Bob syncs (forwarding on) until the message is in.
+    let (child, again) = start_relay_with(&env.path("relay-b"), port_b, &[]);
+    assert_eq!(again.to_string(), addr_b.to_string());
+    let mut relay_b = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        env.ok("bob", &["sync", "--forward", "on"]);
+        let n = env.json("bob", &["inbox"])["messages"]
+            .as_array()
+            .map_or(0, Vec::len);
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "relay A never handed it on");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Alice, back: her sync finds Bob's receipt at her relay.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        env.ok("alice", &["sync"]);
+        let d = env.json("alice", &["status", &id])["messages"][0]["deliveries"][0].clone();
+        if d["state"].as_str() == Some("delivered") {
+            assert_eq!(d["receipt"].as_bool(), Some(true), "{d}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no receipt came back: {d}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for c in [Some(&mut relay_a), relay_b.as_mut()].into_iter().flatten() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}

@@ -5,6 +5,10 @@
 #   bench/delivery.sh                   # then run the Postfix anchor yourself
 #   ANCHOR=1 bench/delivery.sh          # also runs ../shared/bench/anchors/postfix.sh
 #                                       # (MODES=maildir, N=2000) in the same session
+#   TWO_RELAYS=1 bench/delivery.sh      # alice's relay on 127.0.0.2, bob's on 127.0.0.3;
+#                                       # alice submits to bob's relay herself (direct)
+#   TWO_RELAYS=1 FORWARD=on bench/delivery.sh  # both agents hand everything to their
+#                                       # own relay, which forwards (PROTOCOL 6.8)
 #
 # 1. Throughput: alice queues COUNT messages of SIZE bytes to bob (`send
 #    --repeat`, which seals and commits each one and wakes her agent every
@@ -28,6 +32,8 @@ LONE=${LONE:-200}
 MAX_SECONDS=${MAX_SECONDS:-300}
 PORT=${PORT:-17543}
 ANCHOR=${ANCHOR:-0}
+TWO_RELAYS=${TWO_RELAYS:-0}
+FORWARD=${FORWARD:-off}
 # PAD=0 sends unpadded messages (`send --no-pad`), for the padding's cost.
 PAD=${PAD:-1}
 NOPAD=()
@@ -49,18 +55,40 @@ cleanup() {
 trap cleanup EXIT
 export SEALPOST_LOG=warn
 
-start_relay
+NAMES=(relay)
+if [[ $TWO_RELAYS == 1 ]]; then
+    # Each relay on its own loopback address, as two machines would be.
+    relay_at() { # data ip port
+        "$SP" relay serve --data "$1" --listen "$2:$3" >/dev/null 2>>"$T/relay.log" &
+        PIDS+=($!)
+        local a
+        for _ in $(seq 100); do
+            a=$("$SP" relay address --data "$1" --listen "$2:$3" 2>/dev/null) &&
+                (exec 3<>"/dev/tcp/$2/$3") 2>/dev/null && { echo "$a"; return; }
+            sleep 0.1
+        done
+        echo "relay at $2:$3 did not start" >&2
+        exit 1
+    }
+    ADDR=$(relay_at "$T/relay" 127.0.0.2 "$PORT")
+    ADDR_B=$(relay_at "$T/relay-b" 127.0.0.3 "$((PORT + 2))")
+    NAMES+=(relay-b)
+    echo "# alice's relay at $ADDR, bob's at $ADDR_B, forwarding $FORWARD" >&2
+else
+    start_relay
+    ADDR_B=$ADDR
+fi
 echo "# relay at $ADDR, loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 A=(--home "$T/alice")
 B=(--home "$T/bob")
 "$SP" "${A[@]}" init --name alice --relay "$ADDR" >/dev/null
-"$SP" "${B[@]}" init --name bob --relay "$ADDR" >/dev/null
+"$SP" "${B[@]}" init --name bob --relay "$ADDR_B" >/dev/null
 "$SP" "${A[@]}" contact add "$("$SP" "${B[@]}" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])')" --name bob >/dev/null
 "$SP" "${B[@]}" contact add "$("$SP" "${A[@]}" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])')" --name alice >/dev/null
 
 start_agent() { # home-args...
-    "$SP" "$@" agent >/dev/null 2>>"$T/agents.log" &
+    "$SP" "$@" agent --forward "$FORWARD" >/dev/null 2>>"$T/agents.log" &
     PIDS+=($!)
     local home=${2}
     for _ in $(seq 200); do [[ -S $home/agent.sock ]] && return; sleep 0.05; done
@@ -69,6 +97,7 @@ start_agent() { # home-args...
 }
 start_agent "${B[@]}"
 start_agent "${A[@]}"
+NAMES+=(bob-agent alice-agent)
 
 delivered() {
     "$SP" "${A[@]}" --json status --limit 0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["totals"].get("delivered", 0))'
@@ -102,9 +131,8 @@ awk -v n="$COUNT" -v t0="$t0" -v tq="$t_queued" -v t1="$t1" 'BEGIN {
 }'
 i=0
 for p in "${PIDS[@]}"; do
-    name=(relay bob-agent alice-agent)
-    echo "sealpost peak_rss_${name[$i]} $(( $(rss_kib "$p") / 1024 )) MiB"
-    echo "sealpost cpu_us_per_msg_${name[$i]} $(( $(cpu_ms "$p") * 1000 / COUNT )) us"
+    echo "sealpost peak_rss_${NAMES[$i]} $(( $(rss_kib "$p") / 1024 )) MiB"
+    echo "sealpost cpu_us_per_msg_${NAMES[$i]} $(( $(cpu_ms "$p") * 1000 / COUNT )) us"
     i=$((i + 1))
 done
 inbox=$("$SP" "${B[@]}" --json inbox --limit 1000000 | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["messages"]))')

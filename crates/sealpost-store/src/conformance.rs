@@ -737,28 +737,49 @@ pub async fn the_forward_queue_holds_and_ends_items(b: &dyn Backend) {
         .expect("submit");
     assert_eq!(r, SubmitOutcome::Refused(RefusalCode::OverQuota));
     // Due at NOW + 2: all three, in order, as queued.
-    let due = store.forward_due(NOW + 2, 10).await.expect("due");
+    let due = store.forward_due(NOW + 2, 10, 1 << 20).await.expect("due");
     assert_eq!(due.iter().map(|q| q.id).collect::<Vec<_>>(), vec![a, b2, c]);
     assert_eq!(due[0].item, forward(dest, "b:1", &[1; 2000], NOW + 100));
     assert_eq!(
         (due[0].origin, due[0].received_at, due[0].attempts),
         (alice, NOW, 0)
     );
-    assert_eq!(store.forward_due(NOW + 2, 2).await.expect("due").len(), 2);
+    assert_eq!(
+        store
+            .forward_due(NOW + 2, 2, 1 << 20)
+            .await
+            .expect("due")
+            .len(),
+        2
+    );
+    // The byte bound: two items of 2,000 exceed 3,000, so one comes back;
+    // a bound below the first item still gives that one.
+    assert_eq!(
+        store
+            .forward_due(NOW + 2, 10, 3000)
+            .await
+            .expect("due")
+            .len(),
+        1
+    );
+    assert_eq!(
+        store.forward_due(NOW + 2, 10, 10).await.expect("due").len(),
+        1
+    );
     // Put off: not due before next_at, except once expired.
     store
         .forward_later(vec![a, c], NOW + 60, "connection refused".into())
         .await
         .expect("later");
-    let due = store.forward_due(NOW + 3, 10).await.expect("due");
+    let due = store.forward_due(NOW + 3, 10, 1 << 20).await.expect("due");
     assert_eq!(due.iter().map(|q| q.id).collect::<Vec<_>>(), vec![b2]);
-    let due = store.forward_due(NOW + 5, 10).await.expect("due");
+    let due = store.forward_due(NOW + 5, 10, 1 << 20).await.expect("due");
     assert_eq!(
         due.iter().map(|q| q.id).collect::<Vec<_>>(),
         vec![b2, c],
         "c expired"
     );
-    let due = store.forward_due(NOW + 60, 10).await.expect("due");
+    let due = store.forward_due(NOW + 60, 10, 1 << 20).await.expect("due");
     assert_eq!(due.len(), 3);
     assert_eq!(
         (
@@ -820,7 +841,7 @@ pub async fn the_forward_queue_holds_and_ends_items(b: &dyn Backend) {
     if b.durable() {
         store.close();
         let store = b.open(limits());
-        let due = store.forward_due(NOW + 60, 10).await.expect("due");
+        let due = store.forward_due(NOW + 60, 10, 1 << 20).await.expect("due");
         assert_eq!(due.iter().map(|q| q.id).collect::<Vec<_>>(), vec![a]);
         assert_eq!(due[0].item.payload, vec![1; 2000]);
         assert_eq!(due[0].attempts, 1);

@@ -233,8 +233,9 @@ pub trait Ledger: Send + Sync + 'static {
     /// counts in the origin's quota until [`Ledger::forward_end`].
     fn forward_enqueue(&self, f: NewForward) -> Fut<'_, Enqueued>;
     /// Items whose next attempt is due at `now` (the expired ones too:
-    /// they are to be ended), the longest waiting first, at most `max`.
-    fn forward_due(&self, now: u64, max: usize) -> Fut<'_, Vec<Queued>>;
+    /// they are to be ended), the longest waiting first, at most `max` and
+    /// at most `max_bytes` of payload (at least one if any is due).
+    fn forward_due(&self, now: u64, max: usize, max_bytes: usize) -> Fut<'_, Vec<Queued>>;
     /// Ends a queued item (handed on, refused, or given up), releasing
     /// its bytes; with a `notice`, stores that item for the origin in the
     /// same write. Nothing happens if it was gone already.

@@ -530,9 +530,15 @@ impl Store {
             .await
     }
 
-    /// Queued items due at `now` (and the expired ones), at most `max`.
-    pub async fn forward_due(&self, now: u64, max: usize) -> Result<Vec<Queued>, StoreError> {
-        self.inner.ledger.forward_due(now, max).await
+    /// Queued items due at `now` (and the expired ones), at most `max`
+    /// and `max_bytes` of payload (at least one).
+    pub async fn forward_due(
+        &self,
+        now: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Queued>, StoreError> {
+        self.inner.ledger.forward_due(now, max, max_bytes).await
     }
 
     /// Ends a queued item, storing `notice` for its origin in the same

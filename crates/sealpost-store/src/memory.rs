@@ -430,14 +430,23 @@ impl Ledger for MemLedger {
         })
     }
 
-    fn forward_due(&self, now: u64, max: usize) -> Fut<'_, Vec<Queued>> {
+    fn forward_due(&self, now: u64, max: usize, max_bytes: usize) -> Fut<'_, Vec<Queued>> {
         self.with(move |s| {
-            s.forwards
+            let mut out: Vec<Queued> = Vec::new();
+            let mut bytes = 0usize;
+            for q in s
+                .forwards
                 .values()
                 .filter(|q| q.next_at <= now || q.item.expires_at <= now)
                 .take(max)
-                .cloned()
-                .collect()
+            {
+                if !out.is_empty() && bytes + q.item.payload.len() > max_bytes {
+                    break;
+                }
+                bytes += q.item.payload.len();
+                out.push(q.clone());
+            }
+            out
         })
     }
 

@@ -343,7 +343,7 @@ impl Ledger for SqliteLedger {
         Box::pin(self.call(move |reply| Op::ForwardEnqueue { forward, reply }))
     }
 
-    fn forward_due(&self, now: u64, max: usize) -> Fut<'_, Vec<Queued>> {
+    fn forward_due(&self, now: u64, max: usize, max_bytes: usize) -> Fut<'_, Vec<Queued>> {
         ready(self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id, origin, next_addr, next_pin, hops, mailbox, received_at, expires_at, \
@@ -374,7 +374,18 @@ impl Ledger for SqliteLedger {
                     })
                 },
             )?;
-            rows.collect()
+            // Rows are read one by one: the byte bound stops the reading.
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            for r in rows {
+                let q = r?;
+                if !out.is_empty() && bytes + q.item.payload.len() > max_bytes {
+                    break;
+                }
+                bytes += q.item.payload.len();
+                out.push(q);
+            }
+            Ok(out)
         }))
     }
 

@@ -26,8 +26,11 @@ pub struct Forwarding {
     /// How often the queue is looked at when nothing woke the worker
     /// (items put off become due; another node may have queued some).
     pub poll: Duration,
-    /// Items handed on per connection and pass, at most.
+    /// Items handed on per pass, at most…
     pub batch: usize,
+    /// …and payload bytes per pass, at most (what the worker holds in
+    /// memory at once; at least one item).
+    pub batch_bytes: usize,
     /// How long a notice waits in the sender's mailbox.
     pub notice_lifetime: Duration,
 }
@@ -46,6 +49,7 @@ impl Default for Forwarding {
             },
             poll: Duration::from_secs(1),
             batch: 512,
+            batch_bytes: 16 << 20,
             notice_lifetime: Duration::from_secs(30 * 86_400),
         }
     }
@@ -106,7 +110,7 @@ pub(crate) async fn forward_loop(s: Arc<Shared>) {
     let cfg = s.config.forwarding.clone();
     loop {
         let now = now();
-        let due = match s.store.forward_due(now, cfg.batch).await {
+        let due = match s.store.forward_due(now, cfg.batch, cfg.batch_bytes).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!("reading the forward queue failed: {e}");
@@ -176,25 +180,30 @@ async fn hand_on(s: &Arc<Shared>, hop: NextHop, items: Vec<Queued>) {
         })
         .collect();
     let answers = client.forward_many(outgoing).await;
+    // Items handed on end together: their writes share commits.
+    let mut ends = tokio::task::JoinSet::new();
+    let mut retry: Vec<(Queued, String)> = Vec::new();
     for (q, answer) in items.iter().zip(answers) {
         match answer {
             Ok(Submitted::Accepted { .. }) => {
                 s.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = s.store.forward_end(q.id, None).await {
-                    // Still queued: handed on again later, which the next
-                    // relay and the recipient's replay cache absorb.
-                    tracing::warn!("ending a forwarded item failed: {e}");
-                }
+                let (store, id) = (s.store.clone(), q.id);
+                ends.spawn(async move {
+                    if let Err(e) = store.forward_end(id, None).await {
+                        // Still queued: handed on again later, which the
+                        // next relay and the recipient's replay cache
+                        // absorb.
+                        tracing::warn!("ending a forwarded item failed: {e}");
+                    }
+                });
             }
             // A full mailbox empties: tried again until the item expires,
             // as a sender does.
             Ok(Submitted::Refused(r)) if !r.code.is_lasting() => {
-                later(
-                    s,
-                    std::slice::from_ref(q),
-                    &format!("the next relay refused: {}", r.code.describe()),
-                )
-                .await;
+                retry.push((
+                    q.clone(),
+                    format!("the next relay refused: {}", r.code.describe()),
+                ));
             }
             Ok(Submitted::Refused(refusal)) => {
                 s.metrics.forward_refused.fetch_add(1, Ordering::Relaxed);
@@ -206,9 +215,18 @@ async fn hand_on(s: &Arc<Shared>, hop: NextHop, items: Vec<Queued>) {
                 let ended = notice::Ended::Refused { next_key, refusal };
                 end_with_notice(s, q, ended, now()).await;
             }
-            Err(e) => later(s, std::slice::from_ref(q), &e.to_string()).await,
+            Err(e) => retry.push((q.clone(), e.to_string())),
         }
     }
+    // Put off in one write per distinct error (a connection lost midway
+    // fails every item after it the same way).
+    while let Some((_, error)) = retry.first().cloned() {
+        let (same, rest): (Vec<_>, Vec<_>) = retry.into_iter().partition(|(_, e)| *e == error);
+        retry = rest;
+        let items: Vec<Queued> = same.into_iter().map(|(q, _)| q).collect();
+        later(s, &items, &error).await;
+    }
+    while ends.join_next().await.is_some() {}
 }
 
 /// Counts a failed attempt for each of `items` and puts it off.

@@ -1900,9 +1900,20 @@ fn a_recipient_refuses_files_beyond_its_limits() {
 /// queue emptied).
 #[test]
 fn a_message_and_its_receipt_cross_two_relays_while_the_far_one_was_down() {
+    /// Children killed however the test ends.
+    struct Kill(Vec<Child>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
     let env = Env::new();
     let (port_a, port_b) = (free_port(), free_port());
-    let (mut relay_a, addr_a) = start_relay_with(&env.path("relay-a"), port_a, &[]);
+    let (relay_a, addr_a) = start_relay_with(&env.path("relay-a"), port_a, &[]);
+    let mut kill = Kill(vec![relay_a]);
     let (relay_b, addr_b) = start_relay_with(&env.path("relay-b"), port_b, &[]);
     let card = |home: &str, addr: &str| {
         env.json(home, &["init", "--name", home, "--relay", addr])["card"]
@@ -1915,11 +1926,7 @@ fn a_message_and_its_receipt_cross_two_relays_while_the_far_one_was_down() {
     env.ok("alice", &["contact", "add", &b, "--name", "bob"]);
     env.ok("bob", &["contact", "add", &a, "--name", "alice"]);
     // Bob's relay is down while Alice sends.
-    let mut relay_b = Some(relay_b);
-    if let Some(mut c) = relay_b.take() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    drop(Kill(vec![relay_b]));
     env.ok("alice", &["sync", "--forward", "on"]);
     // `send` hands it to relay A in its own pass: exit 0, no agent needed.
     let v = env.json("alice", &["send", "bob", "while you were away"]);
@@ -1943,8 +1950,8 @@ fn a_message_and_its_receipt_cross_two_relays_while_the_far_one_was_down() {
     );
     // Bob's relay is back; Bob syncs (forwarding on) until the message is in.
     let (child, again) = start_relay_with(&env.path("relay-b"), port_b, &[]);
+    kill.0.push(child);
     assert_eq!(again.to_string(), addr_b.to_string());
-    let mut relay_b = Some(child);
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         env.ok("bob", &["sync", "--forward", "on"]);
@@ -1968,9 +1975,5 @@ fn a_message_and_its_receipt_cross_two_relays_while_the_far_one_was_down() {
         }
         assert!(Instant::now() < deadline, "no receipt came back: {d}");
         std::thread::sleep(Duration::from_millis(500));
-    }
-    for c in [Some(&mut relay_a), relay_b.as_mut()].into_iter().flatten() {
-        let _ = c.kill();
-        let _ = c.wait();
     }
 }

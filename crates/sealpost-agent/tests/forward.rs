@@ -144,7 +144,119 @@ async fn a_refusal_by_the_next_relay_fails_the_delivery_with_its_reason() {
     );
     let m = alice.agent().db().outbox(Some(&id), 1).expect("outbox");
     let text = format!("{:?}", m[0].deliveries[0].delivery.failure);
-    assert!(text.contains("as your relay reports"), "{text}");
+    assert!(text.contains("passed on by your relay"), "{text}");
+    a.stop().await.expect("stop a");
+    b.stop().await.expect("stop b");
+}
+
+/// Alice's relay is hostile: it makes up a refusal by Bob's relay (signed
+/// with a key of its own, with no binding by Bob's relay's certificate
+/// key, or with the genuine binding of another relay). Alice's agent
+/// takes none of them: the delivery stays "at your relay", and each
+/// notice is recorded as a forged refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_made_up_by_the_senders_relay_is_not_taken() {
+    use sealpost_proto::notice::{Ended, Notice};
+    use sealpost_proto::relay::{MailboxId, NextHop, Refusal, RefusalCode};
+    let dir = tempfile::tempdir().expect("tmp");
+    let (backbone, net_a, net_b) = (MemoryNet::new(), MemoryNet::new(), MemoryNet::new());
+    let a = relay(dir.path(), "relay-a", &backbone, &net_a).await;
+    let b = relay(dir.path(), "relay-b", &backbone, &net_b).await;
+    let mut alice = common::engine(dir.path(), "alice", a.address(), &net_a, None).await;
+    let bob = common::engine(dir.path(), "bob", b.address(), &net_b, None).await;
+    pin(&mut alice, "bob", &bob);
+    alice.forward = true;
+    // Bob's relay unreachable for relay A: the message waits there.
+    backbone.remove(b.address());
+    let id = alice
+        .agent_mut()
+        .send(&["bob".into()], b"hello", 3600, "x")
+        .expect("send");
+    alice.pass().await.expect("pass");
+    assert_eq!(state(&alice, &id).0, State::Forwarding);
+    // What relay A holds: its signing key (it signs its notices).
+    let seed: [u8; 32] = std::fs::read(dir.path().join("relay-a/relay-signing.key"))
+        .expect("key")
+        .try_into()
+        .expect("32 bytes");
+    let relay_a_key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let sealed = alice.agent().db().sealed(&id).expect("db").expect("sealed");
+    let hash = *blake3::hash(&sealed).as_bytes();
+    let bob_mb = MailboxId::of(bob.agent().card().public().signing_bytes());
+    let to_b = NextHop {
+        addr: b.address().host_port.clone(),
+        pin: b.address().pin.0,
+    };
+    let fake = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let refusal = |k: &ed25519_dalek::SigningKey| {
+        use ed25519_dalek::Signer;
+        let mut m = sealpost_proto::relay::context::REFUSAL.to_vec();
+        m.extend_from_slice(&Refusal::signed_bytes(
+            RefusalCode::UnknownMailbox,
+            now(),
+            &bob_mb,
+            &hash,
+        ));
+        Refusal {
+            code: RefusalCode::UnknownMailbox,
+            at: now(),
+            mailbox: bob_mb,
+            payload_hash: hash,
+            signature: k.sign(&m).to_bytes(),
+        }
+    };
+    // 1: a key of its own, a binding made up. 2: the genuine binding of
+    // relay A itself (its certificate key over its own key), for Bob's pin.
+    let a_binding = {
+        let c = sealpost_relay::client::RelayClient::connect_via(
+            &*net_a,
+            a.address(),
+            None,
+            Default::default(),
+        )
+        .await
+        .expect("connect");
+        c.key_binding(&a.address().pin.0).await.expect("binding")
+    };
+    let forged = [
+        Ended::Refused {
+            next_key: fake.verifying_key().to_bytes(),
+            binding: sealpost_proto::relay::KeyBinding {
+                scheme: 0x0807,
+                spki: vec![0x30; 44],
+                signature: vec![1; 64],
+            },
+            refusal: refusal(&fake),
+        },
+        Ended::Refused {
+            next_key: relay_a_key.verifying_key().to_bytes(),
+            binding: a_binding,
+            refusal: refusal(&relay_a_key),
+        },
+    ];
+    let alice_mb = MailboxId::of(alice.agent().card().public().signing_bytes());
+    for ended in forged {
+        let n = Notice::sign(&relay_a_key, now(), bob_mb, hash, to_b.clone(), ended).encode();
+        a.store()
+            .submit(
+                alice_mb,
+                now() + 3600,
+                *blake3::hash(&n).as_bytes(),
+                n,
+                sealpost_store::Source::of_v4([127, 0, 0, 1]),
+                now(),
+            )
+            .await
+            .expect("stored");
+    }
+    let s = alice.pass().await.expect("pass");
+    assert_eq!(s.discarded, 2, "{s:?}");
+    assert_eq!(state(&alice, &id).0, State::Forwarding, "not failed");
+    let counts = alice.agent().db().detection_counts().expect("detections");
+    assert!(
+        counts.iter().any(|(c, n)| c == "forged-refusal" && *n == 2),
+        "{counts:?}"
+    );
     a.stop().await.expect("stop a");
     b.stop().await.expect("stop b");
 }

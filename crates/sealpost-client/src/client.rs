@@ -401,6 +401,25 @@ impl RelayClient {
         }
     }
 
+    /// The relay's key binding (PROTOCOL 6.1), checked against this
+    /// connection's pin and the key from its `HelloOk`: what lets a
+    /// forwarding relay pass the next relay's refusals on so that the
+    /// sender can check them offline.
+    pub async fn key_binding(&self, pin: &[u8; 32]) -> Result<relay::KeyBinding, ClientError> {
+        match self.request(Request::KeyBinding).await? {
+            Response::KeyBinding(b) => {
+                if crate::tls::verify_key_binding(pin, &self.relay_key.to_bytes(), &b) {
+                    Ok(b)
+                } else {
+                    Err(ClientError::Protocol(
+                        "the relay's key binding does not verify with its pin".into(),
+                    ))
+                }
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Forwards items pipelined (PROTOCOL 6.8): every request is written
     /// before the first answer is awaited; answers come back in the input
     /// order. A refusal must be signed by this relay and name the item,

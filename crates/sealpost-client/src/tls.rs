@@ -16,6 +16,73 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Pin(pub [u8; 32]);
 
+/// The SubjectPublicKeyInfo (DER, with its outer SEQUENCE) of a
+/// certificate: what a pin hashes and a key binding carries.
+pub fn spki_of(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+    Some(ee.subject_public_key_info().as_ref().to_vec())
+}
+
+/// Signs a key binding (PROTOCOL 6.1) with a relay's certificate key
+/// `key` (whose certificate is `cert`) for its Ed25519 key `ed25519_key`.
+pub fn sign_key_binding(
+    cert: &CertificateDer<'_>,
+    key: &rustls::pki_types::PrivateKeyDer<'_>,
+    ed25519_key: &[u8; 32],
+) -> io::Result<sealpost_proto::relay::KeyBinding> {
+    let spki = spki_of(cert).ok_or_else(|| io::Error::other("the certificate does not parse"))?;
+    let signing = provider::sign::any_supported_type(key).map_err(io::Error::other)?;
+    let signer = signing
+        .choose_scheme(&BINDING_SCHEMES)
+        .ok_or_else(|| io::Error::other("the certificate key signs none of the TLS 1.3 schemes"))?;
+    let msg = sealpost_proto::relay::KeyBinding::message(ed25519_key);
+    let signature = signer.sign(&msg).map_err(io::Error::other)?;
+    Ok(sealpost_proto::relay::KeyBinding {
+        scheme: u16::from(signer.scheme()),
+        spki,
+        signature,
+    })
+}
+
+/// The schemes a key binding may use: those of TLS 1.3 for the key types
+/// a relay's certificate may have (PROTOCOL 6.1).
+const BINDING_SCHEMES: [SignatureScheme; 5] = [
+    SignatureScheme::ED25519,
+    SignatureScheme::ECDSA_NISTP256_SHA256,
+    SignatureScheme::ECDSA_NISTP384_SHA384,
+    SignatureScheme::RSA_PSS_SHA256,
+    SignatureScheme::RSA_PSS_SHA384,
+];
+
+/// Whether `b` proves that the relay pinned by `pin` vouches for the
+/// Ed25519 key `ed25519_key`: the binding's key hashes to the pin, and its
+/// signature over the key verifies under it with the stated scheme.
+pub fn verify_key_binding(
+    pin: &[u8; 32],
+    ed25519_key: &[u8; 32],
+    b: &sealpost_proto::relay::KeyBinding,
+) -> bool {
+    use webpki::ring as algs;
+    if blake3::hash(&b.spki).as_bytes() != pin {
+        return false;
+    }
+    let alg: &dyn rustls::pki_types::SignatureVerificationAlgorithm =
+        match SignatureScheme::from(b.scheme) {
+            SignatureScheme::ED25519 => algs::ED25519,
+            SignatureScheme::ECDSA_NISTP256_SHA256 => algs::ECDSA_P256_SHA256,
+            SignatureScheme::ECDSA_NISTP384_SHA384 => algs::ECDSA_P384_SHA384,
+            SignatureScheme::RSA_PSS_SHA256 => algs::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+            SignatureScheme::RSA_PSS_SHA384 => algs::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
+            _ => return false,
+        };
+    let spki = rustls::pki_types::SubjectPublicKeyInfoDer::from(b.spki.as_slice());
+    let Ok(entity) = webpki::RawPublicKeyEntity::try_from(&spki) else {
+        return false;
+    };
+    let msg = sealpost_proto::relay::KeyBinding::message(ed25519_key);
+    entity.verify_signature(alg, &msg, &b.signature).is_ok()
+}
+
 impl Pin {
     pub fn of_cert(cert: &CertificateDer<'_>) -> Option<Self> {
         let ee = webpki::EndEntityCert::try_from(cert).ok()?;

@@ -9,7 +9,7 @@
 //! ```text
 //! notice = "SPFN" 0x01 kind:u8 at:u64 mailbox:[32] payload_hash:[32]
 //!          pin:[32] addr_len:u8 addr:[addr_len]
-//!          kind 1: next_key:[32] code:u8 refused_at:u64 refusal_signature:[64]
+//!          kind 1: next_key:[32] binding code:u8 refused_at:u64 refusal_signature:[64]
 //!          kind 2: attempts:u32 error_len:u16 error:[error_len]
 //!          relay_key:[32] signature:[64]
 //! signature = Ed25519(relay_key, "sealpost v1 relay notice\0" || every byte before it)
@@ -18,24 +18,48 @@
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 
 use crate::codec::{self, DecodeError, Reader};
-use crate::relay::{MailboxId, NextHop, Refusal, RefusalCode, MAX_TEXT};
+use crate::relay::{
+    KeyBinding, MailboxId, NextHop, Refusal, RefusalCode, MAX_BINDING_SIGNATURE, MAX_BINDING_SPKI,
+    MAX_TEXT,
+};
 
 pub const MAGIC: &[u8; 4] = b"SPFN";
 const VERSION: u8 = 1;
 /// Signature context.
 pub const CONTEXT: &[u8] = b"sealpost v1 relay notice\0";
-/// The largest notice: a kind 2 with the longest address and error.
-pub const MAX_NOTICE_BYTES: usize =
-    4 + 1 + 1 + 8 + 32 + 32 + 32 + 1 + 253 + 4 + 2 + MAX_TEXT + 32 + 64;
+/// The largest notice: a kind 1 with the longest address and key binding.
+pub const MAX_NOTICE_BYTES: usize = 4
+    + 1
+    + 1
+    + 8
+    + 32
+    + 32
+    + 32
+    + 1
+    + 253
+    + 32
+    + 2
+    + 2
+    + MAX_BINDING_SPKI
+    + 2
+    + MAX_BINDING_SIGNATURE
+    + 1
+    + 8
+    + 64
+    + 32
+    + 64;
 
 /// Why the forwarding relay ended the item.
+// A notice is handled one at a time: boxing the refusal would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ended {
     /// The next relay refused it, with this refusal signed by `next_key`
-    /// (the Ed25519 key the next relay sent in `HelloOk` on a connection
-    /// whose certificate matched the pin).
+    /// (the Ed25519 key the next relay sent in `HelloOk`), which `binding`
+    /// (the next relay's certificate key's signature) ties to the pin.
     Refused {
         next_key: [u8; 32],
+        binding: KeyBinding,
         refusal: Refusal,
     },
     /// It expired before the next relay took it: `attempts` failed, the
@@ -104,8 +128,13 @@ impl Notice {
         o.push(self.next.addr.len() as u8);
         o.extend_from_slice(self.next.addr.as_bytes());
         match &self.ended {
-            Ended::Refused { next_key, refusal } => {
+            Ended::Refused {
+                next_key,
+                binding,
+                refusal,
+            } => {
                 o.extend_from_slice(next_key);
+                binding.encode_into(&mut o);
                 o.push(refusal.code.code());
                 o.extend_from_slice(&refusal.at.to_be_bytes());
                 o.extend_from_slice(&refusal.signature);
@@ -149,11 +178,13 @@ impl Notice {
         let ended = match kind {
             1 => {
                 let next_key = r.array("next relay's key")?;
+                let binding = KeyBinding::decode_from(&mut r)?;
                 let code = RefusalCode::from_code(r.u8("refusal code")?)?;
                 let refused_at = r.u64("refusal time")?;
                 let signature = r.array("refusal signature")?;
                 Ended::Refused {
                     next_key,
+                    binding,
                     refusal: Refusal {
                         code,
                         at: refused_at,
@@ -193,7 +224,11 @@ impl Notice {
     /// Whether the notice is signed by `relay_key` (the sender's own
     /// relay, as it stated in `HelloOk` on a pinned connection) and, for a
     /// refusal carried, whether that refusal is signed by the key the
-    /// notice names for the next relay and names this notice's item.
+    /// notice names for the next relay and names this notice's item. The
+    /// key binding (that `next_key` is the key of the relay the pin names)
+    /// is checked by the caller, with the pin of the recipient's card: it
+    /// takes X.509 key parsing, which this crate leaves to TLS's
+    /// (`sealpost_client::tls::verify_key_binding`).
     pub fn verify(&self, relay_key: &VerifyingKey) -> Result<(), NoticeError> {
         if self.relay_key != relay_key.to_bytes() {
             return Err(NoticeError::OtherRelay);
@@ -203,7 +238,10 @@ impl Notice {
         relay_key
             .verify_strict(&msg, &ed25519_dalek::Signature::from_bytes(&self.signature))
             .map_err(|_| NoticeError::NotSigned)?;
-        if let Ended::Refused { next_key, refusal } = &self.ended {
+        if let Ended::Refused {
+            next_key, refusal, ..
+        } = &self.ended
+        {
             let key =
                 VerifyingKey::from_bytes(next_key).map_err(|_| NoticeError::RefusalNotSigned)?;
             if !refusal.verify(&key) {
@@ -255,6 +293,14 @@ mod tests {
         }
     }
 
+    fn binding() -> KeyBinding {
+        KeyBinding {
+            scheme: 0x0403,
+            spki: vec![0x30; 91],
+            signature: vec![0x31; 70],
+        }
+    }
+
     fn notices() -> Vec<Notice> {
         let (home, next) = (key(1), key(2));
         let mb = MailboxId([3; 32]);
@@ -271,6 +317,7 @@ mod tests {
                 hop.clone(),
                 Ended::Refused {
                     next_key: next.verifying_key().to_bytes(),
+                    binding: binding(),
                     refusal: refusal(&next, RefusalCode::UnknownMailbox, mb, [5; 32]),
                 },
             ),
@@ -339,6 +386,7 @@ mod tests {
             hop.clone(),
             Ended::Refused {
                 next_key: next.verifying_key().to_bytes(),
+                binding: binding(),
                 refusal: refusal(&other, RefusalCode::OverQuota, mb, [5; 32]),
             },
         );
@@ -357,6 +405,7 @@ mod tests {
             hop,
             Ended::Refused {
                 next_key: next.verifying_key().to_bytes(),
+                binding: binding(),
                 refusal: Refusal {
                     payload_hash: [5; 32],
                     ..elsewhere

@@ -56,6 +56,8 @@ pub mod context {
     pub const REFUSAL: &[u8] = b"sealpost v1 relay refusal\0";
     /// A relay proving its own key to the next relay (§6.8).
     pub const PEER: &[u8] = b"sealpost v1 relay peer\0";
+    /// A relay's certificate key vouching for its Ed25519 key (§6.1).
+    pub const KEY_BINDING: &[u8] = b"sealpost v1 relay key binding\0";
 }
 
 /// A `Forward` frame's body before its payload: type, request id, hops,
@@ -393,6 +395,9 @@ pub enum Request {
     /// A sealed message to pass on toward the relay that holds its
     /// mailbox (§6.8).
     Forward(Forward),
+    /// The relay's certificate key's signature over its Ed25519 key
+    /// (§6.1), so that anyone holding its pin can check that key offline.
+    KeyBinding,
     /// What this relay accepts: asked before a large file is hashed, and
     /// after a refusal, so the sender can state the limit.
     Limits,
@@ -450,6 +455,66 @@ pub enum Response {
         code: ErrorCode,
         message: String,
     },
+    KeyBinding(KeyBinding),
+}
+
+/// The largest SubjectPublicKeyInfo a key binding carries (an RSA key of
+/// 8192 bits takes about 1,100 bytes).
+pub const MAX_BINDING_SPKI: usize = 2048;
+/// The largest signature a key binding carries (RSA 8192: 1,024 bytes).
+pub const MAX_BINDING_SIGNATURE: usize = 1024;
+
+/// A relay's certificate key vouching for its Ed25519 key (§6.1): `scheme`
+/// (a TLS 1.3 `SignatureScheme` code) signature by the key of `spki` over
+/// `"sealpost v1 relay key binding\0" || ed25519_key`. Whoever holds the
+/// relay's pin (BLAKE3 of `spki`) can check it without a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyBinding {
+    pub scheme: u16,
+    pub spki: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+impl KeyBinding {
+    /// What the certificate key signs for `ed25519_key`.
+    pub fn message(ed25519_key: &[u8; 32]) -> Vec<u8> {
+        let mut m = context::KEY_BINDING.to_vec();
+        m.extend_from_slice(ed25519_key);
+        m
+    }
+
+    pub fn encode_into(&self, o: &mut Vec<u8>) {
+        o.extend_from_slice(&self.scheme.to_be_bytes());
+        o.extend_from_slice(&(self.spki.len() as u16).to_be_bytes());
+        o.extend_from_slice(&self.spki);
+        o.extend_from_slice(&(self.signature.len() as u16).to_be_bytes());
+        o.extend_from_slice(&self.signature);
+    }
+
+    pub fn decode_from(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let scheme = r.u16("signature scheme")?;
+        let n = r.u16("key length")? as usize;
+        if n == 0 || n > MAX_BINDING_SPKI {
+            return Err(DecodeError::Invalid {
+                what: "key binding",
+                why: "the key must be 1 to 2048 bytes",
+            });
+        }
+        let spki = r.take(n, "key")?.to_vec();
+        let n = r.u16("signature length")? as usize;
+        if n == 0 || n > MAX_BINDING_SIGNATURE {
+            return Err(DecodeError::Invalid {
+                what: "key binding",
+                why: "the signature must be 1 to 1024 bytes",
+            });
+        }
+        let signature = r.take(n, "signature")?.to_vec();
+        Ok(Self {
+            scheme,
+            spki,
+            signature,
+        })
+    }
 }
 
 /// A decoded frame: its request id and content.
@@ -660,6 +725,7 @@ impl Request {
                 o.extend_from_slice(key);
                 o.extend_from_slice(signature);
             }
+            Self::KeyBinding => header(o, 0x10, id),
             Self::Forward(f) => {
                 o.reserve(f.payload.len() + f.next.addr.len() + 112);
                 header(o, 0x0f, id);
@@ -867,6 +933,7 @@ impl Request {
                 key: r.array("key")?,
                 signature: r.array("signature")?,
             },
+            0x10 => Self::KeyBinding,
             0x0f => {
                 let hops = r.u8("hop count")?;
                 let pin = r.array("next relay's pin")?;
@@ -1004,6 +1071,10 @@ impl Response {
                 header(o, 0x8f, id);
                 o.extend_from_slice(&code.code().to_be_bytes());
                 put_text(o, message);
+            }
+            Self::KeyBinding(b) => {
+                header(o, 0x8b, id);
+                b.encode_into(o);
             }
         }
         finish_frame(o);
@@ -1156,6 +1227,7 @@ impl Response {
                 code: ErrorCode::from_code(r.u16("error code")?)?,
                 message: read_text(&mut r)?,
             },
+            0x8b => Self::KeyBinding(KeyBinding::decode_from(&mut r)?),
             _ => {
                 return Err(DecodeError::Invalid {
                     what: "response type",
@@ -1256,6 +1328,7 @@ mod tests {
                 key: [5; 32],
                 signature: [6; 64],
             },
+            Request::KeyBinding,
             Request::Forward(Forward {
                 hops: 1,
                 next: NextHop {
@@ -1326,6 +1399,11 @@ mod tests {
     fn responses() -> Vec<Response> {
         vec![
             Response::Ok,
+            Response::KeyBinding(KeyBinding {
+                scheme: 0x0403,
+                spki: vec![0x30; 91],
+                signature: vec![0x31; 71],
+            }),
             Response::HelloOk {
                 version: 1,
                 relay_key: [1; 32],

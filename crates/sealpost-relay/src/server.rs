@@ -101,6 +101,8 @@ struct Shared {
     pin: Pin,
     /// Told when an item joins the forward queue.
     forward_wake: Notify,
+    /// The certificate key's signature over `key` (PROTOCOL 6.1).
+    binding: relay::KeyBinding,
     tls: TlsAcceptor,
     /// Connections subscribed to each mailbox: a new item is pushed to
     /// those only (a broadcast woke every subscribed connection's task for
@@ -268,6 +270,17 @@ impl Relay {
                 Err(e) => return Err(e),
             },
         }
+        let binding = {
+            let first = cert
+                .chain
+                .first()
+                .ok_or_else(|| io::Error::other("the certificate chain is empty"))?;
+            sealpost_client::tls::sign_key_binding(
+                first,
+                &cert.key,
+                &key.verifying_key().to_bytes(),
+            )?
+        };
         let listener = TcpListener::bind(config.listen).await?;
         // Before serving: no upload of ours is in progress.
         let orphans = store
@@ -288,6 +301,7 @@ impl Relay {
             key,
             pin: cert.pin,
             forward_wake: Notify::new(),
+            binding,
             tls,
             subscribers: std::sync::Mutex::new(HashMap::new()),
             metrics: Arc::new(Metrics::default()),

@@ -154,11 +154,26 @@ async fn items_go_on_to_the_next_relay_and_refusals_come_back() {
         (nobody, *blake3::hash(b"lost").as_bytes(), &to_b)
     );
     match &n.ended {
-        notice::Ended::Refused { next_key, refusal } => {
+        notice::Ended::Refused {
+            next_key,
+            binding,
+            refusal,
+        } => {
             assert_eq!(refusal.code, RefusalCode::UnknownMailbox);
             let b_key = c_key(&b).await;
             assert_eq!(next_key, &b_key.to_bytes(), "Bob's relay's key");
             assert!(refusal.verify(&b_key));
+            // Bob's relay's certificate key vouches for it, checkable
+            // with the pin alone; not for any other key.
+            assert!(sealpost_client::tls::verify_key_binding(
+                &b.pin.0, next_key, binding
+            ));
+            assert!(!sealpost_client::tls::verify_key_binding(
+                &a.pin.0, next_key, binding
+            ));
+            assert!(!sealpost_client::tls::verify_key_binding(
+                &b.pin.0, &[7; 32], binding
+            ));
         }
         other => panic!("{other:?}"),
     }

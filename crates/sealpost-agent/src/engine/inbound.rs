@@ -181,17 +181,44 @@ impl Engine {
                     continue;
                 }
             };
+            // A carried refusal counts only if the next relay's
+            // certificate key vouches for the key that signed it.
+            if let Ended::Refused {
+                next_key, binding, ..
+            } = &n.ended
+            {
+                if !sealpost_client::tls::verify_key_binding(&n.next.pin, next_key, binding) {
+                    tracing::warn!(
+                        "discarded a forward notice: the refusal's key is not {}'s",
+                        n.next.addr
+                    );
+                    stats.discarded += 1;
+                    self.found.push((Caught::ForgedRefusal, name));
+                    continue;
+                }
+            }
             for row in self
                 .agent
                 .db
                 .deliveries_of_item(&n.mailbox, &n.payload_hash)?
             {
+                // The notice must be about the relay the recipient's card
+                // names (its pin), not another.
+                if RelayAddress::parse(&row.relay).map(|a| a.pin.0) != Some(n.next.pin) {
+                    tracing::warn!(
+                        "discarded a forward notice for message {}: it names another relay than {}'s",
+                        row.msg,
+                        row.name
+                    );
+                    self.found.push((Caught::ForgedRefusal, name.clone()));
+                    continue;
+                }
                 let mut d = row.delivery.clone();
                 let mut last_error = row.last_error.clone();
                 match &n.ended {
                     Ended::Refused { refusal, .. } => {
                         let detail = format!(
-                            "{} refused it, as your relay reports with that relay's signature: {}",
+                            "{} refused it (its signed refusal, passed on by your relay): {}",
                             n.next.addr,
                             refusal.code.describe()
                         );

@@ -379,6 +379,33 @@ fn relay_vectors() -> Value {
             signature: next_relay.sign(&m).to_bytes(),
         }
     };
+    // Bob's relay's certificate key: Ed25519 (seed 96…96), so the key
+    // binding's signature is plain Ed25519 and checkable here.
+    let next_cert = ed25519_dalek::SigningKey::from_bytes(&[0x96; 32]);
+    let next_spki = {
+        let mut v = vec![
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+        ];
+        v.extend_from_slice(next_cert.verifying_key().as_bytes());
+        v
+    };
+    let next_binding = {
+        use ed25519_dalek::Signer;
+        sealpost_proto::relay::KeyBinding {
+            scheme: 0x0807,
+            spki: next_spki.clone(),
+            signature: next_cert
+                .sign(&sealpost_proto::relay::KeyBinding::message(
+                    next_relay.verifying_key().as_bytes(),
+                ))
+                .to_bytes()
+                .to_vec(),
+        }
+    };
+    let next_hop = sealpost_proto::relay::NextHop {
+        pin: *blake3::hash(&next_spki).as_bytes(),
+        ..next_hop
+    };
     let home_relay = ed25519_dalek::SigningKey::from_bytes(&[0x99; 32]);
     let refused_notice = sealpost_proto::notice::Notice::sign(
         &home_relay,
@@ -388,6 +415,7 @@ fn relay_vectors() -> Value {
         next_hop.clone(),
         sealpost_proto::notice::Ended::Refused {
             next_key: next_relay.verifying_key().to_bytes(),
+            binding: next_binding.clone(),
             refusal: next_refusal,
         },
     );
@@ -478,6 +506,7 @@ fn relay_vectors() -> Value {
         ),
         ("Status", Request::Status),
         ("Limits", Request::Limits),
+        ("KeyBinding", Request::KeyBinding),
         (
             // The relay of the vectors' key proving itself to the next
             // relay (§6.8), on the same exporter and challenge.
@@ -575,6 +604,7 @@ fn relay_vectors() -> Value {
                 message: "discarded".into(),
             },
         ),
+        ("KeyBinding", Response::KeyBinding(next_binding.clone())),
     ];
     json!({
         "description": "Relay protocol frames, length prefix included; request id 7 (Notify: 0)",
@@ -594,8 +624,9 @@ fn relay_vectors() -> Value {
             "payload_hash": h(&sealpost_proto::relay::blob_refusal_hash(&sealpost_proto::manifest::BlobId([0x88; 16]), 983_280)),
         },
         "notices": {
-            "description": "forward notices (§6.9) the vectors' relay (signing seed 99…99) puts in Alice's mailbox for the Forward above: the next relay (signing seed 97…97, key next_key) refused it as unknown_mailbox; or it expired unforwarded",
+            "description": "forward notices (§6.9) the vectors' relay (signing seed 99…99) puts in Alice's mailbox for the Forward above: the next relay (signing seed 97…97, key next_key; its certificate key Ed25519 from seed 96…96, SubjectPublicKeyInfo next_spki, whose BLAKE3 is the Forward's pin; its key binding is the KeyBinding response) refused it as unknown_mailbox; or it expired unforwarded",
             "next_key": h(&next_relay.verifying_key().to_bytes()),
+            "next_spki": h(&next_spki),
             "refused": h(&refused_notice.encode()),
             "gave_up": h(&gave_up_notice.encode()),
         },
@@ -668,9 +699,27 @@ fn relay_vectors_match() {
     let n = Notice::decode(&unh(&committed["notices"]["refused"])).expect("refused notice");
     n.verify(&relay_key).expect("verifies");
     match &n.ended {
-        Ended::Refused { next_key, refusal } => {
+        Ended::Refused {
+            next_key,
+            binding,
+            refusal,
+        } => {
             assert_eq!(next_key.to_vec(), unh(&committed["notices"]["next_key"]));
             assert_eq!(refusal.code.name(), "unknown_mailbox");
+            // The binding: its key is the pinned one, and (Ed25519, scheme
+            // 0x0807) it signed the context and next_key.
+            assert_eq!(binding.spki, unh(&committed["notices"]["next_spki"]));
+            assert_eq!(blake3::hash(&binding.spki).as_bytes(), &n.next.pin);
+            let cert_key = ed25519_dalek::VerifyingKey::from_bytes(
+                &binding.spki[12..].try_into().expect("32"),
+            )
+            .expect("key");
+            let sig = ed25519_dalek::Signature::from_bytes(
+                &binding.signature[..].try_into().expect("64"),
+            );
+            let mut m = b"sealpost v1 relay key binding\0".to_vec();
+            m.extend_from_slice(next_key);
+            assert!(cert_key.verify_strict(&m, &sig).is_ok());
         }
         other => panic!("{other:?}"),
     }

@@ -523,6 +523,7 @@ pub(crate) async fn handle(
             };
             send(out, id, answer).await
         }
+        Request::KeyBinding => send(out, id, Response::KeyBinding(s.binding.clone())).await,
         Request::PeerAuth { key, signature } => {
             let mut msg = context::PEER.to_vec();
             msg.extend_from_slice(&auth_transcript(&session.exporter, &session.challenge));

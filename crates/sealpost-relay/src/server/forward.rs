@@ -172,6 +172,13 @@ async fn hand_on(s: &Arc<Shared>, hop: NextHop, items: Vec<Queued>) {
         .await;
     }
     let next_key = client.relay_key().to_bytes();
+    // What lets the sender check a refusal passed on to it offline.
+    let binding = match client.key_binding(&hop.pin).await {
+        Ok(b) => b,
+        Err(e) => {
+            return later(s, &items, &format!("the next relay's key binding: {e}")).await;
+        }
+    };
     let outgoing = items
         .iter()
         .map(|q| Forward {
@@ -212,7 +219,11 @@ async fn hand_on(s: &Arc<Shared>, hop: NextHop, items: Vec<Queued>) {
                     "the next relay refused a forwarded item ({}); telling its sender",
                     refusal.code.name()
                 );
-                let ended = notice::Ended::Refused { next_key, refusal };
+                let ended = notice::Ended::Refused {
+                    next_key,
+                    binding: binding.clone(),
+                    refusal,
+                };
                 end_with_notice(s, q, ended, now()).await;
             }
             Err(e) => retry.push((q.clone(), e.to_string())),

@@ -115,6 +115,31 @@ impl Collector for Figures {
             "Store writes that failed (disk full, I/O errors); each was refused to its client.",
             g(&m.storage_errors),
         )?;
+        counter(
+            "forward_queued",
+            "Items taken into the forward queue for this relay's mailbox owners.",
+            g(&m.forward_queued),
+        )?;
+        counter(
+            "forwarded",
+            "Items handed on to the next relay (it answered Accepted).",
+            g(&m.forwarded),
+        )?;
+        counter(
+            "forward_refused",
+            "Items the next relay refused; the sender was told in a notice.",
+            g(&m.forward_refused),
+        )?;
+        counter(
+            "forward_given_up",
+            "Items that expired before the next relay took them; the sender was told in a notice.",
+            g(&m.forward_given_up),
+        )?;
+        counter(
+            "forward_failures",
+            "Attempts to hand items on that failed and will be tried again.",
+            g(&m.forward_failures),
+        )?;
         let c = self.store.commit_stats();
         counter(
             "commits",

@@ -85,6 +85,14 @@ pub enum Submitted {
 /// gone, so a request sent after that fails at once instead of waiting.
 type Waiters = Arc<Mutex<Option<HashMap<u32, oneshot::Sender<Response>>>>>;
 
+/// A submission or forward sent: what its refusal must name, and where
+/// its answer comes.
+type Sent = (
+    MailboxId,
+    [u8; 32],
+    Result<oneshot::Receiver<Response>, ClientError>,
+);
+
 /// A blob piece sent and not answered yet.
 #[derive(Debug)]
 pub struct PendingPiece {
@@ -434,9 +442,27 @@ impl RelayClient {
             let sent = self.send(Request::Forward(f)).await;
             pending.push((mailbox, payload_hash, sent));
         }
+        self.answers(pending).await
+    }
+
+    /// The answers to pipelined `Submit`s or `Forward`s, in order. Each
+    /// waits at most the request timeout; once one did not come in time
+    /// the relay is taken as gone and the rest fail at once (a relay that
+    /// went silent costs one timeout, not one per request).
+    async fn answers(&self, pending: Vec<Sent>) -> Vec<Result<Submitted, ClientError>> {
         let mut out = Vec::with_capacity(pending.len());
+        let mut silent = false;
         for (mailbox, payload_hash, sent) in pending {
-            out.push(self.submitted(sent, mailbox, payload_hash).await);
+            if silent {
+                out.push(Err(ClientError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the relay did not answer in time",
+                ))));
+                continue;
+            }
+            let r = self.submitted(sent, mailbox, payload_hash).await;
+            silent = matches!(&r, Err(ClientError::Io(e)) if e.kind() == io::ErrorKind::TimedOut);
+            out.push(r);
         }
         out
     }
@@ -538,11 +564,7 @@ impl RelayClient {
                 .await;
             pending.push((mailbox, payload_hash, sent));
         }
-        let mut out = Vec::with_capacity(pending.len());
-        for (mailbox, payload_hash, sent) in pending {
-            out.push(self.submitted(sent, mailbox, payload_hash).await);
-        }
-        out
+        self.answers(pending).await
     }
 
     pub async fn fetch(&self, after: u64, max: u32) -> Result<(Vec<Item>, bool), ClientError> {

@@ -1329,47 +1329,31 @@ mod tests {
                 signature: [6; 64],
             },
             Request::KeyBinding,
-            Request::Forward(Forward {
-                hops: 1,
-                next: NextHop {
-                    addr: "relay.example:7443".into(),
-                    pin: [7; 32],
-                },
-                mailbox: MailboxId([8; 32]),
-                expires_at: 1234,
-                payload_hash: [9; 32],
-                payload: vec![10; 300],
-            }),
-            Request::Forward(Forward {
-                hops: 0,
-                next: NextHop {
-                    addr: "h:1".into(),
-                    pin: [7; 32],
-                },
-                mailbox: MailboxId([8; 32]),
-                expires_at: 1,
-                payload_hash: [9; 32],
-                payload: Vec::new(),
-            }),
+            Request::Forward(forward(1, "relay.example:7443", 300)),
+            Request::Forward(forward(0, "h:1", 0)),
         ]
+    }
+
+    /// A `Forward` toward `addr` with `n` payload bytes.
+    fn forward(hops: u8, addr: &str, n: usize) -> Forward {
+        Forward {
+            hops,
+            next: NextHop {
+                addr: addr.into(),
+                pin: [7; 32],
+            },
+            mailbox: MailboxId([8; 32]),
+            expires_at: 1234,
+            payload_hash: [9; 32],
+            payload: vec![10; n],
+        }
     }
 
     /// A `Forward` whose address is empty, longer than what follows the
     /// head, longer than 253 bytes or not printable is refused.
     #[test]
     fn a_forwards_address_is_checked() {
-        let good = Request::Forward(Forward {
-            hops: 0,
-            next: NextHop {
-                addr: "relay.example:7443".into(),
-                pin: [7; 32],
-            },
-            mailbox: MailboxId([8; 32]),
-            expires_at: 1234,
-            payload_hash: [9; 32],
-            payload: vec![10; 5],
-        })
-        .encode(1);
+        let good = Request::Forward(forward(0, "relay.example:7443", 5)).encode(1);
         assert!(Request::decode(&good[4..]).is_ok());
         let len_at = 4 + FORWARD_HEAD - 1;
         for bad_len in [0u8, 24, 255] {
@@ -1381,18 +1365,7 @@ mod tests {
         let last = f.len() - 1;
         f[last] = b' ';
         assert!(Request::decode(&f[4..]).is_err(), "a space");
-        let long = Request::Forward(Forward {
-            hops: 0,
-            next: NextHop {
-                addr: "a".repeat(254),
-                pin: [7; 32],
-            },
-            mailbox: MailboxId([8; 32]),
-            expires_at: 1234,
-            payload_hash: [9; 32],
-            payload: vec![10; 5],
-        })
-        .encode(1);
+        let long = Request::Forward(forward(0, &"a".repeat(254), 5)).encode(1);
         assert!(Request::decode(&long[4..]).is_err(), "254 bytes");
     }
 

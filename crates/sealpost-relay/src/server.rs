@@ -99,8 +99,11 @@ struct Shared {
     /// BLAKE3 of the certificate's key: a `Forward` naming it is for a
     /// mailbox here.
     pin: Pin,
-    /// Told when an item joins the forward queue.
+    /// Told when an item joins the forward queue, or a next relay is no
+    /// longer busy.
     forward_wake: Notify,
+    /// Next relays items are being handed to now (one task each).
+    forward_busy: std::sync::Mutex<std::collections::HashSet<relay::NextHop>>,
     /// The certificate key's signature over `key` (PROTOCOL 6.1).
     binding: relay::KeyBinding,
     tls: TlsAcceptor,
@@ -301,6 +304,7 @@ impl Relay {
             key,
             pin: cert.pin,
             forward_wake: Notify::new(),
+            forward_busy: std::sync::Mutex::new(std::collections::HashSet::new()),
             binding,
             tls,
             subscribers: std::sync::Mutex::new(HashMap::new()),

@@ -286,3 +286,53 @@ async fn an_item_the_next_relay_never_takes_is_given_up_at_expiry() {
     assert!(a_relay_queue(&a_relay).await.is_empty());
     a_relay.stop().await.expect("stop a");
 }
+
+/// A next relay that takes the TCP connection and never answers holds up
+/// only its own items: an item for another relay, queued while the
+/// silent one's attempt hangs, is handed on at once.
+#[tokio::test]
+async fn a_silent_next_relay_holds_up_only_its_own_items() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let alice = Identity::generate(&mut rand_core::OsRng);
+    let bob = Identity::generate(&mut rand_core::OsRng);
+    let mut cfg = Config::new("127.0.0.2:0".parse().expect("addr"), dir.path().join("a"));
+    cfg.forwarding.poll = Duration::from_millis(50);
+    cfg.forwarding.timeouts.connect = Duration::from_secs(8);
+    let a_relay = Relay::bind(cfg).await.expect("bind").spawn();
+    let b_relay = relay_on("127.0.0.3", 0, &dir.path().join("b")).await;
+    let (a, b) = (a_relay.address().clone(), b_relay.address().clone());
+    let bob_mb = owner(&b, &bob).await.register(&bob).await.expect("bob");
+    // Accepts connections and holds them, saying nothing.
+    let silent = tokio::net::TcpListener::bind("127.0.0.4:0").await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            kept.push(c);
+        }
+    });
+    let c = owner(&a, &alice).await;
+    let to_silent = NextHop {
+        addr: silent_addr.to_string(),
+        pin: [3; 32],
+    };
+    let r = c
+        .forward_many(vec![item(&to_silent, bob_mb, b"stuck", now() + 600)])
+        .await;
+    assert!(accepted(&r[0]), "{r:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let r = c
+        .forward_many(vec![item(&next_of(&b), bob_mb, b"not stuck", now() + 600)])
+        .await;
+    assert!(accepted(&r[0]), "{r:?}");
+    assert_eq!(fetch_n(&b, &bob, 1).await, vec![b"not stuck".to_vec()]);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "waited {:?} for the silent relay's attempt",
+        started.elapsed()
+    );
+    held.abort();
+    b_relay.stop().await.expect("stop b");
+    a_relay.stop().await.expect("stop a");
+}

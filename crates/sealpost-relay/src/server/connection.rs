@@ -222,15 +222,7 @@ pub(crate) async fn handle(
             } else {
                 context::AUTH
             };
-            let mut msg = ctx.to_vec();
-            msg.extend_from_slice(&auth_transcript(&session.exporter, &session.challenge));
-            let ok = VerifyingKey::from_bytes(&key)
-                .map(|vk| {
-                    vk.verify_strict(&msg, &ed25519_dalek::Signature::from_bytes(&signature))
-                        .is_ok()
-                })
-                .unwrap_or(false);
-            if !ok {
+            if !proves(session, ctx, &key, &signature) {
                 s.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
                 return send(
                     out,
@@ -304,15 +296,7 @@ pub(crate) async fn handle(
             // one fsync (group commit); the in-flight bound keeps a client
             // from queueing without limit.
             // The relay-wide budget was taken when the frame was read.
-            let weight = u32::try_from(payload.len().max(1)).unwrap_or(u32::MAX);
-            let permits = (
-                in_flight.count.clone().acquire_owned().await,
-                in_flight.bytes.clone().acquire_many_owned(weight).await,
-                take_budget(s, budget, weight).await,
-            );
-            let (Ok(p1), Ok(p2), Ok(p3)) = permits else {
-                return Err(io::Error::other("relay shutting down"));
-            };
+            let (p1, p2, p3) = submission_permits(s, in_flight, budget, payload.len()).await?;
             let s = s.clone();
             let out = out.clone();
             let source = session.source;
@@ -525,15 +509,7 @@ pub(crate) async fn handle(
         }
         Request::KeyBinding => send(out, id, Response::KeyBinding(s.binding.clone())).await,
         Request::PeerAuth { key, signature } => {
-            let mut msg = context::PEER.to_vec();
-            msg.extend_from_slice(&auth_transcript(&session.exporter, &session.challenge));
-            let ok = VerifyingKey::from_bytes(&key)
-                .map(|vk| {
-                    vk.verify_strict(&msg, &ed25519_dalek::Signature::from_bytes(&signature))
-                        .is_ok()
-                })
-                .unwrap_or(false);
-            if !ok {
+            if !proves(session, context::PEER, &key, &signature) {
                 s.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
                 return send(
                     out,
@@ -551,15 +527,7 @@ pub(crate) async fn handle(
         Request::Forward(f) => {
             // Bounded like a submission: in flight per connection and
             // relay-wide (the budget was taken when the frame was read).
-            let weight = u32::try_from(f.payload.len().max(1)).unwrap_or(u32::MAX);
-            let permits = (
-                in_flight.count.clone().acquire_owned().await,
-                in_flight.bytes.clone().acquire_many_owned(weight).await,
-                take_budget(s, budget, weight).await,
-            );
-            let (Ok(p1), Ok(p2), Ok(p3)) = permits else {
-                return Err(io::Error::other("relay shutting down"));
-            };
+            let (p1, p2, p3) = submission_permits(s, in_flight, budget, f.payload.len()).await?;
             let s = s.clone();
             let out = out.clone();
             let (source, origin) = (session.source, session.mailbox);
@@ -573,6 +541,44 @@ pub(crate) async fn handle(
         }
         _ => send(out, id, err(ErrorCode::BadRequest, "unsupported request")).await,
     }
+}
+
+/// Whether `signature` proves, on this connection, possession of `key`
+/// under `ctx` (`Register`, `Auth`, `PeerAuth`: PROTOCOL 6.3, 6.8).
+fn proves(session: &Session, ctx: &[u8], key: &[u8; 32], signature: &[u8; 64]) -> bool {
+    let mut msg = ctx.to_vec();
+    msg.extend_from_slice(&auth_transcript(&session.exporter, &session.challenge));
+    VerifyingKey::from_bytes(key)
+        .map(|vk| {
+            vk.verify_strict(&msg, &ed25519_dalek::Signature::from_bytes(signature))
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// The permits a `Submit` or `Forward` of `len` payload bytes holds until
+/// it is answered: one of the connection's submissions in flight, its
+/// bytes of the connection's bound, and of the relay-wide budget.
+async fn submission_permits(
+    s: &Shared,
+    in_flight: InFlight<'_>,
+    budget: Option<OwnedSemaphorePermit>,
+    len: usize,
+) -> io::Result<(
+    OwnedSemaphorePermit,
+    OwnedSemaphorePermit,
+    OwnedSemaphorePermit,
+)> {
+    let weight = u32::try_from(len.max(1)).unwrap_or(u32::MAX);
+    let permits = (
+        in_flight.count.clone().acquire_owned().await,
+        in_flight.bytes.clone().acquire_many_owned(weight).await,
+        take_budget(s, budget, weight).await,
+    );
+    let (Ok(p1), Ok(p2), Ok(p3)) = permits else {
+        return Err(io::Error::other("relay shutting down"));
+    };
+    Ok((p1, p2, p3))
 }
 
 /// The relay-wide byte budget for a request's data: what reading its frame

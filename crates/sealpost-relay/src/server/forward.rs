@@ -108,7 +108,11 @@ pub(crate) async fn forward_request(
 /// the poll interval.
 pub(crate) async fn forward_loop(s: Arc<Shared>) {
     let cfg = s.config.forwarding.clone();
+    // The tasks handing items on: dropped (so aborted) with this loop
+    // when the relay stops.
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
+        while tasks.try_join_next().is_some() {}
         let now = now();
         let due = match s.store.forward_due(now, cfg.batch, cfg.batch_bytes).await {
             Ok(d) => d,
@@ -126,9 +130,16 @@ pub(crate) async fn forward_loop(s: Arc<Shared>) {
             continue;
         }
         let mut hops: Vec<(NextHop, Vec<Queued>)> = Vec::new();
+        let mut ended = 0usize;
         for q in due {
             if q.item.expires_at <= now {
                 give_up(&s, q, now).await;
+                ended += 1;
+                continue;
+            }
+            // A next relay already being handed items keeps its own: they
+            // are taken by the next pass after it is done.
+            if busy_with(&s, &q.item.next) {
                 continue;
             }
             match hops.iter_mut().find(|(h, _)| *h == q.item.next) {
@@ -136,19 +147,39 @@ pub(crate) async fn forward_loop(s: Arc<Shared>) {
                 None => hops.push((q.item.next.clone(), vec![q])),
             }
         }
-        // Next relays in parallel: one that does not answer does not hold
-        // up the others.
-        let tasks: Vec<_> = hops
-            .into_iter()
-            .map(|(hop, items)| {
-                let s = s.clone();
-                tokio::spawn(async move { hand_on(&s, hop, items).await })
-            })
-            .collect();
-        for t in tasks {
-            let _ = t.await;
+        // Next relays in parallel, each on a task of its own: one that
+        // does not answer holds up only its own items, for at most the
+        // connect and request timeouts.
+        let started = hops.len();
+        for (hop, items) in hops {
+            if let Ok(mut b) = s.forward_busy.lock() {
+                b.insert(hop.clone());
+            }
+            let s = s.clone();
+            tasks.spawn(async move {
+                hand_on(&s, hop.clone(), items).await;
+                if let Ok(mut b) = s.forward_busy.lock() {
+                    b.remove(&hop);
+                }
+                s.forward_wake.notify_one();
+            });
+        }
+        if started == 0 && ended == 0 {
+            // Everything due waits for a busy next relay.
+            tokio::select! {
+                _ = s.forward_wake.notified() => {}
+                _ = tokio::time::sleep(cfg.poll) => {}
+            }
         }
     }
+}
+
+/// Whether items are being handed to `hop` now.
+fn busy_with(s: &Shared, hop: &NextHop) -> bool {
+    s.forward_busy
+        .lock()
+        .map(|b| b.contains(hop))
+        .unwrap_or(false)
 }
 
 /// Sends `items` to their next relay `hop` on one connection, proving

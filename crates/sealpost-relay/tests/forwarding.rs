@@ -303,7 +303,9 @@ async fn a_silent_next_relay_holds_up_only_its_own_items() {
     let (a, b) = (a_relay.address().clone(), b_relay.address().clone());
     let bob_mb = owner(&b, &bob).await.register(&bob).await.expect("bob");
     // Accepts connections and holds them, saying nothing.
-    let silent = tokio::net::TcpListener::bind("127.0.0.4:0").await.expect("bind");
+    let silent = tokio::net::TcpListener::bind("127.0.0.4:0")
+        .await
+        .expect("bind");
     let silent_addr = silent.local_addr().expect("addr");
     let held = tokio::spawn(async move {
         let mut kept = Vec::new();

@@ -104,6 +104,9 @@ struct Shared {
     forward_wake: Notify,
     /// Next relays items are being handed to now (one task each).
     forward_busy: std::sync::Mutex<std::collections::HashSet<relay::NextHop>>,
+    /// Connections to next relays kept between passes (at most
+    /// `forward::KEEP_IDLE` unused).
+    forward_links: std::sync::Mutex<HashMap<relay::NextHop, (Peer, std::time::Instant)>>,
     /// The certificate key's signature over `key` (PROTOCOL 6.1).
     binding: relay::KeyBinding,
     tls: TlsAcceptor,
@@ -305,6 +308,7 @@ impl Relay {
             pin: cert.pin,
             forward_wake: Notify::new(),
             forward_busy: std::sync::Mutex::new(std::collections::HashSet::new()),
+            forward_links: std::sync::Mutex::new(HashMap::new()),
             binding,
             tls,
             subscribers: std::sync::Mutex::new(HashMap::new()),

@@ -338,3 +338,51 @@ async fn a_silent_next_relay_holds_up_only_its_own_items() {
     b_relay.stop().await.expect("stop b");
     a_relay.stop().await.expect("stop a");
 }
+
+/// Passes close together share one connection to the next relay: three
+/// items queued one after another, each handed on before the next is
+/// queued, reach Bob's relay over a single connection.
+#[tokio::test]
+async fn a_connection_to_the_next_relay_is_kept_between_passes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let alice = Identity::generate(&mut rand_core::OsRng);
+    let bob = Identity::generate(&mut rand_core::OsRng);
+    let a_relay = relay_on("127.0.0.2", 0, &dir.path().join("a")).await;
+    let b_relay = relay_on("127.0.0.3", 0, &dir.path().join("b")).await;
+    let (a, b) = (a_relay.address().clone(), b_relay.address().clone());
+    let bob_mb = owner(&b, &bob).await.register(&bob).await.expect("bob");
+    let c = owner(&a, &alice).await;
+    let before = b_relay
+        .metrics()
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let store_b = b_relay.store();
+    for (n, text) in [b"one".as_slice(), b"two", b"three"]
+        .into_iter()
+        .enumerate()
+    {
+        let r = c
+            .forward_many(vec![item(&next_of(&b), bob_mb, text, now() + 600)])
+            .await;
+        assert!(accepted(&r[0]), "{r:?}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store_b
+            .fetch(&bob_mb, 0, 10, 1 << 20)
+            .await
+            .expect("fetch")
+            .items
+            .len()
+            <= n
+        {
+            assert!(Instant::now() < deadline, "item {n} not handed on");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let after = b_relay
+        .metrics()
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(after - before, 1, "one connection for three passes");
+    b_relay.stop().await.expect("stop b");
+    a_relay.stop().await.expect("stop a");
+}

@@ -6,7 +6,7 @@
 //! when an item ended otherwise.
 
 use super::*;
-use sealpost_client::client::{RelayClient, Submitted, Timeouts};
+use sealpost_client::client::{ClientError, RelayClient, Submitted, Timeouts};
 use sealpost_client::transport::{Tcp, Transport};
 use sealpost_proto::notice::{self, Notice};
 use sealpost_proto::relay::{Forward, NextHop, MAX_HOPS};
@@ -185,39 +185,45 @@ fn busy_with(s: &Shared, hop: &NextHop) -> bool {
 /// Sends `items` to their next relay `hop` on one connection, proving
 /// this relay's key first; ends each one the next relay answered for.
 async fn hand_on(s: &Arc<Shared>, hop: NextHop, items: Vec<Queued>) {
-    let cfg = &s.config.forwarding;
-    let addr = RelayAddress {
-        host_port: hop.addr.clone(),
-        pin: Pin(hop.pin),
-    };
-    let client = match RelayClient::connect_via(&*cfg.transport, &addr, None, cfg.timeouts).await {
-        Ok(c) => c,
-        Err(e) => return later(s, &items, &e.to_string()).await,
-    };
-    if let Err(e) = client.peer_auth(&s.key).await {
-        return later(
-            s,
-            &items,
-            &format!("the next relay refused this relay's key: {e}"),
-        )
-        .await;
-    }
-    let next_key = client.relay_key().to_bytes();
-    // What lets the sender check a refusal passed on to it offline.
-    let binding = match client.key_binding(&hop.pin).await {
-        Ok(b) => b,
-        Err(e) => {
-            return later(s, &items, &format!("the next relay's key binding: {e}")).await;
-        }
-    };
-    let outgoing = items
+    let outgoing: Vec<Forward> = items
         .iter()
         .map(|q| Forward {
             hops: q.item.hops.saturating_add(1),
             ..q.item.clone()
         })
         .collect();
-    let answers = client.forward_many(outgoing).await;
+    // A connection kept from an earlier pass, if it is recent; one the
+    // next relay closed meanwhile (it closes idle ones) fails every
+    // request at once, and the items go again on a new connection.
+    let kept = take_peer(s, &hop);
+    let reused = kept.is_some();
+    let peer = match kept {
+        Some(p) => p,
+        None => match connect_peer(s, &hop).await {
+            Ok(p) => p,
+            Err(e) => return later(s, &items, &e).await,
+        },
+    };
+    let mut answers = peer.client.forward_many(outgoing.clone()).await;
+    let mut peer = peer;
+    if reused
+        && answers
+            .iter()
+            .all(|a| matches!(a, Err(ClientError::Closed | ClientError::Io(_))))
+    {
+        peer = match connect_peer(s, &hop).await {
+            Ok(p) => p,
+            Err(e) => return later(s, &items, &e).await,
+        };
+        answers = peer.client.forward_many(outgoing).await;
+    }
+    let healthy = !answers
+        .iter()
+        .any(|a| matches!(a, Err(ClientError::Closed | ClientError::Io(_))));
+    let (next_key, binding) = (peer.next_key, peer.binding.clone());
+    if healthy {
+        keep_peer(s, &hop, peer);
+    }
     // Items handed on end together: their writes share commits.
     let mut ends = tokio::task::JoinSet::new();
     let mut retry: Vec<(Queued, String)> = Vec::new();
@@ -269,6 +275,60 @@ async fn hand_on(s: &Arc<Shared>, hop: NextHop, items: Vec<Queued>) {
         later(s, &items, &error).await;
     }
     while ends.join_next().await.is_some() {}
+}
+
+/// A connection to a next relay that proved this relay's key, with what
+/// the next relay stated: its key and that key's binding to its pin.
+pub(crate) struct Peer {
+    client: RelayClient,
+    next_key: [u8; 32],
+    binding: sealpost_proto::relay::KeyBinding,
+}
+
+/// How long a connection to a next relay is kept unused: below the 30 s a
+/// relay gives a connection that is not a mailbox owner's (PROTOCOL 6.7).
+const KEEP_IDLE: Duration = Duration::from_secs(20);
+
+/// The kept connection to `hop`, if one is recent enough.
+fn take_peer(s: &Shared, hop: &NextHop) -> Option<Peer> {
+    let mut links = s.forward_links.lock().ok()?;
+    let (peer, at) = links.remove(hop)?;
+    (at.elapsed() < KEEP_IDLE).then_some(peer)
+}
+
+fn keep_peer(s: &Shared, hop: &NextHop, peer: Peer) {
+    if let Ok(mut links) = s.forward_links.lock() {
+        links.retain(|_, (_, at)| at.elapsed() < KEEP_IDLE);
+        links.insert(hop.clone(), (peer, std::time::Instant::now()));
+    }
+}
+
+/// Connects to `hop` (pinned TLS), proves this relay's key, and gets the
+/// next relay's key binding, checked against its pin.
+async fn connect_peer(s: &Shared, hop: &NextHop) -> Result<Peer, String> {
+    let cfg = &s.config.forwarding;
+    let addr = RelayAddress {
+        host_port: hop.addr.clone(),
+        pin: Pin(hop.pin),
+    };
+    let client = RelayClient::connect_via(&*cfg.transport, &addr, None, cfg.timeouts)
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .peer_auth(&s.key)
+        .await
+        .map_err(|e| format!("the next relay refused this relay's key: {e}"))?;
+    let next_key = client.relay_key().to_bytes();
+    // What lets the sender check a refusal passed on to it offline.
+    let binding = client
+        .key_binding(&hop.pin)
+        .await
+        .map_err(|e| format!("the next relay's key binding: {e}"))?;
+    Ok(Peer {
+        client,
+        next_key,
+        binding,
+    })
 }
 
 /// Counts a failed attempt for each of `items` and puts it off.

@@ -32,7 +32,19 @@ async fn relay(
     backbone: &Arc<MemoryNet>,
     users: &Arc<MemoryNet>,
 ) -> RunningRelay {
+    relay_forwarding(dir, name, backbone, users, true).await
+}
+
+/// [`relay`], forwarding or not (`relay serve --forward off`).
+async fn relay_forwarding(
+    dir: &std::path::Path,
+    name: &str,
+    backbone: &Arc<MemoryNet>,
+    users: &Arc<MemoryNet>,
+    forwards: bool,
+) -> RunningRelay {
     let mut cfg = Config::new("127.0.0.1:0".parse().expect("addr"), dir.join(name));
+    cfg.forwarding.enabled = forwards;
     cfg.forwarding.transport = backbone.clone();
     cfg.forwarding.poll = Duration::from_millis(20);
     cfg.forwarding.retry = Backoff {
@@ -257,6 +269,37 @@ async fn a_refusal_made_up_by_the_senders_relay_is_not_taken() {
         counts.iter().any(|(c, n)| c == "forged-refusal" && *n == 2),
         "{counts:?}"
     );
+    a.stop().await.expect("stop a");
+    b.stop().await.expect("stop b");
+}
+
+/// Alice's relay does not forward (`--forward off`): it refuses her
+/// `Forward`, signed, and her agent sends to Bob's relay itself in the
+/// same pass (state `submitted`, not `forwarding`); Bob gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_relay_does_not_forward_sends_directly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (backbone, net_a, net_b) = (MemoryNet::new(), MemoryNet::new(), MemoryNet::new());
+    let a = relay_forwarding(dir.path(), "relay-a", &backbone, &net_a, false).await;
+    let b = relay(dir.path(), "relay-b", &backbone, &net_b).await;
+    // Alice can reach Bob's relay herself.
+    net_a.add(b.door());
+    let mut alice = common::engine(dir.path(), "alice", a.address(), &net_a, None).await;
+    let mut bob = common::engine(dir.path(), "bob", b.address(), &net_b, None).await;
+    pin(&mut alice, "bob", &bob);
+    pin(&mut bob, "alice", &alice);
+    alice.forward = true;
+    let id = alice
+        .agent_mut()
+        .send(&["bob".into()], b"direct after all", 3600, "x")
+        .expect("send");
+    let s = alice.pass().await.expect("pass");
+    assert_eq!(s.submitted, 1, "{s:?}");
+    assert_eq!(state(&alice, &id).0, State::Submitted, "sent directly");
+    passes_until(&mut bob, |b| {
+        b.agent().db().inbox(false, 10).map_or(0, |v| v.len()) == 1
+    })
+    .await;
     a.stop().await.expect("stop a");
     b.stop().await.expect("stop b");
 }

@@ -207,6 +207,12 @@ pub struct Settings {
     /// times as many) [default: 500]
     #[arg(long, value_name = "N")]
     rate_per_address: Option<f64>,
+    /// on: pass messages on to other relays for this relay's own mailbox
+    /// owners (from a queue on disk, retrying until taken or expired;
+    /// never for anyone else); off: refuse that, signed, and their agents
+    /// submit to other relays themselves [default: on]
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    forward: Option<String>,
 }
 
 impl Settings {
@@ -246,6 +252,7 @@ impl Settings {
             sweep_interval: self.sweep_interval.or(file.sweep_interval),
             rate_per_connection: self.rate_per_connection.or(file.rate_per_connection),
             rate_per_address: self.rate_per_address.or(file.rate_per_address),
+            forward: self.forward.or(file.forward),
         }
     }
 }
@@ -507,6 +514,11 @@ fn build_config(mut a: ServeArgs) -> anyhow::Result<(Config, Option<String>)> {
             ))
         }
     };
+    match s.forward.as_deref() {
+        None | Some("on") => c.forwarding.enabled = true,
+        Some("off") => c.forwarding.enabled = false,
+        Some(other) => return Err(anyhow!("forward is \"on\" or \"off\", not {other:?}")),
+    }
     if let Some(Size(m)) = s.max_message {
         if m > sealpost_proto::relay::MAX_MESSAGE as u64 {
             return Err(anyhow!(
@@ -635,6 +647,17 @@ fn effective_toml(c: &Config, public: &Option<String>) -> String {
             Some(c.rate_per_connection.0.to_string()),
         ),
         ("rate_per_address", Some(c.rate_per_address.0.to_string())),
+        (
+            "forward",
+            Some(
+                if c.forwarding.enabled {
+                    "\"on\""
+                } else {
+                    "\"off\""
+                }
+                .to_owned(),
+            ),
+        ),
     ]);
     let mut out = String::new();
     for (k, v) in lines {

@@ -82,6 +82,33 @@ const PRUNE_BATCH: usize = 10_000;
 /// The settings key of forwarding (PROTOCOL 6.8): "on" hands messages for
 /// another relay's mailboxes to the home relay, which forwards them.
 pub const FORWARD: &str = "forward";
+/// Whether a `Forward`'s answer says the home relay does not forward: a
+/// signed `not_forwarded`, or a relay that predates forwarding (error 1,
+/// unknown request; PROTOCOL 11).
+pub(crate) fn refuses_forwarding(
+    r: &Result<sealpost_client::client::Submitted, ClientError>,
+) -> bool {
+    match r {
+        Ok(Submitted::Refused(rf)) => rf.code == sealpost_proto::relay::RefusalCode::NotForwarded,
+        Err(ClientError::Server { code, .. }) => {
+            *code == sealpost_proto::relay::ErrorCode::BadRequest
+        }
+        _ => false,
+    }
+}
+
+impl Engine {
+    /// Notes that the home relay does not forward (logged once).
+    pub(crate) fn home_does_not_forward(&mut self) {
+        if self.home_forwards {
+            tracing::warn!(
+                "your relay does not forward messages to other relays; sending to each recipient's relay directly"
+            );
+        }
+        self.home_forwards = false;
+    }
+}
+
 /// The settings key of the download directory.
 pub const DOWNLOAD_DIR: &str = "download_dir";
 /// Largest message content `send` accepts: the sealed container must fit
@@ -393,6 +420,10 @@ pub struct Engine {
     /// the recipient's relay either way. From the home's setting
     /// [`FORWARD`].
     pub forward: bool,
+    /// False once the home relay said it does not forward (a signed
+    /// `not_forwarded`, or it does not know the request): this engine
+    /// submits to other relays itself from then on.
+    home_forwards: bool,
     /// Whether the inbox was held to [`Engine::keep_received_bytes`]
     /// since this engine started (after that, only passes that delivered
     /// something look again).
@@ -481,6 +512,7 @@ impl Engine {
             keep_received,
             keep_received_bytes,
             forward,
+            home_forwards: true,
             sizes_checked: false,
             watchers: Vec::new(),
             _lock: lock,

@@ -85,14 +85,15 @@ impl Engine {
         let expires = now_s + REPORT_LIFETIME_SECS;
         // Forwarding on, and the relay is another: through the home relay
         // (PROTOCOL 6.8), as messages go.
-        let forward_to = if self.forward && relay != self.home_addr.to_string() {
-            RelayAddress::parse(relay).map(|a| sealpost_proto::relay::NextHop {
-                addr: a.host_port,
-                pin: a.pin.0,
-            })
-        } else {
-            None
-        };
+        let forward_to =
+            if self.forward && self.home_forwards && relay != self.home_addr.to_string() {
+                RelayAddress::parse(relay).map(|a| sealpost_proto::relay::NextHop {
+                    addr: a.host_port,
+                    pin: a.pin.0,
+                })
+            } else {
+                None
+            };
         if let Some(next) = forward_to {
             let item = sealpost_proto::relay::Forward {
                 hops: 0,
@@ -111,25 +112,30 @@ impl Engine {
                         .unwrap_or(Err(ClientError::Closed))
                 })
                 .await;
-            return Ok(match r {
-                Ok(Submitted::Accepted { .. }) => Control::Accepted,
-                Ok(Submitted::Refused(rf)) if rf.code.is_lasting() => {
-                    tracing::warn!(
-                        "your relay refused to forward a {}: {}",
-                        kind.name(),
-                        rf.code.describe()
-                    );
-                    Control::Refused
-                }
-                Ok(Submitted::Refused(_)) => Control::Failed,
-                Err(e) => {
-                    tracing::warn!(
-                        "handing a {} to your relay for {relay}: {e}; will retry",
-                        kind.name()
-                    );
-                    Control::Failed
-                }
-            });
+            if refuses_forwarding(&r) {
+                // Sent directly below instead.
+                self.home_does_not_forward();
+            } else {
+                return Ok(match r {
+                    Ok(Submitted::Accepted { .. }) => Control::Accepted,
+                    Ok(Submitted::Refused(rf)) if rf.code.is_lasting() => {
+                        tracing::warn!(
+                            "your relay refused to forward a {}: {}",
+                            kind.name(),
+                            rf.code.describe()
+                        );
+                        Control::Refused
+                    }
+                    Ok(Submitted::Refused(_)) => Control::Failed,
+                    Err(e) => {
+                        tracing::warn!(
+                            "handing a {} to your relay for {relay}: {e}; will retry",
+                            kind.name()
+                        );
+                        Control::Failed
+                    }
+                });
+            }
         }
         let Some(link) = link_for(&mut self.home, &mut self.links, &self.home_addr, relay) else {
             tracing::warn!(

@@ -70,6 +70,11 @@ impl Engine {
                     .into_iter()
             }
         };
+        let answers_vec: Vec<_> = answers.by_ref().collect();
+        if answers_vec.iter().any(refuses_forwarding) {
+            self.home_does_not_forward();
+        }
+        let mut answers = answers_vec.into_iter();
         let now = self.clock.now_ms();
         for (k, &i) in idxs.iter().enumerate() {
             let row = &due[i];
@@ -84,7 +89,16 @@ impl Engine {
                 updates.push((row.msg, row.recipient, d, None));
                 continue;
             }
-            match answers.next() {
+            let answer = answers.next();
+            if answer.as_ref().is_some_and(refuses_forwarding)
+                || (!self.home_forwards && answer.as_ref().is_some_and(|a| a.is_err()))
+            {
+                // Submitted directly in the next round of this pass.
+                last_error = Some("your relay does not forward; sending directly".into());
+                updates.push((row.msg, row.recipient, d, last_error));
+                continue;
+            }
+            match answer {
                 Some(Ok(Submitted::Accepted { .. })) => {
                     d.forwarded(now, &self.timing, self.clock.unit_random());
                     stats.submitted += 1;
@@ -185,11 +199,12 @@ impl Engine {
                 // forwarding is on and the recipient is elsewhere (files
                 // are not forwarded: their blob went to the recipient's
                 // relay, and so does their manifest).
-                let route = if self.forward && d.relay != home_text && !is_file {
-                    FORWARDED.to_owned()
-                } else {
-                    d.relay.clone()
-                };
+                let route =
+                    if self.forward && self.home_forwards && d.relay != home_text && !is_file {
+                        FORWARDED.to_owned()
+                    } else {
+                        d.relay.clone()
+                    };
                 by_relay.entry(route).or_default().push(i);
                 take = i + 1;
                 if bytes >= SUBMIT_BATCH_BYTES {
@@ -200,10 +215,15 @@ impl Engine {
             // them after a failure is tried again now, not after its
             // backoff (a relay that came back is used at once).
             let mut reachable: Vec<String> = Vec::new();
+            let mut again = false;
             for (relay, idxs) in by_relay {
                 if relay == FORWARDED {
+                    let before = self.home_forwards;
                     self.forward_round(&due, &idxs, &sealed, stats, &mut updates)
                         .await;
+                    // The home relay said it does not forward: what it
+                    // refused goes directly in another round.
+                    again |= before && !self.home_forwards;
                     continue;
                 }
                 let items: Vec<(MailboxId, u64, Vec<u8>)> = idxs
@@ -370,7 +390,7 @@ impl Engine {
                     .db
                     .save_deliveries(&[(d.msg, d.recipient, del, err)])?;
             }
-            if take < due.len() || due.len() == SUBMIT_BATCH {
+            if again || take < due.len() || due.len() == SUBMIT_BATCH {
                 continue;
             }
             return Ok(());

@@ -16,6 +16,10 @@ use sealpost_store::{Ended, Enqueued, NewItem, Queued};
 /// How a relay hands items on to other relays.
 #[derive(Clone, Debug)]
 pub struct Forwarding {
+    /// Whether this relay forwards for its mailbox owners at all (a relay
+    /// MAY, PROTOCOL 11); off, a `Forward` to another relay is refused
+    /// with code 6 and the owners' agents submit there themselves.
+    pub enabled: bool,
     /// How the next relay is reached (TCP; a net in memory in tests).
     pub transport: Arc<dyn Transport>,
     /// Waits between attempts of one item: `base * 2^attempts`, capped,
@@ -38,6 +42,7 @@ pub struct Forwarding {
 impl Default for Forwarding {
     fn default() -> Self {
         Self {
+            enabled: true,
             transport: Arc::new(Tcp),
             retry: Backoff {
                 base: Duration::from_secs(2),
@@ -76,7 +81,7 @@ pub(crate) async fn forward_request(
         )
         .await;
     }
-    if f.hops >= MAX_HOPS {
+    if f.hops >= MAX_HOPS || !s.config.forwarding.enabled {
         return refusal(s, RefusalCode::NotForwarded, f.mailbox, f.payload_hash);
     }
     let Some(origin) = origin else {

@@ -20,9 +20,7 @@ use sealpost_agent::Home;
 use sealpost_proto::delivery::State;
 use sealpost_proto::retry::Backoff;
 use sealpost_relay::memory::MemoryNet;
-use sealpost_relay::{Config, Relay, RunningRelay};
-use sealpost_store::memory::{MemBlobs, MemLedger};
-use sealpost_store::{LocalNotifier, Store};
+use sealpost_relay::{Config, RunningRelay};
 
 /// A relay on the in-memory store, on the `backbone` (forwarding over it)
 /// and on `users`, the net of its own users' agents.
@@ -51,14 +49,7 @@ async fn relay_forwarding(
         base: Duration::from_millis(50),
         max: Duration::from_millis(100),
     };
-    let store = Store::new(
-        Arc::new(MemLedger::new(cfg.limits)),
-        Arc::new(MemBlobs::default()),
-        Arc::new(LocalNotifier::default()),
-        cfg.limits,
-        "memory".into(),
-    );
-    let relay = Relay::bind_with(cfg, store).await.expect("bind").spawn();
+    let relay = common::spawn_in_memory(cfg).await;
     backbone.add(relay.door());
     users.add(relay.door());
     relay

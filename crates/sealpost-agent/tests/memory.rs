@@ -152,11 +152,7 @@ async fn a_file_crosses_a_net_that_cuts_every_connection() {
 /// else, and the file arrives whole.
 #[tokio::test(flavor = "current_thread")]
 async fn damaged_chunks_are_repaired_end_to_end() {
-    let damage = Arc::new(DamageChunks {
-        chunks: [5, 40],
-        within: 100,
-        done: [AtomicBool::new(false), AtomicBool::new(false)],
-    });
+    let damage = Arc::new(DamageChunks::new([5, 40], 100));
     let World {
         dir,
         relay,
@@ -199,11 +195,7 @@ async fn damaged_chunks_are_repaired_end_to_end() {
 /// the file (no padding), and the receipt names it.
 #[tokio::test(flavor = "current_thread")]
 async fn a_padded_file_shows_only_its_bucket_and_arrives_exact() {
-    let damage = Arc::new(DamageChunks {
-        chunks: [10, 48],
-        within: 5_000,
-        done: [AtomicBool::new(false), AtomicBool::new(false)],
-    });
+    let damage = Arc::new(DamageChunks::new([10, 48], 5_000));
     let World {
         dir,
         relay,
@@ -259,6 +251,17 @@ struct DamageChunks {
     /// The byte of each chunk flipped.
     within: u64,
     done: [AtomicBool; 2],
+}
+
+impl DamageChunks {
+    /// Flips byte `within` of each of `chunks`, once.
+    fn new(chunks: [u64; 2], within: u64) -> Self {
+        Self {
+            chunks,
+            within,
+            done: [AtomicBool::new(false), AtomicBool::new(false)],
+        }
+    }
 }
 
 impl Tamper for DamageChunks {

@@ -301,32 +301,47 @@ mod tests {
         }
     }
 
-    fn notices() -> Vec<Notice> {
-        let (home, next) = (key(1), key(2));
-        let mb = MailboxId([3; 32]);
-        let hop = NextHop {
+    const MB: MailboxId = MailboxId([3; 32]);
+    const HASH: [u8; 32] = [5; 32];
+
+    fn hop() -> NextHop {
+        NextHop {
             addr: "bob.example:7443".into(),
             pin: [4; 32],
-        };
+        }
+    }
+
+    /// A notice by `home` that the relay of `next_key` refused item
+    /// (`MB`, `HASH`) with `refusal`.
+    fn refused(home: &SigningKey, next_key: &SigningKey, refusal: Refusal) -> Notice {
+        Notice::sign(
+            home,
+            100,
+            MB,
+            HASH,
+            hop(),
+            Ended::Refused {
+                next_key: next_key.verifying_key().to_bytes(),
+                binding: binding(),
+                refusal,
+            },
+        )
+    }
+
+    fn notices() -> Vec<Notice> {
+        let (home, next) = (key(1), key(2));
         vec![
-            Notice::sign(
+            refused(
                 &home,
-                100,
-                mb,
-                [5; 32],
-                hop.clone(),
-                Ended::Refused {
-                    next_key: next.verifying_key().to_bytes(),
-                    binding: binding(),
-                    refusal: refusal(&next, RefusalCode::UnknownMailbox, mb, [5; 32]),
-                },
+                &next,
+                refusal(&next, RefusalCode::UnknownMailbox, MB, HASH),
             ),
             Notice::sign(
                 &home,
                 200,
-                mb,
-                [5; 32],
-                hop,
+                MB,
+                HASH,
+                hop(),
                 Ended::GaveUp {
                     attempts: 12,
                     error: "connection refused".into(),
@@ -373,22 +388,10 @@ mod tests {
     #[test]
     fn a_carried_refusal_must_be_the_next_relays() {
         let (home, next, other) = (key(1), key(2), key(3));
-        let mb = MailboxId([3; 32]);
-        let hop = NextHop {
-            addr: "b:1".into(),
-            pin: [4; 32],
-        };
-        let forged = Notice::sign(
+        let forged = refused(
             &home,
-            1,
-            mb,
-            [5; 32],
-            hop.clone(),
-            Ended::Refused {
-                next_key: next.verifying_key().to_bytes(),
-                binding: binding(),
-                refusal: refusal(&other, RefusalCode::OverQuota, mb, [5; 32]),
-            },
+            &next,
+            refusal(&other, RefusalCode::OverQuota, MB, HASH),
         );
         assert_eq!(
             forged.verify(&home.verifying_key()),
@@ -396,20 +399,13 @@ mod tests {
         );
         // The refusal is rebuilt from the notice's own item: one signed
         // for another payload does not verify for this one.
-        let elsewhere = refusal(&next, RefusalCode::OverQuota, mb, [6; 32]);
-        let moved = Notice::sign(
+        let elsewhere = refusal(&next, RefusalCode::OverQuota, MB, [6; 32]);
+        let moved = refused(
             &home,
-            1,
-            mb,
-            [5; 32],
-            hop,
-            Ended::Refused {
-                next_key: next.verifying_key().to_bytes(),
-                binding: binding(),
-                refusal: Refusal {
-                    payload_hash: [5; 32],
-                    ..elsewhere
-                },
+            &next,
+            Refusal {
+                payload_hash: HASH,
+                ..elsewhere
             },
         );
         assert_eq!(

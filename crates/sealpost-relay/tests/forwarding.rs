@@ -24,6 +24,16 @@ fn now() -> u64 {
 /// A relay on `ip` (port `port`, 0 for any) over `data`, retrying
 /// forwards quickly.
 async fn relay_on(ip: &str, port: u16, data: &std::path::Path) -> RunningRelay {
+    relay_with(ip, port, data, |_| {}).await
+}
+
+/// [`relay_on`], its configuration then changed by `tweak`.
+async fn relay_with(
+    ip: &str,
+    port: u16,
+    data: &std::path::Path,
+    tweak: impl FnOnce(&mut Config),
+) -> RunningRelay {
     let mut cfg = Config::new(format!("{ip}:{port}").parse().expect("addr"), data.into());
     cfg.forwarding.retry = Backoff {
         base: Duration::from_millis(200),
@@ -31,7 +41,42 @@ async fn relay_on(ip: &str, port: u16, data: &std::path::Path) -> RunningRelay {
     };
     cfg.forwarding.poll = Duration::from_millis(100);
     cfg.forwarding.timeouts.connect = Duration::from_secs(2);
+    tweak(&mut cfg);
     Relay::bind(cfg).await.expect("bind").spawn()
+}
+
+/// Alice and her relay on 127.0.0.2 (configured by `tweak` after
+/// [`relay_on`]'s settings), Bob and his on 127.0.0.3, Bob's mailbox
+/// registered there.
+struct Two {
+    dir: tempfile::TempDir,
+    alice: Identity,
+    bob: Identity,
+    a_relay: RunningRelay,
+    b_relay: RunningRelay,
+    a: RelayAddress,
+    b: RelayAddress,
+    bob_mb: MailboxId,
+}
+
+async fn two(tweak: impl FnOnce(&mut Config)) -> Two {
+    let dir = tempfile::tempdir().expect("tmp");
+    let alice = Identity::generate(&mut rand_core::OsRng);
+    let bob = Identity::generate(&mut rand_core::OsRng);
+    let a_relay = relay_with("127.0.0.2", 0, &dir.path().join("a"), tweak).await;
+    let b_relay = relay_on("127.0.0.3", 0, &dir.path().join("b")).await;
+    let (a, b) = (a_relay.address().clone(), b_relay.address().clone());
+    let bob_mb = owner(&b, &bob).await.register(&bob).await.expect("bob");
+    Two {
+        dir,
+        alice,
+        bob,
+        a_relay,
+        b_relay,
+        a,
+        b,
+        bob_mb,
+    }
 }
 
 fn next_of(addr: &RelayAddress) -> NextHop {
@@ -90,13 +135,16 @@ fn refused(r: &Result<Submitted, sealpost_relay::client::ClientError>) -> Option
 /// notice her relay signed, carrying Bob's relay's own signed refusal.
 #[tokio::test]
 async fn items_go_on_to_the_next_relay_and_refusals_come_back() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let alice = Identity::generate(&mut rand_core::OsRng);
-    let bob = Identity::generate(&mut rand_core::OsRng);
-    let a_relay = relay_on("127.0.0.2", 0, &dir.path().join("a")).await;
-    let b_relay = relay_on("127.0.0.3", 0, &dir.path().join("b")).await;
-    let (a, b) = (a_relay.address().clone(), b_relay.address().clone());
-    let bob_mb = owner(&b, &bob).await.register(&bob).await.expect("bob");
+    let Two {
+        dir,
+        alice,
+        bob,
+        a_relay,
+        b_relay,
+        a,
+        b,
+        bob_mb,
+    } = two(|_| {}).await;
     let to_b = next_of(&b);
     let c = owner(&a, &alice).await;
     let r = c
@@ -199,13 +247,16 @@ async fn a_relay_queue(r: &RunningRelay) -> Vec<sealpost_store::HopQueue> {
 /// is stored whoever forwards it (the last hop).
 #[tokio::test]
 async fn only_owners_forward_and_hops_are_bounded() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let alice = Identity::generate(&mut rand_core::OsRng);
-    let bob = Identity::generate(&mut rand_core::OsRng);
-    let a_relay = relay_on("127.0.0.2", 0, &dir.path().join("a")).await;
-    let b_relay = relay_on("127.0.0.3", 0, &dir.path().join("b")).await;
-    let (a, b) = (a_relay.address().clone(), b_relay.address().clone());
-    let bob_mb = owner(&b, &bob).await.register(&bob).await.expect("bob");
+    let Two {
+        dir: _dir,
+        alice,
+        bob,
+        a_relay,
+        b_relay,
+        a,
+        b,
+        bob_mb,
+    } = two(|_| {}).await;
     let alice_mb = owner(&a, &alice)
         .await
         .register(&alice)
@@ -292,16 +343,20 @@ async fn an_item_the_next_relay_never_takes_is_given_up_at_expiry() {
 /// silent one's attempt hangs, is handed on at once.
 #[tokio::test]
 async fn a_silent_next_relay_holds_up_only_its_own_items() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let alice = Identity::generate(&mut rand_core::OsRng);
-    let bob = Identity::generate(&mut rand_core::OsRng);
-    let mut cfg = Config::new("127.0.0.2:0".parse().expect("addr"), dir.path().join("a"));
-    cfg.forwarding.poll = Duration::from_millis(50);
-    cfg.forwarding.timeouts.connect = Duration::from_secs(8);
-    let a_relay = Relay::bind(cfg).await.expect("bind").spawn();
-    let b_relay = relay_on("127.0.0.3", 0, &dir.path().join("b")).await;
-    let (a, b) = (a_relay.address().clone(), b_relay.address().clone());
-    let bob_mb = owner(&b, &bob).await.register(&bob).await.expect("bob");
+    let Two {
+        dir: _dir,
+        alice,
+        bob,
+        a_relay,
+        b_relay,
+        a,
+        b,
+        bob_mb,
+    } = two(|cfg| {
+        cfg.forwarding.poll = Duration::from_millis(50);
+        cfg.forwarding.timeouts.connect = Duration::from_secs(8);
+    })
+    .await;
     // Accepts connections and holds them, saying nothing.
     let silent = tokio::net::TcpListener::bind("127.0.0.4:0")
         .await
@@ -344,13 +399,16 @@ async fn a_silent_next_relay_holds_up_only_its_own_items() {
 /// queued, reach Bob's relay over a single connection.
 #[tokio::test]
 async fn a_connection_to_the_next_relay_is_kept_between_passes() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let alice = Identity::generate(&mut rand_core::OsRng);
-    let bob = Identity::generate(&mut rand_core::OsRng);
-    let a_relay = relay_on("127.0.0.2", 0, &dir.path().join("a")).await;
-    let b_relay = relay_on("127.0.0.3", 0, &dir.path().join("b")).await;
-    let (a, b) = (a_relay.address().clone(), b_relay.address().clone());
-    let bob_mb = owner(&b, &bob).await.register(&bob).await.expect("bob");
+    let Two {
+        dir: _dir,
+        alice,
+        bob: _,
+        a_relay,
+        b_relay,
+        a,
+        b,
+        bob_mb,
+    } = two(|_| {}).await;
     let c = owner(&a, &alice).await;
     let before = b_relay
         .metrics()

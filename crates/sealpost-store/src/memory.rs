@@ -63,6 +63,25 @@ impl State {
         }
     }
 
+    /// Stores `item` under the next seq (its bytes are the caller's to
+    /// count).
+    fn push_item(&mut self, item: NewItem) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.items.insert(
+            seq,
+            ItemRow {
+                mailbox: item.mailbox,
+                received_at: item.now,
+                expires_at: item.expires_at,
+                hash: item.hash,
+                payload: item.payload,
+                source: item.source,
+            },
+        );
+        seq
+    }
+
     fn share(&self, mailbox: MailboxId, source: Source) -> u64 {
         self.shares.get(&(mailbox, source)).copied().unwrap_or(0)
     }
@@ -149,22 +168,10 @@ impl Ledger for MemLedger {
             {
                 return SubmitOutcome::Refused(RefusalCode::OverQuota);
             }
-            let seq = s.next_seq;
-            s.next_seq += 1;
             let mut item_id = [0u8; 16];
             OsRng.fill_bytes(&mut item_id);
             s.charge(item.mailbox, item.source, len);
-            s.items.insert(
-                seq,
-                ItemRow {
-                    mailbox: item.mailbox,
-                    received_at: item.now,
-                    expires_at: item.expires_at,
-                    hash: item.hash,
-                    payload: item.payload,
-                    source: item.source,
-                },
-            );
+            let seq = s.push_item(item);
             SubmitOutcome::Stored { seq, item_id }
         })
     }
@@ -460,23 +467,11 @@ impl Ledger for MemLedger {
             }
             let notice_seq = match notice {
                 Some(n) if n.mailbox == q.origin => {
-                    let seq = s.next_seq;
-                    s.next_seq += 1;
+                    // In the mailbox's use, in no source's share.
                     if let Some(m) = s.mailboxes.get_mut(&q.origin) {
                         m.1 += n.payload.len() as u64;
                     }
-                    s.items.insert(
-                        seq,
-                        ItemRow {
-                            mailbox: n.mailbox,
-                            received_at: n.now,
-                            expires_at: n.expires_at,
-                            hash: n.hash,
-                            payload: n.payload,
-                            source: n.source,
-                        },
-                    );
-                    Some(seq)
+                    Some(s.push_item(n))
                 }
                 _ => None,
             };

@@ -260,6 +260,40 @@ impl Reply {
     }
 }
 
+/// Stores an item in `mailbox` and counts its bytes in the mailbox's use:
+/// its seq and item id. `source` is what share it is in (charged by the
+/// caller), `None` for none.
+fn store_item(
+    tx: &rusqlite::Transaction<'_>,
+    mailbox: &MailboxId,
+    now: u64,
+    expires_at: u64,
+    hash: &[u8; 32],
+    payload: Vec<u8>,
+    source: Option<&[u8]>,
+) -> Result<(u64, [u8; 16]), rusqlite::Error> {
+    let mut item_id = [0u8; 16];
+    OsRng.fill_bytes(&mut item_id);
+    let len = payload.len() as i64;
+    tx.prepare_cached(
+        "INSERT INTO items (mailbox, item_id, received_at, expires_at, hash, payload, source)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        mailbox.0.to_vec(),
+        item_id.to_vec(),
+        i64_of(now),
+        i64_of(expires_at),
+        hash.to_vec(),
+        payload,
+        source
+    ])?;
+    let seq = u64_of(tx.last_insert_rowid());
+    tx.prepare_cached("UPDATE mailboxes SET used = used + ?2 WHERE id = ?1")?
+        .execute(params![mailbox.0.to_vec(), len])?;
+    Ok((seq, item_id))
+}
+
 pub(crate) fn apply(
     tx: &rusqlite::Transaction<'_>,
     op: Op,
@@ -333,25 +367,17 @@ pub(crate) fn apply(
                     SubmitOutcome::Refused(RefusalCode::OverQuota)
                 }
                 Some(_) => {
-                    let mut item_id = [0u8; 16];
-                    OsRng.fill_bytes(&mut item_id);
-                    tx.prepare_cached(
-                        "INSERT INTO items (mailbox, item_id, received_at, expires_at, hash, payload, source)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    )?
-                    .execute(params![
-                        mailbox.0.to_vec(),
-                        item_id.to_vec(),
-                        i64_of(now),
-                        i64_of(expires_at),
-                        hash.to_vec(),
+                    let len = payload.len() as i64;
+                    let (seq, item_id) = store_item(
+                        tx,
+                        &mailbox,
+                        now,
+                        expires_at,
+                        &hash,
                         payload,
-                        source.as_bytes()
-                    ])?;
-                    let seq = u64_of(tx.last_insert_rowid());
-                    tx.prepare_cached("UPDATE mailboxes SET used = used + ?2 WHERE id = ?1")?
-                        .execute(params![mailbox.0.to_vec(), payload.len() as i64])?;
-                    charge_share(tx, &mailbox.0, source.as_bytes(), payload.len() as i64)?;
+                        Some(source.as_bytes()),
+                    )?;
+                    charge_share(tx, &mailbox.0, source.as_bytes(), len)?;
                     SubmitOutcome::Stored { seq, item_id }
                 }
             };
@@ -588,26 +614,16 @@ pub(crate) fn apply(
                     // an item of the origin's that the quota already held.
                     let notice_seq = match notice {
                         Some(n) if n.mailbox.0.as_slice() == origin.as_slice() => {
-                            let notice_len = n.payload.len() as i64;
-                            let mut item_id = [0u8; 16];
-                            OsRng.fill_bytes(&mut item_id);
-                            tx.prepare_cached(
-                                "INSERT INTO items (mailbox, item_id, received_at, expires_at, hash, payload, source)
-                                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
-                            )?
-                            .execute(params![
-                                n.mailbox.0.to_vec(),
-                                item_id.to_vec(),
-                                i64_of(n.now),
-                                i64_of(n.expires_at),
-                                n.hash.to_vec(),
+                            // In no source's share: the relay made it.
+                            let (seq, _) = store_item(
+                                tx,
+                                &n.mailbox,
+                                n.now,
+                                n.expires_at,
+                                &n.hash,
                                 n.payload,
-                            ])?;
-                            let seq = u64_of(tx.last_insert_rowid());
-                            tx.prepare_cached(
-                                "UPDATE mailboxes SET used = used + ?2 WHERE id = ?1",
-                            )?
-                            .execute(params![origin, notice_len])?;
+                                None,
+                            )?;
                             Some(seq)
                         }
                         _ => None,

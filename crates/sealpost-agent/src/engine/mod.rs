@@ -97,7 +97,22 @@ pub(crate) fn refuses_forwarding(
     }
 }
 
+/// The next relay a relay address (from a card) names, for a `Forward`.
+pub(crate) fn next_hop(relay: &str) -> Option<sealpost_proto::relay::NextHop> {
+    RelayAddress::parse(relay).map(|a| sealpost_proto::relay::NextHop {
+        addr: a.host_port,
+        pin: a.pin.0,
+    })
+}
+
 impl Engine {
+    /// Whether what goes to `relay` is handed to the home relay, which
+    /// forwards it (forwarding on, the home relay forwards, and `relay`
+    /// is another).
+    pub(crate) fn forwards_to(&self, relay: &str) -> bool {
+        self.forward && self.home_forwards && relay != self.home_addr.to_string()
+    }
+
     /// Notes that the home relay does not forward (logged once).
     pub(crate) fn home_does_not_forward(&mut self) {
         if self.home_forwards {

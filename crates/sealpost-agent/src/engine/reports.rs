@@ -85,15 +85,11 @@ impl Engine {
         let expires = now_s + REPORT_LIFETIME_SECS;
         // Forwarding on, and the relay is another: through the home relay
         // (PROTOCOL 6.8), as messages go.
-        let forward_to =
-            if self.forward && self.home_forwards && relay != self.home_addr.to_string() {
-                RelayAddress::parse(relay).map(|a| sealpost_proto::relay::NextHop {
-                    addr: a.host_port,
-                    pin: a.pin.0,
-                })
-            } else {
-                None
-            };
+        let forward_to = if self.forwards_to(relay) {
+            next_hop(relay)
+        } else {
+            None
+        };
         if let Some(next) = forward_to {
             let item = sealpost_proto::relay::Forward {
                 hops: 0,

@@ -28,10 +28,7 @@ impl Engine {
         let mut routes = Vec::with_capacity(idxs.len());
         for &i in idxs {
             let d = &due[i];
-            let next = RelayAddress::parse(&d.relay).map(|a| sealpost_proto::relay::NextHop {
-                addr: a.host_port,
-                pin: a.pin.0,
-            });
+            let next = next_hop(&d.relay);
             let payload = sealed.get(&d.msg).cloned().unwrap_or_default();
             routes.push(next.is_some());
             if let Some(next) = next {
@@ -52,29 +49,27 @@ impl Engine {
                 Ok(c.forward_many(items.clone()).await)
             })
             .await;
-        let mut answers = match r {
+        let answers = match r {
             Ok(a) => {
                 if a.iter()
                     .any(|x| matches!(x, Err(ClientError::Closed | ClientError::Io(_))))
                 {
                     self.home.disconnect();
                 }
-                a.into_iter()
+                a
             }
             Err(e) => {
                 self.home.disconnect();
                 let msg = e.to_string();
                 (0..sent)
                     .map(|_| Err(ClientError::Io(std::io::Error::other(msg.clone()))))
-                    .collect::<Vec<_>>()
-                    .into_iter()
+                    .collect()
             }
         };
-        let answers_vec: Vec<_> = answers.by_ref().collect();
-        if answers_vec.iter().any(refuses_forwarding) {
+        if answers.iter().any(refuses_forwarding) {
             self.home_does_not_forward();
         }
-        let mut answers = answers_vec.into_iter();
+        let mut answers = answers.into_iter();
         let now = self.clock.now_ms();
         for (k, &i) in idxs.iter().enumerate() {
             let row = &due[i];
@@ -149,7 +144,6 @@ impl Engine {
             let mut take = 0usize;
             let mut updates = Vec::with_capacity(due.len());
             let mut streaming: Vec<usize> = Vec::new();
-            let home_text = self.home_addr.to_string();
             for (i, d) in due.iter().enumerate() {
                 // A file's manifest goes out only once its blob is whole at
                 // the recipient's relay.
@@ -199,12 +193,11 @@ impl Engine {
                 // forwarding is on and the recipient is elsewhere (files
                 // are not forwarded: their blob went to the recipient's
                 // relay, and so does their manifest).
-                let route =
-                    if self.forward && self.home_forwards && d.relay != home_text && !is_file {
-                        FORWARDED.to_owned()
-                    } else {
-                        d.relay.clone()
-                    };
+                let route = if !is_file && self.forwards_to(&d.relay) {
+                    FORWARDED.to_owned()
+                } else {
+                    d.relay.clone()
+                };
                 by_relay.entry(route).or_default().push(i);
                 take = i + 1;
                 if bytes >= SUBMIT_BATCH_BYTES {

@@ -38,6 +38,14 @@ pub async fn relay(
 ) -> (RunningRelay, Arc<MemoryNet>) {
     let mut cfg = Config::new("127.0.0.1:0".parse().expect("addr"), dir.join("relay"));
     cfg.tamper = tamper;
+    let relay = spawn_in_memory(cfg).await;
+    let net = MemoryNet::new();
+    net.add(relay.door());
+    (relay, net)
+}
+
+/// A relay configured by `cfg`, on the in-memory store, serving.
+pub async fn spawn_in_memory(cfg: Config) -> RunningRelay {
     let store = Store::new(
         Arc::new(MemLedger::new(cfg.limits)),
         Arc::new(MemBlobs::default()),
@@ -45,10 +53,7 @@ pub async fn relay(
         cfg.limits,
         "memory".into(),
     );
-    let relay = Relay::bind_with(cfg, store).await.expect("bind").spawn();
-    let net = MemoryNet::new();
-    net.add(relay.door());
-    (relay, net)
+    Relay::bind_with(cfg, store).await.expect("bind").spawn()
 }
 
 /// An identity with its home on `addr`, reached over `net`, on `clock`

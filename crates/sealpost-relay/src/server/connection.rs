@@ -13,8 +13,6 @@ pub(crate) struct Session {
     pub(crate) challenge: [u8; 32],
     pub(crate) exporter: [u8; 32],
     pub(crate) mailbox: Option<MailboxId>,
-    /// The relay this connection proved it speaks for (`PeerAuth`).
-    pub(crate) peer: Option<[u8; 32]>,
     pub(crate) subscription: Option<Subscription>,
     /// Where the connection comes from (for the per-source share).
     pub(crate) source: Source,
@@ -76,7 +74,6 @@ where
         challenge,
         exporter,
         mailbox: None,
-        peer: None,
         subscription: None,
         source,
         blob_lane: None,
@@ -222,17 +219,8 @@ pub(crate) async fn handle(
             } else {
                 context::AUTH
             };
-            if !proves(session, ctx, &key, &signature) {
-                s.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-                return send(
-                    out,
-                    id,
-                    err(
-                        ErrorCode::BadSignature,
-                        "the signature does not prove possession of this key on this connection",
-                    ),
-                )
-                .await;
+            if let Some(e) = unproven(s, session, ctx, &key, &signature, "key") {
+                return send(out, id, e).await;
             }
             let mailbox = MailboxId::of(&key);
             if registering {
@@ -509,19 +497,9 @@ pub(crate) async fn handle(
         }
         Request::KeyBinding => send(out, id, Response::KeyBinding(s.binding.clone())).await,
         Request::PeerAuth { key, signature } => {
-            if !proves(session, context::PEER, &key, &signature) {
-                s.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-                return send(
-                    out,
-                    id,
-                    err(
-                        ErrorCode::BadSignature,
-                        "the signature does not prove possession of this relay key on this connection",
-                    ),
-                )
-                .await;
+            if let Some(e) = unproven(s, session, context::PEER, &key, &signature, "relay key") {
+                return send(out, id, e).await;
             }
-            session.peer = Some(key);
             send(out, id, Response::Ok).await
         }
         Request::Forward(f) => {
@@ -543,17 +521,34 @@ pub(crate) async fn handle(
     }
 }
 
-/// Whether `signature` proves, on this connection, possession of `key`
-/// under `ctx` (`Register`, `Auth`, `PeerAuth`: PROTOCOL 6.3, 6.8).
-fn proves(session: &Session, ctx: &[u8], key: &[u8; 32], signature: &[u8; 64]) -> bool {
+/// `None` if `signature` proves, on this connection, possession of `key`
+/// under `ctx` (`Register`, `Auth`, `PeerAuth`: PROTOCOL 6.3, 6.8); else
+/// the error to answer (counted as a failed authentication), naming
+/// `what` the key is.
+fn unproven(
+    s: &Shared,
+    session: &Session,
+    ctx: &[u8],
+    key: &[u8; 32],
+    signature: &[u8; 64],
+    what: &str,
+) -> Option<Response> {
     let mut msg = ctx.to_vec();
     msg.extend_from_slice(&auth_transcript(&session.exporter, &session.challenge));
-    VerifyingKey::from_bytes(key)
+    let ok = VerifyingKey::from_bytes(key)
         .map(|vk| {
             vk.verify_strict(&msg, &ed25519_dalek::Signature::from_bytes(signature))
                 .is_ok()
         })
-        .unwrap_or(false)
+        .unwrap_or(false);
+    if ok {
+        return None;
+    }
+    s.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+    Some(err(
+        ErrorCode::BadSignature,
+        format!("the signature does not prove possession of this {what} on this connection"),
+    ))
 }
 
 /// The permits a `Submit` or `Forward` of `len` payload bytes holds until

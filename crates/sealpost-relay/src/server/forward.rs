@@ -190,7 +190,7 @@ fn busy_with(s: &Shared, hop: &NextHop) -> bool {
 /// Sends `items` to their next relay `hop` on one connection, proving
 /// this relay's key first; ends each one the next relay answered for.
 async fn hand_on(s: &Arc<Shared>, hop: NextHop, items: Vec<Queued>) {
-    let outgoing: Vec<Forward> = items
+    let mut outgoing: Vec<Forward> = items
         .iter()
         .map(|q| Forward {
             hops: q.item.hops.saturating_add(1),
@@ -209,7 +209,13 @@ async fn hand_on(s: &Arc<Shared>, hop: NextHop, items: Vec<Queued>) {
             Err(e) => return later(s, &items, &e).await,
         },
     };
-    let mut answers = peer.client.forward_many(outgoing.clone()).await;
+    // The items are copied only when they may have to go again.
+    let first = if reused {
+        outgoing.clone()
+    } else {
+        std::mem::take(&mut outgoing)
+    };
+    let mut answers = peer.client.forward_many(first).await;
     let mut peer = peer;
     if reused
         && answers

@@ -58,17 +58,6 @@ export SEALPOST_LOG=warn
 NAMES=(relay)
 if [[ $TWO_RELAYS == 1 ]]; then
     # Each relay on its own loopback address, as two machines would be.
-    relay_at() { # data ip port; sets AT (not in a subshell: PIDS must keep the pid)
-        "$SP" relay serve --data "$1" --listen "$2:$3" >/dev/null 2>>"$T/relay.log" &
-        PIDS+=($!)
-        for _ in $(seq 100); do
-            AT=$("$SP" relay address --data "$1" --listen "$2:$3" 2>/dev/null) &&
-                (exec 3<>"/dev/tcp/$2/$3") 2>/dev/null && return
-            sleep 0.1
-        done
-        echo "relay at $2:$3 did not start" >&2
-        exit 1
-    }
     relay_at "$T/relay" 127.0.0.2 "$PORT"
     ADDR=$AT
     relay_at "$T/relay-b" 127.0.0.3 "$((PORT + 2))"

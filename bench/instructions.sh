@@ -21,19 +21,16 @@ if [[ -z ${SP:-} ]]; then
 fi
 command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 2; }
 T=$(mktemp -d /tmp/sealpost-instructions.XXXXXX)
-RELAY=
+PIDS=()
 cleanup() {
-    [[ -n $RELAY ]] && kill "$RELAY" 2>/dev/null
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
     [[ ${KEEP:-0} == 1 ]] && echo "# kept $T" >&2 || rm -rf "$T"
 }
 trap cleanup EXIT
 export SEALPOST_LOG=warn
-"$SP" relay serve --data "$T/relay" --listen "127.0.0.1:$PORT" >/dev/null 2>"$T/relay.log" &
-RELAY=$!
-for _ in $(seq 100); do
-    ADDR=$("$SP" relay address --data "$T/relay" --listen "127.0.0.1:$PORT" 2>/dev/null) && break
-    sleep 0.1
-done
+. bench/lib.sh
+start_relay
 A=(--home "$T/alice")
 B=(--home "$T/bob")
 card() { "$SP" "$@" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])'; }

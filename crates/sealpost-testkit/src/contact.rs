@@ -2,7 +2,7 @@
 //! the format allows and more — file names at and past the limits, names
 //! that collide, names of the agent's own partial files, trees at the
 //! depth limit, paths that climb out, manifests that do not parse, files
-//! of a terabyte that never arrive, replays of its own messages and
+//! of a terabyte (or of ten bytes padded to one) that never arrive, replays of its own messages and
 //! floods. What the victim's agent must do is stated in the tests and in
 //! `bench/hostile-contact.sh`: keep receipting everyone else, never loop,
 //! never write outside its download directory, refuse what is over its
@@ -195,6 +195,13 @@ impl HostileContact {
             let (_, sealed) = self.seal(&mut rng, victim, Kind::FileManifest, &m.encode(), now);
             submit(&mut report, class, sealed).await?;
         }
+        // Ten bytes padded to a terabyte (a version 4 manifest): the
+        // padding is downloaded too, so it counts against the limit.
+        let mut m = manifest(&mut rng, 10, "padded.bin");
+        m.layout = BlobLayout::padded(10, 1 << 40, DEFAULT_CHUNK_SIZE)
+            .unwrap_or_else(|_| unreachable!("a valid layout"));
+        let (_, sealed) = self.seal(&mut rng, victim, Kind::FileManifest, &m.encode(), now);
+        submit(&mut report, "oversized-padding", sealed).await?;
         // Real files under names at and past the limits.
         let long = "n".repeat(255);
         let deep = format!("{}leaf", "d/".repeat(31));

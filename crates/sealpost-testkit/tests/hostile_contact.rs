@@ -154,10 +154,13 @@ async fn a_hostile_contact_cannot_jam_escape_or_fill() {
             "honest mail is receipted whatever mallory sends: {total:?}"
         );
     }
-    // Malformed and climbing names, and the terabyte, refused (signed).
+    // Malformed and climbing names, the terabyte and the terabyte of
+    // padding, refused (signed).
+    assert_eq!(report.accepted["oversized-padding"], 1, "{report:?}");
     let refused_here = report.accepted["malformed-manifest"]
         + report.accepted["invalid-name"]
-        + report.accepted["oversized-file"];
+        + report.accepted["oversized-file"]
+        + report.accepted["oversized-padding"];
     assert!(
         total.rejected >= refused_here as u64,
         "{total:?} {report:?}"

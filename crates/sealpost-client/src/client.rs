@@ -642,6 +642,31 @@ impl RelayClient {
         }
     }
 
+    /// Sends a piece for a relay to pass on toward `next` (`BlobForward`,
+    /// §6.8), pipelined; its answer is read with
+    /// [`RelayClient::blob_put_answer`], as a `BlobPut`'s (the relay that
+    /// holds the mailbox answers it as one; a forwarding relay answers for
+    /// its own copy).
+    pub async fn blob_forward_send(
+        &self,
+        hops: u8,
+        next: relay::NextHop,
+        piece: BlobPiece,
+    ) -> PendingPiece {
+        let (mailbox, refusal_hash) = (piece.mailbox, piece.refusal_hash());
+        PendingPiece {
+            sent: self
+                .send(Request::BlobForward(relay::BlobForward {
+                    hops,
+                    next,
+                    piece,
+                }))
+                .await,
+            mailbox,
+            refusal_hash,
+        }
+    }
+
     /// The answer to a piece: how much of the blob the relay holds and
     /// whether it is whole, or its refusal. A refusal must be signed by the
     /// relay and name this piece's mailbox and refusal hash (its blob id

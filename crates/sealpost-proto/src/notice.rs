@@ -9,8 +9,9 @@
 //! ```text
 //! notice = "SPFN" 0x01 kind:u8 at:u64 mailbox:[32] payload_hash:[32]
 //!          pin:[32] addr_len:u8 addr:[addr_len]
-//!          kind 1: next_key:[32] binding code:u8 refused_at:u64 refusal_signature:[64]
-//!          kind 2: attempts:u32 error_len:u16 error:[error_len]
+//!          kinds 3, 4: blob_id:[16] offset:u64
+//!          kinds 1, 3: next_key:[32] binding code:u8 refused_at:u64 refusal_signature:[64]
+//!          kinds 2, 4: attempts:u32 error_len:u16 error:[error_len]
 //!          relay_key:[32] signature:[64]
 //! signature = Ed25519(relay_key, "sealpost v1 relay notice\0" || every byte before it)
 //! ```
@@ -19,15 +20,15 @@ use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 
 use crate::codec::{self, DecodeError, Reader};
 use crate::relay::{
-    KeyBinding, MailboxId, NextHop, Refusal, RefusalCode, MAX_BINDING_SIGNATURE, MAX_BINDING_SPKI,
-    MAX_TEXT,
+    blob_refusal_hash, BlobId, KeyBinding, MailboxId, NextHop, Refusal, RefusalCode,
+    MAX_BINDING_SIGNATURE, MAX_BINDING_SPKI, MAX_TEXT,
 };
 
 pub const MAGIC: &[u8; 4] = b"SPFN";
 const VERSION: u8 = 1;
 /// Signature context.
 pub const CONTEXT: &[u8] = b"sealpost v1 relay notice\0";
-/// The largest notice: a kind 1 with the longest address and key binding.
+/// The largest notice: a kind 3 with the longest address and key binding.
 pub const MAX_NOTICE_BYTES: usize = 4
     + 1
     + 1
@@ -37,6 +38,8 @@ pub const MAX_NOTICE_BYTES: usize = 4
     + 32
     + 1
     + 253
+    + 16
+    + 8
     + 32
     + 2
     + 2
@@ -77,6 +80,10 @@ pub struct Notice {
     pub mailbox: MailboxId,
     pub payload_hash: [u8; 32],
     pub next: NextHop,
+    /// For a forwarded blob (kinds 3 and 4): the blob and the offset the
+    /// next relay refused or was waiting for; `payload_hash` is then
+    /// [`blob_refusal_hash`] of the two, as a refusal of that piece names.
+    pub blob: Option<(BlobId, u64)>,
     pub ended: Ended,
     /// The forwarding relay's Ed25519 key, which signed the notice.
     pub relay_key: [u8; 32],
@@ -98,11 +105,39 @@ impl Notice {
         next: NextHop,
         ended: Ended,
     ) -> Self {
+        Self::signed(key, at, mailbox, payload_hash, next, None, ended)
+    }
+
+    /// A notice about a forwarded blob, signed by `key`: the piece at
+    /// `offset` was refused, or the blob was given up while the next relay
+    /// held `offset` bytes of it.
+    pub fn sign_blob(
+        key: &SigningKey,
+        at: u64,
+        mailbox: MailboxId,
+        blob: (BlobId, u64),
+        next: NextHop,
+        ended: Ended,
+    ) -> Self {
+        let hash = blob_refusal_hash(&blob.0, blob.1);
+        Self::signed(key, at, mailbox, hash, next, Some(blob), ended)
+    }
+
+    fn signed(
+        key: &SigningKey,
+        at: u64,
+        mailbox: MailboxId,
+        payload_hash: [u8; 32],
+        next: NextHop,
+        blob: Option<(BlobId, u64)>,
+        ended: Ended,
+    ) -> Self {
         let mut n = Self {
             at,
             mailbox,
             payload_hash,
             next,
+            blob,
             ended,
             relay_key: key.verifying_key().to_bytes(),
             signature: [0; 64],
@@ -117,16 +152,17 @@ impl Notice {
         let mut o = Vec::with_capacity(MAX_NOTICE_BYTES);
         o.extend_from_slice(MAGIC);
         o.push(VERSION);
-        o.push(match self.ended {
-            Ended::Refused { .. } => 1,
-            Ended::GaveUp { .. } => 2,
-        });
+        o.push(self.kind());
         o.extend_from_slice(&self.at.to_be_bytes());
         o.extend_from_slice(&self.mailbox.0);
         o.extend_from_slice(&self.payload_hash);
         o.extend_from_slice(&self.next.pin);
         o.push(self.next.addr.len() as u8);
         o.extend_from_slice(self.next.addr.as_bytes());
+        if let Some((blob_id, offset)) = &self.blob {
+            o.extend_from_slice(&blob_id.0);
+            o.extend_from_slice(&offset.to_be_bytes());
+        }
         match &self.ended {
             Ended::Refused {
                 next_key,
@@ -148,6 +184,19 @@ impl Notice {
         }
         o.extend_from_slice(&self.relay_key);
         o
+    }
+
+    /// 1 refused, 2 given up; 3 and 4 the same of a blob.
+    pub fn kind(&self) -> u8 {
+        let k = match self.ended {
+            Ended::Refused { .. } => 1,
+            Ended::GaveUp { .. } => 2,
+        };
+        if self.blob.is_some() {
+            k + 2
+        } else {
+            k
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -175,38 +224,50 @@ impl Notice {
         let addr_len = r.u8("address length")? as usize;
         let addr = codec::read_text_of_len(&mut r, addr_len, "next relay's address", 253)?;
         crate::card::validate_relay_address(&addr)?;
-        let ended = match kind {
-            1 => {
-                let next_key = r.array("next relay's key")?;
-                let binding = KeyBinding::decode_from(&mut r)?;
-                let code = RefusalCode::from_code(r.u8("refusal code")?)?;
-                let refused_at = r.u64("refusal time")?;
-                let signature = r.array("refusal signature")?;
-                Ended::Refused {
-                    next_key,
-                    binding,
-                    refusal: Refusal {
-                        code,
-                        at: refused_at,
-                        mailbox,
-                        payload_hash,
-                        signature,
-                    },
-                }
-            }
-            2 => {
-                let attempts = r.u32("attempts")?;
-                let len = r.u16("error length")? as usize;
-                let error = codec::read_text_of_len(&mut r, len, "error", MAX_TEXT)?;
-                Ended::GaveUp { attempts, error }
-            }
-            _ => {
+        let blob = if kind == 3 || kind == 4 {
+            let blob_id = BlobId(r.array("blob id")?);
+            let offset = r.u64("offset")?;
+            if blob_refusal_hash(&blob_id, offset) != payload_hash {
                 return Err(DecodeError::Invalid {
-                    what: "notice kind",
-                    why: "must be 1 (refused) or 2 (given up)",
-                })
+                    what: "notice's payload hash",
+                    why: "must be BLAKE3(blob_id || offset) for a blob",
+                });
             }
+            Some((blob_id, offset))
+        } else {
+            None
         };
+        let ended =
+            match kind {
+                1 | 3 => {
+                    let next_key = r.array("next relay's key")?;
+                    let binding = KeyBinding::decode_from(&mut r)?;
+                    let code = RefusalCode::from_code(r.u8("refusal code")?)?;
+                    let refused_at = r.u64("refusal time")?;
+                    let signature = r.array("refusal signature")?;
+                    Ended::Refused {
+                        next_key,
+                        binding,
+                        refusal: Refusal {
+                            code,
+                            at: refused_at,
+                            mailbox,
+                            payload_hash,
+                            signature,
+                        },
+                    }
+                }
+                2 | 4 => {
+                    let attempts = r.u32("attempts")?;
+                    let len = r.u16("error length")? as usize;
+                    let error = codec::read_text_of_len(&mut r, len, "error", MAX_TEXT)?;
+                    Ended::GaveUp { attempts, error }
+                }
+                _ => return Err(DecodeError::Invalid {
+                    what: "notice kind",
+                    why: "must be 1 (refused), 2 (given up), 3 (blob refused) or 4 (blob given up)",
+                }),
+            };
         let relay_key = r.array("relay key")?;
         let signature = r.array("signature")?;
         r.finish()?;
@@ -215,6 +276,7 @@ impl Notice {
             mailbox,
             payload_hash,
             next: NextHop { addr, pin },
+            blob,
             ended,
             relay_key,
             signature,
@@ -347,7 +409,49 @@ mod tests {
                     error: "connection refused".into(),
                 },
             ),
+            Notice::sign_blob(
+                &home,
+                300,
+                MB,
+                (BlobId([6; 16]), 3 << 20),
+                hop(),
+                Ended::Refused {
+                    next_key: next.verifying_key().to_bytes(),
+                    binding: binding(),
+                    refusal: refusal(
+                        &next,
+                        RefusalCode::TooLarge,
+                        MB,
+                        blob_refusal_hash(&BlobId([6; 16]), 3 << 20),
+                    ),
+                },
+            ),
+            Notice::sign_blob(
+                &home,
+                400,
+                MB,
+                (BlobId([6; 16]), 0),
+                hop(),
+                Ended::GaveUp {
+                    attempts: 3,
+                    error: "timed out".into(),
+                },
+            ),
         ]
+    }
+
+    /// A blob notice's payload hash is the one its blob and offset make:
+    /// one that names another piece does not parse.
+    #[test]
+    fn a_blob_notice_names_its_piece() {
+        let n = &notices()[2];
+        assert_eq!(n.kind(), 3);
+        let mut bytes = n.encode();
+        // The offset's last byte, after the address.
+        let at = 4 + 1 + 1 + 8 + 32 + 32 + 32 + 1 + n.next.addr.len() + 16 + 7;
+        bytes[at] ^= 1;
+        assert!(Notice::decode(&bytes).is_err());
+        assert_eq!(notices()[3].kind(), 4);
     }
 
     /// Notices round-trip and verify with the home relay's key; any other

@@ -64,6 +64,11 @@ pub mod context {
 /// pin, mailbox, expiry, payload hash, address length.
 pub const FORWARD_HEAD: usize = 1 + 4 + 1 + 32 + 32 + 8 + 32 + 1;
 
+/// A `BlobForward` frame's body before its piece's data: type, request
+/// id, hops, pin, blob id, mailbox, blob length, blob hash, expiry,
+/// offset, address length.
+pub const BLOB_FORWARD_HEAD: usize = 1 + 4 + 1 + 32 + 16 + 32 + 8 + 32 + 8 + 8 + 1;
+
 /// The most relays an item may pass through before the one that holds
 /// its mailbox (§6.8): a `Forward` whose `hops` is this or more is refused
 /// as [`RefusalCode::NotForwarded`].
@@ -337,6 +342,17 @@ pub struct Forward {
     pub payload: Vec<u8>,
 }
 
+/// A `BlobForward` request: a piece of a blob to pass on toward the relay
+/// that holds its mailbox (§6.8), as a `Forward` passes on an item.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobForward {
+    /// Relays the blob passed before this request (0 from the sender).
+    pub hops: u8,
+    pub next: NextHop,
+    /// The piece, exactly as a `BlobPut` to the relay holding `mailbox`.
+    pub piece: BlobPiece,
+}
+
 /// [`BlobPiece::refusal_hash`] from the piece's blob id and offset.
 pub fn blob_refusal_hash(blob_id: &BlobId, offset: u64) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
@@ -395,6 +411,9 @@ pub enum Request {
     /// A sealed message to pass on toward the relay that holds its
     /// mailbox (§6.8).
     Forward(Forward),
+    /// A blob piece to pass on toward the relay that holds its mailbox
+    /// (§6.8).
+    BlobForward(BlobForward),
     /// The relay's certificate key's signature over its Ed25519 key
     /// (§6.1), so that anyone holding its pin can check that key offline.
     KeyBinding,
@@ -624,6 +643,37 @@ fn into_rest(mut body: Vec<u8>, at: usize) -> Vec<u8> {
     body
 }
 
+/// A `Forward`'s or `BlobForward`'s tail: `addr_len:u8`, then data of at
+/// most `max_data` bytes, then the address. Returns the address and where
+/// the data starts (the reader is left at the end).
+fn trailing_address(r: &mut Reader<'_>, max_data: usize) -> Result<(String, usize), DecodeError> {
+    let addr_len = r.u8("address length")? as usize;
+    let n = r.remaining();
+    if addr_len == 0 || addr_len > n {
+        return Err(DecodeError::Invalid {
+            what: "next relay's address",
+            why: "must be 1 to 253 bytes, after the data",
+        });
+    }
+    if n - addr_len > max_data {
+        return Err(DecodeError::TooLarge {
+            what: "forwarded data",
+            max: max_data,
+        });
+    }
+    let at = r.position();
+    r.take(n - addr_len, "data")?;
+    let addr = r.take(addr_len, "next relay's address")?;
+    let addr = std::str::from_utf8(addr)
+        .map_err(|_| DecodeError::Invalid {
+            what: "next relay's address",
+            why: "must be printable ASCII without spaces",
+        })?
+        .to_owned();
+    crate::card::validate_relay_address(&addr)?;
+    Ok((addr, at))
+}
+
 fn blob_id(r: &mut Reader<'_>) -> Result<BlobId, DecodeError> {
     r.array("blob id").map(BlobId)
 }
@@ -740,6 +790,22 @@ impl Request {
                 o.extend_from_slice(&f.payload);
                 o.extend_from_slice(f.next.addr.as_bytes());
             }
+            Self::BlobForward(f) => {
+                let p = &f.piece;
+                o.reserve(p.data.len() + f.next.addr.len() + BLOB_FORWARD_HEAD + 4);
+                header(o, 0x11, id);
+                o.push(f.hops);
+                o.extend_from_slice(&f.next.pin);
+                o.extend_from_slice(&p.blob_id.0);
+                o.extend_from_slice(&p.mailbox.0);
+                o.extend_from_slice(&p.total_len.to_be_bytes());
+                o.extend_from_slice(&p.blob_hash);
+                o.extend_from_slice(&p.expires_at.to_be_bytes());
+                o.extend_from_slice(&p.offset.to_be_bytes());
+                o.push(f.next.addr.len() as u8);
+                o.extend_from_slice(&p.data);
+                o.extend_from_slice(f.next.addr.as_bytes());
+            }
         }
         finish_frame(o);
     }
@@ -781,6 +847,7 @@ impl Request {
             0x04 => Some(1 + 4 + 32 + 8 + 32),
             0x08 => Some(1 + 4 + 16 + 32 + 8 + 32 + 8 + 8),
             0x0f => Some(FORWARD_HEAD),
+            0x11 => Some(BLOB_FORWARD_HEAD),
             _ => None,
         }
     }
@@ -789,13 +856,13 @@ impl Request {
     /// [`Request::head_len`] bytes) and the `rest` of the frame.
     pub fn decode_split(head: &[u8], rest: Vec<u8>) -> Result<Frame<Self>, DecodeError> {
         let ty = head.first().copied().unwrap_or(0);
-        let rest_max = if ty == 0x08 {
-            MAX_BLOB_PIECE
-        } else {
-            MAX_FRAME
+        let rest_max = match ty {
+            0x08 => MAX_BLOB_PIECE,
+            0x11 => MAX_BLOB_PIECE + 253,
+            _ => MAX_FRAME,
         };
         let rest = split_parts(Self::head_len(ty), head, rest, rest_max)?;
-        let parsed = if ty == 0x0f {
+        let parsed = if ty == 0x0f || ty == 0x11 {
             // The address ends the rest: parsed with the head, so that the
             // payload stays in the rest's own buffer.
             let addr_len = head.last().copied().unwrap_or(0) as usize;
@@ -826,6 +893,10 @@ impl Request {
             Self::Forward(f) => {
                 rest.truncate(rest.len().saturating_sub(f.next.addr.len()));
                 f.payload = rest;
+            }
+            Self::BlobForward(f) => {
+                rest.truncate(rest.len().saturating_sub(f.next.addr.len()));
+                f.piece.data = rest;
             }
             _ => {}
         }
@@ -940,24 +1011,8 @@ impl Request {
                 let mailbox = MailboxId(r.array("mailbox")?);
                 let expires_at = r.u64("expiry")?;
                 let payload_hash = r.array("payload hash")?;
-                let addr_len = r.u8("address length")? as usize;
-                let n = r.remaining();
-                if addr_len == 0 || addr_len > n {
-                    return Err(DecodeError::Invalid {
-                        what: "next relay's address",
-                        why: "must be 1 to 253 bytes, after the payload",
-                    });
-                }
-                rest = Some(r.position());
-                r.take(n - addr_len, "payload")?;
-                let addr = r.take(addr_len, "next relay's address")?;
-                let addr = std::str::from_utf8(addr)
-                    .map_err(|_| DecodeError::Invalid {
-                        what: "next relay's address",
-                        why: "must be printable ASCII without spaces",
-                    })?
-                    .to_owned();
-                crate::card::validate_relay_address(&addr)?;
+                let (addr, at) = trailing_address(&mut r, MAX_FRAME)?;
+                rest = Some(at);
                 Self::Forward(Forward {
                     hops,
                     next: NextHop { addr, pin },
@@ -965,6 +1020,31 @@ impl Request {
                     expires_at,
                     payload_hash,
                     payload: Vec::new(),
+                })
+            }
+            0x11 => {
+                let hops = r.u8("hop count")?;
+                let pin = r.array("next relay's pin")?;
+                let blob_id = blob_id(&mut r)?;
+                let mailbox = MailboxId(r.array("mailbox")?);
+                let total_len = r.u64("blob length")?;
+                let blob_hash = r.array("blob hash")?;
+                let expires_at = r.u64("expiry")?;
+                let offset = r.u64("offset")?;
+                let (addr, at) = trailing_address(&mut r, MAX_BLOB_PIECE)?;
+                rest = Some(at);
+                Self::BlobForward(BlobForward {
+                    hops,
+                    next: NextHop { addr, pin },
+                    piece: BlobPiece {
+                        blob_id,
+                        mailbox,
+                        total_len,
+                        blob_hash,
+                        expires_at,
+                        offset,
+                        data: Vec::new(),
+                    },
                 })
             }
             _ => {
@@ -1331,7 +1411,53 @@ mod tests {
             Request::KeyBinding,
             Request::Forward(forward(1, "relay.example:7443", 300)),
             Request::Forward(forward(0, "h:1", 0)),
+            Request::BlobForward(blob_forward(2, "relay.example:7443", 40)),
+            Request::BlobForward(blob_forward(0, "h:1", MAX_BLOB_PIECE)),
         ]
+    }
+
+    /// A `BlobForward` toward `addr` with a piece of `n` bytes.
+    fn blob_forward(hops: u8, addr: &str, n: usize) -> BlobForward {
+        BlobForward {
+            hops,
+            next: NextHop {
+                addr: addr.into(),
+                pin: [7; 32],
+            },
+            piece: BlobPiece {
+                blob_id: BlobId([8; 16]),
+                mailbox: MailboxId([9; 32]),
+                total_len: 1 << 30,
+                blob_hash: [3; 32],
+                expires_at: 77,
+                offset: 1 << 20,
+                data: vec![1; n],
+            },
+        }
+    }
+
+    /// A `BlobForward`'s piece is at most 1 MiB and its address is
+    /// checked as a `Forward`'s.
+    #[test]
+    fn a_blob_forwards_piece_and_address_are_checked() {
+        let good = Request::BlobForward(blob_forward(0, "relay.example:7443", 5)).encode(1);
+        assert!(Request::decode(&good[4..]).is_ok());
+        let len_at = 4 + BLOB_FORWARD_HEAD - 1;
+        for bad_len in [0u8, 24, 255] {
+            let mut f = good.clone();
+            f[len_at] = bad_len;
+            assert!(Request::decode(&f[4..]).is_err(), "{bad_len}");
+        }
+        let big = Request::BlobForward(blob_forward(0, "h:1", MAX_BLOB_PIECE + 1)).encode(1);
+        assert!(matches!(
+            Request::decode(&big[4..]),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        // Read in two parts, as a relay does.
+        let body = &good[4..];
+        let (head, rest) = body.split_at(Request::head_len(0x11).unwrap());
+        let split = Request::decode_split(head, rest.to_vec()).unwrap();
+        assert_eq!(split.body, Request::decode(body).unwrap().body);
     }
 
     /// A `Forward` toward `addr` with `n` payload bytes.

@@ -136,6 +136,11 @@ impl Collector for Figures {
             g(&m.forward_given_up),
         )?;
         counter(
+            "forward_blob_bytes",
+            "Bytes of blobs handed on to next relays (durable there).",
+            g(&m.forward_blob_bytes),
+        )?;
+        counter(
             "forward_failures",
             "Attempts to hand items on that failed and will be tried again.",
             g(&m.forward_failures),

@@ -91,6 +91,7 @@ pub struct Metrics {
     pub forward_given_up: AtomicU64,
     /// Attempts to hand items on that failed (and will be tried again).
     pub forward_failures: AtomicU64,
+    pub forward_blob_bytes: AtomicU64,
 }
 
 struct Shared {
@@ -107,6 +108,11 @@ struct Shared {
     /// Connections to next relays kept between passes (at most
     /// `forward::KEEP_IDLE` unused).
     forward_links: std::sync::Mutex<HashMap<relay::NextHop, (Peer, std::time::Instant)>>,
+    /// What the next relay held of each blob being forwarded, at the last
+    /// attempt (so that a blob whose sender is still uploading costs the
+    /// next relay nothing until there is more to send). Only a hint: the
+    /// next relay's `BlobStatus` is asked before sending.
+    forward_blobs: std::sync::Mutex<HashMap<relay::BlobId, u64>>,
     /// The certificate key's signature over `key` (PROTOCOL 6.1).
     binding: relay::KeyBinding,
     tls: TlsAcceptor,
@@ -309,6 +315,7 @@ impl Relay {
             forward_wake: Notify::new(),
             forward_busy: std::sync::Mutex::new(std::collections::HashSet::new()),
             forward_links: std::sync::Mutex::new(HashMap::new()),
+            forward_blobs: std::sync::Mutex::new(HashMap::new()),
             binding,
             tls,
             subscribers: std::sync::Mutex::new(HashMap::new()),

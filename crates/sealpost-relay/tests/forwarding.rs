@@ -444,3 +444,168 @@ async fn a_connection_to_the_next_relay_is_kept_between_passes() {
     b_relay.stop().await.expect("stop b");
     a_relay.stop().await.expect("stop a");
 }
+
+/// Alice hands a blob to her relay in pieces (`BlobForward`), some while
+/// Bob's relay is down: her relay keeps them (in her quota), streams what
+/// it holds to Bob's relay once it is back, while she is still uploading,
+/// and deletes its copy once Bob's relay holds the blob whole — which Bob
+/// reads there, byte for byte. A blob for a mailbox Bob's relay does not
+/// have comes back to Alice as a notice naming the refused piece.
+#[tokio::test]
+async fn a_blob_goes_on_in_pieces_and_its_refusal_comes_back() {
+    use sealpost_proto::relay::{BlobId, BlobPiece};
+    let Two {
+        dir,
+        alice,
+        bob,
+        a_relay,
+        b_relay,
+        a,
+        b,
+        bob_mb,
+    } = two(|_| {}).await;
+    let to_b = next_of(&b);
+    let b_port: u16 = b
+        .host_port
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .parse()
+        .expect("port");
+    let blob: Vec<u8> = (0..5 * (1 << 20) + 123)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let hash = *blake3::hash(&blob).as_bytes();
+    let id = BlobId([0x42; 16]);
+    let piece = |mailbox: MailboxId, offset: usize| {
+        let end = (offset + (1 << 20)).min(blob.len());
+        BlobPiece {
+            blob_id: id,
+            mailbox,
+            total_len: blob.len() as u64,
+            blob_hash: if end == blob.len() { hash } else { [0; 32] },
+            expires_at: now() + 600,
+            offset: offset as u64,
+            data: blob[offset..end].to_vec(),
+        }
+    };
+    let c = owner(&a, &alice).await;
+    b_relay.stop().await.expect("stop b");
+    // Three pieces while Bob's relay is down.
+    for off in [0, 1 << 20, 2 << 20] {
+        let p = c
+            .blob_forward_send(0, to_b.clone(), piece(bob_mb, off))
+            .await;
+        let (stored, complete) = c.blob_put_answer(p).await.expect("answer").expect("stored");
+        assert_eq!((stored, complete), ((off + (1 << 20)) as u64, false));
+    }
+    assert_eq!(
+        c.status().await.expect("status").1,
+        blob.len() as u64,
+        "in Alice's quota, whole from its first piece (as any blob)"
+    );
+    let q = a_relay_queue(&a_relay).await;
+    assert_eq!((q.len(), q[0].items, q[0].bytes), (1, 1, blob.len() as u64));
+    let b_relay = relay_on("127.0.0.3", b_port, &dir.path().join("b")).await;
+    // Bob's relay takes what Alice's holds before she sends the rest.
+    let bob_c = owner(&b, &bob).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bob_c.blob_status(id).await.expect("status").0 < 3 << 20 {
+        assert!(Instant::now() < deadline, "not streamed on");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for off in [3 << 20, 4 << 20, 5 << 20] {
+        let p = c
+            .blob_forward_send(0, to_b.clone(), piece(bob_mb, off))
+            .await;
+        c.blob_put_answer(p).await.expect("answer").expect("stored");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !bob_c.blob_status(id).await.expect("status").1 {
+        assert!(Instant::now() < deadline, "not complete at Bob's relay");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < blob.len() {
+        let d = bob_c
+            .blob_get(id, got.len() as u64, 1 << 20)
+            .await
+            .expect("read");
+        got.extend_from_slice(&d);
+    }
+    assert!(got == blob, "Bob reads the blob Alice uploaded");
+    // Alice's relay let go of its copy and of her quota.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.status().await.expect("status").1 != 0 {
+        assert!(Instant::now() < deadline, "the copy was kept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.blob_status(id).await.expect("status"), (0, false));
+    assert!(a_relay_queue(&a_relay).await.is_empty());
+
+    // A mailbox Bob's relay does not have: its refusal of the first piece
+    // comes back, naming that piece.
+    let nobody = MailboxId::of(&[7; 32]);
+    let other = BlobId([0x43; 16]);
+    let mut p0 = piece(nobody, 0);
+    p0.blob_id = other;
+    let p = c.blob_forward_send(0, to_b.clone(), p0).await;
+    c.blob_put_answer(p).await.expect("answer").expect("stored");
+    let notices = fetch_n(&a, &alice, 1).await;
+    let n = Notice::decode(&notices[0]).expect("notice");
+    n.verify(&c_key(&a).await).expect("signed by Alice's relay");
+    assert_eq!((n.kind(), n.blob, n.mailbox), (3, Some((other, 0)), nobody));
+    match &n.ended {
+        notice::Ended::Refused { refusal, .. } => {
+            assert_eq!(refusal.code, RefusalCode::UnknownMailbox);
+            assert!(refusal.verify(&c_key(&b).await));
+        }
+        e => panic!("{e:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.blob_status(other).await.expect("status") != (0, false) {
+        assert!(
+            Instant::now() < deadline,
+            "the refused blob's copy was kept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b_relay.stop().await.expect("stop b");
+    a_relay.stop().await.expect("stop a");
+}
+
+/// Not an open relay for blobs either: a stranger's `BlobForward` is
+/// refused (code 6, naming the piece), and nothing is queued or stored.
+#[tokio::test]
+async fn only_owners_forward_blobs() {
+    use sealpost_proto::relay::{BlobId, BlobPiece};
+    let t = two(|_| {}).await;
+    let stranger = RelayClient::connect(&t.a).await.expect("connect");
+    let p = stranger
+        .blob_forward_send(
+            0,
+            next_of(&t.b),
+            BlobPiece {
+                blob_id: BlobId([1; 16]),
+                mailbox: t.bob_mb,
+                total_len: 3,
+                blob_hash: *blake3::hash(b"abc").as_bytes(),
+                expires_at: now() + 600,
+                offset: 0,
+                data: b"abc".to_vec(),
+            },
+        )
+        .await;
+    match stranger.blob_put_answer(p).await.expect("answer") {
+        Err(Submitted::Refused(r)) => assert_eq!(r.code, RefusalCode::NotForwarded),
+        other => panic!("{other:?}"),
+    }
+    assert!(a_relay_queue(&t.a_relay).await.is_empty());
+    assert_eq!(
+        stranger.blob_status(BlobId([1; 16])).await.expect("status"),
+        (0, false)
+    );
+    let _ = (&t.dir, &t.alice, &t.bob);
+    t.b_relay.stop().await.expect("stop b");
+    t.a_relay.stop().await.expect("stop a");
+}

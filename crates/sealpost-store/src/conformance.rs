@@ -695,17 +695,22 @@ pub async fn the_forward_queue_holds_and_ends_items(b: &dyn Backend) {
     // Refused: an origin with no mailbox, an expired item, over quota.
     let nobody = MailboxId::of(&[3; 32]);
     let r = store
-        .forward_enqueue(nobody, forward(dest, "b:1", b"x", NOW + 10), NOW)
+        .forward_enqueue(nobody, forward(dest, "b:1", b"x", NOW + 10), None, NOW)
         .await
         .expect("enqueue");
     assert_eq!(refused(r), RefusalCode::UnknownMailbox);
     let r = store
-        .forward_enqueue(alice, forward(dest, "b:1", b"x", NOW), NOW)
+        .forward_enqueue(alice, forward(dest, "b:1", b"x", NOW), None, NOW)
         .await
         .expect("enqueue");
     assert_eq!(refused(r), RefusalCode::Expired);
     let r = store
-        .forward_enqueue(alice, forward(dest, "b:1", &[0; 10_001], NOW + 10), NOW)
+        .forward_enqueue(
+            alice,
+            forward(dest, "b:1", &[0; 10_001], NOW + 10),
+            None,
+            NOW,
+        )
         .await
         .expect("enqueue");
     assert_eq!(refused(r), RefusalCode::OverQuota);
@@ -713,19 +718,34 @@ pub async fn the_forward_queue_holds_and_ends_items(b: &dyn Backend) {
     // Alice's 10,000, so her own mailbox takes no more than 4,000 now.
     let a = queued(
         store
-            .forward_enqueue(alice, forward(dest, "b:1", &[1; 2000], NOW + 100), NOW)
+            .forward_enqueue(
+                alice,
+                forward(dest, "b:1", &[1; 2000], NOW + 100),
+                None,
+                NOW,
+            )
             .await
             .expect("a"),
     );
     let b2 = queued(
         store
-            .forward_enqueue(alice, forward(dest, "b:1", &[2; 2000], NOW + 100), NOW + 1)
+            .forward_enqueue(
+                alice,
+                forward(dest, "b:1", &[2; 2000], NOW + 100),
+                None,
+                NOW + 1,
+            )
             .await
             .expect("b"),
     );
     let c = queued(
         store
-            .forward_enqueue(alice, forward(dest, "cc:2", &[3; 2000], NOW + 5), NOW + 2)
+            .forward_enqueue(
+                alice,
+                forward(dest, "cc:2", &[3; 2000], NOW + 5),
+                None,
+                NOW + 2,
+            )
             .await
             .expect("c"),
     );
@@ -768,7 +788,7 @@ pub async fn the_forward_queue_holds_and_ends_items(b: &dyn Backend) {
     );
     // Put off: not due before next_at, except once expired.
     store
-        .forward_later(vec![a, c], NOW + 60, "connection refused".into())
+        .forward_later(vec![a, c], NOW + 60, "connection refused".into(), true)
         .await
         .expect("later");
     let due = store.forward_due(NOW + 3, 10, 1 << 20).await.expect("due");
@@ -846,6 +866,65 @@ pub async fn the_forward_queue_holds_and_ends_items(b: &dyn Backend) {
         assert_eq!(due[0].item.payload, vec![1; 2000]);
         assert_eq!(due[0].attempts, 1);
         assert_eq!(store.status(&alice).await.expect("status").used, 2006);
+        store.close();
+    }
+}
+
+/// A forwarded blob's entry (PROTOCOL 6.8): queued once however often its
+/// first piece comes (the same id back), counted in the queue by the
+/// blob's length but not in the origin's quota (its blob is), and put off
+/// without counting an attempt while it waits for its sender's upload.
+pub async fn a_forwarded_blob_is_queued_once(b: &dyn Backend) {
+    let store = b.open(limits());
+    let alice = MailboxId::of(&[1; 32]);
+    let dest = MailboxId::of(&[9; 32]);
+    store.register(alice, [1; 32], NOW).await.expect("reg");
+    let blob = BlobId([7; 16]);
+    let entry = || forward(dest, "b:1", b"", NOW + 100);
+    let id = |e: Enqueued| match e {
+        Enqueued::Queued { id } => id,
+        Enqueued::Refused(c) => panic!("refused {c:?}"),
+    };
+    let first = id(store
+        .forward_enqueue(alice, entry(), Some((blob, 1 << 20)), NOW)
+        .await
+        .expect("enqueue"));
+    let again = id(store
+        .forward_enqueue(alice, entry(), Some((blob, 1 << 20)), NOW + 1)
+        .await
+        .expect("again"));
+    assert_eq!(first, again, "one entry per blob");
+    let other = id(store
+        .forward_enqueue(alice, entry(), Some((BlobId([8; 16]), 10)), NOW)
+        .await
+        .expect("other"));
+    assert_ne!(first, other);
+    assert_eq!(store.status(&alice).await.expect("status").used, 0);
+    let due = store.forward_due(NOW, 10, 1 << 20).await.expect("due");
+    assert_eq!(due.len(), 2);
+    assert_eq!(due[0].blob, Some((blob, 1 << 20)));
+    assert_eq!(due[0].item, entry());
+    let q = store.forward_queue().await.expect("queue");
+    assert_eq!((q[0].items, q[0].bytes), (2, (1 << 20) + 10));
+    // Waiting is not failing; failing is.
+    store
+        .forward_later(vec![first], NOW + 1, "waiting".into(), false)
+        .await
+        .expect("wait");
+    store
+        .forward_later(vec![other], NOW + 1, "refused".into(), true)
+        .await
+        .expect("fail");
+    let due = store.forward_due(NOW + 1, 10, 1 << 20).await.expect("due");
+    assert_eq!(
+        due.iter().map(|q| (q.id, q.attempts)).collect::<Vec<_>>(),
+        vec![(first, 0), (other, 1)]
+    );
+    if b.durable() {
+        store.close();
+        let store = b.open(limits());
+        let due = store.forward_due(NOW + 1, 10, 1 << 20).await.expect("due");
+        assert_eq!(due[0].blob, Some((blob, 1 << 20)));
         store.close();
     }
 }

@@ -120,8 +120,14 @@ pub struct NewItem {
 #[derive(Debug)]
 pub struct NewForward {
     pub origin: MailboxId,
-    /// As received (its `hops` not yet counted up).
+    /// As received (its `hops` not yet counted up). For a blob, its
+    /// payload is empty and its `payload_hash` names the blob's first
+    /// piece (§6.5).
     pub item: Forward,
+    /// A blob to forward instead of the payload: its id and length. Its
+    /// bytes are a blob of `origin`'s (counted in its quota as such);
+    /// queueing a blob that is queued already is no change.
+    pub blob: Option<(BlobId, u64)>,
     pub now: u64,
 }
 
@@ -138,6 +144,9 @@ pub struct Queued {
     pub id: u64,
     pub origin: MailboxId,
     pub item: Forward,
+    /// A blob to forward (id and length), held here as a blob of
+    /// `origin`'s under the same id.
+    pub blob: Option<(BlobId, u64)>,
     pub received_at: u64,
     /// Attempts that failed so far.
     pub attempts: u32,
@@ -240,9 +249,16 @@ pub trait Ledger: Send + Sync + 'static {
     /// its bytes; with a `notice`, stores that item for the origin in the
     /// same write. Nothing happens if it was gone already.
     fn forward_end(&self, id: u64, notice: Option<NewItem>) -> Fut<'_, Ended>;
-    /// Counts a failed attempt of each of `ids` and puts it off until
-    /// `next_at`.
-    fn forward_later(&self, ids: Vec<u64>, next_at: u64, error: String) -> Fut<'_, ()>;
+    /// Puts each of `ids` off until `next_at` with `error` as its last
+    /// error, counting a failed attempt if `failed` (a blob waiting for
+    /// its sender's upload has not failed).
+    fn forward_later(
+        &self,
+        ids: Vec<u64>,
+        next_at: u64,
+        error: String,
+        failed: bool,
+    ) -> Fut<'_, ()>;
     /// The queue per next relay.
     fn forward_queue(&self) -> Fut<'_, Vec<HopQueue>>;
     fn commit_stats(&self) -> CommitStats;

@@ -521,12 +521,18 @@ impl Store {
         &self,
         origin: MailboxId,
         item: sealpost_proto::relay::Forward,
+        blob: Option<(BlobId, u64)>,
         now: u64,
     ) -> Result<Enqueued, StoreError> {
         self.room_for(2 * item.payload.len() as u64 + 4096)?;
         self.inner
             .ledger
-            .forward_enqueue(NewForward { origin, item, now })
+            .forward_enqueue(NewForward {
+                origin,
+                item,
+                blob,
+                now,
+            })
             .await
     }
 
@@ -558,14 +564,19 @@ impl Store {
         Ok(ended)
     }
 
-    /// Puts queued items off until `next_at` after a failed attempt.
+    /// Puts queued items off until `next_at`, after a failed attempt if
+    /// `failed`.
     pub async fn forward_later(
         &self,
         ids: Vec<u64>,
         next_at: u64,
         error: String,
+        failed: bool,
     ) -> Result<(), StoreError> {
-        self.inner.ledger.forward_later(ids, next_at, error).await
+        self.inner
+            .ledger
+            .forward_later(ids, next_at, error, failed)
+            .await
     }
 
     /// The forward queue per next relay.

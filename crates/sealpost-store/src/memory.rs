@@ -407,6 +407,15 @@ impl Ledger for MemLedger {
     fn forward_enqueue(&self, f: NewForward) -> Fut<'_, Enqueued> {
         self.write(move |s| {
             let len = f.item.payload.len() as u64;
+            if let Some(b) = f.blob {
+                if let Some(q) = s
+                    .forwards
+                    .values()
+                    .find(|q| q.blob.map(|x| x.0) == Some(b.0))
+                {
+                    return Enqueued::Queued { id: q.id };
+                }
+            }
             let Some(&(_, used, quota)) = s.mailboxes.get(&f.origin) else {
                 return Enqueued::Refused(RefusalCode::UnknownMailbox);
             };
@@ -427,6 +436,7 @@ impl Ledger for MemLedger {
                     id,
                     origin: f.origin,
                     item: f.item,
+                    blob: f.blob,
                     received_at: f.now,
                     attempts: 0,
                     next_at: f.now,
@@ -479,11 +489,17 @@ impl Ledger for MemLedger {
         })
     }
 
-    fn forward_later(&self, ids: Vec<u64>, next_at: u64, error: String) -> Fut<'_, ()> {
+    fn forward_later(
+        &self,
+        ids: Vec<u64>,
+        next_at: u64,
+        error: String,
+        failed: bool,
+    ) -> Fut<'_, ()> {
         self.write(move |s| {
             for id in ids {
                 if let Some(q) = s.forwards.get_mut(&id) {
-                    q.attempts += 1;
+                    q.attempts += u32::from(failed);
                     q.next_at = next_at;
                     q.last_error = Some(error.clone());
                 }
@@ -498,7 +514,7 @@ impl Ledger for MemLedger {
             // such, by id), as the embedded ledger shows it.
             let mut worst: Vec<(u32, Option<String>)> = Vec::new();
             for q in s.forwards.values() {
-                let len = q.item.payload.len() as u64;
+                let len = q.item.payload.len() as u64 + q.blob.map_or(0, |b| b.1);
                 match out.iter().position(|h| h.next == q.item.next) {
                     Some(i) => {
                         let h = &mut out[i];

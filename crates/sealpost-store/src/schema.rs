@@ -68,8 +68,13 @@ CREATE INDEX IF NOT EXISTS forwards_due ON forwards(next_at);
 pub(crate) type GoneBlob = (Vec<u8>, Vec<u8>, i64, Option<Vec<u8>>);
 
 /// Columns added after a store was first made: (table, column, type).
-pub(crate) const ADDED_COLUMNS: &[(&str, &str, &str)] =
-    &[("items", "source", "BLOB"), ("blobs", "source", "BLOB")];
+pub(crate) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("items", "source", "BLOB"),
+    ("blobs", "source", "BLOB"),
+    // A forwarded blob (its id; NULL for an item) and its length.
+    ("forwards", "blob", "BLOB"),
+    ("forwards", "blob_len", "INTEGER NOT NULL DEFAULT 0"),
+];
 
 /// Adds the columns of [`ADDED_COLUMNS`] an older store lacks.
 pub(crate) fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
@@ -83,6 +88,10 @@ pub(crate) fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
             conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
         }
     }
+    // A blob is queued to forward once.
+    conn.execute_batch(
+        "CREATE UNIQUE INDEX IF NOT EXISTS forwards_blob ON forwards(blob) WHERE blob IS NOT NULL",
+    )?;
     Ok(())
 }
 

@@ -347,7 +347,7 @@ impl Ledger for SqliteLedger {
         ready(self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id, origin, next_addr, next_pin, hops, mailbox, received_at, expires_at, \
-                 hash, payload, attempts, next_at, last_error FROM forwards \
+                 hash, payload, attempts, next_at, last_error, blob, blob_len FROM forwards \
                  WHERE next_at <= ?1 OR expires_at <= ?1 ORDER BY id LIMIT ?2",
             )?;
             let rows = stmt.query_map(
@@ -367,6 +367,9 @@ impl Ledger for SqliteLedger {
                             payload_hash: arr(r.get(8)?),
                             payload: r.get(9)?,
                         },
+                        blob: r
+                            .get::<_, Option<Vec<u8>>>(13)?
+                            .map(|b| (BlobId(arr(b)), u64_of(r.get(14).unwrap_or(0)))),
                         received_at: u64_of(r.get(6)?),
                         attempts: r.get(10)?,
                         next_at: u64_of(r.get(11)?),
@@ -393,11 +396,18 @@ impl Ledger for SqliteLedger {
         Box::pin(self.call(move |reply| Op::ForwardEnd { id, notice, reply }))
     }
 
-    fn forward_later(&self, ids: Vec<u64>, next_at: u64, error: String) -> Fut<'_, ()> {
+    fn forward_later(
+        &self,
+        ids: Vec<u64>,
+        next_at: u64,
+        error: String,
+        failed: bool,
+    ) -> Fut<'_, ()> {
         Box::pin(self.call(move |reply| Op::ForwardLater {
             ids,
             next_at,
             error,
+            failed,
             reply,
         }))
     }
@@ -405,7 +415,7 @@ impl Ledger for SqliteLedger {
     fn forward_queue(&self) -> Fut<'_, Vec<HopQueue>> {
         ready(self.read(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT next_addr, next_pin, COUNT(*), SUM(LENGTH(payload)), MIN(received_at), \
+                "SELECT next_addr, next_pin, COUNT(*), SUM(LENGTH(payload) + blob_len), MIN(received_at), \
                  MIN(next_at), MAX(attempts), \
                  (SELECT last_error FROM forwards g WHERE g.next_addr = f.next_addr \
                   AND g.next_pin = f.next_pin ORDER BY attempts DESC, id LIMIT 1) \

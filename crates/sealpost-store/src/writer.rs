@@ -50,6 +50,7 @@ pub(crate) enum Op {
         ids: Vec<u64>,
         next_at: u64,
         error: String,
+        failed: bool,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
@@ -556,7 +557,19 @@ pub(crate) fn apply(
             Reply::Sweep(reply, n, ids)
         }
         Op::ForwardEnqueue { forward, reply } => {
-            let NewForward { origin, item, now } = forward;
+            let NewForward {
+                origin,
+                item,
+                blob,
+                now,
+            } = forward;
+            let existing: Option<i64> = match &blob {
+                Some((b, _)) => tx
+                    .prepare_cached("SELECT id FROM forwards WHERE blob = ?1")?
+                    .query_row(params![b.0.to_vec()], |r| r.get(0))
+                    .optional()?,
+                None => None,
+            };
             let quota: Option<(i64, i64)> = tx
                 .query_row(
                     "SELECT used, quota FROM mailboxes WHERE id = ?1",
@@ -566,6 +579,9 @@ pub(crate) fn apply(
                 .optional()?;
             let len = item.payload.len() as u64;
             let outcome = match quota {
+                _ if existing.is_some() => Enqueued::Queued {
+                    id: existing.map_or(0, u64_of),
+                },
                 None => Enqueued::Refused(RefusalCode::UnknownMailbox),
                 Some(_) if item.expires_at <= now => Enqueued::Refused(RefusalCode::Expired),
                 Some((used, q)) if u64_of(used) + len > u64_of(q) => {
@@ -574,8 +590,8 @@ pub(crate) fn apply(
                 Some(_) => {
                     tx.prepare_cached(
                         "INSERT INTO forwards (origin, next_addr, next_pin, hops, mailbox, \
-                         received_at, expires_at, hash, payload, next_at) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?6)",
+                         received_at, expires_at, hash, payload, next_at, blob, blob_len) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?6, ?10, ?11)",
                     )?
                     .execute(params![
                         origin.0.to_vec(),
@@ -587,6 +603,8 @@ pub(crate) fn apply(
                         i64_of(item.expires_at),
                         item.payload_hash.to_vec(),
                         item.payload,
+                        blob.map(|b| b.0 .0.to_vec()),
+                        i64_of(blob.map_or(0, |b| b.1)),
                     ])?;
                     let id = u64_of(tx.last_insert_rowid());
                     tx.prepare_cached("UPDATE mailboxes SET used = used + ?2 WHERE id = ?1")?
@@ -637,14 +655,20 @@ pub(crate) fn apply(
             ids,
             next_at,
             error,
+            failed,
             reply,
         } => {
             let mut stmt = tx.prepare_cached(
-                "UPDATE forwards SET attempts = attempts + 1, next_at = ?2, last_error = ?3 \
+                "UPDATE forwards SET attempts = attempts + ?4, next_at = ?2, last_error = ?3 \
                  WHERE id = ?1",
             )?;
             for id in ids {
-                stmt.execute(params![i64_of(id), i64_of(next_at), error])?;
+                stmt.execute(params![
+                    i64_of(id),
+                    i64_of(next_at),
+                    error,
+                    i64::from(failed)
+                ])?;
             }
             Reply::Unit(reply)
         }

@@ -98,6 +98,7 @@ conformance_tests!(
     one_source_holds_at_most_its_share_of_a_mailbox,
     blob_lengths_move_by_compare_and_set,
     the_forward_queue_holds_and_ends_items,
+    a_forwarded_blob_is_queued_once,
 );
 
 #[tokio::test]

@@ -27,6 +27,9 @@ pub(crate) struct Session {
 pub(crate) struct BlobJob {
     pub(crate) id: u32,
     pub(crate) put: BlobPiece,
+    /// For a piece of a blob this relay forwards (stored as a blob of its
+    /// sender's mailbox): the mailbox its refusal names, the request's.
+    pub(crate) named: Option<MailboxId>,
     pub(crate) _permits: (
         tokio::sync::OwnedSemaphorePermit,
         tokio::sync::OwnedSemaphorePermit,
@@ -346,29 +349,25 @@ pub(crate) async fn handle(
                 Err(e) => send(out, id, storage_failed(s, &e)).await,
             }
         }
+        // The last hop: stored like any piece.
+        Request::BlobForward(f) if f.next.pin == s.pin.0 => {
+            queue_piece(s, session, out, id, f.piece, None, in_flight, budget).await
+        }
+        Request::BlobForward(f) => {
+            let mailbox = f.piece.mailbox;
+            let origin = match forward_blob_request(s, session.mailbox, &f).await {
+                Ok(origin) => origin,
+                Err(answer) => {
+                    sealpost_proto::buffers::give(f.piece.data);
+                    return send(out, id, answer).await;
+                }
+            };
+            let mut put = f.piece;
+            put.mailbox = origin;
+            queue_piece(s, session, out, id, put, Some(mailbox), in_flight, budget).await
+        }
         Request::BlobPut(put) => {
-            // Bounded like submissions: the bytes waiting here count against
-            // the connection's and the relay's in-flight limits.
-            let weight = u32::try_from(put.data.len().max(1)).unwrap_or(u32::MAX);
-            let permits = (
-                in_flight.bytes.clone().acquire_many_owned(weight).await,
-                take_budget(s, budget, weight).await,
-            );
-            let (Ok(p1), Ok(p2)) = permits else {
-                return Err(io::Error::other("relay shutting down"));
-            };
-            let job = BlobJob {
-                id,
-                put,
-                _permits: (p1, p2),
-            };
-            let lane = session
-                .blob_lane
-                .get_or_insert_with(|| start_lane(s, out, session.source));
-            lane.0
-                .send(job)
-                .await
-                .map_err(|_| io::Error::other("the connection's blob writer stopped"))
+            queue_piece(s, session, out, id, put, None, in_flight, budget).await
         }
         Request::BlobStatus { blob_id } => {
             // The blob's owner (a recipient following an upload) is
@@ -519,6 +518,45 @@ pub(crate) async fn handle(
         }
         _ => send(out, id, err(ErrorCode::BadRequest, "unsupported request")).await,
     }
+}
+
+/// Queues a blob piece on the connection's lane, which stores the pieces
+/// of the connection in order (`named`: the mailbox a refusal names, when
+/// it is not the piece's own).
+#[allow(clippy::too_many_arguments)]
+async fn queue_piece(
+    s: &Arc<Shared>,
+    session: &mut Session,
+    out: &Out,
+    id: u32,
+    put: BlobPiece,
+    named: Option<MailboxId>,
+    in_flight: InFlight<'_>,
+    budget: Option<OwnedSemaphorePermit>,
+) -> io::Result<()> {
+    // Bounded like submissions: the bytes waiting here count against
+    // the connection's and the relay's in-flight limits.
+    let weight = u32::try_from(put.data.len().max(1)).unwrap_or(u32::MAX);
+    let permits = (
+        in_flight.bytes.clone().acquire_many_owned(weight).await,
+        take_budget(s, budget, weight).await,
+    );
+    let (Ok(p1), Ok(p2)) = permits else {
+        return Err(io::Error::other("relay shutting down"));
+    };
+    let job = BlobJob {
+        id,
+        put,
+        named,
+        _permits: (p1, p2),
+    };
+    let lane = session
+        .blob_lane
+        .get_or_insert_with(|| start_lane(s, out, session.source));
+    lane.0
+        .send(job)
+        .await
+        .map_err(|_| io::Error::other("the connection's blob writer stopped"))
 }
 
 /// `None` if `signature` proves, on this connection, possession of `key`

@@ -9,7 +9,7 @@ use super::*;
 use sealpost_client::client::{ClientError, RelayClient, Submitted, Timeouts};
 use sealpost_client::transport::{Tcp, Transport};
 use sealpost_proto::notice::{self, Notice};
-use sealpost_proto::relay::{Forward, NextHop, MAX_HOPS};
+use sealpost_proto::relay::{BlobForward, BlobPiece, Forward, NextHop, MAX_HOPS};
 use sealpost_proto::retry::Backoff;
 use sealpost_store::{Ended, Enqueued, NewItem, Queued};
 
@@ -94,7 +94,7 @@ pub(crate) async fn forward_request(
         return refusal(s, RefusalCode::HashMismatch, f.mailbox, f.payload_hash);
     }
     let (mailbox, hash) = (f.mailbox, f.payload_hash);
-    match s.store.forward_enqueue(origin, f, now()).await {
+    match s.store.forward_enqueue(origin, f, None, now()).await {
         Ok(Enqueued::Queued { .. }) => {
             s.metrics.forward_queued.fetch_add(1, Ordering::Relaxed);
             s.forward_wake.notify_one();
@@ -104,6 +104,46 @@ pub(crate) async fn forward_request(
         }
         Ok(Enqueued::Refused(code)) => refusal(s, code, mailbox, hash),
         Err(e) => storage_failed(s, &e),
+    }
+}
+
+/// The checks of a `BlobForward` to another relay (§6.8): refused with
+/// code 6 as a `Forward` is (hops, forwarding off, not a mailbox owner);
+/// else its blob is queued to forward with its first piece (before that
+/// piece is stored, once however often it comes) and the piece is stored
+/// as a blob of the sender's mailbox: the mailbox returned.
+pub(crate) async fn forward_blob_request(
+    s: &Arc<Shared>,
+    origin: Option<MailboxId>,
+    f: &BlobForward,
+) -> Result<MailboxId, Response> {
+    let p = &f.piece;
+    let refused = |code| refusal(s, code, p.mailbox, p.refusal_hash());
+    if f.hops >= MAX_HOPS || !s.config.forwarding.enabled {
+        return Err(refused(RefusalCode::NotForwarded));
+    }
+    let Some(origin) = origin else {
+        return Err(refused(RefusalCode::NotForwarded));
+    };
+    if p.offset != 0 {
+        return Ok(origin);
+    }
+    let entry = Forward {
+        hops: f.hops,
+        next: f.next.clone(),
+        mailbox: p.mailbox,
+        expires_at: p.expires_at,
+        payload_hash: p.refusal_hash(),
+        payload: Vec::new(),
+    };
+    match s
+        .store
+        .forward_enqueue(origin, entry, Some((p.blob_id, p.total_len)), now())
+        .await
+    {
+        Ok(Enqueued::Queued { .. }) => Ok(origin),
+        Ok(Enqueued::Refused(code)) => Err(refused(code)),
+        Err(e) => Err(storage_failed(s, &e)),
     }
 }
 
@@ -189,7 +229,231 @@ fn busy_with(s: &Shared, hop: &NextHop) -> bool {
 
 /// Sends `items` to their next relay `hop` on one connection, proving
 /// this relay's key first; ends each one the next relay answered for.
+/// Messages go first, pipelined; then blobs, one after the other.
 async fn hand_on(s: &Arc<Shared>, hop: NextHop, items: Vec<Queued>) {
+    let (blobs, items): (Vec<Queued>, Vec<Queued>) =
+        items.into_iter().partition(|q| q.blob.is_some());
+    if !items.is_empty() {
+        hand_on_items(s, &hop, items).await;
+    }
+    for q in blobs {
+        hand_on_blob(s, &hop, q).await;
+    }
+}
+
+/// Pieces of a blob in flight to the next relay, at most (each up to
+/// 1 MiB: what a relay holds per blob it forwards).
+const BLOB_WINDOW: usize = 4;
+
+/// Hands a blob on from where the next relay stands to what this relay
+/// holds (its sender may still be uploading: then it waits a second and
+/// goes on), reading it from the store a piece at a time; ends it once the
+/// next relay holds it whole, and deletes this relay's copy after.
+async fn hand_on_blob(s: &Arc<Shared>, hop: &NextHop, q: Queued) {
+    let Some((blob_id, total)) = q.blob else {
+        return;
+    };
+    let here = match s.store.ledger().blob(blob_id).await {
+        Ok(b) => b.filter(|b| b.mailbox == q.origin),
+        Err(e) => return later(s, std::slice::from_ref(&q), &e.to_string()).await,
+    };
+    let Some(here) = here else {
+        return wait(s, &q, "waiting for the sender to upload the blob".into()).await;
+    };
+    // Nothing new since the last attempt, which the next relay took:
+    // nothing to ask it.
+    let known = s
+        .forward_blobs
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&blob_id).copied());
+    if !here.complete && known.is_some_and(|k| k >= here.stored) {
+        return wait(s, &q, waiting_words(here.stored, total)).await;
+    }
+    let mut peer = match take_peer(s, hop) {
+        Some(p) => p,
+        None => match connect_peer(s, hop).await {
+            Ok(p) => p,
+            Err(e) => return later(s, std::slice::from_ref(&q), &e).await,
+        },
+    };
+    let status = match peer.client.blob_status(blob_id).await {
+        Ok(v) => v,
+        // A kept connection the next relay closed meanwhile.
+        Err(ClientError::Closed | ClientError::Io(_)) => {
+            peer = match connect_peer(s, hop).await {
+                Ok(p) => p,
+                Err(e) => return later(s, std::slice::from_ref(&q), &e).await,
+            };
+            match peer.client.blob_status(blob_id).await {
+                Ok(v) => v,
+                Err(e) => return later(s, std::slice::from_ref(&q), &e.to_string()).await,
+            }
+        }
+        Err(e) => return later(s, std::slice::from_ref(&q), &e.to_string()).await,
+    };
+    let (mut there, mut complete) = status;
+    let mut in_flight = std::collections::VecDeque::with_capacity(BLOB_WINDOW);
+    let mut at = there;
+    let mut failure: Option<String> = None;
+    let mut lost = false;
+    while !complete {
+        while in_flight.len() < BLOB_WINDOW && at < here.stored {
+            let n = (here.stored - at).min(relay::MAX_BLOB_PIECE as u64) as usize;
+            let store = s.store.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let mut data = sealpost_proto::buffers::take(n);
+                store
+                    .blob_read_disk(&blob_id, at, n, &mut data)
+                    .map(|()| data)
+            })
+            .await;
+            let data = match read {
+                Ok(Ok(d)) if d.len() == n => d,
+                Ok(Ok(_)) => {
+                    failure = Some("reading the blob: short read".into());
+                    break;
+                }
+                Ok(Err(e)) => {
+                    failure = Some(format!("reading the blob: {e}"));
+                    break;
+                }
+                Err(e) => {
+                    failure = Some(format!("reading the blob: {e}"));
+                    break;
+                }
+            };
+            let last = at + n as u64 == total;
+            let piece = BlobPiece {
+                blob_id,
+                mailbox: q.item.mailbox,
+                total_len: total,
+                blob_hash: if last { here.hash } else { [0; 32] },
+                expires_at: q.item.expires_at,
+                offset: at,
+                data,
+            };
+            let hops = q.item.hops.saturating_add(1);
+            let p = peer
+                .client
+                .blob_forward_send(hops, hop.clone(), piece)
+                .await;
+            in_flight.push_back((at, p));
+            at += n as u64;
+        }
+        if failure.is_some() {
+            break;
+        }
+        let Some((offset, p)) = in_flight.pop_front() else {
+            break;
+        };
+        match peer.client.blob_put_answer(p).await {
+            Ok(Ok((stored, done))) => {
+                s.metrics
+                    .forward_blob_bytes
+                    .fetch_add(stored.saturating_sub(there), Ordering::Relaxed);
+                (there, complete) = (stored.max(there), done);
+                if !done && stored != offset + piece_len(offset, here.stored) {
+                    // The next relay holds another length: start again
+                    // from there next time.
+                    failure = Some(format!("the next relay holds {stored} bytes"));
+                    break;
+                }
+            }
+            Ok(Err(Submitted::Refused(r))) if !r.code.is_lasting() => {
+                failure = Some(format!("the next relay refused: {}", r.code.describe()));
+                break;
+            }
+            Ok(Err(Submitted::Refused(refusal))) => {
+                s.metrics.forward_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    next = %hop.addr,
+                    "the next relay refused a forwarded blob ({}); telling its sender",
+                    refusal.code.name()
+                );
+                let ended = notice::Ended::Refused {
+                    next_key: peer.next_key,
+                    binding: peer.binding.clone(),
+                    refusal,
+                };
+                keep_peer(s, hop, peer);
+                end_with_notice(s, &q, Some(offset), ended, now()).await;
+                return drop_copy(s, &q).await;
+            }
+            Ok(Err(Submitted::Accepted { .. })) => {
+                failure = Some("the next relay answered a piece as an item".into());
+                break;
+            }
+            Err(e) => {
+                lost = matches!(e, ClientError::Closed | ClientError::Io(_));
+                failure = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    // Pieces still in flight after a failure are not waited for; their
+    // answers go to requests no one waits for.
+    if !lost {
+        keep_peer(s, hop, peer);
+    }
+    if let Ok(mut m) = s.forward_blobs.lock() {
+        if complete {
+            m.remove(&blob_id);
+        } else {
+            m.insert(blob_id, there);
+        }
+    }
+    if complete {
+        s.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
+        match s.store.forward_end(q.id, None).await {
+            Ok(_) => drop_copy(s, &q).await,
+            Err(e) => tracing::warn!("ending a forwarded blob failed: {e}"),
+        }
+        return;
+    }
+    match failure {
+        Some(e) => later(s, std::slice::from_ref(&q), &e).await,
+        None => wait(s, &q, waiting_words(here.stored, total)).await,
+    }
+}
+
+/// The length of the piece at `offset` when `upto` bytes are to be sent.
+fn piece_len(offset: u64, upto: u64) -> u64 {
+    (upto - offset.min(upto)).min(relay::MAX_BLOB_PIECE as u64)
+}
+
+fn waiting_words(here: u64, total: u64) -> String {
+    format!("waiting for the sender's upload ({here} of {total} bytes here)")
+}
+
+/// Puts a blob off for a second without counting a failed attempt: its
+/// sender is still uploading it (or has not begun).
+async fn wait(s: &Shared, q: &Queued, why: String) {
+    if let Err(e) = s
+        .store
+        .forward_later(vec![q.id], now() + 1, why, false)
+        .await
+    {
+        tracing::warn!("putting a forwarded blob off failed: {e}");
+    }
+}
+
+/// Deletes this relay's copy of a forwarded blob once its entry ended
+/// (after, never before: a crash in between leaves a copy that expires).
+async fn drop_copy(s: &Shared, q: &Queued) {
+    if let Some((blob_id, _)) = q.blob {
+        if let Err(e) = s.store.blob_delete(blob_id, q.origin).await {
+            tracing::warn!("deleting a forwarded blob's copy failed (it expires): {e}");
+        }
+        if let Ok(mut m) = s.forward_blobs.lock() {
+            m.remove(&blob_id);
+        }
+    }
+}
+
+/// Sends queued messages to `hop` on one connection, pipelined.
+async fn hand_on_items(s: &Arc<Shared>, hop: &NextHop, items: Vec<Queued>) {
+    let hop = hop.clone();
     let mut outgoing: Vec<Forward> = items
         .iter()
         .map(|q| Forward {
@@ -272,7 +536,7 @@ async fn hand_on(s: &Arc<Shared>, hop: NextHop, items: Vec<Queued>) {
                     binding: binding.clone(),
                     refusal,
                 };
-                end_with_notice(s, q, ended, now()).await;
+                end_with_notice(s, q, None, ended, now()).await;
             }
             Err(e) => retry.push((q.clone(), e.to_string())),
         }
@@ -357,7 +621,11 @@ async fn later(s: &Shared, items: &[Queued], error: &str) {
         wait.as_secs()
     );
     let ids = items.iter().map(|q| q.id).collect();
-    if let Err(e) = s.store.forward_later(ids, next_at, error.to_owned()).await {
+    if let Err(e) = s
+        .store
+        .forward_later(ids, next_at, error.to_owned(), true)
+        .await
+    {
         tracing::warn!("putting forwarded items off failed: {e}");
     }
 }
@@ -372,18 +640,46 @@ async fn give_up(s: &Shared, q: Queued, now: u64) {
             .clone()
             .unwrap_or_else(|| "not tried before it expired".into()),
     };
-    end_with_notice(s, &q, ended, now).await;
+    end_with_notice(s, &q, None, ended, now).await;
+    drop_copy(s, &q).await;
 }
 
-async fn end_with_notice(s: &Shared, q: &Queued, ended: notice::Ended, now: u64) {
-    let n = Notice::sign(
-        &s.key,
-        now,
-        q.item.mailbox,
-        q.item.payload_hash,
-        q.item.next.clone(),
-        ended,
-    );
+/// Ends `q` with a notice for its sender; for a blob, naming the piece
+/// at `offset` (refused), or else where the next relay stood.
+async fn end_with_notice(
+    s: &Shared,
+    q: &Queued,
+    offset: Option<u64>,
+    ended: notice::Ended,
+    now: u64,
+) {
+    let n = match q.blob {
+        Some((blob_id, _)) => {
+            let there = s
+                .forward_blobs
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&blob_id).copied())
+                .unwrap_or(0);
+            let offset = offset.unwrap_or(there);
+            Notice::sign_blob(
+                &s.key,
+                now,
+                q.item.mailbox,
+                (blob_id, offset),
+                q.item.next.clone(),
+                ended,
+            )
+        }
+        None => Notice::sign(
+            &s.key,
+            now,
+            q.item.mailbox,
+            q.item.payload_hash,
+            q.item.next.clone(),
+            ended,
+        ),
+    };
     let payload = n.encode();
     let item = NewItem {
         mailbox: q.origin,

@@ -93,7 +93,7 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
         }
         Ok::<_, io::Error>(match Request::head_len(ty[0]) {
             Some(h) if len > h => {
-                let mut head = [0u8; 128];
+                let mut head = [0u8; 160];
                 head[0] = ty[0];
                 rd.read_exact(&mut head[1..h]).await?;
                 let (rest, taken) = read_budgeted(rd, len - h, budget).await?;

@@ -100,17 +100,34 @@ pub(crate) fn start_lane(
     let task = tokio::spawn(async move {
         let mut jobs = Vec::with_capacity(LANE_RUN);
         while lane_rx.recv_many(&mut jobs, LANE_RUN).await > 0 {
-            let ids: Vec<u32> = jobs.iter().map(|j| j.id).collect();
+            let ids: Vec<(u32, Option<MailboxId>)> = jobs.iter().map(|j| (j.id, j.named)).collect();
             let (puts, permits): (Vec<_>, Vec<_>) =
                 jobs.drain(..).map(|j| (j.put, j._permits)).unzip();
             let answers = blob_put_many(&s, puts, source).await;
             drop(permits);
             let mut gone = false;
-            for (id, r) in ids.into_iter().zip(answers) {
+            let mut forwarded = false;
+            for ((id, named), r) in ids.into_iter().zip(answers) {
+                // A piece this relay forwards was stored as a blob of its
+                // sender's mailbox; its refusal names the request's.
+                let r = match (named, r) {
+                    (Some(mb), Response::Refused(f)) => {
+                        Response::Refused(signed_refusal(&s.key, f.code, mb, f.payload_hash))
+                    }
+                    (Some(_), r) => {
+                        forwarded = true;
+                        r
+                    }
+                    (None, r) => r,
+                };
                 if send(&out, id, r).await.is_err() {
                     gone = true;
                     break;
                 }
+            }
+            if forwarded {
+                // Streamed on as it arrives.
+                s.forward_wake.notify_one();
             }
             if gone {
                 break;

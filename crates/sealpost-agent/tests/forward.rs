@@ -294,3 +294,79 @@ async fn an_agent_whose_relay_does_not_forward_sends_directly() {
     a.stop().await.expect("stop a");
     b.stop().await.expect("stop b");
 }
+
+/// A file through the sender's relay to two recipients on two other
+/// relays (Bob on B, Carol on C): Alice uploads its blob once to her
+/// relay (plus its first piece again, which queues it for the second
+/// recipient) and the manifests go the same way; each recipient's relay
+/// gets the blob from hers, each recipient places the file whole, the
+/// receipts come back, and Alice's relay keeps no copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_goes_through_the_senders_relay_to_two_relays() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let backbone = MemoryNet::new();
+    let (net_a, net_b, net_c) = (MemoryNet::new(), MemoryNet::new(), MemoryNet::new());
+    let a = relay(dir.path(), "relay-a", &backbone, &net_a).await;
+    let b = relay(dir.path(), "relay-b", &backbone, &net_b).await;
+    let c = relay(dir.path(), "relay-c", &backbone, &net_c).await;
+    let mut alice = common::engine(dir.path(), "alice", a.address(), &net_a, None).await;
+    let mut bob = common::engine(dir.path(), "bob", b.address(), &net_b, None).await;
+    let mut carol = common::engine(dir.path(), "carol", c.address(), &net_c, None).await;
+    pin(&mut alice, "bob", &bob);
+    pin(&mut alice, "carol", &carol);
+    pin(&mut bob, "alice", &alice);
+    pin(&mut carol, "alice", &alice);
+    alice.forward = true;
+    bob.forward = true;
+    carol.forward = true;
+    let size = (6 << 20) + 777;
+    let data: Vec<u8> = (0..size).map(|i| (i * 31 % 253) as u8).collect();
+    let path = dir.path().join("report.bin");
+    std::fs::write(&path, &data).expect("write");
+    let (id, _) = alice
+        .agent_mut()
+        .send_file(&["bob".into(), "carol".into()], &path, 3600)
+        .expect("send");
+    let s = passes_until(&mut alice, |e| {
+        let m = e.agent().db().outbox(Some(&id), 1).expect("outbox");
+        m[0].deliveries
+            .iter()
+            .all(|d| d.delivery.state == State::Forwarding)
+    })
+    .await;
+    let blob = sealpost_proto::blob::BlobLayout::new(size as u64, 65_536)
+        .expect("layout")
+        .blob_len();
+    assert!(
+        s.upload_bytes >= blob && s.upload_bytes <= blob + (1 << 20) + 65_536,
+        "uploaded once to her relay: {} of a {blob}-byte blob",
+        s.upload_bytes
+    );
+    for (who, e) in [("bob", &mut bob), ("carol", &mut carol)] {
+        passes_until(e, |e| {
+            e.agent()
+                .db()
+                .downloads(None, 10)
+                .is_ok_and(|d| d.len() == 1 && d[0].final_path.is_some())
+        })
+        .await;
+        let got = std::fs::read(dir.path().join(who).join("downloads/report.bin")).expect("placed");
+        assert!(got == data, "{who} got the file whole");
+    }
+    passes_until(&mut alice, |e| {
+        let m = e.agent().db().outbox(Some(&id), 1).expect("outbox");
+        m[0].deliveries
+            .iter()
+            .all(|d| d.delivery.state == State::Delivered)
+    })
+    .await;
+    // Alice's relay let go of its copy once both relays held it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.store().totals().await.expect("totals").blobs != 0 {
+        assert!(Instant::now() < deadline, "Alice's relay kept the blob");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for r in [a, b, c] {
+        r.stop().await.expect("stop");
+    }
+}

@@ -893,7 +893,25 @@ pub async fn a_forwarded_blob_is_queued_once(b: &dyn Backend) {
         .forward_enqueue(alice, entry(), Some((blob, 1 << 20)), NOW + 1)
         .await
         .expect("again"));
-    assert_eq!(first, again, "one entry per blob");
+    assert_eq!(first, again, "one entry per blob and mailbox");
+    let carol = MailboxId::of(&[10; 32]);
+    let for_carol = id(store
+        .forward_enqueue(
+            alice,
+            forward(carol, "c:1", b"", NOW + 100),
+            Some((blob, 1 << 20)),
+            NOW,
+        )
+        .await
+        .expect("carol"));
+    assert_ne!(first, for_carol, "the same blob for another mailbox");
+    assert!(store.forward_blob_queued(blob).await.expect("queued"));
+    store.forward_end(for_carol, None).await.expect("end");
+    assert!(store.forward_blob_queued(blob).await.expect("queued"));
+    assert!(!store
+        .forward_blob_queued(BlobId([9; 16]))
+        .await
+        .expect("queued"));
     let other = id(store
         .forward_enqueue(alice, entry(), Some((BlobId([8; 16]), 10)), NOW)
         .await

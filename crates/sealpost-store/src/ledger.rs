@@ -126,7 +126,8 @@ pub struct NewForward {
     pub item: Forward,
     /// A blob to forward instead of the payload: its id and length. Its
     /// bytes are a blob of `origin`'s (counted in its quota as such);
-    /// queueing a blob that is queued already is no change.
+    /// queueing a blob that is queued already for the same mailbox is no
+    /// change (the same blob for other mailboxes is queued once each).
     pub blob: Option<(BlobId, u64)>,
     pub now: u64,
 }
@@ -261,6 +262,8 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Fut<'_, ()>;
     /// The queue per next relay.
     fn forward_queue(&self) -> Fut<'_, Vec<HopQueue>>;
+    /// Whether blob `id` is still queued to forward (for any mailbox).
+    fn forward_blob_queued(&self, id: BlobId) -> Fut<'_, bool>;
     fn commit_stats(&self) -> CommitStats;
     fn latencies(&self) -> &Latencies;
     /// Stops taking writes and waits until every accepted one is durable

@@ -579,6 +579,11 @@ impl Store {
             .await
     }
 
+    /// Whether blob `id` is still queued to forward.
+    pub async fn forward_blob_queued(&self, id: BlobId) -> Result<bool, StoreError> {
+        self.inner.ledger.forward_blob_queued(id).await
+    }
+
     /// The forward queue per next relay.
     pub async fn forward_queue(&self) -> Result<Vec<HopQueue>, StoreError> {
         self.inner.ledger.forward_queue().await

@@ -411,7 +411,7 @@ impl Ledger for MemLedger {
                 if let Some(q) = s
                     .forwards
                     .values()
-                    .find(|q| q.blob.map(|x| x.0) == Some(b.0))
+                    .find(|q| q.blob.map(|x| x.0) == Some(b.0) && q.item.mailbox == f.item.mailbox)
                 {
                     return Enqueued::Queued { id: q.id };
                 }
@@ -505,6 +505,10 @@ impl Ledger for MemLedger {
                 }
             }
         })
+    }
+
+    fn forward_blob_queued(&self, id: BlobId) -> Fut<'_, bool> {
+        self.with(move |s| s.forwards.values().any(|q| q.blob.map(|b| b.0) == Some(id)))
     }
 
     fn forward_queue(&self) -> Fut<'_, Vec<HopQueue>> {

@@ -88,9 +88,10 @@ pub(crate) fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
             conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
         }
     }
-    // A blob is queued to forward once.
+    // A blob is queued to forward once per mailbox.
     conn.execute_batch(
-        "CREATE UNIQUE INDEX IF NOT EXISTS forwards_blob ON forwards(blob) WHERE blob IS NOT NULL",
+        "CREATE UNIQUE INDEX IF NOT EXISTS forwards_blob ON forwards(blob, mailbox) \
+         WHERE blob IS NOT NULL",
     )?;
     Ok(())
 }

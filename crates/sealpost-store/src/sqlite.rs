@@ -412,6 +412,13 @@ impl Ledger for SqliteLedger {
         }))
     }
 
+    fn forward_blob_queued(&self, id: BlobId) -> Fut<'_, bool> {
+        ready(self.read(|c| {
+            c.prepare_cached("SELECT 1 FROM forwards WHERE blob = ?1 LIMIT 1")?
+                .exists(params![id.0.to_vec()])
+        }))
+    }
+
     fn forward_queue(&self) -> Fut<'_, Vec<HopQueue>> {
         ready(self.read(|c| {
             let mut stmt = c.prepare_cached(

@@ -565,8 +565,8 @@ pub(crate) fn apply(
             } = forward;
             let existing: Option<i64> = match &blob {
                 Some((b, _)) => tx
-                    .prepare_cached("SELECT id FROM forwards WHERE blob = ?1")?
-                    .query_row(params![b.0.to_vec()], |r| r.get(0))
+                    .prepare_cached("SELECT id FROM forwards WHERE blob = ?1 AND mailbox = ?2")?
+                    .query_row(params![b.0.to_vec(), item.mailbox.0.to_vec()], |r| r.get(0))
                     .optional()?,
                 None => None,
             };

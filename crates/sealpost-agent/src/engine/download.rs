@@ -211,6 +211,24 @@ impl Engine {
                 pos += layout.sealed_len(c);
             }
             let repair_id = offer.repair_blob_id;
+            // A repair forwarded relay to relay may arrive after its
+            // offer: wait for it (while the message lives) rather than ask
+            // for another.
+            let here = self
+                .home
+                .call(&self.agent.identity, async |c| {
+                    c.blob_status(repair_id).await
+                })
+                .await;
+            let live = expires_at.is_none_or(|e| self.clock.now_ms() / 1000 < e);
+            if matches!(here, Ok((_, false))) && live {
+                tracing::info!(
+                    "receiving {}: waiting for the repaired chunks to arrive at your relay",
+                    d.name
+                );
+                progress.finish();
+                return Ok(());
+            }
             let mut still: Vec<u64> = bad
                 .iter()
                 .copied()

@@ -197,11 +197,20 @@ impl Engine {
                     continue;
                 }
             }
-            for row in self
-                .agent
-                .db
-                .deliveries_of_item(&n.mailbox, &n.payload_hash)?
-            {
+            // About an item (its sealed bytes' hash), or a file's blob.
+            let rows = match &n.blob {
+                None => self
+                    .agent
+                    .db
+                    .deliveries_of_item(&n.mailbox, &n.payload_hash)?,
+                Some((blob_id, _)) => self.agent.db.deliveries_of_blob(&n.mailbox, blob_id)?,
+            };
+            let what = if n.blob.is_some() {
+                "its file's data"
+            } else {
+                "it"
+            };
+            for row in rows {
                 // The notice must be about the relay the recipient's card
                 // names (its pin), not another.
                 if RelayAddress::parse(&row.relay).map(|a| a.pin.0) != Some(n.next.pin) {
@@ -218,7 +227,7 @@ impl Engine {
                 match &n.ended {
                     Ended::Refused { refusal, .. } => {
                         let detail = format!(
-                            "{} refused it (its signed refusal, passed on by your relay): {}",
+                            "{} refused {what} (its signed refusal, passed on by your relay): {}",
                             n.next.addr,
                             refusal.code.describe()
                         );
@@ -231,7 +240,7 @@ impl Engine {
                     }
                     Ended::GaveUp { attempts, error } => {
                         last_error = Some(format!(
-                            "your relay could not hand it to {} before it expired ({attempts} attempts; last: {error})",
+                            "your relay could not hand {what} to {} before it expired ({attempts} attempts; last: {error})",
                             n.next.addr
                         ));
                         d.tick(now.max(d.expires_at));

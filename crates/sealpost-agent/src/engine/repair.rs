@@ -137,8 +137,17 @@ impl Engine {
             let repair_id = sealpost_proto::manifest::BlobId::random(&mut OsRng);
             let mailbox = MailboxId::of(&job.recipient);
             let expires = self.clock.now_ms() / 1000 + REPORT_LIFETIME_SECS;
-            let Some(link) = link_for(&mut self.home, &mut self.links, &self.home_addr, &relay)
-            else {
+            // With forwarding on, through the home relay, as the file went.
+            let route = if self.forwards_to(&relay) {
+                next_hop(&relay)
+            } else {
+                None
+            };
+            let link = match route {
+                Some(_) => Some(&mut self.home),
+                None => link_for(&mut self.home, &mut self.links, &self.home_addr, &relay),
+            };
+            let Some(link) = link else {
                 self.agent.db.remove_repair(&job.msg, &job.recipient)?;
                 continue;
             };
@@ -162,23 +171,27 @@ impl Engine {
                 };
                 let n = piece.len() as u64;
                 let at = off;
+                let put = BlobPiece {
+                    blob_id: repair_id,
+                    mailbox,
+                    total_len: len,
+                    // Stated by the last piece (§6.6).
+                    blob_hash: if at + n == len {
+                        *hash.as_bytes()
+                    } else {
+                        [0; 32]
+                    },
+                    expires_at: expires,
+                    offset: at,
+                    data: piece,
+                };
                 let r = link
                     .call(&self.agent.identity, async |c| {
-                        c.blob_put(BlobPiece {
-                            blob_id: repair_id,
-                            mailbox,
-                            total_len: len,
-                            // Stated by the last piece (§6.6).
-                            blob_hash: if at + n == len {
-                                *hash.as_bytes()
-                            } else {
-                                [0; 32]
-                            },
-                            expires_at: expires,
-                            offset: at,
-                            data: piece.clone(),
-                        })
-                        .await
+                        let p = match &route {
+                            Some(next) => c.blob_forward_send(0, next.clone(), put.clone()).await,
+                            None => c.blob_put_send(put.clone()).await,
+                        };
+                        c.blob_put_answer(p).await
                     })
                     .await;
                 match r {

@@ -148,7 +148,6 @@ impl Engine {
                 // A file's manifest goes out only once its blob is whole at
                 // the recipient's relay.
                 let file = self.agent.db.file_out(&d.msg)?;
-                let is_file = file.is_some();
                 if let Some(f) = file {
                     let now = self.clock.now_ms();
                     let mut del = d.delivery.clone();
@@ -190,10 +189,9 @@ impl Engine {
                     v.insert(s);
                 }
                 // Through the home relay, which forwards it, when
-                // forwarding is on and the recipient is elsewhere (files
-                // are not forwarded: their blob went to the recipient's
-                // relay, and so does their manifest).
-                let route = if !is_file && self.forwards_to(&d.relay) {
+                // forwarding is on and the recipient is elsewhere (a
+                // file's manifest too: its blob went the same way).
+                let route = if self.forwards_to(&d.relay) {
                     FORWARDED.to_owned()
                 } else {
                     d.relay.clone()

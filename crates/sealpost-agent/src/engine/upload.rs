@@ -15,7 +15,9 @@ pub(super) enum Upload {
 
 impl Engine {
     /// Uploads a file's blob to the recipient's relay, from what the relay
-    /// already holds, until it holds it whole.
+    /// already holds, until it holds it whole — or, with forwarding on, to
+    /// the home relay, which forwards it (§6.8); a home relay that does not
+    /// forward makes it go to the recipient's relay at once.
     pub(super) async fn upload(
         &mut self,
         row: &crate::outbox::DeliveryRow,
@@ -23,11 +25,45 @@ impl Engine {
         stats: &mut PassStats,
         until: u64,
     ) -> Result<Upload, EngineError> {
+        let forwarding = self.forwards_to(&row.relay);
+        let r = self.upload_on(row, f, stats, until).await?;
+        if forwarding && !self.home_forwards {
+            // The home relay said it does not forward: directly now.
+            return self.upload_on(row, f, stats, until).await;
+        }
+        Ok(r)
+    }
+
+    /// [`Engine::upload`] on the route of now: the home relay forwarding
+    /// (the next relay is `Some`), or the recipient's relay.
+    async fn upload_on(
+        &mut self,
+        row: &crate::outbox::DeliveryRow,
+        f: &crate::outbox::FileOut,
+        stats: &mut PassStats,
+        until: u64,
+    ) -> Result<Upload, EngineError> {
+        let route = if self.forwards_to(&row.relay) {
+            next_hop(&row.relay)
+        } else {
+            None
+        };
         let layout = match f.layout() {
             Ok(l) => l,
             Err(e) => return Ok(Upload::Failed("bad-file".into(), e.to_string())),
         };
         let total = layout.blob_len();
+        // What the relay of this route held at the last call (the row may
+        // be older than this pass's first upload call).
+        let uploaded = match route {
+            Some(_) => self.agent.db.uploaded(&row.msg, &row.recipient)?,
+            None => 0,
+        };
+        if route.is_some() && uploaded >= total {
+            // Whole at the home relay, which forwards it: not uploaded
+            // again (it deletes its copy once the next relay holds it).
+            return Ok(Upload::Complete);
+        }
         let cipher = f.key.cipher();
         let src = match File::open(&f.path) {
             Ok(s) => s,
@@ -47,8 +83,11 @@ impl Engine {
         let mailbox = MailboxId::of(&row.recipient);
         let expires = row.delivery.expires_at / 1000;
         let progress = crate::transfer::FileBytes::new(self.progress.clone(), layout);
-        let Some(link) = link_for(&mut self.home, &mut self.links, &self.home_addr, &row.relay)
-        else {
+        let link = match route {
+            Some(_) => Some(&mut self.home),
+            None => link_for(&mut self.home, &mut self.links, &self.home_addr, &row.relay),
+        };
+        let Some(link) = link else {
             return Ok(Upload::Failed(
                 "bad-relay".into(),
                 format!("{:?} is not a relay address", row.relay),
@@ -61,7 +100,64 @@ impl Engine {
                 Ok(v) => v,
                 Err(e) => return Ok(Upload::Retry(e.to_string())),
             };
+        if route.is_some() && uploaded == 0 && stored > 0 {
+            // The home relay holds this blob for another recipient: its
+            // first piece, sent again, queues it for this one too (§6.8);
+            // the relay answers with the length it holds.
+            let mut first = crate::transfer::UploadHashes::default();
+            let n = crate::transfer::piece_len(&layout, 0);
+            let data = match first.seal_next(&src, &cipher, &layout, n) {
+                Ok(d) => d,
+                Err(e) => {
+                    return Ok(Upload::Failed(
+                        "source-changed".into(),
+                        format!("{}: {e}", f.path),
+                    ))
+                }
+            };
+            let blob_hash = if n as u64 == total {
+                *first.finish().1.as_bytes()
+            } else {
+                [0; 32]
+            };
+            let piece = BlobPiece {
+                blob_id,
+                mailbox,
+                total_len: total,
+                blob_hash,
+                expires_at: expires,
+                offset: 0,
+                data,
+            };
+            let next = route.clone();
+            let answer = link
+                .call(me, async |c| {
+                    let p = match &next {
+                        Some(h) => c.blob_forward_send(0, h.clone(), piece.clone()).await,
+                        None => c.blob_put_send(piece.clone()).await,
+                    };
+                    c.blob_put_answer(p).await
+                })
+                .await;
+            match answer {
+                Ok(Ok(_)) => {}
+                Ok(Err(Submitted::Refused(r))) if r.code == RefusalCode::NotForwarded => {
+                    self.home_does_not_forward();
+                    return Ok(Upload::Retry("your relay does not forward".into()));
+                }
+                Ok(Err(_)) | Err(_) => {}
+            }
+            (stored, complete) = match link.call(me, async |c| c.blob_status(blob_id).await).await {
+                Ok(v) => v,
+                Err(e) => return Ok(Upload::Retry(e.to_string())),
+            };
+        }
         if complete {
+            if route.is_some() {
+                self.agent
+                    .db
+                    .set_uploaded(&row.msg, &row.recipient, total)?;
+            }
             return Ok(Upload::Complete);
         }
         let name = std::path::Path::new(&f.path)
@@ -71,6 +167,7 @@ impl Engine {
         progress.start(&format!("upload {name} → {}", row.name), total, stored);
         let mut stalls = 0;
         let mut reconnects = 0;
+        let mut not_forwarded = false;
         let mut noted = stored;
         // The blob's and the file's hashes over the pieces sealed so far
         // (kept from the last call for this upload, which ended where the
@@ -161,17 +258,19 @@ impl Engine {
                     }
                     marks.push_back(hashes.clone());
                     stats.upload_bytes += n as u64;
-                    let p = client
-                        .blob_put_send(BlobPiece {
-                            blob_id,
-                            mailbox,
-                            total_len: total,
-                            blob_hash,
-                            expires_at: expires,
-                            offset: at,
-                            data,
-                        })
-                        .await;
+                    let piece = BlobPiece {
+                        blob_id,
+                        mailbox,
+                        total_len: total,
+                        blob_hash,
+                        expires_at: expires,
+                        offset: at,
+                        data,
+                    };
+                    let p = match &route {
+                        Some(next) => client.blob_forward_send(0, next.clone(), piece).await,
+                        None => client.blob_put_send(piece).await,
+                    };
                     in_flight.push_back((at + n as u64, p));
                     at += n as u64;
                 }
@@ -197,6 +296,23 @@ impl Engine {
                             // or a lost piece): resume from its length.
                             break;
                         }
+                    }
+                    Ok(Err(Submitted::Refused(r)))
+                        if route.is_some() && r.code == RefusalCode::NotForwarded =>
+                    {
+                        not_forwarded = true;
+                        outcome = Some(Upload::Retry("your relay does not forward".into()));
+                        break;
+                    }
+                    Err(ClientError::Server {
+                        code: ErrorCode::BadRequest,
+                        ..
+                    }) if route.is_some() => {
+                        // A home relay that predates forwarding.
+                        not_forwarded = true;
+                        link.disconnect();
+                        outcome = Some(Upload::Retry("your relay does not forward".into()));
+                        break;
                     }
                     Ok(Err(Submitted::Refused(r))) if !r.code.is_lasting() => {
                         outcome = Some(Upload::Retry(format!(
@@ -290,6 +406,9 @@ impl Engine {
             }
         };
         progress.finish();
+        if not_forwarded {
+            self.home_does_not_forward();
+        }
         if matches!(result, Upload::Enough | Upload::Retry(_)) {
             // The rest of the upload (the next call, right after the
             // manifest went out, or a later attempt) goes on from here.

@@ -480,6 +480,35 @@ impl Db {
     }
 
     /// The file we sent with this blob id to `recipient`, if any.
+    /// Unfinished deliveries of the file whose blob is `blob_id` to the
+    /// owner of `mailbox` (a forward notice about that blob names them).
+    pub fn deliveries_of_blob(
+        &self,
+        mailbox: &sealpost_proto::relay::MailboxId,
+        blob_id: &BlobId,
+    ) -> Result<Vec<DeliveryRow>, AgentError> {
+        let msg: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT msg FROM files_out WHERE blob_id = ?1")?
+            .query_row(params![blob_id.0.to_vec()], |r| r.get(0))
+            .optional()?;
+        let Some(msg) = msg else {
+            return Ok(Vec::new());
+        };
+        let rows = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {DELIVERY_COLS} FROM deliveries WHERE msg = ?1 \
+                 AND state IN ('queued', 'submitted', 'forwarding')"
+            ))?
+            .query_map(params![msg], delivery_from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows
+            .into_iter()
+            .filter(|r| sealpost_proto::relay::MailboxId::of(&r.recipient) == *mailbox)
+            .collect())
+    }
+
     pub fn file_out_by_blob(
         &self,
         blob_id: &BlobId,

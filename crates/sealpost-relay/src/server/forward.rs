@@ -438,10 +438,14 @@ async fn wait(s: &Shared, q: &Queued, why: String) {
     }
 }
 
-/// Deletes this relay's copy of a forwarded blob once its entry ended
-/// (after, never before: a crash in between leaves a copy that expires).
+/// Deletes this relay's copy of a forwarded blob once its last entry
+/// ended (after, never before: a crash in between leaves a copy that
+/// expires). A blob sent to several mailboxes is queued once for each.
 async fn drop_copy(s: &Shared, q: &Queued) {
     if let Some((blob_id, _)) = q.blob {
+        if !matches!(s.store.forward_blob_queued(blob_id).await, Ok(false)) {
+            return;
+        }
         if let Err(e) = s.store.blob_delete(blob_id, q.origin).await {
             tracing::warn!("deleting a forwarded blob's copy failed (it expires): {e}");
         }

@@ -430,6 +430,51 @@ fn relay_vectors() -> Value {
             error: "cannot reach the relay at bob-relay.example:7443: connection refused".into(),
         },
     );
+    // The same relays for a forwarded blob's piece: refused as too large
+    // (naming the piece, §6.5), or given up.
+    let piece_blob = sealpost_proto::manifest::BlobId([0x88; 16]);
+    let piece_offset = 983_280u64;
+    let piece_hash = sealpost_proto::relay::blob_refusal_hash(&piece_blob, piece_offset);
+    let blob_refusal = {
+        use ed25519_dalek::Signer;
+        let mut m = context::REFUSAL.to_vec();
+        m.extend_from_slice(&Refusal::signed_bytes(
+            RefusalCode::TooLarge,
+            refusal_at,
+            &bob_mb,
+            &piece_hash,
+        ));
+        Refusal {
+            code: RefusalCode::TooLarge,
+            at: refusal_at,
+            mailbox: bob_mb,
+            payload_hash: piece_hash,
+            signature: next_relay.sign(&m).to_bytes(),
+        }
+    };
+    let blob_refused_notice = sealpost_proto::notice::Notice::sign_blob(
+        &home_relay,
+        refusal_at + 1,
+        bob_mb,
+        (piece_blob, piece_offset),
+        next_hop.clone(),
+        sealpost_proto::notice::Ended::Refused {
+            next_key: next_relay.verifying_key().to_bytes(),
+            binding: next_binding.clone(),
+            refusal: blob_refusal,
+        },
+    );
+    let blob_gave_up_notice = sealpost_proto::notice::Notice::sign_blob(
+        &home_relay,
+        1_750_003_600,
+        bob_mb,
+        (piece_blob, piece_offset),
+        next_hop.clone(),
+        sealpost_proto::notice::Ended::GaveUp {
+            attempts: 9,
+            error: "the next relay refused: over quota".into(),
+        },
+    );
     let requests = vec![
         ("Hello", Request::Hello { version: 1 }),
         (
@@ -525,6 +570,23 @@ fn relay_vectors() -> Value {
                 expires_at: 1_750_003_600,
                 payload_hash: hash,
                 payload: b"payload".to_vec(),
+            }),
+        ),
+        (
+            // The last piece of a blob, for the relay's owner to pass on.
+            "BlobForward",
+            Request::BlobForward(sealpost_proto::relay::BlobForward {
+                hops: 0,
+                next: next_hop.clone(),
+                piece: sealpost_proto::relay::BlobPiece {
+                    blob_id: piece_blob,
+                    mailbox: bob_mb,
+                    total_len: piece_offset + 7,
+                    blob_hash: [0x42; 32],
+                    expires_at: 1_750_003_600,
+                    offset: piece_offset,
+                    data: b"payload".to_vec(),
+                },
             }),
         ),
     ];
@@ -629,6 +691,9 @@ fn relay_vectors() -> Value {
             "next_spki": h(&next_spki),
             "refused": h(&refused_notice.encode()),
             "gave_up": h(&gave_up_notice.encode()),
+            "blob_description": "kinds 3 and 4: the same relays for the BlobForward above, whose piece (blob 88…88, offset 983280) the next relay refused as too_large, or which expired while the next relay held 983280 bytes; payload_hash is BLAKE3(blob_id || offset)",
+            "blob_refused": h(&blob_refused_notice.encode()),
+            "blob_gave_up": h(&blob_gave_up_notice.encode()),
         },
         "requests": requests.iter().map(|(n, r)| json!({"name": n, "frame": h(&r.encode(7))})).collect::<Vec<_>>(),
         "responses": responses.iter().map(|(n, r)| {
@@ -726,6 +791,19 @@ fn relay_vectors_match() {
     let n = Notice::decode(&unh(&committed["notices"]["gave_up"])).expect("gave-up notice");
     n.verify(&relay_key).expect("verifies");
     assert!(matches!(n.ended, Ended::GaveUp { attempts: 17, .. }));
+    // A blob's: named by blob and offset, the refusal naming that piece.
+    let piece = sealpost_proto::manifest::BlobId([0x88; 16]);
+    let n = Notice::decode(&unh(&committed["notices"]["blob_refused"])).expect("blob notice");
+    n.verify(&relay_key).expect("verifies");
+    assert_eq!((n.kind(), n.blob), (3, Some((piece, 983_280))));
+    assert_eq!(
+        n.payload_hash,
+        sealpost_proto::relay::blob_refusal_hash(&piece, 983_280)
+    );
+    assert!(matches!(&n.ended, Ended::Refused { refusal, .. } if refusal.code.name() == "too_large"));
+    let n = Notice::decode(&unh(&committed["notices"]["blob_gave_up"])).expect("blob notice");
+    n.verify(&relay_key).expect("verifies");
+    assert_eq!(n.kind(), 4);
 }
 
 #[test]

@@ -325,7 +325,11 @@ impl Engine {
                     .iter()
                     .find(|&&i| due[i].msg == u.0 && due[i].recipient == u.1)
                 {
-                    if u.2.state == sealpost_proto::delivery::State::Submitted {
+                    if matches!(
+                        u.2.state,
+                        sealpost_proto::delivery::State::Submitted
+                            | sealpost_proto::delivery::State::Forwarding
+                    ) {
                         finish.push((i, u.2.next_at));
                         u.2.next_at = self.clock.now_ms() + 10_000;
                     }

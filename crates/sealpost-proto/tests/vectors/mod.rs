@@ -800,7 +800,9 @@ fn relay_vectors_match() {
         n.payload_hash,
         sealpost_proto::relay::blob_refusal_hash(&piece, 983_280)
     );
-    assert!(matches!(&n.ended, Ended::Refused { refusal, .. } if refusal.code.name() == "too_large"));
+    assert!(
+        matches!(&n.ended, Ended::Refused { refusal, .. } if refusal.code.name() == "too_large")
+    );
     let n = Notice::decode(&unh(&committed["notices"]["blob_gave_up"])).expect("blob notice");
     n.verify(&relay_key).expect("verifies");
     assert_eq!(n.kind(), 4);

@@ -1891,15 +1891,16 @@ fn a_recipient_refuses_files_beyond_its_limits() {
 }
 
 /// Forwarding with real processes (PROTOCOL 6.8): Alice's home is relay A,
-/// Bob's relay B. With B down, Alice sends with forwarding on; relay A has
-/// it ("forwarding": at her relay) and Alice does nothing more until the
+/// Bob's relay B. With B down, Alice sends a message and a 50 MiB file with
+/// forwarding on; relay A has both ("forwarding": at her relay; the file's
+/// blob uploaded to A alone) and Alice does nothing more until the
 /// end. B comes back; A hands the message on; Bob's agent fetches it, and
 /// his receipt goes back through B and A (he forwards too); Alice's next
 /// sync finds the receipt. Alice and Bob are never running at once, and
 /// neither contacts the other's relay (`relay status` of each shows the
 /// queue emptied).
 #[test]
-fn a_message_and_its_receipt_cross_two_relays_while_the_far_one_was_down() {
+fn a_message_a_file_and_their_receipts_cross_two_relays_while_the_far_one_was_down() {
     /// Children killed however the test ends.
     struct Kill(Vec<Child>);
     impl Drop for Kill {
@@ -1936,13 +1937,35 @@ fn a_message_and_its_receipt_cross_two_relays_while_the_far_one_was_down() {
     let (_, text, _) = env.run("alice", &["status", &id], b"");
     let text = String::from_utf8_lossy(&text);
     assert!(text.contains("at your relay"), "{text}");
+    let size = 50usize << 20;
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
+        .collect();
+    std::fs::write(env.path("big.bin"), &data).expect("write");
+    let v = env.json(
+        "alice",
+        &[
+            "send",
+            "bob",
+            "--file",
+            &env.path("big.bin").to_string_lossy(),
+        ],
+    );
+    let file_id = v["id"].as_str().expect("id").to_owned();
+    let d = env.json("alice", &["status", &file_id])["messages"][0]["deliveries"][0].clone();
+    assert_eq!(d["state"].as_str(), Some("forwarding"), "{d}");
     let o = Command::new(cargo_bin("sealpost"))
         .args(["--json", "relay", "status", "--data"])
         .arg(env.path("relay-a"))
         .output()
         .expect("relay status");
     let q: Value = serde_json::from_slice(&o.stdout).expect("json");
-    assert_eq!(q["forward_queue"][0]["items"].as_u64(), Some(1), "{q}");
+    // The message, the file's blob and its manifest.
+    assert_eq!(q["forward_queue"][0]["items"].as_u64(), Some(3), "{q}");
+    assert!(
+        q["forward_queue"][0]["bytes"].as_u64() > Some(size as u64),
+        "{q}"
+    );
     assert_eq!(
         q["forward_queue"][0]["next_relay"].as_str(),
         Some(format!("127.0.0.1:{port_b}").as_str()),
@@ -1954,26 +1977,60 @@ fn a_message_and_its_receipt_cross_two_relays_while_the_far_one_was_down() {
     assert_eq!(again.to_string(), addr_b.to_string());
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
-        env.ok("bob", &["sync", "--forward", "on"]);
+        let dl = env.path("bob-downloads").to_string_lossy().into_owned();
+        env.ok("bob", &["sync", "--forward", "on", "--downloads", &dl]);
         let n = env.json("bob", &["inbox"])["messages"]
             .as_array()
             .map_or(0, Vec::len);
-        if n == 1 {
+        let placed = std::fs::metadata(env.path("bob-downloads").join("big.bin"))
+            .is_ok_and(|m| m.len() == size as u64);
+        if n == 2 && placed {
             break;
         }
-        assert!(Instant::now() < deadline, "relay A never handed it on");
+        if Instant::now() > deadline {
+            let o = Command::new(cargo_bin("sealpost"))
+                .args(["--json", "relay", "status", "--data"])
+                .arg(env.path("relay-a"))
+                .output()
+                .expect("relay status");
+            let ob = Command::new(cargo_bin("sealpost"))
+                .args(["--json", "relay", "status", "--data"])
+                .arg(env.path("relay-b"))
+                .output()
+                .expect("relay status");
+            let dl = env.ok("bob", &["--json", "status"]);
+            panic!(
+                "relay A never handed them on: inbox {n}, A {} B {} bob {}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&ob.stdout),
+                String::from_utf8_lossy(&dl)
+            );
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
+    let got = std::fs::read(env.path("bob-downloads").join("big.bin")).expect("placed");
+    assert!(got == data, "the file arrived whole");
     // Alice, back: her sync finds Bob's receipt at her relay.
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         env.ok("alice", &["sync"]);
         let d = env.json("alice", &["status", &id])["messages"][0]["deliveries"][0].clone();
-        if d["state"].as_str() == Some("delivered") {
+        let f = env.json("alice", &["status", &file_id])["messages"][0]["deliveries"][0].clone();
+        if d["state"].as_str() == Some("delivered") && f["state"].as_str() == Some("delivered") {
             assert_eq!(d["receipt"].as_bool(), Some(true), "{d}");
+            assert_eq!(f["receipt"].as_bool(), Some(true), "{f}");
             break;
         }
-        assert!(Instant::now() < deadline, "no receipt came back: {d}");
+        assert!(Instant::now() < deadline, "no receipts came back: {d} {f}");
         std::thread::sleep(Duration::from_millis(500));
     }
+    // Relay A keeps nothing: queue empty, its copy of the blob deleted.
+    let o = Command::new(cargo_bin("sealpost"))
+        .args(["--json", "relay", "status", "--data"])
+        .arg(env.path("relay-a"))
+        .output()
+        .expect("relay status");
+    let q: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(q["forward_queue"].as_array().map(Vec::len), Some(0), "{q}");
+    assert_eq!(q["blobs"].as_u64(), Some(0), "{q}");
 }

@@ -962,6 +962,7 @@ fn stats_json(s: &PassStats) -> Value {
         "forged_reports": s.forged_reports,
         "reports_sent": s.reports_sent,
         "submitted": s.submitted,
+        "forwarded": s.forwarded,
         "refused": s.refused,
         "submit_errors": s.submit_errors,
         "expired": s.expired,
@@ -1011,7 +1012,7 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
         let mut s = format!(
             "fetched {}: {} new in the inbox, {} duplicates, {} rejected, {} discarded\n\
              receipts: {} of our messages confirmed, {} bounced; {} reports sent\n\
-             submitted {} ({} refused, {} to retry), {} expired\n",
+             submitted {} to recipients' relays, {} to your relay to forward ({} refused, {} to retry), {} expired\n",
             stats.fetched,
             stats.delivered,
             stats.duplicates,
@@ -1021,6 +1022,7 @@ pub fn sync(home: &Home, args: SyncArgs, out: &Out) -> Result<(), Failure> {
             stats.bounced,
             stats.reports_sent,
             stats.submitted,
+            stats.forwarded,
             stats.refused,
             stats.submit_errors,
             stats.expired

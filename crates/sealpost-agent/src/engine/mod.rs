@@ -212,8 +212,11 @@ pub struct PassStats {
     pub forged_reports: u64,
     /// Reports (receipts and rejections) sent.
     pub reports_sent: u64,
-    /// Submissions the relays accepted.
+    /// Submissions the recipients' relays accepted.
     pub submitted: u64,
+    /// Messages (and reports) the home relay accepted to forward: at your
+    /// relay, not yet at the recipient's.
+    pub forwarded: u64,
     /// Submissions refused by a relay with a signed refusal.
     pub refused: u64,
     /// Submissions that failed for now (retried after a backoff).
@@ -260,6 +263,7 @@ impl PassStats {
         self.forged_reports += o.forged_reports;
         self.reports_sent += o.reports_sent;
         self.submitted += o.submitted;
+        self.forwarded += o.forwarded;
         self.refused += o.refused;
         self.submit_errors += o.submit_errors;
         self.expired += o.expired;
@@ -679,6 +683,7 @@ impl Engine {
         // 100,000-message burst slowed to a crawl).
         let quiet = stats.fetched == 0
             && stats.submitted == 0
+            && stats.forwarded == 0
             && stats.confirmed == 0
             && stats.reports_sent == 0;
         if quiet {

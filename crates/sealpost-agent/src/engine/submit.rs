@@ -96,7 +96,7 @@ impl Engine {
             match answer {
                 Some(Ok(Submitted::Accepted { .. })) => {
                     d.forwarded(now, &self.timing, self.clock.unit_random());
-                    stats.submitted += 1;
+                    stats.forwarded += 1;
                 }
                 Some(Ok(Submitted::Refused(r))) if !r.code.is_lasting() => {
                     d.transient_failure(now, &self.timing, self.clock.unit_random());

@@ -9,6 +9,12 @@
 #                                              # (same SIZE_MB) and limits.sh
 #   PAD=1 EXTRA_BYTES=1 bench/file-transfer.sh # send --pad; the file is
 #                                              # SIZE_MB MiB + EXTRA_BYTES
+#   TWO_RELAYS=1 FORWARD=off|on bench/file-transfer.sh
+#                                              # alice's relay on 127.0.0.2,
+#                                              # bob's on 127.0.0.3; on: the
+#                                              # file goes through alice's
+#                                              # relay (PROTOCOL 6.8), off:
+#                                              # alice uploads to bob's
 #
 # Stages, timed by watching the files: queue (Alice hashes the file as a
 # blob), upload (until the relay's blob file is whole; each 1 MiB piece is
@@ -28,6 +34,8 @@ PORT=${PORT:-17643}
 ANCHORS=${ANCHORS:-0}
 PAD=${PAD:-0}
 EXTRA_BYTES=${EXTRA_BYTES:-0}
+TWO_RELAYS=${TWO_RELAYS:-0}
+FORWARD=${FORWARD:-off}
 
 # SP=/path/to/sealpost measures that binary instead (before/after pairs).
 if [[ -z ${SP:-} ]]; then
@@ -42,19 +50,35 @@ cleanup() {
     [[ ${KEEP:-0} == 1 ]] || rm -rf "$T"
 }
 trap cleanup EXIT
-export SEALPOST_LOG=warn
+export SEALPOST_LOG=${SEALPOST_LOG:-warn}
 now() { date +%s.%N; }
 
-start_relay --metrics "127.0.0.1:$((PORT + 1))"
+# The relay whose blob file is watched: where alice uploads.
+BLOB_RELAY=relay
+if [[ $TWO_RELAYS == 1 ]]; then
+    relay_at "$T/relay" 127.0.0.2 "$PORT" --metrics "127.0.0.1:$((PORT + 1))"
+    ADDR=$AT
+    RELAY_A=$RELAY
+    relay_at "$T/relay-b" 127.0.0.3 "$((PORT + 2))" --metrics "127.0.0.1:$((PORT + 3))"
+    ADDR_B=$AT
+    RELAY_B=$RELAY
+    [[ $FORWARD == on ]] || BLOB_RELAY=relay-b
+    echo "# alice's relay at $ADDR, bob's at $ADDR_B, forwarding $FORWARD" >&2
+else
+    start_relay --metrics "127.0.0.1:$((PORT + 1))"
+    ADDR_B=$ADDR
+    RELAY_A=$RELAY
+fi
 A=(--home "$T/alice")
 B=(--home "$T/bob")
 "$SP" "${A[@]}" init --name alice --relay "$ADDR" >/dev/null
-"$SP" "${B[@]}" init --name bob --relay "$ADDR" >/dev/null
+"$SP" "${B[@]}" init --name bob --relay "$ADDR_B" >/dev/null
 card() { "$SP" "$@" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])'; }
 "$SP" "${A[@]}" contact add "$(card "${B[@]}")" --name bob >/dev/null
 "$SP" "${B[@]}" contact add "$(card "${A[@]}")" --name alice >/dev/null
 mkdir -p "$T/incoming"
-"$SP" "${B[@]}" agent --downloads "$T/incoming" >/dev/null 2>"$T/bob.log" &
+"$SP" "${A[@]}" sync --forward "$FORWARD" >/dev/null
+"$SP" "${B[@]}" agent --forward "$FORWARD" --downloads "$T/incoming" >/dev/null 2>"$T/bob.log" &
 BOB=$!
 PIDS+=("$BOB")
 for _ in $(seq 200); do [[ -S $T/bob/agent.sock ]] && break; sleep 0.05; done
@@ -85,10 +109,10 @@ t0=$(now)
 SEND=$!
 # Stage times, watched by one small process (a shell loop forking `stat`
 # every 10 ms took 40 % of a core, which this two-core machine needs).
-read -r t_queued t_uploaded t_stored < <(python3 - "$SEND" "$T" "$BLOB_LEN" <<'PY'
+read -r t_queued t_uploaded t_stored < <(python3 - "$SEND" "$T" "$BLOB_LEN" "$BLOB_RELAY" <<'PY'
 import os, sys, time
 pid, root, blob_len = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-blobs, done = os.path.join(root, "relay/store/blobs"), os.path.join(root, "incoming/file.bin")
+blobs, done = os.path.join(root, sys.argv[4], "store/blobs"), os.path.join(root, "incoming/file.bin")
 tq = tu = ts = ""
 def running():
     try:
@@ -133,18 +157,24 @@ awk -v mb="$SIZE_MB" -v t0="$t0" -v tq="$t_queued" -v tu="$t_uploaded" -v ts="$t
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
 read -r rss u sy flt <"$T/alice.rss"
 echo "sealpost peak_rss_sender $((rss / 1024)) MiB"
-echo "sealpost peak_rss_relay $(( $(awk '/VmHWM/ { print $2 }' "/proc/$RELAY/status") / 1024 )) MiB"
+echo "sealpost peak_rss_relay $(( $(awk '/VmHWM/ { print $2 }' "/proc/$RELAY_A/status") / 1024 )) MiB"
+if [[ $TWO_RELAYS == 1 ]]; then
+    echo "sealpost peak_rss_relay_b $(( $(awk '/VmHWM/ { print $2 }' "/proc/$RELAY_B/status") / 1024 )) MiB"
+fi
 echo "sealpost peak_rss_recipient_agent $(( $(awk '/VmHWM/ { print $2 }' "/proc/$BOB/status") / 1024 )) MiB"
 echo "sealpost cpu_sender $(awk -v u="$u" -v s="$sy" 'BEGIN { printf "%.2f", u + s }') s"
-echo "sealpost cpu_relay $(cpu_s "$RELAY") s"
+echo "sealpost cpu_relay $(cpu_s "$RELAY_A") s"
+if [[ $TWO_RELAYS == 1 ]]; then
+    echo "sealpost cpu_relay_b $(cpu_s "$RELAY_B") s"
+fi
 echo "sealpost cpu_recipient_agent $(cpu_s "$BOB") s"
 # Minor page faults: fresh memory being faulted in (buffer churn).
 echo "sealpost page_faults_sender $flt"
-echo "sealpost page_faults_relay $(awk '{ print $10 }' "/proc/$RELAY/stat")"
+echo "sealpost page_faults_relay $(awk '{ print $10 }' "/proc/$RELAY_A/stat")"
 echo "sealpost page_faults_recipient_agent $(awk '{ print $10 }' "/proc/$BOB/stat")"
 # Bytes each long-running process read from the device: the recipient
 # reads the file back once (more would mean a read-back started over).
-echo "sealpost device_reads_relay $(( $(awk '/^read_bytes/ { print $2 }' "/proc/$RELAY/io") >> 20 )) MiB"
+echo "sealpost device_reads_relay $(( $(awk '/^read_bytes/ { print $2 }' "/proc/$RELAY_A/io") >> 20 )) MiB"
 echo "sealpost device_reads_recipient_agent $(( $(awk '/^read_bytes/ { print $2 }' "/proc/$BOB/io") >> 20 )) MiB"
 # Where the relay served the recipient's reads from: pieces still in memory
 # since they were stored, or the blob file (the device: pieces are written

@@ -104,10 +104,10 @@ struct Shared {
     /// longer busy.
     forward_wake: Notify,
     /// Next relays items are being handed to now (one task each).
-    forward_busy: std::sync::Mutex<std::collections::HashSet<relay::NextHop>>,
+    forward_busy: std::sync::Mutex<std::collections::HashSet<forward::Lane>>,
     /// Connections to next relays kept between passes (at most
     /// `forward::KEEP_IDLE` unused).
-    forward_links: std::sync::Mutex<HashMap<relay::NextHop, (Peer, std::time::Instant)>>,
+    forward_links: std::sync::Mutex<HashMap<forward::Lane, (Peer, std::time::Instant)>>,
     /// What the next relay held of each blob being forwarded, at the last
     /// attempt (so that a blob whose sender is still uploading costs the
     /// next relay nothing until there is more to send). Only a hint: the

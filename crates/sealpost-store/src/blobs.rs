@@ -400,6 +400,19 @@ impl Store {
         })
     }
 
+    /// `n` bytes of a blob from `offset` if they are still among the
+    /// pieces kept in memory since they were stored; unlike
+    /// [`Store::blob_locate`] it checks no owner and follows no reader
+    /// (a relay forwarding the blob reads its own copy this way, without
+    /// holding the upload back).
+    pub fn blob_kept(&self, id: &BlobId, offset: u64, n: usize) -> Option<KeptBytes> {
+        let kept = self.inner.recent.lock().ok()?.read(id, offset, n)?;
+        self.inner
+            .reads_memory
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(kept)
+    }
+
     /// Appends `n` bytes of a blob from `offset` to `out` (as
     /// [`Store::blob_locate`] said), from the blob store (blocking).
     pub fn blob_read_disk(

@@ -174,7 +174,7 @@ pub(crate) async fn forward_loop(s: Arc<Shared>) {
             }
             continue;
         }
-        let mut hops: Vec<(NextHop, Vec<Queued>)> = Vec::new();
+        let mut hops: Vec<(Lane, Vec<Queued>)> = Vec::new();
         let mut ended = 0usize;
         for q in due {
             if q.item.expires_at <= now {
@@ -182,19 +182,22 @@ pub(crate) async fn forward_loop(s: Arc<Shared>) {
                 ended += 1;
                 continue;
             }
-            // A next relay already being handed items keeps its own: they
-            // are taken by the next pass after it is done.
-            if busy_with(&s, &q.item.next) {
+            // A next relay already being handed items (or blobs) keeps
+            // its own: they are taken by the next pass after it is done.
+            let lane = (q.item.next.clone(), q.blob.is_some());
+            if busy_with(&s, &lane) {
                 continue;
             }
-            match hops.iter_mut().find(|(h, _)| *h == q.item.next) {
+            match hops.iter_mut().find(|(h, _)| *h == lane) {
                 Some((_, v)) => v.push(q),
-                None => hops.push((q.item.next.clone(), vec![q])),
+                None => hops.push((lane, vec![q])),
             }
         }
-        // Next relays in parallel, each on a task of its own: one that
-        // does not answer holds up only its own items, for at most the
-        // connect and request timeouts.
+        // Next relays in parallel, each on a task of its own (and its
+        // blobs on another, so that a long blob does not hold up the
+        // items, a file's manifest among them): one that does not answer
+        // holds up only its own items, for at most the connect and
+        // request timeouts.
         let started = hops.len();
         for (hop, items) in hops {
             if let Ok(mut b) = s.forward_busy.lock() {
@@ -219,37 +222,46 @@ pub(crate) async fn forward_loop(s: Arc<Shared>) {
     }
 }
 
-/// Whether items are being handed to `hop` now.
-fn busy_with(s: &Shared, hop: &NextHop) -> bool {
+/// What is handed to one next relay on one task and connection: its
+/// items (`false`) or its blobs (`true`).
+pub(crate) type Lane = (NextHop, bool);
+
+/// Whether `lane` is being handed on now.
+fn busy_with(s: &Shared, lane: &Lane) -> bool {
     s.forward_busy
         .lock()
-        .map(|b| b.contains(hop))
+        .map(|b| b.contains(lane))
         .unwrap_or(false)
 }
 
-/// Sends `items` to their next relay `hop` on one connection, proving
-/// this relay's key first; ends each one the next relay answered for.
-/// Messages go first, pipelined; then blobs, one after the other.
-async fn hand_on(s: &Arc<Shared>, hop: NextHop, items: Vec<Queued>) {
-    let (blobs, items): (Vec<Queued>, Vec<Queued>) =
-        items.into_iter().partition(|q| q.blob.is_some());
-    if !items.is_empty() {
-        hand_on_items(s, &hop, items).await;
-    }
-    for q in blobs {
-        hand_on_blob(s, &hop, q).await;
+/// Sends the items of one lane to their next relay on one connection,
+/// proving this relay's key first; ends each one the next relay answered
+/// for. Items go pipelined; blobs one after the other.
+async fn hand_on(s: &Arc<Shared>, lane: Lane, items: Vec<Queued>) {
+    if lane.1 {
+        for q in items {
+            hand_on_blob(s, &lane, q).await;
+        }
+    } else {
+        hand_on_items(s, &lane, items).await;
     }
 }
 
 /// Pieces of a blob in flight to the next relay, at most (each up to
-/// 1 MiB: what a relay holds per blob it forwards).
+/// 1 MiB: what a relay holds per blob it forwards; more did not go faster
+/// here and took 8 MiB more).
 const BLOB_WINDOW: usize = 4;
+
+/// How long a blob whose sender is still uploading is followed on one
+/// attempt after everything held was sent (then it waits its turn again).
+const STREAM_FOLLOW: Duration = Duration::from_secs(2);
 
 /// Hands a blob on from where the next relay stands to what this relay
 /// holds (its sender may still be uploading: then it waits a second and
 /// goes on), reading it from the store a piece at a time; ends it once the
 /// next relay holds it whole, and deletes this relay's copy after.
-async fn hand_on_blob(s: &Arc<Shared>, hop: &NextHop, q: Queued) {
+async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
+    let hop = &lane.0;
     let Some((blob_id, total)) = q.blob else {
         return;
     };
@@ -270,7 +282,7 @@ async fn hand_on_blob(s: &Arc<Shared>, hop: &NextHop, q: Queued) {
     if !here.complete && known.is_some_and(|k| k >= here.stored) {
         return wait(s, &q, waiting_words(here.stored, total)).await;
     }
-    let mut peer = match take_peer(s, hop) {
+    let mut peer = match take_peer(s, lane) {
         Some(p) => p,
         None => match connect_peer(s, hop).await {
             Ok(p) => p,
@@ -297,55 +309,71 @@ async fn hand_on_blob(s: &Arc<Shared>, hop: &NextHop, q: Queued) {
     let mut at = there;
     let mut failure: Option<String> = None;
     let mut lost = false;
+    let mut here = here;
+    // Since when nothing new arrived from the sender while everything
+    // held here was sent.
+    let mut idle: Option<std::time::Instant> = None;
     while !complete {
         while in_flight.len() < BLOB_WINDOW && at < here.stored {
             let n = (here.stored - at).min(relay::MAX_BLOB_PIECE as u64) as usize;
-            let store = s.store.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                let mut data = sealpost_proto::buffers::take(n);
-                store
-                    .blob_read_disk(&blob_id, at, n, &mut data)
-                    .map(|()| data)
-            })
-            .await;
-            let data = match read {
-                Ok(Ok(d)) if d.len() == n => d,
-                Ok(Ok(_)) => {
-                    failure = Some("reading the blob: short read".into());
-                    break;
-                }
-                Ok(Err(e)) => {
-                    failure = Some(format!("reading the blob: {e}"));
-                    break;
-                }
+            let data = match read_piece(s, blob_id, at, n).await {
+                Ok(d) => d,
                 Err(e) => {
                     failure = Some(format!("reading the blob: {e}"));
                     break;
                 }
             };
-            let last = at + n as u64 == total;
+            let end = at + n as u64;
             let piece = BlobPiece {
                 blob_id,
                 mailbox: q.item.mailbox,
                 total_len: total,
-                blob_hash: if last { here.hash } else { [0; 32] },
+                blob_hash: if end == total { here.hash } else { [0; 32] },
                 expires_at: q.item.expires_at,
                 offset: at,
                 data,
             };
             let hops = q.item.hops.saturating_add(1);
-            let p = peer
-                .client
-                .blob_forward_send(hops, hop.clone(), piece)
-                .await;
-            in_flight.push_back((at, p));
-            at += n as u64;
+            let p = peer.client.blob_forward_send(hops, hop.clone(), piece).await;
+            in_flight.push_back((at, end, p));
+            at = end;
         }
         if failure.is_some() {
             break;
         }
-        let Some((offset, p)) = in_flight.pop_front() else {
-            break;
+        let Some((offset, end, p)) = in_flight.pop_front() else {
+            // Everything held here was sent: the sender is still
+            // uploading. Follow it closely for a while (the next relay,
+            // and the recipient reading there, get the blob as it
+            // streams in), then leave it to a later attempt.
+            if here.complete {
+                failure = Some(format!(
+                    "the next relay holds {there} of {total} bytes after the last piece"
+                ));
+                break;
+            }
+            let since = *idle.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > STREAM_FOLLOW {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            match s.store.ledger().blob(blob_id).await {
+                Ok(Some(b)) if b.mailbox == q.origin => {
+                    if b.stored > here.stored {
+                        idle = None;
+                    }
+                    here = b;
+                }
+                Ok(_) => {
+                    failure = Some("the blob is gone here".into());
+                    break;
+                }
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+            }
+            continue;
         };
         match peer.client.blob_put_answer(p).await {
             Ok(Ok((stored, done))) => {
@@ -353,7 +381,7 @@ async fn hand_on_blob(s: &Arc<Shared>, hop: &NextHop, q: Queued) {
                     .forward_blob_bytes
                     .fetch_add(stored.saturating_sub(there), Ordering::Relaxed);
                 (there, complete) = (stored.max(there), done);
-                if !done && stored != offset + piece_len(offset, here.stored) {
+                if !done && stored != end {
                     // The next relay holds another length: start again
                     // from there next time.
                     failure = Some(format!("the next relay holds {stored} bytes"));
@@ -376,7 +404,7 @@ async fn hand_on_blob(s: &Arc<Shared>, hop: &NextHop, q: Queued) {
                     binding: peer.binding.clone(),
                     refusal,
                 };
-                keep_peer(s, hop, peer);
+                keep_peer(s, lane, peer);
                 end_with_notice(s, &q, Some(offset), ended, now()).await;
                 return drop_copy(s, &q).await;
             }
@@ -394,7 +422,7 @@ async fn hand_on_blob(s: &Arc<Shared>, hop: &NextHop, q: Queued) {
     // Pieces still in flight after a failure are not waited for; their
     // answers go to requests no one waits for.
     if !lost {
-        keep_peer(s, hop, peer);
+        keep_peer(s, lane, peer);
     }
     if let Ok(mut m) = s.forward_blobs.lock() {
         if complete {
@@ -417,9 +445,35 @@ async fn hand_on_blob(s: &Arc<Shared>, hop: &NextHop, q: Queued) {
     }
 }
 
-/// The length of the piece at `offset` when `upto` bytes are to be sent.
-fn piece_len(offset: u64, upto: u64) -> u64 {
-    (upto - offset.min(upto)).min(relay::MAX_BLOB_PIECE as u64)
+/// `n` bytes of a blob this relay forwards, from `at`: from the pieces
+/// still in memory since they were stored when they are (a blob streamed
+/// on as it arrives), else from the blob store on a blocking thread.
+async fn read_piece(
+    s: &Shared,
+    blob_id: relay::BlobId,
+    at: u64,
+    n: usize,
+) -> Result<Vec<u8>, String> {
+    let mut data = sealpost_proto::buffers::take(n);
+    if let Some((piece, range)) = s.store.blob_kept(&blob_id, at, n) {
+        if range.len() == n {
+            data.extend_from_slice(&piece[range]);
+            return Ok(data);
+        }
+    }
+    let store = s.store.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        store
+            .blob_read_disk(&blob_id, at, n, &mut data)
+            .map(|()| data)
+    })
+    .await;
+    match read {
+        Ok(Ok(d)) if d.len() == n => Ok(d),
+        Ok(Ok(_)) => Err("short read".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn waiting_words(here: u64, total: u64) -> String {
@@ -456,8 +510,8 @@ async fn drop_copy(s: &Shared, q: &Queued) {
 }
 
 /// Sends queued messages to `hop` on one connection, pipelined.
-async fn hand_on_items(s: &Arc<Shared>, hop: &NextHop, items: Vec<Queued>) {
-    let hop = hop.clone();
+async fn hand_on_items(s: &Arc<Shared>, lane: &Lane, items: Vec<Queued>) {
+    let hop = lane.0.clone();
     let mut outgoing: Vec<Forward> = items
         .iter()
         .map(|q| Forward {
@@ -468,7 +522,7 @@ async fn hand_on_items(s: &Arc<Shared>, hop: &NextHop, items: Vec<Queued>) {
     // A connection kept from an earlier pass, if it is recent; one the
     // next relay closed meanwhile (it closes idle ones) fails every
     // request at once, and the items go again on a new connection.
-    let kept = take_peer(s, &hop);
+    let kept = take_peer(s, lane);
     let reused = kept.is_some();
     let peer = match kept {
         Some(p) => p,
@@ -501,7 +555,7 @@ async fn hand_on_items(s: &Arc<Shared>, hop: &NextHop, items: Vec<Queued>) {
         .any(|a| matches!(a, Err(ClientError::Closed | ClientError::Io(_))));
     let (next_key, binding) = (peer.next_key, peer.binding.clone());
     if healthy {
-        keep_peer(s, &hop, peer);
+        keep_peer(s, lane, peer);
     }
     // Items handed on end together: their writes share commits.
     let mut ends = tokio::task::JoinSet::new();
@@ -569,16 +623,16 @@ pub(crate) struct Peer {
 const KEEP_IDLE: Duration = Duration::from_secs(20);
 
 /// The kept connection to `hop`, if one is recent enough.
-fn take_peer(s: &Shared, hop: &NextHop) -> Option<Peer> {
+fn take_peer(s: &Shared, lane: &Lane) -> Option<Peer> {
     let mut links = s.forward_links.lock().ok()?;
-    let (peer, at) = links.remove(hop)?;
+    let (peer, at) = links.remove(lane)?;
     (at.elapsed() < KEEP_IDLE).then_some(peer)
 }
 
-fn keep_peer(s: &Shared, hop: &NextHop, peer: Peer) {
+fn keep_peer(s: &Shared, lane: &Lane, peer: Peer) {
     if let Ok(mut links) = s.forward_links.lock() {
         links.retain(|_, (_, at)| at.elapsed() < KEEP_IDLE);
-        links.insert(hop.clone(), (peer, std::time::Instant::now()));
+        links.insert(lane.clone(), (peer, std::time::Instant::now()));
     }
 }
 

@@ -1455,9 +1455,9 @@ mod tests {
         ));
         // Read in two parts, as a relay does.
         let body = &good[4..];
-        let (head, rest) = body.split_at(Request::head_len(0x11).unwrap());
-        let split = Request::decode_split(head, rest.to_vec()).unwrap();
-        assert_eq!(split.body, Request::decode(body).unwrap().body);
+        let (head, rest) = body.split_at(Request::head_len(0x11).expect("a head"));
+        let split = Request::decode_split(head, rest.to_vec()).expect("split");
+        assert_eq!(split.body, Request::decode(body).expect("whole").body);
     }
 
     /// A `Forward` toward `addr` with `n` payload bytes.

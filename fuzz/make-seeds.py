@@ -17,6 +17,7 @@ seeds = {
     "repair": [bytes.fromhex(v["repair"]["request"]), bytes.fromhex(v["repair"]["offer"])],
     "relay_frame": [bytes.fromhex(f["frame"]) for f in relay["requests"] + relay["responses"]]
     + [b"".join(bytes.fromhex(f["frame"]) for f in relay["requests"])],
+    "notice": [bytes.fromhex(relay["notices"][k]) for k in ("refused", "gave_up", "blob_refused", "blob_gave_up")],
 }
 for target, items in seeds.items():
     d = os.path.join("fuzz", "seeds", target)

@@ -370,3 +370,88 @@ async fn a_file_goes_through_the_senders_relay_to_two_relays() {
         r.stop().await.expect("stop");
     }
 }
+
+/// A hostile home relay that answers `Accepted` to every `Forward` and
+/// never hands anything on: Alice's message is "at your relay" after her
+/// first pass, and her first retransmission goes to Bob's relay directly
+/// (which she can reach here), so Bob gets it and she gets his receipt
+/// (through his relay, which forwards honestly, to hers, which stores
+/// what is addressed to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_relay_that_swallows_forwards_delays_a_message_by_one_retransmission() {
+    use sealpost_relay::tamper::{ForgedRefusal, OnForward, OnSubmit, Tamper};
+    #[derive(Debug)]
+    struct Swallow;
+    impl Tamper for Swallow {
+        fn submit(&self, _: &sealpost_proto::relay::MailboxId, _: &[u8; 32], _: &[u8]) -> OnSubmit {
+            OnSubmit::Store
+        }
+        fn fetch(
+            &self,
+            _: &sealpost_proto::relay::MailboxId,
+            _: &mut Vec<sealpost_proto::relay::Item>,
+        ) -> Vec<u64> {
+            Vec::new()
+        }
+        fn blob_put(
+            &self,
+            _: &sealpost_proto::relay::BlobId,
+            _: &sealpost_proto::relay::MailboxId,
+            _: u64,
+        ) -> Option<ForgedRefusal> {
+            None
+        }
+        fn blob_data(
+            &self,
+            _: &sealpost_proto::relay::MailboxId,
+            _: &sealpost_proto::relay::BlobId,
+            _: u64,
+            _: &mut Vec<u8>,
+        ) {
+        }
+        fn forward(&self, _: &sealpost_proto::relay::MailboxId, _: &[u8; 32]) -> OnForward {
+            OnForward::Drop
+        }
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let (backbone, net_a, net_b) = (MemoryNet::new(), MemoryNet::new(), MemoryNet::new());
+    let mut cfg = Config::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        dir.path().join("relay-a"),
+    );
+    cfg.forwarding.transport = backbone.clone();
+    cfg.tamper = Some(Arc::new(Swallow));
+    let a = common::spawn_in_memory(cfg).await;
+    backbone.add(a.door());
+    net_a.add(a.door());
+    let b = relay(dir.path(), "relay-b", &backbone, &net_b).await;
+    // Alice can reach Bob's relay too.
+    net_a.add(b.door());
+    let mut alice = common::engine(dir.path(), "alice", a.address(), &net_a, None).await;
+    let mut bob = common::engine(dir.path(), "bob", b.address(), &net_b, None).await;
+    pin(&mut alice, "bob", &bob);
+    pin(&mut bob, "alice", &alice);
+    alice.forward = true;
+    bob.forward = true;
+    alice.timing.retransmit = Backoff {
+        base: Duration::from_millis(300),
+        max: Duration::from_millis(300),
+    };
+    let id = alice
+        .agent_mut()
+        .send(&["bob".into()], b"despite my relay", 3600, "x")
+        .expect("send");
+    let s = alice.pass().await.expect("pass");
+    assert_eq!(s.forwarded, 1, "{s:?}");
+    assert_eq!(state(&alice, &id).0, State::Forwarding);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let s = alice.pass().await.expect("pass");
+    assert_eq!((s.submitted, s.forwarded), (1, 0), "directly: {s:?}");
+    passes_until(&mut bob, |b| {
+        b.agent().db().inbox(false, 10).map_or(0, |v| v.len()) == 1
+    })
+    .await;
+    passes_until(&mut alice, |a| state(a, &id).0 == State::Delivered).await;
+    a.stop().await.expect("stop a");
+    b.stop().await.expect("stop b");
+}

@@ -207,6 +207,17 @@ impl Delivery {
         o
     }
 
+    /// Whether this attempt goes through the sender's own relay, when it
+    /// forwards (PROTOCOL 8): the first, and from then on every other
+    /// attempt, the others directly to the recipient's relay — so a
+    /// sender's relay that accepts and never forwards delays a message by
+    /// one retransmission at most wherever the recipient's relay answers
+    /// the sender, and one the sender cannot reach costs a failed attempt
+    /// (which turns the next one back to forwarding).
+    pub fn forward_turn(&self) -> bool {
+        (self.submissions.wrapping_add(self.failed_attempts)) % 2 == 0
+    }
+
     /// The relay could not be reached or failed; try again after a backoff.
     pub fn transient_failure(&mut self, now_ms: u64, timing: &Timing, unit: f64) -> Outcome {
         if self.state.is_final() {
@@ -307,6 +318,29 @@ mod tests {
             content_len: len,
             stored_at: 0,
         }
+    }
+
+    /// With forwarding on, the first attempt goes through the sender's
+    /// relay, the retransmission after its acceptance directly, and an
+    /// attempt that failed turns the next back to the sender's relay.
+    #[test]
+    fn forwarded_and_direct_attempts_alternate() {
+        let t = Timing::default();
+        let mut d = Delivery::new(1000, 1_000_000_000);
+        assert!(d.forward_turn(), "first through the sender's relay");
+        d.forwarded(1000, &t, 0.0);
+        assert!(!d.forward_turn(), "its retransmission directly");
+        d.transient_failure(70_000, &t, 0.0);
+        assert!(d.forward_turn(), "the recipient's relay did not answer");
+        d.forwarded(72_000, &t, 0.0);
+        assert!(
+            d.forward_turn(),
+            "two acceptances: the turn is counted anew"
+        );
+        d.forwarded(200_000, &t, 0.0);
+        assert!(!d.forward_turn());
+        d.accepted(400_000, &t, 0.0);
+        assert!(d.forward_turn(), "after a direct one, forwarded again");
     }
 
     #[test]

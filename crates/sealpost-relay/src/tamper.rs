@@ -23,6 +23,15 @@ pub enum OnSubmit {
     Forge(ForgedRefusal),
 }
 
+/// What the relay does with a `Forward` it would queue for the next relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnForward {
+    /// Queue it and hand it on.
+    Queue,
+    /// Answer `Accepted` and keep nothing (claims to forward, never does).
+    Drop,
+}
+
 /// The ways a relay can answer with a refusal that the client must not
 /// take for its own: signed by another key, or naming another submission.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,4 +62,10 @@ pub trait Tamper: Send + Sync + std::fmt::Debug + 'static {
 
     /// Blob data about to be sent to its reader; may be altered in place.
     fn blob_data(&self, mailbox: &MailboxId, blob_id: &BlobId, offset: u64, data: &mut Vec<u8>);
+
+    /// A `Forward` from one of the relay's owners that passed its checks,
+    /// before it is queued.
+    fn forward(&self, _mailbox: &MailboxId, _payload_hash: &[u8; 32]) -> OnForward {
+        OnForward::Queue
+    }
 }

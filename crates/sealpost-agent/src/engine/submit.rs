@@ -148,6 +148,7 @@ impl Engine {
                 // A file's manifest goes out only once its blob is whole at
                 // the recipient's relay.
                 let file = self.agent.db.file_out(&d.msg)?;
+                let is_file = file.is_some();
                 if let Some(f) = file {
                     let now = self.clock.now_ms();
                     let mut del = d.delivery.clone();
@@ -190,8 +191,10 @@ impl Engine {
                 }
                 // Through the home relay, which forwards it, when
                 // forwarding is on and the recipient is elsewhere (a
-                // file's manifest too: its blob went the same way).
-                let route = if self.forwards_to(&d.relay) {
+                // file's manifest always: its blob went the same way; a
+                // message's retransmissions alternate with direct ones).
+                let route = if self.forwards_to(&d.relay) && (is_file || d.delivery.forward_turn())
+                {
                     FORWARDED.to_owned()
                 } else {
                     d.relay.clone()

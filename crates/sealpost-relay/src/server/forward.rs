@@ -94,6 +94,16 @@ pub(crate) async fn forward_request(
         return refusal(s, RefusalCode::HashMismatch, f.mailbox, f.payload_hash);
     }
     let (mailbox, hash) = (f.mailbox, f.payload_hash);
+    let dropped = s
+        .config
+        .tamper
+        .as_ref()
+        .is_some_and(|t| t.forward(&mailbox, &hash) == crate::tamper::OnForward::Drop);
+    if dropped {
+        let mut item_id = [0u8; 16];
+        OsRng.fill_bytes(&mut item_id);
+        return Response::Accepted { item_id };
+    }
     match s.store.forward_enqueue(origin, f, None, now()).await {
         Ok(Enqueued::Queued { .. }) => {
             s.metrics.forward_queued.fetch_add(1, Ordering::Relaxed);
@@ -334,7 +344,10 @@ async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
                 data,
             };
             let hops = q.item.hops.saturating_add(1);
-            let p = peer.client.blob_forward_send(hops, hop.clone(), piece).await;
+            let p = peer
+                .client
+                .blob_forward_send(hops, hop.clone(), piece)
+                .await;
             in_flight.push_back((at, end, p));
             at = end;
         }

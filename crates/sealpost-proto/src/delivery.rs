@@ -215,7 +215,9 @@ impl Delivery {
     /// the sender, and one the sender cannot reach costs a failed attempt
     /// (which turns the next one back to forwarding).
     pub fn forward_turn(&self) -> bool {
-        (self.submissions.wrapping_add(self.failed_attempts)) % 2 == 0
+        self.submissions
+            .wrapping_add(self.failed_attempts)
+            .is_multiple_of(2)
     }
 
     /// The relay could not be reached or failed; try again after a backoff.

@@ -750,6 +750,19 @@ pub async fn the_forward_queue_holds_and_ends_items(b: &dyn Backend) {
             .expect("c"),
     );
     assert!(a < b2 && b2 < c, "ids grow: {a} {b2} {c}");
+    // A retransmission of a waiting item is the same entry, counted once.
+    let again = queued(
+        store
+            .forward_enqueue(
+                alice,
+                forward(dest, "b:1", &[1; 2000], NOW + 100),
+                None,
+                NOW + 3,
+            )
+            .await
+            .expect("again"),
+    );
+    assert_eq!(again, a, "queued once while it waits");
     assert_eq!(store.status(&alice).await.expect("status").used, 6000);
     let r = store
         .submit(alice, NOW + 10, h(&[4; 4001]), vec![4; 4001], SRC, NOW)

@@ -239,7 +239,9 @@ pub trait Ledger: Send + Sync + 'static {
         0
     }
     /// Queues an item to forward, or refuses it (the origin mailbox does
-    /// not exist, is over its quota, or the item expired). Its payload
+    /// not exist, is over its quota, or the item expired). The same item
+    /// from the same sender while it waits is not queued again (its id is
+    /// returned). Its payload
     /// counts in the origin's quota until [`Ledger::forward_end`].
     fn forward_enqueue(&self, f: NewForward) -> Fut<'_, Enqueued>;
     /// Items whose next attempt is due at `now` (the expired ones too:

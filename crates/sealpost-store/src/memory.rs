@@ -407,6 +407,16 @@ impl Ledger for MemLedger {
     fn forward_enqueue(&self, f: NewForward) -> Fut<'_, Enqueued> {
         self.write(move |s| {
             let len = f.item.payload.len() as u64;
+            if f.blob.is_none() {
+                if let Some(q) = s.forwards.values().find(|q| {
+                    q.blob.is_none()
+                        && q.origin == f.origin
+                        && q.item.mailbox == f.item.mailbox
+                        && q.item.payload_hash == f.item.payload_hash
+                }) {
+                    return Enqueued::Queued { id: q.id };
+                }
+            }
             if let Some(b) = f.blob {
                 if let Some(q) = s
                     .forwards

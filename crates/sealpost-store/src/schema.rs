@@ -88,6 +88,8 @@ pub(crate) fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
             conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
         }
     }
+    // An item waiting is found by its sender and hash (queued once).
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS forwards_item ON forwards(origin, hash)")?;
     // A blob is queued to forward once per mailbox.
     conn.execute_batch(
         "CREATE UNIQUE INDEX IF NOT EXISTS forwards_blob ON forwards(blob, mailbox) \

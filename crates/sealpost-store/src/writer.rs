@@ -563,12 +563,28 @@ pub(crate) fn apply(
                 blob,
                 now,
             } = forward;
+            // A blob is queued once per mailbox; an item once while it
+            // waits (a sender's retransmission of what is still queued
+            // adds nothing).
             let existing: Option<i64> = match &blob {
                 Some((b, _)) => tx
                     .prepare_cached("SELECT id FROM forwards WHERE blob = ?1 AND mailbox = ?2")?
                     .query_row(params![b.0.to_vec(), item.mailbox.0.to_vec()], |r| r.get(0))
                     .optional()?,
-                None => None,
+                None => tx
+                    .prepare_cached(
+                        "SELECT id FROM forwards WHERE origin = ?1 AND hash = ?2 \
+                         AND mailbox = ?3 AND blob IS NULL",
+                    )?
+                    .query_row(
+                        params![
+                            origin.0.to_vec(),
+                            item.payload_hash.to_vec(),
+                            item.mailbox.0.to_vec()
+                        ],
+                        |r| r.get(0),
+                    )
+                    .optional()?,
             };
             let quota: Option<(i64, i64)> = tx
                 .query_row(

@@ -321,3 +321,41 @@ async fn a_stranger_gets_a_signed_rejection() {
     );
     relay.stop().await.expect("stop");
 }
+
+/// One file to two recipients on the same relay (one sealed manifest, one
+/// blob id): both get it whole and both receipts come back.
+#[tokio::test(flavor = "current_thread")]
+async fn a_file_to_two_recipients_on_one_relay_reaches_both() {
+    let World {
+        dir,
+        net,
+        relay,
+        clock,
+        mut alice,
+        mut bob,
+    } = world(None, None).await;
+    let mut carol = common::engine(dir.path(), "carol", relay.address(), &net, Some(&clock)).await;
+    pin(&mut alice, "carol", &carol);
+    pin(&mut carol, "alice", &alice);
+    let (path, data) = file(dir.path(), "shared.bin", (2 << 20) + 5, 3);
+    let (id, _) = alice
+        .agent_mut()
+        .send_file(&["bob".into(), "carol".into()], &path, 86_400)
+        .expect("send");
+    catch_up(&clock);
+    alice.pass().await.expect("pass");
+    for (who, e) in [("bob", &mut bob), ("carol", &mut carol)] {
+        let (s, _) = passes_until(e, &clock, 10, |_, s| s.files_received == 1).await;
+        assert_eq!(s.files_received, 1, "{who}: {s:?}");
+        let got = std::fs::read(dir.path().join(who).join("downloads/shared.bin")).expect("placed");
+        assert!(got == data, "{who} got the file whole");
+    }
+    passes_until(&mut alice, &clock, 10, |a, _| {
+        let m = a.agent().db().outbox(Some(&id), 1).expect("outbox");
+        m[0].deliveries
+            .iter()
+            .all(|d| d.delivery.state == State::Delivered)
+    })
+    .await;
+    relay.stop().await.expect("stop");
+}

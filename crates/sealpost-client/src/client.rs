@@ -605,8 +605,30 @@ impl RelayClient {
         self.blob_put_answer(p).await
     }
 
+    /// How much of this connection's own mailbox's blob `blob_id` the
+    /// relay holds (a recipient following an upload; a sender at its own
+    /// relay, which forwards).
     pub async fn blob_status(&self, blob_id: BlobId) -> Result<(u64, bool), ClientError> {
-        match self.request(Request::BlobStatus { blob_id }).await? {
+        self.blob_status_of(blob_id, None).await
+    }
+
+    /// How much of blob `blob_id` the relay holds for `mailbox` (an
+    /// uploader resuming: a blob is named by its id within a mailbox).
+    pub async fn blob_status_for(
+        &self,
+        blob_id: BlobId,
+        mailbox: relay::MailboxId,
+    ) -> Result<(u64, bool), ClientError> {
+        self.blob_status_of(blob_id, Some(mailbox)).await
+    }
+
+    /// [`RelayClient::blob_status_for`] `mailbox`, or [`RelayClient::blob_status`] with `None`.
+    pub async fn blob_status_of(
+        &self,
+        blob_id: BlobId,
+        mailbox: Option<relay::MailboxId>,
+    ) -> Result<(u64, bool), ClientError> {
+        match self.request(Request::BlobStatus { blob_id, mailbox }).await? {
             Response::BlobStored { stored, complete } => Ok((stored, complete)),
             other => Err(unexpected(other)),
         }

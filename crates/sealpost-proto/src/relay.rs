@@ -390,8 +390,12 @@ pub enum Request {
         seqs: Vec<u64>,
     },
     BlobPut(BlobPiece),
+    /// How much of a blob the relay holds: the blob `blob_id` of `mailbox`
+    /// (an uploader names the mailbox it uploads for), or of the
+    /// connection's own mailbox when `None` (§6.6).
     BlobStatus {
         blob_id: BlobId,
+        mailbox: Option<MailboxId>,
     },
     BlobGet {
         blob_id: BlobId,
@@ -750,9 +754,12 @@ impl Request {
                 o.extend_from_slice(&offset.to_be_bytes());
                 o.extend_from_slice(data);
             }
-            Self::BlobStatus { blob_id } => {
+            Self::BlobStatus { blob_id, mailbox } => {
                 header(o, 0x09, id);
                 o.extend_from_slice(&blob_id.0);
+                if let Some(m) = mailbox {
+                    o.extend_from_slice(&m.0);
+                }
             }
             Self::BlobGet {
                 blob_id,
@@ -989,6 +996,11 @@ impl Request {
             }
             0x09 => Self::BlobStatus {
                 blob_id: blob_id(&mut r)?,
+                mailbox: if r.remaining() > 0 {
+                    Some(MailboxId(r.array("mailbox")?))
+                } else {
+                    None
+                },
             },
             0x0a => Self::BlobGet {
                 blob_id: blob_id(&mut r)?,
@@ -1393,6 +1405,11 @@ mod tests {
             }),
             Request::BlobStatus {
                 blob_id: BlobId([1; 16]),
+                mailbox: None,
+            },
+            Request::BlobStatus {
+                blob_id: BlobId([1; 16]),
+                mailbox: Some(MailboxId([4; 32])),
             },
             Request::BlobGet {
                 blob_id: BlobId([1; 16]),

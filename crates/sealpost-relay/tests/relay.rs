@@ -334,6 +334,62 @@ async fn blobs_upload_in_pieces_resume_and_download() {
     relay.stop().await;
 }
 
+/// A blob is named by its id within a mailbox: one file sent to two
+/// recipients on this relay (one manifest, so one blob id) is two blobs,
+/// each uploaded for its mailbox, read by its owner only, and deleted by
+/// it alone; an uploader asks `BlobStatus` for the mailbox it uploads for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_blob_id_in_two_mailboxes_is_two_blobs() {
+    let relay = start(|_| {}).await;
+    let (bob, carol) = (id(2), id(3));
+    let bob_conn = RelayClient::connect(&relay.addr).await.expect("connect");
+    let bob_mb = bob_conn.register(&bob).await.expect("register");
+    let carol_conn = RelayClient::connect(&relay.addr).await.expect("connect");
+    let carol_mb = carol_conn.register(&carol).await.expect("register");
+    let blob_id = BlobId([6u8; 16]);
+    let sender = RelayClient::connect(&relay.addr).await.expect("connect");
+    let put = |mailbox, data: &[u8]| BlobPiece {
+        blob_id,
+        mailbox,
+        total_len: data.len() as u64,
+        blob_hash: *blake3::hash(data).as_bytes(),
+        expires_at: now() + 60,
+        offset: 0,
+        data: data.to_vec(),
+    };
+    assert_eq!(
+        sender.blob_put(put(bob_mb, b"for bob")).await.expect("put"),
+        Ok((7, true))
+    );
+    assert_eq!(
+        sender.blob_status_for(blob_id, carol_mb).await.expect("status"),
+        (0, false),
+        "nothing for carol yet"
+    );
+    assert_eq!(
+        sender.blob_put(put(carol_mb, b"for carol!")).await.expect("put"),
+        Ok((10, true))
+    );
+    assert_eq!(
+        sender.blob_status_for(blob_id, bob_mb).await.expect("status"),
+        (7, true)
+    );
+    assert_eq!(bob_conn.blob_get(blob_id, 0, 100).await.expect("bob"), b"for bob");
+    assert_eq!(
+        carol_conn.blob_get(blob_id, 0, 100).await.expect("carol"),
+        b"for carol!"
+    );
+    // Bob's goes; Carol's stays hers.
+    bob_conn.blob_delete(blob_id).await.expect("delete");
+    assert_eq!(bob_conn.blob_status(blob_id).await.expect("status"), (0, false));
+    assert_eq!(carol_conn.blob_status(blob_id).await.expect("status"), (10, true));
+    assert_eq!(
+        carol_conn.blob_get(blob_id, 0, 100).await.expect("carol"),
+        b"for carol!"
+    );
+    relay.stop().await;
+}
+
 /// A blob whose last piece states a BLAKE3 the bytes do not have is
 /// discarded with the typed error 11 (a client matches the code, not the
 /// text), and can be uploaded again from the start.

@@ -495,4 +495,40 @@ impl Store {
     pub(crate) async fn blob_row(&self, id: &BlobId) -> Result<Option<BlobState>, StoreError> {
         self.inner.ledger.blob(*id).await
     }
+
+    /// The key under which blob `id` of `mailbox` is stored (PROTOCOL
+    /// 6.6): a blob is named by its id within a mailbox, so that one file
+    /// sent to two recipients on this relay (one manifest, one blob id) is
+    /// two blobs. The first mailbox to use an id stores it under the id
+    /// itself (what a relay did before); another mailbox's blob of that id
+    /// goes under [`mailbox_blob_key`]. Resolved anew on every request
+    /// from what the ledger holds, so it survives restarts and deletes.
+    pub async fn blob_key(&self, id: &BlobId, mailbox: &MailboxId) -> Result<BlobId, StoreError> {
+        match self.blob_row(id).await? {
+            None => {
+                // The id's own blob may be gone while another mailbox's
+                // of the same id is still here.
+                let other = mailbox_blob_key(id, mailbox);
+                Ok(match self.blob_row(&other).await? {
+                    Some(r) if r.mailbox == *mailbox => other,
+                    _ => *id,
+                })
+            }
+            Some(r) if r.mailbox == *mailbox => Ok(*id),
+            Some(_) => Ok(mailbox_blob_key(id, mailbox)),
+        }
+    }
+}
+
+/// The key of blob `id` of `mailbox` when another mailbox's blob holds the
+/// id itself ([`Store::blob_key`]): BLAKE3-derive-key("sealpost v1 blob of
+/// mailbox", id || mailbox), first 16 bytes.
+pub fn mailbox_blob_key(id: &BlobId, mailbox: &MailboxId) -> BlobId {
+    let mut m = [0u8; 48];
+    m[..16].copy_from_slice(&id.0);
+    m[16..].copy_from_slice(&mailbox.0);
+    let k = blake3::derive_key("sealpost v1 blob of mailbox", &m);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&k[..16]);
+    BlobId(out)
 }

@@ -45,7 +45,7 @@ mod sqlite;
 mod upload;
 mod writer;
 
-pub use blobs::BlobRead;
+pub use blobs::{mailbox_blob_key, BlobRead};
 use cache::*;
 pub use cache::{release, KeptBytes, PACE_HOLD, PACE_MAX_WAIT};
 pub use files::FileBlobs;

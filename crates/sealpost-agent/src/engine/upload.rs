@@ -95,8 +95,15 @@ impl Engine {
         };
         let me = &self.agent.identity;
         let blob_id = f.blob_id;
+        // The recipient's blob at its relay (a blob is named by its id
+        // within a mailbox); at the home relay, which forwards it, the
+        // sender's own (§6.6, §6.8).
+        let status_of = match route {
+            Some(_) => None,
+            None => Some(mailbox),
+        };
         let (mut stored, mut complete) =
-            match link.call(me, async |c| c.blob_status(blob_id).await).await {
+            match link.call(me, async |c| c.blob_status_of(blob_id, status_of).await).await {
                 Ok(v) => v,
                 Err(e) => return Ok(Upload::Retry(e.to_string())),
             };
@@ -147,7 +154,7 @@ impl Engine {
                 }
                 Ok(Err(_)) | Err(_) => {}
             }
-            (stored, complete) = match link.call(me, async |c| c.blob_status(blob_id).await).await {
+            (stored, complete) = match link.call(me, async |c| c.blob_status_of(blob_id, status_of).await).await {
                 Ok(v) => v,
                 Err(e) => return Ok(Upload::Retry(e.to_string())),
             };
@@ -385,7 +392,7 @@ impl Engine {
                 if reconnects > MAX_UPLOAD_RECONNECTS {
                     break Upload::Retry(e);
                 }
-                match link.call(me, async |c| c.blob_status(blob_id).await).await {
+                match link.call(me, async |c| c.blob_status_of(blob_id, status_of).await).await {
                     Ok((s, c)) => {
                         if s > stored {
                             progress.advance(s - stored);

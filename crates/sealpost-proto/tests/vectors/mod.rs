@@ -533,6 +533,15 @@ fn relay_vectors() -> Value {
             "BlobStatus",
             Request::BlobStatus {
                 blob_id: sealpost_proto::manifest::BlobId([0x88; 16]),
+                mailbox: None,
+            },
+        ),
+        (
+            // An uploader asking for the blob of that id in Bob's mailbox.
+            "BlobStatus (for a mailbox)",
+            Request::BlobStatus {
+                blob_id: sealpost_proto::manifest::BlobId([0x88; 16]),
+                mailbox: Some(bob_mb),
             },
         ),
         (

@@ -369,7 +369,17 @@ pub(crate) async fn handle(
         Request::BlobPut(put) => {
             queue_piece(s, session, out, id, put, None, in_flight, budget).await
         }
-        Request::BlobStatus { blob_id } => {
+        Request::BlobStatus { blob_id, mailbox } => {
+            // The blob of that id in the mailbox named (an uploader), or
+            // in the connection's own (an owner); without either, the
+            // id's first blob.
+            let blob_id = match mailbox.or(authed) {
+                Some(mb) => match s.store.blob_key(&blob_id, &mb).await {
+                    Ok(k) => k,
+                    Err(e) => return send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+                },
+                None => blob_id,
+            };
             // The blob's owner (a recipient following an upload) is
             // answered at once; anyone else (an uploader about to resume)
             // after any run of pieces being stored, so that it is not told
@@ -392,6 +402,10 @@ pub(crate) async fn handle(
                 return send(out, id, need_auth()).await;
             };
             let len = (len as usize).min(relay::MAX_BLOB_PIECE);
+            let blob_id = match s.store.blob_key(&blob_id, &mb).await {
+                Ok(k) => k,
+                Err(e) => return send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+            };
             let head = |more: usize| {
                 let mut frame = buffers::take(more + 64);
                 Response::BlobData {
@@ -457,6 +471,10 @@ pub(crate) async fn handle(
         Request::BlobDelete { blob_id } => {
             let Some(mb) = authed else {
                 return send(out, id, need_auth()).await;
+            };
+            let blob_id = match s.store.blob_key(&blob_id, &mb).await {
+                Ok(k) => k,
+                Err(e) => return send(out, id, err(ErrorCode::Internal, e.to_string())).await,
             };
             match s.store.blob_delete(blob_id, mb).await {
                 Ok(true) => send(out, id, Response::Ok).await,

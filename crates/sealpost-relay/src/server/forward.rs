@@ -275,7 +275,12 @@ async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
     let Some((blob_id, total)) = q.blob else {
         return;
     };
-    let here = match s.store.ledger().blob(blob_id).await {
+    // This relay's copy: a blob of the sender's mailbox (§6.6).
+    let local = match s.store.blob_key(&blob_id, &q.origin).await {
+        Ok(k) => k,
+        Err(e) => return later(s, std::slice::from_ref(&q), &e.to_string()).await,
+    };
+    let here = match s.store.ledger().blob(local).await {
         Ok(b) => b.filter(|b| b.mailbox == q.origin),
         Err(e) => return later(s, std::slice::from_ref(&q), &e.to_string()).await,
     };
@@ -299,7 +304,7 @@ async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
             Err(e) => return later(s, std::slice::from_ref(&q), &e).await,
         },
     };
-    let status = match peer.client.blob_status(blob_id).await {
+    let status = match peer.client.blob_status_for(blob_id, q.item.mailbox).await {
         Ok(v) => v,
         // A kept connection the next relay closed meanwhile.
         Err(ClientError::Closed | ClientError::Io(_)) => {
@@ -307,7 +312,7 @@ async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
                 Ok(p) => p,
                 Err(e) => return later(s, std::slice::from_ref(&q), &e).await,
             };
-            match peer.client.blob_status(blob_id).await {
+            match peer.client.blob_status_for(blob_id, q.item.mailbox).await {
                 Ok(v) => v,
                 Err(e) => return later(s, std::slice::from_ref(&q), &e.to_string()).await,
             }
@@ -326,7 +331,7 @@ async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
     while !complete {
         while in_flight.len() < BLOB_WINDOW && at < here.stored {
             let n = (here.stored - at).min(relay::MAX_BLOB_PIECE as u64) as usize;
-            let data = match read_piece(s, blob_id, at, n).await {
+            let data = match read_piece(s, local, at, n).await {
                 Ok(d) => d,
                 Err(e) => {
                     failure = Some(format!("reading the blob: {e}"));
@@ -370,7 +375,7 @@ async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
-            match s.store.ledger().blob(blob_id).await {
+            match s.store.ledger().blob(local).await {
                 Ok(Some(b)) if b.mailbox == q.origin => {
                     if b.stored > here.stored {
                         idle = None;
@@ -513,7 +518,14 @@ async fn drop_copy(s: &Shared, q: &Queued) {
         if !matches!(s.store.forward_blob_queued(blob_id).await, Ok(false)) {
             return;
         }
-        if let Err(e) = s.store.blob_delete(blob_id, q.origin).await {
+        let local = match s.store.blob_key(&blob_id, &q.origin).await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!("deleting a forwarded blob's copy failed (it expires): {e}");
+                return;
+            }
+        };
+        if let Err(e) = s.store.blob_delete(local, q.origin).await {
             tracing::warn!("deleting a forwarded blob's copy failed (it expires): {e}");
         }
         if let Ok(mut m) = s.forward_blobs.lock() {

@@ -186,6 +186,22 @@ pub(crate) async fn store_run(
         .iter()
         .map(|p| (p.mailbox, p.refusal_hash(), p.data.len() as u64))
         .collect();
+    // Stored under the blob's key within its mailbox (§6.6).
+    let mut run = run;
+    for p in run.iter_mut() {
+        match s.store.blob_key(&p.blob_id, &p.mailbox).await {
+            Ok(k) => p.blob_id = k,
+            Err(e) => {
+                for _ in &named {
+                    answers.push(storage_failed(s, &e));
+                }
+                for p in run {
+                    sealpost_proto::buffers::give(p.data);
+                }
+                return;
+            }
+        }
+    }
     let outcomes = s.store.blob_put_many(run, source, now()).await;
     for ((mailbox, refused, n), r) in named.into_iter().zip(outcomes) {
         answers.push(match r {

@@ -628,7 +628,10 @@ impl RelayClient {
         blob_id: BlobId,
         mailbox: Option<relay::MailboxId>,
     ) -> Result<(u64, bool), ClientError> {
-        match self.request(Request::BlobStatus { blob_id, mailbox }).await? {
+        match self
+            .request(Request::BlobStatus { blob_id, mailbox })
+            .await?
+        {
             Response::BlobStored { stored, complete } => Ok((stored, complete)),
             other => Err(unexpected(other)),
         }

@@ -362,27 +362,45 @@ async fn one_blob_id_in_two_mailboxes_is_two_blobs() {
         Ok((7, true))
     );
     assert_eq!(
-        sender.blob_status_for(blob_id, carol_mb).await.expect("status"),
+        sender
+            .blob_status_for(blob_id, carol_mb)
+            .await
+            .expect("status"),
         (0, false),
         "nothing for carol yet"
     );
     assert_eq!(
-        sender.blob_put(put(carol_mb, b"for carol!")).await.expect("put"),
+        sender
+            .blob_put(put(carol_mb, b"for carol!"))
+            .await
+            .expect("put"),
         Ok((10, true))
     );
     assert_eq!(
-        sender.blob_status_for(blob_id, bob_mb).await.expect("status"),
+        sender
+            .blob_status_for(blob_id, bob_mb)
+            .await
+            .expect("status"),
         (7, true)
     );
-    assert_eq!(bob_conn.blob_get(blob_id, 0, 100).await.expect("bob"), b"for bob");
+    assert_eq!(
+        bob_conn.blob_get(blob_id, 0, 100).await.expect("bob"),
+        b"for bob"
+    );
     assert_eq!(
         carol_conn.blob_get(blob_id, 0, 100).await.expect("carol"),
         b"for carol!"
     );
     // Bob's goes; Carol's stays hers.
     bob_conn.blob_delete(blob_id).await.expect("delete");
-    assert_eq!(bob_conn.blob_status(blob_id).await.expect("status"), (0, false));
-    assert_eq!(carol_conn.blob_status(blob_id).await.expect("status"), (10, true));
+    assert_eq!(
+        bob_conn.blob_status(blob_id).await.expect("status"),
+        (0, false)
+    );
+    assert_eq!(
+        carol_conn.blob_status(blob_id).await.expect("status"),
+        (10, true)
+    );
     assert_eq!(
         carol_conn.blob_get(blob_id, 0, 100).await.expect("carol"),
         b"for carol!"

@@ -432,6 +432,16 @@ impl Store {
             })
     }
 
+    /// Sets when a blob of `mailbox` expires ([`Ledger::blob_expire`]).
+    pub async fn blob_expire(
+        &self,
+        blob_id: BlobId,
+        mailbox: MailboxId,
+        at: u64,
+    ) -> Result<bool, StoreError> {
+        self.inner.ledger.blob_expire(blob_id, mailbox, at).await
+    }
+
     pub async fn blob_delete(
         &self,
         blob_id: BlobId,

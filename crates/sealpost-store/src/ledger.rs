@@ -220,6 +220,11 @@ pub trait Ledger: Send + Sync + 'static {
     /// Deletes a blob of `mailbox` (true if there was one); its bytes are
     /// the caller's to remove after.
     fn blob_delete(&self, blob_id: BlobId, mailbox: MailboxId) -> Fut<'_, bool>;
+    /// Sets when blob `blob_id` of `mailbox` expires (true if there is
+    /// one): a forwarding relay keeps its copy a while after handing it
+    /// on, for other recipients of the same file, and longer again when
+    /// one is queued.
+    fn blob_expire(&self, blob_id: BlobId, mailbox: MailboxId, at: u64) -> Fut<'_, bool>;
     /// Which of `ids` have a row (for orphan sweeping).
     fn blobs_known(&self, ids: Vec<BlobId>) -> Fut<'_, Vec<bool>>;
     /// Complete blobs with their hashes and lengths, for scrubbing.

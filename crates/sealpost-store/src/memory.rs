@@ -343,6 +343,16 @@ impl Ledger for MemLedger {
         })
     }
 
+    fn blob_expire(&self, blob_id: BlobId, mailbox: MailboxId, at: u64) -> Fut<'_, bool> {
+        self.write(move |s| match s.blobs.get_mut(&blob_id) {
+            Some(b) if b.state.mailbox == mailbox => {
+                b.state.expires_at = at;
+                true
+            }
+            _ => false,
+        })
+    }
+
     fn blobs_known(&self, ids: Vec<BlobId>) -> Fut<'_, Vec<bool>> {
         self.with(move |s| ids.iter().map(|id| s.blobs.contains_key(id)).collect())
     }

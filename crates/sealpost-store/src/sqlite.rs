@@ -223,6 +223,15 @@ impl Ledger for SqliteLedger {
         }))
     }
 
+    fn blob_expire(&self, blob_id: BlobId, mailbox: MailboxId, at: u64) -> Fut<'_, bool> {
+        Box::pin(self.call(move |reply| Op::BlobExpire {
+            blob_id,
+            mailbox,
+            at,
+            reply,
+        }))
+    }
+
     fn blobs_known(&self, ids: Vec<BlobId>) -> Fut<'_, Vec<bool>> {
         ready(self.read(|c| {
             let mut known = c.prepare_cached("SELECT 1 FROM blobs WHERE id = ?1")?;

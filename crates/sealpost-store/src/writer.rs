@@ -33,6 +33,12 @@ pub(crate) enum Op {
         mailbox: MailboxId,
         reply: oneshot::Sender<Result<bool, StoreError>>,
     },
+    BlobExpire {
+        blob_id: BlobId,
+        mailbox: MailboxId,
+        at: u64,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
     Sweep {
         now: u64,
         reply: SweepReply,
@@ -515,6 +521,17 @@ pub(crate) fn apply(
                 release_share(tx, &mailbox.0, source.as_deref(), *l)?;
             }
             Reply::Bool(reply, gone.is_some())
+        }
+        Op::BlobExpire {
+            blob_id,
+            mailbox,
+            at,
+            reply,
+        } => {
+            let n = tx
+                .prepare_cached("UPDATE blobs SET expires_at = ?3 WHERE id = ?1 AND mailbox = ?2")?
+                .execute(params![blob_id.0.to_vec(), mailbox.0.to_vec(), i64_of(at)])?;
+            Reply::Bool(reply, n > 0)
         }
         Op::Sweep { now, reply } => {
             let mut n = 0u64;

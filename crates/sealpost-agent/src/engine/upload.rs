@@ -102,11 +102,13 @@ impl Engine {
             Some(_) => None,
             None => Some(mailbox),
         };
-        let (mut stored, mut complete) =
-            match link.call(me, async |c| c.blob_status_of(blob_id, status_of).await).await {
-                Ok(v) => v,
-                Err(e) => return Ok(Upload::Retry(e.to_string())),
-            };
+        let (mut stored, mut complete) = match link
+            .call(me, async |c| c.blob_status_of(blob_id, status_of).await)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => return Ok(Upload::Retry(e.to_string())),
+        };
         if route.is_some() && uploaded == 0 && stored > 0 {
             // The home relay holds this blob for another recipient: its
             // first piece, sent again, queues it for this one too (§6.8);
@@ -154,7 +156,10 @@ impl Engine {
                 }
                 Ok(Err(_)) | Err(_) => {}
             }
-            (stored, complete) = match link.call(me, async |c| c.blob_status_of(blob_id, status_of).await).await {
+            (stored, complete) = match link
+                .call(me, async |c| c.blob_status_of(blob_id, status_of).await)
+                .await
+            {
                 Ok(v) => v,
                 Err(e) => return Ok(Upload::Retry(e.to_string())),
             };
@@ -392,7 +397,10 @@ impl Engine {
                 if reconnects > MAX_UPLOAD_RECONNECTS {
                     break Upload::Retry(e);
                 }
-                match link.call(me, async |c| c.blob_status_of(blob_id, status_of).await).await {
+                match link
+                    .call(me, async |c| c.blob_status_of(blob_id, status_of).await)
+                    .await
+                {
                     Ok((s, c)) => {
                         if s > stored {
                             progress.advance(s - stored);

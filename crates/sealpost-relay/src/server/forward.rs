@@ -151,7 +151,16 @@ pub(crate) async fn forward_blob_request(
         .forward_enqueue(origin, entry, Some((p.blob_id, p.total_len)), now())
         .await
     {
-        Ok(Enqueued::Queued { .. }) => Ok(origin),
+        Ok(Enqueued::Queued { .. }) => {
+            // A copy kept after handing it on to another recipient's
+            // relay lives as long as this one needs it.
+            if let Ok(local) = s.store.blob_key(&p.blob_id, &origin).await {
+                if let Err(e) = s.store.blob_expire(local, origin, p.expires_at).await {
+                    return Err(storage_failed(s, &e));
+                }
+            }
+            Ok(origin)
+        }
         Ok(Enqueued::Refused(code)) => Err(refused(code)),
         Err(e) => Err(storage_failed(s, &e)),
     }
@@ -510,9 +519,16 @@ async fn wait(s: &Shared, q: &Queued, why: String) {
     }
 }
 
-/// Deletes this relay's copy of a forwarded blob once its last entry
-/// ended (after, never before: a crash in between leaves a copy that
-/// expires). A blob sent to several mailboxes is queued once for each.
+/// How long a forwarding relay keeps its copy of a blob after its last
+/// entry ended: a file for several recipients is queued for each with its
+/// first piece, which the sender's agent may send for the next recipient
+/// after the first one's relay already holds the blob.
+pub(crate) const KEEP_COPY: u64 = 600;
+
+/// Lets this relay's copy of a forwarded blob go once its last entry
+/// ended (after, never before): it expires [`KEEP_COPY`] seconds later,
+/// unless another recipient's entry is queued meanwhile. A blob sent to
+/// several mailboxes is queued once for each.
 async fn drop_copy(s: &Shared, q: &Queued) {
     if let Some((blob_id, _)) = q.blob {
         if !matches!(s.store.forward_blob_queued(blob_id).await, Ok(false)) {
@@ -521,12 +537,20 @@ async fn drop_copy(s: &Shared, q: &Queued) {
         let local = match s.store.blob_key(&blob_id, &q.origin).await {
             Ok(k) => k,
             Err(e) => {
-                tracing::warn!("deleting a forwarded blob's copy failed (it expires): {e}");
+                tracing::warn!("letting a forwarded blob's copy go failed (it expires): {e}");
                 return;
             }
         };
-        if let Err(e) = s.store.blob_delete(local, q.origin).await {
-            tracing::warn!("deleting a forwarded blob's copy failed (it expires): {e}");
+        let until = (now() + KEEP_COPY).min(q.item.expires_at);
+        if let Err(e) = s.store.blob_expire(local, q.origin, until).await {
+            tracing::warn!("shortening a forwarded blob's copy's life failed (it expires): {e}");
+        }
+        // Another recipient's entry queued meanwhile keeps it.
+        if matches!(s.store.forward_blob_queued(blob_id).await, Ok(true)) {
+            let _ = s
+                .store
+                .blob_expire(local, q.origin, q.item.expires_at)
+                .await;
         }
         if let Ok(mut m) = s.forward_blobs.lock() {
             m.remove(&blob_id);

@@ -64,6 +64,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_error TEXT,
     receipt BLOB REFERENCES reports(hash),
     uploaded INTEGER NOT NULL DEFAULT 0,
+    -- where a forwarded delivery is, as the home relay last said (§6.8)
+    hop TEXT,
     PRIMARY KEY (msg, recipient)
 );
 CREATE TABLE IF NOT EXISTS files_out (
@@ -200,6 +202,9 @@ pub struct DeliveryRow {
     pub receipt: Option<Vec<u8>>,
     /// For a file: bytes of its blob the recipient's relay holds.
     pub uploaded: u64,
+    /// Where a forwarded delivery is, as the home relay last said: still
+    /// in its queue (and why), or handed on.
+    pub hop: Option<String>,
 }
 
 /// A message in the outbox with its deliveries, for `status`.
@@ -246,7 +251,7 @@ fn failure_detail(f: &Option<Failure>) -> Option<String> {
 /// from every delivery it completes.
 const DELIVERY_COLS: &str = "msg, recipient, name, relay, state, submissions, failed_attempts, \
      next_ms, expires_ms, changed_ms, failure, detail, last_error, \
-     (SELECT bytes FROM reports WHERE reports.hash = deliveries.receipt), uploaded";
+     (SELECT bytes FROM reports WHERE reports.hash = deliveries.receipt), uploaded, hop";
 
 fn delivery_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
     let msg: Vec<u8> = r.get(0)?;
@@ -276,6 +281,7 @@ fn delivery_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
         last_error: r.get(12)?,
         receipt: r.get(13)?,
         uploaded: to_u64(r.get(14)?),
+        hop: r.get(15)?,
     })
 }
 
@@ -461,6 +467,34 @@ impl Db {
     /// sealed copy hashes to `payload_hash` (what a relay's forward notice
     /// names, PROTOCOL 6.9). Notices are rare: this reads the unfinished
     /// deliveries and hashes the copies of those to that mailbox.
+    /// Deliveries handed to the home relay to forward and not finished,
+    /// the least recently looked at first, at most `max`.
+    pub fn forwarding(&self, max: usize) -> Result<Vec<DeliveryRow>, AgentError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'forwarding' \
+             ORDER BY changed_ms LIMIT ?1"
+        ))?;
+        let rows = stmt
+            .query_map(params![max as i64], delivery_from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Records where a forwarded delivery is, as the home relay said.
+    pub fn set_hops(&mut self, hops: &[(MessageId, [u8; 32], String)]) -> Result<(), AgentError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE deliveries SET hop = ?3 WHERE msg = ?1 AND recipient = ?2",
+            )?;
+            for (msg, recipient, hop) in hops {
+                stmt.execute(params![msg.0.to_vec(), recipient.to_vec(), hop])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn deliveries_of_item(
         &self,
         mailbox: &sealpost_proto::relay::MailboxId,
@@ -775,6 +809,15 @@ pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     )?;
     if !shelved {
         conn.execute_batch("ALTER TABLE inbox ADD COLUMN archived_ms INTEGER")?;
+    }
+    // Databases made before deliveries said where they are.
+    let hop: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('deliveries') WHERE name = 'hop'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !hop {
+        conn.execute_batch("ALTER TABLE deliveries ADD COLUMN hop TEXT")?;
     }
     // Databases made before files could be padded.
     for table in ["files_out", "downloads"] {

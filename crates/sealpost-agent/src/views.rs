@@ -74,6 +74,10 @@ pub struct DeliveryView {
     pub reason: Option<String>,
     /// The last error met on the way (the relay unreachable, …).
     pub last_error: Option<String>,
+    /// For a delivery at your relay (`forwarding`): where it is, as your
+    /// relay last said (still in its queue and why, or handed on); null
+    /// otherwise.
+    pub hop: Option<String>,
     /// Holds the recipient's verified receipt.
     pub receipt: bool,
     /// Holds the recipient's verified signed rejection.
@@ -105,6 +109,9 @@ impl DeliveryView {
             failure: d.delivery.failure.as_ref().map(|f| f.code()),
             reason: d.delivery.failure.as_ref().map(|f| f.describe()),
             last_error: d.last_error.clone(),
+            hop: (state == State::Forwarding)
+                .then(|| d.hop.clone())
+                .flatten(),
             receipt: d.receipt.is_some() && state == State::Delivered,
             signed_rejection: d.receipt.is_some() && state == State::Failed,
             uploaded: d.uploaded,

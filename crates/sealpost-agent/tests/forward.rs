@@ -471,3 +471,58 @@ async fn a_home_relay_that_swallows_forwards_delays_a_message_by_one_retransmiss
     a.stop().await.expect("stop a");
     b.stop().await.expect("stop b");
 }
+
+/// Where a forwarded message is, per hop: while Bob's relay is down,
+/// Alice's `status` says it waits at her relay and why (her relay's last
+/// error); once her relay handed it on, that it is at Bob's relay; then
+/// delivered (the receipt). The JSON carries the same in `hop`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_at_which_relay_a_forwarded_message_waits() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (backbone, net_a, net_b) = (MemoryNet::new(), MemoryNet::new(), MemoryNet::new());
+    let a = relay(dir.path(), "relay-a", &backbone, &net_a).await;
+    let b = relay(dir.path(), "relay-b", &backbone, &net_b).await;
+    let mut alice = common::engine(dir.path(), "alice", a.address(), &net_a, None).await;
+    let mut bob = common::engine(dir.path(), "bob", b.address(), &net_b, None).await;
+    pin(&mut alice, "bob", &bob);
+    pin(&mut bob, "alice", &alice);
+    alice.forward = true;
+    bob.forward = true;
+    alice.hops_every_ms = 0;
+    let hop = |e: &Engine, id| {
+        let m = e.agent().db().outbox(Some(id), 1).expect("outbox");
+        let v = sealpost_agent::views::DeliveryView::of(&m[0], &m[0].deliveries[0]);
+        v.hop
+    };
+    // Bob's relay unreachable from Alice's.
+    backbone.remove(b.address());
+    let id = alice
+        .agent_mut()
+        .send(&["bob".into()], b"where is it", 3600, "x")
+        .expect("send");
+    alice.pass().await.expect("pass");
+    passes_until(&mut alice, |e| {
+        hop(e, &id).is_some_and(|h| h.contains("could not hand it to"))
+    })
+    .await;
+    let h = hop(&alice, &id).expect("hop");
+    assert!(h.starts_with("waiting at your relay"), "{h}");
+    // Back: handed on, then delivered.
+    backbone.add(b.door());
+    passes_until(&mut alice, |e| {
+        hop(e, &id).is_some_and(|h| h.starts_with("handed on to bob's relay"))
+    })
+    .await;
+    passes_until(&mut bob, |b| {
+        b.agent().db().inbox(false, 10).map_or(0, |v| v.len()) == 1
+    })
+    .await;
+    passes_until(&mut alice, |a| state(a, &id).0 == State::Delivered).await;
+    assert_eq!(
+        hop(&alice, &id),
+        None,
+        "a delivered message says so instead"
+    );
+    a.stop().await.expect("stop a");
+    b.stop().await.expect("stop b");
+}

@@ -667,6 +667,20 @@ impl RelayClient {
         }
     }
 
+    /// Which of this mailbox's forwarded items (mailbox, payload hash)
+    /// still wait in the relay's forward queue (§6.8): `None` for one it
+    /// handed on (or ended with a notice). At most 512.
+    pub async fn forward_status(
+        &self,
+        items: Vec<(relay::MailboxId, [u8; 32])>,
+    ) -> Result<Vec<Option<relay::Waiting>>, ClientError> {
+        let n = items.len();
+        match self.request(Request::ForwardStatus { items }).await? {
+            Response::ForwardStatus { items } if items.len() == n => Ok(items),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Sends a piece for a relay to pass on toward `next` (`BlobForward`,
     /// §6.8), pipelined; its answer is read with
     /// [`RelayClient::blob_put_answer`], as a `BlobPut`'s (the relay that

@@ -69,6 +69,24 @@ pub const FORWARD_HEAD: usize = 1 + 4 + 1 + 32 + 32 + 8 + 32 + 1;
 /// offset, address length.
 pub const BLOB_FORWARD_HEAD: usize = 1 + 4 + 1 + 32 + 16 + 32 + 8 + 32 + 8 + 8 + 1;
 
+/// Items a `ForwardStatus` asks about, at most (its body stays under the
+/// small-request bound of §6.2).
+pub const MAX_FORWARD_STATUS: usize = 512;
+
+/// The longest error a `ForwardStatus` answer carries per item.
+pub const MAX_WAITING_ERROR: usize = 256;
+
+/// An item still waiting in a relay's forward queue (§6.8).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Waiting {
+    /// Attempts to hand it on that failed.
+    pub attempts: u32,
+    /// When the relay tries again (its clock, unix seconds).
+    pub next_at: u64,
+    /// The last attempt's error (at most 256 bytes), if one failed.
+    pub error: Option<String>,
+}
+
 /// The most relays an item may pass through before the one that holds
 /// its mailbox (§6.8): a `Forward` whose `hops` is this or more is refused
 /// as [`RefusalCode::NotForwarded`].
@@ -418,6 +436,11 @@ pub enum Request {
     /// A blob piece to pass on toward the relay that holds its mailbox
     /// (§6.8).
     BlobForward(BlobForward),
+    /// Which of the connection's own forwarded items (mailbox, payload
+    /// hash) still wait in this relay's forward queue (§6.8).
+    ForwardStatus {
+        items: Vec<(MailboxId, [u8; 32])>,
+    },
     /// The relay's certificate key's signature over its Ed25519 key
     /// (§6.1), so that anyone holding its pin can check that key offline.
     KeyBinding,
@@ -479,6 +502,11 @@ pub enum Response {
         message: String,
     },
     KeyBinding(KeyBinding),
+    /// Per item asked about: still waiting here, or not (handed on, or
+    /// ended with a notice, or never queued).
+    ForwardStatus {
+        items: Vec<Option<Waiting>>,
+    },
 }
 
 /// The largest SubjectPublicKeyInfo a key binding carries (an RSA key of
@@ -797,6 +825,14 @@ impl Request {
                 o.extend_from_slice(&f.payload);
                 o.extend_from_slice(f.next.addr.as_bytes());
             }
+            Self::ForwardStatus { items } => {
+                header(o, 0x12, id);
+                o.extend_from_slice(&(items.len() as u16).to_be_bytes());
+                for (mb, h) in items {
+                    o.extend_from_slice(&mb.0);
+                    o.extend_from_slice(h);
+                }
+            }
             Self::BlobForward(f) => {
                 let p = &f.piece;
                 o.reserve(p.data.len() + f.next.addr.len() + BLOB_FORWARD_HEAD + 4);
@@ -1017,6 +1053,20 @@ impl Request {
                 signature: r.array("signature")?,
             },
             0x10 => Self::KeyBinding,
+            0x12 => {
+                let n = r.u16("count")? as usize;
+                if n > MAX_FORWARD_STATUS {
+                    return Err(DecodeError::TooLarge {
+                        what: "forward status",
+                        max: MAX_FORWARD_STATUS,
+                    });
+                }
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push((MailboxId(r.array("mailbox")?), r.array("payload hash")?));
+                }
+                Self::ForwardStatus { items }
+            }
             0x0f => {
                 let hops = r.u8("hop count")?;
                 let pin = r.array("next relay's pin")?;
@@ -1167,6 +1217,34 @@ impl Response {
             Self::KeyBinding(b) => {
                 header(o, 0x8b, id);
                 b.encode_into(o);
+            }
+            Self::ForwardStatus { items } => {
+                header(o, 0x8c, id);
+                o.extend_from_slice(&(items.len() as u16).to_be_bytes());
+                for w in items {
+                    match w {
+                        None => o.push(0),
+                        Some(w) => {
+                            o.push(1);
+                            o.extend_from_slice(&w.attempts.to_be_bytes());
+                            o.extend_from_slice(&w.next_at.to_be_bytes());
+                            // Printable, as the reader requires (§0).
+                            let e: String = w
+                                .error
+                                .as_deref()
+                                .unwrap_or("")
+                                .chars()
+                                .map(|c| if c.is_control() { ' ' } else { c })
+                                .collect();
+                            let mut end = e.len().min(MAX_WAITING_ERROR);
+                            while !e.is_char_boundary(end) {
+                                end -= 1;
+                            }
+                            o.extend_from_slice(&(end as u16).to_be_bytes());
+                            o.extend_from_slice(&e.as_bytes()[..end]);
+                        }
+                    }
+                }
             }
         }
         finish_frame(o);
@@ -1320,6 +1398,47 @@ impl Response {
                 message: read_text(&mut r)?,
             },
             0x8b => Self::KeyBinding(KeyBinding::decode_from(&mut r)?),
+            0x8c => {
+                let n = r.u16("count")? as usize;
+                if n > MAX_FORWARD_STATUS {
+                    return Err(DecodeError::TooLarge {
+                        what: "forward status",
+                        max: MAX_FORWARD_STATUS,
+                    });
+                }
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(match r.u8("waiting")? {
+                        0 => None,
+                        1 => {
+                            let attempts = r.u32("attempts")?;
+                            let next_at = r.u64("next attempt")?;
+                            let len = r.u16("error length")? as usize;
+                            let error = match len {
+                                0 => None,
+                                _ => Some(crate::codec::read_text_of_len(
+                                    &mut r,
+                                    len,
+                                    "error",
+                                    MAX_WAITING_ERROR,
+                                )?),
+                            };
+                            Some(Waiting {
+                                attempts,
+                                next_at,
+                                error,
+                            })
+                        }
+                        _ => {
+                            return Err(DecodeError::Invalid {
+                                what: "forward status",
+                                why: "waiting must be 0 or 1",
+                            })
+                        }
+                    });
+                }
+                Self::ForwardStatus { items }
+            }
             _ => {
                 return Err(DecodeError::Invalid {
                     what: "response type",
@@ -1429,6 +1548,12 @@ mod tests {
             Request::Forward(forward(1, "relay.example:7443", 300)),
             Request::Forward(forward(0, "h:1", 0)),
             Request::BlobForward(blob_forward(2, "relay.example:7443", 40)),
+            Request::ForwardStatus {
+                items: vec![(MailboxId([1; 32]), [2; 32]), (MailboxId([3; 32]), [4; 32])],
+            },
+            Request::ForwardStatus {
+                items: vec![(MailboxId([1; 32]), [2; 32]); MAX_FORWARD_STATUS],
+            },
             Request::BlobForward(blob_forward(0, "h:1", MAX_BLOB_PIECE)),
         ]
     }
@@ -1515,6 +1640,21 @@ mod tests {
     fn responses() -> Vec<Response> {
         vec![
             Response::Ok,
+            Response::ForwardStatus {
+                items: vec![
+                    None,
+                    Some(Waiting {
+                        attempts: 3,
+                        next_at: 99,
+                        error: Some("connection refused".into()),
+                    }),
+                    Some(Waiting {
+                        attempts: 0,
+                        next_at: 5,
+                        error: None,
+                    }),
+                ],
+            },
             Response::KeyBinding(KeyBinding {
                 scheme: 0x0403,
                 spki: vec![0x30; 91],

@@ -763,6 +763,32 @@ pub async fn the_forward_queue_holds_and_ends_items(b: &dyn Backend) {
             .expect("again"),
     );
     assert_eq!(again, a, "queued once while it waits");
+    // What waits, asked by its sender (and no one else's).
+    let w = store
+        .forward_waiting(
+            alice,
+            vec![
+                (dest, h(&[1; 2000])),
+                (dest, h(&[9; 10])),
+                (MailboxId::of(&[8; 32]), h(&[1; 2000])),
+            ],
+        )
+        .await
+        .expect("waiting");
+    assert_eq!(
+        w.iter()
+            .map(|x| x.as_ref().map(|w| w.attempts))
+            .collect::<Vec<_>>(),
+        vec![Some(0), None, None]
+    );
+    assert_eq!(
+        store
+            .forward_waiting(nobody, vec![(dest, h(&[1; 2000]))])
+            .await
+            .expect("waiting"),
+        vec![None],
+        "another sender's item is not seen"
+    );
     assert_eq!(store.status(&alice).await.expect("status").used, 6000);
     let r = store
         .submit(alice, NOW + 10, h(&[4; 4001]), vec![4; 4001], SRC, NOW)

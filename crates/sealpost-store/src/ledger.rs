@@ -18,7 +18,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use sealpost_proto::relay::{BlobId, BlobPiece, Forward, Item, MailboxId, NextHop, RefusalCode};
+use sealpost_proto::relay::{
+    BlobId, BlobPiece, Forward, Item, MailboxId, NextHop, RefusalCode, Waiting,
+};
 
 use crate::{CommitStats, Latencies, Registered, Source, StoreError, SubmitOutcome};
 
@@ -269,6 +271,13 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Fut<'_, ()>;
     /// The queue per next relay.
     fn forward_queue(&self) -> Fut<'_, Vec<HopQueue>>;
+    /// Which of `items` (mailbox, payload hash) sent by the owner of
+    /// `origin` still wait in the forward queue, and how they fare.
+    fn forward_waiting(
+        &self,
+        origin: MailboxId,
+        items: Vec<(MailboxId, [u8; 32])>,
+    ) -> Fut<'_, Vec<Option<Waiting>>>;
     /// Whether blob `id` is still queued to forward (for any mailbox).
     fn forward_blob_queued(&self, id: BlobId) -> Fut<'_, bool>;
     fn commit_stats(&self) -> CommitStats;

@@ -579,6 +579,16 @@ impl Store {
             .await
     }
 
+    /// Which of `items` sent by the owner of `origin` still wait in the
+    /// forward queue.
+    pub async fn forward_waiting(
+        &self,
+        origin: MailboxId,
+        items: Vec<(MailboxId, [u8; 32])>,
+    ) -> Result<Vec<Option<sealpost_proto::relay::Waiting>>, StoreError> {
+        self.inner.ledger.forward_waiting(origin, items).await
+    }
+
     /// Whether blob `id` is still queued to forward.
     pub async fn forward_blob_queued(&self, id: BlobId) -> Result<bool, StoreError> {
         self.inner.ledger.forward_blob_queued(id).await

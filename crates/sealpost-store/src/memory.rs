@@ -527,6 +527,33 @@ impl Ledger for MemLedger {
         })
     }
 
+    fn forward_waiting(
+        &self,
+        origin: MailboxId,
+        items: Vec<(MailboxId, [u8; 32])>,
+    ) -> Fut<'_, Vec<Option<sealpost_proto::relay::Waiting>>> {
+        self.with(move |s| {
+            items
+                .iter()
+                .map(|(mb, h)| {
+                    s.forwards
+                        .values()
+                        .find(|q| {
+                            q.blob.is_none()
+                                && q.origin == origin
+                                && q.item.mailbox == *mb
+                                && q.item.payload_hash == *h
+                        })
+                        .map(|q| sealpost_proto::relay::Waiting {
+                            attempts: q.attempts,
+                            next_at: q.next_at,
+                            error: q.last_error.clone(),
+                        })
+                })
+                .collect()
+        })
+    }
+
     fn forward_blob_queued(&self, id: BlobId) -> Fut<'_, bool> {
         self.with(move |s| s.forwards.values().any(|q| q.blob.map(|b| b.0) == Some(id)))
     }

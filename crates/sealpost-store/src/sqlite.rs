@@ -421,6 +421,32 @@ impl Ledger for SqliteLedger {
         }))
     }
 
+    fn forward_waiting(
+        &self,
+        origin: MailboxId,
+        items: Vec<(MailboxId, [u8; 32])>,
+    ) -> Fut<'_, Vec<Option<sealpost_proto::relay::Waiting>>> {
+        ready(self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT attempts, next_at, last_error FROM forwards \
+                 WHERE origin = ?1 AND hash = ?2 AND mailbox = ?3 AND blob IS NULL LIMIT 1",
+            )?;
+            items
+                .iter()
+                .map(|(mb, h)| {
+                    stmt.query_row(params![origin.0.to_vec(), h.to_vec(), mb.0.to_vec()], |r| {
+                        Ok(sealpost_proto::relay::Waiting {
+                            attempts: r.get(0)?,
+                            next_at: u64_of(r.get(1)?),
+                            error: r.get(2)?,
+                        })
+                    })
+                    .optional()
+                })
+                .collect()
+        }))
+    }
+
     fn forward_blob_queued(&self, id: BlobId) -> Fut<'_, bool> {
         ready(self.read(|c| {
             c.prepare_cached("SELECT 1 FROM forwards WHERE blob = ?1 LIMIT 1")?

@@ -1455,11 +1455,17 @@ fn entry_text(e: &OutboxEntry) -> String {
                 "at the relay, no receipt yet; next retransmission {}",
                 ms_time(d.next_at_ms)
             ),
-            State::Forwarding => format!(
-                "at your relay, which forwards it to {}; no receipt yet; next retransmission {}",
-                d.relay,
-                ms_time(d.next_at_ms)
-            ),
+            State::Forwarding => match &d.hop {
+                Some(hop) => format!(
+                    "{hop}; no receipt yet; next retransmission {}",
+                    ms_time(d.next_at_ms)
+                ),
+                None => format!(
+                    "at your relay, which forwards it to {}; no receipt yet; next retransmission {}",
+                    d.relay,
+                    ms_time(d.next_at_ms)
+                ),
+            },
             State::Queued if d.uploaded > 0 => format!(
                 "uploading: {}{}",
                 d.upload

@@ -443,6 +443,11 @@ pub struct Engine {
     /// `not_forwarded`, or it does not know the request): this engine
     /// submits to other relays itself from then on.
     home_forwards: bool,
+    /// When the home relay was last asked where forwarded deliveries are
+    /// (clock ms).
+    hops_at: u64,
+    /// How often a pass asks it, at most (ms; 5 s by default).
+    pub hops_every_ms: u64,
     /// Whether the inbox was held to [`Engine::keep_received_bytes`]
     /// since this engine started (after that, only passes that delivered
     /// something look again).
@@ -532,6 +537,8 @@ impl Engine {
             keep_received_bytes,
             forward,
             home_forwards: true,
+            hops_at: 0,
+            hops_every_ms: 5_000,
             sizes_checked: false,
             watchers: Vec::new(),
             _lock: lock,
@@ -673,6 +680,9 @@ impl Engine {
                 stats.pruned += n as u64;
                 self.sizes_checked = true;
             }
+        }
+        if let Err(e) = self.refresh_hops().await {
+            tracing::debug!("asking your relay where forwarded messages are: {e}");
         }
         stats.segments_freed_bytes += self.free_segments()?;
         // Space freed by what was delivered or expired (sealed copies,

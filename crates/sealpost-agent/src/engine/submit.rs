@@ -130,6 +130,79 @@ impl Engine {
         }
     }
 
+    /// Asks the home relay which forwarded deliveries still wait in its
+    /// queue (and why) and records it for `status` (§6.8): "waiting at
+    /// your relay" or "handed on to the recipient's relay". At most every
+    /// 5 s and 512 deliveries per pass; the relay's word only (relays are
+    /// trusted for availability), the receipt stays the proof.
+    pub(super) async fn refresh_hops(&mut self) -> Result<(), EngineError> {
+        let now = self.clock.now_ms();
+        if !self.forward
+            || self.hops_at == u64::MAX
+            || now.saturating_sub(self.hops_at) < self.hops_every_ms
+        {
+            return Ok(());
+        }
+        self.hops_at = now;
+        let rows = self
+            .agent
+            .db
+            .forwarding(sealpost_proto::relay::MAX_FORWARD_STATUS)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut items = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let sealed = self.agent.db.sealed(&r.msg)?.unwrap_or_default();
+            items.push((
+                MailboxId::of(&r.recipient),
+                *blake3::hash(&sealed).as_bytes(),
+            ));
+        }
+        let answers = match self
+            .home
+            .call(&self.agent.identity, async |c| {
+                c.forward_status(items.clone()).await
+            })
+            .await
+        {
+            Ok(a) => a,
+            Err(ClientError::Server {
+                code: ErrorCode::BadRequest,
+                ..
+            }) => {
+                // A relay that predates the question: not asked again.
+                self.hops_at = u64::MAX;
+                self.home.disconnect();
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let hops: Vec<(MessageId, [u8; 32], String)> = rows
+            .iter()
+            .zip(answers)
+            .map(|(r, a)| {
+                let next = RelayAddress::parse(&r.relay)
+                    .map(|a| a.host_port)
+                    .unwrap_or_else(|| r.relay.clone());
+                let hop = match a {
+                    None => format!("handed on to {}'s relay ({next}) by your relay", r.name),
+                    Some(w) => match w.error {
+                        Some(e) => format!(
+                            "waiting at your relay: it could not hand it to {next} yet ({} attempt{}; last: {e})",
+                            w.attempts,
+                            if w.attempts == 1 { "" } else { "s" }
+                        ),
+                        None => format!("waiting at your relay, which hands it to {next}"),
+                    },
+                };
+                (r.msg, r.recipient, hop)
+            })
+            .collect();
+        self.agent.db.set_hops(&hops)?;
+        Ok(())
+    }
+
     pub(super) async fn submit_due(&mut self, stats: &mut PassStats) -> Result<(), EngineError> {
         // Bounded: a pass submits at most this many rounds.
         for _ in 0..64 {

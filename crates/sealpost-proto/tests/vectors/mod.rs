@@ -560,6 +560,13 @@ fn relay_vectors() -> Value {
         ),
         ("Status", Request::Status),
         ("Limits", Request::Limits),
+        (
+            // Where two of Alice's forwarded items are (§6.8).
+            "ForwardStatus",
+            Request::ForwardStatus {
+                items: vec![(bob_mb, hash), (bob_mb, [0x77; 32])],
+            },
+        ),
         ("KeyBinding", Request::KeyBinding),
         (
             // The relay of the vectors' key proving itself to the next
@@ -676,6 +683,24 @@ fn relay_vectors() -> Value {
             },
         ),
         ("KeyBinding", Response::KeyBinding(next_binding.clone())),
+        (
+            // The answer to the ForwardStatus above: the first item
+            // still waits (3 failed attempts), the second was handed on.
+            "ForwardStatus",
+            Response::ForwardStatus {
+                items: vec![
+                    Some(sealpost_proto::relay::Waiting {
+                        attempts: 3,
+                        next_at: 1_750_000_300,
+                        error: Some(
+                            "cannot reach the relay at bob-relay.example:7443: connection refused"
+                                .into(),
+                        ),
+                    }),
+                    None,
+                ],
+            },
+        ),
     ];
     json!({
         "description": "Relay protocol frames, length prefix included; request id 7 (Notify: 0)",

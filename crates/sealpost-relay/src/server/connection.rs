@@ -513,6 +513,15 @@ pub(crate) async fn handle(
             send(out, id, answer).await
         }
         Request::KeyBinding => send(out, id, Response::KeyBinding(s.binding.clone())).await,
+        Request::ForwardStatus { items } => {
+            let Some(mb) = authed else {
+                return send(out, id, need_auth()).await;
+            };
+            match s.store.forward_waiting(mb, items).await {
+                Ok(items) => send(out, id, Response::ForwardStatus { items }).await,
+                Err(e) => send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+            }
+        }
         Request::PeerAuth { key, signature } => {
             if let Some(e) = unproven(s, session, context::PEER, &key, &signature, "relay key") {
                 return send(out, id, e).await;

@@ -71,13 +71,19 @@ async fn passes_until(e: &mut Engine, done: impl Fn(&Engine) -> bool) -> PassSta
     }
 }
 
-/// Alice (on relay A, forwarding on) sends to Bob (on relay B, forwarding
-/// on): her relay takes it ("forwarding": at your relay) and she stops;
-/// Bob gets it from his relay; his receipt travels B → A; Alice's next
-/// pass verifies it. Alice and Bob are never in a pass at the same time,
-/// and neither talks to the other's relay.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_and_its_receipt_travel_through_both_relays() {
+/// Alice on relay A, Bob on relay B (each relay on the backbone and on
+/// its own user's net, so neither agent reaches the other's relay),
+/// pinned to each other, both forwarding.
+struct Two {
+    dir: tempfile::TempDir,
+    backbone: Arc<MemoryNet>,
+    a: RunningRelay,
+    b: RunningRelay,
+    alice: Engine,
+    bob: Engine,
+}
+
+async fn two() -> Two {
     let dir = tempfile::tempdir().expect("tmp");
     let (backbone, net_a, net_b) = (MemoryNet::new(), MemoryNet::new(), MemoryNet::new());
     let a = relay(dir.path(), "relay-a", &backbone, &net_a).await;
@@ -88,6 +94,36 @@ async fn a_message_and_its_receipt_travel_through_both_relays() {
     pin(&mut bob, "alice", &alice);
     alice.forward = true;
     bob.forward = true;
+    Two {
+        dir,
+        backbone,
+        a,
+        b,
+        alice,
+        bob,
+    }
+}
+
+/// Whether `e`'s inbox holds `n` messages.
+fn inbox_holds(e: &Engine, n: usize) -> bool {
+    e.agent().db().inbox(false, 10).map_or(0, |v| v.len()) == n
+}
+
+/// Alice (on relay A, forwarding on) sends to Bob (on relay B, forwarding
+/// on): her relay takes it ("forwarding": at your relay) and she stops;
+/// Bob gets it from his relay; his receipt travels B → A; Alice's next
+/// pass verifies it. Alice and Bob are never in a pass at the same time,
+/// and neither talks to the other's relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_and_its_receipt_travel_through_both_relays() {
+    let Two {
+        dir: _dir,
+        backbone,
+        a,
+        b,
+        mut alice,
+        mut bob,
+    } = two().await;
     let id = alice
         .agent_mut()
         .send(&["bob".into()], b"through two relays", 3600, "hi")
@@ -96,10 +132,7 @@ async fn a_message_and_its_receipt_travel_through_both_relays() {
     assert_eq!((s.forwarded, s.submitted), (1, 0), "{s:?}");
     assert_eq!(state(&alice, &id).0, State::Forwarding, "at her relay");
     // Bob, later: the message is at his relay.
-    let s = passes_until(&mut bob, |b| {
-        b.agent().db().inbox(false, 10).map_or(0, |v| v.len()) == 1
-    })
-    .await;
+    let s = passes_until(&mut bob, |b| inbox_holds(b, 1)).await;
     assert_eq!(s.delivered, 1, "{s:?}");
     let inbox = bob.agent().db().inbox(false, 10).expect("inbox");
     assert_eq!(
@@ -287,10 +320,7 @@ async fn an_agent_whose_relay_does_not_forward_sends_directly() {
     let s = alice.pass().await.expect("pass");
     assert_eq!((s.submitted, s.forwarded), (1, 0), "{s:?}");
     assert_eq!(state(&alice, &id).0, State::Submitted, "sent directly");
-    passes_until(&mut bob, |b| {
-        b.agent().db().inbox(false, 10).map_or(0, |v| v.len()) == 1
-    })
-    .await;
+    passes_until(&mut bob, |b| inbox_holds(b, 1)).await;
     a.stop().await.expect("stop a");
     b.stop().await.expect("stop b");
 }
@@ -463,10 +493,7 @@ async fn a_home_relay_that_swallows_forwards_delays_a_message_by_one_retransmiss
     tokio::time::sleep(Duration::from_millis(400)).await;
     let s = alice.pass().await.expect("pass");
     assert_eq!((s.submitted, s.forwarded), (1, 0), "directly: {s:?}");
-    passes_until(&mut bob, |b| {
-        b.agent().db().inbox(false, 10).map_or(0, |v| v.len()) == 1
-    })
-    .await;
+    passes_until(&mut bob, |b| inbox_holds(b, 1)).await;
     passes_until(&mut alice, |a| state(a, &id).0 == State::Delivered).await;
     a.stop().await.expect("stop a");
     b.stop().await.expect("stop b");
@@ -478,16 +505,14 @@ async fn a_home_relay_that_swallows_forwards_delays_a_message_by_one_retransmiss
 /// delivered (the receipt). The JSON carries the same in `hop`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_says_at_which_relay_a_forwarded_message_waits() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let (backbone, net_a, net_b) = (MemoryNet::new(), MemoryNet::new(), MemoryNet::new());
-    let a = relay(dir.path(), "relay-a", &backbone, &net_a).await;
-    let b = relay(dir.path(), "relay-b", &backbone, &net_b).await;
-    let mut alice = common::engine(dir.path(), "alice", a.address(), &net_a, None).await;
-    let mut bob = common::engine(dir.path(), "bob", b.address(), &net_b, None).await;
-    pin(&mut alice, "bob", &bob);
-    pin(&mut bob, "alice", &alice);
-    alice.forward = true;
-    bob.forward = true;
+    let Two {
+        dir: _dir,
+        backbone,
+        a,
+        b,
+        mut alice,
+        mut bob,
+    } = two().await;
     alice.hops_every_ms = 0;
     let hop = |e: &Engine, id| {
         let m = e.agent().db().outbox(Some(id), 1).expect("outbox");
@@ -513,10 +538,7 @@ async fn status_says_at_which_relay_a_forwarded_message_waits() {
         hop(e, &id).is_some_and(|h| h.starts_with("handed on to bob's relay"))
     })
     .await;
-    passes_until(&mut bob, |b| {
-        b.agent().db().inbox(false, 10).map_or(0, |v| v.len()) == 1
-    })
-    .await;
+    passes_until(&mut bob, |b| inbox_holds(b, 1)).await;
     passes_until(&mut alice, |a| state(a, &id).0 == State::Delivered).await;
     assert_eq!(
         hop(&alice, &id),

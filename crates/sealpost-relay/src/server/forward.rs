@@ -420,17 +420,7 @@ async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
                 break;
             }
             Ok(Err(Submitted::Refused(refusal))) => {
-                s.metrics.forward_refused.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    next = %hop.addr,
-                    "the next relay refused a forwarded blob ({}); telling its sender",
-                    refusal.code.name()
-                );
-                let ended = notice::Ended::Refused {
-                    next_key: peer.next_key,
-                    binding: peer.binding.clone(),
-                    refusal,
-                };
+                let ended = refused_by_next(s, hop, "blob", peer.next_key, &peer.binding, refusal);
                 keep_peer(s, lane, peer);
                 end_with_notice(s, &q, Some(offset), ended, now()).await;
                 return drop_copy(s, &q).await;
@@ -632,17 +622,7 @@ async fn hand_on_items(s: &Arc<Shared>, lane: &Lane, items: Vec<Queued>) {
                 ));
             }
             Ok(Submitted::Refused(refusal)) => {
-                s.metrics.forward_refused.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    next = %hop.addr,
-                    "the next relay refused a forwarded item ({}); telling its sender",
-                    refusal.code.name()
-                );
-                let ended = notice::Ended::Refused {
-                    next_key,
-                    binding: binding.clone(),
-                    refusal,
-                };
+                let ended = refused_by_next(s, &hop, "item", next_key, &binding, refusal);
                 end_with_notice(s, q, None, ended, now()).await;
             }
             Err(e) => retry.push((q.clone(), e.to_string())),
@@ -657,6 +637,29 @@ async fn hand_on_items(s: &Arc<Shared>, lane: &Lane, items: Vec<Queued>) {
         later(s, &items, &error).await;
     }
     while ends.join_next().await.is_some() {}
+}
+
+/// The next relay's signed refusal of a forwarded `what` (item or blob),
+/// counted and logged, as its sender's notice will carry it.
+fn refused_by_next(
+    s: &Shared,
+    hop: &NextHop,
+    what: &str,
+    next_key: [u8; 32],
+    binding: &sealpost_proto::relay::KeyBinding,
+    refusal: sealpost_proto::relay::Refusal,
+) -> notice::Ended {
+    s.metrics.forward_refused.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        next = %hop.addr,
+        "the next relay refused a forwarded {what} ({}); telling its sender",
+        refusal.code.name()
+    );
+    notice::Ended::Refused {
+        next_key,
+        binding: binding.clone(),
+        refusal,
+    }
 }
 
 /// A connection to a next relay that proved this relay's key, with what

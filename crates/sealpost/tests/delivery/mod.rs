@@ -1954,12 +1954,16 @@ fn a_message_a_file_and_their_receipts_cross_two_relays_while_the_far_one_was_do
     let file_id = v["id"].as_str().expect("id").to_owned();
     let d = env.json("alice", &["status", &file_id])["messages"][0]["deliveries"][0].clone();
     assert_eq!(d["state"].as_str(), Some("forwarding"), "{d}");
-    let o = Command::new(cargo_bin("sealpost"))
-        .args(["--json", "relay", "status", "--data"])
-        .arg(env.path("relay-a"))
-        .output()
-        .expect("relay status");
-    let q: Value = serde_json::from_slice(&o.stdout).expect("json");
+    // `relay status --json` of a relay's data directory.
+    let relay_status = |data: &str| -> Value {
+        let o = Command::new(cargo_bin("sealpost"))
+            .args(["--json", "relay", "status", "--data"])
+            .arg(env.path(data))
+            .output()
+            .expect("relay status");
+        serde_json::from_slice(&o.stdout).expect("json")
+    };
+    let q = relay_status("relay-a");
     // The message, the file's blob and its manifest.
     assert_eq!(q["forward_queue"][0]["items"].as_u64(), Some(3), "{q}");
     assert!(
@@ -1996,21 +2000,11 @@ fn a_message_a_file_and_their_receipts_cross_two_relays_while_the_far_one_was_do
             break;
         }
         if Instant::now() > deadline {
-            let o = Command::new(cargo_bin("sealpost"))
-                .args(["--json", "relay", "status", "--data"])
-                .arg(env.path("relay-a"))
-                .output()
-                .expect("relay status");
-            let ob = Command::new(cargo_bin("sealpost"))
-                .args(["--json", "relay", "status", "--data"])
-                .arg(env.path("relay-b"))
-                .output()
-                .expect("relay status");
             let dl = env.ok("bob", &["--json", "status"]);
             panic!(
                 "relay A never handed them on: inbox {n}, A {} B {} bob {}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&ob.stdout),
+                relay_status("relay-a"),
+                relay_status("relay-b"),
                 String::from_utf8_lossy(&dl)
             );
         }
@@ -2034,11 +2028,6 @@ fn a_message_a_file_and_their_receipts_cross_two_relays_while_the_far_one_was_do
     }
     // Relay A's queue is empty (its copy of the blob expires within ten
     // minutes: kept for another recipient of the same file).
-    let o = Command::new(cargo_bin("sealpost"))
-        .args(["--json", "relay", "status", "--data"])
-        .arg(env.path("relay-a"))
-        .output()
-        .expect("relay status");
-    let q: Value = serde_json::from_slice(&o.stdout).expect("json");
+    let q = relay_status("relay-a");
     assert_eq!(q["forward_queue"].as_array().map(Vec::len), Some(0), "{q}");
 }

@@ -1583,13 +1583,7 @@ mod tests {
     #[test]
     fn a_blob_forwards_piece_and_address_are_checked() {
         let good = Request::BlobForward(blob_forward(0, "relay.example:7443", 5)).encode(1);
-        assert!(Request::decode(&good[4..]).is_ok());
-        let len_at = 4 + BLOB_FORWARD_HEAD - 1;
-        for bad_len in [0u8, 24, 255] {
-            let mut f = good.clone();
-            f[len_at] = bad_len;
-            assert!(Request::decode(&f[4..]).is_err(), "{bad_len}");
-        }
+        address_lengths_are_checked(&good, BLOB_FORWARD_HEAD);
         let big = Request::BlobForward(blob_forward(0, "h:1", MAX_BLOB_PIECE + 1)).encode(1);
         assert!(matches!(
             Request::decode(&big[4..]),
@@ -1617,18 +1611,24 @@ mod tests {
         }
     }
 
+    /// `good` (a frame whose head of `head` bytes ends in the address
+    /// length) parses, and with an address length of 0, one longer than
+    /// what follows, or 255, does not.
+    fn address_lengths_are_checked(good: &[u8], head: usize) {
+        assert!(Request::decode(&good[4..]).is_ok());
+        for bad_len in [0u8, 24, 255] {
+            let mut f = good.to_vec();
+            f[4 + head - 1] = bad_len;
+            assert!(Request::decode(&f[4..]).is_err(), "{bad_len}");
+        }
+    }
+
     /// A `Forward` whose address is empty, longer than what follows the
     /// head, longer than 253 bytes or not printable is refused.
     #[test]
     fn a_forwards_address_is_checked() {
         let good = Request::Forward(forward(0, "relay.example:7443", 5)).encode(1);
-        assert!(Request::decode(&good[4..]).is_ok());
-        let len_at = 4 + FORWARD_HEAD - 1;
-        for bad_len in [0u8, 24, 255] {
-            let mut f = good.clone();
-            f[len_at] = bad_len;
-            assert!(Request::decode(&f[4..]).is_err(), "{bad_len}");
-        }
+        address_lengths_are_checked(&good, FORWARD_HEAD);
         let mut f = good.clone();
         let last = f.len() - 1;
         f[last] = b' ';

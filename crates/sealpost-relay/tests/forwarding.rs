@@ -79,6 +79,15 @@ async fn two(tweak: impl FnOnce(&mut Config)) -> Two {
     }
 }
 
+/// The port of a relay's address (to start it again there).
+fn port_of(addr: &RelayAddress) -> u16 {
+    addr.host_port
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port")
+}
+
 fn next_of(addr: &RelayAddress) -> NextHop {
     NextHop {
         addr: addr.host_port.clone(),
@@ -154,13 +163,7 @@ async fn items_go_on_to_the_next_relay_and_refusals_come_back() {
     assert_eq!(fetch_n(&b, &bob, 1).await, vec![b"first".to_vec()]);
 
     // Bob's relay down: Alice's relay keeps the item and tries again.
-    let b_port = b
-        .host_port
-        .rsplit(':')
-        .next()
-        .expect("port")
-        .parse()
-        .expect("port");
+    let b_port = port_of(&b);
     b_relay.stop().await.expect("stop b");
     let r = c
         .forward_many(vec![item(&to_b, bob_mb, b"second", now() + 600)])
@@ -465,13 +468,7 @@ async fn a_blob_goes_on_in_pieces_and_its_refusal_comes_back() {
         bob_mb,
     } = two(|_| {}).await;
     let to_b = next_of(&b);
-    let b_port: u16 = b
-        .host_port
-        .rsplit(':')
-        .next()
-        .expect("port")
-        .parse()
-        .expect("port");
+    let b_port = port_of(&b);
     let blob: Vec<u8> = (0..5 * (1 << 20) + 123)
         .map(|i| (i * 7 % 251) as u8)
         .collect();

@@ -108,11 +108,11 @@ struct Shared {
     /// Connections to next relays kept between passes (at most
     /// `forward::KEEP_IDLE` unused).
     forward_links: std::sync::Mutex<HashMap<forward::Lane, (Peer, std::time::Instant)>>,
-    /// What the next relay held of each blob being forwarded, at the last
-    /// attempt (so that a blob whose sender is still uploading costs the
+    /// What the next relay held of each blob being forwarded (to each
+    /// mailbox), at the last attempt (so that a blob whose sender is still uploading costs the
     /// next relay nothing until there is more to send). Only a hint: the
     /// next relay's `BlobStatus` is asked before sending.
-    forward_blobs: std::sync::Mutex<HashMap<relay::BlobId, u64>>,
+    forward_blobs: std::sync::Mutex<HashMap<(relay::BlobId, MailboxId), u64>>,
     /// The certificate key's signature over `key` (PROTOCOL 6.1).
     binding: relay::KeyBinding,
     tls: TlsAcceptor,

@@ -302,7 +302,7 @@ async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
         .forward_blobs
         .lock()
         .ok()
-        .and_then(|m| m.get(&blob_id).copied());
+        .and_then(|m| m.get(&(blob_id, q.item.mailbox)).copied());
     if !here.complete && known.is_some_and(|k| k >= here.stored) {
         return wait(s, &q, waiting_words(here.stored, total)).await;
     }
@@ -443,9 +443,9 @@ async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
     }
     if let Ok(mut m) = s.forward_blobs.lock() {
         if complete {
-            m.remove(&blob_id);
+            m.remove(&(blob_id, q.item.mailbox));
         } else {
-            m.insert(blob_id, there);
+            m.insert((blob_id, q.item.mailbox), there);
         }
     }
     if complete {
@@ -543,7 +543,7 @@ async fn drop_copy(s: &Shared, q: &Queued) {
                 .await;
         }
         if let Ok(mut m) = s.forward_blobs.lock() {
-            m.remove(&blob_id);
+            m.remove(&(blob_id, q.item.mailbox));
         }
     }
 }
@@ -769,7 +769,7 @@ async fn end_with_notice(
                 .forward_blobs
                 .lock()
                 .ok()
-                .and_then(|m| m.get(&blob_id).copied())
+                .and_then(|m| m.get(&(blob_id, q.item.mailbox)).copied())
                 .unwrap_or(0);
             let offset = offset.unwrap_or(there);
             Notice::sign_blob(

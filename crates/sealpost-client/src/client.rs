@@ -354,11 +354,15 @@ impl RelayClient {
             Request::BlobPut(p) => p.data.len() + 128,
             Request::Submit { payload, .. } => payload.len() + 128,
             Request::Forward(f) => f.payload.len() + f.next.addr.len() + 128,
+            Request::BlobForward(f) => f.piece.data.len() + f.next.addr.len() + 160,
             _ => 128,
         });
         req.encode_into(id, &mut frame);
-        if let Request::BlobPut(p) = req {
-            buffers::give(p.data);
+        // A piece's buffer goes back to the pool it came from.
+        match req {
+            Request::BlobPut(p) => buffers::give(p.data),
+            Request::BlobForward(f) => buffers::give(f.piece.data),
+            _ => {}
         }
         let mut w = self.writer.lock().await;
         let written = w.write_all(&frame).await;

@@ -27,9 +27,9 @@ pub(crate) struct Session {
 pub(crate) struct BlobJob {
     pub(crate) id: u32,
     pub(crate) put: BlobPiece,
-    /// For a piece of a blob this relay forwards (stored as a blob of its
-    /// sender's mailbox): the mailbox its refusal names, the request's.
-    pub(crate) named: Option<MailboxId>,
+    /// The mailbox its refusal names: the request's (for a piece of a
+    /// blob this relay forwards, not the sender's mailbox it is stored in).
+    pub(crate) named: MailboxId,
     pub(crate) _permits: (
         tokio::sync::OwnedSemaphorePermit,
         tokio::sync::OwnedSemaphorePermit,
@@ -351,7 +351,8 @@ pub(crate) async fn handle(
         }
         // The last hop: stored like any piece.
         Request::BlobForward(f) if f.next.pin == s.pin.0 => {
-            queue_piece(s, session, out, id, f.piece, None, in_flight, budget).await
+            let named = f.piece.mailbox;
+            queue_piece(s, session, out, id, f.piece, named, in_flight, budget).await
         }
         Request::BlobForward(f) => {
             let mailbox = f.piece.mailbox;
@@ -364,10 +365,11 @@ pub(crate) async fn handle(
             };
             let mut put = f.piece;
             put.mailbox = origin;
-            queue_piece(s, session, out, id, put, Some(mailbox), in_flight, budget).await
+            queue_piece(s, session, out, id, put, mailbox, in_flight, budget).await
         }
         Request::BlobPut(put) => {
-            queue_piece(s, session, out, id, put, None, in_flight, budget).await
+            let named = put.mailbox;
+            queue_piece(s, session, out, id, put, named, in_flight, budget).await
         }
         Request::BlobStatus { blob_id, mailbox } => {
             // The blob of that id in the mailbox named (an uploader), or
@@ -548,8 +550,7 @@ pub(crate) async fn handle(
 }
 
 /// Queues a blob piece on the connection's lane, which stores the pieces
-/// of the connection in order (`named`: the mailbox a refusal names, when
-/// it is not the piece's own).
+/// of the connection in order (`named`: the mailbox a refusal names).
 #[allow(clippy::too_many_arguments)]
 async fn queue_piece(
     s: &Arc<Shared>,
@@ -557,7 +558,7 @@ async fn queue_piece(
     out: &Out,
     id: u32,
     put: BlobPiece,
-    named: Option<MailboxId>,
+    named: MailboxId,
     in_flight: InFlight<'_>,
     budget: Option<OwnedSemaphorePermit>,
 ) -> io::Result<()> {

@@ -100,34 +100,25 @@ pub(crate) fn start_lane(
     let task = tokio::spawn(async move {
         let mut jobs = Vec::with_capacity(LANE_RUN);
         while lane_rx.recv_many(&mut jobs, LANE_RUN).await > 0 {
-            let ids: Vec<(u32, Option<MailboxId>)> = jobs.iter().map(|j| (j.id, j.named)).collect();
-            let (puts, permits): (Vec<_>, Vec<_>) =
-                jobs.drain(..).map(|j| (j.put, j._permits)).unzip();
+            let ids: Vec<u32> = jobs.iter().map(|j| j.id).collect();
+            // A piece this relay forwards is stored as a blob of its
+            // sender's mailbox; it streams on as it arrives.
+            let forwarded = jobs.iter().any(|j| j.named != j.put.mailbox);
+            let (puts, permits): (Vec<_>, Vec<_>) = jobs
+                .drain(..)
+                .map(|j| ((j.put, j.named), j._permits))
+                .unzip();
             let answers = blob_put_many(&s, puts, source).await;
             drop(permits);
+            if forwarded {
+                s.forward_wake.notify_one();
+            }
             let mut gone = false;
-            let mut forwarded = false;
-            for ((id, named), r) in ids.into_iter().zip(answers) {
-                // A piece this relay forwards was stored as a blob of its
-                // sender's mailbox; its refusal names the request's.
-                let r = match (named, r) {
-                    (Some(mb), Response::Refused(f)) => {
-                        Response::Refused(signed_refusal(&s.key, f.code, mb, f.payload_hash))
-                    }
-                    (Some(_), r) => {
-                        forwarded = true;
-                        r
-                    }
-                    (None, r) => r,
-                };
+            for (id, r) in ids.into_iter().zip(answers) {
                 if send(&out, id, r).await.is_err() {
                     gone = true;
                     break;
                 }
-            }
-            if forwarded {
-                // Streamed on as it arrives.
-                s.forward_wake.notify_one();
             }
             if gone {
                 break;
@@ -142,27 +133,29 @@ pub(crate) const LANE_RUN: usize = 8;
 
 /// Stores blob pieces in order (from the connection's lane): runs of
 /// consecutive pieces with one fdatasync and one commit (the store's
-/// `blob_put_many`); an answer per piece.
+/// `blob_put_many`); an answer per piece. Each piece comes with the
+/// mailbox its refusal names: the request's, which for a piece this relay
+/// forwards is not the mailbox it is stored in (§6.8).
 pub(crate) async fn blob_put_many(
     s: &Shared,
-    pieces: Vec<BlobPiece>,
+    pieces: Vec<(BlobPiece, MailboxId)>,
     source: Source,
 ) -> Vec<Response> {
     let mut answers = Vec::with_capacity(pieces.len());
-    let mut run: Vec<BlobPiece> = Vec::with_capacity(pieces.len());
-    for p in pieces {
+    let mut run: Vec<(BlobPiece, MailboxId)> = Vec::with_capacity(pieces.len());
+    for (p, named) in pieces {
         let forged = s
             .config
             .tamper
             .as_ref()
             .and_then(|t| t.blob_put(&p.blob_id, &p.mailbox, p.offset));
         match forged {
-            None => run.push(p),
+            None => run.push((p, named)),
             Some(forged) => {
                 // What came before is stored first, as it would have been
                 // piece by piece.
                 store_run(s, std::mem::take(&mut run), source, &mut answers).await;
-                answers.push(forged_refusal(s, forged, p.mailbox, p.refusal_hash()));
+                answers.push(forged_refusal(s, forged, named, p.refusal_hash()));
                 sealpost_proto::buffers::give(p.data);
             }
         }
@@ -174,7 +167,7 @@ pub(crate) async fn blob_put_many(
 /// Stores `run` (pieces no hook refused) and appends an answer per piece.
 pub(crate) async fn store_run(
     s: &Shared,
-    run: Vec<BlobPiece>,
+    run: Vec<(BlobPiece, MailboxId)>,
     source: Source,
     answers: &mut Vec<Response>,
 ) {
@@ -184,13 +177,22 @@ pub(crate) async fn store_run(
     // A refusal names the piece (§6.5).
     let named: Vec<(MailboxId, [u8; 32], u64)> = run
         .iter()
-        .map(|p| (p.mailbox, p.refusal_hash(), p.data.len() as u64))
+        .map(|(p, named)| (*named, p.refusal_hash(), p.data.len() as u64))
         .collect();
-    // Stored under the blob's key within its mailbox (§6.6).
-    let mut run = run;
+    // Stored under the blob's key within its mailbox (§6.6): resolved once
+    // per blob of the run (its pieces are consecutive).
+    let mut run: Vec<BlobPiece> = run.into_iter().map(|(p, _)| p).collect();
+    let mut last: Option<(relay::BlobId, MailboxId, relay::BlobId)> = None;
     for p in run.iter_mut() {
-        match s.store.blob_key(&p.blob_id, &p.mailbox).await {
-            Ok(k) => p.blob_id = k,
+        let key = match last {
+            Some((id, mb, k)) if id == p.blob_id && mb == p.mailbox => Ok(k),
+            _ => s.store.blob_key(&p.blob_id, &p.mailbox).await,
+        };
+        match key {
+            Ok(k) => {
+                last = Some((p.blob_id, p.mailbox, k));
+                p.blob_id = k;
+            }
             Err(e) => {
                 for _ in &named {
                     answers.push(storage_failed(s, &e));

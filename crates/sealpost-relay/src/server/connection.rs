@@ -376,9 +376,9 @@ pub(crate) async fn handle(
             // in the connection's own (an owner); without either, the
             // id's first blob.
             let blob_id = match mailbox.or(authed) {
-                Some(mb) => match s.store.blob_key(&blob_id, &mb).await {
+                Some(mb) => match blob_key(s, &blob_id, &mb).await {
                     Ok(k) => k,
-                    Err(e) => return send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+                    Err(e) => return send(out, id, e).await,
                 },
                 None => blob_id,
             };
@@ -404,9 +404,9 @@ pub(crate) async fn handle(
                 return send(out, id, need_auth()).await;
             };
             let len = (len as usize).min(relay::MAX_BLOB_PIECE);
-            let blob_id = match s.store.blob_key(&blob_id, &mb).await {
+            let blob_id = match blob_key(s, &blob_id, &mb).await {
                 Ok(k) => k,
-                Err(e) => return send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+                Err(e) => return send(out, id, e).await,
             };
             let head = |more: usize| {
                 let mut frame = buffers::take(more + 64);
@@ -474,9 +474,9 @@ pub(crate) async fn handle(
             let Some(mb) = authed else {
                 return send(out, id, need_auth()).await;
             };
-            let blob_id = match s.store.blob_key(&blob_id, &mb).await {
+            let blob_id = match blob_key(s, &blob_id, &mb).await {
                 Ok(k) => k,
-                Err(e) => return send(out, id, err(ErrorCode::Internal, e.to_string())).await,
+                Err(e) => return send(out, id, e).await,
             };
             match s.store.blob_delete(blob_id, mb).await {
                 Ok(true) => send(out, id, Response::Ok).await,
@@ -547,6 +547,19 @@ pub(crate) async fn handle(
         }
         _ => send(out, id, err(ErrorCode::BadRequest, "unsupported request")).await,
     }
+}
+
+/// The key blob `id` of `mailbox` is stored under (§6.6), or the error to
+/// answer.
+async fn blob_key(
+    s: &Shared,
+    id: &relay::BlobId,
+    mailbox: &MailboxId,
+) -> Result<relay::BlobId, Response> {
+    s.store
+        .blob_key(id, mailbox)
+        .await
+        .map_err(|e| err(ErrorCode::Internal, e.to_string()))
 }
 
 /// Queues a blob piece on the connection's lane, which stores the pieces

@@ -81,17 +81,11 @@ pub(crate) async fn forward_request(
         )
         .await;
     }
-    if f.hops >= MAX_HOPS || !s.config.forwarding.enabled {
-        return refusal(s, RefusalCode::NotForwarded, f.mailbox, f.payload_hash);
-    }
-    let Some(origin) = origin else {
+    let Some(origin) = forwards_for(s, f.hops, origin) else {
         return refusal(s, RefusalCode::NotForwarded, f.mailbox, f.payload_hash);
     };
-    if f.payload.len() > s.config.max_message.min(relay::MAX_MESSAGE) {
-        return refusal(s, RefusalCode::TooLarge, f.mailbox, f.payload_hash);
-    }
-    if blake3::hash(&f.payload).as_bytes() != &f.payload_hash {
-        return refusal(s, RefusalCode::HashMismatch, f.mailbox, f.payload_hash);
+    if let Some(r) = payload_refused(s, f.mailbox, f.payload_hash, &f.payload) {
+        return r;
     }
     let (mailbox, hash) = (f.mailbox, f.payload_hash);
     let dropped = s
@@ -100,21 +94,26 @@ pub(crate) async fn forward_request(
         .as_ref()
         .is_some_and(|t| t.forward(&mailbox, &hash) == crate::tamper::OnForward::Drop);
     if dropped {
-        let mut item_id = [0u8; 16];
-        OsRng.fill_bytes(&mut item_id);
-        return Response::Accepted { item_id };
+        return accepted();
     }
     match s.store.forward_enqueue(origin, f, None, now()).await {
         Ok(Enqueued::Queued { .. }) => {
             s.metrics.forward_queued.fetch_add(1, Ordering::Relaxed);
             s.forward_wake.notify_one();
-            let mut item_id = [0u8; 16];
-            OsRng.fill_bytes(&mut item_id);
-            Response::Accepted { item_id }
+            accepted()
         }
         Ok(Enqueued::Refused(code)) => refusal(s, code, mailbox, hash),
         Err(e) => storage_failed(s, &e),
     }
+}
+
+/// The mailbox this relay forwards a `Forward` or `BlobForward` for: the
+/// connection's own, if it is one of this relay's owners, forwarding is
+/// on and the hop count is below the limit (§6.8); else none (code 6).
+fn forwards_for(s: &Shared, hops: u8, origin: Option<MailboxId>) -> Option<MailboxId> {
+    (hops < MAX_HOPS && s.config.forwarding.enabled)
+        .then_some(origin)
+        .flatten()
 }
 
 /// The checks of a `BlobForward` to another relay (§6.8): refused with
@@ -129,10 +128,7 @@ pub(crate) async fn forward_blob_request(
 ) -> Result<MailboxId, Response> {
     let p = &f.piece;
     let refused = |code| refusal(s, code, p.mailbox, p.refusal_hash());
-    if f.hops >= MAX_HOPS || !s.config.forwarding.enabled {
-        return Err(refused(RefusalCode::NotForwarded));
-    }
-    let Some(origin) = origin else {
+    let Some(origin) = forwards_for(s, f.hops, origin) else {
         return Err(refused(RefusalCode::NotForwarded));
     };
     if p.offset != 0 {

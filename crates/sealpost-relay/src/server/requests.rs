@@ -225,6 +225,31 @@ pub(crate) async fn store_run(
     }
 }
 
+/// The refusal a submission's payload earns before anything is stored
+/// (above the message limit, or not matching its hash), if any: the same
+/// checks for a `Submit` and a `Forward`.
+pub(crate) fn payload_refused(
+    s: &Shared,
+    mailbox: MailboxId,
+    hash: [u8; 32],
+    payload: &[u8],
+) -> Option<Response> {
+    if payload.len() > s.config.max_message.min(relay::MAX_MESSAGE) {
+        return Some(refusal(s, RefusalCode::TooLarge, mailbox, hash));
+    }
+    if blake3::hash(payload).as_bytes() != &hash {
+        return Some(refusal(s, RefusalCode::HashMismatch, mailbox, hash));
+    }
+    None
+}
+
+/// `Accepted` with a fresh random item id (§6.4).
+pub(crate) fn accepted() -> Response {
+    let mut item_id = [0u8; 16];
+    OsRng.fill_bytes(&mut item_id);
+    Response::Accepted { item_id }
+}
+
 pub(crate) async fn submit(
     s: &Shared,
     source: Source,
@@ -233,21 +258,14 @@ pub(crate) async fn submit(
     hash: [u8; 32],
     payload: Vec<u8>,
 ) -> Response {
-    if payload.len() > s.config.max_message.min(relay::MAX_MESSAGE) {
-        return refusal(s, RefusalCode::TooLarge, mailbox, hash);
-    }
-    if blake3::hash(&payload).as_bytes() != &hash {
-        return refusal(s, RefusalCode::HashMismatch, mailbox, hash);
+    if let Some(r) = payload_refused(s, mailbox, hash, &payload) {
+        return r;
     }
     let mut mailbox = mailbox;
     if let Some(t) = &s.config.tamper {
         match t.submit(&mailbox, &hash, &payload) {
             OnSubmit::Store => {}
-            OnSubmit::Drop => {
-                let mut item_id = [0u8; 16];
-                OsRng.fill_bytes(&mut item_id);
-                return Response::Accepted { item_id };
-            }
+            OnSubmit::Drop => return accepted(),
             OnSubmit::Redirect(other) => mailbox = other,
             OnSubmit::Forge(how) => return forged_refusal(s, how, mailbox, hash),
         }

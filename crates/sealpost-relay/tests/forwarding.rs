@@ -621,3 +621,58 @@ async fn only_owners_forward_blobs() {
     t.b_relay.stop().await.expect("stop b");
     t.a_relay.stop().await.expect("stop a");
 }
+
+/// A hostile owner cannot fill its relay's forward queue with blobs that
+/// never come: a first piece the relay would not store (above its largest
+/// blob, expired, more than the owner's quota) is refused, signed and
+/// naming the piece, before anything is queued.
+#[tokio::test]
+async fn a_first_piece_the_relay_would_refuse_queues_nothing() {
+    use sealpost_proto::relay::{BlobId, BlobPiece};
+    let t = two(|cfg| {
+        cfg.limits.max_blob = 1 << 20;
+        cfg.limits.mailbox_quota = 4 << 20;
+    })
+    .await;
+    let c = owner(&t.a, &t.alice).await;
+    let piece = |total_len: u64, expires_at: u64| BlobPiece {
+        blob_id: BlobId([5; 16]),
+        mailbox: t.bob_mb,
+        total_len,
+        blob_hash: [0; 32],
+        expires_at,
+        offset: 0,
+        data: vec![1; 10],
+    };
+    for (p, code) in [
+        (piece(2 << 20, now() + 600), RefusalCode::TooLarge),
+        (piece(100, now() - 1), RefusalCode::Expired),
+    ] {
+        let sent = c.blob_forward_send(0, next_of(&t.b), p).await;
+        match c.blob_put_answer(sent).await.expect("answer") {
+            Err(Submitted::Refused(r)) => assert_eq!(r.code, code),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Over the owner's quota (its address's share of it, 50 %): two blobs
+    // of 1 MiB fit, the next do not.
+    for i in 0..4u8 {
+        let mut p = piece(1 << 20, now() + 600);
+        p.blob_id = BlobId([10 + i; 16]);
+        let sent = c.blob_forward_send(0, next_of(&t.b), p).await;
+        let answer = c.blob_put_answer(sent).await.expect("answer");
+        if i < 2 {
+            assert!(answer.is_ok(), "{i}: {answer:?}");
+        } else {
+            match answer {
+                Err(Submitted::Refused(r)) => assert_eq!(r.code, RefusalCode::OverQuota),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let q = a_relay_queue(&t.a_relay).await;
+    assert_eq!(q.iter().map(|h| h.items).sum::<u64>(), 2, "{q:?}");
+    let _ = (&t.dir, &t.bob);
+    t.b_relay.stop().await.expect("stop b");
+    t.a_relay.stop().await.expect("stop a");
+}

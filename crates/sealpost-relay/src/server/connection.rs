@@ -356,7 +356,7 @@ pub(crate) async fn handle(
         }
         Request::BlobForward(f) => {
             let mailbox = f.piece.mailbox;
-            let origin = match forward_blob_request(s, session.mailbox, &f).await {
+            let origin = match forward_blob_request(s, session.source, session.mailbox, &f).await {
                 Ok(origin) => origin,
                 Err(answer) => {
                     sealpost_proto::buffers::give(f.piece.data);

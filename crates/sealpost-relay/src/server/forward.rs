@@ -123,6 +123,7 @@ fn forwards_for(s: &Shared, hops: u8, origin: Option<MailboxId>) -> Option<Mailb
 /// as a blob of the sender's mailbox: the mailbox returned.
 pub(crate) async fn forward_blob_request(
     s: &Arc<Shared>,
+    source: Source,
     origin: Option<MailboxId>,
     f: &BlobForward,
 ) -> Result<MailboxId, Response> {
@@ -134,6 +135,41 @@ pub(crate) async fn forward_blob_request(
     if p.offset != 0 {
         return Ok(origin);
     }
+    // What storing the first piece would refuse is refused before the
+    // blob is queued, so that an owner cannot fill the queue with blobs
+    // that never come (a new blob counts whole in its mailbox's quota).
+    let now = now();
+    if p.total_len > s.store.limits().max_blob {
+        return Err(refused(RefusalCode::TooLarge));
+    }
+    if p.expires_at <= now {
+        return Err(refused(RefusalCode::Expired));
+    }
+    let local = s
+        .store
+        .blob_key(&p.blob_id, &origin)
+        .await
+        .map_err(|e| storage_failed(s, &e))?;
+    let exists = s
+        .store
+        .ledger()
+        .blob(local)
+        .await
+        .map_err(|e| storage_failed(s, &e))?
+        .is_some();
+    if !exists {
+        // The quota and this source's share of it, as the store checks
+        // them when the piece comes.
+        let fail = |e: sealpost_store::StoreError| storage_failed(s, &e);
+        let use_ = s.store.status(&origin).await.map_err(fail)?;
+        let share = s.store.share_used(&origin, &source).await.map_err(fail)?;
+        let limit = s.store.limits().source_share(use_.quota);
+        if use_.used.saturating_add(p.total_len) > use_.quota
+            || share.saturating_add(p.total_len) > limit
+        {
+            return Err(refused(RefusalCode::OverQuota));
+        }
+    }
     let entry = Forward {
         hops: f.hops,
         next: f.next.clone(),
@@ -144,13 +180,13 @@ pub(crate) async fn forward_blob_request(
     };
     match s
         .store
-        .forward_enqueue(origin, entry, Some((p.blob_id, p.total_len)), now())
+        .forward_enqueue(origin, entry, Some((p.blob_id, p.total_len)), now)
         .await
     {
         Ok(Enqueued::Queued { .. }) => {
             // A copy kept after handing it on to another recipient's
             // relay lives as long as this one needs it.
-            if let Ok(local) = s.store.blob_key(&p.blob_id, &origin).await {
+            if exists {
                 if let Err(e) = s.store.blob_expire(local, origin, p.expires_at).await {
                     return Err(storage_failed(s, &e));
                 }
@@ -272,9 +308,10 @@ const BLOB_WINDOW: usize = 4;
 const STREAM_FOLLOW: Duration = Duration::from_secs(2);
 
 /// Hands a blob on from where the next relay stands to what this relay
-/// holds (its sender may still be uploading: then it waits a second and
-/// goes on), reading it from the store a piece at a time; ends it once the
-/// next relay holds it whole, and deletes this relay's copy after.
+/// holds (its sender may still be uploading: then it follows the upload
+/// for up to [`STREAM_FOLLOW`] and looks again a second later), reading it
+/// from the store a piece at a time; ends it once the next relay holds it
+/// whole, and lets this relay's copy go after.
 async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
     let hop = &lane.0;
     let Some((blob_id, total)) = q.blob else {
@@ -290,6 +327,17 @@ async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
         Err(e) => return later(s, std::slice::from_ref(&q), &e.to_string()).await,
     };
     let Some(here) = here else {
+        // Queued with a first piece that was then not stored (a crash
+        // between the two, or a refusal the checks before queueing did
+        // not foresee): waited for a while, then given up.
+        if now().saturating_sub(q.received_at) > KEEP_COPY {
+            let ended = notice::Ended::GaveUp {
+                attempts: q.attempts,
+                error: "the sender's upload of the blob never began here".into(),
+            };
+            s.metrics.forward_given_up.fetch_add(1, Ordering::Relaxed);
+            return end_with_notice(s, &q, None, ended, now()).await;
+        }
         return wait(s, &q, "waiting for the sender to upload the blob".into()).await;
     };
     // Nothing new since the last attempt, which the next relay took:

@@ -548,3 +548,102 @@ async fn status_says_at_which_relay_a_forwarded_message_waits() {
     a.stop().await.expect("stop a");
     b.stop().await.expect("stop b");
 }
+
+/// Alice's relay hands her message on with an expiry of its own making,
+/// in the past: Bob's relay refuses it as expired — a genuine refusal,
+/// signed by Bob's relay and naming the message — and Alice's relay
+/// passes it on. Alice's agent does not fail a message that has not
+/// expired on that word: it records why and keeps retransmitting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_refusal_a_relay_could_induce_does_not_fail_a_live_message() {
+    use sealpost_proto::notice::{Ended, Notice};
+    use sealpost_proto::relay::{MailboxId, NextHop, Refusal, RefusalCode};
+    let Two {
+        dir,
+        backbone,
+        a,
+        b,
+        mut alice,
+        bob,
+    } = two().await;
+    backbone.remove(b.address());
+    let id = alice
+        .agent_mut()
+        .send(&["bob".into()], b"still alive", 3600, "x")
+        .expect("send");
+    alice.pass().await.expect("pass");
+    assert_eq!(state(&alice, &id).0, State::Forwarding);
+    let key = |relay: &str| {
+        let seed: [u8; 32] = std::fs::read(dir.path().join(relay).join("relay-signing.key"))
+            .expect("key")
+            .try_into()
+            .expect("32 bytes");
+        ed25519_dalek::SigningKey::from_bytes(&seed)
+    };
+    let (a_key, b_key) = (key("relay-a"), key("relay-b"));
+    let b_binding = {
+        let net = MemoryNet::new();
+        net.add(b.door());
+        let c = sealpost_relay::client::RelayClient::connect_via(
+            &*net,
+            b.address(),
+            None,
+            Default::default(),
+        )
+        .await
+        .expect("connect");
+        c.key_binding(&b.address().pin.0).await.expect("binding")
+    };
+    let sealed = alice.agent().db().sealed(&id).expect("db").expect("sealed");
+    let hash = *blake3::hash(&sealed).as_bytes();
+    let bob_mb = MailboxId::of(bob.agent().card().public().signing_bytes());
+    let refusal = {
+        use ed25519_dalek::Signer;
+        let mut m = sealpost_proto::relay::context::REFUSAL.to_vec();
+        m.extend_from_slice(&Refusal::signed_bytes(
+            RefusalCode::Expired,
+            now(),
+            &bob_mb,
+            &hash,
+        ));
+        Refusal {
+            code: RefusalCode::Expired,
+            at: now(),
+            mailbox: bob_mb,
+            payload_hash: hash,
+            signature: b_key.sign(&m).to_bytes(),
+        }
+    };
+    let to_b = NextHop {
+        addr: b.address().host_port.clone(),
+        pin: b.address().pin.0,
+    };
+    let ended = Ended::Refused {
+        next_key: b_key.verifying_key().to_bytes(),
+        binding: b_binding,
+        refusal,
+    };
+    let n = Notice::sign(&a_key, now(), bob_mb, hash, to_b, ended);
+    n.verify(&a_key.verifying_key()).expect("a genuine notice");
+    let n = n.encode();
+    let alice_mb = MailboxId::of(alice.agent().card().public().signing_bytes());
+    a.store()
+        .submit(
+            alice_mb,
+            now() + 3600,
+            *blake3::hash(&n).as_bytes(),
+            n,
+            sealpost_store::Source::of_v4([127, 0, 0, 1]),
+            now(),
+        )
+        .await
+        .expect("stored");
+    let s = alice.pass().await.expect("pass");
+    assert_eq!((s.refused, s.discarded), (0, 0), "{s:?}");
+    assert_eq!(state(&alice, &id).0, State::Forwarding, "not failed");
+    let m = alice.agent().db().outbox(Some(&id), 1).expect("outbox");
+    let e = m[0].deliveries[0].last_error.clone().unwrap_or_default();
+    assert!(e.contains("not taken"), "{e}");
+    a.stop().await.expect("stop a");
+    b.stop().await.expect("stop b");
+}

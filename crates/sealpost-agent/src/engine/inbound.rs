@@ -231,7 +231,22 @@ impl Engine {
                             n.next.addr,
                             refusal.code.describe()
                         );
-                        if refusal.code.is_lasting() {
+                        // "Expired" names the item, not the expiry it was
+                        // handed on with: a forwarding relay that changed
+                        // that expiry gets a genuine refusal. Taken only
+                        // once the message has expired here too.
+                        let induced = refusal.code == sealpost_proto::relay::RefusalCode::Expired
+                            && d.expires_at > now;
+                        if induced {
+                            tracing::warn!(
+                                "message {} to {}: {detail}, though it has not expired: not taken (your relay may have changed its expiry)",
+                                row.msg,
+                                row.name
+                            );
+                            last_error = Some(format!(
+                                "{detail}, though it has not expired: not taken, trying again"
+                            ));
+                        } else if refusal.code.is_lasting() {
                             d.refused(now, refusal.code.name(), &detail);
                             stats.refused += 1;
                         } else {

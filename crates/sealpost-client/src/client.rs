@@ -671,6 +671,20 @@ impl RelayClient {
         }
     }
 
+    /// Sends a piece as its sender does: a `BlobPut` to the relay that
+    /// holds its mailbox, or with `via` a `BlobForward` (hops 0) for this
+    /// relay to pass on toward that one. Answered as a `BlobPut`.
+    pub async fn blob_piece_send(
+        &self,
+        via: Option<&relay::NextHop>,
+        piece: BlobPiece,
+    ) -> PendingPiece {
+        match via {
+            Some(next) => self.blob_forward_send(0, next.clone(), piece).await,
+            None => self.blob_put_send(piece).await,
+        }
+    }
+
     /// Which of this mailbox's forwarded items (mailbox, payload hash)
     /// still wait in the relay's forward queue (§6.8): `None` for one it
     /// handed on (or ended with a notice). At most 512.

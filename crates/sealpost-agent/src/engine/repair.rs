@@ -187,10 +187,7 @@ impl Engine {
                 };
                 let r = link
                     .call(&self.agent.identity, async |c| {
-                        let p = match &route {
-                            Some(next) => c.blob_forward_send(0, next.clone(), put.clone()).await,
-                            None => c.blob_put_send(put.clone()).await,
-                        };
+                        let p = c.blob_piece_send(route.as_ref(), put.clone()).await;
                         c.blob_put_answer(p).await
                     })
                     .await;

@@ -186,7 +186,7 @@ impl Engine {
                     .map(|a| a.host_port)
                     .unwrap_or_else(|| r.relay.clone());
                 let hop = match a {
-                    None => format!("handed on to {}'s relay ({next}) by your relay", r.name),
+                    None => format!("handed on to {}'s relay ({next}), your relay says", r.name),
                     Some(w) => match w.error {
                         Some(e) => format!(
                             "waiting at your relay: it could not hand it to {next} yet ({} attempt{}; last: {e})",

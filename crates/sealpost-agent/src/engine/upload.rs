@@ -61,7 +61,7 @@ impl Engine {
         };
         if route.is_some() && uploaded >= total {
             // Whole at the home relay, which forwards it: not uploaded
-            // again (it deletes its copy once the next relay holds it).
+            // again (it lets its copy go once the next relay holds it).
             return Ok(Upload::Complete);
         }
         let cipher = f.key.cipher();
@@ -109,7 +109,7 @@ impl Engine {
             Ok(v) => v,
             Err(e) => return Ok(Upload::Retry(e.to_string())),
         };
-        if route.is_some() && uploaded == 0 && stored > 0 {
+        if let (Some(next), 0, true) = (&route, uploaded, stored > 0) {
             // The home relay holds this blob for another recipient: its
             // first piece, sent again, queues it for this one too (§6.8);
             // the relay answers with the length it holds.
@@ -138,13 +138,9 @@ impl Engine {
                 offset: 0,
                 data,
             };
-            let next = route.clone();
             let answer = link
                 .call(me, async |c| {
-                    let p = match &next {
-                        Some(h) => c.blob_forward_send(0, h.clone(), piece.clone()).await,
-                        None => c.blob_put_send(piece.clone()).await,
-                    };
+                    let p = c.blob_piece_send(Some(next), piece.clone()).await;
                     c.blob_put_answer(p).await
                 })
                 .await;
@@ -279,10 +275,7 @@ impl Engine {
                         offset: at,
                         data,
                     };
-                    let p = match &route {
-                        Some(next) => client.blob_forward_send(0, next.clone(), piece).await,
-                        None => client.blob_put_send(piece).await,
-                    };
+                    let p = client.blob_piece_send(route.as_ref(), piece).await;
                     in_flight.push_back((at + n as u64, p));
                     at += n as u64;
                 }

@@ -706,6 +706,30 @@ fn trailing_address(r: &mut Reader<'_>, max_data: usize) -> Result<(String, usiz
     Ok((addr, at))
 }
 
+/// A `BlobPut`'s (and `BlobForward`'s) fields before the data, in order:
+/// blob id, mailbox, blob length, blob hash, expiry, offset.
+fn put_piece_head(o: &mut Vec<u8>, p: &BlobPiece) {
+    o.extend_from_slice(&p.blob_id.0);
+    o.extend_from_slice(&p.mailbox.0);
+    o.extend_from_slice(&p.total_len.to_be_bytes());
+    o.extend_from_slice(&p.blob_hash);
+    o.extend_from_slice(&p.expires_at.to_be_bytes());
+    o.extend_from_slice(&p.offset.to_be_bytes());
+}
+
+/// [`put_piece_head`] read back; the data is left empty.
+fn piece_head(r: &mut Reader<'_>) -> Result<BlobPiece, DecodeError> {
+    Ok(BlobPiece {
+        blob_id: blob_id(r)?,
+        mailbox: MailboxId(r.array("mailbox")?),
+        total_len: r.u64("blob length")?,
+        blob_hash: r.array("blob hash")?,
+        expires_at: r.u64("expiry")?,
+        offset: r.u64("offset")?,
+        data: Vec::new(),
+    })
+}
+
 fn blob_id(r: &mut Reader<'_>) -> Result<BlobId, DecodeError> {
     r.array("blob id").map(BlobId)
 }
@@ -763,24 +787,11 @@ impl Request {
                     o.extend_from_slice(&s.to_be_bytes());
                 }
             }
-            Self::BlobPut(BlobPiece {
-                blob_id,
-                mailbox,
-                total_len,
-                blob_hash,
-                expires_at,
-                offset,
-                data,
-            }) => {
-                o.reserve(data.len() + 122);
+            Self::BlobPut(p) => {
+                o.reserve(p.data.len() + 122);
                 header(o, 0x08, id);
-                o.extend_from_slice(&blob_id.0);
-                o.extend_from_slice(&mailbox.0);
-                o.extend_from_slice(&total_len.to_be_bytes());
-                o.extend_from_slice(blob_hash);
-                o.extend_from_slice(&expires_at.to_be_bytes());
-                o.extend_from_slice(&offset.to_be_bytes());
-                o.extend_from_slice(data);
+                put_piece_head(o, p);
+                o.extend_from_slice(&p.data);
             }
             Self::BlobStatus { blob_id, mailbox } => {
                 header(o, 0x09, id);
@@ -839,12 +850,7 @@ impl Request {
                 header(o, 0x11, id);
                 o.push(f.hops);
                 o.extend_from_slice(&f.next.pin);
-                o.extend_from_slice(&p.blob_id.0);
-                o.extend_from_slice(&p.mailbox.0);
-                o.extend_from_slice(&p.total_len.to_be_bytes());
-                o.extend_from_slice(&p.blob_hash);
-                o.extend_from_slice(&p.expires_at.to_be_bytes());
-                o.extend_from_slice(&p.offset.to_be_bytes());
+                put_piece_head(o, p);
                 o.push(f.next.addr.len() as u8);
                 o.extend_from_slice(&p.data);
                 o.extend_from_slice(f.next.addr.as_bytes());
@@ -1005,12 +1011,7 @@ impl Request {
                 Self::Ack { seqs }
             }
             0x08 => {
-                let blob_id = blob_id(&mut r)?;
-                let mailbox = MailboxId(r.array("mailbox")?);
-                let total_len = r.u64("blob length")?;
-                let blob_hash = r.array("blob hash")?;
-                let expires_at = r.u64("expiry")?;
-                let offset = r.u64("offset")?;
+                let piece = piece_head(&mut r)?;
                 let n = r.remaining();
                 if n > MAX_BLOB_PIECE {
                     return Err(DecodeError::TooLarge {
@@ -1020,15 +1021,7 @@ impl Request {
                 }
                 rest = Some(r.position());
                 r.take(n, "blob piece")?;
-                Self::BlobPut(BlobPiece {
-                    blob_id,
-                    mailbox,
-                    total_len,
-                    blob_hash,
-                    expires_at,
-                    offset,
-                    data: Vec::new(),
-                })
+                Self::BlobPut(piece)
             }
             0x09 => Self::BlobStatus {
                 blob_id: blob_id(&mut r)?,
@@ -1087,26 +1080,13 @@ impl Request {
             0x11 => {
                 let hops = r.u8("hop count")?;
                 let pin = r.array("next relay's pin")?;
-                let blob_id = blob_id(&mut r)?;
-                let mailbox = MailboxId(r.array("mailbox")?);
-                let total_len = r.u64("blob length")?;
-                let blob_hash = r.array("blob hash")?;
-                let expires_at = r.u64("expiry")?;
-                let offset = r.u64("offset")?;
+                let piece = piece_head(&mut r)?;
                 let (addr, at) = trailing_address(&mut r, MAX_BLOB_PIECE)?;
                 rest = Some(at);
                 Self::BlobForward(BlobForward {
                     hops,
                     next: NextHop { addr, pin },
-                    piece: BlobPiece {
-                        blob_id,
-                        mailbox,
-                        total_len,
-                        blob_hash,
-                        expires_at,
-                        offset,
-                        data: Vec::new(),
-                    },
+                    piece,
                 })
             }
             _ => {

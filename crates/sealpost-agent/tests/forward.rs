@@ -647,3 +647,100 @@ async fn an_expired_refusal_a_relay_could_induce_does_not_fail_a_live_message() 
     a.stop().await.expect("stop a");
     b.stop().await.expect("stop b");
 }
+
+/// Alice's home relay lies when it should hand her message on: first it
+/// ends it at once with a notice, genuinely signed by itself, saying it
+/// gave up (the message has an hour to live), then with a notice carrying
+/// a refusal by Bob's relay it made up (signed with its own key, bound to
+/// its own certificate). Alice's agent takes neither — the first is
+/// recorded and the message goes again, the second is recorded as a
+/// forged refusal — and her third attempt, handed on honestly, is
+/// delivered. Without the rule for a live message, the first notice ends
+/// the delivery as expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_lies_about_handing_on_cannot_end_a_live_message() {
+    use sealpost_relay::tamper::{ForgedRefusal, OnHandOn, OnSubmit, Tamper};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    #[derive(Debug, Default)]
+    struct Liar(AtomicUsize);
+    impl Tamper for Liar {
+        fn submit(&self, _: &sealpost_proto::relay::MailboxId, _: &[u8; 32], _: &[u8]) -> OnSubmit {
+            OnSubmit::Store
+        }
+        fn fetch(
+            &self,
+            _: &sealpost_proto::relay::MailboxId,
+            _: &mut Vec<sealpost_proto::relay::Item>,
+        ) -> Vec<u64> {
+            Vec::new()
+        }
+        fn blob_put(
+            &self,
+            _: &sealpost_proto::relay::BlobId,
+            _: &sealpost_proto::relay::MailboxId,
+            _: u64,
+        ) -> Option<ForgedRefusal> {
+            None
+        }
+        fn blob_data(
+            &self,
+            _: &sealpost_proto::relay::MailboxId,
+            _: &sealpost_proto::relay::BlobId,
+            _: u64,
+            _: &mut Vec<u8>,
+        ) {
+        }
+        fn hand_on(&self, _: &sealpost_proto::relay::MailboxId, _: &[u8; 32]) -> OnHandOn {
+            match self.0.fetch_add(1, Ordering::SeqCst) {
+                0 => OnHandOn::GiveUp,
+                1 => OnHandOn::ForgeRefusal,
+                _ => OnHandOn::Send,
+            }
+        }
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let (backbone, net_a, net_b) = (MemoryNet::new(), MemoryNet::new(), MemoryNet::new());
+    let mut cfg = Config::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        dir.path().join("relay-a"),
+    );
+    cfg.forwarding.transport = backbone.clone();
+    cfg.forwarding.poll = Duration::from_millis(20);
+    cfg.tamper = Some(Arc::new(Liar::default()));
+    let a = common::spawn_in_memory(cfg).await;
+    backbone.add(a.door());
+    net_a.add(a.door());
+    let b = relay(dir.path(), "relay-b", &backbone, &net_b).await;
+    let mut alice = common::engine(dir.path(), "alice", a.address(), &net_a, None).await;
+    let mut bob = common::engine(dir.path(), "bob", b.address(), &net_b, None).await;
+    pin(&mut alice, "bob", &bob);
+    pin(&mut bob, "alice", &alice);
+    alice.forward = true;
+    bob.forward = true;
+    alice.timing.retransmit = Backoff {
+        base: Duration::from_millis(300),
+        max: Duration::from_millis(300),
+    };
+    let id = alice
+        .agent_mut()
+        .send(&["bob".into()], b"alive for an hour", 3600, "x")
+        .expect("send");
+    let mut stats = PassStats::default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state(&alice, &id).0 != State::Delivered {
+        stats.add(&alice.pass().await.expect("pass"));
+        let st = state(&alice, &id);
+        assert!(st.0 != State::Failed, "a lie ended the delivery: {st:?}");
+        bob.pass().await.expect("bob's pass");
+        assert!(Instant::now() < deadline, "not delivered: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(stats.forwarded >= 3, "three hand-overs: {stats:?}");
+    assert!(inbox_holds(&bob, 1));
+    let found = alice.agent().db().detections(100).expect("detections");
+    let classes: Vec<&str> = found.iter().map(|d| d.class.as_str()).collect();
+    assert!(classes.contains(&"discarded"), "{classes:?}");
+    assert!(classes.contains(&"forged-refusal"), "{classes:?}");
+    a.stop().await.expect("stop a");
+    b.stop().await.expect("stop b");
+}

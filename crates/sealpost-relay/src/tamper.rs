@@ -32,6 +32,19 @@ pub enum OnForward {
     Drop,
 }
 
+/// What the relay does with a queued item when it is about to hand it on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnHandOn {
+    /// Hand it on.
+    Send,
+    /// End it at once with a notice, signed by this relay, that says it
+    /// gave up (the item has not expired: a lie the sender must not take).
+    GiveUp,
+    /// End it at once with a notice carrying a refusal this relay made up
+    /// and signed itself, as if the next relay had refused.
+    ForgeRefusal,
+}
+
 /// The ways a relay can answer with a refusal that the client must not
 /// take for its own: signed by another key, or naming another submission.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,5 +80,10 @@ pub trait Tamper: Send + Sync + std::fmt::Debug + 'static {
     /// before it is queued.
     fn forward(&self, _mailbox: &MailboxId, _payload_hash: &[u8; 32]) -> OnForward {
         OnForward::Queue
+    }
+
+    /// A queued item (not a blob) about to be handed to the next relay.
+    fn hand_on(&self, _mailbox: &MailboxId, _payload_hash: &[u8; 32]) -> OnHandOn {
+        OnHandOn::Send
     }
 }

@@ -27,7 +27,7 @@ use sealpost_proto::report::{Entries, ReceiptEntry, RejectReason, RejectionEntry
 use sealpost_proto::{
     ContactCard as Card, Identity, Kind, MessageHeader, MessageId, PublicIdentity,
 };
-use sealpost_relay::tamper::{ForgedRefusal, OnSubmit, Tamper};
+use sealpost_relay::tamper::{ForgedRefusal, OnForward, OnHandOn, OnSubmit, Tamper};
 
 /// Every fault class, in the order they are reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -60,10 +60,22 @@ pub enum Fault {
     BlobFlip,
     /// Blob data cut short on its way to the reader.
     BlobTruncate,
+    /// A `Forward` from an owner answered `Accepted` and never handed on
+    /// (claims to forward, never does).
+    ForwardDrop,
+    /// A queued item ended, before it expired, with a notice signed by
+    /// this relay saying it gave up.
+    ForwardGiveUp,
+    /// A queued item ended with a notice carrying a refusal this relay
+    /// made up (signed by itself, not by the next relay).
+    ForwardForge,
 }
 
+/// How many fault classes there are.
+const CLASSES: usize = 16;
+
 impl Fault {
-    pub const ALL: [Fault; 13] = [
+    pub const ALL: [Fault; CLASSES] = [
         Fault::Drop,
         Fault::Duplicate,
         Fault::Reorder,
@@ -77,6 +89,9 @@ impl Fault {
         Fault::ForgeReport,
         Fault::BlobFlip,
         Fault::BlobTruncate,
+        Fault::ForwardDrop,
+        Fault::ForwardGiveUp,
+        Fault::ForwardForge,
     ];
 
     pub fn name(self) -> &'static str {
@@ -94,6 +109,9 @@ impl Fault {
             Fault::ForgeReport => "forge-report",
             Fault::BlobFlip => "blob-flip",
             Fault::BlobTruncate => "blob-truncate",
+            Fault::ForwardDrop => "forward-drop",
+            Fault::ForwardGiveUp => "forward-give-up",
+            Fault::ForwardForge => "forward-forge-refusal",
         }
     }
 
@@ -131,7 +149,7 @@ pub enum SpecError {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Spec {
     pub seed: u64,
-    pub rates: [f64; 13],
+    pub rates: [f64; CLASSES],
     pub heal_after: Option<Duration>,
 }
 
@@ -139,7 +157,7 @@ impl Spec {
     pub fn parse(s: &str) -> Result<Spec, SpecError> {
         let mut spec = Spec {
             seed: 0,
-            rates: [0.0; 13],
+            rates: [0.0; CLASSES],
             heal_after: None,
         };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -161,7 +179,7 @@ impl Spec {
             };
             match k {
                 "seed" => spec.seed = v.parse().map_err(|_| bad("not an unsigned integer"))?,
-                "all" => spec.rates = [rate()?; 13],
+                "all" => spec.rates = [rate()?; CLASSES],
                 "heal-after" => {
                     let secs: f64 = v.parse().map_err(|_| bad("not a number of seconds"))?;
                     if !(0.0..1e9).contains(&secs) {
@@ -222,7 +240,7 @@ pub struct Hostile {
     spec: Spec,
     started: Instant,
     healed: AtomicBool,
-    counts: [AtomicU64; 13],
+    counts: [AtomicU64; CLASSES],
     state: Mutex<State>,
     mallory: Identity,
     /// Public cards, by mailbox: whom forged reports can be addressed to
@@ -606,6 +624,42 @@ impl Tamper for Hostile {
             data.truncate(keep);
             self.log(st, Fault::BlobTruncate, mailbox, &item, None);
         }
+    }
+
+    fn forward(&self, mailbox: &MailboxId, payload_hash: &[u8; 32]) -> OnForward {
+        if self.healed() {
+            return OnForward::Queue;
+        }
+        let Ok(mut st) = self.state.lock() else {
+            return OnForward::Queue;
+        };
+        let st = &mut *st;
+        if self.roll(st, Fault::ForwardDrop) {
+            let item = sealpost_proto::hex(payload_hash);
+            self.log(st, Fault::ForwardDrop, mailbox, &item, None);
+            return OnForward::Drop;
+        }
+        OnForward::Queue
+    }
+
+    fn hand_on(&self, mailbox: &MailboxId, payload_hash: &[u8; 32]) -> OnHandOn {
+        if self.healed() {
+            return OnHandOn::Send;
+        }
+        let Ok(mut st) = self.state.lock() else {
+            return OnHandOn::Send;
+        };
+        let st = &mut *st;
+        let item = sealpost_proto::hex(payload_hash);
+        if self.roll(st, Fault::ForwardGiveUp) {
+            self.log(st, Fault::ForwardGiveUp, mailbox, &item, None);
+            return OnHandOn::GiveUp;
+        }
+        if self.roll(st, Fault::ForwardForge) {
+            self.log(st, Fault::ForwardForge, mailbox, &item, None);
+            return OnHandOn::ForgeRefusal;
+        }
+        OnHandOn::Send
     }
 }
 

@@ -193,7 +193,9 @@ impl Engine {
                         n.next.addr
                     );
                     stats.discarded += 1;
-                    self.found.push((Caught::ForgedRefusal, name));
+                    // Named by the item it would have failed.
+                    let item = sealpost_proto::hex(&n.payload_hash);
+                    self.found.push((Caught::ForgedRefusal, item));
                     continue;
                 }
             }
@@ -254,11 +256,29 @@ impl Engine {
                         }
                     }
                     Ended::GaveUp { attempts, error } => {
-                        last_error = Some(format!(
+                        let detail = format!(
                             "your relay could not hand {what} to {} before it expired ({attempts} attempts; last: {error})",
                             n.next.addr
-                        ));
-                        d.tick(now.max(d.expires_at));
+                        );
+                        // Your relay's word only: one that gives up on a
+                        // message that has not expired here would end a
+                        // live delivery. Taken only once it has expired
+                        // on this clock; until then it is retransmitted.
+                        if d.expires_at > now {
+                            tracing::warn!(
+                                "message {} to {}: {detail}, though it has not expired: not taken",
+                                row.msg,
+                                row.name
+                            );
+                            last_error = Some(format!(
+                                "{detail}, though it has not expired: not taken, trying again"
+                            ));
+                            let item = sealpost_proto::hex(&n.payload_hash);
+                            self.found.push((Caught::Discarded, item));
+                        } else {
+                            last_error = Some(detail);
+                            d.tick(now.max(d.expires_at));
+                        }
                     }
                 }
                 tracing::info!(

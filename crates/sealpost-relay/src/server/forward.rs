@@ -594,6 +594,10 @@ async fn drop_copy(s: &Shared, q: &Queued) {
 
 /// Sends queued messages to `hop` on one connection, pipelined.
 async fn hand_on_items(s: &Arc<Shared>, lane: &Lane, items: Vec<Queued>) {
+    let items = tampered(s, items).await;
+    if items.is_empty() {
+        return;
+    }
     let hop = lane.0.clone();
     let mut outgoing: Vec<Forward> = items
         .iter()
@@ -681,6 +685,44 @@ async fn hand_on_items(s: &Arc<Shared>, lane: &Lane, items: Vec<Queued>) {
         later(s, &items, &error).await;
     }
     while ends.join_next().await.is_some() {}
+}
+
+/// What a hostile relay (tests only, [`crate::tamper`]) does instead of
+/// handing items on: those it ends at once with a lying notice are not
+/// among the items returned.
+async fn tampered(s: &Shared, items: Vec<Queued>) -> Vec<Queued> {
+    use crate::tamper::OnHandOn;
+    let Some(t) = s.config.tamper.as_ref() else {
+        return items;
+    };
+    let mut kept = Vec::with_capacity(items.len());
+    for q in items {
+        let at = now();
+        let ended = match t.hand_on(&q.item.mailbox, &q.item.payload_hash) {
+            OnHandOn::Send => {
+                kept.push(q);
+                continue;
+            }
+            OnHandOn::GiveUp => notice::Ended::GaveUp {
+                attempts: q.attempts.max(1),
+                error: "connection refused".into(),
+            },
+            // Its own key, its own binding: the sender finds that the
+            // binding does not verify with the next relay's pin.
+            OnHandOn::ForgeRefusal => notice::Ended::Refused {
+                next_key: s.key.verifying_key().to_bytes(),
+                binding: s.binding.clone(),
+                refusal: signed_refusal(
+                    &s.key,
+                    RefusalCode::UnknownMailbox,
+                    q.item.mailbox,
+                    q.item.payload_hash,
+                ),
+            },
+        };
+        end_with_notice(s, &q, None, ended, at).await;
+    }
+    kept
 }
 
 /// The next relay's signed refusal of a forwarded `what` (item or blob),

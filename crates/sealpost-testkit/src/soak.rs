@@ -2,6 +2,10 @@
 //! identity) exchange messages and files through a hostile relay, with
 //! optional SIGKILLs of every process at seeded random moments; then the
 //! relay heals (restarts honest on the same data) and delivery finishes.
+//! With two relays (each identity's home alternates between them, on
+//! 127.0.0.2 and 127.0.0.3) every agent forwards through its own relay,
+//! both relays are hostile (forwarding faults included) and both are
+//! killed and healed.
 //! Every outcome is read back from the endpoints and checked against the
 //! guarantees: nothing lost, nothing delivered twice, no tampered content
 //! and no forged refusal or rejection accepted, nothing left pending.
@@ -46,11 +50,16 @@ pub struct SoakConfig {
     pub settle_timeout: Duration,
     /// Messages per `send --repeat` batch.
     pub batch: usize,
+    /// Relays: 1 (everyone on one relay, submitting directly) or 2 (homes
+    /// alternate, agents forward through their own relay).
+    pub relays: usize,
 }
 
 /// What happened, and whether the guarantees held.
 #[derive(Debug, Default, Clone)]
 pub struct SoakReport {
+    /// Relays in the topology (2: every identity forwards through its own).
+    pub relays: u64,
     pub sent_messages: u64,
     pub sent_files: u64,
     pub faults: BTreeMap<String, u64>,
@@ -58,7 +67,8 @@ pub struct SoakReport {
     pub matched: BTreeMap<String, (u64, u64)>,
     pub detections: BTreeMap<String, u64>,
     pub kills: u64,
-    /// Kills by victim: "relay" or the identity's name.
+    /// Kills by victim: the relay's name ("relay", "relay-0", …) or the
+    /// identity's.
     pub killed: BTreeMap<String, u64>,
     pub delivered: u64,
     pub failed: BTreeMap<String, u64>,
@@ -80,6 +90,7 @@ impl SoakReport {
 
     pub fn to_json(&self) -> Value {
         serde_json::json!({
+            "relays": self.relays,
             "sent": {"messages": self.sent_messages, "files": self.sent_files},
             "faults_injected": self.faults,
             "faults_matched_to_a_detection": self.matched.iter().map(|(k, (m, n))| (k.clone(), serde_json::json!({"matched": m, "of": n}))).collect::<BTreeMap<_, _>>(),
@@ -103,6 +114,12 @@ impl SoakReport {
     pub fn to_text(&self) -> String {
         let mut s = String::new();
         let total = self.sent_messages + self.sent_files;
+        if self.relays > 1 {
+            s.push_str(&format!(
+                "relays                       {} (homes alternate; every agent forwards through its own)\n",
+                self.relays
+            ));
+        }
         s.push_str(&format!(
             "sent                         {} ({} messages, {} files)\n",
             total, self.sent_messages, self.sent_files
@@ -188,18 +205,25 @@ fn io<T>(what: impl Into<String>, r: std::io::Result<T>) -> Result<T, SoakError>
     r.map_err(|e| SoakError::Io(what.into(), e))
 }
 
-struct Soak {
-    cfg: SoakConfig,
+/// One relay process and where it listens.
+struct Relay {
+    ip: String,
     port: u16,
-    relay: Option<Child>,
-    agents: Vec<Option<Child>>,
-    homes: Vec<PathBuf>,
-    names: Vec<String>,
+    child: Option<Child>,
+    /// Its `HOST:PORT#PIN`, once it started.
     address: String,
 }
 
-fn free_port() -> Result<u16, SoakError> {
-    let l = io("binding a probe port", TcpListener::bind("127.0.0.1:0"))?;
+struct Soak {
+    cfg: SoakConfig,
+    relays: Vec<Relay>,
+    agents: Vec<Option<Child>>,
+    homes: Vec<PathBuf>,
+    names: Vec<String>,
+}
+
+fn free_port(ip: &str) -> Result<u16, SoakError> {
+    let l = io("binding a probe port", TcpListener::bind((ip, 0)))?;
     Ok(io("reading its port", l.local_addr())?.port())
 }
 
@@ -240,20 +264,38 @@ impl Soak {
             .map_err(|e| SoakError::Setup(format!("sealpost {args:?} printed no JSON ({e})")))
     }
 
-    fn start_relay(&mut self, hostile: bool) -> Result<(), SoakError> {
+    /// Relay `k`'s name: its data directory, its log and its fault log
+    /// are named after it (one relay: `relay`, as before two).
+    fn relay_name(&self, k: usize) -> String {
+        if self.relays.len() == 1 {
+            "relay".into()
+        } else {
+            format!("relay-{k}")
+        }
+    }
+
+    /// Identity `i`'s home relay.
+    fn home_of(&self, i: usize) -> usize {
+        i % self.relays.len()
+    }
+
+    fn start_relay(&mut self, k: usize, hostile: bool) -> Result<(), SoakError> {
+        let name = self.relay_name(k);
         let mut c = Command::new(&self.cfg.sealpost);
         c.args(["relay", "serve", "--json", "--listen"])
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("{}:{}", self.relays[k].ip, self.relays[k].port))
             .arg("--data")
-            .arg(self.cfg.dir.join("relay"))
+            .arg(self.cfg.dir.join(&name))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(self.log_file("relay.log")?);
+            .stderr(self.log_file(&format!("{name}.log"))?);
         if hostile {
+            // Each relay its own seed, so they do not strike in step.
+            let seed = self.cfg.seed.wrapping_add(k as u64);
             c.arg("--hostile")
-                .arg(format!("seed={},{}", self.cfg.seed, self.cfg.faults))
+                .arg(format!("seed={seed},{}", self.cfg.faults))
                 .arg("--hostile-log")
-                .arg(self.cfg.dir.join("faults.jsonl"))
+                .arg(self.cfg.dir.join(format!("faults-{name}.jsonl")))
                 .arg("--hostile-cards")
                 .arg(self.cfg.dir.join("cards.txt"));
         }
@@ -268,9 +310,9 @@ impl Soak {
             BufReader::new(stdout).read_line(&mut line),
         )?;
         let v: Value = serde_json::from_str(&line)
-            .map_err(|e| SoakError::Setup(format!("the relay did not start: {e}: {line:?}")))?;
-        self.address = v["address"].as_str().unwrap_or_default().to_owned();
-        self.relay = Some(child);
+            .map_err(|e| SoakError::Setup(format!("{name} did not start: {e}: {line:?}")))?;
+        self.relays[k].address = v["address"].as_str().unwrap_or_default().to_owned();
+        self.relays[k].child = Some(child);
         Ok(())
     }
 
@@ -346,17 +388,32 @@ pub fn run(cfg: SoakConfig) -> Result<SoakReport, SoakError> {
         .iter()
         .map(|x| cfg.dir.join("homes").join(x))
         .collect();
+    // One relay on 127.0.0.1; two on 127.0.0.2 and .3, each its own
+    // address (a relay sees the other's, not an agent's).
+    let ips: Vec<String> = match cfg.relays {
+        0 | 1 => vec!["127.0.0.1".into()],
+        k => (0..k).map(|i| format!("127.0.0.{}", i + 2)).collect(),
+    };
+    let mut relays = Vec::new();
+    for ip in ips {
+        relays.push(Relay {
+            port: free_port(&ip)?,
+            ip,
+            child: None,
+            address: String::new(),
+        });
+    }
     let mut s = Soak {
-        port: free_port()?,
-        relay: None,
+        relays,
         agents: (0..n).map(|_| None).collect(),
         homes,
         names,
-        address: String::new(),
         cfg,
     };
     let result = drive(&mut s, &mut rng);
-    kill(&mut s.relay);
+    for r in &mut s.relays {
+        kill(&mut r.child);
+    }
     for a in &mut s.agents {
         kill(a);
     }
@@ -367,12 +424,17 @@ fn drive(s: &mut Soak, rng: &mut ChaCha8Rng) -> Result<SoakReport, SoakError> {
     let n = s.homes.len();
     let mut report = SoakReport::default();
     // Set up honestly: identities registered, cards exchanged.
-    s.start_relay(false)?;
+    let m = s.relays.len();
+    report.relays = m as u64;
+    for k in 0..m {
+        s.start_relay(k, false)?;
+    }
     let mut cards = Vec::new();
     for i in 0..n {
+        let home = s.relays[s.home_of(i)].address.clone();
         let v = s.cli(
             Some(&s.homes[i]),
-            &["init", "--name", &s.names[i], "--relay", &s.address],
+            &["init", "--name", &s.names[i], "--relay", &home],
         )?;
         cards.push(v["card"].as_str().unwrap_or_default().to_owned());
     }
@@ -387,8 +449,16 @@ fn drive(s: &mut Soak, rng: &mut ChaCha8Rng) -> Result<SoakReport, SoakError> {
             }
         }
     }
-    kill(&mut s.relay);
-    s.start_relay(true)?;
+    if m > 1 {
+        // Through their own relays (remembered by the agents).
+        for h in &s.homes {
+            s.cli(Some(h), &["sync", "--forward", "on"])?;
+        }
+    }
+    for k in 0..m {
+        kill(&mut s.relays[k].child);
+        s.start_relay(k, true)?;
+    }
     for i in 0..n {
         s.start_agent(i)?;
     }
@@ -472,17 +542,23 @@ fn drive(s: &mut Soak, rng: &mut ChaCha8Rng) -> Result<SoakReport, SoakError> {
         }
         if next_kill < kill_times.len() && now >= kill_times[next_kill] {
             next_kill += 1;
-            let victim = rng.gen_range(0..=n);
-            let who = if victim == n {
-                "relay".to_owned()
+            // One relay: the victim is it or an agent, as before two.
+            let victim = if m == 1 {
+                rng.gen_range(0..=n)
+            } else {
+                rng.gen_range(0..n + m)
+            };
+            let who = if victim >= n {
+                s.relay_name(victim - n)
             } else {
                 s.names[victim].clone()
             };
             *report.killed.entry(who).or_default() += 1;
-            if victim == n {
-                kill(&mut s.relay);
+            if victim >= n {
+                let k = victim - n;
+                kill(&mut s.relays[k].child);
                 std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
-                s.start_relay(true)?;
+                s.start_relay(k, true)?;
             } else {
                 kill(&mut s.agents[victim]);
                 std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
@@ -496,8 +572,10 @@ fn drive(s: &mut Soak, rng: &mut ChaCha8Rng) -> Result<SoakReport, SoakError> {
     report.hostile_secs = started.elapsed().as_secs_f64();
 
     // Heal: the same relay data, served honestly.
-    kill(&mut s.relay);
-    s.start_relay(false)?;
+    for k in 0..m {
+        kill(&mut s.relays[k].child);
+        s.start_relay(k, false)?;
+    }
     let healed = Instant::now();
     loop {
         let mut busy = false;
@@ -704,15 +782,18 @@ fn check(
     // Faults, and which of them an endpoint recorded catching: an item
     // the relay went on to alter again (a moved item flipped on its way
     // out, say) counts as caught if what it became was caught.
-    let faults: Vec<Value> = fs::File::open(s.cfg.dir.join("faults.jsonl"))
-        .map(|f| {
-            BufReader::new(f)
-                .lines()
-                .map_while(Result::ok)
-                .filter_map(|l| serde_json::from_str(&l).ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut faults: Vec<Value> = Vec::new();
+    for k in 0..s.relays.len() {
+        let log = s.cfg.dir.join(format!("faults-{}.jsonl", s.relay_name(k)));
+        if let Ok(f) = fs::File::open(log) {
+            faults.extend(
+                BufReader::new(f)
+                    .lines()
+                    .map_while(Result::ok)
+                    .filter_map(|l| serde_json::from_str::<Value>(&l).ok()),
+            );
+        }
+    }
     let mut became: HashMap<String, Vec<String>> = HashMap::new();
     for v in &faults {
         if let (Some(o), Some(i)) = (v["orig"].as_str(), v["item"].as_str()) {
@@ -735,6 +816,8 @@ fn check(
                 | "replay"
                 | "blob-flip"
                 | "blob-truncate"
+                | "forward-give-up"
+                | "forward-forge-refusal"
         );
         if matchable {
             let e = r.matched.entry(class).or_default();
@@ -747,7 +830,7 @@ fn check(
     }
     if r.faults.is_empty() {
         r.violations
-            .push("the hostile relay committed no fault: nothing was tested".into());
+            .push("no hostile relay committed a fault: nothing was tested".into());
     }
     Ok(())
 }

@@ -188,8 +188,9 @@ pub struct SyncArgs {
     /// on: messages for contacts on other relays go to your relay, which
     /// forwards them (you may go offline once it has them; `status` says
     /// "at your relay" until the receipt); off (the default): this agent
-    /// submits to each recipient's relay itself. Files are uploaded to the
-    /// recipient's relay either way. Remembered
+    /// submits to each recipient's relay itself. Files go the same way:
+    /// on, a file's data is uploaded once, to your relay, which hands it
+    /// on to each recipient's relay. Remembered
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
     forward: Option<String>,
 }

@@ -53,6 +53,11 @@ struct Args {
     /// Messages per `send --repeat`
     #[arg(long, default_value_t = 100)]
     batch: usize,
+    /// Relays: 1 (everyone on it) or 2 (homes alternate between relays
+    /// on 127.0.0.2 and 127.0.0.3, every agent forwards through its own,
+    /// both hostile, both killed)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    relays: u8,
     /// Also write the report as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
@@ -74,6 +79,7 @@ fn main() -> ExitCode {
         retransmit_after: a.retransmit_after,
         settle_timeout: a.settle_timeout,
         batch: a.batch,
+        relays: usize::from(a.relays),
     };
     match soak::run(cfg) {
         Ok(r) => {

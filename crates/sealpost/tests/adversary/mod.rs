@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sealpost_testkit::soak::{self, SoakConfig};
 
-fn config(dir: &std::path::Path, seed: u64, kills: usize) -> SoakConfig {
+fn config(dir: &std::path::Path, seed: u64, kills: usize, relays: usize) -> SoakConfig {
     SoakConfig {
         sealpost: assert_cmd::cargo::cargo_bin("sealpost"),
         dir: dir.to_path_buf(),
@@ -22,14 +22,15 @@ fn config(dir: &std::path::Path, seed: u64, kills: usize) -> SoakConfig {
         retransmit_after: Duration::from_secs(2),
         settle_timeout: Duration::from_secs(120),
         batch: 40,
+        relays,
     }
 }
 
 /// Runs the soak; on a violation keeps its scratch directory (homes, relay
 /// data, fault log, every process's log) for a look, and says where.
-fn run(seed: u64, kills: usize) -> soak::SoakReport {
+fn run(seed: u64, kills: usize, relays: usize) -> soak::SoakReport {
     let dir = tempfile::tempdir().expect("tmp");
-    let r = soak::run(config(dir.path(), seed, kills)).expect("soak ran");
+    let r = soak::run(config(dir.path(), seed, kills, relays)).expect("soak ran");
     if !r.ok() {
         eprintln!("soak scratch kept at {}", dir.keep().display());
     }
@@ -68,7 +69,7 @@ fn assert_held(r: &soak::SoakReport) {
 
 #[test]
 fn a_hostile_relay_loses_forges_or_alters_nothing_that_is_accepted() {
-    let r = run(11, 0);
+    let r = run(11, 0, 1);
     assert_held(&r);
     // Without crashes every altered, misdirected, forged or replayed item
     // was caught by an endpoint.
@@ -87,7 +88,38 @@ fn a_hostile_relay_loses_forges_or_alters_nothing_that_is_accepted() {
 
 #[test]
 fn a_hostile_relay_and_sigkills_lose_nothing() {
-    let r = run(12, 8);
+    let r = run(12, 8, 1);
     assert_held(&r);
     assert_eq!(r.kills, 8);
+}
+
+/// Two relays, each identity's home on one of them (127.0.0.2, .3), every
+/// agent forwarding through its own: both relays hostile — every class,
+/// and the forwarding ones (forwards swallowed, notices that lie about
+/// giving up or carry a refusal the relay made up) — and SIGKILLs of both
+/// relays and of the agents.
+#[test]
+fn two_hostile_relays_that_forward_lose_forge_or_alter_nothing_that_is_accepted() {
+    let r = run(13, 8, 2);
+    assert_held(&r);
+    assert_eq!(r.relays, 2);
+    for class in ["forward-drop", "forward-give-up", "forward-forge-refusal"] {
+        assert!(
+            r.faults.get(class).copied().unwrap_or(0) > 0,
+            "{class} never struck:\n{}",
+            r.to_text()
+        );
+    }
+    // A made-up refusal is recorded by the sender it is meant to fool
+    // (unless a kill took that pass's diagnostics); a false "gave up" only
+    // where it names a delivery still under way (not a receipt's, not a
+    // message's retransmission after its receipt).
+    let (m, n) = r.matched["forward-forge-refusal"];
+    assert!(
+        m * 2 >= n,
+        "forged refusals: {m} of {n} caught\n{}",
+        r.to_text()
+    );
+    let (m, _) = r.matched["forward-give-up"];
+    assert!(m > 0, "no false give-up caught\n{}", r.to_text());
 }

@@ -5,6 +5,9 @@
 #   bench/adversary.sh                 # soak, then crash campaign
 #   PHASES=soak bench/adversary.sh     # only the soak
 #   PHASES=crash bench/adversary.sh    # only the crash campaign
+#   RELAYS=2 bench/adversary.sh        # two relays (127.0.0.2, .3): homes
+#                                      # alternate, agents forward through
+#                                      # their own, both hostile and killed
 #
 # Soak: IDENTITIES agents exchange MESSAGES messages (in `send --repeat`
 # batches) and FILES files of mixed sizes (0 B, 1 B, chunk and piece edges,
@@ -25,6 +28,7 @@ cd "$(dirname "$0")/.."
 PHASES=${PHASES:-"soak crash"}
 SEED=${SEED:-2026}
 IDENTITIES=${IDENTITIES:-4}
+RELAYS=${RELAYS:-1}
 MESSAGES=${MESSAGES:-10000}
 FILES=${FILES:-50}
 MAX_FILE=${MAX_FILE:-8388608}
@@ -44,7 +48,7 @@ target/release/sealpost relay serve --help | grep -q -- --hostile || {
     echo "target/release/sealpost was built without the test-tools feature" >&2
     exit 2
 }
-echo "# sealpost adversary: seed $SEED, $IDENTITIES identities, $MESSAGES messages + $FILES files (≤ $MAX_FILE B), faults $FAULTS; scratch $OUT"
+echo "# sealpost adversary: seed $SEED, $RELAYS relay(s), $IDENTITIES identities, $MESSAGES messages + $FILES files (≤ $MAX_FILE B), faults $FAULTS; scratch $OUT"
 status=0
 for phase in $PHASES; do
     case $phase in
@@ -57,7 +61,7 @@ for phase in $PHASES; do
     start=$(date +%s)
     target/release/sealpost-adversary \
         --sealpost target/release/sealpost --dir "$OUT/$phase" --seed "$SEED" \
-        --identities "$IDENTITIES" --messages "$MESSAGES" --files "$FILES" \
+        --relays "$RELAYS" --identities "$IDENTITIES" --messages "$MESSAGES" --files "$FILES" \
         --max-file "$MAX_FILE" --faults "$FAULTS" --hostile-for "$for_" \
         --kills "$kills" --retransmit-after "$RETRANSMIT" --settle-timeout "$SETTLE" \
         --json "$OUT/$phase.json" || status=$?

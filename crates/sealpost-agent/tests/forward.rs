@@ -744,3 +744,70 @@ async fn a_relay_that_lies_about_handing_on_cannot_end_a_live_message() {
     a.stop().await.expect("stop a");
     b.stop().await.expect("stop b");
 }
+
+/// Bob's relay takes nothing forwarded by Alice's relay (its operator's
+/// deny list): Alice's relay's notice carries Bob's relay's signed
+/// refusal (code 6), which says nothing of the message, so her agent does
+/// not fail it; its next retransmission goes to Bob's relay directly and
+/// is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_takes_nothing_from_the_senders_relay_gets_it_directly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (backbone, net_a, net_b) = (MemoryNet::new(), MemoryNet::new(), MemoryNet::new());
+    let a = relay(dir.path(), "relay-a", &backbone, &net_a).await;
+    let mut cfg = Config::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        dir.path().join("relay-b"),
+    );
+    cfg.forwarding.transport = backbone.clone();
+    cfg.peers.deny.insert(a.relay_key().to_bytes());
+    let b = common::spawn_in_memory(cfg).await;
+    backbone.add(b.door());
+    net_b.add(b.door());
+    // Alice can reach Bob's relay too.
+    net_a.add(b.door());
+    let mut alice = common::engine(dir.path(), "alice", a.address(), &net_a, None).await;
+    let mut bob = common::engine(dir.path(), "bob", b.address(), &net_b, None).await;
+    pin(&mut alice, "bob", &bob);
+    pin(&mut bob, "alice", &alice);
+    alice.forward = true;
+    // His receipt goes back through his relay (Alice's takes it).
+    bob.forward = true;
+    alice.timing.retransmit = Backoff {
+        base: Duration::from_millis(300),
+        max: Duration::from_millis(300),
+    };
+    let id = alice
+        .agent_mut()
+        .send(&["bob".into()], b"not through my relay", 3600, "x")
+        .expect("send");
+    let s = alice.pass().await.expect("pass");
+    assert_eq!(s.forwarded, 1, "{s:?}");
+    // The refusal comes back as a notice; the delivery stays under way.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        alice.pass().await.expect("pass");
+        let m = alice.agent().db().outbox(Some(&id), 1).expect("outbox");
+        let d = &m[0].deliveries[0];
+        assert!(d.delivery.state != State::Failed, "{:?}", d.delivery);
+        if d.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("directly"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no notice: {:?}", d.last_error);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state(&alice, &id).0 != State::Delivered {
+        alice.pass().await.expect("pass");
+        assert!(state(&alice, &id).0 != State::Failed);
+        bob.pass().await.expect("bob's pass");
+        assert!(Instant::now() < deadline, "not delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(inbox_holds(&bob, 1));
+    a.stop().await.expect("stop a");
+    b.stop().await.expect("stop b");
+}

@@ -396,6 +396,45 @@ impl RelayClient {
         }
     }
 
+    /// Authenticates to the mailbox of the bare signing key `key`,
+    /// registering it first if the relay has none (PROTOCOL 6.3): what a
+    /// relay does at its outbound gateway, where it is a mailbox owner
+    /// with its relay key (PROTOCOL 6.8).
+    pub async fn owner_with_key(
+        &self,
+        key: &ed25519_dalek::SigningKey,
+    ) -> Result<relay::MailboxId, ClientError> {
+        use ed25519_dalek::Signer;
+        let public = key.verifying_key().to_bytes();
+        let sign = |ctx: &[u8]| {
+            let mut msg = ctx.to_vec();
+            msg.extend_from_slice(&auth_transcript(&self.exporter, &self.challenge));
+            key.sign(&msg).to_bytes()
+        };
+        let auth = Request::Auth {
+            key: public,
+            signature: sign(context::AUTH),
+        };
+        match self.request(auth).await {
+            Ok(Response::Ok) => return Ok(relay::MailboxId::of(&public)),
+            // No mailbox yet: register one.
+            Err(ClientError::Server {
+                code: relay::ErrorCode::MailboxState,
+                ..
+            }) => {}
+            Ok(other) => return Err(unexpected(other)),
+            Err(e) => return Err(e),
+        }
+        let register = Request::Register {
+            key: public,
+            signature: sign(context::REGISTER),
+        };
+        match self.request(register).await? {
+            Response::Ok => Ok(relay::MailboxId::of(&public)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Proves, on this connection, that it speaks for the relay whose
     /// signing key is `key` (PROTOCOL 6.8): what a forwarding relay does
     /// before it passes items on.

@@ -179,7 +179,7 @@ impl RefusalCode {
             Self::Expired => "already expired",
             Self::HashMismatch => "the payload does not match its stated BLAKE3",
             Self::NotForwarded => {
-                "this relay does not forward it (not one of its mailbox owners, or too many hops)"
+                "this relay does not take it to pass on (not from one of its mailbox owners, too many hops, or forwarded by a relay it takes nothing from)"
             }
         }
     }

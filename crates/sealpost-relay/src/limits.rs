@@ -2,6 +2,7 @@
 //! is tested without sleeping.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -38,17 +39,21 @@ impl TokenBucket {
     }
 }
 
-/// New connections per source address. Buckets of addresses that have been
-/// quiet long enough to be full again are dropped, so the map stays small.
+/// New connections per source address.
+pub type PerAddress = PerKey<IpAddr>;
+
+/// A token bucket per key (a source address; a relay's key). Buckets of
+/// keys that have been quiet long enough to be full again are dropped, so
+/// the map stays small.
 #[derive(Debug)]
-pub struct PerAddress {
+pub struct PerKey<K> {
     rate: f64,
     burst: f64,
-    buckets: HashMap<IpAddr, TokenBucket>,
+    buckets: HashMap<K, TokenBucket>,
     last_prune: Instant,
 }
 
-impl PerAddress {
+impl<K: Hash + Eq> PerKey<K> {
     pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
         Self {
             rate,
@@ -58,7 +63,7 @@ impl PerAddress {
         }
     }
 
-    pub fn try_take(&mut self, ip: IpAddr, now: Instant) -> bool {
+    pub fn try_take(&mut self, key: K, now: Instant) -> bool {
         if now.saturating_duration_since(self.last_prune).as_secs_f64() > 60.0 {
             let full_after = self.burst / self.rate.max(1e-9);
             self.buckets
@@ -67,7 +72,7 @@ impl PerAddress {
         }
         let (rate, burst) = (self.rate, self.burst);
         self.buckets
-            .entry(ip)
+            .entry(key)
             .or_insert_with(|| TokenBucket::new(rate, burst, now))
             .try_take(now)
     }

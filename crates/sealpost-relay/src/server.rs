@@ -126,6 +126,8 @@ struct Shared {
     /// Payload bytes waiting for commits, over all connections.
     total_bytes: Arc<Semaphore>,
     per_address: std::sync::Mutex<PerAddress>,
+    /// Forwarded items per relay key that proved itself (`Config::peers`).
+    per_peer: std::sync::Mutex<crate::limits::PerKey<[u8; 32]>>,
     /// Open connections per source address.
     open_per_address: std::sync::Mutex<HashMap<IpAddr, usize>>,
     /// Connections not (yet) authenticated to a mailbox, oldest first: the
@@ -160,6 +162,13 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// The relay key (public, Ed25519) of the signing key file at `path`, if
+/// it can be read: what other relays' operators list to allow or deny
+/// this relay's forwarded items.
+pub fn relay_key_in(path: &Path) -> Option<[u8; 32]> {
+    load_key(path).ok().map(|k| k.verifying_key().to_bytes())
 }
 
 /// A signing key the operator names in the configuration, for several
@@ -330,6 +339,11 @@ impl Relay {
                 std::time::Instant::now(),
             )),
             open_per_address: std::sync::Mutex::new(HashMap::new()),
+            per_peer: std::sync::Mutex::new(crate::limits::PerKey::new(
+                config.peers.rate.0,
+                config.peers.rate.1,
+                std::time::Instant::now(),
+            )),
             unauthenticated: std::sync::Mutex::new(BTreeMap::new()),
             next_connection: AtomicU64::new(0),
             admissions: Arc::new(Semaphore::new(64)),
@@ -503,6 +517,12 @@ impl std::fmt::Debug for RunningRelay {
 impl RunningRelay {
     pub fn address(&self) -> &RelayAddress {
         &self.address
+    }
+
+    /// The relay's Ed25519 key (what it signs refusals and notices with,
+    /// and proves to other relays).
+    pub fn relay_key(&self) -> VerifyingKey {
+        self.shared.key.verifying_key()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

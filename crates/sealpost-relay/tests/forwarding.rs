@@ -676,3 +676,88 @@ async fn a_first_piece_the_relay_would_refuse_queues_nothing() {
     t.b_relay.stop().await.expect("stop b");
     t.a_relay.stop().await.expect("stop a");
 }
+
+/// A relay takes forwarded items from the relays its operator allows: a
+/// relay key on its deny list, or off its allow list, gets a signed
+/// refusal (code 6) naming the item, which comes back to the sender as
+/// her relay's notice carrying it; a relay past its rate is told to try
+/// again later; a connection that proved no relay key is a sender like
+/// any (a relay takes submissions from anyone).
+#[tokio::test]
+async fn a_relay_takes_forwarded_items_only_from_relays_its_operator_allows() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (alice, bob) = (
+        Identity::generate(&mut rand_core::OsRng),
+        Identity::generate(&mut rand_core::OsRng),
+    );
+    let a_relay = relay_on("127.0.0.2", 0, &dir.path().join("a")).await;
+    let a_key = a_relay.relay_key().to_bytes();
+    let (listed, other) = (
+        ed25519_dalek::SigningKey::from_bytes(&[8; 32]),
+        ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
+    );
+    let b_relay = relay_with("127.0.0.3", 0, &dir.path().join("b"), |c| {
+        c.peers.deny.insert(a_key);
+        c.peers.allow = Some([listed.verifying_key().to_bytes()].into());
+        c.peers.rate = (0.001, 3.0);
+    })
+    .await;
+    let (a, b) = (a_relay.address().clone(), b_relay.address().clone());
+    let bob_mb = owner(&b, &bob).await.register(&bob).await.expect("bob");
+    let to_b = next_of(&b);
+    // Allowed: three in its burst, then "later".
+    let peer = RelayClient::connect(&b).await.expect("connect");
+    peer.peer_auth(&listed).await.expect("peer auth");
+    let items = (0..4u8)
+        .map(|i| item(&to_b, bob_mb, &[b'a', i], now() + 600))
+        .collect();
+    let r = peer.forward_many(items).await;
+    assert!(r[..3].iter().all(accepted), "{r:?}");
+    assert!(
+        matches!(&r[3], Err(e) if e.to_string().contains("try again later")),
+        "{r:?}"
+    );
+    // Not on the allow list: refused, signed by Bob's relay, naming it.
+    let stranger_relay = RelayClient::connect(&b).await.expect("connect");
+    stranger_relay.peer_auth(&other).await.expect("peer auth");
+    let it = item(&to_b, bob_mb, b"from elsewhere", now() + 600);
+    let r = stranger_relay.forward_many(vec![it.clone()]).await;
+    match &r[0] {
+        Ok(Submitted::Refused(refusal)) => {
+            assert_eq!(refusal.code, RefusalCode::NotForwarded);
+            assert_eq!(
+                (refusal.mailbox, refusal.payload_hash),
+                (bob_mb, it.payload_hash)
+            );
+            assert!(refusal.verify(&c_key(&b).await));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same bytes from a connection that proved no relay key: taken.
+    let anyone = RelayClient::connect(&b).await.expect("connect");
+    assert!(accepted(&anyone.forward_many(vec![it]).await[0]));
+    // Alice's relay is denied: her item ends with a notice carrying Bob's
+    // relay's refusal.
+    let c = owner(&a, &alice).await;
+    let r = c
+        .forward_many(vec![item(&to_b, bob_mb, b"denied", now() + 600)])
+        .await;
+    assert!(accepted(&r[0]), "{r:?}");
+    let notices = fetch_n(&a, &alice, 1).await;
+    let n = Notice::decode(&notices[0]).expect("notice");
+    n.verify(&c_key(&a).await).expect("signed by Alice's relay");
+    match &n.ended {
+        notice::Ended::Refused { refusal, .. } => {
+            assert_eq!(refusal.code, RefusalCode::NotForwarded);
+            assert!(refusal.verify(&c_key(&b).await));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        fetch_n(&b, &bob, 4).await.len(),
+        4,
+        "three allowed, one from anyone"
+    );
+    b_relay.stop().await.expect("stop b");
+    a_relay.stop().await.expect("stop a");
+}

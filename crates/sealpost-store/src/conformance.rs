@@ -985,3 +985,119 @@ pub async fn a_forwarded_blob_is_queued_once(b: &dyn Backend) {
         store.close();
     }
 }
+
+/// Entries handed to an outbound gateway (PROTOCOL 6.8): they leave the
+/// queue and the sender's quota, are found by what a gateway's notice
+/// names (an item by mailbox and hash, a blob by id and mailbox), end once
+/// with the notice stored for their sender, and are forgotten after
+/// their time; a retransmission of the same item queues it again.
+pub async fn handed_entries_map_a_gateways_notices_back(b: &dyn Backend) {
+    let store = b.open(limits());
+    let alice = MailboxId::of(&[1; 32]);
+    let dest = MailboxId::of(&[9; 32]);
+    store.register(alice, [1; 32], NOW).await.expect("reg");
+    let id = |e: Enqueued| match e {
+        Enqueued::Queued { id } => id,
+        Enqueued::Refused(c) => panic!("refused {c:?}"),
+    };
+    let item = forward(dest, "d:1", b"through the gateway", NOW + 100);
+    let first = id(store
+        .forward_enqueue(alice, item.clone(), None, NOW)
+        .await
+        .expect("enqueue"));
+    assert_eq!(store.status(&alice).await.expect("status").used, 19);
+    let blob = BlobId([7; 16]);
+    let with_blob = id(store
+        .forward_enqueue(
+            alice,
+            forward(dest, "d:1", b"", NOW + 100),
+            Some((blob, 5)),
+            NOW,
+        )
+        .await
+        .expect("blob"));
+    for e in [first, with_blob] {
+        assert_eq!(
+            store.forward_handed(e, NOW + 700).await.expect("handed"),
+            Ended::Ended { notice_seq: None }
+        );
+    }
+    assert_eq!(
+        store.forward_handed(first, NOW + 700).await.expect("again"),
+        Ended::Gone
+    );
+    assert_eq!(store.status(&alice).await.expect("status").used, 0);
+    assert!(store
+        .forward_due(NOW + 1000, 10, 1 << 20)
+        .await
+        .expect("due")
+        .is_empty());
+    assert!(!store.forward_blob_queued(blob).await.expect("queued"));
+    let found = store
+        .handed_find(dest, item.payload_hash, None)
+        .await
+        .expect("find")
+        .expect("the item");
+    assert_eq!(
+        (found.id, found.origin, &found.next, found.blob, found.until),
+        (first, alice, &item.next, None, NOW + 700)
+    );
+    let b_found = store
+        .handed_find(dest, [0; 32], Some(blob))
+        .await
+        .expect("find")
+        .expect("the blob");
+    assert_eq!((b_found.id, b_found.blob), (with_blob, Some(blob)));
+    assert!(store
+        .handed_find(MailboxId::of(&[3; 32]), item.payload_hash, None)
+        .await
+        .expect("find")
+        .is_none());
+    // A retransmission while it is handed is queued again.
+    let again = id(store
+        .forward_enqueue(alice, item.clone(), None, NOW + 2)
+        .await
+        .expect("again"));
+    assert_ne!(again, first);
+    // The notice goes to the sender, once.
+    let notice = || NewItem {
+        mailbox: alice,
+        expires_at: NOW + 500,
+        hash: h(b"notice"),
+        payload: b"notice".to_vec(),
+        source: Source::of_v4([0, 0, 0, 0]),
+        now: NOW + 3,
+    };
+    let ended = store.handed_end(first, Some(notice())).await.expect("end");
+    assert!(
+        matches!(
+            ended,
+            Ended::Ended {
+                notice_seq: Some(_)
+            }
+        ),
+        "{ended:?}"
+    );
+    assert_eq!(
+        store.handed_end(first, Some(notice())).await.expect("end"),
+        Ended::Gone
+    );
+    if b.durable() {
+        store.close();
+        let store = b.open(limits());
+        assert!(store
+            .handed_find(dest, [0; 32], Some(blob))
+            .await
+            .expect("find")
+            .is_some());
+        assert_eq!(store.handed_expire(NOW + 701).await.expect("expire"), 1);
+        assert!(store
+            .handed_find(dest, [0; 32], Some(blob))
+            .await
+            .expect("find")
+            .is_none());
+        store.close();
+    } else {
+        assert_eq!(store.handed_expire(NOW + 701).await.expect("expire"), 1);
+    }
+}

@@ -158,6 +158,24 @@ pub struct Queued {
     pub last_error: Option<String>,
 }
 
+/// An item or blob handed to an outbound gateway (it keeps no bytes):
+/// what the gateway's notices about it are mapped back to its sender by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handed {
+    /// The forward queue entry's id it was.
+    pub id: u64,
+    pub origin: MailboxId,
+    /// The relay it is on its way to (the gateway hands it there).
+    pub next: sealpost_proto::relay::NextHop,
+    pub mailbox: MailboxId,
+    /// The item's payload hash (for a blob, that of its first piece,
+    /// BLAKE3(`blob_id` || 0)).
+    pub payload_hash: [u8; 32],
+    pub blob: Option<BlobId>,
+    /// Kept until then (unix seconds).
+    pub until: u64,
+}
+
 /// What [`Ledger::forward_end`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ended {
@@ -280,6 +298,23 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Fut<'_, Vec<Option<Waiting>>>;
     /// Whether blob `id` is still queued to forward (for any mailbox).
     fn forward_blob_queued(&self, id: BlobId) -> Fut<'_, bool>;
+    /// Ends queued entry `id`, which an outbound gateway took (its bytes
+    /// leave the origin's quota), and keeps it as [`Handed`] until
+    /// `until`; in one write. [`Ended::Gone`] if it was gone already.
+    fn forward_handed(&self, id: u64, until: u64) -> Fut<'_, Ended>;
+    /// The handed entry a gateway's notice names: by blob id and mailbox
+    /// for a blob, else by mailbox and payload hash.
+    fn handed_find(
+        &self,
+        mailbox: MailboxId,
+        payload_hash: [u8; 32],
+        blob: Option<BlobId>,
+    ) -> Fut<'_, Option<Handed>>;
+    /// Ends handed entry `id`, storing `notice` for its origin in the
+    /// same write (as [`Ledger::forward_end`]).
+    fn handed_end(&self, id: u64, notice: Option<NewItem>) -> Fut<'_, Ended>;
+    /// Forgets handed entries kept until before `now`; how many.
+    fn handed_expire(&self, now: u64) -> Fut<'_, u32>;
     fn commit_stats(&self) -> CommitStats;
     fn latencies(&self) -> &Latencies;
     /// Stops taking writes and waits until every accepted one is durable

@@ -50,8 +50,9 @@ use cache::*;
 pub use cache::{release, KeptBytes, PACE_HOLD, PACE_MAX_WAIT};
 pub use files::FileBlobs;
 pub use ledger::{
-    Advanced, BlobAdvance, BlobState, BlobStore, Ended, Enqueued, Fetched, Fut, HopQueue, Ledger,
-    LedgerSpace, LocalNotifier, MailboxUse, NewForward, NewItem, Notifier, Queued, Sink, Totals,
+    Advanced, BlobAdvance, BlobState, BlobStore, Ended, Enqueued, Fetched, Fut, Handed, HopQueue,
+    Ledger, LedgerSpace, LocalNotifier, MailboxUse, NewForward, NewItem, Notifier, Queued, Sink,
+    Totals,
 };
 use schema::*;
 pub use sqlite::SqliteLedger;
@@ -587,6 +588,47 @@ impl Store {
         items: Vec<(MailboxId, [u8; 32])>,
     ) -> Result<Vec<Option<sealpost_proto::relay::Waiting>>, StoreError> {
         self.inner.ledger.forward_waiting(origin, items).await
+    }
+
+    /// Ends queued entry `id`, which an outbound gateway took, keeping
+    /// it (without its bytes) until `until` for the gateway's notices.
+    pub async fn forward_handed(&self, id: u64, until: u64) -> Result<Ended, StoreError> {
+        self.inner.ledger.forward_handed(id, until).await
+    }
+
+    /// The handed entry a gateway's notice names (see [`Handed`]).
+    pub async fn handed_find(
+        &self,
+        mailbox: MailboxId,
+        payload_hash: [u8; 32],
+        blob: Option<BlobId>,
+    ) -> Result<Option<Handed>, StoreError> {
+        self.inner
+            .ledger
+            .handed_find(mailbox, payload_hash, blob)
+            .await
+    }
+
+    /// Ends handed entry `id`, storing `notice` for its origin in the same
+    /// write (and telling the notifier of it).
+    pub async fn handed_end(&self, id: u64, notice: Option<NewItem>) -> Result<Ended, StoreError> {
+        let origin = notice.as_ref().map(|n| n.mailbox);
+        let ended = self.inner.ledger.handed_end(id, notice).await?;
+        if let (
+            Ended::Ended {
+                notice_seq: Some(seq),
+            },
+            Some(mb),
+        ) = (ended, origin)
+        {
+            self.inner.notifier.published(&mb, seq);
+        }
+        Ok(ended)
+    }
+
+    /// Forgets handed entries kept until before `now`.
+    pub async fn handed_expire(&self, now: u64) -> Result<u32, StoreError> {
+        self.inner.ledger.handed_expire(now).await
     }
 
     /// Whether blob `id` is still queued to forward.

@@ -39,6 +39,7 @@ struct State {
     shares: HashMap<(MailboxId, Source), u64>,
     forwards: BTreeMap<u64, Queued>,
     next_forward: u64,
+    handed: BTreeMap<u64, Handed>,
     stats: CommitStats,
     closed: bool,
 }
@@ -106,6 +107,7 @@ impl MemLedger {
             state: Mutex::new(State {
                 next_seq: 1,
                 next_forward: 1,
+                handed: BTreeMap::new(),
                 ..State::default()
             }),
             limits,
@@ -551,6 +553,76 @@ impl Ledger for MemLedger {
                         })
                 })
                 .collect()
+        })
+    }
+
+    fn forward_handed(&self, id: u64, until: u64) -> Fut<'_, Ended> {
+        self.write(move |s| {
+            let Some(q) = s.forwards.remove(&id) else {
+                return Ended::Gone;
+            };
+            if let Some(m) = s.mailboxes.get_mut(&q.origin) {
+                m.1 = m.1.saturating_sub(q.item.payload.len() as u64);
+            }
+            s.handed.insert(
+                id,
+                Handed {
+                    id,
+                    origin: q.origin,
+                    next: q.item.next,
+                    mailbox: q.item.mailbox,
+                    payload_hash: q.item.payload_hash,
+                    blob: q.blob.map(|b| b.0),
+                    until,
+                },
+            );
+            Ended::Ended { notice_seq: None }
+        })
+    }
+
+    fn handed_find(
+        &self,
+        mailbox: MailboxId,
+        payload_hash: [u8; 32],
+        blob: Option<BlobId>,
+    ) -> Fut<'_, Option<Handed>> {
+        self.with(move |s| {
+            s.handed
+                .values()
+                .find(|h| {
+                    h.mailbox == mailbox
+                        && match blob {
+                            Some(b) => h.blob == Some(b),
+                            None => h.blob.is_none() && h.payload_hash == payload_hash,
+                        }
+                })
+                .cloned()
+        })
+    }
+
+    fn handed_end(&self, id: u64, notice: Option<NewItem>) -> Fut<'_, Ended> {
+        self.write(move |s| {
+            let Some(h) = s.handed.remove(&id) else {
+                return Ended::Gone;
+            };
+            let notice_seq = match notice {
+                Some(n) if n.mailbox == h.origin => {
+                    if let Some(m) = s.mailboxes.get_mut(&h.origin) {
+                        m.1 += n.payload.len() as u64;
+                    }
+                    Some(s.push_item(n))
+                }
+                _ => None,
+            };
+            Ended::Ended { notice_seq }
+        })
+    }
+
+    fn handed_expire(&self, now: u64) -> Fut<'_, u32> {
+        self.write(move |s| {
+            let before = s.handed.len();
+            s.handed.retain(|_, h| h.until >= now);
+            u32::try_from(before - s.handed.len()).unwrap_or(u32::MAX)
         })
     }
 

@@ -62,6 +62,21 @@ CREATE TABLE IF NOT EXISTS forwards (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS forwards_due ON forwards(next_at);
+-- forwarded items and blobs handed to an outbound gateway relay (PROTOCOL
+-- 6.8), kept (without their bytes) until the gateway's word on them or
+-- until `until`: what its notices are mapped back to their sender by
+CREATE TABLE IF NOT EXISTS handed (
+    id INTEGER PRIMARY KEY,
+    origin BLOB NOT NULL,
+    next_addr TEXT NOT NULL,
+    next_pin BLOB NOT NULL,
+    mailbox BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    blob BLOB,
+    until INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS handed_item ON handed(mailbox, hash);
+CREATE INDEX IF NOT EXISTS handed_until ON handed(until);
 ";
 
 /// A blob expiry deleted: (id, mailbox, total_len, source).

@@ -447,6 +447,59 @@ impl Ledger for SqliteLedger {
         }))
     }
 
+    fn forward_handed(&self, id: u64, until: u64) -> Fut<'_, Ended> {
+        Box::pin(self.call(move |reply| Op::ForwardHanded { id, until, reply }))
+    }
+
+    fn handed_find(
+        &self,
+        mailbox: MailboxId,
+        payload_hash: [u8; 32],
+        blob: Option<BlobId>,
+    ) -> Fut<'_, Option<Handed>> {
+        ready(self.read(|c| {
+            let row = |r: &rusqlite::Row<'_>| {
+                Ok(Handed {
+                    id: u64_of(r.get(0)?),
+                    origin: MailboxId(arr(r.get(1)?)),
+                    next: sealpost_proto::relay::NextHop {
+                        addr: r.get(2)?,
+                        pin: arr(r.get(3)?),
+                    },
+                    mailbox: MailboxId(arr(r.get(4)?)),
+                    payload_hash: arr(r.get(5)?),
+                    blob: r.get::<_, Option<Vec<u8>>>(6)?.map(|b| BlobId(arr(b))),
+                    until: u64_of(r.get(7)?),
+                })
+            };
+            const COLUMNS: &str =
+                "SELECT id, origin, next_addr, next_pin, mailbox, hash, blob, until FROM handed";
+            match blob {
+                Some(b) => c
+                    .prepare_cached(&format!(
+                        "{COLUMNS} WHERE blob = ?1 AND mailbox = ?2 ORDER BY id LIMIT 1"
+                    ))?
+                    .query_row(params![b.0.to_vec(), mailbox.0.to_vec()], row)
+                    .optional(),
+                None => c
+                    .prepare_cached(&format!(
+                        "{COLUMNS} WHERE mailbox = ?1 AND hash = ?2 AND blob IS NULL \
+                         ORDER BY id LIMIT 1"
+                    ))?
+                    .query_row(params![mailbox.0.to_vec(), payload_hash.to_vec()], row)
+                    .optional(),
+            }
+        }))
+    }
+
+    fn handed_end(&self, id: u64, notice: Option<NewItem>) -> Fut<'_, Ended> {
+        Box::pin(self.call(move |reply| Op::HandedEnd { id, notice, reply }))
+    }
+
+    fn handed_expire(&self, now: u64) -> Fut<'_, u32> {
+        Box::pin(self.call(move |reply| Op::HandedExpire { now, reply }))
+    }
+
     fn forward_blob_queued(&self, id: BlobId) -> Fut<'_, bool> {
         ready(self.read(|c| {
             c.prepare_cached("SELECT 1 FROM forwards WHERE blob = ?1 LIMIT 1")?

@@ -59,6 +59,20 @@ pub(crate) enum Op {
         failed: bool,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    ForwardHanded {
+        id: u64,
+        until: u64,
+        reply: oneshot::Sender<Result<Ended, StoreError>>,
+    },
+    HandedEnd {
+        id: u64,
+        notice: Option<NewItem>,
+        reply: oneshot::Sender<Result<Ended, StoreError>>,
+    },
+    HandedExpire {
+        now: u64,
+        reply: oneshot::Sender<Result<u32, StoreError>>,
+    },
 }
 
 pub(crate) fn open_conn(path: &Path) -> Result<Connection, StoreError> {
@@ -704,6 +718,66 @@ pub(crate) fn apply(
                 ])?;
             }
             Reply::Unit(reply)
+        }
+        Op::ForwardHanded { id, until, reply } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO handed \
+                 (id, origin, next_addr, next_pin, mailbox, hash, blob, until) \
+                 SELECT id, origin, next_addr, next_pin, mailbox, hash, blob, ?2 \
+                 FROM forwards WHERE id = ?1",
+            )?
+            .execute(params![i64_of(id), i64_of(until)])?;
+            let gone: Option<(Vec<u8>, i64)> = tx
+                .prepare_cached(
+                    "DELETE FROM forwards WHERE id = ?1 RETURNING origin, LENGTH(payload)",
+                )?
+                .query_row(params![i64_of(id)], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let outcome = match gone {
+                None => Ended::Gone,
+                Some((origin, len)) => {
+                    tx.prepare_cached(
+                        "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
+                    )?
+                    .execute(params![origin, len])?;
+                    Ended::Ended { notice_seq: None }
+                }
+            };
+            Reply::Ended(reply, outcome)
+        }
+        Op::HandedEnd { id, notice, reply } => {
+            let gone: Option<Vec<u8>> = tx
+                .prepare_cached("DELETE FROM handed WHERE id = ?1 RETURNING origin")?
+                .query_row(params![i64_of(id)], |r| r.get(0))
+                .optional()?;
+            let outcome = match gone {
+                None => Ended::Gone,
+                Some(origin) => {
+                    let notice_seq = match notice {
+                        Some(n) if n.mailbox.0.as_slice() == origin.as_slice() => {
+                            let (seq, _) = store_item(
+                                tx,
+                                &n.mailbox,
+                                n.now,
+                                n.expires_at,
+                                &n.hash,
+                                n.payload,
+                                None,
+                            )?;
+                            Some(seq)
+                        }
+                        _ => None,
+                    };
+                    Ended::Ended { notice_seq }
+                }
+            };
+            Reply::Ended(reply, outcome)
+        }
+        Op::HandedExpire { now, reply } => {
+            let n = tx
+                .prepare_cached("DELETE FROM handed WHERE until < ?1")?
+                .execute(params![i64_of(now)])?;
+            Reply::Count(reply, u32::try_from(n).unwrap_or(u32::MAX))
         }
     })
 }

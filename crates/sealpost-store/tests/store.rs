@@ -99,6 +99,7 @@ conformance_tests!(
     blob_lengths_move_by_compare_and_set,
     the_forward_queue_holds_and_ends_items,
     a_forwarded_blob_is_queued_once,
+    handed_entries_map_a_gateways_notices_back,
 );
 
 #[tokio::test]

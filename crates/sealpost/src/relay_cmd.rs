@@ -213,6 +213,23 @@ pub struct Settings {
     /// submit to other relays themselves [default: on]
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
     forward: Option<String>,
+    /// A relay whose forwarded items this relay refuses (signed, so their
+    /// senders learn it), by its relay key (64 hex digits: `sealpost relay
+    /// address --json` on that relay prints it as relay_key); repeat for
+    /// several. Its users can still submit here directly, as anyone can
+    #[arg(long = "peer-deny", value_name = "KEY")]
+    #[serde(default)]
+    peer_deny: Vec<String>,
+    /// Take forwarded items only from these relays (by relay key, as
+    /// --peer-deny); repeat for several [default: from any relay]
+    #[arg(long = "peer-allow", value_name = "KEY")]
+    #[serde(default)]
+    peer_allow: Vec<String>,
+    /// Forwarded items (and blob pieces) per second one relay may hand in,
+    /// over all its connections (bursts of four times as many); past it,
+    /// that relay is told to try again later [default: 5000]
+    #[arg(long, value_name = "N")]
+    peer_rate: Option<f64>,
 }
 
 impl Settings {
@@ -253,6 +270,17 @@ impl Settings {
             rate_per_connection: self.rate_per_connection.or(file.rate_per_connection),
             rate_per_address: self.rate_per_address.or(file.rate_per_address),
             forward: self.forward.or(file.forward),
+            peer_deny: if self.peer_deny.is_empty() {
+                file.peer_deny
+            } else {
+                self.peer_deny
+            },
+            peer_allow: if self.peer_allow.is_empty() {
+                file.peer_allow
+            } else {
+                self.peer_allow
+            },
+            peer_rate: self.peer_rate.or(file.peer_rate),
         }
     }
 }
@@ -548,11 +576,48 @@ fn build_config(mut a: ServeArgs) -> anyhow::Result<(Config, Option<String>)> {
     if let Some(r) = s.rate_per_address {
         c.rate_per_address = (r.max(1.0), (r * 4.0).max(1.0));
     }
+    c.peers.deny = relay_keys("peer_deny", &s.peer_deny)?;
+    if !s.peer_allow.is_empty() {
+        c.peers.allow = Some(relay_keys("peer_allow", &s.peer_allow)?);
+    }
+    if let Some(r) = s.peer_rate {
+        if !(r.is_finite() && r > 0.0) {
+            return Err(anyhow!("peer_rate is a positive number, not {r}"));
+        }
+        c.peers.rate = (r, r * 4.0);
+    }
     #[cfg(feature = "test-tools")]
     {
         c.tamper = tamper.map(|h| h as std::sync::Arc<dyn sealpost_relay::tamper::Tamper>);
     }
     Ok((c, public))
+}
+
+/// Relay keys given as 64 hex digits (the `setting` named in errors).
+fn relay_keys(
+    setting: &str,
+    texts: &[String],
+) -> anyhow::Result<std::collections::HashSet<[u8; 32]>> {
+    texts
+        .iter()
+        .map(|t| {
+            let t = t.trim();
+            let bytes = (t.len() == 64 && t.is_ascii())
+                .then(|| {
+                    (0..32)
+                        .map(|i| u8::from_str_radix(&t[2 * i..2 * i + 2], 16).ok())
+                        .collect::<Option<Vec<u8>>>()
+                })
+                .flatten();
+            bytes
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{setting}: {t:?} is not a relay key (64 hex digits; `sealpost relay address --json` on that relay prints its relay_key)"
+                    )
+                })
+        })
+        .collect()
 }
 
 /// The signing keys of the contact cards in `path` (one per line; blank
@@ -647,6 +712,12 @@ fn effective_toml(c: &Config, public: &Option<String>) -> String {
             Some(c.rate_per_connection.0.to_string()),
         ),
         ("rate_per_address", Some(c.rate_per_address.0.to_string())),
+        ("peer_rate", Some(c.peers.rate.0.to_string())),
+        ("peer_deny", Some(keys_toml(c.peers.deny.iter()))),
+        (
+            "peer_allow",
+            c.peers.allow.as_ref().map(|a| keys_toml(a.iter())),
+        ),
         (
             "forward",
             Some(
@@ -667,6 +738,15 @@ fn effective_toml(c: &Config, public: &Option<String>) -> String {
         }
     }
     out
+}
+
+/// Relay keys as a TOML array of hex strings, sorted.
+fn keys_toml<'a>(keys: impl Iterator<Item = &'a [u8; 32]>) -> String {
+    let mut v: Vec<String> = keys
+        .map(|k| format!("\"{}\"", sealpost_proto::hex(k)))
+        .collect();
+    v.sort();
+    format!("[{}]", v.join(", "))
 }
 
 /// A size as a setting is written: the largest binary unit that divides it
@@ -726,17 +806,19 @@ fn serve(a: ServeArgs, out: &Out) -> Result<(), Failure> {
                 "listening": addr.host_port,
                 "address": for_agents.as_ref().map(|a| a.to_checked_text()),
                 "fingerprint": addr.pin.to_text(),
+                "relay_key": sealpost_proto::hex(relay.relay_key().as_bytes()),
                 "new_certificate": relay.created_cert(),
                 "data": data,
                 "metrics": metrics,
             }),
             || {
                 format!(
-                    "{}sealpost relay listening on {} (TLS 1.3){}\nKey fingerprint: {}\nRelay address for agents: {}\n",
+                    "{}sealpost relay listening on {} (TLS 1.3){}\nKey fingerprint: {}\nRelay key (for other relays' --peer-allow/--peer-deny): {}\nRelay address for agents: {}\n",
                     if hostile.is_some() { "WARNING: HOSTILE TESTING RELAY — it tampers with what it carries on purpose\n" } else { "" },
                     addr.host_port,
                     if relay.created_cert() { ", new self-signed certificate" } else { "" },
                     addr.pin.to_text(),
+                    sealpost_proto::hex(relay.relay_key().as_bytes()),
                     match &for_agents {
                         Some(a) => a.to_checked_text(),
                         None => format!("unknown — set --public-address HOST:PORT (HOST:{}/{})", listen.port(), addr.pin.to_text()),
@@ -788,8 +870,13 @@ fn address(a: &DataArgs, out: &Out) -> Result<(), Failure> {
         host_port,
         pin: c.pin,
     };
+    // The relay key other relays' operators list (--peer-allow/-deny),
+    // from the signing key file it made on first start (absent when it
+    // runs with --signing-key elsewhere: then null).
+    let relay_key = sealpost_relay::relay_key_in(&dir.join("relay-signing.key"))
+        .map(|k| sealpost_proto::hex(&k));
     out.report(
-        json!({"address": addr.to_checked_text(), "fingerprint": c.pin.to_text()}),
+        json!({"address": addr.to_checked_text(), "fingerprint": c.pin.to_text(), "relay_key": relay_key}),
         || format!("{}\n", addr.to_checked_text()),
     )
 }

@@ -248,6 +248,15 @@ impl Engine {
                             last_error = Some(format!(
                                 "{detail}, though it has not expired: not taken, trying again"
                             ));
+                        } else if refusal.code == sealpost_proto::relay::RefusalCode::NotForwarded {
+                            // The next relay takes nothing forwarded by
+                            // your relay (its operator's list): that says
+                            // nothing of the message, which goes on being
+                            // retransmitted, every other time directly.
+                            last_error = Some(format!(
+                                "{detail}; its next retransmissions go to {} directly",
+                                n.next.addr
+                            ));
                         } else if refusal.code.is_lasting() {
                             d.refused(now, refusal.code.name(), &detail);
                             stats.refused += 1;

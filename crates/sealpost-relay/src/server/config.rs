@@ -59,6 +59,40 @@ pub struct Config {
     pub public_address: Option<String>,
     /// How this relay hands items on to other relays (PROTOCOL 6.8).
     pub forwarding: Forwarding,
+    /// Which relays this one takes forwarded items from, and how fast.
+    pub peers: Peers,
+}
+
+/// What this relay takes from other relays that proved their key
+/// (`PeerAuth`, PROTOCOL 6.8) and forward items to its mailboxes.
+#[derive(Clone, Debug)]
+pub struct Peers {
+    /// Relay keys (Ed25519) whose forwarded items are refused (signed,
+    /// code 6).
+    pub deny: std::collections::HashSet<[u8; 32]>,
+    /// If set, only these relay keys may forward items here.
+    pub allow: Option<std::collections::HashSet<[u8; 32]>>,
+    /// Forwarded items and blob pieces per second one relay key may hand
+    /// in, over all its connections (and its burst); past it, error
+    /// `RateLimited` (the relay tries again later).
+    pub rate: (f64, f64),
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Self {
+            deny: Default::default(),
+            allow: None,
+            rate: (5_000.0, 20_000.0),
+        }
+    }
+}
+
+impl Peers {
+    /// Whether items forwarded by the relay of `key` are refused.
+    pub fn refuses(&self, key: &[u8; 32]) -> bool {
+        self.deny.contains(key) || self.allow.as_ref().is_some_and(|a| !a.contains(key))
+    }
 }
 
 /// Who may register a new mailbox on a relay.
@@ -114,6 +148,7 @@ impl Config {
             tamper: None,
             public_address: None,
             forwarding: Forwarding::default(),
+            peers: Peers::default(),
         }
     }
 }

@@ -13,6 +13,9 @@ pub(crate) struct Session {
     pub(crate) challenge: [u8; 32],
     pub(crate) exporter: [u8; 32],
     pub(crate) mailbox: Option<MailboxId>,
+    /// The relay key this connection proved (`PeerAuth`): another relay
+    /// forwarding here.
+    pub(crate) peer: Option<[u8; 32]>,
     pub(crate) subscription: Option<Subscription>,
     /// Where the connection comes from (for the per-source share).
     pub(crate) source: Source,
@@ -77,6 +80,7 @@ where
         challenge,
         exporter,
         mailbox: None,
+        peer: None,
         subscription: None,
         source,
         blob_lane: None,
@@ -352,6 +356,11 @@ pub(crate) async fn handle(
         // The last hop: stored like any piece.
         Request::BlobForward(f) if f.next.pin == s.pin.0 => {
             let named = f.piece.mailbox;
+            let hash = relay::blob_refusal_hash(&f.piece.blob_id, f.piece.offset);
+            if let Some(no) = from_peer(s, session, named, hash) {
+                sealpost_proto::buffers::give(f.piece.data);
+                return send(out, id, no).await;
+            }
             queue_piece(s, session, out, id, f.piece, named, in_flight, budget).await
         }
         Request::BlobForward(f) => {
@@ -528,9 +537,20 @@ pub(crate) async fn handle(
             if let Some(e) = unproven(s, session, context::PEER, &key, &signature, "relay key") {
                 return send(out, id, e).await;
             }
+            tracing::info!(
+                relay_key = %sealpost_proto::hex(&key),
+                source = ?session.source,
+                "a relay proved its key"
+            );
+            session.peer = Some(key);
             send(out, id, Response::Ok).await
         }
         Request::Forward(f) => {
+            if f.next.pin == s.pin.0 {
+                if let Some(no) = from_peer(s, session, f.mailbox, f.payload_hash) {
+                    return send(out, id, no).await;
+                }
+            }
             // Bounded like a submission: in flight per connection and
             // relay-wide (the budget was taken when the frame was read).
             let (p1, p2, p3) = submission_permits(s, in_flight, budget, f.payload.len()).await?;
@@ -547,6 +567,36 @@ pub(crate) async fn handle(
         }
         _ => send(out, id, err(ErrorCode::BadRequest, "unsupported request")).await,
     }
+}
+
+/// What this relay answers an item (or piece, named by `hash`) forwarded
+/// to its `mailbox` by the relay this connection proved to be, if not
+/// the usual: a signed refusal (code 6) when its operator does not take
+/// items from that relay, `RateLimited` past that relay's rate (PROTOCOL
+/// 6.8). A connection that proved no relay key is a sender like any.
+fn from_peer(
+    s: &Shared,
+    session: &Session,
+    mailbox: MailboxId,
+    hash: [u8; 32],
+) -> Option<Response> {
+    let key = session.peer?;
+    if s.config.peers.refuses(&key) {
+        return Some(refusal(s, RefusalCode::NotForwarded, mailbox, hash));
+    }
+    let allowed = s
+        .per_peer
+        .lock()
+        .map(|mut p| p.try_take(key, std::time::Instant::now()))
+        .unwrap_or(true);
+    if !allowed {
+        s.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+        return Some(err(
+            ErrorCode::RateLimited,
+            "this relay takes no more forwarded items from your relay just now; try again later",
+        ));
+    }
+    None
 }
 
 /// The key blob `id` of `mailbox` is stored under (§6.6), or the error to

@@ -398,6 +398,13 @@ impl Relay {
         let shared = self.shared.clone();
         let sweeper = tokio::spawn(sweep_loop(shared.clone()));
         let forwarder = tokio::spawn(forward_loop(shared.clone()));
+        // Notices from an outbound gateway, passed back to their senders.
+        let gateway = shared
+            .config
+            .forwarding
+            .via
+            .clone()
+            .map(|via| tokio::spawn(forward::gateway_loop(shared.clone(), via)));
         let metrics_task = match shared.config.metrics {
             Some(addr) => {
                 let l = TcpListener::bind(addr).await?;
@@ -462,6 +469,9 @@ impl Relay {
         // handing on is tried again by the next start (at worst twice;
         // the recipient's replay cache keeps delivery exactly-once).
         forwarder.abort();
+        if let Some(t) = gateway {
+            t.abort();
+        }
         if let Some(t) = metrics_task {
             t.abort();
         }

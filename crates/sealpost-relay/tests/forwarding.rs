@@ -761,3 +761,138 @@ async fn a_relay_takes_forwarded_items_only_from_relays_its_operator_allows() {
     b_relay.stop().await.expect("stop b");
     a_relay.stop().await.expect("stop a");
 }
+
+/// A chain of three relays: Alice's relay (127.0.0.2) hands everything it
+/// forwards to its organisation's outbound gateway (127.0.0.4), where it
+/// is a mailbox owner with its relay key; the gateway hands it to Bob's
+/// relay (127.0.0.3). An item and a two-piece blob reach Bob; a refusal by
+/// Bob's relay comes back through the gateway to Alice as her own relay's
+/// notice carrying Bob's relay's signed refusal, checkable against its pin
+/// alone; Alice's relay's queue is empty once the gateway took everything,
+/// and `ForwardStatus` says so.
+#[tokio::test]
+async fn a_chain_of_three_relays_carries_items_blobs_and_refusals() {
+    use sealpost_proto::relay::{BlobId, BlobPiece};
+    let dir = tempfile::tempdir().expect("tmp");
+    let (alice, bob) = (
+        Identity::generate(&mut rand_core::OsRng),
+        Identity::generate(&mut rand_core::OsRng),
+    );
+    let g_relay = relay_on("127.0.0.4", 0, &dir.path().join("g")).await;
+    // Bob's relay takes forwarded items from the gateway only: what
+    // Alice's relay handed on itself would be refused.
+    let g_key = g_relay.relay_key().to_bytes();
+    let b_relay = relay_with("127.0.0.3", 0, &dir.path().join("b"), |c| {
+        c.peers.allow = Some([g_key].into());
+    })
+    .await;
+    let (b, g) = (b_relay.address().clone(), g_relay.address().clone());
+    let a_relay = relay_with("127.0.0.2", 0, &dir.path().join("a"), |c| {
+        c.forwarding.via = Some(g.clone());
+    })
+    .await;
+    let a = a_relay.address().clone();
+    let bob_mb = owner(&b, &bob).await.register(&bob).await.expect("bob");
+    let c = owner(&a, &alice).await;
+    c.register(&alice).await.ok();
+    let to_b = next_of(&b);
+    // An item, and one for a mailbox Bob's relay does not have.
+    let nobody = MailboxId::of(&[0xee; 32]);
+    let r = c
+        .forward_many(vec![
+            item(&to_b, bob_mb, b"across three relays", now() + 600),
+            item(&to_b, nobody, b"to nobody", now() + 600),
+        ])
+        .await;
+    assert!(r.iter().all(accepted), "{r:?}");
+    // A blob of two pieces.
+    let blob: Vec<u8> = (0..(1 << 20) + 4321)
+        .map(|i| (i * 13 % 251) as u8)
+        .collect();
+    let hash = *blake3::hash(&blob).as_bytes();
+    let id = BlobId([0x51; 16]);
+    for off in [0usize, 1 << 20] {
+        let end = (off + (1 << 20)).min(blob.len());
+        let p = c
+            .blob_forward_send(
+                0,
+                to_b.clone(),
+                BlobPiece {
+                    blob_id: id,
+                    mailbox: bob_mb,
+                    total_len: blob.len() as u64,
+                    blob_hash: if end == blob.len() { hash } else { [0; 32] },
+                    expires_at: now() + 600,
+                    offset: off as u64,
+                    data: blob[off..end].to_vec(),
+                },
+            )
+            .await;
+        c.blob_put_answer(p).await.expect("answer").expect("stored");
+    }
+    assert_eq!(
+        fetch_n(&b, &bob, 1).await,
+        vec![b"across three relays".to_vec()]
+    );
+    let bob_c = owner(&b, &bob).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !bob_c.blob_status(id).await.expect("status").1 {
+        assert!(
+            Instant::now() < deadline,
+            "the blob did not reach Bob's relay"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < blob.len() {
+        got.extend_from_slice(
+            &bob_c
+                .blob_get(id, got.len() as u64, 1 << 20)
+                .await
+                .expect("read"),
+        );
+    }
+    assert!(got == blob, "Bob reads the blob Alice uploaded");
+    // The refusal, back through the gateway, as Alice's relay's notice.
+    let notices = fetch_n(&a, &alice, 1).await;
+    let n = Notice::decode(&notices[0]).expect("notice");
+    n.verify(&c_key(&a).await).expect("signed by Alice's relay");
+    assert_eq!(
+        (n.mailbox, n.payload_hash, &n.next),
+        (nobody, *blake3::hash(b"to nobody").as_bytes(), &to_b)
+    );
+    match &n.ended {
+        notice::Ended::Refused {
+            next_key,
+            binding,
+            refusal,
+        } => {
+            assert_eq!(refusal.code, RefusalCode::UnknownMailbox);
+            let b_key = c_key(&b).await;
+            assert_eq!(next_key, &b_key.to_bytes(), "Bob's relay refused it");
+            assert!(refusal.verify(&b_key));
+            assert!(sealpost_client::tls::verify_key_binding(
+                &b.pin.0, next_key, binding
+            ));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Alice's relay holds nothing to hand on; the item is not "waiting".
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !a_relay_queue(&a_relay).await.is_empty() {
+        assert!(Instant::now() < deadline, "still queued at Alice's relay");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let w = owner(&a, &alice)
+        .await
+        .forward_status(vec![(
+            bob_mb,
+            *blake3::hash(b"across three relays").as_bytes(),
+        )])
+        .await
+        .expect("status");
+    assert_eq!(w, vec![None]);
+    a_relay.stop().await.expect("stop a");
+    g_relay.stop().await.expect("stop g");
+    b_relay.stop().await.expect("stop b");
+}

@@ -146,7 +146,9 @@ pub struct Settings {
     #[arg(long, value_name = "POLICY")]
     registration: Option<RegistrationPolicy>,
     /// File of contact cards (`sealpost id` output, one per line) whose
-    /// keys may register under --registration allow-list; read at start
+    /// keys may register under --registration allow-list, or relay keys
+    /// (64 hex digits) of relays that use this one as their gateway; read
+    /// at start
     #[arg(long, value_name = "FILE")]
     allow: Option<PathBuf>,
     /// The most mailboxes this relay registers [default: no cap]
@@ -213,6 +215,15 @@ pub struct Settings {
     /// submit to other relays themselves [default: on]
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
     forward: Option<String>,
+    /// An outbound gateway (HOST:PORT#PIN, its `relay address`): hand
+    /// everything this relay forwards to that relay, which passes it on,
+    /// instead of to each recipient's relay. This relay is a mailbox owner
+    /// there with its relay key (the gateway must let it register: open,
+    /// or its relay key in the gateway's --allow file); the gateway's
+    /// notices come back from that mailbox to the senders here
+    /// [default: none, hand on directly]
+    #[arg(long, value_name = "ADDRESS")]
+    forward_via: Option<String>,
     /// A relay whose forwarded items this relay refuses (signed, so their
     /// senders learn it), by its relay key (64 hex digits: `sealpost relay
     /// address --json` on that relay prints it as relay_key); repeat for
@@ -270,6 +281,7 @@ impl Settings {
             rate_per_connection: self.rate_per_connection.or(file.rate_per_connection),
             rate_per_address: self.rate_per_address.or(file.rate_per_address),
             forward: self.forward.or(file.forward),
+            forward_via: self.forward_via.or(file.forward_via),
             peer_deny: if self.peer_deny.is_empty() {
                 file.peer_deny
             } else {
@@ -576,6 +588,12 @@ fn build_config(mut a: ServeArgs) -> anyhow::Result<(Config, Option<String>)> {
     if let Some(r) = s.rate_per_address {
         c.rate_per_address = (r.max(1.0), (r * 4.0).max(1.0));
     }
+    if let Some(v) = &s.forward_via {
+        let via = sealpost_relay::RelayAddress::parse(v.trim()).ok_or_else(|| {
+            anyhow!("forward_via: {v:?} is not a relay address (HOST:PORT#PIN, as `sealpost relay address` prints it)")
+        })?;
+        c.forwarding.via = Some(via);
+    }
     c.peers.deny = relay_keys("peer_deny", &s.peer_deny)?;
     if !s.peer_allow.is_empty() {
         c.peers.allow = Some(relay_keys("peer_allow", &s.peer_allow)?);
@@ -629,6 +647,12 @@ fn allowed_keys(path: &Path) -> anyhow::Result<std::collections::HashSet<[u8; 32
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        // A relay key (64 hex digits: a relay that forwards through this
+        // one as its outbound gateway, `relay address --json`).
+        if let Ok(k) = relay_keys("allow", &[line.to_owned()]) {
+            keys.extend(k);
             continue;
         }
         let card = sealpost_proto::ContactCard::from_text(line).map_err(|e| {
@@ -712,6 +736,10 @@ fn effective_toml(c: &Config, public: &Option<String>) -> String {
             Some(c.rate_per_connection.0.to_string()),
         ),
         ("rate_per_address", Some(c.rate_per_address.0.to_string())),
+        (
+            "forward_via",
+            opt(c.forwarding.via.as_ref().map(|v| v.to_checked_text())),
+        ),
         ("peer_rate", Some(c.peers.rate.0.to_string())),
         ("peer_deny", Some(keys_toml(c.peers.deny.iter()))),
         (

@@ -37,6 +37,11 @@ pub struct Forwarding {
     pub batch_bytes: usize,
     /// How long a notice waits in the sender's mailbox.
     pub notice_lifetime: Duration,
+    /// An outbound gateway: a relay this one hands everything it
+    /// forwards to, as that relay's mailbox owner (with its relay key),
+    /// instead of to each next relay; the gateway hands it on. Its notices
+    /// (in this relay's mailbox there) come back to the senders here.
+    pub via: Option<RelayAddress>,
 }
 
 impl Default for Forwarding {
@@ -56,6 +61,7 @@ impl Default for Forwarding {
             batch: 512,
             batch_bytes: 16 << 20,
             notice_lifetime: Duration::from_secs(30 * 86_400),
+            via: None,
         }
     }
 }
@@ -357,7 +363,9 @@ async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
             Err(e) => return later(s, std::slice::from_ref(&q), &e).await,
         },
     };
-    let status = match peer.client.blob_status_for(blob_id, q.item.mailbox).await {
+    // At a gateway the blob is one of this relay's mailbox there (§6.8).
+    let named = s.config.forwarding.via.is_none().then_some(q.item.mailbox);
+    let status = match peer.client.blob_status_of(blob_id, named).await {
         Ok(v) => v,
         // A kept connection the next relay closed meanwhile.
         Err(ClientError::Closed | ClientError::Io(_)) => {
@@ -365,7 +373,7 @@ async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
                 Ok(p) => p,
                 Err(e) => return later(s, std::slice::from_ref(&q), &e).await,
             };
-            match peer.client.blob_status_for(blob_id, q.item.mailbox).await {
+            match peer.client.blob_status_of(blob_id, named).await {
                 Ok(v) => v,
                 Err(e) => return later(s, std::slice::from_ref(&q), &e.to_string()).await,
             }
@@ -463,6 +471,10 @@ async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
                 failure = Some(format!("the next relay refused: {}", r.code.describe()));
                 break;
             }
+            Ok(Err(Submitted::Refused(r))) if s.config.forwarding.via.is_some() => {
+                failure = Some(format!("the gateway refused: {}", r.code.describe()));
+                break;
+            }
             Ok(Err(Submitted::Refused(refusal))) => {
                 let ended = refused_by_next(s, hop, "blob", peer.next_key, &peer.binding, refusal);
                 keep_peer(s, lane, peer);
@@ -494,7 +506,13 @@ async fn hand_on_blob(s: &Arc<Shared>, lane: &Lane, q: Queued) {
     }
     if complete {
         s.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
-        match s.store.forward_end(q.id, None).await {
+        let ended = if s.config.forwarding.via.is_some() {
+            let until = q.item.expires_at.saturating_add(HANDED_GRACE);
+            s.store.forward_handed(q.id, until).await
+        } else {
+            s.store.forward_end(q.id, None).await
+        };
+        match ended {
             Ok(_) => drop_copy(s, &q).await,
             Err(e) => tracing::warn!("ending a forwarded blob failed: {e}"),
         }
@@ -652,8 +670,15 @@ async fn hand_on_items(s: &Arc<Shared>, lane: &Lane, items: Vec<Queued>) {
             Ok(Submitted::Accepted { .. }) => {
                 s.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
                 let (store, id) = (s.store.clone(), q.id);
+                let handed = s.config.forwarding.via.is_some();
+                let until = q.item.expires_at.saturating_add(HANDED_GRACE);
                 ends.spawn(async move {
-                    if let Err(e) = store.forward_end(id, None).await {
+                    let ended = if handed {
+                        store.forward_handed(id, until).await
+                    } else {
+                        store.forward_end(id, None).await
+                    };
+                    if let Err(e) = ended {
                         // Still queued: handed on again later, which the
                         // next relay and the recipient's replay cache
                         // absorb.
@@ -667,6 +692,15 @@ async fn hand_on_items(s: &Arc<Shared>, lane: &Lane, items: Vec<Queued>) {
                 retry.push((
                     q.clone(),
                     format!("the next relay refused: {}", r.code.describe()),
+                ));
+            }
+            // The gateway's own refusal: the sender could not check it
+            // against its recipient's card, so it is this relay's failed
+            // attempt (given up, in its own words, at expiry).
+            Ok(Submitted::Refused(r)) if s.config.forwarding.via.is_some() => {
+                retry.push((
+                    q.clone(),
+                    format!("the gateway refused: {}", r.code.describe()),
                 ));
             }
             Ok(Submitted::Refused(refusal)) => {
@@ -778,6 +812,19 @@ fn keep_peer(s: &Shared, lane: &Lane, peer: Peer) {
 /// next relay's key binding, checked against its pin.
 async fn connect_peer(s: &Shared, hop: &NextHop) -> Result<Peer, String> {
     let cfg = &s.config.forwarding;
+    if let Some(via) = &cfg.via {
+        let client = connect_gateway(s, via).await?;
+        let next_key = client.relay_key().to_bytes();
+        let binding = client
+            .key_binding(&via.pin.0)
+            .await
+            .map_err(|e| format!("the gateway's key binding: {e}"))?;
+        return Ok(Peer {
+            client,
+            next_key,
+            binding,
+        });
+    }
     let addr = RelayAddress {
         host_port: hop.addr.clone(),
         pin: Pin(hop.pin),
@@ -894,4 +941,184 @@ async fn end_with_notice(
 /// A uniform draw in [0, 1) for the backoff's jitter.
 fn unit() -> f64 {
     (OsRng.next_u32() as f64) / (u32::MAX as f64 + 1.0)
+}
+
+/// How long an entry handed to a gateway is kept past its expiry for the
+/// gateway's word on it (a gateway gives up at the expiry, by its own
+/// clock, and its notice then has to come back).
+pub(crate) const HANDED_GRACE: u64 = 3600;
+
+/// How often a relay with a gateway looks in its mailbox there.
+const GATEWAY_POLL: Duration = Duration::from_secs(2);
+
+/// A connection to the outbound gateway `via` (pinned TLS), authenticated
+/// to this relay's mailbox there (registered on first use) with its
+/// relay key.
+async fn connect_gateway(s: &Shared, via: &RelayAddress) -> Result<RelayClient, String> {
+    let cfg = &s.config.forwarding;
+    let client = RelayClient::connect_via(&*cfg.transport, via, None, cfg.timeouts)
+        .await
+        .map_err(|e| format!("the gateway {}: {e}", via.host_port))?;
+    client.owner_with_key(&s.key).await.map_err(|e| {
+        format!(
+            "the gateway {} does not take this relay as a mailbox owner: {e}",
+            via.host_port
+        )
+    })?;
+    Ok(client)
+}
+
+/// Passes the gateway's notices back, forever: every [`GATEWAY_POLL`] it
+/// fetches this relay's mailbox at the gateway, turns each notice about
+/// an entry it handed there into a notice of its own for that entry's
+/// sender (stored durably) and only then acknowledges it; and it forgets
+/// handed entries whose time is up.
+pub(crate) async fn gateway_loop(s: Arc<Shared>, via: RelayAddress) {
+    let mut link: Option<RelayClient> = None;
+    let mut swept = 0u64;
+    loop {
+        tokio::time::sleep(GATEWAY_POLL).await;
+        let t = now();
+        if t >= swept + 60 {
+            swept = t;
+            if let Err(e) = s.store.handed_expire(t).await {
+                tracing::warn!("forgetting entries handed to the gateway failed: {e}");
+            }
+        }
+        let client = match link.take() {
+            Some(c) => c,
+            None => match connect_gateway(&s, &via).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!("{e}");
+                    continue;
+                }
+            },
+        };
+        match gateway_notices(&s, &via, &client).await {
+            Ok(()) => link = Some(client),
+            Err(e) => tracing::debug!("reading notices at the gateway {}: {e}", via.host_port),
+        }
+    }
+}
+
+/// Fetches and passes back what waits in this relay's mailbox at the
+/// gateway; acknowledges each item once its outcome here is durable.
+async fn gateway_notices(s: &Shared, via: &RelayAddress, c: &RelayClient) -> Result<(), String> {
+    let gateway_key = *c.relay_key();
+    loop {
+        let (items, more) = c.fetch(0, 100).await.map_err(|e| e.to_string())?;
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut seqs = Vec::with_capacity(items.len());
+        for item in items {
+            pass_back(s, via, &gateway_key, &item.payload).await?;
+            seqs.push(item.seq);
+        }
+        c.ack(seqs).await.map_err(|e| e.to_string())?;
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+/// Turns the gateway's notice `bytes` into this relay's notice for the
+/// sender of the entry it names (PROTOCOL 6.8, 6.9). What does not hold
+/// up — not a notice, not signed by the gateway, about nothing handed
+/// there, about another relay, a carried refusal that does not verify —
+/// is logged and dropped. An error means: not passed back, do not
+/// acknowledge it.
+async fn pass_back(
+    s: &Shared,
+    via: &RelayAddress,
+    gateway_key: &ed25519_dalek::VerifyingKey,
+    bytes: &[u8],
+) -> Result<(), String> {
+    let n = match Notice::decode(bytes) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(
+                "dropped an item in this relay's mailbox at its gateway: not a notice ({e})"
+            );
+            return Ok(());
+        }
+    };
+    if let Err(e) = n.verify(gateway_key) {
+        tracing::warn!("dropped a notice at the gateway not signed by it: {e}");
+        return Ok(());
+    }
+    let found = s
+        .store
+        .handed_find(n.mailbox, n.payload_hash, n.blob.map(|b| b.0))
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(h) = found else {
+        tracing::debug!("a notice of the gateway about nothing handed to it (ended already)");
+        return Ok(());
+    };
+    if h.next.pin != n.next.pin {
+        tracing::warn!(
+            "dropped a notice of the gateway about {}: the item went to {}",
+            n.next.addr,
+            h.next.addr
+        );
+        return Ok(());
+    }
+    let ended = match n.ended {
+        notice::Ended::Refused {
+            next_key,
+            binding,
+            refusal,
+        } => {
+            // Checked as the sender will check it.
+            let vouched =
+                sealpost_client::tls::verify_key_binding(&h.next.pin, &next_key, &binding);
+            let signed = VerifyingKey::from_bytes(&next_key).is_ok_and(|k| refusal.verify(&k));
+            let names = (refusal.mailbox, refusal.payload_hash) == (n.mailbox, n.payload_hash);
+            if !(vouched && signed && names) {
+                tracing::warn!("dropped a refusal the gateway passed on: it does not verify");
+                return Ok(());
+            }
+            s.metrics.forward_refused.fetch_add(1, Ordering::Relaxed);
+            notice::Ended::Refused {
+                next_key,
+                binding,
+                refusal,
+            }
+        }
+        notice::Ended::GaveUp { attempts, error } => {
+            s.metrics.forward_given_up.fetch_add(1, Ordering::Relaxed);
+            let mut error = format!("the gateway {} gave up: {error}", via.host_port);
+            if error.len() > 1000 {
+                let mut cut = 1000;
+                while !error.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                error.truncate(cut);
+            }
+            notice::Ended::GaveUp { attempts, error }
+        }
+    };
+    let t = now();
+    let notice = match (h.blob, n.blob) {
+        (Some(b), Some((_, offset))) => {
+            Notice::sign_blob(&s.key, t, h.mailbox, (b, offset), h.next.clone(), ended)
+        }
+        _ => Notice::sign(&s.key, t, h.mailbox, n.payload_hash, h.next.clone(), ended),
+    };
+    let payload = notice.encode();
+    let item = NewItem {
+        mailbox: h.origin,
+        expires_at: t + s.config.forwarding.notice_lifetime.as_secs(),
+        hash: *blake3::hash(&payload).as_bytes(),
+        payload,
+        source: Source::of_v4([0, 0, 0, 0]),
+        now: t,
+    };
+    s.store
+        .handed_end(h.id, Some(item))
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }

@@ -2031,3 +2031,123 @@ fn a_message_a_file_and_their_receipts_cross_two_relays_while_the_far_one_was_do
     let q = relay_status("relay-a");
     assert_eq!(q["forward_queue"].as_array().map(Vec::len), Some(0), "{q}");
 }
+
+/// A chain of three relays with real processes: Alice's relay A hands
+/// everything it forwards to an outbound gateway G (`--forward-via`);
+/// Bob's relay B takes forwarded items from G alone (`--peer-allow` with
+/// G's relay key, from `relay address --json`). Alice sends a message and
+/// a 3 MiB file with forwarding on and stops; Bob gets both (the file
+/// whole) and his receipts come back (B → A); Alice's next sync shows
+/// both delivered. A and G end with empty queues.
+#[test]
+fn a_message_and_a_file_cross_a_chain_of_three_relays() {
+    struct Kill(Vec<Child>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let env = Env::new();
+    let (port_a, port_g, port_b) = (free_port(), free_port(), free_port());
+    let (relay_g, addr_g) = start_relay_with(&env.path("relay-g"), port_g, &[]);
+    let mut kill = Kill(vec![relay_g]);
+    let o = Command::new(cargo_bin("sealpost"))
+        .args(["--json", "relay", "address", "--data"])
+        .arg(env.path("relay-g"))
+        .output()
+        .expect("relay address");
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    let g_key = v["relay_key"].as_str().expect("relay_key").to_owned();
+    assert_eq!(g_key.len(), 64, "{v}");
+    let (relay_b, addr_b) =
+        start_relay_with(&env.path("relay-b"), port_b, &["--peer-allow", &g_key]);
+    kill.0.push(relay_b);
+    let via = addr_g.to_string();
+    let (relay_a, addr_a) =
+        start_relay_with(&env.path("relay-a"), port_a, &["--forward-via", &via]);
+    kill.0.push(relay_a);
+    let card = |home: &str, addr: &str| {
+        env.json(home, &["init", "--name", home, "--relay", addr])["card"]
+            .as_str()
+            .expect("card")
+            .to_owned()
+    };
+    let a = card("alice", &addr_a.to_string());
+    let b = card("bob", &addr_b.to_string());
+    env.ok("alice", &["contact", "add", &b, "--name", "bob"]);
+    env.ok("bob", &["contact", "add", &a, "--name", "alice"]);
+    env.ok("alice", &["sync", "--forward", "on"]);
+    env.ok("bob", &["sync", "--forward", "on"]);
+    let id = env.json("alice", &["send", "bob", "through the gateway"])["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let size = 3usize << 20;
+    let data: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+    std::fs::write(env.path("doc.bin"), &data).expect("write");
+    let file_id = env.json(
+        "alice",
+        &[
+            "send",
+            "bob",
+            "--file",
+            &env.path("doc.bin").to_string_lossy(),
+        ],
+    )["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let relay_status = |data: &str| -> Value {
+        let o = Command::new(cargo_bin("sealpost"))
+            .args(["--json", "relay", "status", "--data"])
+            .arg(env.path(data))
+            .output()
+            .expect("relay status");
+        serde_json::from_slice(&o.stdout).expect("json")
+    };
+    let dl = env.path("bob-downloads").to_string_lossy().into_owned();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        env.ok("bob", &["sync", "--downloads", &dl]);
+        let n = env.json("bob", &["inbox"])["messages"]
+            .as_array()
+            .map_or(0, Vec::len);
+        let placed = std::fs::metadata(env.path("bob-downloads").join("doc.bin"))
+            .is_ok_and(|m| m.len() == size as u64);
+        if n == 2 && placed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not across the chain: inbox {n}, A {} G {} B {}",
+            relay_status("relay-a"),
+            relay_status("relay-g"),
+            relay_status("relay-b")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let got = std::fs::read(env.path("bob-downloads").join("doc.bin")).expect("placed");
+    assert!(got == data, "the file arrived whole");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        env.ok("alice", &["sync"]);
+        let d = env.json("alice", &["status", &id])["messages"][0]["deliveries"][0].clone();
+        let f = env.json("alice", &["status", &file_id])["messages"][0]["deliveries"][0].clone();
+        if d["state"].as_str() == Some("delivered") && f["state"].as_str() == Some("delivered") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no receipts came back: {d} {f}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    for r in ["relay-a", "relay-g"] {
+        let q = relay_status(r);
+        assert_eq!(
+            q["forward_queue"].as_array().map(Vec::len),
+            Some(0),
+            "{r}: {q}"
+        );
+    }
+}

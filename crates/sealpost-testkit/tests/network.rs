@@ -163,3 +163,128 @@ async fn agents_time_out_reconnect_and_carry_on() {
     assert!(proxy.accepted() > faults.len() as u64);
     relay.stop().await.expect("stop");
 }
+
+/// The link between two relays breaks the ways networks do (PROTOCOL
+/// 6.8): Alice's relay (127.0.0.2) reaches Bob's (127.0.0.3) only through
+/// the proxy, which cuts each connection mid-stream, then leaves them
+/// half-open, then swallows them (accepts, never answers). Under each,
+/// Alice's relay keeps her item queued with the attempt's error (no
+/// hang: each attempt ends within its timeouts); once the link heals it
+/// hands it on and Bob fetches it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_between_two_relays_breaks_and_heals() {
+    use sealpost_proto::relay::{Forward, NextHop};
+    use sealpost_relay::client::{RelayClient, Submitted};
+    let dir = tempfile::tempdir().expect("tmp");
+    let start = |ip: &str, name: &str| {
+        let mut cfg = Config::new(
+            format!("{ip}:0").parse().expect("addr"),
+            dir.path().join(name),
+        );
+        cfg.forwarding.retry = Backoff {
+            base: Duration::from_millis(200),
+            max: Duration::from_millis(400),
+        };
+        cfg.forwarding.poll = Duration::from_millis(100);
+        cfg.forwarding.timeouts = TIMEOUTS;
+        cfg
+    };
+    let b = Relay::bind(start("127.0.0.3", "b"))
+        .await
+        .expect("b")
+        .spawn();
+    let a = Relay::bind(start("127.0.0.2", "a"))
+        .await
+        .expect("a")
+        .spawn();
+    let b_port = b
+        .address()
+        .host_port
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .parse()
+        .expect("port");
+    let proxy = FaultyProxy::start(([127, 0, 0, 3], b_port).into(), NetFault::Pass)
+        .await
+        .expect("proxy");
+    // Bob's relay as Alice's relay reaches it: through the proxy.
+    let to_b = NextHop {
+        addr: proxy.addr().to_string(),
+        pin: b.address().pin.0,
+    };
+    let (alice, bob) = (
+        sealpost_proto::Identity::generate(&mut OsRng),
+        sealpost_proto::Identity::generate(&mut OsRng),
+    );
+    let bob_c = RelayClient::connect(b.address()).await.expect("connect");
+    let bob_mb = bob_c.register(&bob).await.expect("bob");
+    let alice_c = RelayClient::connect(a.address()).await.expect("connect");
+    alice_c.register(&alice).await.expect("alice");
+    for (n, fault) in [
+        NetFault::CutAfter(700),
+        NetFault::StallAfter(700),
+        NetFault::Blackhole,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        proxy.set(fault);
+        proxy.cut_open();
+        let payload = format!("item {n} under {fault:?}").into_bytes();
+        let r = alice_c
+            .forward_many(vec![Forward {
+                hops: 0,
+                next: to_b.clone(),
+                mailbox: bob_mb,
+                expires_at: now() + 600,
+                payload_hash: *blake3::hash(&payload).as_bytes(),
+                payload: payload.clone(),
+            }])
+            .await;
+        assert!(matches!(r[0], Ok(Submitted::Accepted { .. })), "{r:?}");
+        // Attempts fail and end (timeouts), the item waits with why.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let q = a.store().forward_queue().await.expect("queue");
+            let failed = q
+                .first()
+                .is_some_and(|h| h.items == 1 && h.last_error.is_some());
+            if failed && proxy.accepted() > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{fault:?}: no failed attempt seen: {q:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (items, _) = bob_c.fetch(0, 10).await.expect("fetch");
+        assert!(items.is_empty(), "{fault:?}: nothing reached Bob's relay");
+        // The link heals.
+        proxy.set(NetFault::Pass);
+        proxy.cut_open();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (items, _) = bob_c.fetch(0, 10).await.expect("fetch");
+            if !items.is_empty() {
+                assert_eq!(items.len(), 1, "{fault:?}: once");
+                assert_eq!(items[0].payload, payload);
+                bob_c.ack(vec![items[0].seq]).await.expect("ack");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{fault:?}: not handed on after the heal"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !a.store().forward_queue().await.expect("queue").is_empty() {
+            assert!(Instant::now() < deadline, "{fault:?}: still queued");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    a.stop().await.expect("stop a");
+    b.stop().await.expect("stop b");
+}

@@ -210,7 +210,7 @@ struct Relay {
     ip: String,
     port: u16,
     child: Option<Child>,
-    /// Its `HOST:PORT#PIN`, once it started.
+    /// Its address (`HOST:PORT/FINGERPRINT`), once it started.
     address: String,
 }
 

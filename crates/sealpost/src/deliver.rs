@@ -185,10 +185,10 @@ pub struct SyncArgs {
     /// their inbox segments goes back to the file system
     #[arg(long, value_name = "DURATION|SIZE|forever", value_parser = parse_keep)]
     keep_received: Vec<Keep>,
-    /// on: messages for contacts on other relays go to your relay, which
-    /// forwards them (you may go offline once it has them; `status` says
-    /// "at your relay" until the receipt); off (the default): this agent
-    /// submits to each recipient's relay itself. Files go the same way:
+    /// on (the default): messages for contacts on other relays go to your
+    /// relay, which forwards them (you may go offline once it has them;
+    /// `status` says "at your relay" until the receipt); off: this agent
+    /// submits to each recipient's relay itself (direct). Files go the same way:
     /// on, a file's data is uploaded once, to your relay, which hands it
     /// on to each recipient's relay. Remembered
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]

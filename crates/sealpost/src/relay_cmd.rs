@@ -215,7 +215,8 @@ pub struct Settings {
     /// submit to other relays themselves [default: on]
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
     forward: Option<String>,
-    /// An outbound gateway (HOST:PORT#PIN, its `relay address`): hand
+    /// An outbound gateway, by its address (what `relay address` prints
+    /// on it, HOST:PORT/FINGERPRINT): hand
     /// everything this relay forwards to that relay, which passes it on,
     /// instead of to each recipient's relay. This relay is a mailbox owner
     /// there with its relay key (the gateway must let it register: open,
@@ -590,7 +591,7 @@ fn build_config(mut a: ServeArgs) -> anyhow::Result<(Config, Option<String>)> {
     }
     if let Some(v) = &s.forward_via {
         let via = sealpost_relay::RelayAddress::parse(v.trim()).ok_or_else(|| {
-            anyhow!("forward_via: {v:?} is not a relay address (HOST:PORT#PIN, as `sealpost relay address` prints it)")
+            anyhow!("forward_via: {v:?} is not a relay address (HOST:PORT/FINGERPRINT, as `sealpost relay address` prints it on the gateway)")
         })?;
         c.forwarding.via = Some(via);
     }

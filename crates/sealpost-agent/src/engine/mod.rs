@@ -433,11 +433,10 @@ pub struct Engine {
     /// first; `None`: no limit. From the home's setting
     /// [`KEEP_RECEIVED_BYTES`].
     pub keep_received_bytes: Option<u64>,
-    /// Messages for mailboxes on other relays go to the home relay, which
-    /// forwards them (PROTOCOL 6.8); otherwise (the default) the agent
-    /// submits to each recipient's relay itself. Files are uploaded to
-    /// the recipient's relay either way. From the home's setting
-    /// [`FORWARD`].
+    /// Messages, receipts and files for mailboxes on other relays go to
+    /// the home relay, which forwards them (PROTOCOL 6.8: the default);
+    /// otherwise the agent submits to each recipient's relay itself. From
+    /// the home's setting [`FORWARD`] (on unless it says "off").
     pub forward: bool,
     /// False once the home relay said it does not forward (a signed
     /// `not_forwarded`, or it does not know the request): this engine
@@ -512,7 +511,7 @@ impl Engine {
             .db
             .setting(KEEP_RECEIVED_BYTES)?
             .and_then(|s| s.parse::<u64>().ok());
-        let forward = agent.db.setting(FORWARD)?.as_deref() == Some("on");
+        let forward = agent.db.setting(FORWARD)?.as_deref() != Some("off");
         let spool = Spool::open(agent.home().dir())?;
         let mut home = RelayLink::new(home_addr.clone());
         home.auth = LinkAuth::Register;

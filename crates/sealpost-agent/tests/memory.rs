@@ -359,3 +359,97 @@ async fn a_file_to_two_recipients_on_one_relay_reaches_both() {
     .await;
     relay.stop().await.expect("stop");
 }
+
+/// Flips a byte of chunks 0 and 1 the first time each is read (as
+/// [`DamageChunks`]), and records the ids of the blobs put for any
+/// mailbox.
+#[derive(Debug)]
+struct DamageAndRecord {
+    damage: DamageChunks,
+    put: std::sync::Mutex<Vec<BlobId>>,
+}
+
+impl Tamper for DamageAndRecord {
+    fn submit(&self, m: &MailboxId, h: &[u8; 32], p: &[u8]) -> OnSubmit {
+        self.damage.submit(m, h, p)
+    }
+
+    fn fetch(&self, m: &MailboxId, items: &mut Vec<Item>) -> Vec<u64> {
+        self.damage.fetch(m, items)
+    }
+
+    fn blob_put(&self, id: &BlobId, _: &MailboxId, _: u64) -> Option<ForgedRefusal> {
+        if let Ok(mut p) = self.put.lock() {
+            if !p.contains(id) {
+                p.push(*id);
+            }
+        }
+        None
+    }
+
+    fn blob_data(&self, m: &MailboxId, id: &BlobId, offset: u64, data: &mut Vec<u8>) {
+        self.damage.blob_data(m, id, offset, data)
+    }
+}
+
+/// A repair offer whose blob is gone from the relay (lost, or an offer
+/// that arrived after a newer one): the recipient waits for it a minute —
+/// a repair forwarded relay to relay may arrive after its offer — then
+/// asks again, and the second repair completes the file. Before, it
+/// waited until the message expired.
+#[tokio::test(flavor = "current_thread")]
+async fn a_repair_whose_blob_is_gone_is_asked_for_again() {
+    let tamper = Arc::new(DamageAndRecord {
+        damage: DamageChunks::new([0, 1], 100),
+        put: std::sync::Mutex::new(Vec::new()),
+    });
+    let World {
+        dir,
+        relay,
+        clock,
+        mut alice,
+        mut bob,
+        ..
+    } = world(Some(tamper.clone()), None).await;
+    let (path, data) = file(dir.path(), "two.bin", 2 * 65_536, 3);
+    let (id, _) = alice
+        .agent_mut()
+        .send_file(&["bob".into()], &path, 86_400)
+        .expect("send");
+    catch_up(&clock);
+    alice.pass().await.expect("upload");
+    bob.pass().await.expect("damaged: asks for a repair");
+    let downloads = bob.agent().db().downloads(None, 10).expect("downloads");
+    assert_eq!(downloads[0].bad, vec![0, 1]);
+    alice.pass().await.expect("the repair and its offer");
+    // The relay loses the repair blob before Bob reads it.
+    let puts = tamper.put.lock().expect("lock").clone();
+    assert_eq!(puts.len(), 2, "the file's blob and the repair: {puts:?}");
+    let bob_mb = MailboxId::of(bob.agent().card().public().signing_bytes());
+    let key = relay
+        .store()
+        .blob_key(&puts[1], &bob_mb)
+        .await
+        .expect("key");
+    assert!(relay
+        .store()
+        .ledger()
+        .blob_delete(key, bob_mb)
+        .await
+        .expect("delete"));
+    let s = bob.pass().await.expect("the offer; waits");
+    assert_eq!(s.files_received, 0, "{s:?}");
+    clock.advance(Duration::from_secs(30));
+    let s = bob.pass().await.expect("still waits");
+    assert_eq!(s.files_received, 0, "{s:?}");
+    clock.advance(Duration::from_secs(31));
+    bob.pass().await.expect("asks again");
+    alice.pass().await.expect("the second repair");
+    let s = bob.pass().await.expect("repaired");
+    assert_eq!(s.files_received, 1, "{s:?}");
+    let got = std::fs::read(dir.path().join("bob/downloads/two.bin")).expect("received");
+    assert!(got == data, "the file arrived whole");
+    alice.pass().await.expect("receipt");
+    assert_eq!(state(&alice, &id).0, State::Delivered);
+    relay.stop().await.expect("stop");
+}

@@ -43,6 +43,11 @@ pub enum OnHandOn {
     /// End it at once with a notice carrying a refusal this relay made up
     /// and signed itself, as if the next relay had refused.
     ForgeRefusal,
+    /// Hand it on, and keep it to hand on again (a replay of an item the
+    /// next relay already took).
+    Replay,
+    /// Hand it on addressed to this other mailbox (misrouted).
+    Redirect(MailboxId),
 }
 
 /// The ways a relay can answer with a refusal that the client must not

@@ -69,10 +69,16 @@ pub enum Fault {
     /// A queued item ended with a notice carrying a refusal this relay
     /// made up (signed by itself, not by the next relay).
     ForwardForge,
+    /// A queued item handed on, and again later (replayed to the next
+    /// relay).
+    ForwardReplay,
+    /// A queued item handed on addressed to another mailbox it forwarded
+    /// to (misrouted).
+    ForwardMisroute,
 }
 
 /// How many fault classes there are.
-const CLASSES: usize = 16;
+const CLASSES: usize = 18;
 
 impl Fault {
     pub const ALL: [Fault; CLASSES] = [
@@ -92,6 +98,8 @@ impl Fault {
         Fault::ForwardDrop,
         Fault::ForwardGiveUp,
         Fault::ForwardForge,
+        Fault::ForwardReplay,
+        Fault::ForwardMisroute,
     ];
 
     pub fn name(self) -> &'static str {
@@ -112,6 +120,8 @@ impl Fault {
             Fault::ForwardDrop => "forward-drop",
             Fault::ForwardGiveUp => "forward-give-up",
             Fault::ForwardForge => "forward-forge-refusal",
+            Fault::ForwardReplay => "forward-replay",
+            Fault::ForwardMisroute => "forward-misroute",
         }
     }
 
@@ -231,6 +241,8 @@ struct State {
     pool: VecDeque<(MailboxId, Vec<u8>)>,
     /// What each mailbox was served (what to replay).
     served: HashMap<MailboxId, VecDeque<Vec<u8>>>,
+    /// Mailboxes items were forwarded to (where to misroute one).
+    forward_dests: Vec<MailboxId>,
     log: Option<File>,
     n: u64,
 }
@@ -287,6 +299,7 @@ impl Hostile {
                 mailboxes: Vec::new(),
                 pool: VecDeque::new(),
                 served: HashMap::new(),
+                forward_dests: Vec::new(),
                 log,
                 n: 0,
             }),
@@ -634,6 +647,10 @@ impl Tamper for Hostile {
             return OnForward::Queue;
         };
         let st = &mut *st;
+        // Where misrouted items can go.
+        if !st.forward_dests.contains(mailbox) && st.forward_dests.len() < 64 {
+            st.forward_dests.push(*mailbox);
+        }
         if self.roll(st, Fault::ForwardDrop) {
             let item = sealpost_proto::hex(payload_hash);
             self.log(st, Fault::ForwardDrop, mailbox, &item, None);
@@ -658,6 +675,22 @@ impl Tamper for Hostile {
         if self.roll(st, Fault::ForwardForge) {
             self.log(st, Fault::ForwardForge, mailbox, &item, None);
             return OnHandOn::ForgeRefusal;
+        }
+        if self.roll(st, Fault::ForwardReplay) {
+            self.log(st, Fault::ForwardReplay, mailbox, &item, None);
+            return OnHandOn::Replay;
+        }
+        if self.roll(st, Fault::ForwardMisroute) {
+            let others: Vec<MailboxId> = st
+                .forward_dests
+                .iter()
+                .filter(|m| *m != mailbox)
+                .copied()
+                .collect();
+            if let Some(to) = others.choose(&mut st.rng).copied() {
+                self.log(st, Fault::ForwardMisroute, mailbox, &item, None);
+                return OnHandOn::Redirect(to);
+            }
         }
         OnHandOn::Send
     }
@@ -712,6 +745,10 @@ mod tests {
                     "{:?}",
                     it.iter().map(|i| i.payload.clone()).collect::<Vec<_>>()
                 ));
+                // As a forwarding relay.
+                let hash = blake3::hash(&p);
+                trace.push(format!("{:?}", h.forward(&to, hash.as_bytes())));
+                trace.push(format!("{:?}", h.hand_on(&to, hash.as_bytes())));
             }
             (trace, h.counts())
         };

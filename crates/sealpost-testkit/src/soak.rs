@@ -818,6 +818,8 @@ fn check(
                 | "blob-truncate"
                 | "forward-give-up"
                 | "forward-forge-refusal"
+                | "forward-replay"
+                | "forward-misroute"
         );
         if matchable {
             let e = r.matched.entry(class).or_default();

@@ -213,7 +213,9 @@ impl Engine {
             let repair_id = offer.repair_blob_id;
             // A repair forwarded relay to relay may arrive after its
             // offer: wait for it (while the message lives) rather than ask
-            // for another.
+            // for another — while it arrives, or for a minute if none of
+            // it is there: an offer whose blob the relay lost, or one that
+            // arrived late (a newer one came first), is then asked again.
             let here = self
                 .home
                 .call(&self.agent.identity, async |c| {
@@ -221,13 +223,24 @@ impl Engine {
                 })
                 .await;
             let live = expires_at.is_none_or(|e| self.clock.now_ms() / 1000 < e);
-            if matches!(here, Ok((_, false))) && live {
-                tracing::info!(
-                    "receiving {}: waiting for the repaired chunks to arrive at your relay",
-                    d.name
-                );
-                progress.finish();
-                return Ok(());
+            let waited = self.clock.now_ms().saturating_sub(d.changed_ms);
+            if let Ok((stored, false)) = here {
+                if live && (stored > 0 || waited < REPAIR_RETRY_MS) {
+                    tracing::info!(
+                        "receiving {}: waiting for the repaired chunks to arrive at your relay",
+                        d.name
+                    );
+                    progress.finish();
+                    return Ok(());
+                }
+                if stored == 0 {
+                    tracing::warn!(
+                        "receiving {}: the repaired chunks never reached your relay; asking again",
+                        d.name
+                    );
+                    progress.finish();
+                    return self.request_repair(&d, &bad).await;
+                }
             }
             let mut still: Vec<u64> = bad
                 .iter()

@@ -612,7 +612,7 @@ async fn drop_copy(s: &Shared, q: &Queued) {
 
 /// Sends queued messages to `hop` on one connection, pipelined.
 async fn hand_on_items(s: &Arc<Shared>, lane: &Lane, items: Vec<Queued>) {
-    let items = tampered(s, items).await;
+    let (items, replay) = tampered(s, items).await;
     if items.is_empty() {
         return;
     }
@@ -667,6 +667,13 @@ async fn hand_on_items(s: &Arc<Shared>, lane: &Lane, items: Vec<Queued>) {
     let mut retry: Vec<(Queued, String)> = Vec::new();
     for (q, answer) in items.iter().zip(answers) {
         match answer {
+            // A hostile relay (tests only) keeps what it will replay.
+            Ok(Submitted::Accepted { .. }) if replay.contains(&q.id) => {
+                let _ = s
+                    .store
+                    .forward_later(vec![q.id], now() + 1, String::new(), false)
+                    .await;
+            }
             Ok(Submitted::Accepted { .. }) => {
                 s.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
                 let (store, id) = (s.store.clone(), q.id);
@@ -723,17 +730,29 @@ async fn hand_on_items(s: &Arc<Shared>, lane: &Lane, items: Vec<Queued>) {
 
 /// What a hostile relay (tests only, [`crate::tamper`]) does instead of
 /// handing items on: those it ends at once with a lying notice are not
-/// among the items returned.
-async fn tampered(s: &Shared, items: Vec<Queued>) -> Vec<Queued> {
+/// among the items returned, those it misroutes are addressed to another
+/// mailbox, and the ids of those it will hand on again are returned too.
+async fn tampered(s: &Shared, items: Vec<Queued>) -> (Vec<Queued>, std::collections::HashSet<u64>) {
     use crate::tamper::OnHandOn;
+    let mut replay = std::collections::HashSet::new();
     let Some(t) = s.config.tamper.as_ref() else {
-        return items;
+        return (items, replay);
     };
     let mut kept = Vec::with_capacity(items.len());
-    for q in items {
+    for mut q in items {
         let at = now();
         let ended = match t.hand_on(&q.item.mailbox, &q.item.payload_hash) {
             OnHandOn::Send => {
+                kept.push(q);
+                continue;
+            }
+            OnHandOn::Replay => {
+                replay.insert(q.id);
+                kept.push(q);
+                continue;
+            }
+            OnHandOn::Redirect(to) => {
+                q.item.mailbox = to;
                 kept.push(q);
                 continue;
             }
@@ -756,7 +775,7 @@ async fn tampered(s: &Shared, items: Vec<Queued>) -> Vec<Queued> {
         };
         end_with_notice(s, &q, None, ended, at).await;
     }
-    kept
+    (kept, replay)
 }
 
 /// The next relay's signed refusal of a forwarded `what` (item or blob),

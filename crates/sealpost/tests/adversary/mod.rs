@@ -103,7 +103,13 @@ fn two_hostile_relays_that_forward_lose_forge_or_alter_nothing_that_is_accepted(
     let r = run(13, 8, 2);
     assert_held(&r);
     assert_eq!(r.relays, 2);
-    for class in ["forward-drop", "forward-give-up", "forward-forge-refusal"] {
+    for class in [
+        "forward-drop",
+        "forward-give-up",
+        "forward-forge-refusal",
+        "forward-replay",
+        "forward-misroute",
+    ] {
         assert!(
             r.faults.get(class).copied().unwrap_or(0) > 0,
             "{class} never struck:\n{}",

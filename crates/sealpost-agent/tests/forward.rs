@@ -425,36 +425,10 @@ async fn a_file_goes_through_the_senders_relay_to_two_relays() {
 /// what is addressed to it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_home_relay_that_swallows_forwards_delays_a_message_by_one_retransmission() {
-    use sealpost_relay::tamper::{ForgedRefusal, OnForward, OnSubmit, Tamper};
+    use sealpost_relay::tamper::{OnForward, Tamper};
     #[derive(Debug)]
     struct Swallow;
     impl Tamper for Swallow {
-        fn submit(&self, _: &sealpost_proto::relay::MailboxId, _: &[u8; 32], _: &[u8]) -> OnSubmit {
-            OnSubmit::Store
-        }
-        fn fetch(
-            &self,
-            _: &sealpost_proto::relay::MailboxId,
-            _: &mut Vec<sealpost_proto::relay::Item>,
-        ) -> Vec<u64> {
-            Vec::new()
-        }
-        fn blob_put(
-            &self,
-            _: &sealpost_proto::relay::BlobId,
-            _: &sealpost_proto::relay::MailboxId,
-            _: u64,
-        ) -> Option<ForgedRefusal> {
-            None
-        }
-        fn blob_data(
-            &self,
-            _: &sealpost_proto::relay::MailboxId,
-            _: &sealpost_proto::relay::BlobId,
-            _: u64,
-            _: &mut Vec<u8>,
-        ) {
-        }
         fn forward(&self, _: &sealpost_proto::relay::MailboxId, _: &[u8; 32]) -> OnForward {
             OnForward::Drop
         }
@@ -659,37 +633,11 @@ async fn an_expired_refusal_a_relay_could_induce_does_not_fail_a_live_message() 
 /// the delivery as expired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_lies_about_handing_on_cannot_end_a_live_message() {
-    use sealpost_relay::tamper::{ForgedRefusal, OnHandOn, OnSubmit, Tamper};
+    use sealpost_relay::tamper::{OnHandOn, Tamper};
     use std::sync::atomic::{AtomicUsize, Ordering};
     #[derive(Debug, Default)]
     struct Liar(AtomicUsize);
     impl Tamper for Liar {
-        fn submit(&self, _: &sealpost_proto::relay::MailboxId, _: &[u8; 32], _: &[u8]) -> OnSubmit {
-            OnSubmit::Store
-        }
-        fn fetch(
-            &self,
-            _: &sealpost_proto::relay::MailboxId,
-            _: &mut Vec<sealpost_proto::relay::Item>,
-        ) -> Vec<u64> {
-            Vec::new()
-        }
-        fn blob_put(
-            &self,
-            _: &sealpost_proto::relay::BlobId,
-            _: &sealpost_proto::relay::MailboxId,
-            _: u64,
-        ) -> Option<ForgedRefusal> {
-            None
-        }
-        fn blob_data(
-            &self,
-            _: &sealpost_proto::relay::MailboxId,
-            _: &sealpost_proto::relay::BlobId,
-            _: u64,
-            _: &mut Vec<u8>,
-        ) {
-        }
         fn hand_on(&self, _: &sealpost_proto::relay::MailboxId, _: &[u8; 32]) -> OnHandOn {
             match self.0.fetch_add(1, Ordering::SeqCst) {
                 0 => OnHandOn::GiveUp,

@@ -16,9 +16,9 @@ use common::{catch_up, now_ms, pin, state};
 use sealpost_agent::engine::{Engine, FakeClock, PassStats};
 use sealpost_agent::outbox::DownloadState;
 use sealpost_proto::delivery::State;
-use sealpost_proto::relay::{BlobId, Item, MailboxId};
+use sealpost_proto::relay::{BlobId, MailboxId};
 use sealpost_relay::memory::MemoryNet;
-use sealpost_relay::tamper::{ForgedRefusal, OnSubmit, Tamper};
+use sealpost_relay::tamper::{ForgedRefusal, Tamper};
 use sealpost_relay::RunningRelay;
 
 struct World {
@@ -265,18 +265,6 @@ impl DamageChunks {
 }
 
 impl Tamper for DamageChunks {
-    fn submit(&self, _: &MailboxId, _: &[u8; 32], _: &[u8]) -> OnSubmit {
-        OnSubmit::Store
-    }
-
-    fn fetch(&self, _: &MailboxId, _: &mut Vec<Item>) -> Vec<u64> {
-        Vec::new()
-    }
-
-    fn blob_put(&self, _: &BlobId, _: &MailboxId, _: u64) -> Option<ForgedRefusal> {
-        None
-    }
-
     fn blob_data(&self, _: &MailboxId, _: &BlobId, offset: u64, data: &mut Vec<u8>) {
         for (chunk, done) in self.chunks.iter().zip(&self.done) {
             let at = chunk * 65_552 + self.within;
@@ -370,14 +358,6 @@ struct DamageAndRecord {
 }
 
 impl Tamper for DamageAndRecord {
-    fn submit(&self, m: &MailboxId, h: &[u8; 32], p: &[u8]) -> OnSubmit {
-        self.damage.submit(m, h, p)
-    }
-
-    fn fetch(&self, m: &MailboxId, items: &mut Vec<Item>) -> Vec<u64> {
-        self.damage.fetch(m, items)
-    }
-
     fn blob_put(&self, id: &BlobId, _: &MailboxId, _: u64) -> Option<ForgedRefusal> {
         if let Ok(mut p) = self.put.lock() {
             if !p.contains(id) {

@@ -65,21 +65,40 @@ pub enum ForgedRefusal {
 
 /// The hooks. Every method is called on the relay's request path, so it
 /// must be quick and must not block on I/O for long.
+/// Every hook defaults to what an honest relay does, so a misbehaving
+/// relay implements only the hooks it misbehaves in.
 pub trait Tamper: Send + Sync + std::fmt::Debug + 'static {
     /// A well-formed submission whose hash matched, before it is stored.
-    fn submit(&self, mailbox: &MailboxId, payload_hash: &[u8; 32], payload: &[u8]) -> OnSubmit;
+    fn submit(&self, _mailbox: &MailboxId, _payload_hash: &[u8; 32], _payload: &[u8]) -> OnSubmit {
+        OnSubmit::Store
+    }
 
     /// Items about to be sent to `mailbox`'s owner; the hook may rewrite
     /// the list in place. Returns sequence numbers the relay should delete
     /// without telling anyone (items it "loses").
-    fn fetch(&self, mailbox: &MailboxId, items: &mut Vec<Item>) -> Vec<u64>;
+    fn fetch(&self, _mailbox: &MailboxId, _items: &mut Vec<Item>) -> Vec<u64> {
+        Vec::new()
+    }
 
     /// A blob piece arriving, before it is stored.
-    fn blob_put(&self, blob_id: &BlobId, mailbox: &MailboxId, offset: u64)
-        -> Option<ForgedRefusal>;
+    fn blob_put(
+        &self,
+        _blob_id: &BlobId,
+        _mailbox: &MailboxId,
+        _offset: u64,
+    ) -> Option<ForgedRefusal> {
+        None
+    }
 
     /// Blob data about to be sent to its reader; may be altered in place.
-    fn blob_data(&self, mailbox: &MailboxId, blob_id: &BlobId, offset: u64, data: &mut Vec<u8>);
+    fn blob_data(
+        &self,
+        _mailbox: &MailboxId,
+        _blob_id: &BlobId,
+        _offset: u64,
+        _data: &mut Vec<u8>,
+    ) {
+    }
 
     /// A `Forward` from one of the relay's owners that passed its checks,
     /// before it is queued.

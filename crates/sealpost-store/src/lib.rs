@@ -553,6 +553,12 @@ impl Store {
     pub async fn forward_end(&self, id: u64, notice: Option<NewItem>) -> Result<Ended, StoreError> {
         let origin = notice.as_ref().map(|n| n.mailbox);
         let ended = self.inner.ledger.forward_end(id, notice).await?;
+        self.notice_published(ended, origin);
+        Ok(ended)
+    }
+
+    /// Tells the notifier of the notice an ended entry stored, if any.
+    fn notice_published(&self, ended: Ended, origin: Option<MailboxId>) {
         if let (
             Ended::Ended {
                 notice_seq: Some(seq),
@@ -562,7 +568,6 @@ impl Store {
         {
             self.inner.notifier.published(&mb, seq);
         }
-        Ok(ended)
     }
 
     /// Puts queued items off until `next_at`, after a failed attempt if
@@ -614,15 +619,7 @@ impl Store {
     pub async fn handed_end(&self, id: u64, notice: Option<NewItem>) -> Result<Ended, StoreError> {
         let origin = notice.as_ref().map(|n| n.mailbox);
         let ended = self.inner.ledger.handed_end(id, notice).await?;
-        if let (
-            Ended::Ended {
-                notice_seq: Some(seq),
-            },
-            Some(mb),
-        ) = (ended, origin)
-        {
-            self.inner.notifier.published(&mb, seq);
-        }
+        self.notice_published(ended, origin);
         Ok(ended)
     }
 

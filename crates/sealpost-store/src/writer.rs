@@ -75,6 +75,32 @@ pub(crate) enum Op {
     },
 }
 
+/// Stores the `notice` of an ended forward entry in its `origin` mailbox
+/// (a notice for another mailbox is not stored); its seq. Stored whatever
+/// the quota — it takes the place of an item of the origin's that the
+/// quota held — and in no source's share: the relay made it.
+fn store_notice(
+    tx: &rusqlite::Transaction<'_>,
+    origin: &[u8],
+    notice: Option<NewItem>,
+) -> Result<Option<u64>, rusqlite::Error> {
+    match notice {
+        Some(n) if n.mailbox.0.as_slice() == origin => {
+            let (seq, _) = store_item(
+                tx,
+                &n.mailbox,
+                n.now,
+                n.expires_at,
+                &n.hash,
+                n.payload,
+                None,
+            )?;
+            Ok(Some(seq))
+        }
+        _ => Ok(None),
+    }
+}
+
 pub(crate) fn open_conn(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     // FULL: with NORMAL, WAL mode may lose the last commits on power loss,
@@ -675,25 +701,9 @@ pub(crate) fn apply(
                         "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
                     )?
                     .execute(params![origin, len])?;
-                    // The notice is stored whatever the quota: it replaces
-                    // an item of the origin's that the quota already held.
-                    let notice_seq = match notice {
-                        Some(n) if n.mailbox.0.as_slice() == origin.as_slice() => {
-                            // In no source's share: the relay made it.
-                            let (seq, _) = store_item(
-                                tx,
-                                &n.mailbox,
-                                n.now,
-                                n.expires_at,
-                                &n.hash,
-                                n.payload,
-                                None,
-                            )?;
-                            Some(seq)
-                        }
-                        _ => None,
-                    };
-                    Ended::Ended { notice_seq }
+                    Ended::Ended {
+                        notice_seq: store_notice(tx, &origin, notice)?,
+                    }
                 }
             };
             Reply::Ended(reply, outcome)
@@ -752,24 +762,9 @@ pub(crate) fn apply(
                 .optional()?;
             let outcome = match gone {
                 None => Ended::Gone,
-                Some(origin) => {
-                    let notice_seq = match notice {
-                        Some(n) if n.mailbox.0.as_slice() == origin.as_slice() => {
-                            let (seq, _) = store_item(
-                                tx,
-                                &n.mailbox,
-                                n.now,
-                                n.expires_at,
-                                &n.hash,
-                                n.payload,
-                                None,
-                            )?;
-                            Some(seq)
-                        }
-                        _ => None,
-                    };
-                    Ended::Ended { notice_seq }
-                }
+                Some(origin) => Ended::Ended {
+                    notice_seq: store_notice(tx, &origin, notice)?,
+                },
             };
             Reply::Ended(reply, outcome)
         }

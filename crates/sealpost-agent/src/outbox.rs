@@ -123,8 +123,17 @@ CREATE TABLE IF NOT EXISTS reports (
     hash BLOB PRIMARY KEY,
     bytes BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_ms);
-CREATE INDEX IF NOT EXISTS deliveries_expiry ON deliveries(state, expires_ms);
+-- Only deliveries under way are indexed by time: finished ones (the
+-- whole history) take no index space and no query reads them that way.
+-- A query uses these only if its WHERE repeats the index's exactly.
+DROP INDEX IF EXISTS deliveries_due;
+DROP INDEX IF EXISTS deliveries_expiry;
+CREATE INDEX IF NOT EXISTS deliveries_live_next ON deliveries(next_ms)
+    WHERE state IN ('queued', 'submitted', 'forwarding');
+CREATE INDEX IF NOT EXISTS deliveries_live_expiry ON deliveries(expires_ms)
+    WHERE state IN ('queued', 'submitted', 'forwarding');
+CREATE INDEX IF NOT EXISTS deliveries_forwarding ON deliveries(changed_ms)
+    WHERE state = 'forwarding';
 CREATE TABLE IF NOT EXISTS inbox (
     id BLOB PRIMARY KEY,
     sender BLOB NOT NULL,
@@ -434,13 +443,31 @@ fn queue_in(
     Ok(())
 }
 
+/// What a pass asks of the deliveries, each answered from the indexes
+/// of the deliveries under way (`deliveries_live_*`, `deliveries_forwarding`),
+/// never by reading the finished ones: the cost of a pass does not grow
+/// with history (the test `pass_queries_read_no_history`).
+const DUE_WHERE: &str = "WHERE state IN ('queued', 'submitted', 'forwarding') \
+     AND next_ms <= ?1 AND expires_ms > ?1 ORDER BY next_ms LIMIT ?2";
+const FORWARDING_WHERE: &str = "WHERE state = 'forwarding' ORDER BY changed_ms LIMIT ?1";
+const LIVE_WHERE: &str = "WHERE state IN ('queued', 'submitted', 'forwarding')";
+const EXPIRED_WHERE: &str =
+    "WHERE state IN ('queued', 'submitted', 'forwarding') AND expires_ms <= ?1";
+const REACHABLE_SQL: &str = "UPDATE deliveries SET next_ms = ?2 \
+     WHERE state IN ('queued', 'submitted', 'forwarding') AND state = 'queued' \
+     AND relay = ?1 AND failed_attempts > 0 AND next_ms > ?2";
+const ALL_DUE_NOW_SQL: &str = "UPDATE deliveries SET next_ms = ?1 \
+     WHERE state IN ('queued', 'submitted', 'forwarding') AND next_ms > ?1";
+const NEXT_DUE_SQL: [&str; 2] = [
+    "SELECT MIN(next_ms) FROM deliveries WHERE state IN ('queued', 'submitted', 'forwarding')",
+    "SELECT MIN(expires_ms) FROM deliveries WHERE state IN ('queued', 'submitted', 'forwarding')",
+];
+
 impl Db {
     /// Deliveries due for a submission at `now_ms`, oldest first.
     pub fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<DeliveryRow>, AgentError> {
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {DELIVERY_COLS} FROM deliveries \
-             WHERE state IN ('queued', 'submitted', 'forwarding') AND next_ms <= ?1 AND expires_ms > ?1 \
-             ORDER BY next_ms LIMIT ?2"
+            "SELECT {DELIVERY_COLS} FROM deliveries {DUE_WHERE}"
         ))?;
         let rows = stmt.query_map(
             params![to_i64(now_ms), to_i64(limit as u64)],
@@ -456,10 +483,7 @@ impl Db {
     pub fn relay_reachable(&mut self, relay: &str, now_ms: u64) -> Result<usize, AgentError> {
         Ok(self
             .conn
-            .prepare_cached(
-                "UPDATE deliveries SET next_ms = ?2 \
-                 WHERE relay = ?1 AND state = 'queued' AND failed_attempts > 0 AND next_ms > ?2",
-            )?
+            .prepare_cached(REACHABLE_SQL)?
             .execute(params![relay, to_i64(now_ms)])?)
     }
 
@@ -471,8 +495,7 @@ impl Db {
     /// the least recently looked at first, at most `max`.
     pub fn forwarding(&self, max: usize) -> Result<Vec<DeliveryRow>, AgentError> {
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'forwarding' \
-             ORDER BY changed_ms LIMIT ?1"
+            "SELECT {DELIVERY_COLS} FROM deliveries {FORWARDING_WHERE}"
         ))?;
         let rows = stmt
             .query_map(params![max as i64], delivery_from_row)?
@@ -501,8 +524,7 @@ impl Db {
         payload_hash: &[u8; 32],
     ) -> Result<Vec<DeliveryRow>, AgentError> {
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {DELIVERY_COLS} FROM deliveries \
-             WHERE state IN ('queued', 'submitted', 'forwarding')"
+            "SELECT {DELIVERY_COLS} FROM deliveries {LIVE_WHERE}"
         ))?;
         let rows: Vec<DeliveryRow> = stmt
             .query_map([], delivery_from_row)?
@@ -521,16 +543,10 @@ impl Db {
     }
 
     pub fn next_due_ms(&self) -> Result<Option<u64>, AgentError> {
-        // One indexed MIN per (state, column): no scan of the outbox.
+        // One indexed MIN per column, over the deliveries under way: no
+        // scan of the outbox.
         let mut best: Option<i64> = None;
-        for sql in [
-            "SELECT MIN(next_ms) FROM deliveries WHERE state = 'queued'",
-            "SELECT MIN(next_ms) FROM deliveries WHERE state = 'submitted'",
-            "SELECT MIN(next_ms) FROM deliveries WHERE state = 'forwarding'",
-            "SELECT MIN(expires_ms) FROM deliveries WHERE state = 'queued'",
-            "SELECT MIN(expires_ms) FROM deliveries WHERE state = 'submitted'",
-            "SELECT MIN(expires_ms) FROM deliveries WHERE state = 'forwarding'",
-        ] {
+        for sql in NEXT_DUE_SQL {
             let v: Option<i64> = self.conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?;
             best = match (best, v) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -573,11 +589,11 @@ impl Db {
     pub fn expire(&mut self, now_ms: u64) -> Result<Vec<DeliveryRow>, AgentError> {
         let tx = self.conn.transaction()?;
         let mut rows: Vec<DeliveryRow> = Vec::new();
-        for state in ["queued", "submitted", "forwarding"] {
+        {
             let mut stmt = tx.prepare_cached(&format!(
-                "SELECT {DELIVERY_COLS} FROM deliveries WHERE state = ?1 AND expires_ms <= ?2"
+                "SELECT {DELIVERY_COLS} FROM deliveries {EXPIRED_WHERE}"
             ))?;
-            let found = stmt.query_map(params![state, to_i64(now_ms)], delivery_from_row)?;
+            let found = stmt.query_map(params![to_i64(now_ms)], delivery_from_row)?;
             for r in found {
                 rows.push(r?);
             }
@@ -712,10 +728,9 @@ impl Db {
     /// Makes every delivery that waits for a backoff due now (`sync
     /// --now`). Returns how many.
     pub fn all_due_now(&mut self, now_ms: u64) -> Result<usize, AgentError> {
-        Ok(self.conn.execute(
-            "UPDATE deliveries SET next_ms = ?1 WHERE state IN ('queued', 'submitted', 'forwarding') AND next_ms > ?1",
-            params![to_i64(now_ms)],
-        )?)
+        Ok(self
+            .conn
+            .execute(ALL_DUE_NOW_SQL, params![to_i64(now_ms)])?)
     }
 
     /// Outbox messages with their deliveries, newest first.
@@ -848,4 +863,51 @@ pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
 
 fn id16(v: Vec<u8>) -> [u8; 16] {
     v.try_into().unwrap_or([0; 16])
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    /// A pass's questions about deliveries are answered from the indexes
+    /// of those under way: none reads the table's rows in order (a scan
+    /// of the whole history), whatever the history holds.
+    #[test]
+    fn pass_queries_read_no_history() {
+        let conn = rusqlite::Connection::open_in_memory().expect("db");
+        conn.execute_batch(SCHEMA).expect("schema");
+        let mut queries: Vec<String> = [DUE_WHERE, FORWARDING_WHERE, LIVE_WHERE, EXPIRED_WHERE]
+            .iter()
+            .map(|w| format!("SELECT {DELIVERY_COLS} FROM deliveries {w}"))
+            .collect();
+        queries.extend(NEXT_DUE_SQL.iter().map(|q| q.to_string()));
+        queries.push(REACHABLE_SQL.into());
+        queries.push(ALL_DUE_NOW_SQL.into());
+        for q in queries {
+            let mut stmt = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {q}"))
+                .expect("plan");
+            let n = stmt.parameter_count();
+            let nulls = rusqlite::params_from_iter(std::iter::repeat_n(rusqlite::types::Null, n));
+            let plan: Vec<String> = stmt
+                .query_map(nulls, |r| r.get::<_, String>(3))
+                .expect("rows")
+                .collect::<Result<_, _>>()
+                .expect("plan rows");
+            // One of the partial indexes, which hold live deliveries only.
+            assert!(
+                plan.iter()
+                    .any(|p| ["deliveries_live_", "deliveries_forwarding"]
+                        .iter()
+                        .any(|i| p.contains(&format!("INDEX {i}")))),
+                "{q}: {plan:?}"
+            );
+            assert!(
+                !plan
+                    .iter()
+                    .any(|p| p.starts_with("SCAN deliveries") && !p.contains("INDEX")),
+                "{q}: {plan:?}"
+            );
+        }
+    }
 }

@@ -48,6 +48,15 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn cut_text(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// A cursor over a byte slice that only ever moves forward.
 #[derive(Debug)]
 pub struct Reader<'a> {
@@ -98,6 +107,16 @@ impl<'a> Reader<'a> {
 
     pub fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
         Ok(u64::from_be_bytes(self.array(what)?))
+    }
+
+    /// A list's length (u16), refused above `max` before anything is
+    /// allocated for it; `what` names the list in the error.
+    pub fn count(&mut self, what: &'static str, max: usize) -> Result<usize, DecodeError> {
+        let n = self.u16("count")? as usize;
+        if n > max {
+            return Err(DecodeError::TooLarge { what, max });
+        }
+        Ok(n)
     }
 
     /// Reads a magic string and a version byte, and checks both.

@@ -177,7 +177,7 @@ impl Notice {
             }
             Ended::GaveUp { attempts, error } => {
                 o.extend_from_slice(&attempts.to_be_bytes());
-                let e = cut_text(error, MAX_TEXT);
+                let e = codec::cut_text(error, MAX_TEXT);
                 o.extend_from_slice(&(e.len() as u16).to_be_bytes());
                 o.extend_from_slice(e.as_bytes());
             }
@@ -312,15 +312,6 @@ impl Notice {
         }
         Ok(())
     }
-}
-
-/// `s` cut to at most `max` bytes, at a character boundary.
-fn cut_text(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// Why a notice is not taken.

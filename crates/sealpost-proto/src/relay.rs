@@ -997,13 +997,7 @@ impl Request {
             },
             0x06 => Self::Subscribe,
             0x07 => {
-                let n = r.u16("count")? as usize;
-                if n > MAX_BATCH {
-                    return Err(DecodeError::TooLarge {
-                        what: "ack list",
-                        max: MAX_BATCH,
-                    });
-                }
+                let n = r.count("ack list", MAX_BATCH)?;
                 let mut seqs = Vec::with_capacity(n);
                 for _ in 0..n {
                     seqs.push(r.u64("seq")?);
@@ -1047,13 +1041,7 @@ impl Request {
             },
             0x10 => Self::KeyBinding,
             0x12 => {
-                let n = r.u16("count")? as usize;
-                if n > MAX_FORWARD_STATUS {
-                    return Err(DecodeError::TooLarge {
-                        what: "forward status",
-                        max: MAX_FORWARD_STATUS,
-                    });
-                }
+                let n = r.count("forward status", MAX_FORWARD_STATUS)?;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     items.push((MailboxId(r.array("mailbox")?), r.array("payload hash")?));
@@ -1216,12 +1204,9 @@ impl Response {
                                 .chars()
                                 .map(|c| if c.is_control() { ' ' } else { c })
                                 .collect();
-                            let mut end = e.len().min(MAX_WAITING_ERROR);
-                            while !e.is_char_boundary(end) {
-                                end -= 1;
-                            }
-                            o.extend_from_slice(&(end as u16).to_be_bytes());
-                            o.extend_from_slice(&e.as_bytes()[..end]);
+                            let e = crate::codec::cut_text(&e, MAX_WAITING_ERROR);
+                            o.extend_from_slice(&(e.len() as u16).to_be_bytes());
+                            o.extend_from_slice(e.as_bytes());
                         }
                     }
                 }
@@ -1309,13 +1294,7 @@ impl Response {
             }),
             0x84 => {
                 let more = r.flag("more flag")?;
-                let n = r.u16("count")? as usize;
-                if n > MAX_BATCH {
-                    return Err(DecodeError::TooLarge {
-                        what: "item list",
-                        max: MAX_BATCH,
-                    });
-                }
+                let n = r.count("item list", MAX_BATCH)?;
                 let mut items = Vec::with_capacity(n.min(64));
                 for _ in 0..n {
                     let seq = r.u64("seq")?;
@@ -1379,13 +1358,7 @@ impl Response {
             },
             0x8b => Self::KeyBinding(KeyBinding::decode_from(&mut r)?),
             0x8c => {
-                let n = r.u16("count")? as usize;
-                if n > MAX_FORWARD_STATUS {
-                    return Err(DecodeError::TooLarge {
-                        what: "forward status",
-                        max: MAX_FORWARD_STATUS,
-                    });
-                }
+                let n = r.count("forward status", MAX_FORWARD_STATUS)?;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     items.push(match r.u8("waiting")? {

@@ -75,6 +75,23 @@ pub(crate) enum Op {
     },
 }
 
+/// Deletes forward entry `id` and gives its bytes back to its origin's
+/// quota; the origin, or `None` if the entry was gone.
+fn release_forward(
+    tx: &rusqlite::Transaction<'_>,
+    id: u64,
+) -> Result<Option<Vec<u8>>, rusqlite::Error> {
+    let gone: Option<(Vec<u8>, i64)> = tx
+        .prepare_cached("DELETE FROM forwards WHERE id = ?1 RETURNING origin, LENGTH(payload)")?
+        .query_row(params![i64_of(id)], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((origin, len)) = &gone {
+        tx.prepare_cached("UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1")?
+            .execute(params![origin, len])?;
+    }
+    Ok(gone.map(|(origin, _)| origin))
+}
+
 /// Stores the `notice` of an ended forward entry in its `origin` mailbox
 /// (a notice for another mailbox is not stored); its seq. Stored whatever
 /// the quota — it takes the place of an item of the origin's that the
@@ -688,23 +705,11 @@ pub(crate) fn apply(
             Reply::Enqueued(reply, outcome)
         }
         Op::ForwardEnd { id, notice, reply } => {
-            let gone: Option<(Vec<u8>, i64)> = tx
-                .prepare_cached(
-                    "DELETE FROM forwards WHERE id = ?1 RETURNING origin, LENGTH(payload)",
-                )?
-                .query_row(params![i64_of(id)], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            let outcome = match gone {
+            let outcome = match release_forward(tx, id)? {
                 None => Ended::Gone,
-                Some((origin, len)) => {
-                    tx.prepare_cached(
-                        "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
-                    )?
-                    .execute(params![origin, len])?;
-                    Ended::Ended {
-                        notice_seq: store_notice(tx, &origin, notice)?,
-                    }
-                }
+                Some(origin) => Ended::Ended {
+                    notice_seq: store_notice(tx, &origin, notice)?,
+                },
             };
             Reply::Ended(reply, outcome)
         }
@@ -737,21 +742,9 @@ pub(crate) fn apply(
                  FROM forwards WHERE id = ?1",
             )?
             .execute(params![i64_of(id), i64_of(until)])?;
-            let gone: Option<(Vec<u8>, i64)> = tx
-                .prepare_cached(
-                    "DELETE FROM forwards WHERE id = ?1 RETURNING origin, LENGTH(payload)",
-                )?
-                .query_row(params![i64_of(id)], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            let outcome = match gone {
+            let outcome = match release_forward(tx, id)? {
                 None => Ended::Gone,
-                Some((origin, len)) => {
-                    tx.prepare_cached(
-                        "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
-                    )?
-                    .execute(params![origin, len])?;
-                    Ended::Ended { notice_seq: None }
-                }
+                Some(_) => Ended::Ended { notice_seq: None },
             };
             Reply::Ended(reply, outcome)
         }

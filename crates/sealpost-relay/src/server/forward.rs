@@ -1108,14 +1108,8 @@ async fn pass_back(
         }
         notice::Ended::GaveUp { attempts, error } => {
             s.metrics.forward_given_up.fetch_add(1, Ordering::Relaxed);
-            let mut error = format!("the gateway {} gave up: {error}", via.host_port);
-            if error.len() > 1000 {
-                let mut cut = 1000;
-                while !error.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                error.truncate(cut);
-            }
+            // The notice cuts it to its limit (§6.9).
+            let error = format!("the gateway {} gave up: {error}", via.host_port);
             notice::Ended::GaveUp { attempts, error }
         }
     };

@@ -41,14 +41,29 @@ async fn relay_forwarding(
     users: &Arc<MemoryNet>,
     forwards: bool,
 ) -> RunningRelay {
+    relay_with(dir, name, backbone, users, |c| {
+        c.forwarding.enabled = forwards
+    })
+    .await
+}
+
+/// [`relay`], its configuration then changed by `tweak` (a tamper hook,
+/// lists of relays it takes items from).
+async fn relay_with(
+    dir: &std::path::Path,
+    name: &str,
+    backbone: &Arc<MemoryNet>,
+    users: &Arc<MemoryNet>,
+    tweak: impl FnOnce(&mut Config),
+) -> RunningRelay {
     let mut cfg = Config::new("127.0.0.1:0".parse().expect("addr"), dir.join(name));
-    cfg.forwarding.enabled = forwards;
     cfg.forwarding.transport = backbone.clone();
     cfg.forwarding.poll = Duration::from_millis(20);
     cfg.forwarding.retry = Backoff {
         base: Duration::from_millis(50),
         max: Duration::from_millis(100),
     };
+    tweak(&mut cfg);
     let relay = common::spawn_in_memory(cfg).await;
     backbone.add(relay.door());
     users.add(relay.door());
@@ -435,15 +450,10 @@ async fn a_home_relay_that_swallows_forwards_delays_a_message_by_one_retransmiss
     }
     let dir = tempfile::tempdir().expect("tmp");
     let (backbone, net_a, net_b) = (MemoryNet::new(), MemoryNet::new(), MemoryNet::new());
-    let mut cfg = Config::new(
-        "127.0.0.1:0".parse().expect("addr"),
-        dir.path().join("relay-a"),
-    );
-    cfg.forwarding.transport = backbone.clone();
-    cfg.tamper = Some(Arc::new(Swallow));
-    let a = common::spawn_in_memory(cfg).await;
-    backbone.add(a.door());
-    net_a.add(a.door());
+    let a = relay_with(dir.path(), "relay-a", &backbone, &net_a, |c| {
+        c.tamper = Some(Arc::new(Swallow));
+    })
+    .await;
     let b = relay(dir.path(), "relay-b", &backbone, &net_b).await;
     // Alice can reach Bob's relay too.
     net_a.add(b.door());
@@ -648,16 +658,10 @@ async fn a_relay_that_lies_about_handing_on_cannot_end_a_live_message() {
     }
     let dir = tempfile::tempdir().expect("tmp");
     let (backbone, net_a, net_b) = (MemoryNet::new(), MemoryNet::new(), MemoryNet::new());
-    let mut cfg = Config::new(
-        "127.0.0.1:0".parse().expect("addr"),
-        dir.path().join("relay-a"),
-    );
-    cfg.forwarding.transport = backbone.clone();
-    cfg.forwarding.poll = Duration::from_millis(20);
-    cfg.tamper = Some(Arc::new(Liar::default()));
-    let a = common::spawn_in_memory(cfg).await;
-    backbone.add(a.door());
-    net_a.add(a.door());
+    let a = relay_with(dir.path(), "relay-a", &backbone, &net_a, |c| {
+        c.tamper = Some(Arc::new(Liar::default()));
+    })
+    .await;
     let b = relay(dir.path(), "relay-b", &backbone, &net_b).await;
     let mut alice = common::engine(dir.path(), "alice", a.address(), &net_a, None).await;
     let mut bob = common::engine(dir.path(), "bob", b.address(), &net_b, None).await;
@@ -703,15 +707,11 @@ async fn a_relay_that_takes_nothing_from_the_senders_relay_gets_it_directly() {
     let dir = tempfile::tempdir().expect("tmp");
     let (backbone, net_a, net_b) = (MemoryNet::new(), MemoryNet::new(), MemoryNet::new());
     let a = relay(dir.path(), "relay-a", &backbone, &net_a).await;
-    let mut cfg = Config::new(
-        "127.0.0.1:0".parse().expect("addr"),
-        dir.path().join("relay-b"),
-    );
-    cfg.forwarding.transport = backbone.clone();
-    cfg.peers.deny.insert(a.relay_key().to_bytes());
-    let b = common::spawn_in_memory(cfg).await;
-    backbone.add(b.door());
-    net_b.add(b.door());
+    let a_key = a.relay_key().to_bytes();
+    let b = relay_with(dir.path(), "relay-b", &backbone, &net_b, |c| {
+        c.peers.deny.insert(a_key);
+    })
+    .await;
     // Alice can reach Bob's relay too.
     net_a.add(b.door());
     let mut alice = common::engine(dir.path(), "alice", a.address(), &net_a, None).await;

@@ -196,40 +196,59 @@ async fn items_go_on_to_the_next_relay_and_refusals_come_back() {
         .forward_many(vec![item(&to_b, nobody, b"lost", now() + 600)])
         .await;
     assert!(accepted(&r[0]), "{r:?}");
-    let notices = fetch_n(&a, &alice, 1).await;
-    assert!(notice::is_notice(&notices[0]));
-    let n = Notice::decode(&notices[0]).expect("notice");
-    n.verify(&c_key(&a).await).expect("signed by Alice's relay");
+    let (n, code) = refusal_notice(&a, &alice, &b).await;
+    assert_eq!(code, RefusalCode::UnknownMailbox);
     assert_eq!(
         (n.mailbox, n.payload_hash, &n.next),
         (nobody, *blake3::hash(b"lost").as_bytes(), &to_b)
     );
-    match &n.ended {
+    // Bob's relay's certificate key vouches for it, checkable with the
+    // pin alone; not for any other key.
+    if let notice::Ended::Refused {
+        next_key, binding, ..
+    } = &n.ended
+    {
+        assert!(!sealpost_client::tls::verify_key_binding(
+            &a.pin.0, next_key, binding
+        ));
+        assert!(!sealpost_client::tls::verify_key_binding(
+            &b.pin.0, &[7; 32], binding
+        ));
+    }
+    b_relay.stop().await.expect("stop b");
+    a_relay.stop().await.expect("stop a");
+}
+
+/// The one notice waiting for `who` at relay `a`: signed by `a`, ending an
+/// item with a refusal that relay `b` signed, with `b`'s key binding
+/// checkable against `b`'s pin. Returns it and that refusal's code.
+async fn refusal_notice(
+    a: &RelayAddress,
+    who: &Identity,
+    b: &RelayAddress,
+) -> (Notice, RefusalCode) {
+    let notices = fetch_n(a, who, 1).await;
+    assert!(notice::is_notice(&notices[0]));
+    let n = Notice::decode(&notices[0]).expect("notice");
+    n.verify(&c_key(a).await)
+        .expect("signed by the sender's relay");
+    let code = match &n.ended {
         notice::Ended::Refused {
             next_key,
             binding,
             refusal,
         } => {
-            assert_eq!(refusal.code, RefusalCode::UnknownMailbox);
-            let b_key = c_key(&b).await;
-            assert_eq!(next_key, &b_key.to_bytes(), "Bob's relay's key");
+            let b_key = c_key(b).await;
+            assert_eq!(next_key, &b_key.to_bytes(), "the next relay's key");
             assert!(refusal.verify(&b_key));
-            // Bob's relay's certificate key vouches for it, checkable
-            // with the pin alone; not for any other key.
             assert!(sealpost_client::tls::verify_key_binding(
                 &b.pin.0, next_key, binding
             ));
-            assert!(!sealpost_client::tls::verify_key_binding(
-                &a.pin.0, next_key, binding
-            ));
-            assert!(!sealpost_client::tls::verify_key_binding(
-                &b.pin.0, &[7; 32], binding
-            ));
+            refusal.code
         }
         other => panic!("{other:?}"),
-    }
-    b_relay.stop().await.expect("stop b");
-    a_relay.stop().await.expect("stop a");
+    };
+    (n, code)
 }
 
 /// The key a relay states in `HelloOk`.
@@ -743,16 +762,8 @@ async fn a_relay_takes_forwarded_items_only_from_relays_its_operator_allows() {
         .forward_many(vec![item(&to_b, bob_mb, b"denied", now() + 600)])
         .await;
     assert!(accepted(&r[0]), "{r:?}");
-    let notices = fetch_n(&a, &alice, 1).await;
-    let n = Notice::decode(&notices[0]).expect("notice");
-    n.verify(&c_key(&a).await).expect("signed by Alice's relay");
-    match &n.ended {
-        notice::Ended::Refused { refusal, .. } => {
-            assert_eq!(refusal.code, RefusalCode::NotForwarded);
-            assert!(refusal.verify(&c_key(&b).await));
-        }
-        other => panic!("{other:?}"),
-    }
+    let (_, code) = refusal_notice(&a, &alice, &b).await;
+    assert_eq!(code, RefusalCode::NotForwarded);
     assert_eq!(
         fetch_n(&b, &bob, 4).await.len(),
         4,
@@ -854,29 +865,12 @@ async fn a_chain_of_three_relays_carries_items_blobs_and_refusals() {
     }
     assert!(got == blob, "Bob reads the blob Alice uploaded");
     // The refusal, back through the gateway, as Alice's relay's notice.
-    let notices = fetch_n(&a, &alice, 1).await;
-    let n = Notice::decode(&notices[0]).expect("notice");
-    n.verify(&c_key(&a).await).expect("signed by Alice's relay");
+    let (n, code) = refusal_notice(&a, &alice, &b).await;
+    assert_eq!(code, RefusalCode::UnknownMailbox, "Bob's relay refused it");
     assert_eq!(
         (n.mailbox, n.payload_hash, &n.next),
         (nobody, *blake3::hash(b"to nobody").as_bytes(), &to_b)
     );
-    match &n.ended {
-        notice::Ended::Refused {
-            next_key,
-            binding,
-            refusal,
-        } => {
-            assert_eq!(refusal.code, RefusalCode::UnknownMailbox);
-            let b_key = c_key(&b).await;
-            assert_eq!(next_key, &b_key.to_bytes(), "Bob's relay refused it");
-            assert!(refusal.verify(&b_key));
-            assert!(sealpost_client::tls::verify_key_binding(
-                &b.pin.0, next_key, binding
-            ));
-        }
-        other => panic!("{other:?}"),
-    }
     // Alice's relay holds nothing to hand on; the item is not "waiting".
     let deadline = Instant::now() + Duration::from_secs(5);
     while !a_relay_queue(&a_relay).await.is_empty() {

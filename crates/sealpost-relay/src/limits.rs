@@ -44,31 +44,56 @@ pub type PerAddress = PerKey<IpAddr>;
 
 /// A token bucket per key (a source address; a relay's key). Buckets of
 /// keys that have been quiet long enough to be full again are dropped, so
-/// the map stays small.
+/// the map stays small; with a cap on keys (keys anyone can make, such
+/// as relay keys), a new key while the map is full is refused until
+/// quiet ones can be dropped.
 #[derive(Debug)]
 pub struct PerKey<K> {
     rate: f64,
     burst: f64,
     buckets: HashMap<K, TokenBucket>,
     last_prune: Instant,
+    max_keys: usize,
 }
 
 impl<K: Hash + Eq> PerKey<K> {
     pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        Self::with_max_keys(rate, burst, now, usize::MAX)
+    }
+
+    /// [`PerKey::new`] holding at most `max_keys` buckets.
+    pub fn with_max_keys(rate: f64, burst: f64, now: Instant, max_keys: usize) -> Self {
         Self {
             rate,
             burst,
             buckets: HashMap::new(),
             last_prune: now,
+            max_keys,
         }
     }
 
+    /// Drops the buckets that are full again (their keys are as if new).
+    fn prune(&mut self, now: Instant) {
+        let full_after = self.burst / self.rate.max(1e-9);
+        self.buckets
+            .retain(|_, b| now.saturating_duration_since(b.last).as_secs_f64() < full_after);
+        self.last_prune = now;
+    }
+
     pub fn try_take(&mut self, key: K, now: Instant) -> bool {
-        if now.saturating_duration_since(self.last_prune).as_secs_f64() > 60.0 {
-            let full_after = self.burst / self.rate.max(1e-9);
-            self.buckets
-                .retain(|_, b| now.saturating_duration_since(b.last).as_secs_f64() < full_after);
-            self.last_prune = now;
+        let since = now.saturating_duration_since(self.last_prune).as_secs_f64();
+        if since > 60.0 {
+            self.prune(now);
+        }
+        if self.buckets.len() >= self.max_keys && !self.buckets.contains_key(&key) {
+            // Full: pruned at most once a second, so a flood of new keys
+            // cannot make every request walk the map.
+            if since >= 1.0 {
+                self.prune(now);
+            }
+            if self.buckets.len() >= self.max_keys {
+                return false;
+            }
         }
         let (rate, burst) = (self.rate, self.burst);
         self.buckets
@@ -95,6 +120,20 @@ mod tests {
         let later = t0 + Duration::from_secs(100);
         assert!((0..3).all(|_| b.try_take(later)));
         assert!(!b.try_take(later));
+    }
+
+    #[test]
+    fn a_full_map_of_keys_refuses_new_ones_until_old_ones_are_quiet() {
+        let t0 = Instant::now();
+        let mut p: PerKey<u8> = PerKey::with_max_keys(1.0, 2.0, t0, 2);
+        assert!(p.try_take(1, t0));
+        assert!(p.try_take(2, t0));
+        assert!(!p.try_take(3, t0), "a third key while two are held");
+        assert!(p.try_take(1, t0), "a known key goes on");
+        // Once the first two are full again (2 s), the third takes a slot.
+        let later = t0 + Duration::from_secs(3);
+        assert!(p.try_take(3, later));
+        assert!(p.buckets.len() <= 2);
     }
 
     #[test]

@@ -171,6 +171,11 @@ pub fn relay_key_in(path: &Path) -> Option<[u8; 32]> {
     load_key(path).ok().map(|k| k.verifying_key().to_bytes())
 }
 
+/// Relay keys whose forwarding rate a relay tracks at once (about 1.5 MiB
+/// of buckets); past it, an item from a relay key not tracked is told to
+/// try again later until quiet keys are dropped.
+const MAX_PEER_KEYS: usize = 16_384;
+
 /// A signing key the operator names in the configuration, for several
 /// relay nodes to share (a copy of one node's `relay-signing.key`).
 fn load_key(path: &Path) -> io::Result<SigningKey> {
@@ -339,10 +344,13 @@ impl Relay {
                 std::time::Instant::now(),
             )),
             open_per_address: std::sync::Mutex::new(HashMap::new()),
-            per_peer: std::sync::Mutex::new(crate::limits::PerKey::new(
+            // Relay keys cost nothing to make: a stranger proving
+            // key after key cannot grow the map past this.
+            per_peer: std::sync::Mutex::new(crate::limits::PerKey::with_max_keys(
                 config.peers.rate.0,
                 config.peers.rate.1,
                 std::time::Instant::now(),
+                MAX_PEER_KEYS,
             )),
             unauthenticated: std::sync::Mutex::new(BTreeMap::new()),
             next_connection: AtomicU64::new(0),

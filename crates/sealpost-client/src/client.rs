@@ -837,6 +837,54 @@ impl RelayClient {
         }
     }
 
+    /// Opens a pairing slot for `ttl` seconds (PROTOCOL §10): its number
+    /// and when it ends (the relay's clock, unix seconds).
+    pub async fn pair_open(&self, ttl: u32) -> Result<(u32, u64), ClientError> {
+        match self.request(Request::PairOpen { ttl }).await? {
+            Response::PairOpened { slot, expires_at } => Ok((slot, expires_at)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Joins pairing slot `slot` with the first message for its opener.
+    pub async fn pair_join(&self, slot: u32, data: Vec<u8>) -> Result<(), ClientError> {
+        match self.request(Request::PairJoin { slot, data }).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Puts a message in pairing slot `slot` for the other side.
+    pub async fn pair_send(&self, slot: u32, data: Vec<u8>) -> Result<(), ClientError> {
+        match self.request(Request::PairSend { slot, data }).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The other side's next message in `slot`, waiting up to `wait` for
+    /// it (the relay may answer sooner, with nothing: `None`).
+    pub async fn pair_wait(
+        &self,
+        slot: u32,
+        wait: Duration,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        let wait_ms = wait.as_millis().min(u32::MAX as u128) as u32;
+        match self.request(Request::PairWait { slot, wait_ms }).await? {
+            Response::PairMessage { data } if data.is_empty() => Ok(None),
+            Response::PairMessage { data } => Ok(Some(data)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Leaves pairing slot `slot`: the other side is told, no one may join.
+    pub async fn pair_leave(&self, slot: u32) -> Result<(), ClientError> {
+        match self.request(Request::PairLeave { slot }).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// (items, bytes used, quota) of the authenticated mailbox.
     pub async fn status(&self) -> Result<(u64, u64, u64), ClientError> {
         match self.request(Request::Status).await? {

@@ -19,6 +19,7 @@ pub mod identity;
 pub mod manifest;
 pub mod message;
 pub mod notice;
+pub mod pair;
 pub mod relay;
 pub mod repair;
 pub mod report;

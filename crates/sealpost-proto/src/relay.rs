@@ -266,6 +266,12 @@ pub enum ErrorCode {
     /// hash over the bytes it sent, so this is the relay's fault or a
     /// false claim; it uploads again from offset 0.
     BlobHashMismatch,
+    /// This relay does not offer the requested service (pairing turned
+    /// off by its operator, §10).
+    NotOffered,
+    /// The pairing slot is gone: used by another, expired, or its other
+    /// side left (§10). The text says which.
+    PairGone,
 }
 
 impl ErrorCode {
@@ -282,6 +288,8 @@ impl ErrorCode {
             Self::UnsupportedVersion => 9,
             Self::RegistrationRefused => 10,
             Self::BlobHashMismatch => 11,
+            Self::NotOffered => 12,
+            Self::PairGone => 13,
         }
     }
 
@@ -298,6 +306,8 @@ impl ErrorCode {
             9 => Self::UnsupportedVersion,
             10 => Self::RegistrationRefused,
             11 => Self::BlobHashMismatch,
+            12 => Self::NotOffered,
+            13 => Self::PairGone,
             _ => {
                 return Err(DecodeError::Invalid {
                     what: "error code",
@@ -447,6 +457,33 @@ pub enum Request {
     /// What this relay accepts: asked before a large file is hashed, and
     /// after a refusal, so the sender can state the limit.
     Limits,
+    /// Opens a pairing slot for `ttl` seconds (§10); the connection's
+    /// mailbox owner only.
+    PairOpen {
+        ttl: u32,
+    },
+    /// Joins slot `slot` (once per slot, ever), putting the first message
+    /// for the side that opened it.
+    PairJoin {
+        slot: u32,
+        data: Vec<u8>,
+    },
+    /// Puts a message in a slot this connection opened or joined, for the
+    /// other side.
+    PairSend {
+        slot: u32,
+        data: Vec<u8>,
+    },
+    /// Takes the other side's next message from the slot, waiting up to
+    /// `wait_ms` (the relay may wait less) for one.
+    PairWait {
+        slot: u32,
+        wait_ms: u32,
+    },
+    /// Leaves a slot: the other side is told, and no one may join.
+    PairLeave {
+        slot: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -506,6 +543,15 @@ pub enum Response {
     /// ended with a notice, or never queued).
     ForwardStatus {
         items: Vec<Option<Waiting>>,
+    },
+    /// The slot a `PairOpen` opened, and when it ends (relay's clock).
+    PairOpened {
+        slot: u32,
+        expires_at: u64,
+    },
+    /// The other side's next message; empty when none came in the wait.
+    PairMessage {
+        data: Vec<u8>,
     },
 }
 
@@ -730,6 +776,19 @@ fn piece_head(r: &mut Reader<'_>) -> Result<BlobPiece, DecodeError> {
     })
 }
 
+/// A pairing message: the rest of the frame, at most
+/// [`crate::pair::MAX_PAIR_MESSAGE`] bytes.
+fn pair_data(r: &mut Reader<'_>) -> Result<Vec<u8>, DecodeError> {
+    let n = r.remaining();
+    if n > crate::pair::MAX_PAIR_MESSAGE {
+        return Err(DecodeError::TooLarge {
+            what: "pairing message",
+            max: crate::pair::MAX_PAIR_MESSAGE,
+        });
+    }
+    Ok(r.take(n, "pairing message")?.to_vec())
+}
+
 fn blob_id(r: &mut Reader<'_>) -> Result<BlobId, DecodeError> {
     r.array("blob id").map(BlobId)
 }
@@ -854,6 +913,29 @@ impl Request {
                 o.push(f.next.addr.len() as u8);
                 o.extend_from_slice(&p.data);
                 o.extend_from_slice(f.next.addr.as_bytes());
+            }
+            Self::PairOpen { ttl } => {
+                header(o, 0x13, id);
+                o.extend_from_slice(&ttl.to_be_bytes());
+            }
+            Self::PairJoin { slot, data } | Self::PairSend { slot, data } => {
+                let ty = if matches!(self, Self::PairJoin { .. }) {
+                    0x14
+                } else {
+                    0x15
+                };
+                header(o, ty, id);
+                o.extend_from_slice(&slot.to_be_bytes());
+                o.extend_from_slice(data);
+            }
+            Self::PairWait { slot, wait_ms } => {
+                header(o, 0x16, id);
+                o.extend_from_slice(&slot.to_be_bytes());
+                o.extend_from_slice(&wait_ms.to_be_bytes());
+            }
+            Self::PairLeave { slot } => {
+                header(o, 0x17, id);
+                o.extend_from_slice(&slot.to_be_bytes());
             }
         }
         finish_frame(o);
@@ -1077,6 +1159,25 @@ impl Request {
                     piece,
                 })
             }
+            0x13 => Self::PairOpen {
+                ttl: r.u32("lifetime")?,
+            },
+            0x14 | 0x15 => {
+                let slot = r.u32("slot")?;
+                let data = pair_data(&mut r)?;
+                if ty == 0x14 {
+                    Self::PairJoin { slot, data }
+                } else {
+                    Self::PairSend { slot, data }
+                }
+            }
+            0x16 => Self::PairWait {
+                slot: r.u32("slot")?,
+                wait_ms: r.u32("wait")?,
+            },
+            0x17 => Self::PairLeave {
+                slot: r.u32("slot")?,
+            },
             _ => {
                 return Err(DecodeError::Invalid {
                     what: "request type",
@@ -1210,6 +1311,15 @@ impl Response {
                         }
                     }
                 }
+            }
+            Self::PairOpened { slot, expires_at } => {
+                header(o, 0x8d, id);
+                o.extend_from_slice(&slot.to_be_bytes());
+                o.extend_from_slice(&expires_at.to_be_bytes());
+            }
+            Self::PairMessage { data } => {
+                header(o, 0x8e, id);
+                o.extend_from_slice(data);
             }
         }
         finish_frame(o);
@@ -1392,6 +1502,13 @@ impl Response {
                 }
                 Self::ForwardStatus { items }
             }
+            0x8d => Self::PairOpened {
+                slot: r.u32("slot")?,
+                expires_at: r.u64("expiry")?,
+            },
+            0x8e => Self::PairMessage {
+                data: pair_data(&mut r)?,
+            },
             _ => {
                 return Err(DecodeError::Invalid {
                     what: "response type",

@@ -6,6 +6,7 @@
 pub mod limits;
 pub mod memory;
 pub mod metrics;
+pub mod pairing;
 pub mod pooled;
 pub mod server;
 pub mod tamper;

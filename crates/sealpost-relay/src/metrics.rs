@@ -106,6 +106,16 @@ impl Collector for Figures {
             g(&m.rate_limited),
         )?;
         counter(
+            "pair_opened",
+            "Pairing invitations opened (rendezvous slots, PROTOCOL 10).",
+            g(&m.pair_opened),
+        )?;
+        counter(
+            "pair_joined",
+            "Pairing invitations joined (each one attempt at a code).",
+            g(&m.pair_joined),
+        )?;
+        counter(
             "registrations_refused",
             "Registrations of new mailboxes refused by the policy or the cap.",
             g(&m.registrations_refused),

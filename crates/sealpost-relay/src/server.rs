@@ -12,6 +12,7 @@ mod config;
 mod connection;
 mod forward;
 mod frames;
+mod pair;
 mod requests;
 mod subscriptions;
 
@@ -69,6 +70,9 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     pub timeouts: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Pairing slots opened, and joined (PROTOCOL 10).
+    pub pair_opened: AtomicU64,
+    pub pair_joined: AtomicU64,
     /// Connections refused because their address held its share of slots.
     pub refused_per_address: AtomicU64,
     /// Unauthenticated idle connections closed to make room for new ones.
@@ -134,6 +138,12 @@ struct Shared {
     /// first to be closed when every slot is taken.
     unauthenticated: std::sync::Mutex<BTreeMap<u64, Arc<Evictable>>>,
     next_connection: AtomicU64,
+    /// Pairing slots (PROTOCOL §10), and who waits for them to change.
+    pairing: std::sync::Mutex<crate::pairing::Rendezvous>,
+    pairing_changed: Notify,
+    /// Pairing opens and joins per source address (each join is one
+    /// guess at a code).
+    pairing_rate: std::sync::Mutex<crate::limits::PerKey<Source>>,
     /// New connections waiting for an evicted one's slot (bounded).
     admissions: Arc<Semaphore>,
     /// True once the relay stops: every connection closes.
@@ -175,6 +185,13 @@ pub fn relay_key_in(path: &Path) -> Option<[u8; 32]> {
 /// of buckets); past it, an item from a relay key not tracked is told to
 /// try again later until quiet keys are dropped.
 const MAX_PEER_KEYS: usize = 16_384;
+/// Pairing opens and joins per source address: 10 a minute, bursts of 10
+/// (each join is one guess at someone's code, and burns it).
+const PAIR_RATE: (f64, f64) = (10.0 / 60.0, 10.0);
+/// Source addresses the pairing rate map holds at most.
+const MAX_PAIR_ADDRESSES: usize = 16_384;
+/// Longest a `PairWait` is held before it is answered empty.
+const MAX_PAIR_WAIT: Duration = Duration::from_secs(30);
 
 /// A signing key the operator names in the configuration, for several
 /// relay nodes to share (a copy of one node's `relay-signing.key`).
@@ -354,6 +371,14 @@ impl Relay {
             )),
             unauthenticated: std::sync::Mutex::new(BTreeMap::new()),
             next_connection: AtomicU64::new(0),
+            pairing: std::sync::Mutex::new(crate::pairing::Rendezvous::new(config.pairing)),
+            pairing_changed: Notify::new(),
+            pairing_rate: std::sync::Mutex::new(crate::limits::PerKey::with_max_keys(
+                PAIR_RATE.0,
+                PAIR_RATE.1,
+                std::time::Instant::now(),
+                MAX_PAIR_ADDRESSES,
+            )),
             admissions: Arc::new(Semaphore::new(64)),
             stopping: tokio::sync::watch::channel(false).0,
             lock: std::sync::Mutex::new(Some(lock)),

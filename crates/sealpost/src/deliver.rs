@@ -349,7 +349,7 @@ pub enum ReceiptCmd {
     },
 }
 
-fn engine_failure(e: EngineError) -> Failure {
+pub(crate) fn engine_failure(e: EngineError) -> Failure {
     match e {
         EngineError::Busy(_) => Failure {
             code: crate::exit::Exit::Busy,
@@ -805,7 +805,7 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
 /// Runs `work` unless Ctrl-C (or SIGTERM) comes first: then `None`. The
 /// work is dropped at an await point; everything it made durable stays
 /// (the outbox, what a relay acknowledged), so the next pass resumes.
-async fn until_interrupted<T>(work: impl std::future::Future<Output = T>) -> Option<T> {
+pub(crate) async fn until_interrupted<T>(work: impl std::future::Future<Output = T>) -> Option<T> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     tokio::select! {
         r = work => Some(r),

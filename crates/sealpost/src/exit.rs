@@ -36,11 +36,12 @@ pub enum Exit {
     StillPending,
     ReceiptInvalid,
     KeyMismatch,
+    PairingFailed,
     Interrupted,
 }
 
 impl Exit {
-    pub const ALL: [Self; 23] = [
+    pub const ALL: [Self; 24] = [
         Self::Success,
         Self::Error,
         Self::Usage,
@@ -63,6 +64,7 @@ impl Exit {
         Self::StillPending,
         Self::ReceiptInvalid,
         Self::KeyMismatch,
+        Self::PairingFailed,
         Self::Interrupted,
     ];
 
@@ -91,6 +93,7 @@ impl Exit {
             Self::StillPending => (22, &["still-pending"], "no receipt yet when `send --wait` gave up (the message is still retransmitted)"),
             Self::ReceiptInvalid => (23, &["receipt-invalid"], "the receipt does not verify against the card (`receipt verify`)"),
             Self::KeyMismatch => (24, &["relay-key-mismatch"], "the server at a relay's address presented another key than the pinned one: perhaps an interception, a relay whose key was replaced, or a typo in the address; nothing was sent"),
+            Self::PairingFailed => (25, &["pairing-not-confirmed", "pairing-gone", "pairing-timeout", "pairing-not-offered"], "pairing by code failed, and nothing was pinned: the other side did not prove it knows the code (a wrong code, or someone in the middle: `pairing-not-confirmed`); no invitation under that number, or it was used, expired or its other side left (`pairing-gone`); no one came in time (`pairing-timeout`); the relay does not offer pairing (`pairing-not-offered`)"),
             Self::Interrupted => (130, &["interrupted"], "interrupted (Ctrl-C or SIGTERM) during `send` or `sync`: what was queued or stored is kept, and `sealpost sync` or a running agent goes on"),
         }
     }

@@ -12,6 +12,7 @@ mod exit;
 #[cfg(feature = "test-tools")]
 mod load;
 mod output;
+mod pair;
 mod relay_cmd;
 
 use std::fs::File;
@@ -36,7 +37,8 @@ const ABOUT: &str = "Seal, sign and deliver messages and files end to end.
 sealpost encrypts content to its recipients and signs it inside the
 encryption, so only they can read it and they know who sent it, whatever
 stores or carries it on the way. Identities are key pairs; you exchange
-contact cards and compare fingerprints once, then sealpost pins the keys.";
+contact cards once (`invite` and `accept` with a short code read aloud,
+or cards and fingerprints compared by hand), then sealpost pins the keys.";
 
 #[derive(Parser, Debug)]
 #[command(name = "sealpost", version = env!("SEALPOST_LONG_VERSION"), about = ABOUT, after_help = exit::help_text())]
@@ -78,7 +80,22 @@ enum Command {
         relay: Option<String>,
     },
     /// Show your contact card (one line to give to others) and fingerprint
-    Id,
+    Id {
+        /// Also show the card as a QR code in the terminal
+        #[arg(long)]
+        qr: bool,
+        /// Write the card's QR code to this PNG file
+        #[arg(long, value_name = "FILE")]
+        png: Option<PathBuf>,
+    },
+    /// Invite someone to pair: prints a short code (7-clockwork-crossover)
+    /// to tell them by phone or in person, and waits until they run
+    /// `sealpost accept` with it; both cards are then pinned, proven by the
+    /// code (a wrong code or someone in the middle fails, nothing pinned)
+    Invite(pair::InviteArgs),
+    /// Accept an invitation: the code someone gave you (or their QR
+    /// invitation's text); pins their card and gives them yours
+    Accept(pair::AcceptArgs),
     /// Manage the contacts whose keys you have pinned
     #[command(subcommand)]
     Contact(ContactCmd),
@@ -418,7 +435,9 @@ fn run(cli: Cli, home_typed: bool, out: &Out) -> Result<(), Failure> {
         Command::Cancel(args) => deliver::cancel(&home, args, out),
         Command::Delete(args) => deliver::delete(&home, args, out),
         Command::Archive(args) => deliver::archive(&home, args, out),
-        Command::Id => id(&home.load()?, out),
+        Command::Id { qr, png } => id(&home.load()?, qr, png.as_deref(), out),
+        Command::Invite(args) => pair::invite(&home, args, out),
+        Command::Accept(args) => pair::accept(&home, args, out),
         Command::Contact(cmd) => contact(&mut home.load()?, cmd, out),
         Command::Seal(args) => seal(&home.load()?, args, out),
         Command::Open(args) => open(&mut home.load()?, args, out),
@@ -489,8 +508,14 @@ fn init(
     )
 }
 
-fn id(agent: &Agent, out: &Out) -> Result<(), Failure> {
+fn id(agent: &Agent, qr: bool, png: Option<&Path>, out: &Out) -> Result<(), Failure> {
     let card = agent.card();
+    if let Some(p) = png {
+        pair::write_png(&card.to_text(), p)?;
+    }
+    if qr {
+        output::to_stderr(&pair::qr_text(&card.to_text())?);
+    }
     out.report(
         json!({
             "name": card.name(),

@@ -61,6 +61,9 @@ pub struct Config {
     pub forwarding: Forwarding,
     /// Which relays this one takes forwarded items from, and how fast.
     pub peers: Peers,
+    /// Rendezvous slots for pairing by code (PROTOCOL §10); `max_slots`
+    /// 0 turns pairing off.
+    pub pairing: crate::pairing::PairLimits,
 }
 
 /// What this relay takes from other relays that proved their key
@@ -149,6 +152,7 @@ impl Config {
             public_address: None,
             forwarding: Forwarding::default(),
             peers: Peers::default(),
+            pairing: crate::pairing::PairLimits::default(),
         }
     }
 }

@@ -10,6 +10,8 @@ pub(crate) struct InFlight<'a> {
 }
 
 pub(crate) struct Session {
+    /// This connection's number (a side of a pairing slot is a connection).
+    pub(crate) conn: u64,
     pub(crate) challenge: [u8; 32],
     pub(crate) exporter: [u8; 32],
     pub(crate) mailbox: Option<MailboxId>,
@@ -77,6 +79,7 @@ where
     let mut challenge = [0u8; 32];
     OsRng.fill_bytes(&mut challenge);
     let mut session = Session {
+        conn: s.next_connection.fetch_add(1, Ordering::Relaxed),
         challenge,
         exporter,
         mailbox: None,
@@ -185,6 +188,7 @@ where
     }
     .await;
     let lane = session.blob_lane.take().map(|(_, task)| task);
+    super::pair::connection_closed(&s, session.conn);
     drop(session);
     if let Some(lane) = lane {
         let _ = lane.await;
@@ -565,6 +569,11 @@ pub(crate) async fn handle(
             });
             Ok(())
         }
+        Request::PairOpen { .. }
+        | Request::PairJoin { .. }
+        | Request::PairSend { .. }
+        | Request::PairWait { .. }
+        | Request::PairLeave { .. } => super::pair::handle(s, session, out, id, req).await,
         _ => send(out, id, err(ErrorCode::BadRequest, "unsupported request")).await,
     }
 }

@@ -6,6 +6,7 @@ import json, os, struct
 v = json.load(open("testvectors/vectors.json"))
 relay = json.load(open("testvectors/relay.json"))
 sealed = json.load(open("testvectors/sealed.json"))
+pair = json.load(open("testvectors/pair.json"))
 seeds = {
     "card": [bytes.fromhex(c["bytes"]) for c in v["cards"]] + [c["text"].encode() for c in v["cards"]],
     "sealed_message": [bytes.fromhex(c["sealed"]) for c in sealed],
@@ -17,6 +18,9 @@ seeds = {
     "repair": [bytes.fromhex(v["repair"]["request"]), bytes.fromhex(v["repair"]["offer"])],
     "relay_frame": [bytes.fromhex(f["frame"]) for f in relay["requests"] + relay["responses"]]
     + [b"".join(bytes.fromhex(f["frame"]) for f in relay["requests"])],
+    "pair": [b"\x00" + pair["code"].encode(), b"\x00sealpost-invite:" + pair["code"].encode() + b"@127.0.0.1:7443/AAAA",
+             b"\x01" + bytes.fromhex(pair["Y"]) + bytes.fromhex(pair["sealed_b"]),
+             b"\x03" + bytes.fromhex(pair["X"]) + bytes.fromhex(pair["sealed_a"])],
     "notice": [bytes.fromhex(relay["notices"][k]) for k in ("refused", "gave_up", "blob_refused", "blob_gave_up")],
 }
 for target, items in seeds.items():

@@ -69,7 +69,9 @@ pub enum PairError {
     BadPakeMessage,
     /// The other side's sealed card did not open: it used another code (a
     /// wrong guess, or someone in the middle running its own exchange).
-    #[error("the other side did not prove it knows the code (a wrong code, or someone in the middle)")]
+    #[error(
+        "the other side did not prove it knows the code (a wrong code, or someone in the middle)"
+    )]
     NotConfirmed,
     #[error("the other side's card is invalid: {0}")]
     BadCard(String),
@@ -158,9 +160,7 @@ impl Code {
         let mut parts = lower
             .split(|c: char| c == '-' || c.is_whitespace())
             .filter(|p| !p.is_empty());
-        let slot = parts
-            .next()
-            .ok_or(PairError::NotACode("it is empty"))?;
+        let slot = parts.next().ok_or(PairError::NotACode("it is empty"))?;
         if slot.is_empty() || slot.len() > 6 || !slot.bytes().all(|b| b.is_ascii_digit()) {
             return Err(PairError::NotACode(
                 "it must start with the invitation's number, e.g. 7-crossover-clockwork",
@@ -174,7 +174,9 @@ impl Code {
         }
         let rest: Vec<&str> = parts.collect();
         if rest.len() == 1 && rest[0].len() == 26 {
-            if let Ok(t) = data_encoding::BASE32_NOPAD.decode(rest[0].to_ascii_uppercase().as_bytes()) {
+            if let Ok(t) =
+                data_encoding::BASE32_NOPAD.decode(rest[0].to_ascii_uppercase().as_bytes())
+            {
                 let token: [u8; INVITATION_SECRET] = t
                     .try_into()
                     .map_err(|_| PairError::NotACode("bad invitation secret"))?;
@@ -221,7 +223,7 @@ impl Code {
 
 /// The word for byte `b` at position `i` of a code.
 pub fn word(i: usize, b: u8) -> &'static str {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         words::EVEN[b as usize]
     } else {
         words::ODD[b as usize]
@@ -229,7 +231,7 @@ pub fn word(i: usize, b: u8) -> &'static str {
 }
 
 fn byte_of(i: usize, w: &str) -> Result<u8, PairError> {
-    let (here, other, wanted, is) = if i % 2 == 0 {
+    let (here, other, wanted, is) = if i.is_multiple_of(2) {
         (&words::EVEN, &words::ODD, "two-syllable", "three-syllable")
     } else {
         (&words::ODD, &words::EVEN, "three-syllable", "two-syllable")
@@ -412,6 +414,11 @@ impl Keys {
         &self.transcript
     }
 
+    /// The key this side seals its card with (for test vectors).
+    pub fn send_key(&self) -> &[u8; 32] {
+        &self.send
+    }
+
     /// Seals this side's card for the other: `len:u16 || card` padded with
     /// zeros to `2 + MAX_CARD_BYTES`, ChaCha20-Poly1305 under this
     /// direction's key, nonce zero (each key seals one message), the
@@ -462,12 +469,15 @@ mod tests {
     fn codes_read_back_as_written() {
         for n in MIN_WORDS..=MAX_WORDS {
             let c = Code::words(42, n, &mut OsRng);
-            assert_eq!(Code::parse(&c.to_text()).unwrap(), c);
-            assert_eq!(Code::parse(&c.to_text().to_uppercase()).unwrap(), c);
-            assert_eq!(Code::parse(&c.to_text().replace('-', " ")).unwrap(), c);
+            assert_eq!(Code::parse(&c.to_text()).expect("parses"), c);
+            assert_eq!(Code::parse(&c.to_text().to_uppercase()).expect("parses"), c);
+            assert_eq!(
+                Code::parse(&c.to_text().replace('-', " ")).expect("parses"),
+                c
+            );
         }
         let t = Code::token(999_999, &mut OsRng);
-        assert_eq!(Code::parse(&t.to_text()).unwrap(), t);
+        assert_eq!(Code::parse(&t.to_text()).expect("parses"), t);
         assert_eq!(t.entropy_bits(), 128);
     }
 
@@ -483,8 +493,17 @@ mod tests {
             Err(PairError::WrongPosition { position: 1, .. })
         ));
         assert!(Code::parse("7-clockwork-crossover").is_ok());
-        for bad in ["", "clockwork-crossover", "0-clockwork-crossover", "7-clockwork", "1234567-aardvark-adroitness"] {
-            assert!(matches!(Code::parse(bad), Err(PairError::NotACode(_))), "{bad}");
+        for bad in [
+            "",
+            "clockwork-crossover",
+            "0-clockwork-crossover",
+            "7-clockwork",
+            "1234567-aardvark-adroitness",
+        ] {
+            assert!(
+                matches!(Code::parse(bad), Err(PairError::NotACode(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -511,9 +530,15 @@ mod tests {
             code: Code::token(3, &mut OsRng),
             relay: Some("127.0.0.1:7443/abcd".into()),
         };
-        assert_eq!(Invitation::parse(&i.to_text()).unwrap(), i);
-        let short = Invitation::parse("7-clockwork-crossover@relay.example:7443/xyz").unwrap();
+        assert_eq!(Invitation::parse(&i.to_text()).expect("parses"), i);
+        let short =
+            Invitation::parse("7-clockwork-crossover@relay.example:7443/xyz").expect("parses");
         assert_eq!(short.relay.as_deref(), Some("relay.example:7443/xyz"));
-        assert_eq!(Invitation::parse("7-clockwork-crossover").unwrap().relay, None);
+        assert_eq!(
+            Invitation::parse("7-clockwork-crossover")
+                .expect("parses")
+                .relay,
+            None
+        );
     }
 }

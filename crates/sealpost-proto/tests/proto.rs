@@ -842,3 +842,102 @@ fn every_bit_flip_of_a_blobs_padding_is_refused() {
     longer.push(0);
     assert!(blob::seal_padded_blob(&key, &l, &longer[..], &mut sink).is_err());
 }
+
+fn pair_card(seed: u8, name: &str) -> ContactCard {
+    ContactCard::create(
+        &ident(seed),
+        CardFields {
+            name: name.into(),
+            created_at: 1_750_000_000,
+            relay: None,
+        },
+    )
+    .expect("card")
+}
+
+/// Both sides of a pairing with the same code agree and open each other's
+/// cards; with different codes neither opens the other's, nor does a
+/// relay's altered byte anywhere in a sealed card.
+#[test]
+fn pairing_succeeds_only_with_the_same_code() {
+    use rand_core::OsRng;
+    use sealpost_proto::pair::{Code, Exchange, PairError, Side};
+    let (ca, cb) = (pair_card(1, "alice"), pair_card(2, "bob"));
+    let code = Code::words(12, 2, &mut OsRng);
+    let (ea, x) = Exchange::start(Side::Inviter, &code, OsRng);
+    let (eb, y) = Exchange::start(Side::Accepter, &code, OsRng);
+    let (ka, kb) = (ea.finish(&y).expect("a"), eb.finish(&x).expect("b"));
+    assert_eq!(ka.transcript(), kb.transcript());
+    let sealed_b = kb.seal_card(&cb);
+    assert_eq!(sealed_b.len(), sealpost_proto::pair::SEALED_CARD);
+    assert_eq!(ka.open_card(&sealed_b).expect("opens"), cb);
+    assert_eq!(kb.open_card(&ka.seal_card(&ca)).expect("opens"), ca);
+    // Each direction has its own key: a card cannot be reflected back.
+    assert_eq!(kb.open_card(&sealed_b), Err(PairError::NotConfirmed));
+    for i in [0, 100, sealed_b.len() - 1] {
+        let mut bad = sealed_b.clone();
+        bad[i] ^= 1;
+        assert_eq!(ka.open_card(&bad), Err(PairError::NotConfirmed));
+    }
+    // A guess: another code, same slot.
+    let guess = Code::words(12, 2, &mut OsRng);
+    if guess != code {
+        let (eg, _) = Exchange::start(Side::Accepter, &guess, OsRng);
+        let kg = eg.finish(&x).expect("finishes");
+        assert_eq!(
+            ka.open_card(&kg.seal_card(&cb)),
+            Err(PairError::NotConfirmed)
+        );
+    }
+    // Malformed SPAKE2 messages are errors, not panics.
+    let (ea, _) = Exchange::start(Side::Inviter, &code, OsRng);
+    assert_eq!(
+        ea.finish(&[0u8; 5]).expect_err("refused"),
+        PairError::BadPakeMessage
+    );
+    let (ea, _) = Exchange::start(Side::Inviter, &code, OsRng);
+    // A message from the wrong side ('A' to an inviter).
+    assert_eq!(
+        ea.finish(&x).expect_err("refused"),
+        PairError::BadPakeMessage
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Any text: a code or a clear error, never a panic; a code prints
+    /// back to itself.
+    #[test]
+    fn prop_codes_parse_or_fail_cleanly(text in ".{0,300}") {
+        use sealpost_proto::pair::{Code, Invitation};
+        if let Ok(c) = Code::parse(&text) {
+            prop_assert_eq!(Code::parse(&c.to_text()).expect("again"), c);
+        }
+        if let Ok(i) = Invitation::parse(&text) {
+            prop_assert_eq!(Invitation::parse(&i.to_text()).expect("again"), i);
+        }
+    }
+
+    #[test]
+    fn prop_word_codes_round_trip(slot in 1u32..=999_999, words in proptest::collection::vec(any::<u8>(), 2..=8)) {
+        use sealpost_proto::pair::{Code, Secret};
+        let c = Code { slot, secret: Secret::Words(words) };
+        prop_assert_eq!(Code::parse(&c.to_text()).expect("parses"), c);
+    }
+
+    /// A sealed card from anyone without the key: refused, never a panic.
+    #[test]
+    fn prop_sealed_cards_from_strangers_are_refused(
+        other in proptest::collection::vec(any::<u8>(), 33),
+        sealed in proptest::collection::vec(any::<u8>(), 0..700),
+    ) {
+        use rand_core::OsRng;
+        use sealpost_proto::pair::{Code, Exchange, Side};
+        let code = Code::words(3, 2, &mut OsRng);
+        let (ea, _) = Exchange::start(Side::Inviter, &code, OsRng);
+        if let Ok(k) = ea.finish(&other) {
+            prop_assert!(k.open_card(&sealed).is_err());
+        }
+    }
+}

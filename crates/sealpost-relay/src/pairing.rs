@@ -181,7 +181,13 @@ impl Rendezvous {
 
     /// Joins `slot` from connection `conn` with the first message for the
     /// opener. Once per slot: a second join, whoever makes it, is refused.
-    pub fn join(&mut self, slot: u32, conn: u64, data: Vec<u8>, now_ms: u64) -> Result<(), PairFail> {
+    pub fn join(
+        &mut self,
+        slot: u32,
+        conn: u64,
+        data: Vec<u8>,
+        now_ms: u64,
+    ) -> Result<(), PairFail> {
         check_message(&data)?;
         self.expire(now_ms);
         let s = self.slots.get_mut(&slot).ok_or(PairFail::NoSuchSlot)?;
@@ -201,7 +207,13 @@ impl Rendezvous {
     }
 
     /// Puts a message from connection `conn`'s side for the other side.
-    pub fn send(&mut self, slot: u32, conn: u64, data: Vec<u8>, now_ms: u64) -> Result<(), PairFail> {
+    pub fn send(
+        &mut self,
+        slot: u32,
+        conn: u64,
+        data: Vec<u8>,
+        now_ms: u64,
+    ) -> Result<(), PairFail> {
         check_message(&data)?;
         self.expire(now_ms);
         let s = self.slots.get_mut(&slot).ok_or(PairFail::NoSuchSlot)?;
@@ -260,6 +272,18 @@ impl Rendezvous {
         self.slots.retain(|_, s| !s.gone());
     }
 
+    /// Whether connection `conn` opened `slot` (`Some(false)`: joined it).
+    pub fn is_opener(&self, slot: u32, conn: u64) -> Option<bool> {
+        let s = self.slots.get(&slot)?;
+        if s.opener == conn {
+            Some(true)
+        } else if s.joiner == Some(conn) {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
     /// Whether connection `conn` is a side of any slot (so that a closing
     /// connection need not take the lock when it is not).
     pub fn holds(&self, conn: u64) -> bool {
@@ -290,17 +314,17 @@ mod tests {
     #[test]
     fn an_exchange_runs_through_a_slot() {
         let mut z = r();
-        let (n, exp) = z.open(ALICE, 1, 600, 0, &mut OsRng).unwrap();
+        let (n, exp) = z.open(ALICE, 1, 600, 0, &mut OsRng).expect("parses");
         assert!((1..100).contains(&n), "short numbers while few are open");
         assert_eq!(exp, 600_000);
-        z.send(n, 1, b"X".to_vec(), 1).unwrap();
+        z.send(n, 1, b"X".to_vec(), 1).expect("parses");
         assert_eq!(z.take(n, 1, 1), Ok(None));
-        z.join(n, 2, b"Y".to_vec(), 2).unwrap();
+        z.join(n, 2, b"Y".to_vec(), 2).expect("parses");
         assert_eq!(z.take(n, 2, 3), Ok(Some(b"X".to_vec())));
         assert_eq!(z.take(n, 1, 3), Ok(Some(b"Y".to_vec())));
-        z.send(n, 2, b"card B".to_vec(), 4).unwrap();
+        z.send(n, 2, b"card B".to_vec(), 4).expect("parses");
         assert_eq!(z.take(n, 1, 5), Ok(Some(b"card B".to_vec())));
-        z.send(n, 1, b"card A".to_vec(), 6).unwrap();
+        z.send(n, 1, b"card A".to_vec(), 6).expect("parses");
         // The opener leaves at once; its last message still reaches B.
         z.leave(Some(n), 1);
         assert_eq!(z.take(n, 2, 7), Ok(Some(b"card A".to_vec())));
@@ -312,17 +336,23 @@ mod tests {
     #[test]
     fn one_join_per_slot_and_sides_are_checked() {
         let mut z = r();
-        let (n, _) = z.open(ALICE, 1, 600, 0, &mut OsRng).unwrap();
+        let (n, _) = z.open(ALICE, 1, 600, 0, &mut OsRng).expect("parses");
         assert_eq!(z.join(n, 1, b"Y".to_vec(), 0), Err(PairFail::NotYours));
-        z.join(n, 2, b"Y".to_vec(), 0).unwrap();
+        z.join(n, 2, b"Y".to_vec(), 0).expect("parses");
         assert_eq!(z.join(n, 3, b"Y".to_vec(), 0), Err(PairFail::Used));
         assert_eq!(z.send(n, 3, b"Z".to_vec(), 0), Err(PairFail::NotYours));
         assert_eq!(z.take(n, 3, 0), Err(PairFail::NotYours));
-        assert_eq!(z.join(n + 1, 3, b"Y".to_vec(), 0), Err(PairFail::NoSuchSlot));
+        assert_eq!(
+            z.join(n + 1, 3, b"Y".to_vec(), 0),
+            Err(PairFail::NoSuchSlot)
+        );
         assert_eq!(z.send(n, 2, vec![], 0), Err(PairFail::BadMessage));
-        assert_eq!(z.send(n, 2, vec![0; MAX_PAIR_MESSAGE + 1], 0), Err(PairFail::BadMessage));
+        assert_eq!(
+            z.send(n, 2, vec![0; MAX_PAIR_MESSAGE + 1], 0),
+            Err(PairFail::BadMessage)
+        );
         for _ in 1..MAX_PAIR_MESSAGES {
-            z.send(n, 2, b"m".to_vec(), 0).unwrap();
+            z.send(n, 2, b"m".to_vec(), 0).expect("parses");
         }
         assert_eq!(z.send(n, 2, b"m".to_vec(), 0), Err(PairFail::TooMany));
     }
@@ -330,15 +360,15 @@ mod tests {
     #[test]
     fn slots_expire_and_a_left_invitation_cannot_be_joined() {
         let mut z = r();
-        let (n, exp) = z.open(ALICE, 1, 30, 1_000, &mut OsRng).unwrap();
+        let (n, exp) = z.open(ALICE, 1, 30, 1_000, &mut OsRng).expect("parses");
         assert_eq!(exp, 31_000);
         assert_eq!(z.take(n, 1, 31_000), Err(PairFail::NoSuchSlot));
         assert!(z.is_empty());
-        let (n, _) = z.open(ALICE, 1, 30, 0, &mut OsRng).unwrap();
+        let (n, _) = z.open(ALICE, 1, 30, 0, &mut OsRng).expect("parses");
         z.leave(Some(n), 1);
         assert_eq!(z.join(n, 2, b"Y".to_vec(), 0), Err(PairFail::NoSuchSlot));
         // A ttl beyond the limit is cut to it.
-        let (_, exp) = z.open(ALICE, 1, u32::MAX, 0, &mut OsRng).unwrap();
+        let (_, exp) = z.open(ALICE, 1, u32::MAX, 0, &mut OsRng).expect("parses");
         assert_eq!(exp, DEFAULT_TIMEOUT_SECS as u64 * 1000);
     }
 
@@ -350,14 +380,21 @@ mod tests {
             max_ttl_secs: 600,
         });
         for _ in 0..4 {
-            z.open(ALICE, 1, 60, 0, &mut OsRng).unwrap();
+            z.open(ALICE, 1, 60, 0, &mut OsRng).expect("parses");
         }
-        assert_eq!(z.open(ALICE, 1, 60, 0, &mut OsRng), Err(PairFail::OwnerLimit));
+        assert_eq!(
+            z.open(ALICE, 1, 60, 0, &mut OsRng),
+            Err(PairFail::OwnerLimit)
+        );
         let bob = MailboxId([2; 32]);
-        z.open(bob, 2, 60, 0, &mut OsRng).unwrap();
-        z.open(bob, 2, 60, 0, &mut OsRng).unwrap();
+        z.open(bob, 2, 60, 0, &mut OsRng).expect("parses");
+        z.open(bob, 2, 60, 0, &mut OsRng).expect("parses");
         assert_eq!(z.open(bob, 2, 60, 0, &mut OsRng), Err(PairFail::Full));
-        assert!(!Rendezvous::new(PairLimits { max_slots: 0, ..PairLimits::default() }).offered());
+        assert!(!Rendezvous::new(PairLimits {
+            max_slots: 0,
+            ..PairLimits::default()
+        })
+        .offered());
     }
 
     #[test]
@@ -369,7 +406,7 @@ mod tests {
         });
         let mut max = 0;
         for i in 0..1500u64 {
-            let (n, _) = z.open(ALICE, i, 60, 0, &mut OsRng).unwrap();
+            let (n, _) = z.open(ALICE, i, 60, 0, &mut OsRng).expect("parses");
             max = max.max(n);
         }
         assert_eq!(z.len(), 1500);

@@ -110,4 +110,8 @@ pub trait Tamper: Send + Sync + std::fmt::Debug + 'static {
     fn hand_on(&self, _mailbox: &MailboxId, _payload_hash: &[u8; 32]) -> OnHandOn {
         OnHandOn::Send
     }
+
+    /// A pairing message (PROTOCOL §10) from the slot's opener or joiner,
+    /// before it is put in the slot; may be replaced in place.
+    fn pair(&self, _slot: u32, _from_opener: bool, _data: &mut Vec<u8>) {}
 }

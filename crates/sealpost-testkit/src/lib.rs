@@ -20,6 +20,7 @@ pub mod contact;
 pub mod hostile;
 pub mod idle;
 pub mod netfault;
+pub mod pairing;
 pub mod soak;
 pub mod tool;
 

@@ -119,7 +119,11 @@ fn check_name(agent: &Agent, name: Option<&str>) -> Result<(), Failure> {
 
 /// Pins the card the exchange proved, as `contact add` does after a
 /// fingerprint comparison: names unique, a pinned key never replaced.
-fn pin(agent: &mut Agent, card: &ContactCard, name: Option<&str>) -> Result<(String, AddOutcome), Failure> {
+fn pin(
+    agent: &mut Agent,
+    card: &ContactCard,
+    name: Option<&str>,
+) -> Result<(String, AddOutcome), Failure> {
     if card.public() == agent.identity().public() {
         return Err(Failure::contact(anyhow!(
             "the other side sent your own card; nothing was pinned"
@@ -157,7 +161,12 @@ async fn next_message(
     }
 }
 
-fn paired_report(out: &Out, name: &str, card: &ContactCard, outcome: &AddOutcome) -> Result<(), Failure> {
+fn paired_report(
+    out: &Out,
+    name: &str,
+    card: &ContactCard,
+    outcome: &AddOutcome,
+) -> Result<(), Failure> {
     let fp = card.public().fingerprint();
     let tag = match outcome {
         AddOutcome::Added => "added",
@@ -217,7 +226,15 @@ pub fn invite(home: &Home, args: InviteArgs, out: &Out) -> Result<(), Failure> {
             .await
             .map_err(|e| relay_failure(e, "cannot open the invitation"))?;
         show_invitation(out, &code, &relay, expires_at, &args)?;
-        let r = invite_rest(&c, &mut agent, exchange, slot, deadline, args.name.as_deref()).await;
+        let r = invite_rest(
+            &c,
+            &mut agent,
+            exchange,
+            slot,
+            deadline,
+            args.name.as_deref(),
+        )
+        .await;
         // Whatever happened, the slot is left: the other side is told at
         // once, and no one may join it.
         let _ = c.pair_leave(slot).await;
@@ -229,7 +246,9 @@ pub fn invite(home: &Home, args: InviteArgs, out: &Out) -> Result<(), Failure> {
             return Err(Failure {
                 code: Exit::Interrupted,
                 class: "interrupted",
-                error: Some(anyhow!("interrupted: the invitation is withdrawn, nothing was pinned")),
+                error: Some(anyhow!(
+                    "interrupted: the invitation is withdrawn, nothing was pinned"
+                )),
             })
         }
     };
@@ -253,14 +272,25 @@ async fn invite_rest(
     };
     let keys: Keys = exchange.finish(&theirs).map_err(burnt)?;
     let deadline = deadline.min(tokio::time::Instant::now() + ANSWER_WAIT);
-    let sealed = next_message(c, slot, deadline, "the other side stopped before sending its card").await?;
+    let sealed = next_message(
+        c,
+        slot,
+        deadline,
+        "the other side stopped before sending its card",
+    )
+    .await?;
     let card = keys.open_card(&sealed).map_err(burnt)?;
     // Pinned before this side's card goes: a card that cannot be pinned
     // here (a name or key clash) stops the exchange with nothing sent.
     let (name, outcome) = pin(agent, &card, name)?;
     c.pair_send(slot, keys.seal_card(agent.card()))
         .await
-        .map_err(|e| relay_failure(e, &format!("pinned {name}, but could not send your card to them")))?;
+        .map_err(|e| {
+            relay_failure(
+                e,
+                &format!("pinned {name}, but could not send your card to them"),
+            )
+        })?;
     Ok((name, card, outcome))
 }
 
@@ -354,7 +384,9 @@ pub fn accept(home: &Home, args: AcceptArgs, out: &Out) -> Result<(), Failure> {
             return Err(Failure {
                 code: Exit::Interrupted,
                 class: "interrupted",
-                error: Some(anyhow!("interrupted: nothing was pinned, and the code is used up")),
+                error: Some(anyhow!(
+                    "interrupted: nothing was pinned, and the code is used up"
+                )),
             })
         }
     };

@@ -81,6 +81,16 @@ pub struct TestingArgs {
     /// blob-truncate. Never use on a relay that carries real mail.
     #[arg(long, value_name = "SPEC", help_heading = "Testing")]
     hostile: Option<String>,
+    /// TESTING TOOL: attack pairing by code: `mitm` runs the key exchange
+    /// itself with each side on a guessed code, `swap-cards` replaces the
+    /// sealed cards. Both sides must fail with nothing pinned
+    #[arg(
+        long,
+        value_name = "ATTACK",
+        conflicts_with = "hostile",
+        help_heading = "Testing"
+    )]
+    hostile_pairing: Option<String>,
     /// Append every fault committed under --hostile to FILE (JSON lines)
     #[arg(
         long,
@@ -242,6 +252,11 @@ pub struct Settings {
     /// that relay is told to try again later [default: 5000]
     #[arg(long, value_name = "N")]
     peer_rate: Option<f64>,
+    /// Pairing invitations (`sealpost invite`) open at once on this relay,
+    /// each at most 10 minutes and a few KiB; 0 turns pairing off (its
+    /// clients are told so) [default: 1024]
+    #[arg(long, value_name = "N")]
+    pair_slots: Option<usize>,
 }
 
 impl Settings {
@@ -294,6 +309,7 @@ impl Settings {
                 self.peer_allow
             },
             peer_rate: self.peer_rate.or(file.peer_rate),
+            pair_slots: self.pair_slots.or(file.pair_slots),
         }
     }
 }
@@ -408,7 +424,12 @@ pub fn run(cmd: RelayCmd, out: &Out) -> Result<(), Failure> {
 /// The `--hostile` spec asked for, if any.
 fn hostile_spec(a: &ServeArgs) -> Option<String> {
     #[cfg(feature = "test-tools")]
-    return a.testing.hostile.clone();
+    return a.testing.hostile.clone().or_else(|| {
+        a.testing
+            .hostile_pairing
+            .as_ref()
+            .map(|p| format!("pairing={p}"))
+    });
     #[cfg(not(feature = "test-tools"))]
     {
         let _ = a;
@@ -417,7 +438,17 @@ fn hostile_spec(a: &ServeArgs) -> Option<String> {
 }
 
 #[cfg(feature = "test-tools")]
-fn hostile(a: &TestingArgs) -> anyhow::Result<Option<std::sync::Arc<sealpost_testkit::Hostile>>> {
+fn hostile(
+    a: &TestingArgs,
+) -> anyhow::Result<Option<std::sync::Arc<dyn sealpost_relay::tamper::Tamper>>> {
+    if let Some(p) = &a.hostile_pairing {
+        let attack = sealpost_testkit::pairing::PairAttack::parse(p)
+            .ok_or_else(|| anyhow!("--hostile-pairing is mitm or swap-cards, not {p:?}"))?;
+        tracing::warn!("HOSTILE RELAY (testing tool): attacks pairing ({p})");
+        return Ok(Some(std::sync::Arc::new(
+            sealpost_testkit::pairing::PairMitm::new(attack),
+        )));
+    }
     let Some(spec) = &a.hostile else {
         return Ok(None);
     };
@@ -605,9 +636,12 @@ fn build_config(mut a: ServeArgs) -> anyhow::Result<(Config, Option<String>)> {
         }
         c.peers.rate = (r, r * 4.0);
     }
+    if let Some(n) = s.pair_slots {
+        c.pairing.max_slots = n;
+    }
     #[cfg(feature = "test-tools")]
     {
-        c.tamper = tamper.map(|h| h as std::sync::Arc<dyn sealpost_relay::tamper::Tamper>);
+        c.tamper = tamper;
     }
     Ok((c, public))
 }
@@ -742,6 +776,7 @@ fn effective_toml(c: &Config, public: &Option<String>) -> String {
             opt(c.forwarding.via.as_ref().map(|v| v.to_checked_text())),
         ),
         ("peer_rate", Some(c.peers.rate.0.to_string())),
+        ("pair_slots", Some(c.pairing.max_slots.to_string())),
         ("peer_deny", Some(keys_toml(c.peers.deny.iter()))),
         (
             "peer_allow",

@@ -512,6 +512,7 @@ fn the_age_cli_decrypts_the_encrypted_layer() {
 
 mod adversary;
 mod delivery;
+mod pairing;
 mod relay;
 
 /// What a packager and a shell user need: the commit in --version,

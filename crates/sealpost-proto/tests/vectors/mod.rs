@@ -560,6 +560,30 @@ fn relay_vectors() -> Value {
         ),
         ("Status", Request::Status),
         ("Limits", Request::Limits),
+        // Pairing (§10): slot 47, SPAKE2 message bytes 0x41 then 32 × 0x5a.
+        ("PairOpen", Request::PairOpen { ttl: 600 }),
+        (
+            "PairJoin",
+            Request::PairJoin {
+                slot: 47,
+                data: [&[0x42u8][..], &[0x5a; 32]].concat(),
+            },
+        ),
+        (
+            "PairSend",
+            Request::PairSend {
+                slot: 47,
+                data: [&[0x41u8][..], &[0x5a; 32]].concat(),
+            },
+        ),
+        (
+            "PairWait",
+            Request::PairWait {
+                slot: 47,
+                wait_ms: 25_000,
+            },
+        ),
+        ("PairLeave", Request::PairLeave { slot: 47 }),
         (
             // Where two of Alice's forwarded items are (§6.8).
             "ForwardStatus",
@@ -608,6 +632,23 @@ fn relay_vectors() -> Value {
     ];
     let responses = vec![
         ("Ok", Response::Ok),
+        (
+            "PairOpened",
+            Response::PairOpened {
+                slot: 47,
+                expires_at: 1_750_000_600,
+            },
+        ),
+        (
+            "PairMessage",
+            Response::PairMessage {
+                data: [&[0x41u8][..], &[0x5a; 32]].concat(),
+            },
+        ),
+        (
+            "PairMessage (none yet)",
+            Response::PairMessage { data: vec![] },
+        ),
         (
             "HelloOk",
             Response::HelloOk {
@@ -978,4 +1019,125 @@ fn test_vectors_match() {
         let n = pair[0].as_u64().expect("n");
         assert_eq!(message::padme(n), pair[1].as_u64().expect("padme"), "{n}");
     }
+}
+
+/// Pairing (§10) from fixed randomness: each side's SPAKE2 scalar is the
+/// first 64 bytes of a ChaCha20 stream (key = the seed, nonce 0) reduced
+/// modulo the group order, as `spake2` draws it.
+fn pair_vectors() -> Value {
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+    use sealpost_proto::pair::{Code, Exchange, Secret, Side};
+    let (a, b) = (alice(), bob());
+    let card_a = ContactCard::create(
+        &a,
+        CardFields {
+            name: "Alice".into(),
+            created_at: 1_750_000_000,
+            relay: Some(RelayPin {
+                address: "127.0.0.1:7443".into(),
+                key_hash: [0xab; 32],
+            }),
+        },
+    )
+    .expect("card");
+    let card_b = ContactCard::create(
+        &b,
+        CardFields {
+            name: "Bob".into(),
+            created_at: 1_750_000_001,
+            relay: Some(RelayPin {
+                address: "127.0.0.1:7443".into(),
+                key_hash: [0xab; 32],
+            }),
+        },
+    )
+    .expect("card");
+    let code = Code {
+        slot: 47,
+        secret: Secret::Words(vec![0xd8, 0xe1]),
+    };
+    let wrong = Code {
+        slot: 47,
+        secret: Secret::Words(vec![0xd8, 0xe2]),
+    };
+    let rng = |seed: u8| rand_chacha::ChaCha20Rng::from_seed([seed; 32]);
+    let wide = |seed: u8| {
+        let mut w = [0u8; 64];
+        rng(seed).fill_bytes(&mut w);
+        w
+    };
+    let (ea, x) = Exchange::start(Side::Inviter, &code, rng(0xa1));
+    let (eb, y) = Exchange::start(Side::Accepter, &code, rng(0xb1));
+    let ka = ea.finish(&y).expect("inviter");
+    let kb = eb.finish(&x).expect("accepter");
+    assert_eq!(ka.transcript(), kb.transcript());
+    let sealed_b = kb.seal_card(&card_b);
+    let sealed_a = ka.seal_card(&card_a);
+    let (ew, y_wrong) = Exchange::start(Side::Accepter, &wrong, rng(0xb1));
+    let kw = ew.finish(&x).expect("a wrong code still finishes");
+    json!({
+        "description": "pairing by code (§10): code 47-stormy-tolerance (slot 47, secret bytes d8 e1); x_wide/y_wide are the 64 bytes each side reduces mod the group order for its SPAKE2 scalar (ChaCha20 keystream, key = 32 bytes of a1 / b1, nonce 0); X, Y the SPAKE2 messages; transcript BLAKE3-derive-key(\"sealpost v1 pair transcript\", slot || X || Y); key_a_to_b, key_b_to_a the directions' keys; sealed_b Bob's card sealed for Alice, sealed_a Alice's for Bob; y_wrong is Bob's message for code 47-stormy-tomorrow (d8 e2) with the same scalar, with which Alice's key does not open Bob's sealed card",
+        "code": code.to_text().as_str(),
+        "password": h(&[&b"sealpost v1 pair code\0"[..], code.to_text().as_bytes()].concat()),
+        "id_a": String::from_utf8_lossy(sealpost_proto::pair::INVITER),
+        "id_b": String::from_utf8_lossy(sealpost_proto::pair::ACCEPTER),
+        "x_wide": h(&wide(0xa1)),
+        "y_wide": h(&wide(0xb1)),
+        "X": h(&x),
+        "Y": h(&y),
+        "transcript": h(ka.transcript()),
+        "key_a_to_b": h(ka.send_key()),
+        "key_b_to_a": h(kb.send_key()),
+        "card_a": h(card_a.as_bytes()),
+        "card_b": h(card_b.as_bytes()),
+        "sealed_a": h(&sealed_a),
+        "sealed_b": h(&sealed_b),
+        "y_wrong": h(&y_wrong),
+        "sealed_b_wrong": h(&kw.seal_card(&card_b)),
+    })
+}
+
+#[test]
+fn pair_vectors_match() {
+    use sealpost_proto::pair::{Code, Exchange, PairError, Side};
+    let path = dir().join("pair.json");
+    if std::env::var_os("SEALPOST_WRITE_VECTORS").is_some() {
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&pair_vectors()).expect("json") + "\n",
+        )
+        .expect("write");
+    }
+    let committed: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("testvectors/pair.json"))
+            .expect("json");
+    assert_eq!(
+        committed,
+        pair_vectors(),
+        "the code no longer produces testvectors/pair.json"
+    );
+    // The code's words are the list's: byte d8 even, e1 odd.
+    let code = Code::parse(committed["code"].as_str().expect("code")).expect("parses");
+    assert_eq!(code.to_text().as_str(), "47-stormy-tolerance");
+    // Alice, with Y_wrong, cannot open what Bob sealed with his key.
+    use rand_chacha::rand_core::SeedableRng;
+    let (ea, _) = Exchange::start(
+        Side::Inviter,
+        &code,
+        rand_chacha::ChaCha20Rng::from_seed([0xa1; 32]),
+    );
+    let ka = ea.finish(&unh(&committed["y_wrong"])).expect("finishes");
+    assert_eq!(
+        ka.open_card(&unh(&committed["sealed_b_wrong"]))
+            .expect_err("refused"),
+        PairError::NotConfirmed
+    );
+    let (ea, _) = Exchange::start(
+        Side::Inviter,
+        &code,
+        rand_chacha::ChaCha20Rng::from_seed([0xa1; 32]),
+    );
+    let ka = ea.finish(&unh(&committed["Y"])).expect("finishes");
+    let card = ka.open_card(&unh(&committed["sealed_b"])).expect("opens");
+    assert_eq!(card.as_bytes(), unh(&committed["card_b"]));
 }

@@ -98,7 +98,10 @@ pub(crate) async fn handle(
                 Err(f) => refused(f),
             }
         }
-        Request::PairJoin { slot, data } => {
+        Request::PairJoin { slot, mut data } => {
+            if let Some(t) = &s.config.tamper {
+                t.pair(slot, false, &mut data);
+            }
             let r = match s.pairing.lock() {
                 Ok(mut z) => z.join(slot, conn, data, now_ms()),
                 Err(_) => Err(PairFail::NoSuchSlot),
@@ -109,9 +112,14 @@ pub(crate) async fn handle(
             }
             r.map(|()| Response::Ok).unwrap_or_else(refused)
         }
-        Request::PairSend { slot, data } => {
+        Request::PairSend { slot, mut data } => {
             let r = match s.pairing.lock() {
-                Ok(mut z) => z.send(slot, conn, data, now_ms()),
+                Ok(mut z) => {
+                    if let (Some(t), Some(opener)) = (&s.config.tamper, z.is_opener(slot, conn)) {
+                        t.pair(slot, opener, &mut data);
+                    }
+                    z.send(slot, conn, data, now_ms())
+                }
                 Err(_) => Err(PairFail::NoSuchSlot),
             };
             if r.is_ok() {

@@ -537,18 +537,111 @@ pub fn run(size_mib: u64, out: &Out) -> Result<(), Failure> {
     );
 
     delivery(&mut demo, &net, d)?;
+    pairing(&mut demo, &net, d)?;
     net.stop();
     finish(demo, out)
 }
 
-/// Section 6: the agents' delivery engines, end to end with receipts, and
+/// Section 8: two people pair with a short code read aloud instead of
+/// copying cards and comparing fingerprints; a guess fails on both sides.
+fn pairing(demo: &mut Demo<'_>, net: &Net, d: &Path) -> Result<(), Failure> {
+    use sealpost_agent::engine;
+    use sealpost_relay::client::RelayClient;
+    demo.say(
+        "8. Pairing by code: Dave and Erin pair with a code read aloud, not by copying cards:",
+    );
+    let pin = engine::pin_of(&net.addr);
+    let addr = net.addr.to_string();
+    let mut homes = Vec::new();
+    for name in ["Dave", "Erin"] {
+        let mut a = Home::new(d.join(name.to_lowercase())).init(name, &mut OsRng, now())?;
+        a.set_home_relay(&addr, pin.clone(), now())?;
+        homes.push(a);
+    }
+    let mut erin = homes.pop().ok_or_else(|| anyhow!("erin"))?;
+    let mut dave = homes.pop().ok_or_else(|| anyhow!("dave"))?;
+    let (dave_fp, erin_fp) = (dave.identity().fingerprint(), erin.identity().fingerprint());
+    let relay_err = |e| anyhow!("the demo relay: {e}");
+    let r = net.rt.block_on(async {
+        let cd = RelayClient::connect(&net.addr).await.map_err(relay_err)?;
+        cd.register(dave.identity()).await.map_err(relay_err)?;
+        let ce = RelayClient::connect(&net.addr).await.map_err(relay_err)?;
+        let (code, ex, _) = crate::pair::open_invitation(&cd, 60, Some(2)).await?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        // The inviter leaves the slot when done, as `invite` does.
+        let inviter = async {
+            let r = crate::pair::invite_rest(&cd, &mut dave, ex, code.slot, deadline, Some("erin"))
+                .await;
+            let _ = cd.pair_leave(code.slot).await;
+            r
+        };
+        let (i, a) = tokio::join!(
+            inviter,
+            crate::pair::accept_with(&ce, &mut erin, &code, Some("dave"))
+        );
+        Ok::<_, Failure>((code.to_text().to_string(), i, a))
+    })?;
+    let (text, i, a) = r;
+    demo.check(
+        "Dave invites; Erin types the code he reads her; each gets the other's card, proven by the code",
+        "accepted",
+        match (i, a) {
+            (Ok((_, ci, _)), Ok((_, ca, _))) if ci.public().fingerprint() == erin_fp && ca.public().fingerprint() == dave_fp => Ok(format!(
+                "code {text}: Dave pinned erin ({erin_fp}), Erin pinned dave ({dave_fp}); no fingerprints compared"
+            )),
+            (i, a) => Err(format!("inviter: {:?}, accepter: {:?}", i.err().map(|f| f.class), a.err().map(|f| f.class))),
+        },
+    );
+    // Mallory tries to use the next invitation with a guess: one attempt,
+    // refused on both sides, nothing pinned.
+    let mut mallory = Home::new(d.join("mallory")).load()?;
+    let r = net.rt.block_on(async {
+        let cd = RelayClient::connect(&net.addr).await.map_err(relay_err)?;
+        cd.auth(dave.identity()).await.map_err(relay_err)?;
+        let cm = RelayClient::connect(&net.addr).await.map_err(relay_err)?;
+        let (code, ex, _) = crate::pair::open_invitation(&cd, 60, Some(2)).await?;
+        let guess = sealpost_proto::pair::Code::words(code.slot, 2, &mut OsRng);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        let inviter = async {
+            let r =
+                crate::pair::invite_rest(&cd, &mut dave, ex, code.slot, deadline, Some("mallory"))
+                    .await;
+            let _ = cd.pair_leave(code.slot).await;
+            r
+        };
+        let (i, a) = tokio::join!(
+            inviter,
+            crate::pair::accept_with(&cm, &mut mallory, &guess, Some("dave"))
+        );
+        Ok::<_, Failure>((guess == code, i, a))
+    })?;
+    let pinned = dave.db().contact("mallory").is_ok() || mallory.db().contact("dave").is_ok();
+    demo.check(
+        "Mallory guesses at Dave's next code: both sides refuse, nothing is pinned, the code is used up",
+        "pairing-not-confirmed",
+        match r {
+            (false, Err(i), Err(a)) if !pinned && i.class == a.class => Err(format!(
+                "{}: a guess has one chance in 65,536, and costs the code",
+                i.class
+            )),
+            (lucky, i, a) => Ok(format!(
+                "guess right: {lucky}, inviter: {:?}, accepter: {:?}, pinned: {pinned}",
+                i.err().map(|f| f.class),
+                a.err().map(|f| f.class)
+            )),
+        },
+    );
+    Ok(())
+}
+
+/// Section 7: the agents' delivery engines, end to end with receipts, and
 /// a relay that corrupts, replays and forges.
 fn delivery(demo: &mut Demo<'_>, net: &Net, d: &Path) -> Result<(), Failure> {
     use sealpost_agent::engine::{self, Engine};
     use sealpost_proto::delivery::State;
     use sealpost_proto::report::{Entries, RejectReason, RejectionEntry, Report};
 
-    demo.say("6. Delivery with proof: Alice's and Bob's agents, receipts, and a hostile relay:");
+    demo.say("7. Delivery with proof: Alice's and Bob's agents, receipts, and a hostile relay:");
     let pin = engine::pin_of(&net.addr);
     let addr = net.addr.to_string();
     let mut agents = Vec::new();

@@ -211,33 +211,22 @@ pub fn invite(home: &Home, args: InviteArgs, out: &Out) -> Result<(), Failure> {
             .await
             .map_err(|e| relay_failure(e, "cannot open the invitation"))?;
         let ttl = args.timeout.as_secs() as u32;
-        let (slot, expires_at) = c
-            .pair_open(ttl)
-            .await
-            .map_err(|e| relay_failure(e, "cannot open the invitation"))?;
+        let words = (!(args.qr || args.png.is_some())).then_some(args.words as usize);
+        let (code, exchange, expires_at) = open_invitation(&c, ttl, words).await?;
         let deadline = tokio::time::Instant::now() + args.timeout;
-        let code = if args.qr || args.png.is_some() {
-            Code::token(slot, &mut OsRng)
-        } else {
-            Code::words(slot, args.words as usize, &mut OsRng)
-        };
-        let (exchange, first) = Exchange::start(Side::Inviter, &code, OsRng);
-        c.pair_send(slot, first.to_vec())
-            .await
-            .map_err(|e| relay_failure(e, "cannot open the invitation"))?;
         show_invitation(out, &code, &relay, expires_at, &args)?;
         let r = invite_rest(
             &c,
             &mut agent,
             exchange,
-            slot,
+            code.slot,
             deadline,
             args.name.as_deref(),
         )
         .await;
         // Whatever happened, the slot is left: the other side is told at
         // once, and no one may join it.
-        let _ = c.pair_leave(slot).await;
+        let _ = c.pair_leave(code.slot).await;
         r
     }));
     let (name, card, outcome) = match r {
@@ -255,7 +244,33 @@ pub fn invite(home: &Home, args: InviteArgs, out: &Out) -> Result<(), Failure> {
     paired_report(out, &name, &card, &outcome)
 }
 
-async fn invite_rest(
+/// Opens a slot on `c` (authenticated as its owner) for `ttl` seconds
+/// and starts the inviter's exchange: a code of `words` words, or of a
+/// 128-bit token for `None`; its first message is in the slot. Returns
+/// the code, the exchange and when the slot ends (relay's clock).
+pub(crate) async fn open_invitation(
+    c: &RelayClient,
+    ttl: u32,
+    words: Option<usize>,
+) -> Result<(Code, Exchange, u64), Failure> {
+    let (slot, expires_at) = c
+        .pair_open(ttl)
+        .await
+        .map_err(|e| relay_failure(e, "cannot open the invitation"))?;
+    let code = match words {
+        Some(n) => Code::words(slot, n, &mut OsRng),
+        None => Code::token(slot, &mut OsRng),
+    };
+    let (exchange, first) = Exchange::start(Side::Inviter, &code, OsRng);
+    c.pair_send(slot, first.to_vec())
+        .await
+        .map_err(|e| relay_failure(e, "cannot open the invitation"))?;
+    Ok((code, exchange, expires_at))
+}
+
+/// The inviter's side once the invitation is open: waits for the
+/// accepter, checks its card, pins it and sends this side's card.
+pub(crate) async fn invite_rest(
     c: &RelayClient,
     agent: &mut Agent,
     exchange: Exchange,
@@ -369,14 +384,7 @@ pub fn accept(home: &Home, args: AcceptArgs, out: &Out) -> Result<(), Failure> {
         let c = RelayClient::connect(&relay)
             .await
             .map_err(|e| relay_failure(e, "cannot reach the inviter's relay"))?;
-        let code = &invitation.code;
-        let (exchange, first) = Exchange::start(Side::Accepter, code, OsRng);
-        c.pair_join(code.slot, first.to_vec())
-            .await
-            .map_err(|e| relay_failure(e, &format!("cannot use invitation {}", code.slot)))?;
-        let r = accept_rest(&c, &mut agent, exchange, code.slot, args.name.as_deref()).await;
-        let _ = c.pair_leave(code.slot).await;
-        r
+        accept_with(&c, &mut agent, &invitation.code, args.name.as_deref()).await
     }));
     let (name, card, outcome) = match r {
         Some(r) => r?,
@@ -391,6 +399,23 @@ pub fn accept(home: &Home, args: AcceptArgs, out: &Out) -> Result<(), Failure> {
         }
     };
     paired_report(out, &name, &card, &outcome)
+}
+
+/// The accepter's side: joins the slot of `code` on `c`, runs the
+/// exchange, pins the inviter's card; leaves the slot in any case.
+pub(crate) async fn accept_with(
+    c: &RelayClient,
+    agent: &mut Agent,
+    code: &Code,
+    name: Option<&str>,
+) -> Result<(String, ContactCard, AddOutcome), Failure> {
+    let (exchange, first) = Exchange::start(Side::Accepter, code, OsRng);
+    c.pair_join(code.slot, first.to_vec())
+        .await
+        .map_err(|e| relay_failure(e, &format!("cannot use invitation {}", code.slot)))?;
+    let r = accept_rest(c, agent, exchange, code.slot, name).await;
+    let _ = c.pair_leave(code.slot).await;
+    r
 }
 
 async fn accept_rest(

@@ -140,9 +140,10 @@ impl Rendezvous {
         if self.slots.values().filter(|s| s.owner == owner).count() >= self.limits.per_owner {
             return Err(PairFail::OwnerLimit);
         }
-        // At most half of the numbers below the bound are taken.
+        // Numbers below 100 while fewer than 50 are open, below 1,000
+        // while fewer than 500, …: at most half of them are taken.
         let mut bound: u64 = 100;
-        while bound <= 2 * self.slots.len() as u64 + 2 && bound <= MAX_SLOT as u64 {
+        while 2 * self.slots.len() as u64 + 1 >= bound && bound <= MAX_SLOT as u64 {
             bound *= 10;
         }
         let bound = bound.min(MAX_SLOT as u64 + 1);
@@ -395,6 +396,19 @@ mod tests {
             ..PairLimits::default()
         })
         .offered());
+    }
+
+    #[test]
+    fn numbers_stay_below_100_while_fewer_than_50_are_open() {
+        let mut z = Rendezvous::new(PairLimits {
+            max_slots: 2000,
+            per_owner: 2000,
+            max_ttl_secs: 600,
+        });
+        for i in 0..50u64 {
+            let (n, _) = z.open(ALICE, i, 60, 0, &mut OsRng).expect("opens");
+            assert!(n < 100, "{n} with {i} open");
+        }
     }
 
     #[test]

@@ -84,7 +84,7 @@ const PRUNE_BATCH: usize = 10_000;
 pub const FORWARD: &str = "forward";
 /// Whether a `Forward`'s answer says the home relay does not forward: a
 /// signed `not_forwarded`, or a relay that predates forwarding (error 1,
-/// unknown request; PROTOCOL 11).
+/// unknown request; PROTOCOL 12).
 pub(crate) fn refuses_forwarding(
     r: &Result<sealpost_client::client::Submitted, ClientError>,
 ) -> bool {

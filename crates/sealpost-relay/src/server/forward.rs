@@ -17,7 +17,7 @@ use sealpost_store::{Ended, Enqueued, NewItem, Queued};
 #[derive(Clone, Debug)]
 pub struct Forwarding {
     /// Whether this relay forwards for its mailbox owners at all (a relay
-    /// MAY, PROTOCOL 11); off, a `Forward` to another relay is refused
+    /// MAY, PROTOCOL 12); off, a `Forward` to another relay is refused
     /// with code 6 and the owners' agents submit there themselves.
     pub enabled: bool,
     /// How the next relay is reached (TCP; a net in memory in tests).

@@ -426,4 +426,125 @@ mod tests {
         assert_eq!(z.len(), 1500);
         assert!(max < 10_000, "{max}");
     }
+
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Open { owner: u8, conn: u64, ttl: u32 },
+        Join { slot: usize, conn: u64, len: usize },
+        Send { slot: usize, conn: u64, len: usize },
+        Take { slot: usize, conn: u64 },
+        Leave { slot: Option<usize>, conn: u64 },
+        Wait { ms: u64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..3, 0u64..6, 0u32..700).prop_map(|(owner, conn, ttl)| Op::Open {
+                owner,
+                conn,
+                ttl
+            }),
+            (0usize..8, 0u64..6, 0usize..1100).prop_map(|(slot, conn, len)| Op::Join {
+                slot,
+                conn,
+                len
+            }),
+            (0usize..8, 0u64..6, 0usize..1100).prop_map(|(slot, conn, len)| Op::Send {
+                slot,
+                conn,
+                len
+            }),
+            (0usize..8, 0u64..6).prop_map(|(slot, conn)| Op::Take { slot, conn }),
+            (proptest::option::of(0usize..8), 0u64..6)
+                .prop_map(|(slot, conn)| Op::Leave { slot, conn }),
+            (0u64..200_000).prop_map(|ms| Op::Wait { ms }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever clients do, in any order: the bounds hold, a slot is
+        /// joined once, each side takes exactly what the other put, in
+        /// order, and nothing outlives its slot's time.
+        #[test]
+        fn prop_slots_keep_their_bounds_and_order(ops in proptest::collection::vec(op(), 1..120)) {
+            let limits = PairLimits { max_slots: 5, per_owner: 2, max_ttl_secs: 600 };
+            let mut z = Rendezvous::new(limits);
+            let mut now = 0u64;
+            let mut opened: Vec<u32> = Vec::new();
+            // What each direction of each slot still owes: (slot, to_opener) → messages.
+            let mut owed: HashMap<(u32, bool), VecDeque<Vec<u8>>> = HashMap::new();
+            let mut n = 0u8;
+            for op in ops {
+                match op {
+                    Op::Open { owner, conn, ttl } => {
+                        if let Ok((slot, exp)) = z.open(MailboxId([owner; 32]), conn, ttl, now, &mut OsRng) {
+                            prop_assert!(exp > now && exp <= now + 600_000);
+                            prop_assert!((1..=MAX_SLOT).contains(&slot));
+                            opened.push(slot);
+                            owed.remove(&(slot, true));
+                            owed.remove(&(slot, false));
+                        }
+                    }
+                    Op::Join { slot, conn, len } | Op::Send { slot, conn, len } => {
+                        let Some(&s) = opened.get(slot) else { continue };
+                        n = n.wrapping_add(1);
+                        let msg = vec![n; len];
+                        let joining = matches!(op, Op::Join { .. });
+                        let side = z.is_opener(s, conn);
+                        let r = if joining { z.join(s, conn, msg.clone(), now) } else { z.send(s, conn, msg.clone(), now) };
+                        if r.is_ok() {
+                            prop_assert!(!msg.is_empty() && msg.len() <= MAX_PAIR_MESSAGE);
+                            let to_opener = if joining { true } else { side == Some(false) };
+                            owed.entry((s, to_opener)).or_default().push_back(msg);
+                            prop_assert!(owed[&(s, to_opener)].len() <= MAX_PAIR_MESSAGES);
+                        }
+                        if joining && r.is_ok() {
+                            prop_assert_eq!(z.join(s, 99, vec![1], now), Err(PairFail::Used));
+                        }
+                    }
+                    Op::Take { slot, conn } => {
+                        let Some(&s) = opened.get(slot) else { continue };
+                        let side = z.is_opener(s, conn);
+                        match z.take(s, conn, now) {
+                            Ok(Some(m)) => {
+                                let to_opener = side == Some(true);
+                                let want = owed.get_mut(&(s, to_opener)).and_then(|q| q.pop_front());
+                                prop_assert_eq!(Some(m), want, "in order, to the other side only");
+                            }
+                            Ok(None) => {
+                                let to_opener = side == Some(true);
+                                prop_assert!(owed.get(&(s, to_opener)).is_none_or(|q| q.is_empty()));
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    Op::Leave { slot, conn } => {
+                        let s = slot.and_then(|i| opened.get(i).copied());
+                        if slot.is_some() && s.is_none() {
+                            continue;
+                        }
+                        z.leave(s, conn);
+                    }
+                    Op::Wait { ms } => now += ms,
+                }
+                z.expire(now);
+                prop_assert!(z.len() <= limits.max_slots);
+                for owner in 0..3u8 {
+                    let held = z.slots.values().filter(|s| s.owner == MailboxId([owner; 32])).count();
+                    prop_assert!(held <= limits.per_owner);
+                }
+                for (num, s) in &z.slots {
+                    prop_assert!(s.expires_at_ms > now, "slot {num} outlived its time");
+                    prop_assert!(s.to_opener.len() <= MAX_PAIR_MESSAGES && s.to_joiner.len() <= MAX_PAIR_MESSAGES);
+                    prop_assert!(!s.gone());
+                }
+                // Slots that are gone owe nothing any more.
+                owed.retain(|(num, _), _| z.slots.contains_key(num));
+            }
+        }
+    }
 }

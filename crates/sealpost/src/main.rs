@@ -511,7 +511,7 @@ fn init(
 fn id(agent: &Agent, qr: bool, png: Option<&Path>, out: &Out) -> Result<(), Failure> {
     let card = agent.card();
     if let Some(p) = png {
-        pair::write_png(&card.to_text(), p)?;
+        pair::write_png(&card.to_text(), p, false)?;
     }
     if qr {
         output::to_stderr(&pair::qr_text(&card.to_text())?);

@@ -324,7 +324,7 @@ fn show_invitation(
     }
     .to_text();
     if let Some(path) = &args.png {
-        write_png(invitation.as_str(), path)?;
+        write_png(invitation.as_str(), path, true)?;
     }
     // On stderr: stdout carries the one result (`--json`: one object).
     if out.json() {
@@ -461,8 +461,10 @@ pub fn qr_text(text: &str) -> Result<String, Failure> {
 }
 
 /// `text` as a QR code in a PNG file: 8 pixels a module, a 4-module quiet
-/// zone, black on white; written to a temporary file and renamed.
-pub fn write_png(text: &str, path: &Path) -> Result<(), Failure> {
+/// zone, black on white; written to a temporary file and renamed. A
+/// `private` one (an invitation's one-time secret) is readable by its
+/// owner only.
+pub fn write_png(text: &str, path: &Path, private: bool) -> Result<(), Failure> {
     const SCALE: usize = 8;
     const QUIET: usize = 4;
     let code = qrcode::QrCode::new(text.as_bytes()).context("cannot make a QR code of it")?;
@@ -490,8 +492,16 @@ pub fn write_png(text: &str, path: &Path) -> Result<(), Failure> {
         wr.write_image_data(&pixels)
             .context("cannot encode the PNG")?;
     }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("png.tmp");
-    std::fs::write(&tmp, &bytes)
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&bytes))
         .and_then(|()| std::fs::rename(&tmp, path))
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())

@@ -195,6 +195,10 @@ fn an_invitation_by_qr_reaches_someone_on_another_relay() {
     assert!(text.starts_with("sealpost-invite:"), "{text}");
     let bytes = std::fs::read(&png).expect("png written");
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    // It carries a one-time secret: its owner's only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&png).expect("meta").permissions().mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
     // The invitation names alice's relay; carol's home is elsewhere.
     let (a, v, err) = net.accept("carol", &[&text]);
     assert_eq!(a, 0, "{err}");

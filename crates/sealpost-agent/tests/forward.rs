@@ -485,7 +485,7 @@ async fn a_home_relay_that_swallows_forwards_delays_a_message_by_one_retransmiss
 
 /// Where a forwarded message is, per hop: while Bob's relay is down,
 /// Alice's `status` says it waits at her relay and why (her relay's last
-/// error); once her relay handed it on, that it is at Bob's relay; then
+/// error); once her relay handed it on, that it went on toward Bob's relay; then
 /// delivered (the receipt). The JSON carries the same in `hop`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_says_at_which_relay_a_forwarded_message_waits() {
@@ -519,7 +519,7 @@ async fn status_says_at_which_relay_a_forwarded_message_waits() {
     // Back: handed on, then delivered.
     backbone.add(b.door());
     passes_until(&mut alice, |e| {
-        hop(e, &id).is_some_and(|h| h.starts_with("handed on to bob's relay"))
+        hop(e, &id).is_some_and(|h| h.starts_with("handed on by your relay toward bob's relay"))
     })
     .await;
     passes_until(&mut bob, |b| inbox_holds(b, 1)).await;

@@ -50,7 +50,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
 
-use crate::limits::{PerAddress, TokenBucket};
+use crate::limits::TokenBucket;
 use crate::tamper::{ForgedRefusal, OnSubmit, Tamper};
 use crate::tls::{self, Pin, RelayAddress};
 
@@ -129,7 +129,10 @@ struct Shared {
     conns: Arc<Semaphore>,
     /// Payload bytes waiting for commits, over all connections.
     total_bytes: Arc<Semaphore>,
-    per_address: std::sync::Mutex<PerAddress>,
+    /// New connections per source (an IPv4 address, an IPv6 /64), for at
+    /// most `MAX_RATE_SOURCES` sources at once: addresses cost an IPv6
+    /// attacker nothing, so the map must not grow with them.
+    per_address: std::sync::Mutex<crate::limits::PerKey<Source>>,
     /// Forwarded items per relay key that proved itself (`Config::peers`).
     per_peer: std::sync::Mutex<crate::limits::PerKey<[u8; 32]>>,
     /// Open connections per source address.
@@ -185,6 +188,10 @@ pub fn relay_key_in(path: &Path) -> Option<[u8; 32]> {
 /// of buckets); past it, an item from a relay key not tracked is told to
 /// try again later until quiet keys are dropped.
 const MAX_PEER_KEYS: usize = 16_384;
+/// Sources the connection-rate map holds at most (about 5 MiB); past it,
+/// a connection from a new source is refused until quiet ones are dropped
+/// (at most once a second).
+const MAX_RATE_SOURCES: usize = 65_536;
 /// Pairing opens and joins per source address: 10 a minute, bursts of 10
 /// (each join is one guess at someone's code, and burns it).
 const PAIR_RATE: (f64, f64) = (10.0 / 60.0, 10.0);
@@ -355,10 +362,11 @@ impl Relay {
             total_bytes: Arc::new(Semaphore::new(
                 config.max_total_in_flight_bytes.max(relay::MAX_FRAME),
             )),
-            per_address: std::sync::Mutex::new(PerAddress::new(
+            per_address: std::sync::Mutex::new(crate::limits::PerKey::with_max_keys(
                 config.rate_per_address.0,
                 config.rate_per_address.1,
                 std::time::Instant::now(),
+                MAX_RATE_SOURCES,
             )),
             open_per_address: std::sync::Mutex::new(HashMap::new()),
             // Relay keys cost nothing to make: a stranger proving

@@ -132,7 +132,8 @@ impl Engine {
 
     /// Asks the home relay which forwarded deliveries still wait in its
     /// queue (and why) and records it for `status` (§6.8): "waiting at
-    /// your relay" or "handed on to the recipient's relay". At most every
+    /// your relay" or "handed on toward the recipient's relay" (to it, or
+    /// to the gateway the home relay forwards through). At most every
     /// 5 s and 512 deliveries per pass; the relay's word only (relays are
     /// trusted for availability), the receipt stays the proof.
     pub(super) async fn refresh_hops(&mut self) -> Result<(), EngineError> {
@@ -186,7 +187,13 @@ impl Engine {
                     .map(|a| a.host_port)
                     .unwrap_or_else(|| r.relay.clone());
                 let hop = match a {
-                    None => format!("handed on to {}'s relay ({next}), your relay says", r.name),
+                    // Not in the home relay's queue: handed to the next
+                    // relay, which is the recipient's or, when the home
+                    // relay forwards through a gateway, the gateway.
+                    None => format!(
+                        "handed on by your relay toward {}'s relay ({next}), your relay says",
+                        r.name
+                    ),
                     Some(w) => match w.error {
                         Some(e) => format!(
                             "waiting at your relay: it could not hand it to {next} yet ({} attempt{}; last: {e})",

@@ -17,7 +17,7 @@ pub(crate) fn admit(shared: &Arc<Shared>, peer: SocketAddr) -> Result<AddressSlo
     let allowed = shared
         .per_address
         .lock()
-        .map(|mut p| p.try_take(peer.ip(), std::time::Instant::now()))
+        .map(|mut p| p.try_take(Source::of_ip(peer.ip()), std::time::Instant::now()))
         .unwrap_or(true);
     if !allowed {
         shared

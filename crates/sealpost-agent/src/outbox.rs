@@ -48,6 +48,18 @@ CREATE TABLE IF NOT EXISTS sealed_copies (
     id BLOB PRIMARY KEY,
     bytes BLOB NOT NULL
 );
+-- The recipients and relays deliveries name, each once: a delivery row
+-- holds their small ids in `recipient` and `relay` (rows made before
+-- these tables, with the key and the address in the row, are moved to
+-- ids once by `migrate`).
+CREATE TABLE IF NOT EXISTS recipients (
+    id INTEGER PRIMARY KEY,
+    key BLOB UNIQUE NOT NULL
+);
+CREATE TABLE IF NOT EXISTS relays (
+    id INTEGER PRIMARY KEY,
+    address TEXT UNIQUE NOT NULL
+);
 CREATE TABLE IF NOT EXISTS deliveries (
     msg BLOB NOT NULL REFERENCES outbox(id),
     recipient BLOB NOT NULL,
@@ -258,7 +270,11 @@ fn failure_detail(f: &Option<Failure>) -> Option<String> {
 
 /// A batched receipt is stored once in `reports` and named by its BLAKE3
 /// from every delivery it completes.
-const DELIVERY_COLS: &str = "msg, recipient, name, relay, state, submissions, failed_attempts, \
+const DELIVERY_COLS: &str = "msg, \
+     (SELECT key FROM recipients WHERE recipients.id = deliveries.recipient), \
+     name, \
+     (SELECT address FROM relays WHERE relays.id = deliveries.relay), \
+     state, submissions, failed_attempts, \
      next_ms, expires_ms, changed_ms, failure, detail, last_error, \
      (SELECT bytes FROM reports WHERE reports.hash = deliveries.receipt), uploaded, hop";
 
@@ -294,10 +310,43 @@ fn delivery_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
     })
 }
 
+/// A delivery's recipient as a statement names it: by key, or by the id
+/// its key has in `recipients` when the caller looked it up once for many
+/// statements (a report's signer): SQL that takes either form as `?2`
+/// uses [`RCPT_2`].
+#[derive(Clone, Copy)]
+enum Rcpt<'a> {
+    Key(&'a [u8; 32]),
+    Id(i64),
+}
+
+impl rusqlite::ToSql for Rcpt<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(match self {
+            Self::Key(k) => {
+                rusqlite::types::ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Blob(&k[..]))
+            }
+            Self::Id(i) => rusqlite::types::ToSqlOutput::Owned(rusqlite::types::Value::Integer(*i)),
+        })
+    }
+}
+
+/// `recipient = ?2` for a [`Rcpt`]: an id as it is, a key through
+/// `recipients` (looked up only then).
+const RCPT_2: &str =
+    "recipient = CASE WHEN typeof(?2) = 'integer' THEN ?2 ELSE (SELECT id FROM recipients WHERE key = ?2) END";
+
+/// The id `key` has in `recipients`, if any.
+fn recipient_id(tx: &Transaction<'_>, key: &[u8; 32]) -> rusqlite::Result<Option<i64>> {
+    tx.prepare_cached("SELECT id FROM recipients WHERE key = ?1")?
+        .query_row(params![key.to_vec()], |r| r.get(0))
+        .optional()
+}
+
 fn save_delivery(
     tx: &Transaction<'_>,
     msg: &MessageId,
-    recipient: &[u8; 32],
+    recipient: Rcpt<'_>,
     d: &Delivery,
     last_error: Option<&str>,
 ) -> rusqlite::Result<()> {
@@ -314,24 +363,23 @@ fn save_delivery(
     // A delivery the sender cancelled (`sealpost cancel`, maybe while an
     // agent was in the middle of it) stays cancelled, unless a receipt
     // proves it was delivered after all.
-    tx.prepare_cached(
+    tx.prepare_cached(&format!(
         "UPDATE deliveries SET state = ?3, submissions = ?4, failed_attempts = ?5, next_ms = ?6, \
-         changed_ms = ?7, failure = ?8, detail = ?9, last_error = ?10 WHERE msg = ?1 AND recipient = ?2 \
-         AND NOT (state = 'failed' AND failure = 'local:cancelled' AND ?3 != 'delivered')",
-    )?
+         changed_ms = ?7, failure = ?8, detail = ?9, last_error = ?10 WHERE msg = ?1 AND {RCPT_2} \
+         AND NOT (state = 'failed' AND failure = 'local:cancelled' AND ?3 != 'delivered')"
+    ))?
     .execute(params![
-            msg.0.to_vec(),
-            recipient.to_vec(),
-            d.state.name(),
-            d.submissions,
-            d.failed_attempts,
-            to_i64(d.next_at),
-            to_i64(d.changed_at),
-            code,
-            detail,
-            last_error,
-        ],
-    )?;
+        msg.0.to_vec(),
+        recipient,
+        d.state.name(),
+        d.submissions,
+        d.failed_attempts,
+        to_i64(d.next_at),
+        to_i64(d.changed_at),
+        code,
+        detail,
+        last_error,
+    ])?;
     Ok(())
 }
 
@@ -425,9 +473,17 @@ fn queue_in(
             .execute(params![m.id.0.to_vec(), m.sealed])?;
         let d = Delivery::new(m.created_ms, m.expires_ms);
         for r in recipients {
+            // The recipient's key and relay address once each, in their
+            // tables; the row holds their ids.
+            tx.prepare_cached("INSERT OR IGNORE INTO recipients (key) VALUES (?1)")?
+                .execute(params![r.signing.to_vec()])?;
+            tx.prepare_cached("INSERT OR IGNORE INTO relays (address) VALUES (?1)")?
+                .execute(params![r.relay])?;
             tx.prepare_cached(
                 "INSERT INTO deliveries (msg, recipient, name, relay, state, submissions, failed_attempts, \
-                 next_ms, expires_ms, changed_ms) VALUES (?1, ?2, ?3, ?4, ?5, 0, 0, ?6, ?7, ?6)",
+                 next_ms, expires_ms, changed_ms) VALUES (?1, \
+                 (SELECT id FROM recipients WHERE key = ?2), ?3, \
+                 (SELECT id FROM relays WHERE address = ?4), ?5, 0, 0, ?6, ?7, ?6)",
             )?
             .execute(params![
                     m.id.0.to_vec(),
@@ -455,7 +511,8 @@ const EXPIRED_WHERE: &str =
     "WHERE state IN ('queued', 'submitted', 'forwarding') AND expires_ms <= ?1";
 const REACHABLE_SQL: &str = "UPDATE deliveries SET next_ms = ?2 \
      WHERE state IN ('queued', 'submitted', 'forwarding') AND state = 'queued' \
-     AND relay = ?1 AND failed_attempts > 0 AND next_ms > ?2";
+     AND relay = (SELECT id FROM relays WHERE address = ?1) \
+     AND failed_attempts > 0 AND next_ms > ?2";
 const ALL_DUE_NOW_SQL: &str = "UPDATE deliveries SET next_ms = ?1 \
      WHERE state IN ('queued', 'submitted', 'forwarding') AND next_ms > ?1";
 const NEXT_DUE_SQL: [&str; 2] = [
@@ -508,7 +565,7 @@ impl Db {
         let tx = self.conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(
-                "UPDATE deliveries SET hop = ?3 WHERE msg = ?1 AND recipient = ?2",
+                "UPDATE deliveries SET hop = ?3 WHERE msg = ?1 AND recipient = (SELECT id FROM recipients WHERE key = ?2)",
             )?;
             for (msg, recipient, hop) in hops {
                 stmt.execute(params![msg.0.to_vec(), recipient.to_vec(), hop])?;
@@ -575,7 +632,7 @@ impl Db {
     ) -> Result<(), AgentError> {
         let tx = self.conn.transaction()?;
         for (msg, recipient, d, err) in rows {
-            save_delivery(&tx, msg, recipient, d, err.as_deref())?;
+            save_delivery(&tx, msg, Rcpt::Key(recipient), d, err.as_deref())?;
             if d.state.is_final() {
                 release_sealed(&tx, msg)?;
             }
@@ -601,7 +658,13 @@ impl Db {
         let mut failed = Vec::with_capacity(rows.len());
         for mut row in rows {
             if row.delivery.tick(now_ms) == Outcome::Changed {
-                save_delivery(&tx, &row.msg, &row.recipient, &row.delivery, None)?;
+                save_delivery(
+                    &tx,
+                    &row.msg,
+                    Rcpt::Key(&row.recipient),
+                    &row.delivery,
+                    None,
+                )?;
                 release_sealed(&tx, &row.msg)?;
                 failed.push(row);
             }
@@ -620,6 +683,11 @@ impl Db {
         now_ms: u64,
     ) -> Result<Vec<Applied>, AgentError> {
         let tx = self.conn.transaction()?;
+        // The signer's id, looked up once for every entry.
+        let signer_rcpt = match recipient_id(&tx, signer)? {
+            Some(id) => Rcpt::Id(id),
+            None => Rcpt::Key(signer),
+        };
         let report_hash = blake3::hash(report.as_bytes()).as_bytes().to_vec();
         let mut stored = false;
         let mut out = Vec::with_capacity(report.entries().len());
@@ -630,9 +698,9 @@ impl Db {
         for (i, id) in ids.iter().enumerate() {
             let row = {
                 let mut stmt = tx.prepare_cached(&format!(
-                    "SELECT {DELIVERY_COLS} FROM deliveries WHERE msg = ?1 AND recipient = ?2"
+                    "SELECT {DELIVERY_COLS} FROM deliveries WHERE msg = ?1 AND {RCPT_2}"
                 ))?;
-                stmt.query_row(params![id.0.to_vec(), signer.to_vec()], delivery_from_row)
+                stmt.query_row(params![id.0.to_vec(), signer_rcpt], delivery_from_row)
                     .optional()?
             };
             let Some(mut row) = row else {
@@ -676,11 +744,11 @@ impl Db {
                     )?;
                     stored = true;
                 }
-                tx.prepare_cached(
-                    "UPDATE deliveries SET receipt = ?3 WHERE msg = ?1 AND recipient = ?2",
-                )?
-                .execute(params![id.0.to_vec(), signer.to_vec(), report_hash])?;
-                save_delivery(&tx, id, signer, &row.delivery, None)?;
+                tx.prepare_cached(&format!(
+                    "UPDATE deliveries SET receipt = ?3 WHERE msg = ?1 AND {RCPT_2}"
+                ))?
+                .execute(params![id.0.to_vec(), signer_rcpt, report_hash])?;
+                save_delivery(&tx, id, signer_rcpt, &row.delivery, None)?;
                 release_sealed(&tx, id)?;
             }
             out.push(Applied {
@@ -717,7 +785,7 @@ impl Db {
             }
             let before = row.delivery.state;
             if row.delivery.cancel(now_ms) == Outcome::Changed {
-                save_delivery(&tx, id, &row.recipient, &row.delivery, None)?;
+                save_delivery(&tx, id, Rcpt::Key(&row.recipient), &row.delivery, None)?;
                 out.push((row.name, before));
             }
         }
@@ -858,6 +926,24 @@ pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
              COMMIT;",
         )?;
     }
+    // Databases made before deliveries named their recipient and relay by
+    // id (user version 1): the keys and addresses in the rows move to
+    // their tables, once (an address has a ':', an id none).
+    if version < 2 {
+        conn.execute_batch(
+            "BEGIN IMMEDIATE;
+             INSERT OR IGNORE INTO recipients (key)
+                 SELECT DISTINCT recipient FROM deliveries WHERE typeof(recipient) = 'blob';
+             UPDATE deliveries SET recipient = (SELECT id FROM recipients WHERE key = deliveries.recipient)
+                 WHERE typeof(recipient) = 'blob';
+             INSERT OR IGNORE INTO relays (address)
+                 SELECT DISTINCT relay FROM deliveries WHERE instr(relay, ':') > 0;
+             UPDATE deliveries SET relay = (SELECT id FROM relays WHERE address = deliveries.relay)
+                 WHERE instr(relay, ':') > 0;
+             PRAGMA user_version = 2;
+             COMMIT;",
+        )?;
+    }
     Ok(())
 }
 
@@ -868,6 +954,112 @@ fn id16(v: Vec<u8>) -> [u8; 16] {
 #[cfg(test)]
 mod plan_tests {
     use super::*;
+
+    /// A statement naming one delivery by message and recipient (key or
+    /// id) finds it through the primary key, both columns.
+    #[test]
+    fn one_delivery_is_found_by_its_key() {
+        let conn = rusqlite::Connection::open_in_memory().expect("db");
+        conn.execute_batch(SCHEMA).expect("schema");
+        let q = format!(
+            "EXPLAIN QUERY PLAN SELECT {DELIVERY_COLS} FROM deliveries WHERE msg = ?1 AND {RCPT_2}"
+        );
+        let mut stmt = conn.prepare(&q).expect("plan");
+        let plan: Vec<String> = stmt
+            .query_map(params![vec![0u8; 16], 7i64], |r| r.get::<_, String>(3))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("plan rows");
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("sqlite_autoindex_deliveries_1 (msg=? AND recipient=?)")),
+            "{plan:?}"
+        );
+    }
+
+    /// A delivery row holds the ids of its recipient and relay, each kept
+    /// once; rows made before that (the key and the address in the row)
+    /// move to ids when the database is opened, and read, match and
+    /// update alike.
+    #[test]
+    fn deliveries_name_recipients_and_relays_once_and_old_rows_still_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut db = Db::open(&dir.path().join("agent.db")).expect("db");
+        let (bob, relay) = ([7u8; 32], "127.0.0.1:7443/ABCDEF".to_owned());
+        let rcpt = QueuedRecipient {
+            name: "bob".into(),
+            signing: bob,
+            relay: relay.clone(),
+        };
+        let sent = Sent {
+            content_hash: [1; 32],
+            content_len: 5,
+        };
+        for i in 0..3u8 {
+            let m = QueuedMessage {
+                id: MessageId([i; 16]),
+                kind: "message",
+                created_ms: 1_000,
+                expires_ms: 10_000_000,
+                sent,
+                summary: "hi",
+                sealed: b"sealed",
+            };
+            db.queue(&m, std::slice::from_ref(&rcpt)).expect("queue");
+        }
+        // A row as an older version wrote it.
+        db.conn
+            .execute(
+                "INSERT INTO outbox (id, kind, created_ms, expires_ms, content_hash, content_len, summary, sealed) \
+                 VALUES (?1, 'message', 1000, 10000000, ?2, 5, 'old', x'')",
+                params![vec![9u8; 16], vec![1u8; 32]],
+            )
+            .expect("old outbox row");
+        db.conn
+            .execute(
+                "INSERT INTO deliveries (msg, recipient, name, relay, state, submissions, failed_attempts, \
+                 next_ms, expires_ms, changed_ms) VALUES (?1, ?2, 'bob', ?3, 'queued', 0, 1, 5000, 10000000, 1000)",
+                params![vec![9u8; 16], bob.to_vec(), relay],
+            )
+            .expect("old delivery row");
+        db.conn
+            .execute_batch("PRAGMA user_version = 1")
+            .expect("an older database");
+        drop(db);
+        let mut db = Db::open(&dir.path().join("agent.db")).expect("db again");
+        let (keys, relays): (i64, i64) = db
+            .conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM recipients), (SELECT count(*) FROM relays)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("counts");
+        assert_eq!((keys, relays), (1, 1), "each kept once");
+        let small: i64 = db
+            .conn
+            .query_row(
+                "SELECT max(length(recipient) + length(relay)) FROM deliveries",
+                [],
+                |r| r.get(0),
+            )
+            .expect("len");
+        assert!(
+            small <= 4,
+            "ids in the rows, not keys and addresses: {small}"
+        );
+        // Every row reads back with its key and address, old or new.
+        let due = db.due(10_000, 100).expect("due");
+        assert_eq!(due.len(), 4);
+        assert!(due.iter().all(|d| d.recipient == bob && d.relay == relay));
+        // Updates and lookups by key find both forms.
+        for id in [MessageId([0; 16]), MessageId([9; 16])] {
+            db.set_uploaded(&id, &bob, 42).expect("set");
+            assert_eq!(db.uploaded(&id, &bob).expect("get"), 42);
+        }
+        // The relay answered again: the old row (one failed attempt) is due now.
+        assert_eq!(db.relay_reachable(&relay, 2_000).expect("reachable"), 1);
+    }
 
     /// A pass's questions about deliveries are answered from the indexes
     /// of those under way: none reads the table's rows in order (a scan

@@ -346,7 +346,7 @@ impl Db {
     ) -> Result<(), AgentError> {
         self.conn
             .prepare_cached(
-                "UPDATE deliveries SET uploaded = ?3 WHERE msg = ?1 AND recipient = ?2",
+                "UPDATE deliveries SET uploaded = ?3 WHERE msg = ?1 AND recipient = (SELECT id FROM recipients WHERE key = ?2)",
             )?
             .execute(params![msg.0.to_vec(), recipient.to_vec(), to_i64(bytes)])?;
         Ok(())
@@ -356,7 +356,7 @@ impl Db {
     pub fn uploaded(&self, msg: &MessageId, recipient: &[u8; 32]) -> Result<u64, AgentError> {
         let v: Option<i64> = self
             .conn
-            .prepare_cached("SELECT uploaded FROM deliveries WHERE msg = ?1 AND recipient = ?2")?
+            .prepare_cached("SELECT uploaded FROM deliveries WHERE msg = ?1 AND recipient = (SELECT id FROM recipients WHERE key = ?2)")?
             .query_row(params![msg.0.to_vec(), recipient.to_vec()], |r| r.get(0))
             .optional()?;
         Ok(v.map(to_u64).unwrap_or(0))
@@ -527,7 +527,7 @@ impl Db {
         let d = self
             .conn
             .prepare_cached(&format!(
-                "SELECT {DELIVERY_COLS} FROM deliveries WHERE msg = ?1 AND recipient = ?2"
+                "SELECT {DELIVERY_COLS} FROM deliveries WHERE msg = ?1 AND recipient = (SELECT id FROM recipients WHERE key = ?2)"
             ))?
             .query_row(
                 params![msg.0.to_vec(), recipient.to_vec()],

@@ -941,3 +941,71 @@ proptest! {
         }
     }
 }
+
+/// What an age identity makes of a stanza, comparable across two.
+fn unwrapped(id: &dyn age::Identity, st: &age_core::format::Stanza) -> String {
+    use age_core::secrecy::ExposeSecret;
+    match id.unwrap_stanza(st) {
+        None => "not ours".into(),
+        Some(Err(e)) => format!("error: {e:?}"),
+        Some(Ok(k)) => format!("key {}", hex::encode(k.expose_secret())),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// sealpost's age identity (the public key computed once) answers every
+    /// stanza exactly as age's own X25519 identity: its own stanzas, other
+    /// recipients', and stanzas with a changed tag, argument or body,
+    /// non-canonical base64, a low-order ephemeral key.
+    #[test]
+    fn prop_our_age_identity_is_ages(
+        seed in any::<u64>(),
+        how in 0u8..10,
+        at in any::<usize>(),
+        byte in any::<u8>(),
+    ) {
+        use age::Recipient as _;
+        use age_core::format::{FileKey, Stanza};
+        let mut rng = StdRng::seed_from_u64(seed);
+        let me = Identity::generate(&mut rng);
+        let other = Identity::generate(&mut rng);
+        let mut k = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rng, &mut k);
+        let to = if how == 1 { &other } else { &me };
+        let (stanzas, _) = to
+            .public()
+            .age_recipient()
+            .wrap_file_key(&FileKey::new(Box::new(k)))
+            .expect("wraps");
+        let mut st: Stanza = stanzas.into_iter().next().expect("a stanza");
+        let arg = st.args[0].clone();
+        match how {
+            2 => { let n = st.body.len(); st.body[at % n] ^= byte | 1; }
+            3 => st.body.truncate(at % st.body.len()),
+            4 => st.tag = "x25519".into(),
+            5 => st.args.push("extra".into()),
+            6 => st.args[0] = format!("{arg}="),
+            // The last character carries 2 trailing bits: set them.
+            7 => {
+                let mut a = arg.into_bytes();
+                let last = a.len() - 1;
+                let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+                let v = alphabet.iter().position(|c| *c == a[last]).expect("b64") as u8;
+                a[last] = alphabet[((v & !3) | (byte & 3).max(1)) as usize];
+                st.args[0] = String::from_utf8(a).expect("ascii");
+            }
+            // A low-order ephemeral key (the point 0).
+            8 => st.args[0] = data_encoding::BASE64_NOPAD.encode(&[0u8; 32]),
+            9 => { let mut a = arg.into_bytes(); let n = a.len(); a[at % n] = b"AZaz09+/"[byte as usize % 8]; st.args[0] = String::from_utf8(a).expect("ascii"); }
+            _ => {}
+        }
+        let ours = unwrapped(me.age_identity(), &st);
+        let ages = unwrapped(&me.age_reference_identity(), &st);
+        prop_assert_eq!(&ours, &ages);
+        if how == 0 {
+            prop_assert_eq!(ours, format!("key {}", hex::encode(k)));
+        }
+    }
+}

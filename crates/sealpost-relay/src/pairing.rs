@@ -180,6 +180,13 @@ impl Rendezvous {
         Ok((slot, expires_at_ms))
     }
 
+    /// The open slot `slot`, for a message `data` to put in it.
+    fn slot_for(&mut self, slot: u32, data: &[u8], now_ms: u64) -> Result<&mut Slot, PairFail> {
+        check_message(data)?;
+        self.expire(now_ms);
+        self.slots.get_mut(&slot).ok_or(PairFail::NoSuchSlot)
+    }
+
     /// Joins `slot` from connection `conn` with the first message for the
     /// opener. Once per slot: a second join, whoever makes it, is refused.
     pub fn join(
@@ -189,9 +196,7 @@ impl Rendezvous {
         data: Vec<u8>,
         now_ms: u64,
     ) -> Result<(), PairFail> {
-        check_message(&data)?;
-        self.expire(now_ms);
-        let s = self.slots.get_mut(&slot).ok_or(PairFail::NoSuchSlot)?;
+        let s = self.slot_for(slot, &data, now_ms)?;
         if s.joiner.is_some() {
             return Err(PairFail::Used);
         }
@@ -215,9 +220,7 @@ impl Rendezvous {
         data: Vec<u8>,
         now_ms: u64,
     ) -> Result<(), PairFail> {
-        check_message(&data)?;
-        self.expire(now_ms);
-        let s = self.slots.get_mut(&slot).ok_or(PairFail::NoSuchSlot)?;
+        let s = self.slot_for(slot, &data, now_ms)?;
         let (sent, queue, left) = if s.opener == conn && !s.opener_left {
             (&mut s.sent_by_opener, &mut s.to_joiner, s.joiner_left)
         } else if s.joiner == Some(conn) && !s.joiner_left {

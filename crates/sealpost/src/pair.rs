@@ -161,12 +161,25 @@ async fn next_message(
     }
 }
 
+/// What one side of a pairing ended with, for the user: its failure, an
+/// interruption (`None`: Ctrl-C or SIGTERM, and what that left), or the
+/// card pinned.
 fn paired_report(
     out: &Out,
-    name: &str,
-    card: &ContactCard,
-    outcome: &AddOutcome,
+    r: Option<Result<(String, ContactCard, AddOutcome), Failure>>,
+    interrupted: &str,
 ) -> Result<(), Failure> {
+    let (name, card, outcome) = match r {
+        Some(r) => r?,
+        None => {
+            return Err(Failure {
+                code: Exit::Interrupted,
+                class: "interrupted",
+                error: Some(anyhow!("interrupted: {interrupted}")),
+            })
+        }
+    };
+    let (name, outcome) = (name.as_str(), &outcome);
     let fp = card.public().fingerprint();
     let tag = match outcome {
         AddOutcome::Added => "added",
@@ -229,19 +242,7 @@ pub fn invite(home: &Home, args: InviteArgs, out: &Out) -> Result<(), Failure> {
         let _ = c.pair_leave(code.slot).await;
         r
     }));
-    let (name, card, outcome) = match r {
-        Some(r) => r?,
-        None => {
-            return Err(Failure {
-                code: Exit::Interrupted,
-                class: "interrupted",
-                error: Some(anyhow!(
-                    "interrupted: the invitation is withdrawn, nothing was pinned"
-                )),
-            })
-        }
-    };
-    paired_report(out, &name, &card, &outcome)
+    paired_report(out, r, "the invitation is withdrawn, nothing was pinned")
 }
 
 /// Opens a slot on `c` (authenticated as its owner) for `ttl` seconds
@@ -386,19 +387,7 @@ pub fn accept(home: &Home, args: AcceptArgs, out: &Out) -> Result<(), Failure> {
             .map_err(|e| relay_failure(e, "cannot reach the inviter's relay"))?;
         accept_with(&c, &mut agent, &invitation.code, args.name.as_deref()).await
     }));
-    let (name, card, outcome) = match r {
-        Some(r) => r?,
-        None => {
-            return Err(Failure {
-                code: Exit::Interrupted,
-                class: "interrupted",
-                error: Some(anyhow!(
-                    "interrupted: nothing was pinned, and the code is used up"
-                )),
-            })
-        }
-    };
-    paired_report(out, &name, &card, &outcome)
+    paired_report(out, r, "nothing was pinned, and the code is used up")
 }
 
 /// The accepter's side: joins the slot of `code` on `c`, runs the

@@ -37,12 +37,13 @@ pub struct InviteArgs {
     /// How long the invitation stays open, e.g. 2m, 10m (at most 10m)
     #[arg(long, default_value = "10m", value_parser = parse_timeout)]
     timeout: Duration,
-    /// Also print the invitation as a QR code (it carries your relay's
-    /// address and a 128-bit one-time secret instead of words: for a
-    /// phone or laptop in the same room)
+    /// Show the invitation as a QR code instead of words: it carries your
+    /// relay's address and a 128-bit one-time secret (for a phone or
+    /// laptop in the same room)
     #[arg(long)]
     qr: bool,
-    /// Write the invitation's QR code to this PNG file as well
+    /// Write the invitation's QR code to this PNG file (readable by you
+    /// only: it holds the one-time secret); implies a QR invitation
     #[arg(long, value_name = "FILE")]
     png: Option<PathBuf>,
 }
@@ -340,9 +341,14 @@ fn show_invitation(
         output::to_stderr(&format!("{v}\n"));
     } else {
         let mut s = String::new();
-        if args.qr {
-            s += &qr_text(invitation.as_str())?;
-            s += "Scan it with the other device, or give them this text:\n  ";
+        if args.qr || args.png.is_some() {
+            if args.qr {
+                s += &qr_text(invitation.as_str())?;
+                s += "Scan it with the other device, or give them this text";
+            } else {
+                s += "Give them the QR code in the PNG, or this text";
+            }
+            s += " (they run `sealpost accept` with it):\n  ";
             s += invitation.as_str();
             s += "\n";
         } else {

@@ -336,7 +336,8 @@ fn show_invitation(
             "relay": relay.to_checked_text(),
             "expires_at": output::time(expires_at),
             "accept": format!("sealpost accept {with_relay}"),
-            "qr": args.qr.then(|| invitation.as_str().to_owned()),
+            // The invitation a QR code carries (`--qr`, `--png`).
+            "qr": (args.qr || args.png.is_some()).then(|| invitation.as_str().to_owned()),
         });
         output::to_stderr(&format!("{v}\n"));
     } else {

@@ -326,3 +326,58 @@ fn a_relay_without_pairing_says_so() {
     );
     assert!(err.contains("contact add"), "{err}");
 }
+
+/// zbar's `zbarimg`, if installed.
+fn zbarimg() -> Option<std::path::PathBuf> {
+    let p = std::path::PathBuf::from("/usr/bin/zbarimg");
+    p.exists().then_some(p)
+}
+
+/// What a QR image decodes to, by zbar.
+fn decode_qr(png: &std::path::Path) -> String {
+    let z = zbarimg().expect("/usr/bin/zbarimg is not installed (apt-get install zbar-tools)");
+    let o = Command::new(z)
+        .args(["--raw", "-q"])
+        .arg(png)
+        .output()
+        .expect("run zbarimg");
+    assert!(
+        o.status.success(),
+        "zbarimg could not read {}",
+        png.display()
+    );
+    String::from_utf8_lossy(&o.stdout).trim_end().to_owned()
+}
+
+/// The QR images `id --png` and `invite --png` write decode, by another
+/// program, to exactly the card and the invitation. `.ci/run` installs
+/// zbar and runs it with `--ignored`, where a missing `zbarimg` fails it.
+#[test]
+#[ignore = "needs zbarimg (apt-get install zbar-tools); run with --ignored, as .ci/run does"]
+fn qr_images_decode_to_the_card_and_the_invitation() {
+    let mut net = Net::new();
+    let relay = net.relay("relay", &[]);
+    net.init("alice", &relay);
+    net.init("bob", &relay);
+    let card_png = net.env.path("card.png");
+    let card = net
+        .env
+        .json("alice", &["id", "--png", card_png.to_str().expect("path")])["card"]
+        .as_str()
+        .expect("card")
+        .to_owned();
+    assert_eq!(decode_qr(&card_png), card);
+    let inv_png = net.env.path("invite.png");
+    let inv = net.invite("alice", &["--png", inv_png.to_str().expect("path")]);
+    let text = inv.shown["qr"]
+        .as_str()
+        .expect("the invitation's text")
+        .to_owned();
+    let decoded = decode_qr(&inv_png);
+    assert_eq!(decoded, text);
+    // And what was scanned pairs.
+    let (c, _, err) = net.accept("bob", &[&decoded]);
+    assert_eq!(c, 0, "{err}");
+    let (i, _, err) = inv.finish();
+    assert_eq!(i, 0, "{err}");
+}

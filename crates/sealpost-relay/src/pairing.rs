@@ -83,6 +83,18 @@ struct Slot {
 }
 
 impl Slot {
+    /// Connection `conn`'s side of the slot while it has not left it:
+    /// `Some(true)` the opener, `Some(false)` the joiner.
+    fn side(&self, conn: u64) -> Option<bool> {
+        if self.opener == conn && !self.opener_left {
+            Some(true)
+        } else if self.joiner == Some(conn) && !self.joiner_left {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
     fn gone(&self) -> bool {
         self.opener_left && (self.joiner.is_none() || self.joiner_left)
     }
@@ -221,12 +233,10 @@ impl Rendezvous {
         now_ms: u64,
     ) -> Result<(), PairFail> {
         let s = self.slot_for(slot, &data, now_ms)?;
-        let (sent, queue, left) = if s.opener == conn && !s.opener_left {
-            (&mut s.sent_by_opener, &mut s.to_joiner, s.joiner_left)
-        } else if s.joiner == Some(conn) && !s.joiner_left {
-            (&mut s.sent_by_joiner, &mut s.to_opener, s.opener_left)
-        } else {
-            return Err(PairFail::NotYours);
+        let (sent, queue, left) = match s.side(conn) {
+            Some(true) => (&mut s.sent_by_opener, &mut s.to_joiner, s.joiner_left),
+            Some(false) => (&mut s.sent_by_joiner, &mut s.to_opener, s.opener_left),
+            None => return Err(PairFail::NotYours),
         };
         if left {
             return Err(PairFail::OtherLeft);
@@ -244,12 +254,10 @@ impl Rendezvous {
     pub fn take(&mut self, slot: u32, conn: u64, now_ms: u64) -> Result<Option<Vec<u8>>, PairFail> {
         self.expire(now_ms);
         let s = self.slots.get_mut(&slot).ok_or(PairFail::NoSuchSlot)?;
-        let (queue, left) = if s.opener == conn && !s.opener_left {
-            (&mut s.to_opener, s.joiner_left)
-        } else if s.joiner == Some(conn) && !s.joiner_left {
-            (&mut s.to_joiner, s.opener_left)
-        } else {
-            return Err(PairFail::NotYours);
+        let (queue, left) = match s.side(conn) {
+            Some(true) => (&mut s.to_opener, s.joiner_left),
+            Some(false) => (&mut s.to_joiner, s.opener_left),
+            None => return Err(PairFail::NotYours),
         };
         match queue.pop_front() {
             Some(m) => Ok(Some(m)),
@@ -276,16 +284,10 @@ impl Rendezvous {
         self.slots.retain(|_, s| !s.gone());
     }
 
-    /// Whether connection `conn` opened `slot` (`Some(false)`: joined it).
+    /// Whether connection `conn` opened `slot` (`Some(false)`: joined it),
+    /// while it has not left it.
     pub fn is_opener(&self, slot: u32, conn: u64) -> Option<bool> {
-        let s = self.slots.get(&slot)?;
-        if s.opener == conn {
-            Some(true)
-        } else if s.joiner == Some(conn) {
-            Some(false)
-        } else {
-            None
-        }
+        self.slots.get(&slot)?.side(conn)
     }
 
     /// Whether connection `conn` is a side of any slot (so that a closing

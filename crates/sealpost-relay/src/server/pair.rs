@@ -140,6 +140,7 @@ pub(crate) async fn handle(
             // a client cannot pile up waits.
             let deadline = tokio::time::Instant::now()
                 + Duration::from_millis(wait_ms as u64).min(MAX_PAIR_WAIT);
+            let stop = s.stopping.subscribe();
             loop {
                 let changed = s.pairing_changed.notified();
                 tokio::pin!(changed);
@@ -153,7 +154,6 @@ pub(crate) async fn handle(
                     Err(f) => break refused(f),
                     Ok(None) => {}
                 }
-                let stop = s.stopping.subscribe();
                 if *stop.borrow() {
                     break err(ErrorCode::Internal, "the relay is stopping");
                 }

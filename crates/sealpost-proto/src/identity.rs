@@ -178,6 +178,9 @@ fn is_low_order_x25519(key: &[u8; 32]) -> bool {
 pub mod context {
     pub const CARD: &[u8] = b"sealpost v1 card\0";
     pub const MESSAGE: &[u8] = b"sealpost v1 message\0";
+    /// A card's key vouching, inside a pairing exchange, that the card it
+    /// sends is its own (PROTOCOL §10.2).
+    pub const PAIR_PROOF: &[u8] = b"sealpost v1 pair proof\0";
 }
 
 /// A full identity with its secret keys. `Debug` shows only the fingerprint.

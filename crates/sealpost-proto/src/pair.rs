@@ -18,11 +18,14 @@
 //! under keys derived from the SPAKE2 key and the transcript. Opening `E_B`
 //! is A's proof that B knew the code, opening `E_A` B's proof of A; a
 //! guess that is wrong (or a relay that runs SPAKE2 with each side on its
-//! own) fails to open and nothing is pinned.
+//! own) fails to open and nothing is pinned. Inside each sealed card, the
+//! card's own key signs the transcript: knowing the code is not enough to
+//! hand over somebody else's card as one's own.
 
 pub mod words;
 
 use crate::card::{ContactCard, MAX_CARD_BYTES};
+use crate::identity::{context, Identity};
 use spake2::{Ed25519Group, Identity as PakeId, Password, Spake2};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -33,8 +36,9 @@ pub const ACCEPTER: &[u8] = b"sealpost v1 pair accepter";
 /// Bytes of one SPAKE2 message (a side byte and an Ed25519 point).
 pub const PAKE_MESSAGE: usize = 33;
 /// Bytes of a sealed card: `len:u16 || card || zeros` padded to one size
-/// (so the relay does not learn the card's length), plus the 16-byte tag.
-pub const SEALED_CARD: usize = 2 + MAX_CARD_BYTES + 16;
+/// (so the relay does not learn the card's length), the card key's 64-byte
+/// signature of the transcript, and the 16-byte tag.
+pub const SEALED_CARD: usize = 2 + MAX_CARD_BYTES + 64 + 16;
 /// Largest message a rendezvous slot carries (PairJoin, PairSend).
 pub const MAX_PAIR_MESSAGE: usize = 1024;
 /// Most messages one side may put in a slot.
@@ -73,6 +77,10 @@ pub enum PairError {
         "the other side did not prove it knows the code (a wrong code, or someone in the middle)"
     )]
     NotConfirmed,
+    /// The card opened (the other side knew the code) but its key did not
+    /// sign this exchange: the card is not the sender's own.
+    #[error("the other side knew the code but sent a card that is not its own (its key did not sign this exchange)")]
+    NotTheirCard,
     #[error("the other side's card is invalid: {0}")]
     BadCard(String),
 }
@@ -381,6 +389,7 @@ impl Exchange {
             Side::Accepter => (b_to_a, a_to_b),
         };
         Ok(Keys {
+            side: self.side,
             transcript,
             send,
             receive,
@@ -390,6 +399,7 @@ impl Exchange {
 
 /// The keys of a finished exchange: one per direction, each used once.
 pub struct Keys {
+    side: Side,
     transcript: [u8; 32],
     send: Zeroizing<[u8; 32]>,
     receive: Zeroizing<[u8; 32]>,
@@ -420,15 +430,21 @@ impl Keys {
     }
 
     /// Seals this side's card for the other: `len:u16 || card` padded with
-    /// zeros to `2 + MAX_CARD_BYTES`, ChaCha20-Poly1305 under this
-    /// direction's key, nonce zero (each key seals one message), the
-    /// transcript as associated data.
-    pub fn seal_card(&self, card: &ContactCard) -> Vec<u8> {
+    /// zeros to `2 + MAX_CARD_BYTES`, then the card key's signature of
+    /// [`proof_message`] for this side, all under ChaCha20-Poly1305 with
+    /// this direction's key, nonce zero (each key seals one message), the
+    /// transcript as associated data. `card` is `identity`'s own card (the
+    /// other side refuses one whose key did not sign).
+    pub fn seal_card(&self, identity: &Identity, card: &ContactCard) -> Vec<u8> {
         let bytes = card.as_bytes();
         let mut m = Vec::with_capacity(SEALED_CARD);
         m.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
         m.extend_from_slice(bytes);
         m.resize(2 + MAX_CARD_BYTES, 0);
+        m.extend_from_slice(&identity.sign(
+            context::PAIR_PROOF,
+            &proof_message(self.side, &self.transcript),
+        ));
         aead(&self.send)
             .seal_in_place_append_tag(
                 ring::aead::Nonce::assume_unique_for_key([0u8; 12]),
@@ -439,7 +455,8 @@ impl Keys {
         m
     }
 
-    /// Opens the other side's sealed card: the proof that it knew the code.
+    /// Opens the other side's sealed card: the proof that it knew the code,
+    /// and that the card is its own (its key signed this exchange).
     pub fn open_card(&self, sealed: &[u8]) -> Result<ContactCard, PairError> {
         if sealed.len() != SEALED_CARD {
             return Err(PairError::NotConfirmed);
@@ -452,12 +469,41 @@ impl Keys {
                 &mut m,
             )
             .map_err(|_| PairError::NotConfirmed)?;
-        let len = u16::from_be_bytes([plain[0], plain[1]]) as usize;
-        if len > MAX_CARD_BYTES || plain[2 + len..].iter().any(|b| *b != 0) {
+        let (padded, signature) = plain.split_at(2 + MAX_CARD_BYTES);
+        let len = u16::from_be_bytes([padded[0], padded[1]]) as usize;
+        if len > MAX_CARD_BYTES || padded[2 + len..].iter().any(|b| *b != 0) {
             return Err(PairError::BadCard("bad length or padding".into()));
         }
-        ContactCard::decode(&plain[2..2 + len]).map_err(|e| PairError::BadCard(e.to_string()))
+        let card = ContactCard::decode(&padded[2..2 + len])
+            .map_err(|e| PairError::BadCard(e.to_string()))?;
+        let mut sig = [0u8; 64];
+        sig.copy_from_slice(signature);
+        let theirs = match self.side {
+            Side::Inviter => Side::Accepter,
+            Side::Accepter => Side::Inviter,
+        };
+        if !card.public().verify(
+            context::PAIR_PROOF,
+            &proof_message(theirs, &self.transcript),
+            &sig,
+        ) {
+            return Err(PairError::NotTheirCard);
+        }
+        Ok(card)
     }
+}
+
+/// What a card's key signs in a pairing (under `sealpost v1 pair
+/// proof\0`): the signer's side byte (`A` = 0x41 inviter, `B` = 0x42
+/// accepter) and the transcript.
+pub fn proof_message(side: Side, transcript: &[u8; 32]) -> [u8; 33] {
+    let mut m = [0u8; 33];
+    m[0] = match side {
+        Side::Inviter => b'A',
+        Side::Accepter => b'B',
+    };
+    m[1..].copy_from_slice(transcript);
+    m
 }
 
 #[cfg(test)]

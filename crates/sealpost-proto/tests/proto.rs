@@ -868,10 +868,20 @@ fn pairing_succeeds_only_with_the_same_code() {
     let (eb, y) = Exchange::start(Side::Accepter, &code, OsRng);
     let (ka, kb) = (ea.finish(&y).expect("a"), eb.finish(&x).expect("b"));
     assert_eq!(ka.transcript(), kb.transcript());
-    let sealed_b = kb.seal_card(&cb);
+    let sealed_b = kb.seal_card(&ident(2), &cb);
     assert_eq!(sealed_b.len(), sealpost_proto::pair::SEALED_CARD);
     assert_eq!(ka.open_card(&sealed_b).expect("opens"), cb);
-    assert_eq!(kb.open_card(&ka.seal_card(&ca)).expect("opens"), ca);
+    assert_eq!(
+        kb.open_card(&ka.seal_card(&ident(1), &ca)).expect("opens"),
+        ca
+    );
+    // Knowing the code is not owning a card: Bob handing over Carol's card
+    // as his own (with his key's signature) is refused.
+    let cc = pair_card(3, "carol");
+    assert_eq!(
+        ka.open_card(&kb.seal_card(&ident(2), &cc)),
+        Err(PairError::NotTheirCard)
+    );
     // Each direction has its own key: a card cannot be reflected back.
     assert_eq!(kb.open_card(&sealed_b), Err(PairError::NotConfirmed));
     for i in [0, 100, sealed_b.len() - 1] {
@@ -885,7 +895,7 @@ fn pairing_succeeds_only_with_the_same_code() {
         let (eg, _) = Exchange::start(Side::Accepter, &guess, OsRng);
         let kg = eg.finish(&x).expect("finishes");
         assert_eq!(
-            ka.open_card(&kg.seal_card(&cb)),
+            ka.open_card(&kg.seal_card(&ident(2), &cb)),
             Err(PairError::NotConfirmed)
         );
     }

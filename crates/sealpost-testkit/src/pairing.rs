@@ -45,6 +45,7 @@ struct Slot {
 /// The hooks (install with `Config::tamper`).
 pub struct PairMitm {
     attack: PairAttack,
+    mallory_id: Identity,
     mallory: ContactCard,
     slots: Mutex<HashMap<u32, Slot>>,
 }
@@ -69,6 +70,7 @@ impl PairMitm {
         .unwrap_or_else(|_| unreachable!("a valid name"));
         Self {
             attack,
+            mallory_id: id,
             mallory,
             slots: Mutex::new(HashMap::new()),
         }
@@ -118,7 +120,7 @@ impl Tamper for PairMitm {
                         &s.with_opener
                     };
                     if let Some(k) = keys {
-                        *data = k.seal_card(&self.mallory);
+                        *data = k.seal_card(&self.mallory_id, &self.mallory);
                     }
                 }
             }

@@ -71,6 +71,15 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The other side knew the code but sent a card whose key did not sign the
+/// exchange: a contact passing somebody else's card off as theirs.
+fn not_their_card() -> Failure {
+    failed(
+        "pairing-not-confirmed",
+        anyhow!("the other side knew the code but sent a card that is not its own (the card's key did not sign this exchange): they may be trying to pass somebody else's key off as theirs. Nothing was pinned"),
+    )
+}
+
 fn failed(class: &'static str, e: anyhow::Error) -> Failure {
     Failure {
         code: Exit::PairingFailed,
@@ -282,10 +291,13 @@ pub(crate) async fn invite_rest(
 ) -> Result<(String, ContactCard, AddOutcome), Failure> {
     let theirs = next_message(c, slot, deadline, "nobody accepted the invitation").await?;
     let burnt = |e: PairError| {
-        failed(
+        match e {
+        PairError::NotTheirCard => not_their_card(),
+        e => failed(
             "pairing-not-confirmed",
             anyhow!("someone used the invitation but did not prove they know the code ({e}): a mistyped code, a guess, or someone in the middle. Nothing was pinned and the code is used up; make a new invitation"),
-        )
+        ),
+    }
     };
     let keys: Keys = exchange.finish(&theirs).map_err(burnt)?;
     let deadline = deadline.min(tokio::time::Instant::now() + ANSWER_WAIT);
@@ -300,7 +312,7 @@ pub(crate) async fn invite_rest(
     // Pinned before this side's card goes: a card that cannot be pinned
     // here (a name or key clash) stops the exchange with nothing sent.
     let (name, outcome) = pin(agent, &card, name)?;
-    c.pair_send(slot, keys.seal_card(agent.card()))
+    c.pair_send(slot, keys.seal_card(agent.identity(), agent.card()))
         .await
         .map_err(|e| {
             relay_failure(
@@ -430,7 +442,7 @@ async fn accept_rest(
         )
     };
     let keys = exchange.finish(&theirs).map_err(|_| not_confirmed())?;
-    c.pair_send(slot, keys.seal_card(agent.card()))
+    c.pair_send(slot, keys.seal_card(agent.identity(), agent.card()))
         .await
         .map_err(|e| relay_failure(e, "cannot send your card"))?;
     let sealed = match next_message(c, slot, deadline, "the inviter did not send its card").await {
@@ -439,7 +451,10 @@ async fn accept_rest(
         Err(f) if f.class == "pairing-gone" => return Err(not_confirmed()),
         other => other?,
     };
-    let card = keys.open_card(&sealed).map_err(|_| not_confirmed())?;
+    let card = keys.open_card(&sealed).map_err(|e| match e {
+        PairError::NotTheirCard => not_their_card(),
+        _ => not_confirmed(),
+    })?;
     let (name, outcome) = pin(agent, &card, name)?;
     Ok((name, card, outcome))
 }

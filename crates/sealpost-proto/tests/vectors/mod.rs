@@ -1071,12 +1071,15 @@ fn pair_vectors() -> Value {
     let ka = ea.finish(&y).expect("inviter");
     let kb = eb.finish(&x).expect("accepter");
     assert_eq!(ka.transcript(), kb.transcript());
-    let sealed_b = kb.seal_card(&card_b);
-    let sealed_a = ka.seal_card(&card_a);
+    let sealed_b = kb.seal_card(&b, &card_b);
+    let sealed_a = ka.seal_card(&a, &card_a);
+    // Bob knows the code but hands over Alice's card as his: signed with
+    // his key, not the card's.
+    let sealed_b_not_his = kb.seal_card(&b, &card_a);
     let (ew, y_wrong) = Exchange::start(Side::Accepter, &wrong, rng(0xb1));
     let kw = ew.finish(&x).expect("a wrong code still finishes");
     json!({
-        "description": "pairing by code (§10): code 47-stormy-tolerance (slot 47, secret bytes d8 e1); x_wide/y_wide are the 64 bytes each side reduces mod the group order for its SPAKE2 scalar (ChaCha20 keystream, key = 32 bytes of a1 / b1, nonce 0); X, Y the SPAKE2 messages; transcript BLAKE3-derive-key(\"sealpost v1 pair transcript\", slot || X || Y); key_a_to_b, key_b_to_a the directions' keys; sealed_b Bob's card sealed for Alice, sealed_a Alice's for Bob; y_wrong is Bob's message for code 47-stormy-tomorrow (d8 e2) with the same scalar, with which Alice's key does not open Bob's sealed card",
+        "description": "pairing by code (§10): code 47-stormy-tolerance (slot 47, secret bytes d8 e1); x_wide/y_wide are the 64 bytes each side reduces mod the group order for its SPAKE2 scalar (ChaCha20 keystream, key = 32 bytes of a1 / b1, nonce 0); X, Y the SPAKE2 messages; transcript BLAKE3-derive-key(\"sealpost v1 pair transcript\", slot || X || Y); key_a_to_b, key_b_to_a the directions' keys; proof_a, proof_b what each card's key signs (under \"sealpost v1 pair proof\\0\": side byte || transcript); sealed_b Bob's card sealed for Alice, sealed_a Alice's for Bob; sealed_b_not_his is Alice's card sealed by Bob with his own key's signature, which Alice refuses (the card's key did not sign); y_wrong is Bob's message for code 47-stormy-tomorrow (d8 e2) with the same scalar, with which Alice's key does not open Bob's sealed card",
         "code": code.to_text().as_str(),
         "password": h(&[&b"sealpost v1 pair code\0"[..], code.to_text().as_bytes()].concat()),
         "id_a": String::from_utf8_lossy(sealpost_proto::pair::INVITER),
@@ -1091,9 +1094,12 @@ fn pair_vectors() -> Value {
         "card_a": h(card_a.as_bytes()),
         "card_b": h(card_b.as_bytes()),
         "sealed_a": h(&sealed_a),
+        "proof_a": h(&sealpost_proto::pair::proof_message(Side::Inviter, ka.transcript())),
+        "proof_b": h(&sealpost_proto::pair::proof_message(Side::Accepter, kb.transcript())),
         "sealed_b": h(&sealed_b),
+        "sealed_b_not_his": h(&sealed_b_not_his),
         "y_wrong": h(&y_wrong),
-        "sealed_b_wrong": h(&kw.seal_card(&card_b)),
+        "sealed_b_wrong": h(&kw.seal_card(&b, &card_b)),
     })
 }
 
@@ -1138,6 +1144,11 @@ fn pair_vectors_match() {
         rand_chacha::ChaCha20Rng::from_seed([0xa1; 32]),
     );
     let ka = ea.finish(&unh(&committed["Y"])).expect("finishes");
+    assert_eq!(
+        ka.open_card(&unh(&committed["sealed_b_not_his"]))
+            .expect_err("refused"),
+        PairError::NotTheirCard
+    );
     let card = ka.open_card(&unh(&committed["sealed_b"])).expect("opens");
     assert_eq!(card.as_bytes(), unh(&committed["card_b"]));
 }

@@ -40,8 +40,11 @@ pub mod conformance;
 mod files;
 mod ledger;
 pub mod memory;
+pub mod postgres;
 mod schema;
 mod sqlite;
+#[cfg(feature = "conformance")]
+pub mod test_postgres;
 mod upload;
 mod writer;
 

@@ -21,8 +21,14 @@ impl conformance::Backend for Embedded {
         true
     }
     fn damage(&self, id: &BlobId, at: u64) {
+        Self::damage_in(self.0.path(), id, at);
+    }
+}
+
+impl Embedded {
+    fn damage_in(dir: &std::path::Path, id: &BlobId, at: u64) {
         let hex: String = id.0.iter().map(|b| format!("{b:02x}")).collect();
-        let path = self.0.path().join("blobs").join(hex);
+        let path = dir.join("blobs").join(hex);
         let mut bytes = std::fs::read(&path).expect("blob file");
         bytes[at as usize] ^= 1;
         std::fs::write(&path, bytes).expect("write");
@@ -64,7 +70,54 @@ impl InMemory {
     }
 }
 
-/// Every conformance test, against both backends.
+/// The cluster's ledger: PostgreSQL (a throwaway server, a database per
+/// test) with blob files in a temporary directory, news between nodes by
+/// `NOTIFY`.
+struct Postgres {
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    fn new(test: &str) -> Option<Self> {
+        let url = sealpost_store::test_postgres::database(test)?;
+        Some(Self {
+            url,
+            dir: tempfile::tempdir().expect("tmp"),
+        })
+    }
+}
+
+impl conformance::Backend for Postgres {
+    fn open(&self, limits: Limits) -> Store {
+        use sealpost_store::postgres::{self, PgLedger, PgNotifier};
+        use sealpost_store::Ledger;
+        postgres::setup_blocking(&self.url).expect("schema");
+        let ledger = PgLedger::on_schema(&self.url, limits).expect("ledger");
+        let blobs = sealpost_store::FileBlobs::open(
+            &self.dir.path().join("blobs"),
+            ledger.latencies().blob_sync.clone(),
+        )
+        .expect("blobs");
+        let notifier = PgNotifier::start(&self.url, postgres::pool(&self.url, 2).expect("pool"))
+            .expect("notifier");
+        Store::new(
+            Arc::new(ledger),
+            Arc::new(blobs),
+            Arc::new(notifier),
+            limits,
+            "postgres".into(),
+        )
+    }
+    fn durable(&self) -> bool {
+        true
+    }
+    fn damage(&self, id: &BlobId, at: u64) {
+        Embedded::damage_in(self.dir.path(), id, at);
+    }
+}
+
+/// Every conformance test, against every backend.
 macro_rules! conformance_tests {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -83,6 +136,17 @@ macro_rules! conformance_tests {
                 #[tokio::test]
                 async fn $name() {
                     conformance::$name(&InMemory::default()).await;
+                }
+            )*
+        }
+        mod postgres {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if let Some(b) = Postgres::new(concat!("postgres::", stringify!($name))) {
+                        conformance::$name(&b).await;
+                    }
                 }
             )*
         }

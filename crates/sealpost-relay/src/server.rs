@@ -273,14 +273,48 @@ fn lock_data_dir(data: &Path) -> io::Result<std::fs::File> {
     }
 }
 
+/// The store of a relay node in a cluster: the ledger on PostgreSQL at
+/// `url` (schema set up if needed), news between nodes by `NOTIFY`, blob
+/// bytes in `dir/blobs`.
+pub async fn open_cluster_store(
+    url: &str,
+    dir: &std::path::Path,
+    limits: sealpost_store::Limits,
+) -> Result<Store, sealpost_store::StoreError> {
+    use sealpost_store::postgres::{self, PgLedger, PgNotifier};
+    use sealpost_store::Ledger;
+    let ledger = PgLedger::connect(url, limits).await?;
+    let blobs =
+        sealpost_store::FileBlobs::open(&dir.join("blobs"), ledger.latencies().blob_sync.clone())?;
+    let notifier = PgNotifier::start(url, postgres::pool(url, 2)?)?;
+    tracing::info!(
+        "ledger on PostgreSQL at {}; blob bytes in {}",
+        postgres::redacted(url),
+        dir.join("blobs").display()
+    );
+    Ok(Store::new(
+        std::sync::Arc::new(ledger),
+        std::sync::Arc::new(blobs),
+        std::sync::Arc::new(notifier),
+        limits,
+        postgres::redacted(url),
+    ))
+}
+
 impl Relay {
     /// Opens the embedded store (SQLite and blob files in
     /// `DATA/store`), loads or creates the certificate and keys, and
     /// binds the listener.
     pub async fn bind(config: Config) -> io::Result<Self> {
         std::fs::create_dir_all(&config.data)?;
-        let store =
-            Store::open(&config.data.join("store"), config.limits).map_err(io::Error::other)?;
+        let store = match &config.database {
+            None => {
+                Store::open(&config.data.join("store"), config.limits).map_err(io::Error::other)?
+            }
+            Some(url) => open_cluster_store(url, &config.data.join("store"), config.limits)
+                .await
+                .map_err(io::Error::other)?,
+        };
         Self::bind_with(config, store).await
     }
 

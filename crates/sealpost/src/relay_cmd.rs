@@ -145,6 +145,20 @@ pub struct Settings {
     /// DATA/relay-signing.key, made on first start]
     #[arg(long, value_name = "FILE")]
     signing_key: Option<PathBuf>,
+    /// Keep the relay's ledger (mailboxes, items, queues) in PostgreSQL,
+    /// postgres://USER[:PASSWORD]@HOST:PORT/DATABASE, shared by every
+    /// relay node given the same database (each with its own --data, the
+    /// same --signing-key and certificate); the schema is made on first
+    /// start. Blob bytes stay in DATA/store/blobs. Also from
+    /// $SEALPOST_DATABASE (keeps a password out of the process list)
+    /// [default: SQLite in DATA/store]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SEALPOST_DATABASE",
+        hide_env_values = true
+    )]
+    database: Option<String>,
     /// Host name for the self-signed certificate made on first start, and
     /// (the first) for the public address; repeat for several
     #[arg(long = "name", value_name = "HOST")]
@@ -270,6 +284,7 @@ impl Settings {
             cert: self.cert.or(file.cert),
             key: self.key.or(file.key),
             signing_key: self.signing_key.or(file.signing_key),
+            database: self.database.or(file.database),
             name: if self.name.is_empty() {
                 file.name
             } else {
@@ -524,6 +539,11 @@ fn build_config(mut a: ServeArgs) -> anyhow::Result<(Config, Option<String>)> {
     };
     c.cert_names = s.name;
     c.signing_key_file = s.signing_key;
+    if let Some(url) = &s.database {
+        // Checked now, so that a typo is told before anything starts.
+        sealpost_store::postgres::config(url)?;
+    }
+    c.database = s.database;
     // Connections need file descriptors: the soft limit is raised to the
     // hard one, and the cap follows what that holds.
     let fds = sealpost_relay::limits::raise_fd_limit();
@@ -728,6 +748,13 @@ fn effective_toml(c: &Config, public: &Option<String>) -> String {
             opt(c.signing_key_file.as_ref().map(|f| f.display().to_string())),
         ),
         ("name", Some(format!("{:?}", c.cert_names))),
+        (
+            "database",
+            opt(c
+                .database
+                .as_deref()
+                .map(sealpost_store::postgres::redacted)),
+        ),
     ];
     lines.push((
         "registration",

@@ -511,6 +511,7 @@ fn the_age_cli_decrypts_the_encrypted_layer() {
 }
 
 mod adversary;
+mod cluster;
 mod delivery;
 mod pairing;
 mod relay;

@@ -64,6 +64,10 @@ pub struct Config {
     /// Rendezvous slots for pairing by code (PROTOCOL §10); `max_slots`
     /// 0 turns pairing off.
     pub pairing: crate::pairing::PairLimits,
+    /// The ledger on PostgreSQL (`postgres://…`), shared by every relay
+    /// node on the same database, instead of SQLite in `data/store`. Blob
+    /// bytes stay in `data/store/blobs` (see docs/OPERATIONS.md).
+    pub database: Option<String>,
 }
 
 /// What this relay takes from other relays that proved their key
@@ -153,6 +157,7 @@ impl Config {
             forwarding: Forwarding::default(),
             peers: Peers::default(),
             pairing: crate::pairing::PairLimits::default(),
+            database: None,
         }
     }
 }

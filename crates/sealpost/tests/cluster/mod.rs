@@ -1,0 +1,177 @@
+//! Relay nodes on one PostgreSQL database, as real processes (issue 16):
+//! any node serves any mailbox, a subscriber on one node is told of an
+//! item submitted on another, and what a node acknowledged before it was
+//! killed (SIGKILL) is served by the other.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sealpost_proto::Identity;
+use sealpost_relay::client::{RelayClient, Submitted};
+
+use crate::relay::{free_port, start_relay_with};
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[test]
+fn two_nodes_on_one_database_serve_one_mailbox_and_survive_a_kill() {
+    let Some(url) = sealpost_store::test_postgres::database(
+        "cluster::two_nodes_on_one_database_serve_one_mailbox_and_survive_a_kill",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
+    let port_a = free_port();
+    let (mut node_a, addr_a) = start_relay_with(&data_a, port_a, &["--database", &url]);
+    // The nodes share one relay key (their signed refusals are the
+    // relay's); each has its own data directory and certificate here.
+    let key = data_a.join("relay-signing.key");
+    let key = key.to_str().expect("utf-8");
+    let (node_b, addr_b) = start_relay_with(
+        &data_b,
+        free_port(),
+        &["--database", &url, "--signing-key", key],
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let owner = Identity::from_secret_bytes(&[7; 32], &[8; 32]);
+
+    // Registered on node A, subscribed on node B; items submitted on A.
+    let (mailbox, pushed, fetched) = rt.block_on(async {
+        let a = RelayClient::connect(&addr_a).await.expect("connect a");
+        let mailbox = a.register(&owner).await.expect("register on a");
+        let b = RelayClient::connect(&addr_b).await.expect("connect b");
+        assert_eq!(b.auth(&owner).await.expect("auth on b"), mailbox);
+        let mut pushes = b.subscribe().await.expect("subscribe on b");
+        let sender = RelayClient::connect(&addr_a).await.expect("sender");
+        for n in 0..50u32 {
+            let r = sender
+                .submit(mailbox, now() + 3600, format!("item {n}").into_bytes())
+                .await
+                .expect("submit on a");
+            assert!(matches!(r, Submitted::Accepted { .. }), "{r:?}");
+        }
+        // Node B hears of them through PostgreSQL (seqs per mailbox: 1..50).
+        let mut pushed = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pushed.last() != Some(&50) && Instant::now() < deadline {
+            if let Ok(Some(seq)) = tokio::time::timeout(Duration::from_secs(1), pushes.recv()).await
+            {
+                pushed.push(seq);
+            }
+        }
+        let (items, more) = b.fetch(0, 4096).await.expect("fetch on b");
+        assert!(!more);
+        let fetched: Vec<(u64, Vec<u8>)> = items.into_iter().map(|i| (i.seq, i.payload)).collect();
+        let acked = b
+            .ack(fetched.iter().map(|(s, _)| *s).collect())
+            .await
+            .expect("ack on b");
+        assert_eq!(acked, 50);
+        a.auth(&owner).await.expect("auth on a");
+        assert_eq!(
+            a.status().await.expect("status on a").0,
+            0,
+            "acked on b, gone on a"
+        );
+        (mailbox, pushed, fetched)
+    });
+    assert_eq!(
+        pushed.last(),
+        Some(&50),
+        "node B was told of node A's items: {pushed:?}"
+    );
+    assert_eq!(fetched.len(), 50);
+    for (n, (seq, payload)) in fetched.iter().enumerate() {
+        assert_eq!(*seq, n as u64 + 1, "seqs in order");
+        assert_eq!(payload, format!("item {n}").as_bytes());
+    }
+
+    // Submitters on node A, which is killed under them: everything it
+    // acknowledged is served by node B.
+    let acked: Arc<Mutex<HashMap<[u8; 32], Vec<u8>>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4u32 {
+        let (addr, acked, stop) = (addr_a.clone(), acked.clone(), stop.clone());
+        workers.push(rt.spawn(async move {
+            let Ok(c) = RelayClient::connect(&addr).await else {
+                return;
+            };
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let payload = format!("worker {w} item {n}").into_bytes();
+                match c.submit(mailbox, now() + 3600, payload.clone()).await {
+                    Ok(Submitted::Accepted { .. }) => {
+                        acked
+                            .lock()
+                            .expect("lock")
+                            .insert(*blake3::hash(&payload).as_bytes(), payload);
+                    }
+                    Ok(other) => panic!("refused: {other:?}"),
+                    Err(_) => return, // node A died
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    node_a.kill().expect("kill -9 node a");
+    node_a.wait().expect("reap");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    rt.block_on(async {
+        for w in workers {
+            let _ = w.await;
+        }
+    });
+    let stored: HashMap<[u8; 32], Vec<u8>> = rt.block_on(async {
+        let b = RelayClient::connect(&addr_b).await.expect("connect b");
+        b.auth(&owner).await.expect("auth");
+        let mut all = HashMap::new();
+        let mut after = 0;
+        loop {
+            let (items, more) = b.fetch(after, 4096).await.expect("fetch");
+            for i in &items {
+                all.insert(i.payload_hash, i.payload.clone());
+            }
+            match items.last() {
+                Some(last) if more => after = last.seq,
+                _ => break,
+            }
+        }
+        all
+    });
+    let acked = acked.lock().expect("lock");
+    let lost = acked.keys().filter(|h| !stored.contains_key(*h)).count();
+    eprintln!(
+        "acknowledged by node A before its SIGKILL: {}, served by node B: {}, lost: {lost}",
+        acked.len(),
+        stored.len()
+    );
+    assert!(acked.len() > 20, "too few submissions to mean anything");
+    assert_eq!(lost, 0, "an item node A acknowledged is missing on node B");
+
+    // Node A comes back on the same database and serves the mailbox.
+    let (node_a2, addr_a2) = start_relay_with(&data_a, port_a, &["--database", &url]);
+    let n = rt.block_on(async {
+        let a = RelayClient::connect(&addr_a2)
+            .await
+            .expect("connect a again");
+        a.auth(&owner).await.expect("auth");
+        a.status().await.expect("status").0
+    });
+    assert_eq!(n, stored.len() as u64);
+    for mut c in [node_a2, node_b] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}

@@ -6,6 +6,13 @@
 #   bench/relay-submit.sh
 #   COUNT_1K=100000 COUNT_64K=10000 CLIENTS=16 bench/relay-submit.sh
 #   SP=../other/target/release/sealpost ANCHOR= bench/relay-submit.sh
+#   POSTGRES=1 bench/relay-submit.sh     # the relay's ledger on PostgreSQL
+#
+# POSTGRES=1 starts a throwaway PostgreSQL (Debian's binaries, initdb as the
+# postgres user in /var/tmp, fsync on, a free loopback port), runs the relay
+# with --database on it, and prints PostgreSQL's own CPU per message beside
+# the relay's (every sealpost accept there waits for its commit, with
+# synchronous_commit on).
 #
 # Every submission counts only once the relay answered Accepted, which it
 # does after the SQLite commit (synchronous=FULL, so after fsync) that holds
@@ -30,13 +37,42 @@ if [[ -z ${SP:-} ]]; then
 fi
 T=$(mktemp -d /var/tmp/sealpost-relay-bench.XXXXXX)
 RELAY_PID=
+PG_DATA=
 cleanup() {
     [[ -n $RELAY_PID ]] && kill "$RELAY_PID" 2>/dev/null && wait "$RELAY_PID" 2>/dev/null
+    [[ -n $PG_DATA ]] && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast stop >/dev/null 2>&1
     rm -rf "$T"
 }
 trap cleanup EXIT
 
-"$SP" relay serve --data "$T/relay" --listen "127.0.0.1:$PORT" >/dev/null 2>"$T/relay.log" &
+DB_FLAGS=()
+if [[ -n ${POSTGRES:-} ]]; then
+    PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+    PG_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    chmod 755 "$T"
+    PG_DATA=$T/pg
+    mkdir -p "$PG_DATA" "$T/pgsock" && chown postgres: "$PG_DATA" "$T/pgsock"
+    runuser -u postgres -- "$PG_BIN/initdb" -A trust -U sealpost -E UTF8 -D "$PG_DATA" >/dev/null
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$T/pgsock/pg.log" -w \
+        -o "-h 127.0.0.1 -p $PG_PORT -k $T/pgsock -c fsync=on -c max_connections=200 -c shared_buffers=256MB" start >/dev/null
+    DB_FLAGS=(--database "postgres://sealpost@127.0.0.1:$PG_PORT/postgres")
+    echo "# ledger on PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') at 127.0.0.1:$PG_PORT" >&2
+fi
+# CPU seconds (user+system) of every process of the PostgreSQL server.
+pg_cpu() {
+    [[ -z $PG_DATA ]] && { echo 0; return; }
+    local pid tck=$(getconf CLK_TCK) sum=0
+    pid=$(head -1 "$PG_DATA/postmaster.pid")
+    for p in $pid $(pgrep -P "$pid"); do
+        sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    LC_ALL=C awk -v s="$sum" -v t="$tck" 'BEGIN { printf "%.2f", s / t }'
+}
+relay_cpu() {
+    LC_ALL=C awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$RELAY_PID/stat"
+}
+
+"$SP" relay serve --data "$T/relay" --listen "127.0.0.1:$PORT" "${DB_FLAGS[@]}" >/dev/null 2>"$T/relay.log" &
 RELAY_PID=$!
 for _ in $(seq 100); do
     ADDR=$("$SP" relay address --data "$T/relay" --listen "127.0.0.1:$PORT" 2>/dev/null) && break
@@ -47,8 +83,11 @@ echo "# relay at $ADDR, loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 field() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
 run() { # name count size clients window
-    local out
+    local out c0 p0
+    c0=$(relay_cpu); p0=$(pg_cpu)
     out=$("$SP" --json relay load --address "$ADDR" --count "$2" --size "$3" --clients "$4" --window "$5" --max-seconds "$MAX_SECONDS")
+    echo "sealpost $1_relay_cpu_per_msg $(LC_ALL=C awk -v a="$c0" -v b="$(relay_cpu)" -v n="$2" 'BEGIN { printf "%.1f", (b - a) * 1e6 / n }') us"
+    [[ -n $PG_DATA ]] && echo "sealpost $1_postgres_cpu_per_msg $(LC_ALL=C awk -v a="$p0" -v b="$(pg_cpu)" -v n="$2" 'BEGIN { printf "%.1f", (b - a) * 1e6 / n }') us"
     echo "sealpost $1_msgs_per_sec $(echo "$out" | field msgs_per_sec) msg/s"
     echo "sealpost $1_mb_per_sec $(echo "$out" | field mb_per_sec) MB/s"
     echo "sealpost $1_p50 $(echo "$out" | field p50_ms) ms"

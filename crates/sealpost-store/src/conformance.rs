@@ -71,6 +71,107 @@ fn used(u: MailboxUse) -> (u64, u64, u64) {
     (u.items, u.used, u.quota)
 }
 
+/// Submissions arriving together (one group commit, one batch) to two
+/// mailboxes, from two sources, past one mailbox's quota: exactly what
+/// fits is stored, each mailbox's seqs are distinct and rise, its use is
+/// the sum of what was stored, each source's share what it stored, and the
+/// other mailbox is unaffected.
+pub async fn submissions_together_keep_quota_shares_and_order(b: &dyn Backend) {
+    let store = b.open(limits());
+    let (full, other) = (MailboxId::of(&[5; 32]), MailboxId::of(&[6; 32]));
+    store.register(full, [5; 32], NOW).await.expect("reg");
+    store.register(other, [6; 32], NOW).await.expect("reg");
+    let second = Source::of_v4([127, 0, 0, 2]);
+    let mut tasks = Vec::new();
+    for i in 0..64u32 {
+        let s = store.clone();
+        let (mb, src) = match i % 4 {
+            0 => (other, SRC),
+            1 => (full, second),
+            _ => (full, SRC),
+        };
+        tasks.push(async move {
+            let mut p = format!("item {i:03}").into_bytes();
+            p.resize(270, b'.');
+            (
+                mb,
+                src,
+                s.submit(mb, NOW + 10, h(&p), p, src, NOW)
+                    .await
+                    .expect("submit"),
+            )
+        });
+    }
+    let outcomes = futures_join_all(tasks).await;
+    let mut stored: std::collections::HashMap<MailboxId, Vec<u64>> = Default::default();
+    let mut by_source: std::collections::HashMap<Source, u64> = Default::default();
+    for (mb, src, o) in &outcomes {
+        match o {
+            SubmitOutcome::Stored { seq, .. } => {
+                stored.entry(*mb).or_default().push(*seq);
+                if *mb == full {
+                    *by_source.entry(*src).or_default() += 270;
+                }
+            }
+            SubmitOutcome::Refused(RefusalCode::OverQuota) => {
+                assert_eq!(*mb, full, "only the full mailbox refuses")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // 48 items of 270 bytes for a quota of 10,000: 37 fit.
+    assert_eq!(stored[&full].len(), 37, "exactly what fits is stored");
+    assert_eq!(stored[&other].len(), 16);
+    for seqs in stored.values() {
+        let mut s = seqs.clone();
+        s.sort_unstable();
+        s.dedup();
+        assert_eq!(s.len(), seqs.len(), "seqs are distinct");
+    }
+    assert_eq!(
+        used(store.status(&full).await.expect("status")),
+        (37, 37 * 270, 10_000)
+    );
+    assert_eq!(
+        used(store.status(&other).await.expect("status")),
+        (16, 16 * 270, 10_000)
+    );
+    for (src, bytes) in by_source {
+        assert_eq!(store.share_used(&full, &src).await.expect("share"), bytes);
+    }
+    let f = store.fetch(&full, 0, 4096, 1 << 20).await.expect("fetch");
+    assert_eq!(f.items.len(), 37);
+    assert!(
+        f.items.windows(2).all(|w| w[0].seq < w[1].seq),
+        "in seq order"
+    );
+    store.close();
+}
+
+/// Runs futures concurrently on the current task (no extra dependency).
+async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
+    let mut pinned: Vec<std::pin::Pin<Box<F>>> = fs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in pinned.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
 /// Registration is idempotent; submissions are refused for an unknown
 /// mailbox, expiry and quota; fetch pages in order; an ack deletes only
 /// the acking mailbox's items; expiry sweeps.

@@ -457,3 +457,92 @@ BEGIN
         o_seq := sp_store_item(o, p_n_item_id, p_n_now, p_n_exp, p_n_hash, p_n_payload, NULL);
     END IF;
 END $$;
+
+-- Submissions arriving together, in one transaction and one commit (group
+-- commit), with the same checks as sp_submit. Mailboxes are taken in
+-- ascending id order (so batches on several nodes never deadlock), each
+-- locked and read once, its items decided in the order given, then written
+-- together (one UPDATE of the mailbox, one INSERT of its items, one upsert
+-- per source's share): a mailbox's row is not rewritten per item. The
+-- outcomes (as sp_submit's) and seqs come back in the order given.
+CREATE OR REPLACE FUNCTION sp_submit_many(p_mb bytea[], p_item_id bytea[], p_now bigint[],
+    p_exp bigint[], p_hash bytea[], p_payload bytea[], p_src bytea[], p_pct integer,
+    OUT o_outcome integer[], OUT o_seq bigint[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer := COALESCE(array_length(p_mb, 1), 0);
+    i integer;
+    k integer;
+    cur bytea := NULL;
+    found_mb boolean := false;
+    u bigint;
+    q bigint;
+    lim bigint;
+    last bigint;
+    len bigint;
+    s bigint;
+    srcs bytea[];
+    sused bigint[];
+    sadd bigint[];
+    acc_i integer[];
+    acc_seq bigint[];
+BEGIN
+    o_outcome := array_fill(0, ARRAY[n]);
+    o_seq := array_fill(0::bigint, ARRAY[n]);
+    -- every index in mailbox order, then a NULL to write the last group
+    FOR i IN SELECT x FROM (
+            SELECT x FROM generate_subscripts(p_mb, 1) AS g(x)
+            UNION ALL SELECT NULL) t
+        ORDER BY (x IS NULL), p_mb[x], x
+    LOOP
+        IF i IS NULL OR cur IS DISTINCT FROM p_mb[i] THEN
+            IF found_mb AND COALESCE(array_length(acc_i, 1), 0) > 0 THEN
+                UPDATE mailboxes SET used = u, last_seq = last WHERE id = cur;
+                INSERT INTO items (mailbox, seq, item_id, received_at, expires_at, hash,
+                        payload, source)
+                    SELECT cur, t.sq, p_item_id[t.k], p_now[t.k], p_exp[t.k], p_hash[t.k],
+                        p_payload[t.k], p_src[t.k]
+                    FROM unnest(acc_i, acc_seq) AS t(k, sq);
+                INSERT INTO shares (mailbox, source, used)
+                    SELECT cur, t.src, t.a FROM unnest(srcs, sadd) AS t(src, a) WHERE t.a > 0
+                    ON CONFLICT (mailbox, source) DO UPDATE SET used = shares.used + excluded.used;
+            END IF;
+            EXIT WHEN i IS NULL;
+            cur := p_mb[i];
+            SELECT used, quota, last_seq INTO u, q, last FROM mailboxes WHERE id = cur FOR UPDATE;
+            found_mb := FOUND;
+            lim := sp_share(q, p_pct);
+            srcs := '{}';
+            sused := '{}';
+            sadd := '{}';
+            acc_i := '{}';
+            acc_seq := '{}';
+        END IF;
+        IF NOT found_mb THEN
+            o_outcome[i] := 1;
+        ELSIF p_exp[i] <= p_now[i] THEN
+            o_outcome[i] := 2;
+        ELSE
+            len := length(p_payload[i]);
+            k := array_position(srcs, p_src[i]);
+            IF k IS NULL THEN
+                SELECT used INTO s FROM shares WHERE mailbox = cur AND source = p_src[i];
+                srcs := srcs || p_src[i];
+                sused := sused || COALESCE(s, 0);
+                sadd := sadd || 0::bigint;
+                k := array_length(srcs, 1);
+            END IF;
+            IF u + len > q OR sused[k] + len > lim THEN
+                o_outcome[i] := 3;
+            ELSE
+                last := last + 1;
+                u := u + len;
+                sused[k] := sused[k] + len;
+                sadd[k] := sadd[k] + len;
+                acc_i := acc_i || i;
+                acc_seq := acc_seq || last;
+                o_seq[i] := last;
+            END IF;
+        END IF;
+    END LOOP;
+END $$;

@@ -220,15 +220,36 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, StoreError> {
         })
 }
 
-/// The ledger on PostgreSQL. Cheap to share; every method is one round
-/// trip on a pooled connection.
+/// The ledger on PostgreSQL. Every method is one round trip on a pooled
+/// connection; submissions arriving together go in one (group commit).
 pub struct PgLedger {
+    core: Arc<Core>,
+    submits: Mutex<Option<tokio::sync::mpsc::Sender<PendingSubmit>>>,
+    name: String,
+}
+
+/// What the ledger's methods and its submission batcher share.
+struct Core {
     pool: Pool,
     limits: Limits,
     stats: Mutex<CommitStats>,
     latencies: Latencies,
-    name: String,
 }
+
+/// A submission waiting for its batch.
+struct PendingSubmit {
+    item: NewItem,
+    item_id: [u8; 16],
+    reply: tokio::sync::oneshot::Sender<Result<SubmitOutcome, StoreError>>,
+}
+
+/// Most submissions in one transaction, and most payload bytes.
+const MAX_BATCH: usize = 1024;
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Batches one node has in flight at once: while they all wait for their
+/// commits, new submissions gather into the next (batches grow when
+/// commits are slow).
+const BATCHES_IN_FLIGHT: usize = 4;
 
 impl std::fmt::Debug for PgLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -244,15 +265,108 @@ impl PgLedger {
     }
 
     /// The ledger on a database whose schema [`setup`] made; connects
-    /// when first used.
+    /// when first used. Starts its submission batcher on the current
+    /// Tokio runtime.
     pub fn on_schema(url: &str, limits: Limits) -> Result<Self, StoreError> {
-        Ok(Self {
+        let core = Arc::new(Core {
             pool: pool(url, POOL_SIZE)?,
             limits,
             stats: Mutex::new(CommitStats::default()),
             latencies: Latencies::default(),
+        });
+        let (tx, rx) = tokio::sync::mpsc::channel(MAX_BATCH * BATCHES_IN_FLIGHT * 4);
+        tokio::spawn(submit_loop(core.clone(), rx));
+        Ok(Self {
+            core,
+            submits: Mutex::new(Some(tx)),
             name: redacted(url),
         })
+    }
+}
+
+/// Gathers submissions into batches: the first waiting, then whatever
+/// else is waiting at that moment (up to [`MAX_BATCH`] and
+/// [`MAX_BATCH_BYTES`]), once a batch slot is free.
+async fn submit_loop(core: Arc<Core>, mut rx: tokio::sync::mpsc::Receiver<PendingSubmit>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut bytes = first.item.payload.len();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.item.payload.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let core = core.clone();
+        tokio::spawn(async move {
+            core.submit_batch(batch).await;
+            drop(slot);
+        });
+    }
+}
+
+impl Core {
+    async fn submit_batch(&self, batch: Vec<PendingSubmit>) {
+        let mbs: Vec<&[u8]> = batch.iter().map(|p| p.item.mailbox.0.as_slice()).collect();
+        let ids: Vec<&[u8]> = batch.iter().map(|p| p.item_id.as_slice()).collect();
+        let nows: Vec<i64> = batch.iter().map(|p| i64_of(p.item.now)).collect();
+        let exps: Vec<i64> = batch.iter().map(|p| i64_of(p.item.expires_at)).collect();
+        let hashes: Vec<&[u8]> = batch.iter().map(|p| p.item.hash.as_slice()).collect();
+        let payloads: Vec<&[u8]> = batch.iter().map(|p| p.item.payload.as_slice()).collect();
+        let sources: Vec<&[u8]> = batch.iter().map(|p| p.item.source.as_bytes()).collect();
+        let pct = self.pct();
+        let result = self
+            .write_n(
+                "SELECT o_outcome, o_seq FROM sp_submit_many($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[&mbs, &ids, &nows, &exps, &hashes, &payloads, &sources, &pct],
+                batch.len() as u64,
+                |r| (r.get::<_, Vec<i32>>(0), r.get::<_, Vec<i64>>(1)),
+            )
+            .await;
+        match result {
+            Ok((outcomes, seqs)) if outcomes.len() == batch.len() && seqs.len() == batch.len() => {
+                for ((p, o), seq) in batch.into_iter().zip(outcomes).zip(seqs) {
+                    let outcome = match o {
+                        0 => SubmitOutcome::Stored {
+                            seq: u64_of(seq),
+                            item_id: p.item_id,
+                        },
+                        c => SubmitOutcome::Refused(refusal(c)),
+                    };
+                    let _ = p.reply.send(Ok(outcome));
+                }
+            }
+            Ok(_) => {
+                for p in batch {
+                    let _ = p.reply.send(Err(StoreError::Storage {
+                        disk_full: false,
+                        detail: "PostgreSQL answered a batch of submissions with the wrong number of outcomes".into(),
+                    }));
+                }
+            }
+            Err(e) => {
+                let (disk_full, detail) = match &e {
+                    StoreError::Storage { disk_full, detail } => (*disk_full, detail.clone()),
+                    other => (false, other.to_string()),
+                };
+                for p in batch {
+                    let _ = p.reply.send(Err(StoreError::Storage {
+                        disk_full,
+                        detail: detail.clone(),
+                    }));
+                }
+            }
+        }
     }
 
     fn pct(&self) -> i32 {
@@ -266,6 +380,17 @@ impl PgLedger {
         &self,
         sql: &str,
         params: &Params<'_>,
+        f: impl Fn(&Row) -> T,
+    ) -> Result<T, StoreError> {
+        self.write_n(sql, params, 1, f).await
+    }
+
+    /// As [`Core::write`], for a call that holds `writes` writes.
+    async fn write_n<T>(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+        writes: u64,
         f: impl Fn(&Row) -> T,
     ) -> Result<T, StoreError> {
         let started = Instant::now();
@@ -289,7 +414,7 @@ impl PgLedger {
         self.latencies.commit.observe(elapsed.as_secs_f64());
         if let Ok(mut s) = self.stats.lock() {
             s.commits += 1;
-            s.writes += 1;
+            s.writes += writes;
             s.last_commit_micros = elapsed.as_micros() as u64;
             if result.is_err() {
                 s.failures += 1;
@@ -388,25 +513,27 @@ fn boxed<'a, T: Send + 'a>(
 impl Ledger for PgLedger {
     fn register(&self, mailbox: MailboxId, key: [u8; 32], now: u64) -> Fut<'_, Registered> {
         boxed(async move {
-            let quota = i64_of(self.limits.mailbox_quota);
-            let cap = i64_of(self.limits.max_mailboxes.unwrap_or(u64::MAX));
+            let quota = i64_of(self.core.limits.mailbox_quota);
+            let cap = i64_of(self.core.limits.max_mailboxes.unwrap_or(u64::MAX));
             let now = i64_of(now);
-            self.write(
-                "SELECT sp_register($1, $2, $3, $4, $5)",
-                &[&mailbox.0.as_slice(), &key.as_slice(), &quota, &now, &cap],
-                |r| match r.get::<_, i32>(0) {
-                    0 => Registered::Created,
-                    1 => Registered::Existing,
-                    _ => Registered::Full,
-                },
-            )
-            .await
+            self.core
+                .write(
+                    "SELECT sp_register($1, $2, $3, $4, $5)",
+                    &[&mailbox.0.as_slice(), &key.as_slice(), &quota, &now, &cap],
+                    |r| match r.get::<_, i32>(0) {
+                        0 => Registered::Created,
+                        1 => Registered::Existing,
+                        _ => Registered::Full,
+                    },
+                )
+                .await
         })
     }
 
     fn mailbox_key(&self, mailbox: MailboxId) -> Fut<'_, Option<[u8; 32]>> {
         boxed(async move {
             let row = self
+                .core
                 .read_opt(
                     "SELECT key FROM mailboxes WHERE id = $1",
                     &[&mailbox.0.as_slice()],
@@ -416,44 +543,39 @@ impl Ledger for PgLedger {
         })
     }
 
+    /// Through the batcher: answered once the batch holding it committed.
     fn submit(&self, item: NewItem) -> Fut<'_, SubmitOutcome> {
         boxed(async move {
+            let tx = self
+                .submits
+                .lock()
+                .map_err(|_| StoreError::Closed)?
+                .clone()
+                .ok_or(StoreError::Closed)?;
             let mut item_id = [0u8; 16];
             OsRng.fill_bytes(&mut item_id);
-            let (now, exp, pct) = (i64_of(item.now), i64_of(item.expires_at), self.pct());
-            self.write(
-                "SELECT o_outcome, o_seq FROM sp_submit($1, $2, $3, $4, $5, $6, $7, $8)",
-                &[
-                    &item.mailbox.0.as_slice(),
-                    &item_id.as_slice(),
-                    &now,
-                    &exp,
-                    &item.hash.as_slice(),
-                    &item.payload.as_slice(),
-                    &item.source.as_bytes(),
-                    &pct,
-                ],
-                |r| match r.get::<_, i32>(0) {
-                    0 => SubmitOutcome::Stored {
-                        seq: u64_of(r.get(1)),
-                        item_id,
-                    },
-                    c => SubmitOutcome::Refused(refusal(c)),
-                },
-            )
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            tx.send(PendingSubmit {
+                item,
+                item_id,
+                reply,
+            })
             .await
+            .map_err(|_| StoreError::Closed)?;
+            answer.await.map_err(|_| StoreError::Closed)?
         })
     }
 
     fn ack(&self, mailbox: MailboxId, seqs: Vec<u64>) -> Fut<'_, u32> {
         boxed(async move {
             let seqs: Vec<i64> = seqs.into_iter().map(i64_of).collect();
-            self.write(
-                "SELECT sp_ack($1, $2)",
-                &[&mailbox.0.as_slice(), &seqs],
-                |r| u32::try_from(r.get::<_, i32>(0)).unwrap_or(0),
-            )
-            .await
+            self.core
+                .write(
+                    "SELECT sp_ack($1, $2)",
+                    &[&mailbox.0.as_slice(), &seqs],
+                    |r| u32::try_from(r.get::<_, i32>(0)).unwrap_or(0),
+                )
+                .await
         })
     }
 
@@ -468,34 +590,35 @@ impl Ledger for PgLedger {
             let mut out = Fetched::default();
             let mut bytes = 0usize;
             let (after, limit) = (i64_of(after), i64::try_from(max + 1).unwrap_or(i64::MAX));
-            self.read_while(
-                "SELECT seq, received_at, expires_at, hash, payload FROM items \
+            self.core
+                .read_while(
+                    "SELECT seq, received_at, expires_at, hash, payload FROM items \
                  WHERE mailbox = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                &[&mailbox.0.as_slice(), &after, &limit],
-                |row| {
-                    let payload: Vec<u8> = row.get(4);
-                    if out.items.len() == max
-                        || (!out.items.is_empty() && bytes + payload.len() > max_bytes)
-                    {
-                        out.more = true;
-                        return false;
-                    }
-                    let hash: [u8; 32] = arr(row.get::<_, &[u8]>(3));
-                    if blake3::hash(&payload).as_bytes() != &hash {
-                        out.damaged += 1;
-                    }
-                    bytes += payload.len();
-                    out.items.push(Item {
-                        seq: u64_of(row.get(0)),
-                        received_at: u64_of(row.get(1)),
-                        expires_at: u64_of(row.get(2)),
-                        payload_hash: hash,
-                        payload,
-                    });
-                    true
-                },
-            )
-            .await?;
+                    &[&mailbox.0.as_slice(), &after, &limit],
+                    |row| {
+                        let payload: Vec<u8> = row.get(4);
+                        if out.items.len() == max
+                            || (!out.items.is_empty() && bytes + payload.len() > max_bytes)
+                        {
+                            out.more = true;
+                            return false;
+                        }
+                        let hash: [u8; 32] = arr(row.get::<_, &[u8]>(3));
+                        if blake3::hash(&payload).as_bytes() != &hash {
+                            out.damaged += 1;
+                        }
+                        bytes += payload.len();
+                        out.items.push(Item {
+                            seq: u64_of(row.get(0)),
+                            received_at: u64_of(row.get(1)),
+                            expires_at: u64_of(row.get(2)),
+                            payload_hash: hash,
+                            payload,
+                        });
+                        true
+                    },
+                )
+                .await?;
             Ok(out)
         })
     }
@@ -503,20 +626,21 @@ impl Ledger for PgLedger {
     fn sweep(&self, now: u64) -> Fut<'_, (u64, Vec<BlobId>)> {
         boxed(async move {
             let now = i64_of(now);
-            self.write("SELECT o_n, o_blobs FROM sp_sweep($1)", &[&now], |r| {
-                let blobs: Vec<Vec<u8>> = r.get(1);
-                (
-                    u64_of(r.get(0)),
-                    blobs.iter().map(|b| BlobId(arr(b))).collect(),
-                )
-            })
-            .await
+            self.core
+                .write("SELECT o_n, o_blobs FROM sp_sweep($1)", &[&now], |r| {
+                    let blobs: Vec<Vec<u8>> = r.get(1);
+                    (
+                        u64_of(r.get(0)),
+                        blobs.iter().map(|b| BlobId(arr(b))).collect(),
+                    )
+                })
+                .await
         })
     }
 
     fn status(&self, mailbox: MailboxId) -> Fut<'_, MailboxUse> {
         boxed(async move {
-            let row = self
+            let row = self.core
                 .read_opt(
                     "SELECT m.used, m.quota, (SELECT COUNT(*) FROM items i WHERE i.mailbox = m.id) \
                      FROM mailboxes m WHERE m.id = $1",
@@ -534,6 +658,7 @@ impl Ledger for PgLedger {
     fn share_used(&self, mailbox: MailboxId, source: Source) -> Fut<'_, u64> {
         boxed(async move {
             let row = self
+                .core
                 .read_opt(
                     "SELECT used FROM shares WHERE mailbox = $1 AND source = $2",
                     &[&mailbox.0.as_slice(), &source.as_bytes()],
@@ -546,6 +671,7 @@ impl Ledger for PgLedger {
     fn blob(&self, blob_id: BlobId) -> Fut<'_, Option<BlobState>> {
         boxed(async move {
             let row = self
+                .core
                 .read_opt(
                     "SELECT mailbox, total_len, stored, complete, hash, expires_at FROM blobs \
                      WHERE id = $1",
@@ -567,8 +693,8 @@ impl Ledger for PgLedger {
         boxed(async move {
             let (total, exp, to) = (i64_of(a.total_len), i64_of(a.expires_at), i64_of(a.to));
             let from = a.from.map(i64_of);
-            let pct = self.pct();
-            self.write(
+            let pct = self.core.pct();
+            self.core.write(
                 "SELECT o_kind, o_stored, o_code FROM sp_blob_advance($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 &[
                     &a.blob_id.0.as_slice(),
@@ -596,25 +722,27 @@ impl Ledger for PgLedger {
 
     fn blob_delete(&self, blob_id: BlobId, mailbox: MailboxId) -> Fut<'_, bool> {
         boxed(async move {
-            self.write(
-                "SELECT sp_blob_delete($1, $2)",
-                &[&blob_id.0.as_slice(), &mailbox.0.as_slice()],
-                |r| r.get(0),
-            )
-            .await
+            self.core
+                .write(
+                    "SELECT sp_blob_delete($1, $2)",
+                    &[&blob_id.0.as_slice(), &mailbox.0.as_slice()],
+                    |r| r.get(0),
+                )
+                .await
         })
     }
 
     fn blob_expire(&self, blob_id: BlobId, mailbox: MailboxId, at: u64) -> Fut<'_, bool> {
         boxed(async move {
             let at = i64_of(at);
-            self.write(
-                "WITH u AS (UPDATE blobs SET expires_at = $3 WHERE id = $1 AND mailbox = $2 \
+            self.core
+                .write(
+                    "WITH u AS (UPDATE blobs SET expires_at = $3 WHERE id = $1 AND mailbox = $2 \
                  RETURNING 1) SELECT COUNT(*) FROM u",
-                &[&blob_id.0.as_slice(), &mailbox.0.as_slice(), &at],
-                |r| r.get::<_, i64>(0) > 0,
-            )
-            .await
+                    &[&blob_id.0.as_slice(), &mailbox.0.as_slice(), &at],
+                    |r| r.get::<_, i64>(0) > 0,
+                )
+                .await
         })
     }
 
@@ -622,6 +750,7 @@ impl Ledger for PgLedger {
         boxed(async move {
             let keys: Vec<&[u8]> = ids.iter().map(|b| b.0.as_slice()).collect();
             let rows = self
+                .core
                 .read("SELECT id FROM blobs WHERE id = ANY($1)", &[&keys])
                 .await?;
             let known: std::collections::HashSet<Vec<u8>> =
@@ -633,6 +762,7 @@ impl Ledger for PgLedger {
     fn complete_blobs(&self) -> Fut<'_, Vec<(BlobId, [u8; 32], u64)>> {
         boxed(async move {
             let rows = self
+                .core
                 .read("SELECT id, hash, stored FROM blobs WHERE complete", &[])
                 .await?;
             Ok(rows
@@ -651,18 +781,21 @@ impl Ledger for PgLedger {
     fn scrub_items(&self) -> Fut<'_, (u64, Vec<u64>)> {
         boxed(async move {
             let (mut n, mut damaged) = (0u64, Vec::new());
-            self.read_while(
-                "SELECT seq, hash, payload FROM items ORDER BY mailbox, seq",
-                &[],
-                |r| {
-                    n += 1;
-                    if blake3::hash(r.get::<_, &[u8]>(2)).as_bytes()[..] != *r.get::<_, &[u8]>(1) {
-                        damaged.push(u64_of(r.get(0)));
-                    }
-                    true
-                },
-            )
-            .await?;
+            self.core
+                .read_while(
+                    "SELECT seq, hash, payload FROM items ORDER BY mailbox, seq",
+                    &[],
+                    |r| {
+                        n += 1;
+                        if blake3::hash(r.get::<_, &[u8]>(2)).as_bytes()[..]
+                            != *r.get::<_, &[u8]>(1)
+                        {
+                            damaged.push(u64_of(r.get(0)));
+                        }
+                        true
+                    },
+                )
+                .await?;
             Ok((n, damaged))
         })
     }
@@ -670,6 +803,7 @@ impl Ledger for PgLedger {
     fn totals(&self) -> Fut<'_, Totals> {
         boxed(async move {
             let rows = self
+                .core
                 .read(
                     "SELECT (SELECT COUNT(*) FROM mailboxes), (SELECT COUNT(*) FROM items), \
                      (SELECT COALESCE(SUM(length(payload)), 0)::bigint FROM items), \
@@ -689,6 +823,7 @@ impl Ledger for PgLedger {
     fn mailboxes(&self) -> Fut<'_, Vec<(MailboxId, MailboxUse)>> {
         boxed(async move {
             let rows = self
+                .core
                 .read(
                     "SELECT m.id, m.used, m.quota, \
                      (SELECT COUNT(*) FROM items i WHERE i.mailbox = m.id) \
@@ -714,7 +849,7 @@ impl Ledger for PgLedger {
 
     fn share_rows(&self) -> Fut<'_, u64> {
         boxed(async move {
-            let rows = self.read("SELECT COUNT(*) FROM shares", &[]).await?;
+            let rows = self.core.read("SELECT COUNT(*) FROM shares", &[]).await?;
             Ok(rows.first().map_or(0, |r| u64_of(r.get(0))))
         })
     }
@@ -724,6 +859,7 @@ impl Ledger for PgLedger {
     fn space(&self) -> Fut<'_, LedgerSpace> {
         boxed(async move {
             let rows = self
+                .core
                 .read("SELECT pg_database_size(current_database())", &[])
                 .await?;
             Ok(LedgerSpace {
@@ -745,7 +881,7 @@ impl Ledger for PgLedger {
             let (now, exp) = (i64_of(now), i64_of(item.expires_at));
             let blob_id = blob.as_ref().map(|b| b.0 .0.as_slice());
             let blob_len = i64_of(blob.map_or(0, |b| b.1));
-            self.write(
+            self.core.write(
                 "SELECT o_kind, o_id, o_code FROM sp_forward_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 &[
                     &origin.0.as_slice(),
@@ -776,7 +912,7 @@ impl Ledger for PgLedger {
             let (now, limit) = (i64_of(now), i64::try_from(max).unwrap_or(i64::MAX));
             let mut out: Vec<Queued> = Vec::new();
             let mut bytes = 0usize;
-            self.read_while(
+            self.core.read_while(
                 "SELECT id, origin, next_addr, next_pin, hops, mailbox, received_at, expires_at, \
                  hash, payload, attempts, next_at, last_error, blob, blob_len FROM forwards \
                  WHERE next_at <= $1 OR expires_at <= $1 ORDER BY id LIMIT $2",
@@ -818,7 +954,7 @@ impl Ledger for PgLedger {
     }
 
     fn forward_end(&self, id: u64, notice: Option<NewItem>) -> Fut<'_, Ended> {
-        boxed(self.end_with_notice("sp_forward_end", id, notice))
+        boxed(self.core.end_with_notice("sp_forward_end", id, notice))
     }
 
     fn forward_later(
@@ -831,19 +967,20 @@ impl Ledger for PgLedger {
         boxed(async move {
             let ids: Vec<i64> = ids.into_iter().map(i64_of).collect();
             let (next_at, add) = (i64_of(next_at), i32::from(failed));
-            self.write(
-                "WITH u AS (UPDATE forwards SET attempts = attempts + $4, next_at = $2, \
+            self.core
+                .write(
+                    "WITH u AS (UPDATE forwards SET attempts = attempts + $4, next_at = $2, \
                  last_error = $3 WHERE id = ANY($1) RETURNING 1) SELECT COUNT(*) FROM u",
-                &[&ids, &next_at, &error, &add],
-                |_| (),
-            )
-            .await
+                    &[&ids, &next_at, &error, &add],
+                    |_| (),
+                )
+                .await
         })
     }
 
     fn forward_queue(&self) -> Fut<'_, Vec<HopQueue>> {
         boxed(async move {
-            let rows = self
+            let rows = self.core
                 .read(
                     "SELECT next_addr, next_pin, COUNT(*), SUM(length(payload) + blob_len)::bigint, \
                      MIN(received_at), MIN(next_at), MAX(attempts), \
@@ -880,6 +1017,7 @@ impl Ledger for PgLedger {
             let mut out = Vec::with_capacity(items.len());
             for (mb, h) in &items {
                 let row = self
+                    .core
                     .read_opt(
                         "SELECT attempts, next_at, last_error FROM forwards \
                          WHERE origin = $1 AND hash = $2 AND mailbox = $3 AND blob IS NULL LIMIT 1",
@@ -899,6 +1037,7 @@ impl Ledger for PgLedger {
     fn forward_blob_queued(&self, id: BlobId) -> Fut<'_, bool> {
         boxed(async move {
             Ok(self
+                .core
                 .read_opt(
                     "SELECT 1 FROM forwards WHERE blob = $1 LIMIT 1",
                     &[&id.0.as_slice()],
@@ -911,14 +1050,15 @@ impl Ledger for PgLedger {
     fn forward_handed(&self, id: u64, until: u64) -> Fut<'_, Ended> {
         boxed(async move {
             let (id, until) = (i64_of(id), i64_of(until));
-            self.write("SELECT sp_forward_handed($1, $2)", &[&id, &until], |r| {
-                if r.get::<_, bool>(0) {
-                    Ended::Gone
-                } else {
-                    Ended::Ended { notice_seq: None }
-                }
-            })
-            .await
+            self.core
+                .write("SELECT sp_forward_handed($1, $2)", &[&id, &until], |r| {
+                    if r.get::<_, bool>(0) {
+                        Ended::Gone
+                    } else {
+                        Ended::Ended { notice_seq: None }
+                    }
+                })
+                .await
         })
     }
 
@@ -933,21 +1073,25 @@ impl Ledger for PgLedger {
                 "SELECT id, origin, next_addr, next_pin, mailbox, hash, blob, until FROM handed";
             let row = match blob {
                 Some(b) => {
-                    self.read_opt(
-                        &format!("{COLUMNS} WHERE blob = $1 AND mailbox = $2 ORDER BY id LIMIT 1"),
-                        &[&b.0.as_slice(), &mailbox.0.as_slice()],
-                    )
-                    .await?
+                    self.core
+                        .read_opt(
+                            &format!(
+                                "{COLUMNS} WHERE blob = $1 AND mailbox = $2 ORDER BY id LIMIT 1"
+                            ),
+                            &[&b.0.as_slice(), &mailbox.0.as_slice()],
+                        )
+                        .await?
                 }
                 None => {
-                    self.read_opt(
-                        &format!(
-                            "{COLUMNS} WHERE mailbox = $1 AND hash = $2 AND blob IS NULL \
+                    self.core
+                        .read_opt(
+                            &format!(
+                                "{COLUMNS} WHERE mailbox = $1 AND hash = $2 AND blob IS NULL \
                              ORDER BY id LIMIT 1"
-                        ),
-                        &[&mailbox.0.as_slice(), &payload_hash.as_slice()],
-                    )
-                    .await?
+                            ),
+                            &[&mailbox.0.as_slice(), &payload_hash.as_slice()],
+                        )
+                        .await?
                 }
             };
             Ok(row.map(|r| Handed {
@@ -966,13 +1110,13 @@ impl Ledger for PgLedger {
     }
 
     fn handed_end(&self, id: u64, notice: Option<NewItem>) -> Fut<'_, Ended> {
-        boxed(self.end_with_notice("sp_handed_end", id, notice))
+        boxed(self.core.end_with_notice("sp_handed_end", id, notice))
     }
 
     fn handed_expire(&self, now: u64) -> Fut<'_, u32> {
         boxed(async move {
             let now = i64_of(now);
-            self.write(
+            self.core.write(
                 "WITH d AS (DELETE FROM handed WHERE until < $1 RETURNING 1) SELECT COUNT(*) FROM d",
                 &[&now],
                 |r| u32::try_from(r.get::<_, i64>(0)).unwrap_or(u32::MAX),
@@ -982,17 +1126,20 @@ impl Ledger for PgLedger {
     }
 
     fn commit_stats(&self) -> CommitStats {
-        self.stats.lock().map(|s| *s).unwrap_or_default()
+        self.core.stats.lock().map(|s| *s).unwrap_or_default()
     }
 
     fn latencies(&self) -> &Latencies {
-        &self.latencies
+        &self.core.latencies
     }
 
     /// Every write was answered only once committed: closing just stops
     /// new ones.
     fn close(&self) {
-        self.pool.close();
+        if let Ok(mut tx) = self.submits.lock() {
+            tx.take();
+        }
+        self.core.pool.close();
     }
 }
 

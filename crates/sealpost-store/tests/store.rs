@@ -155,6 +155,7 @@ macro_rules! conformance_tests {
 
 conformance_tests!(
     submit_fetch_ack_and_refusals,
+    submissions_together_keep_quota_shares_and_order,
     the_mailbox_cap_holds_under_concurrency,
     writes_survive_a_reopen,
     blobs_resume_and_check_their_hash,

@@ -41,7 +41,7 @@ pub const SCHEMA: &str = include_str!("pg_schema.sql");
 
 /// Connections one node keeps to PostgreSQL (each write holds one for its
 /// round trip; PostgreSQL's default cap is 100 for all nodes together).
-pub const POOL_SIZE: usize = 32;
+pub const POOL_SIZE: usize = 16;
 
 /// The advisory lock the schema is set up under (one node at a time).
 const SCHEMA_LOCK: i64 = 7_465_000;
@@ -245,7 +245,7 @@ struct PendingSubmit {
 
 /// Most submissions in one transaction, and most payload bytes.
 const MAX_BATCH: usize = 1024;
-const MAX_BATCH_BYTES: usize = 8 << 20;
+const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Batches one node has in flight at once: while they all wait for their
 /// commits, new submissions gather into the next (batches grow when
 /// commits are slow).

@@ -115,65 +115,126 @@ fn start() -> Result<Server, String> {
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("no free port: {e}"))?
         .port();
-    let log = std::fs::File::create(dir.join("server.log")).map_err(|e| e.to_string())?;
-    let child = as_user(user.as_deref(), &bin.join("postgres"))
-        .arg("-D")
-        .arg(&data)
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-k"])
-        .arg(&dir)
-        .args([
-            "-c",
-            "fsync=on",
-            "-c",
-            "max_connections=300",
-            "-c",
-            "shared_buffers=64MB",
-        ])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("cannot start postgres: {e}"))?;
-    // The watchdog: when this process is gone, a fast shutdown, then the
-    // directory goes.
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg("while kill -0 \"$0\" 2>/dev/null; do sleep 1; done; kill -INT \"$(head -n 1 \"$2/data/postmaster.pid\")\"; while kill -0 \"$1\" 2>/dev/null; do sleep 0.2; done; rm -rf \"$2\"")
-        .arg(std::process::id().to_string())
-        .arg(child.id().to_string())
-        .arg(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
     let server = Server {
         port,
         dir,
         bin,
         user,
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready = Command::new(server.bin.join("pg_isready"))
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "sealpost"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ready {
-            return Ok(server);
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "PostgreSQL did not start within 60 s; see {}",
-                server.dir.join("server.log").display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    server.launch()?;
+    // The watchdog: when this process is gone, a fast shutdown, then the
+    // directory goes.
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg("while kill -0 \"$0\" 2>/dev/null; do sleep 1; done; kill -INT \"$(head -n 1 \"$1/data/postmaster.pid\")\" 2>/dev/null; sleep 1; while [ -e \"$1/data/postmaster.pid\" ]; do sleep 0.2; done; rm -rf \"$1\"")
+        .arg(std::process::id().to_string())
+        .arg(&server.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    server.wait_ready()?;
+    Ok(server)
 }
 
 impl Server {
+    /// Starts the server on its directory and port (again, after
+    /// [`Server::crash`]); its process id.
+    fn launch(&self) -> Result<u32, String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .map_err(|e| e.to_string())?;
+        let child = as_user(self.user.as_deref(), &self.bin.join("postgres"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-k"])
+            .arg(&self.dir)
+            .args([
+                "-c",
+                "fsync=on",
+                "-c",
+                "max_connections=300",
+                "-c",
+                "shared_buffers=64MB",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start postgres: {e}"))?;
+        Ok(child.id())
+    }
+
+    fn wait_ready(&self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "sealpost",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "PostgreSQL did not start within 60 s; see {}",
+                    self.dir.join("server.log").display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the server as a crash would (SIGQUIT to the postmaster: an
+    /// immediate shutdown, no checkpoint; it recovers from its WAL at the
+    /// next start) and waits until it is gone.
+    pub fn crash(&self) {
+        let pidfile = self.dir.join("data").join("postmaster.pid");
+        if let Some(pid) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+        {
+            let _ = Command::new("kill")
+                .args(["-QUIT", &pid.to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Command::new("kill")
+                .args(["-0", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Starts the server again after [`Server::crash`] and waits until it
+    /// answers.
+    pub fn restart(&self) -> Result<(), String> {
+        self.launch()?;
+        self.wait_ready()
+    }
+
+    /// A fresh, empty database on this server; its URL.
+    pub fn create_database(&self) -> Result<String, String> {
+        let name = format!("t{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
+        self.psql(&format!("CREATE DATABASE {name}"))?;
+        Ok(self.url(&name))
+    }
+
     /// A URL for database `name` on this server.
     pub fn url(&self, name: &str) -> String {
         format!("postgres://sealpost@127.0.0.1:{}/{name}", self.port)
@@ -218,6 +279,21 @@ pub fn server() -> Result<&'static Server, String> {
     SERVER.get_or_init(start).as_ref().map_err(Clone::clone)
 }
 
+/// A server of the caller's own (for a test that crashes it); `None`,
+/// said loudly, as [`database`].
+pub fn own_server(test: &str) -> Option<Server> {
+    match start() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            if std::env::var_os("SEALPOST_REQUIRE_SERVERS").is_some() {
+                panic!("{test}: PostgreSQL is required (SEALPOST_REQUIRE_SERVERS is set) but {e}");
+            }
+            eprintln!("SKIPPED {test}: needs PostgreSQL, and {e}");
+            None
+        }
+    }
+}
+
 /// A fresh, empty database's URL on this process's server; `None` (said
 /// loudly) if there is no PostgreSQL here and none is required.
 pub fn database(test: &str) -> Option<String> {
@@ -231,9 +307,8 @@ pub fn database(test: &str) -> Option<String> {
             return None;
         }
     };
-    let name = format!("t{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
-    if let Err(e) = s.psql(&format!("CREATE DATABASE {name}")) {
-        panic!("{test}: cannot create database {name}: {e}");
+    match s.create_database() {
+        Ok(url) => Some(url),
+        Err(e) => panic!("{test}: cannot create a database: {e}"),
     }
-    Some(s.url(&name))
 }

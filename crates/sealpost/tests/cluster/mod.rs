@@ -175,3 +175,176 @@ fn two_nodes_on_one_database_serve_one_mailbox_and_survive_a_kill() {
         let _ = c.wait();
     }
 }
+
+/// A small deterministic generator for the kill schedule (xorshift64*).
+struct Seeded(u64);
+impl Seeded {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// Three nodes on one database under submitters spread across them; 30
+/// SIGKILLs of nodes at seeded random moments, and PostgreSQL itself
+/// crashed (immediate shutdown) for 2.5 s halfway: nothing any node
+/// acknowledged is lost, and while the database is down no node
+/// acknowledges anything (they answer with an error the client sees).
+#[test]
+fn three_nodes_under_kills_and_a_database_crash_lose_nothing_acknowledged() {
+    let test = "cluster::three_nodes_under_kills_and_a_database_crash_lose_nothing_acknowledged";
+    let Some(pg) = sealpost_store::test_postgres::own_server(test) else {
+        return;
+    };
+    let url = pg.create_database().expect("database");
+    let dir = tempfile::tempdir().expect("tmp");
+    let datas: Vec<_> = (0..3)
+        .map(|i| dir.path().join(format!("node{i}")))
+        .collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let key = datas[0].join("relay-signing.key");
+    let key = key.to_str().expect("utf-8").to_owned();
+    let flags = |i: usize| -> Vec<String> {
+        let mut f = vec!["--database".to_owned(), url.clone()];
+        if i > 0 {
+            f.extend(["--signing-key".to_owned(), key.clone()]);
+        }
+        f
+    };
+    let start = |i: usize| {
+        let f = flags(i);
+        let f: Vec<&str> = f.iter().map(String::as_str).collect();
+        start_relay_with(&datas[i], ports[i], &f)
+    };
+    let mut nodes = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..3 {
+        let (c, a) = start(i);
+        nodes.push(c);
+        addrs.push(a);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let owner = Identity::from_secret_bytes(&[9; 32], &[10; 32]);
+    let mailbox = rt.block_on(async {
+        let c = RelayClient::connect(&addrs[0]).await.expect("connect");
+        c.register(&owner).await.expect("register")
+    });
+
+    let acked: Arc<Mutex<HashMap<[u8; 32], Vec<u8>>>> = Arc::default();
+    let refused_while_down = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..6u32 {
+        let addr = addrs[w as usize % 3].clone();
+        let (acked, stop, refused) = (acked.clone(), stop.clone(), refused_while_down.clone());
+        workers.push(rt.spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(c) = RelayClient::connect(&addr).await else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let payload = format!("worker {w} item {n}").into_bytes();
+                    match c.submit(mailbox, now() + 3600, payload.clone()).await {
+                        Ok(Submitted::Accepted { .. }) => {
+                            acked
+                                .lock()
+                                .expect("lock")
+                                .insert(*blake3::hash(&payload).as_bytes(), payload);
+                        }
+                        Ok(other) => panic!("refused: {other:?}"),
+                        Err(sealpost_relay::client::ClientError::Server {
+                            code: sealpost_proto::relay::ErrorCode::Internal,
+                            message,
+                        }) if message.contains("nothing was stored") => {
+                            // The node could not store it (the database
+                            // is down): said, not acknowledged.
+                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(_) => break, // the node died: reconnect
+                    }
+                }
+            }
+        }));
+    }
+
+    let mut rng = Seeded(0x00c1_05e7);
+    let mut kills = [0u32; 3];
+    let mut down_window = (0usize, 0usize);
+    for k in 0..30 {
+        std::thread::sleep(Duration::from_millis(150 + rng.next() % 250));
+        if k == 15 {
+            pg.crash();
+            std::thread::sleep(Duration::from_millis(500));
+            let before = acked.lock().expect("lock").len();
+            std::thread::sleep(Duration::from_millis(2000));
+            let after = acked.lock().expect("lock").len();
+            down_window = (before, after);
+            pg.restart().expect("PostgreSQL restarts");
+        }
+        let i = (rng.next() % 3) as usize;
+        nodes[i].kill().expect("kill -9");
+        nodes[i].wait().expect("reap");
+        kills[i] += 1;
+        let (c, _) = start(i);
+        nodes[i] = c;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    rt.block_on(async {
+        for w in workers {
+            let _ = w.await;
+        }
+    });
+
+    let stored: HashMap<[u8; 32], Vec<u8>> = rt.block_on(async {
+        let c = RelayClient::connect(&addrs[1]).await.expect("connect");
+        c.auth(&owner).await.expect("auth");
+        let mut all = HashMap::new();
+        let mut after = 0;
+        loop {
+            let (items, more) = c.fetch(after, 4096).await.expect("fetch");
+            for i in &items {
+                assert_eq!(blake3::hash(&i.payload).as_bytes(), &i.payload_hash);
+                all.insert(i.payload_hash, i.payload.clone());
+            }
+            match items.last() {
+                Some(last) if more => after = last.seq,
+                _ => break,
+            }
+        }
+        all
+    });
+    let acked = acked.lock().expect("lock");
+    let lost = acked.keys().filter(|h| !stored.contains_key(*h)).count();
+    let refused = refused_while_down.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "kills per node {kills:?}; acknowledged {}, stored {}, lost {lost}; while PostgreSQL was down: acknowledged {} -> {}, answered with an error {refused} times",
+        acked.len(),
+        stored.len(),
+        down_window.0,
+        down_window.1
+    );
+    assert!(acked.len() > 200, "too few submissions to mean anything");
+    assert_eq!(lost, 0, "an acknowledged item is missing");
+    assert_eq!(
+        down_window.0, down_window.1,
+        "a node acknowledged while PostgreSQL was down"
+    );
+    assert!(
+        refused > 0,
+        "the nodes said nothing while PostgreSQL was down"
+    );
+    for mut c in nodes {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}

@@ -52,6 +52,17 @@ pub struct DataArgs {
     /// public address the relay last started with, else 127.0.0.1:7443]
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<SocketAddr>,
+    /// For `status` and `scrub` of a cluster node: the PostgreSQL database
+    /// the nodes share (as `serve --database`; also $SEALPOST_DATABASE),
+    /// instead of the SQLite store in DATA/store. Blob bytes are still this
+    /// node's DATA/store/blobs
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SEALPOST_DATABASE",
+        hide_env_values = true
+    )]
+    pub database: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -972,8 +983,23 @@ fn address(a: &DataArgs, out: &Out) -> Result<(), Failure> {
     )
 }
 
-fn open_store(dir: &Path) -> anyhow::Result<Store> {
+fn open_store(a: &DataArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<Store> {
+    let dir = data_dir(&a.data)?;
     let store_dir = dir.join("store");
+    if let Some(url) = &a.database {
+        return rt
+            .block_on(sealpost_relay::open_cluster_store(
+                url,
+                &store_dir,
+                Limits::default(),
+            ))
+            .with_context(|| {
+                format!(
+                    "cannot open the relay's ledger at {}",
+                    sealpost_store::postgres::redacted(url)
+                )
+            });
+    }
     if !store_dir.join("relay.db").exists() {
         return Err(anyhow!("no relay store in {}", dir.display()));
     }
@@ -981,8 +1007,9 @@ fn open_store(dir: &Path) -> anyhow::Result<Store> {
 }
 
 fn status(a: &DataArgs, out: &Out) -> Result<(), Failure> {
-    let store = open_store(&data_dir(&a.data)?)?;
-    let (t, space, queue) = runtime()?.block_on(async {
+    let rt = runtime()?;
+    let store = open_store(a, &rt)?;
+    let (t, space, queue) = rt.block_on(async {
         (
             store.totals().await,
             store.db_space().await,
@@ -1021,10 +1048,18 @@ fn status(a: &DataArgs, out: &Out) -> Result<(), Failure> {
                "db_bytes": db_bytes, "db_free_bytes": db_free, "forward_queue": forward}),
         || {
             let mut s = format!(
-                "Mailboxes: {mailboxes}\nQueued items: {items} ({bytes} bytes)\nBlobs: {blobs}\n\
-                 Database: {db_bytes} bytes, {db_free} of them free (beyond {} bytes kept for new items, given back while the relay is idle)\n",
-                sealpost_store::VACUUM_KEEP_PAGES * 4096
+                "Mailboxes: {mailboxes}\nQueued items: {items} ({bytes} bytes)\nBlobs: {blobs}\n"
             );
+            if a.database.is_some() {
+                s += &format!(
+                    "Database (PostgreSQL, shared by the cluster's nodes): {db_bytes} bytes; its own autovacuum reuses freed space\n"
+                );
+            } else {
+                s += &format!(
+                    "Database: {db_bytes} bytes, {db_free} of them free (beyond {} bytes kept for new items, given back while the relay is idle)\n",
+                    sealpost_store::VACUUM_KEEP_PAGES * 4096
+                );
+            }
             if queue.is_empty() {
                 s += "Forward queue: empty\n";
             }
@@ -1048,8 +1083,9 @@ fn status(a: &DataArgs, out: &Out) -> Result<(), Failure> {
 }
 
 fn scrub(a: &DataArgs, out: &Out) -> Result<(), Failure> {
-    let store = open_store(&data_dir(&a.data)?)?;
-    let r = runtime()?.block_on(store.scrub());
+    let rt = runtime()?;
+    let store = open_store(a, &rt)?;
+    let r = rt.block_on(store.scrub());
     store.close();
     let r = r.context("the scrub could not read the store")?;
     let damaged = r.damaged_items.len() + r.damaged_blobs.len();

@@ -170,6 +170,21 @@ fn two_nodes_on_one_database_serve_one_mailbox_and_survive_a_kill() {
         a.status().await.expect("status").0
     });
     assert_eq!(n, stored.len() as u64);
+    // `relay status` of a node reads the shared database.
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("sealpost"))
+        .args(["--json", "relay", "status", "--data"])
+        .arg(&data_b)
+        .args(["--database", &url])
+        .output()
+        .expect("relay status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["mailboxes"], 1);
+    assert_eq!(status["items"], stored.len() as u64);
     for mut c in [node_a2, node_b] {
         let _ = c.kill();
         let _ = c.wait();

@@ -281,23 +281,67 @@ pub async fn open_cluster_store(
     dir: &std::path::Path,
     limits: sealpost_store::Limits,
 ) -> Result<Store, sealpost_store::StoreError> {
+    open_store(Some(url), None, dir, limits).await
+}
+
+/// The relay's store: the ledger on PostgreSQL at `database` (with news
+/// between nodes by `NOTIFY`) or SQLite in `dir`; blob bytes in the S3
+/// bucket `blobs` names or in `dir/blobs`.
+pub async fn open_store(
+    database: Option<&str>,
+    blobs: Option<&str>,
+    dir: &std::path::Path,
+    limits: sealpost_store::Limits,
+) -> Result<Store, sealpost_store::StoreError> {
     use sealpost_store::postgres::{self, PgLedger, PgNotifier};
-    use sealpost_store::Ledger;
-    let ledger = PgLedger::connect(url, limits).await?;
-    let blobs =
-        sealpost_store::FileBlobs::open(&dir.join("blobs"), ledger.latencies().blob_sync.clone())?;
-    let notifier = PgNotifier::start(url, postgres::pool(url, 2)?)?;
-    tracing::info!(
-        "ledger on PostgreSQL at {}; blob bytes in {}",
-        postgres::redacted(url),
-        dir.join("blobs").display()
-    );
+    use sealpost_store::{BlobStore, Ledger, Notifier, StoreError};
+    use std::sync::Arc;
+    if database.is_none() && blobs.is_none() {
+        return Store::open(dir, limits);
+    }
+    let storage = |detail: String| StoreError::Storage {
+        disk_full: false,
+        detail,
+    };
+    let (ledger, notifier, ledger_name): (Arc<dyn Ledger>, Arc<dyn Notifier>, String) =
+        match database {
+            Some(url) => (
+                Arc::new(PgLedger::connect(url, limits).await?),
+                Arc::new(PgNotifier::start(url, postgres::pool(url, 2)?)?),
+                format!("PostgreSQL at {}", postgres::redacted(url)),
+            ),
+            None => (
+                Arc::new(sealpost_store::SqliteLedger::open(dir, limits)?),
+                Arc::new(sealpost_store::LocalNotifier::default()),
+                format!("SQLite in {}", dir.display()),
+            ),
+        };
+    let (blob_store, blobs_name): (Arc<dyn BlobStore>, String) = match blobs {
+        Some(url) => {
+            let config = sealpost_store::s3::S3Config::parse(url).map_err(storage)?;
+            let name = format!("{config:?}");
+            let opened =
+                tokio::task::spawn_blocking(move || sealpost_store::s3::S3Blobs::open(&config))
+                    .await
+                    .map_err(|_| StoreError::Closed)?
+                    .map_err(|e| storage(e.to_string()))?;
+            (Arc::new(opened), name)
+        }
+        None => (
+            Arc::new(sealpost_store::FileBlobs::open(
+                &dir.join("blobs"),
+                ledger.latencies().blob_sync.clone(),
+            )?),
+            format!("files in {}", dir.join("blobs").display()),
+        ),
+    };
+    tracing::info!("ledger: {ledger_name}; blob bytes: {blobs_name}");
     Ok(Store::new(
-        std::sync::Arc::new(ledger),
-        std::sync::Arc::new(blobs),
-        std::sync::Arc::new(notifier),
+        ledger,
+        blob_store,
+        notifier,
         limits,
-        postgres::redacted(url),
+        format!("{ledger_name}, {blobs_name}"),
     ))
 }
 
@@ -307,14 +351,14 @@ impl Relay {
     /// binds the listener.
     pub async fn bind(config: Config) -> io::Result<Self> {
         std::fs::create_dir_all(&config.data)?;
-        let store = match &config.database {
-            None => {
-                Store::open(&config.data.join("store"), config.limits).map_err(io::Error::other)?
-            }
-            Some(url) => open_cluster_store(url, &config.data.join("store"), config.limits)
-                .await
-                .map_err(io::Error::other)?,
-        };
+        let store = open_store(
+            config.database.as_deref(),
+            config.blobs.as_deref(),
+            &config.data.join("store"),
+            config.limits,
+        )
+        .await
+        .map_err(io::Error::other)?;
         Self::bind_with(config, store).await
     }
 

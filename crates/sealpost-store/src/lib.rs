@@ -41,10 +41,13 @@ mod files;
 mod ledger;
 pub mod memory;
 pub mod postgres;
+pub mod s3;
 mod schema;
 mod sqlite;
 #[cfg(feature = "conformance")]
 pub mod test_postgres;
+#[cfg(feature = "conformance")]
+pub mod test_s3;
 mod upload;
 mod writer;
 

@@ -117,6 +117,53 @@ impl conformance::Backend for Postgres {
     }
 }
 
+/// The cluster's whole store: PostgreSQL for the ledger, an S3 bucket
+/// (Garage) for the blob bytes.
+struct PostgresS3 {
+    url: String,
+    s3: sealpost_store::s3::S3Config,
+    blobs: std::sync::Mutex<Option<Arc<sealpost_store::s3::S3Blobs>>>,
+}
+
+impl PostgresS3 {
+    fn new(test: &str) -> Option<Self> {
+        let s3 = sealpost_store::test_s3::bucket(test)?;
+        let url = sealpost_store::test_postgres::database(test)?;
+        Some(Self {
+            url,
+            s3,
+            blobs: Default::default(),
+        })
+    }
+}
+
+impl conformance::Backend for PostgresS3 {
+    fn open(&self, limits: Limits) -> Store {
+        use sealpost_store::postgres::{self, PgLedger, PgNotifier};
+        postgres::setup_blocking(&self.url).expect("schema");
+        let ledger = PgLedger::on_schema(&self.url, limits).expect("ledger");
+        let blobs = Arc::new(sealpost_store::s3::S3Blobs::open(&self.s3).expect("bucket"));
+        *self.blobs.lock().expect("lock") = Some(blobs.clone());
+        let notifier = PgNotifier::start(&self.url, postgres::pool(&self.url, 2).expect("pool"))
+            .expect("notifier");
+        Store::new(
+            Arc::new(ledger),
+            blobs,
+            Arc::new(notifier),
+            limits,
+            "postgres+s3".into(),
+        )
+    }
+    fn durable(&self) -> bool {
+        true
+    }
+    fn damage(&self, id: &BlobId, at: u64) {
+        if let Some(b) = self.blobs.lock().expect("lock").as_ref() {
+            b.damage(id, at).expect("damage");
+        }
+    }
+}
+
 /// Every conformance test, against every backend.
 macro_rules! conformance_tests {
     ($($name:ident),* $(,)?) => {
@@ -136,6 +183,17 @@ macro_rules! conformance_tests {
                 #[tokio::test]
                 async fn $name() {
                     conformance::$name(&InMemory::default()).await;
+                }
+            )*
+        }
+        mod postgres_s3 {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if let Some(b) = PostgresS3::new(concat!("postgres_s3::", stringify!($name))) {
+                        conformance::$name(&b).await;
+                    }
                 }
             )*
         }

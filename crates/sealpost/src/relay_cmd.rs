@@ -54,8 +54,7 @@ pub struct DataArgs {
     pub listen: Option<SocketAddr>,
     /// For `status` and `scrub` of a cluster node: the PostgreSQL database
     /// the nodes share (as `serve --database`; also $SEALPOST_DATABASE),
-    /// instead of the SQLite store in DATA/store. Blob bytes are still this
-    /// node's DATA/store/blobs
+    /// instead of the SQLite store in DATA/store
     #[arg(
         long,
         value_name = "URL",
@@ -63,6 +62,10 @@ pub struct DataArgs {
         hide_env_values = true
     )]
     pub database: Option<String>,
+    /// For `status` and `scrub` of a node whose blob bytes are in an S3
+    /// bucket (as `serve --blobs`; also $SEALPOST_BLOBS)
+    #[arg(long, value_name = "URL", env = "SEALPOST_BLOBS")]
+    pub blobs: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -160,8 +163,8 @@ pub struct Settings {
     /// postgres://USER[:PASSWORD]@HOST:PORT/DATABASE, shared by every
     /// relay node given the same database (each with its own --data, the
     /// same --signing-key and certificate); the schema is made on first
-    /// start. Blob bytes stay in DATA/store/blobs. Also from
-    /// $SEALPOST_DATABASE (keeps a password out of the process list)
+    /// start. Blob bytes stay in DATA/store/blobs unless --blobs. Also
+    /// from $SEALPOST_DATABASE (keeps a password out of the process list)
     /// [default: SQLite in DATA/store]
     #[arg(
         long,
@@ -170,6 +173,13 @@ pub struct Settings {
         hide_env_values = true
     )]
     database: Option<String>,
+    /// Keep blob bytes (files) in an S3-compatible bucket,
+    /// s3://BUCKET[/PREFIX]?endpoint=http(s)://HOST:PORT[&region=R], shared
+    /// by the cluster's nodes, instead of DATA/store/blobs; the key is read
+    /// from $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY. Also from
+    /// $SEALPOST_BLOBS [default: files in DATA/store/blobs]
+    #[arg(long, value_name = "URL", env = "SEALPOST_BLOBS")]
+    blobs: Option<String>,
     /// Host name for the self-signed certificate made on first start, and
     /// (the first) for the public address; repeat for several
     #[arg(long = "name", value_name = "HOST")]
@@ -296,6 +306,7 @@ impl Settings {
             key: self.key.or(file.key),
             signing_key: self.signing_key.or(file.signing_key),
             database: self.database.or(file.database),
+            blobs: self.blobs.or(file.blobs),
             name: if self.name.is_empty() {
                 file.name
             } else {
@@ -555,6 +566,12 @@ fn build_config(mut a: ServeArgs) -> anyhow::Result<(Config, Option<String>)> {
         sealpost_store::postgres::config(url)?;
     }
     c.database = s.database;
+    if let Some(url) = &s.blobs {
+        // Checked now (the URL, and that the key is set), so that a typo
+        // is told before anything starts.
+        sealpost_store::s3::S3Config::parse(url).map_err(|e| anyhow!(e))?;
+    }
+    c.blobs = s.blobs;
     // Connections need file descriptors: the soft limit is raised to the
     // hard one, and the cap follows what that holds.
     let fds = sealpost_relay::limits::raise_fd_limit();
@@ -766,6 +783,7 @@ fn effective_toml(c: &Config, public: &Option<String>) -> String {
                 .as_deref()
                 .map(sealpost_store::postgres::redacted)),
         ),
+        ("blobs", opt(c.blobs.clone())),
     ];
     lines.push((
         "registration",
@@ -986,19 +1004,15 @@ fn address(a: &DataArgs, out: &Out) -> Result<(), Failure> {
 fn open_store(a: &DataArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<Store> {
     let dir = data_dir(&a.data)?;
     let store_dir = dir.join("store");
-    if let Some(url) = &a.database {
+    if a.database.is_some() || a.blobs.is_some() {
         return rt
-            .block_on(sealpost_relay::open_cluster_store(
-                url,
+            .block_on(sealpost_relay::open_store(
+                a.database.as_deref(),
+                a.blobs.as_deref(),
                 &store_dir,
                 Limits::default(),
             ))
-            .with_context(|| {
-                format!(
-                    "cannot open the relay's ledger at {}",
-                    sealpost_store::postgres::redacted(url)
-                )
-            });
+            .context("cannot open the relay's store");
     }
     if !store_dir.join("relay.db").exists() {
         return Err(anyhow!("no relay store in {}", dir.display()));

@@ -68,6 +68,10 @@ pub struct Config {
     /// node on the same database, instead of SQLite in `data/store`. Blob
     /// bytes stay in `data/store/blobs` (see docs/OPERATIONS.md).
     pub database: Option<String>,
+    /// Blob bytes in an S3-compatible bucket (`s3://BUCKET?endpoint=…`,
+    /// keys from `$AWS_ACCESS_KEY_ID`/`$AWS_SECRET_ACCESS_KEY`) instead of
+    /// `data/store/blobs`.
+    pub blobs: Option<String>,
 }
 
 /// What this relay takes from other relays that proved their key
@@ -158,6 +162,7 @@ impl Config {
             peers: Peers::default(),
             pairing: crate::pairing::PairLimits::default(),
             database: None,
+            blobs: None,
         }
     }
 }

@@ -363,3 +363,114 @@ fn three_nodes_under_kills_and_a_database_crash_lose_nothing_acknowledged() {
         let _ = c.wait();
     }
 }
+
+/// Two nodes on one database and one S3 bucket (Garage): a blob upload
+/// started through node A resumes through node B, downloads whole through
+/// either, and is gone from both once its owner deletes it through one.
+#[test]
+fn a_file_started_on_one_node_resumes_on_another_and_downloads_anywhere() {
+    use sealpost_proto::relay::{BlobId, BlobPiece};
+    let test = "cluster::a_file_started_on_one_node_resumes_on_another_and_downloads_anywhere";
+    let Some(s3) = sealpost_store::test_s3::bucket(test) else {
+        return;
+    };
+    let Some(url) = sealpost_store::test_postgres::database(test) else {
+        return;
+    };
+    let garage = sealpost_store::test_s3::garage().expect("garage");
+    // The nodes read the bucket's key from their environment.
+    std::env::set_var("AWS_ACCESS_KEY_ID", &garage.key_id);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", garage.secret());
+    let blobs = format!(
+        "s3://{}?endpoint={}&region=garage",
+        s3.bucket, garage.endpoint
+    );
+    let dir = tempfile::tempdir().expect("tmp");
+    let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
+    let (node_a, addr_a) = start_relay_with(
+        &data_a,
+        free_port(),
+        &["--database", &url, "--blobs", &blobs],
+    );
+    let key = data_a.join("relay-signing.key");
+    let (node_b, addr_b) = start_relay_with(
+        &data_b,
+        free_port(),
+        &[
+            "--database",
+            &url,
+            "--blobs",
+            &blobs,
+            "--signing-key",
+            key.to_str().expect("utf-8"),
+        ],
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let owner = Identity::from_secret_bytes(&[11; 32], &[12; 32]);
+    rt.block_on(async {
+        let a = RelayClient::connect(&addr_a).await.expect("connect a");
+        let mb = a.register(&owner).await.expect("register");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 13 + 7) as u8).collect();
+        let hash = *blake3::hash(&data).as_bytes();
+        let blob_id = BlobId([0x5b; 16]);
+        let piece = |off: usize| BlobPiece {
+            blob_id,
+            mailbox: mb,
+            total_len: data.len() as u64,
+            blob_hash: hash,
+            expires_at: now() + 600,
+            offset: off as u64,
+            data: data[off..(off + (1 << 20)).min(data.len())].to_vec(),
+        };
+        // The first piece through node A, then the uploader moves.
+        let sender_a = RelayClient::connect(&addr_a).await.expect("sender a");
+        assert_eq!(
+            sender_a.blob_put(piece(0)).await.expect("put"),
+            Ok((1 << 20, false))
+        );
+        drop(sender_a);
+        let sender_b = RelayClient::connect(&addr_b).await.expect("sender b");
+        let (mut off, _) = sender_b
+            .blob_status_for(blob_id, mb)
+            .await
+            .expect("status on b");
+        assert_eq!(off, 1 << 20, "node B knows what node A stored");
+        while off < data.len() as u64 {
+            let (stored, complete) = sender_b
+                .blob_put(piece(off as usize))
+                .await
+                .expect("put")
+                .expect("stored");
+            off = stored;
+            assert_eq!(complete, off == data.len() as u64);
+        }
+        // Whole through either node.
+        for addr in [&addr_a, &addr_b] {
+            let c = RelayClient::connect(addr).await.expect("connect");
+            c.auth(&owner).await.expect("auth");
+            let mut got = Vec::new();
+            while got.len() < data.len() {
+                let part = c
+                    .blob_get(blob_id, got.len() as u64, 1 << 20)
+                    .await
+                    .expect("get");
+                assert!(!part.is_empty());
+                got.extend_from_slice(&part);
+            }
+            assert!(got == data, "the blob read back through a node differs");
+        }
+        let b = RelayClient::connect(&addr_b).await.expect("connect");
+        b.auth(&owner).await.expect("auth");
+        b.blob_delete(blob_id).await.expect("delete on b");
+        let a = RelayClient::connect(&addr_a).await.expect("connect");
+        a.auth(&owner).await.expect("auth");
+        assert!(a.blob_get(blob_id, 0, 10).await.is_err(), "gone on a too");
+    });
+    for mut c in [node_a, node_b] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}

@@ -9,6 +9,10 @@
 #                                              # (same SIZE_MB) and limits.sh
 #   PAD=1 EXTRA_BYTES=1 bench/file-transfer.sh # send --pad; the file is
 #                                              # SIZE_MB MiB + EXTRA_BYTES
+#   CLUSTER=1 bench/file-transfer.sh          # the relay on PostgreSQL with
+#                                              # blobs in Garage (S3), both
+#                                              # throwaway; prints Garage's
+#                                              # own PUT/GET rates as the bound
 #   TWO_RELAYS=1 FORWARD=off|on bench/file-transfer.sh
 #                                              # alice's relay on 127.0.0.2,
 #                                              # bob's on 127.0.0.3; on: the
@@ -36,6 +40,7 @@ PAD=${PAD:-0}
 EXTRA_BYTES=${EXTRA_BYTES:-0}
 TWO_RELAYS=${TWO_RELAYS:-0}
 FORWARD=${FORWARD:-off}
+CLUSTER=${CLUSTER:-0}
 
 # SP=/path/to/sealpost measures that binary instead (before/after pairs).
 if [[ -z ${SP:-} ]]; then
@@ -47,6 +52,7 @@ PIDS=()
 cleanup() {
     local p
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+    stop_postgres
     [[ ${KEEP:-0} == 1 ]] || rm -rf "$T"
 }
 trap cleanup EXIT
@@ -64,6 +70,13 @@ if [[ $TWO_RELAYS == 1 ]]; then
     RELAY_B=$RELAY
     [[ $FORWARD == on ]] || BLOB_RELAY=relay-b
     echo "# alice's relay at $ADDR, bob's at $ADDR_B, forwarding $FORWARD" >&2
+elif [[ $CLUSTER == 1 ]]; then
+    start_postgres
+    start_garage
+    start_relay --metrics "127.0.0.1:$((PORT + 1))" --database "$PG_URL" \
+        --blobs "s3://sealpost?endpoint=$S3_ENDPOINT&region=garage"
+    ADDR_B=$ADDR
+    RELAY_A=$RELAY
 else
     start_relay --metrics "127.0.0.1:$((PORT + 1))"
     ADDR_B=$ADDR
@@ -180,6 +193,20 @@ echo "sealpost device_reads_recipient_agent $(( $(awk '/^read_bytes/ { print $2 
 # since they were stored, or the blob file (the device: pieces are written
 # with O_DIRECT).
 relay_blob_metrics "$((PORT + 1))"
+if [[ $CLUSTER == 1 ]]; then
+    cpu_pg=0
+    pgpid=$(head -1 "$PG_DATA/postmaster.pid")
+    for p in $pgpid $(pgrep -P "$pgpid"); do
+        cpu_pg=$(LC_ALL=C awk -v a="$cpu_pg" -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", a + ($14 + $15) / hz }' "/proc/$p/stat" 2>/dev/null || echo "$cpu_pg")
+    done
+    echo "sealpost cpu_postgres $cpu_pg s"
+    echo "sealpost cpu_garage $(cpu_s "$GARAGE_PID") s"
+    echo "# Garage's own PUT/GET of ${SIZE_MB} MiB (8 MiB objects, curl)" >&2
+    s3_rates "$SIZE_MB" | tee "$T/s3.out"
+    LC_ALL=C awk -v s="$(awk '$2 ~ /end_to_end_rate/ { print $3 }' "$T/sp.out")" \
+        -v b="$(awk '$2 == "s3_bound_put_then_get" { print $3 }' "$T/s3.out")" \
+        'BEGIN { if (b > 0) printf "ratio sealpost/s3_bound %.0f %%\n", 100 * s / b }'
+fi
 
 if [[ $ANCHORS == 1 ]]; then
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done

@@ -41,3 +41,88 @@ for line in text.splitlines():
             print("sealpost relay_" + name, line.split()[1])
 PY
 }
+
+# Starts a throwaway PostgreSQL (Debian's binaries, initdb as the postgres
+# user under $T, fsync on, a free loopback port); sets PG_URL and PG_DATA.
+start_postgres() {
+    PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+    local port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    chmod 755 "$T"
+    PG_DATA=$T/pg
+    mkdir -p "$PG_DATA" "$T/pgsock" && chown postgres: "$PG_DATA" "$T/pgsock"
+    runuser -u postgres -- "$PG_BIN/initdb" -A trust -U sealpost -E UTF8 -D "$PG_DATA" >/dev/null
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$T/pgsock/pg.log" -w \
+        -o "-h 127.0.0.1 -p $port -k $T/pgsock -c fsync=on -c max_connections=200 -c shared_buffers=256MB" start >/dev/null
+    PG_URL="postgres://sealpost@127.0.0.1:$port/postgres"
+    echo "# PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') at 127.0.0.1:$port" >&2
+}
+stop_postgres() {
+    [[ -n ${PG_DATA:-} ]] && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast stop >/dev/null 2>&1
+    PG_DATA=
+}
+
+# Starts a throwaway Garage node (S3; data_fsync and metadata_fsync on) in
+# $T/garage with a bucket "sealpost" and a key for it; adds it to PIDS and
+# sets GARAGE_PID, S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
+start_garage() {
+    local g=${SEALPOST_GARAGE:-$HOME/.cache/sealpost/tools/garage-2.5.0/bin/garage}
+    [[ -x $g ]] || { echo "no garage binary ($g): cargo install garage --version 2.5.0 --locked" >&2; exit 1; }
+    local s3 rpc d=$T/garage
+    s3=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    rpc=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    mkdir -p "$d"
+    cat >"$d/garage.toml" <<TOML
+metadata_dir = "$d/meta"
+data_dir = "$d/data"
+db_engine = "sqlite"
+metadata_fsync = true
+data_fsync = true
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$rpc"
+rpc_public_addr = "127.0.0.1:$rpc"
+rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$s3"
+root_domain = ".s3.garage.localhost"
+TOML
+    GARAGE=(env "$g" -c "$d/garage.toml")
+    "${GARAGE[@]}" server >"$d/server.log" 2>&1 &
+    GARAGE_PID=$!
+    PIDS+=("$GARAGE_PID")
+    for _ in $(seq 100); do "${GARAGE[@]}" status >/dev/null 2>&1 && break; sleep 0.1; done
+    local id key
+    id=$("${GARAGE[@]}" node id -q 2>/dev/null | cut -d@ -f1)
+    "${GARAGE[@]}" layout assign -z dc1 -c 10G "$id" >/dev/null
+    "${GARAGE[@]}" layout apply --version 1 >/dev/null
+    "${GARAGE[@]}" bucket create sealpost >/dev/null
+    key=$("${GARAGE[@]}" key create sealpost)
+    export AWS_ACCESS_KEY_ID=$(awk '/^Key ID:/ { print $3 }' <<<"$key")
+    export AWS_SECRET_ACCESS_KEY=$(awk '/^Secret key:/ { print $3 }' <<<"$key")
+    "${GARAGE[@]}" bucket allow --read --write --owner sealpost --key sealpost >/dev/null
+    S3_ENDPOINT="http://127.0.0.1:$s3"
+    echo "# Garage $("$g" --version 2>/dev/null | awk '{print $2}') at $S3_ENDPOINT" >&2
+}
+
+# The object store's own rates, the bound for blobs kept there: $1 MiB
+# PUT as objects of 8 MiB (a relay's runs are at most that), then GET
+# back, with curl's AWS signatures. Prints "limit" lines.
+s3_rates() {
+    local mib=$1 n i t0 t1 t2
+    n=$(( (mib + 7) / 8 ))
+    head -c $((8 << 20)) /dev/urandom >"$T/s3-object"
+    local sig=(--aws-sigv4 "aws:amz:garage:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" -s -f)
+    t0=$(date +%s.%N)
+    for i in $(seq "$n"); do curl "${sig[@]}" -T "$T/s3-object" "$S3_ENDPOINT/sealpost/bench/$i" >/dev/null; done
+    t1=$(date +%s.%N)
+    for i in $(seq "$n"); do curl "${sig[@]}" "$S3_ENDPOINT/sealpost/bench/$i" -o /dev/null; done
+    t2=$(date +%s.%N)
+    for i in $(seq "$n"); do curl "${sig[@]}" -X DELETE "$S3_ENDPOINT/sealpost/bench/$i" >/dev/null; done
+    LC_ALL=C awk -v n="$n" -v t0="$t0" -v t1="$t1" -v t2="$t2" 'BEGIN {
+        p = n * 8 / (t1 - t0); g = n * 8 / (t2 - t1)
+        printf "limit s3_put_8MiB_objects %.1f MiB/s\n", p
+        printf "limit s3_get_8MiB_objects %.1f MiB/s\n", g
+        printf "limit s3_bound_put_then_get %.1f MiB/s\n", 1 / (1 / p + 1 / g)
+    }'
+}

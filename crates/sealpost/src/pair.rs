@@ -289,7 +289,22 @@ pub(crate) async fn invite_rest(
     deadline: tokio::time::Instant,
     name: Option<&str>,
 ) -> Result<(String, ContactCard, AddOutcome), Failure> {
-    let theirs = next_message(c, slot, deadline, "nobody accepted the invitation").await?;
+    let theirs = match next_message(c, slot, deadline, "nobody accepted the invitation").await {
+        // The relay ends the slot at its time (whole seconds, counted from
+        // before this side's deadline was): gone at the deadline is the
+        // invitation timing out, and said so.
+        Err(f)
+            if f.class == "pairing-gone"
+                && deadline.saturating_duration_since(tokio::time::Instant::now())
+                    < std::time::Duration::from_secs(2) =>
+        {
+            return Err(failed(
+                "pairing-timeout",
+                anyhow!("nobody accepted the invitation: no answer in time. Nothing was pinned; make a new invitation"),
+            ));
+        }
+        other => other?,
+    };
     let burnt = |e: PairError| {
         match e {
         PairError::NotTheirCard => not_their_card(),

@@ -78,6 +78,7 @@ data_dir = "$d/data"
 db_engine = "sqlite"
 metadata_fsync = true
 data_fsync = true
+compression_level = "none"
 replication_factor = 1
 rpc_bind_addr = "127.0.0.1:$rpc"
 rpc_public_addr = "127.0.0.1:$rpc"
@@ -112,7 +113,8 @@ s3_rates() {
     local mib=$1 n i t0 t1 t2
     n=$(( (mib + 7) / 8 ))
     head -c $((8 << 20)) /dev/urandom >"$T/s3-object"
-    local sig=(--aws-sigv4 "aws:amz:garage:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" -s -f)
+    local sig=(--aws-sigv4 "aws:amz:garage:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY"
+        -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -s -f)
     t0=$(date +%s.%N)
     for i in $(seq "$n"); do curl "${sig[@]}" -T "$T/s3-object" "$S3_ENDPOINT/sealpost/bench/$i" >/dev/null; done
     t1=$(date +%s.%N)

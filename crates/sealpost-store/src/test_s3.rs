@@ -178,7 +178,7 @@ fn start() -> Result<Garage, String> {
         &conf,
         format!(
             "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
-             metadata_fsync = true\ndata_fsync = true\nreplication_factor = 1\n\
+             metadata_fsync = true\ndata_fsync = true\ncompression_level = \"none\"\nreplication_factor = 1\n\
              rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\n\
              rpc_secret = \"{secret}\"\n\n[s3_api]\ns3_region = \"garage\"\n\
              api_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n",

@@ -250,10 +250,11 @@ impl Store {
             run.into_iter()
                 .for_each(|p| sealpost_proto::buffers::give(p.data))
         };
-        let blob_err = |e: io::Error| StoreError::Io {
-            what: "writing blob",
-            path: PathBuf::from(format!("{}/{}", self.inner.name, blob_id)),
-            source: e,
+        // Said as every write the store could not make is: nothing was
+        // stored, try again later (or: the disk is full).
+        let blob_err = |e: io::Error| StoreError::Storage {
+            disk_full: matches!(e.raw_os_error(), Some(28 | 122)), // ENOSPC, EDQUOT
+            detail: format!("writing blob {blob_id}: {e}"),
         };
         let (written, run) = tokio::task::spawn_blocking(work)
             .await

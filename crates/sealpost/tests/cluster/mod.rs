@@ -468,6 +468,54 @@ fn a_file_started_on_one_node_resumes_on_another_and_downloads_anywhere() {
         let a = RelayClient::connect(&addr_a).await.expect("connect");
         a.auth(&owner).await.expect("auth");
         assert!(a.blob_get(blob_id, 0, 10).await.is_err(), "gone on a too");
+
+        // The object store stops mid-upload: the node says it could not
+        // store the piece (never "stored"); once the store is back, the
+        // upload resumes from what was committed and reads back whole.
+        let blob_id = BlobId([0x5c; 16]);
+        let piece = |off: usize| BlobPiece {
+            blob_id,
+            ..piece(off)
+        };
+        let sender = RelayClient::connect(&addr_a).await.expect("sender");
+        assert_eq!(
+            sender.blob_put(piece(0)).await.expect("put"),
+            Ok((1 << 20, false))
+        );
+        tokio::task::spawn_blocking(|| garage.stop())
+            .await
+            .expect("stop");
+        match sender.blob_put(piece(1 << 20)).await {
+            Err(sealpost_relay::client::ClientError::Server { message, .. }) => assert!(
+                message.contains("nothing was stored"),
+                "the node said: {message}"
+            ),
+            other => panic!("a piece was answered {other:?} with the object store down"),
+        }
+        tokio::task::spawn_blocking(|| garage.restart())
+            .await
+            .expect("join")
+            .expect("Garage restarts");
+        let sender = RelayClient::connect(&addr_b).await.expect("sender");
+        let (mut off, _) = sender.blob_status_for(blob_id, mb).await.expect("status");
+        assert_eq!(off, 1 << 20, "what was committed before the outage");
+        while off < data.len() as u64 {
+            let (stored, _) = sender
+                .blob_put(piece(off as usize))
+                .await
+                .expect("put")
+                .expect("stored");
+            off = stored;
+        }
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            got.extend_from_slice(
+                &b.blob_get(blob_id, got.len() as u64, 1 << 20)
+                    .await
+                    .expect("get"),
+            );
+        }
+        assert!(got == data, "the blob differs after the outage");
     });
     for mut c in [node_a, node_b] {
         let _ = c.kill();

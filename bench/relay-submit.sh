@@ -20,6 +20,7 @@
 # Bounded: COUNT_* submissions and MAX_SECONDS per run; loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 COUNT_1K=${COUNT_1K:-50000}
 COUNT_64K=${COUNT_64K:-5000}
 CLIENTS=${CLIENTS:-16}
@@ -40,23 +41,15 @@ RELAY_PID=
 PG_DATA=
 cleanup() {
     [[ -n $RELAY_PID ]] && kill "$RELAY_PID" 2>/dev/null && wait "$RELAY_PID" 2>/dev/null
-    [[ -n $PG_DATA ]] && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast stop >/dev/null 2>&1
+    stop_postgres
     rm -rf "$T"
 }
 trap cleanup EXIT
 
 DB_FLAGS=()
 if [[ -n ${POSTGRES:-} ]]; then
-    PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-    PG_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    chmod 755 "$T"
-    PG_DATA=$T/pg
-    mkdir -p "$PG_DATA" "$T/pgsock" && chown postgres: "$PG_DATA" "$T/pgsock"
-    runuser -u postgres -- "$PG_BIN/initdb" -A trust -U sealpost -E UTF8 -D "$PG_DATA" >/dev/null
-    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$T/pgsock/pg.log" -w \
-        -o "-h 127.0.0.1 -p $PG_PORT -k $T/pgsock -c fsync=on -c max_connections=200 -c shared_buffers=256MB" start >/dev/null
-    DB_FLAGS=(--database "postgres://sealpost@127.0.0.1:$PG_PORT/postgres")
-    echo "# ledger on PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') at 127.0.0.1:$PG_PORT" >&2
+    start_postgres
+    DB_FLAGS=(--database "$PG_URL")
 fi
 # CPU seconds (user+system) of every process of the PostgreSQL server.
 pg_cpu() {

@@ -10,7 +10,31 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sealpost_proto::Identity;
 use sealpost_relay::client::{RelayClient, Submitted};
 
-use crate::relay::{free_port, start_relay_with};
+use crate::relay::{free_port, start_relay_with, Seeded};
+
+/// Every item of `owner`'s mailbox, fetched through the node at `addr`
+/// (each checked against its hash), by payload hash.
+async fn fetch_all(
+    addr: &sealpost_relay::RelayAddress,
+    owner: &Identity,
+) -> HashMap<[u8; 32], Vec<u8>> {
+    let c = RelayClient::connect(addr).await.expect("connect");
+    c.auth(owner).await.expect("auth");
+    let mut all = HashMap::new();
+    let mut after = 0;
+    loop {
+        let (items, more) = c.fetch(after, 4096).await.expect("fetch");
+        for i in &items {
+            assert_eq!(blake3::hash(&i.payload).as_bytes(), &i.payload_hash);
+            all.insert(i.payload_hash, i.payload.clone());
+        }
+        match items.last() {
+            Some(last) if more => after = last.seq,
+            _ => break,
+        }
+    }
+    all
+}
 
 fn now() -> u64 {
     SystemTime::now()
@@ -133,23 +157,7 @@ fn two_nodes_on_one_database_serve_one_mailbox_and_survive_a_kill() {
             let _ = w.await;
         }
     });
-    let stored: HashMap<[u8; 32], Vec<u8>> = rt.block_on(async {
-        let b = RelayClient::connect(&addr_b).await.expect("connect b");
-        b.auth(&owner).await.expect("auth");
-        let mut all = HashMap::new();
-        let mut after = 0;
-        loop {
-            let (items, more) = b.fetch(after, 4096).await.expect("fetch");
-            for i in &items {
-                all.insert(i.payload_hash, i.payload.clone());
-            }
-            match items.last() {
-                Some(last) if more => after = last.seq,
-                _ => break,
-            }
-        }
-        all
-    });
+    let stored = rt.block_on(fetch_all(&addr_b, &owner));
     let acked = acked.lock().expect("lock");
     let lost = acked.keys().filter(|h| !stored.contains_key(*h)).count();
     eprintln!(
@@ -188,17 +196,6 @@ fn two_nodes_on_one_database_serve_one_mailbox_and_survive_a_kill() {
     for mut c in [node_a2, node_b] {
         let _ = c.kill();
         let _ = c.wait();
-    }
-}
-
-/// A small deterministic generator for the kill schedule (xorshift64*).
-struct Seeded(u64);
-impl Seeded {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 }
 
@@ -320,24 +317,7 @@ fn three_nodes_under_kills_and_a_database_crash_lose_nothing_acknowledged() {
         }
     });
 
-    let stored: HashMap<[u8; 32], Vec<u8>> = rt.block_on(async {
-        let c = RelayClient::connect(&addrs[1]).await.expect("connect");
-        c.auth(&owner).await.expect("auth");
-        let mut all = HashMap::new();
-        let mut after = 0;
-        loop {
-            let (items, more) = c.fetch(after, 4096).await.expect("fetch");
-            for i in &items {
-                assert_eq!(blake3::hash(&i.payload).as_bytes(), &i.payload_hash);
-                all.insert(i.payload_hash, i.payload.clone());
-            }
-            match items.last() {
-                Some(last) if more => after = last.seq,
-                _ => break,
-            }
-        }
-        all
-    });
+    let stored = rt.block_on(fetch_all(&addrs[1], &owner));
     let acked = acked.lock().expect("lock");
     let lost = acked.keys().filter(|h| !stored.contains_key(*h)).count();
     let refused = refused_while_down.load(std::sync::atomic::Ordering::Relaxed);

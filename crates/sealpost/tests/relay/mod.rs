@@ -71,9 +71,9 @@ pub(crate) fn start_relay_with(data: &Path, port: u16, extra: &[&str]) -> (Child
 }
 
 /// A small deterministic generator for the kill schedule (xorshift64*).
-struct Seeded(u64);
+pub(crate) struct Seeded(pub(crate) u64);
 impl Seeded {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;

@@ -15,7 +15,6 @@ pub mod tls;
 /// The client (in `sealpost-client`), under the path it had here.
 pub use sealpost_client::client;
 pub use server::{
-    open_cluster_store, open_store, relay_key_in, Config, Door, Metrics, Registration, Relay,
-    RunningRelay,
+    open_store, relay_key_in, Config, Door, Metrics, Registration, Relay, RunningRelay,
 };
 pub use tls::{Pin, RelayAddress};

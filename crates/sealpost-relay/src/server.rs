@@ -273,17 +273,6 @@ fn lock_data_dir(data: &Path) -> io::Result<std::fs::File> {
     }
 }
 
-/// The store of a relay node in a cluster: the ledger on PostgreSQL at
-/// `url` (schema set up if needed), news between nodes by `NOTIFY`, blob
-/// bytes in `dir/blobs`.
-pub async fn open_cluster_store(
-    url: &str,
-    dir: &std::path::Path,
-    limits: sealpost_store::Limits,
-) -> Result<Store, sealpost_store::StoreError> {
-    open_store(Some(url), None, dir, limits).await
-}
-
 /// The relay's store: the ledger on PostgreSQL at `database` (with news
 /// between nodes by `NOTIFY`) or SQLite in `dir`; blob bytes in the S3
 /// bucket `blobs` names or in `dir/blobs`.

@@ -162,41 +162,6 @@ BEGIN
     RETURN 0;
 END $$;
 
--- o_outcome: 0 stored (o_seq), 1 unknown mailbox, 2 expired, 3 over quota.
-CREATE OR REPLACE FUNCTION sp_submit(p_mb bytea, p_item_id bytea, p_now bigint,
-    p_exp bigint, p_hash bytea, p_payload bytea, p_src bytea, p_pct integer,
-    OUT o_outcome integer, OUT o_seq bigint)
-LANGUAGE plpgsql AS $$
-DECLARE
-    u bigint;
-    q bigint;
-    s bigint;
-    len bigint := length(p_payload);
-BEGIN
-    o_seq := 0;
-    SELECT used, quota INTO u, q FROM mailboxes WHERE id = p_mb FOR UPDATE;
-    IF NOT FOUND THEN
-        o_outcome := 1;
-        RETURN;
-    END IF;
-    IF p_exp <= p_now THEN
-        o_outcome := 2;
-        RETURN;
-    END IF;
-    IF u + len > q THEN
-        o_outcome := 3;
-        RETURN;
-    END IF;
-    SELECT used INTO s FROM shares WHERE mailbox = p_mb AND source = p_src;
-    IF COALESCE(s, 0) + len > sp_share(q, p_pct) THEN
-        o_outcome := 3;
-        RETURN;
-    END IF;
-    o_seq := sp_store_item(p_mb, p_item_id, p_now, p_exp, p_hash, p_payload, p_src);
-    PERFORM sp_charge_share(p_mb, p_src, len);
-    o_outcome := 0;
-END $$;
-
 CREATE OR REPLACE FUNCTION sp_ack(p_mb bytea, p_seqs bigint[])
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
@@ -459,12 +424,13 @@ BEGIN
 END $$;
 
 -- Submissions arriving together, in one transaction and one commit (group
--- commit), with the same checks as sp_submit. Mailboxes are taken in
+-- commit). Mailboxes are taken in
 -- ascending id order (so batches on several nodes never deadlock), each
 -- locked and read once, its items decided in the order given, then written
 -- together (one UPDATE of the mailbox, one INSERT of its items, one upsert
 -- per source's share): a mailbox's row is not rewritten per item. The
--- outcomes (as sp_submit's) and seqs come back in the order given.
+-- outcomes (0 stored, 1 unknown mailbox, 2 expired, 3 over quota) and seqs
+-- come back in the order given; a lone submission is a batch of one.
 CREATE OR REPLACE FUNCTION sp_submit_many(p_mb bytea[], p_item_id bytea[], p_now bigint[],
     p_exp bigint[], p_hash bytea[], p_payload bytea[], p_src bytea[], p_pct integer,
     OUT o_outcome integer[], OUT o_seq bigint[])

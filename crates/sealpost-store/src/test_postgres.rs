@@ -137,6 +137,22 @@ fn start() -> Result<Server, String> {
     Ok(server)
 }
 
+/// Sends `signal` to process `pid` and waits (at most `wait`) until it is
+/// gone.
+pub(crate) fn signal_and_wait(pid: &str, signal: &str, wait: Duration) {
+    let _ = Command::new("kill").args([signal, pid]).status();
+    let deadline = Instant::now() + wait;
+    while Command::new("kill")
+        .args(["-0", pid])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 impl Server {
     /// Starts the server on its directory and port (again, after
     /// [`Server::crash`]); its process id.
@@ -205,19 +221,7 @@ impl Server {
             .ok()
             .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
         {
-            let _ = Command::new("kill")
-                .args(["-QUIT", &pid.to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Command::new("kill")
-                .args(["-0", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-                && Instant::now() < deadline
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            signal_and_wait(&pid.to_string(), "-QUIT", Duration::from_secs(30));
         }
     }
 

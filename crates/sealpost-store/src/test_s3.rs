@@ -113,18 +113,7 @@ impl Garage {
     /// Stops the node (SIGKILL) and waits until it is gone.
     pub fn stop(&self) {
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
-            let pid = pid.trim().to_owned();
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Command::new("kill")
-                .args(["-0", &pid])
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-                && Instant::now() < deadline
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            crate::test_postgres::signal_and_wait(pid.trim(), "-KILL", Duration::from_secs(10));
         }
     }
 

@@ -15,6 +15,7 @@ pub mod tls;
 /// The client (in `sealpost-client`), under the path it had here.
 pub use sealpost_client::client;
 pub use server::{
-    open_store, relay_key_in, Config, Door, Metrics, Registration, Relay, RunningRelay,
+    lock_data_dir, open_store, relay_key_in, Config, Door, Metrics, Registration, Relay,
+    RunningRelay,
 };
 pub use tls::{Pin, RelayAddress};

@@ -252,7 +252,7 @@ fn load_or_create_key(path: &Path) -> io::Result<SigningKey> {
 /// Takes the data directory's lock (`relay.lock`, held while the relay
 /// runs), so a second relay on the same directory is refused instead of
 /// sharing its store and blob files.
-fn lock_data_dir(data: &Path) -> io::Result<std::fs::File> {
+pub fn lock_data_dir(data: &Path) -> io::Result<std::fs::File> {
     let path = data.join("relay.lock");
     let f = std::fs::OpenOptions::new()
         .create(true)

@@ -40,6 +40,7 @@ pub mod conformance;
 mod files;
 mod ledger;
 pub mod memory;
+pub mod migrate;
 pub mod postgres;
 pub mod s3;
 mod schema;

@@ -14,6 +14,15 @@ CREATE TABLE IF NOT EXISTS sealpost_meta (
 INSERT INTO sealpost_meta (name, value) VALUES ('schema', 1), ('mailboxes', 0)
     ON CONFLICT (name) DO NOTHING;
 
+-- Migrations of a single relay's embedded store into this database
+-- (`sealpost relay migrate`): while one has not finished, nodes refuse to
+-- start on the database.
+CREATE TABLE IF NOT EXISTS sealpost_migrations (
+    id bytea PRIMARY KEY,
+    started_at bigint NOT NULL,
+    finished_at bigint
+);
+
 CREATE TABLE IF NOT EXISTS mailboxes (
     id bytea PRIMARY KEY,
     key bytea NOT NULL,

@@ -69,7 +69,7 @@ fn arr<const N: usize>(v: &[u8]) -> [u8; N] {
 
 /// A PostgreSQL error as the store's: what PostgreSQL said, and whether
 /// its disk is full.
-fn pg_err(e: tokio_postgres::Error) -> StoreError {
+pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
     let disk_full = e.code() == Some(&SqlState::DISK_FULL);
     let detail = match e.as_db_error() {
         Some(db) => format!("PostgreSQL {}: {}", db.code().code(), db.message()),
@@ -83,7 +83,7 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
     StoreError::Storage { disk_full, detail }
 }
 
-fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+pub(crate) fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     StoreError::Storage {
         disk_full: false,
         detail: format!("cannot reach PostgreSQL: {e}"),
@@ -136,8 +136,18 @@ pub fn redacted(url: &str) -> String {
 }
 
 /// Connects once (outside the pool) and sets the schema up, under an
-/// advisory lock; refuses a server that does not make commits durable.
+/// advisory lock; refuses a server that does not make commits durable,
+/// and a database a migration into has not finished filling.
 pub async fn setup(url: &str) -> Result<(), StoreError> {
+    setup_with(url, false).await
+}
+
+/// As [`setup`], for `relay migrate` (which finishes what it started).
+pub(crate) async fn setup_for_migration(url: &str) -> Result<(), StoreError> {
+    setup_with(url, true).await
+}
+
+async fn setup_with(url: &str, migrating: bool) -> Result<(), StoreError> {
     let (client, conn) = config(url)?.connect(NoTls).await.map_err(pg_err)?;
     let task = tokio::spawn(async move {
         if let Err(e) = conn.await {
@@ -168,7 +178,11 @@ pub async fn setup(url: &str) -> Result<(), StoreError> {
         let _ = client
             .query_one("SELECT pg_advisory_unlock($1)", &[&SCHEMA_LOCK])
             .await;
-        r
+        r?;
+        if !migrating {
+            crate::migrate::refuse_if_migrating(&client).await?;
+        }
+        Ok(())
     }
     .await;
     drop(client);

@@ -29,6 +29,7 @@ impl SqliteLedger {
     pub fn open(dir: &Path, limits: Limits) -> Result<Self, StoreError> {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         crate::files::private_dir(dir)?;
+        crate::migrate::refuse_if_moved(dir)?;
         let db = dir.join("relay.db");
         // Created 0600 (SQLite gives its WAL and shm the same mode); one
         // made wider by an older version is tightened.

@@ -30,6 +30,12 @@ pub enum RelayCmd {
     /// Re-read everything stored and check it against its BLAKE3; exit 1
     /// if anything is damaged
     Scrub(DataArgs),
+    /// Move a relay's data (the SQLite store and blob files in DATA/store)
+    /// into a cluster's PostgreSQL database and, with --blobs, the blob
+    /// bytes into an S3 bucket; then check every row and byte against the
+    /// source. Stop the relay first; run again to finish an interrupted
+    /// migration
+    Migrate(MigrateArgs),
     /// Make ADDRESS your home relay: register your mailbox there and put it
     /// in your contact card (re-share the card afterwards)
     Use {
@@ -64,6 +70,28 @@ pub struct DataArgs {
     pub database: Option<String>,
     /// For `status` and `scrub` of a node whose blob bytes are in an S3
     /// bucket (as `serve --blobs`; also $SEALPOST_BLOBS)
+    #[arg(long, value_name = "URL", env = "SEALPOST_BLOBS")]
+    pub blobs: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// Relay data directory [default: $XDG_DATA_HOME/sealpost-relay]
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// The cluster's PostgreSQL database (postgres://USER@HOST:PORT/DB;
+    /// also $SEALPOST_DATABASE): empty, or holding what an interrupted run
+    /// of this migration copied
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SEALPOST_DATABASE",
+        hide_env_values = true
+    )]
+    pub to: String,
+    /// The S3 bucket for blob bytes (as `serve --blobs`; also
+    /// $SEALPOST_BLOBS). Without it they stay in DATA/store/blobs, where
+    /// only a node serving this data directory can read them
     #[arg(long, value_name = "URL", env = "SEALPOST_BLOBS")]
     pub blobs: Option<String>,
 }
@@ -450,6 +478,7 @@ pub fn run(cmd: RelayCmd, out: &Out) -> Result<(), Failure> {
         RelayCmd::Address(a) => address(&a, out),
         RelayCmd::Status(a) => status(&a, out),
         RelayCmd::Scrub(a) => scrub(&a, out),
+        RelayCmd::Migrate(a) => migrate(&a, out),
         #[cfg(feature = "test-tools")]
         RelayCmd::Load(a) => crate::load::run(a, out),
         RelayCmd::Use { .. } => Err(Failure::usage(anyhow::anyhow!(
@@ -1091,6 +1120,85 @@ fn status(a: &DataArgs, out: &Out) -> Result<(), Failure> {
                     }
                 );
             }
+            s
+        },
+    )
+}
+
+fn migrate(a: &MigrateArgs, out: &Out) -> Result<(), Failure> {
+    let dir = data_dir(&a.data)?;
+    let store_dir = dir.join("store");
+    if !store_dir.join("relay.db").exists() {
+        return Err(anyhow!(
+            "no relay store in {} (nothing to migrate); --data names the directory `relay serve --data` ran on",
+            dir.display()
+        )
+        .into());
+    }
+    // No relay may serve the directory while it is copied.
+    let _lock = sealpost_relay::lock_data_dir(&dir).context("cannot migrate")?;
+    let rt = runtime()?;
+    let json = out.json();
+    let mut progress = move |s: &str| {
+        if !json {
+            crate::output::to_stderr(&format!("{s}\n"));
+        }
+    };
+    let r = rt
+        .block_on(sealpost_store::migrate::migrate(
+            &store_dir,
+            &a.to,
+            a.blobs.as_deref(),
+            &mut progress,
+        ))
+        .context("the migration has not finished (run the same command again to go on)")?;
+    let to = sealpost_store::postgres::redacted(&a.to);
+    let blobs_at = match &a.blobs {
+        Some(b) => b.split('?').next().unwrap_or(b).to_owned(),
+        None => store_dir.join("blobs").display().to_string(),
+    };
+    out.report(
+        json!({
+            "database": to,
+            "blobs": blobs_at,
+            "resumed": r.resumed,
+            "already_done": r.already_done,
+            "mailboxes": r.mailboxes,
+            "items": r.items,
+            "item_bytes": r.item_bytes,
+            "blobs_moved": r.blobs,
+            "blob_bytes": r.blob_bytes,
+            "blob_bytes_copied": r.blob_bytes_copied,
+            "shares": r.shares,
+            "forwards": r.forwards,
+            "handed": r.handed,
+            "damaged_in_source": r.damaged_in_source,
+        }),
+        || {
+            let mut s = format!(
+                "{} {} mailboxes, {} items ({} bytes), {} blobs ({} bytes), {} forwards and {} handed items to {to}; every row compared with the source and every byte read back and hashed.\n",
+                if r.already_done { "Already migrated and checked again:" } else { "Migrated" },
+                r.mailboxes,
+                r.items,
+                r.item_bytes,
+                r.blobs,
+                r.blob_bytes,
+                r.forwards,
+                r.handed
+            );
+            s += &format!("Blob bytes: {blobs_at}.\n");
+            if r.damaged_in_source > 0 {
+                s += &format!(
+                    "{} items were already damaged in the source (they do not match their BLAKE3); they were copied as they are and `relay scrub` reports them.\n",
+                    r.damaged_in_source
+                );
+            }
+            s += &format!(
+                "Serve with: sealpost relay serve --data {} --database URL{}\nThe old store in {} now refuses to open; it can be removed once the cluster runs.\n",
+                dir.display(),
+                if a.blobs.is_some() { " --blobs URL" } else { "" },
+                store_dir.display()
+            );
             s
         },
     )

@@ -36,6 +36,20 @@ async fn fetch_all(
     all
 }
 
+/// Every item of the mailbox `c` is authenticated for, as (seq, payload)
+/// in seq order.
+async fn fetch_in_order(c: &RelayClient) -> Vec<(u64, Vec<u8>)> {
+    let mut all = Vec::new();
+    loop {
+        let after = all.last().map_or(0, |(s, _)| *s);
+        let (items, more) = c.fetch(after, 4096).await.expect("fetch");
+        all.extend(items.into_iter().map(|i| (i.seq, i.payload)));
+        if !more {
+            return all;
+        }
+    }
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -513,4 +527,229 @@ fn a_file_started_on_one_node_resumes_on_another_and_downloads_anywhere() {
         let _ = c.kill();
         let _ = c.wait();
     }
+}
+
+/// `relay migrate`: a single relay's store (items with gaps where some
+/// were acknowledged, a complete blob and one half uploaded) moves into
+/// PostgreSQL and a bucket. A migration killed part-way leaves both sides
+/// refusing to serve (the old store and the database), a second run
+/// finishes it, a third only checks; a cluster node then serves the same
+/// items at the same seqs, the blob whole, and takes the half-uploaded
+/// one up where it stopped.
+#[test]
+fn a_single_relay_migrates_into_a_cluster_and_is_served_the_same() {
+    use sealpost_proto::relay::{BlobId, BlobPiece};
+    use std::io::BufRead;
+    let test = "cluster::a_single_relay_migrates_into_a_cluster_and_is_served_the_same";
+    let Some(s3) = sealpost_store::test_s3::bucket(test) else {
+        return;
+    };
+    let Some(url) = sealpost_store::test_postgres::database(test) else {
+        return;
+    };
+    let garage = sealpost_store::test_s3::garage().expect("garage");
+    std::env::set_var("AWS_ACCESS_KEY_ID", &garage.key_id);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", garage.secret());
+    let blobs = format!(
+        "s3://{}?endpoint={}&region=garage",
+        s3.bucket, garage.endpoint
+    );
+    let dir = tempfile::tempdir().expect("tmp");
+    let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
+    let (mut single, addr) = start_relay_with(&data_a, free_port(), &[]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let owner = Identity::from_secret_bytes(&[21; 32], &[22; 32]);
+    let whole: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + 3) as u8).collect();
+    let half: Vec<u8> = (0..5_000_000u32).map(|i| (i * 11 + 1) as u8).collect();
+    let (whole_id, half_id) = (BlobId([0x6a; 16]), BlobId([0x6b; 16]));
+    let piece = |id: BlobId, mb, data: &[u8], off: usize| BlobPiece {
+        blob_id: id,
+        mailbox: mb,
+        total_len: data.len() as u64,
+        blob_hash: *blake3::hash(data).as_bytes(),
+        expires_at: now() + 3600,
+        offset: off as u64,
+        data: data[off..(off + (1 << 20)).min(data.len())].to_vec(),
+    };
+    let (mailbox, before) = rt.block_on(async {
+        let c = RelayClient::connect(&addr).await.expect("connect");
+        let mb = c.register(&owner).await.expect("register");
+        for n in 0..200usize {
+            let payload = vec![n as u8; 100 + n * 311];
+            assert!(matches!(
+                c.submit(mb, now() + 3600, payload).await.expect("submit"),
+                Submitted::Accepted { .. }
+            ));
+        }
+        c.auth(&owner).await.expect("auth");
+        // Every seventh acknowledged: the seqs left have gaps.
+        c.ack((1..=200u64).filter(|s| s % 7 == 0).collect())
+            .await
+            .expect("ack");
+        let mut off = 0;
+        while off < whole.len() {
+            off = c
+                .blob_put(piece(whole_id, mb, &whole, off))
+                .await
+                .expect("put")
+                .expect("stored")
+                .0 as usize;
+        }
+        for off in [0, 1 << 20] {
+            c.blob_put(piece(half_id, mb, &half, off))
+                .await
+                .expect("put")
+                .expect("stored");
+        }
+        (mb, fetch_in_order(&c).await)
+    });
+    assert_eq!(before.len(), 200 - 28);
+    single.kill().expect("kill -9");
+    single.wait().expect("reap");
+
+    let sealpost = || {
+        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("sealpost"));
+        c.env("SEALPOST_LOG", "warn");
+        c
+    };
+    let migrate_args = |c: &mut std::process::Command| {
+        c.args(["relay", "migrate", "--data"])
+            .arg(&data_a)
+            .args(["--to", &url, "--blobs", &blobs]);
+    };
+    // Killed once it has started on the items.
+    let mut first = sealpost();
+    migrate_args(&mut first);
+    let mut first = first
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn migrate");
+    let stderr = first.stderr.take().expect("stderr");
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.expect("line");
+        if line.contains("copying items") {
+            break;
+        }
+    }
+    first.kill().expect("kill -9 the migration");
+    first.wait().expect("reap");
+    // Neither side serves now: not the old store, not the database.
+    let out = sealpost()
+        .args(["relay", "status", "--data"])
+        .arg(&data_a)
+        .output()
+        .expect("status");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("moved to"), "{said}");
+    let out = sealpost()
+        .args(["relay", "status", "--data"])
+        .arg(&data_b)
+        .args(["--database", &url])
+        .output()
+        .expect("status");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("has not finished"), "{said}");
+
+    // Run again: finished and checked.
+    let mut second = sealpost();
+    migrate_args(&mut second);
+    let out = second.arg("--json").output().expect("migrate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(r["resumed"], true, "{r}");
+    assert_eq!(r["mailboxes"], 1);
+    assert_eq!(r["items"], before.len() as u64);
+    assert_eq!(r["blobs_moved"], 2);
+    assert_eq!(r["blob_bytes"], (whole.len() + (2 << 20)) as u64);
+    // A third run only checks.
+    let mut third = sealpost();
+    migrate_args(&mut third);
+    let out = third.arg("--json").output().expect("migrate");
+    assert!(out.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(r["already_done"], true, "{r}");
+    assert_eq!(r["blob_bytes_copied"], 0);
+
+    // A cluster node with the relay's keys and certificate (so agents'
+    // pins hold) serves the same.
+    let file = |name: &str| data_a.join(name).to_str().expect("utf-8").to_owned();
+    std::fs::create_dir_all(&data_b).expect("mkdir");
+    for name in ["cert.pem", "key.pem"] {
+        std::fs::copy(data_a.join(name), data_b.join(name)).expect("copy");
+    }
+    let (mut node, addr_b) = start_relay_with(
+        &data_b,
+        free_port(),
+        &[
+            "--database",
+            &url,
+            "--blobs",
+            &blobs,
+            "--signing-key",
+            &file("relay-signing.key"),
+        ],
+    );
+    assert_eq!(addr_b.pin, addr.pin, "the same certificate pin");
+    rt.block_on(async {
+        let c = RelayClient::connect(&addr_b).await.expect("connect");
+        c.auth(&owner).await.expect("auth");
+        let after = fetch_in_order(&c).await;
+        assert!(after == before, "the items differ after the migration");
+        let mut got = Vec::new();
+        while got.len() < whole.len() {
+            got.extend_from_slice(
+                &c.blob_get(whole_id, got.len() as u64, 1 << 20)
+                    .await
+                    .expect("get"),
+            );
+        }
+        assert!(got == whole, "the blob differs after the migration");
+        // The half-uploaded blob goes on where it stopped.
+        let (mut off, complete) = c.blob_status_for(half_id, mailbox).await.expect("status");
+        assert_eq!((off, complete), (2 << 20, false));
+        while off < half.len() as u64 {
+            off = c
+                .blob_put(piece(half_id, mailbox, &half, off as usize))
+                .await
+                .expect("put")
+                .expect("stored")
+                .0;
+        }
+        let mut got = Vec::new();
+        while got.len() < half.len() {
+            got.extend_from_slice(
+                &c.blob_get(half_id, got.len() as u64, 1 << 20)
+                    .await
+                    .expect("get"),
+            );
+        }
+        assert!(got == half, "the resumed blob differs");
+        // A new item's seq comes after every seq the single relay gave.
+        match c
+            .submit(mailbox, now() + 3600, b"after".to_vec())
+            .await
+            .expect("submit")
+        {
+            Submitted::Accepted { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        let items = fetch_in_order(&c).await;
+        let seqs: Vec<u64> = items.iter().map(|i| i.0).collect();
+        assert_eq!(items.len(), before.len() + 1);
+        assert!(
+            items.last().is_some_and(|i| i.1 == b"after" && i.0 > 200),
+            "the new item is not last, after seq 200: {seqs:?}"
+        );
+    });
+    let _ = node.kill();
+    let _ = node.wait();
 }

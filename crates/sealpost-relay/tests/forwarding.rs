@@ -14,6 +14,9 @@ use sealpost_proto::Identity;
 use sealpost_relay::client::{RelayClient, Submitted};
 use sealpost_relay::{Config, Relay, RelayAddress, RunningRelay};
 
+#[path = "common/backend.rs"]
+mod backend;
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -41,6 +44,7 @@ async fn relay_with(
     };
     cfg.forwarding.poll = Duration::from_millis(100);
     cfg.forwarding.timeouts.connect = Duration::from_secs(2);
+    backend::on_backend(&mut cfg);
     tweak(&mut cfg);
     Relay::bind(cfg).await.expect("bind").spawn()
 }

@@ -12,6 +12,9 @@ use sealpost_relay::{Config, Metrics, Relay, RelayAddress};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+#[path = "common/backend.rs"]
+mod backend;
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -41,6 +44,7 @@ async fn start(tweak: impl FnOnce(&mut Config)) -> Running {
 
 async fn start_in(data: std::path::PathBuf, tweak: impl FnOnce(&mut Config)) -> Running {
     let mut cfg = Config::new("127.0.0.1:0".parse().expect("addr"), data);
+    backend::on_backend(&mut cfg);
     tweak(&mut cfg);
     let relay = Relay::bind(cfg).await.expect("bind").spawn();
     Running {
@@ -755,10 +759,12 @@ async fn one_address_cannot_take_every_slot() {
 async fn a_data_directory_serves_one_relay_at_a_time() {
     let dir = tempfile::tempdir().expect("tmp");
     let cfg = || {
-        Config::new(
+        let mut c = Config::new(
             "127.0.0.1:0".parse().expect("addr"),
             dir.path().join("data"),
-        )
+        );
+        backend::on_backend(&mut c);
+        c
     };
     let first = Relay::bind(cfg()).await.expect("bind");
     let e = Relay::bind(cfg())
@@ -777,6 +783,12 @@ async fn a_data_directory_serves_one_relay_at_a_time() {
 /// earlier versions could be) starts next time, with a whole new set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_start_cut_short_is_recovered() {
+    if backend::skipped_on_cluster(
+        "a_first_start_cut_short_is_recovered",
+        "it checks the embedded store's files in the data directory",
+    ) {
+        return;
+    }
     let dir = tempfile::tempdir().expect("tmp");
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).expect("mkdir");
@@ -848,6 +860,12 @@ impl Drop for SmallDisk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root to mount a small tmpfs; run with --ignored, as .ci/run does"]
 async fn a_full_disk_is_said_in_words_and_recovered_from() {
+    if backend::skipped_on_cluster(
+        "a_full_disk_is_said_in_words_and_recovered_from",
+        "it fills the embedded store's disk (PostgreSQL's full disk is a conformance test of the store)",
+    ) {
+        return;
+    }
     let disk = SmallDisk::mount("3m");
     // 3 MiB of disk, 512 KiB of it kept for deletes.
     let relay = start_in(disk.dir.path().join("data"), |c| {

@@ -8,6 +8,13 @@
 #   RELAYS=2 bench/adversary.sh        # two relays (127.0.0.2, .3): homes
 #                                      # alternate, agents forward through
 #                                      # their own, both hostile and killed
+#   CLUSTER=3 bench/adversary.sh       # one relay as 3 nodes (127.0.0.2-4)
+#                                      # on a throwaway PostgreSQL and Garage;
+#                                      # homes alternate between nodes; half
+#                                      # the kills take a node; PostgreSQL
+#                                      # crashed at 30 % of the hostile time
+#                                      # (back 3 s later), the object store
+#                                      # stopped at 40 % for STORE_DOWN (30s)
 #
 # Soak: IDENTITIES agents exchange MESSAGES messages (in `send --repeat`
 # batches) and FILES files of mixed sizes (0 B, 1 B, chunk and piece edges,
@@ -29,6 +36,8 @@ PHASES=${PHASES:-"soak crash"}
 SEED=${SEED:-2026}
 IDENTITIES=${IDENTITIES:-4}
 RELAYS=${RELAYS:-1}
+CLUSTER=${CLUSTER:-0}
+STORE_DOWN=${STORE_DOWN:-30s}
 MESSAGES=${MESSAGES:-10000}
 FILES=${FILES:-50}
 MAX_FILE=${MAX_FILE:-8388608}
@@ -48,7 +57,7 @@ target/release/sealpost relay serve --help | grep -q -- --hostile || {
     echo "target/release/sealpost was built without the test-tools feature" >&2
     exit 2
 }
-echo "# sealpost adversary: seed $SEED, $RELAYS relay(s), $IDENTITIES identities, $MESSAGES messages + $FILES files (≤ $MAX_FILE B), faults $FAULTS; scratch $OUT"
+echo "# sealpost adversary: seed $SEED, $RELAYS relay(s) ($CLUSTER cluster nodes), $IDENTITIES identities, $MESSAGES messages + $FILES files (≤ $MAX_FILE B), faults $FAULTS; scratch $OUT"
 status=0
 for phase in $PHASES; do
     case $phase in
@@ -61,7 +70,7 @@ for phase in $PHASES; do
     start=$(date +%s)
     target/release/sealpost-adversary \
         --sealpost target/release/sealpost --dir "$OUT/$phase" --seed "$SEED" \
-        --relays "$RELAYS" --identities "$IDENTITIES" --messages "$MESSAGES" --files "$FILES" \
+        --relays "$RELAYS" --cluster-nodes "$CLUSTER" --store-down "$STORE_DOWN" --identities "$IDENTITIES" --messages "$MESSAGES" --files "$FILES" \
         --max-file "$MAX_FILE" --faults "$FAULTS" --hostile-for "$for_" \
         --kills "$kills" --retransmit-after "$RETRANSMIT" --settle-timeout "$SETTLE" \
         --json "$OUT/$phase.json" || status=$?

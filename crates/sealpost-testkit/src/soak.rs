@@ -5,7 +5,10 @@
 //! With two relays (each identity's home alternates between them, on
 //! 127.0.0.2 and 127.0.0.3) every agent forwards through its own relay,
 //! both relays are hostile (forwarding faults included) and both are
-//! killed and healed.
+//! killed and healed. As a relay cluster (`cluster_nodes`), one relay runs
+//! as several nodes on a throwaway PostgreSQL and Garage bucket, homes
+//! alternate between the nodes, half the kills take a node, and
+//! PostgreSQL is crashed and the object store stopped while the load runs.
 //! Every outcome is read back from the endpoints and checked against the
 //! guarantees: nothing lost, nothing delivered twice, no tampered content
 //! and no forged refusal or rejection accepted, nothing left pending.
@@ -53,6 +56,15 @@ pub struct SoakConfig {
     /// Relays: 1 (everyone on one relay, submitting directly) or 2 (homes
     /// alternate, agents forward through their own relay).
     pub relays: usize,
+    /// A relay cluster instead: this many nodes of one relay (the same
+    /// keys and certificate) on one PostgreSQL database and one S3 bucket
+    /// (a throwaway PostgreSQL and Garage node, started here); homes
+    /// alternate between the nodes. PostgreSQL is crashed and restarted
+    /// once and the object store stopped for [`SoakConfig::store_down`]
+    /// while the load runs. 0: no cluster.
+    pub cluster_nodes: usize,
+    /// How long the object store stays stopped in a cluster run.
+    pub store_down: Duration,
 }
 
 /// What happened, and whether the guarantees held.
@@ -80,6 +92,10 @@ pub struct SoakReport {
     pub send_errors: u64,
     pub settle_secs: f64,
     pub hostile_secs: f64,
+    /// Cluster runs: nodes of the one relay.
+    pub nodes: u64,
+    /// Cluster runs: what was taken down, when and for how long.
+    pub outages: Vec<String>,
     pub violations: Vec<String>,
 }
 
@@ -107,6 +123,8 @@ impl SoakReport {
             "send_errors": self.send_errors,
             "hostile_secs": self.hostile_secs,
             "settle_secs": self.settle_secs,
+            "cluster_nodes": self.nodes,
+            "outages": self.outages,
             "violations": self.violations,
         })
     }
@@ -114,7 +132,15 @@ impl SoakReport {
     pub fn to_text(&self) -> String {
         let mut s = String::new();
         let total = self.sent_messages + self.sent_files;
-        if self.relays > 1 {
+        if self.nodes > 0 {
+            s.push_str(&format!(
+                "relay cluster                {} nodes on one PostgreSQL and one S3 bucket (homes alternate)\n",
+                self.nodes
+            ));
+            for o in &self.outages {
+                s.push_str(&format!("  {o}\n"));
+            }
+        } else if self.relays > 1 {
             s.push_str(&format!(
                 "relays                       {} (homes alternate; every agent forwards through its own)\n",
                 self.relays
@@ -214,8 +240,17 @@ struct Relay {
     address: String,
 }
 
+/// The shared store of a cluster run: its servers and where they are.
+struct Shared {
+    pg: sealpost_store::test_postgres::Server,
+    garage: &'static sealpost_store::test_s3::Garage,
+    database: String,
+    blobs: String,
+}
+
 struct Soak {
     cfg: SoakConfig,
+    shared: Option<Shared>,
     relays: Vec<Relay>,
     agents: Vec<Option<Child>>,
     homes: Vec<PathBuf>,
@@ -267,7 +302,9 @@ impl Soak {
     /// Relay `k`'s name: its data directory, its log and its fault log
     /// are named after it (one relay: `relay`, as before two).
     fn relay_name(&self, k: usize) -> String {
-        if self.relays.len() == 1 {
+        if self.shared.is_some() {
+            format!("node-{k}")
+        } else if self.relays.len() == 1 {
             "relay".into()
         } else {
             format!("relay-{k}")
@@ -289,6 +326,27 @@ impl Soak {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(self.log_file(&format!("{name}.log"))?);
+        if let Some(sh) = &self.shared {
+            c.args(["--database", &sh.database, "--blobs", &sh.blobs])
+                .env("AWS_ACCESS_KEY_ID", &sh.garage.key_id)
+                .env("AWS_SECRET_ACCESS_KEY", sh.garage.secret());
+            if k > 0 {
+                // Every node is the same relay: node 0's keys and
+                // certificate (made on its first start).
+                let first = self.cfg.dir.join(self.relay_name(0));
+                let own = self.cfg.dir.join(&name);
+                io("making a node's directory", fs::create_dir_all(&own))?;
+                for f in ["cert.pem", "key.pem"] {
+                    if !own.join(f).exists() {
+                        io(
+                            "copying node 0's certificate",
+                            fs::copy(first.join(f), own.join(f)),
+                        )?;
+                    }
+                }
+                c.arg("--signing-key").arg(first.join("relay-signing.key"));
+            }
+        }
         if hostile {
             // Each relay its own seed, so they do not strike in step.
             let seed = self.cfg.seed.wrapping_add(k as u64);
@@ -390,9 +448,36 @@ pub fn run(cfg: SoakConfig) -> Result<SoakReport, SoakError> {
         .collect();
     // One relay on 127.0.0.1; two on 127.0.0.2 and .3, each its own
     // address (a relay sees the other's, not an agent's).
-    let ips: Vec<String> = match cfg.relays {
-        0 | 1 => vec!["127.0.0.1".into()],
-        k => (0..k).map(|i| format!("127.0.0.{}", i + 2)).collect(),
+    let ips: Vec<String> = match (cfg.cluster_nodes, cfg.relays) {
+        (0, 0 | 1) => vec!["127.0.0.1".into()],
+        (0, k) => (0..k).map(|i| format!("127.0.0.{}", i + 2)).collect(),
+        // One relay's nodes, each on its own loopback address (as behind
+        // a load balancer, each on its own machine).
+        (k, _) => (0..k).map(|i| format!("127.0.0.{}", i + 2)).collect(),
+    };
+    let shared = if cfg.cluster_nodes > 0 {
+        let pg =
+            sealpost_store::test_postgres::own_server("the cluster soak").ok_or_else(|| {
+                SoakError::Setup(
+                    "a cluster soak needs PostgreSQL's binaries (apt-get install postgresql)"
+                        .into(),
+                )
+            })?;
+        let database = pg.create_database().map_err(SoakError::Setup)?;
+        let garage = sealpost_store::test_s3::garage().map_err(SoakError::Setup)?;
+        let bucket = garage.bucket().map_err(SoakError::Setup)?;
+        let blobs = format!(
+            "s3://{}?endpoint={}&region=garage",
+            bucket.bucket, garage.endpoint
+        );
+        Some(Shared {
+            pg,
+            garage,
+            database,
+            blobs,
+        })
+    } else {
+        None
     };
     let mut relays = Vec::new();
     for ip in ips {
@@ -404,6 +489,7 @@ pub fn run(cfg: SoakConfig) -> Result<SoakReport, SoakError> {
         });
     }
     let mut s = Soak {
+        shared,
         relays,
         agents: (0..n).map(|_| None).collect(),
         homes,
@@ -425,7 +511,9 @@ fn drive(s: &mut Soak, rng: &mut ChaCha8Rng) -> Result<SoakReport, SoakError> {
     let mut report = SoakReport::default();
     // Set up honestly: identities registered, cards exchanged.
     let m = s.relays.len();
-    report.relays = m as u64;
+    let cluster = s.shared.is_some();
+    report.relays = if cluster { 1 } else { m as u64 };
+    report.nodes = if cluster { m as u64 } else { 0 };
     for k in 0..m {
         s.start_relay(k, false)?;
     }
@@ -449,7 +537,7 @@ fn drive(s: &mut Soak, rng: &mut ChaCha8Rng) -> Result<SoakReport, SoakError> {
             }
         }
     }
-    if m > 1 {
+    if m > 1 && !cluster {
         // Through their own relays (remembered by the agents).
         for h in &s.homes {
             s.cli(Some(h), &["sync", "--forward", "on"])?;
@@ -527,8 +615,61 @@ fn drive(s: &mut Soak, rng: &mut ChaCha8Rng) -> Result<SoakReport, SoakError> {
     let mut next_kill = 0usize;
     let per_send = send_span.div_f64(sends.len().max(1) as f64);
     let mut next_send = 0usize;
-    while started.elapsed() < hostile_for || next_send < sends.len() {
+    // Cluster runs: PostgreSQL crashed at 30 % of the hostile period and
+    // back 3 s later; the object store stopped at 40 % for store_down.
+    // A node cannot start while either is down (it checks both), so kills
+    // that fall in an outage wait for its end.
+    let pg_down = (hostile_for.mul_f64(0.3), Duration::from_secs(3));
+    let s3_down = (hostile_for.mul_f64(0.4), s.cfg.store_down);
+    let mut pg_state = 0u8; // 0 up, 1 down, 2 back
+    let mut s3_state = 0u8;
+    let mut s3_stopped = Duration::ZERO;
+    while started.elapsed() < hostile_for
+        || next_send < sends.len()
+        || (cluster && (pg_state == 1 || s3_state == 1 || next_kill < kill_times.len()))
+    {
         let now = started.elapsed();
+        if let Some(sh) = &s.shared {
+            if pg_state == 0 && now >= pg_down.0 {
+                sh.pg.crash();
+                pg_state = 1;
+                report.outages.push(format!(
+                    "PostgreSQL crashed (immediate shutdown) at {:.1} s",
+                    now.as_secs_f64()
+                ));
+                continue;
+            }
+            if pg_state == 1 && now >= pg_down.0 + pg_down.1 {
+                sh.pg.restart().map_err(SoakError::Setup)?;
+                pg_state = 2;
+                report.outages.push(format!(
+                    "PostgreSQL back (recovered from its WAL) at {:.1} s",
+                    started.elapsed().as_secs_f64()
+                ));
+                continue;
+            }
+            if s3_state == 0 && pg_state == 2 && now >= s3_down.0 {
+                sh.garage.stop();
+                s3_state = 1;
+                s3_stopped = started.elapsed();
+                report.outages.push(format!(
+                    "object store (Garage) stopped at {:.1} s",
+                    now.as_secs_f64()
+                ));
+                continue;
+            }
+            if s3_state == 1 && now >= s3_stopped + s3_down.1 {
+                sh.garage.restart().map_err(SoakError::Setup)?;
+                s3_state = 2;
+                report.outages.push(format!(
+                    "object store back at {:.1} s ({:.1} s down)",
+                    started.elapsed().as_secs_f64(),
+                    (started.elapsed() - s3_stopped).as_secs_f64()
+                ));
+                continue;
+            }
+        }
+        let outage = pg_state == 1 || s3_state == 1;
         if next_send < sends.len() && now >= per_send.mul_f64(next_send as f64) {
             let (from, args) = &sends[next_send];
             if !s.send(*from, args) {
@@ -541,13 +682,25 @@ fn drive(s: &mut Soak, rng: &mut ChaCha8Rng) -> Result<SoakReport, SoakError> {
             continue;
         }
         if next_kill < kill_times.len() && now >= kill_times[next_kill] {
-            next_kill += 1;
             // One relay: the victim is it or an agent, as before two.
             let victim = if m == 1 {
                 rng.gen_range(0..=n)
+            } else if cluster {
+                // Half the kills take a node, half an agent.
+                if rng.gen_bool(0.5) {
+                    n + rng.gen_range(0..m)
+                } else {
+                    rng.gen_range(0..n)
+                }
             } else {
                 rng.gen_range(0..n + m)
             };
+            if outage && victim >= n {
+                // A node would not start now; drawn again after the outage.
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            next_kill += 1;
             let who = if victim >= n {
                 s.relay_name(victim - n)
             } else {

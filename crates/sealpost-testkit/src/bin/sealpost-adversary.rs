@@ -58,6 +58,15 @@ struct Args {
     /// both hostile, both killed)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     relays: u8,
+    /// A relay cluster instead: this many nodes of one relay on a
+    /// throwaway PostgreSQL and Garage (S3) started here, homes
+    /// alternating between nodes; PostgreSQL is crashed once and the
+    /// object store stopped for --store-down while the load runs
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=8))]
+    cluster_nodes: u8,
+    /// How long the object store stays stopped in a cluster run
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    store_down: Duration,
     /// Also write the report as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
@@ -80,6 +89,8 @@ fn main() -> ExitCode {
         settle_timeout: a.settle_timeout,
         batch: a.batch,
         relays: usize::from(a.relays),
+        cluster_nodes: usize::from(a.cluster_nodes),
+        store_down: a.store_down,
     };
     match soak::run(cfg) {
         Ok(r) => {

@@ -117,9 +117,26 @@ pub async fn migrate(
     src.execute_batch(crate::schema::SCHEMA)?;
     crate::schema::migrate(&src)?;
 
-    postgres::setup_for_migration(url).await?;
-    let pool = postgres::pool(url, 2)?;
+    let pool = postgres::pool_named(url, 2, "sealpost-migrate")?;
     let mut pg = pool.get().await.map_err(pool_err)?;
+    // No node may use the database meanwhile (a node started after this
+    // is refused by the unfinished migration).
+    let nodes: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'sealpost-relay'",
+            &[],
+        )
+        .await
+        .map_err(pg_err)?
+        .get(0);
+    if nodes > 0 {
+        return Err(err(format!(
+            "relay nodes are connected to the database at {} ({nodes} connections named sealpost-relay); stop them before migrating into it",
+            postgres::redacted(url)
+        )));
+    }
+    postgres::setup_for_migration(url).await?;
 
     // Which migration this is: the mark's id, or a new one.
     let mark_path = dir.join(MARK);

@@ -215,8 +215,20 @@ pub fn setup_blocking(url: &str) -> Result<(), StoreError> {
 
 /// A pool of connections to `url` (made as they are needed).
 pub fn pool(url: &str, size: usize) -> Result<Pool, StoreError> {
+    pool_with(config(url)?, size)
+}
+
+/// [`pool`] for a tool, named `name` in `pg_stat_activity` (nodes are
+/// `sealpost-relay`).
+pub(crate) fn pool_named(url: &str, size: usize, name: &str) -> Result<Pool, StoreError> {
+    let mut c = config(url)?;
+    c.application_name(name);
+    pool_with(c, size)
+}
+
+fn pool_with(c: tokio_postgres::Config, size: usize) -> Result<Pool, StoreError> {
     let manager = Manager::from_config(
-        config(url)?,
+        c,
         NoTls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,

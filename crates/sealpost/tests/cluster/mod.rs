@@ -620,6 +620,21 @@ fn a_single_relay_migrates_into_a_cluster_and_is_served_the_same() {
             .arg(&data_a)
             .args(["--to", &url, "--blobs", &blobs]);
     };
+    // Not while a node uses the database.
+    let (mut early, _) = start_relay_with(
+        &dir.path().join("early"),
+        free_port(),
+        &["--database", &url],
+    );
+    let mut refused = sealpost();
+    migrate_args(&mut refused);
+    let out = refused.output().expect("migrate");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("relay nodes are connected"), "{said}");
+    early.kill().expect("kill");
+    early.wait().expect("reap");
+    std::thread::sleep(Duration::from_millis(1500));
     // Killed once it has started on the items.
     let mut first = sealpost();
     migrate_args(&mut first);

@@ -97,6 +97,182 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
     )
 }
 
+/// How a node talks to PostgreSQL: in the clear (a Unix socket, a private
+/// network), or with `sslmode=require` over TLS 1.2+ with the server's
+/// certificate verified (as libpq's `verify-full`) against
+/// `sslrootcert=FILE` or else the system's roots.
+#[derive(Clone)]
+pub(crate) enum Tls {
+    Plain,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+/// Takes `sslrootcert=…` out of `url` (tokio-postgres does not know it):
+/// the URL without it, and the file it named.
+fn split_root_cert(url: &str) -> (String, Option<String>) {
+    if let Some((base, query)) = url.split_once('?') {
+        let mut root = None;
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|kv| match kv.strip_prefix("sslrootcert=") {
+                Some(v) => {
+                    root = Some(percent_decode(v));
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        let url = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        return (url, root);
+    }
+    if !url.contains("://") {
+        // key=value form
+        let mut root = None;
+        let kept: Vec<&str> = url
+            .split_whitespace()
+            .filter(|kv| match kv.strip_prefix("sslrootcert=") {
+                Some(v) => {
+                    root = Some(v.to_owned());
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        return (kept.join(" "), root);
+    }
+    (url.to_owned(), None)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The TLS a configuration asks for: `sslmode=require` is TLS with a
+/// verified certificate; anything else (`disable`, or `prefer`, which is
+/// also the default when unsaid) is plaintext — a relay never tries TLS
+/// it would then give up silently.
+fn tls_for(c: &tokio_postgres::Config, root: Option<&str>) -> Result<Tls, StoreError> {
+    if c.get_ssl_mode() != tokio_postgres::config::SslMode::Require {
+        return Ok(Tls::Plain);
+    }
+    let bad = |detail: String| StoreError::Storage {
+        disk_full: false,
+        detail,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match root {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| bad(format!("cannot read sslrootcert {path}: {e}")))?;
+            use rustls_pki_types::pem::PemObject;
+            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| bad(format!("sslrootcert {path}: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| bad(format!("sslrootcert {path}: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(bad(format!("sslrootcert {path} holds no certificate")));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(bad(
+                    "sslmode=require, but this system has no CA certificates to verify PostgreSQL's with; name its CA with sslrootcert=FILE".into(),
+                ));
+            }
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad(format!("TLS: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(
+        config,
+    )))
+}
+
+/// `url` as a client configuration and its TLS.
+pub(crate) fn settings(url: &str) -> Result<(tokio_postgres::Config, Tls), StoreError> {
+    let (url, root) = split_root_cert(url);
+    let c = config(&url)?;
+    let tls = tls_for(&c, root.as_deref())?;
+    Ok((c, tls))
+}
+
+/// Connects once; a task drives the connection (and hands notifications
+/// to `news`, if given) until it ends.
+pub(crate) async fn connect_driven(
+    c: &tokio_postgres::Config,
+    tls: &Tls,
+    news: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+    async fn drive<S, T>(
+        mut conn: tokio_postgres::Connection<S, T>,
+        news: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = futures_util::StreamExt::next(&mut stream).await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    if let Some(tx) = &news {
+                        if tx.send(n.payload().to_owned()).is_err() {
+                            break;
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if news.is_some() {
+                        tracing::warn!("the relay nodes' news connection to PostgreSQL broke: {e}");
+                    } else {
+                        tracing::debug!("a PostgreSQL connection ended: {e}");
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    match tls {
+        Tls::Plain => {
+            let (client, conn) = c.connect(NoTls).await?;
+            Ok((client, tokio::spawn(drive(conn, news))))
+        }
+        Tls::Rustls(m) => {
+            let (client, conn) = c.connect(m.clone()).await?;
+            Ok((client, tokio::spawn(drive(conn, news))))
+        }
+    }
+}
+
 /// `url` as a client configuration with what every sealpost connection
 /// needs: `synchronous_commit = on` (a commit returns once it is on
 /// stable storage), a name in `pg_stat_activity`, a connect timeout.
@@ -148,12 +324,8 @@ pub(crate) async fn setup_for_migration(url: &str) -> Result<(), StoreError> {
 }
 
 async fn setup_with(url: &str, migrating: bool) -> Result<(), StoreError> {
-    let (client, conn) = config(url)?.connect(NoTls).await.map_err(pg_err)?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("PostgreSQL set-up connection ended: {e}");
-        }
-    });
+    let (c, tls) = settings(url)?;
+    let (client, task) = connect_driven(&c, &tls, None).await.map_err(pg_err)?;
     let result = async {
         // synchronous_commit is set on every connection; fsync is the
         // server's alone.
@@ -215,25 +387,26 @@ pub fn setup_blocking(url: &str) -> Result<(), StoreError> {
 
 /// A pool of connections to `url` (made as they are needed).
 pub fn pool(url: &str, size: usize) -> Result<Pool, StoreError> {
-    pool_with(config(url)?, size)
+    let (c, tls) = settings(url)?;
+    pool_with(c, tls, size)
 }
 
 /// [`pool`] for a tool, named `name` in `pg_stat_activity` (nodes are
 /// `sealpost-relay`).
 pub(crate) fn pool_named(url: &str, size: usize, name: &str) -> Result<Pool, StoreError> {
-    let mut c = config(url)?;
+    let (mut c, tls) = settings(url)?;
     c.application_name(name);
-    pool_with(c, size)
+    pool_with(c, tls, size)
 }
 
-fn pool_with(c: tokio_postgres::Config, size: usize) -> Result<Pool, StoreError> {
-    let manager = Manager::from_config(
-        c,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+fn pool_with(c: tokio_postgres::Config, tls: Tls, size: usize) -> Result<Pool, StoreError> {
+    let mc = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match tls {
+        Tls::Plain => Manager::from_config(c, NoTls, mc),
+        Tls::Rustls(m) => Manager::from_config(c, m, mc),
+    };
     Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)
@@ -1197,7 +1370,7 @@ impl PgNotifier {
     /// tasks on the current runtime, which reconnect when the connection
     /// breaks).
     pub fn start(url: &str, pool: Pool) -> Result<Self, StoreError> {
-        let config = config(url)?;
+        let config = settings(url)?;
         let node = OsRng.next_u64();
         let local = Arc::new(crate::LocalNotifier::default());
         let dropped = Arc::new(AtomicU64::new(0));
@@ -1282,31 +1455,16 @@ async fn send_loop(
     }
 }
 
-async fn listen_loop(node: u64, config: tokio_postgres::Config, local: Arc<crate::LocalNotifier>) {
+async fn listen_loop(
+    node: u64,
+    (config, tls): (tokio_postgres::Config, Tls),
+    local: Arc<crate::LocalNotifier>,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match config.connect(NoTls).await {
-            Ok((client, mut conn)) => {
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-                let driver = tokio::spawn(async move {
-                    let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-                    while let Some(m) = futures_util::StreamExt::next(&mut stream).await {
-                        match m {
-                            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                                if tx.send(n.payload().to_owned()).is_err() {
-                                    break;
-                                }
-                            }
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::warn!(
-                                    "the relay nodes' news connection to PostgreSQL broke: {e}"
-                                );
-                                break;
-                            }
-                        }
-                    }
-                });
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        match connect_driven(&config, &tls, Some(tx)).await {
+            Ok((client, driver)) => {
                 if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
                     tracing::warn!("cannot listen for the other relay nodes' news: {e}");
                 } else {

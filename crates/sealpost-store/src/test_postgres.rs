@@ -232,6 +232,52 @@ impl Server {
         self.wait_ready()
     }
 
+    /// Turns TLS on with this certificate (PEM) and key (PEM), then
+    /// reloads the configuration (plaintext connections still work).
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.dir.join("data");
+        let (cert, key) = (data.join("server.crt"), data.join("server.key"));
+        std::fs::write(&cert, cert_pem).map_err(|e| format!("writing the certificate: {e}"))?;
+        std::fs::write(&key, key_pem).map_err(|e| format!("writing the key: {e}"))?;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("chmod: {e}"))?;
+        if let Some(u) = &self.user {
+            let out = Command::new("chown")
+                .arg(format!("{u}:"))
+                .arg(&cert)
+                .arg(&key)
+                .output()
+                .map_err(|e| format!("chown: {e}"))?;
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+            }
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .map_err(|e| format!("postgresql.conf: {e}"))?;
+        std::io::Write::write_all(
+            &mut conf,
+            b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        )
+        .map_err(|e| format!("postgresql.conf: {e}"))?;
+        self.psql("SELECT pg_reload_conf()")?;
+        // The reload is asynchronous: wait until a new session sees it.
+        for _ in 0..100 {
+            let out = Command::new(self.bin.join("psql"))
+                .args(["-X", "-At", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-U", "sealpost", "-d", "postgres", "-c", "SHOW ssl"])
+                .output()
+                .map_err(|e| format!("psql: {e}"))?;
+            if String::from_utf8_lossy(&out.stdout).trim() == "on" {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err("PostgreSQL did not turn TLS on".into())
+    }
+
     /// A fresh, empty database on this server; its URL.
     pub fn create_database(&self) -> Result<String, String> {
         let name = format!("t{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));

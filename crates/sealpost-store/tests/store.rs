@@ -515,3 +515,63 @@ async fn a_store_from_before_gives_space_back_after_its_first_open() {
         .expect("kept");
     assert_eq!(n, 1);
 }
+
+/// `sslmode=require`: the ledger talks to PostgreSQL over TLS and checks
+/// its certificate (against `sslrootcert`, here a test CA): connected and
+/// encrypted with the right CA (pg_stat_ssl says so), refused with another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_checks_the_server_certificate() {
+    use sealpost_store::postgres;
+    let test = "postgres_over_tls_checks_the_server_certificate";
+    let Some(pg) = sealpost_store::test_postgres::own_server(test) else {
+        return;
+    };
+    let make = |name: &str| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).expect("cert");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (cert, key) = make("sealpost test PostgreSQL");
+    pg.enable_tls(&cert, &key).expect("TLS on");
+    let dir = tempfile::tempdir().expect("tmp");
+    let right = dir.path().join("right.pem");
+    std::fs::write(&right, &cert).expect("write");
+    let wrong = dir.path().join("wrong.pem");
+    std::fs::write(&wrong, make("someone else").0).expect("write");
+    let url = pg.create_database().expect("database");
+
+    let tls = format!("{url}?sslmode=require&sslrootcert={}", right.display());
+    let ledger = postgres::PgLedger::connect(&tls, limits())
+        .await
+        .expect("connected over TLS");
+    use sealpost_store::Ledger;
+    ledger
+        .register(MailboxId([7; 32]), [8; 32], NOW)
+        .await
+        .expect("register over TLS");
+    let pool = postgres::pool(&tls, 1).expect("pool");
+    let client = pool.get().await.expect("connection");
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(ssl, "the connection is not encrypted");
+
+    let bad = format!("{url}?sslmode=require&sslrootcert={}", wrong.display());
+    let Err(e) = postgres::PgLedger::connect(&bad, limits()).await else {
+        panic!("a server whose certificate the CA did not sign was taken");
+    };
+    assert!(
+        e.to_string().to_lowercase().contains("certificate"),
+        "the error names the certificate: {e}"
+    );
+}

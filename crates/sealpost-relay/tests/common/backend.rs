@@ -53,6 +53,7 @@ pub fn on_backend(cfg: &mut Config) {
 }
 
 /// Says a test is skipped on the cluster backend, and why; true if so.
+#[allow(dead_code)] // each test binary includes this file; forwarding.rs skips nothing
 pub fn skipped_on_cluster(test: &str, why: &str) -> bool {
     if cluster() {
         eprintln!("SKIPPED {test} on the cluster backend: {why}");

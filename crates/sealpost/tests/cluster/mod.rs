@@ -50,6 +50,36 @@ async fn fetch_in_order(c: &RelayClient) -> Vec<(u64, Vec<u8>)> {
     }
 }
 
+/// A relay process, SIGKILLed when dropped: a failing assertion must not
+/// leave nodes running.
+struct Node(std::process::Child);
+
+impl std::ops::Deref for Node {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn node(
+    (child, addr): (std::process::Child, sealpost_relay::RelayAddress),
+) -> (Node, sealpost_relay::RelayAddress) {
+    (Node(child), addr)
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -67,16 +97,16 @@ fn two_nodes_on_one_database_serve_one_mailbox_and_survive_a_kill() {
     let dir = tempfile::tempdir().expect("tmp");
     let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
     let port_a = free_port();
-    let (mut node_a, addr_a) = start_relay_with(&data_a, port_a, &["--database", &url]);
+    let (mut node_a, addr_a) = node(start_relay_with(&data_a, port_a, &["--database", &url]));
     // The nodes share one relay key (their signed refusals are the
     // relay's); each has its own data directory and certificate here.
     let key = data_a.join("relay-signing.key");
     let key = key.to_str().expect("utf-8");
-    let (node_b, addr_b) = start_relay_with(
+    let (node_b, addr_b) = node(start_relay_with(
         &data_b,
         free_port(),
         &["--database", &url, "--signing-key", key],
-    );
+    ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -189,7 +219,7 @@ fn two_nodes_on_one_database_serve_one_mailbox_and_survive_a_kill() {
     // acknowledged, and it is now served too — so read the mailbox again
     // through A and check both views agree, and that nothing B served
     // before is missing.
-    let (node_a2, addr_a2) = start_relay_with(&data_a, port_a, &["--database", &url]);
+    let (node_a2, addr_a2) = node(start_relay_with(&data_a, port_a, &["--database", &url]));
     let stored_now = rt.block_on(fetch_all(&addr_a2, &owner));
     assert!(
         stored.keys().all(|h| stored_now.contains_key(h)),
@@ -219,6 +249,7 @@ fn two_nodes_on_one_database_serve_one_mailbox_and_survive_a_kill() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(status["mailboxes"], 1);
     assert_eq!(status["items"], stored.len() as u64);
+    assert!(status["db_free_bytes"].is_null(), "{status}");
     for mut c in [node_a2, node_b] {
         let _ = c.kill();
         let _ = c.wait();
@@ -254,7 +285,7 @@ fn three_nodes_under_kills_and_a_database_crash_lose_nothing_acknowledged() {
     let start = |i: usize| {
         let f = flags(i);
         let f: Vec<&str> = f.iter().map(String::as_str).collect();
-        start_relay_with(&datas[i], ports[i], &f)
+        node(start_relay_with(&datas[i], ports[i], &f))
     };
     let mut nodes = Vec::new();
     let mut addrs = Vec::new();
@@ -393,13 +424,13 @@ fn a_file_started_on_one_node_resumes_on_another_and_downloads_anywhere() {
     );
     let dir = tempfile::tempdir().expect("tmp");
     let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
-    let (node_a, addr_a) = start_relay_with(
+    let (node_a, addr_a) = node(start_relay_with(
         &data_a,
         free_port(),
         &["--database", &url, "--blobs", &blobs],
-    );
+    ));
     let key = data_a.join("relay-signing.key");
-    let (node_b, addr_b) = start_relay_with(
+    let (node_b, addr_b) = node(start_relay_with(
         &data_b,
         free_port(),
         &[
@@ -410,7 +441,7 @@ fn a_file_started_on_one_node_resumes_on_another_and_downloads_anywhere() {
             "--signing-key",
             key.to_str().expect("utf-8"),
         ],
-    );
+    ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -556,7 +587,7 @@ fn a_single_relay_migrates_into_a_cluster_and_is_served_the_same() {
     );
     let dir = tempfile::tempdir().expect("tmp");
     let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
-    let (mut single, addr) = start_relay_with(&data_a, free_port(), &[]);
+    let (mut single, addr) = node(start_relay_with(&data_a, free_port(), &[]));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -621,11 +652,11 @@ fn a_single_relay_migrates_into_a_cluster_and_is_served_the_same() {
             .args(["--to", &url, "--blobs", &blobs]);
     };
     // Not while a node uses the database.
-    let (mut early, _) = start_relay_with(
+    let (mut early, _) = node(start_relay_with(
         &dir.path().join("early"),
         free_port(),
         &["--database", &url],
-    );
+    ));
     let mut refused = sealpost();
     migrate_args(&mut refused);
     let out = refused.output().expect("migrate");
@@ -701,7 +732,7 @@ fn a_single_relay_migrates_into_a_cluster_and_is_served_the_same() {
     for name in ["cert.pem", "key.pem"] {
         std::fs::copy(data_a.join(name), data_b.join(name)).expect("copy");
     }
-    let (mut node, addr_b) = start_relay_with(
+    let (mut node, addr_b) = node(start_relay_with(
         &data_b,
         free_port(),
         &[
@@ -712,7 +743,7 @@ fn a_single_relay_migrates_into_a_cluster_and_is_served_the_same() {
             "--signing-key",
             &file("relay-signing.key"),
         ],
-    );
+    ));
     assert_eq!(addr_b.pin, addr.pin, "the same certificate pin");
     rt.block_on(async {
         let c = RelayClient::connect(&addr_b).await.expect("connect");

@@ -313,7 +313,8 @@ pub async fn open_store(
                 tokio::task::spawn_blocking(move || sealpost_store::s3::S3Blobs::open(&config))
                     .await
                     .map_err(|_| StoreError::Closed)?
-                    .map_err(|e| storage(e.to_string()))?;
+                    .map_err(|e| storage(e.to_string()))?
+                    .with_put_latency(ledger.latencies().blob_sync.clone());
             (Arc::new(opened), name)
         }
         None => (

@@ -134,6 +134,9 @@ pub struct S3Blobs {
     hashing: Mutex<HashMap<BlobId, Hashing>>,
     chains: Mutex<HashMap<BlobId, Vec<Run>>>,
     name: String,
+    /// Observes each run's PUT, until the store confirmed it (the relay's
+    /// `blob_sync_duration_seconds`, as an fsync of a blob file is).
+    put_latency: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl std::fmt::Debug for S3Blobs {
@@ -261,6 +264,7 @@ impl S3Blobs {
             hashing: Mutex::new(HashMap::new()),
             chains: Mutex::new(HashMap::new()),
             name: format!("{config:?}"),
+            put_latency: None,
         };
         // Reachable, and the key may list the bucket.
         let probe = s.path("probe");
@@ -272,6 +276,12 @@ impl S3Blobs {
                 .map_err(|e| io_err("listing the bucket", e))
         })?;
         Ok(s)
+    }
+
+    /// Observes every run's PUT in `h`.
+    pub fn with_put_latency(mut self, h: prometheus_client::metrics::histogram::Histogram) -> Self {
+        self.put_latency = Some(h);
+        self
     }
 
     /// Runs `f` on the store's own runtime and waits for it, from any
@@ -447,6 +457,7 @@ impl BlobStore for S3Blobs {
         h.upto += r.len;
         let store = self.store.clone();
         let p = self.run_path(id, r);
+        let t = std::time::Instant::now();
         self.block_on(async move {
             store
                 .put(&p, PutPayload::from(data))
@@ -454,6 +465,9 @@ impl BlobStore for S3Blobs {
                 .map(|_| ())
                 .map_err(|e| io_err("storing a run of pieces", e))
         })?;
+        if let Some(h) = &self.put_latency {
+            h.observe(t.elapsed().as_secs_f64());
+        }
         if let Ok(mut c) = self.chains.lock() {
             if let Some(runs) = c.get_mut(id) {
                 if runs.last().map(|l| l.offset + l.len) == Some(offset) {

@@ -152,9 +152,10 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
         if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
                 i += 3;
                 continue;
             }
@@ -215,6 +216,12 @@ fn tls_for(c: &tokio_postgres::Config, root: Option<&str>) -> Result<Tls, StoreE
     Ok(Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(
         config,
     )))
+}
+
+/// Checks a database URL as a node will use it (its syntax, and for
+/// `sslmode=require` the CA certificates), without connecting.
+pub fn check_url(url: &str) -> Result<(), StoreError> {
+    settings(url).map(|_| ())
 }
 
 /// `url` as a client configuration and its TLS.
@@ -1491,6 +1498,35 @@ async fn listen_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sslrootcert_is_taken_out_of_the_url() {
+        assert_eq!(
+            split_root_cert("postgres://u@h/db?sslmode=require&sslrootcert=%2Fetc%2Fca.pem"),
+            (
+                "postgres://u@h/db?sslmode=require".to_owned(),
+                Some("/etc/ca.pem".to_owned())
+            )
+        );
+        assert_eq!(
+            split_root_cert("postgres://u@h/db?sslrootcert=/x.pem"),
+            ("postgres://u@h/db".to_owned(), Some("/x.pem".to_owned()))
+        );
+        assert_eq!(
+            split_root_cert("host=h sslmode=require sslrootcert=/x.pem user=u"),
+            (
+                "host=h sslmode=require user=u".to_owned(),
+                Some("/x.pem".to_owned())
+            )
+        );
+        assert_eq!(
+            split_root_cert("postgres://u@h/db"),
+            ("postgres://u@h/db".to_owned(), None)
+        );
+        // Odd escapes are kept as they are, never a panic.
+        assert_eq!(percent_decode("%a\u{e9}%4"), "%a\u{e9}%4");
+        assert_eq!(percent_decode("%41%42"), "AB");
+    }
 
     #[test]
     fn news_round_trips() {

@@ -592,7 +592,7 @@ fn build_config(mut a: ServeArgs) -> anyhow::Result<(Config, Option<String>)> {
     c.signing_key_file = s.signing_key;
     if let Some(url) = &s.database {
         // Checked now, so that a typo is told before anything starts.
-        sealpost_store::postgres::config(url)?;
+        sealpost_store::postgres::check_url(url)?;
     }
     c.database = s.database;
     if let Some(url) = &s.blobs {

@@ -124,6 +124,10 @@ struct Hashing {
 /// kept (both caches: lost ones are rebuilt from the bucket).
 const KEPT: usize = 256;
 
+/// Most bytes in one stored object (whole pieces; a piece is at most
+/// 1 MiB, so an object is 3–4 MiB of a long upload).
+const OBJECT_BYTES: usize = 4 << 20;
+
 /// Blob bytes in an S3-compatible bucket.
 pub struct S3Blobs {
     store: Arc<AmazonS3>,
@@ -419,14 +423,6 @@ impl BlobStore for S3Blobs {
         run: &[BlobPiece],
         complete: bool,
     ) -> std::io::Result<Option<[u8; 32]>> {
-        let mut data = Vec::with_capacity(run.iter().map(|p| p.data.len()).sum());
-        for p in run {
-            data.extend_from_slice(&p.data);
-        }
-        let r = Run {
-            offset,
-            len: data.len() as u64,
-        };
         // The running hash: kept from this node's earlier runs, else
         // rebuilt from the bucket (what precedes `offset` is committed).
         let mut h = self
@@ -453,30 +449,56 @@ impl BlobStore for S3Blobs {
         let Some(mut h) = h else {
             return Err(io_err("hashing", "no state"));
         };
-        h.hasher.update(&data);
-        h.upto += r.len;
-        let store = self.store.clone();
-        let p = self.run_path(id, r);
-        let t = std::time::Instant::now();
-        self.block_on(async move {
-            store
-                .put(&p, PutPayload::from(data))
-                .await
-                .map(|_| ())
-                .map_err(|e| io_err("storing a run of pieces", e))
-        })?;
-        if let Some(h) = &self.put_latency {
-            h.observe(t.elapsed().as_secs_f64());
-        }
-        if let Ok(mut c) = self.chains.lock() {
-            if let Some(runs) = c.get_mut(id) {
-                if runs.last().map(|l| l.offset + l.len) == Some(offset) {
-                    runs.push(r);
-                } else {
-                    c.remove(id);
+        // One object per group of pieces of at most OBJECT_BYTES, PUT one
+        // after another: the bytes copied for a request stay small (a
+        // relay's run is up to 16 pieces; one 16 MiB object held a 16 MiB
+        // copy besides the pieces themselves).
+        let mut at = offset;
+        let mut rest = run;
+        while !rest.is_empty() {
+            let mut take = 0;
+            let mut bytes = 0;
+            while take < rest.len() && (take == 0 || bytes + rest[take].data.len() <= OBJECT_BYTES)
+            {
+                bytes += rest[take].data.len();
+                take += 1;
+            }
+            let (group, more) = rest.split_at(take);
+            rest = more;
+            let mut data = Vec::with_capacity(bytes);
+            for p in group {
+                data.extend_from_slice(&p.data);
+            }
+            h.hasher.update(&data);
+            let r = Run {
+                offset: at,
+                len: data.len() as u64,
+            };
+            at += r.len;
+            let store = self.store.clone();
+            let p = self.run_path(id, r);
+            let t = std::time::Instant::now();
+            self.block_on(async move {
+                store
+                    .put(&p, PutPayload::from(data))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| io_err("storing a run of pieces", e))
+            })?;
+            if let Some(lat) = &self.put_latency {
+                lat.observe(t.elapsed().as_secs_f64());
+            }
+            if let Ok(mut c) = self.chains.lock() {
+                if let Some(runs) = c.get_mut(id) {
+                    if runs.last().map(|l| l.offset + l.len) == Some(r.offset) {
+                        runs.push(r);
+                    } else {
+                        c.remove(id);
+                    }
                 }
             }
         }
+        h.upto = at;
         if complete {
             return Ok(Some(*h.hasher.finalize().as_bytes()));
         }

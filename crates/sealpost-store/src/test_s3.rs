@@ -149,6 +149,36 @@ impl Garage {
 }
 
 fn start() -> Result<Garage, String> {
+    start_with_key(None)
+}
+
+/// A node of the caller's own, with the same key as this process's shared
+/// node, put in the environment (where every relay a test starts reads
+/// it: it opens the buckets of both): for a test that stops its node, which
+/// must not stop the buckets of tests running beside it. `None`, said
+/// loudly, as [`bucket`].
+pub fn own_garage(test: &str) -> Option<Garage> {
+    let shared = match garage() {
+        Ok(g) => g,
+        Err(e) => {
+            if std::env::var_os("SEALPOST_REQUIRE_SERVERS").is_some() {
+                panic!(
+                    "{test}: an S3 server is required (SEALPOST_REQUIRE_SERVERS is set) but {e}"
+                );
+            }
+            eprintln!("SKIPPED {test}: needs an S3 server (Garage), and {e}");
+            return None;
+        }
+    };
+    std::env::set_var("AWS_ACCESS_KEY_ID", &shared.key_id);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", &shared.secret);
+    match start_with_key(Some((&shared.key_id, &shared.secret))) {
+        Ok(g) => Some(g),
+        Err(e) => panic!("{test}: cannot start a Garage node of its own: {e}"),
+    }
+}
+
+fn start_with_key(key: Option<(&str, &str)>) -> Result<Garage, String> {
     let bin = find_bin().ok_or(
         "no garage binary (cargo install garage --version 2.5.0 --locked, or set SEALPOST_GARAGE)",
     )?;
@@ -198,6 +228,12 @@ fn start() -> Result<Garage, String> {
     let id = id.trim().split('@').next().unwrap_or("").to_owned();
     g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &id])?;
     g.cli(&["layout", "apply", "--version", "1"])?;
+    if let Some((id, secret)) = key {
+        g.cli(&["key", "import", "--yes", "-n", "sealpost", id, secret])?;
+        g.key_id = id.to_owned();
+        g.secret = secret.to_owned();
+        return Ok(g);
+    }
     let key = g.cli(&["key", "create", "sealpost"])?;
     let field = |name: &str| {
         key.lines()
@@ -231,5 +267,27 @@ pub fn bucket(test: &str) -> Option<S3Config> {
             eprintln!("SKIPPED {test}: needs an S3 server (Garage), and {e}");
             None
         }
+    }
+}
+
+/// A fresh bucket as the URL `relay serve --blobs` takes, with the
+/// bucket's key put in this process's environment (where a relay in this
+/// process, or one it starts, reads it; the same key for every bucket of
+/// the node); `None` as [`bucket`].
+pub fn bucket_url(test: &str) -> Option<String> {
+    let b = bucket(test)?;
+    let g = garage().ok()?;
+    std::env::set_var("AWS_ACCESS_KEY_ID", &g.key_id);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", g.secret());
+    Some(g.url_of(&b))
+}
+
+impl Garage {
+    /// `bucket` as the URL `relay serve --blobs` takes.
+    pub fn url_of(&self, bucket: &S3Config) -> String {
+        format!(
+            "s3://{}?endpoint={}&region=garage",
+            bucket.bucket, self.endpoint
+        )
     }
 }

@@ -243,7 +243,7 @@ struct Relay {
 /// The shared store of a cluster run: its servers and where they are.
 struct Shared {
     pg: sealpost_store::test_postgres::Server,
-    garage: &'static sealpost_store::test_s3::Garage,
+    garage: sealpost_store::test_s3::Garage,
     database: String,
     blobs: String,
 }
@@ -464,12 +464,11 @@ pub fn run(cfg: SoakConfig) -> Result<SoakReport, SoakError> {
                 )
             })?;
         let database = pg.create_database().map_err(SoakError::Setup)?;
-        let garage = sealpost_store::test_s3::garage().map_err(SoakError::Setup)?;
+        // A node of its own: the soak stops it.
+        let garage = sealpost_store::test_s3::own_garage("the cluster soak")
+            .ok_or_else(|| SoakError::Setup("a cluster soak needs Garage".into()))?;
         let bucket = garage.bucket().map_err(SoakError::Setup)?;
-        let blobs = format!(
-            "s3://{}?endpoint={}&region=garage",
-            bucket.bucket, garage.endpoint
-        );
+        let blobs = garage.url_of(&bucket);
         Some(Shared {
             pg,
             garage,

@@ -34,17 +34,8 @@ pub fn on_backend(cfg: &mut Config) {
             let what = "relay tests on the cluster backend (SEALPOST_TEST_BACKEND=cluster)";
             let url = sealpost_store::test_postgres::database(what)
                 .unwrap_or_else(|| panic!("{what} need PostgreSQL"));
-            let bucket = sealpost_store::test_s3::bucket(what)
+            let blobs = sealpost_store::test_s3::bucket_url(what)
                 .unwrap_or_else(|| panic!("{what} need an S3 server"));
-            let garage = sealpost_store::test_s3::garage().expect("garage");
-            // The relay reads the bucket's key from its environment (the
-            // same for every bucket of this node).
-            std::env::set_var("AWS_ACCESS_KEY_ID", &garage.key_id);
-            std::env::set_var("AWS_SECRET_ACCESS_KEY", garage.secret());
-            let blobs = format!(
-                "s3://{}?endpoint={}&region=garage",
-                bucket.bucket, garage.endpoint
-            );
             (url, blobs)
         })
         .clone();

@@ -408,20 +408,16 @@ fn three_nodes_under_kills_and_a_database_crash_lose_nothing_acknowledged() {
 fn a_file_started_on_one_node_resumes_on_another_and_downloads_anywhere() {
     use sealpost_proto::relay::{BlobId, BlobPiece};
     let test = "cluster::a_file_started_on_one_node_resumes_on_another_and_downloads_anywhere";
-    let Some(s3) = sealpost_store::test_s3::bucket(test) else {
+    // A Garage node of its own: this test stops it. The nodes read the
+    // bucket's key (the shared node's) from their environment.
+    let Some(garage) = sealpost_store::test_s3::own_garage(test) else {
         return;
     };
+    let garage: &'static _ = Box::leak(Box::new(garage));
+    let blobs = garage.url_of(&garage.bucket().expect("bucket"));
     let Some(url) = sealpost_store::test_postgres::database(test) else {
         return;
     };
-    let garage = sealpost_store::test_s3::garage().expect("garage");
-    // The nodes read the bucket's key from their environment.
-    std::env::set_var("AWS_ACCESS_KEY_ID", &garage.key_id);
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", garage.secret());
-    let blobs = format!(
-        "s3://{}?endpoint={}&region=garage",
-        s3.bucket, garage.endpoint
-    );
     let dir = tempfile::tempdir().expect("tmp");
     let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
     let (node_a, addr_a) = node(start_relay_with(
@@ -572,19 +568,13 @@ fn a_single_relay_migrates_into_a_cluster_and_is_served_the_same() {
     use sealpost_proto::relay::{BlobId, BlobPiece};
     use std::io::BufRead;
     let test = "cluster::a_single_relay_migrates_into_a_cluster_and_is_served_the_same";
-    let Some(s3) = sealpost_store::test_s3::bucket(test) else {
+    // The nodes read the bucket's key from their environment.
+    let Some(blobs) = sealpost_store::test_s3::bucket_url(test) else {
         return;
     };
     let Some(url) = sealpost_store::test_postgres::database(test) else {
         return;
     };
-    let garage = sealpost_store::test_s3::garage().expect("garage");
-    std::env::set_var("AWS_ACCESS_KEY_ID", &garage.key_id);
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", garage.secret());
-    let blobs = format!(
-        "s3://{}?endpoint={}&region=garage",
-        s3.bucket, garage.endpoint
-    );
     let dir = tempfile::tempdir().expect("tmp");
     let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
     let (mut single, addr) = node(start_relay_with(&data_a, free_port(), &[]));

@@ -894,3 +894,93 @@ async fn a_chain_of_three_relays_carries_items_blobs_and_refusals() {
     g_relay.stop().await.expect("stop g");
     b_relay.stop().await.expect("stop b");
 }
+
+/// One relay as two nodes on one PostgreSQL database (127.0.0.2 and
+/// 127.0.0.4, one forward queue): items queued through both while Bob's
+/// relay is down are handed on once each when it comes back — the nodes
+/// claim the lane to Bob's relay one at a time, so neither sends what the
+/// other is sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_of_one_relay_hand_each_item_on_once() {
+    let test = "two_nodes_of_one_relay_hand_each_item_on_once";
+    let Some(url) = sealpost_store::test_postgres::database(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let (alice, bob) = (
+        Identity::generate(&mut rand_core::OsRng),
+        Identity::generate(&mut rand_core::OsRng),
+    );
+    let b_relay = relay_on("127.0.0.3", 0, &dir.path().join("b")).await;
+    let b = b_relay.address().clone();
+    let bob_mb = owner(&b, &bob).await.register(&bob).await.expect("bob");
+    let b_port = port_of(&b);
+    b_relay.stop().await.expect("stop b");
+
+    let shared = |c: &mut Config| c.database = Some(url.clone());
+    let a1 = relay_with("127.0.0.2", 0, &dir.path().join("a1"), shared).await;
+    let key = dir.path().join("a1").join("relay-signing.key");
+    let a2 = relay_with("127.0.0.4", 0, &dir.path().join("a2"), |c| {
+        shared(c);
+        c.signing_key_file = Some(key.clone());
+    })
+    .await;
+    let to_b = next_of(&b);
+    let mut sent = std::collections::HashSet::new();
+    for (k, node) in [&a1, &a2].into_iter().enumerate() {
+        let c = owner(node.address(), &alice).await;
+        let batch: Vec<Forward> = (0..150)
+            .map(|i| {
+                let p = format!("node {k} item {i}").into_bytes();
+                sent.insert(p.clone());
+                item(&to_b, bob_mb, &p, now() + 600)
+            })
+            .collect();
+        assert!(c.forward_many(batch).await.iter().all(accepted));
+    }
+    // Both nodes have tried and failed at least once; now Bob's relay is
+    // back and both see every item due.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let b_relay = relay_on("127.0.0.3", b_port, &dir.path().join("b")).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let c = owner(&b, &bob).await;
+        let mut got = Vec::new();
+        loop {
+            let after = got.last().map_or(0, |(s, _)| *s);
+            let (items, more) = c.fetch(after, 1000).await.expect("fetch");
+            got.extend(items.into_iter().map(|i| (i.seq, i.payload)));
+            if !more {
+                break;
+            }
+        }
+        let queued: u64 = a_relay_queue(&a1).await.iter().map(|q| q.items).sum();
+        if (queued == 0 && got.len() >= sent.len()) || Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // A moment more: a second copy would arrive now.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let c = owner(&b, &bob).await;
+    let (more_items, _) = c
+        .fetch(got.last().map_or(0, |(s, _)| *s), 1000)
+        .await
+        .expect("fetch");
+    let received: Vec<Vec<u8>> = got
+        .into_iter()
+        .map(|(_, p)| p)
+        .chain(more_items.into_iter().map(|i| i.payload))
+        .collect();
+    let distinct: std::collections::HashSet<_> = received.iter().cloned().collect();
+    assert_eq!(distinct, sent, "every item reached Bob's relay");
+    assert_eq!(
+        received.len(),
+        sent.len(),
+        "{} items handed on twice",
+        received.len() - sent.len()
+    );
+    for r in [a1, a2, b_relay] {
+        r.stop().await.expect("stop");
+    }
+}

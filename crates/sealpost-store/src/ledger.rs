@@ -287,6 +287,21 @@ pub trait Ledger: Send + Sync + 'static {
         error: String,
         failed: bool,
     ) -> Fut<'_, ()>;
+    /// Claims the lane of a next relay — its items, or its blobs — for
+    /// this node until `until` (or renews this node's claim), so that the
+    /// nodes of a shared ledger hand each lane on from one node at a time;
+    /// false if another node holds a claim still valid at `now`. While
+    /// another node holds a lane, [`Ledger::forward_due`] leaves its items
+    /// out. A ledger of one node needs no claims: always true.
+    fn lane_claim(&self, next: NextHop, blobs: bool, now: u64, until: u64) -> Fut<'_, bool> {
+        let _ = (next, blobs, now, until);
+        Box::pin(async { Ok(true) })
+    }
+    /// Gives this node's claim on a lane up.
+    fn lane_release(&self, next: NextHop, blobs: bool) -> Fut<'_, ()> {
+        let _ = (next, blobs);
+        Box::pin(async { Ok(()) })
+    }
     /// The queue per next relay.
     fn forward_queue(&self) -> Fut<'_, Vec<HopQueue>>;
     /// Which of `items` (mailbox, payload hash) sent by the owner of

@@ -73,7 +73,7 @@ use sealpost_proto::relay::{BlobPiece, MAX_BLOB_PIECE};
 
 use crate::upload::Upload;
 use rusqlite::{params, Connection, OptionalExtension};
-use sealpost_proto::relay::{BlobId, Item, MailboxId, RefusalCode};
+use sealpost_proto::relay::{BlobId, Item, MailboxId, NextHop, RefusalCode};
 use tokio::sync::oneshot;
 
 #[derive(Debug, thiserror::Error)]
@@ -553,6 +553,23 @@ impl Store {
         max_bytes: usize,
     ) -> Result<Vec<Queued>, StoreError> {
         self.inner.ledger.forward_due(now, max, max_bytes).await
+    }
+
+    /// Claims (or renews this node's claim on) the lane of a next relay
+    /// until `until`: see [`Ledger::lane_claim`].
+    pub async fn lane_claim(
+        &self,
+        next: NextHop,
+        blobs: bool,
+        now: u64,
+        until: u64,
+    ) -> Result<bool, StoreError> {
+        self.inner.ledger.lane_claim(next, blobs, now, until).await
+    }
+
+    /// Gives this node's claim on a lane up.
+    pub async fn lane_release(&self, next: NextHop, blobs: bool) -> Result<(), StoreError> {
+        self.inner.ledger.lane_release(next, blobs).await
     }
 
     /// Ends a queued item, storing `notice` for its origin in the same

@@ -105,6 +105,18 @@ CREATE TABLE IF NOT EXISTS handed (
 CREATE INDEX IF NOT EXISTS handed_item ON handed (mailbox, hash);
 CREATE INDEX IF NOT EXISTS handed_until ON handed (until);
 
+-- Which node hands each lane (a next relay's items, or its blobs) on, and
+-- until when (a lease the node renews while it works; a node that died
+-- loses its lanes when the lease runs out).
+CREATE TABLE IF NOT EXISTS forward_lanes (
+    next_addr text NOT NULL,
+    next_pin bytea NOT NULL,
+    blobs boolean NOT NULL,
+    node bigint NOT NULL,
+    until bigint NOT NULL,
+    PRIMARY KEY (next_addr, next_pin, blobs)
+);
+
 -- The bytes of a mailbox of quota q that one source may hold (Limits::
 -- source_share, pct already clamped to 1..=100).
 CREATE OR REPLACE FUNCTION sp_share(q bigint, pct integer) RETURNS bigint

@@ -436,6 +436,8 @@ pub struct PgLedger {
 
 /// What the ledger's methods and its submission batcher share.
 struct Core {
+    /// This node's id in the forward lanes' claims (random per start).
+    node: i64,
     pool: Pool,
     limits: Limits,
     stats: Mutex<CommitStats>,
@@ -475,6 +477,7 @@ impl PgLedger {
     /// Tokio runtime.
     pub fn on_schema(url: &str, limits: Limits) -> Result<Self, StoreError> {
         let core = Arc::new(Core {
+            node: i64::from_ne_bytes(OsRng.next_u64().to_ne_bytes()),
             pool: pool(url, POOL_SIZE)?,
             limits,
             stats: Mutex::new(CommitStats::default()),
@@ -1120,9 +1123,13 @@ impl Ledger for PgLedger {
             let mut bytes = 0usize;
             self.core.read_while(
                 "SELECT id, origin, next_addr, next_pin, hops, mailbox, received_at, expires_at, \
-                 hash, payload, attempts, next_at, last_error, blob, blob_len FROM forwards \
-                 WHERE next_at <= $1 OR expires_at <= $1 ORDER BY id LIMIT $2",
-                &[&now, &limit],
+                 hash, payload, attempts, next_at, last_error, blob, blob_len FROM forwards f \
+                 WHERE (next_at <= $1 OR expires_at <= $1) \
+                 AND NOT EXISTS (SELECT 1 FROM forward_lanes l WHERE l.next_addr = f.next_addr \
+                     AND l.next_pin = f.next_pin AND l.blobs = (f.blob IS NOT NULL) \
+                     AND l.node <> $3 AND l.until > $1) \
+                 ORDER BY id LIMIT $2",
+                &[&now, &limit, &self.core.node],
                 |r| {
                     let q = Queued {
                         id: u64_of(r.get(0)),
@@ -1156,6 +1163,45 @@ impl Ledger for PgLedger {
             )
             .await?;
             Ok(out)
+        })
+    }
+
+    fn lane_claim(&self, next: NextHop, blobs: bool, now: u64, until: u64) -> Fut<'_, bool> {
+        boxed(async move {
+            let (now, until) = (i64_of(now), i64_of(until));
+            let rows = self
+                .core
+                .read(
+                    "INSERT INTO forward_lanes (next_addr, next_pin, blobs, node, until) \
+                     VALUES ($1, $2, $3, $4, $6) \
+                     ON CONFLICT (next_addr, next_pin, blobs) DO UPDATE \
+                     SET node = EXCLUDED.node, until = EXCLUDED.until \
+                     WHERE forward_lanes.node = EXCLUDED.node OR forward_lanes.until <= $5 \
+                     RETURNING 1",
+                    &[
+                        &next.addr,
+                        &&next.pin[..],
+                        &blobs,
+                        &self.core.node,
+                        &now,
+                        &until,
+                    ],
+                )
+                .await?;
+            Ok(!rows.is_empty())
+        })
+    }
+
+    fn lane_release(&self, next: NextHop, blobs: bool) -> Fut<'_, ()> {
+        boxed(async move {
+            self.core
+                .read(
+                    "DELETE FROM forward_lanes WHERE next_addr = $1 AND next_pin = $2 \
+                     AND blobs = $3 AND node = $4",
+                    &[&next.addr, &&next.pin[..], &blobs, &self.core.node],
+                )
+                .await?;
+            Ok(())
         })
     }
 

@@ -255,14 +255,49 @@ pub(crate) async fn forward_loop(s: Arc<Shared>) {
         // items, a file's manifest among them): one that does not answer
         // holds up only its own items, for at most the connect and
         // request timeouts.
-        let started = hops.len();
+        let mut started = 0usize;
         for (hop, items) in hops {
+            // On a shared ledger, one node hands a lane on at a time.
+            match s
+                .store
+                .lane_claim(hop.0.clone(), hop.1, now, now + LANE_LEASE.as_secs())
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!("claiming a forward lane failed: {e}");
+                    continue;
+                }
+            }
+            started += 1;
             if let Ok(mut b) = s.forward_busy.lock() {
                 b.insert(hop.clone());
             }
             let s = s.clone();
             tasks.spawn(async move {
-                hand_on(&s, hop.clone(), items).await;
+                {
+                    let work = hand_on(&s, hop.clone(), items);
+                    tokio::pin!(work);
+                    let mut renew = tokio::time::interval(LANE_LEASE / 3);
+                    renew.tick().await;
+                    loop {
+                        tokio::select! {
+                            _ = &mut work => break,
+                            _ = renew.tick() => {
+                                let t = super::now();
+                                match s.store.lane_claim(hop.0.clone(), hop.1, t, t + LANE_LEASE.as_secs()).await {
+                                    Ok(true) => {}
+                                    Ok(false) => tracing::warn!("another relay node took over forwarding to {} (this one held it past its lease)", hop.0.addr),
+                                    Err(e) => tracing::warn!("renewing a forward lane failed: {e}"),
+                                }
+                            }
+                        }
+                    }
+                }
+                if let Err(e) = s.store.lane_release(hop.0.clone(), hop.1).await {
+                    tracing::debug!("releasing a forward lane failed: {e}");
+                }
                 if let Ok(mut b) = s.forward_busy.lock() {
                     b.remove(&hop);
                 }
@@ -278,6 +313,11 @@ pub(crate) async fn forward_loop(s: Arc<Shared>) {
         }
     }
 }
+
+/// How long a node's claim on a lane lasts unless renewed (it renews a
+/// third of the way in while it works): a node that dies holding lanes
+/// leaves them to the others this long after.
+const LANE_LEASE: Duration = Duration::from_secs(60);
 
 /// What is handed to one next relay on one task and connection: its
 /// items (`false`) or its blobs (`true`).

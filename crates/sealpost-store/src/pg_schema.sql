@@ -22,6 +22,8 @@ CREATE TABLE IF NOT EXISTS sealpost_migrations (
     started_at bigint NOT NULL,
     finished_at bigint
 );
+-- where that migration put blob bytes (a later run must name the same)
+ALTER TABLE sealpost_migrations ADD COLUMN IF NOT EXISTS blobs text;
 
 CREATE TABLE IF NOT EXISTS mailboxes (
     id bytea PRIMARY KEY,

@@ -706,6 +706,16 @@ fn a_single_relay_migrates_into_a_cluster_and_is_served_the_same() {
     assert_eq!(r["items"], before.len() as u64);
     assert_eq!(r["blobs_moved"], 2);
     assert_eq!(r["blob_bytes"], (whole.len() + (2 << 20)) as u64);
+    // Not with another place for the blobs.
+    let out = sealpost()
+        .args(["relay", "migrate", "--data"])
+        .arg(&data_a)
+        .args(["--to", &url])
+        .output()
+        .expect("migrate");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("give the same --blobs"), "{said}");
     // A third run only checks.
     let mut third = sealpost();
     migrate_args(&mut third);

@@ -103,8 +103,11 @@ pub(crate) const FOLLOW_REACH: u64 = 64 << 20;
 /// A recipient that has not read for this long is not streaming.
 pub(crate) const FOLLOW_FRESH: std::time::Duration = std::time::Duration::from_millis(300);
 
-/// The longest a run of pieces is held back.
-pub const PACE_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+/// The longest a run of pieces is held back. Long enough for a recipient
+/// that started late to come within [`PACE_HOLD`] once (with blobs in a
+/// bucket that took one hold of up to ~75 ms; at 50 ms it fell behind for
+/// good and read everything from the bucket, at a quarter of the speed).
+pub const PACE_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub(crate) const MAX_FOLLOWERS: usize = 256;
 

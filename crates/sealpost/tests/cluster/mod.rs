@@ -80,6 +80,21 @@ fn node(
     (Node(child), addr)
 }
 
+/// A whole blob of `len` bytes read through `c`, 1 MiB at a time (an
+/// empty answer before the end fails the test instead of looping).
+async fn read_blob(c: &RelayClient, id: sealpost_proto::relay::BlobId, len: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < len {
+        let part = c
+            .blob_get(id, got.len() as u64, 1 << 20)
+            .await
+            .expect("get");
+        assert!(!part.is_empty(), "an empty read at {} of {len}", got.len());
+        got.extend_from_slice(&part);
+    }
+    got
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -484,15 +499,7 @@ fn a_file_started_on_one_node_resumes_on_another_and_downloads_anywhere() {
         for addr in [&addr_a, &addr_b] {
             let c = RelayClient::connect(addr).await.expect("connect");
             c.auth(&owner).await.expect("auth");
-            let mut got = Vec::new();
-            while got.len() < data.len() {
-                let part = c
-                    .blob_get(blob_id, got.len() as u64, 1 << 20)
-                    .await
-                    .expect("get");
-                assert!(!part.is_empty());
-                got.extend_from_slice(&part);
-            }
+            let got = read_blob(&c, blob_id, data.len()).await;
             assert!(got == data, "the blob read back through a node differs");
         }
         let b = RelayClient::connect(&addr_b).await.expect("connect");
@@ -540,14 +547,7 @@ fn a_file_started_on_one_node_resumes_on_another_and_downloads_anywhere() {
                 .expect("stored");
             off = stored;
         }
-        let mut got = Vec::new();
-        while got.len() < data.len() {
-            got.extend_from_slice(
-                &b.blob_get(blob_id, got.len() as u64, 1 << 20)
-                    .await
-                    .expect("get"),
-            );
-        }
+        let got = read_blob(&b, blob_id, data.len()).await;
         assert!(got == data, "the blob differs after the outage");
     });
     for mut c in [node_a, node_b] {
@@ -750,14 +750,7 @@ fn a_single_relay_migrates_into_a_cluster_and_is_served_the_same() {
         c.auth(&owner).await.expect("auth");
         let after = fetch_in_order(&c).await;
         assert!(after == before, "the items differ after the migration");
-        let mut got = Vec::new();
-        while got.len() < whole.len() {
-            got.extend_from_slice(
-                &c.blob_get(whole_id, got.len() as u64, 1 << 20)
-                    .await
-                    .expect("get"),
-            );
-        }
+        let got = read_blob(&c, whole_id, whole.len()).await;
         assert!(got == whole, "the blob differs after the migration");
         // The half-uploaded blob goes on where it stopped.
         let (mut off, complete) = c.blob_status_for(half_id, mailbox).await.expect("status");
@@ -770,14 +763,7 @@ fn a_single_relay_migrates_into_a_cluster_and_is_served_the_same() {
                 .expect("stored")
                 .0;
         }
-        let mut got = Vec::new();
-        while got.len() < half.len() {
-            got.extend_from_slice(
-                &c.blob_get(half_id, got.len() as u64, 1 << 20)
-                    .await
-                    .expect("get"),
-            );
-        }
+        let got = read_blob(&c, half_id, half.len()).await;
         assert!(got == half, "the resumed blob differs");
         // A new item's seq comes after every seq the single relay gave.
         match c

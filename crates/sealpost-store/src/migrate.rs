@@ -382,14 +382,16 @@ async fn copy_mailboxes(src: &Connection, pg: &mut Pg) -> Result<(), StoreError>
             .await
             .map_err(pg_err)?;
         }
-        tx.execute(
-            "UPDATE sealpost_meta SET value = (SELECT count(*) FROM mailboxes) WHERE name = 'mailboxes'",
-            &[],
-        )
-        .await
-        .map_err(pg_err)?;
         tx.commit().await.map_err(pg_err)?;
     }
+    // The mailbox cap's count, once (not a count of the whole table per
+    // page); a run killed before this sets it on its next run.
+    pg.execute(
+        "UPDATE sealpost_meta SET value = (SELECT count(*) FROM mailboxes) WHERE name = 'mailboxes'",
+        &[],
+    )
+    .await
+    .map_err(pg_err)?;
     Ok(())
 }
 

@@ -12,6 +12,7 @@ mod config;
 mod connection;
 mod forward;
 mod frames;
+mod outq;
 mod pair;
 mod requests;
 mod subscriptions;

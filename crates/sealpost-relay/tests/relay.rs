@@ -693,6 +693,60 @@ async fn announced_lengths_take_no_memory_before_their_bytes() {
     relay.stop().await;
 }
 
+/// A client that sends requests and never reads the answers cannot hold
+/// its connection: once its receive window and the relay's queue are
+/// full, the relay's writer takes no more than a frame timeout before it
+/// closes the connection, and others are served meanwhile. (Before, the
+/// connection waited on its full socket for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_no_answers_is_closed() {
+    let relay = start(|c| {
+        c.frame_timeout = Duration::from_secs(1);
+        c.rate_per_connection = (1e9, 1e9);
+    })
+    .await;
+    let mut tls = raw_session(&relay.addr).await;
+    // KeyBinding answers are about 40 times the size of the request; the
+    // socket buffers on both sides fill after a few megabytes.
+    let mut batch = Vec::new();
+    for i in 0..1000u32 {
+        batch.extend_from_slice(&Request::KeyBinding.encode(i + 2));
+    }
+    let started = std::time::Instant::now();
+    let flood = async {
+        loop {
+            if let Err(e) = tls.write_all(&batch).await {
+                return e;
+            }
+            if let Err(e) = tls.flush().await {
+                return e;
+            }
+        }
+    };
+    let honest = async {
+        // Served while the flood goes on.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let c = RelayClient::connect(&relay.addr).await.expect("connect");
+        c.register(&id(3)).await.expect("register")
+    };
+    let (closed, _) = tokio::join!(tokio::time::timeout(Duration::from_secs(30), flood), honest);
+    let e = closed.expect("the relay closed the connection of a client that reads nothing");
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(relay.metrics.timeouts.load(Ordering::Relaxed) >= 1);
+    relay.stop().await;
+}
+
 /// One address cannot hold every slot: past its share its connections are
 /// refused while another address is still served; and when every slot is
 /// taken, the oldest connection that has not authenticated makes room,

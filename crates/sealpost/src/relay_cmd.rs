@@ -268,8 +268,9 @@ pub struct Settings {
     /// Time a client has to finish the TLS handshake [default: 10s]
     #[arg(long, value_name = "DURATION")]
     handshake_timeout: Option<Secs>,
-    /// Time a client has to finish a frame it started (slow clients are
-    /// cut off) [default: 30s]
+    /// Time a client has to finish a frame it started, and to take the
+    /// answers the relay writes (slow clients, and clients that do not
+    /// read, are cut off) [default: 30s]
     #[arg(long, value_name = "DURATION")]
     frame_timeout: Option<Secs>,
     /// Time between sweeps of expired items and blobs [default: 1m]

@@ -18,8 +18,9 @@ pub struct Config {
     /// stay silent between requests (a sender submits and goes; an owner's
     /// agent authenticates and may then idle for `idle_timeout`).
     pub unauthenticated_idle_timeout: Duration,
-    /// Time allowed to receive the rest of a frame once it started: a
-    /// client trickling bytes (slow loris) is cut off after this.
+    /// Time allowed to receive the rest of a frame once it started, and
+    /// for the client to take a batch of answers: a client trickling bytes
+    /// (slow loris), or reading none, is cut off after this.
     pub frame_timeout: Duration,
     pub sweep_interval: Duration,
     /// A configured certificate and key (PEM) instead of the self-signed one.

@@ -43,23 +43,120 @@ pub(crate) struct BlobJob {
 
 /// Serves one connection on `tcp` (a TCP stream, or one in memory) from
 /// `peer`.
+///
+/// What an idle connection holds is this future's state, so the state of
+/// each step that is not waiting for the next frame (the handshake, a
+/// frame's handling, a write) lives in a box of its own while that step
+/// runs (issue 23: an agent stays subscribed for hours).
 pub(crate) async fn connection<S>(s: Arc<Shared>, tcp: S, peer: SocketAddr) -> io::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    // What this connection stores counts in its address's share of each
-    // mailbox (`Limits::source_share_percent`).
-    let source = Source::of_ip(peer.ip());
+    let evictable = Arc::new(Evictable::new(&s));
+    let (mut rd, wr, exporter) = Box::pin(handshake(&s, tcp, &evictable)).await?;
+    // Responses wait here for the socket. A client that sends requests but
+    // does not read the answers stalls on this bound (the reader below
+    // waits for room), so its queue holds at most 64 frames; one that
+    // takes no bytes for a frame timeout is closed (`writer`).
+    let (out, rx) = super::outq::channel(64);
+    let mut challenge = [0u8; 32];
+    OsRng.fill_bytes(&mut challenge);
+    let conn = s.next_connection.fetch_add(1, Ordering::Relaxed);
+    let mut c = Conn {
+        session: Session {
+            conn,
+            challenge,
+            exporter,
+            mailbox: None,
+            peer: None,
+            subscription: None,
+            // What this connection stores counts in its address's share
+            // of each mailbox (`Limits::source_share_percent`).
+            source: Source::of_ip(peer.ip()),
+            blob_lane: None,
+        },
+        in_flight: Arc::new(Semaphore::new(s.config.max_in_flight)),
+        in_flight_bytes: Arc::new(Semaphore::new(
+            s.config.max_in_flight_bytes.max(relay::MAX_FRAME),
+        )),
+        bucket: {
+            let (rate, burst) = s.config.rate_per_connection;
+            TokenBucket::new(rate, burst, std::time::Instant::now())
+        },
+        hello: false,
+    };
+    // Reading and handling requests, and writing the answers, run in this
+    // one task (joined, not spawned).
+    let reading = async {
+        let result: io::Result<()> = async {
+            loop {
+                let stage = Stage {
+                    hello: c.hello,
+                    idle: if c.session.mailbox.is_some() {
+                        s.config.idle_timeout
+                    } else {
+                        s.config.unauthenticated_idle_timeout
+                    },
+                    frame: s.config.frame_timeout,
+                };
+                // Owners are never evicted.
+                let evict = c.session.mailbox.is_none().then_some(&evictable);
+                let read = read_frame(&mut rd, stage, &s.total_bytes, evict).await;
+                if Box::pin(c.step(&s, &out, read)).await? {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        let lane = c.session.blob_lane.take().map(|(_, task)| task);
+        super::pair::connection_closed(&s, conn);
+        drop(c);
+        if let Some(lane) = lane {
+            let _ = lane.await;
+        }
+        drop(out);
+        result
+    };
+    let writing = writer(wr, rx, s.config.frame_timeout);
+    tokio::pin!(reading, writing);
+    tokio::select! {
+        biased;
+        r = &mut reading => {
+            // The answers still queued (and those of submissions in
+            // flight) are written before the connection closes.
+            let _ = writing.await;
+            r
+        }
+        // The writer ends first only if writing failed or stalled: the
+        // client is gone or takes no bytes, and no answer can reach it.
+        w = &mut writing => {
+            super::pair::connection_closed(&s, conn);
+            if matches!(&w, Err(e) if e.kind() == io::ErrorKind::TimedOut) {
+                s.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+            w.and(Err(io::Error::new(io::ErrorKind::BrokenPipe, "connection closed")))
+        }
+    }
+}
+
+type Halves<S> = (
+    tokio::io::ReadHalf<tokio_rustls::server::TlsStream<crate::pooled::PooledReader<S>>>,
+    tokio::io::WriteHalf<tokio_rustls::server::TlsStream<crate::pooled::PooledReader<S>>>,
+    [u8; 32],
+);
+
+/// The TLS handshake (evictable, within the handshake timeout), then the
+/// stream's two halves and its exporter value (PROTOCOL 6.3).
+async fn handshake<S>(s: &Shared, tcp: S, evictable: &Arc<Evictable>) -> io::Result<Halves<S>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     // rustls reads its records 4 KiB at a time; a read buffer under it
     // turns a 1 MiB blob piece into a few syscalls instead of 256. It is
     // held only while it has bytes (an idle connection holds none).
     let tcp = crate::pooled::PooledReader::new(tcp);
-    let evictable = Arc::new(Evictable::new(&s));
     let stream = evictable
-        .idle(Box::pin(timeout(
-            s.config.handshake_timeout,
-            s.tls.accept(tcp),
-        )))
+        .idle(timeout(s.config.handshake_timeout, s.tls.accept(tcp)))
         .await?
         .map_err(|_| {
             s.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -70,132 +167,139 @@ where
         .1
         .export_keying_material([0u8; 32], relay::EXPORTER_LABEL, None)
         .map_err(io::Error::other)?;
-    let (mut rd, wr) = tokio::io::split(stream);
-    // Responses wait here for the socket. A client that sends requests but
-    // does not read the answers stalls on this bound (the reader below
-    // waits for room), so its queue holds at most 64 frames.
-    let (out, rx) = mpsc::channel::<Outgoing>(64);
-    let writer_task = tokio::spawn(writer(wr, rx));
-    let mut challenge = [0u8; 32];
-    OsRng.fill_bytes(&mut challenge);
-    let mut session = Session {
-        conn: s.next_connection.fetch_add(1, Ordering::Relaxed),
-        challenge,
-        exporter,
-        mailbox: None,
-        peer: None,
-        subscription: None,
-        source,
-        blob_lane: None,
-    };
-    let in_flight = Arc::new(Semaphore::new(s.config.max_in_flight));
-    let in_flight_bytes = Arc::new(Semaphore::new(
-        s.config.max_in_flight_bytes.max(relay::MAX_FRAME),
-    ));
-    let (rate, burst) = s.config.rate_per_connection;
-    let mut bucket = TokenBucket::new(rate, burst, std::time::Instant::now());
-    let mut hello = false;
-    let result: io::Result<()> = async {
-        loop {
-            let stage = Stage {
-                hello,
-                idle: if session.mailbox.is_some() {
-                    s.config.idle_timeout
-                } else {
-                    s.config.unauthenticated_idle_timeout
-                },
-                frame: s.config.frame_timeout,
-            };
-            // Owners are never evicted.
-            let evict = session.mailbox.is_none().then_some(&evictable);
-            let read = match read_frame(&mut rd, stage, &s.total_bytes, evict).await {
-                Ok(Some(d)) => d,
-                Ok(None) => return Ok(()),
-                Err(e) => {
-                    if e.kind() == io::ErrorKind::TimedOut {
-                        s.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if e.kind() == io::ErrorKind::InvalidData {
-                        s.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
-                        let _ = send(&out, 0, err(ErrorCode::BadRequest, e.to_string())).await;
-                    }
-                    return Err(e);
+    let (rd, wr) = tokio::io::split(stream);
+    Ok((rd, wr, exporter))
+}
+
+/// A connection's state between frames.
+struct Conn {
+    session: Session,
+    in_flight: Arc<Semaphore>,
+    in_flight_bytes: Arc<Semaphore>,
+    bucket: TokenBucket,
+    hello: bool,
+}
+
+impl Conn {
+    /// Handles what reading the next frame gave: `Ok(true)` when the
+    /// connection is to close (cleanly).
+    async fn step(
+        &mut self,
+        s: &Arc<Shared>,
+        out: &Out,
+        read: io::Result<Option<Read>>,
+    ) -> io::Result<bool> {
+        let read = match read {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(true),
+            Err(e) => {
+                if e.kind() == io::ErrorKind::TimedOut {
+                    s.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
                 }
-            };
-            let budget = read.budget;
-            let frame = match read.frame {
-                Ok(f) => f,
-                Err(e) => {
+                if e.kind() == io::ErrorKind::InvalidData {
                     s.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
-                    send(&out, 0, err(ErrorCode::BadRequest, format!("malformed request: {e}"))).await?;
-                    return Ok(());
+                    let _ = send(out, 0, err(ErrorCode::BadRequest, e.to_string())).await;
                 }
-            };
-            if frame.id == 0 {
-                // Id 0 is the relay's pushes: an answer under it could not
-                // be told from a Notify (PROTOCOL 6.2).
+                return Err(e);
+            }
+        };
+        let budget = read.budget;
+        let frame = match read.frame {
+            Ok(f) => f,
+            Err(e) => {
                 s.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
-                send(&out, 0, err(ErrorCode::BadRequest, "request id 0 is reserved for the relay's pushes; number requests from 1")).await?;
-                return Ok(());
+                send(
+                    out,
+                    0,
+                    err(ErrorCode::BadRequest, format!("malformed request: {e}")),
+                )
+                .await?;
+                return Ok(true);
             }
-            if !hello {
-                match frame.body {
-                    Request::Hello { version } if version == relay::VERSION => {
-                        hello = true;
-                        send(
-                            &out,
-                            frame.id,
-                            Response::HelloOk {
-                                version: relay::VERSION,
-                                relay_key: s.key.verifying_key().to_bytes(),
-                                challenge: session.challenge,
-                            },
-                        )
-                        .await?;
-                        continue;
-                    }
-                    Request::Hello { version } => {
-                        send(
-                            &out,
-                            frame.id,
-                            err(
-                                ErrorCode::UnsupportedVersion,
-                                format!("protocol version {version} is not spoken here; this relay speaks {}", relay::VERSION),
-                            ),
-                        )
-                        .await?;
-                        return Ok(());
-                    }
-                    _ => {
-                        send(&out, frame.id, err(ErrorCode::BadRequest, "the first request must be Hello")).await?;
-                        return Ok(());
-                    }
-                }
-            }
-            if !bucket.try_take(std::time::Instant::now()) {
-                s.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
-                send(&out, frame.id, err(ErrorCode::RateLimited, "too many requests; slow down and retry")).await?;
-                continue;
-            }
-            let bounds = InFlight {
-                count: &in_flight,
-                bytes: &in_flight_bytes,
-            };
-            // Boxed: the state of a request in progress is not part of
-            // what an idle connection's task holds.
-            Box::pin(handle(&s, &mut session, &out, bounds, budget, frame.id, frame.body)).await?;
+        };
+        if frame.id == 0 {
+            // Id 0 is the relay's pushes: an answer under it could not
+            // be told from a Notify (PROTOCOL 6.2).
+            s.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+            send(
+                out,
+                0,
+                err(
+                    ErrorCode::BadRequest,
+                    "request id 0 is reserved for the relay's pushes; number requests from 1",
+                ),
+            )
+            .await?;
+            return Ok(true);
         }
+        if !self.hello {
+            return match frame.body {
+                Request::Hello { version } if version == relay::VERSION => {
+                    self.hello = true;
+                    send(
+                        out,
+                        frame.id,
+                        Response::HelloOk {
+                            version: relay::VERSION,
+                            relay_key: s.key.verifying_key().to_bytes(),
+                            challenge: self.session.challenge,
+                        },
+                    )
+                    .await?;
+                    Ok(false)
+                }
+                Request::Hello { version } => {
+                    send(
+                        out,
+                        frame.id,
+                        err(
+                            ErrorCode::UnsupportedVersion,
+                            format!("protocol version {version} is not spoken here; this relay speaks {}", relay::VERSION),
+                        ),
+                    )
+                    .await?;
+                    Ok(true)
+                }
+                _ => {
+                    send(
+                        out,
+                        frame.id,
+                        err(ErrorCode::BadRequest, "the first request must be Hello"),
+                    )
+                    .await?;
+                    Ok(true)
+                }
+            };
+        }
+        if !self.bucket.try_take(std::time::Instant::now()) {
+            s.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            send(
+                out,
+                frame.id,
+                err(
+                    ErrorCode::RateLimited,
+                    "too many requests; slow down and retry",
+                ),
+            )
+            .await?;
+            return Ok(false);
+        }
+        let bounds = InFlight {
+            count: &self.in_flight,
+            bytes: &self.in_flight_bytes,
+        };
+        handle(
+            s,
+            &mut self.session,
+            out,
+            bounds,
+            budget,
+            frame.id,
+            frame.body,
+        )
+        .await?;
+        Ok(false)
     }
-    .await;
-    let lane = session.blob_lane.take().map(|(_, task)| task);
-    super::pair::connection_closed(&s, session.conn);
-    drop(session);
-    if let Some(lane) = lane {
-        let _ = lane.await;
-    }
-    drop(out);
-    let _ = writer_task.await;
-    result
 }
 
 pub(crate) async fn handle(

@@ -1,8 +1,8 @@
-//! Reading frames within a memory budget and timeouts, and the one writer task per connection that sends answers and pushes.
+//! Reading frames within a memory budget and timeouts, and each connection's writer, which sends its answers and pushes.
 
 use super::*;
 
-pub(crate) type Out = mpsc::Sender<Outgoing>;
+pub(crate) use super::outq::{Out, OutRx};
 
 /// What the writer sends: a whole frame, or a frame's head followed by
 /// blob bytes shared from the pieces kept in memory (not copied).
@@ -83,7 +83,9 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
         return Ok(None);
     }
     let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
-    timeout(stage.frame, async {
+    // Boxed: the state of a frame being read is not part of what an idle
+    // connection's task holds while it waits for the first byte.
+    Box::pin(timeout(stage.frame, async {
         rd.read_exact(&mut prefix[1..]).await?;
         let len = relay::frame_len(prefix).map_err(|e| invalid(e.to_string()))?;
         let mut ty = [0u8; 1];
@@ -111,7 +113,7 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
             }
             None => read_whole(rd, ty[0], len).await?,
         })
-    })
+    }))
     .await
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "frame timeout (too slow)"))?
     .map(Some)
@@ -184,9 +186,14 @@ pub(crate) async fn read_whole<R: AsyncRead + Unpin>(
     })
 }
 
+/// Writes the connection's answers as they are queued, until every sender
+/// is gone. A batch the client does not take within `stall` (the frame
+/// timeout: it reads nothing, its receive window full) ends the
+/// connection, so a client cannot hold a connection by not reading.
 pub(crate) async fn writer<W: AsyncWrite + Unpin>(
     mut wr: W,
-    mut rx: mpsc::Receiver<Outgoing>,
+    mut rx: OutRx,
+    stall: Duration,
 ) -> io::Result<()> {
     while let Some(first) = rx.recv().await {
         // Gather what is ready into one write: whole frames, few syscalls;
@@ -197,25 +204,34 @@ pub(crate) async fn writer<W: AsyncWrite + Unpin>(
         };
         while shared.is_none() && buf.len() < 256 * 1024 {
             match rx.try_recv() {
-                Ok(Outgoing::Frame(more)) => {
+                Some(Outgoing::Frame(more)) => {
                     buf.extend_from_slice(&more);
                     buffers::give(more);
                 }
-                Ok(Outgoing::Shared(head, kept)) => {
+                Some(Outgoing::Shared(head, kept)) => {
                     buf.extend_from_slice(&head);
                     shared = Some(kept);
                 }
-                Err(_) => break,
+                None => break,
             }
         }
-        match shared {
-            Some((piece, range)) => {
-                write_both(&mut wr, &buf, &piece[range]).await?;
-                sealpost_store::release(piece);
+        let write = async {
+            match shared {
+                Some((piece, range)) => {
+                    write_both(&mut wr, &buf, &piece[range]).await?;
+                    sealpost_store::release(piece);
+                }
+                None => wr.write_all(&buf).await?,
             }
-            None => wr.write_all(&buf).await?,
-        }
-        wr.flush().await?;
+            wr.flush().await
+        };
+        // Boxed: an idle connection's writer holds no write's state.
+        Box::pin(timeout(stall, write)).await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took no answer within the frame timeout",
+            )
+        })??;
         buffers::give(buf);
     }
     wr.shutdown().await

@@ -62,7 +62,7 @@ pub(crate) fn push(s: &Shared, mailbox: &MailboxId, seq: u64) {
     };
     for (out, owed) in subs {
         let frame = Outgoing::Frame(Response::Notify { seq }.encode(0));
-        let full = matches!(out.try_send(frame), Err(mpsc::error::TrySendError::Full(_)));
+        let full = matches!(out.try_send(frame), Err(super::outq::TrySendError::Full));
         if full && !owed.swap(true, Ordering::AcqRel) {
             tokio::spawn(async move {
                 if let Ok(room) = out.reserve().await {

@@ -27,7 +27,8 @@ PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$T"' EXIT
 
 cargo build --release --locked -p sealpost -p sealpost-testkit >&2
-SP=target/release/sealpost
+# RELAY_SP=BINARY runs another build's relay (before/after pairs).
+SP=${RELAY_SP:-target/release/sealpost}
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

@@ -7,6 +7,7 @@
 #   COUNT_1K=100000 COUNT_64K=10000 CLIENTS=16 bench/relay-submit.sh
 #   SP=../other/target/release/sealpost ANCHOR= bench/relay-submit.sh
 #   POSTGRES=1 bench/relay-submit.sh     # the relay's ledger on PostgreSQL
+#   DIR=/dev/shm ANCHOR= bench/relay-submit.sh   # fsync nearly free
 #
 # POSTGRES=1 starts a throwaway PostgreSQL (Debian's binaries, initdb as the
 # postgres user in /var/tmp, fsync on, a free loopback port), runs the relay
@@ -36,7 +37,9 @@ if [[ -z ${SP:-} ]]; then
     cargo build --release --locked -q -p sealpost --features test-tools
     SP=$PWD/target/release/sealpost
 fi
-T=$(mktemp -d /var/tmp/sealpost-relay-bench.XXXXXX)
+# DIR= where the relay's data goes (default /var/tmp, a disk; /dev/shm,
+# memory, makes fsync nearly free: the group commit's batches then shrink).
+T=$(mktemp -d "${DIR:-/var/tmp}/sealpost-relay-bench.XXXXXX")
 RELAY_PID=
 PG_DATA=
 cleanup() {
@@ -65,7 +68,8 @@ relay_cpu() {
     LC_ALL=C awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$RELAY_PID/stat"
 }
 
-"$SP" relay serve --data "$T/relay" --listen "127.0.0.1:$PORT" "${DB_FLAGS[@]}" >/dev/null 2>"$T/relay.log" &
+MPORT=$((PORT + 1))
+"$SP" relay serve --data "$T/relay" --listen "127.0.0.1:$PORT" --metrics "127.0.0.1:$MPORT" "${DB_FLAGS[@]}" >/dev/null 2>"$T/relay.log" &
 RELAY_PID=$!
 for _ in $(seq 100); do
     ADDR=$("$SP" relay address --data "$T/relay" --listen "127.0.0.1:$PORT" 2>/dev/null) && break
@@ -75,9 +79,48 @@ sleep 0.3
 echo "# relay at $ADDR, loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 field() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
+# The relay's commit histograms (writes per commit, commit latency), saved
+# to $1 for batches() to compare.
+scrape() {
+    python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode())' "$MPORT" >"$1" 2>/dev/null || : >"$1"
+}
+# The group commit over one run (the difference of two scrapes): commits,
+# writes per commit (mean, and the bucket holding the 50th/90th/99th
+# percentile of writes), commit latency percentiles (bucket bounds).
+batches() { # name before after
+    python3 - "$@" <<'PY'
+import re, sys
+name, a, b = sys.argv[1:4]
+def hist(path, metric):
+    h = {}
+    for line in open(path):
+        m = re.match(r'sealpost_relay_%s_(bucket\{le="([^"]+)"\}|count|sum) (\S+)' % metric, line)
+        if m:
+            h[m.group(2) or m.group(1)] = float(m.group(3))
+    return h
+def delta(metric):
+    x, y = hist(a, metric), hist(b, metric)
+    return {k: y[k] - x.get(k, 0.0) for k in y}
+def pct(d, q):
+    n = d.get("count", 0)
+    les = sorted((float(k), v) for k, v in d.items() if k not in ("count", "sum") and k != "+Inf")
+    for le, c in les:
+        if c >= q * n:
+            return le
+    return float("inf")
+w, l = delta("commit_batch_writes"), delta("commit_duration_seconds")
+n = w.get("count", 0)
+if n == 0:
+    print(f"sealpost {name}_commits 0 (no group commit: PostgreSQL)")
+    sys.exit()
+print(f"sealpost {name}_commits {n:.0f} commits")
+print(f"sealpost {name}_writes_per_commit mean {w['sum'] / n:.1f}, p50 <= {pct(w, .5):.0f}, p90 <= {pct(w, .9):.0f}, p99 <= {pct(w, .99):.0f}")
+print(f"sealpost {name}_commit_latency p50 <= {pct(l, .5) * 1000:.1f} ms, p99 <= {pct(l, .99) * 1000:.1f} ms, mean {l['sum'] / l['count'] * 1000:.2f} ms")
+PY
+}
 run() { # name count size clients window
     local out c0 p0
-    c0=$(relay_cpu); p0=$(pg_cpu)
+    c0=$(relay_cpu); p0=$(pg_cpu); scrape "$T/m0"
     out=$("$SP" --json relay load --address "$ADDR" --count "$2" --size "$3" --clients "$4" --window "$5" --max-seconds "$MAX_SECONDS")
     echo "sealpost $1_relay_cpu_per_msg $(LC_ALL=C awk -v a="$c0" -v b="$(relay_cpu)" -v n="$2" 'BEGIN { printf "%.1f", (b - a) * 1e6 / n }') us"
     [[ -n $PG_DATA ]] && echo "sealpost $1_postgres_cpu_per_msg $(LC_ALL=C awk -v a="$p0" -v b="$(pg_cpu)" -v n="$2" 'BEGIN { printf "%.1f", (b - a) * 1e6 / n }') us"
@@ -85,6 +128,8 @@ run() { # name count size clients window
     echo "sealpost $1_mb_per_sec $(echo "$out" | field mb_per_sec) MB/s"
     echo "sealpost $1_p50 $(echo "$out" | field p50_ms) ms"
     echo "sealpost $1_p99 $(echo "$out" | field p99_ms) ms"
+    scrape "$T/m1"
+    batches "$1" "$T/m0" "$T/m1"
 }
 run "submit_1k_${CLIENTS}clients" "$COUNT_1K" 1024 "$CLIENTS" "$WINDOW" | tee "$T/sp.out"
 run "submit_64k_${CLIENTS}clients" "$COUNT_64K" 65536 "$CLIENTS" 4 | tee -a "$T/sp.out"

@@ -261,6 +261,11 @@ fn registry(
         l.commit,
     );
     r.register(
+        "commit_batch_writes",
+        "Writes carried by each commit of the embedded store (group commit: what queued while the previous commit was made durable); empty on PostgreSQL.",
+        l.commit_batch,
+    );
+    r.register(
         "blob_sync_duration_seconds",
         "fdatasync of blob pieces before they are acknowledged.",
         l.blob_sync,

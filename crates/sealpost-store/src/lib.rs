@@ -248,6 +248,10 @@ pub enum BlobPutOutcome {
 pub struct Latencies {
     pub commit: prometheus_client::metrics::histogram::Histogram,
     pub blob_sync: prometheus_client::metrics::histogram::Histogram,
+    /// Writes per commit of the embedded store's group commit (1 to 4,096,
+    /// doubling): the batch a commit carries grows with what queued while
+    /// the previous one was being made durable.
+    pub commit_batch: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Default for Latencies {
@@ -258,6 +262,9 @@ impl Default for Latencies {
         Self {
             commit: prometheus_client::metrics::histogram::Histogram::new(buckets()),
             blob_sync: prometheus_client::metrics::histogram::Histogram::new(buckets()),
+            commit_batch: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 13),
+            ),
         }
     }
 }

@@ -58,7 +58,7 @@ impl SqliteLedger {
         let stats = Arc::new(Mutex::new(CommitStats::default()));
         let w_stats = stats.clone();
         let latencies = Latencies::default();
-        let w_commit = latencies.commit.clone();
+        let w_commit = (latencies.commit.clone(), latencies.commit_batch.clone());
         let handle = std::thread::Builder::new()
             .name("sealpost-store-writer".into())
             .spawn(move || writer_loop(writer_conn, rx, limits, w_stats, w_commit))

@@ -198,7 +198,10 @@ pub(crate) fn writer_loop(
     rx: mpsc::Receiver<Op>,
     limits: Limits,
     stats: Arc<Mutex<CommitStats>>,
-    commit_latency: prometheus_client::metrics::histogram::Histogram,
+    (commit_latency, commit_batch): (
+        prometheus_client::metrics::histogram::Histogram,
+        prometheus_client::metrics::histogram::Histogram,
+    ),
 ) {
     // Each op's reply is held until the transaction holding it committed.
     let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
@@ -246,6 +249,7 @@ pub(crate) fn writer_loop(
             s.writes += n;
             s.last_commit_micros = started.elapsed().as_micros() as u64;
             commit_latency.observe(started.elapsed().as_secs_f64());
+            commit_batch.observe(n as f64);
             if result.is_err() {
                 s.failures += 1;
             }

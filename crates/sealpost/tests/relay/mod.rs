@@ -341,6 +341,19 @@ fn config_file_metrics_status_and_scrub() {
         .and_then(|v| v.trim().parse().ok())
         .expect("commit count");
     assert!(commits >= 2, "{body}");
+    // Every commit's batch counted, with the writes it carried.
+    let batches: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("sealpost_relay_commit_batch_writes_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("batch count");
+    let writes: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("sealpost_relay_commit_batch_writes_sum "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("batch sum");
+    assert!(batches >= 2, "{body}");
+    assert!(writes >= batches as f64, "{body}");
     assert!(
         body.contains("sealpost_relay_blob_sync_duration_seconds_bucket{le=\"+Inf\"} 0"),
         "{body}"

@@ -8,9 +8,21 @@
 #
 #   bench/instructions.sh                 # N=2000
 #   SP=/other/sealpost bench/instructions.sh   # another binary (before/after)
+#   FILE_MB=64 bench/instructions.sh      # a file instead, per process
 #
 # Output: "<step> <instructions> Ir" and per message. Keeps the callgrind
 # files when KEEP=1 (for callgrind_annotate). Bounded: N messages.
+#
+# FILE_MB=M: Alice sends Bob one file of M MiB through the relay, the relay
+# running under callgrind too; prints each process's instructions per MiB
+# (the sender's `send --file` and `sync`, the relay's whole run less its
+# start and stop measured alone, Bob's `sync`: download, open, store, read
+# back, receipt) beside the cryptographic floor of that process, counted
+# the same way by `sealpost-floor` (the same library calls on the same
+# amount of data, memory to memory): the sender seals the file and
+# protects it for TLS, the relay removes TLS, hashes the blob and protects
+# it again, the recipient removes TLS, opens the blob and hashes the file
+# it read back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-2000}
@@ -30,6 +42,82 @@ cleanup() {
 trap cleanup EXIT
 export SEALPOST_LOG=warn
 . bench/lib.sh
+if [[ -n ${FILE_MB:-} ]]; then
+    FLOOR=$PWD/target/release/sealpost-floor
+    [[ -x $FLOOR ]] || cargo build --release --locked -q -p sealpost-testkit --bin sealpost-floor
+    ir_of() { sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$1"; }
+    cg() { # name command...
+        local name=$1
+        shift
+        valgrind --tool=callgrind --callgrind-out-file="$T/$name.cg" "$@" >"$T/$name.out" 2>"$T/$name.vg"
+        ir_of "$T/$name.vg"
+    }
+    # The floor, step by step (seal-open less seal is the opening).
+    f_seal=$(cg floor_seal "$FLOOR" seal --mb "$FILE_MB")
+    f_both=$(cg floor_seal_open "$FLOOR" seal-open --mb "$FILE_MB")
+    f_hash=$(cg floor_hash "$FLOOR" hash --mb "$FILE_MB")
+    f_tls=$(cg floor_tls "$FLOOR" tls --mb "$FILE_MB")
+    f_open=$((f_both - f_seal))
+    # The relay's start and stop alone, then the relay of the transfer.
+    relay_cg() { # name
+        valgrind --tool=callgrind --callgrind-out-file="$T/$1.cg" "$SP" relay serve --data "$T/relay" \
+            --listen "127.0.0.1:$PORT" >/dev/null 2>"$T/$1.vg" &
+        RELAY=$!
+        PIDS+=("$RELAY")
+        for _ in $(seq 300); do
+            ADDR=$("$SP" relay address --data "$T/relay" --listen "127.0.0.1:$PORT" 2>/dev/null) &&
+                (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return
+            sleep 0.2
+        done
+        echo "relay did not start" >&2
+        exit 1
+    }
+    relay_stop() {
+        kill -TERM "$RELAY"
+        wait "$RELAY" 2>/dev/null || true
+    }
+    "$SP" relay init --data "$T/relay" >/dev/null 2>&1 || true
+    relay_cg relay_idle
+    relay_stop
+    relay_cg relay_file
+    A=(--home "$T/alice")
+    B=(--home "$T/bob")
+    card() { "$SP" "$@" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])'; }
+    "$SP" "${A[@]}" init --name alice --relay "$ADDR" >/dev/null
+    "$SP" "${B[@]}" init --name bob --relay "$ADDR" >/dev/null
+    "$SP" "${A[@]}" contact add "$(card "${B[@]}")" --name bob >/dev/null
+    "$SP" "${B[@]}" contact add "$(card "${A[@]}")" --name alice >/dev/null
+    "$SP" "${B[@]}" sync >/dev/null
+    head -c "$((FILE_MB * 1024 * 1024))" /dev/urandom >"$T/file"
+    s_send=$(cg alice_send "$SP" "${A[@]}" send bob --file "$T/file")
+    s_sync=$(cg alice_sync "$SP" "${A[@]}" sync)
+    r_sync=$(cg bob_sync "$SP" "${B[@]}" --json sync)
+    cmp -s "$T/file" "$(find "$T/bob" -type f -name file -size "$((FILE_MB * 1024))k" | head -1)" ||
+        { echo "bob's copy of the file is not the file" >&2; exit 1; }
+    "$SP" "${A[@]}" sync >/dev/null
+    relay_stop
+    r_idle=$(ir_of "$T/relay_idle.vg")
+    r_file=$(ir_of "$T/relay_file.vg")
+    python3 - "$FILE_MB" "$f_seal" "$f_open" "$f_hash" "$f_tls" "$s_send" "$s_sync" \
+        "$((r_file - r_idle))" "$r_idle" "$r_sync" <<'PY'
+import sys
+mb, f_seal, f_open, f_hash, f_tls, s_send, s_sync, relay, r_idle, bob = (int(x) for x in sys.argv[1:])
+m = lambda x: x / mb / 1e6
+print(f"floor seal {m(f_seal):.2f} M Ir/MiB, open {m(f_open):.2f}, BLAKE3 {m(f_hash):.2f}, TLS record protection {m(f_tls):.2f} (one direction)")
+rows = [
+    ("sender (send --file + sync)", s_send + s_sync, f_seal + f_tls),
+    ("relay (less its start and stop, %.0f M Ir)" % (r_idle / 1e6), relay, 2 * f_tls + f_hash),
+    ("recipient (sync)", bob, f_tls + f_open + f_hash),
+]
+total, floor = 0, 0
+for name, ir, fl in rows:
+    total += ir
+    floor += fl
+    print(f"sealpost instructions_per_MiB {name}: {m(ir):.2f} M Ir, floor {m(fl):.2f} M Ir, {ir / fl:.2f}x the floor")
+print(f"sealpost instructions_per_MiB all three: {m(total):.2f} M Ir, floor {m(floor):.2f} M Ir, {total / floor:.2f}x the floor")
+PY
+    exit 0
+fi
 start_relay
 A=(--home "$T/alice")
 B=(--home "$T/bob")

@@ -2,9 +2,13 @@
 # CPU work per message counted in instructions (valgrind --tool=callgrind),
 # which do not drift with this VM's speed (issue 20). On the release
 # binary, everything on 127.0.0.1: Alice queues N 1 KiB messages for Bob
-# (`send --repeat`, measured), submits them (`sync`), Bob receives them
-# all in one `sync` (measured: fetch, open, store, read back, receipts),
-# and Alice takes the receipts in one `sync` (measured).
+# (`send --repeat`), submits them (`sync`), Bob receives them all in one
+# `sync` (fetch, open, store, read back, receipts), and Alice takes the
+# receipts in one `sync`; each measured, and the relay too (under
+# callgrind for the whole run, less its start and stop measured alone).
+# Then all processes per message beside the floor: the same number of
+# 1 KiB messages sealed and opened by `sealpost-floor`, memory to memory
+# (the public-key operations, hashing and AEAD a message cannot avoid).
 #
 #   bench/instructions.sh                 # N=2000
 #   SP=/other/sealpost bench/instructions.sh   # another binary (before/after)
@@ -42,44 +46,35 @@ cleanup() {
 trap cleanup EXIT
 export SEALPOST_LOG=warn
 . bench/lib.sh
-if [[ -n ${FILE_MB:-} ]]; then
-    FLOOR=$PWD/target/release/sealpost-floor
-    [[ -x $FLOOR ]] || cargo build --release --locked -q -p sealpost-testkit --bin sealpost-floor
-    ir_of() { sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$1"; }
-    cg() { # name command...
-        local name=$1
-        shift
-        valgrind --tool=callgrind --callgrind-out-file="$T/$name.cg" "$@" >"$T/$name.out" 2>"$T/$name.vg"
-        ir_of "$T/$name.vg"
-    }
-    # The floor, step by step (seal-open less seal is the opening).
-    f_seal=$(cg floor_seal "$FLOOR" seal --mb "$FILE_MB")
-    f_both=$(cg floor_seal_open "$FLOOR" seal-open --mb "$FILE_MB")
-    f_hash=$(cg floor_hash "$FLOOR" hash --mb "$FILE_MB")
-    f_tls=$(cg floor_tls "$FLOOR" tls --mb "$FILE_MB")
-    f_open=$((f_both - f_seal))
-    # The relay's start and stop alone, then the relay of the transfer.
-    relay_cg() { # name
-        valgrind --tool=callgrind --callgrind-out-file="$T/$1.cg" "$SP" relay serve --data "$T/relay" \
-            --listen "127.0.0.1:$PORT" >/dev/null 2>"$T/$1.vg" &
-        RELAY=$!
-        PIDS+=("$RELAY")
-        for _ in $(seq 300); do
-            ADDR=$("$SP" relay address --data "$T/relay" --listen "127.0.0.1:$PORT" 2>/dev/null) &&
-                (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return
-            sleep 0.2
-        done
-        echo "relay did not start" >&2
-        exit 1
-    }
-    relay_stop() {
-        kill -TERM "$RELAY"
-        wait "$RELAY" 2>/dev/null || true
-    }
-    "$SP" relay init --data "$T/relay" >/dev/null 2>&1 || true
-    relay_cg relay_idle
-    relay_stop
-    relay_cg relay_file
+FLOOR=$PWD/target/release/sealpost-floor
+[[ -x $FLOOR ]] || cargo build --release --locked -q -p sealpost-testkit --bin sealpost-floor
+ir_of() { sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$1"; }
+cg() { # name command...
+    local name=$1
+    shift
+    valgrind --tool=callgrind --callgrind-out-file="$T/$name.cg" "$@" >"$T/$name.out" 2>"$T/$name.vg"
+    ir_of "$T/$name.vg"
+}
+# The relay under callgrind (its start and stop are measured alone once,
+# relay_idle, and taken off the run's count).
+relay_cg() { # name
+    valgrind --tool=callgrind --callgrind-out-file="$T/$1.cg" "$SP" relay serve --data "$T/relay" \
+        --listen "127.0.0.1:$PORT" >/dev/null 2>"$T/$1.vg" &
+    RELAY=$!
+    PIDS+=("$RELAY")
+    for _ in $(seq 300); do
+        ADDR=$("$SP" relay address --data "$T/relay" --listen "127.0.0.1:$PORT" 2>/dev/null) &&
+            (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return
+        sleep 0.2
+    done
+    echo "relay did not start" >&2
+    exit 1
+}
+relay_stop() {
+    kill -TERM "$RELAY"
+    wait "$RELAY" 2>/dev/null || true
+}
+setup() { # Alice and Bob, each the other's contact, on the relay at $ADDR
     A=(--home "$T/alice")
     B=(--home "$T/bob")
     card() { "$SP" "$@" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])'; }
@@ -88,6 +83,20 @@ if [[ -n ${FILE_MB:-} ]]; then
     "$SP" "${A[@]}" contact add "$(card "${B[@]}")" --name bob >/dev/null
     "$SP" "${B[@]}" contact add "$(card "${A[@]}")" --name alice >/dev/null
     "$SP" "${B[@]}" sync >/dev/null
+}
+"$SP" relay init --data "$T/relay" >/dev/null 2>&1 || true
+relay_cg relay_idle
+relay_stop
+r_idle=$(ir_of "$T/relay_idle.vg")
+if [[ -n ${FILE_MB:-} ]]; then
+    # The floor, step by step (seal-open less seal is the opening).
+    f_seal=$(cg floor_seal "$FLOOR" seal --mb "$FILE_MB")
+    f_both=$(cg floor_seal_open "$FLOOR" seal-open --mb "$FILE_MB")
+    f_hash=$(cg floor_hash "$FLOOR" hash --mb "$FILE_MB")
+    f_tls=$(cg floor_tls "$FLOOR" tls --mb "$FILE_MB")
+    f_open=$((f_both - f_seal))
+    relay_cg relay_file
+    setup
     head -c "$((FILE_MB * 1024 * 1024))" /dev/urandom >"$T/file"
     s_send=$(cg alice_send "$SP" "${A[@]}" send bob --file "$T/file")
     s_sync=$(cg alice_sync "$SP" "${A[@]}" sync)
@@ -96,7 +105,6 @@ if [[ -n ${FILE_MB:-} ]]; then
         { echo "bob's copy of the file is not the file" >&2; exit 1; }
     "$SP" "${A[@]}" sync >/dev/null
     relay_stop
-    r_idle=$(ir_of "$T/relay_idle.vg")
     r_file=$(ir_of "$T/relay_file.vg")
     python3 - "$FILE_MB" "$f_seal" "$f_open" "$f_hash" "$f_tls" "$s_send" "$s_sync" \
         "$((r_file - r_idle))" "$r_idle" "$r_sync" <<'PY'
@@ -118,30 +126,37 @@ print(f"sealpost instructions_per_MiB all three: {m(total):.2f} M Ir, floor {m(f
 PY
     exit 0
 fi
-start_relay
-A=(--home "$T/alice")
-B=(--home "$T/bob")
-card() { "$SP" "$@" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])'; }
-"$SP" "${A[@]}" init --name alice --relay "$ADDR" >/dev/null
-"$SP" "${B[@]}" init --name bob --relay "$ADDR" >/dev/null
-"$SP" "${A[@]}" contact add "$(card "${B[@]}")" --name bob >/dev/null
-"$SP" "${B[@]}" contact add "$(card "${A[@]}")" --name alice >/dev/null
-"$SP" "${B[@]}" sync >/dev/null
+relay_cg relay_msgs
+setup
 head -c 1024 /dev/urandom | base64 -w0 | head -c 1024 >"$T/content"
-count() { # name callgrind-args...
-    local name=$1
+count() { # name command...: prints the instructions, keeps them in IR_<name>
+    local name=$1 ir
     shift
-    valgrind --tool=callgrind --callgrind-out-file="$T/$name.cg" "$@" >"$T/$name.out" 2>"$T/$name.vg"
-    local ir
-    ir=$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$T/$name.vg")
+    ir=$(cg "$name" "$@")
+    printf -v "IR_$name" '%s' "$ir"
     echo "sealpost instructions_$name $ir Ir"
     echo "sealpost instructions_${name}_per_msg $((ir / N)) Ir"
 }
 count alice_send_repeat "$SP" "${A[@]}" send bob - --repeat "$N" <"$T/content"
-"$SP" "${A[@]}" sync >/dev/null
+count alice_sync_submit "$SP" "${A[@]}" sync
 count bob_sync "$SP" "${B[@]}" --json sync
 delivered=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["delivered"])' "$T/bob_sync.out")
 [[ $delivered -eq $N ]] || { echo "bob received $delivered of $N" >&2; exit 1; }
 count alice_sync_receipts "$SP" "${A[@]}" --json sync
 confirmed=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["confirmed"])' "$T/alice_sync_receipts.out")
 [[ $confirmed -eq $N ]] || { echo "alice confirmed $confirmed of $N" >&2; exit 1; }
+relay_stop
+relay=$(($(ir_of "$T/relay_msgs.vg") - r_idle))
+echo "sealpost instructions_relay $relay Ir (less its start and stop, $r_idle Ir)"
+echo "sealpost instructions_relay_per_msg $((relay / N)) Ir"
+# The floor: the same number of 1 KiB messages sealed and opened, memory to
+# memory (less the floor tool's own start, one message's worth).
+f_one=$(cg floor_one "$FLOOR" message --count 1)
+f_all=$(cg floor_msgs "$FLOOR" message --count "$((N + 1))")
+floor=$((f_all - f_one))
+total=$((IR_alice_send_repeat + IR_alice_sync_submit + IR_bob_sync + IR_alice_sync_receipts + relay))
+python3 - "$N" "$total" "$floor" <<'PY'
+import sys
+n, total, floor = (int(x) for x in sys.argv[1:])
+print(f"sealpost instructions_per_msg_all_processes {total / n / 1e6:.2f} M Ir, floor (seal + open of a 1 KiB message) {floor / n / 1e6:.2f} M Ir, {total / floor:.2f}x the floor")
+PY

@@ -13,9 +13,14 @@
 //!   (`TLS_AES_256_GCM_SHA384`, which the relay's rustls picks) applies
 //!   to the bytes of one direction of one connection.
 //!
-//! Each step runs once over MB mebibytes; the tool prints what it did so
-//! that the compiler cannot drop the work. A measuring tool; it touches no
-//! file and no network.
+//! - `message`: `--count` messages of 1 KiB (padded, as `send` seals them)
+//!   sealed by one identity to another and opened: the X25519 and Ed25519
+//!   work, age's and the header's hashing and AEAD of each message — what
+//!   a message costs its two ends before any I/O or bookkeeping.
+//!
+//! Each file step runs once over MB mebibytes; the tool prints what it did
+//! so that the compiler cannot drop the work. A measuring tool; it touches
+//! no file and no network.
 
 use std::io;
 use std::process::ExitCode;
@@ -30,6 +35,7 @@ enum Step {
     SealOpen,
     Hash,
     Tls,
+    Message,
 }
 
 #[derive(Parser, Debug)]
@@ -40,6 +46,9 @@ struct Args {
     /// Mebibytes of file
     #[arg(long, default_value_t = 64)]
     mb: u64,
+    /// Messages (`message`)
+    #[arg(long, default_value_t = 1000)]
+    count: u64,
 }
 
 /// `n` bytes of a fixed pattern, read without a copy per byte.
@@ -53,6 +62,7 @@ fn main() -> ExitCode {
     let key = BlobKey::random(&mut OsRng);
     let chunk = blob::DEFAULT_CHUNK_SIZE;
     let done = match a.step {
+        Step::Message => messages(a.count),
         Step::Seal => blob::seal_blob(&key, chunk, plaintext(n), io::sink())
             .map(|s| format!("sealed {} bytes, blob {}", n, s.blob_hash)),
         Step::SealOpen => {
@@ -93,4 +103,34 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Seals `count` 1 KiB messages from one identity to another and opens
+/// them, as the sender's and the recipient's agents do.
+fn messages(count: u64) -> io::Result<String> {
+    use sealpost_proto::message::{open_slice, seal_to_vec, SealRequest};
+    use sealpost_proto::{Identity, Kind, MessageId};
+    let alice = Identity::generate(&mut OsRng);
+    let bob = Identity::generate(&mut OsRng);
+    let to = [*bob.public()];
+    let content = vec![b'x'; 1024];
+    let mut opened = 0u64;
+    for i in 0..count {
+        let req = SealRequest {
+            kind: Kind::Message,
+            id: MessageId::random(&mut OsRng),
+            created_at: 1_750_000_000 + i,
+            expires_at: 1_750_086_400 + i,
+            in_reply_to: None,
+            reply_relay: None,
+            recipients: &to,
+            pad_for_len: Some(content.len() as u64),
+        };
+        let sealed = seal_to_vec(&alice, &req, &content).map_err(io::Error::other)?;
+        let (_, plain) = open_slice(&bob, &sealed, 1 << 20).map_err(io::Error::other)?;
+        opened += plain.len() as u64;
+    }
+    Ok(format!(
+        "sealed and opened {count} messages, {opened} bytes"
+    ))
 }

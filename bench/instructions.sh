@@ -58,17 +58,9 @@ cg() { # name command...
 # The relay under callgrind (its start and stop are measured alone once,
 # relay_idle, and taken off the run's count).
 relay_cg() { # name
-    valgrind --tool=callgrind --callgrind-out-file="$T/$1.cg" "$SP" relay serve --data "$T/relay" \
-        --listen "127.0.0.1:$PORT" >/dev/null 2>"$T/$1.vg" &
-    RELAY=$!
-    PIDS+=("$RELAY")
-    for _ in $(seq 300); do
-        ADDR=$("$SP" relay address --data "$T/relay" --listen "127.0.0.1:$PORT" 2>/dev/null) &&
-            (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return
-        sleep 0.2
-    done
-    echo "relay did not start" >&2
-    exit 1
+    local WRAP=(valgrind --tool=callgrind --callgrind-out-file="$T/$1.cg" --log-file="$T/$1.vg")
+    relay_at "$T/relay" 127.0.0.1 "$PORT"
+    ADDR=$AT
 }
 relay_stop() {
     kill -TERM "$RELAY"

@@ -3,14 +3,17 @@
 
 # Starts a relay on $2:$3 with its data in $1 (more arguments go to
 # `relay serve`), adds it to PIDS, sets RELAY to its pid and AT to its
-# address once it accepts connections; exits if it does not start.
+# address once it accepts connections; exits if it does not start. With
+# the array WRAP set, the relay runs under that command (a profiler; it is
+# given 60 s instead of 10 to start).
 relay_at() {
-    local data=$1 ip=$2 port=$3
+    local data=$1 ip=$2 port=$3 tries=100
     shift 3
-    "$SP" relay serve --data "$data" --listen "$ip:$port" "$@" >/dev/null 2>>"$T/relay.log" &
+    [[ -n ${WRAP+x} ]] && tries=600
+    ${WRAP+"${WRAP[@]}"} "$SP" relay serve --data "$data" --listen "$ip:$port" "$@" >/dev/null 2>>"$T/relay.log" &
     RELAY=$!
     PIDS+=("$RELAY")
-    for _ in $(seq 100); do
+    for _ in $(seq "$tries"); do
         AT=$("$SP" relay address --data "$data" --listen "$ip:$port" 2>/dev/null) &&
             (exec 3<>"/dev/tcp/$ip/$port") 2>/dev/null && return
         sleep 0.1

@@ -335,25 +335,22 @@ fn config_file_metrics_status_and_scrub() {
         body.contains("# TYPE sealpost_relay_commit_duration_seconds histogram"),
         "{body}"
     );
-    let commits: u64 = body
-        .lines()
-        .find_map(|l| l.strip_prefix("sealpost_relay_commit_duration_seconds_count "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("commit count");
-    assert!(commits >= 2, "{body}");
+    // A sample's value, by its name.
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {body}"))
+    };
+    let commits = value("sealpost_relay_commit_duration_seconds_count");
+    assert!(commits >= 2.0, "{body}");
     // Every commit's batch counted, with the writes it carried.
-    let batches: u64 = body
-        .lines()
-        .find_map(|l| l.strip_prefix("sealpost_relay_commit_batch_writes_count "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("batch count");
-    let writes: f64 = body
-        .lines()
-        .find_map(|l| l.strip_prefix("sealpost_relay_commit_batch_writes_sum "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("batch sum");
-    assert!(batches >= 2, "{body}");
-    assert!(writes >= batches as f64, "{body}");
+    let batches = value("sealpost_relay_commit_batch_writes_count");
+    assert!(batches >= 2.0, "{body}");
+    assert!(
+        value("sealpost_relay_commit_batch_writes_sum") >= batches,
+        "{body}"
+    );
     assert!(
         body.contains("sealpost_relay_blob_sync_duration_seconds_bucket{le=\"+Inf\"} 0"),
         "{body}"

@@ -74,7 +74,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     failure TEXT,
     detail TEXT,
     last_error TEXT,
-    receipt BLOB REFERENCES reports(hash),
+    -- the report that settled it: the id of its row in `reports` (in
+    -- databases from before reports had ids, its hash; `migrate` moves
+    -- them once)
+    receipt INTEGER REFERENCES reports(id),
     uploaded INTEGER NOT NULL DEFAULT 0,
     -- where a forwarded delivery is, as the home relay last said (§6.8)
     hop TEXT,
@@ -131,8 +134,12 @@ CREATE TABLE IF NOT EXISTS repairs (
     chunks BLOB NOT NULL,
     PRIMARY KEY (msg, recipient)
 );
+-- Signed reports (receipts, rejections) kept as proof, one row per report
+-- however many deliveries it settles, which name it by `id` (an integer
+-- primary key, so it stays when the file is rewritten; a rowid may not).
 CREATE TABLE IF NOT EXISTS reports (
-    hash BLOB PRIMARY KEY,
+    id INTEGER PRIMARY KEY,
+    hash BLOB UNIQUE NOT NULL,
     bytes BLOB NOT NULL
 );
 -- Only deliveries under way are indexed by time: finished ones (the
@@ -268,15 +275,15 @@ fn failure_detail(f: &Option<Failure>) -> Option<String> {
     f.as_ref().map(|f| f.describe())
 }
 
-/// A batched receipt is stored once in `reports` and named by its BLAKE3
-/// from every delivery it completes.
+/// A batched receipt is stored once in `reports` and named by its row's
+/// id from every delivery it completes.
 const DELIVERY_COLS: &str = "msg, \
      (SELECT key FROM recipients WHERE recipients.id = deliveries.recipient), \
      name, \
      (SELECT address FROM relays WHERE relays.id = deliveries.relay), \
      state, submissions, failed_attempts, \
      next_ms, expires_ms, changed_ms, failure, detail, last_error, \
-     (SELECT bytes FROM reports WHERE reports.hash = deliveries.receipt), uploaded, hop";
+     (SELECT bytes FROM reports WHERE reports.id = deliveries.receipt), uploaded, hop";
 
 fn delivery_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
     let msg: Vec<u8> = r.get(0)?;
@@ -689,7 +696,8 @@ impl Db {
             None => Rcpt::Key(signer),
         };
         let report_hash = blake3::hash(report.as_bytes()).as_bytes().to_vec();
-        let mut stored = false;
+        // The report's row, once stored (one row for all it settles).
+        let mut stored: Option<i64> = None;
         let mut out = Vec::with_capacity(report.entries().len());
         let ids: Vec<MessageId> = match report.entries() {
             Entries::Receipt(l) => l.iter().map(|e| e.id).collect(),
@@ -737,17 +745,25 @@ impl Db {
                 // The recipient's signed word, receipt or rejection, is kept
                 // with the delivery it settled (`receipt export` hands it
                 // out); one copy of the report for all it settles.
-                if !stored {
-                    tx.execute(
-                        "INSERT OR IGNORE INTO reports (hash, bytes) VALUES (?1, ?2)",
-                        params![report_hash, report.as_bytes()],
-                    )?;
-                    stored = true;
-                }
+                let report_row = match stored {
+                    Some(row) => row,
+                    None => {
+                        tx.execute(
+                            "INSERT OR IGNORE INTO reports (hash, bytes) VALUES (?1, ?2)",
+                            params![report_hash, report.as_bytes()],
+                        )?;
+                        let row: i64 = tx.query_row(
+                            "SELECT id FROM reports WHERE hash = ?1",
+                            params![report_hash],
+                            |r| r.get(0),
+                        )?;
+                        *stored.insert(row)
+                    }
+                };
                 tx.prepare_cached(&format!(
                     "UPDATE deliveries SET receipt = ?3 WHERE msg = ?1 AND {RCPT_2}"
                 ))?
-                .execute(params![id.0.to_vec(), signer_rcpt, report_hash])?;
+                .execute(params![id.0.to_vec(), signer_rcpt, report_row])?;
                 save_delivery(&tx, id, signer_rcpt, &row.delivery, None)?;
                 release_sealed(&tx, id)?;
             }
@@ -944,7 +960,86 @@ pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
              COMMIT;",
         )?;
     }
+    if version < 3 {
+        reports_by_id(conn)?;
+    }
     Ok(())
+}
+
+/// Databases made before reports had ids (user version 2): a delivery
+/// named its report by the report's 32-byte hash, under a foreign key to
+/// `reports(hash)`. Both tables are made again as `SCHEMA` has them now
+/// (SQLite's way to change a table's constraints: a new table, the rows
+/// copied, the old one dropped, the new one renamed), the deliveries
+/// naming the new ids, in one transaction; then `SCHEMA` again for the
+/// indexes the old table took with it. Foreign keys are off meanwhile (the
+/// tables point at each other while they are swapped) and checked before
+/// the commit.
+fn reports_by_id(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "foreign_keys", false)?;
+    let moved = (|| -> rusqlite::Result<()> {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        // Looked at inside the transaction: another process opening the
+        // same home may have done it meanwhile.
+        let has_id: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('reports') WHERE name = 'id'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has_id {
+            let table = |name: &str| -> String {
+                let start = SCHEMA
+                    .find(&format!("CREATE TABLE IF NOT EXISTS {name} ("))
+                    .unwrap_or_else(|| unreachable!("{name} is in SCHEMA"));
+                let len = SCHEMA[start..]
+                    .find(");")
+                    .unwrap_or_else(|| unreachable!("a statement ends"));
+                SCHEMA[start..start + len + 2].replacen(
+                    &format!("IF NOT EXISTS {name} ("),
+                    &format!("{name}_by_id ("),
+                    1,
+                )
+            };
+            let cols = "msg, recipient, name, relay, state, submissions, failed_attempts, \
+                        next_ms, expires_ms, changed_ms, failure, detail, last_error";
+            conn.execute_batch(&format!(
+                "{reports}
+                 INSERT INTO reports_by_id (hash, bytes) SELECT hash, bytes FROM reports;
+                 {deliveries}
+                 INSERT INTO deliveries_by_id ({cols}, receipt, uploaded, hop)
+                     SELECT {cols},
+                         (SELECT id FROM reports_by_id WHERE hash = deliveries.receipt),
+                         uploaded, hop
+                     FROM deliveries;
+                 DROP TABLE deliveries;
+                 DROP TABLE reports;
+                 ALTER TABLE reports_by_id RENAME TO reports;
+                 ALTER TABLE deliveries_by_id RENAME TO deliveries;",
+                reports = table("reports"),
+                deliveries = table("deliveries")
+            ))?;
+            conn.execute_batch(SCHEMA)?;
+            let broken: i64 =
+                conn.query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |r| {
+                    r.get(0)
+                })?;
+            if broken > 0 {
+                conn.execute_batch("ROLLBACK")?;
+                return Err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT),
+                    Some(format!(
+                        "moving receipts to report ids would leave {broken} rows without their report; nothing was changed"
+                    )),
+                ));
+            }
+        }
+        conn.execute_batch("PRAGMA user_version = 3; COMMIT;")
+    })();
+    if moved.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    conn.pragma_update(None, "foreign_keys", true)?;
+    moved
 }
 
 fn id16(v: Vec<u8>) -> [u8; 16] {
@@ -1059,6 +1154,116 @@ mod plan_tests {
         }
         // The relay answered again: the old row (one failed attempt) is due now.
         assert_eq!(db.relay_reachable(&relay, 2_000).expect("reachable"), 1);
+    }
+
+    /// A delivery names the report that settled it by the report row's
+    /// integer id (a byte or two, not its 32-byte hash: issue 22's bytes per
+    /// message); a database made before that, with deliveries under a
+    /// foreign key to `reports(hash)`, is moved once when opened: every
+    /// delivery still reads its report, the foreign key now names
+    /// `reports(id)` and holds, updates of settled rows pass it, the
+    /// partial indexes are back, and opening again changes nothing.
+    #[test]
+    fn deliveries_name_their_report_by_id_and_old_databases_move() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("agent.db");
+        let mut db = Db::open(&path).expect("db");
+        let bob = [7u8; 32];
+        let rcpt = QueuedRecipient {
+            name: "bob".into(),
+            signing: bob,
+            relay: "127.0.0.1:7443/ABCDEF".into(),
+        };
+        for i in 0..2u8 {
+            let m = QueuedMessage {
+                id: MessageId([i; 16]),
+                kind: "message",
+                created_ms: 1_000,
+                expires_ms: 10_000_000,
+                sent: Sent {
+                    content_hash: [1; 32],
+                    content_len: 5,
+                },
+                summary: "hi",
+                sealed: b"sealed",
+            };
+            db.queue(&m, std::slice::from_ref(&rcpt)).expect("queue");
+        }
+        // The two tables as version 2 made them, with their rows.
+        let old_deliveries = SCHEMA[SCHEMA
+            .find("CREATE TABLE IF NOT EXISTS deliveries (")
+            .expect("t")..]
+            .split_once(");")
+            .expect("end")
+            .0
+            .replace(
+                "receipt INTEGER REFERENCES reports(id)",
+                "receipt BLOB REFERENCES reports(hash)",
+            )
+            .replace("IF NOT EXISTS deliveries (", "deliveries_old (");
+        db.conn
+            .execute_batch(&format!(
+                "PRAGMA foreign_keys = OFF;
+                 BEGIN;
+                 {old_deliveries});
+                 INSERT INTO deliveries_old SELECT * FROM deliveries;
+                 DROP TABLE deliveries;
+                 ALTER TABLE deliveries_old RENAME TO deliveries;
+                 DROP TABLE reports;
+                 CREATE TABLE reports (hash BLOB PRIMARY KEY, bytes BLOB NOT NULL);
+                 INSERT INTO reports (hash, bytes) VALUES (zeroblob(32), x'5349474e4544');
+                 UPDATE deliveries SET receipt = zeroblob(32) WHERE msg = zeroblob(16);
+                 PRAGMA user_version = 2;
+                 COMMIT;
+                 PRAGMA foreign_keys = ON;"
+            ))
+            .expect("an older database");
+        let fk = |db: &Db| -> String {
+            db.conn
+                .query_row(
+                    "SELECT \"table\" || '(' || \"to\" || ')' FROM pragma_foreign_key_list('deliveries') WHERE \"from\" = 'receipt'",
+                    [],
+                    |r| r.get(0),
+                )
+                .expect("fk")
+        };
+        assert_eq!(fk(&db), "reports(hash)");
+        drop(db);
+
+        let mut db = Db::open(&path).expect("db again");
+        assert_eq!(fk(&db), "reports(id)");
+        let (kind, version, broken, indexes): (String, i64, i64, i64) = db
+            .conn
+            .query_row(
+                "SELECT (SELECT typeof(receipt) FROM deliveries WHERE msg = zeroblob(16)), \
+                 (SELECT user_version FROM pragma_user_version), \
+                 (SELECT count(*) FROM pragma_foreign_key_check), \
+                 (SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'deliveries' AND sql IS NOT NULL)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .expect("row");
+        assert_eq!(
+            (kind.as_str(), version, broken, indexes),
+            ("integer", 3, 0, 3)
+        );
+        let receipt = |db: &mut Db, m: u8| {
+            db.due(10_000, 100)
+                .expect("due")
+                .into_iter()
+                .find(|d| d.msg == MessageId([m; 16]))
+                .map(|d| d.receipt)
+                .expect("delivery")
+        };
+        assert_eq!(receipt(&mut db, 0).as_deref(), Some(&b"SIGNED"[..]));
+        assert_eq!(receipt(&mut db, 1), None);
+        // A row with its report is updated under the new foreign key.
+        db.set_uploaded(&MessageId([0; 16]), &bob, 42)
+            .expect("update");
+        drop(db);
+        let mut db = Db::open(&path).expect("third open");
+        assert_eq!(receipt(&mut db, 0).as_deref(), Some(&b"SIGNED"[..]));
+        assert_eq!(db.uploaded(&MessageId([0; 16]), &bob).expect("get"), 42);
     }
 
     /// A pass's questions about deliveries are answered from the indexes

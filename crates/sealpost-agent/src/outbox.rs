@@ -877,55 +877,40 @@ impl Db {
     }
 }
 
+/// Whether `table` has a column `column` (a database from before it was
+/// added has not).
+fn has_column(conn: &rusqlite::Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+        params![table, column],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )
+}
+
 /// Brings a database made by an earlier version up to [`SCHEMA`]: files
 /// queued before manifest version 2 recorded their blob's hash, which is
 /// now learnt while uploading.
 pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
-    let old: bool = conn.query_row(
-        "SELECT count(*) FROM pragma_table_info('files_out') WHERE name = 'blob_hash'",
-        [],
-        |r| r.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if old {
+    if has_column(conn, "files_out", "blob_hash")? {
         conn.execute_batch("ALTER TABLE files_out DROP COLUMN blob_hash")?;
     }
     // Databases made before downloads counted their local failures.
-    let counted: bool = conn.query_row(
-        "SELECT count(*) FROM pragma_table_info('downloads') WHERE name = 'local_errors'",
-        [],
-        |r| r.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if !counted {
+    if !has_column(conn, "downloads", "local_errors")? {
         conn.execute_batch(
             "ALTER TABLE downloads ADD COLUMN local_errors INTEGER NOT NULL DEFAULT 0",
         )?;
     }
     // Databases made before the archive.
-    let shelved: bool = conn.query_row(
-        "SELECT count(*) FROM pragma_table_info('inbox') WHERE name = 'archived_ms'",
-        [],
-        |r| r.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if !shelved {
+    if !has_column(conn, "inbox", "archived_ms")? {
         conn.execute_batch("ALTER TABLE inbox ADD COLUMN archived_ms INTEGER")?;
     }
     // Databases made before deliveries said where they are.
-    let hop: bool = conn.query_row(
-        "SELECT count(*) FROM pragma_table_info('deliveries') WHERE name = 'hop'",
-        [],
-        |r| r.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if !hop {
+    if !has_column(conn, "deliveries", "hop")? {
         conn.execute_batch("ALTER TABLE deliveries ADD COLUMN hop TEXT")?;
     }
     // Databases made before files could be padded.
     for table in ["files_out", "downloads"] {
-        let has: bool = conn.query_row(
-            &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = 'padded'"),
-            [],
-            |r| r.get::<_, i64>(0).map(|n| n > 0),
-        )?;
-        if !has {
+        if !has_column(conn, table, "padded")? {
             conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN padded INTEGER"))?;
         }
     }
@@ -981,11 +966,7 @@ fn reports_by_id(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         // Looked at inside the transaction: another process opening the
         // same home may have done it meanwhile.
-        let has_id: bool = conn.query_row(
-            "SELECT count(*) FROM pragma_table_info('reports') WHERE name = 'id'",
-            [],
-            |r| r.get::<_, i64>(0).map(|n| n > 0),
-        )?;
+        let has_id: bool = has_column(conn, "reports", "id")?;
         if !has_id {
             let table = |name: &str| -> String {
                 let start = SCHEMA
@@ -1072,6 +1053,25 @@ mod plan_tests {
         );
     }
 
+    /// Queues messages 0..n (ids of that byte) for `rcpt`.
+    fn queue_some(db: &mut Db, rcpt: &QueuedRecipient, n: u8) {
+        for i in 0..n {
+            let m = QueuedMessage {
+                id: MessageId([i; 16]),
+                kind: "message",
+                created_ms: 1_000,
+                expires_ms: 10_000_000,
+                sent: Sent {
+                    content_hash: [1; 32],
+                    content_len: 5,
+                },
+                summary: "hi",
+                sealed: b"sealed",
+            };
+            db.queue(&m, std::slice::from_ref(rcpt)).expect("queue");
+        }
+    }
+
     /// A delivery row holds the ids of its recipient and relay, each kept
     /// once; rows made before that (the key and the address in the row)
     /// move to ids when the database is opened, and read, match and
@@ -1086,22 +1086,7 @@ mod plan_tests {
             signing: bob,
             relay: relay.clone(),
         };
-        let sent = Sent {
-            content_hash: [1; 32],
-            content_len: 5,
-        };
-        for i in 0..3u8 {
-            let m = QueuedMessage {
-                id: MessageId([i; 16]),
-                kind: "message",
-                created_ms: 1_000,
-                expires_ms: 10_000_000,
-                sent,
-                summary: "hi",
-                sealed: b"sealed",
-            };
-            db.queue(&m, std::slice::from_ref(&rcpt)).expect("queue");
-        }
+        queue_some(&mut db, &rcpt, 3);
         // A row as an older version wrote it.
         db.conn
             .execute(
@@ -1174,21 +1159,7 @@ mod plan_tests {
             signing: bob,
             relay: "127.0.0.1:7443/ABCDEF".into(),
         };
-        for i in 0..2u8 {
-            let m = QueuedMessage {
-                id: MessageId([i; 16]),
-                kind: "message",
-                created_ms: 1_000,
-                expires_ms: 10_000_000,
-                sent: Sent {
-                    content_hash: [1; 32],
-                    content_len: 5,
-                },
-                summary: "hi",
-                sealed: b"sealed",
-            };
-            db.queue(&m, std::slice::from_ref(&rcpt)).expect("queue");
-        }
+        queue_some(&mut db, &rcpt, 2);
         // The two tables as version 2 made them, with their rows.
         let old_deliveries = SCHEMA[SCHEMA
             .find("CREATE TABLE IF NOT EXISTS deliveries (")

@@ -225,16 +225,23 @@ pub(crate) async fn writer<W: AsyncWrite + Unpin>(
             }
             wr.flush().await
         };
-        // Boxed: an idle connection's writer holds no write's state.
-        Box::pin(timeout(stall, write)).await.map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client took no answer within the frame timeout",
-            )
-        })??;
+        taken(stall, write).await?;
         buffers::give(buf);
     }
-    wr.shutdown().await
+    // The close (TLS's close_notify) is a write too: a client whose window
+    // is full would hold it, and the connection, for ever.
+    taken(stall, wr.shutdown()).await
+}
+
+/// `write` if the client takes it within `stall`; else `TimedOut`. Boxed:
+/// an idle connection's writer holds no write's state.
+async fn taken(stall: Duration, write: impl Future<Output = io::Result<()>>) -> io::Result<()> {
+    Box::pin(timeout(stall, write)).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client took no answer within the frame timeout",
+        )
+    })?
 }
 
 /// Writes `a` then `b` as one stream of bytes (vectored: TLS records span
@@ -257,4 +264,52 @@ pub(crate) async fn write_both<W: AsyncWrite + Unpin>(
         b = &b[n - from_a..];
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A client that takes every byte but never the close.
+    struct NoClose(usize);
+
+    impl AsyncWrite for NoClose {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0 += buf.len();
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    /// The answers are written, and a close the client does not take ends
+    /// the writer after the stall bound instead of holding it for ever.
+    #[tokio::test]
+    async fn a_close_the_client_does_not_take_is_bounded() {
+        let (out, rx) = super::super::outq::channel(4);
+        out.send(Outgoing::Frame(vec![1, 2, 3]))
+            .await
+            .expect("queued");
+        drop(out);
+        let mut wr = NoClose(0);
+        let e = timeout(
+            Duration::from_secs(10),
+            writer(&mut wr, rx, Duration::from_millis(50)),
+        )
+        .await
+        .expect("the writer ended")
+        .expect_err("the close was never taken");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(wr.0, 3);
+    }
 }

@@ -94,6 +94,7 @@ delivered() {
 }
 rss_kib() { awk '/VmHWM/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{ print int(($14 + $15) * 1000 / hz) }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+sys_ms() { awk -v hz="$(getconf CLK_TCK)" '{ print int($15 * 1000 / hz) }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 # ---- throughput ----
 head -c "$SIZE" /dev/urandom | base64 -w0 | head -c "$SIZE" >"$T/content"
@@ -122,7 +123,7 @@ awk -v n="$COUNT" -v t0="$t0" -v tq="$t_queued" -v t1="$t1" 'BEGIN {
 i=0
 for p in "${PIDS[@]}"; do
     echo "sealpost peak_rss_${NAMES[$i]} $(( $(rss_kib "$p") / 1024 )) MiB"
-    echo "sealpost cpu_us_per_msg_${NAMES[$i]} $(( $(cpu_ms "$p") * 1000 / COUNT )) us"
+    echo "sealpost cpu_us_per_msg_${NAMES[$i]} $(( $(cpu_ms "$p") * 1000 / COUNT )) us (of which in the kernel $(( $(sys_ms "$p") * 1000 / COUNT )))"
     i=$((i + 1))
 done
 inbox=$("$SP" "${B[@]}" --json inbox --limit 1000000 | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["messages"]))')

@@ -13,6 +13,7 @@
 #   bench/instructions.sh                 # N=2000
 #   SP=/other/sealpost bench/instructions.sh   # another binary (before/after)
 #   FILE_MB=64 bench/instructions.sh      # a file instead, per process
+#   HISTORY=1000000 bench/instructions.sh # N messages after a million
 #
 # Output: "<step> <instructions> Ir" and per message. Keeps the callgrind
 # files when KEEP=1 (for callgrind_annotate). Bounded: N messages.
@@ -40,7 +41,7 @@ T=$(mktemp -d /tmp/sealpost-instructions.XXXXXX)
 PIDS=()
 cleanup() {
     local p
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     [[ ${KEEP:-0} == 1 ]] && echo "# kept $T" >&2 || rm -rf "$T"
 }
 trap cleanup EXIT
@@ -118,9 +119,35 @@ print(f"sealpost instructions_per_MiB all three: {m(total):.2f} M Ir, floor {m(f
 PY
     exit 0
 fi
-relay_cg relay_msgs
-setup
 head -c 1024 /dev/urandom | base64 -w0 | head -c 1024 >"$T/content"
+if [[ ${HISTORY:-0} -gt 0 ]]; then
+    # HISTORY messages sent, delivered and receipted before anything is
+    # counted (through running agents, the relay not under callgrind), so
+    # that the counts below say what a message costs with that history
+    # behind it (issue 22: flat cost).
+    relay_at "$T/relay" 127.0.0.1 "$PORT"
+    ADDR=$AT
+    setup
+    totals() { "$SP" "${A[@]}" --json status --limit 0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["totals"].get("delivered", 0))'; }
+    "$SP" "${B[@]}" agent >/dev/null 2>>"$T/agents.log" &
+    PIDS+=($!)
+    "$SP" "${A[@]}" agent >/dev/null 2>>"$T/agents.log" &
+    PIDS+=($!)
+    "$SP" "${A[@]}" send bob - --repeat "$HISTORY" <"$T/content" >/dev/null
+    deadline=$(($(date +%s) + 3600))
+    while [[ $(totals) -lt $HISTORY ]]; do
+        [[ $(date +%s) -lt $deadline ]] || { echo "the history was not delivered within an hour" >&2; exit 1; }
+        sleep 1
+    done
+    kill -TERM "${PIDS[-1]}" "${PIDS[-2]}"
+    wait "${PIDS[-1]}" "${PIDS[-2]}" 2>/dev/null || true
+    relay_stop
+    echo "# history: $HISTORY messages delivered and receipted" >&2
+    relay_cg relay_msgs
+else
+    relay_cg relay_msgs
+    setup
+fi
 count() { # name command...: prints the instructions, keeps them in IR_<name>
     local name=$1 ir
     shift

@@ -168,20 +168,52 @@ impl Db {
             return Ok(false);
         }
         self.conn.pragma_update(None, "auto_vacuum", 2i64)?;
+        if mode == 1 {
+            // Full, left by a give-back all at once that stopped between
+            // its two settings: SQLite switches back without a rewrite.
+            return Ok(false);
+        }
         self.conn.execute_batch("VACUUM")?;
         Ok(true)
     }
 
-    /// Gives free pages beyond `keep_pages` back to the file system, at
-    /// most `step_pages` of them; returns how many.
-    pub fn give_back_space(&mut self, keep_pages: i64, step_pages: i64) -> Result<i64, AgentError> {
-        let free: i64 = self
-            .conn
-            .pragma_query_value(None, "freelist_count", |r| r.get(0))?;
-        let n = (free - keep_pages).min(step_pages);
-        if n <= 0 {
+    /// Gives free pages back to the file system, keeping `keep_pages` or a
+    /// sixteenth of the file, whichever is more, for the messages to come;
+    /// at most `step_pages` of them, or every free page at once while at
+    /// most `all_at_once_live` pages are in use. Returns how many.
+    ///
+    /// SQLite's incremental steps look each page they give back up in the
+    /// free list, so a step costs more the longer the list; the full
+    /// auto-vacuum turned on for one commit moves the pages in use at the
+    /// end of the file into free ones below and cuts the rest off without
+    /// that search (the relay's store does the same, `vacuum_step`). The
+    /// sixteenth kept: a home sending a steady stream frees the sealed
+    /// copies of what was delivered while it adds new ones, and giving
+    /// those pages back in a quiet pass only to grow the file again moves
+    /// pages for nothing.
+    pub fn give_back_space(
+        &mut self,
+        keep_pages: i64,
+        step_pages: i64,
+        all_at_once_live: i64,
+    ) -> Result<i64, AgentError> {
+        let (pages, free): (i64, i64) = self.conn.query_row(
+            "SELECT page_count, freelist_count FROM pragma_page_count, pragma_freelist_count",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let keep = keep_pages.max(pages / 16);
+        if free <= keep {
             return Ok(0);
         }
+        if pages - free <= all_at_once_live {
+            let all = self.conn.execute_batch("PRAGMA auto_vacuum = FULL");
+            let back = self.conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL");
+            all?;
+            back?;
+            return Ok(free);
+        }
+        let n = (free - keep).min(step_pages);
         // Each step of the statement gives back one page: run it to its end.
         let mut stmt = self
             .conn

@@ -84,14 +84,30 @@ pub fn padding_for(header_len: usize, content_len: u64) -> u32 {
     u32::try_from(padme(len) - len).unwrap_or(u32::MAX)
 }
 
-/// A random 128-bit message id.
+/// A 128-bit message id: unique per message, opaque to a recipient (who
+/// must not rely on how it was made, PROTOCOL 4.3).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MessageId(pub [u8; 16]);
 
 impl MessageId {
+    /// 128 random bits.
     pub fn random(rng: &mut impl CryptoRngCore) -> Self {
         let mut b = [0u8; 16];
         rng.fill_bytes(&mut b);
+        Self(b)
+    }
+
+    /// An id that sorts by the time it was made: the unix time in
+    /// milliseconds, 48 bits big-endian, then 80 random bits (the layout of
+    /// a UUIDv7 without its version bits). Stores keyed by message id then
+    /// add new ids at the end of their B-trees instead of at random places
+    /// all over them, so what a message costs does not grow with how many
+    /// came before it; 80 random bits keep ids unguessable (a contact who
+    /// could guess another sender's next id could take it first).
+    pub fn time_ordered(now_ms: u64, rng: &mut impl CryptoRngCore) -> Self {
+        let mut b = [0u8; 16];
+        b[..6].copy_from_slice(&(now_ms & 0xffff_ffff_ffff).to_be_bytes()[2..]);
+        rng.fill_bytes(&mut b[6..]);
         Self(b)
     }
 

@@ -1019,3 +1019,27 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Ids for delivery sort by the millisecond they were made (so stores
+    /// keyed by them append), carry that time in their first six bytes,
+    /// and keep 80 bits that are not the time: two ids made in the same
+    /// millisecond differ.
+    #[test]
+    fn time_ordered_ids_sort_by_time_and_stay_unguessable(
+        a in 0u64..(1 << 48), b in 0u64..(1 << 48), seed in any::<u64>()
+    ) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let x = MessageId::time_ordered(a, &mut rng);
+        let y = MessageId::time_ordered(b, &mut rng);
+        let mut t = [0u8; 8];
+        t[2..].copy_from_slice(&x.0[..6]);
+        prop_assert_eq!(u64::from_be_bytes(t), a);
+        if a < b {
+            prop_assert!(x < y);
+        }
+        let z = MessageId::time_ordered(a, &mut rng);
+        prop_assert_eq!(&x.0[..6], &z.0[..6]);
+        prop_assert_ne!(&x.0[6..], &z.0[6..]);
+    }
+}

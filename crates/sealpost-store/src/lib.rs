@@ -288,10 +288,20 @@ pub struct CommitStats {
 /// back (4 MiB at 4 KiB pages): a relay that empties and fills again does
 /// not shrink and regrow its file for every burst.
 pub const VACUUM_KEEP_PAGES: i64 = 1024;
-/// Pages given back in one step (2 MiB): one step is one short write
-/// transaction, taken only when the writer has been idle for
-/// [`VACUUM_IDLE`], so it never holds a commit back for longer.
+/// The most pages given back in one step (2 MiB): one step is one short
+/// write transaction, taken only when the writer has been idle for
+/// [`VACUUM_IDLE`]; its size shrinks (to [`VACUUM_STEP_MIN_PAGES`]) while
+/// steps take longer than [`VACUUM_STEP_TARGET`], which is what a commit
+/// that arrives meanwhile may wait.
 pub const VACUUM_STEP_PAGES: i64 = 512;
+/// The fewest pages a step gives back.
+pub const VACUUM_STEP_MIN_PAGES: i64 = 16;
+/// How long one step should hold the writer at most.
+pub const VACUUM_STEP_TARGET: Duration = Duration::from_millis(20);
+/// While the pages in use are at most these (16 MiB at 4 KiB pages), every
+/// free page is given back at once, in time that grows with the pages in
+/// use, not with the free ones (see `writer::vacuum_step`).
+pub const VACUUM_ALL_AT_ONCE_LIVE_PAGES: i64 = 4096;
 /// How long the writer waits for work before it takes a step: long enough
 /// that the pauses within a burst (between a recipient's fetch and its
 /// acknowledgement, say) do not count as idle, since pages given back then

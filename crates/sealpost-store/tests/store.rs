@@ -431,9 +431,50 @@ async fn a_store_from_before_shares_opens_and_counts_new_items() {
     assert_eq!(store.status(&mb).await.expect("status").used, 0);
 }
 
+/// Submits `n` items of 64 KiB to `mb`; returns their seqs.
+async fn submit_64k(store: &Store, mb: MailboxId, from: u32, n: u32) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for i in from..from + n {
+        let p: Vec<u8> = (0..65_536u32).map(|j| (i ^ j) as u8).collect();
+        match store
+            .submit(mb, NOW + 3600, h(&p), p, SRC, NOW)
+            .await
+            .expect("submit")
+        {
+            SubmitOutcome::Stored { seq, .. } => seqs.push(seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    seqs
+}
+
+/// Waits until the database holds at most `live` bytes besides the free
+/// pages it keeps, in the file on disk too.
+async fn wait_for_space_back(store: &Store, dir: &std::path::Path, live: u64) {
+    let kept = sealpost_store::VACUUM_KEEP_PAGES as u64 * 4096;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let sealpost_store::LedgerSpace { size, free } = store.db_space().await.expect("space");
+        let on_disk = std::fs::metadata(dir.join("relay.db")).expect("db").len();
+        let given_back = store.commit_stats().pages_given_back;
+        if size <= live + kept + (1 << 20)
+            && on_disk <= live + kept + (1 << 20)
+            && free <= kept
+            && given_back > 0
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {size} bytes in the database ({free} free), {on_disk} on disk"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// A relay that held a burst gives the space back once the burst is
-/// delivered: free database pages are returned in steps while the writer
-/// is idle, down to the few it keeps for reuse.
+/// delivered: with little left in use, every free page at once, in one
+/// step while the writer is idle.
 #[tokio::test]
 async fn space_is_given_back_after_a_burst_is_delivered() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -445,47 +486,55 @@ async fn space_is_given_back_after_a_burst_is_delivered() {
     let mb = MailboxId::of(&[1; 32]);
     store.register(mb, [1; 32], NOW).await.expect("reg");
     // 24 MiB of items.
-    let mut seqs = Vec::new();
-    for i in 0..384u32 {
-        let p: Vec<u8> = (0..65_536u32).map(|j| (i ^ j) as u8).collect();
-        match store
-            .submit(mb, NOW + 3600, h(&p), p, SRC, NOW)
-            .await
-            .expect("submit")
-        {
-            SubmitOutcome::Stored { seq, .. } => seqs.push(seq),
-            other => panic!("{other:?}"),
-        }
-    }
+    let seqs = submit_64k(&store, mb, 0, 384).await;
     let full = store.db_space().await.expect("space").size;
     assert!(full > 20 << 20, "{full}");
     for chunk in seqs.chunks(64) {
         store.ack(mb, chunk.to_vec()).await.expect("ack");
     }
-    let kept = sealpost_store::VACUUM_KEEP_PAGES as u64 * 4096;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let sealpost_store::LedgerSpace { size, free } = store.db_space().await.expect("space");
-        let on_disk = std::fs::metadata(dir.path().join("relay.db"))
-            .expect("db")
-            .len();
-        if size <= kept + (1 << 20) && on_disk <= kept + (1 << 20) {
-            assert!(free <= kept, "{free}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still {size} bytes in the database ({free} free), {on_disk} on disk"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(store.commit_stats().vacuum_steps >= 8);
+    wait_for_space_back(&store, dir.path(), 0).await;
+    let stats = store.commit_stats();
+    assert!(
+        stats.vacuum_steps <= 2 && stats.pages_given_back >= 5_000,
+        "{stats:?}"
+    );
     // New items still go in, reusing the kept pages.
     let p = vec![1u8; 1000];
     assert!(matches!(
         store.submit(mb, NOW + 3600, h(&p), p, SRC, NOW).await,
         Ok(SubmitOutcome::Stored { .. })
     ));
+    store.close();
+}
+
+/// With much still in use (more than the pages given back all at once),
+/// the space of what was delivered comes back in steps, down to the few
+/// free pages kept, and what is still queued stays.
+#[tokio::test]
+async fn space_comes_back_in_steps_while_much_is_still_queued() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let lim = Limits {
+        mailbox_quota: 1 << 30,
+        ..limits()
+    };
+    let store = Store::open(dir.path(), lim).expect("open");
+    let mb = MailboxId::of(&[1; 32]);
+    store.register(mb, [1; 32], NOW).await.expect("reg");
+    // 24 MiB delivered, then 20 MiB (above the all-at-once bound) kept.
+    let gone = submit_64k(&store, mb, 0, 384).await;
+    let stay = submit_64k(&store, mb, 384, 320).await;
+    assert!(
+        stay.len() as i64 * 16 > sealpost_store::VACUUM_ALL_AT_ONCE_LIVE_PAGES,
+        "kept items fill more pages than the bound"
+    );
+    for chunk in gone.chunks(64) {
+        store.ack(mb, chunk.to_vec()).await.expect("ack");
+    }
+    wait_for_space_back(&store, dir.path(), 22 << 20).await;
+    let stats = store.commit_stats();
+    assert!(stats.vacuum_steps >= 8, "{stats:?}");
+    let status = store.status(&mb).await.expect("status");
+    assert_eq!(status.items, 320);
     store.close();
 }
 

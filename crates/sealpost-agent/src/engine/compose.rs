@@ -292,9 +292,10 @@ impl Recipients {
                 max: MAX_CONTENT as u64,
             });
         }
-        let now_s = now_ms() / 1000;
+        let now = now_ms();
+        let now_s = now / 1000;
         let lifetime = lifetime_secs.clamp(1, message::MAX_LIFETIME_SECS);
-        let id = MessageId::random(&mut OsRng);
+        let id = MessageId::time_ordered(now, &mut OsRng);
         let req = SealRequest {
             kind,
             id,

@@ -131,10 +131,12 @@ pub const DOWNLOAD_DIR: &str = "download_dir";
 /// (16 KiB) and for the padding (a Padmé length near 1 MiB is a multiple
 /// of 32 KiB, so at most 32 KiB - 1 is added).
 pub const MAX_CONTENT: usize = MAX_MESSAGE - 48 * 1024;
-/// Free pages the home's database keeps for reuse (1 MiB), and the most
-/// given back after one pass (4 MiB).
+/// Free pages the home's database keeps for reuse (at least 1 MiB, see
+/// `Db::give_back_space`), the most given back after one pass (4 MiB),
+/// and the pages in use (16 MiB) up to which all are given back at once.
 const AGENT_KEEP_PAGES: i64 = 256;
 const AGENT_VACUUM_STEP_PAGES: i64 = 1024;
+const AGENT_ALL_AT_ONCE_LIVE_PAGES: i64 = 4096;
 /// While a backlog is being fetched, the receipts owed so far go out at
 /// least this often.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -696,11 +698,11 @@ impl Engine {
             && stats.confirmed == 0
             && stats.reports_sent == 0;
         if quiet {
-            if let Err(e) = self
-                .agent
-                .db
-                .give_back_space(AGENT_KEEP_PAGES, AGENT_VACUUM_STEP_PAGES)
-            {
+            if let Err(e) = self.agent.db.give_back_space(
+                AGENT_KEEP_PAGES,
+                AGENT_VACUUM_STEP_PAGES,
+                AGENT_ALL_AT_ONCE_LIVE_PAGES,
+            ) {
                 tracing::warn!("could not give free database pages back: {e}");
             }
         }

@@ -59,12 +59,13 @@ impl Engine {
         kind: Kind,
         content: &[u8],
     ) -> Result<Control, EngineError> {
-        let now_s = self.clock.now_ms() / 1000;
+        let now = self.clock.now_ms();
+        let now_s = now / 1000;
         let pin = pin_of(&self.home_addr);
         let recipients = [*to];
         let req = SealRequest {
             kind,
-            id: MessageId::random(&mut OsRng),
+            id: MessageId::time_ordered(now, &mut OsRng),
             created_at: now_s,
             expires_at: now_s + REPORT_LIFETIME_SECS,
             in_reply_to: None,

@@ -177,20 +177,15 @@ impl Db {
         Ok(true)
     }
 
-    /// Gives free pages back to the file system, keeping `keep_pages` or a
-    /// sixteenth of the file, whichever is more, for the messages to come;
-    /// at most `step_pages` of them, or every free page at once while at
-    /// most `all_at_once_live` pages are in use. Returns how many.
+    /// Gives free pages beyond `keep_pages` back to the file system: at
+    /// most `step_pages` of them, or every free page at once while at most
+    /// `all_at_once_live` pages are in use. Returns how many.
     ///
     /// SQLite's incremental steps look each page they give back up in the
     /// free list, so a step costs more the longer the list; the full
     /// auto-vacuum turned on for one commit moves the pages in use at the
     /// end of the file into free ones below and cuts the rest off without
-    /// that search (the relay's store does the same, `vacuum_step`). The
-    /// sixteenth kept: a home sending a steady stream frees the sealed
-    /// copies of what was delivered while it adds new ones, and giving
-    /// those pages back in a quiet pass only to grow the file again moves
-    /// pages for nothing.
+    /// that search (the relay's store does the same, `vacuum_step`).
     pub fn give_back_space(
         &mut self,
         keep_pages: i64,
@@ -202,8 +197,7 @@ impl Db {
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        let keep = keep_pages.max(pages / 16);
-        if free <= keep {
+        if free <= keep_pages {
             return Ok(0);
         }
         if pages - free <= all_at_once_live {
@@ -213,7 +207,7 @@ impl Db {
             back?;
             return Ok(free);
         }
-        let n = (free - keep).min(step_pages);
+        let n = (free - keep_pages).min(step_pages);
         // Each step of the statement gives back one page: run it to its end.
         let mut stmt = self
             .conn

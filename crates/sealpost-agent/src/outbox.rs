@@ -1380,6 +1380,58 @@ mod plan_tests {
         assert_eq!(version, 4);
     }
 
+    /// A home's free pages go back all at once while little is in use,
+    /// and in steps, down to the pages kept, while much is.
+    #[test]
+    fn free_pages_go_back_at_once_while_little_is_in_use() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut db = Db::open(&dir.path().join("agent.db")).expect("db");
+        let free_pages = |db: &Db| -> i64 {
+            db.conn
+                .pragma_query_value(None, "freelist_count", |r| r.get(0))
+                .expect("free")
+        };
+        let fill = |db: &Db, tag: i64, n: i64| {
+            db.conn
+                .execute(
+                    "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < ?2) \
+                     INSERT INTO filler SELECT ?1, randomblob(3000) FROM k",
+                    params![tag, n],
+                )
+                .expect("fill");
+        };
+        db.conn
+            .execute_batch("CREATE TABLE filler (tag INTEGER, b BLOB)")
+            .expect("table");
+        fill(&db, 1, 3000);
+        db.conn
+            .execute("DELETE FROM filler WHERE tag = 1", [])
+            .expect("delete");
+        let free = free_pages(&db);
+        assert!(free > 2500, "{free}");
+        assert_eq!(db.give_back_space(256, 1024, 4096).expect("back"), free);
+        assert_eq!(free_pages(&db), 0);
+        let mode: i64 = db
+            .conn
+            .pragma_query_value(None, "auto_vacuum", |r| r.get(0))
+            .expect("mode");
+        assert_eq!(mode, 2, "incremental again");
+        // 24 MiB stay in use: steps of at most 1,024 pages, down to the
+        // 256 kept.
+        fill(&db, 2, 8000);
+        fill(&db, 3, 3000);
+        db.conn
+            .execute("DELETE FROM filler WHERE tag = 3", [])
+            .expect("delete");
+        let mut steps = 0;
+        while db.give_back_space(256, 1024, 4096).expect("step") > 0 {
+            steps += 1;
+            assert!(steps < 10, "ends");
+        }
+        assert!(steps >= 2, "{steps}");
+        assert_eq!(free_pages(&db), 256);
+    }
+
     /// A pass's questions about deliveries are answered from the indexes
     /// of those under way: none reads the table's rows in order (a scan
     /// of the whole history), whatever the history holds.

@@ -131,9 +131,9 @@ pub const DOWNLOAD_DIR: &str = "download_dir";
 /// (16 KiB) and for the padding (a Padmé length near 1 MiB is a multiple
 /// of 32 KiB, so at most 32 KiB - 1 is added).
 pub const MAX_CONTENT: usize = MAX_MESSAGE - 48 * 1024;
-/// Free pages the home's database keeps for reuse (at least 1 MiB, see
-/// `Db::give_back_space`), the most given back after one pass (4 MiB),
-/// and the pages in use (16 MiB) up to which all are given back at once.
+/// Free pages the home's database keeps for reuse (1 MiB), the most given
+/// back after one pass (4 MiB), and the pages in use (16 MiB) up to which
+/// all are given back at once (see `Db::give_back_space`).
 const AGENT_KEEP_PAGES: i64 = 256;
 const AGENT_VACUUM_STEP_PAGES: i64 = 1024;
 const AGENT_ALL_AT_ONCE_LIVE_PAGES: i64 = 4096;

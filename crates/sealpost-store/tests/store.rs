@@ -448,6 +448,20 @@ async fn submit_64k(store: &Store, mb: MailboxId, from: u32, n: u32) -> Vec<u64>
     seqs
 }
 
+/// A store with one mailbox holding a burst of 24 MiB of items (their seqs).
+async fn a_burst() -> (tempfile::TempDir, Store, MailboxId, Vec<u64>) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let lim = Limits {
+        mailbox_quota: 1 << 30,
+        ..limits()
+    };
+    let store = Store::open(dir.path(), lim).expect("open");
+    let mb = MailboxId::of(&[1; 32]);
+    store.register(mb, [1; 32], NOW).await.expect("reg");
+    let seqs = submit_64k(&store, mb, 0, 384).await;
+    (dir, store, mb, seqs)
+}
+
 /// Waits until the database holds at most `live` bytes besides the free
 /// pages it keeps, in the file on disk too.
 async fn wait_for_space_back(store: &Store, dir: &std::path::Path, live: u64) {
@@ -477,16 +491,7 @@ async fn wait_for_space_back(store: &Store, dir: &std::path::Path, live: u64) {
 /// step while the writer is idle.
 #[tokio::test]
 async fn space_is_given_back_after_a_burst_is_delivered() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let lim = Limits {
-        mailbox_quota: 1 << 30,
-        ..limits()
-    };
-    let store = Store::open(dir.path(), lim).expect("open");
-    let mb = MailboxId::of(&[1; 32]);
-    store.register(mb, [1; 32], NOW).await.expect("reg");
-    // 24 MiB of items.
-    let seqs = submit_64k(&store, mb, 0, 384).await;
+    let (dir, store, mb, seqs) = a_burst().await;
     let full = store.db_space().await.expect("space").size;
     assert!(full > 20 << 20, "{full}");
     for chunk in seqs.chunks(64) {
@@ -512,16 +517,9 @@ async fn space_is_given_back_after_a_burst_is_delivered() {
 /// free pages kept, and what is still queued stays.
 #[tokio::test]
 async fn space_comes_back_in_steps_while_much_is_still_queued() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let lim = Limits {
-        mailbox_quota: 1 << 30,
-        ..limits()
-    };
-    let store = Store::open(dir.path(), lim).expect("open");
-    let mb = MailboxId::of(&[1; 32]);
-    store.register(mb, [1; 32], NOW).await.expect("reg");
-    // 24 MiB delivered, then 20 MiB (above the all-at-once bound) kept.
-    let gone = submit_64k(&store, mb, 0, 384).await;
+    // The burst is delivered, then 20 MiB (above the all-at-once bound)
+    // are kept.
+    let (dir, store, mb, gone) = a_burst().await;
     let stay = submit_64k(&store, mb, 384, 320).await;
     assert!(
         stay.len() as i64 * 16 > sealpost_store::VACUUM_ALL_AT_ONCE_LIVE_PAGES,

@@ -178,7 +178,7 @@ fn a_code_read_aloud_pairs_two_people_who_can_then_write() {
         .expect("id")
         .to_owned();
     net.env.json("bob", &["sync"]);
-    let read = net.env.ok("bob", &["read", &id[..12]]);
+    let read = net.env.ok("bob", &["read", &id[..20]]);
     assert!(String::from_utf8_lossy(&read).contains("hello after pairing"));
 }
 

@@ -81,21 +81,11 @@ B=(--home "$T/bob")
 "$SP" "${A[@]}" contact add "$("$SP" "${B[@]}" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])')" --name bob >/dev/null
 "$SP" "${B[@]}" contact add "$("$SP" "${A[@]}" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])')" --name alice >/dev/null
 
-start_agent() { # home-args...
-    "$SP" "$@" agent --forward "$FORWARD" >/dev/null 2>>"$T/agents.log" &
-    PIDS+=($!)
-    local home=${2}
-    for _ in $(seq 200); do [[ -S $home/agent.sock ]] && return; sleep 0.05; done
-    echo "agent for $home did not start" >&2
-    exit 1
-}
-start_agent "${B[@]}"
-start_agent "${A[@]}"
+start_agent "${B[@]}" --forward "$FORWARD"
+start_agent "${A[@]}" --forward "$FORWARD"
 NAMES+=(bob-agent alice-agent)
 
-delivered() {
-    "$SP" "${A[@]}" --json status --limit 0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["totals"].get("delivered", 0))'
-}
+delivered() { delivered_at "${A[@]}"; }
 rss_kib() { awk '/VmHWM/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{ print int(($14 + $15) * 1000 / hz) }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 sys_ms() { awk -v hz="$(getconf CLK_TCK)" '{ print int($15 * 1000 / hz) }' "/proc/$1/stat" 2>/dev/null || echo 0; }

@@ -128,14 +128,11 @@ if [[ ${HISTORY:-0} -gt 0 ]]; then
     relay_at "$T/relay" 127.0.0.1 "$PORT"
     ADDR=$AT
     setup
-    totals() { "$SP" "${A[@]}" --json status --limit 0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["totals"].get("delivered", 0))'; }
-    "$SP" "${B[@]}" agent >/dev/null 2>>"$T/agents.log" &
-    PIDS+=($!)
-    "$SP" "${A[@]}" agent >/dev/null 2>>"$T/agents.log" &
-    PIDS+=($!)
+    start_agent "${B[@]}"
+    start_agent "${A[@]}"
     "$SP" "${A[@]}" send bob - --repeat "$HISTORY" <"$T/content" >/dev/null
     deadline=$(($(date +%s) + 3600))
-    while [[ $(totals) -lt $HISTORY ]]; do
+    while [[ $(delivered_at "${A[@]}") -lt $HISTORY ]]; do
         [[ $(date +%s) -lt $deadline ]] || { echo "the history was not delivered within an hour" >&2; exit 1; }
         sleep 1
     done

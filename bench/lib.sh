@@ -22,6 +22,24 @@ relay_at() {
     exit 1
 }
 
+# Starts an agent in the background on a home (`--home DIR`, then any
+# arguments for `agent`) and waits for its socket; its pid joins PIDS, its
+# log goes to $T/agents.log.
+start_agent() { # --home dir [agent args...]
+    "$SP" "$1" "$2" agent "${@:3}" >/dev/null 2>>"$T/agents.log" &
+    PIDS+=($!)
+    local home=$2
+    for _ in $(seq 200); do [[ -S $home/agent.sock ]] && return; sleep 0.05; done
+    echo "agent for $home did not start" >&2
+    exit 1
+}
+
+# How many of a home's deliveries are delivered (`--home DIR`), from the
+# totals `status` reads.
+delivered_at() { # --home dir
+    "$SP" "$@" --json status --limit 0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["totals"].get("delivered", 0))'
+}
+
 # Starts a relay on 127.0.0.1:$PORT with its data in $T/relay (extra
 # arguments go to `relay serve`, e.g. --metrics): relay_at, with ADDR set
 # to its address.

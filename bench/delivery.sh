@@ -20,6 +20,9 @@
 #    are delivered and receipted; then the COUNT messages are measured
 #    (their throughput and the CPU each process spent on them alone) with
 #    that history behind them (issue 22: cost that does not grow).
+#    FROM=DIR starts instead from a copy of the relay and homes a KEEP=1
+#    run left in DIR (same PORT): the same history for every build of an
+#    A/B pair, without sending it again (a million takes minutes).
 # 2. Latency: LONE messages, one at a time, `send --wait` with both agents
 #    running; `waited_ms` is measured inside `send` from the committed queue
 #    entry to the verified receipt in alice's database. The wall time of the
@@ -60,6 +63,12 @@ trap cleanup EXIT
 export SEALPOST_LOG=warn
 
 NAMES=(relay)
+if [[ -n ${FROM:-} ]]; then
+    [[ $TWO_RELAYS == 0 ]] || { echo "FROM: one relay only" >&2; exit 1; }
+    cp -a "$FROM/relay" "$FROM/alice" "$FROM/bob" "$T/"
+    rm -f "$T/alice/agent.sock" "$T/bob/agent.sock"
+    sync
+fi
 if [[ $TWO_RELAYS == 1 ]]; then
     # Each relay on its own loopback address, as two machines would be.
     relay_at "$T/relay" 127.0.0.2 "$PORT"
@@ -76,10 +85,14 @@ echo "# relay at $ADDR, loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 A=(--home "$T/alice")
 B=(--home "$T/bob")
+if [[ -n ${FROM:-} ]]; then
+    [[ -z ${HISTORY:-} ]] || { echo "FROM and HISTORY: one or the other" >&2; exit 1; }
+else
 "$SP" "${A[@]}" init --name alice --relay "$ADDR" >/dev/null
 "$SP" "${B[@]}" init --name bob --relay "$ADDR_B" >/dev/null
 "$SP" "${A[@]}" contact add "$("$SP" "${B[@]}" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])')" --name bob >/dev/null
 "$SP" "${B[@]}" contact add "$("$SP" "${A[@]}" --json id | python3 -c 'import json,sys; print(json.load(sys.stdin)["card"])')" --name alice >/dev/null
+fi
 
 start_agent "${B[@]}" --forward "$FORWARD"
 start_agent "${A[@]}" --forward "$FORWARD"
@@ -88,6 +101,10 @@ NAMES+=(bob-agent alice-agent)
 delivered() { delivered_at "${A[@]}"; }
 rss_kib() { awk '/VmHWM/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{ print int(($14 + $15) * 1000 / hz) }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# Read and write system calls and bytes (/proc/PID/io), for the per-message
+# figures below: "syscr syscw read_bytes write_bytes" (bytes from and to
+# the device; the page cache's are rchar/wchar).
+io_now() { awk '/^syscr|^syscw|^read_bytes|^write_bytes/ { v[$1] = $2 } END { printf "%.0f %.0f %.0f %.0f\n", v["syscr:"], v["syscw:"], v["read_bytes:"], v["write_bytes:"] }' "/proc/$1/io" 2>/dev/null || echo 0 0 0 0; }
 sys_ms() { awk -v hz="$(getconf CLK_TCK)" '{ print int($15 * 1000 / hz) }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 # ---- throughput ----
@@ -103,7 +120,13 @@ if [[ ${HISTORY:-0} -gt 0 ]]; then
     sleep 2
     echo "# history: $HISTORY messages delivered and receipted, loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 fi
-for p in "${PIDS[@]}"; do CPU0+=("$(cpu_ms "$p") $(sys_ms "$p")"); done
+if [[ -n ${FROM:-} ]]; then
+    # The agents' first passes over a copied home, before the count.
+    sleep 2
+    echo "# from $FROM: $(delivered) messages of history, loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+fi
+IO0=()
+for p in "${PIDS[@]}"; do CPU0+=("$(cpu_ms "$p") $(sys_ms "$p")"); IO0+=("$(io_now "$p")"); done
 base=$(delivered)
 t0=$(date +%s.%N)
 "$SP" "${A[@]}" send bob - --repeat "$COUNT" "${NOPAD[@]}" <"$T/content" >/dev/null
@@ -131,9 +154,13 @@ for p in "${PIDS[@]}"; do
     read -r c0 s0 <<<"${CPU0[$i]}"
     echo "sealpost peak_rss_${NAMES[$i]} $(( $(rss_kib "$p") / 1024 )) MiB"
     echo "sealpost cpu_us_per_msg_${NAMES[$i]} $(( ($(cpu_ms "$p") - c0) * 1000 / COUNT )) us (of which in the kernel $(( ($(sys_ms "$p") - s0) * 1000 / COUNT )))"
+    read -r r0 w0 rb0 wb0 <<<"${IO0[$i]}"
+    read -r r1 w1 rb1 wb1 <<<"$(io_now "$p")"
+    LC_ALL=C awk -v n="$COUNT" -v name="${NAMES[$i]}" -v r="$((r1 - r0))" -v w="$((w1 - w0))" -v rb="$((rb1 - rb0))" -v wb="$((wb1 - wb0))" \
+        'BEGIN { printf "sealpost io_per_msg_%s %.1f reads %.1f writes (device: %.0f B read, %.0f B written)\n", name, r / n, w / n, rb / n, wb / n }'
     i=$((i + 1))
 done
-ALL=$(( ${HISTORY:-0} + COUNT ))
+ALL=$(( base + COUNT ))
 inbox=$("$SP" "${B[@]}" --json inbox --limit "$ALL" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["messages"]))')
 echo "sealpost bob_inbox_count $inbox messages"
 [[ $inbox -eq $ALL ]] || { echo "bob's inbox holds $inbox, expected $ALL" >&2; exit 1; }

@@ -158,63 +158,26 @@ impl Db {
     }
 
     /// Makes a database from before free space was given back do so: it
-    /// is rewritten once (`VACUUM`). Called by the engine, which runs
-    /// alone on its home; a `send` at the same moment waits for it.
+    /// is rewritten once (`VACUUM`; returns true then). Called by the
+    /// engine, which runs alone on its home; a `send` at the same moment
+    /// waits for it.
     pub fn incremental_vacuum_on(&mut self) -> Result<bool, AgentError> {
-        let mode: i64 = self
-            .conn
-            .pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
-        if mode == 2 {
-            return Ok(false);
-        }
-        self.conn.pragma_update(None, "auto_vacuum", 2i64)?;
-        if mode == 1 {
-            // Full, left by a give-back all at once that stopped between
-            // its two settings: SQLite switches back without a rewrite.
-            return Ok(false);
-        }
-        self.conn.execute_batch("VACUUM")?;
-        Ok(true)
+        let mode = sealpost_sqlite::incremental_vacuum_on(&self.conn, |pages| {
+            tracing::info!(
+                "rewriting the home's database once so that it gives free space back ({pages} pages)"
+            );
+        })?;
+        Ok(mode == sealpost_sqlite::VacuumMode::Rewritten)
     }
 
-    /// Gives free pages beyond `keep_pages` back to the file system: at
-    /// most `step_pages` of them, or every free page at once while at most
-    /// `all_at_once_live` pages are in use. Returns how many.
-    ///
-    /// SQLite's incremental steps look each page they give back up in the
-    /// free list, so a step costs more the longer the list; the full
-    /// auto-vacuum turned on for one commit moves the pages in use at the
-    /// end of the file into free ones below and cuts the rest off without
-    /// that search (the relay's store does the same, `vacuum_step`).
+    /// One step of giving free pages back to the file system, paced by
+    /// `pace` (every free page at once while few are in use; see
+    /// `sealpost_sqlite`, which the relay's store uses too).
     pub fn give_back_space(
         &mut self,
-        keep_pages: i64,
-        step_pages: i64,
-        all_at_once_live: i64,
-    ) -> Result<i64, AgentError> {
-        let (pages, free): (i64, i64) = self.conn.query_row(
-            "SELECT page_count, freelist_count FROM pragma_page_count, pragma_freelist_count",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        if free <= keep_pages {
-            return Ok(0);
-        }
-        if pages - free <= all_at_once_live {
-            let all = self.conn.execute_batch("PRAGMA auto_vacuum = FULL");
-            let back = self.conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL");
-            all?;
-            back?;
-            return Ok(free);
-        }
-        let n = (free - keep_pages).min(step_pages);
-        // Each step of the statement gives back one page: run it to its end.
-        let mut stmt = self
-            .conn
-            .prepare(&format!("PRAGMA incremental_vacuum({n})"))?;
-        let mut rows = stmt.query([])?;
-        while rows.next()?.is_some() {}
-        Ok(n)
+        pace: &mut sealpost_sqlite::Pace,
+    ) -> Result<sealpost_sqlite::Step, AgentError> {
+        Ok(sealpost_sqlite::give_back_step(&self.conn, pace)?)
     }
 
     /// The database's size and its free pages, in bytes.

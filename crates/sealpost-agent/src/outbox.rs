@@ -1416,7 +1416,21 @@ mod plan_tests {
             .expect("delete");
         let free = free_pages(&db);
         assert!(free > 2500, "{free}");
-        assert_eq!(db.give_back_space(256, 1024, 4096).expect("back"), free);
+        let policy = sealpost_sqlite::Policy {
+            keep_pages: 256,
+            all_at_once_live_pages: 4096,
+            max_step_pages: 1024,
+            min_step_pages: 16,
+            step_target: std::time::Duration::from_secs(10),
+        };
+        let mut pace = sealpost_sqlite::Pace::new(policy);
+        assert_eq!(
+            db.give_back_space(&mut pace).expect("back"),
+            sealpost_sqlite::Step {
+                given: free,
+                more: false
+            }
+        );
         assert_eq!(free_pages(&db), 0);
         let mode: i64 = db
             .conn
@@ -1431,9 +1445,14 @@ mod plan_tests {
             .execute("DELETE FROM filler WHERE tag = 3", [])
             .expect("delete");
         let mut steps = 0;
-        while db.give_back_space(256, 1024, 4096).expect("step") > 0 {
+        loop {
+            let step = db.give_back_space(&mut pace).expect("step");
+            assert!(step.given <= 1024, "{step:?}");
             steps += 1;
             assert!(steps < 10, "ends");
+            if !step.more {
+                break;
+            }
         }
         assert!(steps >= 2, "{steps}");
         assert_eq!(free_pages(&db), 256);
@@ -1491,7 +1510,10 @@ mod plan_tests {
                 |r| r.get(0),
             )
             .expect("count");
-        assert_eq!(later, 20_000, "the backlog's retransmission times are untouched");
+        assert_eq!(
+            later, 20_000,
+            "the backlog's retransmission times are untouched"
+        );
     }
 
     /// A pass's questions about deliveries are answered from the indexes
@@ -1521,10 +1543,13 @@ mod plan_tests {
                 .expect("plan rows");
             // One of the partial indexes, which hold live deliveries only.
             assert!(
-                plan.iter()
-                    .any(|p| ["deliveries_live_", "deliveries_forwarding", "deliveries_retrying"]
-                        .iter()
-                        .any(|i| p.contains(&format!("INDEX {i}")))),
+                plan.iter().any(|p| [
+                    "deliveries_live_",
+                    "deliveries_forwarding",
+                    "deliveries_retrying"
+                ]
+                .iter()
+                .any(|i| p.contains(&format!("INDEX {i}")))),
                 "{q}: {plan:?}"
             );
             assert!(

@@ -279,3 +279,63 @@ async fn the_space_of_delivered_messages_is_given_back() {
     );
     r.stop().await.expect("stop");
 }
+
+/// A burst left many free pages while much is still in use: an idle agent
+/// gives them back a short step at a time while it waits (every 100 ms,
+/// without a pass or a round trip to the relay), not one step per idle
+/// pass — passes 30 s apart, which took an hour to give back what a
+/// 130,000-message backlog left.
+#[tokio::test(flavor = "current_thread")]
+async fn an_idle_agent_gives_space_back_in_steps_while_it_waits() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (r, net) = common::relay(dir.path(), None).await;
+    let addr = r.address().clone();
+    let mut alice = common::engine(dir.path(), "alice", &addr, &net, None).await;
+    let path = dir.path().join("alice").join("agent.db");
+    let side = rusqlite::Connection::open(&path).expect("open");
+    side.busy_timeout(std::time::Duration::from_secs(10))
+        .expect("busy");
+    side.execute_batch("CREATE TABLE filler (tag INTEGER, b BLOB)")
+        .expect("table");
+    // About 19 MiB stay in use, spread among as much freed.
+    for _ in 0..12 {
+        for tag in [1, 2] {
+            side.execute(
+                "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < 400) \
+                 INSERT INTO filler SELECT ?1, randomblob(3000) FROM k",
+                [tag],
+            )
+            .expect("fill");
+        }
+    }
+    side.execute("DELETE FROM filler WHERE tag = 2", [])
+        .expect("delete");
+    let free = |c: &rusqlite::Connection| -> i64 {
+        c.pragma_query_value(None, "freelist_count", |r| r.get(0))
+            .expect("free")
+    };
+    assert!(free(&side) > 4500, "{}", free(&side));
+    drop(side);
+    let watched = path.clone();
+    let given_back = async move {
+        let c = rusqlite::Connection::open(&watched).expect("watch");
+        while free(&c) > 256 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        alice.run(None, given_back, |_| Ok(false)),
+    )
+    .await
+    .expect("the space given back within 15 s (idle passes are 30 s apart)")
+    .expect("run");
+    let side = rusqlite::Connection::open(&path).expect("open");
+    let rows: i64 = side
+        .query_row("SELECT count(*) FROM filler", [], |r| r.get(0))
+        .expect("rows");
+    assert_eq!(rows, 4800, "what is in use stays");
+    let len = std::fs::metadata(&path).expect("len").len();
+    assert!(len < 24 << 20, "the file shrank: {len}");
+    r.stop().await.expect("stop");
+}

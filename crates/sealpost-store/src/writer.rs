@@ -135,111 +135,43 @@ pub(crate) fn open_conn(path: &Path) -> Result<Connection, StoreError> {
 /// INCREMENTAL`). A new database is made so before its first table; one
 /// made by an older version is rewritten once (`VACUUM`), at this open.
 pub(crate) fn incremental_vacuum_on(conn: &Connection, path: &Path) -> Result<(), StoreError> {
-    let mode: i64 = conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
-    if mode == 2 {
-        return Ok(());
-    }
-    conn.pragma_update(None, "auto_vacuum", 2i64)?;
-    if mode == 1 {
-        // Full, left by a give-back all at once that stopped between its
-        // two settings (see `vacuum_step`): the file is already laid out
-        // for it, and SQLite switches between the two without a rewrite.
-        return Ok(());
-    }
-    let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
-    if pages > 0 {
+    sealpost_sqlite::incremental_vacuum_on(conn, |pages| {
         tracing::info!(
             "rewriting {} once so that it gives free space back ({} pages)",
             path.display(),
             pages
         );
-        conn.execute_batch("VACUUM")?;
-    }
+    })?;
     Ok(())
 }
 
-/// How many pages the next step of giving space back takes: halved after
-/// a step that held the writer longer than [`VACUUM_STEP_TARGET`], doubled
-/// (up to [`VACUUM_STEP_PAGES`]) after one that took under a quarter of it.
-pub(crate) struct VacuumPace {
-    pages: i64,
-}
-
-impl Default for VacuumPace {
-    fn default() -> Self {
-        Self {
-            pages: VACUUM_STEP_PAGES,
-        }
-    }
-}
+/// How the relay's database gives free pages back (see `sealpost_sqlite`).
+pub(crate) const VACUUM_POLICY: sealpost_sqlite::Policy = sealpost_sqlite::Policy {
+    keep_pages: VACUUM_KEEP_PAGES,
+    all_at_once_live_pages: VACUUM_ALL_AT_ONCE_LIVE_PAGES,
+    max_step_pages: VACUUM_STEP_PAGES,
+    min_step_pages: VACUUM_STEP_MIN_PAGES,
+    step_target: VACUUM_STEP_TARGET,
+};
 
 /// One step of giving free pages back, if more than
-/// [`VACUUM_KEEP_PAGES`] are free. Returns whether more may remain.
-///
-/// SQLite's incremental steps look the page they give back up in the
-/// free list, page by page, so a step costs more the longer the list is
-/// (measured: a step of 512 pages took up to 95 ms with 100,000 pages
-/// free, and a relay giving back what a million-message burst left spent
-/// 1.87 G instructions on it, four times what the 2,000 messages after it
-/// cost). So: while what is live is small (at most
-/// [`VACUUM_ALL_AT_ONCE_LIVE_PAGES`]: a relay that delivered what it held),
-/// every free page goes back at once, by SQLite's full auto-vacuum turned
-/// on for that one commit, which moves the live pages at the end of the
-/// file into free ones below and cuts the rest off without searching the
-/// list (400 MB of free pages in 3.4 ms); otherwise in steps made smaller
-/// while they take longer than [`VACUUM_STEP_TARGET`].
+/// [`VACUUM_KEEP_PAGES`] are free (all at once while little is in use,
+/// else in steps paced to [`VACUUM_STEP_TARGET`]: `sealpost_sqlite`).
+/// Returns whether more may remain.
 pub(crate) fn vacuum_step(
     conn: &Connection,
     stats: &Mutex<CommitStats>,
-    pace: &mut VacuumPace,
+    pace: &mut sealpost_sqlite::Pace,
 ) -> bool {
-    let mut step = || -> rusqlite::Result<(i64, bool)> {
-        let (pages, free): (i64, i64) = conn.query_row(
-            "SELECT page_count, freelist_count FROM pragma_page_count, pragma_freelist_count",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        if free <= VACUUM_KEEP_PAGES {
-            return Ok((0, false));
-        }
-        if pages - free <= VACUUM_ALL_AT_ONCE_LIVE_PAGES {
-            let all = conn.execute_batch("PRAGMA auto_vacuum = FULL");
-            // Back to steps whatever happened (a full auto-vacuum at every
-            // commit would move pages in every transaction).
-            let back = conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL");
-            all?;
-            back?;
-            conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")?;
-            return Ok((free, false));
-        }
-        let n = (free - VACUUM_KEEP_PAGES).min(pace.pages);
-        let started = Instant::now();
-        // Each step of the statement gives back one page: run it to its end.
-        let mut stmt = conn.prepare(&format!("PRAGMA incremental_vacuum({n})"))?;
-        let mut rows = stmt.query([])?;
-        while rows.next()?.is_some() {}
-        let took = started.elapsed();
-        if took > VACUUM_STEP_TARGET {
-            pace.pages = (pace.pages / 2).max(VACUUM_STEP_MIN_PAGES);
-        } else if took < VACUUM_STEP_TARGET / 4 {
-            pace.pages = (pace.pages * 2).min(VACUUM_STEP_PAGES);
-        }
-        let more = free - n > VACUUM_KEEP_PAGES;
-        if !more {
-            // In WAL mode the file shrinks when the log is copied back.
-            conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")?;
-        }
-        Ok((n, more))
-    };
-    match step() {
-        Ok((n, more)) => {
-            if n > 0 {
+    match sealpost_sqlite::give_back_step(conn, pace) {
+        Ok(step) => {
+            if step.given > 0 {
                 if let Ok(mut s) = stats.lock() {
                     s.vacuum_steps += 1;
-                    s.pages_given_back += n as u64;
+                    s.pages_given_back += step.given as u64;
                 }
             }
-            more
+            step.more
         }
         Err(e) => {
             tracing::warn!("could not give free database pages back: {e}");
@@ -267,7 +199,7 @@ pub(crate) fn writer_loop(
     // Whether pages may have been freed since the last look: after any
     // commit, the writer gives free pages back in steps while idle.
     let mut maybe_free = true;
-    let mut pace = VacuumPace::default();
+    let mut pace = sealpost_sqlite::Pace::new(VACUUM_POLICY);
     loop {
         let first = if maybe_free {
             match rx.recv_timeout(VACUUM_IDLE) {

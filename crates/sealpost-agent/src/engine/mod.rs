@@ -131,12 +131,21 @@ pub const DOWNLOAD_DIR: &str = "download_dir";
 /// (16 KiB) and for the padding (a Padmé length near 1 MiB is a multiple
 /// of 32 KiB, so at most 32 KiB - 1 is added).
 pub const MAX_CONTENT: usize = MAX_MESSAGE - 48 * 1024;
-/// Free pages the home's database keeps for reuse (1 MiB), the most given
-/// back after one pass (4 MiB), and the pages in use (16 MiB) up to which
-/// all are given back at once (see `Db::give_back_space`).
-const AGENT_KEEP_PAGES: i64 = 256;
-const AGENT_VACUUM_STEP_PAGES: i64 = 1024;
-const AGENT_ALL_AT_ONCE_LIVE_PAGES: i64 = 4096;
+/// How the home's database gives free pages back (`sealpost_sqlite`): it
+/// keeps 1 MiB for reuse; while at most 16 MiB are in use every free page
+/// goes back at once; otherwise in steps of at most 4 MiB, halved (down to
+/// 64 KiB) while a step takes over 10 ms — what a `send` arriving
+/// meanwhile waits for.
+const AGENT_SPACE: sealpost_sqlite::Policy = sealpost_sqlite::Policy {
+    keep_pages: 256,
+    all_at_once_live_pages: 4096,
+    max_step_pages: 1024,
+    min_step_pages: 16,
+    step_target: Duration::from_millis(10),
+};
+/// While free pages remain to be given back, an idle agent takes a step
+/// this often (without a pass: no round trip to the relay).
+pub(super) const GIVE_BACK_EVERY: Duration = Duration::from_millis(100);
 /// While a backlog is being fetched, the receipts owed so far go out at
 /// least this often.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -453,6 +462,10 @@ pub struct Engine {
     /// since this engine started (after that, only passes that delivered
     /// something look again).
     sizes_checked: bool,
+    /// How many free pages the next step gives back, and whether more
+    /// remain since the last step.
+    space_pace: sealpost_sqlite::Pace,
+    pub(super) giving_back: bool,
     /// Time and jitter ([`SystemClock`] unless a test says otherwise).
     clock: std::sync::Arc<dyn Clock>,
     /// Blobs of files received whole in this pass, deleted at the relay
@@ -541,6 +554,8 @@ impl Engine {
             hops_at: 0,
             hops_every_ms: 5_000,
             sizes_checked: false,
+            space_pace: sealpost_sqlite::Pace::new(AGENT_SPACE),
+            giving_back: false,
             watchers: Vec::new(),
             _lock: lock,
         })
@@ -698,17 +713,23 @@ impl Engine {
             && stats.confirmed == 0
             && stats.reports_sent == 0;
         if quiet {
-            if let Err(e) = self.agent.db.give_back_space(
-                AGENT_KEEP_PAGES,
-                AGENT_VACUUM_STEP_PAGES,
-                AGENT_ALL_AT_ONCE_LIVE_PAGES,
-            ) {
-                tracing::warn!("could not give free database pages back: {e}");
-            }
+            self.give_back_step();
         }
         self.flush_found(&mut stats)?;
         tracing::trace!("pass: done");
         Ok(stats)
+    }
+
+    /// One step of giving the database's free pages back (the run loop
+    /// takes further steps while idle, every [`GIVE_BACK_EVERY`]).
+    pub(super) fn give_back_step(&mut self) {
+        match self.agent.db.give_back_space(&mut self.space_pace) {
+            Ok(step) => self.giving_back = step.more,
+            Err(e) => {
+                tracing::warn!("could not give free database pages back: {e}");
+                self.giving_back = false;
+            }
+        }
     }
 
     /// Deletes the inbox segments (but the last, which batches go to) that

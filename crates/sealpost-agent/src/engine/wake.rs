@@ -215,27 +215,46 @@ impl Engine {
                 // A download was cut into slices: continue at once.
                 wait = Duration::ZERO;
             }
-            tokio::select! {
-                () = &mut stop => return Ok(total),
-                pushed = next_push(&mut sub) => {
-                    match pushed {
-                        None => sub = None,
-                        Some(_) => {
-                            if let Some(rx) = sub.as_mut() {
-                                while rx.try_recv().is_ok() {}
+            // Until the next pass is due: a push or a `send` starts it at
+            // once; meanwhile free database pages left by a burst go back
+            // a step at a time (each step short, so what arrives waits
+            // little; without a pass, so no round trip to the relay).
+            let until = tokio::time::Instant::now() + wait;
+            loop {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                let nap = if self.giving_back {
+                    left.min(GIVE_BACK_EVERY)
+                } else {
+                    left
+                };
+                let woken = tokio::select! {
+                    () = &mut stop => return Ok(total),
+                    pushed = next_push(&mut sub) => {
+                        match pushed {
+                            None => sub = None,
+                            Some(_) => {
+                                if let Some(rx) = sub.as_mut() {
+                                    while rx.try_recv().is_ok() {}
+                                }
                             }
                         }
+                        true
                     }
-                }
-                watcher = next_wake(wake) => {
-                    if let Some(w) = watcher {
-                        if self.watchers.len() >= MAX_WATCHERS {
-                            self.watchers.remove(0);
+                    watcher = next_wake(wake) => {
+                        if let Some(w) = watcher {
+                            if self.watchers.len() >= MAX_WATCHERS {
+                                self.watchers.remove(0);
+                            }
+                            self.watchers.push(w);
                         }
-                        self.watchers.push(w);
+                        true
                     }
+                    () = tokio::time::sleep(nap) => false,
+                };
+                if woken || tokio::time::Instant::now() >= until {
+                    break;
                 }
-                () = tokio::time::sleep(wait) => {}
+                self.give_back_step();
             }
         }
     }

@@ -186,6 +186,22 @@ echo "sealpost lone_command_wall_p99 $(awk '{ print $1 / 1000 }' "$T/wall" >"$T/
 # writer has given free pages back, and each agent after its passes.
 sleep 2
 sz() { local t=0 f; for f in "$@"; do [[ -e $f ]] && t=$(( t + $(stat -c %s "$f") )); done; echo $(( t / 1024 )); }
+# After a backlog, alice's agent gives its free pages back in short steps
+# while idle: wait (at most GIVE_BACK_SECONDS) until her database has not
+# shrunk for 3 s, and say how long that took.
+g0=$(date +%s.%N)
+last=$(sz "$T/alice/agent.db" "$T/alice/agent.db-wal"); still=0
+for _ in $(seq "${GIVE_BACK_SECONDS:-300}"); do
+    sleep 1
+    now=$(sz "$T/alice/agent.db" "$T/alice/agent.db-wal")
+    if [[ $now -lt $last ]]; then still=0; last=$now; else still=$((still + 1)); fi
+    [[ $still -ge 3 ]] && break
+done
+if [[ $still -ge 3 ]]; then
+    awk -v g0="$g0" -v g1="$(date +%s.%N)" 'BEGIN { printf "sealpost space_alice_settled_after %.0f s\n", g1 - g0 - 3 }'
+else
+    echo "sealpost space_alice_settled_after not within ${GIVE_BACK_SECONDS:-300} s"
+fi
 echo "sealpost space_relay_db $(sz "$T/relay/store/relay.db" "$T/relay/store/relay.db-wal") KiB"
 echo "sealpost space_alice_db $(sz "$T/alice/agent.db" "$T/alice/agent.db-wal") KiB"
 echo "sealpost space_bob_db $(sz "$T/bob/agent.db" "$T/bob/agent.db-wal") KiB"

@@ -284,13 +284,20 @@ async fn the_space_of_delivered_messages_is_given_back() {
 /// gives them back a short step at a time while it waits (every 100 ms,
 /// without a pass or a round trip to the relay), not one step per idle
 /// pass — passes 30 s apart, which took an hour to give back what a
-/// 130,000-message backlog left.
+/// 130,000-message backlog left. Its last pass was a busy one (it
+/// submitted a message), as after a burst.
 #[tokio::test(flavor = "current_thread")]
 async fn an_idle_agent_gives_space_back_in_steps_while_it_waits() {
     let dir = tempfile::tempdir().expect("tmp");
     let (r, net) = common::relay(dir.path(), None).await;
     let addr = r.address().clone();
     let mut alice = common::engine(dir.path(), "alice", &addr, &net, None).await;
+    let bob = common::engine(dir.path(), "bob", &addr, &net, None).await;
+    pin(&mut alice, "bob", &bob);
+    alice
+        .agent_mut()
+        .send(&["bob".into()], b"the last of a burst", 3600, "last")
+        .expect("send");
     let path = dir.path().join("alice").join("agent.db");
     let side = rusqlite::Connection::open(&path).expect("open");
     side.busy_timeout(std::time::Duration::from_secs(10))
@@ -323,13 +330,14 @@ async fn an_idle_agent_gives_space_back_in_steps_while_it_waits() {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     };
-    tokio::time::timeout(
+    let total = tokio::time::timeout(
         std::time::Duration::from_secs(15),
         alice.run(None, given_back, |_| Ok(false)),
     )
     .await
     .expect("the space given back within 15 s (idle passes are 30 s apart)")
     .expect("run");
+    assert_eq!(total.submitted, 1, "a busy pass");
     let side = rusqlite::Connection::open(&path).expect("open");
     let rows: i64 = side
         .query_row("SELECT count(*) FROM filler", [], |r| r.get(0))

@@ -462,8 +462,8 @@ pub struct Engine {
     /// since this engine started (after that, only passes that delivered
     /// something look again).
     sizes_checked: bool,
-    /// How many free pages the next step gives back, and whether more
-    /// remain since the last step.
+    /// How many free pages the next step gives back, and whether some may
+    /// remain (a step left more, or a pass finished something since).
     space_pace: sealpost_sqlite::Pace,
     pub(super) giving_back: bool,
     /// Time and jitter ([`SystemClock`] unless a test says otherwise).
@@ -714,6 +714,10 @@ impl Engine {
             && stats.reports_sent == 0;
         if quiet {
             self.give_back_step();
+        } else {
+            // What this pass finished may have freed pages: the loop
+            // looks (and gives back) once it has been idle a while.
+            self.giving_back = true;
         }
         self.flush_found(&mut stats)?;
         tracing::trace!("pass: done");

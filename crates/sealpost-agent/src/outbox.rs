@@ -1117,12 +1117,9 @@ mod plan_tests {
         }
     }
 
-    /// A delivery row holds the ids of its recipient and relay, each kept
-    /// once; rows made before that (the key and the address in the row)
-    /// move to ids when the database is opened, and read, match and
-    /// update alike.
-    #[test]
-    fn deliveries_name_recipients_and_relays_once_and_old_rows_still_read() {
+    /// A new database with three messages queued to bob (key `[7; 32]`)
+    /// at one relay (ids `[0; 16]`, `[1; 16]`, `[2; 16]`).
+    fn three_queued_to_bob() -> (tempfile::TempDir, Db, [u8; 32], String) {
         let dir = tempfile::tempdir().expect("dir");
         let mut db = Db::open(&dir.path().join("agent.db")).expect("db");
         let (bob, relay) = ([7u8; 32], "127.0.0.1:7443/ABCDEF".to_owned());
@@ -1132,6 +1129,16 @@ mod plan_tests {
             relay: relay.clone(),
         };
         queue_some(&mut db, &rcpt, 3);
+        (dir, db, bob, relay)
+    }
+
+    /// A delivery row holds the ids of its recipient and relay, each kept
+    /// once; rows made before that (the key and the address in the row)
+    /// move to ids when the database is opened, and read, match and
+    /// update alike.
+    #[test]
+    fn deliveries_name_recipients_and_relays_once_and_old_rows_still_read() {
+        let (dir, db, bob, relay) = three_queued_to_bob();
         // A row as an older version wrote it.
         db.conn
             .execute(
@@ -1466,15 +1473,7 @@ mod plan_tests {
     /// 23 reads a message instead of 2.)
     #[test]
     fn a_relay_back_reads_only_what_waits_for_it() {
-        let dir = tempfile::tempdir().expect("dir");
-        let mut db = Db::open(&dir.path().join("agent.db")).expect("db");
-        let (bob, relay) = ([7u8; 32], "127.0.0.1:7443/ABCDEF".to_owned());
-        let rcpt = QueuedRecipient {
-            name: "bob".into(),
-            signing: bob,
-            relay: relay.clone(),
-        };
-        queue_some(&mut db, &rcpt, 3);
+        let (_dir, db, _, relay) = three_queued_to_bob();
         // One of the three failed once and waits for its backoff.
         db.conn
             .execute(

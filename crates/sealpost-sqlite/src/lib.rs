@@ -93,11 +93,14 @@ pub struct Step {
 /// a database in WAL mode shrinks.
 pub fn give_back_step(conn: &Connection, pace: &mut Pace) -> rusqlite::Result<Step> {
     let policy = pace.policy;
-    let (pages, free): (i64, i64) = conn.query_row(
-        "SELECT page_count, freelist_count FROM pragma_page_count, pragma_freelist_count",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    let counts = || -> rusqlite::Result<(i64, i64)> {
+        conn.query_row(
+            "SELECT page_count, freelist_count FROM pragma_page_count, pragma_freelist_count",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+    };
+    let (pages, free) = counts()?;
     if free <= policy.keep_pages {
         return Ok(Step {
             given: 0,
@@ -111,8 +114,9 @@ pub fn give_back_step(conn: &Connection, pace: &mut Pace) -> rusqlite::Result<St
         let back = conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL");
         all?;
         back?;
+        let (_, free_after) = counts()?;
         Step {
-            given: free,
+            given: (free - free_after).max(0),
             more: false,
         }
     } else {
@@ -123,9 +127,14 @@ pub fn give_back_step(conn: &Connection, pace: &mut Pace) -> rusqlite::Result<St
         let mut rows = stmt.query([])?;
         while rows.next()?.is_some() {}
         pace.after(started.elapsed());
+        // What it did, not what it was asked: a step that gave nothing
+        // back says no more (a caller that steps while `more` must not
+        // spin on a step that cannot progress).
+        let (_, free_after) = counts()?;
+        let given = (free - free_after).max(0);
         Step {
-            given: n,
-            more: free - n > policy.keep_pages,
+            given,
+            more: given > 0 && free_after > policy.keep_pages,
         }
     };
     if !step.more {
@@ -309,6 +318,33 @@ mod tests {
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .expect("rows");
         assert_eq!(rows, 600, "every row still there");
+    }
+
+    /// A database that cannot give pages back (never switched to
+    /// incremental mode) says it gave none and that no more will come,
+    /// on either path: a caller stepping while `more` stops.
+    #[test]
+    fn a_step_that_cannot_progress_says_so() {
+        let dir = tempfile::tempdir().expect("dir");
+        let conn = Connection::open(dir.path().join("none.db")).expect("open");
+        conn.execute_batch("CREATE TABLE t (tag INTEGER, b BLOB)")
+            .expect("table");
+        for (live, rows) in [(20, 2000), (2000, 2000)] {
+            conn.execute("DELETE FROM t", []).expect("empty");
+            fill(&conn, 1, live);
+            fill(&conn, 2, rows);
+            conn.execute("DELETE FROM t WHERE tag = 2", [])
+                .expect("delete");
+            let mut pace = Pace::new(POLICY);
+            assert_eq!(
+                give_back_step(&conn, &mut pace).expect("step"),
+                Step {
+                    given: 0,
+                    more: false
+                },
+                "{live} rows in use"
+            );
+        }
     }
 
     #[test]

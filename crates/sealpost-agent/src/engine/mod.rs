@@ -145,7 +145,7 @@ const AGENT_SPACE: sealpost_sqlite::Policy = sealpost_sqlite::Policy {
 };
 /// While free pages remain to be given back, an idle agent takes a step
 /// this often (without a pass: no round trip to the relay).
-pub(super) const GIVE_BACK_EVERY: Duration = Duration::from_millis(100);
+const GIVE_BACK_EVERY: Duration = Duration::from_millis(100);
 /// While a backlog is being fetched, the receipts owed so far go out at
 /// least this often.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -465,7 +465,7 @@ pub struct Engine {
     /// How many free pages the next step gives back, and whether some may
     /// remain (a step left more, or a pass finished something since).
     space_pace: sealpost_sqlite::Pace,
-    pub(super) giving_back: bool,
+    giving_back: bool,
     /// Time and jitter ([`SystemClock`] unless a test says otherwise).
     clock: std::sync::Arc<dyn Clock>,
     /// Blobs of files received whole in this pass, deleted at the relay
@@ -702,8 +702,9 @@ impl Engine {
         }
         stats.segments_freed_bytes += self.free_segments()?;
         // Space freed by what was delivered or expired (sealed copies,
-        // reports sent) goes back to the file system, a step per quiet
-        // pass: giving pages back moves the pages at the end of the file,
+        // reports sent) goes back to the file system only when quiet — a
+        // step after a quiet pass, more while the loop waits (`run`):
+        // giving pages back moves the pages at the end of the file,
         // and doing that while a burst is being delivered rewrote
         // megabytes per pass for pages the burst was about to reuse (a
         // 100,000-message burst slowed to a crawl).
@@ -726,7 +727,7 @@ impl Engine {
 
     /// One step of giving the database's free pages back (the run loop
     /// takes further steps while idle, every [`GIVE_BACK_EVERY`]).
-    pub(super) fn give_back_step(&mut self) {
+    fn give_back_step(&mut self) {
         match self.agent.db.give_back_space(&mut self.space_pace) {
             Ok(step) => self.giving_back = step.more,
             Err(e) => {

@@ -112,11 +112,7 @@ head -c "$SIZE" /dev/urandom | base64 -w0 | head -c "$SIZE" >"$T/content"
 CPU0=()
 if [[ ${HISTORY:-0} -gt 0 ]]; then
     "$SP" "${A[@]}" send bob - --repeat "$HISTORY" "${NOPAD[@]}" <"$T/content" >/dev/null
-    deadline=$(( $(date +%s) + MAX_SECONDS ))
-    while [[ $(delivered) -lt $HISTORY ]]; do
-        [[ $(date +%s) -lt $deadline ]] || { echo "the history was not delivered within ${MAX_SECONDS}s" >&2; exit 1; }
-        sleep 1
-    done
+    wait_delivered "$HISTORY" "$MAX_SECONDS" "the history" "${A[@]}"
     sleep 2
     echo "# history: $HISTORY messages delivered and receipted, loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 fi

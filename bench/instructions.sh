@@ -131,11 +131,7 @@ if [[ ${HISTORY:-0} -gt 0 ]]; then
     start_agent "${B[@]}"
     start_agent "${A[@]}"
     "$SP" "${A[@]}" send bob - --repeat "$HISTORY" <"$T/content" >/dev/null
-    deadline=$(($(date +%s) + 3600))
-    while [[ $(delivered_at "${A[@]}") -lt $HISTORY ]]; do
-        [[ $(date +%s) -lt $deadline ]] || { echo "the history was not delivered within an hour" >&2; exit 1; }
-        sleep 1
-    done
+    wait_delivered "$HISTORY" 3600 "the history" "${A[@]}"
     kill -TERM "${PIDS[-1]}" "${PIDS[-2]}"
     wait "${PIDS[-1]}" "${PIDS[-2]}" 2>/dev/null || true
     relay_stop

@@ -40,6 +40,18 @@ delivered_at() { # --home dir
     "$SP" "$@" --json status --limit 0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["totals"].get("delivered", 0))'
 }
 
+# Waits until a home (`--home DIR`) counts N delivered, checking every
+# second; exits if that takes over SECONDS, saying what was awaited.
+wait_delivered() { # n seconds what --home dir
+    local n=$1 seconds=$2 what=$3 deadline
+    shift 3
+    deadline=$(($(date +%s) + seconds))
+    while [[ $(delivered_at "$@") -lt $n ]]; do
+        [[ $(date +%s) -lt $deadline ]] || { echo "$what was not delivered within ${seconds}s" >&2; exit 1; }
+        sleep 1
+    done
+}
+
 # Starts a relay on 127.0.0.1:$PORT with its data in $T/relay (extra
 # arguments go to `relay serve`, e.g. --metrics): relay_at, with ADDR set
 # to its address.

@@ -366,16 +366,9 @@ impl Db {
         now: u64,
     ) -> Result<bool, AgentError> {
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "DELETE FROM replay WHERE forget_at <= ?1",
-            params![to_i64(now)],
-        )?;
-        let n = tx.execute(
-            "INSERT OR IGNORE INTO replay (id, forget_at) VALUES (?1, ?2)",
-            params![id.0.to_vec(), to_i64(forget_at)],
-        )?;
+        let new = replay_record(&tx, id, forget_at, now)?;
         tx.commit()?;
-        Ok(n == 1)
+        Ok(new)
     }
 
     pub fn replay_len(&self) -> Result<u64, AgentError> {
@@ -385,6 +378,23 @@ impl Db {
             .query_row([], |r| r.get(0))?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
+}
+
+/// Records `id` in the replay cache within `tx` (false if it was there),
+/// pruning entries whose time is past: what [`Db::replay_insert`] does,
+/// for a transaction that also commits what the message did.
+pub(crate) fn replay_record(
+    tx: &rusqlite::Transaction<'_>,
+    id: &MessageId,
+    forget_at: u64,
+    now: u64,
+) -> Result<bool, AgentError> {
+    tx.prepare_cached("DELETE FROM replay WHERE forget_at <= ?1")?
+        .execute(params![to_i64(now)])?;
+    let n = tx
+        .prepare_cached("INSERT OR IGNORE INTO replay (id, forget_at) VALUES (?1, ?2)")?
+        .execute(params![id.0.to_vec(), to_i64(forget_at)])?;
+    Ok(n == 1)
 }
 
 /// " (did you mean \"bob\"?)" for the names within two edits of `name`

@@ -711,14 +711,19 @@ impl Db {
 
     /// Applies a verified report signed by `signer` (already checked to be
     /// about our own messages) to our deliveries to `signer`, and stores
-    /// the report with every delivery it completes, in one transaction.
+    /// the report with every delivery it completes, in one transaction;
+    /// `remember` (the id of the message that carried it, and until when)
+    /// goes into the replay cache in the same transaction, so that one
+    /// commit (one fsync) records both.
     pub fn apply_report(
         &mut self,
         signer: &[u8; 32],
         report: &Report,
         now_ms: u64,
+        remember: (&MessageId, u64),
     ) -> Result<Vec<Applied>, AgentError> {
         let tx = self.conn.transaction()?;
+        crate::contacts::replay_record(&tx, remember.0, remember.1, now_ms / 1000)?;
         // The signer's id, looked up once for every entry.
         let signer_rcpt = match recipient_id(&tx, signer)? {
             Some(id) => Rcpt::Id(id),

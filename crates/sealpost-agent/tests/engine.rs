@@ -347,3 +347,70 @@ async fn an_idle_agent_gives_space_back_in_steps_while_it_waits() {
     assert!(len < 24 << 20, "the file shrank: {len}");
     r.stop().await.expect("stop");
 }
+
+/// Commits recorded in a SQLite write-ahead log: frames whose "database
+/// size after commit" field is set, among the frames that belong to the
+/// log's current generation (their salts match its header's).
+fn wal_commits(wal: &std::path::Path) -> usize {
+    let b = std::fs::read(wal).unwrap_or_default();
+    if b.len() < 32 {
+        return 0;
+    }
+    let be = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+    let page = be(8) as usize;
+    let salts = (be(16), be(20));
+    let mut commits = 0;
+    let mut at = 32;
+    while at + 24 + page <= b.len() && (be(at + 8), be(at + 12)) == salts {
+        if be(at + 4) != 0 {
+            commits += 1;
+        }
+        at += 24 + page;
+    }
+    commits
+}
+
+/// A receipt completes the sender's delivery and is remembered as acted
+/// on (the replay cache) in one commit, so one fsync on the way to the
+/// `send --wait` that waits for it (it was two: the delivery, then the
+/// replay entry).
+#[tokio::test(flavor = "current_thread")]
+async fn a_receipt_is_recorded_in_one_commit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (r, net) = common::relay(dir.path(), None).await;
+    let addr = r.address().clone();
+    let mut alice = common::engine(dir.path(), "alice", &addr, &net, None).await;
+    let mut bob = common::engine(dir.path(), "bob", &addr, &net, None).await;
+    pin(&mut alice, "bob", &bob);
+    pin(&mut bob, "alice", &alice);
+    let m = alice
+        .agent_mut()
+        .send(&["bob".into()], b"one commit", 3600, "m")
+        .expect("send");
+    alice.pass().await.expect("pass");
+    let s = bob.pass().await.expect("pass");
+    assert_eq!((s.delivered, s.reports_sent), (1, 1), "{s:?}");
+    // Alice's log emptied, so what her next pass commits is all in it.
+    let db = dir.path().join("alice").join("agent.db");
+    let c = rusqlite::Connection::open(&db).expect("open");
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .expect("checkpoint");
+    drop(c);
+    let wal = dir.path().join("alice").join("agent.db-wal");
+    assert_eq!(wal_commits(&wal), 0);
+    let replay = alice.agent().db().replay_len().expect("replay");
+    let s = alice.pass().await.expect("pass");
+    assert_eq!(s.confirmed, 1, "{s:?}");
+    assert_eq!(state(&alice, &m).0, State::Delivered);
+    assert_eq!(
+        alice.agent().db().replay_len().expect("replay"),
+        replay + 1,
+        "the receipt's message is remembered"
+    );
+    assert_eq!(
+        wal_commits(&wal),
+        1,
+        "commits in the pass that took the receipt"
+    );
+    r.stop().await.expect("stop");
+}

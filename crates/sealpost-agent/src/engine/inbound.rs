@@ -74,10 +74,37 @@ pub(super) fn open_all(
 }
 
 impl Engine {
+    /// Tells the home relay it may forget the items `seqs` (their
+    /// outcomes are durable here); the relay's confirmation is awaited at
+    /// the end of the pass, through `acks`.
+    pub(super) async fn ack(
+        &mut self,
+        seqs: Vec<u64>,
+        acks: &mut Vec<tokio::sync::oneshot::Receiver<sealpost_proto::relay::Response>>,
+    ) -> Result<(), EngineError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let rx = self
+            .home
+            .call(&self.agent.identity, async |c| {
+                c.send(sealpost_proto::relay::Request::Ack { seqs: seqs.clone() })
+                    .await
+            })
+            .await?;
+        acks.push(rx);
+        Ok(())
+    }
+
+    /// Fetches, opens and stores everything waiting at the home relay,
+    /// batch by batch, acknowledging each batch once its outcomes are
+    /// durable, but the last, whose sequence numbers are left in
+    /// `last_acks` for the caller to acknowledge (after the receipts).
     pub(super) async fn fetch_all(
         &mut self,
         stats: &mut PassStats,
         acks: &mut Vec<tokio::sync::oneshot::Receiver<sealpost_proto::relay::Response>>,
+        last_acks: &mut Vec<u64>,
     ) -> Result<(), EngineError> {
         let mut after = 0u64;
         let mut reported = std::time::Instant::now();
@@ -123,17 +150,15 @@ impl Engine {
             self.process_batch(payloads, &mut batch)?;
             stats.add(&batch);
             // Everything above is durable: now the relay may forget it.
-            let rx = self
-                .home
-                .call(&self.agent.identity, async |c| {
-                    c.send(sealpost_proto::relay::Request::Ack { seqs: seqs.clone() })
-                        .await
-                })
-                .await?;
-            acks.push(rx);
+            // The last batch's acknowledgement waits for the caller to send
+            // the receipts first: a relay commits in order, and a commit
+            // of deletions ahead of a receipt delays the receipt by an
+            // fsync on its way to the sender (measured on a lone message).
             if !more {
+                *last_acks = seqs;
                 return Ok(());
             }
+            self.ack(seqs, acks).await?;
             // A long backlog must not hold receipts back until it is all
             // fetched: a sender whose receipts are late retransmits, the
             // copies lengthen the backlog, and receipts never go out (a
@@ -539,8 +564,8 @@ impl Engine {
         match decision {
             Decision::Store => return Ok((Verdict::Store(Box::new((m, content))), None)),
             Decision::ApplyReport => {
-                let caught = self.apply_report(&m, &content, stats)?;
-                self.remember_control(&m.header, now_s)?;
+                // Remembered as acted on in the same commit as its effect.
+                let caught = self.apply_report(&m, &content, now_s, stats)?;
                 return Ok((Verdict::Done, caught));
             }
             Decision::ApplyRepair => {
@@ -653,11 +678,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Verifies a receipt or rejection and applies it to the outbox.
+    /// Verifies a receipt or rejection and applies it to the outbox; the
+    /// message that carried it is remembered as acted on (replay cache) in
+    /// the same transaction, or alone if it changes nothing.
     pub(super) fn apply_report(
         &mut self,
         m: &OpenedMessage,
         content: &[u8],
+        now_s: u64,
         stats: &mut PassStats,
     ) -> Result<Option<Caught>, EngineError> {
         let report = match Report::decode(content) {
@@ -669,6 +697,7 @@ impl Engine {
                     self.agent.who(&m.header.sender)
                 );
                 stats.forged_reports += 1;
+                self.remember_control(&m.header, now_s)?;
                 return Ok(Some(Caught::ForgedReport));
             }
         };
@@ -686,12 +715,17 @@ impl Engine {
                 self.agent.who(&m.header.sender)
             );
             stats.forged_reports += 1;
+            self.remember_control(&m.header, now_s)?;
             return Ok(Some(Caught::ForgedReport));
         }
         let applied = self.agent.db.apply_report(
             m.header.sender.signing_bytes(),
             &report,
             self.clock.now_ms(),
+            (
+                &m.header.id,
+                self.agent.policy.remember_until(m.header.expires_at),
+            ),
         )?;
         let mut caught = None;
         for a in applied {

@@ -626,17 +626,17 @@ impl Engine {
         // the relay before spending a round trip on fetching.
         self.submit_due(&mut stats).await?;
         let mut acks = Vec::new();
-        match self.fetch_all(&mut stats, &mut acks).await {
-            Ok(()) => {}
-            Err(EngineError::Relay(e)) => {
-                // Said by the caller: `run` with backoff, `sync` in its
-                // result.
-                tracing::debug!("fetching from {}: {e}", self.home_addr);
-                stats.home_errors += 1;
-                stats.home_key_mismatch = matches!(e, ClientError::KeyMismatch { .. });
-                stats.home_error = Some(e.to_string());
-                self.home.disconnect();
+        let mut last_acks = Vec::new();
+        match self.fetch_all(&mut stats, &mut acks, &mut last_acks).await {
+            Ok(()) => {
+                if stats.fetched > 0 {
+                    // What was fetched is committed (a receipt that
+                    // completes a delivery, say): a command waiting for it
+                    // reads it now, not after the rest of the pass.
+                    self.tell_watchers();
+                }
             }
+            Err(EngineError::Relay(e)) => self.home_failed(&mut stats, "fetching from", e),
             Err(e) => return Err(e),
         }
         // Receipts go out before waiting for the relay to confirm the
@@ -647,6 +647,13 @@ impl Engine {
         // Messages' receipts go out now: a download (a large file, or one
         // whose blob is slow to come) must not hold them up.
         self.send_reports(&mut stats).await?;
+        // Then the relay may forget the last batch (see `fetch_all`); an
+        // acknowledgement that fails only means the items come again.
+        match self.ack(last_acks, &mut acks).await {
+            Ok(()) => {}
+            Err(EngineError::Relay(e)) => self.home_failed(&mut stats, "acknowledging at", e),
+            Err(e) => return Err(e),
+        }
         self.run_downloads(&mut stats).await?;
         self.run_repairs(&mut stats).await?;
         self.send_reports(&mut stats).await?;
@@ -723,6 +730,17 @@ impl Engine {
         self.flush_found(&mut stats)?;
         tracing::trace!("pass: done");
         Ok(stats)
+    }
+
+    /// The home relay failed a request (`doing`, e.g. "fetching from"):
+    /// counted and kept for the caller to say (`run` with backoff, `sync`
+    /// in its result); the connection is dropped.
+    fn home_failed(&mut self, stats: &mut PassStats, doing: &str, e: ClientError) {
+        tracing::debug!("{doing} {}: {e}", self.home_addr);
+        stats.home_errors += 1;
+        stats.home_key_mismatch = matches!(e, ClientError::KeyMismatch { .. });
+        stats.home_error = Some(e.to_string());
+        self.home.disconnect();
     }
 
     /// One step of giving the database's free pages back (the run loop

@@ -1103,6 +1103,45 @@ mod plan_tests {
         );
     }
 
+    /// Looking up a file sent, once per message submitted, does not
+    /// compile its statement again: a join with `f.msg = ?1` did, on every
+    /// call, because the statement cache clears bindings (the test fails
+    /// with the join). Messages and a file sent, looked up in turn with
+    /// another cached statement between, as `submit_due` does.
+    #[test]
+    fn file_out_is_compiled_once() {
+        let (_dir, mut db, _, _) = three_queued_to_bob();
+        let f = crate::outbox::files::FileOut {
+            msg: MessageId([1; 16]),
+            path: "/tmp/f".into(),
+            blob_id: sealpost_proto::relay::BlobId([5; 16]),
+            key: sealpost_proto::blob::BlobKey([6; 32]),
+            size: 10,
+            chunk_size: 4096,
+            padded_size: 10,
+            plaintext_hash: [1; 32],
+        };
+        db.add_file_out(&f, None).expect("file");
+        for round in 0..4 {
+            for i in 0..3u8 {
+                let found = db.file_out(&MessageId([i; 16])).expect("file_out");
+                assert_eq!(found.is_some(), i == 1, "round {round}, message {i}");
+                db.sealed(&MessageId([i; 16])).expect("sealed");
+            }
+        }
+        assert_eq!(
+            db.file_out(&MessageId([1; 16]))
+                .expect("file_out")
+                .map(|f| f.plaintext_hash),
+            Some([1; 32])
+        );
+        let stmt = db
+            .conn
+            .prepare_cached(crate::outbox::files::FILE_OUT_SQL)
+            .expect("cached");
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
+    }
+
     /// Queues messages 0..n (ids of that byte) for `rcpt`.
     fn queue_some(db: &mut Db, rcpt: &QueuedRecipient, n: u8) {
         for i in 0..n {

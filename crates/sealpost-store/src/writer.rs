@@ -128,6 +128,10 @@ pub(crate) fn open_conn(path: &Path) -> Result<Connection, StoreError> {
     // keeps the largest size it ever reached).
     conn.pragma_update(None, "journal_size_limit", 16i64 << 20)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    // Every statement of the writer's and the reader's hot paths stays
+    // compiled (rusqlite keeps 16 by default; the writer alone runs more,
+    // and one compiled again costs more than the insert it does).
+    conn.set_prepared_statement_cache_capacity(128);
     Ok(conn)
 }
 
@@ -368,26 +372,24 @@ pub(crate) fn apply(
         } => {
             // The cap is checked in the same transaction as the insert, so
             // concurrent registrations cannot pass it together.
-            let n = tx.execute(
-                "INSERT OR IGNORE INTO mailboxes (id, key, quota, used, created_at) \
-                 SELECT ?1, ?2, ?3, 0, ?4 WHERE (SELECT COUNT(*) FROM mailboxes) < ?5",
-                params![
+            let n = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO mailboxes (id, key, quota, used, created_at) \
+                     SELECT ?1, ?2, ?3, 0, ?4 WHERE (SELECT COUNT(*) FROM mailboxes) < ?5",
+                )?
+                .execute(params![
                     mailbox.0.to_vec(),
                     key.to_vec(),
                     i64_of(limits.mailbox_quota),
                     i64_of(now),
                     i64_of(limits.max_mailboxes.unwrap_or(u64::MAX))
-                ],
-            )?;
+                ])?;
             let outcome = if n == 1 {
                 Registered::Created
             } else {
                 let exists = tx
-                    .query_row(
-                        "SELECT 1 FROM mailboxes WHERE id = ?1",
-                        params![mailbox.0.to_vec()],
-                        |_| Ok(()),
-                    )
+                    .prepare_cached("SELECT 1 FROM mailboxes WHERE id = ?1")?
+                    .query_row(params![mailbox.0.to_vec()], |_| Ok(()))
                     .optional()?
                     .is_some();
                 if exists {
@@ -408,11 +410,8 @@ pub(crate) fn apply(
                 now,
             } = item;
             let quota: Option<(i64, i64)> = tx
-                .query_row(
-                    "SELECT used, quota FROM mailboxes WHERE id = ?1",
-                    params![mailbox.0.to_vec()],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
+                .prepare_cached("SELECT used, quota FROM mailboxes WHERE id = ?1")?
+                .query_row(params![mailbox.0.to_vec()], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
             let outcome = match quota {
                 None => SubmitOutcome::Refused(RefusalCode::UnknownMailbox),
@@ -465,10 +464,8 @@ pub(crate) fn apply(
                     release_share(tx, &mailbox.0, source.as_deref(), l)?;
                 }
             }
-            tx.execute(
-                "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
-                params![mailbox.0.to_vec(), freed],
-            )?;
+            tx.prepare_cached("UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1")?
+                .execute(params![mailbox.0.to_vec(), freed])?;
             Reply::Count(reply, count)
         }
         Op::BlobAdvance { advance: a, reply } => {
@@ -505,11 +502,10 @@ pub(crate) fn apply(
                     // so that writers racing (on any node) cannot pass the
                     // quota together.
                     let quota: Option<(i64, i64)> = tx
-                        .query_row(
-                            "SELECT used, quota FROM mailboxes WHERE id = ?1",
-                            params![a.mailbox.0.to_vec()],
-                            |r| Ok((r.get(0)?, r.get(1)?)),
-                        )
+                        .prepare_cached("SELECT used, quota FROM mailboxes WHERE id = ?1")?
+                        .query_row(params![a.mailbox.0.to_vec()], |r| {
+                            Ok((r.get(0)?, r.get(1)?))
+                        })
                         .optional()?;
                     match quota {
                         None => Advanced::Refused(RefusalCode::UnknownMailbox),
@@ -523,24 +519,25 @@ pub(crate) fn apply(
                             Advanced::Refused(RefusalCode::OverQuota)
                         }
                         Some(_) => {
-                            tx.execute(
-                                "INSERT INTO blobs (id, mailbox, total_len, hash, expires_at, stored, complete, source)
+                            tx.prepare_cached(
+                                "INSERT INTO blobs (id, mailbox, total_len, hash, expires_at, \
+                                 stored, complete, source) \
                                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                                params![
-                                    a.blob_id.0.to_vec(),
-                                    a.mailbox.0.to_vec(),
-                                    i64_of(a.total_len),
-                                    a.hash.to_vec(),
-                                    i64_of(a.expires_at),
-                                    i64_of(a.to),
-                                    a.complete as i64,
-                                    a.source.as_bytes()
-                                ],
-                            )?;
-                            tx.execute(
+                            )?
+                            .execute(params![
+                                a.blob_id.0.to_vec(),
+                                a.mailbox.0.to_vec(),
+                                i64_of(a.total_len),
+                                a.hash.to_vec(),
+                                i64_of(a.expires_at),
+                                i64_of(a.to),
+                                a.complete as i64,
+                                a.source.as_bytes()
+                            ])?;
+                            tx.prepare_cached(
                                 "UPDATE mailboxes SET used = used + ?2 WHERE id = ?1",
-                                params![a.mailbox.0.to_vec(), i64_of(a.total_len)],
-                            )?;
+                            )?
+                            .execute(params![a.mailbox.0.to_vec(), i64_of(a.total_len)])?;
                             charge_share(
                                 tx,
                                 &a.mailbox.0,
@@ -560,17 +557,16 @@ pub(crate) fn apply(
             reply,
         } => {
             let gone: Option<(i64, Option<Vec<u8>>)> = tx
-                .query_row(
+                .prepare_cached(
                     "DELETE FROM blobs WHERE id = ?1 AND mailbox = ?2 RETURNING total_len, source",
-                    params![blob_id.0.to_vec(), mailbox.0.to_vec()],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
+                )?
+                .query_row(params![blob_id.0.to_vec(), mailbox.0.to_vec()], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
                 .optional()?;
             if let Some((l, source)) = &gone {
-                tx.execute(
-                    "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
-                    params![mailbox.0.to_vec(), l],
-                )?;
+                tx.prepare_cached("UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1")?
+                    .execute(params![mailbox.0.to_vec(), l])?;
                 release_share(tx, &mailbox.0, source.as_deref(), *l)?;
             }
             Reply::Bool(reply, gone.is_some())
@@ -589,7 +585,7 @@ pub(crate) fn apply(
         Op::Sweep { now, reply } => {
             let mut n = 0u64;
             {
-                let mut stmt = tx.prepare(
+                let mut stmt = tx.prepare_cached(
                     "DELETE FROM items WHERE expires_at <= ?1 RETURNING mailbox, LENGTH(payload), source",
                 )?;
                 let freed: Vec<(Vec<u8>, i64, Option<Vec<u8>>)> = stmt
@@ -599,14 +595,14 @@ pub(crate) fn apply(
                     .collect::<Result<_, _>>()?;
                 for (mb, len, source) in freed {
                     n += 1;
-                    tx.execute(
+                    tx.prepare_cached(
                         "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
-                        params![mb, len],
-                    )?;
+                    )?
+                    .execute(params![mb, len])?;
                     release_share(tx, &mb, source.as_deref(), len)?;
                 }
             }
-            let mut stmt = tx.prepare(
+            let mut stmt = tx.prepare_cached(
                 "DELETE FROM blobs WHERE expires_at <= ?1 RETURNING id, mailbox, total_len, source",
             )?;
             let gone: Vec<GoneBlob> = stmt
@@ -617,10 +613,8 @@ pub(crate) fn apply(
             let mut ids = Vec::new();
             for (id, mb, len, source) in gone {
                 n += 1;
-                tx.execute(
-                    "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
-                    params![mb, len],
-                )?;
+                tx.prepare_cached("UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1")?
+                    .execute(params![mb, len])?;
                 release_share(tx, &mb, source.as_deref(), len)?;
                 ids.push(BlobId(id.try_into().unwrap_or([0; 16])));
             }
@@ -657,11 +651,8 @@ pub(crate) fn apply(
                     .optional()?,
             };
             let quota: Option<(i64, i64)> = tx
-                .query_row(
-                    "SELECT used, quota FROM mailboxes WHERE id = ?1",
-                    params![origin.0.to_vec()],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
+                .prepare_cached("SELECT used, quota FROM mailboxes WHERE id = ?1")?
+                .query_row(params![origin.0.to_vec()], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
             let len = item.payload.len() as u64;
             let outcome = match quota {

@@ -509,8 +509,7 @@ impl Db {
         let rows = self
             .conn
             .prepare_cached(&format!(
-                "SELECT {DELIVERY_COLS} FROM deliveries WHERE msg = ?1 \
-                 AND state IN ('queued', 'submitted', 'forwarding')"
+                "SELECT {DELIVERY_COLS} FROM deliveries WHERE msg = ?1 AND {UNDER_WAY}"
             ))?
             .query_map(params![msg], delivery_from_row)?
             .collect::<Result<Vec<_>, _>>()?;

@@ -1212,14 +1212,7 @@ mod plan_tests {
         );
         statements.extend(NEXT_DUE_SQL.iter().map(|q| q.to_string()));
         for q in statements {
-            let mut stmt = conn.prepare(&format!("EXPLAIN {q}")).expect("explain");
-            let n = stmt.parameter_count();
-            let nulls = rusqlite::params_from_iter(std::iter::repeat_n(rusqlite::types::Null, n));
-            let ops: Vec<String> = stmt
-                .query_map(nulls, |r| r.get::<_, String>(1))
-                .expect("rows")
-                .collect::<Result<_, _>>()
-                .expect("ops");
+            let ops = explain(&conn, &format!("EXPLAIN {q}"), 1);
             assert!(!ops.iter().any(|o| o == "OpenEphemeral"), "{q}");
         }
     }
@@ -1268,6 +1261,18 @@ mod plan_tests {
             "expired ones are not due"
         );
         assert_eq!(db.due(5_000, 10).expect("due").len(), 3);
+    }
+
+    /// Column `column` of every row `explain` (an `EXPLAIN …` statement)
+    /// gives, with every parameter NULL.
+    fn explain(conn: &rusqlite::Connection, explain: &str, column: usize) -> Vec<String> {
+        let mut stmt = conn.prepare(explain).expect("explain");
+        let n = stmt.parameter_count();
+        let nulls = rusqlite::params_from_iter(std::iter::repeat_n(rusqlite::types::Null, n));
+        stmt.query_map(nulls, |r| r.get::<_, String>(column))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("explain rows")
     }
 
     /// Queues messages 0..n (ids of that byte) for `rcpt`.
@@ -1702,16 +1707,7 @@ mod plan_tests {
         queries.push(REACHABLE_SQL.into());
         queries.push(ALL_DUE_NOW_SQL.into());
         for q in queries {
-            let mut stmt = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {q}"))
-                .expect("plan");
-            let n = stmt.parameter_count();
-            let nulls = rusqlite::params_from_iter(std::iter::repeat_n(rusqlite::types::Null, n));
-            let plan: Vec<String> = stmt
-                .query_map(nulls, |r| r.get::<_, String>(3))
-                .expect("rows")
-                .collect::<Result<_, _>>()
-                .expect("plan rows");
+            let plan = explain(&conn, &format!("EXPLAIN QUERY PLAN {q}"), 3);
             // One of the partial indexes, which hold live deliveries only.
             assert!(
                 plan.iter().any(|p| [

@@ -33,16 +33,43 @@ fn inbox_len(e: &Engine) -> usize {
     e.agent().db().inbox(false, 1000).expect("inbox").len()
 }
 
+/// A relay on the memory net, and alice and bob on it, each with the
+/// other pinned as a contact.
+struct Pair {
+    r: sealpost_relay::RunningRelay,
+    net: std::sync::Arc<MemoryNet>,
+    addr: RelayAddress,
+    alice: Engine,
+    bob: Engine,
+}
+
+async fn alice_and_bob(dir: &std::path::Path) -> Pair {
+    let (r, net) = common::relay(dir, None).await;
+    let addr = r.address().clone();
+    let mut alice = common::engine(dir, "alice", &addr, &net, None).await;
+    let mut bob = common::engine(dir, "bob", &addr, &net, None).await;
+    pin(&mut alice, "bob", &bob);
+    pin(&mut bob, "alice", &alice);
+    Pair {
+        r,
+        net,
+        addr,
+        alice,
+        bob,
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_hostile_relay_is_caught_at_the_endpoints() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (r, net) = common::relay(dir.path(), None).await;
-    let addr = r.address().clone();
-    let mut alice = common::engine(dir.path(), "alice", &addr, &net, None).await;
-    let mut bob = common::engine(dir.path(), "bob", &addr, &net, None).await;
+    let Pair {
+        r,
+        net,
+        addr,
+        mut alice,
+        mut bob,
+    } = alice_and_bob(dir.path()).await;
     let mallory = Identity::generate(&mut OsRng);
-    pin(&mut alice, "bob", &bob);
-    pin(&mut bob, "alice", &alice);
 
     // m1, plus what the relay makes of it: a bit-flipped copy, garbage,
     // and a duplicate.
@@ -245,12 +272,12 @@ async fn a_hostile_relay_is_caught_at_the_endpoints() {
 #[tokio::test(flavor = "current_thread")]
 async fn the_space_of_delivered_messages_is_given_back() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (r, net) = common::relay(dir.path(), None).await;
-    let addr = r.address().clone();
-    let mut alice = common::engine(dir.path(), "alice", &addr, &net, None).await;
-    let mut bob = common::engine(dir.path(), "bob", &addr, &net, None).await;
-    pin(&mut alice, "bob", &bob);
-    pin(&mut bob, "alice", &alice);
+    let Pair {
+        r,
+        mut alice,
+        mut bob,
+        ..
+    } = alice_and_bob(dir.path()).await;
     let text: Vec<u8> = (0..1500u32).map(|i| (i % 251) as u8).collect();
     let n = 4000;
     for _ in 0..n {
@@ -377,12 +404,12 @@ fn wal_commits(wal: &std::path::Path) -> usize {
 #[tokio::test(flavor = "current_thread")]
 async fn a_receipt_is_recorded_in_one_commit() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (r, net) = common::relay(dir.path(), None).await;
-    let addr = r.address().clone();
-    let mut alice = common::engine(dir.path(), "alice", &addr, &net, None).await;
-    let mut bob = common::engine(dir.path(), "bob", &addr, &net, None).await;
-    pin(&mut alice, "bob", &bob);
-    pin(&mut bob, "alice", &alice);
+    let Pair {
+        r,
+        mut alice,
+        mut bob,
+        ..
+    } = alice_and_bob(dir.path()).await;
     let m = alice
         .agent_mut()
         .send(&["bob".into()], b"one commit", 3600, "m")

@@ -389,8 +389,24 @@ pub(crate) fn replay_record(
     forget_at: u64,
     now: u64,
 ) -> Result<bool, AgentError> {
+    replay_prune(tx, now)?;
+    replay_add(tx, id, forget_at)
+}
+
+/// Forgets the replay cache's entries whose time is past `now`: how the
+/// table stays bounded without a sweeper (every writer of it prunes).
+pub(crate) fn replay_prune(tx: &rusqlite::Transaction<'_>, now: u64) -> Result<(), AgentError> {
     tx.prepare_cached("DELETE FROM replay WHERE forget_at <= ?1")?
         .execute(params![to_i64(now)])?;
+    Ok(())
+}
+
+/// Adds `id` to the replay cache until `forget_at`; false if it was there.
+pub(crate) fn replay_add(
+    tx: &rusqlite::Transaction<'_>,
+    id: &MessageId,
+    forget_at: u64,
+) -> Result<bool, AgentError> {
     let n = tx
         .prepare_cached("INSERT OR IGNORE INTO replay (id, forget_at) VALUES (?1, ?2)")?
         .execute(params![id.0.to_vec(), to_i64(forget_at)])?;

@@ -447,15 +447,17 @@ fn save_delivery(
 /// bytes for retransmission: they are dropped (the row, its hash and any
 /// receipt stay).
 fn release_sealed(tx: &Transaction<'_>, id: &MessageId) -> rusqlite::Result<()> {
-    tx.prepare_cached(concat!(
-        "DELETE FROM sealed_copies WHERE id = ?1 AND NOT EXISTS \
-         (SELECT 1 FROM deliveries WHERE msg = ?1 AND ",
-        under_way!(),
-        ")"
-    ))?
-    .execute(params![id.0.to_vec()])?;
+    tx.prepare_cached(RELEASE_SEALED_SQL)?
+        .execute(params![id.0.to_vec()])?;
     Ok(())
 }
+
+const RELEASE_SEALED_SQL: &str = concat!(
+    "DELETE FROM sealed_copies WHERE id = ?1 AND NOT EXISTS \
+     (SELECT 1 FROM deliveries WHERE msg = ?1 AND ",
+    under_way!(),
+    ")"
+);
 
 fn hash32(v: Vec<u8>) -> [u8; 32] {
     v.try_into().unwrap_or([0; 32])
@@ -1196,11 +1198,7 @@ mod plan_tests {
              VALUES (?1, ?2, 'bob', 1, ?3, 0, 0, ?4, ?4, ?4)"
                 .to_owned(),
             "DELETE FROM deliveries WHERE msg = ?1".to_owned(),
-            "DELETE FROM sealed_copies WHERE id = ?1 AND NOT EXISTS \
-             (SELECT 1 FROM deliveries WHERE msg = ?1 AND "
-                .to_owned()
-                + UNDER_WAY
-                + ")",
+            RELEASE_SEALED_SQL.to_owned(),
         ];
         // Not here: REACHABLE_SQL and ALL_DUE_NOW_SQL, which change the
         // column they find rows by (`next_ms`), so SQLite collects the

@@ -98,14 +98,13 @@ impl Engine {
 
     /// Fetches, opens and stores everything waiting at the home relay,
     /// batch by batch, acknowledging each batch once its outcomes are
-    /// durable, but the last, whose sequence numbers are left in
-    /// `last_acks` for the caller to acknowledge (after the receipts).
+    /// durable, but the last: its sequence numbers are returned, for the
+    /// caller to acknowledge after the receipts (none if nothing came).
     pub(super) async fn fetch_all(
         &mut self,
         stats: &mut PassStats,
         acks: &mut Vec<tokio::sync::oneshot::Receiver<sealpost_proto::relay::Response>>,
-        last_acks: &mut Vec<u64>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Vec<u64>, EngineError> {
         let mut after = 0u64;
         let mut reported = std::time::Instant::now();
         loop {
@@ -122,7 +121,7 @@ impl Engine {
                         home.display(),
                         self.keep_free
                     );
-                    return Ok(());
+                    return Ok(Vec::new());
                 }
             }
             let (items, more) = self
@@ -132,7 +131,7 @@ impl Engine {
                 })
                 .await?;
             let Some(last) = items.last() else {
-                return Ok(());
+                return Ok(Vec::new());
             };
             after = last.seq;
             stats.fetched += items.len() as u64;
@@ -155,8 +154,7 @@ impl Engine {
             // of deletions ahead of a receipt delays the receipt by an
             // fsync on its way to the sender (measured on a lone message).
             if !more {
-                *last_acks = seqs;
-                return Ok(());
+                return Ok(seqs);
             }
             self.ack(seqs, acks).await?;
             // A long backlog must not hold receipts back until it is all

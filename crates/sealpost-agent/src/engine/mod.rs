@@ -626,19 +626,22 @@ impl Engine {
         // the relay before spending a round trip on fetching.
         self.submit_due(&mut stats).await?;
         let mut acks = Vec::new();
-        let mut last_acks = Vec::new();
-        match self.fetch_all(&mut stats, &mut acks, &mut last_acks).await {
-            Ok(()) => {
+        let last_acks = match self.fetch_all(&mut stats, &mut acks).await {
+            Ok(seqs) => {
                 if stats.fetched > 0 {
                     // What was fetched is committed (a receipt that
                     // completes a delivery, say): a command waiting for it
                     // reads it now, not after the rest of the pass.
                     self.tell_watchers();
                 }
+                seqs
             }
-            Err(EngineError::Relay(e)) => self.home_failed(&mut stats, "fetching from", e),
+            Err(EngineError::Relay(e)) => {
+                self.home_failed(&mut stats, "fetching from", e);
+                Vec::new()
+            }
             Err(e) => return Err(e),
-        }
+        };
         // Receipts go out before waiting for the relay to confirm the
         // acknowledgements: the sender learns sooner, and an ack that got
         // lost only means a duplicate next time (which gets its receipt

@@ -423,10 +423,7 @@ impl Db {
         now: u64,
     ) -> Result<Vec<MessageId>, AgentError> {
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "DELETE FROM replay WHERE forget_at <= ?1",
-            params![to_i64(now)],
-        )?;
+        crate::contacts::replay_prune(&tx, now)?;
         let mut new = Vec::with_capacity(entries.len());
         for (e, forget_at) in entries {
             // Cached statements: parsing the SQL again for every message
@@ -448,8 +445,7 @@ impl Db {
                     to_i64(e.segment),
                     to_i64(e.offset),
                 ])?;
-            tx.prepare_cached("INSERT OR IGNORE INTO replay (id, forget_at) VALUES (?1, ?2)")?
-                .execute(params![e.id.0.to_vec(), to_i64(*forget_at)])?;
+            crate::contacts::replay_add(&tx, &e.id, *forget_at)?;
             if n == 1 {
                 new.push(e.id);
             }

@@ -129,6 +129,39 @@ pub(crate) fn release_share(
     Ok(())
 }
 
+/// What `mailbox` holds and may hold, in bytes (`used`, `quota`); none if
+/// no such mailbox.
+pub(crate) fn mailbox_use(
+    conn: &Connection,
+    mailbox: &[u8],
+) -> Result<Option<(i64, i64)>, rusqlite::Error> {
+    conn.prepare_cached("SELECT used, quota FROM mailboxes WHERE id = ?1")?
+        .query_row(params![mailbox], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+}
+
+/// Adds `len` bytes to what `mailbox` holds.
+pub(crate) fn charge_mailbox(
+    tx: &rusqlite::Transaction<'_>,
+    mailbox: &[u8],
+    len: i64,
+) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached("UPDATE mailboxes SET used = used + ?2 WHERE id = ?1")?
+        .execute(params![mailbox, len])?;
+    Ok(())
+}
+
+/// Takes `len` bytes off what `mailbox` holds (never below zero).
+pub(crate) fn release_mailbox(
+    tx: &rusqlite::Transaction<'_>,
+    mailbox: &[u8],
+    len: i64,
+) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached("UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1")?
+        .execute(params![mailbox, len])?;
+    Ok(())
+}
+
 /// Adds `delta` bytes to `source`'s share of `mailbox`.
 pub(crate) fn charge_share(
     tx: &rusqlite::Transaction<'_>,

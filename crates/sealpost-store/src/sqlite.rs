@@ -183,14 +183,7 @@ impl Ledger for SqliteLedger {
 
     fn status(&self, mailbox: MailboxId) -> Fut<'_, MailboxUse> {
         ready(self.read(|conn| {
-            let (used, quota): (i64, i64) = conn
-                .query_row(
-                    "SELECT used, quota FROM mailboxes WHERE id = ?1",
-                    params![mailbox.0.to_vec()],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?
-                .unwrap_or((0, 0));
+            let (used, quota) = crate::schema::mailbox_use(conn, &mailbox.0)?.unwrap_or((0, 0));
             let n: i64 = conn.query_row(
                 "SELECT COUNT(*) FROM items WHERE mailbox = ?1",
                 params![mailbox.0.to_vec()],

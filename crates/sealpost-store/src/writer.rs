@@ -86,8 +86,7 @@ fn release_forward(
         .query_row(params![i64_of(id)], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     if let Some((origin, len)) = &gone {
-        tx.prepare_cached("UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1")?
-            .execute(params![origin, len])?;
+        release_mailbox(tx, origin, *len)?;
     }
     Ok(gone.map(|(origin, _)| origin))
 }
@@ -353,8 +352,7 @@ fn store_item(
         source
     ])?;
     let seq = u64_of(tx.last_insert_rowid());
-    tx.prepare_cached("UPDATE mailboxes SET used = used + ?2 WHERE id = ?1")?
-        .execute(params![mailbox.0.to_vec(), len])?;
+    charge_mailbox(tx, &mailbox.0, len)?;
     Ok((seq, item_id))
 }
 
@@ -409,10 +407,7 @@ pub(crate) fn apply(
                 source,
                 now,
             } = item;
-            let quota: Option<(i64, i64)> = tx
-                .prepare_cached("SELECT used, quota FROM mailboxes WHERE id = ?1")?
-                .query_row(params![mailbox.0.to_vec()], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
+            let quota = mailbox_use(tx, &mailbox.0)?;
             let outcome = match quota {
                 None => SubmitOutcome::Refused(RefusalCode::UnknownMailbox),
                 Some(_) if expires_at <= now => SubmitOutcome::Refused(RefusalCode::Expired),
@@ -464,8 +459,7 @@ pub(crate) fn apply(
                     release_share(tx, &mailbox.0, source.as_deref(), l)?;
                 }
             }
-            tx.prepare_cached("UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1")?
-                .execute(params![mailbox.0.to_vec(), freed])?;
+            release_mailbox(tx, &mailbox.0, freed)?;
             Reply::Count(reply, count)
         }
         Op::BlobAdvance { advance: a, reply } => {
@@ -501,12 +495,7 @@ pub(crate) fn apply(
                     // mailbox and the source now, inside this transaction,
                     // so that writers racing (on any node) cannot pass the
                     // quota together.
-                    let quota: Option<(i64, i64)> = tx
-                        .prepare_cached("SELECT used, quota FROM mailboxes WHERE id = ?1")?
-                        .query_row(params![a.mailbox.0.to_vec()], |r| {
-                            Ok((r.get(0)?, r.get(1)?))
-                        })
-                        .optional()?;
+                    let quota = mailbox_use(tx, &a.mailbox.0)?;
                     match quota {
                         None => Advanced::Refused(RefusalCode::UnknownMailbox),
                         Some((used, q)) if u64_of(used) + a.total_len > u64_of(q) => {
@@ -534,10 +523,7 @@ pub(crate) fn apply(
                                 a.complete as i64,
                                 a.source.as_bytes()
                             ])?;
-                            tx.prepare_cached(
-                                "UPDATE mailboxes SET used = used + ?2 WHERE id = ?1",
-                            )?
-                            .execute(params![a.mailbox.0.to_vec(), i64_of(a.total_len)])?;
+                            charge_mailbox(tx, &a.mailbox.0, i64_of(a.total_len))?;
                             charge_share(
                                 tx,
                                 &a.mailbox.0,
@@ -565,8 +551,7 @@ pub(crate) fn apply(
                 })
                 .optional()?;
             if let Some((l, source)) = &gone {
-                tx.prepare_cached("UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1")?
-                    .execute(params![mailbox.0.to_vec(), l])?;
+                release_mailbox(tx, &mailbox.0, *l)?;
                 release_share(tx, &mailbox.0, source.as_deref(), *l)?;
             }
             Reply::Bool(reply, gone.is_some())
@@ -595,10 +580,7 @@ pub(crate) fn apply(
                     .collect::<Result<_, _>>()?;
                 for (mb, len, source) in freed {
                     n += 1;
-                    tx.prepare_cached(
-                        "UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1",
-                    )?
-                    .execute(params![mb, len])?;
+                    release_mailbox(tx, &mb, len)?;
                     release_share(tx, &mb, source.as_deref(), len)?;
                 }
             }
@@ -613,8 +595,7 @@ pub(crate) fn apply(
             let mut ids = Vec::new();
             for (id, mb, len, source) in gone {
                 n += 1;
-                tx.prepare_cached("UPDATE mailboxes SET used = MAX(0, used - ?2) WHERE id = ?1")?
-                    .execute(params![mb, len])?;
+                release_mailbox(tx, &mb, len)?;
                 release_share(tx, &mb, source.as_deref(), len)?;
                 ids.push(BlobId(id.try_into().unwrap_or([0; 16])));
             }
@@ -650,10 +631,7 @@ pub(crate) fn apply(
                     )
                     .optional()?,
             };
-            let quota: Option<(i64, i64)> = tx
-                .prepare_cached("SELECT used, quota FROM mailboxes WHERE id = ?1")?
-                .query_row(params![origin.0.to_vec()], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
+            let quota = mailbox_use(tx, &origin.0)?;
             let len = item.payload.len() as u64;
             let outcome = match quota {
                 _ if existing.is_some() => Enqueued::Queued {
@@ -684,8 +662,7 @@ pub(crate) fn apply(
                         i64_of(blob.map_or(0, |b| b.1)),
                     ])?;
                     let id = u64_of(tx.last_insert_rowid());
-                    tx.prepare_cached("UPDATE mailboxes SET used = used + ?2 WHERE id = ?1")?
-                        .execute(params![origin.0.to_vec(), i64_of(len)])?;
+                    charge_mailbox(tx, &origin.0, i64_of(len))?;
                     Enqueued::Queued { id }
                 }
             };

@@ -168,6 +168,10 @@ awk -v mb="$SIZE_MB" -v t0="$t0" -v tq="$t_queued" -v tu="$t_uploaded" -v ts="$t
     printf "sealpost stage_receipt_seconds %.2f s\n", t1 - ts
 }' | tee "$T/sp.out"
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
+# The same CPU time split: user space (our code, counted in instructions
+# by bench/instructions.sh) and the kernel (copies to and from sockets and
+# files, which callgrind does not see).
+cpu_split() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f %.2f", $14 / hz, $15 / hz }' "/proc/$1/stat"; }
 read -r rss u sy flt <"$T/alice.rss"
 echo "sealpost peak_rss_sender $((rss / 1024)) MiB"
 echo "sealpost peak_rss_relay $(( $(awk '/VmHWM/ { print $2 }' "/proc/$RELAY_A/status") / 1024 )) MiB"
@@ -181,6 +185,9 @@ if [[ $TWO_RELAYS == 1 ]]; then
     echo "sealpost cpu_relay_b $(cpu_s "$RELAY_B") s"
 fi
 echo "sealpost cpu_recipient_agent $(cpu_s "$BOB") s"
+echo "sealpost cpu_user_sys_sender $(awk -v u="$u" -v s="$sy" 'BEGIN { printf "%.2f %.2f", u, s }') s"
+echo "sealpost cpu_user_sys_relay $(cpu_split "$RELAY_A") s"
+echo "sealpost cpu_user_sys_recipient_agent $(cpu_split "$BOB") s"
 # Minor page faults: fresh memory being faulted in (buffer churn).
 echo "sealpost page_faults_sender $flt"
 echo "sealpost page_faults_relay $(awk '{ print $10 }' "/proc/$RELAY_A/stat")"

@@ -191,6 +191,47 @@ mod tests {
         }
     }
 
+    /// A piece is sealed in a reused buffer that is not cleared first: the
+    /// padding after a file's last byte is still zeros (PROTOCOL 5.2) when
+    /// the kept buffers are full of other bytes, and the pieces are exactly
+    /// the blob of the file padded with zeros.
+    #[test]
+    fn padding_is_zeros_whatever_the_reused_buffer_held() {
+        for _ in 0..buffers::KEEP {
+            let mut b = buffers::take_len(buffers::MAX_CAPACITY);
+            b.fill(0xAA);
+            buffers::give(b);
+        }
+        let dir = tempfile::tempdir().expect("tmp");
+        let src = dir.path().join("f");
+        for size in [1000usize, 70_001, 3_000_017] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 17 % 239) as u8 | 1).collect();
+            std::fs::write(&src, &data).expect("write");
+            let layout = BlobLayout::padme(size as u64, 4096).expect("layout");
+            assert!(
+                layout.plaintext_len > layout.data_len,
+                "size {size} is padded"
+            );
+            let mut padded = data.clone();
+            padded.resize(layout.plaintext_len as usize, 0);
+            let key = BlobKey::random(&mut OsRng);
+            let mut whole = Vec::new();
+            let s = blob::seal_blob(&key, 4096, &padded[..], &mut whole).expect("seal");
+            assert_eq!(s.layout.blob_len(), layout.blob_len());
+            let f = File::open(&src).expect("open");
+            let mut h = UploadHashes::default();
+            let mut sent = Vec::new();
+            while h.at() < layout.blob_len() {
+                let n = piece_len(&layout, h.at());
+                let piece = h.seal_next(&f, &key.cipher(), &layout, n).expect("seal");
+                sent.extend_from_slice(&piece);
+                buffers::give(piece);
+            }
+            assert!(sent == whole, "size {size}");
+            assert_eq!(h.finish(), (blake3::hash(&data), s.blob_hash));
+        }
+    }
+
     /// Pieces written through `PartWriter` (O_DIRECT where the file system
     /// takes it, here ext4 or tmpfs) give back the file, and a damaged chunk
     /// anywhere in a piece is reported and does not stop the others.

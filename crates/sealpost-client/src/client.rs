@@ -351,22 +351,25 @@ impl RelayClient {
             .ok_or(ClientError::Closed)?
             .insert(id, tx);
         let mut frame = buffers::take(match &req {
-            Request::BlobPut(p) => p.data.len() + 128,
             Request::Submit { payload, .. } => payload.len() + 128,
             Request::Forward(f) => f.payload.len() + f.next.addr.len() + 128,
-            Request::BlobForward(f) => f.piece.data.len() + f.next.addr.len() + 160,
             _ => 128,
         });
-        req.encode_into(id, &mut frame);
+        // A piece's data is written from its own buffer, not copied into
+        // the frame (rustls copies it once more into its records).
+        let split = req.encode_split(id, &mut frame);
+        let mut w = self.writer.lock().await;
+        let written = match split {
+            Some((data, after)) => write_all_parts(&mut *w, [&frame, data, after]).await,
+            None => w.write_all(&frame).await,
+        };
+        buffers::give(frame);
         // A piece's buffer goes back to the pool it came from.
         match req {
             Request::BlobPut(p) => buffers::give(p.data),
             Request::BlobForward(f) => buffers::give(f.piece.data),
             _ => {}
         }
-        let mut w = self.writer.lock().await;
-        let written = w.write_all(&frame).await;
-        buffers::give(frame);
         written?;
         w.flush().await?;
         Ok(rx)
@@ -932,6 +935,122 @@ pub struct RelayLimits {
     pub mailbox_quota: u64,
 }
 
+/// Writes `parts` whole and in order, vectored: rustls builds its records
+/// across them, so a frame in parts goes out as the same records as if it
+/// were one buffer.
+async fn write_all_parts<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    mut parts: [&[u8]; 3],
+) -> io::Result<()> {
+    let mut i = 0;
+    loop {
+        while i < parts.len() && parts[i].is_empty() {
+            i += 1;
+        }
+        if i == parts.len() {
+            return Ok(());
+        }
+        let slices: [io::IoSlice<'_>; 3] =
+            std::array::from_fn(|k| io::IoSlice::new(parts.get(i + k).copied().unwrap_or(&[])));
+        let mut n = w.write_vectored(&slices[..parts.len() - i]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && i < parts.len() {
+            let take = n.min(parts[i].len());
+            parts[i] = &parts[i][take..];
+            n -= take;
+            if parts[i].is_empty() {
+                i += 1;
+            }
+        }
+    }
+}
+
 fn unexpected(r: Response) -> ClientError {
     ClientError::Protocol(format!("unexpected response {r:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A writer that takes at most `max` bytes a call, vectored or not.
+    struct Trickle {
+        got: Vec<u8>,
+        max: usize,
+        calls: usize,
+    }
+
+    impl tokio::io::AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.calls += 1;
+            let n = buf.len().min(this.max);
+            this.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.calls += 1;
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(this.max - n);
+                this.got.extend_from_slice(&b[..take]);
+                n += take;
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The parts arrive whole and in order however little each call takes,
+    /// with empty parts anywhere; a large call takes them in one.
+    #[tokio::test]
+    async fn parts_are_written_whole_and_in_order() {
+        let a: Vec<u8> = (0..100u8).collect();
+        let b: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let c = b"127.0.0.1:9".to_vec();
+        for max in [1, 3, 99, 100, 101, 4096, 5100, 1 << 20] {
+            for parts in [
+                [&a[..], &b[..], &c[..]],
+                [&a[..], &b[..], &[][..]],
+                [&[][..], &b[..], &c[..]],
+                [&a[..], &[][..], &c[..]],
+            ] {
+                let mut w = Trickle {
+                    got: Vec::new(),
+                    max,
+                    calls: 0,
+                };
+                write_all_parts(&mut w, parts).await.expect("written");
+                assert_eq!(w.got, parts.concat(), "max {max}");
+                if max >= parts.concat().len() {
+                    assert_eq!(w.calls, 1);
+                }
+            }
+        }
+    }
 }

@@ -25,12 +25,28 @@ static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 /// An empty buffer with room for at least `capacity` bytes, reused when
 /// one is kept.
 pub fn take(capacity: usize) -> Vec<u8> {
+    let mut b = take_kept(capacity);
+    b.clear();
+    b
+}
+
+/// A buffer of exactly `len` bytes for a caller that writes every one of
+/// them before reading any: a reused buffer keeps what its last user left
+/// (only bytes past that are zeroed), so filling a piece does not first
+/// clear a megabyte that is about to be overwritten.
+pub fn take_len(len: usize) -> Vec<u8> {
+    let mut b = take_kept(len);
+    b.truncate(len);
+    b.resize(len, 0);
+    b
+}
+
+/// A kept buffer with room for `capacity` bytes, as its last user left it.
+fn take_kept(capacity: usize) -> Vec<u8> {
     if (MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity) {
         if let Ok(mut pool) = POOL.lock() {
             if let Some(i) = pool.iter().rposition(|b| b.capacity() >= capacity) {
-                let mut b = pool.swap_remove(i);
-                b.clear();
-                return b;
+                return pool.swap_remove(i);
             }
         }
         // Allocate the largest size kept, so this buffer can serve any
@@ -162,6 +178,29 @@ mod tests {
             .lock()
             .map(|p| p.iter().all(|b| b.capacity() <= MAX_CAPACITY))
             .unwrap_or(false));
+    }
+
+    /// `take_len` gives exactly the length asked for, reusing a kept
+    /// buffer without clearing what it held (every caller overwrites it).
+    #[test]
+    fn a_buffer_taken_at_a_length_has_that_length() {
+        for len in [
+            0usize,
+            10,
+            MIN_CAPACITY,
+            1 << 20,
+            MAX_CAPACITY,
+            MAX_CAPACITY + 1,
+        ] {
+            let b = take_len(len);
+            assert_eq!(b.len(), len);
+            give(b);
+        }
+        let mut b = take_len(1 << 20);
+        b.fill(7);
+        give(b);
+        assert_eq!(take_len((1 << 20) + 5).len(), (1 << 20) + 5);
+        assert_eq!(take(1 << 20).len(), 0, "take still gives an empty buffer");
     }
 
     #[test]

@@ -801,6 +801,41 @@ impl Request {
         o
     }
 
+    /// A frame carrying a blob piece (`BlobPut`, `BlobForward`) in three
+    /// parts, so the piece's data is written from its own buffer instead
+    /// of being copied into the frame: `o` (cleared first) gets the frame
+    /// up to the data, its length prefix counting all three parts, and the
+    /// return is the data and what follows it (a `BlobForward`'s address;
+    /// empty for a `BlobPut`). The three written in order are exactly
+    /// [`Request::encode_into`]'s bytes. Any other request is encoded
+    /// whole into `o` and `None` returned.
+    pub fn encode_split<'a>(&'a self, id: u32, o: &mut Vec<u8>) -> Option<(&'a [u8], &'a [u8])> {
+        o.clear();
+        match self {
+            Self::BlobPut(p) => {
+                header(o, 0x08, id);
+                put_piece_head(o, p);
+                finish_frame_before(o, p.data.len());
+                Some((&p.data, &[]))
+            }
+            Self::BlobForward(f) => {
+                let p = &f.piece;
+                header(o, 0x11, id);
+                o.push(f.hops);
+                o.extend_from_slice(&f.next.pin);
+                put_piece_head(o, p);
+                o.push(f.next.addr.len() as u8);
+                let after = f.next.addr.as_bytes();
+                finish_frame_before(o, p.data.len() + after.len());
+                Some((&p.data, after))
+            }
+            _ => {
+                self.encode_into(id, o);
+                None
+            }
+        }
+    }
+
     /// [`Request::encode`] into `o` (cleared first), so a buffer can be
     /// reused.
     pub fn encode_into(&self, id: u32, o: &mut Vec<u8>) {
@@ -846,11 +881,12 @@ impl Request {
                     o.extend_from_slice(&s.to_be_bytes());
                 }
             }
-            Self::BlobPut(p) => {
-                o.reserve(p.data.len() + 122);
-                header(o, 0x08, id);
-                put_piece_head(o, p);
-                o.extend_from_slice(&p.data);
+            Self::BlobPut(_) | Self::BlobForward(_) => {
+                if let Some((data, after)) = self.encode_split(id, o) {
+                    o.reserve(data.len() + after.len());
+                    o.extend_from_slice(data);
+                    o.extend_from_slice(after);
+                }
             }
             Self::BlobStatus { blob_id, mailbox } => {
                 header(o, 0x09, id);
@@ -902,17 +938,6 @@ impl Request {
                     o.extend_from_slice(&mb.0);
                     o.extend_from_slice(h);
                 }
-            }
-            Self::BlobForward(f) => {
-                let p = &f.piece;
-                o.reserve(p.data.len() + f.next.addr.len() + BLOB_FORWARD_HEAD + 4);
-                header(o, 0x11, id);
-                o.push(f.hops);
-                o.extend_from_slice(&f.next.pin);
-                put_piece_head(o, p);
-                o.push(f.next.addr.len() as u8);
-                o.extend_from_slice(&p.data);
-                o.extend_from_slice(f.next.addr.as_bytes());
             }
             Self::PairOpen { ttl } => {
                 header(o, 0x13, id);
@@ -1626,6 +1651,28 @@ mod tests {
             },
             Request::BlobForward(blob_forward(0, "h:1", MAX_BLOB_PIECE)),
         ]
+    }
+
+    /// A request encoded in parts (a piece's data written from its own
+    /// buffer) is the same bytes as encoded whole; only piece frames are
+    /// split, and their length prefix counts all the parts.
+    #[test]
+    fn a_frame_in_parts_is_the_frame_whole() {
+        let mut head = Vec::new();
+        for (k, r) in requests().iter().enumerate() {
+            let whole = r.encode(k as u32 + 1);
+            match r.encode_split(k as u32 + 1, &mut head) {
+                Some((data, after)) => {
+                    assert!(matches!(r, Request::BlobPut(_) | Request::BlobForward(_)));
+                    assert_eq!([&head[..], data, after].concat(), whole, "{k}");
+                    assert!(!data.is_empty() || whole.len() == head.len() + after.len());
+                }
+                None => {
+                    assert!(!matches!(r, Request::BlobPut(_) | Request::BlobForward(_)));
+                    assert_eq!(head, whole, "{k}");
+                }
+            }
+        }
     }
 
     /// A `BlobForward` toward `addr` with a piece of `n` bytes.

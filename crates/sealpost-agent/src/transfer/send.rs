@@ -111,17 +111,22 @@ pub(crate) fn seal_range(
     let enc = layout.chunk_size as u64 + blob::TAG_LEN;
     let first = offset / enc;
     let skip = (offset - first * enc) as usize;
+    // The chunks that cover [offset, offset + max), and their sealed length.
+    let end_chunk = (offset + max as u64)
+        .div_ceil(enc)
+        .min(layout.chunk_count());
+    let total: u64 = (first..end_chunk).map(|i| layout.sealed_len(i)).sum();
     // Chunks are read and encrypted in place in the piece's own (reused)
-    // buffer: no copy per chunk, no allocation per piece.
-    let mut out = buffers::take(max + enc as usize);
-    let mut i = first;
-    while i < layout.chunk_count() && out.len() < max + skip {
+    // buffer: no copy per chunk, no allocation per piece. Each of its bytes
+    // is written below (the file's bytes, the padding's zeros, the
+    // ciphertext and tag), so it is not cleared first.
+    let mut out = buffers::take_len(total as usize);
+    let mut at = 0usize;
+    for i in first..end_chunk {
         let n = layout.plain_len(i) as usize;
-        // The file's bytes; padding after them (PROTOCOL 5.2) stays the
-        // zeros `resize` wrote.
+        let sealed = n + blob::TAG_LEN as usize;
+        // The file's bytes, then padding (PROTOCOL 5.2) as zeros.
         let data = layout.data_in(i) as usize;
-        let at = out.len();
-        out.resize(at + n + blob::TAG_LEN as usize, 0);
         src.read_exact_at(&mut out[at..at + data], i * layout.chunk_size as u64)
             .map_err(|e| {
                 io::Error::new(
@@ -129,14 +134,15 @@ pub(crate) fn seal_range(
                     format!("the file changed or shrank since it was queued: {e}"),
                 )
             })?;
+        out[at + data..at + n].fill(0);
         if let Some((h, next)) = plain.as_mut() {
             if i == **next {
                 h.update(&out[at..at + data]);
                 **next += 1;
             }
         }
-        cipher.seal_in_place(i, i + 1 == layout.chunk_count(), &mut out[at..]);
-        i += 1;
+        cipher.seal_in_place(i, i + 1 == layout.chunk_count(), &mut out[at..at + sealed]);
+        at += sealed;
     }
     let end = (skip + max).min(out.len());
     out.truncate(end);

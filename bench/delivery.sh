@@ -4,7 +4,8 @@
 #
 #   bench/delivery.sh                   # then run the Postfix anchor yourself
 #   ANCHOR=1 bench/delivery.sh          # also runs ../shared/bench/anchors/postfix.sh
-#                                       # (MODES=maildir, N=2000) in the same session
+#                                       # (MODES=maildir, N=2000) in the same session,
+#                                       # then limits.sh (this sitting's bounds)
 #   TWO_RELAYS=1 bench/delivery.sh      # alice's relay on 127.0.0.2, bob's on 127.0.0.3;
 #                                       # alice submits to bob's relay herself (direct)
 #   TWO_RELAYS=1 FORWARD=on bench/delivery.sh  # both agents hand everything to their
@@ -177,7 +178,8 @@ for _ in $(seq "$LONE"); do
 done
 python3 -c 'import json,sys; [print(json.loads(l)["waited_ms"]) for l in open(sys.argv[1])]' "$T/lone.json" >"$T/lat"
 pct() { sort -g "$1" | awk -v p="$2" '{ a[NR] = $1 } END { i = int(NR * p / 100 + 0.999); if (i < 1) i = 1; print a[i] }'; }
-echo "sealpost lone_send_to_receipt_p50 $(pct "$T/lat" 50) ms"
+pct "$T/lat" 50 >"$T/lone.p50"
+echo "sealpost lone_send_to_receipt_p50 $(cat "$T/lone.p50") ms"
 echo "sealpost lone_send_to_receipt_p99 $(pct "$T/lat" 99) ms"
 echo "sealpost lone_command_wall_p50 $(awk '{ print $1 / 1000 }' "$T/wall" | sort -g | awk '{ a[NR] = $1 } END { print a[int(NR / 2 + 0.5)] }') ms"
 echo "sealpost lone_command_wall_p99 $(awk '{ print $1 / 1000 }' "$T/wall" >"$T/wallms"; pct "$T/wallms" 99) ms"
@@ -217,4 +219,13 @@ if [[ $ANCHOR == 1 ]]; then
     pf=$(awk '$1 == "postfix" && $2 == "maildir_1KiB_e2e_rate" { print $3 }' "$T/pf.out")
     sp=$(cat "$T/sp.rate")
     LC_ALL=C awk -v a="$sp" -v b="$pf" 'BEGIN { if (b > 0) printf "ratio delivered_with_receipts/postfix_maildir_e2e %.1f x\n", a / b; else print "ratio n/a" }'
+    # The sitting's bounds: the public-key operations a message needs, the
+    # disk's fdatasync and a loopback round trip. A lone message waits for
+    # five fdatasyncs in series (relay accept, recipient's spool and
+    # database, relay accept of the receipt, sender's commit) and four
+    # relay round trips (PROTOCOL 8): their p50s added are the least its
+    # p50 could be with this design, on this sitting's disk and network.
+    sitting_limits 'openssl-ed25519-(sign|verify)|openssl-x25519-derive|fsync-tmp-append-fdatasync-1KiB(-p50)?|tcp-pingpong-c-64B-p50'
+    LC_ALL=C awk -v f="$(limit_of fsync-tmp-append-fdatasync-1KiB-p50)" -v r="$(limit_of tcp-pingpong-c-64B-p50)" -v l="$(cat "$T/lone.p50")" \
+        'BEGIN { if (f > 0 && r > 0) { b = (5 * f + 4 * r) / 1000; printf "limit lone_floor_5_fdatasync_4_roundtrips %.2f ms\nratio lone_p50/lone_floor %.1f x\n", b, l / b } }'
 fi

@@ -161,3 +161,14 @@ s3_rates() {
         printf "limit s3_bound_put_then_get %.1f MiB/s\n", 1 / (1 / p + 1 / g)
     }'
 }
+
+# The same sitting's bounds (issue 20): runs ../shared/bench/anchors/limits.sh
+# (about a minute; its own loads are bounded) into $T/limits.out and prints
+# its lines whose figure matches the extended regex $1, as they are.
+sitting_limits() { # regex
+    echo "# running limits.sh (this sitting's bounds)" >&2
+    bash ../shared/bench/anchors/limits.sh >"$T/limits.out" 2>/dev/null || true
+    grep -E "^limit ($1)" "$T/limits.out" || echo "# limits.sh printed none of: $1" >&2
+}
+# A figure from $T/limits.out.
+limit_of() { awk -v k="$1" '$1 == "limit" && $2 == k { print $3 }' "$T/limits.out"; }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Durable submissions per second to a sealpost relay on 127.0.0.1, side by
 # side with Postfix's durable accepts (../shared/bench/anchors/postfix.sh) in
-# the same session.
+# the same session, then this sitting's bounds (limits.sh: fdatasync and
+# group commit rates, a loopback round trip); ANCHOR= skips both.
 #
 #   bench/relay-submit.sh
 #   COUNT_1K=100000 COUNT_64K=10000 CLIENTS=16 bench/relay-submit.sh
@@ -147,3 +148,6 @@ pf() { awk -v k="$1" '$1 == "postfix" && $2 == k { print $3 }' "$T/pf.out"; }
 r() { LC_ALL=C awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f", a / b; else print "n/a" }'; }
 echo "ratio submit_1k/postfix_accept_1k $(r "$(sp "submit_1k_${CLIENTS}clients_msgs_per_sec")" "$(pf maildir_1KiB_smtp_accept_rate)") x"
 echo "ratio submit_64k/postfix_accept_64k $(r "$(sp "submit_64k_${CLIENTS}clients_msgs_per_sec")" "$(pf maildir_64KiB_smtp_accept_rate)") x"
+# The sitting's bounds: one fdatasync a record, and group commit as the
+# relay does it (records per fdatasync in batches of 16 and 256).
+sitting_limits 'fsync-tmp-append-fdatasync-1KiB|groupcommit-tmp-(16|256)x1KiB-per-fdatasync|tcp-pingpong-c-64B'

@@ -570,9 +570,37 @@ fn queue_in(
 const DUE_WHERE: &str = concat!(
     "WHERE ",
     under_way!(),
-    " AND next_ms <= ?1 AND expires_ms > ?1 ORDER BY next_ms LIMIT ?2"
+    " AND next_ms <= ?1 AND expires_ms > ?1 ORDER BY next_ms"
 );
-const FORWARDING_WHERE: &str = "WHERE state = 'forwarding' ORDER BY changed_ms LIMIT ?1";
+const FORWARDING_WHERE: &str = "WHERE state = 'forwarding' ORDER BY changed_ms";
+
+/// `LIMIT n` written into a statement, never bound: SQLite's planner reads
+/// a bound `LIMIT ?` and so marks the statement to be compiled again when
+/// that parameter's binding changes — and rusqlite's statement cache
+/// clears the bindings whenever a statement goes back, so a `LIMIT ?`
+/// statement was compiled again on every use (tens of microseconds each,
+/// on every pass). A limit is one of a few constants, so each cached
+/// statement stays one of a few.
+pub(crate) fn limit(n: usize) -> String {
+    format!(" LIMIT {}", n.min(i64::MAX as usize))
+}
+
+/// The deliveries due for submission now, earliest first.
+fn due_sql(max: usize) -> String {
+    format!(
+        "SELECT {DELIVERY_COLS} FROM deliveries {DUE_WHERE}{}",
+        limit(max)
+    )
+}
+
+/// The deliveries handed to the home relay to forward, least recently
+/// looked at first.
+fn forwarding_sql(max: usize) -> String {
+    format!(
+        "SELECT {DELIVERY_COLS} FROM deliveries {FORWARDING_WHERE}{}",
+        limit(max)
+    )
+}
 const LIVE_WHERE: &str = concat!("WHERE ", under_way!());
 /// [`under_way!`] for the modules below.
 pub(crate) const UNDER_WAY: &str = under_way!();
@@ -599,13 +627,8 @@ const NEXT_DUE_SQL: [&str; 2] = [
 impl Db {
     /// Deliveries due for a submission at `now_ms`, oldest first.
     pub fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<DeliveryRow>, AgentError> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {DELIVERY_COLS} FROM deliveries {DUE_WHERE}"
-        ))?;
-        let rows = stmt.query_map(
-            params![to_i64(now_ms), to_i64(limit as u64)],
-            delivery_from_row,
-        )?;
+        let mut stmt = self.conn.prepare_cached(&due_sql(limit))?;
+        let rows = stmt.query_map(params![to_i64(now_ms)], delivery_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -627,11 +650,9 @@ impl Db {
     /// Deliveries handed to the home relay to forward and not finished,
     /// the least recently looked at first, at most `max`.
     pub fn forwarding(&self, max: usize) -> Result<Vec<DeliveryRow>, AgentError> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {DELIVERY_COLS} FROM deliveries {FORWARDING_WHERE}"
-        ))?;
+        let mut stmt = self.conn.prepare_cached(&forwarding_sql(max))?;
         let rows = stmt
-            .query_map(params![max as i64], delivery_from_row)?
+            .query_map([], delivery_from_row)?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
@@ -907,30 +928,29 @@ impl Db {
     ) -> Result<Vec<OutboxEntry>, AgentError> {
         let sql = if id.is_some() {
             "SELECT id, kind, created_ms, expires_ms, content_hash, content_len, summary FROM outbox \
-             WHERE id = ?1 LIMIT ?2"
+             WHERE id = ?1"
         } else {
             "SELECT id, kind, created_ms, expires_ms, content_hash, content_len, summary FROM outbox \
-             WHERE ?1 IS NULL ORDER BY created_ms DESC, id LIMIT ?2"
+             WHERE ?1 IS NULL ORDER BY created_ms DESC, id"
         };
-        let mut stmt = self.conn.prepare_cached(sql)?;
-        let rows = stmt.query_map(
-            params![id.map(|i| i.0.to_vec()), to_i64(limit as u64)],
-            |r| {
-                let id: Vec<u8> = r.get(0)?;
-                Ok(OutboxEntry {
-                    id: MessageId(id.try_into().unwrap_or([0; 16])),
-                    kind: r.get(1)?,
-                    created_ms: to_u64(r.get(2)?),
-                    expires_ms: to_u64(r.get(3)?),
-                    sent: Sent {
-                        content_hash: hash32(r.get(4)?),
-                        content_len: to_u64(r.get(5)?),
-                    },
-                    summary: r.get(6)?,
-                    deliveries: Vec::new(),
-                })
-            },
-        )?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("{sql}{}", self::limit(limit)))?;
+        let rows = stmt.query_map(params![id.map(|i| i.0.to_vec())], |r| {
+            let id: Vec<u8> = r.get(0)?;
+            Ok(OutboxEntry {
+                id: MessageId(id.try_into().unwrap_or([0; 16])),
+                kind: r.get(1)?,
+                created_ms: to_u64(r.get(2)?),
+                expires_ms: to_u64(r.get(3)?),
+                sent: Sent {
+                    content_hash: hash32(r.get(4)?),
+                    content_len: to_u64(r.get(5)?),
+                },
+                summary: r.get(6)?,
+                deliveries: Vec::new(),
+            })
+        })?;
         let mut out: Vec<OutboxEntry> = rows.collect::<Result<_, _>>()?;
         let mut dstmt = self.conn.prepare_cached(&format!(
             "SELECT {DELIVERY_COLS} FROM deliveries WHERE msg = ?1 ORDER BY name"
@@ -1182,6 +1202,38 @@ mod plan_tests {
         assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
     }
 
+    /// The questions a pass asks with a limit are each compiled once:
+    /// SQLite compiles a statement with a bound `LIMIT ?` again whenever
+    /// its binding changes, which rusqlite's statement cache does on every
+    /// use (the test fails with `LIMIT ?` in any of them).
+    #[test]
+    fn limited_questions_are_compiled_once() {
+        let (_dir, mut db, _, _) = three_queued_to_bob();
+        for round in 0..4u64 {
+            db.due(1_000_000 + round, 64).expect("due");
+            db.forwarding(64).expect("forwarding");
+            db.outbox(None, 50).expect("outbox");
+            db.outbox(Some(&MessageId([1; 16])), 1).expect("outbox one");
+            db.downloads(None, 8).expect("downloads");
+            db.pending_reports(256).expect("reports");
+            db.prune_received(round, 100).expect("prune");
+            db.prune_received_over(1 << 30, 100).expect("prune over");
+        }
+        let statements = [
+            due_sql(64),
+            forwarding_sql(64),
+            format!("{}{}", inbox::PENDING_REPORTS_SQL, limit(256)),
+        ];
+        for q in statements {
+            let stmt = db.conn.prepare_cached(&q).expect("cached");
+            assert_eq!(
+                stmt.get_status(rusqlite::StatementStatus::RePrepare),
+                0,
+                "{q}"
+            );
+        }
+    }
+
     /// Changing a delivery, and the questions a pass asks, make no
     /// temporary b-tree (SQLite's `OpenEphemeral`, which a three-value
     /// `IN` list in a partial index's predicate made four of for every
@@ -1204,10 +1256,11 @@ mod plan_tests {
         // column they find rows by (`next_ms`), so SQLite collects the
         // rows first (once per round, not per delivery).
         statements.extend(
-            [DUE_WHERE, LIVE_WHERE, EXPIRED_WHERE]
+            [LIVE_WHERE, EXPIRED_WHERE]
                 .iter()
                 .map(|w| format!("SELECT {DELIVERY_COLS} FROM deliveries {w}")),
         );
+        statements.push(due_sql(64));
         statements.extend(NEXT_DUE_SQL.iter().map(|q| q.to_string()));
         for q in statements {
             let ops = explain(&conn, &format!("EXPLAIN {q}"), 1);
@@ -1697,10 +1750,12 @@ mod plan_tests {
     fn pass_queries_read_no_history() {
         let conn = rusqlite::Connection::open_in_memory().expect("db");
         conn.execute_batch(SCHEMA).expect("schema");
-        let mut queries: Vec<String> = [DUE_WHERE, FORWARDING_WHERE, LIVE_WHERE, EXPIRED_WHERE]
+        let mut queries: Vec<String> = [LIVE_WHERE, EXPIRED_WHERE]
             .iter()
             .map(|w| format!("SELECT {DELIVERY_COLS} FROM deliveries {w}"))
             .collect();
+        queries.push(due_sql(64));
+        queries.push(forwarding_sql(64));
         queries.extend(NEXT_DUE_SQL.iter().map(|q| q.to_string()));
         queries.push(REACHABLE_SQL.into());
         queries.push(ALL_DUE_NOW_SQL.into());

@@ -17,6 +17,16 @@ pub struct SqliteLedger {
     path: PathBuf,
 }
 
+/// A mailbox's items after a sequence number, in order. `+?1`, not `?1`:
+/// with `mailbox = ?1` and `ORDER BY`, SQLite's planner reads the bound
+/// value and marks the statement to be compiled again whenever that
+/// binding changes — which rusqlite's statement cache does on every use
+/// (clearing the bindings), so every fetch was compiled again. The unary
+/// plus makes the value an expression the planner does not read; the
+/// index on (mailbox, seq) is used as before.
+pub(crate) const FETCH_SQL: &str = "SELECT seq, received_at, expires_at, hash, payload FROM items \
+     WHERE mailbox = +?1 AND seq > ?2 ORDER BY seq";
+
 impl std::fmt::Debug for SqliteLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "SqliteLedger({})", self.path.display())
@@ -143,12 +153,13 @@ impl Ledger for SqliteLedger {
         max_bytes: usize,
     ) -> Fut<'_, Fetched> {
         ready(self.read(|conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT seq, received_at, expires_at, hash, payload FROM items
-                 WHERE mailbox = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            )?;
-            let mut rows =
-                stmt.query(params![mailbox.0.to_vec(), i64_of(after), (max + 1) as i64])?;
+            // No `LIMIT ?`: SQLite compiles a statement with a bound limit
+            // again whenever the binding changes, which rusqlite's cache
+            // does on every use. The rows come in index order, one at a
+            // time, and the loop stops after `max` (and one to learn
+            // whether there are more).
+            let mut stmt = conn.prepare_cached(FETCH_SQL)?;
+            let mut rows = stmt.query(params![mailbox.0.to_vec(), i64_of(after)])?;
             let mut out = Fetched::default();
             let mut bytes = 0usize;
             while let Some(row) = rows.next()? {
@@ -348,38 +359,38 @@ impl Ledger for SqliteLedger {
 
     fn forward_due(&self, now: u64, max: usize, max_bytes: usize) -> Fut<'_, Vec<Queued>> {
         ready(self.read(|c| {
-            let mut stmt = c.prepare_cached(
+            // The limit written in, not bound (see `fetch`); `max` is one
+            // of a few constants.
+            let mut stmt = c.prepare_cached(&format!(
                 "SELECT id, origin, next_addr, next_pin, hops, mailbox, received_at, expires_at, \
                  hash, payload, attempts, next_at, last_error, blob, blob_len FROM forwards \
-                 WHERE next_at <= ?1 OR expires_at <= ?1 ORDER BY id LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(
-                params![i64_of(now), i64::try_from(max).unwrap_or(i64::MAX)],
-                |r| {
-                    Ok(Queued {
-                        id: u64_of(r.get(0)?),
-                        origin: MailboxId(arr(r.get(1)?)),
-                        item: sealpost_proto::relay::Forward {
-                            hops: r.get(4)?,
-                            next: sealpost_proto::relay::NextHop {
-                                addr: r.get(2)?,
-                                pin: arr(r.get(3)?),
-                            },
-                            mailbox: MailboxId(arr(r.get(5)?)),
-                            expires_at: u64_of(r.get(7)?),
-                            payload_hash: arr(r.get(8)?),
-                            payload: r.get(9)?,
+                 WHERE next_at <= ?1 OR expires_at <= ?1 ORDER BY id LIMIT {}",
+                max.min(i64::MAX as usize)
+            ))?;
+            let rows = stmt.query_map(params![i64_of(now)], |r| {
+                Ok(Queued {
+                    id: u64_of(r.get(0)?),
+                    origin: MailboxId(arr(r.get(1)?)),
+                    item: sealpost_proto::relay::Forward {
+                        hops: r.get(4)?,
+                        next: sealpost_proto::relay::NextHop {
+                            addr: r.get(2)?,
+                            pin: arr(r.get(3)?),
                         },
-                        blob: r
-                            .get::<_, Option<Vec<u8>>>(13)?
-                            .map(|b| (BlobId(arr(b)), u64_of(r.get(14).unwrap_or(0)))),
-                        received_at: u64_of(r.get(6)?),
-                        attempts: r.get(10)?,
-                        next_at: u64_of(r.get(11)?),
-                        last_error: r.get(12)?,
-                    })
-                },
-            )?;
+                        mailbox: MailboxId(arr(r.get(5)?)),
+                        expires_at: u64_of(r.get(7)?),
+                        payload_hash: arr(r.get(8)?),
+                        payload: r.get(9)?,
+                    },
+                    blob: r
+                        .get::<_, Option<Vec<u8>>>(13)?
+                        .map(|b| (BlobId(arr(b)), u64_of(r.get(14).unwrap_or(0)))),
+                    received_at: u64_of(r.get(6)?),
+                    attempts: r.get(10)?,
+                    next_at: u64_of(r.get(11)?),
+                    last_error: r.get(12)?,
+                })
+            })?;
             // Rows are read one by one: the byte bound stops the reading.
             let mut out = Vec::new();
             let mut bytes = 0usize;
@@ -571,4 +582,64 @@ pub(crate) fn blob_row(c: &Connection, id: &BlobId) -> rusqlite::Result<Option<B
         })
     })
     .optional()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fetch is compiled once however its parameters change (a bound
+    /// `LIMIT ?`, and `mailbox = ?1`, made SQLite compile it again on
+    /// every fetch), and reads a mailbox's items through the index in
+    /// order without sorting them, so stopping after `max` rows reads no
+    /// more.
+    #[test]
+    fn a_fetch_is_compiled_once_and_not_sorted() {
+        let conn = rusqlite::Connection::open_in_memory().expect("db");
+        conn.execute_batch(crate::schema::SCHEMA).expect("schema");
+        for i in 0..5i64 {
+            let mut stmt = conn.prepare_cached(FETCH_SQL).expect("prepare");
+            let mut rows = stmt.query(params![vec![i as u8; 32], i]).expect("query");
+            while rows.next().expect("row").is_some() {}
+        }
+        let stmt = conn.prepare_cached(FETCH_SQL).expect("cached");
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {FETCH_SQL}"))
+            .expect("plan")
+            .query_map(params![rusqlite::types::Null, rusqlite::types::Null], |r| {
+                r.get(3)
+            })
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("plan rows");
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("items_mailbox (mailbox=? AND seq>?)"))
+                && !plan.iter().any(|p| p.contains("TEMP B-TREE")),
+            "{plan:?}"
+        );
+        // What the test guards against: a bound limit, or the mailbox
+        // compared with the parameter itself.
+        for bad in [
+            format!("{FETCH_SQL} LIMIT ?3"),
+            format!("{} LIMIT 100", FETCH_SQL.replace("+?1", "?1")),
+        ] {
+            for i in 0..3i64 {
+                let mut stmt = conn.prepare_cached(&bad).expect("prepare");
+                let mut rows = if stmt.parameter_count() == 3 {
+                    stmt.query(params![vec![i as u8; 32], 0, 10 + i])
+                } else {
+                    stmt.query(params![vec![i as u8; 32], 0])
+                }
+                .expect("query");
+                while rows.next().expect("row").is_some() {}
+            }
+            let stmt = conn.prepare_cached(&bad).expect("cached");
+            assert!(
+                stmt.get_status(rusqlite::StatementStatus::RePrepare) > 0,
+                "{bad}"
+            );
+        }
+    }
 }

@@ -391,9 +391,10 @@ impl Db {
     ) -> Result<Vec<Download>, AgentError> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {DOWNLOAD_COLS} FROM downloads WHERE ?1 IS NULL OR state = ?1 \
-             ORDER BY changed_ms LIMIT ?2"
+             ORDER BY changed_ms{}",
+            super::limit(limit)
         ))?;
-        let rows = stmt.query_map(params![state, to_i64(limit as u64)], download_from_row)?;
+        let rows = stmt.query_map(params![state], download_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

@@ -172,6 +172,11 @@ pub(crate) fn insert_pending(tx: &Transaction<'_>, p: &PendingReport) -> rusqlit
     Ok(())
 }
 
+/// The reports waiting to be sent, in the order they go out.
+pub(crate) const PENDING_REPORTS_SQL: &str =
+    "SELECT subject, agreement, id, relay, reason, content_hash, content_len, stored_at \
+     FROM pending_reports ORDER BY subject, relay, reason";
+
 impl Db {
     /// Deletes received messages' records (and a received file's record;
     /// never the file). Returns how many were deleted.
@@ -190,7 +195,7 @@ impl Db {
         self.delete_selected(
             "SELECT id FROM inbox WHERE received_ms < ?1 AND id NOT IN \
              (SELECT msg FROM downloads WHERE state NOT IN ('done', 'failed')) \
-             ORDER BY received_ms LIMIT ?2",
+             ORDER BY received_ms",
             before_ms,
             max,
         )
@@ -208,14 +213,14 @@ impl Db {
                  SUM(content_len) OVER (ORDER BY received_ms DESC, id DESC) AS kept \
                  FROM inbox WHERE id NOT IN \
                  (SELECT msg FROM downloads WHERE state NOT IN ('done', 'failed'))) \
-             WHERE kept > ?1 ORDER BY received_ms, id LIMIT ?2",
+             WHERE kept > ?1 ORDER BY received_ms, id",
             max_bytes,
             max,
         )
     }
 
-    /// Deletes the received messages `select` names (its parameters: a
-    /// bound and at most how many), as `delete` does. Returns how many.
+    /// Deletes the received messages `select` names (its parameter: a
+    /// bound; at most `max` of them), as `delete` does. Returns how many.
     fn delete_selected(
         &mut self,
         select: &str,
@@ -223,10 +228,11 @@ impl Db {
         max: usize,
     ) -> Result<usize, AgentError> {
         let ids: Vec<MessageId> = {
-            let mut stmt = self.conn.prepare_cached(select)?;
-            let rows = stmt.query_map(params![to_i64(bound), to_i64(max as u64)], |r| {
-                Ok(MessageId(id16(r.get(0)?)))
-            })?;
+            let mut stmt = self
+                .conn
+                .prepare_cached(&format!("{select}{}", super::limit(max)))?;
+            let rows =
+                stmt.query_map(params![to_i64(bound)], |r| Ok(MessageId(id16(r.get(0)?))))?;
             rows.collect::<Result<_, _>>()?
         };
         if ids.is_empty() {
@@ -469,11 +475,10 @@ impl Db {
 
     /// Reports waiting to be sent, at most `limit`.
     pub fn pending_reports(&self, limit: usize) -> Result<Vec<PendingReport>, AgentError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT subject, agreement, id, relay, reason, content_hash, content_len, stored_at \
-             FROM pending_reports ORDER BY subject, relay, reason LIMIT ?1",
-        )?;
-        let rows = stmt.query_map(params![to_i64(limit as u64)], |r| {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("{PENDING_REPORTS_SQL}{}", super::limit(limit)))?;
+        let rows = stmt.query_map([], |r| {
             let id: Vec<u8> = r.get(2)?;
             let reason: u8 = r.get(4)?;
             Ok(PendingReport {

@@ -1232,6 +1232,15 @@ mod plan_tests {
                 "{q}"
             );
         }
+        // What this guards against: the same question with its limit bound.
+        let bound = format!("SELECT {DELIVERY_COLS} FROM deliveries {DUE_WHERE} LIMIT ?2");
+        for round in 0..3i64 {
+            let mut stmt = db.conn.prepare_cached(&bound).expect("prepare");
+            let mut rows = stmt.query(params![round, 64]).expect("query");
+            while rows.next().expect("row").is_some() {}
+        }
+        let stmt = db.conn.prepare_cached(&bound).expect("cached");
+        assert!(stmt.get_status(rusqlite::StatementStatus::RePrepare) > 0);
     }
 
     /// Changing a delivery, and the questions a pass asks, make no

@@ -1205,7 +1205,7 @@ mod plan_tests {
     /// The questions a pass asks with a limit are each compiled once:
     /// SQLite compiles a statement with a bound `LIMIT ?` again whenever
     /// its binding changes, which rusqlite's statement cache does on every
-    /// use (the test fails with `LIMIT ?` in any of them).
+    /// use (the last part shows it for `due`).
     #[test]
     fn limited_questions_are_compiled_once() {
         let (_dir, mut db, _, _) = three_queued_to_bob();

@@ -396,7 +396,9 @@ impl Soak {
 
     /// A send that failed after queueing leaves its message in the outbox,
     /// so a send is never retried (it would send a second message).
-    fn send(&self, from: usize, args: &[String]) -> bool {
+    /// Runs `sealpost send`; on failure, how it ended and what it said
+    /// last (so a violation names its cause).
+    fn send(&self, from: usize, args: &[String]) -> Result<(), String> {
         let mut c = Command::new(&self.cfg.sealpost);
         c.arg("send")
             .args(args)
@@ -405,8 +407,20 @@ impl Soak {
             .arg("--json")
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        c.status().is_ok_and(|s| s.success())
+            .stderr(Stdio::piped());
+        match c.output() {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => {
+                let err = String::from_utf8_lossy(&o.stderr);
+                let last = err.lines().rev().find(|l| !l.trim().is_empty());
+                Err(format!(
+                    "{}: {}",
+                    o.status,
+                    last.unwrap_or("(nothing on stderr)")
+                ))
+            }
+            Err(e) => Err(format!("could not run: {e}")),
+        }
     }
 }
 
@@ -671,11 +685,11 @@ fn drive(s: &mut Soak, rng: &mut ChaCha8Rng) -> Result<SoakReport, SoakError> {
         let outage = pg_state == 1 || s3_state == 1;
         if next_send < sends.len() && now >= per_send.mul_f64(next_send as f64) {
             let (from, args) = &sends[next_send];
-            if !s.send(*from, args) {
+            if let Err(why) = s.send(*from, args) {
                 report.send_errors += 1;
                 report
                     .violations
-                    .push(format!("`sealpost send {}` failed", args.join(" ")));
+                    .push(format!("`sealpost send {}` failed ({why})", args.join(" ")));
             }
             next_send += 1;
             continue;

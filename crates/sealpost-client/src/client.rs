@@ -350,10 +350,13 @@ impl RelayClient {
             .as_mut()
             .ok_or(ClientError::Closed)?
             .insert(id, tx);
+        // Room for a submission or forward whole; otherwise for a piece's
+        // head (its data is not copied in; a `BlobForward`'s head is the
+        // longer) or a small request. Acks and status lists grow it.
         let mut frame = buffers::take(match &req {
             Request::Submit { payload, .. } => payload.len() + 128,
             Request::Forward(f) => f.payload.len() + f.next.addr.len() + 128,
-            _ => 128,
+            _ => relay::BLOB_FORWARD_HEAD + 4,
         });
         // A piece's data is written from its own buffer, not copied into
         // the frame (rustls copies it once more into its records).

@@ -90,6 +90,11 @@ pub struct SoakReport {
     pub tampered_accepted: u64,
     pub forged_accepted: u64,
     pub send_errors: u64,
+    /// `send`s that queued their message but could not hand it over
+    /// themselves (exit 5, `queued-not-sent`: no agent ran and the relay
+    /// could not take it, say its object store was down). Not an error:
+    /// the message must still be delivered, which the counts above check.
+    pub sends_kept: u64,
     pub settle_secs: f64,
     pub hostile_secs: f64,
     /// Cluster runs: nodes of the one relay.
@@ -121,6 +126,7 @@ impl SoakReport {
             "tampered_content_accepted": self.tampered_accepted,
             "forged_refusal_or_rejection_accepted": self.forged_accepted,
             "send_errors": self.send_errors,
+            "sends_queued_not_sent": self.sends_kept,
             "hostile_secs": self.hostile_secs,
             "settle_secs": self.settle_secs,
             "cluster_nodes": self.nodes,
@@ -203,6 +209,12 @@ impl SoakReport {
             "forged refusal/rejection ok  {} (must be 0)\n",
             self.forged_accepted
         ));
+        if self.sends_kept > 0 {
+            s.push_str(&format!(
+                "sends queued, not yet sent   {} (exit 5; delivered later)\n",
+                self.sends_kept
+            ));
+        }
         s.push_str(&format!(
             "time hostile / to settle     {:.1} s / {:.1} s\n",
             self.hostile_secs, self.settle_secs
@@ -396,9 +408,13 @@ impl Soak {
 
     /// A send that failed after queueing leaves its message in the outbox,
     /// so a send is never retried (it would send a second message).
-    /// Runs `sealpost send`; on failure, how it ended and what it said
-    /// last (so a violation names its cause).
-    fn send(&self, from: usize, args: &[String]) -> Result<(), String> {
+    /// Runs `sealpost send`: `Ok(true)` if it handed the message over,
+    /// `Ok(false)` if it says it queued it without handing it over (exit
+    /// 5, `queued-not-sent`: true during an outage with the sender's agent
+    /// down; the message is then sent by the agent, and the soak checks it
+    /// is delivered like any other). On any other failure, how it ended and
+    /// what it said last (so a violation names its cause).
+    fn send(&self, from: usize, args: &[String]) -> Result<bool, String> {
         let mut c = Command::new(&self.cfg.sealpost);
         c.arg("send")
             .args(args)
@@ -409,7 +425,14 @@ impl Soak {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         match c.output() {
-            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) if o.status.success() => Ok(true),
+            Ok(o)
+                if o.status.code() == Some(5)
+                    && String::from_utf8_lossy(&o.stderr)
+                        .contains("\"class\":\"queued-not-sent\"") =>
+            {
+                Ok(false)
+            }
             Ok(o) => {
                 let err = String::from_utf8_lossy(&o.stderr);
                 let last = err.lines().rev().find(|l| !l.trim().is_empty());
@@ -685,11 +708,15 @@ fn drive(s: &mut Soak, rng: &mut ChaCha8Rng) -> Result<SoakReport, SoakError> {
         let outage = pg_state == 1 || s3_state == 1;
         if next_send < sends.len() && now >= per_send.mul_f64(next_send as f64) {
             let (from, args) = &sends[next_send];
-            if let Err(why) = s.send(*from, args) {
-                report.send_errors += 1;
-                report
-                    .violations
-                    .push(format!("`sealpost send {}` failed ({why})", args.join(" ")));
+            match s.send(*from, args) {
+                Ok(true) => {}
+                Ok(false) => report.sends_kept += 1,
+                Err(why) => {
+                    report.send_errors += 1;
+                    report
+                        .violations
+                        .push(format!("`sealpost send {}` failed ({why})", args.join(" ")));
+                }
             }
             next_send += 1;
             continue;

@@ -8,8 +8,9 @@
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use sealpost_proto::{ContactCard, Fingerprint, MessageId};
+use sealpost_proto::{ContactCard, Fingerprint};
 
+use crate::outbox::ReceivedId;
 use crate::AgentError;
 
 /// What `add` did.
@@ -70,16 +71,23 @@ impl VerifiedCards {
     }
 }
 
-const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS contacts (
     name TEXT PRIMARY KEY,
     signing_key BLOB NOT NULL UNIQUE,
     card BLOB NOT NULL,
     added_at INTEGER NOT NULL
 );
+-- Messages acted on or opened, by sender and id: each sender chooses its
+-- own ids, so one sender's id says nothing of another's. `sender` x''
+-- (rows kept from before user version 5, which knew only the id) matches
+-- every sender until the row's time is past.
 CREATE TABLE IF NOT EXISTS replay (
-    id BLOB PRIMARY KEY,
-    forget_at INTEGER NOT NULL
+    sender BLOB NOT NULL,
+    id BLOB NOT NULL,
+    forget_at INTEGER NOT NULL,
+    -- id first: ids made by time are added at the end of the index
+    PRIMARY KEY (id, sender)
 );
 CREATE INDEX IF NOT EXISTS replay_forget ON replay(forget_at);
 ";
@@ -347,26 +355,28 @@ impl Db {
         Ok(())
     }
 
-    pub fn replay_seen(&self, id: &MessageId) -> Result<bool, AgentError> {
+    /// Whether `key`'s sender already sent a message with its id that was
+    /// acted on or opened (and is remembered still).
+    pub fn replay_seen(&self, key: &ReceivedId) -> Result<bool, AgentError> {
         Ok(self
             .conn
-            .prepare_cached("SELECT 1 FROM replay WHERE id = ?1")?
-            .query_row(params![id.0.to_vec()], |_| Ok(()))
+            .prepare_cached(REPLAY_SEEN_SQL)?
+            .query_row(params![key.sender.to_vec(), key.id.0.to_vec()], |_| Ok(()))
             .optional()?
             .is_some())
     }
 
-    /// Records that `id` was delivered; returns false if it already was.
+    /// Records that `key` was delivered; returns false if it already was.
     /// Expired entries are pruned in the same transaction, which keeps the
     /// table bounded without a separate sweeper.
     pub fn replay_insert(
         &mut self,
-        id: &MessageId,
+        key: &ReceivedId,
         forget_at: u64,
         now: u64,
     ) -> Result<bool, AgentError> {
         let tx = self.conn.transaction()?;
-        let new = replay_record(&tx, id, forget_at, now)?;
+        let new = replay_record(&tx, key, forget_at, now)?;
         tx.commit()?;
         Ok(new)
     }
@@ -380,17 +390,24 @@ impl Db {
     }
 }
 
-/// Records `id` in the replay cache within `tx` (false if it was there),
+/// Whether a sender's id is in the replay cache: under that sender, or
+/// under x'' (a row kept from before rows named their sender, which
+/// matches every sender until its time is past): one range of the
+/// primary key `(id, sender)`.
+pub(crate) const REPLAY_SEEN_SQL: &str =
+    "SELECT 1 FROM replay WHERE id = ?2 AND sender IN (?1, x'')";
+
+/// Records `key` in the replay cache within `tx` (false if it was there),
 /// pruning entries whose time is past: what [`Db::replay_insert`] does,
 /// for a transaction that also commits what the message did.
 pub(crate) fn replay_record(
     tx: &rusqlite::Transaction<'_>,
-    id: &MessageId,
+    key: &ReceivedId,
     forget_at: u64,
     now: u64,
 ) -> Result<bool, AgentError> {
     replay_prune(tx, now)?;
-    replay_add(tx, id, forget_at)
+    replay_add(tx, key, forget_at)
 }
 
 /// Forgets the replay cache's entries whose time is past `now`: how the
@@ -401,15 +418,23 @@ pub(crate) fn replay_prune(tx: &rusqlite::Transaction<'_>, now: u64) -> Result<(
     Ok(())
 }
 
-/// Adds `id` to the replay cache until `forget_at`; false if it was there.
+/// Adds `key` to the replay cache until `forget_at`; false if it was there
+/// (see [`REPLAY_SEEN_SQL`]).
 pub(crate) fn replay_add(
     tx: &rusqlite::Transaction<'_>,
-    id: &MessageId,
+    key: &ReceivedId,
     forget_at: u64,
 ) -> Result<bool, AgentError> {
     let n = tx
-        .prepare_cached("INSERT OR IGNORE INTO replay (id, forget_at) VALUES (?1, ?2)")?
-        .execute(params![id.0.to_vec(), to_i64(forget_at)])?;
+        .prepare_cached(
+            "INSERT OR IGNORE INTO replay (sender, id, forget_at) SELECT ?1, ?2, ?3 \
+             WHERE NOT EXISTS (SELECT 1 FROM replay WHERE id = ?2 AND sender IN (?1, x''))",
+        )?
+        .execute(params![
+            key.sender.to_vec(),
+            key.id.0.to_vec(),
+            to_i64(forget_at)
+        ])?;
     Ok(n == 1)
 }
 

@@ -441,7 +441,9 @@ impl Agent {
             })?;
         let mut notes = FreshnessNotes::default();
         let fresh = self.policy.check(&opened.header, now);
-        let seen = self.db.replay_seen(&opened.header.id)?;
+        let seen = self
+            .db
+            .replay_seen(&outbox::ReceivedId::of(&opened.header))?;
         match freshness {
             Freshness::Enforce => {
                 fresh?;
@@ -484,7 +486,8 @@ impl Agent {
         } else {
             self.policy.remember_until(opened.header.expires_at)
         };
-        self.db.replay_insert(&opened.header.id, forget_at, now)
+        self.db
+            .replay_insert(&outbox::ReceivedId::of(&opened.header), forget_at, now)
     }
 }
 

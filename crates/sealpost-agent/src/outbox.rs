@@ -109,16 +109,21 @@ CREATE TABLE IF NOT EXISTS files_out (
 );
 CREATE INDEX IF NOT EXISTS files_out_blob ON files_out(blob_id);
 -- files sent or received as part of a directory (the manifest's group,
--- PROTOCOL 5.1), for either direction: a message id names one message
+-- PROTOCOL 5.1), for either direction: `sender` is x'' for a file we
+-- sent, the sender's signing key for one received (each sender chooses
+-- its own message ids, so an id alone does not name a received message)
 CREATE TABLE IF NOT EXISTS file_groups (
-    msg BLOB PRIMARY KEY,
+    msg BLOB NOT NULL,
+    sender BLOB NOT NULL,
     group_id BLOB NOT NULL,
     idx INTEGER NOT NULL,
-    count INTEGER NOT NULL
+    count INTEGER NOT NULL,
+    PRIMARY KEY (msg, sender)
 );
 CREATE INDEX IF NOT EXISTS file_groups_group ON file_groups(group_id, idx);
+-- received files, by (message id, sender) as the inbox
 CREATE TABLE IF NOT EXISTS downloads (
-    msg BLOB PRIMARY KEY,
+    msg BLOB NOT NULL,
     sender BLOB NOT NULL,
     agreement BLOB NOT NULL,
     relay TEXT,
@@ -139,7 +144,8 @@ CREATE TABLE IF NOT EXISTS downloads (
     repair BLOB,
     local_errors INTEGER NOT NULL DEFAULT 0,
     -- the blob's plaintext length of a padded file; NULL: size
-    padded INTEGER
+    padded INTEGER,
+    PRIMARY KEY (msg, sender)
 );
 CREATE INDEX IF NOT EXISTS downloads_state ON downloads(state);
 CREATE TABLE IF NOT EXISTS repairs (
@@ -205,8 +211,11 @@ CREATE TRIGGER IF NOT EXISTS deliveries_total_state AFTER UPDATE OF state ON del
     INSERT INTO delivery_totals (state, n) VALUES (NEW.state, 1)
         ON CONFLICT (state) DO UPDATE SET n = n + 1;
 END;
+-- received messages, by (id, sender): each sender chooses its own ids,
+-- so a contact who learns another's id (as a co-recipient of the same
+-- message) cannot take it; `id` first, for the CLI's look-ups by id
 CREATE TABLE IF NOT EXISTS inbox (
-    id BLOB PRIMARY KEY,
+    id BLOB NOT NULL,
     sender BLOB NOT NULL,
     kind TEXT NOT NULL,
     created_at INTEGER NOT NULL,
@@ -218,7 +227,8 @@ CREATE TABLE IF NOT EXISTS inbox (
     offset INTEGER NOT NULL,
     read_ms INTEGER,
     -- when it was archived (out of the inbox's list, still readable)
-    archived_ms INTEGER
+    archived_ms INTEGER,
+    PRIMARY KEY (id, sender)
 );
 CREATE INDEX IF NOT EXISTS inbox_received ON inbox(received_ms);
 CREATE INDEX IF NOT EXISTS inbox_segment ON inbox(segment);
@@ -773,7 +783,7 @@ impl Db {
     /// Applies a verified report signed by `signer` (already checked to be
     /// about our own messages) to our deliveries to `signer`, and stores
     /// the report with every delivery it completes, in one transaction;
-    /// `remember` (the id of the message that carried it, and until when)
+    /// `remember` (the message that carried it, and until when)
     /// goes into the replay cache in the same transaction, so that one
     /// commit (one fsync) records both.
     pub fn apply_report(
@@ -781,7 +791,7 @@ impl Db {
         signer: &[u8; 32],
         report: &Report,
         now_ms: u64,
-        remember: (&MessageId, u64),
+        remember: (&ReceivedId, u64),
     ) -> Result<Vec<Applied>, AgentError> {
         let tx = self.conn.transaction()?;
         crate::contacts::replay_record(&tx, remember.0, remember.1, now_ms / 1000)?;
@@ -1058,7 +1068,86 @@ pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
              COMMIT;",
         )?;
     }
+    if version < 5 {
+        keyed_by_sender(conn)?;
+    }
     Ok(())
+}
+
+/// `name`'s `CREATE TABLE` statement in `schema`, creating `new_name`
+/// instead.
+fn table_as(schema: &str, name: &str, new_name: &str) -> String {
+    let start = schema
+        .find(&format!("CREATE TABLE IF NOT EXISTS {name} ("))
+        .unwrap_or_else(|| unreachable!("{name} is in the schema"));
+    let len = schema[start..]
+        .find(");")
+        .unwrap_or_else(|| unreachable!("a statement ends"));
+    schema[start..start + len + 2].replacen(
+        &format!("IF NOT EXISTS {name} ("),
+        &format!("{new_name} ("),
+        1,
+    )
+}
+
+/// Databases made before received messages were keyed by their sender as
+/// well as their id (user version 4): the inbox, the downloads, the file
+/// groups and the replay cache were keyed by the message id alone, so a
+/// contact who learnt another sender's id (a co-recipient of the same
+/// message) could send its own message under it first and have the real
+/// one discarded. The four tables are made again as the schema has them
+/// now, in one transaction (as [`reports_by_id`] does): every row keeps
+/// its sender; a replay-cache row, which did not record one, gets x'',
+/// which matches every sender until its time is past (what it did
+/// before); a file group's row gets the sender of the received message
+/// of that id, and x'' for a message we sent (both, for one sent to
+/// ourselves).
+fn keyed_by_sender(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let moved = (|| -> rusqlite::Result<()> {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        // Looked at inside the transaction: another process opening the
+        // same home may have done it meanwhile (or the tables are new).
+        if !has_column(conn, "replay", "sender")? {
+            let contacts = crate::contacts::SCHEMA;
+            let inbox_cols = "id, sender, kind, created_at, expires_at, received_ms,                               content_hash, content_len, segment, offset, read_ms, archived_ms";
+            let download_cols = format!("{DOWNLOAD_COLS}, repair");
+            conn.execute_batch(&format!(
+                "{replay}
+                 INSERT INTO replay_v5 (sender, id, forget_at) SELECT x'', id, forget_at FROM replay;
+                 DROP TABLE replay;
+                 ALTER TABLE replay_v5 RENAME TO replay;
+                 {inbox}
+                 INSERT INTO inbox_v5 ({inbox_cols}) SELECT {inbox_cols} FROM inbox;
+                 {downloads}
+                 INSERT INTO downloads_v5 ({download_cols}) SELECT {download_cols} FROM downloads;
+                 {groups}
+                 INSERT OR IGNORE INTO file_groups_v5 (msg, sender, group_id, idx, count)
+                     SELECT g.msg, i.sender, g.group_id, g.idx, g.count
+                     FROM file_groups g JOIN inbox i ON i.id = g.msg;
+                 INSERT OR IGNORE INTO file_groups_v5 (msg, sender, group_id, idx, count)
+                     SELECT msg, x'', group_id, idx, count FROM file_groups
+                     WHERE msg IN (SELECT id FROM outbox);
+                 DROP TABLE inbox;
+                 DROP TABLE downloads;
+                 DROP TABLE file_groups;
+                 ALTER TABLE inbox_v5 RENAME TO inbox;
+                 ALTER TABLE downloads_v5 RENAME TO downloads;
+                 ALTER TABLE file_groups_v5 RENAME TO file_groups;",
+                replay = table_as(contacts, "replay", "replay_v5"),
+                inbox = table_as(SCHEMA, "inbox", "inbox_v5"),
+                downloads = table_as(SCHEMA, "downloads", "downloads_v5"),
+                groups = table_as(SCHEMA, "file_groups", "file_groups_v5"),
+            ))?;
+            // The indexes the old tables took with them.
+            conn.execute_batch(contacts)?;
+            conn.execute_batch(SCHEMA)?;
+        }
+        conn.execute_batch("PRAGMA user_version = 5; COMMIT;")
+    })();
+    if moved.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    moved
 }
 
 /// Databases made before reports had ids (user version 2): a delivery
@@ -1078,19 +1167,7 @@ fn reports_by_id(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
         // same home may have done it meanwhile.
         let has_id: bool = has_column(conn, "reports", "id")?;
         if !has_id {
-            let table = |name: &str| -> String {
-                let start = SCHEMA
-                    .find(&format!("CREATE TABLE IF NOT EXISTS {name} ("))
-                    .unwrap_or_else(|| unreachable!("{name} is in SCHEMA"));
-                let len = SCHEMA[start..]
-                    .find(");")
-                    .unwrap_or_else(|| unreachable!("a statement ends"));
-                SCHEMA[start..start + len + 2].replacen(
-                    &format!("IF NOT EXISTS {name} ("),
-                    &format!("{name}_by_id ("),
-                    1,
-                )
-            };
+            let table = |name: &str| table_as(SCHEMA, name, &format!("{name}_by_id"));
             let cols = "msg, recipient, name, relay, state, submissions, failed_attempts, \
                         next_ms, expires_ms, changed_ms, failure, detail, last_error";
             conn.execute_batch(&format!(
@@ -1505,7 +1582,7 @@ mod plan_tests {
             .expect("row");
         assert_eq!(
             (kind.as_str(), version, broken, indexes),
-            ("integer", 4, 0, 4)
+            ("integer", 5, 0, 4)
         );
         let receipt = |db: &mut Db, m: u8| {
             db.due(10_000, 100)
@@ -1628,7 +1705,7 @@ mod plan_tests {
                 r.get(0)
             })
             .expect("version");
-        assert_eq!(version, 4);
+        assert_eq!(version, 5);
     }
 
     /// A home's free pages go back all at once while little is in use,
@@ -1787,6 +1864,206 @@ mod plan_tests {
                     .any(|p| p.starts_with("SCAN deliveries") && !p.contains("INDEX")),
                 "{q}: {plan:?}"
             );
+        }
+    }
+
+    /// What a database records of received messages is keyed by (id,
+    /// sender); one made before (user version 4, keyed by the id alone) is
+    /// moved once when opened: every row keeps its sender, a received
+    /// file's group its sender and a sent one's x'', and the replay
+    /// cache's rows, which had no sender, still match every sender. Then
+    /// another sender's message under the same id is recorded beside it.
+    #[test]
+    fn received_records_are_keyed_by_sender_and_old_databases_move() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("agent.db");
+        let mut db = Db::open(&path).expect("db");
+        let rcpt = QueuedRecipient {
+            name: "bob".into(),
+            signing: [7; 32],
+            relay: "127.0.0.1:7443/ABCDEF".into(),
+        };
+        // A sent message, [0; 16], and alice's received one, [5; 16].
+        queue_some(&mut db, &rcpt, 1);
+        let (alice, mallory) = ([1u8; 32], [2u8; 32]);
+        let (sent, got) = (MessageId([0; 16]), MessageId([5; 16]));
+        db.conn
+            .execute_batch(
+                "BEGIN;
+                 DROP TABLE replay;
+                 CREATE TABLE replay (id BLOB PRIMARY KEY, forget_at INTEGER NOT NULL);
+                 INSERT INTO replay VALUES (x'05050505050505050505050505050505', 9000000000);
+                 DROP TABLE inbox;
+                 CREATE TABLE inbox (id BLOB PRIMARY KEY, sender BLOB NOT NULL,
+                     kind TEXT NOT NULL, created_at INTEGER NOT NULL,
+                     expires_at INTEGER NOT NULL, received_ms INTEGER NOT NULL,
+                     content_hash BLOB NOT NULL, content_len INTEGER NOT NULL,
+                     segment INTEGER NOT NULL, offset INTEGER NOT NULL, read_ms INTEGER,
+                     archived_ms INTEGER);
+                 INSERT INTO inbox VALUES (x'05050505050505050505050505050505',
+                     x'0101010101010101010101010101010101010101010101010101010101010101',
+                     'file-manifest', 1, 9000000000, 1000, zeroblob(32), 10, 1, 0, NULL, NULL);
+                 DROP TABLE downloads;
+                 CREATE TABLE downloads (msg BLOB PRIMARY KEY, sender BLOB NOT NULL,
+                     agreement BLOB NOT NULL, relay TEXT, blob_id BLOB NOT NULL,
+                     blob_key BLOB NOT NULL, size INTEGER NOT NULL, chunk_size INTEGER NOT NULL,
+                     plaintext_hash BLOB NOT NULL, name TEXT NOT NULL, dir TEXT NOT NULL,
+                     next_chunk INTEGER NOT NULL, bad TEXT NOT NULL DEFAULT '',
+                     attempts INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, final_path TEXT,
+                     error TEXT, changed_ms INTEGER NOT NULL, repair BLOB,
+                     local_errors INTEGER NOT NULL DEFAULT 0, padded INTEGER);
+                 INSERT INTO downloads (msg, sender, agreement, blob_id, blob_key, size,
+                     chunk_size, plaintext_hash, name, dir, next_chunk, state, changed_ms, repair)
+                     VALUES (x'05050505050505050505050505050505',
+                     x'0101010101010101010101010101010101010101010101010101010101010101',
+                     zeroblob(32), zeroblob(16), zeroblob(32), 10, 65536, zeroblob(32),
+                     'a.txt', '/tmp', 0, 'downloading', 1000, x'aa');
+                 DROP TABLE file_groups;
+                 CREATE TABLE file_groups (msg BLOB PRIMARY KEY, group_id BLOB NOT NULL,
+                     idx INTEGER NOT NULL, count INTEGER NOT NULL);
+                 INSERT INTO file_groups VALUES
+                     (x'05050505050505050505050505050505', x'11111111111111111111111111111111', 0, 2),
+                     (x'00000000000000000000000000000000', x'22222222222222222222222222222222', 1, 3);
+                 PRAGMA user_version = 4;
+                 COMMIT;",
+            )
+            .expect("an older database");
+        drop(db);
+        let mut db = Db::open(&path).expect("moved");
+        let version = |db: &Db| -> i64 {
+            db.conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .expect("version")
+        };
+        assert_eq!(version(&db), 5);
+        let alices = ReceivedId::new(alice, got);
+        let e = db.inbox_entry(&alices).expect("db").expect("kept");
+        assert_eq!((e.sender, e.content_len), (alice, 10));
+        assert!(db
+            .inbox_entry(&ReceivedId::new(mallory, got))
+            .expect("db")
+            .is_none());
+        let d = db.download(&alices).expect("db").expect("kept");
+        assert_eq!((d.name.as_str(), d.padded_size), ("a.txt", 10));
+        assert_eq!(db.repair_offer(&alices).expect("db"), Some(vec![0xaa]));
+        assert_eq!(
+            db.group_of_received(&alices).expect("db").map(|g| g.count),
+            Some(2)
+        );
+        assert_eq!(
+            db.group_of_sent(&sent).expect("db").map(|g| g.count),
+            Some(3)
+        );
+        assert_eq!(db.group_of_sent(&got).expect("db"), None);
+        assert_eq!(
+            db.received_group_members(&[0x11; 16], &alice).expect("db"),
+            vec![got]
+        );
+        assert!(db
+            .received_group_members(&[0x11; 16], &mallory)
+            .expect("db")
+            .is_empty());
+        assert_eq!(db.sent_group_members(&[0x22; 16]).expect("db"), vec![sent]);
+        // The old replay row knew no sender: it still matches any.
+        assert!(db.replay_seen(&alices).expect("db"));
+        assert!(db.replay_seen(&ReceivedId::new(mallory, got)).expect("db"));
+        assert!(!db
+            .replay_insert(&ReceivedId::new(mallory, got), 9_000_000_000, 1)
+            .expect("insert"));
+        // New rows are the sender's own.
+        let other = MessageId([6; 16]);
+        assert!(db
+            .replay_insert(&ReceivedId::new(alice, other), 9_000_000_000, 1)
+            .expect("insert"));
+        assert!(!db
+            .replay_seen(&ReceivedId::new(mallory, other))
+            .expect("db"));
+        // Mallory's message under alice's id is recorded beside hers.
+        let mallorys = InboxEntry {
+            sender: mallory,
+            content_len: 99,
+            ..e.clone()
+        };
+        let new = db
+            .record_inbox(&[(mallorys, 9_000_000_000)], &[], &[], &[], 1)
+            .expect("record");
+        assert_eq!(new, vec![ReceivedId::new(mallory, got)]);
+        assert_eq!(
+            db.inbox_entry(&alices).expect("db").map(|e| e.content_len),
+            Some(10)
+        );
+        assert_eq!(
+            db.inbox_entry(&ReceivedId::new(mallory, got))
+                .expect("db")
+                .map(|e| e.content_len),
+            Some(99)
+        );
+        // Deleting one leaves the other, and its download and group.
+        assert_eq!(
+            db.delete_received(&[ReceivedId::new(mallory, got)])
+                .expect("rm"),
+            1
+        );
+        assert!(db.inbox_entry(&alices).expect("db").is_some());
+        assert!(db.download(&alices).expect("db").is_some());
+        assert!(db.group_of_received(&alices).expect("db").is_some());
+        // Opening again changes nothing.
+        drop(db);
+        let db = Db::open(&path).expect("again");
+        assert_eq!(version(&db), 5);
+        assert!(db.inbox_entry(&alices).expect("db").is_some());
+        assert!(db.replay_seen(&alices).expect("db"));
+        let indexes: i64 = db
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name IN \
+                 ('replay_forget', 'inbox_received', 'inbox_segment', 'downloads_state', \
+                  'file_groups_group')",
+                [],
+                |r| r.get(0),
+            )
+            .expect("indexes");
+        assert_eq!(indexes, 5, "the indexes are back");
+    }
+
+    /// The questions asked of every message received, by (id, sender):
+    /// each finds its row by its primary key (no scan) and is compiled
+    /// once (the replay cache's `sender IN (?1, x'')` included).
+    #[test]
+    fn received_look_ups_use_their_keys_and_are_compiled_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut db = Db::open(&dir.path().join("agent.db")).expect("db");
+        for i in 0..4u8 {
+            let k = ReceivedId::new([i; 32], MessageId([i; 16]));
+            assert!(!db.replay_seen(&k).expect("seen"));
+            assert!(db.replay_insert(&k, 9_000_000_000, 1).expect("insert"));
+            assert!(db.replay_seen(&k).expect("seen"));
+            assert!(db.inbox_entry(&k).expect("entry").is_none());
+            assert!(db.download(&k).expect("download").is_none());
+        }
+        let stmt = db
+            .conn
+            .prepare_cached(crate::contacts::REPLAY_SEEN_SQL)
+            .expect("cached");
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
+        drop(stmt);
+        for (q, index) in [
+            (
+                crate::contacts::REPLAY_SEEN_SQL.to_owned(),
+                "sqlite_autoindex_replay_1 (id=? AND sender=?)",
+            ),
+            (
+                format!("SELECT {INBOX_COLS} FROM inbox WHERE id = ?1 AND sender = ?2"),
+                "sqlite_autoindex_inbox_1 (id=? AND sender=?)",
+            ),
+            (
+                format!("SELECT {DOWNLOAD_COLS} FROM downloads WHERE msg = ?1 AND sender = ?2"),
+                "sqlite_autoindex_downloads_1 (msg=? AND sender=?)",
+            ),
+        ] {
+            let plan = explain(&db.conn, &format!("EXPLAIN QUERY PLAN {q}"), 3);
+            assert!(plan.iter().any(|p| p.contains(index)), "{q}: {plan:?}");
+            assert!(!plan.iter().any(|p| p.starts_with("SCAN")), "{q}: {plan:?}");
         }
     }
 }

@@ -241,10 +241,17 @@ impl InboxView {
             content_blake3: hex(&e.content_hash),
             read: e.read_ms.is_some(),
             archived: e.archived_ms.map(time_ms),
-            group: GroupView::of(agent.db().group_of(&e.id).ok().flatten().as_ref()),
+            group: GroupView::of(
+                agent
+                    .db()
+                    .group_of_received(&e.key())
+                    .ok()
+                    .flatten()
+                    .as_ref(),
+            ),
             file: agent
                 .db()
-                .download(&e.id)
+                .download(&e.key())
                 .ok()
                 .flatten()
                 .map(|d| FileView::of(&d)),

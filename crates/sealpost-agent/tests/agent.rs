@@ -173,7 +173,8 @@ fn receive_checks_sender_freshness_and_replay_persistently() {
     // Entries are forgotten once their message can no longer be accepted.
     let mut bob = bob;
     let far = NOW + 10 * 3600;
-    let other = sealpost_proto::MessageId([9; 16]);
+    let other =
+        sealpost_agent::outbox::ReceivedId::new([7; 32], sealpost_proto::MessageId([9; 16]));
     assert!(bob
         .db_mut()
         .replay_insert(&other, far + 100, far)

@@ -441,3 +441,105 @@ async fn a_receipt_is_recorded_in_one_commit() {
     );
     r.stop().await.expect("stop");
 }
+
+/// Each sender chooses its own message ids, and every recipient of a
+/// message learns its id: a contact who is a co-recipient (mallory) can
+/// send bob a message of its own under alice's id before alice's arrives,
+/// or a control message under it (which bob remembers in its replay
+/// cache). Neither may cost alice her delivery: bob keys what it records
+/// by sender and id, stores both messages and receipts both.
+#[tokio::test(flavor = "current_thread")]
+async fn a_contact_cannot_take_another_senders_message_id() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let Pair {
+        r,
+        net,
+        addr,
+        mut alice,
+        mut bob,
+    } = alice_and_bob(dir.path()).await;
+    let mut mallory = common::engine(dir.path(), "mallory", &addr, &net, None).await;
+    pin(&mut mallory, "bob", &bob);
+    pin(&mut bob, "mallory", &mallory);
+
+    // Alice queues two messages; mallory learns their ids (as a
+    // co-recipient would) and is at the relay first.
+    let m1 = alice
+        .agent_mut()
+        .send(&["bob".into()], b"alice's first", 3600, "m1")
+        .expect("send");
+    let m2 = alice
+        .agent_mut()
+        .send(&["bob".into()], b"alice's second", 3600, "m2")
+        .expect("send");
+    let to_bob = [*bob.agent().identity().public()];
+    let home_pin = engine::pin_of(&addr);
+    let mallory_seals = |kind: Kind, id: MessageId, content: &[u8]| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        message::seal_stream(
+            mallory.agent().identity(),
+            &SealRequest {
+                kind,
+                id,
+                created_at: now(),
+                expires_at: now() + 3600,
+                in_reply_to: None,
+                recipients: &to_bob,
+                reply_relay: Some(&home_pin),
+                pad_for_len: None,
+            },
+            content,
+            &mut out,
+        )
+        .expect("seal");
+        out.into_inner()
+    };
+    // Her own message under m1, and a "receipt" (not a report at all)
+    // under m2, which bob acts on once and remembers.
+    let taken = mallory_seals(Kind::Message, m1, b"mallory's, under alice's id");
+    let control = mallory_seals(Kind::Receipt, m2, b"not a report");
+    submit(&net, &addr, &bob, taken.clone()).await;
+    submit(&net, &addr, &bob, control).await;
+    alice.pass().await.expect("pass");
+    let sealed = alice.agent().db().sealed(&m1).expect("db").expect("sealed");
+
+    let s = bob.pass().await.expect("pass");
+    assert_eq!((s.fetched, s.delivered), (4, 3), "{s:?}");
+    assert_eq!((s.duplicates, s.discarded, s.rejected), (0, 0, 0), "{s:?}");
+    assert_eq!(s.forged_reports, 1, "{s:?}");
+    assert_eq!(inbox_len(&bob), 3);
+    let key = |who: &Engine, id| {
+        sealpost_agent::outbox::ReceivedId::new(
+            *who.agent().identity().public().signing_bytes(),
+            id,
+        )
+    };
+    let db = bob.agent().db();
+    let alices = db
+        .inbox_entry(&key(&alice, m1))
+        .expect("db")
+        .expect("alice's m1");
+    let malls = db
+        .inbox_entry(&key(&mallory, m1))
+        .expect("db")
+        .expect("mallory's m1");
+    assert_ne!(alices.content_hash, malls.content_hash);
+    assert!(db.inbox_entry(&key(&alice, m2)).expect("db").is_some());
+    assert!(db.inbox_entry(&key(&mallory, m2)).expect("db").is_none());
+
+    // Alice holds receipts for both: bob stored what she sent (the
+    // receipt names her content's hash).
+    let s = alice.pass().await.expect("pass");
+    assert_eq!((s.confirmed, s.forged_reports), (2, 0), "{s:?}");
+    assert_eq!(state(&alice, &m1).0, State::Delivered);
+    assert_eq!(state(&alice, &m2).0, State::Delivered);
+
+    // Copies are still duplicates, each of its own sender's message: not
+    // delivered twice, each answered with its receipt again.
+    submit(&net, &addr, &bob, sealed).await;
+    submit(&net, &addr, &bob, taken).await;
+    let s = bob.pass().await.expect("pass");
+    assert_eq!((s.delivered, s.duplicates), (0, 2), "{s:?}");
+    assert_eq!(inbox_len(&bob), 3);
+    r.stop().await.expect("stop");
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
 use sealpost_agent::engine::{self, Engine, EngineError, PassStats, SendError};
-use sealpost_agent::outbox::{DeliveryRow, InboxEntry, OutboxEntry, Shelf};
+use sealpost_agent::outbox::{DeliveryRow, InboxEntry, OutboxEntry, ReceivedId, Shelf};
 use sealpost_agent::spool::{Location, Spool};
 use sealpost_agent::{views, Agent, Home};
 use sealpost_proto::delivery::{State, Timing};
@@ -267,6 +267,10 @@ pub struct DeleteArgs {
     /// prefixes are enough)
     #[arg(required = true)]
     ids: Vec<String>,
+    /// Only messages from this contact: each sender chooses its own
+    /// message ids, so messages from two senders may share one
+    #[arg(long, value_name = "CONTACT")]
+    from: Option<String>,
 }
 
 fn set_downloads(agent: &mut Agent, dir: &Option<PathBuf>) -> Result<(), Failure> {
@@ -302,6 +306,10 @@ pub struct InboxArgs {
 pub struct ReadArgs {
     /// Message id (as `inbox` shows it; a unique prefix is enough)
     id: String,
+    /// Only messages from this contact: each sender chooses its own
+    /// message ids, so messages from two senders may share one
+    #[arg(long, value_name = "CONTACT")]
+    from: Option<String>,
     /// Write the content to this file instead of stdout (never overwrites)
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
@@ -663,7 +671,7 @@ pub fn send(home: &Home, args: SendArgs, out: &Out) -> Result<(), Failure> {
         v["waited_ms"] = json!(elapsed.as_secs_f64() * 1000.0);
     }
     let group = match tree.first() {
-        Some(t) => agent.db().group_of(&t.0)?,
+        Some(t) => agent.db().group_of_sent(&t.0)?,
         None => None,
     };
     v["group"] = group_json(group.as_ref());
@@ -1185,10 +1193,27 @@ fn resolve_some<T>(
                 .collect(),
             Some(groups[0]),
         )),
+        (m, 0) if same_id(&candidates, &id_of, &p) => Err(Failure::usage(anyhow!(
+            "{m} received messages have the id {prefix}, each from another sender (each sender \
+             chooses its own ids); say whose with --from CONTACT"
+        ))),
         (m, g) => Err(Failure::usage(anyhow!(
             "{} ids start with {prefix}; give more digits",
             m + g
         ))),
+    }
+}
+
+/// Whether every candidate whose id starts with `p` has one and the same
+/// id (received messages from several senders).
+fn same_id<T>(candidates: &[T], id_of: impl Fn(&T) -> MessageId, p: &str) -> bool {
+    let mut ids = candidates
+        .iter()
+        .map(id_of)
+        .filter(|id| id.to_string().starts_with(p));
+    match ids.next() {
+        Some(first) => ids.all(|id| id == first),
+        None => false,
     }
 }
 
@@ -1254,7 +1279,7 @@ fn resolve_id<T>(
 pub fn cancel(home: &Home, args: CancelArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
     let all = agent.db().outbox(None, usize::MAX >> 1)?;
-    let group_of = |id: &MessageId| agent.db().group_of(id).ok().flatten();
+    let group_of = |id: &MessageId| agent.db().group_of_sent(id).ok().flatten();
     let (chosen, _) = resolve_some(
         &args.id,
         all,
@@ -1364,12 +1389,13 @@ fn refused(agent: &Agent, limit: usize, out: &Out) -> Result<(), Failure> {
 /// replay cache, so a replayed copy is still refused.
 pub fn delete(home: &Home, args: DeleteArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
-    let ids = received_ids(&agent, &args.ids)?;
-    for id in &ids {
-        if let Some(d) = agent.db().download(id)? {
+    let ids = received_ids(&agent, &args.ids, args.from.as_deref())?;
+    for k in &ids {
+        if let Some(d) = agent.db().download(k)? {
             if !d.state.is_final() {
                 return Err(Failure::usage(anyhow!(
-                    "message {id} is a file still being received ({}); delete it once it is done",
+                    "message {} is a file still being received ({}); delete it once it is done",
+                    k.id,
                     d.state
                 )));
             }
@@ -1377,7 +1403,7 @@ pub fn delete(home: &Home, args: DeleteArgs, out: &Out) -> Result<(), Failure> {
     }
     let n = agent.db_mut().delete_received(&ids)?;
     out.report(
-        json!({"deleted": ids.iter().map(|i| i.to_string()).collect::<Vec<_>>()}),
+        json!({"deleted": ids.iter().map(|k| k.id.to_string()).collect::<Vec<_>>()}),
         || format!("deleted {n} message(s) from the inbox (received files stay where they were saved; the space of their content goes back at the next `sync` or agent pass, once no message stored beside it remains)\n"),
     )
 }
@@ -1391,12 +1417,21 @@ pub struct ArchiveArgs {
     /// Bring archived messages back to the inbox instead
     #[arg(long)]
     undo: bool,
+    /// Only messages from this contact: each sender chooses its own
+    /// message ids, so messages from two senders may share one
+    #[arg(long, value_name = "CONTACT")]
+    from: Option<String>,
 }
 
 /// The received messages `prefixes` name: each a message, or every file
-/// of a directory received at once (archived or not).
-fn received_ids(agent: &Agent, prefixes: &[String]) -> Result<Vec<MessageId>, Failure> {
-    let all = agent.db().received(Shelf::Both, false, usize::MAX >> 1)?;
+/// of a directory received at once (archived or not); only `from`'s, if
+/// given.
+fn received_ids(
+    agent: &Agent,
+    prefixes: &[String],
+    from: Option<&str>,
+) -> Result<Vec<ReceivedId>, Failure> {
+    let all = received_from(agent, from)?;
     let mut ids = Vec::with_capacity(prefixes.len());
     for p in prefixes {
         let (chosen, _) = resolve_some(
@@ -1405,21 +1440,32 @@ fn received_ids(agent: &Agent, prefixes: &[String]) -> Result<Vec<MessageId>, Fa
             |e| e.id,
             |e| received_group(agent, e).map(|(k, _)| k),
         )?;
-        ids.extend(chosen.iter().map(|e| e.id));
+        ids.extend(chosen.iter().map(|e| e.key()));
     }
     Ok(ids)
+}
+
+/// Every received message (archived or not), or only those from the
+/// contact `from`.
+fn received_from(agent: &Agent, from: Option<&str>) -> Result<Vec<InboxEntry>, Failure> {
+    let mut all = agent.db().received(Shelf::Both, false, usize::MAX >> 1)?;
+    if let Some(name) = from {
+        let key = *agent.db().contact(name)?.card.public().signing_bytes();
+        all.retain(|e| e.sender == key);
+    }
+    Ok(all)
 }
 
 /// Moves received messages out of the inbox's list (kept, readable with
 /// `read`, listed by `inbox --archived`), or back.
 pub fn archive(home: &Home, args: ArchiveArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
-    let ids = received_ids(&agent, &args.ids)?;
+    let ids = received_ids(&agent, &args.ids, args.from.as_deref())?;
     let when = (!args.undo).then(engine::now_ms);
     let n = agent.db_mut().archive_received(&ids, when)?;
     let key = if args.undo { "unarchived" } else { "archived" };
     out.report(
-        json!({key: ids.iter().map(|i| i.to_string()).collect::<Vec<_>>(), "changed": n}),
+        json!({key: ids.iter().map(|k| k.id.to_string()).collect::<Vec<_>>(), "changed": n}),
         || {
             if args.undo {
                 format!(
@@ -1528,7 +1574,7 @@ pub fn status(home: &Home, args: StatusArgs, out: &Out) -> Result<(), Failure> {
         return detections(&agent, args.limit, out);
     }
     let caught = agent.db().detection_counts()?;
-    let group_of = |id: &MessageId| agent.db().group_of(id).ok().flatten();
+    let group_of = |id: &MessageId| agent.db().group_of_sent(id).ok().flatten();
     let entries = match &args.id {
         Some(p) => {
             let all = agent.db().outbox(None, usize::MAX >> 1)?;
@@ -1580,7 +1626,7 @@ pub fn status(home: &Home, args: StatusArgs, out: &Out) -> Result<(), Failure> {
                     // A directory sent at once: one entry, all its files.
                     let members: Vec<OutboxEntry> = agent
                         .db()
-                        .group_members(&g.id)
+                        .sent_group_members(&g.id)
                         .unwrap_or_default()
                         .iter()
                         .filter_map(|m| agent.db().outbox(Some(m), 1).ok()?.into_iter().next())
@@ -1645,7 +1691,7 @@ pub fn status(home: &Home, args: StatusArgs, out: &Out) -> Result<(), Failure> {
 }
 
 fn file_json(agent: &Agent, e: &InboxEntry) -> Option<Value> {
-    let d = agent.db().download(&e.id).ok().flatten()?;
+    let d = agent.db().download(&e.key()).ok().flatten()?;
     serde_json::to_value(views::FileView::of(&d)).ok()
 }
 
@@ -1693,7 +1739,7 @@ fn read_group(
 
 /// The group a received message belongs to, scoped to its sender.
 fn received_group(agent: &Agent, e: &InboxEntry) -> Option<(GroupKey, Group)> {
-    let g = agent.db().group_of(&e.id).ok().flatten()?;
+    let g = agent.db().group_of_received(&e.key()).ok().flatten()?;
     Some(((e.sender, g.id), g))
 }
 
@@ -1701,11 +1747,16 @@ fn received_group(agent: &Agent, e: &InboxEntry) -> Option<(GroupKey, Group)> {
 fn received_members(agent: &Agent, key: &GroupKey) -> Vec<InboxEntry> {
     agent
         .db()
-        .group_members(&key.1)
+        .received_group_members(&key.1, &key.0)
         .unwrap_or_default()
-        .iter()
-        .filter_map(|m| agent.db().inbox_entry(m).ok().flatten())
-        .filter(|e| e.sender == key.0)
+        .into_iter()
+        .filter_map(|m| {
+            agent
+                .db()
+                .inbox_entry(&ReceivedId::new(key.0, m))
+                .ok()
+                .flatten()
+        })
         .collect()
 }
 
@@ -1829,7 +1880,7 @@ pub fn inbox(home: &Home, args: InboxArgs, out: &Out) -> Result<(), Failure> {
 
 pub fn read(home: &Home, args: ReadArgs, out: &Out) -> Result<(), Failure> {
     let mut agent = home.load()?;
-    let all = agent.db().received(Shelf::Both, false, usize::MAX >> 1)?;
+    let all = received_from(&agent, args.from.as_deref())?;
     let (mut chosen, group) = resolve_some(
         &args.id,
         all,
@@ -1841,10 +1892,10 @@ pub fn read(home: &Home, args: ReadArgs, out: &Out) -> Result<(), Failure> {
     }
     let e = chosen.remove(0);
     if let Some(mut f) = file_json(&agent, &e) {
-        agent.db_mut().mark_read(&e.id, engine::now_ms())?;
+        agent.db_mut().mark_read(&e.key(), engine::now_ms())?;
         let d = agent
             .db()
-            .download(&e.id)?
+            .download(&e.key())?
             .ok_or_else(|| anyhow!("the download of {} vanished", e.id))?;
         let verified = ms_time(d.changed_ms);
         // What was verified on arrival says nothing of the file now: read
@@ -1921,7 +1972,7 @@ pub fn read(home: &Home, args: ReadArgs, out: &Out) -> Result<(), Failure> {
                 .map_err(output::stdout_error)?;
         }
     }
-    agent.db_mut().mark_read(&e.id, engine::now_ms())?;
+    agent.db_mut().mark_read(&e.key(), engine::now_ms())?;
     let v = inbox_json(&agent, &e);
     out.side_report(args.output.is_none(), v, || {
         format!(
@@ -2130,5 +2181,31 @@ mod tests {
         assert!(parse_keep("10KiB")
             .expect_err("small")
             .contains("at least 1MiB"));
+    }
+
+    /// Two received messages may share an id (each from its own sender):
+    /// the full id then names neither, and the error says how to choose,
+    /// not to "give more digits"; a prefix shared by two ids still asks
+    /// for more digits.
+    #[test]
+    fn one_id_from_two_senders_asks_whose() {
+        let a = MessageId([0xab; 16]);
+        let b = MessageId([0xac; 16]);
+        let pick = |p: &str, ids: Vec<(u8, MessageId)>| {
+            resolve_some(p, ids, |c| c.1, |_| None).map(|(c, _)| c)
+        };
+        let full = a.to_string();
+        let err = pick(&full, vec![(1, a), (2, a)]).expect_err("ambiguous");
+        assert!(
+            format!("{:#}", err.error.expect("text")).contains("--from CONTACT"),
+            "says how to choose"
+        );
+        let err = pick("a", vec![(1, a), (2, b)]).expect_err("ambiguous");
+        assert!(format!("{:#}", err.error.expect("text")).contains("give more digits"));
+        // With one sender's only (what --from leaves), one message.
+        assert_eq!(
+            pick(&full[..6], vec![(1, a), (2, b)]).expect("one"),
+            vec![(1, a)]
+        );
     }
 }

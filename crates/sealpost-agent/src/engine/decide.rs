@@ -20,8 +20,8 @@ pub enum Caught {
     Sealed(&'static str),
     /// A copy of something already stored or acted on.
     Duplicate,
-    /// Opened, but not acted on (a control message from a stranger, a
-    /// stale one, an id already taken by another sender).
+    /// Opened, but not acted on (a control message from a stranger, or a
+    /// stale one).
     Discarded,
     /// A receipt or rejection that its signer did not sign, or that names
     /// messages we never sent them.
@@ -67,16 +67,16 @@ pub enum Stale {
     NoExpiry,
 }
 
-/// An inbox entry that already has this message's id.
+/// An inbox entry from this message's sender with this message's id
+/// (another sender's message under the same id is another message: each
+/// sender chooses its own ids).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
-    /// A message from the same sender.
+    /// A message.
     Message,
-    /// A file from the same sender, and where its download stands (`None`:
-    /// no download row, a manifest that could not be read).
+    /// A file, and where its download stands (`None`: no download row, a
+    /// manifest that could not be read).
     File(Option<DownloadState>),
-    /// Something from another sender: the id is taken.
-    OtherSender,
 }
 
 /// Whether a file manifest can be taken.
@@ -101,11 +101,12 @@ pub struct Facts {
     pub contact: bool,
     /// The header's times, judged by the policy now.
     pub fresh: Result<(), Stale>,
-    /// The id is in the replay cache: a control message already acted
-    /// on, or content already opened and since forgotten.
+    /// The sender's id is in the replay cache: a control message already
+    /// acted on, or content already opened and since forgotten.
     pub seen: bool,
+    /// This sender's message with this id, if in the inbox.
     pub stored: Option<Stored>,
-    /// The same id came earlier in this fetched batch.
+    /// The same sender's same id came earlier in this fetched batch.
     pub in_batch: bool,
     /// For a file manifest.
     pub file: Option<FileCheck>,
@@ -120,8 +121,6 @@ pub enum Dropped {
     ControlStale(Stale),
     /// A control message from someone who is not a contact.
     ControlFromStranger,
-    /// Its id is in the inbox from another sender.
-    IdTaken,
     /// The same id earlier in this batch.
     RepeatedInBatch,
     /// Content opened before and since forgotten (its id is in the
@@ -133,7 +132,7 @@ impl Dropped {
     pub fn caught(self) -> Caught {
         match self {
             Self::ControlReplayed | Self::RepeatedInBatch | Self::Replayed => Caught::Duplicate,
-            Self::ControlStale(_) | Self::ControlFromStranger | Self::IdTaken => Caught::Discarded,
+            Self::ControlStale(_) | Self::ControlFromStranger => Caught::Discarded,
         }
     }
 }
@@ -206,7 +205,6 @@ pub fn decide(f: &Facts) -> Decision {
         Kind::Message | Kind::FileManifest => {
             // A copy of something already stored: its receipt again.
             match f.stored {
-                Some(Stored::OtherSender) => return Decision::Drop(Dropped::IdTaken),
                 Some(Stored::Message) => return Decision::ReceiptAgain,
                 Some(Stored::File(state)) => {
                     return Decision::FileAgain {
@@ -373,18 +371,6 @@ mod tests {
                 receipt: false
             }
         );
-    }
-
-    #[test]
-    fn an_id_taken_by_another_sender_is_dropped_without_answer() {
-        for k in CONTENT {
-            let f = Facts {
-                stored: Some(Stored::OtherSender),
-                ..new_message(k)
-            };
-            assert_eq!(decide(&f), Decision::Drop(Dropped::IdTaken));
-            assert_eq!(decide(&f).caught(), Some(Caught::Discarded));
-        }
     }
 
     #[test]

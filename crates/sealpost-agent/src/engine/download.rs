@@ -22,7 +22,7 @@ impl Engine {
             if d.local_errors > 0 && now < d.changed_ms + local_retry_ms(d.local_errors) {
                 continue;
             }
-            let (msg, name) = (d.msg, d.name.clone());
+            let (msg, name) = (d.key(), d.name.clone());
             let kept = d.clone();
             match self.download(d, stats).await {
                 Ok(()) => {}
@@ -79,7 +79,7 @@ impl Engine {
             .clone()
             .map(|r| d.rejection(r, RejectReason::NotStored));
         self.agent.db.download_end(
-            &d.msg,
+            &d.key(),
             DownloadEnd::Failed,
             None,
             Some(why),
@@ -134,10 +134,28 @@ impl Engine {
                 }
             }
         }
-        let blob_hex: String = d.blob_id.0.iter().map(|b| format!("{b:02x}")).collect();
         let cipher = d.key.cipher();
-        let part_path = transfer::part_path(&dir, &blob_hex);
+        let part_path = transfer::part_path(&dir, &d.sender, &d.blob_id.0);
         let keep = (d.next_chunk * d.chunk_size as u64).min(d.size);
+        if keep > 0 && std::fs::symlink_metadata(&part_path).is_err() {
+            // A download under way when partial files were named by the
+            // blob id alone: its chunks move to the new name (if another
+            // sender's download took the old one first, the read-back at
+            // the end finds it wrong and the download starts again).
+            let legacy = transfer::legacy_part_path(&dir, &d.blob_id.0);
+            if std::fs::symlink_metadata(&legacy).is_ok_and(|m| m.is_file()) {
+                let dir_err = |what: &'static str| {
+                    let dir = dir.clone();
+                    move |source| AgentError::Io {
+                        what,
+                        path: dir,
+                        source,
+                    }
+                };
+                std::fs::rename(&legacy, &part_path).map_err(dir_err("renaming in"))?;
+                crate::fsutil::sync_dir(&dir).map_err(dir_err("syncing"))?;
+            }
+        }
         let new_part = std::fs::symlink_metadata(&part_path).is_err();
         let part = transfer::open_part(&part_path, keep).map_err(|source| AgentError::Io {
             what: "opening",
@@ -176,7 +194,7 @@ impl Engine {
         );
         let mut since_commit = 0u64;
         let blob_id = d.blob_id;
-        let expires_at = self.agent.db.inbox_entry(&d.msg)?.map(|e| e.expires_at);
+        let expires_at = self.agent.db.inbox_entry(&d.key())?.map(|e| e.expires_at);
         let mut idle_since: Option<std::time::Instant> = None;
         if i >= count && !bad.is_empty() {
             // Repair: only the damaged chunks, from the repair blob the
@@ -184,7 +202,7 @@ impl Engine {
             let Some(offer) = self
                 .agent
                 .db
-                .repair_offer(&d.msg)?
+                .repair_offer(&d.key())?
                 .and_then(|o| sealpost_proto::repair::RepairOffer::decode(&o).ok())
                 .filter(|o| o.blob_id == d.blob_id)
             else {
@@ -303,7 +321,7 @@ impl Engine {
         let kept = self
             .read_backs
             .iter()
-            .position(|(m, _)| *m == d.msg)
+            .position(|(m, _)| *m == d.key())
             .map(|k| self.read_backs.remove(k).1);
         let mut verifier = if d.bad.is_empty() {
             match kept {
@@ -353,9 +371,12 @@ impl Engine {
                         bad.extend(damaged);
                     }
                     transfer::SinkEvent::Durable(upto) => {
-                        this.agent
-                            .db
-                            .download_progress(&d.msg, upto, bad, this.clock.now_ms())?;
+                        this.agent.db.download_progress(
+                            &d.key(),
+                            upto,
+                            bad,
+                            this.clock.now_ms(),
+                        )?;
                         if let Some(v) = verifier.as_mut() {
                             v.durable((upto * d.chunk_size as u64).min(d.size));
                         }
@@ -495,13 +516,13 @@ impl Engine {
         part.sync_data().map_err(|e| io_err("syncing", e))?;
         self.agent
             .db
-            .download_progress(&d.msg, i, &bad, self.clock.now_ms())?;
+            .download_progress(&d.key(), i, &bad, self.clock.now_ms())?;
         if i < count {
             if let Some(v) = verifier.filter(|_| bad.is_empty()) {
                 if self.read_backs.len() >= KEPT_READ_BACKS {
                     self.read_backs.remove(0);
                 }
-                self.read_backs.push((d.msg, v));
+                self.read_backs.push((d.key(), v));
             }
             return Ok(());
         }
@@ -535,7 +556,7 @@ impl Engine {
                 d.name
             );
             self.agent.db.download_end(
-                &d.msg,
+                &d.key(),
                 DownloadEnd::Restart,
                 None,
                 Some("read-back mismatch"),
@@ -604,7 +625,7 @@ impl Engine {
             .clone()
             .map(|relay| d.receipt(relay, self.clock.now_ms() / 1000));
         self.agent.db.download_end(
-            &d.msg,
+            &d.key(),
             DownloadEnd::Done,
             Some(&final_path.to_string_lossy()),
             None,

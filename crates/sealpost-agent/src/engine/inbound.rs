@@ -2,6 +2,12 @@
 
 use super::*;
 
+/// What names a message received: its sender and its id (each sender
+/// chooses its own ids).
+pub(crate) fn key_of(h: &sealpost_proto::MessageHeader) -> crate::outbox::ReceivedId {
+    crate::outbox::ReceivedId::of(h)
+}
+
 /// What became of one fetched item.
 pub(super) enum Verdict {
     /// Store it (new content).
@@ -397,7 +403,7 @@ impl Engine {
                 // verified (see `run_downloads`).
                 if let Ok(f) = sealpost_proto::manifest::FileManifest::decode(content) {
                     if let Some(g) = f.group {
-                        groups.push((h.id, g));
+                        groups.push((key_of(h), g));
                     }
                     downloads.push(crate::outbox::Download {
                         msg: h.id,
@@ -445,14 +451,14 @@ impl Engine {
         stats.duplicates += (entries.len() - new.len()) as u64;
         self.flush_found(stats)?;
         for (m, _) in &to_store {
-            if new.contains(&m.header.id) && m.header.kind == Kind::FileManifest {
+            if new.contains(&key_of(&m.header)) && m.header.kind == Kind::FileManifest {
                 // The file itself is said when it is stored and verified.
                 tracing::debug!(
                     "file announced in message {} from {}",
                     m.header.id,
                     self.agent.who(&m.header.sender)
                 );
-            } else if new.contains(&m.header.id) {
+            } else if new.contains(&key_of(&m.header)) {
                 tracing::info!(
                     "message {} ({} bytes) from {} stored in the inbox",
                     m.header.id,
@@ -501,13 +507,9 @@ impl Engine {
         let stale = self.agent.policy.check(h, now_s).err();
         let content_kind = matches!(h.kind, Kind::Message | Kind::FileManifest);
         let (prev, download) = if content_kind {
-            let prev = self.agent.db.inbox_entry(&h.id)?;
+            let prev = self.agent.db.inbox_entry(&key_of(h))?;
             let download = match &prev {
-                Some(p)
-                    if p.sender == *h.sender.signing_bytes() && h.kind == Kind::FileManifest =>
-                {
-                    self.agent.db.download(&h.id)?
-                }
+                Some(_) if h.kind == Kind::FileManifest => self.agent.db.download(&key_of(h))?,
                 _ => None,
             };
             (prev, download)
@@ -544,17 +546,20 @@ impl Engine {
                 Some(OpenError::NoExpiry) => Err(Stale::NoExpiry),
                 Some(_) => Err(Stale::Expired),
             },
-            seen: self.agent.db.replay_seen(&h.id)?,
-            stored: prev.as_ref().map(|p| {
-                if p.sender != *h.sender.signing_bytes() {
-                    Stored::OtherSender
-                } else if h.kind == Kind::FileManifest {
+            seen: self.agent.db.replay_seen(&key_of(h))?,
+            // Only this sender's: another sender's message under the same
+            // id is another message (each sender chooses its own ids).
+            stored: prev.as_ref().map(|_| {
+                if h.kind == Kind::FileManifest {
                     Stored::File(download.as_ref().map(|d| d.state))
                 } else {
                     Stored::Message
                 }
             }),
-            in_batch: content_kind && batch.iter().any(|(b, _)| b.header.id == h.id),
+            in_batch: content_kind
+                && batch
+                    .iter()
+                    .any(|(b, _)| b.header.id == h.id && b.header.sender == h.sender),
             file: manifest.as_ref().map(|(c, _)| *c),
         };
         let decision = decide(&facts);
@@ -594,7 +599,7 @@ impl Engine {
                 if let Some(d) = download {
                     if retry {
                         self.agent.db.download_state(
-                            &d.msg,
+                            &d.key(),
                             DownloadState::Downloading,
                             None,
                             self.clock.now_ms(),
@@ -647,10 +652,6 @@ impl Engine {
                         "discarded a {} from {who}, who is not a contact",
                         h.kind.name()
                     ),
-                    Dropped::IdTaken => tracing::warn!(
-                        "discarded message {}: its id is already in the inbox from another sender",
-                        h.id
-                    ),
                     Dropped::Replayed => {
                         tracing::warn!("discarded message {}: already opened (replayed)", h.id)
                     }
@@ -672,7 +673,7 @@ impl Engine {
         now_s: u64,
     ) -> Result<(), EngineError> {
         let until = self.agent.policy.remember_until(h.expires_at);
-        self.agent.db.replay_insert(&h.id, until, now_s)?;
+        self.agent.db.replay_insert(&key_of(h), until, now_s)?;
         Ok(())
     }
 
@@ -721,7 +722,7 @@ impl Engine {
             &report,
             self.clock.now_ms(),
             (
-                &m.header.id,
+                &key_of(&m.header),
                 self.agent.policy.remember_until(m.header.expires_at),
             ),
         )?;

@@ -429,7 +429,7 @@ pub struct Engine {
     /// next pass goes on reading back where this one stopped instead of
     /// reading the file back from its start again; at most
     /// `KEPT_READ_BACKS`.
-    read_backs: Vec<(MessageId, crate::transfer::ReadBack)>,
+    read_backs: Vec<(crate::outbox::ReceivedId, crate::transfer::ReadBack)>,
     /// The running hashes of uploads left for a later call (a file's
     /// manifest goes out after its first pieces, then the upload goes on),
     /// by message and recipient; at most `KEPT_UPLOAD_HASHES`.

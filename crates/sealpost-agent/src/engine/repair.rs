@@ -21,7 +21,7 @@ impl Engine {
         );
         tracing::warn!("receiving {}: {why}", d.name);
         self.agent.db.download_state(
-            &d.msg,
+            &d.key(),
             DownloadState::Repairing,
             Some(&why),
             self.clock.now_ms(),
@@ -88,7 +88,7 @@ impl Engine {
                 if d.state != DownloadState::Done {
                     self.agent
                         .db
-                        .set_repair_offer(&d.msg, content, self.clock.now_ms())?;
+                        .set_repair_offer(&d.key(), content, self.clock.now_ms())?;
                 }
             }
             _ => {}

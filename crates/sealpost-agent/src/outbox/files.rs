@@ -123,6 +123,11 @@ pub enum DownloadEnd {
 }
 
 impl Download {
+    /// What names it (and its message in the inbox).
+    pub fn key(&self) -> ReceivedId {
+        ReceivedId::new(self.sender, self.msg)
+    }
+
     /// The rejection a download that cannot be stored earns.
     pub fn rejection(&self, relay: String, reason: RejectReason) -> PendingReport {
         PendingReport {
@@ -187,14 +192,21 @@ pub(crate) fn download_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Downl
     })
 }
 
+/// `sender` in `file_groups` of a file we sent.
+pub(crate) const SENT: &[u8] = &[];
+
+/// Records a file's group: `sender` is the sender's signing key for a file
+/// received, [`SENT`] for one we sent.
 pub(crate) fn insert_group(
     tx: &rusqlite::Transaction<'_>,
     msg: &MessageId,
+    sender: &[u8],
     g: &Group,
 ) -> Result<(), rusqlite::Error> {
     tx.execute(
-        "INSERT OR IGNORE INTO file_groups (msg, group_id, idx, count) VALUES (?1, ?2, ?3, ?4)",
-        params![msg.0.to_vec(), g.id.to_vec(), g.index, g.count],
+        "INSERT OR IGNORE INTO file_groups (msg, sender, group_id, idx, count) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![msg.0.to_vec(), sender, g.id.to_vec(), g.index, g.count],
     )?;
     Ok(())
 }
@@ -287,18 +299,29 @@ impl Db {
             ],
         )?;
         if let Some(g) = group {
-            insert_group(&tx, &f.msg, g)?;
+            insert_group(&tx, &f.msg, SENT, g)?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// The group a file message (sent or received) belongs to, if any.
-    pub fn group_of(&self, msg: &MessageId) -> Result<Option<Group>, AgentError> {
+    /// The group a file we sent belongs to, if any.
+    pub fn group_of_sent(&self, msg: &MessageId) -> Result<Option<Group>, AgentError> {
+        self.group_of(msg, SENT)
+    }
+
+    /// The group a file received belongs to, if any: its sender's.
+    pub fn group_of_received(&self, key: &ReceivedId) -> Result<Option<Group>, AgentError> {
+        self.group_of(&key.id, &key.sender)
+    }
+
+    fn group_of(&self, msg: &MessageId, sender: &[u8]) -> Result<Option<Group>, AgentError> {
         Ok(self
             .conn
-            .prepare_cached("SELECT group_id, idx, count FROM file_groups WHERE msg = ?1")?
-            .query_row(params![msg.0.to_vec()], |r| {
+            .prepare_cached(
+                "SELECT group_id, idx, count FROM file_groups WHERE msg = ?1 AND sender = ?2",
+            )?
+            .query_row(params![msg.0.to_vec(), sender], |r| {
                 Ok(Group {
                     id: id16(r.get(0)?),
                     index: r.get(1)?,
@@ -308,14 +331,30 @@ impl Db {
             .optional()?)
     }
 
-    /// The messages of a group, in their order. (Group ids are random, so
-    /// a sender's group and a received one never share an id by chance;
-    /// callers scope received groups to their sender.)
-    pub fn group_members(&self, group_id: &[u8; 16]) -> Result<Vec<MessageId>, AgentError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT msg FROM file_groups WHERE group_id = ?1 ORDER BY idx, msg")?;
-        let rows = stmt.query_map(params![group_id.to_vec()], |r| {
+    /// The files of a group we sent, in their order.
+    pub fn sent_group_members(&self, group_id: &[u8; 16]) -> Result<Vec<MessageId>, AgentError> {
+        self.group_members(group_id, SENT)
+    }
+
+    /// The files of a group `sender` sent us, in their order: only theirs
+    /// (a co-recipient who learns the group's id cannot add files to it).
+    pub fn received_group_members(
+        &self,
+        group_id: &[u8; 16],
+        sender: &[u8; 32],
+    ) -> Result<Vec<MessageId>, AgentError> {
+        self.group_members(group_id, sender)
+    }
+
+    fn group_members(
+        &self,
+        group_id: &[u8; 16],
+        sender: &[u8],
+    ) -> Result<Vec<MessageId>, AgentError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT msg FROM file_groups WHERE group_id = ?1 AND sender = ?2 ORDER BY idx, msg",
+        )?;
+        let rows = stmt.query_map(params![group_id.to_vec(), sender], |r| {
             Ok(MessageId(id16(r.get(0)?)))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -373,13 +412,16 @@ impl Db {
         Ok(v.map(to_u64).unwrap_or(0))
     }
 
-    pub fn download(&self, msg: &MessageId) -> Result<Option<Download>, AgentError> {
+    pub fn download(&self, key: &ReceivedId) -> Result<Option<Download>, AgentError> {
         Ok(self
             .conn
             .prepare_cached(&format!(
-                "SELECT {DOWNLOAD_COLS} FROM downloads WHERE msg = ?1"
+                "SELECT {DOWNLOAD_COLS} FROM downloads WHERE msg = ?1 AND sender = ?2"
             ))?
-            .query_row(params![msg.0.to_vec()], download_from_row)
+            .query_row(
+                params![key.id.0.to_vec(), key.sender.to_vec()],
+                download_from_row,
+            )
             .optional()?)
     }
 
@@ -402,7 +444,7 @@ impl Db {
     /// the relay) and returns how many in a row it has had.
     pub fn download_local_error(
         &mut self,
-        msg: &MessageId,
+        key: &ReceivedId,
         error: &str,
         now_ms: u64,
     ) -> Result<u32, AgentError> {
@@ -410,31 +452,46 @@ impl Db {
             .conn
             .prepare_cached(
                 "UPDATE downloads SET local_errors = local_errors + 1, error = ?2, \
-                 changed_ms = ?3 WHERE msg = ?1 RETURNING local_errors",
+                 changed_ms = ?3 WHERE msg = ?1 AND sender = ?4 RETURNING local_errors",
             )?
-            .query_row(params![msg.0.to_vec(), error, to_i64(now_ms)], |r| r.get(0))?)
+            .query_row(
+                params![
+                    key.id.0.to_vec(),
+                    error,
+                    to_i64(now_ms),
+                    key.sender.to_vec()
+                ],
+                |r| r.get(0),
+            )?)
     }
 
     /// Sets a download's state (and error text).
     pub fn download_state(
         &mut self,
-        msg: &MessageId,
+        key: &ReceivedId,
         state: DownloadState,
         error: Option<&str>,
         now_ms: u64,
     ) -> Result<(), AgentError> {
         self.conn
             .prepare_cached(
-                "UPDATE downloads SET state = ?2, error = ?3, changed_ms = ?4 WHERE msg = ?1",
+                "UPDATE downloads SET state = ?2, error = ?3, changed_ms = ?4 \
+                 WHERE msg = ?1 AND sender = ?5",
             )?
-            .execute(params![msg.0.to_vec(), state, error, to_i64(now_ms)])?;
+            .execute(params![
+                key.id.0.to_vec(),
+                state,
+                error,
+                to_i64(now_ms),
+                key.sender.to_vec()
+            ])?;
         Ok(())
     }
 
     /// Stores a download's progress (after its partial file was fsync'd).
     pub fn download_progress(
         &mut self,
-        msg: &MessageId,
+        key: &ReceivedId,
         next_chunk: u64,
         bad: &[u64],
         now_ms: u64,
@@ -442,13 +499,14 @@ impl Db {
         self.conn
             .prepare_cached(
                 "UPDATE downloads SET next_chunk = ?2, bad = ?3, changed_ms = ?4, local_errors = 0 \
-                 WHERE msg = ?1",
+                 WHERE msg = ?1 AND sender = ?5",
             )?
             .execute(params![
-                msg.0.to_vec(),
+                key.id.0.to_vec(),
                 to_i64(next_chunk),
                 bad_text(bad),
-                to_i64(now_ms)
+                to_i64(now_ms),
+                key.sender.to_vec()
             ])?;
         Ok(())
     }
@@ -458,7 +516,7 @@ impl Db {
     /// after a read-back mismatch.
     pub fn download_end(
         &mut self,
-        msg: &MessageId,
+        key: &ReceivedId,
         end: DownloadEnd,
         final_path: Option<&str>,
         error: Option<&str>,
@@ -474,14 +532,26 @@ impl Db {
         if end == DownloadEnd::Restart {
             tx.execute(
                 "UPDATE downloads SET next_chunk = 0, bad = '', attempts = attempts + 1, \
-                 error = ?2, changed_ms = ?3 WHERE msg = ?1",
-                params![msg.0.to_vec(), error, to_i64(now_ms)],
+                 error = ?2, changed_ms = ?3 WHERE msg = ?1 AND sender = ?4",
+                params![
+                    key.id.0.to_vec(),
+                    error,
+                    to_i64(now_ms),
+                    key.sender.to_vec()
+                ],
             )?;
         } else {
             tx.execute(
                 "UPDATE downloads SET state = ?2, final_path = ?3, error = ?4, changed_ms = ?5 \
-                 WHERE msg = ?1",
-                params![msg.0.to_vec(), state, final_path, error, to_i64(now_ms)],
+                 WHERE msg = ?1 AND sender = ?6",
+                params![
+                    key.id.0.to_vec(),
+                    state,
+                    final_path,
+                    error,
+                    to_i64(now_ms),
+                    key.sender.to_vec()
+                ],
             )?;
         }
         if let Some(p) = receipt {
@@ -603,23 +673,31 @@ impl Db {
     /// Stores a repair offer for a download and makes it run again.
     pub fn set_repair_offer(
         &mut self,
-        msg: &MessageId,
+        key: &ReceivedId,
         offer: &[u8],
         now_ms: u64,
     ) -> Result<(), AgentError> {
         self.conn.execute(
-            "UPDATE downloads SET repair = ?2, state = 'downloading', changed_ms = ?3 WHERE msg = ?1",
-            params![msg.0.to_vec(), offer, to_i64(now_ms)],
+            "UPDATE downloads SET repair = ?2, state = 'downloading', changed_ms = ?3 \
+             WHERE msg = ?1 AND sender = ?4",
+            params![
+                key.id.0.to_vec(),
+                offer,
+                to_i64(now_ms),
+                key.sender.to_vec()
+            ],
         )?;
         Ok(())
     }
 
     /// The repair offer stored for a download.
-    pub fn repair_offer(&self, msg: &MessageId) -> Result<Option<Vec<u8>>, AgentError> {
+    pub fn repair_offer(&self, key: &ReceivedId) -> Result<Option<Vec<u8>>, AgentError> {
         Ok(self
             .conn
-            .prepare_cached("SELECT repair FROM downloads WHERE msg = ?1")?
-            .query_row(params![msg.0.to_vec()], |r| r.get(0))
+            .prepare_cached("SELECT repair FROM downloads WHERE msg = ?1 AND sender = ?2")?
+            .query_row(params![key.id.0.to_vec(), key.sender.to_vec()], |r| {
+                r.get(0)
+            })
             .optional()?
             .flatten())
     }

@@ -28,6 +28,30 @@ pub struct Detection {
     pub item: String,
 }
 
+/// What names a received message: its sender and its id. Each sender
+/// chooses its own ids (PROTOCOL 4.3), so an id alone does not: a contact
+/// who learns another sender's id — as a co-recipient of the same message
+/// — could otherwise send its own message under it first and have the
+/// real one discarded. The inbox, the downloads, received file groups and
+/// the replay cache are all keyed by both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReceivedId {
+    /// The sender's Ed25519 signing key.
+    pub sender: [u8; 32],
+    pub id: MessageId,
+}
+
+impl ReceivedId {
+    pub fn new(sender: [u8; 32], id: MessageId) -> Self {
+        Self { sender, id }
+    }
+
+    /// What names the message `h` heads.
+    pub fn of(h: &sealpost_proto::MessageHeader) -> Self {
+        Self::new(*h.sender.signing_bytes(), h.id)
+    }
+}
+
 /// A message in the inbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboxEntry {
@@ -69,6 +93,13 @@ pub struct PendingReport {
     pub content_hash: [u8; 32],
     pub content_len: u64,
     pub stored_at: u64,
+}
+
+impl InboxEntry {
+    /// What names it.
+    pub fn key(&self) -> ReceivedId {
+        ReceivedId::new(self.sender, self.id)
+    }
 }
 
 pub(crate) fn inbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InboxEntry> {
@@ -193,8 +224,8 @@ impl Db {
     /// received is kept). Returns how many.
     pub fn prune_received(&mut self, before_ms: u64, max: usize) -> Result<usize, AgentError> {
         self.delete_selected(
-            "SELECT id FROM inbox WHERE received_ms < ?1 AND id NOT IN \
-             (SELECT msg FROM downloads WHERE state NOT IN ('done', 'failed')) \
+            "SELECT id, sender FROM inbox WHERE received_ms < ?1 AND (id, sender) NOT IN \
+             (SELECT msg, sender FROM downloads WHERE state NOT IN ('done', 'failed')) \
              ORDER BY received_ms",
             before_ms,
             max,
@@ -209,30 +240,35 @@ impl Db {
         // Newest first, the bytes kept so far: every message past the
         // limit goes.
         self.delete_selected(
-            "SELECT id FROM (SELECT id, received_ms, \
-                 SUM(content_len) OVER (ORDER BY received_ms DESC, id DESC) AS kept \
-                 FROM inbox WHERE id NOT IN \
-                 (SELECT msg FROM downloads WHERE state NOT IN ('done', 'failed'))) \
-             WHERE kept > ?1 ORDER BY received_ms, id",
+            "SELECT id, sender FROM (SELECT id, sender, received_ms, \
+                 SUM(content_len) OVER (ORDER BY received_ms DESC, id DESC, sender DESC) AS kept \
+                 FROM inbox WHERE (id, sender) NOT IN \
+                 (SELECT msg, sender FROM downloads WHERE state NOT IN ('done', 'failed'))) \
+             WHERE kept > ?1 ORDER BY received_ms, id, sender",
             max_bytes,
             max,
         )
     }
 
-    /// Deletes the received messages `select` names (its parameter: a
-    /// bound; at most `max` of them), as `delete` does. Returns how many.
+    /// Deletes the received messages `select` names (by id and sender; its
+    /// parameter: a bound; at most `max` of them), as `delete` does.
+    /// Returns how many.
     fn delete_selected(
         &mut self,
         select: &str,
         bound: u64,
         max: usize,
     ) -> Result<usize, AgentError> {
-        let ids: Vec<MessageId> = {
+        let ids: Vec<ReceivedId> = {
             let mut stmt = self
                 .conn
                 .prepare_cached(&format!("{select}{}", super::limit(max)))?;
-            let rows =
-                stmt.query_map(params![to_i64(bound)], |r| Ok(MessageId(id16(r.get(0)?))))?;
+            let rows = stmt.query_map(params![to_i64(bound)], |r| {
+                Ok(ReceivedId::new(
+                    hash32(r.get(1)?),
+                    MessageId(id16(r.get(0)?)),
+                ))
+            })?;
             rows.collect::<Result<_, _>>()?
         };
         if ids.is_empty() {
@@ -241,18 +277,22 @@ impl Db {
         self.delete_received(&ids)
     }
 
-    pub fn delete_received(&mut self, ids: &[MessageId]) -> Result<usize, AgentError> {
+    pub fn delete_received(&mut self, ids: &[ReceivedId]) -> Result<usize, AgentError> {
         let tx = self.conn.transaction()?;
         let mut n = 0;
-        for id in ids {
-            n += tx.execute("DELETE FROM inbox WHERE id = ?1", params![id.0.to_vec()])?;
-            tx.execute(
-                "DELETE FROM file_groups WHERE msg = ?1 AND msg NOT IN (SELECT id FROM outbox)",
-                params![id.0.to_vec()],
+        for k in ids {
+            let (id, sender) = (k.id.0.to_vec(), k.sender.to_vec());
+            n += tx.execute(
+                "DELETE FROM inbox WHERE id = ?1 AND sender = ?2",
+                params![id, sender],
             )?;
             tx.execute(
-                "DELETE FROM downloads WHERE msg = ?1 AND state IN ('done', 'failed')",
-                params![id.0.to_vec()],
+                "DELETE FROM file_groups WHERE msg = ?1 AND sender = ?2",
+                params![id, sender],
+            )?;
+            tx.execute(
+                "DELETE FROM downloads WHERE msg = ?1 AND sender = ?2 AND state IN ('done', 'failed')",
+                params![id, sender],
             )?;
         }
         tx.commit()?;
@@ -348,12 +388,17 @@ impl Db {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// The inbox entry with this id, if delivered.
-    pub fn inbox_entry(&self, id: &MessageId) -> Result<Option<InboxEntry>, AgentError> {
+    /// The inbox entry `key` names, if delivered.
+    pub fn inbox_entry(&self, key: &ReceivedId) -> Result<Option<InboxEntry>, AgentError> {
         Ok(self
             .conn
-            .prepare_cached(&format!("SELECT {INBOX_COLS} FROM inbox WHERE id = ?1"))?
-            .query_row(params![id.0.to_vec()], inbox_from_row)
+            .prepare_cached(&format!(
+                "SELECT {INBOX_COLS} FROM inbox WHERE id = ?1 AND sender = ?2"
+            ))?
+            .query_row(
+                params![key.id.0.to_vec(), key.sender.to_vec()],
+                inbox_from_row,
+            )
             .optional()?)
     }
 
@@ -386,20 +431,23 @@ impl Db {
     /// inbox (`None`). Returns how many changed shelf.
     pub fn archive_received(
         &mut self,
-        ids: &[MessageId],
+        ids: &[ReceivedId],
         now_ms: Option<u64>,
     ) -> Result<usize, AgentError> {
         let tx = self.conn.transaction()?;
         let mut n = 0;
-        for id in ids {
+        for k in ids {
+            let (id, sender) = (k.id.0.to_vec(), k.sender.to_vec());
             n += match now_ms {
                 Some(t) => tx.execute(
-                    "UPDATE inbox SET archived_ms = ?2 WHERE id = ?1 AND archived_ms IS NULL",
-                    params![id.0.to_vec(), to_i64(t)],
+                    "UPDATE inbox SET archived_ms = ?3 WHERE id = ?1 AND sender = ?2 \
+                     AND archived_ms IS NULL",
+                    params![id, sender, to_i64(t)],
                 )?,
                 None => tx.execute(
-                    "UPDATE inbox SET archived_ms = NULL WHERE id = ?1 AND archived_ms IS NOT NULL",
-                    params![id.0.to_vec()],
+                    "UPDATE inbox SET archived_ms = NULL WHERE id = ?1 AND sender = ?2 \
+                     AND archived_ms IS NOT NULL",
+                    params![id, sender],
                 )?,
             };
         }
@@ -407,10 +455,10 @@ impl Db {
         Ok(n)
     }
 
-    pub fn mark_read(&mut self, id: &MessageId, now_ms: u64) -> Result<(), AgentError> {
+    pub fn mark_read(&mut self, key: &ReceivedId, now_ms: u64) -> Result<(), AgentError> {
         self.conn.execute(
-            "UPDATE inbox SET read_ms = ?2 WHERE id = ?1 AND read_ms IS NULL",
-            params![id.0.to_vec(), to_i64(now_ms)],
+            "UPDATE inbox SET read_ms = ?3 WHERE id = ?1 AND sender = ?2 AND read_ms IS NULL",
+            params![key.id.0.to_vec(), key.sender.to_vec(), to_i64(now_ms)],
         )?;
         Ok(())
     }
@@ -418,16 +466,16 @@ impl Db {
     /// Records delivered messages (their stored copies already durable and
     /// verified), their replay-cache entries and the receipts they are
     /// owed, plus other reports (rejections, receipts again for
-    /// duplicates), in one transaction. Returns the ids that were new: a
-    /// message already in the inbox is not delivered twice.
+    /// duplicates), in one transaction. Returns the messages that were
+    /// new: a message already in the inbox is not delivered twice.
     pub fn record_inbox(
         &mut self,
         entries: &[(InboxEntry, u64)],
         reports: &[PendingReport],
         downloads: &[Download],
-        groups: &[(MessageId, Group)],
+        groups: &[(ReceivedId, Group)],
         now: u64,
-    ) -> Result<Vec<MessageId>, AgentError> {
+    ) -> Result<Vec<ReceivedId>, AgentError> {
         let tx = self.conn.transaction()?;
         crate::contacts::replay_prune(&tx, now)?;
         let mut new = Vec::with_capacity(entries.len());
@@ -451,22 +499,22 @@ impl Db {
                     to_i64(e.segment),
                     to_i64(e.offset),
                 ])?;
-            crate::contacts::replay_add(&tx, &e.id, *forget_at)?;
+            crate::contacts::replay_add(&tx, &e.key(), *forget_at)?;
             if n == 1 {
-                new.push(e.id);
+                new.push(e.key());
             }
         }
         for p in reports {
             insert_pending(&tx, p)?;
         }
         for d in downloads {
-            if new.contains(&d.msg) {
+            if new.contains(&d.key()) {
                 insert_download(&tx, d)?;
             }
         }
-        for (msg, g) in groups {
-            if new.contains(msg) {
-                insert_group(&tx, msg, g)?;
+        for (key, g) in groups {
+            if new.contains(key) {
+                insert_group(&tx, &key.id, &key.sender, g)?;
             }
         }
         tx.commit()?;

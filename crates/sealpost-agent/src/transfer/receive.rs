@@ -2,9 +2,22 @@
 
 use super::*;
 
-/// The partial file of a download, beside where the file will land.
-pub fn part_path(dir: &Path, blob_id_hex: &str) -> PathBuf {
-    dir.join(format!(".sealpost-part-{blob_id_hex}"))
+/// The partial file of a download, beside where the file will land: named
+/// by its sender and blob id (each sender chooses its own blob ids, so two
+/// senders' downloads never share a partial file).
+pub fn part_path(dir: &Path, sender: &[u8; 32], blob_id: &[u8; 16]) -> PathBuf {
+    dir.join(format!(
+        ".sealpost-part-{}-{}",
+        sealpost_proto::hex(sender),
+        sealpost_proto::hex(blob_id)
+    ))
+}
+
+/// Where a download's partial file was kept before its name had the
+/// sender's key (a download under way across the upgrade is moved from
+/// there).
+pub fn legacy_part_path(dir: &Path, blob_id: &[u8; 16]) -> PathBuf {
+    dir.join(format!(".sealpost-part-{}", sealpost_proto::hex(blob_id)))
 }
 
 /// Opens (or creates) a partial file and cuts it to `keep` bytes: bytes

@@ -1756,6 +1756,12 @@ fn cancel_flush_delete_archive_and_export_a_rejection() {
     let (code, text, err) = net.run("bob", &["read", &second[..20]]);
     assert_eq!(code, 0, "an archived message is still read: {err}");
     assert!(!text.is_empty());
+    // --from: only that contact's messages (each sender chooses its own
+    // ids, so two senders' messages may share one).
+    let (code, from_alice, err) = net.run("bob", &["read", &second[..20], "--from", "alice"]);
+    assert_eq!((code, &from_alice), (0, &text), "{err}");
+    let (code, _, err) = net.run("bob", &["read", &second[..20], "--from", "carol"]);
+    assert!(code != 0 && err.contains("carol"), "{code}: {err}");
     let v = net.json("bob", &["archive", "--undo", &second]);
     assert_eq!(v["changed"].as_u64(), Some(1), "{v}");
     assert_eq!(net.inbox_len("bob"), n - 1);

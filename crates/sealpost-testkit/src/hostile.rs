@@ -241,7 +241,8 @@ struct State {
     pool: VecDeque<(MailboxId, Vec<u8>)>,
     /// What each mailbox was served (what to replay).
     served: HashMap<MailboxId, VecDeque<Vec<u8>>>,
-    /// Mailboxes items were forwarded to (where to misroute one).
+    /// Mailboxes items were forwarded or handed on to (where to misroute
+    /// one).
     forward_dests: Vec<MailboxId>,
     log: Option<File>,
     n: u64,
@@ -667,6 +668,12 @@ impl Tamper for Hostile {
             return OnHandOn::Send;
         };
         let st = &mut *st;
+        // Where misrouted items can go: what is handed on too, not only
+        // what was queued here (a relay killed and started again hands on
+        // items queued by its earlier run, which it never saw queued).
+        if !st.forward_dests.contains(mailbox) && st.forward_dests.len() < 64 {
+            st.forward_dests.push(*mailbox);
+        }
         let item = sealpost_proto::hex(payload_hash);
         if self.roll(st, Fault::ForwardGiveUp) {
             self.log(st, Fault::ForwardGiveUp, mailbox, &item, None);

@@ -102,8 +102,9 @@ impl MessageId {
     /// a UUIDv7 without its version bits). Stores keyed by message id then
     /// add new ids at the end of their B-trees instead of at random places
     /// all over them, so what a message costs does not grow with how many
-    /// came before it; 80 random bits keep ids unguessable (a contact who
-    /// could guess another sender's next id could take it first).
+    /// came before it; 80 random bits keep ids unique and unguessable (a
+    /// recipient keys what it records by sender and id, so another
+    /// sender's id, guessed or learnt, takes nothing; PROTOCOL 4.3).
     pub fn time_ordered(now_ms: u64, rng: &mut impl CryptoRngCore) -> Self {
         let mut b = [0u8; 16];
         b[..6].copy_from_slice(&(now_ms & 0xffff_ffff_ffff).to_be_bytes()[2..]);

@@ -433,3 +433,83 @@ async fn a_repair_whose_blob_is_gone_is_asked_for_again() {
     assert_eq!(state(&alice, &id).0, State::Delivered);
     relay.stop().await.expect("stop");
 }
+
+/// A co-recipient learns a file's blob id from its own manifest, and a
+/// blob is named by its id within the recipient's mailbox (the relay
+/// cannot scope it by sender: it does not know senders). Mallory uploads
+/// a complete blob of her own under that id to bob's mailbox before alice
+/// does: alice's agent finds it complete and sends the manifest; bob's
+/// chunks do not authenticate, bob asks alice for a repair, and the
+/// repair (a new blob id only bob learns) brings the file whole. It costs
+/// a repair, never the delivery, and bob never takes mallory's bytes.
+#[tokio::test(flavor = "current_thread")]
+async fn a_blob_taken_first_by_a_co_recipient_costs_a_repair_not_the_file() {
+    let World {
+        dir,
+        net,
+        relay,
+        clock,
+        mut alice,
+        mut bob,
+    } = world(None, None).await;
+    let (path, data) = file(dir.path(), "shared.bin", 3 * 65_536 + 17, 5);
+    let (id, _) = alice
+        .agent_mut()
+        .send_file(&["bob".into()], &path, 86_400)
+        .expect("send");
+    let f = alice
+        .agent()
+        .db()
+        .file_out(&id)
+        .expect("db")
+        .expect("file out");
+    let total = f.layout().expect("layout").blob_len();
+    let garbage = vec![0x5a; total as usize];
+    let c = sealpost_relay::client::RelayClient::connect_via(
+        &*net,
+        relay.address(),
+        None,
+        Default::default(),
+    )
+    .await
+    .expect("connect");
+    let bob_mb = MailboxId::of(bob.agent().identity().public().signing_bytes());
+    let put = c
+        .blob_put(sealpost_proto::relay::BlobPiece {
+            blob_id: f.blob_id,
+            mailbox: bob_mb,
+            total_len: total,
+            blob_hash: *blake3::hash(&garbage).as_bytes(),
+            expires_at: now_ms() / 1000 + 86_400,
+            offset: 0,
+            data: garbage,
+        })
+        .await
+        .expect("put");
+    assert_eq!(put.ok(), Some((total, true)), "mallory's blob is complete");
+    drop(c);
+    catch_up(&clock);
+    alice.pass().await.expect("pass");
+    // Bob: chunks that do not authenticate, a repair asked of alice,
+    // alice's repair, the file whole.
+    for _ in 0..10 {
+        let s = bob.pass().await.expect("pass");
+        if s.files_received == 1 {
+            break;
+        }
+        alice.pass().await.expect("pass");
+        clock.advance(Duration::from_secs(60));
+    }
+    let got = std::fs::read(dir.path().join("bob/downloads/shared.bin")).expect("placed");
+    assert!(got == data, "bob got alice's file, whole");
+    let caught = bob.agent().db().detection_counts().expect("detections");
+    assert!(
+        caught.iter().any(|(c, n)| c == "damaged-chunk" && *n > 0),
+        "{caught:?}"
+    );
+    passes_until(&mut alice, &clock, 10, |a, _| {
+        state(a, &id).0 == State::Delivered
+    })
+    .await;
+    relay.stop().await.expect("stop");
+}

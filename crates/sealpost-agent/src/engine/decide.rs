@@ -121,10 +121,10 @@ pub enum Dropped {
     ControlStale(Stale),
     /// A control message from someone who is not a contact.
     ControlFromStranger,
-    /// The same id earlier in this batch.
+    /// The same sender's same id earlier in this batch.
     RepeatedInBatch,
-    /// Content opened before and since forgotten (its id is in the
-    /// replay cache).
+    /// Content opened before and since forgotten (its sender and id are
+    /// in the replay cache).
     Replayed,
 }
 

@@ -1193,9 +1193,10 @@ fn resolve_some<T>(
                 .collect(),
             Some(groups[0]),
         )),
-        (m, 0) if same_id(&candidates, &id_of, &p) => Err(Failure::usage(anyhow!(
-            "{m} received messages have the id {prefix}, each from another sender (each sender \
-             chooses its own ids); say whose with --from CONTACT"
+        (m, g) if one_id(&candidates, &id_of, &groups, &p) => Err(Failure::usage(anyhow!(
+            "{} received messages or groups have the id {prefix}, each from another sender \
+             (each sender chooses its own ids); say whose with --from CONTACT",
+            m + g
         ))),
         (m, g) => Err(Failure::usage(anyhow!(
             "{} ids start with {prefix}; give more digits",
@@ -1204,17 +1205,24 @@ fn resolve_some<T>(
     }
 }
 
-/// Whether every candidate whose id starts with `p` has one and the same
-/// id (received messages from several senders).
-fn same_id<T>(candidates: &[T], id_of: impl Fn(&T) -> MessageId, p: &str) -> bool {
-    let mut ids = candidates
+/// Whether the messages and groups whose ids start with `p` all have one
+/// and the same id (received from several senders: more digits cannot
+/// tell them apart).
+fn one_id<T>(
+    candidates: &[T],
+    id_of: impl Fn(&T) -> MessageId,
+    groups: &[GroupKey],
+    p: &str,
+) -> bool {
+    let mut ids: Vec<String> = candidates
         .iter()
-        .map(id_of)
-        .filter(|id| id.to_string().starts_with(p));
-    match ids.next() {
-        Some(first) => ids.all(|id| id == first),
-        None => false,
-    }
+        .map(|c| id_of(c).to_string())
+        .filter(|id| id.starts_with(p))
+        .chain(groups.iter().map(|k| sealpost_proto::hex(&k.1)))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.len() == 1
 }
 
 /// The common directory of a group's file names (`photos/a.jpg` → `photos/`).
@@ -2183,10 +2191,10 @@ mod tests {
             .contains("at least 1MiB"));
     }
 
-    /// Two received messages may share an id (each from its own sender):
-    /// the full id then names neither, and the error says how to choose,
-    /// not to "give more digits"; a prefix shared by two ids still asks
-    /// for more digits.
+    /// Two received messages (or groups) may share an id, each from its
+    /// own sender: the full id then names neither, and the error says how
+    /// to choose, not to "give more digits"; a prefix shared by two ids
+    /// still asks for more digits.
     #[test]
     fn one_id_from_two_senders_asks_whose() {
         let a = MessageId([0xab; 16]);
@@ -2207,5 +2215,14 @@ mod tests {
             pick(&full[..6], vec![(1, a), (2, b)]).expect("one"),
             vec![(1, a)]
         );
+        // Two senders' groups under one group id.
+        let err = resolve_some(
+            "cd",
+            vec![([1u8; 32], a), ([2u8; 32], b)],
+            |c| c.1,
+            |c| Some((c.0, [0xcd; 16])),
+        )
+        .expect_err("ambiguous");
+        assert!(format!("{:#}", err.error.expect("text")).contains("--from CONTACT"));
     }
 }

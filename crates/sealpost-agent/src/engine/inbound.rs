@@ -342,6 +342,11 @@ impl Engine {
         let opened = open_all(&self.agent.identity, &payloads);
         let now_s = self.clock.now_ms() / 1000;
         let mut to_store: Vec<(OpenedMessage, Vec<u8>)> = Vec::new();
+        // What `to_store` holds, by sender and id: each item is looked up
+        // in it (a scan of `to_store` made a batch's cost grow with the
+        // square of its length; batches hold up to 4,096).
+        let mut in_batch: std::collections::HashSet<crate::outbox::ReceivedId> =
+            std::collections::HashSet::new();
         let mut reports: Vec<PendingReport> = Vec::new();
         for (r, payload) in opened.into_iter().zip(&payloads) {
             let (verdict, caught) = match r {
@@ -351,7 +356,7 @@ impl Engine {
                     (Verdict::Done, Some(Caught::Sealed(e.class())))
                 }
                 Ok((m, content)) => {
-                    self.classify(m, content, now_s, &to_store, &mut reports, stats)?
+                    self.classify(m, content, now_s, &in_batch, &mut reports, stats)?
                 }
             };
             if let Some(class) = caught {
@@ -361,6 +366,7 @@ impl Engine {
                 self.found.push((class, item));
             }
             if let Verdict::Store(stored) = verdict {
+                in_batch.insert(key_of(&stored.0.header));
                 to_store.push(*stored);
             }
         }
@@ -443,22 +449,26 @@ impl Engine {
                 });
             }
         }
-        let new = self
+        // A set: a batch holds up to thousands, and each is looked up in it.
+        let new: std::collections::HashSet<crate::outbox::ReceivedId> = self
             .agent
             .db
-            .record_inbox(&entries, &reports, &downloads, &groups, now_s)?;
+            .record_inbox(&entries, &reports, &downloads, &groups, now_s)?
+            .into_iter()
+            .collect();
         stats.delivered += new.len() as u64;
         stats.duplicates += (entries.len() - new.len()) as u64;
         self.flush_found(stats)?;
         for (m, _) in &to_store {
-            if new.contains(&key_of(&m.header)) && m.header.kind == Kind::FileManifest {
+            let stored = new.contains(&key_of(&m.header));
+            if stored && m.header.kind == Kind::FileManifest {
                 // The file itself is said when it is stored and verified.
                 tracing::debug!(
                     "file announced in message {} from {}",
                     m.header.id,
                     self.agent.who(&m.header.sender)
                 );
-            } else if new.contains(&key_of(&m.header)) {
+            } else if stored {
                 tracing::info!(
                     "message {} ({} bytes) from {} stored in the inbox",
                     m.header.id,
@@ -487,14 +497,15 @@ impl Engine {
     }
 
     /// Reads what the agent knows about one opened message, decides
-    /// ([`decide`]) and carries the decision out. Returns what to store and
+    /// ([`decide`]) and carries the decision out (`batch`: what this fetched
+    /// batch stores already, by sender and id). Returns what to store and
     /// what the checks caught.
     pub(super) fn classify(
         &mut self,
         m: OpenedMessage,
         content: Vec<u8>,
         now_s: u64,
-        batch: &[(OpenedMessage, Vec<u8>)],
+        batch: &std::collections::HashSet<crate::outbox::ReceivedId>,
         reports: &mut Vec<PendingReport>,
         stats: &mut PassStats,
     ) -> Result<(Verdict, Option<Caught>), EngineError> {
@@ -556,10 +567,7 @@ impl Engine {
                     Stored::Message
                 }
             }),
-            in_batch: content_kind
-                && batch
-                    .iter()
-                    .any(|(b, _)| b.header.id == h.id && b.header.sender == h.sender),
+            in_batch: content_kind && batch.contains(&key_of(h)),
             file: manifest.as_ref().map(|(c, _)| *c),
         };
         let decision = decide(&facts);

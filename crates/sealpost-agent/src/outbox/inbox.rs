@@ -507,14 +507,17 @@ impl Db {
         for p in reports {
             insert_pending(&tx, p)?;
         }
-        for d in downloads {
-            if new.contains(&d.key()) {
-                insert_download(&tx, d)?;
+        if !downloads.is_empty() || !groups.is_empty() {
+            let fresh: std::collections::HashSet<&ReceivedId> = new.iter().collect();
+            for d in downloads {
+                if fresh.contains(&d.key()) {
+                    insert_download(&tx, d)?;
+                }
             }
-        }
-        for (key, g) in groups {
-            if new.contains(key) {
-                insert_group(&tx, &key.id, &key.sender, g)?;
+            for (key, g) in groups {
+                if fresh.contains(key) {
+                    insert_group(&tx, &key.id, &key.sender, g)?;
+                }
             }
         }
         tx.commit()?;

@@ -1109,7 +1109,7 @@ fn keyed_by_sender(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
         // same home may have done it meanwhile (or the tables are new).
         if !has_column(conn, "replay", "sender")? {
             let contacts = crate::contacts::SCHEMA;
-            let inbox_cols = "id, sender, kind, created_at, expires_at, received_ms,                               content_hash, content_len, segment, offset, read_ms, archived_ms";
+            let inbox_cols = INBOX_COLS;
             let download_cols = format!("{DOWNLOAD_COLS}, repair");
             conn.execute_batch(&format!(
                 "{replay}

@@ -1,12 +1,7 @@
 //! Fetching the home mailbox: opening every item, deciding what it is, storing new messages durably and applying reports.
 
 use super::*;
-
-/// What names a message received: its sender and its id (each sender
-/// chooses its own ids).
-pub(crate) fn key_of(h: &sealpost_proto::MessageHeader) -> crate::outbox::ReceivedId {
-    crate::outbox::ReceivedId::of(h)
-}
+use crate::outbox::ReceivedId;
 
 /// What became of one fetched item.
 pub(super) enum Verdict {
@@ -345,8 +340,7 @@ impl Engine {
         // What `to_store` holds, by sender and id: each item is looked up
         // in it (a scan of `to_store` made a batch's cost grow with the
         // square of its length; batches hold up to 4,096).
-        let mut in_batch: std::collections::HashSet<crate::outbox::ReceivedId> =
-            std::collections::HashSet::new();
+        let mut in_batch: std::collections::HashSet<ReceivedId> = std::collections::HashSet::new();
         let mut reports: Vec<PendingReport> = Vec::new();
         for (r, payload) in opened.into_iter().zip(&payloads) {
             let (verdict, caught) = match r {
@@ -366,7 +360,7 @@ impl Engine {
                 self.found.push((class, item));
             }
             if let Verdict::Store(stored) = verdict {
-                in_batch.insert(key_of(&stored.0.header));
+                in_batch.insert(ReceivedId::of(&stored.0.header));
                 to_store.push(*stored);
             }
         }
@@ -409,7 +403,7 @@ impl Engine {
                 // verified (see `run_downloads`).
                 if let Ok(f) = sealpost_proto::manifest::FileManifest::decode(content) {
                     if let Some(g) = f.group {
-                        groups.push((key_of(h), g));
+                        groups.push((ReceivedId::of(h), g));
                     }
                     downloads.push(crate::outbox::Download {
                         msg: h.id,
@@ -450,7 +444,7 @@ impl Engine {
             }
         }
         // A set: a batch holds up to thousands, and each is looked up in it.
-        let new: std::collections::HashSet<crate::outbox::ReceivedId> = self
+        let new: std::collections::HashSet<ReceivedId> = self
             .agent
             .db
             .record_inbox(&entries, &reports, &downloads, &groups, now_s)?
@@ -460,7 +454,7 @@ impl Engine {
         stats.duplicates += (entries.len() - new.len()) as u64;
         self.flush_found(stats)?;
         for (m, _) in &to_store {
-            let stored = new.contains(&key_of(&m.header));
+            let stored = new.contains(&ReceivedId::of(&m.header));
             if stored && m.header.kind == Kind::FileManifest {
                 // The file itself is said when it is stored and verified.
                 tracing::debug!(
@@ -505,7 +499,7 @@ impl Engine {
         m: OpenedMessage,
         content: Vec<u8>,
         now_s: u64,
-        batch: &std::collections::HashSet<crate::outbox::ReceivedId>,
+        batch: &std::collections::HashSet<ReceivedId>,
         reports: &mut Vec<PendingReport>,
         stats: &mut PassStats,
     ) -> Result<(Verdict, Option<Caught>), EngineError> {
@@ -518,9 +512,11 @@ impl Engine {
         let stale = self.agent.policy.check(h, now_s).err();
         let content_kind = matches!(h.kind, Kind::Message | Kind::FileManifest);
         let (prev, download) = if content_kind {
-            let prev = self.agent.db.inbox_entry(&key_of(h))?;
+            let prev = self.agent.db.inbox_entry(&ReceivedId::of(h))?;
             let download = match &prev {
-                Some(_) if h.kind == Kind::FileManifest => self.agent.db.download(&key_of(h))?,
+                Some(_) if h.kind == Kind::FileManifest => {
+                    self.agent.db.download(&ReceivedId::of(h))?
+                }
                 _ => None,
             };
             (prev, download)
@@ -557,7 +553,7 @@ impl Engine {
                 Some(OpenError::NoExpiry) => Err(Stale::NoExpiry),
                 Some(_) => Err(Stale::Expired),
             },
-            seen: self.agent.db.replay_seen(&key_of(h))?,
+            seen: self.agent.db.replay_seen(&ReceivedId::of(h))?,
             // Only this sender's: another sender's message under the same
             // id is another message (each sender chooses its own ids).
             stored: prev.as_ref().map(|_| {
@@ -567,7 +563,7 @@ impl Engine {
                     Stored::Message
                 }
             }),
-            in_batch: content_kind && batch.contains(&key_of(h)),
+            in_batch: content_kind && batch.contains(&ReceivedId::of(h)),
             file: manifest.as_ref().map(|(c, _)| *c),
         };
         let decision = decide(&facts);
@@ -681,7 +677,9 @@ impl Engine {
         now_s: u64,
     ) -> Result<(), EngineError> {
         let until = self.agent.policy.remember_until(h.expires_at);
-        self.agent.db.replay_insert(&key_of(h), until, now_s)?;
+        self.agent
+            .db
+            .replay_insert(&ReceivedId::of(h), until, now_s)?;
         Ok(())
     }
 
@@ -730,7 +728,7 @@ impl Engine {
             &report,
             self.clock.now_ms(),
             (
-                &key_of(&m.header),
+                &ReceivedId::of(&m.header),
                 self.agent.policy.remember_until(m.header.expires_at),
             ),
         )?;

@@ -446,6 +446,18 @@ pub(crate) fn replay_add(
     if legacy {
         return Ok(false);
     }
+    replay_put(tx, key, forget_at)
+}
+
+/// Adds `key` to the replay cache until `forget_at` without looking for a
+/// row kept under x'' (false if `key` was there): for a message just
+/// judged not seen ([`REPLAY_SEEN_SQL`]) in this pass, whose caller needs
+/// no answer.
+pub(crate) fn replay_put(
+    tx: &rusqlite::Transaction<'_>,
+    key: &ReceivedId,
+    forget_at: u64,
+) -> Result<bool, AgentError> {
     let n = tx.prepare_cached(REPLAY_ADD_SQL)?.execute(params![
         key.sender.to_vec(),
         key.id.0.to_vec(),

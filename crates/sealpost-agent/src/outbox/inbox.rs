@@ -499,7 +499,9 @@ impl Db {
                     to_i64(e.segment),
                     to_i64(e.offset),
                 ])?;
-            crate::contacts::replay_add(&tx, &e.key(), *forget_at)?;
+            // Each was judged not seen (sender and id, or id under x'')
+            // before it came here: no second look for x''.
+            crate::contacts::replay_put(&tx, &e.key(), *forget_at)?;
             if n == 1 {
                 new.push(e.key());
             }

@@ -102,6 +102,23 @@ fn pk_ops(c: &mut Criterion) {
     g.bench_function("x25519_agreement", |b| {
         b.iter(|| black_box(s.diffie_hellman(black_box(&p))))
     });
+    // What sealpost's age stanzas use (sealpost_proto::identity).
+    {
+        use aws_lc_rs::agreement as ecdh;
+        g.bench_function("x25519_ephemeral_keygen_aws_lc", |b| {
+            b.iter(|| {
+                let s = ecdh::PrivateKey::generate(&ecdh::X25519).expect("keygen");
+                black_box(s.compute_public_key().expect("public"))
+            })
+        });
+        let s = ecdh::PrivateKey::from_private_key(&ecdh::X25519, &[9u8; 32]).expect("secret");
+        let p = ecdh::UnparsedPublicKey::new(&ecdh::X25519, *p.as_bytes());
+        g.bench_function("x25519_agreement_aws_lc", |b| {
+            b.iter(|| {
+                ecdh::agree(&s, black_box(&p), (), |k| Ok::<u8, ()>(k[0])).expect("agree")
+            })
+        });
+    }
     let sk = SigningKey::from_bytes(&[5; 32]);
     let msg = [0u8; 200];
     g.bench_function("ed25519_sign", |b| {
@@ -120,7 +137,7 @@ fn message_1k(c: &mut Criterion) {
     let to = [*b.public()];
     let content = vec![0x5au8; 1024];
     let sealed = message::seal_to_vec(&a, &req(&to), &content).expect("seal");
-    let age_r = b.public().age_recipient();
+    let age_r = b.public().age_reference_recipient();
     let mut age_ct = Vec::new();
     age_encrypt(&age_r, &content, &mut age_ct);
 
@@ -157,7 +174,7 @@ fn stream_256m(c: &mut Criterion) {
     let mut data = vec![0u8; SIZE];
     StdRng::seed_from_u64(2).fill_bytes(&mut data);
     let sealed = message::seal_to_vec(&a, &req(&to), &data).expect("seal");
-    let age_r = b.public().age_recipient();
+    let age_r = b.public().age_reference_recipient();
     let mut age_ct = Vec::with_capacity(SIZE + (SIZE >> 12) + 1024);
     age_encrypt(&age_r, &data, &mut age_ct);
     let key = BlobKey([6; 32]);

@@ -6,12 +6,15 @@
 //! later its receipts. The fingerprint people compare is a hash of the
 //! signing key alone, because the signing key is what vouches for the rest.
 
+use std::collections::HashSet;
 use std::fmt;
 
 use bech32::{Bech32, Hrp};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
-use rand_core::CryptoRngCore;
+use rand_core::{CryptoRngCore, RngCore};
 use zeroize::{Zeroize, Zeroizing};
+
+use aws_lc_rs::agreement as ecdh;
 
 use crate::codec::DecodeError;
 
@@ -135,7 +138,17 @@ impl PublicIdentity {
         bech32_string("age", &self.agreement)
     }
 
-    pub fn age_recipient(&self) -> age::x25519::Recipient {
+    /// The age recipient for the agreement key: age's X25519 stanza,
+    /// wrapped with AWS-LC's X25519 ([`AgeRecipient`]).
+    pub fn age_recipient(&self) -> AgeRecipient {
+        AgeRecipient {
+            public: self.agreement,
+        }
+    }
+
+    /// age's own recipient for this key (what `age -r` uses), for
+    /// comparing with [`PublicIdentity::age_recipient`].
+    pub fn age_reference_recipient(&self) -> age::x25519::Recipient {
         // The string is built from 32 valid bytes, which age always parses.
         self.age_recipient_string()
             .parse()
@@ -160,17 +173,58 @@ fn bech32_string(hrp: &str, data: &[u8]) -> String {
         .unwrap_or_else(|e| unreachable!("32 bytes always fit bech32: {e}"))
 }
 
-/// The low-order points of Curve25519 in Montgomery form; a key-agreement
-/// with any of them yields an all-zero secret. age refuses those too, but a
-/// card carrying one is refused at import so the failure is found early.
+/// The low-order points of Curve25519 in Montgomery form: an agreement
+/// with any of them yields the all-zero secret, which [`x25519`] refuses
+/// (as age does). A card carrying one is refused at import so the failure
+/// is found before anyone writes.
 fn is_low_order_x25519(key: &[u8; 32]) -> bool {
-    let secret = x25519_dalek::StaticSecret::from([
+    const ANY_SECRET: [u8; 32] = [
         0x5d, 0x2a, 0x1b, 0x41, 0x7c, 0x33, 0x0e, 0x91, 0x27, 0x6f, 0x58, 0x0a, 0x4d, 0x62, 0x19,
         0x73, 0x2e, 0x55, 0x08, 0x6b, 0x3a, 0x44, 0x11, 0x7e, 0x29, 0x60, 0x05, 0x38, 0x4f, 0x12,
         0x6d, 0x4a,
-    ]);
-    let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*key));
-    !shared.was_contributory()
+    ];
+    x25519(&x25519_secret(&ANY_SECRET), key).is_none()
+}
+
+/// An X25519 secret key held by AWS-LC (which frees it cleansed).
+fn x25519_secret(secret: &[u8; 32]) -> ecdh::PrivateKey {
+    ecdh::PrivateKey::from_private_key(&ecdh::X25519, secret)
+        .unwrap_or_else(|e| unreachable!("AWS-LC refused a 32-byte X25519 secret: {e}"))
+}
+
+/// The public key of an X25519 secret held by AWS-LC.
+fn x25519_public(secret: &ecdh::PrivateKey) -> [u8; 32] {
+    let public = secret
+        .compute_public_key()
+        .unwrap_or_else(|e| unreachable!("AWS-LC could not compute an X25519 public key: {e}"));
+    <[u8; 32]>::try_from(public.as_ref())
+        .unwrap_or_else(|_| unreachable!("an X25519 public key is 32 bytes"))
+}
+
+/// X25519 (RFC 7748): the shared secret of `secret` and the peer's public
+/// key, or None when it is all zero (the peer's key is a low-order point;
+/// age's "X25519 recipient stanza" requires refusing it). AWS-LC's X25519
+/// computes what x25519-dalek's does (the tests hold the two, and age's
+/// own identity, to equal answers) in half the time: AWS-LC's
+/// field arithmetic against curve25519-dalek's portable ladder, about
+/// 25 against 55 µs here (docs/BENCHMARKS.md). AWS-LC refuses the
+/// all-zero secret itself; it is checked here again all the same.
+fn x25519(secret: &ecdh::PrivateKey, peer: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
+    let shared = ecdh::agree(
+        secret,
+        &ecdh::UnparsedPublicKey::new(&ecdh::X25519, peer),
+        (),
+        |s| {
+            let mut out = Zeroizing::new([0u8; 32]);
+            if s.len() != out.len() {
+                return Err(());
+            }
+            out.copy_from_slice(s);
+            Ok(out)
+        },
+    )
+    .ok()?;
+    (shared.iter().fold(0u8, |acc, b| acc | b) != 0).then_some(shared)
 }
 
 /// Context strings for each kind of signed object, so a signature made for
@@ -194,13 +248,14 @@ pub struct Identity {
 /// This identity's X25519 key as an age identity: age's own X25519
 /// stanza unwrapping (the age spec's "X25519 recipient stanza", with
 /// age-core's HKDF and ChaCha20-Poly1305), but with the public key
-/// computed once. age's `x25519::Identity` derives it from the secret for
-/// every stanza it tries, an X25519 base-point multiplication: 12 % of the
+/// computed once and the agreement by AWS-LC ([`x25519`]). age's
+/// `x25519::Identity` derives the public key from the secret for every
+/// stanza it tries, an X25519 base-point multiplication: 12 % of the
 /// instructions of opening a message (`bench/instructions.sh`). A test
 /// holds this to age's own identity on valid, damaged and hostile stanzas.
 pub struct AgeIdentity {
-    secret: x25519_dalek::StaticSecret,
-    public: x25519_dalek::PublicKey,
+    secret: ecdh::PrivateKey,
+    public: [u8; 32],
 }
 
 impl fmt::Debug for AgeIdentity {
@@ -237,19 +292,16 @@ impl age::Identity for AgeIdentity {
         if stanza.body.len() != FILE_KEY_BYTES + 16 {
             return Some(Err(age::DecryptError::InvalidHeader));
         }
-        let shared = self
-            .secret
-            .diffie_hellman(&x25519_dalek::PublicKey::from(epk));
-        if !shared.was_contributory() {
+        let Some(shared) = x25519(&self.secret, &epk) else {
             return Some(Err(age::DecryptError::InvalidHeader));
-        }
+        };
         let mut salt = [0u8; 64];
         salt[..32].copy_from_slice(&epk);
-        salt[32..].copy_from_slice(self.public.as_bytes());
+        salt[32..].copy_from_slice(&self.public);
         let key = Zeroizing::new(age_core::primitives::hkdf(
             &salt,
             AGE_X25519_LABEL,
-            shared.as_bytes(),
+            shared.as_ref(),
         ));
         // Not ours (another recipient's stanza): not an error.
         age_core::primitives::aead_decrypt(&key, FILE_KEY_BYTES, &stanza.body)
@@ -260,6 +312,70 @@ impl age::Identity for AgeIdentity {
                     pt.zeroize();
                 }))
             })
+    }
+}
+
+/// A contact's X25519 key as an age recipient: age's own X25519 stanza
+/// (a fresh ephemeral key, HKDF-SHA-256 over the ephemeral and the
+/// recipient's public keys, the file key under ChaCha20-Poly1305), with
+/// the ephemeral key and the agreement by AWS-LC ([`x25519`]) instead of
+/// x25519-dalek. A test holds its stanzas to age's own identity.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct AgeRecipient {
+    public: [u8; 32],
+}
+
+impl fmt::Debug for AgeRecipient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&bech32_string("age", &self.public))
+    }
+}
+
+impl age::Recipient for AgeRecipient {
+    fn wrap_file_key(
+        &self,
+        file_key: &age_core::format::FileKey,
+    ) -> Result<(Vec<age_core::format::Stanza>, HashSet<String>), age::EncryptError> {
+        use age_core::secrecy::ExposeSecret;
+        // The ephemeral secret comes from the kernel (getrandom), as age's
+        // does. Not from AWS-LC's generator: seeding it runs CPU-jitter
+        // entropy collection, 420 M instructions (tens of milliseconds) in
+        // every process that draws from it first.
+        let mut esk_bytes = Zeroizing::new([0u8; 32]);
+        rand_core::OsRng
+            .try_fill_bytes(esk_bytes.as_mut())
+            .map_err(|e| {
+                age::EncryptError::Io(std::io::Error::other(format!(
+                    "the kernel's random generator failed: {e}"
+                )))
+            })?;
+        let esk = x25519_secret(&esk_bytes);
+        let epk = x25519_public(&esk);
+        // Only a low-order recipient key gives the all-zero secret (card
+        // import refuses those): refused here rather than sealed to.
+        let shared = x25519(&esk, &self.public).ok_or_else(|| {
+            age::EncryptError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the recipient's X25519 key is a low-order point",
+            ))
+        })?;
+        let mut salt = [0u8; 64];
+        salt[..32].copy_from_slice(&epk);
+        salt[32..].copy_from_slice(&self.public);
+        let key = Zeroizing::new(age_core::primitives::hkdf(
+            &salt,
+            AGE_X25519_LABEL,
+            shared.as_ref(),
+        ));
+        let body = age_core::primitives::aead_encrypt(&key, file_key.expose_secret());
+        Ok((
+            vec![age_core::format::Stanza {
+                tag: AGE_X25519_TAG.to_owned(),
+                args: vec![data_encoding::BASE64_NOPAD.encode(&epk)],
+                body,
+            }],
+            HashSet::new(),
+        ))
     }
 }
 
@@ -292,15 +408,15 @@ impl Identity {
     /// Builds an identity from its two 32-byte secrets.
     pub fn from_secret_bytes(signing_seed: &[u8; 32], agreement_secret: &[u8; 32]) -> Self {
         let signing = SigningKey::from_bytes(signing_seed);
-        let x_secret = x25519_dalek::StaticSecret::from(*agreement_secret);
-        let x_public = x25519_dalek::PublicKey::from(&x_secret);
+        let x_secret = x25519_secret(agreement_secret);
+        let x_public = x25519_public(&x_secret);
         let age = AgeIdentity {
             secret: x_secret,
             public: x_public,
         };
         let public = PublicIdentity {
             signing: signing.verifying_key(),
-            agreement: x_public.to_bytes(),
+            agreement: x_public,
         };
         Self {
             signing,
@@ -488,9 +604,103 @@ mod tests {
             id.age_reference_identity().to_public().to_string(),
             id.public().age_recipient_string()
         );
+        assert_eq!(&id.age_identity().public, id.public().agreement_bytes());
+    }
+
+    /// RFC 7748 §5.2's second X25519 vector and §6.1's Diffie-Hellman
+    /// example, through AWS-LC.
+    #[test]
+    fn x25519_gives_rfc_7748s_answers() {
+        let h = |s: &str| -> [u8; 32] {
+            hex::decode(s)
+                .expect("hex")
+                .try_into()
+                .expect("32 bytes")
+        };
+        let k = h("4b66e9d4d1b4673c5ad22691957d6af5c11b6421e0ea01d42ca4169e7918ba0d");
+        let u = h("e5210f12786811d3f4b7959d0538ae2c31dbe7106fc03c3efc4cd549c715a493");
         assert_eq!(
-            id.age_identity().public.as_bytes(),
-            id.public().agreement_bytes()
+            *x25519(&x25519_secret(&k), &u).expect("shared"),
+            h("95cbde9476e8907d7aade45cb4b873f88b595a68799fa152e6f8f7647aac7957")
         );
+        let a = h("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
+        let b = h("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb");
+        let a_pub = x25519_public(&x25519_secret(&a));
+        let b_pub = x25519_public(&x25519_secret(&b));
+        assert_eq!(
+            a_pub,
+            h("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+        );
+        assert_eq!(
+            b_pub,
+            h("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+        );
+        let shared = h("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742");
+        assert_eq!(*x25519(&x25519_secret(&a), &b_pub).expect("shared"), shared);
+        assert_eq!(*x25519(&x25519_secret(&b), &a_pub).expect("shared"), shared);
+    }
+
+    /// Every low-order point (and its non-canonical encodings, and with
+    /// the ignored top bit set) gives no secret, exactly where
+    /// x25519-dalek's agreement is not contributory.
+    #[test]
+    fn x25519_refuses_low_order_points_as_dalek_does() {
+        let h = |s: &str| -> [u8; 32] {
+            hex::decode(s)
+                .expect("hex")
+                .try_into()
+                .expect("32 bytes")
+        };
+        let low = [
+            "0000000000000000000000000000000000000000000000000000000000000000",
+            "0100000000000000000000000000000000000000000000000000000000000000",
+            "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+            "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+            "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        ];
+        let secret = [0x42u8; 32];
+        let ours = x25519_secret(&secret);
+        let dalek = x25519_dalek::StaticSecret::from(secret);
+        for p in low {
+            for top in [0u8, 0x80] {
+                let mut u = h(p);
+                u[31] |= top;
+                let theirs = dalek.diffie_hellman(&x25519_dalek::PublicKey::from(u));
+                assert!(!theirs.was_contributory(), "{p} {top}");
+                assert!(x25519(&ours, &u).is_none(), "{p} {top}");
+                assert!(is_low_order_x25519(&u));
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// AWS-LC's X25519 and x25519-dalek's agree on every secret and
+        /// every 32 bytes of peer key (non-canonical and top-bit-set ones
+        /// included), and on the public key of every secret.
+        #[test]
+        fn prop_x25519_is_dalek(
+            secret in proptest::prelude::any::<[u8; 32]>(),
+            peer in proptest::prelude::any::<[u8; 32]>(),
+            high in 0u8..4,
+        ) {
+            let mut peer = peer;
+            // Values at or above 2^255 - 19 (non-canonical) now and then.
+            if high == 0 {
+                peer[1..].fill(0xff);
+            }
+            let ours = x25519_secret(&secret);
+            let dalek = x25519_dalek::StaticSecret::from(secret);
+            proptest::prop_assert_eq!(
+                x25519_public(&ours),
+                x25519_dalek::PublicKey::from(&dalek).to_bytes()
+            );
+            let theirs = dalek.diffie_hellman(&x25519_dalek::PublicKey::from(peer));
+            match x25519(&ours, &peer) {
+                Some(s) => proptest::prop_assert_eq!(*s, *theirs.as_bytes()),
+                None => proptest::prop_assert!(!theirs.was_contributory()),
+            }
+        }
     }
 }

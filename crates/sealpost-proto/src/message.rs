@@ -484,7 +484,7 @@ pub fn seal_stream<R: Read, W: Write + Seek>(
     out.write_all(&[CONTAINER_VERSION])?;
     out.write_all(&0u64.to_be_bytes())?;
 
-    let age_recipients: Vec<age::x25519::Recipient> =
+    let age_recipients: Vec<crate::identity::AgeRecipient> =
         req.recipients.iter().map(|r| r.age_recipient()).collect();
     let encryptor =
         age::Encryptor::with_recipients(age_recipients.iter().map(|r| r as &dyn age::Recipient))
@@ -1037,7 +1037,7 @@ pub mod testing {
     /// Encrypts any plaintext to the recipients with age and wraps it in a
     /// container.
     pub fn seal_plaintext(recipients: &[PublicIdentity], plaintext: &[u8]) -> Vec<u8> {
-        let rs: Vec<age::x25519::Recipient> =
+        let rs: Vec<crate::identity::AgeRecipient> =
             recipients.iter().map(|r| r.age_recipient()).collect();
         let enc = age::Encryptor::with_recipients(rs.iter().map(|r| r as &dyn age::Recipient))
             .unwrap_or_else(|e| unreachable!("x25519 recipients: {e}"));

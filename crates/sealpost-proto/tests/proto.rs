@@ -965,16 +965,19 @@ fn unwrapped(id: &dyn age::Identity, st: &age_core::format::Stanza) -> String {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
-    /// sealpost's age identity (the public key computed once) answers every
-    /// stanza exactly as age's own X25519 identity: its own stanzas, other
-    /// recipients', and stanzas with a changed tag, argument or body,
-    /// non-canonical base64, a low-order ephemeral key.
+    /// sealpost's age identity (the public key computed once, AWS-LC's
+    /// X25519) answers every stanza exactly as age's own X25519 identity:
+    /// its own stanzas, other recipients', and stanzas with a changed tag,
+    /// argument or body, non-canonical base64, a low-order ephemeral key —
+    /// whether sealpost's recipient (AWS-LC's X25519) or age's own wrapped
+    /// the file key.
     #[test]
     fn prop_our_age_identity_is_ages(
         seed in any::<u64>(),
         how in 0u8..10,
         at in any::<usize>(),
         byte in any::<u8>(),
+        ages_recipient in any::<bool>(),
     ) {
         use age::Recipient as _;
         use age_core::format::{FileKey, Stanza};
@@ -984,11 +987,15 @@ proptest! {
         let mut k = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rng, &mut k);
         let to = if how == 1 { &other } else { &me };
-        let (stanzas, _) = to
-            .public()
-            .age_recipient()
-            .wrap_file_key(&FileKey::new(Box::new(k)))
-            .expect("wraps");
+        let file_key = FileKey::new(Box::new(k));
+        let (stanzas, labels) = if ages_recipient {
+            to.public().age_reference_recipient().wrap_file_key(&file_key)
+        } else {
+            to.public().age_recipient().wrap_file_key(&file_key)
+        }
+        .expect("wraps");
+        prop_assert!(labels.is_empty());
+        prop_assert_eq!(stanzas.len(), 1);
         let mut st: Stanza = stanzas.into_iter().next().expect("a stanza");
         let arg = st.args[0].clone();
         match how {
@@ -1018,6 +1025,31 @@ proptest! {
             prop_assert_eq!(ours, format!("key {}", hex::encode(k)));
         }
     }
+}
+
+/// A message sealed to two recipients with sealpost's age recipient
+/// (AWS-LC's X25519) is an age file each recipient's own age identity
+/// (age's, x25519-dalek's X25519) decrypts; a third identity cannot.
+#[test]
+fn ages_own_identity_opens_what_sealpost_sealed() {
+    use std::io::Read;
+    let mut rng = StdRng::seed_from_u64(11);
+    let a = Identity::generate(&mut rng);
+    let b = Identity::generate(&mut rng);
+    let c = Identity::generate(&mut rng);
+    let plain = vec![0x5au8; 70_000];
+    let sealed = testing::seal_plaintext(&[*a.public(), *b.public()], &plain);
+    let open = |who: &Identity| -> Option<Vec<u8>> {
+        let d = age::Decryptor::new_buffered(&sealed[message::CONTAINER_HEADER_LEN..]).ok()?;
+        let id = who.age_reference_identity();
+        let mut r = d.decrypt(std::iter::once(&id as &dyn age::Identity)).ok()?;
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).ok()?;
+        Some(out)
+    };
+    assert_eq!(open(&a).as_deref(), Some(&plain[..]));
+    assert_eq!(open(&b).as_deref(), Some(&plain[..]));
+    assert_eq!(open(&c), None);
 }
 
 proptest! {

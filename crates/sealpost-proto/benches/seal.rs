@@ -114,9 +114,7 @@ fn pk_ops(c: &mut Criterion) {
         let s = ecdh::PrivateKey::from_private_key(&ecdh::X25519, &[9u8; 32]).expect("secret");
         let p = ecdh::UnparsedPublicKey::new(&ecdh::X25519, *p.as_bytes());
         g.bench_function("x25519_agreement_aws_lc", |b| {
-            b.iter(|| {
-                ecdh::agree(&s, black_box(&p), (), |k| Ok::<u8, ()>(k[0])).expect("agree")
-            })
+            b.iter(|| ecdh::agree(&s, black_box(&p), (), |k| Ok::<u8, ()>(k[0])).expect("agree"))
         });
     }
     let sk = SigningKey::from_bytes(&[5; 32]);

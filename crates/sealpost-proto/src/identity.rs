@@ -212,7 +212,7 @@ fn x25519_public(secret: &ecdh::PrivateKey) -> [u8; 32] {
 fn x25519(secret: &ecdh::PrivateKey, peer: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
     let shared = ecdh::agree(
         secret,
-        &ecdh::UnparsedPublicKey::new(&ecdh::X25519, peer),
+        ecdh::UnparsedPublicKey::new(&ecdh::X25519, peer),
         (),
         |s| {
             let mut out = Zeroizing::new([0u8; 32]);
@@ -611,12 +611,8 @@ mod tests {
     /// example, through AWS-LC.
     #[test]
     fn x25519_gives_rfc_7748s_answers() {
-        let h = |s: &str| -> [u8; 32] {
-            hex::decode(s)
-                .expect("hex")
-                .try_into()
-                .expect("32 bytes")
-        };
+        let h =
+            |s: &str| -> [u8; 32] { hex::decode(s).expect("hex").try_into().expect("32 bytes") };
         let k = h("4b66e9d4d1b4673c5ad22691957d6af5c11b6421e0ea01d42ca4169e7918ba0d");
         let u = h("e5210f12786811d3f4b7959d0538ae2c31dbe7106fc03c3efc4cd549c715a493");
         assert_eq!(
@@ -645,12 +641,8 @@ mod tests {
     /// x25519-dalek's agreement is not contributory.
     #[test]
     fn x25519_refuses_low_order_points_as_dalek_does() {
-        let h = |s: &str| -> [u8; 32] {
-            hex::decode(s)
-                .expect("hex")
-                .try_into()
-                .expect("32 bytes")
-        };
+        let h =
+            |s: &str| -> [u8; 32] { hex::decode(s).expect("hex").try_into().expect("32 bytes") };
         let low = [
             "0000000000000000000000000000000000000000000000000000000000000000",
             "0100000000000000000000000000000000000000000000000000000000000000",
@@ -673,6 +665,23 @@ mod tests {
                 assert!(is_low_order_x25519(&u));
             }
         }
+    }
+
+    /// Sealing to a low-order key is an error (age's own recipient
+    /// panics there), never a stanza under the all-zero secret.
+    #[test]
+    fn wrapping_to_a_low_order_key_is_an_error() {
+        use age::Recipient as _;
+        let key = age_core::format::FileKey::new(Box::new([7u8; 16]));
+        for public in [[0u8; 32], {
+            let mut one = [0u8; 32];
+            one[0] = 1;
+            one
+        }] {
+            assert!(AgeRecipient { public }.wrap_file_key(&key).is_err());
+        }
+        let ok = Identity::from_secret_bytes(&[3; 32], &[4; 32]);
+        assert!(ok.public().age_recipient().wrap_file_key(&key).is_ok());
     }
 
     proptest::proptest! {

@@ -268,6 +268,16 @@ impl fmt::Debug for AgeIdentity {
 const AGE_X25519_TAG: &str = "X25519";
 const AGE_X25519_LABEL: &[u8] = b"age-encryption.org/v1/X25519";
 
+/// The key that wraps the file key in an X25519 stanza (age spec):
+/// HKDF-SHA-256 of the shared secret, salted with the ephemeral and the
+/// recipient's public keys, under the stanza's label.
+fn stanza_key(epk: &[u8; 32], recipient: &[u8; 32], shared: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    let mut salt = [0u8; 64];
+    salt[..32].copy_from_slice(epk);
+    salt[32..].copy_from_slice(recipient);
+    Zeroizing::new(age_core::primitives::hkdf(&salt, AGE_X25519_LABEL, shared))
+}
+
 impl age::Identity for AgeIdentity {
     fn unwrap_stanza(
         &self,
@@ -295,14 +305,7 @@ impl age::Identity for AgeIdentity {
         let Some(shared) = x25519(&self.secret, &epk) else {
             return Some(Err(age::DecryptError::InvalidHeader));
         };
-        let mut salt = [0u8; 64];
-        salt[..32].copy_from_slice(&epk);
-        salt[32..].copy_from_slice(&self.public);
-        let key = Zeroizing::new(age_core::primitives::hkdf(
-            &salt,
-            AGE_X25519_LABEL,
-            shared.as_ref(),
-        ));
+        let key = stanza_key(&epk, &self.public, &shared);
         // Not ours (another recipient's stanza): not an error.
         age_core::primitives::aead_decrypt(&key, FILE_KEY_BYTES, &stanza.body)
             .ok()
@@ -359,14 +362,7 @@ impl age::Recipient for AgeRecipient {
                 "the recipient's X25519 key is a low-order point",
             ))
         })?;
-        let mut salt = [0u8; 64];
-        salt[..32].copy_from_slice(&epk);
-        salt[32..].copy_from_slice(&self.public);
-        let key = Zeroizing::new(age_core::primitives::hkdf(
-            &salt,
-            AGE_X25519_LABEL,
-            shared.as_ref(),
-        ));
+        let key = stanza_key(&epk, &self.public, &shared);
         let body = age_core::primitives::aead_encrypt(&key, file_key.expose_secret());
         Ok((
             vec![age_core::format::Stanza {

@@ -16,14 +16,12 @@ use sealpost_proto::message::{self, testing};
 use sealpost_proto::relay::MailboxId;
 use sealpost_proto::report::{Entries, ReceiptEntry, RejectReason, RejectionEntry, Report};
 use sealpost_proto::{Identity, Kind, MessageHeader, MessageId, SealRequest};
-use sealpost_relay::client::{RelayClient, Submitted};
+use sealpost_relay::client::Submitted;
 use sealpost_relay::memory::MemoryNet;
 use sealpost_relay::RelayAddress;
 
 async fn submit(net: &MemoryNet, addr: &RelayAddress, to: &Engine, payload: Vec<u8>) {
-    let c = RelayClient::connect_via(net, addr, None, Default::default())
-        .await
-        .expect("connect");
+    let c = common::client(net, addr).await;
     let mb = MailboxId::of(to.agent().identity().public().signing_bytes());
     let r = c.submit(mb, now() + 3600, payload).await.expect("submit");
     assert!(matches!(r, Submitted::Accepted { .. }));

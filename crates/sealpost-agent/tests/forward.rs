@@ -259,14 +259,7 @@ async fn a_refusal_made_up_by_the_senders_relay_is_not_taken() {
     // 1: a key of its own, a binding made up. 2: the genuine binding of
     // relay A itself (its certificate key over its own key), for Bob's pin.
     let a_binding = {
-        let c = sealpost_relay::client::RelayClient::connect_via(
-            &*net_a,
-            a.address(),
-            None,
-            Default::default(),
-        )
-        .await
-        .expect("connect");
+        let c = common::client(&net_a, a.address()).await;
         c.key_binding(&a.address().pin.0).await.expect("binding")
     };
     let forged = [
@@ -568,14 +561,7 @@ async fn an_expired_refusal_a_relay_could_induce_does_not_fail_a_live_message() 
     let b_binding = {
         let net = MemoryNet::new();
         net.add(b.door());
-        let c = sealpost_relay::client::RelayClient::connect_via(
-            &*net,
-            b.address(),
-            None,
-            Default::default(),
-        )
-        .await
-        .expect("connect");
+        let c = common::client(&net, b.address()).await;
         c.key_binding(&b.address().pin.0).await.expect("binding")
     };
     let sealed = alice.agent().db().sealed(&id).expect("db").expect("sealed");

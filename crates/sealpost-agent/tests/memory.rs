@@ -465,14 +465,7 @@ async fn a_blob_taken_first_by_a_co_recipient_costs_a_repair_not_the_file() {
         .expect("file out");
     let total = f.layout().expect("layout").blob_len();
     let garbage = vec![0x5a; total as usize];
-    let c = sealpost_relay::client::RelayClient::connect_via(
-        &*net,
-        relay.address(),
-        None,
-        Default::default(),
-    )
-    .await
-    .expect("connect");
+    let c = common::client(&net, relay.address()).await;
     let bob_mb = MailboxId::of(bob.agent().identity().public().signing_bytes());
     let put = c
         .blob_put(sealpost_proto::relay::BlobPiece {

@@ -11,6 +11,7 @@ use sealpost_agent::engine::{self, Clock, Engine, FakeClock};
 use sealpost_agent::Home;
 use sealpost_proto::delivery::{Delivery, State};
 use sealpost_proto::MessageId;
+use sealpost_relay::client::RelayClient;
 use sealpost_relay::memory::MemoryNet;
 use sealpost_relay::tamper::Tamper;
 use sealpost_relay::{Config, Relay, RelayAddress, RunningRelay};
@@ -54,6 +55,14 @@ pub async fn spawn_in_memory(cfg: Config) -> RunningRelay {
         "memory".into(),
     );
     Relay::bind_with(cfg, store).await.expect("bind").spawn()
+}
+
+/// A bare client of the relay at `addr` over `net`, as any stranger
+/// (no mailbox key, default options): for tests that act as one.
+pub async fn client(net: &MemoryNet, addr: &RelayAddress) -> RelayClient {
+    RelayClient::connect_via(net, addr, None, Default::default())
+        .await
+        .expect("connect")
 }
 
 /// An identity with its home on `addr`, reached over `net`, on `clock`

@@ -443,13 +443,10 @@ impl Engine {
                 });
             }
         }
-        // A set: a batch holds up to thousands, and each is looked up in it.
-        let new: std::collections::HashSet<ReceivedId> = self
+        let new = self
             .agent
             .db
-            .record_inbox(&entries, &reports, &downloads, &groups, now_s)?
-            .into_iter()
-            .collect();
+            .record_inbox(&entries, &reports, &downloads, &groups, now_s)?;
         stats.delivered += new.len() as u64;
         stats.duplicates += (entries.len() - new.len()) as u64;
         self.flush_found(stats)?;
@@ -504,6 +501,7 @@ impl Engine {
         stats: &mut PassStats,
     ) -> Result<(Verdict, Option<Caught>), EngineError> {
         let h = &m.header;
+        let key = ReceivedId::of(h);
         let contact = self
             .agent
             .db
@@ -512,11 +510,9 @@ impl Engine {
         let stale = self.agent.policy.check(h, now_s).err();
         let content_kind = matches!(h.kind, Kind::Message | Kind::FileManifest);
         let (prev, download) = if content_kind {
-            let prev = self.agent.db.inbox_entry(&ReceivedId::of(h))?;
+            let prev = self.agent.db.inbox_entry(&key)?;
             let download = match &prev {
-                Some(_) if h.kind == Kind::FileManifest => {
-                    self.agent.db.download(&ReceivedId::of(h))?
-                }
+                Some(_) if h.kind == Kind::FileManifest => self.agent.db.download(&key)?,
                 _ => None,
             };
             (prev, download)
@@ -553,7 +549,7 @@ impl Engine {
                 Some(OpenError::NoExpiry) => Err(Stale::NoExpiry),
                 Some(_) => Err(Stale::Expired),
             },
-            seen: self.agent.db.replay_seen(&ReceivedId::of(h))?,
+            seen: self.agent.db.replay_seen(&key)?,
             // Only this sender's: another sender's message under the same
             // id is another message (each sender chooses its own ids).
             stored: prev.as_ref().map(|_| {
@@ -563,7 +559,7 @@ impl Engine {
                     Stored::Message
                 }
             }),
-            in_batch: content_kind && batch.contains(&ReceivedId::of(h)),
+            in_batch: content_kind && batch.contains(&key),
             file: manifest.as_ref().map(|(c, _)| *c),
         };
         let decision = decide(&facts);

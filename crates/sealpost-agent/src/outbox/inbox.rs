@@ -1,5 +1,7 @@
 //! Received messages: the inbox index, the reports owed for them, retention and deletion, strangers refused, and what the checks caught.
 
+use std::collections::HashSet;
+
 use super::*;
 
 /// A stranger whose messages were refused (`inbox --refused`).
@@ -467,7 +469,8 @@ impl Db {
     /// verified), their replay-cache entries and the receipts they are
     /// owed, plus other reports (rejections, receipts again for
     /// duplicates), in one transaction. Returns the messages that were
-    /// new: a message already in the inbox is not delivered twice.
+    /// new (a set: the caller looks each message of a batch up in it): a
+    /// message already in the inbox is not delivered twice.
     pub fn record_inbox(
         &mut self,
         entries: &[(InboxEntry, u64)],
@@ -475,51 +478,48 @@ impl Db {
         downloads: &[Download],
         groups: &[(ReceivedId, Group)],
         now: u64,
-    ) -> Result<Vec<ReceivedId>, AgentError> {
+    ) -> Result<HashSet<ReceivedId>, AgentError> {
         let tx = self.conn.transaction()?;
         crate::contacts::replay_prune(&tx, now)?;
-        let mut new = Vec::with_capacity(entries.len());
+        let mut new = HashSet::with_capacity(entries.len());
+        // Cached statements: parsing the SQL again for every message cost
+        // more than the insert (counted with callgrind).
+        let insert = format!(
+            "INSERT OR IGNORE INTO inbox ({INBOX_COLS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, NULL)"
+        );
         for (e, forget_at) in entries {
-            // Cached statements: parsing the SQL again for every message
-            // cost more than the insert (counted with callgrind).
-            let n = tx
-                .prepare_cached(&format!(
-                    "INSERT OR IGNORE INTO inbox ({INBOX_COLS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, NULL)"
-                ))?
-                .execute(params![
-                    e.id.0.to_vec(),
-                    e.sender.to_vec(),
-                    e.kind,
-                    to_i64(e.created_at),
-                    to_i64(e.expires_at),
-                    to_i64(e.received_ms),
-                    e.content_hash.to_vec(),
-                    to_i64(e.content_len),
-                    to_i64(e.segment),
-                    to_i64(e.offset),
-                ])?;
+            let n = tx.prepare_cached(&insert)?.execute(params![
+                e.id.0.to_vec(),
+                e.sender.to_vec(),
+                e.kind,
+                to_i64(e.created_at),
+                to_i64(e.expires_at),
+                to_i64(e.received_ms),
+                e.content_hash.to_vec(),
+                to_i64(e.content_len),
+                to_i64(e.segment),
+                to_i64(e.offset),
+            ])?;
+            let key = e.key();
             // Each was judged not seen (sender and id, or id under x'')
             // before it came here: no second look for x''.
-            crate::contacts::replay_put(&tx, &e.key(), *forget_at)?;
+            crate::contacts::replay_put(&tx, &key, *forget_at)?;
             if n == 1 {
-                new.push(e.key());
+                new.insert(key);
             }
         }
         for p in reports {
             insert_pending(&tx, p)?;
         }
-        if !downloads.is_empty() || !groups.is_empty() {
-            let fresh: std::collections::HashSet<&ReceivedId> = new.iter().collect();
-            for d in downloads {
-                if fresh.contains(&d.key()) {
-                    insert_download(&tx, d)?;
-                }
+        for d in downloads {
+            if new.contains(&d.key()) {
+                insert_download(&tx, d)?;
             }
-            for (key, g) in groups {
-                if fresh.contains(key) {
-                    insert_group(&tx, &key.id, &key.sender, g)?;
-                }
+        }
+        for (key, g) in groups {
+            if new.contains(key) {
+                insert_group(&tx, &key.id, &key.sender, g)?;
             }
         }
         tx.commit()?;

@@ -99,6 +99,45 @@ fn a_message_re_encrypted_to_someone_else_is_refused() {
     ));
 }
 
+/// PROTOCOL §4.2: a stanza whose ephemeral key is a low-order point (an
+/// all-zero agreement) makes the age header malformed, as does one with a
+/// non-canonical argument; a stanza changed to another recipient's key
+/// (its body no longer authenticates) is not for me.
+#[test]
+fn a_bad_x25519_stanza_is_malformed_and_a_foreign_one_not_for_me() {
+    let (a, b) = (ident(1), ident(2));
+    let sealed = seal(&a, &[*b.public()], b"hello");
+    let at = sealed
+        .windows(10)
+        .position(|w| w == b"-> X25519 ")
+        .expect("an X25519 stanza")
+        + 10;
+    let with_epk = |epk: &[u8]| {
+        let mut s = sealed.clone();
+        s[at..at + 43].copy_from_slice(epk);
+        s
+    };
+    let zero = data_encoding::BASE64_NOPAD.encode(&[0u8; 32]);
+    assert!(matches!(
+        open(&b, &with_epk(zero.as_bytes())),
+        Err(OpenError::Malformed(_))
+    ));
+    // The last character carries two unused bits: set one.
+    let mut loose = sealed[at..at + 43].to_vec();
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let v = alphabet.iter().position(|c| *c == loose[42]).expect("b64") as u8;
+    loose[42] = alphabet[((v & !3) | 1) as usize];
+    assert!(matches!(
+        open(&b, &with_epk(&loose)),
+        Err(OpenError::Malformed(_))
+    ));
+    let other = data_encoding::BASE64_NOPAD.encode(ident(3).public().agreement_bytes());
+    assert!(matches!(
+        open(&b, &with_epk(other.as_bytes())),
+        Err(OpenError::NotForMe(NotForMeReason::NoMatchingKey))
+    ));
+}
+
 #[test]
 fn a_changed_header_or_trailer_breaks_the_signature() {
     let (a, b) = (ident(1), ident(2));
